@@ -1,0 +1,48 @@
+# smtp-ingress: `make run` serves mail on the embedded default; `make test` sets up and tests.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint unit integration bench bench-quick sysdeps clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+# Debian packages the tests and benchmarks use (real Postfix, smtp-source, swaks).
+# Installed only when running as root and missing; otherwise the tests that need them skip.
+sysdeps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	   { ! command -v postfix >/dev/null || ! command -v swaks >/dev/null || \
+	     ! command -v smtp-source >/dev/null || ! command -v systemd-analyze >/dev/null; }; then \
+	  echo "installing Debian packages: postfix swaks systemd"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    postfix swaks systemd >/dev/null; \
+	fi
+
+run: $(STAMP)
+	$(VENV)/bin/smtp-ingress run
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ingress workers tests bench
+
+test: $(STAMP) sysdeps lint
+	$(PY) -m pytest -q tests
+
+unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+integration: $(STAMP) sysdeps
+	$(PY) -m pytest -q tests/integration
+
+bench: $(STAMP) sysdeps
+	$(PY) -m bench.run --full
+
+bench-quick: $(STAMP) sysdeps
+	$(PY) -m bench.run --quick
+
+clean:
+	rm -rf $(VENV) var build *.egg-info
