@@ -1,0 +1,354 @@
+"""Connection admission for one acceptor: slots, fast reserve, per-IP caps, rate, penalties (pure).
+
+Purpose
+    Decide in microseconds, before the banner, whether a new connection gets a slot
+    (DESIGN.md section 4). Capacity is held for the fast lane: `fast_reserve` of the
+    `max_connections` slots can only ever be used by fast sessions, so a bulk flood cannot take
+    them. Bulk is additionally limited per client IP (IPv4 address or IPv6 /64 by default):
+    a concurrency cap and a connection-rate token bucket. Early talkers are penalised.
+    No I/O and no clock reads: every method takes `now` (any monotonic seconds source).
+
+API
+    AdmissionLimits(max_connections, fast_reserve, per_ip_bulk_max, per_ip_rate,
+                    per_ip_burst, ipv6_prefix=64, penalty_s=300.0,
+                    max_tracked_ips=65536, max_penalised=65536)      frozen, validated
+    Admission(limits)
+        try_admit(ip, lane, now) -> Verdict      Verdict.admitted / .ticket / .reason / .reply
+        release(ticket) -> None                  idempotent
+        promote(ticket) -> None                  bulk -> fast slot accounting; never fails
+        penalise(ip, now) / is_penalised(ip, now)  early-talker penalty box (bounded)
+        reconfigure(limits)                      new limits for new admissions (SIGHUP)
+        in_use / fast_in_use / bulk_in_use / bulk_for(ip)   counters for metrics and tests
+    Refusal                  StrEnum: why a connection was refused (metrics label)
+    ip_key(ip, ipv6_prefix) -> str               the per-IP accounting key
+    stress_timeouts(normal_idle, saturated, stress_idle=10.0) -> float
+    REPLY_* / EARLY_TALKER_REPLY                 reply lines (no CRLF) for the acceptor to send
+
+Rules
+    * fast: admitted while any slot is free (in_use < max_connections); never rate-capped,
+      never per-IP capped, not subject to penalties.
+    * bulk: admitted only if, after admission, the unused part of the fast reserve is still
+      free: in_use + max(0, fast_reserve - fast_in_use) < max_connections. So bulk can never
+      occupy a reserved slot, while fast sessions beyond the reserve share the rest.
+    * bulk, per IP key, checked in this order: penalty box (421), connection-rate token bucket
+      (421; every bulk attempt that reaches it spends a token, refused or not - it measures
+      attempts, like Postfix anvil), concurrency cap (421), slots (421).
+    * promote(ticket): a session admitted as bulk and later classified fast moves its slot
+      from the bulk count to the fast count and frees its per-IP bulk count. The total is
+      unchanged, so promotion can never fail or evict anyone (fast may exceed its reserve).
+
+Failure modes
+    AdmissionLimits raises ValueError for inconsistent limits. try_admit never raises: an ip
+    that is not an IP address is accounted under its own string. Double release is ignored.
+
+Limits
+    * Per acceptor: the pool's capacity is the sum over acceptors; SO_REUSEPORT spreads one
+      client's connections across acceptors, so per-IP limits are per acceptor too.
+    * Per-IP rate state is bounded (max_tracked_ips, least-recently-used evicted: an evicted
+      IP starts again with a full bucket). The penalty box is bounded (max_penalised,
+      soonest-expiring evicted).
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import StrEnum
+
+from ingress.wire import Lane
+
+__all__ = [
+    "EARLY_TALKER_REPLY",
+    "REPLY_PENALISED",
+    "REPLY_PER_IP",
+    "REPLY_RATE",
+    "REPLY_SLOTS",
+    "Admission",
+    "AdmissionLimits",
+    "Refusal",
+    "Ticket",
+    "Verdict",
+    "ip_key",
+    "stress_timeouts",
+]
+
+REPLY_SLOTS = "421 4.7.0 Too many connections, try again later"
+REPLY_PER_IP = "421 4.7.0 Too many connections from your address, try again later"
+REPLY_RATE = "421 4.7.0 Connection rate limit exceeded, try again later"
+REPLY_PENALISED = "421 4.7.0 Temporarily refused after a protocol violation, try again later"
+EARLY_TALKER_REPLY = "554 5.5.0 Protocol violation: client talked before the greeting"
+
+
+class Refusal(StrEnum):
+    ADMITTED = "admitted"
+    SLOTS = "slots"
+    PER_IP = "per-ip"
+    RATE = "rate"
+    PENALISED = "penalised"
+
+
+_REPLIES: dict[Refusal, str | None] = {
+    Refusal.ADMITTED: None,
+    Refusal.SLOTS: REPLY_SLOTS,
+    Refusal.PER_IP: REPLY_PER_IP,
+    Refusal.RATE: REPLY_RATE,
+    Refusal.PENALISED: REPLY_PENALISED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionLimits:
+    max_connections: int
+    fast_reserve: int
+    per_ip_bulk_max: int
+    per_ip_rate: float  # bulk connections per second per IP key; <= 0 disables the bucket
+    per_ip_burst: int
+    ipv6_prefix: int = 64
+    penalty_s: float = 300.0
+    max_tracked_ips: int = 65536
+    max_penalised: int = 65536
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        if not 0 <= self.fast_reserve <= self.max_connections:
+            raise ValueError("fast_reserve must be between 0 and max_connections")
+        if self.per_ip_bulk_max < 1:
+            raise ValueError("per_ip_bulk_max must be >= 1")
+        if self.per_ip_rate > 0 and self.per_ip_burst < 1:
+            raise ValueError("per_ip_burst must be >= 1 when per_ip_rate is set")
+        if not 0 <= self.ipv6_prefix <= 128:
+            raise ValueError("ipv6_prefix must be between 0 and 128")
+        if self.penalty_s < 0:
+            raise ValueError("penalty_s must be >= 0")
+        if self.max_tracked_ips < 1 or self.max_penalised < 1:
+            raise ValueError("max_tracked_ips and max_penalised must be >= 1")
+
+    @property
+    def bulk_share(self) -> int:
+        """Slots bulk may use when no fast session is connected."""
+        return self.max_connections - self.fast_reserve
+
+
+def ip_key(ip: str, ipv6_prefix: int = 64) -> str:
+    """Accounting key: IPv4 address (IPv4-mapped IPv6 counts as IPv4) or IPv6 /prefix network."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0].strip())
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, ipv6_prefix), strict=False))
+    return str(addr)
+
+
+def stress_timeouts(normal_idle: float, saturated: bool, stress_idle: float = 10.0) -> float:
+    """Idle timeout for bulk sessions: shrunk to `stress_idle` while bulk is saturated.
+
+    Postfix-style stress adaptation (smtpd_timeout = ${stress?10}${stress:300}); it comes back
+    to `normal_idle` as soon as `saturated` is False. Never lengthens a timeout.
+    """
+    return min(normal_idle, stress_idle) if saturated else normal_idle
+
+
+class Ticket:
+    """A held slot. Hand it back with Admission.release(); promote with Admission.promote()."""
+
+    __slots__ = ("id", "ip", "key", "lane", "released")
+
+    def __init__(self, id: int, ip: str, key: str, lane: Lane) -> None:
+        self.id = id
+        self.ip = ip
+        self.key = key
+        self.lane = lane
+        self.released = False
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "held"
+        return f"Ticket({self.id}, {self.ip!r}, {self.lane}, {state})"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    admitted: bool
+    lane: Lane
+    reason: Refusal
+    reply: str | None  # the SMTP reply line to send before closing (None when admitted)
+    ticket: Ticket | None
+
+
+class _PenaltyBox:
+    """key -> until, bounded; evicts the soonest-expiring entry when full."""
+
+    __slots__ = ("_heap", "_until", "max_size")
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._until: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def add(self, key: str, until: float, now: float) -> None:
+        old = self._until.get(key)
+        if old is not None and old >= until:
+            return
+        if old is None and len(self._until) >= self.max_size:
+            self._expire(now)
+            if len(self._until) >= self.max_size:
+                while self._heap:
+                    exp, k = heapq.heappop(self._heap)
+                    if self._until.get(k) == exp:
+                        del self._until[k]
+                        break
+        self._until[key] = until
+        heapq.heappush(self._heap, (until, key))
+        if len(self._heap) > 2 * len(self._until) + 64:
+            self._heap = [(u, k) for k, u in self._until.items()]
+            heapq.heapify(self._heap)
+
+    def active(self, key: str, now: float) -> bool:
+        until = self._until.get(key)
+        if until is None:
+            return False
+        if until <= now:
+            del self._until[key]
+            return False
+        return True
+
+    def _expire(self, now: float) -> None:
+        while self._heap and self._heap[0][0] <= now:
+            exp, k = heapq.heappop(self._heap)
+            if self._until.get(k) == exp:
+                del self._until[k]
+
+
+class Admission:
+    """Slot accounting for one acceptor. Single-threaded (the acceptor's event loop)."""
+
+    def __init__(self, limits: AdmissionLimits) -> None:
+        self.limits = limits
+        self.fast_in_use = 0
+        self.bulk_in_use = 0
+        self._per_ip_bulk: dict[str, int] = {}
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> tokens, t
+        self._penalties = _PenaltyBox(limits.max_penalised)
+        self._ids = itertools.count(1)
+
+    # ------------------------------------------------------------------ counters
+
+    @property
+    def in_use(self) -> int:
+        return self.fast_in_use + self.bulk_in_use
+
+    def bulk_for(self, ip: str) -> int:
+        return self._per_ip_bulk.get(ip_key(ip, self.limits.ipv6_prefix), 0)
+
+    @property
+    def tracked_ips(self) -> int:
+        return len(self._buckets)
+
+    @property
+    def penalised_count(self) -> int:
+        return len(self._penalties)
+
+    def reconfigure(self, limits: AdmissionLimits) -> None:
+        """Apply new limits to future admissions; held tickets stay valid."""
+        self.limits = limits
+        self._penalties.max_size = limits.max_penalised
+        while len(self._buckets) > limits.max_tracked_ips:
+            self._buckets.popitem(last=False)
+
+    # ------------------------------------------------------------------ admission
+
+    def try_admit(self, ip: str, lane: Lane, now: float) -> Verdict:
+        lim = self.limits
+        key = ip_key(ip, lim.ipv6_prefix)
+        if lane == Lane.FAST:
+            if self.in_use >= lim.max_connections:
+                return self._refuse(Lane.FAST, Refusal.SLOTS)
+            self.fast_in_use += 1
+            return self._admit(ip, key, Lane.FAST)
+
+        if self._penalties.active(key, now):
+            return self._refuse(Lane.BULK, Refusal.PENALISED)
+        if lim.per_ip_rate > 0 and not self._take_token(key, now):
+            return self._refuse(Lane.BULK, Refusal.RATE)
+        if self._per_ip_bulk.get(key, 0) >= lim.per_ip_bulk_max:
+            return self._refuse(Lane.BULK, Refusal.PER_IP)
+        unused_reserve = max(0, lim.fast_reserve - self.fast_in_use)
+        if self.in_use + unused_reserve >= lim.max_connections:
+            return self._refuse(Lane.BULK, Refusal.SLOTS)
+        self.bulk_in_use += 1
+        self._per_ip_bulk[key] = self._per_ip_bulk.get(key, 0) + 1
+        return self._admit(ip, key, Lane.BULK)
+
+    def release(self, ticket: Ticket) -> None:
+        if ticket.released:
+            return
+        ticket.released = True
+        if ticket.lane == Lane.FAST:
+            self.fast_in_use -= 1
+        else:
+            self.bulk_in_use -= 1
+            self._dec_ip(ticket.key)
+
+    def promote(self, ticket: Ticket) -> None:
+        """Move a held bulk slot to the fast lane. No-op if already fast or released."""
+        if ticket.released or ticket.lane == Lane.FAST:
+            return
+        ticket.lane = Lane.FAST
+        self.bulk_in_use -= 1
+        self.fast_in_use += 1
+        self._dec_ip(ticket.key)
+
+    # ------------------------------------------------------------------ early talkers
+
+    def penalise(self, ip: str, now: float) -> None:
+        key = ip_key(ip, self.limits.ipv6_prefix)
+        self._penalties.add(key, now + self.limits.penalty_s, now)
+
+    def is_penalised(self, ip: str, now: float) -> bool:
+        return self._penalties.active(ip_key(ip, self.limits.ipv6_prefix), now)
+
+    # ------------------------------------------------------------------ internals
+
+    def _admit(self, ip: str, key: str, lane: Lane) -> Verdict:
+        ticket = Ticket(next(self._ids), ip, key, lane)
+        return Verdict(True, lane, Refusal.ADMITTED, None, ticket)
+
+    @staticmethod
+    def _refuse(lane: Lane, reason: Refusal) -> Verdict:
+        return Verdict(False, lane, reason, _REPLIES[reason], None)
+
+    def _dec_ip(self, key: str) -> None:
+        n = self._per_ip_bulk.get(key, 0) - 1
+        if n > 0:
+            self._per_ip_bulk[key] = n
+        else:
+            self._per_ip_bulk.pop(key, None)
+
+    def _take_token(self, key: str, now: float) -> bool:
+        lim = self.limits
+        state = self._buckets.get(key)
+        stamp = now
+        if state is None:
+            tokens = float(lim.per_ip_burst)
+            if len(self._buckets) >= lim.max_tracked_ips:
+                self._buckets.popitem(last=False)
+        else:
+            tokens, last = state
+            elapsed = now - last if now > last else 0.0  # tolerate a clock that steps back
+            stamp = max(now, last)
+            tokens = min(float(lim.per_ip_burst), tokens + elapsed * lim.per_ip_rate)
+            self._buckets.move_to_end(key)
+        ok = tokens >= 1.0
+        if ok:
+            tokens -= 1.0
+        self._buckets[key] = (tokens, stamp)
+        return ok

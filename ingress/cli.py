@@ -1,0 +1,45 @@
+"""Command line: `smtp-ingress run [--config FILE]`, `smtp-ingress check-config FILE`.
+
+Exit status: 0 clean stop, 2 invalid configuration (the message names file, key and problem),
+1 anything else that stops the start (e.g. the port is taken), with one line saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ingress import config, log
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="smtp-ingress", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="start the supervisor and its children")
+    r.add_argument("--config", type=Path, help="TOML file (default: the embedded default)")
+    c = sub.add_parser("check-config", help="validate a configuration file and exit")
+    c.add_argument("file", type=Path)
+    args = p.parse_args(argv)
+
+    path = args.config if args.cmd == "run" else args.file
+    try:
+        cfg = config.load(path)
+    except config.ConfigError as e:
+        print(f"smtp-ingress: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    if args.cmd == "check-config":
+        print(f"{cfg.source}: ok")
+        return 0
+
+    from ingress.supervisor import Supervisor
+    log.setup(cfg.log.level, "supervisor")
+    try:
+        return Supervisor(cfg, path).run()
+    except OSError as e:
+        print(f"smtp-ingress: cannot start: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Configuration: the only place that reads the TOML file.
+
+API:
+    load(path: Path | None) -> Config        the embedded default when path is None
+    Config, and one frozen dataclass per TOML table
+    ConfigError(file, key, message)           raised for anything invalid; str() names all three
+
+Every value is validated once, here; the rest of the code trusts a Config. Unknown tables and keys
+are errors (a typo must not silently fall back to a default). Counts of 0 for acceptors and workers
+mean "scale to the cores". Limits: the file is read whole (it is small); paths are made absolute
+relative to the working directory at load time, so children started elsewhere agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """An invalid configuration: names the file, the key and what is wrong."""
+
+    def __init__(self, file: str, key: str, message: str) -> None:
+        super().__init__(f"{file}: {key}: {message}")
+        self.file, self.key, self.message = file, key, message
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = 2525
+    backlog: int = 1024
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    hostname: str = field(default_factory=socket.gethostname)
+    accepted_domains: tuple[str, ...] = ("example.test", "localhost")
+    max_message_size: int = 10 * 1024 * 1024
+    max_recipients: int = 100
+    idle_timeout: float = 60.0          # per command / DATA line; RFC 5321 suggests 5 min
+    session_deadline: float = 600.0     # whole session, whatever the client does
+    ack_timeout: float = 20.0           # end of DATA -> worker ack; must be < idle_timeout
+    max_connections: int = 1000         # per acceptor process
+    fast_reserve: int = 100             # of max_connections, usable by the fast lane only
+    drain_grace: float = 20.0           # SIGTERM / reload: sessions may finish within this
+
+
+@dataclass(frozen=True)
+class LaneConfig:
+    workers: int = 0                    # 0: scale to the cores
+    queue_max: int = 256                # broker queue bound
+    credit: int = 8                     # messages a worker may hold at once (group commit)
+    rate: float = 0.0                   # msgs/s cap; 0 = uncapped (the fast lane always is)
+    burst: int = 0                      # token bucket depth; 0 = one second of rate
+
+
+@dataclass(frozen=True)
+class LanesConfig:
+    fast: LaneConfig = LaneConfig()
+    bulk: LaneConfig = LaneConfig(rate=500.0)
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    allow_cidrs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: Path = Path("var/spool")
+    state_dir: Path = Path("var/state")   # ipc sockets, learned allow cache
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    acceptors: int = 0                  # 0: one per core
+    heartbeat_interval: float = 0.5
+    heartbeat_timeout: float = 5.0      # a child silent this long is hung: killed and restarted
+    restart_backoff: float = 0.1        # first restart delay, doubled per consecutive crash
+    restart_backoff_max: float = 10.0
+    crash_window: float = 30.0          # more than crash_limit restarts in this window: throttled
+    crash_limit: int = 10
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: ListenConfig = ListenConfig()
+    smtp: SmtpConfig = SmtpConfig()
+    lanes: LanesConfig = LanesConfig()
+    classify: ClassifyConfig = ClassifyConfig()
+    spool: SpoolConfig = SpoolConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    log: LogConfig = LogConfig()
+    source: str = "<embedded default>"
+
+    # Derived values, computed from the validated fields.
+    @property
+    def acceptor_count(self) -> int:
+        return self.supervisor.acceptors or cores()
+
+    def worker_count(self, lane: str) -> int:
+        lc: LaneConfig = getattr(self.lanes, lane)
+        return lc.workers or max(1, cores() // 2)
+
+    def ipc(self, name: str) -> str:
+        return f"ipc://{self.spool.state_dir / 'run' / name}.sock"
+
+    @property
+    def allow_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(c, strict=False) for c in self.classify.allow_cidrs)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def load(path: Path | str | None) -> Config:
+    """Read and validate `path`; None gives the embedded default (validated too)."""
+    if path is None:
+        return _finish(Config(), "<embedded default>")
+    name = str(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(name, "-", f"cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(name, "-", f"not valid TOML: {e}") from None
+    return _finish(_build(Config, raw, name, ""), name)
+
+
+def _build(cls: type, raw: Any, file: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(file, prefix or "-", "must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(file, dotted, f"unknown key (known: {', '.join(sorted(fields))})")
+        default = getattr(cls(), key)
+        kwargs[key] = _convert(default, value, file, dotted)
+    return cls(**kwargs)
+
+
+def _convert(default: Any, value: Any, file: str, key: str) -> Any:
+    if dataclasses.is_dataclass(default):
+        return _build(type(default), value, file, key + ".")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(file, key, f"must be true or false, not {value!r}")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(file, key, f"must be an integer, not {value!r}")
+        return value
+    if isinstance(default, float):
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(file, key, f"must be a number, not {value!r}")
+        return float(value)
+    if isinstance(default, Path):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(file, key, f"must be a non-empty path string, not {value!r}")
+        return Path(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(file, key, f"must be a string, not {value!r}")
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(file, key, f"must be a list of strings, not {value!r}")
+        return tuple(value)
+    raise ConfigError(file, key, "unsupported value")  # pragma: no cover
+
+
+def _finish(cfg: Config, file: str) -> Config:
+    """Cross-field validation and normalisation; returns the final frozen Config."""
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(file, key, msg)
+
+    s, sup, lst = cfg.smtp, cfg.supervisor, cfg.listen
+    need(0 <= lst.port <= 65535, "listen.port", "must be 0..65535")
+    need(lst.backlog >= 16, "listen.backlog", "must be at least 16")
+    try:
+        ipaddress.ip_address(lst.host)
+    except ValueError:
+        raise ConfigError(file, "listen.host", f"{lst.host!r} is not an IP address") from None
+    need(bool(s.hostname) and " " not in s.hostname, "smtp.hostname", "must be a host name")
+    need(len(s.accepted_domains) > 0, "smtp.accepted_domains",
+         "must list at least one domain (the ingress is never an open relay)")
+    for d in s.accepted_domains:
+        need(bool(d) and "@" not in d and " " not in d, "smtp.accepted_domains",
+             f"{d!r} is not a domain")
+    need(s.max_message_size >= 1024, "smtp.max_message_size", "must be at least 1024")
+    need(1 <= s.max_recipients <= 10000, "smtp.max_recipients", "must be 1..10000")
+    need(s.idle_timeout > 0, "smtp.idle_timeout", "must be > 0")
+    need(s.session_deadline >= s.idle_timeout, "smtp.session_deadline",
+         "must be >= smtp.idle_timeout")
+    need(0 < s.ack_timeout < s.idle_timeout, "smtp.ack_timeout",
+         "must be > 0 and shorter than smtp.idle_timeout (the idle timer also runs during the ack)")
+    need(s.max_connections >= 1, "smtp.max_connections", "must be >= 1")
+    need(0 <= s.fast_reserve < s.max_connections, "smtp.fast_reserve",
+         "must be >= 0 and below smtp.max_connections")
+    need(s.drain_grace >= 0, "smtp.drain_grace", "must be >= 0")
+    for lane in ("fast", "bulk"):
+        lc: LaneConfig = getattr(cfg.lanes, lane)
+        k = f"lanes.{lane}"
+        need(0 <= lc.workers <= 256, f"{k}.workers", "must be 0..256 (0 = scale to cores)")
+        need(1 <= lc.queue_max <= 100000, f"{k}.queue_max", "must be 1..100000")
+        need(1 <= lc.credit <= 1024, f"{k}.credit", "must be 1..1024")
+        need(lc.rate >= 0, f"{k}.rate", "must be >= 0 (0 = uncapped)")
+        need(lc.burst >= 0, f"{k}.burst", "must be >= 0")
+    need(cfg.lanes.fast.rate == 0, "lanes.fast.rate", "the fast lane is never rate-capped")
+    for c in cfg.classify.allow_cidrs:
+        try:
+            ipaddress.ip_network(c, strict=False)
+        except ValueError:
+            raise ConfigError(file, "classify.allow_cidrs", f"{c!r} is not a CIDR") from None
+    need(sup.acceptors >= 0, "supervisor.acceptors", "must be >= 0 (0 = one per core)")
+    need(sup.heartbeat_interval > 0, "supervisor.heartbeat_interval", "must be > 0")
+    need(sup.heartbeat_timeout >= 2 * sup.heartbeat_interval, "supervisor.heartbeat_timeout",
+         "must be at least twice supervisor.heartbeat_interval")
+    need(sup.restart_backoff > 0, "supervisor.restart_backoff", "must be > 0")
+    need(sup.restart_backoff_max >= sup.restart_backoff, "supervisor.restart_backoff_max",
+         "must be >= supervisor.restart_backoff")
+    need(sup.crash_limit >= 1, "supervisor.crash_limit", "must be >= 1")
+    need(cfg.log.level in LOG_LEVELS, "log.level", f"must be one of {', '.join(LOG_LEVELS)}")
+    spool = SpoolConfig(path=cfg.spool.path.absolute(), state_dir=cfg.spool.state_dir.absolute())
+    run_dir = spool.state_dir / "run"
+    # ipc:// paths are limited by sockaddr_un (107 bytes).
+    need(len(str(run_dir)) + 20 < 107, "spool.state_dir",
+         f"{run_dir} is too long for unix socket paths (limit ~85 characters)")
+    domains = tuple(d.lower().rstrip(".") for d in s.accepted_domains)
+    return dataclasses.replace(cfg, spool=spool, source=file,
+                               smtp=dataclasses.replace(s, accepted_domains=domains))

@@ -1,0 +1,344 @@
+"""Evidence I/O shell: one cached DNS resolver, SPF with a deadline, client-certificate facts.
+
+Purpose
+    Gather the facts that ingress.classify.decide() consumes, without ever blocking the event
+    loop and with a deadline on every lookup (DESIGN.md sections 3, 9.6, 10).
+
+API
+    make_resolver(nameservers, timeout, cache_size=10000) -> dns.resolver.Resolver
+        nameservers: ["192.0.2.53", "192.0.2.53:5353", "192.0.2.53@5353", "::1",
+        "[::1]:5353", "::1@5353"]; an empty list means the system's /etc/resolv.conf.
+        `timeout` bounds each query (resolver.timeout and resolver.lifetime). Shared cache:
+        dns.resolver.LRUCache (thread-safe). The resolver is not modified afterwards, so one
+        instance may be shared by every executor thread.
+    async check_spf(ip, mail_from, helo, *, resolver, deadline_s, executor=None,
+                    receiver=None) -> (AuthResult, explanation)
+        pyspf (spf.query(...).check()) in `executor` (default: the loop's default executor),
+        with pyspf's own `querytime` budget slightly under `deadline_s` and an outer
+        asyncio.wait_for(deadline_s). Exceeding either -> TEMPERROR.
+    spf_identity(mail_from, helo) -> (identity, domain)   "mailfrom"/"helo" and its domain
+    cert_evidence(peercert_der, verified, pinned_sha256) -> CertResult
+    sha256_fingerprint(der) -> str;  normalize_fingerprint(text) -> str
+    received_spf_header(result, *, client_ip, mail_from, helo, receiver, explanation=None)
+        -> bytes  (RFC 7208 section 9.1, CRLF-terminated, folded)
+
+How pyspf is pointed at our resolver
+    pyspf 2.0.14 resolves through the module global `spf.DNSLookup(name, qtype, strict,
+    timeout)`, looked up at call time from query.dns(). We replace it once (under a lock) with
+    a dispatcher that reads the resolver from a threading.local set for the duration of our
+    call in the executor thread; threads that did not set one fall through to pyspf's original
+    function, so other users of pyspf in the process are unaffected. Concurrent checks with
+    different resolvers do not interfere.
+
+Failure modes
+    * DNS timeout, SERVFAIL/no usable nameserver, any other resolver error -> TEMPERROR.
+    * NXDOMAIN / no data -> empty answer (pyspf then decides none/permerror per RFC 7208).
+    * pyspf raising instead of returning (e.g. PermError for an unparsable client IP from
+      query.__init__) -> PERMERROR; any unexpected exception -> TEMPERROR (never promotes,
+      never rejects).
+    * The outer deadline cancels the await, not the executor thread: the thread finishes its
+      current lookup (bounded by the resolver lifetime) and then its result is dropped. Give
+      check_spf a dedicated, bounded ThreadPoolExecutor so a DNS outage cannot starve other
+      users of the default executor.
+
+Limits
+    pyspf keeps a per-query cache only; cross-query caching is the resolver's LRUCache (which
+    honours TTLs, and caches negative answers). RFC 7208 lookup limits (10 mechanisms, 2 void
+    lookups) are pyspf's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import re
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Executor
+from typing import Any
+
+import dns.exception
+import dns.nameserver
+import dns.resolver
+import spf
+
+from ingress.classify import AuthResult, CertResult
+
+__all__ = [
+    "cert_evidence",
+    "check_spf",
+    "make_resolver",
+    "normalize_fingerprint",
+    "parse_nameserver",
+    "received_spf_header",
+    "sha256_fingerprint",
+    "spf_identity",
+]
+
+
+# --------------------------------------------------------------------------- resolver
+
+
+def parse_nameserver(spec: str) -> tuple[str, int]:
+    """"ip", "ip:port" (IPv4), "[ipv6]:port", "ip@port" -> (ip, port). Raises ValueError."""
+    s = spec.strip()
+    port = 53
+    host = s
+    if "@" in s:
+        host, _, p = s.rpartition("@")
+        port = int(p)
+    elif s.startswith("["):
+        m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", s)
+        if not m:
+            raise ValueError(f"invalid nameserver {spec!r}")
+        host = m.group(1)
+        port = int(m.group(2)) if m.group(2) else 53
+    elif s.count(":") == 1:  # IPv4 with port (a bare IPv6 address has >= 2 colons)
+        host, _, p = s.partition(":")
+        port = int(p)
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"nameserver must be an IP address (optionally with port): {spec!r}"
+        ) from None
+    if not 0 < port < 65536:
+        raise ValueError(f"invalid nameserver port in {spec!r}")
+    return host, port
+
+
+def make_resolver(
+    nameservers: Iterable[str], timeout: float, cache_size: int = 10000
+) -> dns.resolver.Resolver:
+    """A dnspython resolver with an LRU cache, bounded timeouts and the given nameservers."""
+    if not timeout > 0:
+        raise ValueError("resolver timeout must be > 0")
+    specs = list(nameservers)
+    if specs:
+        res = dns.resolver.Resolver(configure=False)
+        res.nameservers = [dns.nameserver.Do53Nameserver(*parse_nameserver(s)) for s in specs]
+    else:
+        res = dns.resolver.Resolver(configure=True)
+    res.timeout = timeout
+    res.lifetime = timeout
+    res.retry_servfail = False
+    res.cache = dns.resolver.LRUCache(cache_size)
+    return res
+
+
+# --------------------------------------------------------------------------- pyspf glue
+
+_tls = threading.local()
+_install_lock = threading.Lock()
+_original_lookup: Any = None
+
+
+def _spf_lookup(name: str, qtype: str, strict: Any = True, timeout: float = 20.0) -> list:
+    """Replacement for spf.DNSLookup; same contract as spf.DNSLookup_dnspython."""
+    resolver: dns.resolver.Resolver | None = getattr(_tls, "resolver", None)
+    if resolver is None:
+        return _original_lookup(name, qtype, strict, timeout)
+    lifetime = max(0.001, min(float(timeout), float(resolver.lifetime)))
+    out: list = []
+    try:
+        answer = resolver.resolve(
+            name, qtype, lifetime=lifetime, search=False, raise_on_no_answer=False
+        )
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.YXDOMAIN):
+        return out
+    except dns.exception.Timeout as e:
+        raise spf.TempError(f"DNS timeout: {name} {qtype}: {e}") from None
+    except dns.exception.DNSException as e:
+        raise spf.TempError(f"DNS error: {name} {qtype}: {e}") from None
+    if answer.rrset is None:
+        return out
+    for rdata in answer.rrset:
+        if qtype in ("A", "AAAA"):
+            out.append(((name, qtype), rdata.address))
+        elif qtype == "MX":
+            out.append(((name, qtype), (rdata.preference, rdata.exchange.to_text(True))))
+        elif qtype == "PTR":
+            out.append(((name, qtype), rdata.target.to_text(True)))
+        elif qtype in ("TXT", "SPF"):
+            out.append(((name, qtype), list(rdata.strings)))
+    return out
+
+
+def _install() -> None:
+    global _original_lookup
+    with _install_lock:
+        if spf.DNSLookup is not _spf_lookup:
+            _original_lookup = spf.DNSLookup
+            spf.DNSLookup = _spf_lookup
+
+
+def spf_identity(mail_from: str, helo: str) -> tuple[str, str]:
+    """SPF identity checked for this MAIL FROM (RFC 7208 2.4): ("mailfrom", domain) or, for
+    the null sender, ("helo", helo)."""
+    mf = mail_from.strip().strip("<>")
+    if mf:
+        return "mailfrom", mf.rpartition("@")[2].strip().lower().rstrip(".")
+    return "helo", helo.strip().lower().rstrip(".")
+
+
+def _spf_sync(
+    ip: str,
+    mail_from: str,
+    helo: str,
+    resolver: dns.resolver.Resolver,
+    querytime: float,
+    receiver: str | None,
+) -> tuple[AuthResult, str]:
+    _tls.resolver = resolver
+    try:
+        q = spf.query(
+            i=ip,
+            s=mail_from,
+            h=helo,
+            receiver=receiver,
+            timeout=querytime,
+            querytime=querytime,
+        )
+        res, _code, exp = q.check()
+    except spf.TempError as e:
+        return AuthResult.TEMPERROR, f"SPF temporary error: {e}"
+    except spf.PermError as e:
+        return AuthResult.PERMERROR, f"SPF permanent error: {e}"
+    except Exception as e:  # pyspf bug or unexpected input: uncertain -> temperror
+        return AuthResult.TEMPERROR, f"SPF internal error: {type(e).__name__}: {e}"
+    finally:
+        _tls.resolver = None
+    try:
+        return AuthResult(res), str(exp)
+    except ValueError:
+        return AuthResult.TEMPERROR, f"SPF unexpected result {res!r}: {exp}"
+
+
+async def check_spf(
+    ip: str,
+    mail_from: str,
+    helo: str,
+    *,
+    resolver: dns.resolver.Resolver,
+    deadline_s: float,
+    executor: Executor | None = None,
+    receiver: str | None = None,
+) -> tuple[AuthResult, str]:
+    """Evaluate SPF for (ip, MAIL FROM, HELO) off the event loop, within `deadline_s` seconds.
+
+    `mail_from` is the bare address ("" for the null sender, then the HELO identity is
+    checked). Never raises for DNS or policy problems; returns (AuthResult, explanation).
+    """
+    _install()
+    mf = mail_from.strip().strip("<>")
+    if not mf and not helo.strip():
+        return AuthResult.NONE, "no identity to check (null sender and empty HELO)"
+    # pyspf's own budget a little under ours, so it normally reports the timeout itself;
+    # querytime must be > 0 (0 disables pyspf's overall limit).
+    querytime = max(0.01, deadline_s * 0.9)
+    loop = asyncio.get_running_loop()
+    fut = loop.run_in_executor(
+        executor, _spf_sync, ip, mf, helo.strip(), resolver, querytime, receiver
+    )
+    try:
+        return await asyncio.wait_for(fut, timeout=deadline_s)
+    except TimeoutError:
+        return AuthResult.TEMPERROR, f"SPF check exceeded its {deadline_s:g}s deadline"
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+def sha256_fingerprint(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
+
+
+def normalize_fingerprint(text: str) -> str:
+    """"AB:CD:..." / "ab cd ..." / "abcd..." -> "abcd..." (lower-case hex, no separators)."""
+    return re.sub(r"[\s:]", "", text).lower()
+
+
+def cert_evidence(
+    peercert_der: bytes | None, verified: bool, pinned_sha256: frozenset[str]
+) -> CertResult:
+    """Classify the client certificate.
+
+    peercert_der: the leaf in DER (ssl_object.getpeercert(binary_form=True)), None if absent.
+    verified: the TLS stack verified the chain against the configured CA bundle.
+    pinned_sha256: fingerprints from config (colons/whitespace/case tolerated).
+    A pinned match is reported as PINNED even when it also verified.
+    """
+    if not peercert_der:
+        return CertResult.NONE
+    pins = {normalize_fingerprint(p) for p in pinned_sha256}
+    if sha256_fingerprint(peercert_der) in pins:
+        return CertResult.PINNED
+    if verified:
+        return CertResult.VERIFIED
+    return CertResult.UNTRUSTED
+
+
+# --------------------------------------------------------------------------- Received-SPF
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-./=?^_`{|}~@:\[\]]+$")
+
+
+def _clean(text: str) -> str:
+    return _UNSAFE.sub(" ", text).strip()
+
+
+def _kv_value(text: str) -> str:
+    v = _clean(text)
+    if v and _TOKEN.match(v):
+        return v
+    return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _comment(text: str) -> str:
+    return re.sub(r"([()\\])", r"\\\1", _clean(text))
+
+
+def received_spf_header(
+    result: AuthResult,
+    *,
+    client_ip: str,
+    mail_from: str,
+    helo: str,
+    receiver: str,
+    explanation: str | None = None,
+) -> bytes:
+    """Received-SPF: header field (RFC 7208 section 9.1), folded, CRLF-terminated.
+
+    Example: Received-SPF: pass (mx.example.net: domain of a@example.com designates
+    192.0.2.1 as permitted sender) receiver=mx.example.net; client-ip=192.0.2.1;
+    envelope-from="a@example.com"; helo=mail.example.com; identity=mailfrom
+    """
+    identity, domain = spf_identity(mail_from, helo)
+    sender = mail_from.strip().strip("<>") or f"postmaster@{helo.strip()}"
+    if explanation:
+        comment = f"{receiver}: {explanation}"
+    elif result is AuthResult.PASS:
+        comment = f"{receiver}: domain of {sender} designates {client_ip} as permitted sender"
+    elif result in (AuthResult.FAIL, AuthResult.SOFTFAIL):
+        comment = (
+            f"{receiver}: domain of {sender} does not designate {client_ip} as permitted sender"
+        )
+    else:
+        comment = f"{receiver}: {result} for {domain or 'unknown domain'}"
+    pairs = [
+        f"receiver={_kv_value(receiver)};",
+        f"client-ip={_kv_value(client_ip)};",
+        f"envelope-from={_kv_value(mail_from.strip().strip('<>'))};",
+        f"helo={_kv_value(helo)};",
+        f"identity={identity}",
+    ]
+    lines = [f"Received-SPF: {result} ({_comment(comment)})"]
+    for p in pairs:
+        if len(lines[-1]) + 1 + len(p) > 78:
+            lines.append("\t" + p)
+        else:
+            lines[-1] += " " + p
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")

@@ -1,0 +1,73 @@
+"""JSON-lines logging (orjson) for every process, one object per line on stderr.
+
+API:
+    setup(level, proc)                  once per process, after spawn
+    event(name, level="info", **fields) one structured line: {"ts","lvl","proc","pid","event",...}
+    get() -> logging.Logger             for exceptions (log.exception(...) keeps the traceback in
+                                        the log line's "exc" field, never in an SMTP reply)
+
+aiosmtpd's own logger ("mail.log") logs every command at INFO; it is held at WARNING so the
+acceptors' hot path does not pay for it. Failure modes: a value orjson cannot encode is logged
+with its repr(); a broken stderr (EPIPE) drops the line rather than raising into the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+
+_LOGGER = logging.getLogger("smtp_ingress")
+_proc = "main"
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": round(record.created, 6), "lvl": record.levelname.lower(), "proc": _proc,
+            "pid": record.process,
+        }
+        fields = getattr(record, "fields", None)
+        if fields is not None:
+            doc["event"] = record.getMessage()
+            doc.update(fields)
+        else:
+            doc["event"] = "log"
+            doc["logger"] = record.name
+            doc["msg"] = record.getMessage()
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc, default=repr).decode()
+
+
+class _SafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass   # never let logging raise into mail handling
+
+
+def setup(level: str, proc: str) -> None:
+    global _proc
+    _proc = proc
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = _SafeHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
+    logging.Formatter.converter = time.gmtime
+
+
+def event(name: str, level: str = "info", **fields: Any) -> None:
+    lvl = getattr(logging, level.upper(), logging.INFO)
+    if _LOGGER.isEnabledFor(lvl):
+        _LOGGER.log(lvl, name, extra={"fields": fields})
+
+
+def get() -> logging.Logger:
+    return _LOGGER

@@ -1,0 +1,28 @@
+"""Every SMTP reply the ingress itself chooses, as a named constant (RFC 5321 + RFC 3463 codes).
+
+Policy (DESIGN.md section 5): 250 only after a durable write; anything uncertain is 4xx; 5xx only
+for real policy decisions. aiosmtpd's own syntax replies (500/501/503) are left as they are.
+"""
+
+from __future__ import annotations
+
+# 2xx
+QUEUED = "250 2.0.0 Ok: queued as {qid}"
+CLOSING = "221 2.0.0 Bye"
+
+# 4xx: try again later
+TOO_MANY_CONNECTIONS = "421 4.7.0 {host} Too many connections, try again later"
+SHUTTING_DOWN = "421 4.3.2 {host} Service shutting down, try again later"
+IDLE_TIMEOUT = "421 4.4.2 {host} Error: timeout exceeded"
+SESSION_DEADLINE = "421 4.4.2 {host} Error: session time limit exceeded"
+LANE_SATURATED = "451 4.7.1 Service busy, try again later"
+INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
+NOT_QUEUED = "451 4.3.0 Message not queued ({why}), try again later"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
+
+# 5xx: policy
+RELAY_DENIED = "550 5.7.1 <{rcpt}>: Relay access denied"
+BARE_LINE_ENDING = "550 5.6.0 Message contains bare CR or LF, refused (RFC 5321 section 2.3.8)"
+MESSAGE_TOO_BIG = "552 5.3.4 Error: message too big"
+EARLY_TALKER = "554 5.5.0 Error: SMTP protocol synchronization"
+AUTH_NOT_OFFERED = "502 5.5.1 Error: authentication not enabled"

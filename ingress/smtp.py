@@ -1,0 +1,210 @@
+"""The SMTP dialogue: a thin aiosmtpd subclass plus the hooks that apply our policy.
+
+API:
+    Session context: AcceptorContext (the per-process state the acceptor builds; see acceptor.py)
+    IngressSMTP(ctx)   one instance per connection (the asyncio protocol)
+
+What this layer adds to aiosmtpd (DESIGN.md section 10 lists the traps it works around):
+- admission before the banner: over the connection limit -> 421 4.7.0, closed, no banner;
+- lane state on the protocol instance (STARTTLS builds a new Session);
+- a whole-session deadline on top of the idle timeout, and a 421 line before closing on either;
+  the idle timer is re-armed by incoming bytes while DATA is being received;
+- EHLO advertises PIPELINING (aiosmtpd supports but does not advertise it) and never AUTH;
+- RCPT only for accepted domains (550 5.7.1), at most max_recipients (452 4.5.3);
+- bare CR or LF in DATA -> 550 5.6.0 (SMTP smuggling);
+- after DATA the message goes to the lane broker; 250 only on the worker's ACK (durable);
+  a NACK, a timeout or an unreachable broker -> 451;
+- any exception -> 451 4.3.0 and a log line (aiosmtpd's default is a 500 with internals);
+- a per-instance command_size_limits (aiosmtpd's is a class attribute shared by all sessions
+  and grows with every EHLO).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import TYPE_CHECKING
+
+from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+
+from ingress import log, replies
+from ingress.wire import Envelope, Lane, new_qid
+
+if TYPE_CHECKING:
+    from ingress.acceptor import AcceptorContext
+
+
+class IngressSMTP(SMTP):
+    def __init__(self, ctx: AcceptorContext) -> None:
+        s = ctx.cfg.smtp
+        super().__init__(
+            ctx.handler, hostname=s.hostname, ident="smtp-ingress",
+            data_size_limit=s.max_message_size, enable_SMTPUTF8=True, decode_data=False,
+            timeout=s.idle_timeout, tls_context=ctx.tls_context, loop=ctx.loop,
+        )
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        self.ctx = ctx
+        self.lane = Lane.BULK
+        self.evidence: dict[str, str] = {}
+        self.peer_ip = ""
+        self.peer_port = 0
+        self.admitted = False
+        self.busy = False              # inside DATA or waiting for the ack
+        self.messages = 0
+        self.started = 0.0
+        self.last_reply = ""
+        self._deadline: asyncio.TimerHandle | None = None
+
+    # --- connection life cycle ----------------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        ctx = self.ctx
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        self.started = time.monotonic()
+        if peer:
+            ip = peer[0]
+            self.peer_ip = ip[7:] if ip.startswith("::ffff:") else ip
+            self.peer_port = int(peer[1])
+        self.lane = ctx.classify_connect(self.peer_ip)
+        refusal = ctx.admit(self)
+        if refusal is not None:
+            ctx.count("refused", self.lane)
+            await self._close_with(refusal)
+            return
+        self.admitted = True
+        self._deadline = self.loop.call_later(ctx.cfg.smtp.session_deadline, self._deadline_cb)
+        await super()._handle_client()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self.admitted:
+            self.admitted = False
+            self.ctx.release(self)
+            log.event("session", peer=self.peer_ip, lane=self.lane.value, messages=self.messages,
+                      last_reply=self.last_reply[:3],
+                      duration_ms=round((time.monotonic() - self.started) * 1000, 1))
+        super().connection_lost(error)
+
+    async def _close_with(self, line: str) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(line.encode() + b"\r\n")
+            self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(replies.IDLE_TIMEOUT.format(host=self.hostname).encode() + b"\r\n")
+        super()._timeout_cb()
+
+    def _deadline_cb(self) -> None:
+        log.event("session_deadline", "info", peer=self.peer_ip, lane=self.lane.value)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(
+                replies.SESSION_DEADLINE.format(host=self.hostname).encode() + b"\r\n")
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.busy:      # a large message on a slow link is not idle
+            self._reset_timeout()
+        super().data_received(data)
+
+    def close_if_idle(self, line: str) -> bool:
+        """Used when draining: close a session between transactions with `line`."""
+        if self.busy or self.transport is None or self.transport.is_closing():
+            return False
+        self.transport.write(line.encode() + b"\r\n")
+        self.transport.close()
+        return True
+
+    # --- commands -----------------------------------------------------------------------------
+
+    async def push(self, status: str | bytes) -> None:
+        self.last_reply = status if isinstance(status, str) else status.decode("ascii", "replace")
+        await super().push(status)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self.busy = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.busy = False
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        await self.push(replies.AUTH_NOT_OFFERED)
+
+
+class IngressHandler:
+    """aiosmtpd hooks. One instance per acceptor process; per-session state is on the protocol."""
+
+    def __init__(self, ctx: AcceptorContext) -> None:
+        self.ctx = ctx
+
+    async def handle_EHLO(self, server: IngressSMTP, session: Session, envelope: SmtpEnvelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        out = [r for r in responses if not r[4:].startswith(("AUTH", "HELP"))]
+        out.insert(1, "250-PIPELINING")
+        out.append("250 ENHANCEDSTATUSCODES")
+        return out
+
+    async def handle_MAIL(self, server: IngressSMTP, session: Session, envelope: SmtpEnvelope,
+                          address: str, mail_options: list[str]) -> str:
+        if self.ctx.lane_saturated(server.lane):
+            self.ctx.count("shed_mail", server.lane)
+            return replies.LANE_SATURATED
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server: IngressSMTP, session: Session, envelope: SmtpEnvelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        domain = address.rpartition("@")[2].lower().rstrip(".")
+        if "@" not in address or domain not in self.ctx.domains:
+            log.event("relay_denied", peer=server.peer_ip, rcpt=address[:200])
+            return replies.RELAY_DENIED.format(rcpt=address[:200])
+        if len(envelope.rcpt_tos) >= self.ctx.cfg.smtp.max_recipients:
+            return replies.TOO_MANY_RECIPIENTS
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: IngressSMTP, session: Session,
+                          envelope: SmtpEnvelope) -> str:
+        body: bytes = envelope.original_content or b""
+        n_lf = body.count(b"\n")
+        if n_lf != body.count(b"\r") or n_lf != body.count(b"\r\n"):
+            log.event("bare_line_ending", peer=server.peer_ip, lane=server.lane.value)
+            return replies.BARE_LINE_ENDING
+        ctx = self.ctx
+        now = time.time()
+        ssl_object = server.transport.get_extra_info("ssl_object") if server.transport else None
+        tls = str(ssl_object.version() or "TLS") if ssl_object is not None else ""
+        env = Envelope(
+            qid=new_qid(now), lane=server.lane, peer_ip=server.peer_ip,
+            peer_port=server.peer_port, helo=session.host_name or "",
+            mail_from=envelope.mail_from or "", rcpts=tuple(envelope.rcpt_tos),
+            received_at=now, deadline=now + ctx.cfg.smtp.ack_timeout, acceptor=ctx.ident,
+            smtputf8=bool(envelope.smtp_utf8), tls=tls, evidence=dict(server.evidence),
+        )
+        t0 = time.monotonic()
+        reply, why = await ctx.submit(env, body)
+        ms = round((time.monotonic() - t0) * 1000, 2)
+        if reply is not None and reply.ok:
+            server.messages += 1
+            ctx.count("accepted", server.lane)
+            log.event("message", qid=env.qid, peer=server.peer_ip, lane=env.lane.value,
+                      size=len(body), rcpts=len(env.rcpts), reply="250", ack_ms=ms)
+            return replies.QUEUED.format(qid=env.qid)
+        ctx.count("tempfail", server.lane)
+        log.event("message", qid=env.qid, peer=server.peer_ip, lane=env.lane.value,
+                  size=len(body), rcpts=len(env.rcpts), reply="451", why=why, ack_ms=ms)
+        if reply is not None and reply.reason is not None and reply.reason.value == "rate":
+            return replies.LANE_SATURATED
+        return replies.NOT_QUEUED.format(why=why)
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.get().error("smtp_exception", exc_info=error,
+                        extra={"fields": {"error": type(error).__name__}})
+        return replies.INTERNAL_ERROR

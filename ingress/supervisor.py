@@ -1,0 +1,306 @@
+"""Supervisor: starts, watches, restarts, reloads and drains every other process.
+
+API: Supervisor(cfg, config_path).run() -> int (exit status)
+
+Children (multiprocessing, *spawn* start method; no event loop or zmq.Context exists in this
+process): one broker per lane, `lanes.<lane>.workers` workers per lane, and `acceptors` acceptors.
+The supervisor binds one SO_REUSEPORT listening socket per acceptor slot and hands it to that
+slot's acceptor. Because the socket outlives its acceptor, restarting or replacing an acceptor
+never closes a listening socket, so connections waiting in its backlog are never reset (plain
+SO_REUSEPORT would reset them unless net.ipv4.tcp_migrate_req=1).
+
+Watching: each child writes time.monotonic() into its slot of a shared array from its own main
+loop. A child that exits is restarted after a backoff (restart_backoff doubling to
+restart_backoff_max while it keeps crashing young); more than crash_limit restarts within
+crash_window is a crash loop: logged, restarts throttled to the maximum backoff. A child whose
+heartbeat is older than heartbeat_timeout is hung: SIGKILL, then restarted.
+
+Signals only set flags; the main loop acts on them:
+    SIGTERM/SIGINT  drain: acceptors stop accepting and finish sessions within smtp.drain_grace,
+                    then brokers and workers stop; exit 0.
+    SIGHUP          reload: the file is re-read and validated (an invalid file is logged and the
+                    running config kept); new acceptors and workers start beside the old ones and
+                    the old ones drain only once the new ones are up, so no connection is refused.
+                    Brokers are replaced only when their lane settings changed.
+systemd: READY=1 once every child is up, RELOADING=1/READY=1 around a reload, STOPPING=1 on
+drain, WATCHDOG=1 from the main loop when WATCHDOG_USEC is set.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import multiprocessing as mp
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from ingress import config as config_mod
+from ingress import log
+from ingress.config import Config, ConfigError
+
+TICK = 0.05
+
+
+@dataclasses.dataclass
+class Child:
+    kind: str                       # "acceptor" | "broker" | "worker"
+    key: tuple[Any, ...]            # ("acceptor", i) / ("broker", lane) / ("worker", lane, i)
+    cfg: Config
+    slot: int
+    proc: Any = None                # mp.Process
+    started: float = 0.0
+    restart_at: float | None = None
+    failures: int = 0
+    history: collections.deque[float] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=64))
+    retiring: bool = False
+    kill_at: float | None = None
+
+
+def sd_notify(msg: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(msg.encode())
+
+
+def bind_listener(cfg: Config) -> socket.socket:
+    host, port = cfg.listen.host, cfg.listen.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((host, port))
+    s.listen(cfg.listen.backlog)
+    return s
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, config_path: Path | None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.mp = mp.get_context("spawn")
+        self.hb = self.mp.RawArray("d", 512)
+        self.free_slots = list(range(511, -1, -1))
+        self.children: list[Child] = []
+        self.sockets: list[socket.socket] = []
+        self.flags: set[str] = set()
+        self.ready_sent = False
+
+    # --- child management ---------------------------------------------------------------------
+
+    def _target(self, c: Child) -> tuple[Any, tuple[Any, ...]]:
+        if c.kind == "acceptor":
+            from ingress import acceptor
+            return acceptor.run, (c.cfg, c.key[1], self.sockets[c.key[1]], self.hb, c.slot)
+        if c.kind == "broker":
+            from workers import broker
+            return broker.run, (c.cfg, c.key[1], self.hb, c.slot)
+        from workers import worker
+        return worker.run, (c.cfg, c.key[1], c.key[2], self.hb, c.slot)
+
+    def _start(self, c: Child) -> None:
+        target, args = self._target(c)
+        self.hb[c.slot] = 0.0
+        c.proc = self.mp.Process(target=target, args=args, name=f"smtp-ingress {c.key}",
+                                 daemon=False)
+        c.proc.start()
+        c.started = time.monotonic()
+        c.restart_at = None
+        c.history.append(c.started)
+        log.event("child_start", kind=c.kind, key=str(c.key[1:]), child_pid=c.proc.pid)
+
+    def _new_child(self, kind: str, key: tuple[Any, ...], cfg: Config) -> Child:
+        c = Child(kind=kind, key=key, cfg=cfg, slot=self.free_slots.pop())
+        self.children.append(c)
+        self._start(c)
+        return c
+
+    def _wanted(self, cfg: Config) -> list[tuple[str, tuple[Any, ...]]]:
+        out: list[tuple[str, tuple[Any, ...]]] = []
+        for lane in ("fast", "bulk"):
+            out.append(("broker", ("broker", lane)))
+            out += [("worker", ("worker", lane, i)) for i in range(cfg.worker_count(lane))]
+        out += [("acceptor", ("acceptor", i)) for i in range(cfg.acceptor_count)]
+        return out
+
+    def _ready(self, c: Child) -> bool:
+        return c.proc is not None and c.proc.is_alive() and self.hb[c.slot] >= c.started
+
+    def _wait_ready(self, kids: list[Child], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self._ready(c) for c in kids):
+                return True
+            self._watch()
+            time.sleep(TICK)
+        return False
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        sup = self.cfg.supervisor
+        for c in list(self.children):
+            alive = c.proc is not None and c.proc.is_alive()
+            if c.retiring:
+                if not alive:
+                    self._reap(c)
+                elif c.kill_at is not None and now > c.kill_at:
+                    log.event("child_kill", "warning", kind=c.kind, key=str(c.key[1:]),
+                              why="drain overran")
+                    c.proc.kill()
+                    c.kill_at = None
+                continue
+            if alive:
+                beat = self.hb[c.slot]
+                age = now - (beat if beat > 0 else c.started)
+                limit = sup.heartbeat_timeout if beat > 0 else max(30.0, sup.heartbeat_timeout)
+                if age > limit:
+                    log.event("child_hung", "error", kind=c.kind, key=str(c.key[1:]),
+                              child_pid=c.proc.pid, silent_s=round(age, 2))
+                    c.proc.kill()
+                    c.proc.join(1.0)
+                    alive = False
+                else:
+                    if now - c.started > sup.crash_window:
+                        c.failures = 0
+                    continue
+            if c.restart_at is None:
+                code = c.proc.exitcode if c.proc is not None else None
+                if c.proc is not None:
+                    c.proc.join(0)
+                c.failures += 1
+                backoff = min(sup.restart_backoff * 2 ** (c.failures - 1), sup.restart_backoff_max)
+                recent = sum(1 for t in c.history if now - t < sup.crash_window)
+                if recent > sup.crash_limit:
+                    backoff = sup.restart_backoff_max
+                    log.event("crash_loop", "error", kind=c.kind, key=str(c.key[1:]),
+                              restarts=recent, window_s=sup.crash_window)
+                c.restart_at = now + backoff
+                log.event("child_exit", "warning", kind=c.kind, key=str(c.key[1:]),
+                          exitcode=code, restart_in_s=round(backoff, 3))
+            elif now >= c.restart_at:
+                self._start(c)
+
+    def _reap(self, c: Child) -> None:
+        if c.proc is not None:
+            c.proc.join(0)
+        self.children.remove(c)
+        self.free_slots.append(c.slot)
+
+    def _retire(self, c: Child, grace: float) -> None:
+        c.retiring = True
+        c.kill_at = time.monotonic() + grace
+        if c.proc is not None and c.proc.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c.proc.pid, signal.SIGTERM)
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.flags.add({signal.SIGHUP: "reload"}.get(signum, "stop"))
+
+    def start(self) -> None:
+        Path(self.cfg.spool.path).mkdir(parents=True, exist_ok=True)
+        (self.cfg.spool.state_dir / "run").mkdir(parents=True, exist_ok=True)
+        self.sockets = [bind_listener(self.cfg) for _ in range(self.cfg.acceptor_count)]
+        for kind, key in self._wanted(self.cfg):
+            self._new_child(kind, key, self.cfg)
+        ok = self._wait_ready(self.children, 60.0)
+        log.event("ready" if ok else "not_ready", "info" if ok else "error",
+                  listen=f"{self.cfg.listen.host}:{self.sockets[0].getsockname()[1]}",
+                  acceptors=self.cfg.acceptor_count, spool=str(self.cfg.spool.path),
+                  fast_workers=self.cfg.worker_count("fast"),
+                  bulk_workers=self.cfg.worker_count("bulk"), config=self.cfg.source)
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving")
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        self.start()
+        wd = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
+        next_wd = 0.0
+        while "stop" not in self.flags:
+            if "reload" in self.flags:
+                self.flags.discard("reload")
+                self.reload()
+            self._watch()
+            if wd and time.monotonic() >= next_wd:
+                sd_notify("WATCHDOG=1")
+                next_wd = time.monotonic() + wd / 2
+            time.sleep(TICK)
+        return self.drain()
+
+    def drain(self) -> int:
+        sd_notify("STOPPING=1")
+        grace = self.cfg.smtp.drain_grace
+        log.event("draining", grace_s=grace)
+        acceptors = [c for c in self.children if c.kind == "acceptor"]
+        for c in acceptors:
+            self._retire(c, grace + 5.0)
+        self._wait_gone(acceptors, grace + 10.0)
+        rest = [c for c in self.children if c.kind != "acceptor"]
+        for c in rest:
+            self._retire(c, 5.0)
+        self._wait_gone(rest, 10.0)
+        for s in self.sockets:
+            s.close()
+        log.event("stopped")
+        return 0
+
+    def _wait_gone(self, kids: list[Child], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while any(c in self.children for c in kids) and time.monotonic() < deadline:
+            self._watch()
+            time.sleep(TICK)
+        for c in kids:
+            if c in self.children and c.proc is not None:
+                c.proc.kill()
+                c.proc.join(2.0)
+                self._reap(c)
+
+    def reload(self) -> None:
+        sd_notify("RELOADING=1")
+        try:
+            new = config_mod.load(self.config_path)
+        except ConfigError as e:
+            log.event("reload_failed", "error", error=str(e))
+            sd_notify("READY=1")
+            return
+        old = self.cfg
+        if (new.listen, new.spool, new.acceptor_count) != (old.listen, old.spool,
+                                                            old.acceptor_count):
+            # Changing these would mean closing listening sockets (resetting what is queued on
+            # them) or moving the spool under running workers: they wait for a restart.
+            log.event("reload_restart_needed", "warning",
+                      why="listen, spool and supervisor.acceptors take effect on restart only")
+            new = dataclasses.replace(new, listen=old.listen, spool=old.spool,
+                                      supervisor=dataclasses.replace(
+                                          new.supervisor, acceptors=old.acceptor_count))
+        self.cfg = new
+        current = [c for c in self.children if not c.retiring]
+        brokers_changed = new.lanes != old.lanes
+        replace = [c for c in current if c.kind != "broker" or brokers_changed]
+        for c in [c for c in replace if c.kind == "broker"]:
+            self._retire(c, 3.0)
+            self._wait_gone([c], 5.0)
+        fresh = [self._new_child(kind, key, new) for kind, key in self._wanted(new)
+                 if kind != "broker" or brokers_changed]
+        ok = self._wait_ready(fresh, 30.0)
+        for c in replace:
+            if c.kind != "broker":
+                self._retire(c, new.smtp.drain_grace + 5.0)
+        log.event("reloaded" if ok else "reload_slow", "info" if ok else "warning",
+                  replaced=len(replace), started=len(fresh))
+        sd_notify("READY=1")

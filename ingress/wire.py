@@ -1,0 +1,231 @@
+"""THE wire format between acceptor, lane broker and worker (ZeroMQ multipart messages).
+
+Every message starts with the version frame b"SI1" and a kind frame. ROUTER sockets add and strip
+the routing-id frames themselves; the frames below are what the application sends.
+
+    acceptor -> broker   SUBMIT     [b"SI1", b"SUBMIT", envelope, body]
+    broker   -> worker   WORK       [b"SI1", b"WORK", reply_to, envelope, body]
+    worker   -> broker   READY      [b"SI1", b"READY", credit]           credit: ascii int
+    worker  <-> broker   HEARTBEAT  [b"SI1", b"HEARTBEAT", free]         free: ascii int (worker)
+    worker   -> broker   DISCONNECT [b"SI1", b"DISCONNECT"]              leaving, nothing in flight
+    worker   -> broker   ACK/NACK   [b"SI1", b"ACK"|b"NACK", reply_to, qid, detail]
+    broker   -> acceptor ACK/NACK   [b"SI1", b"ACK"|b"NACK", qid, detail]
+    broker   PUB status  STATUS     [b"status", b"SI1", status-json]     topic frame first
+
+`envelope` is orjson of `Envelope` (keys below, stable); `body` is the client's raw message bytes
+(dot-unstuffed, CRLF line ends) in a frame of its own so it is never re-encoded. `detail` is
+orjson: for ACK {"path": spool file name}, for NACK {"reason": NackReason, "text": str}.
+`reply_to` is the acceptor's routing id, carried through the worker and back so that a restarted
+broker can still route a late ACK (brokers keep no routing state that matters).
+
+Failure modes: `decode_*` raise WireError for anything malformed (wrong version, frame count,
+kind, JSON); callers log it and drop the message (an acceptor waiting on it times out: 451).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from itertools import count
+
+import orjson
+
+VERSION = b"SI1"
+STATUS_TOPIC = b"status"
+LANE_HEARTBEAT = 0.25       # seconds between broker <-> worker heartbeats
+LANE_LIVENESS = 4           # heartbeats missed before the peer is presumed dead
+STATUS_INTERVAL = 0.1       # seconds between a broker's status publications
+STATUS_STALE = 1.0          # an acceptor ignores lane status older than this
+
+
+class Lane(StrEnum):
+    FAST = "fast"
+    BULK = "bulk"
+
+
+class Kind(bytes, Enum):
+    SUBMIT = b"SUBMIT"
+    WORK = b"WORK"
+    READY = b"READY"
+    HEARTBEAT = b"HEARTBEAT"
+    DISCONNECT = b"DISCONNECT"
+    ACK = b"ACK"
+    NACK = b"NACK"
+
+
+class NackReason(StrEnum):
+    RATE = "rate"                  # bulk token bucket empty
+    QUEUE_FULL = "queue_full"      # broker queue at its bound
+    WORKER_LOST = "worker_lost"    # the worker holding it stopped heartbeating
+    EXPIRED = "expired"            # waited in the broker past its deadline
+    ERROR = "error"                # the worker failed (disk error, bad input)
+    SHUTDOWN = "shutdown"          # broker or worker shutting down
+
+
+class WireError(ValueError):
+    """A malformed message: wrong version, kind, frame count or JSON."""
+
+
+_seq = count()
+
+
+def new_qid(now: float | None = None) -> str:
+    """A queue id unique across processes and restarts: time, pid, per-process counter."""
+    t = int((time.time() if now is None else now) * 1000)
+    return f"{t:011X}{os.getpid() & 0xFFFFF:05X}{next(_seq) & 0xFFFF:04X}"
+
+
+@dataclass(frozen=True)
+class Envelope:
+    qid: str
+    lane: Lane
+    peer_ip: str
+    peer_port: int
+    helo: str
+    mail_from: str
+    rcpts: tuple[str, ...]
+    received_at: float                         # wall clock, end of DATA
+    deadline: float                            # wall clock; a broker drops work older than this
+    acceptor: str = ""
+    smtputf8: bool = False
+    tls: str = ""                              # e.g. "TLSv1.3" when the session used TLS
+    evidence: dict[str, str] = field(default_factory=dict)   # stage -> result, for the trace
+
+    def encode(self) -> bytes:
+        return orjson.dumps({
+            "qid": self.qid, "lane": self.lane.value, "peer_ip": self.peer_ip,
+            "peer_port": self.peer_port, "helo": self.helo, "mail_from": self.mail_from,
+            "rcpts": list(self.rcpts), "received_at": self.received_at,
+            "deadline": self.deadline, "acceptor": self.acceptor,
+            "smtputf8": self.smtputf8, "tls": self.tls, "evidence": self.evidence,
+        })
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Envelope:
+        try:
+            d = orjson.loads(raw)
+            return cls(qid=str(d["qid"]), lane=Lane(d["lane"]), peer_ip=str(d["peer_ip"]),
+                       peer_port=int(d["peer_port"]), helo=str(d["helo"]),
+                       mail_from=str(d["mail_from"]), rcpts=tuple(map(str, d["rcpts"])),
+                       received_at=float(d["received_at"]), deadline=float(d["deadline"]),
+                       acceptor=str(d.get("acceptor", "")), smtputf8=bool(d.get("smtputf8")),
+                       tls=str(d.get("tls", "")), evidence=dict(d.get("evidence") or {}))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise WireError(f"bad envelope: {e}") from None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An ACK or NACK as the acceptor sees it."""
+
+    qid: str
+    ok: bool
+    path: str = ""
+    reason: NackReason | None = None
+    text: str = ""
+
+
+# --- encoders -------------------------------------------------------------------------------
+
+def submit(env: Envelope, body: bytes) -> list[bytes]:
+    return [VERSION, Kind.SUBMIT.value, env.encode(), body]
+
+
+def work(reply_to: bytes, env_raw: bytes, body: bytes) -> list[bytes]:
+    return [VERSION, Kind.WORK.value, reply_to, env_raw, body]
+
+
+def ready(credit: int) -> list[bytes]:
+    return [VERSION, Kind.READY.value, str(credit).encode()]
+
+
+def heartbeat(free: int = 0) -> list[bytes]:
+    return [VERSION, Kind.HEARTBEAT.value, str(free).encode()]
+
+
+def disconnect() -> list[bytes]:
+    return [VERSION, Kind.DISCONNECT.value]
+
+
+def ack_detail(path: str) -> bytes:
+    return orjson.dumps({"path": path})
+
+
+def nack_detail(reason: NackReason, text: str = "") -> bytes:
+    return orjson.dumps({"reason": reason.value, "text": text})
+
+
+def worker_ack(reply_to: bytes, qid: bytes, path: str) -> list[bytes]:
+    return [VERSION, Kind.ACK.value, reply_to, qid, ack_detail(path)]
+
+
+def worker_nack(reply_to: bytes, qid: bytes, reason: NackReason, text: str = "") -> list[bytes]:
+    return [VERSION, Kind.NACK.value, reply_to, qid, nack_detail(reason, text)]
+
+
+def to_acceptor(kind: Kind, qid: bytes, detail: bytes) -> list[bytes]:
+    return [VERSION, kind.value, qid, detail]
+
+
+def status(doc: dict[str, object]) -> list[bytes]:
+    return [STATUS_TOPIC, VERSION, orjson.dumps(doc)]
+
+
+# --- decoders -------------------------------------------------------------------------------
+
+def kind_of(frames: list[bytes]) -> Kind:
+    """Validate version and return the kind; the remaining frames are frames[2:]."""
+    if len(frames) < 2 or frames[0] != VERSION:
+        raise WireError(f"bad version or frame count: {frames[:1]!r}")
+    try:
+        return Kind(frames[1])
+    except ValueError:
+        raise WireError(f"unknown kind {frames[1]!r}") from None
+
+
+def expect(frames: list[bytes], n: int) -> list[bytes]:
+    """The n payload frames after version and kind, or WireError."""
+    if len(frames) != n + 2:
+        raise WireError(f"{frames[1]!r}: expected {n} payload frames, got {len(frames) - 2}")
+    return frames[2:]
+
+
+def int_frame(raw: bytes) -> int:
+    try:
+        v = int(raw)
+    except ValueError:
+        raise WireError(f"not an integer: {raw[:20]!r}") from None
+    if not 0 <= v <= 1_000_000:
+        raise WireError(f"out of range: {v}")
+    return v
+
+
+def decode_reply(frames: list[bytes]) -> Reply:
+    """An ACK/NACK frame list as received by an acceptor's DEALER."""
+    kind = kind_of(frames)
+    if kind not in (Kind.ACK, Kind.NACK):
+        raise WireError(f"acceptor got {kind.name}")
+    qid_raw, detail_raw = expect(frames, 2)
+    try:
+        detail = orjson.loads(detail_raw)
+        qid = qid_raw.decode("ascii")
+        if kind is Kind.ACK:
+            return Reply(qid=qid, ok=True, path=str(detail["path"]))
+        return Reply(qid=qid, ok=False, reason=NackReason(detail["reason"]),
+                     text=str(detail.get("text", "")))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise WireError(f"bad reply detail: {e}") from None
+
+
+def decode_status(frames: list[bytes]) -> dict[str, object]:
+    if len(frames) != 3 or frames[0] != STATUS_TOPIC or frames[1] != VERSION:
+        raise WireError("bad status message")
+    try:
+        doc = orjson.loads(frames[2])
+    except orjson.JSONDecodeError as e:
+        raise WireError(f"bad status json: {e}") from None
+    if not isinstance(doc, dict):
+        raise WireError("status is not an object")
+    return doc

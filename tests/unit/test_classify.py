@@ -1,0 +1,353 @@
+"""Table-driven tests of the classification policy (ingress.classify): every combination."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from ingress.classify import (
+    AuthResult,
+    CertResult,
+    ClassifyPolicy,
+    Decision,
+    Evidence,
+    LearnedAllow,
+    SpfPromote,
+    StaticAllow,
+    decide,
+    domain_matches,
+    normalize_ip,
+    promote,
+    should_learn,
+)
+from ingress.wire import Lane
+
+BOOLS = (False, True)
+SPF_DOMAINS = (None, "example.com", "mail.example.com", "other.org")
+POLICIES = [
+    ClassifyPolicy(spf_promote=mode, spf_domains=doms, cert_promotes=cp, learned_promotes=lp)
+    for mode, doms in (
+        (SpfPromote.ANY, frozenset()),
+        (SpfPromote.LISTED, frozenset({"Example.COM."})),
+        (SpfPromote.OFF, frozenset()),
+    )
+    for cp, lp in itertools.product(BOOLS, BOOLS)
+]
+ALL_EVIDENCE = [
+    Evidence(static_allow=s, learned_allow=la, cert=c, spf=r, spf_domain=d)
+    for s, la, c, r, d in itertools.product(BOOLS, BOOLS, CertResult, AuthResult, SPF_DOMAINS)
+]
+
+
+def oracle(ev: Evidence, pol: ClassifyPolicy) -> Lane:
+    """The specification, written independently of decide()."""
+    if ev.static_allow:
+        return Lane.FAST
+    if ev.learned_allow and pol.learned_promotes:
+        return Lane.FAST
+    if ev.cert in (CertResult.VERIFIED, CertResult.PINNED) and pol.cert_promotes:
+        return Lane.FAST
+    if ev.spf == AuthResult.PASS and ev.spf_domain:
+        if pol.spf_promote == SpfPromote.ANY:
+            return Lane.FAST
+        if pol.spf_promote == SpfPromote.LISTED and ev.spf_domain in (
+            "example.com",
+            "mail.example.com",
+        ):
+            return Lane.FAST
+    return Lane.BULK
+
+
+@pytest.mark.parametrize("pol", POLICIES, ids=repr)
+def test_every_evidence_combination_matches_the_oracle(pol: ClassifyPolicy) -> None:
+    assert len(ALL_EVIDENCE) == 2 * 2 * len(CertResult) * len(AuthResult) * len(SPF_DOMAINS)
+    for ev in ALL_EVIDENCE:
+        d = decide(ev, pol)
+        assert isinstance(d, Decision)
+        assert d.lane == oracle(ev, pol), (ev, pol, d)
+        assert d.reasons, "a decision always says why"
+        if d.lane == Lane.FAST:
+            assert all(not r.startswith("spf-") or r.startswith("spf-pass") for r in d.reasons)
+
+
+@pytest.mark.parametrize("pol", POLICIES, ids=repr)
+@pytest.mark.parametrize(
+    "result",
+    [r for r in AuthResult if r != AuthResult.PASS],
+)
+def test_non_pass_spf_decides_like_none(pol: ClassifyPolicy, result: AuthResult) -> None:
+    """temperror (and every non-pass) never promotes and never changes the outcome."""
+    for ev in ALL_EVIDENCE:
+        base = Evidence(ev.static_allow, ev.learned_allow, ev.cert, AuthResult.NONE, ev.spf_domain)
+        other = base.with_spf(result, ev.spf_domain)
+        assert decide(other, pol).lane == decide(base, pol).lane
+
+
+@pytest.mark.parametrize("pol", POLICIES, ids=repr)
+def test_evidence_is_monotone(pol: ClassifyPolicy) -> None:
+    """Adding promoting evidence never moves a decision from fast to bulk."""
+    for ev in ALL_EVIDENCE:
+        lane = decide(ev, pol).lane
+        stronger = [
+            Evidence(True, ev.learned_allow, ev.cert, ev.spf, ev.spf_domain),
+            Evidence(ev.static_allow, True, ev.cert, ev.spf, ev.spf_domain),
+            ev.with_cert(CertResult.VERIFIED),
+            ev.with_cert(CertResult.PINNED),
+        ]
+        if lane == Lane.FAST:
+            for s in stronger:
+                assert decide(s, pol).lane == Lane.FAST
+
+
+@pytest.mark.parametrize(
+    "ev, pol, lane, reasons",
+    [
+        (Evidence(), ClassifyPolicy(), Lane.BULK, ("no-evidence",)),
+        (Evidence(static_allow=True), ClassifyPolicy(), Lane.FAST, ("static-allow",)),
+        (
+            Evidence(learned_allow=True),
+            ClassifyPolicy(learned_promotes=False),
+            Lane.BULK,
+            ("learned-allow",),
+        ),
+        (Evidence(cert=CertResult.PINNED), ClassifyPolicy(), Lane.FAST, ("cert-pinned",)),
+        (Evidence(cert=CertResult.UNTRUSTED), ClassifyPolicy(), Lane.BULK, ("cert-untrusted",)),
+        (
+            Evidence(spf=AuthResult.PASS, spf_domain="Example.com."),
+            ClassifyPolicy(),
+            Lane.FAST,
+            ("spf-pass:example.com",),
+        ),
+        (
+            Evidence(spf=AuthResult.PASS, spf_domain="notexample.com"),
+            ClassifyPolicy(spf_promote="listed", spf_domains=frozenset({"example.com"})),
+            Lane.BULK,
+            ("spf-pass:notexample.com",),
+        ),
+        (
+            Evidence(spf=AuthResult.TEMPERROR, spf_domain="example.com"),
+            ClassifyPolicy(),
+            Lane.BULK,
+            ("spf-temperror:example.com",),
+        ),
+        (Evidence(spf=AuthResult.PASS), ClassifyPolicy(), Lane.BULK, ("spf-pass",)),
+        (
+            Evidence(True, True, CertResult.VERIFIED, AuthResult.PASS, "a.example"),
+            ClassifyPolicy(),
+            Lane.FAST,
+            ("static-allow", "learned-allow", "cert-verified", "spf-pass:a.example"),
+        ),
+    ],
+)
+def test_reasons(ev: Evidence, pol: ClassifyPolicy, lane: Lane, reasons: tuple[str, ...]) -> None:
+    assert decide(ev, pol) == Decision(lane, reasons)
+
+
+def test_promote_never_demotes() -> None:
+    for cur, new in itertools.product(Lane, Lane):
+        got = promote(cur, Decision(new, ("x",)))
+        assert got == (Lane.FAST if Lane.FAST in (cur, new) else Lane.BULK)
+
+
+def test_staged_session_only_promotes() -> None:
+    """connect -> TLS -> MAIL FROM: the lane of a live session is the max over stages."""
+    pol = ClassifyPolicy()
+    for ev in ALL_EVIDENCE:
+        stages = [
+            Evidence(ev.static_allow, ev.learned_allow),
+            Evidence(ev.static_allow, ev.learned_allow, ev.cert),
+            ev,
+        ]
+        lane = Lane.BULK
+        for st in stages:
+            new = promote(lane, decide(st, pol))
+            assert not (lane == Lane.FAST and new == Lane.BULK)
+            lane = new
+        assert lane == decide(ev, pol).lane
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"spf_promote": "sometimes"},
+        {"spf_promote": "listed"},
+        {"spf_promote": "listed", "spf_domains": frozenset({"  "})},
+    ],
+)
+def test_bad_policy(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        ClassifyPolicy(**kwargs)
+
+
+def test_policy_normalises() -> None:
+    p = ClassifyPolicy(spf_promote="listed", spf_domains=frozenset({"Example.COM."}))
+    assert p.spf_promote is SpfPromote.LISTED
+    assert p.spf_domains == frozenset({"example.com"})
+
+
+@pytest.mark.parametrize(
+    "domain, listed, ok",
+    [
+        ("example.com", ["example.com"], True),
+        ("EXAMPLE.com.", ["example.com"], True),
+        ("mail.example.com", ["example.com"], True),
+        ("badexample.com", ["example.com"], False),
+        ("example.com", ["mail.example.com"], False),
+        ("", ["example.com"], False),
+        ("example.com", [], False),
+    ],
+)
+def test_domain_matches(domain: str, listed: list[str], ok: bool) -> None:
+    assert domain_matches(domain, listed) is ok
+
+
+@pytest.mark.parametrize(
+    "spf, dkim, learn",
+    [(r, d, r == AuthResult.PASS and d) for r, d in itertools.product(AuthResult, BOOLS)],
+)
+def test_should_learn(spf: AuthResult, dkim: bool, learn: bool) -> None:
+    assert should_learn(spf, dkim) is learn
+
+
+# --------------------------------------------------------------------------- static allow
+
+
+@pytest.mark.parametrize(
+    "ip, ok",
+    [
+        ("192.0.2.1", True),
+        ("192.0.2.255", True),
+        ("192.0.3.1", False),
+        ("198.51.100.7", True),
+        ("198.51.100.8", False),
+        ("::ffff:192.0.2.9", True),
+        ("2001:db8::1", True),
+        ("2001:db9::1", False),
+        ("fe80::1%eth0", False),
+        ("not-an-ip", False),
+    ],
+)
+def test_static_allow(ip: str, ok: bool) -> None:
+    sa = StaticAllow.from_cidrs(["192.0.2.0/24", "198.51.100.7", "2001:db8::/32"])
+    assert sa.contains(ip) is ok
+
+
+def test_static_allow_rejects_garbage() -> None:
+    with pytest.raises(ValueError, match="bogus"):
+        StaticAllow.from_cidrs(["192.0.2.0/24", "bogus"])
+
+
+def test_normalize_ip() -> None:
+    assert normalize_ip("::ffff:10.1.2.3") == "10.1.2.3"
+    assert normalize_ip("2001:DB8::0:1") == "2001:db8::1"
+    with pytest.raises(ValueError):
+        normalize_ip("x")
+
+
+# --------------------------------------------------------------------------- learned allow
+
+
+def test_learned_ttl() -> None:
+    la = LearnedAllow(ttl=100, max_size=10)
+    assert not la.contains("192.0.2.1", 0)
+    assert la.learn("192.0.2.1", 1000) == 1100
+    assert la.contains("192.0.2.1", 1099.9)
+    assert la.contains("::ffff:192.0.2.1", 1050)
+    assert not la.contains("192.0.2.1", 1100)
+    assert len(la) == 0  # expired entry dropped on lookup
+
+
+def test_learned_refresh_and_merge() -> None:
+    la = LearnedAllow(ttl=100, max_size=10)
+    la.learn("192.0.2.1", 0)
+    la.learn("192.0.2.1", 50)
+    assert la.expiry("192.0.2.1") == 150
+    assert la.add("192.0.2.1", 120)  # older info from a peer does not shorten
+    assert la.expiry("192.0.2.1") == 150
+    assert la.add("192.0.2.1", 400)
+    assert la.expiry("192.0.2.1") == 400
+    assert not la.add("192.0.2.2", 10, now=20)  # already expired
+    assert not la.add("nonsense", 500)
+    with pytest.raises(ValueError):
+        la.learn("nonsense", 0)
+
+
+def test_learned_bounded_evicts_soonest_expiring() -> None:
+    la = LearnedAllow(ttl=1000, max_size=3)
+    la.add("10.0.0.1", 500)
+    la.add("10.0.0.2", 100)  # soonest
+    la.add("10.0.0.3", 900)
+    la.add("10.0.0.4", 800, now=0)
+    assert len(la) == 3
+    assert not la.contains("10.0.0.2", 0)
+    assert all(la.contains(ip, 0) for ip in ("10.0.0.1", "10.0.0.3", "10.0.0.4"))
+    # a newcomer expiring sooner than everything held is the one dropped
+    assert not la.add("10.0.0.5", 50, now=0)
+    assert len(la) == 3
+    # expired entries are purged before anything live is evicted
+    la.add("10.0.0.6", 2000, now=600)
+    assert not la.contains("10.0.0.1", 600)
+    assert la.contains("10.0.0.6", 600)
+
+
+def test_learned_heap_stays_bounded_under_refresh() -> None:
+    la = LearnedAllow(ttl=10, max_size=5)
+    for t in range(10000):
+        la.learn(f"10.0.0.{t % 5}", t)
+    assert len(la) == 5
+    assert len(la._heap) <= 2 * 5 + 64
+
+
+def test_learned_json_roundtrip() -> None:
+    la = LearnedAllow(ttl=100, max_size=10)
+    la.learn("192.0.2.1", 0)
+    la.learn("2001:db8::1", 50)
+    doc = la.to_json()
+    back = LearnedAllow.from_json(doc, ttl=100, max_size=10, now=60)
+    assert back.items() == la.items()
+    # expired entries dropped on load; a shorter configured TTL clamps expiries
+    later = LearnedAllow.from_json(doc.encode(), ttl=30, max_size=10, now=120)
+    assert later.items() == [("2001:db8::1", 150.0)]
+    clamped = LearnedAllow.from_json(doc, ttl=10, max_size=10, now=60)
+    assert clamped.items() == [("192.0.2.1", 70.0), ("2001:db8::1", 70.0)]
+
+
+def test_learned_json_tolerates_bad_entries_and_rejects_bad_documents() -> None:
+    doc = json.dumps(
+        {
+            "format": "smtp-ingress/learned-allow",
+            "version": 1,
+            "entries": {"192.0.2.1": 500, "garbage": 500, "192.0.2.2": "x", "192.0.2.3": True},
+        }
+    )
+    la = LearnedAllow.from_json(doc, ttl=1000, max_size=10, now=0)
+    assert la.items() == [("192.0.2.1", 500.0)]
+    for bad in ("", "[]", "{}", '{"format": "other", "entries": {}}', b"\xff"):
+        with pytest.raises(ValueError):
+            LearnedAllow.from_json(bad, ttl=1, max_size=1, now=0)
+    with pytest.raises(ValueError, match="version"):
+        LearnedAllow.from_json(
+            '{"format": "smtp-ingress/learned-allow", "version": 9, "entries": {}}',
+            ttl=1,
+            max_size=1,
+            now=0,
+        )
+
+
+@pytest.mark.parametrize("kwargs", [{"ttl": 0, "max_size": 1}, {"ttl": 1, "max_size": 0}])
+def test_learned_bad_config(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        LearnedAllow(**kwargs)
+
+
+def test_evidence_as_dict() -> None:
+    ev = Evidence(True, False, CertResult.PINNED, AuthResult.TEMPERROR, "example.com")
+    assert json.loads(json.dumps(ev.as_dict())) == {
+        "static_allow": True,
+        "learned_allow": False,
+        "cert": "pinned",
+        "spf": "temperror",
+        "spf_domain": "example.com",
+    }

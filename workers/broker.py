@@ -1,0 +1,304 @@
+"""Lane broker process: load balancing with worker credit and heartbeats (Paranoid Pirate).
+
+API: run(cfg, lane, hb, slot)   the process entry point (one broker per lane)
+
+Sockets (addresses from Config.ipc):
+    {lane}-front  ROUTER  acceptors' DEALERs send SUBMIT, get ACK/NACK
+    {lane}-back   ROUTER  workers' DEALERs send READY/HEARTBEAT/ACK/NACK/DISCONNECT, get WORK
+    {lane}-status PUB     lane status every STATUS_INTERVAL: depth, free credit, saturation
+
+Policy, in one place per lane: the bounded queue (`queue_max`; beyond it NACK queue_full) and,
+for a capped lane, the token bucket (`rate`, `burst`; an empty bucket is NACK rate). Work goes only
+to a worker with credit, the one with the most. A worker that misses LANE_LIVENESS heartbeats is
+dropped and every message it held is NACKed at once (worker_lost), so acceptors answer 451 instead
+of waiting. Work that waited past its envelope deadline is NACKed expired, never dispatched.
+
+Failure modes: unroutable replies (the acceptor is gone) are dropped (ROUTER_MANDATORY raises,
+we log). Malformed frames are logged and dropped. A broker crash loses only the queue; acceptors
+time out those messages (451) and the supervisor restarts the broker; workers and acceptors
+reconnect by themselves. SIGTERM: NACK everything queued (shutdown) and exit after in-flight
+ACKs drain (bounded wait).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import zmq
+
+from ingress import log
+from ingress.config import Config
+from ingress.wire import (
+    LANE_HEARTBEAT,
+    LANE_LIVENESS,
+    STATUS_INTERVAL,
+    Kind,
+    NackReason,
+    WireError,
+    expect,
+    heartbeat,
+    int_frame,
+    kind_of,
+    nack_detail,
+    status,
+    to_acceptor,
+    work,
+)
+from workers.ratelimit import TokenBucket
+
+
+@dataclass
+class WorkerState:
+    ident: bytes
+    credit: int
+    expiry: float
+    inflight: dict[bytes, bytes] = field(default_factory=dict)   # qid -> acceptor routing id
+
+
+@dataclass
+class Job:
+    reply_to: bytes
+    qid: bytes
+    env_raw: bytes
+    body: bytes
+    deadline: float          # wall clock
+
+
+class Broker:
+    def __init__(self, cfg: Config, lane: str, hb: Any = None, slot: int = 0) -> None:
+        self.cfg, self.lane = cfg, lane
+        lc = getattr(cfg.lanes, lane)
+        self.queue_max: int = lc.queue_max
+        self.bucket = TokenBucket(lc.rate, lc.burst, now=time.monotonic())
+        self.queue: deque[Job] = deque()
+        self.workers: dict[bytes, WorkerState] = {}
+        self.hb, self.slot = hb, slot
+        self.stopping = False
+        self.counters = {"submitted": 0, "acked": 0, "nack_rate": 0, "nack_queue_full": 0,
+                         "nack_worker_lost": 0, "nack_expired": 0, "nack_worker": 0}
+        ctx = zmq.Context.instance()
+        Path(cfg.ipc("x")[len("ipc://"):]).parent.mkdir(parents=True, exist_ok=True)
+        self.front = self._router(ctx, f"{lane}-front")
+        self.back = self._router(ctx, f"{lane}-back")
+        self.pub: zmq.Socket[bytes] = ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.SNDHWM, 10)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.bind(cfg.ipc(f"{lane}-status"))
+
+    def _router(self, ctx: zmq.Context[Any], name: str) -> zmq.Socket[bytes]:
+        s: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 1000)
+        s.setsockopt(zmq.RCVHWM, 1000)
+        addr = self.cfg.ipc(name)
+        with contextlib.suppress(FileNotFoundError):   # a stale socket file from a dead broker
+            Path(addr[len("ipc://"):]).unlink()
+        s.bind(addr)
+        return s
+
+    # --- replies to acceptors ---------------------------------------------------------------
+
+    def _reply(self, to: bytes, kind: Kind, qid: bytes, detail: bytes) -> None:
+        try:
+            self.front.send_multipart([to, *to_acceptor(kind, qid, detail)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:    # EHOSTUNREACH (acceptor gone) or EAGAIN (not reading)
+            log.event("reply_dropped", "warning", lane=self.lane, qid=qid.decode(errors="replace"),
+                      error=str(e))
+
+    def _nack(self, to: bytes, qid: bytes, reason: NackReason, text: str = "") -> None:
+        self.counters[f"nack_{reason.value}"] = self.counters.get(f"nack_{reason.value}", 0) + 1
+        self._reply(to, Kind.NACK, qid, nack_detail(reason, text))
+
+    # --- frontend -----------------------------------------------------------------------------
+
+    def on_front(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return
+        reply_to, msg = frames[0], frames[1:]
+        try:
+            if kind_of(msg) is not Kind.SUBMIT:
+                raise WireError(f"acceptor sent {msg[1]!r}")
+            env_raw, body = expect(msg, 2)
+            env = orjson.loads(env_raw)
+            qid, deadline = str(env["qid"]).encode(), float(env["deadline"])
+        except (WireError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            log.event("wire_error", "warning", lane=self.lane, side="front", error=str(e))
+            return
+        self.counters["submitted"] += 1
+        if self.stopping:
+            self._nack(reply_to, qid, NackReason.SHUTDOWN, "lane shutting down")
+        elif len(self.queue) >= self.queue_max:
+            self._nack(reply_to, qid, NackReason.QUEUE_FULL, "lane queue full")
+        elif not self.bucket.take(time.monotonic()):
+            self._nack(reply_to, qid, NackReason.RATE, "lane rate cap")
+        else:
+            self.queue.append(Job(reply_to, qid, env_raw, body, deadline))
+
+    # --- backend ------------------------------------------------------------------------------
+
+    def on_back(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return
+        ident, msg = frames[0], frames[1:]
+        now = time.monotonic()
+        try:
+            kind = kind_of(msg)
+            w = self.workers.get(ident)
+            if kind is Kind.READY:
+                (credit,) = expect(msg, 1)
+                self._register(ident, int_frame(credit), now)
+            elif kind is Kind.HEARTBEAT:
+                (free,) = expect(msg, 1)
+                if w is None:   # we restarted, or it timed out here: take it back
+                    self._register(ident, int_frame(free), now)
+                else:
+                    w.expiry = now + LANE_HEARTBEAT * LANE_LIVENESS
+            elif kind in (Kind.ACK, Kind.NACK):
+                reply_to, qid, detail = expect(msg, 3)
+                if w is not None:
+                    w.expiry = now + LANE_HEARTBEAT * LANE_LIVENESS
+                    if w.inflight.pop(qid, None) is not None:
+                        w.credit += 1
+                if kind is Kind.ACK:
+                    self.counters["acked"] += 1
+                else:
+                    self.counters["nack_worker"] += 1
+                self._reply(reply_to, kind, qid, detail)
+            elif kind is Kind.DISCONNECT:
+                if w is not None:
+                    w.credit = 0          # keep it until its in-flight ACKs are in
+                    if not w.inflight:
+                        del self.workers[ident]
+            else:
+                raise WireError(f"worker sent {kind.name}")
+        except WireError as e:
+            log.event("wire_error", "warning", lane=self.lane, side="back", error=str(e))
+
+    def _register(self, ident: bytes, credit: int, now: float) -> None:
+        old = self.workers.get(ident)
+        if old is not None:
+            self._fail_worker(old, "re-registered")
+        self.workers[ident] = WorkerState(ident, credit, now + LANE_HEARTBEAT * LANE_LIVENESS)
+        log.event("worker_ready", lane=self.lane, worker=ident.decode(errors="replace"),
+                  credit=credit)
+
+    def _fail_worker(self, w: WorkerState, why: str) -> None:
+        for qid, reply_to in w.inflight.items():
+            self._nack(reply_to, qid, NackReason.WORKER_LOST, why)
+        if w.inflight:
+            log.event("worker_lost", "warning", lane=self.lane, worker=w.ident.decode("ascii",
+                      "replace"), inflight=len(w.inflight), why=why)
+        w.inflight.clear()
+
+    # --- scheduling ---------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        wall = time.time()
+        while self.queue:
+            best = max(self.workers.values(), key=lambda w: w.credit, default=None)
+            if best is None or best.credit <= 0:
+                return
+            job = self.queue.popleft()
+            if job.deadline <= wall:
+                self._nack(job.reply_to, job.qid, NackReason.EXPIRED, "waited too long")
+                continue
+            try:
+                self.back.send_multipart([best.ident, *work(job.reply_to, job.env_raw, job.body)],
+                                         zmq.NOBLOCK)
+            except zmq.ZMQError as e:
+                # Unroutable (worker gone) or its pipe full: treat it as lost, requeue the job.
+                self.queue.appendleft(job)
+                self._fail_worker(best, f"send failed: {e}")
+                del self.workers[best.ident]
+                continue
+            best.credit -= 1
+            best.inflight[job.qid] = job.reply_to
+
+    def housekeeping(self, now: float) -> None:
+        for ident, w in list(self.workers.items()):
+            if w.expiry < now:
+                self._fail_worker(w, "heartbeat timeout")
+                del self.workers[ident]
+                continue
+            with contextlib.suppress(zmq.ZMQError):
+                self.back.send_multipart([ident, *heartbeat()], zmq.NOBLOCK)
+
+    def publish(self, now: float) -> None:
+        free = sum(w.credit for w in self.workers.values())
+        tokens = self.bucket.tokens(now)
+        depth = len(self.queue)
+        saturated = tokens < 1.0 or depth >= self.queue_max * 0.8 or not self.workers
+        doc = {"lane": self.lane, "ts": time.time(), "depth": depth, "queue_max": self.queue_max,
+               "free_credit": free, "workers": len(self.workers),
+               "inflight": sum(len(w.inflight) for w in self.workers.values()),
+               "tokens": None if tokens == float("inf") else round(tokens, 2),
+               "rate": self.bucket.rate, "saturated": saturated, **self.counters}
+        with contextlib.suppress(zmq.ZMQError):
+            self.pub.send_multipart(status(doc), zmq.NOBLOCK)
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(self.back, zmq.POLLIN)
+        next_hb = next_status = 0.0
+        stop_deadline: float | None = None
+        while True:
+            now = time.monotonic()
+            if self.hb is not None:
+                self.hb[self.slot] = now
+            if self.stopping and stop_deadline is None:
+                stop_deadline = now + 2.0
+                for job in self.queue:
+                    self._nack(job.reply_to, job.qid, NackReason.SHUTDOWN, "lane shutting down")
+                self.queue.clear()
+            if stop_deadline is not None and (
+                    now > stop_deadline or not any(w.inflight for w in self.workers.values())):
+                break
+            if now >= next_hb:
+                self.housekeeping(now)
+                next_hb = now + LANE_HEARTBEAT
+            if now >= next_status:
+                self.publish(now)
+                next_status = now + STATUS_INTERVAL
+            timeout = max(0.0, min(next_hb, next_status) - time.monotonic())
+            events = dict(poller.poll(timeout=int(timeout * 1000) + 1))
+            # Workers first: their ACKs free credit for the work that follows.
+            if self.back in events:
+                self._drain(self.back, self.on_back)
+            if self.front in events:
+                self._drain(self.front, self.on_front)
+            self.dispatch()
+        for w in self.workers.values():
+            self._fail_worker(w, "broker shutting down")
+
+    @staticmethod
+    def _drain(sock: zmq.Socket[bytes], handle: Any, limit: int = 256) -> None:
+        for _ in range(limit):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(frames)
+
+
+def run(cfg: Config, lane: str, hb: Any = None, slot: int = 0) -> None:
+    log.setup(cfg.log.level, f"broker-{lane}")
+    b = Broker(cfg, lane, hb, slot)
+
+    def stop(signum: int, frame: object) -> None:
+        b.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    log.event("broker_start", lane=lane, queue_max=b.queue_max, rate=b.bucket.rate)
+    b.run()
+    log.event("broker_stop", lane=lane, **b.counters)

@@ -1,0 +1,504 @@
+"""DKIM verification and Authentication-Results for the workers (dkimpy 1.1.8, dnspython).
+
+Purpose
+    Verify every DKIM-Signature of a received message (RSA verify is ~1 ms of pure Python, so
+    it runs here, not in the acceptors), decide DMARC-style alignment with the From: domain,
+    render the RFC 8601 Authentication-Results header, and remove forged A-R headers that
+    claim our authserv-id (RFC 8601 section 5). An aligned DKIM pass plus an SPF pass feeds
+    the learned allow cache (ingress.classify.should_learn).
+
+API
+    make_resolver(nameservers, timeout, cache_size=10000) -> dns.resolver.Resolver
+        Same spec as ingress.evidence.make_resolver ("ip", "ip:port", "[v6]:port",
+        "ip@port"; [] = system). Duplicated because workers may import only ingress.wire and
+        ingress.config from ingress/.
+    make_dnsfunc(resolver, timeout, trace=None) -> dnsfunc(name: bytes, timeout=5) -> bytes|None
+        dkimpy-compatible TXT lookup through our resolver; records outcomes in `trace`.
+    verify_dkim(message, *, resolver, timeout=2.0, deadline_s=5.0, max_signatures=20,
+                minkey=1024) -> DkimReport
+        DkimReport.results: tuple[DkimSignatureResult(domain, selector, result, aligned,
+        b_prefix, reason)], .from_domain, .aligned_pass, .any_pass.
+    header_from_domain(message) -> str | None     (exactly one From: with one address)
+    aligned(signing_domain, from_domain) -> bool  (relaxed, organisational-domain-lite)
+    authentication_results(authserv_id, *, spf=None, spf_domain=None, spf_helo=None,
+                           dkim_results=(), comment=None) -> bytes
+    strip_forged_ar(message, authserv_id) -> bytes
+    Result values are the strings of ingress.classify.AuthResult (pass|fail|...); this module
+    cannot import ingress.classify, so it defines the same StrEnum locally (DkimResult).
+
+Result mapping (RFC 6376 / RFC 8601)
+    signature verifies -> pass; body hash or signature mismatch -> fail;
+    malformed signature header / missing tags / bad c= -> permerror;
+    no key record (NXDOMAIN, no TXT) / unparsable or revoked (p=) / too small key -> permerror;
+    DNS timeout or SERVFAIL for the key, or the overall deadline exhausted -> temperror;
+    signatures beyond max_signatures -> neutral ("not checked: too many signatures");
+    no DKIM-Signature at all -> an empty results tuple (rendered as dkim=none).
+
+dkimpy traps handled here
+    DKIM.verify() swallows DnsTimeoutError and KeyFormatError and just returns False, so a
+    timeout and a missing key look like a bad signature. We therefore verify in two steps
+    (verify_headerprep, then verify_sig) and classify a False from the key lookup trace.
+    dkimpy's own get_txt uses the system resolver with no shared cache: never used here.
+
+Failure modes
+    Never raises for message content or DNS trouble; an unparsable message header section
+    that contains a DKIM-Signature yields one permerror result.
+
+Limits
+    Alignment without the Public Suffix List: domains align when equal or when one is a
+    subdomain of the other and the shorter has at least two labels. This over-aligns across
+    registry-style suffixes (co.uk, github.io) only for signers that control a key under the
+    suffix itself. strip_forged_ar looks only at the header section (up to the first empty
+    line or the first line that is not a header field).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import dkim
+import dns.exception
+import dns.nameserver
+import dns.resolver
+
+__all__ = [
+    "DkimReport",
+    "DkimResult",
+    "DkimSignatureResult",
+    "aligned",
+    "authentication_results",
+    "header_from_domain",
+    "make_dnsfunc",
+    "make_resolver",
+    "strip_forged_ar",
+    "verify_dkim",
+]
+
+
+class DkimResult(StrEnum):
+    """Same values as ingress.classify.AuthResult (kept in step by a test)."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    SOFTFAIL = "softfail"
+    NEUTRAL = "neutral"
+    NONE = "none"
+    TEMPERROR = "temperror"
+    PERMERROR = "permerror"
+
+
+# --------------------------------------------------------------------------- resolver
+
+
+def _parse_nameserver(spec: str) -> tuple[str, int]:
+    s = spec.strip()
+    port = 53
+    host = s
+    if "@" in s:
+        host, _, p = s.rpartition("@")
+        port = int(p)
+    elif s.startswith("["):
+        m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", s)
+        if not m:
+            raise ValueError(f"invalid nameserver {spec!r}")
+        host, port = m.group(1), int(m.group(2) or 53)
+    elif s.count(":") == 1:
+        host, _, p = s.partition(":")
+        port = int(p)
+    host = host.strip("[]")
+    ipaddress.ip_address(host)  # ValueError if not an IP literal
+    if not 0 < port < 65536:
+        raise ValueError(f"invalid nameserver port in {spec!r}")
+    return host, port
+
+
+def make_resolver(
+    nameservers: Iterable[str], timeout: float, cache_size: int = 10000
+) -> dns.resolver.Resolver:
+    specs = list(nameservers)
+    if specs:
+        res = dns.resolver.Resolver(configure=False)
+        res.nameservers = [dns.nameserver.Do53Nameserver(*_parse_nameserver(s)) for s in specs]
+    else:
+        res = dns.resolver.Resolver(configure=True)
+    res.timeout = timeout
+    res.lifetime = timeout
+    res.retry_servfail = False
+    res.cache = dns.resolver.LRUCache(cache_size)
+    return res
+
+
+@dataclass(slots=True)
+class _Trace:
+    """What the last key lookup did (filled by the dnsfunc)."""
+
+    name: str = ""
+    outcome: str = ""  # "found" | "nokey" | "temperror"
+    txt: bytes | None = None
+    error: str = ""
+
+
+DnsFunc = Callable[..., bytes | None]
+
+
+def make_dnsfunc(
+    resolver: dns.resolver.Resolver,
+    timeout: float,
+    trace: _Trace | None = None,
+    deadline: float | None = None,
+) -> DnsFunc:
+    """A dkimpy dnsfunc backed by `resolver`; each lookup bounded by `timeout` seconds and, if
+    given, by the absolute time.monotonic() `deadline`."""
+
+    def dnsfunc(name: bytes | str, timeout: float = timeout) -> bytes | None:
+        t = trace if trace is not None else _Trace()
+        t.txt, t.error, t.outcome = None, "", ""
+        try:
+            qname = name.decode("ascii") if isinstance(name, bytes) else name
+        except UnicodeDecodeError:
+            t.outcome = "nokey"
+            return None
+        t.name = qname
+        lifetime = min(timeout, resolver.lifetime)
+        if deadline is not None:
+            lifetime = min(lifetime, deadline - time.monotonic())
+        if lifetime <= 0:
+            t.outcome, t.error = "temperror", "DKIM verification deadline exhausted"
+            raise dkim.DnsTimeoutError(t.error)
+        try:
+            ans = resolver.resolve(
+                qname, "TXT", lifetime=lifetime, search=False, raise_on_no_answer=False
+            )
+        except (dns.resolver.NXDOMAIN, dns.resolver.YXDOMAIN):
+            t.outcome = "nokey"
+            return None
+        except dns.exception.DNSException as e:
+            # timeout, SERVFAIL from every server (NoNameservers), network errors
+            t.outcome, t.error = "temperror", f"{type(e).__name__}: {e}"
+            raise dkim.DnsTimeoutError(t.error) from None
+        records = [b"".join(r.strings) for r in ans.rrset] if ans.rrset is not None else []
+        if not records:
+            t.outcome = "nokey"
+            return None
+        # Several TXT records at a key name: prefer one that looks like a key record.
+        chosen = next((r for r in records if b"p=" in r), records[0])
+        t.outcome, t.txt = "found", chosen
+        return chosen
+
+    return dnsfunc
+
+
+# --------------------------------------------------------------------------- header parsing
+
+_FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+
+
+def _header_fields(message: bytes) -> list[tuple[int, int, bytes]]:
+    """(start, end, lower-cased name) byte spans of each header field, continuations included.
+
+    Stops at the first empty line or at the first line that is neither a field nor a
+    continuation (as Postfix does: that line starts the body).
+    """
+    fields: list[tuple[int, int, bytes]] = []
+    pos = 0
+    n = len(message)
+    cur: list | None = None
+    while pos < n:
+        nl = message.find(b"\n", pos)
+        end = n if nl < 0 else nl + 1
+        line = message[pos:end]
+        if line in (b"\r\n", b"\n"):
+            break
+        if line[:1] in (b" ", b"\t") and cur is not None:
+            cur[1] = end
+        else:
+            m = _FIELD.match(line)
+            if not m:
+                break
+            if cur is not None:
+                fields.append((cur[0], cur[1], cur[2]))
+            cur = [pos, end, m.group(1).lower()]
+        pos = end
+    if cur is not None:
+        fields.append((cur[0], cur[1], cur[2]))
+    return fields
+
+
+def _field_value(raw: bytes) -> bytes:
+    return raw.split(b":", 1)[1]
+
+
+def _unfold(value: bytes) -> str:
+    return re.sub(r"\r?\n(?=[ \t])", "", value.decode("utf-8", "replace")).strip()
+
+
+def header_from_domain(message: bytes) -> str | None:
+    """Domain of the single From: address, lower-cased; None if absent or ambiguous."""
+    froms = [
+        message[s:e] for s, e, name in _header_fields(message) if name == b"from"
+    ]
+    if len(froms) != 1:
+        return None
+    addrs = email.utils.getaddresses([_unfold(_field_value(froms[0]))])
+    addrs = [a for _, a in addrs if a]
+    if len(addrs) != 1 or "@" not in addrs[0]:
+        return None
+    domain = addrs[0].rpartition("@")[2].strip().lower().rstrip(".")
+    return domain or None
+
+
+def aligned(signing_domain: str, from_domain: str | None) -> bool:
+    """Relaxed alignment without the Public Suffix List (see module docstring)."""
+    if not from_domain or not signing_domain:
+        return False
+    d = signing_domain.strip().lower().rstrip(".")
+    f = from_domain.strip().lower().rstrip(".")
+    if d == f:
+        return True
+    shorter, longer = (d, f) if len(d) < len(f) else (f, d)
+    return shorter.count(".") >= 1 and longer.endswith("." + shorter)
+
+
+# --------------------------------------------------------------------------- verification
+
+
+@dataclass(frozen=True, slots=True)
+class DkimSignatureResult:
+    domain: str  # d=
+    selector: str  # s=
+    result: DkimResult
+    aligned: bool  # d= aligned with the From: domain (meaningful for any result)
+    b_prefix: str = ""  # first 8 characters of b= (RFC 6008 header.b)
+    reason: str = ""
+
+    @property
+    def aligned_pass(self) -> bool:
+        return self.result is DkimResult.PASS and self.aligned
+
+
+@dataclass(frozen=True, slots=True)
+class DkimReport:
+    results: tuple[DkimSignatureResult, ...]
+    from_domain: str | None
+
+    @property
+    def aligned_pass(self) -> bool:
+        return any(r.aligned_pass for r in self.results)
+
+    @property
+    def any_pass(self) -> bool:
+        return any(r.result is DkimResult.PASS for r in self.results)
+
+
+def _tag(sig: dict, key: bytes) -> str:
+    v = sig.get(key, b"")
+    return re.sub(r"\s+", "", v.decode("ascii", "replace")) if isinstance(v, bytes) else ""
+
+
+def _count_signatures(message: bytes) -> int:
+    return sum(1 for _, _, name in _header_fields(message) if name == b"dkim-signature")
+
+
+def verify_dkim(
+    message: bytes,
+    *,
+    resolver: dns.resolver.Resolver,
+    timeout: float = 2.0,
+    deadline_s: float = 5.0,
+    max_signatures: int = 20,
+    minkey: int = 1024,
+) -> DkimReport:
+    """Verify every DKIM-Signature (up to max_signatures) within deadline_s seconds overall."""
+    deadline = time.monotonic() + deadline_s
+    from_domain = header_from_domain(message)
+    try:
+        d = dkim.DKIM(message, minkey=minkey, timeout=timeout)
+        nsig = sum(1 for name, _ in d.headers if name.lower() == b"dkim-signature")
+    except Exception as e:  # MessageFormatError and friends
+        if _count_signatures(message):
+            bad = DkimSignatureResult("", "", DkimResult.PERMERROR, False, "", f"{e}")
+            return DkimReport((bad,), from_domain)
+        return DkimReport((), from_domain)
+
+    trace = _Trace()
+    dnsfunc = make_dnsfunc(resolver, timeout, trace, deadline)
+    results: list[DkimSignatureResult] = []
+    for idx in range(nsig):
+        if idx >= max_signatures:
+            results.append(
+                DkimSignatureResult(
+                    "", "", DkimResult.NEUTRAL, False, "", "not checked: too many signatures"
+                )
+            )
+            continue
+        results.append(_verify_one(d, idx, dnsfunc, trace, from_domain, deadline))
+    return DkimReport(tuple(results), from_domain)
+
+
+def _verify_one(
+    d: dkim.DKIM,
+    idx: int,
+    dnsfunc: DnsFunc,
+    trace: _Trace,
+    from_domain: str | None,
+    deadline: float,
+) -> DkimSignatureResult:
+    try:
+        prep = d.verify_headerprep(idx)
+    except Exception as e:  # MessageFormatError / ValidationError: malformed signature
+        return DkimSignatureResult("", "", DkimResult.PERMERROR, False, "", str(e))
+    if not prep:
+        return DkimSignatureResult("", "", DkimResult.PERMERROR, False, "", "no signature")
+    sig, include_headers, sigheaders = prep
+    domain = _tag(sig, b"d").lower()
+    selector = _tag(sig, b"s")
+    b_prefix = _tag(sig, b"b")[:8]
+    al = aligned(domain, from_domain)
+
+    def out(result: DkimResult, reason: str = "") -> DkimSignatureResult:
+        return DkimSignatureResult(domain, selector, result, al, b_prefix, reason)
+
+    if time.monotonic() >= deadline:
+        return out(DkimResult.TEMPERROR, "DKIM verification deadline exhausted")
+    trace.outcome, trace.txt, trace.error = "", None, ""
+    try:
+        ok = d.verify_sig(sig, include_headers, sigheaders[idx], dnsfunc)
+    except dkim.ValidationError as e:  # body hash mismatch, tlsrpt service mismatch
+        msg = str(e)
+        if "body hash" in msg:
+            return out(DkimResult.FAIL, "body hash mismatch")
+        return out(DkimResult.PERMERROR, msg)
+    except dkim.KeyFormatError as e:  # e.g. key too small (raised after a good verify)
+        return out(DkimResult.PERMERROR, str(e))
+    except dkim.DKIMException as e:
+        return out(DkimResult.PERMERROR, str(e))
+    except Exception as e:  # dkimpy bug on hostile input: uncertain
+        return out(DkimResult.TEMPERROR, f"{type(e).__name__}: {e}")
+    if ok:
+        return out(DkimResult.PASS)
+    if trace.outcome == "temperror":
+        return out(DkimResult.TEMPERROR, trace.error or "key lookup failed")
+    if trace.outcome == "nokey":
+        return out(DkimResult.PERMERROR, "no key for signature")
+    if trace.outcome == "found" and trace.txt is not None:
+        try:
+            dkim.evaluate_pk(trace.name.encode(), trace.txt)
+        except Exception as e:
+            return out(DkimResult.PERMERROR, f"bad key record: {e}")
+    return out(DkimResult.FAIL, "signature did not verify")
+
+
+# --------------------------------------------------------------------------- A-R header
+
+_CTL = re.compile(r"[\x00-\x1f\x7f]")
+_VALUE_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`{|}~@]+$")
+
+
+def _value(text: str) -> str:
+    """RFC 2045 token if possible, else a quoted-string; control characters removed."""
+    v = _CTL.sub("", text).strip()
+    if v and _VALUE_TOKEN.match(v):
+        return v
+    return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _ccomment(text: str) -> str:
+    return "(" + re.sub(r"([()\\])", r"\\\1", _CTL.sub(" ", text).strip()) + ")"
+
+
+def authentication_results(
+    authserv_id: str,
+    *,
+    spf: str | None = None,
+    spf_domain: str | None = None,
+    spf_helo: str | None = None,
+    dkim_results: Sequence[DkimSignatureResult] = (),
+    dkim_checked: bool = True,
+    comment: str | None = None,
+) -> bytes:
+    """Authentication-Results header field (RFC 8601), folded one resinfo per line, CRLF-ended.
+
+    spf: an AuthResult value string or None (not checked: omitted). spf_domain is reported as
+    smtp.mailfrom, else spf_helo as smtp.helo. dkim_results: one resinfo per signature; when
+    empty and dkim_checked, "dkim=none". comment: e.g. "lane=fast" after the authserv-id.
+    With nothing to report the body is "authserv-id; none".
+    """
+    head = f"Authentication-Results: {_value(authserv_id)}"
+    if comment:
+        head += " " + _ccomment(comment)
+    resinfos: list[str] = []
+    if spf is not None:
+        r = f"spf={_value(str(spf))}"
+        if spf_domain:
+            r += f" smtp.mailfrom={_value(spf_domain)}"
+        elif spf_helo:
+            r += f" smtp.helo={_value(spf_helo)}"
+        resinfos.append(r)
+    for res in dkim_results:
+        r = f"dkim={res.result}"
+        if res.result is DkimResult.PASS and res.aligned:
+            r += " (aligned)"
+        elif res.result is not DkimResult.PASS and res.reason:
+            r += f" reason={_value(res.reason[:120])}"
+        if res.domain:
+            r += f" header.d={_value(res.domain)}"
+        if res.selector:
+            r += f" header.s={_value(res.selector)}"
+        if res.b_prefix:
+            r += f" header.b={_value(res.b_prefix)}"
+        resinfos.append(r)
+    if not dkim_results and dkim_checked:
+        resinfos.append("dkim=none")
+    if not resinfos:
+        return (head + "; none\r\n").encode("utf-8", "replace")
+    return (head + ";\r\n\t" + ";\r\n\t".join(resinfos) + "\r\n").encode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------- forged A-R
+
+_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
+
+
+def _authserv_id(value: bytes) -> str:
+    """The authserv-id of an A-R field value: first token/quoted-string, comments ignored."""
+    text = _unfold(value)
+    prev = None
+    while prev != text:  # nested comments: strip innermost first
+        prev, text = text, _COMMENT.sub(" ", text)
+    text = text.strip()
+    if text.startswith('"'):
+        m = re.match(r'"((?:[^"\\]|\\.)*)"', text)
+        if m:
+            return re.sub(r"\\(.)", r"\1", m.group(1)).strip().lower()
+    token = re.split(r"[\s;]", text, maxsplit=1)[0]
+    return token.strip().lower()
+
+
+def strip_forged_ar(message: bytes, authserv_id: str) -> bytes:
+    """Remove every Authentication-Results header field whose authserv-id is ours.
+
+    Field name match is case-insensitive, folded continuation lines are removed with their
+    field, and every other byte (other headers, ARC-Authentication-Results, the body, line
+    endings) is kept identical.
+    """
+    ours = authserv_id.strip().lower()
+    drop = [
+        (s, e)
+        for s, e, name in _header_fields(message)
+        if name == b"authentication-results" and _authserv_id(_field_value(message[s:e])) == ours
+    ]
+    if not drop:
+        return message
+    out = bytearray()
+    pos = 0
+    for s, e in drop:
+        out += message[pos:s]
+        pos = e
+    out += message[pos:]
+    return bytes(out)

@@ -1,0 +1,126 @@
+"""Durable Maildir-style spool: the only code that writes accepted mail to disk.
+
+Layout under the spool root: tmp/ (being written), new/ (durable, waiting for the relay or the
+reader), cur/ (Maildir compatibility; unused by us), failed/ (bounced by the relay).
+
+A spool file is one RFC 5322 message whose first line carries the envelope:
+
+    X-Ingress-Envelope: {"v":1,"qid":...,"mail_from":...,"rcpts":[...],...}\\r\\n
+    Received: ... (our trace headers, each CRLF-terminated)
+    <the client's message bytes, exactly as received after dot-unstuffing>
+
+API:
+    Spool(root).write_batch([(envelope, trace, body), ...]) -> list[str | Exception]
+        Group commit: every file is written to tmp/ and fsync'd, renamed into new/, then new/ is
+        fsync'd once for the whole batch. Only after that does any item count as written; an
+        item that failed gets its exception (its tmp file is removed), the others their names.
+    read(path) -> SpoolEntry(envelope dict, message bytes)
+
+Failure modes: OSError from the disk is returned per item (the worker NACKs it: the client gets
+451). A crash between rename and directory fsync can lose the rename; that message was not yet
+acknowledged, so the client got no 250 for it. Files left in tmp/ by a crash are unacknowledged
+and are removed by `clean_tmp()` at worker start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ingress.wire import Envelope
+
+ENVELOPE_HEADER = b"X-Ingress-Envelope: "
+SPOOL_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class SpoolEntry:
+    envelope: dict[str, Any]
+    message: bytes          # trace headers + client bytes (the envelope line removed)
+
+
+def envelope_line(env: Envelope) -> bytes:
+    doc = orjson.loads(env.encode())
+    doc["v"] = SPOOL_FORMAT
+    return ENVELOPE_HEADER + orjson.dumps(doc) + b"\r\n"
+
+
+def parse(raw: bytes) -> SpoolEntry:
+    if not raw.startswith(ENVELOPE_HEADER):
+        raise ValueError("not a spool file: no envelope line")
+    end = raw.index(b"\r\n")
+    doc = orjson.loads(raw[len(ENVELOPE_HEADER):end])
+    if doc.get("v") != SPOOL_FORMAT:
+        raise ValueError(f"unknown spool format {doc.get('v')!r}")
+    return SpoolEntry(envelope=doc, message=raw[end + 2:])
+
+
+def read(path: Path | str) -> SpoolEntry:
+    with open(path, "rb") as f:
+        return parse(f.read())
+
+
+class Spool:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.tmp, self.new = self.root / "tmp", self.root / "new"
+        self.cur, self.failed = self.root / "cur", self.root / "failed"
+        for d in (self.tmp, self.new, self.cur, self.failed):
+            d.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._host = socket.gethostname().replace("/", "_").replace(":", "_") or "localhost"
+
+    def name_for(self, env: Envelope) -> str:
+        return f"{int(env.received_at)}.{env.qid}.{self._host}"
+
+    def clean_tmp(self, older_than: float = 0.0) -> int:
+        """Remove unacknowledged leftovers in tmp/ (mtime older than `older_than` epoch)."""
+        n = 0
+        for p in self.tmp.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if older_than == 0.0 or p.stat().st_mtime < older_than:
+                    p.unlink()
+                    n += 1
+        return n
+
+    def write_batch(self, items: list[tuple[Envelope, bytes, bytes]]) -> list[str | Exception]:
+        results: list[str | Exception] = []
+        renamed: list[int] = []
+        for i, (env, trace, body) in enumerate(items):
+            name = self.name_for(env)
+            tmp = self.tmp / name
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+                try:
+                    data = [envelope_line(env), trace, body]
+                    total = sum(map(len, data))
+                    written = os.writev(fd, data)
+                    if written != total:      # short write: finish it the slow way
+                        os.write(fd, b"".join(data)[written:])
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, self.new / name)
+                results.append(name)
+                renamed.append(i)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                results.append(e)
+        if renamed:
+            try:
+                dfd = os.open(self.new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except OSError as e:
+                # The renames may not be durable: none of them may be acknowledged.
+                for i in renamed:
+                    results[i] = e
+        return results

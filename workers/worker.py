@@ -1,0 +1,194 @@
+"""Lane worker process: trace headers, durable spool write (group commit), then ACK.
+
+API: run(cfg, lane, index, hb, slot)  the process entry point (spawned by the supervisor)
+
+Protocol (see ingress.wire): a DEALER connected to the lane broker's backend. The worker announces
+READY with `credit` (how many messages the broker may hand it at once), heartbeats every
+LANE_HEARTBEAT seconds, and answers every WORK with exactly one ACK (after the spool write is
+durable) or NACK. Messages that arrive together are committed together: one fsync per file, one
+fsync of new/ for the batch, then all the ACKs.
+
+Failure modes: a broker that stops heartbeating for LANE_LIVENESS intervals is presumed dead: the
+worker reconnects with a fresh socket and announces READY again (Paranoid Pirate). A disk error is
+a NACK with reason "error" for that message (the client gets 451). SIGTERM: stop taking work
+(DISCONNECT), finish what was received, exit 0. The supervisor's heartbeat slot is written from
+this loop, so a wedged worker (e.g. a hung disk) is detected and killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from typing import Any
+
+import orjson
+import zmq
+
+from ingress import log
+from ingress.config import Config
+from ingress.wire import (
+    LANE_HEARTBEAT,
+    LANE_LIVENESS,
+    Envelope,
+    Kind,
+    Lane,
+    NackReason,
+    WireError,
+    disconnect,
+    expect,
+    heartbeat,
+    kind_of,
+    ready,
+    worker_ack,
+    worker_nack,
+)
+from workers.pipeline import trace_headers
+from workers.spool import Spool
+
+
+class Worker:
+    def __init__(self, cfg: Config, lane: Lane, index: int, hb: Any = None, slot: int = 0) -> None:
+        self.cfg, self.lane, self.index = cfg, lane, index
+        self.hb, self.slot = hb, slot
+        self.credit = getattr(cfg.lanes, lane.value).credit
+        self.spool = Spool(cfg.spool.path)
+        self.ctx = zmq.Context.instance()
+        self.sock: zmq.Socket[bytes] | None = None
+        self.stopping = False
+        self.ident = f"w-{lane.value}-{index}-{os.getpid()}".encode()
+
+    def _connect(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        s: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.ROUTING_ID, self.ident + b"-" + str(time.monotonic_ns()).encode())
+        s.setsockopt(zmq.LINGER, 1000)
+        s.setsockopt(zmq.SNDHWM, 10 * self.credit + 100)
+        s.setsockopt(zmq.RCVHWM, 10 * self.credit + 100)
+        s.connect(self.cfg.ipc(f"{self.lane.value}-back"))
+        s.send_multipart(ready(self.credit))
+        self.sock = s
+
+    def _beat(self) -> None:
+        if self.hb is not None:
+            self.hb[self.slot] = time.monotonic()
+
+    def run(self) -> None:
+        self.spool.clean_tmp(older_than=time.time() - 3600)
+        self._connect()
+        assert self.sock is not None
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        broker_seen = time.monotonic()
+        next_hb = 0.0
+        while not self.stopping:
+            now = time.monotonic()
+            if now >= next_hb:
+                self.sock.send_multipart(heartbeat(self.credit), zmq.NOBLOCK)
+                self._beat()
+                next_hb = now + LANE_HEARTBEAT
+            if not dict(poller.poll(timeout=int(LANE_HEARTBEAT * 1000))):
+                if time.monotonic() - broker_seen > LANE_HEARTBEAT * LANE_LIVENESS:
+                    log.event("broker_silent", "warning", lane=self.lane.value)
+                    poller.unregister(self.sock)
+                    self._connect()
+                    poller.register(self.sock, zmq.POLLIN)
+                    broker_seen = time.monotonic()
+                continue
+            broker_seen = time.monotonic()
+            self._handle(self._drain())
+        self._shutdown()
+
+    def _drain(self) -> list[list[bytes]]:
+        """Everything already received, up to the credit: the group-commit batch."""
+        assert self.sock is not None
+        msgs: list[list[bytes]] = []
+        while len(msgs) < self.credit:
+            try:
+                msgs.append(self.sock.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        return msgs
+
+    def _handle(self, msgs: list[list[bytes]]) -> None:
+        assert self.sock is not None
+        batch: list[tuple[bytes, bytes, Envelope, bytes, bytes]] = []
+        for frames in msgs:
+            try:
+                kind = kind_of(frames)
+                if kind is not Kind.WORK:
+                    continue      # HEARTBEAT from the broker: liveness already noted
+                reply_to, env_raw, body = expect(frames, 3)
+            except WireError as e:
+                log.event("wire_error", "warning", error=str(e))
+                continue
+            try:
+                env = Envelope.decode(env_raw)
+            except WireError as e:
+                log.event("wire_error", "warning", error=str(e))
+                qid = _qid_guess(env_raw)
+                self._send(worker_nack(reply_to, qid, NackReason.ERROR, "bad envelope"))
+                continue
+            trace = trace_headers(env, self.cfg.smtp.hostname)
+            batch.append((reply_to, env.qid.encode(), env, trace, body))
+        if not batch:
+            return
+        t0 = time.monotonic()
+        results = self.spool.write_batch([(env, trace, body) for _, _, env, trace, body in batch])
+        dt = time.monotonic() - t0
+        for (reply_to, qid, env, _, body), res in zip(batch, results, strict=True):
+            if isinstance(res, Exception):
+                log.event("spool_error", "error", qid=env.qid, error=str(res))
+                self._send(worker_nack(reply_to, qid, NackReason.ERROR, "spool write failed"))
+            else:
+                self._send(worker_ack(reply_to, qid, res))
+                log.event("spooled", "debug", qid=env.qid, lane=env.lane.value, size=len(body),
+                          rcpts=len(env.rcpts), batch=len(batch), write_ms=round(dt * 1000, 3))
+
+    def _send(self, frames: list[bytes]) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            # The broker is not reading; its heartbeat check will nack on the acceptor's side
+            # anyway, and the acceptor's own deadline answers 451. The file is already durable:
+            # the client may retry and a duplicate is possible (documented).
+            log.event("ack_dropped", "warning", frames=len(frames))
+
+    def _shutdown(self) -> None:
+        """Leave cleanly: tell the broker, then finish what already arrived."""
+        if self.sock is None:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.send_multipart(disconnect(), zmq.NOBLOCK)
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            if not self.sock.poll(timeout=100):
+                continue
+            self._handle(self._drain())
+        self.sock.close(linger=1000)
+
+
+def _qid_guess(env_raw: bytes) -> bytes:
+    try:
+        return str(orjson.loads(env_raw)["qid"]).encode()
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return b"?"
+
+
+def run(cfg: Config, lane: str, index: int, hb: Any = None, slot: int = 0) -> None:
+    log.setup(cfg.log.level, f"worker-{lane}-{index}")
+    w = Worker(cfg, Lane(lane), index, hb, slot)
+
+    def stop(signum: int, frame: object) -> None:
+        w.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    log.event("worker_start", lane=lane, index=index)
+    w.run()
+    log.event("worker_stop", lane=lane, index=index)
+
