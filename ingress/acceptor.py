@@ -11,9 +11,10 @@ deadline: the ack wait is smtp.ack_timeout; a broker that is down fails the send
 (IMMEDIATE) and the session gets 451. Lane status (saturation) arrives over SUB; status older than
 STATUS_STALE is ignored, so a dead broker never makes us shed mail on old news.
 
-SIGTERM (drain): stop accepting (the listening socket itself stays open in the supervisor, so
-nothing queued on it is reset), close idle sessions with 421 4.3.2, let sessions inside DATA
-finish, and after smtp.drain_grace close whatever is left with 421. Then exit 0.
+SIGUSR2 from the supervisor, or SIGTERM (drain): stop accepting (the listening socket itself stays
+open in the supervisor, so nothing queued on it is reset), close idle sessions with 421 4.3.2, let
+sessions inside DATA finish, and after smtp.drain_grace close whatever is left with 421. Then exit
+0.
 """
 
 from __future__ import annotations
@@ -170,10 +171,14 @@ class AcceptorContext:
                 continue
             lc.status, lc.status_at = doc, time.monotonic()
 
-    async def heartbeat(self, hb: Any, slot: int) -> None:
+    async def heartbeat(self, hb: Any, slot: int, stop: asyncio.Event) -> None:
+        parent = os.getppid()
         while True:
             if hb is not None:
                 hb[slot] = time.monotonic()
+            if os.getppid() != parent:
+                log.event("orphaned", "warning", why="supervisor gone")
+                stop.set()
             await asyncio.sleep(self.cfg.supervisor.heartbeat_interval / 2)
 
     async def drain(self, server: asyncio.AbstractServer) -> None:
@@ -213,11 +218,14 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
     sock.setblocking(False)
     server = await loop.create_server(lambda: IngressSMTP(ctx), sock=sock)
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGUSR2 is the supervisor's order; SIGTERM (e.g. sent to the whole process group) drains
+    # too. ^C in a terminal reaches every process: only the supervisor acts on it.
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: None)   # the supervisor handles reloads
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, lambda: None)
     tasks = [loop.create_task(t) for t in (
-        ctx.heartbeat(hb, slot), ctx.read_status(),
+        ctx.heartbeat(hb, slot, stop), ctx.read_status(),
         *(lc.read_replies() for lc in ctx.lanes.values()))]
     log.event("acceptor_start", index=index, fd=sock.fileno())
     await stop.wait()

@@ -391,9 +391,7 @@ class LearnedAllow:
         )
 
     @classmethod
-    def from_json(
-        cls, data: str | bytes, *, ttl: float, max_size: int, now: float
-    ) -> LearnedAllow:
+    def from_json(cls, data: str | bytes, *, ttl: float, max_size: int, now: float) -> LearnedAllow:
         """Load a persisted cache. The configured ttl/max_size win over the stored ones.
 
         Expired and malformed entries are skipped; expiries further away than now + ttl are
@@ -414,9 +412,7 @@ class LearnedAllow:
             raise ValueError(f"unsupported learned-allow version {doc.get('version')!r}")
         cache = cls(ttl=ttl, max_size=max_size)
         for ip, exp in doc["entries"].items():
-            if not isinstance(ip, str) or isinstance(exp, bool) or not isinstance(
-                exp, int | float
-            ):
+            if not isinstance(ip, str) or isinstance(exp, bool) or not isinstance(exp, int | float):
                 continue
             cache.add(ip, min(float(exp), now + ttl), now=now)
         return cache

@@ -81,7 +81,7 @@ __all__ = [
 
 
 def parse_nameserver(spec: str) -> tuple[str, int]:
-    """"ip", "ip:port" (IPv4), "[ipv6]:port", "ip@port" -> (ip, port). Raises ValueError."""
+    """ "ip", "ip:port" (IPv4), "[ipv6]:port", "ip@port" -> (ip, port). Raises ValueError."""
     s = spec.strip()
     port = 53
     host = s
@@ -256,7 +256,7 @@ def sha256_fingerprint(der: bytes) -> str:
 
 
 def normalize_fingerprint(text: str) -> str:
-    """"AB:CD:..." / "ab cd ..." / "abcd..." -> "abcd..." (lower-case hex, no separators)."""
+    """ "AB:CD:..." / "ab cd ..." / "abcd..." -> "abcd..." (lower-case hex, no separators)."""
     return re.sub(r"[\s:]", "", text).lower()
 
 
@@ -283,7 +283,8 @@ def cert_evidence(
 # --------------------------------------------------------------------------- Received-SPF
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
-_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-./=?^_`{|}~@:\[\]]+$")
+_ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]"
+_DOT_ATOM = re.compile(rf"^{_ATEXT}+(?:\.{_ATEXT}+)*$")
 
 
 def _clean(text: str) -> str:
@@ -292,7 +293,7 @@ def _clean(text: str) -> str:
 
 def _kv_value(text: str) -> str:
     v = _clean(text)
-    if v and _TOKEN.match(v):
+    if v and _DOT_ATOM.match(v):  # RFC 7208 9.1: dot-atom / quoted-string
         return v
     return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -335,10 +336,13 @@ def received_spf_header(
         f"helo={_kv_value(helo)};",
         f"identity={identity}",
     ]
-    lines = [f"Received-SPF: {result} ({_comment(comment)})"]
-    for p in pairs:
-        if len(lines[-1]) + 1 + len(p) > 78:
-            lines.append("\t" + p)
+    words = f"Received-SPF: {result} ({_comment(comment)}) {' '.join(pairs)}".split(" ")
+    lines = [words[0]]
+    for w in words[1:]:
+        if not w:
+            continue
+        if len(lines[-1]) + 1 + len(w) > 78 and lines[-1].strip():
+            lines.append("\t" + w)  # fold at whitespace (FWS is legal in comments and values)
         else:
-            lines[-1] += " " + p
+            lines[-1] += " " + w
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")

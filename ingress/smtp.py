@@ -10,7 +10,8 @@ What this layer adds to aiosmtpd (DESIGN.md section 10 lists the traps it works 
 - a whole-session deadline on top of the idle timeout, and a 421 line before closing on either;
   the idle timer is re-armed by incoming bytes while DATA is being received;
 - EHLO advertises PIPELINING (aiosmtpd supports but does not advertise it) and never AUTH;
-- RCPT only for accepted domains (550 5.7.1), at most max_recipients (452 4.5.3);
+- RCPT only for accepted domains (550 5.7.1), with no sender-specified routing in the local
+  part (% ! @), at most max_recipients (452 4.5.3);
 - bare CR or LF in DATA -> 550 5.6.0 (SMTP smuggling);
 - after DATA the message goes to the lane broker; 250 only on the worker's ACK (durable);
   a NACK, a timeout or an unreachable broker -> 451;
@@ -160,8 +161,11 @@ class IngressHandler:
 
     async def handle_RCPT(self, server: IngressSMTP, session: Session, envelope: SmtpEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
-        domain = address.rpartition("@")[2].lower().rstrip(".")
-        if "@" not in address or domain not in self.ctx.domains:
+        local, _, domain = address.rpartition("@")
+        domain = domain.lower().rstrip(".")
+        # Sender-specified routing (user%other@us, other!user@us, "a@b"@us) would let a
+        # downstream MTA relay on to `other`: refused like any other relay attempt.
+        if not local or domain not in self.ctx.domains or any(c in local for c in "%!@"):
             log.event("relay_denied", peer=server.peer_ip, rcpt=address[:200])
             return replies.RELAY_DENIED.format(rcpt=address[:200])
         if len(envelope.rcpt_tos) >= self.ctx.cfg.smtp.max_recipients:

@@ -15,7 +15,9 @@ restart_backoff_max while it keeps crashing young); more than crash_limit restar
 crash_window is a crash loop: logged, restarts throttled to the maximum backoff. A child whose
 heartbeat is older than heartbeat_timeout is hung: SIGKILL, then restarted.
 
-Signals only set flags; the main loop acts on them:
+Signals only set flags; the main loop acts on them. Children are told to stop with SIGUSR2 and
+ignore SIGINT (and brokers and workers SIGTERM), so a signal sent to the whole process group (^C,
+`timeout`, systemd's KillMode=control-group) still drains in order:
     SIGTERM/SIGINT  drain: acceptors stop accepting and finish sessions within smtp.drain_grace,
                     then brokers and workers stop; exit 0.
     SIGHUP          reload: the file is re-read and validated (an invalid file is logged and the
@@ -204,7 +206,7 @@ class Supervisor:
         c.kill_at = time.monotonic() + grace
         if c.proc is not None and c.proc.is_alive():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(c.proc.pid, signal.SIGTERM)
+                os.kill(c.proc.pid, signal.SIGUSR2)
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -214,10 +216,20 @@ class Supervisor:
     def start(self) -> None:
         Path(self.cfg.spool.path).mkdir(parents=True, exist_ok=True)
         (self.cfg.spool.state_dir / "run").mkdir(parents=True, exist_ok=True)
-        self.sockets = [bind_listener(self.cfg) for _ in range(self.cfg.acceptor_count)]
-        for kind, key in self._wanted(self.cfg):
-            self._new_child(kind, key, self.cfg)
-        ok = self._wait_ready(self.children, 60.0)
+        # Port 0 (tests): the first socket picks a free port, the others share it.
+        first = bind_listener(self.cfg)
+        port = first.getsockname()[1]
+        if port != self.cfg.listen.port:
+            self.cfg = dataclasses.replace(
+                self.cfg, listen=dataclasses.replace(self.cfg.listen, port=port))
+        self.sockets = [first] + [bind_listener(self.cfg)
+                                  for _ in range(self.cfg.acceptor_count - 1)]
+        # In stages, so that acceptors come up to lanes that already have workers.
+        ok = True
+        for stage in ("broker", "worker", "acceptor"):
+            kids = [self._new_child(kind, key, self.cfg)
+                    for kind, key in self._wanted(self.cfg) if kind == stage]
+            ok = self._wait_ready(kids, 60.0) and ok
         log.event("ready" if ok else "not_ready", "info" if ok else "error",
                   listen=f"{self.cfg.listen.host}:{self.sockets[0].getsockname()[1]}",
                   acceptors=self.cfg.acceptor_count, spool=str(self.cfg.spool.path),
@@ -279,6 +291,9 @@ class Supervisor:
             sd_notify("READY=1")
             return
         old = self.cfg
+        if new.listen.port == 0:       # "any free port" means the one we already have
+            new = dataclasses.replace(
+                new, listen=dataclasses.replace(new.listen, port=old.listen.port))
         if (new.listen, new.spool, new.acceptor_count) != (old.listen, old.spool,
                                                             old.acceptor_count):
             # Changing these would mean closing listening sockets (resetting what is queued on

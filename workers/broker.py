@@ -13,16 +13,17 @@ to a worker with credit, the one with the most. A worker that misses LANE_LIVENE
 dropped and every message it held is NACKed at once (worker_lost), so acceptors answer 451 instead
 of waiting. Work that waited past its envelope deadline is NACKed expired, never dispatched.
 
-Failure modes: unroutable replies (the acceptor is gone) are dropped (ROUTER_MANDATORY raises,
-we log). Malformed frames are logged and dropped. A broker crash loses only the queue; acceptors
-time out those messages (451) and the supervisor restarts the broker; workers and acceptors
-reconnect by themselves. SIGTERM: NACK everything queued (shutdown) and exit after in-flight
+Failure modes: unroutable replies (the acceptor is gone) are dropped (ROUTER_MANDATORY raises, we
+log). Malformed frames are logged and dropped. A broker crash loses only the queue; acceptors time
+out those messages (451) and the supervisor restarts the broker; workers and acceptors reconnect by
+themselves. SIGUSR2 (the supervisor): NACK everything queued (shutdown) and exit after in-flight
 ACKs drain (bounded wait).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from collections import deque
@@ -250,10 +251,13 @@ class Broker:
         poller.register(self.back, zmq.POLLIN)
         next_hb = next_status = 0.0
         stop_deadline: float | None = None
+        parent = os.getppid()
         while True:
             now = time.monotonic()
             if self.hb is not None:
                 self.hb[self.slot] = now
+            if os.getppid() != parent:
+                self.stopping = True      # orphaned: the supervisor is gone
             if self.stopping and stop_deadline is None:
                 stop_deadline = now + 2.0
                 for job in self.queue:
@@ -296,9 +300,11 @@ def run(cfg: Config, lane: str, hb: Any = None, slot: int = 0) -> None:
     def stop(signum: int, frame: object) -> None:
         b.stopping = True
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Only the supervisor stops us (SIGUSR2), after the acceptors have drained; a SIGTERM or ^C
+    # sent to the whole process group must not cut the lane under sessions still finishing.
+    signal.signal(signal.SIGUSR2, stop)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     log.event("broker_start", lane=lane, queue_max=b.queue_max, rate=b.bucket.rate)
     b.run()
     log.event("broker_stop", lane=lane, **b.counters)

@@ -240,9 +240,7 @@ def _unfold(value: bytes) -> str:
 
 def header_from_domain(message: bytes) -> str | None:
     """Domain of the single From: address, lower-cased; None if absent or ambiguous."""
-    froms = [
-        message[s:e] for s, e, name in _header_fields(message) if name == b"from"
-    ]
+    froms = [message[s:e] for s, e, name in _header_fields(message) if name == b"from"]
     if len(froms) != 1:
         return None
     addrs = email.utils.getaddresses([_unfold(_field_value(froms[0]))])

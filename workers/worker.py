@@ -10,9 +10,9 @@ fsync of new/ for the batch, then all the ACKs.
 
 Failure modes: a broker that stops heartbeating for LANE_LIVENESS intervals is presumed dead: the
 worker reconnects with a fresh socket and announces READY again (Paranoid Pirate). A disk error is
-a NACK with reason "error" for that message (the client gets 451). SIGTERM: stop taking work
-(DISCONNECT), finish what was received, exit 0. The supervisor's heartbeat slot is written from
-this loop, so a wedged worker (e.g. a hung disk) is detected and killed.
+a NACK with reason "error" for that message (the client gets 451). SIGUSR2 (the supervisor): stop
+taking work (DISCONNECT), finish what was received, exit 0. The supervisor's heartbeat slot is
+written from this loop, so a wedged worker (e.g. a hung disk) is detected and killed.
 """
 
 from __future__ import annotations
@@ -83,8 +83,11 @@ class Worker:
         poller.register(self.sock, zmq.POLLIN)
         broker_seen = time.monotonic()
         next_hb = 0.0
+        parent = os.getppid()
         while not self.stopping:
             now = time.monotonic()
+            if os.getppid() != parent:
+                break             # orphaned: the supervisor is gone
             if now >= next_hb:
                 self.sock.send_multipart(heartbeat(self.credit), zmq.NOBLOCK)
                 self._beat()
@@ -185,9 +188,11 @@ def run(cfg: Config, lane: str, index: int, hb: Any = None, slot: int = 0) -> No
     def stop(signum: int, frame: object) -> None:
         w.stopping = True
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Only the supervisor stops us (SIGUSR2), after the acceptors have drained; a SIGTERM or ^C
+    # sent to the whole process group must not cut the lane under sessions still finishing.
+    signal.signal(signal.SIGUSR2, stop)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     log.event("worker_start", lane=lane, index=index)
     w.run()
     log.event("worker_stop", lane=lane, index=index)

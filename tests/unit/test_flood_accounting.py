@@ -212,7 +212,8 @@ def test_spam_senders_in_their_own_process() -> None:
     ended = (spam["accepted"] + spam["shed_by_stage"].get("MAIL 451", 0)
              + spam["rejected_by_stage"].get("RCPT 554", 0) + spam["cut"])
     assert ended == spam["sent"]
-    assert spam["connections"] == spam["connected"]
+    # at most one connect per bot can be cut by the end of the run
+    assert 0 <= spam["connections"] - spam["connected"] <= 3 and spam["refused"] == 0
     assert srv.accepted >= spam["accepted"]
     # the legit sender in the measuring process was still served
     assert result["legit"][0]["attempts"] == 4

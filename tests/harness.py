@@ -1,0 +1,267 @@
+"""Test harness: run a real smtp-ingress (supervisor + children) on loopback and talk to it.
+
+API:
+    Ingress(tmpdir, **overrides)   context manager; .port, .spool, .pid, .children(kind),
+                                   .signal(sig), .stop() -> exit code, .log_lines()
+    spooled() -> dict[qid, SpoolEntry]   every file in spool/new, parsed
+    smtp_dialogue(port, lines, ...)      raw client: send lines, collect every reply
+    send_one(port, ...) -> (code, text)  one message on a fresh connection (aiosmtplib)
+
+The ingress runs as `python -m ingress.cli run --config FILE` with listen.port = 0; the real port
+comes from its "ready" log line. Children are found through /proc (ppid == supervisor pid) so
+tests can kill -9 one of them. Everything started here is stopped here, by PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import orjson
+
+from workers import spool as spool_mod
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str | Path):
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> None:
+    out = []
+    for table, kv in tables.items():
+        out.append(f"[{table}]")
+        out += [f"{k} = {toml_value(v)}" for k, v in kv.items()]
+        out.append("")
+    path.write_text("\n".join(out))
+
+
+class Ingress:
+    def __init__(self, tmpdir: Path, tables: dict[str, dict[str, Any]] | None = None) -> None:
+        self.tmpdir = Path(tmpdir)
+        self.spool = self.tmpdir / "spool"
+        # ipc socket paths must stay short: keep the state dir under /tmp.
+        self.state = Path(tempfile.mkdtemp(prefix="si-", dir="/tmp"))
+        base: dict[str, dict[str, Any]] = {
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "smtp": {"hostname": "mx.test", "accepted_domains": ["example.test"],
+                     "idle_timeout": 10.0, "ack_timeout": 5.0, "drain_grace": 5.0},
+            "lanes.bulk": {"rate": 0.0},
+            "spool": {"path": str(self.spool), "state_dir": str(self.state)},
+            "supervisor": {"acceptors": 2, "heartbeat_interval": 0.2, "heartbeat_timeout": 2.0},
+            "log": {"level": "info"},
+        }
+        for table, kv in (tables or {}).items():
+            base.setdefault(table, {}).update(kv)
+        self.config = self.tmpdir / "ingress.toml"
+        write_config(self.config, base)
+        self.logfile = self.tmpdir / "ingress.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def __enter__(self) -> Ingress:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 60.0) -> None:
+        self._log = open(self.logfile, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ingress.cli", "run", "--config", str(self.config)],
+            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for doc in self.log_lines():
+                if doc.get("event") == "ready":
+                    self.port = int(str(doc["listen"]).rsplit(":", 1)[1])
+                    return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ingress exited {self.proc.returncode}: {self.log_tail()}")
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"ingress not ready in {timeout}s: {self.log_tail()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        out = []
+        with contextlib.suppress(FileNotFoundError), open(self.logfile, "rb") as f:
+            for line in f:
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    out.append(orjson.loads(line))
+        return out
+
+    def log_tail(self, n: int = 30) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [d for d in self.log_lines() if d.get("event") == name]
+
+    def children(self, kind: str | None = None) -> list[int]:
+        """PIDs of live children; kind = 'acceptor' | 'broker-bulk' | 'worker-bulk' ..."""
+        pids = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                stat = (d / "stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == self.pid and stat.rsplit(")", 1)[1].split()[0] != "Z":
+                pids.append(int(d.name))
+        if kind is None:
+            return pids
+        starts = {d["child_pid"]: d for d in self.events("child_start")}
+        out = []
+        for p in pids:
+            d = starts.get(p)
+            if d is None:
+                continue
+            key = d["kind"] + ("-" + d["key"].split("'")[1] if d["kind"] != "acceptor" else "")
+            if key.startswith(kind):
+                out.append(p)
+        return out
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)   # our own session only
+                self.proc.wait(5)
+        code = self.proc.returncode
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)   # any child left behind, ours alone
+        self._log.close()
+        with contextlib.suppress(OSError):
+            for f in (self.state / "run").iterdir():
+                f.unlink()
+            (self.state / "run").rmdir()
+            for f in self.state.iterdir():
+                f.unlink()
+            self.state.rmdir()
+        return code
+
+    def spooled(self) -> dict[str, spool_mod.SpoolEntry]:
+        out = {}
+        for p in (self.spool / "new").iterdir():
+            e = spool_mod.read(p)
+            qid = str(e.envelope["qid"])
+            assert qid not in out, f"{qid} spooled twice"
+            out[qid] = e
+        return out
+
+
+def client_bytes(entry: spool_mod.SpoolEntry) -> bytes:
+    """The client's message out of a spool entry: everything after our trace headers."""
+    msg = entry.message
+    assert msg.startswith(b"Received: "), msg[:80]
+    # Our Received: header is the first header and ends at the first line not starting with TAB.
+    i = msg.index(b"\r\n") + 2
+    while msg[i:i + 1] == b"\t":
+        i = msg.index(b"\r\n", i) + 2
+    return msg[i:]
+
+
+async def smtp_dialogue(port: int, lines: list[bytes], *, host: str = "127.0.0.1",
+                        read_timeout: float = 10.0, wait_banner: bool = True,
+                        source: str | None = None) -> list[str]:
+    """Send each line (bytes, sent as is) after reading the previous reply; return all replies.
+    The banner is the first reply. A closed connection ends the list with 'EOF'."""
+    reader, writer = await asyncio.open_connection(
+        host, port, local_addr=(source, 0) if source else None)
+    replies: list[str] = []
+
+    async def read_reply() -> str:
+        text = []
+        while True:
+            line = await asyncio.wait_for(reader.readline(), read_timeout)
+            if not line:
+                return "EOF" if not text else "\n".join(text)
+            text.append(line.decode("utf-8", "replace").rstrip("\r\n"))
+            if len(line) < 4 or line[3:4] != b"-":
+                return "\n".join(text)
+
+    try:
+        if wait_banner:
+            replies.append(await read_reply())
+        for line in lines:
+            writer.write(line)
+            await writer.drain()
+            r = await read_reply()
+            replies.append(r)
+            if r == "EOF":
+                break
+    except (ConnectionError, TimeoutError) as e:
+        replies.append(f"ERR {type(e).__name__}")
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    return replies
+
+
+async def send_one(port: int, body: bytes, *, sender: str = "alice@sender.test",
+                   rcpts: tuple[str, ...] = ("bob@example.test",), host: str = "127.0.0.1",
+                   timeout: float = 15.0, source: str | None = None) -> tuple[int, str]:
+    """One message on a fresh connection. Returns (code, text); connection trouble is (0, why)."""
+    client = aiosmtplib.SMTP(hostname=host, port=port, timeout=timeout, start_tls=False,
+                             local_hostname="client.test",
+                             source_address=(source, 0) if source else None)
+    try:
+        await client.connect()
+        await client.ehlo()
+        await client.mail(sender)
+        for r in rcpts:
+            await client.rcpt(r)
+        resp = await client.data(body)
+        with contextlib.suppress(Exception):
+            await client.quit()
+        return resp.code, resp.message
+    except aiosmtplib.SMTPResponseException as e:
+        return e.code, e.message
+    except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+        return 0, f"{type(e).__name__}: {e}"
+    finally:
+        client.close()
+
+
+def make_body(i: int, size: int = 1024, extra: bytes = b"") -> bytes:
+    head = (f"From: alice@sender.test\r\nTo: bob@example.test\r\nSubject: test {i}\r\n"
+            f"Message-ID: <{i}.{time.time_ns()}@sender.test>\r\n\r\n").encode()
+    line = f"line of message {i} ".encode()
+    body = b""
+    while len(body) < size:
+        body += line + os.urandom(8).hex().encode() + b"\r\n"
+    return head + extra + body
