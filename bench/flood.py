@@ -87,6 +87,7 @@ FD_MARGIN = 64  # descriptors kept for the interpreter, pipes, logs
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 MAX_REPLY_LINES = 100
 MAX_LINE = 4096
+CHILD_LINE_LIMIT = 256 * 1024 * 1024  # a child's result line holds every bot's held_s sample
 
 # --------------------------------------------------------------------------------------------
 # Targets, addresses, limits
@@ -514,6 +515,7 @@ class BotStats:
     later_replies: dict[str, int] = field(default_factory=dict)  # e.g. 421 on idle timeout
     closed_by_server: int = 0
     open_at_end: int = 0
+    no_banner_at_end: int = 0  # of open_at_end: connected (TCP) but never got a first reply
     open_now: int = 0
     bytes_sent: int = 0
     held_s: list[float] = field(default_factory=list)  # connect -> close (server's or run end)
@@ -585,6 +587,7 @@ class _ConnBot:
         self.start_at = start_at
         self.reconnect, self.reconnect_delay = reconnect, reconnect_delay
         self.max_connections, self.connect_deadline = max_connections, connect_deadline
+        self._greeted = False
 
     async def run(self, end: float) -> None:
         """Connect, run ``session``, reconnect; bounded by ``max_connections`` and ``end``."""
@@ -621,6 +624,7 @@ class _ConnBot:
             return
         s.connected += 1
         s.open_now += 1
+        self._greeted = False
         t0 = loop.time()
         try:
             closed = await self.session(reader, writer)
@@ -628,12 +632,14 @@ class _ConnBot:
                 s.closed_by_server += 1
         except (TimeoutError, asyncio.CancelledError):  # the run's end cancels us
             s.open_at_end += 1
+            if not self._greeted:
+                s.no_banner_at_end += 1
             raise
         except (OSError, ProtocolError) as e:
             _bump(s.errors, type(e).__name__)
         finally:
             s.open_now -= 1
-            s.held_s.append(loop.time() - t0)
+            s.held_s.append(round(loop.time() - t0, 3))
             writer.close()
 
     async def _read_code(self, reader: asyncio.StreamReader, into: dict[str, int]) -> bool:
@@ -642,6 +648,7 @@ class _ConnBot:
             code, _ = await read_reply(reader)
         except ServerClosed:
             return False
+        self._greeted = True
         _bump(into, str(code))
         return True
 
@@ -1207,7 +1214,11 @@ class _Child:
     async def pump(self) -> None:
         assert self.proc.stdout is not None
         for _ in range(10_000_000):
-            line = await self.proc.stdout.readline()
+            try:
+                line = await self.proc.stdout.readline()
+            except ValueError as e:  # a line over CHILD_LINE_LIMIT
+                self.error = f"child output: {e}"
+                break
             if not line:
                 break
             try:
@@ -1255,7 +1266,7 @@ async def run_flood(
             proc = await asyncio.create_subprocess_exec(
                 *_bots_argv(cfg, bc, off, wall0), env=env, cwd=_repo_root(),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, limit=CHILD_LINE_LIMIT,
             )
             ch = _Child(role, proc)
             children.append(ch)
@@ -1525,9 +1536,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       legit_total: (same without timeline, over all legit senders),
       bots: {stall|trickle|early: {bots, connections, connected, refused, connect_timeouts,
                errors, banner_codes, first_replies, later_replies, closed_by_server,
-               open_at_end, bytes_sent, held_s: {n, p50, ...}},
+               open_at_end, no_banner_at_end, bytes_sent, held_s: {n, p50, ...}},
              spam: {bots, connections, connected, refused, timeouts, conn_errors, banner_codes,
-               sent, accepted, accepted_pct, accepted_per_s, sent_per_s, shed, shed_by_stage,
+               sent, cut, accepted, accepted_pct, accepted_per_s, sent_per_s, shed, shed_by_stage,
                rejected, rejected_by_stage, active_s}},
       processes: [{role, pid, rc, ...}]}
     """

@@ -132,6 +132,35 @@ def smtp_banner(host: str, port: int, timeout: float = 3.0) -> str | None:
         return None
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from /proc/stat; (0, 0) where unavailable."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+def cpu_busy(window: float = 1.0) -> float | None:
+    """Fraction (0..1) of all CPUs busy during the next ``window`` seconds; None if unknown."""
+    b0, t0 = _cpu_times()
+    time.sleep(window)
+    b1, t1 = _cpu_times()
+    return (b1 - b0) / (t1 - t0) if t1 > t0 else None
+
+
+def wait_for_idle(max_busy: float, timeout: float, window: float = 1.0) -> float | None:
+    """Wait (at most ``timeout`` s) until the machine is at most ``max_busy`` busy; return the
+    last measured busy fraction. Other processes on a small box skew every number."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = cpu_busy(window)
+        if busy is None or busy <= max_busy or time.monotonic() >= deadline:
+            return busy
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
 # ---------------------------------------------------------------------------------- smtp-source
 
 
@@ -157,6 +186,7 @@ class SourceRun:
     errors: tuple[str, ...] = ()
     timed_out: bool = False
     drain_seconds: float | None = None  # time the target needed afterwards to empty its queue
+    busy_before: float | None = None  # whole-machine CPU busy fraction just before the run
 
 
 def smtp_source_argv(
@@ -351,9 +381,14 @@ def benchmark(
     timeout: float | None = None,
     drain_timeout: float = 120.0,
     settle: float = 1.0,
+    idle_below: float | None = None,
+    idle_timeout: float = 30.0,
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
-    """Interleave runs (for each mode, for each run, for each target) and collect SourceRuns."""
+    """Interleave runs (for each mode, for each run, for each target) and collect SourceRuns.
+
+    With ``idle_below`` (a fraction, e.g. 0.25), each run first waits up to ``idle_timeout`` s
+    for the machine's CPU to be at most that busy; the busy fraction is recorded either way."""
     modes = list(modes)
     if not 1 <= runs <= MAX_RUNS:
         raise ValueError(f"runs must be 1..{MAX_RUNS}")
@@ -371,6 +406,8 @@ def benchmark(
         for i in range(runs):
             for t in targets:
                 done += 1
+                busy = (wait_for_idle(idle_below, idle_timeout) if idle_below is not None
+                        else cpu_busy(0.5))
                 run = run_smtp_source(t.host, t.port, messages=messages, sessions=sessions,
                                       size=size, reuse=(mode == "reuse"), sender=sender,
                                       recipient=recipient, timeout=timeout, target=t.name)
@@ -382,13 +419,14 @@ def benchmark(
                     else:
                         result.notes.append(f"{t.name}: queue not empty {drain_timeout:g}s "
                                             f"after {mode} run {i + 1}")
-                run = dataclasses.replace(run, drain_seconds=drained)
+                run = dataclasses.replace(run, drain_seconds=drained, busy_before=busy)
                 result.runs.append(run)
                 if progress:
                     state = f"{run.rate:,.0f} msgs/s" if run.ok else "FAILED: " + (
                         run.errors[0] if run.errors else f"rc={run.returncode}")
+                    load = "" if busy is None else f" (cpu {busy:.0%} busy before)"
                     progress(f"[{done}/{total}] {t.name:<14} {MODES[mode]:<15} run {i + 1}: "
-                             f"{run.messages} msgs in {run.seconds:.2f}s, {state}")
+                             f"{run.messages} msgs in {run.seconds:.2f}s, {state}{load}")
                 if settle > 0:
                     time.sleep(settle)
     return result
@@ -423,12 +461,18 @@ def render_markdown(result: BenchResult, baseline: str = "postfix") -> str:
                f"(and -d), median of {p['runs']}; {os.cpu_count()} cores, "
                f"{platform.system()} {platform.release()}")
     out = "\n".join([caption, "", *lines])
+    notes = list(result.notes)
+    busy = [r.busy_before for r in result.runs if r.busy_before is not None]
+    if busy and max(busy) > 0.15:
+        notes.append(f"machine was not idle before some runs (CPU busy up to "
+                     f"{max(busy):.0%}, median {statistics.median(busy):.0%}); "
+                     "other processes skew these numbers")
     failures = [r for r in result.runs if not r.ok]
-    if failures or result.notes:
+    if failures or notes:
         out += "\n"
         for r in failures:
             out += f"\n- {r.target} {MODES[r.mode]}: {'; '.join(r.errors[:3]) or r.returncode}"
-        for n in result.notes:
+        for n in notes:
             out += f"\n- {n}"
     return out + "\n"
 
@@ -497,6 +541,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=None,
                     help="per-run limit in seconds (default 30 + 0.01 per message)")
     ap.add_argument("--settle", type=float, default=1.0, help="pause between runs, seconds")
+    ap.add_argument("--wait-idle", type=float, default=25.0, metavar="PCT",
+                    help="before each run wait until CPU busy <= PCT%% (0 = do not wait)")
+    ap.add_argument("--idle-timeout", type=float, default=30.0,
+                    help="longest wait for idle before a run, seconds")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where the private Postfix lives (default: a temp dir, removed)")
     ap.add_argument("--json", type=Path, default=None, help="also write results as JSON here")
@@ -545,7 +593,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                  f"RLIMIT_NOFILE {nofile}")
         result = benchmark(targets, modes=modes, runs=runs, messages=messages,
                            sessions=args.sessions, size=args.size, recipient=args.recipient,
-                           timeout=args.timeout, settle=args.settle, progress=progress)
+                           timeout=args.timeout, settle=args.settle, progress=progress,
+                           idle_below=args.wait_idle / 100 if args.wait_idle > 0 else None,
+                           idle_timeout=args.idle_timeout)
         result.notes[:0] = notes
     print(render_markdown(result))
     if args.json is not None:

@@ -33,6 +33,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from ingress import log, replies
 from ingress.config import Config
@@ -41,12 +42,15 @@ from ingress.wire import (
     STATUS_STALE,
     Envelope,
     Lane,
+    NackReason,
     Reply,
     WireError,
     decode_reply,
     decode_status,
     submit,
 )
+
+HANDOFF_RETRY = 1.5     # seconds to keep trying to reach a broker that is not connected
 
 
 class LaneClient:
@@ -72,12 +76,19 @@ class LaneClient:
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self.pending[env.qid] = fut
         try:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            frames = submit(env, body)
+            while True:      # no broker connected (e.g. restarting): retry the hand-off briefly
+                try:
+                    await self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                    break
+                except zmq.Again:
+                    if loop.time() - start > min(HANDOFF_RETRY, timeout / 2):
+                        return None, "lane unavailable"
+                    await asyncio.sleep(0.05)
             try:
-                await self.sock.send_multipart(submit(env, body), flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return None, "lane unavailable"
-            try:
-                reply = await asyncio.wait_for(fut, timeout)
+                reply = await asyncio.wait_for(fut, timeout - (loop.time() - start))
             except TimeoutError:
                 return None, "ack timeout"
             return reply, "" if reply.ok else (reply.reason or "nack")
@@ -95,6 +106,19 @@ class LaneClient:
             fut = self.pending.get(reply.qid)
             if fut is not None and not fut.done():
                 fut.set_result(reply)
+
+    async def watch_broker(self) -> None:
+        """A broker that dies takes the messages it held with it: answer their sessions now
+        (451) instead of at the ack deadline. Some may still be spooled by a worker that had
+        them; a client retry then makes a duplicate, never a loss (README: duplicates)."""
+        mon = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        while True:
+            await recv_monitor_message(mon)
+            lost = [f for f in self.pending.values() if not f.done()]
+            for fut in lost:
+                fut.set_result(Reply(qid="", ok=False, reason=NackReason.WORKER_LOST,
+                                     text="broker lost"))
+            log.event("broker_disconnected", "warning", lane=self.lane.value, failed=len(lost))
 
     def saturated(self) -> bool:
         fresh = time.monotonic() - self.status_at < STATUS_STALE
@@ -226,7 +250,8 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
         loop.add_signal_handler(sig, lambda: None)
     tasks = [loop.create_task(t) for t in (
         ctx.heartbeat(hb, slot, stop), ctx.read_status(),
-        *(lc.read_replies() for lc in ctx.lanes.values()))]
+        *(lc.read_replies() for lc in ctx.lanes.values()),
+        *(lc.watch_broker() for lc in ctx.lanes.values()))]
     log.event("acceptor_start", index=index, fd=sock.fileno())
     await stop.wait()
     await ctx.drain(server)

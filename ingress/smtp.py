@@ -112,10 +112,11 @@ class IngressSMTP(SMTP):
         super().data_received(data)
 
     def close_if_idle(self, line: str) -> bool:
-        """Used when draining: close a session between transactions with `line`."""
+        """Used when draining: close a session between transactions, after `line` if any."""
         if self.busy or self.transport is None or self.transport.is_closing():
             return False
-        self.transport.write(line.encode() + b"\r\n")
+        if line:
+            self.transport.write(line.encode() + b"\r\n")
         self.transport.close()
         return True
 
@@ -152,6 +153,9 @@ class IngressHandler:
 
     async def handle_MAIL(self, server: IngressSMTP, session: Session, envelope: SmtpEnvelope,
                           address: str, mail_options: list[str]) -> str:
+        if self.ctx.draining:      # no new transaction on a draining acceptor: come back later
+            self.ctx.loop.call_soon(server.close_if_idle, "")
+            return replies.SHUTTING_DOWN.format(host=server.hostname)
         if self.ctx.lane_saturated(server.lane):
             self.ctx.count("shed_mail", server.lane)
             return replies.LANE_SATURATED

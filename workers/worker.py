@@ -47,6 +47,8 @@ from ingress.wire import (
 from workers.pipeline import trace_headers
 from workers.spool import Spool
 
+TMP_MAX_AGE = 60.0
+
 
 class Worker:
     def __init__(self, cfg: Config, lane: Lane, index: int, hb: Any = None, slot: int = 0) -> None:
@@ -76,7 +78,9 @@ class Worker:
             self.hb[self.slot] = time.monotonic()
 
     def run(self) -> None:
-        self.spool.clean_tmp(older_than=time.time() - 3600)
+        # A file lives in tmp/ for the milliseconds of its write; one older than a minute was
+        # left by a worker killed mid-write and was never acknowledged.
+        self.spool.clean_tmp(older_than=time.time() - TMP_MAX_AGE)
         self._connect()
         assert self.sock is not None
         poller = zmq.Poller()

@@ -146,12 +146,14 @@ def test_latency_percentiles_on_known_delays() -> None:
     assert legit["attempts"] == 10 and legit["accepted"] == 10
     measured = [e["latency_ms"] for e in legit["timeline"]]
     for d, m in zip(delays_ms, measured, strict=True):
-        assert d <= m < d + 80, (d, m)  # the scripted delay plus loopback overhead
+        # the scripted delay plus loopback overhead (generous: CI machines get busy)
+        assert d <= m < d + 250, (d, m)
     lat = legit["latency_ms"]
     # nearest-rank over 10 values: p50 = 5th smallest, p95 = p99 = 10th
     assert lat["p50"] == pytest.approx(sorted(measured)[4], abs=1e-3)
     assert lat["p95"] == lat["p99"] == lat["max"] == pytest.approx(max(measured), abs=1e-3)
-    assert 160 <= lat["p50"] < 240 and 360 <= lat["p99"] < 440
+    # at most 4 samples can lie below 160 ms (each is >= its delay), so p50 >= 160
+    assert 160 <= lat["p50"] < 410 and 360 <= lat["p99"] < 610
 
 
 def test_timeouts_by_stage() -> None:
@@ -191,10 +193,23 @@ def test_stalling_bots_inline() -> None:
     assert stall["bots"] == 6 and stall["refused"] == 0
     # a bot closed with 421 reconnects and, the script cycling, gets a 220 and holds it
     assert stall["banner_codes"]["220"] == 6
-    assert stall["open_at_end"] == 6
+    assert stall["open_at_end"] == 6 and stall["no_banner_at_end"] == 0
     assert stall["closed_by_server"] == stall["banner_codes"]["421"] >= 3
     assert stall["connections"] == stall["connected"] == srv.connections
     assert len(set(srv.peers)) == 6 and all(p.startswith("127.1.0.") for p in srv.peers)
+
+
+def test_silent_server_trickle_and_early_talkers() -> None:
+    bots = flood.BotConfig(stallers=2, tricklers=2, early=2, trickle_interval=0.1, ramp_s=0.05,
+                           reconnect_delay=0.1)
+    result, _ = _run(_flood_against(["hang"], duration=0.6, interval=1.0, legit=False,
+                                    bots=bots))
+    b = result["bots"]
+    for role in ("stall", "trickle"):
+        assert b[role]["connected"] == 2 and b[role]["banner_codes"] == {}
+        assert b[role]["open_at_end"] == b[role]["no_banner_at_end"] == 2
+    assert b["trickle"]["bytes_sent"] == 0  # a trickler waits for the banner first
+    assert b["early"]["bytes_sent"] >= 2 * 20 and b["early"]["first_replies"] == {}
 
 
 def test_spam_senders_in_their_own_process() -> None:
