@@ -50,6 +50,7 @@ class SmtpConfig:
     max_connections: int = 1000         # per acceptor process
     fast_reserve: int = 100             # of max_connections, usable by the fast lane only
     drain_grace: float = 20.0           # SIGTERM / reload: sessions may finish within this
+    recipient_map: str = ""             # file: accepted addresses, one a line ("@dom" = any)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,52 @@ class LanesConfig:
 
 @dataclass(frozen=True)
 class ClassifyConfig:
-    allow_cidrs: tuple[str, ...] = ()
+    allow_cidrs: tuple[str, ...] = ()   # static allow list: these clients are fast lane
+    learned_ttl: float = 7 * 86400.0    # SPF pass + aligned DKIM pass: remembered this long
+    learned_max: int = 100000
+    cert_promotes: bool = True          # a verified or pinned client certificate -> fast lane
+    spf_promote: str = "any"            # "any" | "listed" | "off": which SPF passes promote
+    spf_domains: tuple[str, ...] = ()   # for spf_promote = "listed" (and their subdomains)
+    nameservers: tuple[str, ...] = ()   # "ip", "ip@port", "ip:port"; empty = /etc/resolv.conf
+    dns_timeout: float = 2.0            # one DNS query
+    spf_deadline: float = 3.0           # a whole SPF evaluation; then temperror (never rejects)
+    dkim_deadline: float = 5.0          # all DKIM signatures of one message, in a worker
+    authserv_id: str = ""               # Authentication-Results id; default smtp.hostname
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    per_ip_bulk_max: int = 20           # concurrent bulk sessions per IPv4 address / IPv6 /64
+    per_ip_rate: float = 10.0           # bulk connections per second per IP (0 = off)
+    per_ip_burst: int = 20
+    greet_pause: float = 0.0            # bulk early-talker test before the banner (0 = off)
+    penalty: float = 300.0              # an early talker is refused this long
+    stress_idle_timeout: float = 10.0   # bulk idle timeout while the bulk lane is saturated
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: str = ""                      # PEM certificate chain: enables STARTTLS on listen.port
+    key: str = ""
+    mtls_port: int = -1                 # implicit-TLS port requiring a client certificate; -1 off
+    client_ca: str = ""                 # CA bundle that verifies client certificates (mTLS port)
+    pinned_sha256: tuple[str, ...] = () # client certificate fingerprints that promote
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    downstream: str = ""                # "" keeps mail in the spool; "smtp://host:port",
+                                        # "lmtp://host:port", "lmtp:/path/to/socket"
+    concurrency: int = 4
+    retry_base: float = 30.0            # first retry after a 4xx, doubled up to retry_max
+    retry_max: float = 3600.0
+    max_age: float = 5 * 86400.0        # then the message bounces (DSN), as Postfix does
+    timeout: float = 60.0               # per downstream SMTP step
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9125"      # Prometheus endpoint; "" = off
 
 
 @dataclass(frozen=True)
@@ -100,6 +146,10 @@ class Config:
     smtp: SmtpConfig = SmtpConfig()
     lanes: LanesConfig = LanesConfig()
     classify: ClassifyConfig = ClassifyConfig()
+    admission: AdmissionConfig = AdmissionConfig()
+    tls: TlsConfig = TlsConfig()
+    relay: RelayConfig = RelayConfig()
+    metrics: MetricsConfig = MetricsConfig()
     spool: SpoolConfig = SpoolConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     log: LogConfig = LogConfig()
@@ -236,6 +286,61 @@ def _finish(cfg: Config, file: str) -> Config:
             ipaddress.ip_network(c, strict=False)
         except ValueError:
             raise ConfigError(file, "classify.allow_cidrs", f"{c!r} is not a CIDR") from None
+    c = cfg.classify
+    need(c.spf_promote in ("any", "listed", "off"), "classify.spf_promote",
+         "must be one of any, listed, off")
+    need(c.spf_promote != "listed" or bool(c.spf_domains), "classify.spf_domains",
+         'must list domains when classify.spf_promote = "listed"')
+    need(c.learned_ttl >= 0, "classify.learned_ttl", "must be >= 0 (0 = do not learn)")
+    need(c.learned_max >= 1, "classify.learned_max", "must be >= 1")
+    need(0 < c.dns_timeout <= 30, "classify.dns_timeout", "must be in (0, 30]")
+    need(0 < c.spf_deadline < s.idle_timeout, "classify.spf_deadline",
+         "must be > 0 and below smtp.idle_timeout")
+    need(0 < c.dkim_deadline < s.ack_timeout, "classify.dkim_deadline",
+         "must be > 0 and below smtp.ack_timeout (it runs before the ack)")
+    for ns in c.nameservers:
+        host = ns.split("@")[0]
+        if host.count(":") == 1:
+            host = host.split(":")[0]
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            raise ConfigError(file, "classify.nameservers", f"{ns!r} is not ip[@port]") from None
+    a = cfg.admission
+    need(a.per_ip_bulk_max >= 1, "admission.per_ip_bulk_max", "must be >= 1")
+    need(a.per_ip_rate >= 0, "admission.per_ip_rate", "must be >= 0 (0 = off)")
+    need(a.per_ip_burst >= 1, "admission.per_ip_burst", "must be >= 1")
+    need(0 <= a.greet_pause < s.idle_timeout, "admission.greet_pause",
+         "must be >= 0 and below smtp.idle_timeout")
+    need(a.penalty >= 0, "admission.penalty", "must be >= 0")
+    need(0 < a.stress_idle_timeout <= s.idle_timeout, "admission.stress_idle_timeout",
+         "must be > 0 and at most smtp.idle_timeout")
+    t = cfg.tls
+    need(bool(t.cert) == bool(t.key), "tls.key", "tls.cert and tls.key go together")
+    for key in ("cert", "key", "client_ca"):
+        path = getattr(t, key)
+        need(not path or os.path.isfile(path), f"tls.{key}", f"{path!r}: no such file")
+    need(-1 <= t.mtls_port <= 65535, "tls.mtls_port", "must be -1 (off) or 0..65535")
+    need(t.mtls_port < 0 or bool(t.cert), "tls.mtls_port", "needs tls.cert and tls.key")
+    need(t.mtls_port < 0 or bool(t.client_ca) or bool(t.pinned_sha256), "tls.mtls_port",
+         "needs tls.client_ca or tls.pinned_sha256 to check client certificates against")
+    for fp in t.pinned_sha256:
+        hexed = fp.replace(":", "").lower()
+        need(len(hexed) == 64 and all(ch in "0123456789abcdef" for ch in hexed),
+             "tls.pinned_sha256", f"{fp!r} is not a SHA-256 fingerprint (64 hex digits)")
+    r = cfg.relay
+    need(r.downstream == "" or r.downstream.startswith(("smtp://", "lmtp://", "lmtp:/")),
+         "relay.downstream", 'must be "", smtp://host:port, lmtp://host:port or lmtp:/socket')
+    need(1 <= r.concurrency <= 256, "relay.concurrency", "must be 1..256")
+    need(0 < r.retry_base <= r.retry_max, "relay.retry_base", "must be > 0 and <= retry_max")
+    need(r.max_age > 0 and r.timeout > 0, "relay.max_age", "max_age and timeout must be > 0")
+    need(not s.recipient_map or os.path.isfile(s.recipient_map), "smtp.recipient_map",
+         f"{s.recipient_map!r}: no such file")
+    m = cfg.metrics.listen
+    if m:
+        mhost, _, mport = m.rpartition(":")
+        need(mport.isdigit() and int(mport) <= 65535 and bool(mhost), "metrics.listen",
+             'must be "host:port" or ""')
     need(sup.acceptors >= 0, "supervisor.acceptors", "must be >= 0 (0 = one per core)")
     need(sup.heartbeat_interval > 0, "supervisor.heartbeat_interval", "must be > 0")
     need(sup.heartbeat_timeout >= 2 * sup.heartbeat_interval, "supervisor.heartbeat_timeout",

@@ -66,6 +66,7 @@ class Ingress:
             "spool": {"path": str(self.spool), "state_dir": str(self.state)},
             "supervisor": {"acceptors": 2, "heartbeat_interval": 0.2, "heartbeat_timeout": 2.0},
             "log": {"level": "info"},
+            "metrics": {"listen": ""},
         }
         for table, kv in (tables or {}).items():
             base.setdefault(table, {}).update(kv)
