@@ -1,0 +1,113 @@
+"""PROXY protocol (v1 and v2): which client address to believe behind a load balancer.
+
+Purpose: on a listener configured for the PROXY protocol, an L4 load balancer (HAProxy,
+nginx stream, AWS NLB, ...) opens the TCP connection and prefixes the stream with a PROXY header
+that names the real client. aiosmtpd parses that header (SMTP(proxy_protocol_timeout=...)) and
+calls the handler's `handle_PROXY(server, session, envelope, proxy_data)` hook; this module decides,
+as a pure function, what that header is worth. The answer is the address classification sees.
+
+API:
+    trusted_networks(cidrs) -> tuple[network, ...]   parse CIDR strings once (ValueError if bad)
+    proxy_peer(peer, proxy_data, trusted) -> (ip, port) | None
+        peer        the TCP peer (ip, port) as the socket sees it (the load balancer)
+        proxy_data  aiosmtpd's ProxyData (or anything with the same attributes)
+        trusted     networks from trusted_networks(); a peer outside them is never believed
+      returns
+        (client_ip, client_port)   PROXY command, TCP over IPv4/IPv6, from a trusted peer
+        peer (normalised)          LOCAL command (v2: the balancer's own health check), or an
+                                   UNKNOWN (v1) / UNSPEC (v2) / AF_UNIX / UDP family, from a
+                                   trusted peer: the spec says to keep the real connection's
+                                   addresses
+        None                       reject the connection: the peer is not a trusted proxy (its
+                                   header could name any address, e.g. one on the allow list),
+                                   or the header is invalid
+    PROXY_TIMEOUT   a sane default for SMTP(proxy_protocol_timeout=...)
+
+Addresses come back as strings, IPv4-mapped IPv6 (::ffff:a.b.c.d) unwrapped to a.b.c.d, so
+"127.0.0.1" behind a dual-stack socket and behind a v4 socket look the same to the allow list.
+
+Failure modes: none raised; every bad input is None (reject). aiosmtpd itself closes the
+connection without calling the hook when the header is missing, malformed or late (the timeout),
+so on a PROXY listener a client that speaks SMTP directly is dropped: never enable the PROXY
+protocol on a port that direct clients also use.
+
+Limits: no TLV is interpreted (PP2_TYPE_SSL, AUTHORITY, ...); the CRC32C TLV is not checked (the
+header comes from a trusted peer over a connection it opened). The trust decision is by TCP peer
+address only. aiosmtpd reads the header before the hook runs, so an untrusted peer still costs
+one header read (bounded by the timeout): the acceptor can refuse untrusted peers before that, at
+connect time, with `peer_trusted()`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from typing import Any
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+PROXY_TIMEOUT = 5.0      # seconds for the whole header; aiosmtpd warns below 3
+
+# aiosmtpd.proxy_protocol values, repeated so this module stays importable and testable alone.
+_CMD_LOCAL = 0
+_CMD_PROXY = 1
+_AF_INET, _AF_INET6 = 1, 2
+_PROTO_STREAM = 1
+
+
+def trusted_networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
+    """CIDR strings -> networks (host bits allowed: "10.0.0.1/8" is 10.0.0.0/8)."""
+    return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in cidrs)
+
+
+def _addr(value: Any) -> Address | None:
+    try:
+        a = value if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address) \
+            else ipaddress.ip_address(str(value).strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+        return a.ipv4_mapped
+    return a
+
+
+def peer_trusted(peer_ip: str | Address, trusted: tuple[Network, ...]) -> bool:
+    """Is this TCP peer one of the trusted proxies?"""
+    a = _addr(peer_ip)
+    return a is not None and any(a in net for net in trusted)
+
+
+def proxy_peer(peer: tuple[Any, ...] | None, proxy_data: Any,
+               trusted: tuple[Network, ...]) -> tuple[str, int] | None:
+    """The client address to use for this connection, or None to reject it (see module doc)."""
+    if not peer:
+        return None
+    real = _addr(peer[0])
+    if real is None or not any(real in net for net in trusted):
+        return None
+    try:
+        real_port = int(peer[1])
+    except (IndexError, TypeError, ValueError):
+        real_port = 0
+    if proxy_data is None or not bool(getattr(proxy_data, "valid", False)):
+        return None
+    version = getattr(proxy_data, "version", None)
+    command = getattr(proxy_data, "command", None)
+    if version == 2 and command == _CMD_LOCAL:
+        return str(real), real_port
+    if version == 2 and command != _CMD_PROXY:
+        return None
+    if version not in (1, 2):
+        return None
+    family = getattr(proxy_data, "family", None)
+    protocol = getattr(proxy_data, "protocol", None)
+    if family not in (_AF_INET, _AF_INET6) or protocol != _PROTO_STREAM:
+        return str(real), real_port          # UNKNOWN / UNSPEC / AF_UNIX / UDP: keep the peer
+    src = _addr(getattr(proxy_data, "src_addr", None))
+    port = getattr(proxy_data, "src_port", None)
+    if src is None or not isinstance(port, int) or not 0 <= port <= 65535:
+        return None
+    if family == _AF_INET and src.version != 4:    # (AF_INET6 may carry ::ffff:a.b.c.d)
+        return None
+    return str(src), port

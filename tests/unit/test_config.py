@@ -1,0 +1,100 @@
+"""Config: every invalid value is refused naming the file and the key; valid files round-trip."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ingress import config
+from ingress.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+INVALID = [
+    # (toml text, key named in the error)
+    ("[listen]\nport = 70000\n", "listen.port"),
+    ("[listen]\nhost = \"localhost\"\n", "listen.host"),
+    ("[listen]\nport = \"25\"\n", "listen.port"),
+    ("[listen]\nprot = 25\n", "listen.prot"),
+    ("[nonsense]\nx = 1\n", "nonsense"),
+    ("[smtp]\naccepted_domains = []\n", "smtp.accepted_domains"),
+    ("[smtp]\naccepted_domains = [\"a@b\"]\n", "smtp.accepted_domains"),
+    ("[smtp]\nmax_message_size = 10\n", "smtp.max_message_size"),
+    ("[smtp]\nmax_recipients = 0\n", "smtp.max_recipients"),
+    ("[smtp]\nidle_timeout = 10.0\nack_timeout = 20.0\n", "smtp.ack_timeout"),
+    ("[smtp]\nsession_deadline = 1.0\n", "smtp.session_deadline"),
+    ("[smtp]\nmax_connections = 10\nfast_reserve = 10\n", "smtp.fast_reserve"),
+    ("[smtp]\nrecipient_map = \"/nonexistent/map\"\n", "smtp.recipient_map"),
+    ("[lanes.fast]\nrate = 10.0\n", "lanes.fast.rate"),
+    ("[lanes.bulk]\nqueue_max = 0\n", "lanes.bulk.queue_max"),
+    ("[lanes.bulk]\ncredit = true\n", "lanes.bulk.credit"),
+    ("[classify]\nallow_cidrs = [\"10.0.0.0/33\"]\n", "classify.allow_cidrs"),
+    ("[classify]\nallow_cidrs = \"10.0.0.0/8\"\n", "classify.allow_cidrs"),
+    ("[classify]\nspf_promote = \"sometimes\"\n", "classify.spf_promote"),
+    ("[classify]\nspf_promote = \"listed\"\n", "classify.spf_domains"),
+    ("[classify]\nnameservers = [\"dns.example\"]\n", "classify.nameservers"),
+    ("[admission]\ngreet_pause = 100.0\n", "admission.greet_pause"),
+    ("[tls]\ncert = \"/nonexistent.pem\"\nkey = \"/nonexistent.key\"\n", "tls.cert"),
+    ("[tls]\ncert = \"x\"\n", "tls.key"),
+    ("[tls]\nmtls_port = 4650\n", "tls.mtls_port"),
+    ("[tls]\npinned_sha256 = [\"abcd\"]\n", "tls.pinned_sha256"),
+    ("[relay]\ndownstream = \"http://x\"\n", "relay.downstream"),
+    ("[metrics]\nlisten = \"9125\"\n", "metrics.listen"),
+    ("[supervisor]\nheartbeat_interval = 1.0\nheartbeat_timeout = 1.0\n",
+     "supervisor.heartbeat_timeout"),
+    ("[log]\nlevel = \"chatty\"\n", "log.level"),
+    ("[spool]\nstate_dir = \"/" + "x" * 120 + "\"\n", "spool.state_dir"),
+    ("this is = = not toml", "-"),
+]
+
+
+@pytest.mark.parametrize(("text", "key"), INVALID)
+def test_invalid(tmp_path: Path, text: str, key: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        config.load(f)
+    assert e.value.key == key
+    assert str(f) in str(e.value)
+
+
+def test_default_is_valid_and_absolute() -> None:
+    cfg = config.load(None)
+    assert cfg.listen.host == "127.0.0.1" and cfg.listen.port == 2525
+    assert cfg.spool.path.is_absolute() and cfg.spool.path.name == "spool"
+    assert cfg.acceptor_count == config.cores()
+    assert cfg.lanes.fast.rate == 0
+
+
+def test_values_parsed(tmp_path: Path) -> None:
+    f = tmp_path / "ok.toml"
+    f.write_text('[smtp]\naccepted_domains = ["Example.TEST."]\nidle_timeout = 30\n'
+                 '[classify]\nallow_cidrs = ["192.0.2.0/24", "2001:db8::/32"]\n'
+                 '[lanes.bulk]\nrate = 100\nworkers = 3\n')
+    cfg = config.load(f)
+    assert cfg.smtp.accepted_domains == ("example.test",)
+    assert cfg.smtp.idle_timeout == 30.0 and isinstance(cfg.smtp.idle_timeout, float)
+    assert cfg.lanes.bulk.rate == 100.0 and cfg.worker_count("bulk") == 3
+    assert len(cfg.allow_networks) == 2
+    with pytest.raises(AttributeError):
+        cfg.smtp.idle_timeout = 1.0  # type: ignore[misc]
+
+
+def test_cli_exit_codes(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[smtp]\nmax_recipients = -1\n")
+    r = subprocess.run([sys.executable, "-m", "ingress.cli", "check-config", str(bad)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2
+    assert str(bad) in r.stderr and "smtp.max_recipients" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "ingress.cli", "run", "--config", str(bad)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert r.returncode == 2 and "smtp.max_recipients" in r.stderr
+    good = tmp_path / "good.toml"
+    good.write_text("[smtp]\nmax_recipients = 5\n")
+    r = subprocess.run([sys.executable, "-m", "ingress.cli", "check-config", str(good)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,78 @@
+"""The wire format: golden bytes (a change here is a protocol change: bump VERSION) and decoding."""
+
+from __future__ import annotations
+
+import pytest
+
+from ingress import wire
+from ingress.wire import Envelope, Kind, Lane, NackReason, WireError
+
+ENV = Envelope(qid="0000000000100001000A", lane=Lane.FAST, peer_ip="192.0.2.1", peer_port=4242,
+               helo="mail.example", mail_from="a@example.org", rcpts=("b@example.test",),
+               received_at=1700000000.5, deadline=1700000020.5, acceptor="a0-1",
+               smtputf8=False, tls="TLSv1.3", evidence={"spf": "pass"})
+
+GOLDEN_ENVELOPE = (
+    b'{"qid":"0000000000100001000A","lane":"fast","peer_ip":"192.0.2.1","peer_port":4242,'
+    b'"helo":"mail.example","mail_from":"a@example.org","rcpts":["b@example.test"],'
+    b'"received_at":1700000000.5,"deadline":1700000020.5,"acceptor":"a0-1","smtputf8":false,'
+    b'"tls":"TLSv1.3","evidence":{"spf":"pass"}}')
+
+
+def test_golden_frames() -> None:
+    assert wire.VERSION == b"SI1"
+    assert ENV.encode() == GOLDEN_ENVELOPE
+    assert wire.submit(ENV, b"body") == [b"SI1", b"SUBMIT", GOLDEN_ENVELOPE, b"body"]
+    assert wire.work(b"a0", b"E", b"B") == [b"SI1", b"WORK", b"a0", b"E", b"B"]
+    assert wire.ready(8) == [b"SI1", b"READY", b"8"]
+    assert wire.heartbeat(3) == [b"SI1", b"HEARTBEAT", b"3"]
+    assert wire.disconnect() == [b"SI1", b"DISCONNECT"]
+    assert wire.worker_ack(b"a0", b"Q1", "f") == [b"SI1", b"ACK", b"a0", b"Q1", b'{"path":"f"}']
+    assert wire.worker_nack(b"a0", b"Q1", NackReason.RATE, "cap") == [
+        b"SI1", b"NACK", b"a0", b"Q1", b'{"reason":"rate","text":"cap"}']
+    assert wire.to_acceptor(Kind.ACK, b"Q1", b"{}") == [b"SI1", b"ACK", b"Q1", b"{}"]
+    assert wire.status({"lane": "bulk"}) == [b"status", b"SI1", b'{"lane":"bulk"}']
+
+
+def test_roundtrip() -> None:
+    assert Envelope.decode(ENV.encode()) == ENV
+    r = wire.decode_reply(wire.to_acceptor(Kind.ACK, b"Q1", wire.ack_detail("f")))
+    assert r.ok and r.qid == "Q1" and r.path == "f"
+    r = wire.decode_reply(wire.to_acceptor(Kind.NACK, b"Q2",
+                                           wire.nack_detail(NackReason.WORKER_LOST, "x")))
+    assert not r.ok and r.reason is NackReason.WORKER_LOST and r.text == "x"
+    assert wire.decode_status(wire.status({"lane": "bulk", "saturated": True}))["saturated"]
+
+
+@pytest.mark.parametrize("frames", [
+    [], [b"SI0", b"ACK", b"Q", b"{}"], [b"SI1", b"BOGUS"], [b"SI1", b"ACK", b"Q"],
+    [b"SI1", b"ACK", b"Q", b"not json"], [b"SI1", b"NACK", b"Q", b'{"reason":"nope"}'],
+    [b"SI1", b"SUBMIT", b"E", b"B"], [b"SI1", b"ACK", b"\xff", b'{"path":"x"}'],
+])
+def test_decode_reply_rejects(frames: list[bytes]) -> None:
+    with pytest.raises(WireError):
+        wire.decode_reply(frames)
+
+
+@pytest.mark.parametrize("raw", [b"", b"[]", b"{}", b'{"qid":1}', GOLDEN_ENVELOPE[:-2],
+                                 GOLDEN_ENVELOPE.replace(b'"fast"', b'"slow"')])
+def test_decode_envelope_rejects(raw: bytes) -> None:
+    with pytest.raises(WireError):
+        Envelope.decode(raw)
+
+
+def test_qids_unique_and_sortable() -> None:
+    qids = [wire.new_qid(1700000000.0 + i / 1000) for i in range(2000)]
+    assert len(set(qids)) == 2000
+    assert qids == sorted(qids)
+    assert all(len(q) == 20 and q.isalnum() for q in qids)
+
+
+@pytest.mark.parametrize(("raw", "ok"), [(b"0", True), (b"1000000", True), (b"-1", False),
+                                         (b"1000001", False), (b"x", False)])
+def test_int_frame(raw: bytes, ok: bool) -> None:
+    if ok:
+        assert wire.int_frame(raw) == int(raw)
+    else:
+        with pytest.raises(WireError):
+            wire.int_frame(raw)
