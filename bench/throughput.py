@@ -161,6 +161,86 @@ def wait_for_idle(max_busy: float, timeout: float, window: float = 1.0) -> float
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, own CPU ticks: utime + stime) for every live process.
+
+    Reaped children's time (cutime) is left out on purpose: it lands all at once when a
+    long-lived child exits and would be charged to the wrong window."""
+    table: dict[int, tuple[int, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            f = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            table[int(entry.name)] = (int(f[1]), int(f[11]) + int(f[12]))
+        except (OSError, IndexError, ValueError):
+            continue
+    return table
+
+
+def _listener_pids(port: int) -> set[int]:
+    """PIDs holding a listening TCP socket on ``port`` (via /proc/net/tcp{,6} inodes)."""
+    inodes: set[str] = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(name).read_text().splitlines()[1:]:
+                cols = line.split()
+                if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(cols[9])
+    pids: set[int] = set()
+    if not inodes:
+        return pids
+    wanted = {f"socket:[{i}]" for i in inodes}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if any(os.readlink(fd) in wanted for fd in (entry / "fd").iterdir()):
+                    pids.add(int(entry.name))
+    return pids
+
+
+class ForeignCpu:
+    """Share of the machine's CPU used, during a run, by processes that are neither this process
+    (and its children: smtp-source, smtp-sink) nor the target (the processes holding its
+    listening socket, their parent unless that is init, and all their descendants) nor kernel
+    threads. A small 2-core box shared with other work skews every number; this says by how
+    much. A lower bound: a foreign process that ends inside the window is missed."""
+
+    def __init__(self, port: int) -> None:
+        roots = {os.getpid()}
+        table = _proc_table()
+        for pid in _listener_pids(port):
+            roots.add(pid)
+            ppid = table.get(pid, (0, 0))[0]
+            if ppid > 1:
+                roots.add(ppid)
+        self._roots = roots
+        self._t0 = time.monotonic()
+        self._before = table
+
+    def _ours(self, table: dict[int, tuple[int, int]]) -> set[int]:
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        ours, stack = set(), [*self._roots, 2]  # pid 2 = kthreadd: kernel threads are not counted
+        while stack:
+            pid = stack.pop()
+            if pid not in ours:
+                ours.add(pid)
+                stack.extend(children.get(pid, ()))
+        return ours
+
+    def stop(self) -> float | None:
+        after = _proc_table()
+        elapsed = (time.monotonic() - self._t0) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+        if elapsed <= 0:
+            return None
+        ours = self._ours(after) | self._ours(self._before)
+        foreign = sum(max(0, after[p][1] - self._before[p][1]) for p in after
+                      if p in self._before and p not in ours and p != 1)
+        return min(1.0, foreign / elapsed)
+
+
 # ---------------------------------------------------------------------------------- smtp-source
 
 
@@ -187,6 +267,7 @@ class SourceRun:
     timed_out: bool = False
     drain_seconds: float | None = None  # time the target needed afterwards to empty its queue
     busy_before: float | None = None  # whole-machine CPU busy fraction just before the run
+    foreign_cpu: float | None = None  # share of all CPUs used by unrelated processes during it
 
 
 def smtp_source_argv(
@@ -408,9 +489,11 @@ def benchmark(
                 done += 1
                 busy = (wait_for_idle(idle_below, idle_timeout) if idle_below is not None
                         else cpu_busy(0.5))
+                watch = ForeignCpu(t.port)
                 run = run_smtp_source(t.host, t.port, messages=messages, sessions=sessions,
                                       size=size, reuse=(mode == "reuse"), sender=sender,
                                       recipient=recipient, timeout=timeout, target=t.name)
+                foreign = watch.stop()
                 drained: float | None = None
                 if t.drain is not None:
                     d0 = time.monotonic()
@@ -419,12 +502,14 @@ def benchmark(
                     else:
                         result.notes.append(f"{t.name}: queue not empty {drain_timeout:g}s "
                                             f"after {mode} run {i + 1}")
-                run = dataclasses.replace(run, drain_seconds=drained, busy_before=busy)
+                run = dataclasses.replace(run, drain_seconds=drained, busy_before=busy,
+                                          foreign_cpu=foreign)
                 result.runs.append(run)
                 if progress:
                     state = f"{run.rate:,.0f} msgs/s" if run.ok else "FAILED: " + (
                         run.errors[0] if run.errors else f"rc={run.returncode}")
-                    load = "" if busy is None else f" (cpu {busy:.0%} busy before)"
+                    load = "" if busy is None else f"; cpu {busy:.0%} busy before"
+                    load += "" if foreign is None else f", {foreign:.0%} used by others during"
                     progress(f"[{done}/{total}] {t.name:<14} {MODES[mode]:<15} run {i + 1}: "
                              f"{run.messages} msgs in {run.seconds:.2f}s, {state}{load}")
                 if settle > 0:
@@ -467,6 +552,10 @@ def render_markdown(result: BenchResult, baseline: str = "postfix") -> str:
         notes.append(f"machine was not idle before some runs (CPU busy up to "
                      f"{max(busy):.0%}, median {statistics.median(busy):.0%}); "
                      "other processes skew these numbers")
+    foreign = [r.foreign_cpu for r in result.runs if r.foreign_cpu is not None]
+    if foreign and max(foreign) > 0.05:
+        notes.append(f"unrelated processes used up to {max(foreign):.0%} of the CPUs during runs "
+                     f"(median {statistics.median(foreign):.0%}); see foreign_cpu per run")
     failures = [r for r in result.runs if not r.ok]
     if failures or notes:
         out += "\n"

@@ -11,17 +11,17 @@ deadline: the ack wait is smtp.ack_timeout; a broker that is down fails the send
 (IMMEDIATE) and the session gets 451. Lane status (saturation) arrives over SUB; status older than
 STATUS_STALE is ignored, so a dead broker never makes us shed mail on old news.
 
-SIGUSR2 from the supervisor, or SIGTERM (drain): stop accepting (the listening socket itself stays
-open in the supervisor, so nothing queued on it is reset), close idle sessions with 421 4.3.2, let
-sessions inside DATA finish, and after smtp.drain_grace close whatever is left with 421. Then exit
-0.
+SIGUSR1 from the supervisor (retire after a reload): stop accepting and serve the sessions
+already accepted until they end. SIGUSR2 from the supervisor, or SIGTERM (shutdown): stop
+accepting (the listening socket itself stays open in the supervisor, so nothing queued on it is
+reset), close idle sessions with 421 4.3.2, let sessions inside DATA finish, and after
+smtp.drain_grace close whatever is left with 421. Then exit 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import os
 import resource
 import signal
@@ -29,6 +29,8 @@ import socket
 import ssl
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -36,21 +38,36 @@ import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
 from ingress import log, replies
+from ingress.admission import Admission, AdmissionLimits
+from ingress.classify import (
+    AuthResult,
+    ClassifyPolicy,
+    Decision,
+    Evidence,
+    LearnedAllow,
+    StaticAllow,
+    decide,
+)
 from ingress.config import Config
+from ingress.evidence import cert_evidence, check_spf, make_resolver, normalize_fingerprint
 from ingress.smtp import IngressHandler, IngressSMTP
 from ingress.wire import (
+    LEARN_TOPIC,
     STATUS_STALE,
+    STATUS_TOPIC,
     Envelope,
     Lane,
     NackReason,
     Reply,
     WireError,
+    decode_learn,
     decode_reply,
     decode_status,
     submit,
 )
 
-HANDOFF_RETRY = 1.5     # seconds to keep trying to reach a broker that is not connected
+HANDOFF_RETRY = 1.5          # seconds to keep trying to reach a broker that is not connected
+LEARNED_SAVE_INTERVAL = 5.0  # seconds between saves of a changed learned allow cache
 
 
 class LaneClient:
@@ -126,15 +143,36 @@ class LaneClient:
 
 
 class AcceptorContext:
+    """Everything the sessions of one acceptor process share: policy, admission, lanes, TLS."""
+
     def __init__(self, cfg: Config, index: int, loop: asyncio.AbstractEventLoop) -> None:
         self.cfg, self.index, self.loop = cfg, index, loop
         self.ident = f"a{index}-{os.getpid()}"
-        self.domains = frozenset(cfg.smtp.accepted_domains)
-        self.allow = cfg.allow_networks
-        self.tls_context: ssl.SSLContext | None = None
+        c, a, s = cfg.classify, cfg.admission, cfg.smtp
+        self.domains = frozenset(s.accepted_domains)
+        self.recipients = load_recipient_map(s.recipient_map) if s.recipient_map else None
+        self.static_allow = StaticAllow.from_cidrs(c.allow_cidrs)
+        self.learned_path = cfg.spool.state_dir / "learned.json"
+        self.learned = load_learned(self.learned_path, c.learned_ttl, c.learned_max)
+        self.learned_dirty = False
+        self.policy = ClassifyPolicy(
+            spf_promote=c.spf_promote, spf_domains=frozenset(c.spf_domains),
+            cert_promotes=c.cert_promotes, learned_promotes=c.learned_ttl > 0)
+        self.admission = Admission(AdmissionLimits(
+            max_connections=s.max_connections, fast_reserve=s.fast_reserve,
+            per_ip_bulk_max=a.per_ip_bulk_max, per_ip_rate=a.per_ip_rate,
+            per_ip_burst=a.per_ip_burst, penalty_s=a.penalty))
+        self.pins = frozenset(normalize_fingerprint(f) for f in cfg.tls.pinned_sha256)
+        self.resolver = make_resolver(c.nameservers, c.dns_timeout) \
+            if c.spf_promote != "off" else None
+        # SPF lookups block in pyspf: one small bounded pool per lane, so a flood of bulk
+        # lookups never delays the fast lane's.
+        self.spf_pools = {lane: ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"spf-{lane}")
+                          for lane in Lane}
+        self.tls_context = starttls_context(cfg)
+        self.mtls_context = mtls_context(cfg)
         self.handler = IngressHandler(self)
         self.sessions: set[IngressSMTP] = set()
-        self.per_lane: Counter[Lane] = Counter()
         self.counters: Counter[str] = Counter()
         self.draining = False
         self.zctx = zmq.asyncio.Context()
@@ -142,33 +180,57 @@ class AcceptorContext:
 
     # --- policy hooks used by smtp.py ---------------------------------------------------------
 
-    def classify_connect(self, ip: str) -> Lane:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return Lane.BULK
-        return Lane.FAST if any(addr in net for net in self.allow) else Lane.BULK
+    def connect_evidence(self, ip: str, peercert_der: bytes | None, verified: bool) -> Evidence:
+        ev = Evidence(static_allow=self.static_allow.contains(ip),
+                      learned_allow=self.learned.contains(ip, time.time()))
+        if peercert_der is not None:
+            ev = ev.with_cert(cert_evidence(peercert_der, verified, self.pins))
+        return ev
+
+    def decide(self, evidence: Evidence) -> Decision:
+        return decide(evidence, self.policy)
 
     def admit(self, proto: IngressSMTP) -> str | None:
-        """Slots: the fast lane may use any of max_connections; bulk never the fast reserve."""
-        s = self.cfg.smtp
+        """Slots: the fast lane may use any of max_connections; bulk never the fast reserve,
+        and bulk is capped per IP (/64) in count and connection rate."""
         if self.draining:
-            return replies.SHUTTING_DOWN.format(host=s.hostname)
-        full = len(self.sessions) >= s.max_connections
-        if not full and proto.lane is Lane.BULK:
-            full = self.per_lane[Lane.BULK] >= s.max_connections - s.fast_reserve
-        if full:
-            return replies.TOO_MANY_CONNECTIONS.format(host=s.hostname)
+            return replies.SHUTTING_DOWN.format(host=self.cfg.smtp.hostname)
+        verdict = self.admission.try_admit(proto.peer_ip, proto.lane, time.monotonic())
+        if not verdict.admitted:
+            self.counters[f"refused_{verdict.reason.value}"] += 1
+            return verdict.reply
+        proto.ticket = verdict.ticket
         self.sessions.add(proto)
-        self.per_lane[proto.lane] += 1
         return None
 
     def release(self, proto: IngressSMTP) -> None:
         self.sessions.discard(proto)
-        self.per_lane[proto.lane] -= 1
+        if proto.ticket is not None:
+            self.admission.release(proto.ticket)
+
+    def promote(self, proto: IngressSMTP) -> None:
+        if proto.ticket is not None:
+            self.admission.promote(proto.ticket)
+        proto.lane = Lane.FAST
+
+    def penalise(self, ip: str) -> None:
+        self.admission.penalise(ip, time.monotonic())
+
+    async def spf(self, proto: IngressSMTP, mail_from: str, helo: str) -> tuple[AuthResult, str]:
+        assert self.resolver is not None
+        return await check_spf(proto.peer_ip, mail_from, helo, resolver=self.resolver,
+                               deadline_s=min(self.cfg.classify.spf_deadline,
+                                              self.cfg.smtp.idle_timeout / 2),
+                               executor=self.spf_pools[proto.lane],
+                               receiver=self.cfg.smtp.hostname)
 
     def lane_saturated(self, lane: Lane) -> bool:
         return lane is Lane.BULK and self.lanes[lane].saturated()
+
+    def recipient_known(self, address: str, domain: str) -> bool:
+        if self.recipients is None:
+            return True
+        return address.lower() in self.recipients or "@" + domain in self.recipients
 
     async def submit(self, env: Envelope, body: bytes) -> tuple[Reply | None, str]:
         return await self.lanes[env.lane].submit(env, body, self.cfg.smtp.ack_timeout)
@@ -176,17 +238,28 @@ class AcceptorContext:
     def count(self, what: str, lane: Lane) -> None:
         self.counters[f"{what}_{lane.value}"] += 1
 
+    def learn(self, ip: str) -> None:
+        self.learned.learn(ip, time.time())
+        self.learned_dirty = True
+
     # --- background tasks ---------------------------------------------------------------------
 
     async def read_status(self) -> None:
         sub = self.zctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 10)
-        sub.setsockopt(zmq.SUBSCRIBE, b"status")
+        sub.setsockopt(zmq.SUBSCRIBE, STATUS_TOPIC)
+        sub.setsockopt(zmq.SUBSCRIBE, LEARN_TOPIC)
         for lane in Lane:
             sub.connect(self.cfg.ipc(f"{lane.value}-status"))
         while True:
             frames = await sub.recv_multipart()
+            if frames and frames[0] == LEARN_TOPIC:
+                try:
+                    self.learn(decode_learn(frames))
+                except WireError as e:
+                    log.event("wire_error", "warning", side="learn", error=str(e))
+                continue
             try:
                 doc = decode_status(frames)
                 lc = self.lanes[Lane(str(doc["lane"]))]
@@ -205,21 +278,45 @@ class AcceptorContext:
                 stop.set()
             await asyncio.sleep(self.cfg.supervisor.heartbeat_interval / 2)
 
-    async def drain(self, server: asyncio.AbstractServer) -> None:
-        self.draining = True
-        server.close()
+    async def persist_learned(self) -> None:
+        """Acceptor 0 keeps the learned allow cache on disk (every acceptor learns the same
+        entries over pub/sub and reads the file at start), so it survives restarts."""
+        while True:
+            await asyncio.sleep(LEARNED_SAVE_INTERVAL)
+            if self.learned_dirty:
+                self.learned_dirty = False
+                self.learned.purge(time.time())
+                data = self.learned.to_json().encode()
+                try:
+                    await self.loop.run_in_executor(None, write_atomic, self.learned_path, data)
+                except OSError as e:
+                    log.event("learned_save_failed", "error", error=str(e))
+
+    async def drain(self, servers: list[asyncio.AbstractServer], retire: bool) -> None:
+        """Stop accepting, then let the sessions go.
+
+        retire (a reload: replacement acceptors already serve the same sockets): every session
+        this process accepted is served as usual until it ends, up to smtp.drain_grace.
+        shutdown: idle sessions are closed with 421 4.3.2 at once and a new transaction gets
+        421; a message being received or acknowledged finishes first.
+        In both cases what is left after drain_grace gets 421 and is closed."""
+        self.draining = not retire
+        for server in servers:
+            server.close()
         line = replies.SHUTTING_DOWN.format(host=self.cfg.smtp.hostname)
         deadline = time.monotonic() + self.cfg.smtp.drain_grace
         while self.sessions and time.monotonic() < deadline:
-            for proto in list(self.sessions):
-                proto.close_if_idle(line)
+            if not retire:
+                for proto in list(self.sessions):
+                    proto.close_if_idle(line)
             await asyncio.sleep(0.05)
         for proto in list(self.sessions):
             if proto.transport is not None:
                 proto.transport.write(line.encode() + b"\r\n")
                 proto.transport.close()
         await asyncio.sleep(0.05)
-        log.event("acceptor_drained", left=len(self.sessions), **self.counters)
+        log.event("acceptor_drained", mode="retire" if retire else "shutdown",
+                  left=len(self.sessions), **self.counters)
 
 
 def raise_nofile(needed: int) -> int:
@@ -235,35 +332,119 @@ def raise_nofile(needed: int) -> int:
     return soft
 
 
-async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_learned(path: Path, ttl: float, max_size: int) -> LearnedAllow:
+    try:
+        return LearnedAllow.from_json(path.read_bytes(), ttl=max(ttl, 1.0),
+                                      max_size=max_size, now=time.time())
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:
+        log.event("learned_load_failed", "warning", path=str(path), error=str(e))
+    return LearnedAllow(ttl=max(ttl, 1.0), max_size=max_size)
+
+
+def load_recipient_map(path: str) -> frozenset[str]:
+    """One address a line ("user@domain"), or "@domain" for every user of a domain; # comments.
+    Read at start (and so at every reload, which replaces the acceptors)."""
+    out = set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            entry = line.split("#", 1)[0].strip().lower()
+            if entry:
+                out.add(entry.split()[0])
+    return frozenset(out)
+
+
+def starttls_context(cfg: Config) -> ssl.SSLContext | None:
+    """STARTTLS on the public port: no client certificate is requested there (a client that
+    presents an untrusted one would fail the handshake under CERT_OPTIONAL)."""
+    if not cfg.tls.cert:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cfg.tls.cert, cfg.tls.key)
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def mtls_context(cfg: Config) -> ssl.SSLContext | None:
+    """The mutual-TLS port: implicit TLS, a client certificate required and verified against
+    tls.client_ca (a pinned self-signed certificate must be in that bundle too: Python's ssl
+    cannot request a certificate without verifying it)."""
+    t = cfg.tls
+    if t.mtls_port < 0 or not t.cert:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(t.cert, t.key)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if t.client_ca:
+        ctx.load_verify_locations(cafile=t.client_ca)
+    return ctx
+
+
+async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int,
+                mtls_sock: socket.socket | None) -> None:
     loop = asyncio.get_running_loop()
     ctx = AcceptorContext(cfg, index, loop)
     raise_nofile(cfg.smtp.max_connections + 64)
     sock.setblocking(False)
-    server = await loop.create_server(lambda: IngressSMTP(ctx), sock=sock)
+    servers = [await loop.create_server(lambda: IngressSMTP(ctx), sock=sock)]
+    if mtls_sock is not None and ctx.mtls_context is not None:
+        mtls_sock.setblocking(False)
+        servers.append(await loop.create_server(
+            lambda: IngressSMTP(ctx, implicit_tls=True), sock=mtls_sock,
+            ssl=ctx.mtls_context, ssl_handshake_timeout=10.0))
     stop = asyncio.Event()
-    # SIGUSR2 is the supervisor's order; SIGTERM (e.g. sent to the whole process group) drains
-    # too. ^C in a terminal reaches every process: only the supervisor acts on it.
+    retire = False
+
+    def retire_now() -> None:      # SIGUSR1: replaced by a reload
+        nonlocal retire
+        retire = True
+        stop.set()
+
+    # SIGUSR2 is the supervisor's order to shut down, SIGUSR1 to retire after a reload; SIGTERM
+    # (e.g. sent to the whole process group) shuts down too. ^C in a terminal reaches every
+    # process: only the supervisor acts on it.
     for sig in (signal.SIGUSR2, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, retire_now)
     for sig in (signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, lambda: None)
     tasks = [loop.create_task(t) for t in (
         ctx.heartbeat(hb, slot, stop), ctx.read_status(),
         *(lc.read_replies() for lc in ctx.lanes.values()),
         *(lc.watch_broker() for lc in ctx.lanes.values()))]
-    log.event("acceptor_start", index=index, fd=sock.fileno())
+    if index == 0:
+        tasks.append(loop.create_task(ctx.persist_learned()))
+    log.event("acceptor_start", index=index, learned=len(ctx.learned),
+              tls=ctx.tls_context is not None, mtls=len(servers) > 1)
     await stop.wait()
-    await ctx.drain(server)
+    await ctx.drain(servers, retire)
     for t in tasks:
         t.cancel()
+    if index == 0 and ctx.learned_dirty:
+        with contextlib.suppress(OSError):
+            write_atomic(ctx.learned_path, ctx.learned.to_json().encode())
+    for pool in ctx.spf_pools.values():
+        pool.shutdown(wait=False, cancel_futures=True)
     ctx.zctx.destroy(linger=0)
 
 
-def run(cfg: Config, index: int, sock: socket.socket, hb: Any = None, slot: int = 0) -> None:
+def run(cfg: Config, index: int, sock: socket.socket, hb: Any = None, slot: int = 0,
+        mtls_sock: socket.socket | None = None) -> None:
     log.setup(cfg.log.level, f"acceptor-{index}")
     try:
         import uvloop
-        uvloop.run(serve(cfg, index, sock, hb, slot))
+        uvloop.run(serve(cfg, index, sock, hb, slot, mtls_sock))
     except ImportError:     # pragma: no cover - uvloop is a hard dependency; keep serving anyway
-        asyncio.run(serve(cfg, index, sock, hb, slot))
+        asyncio.run(serve(cfg, index, sock, hb, slot, mtls_sock))

@@ -21,6 +21,7 @@ NOT_QUEUED = "451 4.3.0 Message not queued ({why}), try again later"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
 
 # 5xx: policy
+UNKNOWN_USER = "550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown"
 RELAY_DENIED = "550 5.7.1 <{rcpt}>: Relay access denied"
 BARE_LINE_ENDING = "550 5.6.0 Message contains bare CR or LF, refused (RFC 5321 section 2.3.8)"
 MESSAGE_TOO_BIG = "552 5.3.4 Error: message too big"

@@ -25,12 +25,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from ingress import log, replies
+from ingress.admission import Ticket
+from ingress.classify import AuthResult, Evidence, normalize_ip
+from ingress.evidence import received_spf_header, spf_identity
 from ingress.wire import Envelope, Lane, new_qid
 
 if TYPE_CHECKING:
@@ -38,44 +42,68 @@ if TYPE_CHECKING:
 
 
 class IngressSMTP(SMTP):
-    def __init__(self, ctx: AcceptorContext) -> None:
+    def __init__(self, ctx: AcceptorContext, implicit_tls: bool = False) -> None:
         s = ctx.cfg.smtp
         super().__init__(
             ctx.handler, hostname=s.hostname, ident="smtp-ingress",
             data_size_limit=s.max_message_size, enable_SMTPUTF8=True, decode_data=False,
-            timeout=s.idle_timeout, tls_context=ctx.tls_context, loop=ctx.loop,
+            timeout=s.idle_timeout, tls_context=None if implicit_tls else ctx.tls_context,
+            loop=ctx.loop,
         )
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self.ctx = ctx
+        self.implicit_tls = implicit_tls
         self.lane = Lane.BULK
-        self.evidence: dict[str, str] = {}
+        self.evidence = Evidence()
+        self.reasons: tuple[str, ...] = ()
+        self.ticket: Ticket | None = None
         self.peer_ip = ""
         self.peer_port = 0
         self.admitted = False
+        self.greeted = False
+        self.early_talker = False
         self.busy = False              # inside DATA or waiting for the ack
         self.messages = 0
         self.started = 0.0
         self.last_reply = ""
+        self.spf_header = ""
         self._deadline: asyncio.TimerHandle | None = None
 
     # --- connection life cycle ----------------------------------------------------------------
 
     async def _handle_client(self) -> None:
         ctx = self.ctx
-        peer = self.transport.get_extra_info("peername") if self.transport else None
+        transport = self.transport
+        peer = transport.get_extra_info("peername") if transport else None
         self.started = time.monotonic()
         if peer:
-            ip = peer[0]
-            self.peer_ip = ip[7:] if ip.startswith("::ffff:") else ip
+            self.peer_ip = normalize_ip(peer[0])
             self.peer_port = int(peer[1])
-        self.lane = ctx.classify_connect(self.peer_ip)
+        der = None
+        if self.implicit_tls and transport is not None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        # The TLS handshake of the mutual-TLS port succeeded, so a certificate is verified.
+        self.evidence = ctx.connect_evidence(self.peer_ip, der, verified=der is not None)
+        decision = ctx.decide(self.evidence)
+        self.lane, self.reasons = decision.lane, decision.reasons
         refusal = ctx.admit(self)
         if refusal is not None:
             ctx.count("refused", self.lane)
-            await self._close_with(refusal)
+            self._close_with(refusal)
             return
         self.admitted = True
         self._deadline = self.loop.call_later(ctx.cfg.smtp.session_deadline, self._deadline_cb)
+        pause = ctx.cfg.admission.greet_pause
+        if pause > 0 and self.lane is Lane.BULK:
+            await asyncio.sleep(pause)
+            if self.early_talker:     # spoke before our banner: a bot that does not listen
+                ctx.penalise(self.peer_ip)
+                ctx.count("early_talker", self.lane)
+                log.event("early_talker", peer=self.peer_ip)
+                self._close_with(replies.EARLY_TALKER)
+                return
+        self.greeted = True
         await super()._handle_client()
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -89,7 +117,7 @@ class IngressSMTP(SMTP):
                       duration_ms=round((time.monotonic() - self.started) * 1000, 1))
         super().connection_lost(error)
 
-    async def _close_with(self, line: str) -> None:
+    def _close_with(self, line: str) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(line.encode() + b"\r\n")
             self.transport.close()
@@ -109,7 +137,25 @@ class IngressSMTP(SMTP):
     def data_received(self, data: bytes) -> None:
         if self.busy:      # a large message on a slow link is not idle
             self._reset_timeout()
+        elif not self.greeted:
+            self.early_talker = True
         super().data_received(data)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # Stress mode: while the bulk lane is saturated, bulk sessions get a short idle timeout
+        # (as Postfix's stress-dependent smtpd_timeout) and get it back afterwards.
+        if duration is None and self.lane is Lane.BULK and self.ctx.lane_saturated(Lane.BULK):
+            duration = min(self._timeout_duration, self.ctx.cfg.admission.stress_idle_timeout)
+        super()._reset_timeout(duration)
+
+    def trace_evidence(self) -> dict[str, str]:
+        """What the worker needs for the trace headers and the learned allow cache."""
+        ev = self.evidence
+        out = {"reasons": ",".join(self.reasons), "cert": ev.cert.value}
+        if self.spf_header:
+            out.update(spf=ev.spf.value, spf_domain=ev.spf_domain or "",
+                       received_spf=self.spf_header)
+        return out
 
     def close_if_idle(self, line: str) -> bool:
         """Used when draining: close a session between transactions, after `line` if any."""
@@ -156,8 +202,26 @@ class IngressHandler:
         if self.ctx.draining:      # no new transaction on a draining acceptor: come back later
             self.ctx.loop.call_soon(server.close_if_idle, "")
             return replies.SHUTTING_DOWN.format(host=server.hostname)
-        if self.ctx.lane_saturated(server.lane):
-            self.ctx.count("shed_mail", server.lane)
+        ctx = self.ctx
+        server.evidence = replace(server.evidence, spf=AuthResult.NONE, spf_domain=None)
+        server.spf_header = ""
+        # SPF can only promote, so a session already in the fast lane never waits for DNS.
+        if ctx.resolver is not None and server.lane is Lane.BULK:
+            result, why = await ctx.spf(server, address, session.host_name or "")
+            _, domain = spf_identity(address, session.host_name or "")
+            server.evidence = server.evidence.with_spf(result, domain or None)
+            server.spf_header = received_spf_header(
+                result, client_ip=server.peer_ip, mail_from=address,
+                helo=session.host_name or "", receiver=server.hostname,
+                explanation=why).decode("ascii", "replace")
+            decision = ctx.decide(server.evidence)
+            if decision.lane is Lane.FAST and server.lane is Lane.BULK:
+                ctx.promote(server)
+                server.reasons = decision.reasons
+                ctx.count("promoted", Lane.FAST)
+                log.event("promoted", peer=server.peer_ip, reasons=",".join(decision.reasons))
+        if ctx.lane_saturated(server.lane):
+            ctx.count("shed_mail", server.lane)
             return replies.LANE_SATURATED
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -172,6 +236,8 @@ class IngressHandler:
         if not local or domain not in self.ctx.domains or any(c in local for c in "%!@"):
             log.event("relay_denied", peer=server.peer_ip, rcpt=address[:200])
             return replies.RELAY_DENIED.format(rcpt=address[:200])
+        if not self.ctx.recipient_known(address, domain):
+            return replies.UNKNOWN_USER.format(rcpt=address[:200])
         if len(envelope.rcpt_tos) >= self.ctx.cfg.smtp.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
         envelope.rcpt_tos.append(address)
@@ -194,7 +260,7 @@ class IngressHandler:
             peer_port=server.peer_port, helo=session.host_name or "",
             mail_from=envelope.mail_from or "", rcpts=tuple(envelope.rcpt_tos),
             received_at=now, deadline=now + ctx.cfg.smtp.ack_timeout, acceptor=ctx.ident,
-            smtputf8=bool(envelope.smtp_utf8), tls=tls, evidence=dict(server.evidence),
+            smtputf8=bool(envelope.smtp_utf8), tls=tls, evidence=server.trace_evidence(),
         )
         t0 = time.monotonic()
         reply, why = await ctx.submit(env, body)
@@ -203,7 +269,8 @@ class IngressHandler:
             server.messages += 1
             ctx.count("accepted", server.lane)
             log.event("message", qid=env.qid, peer=server.peer_ip, lane=env.lane.value,
-                      size=len(body), rcpts=len(env.rcpts), reply="250", ack_ms=ms)
+                      size=len(body), rcpts=len(env.rcpts), reply="250", ack_ms=ms,
+                      reasons=env.evidence.get("reasons", ""), spf=env.evidence.get("spf", ""))
             return replies.QUEUED.format(qid=env.qid)
         ctx.count("tempfail", server.lane)
         log.event("message", qid=env.qid, peer=server.peer_ip, lane=env.lane.value,

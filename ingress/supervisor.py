@@ -76,8 +76,9 @@ def sd_notify(msg: str) -> None:
         s.sendall(msg.encode())
 
 
-def bind_listener(cfg: Config) -> socket.socket:
-    host, port = cfg.listen.host, cfg.listen.port
+def bind_listener(cfg: Config, port: int | None = None) -> socket.socket:
+    host = cfg.listen.host
+    port = cfg.listen.port if port is None else port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -98,6 +99,7 @@ class Supervisor:
         self.free_slots = list(range(511, -1, -1))
         self.children: list[Child] = []
         self.sockets: list[socket.socket] = []
+        self.mtls_sockets: list[socket.socket] = []
         self.flags: set[str] = set()
         self.ready_sent = False
 
@@ -106,7 +108,9 @@ class Supervisor:
     def _target(self, c: Child) -> tuple[Any, tuple[Any, ...]]:
         if c.kind == "acceptor":
             from ingress import acceptor
-            return acceptor.run, (c.cfg, c.key[1], self.sockets[c.key[1]], self.hb, c.slot)
+            i = c.key[1]
+            mtls = self.mtls_sockets[i] if self.mtls_sockets else None
+            return acceptor.run, (c.cfg, i, self.sockets[i], self.hb, c.slot, mtls)
         if c.kind == "broker":
             from workers import broker
             return broker.run, (c.cfg, c.key[1], self.hb, c.slot)
@@ -201,12 +205,15 @@ class Supervisor:
         self.children.remove(c)
         self.free_slots.append(c.slot)
 
-    def _retire(self, c: Child, grace: float) -> None:
+    def _retire(self, c: Child, grace: float, replaced: bool = False) -> None:
+        """Stop a child: SIGUSR2 (shut down), or SIGUSR1 for an acceptor `replaced` by a
+        reload (it keeps serving the sessions it has)."""
         c.retiring = True
         c.kill_at = time.monotonic() + grace
+        sig = signal.SIGUSR1 if replaced and c.kind == "acceptor" else signal.SIGUSR2
         if c.proc is not None and c.proc.is_alive():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(c.proc.pid, signal.SIGUSR2)
+                os.kill(c.proc.pid, sig)
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -224,6 +231,13 @@ class Supervisor:
                 self.cfg, listen=dataclasses.replace(self.cfg.listen, port=port))
         self.sockets = [first] + [bind_listener(self.cfg)
                                   for _ in range(self.cfg.acceptor_count - 1)]
+        if self.cfg.tls.mtls_port >= 0:
+            m0 = bind_listener(self.cfg, self.cfg.tls.mtls_port)
+            mport = m0.getsockname()[1]
+            self.cfg = dataclasses.replace(
+                self.cfg, tls=dataclasses.replace(self.cfg.tls, mtls_port=mport))
+            self.mtls_sockets = [m0] + [bind_listener(self.cfg, mport)
+                                        for _ in range(self.cfg.acceptor_count - 1)]
         # In stages, so that acceptors come up to lanes that already have workers.
         ok = True
         for stage in ("broker", "worker", "acceptor"):
@@ -232,6 +246,7 @@ class Supervisor:
             ok = self._wait_ready(kids, 60.0) and ok
         log.event("ready" if ok else "not_ready", "info" if ok else "error",
                   listen=f"{self.cfg.listen.host}:{self.sockets[0].getsockname()[1]}",
+                  mtls_port=self.cfg.tls.mtls_port,
                   acceptors=self.cfg.acceptor_count, spool=str(self.cfg.spool.path),
                   fast_workers=self.cfg.worker_count("fast"),
                   bulk_workers=self.cfg.worker_count("bulk"), config=self.cfg.source)
@@ -266,7 +281,7 @@ class Supervisor:
         for c in rest:
             self._retire(c, 5.0)
         self._wait_gone(rest, 10.0)
-        for s in self.sockets:
+        for s in self.sockets + self.mtls_sockets:
             s.close()
         log.event("stopped")
         return 0
@@ -294,15 +309,19 @@ class Supervisor:
         if new.listen.port == 0:       # "any free port" means the one we already have
             new = dataclasses.replace(
                 new, listen=dataclasses.replace(new.listen, port=old.listen.port))
-        if (new.listen, new.spool, new.acceptor_count) != (old.listen, old.spool,
-                                                            old.acceptor_count):
+        if new.tls.mtls_port == 0:
+            new = dataclasses.replace(
+                new, tls=dataclasses.replace(new.tls, mtls_port=old.tls.mtls_port))
+        if (new.listen, new.spool, new.acceptor_count, new.tls.mtls_port) != (
+                old.listen, old.spool, old.acceptor_count, old.tls.mtls_port):
             # Changing these would mean closing listening sockets (resetting what is queued on
             # them) or moving the spool under running workers: they wait for a restart.
             log.event("reload_restart_needed", "warning",
                       why="listen, spool and supervisor.acceptors take effect on restart only")
-            new = dataclasses.replace(new, listen=old.listen, spool=old.spool,
-                                      supervisor=dataclasses.replace(
-                                          new.supervisor, acceptors=old.acceptor_count))
+            new = dataclasses.replace(
+                new, listen=old.listen, spool=old.spool,
+                tls=dataclasses.replace(new.tls, mtls_port=old.tls.mtls_port),
+                supervisor=dataclasses.replace(new.supervisor, acceptors=old.acceptor_count))
         self.cfg = new
         current = [c for c in self.children if not c.retiring]
         brokers_changed = new.lanes != old.lanes
@@ -315,7 +334,7 @@ class Supervisor:
         ok = self._wait_ready(fresh, 30.0)
         for c in replace:
             if c.kind != "broker":
-                self._retire(c, new.smtp.drain_grace + 5.0)
+                self._retire(c, new.smtp.drain_grace + 5.0, replaced=True)
         log.event("reloaded" if ok else "reload_slow", "info" if ok else "warning",
                   replaced=len(replace), started=len(fresh))
         sd_notify("READY=1")

@@ -8,9 +8,11 @@ the routing-id frames themselves; the frames below are what the application send
     worker   -> broker   READY      [b"SI1", b"READY", credit]           credit: ascii int
     worker  <-> broker   HEARTBEAT  [b"SI1", b"HEARTBEAT", free]         free: ascii int (worker)
     worker   -> broker   DISCONNECT [b"SI1", b"DISCONNECT"]              leaving, nothing in flight
+    worker   -> broker   LEARN      [b"SI1", b"LEARN", ip]               SPF + aligned DKIM passed
     worker   -> broker   ACK/NACK   [b"SI1", b"ACK"|b"NACK", reply_to, qid, detail]
     broker   -> acceptor ACK/NACK   [b"SI1", b"ACK"|b"NACK", qid, detail]
     broker   PUB status  STATUS     [b"status", b"SI1", status-json]     topic frame first
+    broker   PUB learn   LEARN      [b"learn", b"SI1", ip]               every acceptor learns it
 
 `envelope` is orjson of `Envelope` (keys below, stable); `body` is the client's raw message bytes
 (dot-unstuffed, CRLF line ends) in a frame of its own so it is never re-encoded. `detail` is
@@ -24,6 +26,7 @@ kind, JSON); callers log it and drop the message (an acceptor waiting on it time
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,6 +37,7 @@ import orjson
 
 VERSION = b"SI1"
 STATUS_TOPIC = b"status"
+LEARN_TOPIC = b"learn"
 LANE_HEARTBEAT = 0.25       # seconds between broker <-> worker heartbeats
 LANE_LIVENESS = 4           # heartbeats missed before the peer is presumed dead
 STATUS_INTERVAL = 0.1       # seconds between a broker's status publications
@@ -51,6 +55,7 @@ class Kind(bytes, Enum):
     READY = b"READY"
     HEARTBEAT = b"HEARTBEAT"
     DISCONNECT = b"DISCONNECT"
+    LEARN = b"LEARN"
     ACK = b"ACK"
     NACK = b"NACK"
 
@@ -149,6 +154,14 @@ def disconnect() -> list[bytes]:
     return [VERSION, Kind.DISCONNECT.value]
 
 
+def learn(ip: str) -> list[bytes]:
+    return [VERSION, Kind.LEARN.value, ip.encode("ascii")]
+
+
+def learn_publication(ip: bytes) -> list[bytes]:
+    return [LEARN_TOPIC, VERSION, ip]
+
+
 def ack_detail(path: str) -> bytes:
     return orjson.dumps({"path": path})
 
@@ -217,6 +230,16 @@ def decode_reply(frames: list[bytes]) -> Reply:
                      text=str(detail.get("text", "")))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
         raise WireError(f"bad reply detail: {e}") from None
+
+
+def decode_learn(frames: list[bytes]) -> str:
+    """The IP address of a learn publication (validated), or WireError."""
+    if len(frames) != 3 or frames[0] != LEARN_TOPIC or frames[1] != VERSION:
+        raise WireError("bad learn message")
+    try:
+        return str(ipaddress.ip_address(frames[2].decode("ascii")))
+    except (UnicodeDecodeError, ValueError):
+        raise WireError(f"bad learn address {frames[2][:50]!r}") from None
 
 
 def decode_status(frames: list[bytes]) -> dict[str, object]:

@@ -63,6 +63,10 @@ class Ingress:
             "smtp": {"hostname": "mx.test", "accepted_domains": ["example.test"],
                      "idle_timeout": 10.0, "ack_timeout": 5.0, "drain_grace": 5.0},
             "lanes.bulk": {"rate": 0.0},
+            "classify": {"dkim_deadline": 3.0},
+            # The tests send from one address as fast as they can: no per-IP limits here
+            # (test_classify.py tests them).
+            "admission": {"per_ip_rate": 0.0, "per_ip_bulk_max": 10000},
             "spool": {"path": str(self.spool), "state_dir": str(self.state)},
             "supervisor": {"acceptors": 2, "heartbeat_interval": 0.2, "heartbeat_timeout": 2.0},
             "log": {"level": "info"},
@@ -184,15 +188,26 @@ class Ingress:
         return out
 
 
+def split_trace(msg: bytes) -> tuple[dict[str, bytes], bytes]:
+    """Our trace headers (Authentication-Results, Received-SPF if any, Received, in that order)
+    and the client's message after them, exactly."""
+    trace: dict[str, bytes] = {}
+    i = 0
+    for name in (b"Authentication-Results: ", b"Received-SPF: ", b"Received: "):
+        if not msg.startswith(name, i):
+            assert name == b"Received-SPF: ", (name, msg[i:i + 80])
+            continue
+        j = msg.index(b"\r\n", i) + 2
+        while msg[j:j + 1] in (b"\t", b" "):
+            j = msg.index(b"\r\n", j) + 2
+        trace[name[:-2].decode()] = msg[i:j]
+        i = j
+    return trace, msg[i:]
+
+
 def client_bytes(entry: spool_mod.SpoolEntry) -> bytes:
     """The client's message out of a spool entry: everything after our trace headers."""
-    msg = entry.message
-    assert msg.startswith(b"Received: "), msg[:80]
-    # Our Received: header is the first header and ends at the first line not starting with TAB.
-    i = msg.index(b"\r\n") + 2
-    while msg[i:i + 1] == b"\t":
-        i = msg.index(b"\r\n", i) + 2
-    return msg[i:]
+    return split_trace(entry.message)[1]
 
 
 async def smtp_dialogue(port: int, lines: list[bytes], *, host: str = "127.0.0.1",

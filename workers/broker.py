@@ -5,7 +5,8 @@ API: run(cfg, lane, hb, slot)   the process entry point (one broker per lane)
 Sockets (addresses from Config.ipc):
     {lane}-front  ROUTER  acceptors' DEALERs send SUBMIT, get ACK/NACK
     {lane}-back   ROUTER  workers' DEALERs send READY/HEARTBEAT/ACK/NACK/DISCONNECT, get WORK
-    {lane}-status PUB     lane status every STATUS_INTERVAL: depth, free credit, saturation
+    {lane}-status PUB     lane status every STATUS_INTERVAL: depth, free credit, saturation;
+                          and the workers' LEARN messages, passed on to every acceptor
 
 Policy, in one place per lane: the bounded queue (`queue_max`; beyond it NACK queue_full) and,
 for a capped lane, the token bucket (`rate`, `burst`; an empty bucket is NACK rate). Work goes only
@@ -47,6 +48,7 @@ from ingress.wire import (
     heartbeat,
     int_frame,
     kind_of,
+    learn_publication,
     nack_detail,
     status,
     to_acceptor,
@@ -173,6 +175,10 @@ class Broker:
                 else:
                     self.counters["nack_worker"] += 1
                 self._reply(reply_to, kind, qid, detail)
+            elif kind is Kind.LEARN:
+                (ip,) = expect(msg, 1)
+                with contextlib.suppress(zmq.ZMQError):
+                    self.pub.send_multipart(learn_publication(ip), zmq.NOBLOCK)
             elif kind is Kind.DISCONNECT:
                 if w is not None:
                     w.credit = 0          # keep it until its in-flight ACKs are in

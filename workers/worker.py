@@ -1,4 +1,4 @@
-"""Lane worker process: trace headers, durable spool write (group commit), then ACK.
+"""Lane worker process: DKIM, trace headers, durable spool write (group commit), then ACK.
 
 API: run(cfg, lane, index, hb, slot)  the process entry point (spawned by the supervisor)
 
@@ -17,6 +17,7 @@ written from this loop, so a wedged worker (e.g. a hung disk) is detected and ki
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -40,11 +41,12 @@ from ingress.wire import (
     expect,
     heartbeat,
     kind_of,
+    learn,
     ready,
     worker_ack,
     worker_nack,
 )
-from workers.pipeline import trace_headers
+from workers.pipeline import DKIM_HEADER, Pipeline, Processed
 from workers.spool import Spool
 
 TMP_MAX_AGE = 60.0
@@ -56,6 +58,9 @@ class Worker:
         self.hb, self.slot = hb, slot
         self.credit = getattr(cfg.lanes, lane.value).credit
         self.spool = Spool(cfg.spool.path)
+        self.pipeline = Pipeline(cfg)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.credit,
+                                                          thread_name_prefix="dkim")
         self.ctx = zmq.Context.instance()
         self.sock: zmq.Socket[bytes] | None = None
         self.stopping = False
@@ -73,7 +78,11 @@ class Worker:
         s.send_multipart(ready(self.credit))
         self.sock = s
 
-    def _beat(self) -> None:
+    def _heartbeat(self) -> None:
+        """To the broker (lane liveness) and to the supervisor (hang detection)."""
+        assert self.sock is not None
+        with contextlib.suppress(zmq.Again):
+            self.sock.send_multipart(heartbeat(self.credit), zmq.NOBLOCK)
         if self.hb is not None:
             self.hb[self.slot] = time.monotonic()
 
@@ -93,8 +102,7 @@ class Worker:
             if os.getppid() != parent:
                 break             # orphaned: the supervisor is gone
             if now >= next_hb:
-                self.sock.send_multipart(heartbeat(self.credit), zmq.NOBLOCK)
-                self._beat()
+                self._heartbeat()
                 next_hb = now + LANE_HEARTBEAT
             if not dict(poller.poll(timeout=int(LANE_HEARTBEAT * 1000))):
                 if time.monotonic() - broker_seen > LANE_HEARTBEAT * LANE_LIVENESS:
@@ -121,7 +129,7 @@ class Worker:
 
     def _handle(self, msgs: list[list[bytes]]) -> None:
         assert self.sock is not None
-        batch: list[tuple[bytes, bytes, Envelope, bytes, bytes]] = []
+        jobs: list[tuple[bytes, Envelope, bytes]] = []
         for frames in msgs:
             try:
                 kind = kind_of(frames)
@@ -135,24 +143,68 @@ class Worker:
                 env = Envelope.decode(env_raw)
             except WireError as e:
                 log.event("wire_error", "warning", error=str(e))
-                qid = _qid_guess(env_raw)
-                self._send(worker_nack(reply_to, qid, NackReason.ERROR, "bad envelope"))
+                self._send(worker_nack(reply_to, _qid_guess(env_raw), NackReason.ERROR,
+                                       "bad envelope"))
                 continue
-            trace = trace_headers(env, self.cfg.smtp.hostname)
-            batch.append((reply_to, env.qid.encode(), env, trace, body))
+            jobs.append((reply_to, env, body))
+        if not jobs:
+            return
+        processed = self._process(jobs)
+        batch = []
+        wall = time.time()
+        for (reply_to, env, _), done in zip(jobs, processed, strict=True):
+            qid = env.qid.encode()
+            if isinstance(done, BaseException):
+                log.get().error("pipeline_error", exc_info=done,
+                                extra={"fields": {"qid": env.qid}})
+                self._send(worker_nack(reply_to, qid, NackReason.ERROR, "processing failed"))
+            elif env.deadline <= wall:
+                # The acceptor has already answered 451: writing it now would only make a
+                # duplicate when the client retries.
+                self._send(worker_nack(reply_to, qid, NackReason.EXPIRED, "too late"))
+            else:
+                batch.append((reply_to, qid, env, done))
         if not batch:
             return
         t0 = time.monotonic()
-        results = self.spool.write_batch([(env, trace, body) for _, _, env, trace, body in batch])
+        results = self.spool.write_batch([(env, p.trace, p.body) for _, _, env, p in batch])
         dt = time.monotonic() - t0
-        for (reply_to, qid, env, _, body), res in zip(batch, results, strict=True):
+        for (reply_to, qid, env, p), res in zip(batch, results, strict=True):
             if isinstance(res, Exception):
                 log.event("spool_error", "error", qid=env.qid, error=str(res))
                 self._send(worker_nack(reply_to, qid, NackReason.ERROR, "spool write failed"))
+                continue
+            self._send(worker_ack(reply_to, qid, res))
+            if p.learn:
+                self._send(learn(env.peer_ip))
+            log.event("spooled", "debug", qid=env.qid, lane=env.lane.value, size=len(p.body),
+                      rcpts=len(env.rcpts), batch=len(batch), write_ms=round(dt * 1000, 3),
+                      dkim=",".join(f"{r.domain}:{r.result}" for r in p.dkim), learn=p.learn)
+
+    def _process(self, jobs: list[tuple[bytes, Envelope, bytes]]) -> list[Any]:
+        """DKIM and trace headers for a batch. Messages with DKIM signatures are verified in
+        threads (their DNS waits overlap) while this loop keeps heartbeating, so a slow DNS
+        server never makes the broker or the supervisor think this worker is dead."""
+        wall = time.time()
+        out: list[Any] = [None] * len(jobs)
+        futures: dict[concurrent.futures.Future[Processed], int] = {}
+        for i, (_, env, body) in enumerate(jobs):
+            budget = env.deadline - wall - 0.5
+            if DKIM_HEADER.search(body[:65536]):
+                futures[self.pool.submit(self.pipeline.process, env, body, budget)] = i
             else:
-                self._send(worker_ack(reply_to, qid, res))
-                log.event("spooled", "debug", qid=env.qid, lane=env.lane.value, size=len(body),
-                          rcpts=len(env.rcpts), batch=len(batch), write_ms=round(dt * 1000, 3))
+                try:
+                    out[i] = self.pipeline.process(env, body, budget)
+                except Exception as e:  # never let one message take the worker down
+                    out[i] = e
+        pending = set(futures)
+        while pending:
+            _, pending = concurrent.futures.wait(pending, timeout=LANE_HEARTBEAT)
+            self._heartbeat()
+        for fut, i in futures.items():
+            exc = fut.exception()
+            out[i] = exc if exc is not None else fut.result()
+        return out
 
     def _send(self, frames: list[bytes]) -> None:
         assert self.sock is not None

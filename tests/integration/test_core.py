@@ -128,7 +128,8 @@ def test_policy_replies(ingress: Ingress) -> None:
 
 
 def test_stalled_client_cut_at_timeout(tmp_path: Path) -> None:
-    with Ingress(tmp_path, {"smtp": {"idle_timeout": 1.5, "ack_timeout": 1.0}}) as ing:
+    with Ingress(tmp_path, {"smtp": {"idle_timeout": 1.5, "ack_timeout": 1.0},
+                                 "classify": {"dkim_deadline": 0.5}}) as ing:
         async def stall() -> tuple[list[str], float]:
             loop = asyncio.get_running_loop()
             t0 = loop.time()
@@ -145,7 +146,8 @@ def test_stalled_client_cut_at_timeout(tmp_path: Path) -> None:
 
 def test_session_deadline(tmp_path: Path) -> None:
     with Ingress(tmp_path, {"smtp": {"idle_timeout": 2.0, "ack_timeout": 1.0,
-                                     "session_deadline": 2.5}}) as ing:
+                                     "session_deadline": 2.5},
+                            "classify": {"dkim_deadline": 0.5}}) as ing:
         async def slow_noops() -> list[str]:
             reader, writer = await asyncio.open_connection("127.0.0.1", ing.port)
             lines = [(await reader.readline()).decode()]

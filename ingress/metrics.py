@@ -1,0 +1,325 @@
+"""Prometheus metrics, aggregated across every process (prometheus-client multiprocess mode).
+
+Purpose: one scrape endpoint on the supervisor shows what the acceptors, brokers and workers
+count. Each child writes its values to its own mmap'd files in PROMETHEUS_MULTIPROC_DIR; the
+supervisor's HTTP thread merges them at scrape time (MultiProcessCollector) and adds the spool
+and relay-backlog gauges, which it computes itself by counting files (SpoolCollector).
+
+API (supervisor):
+    setup_dir(state_dir) -> Path    before spawning any child: empties <state_dir>/metrics,
+                                    sets os.environ["PROMETHEUS_MULTIPROC_DIR"] (children inherit
+                                    it through spawn and must import prometheus_client after)
+    serve(listen, spool_dir, state_dir) -> MetricsServer | None
+                                    HTTP on "host:port" ("" = off; port 0 = any, see .port);
+                                    a daemon thread. None (and a log line) if it cannot bind.
+    child_dead(pid)                 after reaping a child: drops its live gauges
+    MetricsServer.close()           stop serving (reload with a new metrics.listen, drain)
+
+API (hot path; every call is a dict lookup plus one or two mmap writes, see bench below):
+    connection(lane, outcome)       a connection ended its admission: OUTCOMES
+    session_open(lane) / session_close(lane)      live sessions per lane (acceptors)
+    message(lane, result)           a transaction's end: RESULTS (accepted = 250 after DATA,
+                                    tempfailed = a 4xx that ends it, rejected = a 5xx to DATA)
+    recipient(lane, result)         a RCPT TO answer: RCPT_RESULTS
+    observe_banner(lane, seconds)   connect -> banner written
+    observe_ack(lane, seconds)      end of DATA -> 250 (or the 4xx) written
+    lane_status(lane, depth=, saturated=, free_credit=, workers=, tokens=)   broker, per status
+    lane_nack(lane, reason)         broker refused or lost a message (wire.NackReason value)
+    spooled(lane, n=1, seconds=)    worker: n messages durable; the group commit's duration
+
+`lane` is "fast" | "bulk" (wire.Lane is a StrEnum, so a Lane works as is).
+
+Failure modes: once a label set's value exists, inc/set/observe only write to an mmap and do
+not raise. The first use of a label set in a process opens (creates) that process's .db file: it
+raises OSError if PROMETHEUS_MULTIPROC_DIR names a missing or unwritable directory, which
+setup_dir() rules out by creating it before any child exists. Without PROMETHEUS_MULTIPROC_DIR
+(unit tests, tools) the values live in process memory and nothing is written. serve() never
+raises for a busy port: it logs metrics_listen_failed and returns None (mail flows on).
+
+Limits: one .db file per process and metric type; a restarted child starts new files, and the
+dead child's counters stay (counters must not go backwards), so the directory grows with restarts
+until the next start clears it (a crash loop of 10k restarts is ~10k small files; the scrape cost
+grows with it). Gauges use "live" modes: a dead child's gauges vanish once child_dead(pid) is
+called. The spool scan stops after SCAN_MAX entries per directory (and says so in
+smtp_ingress_spool_scan_truncated) and is cached for SCAN_CACHE seconds, so scraping costs at
+most a bounded directory listing. Histograms use BUCKETS (1 ms .. 10 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+SUBDIR = "metrics"
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SCAN_MAX = 100_000
+SCAN_CACHE = 1.0
+
+LANES = ("fast", "bulk")
+# The admission outcomes are ingress.admission.Refusal's values, plus what smtp.py adds.
+OUTCOMES = (
+    "admitted",         # passed admission (Refusal.ADMITTED)
+    "slots",            # 421 before the banner: connection slots (or the bulk share) full
+    "per-ip",           # per-IP (/64) bulk concurrency cap
+    "rate",             # per-IP connection rate
+    "penalised",        # refused during an early-talker penalty
+    "early_talker",     # admitted, then spoke before the banner (554)
+    "draining",         # 421 because this acceptor is draining
+    "proxy_rejected",   # PROXY header invalid or from an untrusted peer
+)
+RESULTS = ("accepted", "tempfailed", "rejected")
+RCPT_RESULTS = ("accepted", "relay_denied", "unknown_user", "too_many")
+
+# --- metric definitions (names are the contract with dashboards: change with care) -----------
+
+CONNECTIONS = Counter("smtp_ingress_connections", "Connections by lane and admission outcome",
+                      ["lane", "outcome"])
+SESSIONS = Gauge("smtp_ingress_sessions", "Live SMTP sessions by lane", ["lane"],
+                 multiprocess_mode="livesum")
+RECIPIENTS = Counter("smtp_ingress_recipients", "RCPT TO answers by lane and result",
+                     ["lane", "result"])
+MESSAGES = Counter("smtp_ingress_messages", "DATA transactions by lane and result "
+                   "(accepted = 250, tempfailed = 4xx, rejected = 5xx)", ["lane", "result"])
+BANNER_SECONDS = Histogram("smtp_ingress_banner_seconds", "Connect to banner written",
+                           ["lane"], buckets=BUCKETS)
+ACK_SECONDS = Histogram("smtp_ingress_data_ack_seconds",
+                        "End of DATA to the reply (250 after the durable write, or 4xx)",
+                        ["lane"], buckets=BUCKETS)
+LANE_DEPTH = Gauge("smtp_ingress_lane_queue_depth", "Messages queued in the lane broker",
+                   ["lane"], multiprocess_mode="livemostrecent")
+LANE_SATURATED = Gauge("smtp_ingress_lane_saturated",
+                       "1 while the lane refuses new work (bulk cap: rate, queue or no workers)",
+                       ["lane"], multiprocess_mode="livemostrecent")
+LANE_CREDIT = Gauge("smtp_ingress_lane_free_credit", "Free worker credit in the lane broker",
+                    ["lane"], multiprocess_mode="livemostrecent")
+LANE_WORKERS = Gauge("smtp_ingress_lane_workers", "Workers registered with the lane broker",
+                     ["lane"], multiprocess_mode="livemostrecent")
+LANE_TOKENS = Gauge("smtp_ingress_lane_tokens", "Tokens left in the lane's rate bucket "
+                    "(absent for an uncapped lane)", ["lane"], multiprocess_mode="livemostrecent")
+LANE_NACKS = Counter("smtp_ingress_lane_nacks", "Messages the lane broker refused or lost",
+                     ["lane", "reason"])
+SPOOLED = Counter("smtp_ingress_spooled_messages", "Messages written durably by workers",
+                  ["lane"])
+COMMIT_SECONDS = Histogram("smtp_ingress_spool_commit_seconds",
+                           "One group commit (write, fsync, rename, fsync dir)", ["lane"],
+                           buckets=BUCKETS)
+
+# Pre-bound label children, filled on first use (binding at import would create .db files in
+# every process that merely imports this module, e.g. the CLI).
+_conn: dict[tuple[str, str], Any] = {}
+_sess: dict[str, Any] = {}
+_msg: dict[tuple[str, str], Any] = {}
+_rcpt: dict[tuple[str, str], Any] = {}
+_banner: dict[str, Any] = {}
+_ack: dict[str, Any] = {}
+
+
+def _bind(cache: dict[Any, Any], metric: Any, key: Any) -> Any:
+    child = cache[key] = metric.labels(*key) if isinstance(key, tuple) else metric.labels(key)
+    return child
+
+
+# --- hot path (acceptors) ---------------------------------------------------------------------
+
+def connection(lane: str, outcome: str) -> None:
+    key = (lane, outcome)
+    (_conn.get(key) or _bind(_conn, CONNECTIONS, key)).inc()
+
+
+def session_open(lane: str) -> None:
+    (_sess.get(lane) or _bind(_sess, SESSIONS, lane)).inc()
+
+
+def session_close(lane: str) -> None:
+    (_sess.get(lane) or _bind(_sess, SESSIONS, lane)).dec()
+
+
+def message(lane: str, result: str) -> None:
+    key = (lane, result)
+    (_msg.get(key) or _bind(_msg, MESSAGES, key)).inc()
+
+
+def recipient(lane: str, result: str) -> None:
+    key = (lane, result)
+    (_rcpt.get(key) or _bind(_rcpt, RECIPIENTS, key)).inc()
+
+
+def observe_banner(lane: str, seconds: float) -> None:
+    (_banner.get(lane) or _bind(_banner, BANNER_SECONDS, lane)).observe(seconds)
+
+
+def observe_ack(lane: str, seconds: float) -> None:
+    (_ack.get(lane) or _bind(_ack, ACK_SECONDS, lane)).observe(seconds)
+
+
+# --- brokers and workers ----------------------------------------------------------------------
+
+def lane_status(lane: str, *, depth: int, saturated: bool, free_credit: int, workers: int,
+                tokens: float | None = None) -> None:
+    LANE_DEPTH.labels(lane).set(depth)
+    LANE_SATURATED.labels(lane).set(1 if saturated else 0)
+    LANE_CREDIT.labels(lane).set(free_credit)
+    LANE_WORKERS.labels(lane).set(workers)
+    if tokens is not None and tokens != float("inf"):
+        LANE_TOKENS.labels(lane).set(tokens)
+
+
+def lane_nack(lane: str, reason: str) -> None:
+    LANE_NACKS.labels(lane, reason).inc()
+
+
+def spooled(lane: str, n: int = 1, seconds: float | None = None) -> None:
+    SPOOLED.labels(lane).inc(n)
+    if seconds is not None:
+        COMMIT_SECONDS.labels(lane).observe(seconds)
+
+
+# --- supervisor -------------------------------------------------------------------------------
+
+def setup_dir(state_dir: Path | str) -> Path:
+    """Empty <state_dir>/metrics and point PROMETHEUS_MULTIPROC_DIR at it (call before spawn)."""
+    d = Path(state_dir) / SUBDIR
+    if d.is_dir():
+        for f in d.iterdir():
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                f.unlink()
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+    os.environ[ENV] = str(d)
+    return d
+
+
+def child_dead(pid: int) -> None:
+    """A child is gone: its live gauges must stop counting (its counters stay)."""
+    path = os.environ.get(ENV)
+    if path:
+        with contextlib.suppress(OSError):
+            mark_process_dead(pid, path)
+
+
+@dataclass
+class SpoolStats:
+    at: float = 0.0
+    counts: dict[str, int] | None = None
+    new_bytes: int = 0
+    oldest_age: float = 0.0
+    truncated: bool = False
+
+
+class SpoolCollector(Collector):
+    """Counts spool files at scrape time: bounded (SCAN_MAX) and cached (SCAN_CACHE)."""
+
+    DIRS = ("new", "tmp", "failed")
+
+    def __init__(self, spool_dir: Path | str) -> None:
+        self.root = Path(spool_dir)
+        self.stats = SpoolStats()
+        self.lock = threading.Lock()
+
+    def _scan(self) -> SpoolStats:
+        st = SpoolStats(at=time.monotonic(), counts={})
+        assert st.counts is not None
+        now = time.time()
+        oldest = now
+        for name in self.DIRS:
+            n = 0
+            with contextlib.suppress(OSError), os.scandir(self.root / name) as it:
+                for e in it:
+                    if n >= SCAN_MAX:
+                        st.truncated = True
+                        break
+                    if e.name.startswith("."):
+                        continue
+                    n += 1
+                    if name == "new":
+                        with contextlib.suppress(OSError):
+                            s = e.stat()
+                            st.new_bytes += s.st_size
+                            oldest = min(oldest, s.st_mtime)
+            st.counts[name] = n
+        st.oldest_age = max(0.0, now - oldest)
+        return st
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self.lock:
+            if self.stats.counts is None or time.monotonic() - self.stats.at >= SCAN_CACHE:
+                self.stats = self._scan()
+            st = self.stats
+        assert st.counts is not None
+        g = GaugeMetricFamily("smtp_ingress_spool_messages", "Messages in the spool by directory",
+                              labels=["dir"])
+        for name, n in st.counts.items():
+            g.add_metric([name], n)
+        yield g
+        yield GaugeMetricFamily("smtp_ingress_spool_bytes", "Bytes of the messages in spool/new",
+                                value=st.new_bytes)
+        yield GaugeMetricFamily("smtp_ingress_relay_backlog_messages",
+                                "Messages waiting for the relay (spool/new)",
+                                value=st.counts.get("new", 0))
+        yield GaugeMetricFamily("smtp_ingress_relay_backlog_oldest_seconds",
+                                "Age of the oldest message waiting for the relay",
+                                value=st.oldest_age)
+        yield GaugeMetricFamily("smtp_ingress_spool_scan_truncated",
+                                f"1 if a spool directory held more than {SCAN_MAX} entries "
+                                "(the counts are then lower bounds)", value=int(st.truncated))
+
+
+class MetricsServer:
+    def __init__(self, httpd: Any, thread: threading.Thread, registry: CollectorRegistry) -> None:
+        self.httpd, self.thread, self.registry = httpd, thread, registry
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(2.0)
+
+
+def registry(spool_dir: Path | str, metrics_dir: Path | str) -> CollectorRegistry:
+    """The scrape registry: every child's files merged, plus the spool gauges."""
+    reg = CollectorRegistry()
+    MultiProcessCollector(reg, path=str(metrics_dir))
+    reg.register(SpoolCollector(spool_dir))
+    return reg
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def serve(listen: str, spool_dir: Path | str, state_dir: Path | str) -> MetricsServer | None:
+    """Start the endpoint in a daemon thread; None when off ("") or when it cannot bind."""
+    if not listen:
+        return None
+    from prometheus_client import start_http_server
+
+    from ingress import log
+    host, port = parse_listen(listen)
+    reg = registry(spool_dir, Path(state_dir) / SUBDIR)
+    try:
+        httpd, thread = start_http_server(port, addr=host, registry=reg)
+    except OSError as e:
+        log.event("metrics_listen_failed", "error", listen=listen, error=str(e))
+        return None
+    srv = MetricsServer(httpd, thread, reg)
+    log.event("metrics_listening", listen=f"{host}:{srv.port}")
+    return srv

@@ -1,0 +1,205 @@
+"""The relay end to end: a real ingress relaying to a real, private Postfix (bench/postfix.py).
+
+(a) 50 messages arrive in Postfix's Maildir byte-identical apart from the trace headers (ours
+    and the four Postfix adds: Return-Path, X-Original-To, Delivered-To, its Received), and are
+    gone from our spool; (b) Postfix stopped mid-run, more mail sent, Postfix started again:
+    every message arrives exactly once, none is lost; (c) a recipient Postfix rejects (550 from
+    an inline access map) -> an RFC 3464 DSN to the sender (in a domain Postfix delivers) and the
+    message in failed/; a null-sender message that bounces produces no DSN.
+Skips when Postfix cannot run here (not root / not installed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
+from tests.harness import Ingress, make_body, send_one
+
+pytestmark = pytest.mark.timeout(90)
+
+REJECTED = "nosuchuser@example.test"
+
+
+@pytest.fixture(scope="module")
+def postfix() -> Iterator[PostfixInstance]:
+    try:
+        check_available()
+    except PostfixUnavailable as exc:
+        pytest.skip(str(exc))
+    # Not tmp_path: virtual(8) delivers as an unprivileged user that must traverse the parents.
+    work = Path(tempfile.mkdtemp(prefix="relay-pf-"))
+    work.chmod(0o711)
+    pf = PostfixInstance(
+        work, free_port(), delivery="maildir", maildir_root=work / "maildir",
+        accept_domains=("example.test", "sender.test"),
+        extra_main_cf={"smtpd_recipient_restrictions":
+                       f"check_recipient_access inline:{{{{{REJECTED}=550 5.1.1 no such user}}}}"})
+    try:
+        pf.start()
+        yield pf
+    finally:
+        pf.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def relay_tables(pf: PostfixInstance) -> dict[str, dict[str, object]]:
+    return {"relay": {"downstream": f"smtp://127.0.0.1:{pf.port}", "retry_base": 0.5,
+                      "retry_max": 2.0, "timeout": 10.0, "concurrency": 4}}
+
+
+async def send_all(port: int, bodies: dict[str, bytes], sender: str = "alice@sender.test",
+                   concurrency: int = 10) -> dict[str, tuple[int, str]]:
+    sem = asyncio.Semaphore(concurrency)
+    out: dict[str, tuple[int, str]] = {}
+
+    async def one(rcpt: str) -> None:
+        async with sem:
+            out[rcpt] = await send_one(port, bodies[rcpt], sender=sender, rcpts=(rcpt,))
+
+    await asyncio.gather(*(one(r) for r in bodies))
+    return out
+
+
+_POSTFIX_HEAD = re.compile(
+    rb"Return-Path: <(?P<rp>[^>]*)>\r\n"
+    rb"X-Original-To: (?P<xot>[^\r]+)\r\n"
+    rb"Delivered-To: (?P<dt>[^\r]+)\r\n"
+    rb"Received: from mx\.test \(localhost \[127\.0\.0\.1\]\)\r\n"
+    rb"\tby bench-postfix\.localdomain \(Postfix\) with E?SMTP id [0-9A-F]+\r\n"
+    rb"\tfor <[^>]+>; [^\r]+\r\n"
+    # ours: Authentication-Results with our authserv-id (the worker adds it), then Received
+    rb"(?:Authentication-Results: mx\.test[ ;][^\r]*\r\n(?:\t[^\r]*\r\n)*)?"
+    rb"Received: from client\.test \(\[127\.0\.0\.1\]\)\r\n"
+    rb"\tby mx\.test \(smtp-ingress lane=(?:fast|bulk)\) with ESMTP id [0-9A-F]+\r\n"
+    rb"(?:\tfor <[^>]+>;\r\n)?"
+    rb"\t[^\r]+\r\n")
+
+
+def delivered(pf: PostfixInstance, domain: str = "example.test") -> dict[str, list[bytes]]:
+    """Delivered-To recipient -> the delivered files (CRLF restored: Maildir files use LF)."""
+    out: dict[str, list[bytes]] = {}
+    for p in pf.maildir_messages(domain):
+        raw = p.read_bytes()
+        assert b"\r" not in raw
+        raw = raw.replace(b"\n", b"\r\n")
+        m = re.search(rb"^Delivered-To: ([^\r]+)\r\n", raw, re.M)
+        assert m, raw[:300]
+        out.setdefault(m.group(1).decode(), []).append(raw)
+    return out
+
+
+def strip_trace(raw: bytes, sender: str, rcpt: str) -> bytes:
+    """Remove exactly the trace headers Postfix and we added; everything else must remain."""
+    m = _POSTFIX_HEAD.match(raw)
+    assert m, raw[:600]
+    assert m["rp"].decode() == sender and m["xot"].decode() == rcpt and m["dt"].decode() == rcpt
+    return raw[m.end():]
+
+
+def wait_for(cond, timeout: float, what: str, poll: float = 0.1) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)
+
+
+def spool_count(ing: Ingress, sub: str) -> int:
+    return sum(1 for _ in (ing.spool / sub).iterdir())
+
+
+def test_relay_byte_exact_to_postfix(tmp_path: Path, postfix: PostfixInstance) -> None:
+    bodies = {f"a{i}@example.test": make_body(i, size=300 + 97 * i) for i in range(50)}
+    bodies["a7@example.test"] = make_body(
+        7, extra=b".leading dot line\r\n..two dots\r\n.\r\n\xc3\xa9 8-bit\r\nFrom the start\r\n")
+    with Ingress(tmp_path, relay_tables(postfix)) as ing:
+        results = asyncio.run(send_all(ing.port, bodies))
+        assert all(code == 250 for code, _ in results.values()), results
+        wait_for(lambda: spool_count(ing, "new") == 0, 30, "the spool to drain")
+        wait_for(lambda: len(delivered(postfix).keys() & bodies.keys()) == 50, 30,
+                 "Postfix to deliver 50 messages")
+        assert spool_count(ing, "failed") == 0
+        assert not list((ing.spool / "relay").iterdir())
+        sent = [d for d in ing.events("relay_sent")]
+    got = delivered(postfix)
+    for rcpt, body in bodies.items():
+        (raw,) = got[rcpt]
+        assert strip_trace(raw, "alice@sender.test", rcpt) == body, f"{rcpt} altered"
+    assert len(sent) == 50
+
+
+def test_postfix_down_mid_run(tmp_path: Path, postfix: PostfixInstance) -> None:
+    first = {f"b{i}@example.test": make_body(100 + i) for i in range(40)}
+    second = {f"c{i}@example.test": make_body(200 + i) for i in range(40)}
+    with Ingress(tmp_path, relay_tables(postfix)) as ing:
+        try:
+            r1 = asyncio.run(send_all(ing.port, first))
+            postfix.stop()                         # mid-run: the relay is still draining
+            r2 = asyncio.run(send_all(ing.port, second))
+            assert all(c == 250 for c, _ in [*r1.values(), *r2.values()])
+            time.sleep(2.0)                        # relay backs off against a dead port
+            assert spool_count(ing, "new") > 0, "the second batch waits in the spool"
+        finally:
+            postfix.start()
+        wait_for(lambda: spool_count(ing, "new") == 0, 30, "the spool to drain after restart")
+        assert ing.events("relay_downstream_down") and ing.events("relay_downstream_up")
+        assert spool_count(ing, "failed") == 0
+    everything = first | second
+    wait_for(lambda: len(delivered(postfix).keys() & everything.keys()) == 80, 30,
+             "every message in the Maildir")
+    got = delivered(postfix)
+    dups = {r: len(got[r]) for r in everything if len(got[r]) != 1}
+    assert not dups, f"duplicates: {dups}"
+    for rcpt, body in everything.items():
+        assert strip_trace(got[rcpt][0], "alice@sender.test", rcpt) == body
+
+
+def test_5xx_bounces_with_dsn(tmp_path: Path, postfix: PostfixInstance) -> None:
+    marker = f"bounce-{time.time_ns()}"
+    body = (f"From: alice@sender.test\r\nTo: {REJECTED}\r\nSubject: {marker}\r\n"
+            f"Message-ID: <{marker}@sender.test>\r\n\r\nhello\r\n").encode()
+    null_marker = marker + "-null"
+    null_body = body.replace(marker.encode(), null_marker.encode())
+    with Ingress(tmp_path, relay_tables(postfix)) as ing:
+        assert asyncio.run(send_one(ing.port, body, sender="alice@sender.test",
+                                    rcpts=(REJECTED,)))[0] == 250
+        assert asyncio.run(send_one(ing.port, null_body, sender="",
+                                    rcpts=(REJECTED,)))[0] == 250
+        wait_for(lambda: spool_count(ing, "failed") == 2 and spool_count(ing, "new") == 0, 30,
+                 "both messages in failed/ and the DSN relayed")
+        bounced = ing.events("relay_bounced")
+        assert sorted(b["null_sender"] for b in bounced) == [False, True]
+
+        def dsns() -> list[bytes]:
+            return [p.read_bytes() for p in postfix.maildir_messages("sender.test")
+                    if marker.encode() in p.read_bytes()]
+
+        wait_for(lambda: len(dsns()) >= 1, 20, "the DSN in the sender's Maildir")
+        time.sleep(1.0)                            # would a second DSN (for <>) show up?
+        (raw,) = dsns()
+    assert null_marker.encode() not in raw, "a DSN for the null sender"
+    assert raw.startswith(b"Return-Path: <>\n"), "the DSN must come from the null sender"
+    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    assert msg["Delivered-To"] == "alice@sender.test"
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    human, status, headers = msg.get_payload()
+    assert human.get_content_type() == "text/plain" and REJECTED in human.get_payload()
+    assert status.get_content_type() == "message/delivery-status"
+    per_msg, per_rcpt = status.get_payload()
+    assert per_msg["Reporting-MTA"] == "dns; mx.test" and per_msg["Arrival-Date"]
+    assert per_rcpt["Final-Recipient"] == f"rfc822; {REJECTED}"
+    assert per_rcpt["Action"] == "failed" and per_rcpt["Status"] == "5.1.1"
+    assert per_rcpt["Diagnostic-Code"].startswith("smtp; 550 5.1.1")
+    assert headers.get_content_type() == "text/rfc822-headers"
+    assert f"Subject: {marker}" in headers.get_payload()

@@ -1,0 +1,1019 @@
+"""Relay process: drains spool/new to the downstream MTA (SMTP or LMTP) with retries and DSNs.
+
+API:
+    run(cfg, hb=None, slot=0)       the process entry point (spawned by the supervisor only when
+                                    relay.downstream is set; with "" the spool is the destination)
+    Pure parts (unit-tested): parse_downstream(url) -> Target, backoff(attempt, base, maximum),
+    Reply (code, text, .status), RelayState (per-message state, JSON), settle(...) -> Outcome,
+    failure_for(rcpt, reply, expired) -> Failure, build_dsn(...) -> bytes.
+    Sessions: SmtpSession (aiosmtplib), LmtpSession (asyncio streams; TCP or unix socket), both
+    `await open()`, `await deliver(mail_from, rcpts, data, smtputf8) -> {rcpt: Reply}`, `close()`;
+    they raise Unavailable for connection-level trouble.
+
+What it does, per spool file in new/ (oldest first, at most relay.concurrency at once, each
+worker task keeping its own downstream connection for reuse and closing it after IDLE_CLOSE):
+  - sends the stored message minus our X-Ingress-Envelope line (trace headers kept), byte-exact
+    (CRLF, dot-stuffed on the wire), MAIL FROM / RCPT TO from the envelope; SMTPUTF8 when the
+    envelope says so and the downstream offers it (if it does not and an address needs it: 5.6.7
+    bounce, RFC 6531), BODY=8BITMIME when the body has 8-bit bytes and the downstream offers it;
+  - per recipient (RCPT replies; for LMTP one reply per recipient after DATA; for SMTP the DATA
+    reply applies to every accepted RCPT): 2xx -> delivered, recorded and never sent again;
+    5xx -> failed; 4xx -> deferred;
+  - failed recipients get one RFC 3464 DSN (multipart/report; report-type=delivery-status) to the
+    envelope sender with MAIL FROM:<>, written into spool/new as an ordinary spool file (so it is
+    itself relayed, retried and durable); never for the null sender (logged only);
+  - deferred recipients are retried after backoff(attempt) = retry_base * 2**(attempt-1), capped
+    at retry_max; once the message is older than max_age a tempfail becomes failed with status
+    4.4.7 (Action: failed) and is bounced;
+  - the file is unlinked once every recipient is delivered, moved to failed/ once every recipient
+    is settled and at least one failed.
+
+Durable retry state: one small JSON file per message that has been tried, spool/relay/<name>,
+written tmp + fsync + rename + fsync(dir): attempts, next_at (wall clock), delivered, failed,
+last_error. A file rather than the file name (name changes would race the scan and break the
+name the acceptor logged) or the spool file itself (rewriting a 10 MB message to record one
+recipient is wasteful, and spool.py owns that format). Missing state = never tried. State files
+without a spool file (a crash between finishing a message and removing its state) are removed at
+start. The spool file is flock()ed while it is being delivered, so two relays (a reload overlap)
+never deliver one file at once; a file unlinked under us is noticed (st_nlink == 0) and skipped.
+
+Downstream down: a connection-level failure (connect refused, greeting/EHLO not 2xx, timeout,
+disconnect) opens a circuit breaker: nothing is sent until backoff(consecutive failures) has
+passed, then one delivery at a time probes until one succeeds. A failure before MAIL FROM got a
+reply does not count against the message (it is put back unchanged); one after that is a 4xx for
+its pending recipients. Mail therefore waits and drains once the downstream is back, without a
+busy loop. The breaker is in memory: after a restart the first delivery is the probe.
+
+Duplicates are possible exactly when the downstream has taken responsibility and we did not
+record it: (1) the process dies (kill -9, power loss) after the downstream's 2xx and before the
+state write / unlink; (2) the reply to the final "." is lost (timeout, dropped connection, or a
+stop that cancels a delivery waiting for it) although the downstream accepted the message (RFC
+1047); (3) a DSN was spooled and the process died before the failure was recorded, so the
+recipient is tried again and a second DSN may be spooled. Mail is never lost to these windows:
+the spool file is removed only after the reply is recorded.
+
+Signals: SIGUSR2 (the supervisor) stops taking new work, lets in-flight deliveries finish for up
+to STOP_GRACE seconds, then cancels the rest (no file whose delivery did not finish is touched),
+exits 0. SIGTERM/SIGINT/SIGHUP are ignored (the supervisor drains us in order). Orphaned (the
+parent changed) -> the same stop. The heartbeat slot is written by a task of the event loop.
+
+Limits: one relay process; the new/ scan is O(files) and runs at most every SCAN_MIN seconds,
+stretched to 10x its own duration for huge spools; state writes and fsyncs are done on the event
+loop (this process has nothing latency-critical; it keeps the bookkeeping after a reply
+atomic with respect to cancellation). No STARTTLS or AUTH to the downstream (a local MTA). The
+message is held in memory while it is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import fcntl
+import heapq
+import os
+import re
+import signal
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import aiosmtplib
+import orjson
+
+from ingress import log
+from ingress.config import Config, RelayConfig
+from ingress.wire import Envelope, Lane, new_qid
+from workers import spool as spool_mod
+
+SCAN_MIN = 0.25            # seconds between two scans of new/ (at least)
+IDLE_CLOSE = 5.0           # a downstream connection idle this long is closed (QUIT)
+MAX_PER_CONNECTION = 500   # messages per downstream connection, then a fresh one
+STOP_GRACE = 3.0           # SIGUSR2: in-flight deliveries may finish within this
+HEADERS_MAX = 64 * 1024    # original headers quoted in a DSN at most
+
+
+# --- pure parts ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    proto: Literal["smtp", "lmtp"]
+    host: str = ""
+    port: int = 0
+    path: str = ""              # unix socket (LMTP only)
+
+    def __str__(self) -> str:
+        return f"{self.proto}:{self.path}" if self.path else f"{self.proto}://{self.host}:{self.port}"
+
+    @property
+    def mta_name(self) -> str:
+        return self.path or self.host
+
+
+def parse_downstream(url: str) -> Target:
+    """'smtp://host:port' | 'lmtp://host:port' | 'lmtp:/path/socket' -> Target (ValueError)."""
+    m = re.fullmatch(r"(smtp|lmtp)://\[?([^\]/]+?)\]?:(\d{1,5})", url)
+    if m:
+        port = int(m.group(3))
+        if not 0 < port < 65536:
+            raise ValueError(f"bad port in {url!r}")
+        return Target(m.group(1), m.group(2), port)  # type: ignore[arg-type]
+    if url.startswith("lmtp:/") and not url.startswith("lmtp://"):
+        return Target("lmtp", path=url[len("lmtp:"):])
+    raise ValueError(f"relay.downstream {url!r}: want smtp://host:port, lmtp://host:port or "
+                     "lmtp:/path/socket")
+
+
+def backoff(attempt: int, base: float, maximum: float) -> float:
+    """Delay before retry number `attempt` (1 = the first retry): base doubling, capped."""
+    if attempt <= 0:
+        return 0.0
+    return min(base * 2.0 ** min(attempt - 1, 64), maximum)
+
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One downstream reply for one recipient. local=True: made up here (connection trouble)."""
+    code: int
+    text: str
+    local: bool = False
+
+    @property
+    def kind(self) -> Literal["ok", "temp", "perm"]:
+        if 200 <= self.code < 300:
+            return "ok"
+        return "perm" if 500 <= self.code < 600 else "temp"
+
+    @property
+    def status(self) -> str:
+        """The RFC 3463 status: the enhanced code in the text, else derived from the class."""
+        m = _ENHANCED.match(self.text.strip())
+        if m and m.group(1) == str(self.code // 100):
+            return ".".join(m.groups())
+        return {"ok": "2.0.0", "temp": "4.0.0", "perm": "5.0.0"}[self.kind]
+
+    def line(self) -> str:
+        return f"{self.code} {self.text}".strip()
+
+
+def _oneline(text: str, limit: int = 900) -> str:
+    return " ".join(text.split())[:limit]
+
+
+@dataclass
+class RelayState:
+    """What is durably known about one message's relaying (spool/relay/<name>)."""
+    attempts: int = 0                  # deliveries that ended with something deferred
+    next_at: float = 0.0               # wall clock: not before this
+    delivered: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    last_error: str = ""
+
+    def pending(self, rcpts: Sequence[str]) -> list[str]:
+        settled = set(self.delivered) | set(self.failed)
+        out: list[str] = []
+        for r in rcpts:
+            if r not in settled and r not in out:
+                out.append(r)
+        return out
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"v": 1, "attempts": self.attempts, "next_at": self.next_at,
+                             "delivered": self.delivered, "failed": self.failed,
+                             "last_error": self.last_error})
+
+    @classmethod
+    def decode(cls, raw: bytes) -> RelayState:
+        d = orjson.loads(raw)
+        return cls(attempts=int(d.get("attempts", 0)), next_at=float(d.get("next_at", 0.0)),
+                   delivered=[str(x) for x in d.get("delivered", [])],
+                   failed=[str(x) for x in d.get("failed", [])],
+                   last_error=str(d.get("last_error", "")))
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One recipient to report in a DSN."""
+    rcpt: str
+    status: str                 # RFC 3463, e.g. "5.1.1" or "4.4.7"
+    diagnostic: str             # "smtp; 550 5.1.1 ..." or "X-Ingress; ..." ("" = none)
+    reply: str                  # human-readable reason
+
+
+def failure_for(rcpt: str, reply: Reply, expired: bool = False) -> Failure:
+    line = _oneline(reply.line())
+    diag = f"X-Ingress; {line}" if reply.local else f"smtp; {line}"
+    if expired:
+        return Failure(rcpt, "4.4.7", diag, f"delivery time expired; last error: {line}")
+    return Failure(rcpt, reply.status, diag, line)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: RelayState
+    bounce: tuple[Failure, ...]          # newly failed recipients: report them now
+    disposition: Literal["done", "failed", "retry"]
+    delivered_now: tuple[str, ...] = ()
+    deferred: tuple[str, ...] = ()
+
+
+def settle(state: RelayState, results: dict[str, Reply], *, now: float, received_at: float,
+           cfg: RelayConfig) -> Outcome:
+    """Fold one delivery attempt's per-recipient results into the state. Pure.
+
+    A recipient missing from `results` (or with a 4xx) is deferred; once the message is older
+    than cfg.max_age a deferral is a failure with status 4.4.7."""
+    pending = [r for r in results] if results else []
+    new = RelayState(state.attempts, state.next_at, list(state.delivered), list(state.failed),
+                     state.last_error)
+    bounce: list[Failure] = []
+    delivered: list[str] = []
+    deferred: list[str] = []
+    expired = now - received_at >= cfg.max_age
+    for rcpt in pending:
+        reply = results[rcpt]
+        if reply.kind == "ok":
+            new.delivered.append(rcpt)
+            delivered.append(rcpt)
+        elif reply.kind == "perm":
+            new.failed.append(rcpt)
+            bounce.append(failure_for(rcpt, reply))
+        elif expired:
+            new.failed.append(rcpt)
+            bounce.append(failure_for(rcpt, reply, expired=True))
+        else:
+            deferred.append(rcpt)
+            new.last_error = _oneline(reply.line(), 300)
+    if deferred:
+        new.attempts += 1
+        new.next_at = now + backoff(new.attempts, cfg.retry_base, cfg.retry_max)
+        disp: Literal["done", "failed", "retry"] = "retry"
+    else:
+        disp = "failed" if new.failed else "done"
+    return Outcome(new, tuple(bounce), disp, tuple(delivered), tuple(deferred))
+
+
+def _headers_of(message: bytes) -> bytes:
+    end = message.find(b"\r\n\r\n")
+    head = message if end < 0 else message[:end + 2]
+    if len(head) > HEADERS_MAX:
+        cut = head.rfind(b"\r\n", 0, HEADERS_MAX)
+        head = head[:cut + 2] if cut > 0 else head[:HEADERS_MAX] + b"\r\n"
+    if not head.endswith(b"\r\n"):
+        head += b"\r\n"
+    return head
+
+
+def build_dsn(*, reporting_mta: str, sender: str, qid: str, arrival: float, now: float,
+              failures: Sequence[Failure], original: bytes, remote_mta: str = "",
+              dsn_id: str = "", boundary: str = "") -> bytes:
+    """An RFC 3464 delivery status notification (bytes, CRLF) for `failures` of one message.
+
+    `original` is the relayed message (trace headers + client bytes); only its header section
+    is quoted, as text/rfc822-headers (message/global-headers when it is not ASCII, and the
+    RFC 6533 global types when an address is not ASCII)."""
+    headers = _headers_of(original)
+    utf8_addr = not sender.isascii() or any(not f.rcpt.isascii() for f in failures)
+    status_type = "message/global-delivery-status" if utf8_addr else "message/delivery-status"
+    headers_type = ("message/global-headers" if utf8_addr or not headers.isascii()
+                    else "text/rfc822-headers")
+    addr_type = "utf-8" if utf8_addr else "rfc822"
+    boundary = boundary or f"{qid}.{uuid.uuid4().hex}/{reporting_mta}"
+    mta = _UNPRINTABLE.sub("?", reporting_mta)
+
+    def clean(s: str) -> str:
+        return _UNPRINTABLE.sub("?", s) if not utf8_addr else "".join(
+            c for c in s if c.isprintable())
+
+    human = [
+        f"This is the mail system at host {mta}.",
+        "",
+        "I'm sorry to have to inform you that your message could not",
+        "be delivered to one or more recipients.",
+        "",
+    ]
+    for f in failures:
+        via = f" (via {clean(remote_mta)})" if remote_mta else ""
+        human.append(f"<{clean(f.rcpt)}>{via}: {clean(f.reply)}")
+    human.append("")
+    per_msg = [f"Reporting-MTA: dns; {mta}",
+               f"X-Ingress-Queue-ID: {clean(qid)}",
+               f"Arrival-Date: {email.utils.formatdate(arrival)}"]
+    per_rcpt: list[str] = []
+    for f in failures:
+        per_rcpt += ["", f"Final-Recipient: {addr_type}; {clean(f.rcpt)}", "Action: failed",
+                     f"Status: {f.status}"]
+        if remote_mta:
+            per_rcpt.append(f"Remote-MTA: dns; {clean(remote_mta)}")
+        if f.diagnostic:
+            per_rcpt.append(f"Diagnostic-Code: {clean(f.diagnostic)}")
+        per_rcpt.append(f"Last-Attempt-Date: {email.utils.formatdate(now)}")
+    to = clean(sender)
+    head = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{mta}>",
+        f"To: <{to}>",
+        "Subject: Undelivered Mail Returned to Sender",
+        f"Date: {email.utils.formatdate(now)}",
+        f"Message-ID: <{clean(dsn_id or qid + '.dsn')}@{mta}>",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+        f"--{boundary}",
+        "Content-Description: Notification",
+        f"Content-Type: text/plain; charset={'utf-8' if utf8_addr else 'us-ascii'}",
+        "",
+        *human,
+        f"--{boundary}",
+        "Content-Description: Delivery report",
+        f"Content-Type: {status_type}",
+        "",
+        *per_msg,
+        *per_rcpt,
+        "",
+        f"--{boundary}",
+        "Content-Description: Undelivered Message Headers",
+        f"Content-Type: {headers_type}",
+        "",
+    ]
+    text = "\r\n".join(head).encode("utf-8") + b"\r\n"
+    return text + headers + f"\r\n--{boundary}--\r\n".encode()
+
+
+# --- downstream sessions ----------------------------------------------------------------------
+
+class Unavailable(Exception):
+    """Connection-level trouble. stage='connect': nothing of this message was sent."""
+
+    def __init__(self, stage: str, why: str) -> None:
+        super().__init__(f"{stage}: {why}")
+        self.stage, self.why = stage, why
+
+
+class Session(Protocol):
+    messages: int
+    last_used: float
+
+    @property
+    def connected(self) -> bool: ...
+    async def open(self) -> None: ...
+    async def deliver(self, mail_from: str, rcpts: Sequence[str], data: bytes,
+                      smtputf8: bool) -> dict[str, Reply]: ...
+    async def close(self) -> None: ...
+
+
+_CTRL = re.compile(r"[\x00-\x20\x7f<>]")
+
+
+def _bad_address(addr: str) -> bool:
+    return bool(_CTRL.search(addr))
+
+
+def _mail_params(smtputf8: bool, eightbit: bool, exts: set[str], addrs: Sequence[str]
+                 ) -> tuple[list[str], Reply | None]:
+    """MAIL FROM parameters; or a permanent Reply when the message cannot go this way."""
+    params: list[str] = []
+    if eightbit and "8bitmime" in exts:
+        params.append("BODY=8BITMIME")
+    if smtputf8:
+        if "smtputf8" in exts:
+            params.append("SMTPUTF8")
+        elif not all(a.isascii() for a in addrs):
+            return params, Reply(553, "5.6.7 downstream does not offer SMTPUTF8", local=True)
+    return params, None
+
+
+class SmtpSession:
+    """SMTP to the downstream with aiosmtplib (one connection, reused across messages)."""
+
+    def __init__(self, target: Target, hostname: str, timeout: float) -> None:
+        self.target, self.hostname, self.timeout = target, hostname, timeout
+        self.client: aiosmtplib.SMTP | None = None
+        self.messages = 0
+        self.last_used = time.monotonic()
+
+    @property
+    def connected(self) -> bool:
+        return self.client is not None and self.client.is_connected
+
+    async def open(self) -> None:
+        await self.close()
+        client = aiosmtplib.SMTP(hostname=self.target.host, port=self.target.port,
+                                 timeout=self.timeout, start_tls=False, use_tls=False,
+                                 local_hostname=self.hostname)
+        try:
+            await client.connect()
+            await client.ehlo()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+            client.close()
+            raise Unavailable("connect", _oneline(str(e), 300)) from None
+        self.client, self.messages, self.last_used = client, 0, time.monotonic()
+
+    async def close(self) -> None:
+        c, self.client = self.client, None
+        if c is None:
+            return
+        if c.is_connected:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(c.quit(), min(self.timeout, 2.0))
+        c.close()
+
+    async def deliver(self, mail_from: str, rcpts: Sequence[str], data: bytes,
+                      smtputf8: bool) -> dict[str, Reply]:
+        c = self.client
+        if c is None or not c.is_connected:
+            raise Unavailable("connect", "not connected")
+        self.messages += 1
+        self.last_used = time.monotonic()
+        exts = set(c.esmtp_extensions)
+        params, refuse = _mail_params(smtputf8, not data.isascii(), exts, [mail_from, *rcpts])
+        if refuse is not None:
+            return dict.fromkeys(rcpts, refuse)
+        enc = "utf-8" if "SMTPUTF8" in params else "ascii"
+        stage = "connect"        # until the downstream answered MAIL FROM
+        try:
+            try:
+                await c.mail(mail_from, options=params, encoding=enc)
+            except aiosmtplib.SMTPSenderRefused as e:
+                await self._rset()
+                return dict.fromkeys(rcpts, Reply(e.code, _oneline(e.message)))
+            stage = "rcpt"
+            results: dict[str, Reply] = {}
+            accepted: list[str] = []
+            for i, r in enumerate(rcpts):
+                try:
+                    await c.rcpt(r, encoding=enc)
+                except aiosmtplib.SMTPRecipientRefused as e:
+                    results[r] = Reply(e.code, _oneline(e.message))
+                    if e.code == 421:       # the server is closing: the rest are deferred too
+                        for rest in rcpts[i + 1:]:
+                            results[rest] = results[r]
+                        return results
+                    continue
+                accepted.append(r)
+            if not accepted:
+                await self._rset()
+                return results
+            stage = "data"
+            try:
+                resp = await c.data(data)
+                reply = Reply(resp.code, _oneline(resp.message))
+            except aiosmtplib.SMTPDataError as e:
+                reply = Reply(e.code, _oneline(e.message))
+                if e.code != 421:
+                    await self._rset()
+            for r in accepted:
+                results[r] = reply
+            self.last_used = time.monotonic()
+            return results
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+            if self.client is not None:
+                self.client.close()
+            self.client = None
+            raise Unavailable(stage, _oneline(f"{type(e).__name__}: {e}", 300)) from None
+
+    async def _rset(self) -> None:
+        c = self.client
+        if c is not None and c.is_connected:
+            try:
+                await c.rset()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                c.close()
+
+
+class LmtpSession:
+    """LMTP (RFC 2033) over asyncio streams: LHLO, then one reply per accepted RCPT after DATA.
+
+    aiosmtplib has no LMTP; the protocol is small enough that a minimal client is clearer than
+    bending an SMTP client (DATA's per-recipient replies) or running smtplib.LMTP in threads."""
+
+    def __init__(self, target: Target, hostname: str, timeout: float) -> None:
+        self.target, self.hostname, self.timeout = target, hostname, timeout
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.exts: set[str] = set()
+        self.messages = 0
+        self.last_used = time.monotonic()
+
+    @property
+    def connected(self) -> bool:
+        return self.writer is not None and not self.writer.is_closing()
+
+    async def _reply(self) -> Reply:
+        assert self.reader is not None
+        lines: list[str] = []
+        while True:
+            raw = await asyncio.wait_for(self.reader.readline(), self.timeout)
+            if not raw.endswith(b"\n"):
+                raise ConnectionError("connection closed by the downstream")
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if len(line) < 3 or not line[:3].isdigit():
+                raise ConnectionError(f"malformed reply {line[:80]!r}")
+            lines.append(line[4:])
+            if line[3:4] != "-":
+                return Reply(int(line[:3]), " ".join(lines).strip())
+
+    async def _cmd(self, line: bytes) -> Reply:
+        assert self.writer is not None
+        self.writer.write(line + b"\r\n")
+        await asyncio.wait_for(self.writer.drain(), self.timeout)
+        return await self._reply()
+
+    async def open(self) -> None:
+        await self.close()
+        try:
+            if self.target.path:
+                conn = asyncio.open_unix_connection(self.target.path, limit=1 << 20)
+            else:
+                conn = asyncio.open_connection(self.target.host, self.target.port, limit=1 << 20)
+            self.reader, self.writer = await asyncio.wait_for(conn, self.timeout)
+            greet = await self._reply()
+            if greet.code != 220:
+                raise ConnectionError(f"greeting {greet.line()}")
+            assert self.reader is not None
+            self.writer.write(f"LHLO {self.hostname}\r\n".encode())
+            await asyncio.wait_for(self.writer.drain(), self.timeout)
+            lines: list[str] = []
+            while True:
+                raw = await asyncio.wait_for(self.reader.readline(), self.timeout)
+                if not raw.endswith(b"\n"):
+                    raise ConnectionError("connection closed during LHLO")
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                lines.append(line)
+                if line[3:4] != "-":
+                    break
+            if not lines[-1].startswith("250"):
+                raise ConnectionError(f"LHLO refused: {lines[-1]}")
+            self.exts = {ln[4:].split(" ")[0].lower() for ln in lines[1:]}
+        except (OSError, TimeoutError, ConnectionError) as e:
+            self._drop()
+            raise Unavailable("connect", _oneline(f"{type(e).__name__}: {e}", 300)) from None
+        self.messages, self.last_used = 0, time.monotonic()
+
+    def _drop(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def close(self) -> None:
+        if self.connected:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._cmd(b"QUIT"), min(self.timeout, 2.0))
+        self._drop()
+
+    async def deliver(self, mail_from: str, rcpts: Sequence[str], data: bytes,
+                      smtputf8: bool) -> dict[str, Reply]:
+        if not self.connected:
+            raise Unavailable("connect", "not connected")
+        self.messages += 1
+        self.last_used = time.monotonic()
+        params, refuse = _mail_params(smtputf8, not data.isascii(), self.exts,
+                                      [mail_from, *rcpts])
+        if refuse is not None:
+            return dict.fromkeys(rcpts, refuse)
+        enc = "utf-8" if "SMTPUTF8" in params else "ascii"
+        tail = b"".join(b" " + p.encode() for p in params)
+        stage = "connect"
+        try:
+            r = await self._cmd(b"MAIL FROM:<" + mail_from.encode(enc) + b">" + tail)
+            if r.kind != "ok":
+                await self._cmd(b"RSET")
+                return dict.fromkeys(rcpts, r)
+            stage = "rcpt"
+            results: dict[str, Reply] = {}
+            accepted: list[str] = []
+            for rcpt in rcpts:
+                r = await self._cmd(b"RCPT TO:<" + rcpt.encode(enc) + b">")
+                if r.kind == "ok":
+                    accepted.append(rcpt)
+                else:
+                    results[rcpt] = r
+            if not accepted:
+                await self._cmd(b"RSET")
+                return results
+            stage = "data"
+            r = await self._cmd(b"DATA")
+            if r.code != 354:
+                for rcpt in accepted:
+                    results[rcpt] = r
+                await self._cmd(b"RSET")
+                return results
+            assert self.writer is not None
+            if not data.endswith(b"\r\n"):
+                data += b"\r\n"
+            self.writer.write(_DOT.sub(b"..", data) + b".\r\n")
+            await asyncio.wait_for(self.writer.drain(), self.timeout)
+            for rcpt in accepted:          # RFC 2033: one reply per accepted RCPT, in order
+                results[rcpt] = await self._reply()
+            self.last_used = time.monotonic()
+            return results
+        except (OSError, TimeoutError, ConnectionError, UnicodeError) as e:
+            self._drop()
+            raise Unavailable(stage, _oneline(f"{type(e).__name__}: {e}", 300)) from None
+
+
+_DOT = re.compile(rb"(?m)^\.")
+
+
+def make_session(target: Target, hostname: str, timeout: float) -> Session:
+    if target.proto == "lmtp":
+        return LmtpSession(target, hostname, timeout)
+    return SmtpSession(target, hostname, timeout)
+
+
+# --- spool-side I/O ---------------------------------------------------------------------------
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_state(state_dir: Path, name: str, state: RelayState) -> None:
+    """Atomically and durably replace spool/relay/<name>."""
+    tmp = state_dir / f".tmp.{name}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    try:
+        os.write(fd, state.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, state_dir / name)
+    _fsync_dir(state_dir)
+
+
+def read_state(state_dir: Path, name: str) -> RelayState:
+    try:
+        return RelayState.decode((state_dir / name).read_bytes())
+    except FileNotFoundError:
+        return RelayState()
+    except (orjson.JSONDecodeError, ValueError, TypeError, AttributeError) as e:
+        # A torn state file cannot happen (rename is atomic); a corrupt one is treated as "never
+        # tried": that may resend to delivered recipients, which beats losing the message.
+        log.event("relay_state_corrupt", "error", name=name, error=str(e))
+        return RelayState()
+
+
+# --- the relay ---------------------------------------------------------------------------------
+
+class Relay:
+    def __init__(self, cfg: Config, hb: Any = None, slot: int = 0) -> None:
+        self.cfg, self.rc = cfg, cfg.relay
+        self.target = parse_downstream(cfg.relay.downstream)
+        self.hb, self.slot = hb, slot
+        self.spool = spool_mod.Spool(cfg.spool.path)
+        self.state_dir = self.spool.root / "relay"
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.hostname = cfg.smtp.hostname
+        self.known: dict[str, float] = {}          # name -> next_at (wall), not in flight
+        self.heap: list[tuple[float, str]] = []
+        self.inflight: set[str] = set()
+        self.stopping = False
+        self.wake = asyncio.Event()
+        self.down_failures = 0                     # consecutive connection-level failures
+        self.down_until = 0.0                      # monotonic; breaker open until then
+        self.probe: str | None = None              # the one delivery allowed while half-open
+        self.counters = {"sent": 0, "rcpt_delivered": 0, "deferred": 0, "bounced": 0,
+                         "dsn_spooled": 0, "null_sender_failed": 0, "down": 0, "corrupt": 0}
+
+    # --- scheduling ------------------------------------------------------------------------
+
+    def cleanup_states(self) -> int:
+        """Remove state files whose spool file is gone (and tmp leftovers). At start only."""
+        n = 0
+        for p in self.state_dir.iterdir():
+            if p.name.startswith(".tmp.") or not (self.spool.new / p.name).exists():
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    n += 1
+        return n
+
+    def scan(self) -> int:
+        """Pick up files in new/ we do not know yet; forget the ones that are gone."""
+        try:
+            names = {e.name for e in os.scandir(self.spool.new) if not e.name.startswith(".")}
+        except FileNotFoundError:
+            return 0
+        for gone in [n for n in self.known if n not in names]:
+            del self.known[gone]
+        fresh = [n for n in names if n not in self.known and n not in self.inflight]
+        if not fresh:
+            return 0
+        with_state = {e.name for e in os.scandir(self.state_dir)}
+        for name in fresh:
+            at = read_state(self.state_dir, name).next_at if name in with_state else 0.0
+            self._schedule(name, at)
+        return len(fresh)
+
+    def _schedule(self, name: str, at: float) -> None:
+        self.known[name] = at
+        heapq.heappush(self.heap, (at, name))
+        self.wake.set()
+
+    def _pop_due(self) -> str | None:
+        if self.stopping:
+            return None
+        if self.down_failures and (time.monotonic() < self.down_until or self.probe is not None):
+            return None
+        now = time.time()
+        while self.heap:
+            at, name = self.heap[0]
+            if self.known.get(name) != at:
+                heapq.heappop(self.heap)          # stale entry
+                continue
+            if at > now:
+                return None
+            heapq.heappop(self.heap)
+            del self.known[name]
+            self.inflight.add(name)
+            if self.down_failures:
+                self.probe = name
+            return name
+        return None
+
+    def _wait_hint(self) -> float:
+        t = SCAN_MIN
+        if self.down_failures and self.probe is None:
+            t = min(t, max(0.01, self.down_until - time.monotonic()))
+        while self.heap and self.known.get(self.heap[0][1]) != self.heap[0][0]:
+            heapq.heappop(self.heap)
+        if self.heap:
+            t = min(t, max(0.01, self.heap[0][0] - time.time()))
+        return t
+
+    def _downstream_failed(self, why: str) -> None:
+        self.down_failures += 1
+        delay = backoff(self.down_failures, self.rc.retry_base, self.rc.retry_max)
+        self.down_until = time.monotonic() + delay
+        self.counters["down"] += 1
+        log.event("relay_downstream_down", "warning", downstream=str(self.target), error=why,
+                  failures=self.down_failures, retry_in_s=round(delay, 3))
+
+    def _downstream_ok(self) -> None:
+        if self.down_failures:
+            log.event("relay_downstream_up", downstream=str(self.target),
+                      after_failures=self.down_failures)
+        self.down_failures = 0
+
+    # --- one message -------------------------------------------------------------------------
+
+    async def worker(self, index: int) -> None:
+        session = make_session(self.target, self.hostname, self.rc.timeout)
+        try:
+            while not self.stopping:
+                name = self._pop_due()
+                if name is None:
+                    if session.connected and time.monotonic() - session.last_used > IDLE_CLOSE:
+                        await session.close()
+                    self.wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.wake.wait(), self._wait_hint())
+                    continue
+                try:
+                    await self.process(name, session)
+                except Exception:
+                    # A disk error while recording (the downstream may have accepted: a
+                    # duplicate is possible on the retry) or a bug: log it, retry later.
+                    log.get().exception("relay_error name=%s", name)
+                    self._schedule(name, time.time() + self.rc.retry_base)
+                finally:
+                    self.inflight.discard(name)
+                    if self.probe == name:
+                        self.probe = None
+                    self.wake.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(session.close(), 1.0)
+
+    async def process(self, name: str, session: Session) -> None:
+        path = self.spool.new / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:           # another relay (reload overlap) has it
+                self._schedule(name, time.time() + SCAN_MIN)
+                return
+            if os.fstat(fd).st_nlink == 0:     # finished by someone else meanwhile
+                return
+            with os.fdopen(os.dup(fd), "rb") as f:
+                raw = f.read()
+            try:
+                entry = spool_mod.parse(raw)
+                env = entry.envelope
+                mail_from = str(env["mail_from"])
+                rcpts = [str(r) for r in env["rcpts"]]
+                received_at = float(env["received_at"])
+            except (ValueError, KeyError, TypeError) as e:
+                self.counters["corrupt"] += 1
+                log.event("relay_corrupt", "error", name=name, error=str(e))
+                self._finish(name, "failed")
+                return
+            del raw
+            state = read_state(self.state_dir, name)
+            now = time.time()
+            if state.next_at > now:            # rescheduled by another relay meanwhile
+                self._schedule(name, state.next_at)
+                return
+            pending = state.pending(rcpts)
+            qid = str(env.get("qid", name))
+            if pending:
+                results = await self._attempt(session, qid, mail_from, pending, entry.message,
+                                              bool(env.get("smtputf8")), received_at)
+                if results is None:             # downstream unreachable; message not charged
+                    self._schedule(name, 0.0)
+                    return
+            else:
+                results = {}
+            # From here on nothing awaits: the reply is recorded before anything can cancel us.
+            self._record(name, qid, env, state, results, received_at, entry.message)
+        finally:
+            os.close(fd)
+
+    async def _attempt(self, session: Session, qid: str, mail_from: str, pending: list[str],
+                       message: bytes, smtputf8: bool,
+                       received_at: float) -> dict[str, Reply] | None:
+        bad = [r for r in pending if _bad_address(r)]
+        results: dict[str, Reply] = {
+            r: Reply(553, "5.1.3 bad recipient address syntax", local=True) for r in bad}
+        good = [r for r in pending if r not in results]
+        if _bad_address(mail_from):
+            return {r: Reply(553, "5.1.7 bad sender address syntax", local=True)
+                    for r in pending}
+        if not good:
+            return results
+        t0 = time.monotonic()
+        for tries in (1, 2):
+            reused = session.connected
+            try:
+                if not session.connected or session.messages >= MAX_PER_CONNECTION:
+                    await session.open()
+                    reused = False
+                got = await session.deliver(mail_from, good, message, smtputf8)
+                self._downstream_ok()
+                results.update(got)
+                log.event("relay_attempt", "debug", qid=qid, rcpts=len(good),
+                          ms=round((time.monotonic() - t0) * 1000, 2))
+                return results
+            except Unavailable as e:
+                if e.stage == "connect" and reused and tries == 1:
+                    continue                    # a stale reused connection: once more, fresh
+                self._downstream_failed(str(e))
+                reply = Reply(451, f"4.4.2 {self.target.mta_name}: {e.why}", local=True)
+                if e.stage == "connect":
+                    reply = Reply(451, f"4.4.1 {self.target.mta_name}: {e.why}", local=True)
+                    if time.time() - received_at < self.rc.max_age:
+                        return None
+                results.update(dict.fromkeys(good, reply))
+                return results
+        return None  # pragma: no cover
+
+    def _record(self, name: str, qid: str, env: dict[str, Any], state: RelayState,
+                results: dict[str, Reply], received_at: float, message: bytes) -> None:
+        now = time.time()
+        out = settle(state, results, now=now, received_at=received_at, cfg=self.rc)
+        mail_from = str(env["mail_from"])
+        if out.delivered_now:
+            self.counters["rcpt_delivered"] += len(out.delivered_now)
+        if out.bounce:
+            self.counters["bounced"] += len(out.bounce)
+            dsn_qid = self._bounce(qid, env, out.bounce, received_at, now, message)
+            log.event("relay_bounced", "warning", qid=qid, rcpts=[f.rcpt for f in out.bounce],
+                      status=[f.status for f in out.bounce],
+                      reply=[f.diagnostic for f in out.bounce], dsn=dsn_qid,
+                      null_sender=mail_from == "")
+        if out.disposition == "retry":
+            self.counters["deferred"] += 1
+            write_state(self.state_dir, name, out.state)
+            self._schedule(name, out.state.next_at)
+            log.event("relay_deferred", qid=qid, deferred=list(out.deferred),
+                      delivered=list(out.delivered_now), attempts=out.state.attempts,
+                      retry_in_s=round(out.state.next_at - now, 3), reply=out.state.last_error)
+            return
+        self._finish(name, out.disposition)
+        if out.disposition == "done":
+            self.counters["sent"] += 1
+        first = next(iter(results.values()), None)
+        log.event("relay_sent" if out.disposition == "done" else "relay_failed", qid=qid,
+                  rcpts=len(out.state.delivered), failed=len(out.state.failed),
+                  reply=first.line()[:200] if first else "",
+                  delay_s=round(now - received_at, 3))
+
+    def _bounce(self, qid: str, env: dict[str, Any], failures: Sequence[Failure],
+                received_at: float, now: float, message: bytes) -> str:
+        sender = str(env["mail_from"])
+        if sender == "":
+            self.counters["null_sender_failed"] += 1
+            return ""                           # never bounce a bounce
+        dsn_qid = new_qid(now)
+        body = build_dsn(reporting_mta=self.hostname, sender=sender, qid=qid, arrival=received_at,
+                         now=now, failures=failures, original=message,
+                         remote_mta=self.target.mta_name, dsn_id=f"{dsn_qid}.dsn")
+        try:
+            lane = Lane(str(env.get("lane", "bulk")))
+        except ValueError:
+            lane = Lane.BULK
+        denv = Envelope(qid=dsn_qid, lane=lane, peer_ip="127.0.0.1", peer_port=0,
+                        helo=self.hostname, mail_from="", rcpts=(sender,), received_at=now,
+                        deadline=now, acceptor="relay", smtputf8=not sender.isascii(),
+                        evidence={"dsn_for": qid})
+        (res,) = self.spool.write_batch([(denv, b"", body)])
+        if isinstance(res, Exception):
+            raise res                           # nothing recorded: the message is retried
+        self.counters["dsn_spooled"] += 1
+        self._schedule(res, 0.0)
+        return dsn_qid
+
+    def _finish(self, name: str, disposition: str) -> None:
+        src = self.spool.new / name
+        if disposition == "done":
+            src.unlink()
+            _fsync_dir(self.spool.new)
+        else:
+            os.rename(src, self.spool.failed / name)
+            _fsync_dir(self.spool.failed)
+            _fsync_dir(self.spool.new)
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_dir / name).unlink()
+
+    # --- process loop ------------------------------------------------------------------------
+
+    async def scanner(self) -> None:
+        interval = SCAN_MIN
+        while not self.stopping:
+            t0 = time.monotonic()
+            try:
+                if self.scan():
+                    self.wake.set()
+            except OSError as e:
+                log.event("relay_scan_error", "error", error=str(e))
+            interval = max(SCAN_MIN, 10 * (time.monotonic() - t0))
+            await asyncio.sleep(interval)
+
+    async def heartbeat(self, parent: int) -> None:
+        period = min(0.5, self.cfg.supervisor.heartbeat_interval)
+        while True:
+            if self.hb is not None:
+                self.hb[self.slot] = time.monotonic()
+            if os.getppid() != parent and not self.stopping:
+                log.event("relay_orphaned", "warning")
+                self.stop()
+            await asyncio.sleep(period)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR2, self.stop)
+        parent = os.getppid()
+        hb = asyncio.create_task(self.heartbeat(parent))
+        removed = self.cleanup_states()
+        self.scan()
+        log.event("relay_start", downstream=str(self.target), concurrency=self.rc.concurrency,
+                  backlog=len(self.known), stale_state_removed=removed)
+        scanner = asyncio.create_task(self.scanner())
+        workers = [asyncio.create_task(self.worker(i)) for i in range(self.rc.concurrency)]
+        while not self.stopping:
+            await asyncio.sleep(0.1)
+        scanner.cancel()
+        _done, busy = await asyncio.wait(workers, timeout=STOP_GRACE)
+        for t in busy:
+            t.cancel()                 # waiting for a reply: the file stays, retried later
+        await asyncio.gather(*workers, scanner, return_exceptions=True)
+        hb.cancel()
+        log.event("relay_stop", cancelled=len(busy), backlog=len(self.known) + len(self.inflight),
+                  **self.counters)
+
+
+def run(cfg: Config, hb: Any = None, slot: int = 0) -> None:
+    log.setup(cfg.log.level, "relay")
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    if not cfg.relay.downstream:
+        # Not meant to be started (the spool is the destination); idle rather than crash-loop.
+        log.event("relay_disabled", "warning", why="relay.downstream is empty")
+        stop = []
+        signal.signal(signal.SIGUSR2, lambda s, f: stop.append(s))
+        parent = os.getppid()
+        while not stop and os.getppid() == parent:
+            if hb is not None:
+                hb[slot] = time.monotonic()
+            time.sleep(0.2)
+        return
+    asyncio.run(Relay(cfg, hb, slot).main())
