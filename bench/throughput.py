@@ -15,14 +15,19 @@ API
         -> SourceRun``: one timed smtp-source run (``reuse=True`` adds ``-d``).
     ``SmtpSink(port, host="127.0.0.1", backlog=256, user="nobody")``: start()/stop()/context
         manager, ``.pid``; started and stopped by PID.
-    ``benchmark(targets, *, modes, runs, messages, sessions, size, progress) -> BenchResult``:
-        interleaved runs (mode → run → target), medians and ratios.
+    ``benchmark(targets, *, modes, runs, messages, sessions, size, idle_below, progress)
+        -> BenchResult``: interleaved runs (mode -> run -> target), medians and ratios; each
+        SourceRun also records ``busy_before`` (machine CPU busy just before; with
+        ``idle_below`` it first waits, bounded, for a quiet machine) and ``foreign_cpu`` (share
+        of the CPUs used by unrelated processes during the run, see ``ForeignCpu``).
     ``render_markdown(result, baseline="postfix") -> str``, ``BenchResult.to_dict()`` (JSON).
     ``builtin_targets(stack, names, workdir) -> list[Target]``: starts ``postfix`` and/or
         ``smtp-sink`` on free loopback ports; the ExitStack stops them.
     ``raise_nofile_limit() -> int``: soft RLIMIT_NOFILE := hard limit.
     ``main(argv)``: ``python -m bench.throughput [--quick] [-m N] [--runs N] [--modes ...]
-        [--no-postfix] [--no-sink] [--json FILE] [name=host:port ...]``; prints a Markdown table.
+        [--no-postfix] [--no-sink] [--wait-idle PCT] [--json FILE] [name=host:port ...]``;
+        raises RLIMIT_NOFILE, starts the built-ins, prints progress on stderr and a Markdown
+        table on stdout; exit 0 if every target/mode has a median, 1 otherwise, 2 if no tool.
 
 Failure modes
     A run whose smtp-source exits non-zero (it aborts on any non-2xx reply unless ``-A``), prints
@@ -36,7 +41,8 @@ Failure modes
 Limits
     Loopback targets only (127.0.0.0/8 or ::1). messages <= 1,000,000, runs <= 20,
     sessions <= 1,000, size <= 10 MB; every subprocess has a timeout (default 30 s + 10 ms per
-    message). Numbers are for this machine only; smtp-source itself uses CPU on the same cores.
+    message). Numbers are for this machine only; smtp-source itself uses CPU on the same cores,
+    and on a shared 2-core box other work skews them (hence busy_before / foreign_cpu).
 """
 
 from __future__ import annotations
@@ -161,18 +167,16 @@ def wait_for_idle(max_busy: float, timeout: float, window: float = 1.0) -> float
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, own CPU ticks: utime + stime) for every live process.
-
-    Reaped children's time (cutime) is left out on purpose: it lands all at once when a
-    long-lived child exits and would be charged to the wrong window."""
-    table: dict[int, tuple[int, int]] = {}
+def _proc_table() -> dict[int, tuple[int, int, int]]:
+    """pid -> (ppid, own CPU ticks utime+stime, reaped children's ticks cutime+cstime)."""
+    table: dict[int, tuple[int, int, int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             f = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            table[int(entry.name)] = (int(f[1]), int(f[11]) + int(f[12]))
+            table[int(entry.name)] = (int(f[1]), int(f[11]) + int(f[12]),
+                                      int(f[13]) + int(f[14]))
         except (OSError, IndexError, ValueError):
             continue
     return table
@@ -200,29 +204,31 @@ def _listener_pids(port: int) -> set[int]:
 
 
 class ForeignCpu:
-    """Share of the machine's CPU used, during a run, by processes that are neither this process
-    (and its children: smtp-source, smtp-sink) nor the target (the processes holding its
-    listening socket, their parent unless that is init, and all their descendants) nor kernel
-    threads. A small 2-core box shared with other work skews every number; this says by how
-    much. A lower bound: a foreign process that ends inside the window is missed."""
+    """Share of the machine's CPU used during a run by everything else: all CPU time the kernel
+    counted as busy (/proc/stat) minus the time of our side -- this process and its children
+    (smtp-source, smtp-sink), and the target: the processes holding its listening socket, their
+    parent unless that is init, and all their descendants, including reaped children. A small
+    2-core box shared with other work skews every number; this says by how much. Approximate:
+    kernel work done on behalf of the benchmark outside its processes counts as foreign."""
 
     def __init__(self, port: int) -> None:
         roots = {os.getpid()}
         table = _proc_table()
         for pid in _listener_pids(port):
             roots.add(pid)
-            ppid = table.get(pid, (0, 0))[0]
+            ppid = table[pid][0] if pid in table else 0
             if ppid > 1:
                 roots.add(ppid)
         self._roots = roots
-        self._t0 = time.monotonic()
         self._before = table
+        self._busy0, self._total0 = _cpu_times()
 
-    def _ours(self, table: dict[int, tuple[int, int]]) -> set[int]:
+    def _ours(self, table: dict[int, tuple[int, int, int]]) -> set[int]:
         children: dict[int, list[int]] = {}
-        for pid, (ppid, _) in table.items():
+        for pid, (ppid, _, _) in table.items():
             children.setdefault(ppid, []).append(pid)
-        ours, stack = set(), [*self._roots, 2]  # pid 2 = kthreadd: kernel threads are not counted
+        ours: set[int] = set()
+        stack = list(self._roots)
         while stack:
             pid = stack.pop()
             if pid not in ours:
@@ -232,13 +238,17 @@ class ForeignCpu:
 
     def stop(self) -> float | None:
         after = _proc_table()
-        elapsed = (time.monotonic() - self._t0) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
-        if elapsed <= 0:
+        busy1, total1 = _cpu_times()
+        if total1 <= self._total0:
             return None
         ours = self._ours(after) | self._ours(self._before)
-        foreign = sum(max(0, after[p][1] - self._before[p][1]) for p in after
-                      if p in self._before and p not in ours and p != 1)
-        return min(1.0, foreign / elapsed)
+        our_ticks = 0
+        for pid in ours:
+            if pid in after:
+                b = self._before.get(pid, (0, 0, 0))
+                our_ticks += (after[pid][1] - b[1]) + (after[pid][2] - b[2])
+        foreign = (busy1 - self._busy0) - our_ticks
+        return min(1.0, max(0.0, foreign / (total1 - self._total0)))
 
 
 # ---------------------------------------------------------------------------------- smtp-source

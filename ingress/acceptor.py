@@ -53,6 +53,8 @@ from ingress.evidence import cert_evidence, check_spf, make_resolver, normalize_
 from ingress.smtp import IngressHandler, IngressSMTP
 from ingress.wire import (
     LEARN_TOPIC,
+    PENALTY_TOPIC,
+    SHARED_FACTS,
     STATUS_STALE,
     STATUS_TOPIC,
     Envelope,
@@ -60,9 +62,10 @@ from ingress.wire import (
     NackReason,
     Reply,
     WireError,
-    decode_learn,
     decode_reply,
+    decode_shared,
     decode_status,
+    share,
     submit,
 )
 
@@ -214,7 +217,10 @@ class AcceptorContext:
         proto.lane = Lane.FAST
 
     def penalise(self, ip: str) -> None:
+        """Here at once, and in every other acceptor through the bulk broker's fan-out."""
         self.admission.penalise(ip, time.monotonic())
+        with contextlib.suppress(zmq.ZMQError):
+            self.lanes[Lane.BULK].sock.send_multipart(share(PENALTY_TOPIC, ip), zmq.NOBLOCK)
 
     async def spf(self, proto: IngressSMTP, mail_from: str, helo: str) -> tuple[AuthResult, str]:
         assert self.resolver is not None
@@ -249,16 +255,22 @@ class AcceptorContext:
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 10)
         sub.setsockopt(zmq.SUBSCRIBE, STATUS_TOPIC)
-        sub.setsockopt(zmq.SUBSCRIBE, LEARN_TOPIC)
+        for topic in SHARED_FACTS:
+            sub.setsockopt(zmq.SUBSCRIBE, topic)
         for lane in Lane:
             sub.connect(self.cfg.ipc(f"{lane.value}-status"))
         while True:
             frames = await sub.recv_multipart()
-            if frames and frames[0] == LEARN_TOPIC:
+            if frames and frames[0] in SHARED_FACTS:
                 try:
-                    self.learn(decode_learn(frames))
+                    fact, ip = decode_shared(frames)
                 except WireError as e:
-                    log.event("wire_error", "warning", side="learn", error=str(e))
+                    log.event("wire_error", "warning", side="fact", error=str(e))
+                    continue
+                if fact == LEARN_TOPIC:
+                    self.learn(ip)
+                else:
+                    self.admission.penalise(ip, time.monotonic())
                 continue
             try:
                 doc = decode_status(frames)

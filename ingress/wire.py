@@ -8,11 +8,13 @@ the routing-id frames themselves; the frames below are what the application send
     worker   -> broker   READY      [b"SI1", b"READY", credit]           credit: ascii int
     worker  <-> broker   HEARTBEAT  [b"SI1", b"HEARTBEAT", free]         free: ascii int (worker)
     worker   -> broker   DISCONNECT [b"SI1", b"DISCONNECT"]              leaving, nothing in flight
-    worker   -> broker   LEARN      [b"SI1", b"LEARN", ip]               SPF + aligned DKIM passed
+    any      -> broker   SHARE      [b"SI1", b"SHARE", fact, ip]         a fact about a client IP:
+                                     fact b"learn" (worker: SPF + aligned DKIM passed) or
+                                     b"penalty" (acceptor: an early talker)
     worker   -> broker   ACK/NACK   [b"SI1", b"ACK"|b"NACK", reply_to, qid, detail]
     broker   -> acceptor ACK/NACK   [b"SI1", b"ACK"|b"NACK", qid, detail]
     broker   PUB status  STATUS     [b"status", b"SI1", status-json]     topic frame first
-    broker   PUB learn   LEARN      [b"learn", b"SI1", ip]               every acceptor learns it
+    broker   PUB fact    SHARE      [fact, b"SI1", ip]                   every acceptor applies it
 
 `envelope` is orjson of `Envelope` (keys below, stable); `body` is the client's raw message bytes
 (dot-unstuffed, CRLF line ends) in a frame of its own so it is never re-encoded. `detail` is
@@ -38,6 +40,8 @@ import orjson
 VERSION = b"SI1"
 STATUS_TOPIC = b"status"
 LEARN_TOPIC = b"learn"
+PENALTY_TOPIC = b"penalty"
+SHARED_FACTS = (LEARN_TOPIC, PENALTY_TOPIC)
 LANE_HEARTBEAT = 0.25       # seconds between broker <-> worker heartbeats
 LANE_LIVENESS = 4           # heartbeats missed before the peer is presumed dead
 STATUS_INTERVAL = 0.1       # seconds between a broker's status publications
@@ -55,7 +59,7 @@ class Kind(bytes, Enum):
     READY = b"READY"
     HEARTBEAT = b"HEARTBEAT"
     DISCONNECT = b"DISCONNECT"
-    LEARN = b"LEARN"
+    SHARE = b"SHARE"
     ACK = b"ACK"
     NACK = b"NACK"
 
@@ -154,12 +158,16 @@ def disconnect() -> list[bytes]:
     return [VERSION, Kind.DISCONNECT.value]
 
 
-def learn(ip: str) -> list[bytes]:
-    return [VERSION, Kind.LEARN.value, ip.encode("ascii")]
+def share(fact: bytes, ip: str) -> list[bytes]:
+    return [VERSION, Kind.SHARE.value, fact, ip.encode("ascii")]
 
 
-def learn_publication(ip: bytes) -> list[bytes]:
-    return [LEARN_TOPIC, VERSION, ip]
+def shared_publication(frames: list[bytes]) -> list[bytes]:
+    """What a broker publishes for a SHARE message it received (validated), or WireError."""
+    fact, ip = expect(frames, 2)
+    if fact not in SHARED_FACTS:
+        raise WireError(f"unknown fact {fact[:20]!r}")
+    return [fact, VERSION, ip]
 
 
 def ack_detail(path: str) -> bytes:
@@ -232,14 +240,14 @@ def decode_reply(frames: list[bytes]) -> Reply:
         raise WireError(f"bad reply detail: {e}") from None
 
 
-def decode_learn(frames: list[bytes]) -> str:
-    """The IP address of a learn publication (validated), or WireError."""
-    if len(frames) != 3 or frames[0] != LEARN_TOPIC or frames[1] != VERSION:
-        raise WireError("bad learn message")
+def decode_shared(frames: list[bytes]) -> tuple[bytes, str]:
+    """(fact, IP address) of a fact publication (validated), or WireError."""
+    if len(frames) != 3 or frames[0] not in SHARED_FACTS or frames[1] != VERSION:
+        raise WireError("bad fact publication")
     try:
-        return str(ipaddress.ip_address(frames[2].decode("ascii")))
+        return frames[0], str(ipaddress.ip_address(frames[2].decode("ascii")))
     except (UnicodeDecodeError, ValueError):
-        raise WireError(f"bad learn address {frames[2][:50]!r}") from None
+        raise WireError(f"bad address {frames[2][:50]!r}") from None
 
 
 def decode_status(frames: list[bytes]) -> dict[str, object]:

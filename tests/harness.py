@@ -53,11 +53,15 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> None:
 
 
 class Ingress:
-    def __init__(self, tmpdir: Path, tables: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(self, tmpdir: Path, tables: dict[str, dict[str, Any]] | None = None,
+                 state: Path | None = None) -> None:
+        """`state`: a state dir to reuse (kept at stop); by default a fresh one, removed."""
         self.tmpdir = Path(tmpdir)
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
         self.spool = self.tmpdir / "spool"
         # ipc socket paths must stay short: keep the state dir under /tmp.
-        self.state = Path(tempfile.mkdtemp(prefix="si-", dir="/tmp"))
+        self.keep_state = state is not None
+        self.state = state or Path(tempfile.mkdtemp(prefix="si-", dir="/tmp"))
         base: dict[str, dict[str, Any]] = {
             "listen": {"host": "127.0.0.1", "port": 0},
             "smtp": {"hostname": "mx.test", "accepted_domains": ["example.test"],
@@ -169,6 +173,8 @@ class Ingress:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)   # any child left behind, ours alone
         self._log.close()
+        if self.keep_state:
+            return code
         with contextlib.suppress(OSError):
             for f in (self.state / "run").iterdir():
                 f.unlink()

@@ -6,7 +6,8 @@ Sockets (addresses from Config.ipc):
     {lane}-front  ROUTER  acceptors' DEALERs send SUBMIT, get ACK/NACK
     {lane}-back   ROUTER  workers' DEALERs send READY/HEARTBEAT/ACK/NACK/DISCONNECT, get WORK
     {lane}-status PUB     lane status every STATUS_INTERVAL: depth, free credit, saturation;
-                          and the workers' LEARN messages, passed on to every acceptor
+                          and the SHARE facts (learned clients, penalties) passed on to
+                          every acceptor
 
 Policy, in one place per lane: the bounded queue (`queue_max`; beyond it NACK queue_full) and,
 for a capped lane, the token bucket (`rate`, `burst`; an empty bucket is NACK rate). Work goes only
@@ -48,8 +49,8 @@ from ingress.wire import (
     heartbeat,
     int_frame,
     kind_of,
-    learn_publication,
     nack_detail,
+    shared_publication,
     status,
     to_acceptor,
     work,
@@ -127,7 +128,11 @@ class Broker:
             return
         reply_to, msg = frames[0], frames[1:]
         try:
-            if kind_of(msg) is not Kind.SUBMIT:
+            kind = kind_of(msg)
+            if kind is Kind.SHARE:
+                self._publish_fact(msg)
+                return
+            if kind is not Kind.SUBMIT:
                 raise WireError(f"acceptor sent {msg[1]!r}")
             env_raw, body = expect(msg, 2)
             env = orjson.loads(env_raw)
@@ -175,10 +180,8 @@ class Broker:
                 else:
                     self.counters["nack_worker"] += 1
                 self._reply(reply_to, kind, qid, detail)
-            elif kind is Kind.LEARN:
-                (ip,) = expect(msg, 1)
-                with contextlib.suppress(zmq.ZMQError):
-                    self.pub.send_multipart(learn_publication(ip), zmq.NOBLOCK)
+            elif kind is Kind.SHARE:
+                self._publish_fact(msg)
             elif kind is Kind.DISCONNECT:
                 if w is not None:
                     w.credit = 0          # keep it until its in-flight ACKs are in
@@ -188,6 +191,11 @@ class Broker:
                 raise WireError(f"worker sent {kind.name}")
         except WireError as e:
             log.event("wire_error", "warning", lane=self.lane, side="back", error=str(e))
+
+    def _publish_fact(self, msg: list[bytes]) -> None:
+        """Pass a worker's or an acceptor's fact about a client on to every acceptor."""
+        with contextlib.suppress(zmq.ZMQError):
+            self.pub.send_multipart(shared_publication(msg), zmq.NOBLOCK)
 
     def _register(self, ident: bytes, credit: int, now: float) -> None:
         old = self.workers.get(ident)

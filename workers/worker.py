@@ -32,6 +32,7 @@ from ingress.config import Config
 from ingress.wire import (
     LANE_HEARTBEAT,
     LANE_LIVENESS,
+    LEARN_TOPIC,
     Envelope,
     Kind,
     Lane,
@@ -41,8 +42,8 @@ from ingress.wire import (
     expect,
     heartbeat,
     kind_of,
-    learn,
     ready,
+    share,
     worker_ack,
     worker_nack,
 )
@@ -176,7 +177,7 @@ class Worker:
                 continue
             self._send(worker_ack(reply_to, qid, res))
             if p.learn:
-                self._send(learn(env.peer_ip))
+                self._send(share(LEARN_TOPIC, env.peer_ip))
             log.event("spooled", "debug", qid=env.qid, lane=env.lane.value, size=len(p.body),
                       rcpts=len(env.rcpts), batch=len(batch), write_ms=round(dt * 1000, 3),
                       dkim=",".join(f"{r.domain}:{r.result}" for r in p.dkim), learn=p.learn)

@@ -155,8 +155,8 @@ def test_example_config_names_every_key() -> None:
         if node is None:
             missing.append(dotted)
     assert not missing, f"etc/ingress.example.toml lacks {missing}"
-    r = subprocess.run([str(_venv_bin()), "check-config", str(path)], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "ingress.cli", "check-config", str(path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
 
 

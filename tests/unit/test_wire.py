@@ -32,6 +32,29 @@ def test_golden_frames() -> None:
         b"SI1", b"NACK", b"a0", b"Q1", b'{"reason":"rate","text":"cap"}']
     assert wire.to_acceptor(Kind.ACK, b"Q1", b"{}") == [b"SI1", b"ACK", b"Q1", b"{}"]
     assert wire.status({"lane": "bulk"}) == [b"status", b"SI1", b'{"lane":"bulk"}']
+    assert wire.share(wire.LEARN_TOPIC, "192.0.2.1") == [b"SI1", b"SHARE", b"learn",
+                                                         b"192.0.2.1"]
+    assert wire.shared_publication(wire.share(wire.PENALTY_TOPIC, "2001:db8::1")) == [
+        b"penalty", b"SI1", b"2001:db8::1"]
+
+
+@pytest.mark.parametrize(("frames", "ok"), [
+    ([b"learn", b"SI1", b"192.0.2.1"], ("learn", "192.0.2.1")),
+    ([b"penalty", b"SI1", b"2001:DB8::1"], ("penalty", "2001:db8::1")),
+    ([b"learn", b"SI1", b"not-an-ip"], None),
+    ([b"learn", b"SI2", b"192.0.2.1"], None),
+    ([b"admin", b"SI1", b"192.0.2.1"], None),
+    ([b"learn", b"SI1"], None),
+])
+def test_shared_facts(frames: list[bytes], ok: tuple[str, str] | None) -> None:
+    if ok is None:
+        with pytest.raises(WireError):
+            wire.decode_shared(frames)
+    else:
+        fact, ip = wire.decode_shared(frames)
+        assert (fact.decode(), ip) == ok
+    with pytest.raises(WireError):
+        wire.shared_publication([b"SI1", b"SHARE", b"admin", b"192.0.2.1"])
 
 
 def test_roundtrip() -> None:
