@@ -175,6 +175,7 @@ class AcceptorContext:
         self.tls_context = starttls_context(cfg)
         self.mtls_context = mtls_context(cfg)
         self.handler = IngressHandler(self)
+        self.smtp_prototypes: dict[bool, tuple[dict[str, Any], tuple[str, ...]]] = {}
         self.sessions: set[IngressSMTP] = set()
         self.counters: Counter[str] = Counter()
         self.draining = False

@@ -163,6 +163,12 @@ class Reply:
         return f"{self.code} {self.text}".strip()
 
 
+def envelope_sender(env: dict[str, Any]) -> str:
+    """MAIL FROM of a spool envelope; the null sender is "" (the acceptor may store "<>")."""
+    sender = str(env["mail_from"]).strip()
+    return "" if sender in ("", "<>") else sender
+
+
 def _oneline(text: str, limit: int = 900) -> str:
     return " ".join(text.split())[:limit]
 
@@ -815,7 +821,7 @@ class Relay:
             try:
                 entry = spool_mod.parse(raw)
                 env = entry.envelope
-                mail_from = str(env["mail_from"])
+                mail_from = envelope_sender(env)
                 rcpts = [str(r) for r in env["rcpts"]]
                 received_at = float(env["received_at"])
             except (ValueError, KeyError, TypeError) as e:
@@ -886,7 +892,7 @@ class Relay:
                 results: dict[str, Reply], received_at: float, message: bytes) -> None:
         now = time.time()
         out = settle(state, results, now=now, received_at=received_at, cfg=self.rc)
-        mail_from = str(env["mail_from"])
+        mail_from = envelope_sender(env)
         if out.delivered_now:
             self.counters["rcpt_delivered"] += len(out.delivered_now)
         if out.bounce:
@@ -915,7 +921,7 @@ class Relay:
 
     def _bounce(self, qid: str, env: dict[str, Any], failures: Sequence[Failure],
                 received_at: float, now: float, message: bytes) -> str:
-        sender = str(env["mail_from"])
+        sender = envelope_sender(env)
         if sender == "":
             self.counters["null_sender_failed"] += 1
             return ""                           # never bounce a bounce
