@@ -37,7 +37,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
-from ingress import log, replies
+from ingress import log, metrics, proxy, replies
 from ingress.admission import Admission, AdmissionLimits
 from ingress.classify import (
     AuthResult,
@@ -155,6 +155,7 @@ class AcceptorContext:
         self.domains = frozenset(s.accepted_domains)
         self.recipients = load_recipient_map(s.recipient_map) if s.recipient_map else None
         self.static_allow = StaticAllow.from_cidrs(c.allow_cidrs)
+        self.trusted_proxies = proxy.trusted_networks(cfg.listen.trusted_proxies)
         self.learned_path = cfg.spool.state_dir / "learned.json"
         self.learned = load_learned(self.learned_path, c.learned_ttl, c.learned_max)
         self.learned_dirty = False
@@ -202,6 +203,7 @@ class AcceptorContext:
         verdict = self.admission.try_admit(proto.peer_ip, proto.lane, time.monotonic())
         if not verdict.admitted:
             self.counters[f"refused_{verdict.reason.value}"] += 1
+            proto.refused_why = verdict.reason.value
             return verdict.reply
         proto.ticket = verdict.ticket
         self.sessions.add(proto)
@@ -215,6 +217,9 @@ class AcceptorContext:
     def promote(self, proto: IngressSMTP) -> None:
         if proto.ticket is not None:
             self.admission.promote(proto.ticket)
+        if proto.admitted and proto.lane is not Lane.FAST:
+            metrics.session_close(proto.lane)
+            metrics.session_open(Lane.FAST)
         proto.lane = Lane.FAST
 
     def penalise(self, ip: str) -> None:

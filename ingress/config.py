@@ -36,6 +36,10 @@ class ListenConfig:
     host: str = "127.0.0.1"
     port: int = 2525
     backlog: int = 1024
+    proxy_protocol: bool = False        # PROXY v1/v2 header required on listen.port (behind an
+                                        # L4 balancer); never on a port direct clients use
+    trusted_proxies: tuple[str, ...] = ()   # CIDRs whose PROXY header is believed (required
+                                            # when proxy_protocol = true)
 
 
 @dataclass(frozen=True)
@@ -256,6 +260,13 @@ def _finish(cfg: Config, file: str) -> Config:
         ipaddress.ip_address(lst.host)
     except ValueError:
         raise ConfigError(file, "listen.host", f"{lst.host!r} is not an IP address") from None
+    for c in lst.trusted_proxies:
+        try:
+            ipaddress.ip_network(c, strict=False)
+        except ValueError:
+            raise ConfigError(file, "listen.trusted_proxies", f"{c!r} is not a CIDR") from None
+    need(not lst.proxy_protocol or bool(lst.trusted_proxies), "listen.trusted_proxies",
+         "must list the load balancers' addresses when listen.proxy_protocol = true")
     need(bool(s.hostname) and " " not in s.hostname, "smtp.hostname", "must be a host name")
     need(len(s.accepted_domains) > 0, "smtp.accepted_domains",
          "must list at least one domain (the ingress is never an open relay)")

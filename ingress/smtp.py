@@ -28,10 +28,11 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from ingress import log, replies
+from ingress import log, metrics, proxy, replies
 from ingress.admission import Ticket
 from ingress.classify import AuthResult, Evidence, normalize_ip
 from ingress.evidence import received_spf_header, spf_identity
@@ -100,6 +101,8 @@ class IngressSMTP(SMTP):
         self.started = 0.0
         self.last_reply = ""
         self.spf_header = ""
+        self.refused_why = ""
+        self.banner_sent = False
         self._deadline: asyncio.TimerHandle | None = None
 
     # --- connection life cycle ----------------------------------------------------------------
@@ -112,6 +115,28 @@ class IngressSMTP(SMTP):
         if peer:
             self.peer_ip = normalize_ip(peer[0])
             self.peer_port = int(peer[1])
+        if ctx.cfg.listen.proxy_protocol and not self.implicit_tls:
+            # Behind an L4 balancer: the client is who the PROXY header says, if the TCP peer
+            # is a trusted proxy. Read before classification and admission, which use it.
+            if not proxy.peer_trusted(self.peer_ip, ctx.trusted_proxies):
+                metrics.connection(self.lane, "proxy_rejected")
+                log.event("proxy_rejected", peer=self.peer_ip, why="untrusted peer")
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            self._reset_timeout(proxy.PROXY_TIMEOUT)
+            data = await get_proxy(self._reader)
+            client = proxy.proxy_peer(peer, data, ctx.trusted_proxies)
+            if client is None:
+                metrics.connection(self.lane, "proxy_rejected")
+                log.event("proxy_rejected", peer=self.peer_ip, why=data.error or "invalid")
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            self.peer_ip, self.peer_port = client
+            self._reset_timeout()
+            if self.session is not None:
+                self.session.proxy_data = data
         der = None
         if self.implicit_tls and transport is not None:
             ssl_object = transport.get_extra_info("ssl_object")
@@ -123,9 +148,12 @@ class IngressSMTP(SMTP):
         refusal = ctx.admit(self)
         if refusal is not None:
             ctx.count("refused", self.lane)
+            metrics.connection(self.lane, self.refused_why or "draining")
             self._close_with(refusal)
             return
         self.admitted = True
+        metrics.connection(self.lane, "admitted")
+        metrics.session_open(self.lane)
         self._deadline = self.loop.call_later(ctx.cfg.smtp.session_deadline, self._deadline_cb)
         pause = ctx.cfg.admission.greet_pause
         if pause > 0 and self.lane is Lane.BULK:
@@ -133,6 +161,7 @@ class IngressSMTP(SMTP):
             if self.early_talker:     # spoke before our banner: a bot that does not listen
                 ctx.penalise(self.peer_ip)
                 ctx.count("early_talker", self.lane)
+                metrics.connection(self.lane, "early_talker")
                 log.event("early_talker", peer=self.peer_ip)
                 self._close_with(replies.EARLY_TALKER)
                 return
@@ -145,6 +174,7 @@ class IngressSMTP(SMTP):
         if self.admitted:
             self.admitted = False
             self.ctx.release(self)
+            metrics.session_close(self.lane)
             log.event("session", peer=self.peer_ip, lane=self.lane.value, messages=self.messages,
                       last_reply=self.last_reply[:3],
                       duration_ms=round((time.monotonic() - self.started) * 1000, 1))
@@ -202,6 +232,9 @@ class IngressSMTP(SMTP):
     # --- commands -----------------------------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:
+        if not self.banner_sent:
+            self.banner_sent = True
+            metrics.observe_banner(self.lane, time.monotonic() - self.started)
         self.last_reply = status if isinstance(status, str) else status.decode("ascii", "replace")
         await super().push(status)
 
@@ -255,6 +288,7 @@ class IngressHandler:
                 log.event("promoted", peer=server.peer_ip, reasons=",".join(decision.reasons))
         if ctx.lane_saturated(server.lane):
             ctx.count("shed_mail", server.lane)
+            metrics.message(server.lane, "shed_at_mail")
             return replies.LANE_SATURATED
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -268,11 +302,15 @@ class IngressHandler:
         # downstream MTA relay on to `other`: refused like any other relay attempt.
         if not local or domain not in self.ctx.domains or any(c in local for c in "%!@"):
             log.event("relay_denied", peer=server.peer_ip, rcpt=address[:200])
+            metrics.recipient(server.lane, "relay_denied")
             return replies.RELAY_DENIED.format(rcpt=address[:200])
         if not self.ctx.recipient_known(address, domain):
+            metrics.recipient(server.lane, "unknown_user")
             return replies.UNKNOWN_USER.format(rcpt=address[:200])
         if len(envelope.rcpt_tos) >= self.ctx.cfg.smtp.max_recipients:
+            metrics.recipient(server.lane, "too_many")
             return replies.TOO_MANY_RECIPIENTS
+        metrics.recipient(server.lane, "accepted")
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
@@ -283,6 +321,7 @@ class IngressHandler:
         n_lf = body.count(b"\n")
         if n_lf != body.count(b"\r") or n_lf != body.count(b"\r\n"):
             log.event("bare_line_ending", peer=server.peer_ip, lane=server.lane.value)
+            metrics.message(server.lane, "rejected")
             return replies.BARE_LINE_ENDING
         ctx = self.ctx
         now = time.time()
@@ -298,6 +337,9 @@ class IngressHandler:
         t0 = time.monotonic()
         reply, why = await ctx.submit(env, body)
         ms = round((time.monotonic() - t0) * 1000, 2)
+        metrics.observe_ack(server.lane, time.monotonic() - t0)
+        metrics.message(server.lane, "accepted" if reply is not None and reply.ok
+                        else "tempfailed")
         if reply is not None and reply.ok:
             server.messages += 1
             ctx.count("accepted", server.lane)

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ingress import config as config_mod
-from ingress import log
+from ingress import log, metrics
 from ingress.config import Config, ConfigError
 
 TICK = 0.05
@@ -102,6 +102,7 @@ class Supervisor:
         self.mtls_sockets: list[socket.socket] = []
         self.flags: set[str] = set()
         self.ready_sent = False
+        self.metrics_server: metrics.MetricsServer | None = None
 
     # --- child management ---------------------------------------------------------------------
 
@@ -186,6 +187,7 @@ class Supervisor:
                 code = c.proc.exitcode if c.proc is not None else None
                 if c.proc is not None:
                     c.proc.join(0)
+                    metrics.child_dead(c.proc.pid)
                 c.failures += 1
                 backoff = min(sup.restart_backoff * 2 ** (c.failures - 1), sup.restart_backoff_max)
                 recent = sum(1 for t in c.history if now - t < sup.crash_window)
@@ -202,6 +204,7 @@ class Supervisor:
     def _reap(self, c: Child) -> None:
         if c.proc is not None:
             c.proc.join(0)
+            metrics.child_dead(c.proc.pid)
         self.children.remove(c)
         self.free_slots.append(c.slot)
 
@@ -223,6 +226,7 @@ class Supervisor:
     def start(self) -> None:
         Path(self.cfg.spool.path).mkdir(parents=True, exist_ok=True)
         (self.cfg.spool.state_dir / "run").mkdir(parents=True, exist_ok=True)
+        metrics.setup_dir(self.cfg.spool.state_dir)     # before any child is spawned
         # Port 0 (tests): the first socket picks a free port, the others share it.
         first = bind_listener(self.cfg)
         port = first.getsockname()[1]
@@ -238,6 +242,8 @@ class Supervisor:
                 self.cfg, tls=dataclasses.replace(self.cfg.tls, mtls_port=mport))
             self.mtls_sockets = [m0] + [bind_listener(self.cfg, mport)
                                         for _ in range(self.cfg.acceptor_count - 1)]
+        self.metrics_server = metrics.serve(self.cfg.metrics.listen, self.cfg.spool.path,
+                                            self.cfg.spool.state_dir)
         # In stages, so that acceptors come up to lanes that already have workers.
         ok = True
         for stage in ("broker", "worker", "acceptor"):
@@ -283,6 +289,8 @@ class Supervisor:
         self._wait_gone(rest, 10.0)
         for s in self.sockets + self.mtls_sockets:
             s.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         log.event("stopped")
         return 0
 

@@ -36,7 +36,7 @@ from typing import Any
 import orjson
 import zmq
 
-from ingress import log
+from ingress import log, metrics
 from ingress.config import Config
 from ingress.wire import (
     LANE_HEARTBEAT,
@@ -119,6 +119,7 @@ class Broker:
 
     def _nack(self, to: bytes, qid: bytes, reason: NackReason, text: str = "") -> None:
         self.counters[f"nack_{reason.value}"] = self.counters.get(f"nack_{reason.value}", 0) + 1
+        metrics.lane_nack(self.lane, reason.value)
         self._reply(to, Kind.NACK, qid, nack_detail(reason, text))
 
     # --- frontend -----------------------------------------------------------------------------
@@ -258,6 +259,8 @@ class Broker:
                "rate": self.bucket.rate, "saturated": saturated, **self.counters}
         with contextlib.suppress(zmq.ZMQError):
             self.pub.send_multipart(status(doc), zmq.NOBLOCK)
+        metrics.lane_status(self.lane, depth=depth, saturated=saturated, free_credit=free,
+                            workers=len(self.workers), tokens=tokens)
 
     def run(self) -> None:
         poller = zmq.Poller()

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 import zmq
 
-from ingress import log
+from ingress import log, metrics
 from ingress.config import Config
 from ingress.wire import (
     LANE_HEARTBEAT,
@@ -169,6 +169,8 @@ class Worker:
             return
         t0 = time.monotonic()
         results = self.spool.write_batch([(env, p.trace, p.body) for _, _, env, p in batch])
+        metrics.spooled(self.lane, sum(not isinstance(r, Exception) for r in results),
+                        seconds=time.monotonic() - t0)
         dt = time.monotonic() - t0
         for (reply_to, qid, env, p), res in zip(batch, results, strict=True):
             if isinstance(res, Exception):

@@ -108,7 +108,7 @@ class IngressBackend:
         self.ingress.stop()
 
 
-BACKEND: type[MiniBackend] | type[IngressBackend] = MiniBackend
+BACKEND: type[MiniBackend] | type[IngressBackend] = IngressBackend
 
 
 def _haproxy_bin() -> str:

@@ -18,7 +18,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -107,11 +107,17 @@ def strip_trace(raw: bytes, sender: str, rcpt: str) -> bytes:
     return raw[m.end():]
 
 
-def wait_for(cond, timeout: float, what: str, poll: float = 0.1) -> None:  # type: ignore[no-untyped-def]
+def wait_for(cond: Callable[[], object], timeout: float, what: str, poll: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(poll)
+
+
+def relaying(ing: Ingress) -> Ingress:
+    wait_for(lambda: ing.events("relay_start"), 15,
+             "the relay process (supervisor wiring: a relay child when relay.downstream is set)")
+    return ing
 
 
 def spool_count(ing: Ingress, sub: str) -> int:
@@ -123,6 +129,7 @@ def test_relay_byte_exact_to_postfix(tmp_path: Path, postfix: PostfixInstance) -
     bodies["a7@example.test"] = make_body(
         7, extra=b".leading dot line\r\n..two dots\r\n.\r\n\xc3\xa9 8-bit\r\nFrom the start\r\n")
     with Ingress(tmp_path, relay_tables(postfix)) as ing:
+        relaying(ing)
         results = asyncio.run(send_all(ing.port, bodies))
         assert all(code == 250 for code, _ in results.values()), results
         wait_for(lambda: spool_count(ing, "new") == 0, 30, "the spool to drain")
@@ -142,6 +149,7 @@ def test_postfix_down_mid_run(tmp_path: Path, postfix: PostfixInstance) -> None:
     first = {f"b{i}@example.test": make_body(100 + i) for i in range(40)}
     second = {f"c{i}@example.test": make_body(200 + i) for i in range(40)}
     with Ingress(tmp_path, relay_tables(postfix)) as ing:
+        relaying(ing)
         try:
             r1 = asyncio.run(send_all(ing.port, first))
             postfix.stop()                         # mid-run: the relay is still draining
@@ -171,6 +179,7 @@ def test_5xx_bounces_with_dsn(tmp_path: Path, postfix: PostfixInstance) -> None:
     null_marker = marker + "-null"
     null_body = body.replace(marker.encode(), null_marker.encode())
     with Ingress(tmp_path, relay_tables(postfix)) as ing:
+        relaying(ing)
         assert asyncio.run(send_one(ing.port, body, sender="alice@sender.test",
                                     rcpts=(REJECTED,)))[0] == 250
         assert asyncio.run(send_one(ing.port, null_body, sender="",
