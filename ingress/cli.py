@@ -1,4 +1,4 @@
-"""Command line: `smtp-ingress run [--config FILE]`, `smtp-ingress check-config FILE`.
+"""Command line: `smtp-ingress run|status [--config FILE]`, `smtp-ingress check-config FILE`.
 
 Exit status: 0 clean stop, 2 invalid configuration (the message names file, key and problem),
 1 anything else that stops the start (e.g. the port is taken), with one line saying why.
@@ -20,9 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--config", type=Path, help="TOML file (default: the embedded default)")
     c = sub.add_parser("check-config", help="validate a configuration file and exit")
     c.add_argument("file", type=Path)
+    st = sub.add_parser("status", help="show the running instance: lanes, sessions, spool")
+    st.add_argument("--config", type=Path, help="the running instance's TOML file")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
 
-    path = args.config if args.cmd == "run" else args.file
+    path = args.file if args.cmd == "check-config" else args.config
     try:
         cfg = config.load(path)
     except config.ConfigError as e:
@@ -31,6 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "check-config":
         print(f"{cfg.source}: ok")
         return 0
+    if args.cmd == "status":
+        import orjson
+
+        from ingress import status
+        doc = status.collect(cfg)
+        print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if args.json
+              else status.render(doc))
+        return 0 if all(v is not None for v in doc["lanes"].values()) else 1
 
     from ingress.supervisor import Supervisor
     log.setup(cfg.log.level, "supervisor")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Ingress, client_bytes, make_body, send_one, smtp_dialogue
+from tests.harness import ROOT, Ingress, client_bytes, make_body, send_one, smtp_dialogue
 
 QUEUED = re.compile(r"queued as ([0-9A-F]+)")
 
@@ -165,3 +167,37 @@ def test_session_deadline(tmp_path: Path) -> None:
         lines = asyncio.run(slow_noops())
         assert lines[-1].startswith("421 4.4.2"), lines
         assert len(lines) < 10
+
+
+def test_status_command(tmp_path: Path) -> None:
+    with Ingress(tmp_path, {"metrics": {"listen": "127.0.0.1:0"}}) as ing:
+        # Port 0 was for the test; status reads the running instance, so give it the real one.
+        metrics_port = next(int(str(e["listen"]).rsplit(":", 1)[1])
+                            for e in ing.events("metrics_listening"))
+        cfg = ing.config.read_text().replace('listen = "127.0.0.1:0"',
+                                             f'listen = "127.0.0.1:{metrics_port}"')
+        (tmp_path / "status.toml").write_text(cfg)
+
+        async def hold_and_send() -> tuple[int, str]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", ing.port)
+            await reader.readline()
+            code = await send_one(ing.port, make_body(1))
+            r = subprocess.run([sys.executable, "-m", "ingress.cli", "status", "--json",
+                                "--config", str(tmp_path / "status.toml")],
+                               capture_output=True, text=True, timeout=30, cwd=ROOT)
+            writer.close()
+            assert code[0] == 250
+            return r.returncode, r.stdout
+
+        rc, out = asyncio.run(hold_and_send())
+        assert rc == 0, out
+        doc = json.loads(out)
+        assert doc["lanes"]["bulk"]["workers"] >= 1 and doc["lanes"]["fast"]["workers"] >= 1
+        assert doc["lanes"]["bulk"]["acked"] == 1
+        assert doc["sessions"]["bulk"] >= 1          # the connection held open above
+        assert doc["spool"]["new"] == 1
+    # Nothing running: the lanes are down, exit 1.
+    r = subprocess.run([sys.executable, "-m", "ingress.cli", "status", "--config",
+                        str(tmp_path / "status.toml")], capture_output=True, text=True,
+                       timeout=30, cwd=ROOT)
+    assert r.returncode == 1 and "DOWN" in r.stdout

@@ -1,0 +1,124 @@
+"""`smtp-ingress status`: what the running instance is doing, read from the instance itself.
+
+API: collect(cfg, timeout) -> dict;  render(doc) -> str
+
+Sources, all local and read-only:
+- each lane broker's status publication (ZeroMQ SUB on the state dir's ipc sockets): queue
+  depth and bound, workers, free credit, the bulk cap's tokens and saturation, counters;
+- the Prometheus endpoint (metrics.listen), when enabled: live sessions per lane (summed over
+  the acceptor processes) and the spool/relay gauges;
+- the spool directories themselves (counted with os.scandir, bounded) when metrics are off.
+
+Failure modes: a lane whose broker does not publish within `timeout` is shown as "down";
+an unreachable metrics endpoint as "unavailable". Exit status 0 when every lane answered,
+1 otherwise (so scripts and monitoring can use it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import zmq
+from prometheus_client.parser import text_string_to_metric_families
+
+from ingress.config import Config
+from ingress.wire import STATUS_TOPIC, WireError, decode_status
+
+SCAN_LIMIT = 1_000_000
+
+
+def lane_status(cfg: Config, timeout: float) -> dict[str, dict[str, Any] | None]:
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, STATUS_TOPIC)
+    out: dict[str, dict[str, Any] | None] = {"fast": None, "bulk": None}
+    try:
+        for lane in out:
+            sub.connect(cfg.ipc(f"{lane}-status"))
+        deadline = time.monotonic() + timeout
+        while any(v is None for v in out.values()) and time.monotonic() < deadline:
+            if not sub.poll(timeout=max(1, int((deadline - time.monotonic()) * 1000))):
+                break
+            with contextlib.suppress(WireError):
+                doc = decode_status(sub.recv_multipart())
+                if doc.get("lane") in out:
+                    out[str(doc["lane"])] = doc
+    finally:
+        sub.close()
+        ctx.term()
+    return out
+
+
+def scrape(listen: str, timeout: float) -> dict[str, float] | None:
+    """Samples summed over labels we do not show (pid), keyed 'name{label=value}'."""
+    if not listen:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://{listen}/metrics", timeout=timeout) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "pid")
+            key = f"{s.name}{{{labels}}}"
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def count_files(d: Path) -> int:
+    n = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(d) as it:
+        for _ in it:
+            n += 1
+            if n >= SCAN_LIMIT:
+                break
+    return n
+
+
+def collect(cfg: Config, timeout: float = 1.5) -> dict[str, Any]:
+    lanes = lane_status(cfg, timeout)
+    m = scrape(cfg.metrics.listen, timeout)
+    spool = cfg.spool.path
+    doc: dict[str, Any] = {
+        "config": cfg.source, "listen": f"{cfg.listen.host}:{cfg.listen.port}",
+        "lanes": lanes,
+        "sessions": None if m is None else {
+            lane: m.get(f"smtp_ingress_sessions{{lane={lane}}}", 0.0) for lane in lanes},
+        "spool": {"new": count_files(spool / "new"), "failed": count_files(spool / "failed"),
+                  "tmp": count_files(spool / "tmp")},
+        "relay": cfg.relay.downstream or "(none: the spool is the destination)",
+        "metrics": cfg.metrics.listen or "(disabled)",
+    }
+    return doc
+
+
+def render(doc: dict[str, Any]) -> str:
+    lines = [f"smtp-ingress on {doc['listen']} (config {doc['config']})"]
+    sessions = doc["sessions"]
+    for lane, st in doc["lanes"].items():
+        live = "?" if sessions is None else f"{sessions[lane]:.0f}"
+        if st is None:
+            lines.append(f"  {lane:4} lane: DOWN (no status from its broker)   sessions {live}")
+            continue
+        cap = "uncapped" if not st.get("rate") else (
+            f"cap {st['rate']:g}/s, tokens {st.get('tokens')}")
+        lines.append(
+            f"  {lane:4} lane: sessions {live}, queue {st['depth']}/{st['queue_max']}, "
+            f"in flight {st.get('inflight', 0)}, workers {st['workers']} "
+            f"(free credit {st['free_credit']}), {cap}"
+            f"{', SATURATED' if st.get('saturated') else ''}; accepted {st.get('acked', 0)}, "
+            f"shed {st.get('nack_rate', 0) + st.get('nack_queue_full', 0)}")
+    sp = doc["spool"]
+    lines.append(f"  spool: {sp['new']} waiting in new/ (relay backlog), {sp['failed']} in "
+                 f"failed/, {sp['tmp']} in tmp/")
+    lines.append(f"  relay: {doc['relay']}")
+    lines.append(f"  metrics: {doc['metrics']}")
+    return "\n".join(lines)
