@@ -48,8 +48,9 @@ Duplicates are possible exactly when the downstream has taken responsibility and
 record it: (1) the process dies (kill -9, power loss) after the downstream's 2xx and before the
 state write / unlink; (2) the reply to the final "." is lost (timeout, dropped connection, or a
 stop that cancels a delivery waiting for it) although the downstream accepted the message (RFC
-1047); (3) a DSN was spooled and the process died before the failure was recorded, so the
-recipient is tried again and a second DSN may be spooled. Mail is never lost to these windows:
+1047); a lost reply is logged as relay_unsure with the qid; (3) a DSN was spooled and the process
+died before the failure was recorded, so the recipient is tried again and a second DSN may be
+spooled. Mail is never lost to these windows:
 the spool file is removed only after the reply is recorded.
 
 Signals: SIGUSR2 (the supervisor) stops taking new work, lets in-flight deliveries finish for up
@@ -879,6 +880,10 @@ class Relay:
                 if e.stage == "connect" and reused and tries == 1:
                     continue                    # a stale reused connection: once more, fresh
                 self._downstream_failed(str(e))
+                if e.stage == "data":
+                    # The message went out and its reply was lost: the downstream may have it.
+                    log.event("relay_unsure", "warning", qid=qid, rcpts=good, error=e.why,
+                              note="downstream may have accepted; the retry may duplicate")
                 reply = Reply(451, f"4.4.2 {self.target.mta_name}: {e.why}", local=True)
                 if e.stage == "connect":
                     reply = Reply(451, f"4.4.1 {self.target.mta_name}: {e.why}", local=True)

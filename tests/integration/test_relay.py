@@ -158,16 +158,27 @@ def test_postfix_down_mid_run(tmp_path: Path, postfix: PostfixInstance) -> None:
             time.sleep(2.0)                        # relay backs off against a dead port
             assert spool_count(ing, "new") > 0, "the second batch waits in the spool"
         finally:
+            # Postfix's cleanup killed mid-message leaves a temp file in incoming/ that
+            # `postfix check` (postsuper) then fails on in this private instance (it cannot open
+            # the instance maillog). It was never acknowledged (no 250): remove it as postsuper
+            # would. Queue files proper are named by queue id, temp files "<inode>.<pid>".
+            for f in (postfix.queue_dir / "incoming").rglob("*"):
+                if f.is_file() and re.fullmatch(r"\d+\.\d+", f.name):
+                    f.unlink()
             postfix.start()
         wait_for(lambda: spool_count(ing, "new") == 0, 30, "the spool to drain after restart")
         assert ing.events("relay_downstream_down") and ing.events("relay_downstream_up")
         assert spool_count(ing, "failed") == 0
-    everything = first | second
-    wait_for(lambda: len(delivered(postfix).keys() & everything.keys()) == 80, 30,
-             "every message in the Maildir")
+        everything = first | second
+        wait_for(lambda: len(delivered(postfix).keys() & everything.keys()) == 80, 30,
+                 "every message in the Maildir")
+        # Stopping Postfix can kill its smtpd after the message was queued but before the 250
+        # went out: the relay cannot know (the documented duplicate window) and says so.
+        unsure = {r for e in ing.events("relay_unsure") for r in e["rcpts"]}
     got = delivered(postfix)
     dups = {r: len(got[r]) for r in everything if len(got[r]) != 1}
-    assert not dups, f"duplicates: {dups}"
+    assert all(n == 2 for n in dups.values()), f"duplicates: {dups}"
+    assert set(dups) <= unsure, f"duplicates outside the logged window: {dups}, {unsure}"
     for rcpt, body in everything.items():
         assert strip_trace(got[rcpt][0], "alice@sender.test", rcpt) == body
 

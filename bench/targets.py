@@ -1,0 +1,437 @@
+"""Benchmark targets that bench/run.py starts and stops itself: smtp-ingress, plain aiosmtpd,
+a private Postfix, smtp-sink, and the loopback DNS server and certificates they need.
+
+Purpose
+    Give every SMTP server under test one shape (``Running``: name, host, port, optional mutual-TLS
+    port, the PIDs it consists of, ``stop()``) and make sure that every process started here is
+    stopped here, by PID, also on ^C and on errors: all starters register with a ``Processes``
+    registry (a context manager) whose exit stops whatever is still running, newest first.
+
+API
+    Processes()                          context manager; .spawn(argv, ...) -> Popen (own session,
+                                         registered), .stop(proc), .stop_all(), .pids()
+    make_pki(dir) -> Pki                 trustme CA, server cert (localhost, 127.0.0.1) and a
+                                         client cert (PEM files); Pki.as_dict() for the JSON
+    start_dns(procs, dir, records) -> (addr, Popen)
+                                         ``python -m tests.dnsserver`` as a child; addr is
+                                         "127.0.0.1@PORT" (the ingress's nameserver syntax)
+    ingress_config(template, overrides) -> dict; write_toml(path, tables)
+    start_ingress(procs, dir, template, overrides, name) -> Running
+    start_baseline(procs, dir) -> Running                     bench/baseline.py, port 0
+    start_postfix(stack, dir) -> Running | str                a str is the reason it was skipped
+    start_sink(stack) -> Running | str
+    acceptor_pids(log_path, supervisor_pid) -> list[int]      from the ingress's JSON log
+
+Failure modes
+    TargetError (RuntimeError) when a target does not come up in time (the message carries the
+    tail of its log); the partly started target is stopped before raising. Postfix/smtp-sink
+    that cannot run here (not root, not installed) are returned as a reason string, not raised.
+
+Limits
+    Loopback only. Stop = SIGTERM to the PID, wait (bounded), then SIGKILL to that PID's own
+    process group: every child is started with start_new_session=True, so a group is exactly one
+    target (the ingress supervisor and its spawned children). Never pkill/killall.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = Path(__file__).resolve().parent / "configs"
+PY = sys.executable
+
+
+class TargetError(RuntimeError):
+    """A target did not start (or answer) in time."""
+
+
+# --------------------------------------------------------------------------------------------
+# Process registry
+
+
+class Processes:
+    """Every child process the suite starts, stopped by PID on exit (also on ^C and errors)."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._logs: dict[int, IO[bytes]] = {}
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def spawn(self, argv: Sequence[str], *, log: Path | None = None, stdout_pipe: bool = False,
+              env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in its own session; stderr (and stdout unless piped) into ``log``."""
+        out: IO[bytes] | int = subprocess.DEVNULL
+        logf = None
+        if log is not None:
+            logf = open(log, "ab")  # noqa: SIM115 - closed in stop()
+            out = logf
+        proc = subprocess.Popen(
+            list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout_pipe else out, stderr=out,
+            start_new_session=True)
+        self._procs.append(proc)
+        if logf is not None:
+            self._logs[proc.pid] = logf
+        return proc
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p.poll() is None]
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 30.0,
+             sig: int = signal.SIGTERM) -> int | None:
+        """SIGTERM (or ``sig``), wait up to ``timeout`` s, then SIGKILL its own process group."""
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # its own session: only this target
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(5.0)
+        # Whatever the target left behind in its own group (e.g. a child that outlived it).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        logf = self._logs.pop(proc.pid, None)
+        if logf is not None:
+            logf.close()
+        if proc in self._procs:
+            self._procs.remove(proc)
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self._procs)):
+            with contextlib.suppress(Exception):
+                self.stop(proc, timeout=20.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The common shape of a running target
+
+
+@dataclass
+class Running:
+    """A started SMTP server. ``stop()`` returns its exit code (None if not applicable)."""
+
+    name: str
+    host: str
+    port: int
+    mtls_port: int | None = None
+    pids: Callable[[], list[int]] = field(default=lambda: [], repr=False)
+    stop: Callable[[], int | None] = field(default=lambda: None, repr=False)
+    drain: Callable[[float], bool] | None = field(default=None, repr=False)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+# --------------------------------------------------------------------------------------------
+# Certificates and DNS
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_pem: Path  # client key + certificate chain, one PEM
+
+    def as_dict(self) -> dict[str, str]:
+        return {k: str(v) for k, v in self.__dict__.items()}
+
+
+def make_pki(directory: Path) -> Pki:
+    """A throw-away CA (trustme), a server cert for localhost/127.0.0.1, a client cert."""
+    import trustme
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    server = ca.issue_cert("mx.bench.test", "localhost", "127.0.0.1")
+    client = ca.issue_cert("legit-client.bench.test")
+    pki = Pki(directory / "ca.pem", directory / "server.pem", directory / "server.key",
+              directory / "client.pem")
+    ca.cert_pem.write_to_path(str(pki.ca))
+    server.cert_chain_pems[0].write_to_path(str(pki.server_cert))
+    server.private_key_pem.write_to_path(str(pki.server_key))
+    client.private_key_and_cert_chain_pem.write_to_path(str(pki.client_pem))
+    return pki
+
+
+def start_dns(procs: Processes, directory: Path, records: dict[str, dict[str, list[str]]],
+              timeout: float = 15.0) -> tuple[str, subprocess.Popen[bytes]]:
+    """Run tests/dnsserver.py as a child; return ("127.0.0.1@PORT", process)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rec = directory / "dns-records.json"
+    rec.write_text(json.dumps(records, indent=1))
+    proc = procs.spawn([PY, "-m", "tests.dnsserver", str(rec)], log=directory / "dns.log",
+                       stdout_pipe=True)
+    assert proc.stdout is not None
+    line = _read_line(proc, timeout)
+    if not line.strip().isdigit():
+        procs.stop(proc)
+        raise TargetError(f"DNS server did not report its port (got {line!r})")
+    return f"127.0.0.1@{int(line)}", proc
+
+
+def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """First stdout line of ``proc`` within ``timeout`` s ('' if none)."""
+    import selectors
+
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    buf = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while b"\n" not in buf and time.monotonic() < deadline:
+            if not sel.select(max(0.0, deadline - time.monotonic())):
+                break
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        sel.close()
+    return buf.decode("utf-8", "replace").split("\n", 1)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# smtp-ingress
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str | Path):
+        return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, int | float):
+        return repr(v)
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
+    """{"lanes": {"bulk": {"rate": 1}}} -> {"lanes.bulk": {"rate": 1}} (tables of scalars)."""
+    tables: dict[str, dict[str, Any]] = {}
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            for tk, tv in _flatten(v, f"{prefix}{k}.").items():
+                tables.setdefault(tk, {}).update(tv)
+        else:
+            tables.setdefault(prefix.rstrip("."), {})[k] = v
+    return tables
+
+
+def write_toml(path: Path, tables: dict[str, dict[str, Any]]) -> None:
+    lines: list[str] = []
+    for table, kv in tables.items():
+        if not kv:
+            continue
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in kv.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def ingress_config(template: Path, overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str,
+                                                                                         Any]]:
+    """The template's tables (dotted names) with ``overrides`` merged in, table by table."""
+    with open(template, "rb") as f:
+        tables = _flatten(tomllib.load(f))
+    for table, kv in overrides.items():
+        tables.setdefault(table, {}).update(kv)
+    return tables
+
+
+def _log_docs(path: Path) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+        for line in f:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                doc = orjson.loads(line)
+                if isinstance(doc, dict):
+                    out.append(doc)
+    return out
+
+
+def _tail(path: Path, n: int = 20) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    return ""
+
+
+def _children(ppid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            rest = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(rest[1]) == ppid and rest[0] != "Z":
+            out.append(int(d.name))
+    return out
+
+
+def acceptor_pids(log_path: Path, supervisor_pid: int) -> list[int]:
+    """Live acceptor processes of the ingress, from its child_start log events."""
+    live = set(_children(supervisor_pid))
+    return [int(d["child_pid"]) for d in _log_docs(log_path)
+            if d.get("event") == "child_start" and d.get("kind") == "acceptor"
+            and int(d.get("child_pid", 0)) in live]
+
+
+def start_ingress(procs: Processes, directory: Path, template: Path,
+                  overrides: dict[str, dict[str, Any]], name: str = "smtp-ingress",
+                  timeout: float = 90.0) -> Running:
+    """Write the config (template + overrides + temp spool/state), start, wait for "ready"."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = Path(tempfile.mkdtemp(prefix="sib-", dir="/tmp"))  # short: ipc socket paths
+    tables = ingress_config(template, {
+        "listen": {"port": 0},
+        "spool": {"path": str(directory / "spool"), "state_dir": str(state)},
+        **overrides,
+    })
+    cfg_path = directory / "ingress.toml"
+    write_toml(cfg_path, tables)
+    log = directory / "ingress.log"
+    proc = procs.spawn([PY, "-m", "ingress.cli", "run", "--config", str(cfg_path)], log=log)
+
+    def stop() -> int | None:
+        code = procs.stop(proc, timeout=40.0)
+        shutil.rmtree(state, ignore_errors=True)
+        return code
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for doc in _log_docs(log):
+            if doc.get("event") == "not_ready":
+                stop()
+                raise TargetError(f"{name}: not ready:\n{_tail(log)}")
+            if doc.get("event") == "ready":
+                port = int(str(doc["listen"]).rsplit(":", 1)[1])
+                mport = int(doc.get("mtls_port", -1))
+                return Running(
+                    name, "127.0.0.1", port, mport if mport > 0 else None,
+                    pids=lambda: [proc.pid, *_children(proc.pid)], stop=stop,
+                    info={"config": str(cfg_path), "config_tables": tables, "log": str(log),
+                          "supervisor_pid": proc.pid, "acceptors": doc.get("acceptors"),
+                          "fast_workers": doc.get("fast_workers"),
+                          "bulk_workers": doc.get("bulk_workers")})
+        if proc.poll() is not None:
+            stop()
+            raise TargetError(f"{name} exited {proc.returncode} at start:\n{_tail(log)}")
+        time.sleep(0.1)
+    stop()
+    raise TargetError(f"{name}: no ready line within {timeout:g}s:\n{_tail(log)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Plain aiosmtpd, Postfix, smtp-sink
+
+
+def start_baseline(procs: Processes, directory: Path, name: str = "aiosmtpd",
+                   timeout: float = 30.0) -> Running:
+    """bench/baseline.py on a free port (its READY line), spool in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    proc = procs.spawn([PY, "-m", "bench.baseline", "--port", "0", "--spool",
+                        str(directory / "spool"), "--domain", "example.test"],
+                       log=directory / "baseline.log", stdout_pipe=True)
+    line = _read_line(proc, timeout)
+    if not line.startswith("READY "):
+        procs.stop(proc)
+        raise TargetError(f"{name}: no READY line (got {line!r}): "
+                          f"{_tail(directory / 'baseline.log')}")
+    return Running(name, "127.0.0.1", int(line.split()[1]), None,
+                   pids=lambda: [proc.pid] if proc.poll() is None else [],
+                   stop=lambda: procs.stop(proc, timeout=10.0),
+                   info={"backlog": 100, "note": "single process, no connection cap"})
+
+
+def start_postfix(stack: contextlib.ExitStack, directory: Path,
+                  name: str = "postfix") -> Running | str:
+    """A private Postfix (default limits, discard delivery); a str is why it was skipped."""
+    from bench.postfix import (
+        PostfixError,
+        PostfixInstance,
+        PostfixUnavailable,
+        check_available,
+        free_port,
+    )
+
+    try:
+        check_available()
+    except PostfixUnavailable as e:
+        return str(e)
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)  # the postfix user must traverse it
+    pf = PostfixInstance(directory, free_port(), accept_domains=("example.test",),
+                         delivery="discard")
+    try:
+        stack.enter_context(pf)
+    except (PostfixUnavailable, PostfixError, ValueError, OSError) as e:
+        return f"could not start: {str(e).splitlines()[0]}"
+    info: dict[str, Any] = {"version": pf.version()}
+    with contextlib.suppress(Exception):
+        info["default_process_limit"] = pf.postconf("default_process_limit")
+        info["smtpd_client_connection_count_limit"] = pf.postconf(
+            "smtpd_client_connection_count_limit")
+
+    def stop() -> None:
+        pf.stop()
+
+    return Running(name, pf.host, pf.port, None, pids=pf.pids, stop=stop,
+                   drain=pf.wait_queue_empty, info=info)
+
+
+def start_sink(stack: contextlib.ExitStack, name: str = "smtp-sink") -> Running | str:
+    from bench.postfix import free_port
+    from bench.throughput import SmtpSink, ToolMissing
+
+    sink = SmtpSink(free_port())
+    try:
+        stack.enter_context(sink)
+    except (ToolMissing, RuntimeError, OSError) as e:
+        return str(e)
+
+    def stop() -> None:
+        sink.stop()
+
+    return Running(name, sink.host, sink.port, None,
+                   pids=lambda: [sink.pid] if sink.pid else [], stop=stop)
+
+
+def postfix_version() -> str | None:
+    with contextlib.suppress(Exception):
+        from bench.postfix import PostfixInstance
+
+        return PostfixInstance.version()
+    return None
