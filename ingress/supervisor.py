@@ -3,7 +3,8 @@
 API: Supervisor(cfg, config_path).run() -> int (exit status)
 
 Children (multiprocessing, *spawn* start method; no event loop or zmq.Context exists in this
-process): one broker per lane, `lanes.<lane>.workers` workers per lane, and `acceptors` acceptors.
+process): one broker per lane, `lanes.<lane>.workers` workers per lane, the relay (only with a
+relay.downstream), and `acceptors` acceptors.
 The supervisor binds one SO_REUSEPORT listening socket per acceptor slot and hands it to that
 slot's acceptor. Because the socket outlives its acceptor, restarting or replacing an acceptor
 never closes a listening socket, so connections waiting in its backlog are never reset (plain
@@ -112,6 +113,9 @@ class Supervisor:
             i = c.key[1]
             mtls = self.mtls_sockets[i] if self.mtls_sockets else None
             return acceptor.run, (c.cfg, i, self.sockets[i], self.hb, c.slot, mtls)
+        if c.kind == "relay":
+            from workers import relay
+            return relay.run, (c.cfg, self.hb, c.slot)
         if c.kind == "broker":
             from workers import broker
             return broker.run, (c.cfg, c.key[1], self.hb, c.slot)
@@ -140,6 +144,8 @@ class Supervisor:
         for lane in ("fast", "bulk"):
             out.append(("broker", ("broker", lane)))
             out += [("worker", ("worker", lane, i)) for i in range(cfg.worker_count(lane))]
+        if cfg.relay.downstream:         # "": the spool itself is the destination
+            out.append(("relay", ("relay", "main")))
         out += [("acceptor", ("acceptor", i)) for i in range(cfg.acceptor_count)]
         return out
 
@@ -246,7 +252,7 @@ class Supervisor:
                                             self.cfg.spool.state_dir)
         # In stages, so that acceptors come up to lanes that already have workers.
         ok = True
-        for stage in ("broker", "worker", "acceptor"):
+        for stage in ("broker", "worker", "relay", "acceptor"):
             kids = [self._new_child(kind, key, self.cfg)
                     for kind, key in self._wanted(self.cfg) if kind == stage]
             ok = self._wait_ready(kids, 60.0) and ok
