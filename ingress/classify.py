@@ -59,7 +59,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from ingress.wire import Lane
+from ingress.wire import AuthResult, Lane
 
 __all__ = [
     "AuthResult",
@@ -77,18 +77,6 @@ __all__ = [
     "promote",
     "should_learn",
 ]
-
-
-class AuthResult(StrEnum):
-    """SPF / DKIM result, spelled as in RFC 7208 and RFC 8601."""
-
-    PASS = "pass"
-    FAIL = "fail"
-    SOFTFAIL = "softfail"
-    NEUTRAL = "neutral"
-    NONE = "none"
-    TEMPERROR = "temperror"
-    PERMERROR = "permerror"
 
 
 class CertResult(StrEnum):

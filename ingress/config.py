@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ingress.resolver import parse_nameserver
+
 
 class ConfigError(Exception):
     """An invalid configuration: names the file, the key and what is wrong."""
@@ -311,13 +313,10 @@ def _finish(cfg: Config, file: str) -> Config:
     need(0 < c.dkim_deadline < s.ack_timeout, "classify.dkim_deadline",
          "must be > 0 and below smtp.ack_timeout (it runs before the ack)")
     for ns in c.nameservers:
-        host = ns.split("@")[0]
-        if host.count(":") == 1:
-            host = host.split(":")[0]
         try:
-            ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            raise ConfigError(file, "classify.nameservers", f"{ns!r} is not ip[@port]") from None
+            parse_nameserver(ns)
+        except ValueError as e:
+            raise ConfigError(file, "classify.nameservers", str(e)) from None
     a = cfg.admission
     need(a.per_ip_bulk_max >= 1, "admission.per_ip_bulk_max", "must be >= 1")
     need(a.per_ip_rate >= 0, "admission.per_ip_rate", "must be >= 0 (0 = off)")

@@ -51,10 +51,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import re
 import threading
-from collections.abc import Iterable
 from concurrent.futures import Executor
 from typing import Any
 
@@ -64,6 +62,7 @@ import dns.resolver
 import spf
 
 from ingress.classify import AuthResult, CertResult
+from ingress.resolver import make_resolver, parse_nameserver
 
 __all__ = [
     "cert_evidence",
@@ -75,57 +74,6 @@ __all__ = [
     "sha256_fingerprint",
     "spf_identity",
 ]
-
-
-# --------------------------------------------------------------------------- resolver
-
-
-def parse_nameserver(spec: str) -> tuple[str, int]:
-    """ "ip", "ip:port" (IPv4), "[ipv6]:port", "ip@port" -> (ip, port). Raises ValueError."""
-    s = spec.strip()
-    port = 53
-    host = s
-    if "@" in s:
-        host, _, p = s.rpartition("@")
-        port = int(p)
-    elif s.startswith("["):
-        m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", s)
-        if not m:
-            raise ValueError(f"invalid nameserver {spec!r}")
-        host = m.group(1)
-        port = int(m.group(2)) if m.group(2) else 53
-    elif s.count(":") == 1:  # IPv4 with port (a bare IPv6 address has >= 2 colons)
-        host, _, p = s.partition(":")
-        port = int(p)
-    host = host.strip("[]")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(
-            f"nameserver must be an IP address (optionally with port): {spec!r}"
-        ) from None
-    if not 0 < port < 65536:
-        raise ValueError(f"invalid nameserver port in {spec!r}")
-    return host, port
-
-
-def make_resolver(
-    nameservers: Iterable[str], timeout: float, cache_size: int = 10000
-) -> dns.resolver.Resolver:
-    """A dnspython resolver with an LRU cache, bounded timeouts and the given nameservers."""
-    if not timeout > 0:
-        raise ValueError("resolver timeout must be > 0")
-    specs = list(nameservers)
-    if specs:
-        res = dns.resolver.Resolver(configure=False)
-        res.nameservers = [dns.nameserver.Do53Nameserver(*parse_nameserver(s)) for s in specs]
-    else:
-        res = dns.resolver.Resolver(configure=True)
-    res.timeout = timeout
-    res.lifetime = timeout
-    res.retry_servfail = False
-    res.cache = dns.resolver.LRUCache(cache_size)
-    return res
 
 
 # --------------------------------------------------------------------------- pyspf glue

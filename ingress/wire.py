@@ -53,6 +53,19 @@ class Lane(StrEnum):
     BULK = "bulk"
 
 
+class AuthResult(StrEnum):
+    """SPF / DKIM result, spelled as in RFC 7208 and RFC 8601 (the envelope's evidence carries
+    SPF results; workers report DKIM results in the same vocabulary)."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    SOFTFAIL = "softfail"
+    NEUTRAL = "neutral"
+    NONE = "none"
+    TEMPERROR = "temperror"
+    PERMERROR = "permerror"
+
+
 class Kind(bytes, Enum):
     SUBMIT = b"SUBMIT"
     WORK = b"WORK"

@@ -9,9 +9,7 @@ Purpose
 
 API
     make_resolver(nameservers, timeout, cache_size=10000) -> dns.resolver.Resolver
-        Same spec as ingress.evidence.make_resolver ("ip", "ip:port", "[v6]:port",
-        "ip@port"; [] = system). Duplicated because workers may import only ingress.wire and
-        ingress.config from ingress/.
+        ingress.resolver's, the same factory the acceptors use for SPF.
     make_dnsfunc(resolver, timeout, trace=None) -> dnsfunc(name: bytes, timeout=5) -> bytes|None
         dkimpy-compatible TXT lookup through our resolver; records outcomes in `trace`.
     verify_dkim(message, *, resolver, timeout=2.0, deadline_s=5.0, max_signatures=20,
@@ -23,8 +21,7 @@ API
     authentication_results(authserv_id, *, spf=None, spf_domain=None, spf_helo=None,
                            dkim_results=(), comment=None) -> bytes
     strip_forged_ar(message, authserv_id) -> bytes
-    Result values are the strings of ingress.classify.AuthResult (pass|fail|...); this module
-    cannot import ingress.classify, so it defines the same StrEnum locally (DkimResult).
+    Results are ingress.wire.AuthResult (DkimResult is the same enum).
 
 Result mapping (RFC 6376 / RFC 8601)
     signature verifies -> pass; body hash or signature mismatch -> fail;
@@ -55,17 +52,17 @@ Limits
 from __future__ import annotations
 
 import email.utils
-import ipaddress
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 import dkim
 import dns.exception
-import dns.nameserver
 import dns.resolver
+
+from ingress.resolver import make_resolver
+from ingress.wire import AuthResult
 
 __all__ = [
     "DkimReport",
@@ -81,57 +78,7 @@ __all__ = [
 ]
 
 
-class DkimResult(StrEnum):
-    """Same values as ingress.classify.AuthResult (kept in step by a test)."""
-
-    PASS = "pass"
-    FAIL = "fail"
-    SOFTFAIL = "softfail"
-    NEUTRAL = "neutral"
-    NONE = "none"
-    TEMPERROR = "temperror"
-    PERMERROR = "permerror"
-
-
-# --------------------------------------------------------------------------- resolver
-
-
-def _parse_nameserver(spec: str) -> tuple[str, int]:
-    s = spec.strip()
-    port = 53
-    host = s
-    if "@" in s:
-        host, _, p = s.rpartition("@")
-        port = int(p)
-    elif s.startswith("["):
-        m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", s)
-        if not m:
-            raise ValueError(f"invalid nameserver {spec!r}")
-        host, port = m.group(1), int(m.group(2) or 53)
-    elif s.count(":") == 1:
-        host, _, p = s.partition(":")
-        port = int(p)
-    host = host.strip("[]")
-    ipaddress.ip_address(host)  # ValueError if not an IP literal
-    if not 0 < port < 65536:
-        raise ValueError(f"invalid nameserver port in {spec!r}")
-    return host, port
-
-
-def make_resolver(
-    nameservers: Iterable[str], timeout: float, cache_size: int = 10000
-) -> dns.resolver.Resolver:
-    specs = list(nameservers)
-    if specs:
-        res = dns.resolver.Resolver(configure=False)
-        res.nameservers = [dns.nameserver.Do53Nameserver(*_parse_nameserver(s)) for s in specs]
-    else:
-        res = dns.resolver.Resolver(configure=True)
-    res.timeout = timeout
-    res.lifetime = timeout
-    res.retry_servfail = False
-    res.cache = dns.resolver.LRUCache(cache_size)
-    return res
+DkimResult = AuthResult      # the one result vocabulary (ingress.wire.AuthResult)
 
 
 @dataclass(slots=True)
