@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 KINDS = ("trusted", "cert", "spf")
+TARGET_ORDER = ("smtp-ingress", "postfix", "aiosmtpd")
 BOT_ROLES = ("stall", "trickle", "early")
 
 # --------------------------------------------------------------------------------------------
@@ -163,6 +164,14 @@ def _summary(entry: dict[str, Any]) -> dict[str, Any]:
     if "summary" in entry:
         return entry["summary"]
     return summarise_flood(entry.get("result") or {})
+
+
+def flood_targets(doc: dict[str, Any]) -> list[str]:
+    """Targets that ran the floods, smtp-ingress first, then Postfix and aiosmtpd."""
+    names = [t for t, v in (doc.get("targets") or {}).items()
+             if v.get("status") == "ok" and v.get("role", "flood") == "flood"]
+    rank = {t: i for i, t in enumerate(TARGET_ORDER)}
+    return sorted(names, key=lambda t: (rank.get(t, len(rank)), t))
 
 
 def _find(doc: dict[str, Any], scenario: str, target: str) -> dict[str, Any] | None:
@@ -311,8 +320,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
     out.append("")
 
     scen = doc.get("scenarios") or {}
-    targets = [t for t, v in (doc.get("targets") or {}).items()
-               if v.get("status") == "ok" and v.get("role", "flood") == "flood"]
+    targets = flood_targets(doc)
     out += ["### Legitimate mail during the floods", "",
             "Each legitimate sender sends one message every "
             f"{_fmt_num(params.get('legit_interval_s'), 2)} s on a fresh connection; latency "
@@ -331,11 +339,12 @@ def render_markdown(doc: dict[str, Any]) -> str:
                 ls = s["legit"].get(k)
                 if ls:
                     for code, n in ls["failures"].items():
-                        fails[f"{k} {code}"] = n
+                        fails[f"{k}: {code}"] = n
             rows.append([sc.get("label", name), t,
                          *[_legit_cell(s["legit"].get(k)) for k in KINDS],
                          _codes(fails) or "—"])
-    out += _table(["scenario", "target", "trusted", "cert", "spf", "failures (sender codexn)"],
+    out += _table(["scenario", "target", "trusted", "cert", "spf",
+                   "failures (sender: code x count)"],
                   rows)
     out.append("")
 
@@ -426,8 +435,7 @@ def plot(doc: dict[str, Any], path: Path,
     import matplotlib.pyplot as plt
 
     scen = doc.get("scenarios") or {}
-    targets = [t for t, v in (doc.get("targets") or {}).items()
-               if v.get("status") == "ok" and v.get("role", "flood") == "flood"]
+    targets = flood_targets(doc)
     rows = [s for s in scenarios if any(_find(doc, s, t) for t in targets)]
     if not rows or not targets:
         return None
@@ -475,11 +483,14 @@ def plot(doc: dict[str, Any], path: Path,
                 ax.set_xlabel("seconds into the scenario")
             if j == 0:
                 ax.set_ylabel("connect → 250 (ms, log)")
-            if i == 0 and j == 0:
-                ax.legend(fontsize=7, markerscale=3, loc="upper left")
-    fig.suptitle("Legitimate mail latency during the flood (x at top = not accepted)",
-                 fontsize=10)
-    fig.tight_layout()
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in colors.items()]
+    handles.append(Line2D([], [], marker="x", ls="", color="black", label="not accepted"))
+    fig.legend(handles=handles, loc="upper right", fontsize=8, ncol=len(handles))
+    fig.suptitle("Legitimate mail latency during the flood: connect → 250, one point per "
+                 "message", fontsize=10, x=0.35)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

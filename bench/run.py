@@ -551,6 +551,12 @@ def main(argv: list[str] | None = None) -> int:
                             tables = target.info["config_tables"]
                             doc["params"]["bulk_rate_cap"] = tables["lanes.bulk"]["rate"]
                             doc["params"]["ingress_config"] = tables
+                            gp = tables.get("admission", {}).get("greet_pause", 0)
+                            if gp:
+                                notes.append(
+                                    f"smtp-ingress: the SPF sender's latency includes the "
+                                    f"{gp:g} s greet pause (early-talker test): it is a bulk "
+                                    f"client until its MAIL FROM passes SPF.")
                         else:
                             target = start_baseline(procs, work / "aiosmtpd")
                         doc["targets"][name] = {"status": "ok", "role": "flood",

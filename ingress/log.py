@@ -1,7 +1,7 @@
 """JSON-lines logging (orjson) for every process, one object per line on stderr.
 
 API:
-    setup(level, proc)                  once per process, after spawn
+    setup(level, proc)                  once per process, after spawn (sets the process title)
     event(name, level="info", **fields) one structured line: {"ts","lvl","proc","pid","event",...}
     get() -> logging.Logger             for exceptions (log.exception(...) keeps the traceback in
                                         the log line's "exc" field, never in an SMTP reply)
@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import orjson
+import setproctitle
 
 _LOGGER = logging.getLogger("smtp_ingress")
 _proc = "main"
@@ -49,8 +50,11 @@ class _SafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def setup(level: str, proc: str) -> None:
+    """JSON logging for this process, named `proc`; also its title in ps/top
+    ("smtp-ingress: acceptor-0"), so an operator can tell the processes apart."""
     global _proc
     _proc = proc
+    setproctitle.setproctitle(f"smtp-ingress: {proc}")
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
