@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import fcntl
 import multiprocessing as mp
 import os
 import signal
@@ -77,10 +78,26 @@ def sd_notify(msg: str) -> None:
         s.sendall(msg.encode())
 
 
-def bind_listener(cfg: Config, port: int | None = None) -> socket.socket:
+def port_free(family: int, host: str, port: int) -> bool:
+    """SO_REUSEPORT would let a second instance (same user) share a port with the first, the
+    kernel splitting the clients between two spools. A plain bind tells whether anyone
+    listens there already."""
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def bind_listener(cfg: Config, port: int | None = None, first: bool = False) -> socket.socket:
+    """One SO_REUSEPORT listening socket; `first` refuses a port someone already listens on."""
     host = cfg.listen.host
     port = cfg.listen.port if port is None else port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if first and port and not port_free(family, host, port):
+        raise OSError(f"{host}:{port} is already in use (another smtp-ingress or MTA?)")
     s = socket.socket(family, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -229,12 +246,25 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.flags.add({signal.SIGHUP: "reload"}.get(signum, "stop"))
 
+    def _lock_state_dir(self) -> None:
+        """One instance per state dir: its ipc sockets, metrics files and learned cache."""
+        path = self.cfg.spool.state_dir / "supervisor.lock"
+        self.lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.pread(self.lock_fd, 32, 0).decode(errors="replace").strip()
+            raise OSError(f"{self.cfg.spool.state_dir} is in use by another smtp-ingress "
+                          f"(pid {other or '?'})") from None
+        os.ftruncate(self.lock_fd, 0)
+        os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
+
     def start(self) -> None:
         Path(self.cfg.spool.path).mkdir(parents=True, exist_ok=True)
         (self.cfg.spool.state_dir / "run").mkdir(parents=True, exist_ok=True)
-        metrics.setup_dir(self.cfg.spool.state_dir)     # before any child is spawned
+        self._lock_state_dir()
         # Port 0 (tests): the first socket picks a free port, the others share it.
-        first = bind_listener(self.cfg)
+        first = bind_listener(self.cfg, first=True)
         port = first.getsockname()[1]
         if port != self.cfg.listen.port:
             self.cfg = dataclasses.replace(
@@ -242,12 +272,13 @@ class Supervisor:
         self.sockets = [first] + [bind_listener(self.cfg)
                                   for _ in range(self.cfg.acceptor_count - 1)]
         if self.cfg.tls.mtls_port >= 0:
-            m0 = bind_listener(self.cfg, self.cfg.tls.mtls_port)
+            m0 = bind_listener(self.cfg, self.cfg.tls.mtls_port, first=True)
             mport = m0.getsockname()[1]
             self.cfg = dataclasses.replace(
                 self.cfg, tls=dataclasses.replace(self.cfg.tls, mtls_port=mport))
             self.mtls_sockets = [m0] + [bind_listener(self.cfg, mport)
                                         for _ in range(self.cfg.acceptor_count - 1)]
+        metrics.setup_dir(self.cfg.spool.state_dir)     # before any child is spawned
         self.metrics_server = metrics.serve(self.cfg.metrics.listen, self.cfg.spool.path,
                                             self.cfg.spool.state_dir)
         # In stages, so that acceptors come up to lanes that already have workers.

@@ -201,3 +201,20 @@ def test_status_command(tmp_path: Path) -> None:
                         str(tmp_path / "status.toml")], capture_output=True, text=True,
                        timeout=30, cwd=ROOT)
     assert r.returncode == 1 and "DOWN" in r.stdout
+
+
+def test_second_instance_refused(ingress: Ingress, tmp_path: Path) -> None:
+    """SO_REUSEPORT would let a second instance share the port (and split the mail between two
+    spools); the supervisor refuses instead, and refuses a state dir that is in use."""
+    text = ingress.config.read_text()
+    same_port = tmp_path / "same_port.toml"
+    same_port.write_text(text.replace("port = 0", f"port = {ingress.port}").replace(
+        str(ingress.state), str(tmp_path / "other-state")))
+    same_state = tmp_path / "same_state.toml"
+    same_state.write_text(text)
+    for cfg, why in ((same_port, "already in use"), (same_state, "in use by another")):
+        r = subprocess.run([sys.executable, "-m", "ingress.cli", "run", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert r.returncode == 1 and why in r.stderr, (r.returncode, r.stderr)
+    code, text = asyncio.run(send_one(ingress.port, make_body(1)))
+    assert code == 250, text
