@@ -70,6 +70,7 @@ from ingress.wire import (
 )
 
 HANDOFF_RETRY = 1.5          # seconds to keep trying to reach a broker that is not connected
+SPF_BACKLOG = 64             # SPF checks waiting per lane before new ones get temperror
 LEARNED_SAVE_INTERVAL = 5.0  # seconds between saves of a changed learned allow cache
 
 
@@ -173,6 +174,7 @@ class AcceptorContext:
         # lookups never delays the fast lane's.
         self.spf_pools = {lane: ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"spf-{lane}")
                           for lane in Lane}
+        self.spf_inflight: Counter[Lane] = Counter()
         self.tls_context = starttls_context(cfg)
         self.mtls_context = mtls_context(cfg)
         self.handler = IngressHandler(self)
@@ -229,12 +231,22 @@ class AcceptorContext:
             self.lanes[Lane.BULK].sock.send_multipart(share(PENALTY_TOPIC, ip), zmq.NOBLOCK)
 
     async def spf(self, proto: IngressSMTP, mail_from: str, helo: str) -> tuple[AuthResult, str]:
+        """SPF in the lane's thread pool, with a deadline. When SPF_BACKLOG checks are already
+        waiting (a slow DNS server under a flood), the answer is temperror at once: the pool's
+        queue never grows without bound and no session waits behind hundreds of others."""
         assert self.resolver is not None
-        return await check_spf(proto.peer_ip, mail_from, helo, resolver=self.resolver,
-                               deadline_s=min(self.cfg.classify.spf_deadline,
-                                              self.cfg.smtp.idle_timeout / 2),
-                               executor=self.spf_pools[proto.lane],
-                               receiver=self.cfg.smtp.hostname)
+        if self.spf_inflight[proto.lane] >= SPF_BACKLOG:
+            self.counters["spf_backlog"] += 1
+            return AuthResult.TEMPERROR, "SPF backlog full"
+        self.spf_inflight[proto.lane] += 1
+        try:
+            return await check_spf(proto.peer_ip, mail_from, helo, resolver=self.resolver,
+                                   deadline_s=min(self.cfg.classify.spf_deadline,
+                                                  self.cfg.smtp.idle_timeout / 2),
+                                   executor=self.spf_pools[proto.lane],
+                                   receiver=self.cfg.smtp.hostname)
+        finally:
+            self.spf_inflight[proto.lane] -= 1
 
     def lane_saturated(self, lane: Lane) -> bool:
         return lane is Lane.BULK and self.lanes[lane].saturated()

@@ -119,7 +119,8 @@ class Supervisor:
         self.sockets: list[socket.socket] = []
         self.mtls_sockets: list[socket.socket] = []
         self.flags: set[str] = set()
-        self.ready_sent = False
+        self.watchdog = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
+        self.next_watchdog = 0.0
         self.metrics_server: metrics.MetricsServer | None = None
 
     # --- child management ---------------------------------------------------------------------
@@ -179,8 +180,13 @@ class Supervisor:
         return False
 
     def _watch(self) -> None:
+        """One pass over the children; every wait loop (start, reload, drain) calls it, so the
+        systemd watchdog is fed from here."""
         now = time.monotonic()
         sup = self.cfg.supervisor
+        if self.watchdog and now >= self.next_watchdog:
+            sd_notify("WATCHDOG=1")
+            self.next_watchdog = now + self.watchdog / 2
         for c in list(self.children):
             alive = c.proc is not None and c.proc.is_alive()
             if c.retiring:
@@ -299,16 +305,11 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         self.start()
-        wd = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
-        next_wd = 0.0
         while "stop" not in self.flags:
             if "reload" in self.flags:
                 self.flags.discard("reload")
                 self.reload()
             self._watch()
-            if wd and time.monotonic() >= next_wd:
-                sd_notify("WATCHDOG=1")
-                next_wd = time.monotonic() + wd / 2
             time.sleep(TICK)
         return self.drain()
 
