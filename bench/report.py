@@ -303,6 +303,11 @@ def render_markdown(doc: dict[str, Any]) -> str:
                f"started {doc.get('started', '?')}, took {_fmt_num(doc.get('elapsed_s'), 0)} s.")
     out.append("")
     out.append(f"Machine: {_machine_line(doc)}.")
+    g = doc.get("git") or {}
+    if g.get("commit"):
+        out.append("")
+        out.append(f"Code: commit {g['commit'][:10]}" +
+                   (" (ingress/ or workers/ modified)" if g.get("dirty") else "") + ".")
     out.append("")
     tnotes = []
     for name, t in (doc.get("targets") or {}).items():

@@ -206,6 +206,18 @@ def machine() -> dict[str, Any]:
     }
 
 
+def git_state() -> dict[str, Any]:
+    """The commit the ingress code was measured at, and whether ingress/ or workers/ differ."""
+    def git(*args: str) -> str:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            return subprocess.run(["git", *args], cwd=BENCH.parent, capture_output=True,
+                                  text=True, timeout=10, check=False).stdout.strip()
+        return ""
+
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--", "ingress", "workers"))}
+
+
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for pkg in ("smtp-ingress", "aiosmtpd", "uvloop", "pyzmq", "orjson", "pyspf", "dkimpy",
@@ -485,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {
         "version": 1, "mode": mode, "started": started.isoformat(timespec="seconds"),
         "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": machine(), "versions": versions(),
+        "machine": machine(), "versions": versions(), "git": git_state(),
         "params": {
             "legit_interval_s": LEGIT_INTERVAL, "legit": {
                 "trusted": TRUSTED_IP, "cert": CERT_IP, "spf": f"{SPF_IP} ({SPF_DOMAIN})"},
@@ -569,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                 try:
                     doc["flood"] += run_scenarios(
-                        procs, target, pki, scenarios, prog, LEGIT_DEADLINE, work,
+                        procs, target, pki, scenarios, prog, LEGIT_DEADLINE, out_dir,
                         profile if name == "smtp-ingress" else None)
                 finally:
                     if name != "postfix":
@@ -590,6 +602,11 @@ def main(argv: list[str] | None = None) -> int:
     if profile:
         doc["profile"] = profile
     doc["machine"]["loadavg_end"] = _read("/proc/loadavg")[:14]
+    end_git = git_state()
+    if end_git != doc["git"]:
+        notes.append(f"the ingress code changed during the run (git {doc['git']} at start, "
+                     f"{end_git} at the end): the figures mix versions")
+    doc["git_end"] = end_git
     doc["elapsed_s"] = round(time.monotonic() - t_start, 1)
     doc["interrupted"] = interrupted
     _write(out_dir, doc, prog)
