@@ -28,7 +28,7 @@ import signal
 import socket
 import ssl
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -68,9 +68,13 @@ from ingress.wire import (
     share,
     submit,
 )
+from workers.ratelimit import TokenBucket
 
 HANDOFF_RETRY = 1.5          # seconds to keep trying to reach a broker that is not connected
 SPF_BACKLOG = 64             # SPF checks waiting per lane before new ones get temperror
+SPF_CACHE_TTL = 300.0        # seconds an SPF result for (ip, domain, helo) is reused
+SPF_CACHE_SIZE = 10000
+BULK_SHARE = 1.1             # acceptors together admit this much of the bulk cap at MAIL FROM
 LEARNED_SAVE_INTERVAL = 5.0  # seconds between saves of a changed learned allow cache
 
 
@@ -142,8 +146,15 @@ class LaneClient:
             log.event("broker_disconnected", "warning", lane=self.lane.value, failed=len(lost))
 
     def saturated(self) -> bool:
+        """The broker cannot take work (queue nearly full, no workers), by fresh news."""
         fresh = time.monotonic() - self.status_at < STATUS_STALE
         return fresh and bool(self.status.get("saturated"))
+
+    def cap_spent(self) -> bool:
+        """The broker's rate bucket was empty at its last publication."""
+        tokens = self.status.get("tokens")
+        fresh = time.monotonic() - self.status_at < STATUS_STALE
+        return fresh and isinstance(tokens, int | float) and tokens < 1.0
 
 
 class AcceptorContext:
@@ -175,6 +186,13 @@ class AcceptorContext:
         self.spf_pools = {lane: ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"spf-{lane}")
                           for lane in Lane}
         self.spf_inflight: Counter[Lane] = Counter()
+        self.spf_cache: OrderedDict[tuple[str, str, str], tuple[float, AuthResult, str]] = \
+            OrderedDict()
+        lb = cfg.lanes.bulk
+        self.bulk_bucket = TokenBucket(
+            lb.rate * BULK_SHARE / cfg.acceptor_count,
+            max(1.0, (lb.burst or lb.rate) / cfg.acceptor_count), now=time.monotonic()) \
+            if lb.rate > 0 else None
         self.tls_context = starttls_context(cfg)
         self.mtls_context = mtls_context(cfg)
         self.handler = IngressHandler(self)
@@ -231,9 +249,27 @@ class AcceptorContext:
             self.lanes[Lane.BULK].sock.send_multipart(share(PENALTY_TOPIC, ip), zmq.NOBLOCK)
 
     async def spf(self, proto: IngressSMTP, mail_from: str, helo: str) -> tuple[AuthResult, str]:
-        """SPF in the lane's thread pool, with a deadline. When SPF_BACKLOG checks are already
-        waiting (a slow DNS server under a flood), the answer is temperror at once: the pool's
-        queue never grows without bound and no session waits behind hundreds of others."""
+        """SPF for (client IP, sender domain, HELO): from a small result cache (a spam run
+        repeats itself), else in the lane's thread pool with a deadline. When SPF_BACKLOG
+        checks are already waiting (a slow DNS server under a flood), the answer is temperror
+        at once: the pool's queue never grows without bound."""
+        assert self.resolver is not None
+        key = (proto.peer_ip, mail_from.rpartition("@")[2].lower(), helo.lower())
+        hit = self.spf_cache.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            self.spf_cache.move_to_end(key)
+            return hit[1], hit[2]
+        result, why = await self._spf_lookup(proto, mail_from, helo)
+        if result is not AuthResult.TEMPERROR:
+            self.spf_cache[key] = (now + SPF_CACHE_TTL, result, why)
+            self.spf_cache.move_to_end(key)
+            while len(self.spf_cache) > SPF_CACHE_SIZE:
+                self.spf_cache.popitem(last=False)
+        return result, why
+
+    async def _spf_lookup(self, proto: IngressSMTP, mail_from: str,
+                          helo: str) -> tuple[AuthResult, str]:
         assert self.resolver is not None
         if self.spf_inflight[proto.lane] >= SPF_BACKLOG:
             self.counters["spf_backlog"] += 1
@@ -249,7 +285,22 @@ class AcceptorContext:
             self.spf_inflight[proto.lane] -= 1
 
     def lane_saturated(self, lane: Lane) -> bool:
-        return lane is Lane.BULK and self.lanes[lane].saturated()
+        """Stress: the bulk broker cannot take work, or the bulk cap (ours or the broker's) is
+        spent."""
+        if lane is not Lane.BULK:
+            return False
+        if self.bulk_bucket is not None and self.bulk_bucket.tokens(time.monotonic()) < 1.0:
+            return True
+        return self.lanes[lane].saturated() or self.lanes[lane].cap_spent()
+
+    def bulk_mail_admitted(self) -> bool:
+        """May a bulk session start a transaction now? Each acceptor holds a share of the bulk
+        cap (BULK_SHARE / acceptors of it) and spends it at MAIL FROM, so the excess is shed
+        before DATA without waiting for the broker's news; the broker's own bucket enforces
+        the cap exactly after DATA."""
+        if self.lanes[Lane.BULK].saturated():
+            return False
+        return self.bulk_bucket is None or self.bulk_bucket.take(time.monotonic())
 
     def recipient_known(self, address: str, domain: str) -> bool:
         if self.recipients is None:

@@ -98,6 +98,8 @@ class AdmissionConfig:
     greet_pause: float = 0.0            # bulk early-talker test before the banner (0 = off)
     penalty: float = 300.0              # an early talker is refused this long
     stress_idle_timeout: float = 10.0   # bulk idle timeout while the bulk lane is saturated
+    shed_delay: float = 0.1             # a shed bulk MAIL FROM waits this long for its 451
+    shed_limit: int = 10                # sheds in one session; the last is 421 and a close
 
 
 @dataclass(frozen=True)
@@ -324,6 +326,8 @@ def _finish(cfg: Config, file: str) -> Config:
     need(0 <= a.greet_pause < s.idle_timeout, "admission.greet_pause",
          "must be >= 0 and below smtp.idle_timeout")
     need(a.penalty >= 0, "admission.penalty", "must be >= 0")
+    need(0 <= a.shed_delay <= 10, "admission.shed_delay", "must be 0..10 seconds")
+    need(a.shed_limit >= 1, "admission.shed_limit", "must be >= 1")
     need(a.stress_idle_timeout > 0, "admission.stress_idle_timeout",
          "must be > 0 (the shorter of it and smtp.idle_timeout applies under stress)")
     t = cfg.tls

@@ -110,6 +110,7 @@ class IngressSMTP(SMTP):
         self.refused_why = ""
         self._continuation: list[bytes] = []
         self.close_after_reply = False
+        self.sheds = 0
         self.banner_sent = False
         self._deadline: asyncio.TimerHandle | None = None
 
@@ -318,14 +319,8 @@ class IngressHandler:
                 server.reasons = decision.reasons
                 ctx.count("promoted", Lane.FAST)
                 log.event("promoted", peer=server.peer_ip, reasons=",".join(decision.reasons))
-        if ctx.lane_saturated(server.lane):
-            # Postfix's stress mode: a refused bulk client is disconnected at its first error.
-            # Its retry then meets admission (per-IP rate, slots) before any banner, which is
-            # far cheaper for us than a session that keeps trying MAIL FROM.
-            ctx.count("shed_mail", server.lane)
-            metrics.message(server.lane, "shed_at_mail")
-            server.close_after_reply = True
-            return replies.LANE_BUSY_CLOSING.format(host=server.hostname)
+        if server.lane is Lane.BULK and not ctx.bulk_mail_admitted():
+            return await self.shed(server)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -388,9 +383,24 @@ class IngressHandler:
         log.event("message", qid=env.qid, peer=server.peer_ip, lane=env.lane.value,
                   size=len(body), rcpts=len(env.rcpts), reply="451", why=why, ack_ms=ms)
         if reply is not None and reply.reason is not None and reply.reason.value == "rate":
+            return await self.shed(server)
+        return replies.NOT_QUEUED.format(why=why)
+
+    async def shed(self, server: IngressSMTP) -> str:
+        """Refuse a bulk transaction over the cap, cheaply for us and expensively for a bot:
+        the 451 comes after admission.shed_delay (a tarpit, like Postfix's error sleep, so a
+        spam loop costs us a few commands a second instead of thousands), and the
+        admission.shed_limit-th refusal in a session is 421 and a close."""
+        a = self.ctx.cfg.admission
+        server.sheds += 1
+        self.ctx.count("shed", server.lane)
+        metrics.message(server.lane, "shed")
+        if server.sheds >= a.shed_limit:
             server.close_after_reply = True
             return replies.LANE_BUSY_CLOSING.format(host=server.hostname)
-        return replies.NOT_QUEUED.format(why=why)
+        if a.shed_delay > 0:
+            await asyncio.sleep(a.shed_delay)
+        return replies.LANE_BUSY
 
     async def handle_exception(self, error: Exception) -> str:
         log.get().error("smtp_exception", exc_info=error,

@@ -251,7 +251,9 @@ class Broker:
         free = sum(w.credit for w in self.workers.values())
         tokens = self.bucket.tokens(now)
         depth = len(self.queue)
-        saturated = tokens < 1.0 or depth >= self.queue_max * 0.8 or not self.workers
+        # The rate cap itself is applied at MAIL FROM by the acceptors' shares of it (and here,
+        # exactly, after DATA); "saturated" says the lane cannot take work at all.
+        saturated = depth >= self.queue_max * 0.8 or not self.workers
         doc = {"lane": self.lane, "ts": time.time(), "depth": depth, "queue_max": self.queue_max,
                "free_credit": free, "workers": len(self.workers),
                "inflight": sum(len(w.inflight) for w in self.workers.values()),

@@ -238,14 +238,36 @@ def test_bulk_rate_cap_sheds_with_4xx(tmp_path: Path) -> None:
         outcomes = asyncio.run(stream(ing.port, 200, 20, bodies, {}))
         took = time.monotonic() - t0
         accepted = sum(o.code == 250 for o in outcomes)
-        # Shed bulk gets 421 4.7.1 and is disconnected (stress mode), never a 5xx.
-        assert all(o.code in (250, 421) for o in outcomes), {o.code for o in outcomes}
+        # Shed bulk gets 451 4.7.1 (421 and a close at the shed limit), never a 5xx.
+        assert all(o.code in (250, 451, 421) for o in outcomes), {o.code for o in outcomes}
         # The cap: 20/s plus the burst of 5 (loose bounds; the bench measures it precisely).
         assert accepted <= 20 * took + 5 + 2
         assert accepted >= 5
         # Post-DATA refusals are logged as "message" events with reply 451; the rest were shed
         # at MAIL FROM, before the client sent its data.
         after_data = sum(1 for e in ing.events("message") if e["reply"] == "451")
-        assert sum(o.code == 421 for o in outcomes) > after_data, "no shedding at MAIL FROM"
-        assert all("4.7.1" in o.text for o in outcomes if o.code == 421)
+        assert sum(o.code in (421, 451) for o in outcomes) > after_data, "no shed at MAIL FROM"
+        assert all("4.7.1" in o.text for o in outcomes if o.code != 250)
         check_nothing_lost(ing, outcomes, bodies)
+
+
+def test_shed_tarpit_and_limit(tmp_path: Path) -> None:
+    """Over the bulk cap, MAIL FROM gets 451 4.7.1 after admission.shed_delay, and the
+    shed_limit-th refusal in one session is 421 with the connection closed."""
+    with Ingress(tmp_path, {"lanes.bulk": {"rate": 0.01, "burst": 1},
+                            "admission": {"shed_delay": 0.2, "shed_limit": 4},
+                            "supervisor": {"acceptors": 1}}) as ing:
+        assert asyncio.run(send_one(ing.port, make_body(1)))[0] == 250   # the only token
+
+        async def loop_mail() -> tuple[list[str], float]:
+            t0 = time.monotonic()
+            lines = [b"EHLO bot.test\r\n"]
+            for _ in range(5):
+                lines += [b"MAIL FROM:<spam@bot.test>\r\n", b"RSET\r\n"]
+            return await smtp_dialogue(ing.port, lines), time.monotonic() - t0
+
+        replies, took = asyncio.run(loop_mail())
+        mails = [r for r in replies[2:] if r.startswith(("451", "421"))]
+        assert [m[:3] for m in mails] == ["451", "451", "451", "421"], replies
+        assert replies[-1] == "EOF"
+        assert took >= 3 * 0.2
