@@ -38,7 +38,7 @@ import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
 from ingress import log, metrics, proxy, replies
-from ingress.admission import Admission, AdmissionLimits
+from ingress.admission import Admission, AdmissionLimits, Refusal
 from ingress.classify import (
     AuthResult,
     ClassifyPolicy,
@@ -198,6 +198,7 @@ class AcceptorContext:
         self.handler = IngressHandler(self)
         self.smtp_prototypes: dict[bool, tuple[dict[str, Any], tuple[str, ...]]] = {}
         self.sessions: set[IngressSMTP] = set()
+        self.silent: OrderedDict[IngressSMTP, float] = OrderedDict()   # bulk, not spoken yet
         self.counters: Counter[str] = Counter()
         self.draining = False
         self.zctx = zmq.asyncio.Context()
@@ -220,17 +221,42 @@ class AcceptorContext:
         and bulk is capped per IP (/64) in count and connection rate."""
         if self.draining:
             return replies.SHUTTING_DOWN.format(host=self.cfg.smtp.hostname)
-        verdict = self.admission.try_admit(proto.peer_ip, proto.lane, time.monotonic())
+        now = time.monotonic()
+        verdict = self.admission.try_admit(proto.peer_ip, proto.lane, now)
+        if not verdict.admitted and verdict.reason is Refusal.SLOTS and self.evict_silent(now):
+            verdict = self.admission.try_admit(proto.peer_ip, proto.lane, now)
         if not verdict.admitted:
             self.counters[f"refused_{verdict.reason.value}"] += 1
             proto.refused_why = verdict.reason.value
             return verdict.reply
         proto.ticket = verdict.ticket
         self.sessions.add(proto)
+        if proto.lane is Lane.BULK:
+            self.silent[proto] = now
         return None
+
+    def evict_silent(self, now: float) -> bool:
+        """Slots are full: the bulk session that has been connected longest without saying a
+        word, if that is longer than admission.evict_silent_after, makes room (421). A real
+        MTA speaks within milliseconds of the banner; a slowloris bot never does. So a flood
+        of stalling bots cannot keep unknown (bulk) senders out for good: they get in as the
+        stallers rotate, and a session that has started talking is never evicted."""
+        if not self.silent:
+            return False
+        victim, since = next(iter(self.silent.items()))
+        if now - since < self.cfg.admission.evict_silent_after:
+            return False
+        self.counters["evicted_silent"] += 1
+        metrics.connection(victim.lane, "evicted_silent")
+        victim.evict(replies.EVICTED_SILENT.format(host=self.cfg.smtp.hostname))
+        return True
+
+    def spoke(self, proto: IngressSMTP) -> None:
+        self.silent.pop(proto, None)
 
     def release(self, proto: IngressSMTP) -> None:
         self.sessions.discard(proto)
+        self.silent.pop(proto, None)
         if proto.ticket is not None:
             self.admission.release(proto.ticket)
 

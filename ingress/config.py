@@ -100,6 +100,8 @@ class AdmissionConfig:
     stress_idle_timeout: float = 10.0   # bulk idle timeout while the bulk lane is saturated
     shed_delay: float = 0.1             # a shed bulk MAIL FROM waits this long for its 451
     shed_limit: int = 10                # sheds in one session; the last is 421 and a close
+    evict_silent_after: float = 5.0     # slots full: a bulk session silent since its banner
+                                        # for this long makes room for a newcomer
 
 
 @dataclass(frozen=True)
@@ -328,6 +330,7 @@ def _finish(cfg: Config, file: str) -> Config:
     need(a.penalty >= 0, "admission.penalty", "must be >= 0")
     need(0 <= a.shed_delay <= 10, "admission.shed_delay", "must be 0..10 seconds")
     need(a.shed_limit >= 1, "admission.shed_limit", "must be >= 1")
+    need(a.evict_silent_after > 0, "admission.evict_silent_after", "must be > 0 seconds")
     need(a.stress_idle_timeout > 0, "admission.stress_idle_timeout",
          "must be > 0 (the shorter of it and smtp.idle_timeout applies under stress)")
     t = cfg.tls

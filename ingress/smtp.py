@@ -111,6 +111,7 @@ class IngressSMTP(SMTP):
         self._continuation: list[bytes] = []
         self.close_after_reply = False
         self.sheds = 0
+        self.spoken = False
         self.banner_sent = False
         self._deadline: asyncio.TimerHandle | None = None
 
@@ -211,7 +212,20 @@ class IngressSMTP(SMTP):
             self._reset_timeout()
         elif not self.greeted:
             self.early_talker = True
+        elif not self.spoken:
+            self.spoken = True
+            self.ctx.spoke(self)
         super().data_received(data)
+
+    def evict(self, line: str) -> None:
+        """Make room now (the slot is released at once, not when the close completes)."""
+        if self.admitted:
+            self.admitted = False
+            self.ctx.release(self)
+            metrics.session_close(self.lane)
+            log.event("evicted", peer=self.peer_ip, lane=self.lane.value,
+                      silent_s=round(time.monotonic() - self.started, 1))
+        self._close_with(line)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         # Stress mode: while the bulk lane is saturated, bulk sessions get a short idle timeout

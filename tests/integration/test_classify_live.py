@@ -322,3 +322,44 @@ def test_stress_mode_shortens_bulk_idle_timeout(tmp_path: Path) -> None:
         line, waited = asyncio.run(idle_then_wait())
         assert line.startswith("421 4.4.2"), line
         assert waited < 5.0, waited       # cut at the stress timeout, not the 20 s one
+
+
+def test_silent_bulk_sessions_make_room(tmp_path: Path) -> None:
+    with Ingress(tmp_path, {"smtp": {"max_connections": 12, "fast_reserve": 2},
+                            "admission": {"evict_silent_after": 0.5},
+                            "supervisor": {"acceptors": 1}}) as ing:
+        async def run() -> tuple[list[bytes], list[str], list[str], bytes, bytes]:
+            conns = []
+            for i in range(10):
+                r, w = await asyncio.open_connection("127.0.0.1", ing.port,
+                                                     local_addr=(f"127.0.8.{i + 1}", 0))
+                assert (await r.readline()).startswith(b"220")
+                conns.append((r, w))
+            talker_r, talker_w = conns[0]
+            talker_w.write(b"EHLO real-mta.test\r\n")         # the oldest, but it talks
+            while not (await talker_r.readline()).startswith(b"250 "):
+                pass
+            too_soon = await smtp_dialogue(ing.port, [], source="127.0.8.100")
+            await asyncio.sleep(0.7)
+            newcomer = await smtp_dialogue(ing.port, [b"EHLO new.test\r\n", b"QUIT\r\n"],
+                                           source="127.0.8.101")
+            evicted = await asyncio.wait_for(conns[1][0].readline(), 5)
+            talker_w.write(b"NOOP\r\n")
+            still = await asyncio.wait_for(talker_r.readline(), 5)
+            others = []
+            for r, _ in conns[2:]:
+                try:
+                    others.append(await asyncio.wait_for(r.readline(), 0.2))
+                except TimeoutError:
+                    others.append(b"(open)")
+            for _, w in conns:
+                w.close()
+            return others, too_soon, newcomer, evicted, still
+
+        others, too_soon, newcomer, evicted, still = asyncio.run(run())
+        assert too_soon[0].startswith("421 4.7.0"), too_soon       # nobody silent long enough
+        assert newcomer[0].startswith("220") and newcomer[1].startswith("250"), newcomer
+        assert evicted.startswith(b"421 4.4.2"), evicted           # the oldest silent one
+        assert still.startswith(b"250"), still                     # the talker stays
+        assert all(o == b"(open)" for o in others), others         # one eviction per newcomer
+        assert ing.events("evicted")
