@@ -199,6 +199,7 @@ class AcceptorContext:
         self.smtp_prototypes: dict[bool, tuple[dict[str, Any], tuple[str, ...]]] = {}
         self.sessions: set[IngressSMTP] = set()
         self.silent: OrderedDict[IngressSMTP, float] = OrderedDict()   # bulk, not spoken yet
+        self.evictions = TokenBucket(a.evict_rate, max(1.0, a.evict_rate), now=time.monotonic())
         self.counters: Counter[str] = Counter()
         self.draining = False
         self.zctx = zmq.asyncio.Context()
@@ -240,11 +241,13 @@ class AcceptorContext:
         word, if that is longer than admission.evict_silent_after, makes room (421). A real
         MTA speaks within milliseconds of the banner; a slowloris bot never does. So a flood
         of stalling bots cannot keep unknown (bulk) senders out for good: they get in as the
-        stallers rotate, and a session that has started talking is never evicted."""
-        if not self.silent:
+        stallers rotate, and a session that has started talking is never evicted. Evictions
+        are rate-limited (admission.evict_rate): each one makes a bot reconnect, and that
+        churn must not cost the fast lane its latency."""
+        if not self.silent or self.cfg.admission.evict_rate <= 0:
             return False
         victim, since = next(iter(self.silent.items()))
-        if now - since < self.cfg.admission.evict_silent_after:
+        if now - since < self.cfg.admission.evict_silent_after or not self.evictions.take(now):
             return False
         self.counters["evicted_silent"] += 1
         metrics.connection(victim.lane, "evicted_silent")

@@ -37,7 +37,7 @@ class ConfigError(Exception):
 class ListenConfig:
     host: str = "127.0.0.1"
     port: int = 2525
-    backlog: int = 1024
+    backlog: int = 4096                 # per acceptor socket; the kernel caps it (somaxconn)
     proxy_protocol: bool = False        # PROXY v1/v2 header required on listen.port (behind an
                                         # L4 balancer); never on a port direct clients use
     trusted_proxies: tuple[str, ...] = ()   # CIDRs whose PROXY header is believed (required
@@ -102,6 +102,8 @@ class AdmissionConfig:
     shed_limit: int = 10                # sheds in one session; the last is 421 and a close
     evict_silent_after: float = 5.0     # slots full: a bulk session silent since its banner
                                         # for this long makes room for a newcomer
+    evict_rate: float = 10.0            # at most this many such evictions per second per
+                                        # acceptor (0 = never evict)
 
 
 @dataclass(frozen=True)
@@ -331,6 +333,7 @@ def _finish(cfg: Config, file: str) -> Config:
     need(0 <= a.shed_delay <= 10, "admission.shed_delay", "must be 0..10 seconds")
     need(a.shed_limit >= 1, "admission.shed_limit", "must be >= 1")
     need(a.evict_silent_after > 0, "admission.evict_silent_after", "must be > 0 seconds")
+    need(a.evict_rate >= 0, "admission.evict_rate", "must be >= 0 (0 = never evict)")
     need(a.stress_idle_timeout > 0, "admission.stress_idle_timeout",
          "must be > 0 (the shorter of it and smtp.idle_timeout applies under stress)")
     t = cfg.tls
