@@ -133,7 +133,7 @@ def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def _smtp_banner(host: str, port: int, timeout: float) -> str | None:
+def smtp_banner(host: str, port: int, timeout: float = 3.0) -> str | None:
     """Connect, read the first reply line, say QUIT. None if nothing usable arrived in time."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:
@@ -502,7 +502,7 @@ class PostfixInstance:
         while time.monotonic() < deadline:
             self._master_pid = self.master_pid() or self._master_pid
             if self._master_pid is not None:
-                banner = _smtp_banner(self.host, self.port, timeout=2.0)
+                banner = smtp_banner(self.host, self.port, timeout=2.0)
                 if banner and banner.startswith("220"):
                     return self
             time.sleep(0.1)

@@ -41,7 +41,7 @@ import argparse
 import json
 import statistics
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,16 @@ def flood_targets(doc: dict[str, Any]) -> list[str]:
              if v.get("status") == "ok" and v.get("role", "flood") == "flood"]
     rank = {t: i for i, t in enumerate(TARGET_ORDER)}
     return sorted(names, key=lambda t: (rank.get(t, len(rank)), t))
+
+
+def _entries(doc: dict[str, Any], scen: dict[str, Any],
+             targets: list[str]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(scenario label, target, flood result) for every result, in table order."""
+    for name, sc in scen.items():
+        for t in targets:
+            e = _find(doc, name, t)
+            if e is not None:
+                yield sc.get("label", name), t, e
 
 
 def _find(doc: dict[str, Any], scenario: str, target: str) -> dict[str, Any] | None:
@@ -333,21 +343,17 @@ def render_markdown(doc: dict[str, Any]) -> str:
             "cert = client certificate on the mutual-TLS port (n/a: the target has none); "
             "spf = SPF-pass domain.", ""]
     rows = []
-    for name, sc in scen.items():
-        for t in targets:
-            e = _find(doc, name, t)
-            if e is None:
-                continue
-            s = _summary(e)
-            fails = {}
-            for k in KINDS:
-                ls = s["legit"].get(k)
-                if ls:
-                    for code, n in ls["failures"].items():
-                        fails[f"{k}: {code}"] = n
-            rows.append([sc.get("label", name), t,
-                         *[_legit_cell(s["legit"].get(k)) for k in KINDS],
-                         _codes(fails) or "—"])
+    for label, t, e in _entries(doc, scen, targets):
+        s = _summary(e)
+        fails = {}
+        for k in KINDS:
+            ls = s["legit"].get(k)
+            if ls:
+                for code, n in ls["failures"].items():
+                    fails[f"{k}: {code}"] = n
+        rows.append([label, t,
+                     *[_legit_cell(s["legit"].get(k)) for k in KINDS],
+                     _codes(fails) or "—"])
     out += _table(["scenario", "target", "trusted", "cert", "spf",
                    "failures (sender: code x count)"],
                   rows)
@@ -360,28 +366,24 @@ def render_markdown(doc: dict[str, Any]) -> str:
             "listen drops: kernel TcpExt ListenOverflows+ListenDrops during the scenario "
             "(whole network namespace).", ""]
     rows = []
-    for name, sc in scen.items():
-        for t in targets:
-            e = _find(doc, name, t)
-            if e is None:
-                continue
-            s = _summary(e)
-            sp, b = s["spam"], s["bots"]
-            spam_cell = "—" if not sp["bots"] else (
-                f"{sp['sent']:,} sent ({_fmt_num(sp['sent_per_s'], 0)}/s), "
-                f"{sp['accepted']:,} accepted ({_fmt_num(sp['accepted_per_s'], 1)}/s)")
-            shed = _codes(sp["shed"]) if sp["bots"] else ""
-            rej = _codes(sp["rejected"]) if sp["bots"] else ""
-            idle_cell = "—" if not b["bots"] else (
-                f"{b['bots']:,} bots: {b['connections']:,} conns, 421x{b['refused_421']:,}, "
-                f"refused {b['refused']:,}, connect timeouts {b['connect_timeouts']:,}, "
-                f"open at end {b['open_at_end']:,} (no banner {b['no_banner_at_end']:,})")
-            if b.get("early_first"):
-                idle_cell += f"; early talkers' first reply {_codes(b['early_first'])}"
-            ns = e.get("netstat_delta") or {}
-            drops = (ns.get("ListenOverflows", 0) or 0) + (ns.get("ListenDrops", 0) or 0)
-            rows.append([sc.get("label", name), t, spam_cell, shed or "—", rej or "—",
-                         idle_cell, f"{drops:,}" if ns else "-"])
+    for label, t, e in _entries(doc, scen, targets):
+        s = _summary(e)
+        sp, b = s["spam"], s["bots"]
+        spam_cell = "—" if not sp["bots"] else (
+            f"{sp['sent']:,} sent ({_fmt_num(sp['sent_per_s'], 0)}/s), "
+            f"{sp['accepted']:,} accepted ({_fmt_num(sp['accepted_per_s'], 1)}/s)")
+        shed = _codes(sp["shed"]) if sp["bots"] else ""
+        rej = _codes(sp["rejected"]) if sp["bots"] else ""
+        idle_cell = "—" if not b["bots"] else (
+            f"{b['bots']:,} bots: {b['connections']:,} conns, 421x{b['refused_421']:,}, "
+            f"refused {b['refused']:,}, connect timeouts {b['connect_timeouts']:,}, "
+            f"open at end {b['open_at_end']:,} (no banner {b['no_banner_at_end']:,})")
+        if b.get("early_first"):
+            idle_cell += f"; early talkers' first reply {_codes(b['early_first'])}"
+        ns = e.get("netstat_delta") or {}
+        drops = (ns.get("ListenOverflows", 0) or 0) + (ns.get("ListenDrops", 0) or 0)
+        rows.append([label, t, spam_cell, shed or "—", rej or "—",
+                     idle_cell, f"{drops:,}" if ns else "-"])
     out += _table(["scenario", "target", "spam", "spam shed (4xx)", "spam rejected (5xx)",
                    "idle bots", "listen drops"], rows)
     out.append("")

@@ -57,7 +57,6 @@ import platform
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -68,6 +67,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO
+
+from bench.postfix import smtp_banner
 
 __all__ = [
     "MODES",
@@ -118,24 +119,6 @@ def raise_nofile_limit() -> int:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def smtp_banner(host: str, port: int, timeout: float = 3.0) -> str | None:
-    """First reply line of host:port (then QUIT), or None if nothing arrived within timeout."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            data = b""
-            while b"\n" not in data and len(data) < 4096:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            with contextlib.suppress(OSError):
-                s.sendall(b"QUIT\r\n")
-            return data.decode("latin-1").strip() or None
-    except OSError:
-        return None
 
 
 def _cpu_times() -> tuple[int, int]:
