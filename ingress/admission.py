@@ -51,6 +51,7 @@ Limits
 
 from __future__ import annotations
 
+import functools
 import heapq
 import ipaddress
 import itertools
@@ -133,6 +134,7 @@ class AdmissionLimits:
         return self.max_connections - self.fast_reserve
 
 
+@functools.lru_cache(maxsize=65536)
 def ip_key(ip: str, ipv6_prefix: int = 64) -> str:
     """Accounting key: IPv4 address (IPv4-mapped IPv6 counts as IPv4) or IPv6 /prefix network."""
     try:

@@ -52,6 +52,7 @@ Limits
 
 from __future__ import annotations
 
+import functools
 import heapq
 import ipaddress
 import json
@@ -112,10 +113,13 @@ def domain_matches(domain: str, listed: Iterable[str]) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=65536)
 def normalize_ip(ip: str) -> str:
     """Canonical text form of an IP address; IPv4-mapped IPv6 becomes plain IPv4.
 
     Raises ValueError for something that is not an IP address. A zone index (%eth0) is dropped.
+    Cached (bounded): every connection parses its peer's address several times, and a flood
+    repeats the same addresses.
     """
     addr = ipaddress.ip_address(ip.split("%", 1)[0].strip())
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
@@ -261,12 +265,20 @@ class StaticAllow:
         return cls(tuple(v4), tuple(v6))
 
     def contains(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(normalize_ip(ip))
-        except ValueError:
+        if not self.v4 and not self.v6:
             return False
-        nets = self.v4 if isinstance(addr, ipaddress.IPv4Address) else self.v6
-        return any(addr in n for n in nets)
+        return _in_networks(ip, self.v4, self.v6)
+
+
+@functools.lru_cache(maxsize=65536)
+def _in_networks(ip: str, v4: tuple[ipaddress.IPv4Network, ...],
+                 v6: tuple[ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(normalize_ip(ip))
+    except ValueError:
+        return False
+    nets = v4 if isinstance(addr, ipaddress.IPv4Address) else v6
+    return any(addr in n for n in nets)
 
 
 # --------------------------------------------------------------------------- learned allow
