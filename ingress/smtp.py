@@ -112,43 +112,37 @@ class IngressSMTP(SMTP):
         self.close_after_reply = False
         self.sheds = 0
         self.spoken = False
+        self.refused = False
         self.banner_sent = False
         self._deadline: asyncio.TimerHandle | None = None
 
     # --- connection life cycle ----------------------------------------------------------------
 
-    async def _handle_client(self) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Admission at connect, before aiosmtpd builds a session, a timer and a task: when
+        # thousands of bots reconnect every second, a refusal must cost as little as possible.
+        # (Behind a PROXY-protocol balancer the client is known only after the header, so
+        # admission waits for it in _handle_client.)
+        if self.transport is None and not self.ctx.cfg.listen.proxy_protocol:
+            self.started = time.monotonic()
+            peer = transport.get_extra_info("peername")
+            if peer:
+                self.peer_ip = normalize_ip(peer[0])
+                self.peer_port = int(peer[1])
+            refusal = self._classify_and_admit(transport)
+            if refusal is not None:
+                self.refused = True
+                transport.write(refusal.encode() + b"\r\n")
+                transport.close()
+                return
+        super().connection_made(transport)
+
+    def _classify_and_admit(self, transport: asyncio.BaseTransport) -> str | None:
+        """Evidence at connect (allow lists, learned allow, client certificate) -> lane ->
+        admission. Returns the refusal line, or None when admitted."""
         ctx = self.ctx
-        transport = self.transport
-        peer = transport.get_extra_info("peername") if transport else None
-        self.started = time.monotonic()
-        if peer:
-            self.peer_ip = normalize_ip(peer[0])
-            self.peer_port = int(peer[1])
-        if ctx.cfg.listen.proxy_protocol and not self.implicit_tls:
-            # Behind an L4 balancer: the client is who the PROXY header says, if the TCP peer
-            # is a trusted proxy. Read before classification and admission, which use it.
-            if not proxy.peer_trusted(self.peer_ip, ctx.trusted_proxies):
-                metrics.connection(self.lane, "proxy_rejected")
-                log.event("proxy_rejected", peer=self.peer_ip, why="untrusted peer")
-                if self.transport is not None:
-                    self.transport.close()
-                return
-            self._reset_timeout(proxy.PROXY_TIMEOUT)
-            data = await get_proxy(self._reader)
-            client = proxy.proxy_peer(peer, data, ctx.trusted_proxies)
-            if client is None:
-                metrics.connection(self.lane, "proxy_rejected")
-                log.event("proxy_rejected", peer=self.peer_ip, why=data.error or "invalid")
-                if self.transport is not None:
-                    self.transport.close()
-                return
-            self.peer_ip, self.peer_port = client
-            self._reset_timeout()
-            if self.session is not None:
-                self.session.proxy_data = data
         der = None
-        if self.implicit_tls and transport is not None:
+        if self.implicit_tls:
             ssl_object = transport.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         # The TLS handshake of the mutual-TLS port succeeded, so a certificate is verified.
@@ -159,11 +153,16 @@ class IngressSMTP(SMTP):
         if refusal is not None:
             ctx.count("refused", self.lane)
             metrics.connection(self.lane, self.refused_why or "draining")
-            self._close_with(refusal)
-            return
+            return refusal
         self.admitted = True
         metrics.connection(self.lane, "admitted")
         metrics.session_open(self.lane)
+        return None
+
+    async def _handle_client(self) -> None:
+        ctx = self.ctx
+        if ctx.cfg.listen.proxy_protocol and not await self._proxy_header():
+            return
         self._deadline = self.loop.call_later(ctx.cfg.smtp.session_deadline, self._deadline_cb)
         pause = ctx.cfg.admission.greet_pause
         if pause > 0 and self.lane is Lane.BULK:
@@ -178,7 +177,41 @@ class IngressSMTP(SMTP):
         self.greeted = True
         await super()._handle_client()
 
+    async def _proxy_header(self) -> bool:
+        """Behind an L4 balancer: the client is who the PROXY header says, if the TCP peer is a
+        trusted proxy; then classification and admission. False: the connection is closed."""
+        ctx, transport = self.ctx, self.transport
+        assert transport is not None
+        peer = transport.get_extra_info("peername")
+        self.started = time.monotonic()
+        self.peer_ip = normalize_ip(peer[0]) if peer else ""
+        self.peer_port = int(peer[1]) if peer else 0
+        if not proxy.peer_trusted(self.peer_ip, ctx.trusted_proxies):
+            metrics.connection(self.lane, "proxy_rejected")
+            log.event("proxy_rejected", peer=self.peer_ip, why="untrusted peer")
+            transport.close()
+            return False
+        self._reset_timeout(proxy.PROXY_TIMEOUT)
+        data = await get_proxy(self._reader)
+        client = proxy.proxy_peer(peer, data, ctx.trusted_proxies)
+        if client is None:
+            metrics.connection(self.lane, "proxy_rejected")
+            log.event("proxy_rejected", peer=self.peer_ip, why=data.error or "invalid")
+            transport.close()
+            return False
+        self.peer_ip, self.peer_port = client
+        self._reset_timeout()
+        if self.session is not None:
+            self.session.proxy_data = data
+        refusal = self._classify_and_admit(transport)
+        if refusal is not None:
+            self._close_with(refusal)
+            return False
+        return True
+
     def connection_lost(self, error: Exception | None) -> None:
+        if self.refused:          # refused in connection_made: aiosmtpd never set up
+            return
         if self._deadline is not None:
             self._deadline.cancel()
         if self.admitted:
