@@ -269,5 +269,7 @@ def test_shed_tarpit_and_limit(tmp_path: Path) -> None:
         replies, took = asyncio.run(loop_mail())
         mails = [r for r in replies[2:] if r.startswith(("451", "421"))]
         assert [m[:3] for m in mails] == ["451", "451", "451", "421"], replies
-        assert replies[-1] == "EOF"
+        # Closed after the 421: the next command finds the connection gone (EOF, or a reset
+        # when the write races the close).
+        assert replies[-1] == "EOF" or replies[-1].startswith("ERR Connection"), replies
         assert took >= 3 * 0.2
