@@ -503,7 +503,7 @@ def mtls_context(cfg: Config) -> ssl.SSLContext | None:
 
 
 async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int,
-                mtls_sock: socket.socket | None) -> None:
+                mtls_sock: socket.socket | None, fast_sock: socket.socket | None) -> None:
     loop = asyncio.get_running_loop()
     ctx = AcceptorContext(cfg, index, loop)
     raise_nofile(cfg.smtp.max_connections + 64)
@@ -514,6 +514,10 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
         servers.append(await loop.create_server(
             lambda: IngressSMTP(ctx, implicit_tls=True), sock=mtls_sock,
             ssl=ctx.mtls_context, ssl_handshake_timeout=10.0))
+    if fast_sock is not None:
+        fast_sock.setblocking(False)
+        servers.append(await loop.create_server(
+            lambda: IngressSMTP(ctx, fast_only=True), sock=fast_sock))
     stop = asyncio.Event()
     retire = False
 
@@ -537,7 +541,8 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
     if index == 0:
         tasks.append(loop.create_task(ctx.persist_learned()))
     log.event("acceptor_start", index=index, learned=len(ctx.learned),
-              tls=ctx.tls_context is not None, mtls=len(servers) > 1)
+              tls=ctx.tls_context is not None, mtls=mtls_sock is not None,
+              fast_port=fast_sock is not None)
     await stop.wait()
     await ctx.drain(servers, retire)
     for t in tasks:
@@ -551,10 +556,10 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
 
 
 def run(cfg: Config, index: int, sock: socket.socket, hb: Any = None, slot: int = 0,
-        mtls_sock: socket.socket | None = None) -> None:
+        mtls_sock: socket.socket | None = None, fast_sock: socket.socket | None = None) -> None:
     log.setup(cfg.log.level, f"acceptor-{index}")
     try:
         import uvloop
-        uvloop.run(serve(cfg, index, sock, hb, slot, mtls_sock))
+        uvloop.run(serve(cfg, index, sock, hb, slot, mtls_sock, fast_sock))
     except ImportError:     # pragma: no cover - uvloop is a hard dependency; keep serving anyway
-        asyncio.run(serve(cfg, index, sock, hb, slot, mtls_sock))
+        asyncio.run(serve(cfg, index, sock, hb, slot, mtls_sock, fast_sock))

@@ -42,6 +42,9 @@ class ListenConfig:
                                         # L4 balancer); never on a port direct clients use
     trusted_proxies: tuple[str, ...] = ()   # CIDRs whose PROXY header is believed (required
                                             # when proxy_protocol = true)
+    fast_port: int = -1                 # a second plain port (same host) that admits only
+                                        # clients with connect-time fast-lane evidence (allow
+                                        # list, learned allow); -1 = off
 
 
 @dataclass(frozen=True)
@@ -264,6 +267,8 @@ def _finish(cfg: Config, file: str) -> Config:
     s, sup, lst = cfg.smtp, cfg.supervisor, cfg.listen
     need(0 <= lst.port <= 65535, "listen.port", "must be 0..65535")
     need(lst.backlog >= 16, "listen.backlog", "must be at least 16")
+    need(-1 <= lst.fast_port <= 65535 and (lst.fast_port <= 0 or lst.fast_port != lst.port),
+         "listen.fast_port", "must be -1 (off) or 0..65535 and not listen.port")
     try:
         ipaddress.ip_address(lst.host)
     except ValueError:

@@ -55,7 +55,8 @@ _PER_CONNECTION = frozenset({
 
 
 class IngressSMTP(SMTP):
-    def __init__(self, ctx: AcceptorContext, implicit_tls: bool = False) -> None:
+    def __init__(self, ctx: AcceptorContext, implicit_tls: bool = False,
+                 fast_only: bool = False) -> None:
         # aiosmtpd's SMTP.__init__ introspects the handler and the class on every connection
         # (inspect.getmembers, dir(), inspect.signature): ~0.5 ms, more than the rest of a
         # one-message session costs here. It is run once per (acceptor, listener kind); every
@@ -93,6 +94,7 @@ class IngressSMTP(SMTP):
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self.ctx = ctx
         self.implicit_tls = implicit_tls
+        self.fast_only = fast_only         # listen.fast_port: fast-lane clients only
         self.lane = Lane.BULK
         self.evidence = Evidence()
         self.reasons: tuple[str, ...] = ()
@@ -149,6 +151,9 @@ class IngressSMTP(SMTP):
         self.evidence = ctx.connect_evidence(self.peer_ip, der, verified=der is not None)
         decision = ctx.decide(self.evidence)
         self.lane, self.reasons = decision.lane, decision.reasons
+        if self.fast_only and self.lane is Lane.BULK:
+            metrics.connection(self.lane, "not_fast")
+            return replies.FAST_PORT_ONLY.format(host=self.hostname)
         refusal = ctx.admit(self)
         if refusal is not None:
             ctx.count("refused", self.lane)

@@ -118,6 +118,7 @@ class Supervisor:
         self.children: list[Child] = []
         self.sockets: list[socket.socket] = []
         self.mtls_sockets: list[socket.socket] = []
+        self.fast_sockets: list[socket.socket] = []
         self.flags: set[str] = set()
         self.watchdog = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
         self.next_watchdog = 0.0
@@ -130,7 +131,8 @@ class Supervisor:
             from ingress import acceptor
             i = c.key[1]
             mtls = self.mtls_sockets[i] if self.mtls_sockets else None
-            return acceptor.run, (c.cfg, i, self.sockets[i], self.hb, c.slot, mtls)
+            fast = self.fast_sockets[i] if self.fast_sockets else None
+            return acceptor.run, (c.cfg, i, self.sockets[i], self.hb, c.slot, mtls, fast)
         if c.kind == "relay":
             from workers import relay
             return relay.run, (c.cfg, self.hb, c.slot)
@@ -252,6 +254,13 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.flags.add({signal.SIGHUP: "reload"}.get(signum, "stop"))
 
+    def _bind_set(self, port: int) -> list[socket.socket]:
+        """One SO_REUSEPORT socket per acceptor on `port` (0: a free one, shared by all)."""
+        first = bind_listener(self.cfg, port, first=True)
+        port = first.getsockname()[1]
+        return [first] + [bind_listener(self.cfg, port)
+                          for _ in range(self.cfg.acceptor_count - 1)]
+
     def _lock_state_dir(self) -> None:
         """One instance per state dir: its ipc sockets, metrics files and learned cache."""
         path = self.cfg.spool.state_dir / "supervisor.lock"
@@ -278,12 +287,13 @@ class Supervisor:
         self.sockets = [first] + [bind_listener(self.cfg)
                                   for _ in range(self.cfg.acceptor_count - 1)]
         if self.cfg.tls.mtls_port >= 0:
-            m0 = bind_listener(self.cfg, self.cfg.tls.mtls_port, first=True)
-            mport = m0.getsockname()[1]
-            self.cfg = dataclasses.replace(
-                self.cfg, tls=dataclasses.replace(self.cfg.tls, mtls_port=mport))
-            self.mtls_sockets = [m0] + [bind_listener(self.cfg, mport)
-                                        for _ in range(self.cfg.acceptor_count - 1)]
+            self.mtls_sockets = self._bind_set(self.cfg.tls.mtls_port)
+            self.cfg = dataclasses.replace(self.cfg, tls=dataclasses.replace(
+                self.cfg.tls, mtls_port=self.mtls_sockets[0].getsockname()[1]))
+        if self.cfg.listen.fast_port >= 0:
+            self.fast_sockets = self._bind_set(self.cfg.listen.fast_port)
+            self.cfg = dataclasses.replace(self.cfg, listen=dataclasses.replace(
+                self.cfg.listen, fast_port=self.fast_sockets[0].getsockname()[1]))
         metrics.setup_dir(self.cfg.spool.state_dir)     # before any child is spawned
         self.metrics_server = metrics.serve(self.cfg.metrics.listen, self.cfg.spool.path,
                                             self.cfg.spool.state_dir)
@@ -295,7 +305,7 @@ class Supervisor:
             ok = self._wait_ready(kids, 60.0) and ok
         log.event("ready" if ok else "not_ready", "info" if ok else "error",
                   listen=f"{self.cfg.listen.host}:{self.sockets[0].getsockname()[1]}",
-                  mtls_port=self.cfg.tls.mtls_port,
+                  mtls_port=self.cfg.tls.mtls_port, fast_port=self.cfg.listen.fast_port,
                   acceptors=self.cfg.acceptor_count, spool=str(self.cfg.spool.path),
                   fast_workers=self.cfg.worker_count("fast"),
                   bulk_workers=self.cfg.worker_count("bulk"), config=self.cfg.source)
@@ -325,7 +335,7 @@ class Supervisor:
         for c in rest:
             self._retire(c, 5.0)
         self._wait_gone(rest, 10.0)
-        for s in self.sockets + self.mtls_sockets:
+        for s in self.sockets + self.mtls_sockets + self.fast_sockets:
             s.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
@@ -355,6 +365,9 @@ class Supervisor:
         if new.listen.port == 0:       # "any free port" means the one we already have
             new = dataclasses.replace(
                 new, listen=dataclasses.replace(new.listen, port=old.listen.port))
+        if new.listen.fast_port == 0:
+            new = dataclasses.replace(
+                new, listen=dataclasses.replace(new.listen, fast_port=old.listen.fast_port))
         if new.tls.mtls_port == 0:
             new = dataclasses.replace(
                 new, tls=dataclasses.replace(new.tls, mtls_port=old.tls.mtls_port))

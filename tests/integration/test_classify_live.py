@@ -363,3 +363,20 @@ def test_silent_bulk_sessions_make_room(tmp_path: Path) -> None:
         assert still.startswith(b"250"), still                     # the talker stays
         assert all(o == b"(open)" for o in others), others         # one eviction per newcomer
         assert ing.events("evicted")
+
+
+def test_fast_port_admits_only_fast_lane_clients(tmp_path: Path) -> None:
+    with Ingress(tmp_path, {"listen": {"fast_port": 0},
+                            "classify": {"allow_cidrs": [f"{TRUSTED_IP}/32"]}}) as ing:
+        fport = int(ing.events("ready")[-1]["fast_port"])
+        assert fport not in (0, -1, ing.port)
+
+        async def run() -> tuple[tuple[int, str], list[str]]:
+            trusted = await send_one(fport, message("via-fast-port"), source=TRUSTED_IP)
+            unknown = await smtp_dialogue(fport, [b"EHLO x.test\r\n"], source=UNKNOWN_IP)
+            return trusted, unknown
+
+        trusted, unknown = asyncio.run(run())
+        assert trusted[0] == 250, trusted
+        assert lane_of(ing, "via-fast-port")[0] == "fast"
+        assert unknown[0].startswith("554 5.7.1"), unknown
