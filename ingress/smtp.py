@@ -5,8 +5,16 @@ API:
     IngressSMTP(ctx)   one instance per connection (the asyncio protocol)
 
 What this layer adds to aiosmtpd (DESIGN.md section 10 lists the traps it works around):
-- admission before the banner: over the connection limit -> 421 4.7.0, closed, no banner;
-- lane state on the protocol instance (STARTTLS builds a new Session);
+- classification and admission in connection_made, before aiosmtpd builds anything: a refused
+  connection (421 4.7.0, no banner) costs microseconds; behind a PROXY-protocol balancer they
+  wait for the header; the fast port (listen.fast_port) serves fast-lane clients only;
+- a session is built from a per-process prototype (aiosmtpd's __init__ introspects the class
+  and the handler on every connection: ~0.5 ms);
+- lane state on the protocol instance (STARTTLS builds a new Session); SPF at MAIL FROM can
+  promote it;
+- bulk over its cap is shed at MAIL FROM with a tarpit (451 4.7.1 after shed_delay) and a
+  per-session limit (421); slots full: the longest-silent bulk session is evicted;
+- an early-talker test for bulk clients (554, and a penalty shared by every acceptor);
 - a whole-session deadline on top of the idle timeout, and a 421 line before closing on either;
   the idle timer is re-armed by incoming bytes while DATA is being received;
 - EHLO advertises PIPELINING (aiosmtpd supports but does not advertise it) and never AUTH;
@@ -17,7 +25,8 @@ What this layer adds to aiosmtpd (DESIGN.md section 10 lists the traps it works 
   a NACK, a timeout or an unreachable broker -> 451;
 - any exception -> 451 4.3.0 and a log line (aiosmtpd's default is a 500 with internals);
 - a per-instance command_size_limits (aiosmtpd's is a class attribute shared by all sessions
-  and grows with every EHLO).
+  and grows with every EHLO);
+- the lines of a multi-line reply (EHLO) leave in one write; <addr> parsing has a fast path.
 """
 
 from __future__ import annotations
