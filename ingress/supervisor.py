@@ -66,16 +66,20 @@ class Child:
     kill_at: float | None = None
 
 
-def sd_notify(msg: str) -> None:
+def sd_notify(msg: str, wait: float = 1.0) -> None:
     """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
     addr = os.environ.get("NOTIFY_SOCKET")
     if not addr:
         return
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
+    # Never block for long: a notify socket whose reader lags (its datagram queue is short)
+    # must not stall the supervisor's loop. State changes wait up to `wait` seconds for room;
+    # WATCHDOG=1 is sent with wait=0 (a dropped one is followed by the next).
     with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.settimeout(wait if wait > 0 else 0.0)     # 0.0: non-blocking
         s.connect(addr)
-        s.sendall(msg.encode())
+        s.send(msg.encode())
 
 
 def port_free(family: int, host: str, port: int) -> bool:
@@ -187,7 +191,7 @@ class Supervisor:
         now = time.monotonic()
         sup = self.cfg.supervisor
         if self.watchdog and now >= self.next_watchdog:
-            sd_notify("WATCHDOG=1")
+            sd_notify("WATCHDOG=1", wait=0)
             self.next_watchdog = now + self.watchdog / 2
         for c in list(self.children):
             alive = c.proc is not None and c.proc.is_alive()
