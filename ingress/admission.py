@@ -60,6 +60,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from ingress.wire import Lane
+from workers.ratelimit import TokenBucket
 
 __all__ = [
     "EARLY_TALKER_REPLY",
@@ -238,7 +239,7 @@ class Admission:
         self.fast_in_use = 0
         self.bulk_in_use = 0
         self._per_ip_bulk: dict[str, int] = {}
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> tokens, t
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()   # per-IP connection rate
         self._penalties = _PenaltyBox(limits.max_penalised)
         self._ids = itertools.count(1)
 
@@ -337,20 +338,13 @@ class Admission:
 
     def _take_token(self, key: str, now: float) -> bool:
         lim = self.limits
-        state = self._buckets.get(key)
-        stamp = now
-        if state is None:
-            tokens = float(lim.per_ip_burst)
+        bucket = self._buckets.get(key)
+        if bucket is None:
             if len(self._buckets) >= lim.max_tracked_ips:
                 self._buckets.popitem(last=False)
+            bucket = self._buckets[key] = TokenBucket(lim.per_ip_rate, lim.per_ip_burst, now)
         else:
-            tokens, last = state
-            elapsed = now - last if now > last else 0.0  # tolerate a clock that steps back
-            stamp = max(now, last)
-            tokens = min(float(lim.per_ip_burst), tokens + elapsed * lim.per_ip_rate)
             self._buckets.move_to_end(key)
-        ok = tokens >= 1.0
-        if ok:
-            tokens -= 1.0
-        self._buckets[key] = (tokens, stamp)
-        return ok
+            # Limits may have been reconfigured since this bucket was made.
+            bucket.rate, bucket.burst = lim.per_ip_rate, float(lim.per_ip_burst)
+        return bucket.take(now)
