@@ -53,9 +53,10 @@ def received_header(env: Envelope, hostname: str) -> bytes:
     return line.encode("ascii")
 
 
-def _header_block(body: bytes) -> bytes:
+def has_dkim_signature(body: bytes) -> bool:
+    """A DKIM-Signature header in the message's header block (not in its body)."""
     end = body.find(b"\r\n\r\n")
-    return body if end < 0 else body[:end + 2]
+    return DKIM_HEADER.search(body if end < 0 else body[:end + 2]) is not None
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class Pipeline:
         ev = env.evidence
         body = dkim_check.strip_forged_ar(body, self.authserv_id)
         results: tuple[dkim_check.DkimSignatureResult, ...] = ()
-        if DKIM_HEADER.search(_header_block(body)):
+        if has_dkim_signature(body):
             report = dkim_check.verify_dkim(
                 body, resolver=self.resolver, timeout=self.dns_timeout,
                 deadline_s=max(0.1, min(self.dkim_deadline, budget_s)))

@@ -47,7 +47,7 @@ from ingress.wire import (
     worker_ack,
     worker_nack,
 )
-from workers.pipeline import DKIM_HEADER, Pipeline, Processed
+from workers.pipeline import Pipeline, Processed, has_dkim_signature
 from workers.spool import Spool
 
 TMP_MAX_AGE = 60.0
@@ -193,7 +193,7 @@ class Worker:
         futures: dict[concurrent.futures.Future[Processed], int] = {}
         for i, (_, env, body) in enumerate(jobs):
             budget = env.deadline - wall - 0.5
-            if DKIM_HEADER.search(body[:65536]):
+            if has_dkim_signature(body):
                 futures[self.pool.submit(self.pipeline.process, env, body, budget)] = i
             else:
                 try:
