@@ -116,13 +116,16 @@ class Envelope:
     evidence: dict[str, str] = field(default_factory=dict)   # stage -> result, for the trace
 
     def encode(self) -> bytes:
-        return orjson.dumps({
+        return orjson.dumps(self.as_dict())
+
+    def as_dict(self) -> dict[str, object]:
+        return {
             "qid": self.qid, "lane": self.lane.value, "peer_ip": self.peer_ip,
             "peer_port": self.peer_port, "helo": self.helo, "mail_from": self.mail_from,
             "rcpts": list(self.rcpts), "received_at": self.received_at,
             "deadline": self.deadline, "acceptor": self.acceptor,
             "smtputf8": self.smtputf8, "tls": self.tls, "evidence": self.evidence,
-        })
+        }
 
     @classmethod
     def decode(cls, raw: bytes) -> Envelope:

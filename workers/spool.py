@@ -46,7 +46,7 @@ class SpoolEntry:
 
 
 def envelope_line(env: Envelope) -> bytes:
-    doc = orjson.loads(env.encode())
+    doc = env.as_dict()
     doc["v"] = SPOOL_FORMAT
     return ENVELOPE_HEADER + orjson.dumps(doc) + b"\r\n"
 
