@@ -50,6 +50,8 @@ from ingress.classify import (
 )
 from ingress.config import Config
 from ingress.evidence import cert_evidence, check_spf, make_resolver, normalize_fingerprint
+from ingress.rcpt_verify import RecipientVerifier
+from ingress.session_rules import ErrorPolicy
 from ingress.smtp import IngressHandler, IngressSMTP
 from ingress.wire import (
     LEARN_TOPIC,
@@ -198,6 +200,15 @@ class AcceptorContext:
         self.handler = IngressHandler(self)
         self.smtp_prototypes: dict[bool, tuple[dict[str, Any], tuple[str, ...]]] = {}
         self.sessions: set[IngressSMTP] = set()
+        self.error_policy = ErrorPolicy(
+            soft_error_limit=s.soft_error_limit, hard_error_limit=s.hard_error_limit,
+            # the delay runs on the idle timer: at most half of the shorter idle timeout
+            error_sleep=s.error_sleep, error_sleep_max=min(
+                s.error_sleep_max, min(s.idle_timeout, a.stress_idle_timeout) / 2),
+            junk_command_limit=s.junk_command_limit,
+            mail_without_data_limit=s.mail_without_data_limit,
+            recipient_overshoot_limit=s.recipient_overshoot_limit)
+        self.verifier = verifier(cfg)
         self.silent: OrderedDict[IngressSMTP, float] = OrderedDict()   # bulk, not spoken yet
         self.evictions = TokenBucket(a.evict_rate, max(1.0, a.evict_rate), now=time.monotonic())
         self.counters: Counter[str] = Counter()
@@ -331,11 +342,6 @@ class AcceptorContext:
             return False
         return self.bulk_bucket is None or self.bulk_bucket.take(time.monotonic())
 
-    def recipient_known(self, address: str, domain: str) -> bool:
-        if self.recipients is None:
-            return True
-        return address.lower() in self.recipients or "@" + domain in self.recipients
-
     async def submit(self, env: Envelope, body: bytes) -> tuple[Reply | None, str]:
         return await self.lanes[env.lane].submit(env, body, self.cfg.smtp.ack_timeout)
 
@@ -460,6 +466,21 @@ def load_learned(path: Path, ttl: float, max_size: int) -> LearnedAllow:
     except (OSError, ValueError) as e:
         log.event("learned_load_failed", "warning", path=str(path), error=str(e))
     return LearnedAllow(ttl=max(ttl, 1.0), max_size=max_size)
+
+
+def verifier(cfg: Config) -> RecipientVerifier | None:
+    """smtp.verify_recipients: callouts to relay.downstream (config validation made sure it is
+    smtp://host:port)."""
+    s = cfg.smtp
+    if not s.verify_recipients:
+        return None
+    from workers.relay import parse_downstream  # the one parser of relay.downstream
+    target = parse_downstream(cfg.relay.downstream)
+    return RecipientVerifier(
+        target.host, target.port, helo=s.hostname, timeout=s.verify_timeout,
+        positive_ttl=s.verify_positive_ttl, negative_ttl=s.verify_negative_ttl,
+        tempfail_ttl=s.verify_tempfail_ttl, cache_size=s.verify_cache_size,
+        concurrency=s.verify_concurrency)
 
 
 def load_recipient_map(path: str) -> frozenset[str]:

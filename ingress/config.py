@@ -60,6 +60,27 @@ class SmtpConfig:
     fast_reserve: int = 100             # of max_connections, usable by the fast lane only
     drain_grace: float = 20.0           # SIGTERM / reload: sessions may finish within this
     recipient_map: str = ""             # file: accepted addresses, one a line ("@dom" = any)
+    # Per-session error and command limits (Postfix's smtpd_soft/hard_error_limit,
+    # smtpd_error_sleep_time, smtpd_junk_command_limit, smtpd_recipient_overshoot_limit);
+    # the counts start afresh after a delivered message. See ingress/session_rules.py.
+    soft_error_limit: int = 10          # errors before every reply is delayed
+    hard_error_limit: int = 20          # errors, then 421 4.7.0 and a close
+    error_sleep: float = 1.0            # delay per error beyond soft_error_limit ...
+    error_sleep_max: float = 4.0        # ... at most this, and at most half the idle timeout
+                                        # (smtp.idle_timeout, admission.stress_idle_timeout)
+    junk_command_limit: int = 100       # NOOP/RSET/VRFY/HELP; each one beyond is an error
+    mail_without_data_limit: int = 20   # MAIL commands without a delivered message, then 421
+    recipient_overshoot_limit: int = 1000   # 452 too-many-recipients; each one beyond: error
+    # Recipient verification against relay.downstream at RCPT time (a cached callout, as
+    # Postfix's reject_unverified_recipient): see ingress/rcpt_verify.py.
+    verify_recipients: bool = False
+    verify_timeout: float = 4.0         # one whole callout (connect .. RCPT answer)
+    verify_positive_ttl: float = 86400.0    # a 2xx answer is reused this long
+    verify_negative_ttl: float = 3600.0     # a 5xx answer is reused this long
+    verify_tempfail_ttl: float = 30.0       # an uncertain answer (450 to the client) this long
+    verify_cache_size: int = 100000     # cached answers per acceptor process
+    verify_concurrency: int = 16        # callouts at once per acceptor process
+    verify_per_session: int = 10        # callouts one session may cause; then 450
 
 
 @dataclass(frozen=True)
@@ -297,6 +318,26 @@ def _finish(cfg: Config, file: str) -> Config:
     need(0 <= s.fast_reserve < s.max_connections, "smtp.fast_reserve",
          "must be >= 0 and below smtp.max_connections")
     need(s.drain_grace >= 0, "smtp.drain_grace", "must be >= 0")
+    need(1 <= s.soft_error_limit <= 1000, "smtp.soft_error_limit", "must be 1..1000")
+    need(s.soft_error_limit < s.hard_error_limit <= 1000, "smtp.hard_error_limit",
+         "must be above smtp.soft_error_limit and at most 1000")
+    need(s.error_sleep >= 0, "smtp.error_sleep", "must be >= 0")
+    need(s.error_sleep <= s.error_sleep_max <= 60, "smtp.error_sleep_max",
+         "must be >= smtp.error_sleep and at most 60 seconds")
+    need(s.junk_command_limit >= 0, "smtp.junk_command_limit", "must be >= 0")
+    need(s.mail_without_data_limit >= 1, "smtp.mail_without_data_limit", "must be >= 1")
+    need(s.recipient_overshoot_limit >= 0, "smtp.recipient_overshoot_limit", "must be >= 0")
+    need(not s.verify_recipients or cfg.relay.downstream.startswith("smtp://"),
+         "smtp.verify_recipients", "needs an smtp://host:port relay.downstream to ask")
+    need(s.verify_timeout > 0 and (not s.verify_recipients or s.verify_timeout < min(
+         s.idle_timeout, cfg.admission.stress_idle_timeout) / 2), "smtp.verify_timeout",
+         "must be > 0 and below half of smtp.idle_timeout and of "
+         "admission.stress_idle_timeout (the callout runs on the idle timer)")
+    for key in ("verify_positive_ttl", "verify_negative_ttl", "verify_tempfail_ttl"):
+        need(getattr(s, key) >= 0, f"smtp.{key}", "must be >= 0 (0 = not cached)")
+    need(1 <= s.verify_cache_size <= 10_000_000, "smtp.verify_cache_size", "must be 1..10000000")
+    need(1 <= s.verify_concurrency <= 1000, "smtp.verify_concurrency", "must be 1..1000")
+    need(0 <= s.verify_per_session <= 1000, "smtp.verify_per_session", "must be 0..1000")
     for lane in ("fast", "bulk"):
         lc: LaneConfig = getattr(cfg.lanes, lane)
         k = f"lanes.{lane}"

@@ -21,6 +21,10 @@ LANE_BUSY_CLOSING = "421 4.7.1 {host} Service busy, closing connection, try agai
 INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
 NOT_QUEUED = "451 4.3.0 Message not queued ({why}), try again later"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
+TOO_MANY_ERRORS = "421 4.7.0 {host} Error: too many errors"
+TOO_MANY_TRANSACTIONS = "421 4.7.0 {host} Error: too many transactions without a message"
+UNVERIFIED_RECIPIENT = ("450 4.1.1 <{rcpt}>: Recipient address rejected: "
+                        "unverified address, try again later")
 
 # 5xx: policy
 UNKNOWN_USER = "550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown"
@@ -29,4 +33,7 @@ BARE_LINE_ENDING = "550 5.6.0 Message contains bare CR or LF, refused (RFC 5321 
 MESSAGE_TOO_BIG = "552 5.3.4 Error: message too big"
 FAST_PORT_ONLY = "554 5.7.1 {host} This port serves allow-listed clients only; use port 25"
 EARLY_TALKER = "554 5.5.0 Error: SMTP protocol synchronization"
+ADDRESS_NOT_ASCII = ("553 5.6.7 <{addr}>: {what} address rejected: "
+                     "non-ASCII address without SMTPUTF8")
+BAD_ARGUMENT = "501 5.5.2 Syntax error: {why} in {command} argument"
 AUTH_NOT_OFFERED = "502 5.5.1 Error: authentication not enabled"

@@ -42,10 +42,12 @@ from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from ingress import log, metrics, proxy, replies
+from ingress import log, metrics, proxy, replies, session_rules
 from ingress.admission import Ticket
 from ingress.classify import AuthResult, Evidence, normalize_ip
 from ingress.evidence import received_spf_header, spf_identity
+from ingress.rcpt_verify import Answer
+from ingress.session_rules import Counters, Refusal
 from ingress.wire import Envelope, Lane, new_qid
 
 if TYPE_CHECKING:
@@ -126,6 +128,11 @@ class IngressSMTP(SMTP):
         self.refused = False
         self.banner_sent = False
         self._deadline: asyncio.TimerHandle | None = None
+        self.counters = Counters()     # errors, junk commands, MAILs (session_rules)
+        self._counted_messages = 0     # self.messages when the counters last started afresh
+        self._command = ""             # the command the next final reply answers
+        self.cut_off = False           # 421 written: nothing more is read or answered
+        self.callouts = 0              # recipient verification callouts this session caused
 
     # --- connection life cycle ----------------------------------------------------------------
 
@@ -312,17 +319,113 @@ class IngressSMTP(SMTP):
         if line[3:4] == b"-":
             self._continuation.append(line + b"\r\n")
             return
+        if self.cut_off:                   # pipelined commands after our 421: not answered
+            await self._stop_reading()
+            return
         self.last_reply = line[:3].decode("ascii", "replace")
+        line += b"\r\n" + await self._account(line)
         if self._continuation:
-            self._continuation.append(line + b"\r\n")
+            self._continuation.append(line)
             self._writer.write(b"".join(self._continuation))
             self._continuation.clear()
         else:
-            self._writer.write(line + b"\r\n")
+            self._writer.write(line)
         if self.close_after_reply and self.transport is not None:
             self.transport.close()         # after the reply: close() flushes what is written
+            await self._stop_reading()
             return
         await self._writer.drain()
+
+    async def _account(self, line: bytes) -> bytes:
+        """Per-session error accounting for one final reply (session_rules.after_reply): the
+        tarpit delay before it, and at the hard limit the 421 line to send after it (returned;
+        the session is then closed). Counts start afresh once a message was delivered."""
+        if self.messages != self._counted_messages:
+            self._counted_messages = self.messages
+            self.counters = session_rules.delivered(self.counters)
+        command, self._command = self._command, ""
+        step = session_rules.after_reply(self.counters, self.ctx.error_policy,
+                                         line[:9].decode("ascii", "replace"), command)
+        self.counters = step.counters
+        if step.delay > 0:
+            log.event("error_delay", peer=self.peer_ip,
+                      errors=step.counters.errors, delay_ms=round(step.delay * 1000, 1))
+            await asyncio.sleep(step.delay)
+        if not step.cut_off:
+            return b""
+        refusal = session_rules.cut_off_refusal(self.hostname)
+        self._refused(refusal, command, why="errors", errors=step.counters.errors)
+        self.close_after_reply = True
+        self.last_reply = refusal.reply[:3]
+        return refusal.reply.encode() + b"\r\n"
+
+    async def _stop_reading(self) -> None:
+        """After a 421 and close(): aiosmtpd would go on parsing what the client pipelined
+        (already buffered, so without yielding) until connection_lost runs; stop it here, as
+        its own QUIT does."""
+        self.cut_off = True
+        task = self._handler_coroutine
+        if task is not None and task is asyncio.current_task():
+            task.cancel()
+            await asyncio.sleep(0)         # the CancelledError is raised here
+
+    def _refused(self, refusal: Refusal, command: str, **fields: object) -> str:
+        """Log line, metric and close flag for one of session_rules' refusals; the reply."""
+        log.event(refusal.event, peer=self.peer_ip, lane=self.lane.value, command=command,
+                  **fields)
+        if command == "RCPT":
+            metrics.recipient(self.lane, refusal.metric)
+        else:
+            metrics.message(self.lane, refusal.metric)
+        if refusal.close:
+            self.close_after_reply = True
+        return refusal.reply
+
+    async def _checked(self, command: str, arg: str | None) -> bool:
+        """Every command we parse passes here first: it names the command for the accounting
+        and refuses NUL, invalid UTF-8 and control characters in its argument (501 5.5.2)."""
+        self._command = command
+        if self.cut_off:
+            await self._stop_reading()
+            return False
+        why = session_rules.check_argument(arg)
+        if why is None:
+            return True
+        await self.push(self._refused(session_rules.argument_refusal(why, command), command,
+                                      why=why, arg=repr(arg)[:200]))
+        return False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        if await self._checked("HELO", hostname):
+            await super().smtp_HELO(hostname)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if await self._checked("EHLO", hostname):
+            await super().smtp_EHLO(hostname)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self._checked("MAIL", arg):
+            await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self._checked("RCPT", arg):
+            await super().smtp_RCPT(arg)
+
+    async def smtp_NOOP(self, arg: str) -> None:
+        if await self._checked("NOOP", None):
+            await super().smtp_NOOP(arg)
+
+    async def smtp_RSET(self, arg: str) -> None:
+        if await self._checked("RSET", None):
+            await super().smtp_RSET(arg)
+
+    async def smtp_VRFY(self, arg: str) -> None:
+        if await self._checked("VRFY", arg):
+            await super().smtp_VRFY(arg)
+
+    async def smtp_HELP(self, arg: str) -> None:
+        if await self._checked("HELP", None):
+            await super().smtp_HELP(arg)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The common case, <dot-atom@domain> [params], without the email package's full
@@ -363,6 +466,11 @@ class IngressHandler:
             self.ctx.loop.call_soon(server.close_if_idle, "")
             return replies.SHUTTING_DOWN.format(host=server.hostname)
         ctx = self.ctx
+        refusal = session_rules.mail_verdict(address, bool(envelope.smtp_utf8)) \
+            or session_rules.before_mail(server.counters, ctx.error_policy, server.hostname)
+        if refusal is not None:
+            return server._refused(refusal, "MAIL", sender=address[:200],
+                                   why="mail_without_data" if refusal.close else "")
         server.evidence = replace(server.evidence, spf=AuthResult.NONE, spf_domain=None)
         server.spf_header = ""
         # SPF can only promote, so a session already in the fast lane never waits for DNS.
@@ -384,28 +492,41 @@ class IngressHandler:
             return await self.shed(server)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        server.counters = session_rules.mail_accepted(server.counters)
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(self, server: IngressSMTP, session: Session, envelope: SmtpEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
-        local, _, domain = address.rpartition("@")
-        domain = domain.lower().rstrip(".")
-        # Sender-specified routing (user%other@us, other!user@us, "a@b"@us) would let a
-        # downstream MTA relay on to `other`: refused like any other relay attempt.
-        if not local or domain not in self.ctx.domains or any(c in local for c in "%!@"):
-            log.event("relay_denied", peer=server.peer_ip, rcpt=address[:200])
-            metrics.recipient(server.lane, "relay_denied")
-            return replies.RELAY_DENIED.format(rcpt=address[:200])
-        if not self.ctx.recipient_known(address, domain):
-            metrics.recipient(server.lane, "unknown_user")
-            return replies.UNKNOWN_USER.format(rcpt=address[:200])
-        if len(envelope.rcpt_tos) >= self.ctx.cfg.smtp.max_recipients:
-            metrics.recipient(server.lane, "too_many")
-            return replies.TOO_MANY_RECIPIENTS
+        ctx = self.ctx
+        verdict = session_rules.rcpt_verdict(
+            address, smtputf8=bool(envelope.smtp_utf8), domains=ctx.domains,
+            primary_domain=ctx.cfg.smtp.accepted_domains[0], recipients=ctx.recipients,
+            accepted=len(envelope.rcpt_tos), max_recipients=ctx.cfg.smtp.max_recipients)
+        refusal = verdict.refusal
+        if refusal is None and verdict.verify and ctx.verifier is not None:
+            refusal = session_rules.verify_verdict(verdict.address,
+                                                   await self.verify(server, verdict.address))
+        if refusal is not None:
+            return server._refused(refusal, "RCPT", rcpt=verdict.address[:200])
+        address = verdict.address
         metrics.recipient(server.lane, "accepted")
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
+
+    async def verify(self, server: IngressSMTP, address: str) -> Answer:
+        """The downstream's answer for `address`: cached, or a callout if this session has not
+        used up smtp.verify_per_session (then TEMPFAIL: 450, never an amplifier)."""
+        verifier = self.ctx.verifier
+        assert verifier is not None
+        hit = verifier.cached(address)
+        if hit is not None:
+            return hit
+        if server.callouts >= self.ctx.cfg.smtp.verify_per_session:
+            log.event("verify_session_cap", peer=server.peer_ip, rcpt=address[:200])
+            return Answer.TEMPFAIL
+        server.callouts += 1
+        return await verifier.verify(address, bool(server.envelope and server.envelope.smtp_utf8))
 
     async def handle_DATA(self, server: IngressSMTP, session: Session,
                           envelope: SmtpEnvelope) -> str:

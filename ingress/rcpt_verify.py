@@ -1,0 +1,155 @@
+"""Recipient verification against the downstream MTA at RCPT time: a cached callout, as Postfix's
+reject_unverified_recipient does, so the ingress does not accept mail the downstream will refuse
+(and then bounce to a sender that is usually forged: backscatter).
+
+API:
+    RecipientVerifier(host, port, *, helo, timeout, positive_ttl, negative_ttl, tempfail_ttl,
+                      cache_size, concurrency, backlog=None, timer=time.monotonic)
+    .cached(address) -> Answer | None       a cached answer, no I/O
+    await .verify(address, smtputf8=False) -> Answer
+        OK (the downstream said 2xx to RCPT TO), UNKNOWN (it said 5xx), TEMPFAIL (anything else:
+        4xx, a refused MAIL FROM:<>, connection refused or reset, a timeout, a garbled reply).
+        Never raises (bar cancellation).
+    Answer                                   StrEnum; session_rules.verify_verdict maps it to
+                                             250 / 550 5.1.1 / 450 4.1.1 (never 5xx when unsure)
+
+The callout: connect, EHLO, MAIL FROM:<>, RCPT TO:<address> (SMTPUTF8 on MAIL when the address
+needs it and the downstream offers it; else TEMPFAIL), then RSET and QUIT, all within `timeout`
+(aiosmtplib, one fresh connection per callout; the address is never delivered to).
+
+Bounds (so a flood of RCPTs cannot turn us into an amplifier against the downstream):
+- answers cached per address (domain case-folded) in a cachetools.TLRUCache of `cache_size`
+  entries: 2xx for positive_ttl, 5xx for negative_ttl, uncertain for tempfail_ttl (0: never);
+- single flight: concurrent RCPTs for one address share one callout;
+- at most `concurrency` callouts at once per acceptor process, and at most `backlog` (default
+  4 x concurrency) waiting for a slot; beyond that TEMPFAIL at once, without a connection;
+- the caller caps callouts per session (smtp.verify_per_session) and counts every refusal in the
+  session's error accounting (ingress/session_rules.py).
+Limits: only an smtp:// downstream (config validation says so for lmtp); the cache is per
+acceptor process and is lost at restart; callouts are not authenticated or encrypted (the
+downstream is the operator's own MTA, normally on a private network).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from enum import StrEnum
+
+import aiosmtplib
+from cachetools import TLRUCache
+
+from ingress import log
+
+
+class Answer(StrEnum):
+    OK = "ok"
+    UNKNOWN = "unknown"
+    TEMPFAIL = "tempfail"
+
+
+def cache_key(address: str) -> str:
+    local, at, domain = address.rpartition("@")
+    return f"{local}{at}{domain.lower()}"
+
+
+class RecipientVerifier:
+    def __init__(self, host: str, port: int, *, helo: str, timeout: float, positive_ttl: float,
+                 negative_ttl: float, tempfail_ttl: float, cache_size: int, concurrency: int,
+                 backlog: int | None = None,
+                 timer: Callable[[], float] = time.monotonic) -> None:
+        self.host, self.port, self.helo, self.timeout = host, port, helo, timeout
+        self.ttl = {Answer.OK: positive_ttl, Answer.UNKNOWN: negative_ttl,
+                    Answer.TEMPFAIL: tempfail_ttl}
+        self.cache: TLRUCache[str, Answer] = TLRUCache(
+            maxsize=cache_size, ttu=lambda _k, v, now: now + self.ttl[v], timer=timer)
+        self.slots = asyncio.Semaphore(concurrency)
+        self.backlog = backlog if backlog is not None else 4 * concurrency
+        self.waiting = 0
+        self.inflight: dict[str, asyncio.Future[Answer]] = {}
+        self.callouts = 0           # made, for logs and tests
+
+    def cached(self, address: str) -> Answer | None:
+        return self.cache.get(cache_key(address))
+
+    async def verify(self, address: str, smtputf8: bool = False) -> Answer:
+        key = cache_key(address)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        fut = self.inflight.get(key)
+        if fut is not None:                      # single flight
+            return await asyncio.shield(fut)
+        if self.waiting >= self.backlog:
+            log.event("verify_backlog", "warning", rcpt=address[:200])
+            return Answer.TEMPFAIL
+        fut = asyncio.get_running_loop().create_future()
+        self.inflight[key] = fut
+        answer: Answer | None = None
+        try:
+            answer = await self._bounded(address, smtputf8)
+        finally:             # cancelled (the client left): nothing cached, waiters unsure
+            self.inflight.pop(key, None)
+            if answer is not None and self.ttl[answer] > 0:
+                self.cache[key] = answer
+            if not fut.done():
+                fut.set_result(answer or Answer.TEMPFAIL)
+        return answer
+
+    async def _bounded(self, address: str, smtputf8: bool) -> Answer:
+        """One callout within the deadline, the wait for a slot included."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                self.waiting += 1
+                try:
+                    await self.slots.acquire()
+                finally:
+                    self.waiting -= 1
+                try:
+                    return await self._callout(address, smtputf8)
+                finally:
+                    self.slots.release()
+        except TimeoutError:
+            log.event("verify_timeout", "warning", rcpt=address[:200], timeout=self.timeout)
+            return Answer.TEMPFAIL
+
+    async def _callout(self, address: str, smtputf8: bool) -> Answer:
+        self.callouts += 1
+        client = aiosmtplib.SMTP(hostname=self.host, port=self.port, timeout=self.timeout,
+                                 start_tls=False, use_tls=False, local_hostname=self.helo)
+        stage = "connect"
+        try:
+            await client.connect()
+            stage = "ehlo"
+            await client.ehlo()
+            utf8 = smtputf8 or not address.isascii()
+            if utf8 and "smtputf8" not in client.esmtp_extensions:
+                log.event("verify_uncertain", "info", rcpt=address[:200],
+                          why="downstream lacks SMTPUTF8")
+                return Answer.TEMPFAIL
+            stage = "mail"
+            r = await client.execute_command(b"MAIL", b"FROM:<>",
+                                             *([b"SMTPUTF8"] if utf8 else []))
+            if r.code != 250:
+                log.event("verify_uncertain", "warning", rcpt=address[:200], stage=stage,
+                          reply=f"{r.code} {r.message}"[:200])
+                return Answer.TEMPFAIL
+            stage = "rcpt"
+            r = await client.execute_command(
+                b"RCPT", b"TO:<" + address.encode("utf-8" if utf8 else "ascii") + b">")
+            with contextlib.suppress(Exception):
+                await client.execute_command(b"RSET")
+                await client.quit()
+            answer = Answer.OK if 200 <= r.code < 300 else \
+                Answer.UNKNOWN if 500 <= r.code < 600 else Answer.TEMPFAIL
+            log.event("verify", rcpt=address[:200], answer=answer.value,
+                      reply=f"{r.code} {r.message}"[:200])
+            return answer
+        except (aiosmtplib.SMTPException, OSError, UnicodeError) as e:
+            log.event("verify_uncertain", "warning", rcpt=address[:200], stage=stage,
+                      error=f"{type(e).__name__}: {e}"[:200])
+            return Answer.TEMPFAIL
+        finally:
+            client.close()

@@ -1,0 +1,227 @@
+"""Per-command session rules: what to answer to a HELO/EHLO/MAIL/RCPT argument, and how a session
+that keeps erring is slowed down and cut off. Pure: plain values in, verdicts out; no I/O, no
+clock (ingress/smtp.py is the thin glue that calls these and sleeps, writes and closes).
+
+API:
+    check_argument(arg) -> str | None
+        None, or why the argument of HELO/EHLO/MAIL/RCPT is refused (501 5.5.2): "nul",
+        "invalid_utf8" (aiosmtpd decodes arguments as UTF-8 with errors="surrogateescape", so
+        undecodable bytes arrive as lone surrogates U+DC80..U+DCFF), "control" (C0 including TAB
+        and CR, DEL, C1).
+    mail_verdict(address, smtputf8) -> Refusal | None
+        A non-ASCII sender without the SMTPUTF8 parameter: 553 5.6.7 (RFC 6531 section 3.5).
+    rcpt_verdict(address, smtputf8=, domains=, primary_domain=, recipients=, accepted=,
+                 max_recipients=) -> RcptVerdict
+        The RCPT decision before any callout: the address to store (a bare "postmaster" becomes
+        postmaster@<primary_domain>, RFC 5321 section 4.5.1, as Postfix rewrites it to
+        postmaster@$myorigin), a refusal, and whether recipient verification may apply.
+        Order: non-ASCII (553 5.6.7), the recipient limit (452 4.5.3; checked before anything
+        that would tell a harvester whether an address exists), relay (550 5.7.1; includes
+        sender-specified routing % ! @ in the local part), the recipient map (550 5.1.1).
+        postmaster at an accepted domain is always accepted (no map, no verification).
+    verify_verdict(answer) -> Refusal | None      a recipient callout's answer -> the reply
+    is_error_reply(line) -> bool                  does this reply count as a client error?
+    JUNK_COMMANDS                                 the commands the junk limit counts
+    ErrorPolicy, Counters                         the limits and one session's counts
+    after_reply(counters, policy, line, command) -> Step
+        Accounting for one reply: the counters after it, the tarpit delay before it is written
+        (error_delay), and whether the session is cut off after it (421 4.7.0 and a close).
+    before_mail(counters, policy, host) -> Refusal | None
+        A MAIL beyond policy.mail_without_data_limit transactions without a delivered message:
+        421 4.7.0 and a close (each MAIL of a bulk session spends a bulk token).
+    mail_accepted(counters) -> Counters           a MAIL got 250
+    delivered(counters) -> Counters               a message was delivered: counts start afresh
+    argument_refusal(why, command) -> Refusal     the 501 5.5.2 for check_argument's answer
+    cut_off_refusal(host) -> Refusal              the 421 4.7.0 at the hard error limit
+    error_delay(errors, policy) -> float          0 up to the soft limit, then error_sleep per
+                                                  error beyond it, at most error_sleep_max
+
+Postfix parallels: smtpd_soft_error_limit / smtpd_hard_error_limit / smtpd_error_sleep_time
+(here the delay grows per error and is capped, instead of Postfix's constant sleep),
+smtpd_junk_command_limit (NOOP, RSET, VRFY, HELP beyond it count as errors), and
+smtpd_recipient_overshoot_limit (452 too-many-recipients answers beyond it count as errors).
+Counts reset when a message is delivered ("errors without delivering mail").
+
+Limits: the counts are per connection; a client that reconnects starts at zero (per-IP rates
+and penalties are admission's business). Failure modes: none; every function is total.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ingress import replies
+
+# aiosmtpd decodes an undecodable byte b as chr(0xDC00 + b), b >= 0x80.
+_SURROGATES = range(0xD800, 0xE000)
+
+JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "HELP"})
+_WHY = {"nul": "NUL character", "invalid_utf8": "invalid UTF-8",
+        "control": "control character"}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A reply that refuses a command, with the log event and the metric label it gets."""
+
+    reply: str
+    event: str
+    metric: str
+    close: bool = False        # 421: the session ends after this reply
+
+
+@dataclass(frozen=True)
+class RcptVerdict:
+    address: str               # the recipient to store (postmaster rewritten)
+    refusal: Refusal | None    # None: accepted (subject to verification when `verify`)
+    verify: bool = False       # a callout to the downstream may decide
+
+
+@dataclass(frozen=True)
+class ErrorPolicy:
+    soft_error_limit: int = 10
+    hard_error_limit: int = 20
+    error_sleep: float = 1.0
+    error_sleep_max: float = 4.0
+    junk_command_limit: int = 100
+    mail_without_data_limit: int = 20
+    recipient_overshoot_limit: int = 1000
+
+
+@dataclass(frozen=True)
+class Counters:
+    errors: int = 0
+    junk: int = 0
+    mails: int = 0             # MAIL commands answered 250 since the last delivered message
+    overshoot: int = 0         # 452 too-many-recipients answers
+
+
+@dataclass(frozen=True)
+class Step:
+    counters: Counters
+    delay: float               # seconds to wait before writing the reply
+    cut_off: bool              # after the reply: 421 4.7.0 too many errors, close
+
+
+def check_argument(arg: str | None) -> str | None:
+    if not arg:
+        return None
+    if arg.isascii() and arg.isprintable():   # the common case: one C-level scan each
+        return None
+    for ch in arg:
+        o = ord(ch)
+        if o == 0:
+            return "nul"
+        if o in _SURROGATES:
+            return "invalid_utf8"
+        if o < 0x20 or 0x7F <= o <= 0x9F:
+            return "control"
+    return None
+
+
+def _not_ascii(address: str, what: str, metric: str) -> Refusal:
+    shown = address[:200].encode("ascii", "backslashreplace").decode("ascii")
+    return Refusal(replies.ADDRESS_NOT_ASCII.format(addr=shown, what=what),
+                   "address_not_ascii", metric)
+
+
+def argument_refusal(why: str, command: str) -> Refusal:
+    """The 501 for check_argument's `why`; metric: a recipient label for RCPT, else a
+    transaction label."""
+    return Refusal(replies.BAD_ARGUMENT.format(why=_WHY[why], command=command), "bad_argument",
+                   "bad_address" if command == "RCPT" else "bad_command")
+
+
+def mail_verdict(address: str, smtputf8: bool) -> Refusal | None:
+    if not smtputf8 and not address.isascii():
+        return _not_ascii(address, "Sender", "bad_command")
+    return None
+
+
+def rcpt_verdict(address: str, *, smtputf8: bool, domains: frozenset[str], primary_domain: str,
+                 recipients: frozenset[str] | None, accepted: int,
+                 max_recipients: int) -> RcptVerdict:
+    if not smtputf8 and not address.isascii():
+        return RcptVerdict(address, _not_ascii(address, "Recipient", "bad_address"))
+    if address.lower() == "postmaster":
+        address = f"postmaster@{primary_domain}"
+    if accepted >= max_recipients:
+        return RcptVerdict(address, Refusal(replies.TOO_MANY_RECIPIENTS, "too_many_recipients",
+                                            "too_many"))
+    local, _, domain = address.rpartition("@")
+    domain = domain.lower().rstrip(".")
+    # Sender-specified routing (user%other@us, other!user@us, "a@b"@us) would let a
+    # downstream MTA relay on to `other`: refused like any other relay attempt.
+    if not local or domain not in domains or any(c in local for c in "%!@"):
+        return RcptVerdict(address, Refusal(replies.RELAY_DENIED.format(rcpt=address[:200]),
+                                            "relay_denied", "relay_denied"))
+    if local.lower() == "postmaster":
+        return RcptVerdict(address, None)
+    if recipients is not None and address.lower() not in recipients \
+            and "@" + domain not in recipients:
+        return RcptVerdict(address, Refusal(replies.UNKNOWN_USER.format(rcpt=address[:200]),
+                                            "unknown_user", "unknown_user"))
+    return RcptVerdict(address, None, verify=True)
+
+
+def verify_verdict(address: str, answer: str) -> Refusal | None:
+    """`answer` is rcpt_verify's: "ok" | "unknown" | anything else (uncertain)."""
+    if answer == "ok":
+        return None
+    if answer == "unknown":
+        return Refusal(replies.UNKNOWN_USER.format(rcpt=address[:200]), "unknown_user",
+                       "unknown_user")
+    return Refusal(replies.UNVERIFIED_RECIPIENT.format(rcpt=address[:200]),
+                   "recipient_unverified", "unverified")
+
+
+def is_error_reply(line: str) -> bool:
+    """5xx, and the 4xx a client causes (450: a recipient we could not verify). Not: 421 (the
+    session ends anyway), 451 (our own trouble: lane busy, not queued), 452 too many
+    recipients (counted separately, see after_reply)."""
+    return line[:1] == "5" or line[:3] == "450"
+
+
+def error_delay(errors: int, policy: ErrorPolicy) -> float:
+    beyond = errors - policy.soft_error_limit
+    if beyond <= 0:
+        return 0.0
+    return min(policy.error_sleep * beyond, policy.error_sleep_max)
+
+
+def after_reply(counters: Counters, policy: ErrorPolicy, line: str, command: str) -> Step:
+    errors, junk, overshoot = counters.errors, counters.junk, counters.overshoot
+    error = is_error_reply(line)
+    if command in JUNK_COMMANDS:
+        junk += 1
+        if junk > policy.junk_command_limit:
+            error = True
+    if line.startswith("452 4.5.3"):
+        overshoot += 1
+        if overshoot > policy.recipient_overshoot_limit:
+            error = True
+    if error:
+        errors += 1
+    c = replace(counters, errors=errors, junk=junk, overshoot=overshoot)
+    return Step(c, error_delay(errors, policy), errors >= policy.hard_error_limit)
+
+
+def before_mail(counters: Counters, policy: ErrorPolicy, host: str) -> Refusal | None:
+    if counters.mails >= policy.mail_without_data_limit:
+        return Refusal(replies.TOO_MANY_TRANSACTIONS.format(host=host), "session_cut_off",
+                       "cut_off", close=True)
+    return None
+
+
+def mail_accepted(counters: Counters) -> Counters:
+    return replace(counters, mails=counters.mails + 1)
+
+
+def delivered(counters: Counters) -> Counters:
+    return Counters()
+
+
+def cut_off_refusal(host: str) -> Refusal:
+    """The 421 at the hard error limit."""
+    return Refusal(replies.TOO_MANY_ERRORS.format(host=host), "session_cut_off", "cut_off",
+                   close=True)
