@@ -82,8 +82,13 @@ OUTCOMES = (
     "draining",         # 421 because this acceptor is draining
     "proxy_rejected",   # PROXY header invalid or from an untrusted peer
 )
-RESULTS = ("accepted", "tempfailed", "rejected")
-RCPT_RESULTS = ("accepted", "relay_denied", "unknown_user", "too_many")
+RESULTS = ("accepted", "tempfailed", "rejected",
+           "shed",          # bulk over its cap at MAIL FROM (451 / 421)
+           "bad_command",   # HELO/EHLO/MAIL refused: bad argument (501), non-ASCII sender (553)
+           "cut_off")       # 421 4.7.0: too many errors, or MAILs without a message
+RCPT_RESULTS = ("accepted", "relay_denied", "unknown_user", "too_many",
+                "bad_address",   # 501 bad argument, 553 5.6.7 non-ASCII without SMTPUTF8
+                "unverified")    # 450 4.1.1: recipient verification was not sure
 
 # --- metric definitions (names are the contract with dashboards: change with care) -----------
 
