@@ -269,3 +269,35 @@ def test_verify_config_accepted(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     p.write_text('[smtp]\nverify_recipients = true\n[relay]\ndownstream = "smtp://127.0.0.1:25"\n')
     assert load(p).smtp.verify_recipients is True
+
+
+# --- rcpt_verify's cache (no I/O: the answers are put in by hand, the clock is ours) -------------
+
+def test_verify_cache_ttls_per_answer() -> None:
+    from ingress.rcpt_verify import Answer, RecipientVerifier, cache_key
+    now = [1000.0]
+    v = RecipientVerifier("127.0.0.1", 1, helo="mx.test", timeout=1.0, positive_ttl=100.0,
+                          negative_ttl=10.0, tempfail_ttl=1.0, cache_size=2,
+                          concurrency=1, timer=lambda: now[0])
+    v.cache[cache_key("a@Example.TEST")] = Answer.OK
+    v.cache[cache_key("b@example.test")] = Answer.UNKNOWN
+    assert v.cached("a@example.test") is Answer.OK          # the domain is case-folded
+    assert v.cached("A@example.test") is None               # the local part is not
+    now[0] += 11
+    assert v.cached("a@example.test") is Answer.OK and v.cached("b@example.test") is None
+    now[0] += 100
+    assert v.cached("a@example.test") is None
+    for i in range(5):                                      # bounded in count
+        v.cache[cache_key(f"c{i}@example.test")] = Answer.OK
+    assert len(v.cache) == 2
+
+
+def test_verify_backlog_full_is_tempfail_without_a_connection() -> None:
+    import asyncio
+
+    from ingress.rcpt_verify import Answer, RecipientVerifier
+    v = RecipientVerifier("127.0.0.1", 1, helo="mx.test", timeout=1.0, positive_ttl=1.0,
+                          negative_ttl=1.0, tempfail_ttl=0.0, cache_size=10, concurrency=1,
+                          backlog=0)
+    assert asyncio.run(v.verify("a@example.test")) is Answer.TEMPFAIL
+    assert v.callouts == 0

@@ -1,0 +1,167 @@
+"""Recipient verification at RCPT time against the downstream (issue 9 item 11, backscatter):
+smtp.verify_recipients = true makes a cached callout to relay.downstream, as Postfix's
+reject_unverified_recipient does.
+
+Against a real Postfix that knows some recipients (virtual_mailbox_maps lists them; smtpd rejects
+the others at RCPT with 550 5.1.1 "User unknown in virtual mailbox table", and one address gets a
+450 from an access map): known -> 250 and delivered, unknown -> 550 5.1.1, downstream 4xx -> 450
+4.1.1; answers are cached (one callout per address), concurrent RCPTs for one address share one
+callout, a session may cause only verify_per_session callouts. Against a downstream that is down
+(nothing listening) or silent (accepts TCP, never greets): 450 4.1.1, never 250, never 5xx.
+Postfix parts skip when Postfix cannot run here (not root / not installed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
+from tests.harness import Ingress, make_body, send_one, smtp_dialogue
+
+pytestmark = pytest.mark.timeout(120)
+
+KNOWN = ("bob@example.test", "carol@example.test")
+TEMP = "busy@example.test"
+EHLO = b"EHLO client.test\r\n"
+MAIL = b"MAIL FROM:<alice@sender.test>\r\n"
+
+
+@pytest.fixture(scope="module")
+def postfix() -> Iterator[PostfixInstance]:
+    try:
+        check_available()
+    except PostfixUnavailable as exc:
+        pytest.skip(str(exc))
+    work = Path(tempfile.mkdtemp(prefix="verify-pf-"))
+    work.chmod(0o711)
+    boxes = ", ".join(f"{a}=example.test/" for a in (*KNOWN, TEMP))
+    pf = PostfixInstance(
+        work, free_port(), delivery="maildir", maildir_root=work / "maildir",
+        accept_domains=("example.test",),
+        extra_main_cf={
+            # only these mailboxes exist: every other recipient is 550 5.1.1 at RCPT
+            "virtual_mailbox_maps": f"inline:{{{boxes}}}",
+            "smtpd_recipient_restrictions":
+                f"check_recipient_access inline:{{{{{TEMP}=450 4.2.1 mailbox busy}}}}"})
+    try:
+        pf.start()
+        yield pf
+    finally:
+        pf.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def tables(downstream: str, **smtp: object) -> dict[str, dict[str, object]]:
+    return {"smtp": {"verify_recipients": True, "verify_timeout": 2.0, **smtp},
+            "relay": {"downstream": downstream, "retry_base": 0.5, "retry_max": 2.0,
+                      "timeout": 10.0},
+            # one acceptor: the answer cache is per acceptor process
+            "supervisor": {"acceptors": 1}}
+
+
+def rcpt_replies(port: int, rcpts: list[str]) -> list[str]:
+    lines = [EHLO, MAIL] + [f"RCPT TO:<{r}>\r\n".encode() for r in rcpts] + [b"QUIT\r\n"]
+    r = asyncio.run(smtp_dialogue(port, lines))
+    return r[3:3 + len(rcpts)]
+
+
+def callouts(ing: Ingress, rcpt: str) -> int:
+    return sum(1 for d in ing.events("verify") if d.get("rcpt") == rcpt)
+
+
+def test_verified_against_postfix(tmp_path: Path, postfix: PostfixInstance) -> None:
+    with Ingress(tmp_path, tables(f"smtp://127.0.0.1:{postfix.port}")) as ing:
+        r = rcpt_replies(ing.port, ["bob@example.test", "nosuch@example.test", TEMP,
+                                    "Carol@example.test", "x@elsewhere.test"])
+        assert r[0].startswith("250"), r
+        assert r[1].startswith("550 5.1.1"), r
+        assert r[2].startswith("450 4.1.1"), r           # the downstream's 4xx: not sure
+        # local parts are the downstream's business: Postfix's table lookup folds case
+        assert r[3].startswith("250"), r
+        assert r[4].startswith("550 5.7.1"), r           # relay: never asked downstream
+        assert not any(d.get("rcpt") == "x@elsewhere.test" for d in ing.events("verify"))
+        # Cached: asking again makes no new callout, and gives the same answers.
+        again = rcpt_replies(ing.port, ["bob@example.test", "nosuch@example.test"])
+        assert again[0].startswith("250") and again[1].startswith("550 5.1.1"), again
+        assert callouts(ing, "bob@example.test") == 1
+        assert callouts(ing, "nosuch@example.test") == 1
+        # A verified recipient's mail goes through the whole path to Postfix's Maildir.
+        code, text = asyncio.run(send_one(ing.port, make_body(1), rcpts=("bob@example.test",)))
+        assert code == 250, text
+        refused = [d for d in ing.events("unknown_user") if d.get("command") == "RCPT"]
+        assert refused and refused[0]["rcpt"] == "nosuch@example.test"
+        unverified = ing.events("recipient_unverified")
+        assert unverified and unverified[0]["rcpt"] == TEMP
+    assert "Traceback" not in ing.log_tail(500)
+
+
+def test_single_flight(tmp_path: Path, postfix: PostfixInstance) -> None:
+    with Ingress(tmp_path, tables(f"smtp://127.0.0.1:{postfix.port}")) as ing:
+        async def many() -> list[list[str]]:
+            return await asyncio.gather(*(smtp_dialogue(ing.port, [
+                EHLO, MAIL, b"RCPT TO:<carol@example.test>\r\n", b"QUIT\r\n"])
+                for _ in range(10)))
+
+        results = asyncio.run(many())
+        assert all(r[3].startswith("250") for r in results), results
+        assert callouts(ing, "carol@example.test") == 1
+
+
+def test_callouts_capped_per_session(tmp_path: Path, postfix: PostfixInstance) -> None:
+    with Ingress(tmp_path, tables(f"smtp://127.0.0.1:{postfix.port}",
+                                  verify_per_session=3)) as ing:
+        harvest = [f"guess{i}@example.test" for i in range(6)]
+        r = rcpt_replies(ing.port, harvest)
+        assert all(x.startswith("550 5.1.1") for x in r[:3]), r
+        assert all(x.startswith("450 4.1.1") for x in r[3:]), r
+        assert sum(callouts(ing, a) for a in harvest) == 3
+        assert len(ing.events("verify_session_cap")) == 3
+        # The cap is per session: a cached answer needs no callout, so it still counts as known.
+        r = rcpt_replies(ing.port, ["guess0@example.test"])
+        assert r[0].startswith("550 5.1.1"), r
+
+
+def test_harvest_through_callouts_cut_off(tmp_path: Path, postfix: PostfixInstance) -> None:
+    """Callout refusals are session errors: a pipelined harvest ends at the hard limit."""
+    with Ingress(tmp_path, tables(f"smtp://127.0.0.1:{postfix.port}", soft_error_limit=2,
+                                  hard_error_limit=4, error_sleep=0.01, error_sleep_max=0.02,
+                                  verify_per_session=100)) as ing:
+        harvest = [f"h{i}@example.test" for i in range(50)]
+        r = asyncio.run(smtp_dialogue(ing.port, [EHLO, MAIL] + [
+            f"RCPT TO:<{a}>\r\n".encode() for a in harvest]))
+        assert [x[:9] for x in r[3:7]] == ["550 5.1.1"] * 4, r
+        assert r[7].startswith("421 4.7.0"), r
+        assert sum(callouts(ing, a) for a in harvest) == 4
+
+
+def test_downstream_down_is_450(tmp_path: Path) -> None:
+    port = free_port()                       # nothing listens there
+    with Ingress(tmp_path, tables(f"smtp://127.0.0.1:{port}")) as ing:
+        r = rcpt_replies(ing.port, ["bob@example.test", "nosuch@example.test"])
+        assert all(x.startswith("450 4.1.1") for x in r), r
+        assert ing.events("verify_uncertain")
+
+
+def test_silent_downstream_is_450_within_the_deadline(tmp_path: Path) -> None:
+    """A downstream that accepts the connection and never says a word: the callout's deadline
+    (smtp.verify_timeout) ends it; the client gets 450, and the session goes on."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)                    # the kernel completes handshakes; nobody reads
+        port = silent.getsockname()[1]
+        with Ingress(tmp_path, tables(f"smtp://127.0.0.1:{port}")) as ing:
+            r = asyncio.run(smtp_dialogue(ing.port, [
+                EHLO, MAIL, b"RCPT TO:<bob@example.test>\r\n", b"NOOP\r\n"], read_timeout=8))
+            assert r[3].startswith("450 4.1.1"), r
+            assert r[4].startswith("250"), r
+            assert ing.events("verify_timeout")
+    finally:
+        silent.close()
