@@ -14,8 +14,9 @@ API:
                                              250 / 550 5.1.1 / 450 4.1.1 (never 5xx when unsure)
 
 The callout: connect, EHLO, MAIL FROM:<>, RCPT TO:<address> (SMTPUTF8 on MAIL when the address
-needs it and the downstream offers it; else TEMPFAIL), then RSET and QUIT, all within `timeout`
-(aiosmtplib, one fresh connection per callout; the address is never delivered to).
+needs it and the downstream offers it; else TEMPFAIL) within `timeout`, the wait for a slot
+included; then RSET and QUIT in the background, bounded by GOODBYE_TIMEOUT (aiosmtplib, one
+fresh connection per callout; nothing is ever delivered).
 
 Bounds (so a flood of RCPTs cannot turn us into an amplifier against the downstream):
 - answers cached per address (domain case-folded) in a cachetools.TLRUCache of `cache_size`
@@ -33,7 +34,6 @@ downstream is the operator's own MTA, normally on a private network).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from enum import StrEnum
@@ -42,6 +42,8 @@ import aiosmtplib
 from cachetools import TLRUCache
 
 from ingress import log
+
+GOODBYE_TIMEOUT = 2.0       # seconds for RSET + QUIT after the answer
 
 
 class Answer(StrEnum):
@@ -70,6 +72,7 @@ class RecipientVerifier:
         self.waiting = 0
         self.inflight: dict[str, asyncio.Future[Answer]] = {}
         self.callouts = 0           # made, for logs and tests
+        self._goodbyes: set[asyncio.Task[None]] = set()
 
     def cached(self, address: str) -> Answer | None:
         return self.cache.get(cache_key(address))
@@ -120,6 +123,7 @@ class RecipientVerifier:
         client = aiosmtplib.SMTP(hostname=self.host, port=self.port, timeout=self.timeout,
                                  start_tls=False, use_tls=False, local_hostname=self.helo)
         stage = "connect"
+        answered = False
         try:
             await client.connect()
             stage = "ehlo"
@@ -139,17 +143,34 @@ class RecipientVerifier:
             stage = "rcpt"
             r = await client.execute_command(
                 b"RCPT", b"TO:<" + address.encode("utf-8" if utf8 else "ascii") + b">")
-            with contextlib.suppress(Exception):
-                await client.execute_command(b"RSET")
-                await client.quit()
             answer = Answer.OK if 200 <= r.code < 300 else \
                 Answer.UNKNOWN if 500 <= r.code < 600 else Answer.TEMPFAIL
             log.event("verify", rcpt=address[:200], answer=answer.value,
                       reply=f"{r.code} {r.message}"[:200])
+            answered = True
+            self._goodbye(client)
             return answer
         except (aiosmtplib.SMTPException, OSError, UnicodeError) as e:
             log.event("verify_uncertain", "warning", rcpt=address[:200], stage=stage,
                       error=f"{type(e).__name__}: {e}"[:200])
             return Answer.TEMPFAIL
         finally:
-            client.close()
+            if not answered:
+                client.close()
+
+    def _goodbye(self, client: aiosmtplib.SMTP) -> None:
+        """RSET and QUIT after the answer, outside the callout's deadline (the answer is in;
+        a downstream slow to say goodbye must not turn it into a 450), bounded on its own."""
+        async def bye() -> None:
+            try:
+                async with asyncio.timeout(min(self.timeout, GOODBYE_TIMEOUT)):
+                    await client.execute_command(b"RSET")
+                    await client.quit()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                pass
+            finally:
+                client.close()
+
+        task = asyncio.get_running_loop().create_task(bye())
+        self._goodbyes.add(task)
+        task.add_done_callback(self._goodbyes.discard)

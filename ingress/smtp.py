@@ -18,8 +18,18 @@ What this layer adds to aiosmtpd (DESIGN.md section 10 lists the traps it works 
 - a whole-session deadline on top of the idle timeout, and a 421 line before closing on either;
   the idle timer is re-armed by incoming bytes while DATA is being received;
 - EHLO advertises PIPELINING (aiosmtpd supports but does not advertise it) and never AUTH;
-- RCPT only for accepted domains (550 5.7.1), with no sender-specified routing in the local
-  part (% ! @), at most max_recipients (452 4.5.3);
+- the decisions on command arguments and the per-session limits are ingress/session_rules.py
+  (pure); this layer applies them: 501 5.5.2 for NUL / invalid UTF-8 / control characters in
+  HELO, EHLO, MAIL, RCPT (aiosmtpd decodes them with surrogateescape whether or not the client
+  said SMTPUTF8), 553 5.6.7 for non-ASCII addresses without SMTPUTF8, RCPT only for accepted
+  domains (550 5.7.1) with no sender-specified routing in the local part (% ! @), the recipient
+  map (550 5.1.1), at most max_recipients (452 4.5.3), a bare <postmaster> stored as
+  postmaster@<first accepted domain>; optional recipient verification against the downstream
+  (ingress/rcpt_verify.py: 550 5.1.1 / 450 4.1.1), at most smtp.verify_per_session callouts;
+- per-session error accounting in push() (every final reply passes there): the tarpit delay
+  past smtp.soft_error_limit, 421 4.7.0 and a close at smtp.hard_error_limit, junk commands
+  (NOOP/RSET/VRFY/HELP) and MAILs without a delivered message limited; after a 421 that closes
+  the session, pipelined commands are not parsed (the handler task is cancelled, as on QUIT);
 - bare CR or LF in DATA -> 550 5.6.0 (SMTP smuggling);
 - after DATA the message goes to the lane broker; 250 only on the worker's ACK (durable);
   a NACK, a timeout or an unreachable broker -> 451;
