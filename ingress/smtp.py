@@ -383,7 +383,7 @@ class IngressSMTP(SMTP):
         """Log line, metric and close flag for one of session_rules' refusals; the reply."""
         log.event(refusal.event, peer=self.peer_ip, lane=self.lane.value, command=command,
                   **fields)
-        if command == "RCPT":
+        if refusal.metric in metrics.RCPT_RESULTS:
             metrics.recipient(self.lane, refusal.metric)
         else:
             metrics.message(self.lane, refusal.metric)

@@ -301,3 +301,23 @@ def test_verify_backlog_full_is_tempfail_without_a_connection() -> None:
                           backlog=0)
     assert asyncio.run(v.verify("a@example.test")) is Answer.TEMPFAIL
     assert v.callouts == 0
+
+
+def test_refusal_metrics_name_one_counter() -> None:
+    """smtp.py counts a refusal as a recipient if its label is a RCPT label, else as a
+    transaction: every label session_rules uses is in exactly one of the two."""
+    labels = {
+        session_rules.mail_verdict("\u00f6@x.test", False).metric,            # type: ignore
+        session_rules.argument_refusal("nul", "RCPT").metric,
+        session_rules.argument_refusal("nul", "MAIL").metric,
+        session_rules.cut_off_refusal("mx").metric,
+        session_rules.before_mail(Counters(mails=99), P, "mx").metric,         # type: ignore
+        session_rules.verify_verdict("a@b", "unknown").metric,                 # type: ignore
+        session_rules.verify_verdict("a@b", "tempfail").metric,                # type: ignore
+        *(v.refusal.metric for v in (rcpt("x@elsewhere.test"), rcpt("a@example.test",
+                                                                    accepted=100),
+                                     rcpt("e@example.test", recipients=KNOWN),
+                                     rcpt("\u00fc@example.test")) if v.refusal),
+    }
+    for label in labels:
+        assert (label in metrics.RCPT_RESULTS) != (label in metrics.RESULTS), label
