@@ -479,8 +479,8 @@ class IngressHandler:
         refusal = session_rules.mail_verdict(address, bool(envelope.smtp_utf8)) \
             or session_rules.before_mail(server.counters, ctx.error_policy, server.hostname)
         if refusal is not None:
-            return server._refused(refusal, "MAIL", sender=address[:200],
-                                   why="mail_without_data" if refusal.close else "")
+            why = {"why": "mail_without_data"} if refusal.close else {}
+            return server._refused(refusal, "MAIL", sender=address[:200], **why)
         server.evidence = replace(server.evidence, spf=AuthResult.NONE, spf_domain=None)
         server.spf_header = ""
         # SPF can only promote, so a session already in the fast lane never waits for DNS.
