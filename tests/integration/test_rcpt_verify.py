@@ -165,3 +165,15 @@ def test_silent_downstream_is_450_within_the_deadline(tmp_path: Path) -> None:
             assert ing.events("verify_timeout")
     finally:
         silent.close()
+
+
+def test_smtputf8_address_verified(tmp_path: Path, postfix: PostfixInstance) -> None:
+    """A UTF-8 recipient (the client said SMTPUTF8) is asked with MAIL FROM:<> SMTPUTF8."""
+    with Ingress(tmp_path, tables(f"smtp://127.0.0.1:{postfix.port}")) as ing:
+        r = asyncio.run(smtp_dialogue(ing.port, [
+            EHLO, b"MAIL FROM:<alice@sender.test> SMTPUTF8\r\n",
+            b"RCPT TO:<j\xc3\xbcrgen@example.test>\r\n", b"RCPT TO:<bob@example.test>\r\n",
+            b"QUIT\r\n"]))
+        assert r[3].startswith("550 5.1.1"), r
+        assert r[4].startswith("250"), r
+        assert callouts(ing, "j\u00fcrgen@example.test") == 1
