@@ -79,7 +79,8 @@ class SmtpConfig:
     verify_negative_ttl: float = 3600.0     # a 5xx answer is reused this long
     verify_tempfail_ttl: float = 30.0       # an uncertain answer (450 to the client) this long
     verify_cache_size: int = 100000     # cached answers per acceptor process
-    verify_concurrency: int = 16        # callouts at once per acceptor process
+    verify_concurrency: int = 4         # callouts at once per acceptor process (x acceptors:
+                                        # keep it well below the downstream's process limit)
     verify_per_session: int = 10        # callouts one session may cause; then 450
 
 
