@@ -143,6 +143,7 @@ class IngressSMTP(SMTP):
         self._command = ""             # the command the next final reply answers
         self.cut_off = False           # 421 written: nothing more is read or answered
         self.callouts = 0              # recipient verification callouts this session caused
+        self._logged = False           # the next final reply's refusal is logged already
 
     # --- connection life cycle ----------------------------------------------------------------
 
@@ -354,8 +355,14 @@ class IngressSMTP(SMTP):
             self._counted_messages = self.messages
             self.counters = session_rules.delivered(self.counters)
         command, self._command = self._command, ""
-        step = session_rules.after_reply(self.counters, self.ctx.error_policy,
-                                         line[:9].decode("ascii", "replace"), command)
+        logged, self._logged = self._logged, False
+        text = line[:9].decode("ascii", "replace")
+        step = session_rules.after_reply(self.counters, self.ctx.error_policy, text, command)
+        if not logged and session_rules.is_error_reply(text):
+            # aiosmtpd's own refusals (500, 501 syntax, 503 sequence, 555 ...) get a line too
+            log.event("command_error", peer=self.peer_ip, lane=self.lane.value,
+                      command=command, reply=line[:80].decode("utf-8", "replace"),
+                      errors=step.counters.errors)
         self.counters = step.counters
         if step.delay > 0:
             log.event("error_delay", peer=self.peer_ip,
@@ -365,6 +372,7 @@ class IngressSMTP(SMTP):
             return b""
         refusal = session_rules.cut_off_refusal(self.hostname)
         self._refused(refusal, command, why="errors", errors=step.counters.errors)
+        self._logged = False
         self.close_after_reply = True
         self.last_reply = refusal.reply[:3]
         return refusal.reply.encode() + b"\r\n"
@@ -383,6 +391,7 @@ class IngressSMTP(SMTP):
         """Log line, metric and close flag for one of session_rules' refusals; the reply."""
         log.event(refusal.event, peer=self.peer_ip, lane=self.lane.value, command=command,
                   **fields)
+        self._logged = True
         if refusal.metric in metrics.RCPT_RESULTS:
             metrics.recipient(self.lane, refusal.metric)
         else:

@@ -130,10 +130,15 @@ def test_invalid_utf8_is_never_stored(ingress: Ingress) -> None:
 
 
 def test_refusals_are_logged(ingress: Ingress) -> None:
-    dialogue(ingress, [EHLO, MAIL, b"RCPT TO:<\xc3\xa4@example.test>\r\n",
+    dialogue(ingress, [EHLO, b"RCPT TO:<early@example.test>\r\n", MAIL,
+                       b"RCPT TO:<\xc3\xa4@example.test>\r\n",
                        b"RCPT TO:<n\x00l@example.test>\r\n"])
     events = {d["event"] for d in ingress.log_lines()}
     assert {"address_not_ascii", "bad_argument"} <= events, events
+    # aiosmtpd's own refusal (503 need MAIL) is logged too, once
+    early = [d for d in ingress.events("command_error") if d["reply"].startswith("503")]
+    assert len(early) == 1 and early[0]["command"] == "RCPT", early
+    assert not [d for d in ingress.events("command_error") if d["reply"].startswith("553")]
 
 
 # --- item 8: postmaster, the recipient limit ----------------------------------------------------
