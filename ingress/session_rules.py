@@ -19,7 +19,7 @@ API:
         that would tell a harvester whether an address exists), relay (550 5.7.1; includes
         sender-specified routing % ! @ in the local part), the recipient map (550 5.1.1).
         postmaster at an accepted domain is always accepted (no map, no verification).
-    verify_verdict(answer) -> Refusal | None      a recipient callout's answer -> the reply
+    verify_verdict(address, answer) -> Refusal | None   a callout's answer -> the reply
     is_error_reply(line) -> bool                  does this reply count as a client error?
     JUNK_COMMANDS                                 the commands the junk limit counts
     ErrorPolicy, Counters                         the limits and one session's counts
