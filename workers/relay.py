@@ -4,8 +4,9 @@ API:
     run(cfg, hb=None, slot=0)       the process entry point (spawned by the supervisor only when
                                     relay.downstream is set; with "" the spool is the destination)
     Pure parts (unit-tested): parse_downstream(url) -> Target, backoff(attempt, base, maximum),
-    Reply (code, text, .status), RelayState (per-message state, JSON), settle(...) -> Outcome,
-    failure_for(rcpt, reply, expired) -> Failure, build_dsn(...) -> bytes.
+    Reply (code, text, .status), RelayState (per-message state, JSON), settle(state, results,
+    rcpts=...) -> Outcome, failure_for(rcpt, reply, expired) -> Failure, build_dsn(...) -> bytes,
+    address_problem(addr, sender=, utf8=) -> Reply | None (can this address be sent at all).
     Sessions: SmtpSession (aiosmtplib), LmtpSession (asyncio streams; TCP or unix socket), both
     `await open()`, `await deliver(mail_from, rcpts, data, smtputf8) -> {rcpt: Reply}`, `close()`;
     they raise Unavailable for connection-level trouble.
@@ -13,9 +14,14 @@ API:
 What it does, per spool file in new/ (oldest first, at most relay.concurrency at once, each
 worker task keeping its own downstream connection for reuse and closing it after IDLE_CLOSE):
   - sends the stored message minus our X-Ingress-Envelope line (trace headers kept), byte-exact
-    (CRLF, dot-stuffed on the wire), MAIL FROM / RCPT TO from the envelope; SMTPUTF8 when the
-    envelope says so and the downstream offers it (if it does not and an address needs it: 5.6.7
-    bounce, RFC 6531), BODY=8BITMIME when the body has 8-bit bytes and the downstream offers it;
+    (CRLF, dot-stuffed on the wire), MAIL FROM / RCPT TO exactly as in the envelope; SMTPUTF8
+    when the envelope says so or an address needs it, and the downstream offers it;
+    BODY=8BITMIME when the body has 8-bit bytes and the downstream offers it;
+  - an address that cannot be sent is refused here, before the transaction, for its recipient
+    alone (the others still go): NUL, CR, LF, any control character, space, <>, a path over
+    254 octets (5.1.3; 5.1.7 for the sender: then every recipient), non-ASCII when the
+    downstream has no SMTPUTF8 (5.6.7, RFC 6531). Old spool files, DSNs and acceptor bugs
+    can carry such addresses; the relay does not rely on the acceptor's checks;
   - per recipient (RCPT replies; for LMTP one reply per recipient after DATA; for SMTP the DATA
     reply applies to every accepted RCPT): 2xx -> delivered, recorded and never sent again;
     5xx -> failed; 4xx -> deferred;
@@ -30,19 +36,29 @@ worker task keeping its own downstream connection for reuse and closing it after
 
 Durable retry state: one small JSON file per message that has been tried, spool/relay/<name>,
 written tmp + fsync + rename + fsync(dir): attempts, next_at (wall clock), delivered, failed,
-last_error. A file rather than the file name (name changes would race the scan and break the
-name the acceptor logged) or the spool file itself (rewriting a 10 MB message to record one
-recipient is wasteful, and spool.py owns that format). Missing state = never tried. State files
-without a spool file (a crash between finishing a message and removing its state) are removed at
-start. The spool file is flock()ed while it is being delivered, so two relays (a reload overlap)
-never deliver one file at once; a file unlinked under us is noticed (st_nlink == 0) and skipped.
+last_error. Every recipient of the message without a result stays pending (the file is never
+finished while one has none). A file rather than the file name (name changes would race the scan
+and break the name the acceptor logged) or the spool file itself (rewriting a 10 MB message to
+record one recipient is wasteful, and spool.py owns that format). Missing state = never tried.
+State files without a spool file (a crash between finishing a message and removing its state) are
+removed at start, and tmp leftovers too unless another relay (a reload overlap) holds that spool
+file's lock: it writes state files only under it. The spool file is flock()ed while it is being
+delivered, so two relays (a reload overlap) never deliver one file at once; a file unlinked under
+us is noticed (st_nlink == 0) and skipped.
 
-Downstream down: a connection-level failure (connect refused, greeting/EHLO not 2xx, timeout,
-disconnect) opens a circuit breaker: nothing is sent until backoff(consecutive failures) has
-passed, then one delivery at a time probes until one succeeds. A failure before MAIL FROM got a
-reply does not count against the message (it is put back unchanged); one after that is a 4xx for
-its pending recipients. Mail therefore waits and drains once the downstream is back, without a
-busy loop. The breaker is in memory: after a restart the first delivery is the probe.
+Downstream down: only a failure to open a session (connect refused, greeting/EHLO not 2xx,
+timeout) is connection-level: it opens a circuit breaker (nothing is sent until
+backoff(consecutive failures) has passed, then one delivery at a time probes until a session
+opens) and does not count against the message (put back unchanged). A stale reused session is
+retried once on a fresh one. Anything after a session opened -- a reply, a hang-up, a timeout,
+any exception (an encoding error, a bug) -- is that message's: a 4xx for its pending recipients
+(attempt, backoff, 4.4.7 at max_age), and the session is RSET (checked) or dropped, never reused
+dirty. So a message that makes the downstream hang up backs off on its own and can never be the
+breaker's eternal probe, and a half-open transaction can never give the next message a 503
+(a 503 is never a bounce anyway: bad sequence is our state, not the message). Errors while
+recording a result (disk) back off in memory. Mail waits and drains once the downstream is
+back, without a busy loop. The breaker is in memory: after a restart the first delivery is the
+probe.
 
 Duplicates are possible exactly when the downstream has taken responsibility and we did not
 record it: (1) the process dies (kill -9, power loss) after the downstream's 2xx and before the
