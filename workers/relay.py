@@ -418,11 +418,14 @@ def build_dsn(*, reporting_mta: str, sender: str, qid: str, arrival: float, now:
 # --- downstream sessions ----------------------------------------------------------------------
 
 class Unavailable(Exception):
-    """Connection-level trouble. stage='connect': nothing of this message was sent."""
+    """Connection-level trouble. stage='connect': nothing of this message was sent.
+    `partial`: the final per-recipient replies already received (RCPT refusals, LMTP replies
+    after DATA) -- they stand whatever happened to the connection after them."""
 
-    def __init__(self, stage: str, why: str) -> None:
+    def __init__(self, stage: str, why: str, partial: dict[str, Reply] | None = None) -> None:
         super().__init__(f"{stage}: {why}")
         self.stage, self.why = stage, why
+        self.partial = dict(partial or {})
 
 
 class Session(Protocol):
@@ -516,8 +519,9 @@ class SmtpSession:
             # the address with email.utils and may send something else): exactly the envelope.
             r = await self._cmd(b"MAIL", b"FROM:<" + mail_from.encode(enc) + b">",
                                 *(p.encode("ascii") for p in params))
-            if r.code == 503:        # out of step: never the message's fault
-                raise Unavailable("connect", f"out of step: {r.line()}")
+            if r.code in (421, 503):  # closing, or out of step: the session's, not the message's
+                self._abort()
+                raise Unavailable("connect", f"session refused MAIL: {r.line()}")
             if r.kind != "ok":
                 await self._reset(r)
                 results.update(dict.fromkeys(send, r))
@@ -553,7 +557,7 @@ class SmtpSession:
             return results
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
             self._abort()
-            raise Unavailable(stage, _oneline(f"{type(e).__name__}: {e}", 300)) from None
+            raise Unavailable(stage, _oneline(f"{type(e).__name__}: {e}", 300), results) from None
         except BaseException:
             self._abort()             # anything else (a bug, a cancel): never reuse it dirty
             raise
@@ -677,8 +681,8 @@ class LmtpSession:
         stage = "connect"
         try:
             r = await self._cmd(b"MAIL FROM:<" + mail_from.encode(enc) + b">" + tail)
-            if r.code == 503:        # out of step: never the message's fault
-                raise ConnectionError(f"out of step: {r.line()}")
+            if r.code in (421, 503):  # closing, or out of step: the session's, not the message's
+                raise ConnectionError(f"session refused MAIL: {r.line()}")
             if r.kind != "ok":
                 await self._reset(r)
                 results.update(dict.fromkeys(send, r))
@@ -719,7 +723,7 @@ class LmtpSession:
             return results
         except (OSError, TimeoutError, ConnectionError, UnicodeError) as e:
             self._drop()
-            raise Unavailable(stage, _oneline(f"{type(e).__name__}: {e}", 300)) from None
+            raise Unavailable(stage, _oneline(f"{type(e).__name__}: {e}", 300), results) from None
         except BaseException:
             self._drop()              # anything else (a bug, a cancel): never reuse it dirty
             raise
@@ -1036,11 +1040,14 @@ class Relay:
                     continue                    # a stale reused connection: once more, fresh
                 if e.stage == "data":
                     # The message went out and its reply was lost: the downstream may have it.
-                    log.event("relay_unsure", "warning", qid=qid, rcpts=good, error=e.why,
+                    log.event("relay_unsure", "warning", qid=qid, error=e.why,
+                              rcpts=[r for r in good if r not in e.partial],
                               note="downstream may have accepted; the retry may duplicate")
-                # The downstream greeted us and then failed on this message: its failure.
+                # The downstream greeted us and then failed on this message: its failure. The
+                # final replies received before that stand (a 550 for a RCPT, LMTP's replies).
                 results.update(dict.fromkeys(
                     good, Reply(451, f"4.4.2 {mta}: {e.why}", local=True)))
+                results.update({r: x for r, x in e.partial.items() if r in good})
                 return results
             except Exception as e:
                 # Not expected from a session (a bug, an encoding error): this message's
