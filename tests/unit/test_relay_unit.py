@@ -181,7 +181,7 @@ class FakeMTA:
     def __init__(self, lmtp: bool, decide: Decide, exts: tuple[str, ...] = ("8BITMIME",),
                  drop: Callable[[str, bytes], bool] | None = None) -> None:
         """`drop(stage, what)`: hang up without a reply (stage "mail": the MAIL FROM address,
-        "data": the message)."""
+        "rcpt": the recipient, "data": the message)."""
         self.lmtp, self.decide, self.exts = lmtp, decide, exts
         self.drop = drop or (lambda stage, what: False)
         self.tries: Counter[str] = Counter()
@@ -236,6 +236,8 @@ class FakeMTA:
                     say("250 2.1.0 ok")
                 elif verb == "RCPT":
                     rcpt = cmd[cmd.index("<") + 1:cmd.index(">")]
+                    if self.drop("rcpt", rcpt.encode()):
+                        break
                     answer = "250 2.1.5 ok" if self.lmtp else self._answer(rcpt)
                     if answer.startswith("2"):
                         rcpts.append(rcpt)
@@ -801,5 +803,40 @@ def test_poison_is_not_the_eternal_probe(tmp_path: Path, lmtp: bool, stage: str)
         assert got == dict.fromkeys(innocent, 1)
         assert r.counters["down"] == 0, "a message-level failure opened the breaker"
         assert r.counters["bounced"] == 1
+
+    asyncio.run(go())
+
+
+def test_replies_before_a_hang_up_stand(tmp_path: Path) -> None:
+    """A RCPT refused with 550 before the downstream hung up (Postfix does, with 421, after
+    smtpd_hard_error_limit) is failed and bounced then; only the recipients without a reply
+    are retried. Before, the whole attempt was thrown away and retried unchanged forever."""
+    hung: list[str] = []
+
+    def drop(stage: str, what: bytes) -> bool:
+        if stage == "rcpt" and what.startswith(b"hang@") and not hung:
+            hung.append("once")
+            return True
+        return False
+
+    async def go() -> None:
+        mta = FakeMTA(lmtp=False, decide=lambda r, n: "550 5.1.1 unknown" if r.startswith(
+            "gone@") else "250 2.1.5 ok", drop=drop)
+        port = await mta.start_tcp()
+        cfg = make_cfg(tmp_path, f"smtp://127.0.0.1:{port}", retry_base=0.2, retry_max=0.5)
+        name, _ = spool_msg(cfg, BODY, ("gone@example.test", "hang@example.test",
+                                        "ok@example.test"))
+        try:
+            await run_until(cfg, lambda: listing(cfg, "failed") == [name] and not listing(
+                cfg, "new") and any(f == "" for f, _, _ in mta.delivered))
+        finally:
+            await mta.stop()
+        assert mta.tries["gone@example.test"] == 1, "a 550 already received was retried"
+        got = Counter(r for f, r, _ in mta.delivered if f)
+        assert got == {"hang@example.test": 1, "ok@example.test": 1}
+        (dsn,) = [d for f, _, d in mta.delivered if f == ""]
+        _, (_, status, _) = parse_dsn(dsn)
+        assert [b["Final-Recipient"] for b in status.get_payload()[1:]] == [
+            "rfc822; gone@example.test"]
 
     asyncio.run(go())
