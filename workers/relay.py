@@ -46,19 +46,19 @@ file's lock: it writes state files only under it. The spool file is flock()ed wh
 delivered, so two relays (a reload overlap) never deliver one file at once; a file unlinked under
 us is noticed (st_nlink == 0) and skipped.
 
-Downstream down: only a failure to open a session (connect refused, greeting/EHLO not 2xx,
-timeout) is connection-level: it opens a circuit breaker (nothing is sent until
-backoff(consecutive failures) has passed, then one delivery at a time probes until a session
-opens) and does not count against the message (put back unchanged). A stale reused session is
-retried once on a fresh one. Anything after a session opened -- a reply, a hang-up, a timeout,
-any exception (an encoding error, a bug) -- is that message's: a 4xx for its pending recipients
-(attempt, backoff, 4.4.7 at max_age), and the session is RSET (checked) or dropped, never reused
-dirty. So a message that makes the downstream hang up backs off on its own and can never be the
-breaker's eternal probe, and a half-open transaction can never give the next message a 503
-(a 503 is never a bounce anyway: bad sequence is our state, not the message). Errors while
-recording a result (disk) back off in memory. Mail waits and drains once the downstream is
-back, without a busy loop. The breaker is in memory: after a restart the first delivery is the
-probe.
+Downstream down: only a failure to open a session (connect refused, greeting/EHLO not 2xx, timeout)
+is connection-level: it opens a circuit breaker (nothing is sent until backoff(consecutive
+failures) has passed, then one delivery at a time probes until a session opens) and does not count
+against the message (put back unchanged). A stale reused session (or one that answers MAIL with 421
+or 503) is retried once on a fresh one. Anything after a session opened -- a reply, a hang-up, a
+timeout, any exception (an encoding error, a bug) -- is that message's: a 4xx for its pending
+recipients (attempt, backoff, 4.4.7 at max_age; final replies already received, such as a RCPT's
+550 or LMTP's per-recipient replies, stand), and the session is RSET (checked) or dropped, never
+reused dirty. So a message that makes the downstream hang up backs off on its own and can never be
+the breaker's eternal probe, and a half-open transaction can never give the next message a 503 (a
+503 is never a bounce anyway: bad sequence is our state, not the message). Errors while recording a
+result (disk) back off in memory. Mail waits and drains once the downstream is back, without a busy
+loop. The breaker is in memory: after a restart the first delivery is the probe.
 
 Duplicates are possible exactly when the downstream has taken responsibility and we did not
 record it: (1) the process dies (kill -9, power loss) after the downstream's 2xx and before the
