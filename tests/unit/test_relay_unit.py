@@ -12,6 +12,7 @@ import email
 import email.message
 import email.policy
 import email.utils
+import itertools
 import re
 import socket
 import time
@@ -840,3 +841,36 @@ def test_replies_before_a_hang_up_stand(tmp_path: Path) -> None:
             "rfc822; gone@example.test"]
 
     asyncio.run(go())
+
+
+def test_recording_error_backs_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error after the attempt (here the state write fails: a full disk) is retried with
+    backoff, not every retry_base forever."""
+    times: list[float] = []
+
+    def decide(rcpt: str, n: int) -> str:
+        times.append(time.monotonic())
+        return "451 4.3.0 later"
+
+    def broken(*a: object, **kw: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(relay, "write_state", broken)
+
+    async def go() -> None:
+        mta = FakeMTA(lmtp=False, decide=decide)
+        port = await mta.start_tcp()
+        cfg = make_cfg(tmp_path, f"smtp://127.0.0.1:{port}", retry_base=0.2, retry_max=10.0)
+        spool_msg(cfg, BODY, ("a@example.test",))
+        t0 = time.monotonic()
+        try:
+            await run_until(cfg, lambda: time.monotonic() - t0 > 3.5, timeout=10)
+        finally:
+            await mta.stop()
+
+    asyncio.run(go())
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    # 0.2, 0.4, 0.8, 1.6 s: at most 5 attempts in 3.5 s (a fixed 0.2 s gives about 17); load
+    # only stretches the gaps.
+    assert 2 <= len(times) <= 5, times
+    assert max(gaps) >= 0.75, gaps
