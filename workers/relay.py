@@ -4,8 +4,9 @@ API:
     run(cfg, hb=None, slot=0)       the process entry point (spawned by the supervisor only when
                                     relay.downstream is set; with "" the spool is the destination)
     Pure parts (unit-tested): parse_downstream(url) -> Target, backoff(attempt, base, maximum),
-    Reply (code, text, .status), RelayState (per-message state, JSON), settle(...) -> Outcome,
-    failure_for(rcpt, reply, expired) -> Failure, build_dsn(...) -> bytes.
+    Reply (code, text, .status), RelayState (per-message state, JSON), settle(state, results,
+    rcpts=...) -> Outcome, failure_for(rcpt, reply, expired) -> Failure, build_dsn(...) -> bytes,
+    address_problem(addr, sender=, utf8=) -> Reply | None (can this address be sent at all).
     Sessions: SmtpSession (aiosmtplib), LmtpSession (asyncio streams; TCP or unix socket), both
     `await open()`, `await deliver(mail_from, rcpts, data, smtputf8) -> {rcpt: Reply}`, `close()`;
     they raise Unavailable for connection-level trouble.
@@ -13,9 +14,14 @@ API:
 What it does, per spool file in new/ (oldest first, at most relay.concurrency at once, each
 worker task keeping its own downstream connection for reuse and closing it after IDLE_CLOSE):
   - sends the stored message minus our X-Ingress-Envelope line (trace headers kept), byte-exact
-    (CRLF, dot-stuffed on the wire), MAIL FROM / RCPT TO from the envelope; SMTPUTF8 when the
-    envelope says so and the downstream offers it (if it does not and an address needs it: 5.6.7
-    bounce, RFC 6531), BODY=8BITMIME when the body has 8-bit bytes and the downstream offers it;
+    (CRLF, dot-stuffed on the wire), MAIL FROM / RCPT TO exactly as in the envelope; SMTPUTF8
+    when the envelope says so or an address needs it, and the downstream offers it;
+    BODY=8BITMIME when the body has 8-bit bytes and the downstream offers it;
+  - an address that cannot be sent is refused here, before the transaction, for its recipient
+    alone (the others still go): NUL, CR, LF, any control character, space, <>, a path over
+    254 octets (5.1.3; 5.1.7 for the sender: then every recipient), non-ASCII when the
+    downstream has no SMTPUTF8 (5.6.7, RFC 6531). Old spool files, DSNs and acceptor bugs
+    can carry such addresses; the relay does not rely on the acceptor's checks;
   - per recipient (RCPT replies; for LMTP one reply per recipient after DATA; for SMTP the DATA
     reply applies to every accepted RCPT): 2xx -> delivered, recorded and never sent again;
     5xx -> failed; 4xx -> deferred;
@@ -30,19 +36,29 @@ worker task keeping its own downstream connection for reuse and closing it after
 
 Durable retry state: one small JSON file per message that has been tried, spool/relay/<name>,
 written tmp + fsync + rename + fsync(dir): attempts, next_at (wall clock), delivered, failed,
-last_error. A file rather than the file name (name changes would race the scan and break the
-name the acceptor logged) or the spool file itself (rewriting a 10 MB message to record one
-recipient is wasteful, and spool.py owns that format). Missing state = never tried. State files
-without a spool file (a crash between finishing a message and removing its state) are removed at
-start. The spool file is flock()ed while it is being delivered, so two relays (a reload overlap)
-never deliver one file at once; a file unlinked under us is noticed (st_nlink == 0) and skipped.
+last_error. Every recipient of the message without a result stays pending (the file is never
+finished while one has none). A file rather than the file name (name changes would race the scan
+and break the name the acceptor logged) or the spool file itself (rewriting a 10 MB message to
+record one recipient is wasteful, and spool.py owns that format). Missing state = never tried.
+State files without a spool file (a crash between finishing a message and removing its state) are
+removed at start, and tmp leftovers too unless another relay (a reload overlap) holds that spool
+file's lock: it writes state files only under it. The spool file is flock()ed while it is being
+delivered, so two relays (a reload overlap) never deliver one file at once; a file unlinked under
+us is noticed (st_nlink == 0) and skipped.
 
-Downstream down: a connection-level failure (connect refused, greeting/EHLO not 2xx, timeout,
-disconnect) opens a circuit breaker: nothing is sent until backoff(consecutive failures) has
-passed, then one delivery at a time probes until one succeeds. A failure before MAIL FROM got a
-reply does not count against the message (it is put back unchanged); one after that is a 4xx for
-its pending recipients. Mail therefore waits and drains once the downstream is back, without a
-busy loop. The breaker is in memory: after a restart the first delivery is the probe.
+Downstream down: only a failure to open a session (connect refused, greeting/EHLO not 2xx, timeout)
+is connection-level: it opens a circuit breaker (nothing is sent until backoff(consecutive
+failures) has passed, then one delivery at a time probes until a session opens) and does not count
+against the message (put back unchanged). A stale reused session (or one that answers MAIL with 421
+or 503) is retried once on a fresh one. Anything after a session opened -- a reply, a hang-up, a
+timeout, any exception (an encoding error, a bug) -- is that message's: a 4xx for its pending
+recipients (attempt, backoff, 4.4.7 at max_age; final replies already received, such as a RCPT's
+550 or LMTP's per-recipient replies, stand), and the session is RSET (checked) or dropped, never
+reused dirty. So a message that makes the downstream hang up backs off on its own and can never be
+the breaker's eternal probe, and a half-open transaction can never give the next message a 503 (a
+503 is never a bounce anyway: bad sequence is our state, not the message). Errors while recording a
+result (disk) back off in memory. Mail waits and drains once the downstream is back, without a busy
+loop. The breaker is in memory: after a restart the first delivery is the probe.
 
 Duplicates are possible exactly when the downstream has taken responsibility and we did not
 record it: (1) the process dies (kill -9, power loss) after the downstream's 2xx and before the
@@ -150,6 +166,10 @@ class Reply:
     def kind(self) -> Literal["ok", "temp", "perm"]:
         if 200 <= self.code < 300:
             return "ok"
+        if self.code == 503:
+            # Bad sequence of commands: our session is out of step (a half-open transaction),
+            # never a verdict on the message. Retried; at max_age it fails as 4.4.7.
+            return "temp"
         return "perm" if 500 <= self.code < 600 else "temp"
 
     @property
@@ -162,6 +182,39 @@ class Reply:
 
     def line(self) -> str:
         return f"{self.code} {self.text}".strip()
+
+
+ADDRESS_MAX = 254     # octets in a path without its <> (RFC 5321 4.5.3.1.3: 256 with them)
+
+
+def _unsafe_char(c: str) -> bool:
+    o = ord(c)
+    return (o <= 0x20 or o == 0x7f or 0x80 <= o <= 0x9f or 0xd800 <= o <= 0xdfff
+            or c in "<>\u2028\u2029")
+
+
+def address_problem(addr: str, *, sender: bool, utf8: bool) -> Reply | None:
+    """Why `addr` cannot go into MAIL FROM (sender=True) or RCPT TO, as the local permanent
+    Reply to record for it; None if it can. Pure. `utf8`: the downstream offers SMTPUTF8.
+
+    Refused: NUL, CR, LF and every other control character (C0, DEL, C1, U+2028/9), space,
+    angle brackets, lone surrogates (command or parameter injection, or not encodable at all)
+    -> 5.1.3 (5.1.7 for the sender); a path over ADDRESS_MAX octets -> the same; a non-ASCII
+    address when the downstream has no SMTPUTF8 -> 5.6.7 (RFC 6531 3.2). The null sender is
+    fine; an empty recipient is not."""
+    bad = "5.1.7 bad sender address syntax" if sender else "5.1.3 bad recipient address syntax"
+    if addr == "":
+        return None if sender else Reply(553, bad + ": empty", local=True)
+    if len(addr) > ADDRESS_MAX:
+        return Reply(553, f"{bad}: longer than {ADDRESS_MAX} octets", local=True)
+    if any(map(_unsafe_char, addr)):
+        return Reply(553, f"{bad}: control character, space or angle bracket", local=True)
+    if len(addr.encode("utf-8")) > ADDRESS_MAX:
+        return Reply(553, f"{bad}: longer than {ADDRESS_MAX} octets", local=True)
+    if not utf8 and not addr.isascii():
+        return Reply(553, "5.6.7 non-ASCII address and the downstream does not offer SMTPUTF8",
+                     local=True)
+    return None
 
 
 def envelope_sender(env: dict[str, Any]) -> str:
@@ -231,13 +284,19 @@ class Outcome:
     deferred: tuple[str, ...] = ()
 
 
-def settle(state: RelayState, results: dict[str, Reply], *, now: float, received_at: float,
-           cfg: RelayConfig) -> Outcome:
+_NO_RESULT = Reply(451, "4.3.0 no result for this recipient", local=True)
+
+
+def settle(state: RelayState, results: dict[str, Reply], *, rcpts: Sequence[str], now: float,
+           received_at: float, cfg: RelayConfig) -> Outcome:
     """Fold one delivery attempt's per-recipient results into the state. Pure.
 
-    A recipient missing from `results` (or with a 4xx) is deferred; once the message is older
-    than cfg.max_age a deferral is a failure with status 4.4.7."""
-    pending = [r for r in results] if results else []
+    Every recipient of the message (`rcpts`) not settled in `state` is pending. A pending
+    recipient missing from `results` (or with a 4xx) is deferred, so the message is never
+    finished while a recipient has no result; once the message is older than cfg.max_age a
+    deferral is a failure with status 4.4.7. Results for recipients that are not pending
+    (not in the message, or already settled) are ignored."""
+    pending = state.pending(rcpts)
     new = RelayState(state.attempts, state.next_at, list(state.delivered), list(state.failed),
                      state.last_error)
     bounce: list[Failure] = []
@@ -245,7 +304,7 @@ def settle(state: RelayState, results: dict[str, Reply], *, now: float, received
     deferred: list[str] = []
     expired = now - received_at >= cfg.max_age
     for rcpt in pending:
-        reply = results[rcpt]
+        reply = results.get(rcpt, _NO_RESULT)
         if reply.kind == "ok":
             new.delivered.append(rcpt)
             delivered.append(rcpt)
@@ -359,11 +418,14 @@ def build_dsn(*, reporting_mta: str, sender: str, qid: str, arrival: float, now:
 # --- downstream sessions ----------------------------------------------------------------------
 
 class Unavailable(Exception):
-    """Connection-level trouble. stage='connect': nothing of this message was sent."""
+    """Connection-level trouble. stage='connect': nothing of this message was sent.
+    `partial`: the final per-recipient replies already received (RCPT refusals, LMTP replies
+    after DATA) -- they stand whatever happened to the connection after them."""
 
-    def __init__(self, stage: str, why: str) -> None:
+    def __init__(self, stage: str, why: str, partial: dict[str, Reply] | None = None) -> None:
         super().__init__(f"{stage}: {why}")
         self.stage, self.why = stage, why
+        self.partial = dict(partial or {})
 
 
 class Session(Protocol):
@@ -378,25 +440,30 @@ class Session(Protocol):
     async def close(self) -> None: ...
 
 
-_CTRL = re.compile(r"[\x00-\x20\x7f<>]")
-
-
-def _bad_address(addr: str) -> bool:
-    return bool(_CTRL.search(addr))
-
-
-def _mail_params(smtputf8: bool, eightbit: bool, exts: set[str], addrs: Sequence[str]
-                 ) -> tuple[list[str], Reply | None]:
-    """MAIL FROM parameters; or a permanent Reply when the message cannot go this way."""
+def _plan(mail_from: str, rcpts: Sequence[str], smtputf8: bool, eightbit: bool, exts: set[str]
+          ) -> tuple[list[str], list[str], dict[str, Reply]]:
+    """Before the transaction: (MAIL FROM parameters, recipients to send, recipients refused
+    here with their Reply). A sender that cannot be sent refuses every recipient; a recipient
+    that cannot be sent (address_problem) is refused alone. SMTPUTF8 is asked for when the
+    envelope says so or an address needs it, and the downstream offers it."""
+    utf8 = "smtputf8" in exts
+    refused = address_problem(mail_from, sender=True, utf8=utf8)
+    if refused is not None:
+        return [], [], dict.fromkeys(rcpts, refused)
+    results: dict[str, Reply] = {}
+    send: list[str] = []
+    for r in rcpts:
+        problem = address_problem(r, sender=False, utf8=utf8)
+        if problem is not None:
+            results[r] = problem
+        elif r not in send:
+            send.append(r)
     params: list[str] = []
     if eightbit and "8bitmime" in exts:
         params.append("BODY=8BITMIME")
-    if smtputf8:
-        if "smtputf8" in exts:
-            params.append("SMTPUTF8")
-        elif not all(a.isascii() for a in addrs):
-            return params, Reply(553, "5.6.7 downstream does not offer SMTPUTF8", local=True)
-    return params, None
+    if utf8 and (smtputf8 or not mail_from.isascii() or not all(r.isascii() for r in send)):
+        params.append("SMTPUTF8")
+    return params, send, results
 
 
 class SmtpSession:
@@ -441,34 +508,41 @@ class SmtpSession:
             raise Unavailable("connect", "not connected")
         self.messages += 1
         self.last_used = time.monotonic()
-        exts = set(c.esmtp_extensions)
-        params, refuse = _mail_params(smtputf8, not data.isascii(), exts, [mail_from, *rcpts])
-        if refuse is not None:
-            return dict.fromkeys(rcpts, refuse)
+        params, send, results = _plan(mail_from, rcpts, smtputf8, not data.isascii(),
+                                      set(c.esmtp_extensions))
+        if not send:
+            return results
         enc = "utf-8" if "SMTPUTF8" in params else "ascii"
         stage = "connect"        # until the downstream answered MAIL FROM
         try:
-            try:
-                await c.mail(mail_from, options=params, encoding=enc)
-            except aiosmtplib.SMTPSenderRefused as e:
-                await self._rset()
-                return dict.fromkeys(rcpts, Reply(e.code, _oneline(e.message)))
+            # The commands are built here, not by aiosmtplib's mail()/rcpt() (which re-parse
+            # the address with email.utils and may send something else): exactly the envelope.
+            r = await self._cmd(b"MAIL", b"FROM:<" + mail_from.encode(enc) + b">",
+                                *(p.encode("ascii") for p in params))
+            if r.code in (421, 503):  # closing, or out of step: the session's, not the message's
+                self._abort()
+                raise Unavailable("connect", f"session refused MAIL: {r.line()}")
+            if r.kind != "ok":
+                await self._reset(r)
+                results.update(dict.fromkeys(send, r))
+                return results
             stage = "rcpt"
-            results: dict[str, Reply] = {}
             accepted: list[str] = []
-            for i, r in enumerate(rcpts):
-                try:
-                    await c.rcpt(r, encoding=enc)
-                except aiosmtplib.SMTPRecipientRefused as e:
-                    results[r] = Reply(e.code, _oneline(e.message))
-                    if e.code == 421:       # the server is closing: the rest are deferred too
-                        for rest in rcpts[i + 1:]:
-                            results[rest] = results[r]
-                        return results
+            for i, rc in enumerate(send):
+                r = await self._cmd(b"RCPT", b"TO:<" + rc.encode(enc) + b">")
+                if r.kind == "ok":
+                    accepted.append(rc)
                     continue
-                accepted.append(r)
+                results[rc] = r
+                if r.code in (421, 503):   # closing, or out of step: the rest are deferred too
+                    for rest in send[i + 1:]:
+                        results[rest] = r
+                    self._abort()
+                    for a in accepted:
+                        results[a] = r
+                    return results
             if not accepted:
-                await self._rset()
+                await self._reset(None)
                 return results
             stage = "data"
             try:
@@ -476,25 +550,41 @@ class SmtpSession:
                 reply = Reply(resp.code, _oneline(resp.message))
             except aiosmtplib.SMTPDataError as e:
                 reply = Reply(e.code, _oneline(e.message))
-                if e.code != 421:
-                    await self._rset()
-            for r in accepted:
-                results[r] = reply
+                await self._reset(reply)
+            for rc in accepted:
+                results[rc] = reply
             self.last_used = time.monotonic()
             return results
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-            if self.client is not None:
-                self.client.close()
-            self.client = None
-            raise Unavailable(stage, _oneline(f"{type(e).__name__}: {e}", 300)) from None
+            self._abort()
+            raise Unavailable(stage, _oneline(f"{type(e).__name__}: {e}", 300), results) from None
+        except BaseException:
+            self._abort()             # anything else (a bug, a cancel): never reuse it dirty
+            raise
 
-    async def _rset(self) -> None:
+    async def _cmd(self, *args: bytes) -> Reply:
+        assert self.client is not None
+        resp = await self.client.execute_command(*args)
+        return Reply(resp.code, _oneline(resp.message))
+
+    def _abort(self) -> None:
+        c, self.client = self.client, None
+        if c is not None:
+            c.close()
+
+    async def _reset(self, after: Reply | None) -> None:
+        """End a transaction that did not complete: RSET, checked; else drop the connection."""
         c = self.client
-        if c is not None and c.is_connected:
-            try:
-                await c.rset()
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                c.close()
+        if c is None or not c.is_connected or (after is not None and after.code in (421, 503)):
+            self._abort()
+            return
+        try:
+            r = await self._cmd(b"RSET")
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            self._abort()
+            return
+        if r.code != 250:
+            self._abort()
 
 
 class LmtpSession:
@@ -583,36 +673,42 @@ class LmtpSession:
             raise Unavailable("connect", "not connected")
         self.messages += 1
         self.last_used = time.monotonic()
-        params, refuse = _mail_params(smtputf8, not data.isascii(), self.exts,
-                                      [mail_from, *rcpts])
-        if refuse is not None:
-            return dict.fromkeys(rcpts, refuse)
+        params, send, results = _plan(mail_from, rcpts, smtputf8, not data.isascii(), self.exts)
+        if not send:
+            return results
         enc = "utf-8" if "SMTPUTF8" in params else "ascii"
         tail = b"".join(b" " + p.encode() for p in params)
         stage = "connect"
         try:
             r = await self._cmd(b"MAIL FROM:<" + mail_from.encode(enc) + b">" + tail)
+            if r.code in (421, 503):  # closing, or out of step: the session's, not the message's
+                raise ConnectionError(f"session refused MAIL: {r.line()}")
             if r.kind != "ok":
-                await self._cmd(b"RSET")
-                return dict.fromkeys(rcpts, r)
+                await self._reset(r)
+                results.update(dict.fromkeys(send, r))
+                return results
             stage = "rcpt"
-            results: dict[str, Reply] = {}
             accepted: list[str] = []
-            for rcpt in rcpts:
+            for i, rcpt in enumerate(send):
                 r = await self._cmd(b"RCPT TO:<" + rcpt.encode(enc) + b">")
                 if r.kind == "ok":
                     accepted.append(rcpt)
-                else:
-                    results[rcpt] = r
+                    continue
+                results[rcpt] = r
+                if r.code in (421, 503):   # closing, or out of step: the rest are deferred too
+                    for rest in [*send[i + 1:], *accepted]:
+                        results[rest] = r
+                    self._drop()
+                    return results
             if not accepted:
-                await self._cmd(b"RSET")
+                await self._reset(None)
                 return results
             stage = "data"
             r = await self._cmd(b"DATA")
             if r.code != 354:
                 for rcpt in accepted:
                     results[rcpt] = r
-                await self._cmd(b"RSET")
+                await self._reset(r)
                 return results
             assert self.writer is not None
             if not data.endswith(b"\r\n"):
@@ -621,11 +717,29 @@ class LmtpSession:
             await asyncio.wait_for(self.writer.drain(), self.timeout)
             for rcpt in accepted:          # RFC 2033: one reply per accepted RCPT, in order
                 results[rcpt] = await self._reply()
+            if any(results[x].code in (421, 503) for x in accepted):
+                self._drop()
             self.last_used = time.monotonic()
             return results
         except (OSError, TimeoutError, ConnectionError, UnicodeError) as e:
             self._drop()
-            raise Unavailable(stage, _oneline(f"{type(e).__name__}: {e}", 300)) from None
+            raise Unavailable(stage, _oneline(f"{type(e).__name__}: {e}", 300), results) from None
+        except BaseException:
+            self._drop()              # anything else (a bug, a cancel): never reuse it dirty
+            raise
+
+    async def _reset(self, after: Reply | None) -> None:
+        """End a transaction that did not complete: RSET, checked; else drop the connection."""
+        if not self.connected or (after is not None and after.code in (421, 503)):
+            self._drop()
+            return
+        try:
+            r = await self._cmd(b"RSET")
+        except (OSError, TimeoutError, ConnectionError):
+            self._drop()
+            return
+        if r.code != 250:
+            self._drop()
 
 
 _DOT = re.compile(rb"(?m)^\.")
@@ -691,19 +805,41 @@ class Relay:
         self.down_failures = 0                     # consecutive connection-level failures
         self.down_until = 0.0                      # monotonic; breaker open until then
         self.probe: str | None = None              # the one delivery allowed while half-open
+        self.errors: dict[str, int] = {}           # name -> consecutive unexpected errors
         self.counters = {"sent": 0, "rcpt_delivered": 0, "deferred": 0, "bounced": 0,
                          "dsn_spooled": 0, "null_sender_failed": 0, "down": 0, "corrupt": 0}
 
     # --- scheduling ------------------------------------------------------------------------
 
     def cleanup_states(self) -> int:
-        """Remove state files whose spool file is gone (and tmp leftovers). At start only."""
+        """Remove state files whose spool file is gone, and tmp leftovers nobody is writing.
+        At start only. During a reload the old relay is still delivering: it writes a
+        message's state (tmp + rename) while holding that spool file's flock, so a tmp file
+        is removed only under the lock taken here, and never while another relay holds it."""
         n = 0
         for p in self.state_dir.iterdir():
-            if p.name.startswith(".tmp.") or not (self.spool.new / p.name).exists():
+            tmp = p.name.startswith(".tmp.")
+            name = p.name[len(".tmp."):] if tmp else p.name
+            try:
+                fd = os.open(self.spool.new / name, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = -1                          # finished: its state is stale
+            except OSError:
+                continue
+            try:
+                if fd >= 0:
+                    if not tmp:
+                        continue                 # still waiting: keep its schedule
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue                 # another relay is writing it right now
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
                     n += 1
+            finally:
+                if fd >= 0:
+                    os.close(fd)
         return n
 
     def scan(self) -> int:
@@ -789,11 +925,18 @@ class Relay:
                     continue
                 try:
                     await self.process(name, session)
+                    self.errors.pop(name, None)
                 except Exception:
                     # A disk error while recording (the downstream may have accepted: a
-                    # duplicate is possible on the retry) or a bug: log it, retry later.
-                    log.get().exception("relay_error name=%s", name)
-                    self._schedule(name, time.time() + self.rc.retry_base)
+                    # duplicate is possible on the retry) or a bug: log it, retry later with
+                    # backoff (in memory: recording is what failed), and a clean session.
+                    n = self.errors[name] = self.errors.get(name, 0) + 1
+                    delay = backoff(n, self.rc.retry_base, self.rc.retry_max)
+                    log.get().exception("relay_error name=%s errors=%d retry_in_s=%.3f",
+                                        name, n, delay)
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(session.close(), 1.0)
+                    self._schedule(name, time.time() + delay)
                 finally:
                     self.inflight.discard(name)
                     if self.probe == name:
@@ -854,49 +997,80 @@ class Relay:
     async def _attempt(self, session: Session, qid: str, mail_from: str, pending: list[str],
                        message: bytes, smtputf8: bool,
                        received_at: float) -> dict[str, Reply] | None:
-        bad = [r for r in pending if _bad_address(r)]
-        results: dict[str, Reply] = {
-            r: Reply(553, "5.1.3 bad recipient address syntax", local=True) for r in bad}
+        """Deliver to `pending`; the per-recipient results, or None when the downstream could
+        not be reached (connection-level: the breaker counts it, the message is not charged).
+
+        Only a failure to open a session counts against the downstream. Anything after that
+        (a reply, a hang-up, a timeout, any exception) is this message's: a result for each
+        recipient, so it is charged an attempt with backoff, and expires at max_age. The
+        session is dropped after anything unexpected, so the next message gets a clean one."""
+        # Syntax first (no connection needed); SMTPUTF8 once the downstream's EHLO is known.
+        refused = address_problem(mail_from, sender=True, utf8=True)
+        if refused is not None:
+            return dict.fromkeys(pending, refused)
+        results: dict[str, Reply] = {}
+        for r in pending:
+            problem = address_problem(r, sender=False, utf8=True)
+            if problem is not None:
+                results[r] = problem
         good = [r for r in pending if r not in results]
-        if _bad_address(mail_from):
-            return {r: Reply(553, "5.1.7 bad sender address syntax", local=True)
-                    for r in pending}
         if not good:
             return results
         t0 = time.monotonic()
+        mta = self.target.mta_name
         for tries in (1, 2):
             reused = session.connected
-            try:
-                if not session.connected or session.messages >= MAX_PER_CONNECTION:
+            if not session.connected or session.messages >= MAX_PER_CONNECTION:
+                reused = False
+                try:
                     await session.open()
-                    reused = False
-                got = await session.deliver(mail_from, good, message, smtputf8)
+                except Exception as e:          # Unavailable, or a bug: not this message's
+                    why = e.why if isinstance(e, Unavailable) else f"{type(e).__name__}: {e}"
+                    self._downstream_failed(_oneline(why, 300))
+                    if time.time() - received_at < self.rc.max_age:
+                        return None
+                    results.update(dict.fromkeys(
+                        good, Reply(451, f"4.4.1 {mta}: {_oneline(why, 300)}", local=True)))
+                    return results
                 self._downstream_ok()
-                results.update(got)
-                log.event("relay_attempt", "debug", qid=qid, rcpts=len(good),
-                          ms=round((time.monotonic() - t0) * 1000, 2))
-                return results
+            try:
+                got = await session.deliver(mail_from, good, message, smtputf8)
             except Unavailable as e:
                 if e.stage == "connect" and reused and tries == 1:
                     continue                    # a stale reused connection: once more, fresh
-                self._downstream_failed(str(e))
                 if e.stage == "data":
                     # The message went out and its reply was lost: the downstream may have it.
-                    log.event("relay_unsure", "warning", qid=qid, rcpts=good, error=e.why,
+                    log.event("relay_unsure", "warning", qid=qid, error=e.why,
+                              rcpts=[r for r in good if r not in e.partial],
                               note="downstream may have accepted; the retry may duplicate")
-                reply = Reply(451, f"4.4.2 {self.target.mta_name}: {e.why}", local=True)
-                if e.stage == "connect":
-                    reply = Reply(451, f"4.4.1 {self.target.mta_name}: {e.why}", local=True)
-                    if time.time() - received_at < self.rc.max_age:
-                        return None
-                results.update(dict.fromkeys(good, reply))
+                # The downstream greeted us and then failed on this message: its failure. The
+                # final replies received before that stand (a 550 for a RCPT, LMTP's replies).
+                results.update(dict.fromkeys(
+                    good, Reply(451, f"4.4.2 {mta}: {e.why}", local=True)))
+                results.update({r: x for r, x in e.partial.items() if r in good})
                 return results
+            except Exception as e:
+                # Not expected from a session (a bug, an encoding error): this message's
+                # failure, never a fixed-interval retry or a dirty session for the next one.
+                why = _oneline(f"{type(e).__name__}: {e}", 300)
+                log.event("relay_attempt_error", "error", qid=qid, rcpts=good, error=why)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(session.close(), 1.0)
+                results.update(dict.fromkeys(
+                    good, Reply(451, f"4.3.0 local error: {why}", local=True)))
+                return results
+            self._downstream_ok()
+            results.update(got)
+            log.event("relay_attempt", "debug", qid=qid, rcpts=len(good),
+                      ms=round((time.monotonic() - t0) * 1000, 2))
+            return results
         return None  # pragma: no cover
 
     def _record(self, name: str, qid: str, env: dict[str, Any], state: RelayState,
                 results: dict[str, Reply], received_at: float, message: bytes) -> None:
         now = time.time()
-        out = settle(state, results, now=now, received_at=received_at, cfg=self.rc)
+        out = settle(state, results, rcpts=[str(r) for r in env["rcpts"]], now=now,
+                     received_at=received_at, cfg=self.rc)
         mail_from = envelope_sender(env)
         if out.delivered_now:
             self.counters["rcpt_delivered"] += len(out.delivered_now)
@@ -930,6 +1104,10 @@ class Relay:
         if sender == "":
             self.counters["null_sender_failed"] += 1
             return ""                           # never bounce a bounce
+        problem = address_problem(sender, sender=False, utf8=True)
+        if problem is not None:                 # a DSN to it could never be sent either
+            log.event("relay_dsn_unsendable", "warning", qid=qid, why=problem.line())
+            return ""
         dsn_qid = new_qid(now)
         body = build_dsn(reporting_mta=self.hostname, sender=sender, qid=qid, arrival=received_at,
                          now=now, failures=failures, original=message,

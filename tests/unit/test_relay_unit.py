@@ -12,6 +12,8 @@ import email
 import email.message
 import email.policy
 import email.utils
+import itertools
+import re
 import socket
 import time
 from collections import Counter
@@ -71,10 +73,14 @@ def test_reply_status(code: int, text: str, kind: str, status: str) -> None:
 RC = RelayConfig(downstream="smtp://127.0.0.1:1", retry_base=10, retry_max=40, max_age=1000)
 
 
+ABC = ["a@x", "b@x", "c@x"]
+
+
 def test_settle_mixed_results() -> None:
     st = RelayState()
     out = settle(st, {"a@x": Reply(250, "ok"), "b@x": Reply(451, "4.3.0 later"),
-                      "c@x": Reply(550, "5.1.1 unknown")}, now=100, received_at=50, cfg=RC)
+                      "c@x": Reply(550, "5.1.1 unknown")}, rcpts=ABC, now=100, received_at=50,
+                 cfg=RC)
     assert out.disposition == "retry"
     assert out.state.delivered == ["a@x"] and out.state.failed == ["c@x"]
     assert out.deferred == ("b@x",) and out.delivered_now == ("a@x",)
@@ -83,25 +89,29 @@ def test_settle_mixed_results() -> None:
     assert st == RelayState(), "settle must not mutate its input"
     # Only b is pending now; the next tempfail doubles the delay, then it is delivered.
     assert out.state.pending(["a@x", "b@x", "c@x"]) == ["b@x"]
-    out2 = settle(out.state, {"b@x": Reply(452, "4.2.2 full")}, now=110, received_at=50, cfg=RC)
+    out2 = settle(out.state, {"b@x": Reply(452, "4.2.2 full")}, rcpts=ABC, now=110,
+                  received_at=50, cfg=RC)
     assert out2.disposition == "retry" and out2.state.next_at == 130
-    out3 = settle(out2.state, {"b@x": Reply(250, "ok")}, now=130, received_at=50, cfg=RC)
+    out3 = settle(out2.state, {"b@x": Reply(250, "ok")}, rcpts=ABC, now=130, received_at=50,
+                  cfg=RC)
     assert out3.disposition == "failed"        # c failed: the file goes to failed/
     assert out3.state.delivered == ["a@x", "b@x"] and not out3.bounce
 
 
 def test_settle_done_expired_and_recovery() -> None:
-    ok = settle(RelayState(), {"a@x": Reply(250, "ok")}, now=1, received_at=0, cfg=RC)
+    ok = settle(RelayState(), {"a@x": Reply(250, "ok")}, rcpts=["a@x"], now=1, received_at=0,
+                cfg=RC)
     assert ok.disposition == "done" and not ok.bounce
     old = settle(RelayState(attempts=5), {"a@x": Reply(451, "4.4.1 refused", local=True)},
-                 now=2000, received_at=0, cfg=RC)
+                 rcpts=["a@x"], now=2000, received_at=0, cfg=RC)
     assert old.disposition == "failed"
     (f,) = old.bounce
     assert f.status == "4.4.7" and f.diagnostic.startswith("X-Ingress; 451 4.4.1")
     # Crash after everything was recorded but before the unlink: nothing pending, no resend.
     rec = RelayState(delivered=["a@x"], failed=["b@x"])
     assert rec.pending(["a@x", "b@x"]) == []
-    assert settle(rec, {}, now=1, received_at=0, cfg=RC).disposition == "failed"
+    assert settle(rec, {}, rcpts=["a@x", "b@x"], now=1, received_at=0,
+                  cfg=RC).disposition == "failed"
     assert RelayState.decode(rec.encode()) == rec
 
 
@@ -169,8 +179,12 @@ class FakeMTA:
     """SMTP or LMTP server on loopback (TCP or unix socket) whose per-recipient answers are
     scripted; records every delivered message (dot-unstuffed) per recipient."""
 
-    def __init__(self, lmtp: bool, decide: Decide, exts: tuple[str, ...] = ("8BITMIME",)) -> None:
+    def __init__(self, lmtp: bool, decide: Decide, exts: tuple[str, ...] = ("8BITMIME",),
+                 drop: Callable[[str, bytes], bool] | None = None) -> None:
+        """`drop(stage, what)`: hang up without a reply (stage "mail": the MAIL FROM address,
+        "rcpt": the recipient, "data": the message)."""
         self.lmtp, self.decide, self.exts = lmtp, decide, exts
+        self.drop = drop or (lambda stage, what: False)
         self.tries: Counter[str] = Counter()
         self.delivered: list[tuple[str, str, bytes]] = []     # (mail_from, rcpt, data)
         self.mail_params: list[str] = []
@@ -200,7 +214,7 @@ class FakeMTA:
             w.write(line.encode() + b"\r\n")
 
         say("220 fake ESMTP")
-        mail_from, rcpts = "", []
+        mail_from, rcpts, in_txn = "", [], False
         try:
             while line := await r.readline():
                 cmd = line.decode("utf-8", "replace").rstrip("\r\n")
@@ -211,13 +225,20 @@ class FakeMTA:
                     for e in self.exts:
                         say(f"250-{e}")
                     say("250 PIPELINING")
+                elif verb == "MAIL" and in_txn:
+                    say("503 5.5.1 Error: nested MAIL command")      # as Postfix says it
                 elif verb == "MAIL":
+                    in_txn = True
                     mail_from = cmd[cmd.index("<") + 1:cmd.index(">")]
+                    if self.drop("mail", mail_from.encode()):
+                        break
                     self.mail_params.append(cmd[cmd.index(">") + 1:].strip())
                     rcpts = []
                     say("250 2.1.0 ok")
                 elif verb == "RCPT":
                     rcpt = cmd[cmd.index("<") + 1:cmd.index(">")]
+                    if self.drop("rcpt", rcpt.encode()):
+                        break
                     answer = "250 2.1.5 ok" if self.lmtp else self._answer(rcpt)
                     if answer.startswith("2"):
                         rcpts.append(rcpt)
@@ -228,6 +249,8 @@ class FakeMTA:
                     data = b""
                     while (chunk := await r.readline()) != b".\r\n":
                         data += chunk[1:] if chunk.startswith(b".") else chunk
+                    if self.drop("data", data):
+                        break
                     answers = ([self._answer(x) for x in rcpts] if self.lmtp
                                else ["250 2.0.0 queued"] * len(rcpts))
                     for x, a in zip(rcpts, answers, strict=True):
@@ -235,8 +258,9 @@ class FakeMTA:
                             self.delivered.append((mail_from, x, data))
                     for a in answers if self.lmtp else answers[:1]:
                         say(a)
+                    in_txn = False
                 elif verb == "RSET":
-                    rcpts = []
+                    rcpts, in_txn = [], False
                     say("250 ok")
                 elif verb == "QUIT":
                     say("221 bye")
@@ -455,3 +479,398 @@ def test_reload_overlap_never_delivers_twice(tmp_path: Path) -> None:
             f"u{i}@example.test": 1 for i in range(60)}
 
     asyncio.run(go())
+
+
+# --- issue 9: hostile addresses, poison messages, settle, reload overlap ----------------------
+
+LONG_LOCAL = "x" * 250
+
+
+@pytest.mark.parametrize(("addr", "sender", "utf8", "want"), [
+    ("a@example.test", False, False, None),
+    ("a@example.test", True, False, None),
+    ("", True, False, None),                              # the null sender
+    ("", False, False, "553 5.1.3"),                      # an empty recipient
+    ("ü@example.test", False, False, "553 5.6.7"),        # non-ASCII, no SMTPUTF8 downstream
+    ("ü@example.test", True, False, "553 5.6.7"),
+    ("ü@example.test", False, True, None),                # downstream offers SMTPUTF8
+    ("a@bücher.test", False, True, None),
+    ("a\x00b@example.test", False, True, "553 5.1.3"),    # NUL
+    ("a\x00b@example.test", True, True, "553 5.1.7"),
+    ("a@x\r\nRSET", False, True, "553 5.1.3"),            # CR LF: command injection
+    ("a\n@example.test", False, True, "553 5.1.3"),
+    ("a\tb@example.test", False, True, "553 5.1.3"),
+    ("a b@example.test", False, True, "553 5.1.3"),
+    ("a@x> SIZE=1", False, True, "553 5.1.3"),            # parameter injection
+    ("<a@example.test>", False, True, "553 5.1.3"),
+    ("a\x7f@example.test", False, True, "553 5.1.3"),     # DEL
+    ("a\x85@example.test", False, True, "553 5.1.3"),     # C1 control (NEL)
+    ("a\u2028@example.test", False, True, "553 5.1.3"),   # line separator
+    ("\ud800@example.test", False, True, "553 5.1.3"),    # a lone surrogate: not encodable
+    (f"{LONG_LOCAL}@example.test", False, True, "553 5.1.3"),   # path over 254 octets
+    (f"{LONG_LOCAL}@example.test", True, True, "553 5.1.7"),
+    ("x" * 241 + "@example.test", False, True, None),     # 254 octets: the longest allowed
+    ("ü" * 121 + "@example.test", False, True, "553 5.1.3"),    # 255 octets in UTF-8
+])
+def test_address_problem(addr: str, sender: bool, utf8: bool, want: str | None) -> None:
+    got = relay.address_problem(addr, sender=sender, utf8=utf8)
+    if want is None:
+        assert got is None
+    else:
+        assert got is not None and got.line().startswith(want) and got.local, got
+        assert got.kind == "perm"
+
+
+@pytest.mark.parametrize(("state", "results", "expired", "disp", "delivered", "deferred"), [
+    # b has no result: the message must not be finished, b stays pending
+    (RelayState(), {"a@x": Reply(250, "ok")}, False, "retry", ["a@x"], ("b@x",)),
+    (RelayState(), {}, False, "retry", [], ("a@x", "b@x")),
+    # a result for a recipient the message does not have is ignored, not recorded
+    (RelayState(), {"z@x": Reply(250, "ok"), "a@x": Reply(250, "ok")}, False, "retry",
+     ["a@x"], ("b@x",)),
+    # a delivered recipient reported again is not recorded twice
+    (RelayState(delivered=["a@x"]), {"a@x": Reply(250, "ok"), "b@x": Reply(250, "ok")}, False,
+     "done", ["a@x", "b@x"], ()),
+    (RelayState(delivered=["a@x"]), {"b@x": Reply(250, "ok")}, False, "done",
+     ["a@x", "b@x"], ()),
+    # expired: a recipient without a result fails with 4.4.7 like any deferral
+    (RelayState(), {"a@x": Reply(250, "ok")}, True, "failed", ["a@x"], ()),
+])
+def test_settle_recipient_without_result(state: RelayState, results: dict[str, Reply],
+                                         expired: bool, disp: str, delivered: list[str],
+                                         deferred: tuple[str, ...]) -> None:
+    now = 2000.0 if expired else 100.0
+    out = settle(state, results, rcpts=["a@x", "b@x"], now=now, received_at=50, cfg=RC)
+    assert out.disposition == disp
+    assert out.state.delivered == delivered
+    assert out.deferred == deferred
+    assert "z@x" not in out.state.delivered + out.state.failed
+    if expired:
+        (f,) = out.bounce
+        assert f.rcpt == "b@x" and f.status == "4.4.7"
+    if disp == "retry":
+        assert out.state.attempts == state.attempts + 1 and out.state.next_at > now
+
+
+@pytest.mark.parametrize(("reply", "expired", "status", "diag"), [
+    ("ü@x.test", False, "5.6.7", "X-Ingress; 553 5.6.7"),
+    ("a\x00@x.test", False, "5.1.3", "X-Ingress; 553 5.1.3"),
+    (Reply(451, "4.3.0 local error: RuntimeError: boom", local=True), True, "4.4.7",
+     "X-Ingress; 451 4.3.0"),
+    (Reply(550, "5.1.1 unknown"), False, "5.1.1", "smtp; 550 5.1.1"),
+])
+def test_failure_for(reply: Reply | str, expired: bool, status: str, diag: str) -> None:
+    if isinstance(reply, str):                    # an address: the relay's own verdict on it
+        got = relay.address_problem(reply, sender=False, utf8=False)
+        assert got is not None
+        reply = got
+    f = failure_for("r@x.test", reply, expired)
+    assert f.status == status and f.diagnostic.startswith(diag)
+
+
+def test_503_is_never_a_bounce() -> None:
+    """503 (bad sequence) is our session out of step, not the message: retried, never 5xx."""
+    r = Reply(503, "5.5.1 Error: nested MAIL command")
+    assert r.kind == "temp"
+    out = settle(RelayState(), {"a@x": r}, rcpts=["a@x"], now=100, received_at=50, cfg=RC)
+    assert out.disposition == "retry" and not out.bounce
+
+
+@pytest.mark.parametrize(("spool_file", "locked", "tmp", "kept"), [
+    (False, False, False, False),     # spool file gone: a stale state file
+    (True, False, False, True),       # message still waiting: its retry schedule stays
+    (True, True, False, True),
+    (True, True, True, True),         # another relay is writing this state right now
+    (True, False, True, False),       # a tmp file nobody is writing
+    (False, False, True, False),
+])
+def test_cleanup_states_spares_a_locked_message(tmp_path: Path, spool_file: bool, locked: bool,
+                                                tmp: bool, kept: bool) -> None:
+    """A new relay starting during a reload (the old one still delivering) must not remove the
+    old one's state file, even half-written."""
+    import fcntl
+    import os
+    cfg = make_cfg(tmp_path, "smtp://127.0.0.1:1")
+    name, _ = spool_msg(cfg, BODY, ("a@example.test",))
+    path = cfg.spool.path / "new" / name
+    if not spool_file:
+        path.unlink()
+    state_dir = cfg.spool.path / "relay"
+    state_dir.mkdir(exist_ok=True)
+    st = state_dir / (f".tmp.{name}" if tmp else name)
+    st.write_bytes(RelayState(attempts=1).encode())
+    fd = os.open(path, os.O_RDONLY) if locked else -1
+    try:
+        if locked:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # the "old relay"
+        removed = relay.Relay(cfg).cleanup_states()
+        assert st.exists() == kept
+        assert removed == (0 if kept else 1)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if spool_file:
+        # The cleanup must not leave the spool file locked itself.
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+
+
+def spool_utf8(cfg: Config, body: bytes, rcpts: tuple[str, ...], sender: str,
+               smtputf8: bool = False) -> str:
+    now = time.time()
+    env = Envelope(qid=new_qid(now), lane=Lane.BULK, peer_ip="127.0.0.1", peer_port=1,
+                   helo="c.test", mail_from=sender, rcpts=rcpts, received_at=now,
+                   deadline=now + 5, smtputf8=smtputf8)
+    (name,) = spool_mod.Spool(cfg.spool.path).write_batch([(env, b"", body)])
+    assert isinstance(name, str)
+    return name
+
+
+def innocent_and_poison(cfg: Config) -> tuple[list[str], dict[str, str]]:
+    """Spool innocent messages (i0..i5@example.test) interleaved with poison ones; returns the
+    innocent recipients and poison name -> what it is."""
+    innocent: list[str] = []
+    poison: dict[str, str] = {}
+    bad = [
+        ("rcpt-utf8", ("ü@example.test", "p1ok@example.test"), "alice@example.test"),
+        ("sender-utf8", ("p2@example.test",), "ö@example.test"),
+        ("rcpt-nul", ("a\x00b@example.test", "p3ok@example.test"), "alice@example.test"),
+        ("rcpt-crlf", ("x@example.test\r\nRSET", "p4ok@example.test"), "alice@example.test"),
+        ("sender-long", ("p5@example.test",), "s" * 300 + "@example.test"),
+    ]
+    for i in range(6):
+        rc = f"i{i}@example.test"
+        innocent.append(rc)
+        spool_utf8(cfg, BODY, (rc,), "alice@example.test")
+        if i < len(bad):
+            what, rcpts, sender = bad[i]
+            poison[spool_utf8(cfg, BODY, rcpts, sender)] = what
+    return innocent, poison
+
+
+@pytest.mark.parametrize("lmtp", [False, True])
+def test_unsendable_address_never_poisons_the_session(tmp_path: Path, lmtp: bool) -> None:
+    """Issue 9 item 1: a non-ASCII address without SMTPUTF8 (and NUL, CR LF, over-long) made
+    aiosmtplib raise mid-transaction, the session stayed half-open and the next innocent
+    message got 503 nested MAIL and was bounced; over LMTP a bad MAIL FROM became the
+    breaker's eternal probe. Now each bad address fails for its recipient alone (5.6.7 /
+    5.1.3, DSN), every innocent message is delivered on the shared session."""
+    sock = str(tmp_path / "lmtp.sock")
+
+    async def go() -> None:
+        mta = FakeMTA(lmtp=lmtp, decide=lambda r, n: "250 2.0.0 ok", exts=("8BITMIME",))
+        if lmtp:
+            await mta.start_unix(sock)
+            ds = f"lmtp:{sock}"
+        else:
+            ds = f"smtp://127.0.0.1:{await mta.start_tcp()}"
+        cfg = dataclasses.replace(make_cfg(tmp_path, ds), relay=dataclasses.replace(
+            make_cfg(tmp_path, ds).relay, concurrency=1))        # one shared session
+        innocent, poison = innocent_and_poison(cfg)
+        want_ok = set(innocent) | {"p1ok@example.test", "p3ok@example.test",
+                                   "p4ok@example.test"}
+        try:
+            await run_until(cfg, lambda: want_ok <= {r for f, r, _ in mta.delivered if f}
+                            and set(poison) <= set(listing(cfg, "failed"))
+                            and not listing(cfg, "new"), timeout=15)
+        finally:
+            await mta.stop()
+        got = Counter(r for f, r, _ in mta.delivered if f)
+        assert {r: got[r] for r in want_ok} == dict.fromkeys(want_ok, 1)
+        # failed/: the poison, and the DSN to the non-ASCII sender (it cannot be sent either;
+        # from the null sender, so it is not bounced again).
+        failed = {n: spool_mod.read(cfg.spool.path / "failed" / n).envelope
+                  for n in listing(cfg, "failed")}
+        extra = {n: e for n, e in failed.items() if n not in poison}
+        assert [(e["mail_from"], e["rcpts"]) for e in extra.values()] == [
+            ("", ["ö@example.test"])], failed
+        dsns = [d for f, r, d in mta.delivered if f == ""]
+        statuses = []
+        for d in dsns:
+            parse_dsn(d)
+            statuses += re.findall(r"^Final-Recipient: ([^\r]+)\r\nAction: failed\r\n"
+                                   r"Status: ([0-9.]+)\r\n", d.decode(), re.M)
+        # One DSN per poison message with a sendable sender; none mention an innocent rcpt.
+        assert sorted(statuses) == sorted([
+            ("rfc822; a?b@example.test", "5.1.3"),
+            ("rfc822; x@example.test??RSET", "5.1.3"),
+            ("utf-8; ü@example.test", "5.6.7"),
+        ]), statuses
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("lmtp", [False, True])
+def test_any_exception_is_one_message_failure(tmp_path: Path, lmtp: bool,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception mid-transaction (here injected after MAIL FROM, for one recipient) is that
+    message's failure: attempts with backoff, then 4.4.7 and a DSN at max_age; the session is
+    dropped, never reused dirty, so the innocent messages around it are delivered."""
+    sock = str(tmp_path / "lmtp.sock")
+    if lmtp:
+        orig = relay.LmtpSession._cmd
+
+        async def cmd(self: relay.LmtpSession, line: bytes) -> Reply:
+            if line.startswith(b"RCPT") and b"boom@" in line:
+                raise RuntimeError("injected")
+            return await orig(self, line)
+        monkeypatch.setattr(relay.LmtpSession, "_cmd", cmd)
+    else:
+        import aiosmtplib
+        orig_ex = aiosmtplib.SMTP.execute_command
+
+        async def ex(self: aiosmtplib.SMTP, *args: bytes, **kw: object) -> object:
+            if args[0] == b"RCPT" and b"boom@" in args[1]:
+                raise RuntimeError("injected")
+            return await orig_ex(self, *args, **kw)
+        monkeypatch.setattr(aiosmtplib.SMTP, "execute_command", ex)
+
+    async def go() -> None:
+        mta = FakeMTA(lmtp=lmtp, decide=lambda r, n: "250 2.0.0 ok")
+        if lmtp:
+            await mta.start_unix(sock)
+            ds = f"lmtp:{sock}"
+        else:
+            ds = f"smtp://127.0.0.1:{await mta.start_tcp()}"
+        cfg = make_cfg(tmp_path, ds, retry_base=0.3, retry_max=5.0, max_age=2.0)
+        cfg = dataclasses.replace(cfg, relay=dataclasses.replace(cfg.relay, concurrency=1))
+        innocent = [f"i{i}@example.test" for i in range(4)]
+        spool_msg(cfg, BODY, (innocent[0],))
+        bad, _ = spool_msg(cfg, BODY, ("boom@example.test",))
+        for r in innocent[1:]:
+            spool_msg(cfg, BODY, (r,))
+        state = cfg.spool.path / "relay" / bad
+        seen: list[RelayState] = []
+
+        def cond() -> bool:
+            if state.exists():
+                with contextlib.suppress(Exception):
+                    st = RelayState.decode(state.read_bytes())
+                    if not seen or seen[-1] != st:
+                        seen.append(st)
+            return listing(cfg, "failed") == [bad] and not listing(cfg, "new") and any(
+                f == "" for f, _, _ in mta.delivered)
+
+        try:
+            await run_until(cfg, cond, timeout=15)
+        finally:
+            await mta.stop()
+        got = Counter(r for f, r, _ in mta.delivered if f)
+        assert got == dict.fromkeys(innocent, 1)
+        attempts = [s.attempts for s in seen]
+        assert attempts and attempts == sorted(attempts) and attempts[-1] <= 4, attempts
+        assert "RuntimeError" in seen[-1].last_error
+        (dsn,) = [d for f, _, d in mta.delivered if f == ""]
+        _, (_, status, _) = parse_dsn(dsn)
+        blk = status.get_payload()[1]
+        assert (blk["Final-Recipient"], blk["Status"]) == ("rfc822; boom@example.test", "4.4.7")
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize(("lmtp", "stage"), [(True, "mail"), (False, "mail"), (True, "data"),
+                                              (False, "data")])
+def test_poison_is_not_the_eternal_probe(tmp_path: Path, lmtp: bool, stage: str) -> None:
+    """A message that makes the downstream hang up (at its MAIL FROM, or after its DATA) is a
+    failure of that message, not of the downstream: it backs off and expires on its own and
+    the innocent messages keep flowing (before: 0 of 6 delivered over LMTP until max_age)."""
+    sock = str(tmp_path / "lmtp.sock")
+
+    def drop(st: str, what: bytes) -> bool:
+        if st != stage:
+            return False
+        return b"poison@" in what if st == "mail" else b"\r\nPOISON-DROP\r\n" in what
+
+    async def go() -> None:
+        mta = FakeMTA(lmtp=lmtp, decide=lambda r, n: "250 2.0.0 ok", drop=drop)
+        if lmtp:
+            await mta.start_unix(sock)
+            ds = f"lmtp:{sock}"
+        else:
+            ds = f"smtp://127.0.0.1:{await mta.start_tcp()}"
+        cfg = make_cfg(tmp_path, ds, retry_base=0.3, retry_max=5.0, max_age=2.5)
+        bad, _ = spool_msg(cfg, BODY + b"POISON-DROP\r\n", ("victim@example.test",),
+                           sender="poison@example.test")
+        innocent = [f"i{i}@example.test" for i in range(6)]
+        for r in innocent:
+            spool_msg(cfg, BODY, (r,))
+        r = await run_until(cfg, lambda: listing(cfg, "failed") == [bad] and not listing(
+            cfg, "new"), timeout=15)
+        await mta.stop()
+        got = Counter(x for f, x, _ in mta.delivered if f)
+        assert got == dict.fromkeys(innocent, 1)
+        assert r.counters["down"] == 0, "a message-level failure opened the breaker"
+        assert r.counters["bounced"] == 1
+
+    asyncio.run(go())
+
+
+def test_replies_before_a_hang_up_stand(tmp_path: Path) -> None:
+    """A RCPT refused with 550 before the downstream hung up (Postfix does, with 421, after
+    smtpd_hard_error_limit) is failed and bounced then; only the recipients without a reply
+    are retried. Before, the whole attempt was thrown away and retried unchanged forever."""
+    hung: list[str] = []
+
+    def drop(stage: str, what: bytes) -> bool:
+        if stage == "rcpt" and what.startswith(b"hang@") and not hung:
+            hung.append("once")
+            return True
+        return False
+
+    async def go() -> None:
+        mta = FakeMTA(lmtp=False, decide=lambda r, n: "550 5.1.1 unknown" if r.startswith(
+            "gone@") else "250 2.1.5 ok", drop=drop)
+        port = await mta.start_tcp()
+        cfg = make_cfg(tmp_path, f"smtp://127.0.0.1:{port}", retry_base=0.2, retry_max=0.5)
+        name, _ = spool_msg(cfg, BODY, ("gone@example.test", "hang@example.test",
+                                        "ok@example.test"))
+        try:
+            await run_until(cfg, lambda: listing(cfg, "failed") == [name] and not listing(
+                cfg, "new") and any(f == "" for f, _, _ in mta.delivered))
+        finally:
+            await mta.stop()
+        assert mta.tries["gone@example.test"] == 1, "a 550 already received was retried"
+        got = Counter(r for f, r, _ in mta.delivered if f)
+        assert got == {"hang@example.test": 1, "ok@example.test": 1}
+        (dsn,) = [d for f, _, d in mta.delivered if f == ""]
+        _, (_, status, _) = parse_dsn(dsn)
+        assert [b["Final-Recipient"] for b in status.get_payload()[1:]] == [
+            "rfc822; gone@example.test"]
+
+    asyncio.run(go())
+
+
+def test_recording_error_backs_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error after the attempt (here the state write fails: a full disk) is retried with
+    backoff, not every retry_base forever."""
+    times: list[float] = []
+
+    def decide(rcpt: str, n: int) -> str:
+        times.append(time.monotonic())
+        return "451 4.3.0 later"
+
+    def broken(*a: object, **kw: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(relay, "write_state", broken)
+
+    async def go() -> None:
+        mta = FakeMTA(lmtp=False, decide=decide)
+        port = await mta.start_tcp()
+        cfg = make_cfg(tmp_path, f"smtp://127.0.0.1:{port}", retry_base=0.2, retry_max=10.0)
+        spool_msg(cfg, BODY, ("a@example.test",))
+        t0 = time.monotonic()
+        try:
+            await run_until(cfg, lambda: time.monotonic() - t0 > 3.5, timeout=10)
+        finally:
+            await mta.stop()
+
+    asyncio.run(go())
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    # 0.2, 0.4, 0.8, 1.6 s: at most 5 attempts in 3.5 s (a fixed 0.2 s gives about 17); load
+    # only stretches the gaps.
+    assert 2 <= len(times) <= 5, times
+    assert max(gaps) >= 0.75, gaps
