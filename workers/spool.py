@@ -17,14 +17,17 @@ API:
     read(path) -> SpoolEntry(envelope dict, message bytes)
 
 Failure modes: OSError from the disk is returned per item (the worker NACKs it: the client gets
-451). A crash between rename and directory fsync can lose the rename; that message was not yet
-acknowledged, so the client got no 250 for it. Files left in tmp/ by a crash are unacknowledged
+451). A short write is continued until every byte is written; one that makes no progress is an
+ENOSPC error for that item, never a truncated file in new/. A crash between rename and
+directory fsync can lose the rename; that message was not yet acknowledged, so the client got no
+250 for it. Files left in tmp/ by a crash are unacknowledged
 and are removed by `clean_tmp()` at worker start.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 from dataclasses import dataclass
@@ -66,6 +69,24 @@ def read(path: Path | str) -> SpoolEntry:
         return parse(f.read())
 
 
+def _write_all(fd: int, data: list[bytes]) -> None:
+    """Write every byte of `data` to `fd` or raise OSError.
+
+    writev may write less than asked (a filling disk, a signal): the rest is written in a loop,
+    each call's count checked. A call that writes nothing is an error (ENOSPC), never success.
+    """
+    total = sum(map(len, data))
+    written = os.writev(fd, data)
+    if written == total:
+        return
+    rest = memoryview(b"".join(data))[written:]
+    while rest:
+        n = os.write(fd, rest)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "short write: no progress", None)
+        rest = rest[n:]
+
+
 class Spool:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -97,11 +118,7 @@ class Spool:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
                 try:
-                    data = [envelope_line(env), trace, body]
-                    total = sum(map(len, data))
-                    written = os.writev(fd, data)
-                    if written != total:      # short write: finish it the slow way
-                        os.write(fd, b"".join(data)[written:])
+                    _write_all(fd, [envelope_line(env), trace, body])
                     os.fsync(fd)
                 finally:
                     os.close(fd)
