@@ -11,17 +11,20 @@ A spool file is one RFC 5322 message whose first line carries the envelope:
 
 API:
     Spool(root).write_batch([(envelope, trace, body), ...]) -> list[str | Exception]
-        Group commit: every file is written to tmp/ and fsync'd, renamed into new/, then new/ is
-        fsync'd once for the whole batch. Only after that does any item count as written; an
-        item that failed gets its exception (its tmp file is removed), the others their names.
+        Group commit: every file is written to tmp/ and fsync'd, moved into new/ with a
+        no-replace link (a name already taken there gets a ".N" suffix: nothing in new/ is ever
+        overwritten), then new/ is fsync'd once for the whole batch. Only after that does any
+        item count as written; an item that failed gets its exception (its tmp file is
+        removed), the others their names (the qid stays the second dot-separated field).
     read(path) -> SpoolEntry(envelope dict, message bytes)
 
 Failure modes: OSError from the disk is returned per item (the worker NACKs it: the client gets
 451). A short write is continued until every byte is written; one that makes no progress is an
-ENOSPC error for that item, never a truncated file in new/. A crash between rename and
-directory fsync can lose the rename; that message was not yet acknowledged, so the client got no
-250 for it. Files left in tmp/ by a crash are unacknowledged
-and are removed by `clean_tmp()` at worker start.
+ENOSPC error for that item, never a truncated file in new/. A crash between the link and
+the directory fsync can lose the link; that message was not yet acknowledged, so the client got
+no 250 for it. Files left in tmp/ by a crash are unacknowledged (or, after a crash between link
+and unlink, a second name of a file in new/) and are removed by `clean_tmp()` at worker start.
+Limit: the spool filesystem must support hard links (every local Linux filesystem does).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from ingress.wire import Envelope
 
 ENVELOPE_HEADER = b"X-Ingress-Envelope: "
 SPOOL_FORMAT = 1
+MAX_NAME_TRIES = 100        # names tried in new/ before a write fails (a collision is rare)
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,22 @@ class Spool:
     def name_for(self, env: Envelope) -> str:
         return f"{int(env.received_at)}.{env.qid}.{self._host}"
 
+    def _publish(self, tmp: Path, name: str) -> str:
+        """Move tmp/<name> into new/ without ever replacing a file there (link, then unlink
+        tmp); a name that is taken gets a numbered suffix. Returns the name used in new/."""
+        for k in range(MAX_NAME_TRIES):
+            target = name if k == 0 else f"{name}.{k}"
+            try:
+                os.link(tmp, self.new / target)
+            except FileExistsError:
+                continue
+            # A crash before this unlink leaves a second link in tmp/: clean_tmp removes it,
+            # the file in new/ stays.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            return target
+        raise FileExistsError(errno.EEXIST, "no free name in new/", str(self.new / name))
+
     def clean_tmp(self, older_than: float = 0.0) -> int:
         """Remove unacknowledged leftovers in tmp/ (mtime older than `older_than` epoch)."""
         n = 0
@@ -122,7 +142,7 @@ class Spool:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                os.rename(tmp, self.new / name)
+                name = self._publish(tmp, name)
                 results.append(name)
                 renamed.append(i)
             except OSError as e:

@@ -147,3 +147,20 @@ def test_enospc_mid_file_fails_that_item_only(tmp_path: Path,
     assert [p.name for p in (tmp_path / "new").iterdir()] == [out[1]]
     assert spool.read(tmp_path / "new" / out[1]).message == body
     assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_existing_file_in_new_is_never_replaced(tmp_path: Path) -> None:
+    """A name already in new/ (a qid collision, a restored backup) keeps its file: the new
+    message is stored under another name (issue 9 item 11: os.rename replaced it silently)."""
+    s = spool.Spool(tmp_path)
+    taken = tmp_path / "new" / s.name_for(env("SAME"))
+    taken.write_bytes(b"X-Ingress-Envelope: earlier message\r\n")
+    first, second = s.write_batch([(env("SAME"), b"", b"one\r\n")]), \
+        s.write_batch([(env("SAME"), b"", b"two\r\n")])
+    assert taken.read_bytes() == b"X-Ingress-Envelope: earlier message\r\n"
+    names = [first[0], second[0]]
+    assert all(isinstance(n, str) for n in names) and len({taken.name, *names}) == 3
+    assert [spool.read(tmp_path / "new" / str(n)).message for n in names] == [b"one\r\n",
+                                                                              b"two\r\n"]
+    assert all(str(n).split(".")[1] == "SAME" for n in names)   # the qid stays findable
+    assert not list((tmp_path / "tmp").iterdir())
