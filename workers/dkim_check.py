@@ -10,9 +10,13 @@ Purpose
 API
     make_resolver(nameservers, timeout, cache_size=10000) -> dns.resolver.Resolver
         ingress.resolver's, the same factory the acceptors use for SPF.
-    make_dnsfunc(resolver, timeout, trace=None) -> dnsfunc(name: bytes, timeout=5) -> bytes|None
-        dkimpy-compatible TXT lookup through our resolver; records outcomes in `trace`.
-    verify_dkim(message, *, resolver, timeout=2.0, deadline_s=5.0, max_signatures=20,
+    make_dnsfunc(resolver, timeout, trace=None, deadline=None, min_bits=1024)
+        -> dnsfunc(name: bytes, timeout=5) -> bytes|None
+        dkimpy-compatible TXT lookup through our resolver; records outcomes in `trace`; a key
+        record that key_record_problem() refuses is never handed to dkimpy.
+    key_record_problem(txt, *, min_bits=1024, max_bits=4096) -> str | None
+        why an RSA key record must not be used (size, exponent), judged before any RSA.
+    verify_dkim(message, *, resolver, timeout=2.0, deadline_s=5.0, max_signatures=5,
                 minkey=1024) -> DkimReport
         DkimReport.results: tuple[DkimSignatureResult(domain, selector, result, aligned,
         b_prefix, reason)], .from_domain, .aligned_pass, .any_pass.
@@ -26,7 +30,9 @@ API
 Result mapping (RFC 6376 / RFC 8601)
     signature verifies -> pass; body hash or signature mismatch -> fail;
     malformed signature header / missing tags / bad c= -> permerror;
-    no key record (NXDOMAIN, no TXT) / unparsable or revoked (p=) / too small key -> permerror;
+    no key record (NXDOMAIN, no TXT) / unparsable or revoked (p=) -> permerror;
+    RSA key under 1024 or over 4096 bits (RFC 8301), public exponent not odd in 3..2^64, or a
+    DER key over 4 KiB -> permerror, decided from the TXT record before any RSA operation;
     DNS timeout or SERVFAIL for the key, or the overall deadline exhausted -> temperror;
     signatures beyond max_signatures -> neutral ("not checked: too many signatures");
     no DKIM-Signature at all -> an empty results tuple (rendered as dkim=none).
@@ -42,6 +48,11 @@ Failure modes
     that contains a DKIM-Signature yields one permerror result.
 
 Limits
+    CPU per message: at most MAX_SIGNATURES (5) signatures are evaluated, each with a key of at
+    most 4096 bits and a 64-bit exponent (a verify is then a few ms), within deadline_s overall
+    (checked before every signature and bounding every DNS wait). What remains per signature
+    is dkimpy's canonicalisation and hashing, linear in the message size (relaxed body
+    canonicalisation of 10 MB is ~0.5 s of regex work in short GIL-holding steps).
     Alignment without the Public Suffix List: domains align when equal or when one is a
     subdomain of the other and the shorter has at least two labels. This over-aligns across
     registry-style suffixes (co.uk, github.io) only for signers that control a key under the
@@ -53,6 +64,8 @@ Limits
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.utils
 import re
 import time
@@ -60,6 +73,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import dkim
+import dkim.crypto
+import dkim.util
 import dns.exception
 import dns.resolver
 
@@ -73,6 +88,7 @@ __all__ = [
     "aligned",
     "authentication_results",
     "header_from_domain",
+    "key_record_problem",
     "make_dnsfunc",
     "make_resolver",
     "strip_forged_ar",
@@ -81,6 +97,22 @@ __all__ = [
 
 
 DkimResult = AuthResult      # the one result vocabulary (ingress.wire.AuthResult)
+
+# CPU bounds, checked before dkimpy does any RSA operation (its pow() holds the GIL: an
+# 8192-bit modulus with an 8192-bit exponent took ~1.1 s per signature, and the worker's
+# heartbeats stopped). RFC 8301 3.1: verifiers must validate 1024..4096-bit keys and must not
+# accept smaller ones; larger ones are allowed to be refused, and are. The exponent: RFC 8017
+# requires 3 <= e < n, odd; real DKIM keys use 65537 (a few old ones 3); OpenSSL refuses
+# exponents over 64 bits for moduli over 3072 bits (OPENSSL_RSA_MAX_PUBEXP_BITS), so nothing
+# real is lost by the same rule here, and a verify costs at most ~2x the 65537 case.
+MIN_KEY_BITS = 1024
+MAX_KEY_BITS = 4096
+MAX_EXPONENT_BITS = 64
+# A DER key longer than this is refused without parsing (dkimpy's ASN.1 integer decoding is
+# quadratic in the length; a TCP TXT answer can carry ~64 KiB). A 4096-bit SPKI is ~550 bytes;
+# up to 4 KiB (16384 bits) a refused key is still parsed, so the reason names its size.
+MAX_KEY_DER = 4096
+MAX_SIGNATURES = 5           # signatures evaluated per message; later ones are "neutral"
 
 
 @dataclass(slots=True)
@@ -96,14 +128,50 @@ class _Trace:
 DnsFunc = Callable[..., bytes | None]
 
 
+def key_record_problem(txt: bytes, *, min_bits: int = MIN_KEY_BITS,
+                       max_bits: int = MAX_KEY_BITS) -> str | None:
+    """Why the RSA key in DKIM key record `txt` must not be used, or None.
+
+    Only sizes are judged here (modulus bits, exponent range, DER length), before any RSA
+    operation; a record that is not an RSA key we can parse (revoked p=, garbage, ed25519,
+    unknown k=) is left to dkimpy, which reports it itself. Linear in len(txt)."""
+    try:
+        tags = dkim.util.parse_tag_value(txt)
+    except Exception:  # InvalidTagValueList and friends: dkimpy says "bad key record"
+        return None
+    if tags.get(b"k", b"rsa").strip() != b"rsa" or not tags.get(b"p"):
+        return None
+    try:
+        der = base64.b64decode(re.sub(rb"\s+", b"", tags[b"p"]))
+    except (binascii.Error, ValueError):
+        return None
+    if len(der) > MAX_KEY_DER:
+        return f"key too large: {len(der)} bytes (limit {max_bits} bits)"
+    try:
+        pk = dkim.crypto.parse_public_key(der)
+        n, e = int(pk["modulus"]), int(pk["publicExponent"])
+    except Exception:  # UnparsableKeyError, or a template mismatch
+        return None
+    bits = n.bit_length()
+    if bits < min_bits:
+        return f"key too small: {bits} bits (minimum {min_bits})"
+    if bits > max_bits:
+        return f"key too large: {bits} bits (limit {max_bits})"
+    if not (3 <= e < n and e % 2 == 1 and e.bit_length() <= MAX_EXPONENT_BITS):
+        return f"bad public exponent ({e.bit_length()} bits; odd, 3..2^{MAX_EXPONENT_BITS})"
+    return None
+
+
 def make_dnsfunc(
     resolver: dns.resolver.Resolver,
     timeout: float,
     trace: _Trace | None = None,
     deadline: float | None = None,
+    min_bits: int = MIN_KEY_BITS,
 ) -> DnsFunc:
     """A dkimpy dnsfunc backed by `resolver`; each lookup bounded by `timeout` seconds and, if
-    given, by the absolute time.monotonic() `deadline`."""
+    given, by the absolute time.monotonic() `deadline`. A key record that key_record_problem()
+    refuses is not handed to dkimpy (it sees no key, does no RSA): trace.outcome "badkey"."""
 
     def dnsfunc(name: bytes | str, timeout: float = timeout) -> bytes | None:
         t = trace if trace is not None else _Trace()
@@ -137,6 +205,10 @@ def make_dnsfunc(
             return None
         # Several TXT records at a key name: prefer one that looks like a key record.
         chosen = next((r for r in records if b"p=" in r), records[0])
+        problem = key_record_problem(chosen, min_bits=min_bits)
+        if problem is not None:
+            t.outcome, t.error = "badkey", problem
+            return None
         t.outcome, t.txt = "found", chosen
         return chosen
 
@@ -258,8 +330,8 @@ def verify_dkim(
     resolver: dns.resolver.Resolver,
     timeout: float = 2.0,
     deadline_s: float = 5.0,
-    max_signatures: int = 20,
-    minkey: int = 1024,
+    max_signatures: int = MAX_SIGNATURES,
+    minkey: int = MIN_KEY_BITS,
 ) -> DkimReport:
     """Verify every DKIM-Signature (up to max_signatures) within deadline_s seconds overall."""
     deadline = time.monotonic() + deadline_s
@@ -274,7 +346,7 @@ def verify_dkim(
         return DkimReport((), from_domain)
 
     trace = _Trace()
-    dnsfunc = make_dnsfunc(resolver, timeout, trace, deadline)
+    dnsfunc = make_dnsfunc(resolver, timeout, trace, deadline, min_bits=minkey)
     results: list[DkimSignatureResult] = []
     for idx in range(nsig):
         if idx >= max_signatures:
@@ -333,6 +405,8 @@ def _verify_one(
         return out(DkimResult.TEMPERROR, trace.error or "key lookup failed")
     if trace.outcome == "nokey":
         return out(DkimResult.PERMERROR, "no key for signature")
+    if trace.outcome == "badkey":
+        return out(DkimResult.PERMERROR, trace.error)
     if trace.outcome == "found" and trace.txt is not None:
         try:
             dkim.evaluate_pk(trace.name.encode(), trace.txt)

@@ -1,0 +1,144 @@
+"""DKIM key limits end to end: real DNS (tests/dnsserver.py) and a real ingress.
+
+Issue 9 item 2: dkimpy accepts any key size and exponent. A key record with an 8192-bit modulus
+and an 8192-bit exponent costs ~1.1 s of GIL-holding pow() per signature, a 16384-bit one ~8 s:
+the broker NACKed whole batches as worker_lost and the supervisor killed the worker. Keys are
+now refused from their TXT record, before any RSA operation, and at most MAX_SIGNATURES are
+evaluated per message.
+
+The oversized and weak keys are crafted numbers (tests/dkimkeys.py), the good key a real one;
+every signature is made with the good private key, so only the published key differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests.dkimkeys import modulus, record, spki
+from tests.dnsserver import DNSServer
+from tests.harness import Ingress, send_one, split_trace
+from workers import dkim_check
+from workers.dkim_check import MAX_SIGNATURES, DkimResult, verify_dkim
+
+RNG = random.Random(2)
+N8192 = modulus(8192, RNG)
+N16384 = modulus(16384, RNG)
+CRAFTED = {
+    "big": record(spki(N8192, N8192 - 2)),                 # 8192-bit modulus and exponent
+    "huge": record(spki(N16384, N16384 - 2)),              # 16384-bit modulus and exponent
+    "wide": record(spki(N8192, 65537)),                    # 8192 bits, ordinary exponent
+    "weak": record(spki(modulus(512, RNG), 65537)),        # 512 bits
+    "fatexp": record(spki(modulus(2048, RNG), modulus(2040, RNG))),   # 2040-bit exponent
+}
+
+
+@pytest.fixture(scope="module")
+def good_key() -> tuple[bytes, bytes]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM,
+                            serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())
+    pub = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem, record(pub)
+
+
+@pytest.fixture(scope="module")
+def dns(good_key: tuple[bytes, bytes]) -> Iterator[DNSServer]:
+    records = {f"{sel}._domainkey.keys.test": {"TXT": [txt]} for sel, txt in CRAFTED.items()}
+    records["good._domainkey.keys.test"] = {"TXT": [good_key[1]]}
+    with DNSServer(records) as server:   # type: ignore[arg-type]
+        yield server
+
+
+def message(subject: str) -> bytes:
+    return (f"From: alice@keys.test\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject}@keys.test>\r\n\r\nHello.\r\n").encode()
+
+
+def sign(msg: bytes, pem: bytes, *selectors: str) -> bytes:
+    """One signature per selector, the first selector's outermost (verified first)."""
+    for sel in reversed(selectors):
+        msg = dkim.sign(msg, sel.encode(), b"keys.test", pem,
+                        include_headers=[b"from", b"to", b"subject", b"message-id"]) + msg
+    return msg
+
+
+@pytest.mark.parametrize(("selector", "result", "reason"), [
+    ("good", DkimResult.PASS, ""),
+    ("big", DkimResult.PERMERROR, "key too large: 8192 bits"),
+    ("huge", DkimResult.PERMERROR, "key too large"),
+    ("wide", DkimResult.PERMERROR, "key too large: 8192 bits"),
+    ("weak", DkimResult.PERMERROR, "key too small: 512 bits"),
+    ("fatexp", DkimResult.PERMERROR, "bad public exponent"),
+])
+def test_key_limits_through_real_dns(dns: DNSServer, good_key: tuple[bytes, bytes],
+                                     selector: str, result: DkimResult, reason: str) -> None:
+    resolver = dkim_check.make_resolver([dns.address], timeout=1.0)
+    (r,) = verify_dkim(sign(message(selector), good_key[0], selector), resolver=resolver).results
+    assert (r.selector, r.result) == (selector, result), r
+    assert r.reason.startswith(reason), r
+
+
+def test_signatures_beyond_the_cap_are_not_evaluated(dns: DNSServer,
+                                                     good_key: tuple[bytes, bytes]) -> None:
+    """Twenty signatures on the costliest key: MAX_SIGNATURES are judged (permerror), the rest
+    are neutral and cost no DNS query."""
+    resolver = dkim_check.make_resolver([dns.address], timeout=1.0)
+    before = len(dns.queries)
+    report = verify_dkim(sign(message("twenty"), good_key[0], *["big"] * 20), resolver=resolver)
+    assert [r.result for r in report.results] == \
+        [DkimResult.PERMERROR] * MAX_SIGNATURES + [DkimResult.NEUTRAL] * (20 - MAX_SIGNATURES)
+    assert all("too many signatures" in r.reason for r in report.results[MAX_SIGNATURES:])
+    assert len(dns.queries) - before <= MAX_SIGNATURES
+    assert MAX_SIGNATURES == 5
+
+
+def test_hostile_keys_do_not_stall_the_lane(tmp_path: Path, dns: DNSServer,
+                                            good_key: tuple[bytes, bytes]) -> None:
+    """Messages signed for the 16384- and 8192-bit keys (and a weak one), sent together with
+    innocent mail: every message gets 250, the hostile ones with dkim=permerror, no worker is
+    killed or declared lost, and mail keeps flowing afterwards."""
+    pem = good_key[0]
+    tables = {"classify": {"nameservers": [dns.address], "dns_timeout": 1.0}}
+    with Ingress(tmp_path, tables) as ing:
+        workers = sorted(ing.children("worker"))
+        assert workers
+        poison = [sign(message(f"poison{i}"), pem, "huge", "big", "big", "weak", "big", "big",
+                       "big", "big") for i in range(3)]
+        innocent = [sign(message(f"innocent{i}"), pem, "good") for i in range(6)]
+
+        async def send_all() -> list[tuple[int, str]]:
+            return await asyncio.gather(*(send_one(ing.port, body, sender="alice@keys.test")
+                                          for body in poison + innocent))
+
+        replies = asyncio.run(send_all())
+        assert [code for code, _ in replies] == [250] * len(replies), replies
+        after = [asyncio.run(send_one(ing.port, message(f"after{i}"), sender="alice@keys.test"))
+                 for i in range(3)]
+        assert [code for code, _ in after] == [250] * 3, after
+
+        spooled = {}
+        for entry in ing.spooled().values():
+            trace, body = split_trace(entry.message)
+            subject = body.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
+            spooled[subject] = trace["Authentication-Results"]
+        for i in range(3):
+            ar = spooled[f"poison{i}"]
+            assert ar.count(b"dkim=permerror") == MAX_SIGNATURES, ar
+            assert ar.count(b'reason="key too large: ') == 4, ar    # huge, big, big, big
+            assert b'reason="key too small: 512 bits' in ar, ar
+            assert ar.count(b"dkim=neutral") == 8 - MAX_SIGNATURES, ar
+        for i in range(6):
+            assert b"dkim=pass (aligned) header.d=keys.test" in spooled[f"innocent{i}"]
+        assert sorted(ing.children("worker")) == workers
+        assert not ing.events("worker_lost")
+        assert not [e for e in ing.events("child_exit") if "worker" in str(e)]

@@ -1,0 +1,81 @@
+"""DKIM key limits checked before any RSA operation (workers.dkim_check.key_record_problem).
+
+Issue 9 item 2: dkimpy accepts any key size and exponent; an 8192-bit modulus with an 8192-bit
+exponent costs ~1.1 s of GIL-holding pow() per signature. RFC 8301 section 3.1: verifiers must
+accept 1024..4096 bits and must not accept < 1024; we refuse > 4096 too, and exponents above
+64 bits (OpenSSL's own limit for public operations on large moduli).
+
+The key records are crafted numbers (tests/dkimkeys.py): the check is about the sizes in the
+TXT record, not about keys anyone can sign with.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+from functools import partial
+
+import pytest
+
+from tests.dkimkeys import modulus as _modulus
+from tests.dkimkeys import record, rsa_public_key, spki
+from workers.dkim_check import MAX_KEY_BITS, MIN_KEY_BITS, key_record_problem
+
+modulus = partial(_modulus, rng=random.Random(9))
+
+
+N2048 = modulus(2048)
+N8192 = modulus(8192)
+
+
+@pytest.mark.parametrize(("txt", "problem"), [
+    # key sizes (RFC 8301: 1024..4096 must verify; < 1024 must not)
+    (record(spki(modulus(512), 65537)), "key too small: 512 bits"),
+    (record(spki(modulus(1023), 65537)), "key too small: 1023 bits"),
+    (record(spki(modulus(1024), 65537)), None),
+    (record(spki(N2048, 65537)), None),
+    (record(spki(modulus(4096), 65537)), None),
+    (record(spki(modulus(4097), 65537)), "key too large: 4097 bits"),
+    (record(spki(N8192, 65537)), "key too large: 8192 bits"),
+    (record(spki(N8192, N8192 - 2)), "key too large: 8192 bits"),
+    (record(spki(modulus(16384), 65537)), "key too large"),
+    (record(rsa_public_key(N8192, 65537)), "key too large: 8192 bits"),   # bare RSAPublicKey
+    (record(rsa_public_key(modulus(512), 3)), "key too small: 512 bits"),
+    # a DER blob far bigger than any allowed key is refused without being parsed
+    (record(spki(modulus(400_000), 65537)), "key too large"),
+    # public exponent: odd, 3 <= e < 2**64, e < n
+    (record(spki(N2048, 3)), None),
+    (record(spki(N2048, 17)), None),
+    (record(spki(N2048, 2**64 - 1)), None),
+    (record(spki(N2048, 2**64 + 1)), "bad public exponent"),
+    (record(spki(N2048, N2048 - 2)), "bad public exponent"),
+    (record(spki(N2048, 1)), "bad public exponent"),
+    (record(spki(N2048, 65536)), "bad public exponent"),
+    (record(spki(N2048, 0)), "bad public exponent"),
+    # whitespace inside p= (a TXT record split over several strings, folded)
+    (record(spki(N8192, 65537)).replace(b"p=", b"p= ").replace(b"A", b"A "), "key too large"),
+    # not ours to judge: dkimpy reports these itself (revoked, garbage, other algorithms)
+    (b"v=DKIM1; k=rsa; p=", None),
+    (b"v=DKIM1; k=rsa; p=AAAA!!", None),
+    (b"v=DKIM1; k=ed25519; p=11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=", None),
+    (b"v=DKIM1; k=rsa", None),
+    (b"garbage without tags", None),
+])
+def test_key_record_problem(txt: bytes, problem: str | None) -> None:
+    got = key_record_problem(txt)
+    if problem is None:
+        assert got is None
+    else:
+        assert got is not None and got.startswith(problem), got
+
+
+def test_rsa_is_the_default_algorithm() -> None:
+    """No k= tag means rsa (RFC 6376 3.6.1): the limits apply."""
+    txt = b"v=DKIM1; p=" + base64.b64encode(spki(N8192, 65537))
+    assert (key_record_problem(txt) or "").startswith("key too large")
+
+
+def test_limits_follow_rfc_8301() -> None:
+    assert (MIN_KEY_BITS, MAX_KEY_BITS) == (1024, 4096)
+    assert key_record_problem(record(spki(N2048, 65537)), min_bits=4096) == \
+        "key too small: 2048 bits (minimum 4096)"
