@@ -20,10 +20,11 @@ API:
 
 Failure modes: OSError from the disk is returned per item (the worker NACKs it: the client gets
 451). A short write is continued until every byte is written; one that makes no progress is an
-ENOSPC error for that item, never a truncated file in new/. A crash between the link and
-the directory fsync can lose the link; that message was not yet acknowledged, so the client got
-no 250 for it. Files left in tmp/ by a crash are unacknowledged (or, after a crash between link
-and unlink, a second name of a file in new/) and are removed by `clean_tmp()` at worker start.
+ENOSPC error for that item, never a truncated file in new/. A failed fsync of new/ fails the
+whole batch and removes its files from new/. A crash between the link and the directory fsync
+can lose the link; that message was not yet acknowledged, so the client got no 250 for it.
+Files left in tmp/ by a crash are unacknowledged (or, after a crash between link and unlink, a
+second name of a file in new/) and are removed by `clean_tmp()` at worker start.
 Limit: the spool filesystem must support hard links (every local Linux filesystem does).
 """
 
@@ -131,7 +132,7 @@ class Spool:
 
     def write_batch(self, items: list[tuple[Envelope, bytes, bytes]]) -> list[str | Exception]:
         results: list[str | Exception] = []
-        renamed: list[int] = []
+        linked: list[int] = []
         for i, (env, trace, body) in enumerate(items):
             name = self.name_for(env)
             tmp = self.tmp / name
@@ -144,12 +145,12 @@ class Spool:
                     os.close(fd)
                 name = self._publish(tmp, name)
                 results.append(name)
-                renamed.append(i)
+                linked.append(i)
             except OSError as e:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
                 results.append(e)
-        if renamed:
+        if linked:
             try:
                 dfd = os.open(self.new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
@@ -157,7 +158,11 @@ class Spool:
                 finally:
                     os.close(dfd)
             except OSError as e:
-                # The renames may not be durable: none of them may be acknowledged.
-                for i in renamed:
+                # The links may not be durable: none of them may be acknowledged, and what is
+                # not acknowledged must not stay in new/ (the relay would deliver it, and the
+                # client's retry would deliver it again).
+                for i in linked:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.new / str(results[i]))
                     results[i] = e
         return results

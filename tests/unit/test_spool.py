@@ -164,3 +164,24 @@ def test_existing_file_in_new_is_never_replaced(tmp_path: Path) -> None:
                                                                               b"two\r\n"]
     assert all(str(n).split(".")[1] == "SAME" for n in names)   # the qid stays findable
     assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_failed_directory_fsync_leaves_nothing_in_new(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """If new/ cannot be fsync'd, no item of the batch is acknowledged, so none may stay in
+    new/ either: the relay would deliver it and the client's retry would deliver it again."""
+    import stat
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(spool.os, "fsync", fsync)
+    s = spool.Spool(tmp_path)
+    out = s.write_batch([(env("A"), b"", b"a\r\n"), (env("B"), b"", b"b\r\n")])
+    assert all(isinstance(r, OSError) and r.errno == 5 for r in out), out
+    assert not list((tmp_path / "new").iterdir())
+    assert not list((tmp_path / "tmp").iterdir())
