@@ -20,7 +20,8 @@ API
                 minkey=1024) -> DkimReport
         DkimReport.results: tuple[DkimSignatureResult(domain, selector, result, aligned,
         b_prefix, reason)], .from_domain, .aligned_pass, .any_pass.
-    header_from_domain(message) -> str | None     (exactly one From: with one address)
+    header_from_domain(message) -> str | None     (exactly one From: with one address, the
+                                                   field at most MAX_FROM_FIELD bytes)
     aligned(signing_domain, from_domain) -> bool  (relaxed, organisational-domain-lite)
     authentication_results(authserv_id, *, spf=None, spf_domain=None, spf_helo=None,
                            dkim_results=(), comment=None) -> bytes
@@ -259,12 +260,21 @@ def _unfold(value: bytes) -> str:
     return re.sub(r"\r?\n(?=[ \t])", "", value.decode("utf-8", "replace")).strip()
 
 
+# A From: field longer than this has no usable domain (one address is well under 1 KiB; a
+# From: with several addresses has none anyway): it is not parsed.
+MAX_FROM_FIELD = 8 * 1024
+
+
 def header_from_domain(message: bytes) -> str | None:
     """Domain of the single From: address, lower-cased; None if absent or ambiguous."""
     froms = [message[s:e] for s, e, name in _header_fields(message) if name == b"from"]
-    if len(froms) != 1:
+    if len(froms) != 1 or len(froms[0]) > MAX_FROM_FIELD:
         return None
-    addrs = email.utils.getaddresses([_unfold(_field_value(froms[0]))])
+    try:
+        addrs = email.utils.getaddresses([_unfold(_field_value(froms[0]))])
+    except (RecursionError, ValueError, IndexError):
+        # the stdlib parser recurses once per nested comment: hostile input, no domain
+        return None
     addrs = [a for _, a in addrs if a]
     if len(addrs) != 1 or "@" not in addrs[0]:
         return None

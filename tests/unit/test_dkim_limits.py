@@ -19,7 +19,7 @@ import pytest
 
 from tests.dkimkeys import modulus as _modulus
 from tests.dkimkeys import record, rsa_public_key, spki
-from workers.dkim_check import MAX_KEY_BITS, MIN_KEY_BITS, key_record_problem
+from workers.dkim_check import MAX_KEY_BITS, MIN_KEY_BITS, header_from_domain, key_record_problem
 
 modulus = partial(_modulus, rng=random.Random(9))
 
@@ -79,3 +79,28 @@ def test_limits_follow_rfc_8301() -> None:
     assert (MIN_KEY_BITS, MAX_KEY_BITS) == (1024, 4096)
     assert key_record_problem(record(spki(N2048, 65537)), min_bits=4096) == \
         "key too small: 2048 bits (minimum 4096)"
+
+
+# --------------------------------------------------------------------------- hostile From:
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("value", [
+    b"(" * 100_000,                        # the stdlib parser recursed once per level
+    b"(" * 5000 + b"a@x.test",
+    b'"a' * 50_000,
+    b"<" * 100_000,
+    b"\\" * 100_000,
+    b'("<\\' * 25_000,
+    b"a@b.test, " * 20_000,
+    b"x" * 1_000_000 + b"@x.test",
+])
+def test_hostile_from_is_no_domain_not_an_exception(value: bytes) -> None:
+    """No From: domain can be found in these; the answer is None (no alignment), never an
+    exception (it failed the whole message: 451 on every retry)."""
+    msg = b"From: " + value + b"\r\nSubject: s\r\n\r\nbody\r\n"
+    assert header_from_domain(msg) is None
+
+
+def test_ordinary_from_still_parses() -> None:
+    msg = b'From: "Doe (J)" <j@Example.TEST> (comment (nested))\r\n\r\nbody\r\n'
+    assert header_from_domain(msg) == "example.test"
