@@ -34,6 +34,7 @@ Result mapping (RFC 6376 / RFC 8601)
     no key record (NXDOMAIN, no TXT) / unparsable or revoked (p=) -> permerror;
     RSA key under 1024 or over 4096 bits (RFC 8301), public exponent not odd in 3..2^64, or a
     DER key over 4 KiB -> permerror, decided from the TXT record before any RSA operation;
+    distinct h= names x header fields over MAX_HEADER_WORK -> permerror, before the lookup;
     DNS timeout or SERVFAIL for the key, or the overall deadline exhausted -> temperror;
     signatures beyond max_signatures -> neutral ("not checked: too many signatures");
     no DKIM-Signature at all -> an empty results tuple (rendered as dkim=none).
@@ -50,7 +51,8 @@ Failure modes
 
 Limits
     CPU per message: at most MAX_SIGNATURES (5) signatures are evaluated, each with a key of at
-    most 4096 bits and a 64-bit exponent (a verify is then a few ms), within deadline_s overall
+    most 4096 bits and a 64-bit exponent (a verify is then a few ms) and a bounded header
+    selection (MAX_HEADER_WORK), within deadline_s overall
     (checked before every signature and bounding every DNS wait). What remains per signature
     is dkimpy's canonicalisation and hashing, linear in the message size (relaxed body
     canonicalisation of 10 MB is ~0.5 s of regex work in short GIL-holding steps).
@@ -114,6 +116,10 @@ MAX_EXPONENT_BITS = 64
 # up to 4 KiB (16384 bits) a refused key is still parsed, so the reason names its size.
 MAX_KEY_DER = 4096
 MAX_SIGNATURES = 5           # signatures evaluated per message; later ones are "neutral"
+# dkimpy finds each h= name by scanning the header fields backwards (dkim.select_headers):
+# distinct names x fields steps, ~50 ns each. Real signatures: ~20 names x ~100 fields. A
+# signature over this bound is a permerror, decided before the key is fetched.
+MAX_HEADER_WORK = 1_000_000
 
 
 @dataclass(slots=True)
@@ -395,6 +401,10 @@ def _verify_one(
 
     if time.monotonic() >= deadline:
         return out(DkimResult.TEMPERROR, "DKIM verification deadline exhausted")
+    work = len(set(include_headers)) * len(d.headers)
+    if work > MAX_HEADER_WORK:
+        return out(DkimResult.PERMERROR, f"signature too costly: {len(set(include_headers))} "
+                   f"distinct h= names over {len(d.headers)} header fields")
     trace.outcome, trace.txt, trace.error = "", None, ""
     try:
         ok = d.verify_sig(sig, include_headers, sigheaders[idx], dnsfunc)

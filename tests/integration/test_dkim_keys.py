@@ -142,3 +142,30 @@ def test_hostile_keys_do_not_stall_the_lane(tmp_path: Path, dns: DNSServer,
         assert sorted(ing.children("worker")) == workers
         assert not ing.events("worker_lost")
         assert not [e for e in ing.events("child_exit") if "worker" in str(e)]
+
+
+def test_signed_header_list_cannot_make_verification_quadratic(
+        dns: DNSServer, good_key: tuple[bytes, bytes]) -> None:
+    """dkimpy looks up every h= name by scanning the header fields backwards: distinct names x
+    header fields. 2,000 absent names over 20,000 fields cost ~2 s per signature before any
+    key limit applies. Such a signature is a permerror, judged before the key is fetched."""
+    import base64
+    import hashlib
+
+    body = b"Hello.\r\n"
+    names = ":".join(["from"] + [f"x-absent-{i}" for i in range(2000)])
+    sig = (f"DKIM-Signature: v=1; a=rsa-sha256; c=simple/simple; d=keys.test; s=good;\r\n"
+           f" h={names};\r\n bh={base64.b64encode(hashlib.sha256(body).digest()).decode()};\r\n"
+           f" b=AAAA\r\n").encode()
+    fields = b"".join(b"X-Filler-%d: v\r\n" % i for i in range(20_000))
+    msg = sig + b"From: alice@keys.test\r\n" + fields + b"\r\n" + body
+    resolver = dkim_check.make_resolver([dns.address], timeout=1.0)
+    before = len(dns.queries)
+    (r,) = verify_dkim(msg, resolver=resolver).results
+    assert r.result is DkimResult.PERMERROR, r
+    assert r.reason.startswith("signature too costly"), r
+    assert len(dns.queries) == before            # refused before the key lookup
+    # an ordinary signature over the same 20,000 fields is still verified
+    ok = sign(b"From: alice@keys.test\r\nSubject: s\r\n" + fields + b"\r\n" + body,
+              good_key[0], "good")
+    assert [x.result for x in verify_dkim(ok, resolver=resolver).results] == [DkimResult.PASS]
