@@ -42,7 +42,12 @@ Result mapping (RFC 6376 / RFC 8601)
 dkimpy traps handled here
     dkimpy's header parser (rfc822_parse) is quadratic in the continuation lines of a field:
     verification uses _rfc822_parse, the same rules in linear time (tests compare the two).
-    Its header selection is quadratic in h= names x fields: bounded by MAX_HEADER_WORK.
+    Its header selection is quadratic in h= names x fields: bounded by MAX_HEADER_WORK. Its
+    b= removal regex backtracks quadratically over whitespace: signature headers over 16 KiB
+    or with a blank run over 256 bytes are a permerror. Its relaxed body canonicalisation is
+    quadratic in a run of blanks not followed by CRLF: importing this module replaces
+    dkim.canonicalization.strip_trailing_whitespace with a linear regex that makes the same
+    replacements (tests compare the two).
     DKIM.verify() swallows DnsTimeoutError and KeyFormatError and just returns False, so a
     timeout and a missing key look like a bad signature. We therefore verify in two steps
     (verify_headerprep, then verify_sig) and classify a False from the key lookup trace.
@@ -80,6 +85,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import dkim
+import dkim.canonicalization
 import dkim.crypto
 import dkim.util
 import dns.exception
@@ -124,6 +130,13 @@ MAX_SIGNATURES = 5           # signatures evaluated per message; later ones are 
 # distinct names x fields steps, ~50 ns each. Real signatures: ~20 names x ~100 fields. A
 # signature over this bound is a permerror, decided before the key is fetched.
 MAX_HEADER_WORK = 1_000_000
+# dkimpy removes b= from the signature header with a regex (RE_BTAG) that backtracks
+# quadratically over folding whitespace. Real signature headers are a few KiB (a 4096-bit b=
+# is 684 characters) with folds of a few blanks; longer ones, or longer blank runs, are a
+# permerror before the key is fetched.
+MAX_SIGNATURE_FIELD = 16 * 1024
+MAX_SIGNATURE_WSP_RUN = 256
+_WSP_RUN = re.compile(rb"\s{%d}" % (MAX_SIGNATURE_WSP_RUN + 1))
 
 
 @dataclass(slots=True)
@@ -374,6 +387,20 @@ def _rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
     return headers, b"\r\n".join(lines[i:])
 
 
+# dkimpy's relaxed body canonicalisation strips blanks before CRLF with re.sub(b"[\t ]+\r\n"),
+# which retries from every blank of a run that is not followed by CRLF: quadratic in the run,
+# in one GIL-holding call (8 MiB of 996-blank lines: ~11 s, and the worker was killed). The
+# lookbehind makes only the first blank of a run a match start: the same matches, linear.
+_TRAILING_WSP = re.compile(rb"(?<![\t ])[\t ]+\r\n")
+
+
+def _strip_trailing_whitespace(content: bytes) -> bytes:
+    return _TRAILING_WSP.sub(b"\r\n", content)
+
+
+dkim.canonicalization.strip_trailing_whitespace = _strip_trailing_whitespace
+
+
 class _DKIM(dkim.DKIM):
     """dkim.DKIM with the linear header parser (see _rfc822_parse); nothing else differs."""
 
@@ -453,6 +480,13 @@ def _verify_one(
 
     if time.monotonic() >= deadline:
         return out(DkimResult.TEMPERROR, "DKIM verification deadline exhausted")
+    raw_sig = sigheaders[idx][1]
+    if len(raw_sig) > MAX_SIGNATURE_FIELD:
+        return out(DkimResult.PERMERROR, f"signature header too long: {len(raw_sig)} bytes "
+                   f"(limit {MAX_SIGNATURE_FIELD})")
+    if _WSP_RUN.search(raw_sig):
+        return out(DkimResult.PERMERROR, "signature header: whitespace run over "
+                   f"{MAX_SIGNATURE_WSP_RUN} bytes")
     work = len(set(include_headers)) * len(d.headers)
     if work > MAX_HEADER_WORK:
         return out(DkimResult.PERMERROR, f"signature too costly: {len(set(include_headers))} "

@@ -152,3 +152,32 @@ def test_a_field_folded_a_million_times_is_parsed_linearly() -> None:
     headers, body = dkim_check._rfc822_parse(msg)
     assert len(headers) == 3 and headers[2][1].count(b"\r\n") == 1_000_001
     assert body == b"body\r\n"
+
+
+# --------------------------------------------------------------------------- canonicalisation
+
+def _dkimpy_strip_trailing_whitespace(content: bytes) -> bytes:
+    """dkimpy 1.1.8's own (dkim/canonicalization.py), the reference for the replacement."""
+    import re
+
+    return re.sub(b"[\t ]+\r\n", b"\r\n", content)
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"\r\n", b"a \r\n", b"a\t \t\r\n", b" \r\n \r\n", b"a  b  \r\nc\r\n", b"a \r\r\n",
+    b"a \n", b"  x", b"a   ", b"\t\r\n\t", b"x \r\n\r\n \r\n",
+])
+def test_trailing_whitespace_matches_dkimpy(body: bytes) -> None:
+    import dkim.canonicalization
+
+    assert dkim.canonicalization.strip_trailing_whitespace is \
+        dkim_check._strip_trailing_whitespace      # installed by importing dkim_check
+    assert dkim_check._strip_trailing_whitespace(body) == _dkimpy_strip_trailing_whitespace(body)
+
+
+def test_trailing_whitespace_matches_dkimpy_on_random_input() -> None:
+    rng = random.Random(11)
+    for _ in range(2000):
+        body = bytes(rng.choice(b" \t\r\nab") for _ in range(rng.randrange(40)))
+        assert dkim_check._strip_trailing_whitespace(body) == \
+            _dkimpy_strip_trailing_whitespace(body), body
