@@ -43,11 +43,11 @@ dkimpy traps handled here
     dkimpy's header parser (rfc822_parse) is quadratic in the continuation lines of a field:
     verification uses _rfc822_parse, the same rules in linear time (tests compare the two).
     Its header selection is quadratic in h= names x fields: bounded by MAX_HEADER_WORK. Its
-    b= removal regex backtracks quadratically over whitespace: signature headers over 16 KiB
-    or with a blank run over 256 bytes are a permerror. Its relaxed body canonicalisation is
-    quadratic in a run of blanks not followed by CRLF: importing this module replaces
-    dkim.canonicalization.strip_trailing_whitespace with a linear regex that makes the same
-    replacements (tests compare the two).
+    b= removal and h= split regexes backtrack quadratically over whitespace: signature headers
+    over 16 KiB or with a blank run over 256 bytes are a permerror, before dkimpy parses them.
+    Its relaxed body canonicalisation is quadratic in a run of blanks not followed by CRLF:
+    importing this module replaces dkim.canonicalization.strip_trailing_whitespace with a
+    linear regex that makes the same replacements (tests compare the two).
     DKIM.verify() swallows DnsTimeoutError and KeyFormatError and just returns False, so a
     timeout and a missing key look like a bad signature. We therefore verify in two steps
     (verify_headerprep, then verify_sig) and classify a False from the key lookup trace.
@@ -130,10 +130,10 @@ MAX_SIGNATURES = 5           # signatures evaluated per message; later ones are 
 # distinct names x fields steps, ~50 ns each. Real signatures: ~20 names x ~100 fields. A
 # signature over this bound is a permerror, decided before the key is fetched.
 MAX_HEADER_WORK = 1_000_000
-# dkimpy removes b= from the signature header with a regex (RE_BTAG) that backtracks
-# quadratically over folding whitespace. Real signature headers are a few KiB (a 4096-bit b=
-# is 684 characters) with folds of a few blanks; longer ones, or longer blank runs, are a
-# permerror before the key is fetched.
+# dkimpy removes b= from the signature header with a regex (RE_BTAG), and splits h= with
+# another (\s*:\s*), that backtrack quadratically over whitespace. Real signature headers
+# are a few KiB (a 4096-bit b= is 684 characters) with folds of a few blanks; longer ones, or
+# longer blank runs, are a permerror before dkimpy parses them.
 MAX_SIGNATURE_FIELD = 16 * 1024
 MAX_SIGNATURE_WSP_RUN = 256
 _WSP_RUN = re.compile(rb"\s{%d}" % (MAX_SIGNATURE_WSP_RUN + 1))
@@ -433,7 +433,8 @@ def verify_dkim(
     from_domain = header_from_domain(message)
     try:
         d = _DKIM(message, minkey=minkey, timeout=timeout)
-        nsig = sum(1 for name, _ in d.headers if name.lower() == b"dkim-signature")
+        raw_sigs = [v for name, v in d.headers if name.lower() == b"dkim-signature"]
+        nsig = len(raw_sigs)
     except Exception as e:  # MessageFormatError and friends
         if _count_signatures(message):
             bad = DkimSignatureResult("", "", DkimResult.PERMERROR, False, "", f"{e}")
@@ -451,18 +452,32 @@ def verify_dkim(
                 )
             )
             continue
-        results.append(_verify_one(d, idx, dnsfunc, trace, from_domain, deadline))
+        results.append(_verify_one(d, idx, raw_sigs[idx], dnsfunc, trace, from_domain,
+                                   deadline))
     return DkimReport(tuple(results), from_domain)
+
+
+def _signature_field_problem(raw: bytes) -> str | None:
+    """Why a DKIM-Signature field value is refused unparsed (size, blank runs), or None."""
+    if len(raw) > MAX_SIGNATURE_FIELD:
+        return f"signature header too long: {len(raw)} bytes (limit {MAX_SIGNATURE_FIELD})"
+    if _WSP_RUN.search(raw):
+        return f"signature header: whitespace run over {MAX_SIGNATURE_WSP_RUN} bytes"
+    return None
 
 
 def _verify_one(
     d: dkim.DKIM,
     idx: int,
+    raw_sig: bytes,
     dnsfunc: DnsFunc,
     trace: _Trace,
     from_domain: str | None,
     deadline: float,
 ) -> DkimSignatureResult:
+    problem = _signature_field_problem(raw_sig)
+    if problem is not None:   # judged before dkimpy parses it (its regexes backtrack)
+        return DkimSignatureResult("", "", DkimResult.PERMERROR, False, "", problem)
     try:
         prep = d.verify_headerprep(idx)
     except Exception as e:  # MessageFormatError / ValidationError: malformed signature
@@ -480,13 +495,6 @@ def _verify_one(
 
     if time.monotonic() >= deadline:
         return out(DkimResult.TEMPERROR, "DKIM verification deadline exhausted")
-    raw_sig = sigheaders[idx][1]
-    if len(raw_sig) > MAX_SIGNATURE_FIELD:
-        return out(DkimResult.PERMERROR, f"signature header too long: {len(raw_sig)} bytes "
-                   f"(limit {MAX_SIGNATURE_FIELD})")
-    if _WSP_RUN.search(raw_sig):
-        return out(DkimResult.PERMERROR, "signature header: whitespace run over "
-                   f"{MAX_SIGNATURE_WSP_RUN} bytes")
     work = len(set(include_headers)) * len(d.headers)
     if work > MAX_HEADER_WORK:
         return out(DkimResult.PERMERROR, f"signature too costly: {len(set(include_headers))} "
