@@ -94,9 +94,11 @@ _seq = count()
 
 
 def new_qid(now: float | None = None) -> str:
-    """A queue id unique across processes and restarts: time, pid, per-process counter."""
+    """A queue id unique across processes and restarts: time (ms), the whole pid (pid_t is 32
+    bits; Linux pid_max reaches 2**22, so keeping fewer bits lets two live processes collide),
+    per-process counter. 23 upper-case hex digits, sortable by time."""
     t = int((time.time() if now is None else now) * 1000)
-    return f"{t:011X}{os.getpid() & 0xFFFFF:05X}{next(_seq) & 0xFFFF:04X}"
+    return f"{t:011X}{os.getpid() & 0xFFFFFFFF:08X}{next(_seq) & 0xFFFF:04X}"
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,18 @@ Purpose
 API
     make_resolver(nameservers, timeout, cache_size=10000) -> dns.resolver.Resolver
         ingress.resolver's, the same factory the acceptors use for SPF.
-    make_dnsfunc(resolver, timeout, trace=None) -> dnsfunc(name: bytes, timeout=5) -> bytes|None
-        dkimpy-compatible TXT lookup through our resolver; records outcomes in `trace`.
-    verify_dkim(message, *, resolver, timeout=2.0, deadline_s=5.0, max_signatures=20,
+    make_dnsfunc(resolver, timeout, trace=None, deadline=None, min_bits=1024)
+        -> dnsfunc(name: bytes, timeout=5) -> bytes|None
+        dkimpy-compatible TXT lookup through our resolver; records outcomes in `trace`; a key
+        record that key_record_problem() refuses is never handed to dkimpy.
+    key_record_problem(txt, *, min_bits=1024, max_bits=4096) -> str | None
+        why an RSA key record must not be used (size, exponent), judged before any RSA.
+    verify_dkim(message, *, resolver, timeout=2.0, deadline_s=5.0, max_signatures=5,
                 minkey=1024) -> DkimReport
         DkimReport.results: tuple[DkimSignatureResult(domain, selector, result, aligned,
         b_prefix, reason)], .from_domain, .aligned_pass, .any_pass.
-    header_from_domain(message) -> str | None     (exactly one From: with one address)
+    header_from_domain(message) -> str | None     (exactly one From: with one address, the
+                                                   field at most MAX_FROM_FIELD bytes)
     aligned(signing_domain, from_domain) -> bool  (relaxed, organisational-domain-lite)
     authentication_results(authserv_id, *, spf=None, spf_domain=None, spf_helo=None,
                            dkim_results=(), comment=None) -> bytes
@@ -26,12 +31,23 @@ API
 Result mapping (RFC 6376 / RFC 8601)
     signature verifies -> pass; body hash or signature mismatch -> fail;
     malformed signature header / missing tags / bad c= -> permerror;
-    no key record (NXDOMAIN, no TXT) / unparsable or revoked (p=) / too small key -> permerror;
+    no key record (NXDOMAIN, no TXT) / unparsable or revoked (p=) -> permerror;
+    RSA key under 1024 or over 4096 bits (RFC 8301), public exponent not odd in 3..2^64, or a
+    DER key over 4 KiB -> permerror, decided from the TXT record before any RSA operation;
+    distinct h= names x header fields over MAX_HEADER_WORK -> permerror, before the lookup;
     DNS timeout or SERVFAIL for the key, or the overall deadline exhausted -> temperror;
     signatures beyond max_signatures -> neutral ("not checked: too many signatures");
     no DKIM-Signature at all -> an empty results tuple (rendered as dkim=none).
 
 dkimpy traps handled here
+    dkimpy's header parser (rfc822_parse) is quadratic in the continuation lines of a field:
+    verification uses _rfc822_parse, the same rules in linear time (tests compare the two).
+    Its header selection is quadratic in h= names x fields: bounded by MAX_HEADER_WORK. Its
+    b= removal and h= split regexes backtrack quadratically over whitespace: signature headers
+    over 16 KiB or with a blank run over 256 bytes are a permerror, before dkimpy parses them.
+    Its relaxed body canonicalisation is quadratic in a run of blanks not followed by CRLF:
+    importing this module replaces dkim.canonicalization.strip_trailing_whitespace with a
+    linear regex that makes the same replacements (tests compare the two).
     DKIM.verify() swallows DnsTimeoutError and KeyFormatError and just returns False, so a
     timeout and a missing key look like a bad signature. We therefore verify in two steps
     (verify_headerprep, then verify_sig) and classify a False from the key lookup trace.
@@ -42,22 +58,36 @@ Failure modes
     that contains a DKIM-Signature yields one permerror result.
 
 Limits
+    CPU per message: at most MAX_SIGNATURES (5) signatures are evaluated, each with a key of at
+    most 4096 bits and a 64-bit exponent (a verify is then a few ms) and a bounded header
+    selection (MAX_HEADER_WORK), within deadline_s overall
+    (checked before every signature and bounding every DNS wait). What remains per signature
+    is dkimpy's canonicalisation and hashing, linear in the message size (relaxed body
+    canonicalisation of 10 MB is ~0.5 s of regex work in short GIL-holding steps).
     Alignment without the Public Suffix List: domains align when equal or when one is a
     subdomain of the other and the shorter has at least two labels. This over-aligns across
     registry-style suffixes (co.uk, github.io) only for signers that control a key under the
     suffix itself. strip_forged_ar looks only at the header section (up to the first empty
-    line or the first line that is not a header field).
+    line or the first line that is not a header field); it parses each A-R authserv-id in one
+    linear pass (CFWS with nested comments and quoted-pairs) and removes, unparsed, any A-R
+    field longer than MAX_AR_FIELD (16 KiB).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.utils
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import dkim
+import dkim.canonicalization
+import dkim.crypto
+import dkim.util
 import dns.exception
 import dns.resolver
 
@@ -71,6 +101,7 @@ __all__ = [
     "aligned",
     "authentication_results",
     "header_from_domain",
+    "key_record_problem",
     "make_dnsfunc",
     "make_resolver",
     "strip_forged_ar",
@@ -79,6 +110,33 @@ __all__ = [
 
 
 DkimResult = AuthResult      # the one result vocabulary (ingress.wire.AuthResult)
+
+# CPU bounds, checked before dkimpy does any RSA operation (its pow() holds the GIL: an
+# 8192-bit modulus with an 8192-bit exponent took ~1.1 s per signature, and the worker's
+# heartbeats stopped). RFC 8301 3.1: verifiers must validate 1024..4096-bit keys and must not
+# accept smaller ones; larger ones are allowed to be refused, and are. The exponent: RFC 8017
+# requires 3 <= e < n, odd; real DKIM keys use 65537 (a few old ones 3); OpenSSL refuses
+# exponents over 64 bits for moduli over 3072 bits (OPENSSL_RSA_MAX_PUBEXP_BITS), so nothing
+# real is lost by the same rule here, and a verify costs at most ~2x the 65537 case.
+MIN_KEY_BITS = 1024
+MAX_KEY_BITS = 4096
+MAX_EXPONENT_BITS = 64
+# A DER key longer than this is refused without parsing (dkimpy's ASN.1 integer decoding is
+# quadratic in the length; a TCP TXT answer can carry ~64 KiB). A 4096-bit SPKI is ~550 bytes;
+# up to 4 KiB (16384 bits) a refused key is still parsed, so the reason names its size.
+MAX_KEY_DER = 4096
+MAX_SIGNATURES = 5           # signatures evaluated per message; later ones are "neutral"
+# dkimpy finds each h= name by scanning the header fields backwards (dkim.select_headers):
+# distinct names x fields steps, ~50 ns each. Real signatures: ~20 names x ~100 fields. A
+# signature over this bound is a permerror, decided before the key is fetched.
+MAX_HEADER_WORK = 1_000_000
+# dkimpy removes b= from the signature header with a regex (RE_BTAG), and splits h= with
+# another (\s*:\s*), that backtrack quadratically over whitespace. Real signature headers
+# are a few KiB (a 4096-bit b= is 684 characters) with folds of a few blanks; longer ones, or
+# longer blank runs, are a permerror before dkimpy parses them.
+MAX_SIGNATURE_FIELD = 16 * 1024
+MAX_SIGNATURE_WSP_RUN = 256
+_WSP_RUN = re.compile(rb"\s{%d}" % (MAX_SIGNATURE_WSP_RUN + 1))
 
 
 @dataclass(slots=True)
@@ -94,14 +152,50 @@ class _Trace:
 DnsFunc = Callable[..., bytes | None]
 
 
+def key_record_problem(txt: bytes, *, min_bits: int = MIN_KEY_BITS,
+                       max_bits: int = MAX_KEY_BITS) -> str | None:
+    """Why the RSA key in DKIM key record `txt` must not be used, or None.
+
+    Only sizes are judged here (modulus bits, exponent range, DER length), before any RSA
+    operation; a record that is not an RSA key we can parse (revoked p=, garbage, ed25519,
+    unknown k=) is left to dkimpy, which reports it itself. Linear in len(txt)."""
+    try:
+        tags = dkim.util.parse_tag_value(txt)
+    except Exception:  # InvalidTagValueList and friends: dkimpy says "bad key record"
+        return None
+    if tags.get(b"k", b"rsa").strip() != b"rsa" or not tags.get(b"p"):
+        return None
+    try:
+        der = base64.b64decode(re.sub(rb"\s+", b"", tags[b"p"]))
+    except (binascii.Error, ValueError):
+        return None
+    if len(der) > MAX_KEY_DER:
+        return f"key too large: {len(der)} bytes (limit {max_bits} bits)"
+    try:
+        pk = dkim.crypto.parse_public_key(der)
+        n, e = int(pk["modulus"]), int(pk["publicExponent"])
+    except Exception:  # UnparsableKeyError, or a template mismatch
+        return None
+    bits = n.bit_length()
+    if bits < min_bits:
+        return f"key too small: {bits} bits (minimum {min_bits})"
+    if bits > max_bits:
+        return f"key too large: {bits} bits (limit {max_bits})"
+    if not (3 <= e < n and e % 2 == 1 and e.bit_length() <= MAX_EXPONENT_BITS):
+        return f"bad public exponent ({e.bit_length()} bits; odd, 3..2^{MAX_EXPONENT_BITS})"
+    return None
+
+
 def make_dnsfunc(
     resolver: dns.resolver.Resolver,
     timeout: float,
     trace: _Trace | None = None,
     deadline: float | None = None,
+    min_bits: int = MIN_KEY_BITS,
 ) -> DnsFunc:
     """A dkimpy dnsfunc backed by `resolver`; each lookup bounded by `timeout` seconds and, if
-    given, by the absolute time.monotonic() `deadline`."""
+    given, by the absolute time.monotonic() `deadline`. A key record that key_record_problem()
+    refuses is not handed to dkimpy (it sees no key, does no RSA): trace.outcome "badkey"."""
 
     def dnsfunc(name: bytes | str, timeout: float = timeout) -> bytes | None:
         t = trace if trace is not None else _Trace()
@@ -135,6 +229,10 @@ def make_dnsfunc(
             return None
         # Several TXT records at a key name: prefer one that looks like a key record.
         chosen = next((r for r in records if b"p=" in r), records[0])
+        problem = key_record_problem(chosen, min_bits=min_bits)
+        if problem is not None:
+            t.outcome, t.error = "badkey", problem
+            return None
         t.outcome, t.txt = "found", chosen
         return chosen
 
@@ -185,12 +283,21 @@ def _unfold(value: bytes) -> str:
     return re.sub(r"\r?\n(?=[ \t])", "", value.decode("utf-8", "replace")).strip()
 
 
+# A From: field longer than this has no usable domain (one address is well under 1 KiB; a
+# From: with several addresses has none anyway): it is not parsed.
+MAX_FROM_FIELD = 8 * 1024
+
+
 def header_from_domain(message: bytes) -> str | None:
     """Domain of the single From: address, lower-cased; None if absent or ambiguous."""
     froms = [message[s:e] for s, e, name in _header_fields(message) if name == b"from"]
-    if len(froms) != 1:
+    if len(froms) != 1 or len(froms[0]) > MAX_FROM_FIELD:
         return None
-    addrs = email.utils.getaddresses([_unfold(_field_value(froms[0]))])
+    try:
+        addrs = email.utils.getaddresses([_unfold(_field_value(froms[0]))])
+    except (RecursionError, ValueError, IndexError):
+        # the stdlib parser recurses once per nested comment: hostile input, no domain
+        return None
     addrs = [a for _, a in addrs if a]
     if len(addrs) != 1 or "@" not in addrs[0]:
         return None
@@ -241,6 +348,68 @@ class DkimReport:
         return any(r.result is DkimResult.PASS for r in self.results)
 
 
+_LINE_END = re.compile(rb"\r?\n")
+_DKIMPY_FIELD = re.compile(rb"([\x21-\x7e]+?):")
+
+
+def _rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
+    """dkim.rfc822_parse's result, in linear time.
+
+    dkimpy appends every continuation line to its field's bytes (quadratic in the lines of one
+    field: a header folded 100,000 times cost 1 s). Same rules, same output: lines split at
+    CRLF or LF, an empty line ends the header section, a line starting with SP or HT continues
+    the field, an mbox "From " line is skipped, anything else raises MessageFormatError."""
+    headers: list[list[Any]] = []
+    lines = _LINE_END.split(message)
+    parts: list[bytes] | None = None
+    i, n = 0, len(lines)
+    while i < n:
+        line = lines[i]
+        if not line:
+            i += 1
+            break
+        if line[0] in (0x09, 0x20):
+            if parts is None:
+                raise dkim.MessageFormatError("continuation line before any header field")
+            parts.append(line)
+            parts.append(b"\r\n")
+        else:
+            m = _DKIMPY_FIELD.match(line)
+            if m is not None:
+                parts = [line[m.end(0):], b"\r\n"]
+                headers.append([m.group(1), parts])
+            elif not line.startswith(b"From "):
+                raise dkim.MessageFormatError(
+                    f"Unexpected characters in RFC822 header: {line[:80]!r}")
+        i += 1
+    for h in headers:
+        h[1] = b"".join(h[1])
+    return headers, b"\r\n".join(lines[i:])
+
+
+# dkimpy's relaxed body canonicalisation strips blanks before CRLF with re.sub(b"[\t ]+\r\n"),
+# which retries from every blank of a run that is not followed by CRLF: quadratic in the run,
+# in one GIL-holding call (8 MiB of 996-blank lines: ~11 s, and the worker was killed). The
+# lookbehind makes only the first blank of a run a match start: the same matches, linear.
+_TRAILING_WSP = re.compile(rb"(?<![\t ])[\t ]+\r\n")
+
+
+def _strip_trailing_whitespace(content: bytes) -> bytes:
+    return _TRAILING_WSP.sub(b"\r\n", content)
+
+
+dkim.canonicalization.strip_trailing_whitespace = _strip_trailing_whitespace
+
+
+class _DKIM(dkim.DKIM):
+    """dkim.DKIM with the linear header parser (see _rfc822_parse); nothing else differs."""
+
+    def set_message(self, message: bytes) -> None:
+        super().set_message(b"")          # resets the per-message state, parses nothing
+        if message:
+            self.headers, self.body = _rfc822_parse(message)
+
+
 def _tag(sig: dict, key: bytes) -> str:
     v = sig.get(key, b"")
     return re.sub(r"\s+", "", v.decode("ascii", "replace")) if isinstance(v, bytes) else ""
@@ -256,15 +425,16 @@ def verify_dkim(
     resolver: dns.resolver.Resolver,
     timeout: float = 2.0,
     deadline_s: float = 5.0,
-    max_signatures: int = 20,
-    minkey: int = 1024,
+    max_signatures: int = MAX_SIGNATURES,
+    minkey: int = MIN_KEY_BITS,
 ) -> DkimReport:
     """Verify every DKIM-Signature (up to max_signatures) within deadline_s seconds overall."""
     deadline = time.monotonic() + deadline_s
     from_domain = header_from_domain(message)
     try:
-        d = dkim.DKIM(message, minkey=minkey, timeout=timeout)
-        nsig = sum(1 for name, _ in d.headers if name.lower() == b"dkim-signature")
+        d = _DKIM(message, minkey=minkey, timeout=timeout)
+        raw_sigs = [v for name, v in d.headers if name.lower() == b"dkim-signature"]
+        nsig = len(raw_sigs)
     except Exception as e:  # MessageFormatError and friends
         if _count_signatures(message):
             bad = DkimSignatureResult("", "", DkimResult.PERMERROR, False, "", f"{e}")
@@ -272,7 +442,7 @@ def verify_dkim(
         return DkimReport((), from_domain)
 
     trace = _Trace()
-    dnsfunc = make_dnsfunc(resolver, timeout, trace, deadline)
+    dnsfunc = make_dnsfunc(resolver, timeout, trace, deadline, min_bits=minkey)
     results: list[DkimSignatureResult] = []
     for idx in range(nsig):
         if idx >= max_signatures:
@@ -282,18 +452,32 @@ def verify_dkim(
                 )
             )
             continue
-        results.append(_verify_one(d, idx, dnsfunc, trace, from_domain, deadline))
+        results.append(_verify_one(d, idx, raw_sigs[idx], dnsfunc, trace, from_domain,
+                                   deadline))
     return DkimReport(tuple(results), from_domain)
+
+
+def _signature_field_problem(raw: bytes) -> str | None:
+    """Why a DKIM-Signature field value is refused unparsed (size, blank runs), or None."""
+    if len(raw) > MAX_SIGNATURE_FIELD:
+        return f"signature header too long: {len(raw)} bytes (limit {MAX_SIGNATURE_FIELD})"
+    if _WSP_RUN.search(raw):
+        return f"signature header: whitespace run over {MAX_SIGNATURE_WSP_RUN} bytes"
+    return None
 
 
 def _verify_one(
     d: dkim.DKIM,
     idx: int,
+    raw_sig: bytes,
     dnsfunc: DnsFunc,
     trace: _Trace,
     from_domain: str | None,
     deadline: float,
 ) -> DkimSignatureResult:
+    problem = _signature_field_problem(raw_sig)
+    if problem is not None:   # judged before dkimpy parses it (its regexes backtrack)
+        return DkimSignatureResult("", "", DkimResult.PERMERROR, False, "", problem)
     try:
         prep = d.verify_headerprep(idx)
     except Exception as e:  # MessageFormatError / ValidationError: malformed signature
@@ -311,6 +495,10 @@ def _verify_one(
 
     if time.monotonic() >= deadline:
         return out(DkimResult.TEMPERROR, "DKIM verification deadline exhausted")
+    work = len(set(include_headers)) * len(d.headers)
+    if work > MAX_HEADER_WORK:
+        return out(DkimResult.PERMERROR, f"signature too costly: {len(set(include_headers))} "
+                   f"distinct h= names over {len(d.headers)} header fields")
     trace.outcome, trace.txt, trace.error = "", None, ""
     try:
         ok = d.verify_sig(sig, include_headers, sigheaders[idx], dnsfunc)
@@ -331,6 +519,8 @@ def _verify_one(
         return out(DkimResult.TEMPERROR, trace.error or "key lookup failed")
     if trace.outcome == "nokey":
         return out(DkimResult.PERMERROR, "no key for signature")
+    if trace.outcome == "badkey":
+        return out(DkimResult.PERMERROR, trace.error)
     if trace.outcome == "found" and trace.txt is not None:
         try:
             dkim.evaluate_pk(trace.name.encode(), trace.txt)
@@ -407,22 +597,58 @@ def authentication_results(
 
 # --------------------------------------------------------------------------- forged A-R
 
-_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
+# An A-R field longer than this is removed without being parsed. Real ones are well under
+# 4 KiB (ours with 20 signatures is about 3 KiB); RFC 8601 section 5 allows a border MTA to
+# remove any A-R, and one this long could only be hiding an id behind a huge comment.
+MAX_AR_FIELD = 16 * 1024
+
+_WSP = re.compile(r"[ \t\r\n]*")
+_COMMENT_PART = re.compile(r"\\.|[()]", re.S)       # a quoted-pair, or a parenthesis
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"', re.S)
+_QUOTED_PAIR = re.compile(r"\\(.)", re.S)
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_ID_END = re.compile(r"[\s;]")
+# RFC 2045 token: no SPACE, CTLs or tspecials (non-ASCII is let through, RFC 6532).
+_TOKEN = re.compile(r'[^\x00-\x20\x7f()<>@,;:\\"/\[\]?=]+')
+
+
+def _skip_cfws(text: str, i: int) -> int:
+    """Index after the CFWS at text[i] (RFC 5322 3.2.2: nested comments, quoted-pairs).
+
+    One left-to-right pass; an unterminated comment runs to the end of the text."""
+    n = len(text)
+    while i < n:
+        i = _WSP.match(text, i).end()  # type: ignore[union-attr]
+        if i >= n or text[i] != "(":
+            return i
+        depth = 0
+        for m in _COMMENT_PART.finditer(text, i):
+            c = m.group()
+            if c == "(":
+                depth += 1
+            elif c == ")":
+                depth -= 1
+                if depth == 0:
+                    i = m.end()
+                    break
+        else:
+            return n
+    return i
 
 
 def _authserv_id(value: bytes) -> str:
-    """The authserv-id of an A-R field value: first token/quoted-string, comments ignored."""
-    text = _unfold(value)
-    prev = None
-    while prev != text:  # nested comments: strip innermost first
-        prev, text = text, _COMMENT.sub(" ", text)
-    text = text.strip()
-    if text.startswith('"'):
-        m = re.match(r'"((?:[^"\\]|\\.)*)"', text)
-        if m:
-            return re.sub(r"\\(.)", r"\1", m.group(1)).strip().lower()
-    token = re.split(r"[\s;]", text, maxsplit=1)[0]
-    return token.strip().lower()
+    """The authserv-id of an A-R field value (RFC 8601: [CFWS] value, value being an RFC 2045
+    token or quoted-string), lower-cased; "" when there is none. Linear in len(value)."""
+    text = value.decode("utf-8", "replace")
+    i = _skip_cfws(text, 0)
+    m = _QUOTED.match(text, i)
+    if m:
+        return _QUOTED_PAIR.sub(r"\1", _FOLD.sub("", m.group(1))).strip().lower()
+    if text.startswith('"', i):       # unterminated quoted-string: not a valid id
+        end = _ID_END.search(text, i)
+        return text[i:end.start() if end else len(text)].lower()
+    m = _TOKEN.match(text, i)
+    return m.group().lower() if m else ""
 
 
 def strip_forged_ar(message: bytes, authserv_id: str) -> bytes:
@@ -436,7 +662,8 @@ def strip_forged_ar(message: bytes, authserv_id: str) -> bytes:
     drop = [
         (s, e)
         for s, e, name in _header_fields(message)
-        if name == b"authentication-results" and _authserv_id(_field_value(message[s:e])) == ours
+        if name == b"authentication-results"
+        and (e - s > MAX_AR_FIELD or _authserv_id(_field_value(message[s:e])) == ours)
     ]
     if not drop:
         return message

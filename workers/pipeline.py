@@ -11,8 +11,10 @@ The trace prepended to the client's message, top first:
 Inbound Authentication-Results headers that claim our authserv-id are removed from the client's
 message (RFC 8601 section 5): nobody else may speak for us. Nothing else in it changes.
 
-DKIM: every signature is verified (dkimpy) with one cached resolver and a deadline of
+DKIM: the first dkim_check.MAX_SIGNATURES (5) signatures are verified (dkimpy, with the key and
+header limits of workers.dkim_check) with one cached resolver and a deadline of
 min(classify.dkim_deadline, budget_s); a message without a DKIM-Signature header costs nothing.
+process() runs in a worker pool thread, never on the worker's heartbeat loop.
 `learn` is true when SPF passed (acceptor's verdict) and a DKIM signature aligned with the From:
 domain passed: the client is then remembered in every acceptor's learned allow cache.
 

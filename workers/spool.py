@@ -11,20 +11,27 @@ A spool file is one RFC 5322 message whose first line carries the envelope:
 
 API:
     Spool(root).write_batch([(envelope, trace, body), ...]) -> list[str | Exception]
-        Group commit: every file is written to tmp/ and fsync'd, renamed into new/, then new/ is
-        fsync'd once for the whole batch. Only after that does any item count as written; an
-        item that failed gets its exception (its tmp file is removed), the others their names.
+        Group commit: every file is written to tmp/ and fsync'd, moved into new/ with a
+        no-replace link (a name already taken there gets a ".N" suffix: nothing in new/ is ever
+        overwritten), then new/ is fsync'd once for the whole batch. Only after that does any
+        item count as written; an item that failed gets its exception (its tmp file is
+        removed), the others their names (the qid stays the second dot-separated field).
     read(path) -> SpoolEntry(envelope dict, message bytes)
 
 Failure modes: OSError from the disk is returned per item (the worker NACKs it: the client gets
-451). A crash between rename and directory fsync can lose the rename; that message was not yet
-acknowledged, so the client got no 250 for it. Files left in tmp/ by a crash are unacknowledged
-and are removed by `clean_tmp()` at worker start.
+451). A short write is continued until every byte is written; one that makes no progress is an
+ENOSPC error for that item, never a truncated file in new/. A failed fsync of new/ fails the
+whole batch and removes its files from new/. A crash between the link and the directory fsync
+can lose the link; that message was not yet acknowledged, so the client got no 250 for it.
+Files left in tmp/ by a crash are unacknowledged (or, after a crash between link and unlink, a
+second name of a file in new/) and are removed by `clean_tmp()` at worker start.
+Limit: the spool filesystem must support hard links (every local Linux filesystem does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 from dataclasses import dataclass
@@ -37,6 +44,7 @@ from ingress.wire import Envelope
 
 ENVELOPE_HEADER = b"X-Ingress-Envelope: "
 SPOOL_FORMAT = 1
+MAX_NAME_TRIES = 100        # names tried in new/ before a write fails (a collision is rare)
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,24 @@ def read(path: Path | str) -> SpoolEntry:
         return parse(f.read())
 
 
+def _write_all(fd: int, data: list[bytes]) -> None:
+    """Write every byte of `data` to `fd` or raise OSError.
+
+    writev may write less than asked (a filling disk, a signal): the rest is written in a loop,
+    each call's count checked. A call that writes nothing is an error (ENOSPC), never success.
+    """
+    total = sum(map(len, data))
+    written = os.writev(fd, data)
+    if written == total:
+        return
+    rest = memoryview(b"".join(data))[written:]
+    while rest:
+        n = os.write(fd, rest)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "short write: no progress", None)
+        rest = rest[n:]
+
+
 class Spool:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -77,6 +103,22 @@ class Spool:
 
     def name_for(self, env: Envelope) -> str:
         return f"{int(env.received_at)}.{env.qid}.{self._host}"
+
+    def _publish(self, tmp: Path, name: str) -> str:
+        """Move tmp/<name> into new/ without ever replacing a file there (link, then unlink
+        tmp); a name that is taken gets a numbered suffix. Returns the name used in new/."""
+        for k in range(MAX_NAME_TRIES):
+            target = name if k == 0 else f"{name}.{k}"
+            try:
+                os.link(tmp, self.new / target)
+            except FileExistsError:
+                continue
+            # A crash before this unlink leaves a second link in tmp/: clean_tmp removes it,
+            # the file in new/ stays.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            return target
+        raise FileExistsError(errno.EEXIST, "no free name in new/", str(self.new / name))
 
     def clean_tmp(self, older_than: float = 0.0) -> int:
         """Remove unacknowledged leftovers in tmp/ (mtime older than `older_than` epoch)."""
@@ -90,29 +132,25 @@ class Spool:
 
     def write_batch(self, items: list[tuple[Envelope, bytes, bytes]]) -> list[str | Exception]:
         results: list[str | Exception] = []
-        renamed: list[int] = []
+        linked: list[int] = []
         for i, (env, trace, body) in enumerate(items):
             name = self.name_for(env)
             tmp = self.tmp / name
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
                 try:
-                    data = [envelope_line(env), trace, body]
-                    total = sum(map(len, data))
-                    written = os.writev(fd, data)
-                    if written != total:      # short write: finish it the slow way
-                        os.write(fd, b"".join(data)[written:])
+                    _write_all(fd, [envelope_line(env), trace, body])
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                os.rename(tmp, self.new / name)
+                name = self._publish(tmp, name)
                 results.append(name)
-                renamed.append(i)
+                linked.append(i)
             except OSError as e:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
                 results.append(e)
-        if renamed:
+        if linked:
             try:
                 dfd = os.open(self.new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
@@ -120,7 +158,11 @@ class Spool:
                 finally:
                     os.close(dfd)
             except OSError as e:
-                # The renames may not be durable: none of them may be acknowledged.
-                for i in renamed:
+                # The links may not be durable: none of them may be acknowledged, and what is
+                # not acknowledged must not stay in new/ (the relay would deliver it, and the
+                # client's retry would deliver it again).
+                for i in linked:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.new / str(results[i]))
                     results[i] = e
         return results

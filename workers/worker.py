@@ -6,13 +6,20 @@ Protocol (see ingress.wire): a DEALER connected to the lane broker's backend. Th
 READY with `credit` (how many messages the broker may hand it at once), heartbeats every
 LANE_HEARTBEAT seconds, and answers every WORK with exactly one ACK (after the spool write is
 durable) or NACK. Messages that arrive together are committed together: one fsync per file, one
-fsync of new/ for the batch, then all the ACKs.
+fsync of new/ for the batch, then all the ACKs. The work (pipeline per message, then the batch
+write) runs in pool threads while this loop waits and keeps heartbeating, so neither slow DKIM
+nor a slow disk makes the broker NACK a batch that is being stored (issue 9 item 6).
 
 Failure modes: a broker that stops heartbeating for LANE_LIVENESS intervals is presumed dead: the
 worker reconnects with a fresh socket and announces READY again (Paranoid Pirate). A disk error is
 a NACK with reason "error" for that message (the client gets 451). SIGUSR2 (the supervisor): stop
 taking work (DISCONNECT), finish what was received, exit 0. The supervisor's heartbeat slot is
-written from this loop, so a wedged worker (e.g. a hung disk) is detected and killed.
+written from this loop, and only while the batch in hand is within its deadline (the latest
+envelope deadline plus one liveness window): work that outlives it is presumed hung, the
+heartbeats stop, the broker NACKs the batch and the supervisor restarts the worker if it stays
+stuck (e.g. a hung disk). Limit: a single C call that holds the GIL longer than the liveness
+window (1 s) would still silence the loop; DKIM key limits (workers.dkim_check) keep RSA well
+under that.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from ingress.wire import (
     worker_ack,
     worker_nack,
 )
-from workers.pipeline import Pipeline, Processed, has_dkim_signature
+from workers.pipeline import Pipeline
 from workers.spool import Spool
 
 TMP_MAX_AGE = 60.0
@@ -168,7 +175,13 @@ class Worker:
         if not batch:
             return
         t0 = time.monotonic()
-        results = self.spool.write_batch([(env, p.trace, p.body) for _, _, env, p in batch])
+        items = [(env, p.trace, p.body) for _, _, env, p in batch]
+        write = self.pool.submit(self.spool.write_batch, items)
+        self._wait_heartbeating([write], _vouch_until(env for _, _, env, _ in batch))
+        try:
+            results = write.result()
+        except Exception as e:   # write_batch reports disk errors per item; anything else:
+            results = [e] * len(batch)   # every item failed, nothing is acknowledged
         metrics.spooled(self.lane, sum(not isinstance(r, Exception) for r in results),
                         seconds=time.monotonic() - t0)
         dt = time.monotonic() - t0
@@ -185,29 +198,32 @@ class Worker:
                       dkim=",".join(f"{r.domain}:{r.result}" for r in p.dkim), learn=p.learn)
 
     def _process(self, jobs: list[tuple[bytes, Envelope, bytes]]) -> list[Any]:
-        """DKIM and trace headers for a batch. Messages with DKIM signatures are verified in
-        threads (their DNS waits overlap) while this loop keeps heartbeating, so a slow DNS
-        server never makes the broker or the supervisor think this worker is dead."""
+        """DKIM and trace headers for a batch, each message in a pool thread (DNS waits overlap)
+        while this loop keeps heartbeating: a slow DNS server, a big message or many
+        signatures never make the broker or the supervisor think this worker is dead."""
         wall = time.time()
-        out: list[Any] = [None] * len(jobs)
-        futures: dict[concurrent.futures.Future[Processed], int] = {}
-        for i, (_, env, body) in enumerate(jobs):
-            budget = env.deadline - wall - 0.5
-            if has_dkim_signature(body):
-                futures[self.pool.submit(self.pipeline.process, env, body, budget)] = i
-            else:
-                try:
-                    out[i] = self.pipeline.process(env, body, budget)
-                except Exception as e:  # never let one message take the worker down
-                    out[i] = e
-        pending = set(futures)
+        futures = [self.pool.submit(self.pipeline.process, env, body, env.deadline - wall - 0.5)
+                   for _, env, body in jobs]
+        self._wait_heartbeating(futures, _vouch_until(env for _, env, _ in jobs))
+        out: list[Any] = []
+        for fut in futures:
+            exc = fut.exception()   # never let one message take the worker down
+            out.append(exc if exc is not None else fut.result())
+        return out
+
+    def _wait_heartbeating(self, futures: list[concurrent.futures.Future[Any]],
+                           until: float) -> None:
+        """Wait for `futures`, heartbeating every LANE_HEARTBEAT while time.monotonic() < until.
+
+        The work runs in pool threads, so this loop is where the heartbeats come from. Past
+        `until` (the batch's deadline) the work is presumed hung and the heartbeats stop: the
+        broker NACKs the batch (worker_lost) and the supervisor restarts a worker that stays
+        stuck, as it would if this loop itself hung."""
+        pending = {f for f in futures if not f.done()}
         while pending:
             _, pending = concurrent.futures.wait(pending, timeout=LANE_HEARTBEAT)
-            self._heartbeat()
-        for fut, i in futures.items():
-            exc = fut.exception()
-            out[i] = exc if exc is not None else fut.result()
-        return out
+            if time.monotonic() < until:
+                self._heartbeat()
 
     def _send(self, frames: list[bytes]) -> None:
         assert self.sock is not None
@@ -231,6 +247,13 @@ class Worker:
                 continue
             self._handle(self._drain())
         self.sock.close(linger=1000)
+
+
+def _vouch_until(envs: Any) -> float:
+    """time.monotonic() until which a batch's work counts as progress: its latest envelope
+    deadline (after which the acceptor has answered 451 anyway) plus one liveness window."""
+    latest = max((e.deadline for e in envs), default=time.time())
+    return time.monotonic() + (latest - time.time()) + LANE_HEARTBEAT * LANE_LIVENESS
 
 
 def _qid_guess(env_raw: bytes) -> bytes:

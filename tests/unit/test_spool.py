@@ -92,3 +92,96 @@ def test_received_header_variants() -> None:
     assert b"with UTF8SMTPS (TLSv1.3) id Q1" in h and b"lane=fast" in h
     h = pipeline.received_header(env("Q2", rcpts=("a@x", "b@x")), "mx")
     assert b"for <" not in h
+
+
+class ShortWrites:
+    """os.writev / os.write that accept at most `step` bytes per call (as a filling disk or a
+    signal can make them), optionally failing once with ENOSPC before succeeding again."""
+
+    def __init__(self, step: int, enospc_after: int | None = None) -> None:
+        self.step, self.enospc_after, self.calls = step, enospc_after, 0
+        self.real_write = os.write
+
+    def _tick(self) -> None:
+        self.calls += 1
+        if self.enospc_after is not None and self.calls == self.enospc_after:
+            raise OSError(28, "No space left on device")
+
+    def writev(self, fd: int, buffers: list[bytes]) -> int:
+        self._tick()
+        return self.real_write(fd, b"".join(bytes(b) for b in buffers)[:self.step])
+
+    def write(self, fd: int, data: bytes) -> int:
+        self._tick()
+        return self.real_write(fd, bytes(data)[:self.step])
+
+
+@pytest.mark.parametrize("step", [1, 7, 4096, 8192])
+def test_short_writes_are_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    step: int) -> None:
+    """Every write may be short: the file still holds every byte (issue 9 item 4: one short
+    writev left an 8192-byte file for a 20 KB message, and it was acknowledged)."""
+    body = b"Subject: big\r\n\r\n" + b"x" * 20_000 + b"\r\n"
+    fake = ShortWrites(step)
+    monkeypatch.setattr(spool.os, "writev", fake.writev)
+    monkeypatch.setattr(spool.os, "write", fake.write)
+    s = spool.Spool(tmp_path)
+    (name,) = s.write_batch([(env("BIG"), b"Received: x\r\n", body)])
+    assert isinstance(name, str), name
+    assert spool.read(tmp_path / "new" / name).message == b"Received: x\r\n" + body
+    assert fake.calls > 1
+
+
+def test_enospc_mid_file_fails_that_item_only(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC after a short write: that item is an exception and leaves nothing behind; the
+    next item (space freed meanwhile) is complete."""
+    body = b"Subject: big\r\n\r\n" + b"y" * 20_000 + b"\r\n"
+    fake = ShortWrites(8192, enospc_after=2)
+    monkeypatch.setattr(spool.os, "writev", fake.writev)
+    monkeypatch.setattr(spool.os, "write", fake.write)
+    s = spool.Spool(tmp_path)
+    out = s.write_batch([(env("FULL"), b"", body), (env("NEXT"), b"", body)])
+    assert isinstance(out[0], OSError) and out[0].errno == 28
+    assert isinstance(out[1], str)
+    assert [p.name for p in (tmp_path / "new").iterdir()] == [out[1]]
+    assert spool.read(tmp_path / "new" / out[1]).message == body
+    assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_existing_file_in_new_is_never_replaced(tmp_path: Path) -> None:
+    """A name already in new/ (a qid collision, a restored backup) keeps its file: the new
+    message is stored under another name (issue 9 item 11: os.rename replaced it silently)."""
+    s = spool.Spool(tmp_path)
+    taken = tmp_path / "new" / s.name_for(env("SAME"))
+    taken.write_bytes(b"X-Ingress-Envelope: earlier message\r\n")
+    first, second = s.write_batch([(env("SAME"), b"", b"one\r\n")]), \
+        s.write_batch([(env("SAME"), b"", b"two\r\n")])
+    assert taken.read_bytes() == b"X-Ingress-Envelope: earlier message\r\n"
+    names = [first[0], second[0]]
+    assert all(isinstance(n, str) for n in names) and len({taken.name, *names}) == 3
+    assert [spool.read(tmp_path / "new" / str(n)).message for n in names] == [b"one\r\n",
+                                                                              b"two\r\n"]
+    assert all(str(n).split(".")[1] == "SAME" for n in names)   # the qid stays findable
+    assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_failed_directory_fsync_leaves_nothing_in_new(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """If new/ cannot be fsync'd, no item of the batch is acknowledged, so none may stay in
+    new/ either: the relay would deliver it and the client's retry would deliver it again."""
+    import stat
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(spool.os, "fsync", fsync)
+    s = spool.Spool(tmp_path)
+    out = s.write_batch([(env("A"), b"", b"a\r\n"), (env("B"), b"", b"b\r\n")])
+    assert all(isinstance(r, OSError) and r.errno == 5 for r in out), out
+    assert not list((tmp_path / "new").iterdir())
+    assert not list((tmp_path / "tmp").iterdir())

@@ -88,7 +88,7 @@ def test_qids_unique_and_sortable() -> None:
     qids = [wire.new_qid(1700000000.0 + i / 1000) for i in range(2000)]
     assert len(set(qids)) == 2000
     assert qids == sorted(qids)
-    assert all(len(q) == 20 and q.isalnum() for q in qids)
+    assert all(len(q) == 23 and q.isalnum() for q in qids)
 
 
 @pytest.mark.parametrize(("raw", "ok"), [(b"0", True), (b"1000000", True), (b"-1", False),
@@ -99,3 +99,15 @@ def test_int_frame(raw: bytes, ok: bool) -> None:
     else:
         with pytest.raises(WireError):
             wire.int_frame(raw)
+
+
+def test_qid_keeps_the_whole_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes whose pids differ only above bit 20 (pid_max reaches 2**22) must not be
+    able to produce the same qid in the same millisecond (issue 9 item 11)."""
+    qids = set()
+    for pid in (0x00001, 0x100001, 0x200001, 0x7FFFFFFF):
+        monkeypatch.setattr(wire.os, "getpid", lambda pid=pid: pid)
+        monkeypatch.setattr(wire, "_seq", __import__("itertools").count())
+        qids.add(wire.new_qid(1700000000.0))
+    assert len(qids) == 4
+    assert all(len(q) == 23 and q.isalnum() for q in qids)

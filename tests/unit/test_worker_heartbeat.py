@@ -1,0 +1,135 @@
+"""The worker keeps heartbeating while it works (issue 9 item 6: a batch write over 1 s was
+NACKed as worker_lost although it was stored), and stops vouching for itself once a batch is
+past its deadline (so a wedged disk is still detected and the worker restarted).
+
+What is real here: the Worker object and its run loop, its DEALER socket, a ROUTER bound where
+the lane broker's backend would be (this test plays the broker), the spool. What is replaced:
+the spool's batch write (or the per-message pipeline) by the real one behind a sleep, standing
+in for a slow disk (fsync, like sleep, releases the GIL) or a slow message. A filesystem that is
+really slow on demand is not available to an unprivileged test; the loop's behaviour does not
+depend on why the call is slow.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from ingress import config
+from ingress.wire import LANE_HEARTBEAT, LANE_LIVENESS, Envelope, Kind, Lane, kind_of, new_qid, work
+from workers.worker import Worker
+
+WINDOW = LANE_HEARTBEAT * LANE_LIVENESS          # the broker's liveness window (1 s)
+BODY = b"From: a@example.org\r\nSubject: slow\r\n\r\nbody\r\n"
+
+
+class Lane_:
+    def __init__(self, root: Path) -> None:
+        self.state = Path(tempfile.mkdtemp(prefix="si-hb-", dir="/tmp"))   # short ipc paths
+        (self.state / "run").mkdir()
+        toml = root / "ingress.toml"
+        toml.write_text(f'[spool]\npath = "{root / "spool"}"\nstate_dir = "{self.state}"\n'
+                        '[lanes.bulk]\ncredit = 4\n')
+        self.cfg = config.load(toml)
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.bind(self.cfg.ipc("bulk-back"))
+        self.hb: list[float] = [0.0]
+        self.worker = Worker(self.cfg, Lane.BULK, 0, hb=self.hb, slot=0)
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+        self.thread.start()
+        assert self.router.poll(5000), "no READY from the worker"
+        self.ident, *frames = self.router.recv_multipart()
+        assert kind_of(frames) is Kind.READY
+
+    def send(self, n: int, deadline_s: float) -> None:
+        now = time.time()
+        for _ in range(n):
+            env = Envelope(qid=new_qid(), lane=Lane.BULK, peer_ip="192.0.2.1", peer_port=1,
+                           helo="h.example", mail_from="a@example.org",
+                           rcpts=("b@example.test",), received_at=now,
+                           deadline=now + deadline_s)
+            self.router.send_multipart([self.ident, *work(b"acceptor", env.encode(), BODY)])
+
+    def collect(self, replies: int, limit: float) -> tuple[list[tuple[float, Kind]], float]:
+        """(time, kind) of everything the worker sends until `replies` ACK/NACKs arrived, and
+        the longest time the supervisor's heartbeat slot went without an update meanwhile."""
+        got: list[tuple[float, Kind]] = []
+        t_end = time.monotonic() + limit
+        stale = 0.0
+        def done() -> bool:
+            return sum(k in (Kind.ACK, Kind.NACK) for _, k in got) >= replies
+
+        while time.monotonic() < t_end and not done():
+            stale = max(stale, time.monotonic() - self.hb[0])
+            if self.router.poll(50):
+                _, *frames = self.router.recv_multipart()
+                got.append((time.monotonic(), kind_of(frames)))
+        return got, stale
+
+    def close(self) -> None:
+        self.worker.stopping = True
+        self.thread.join(10)
+        self.router.close(0)
+        self.ctx.term()
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+@pytest.fixture
+def lane(tmp_path: Path) -> Iterator[Lane_]:
+    ln = Lane_(tmp_path)
+    yield ln
+    ln.close()
+
+
+def slow(fn: Any, seconds: float) -> Any:
+    def wrapper(*args: Any, **kw: Any) -> Any:
+        time.sleep(seconds)
+        return fn(*args, **kw)
+    return wrapper
+
+
+def max_gap(events: list[tuple[float, Kind]], start: float) -> float:
+    times = [start] + [t for t, _ in events]
+    return max(b - a for a, b in itertools.pairwise(times))
+
+
+@pytest.mark.parametrize("stage", ["write", "process"])
+def test_heartbeats_continue_during_slow_work(lane: Lane_, stage: str) -> None:
+    if stage == "write":
+        lane.worker.spool.write_batch = slow(lane.worker.spool.write_batch, 3 * WINDOW)
+    else:   # a message without DKIM-Signature that is slow to prepare
+        lane.worker.pipeline.process = slow(lane.worker.pipeline.process, 3 * WINDOW)
+    start = time.monotonic()
+    lane.send(3, deadline_s=20.0)
+    events, stale = lane.collect(replies=3, limit=20.0)
+    kinds = [k for _, k in events]
+    assert kinds.count(Kind.ACK) == 3, kinds
+    assert Kind.HEARTBEAT in kinds
+    assert max_gap(events, start) < WINDOW, events      # the broker never saw it go silent
+    assert stale < WINDOW                               # nor did the supervisor
+    assert len(list((lane.worker.spool.new).iterdir())) == 3
+
+
+def test_heartbeats_stop_once_the_batch_is_past_its_deadline(lane: Lane_) -> None:
+    """A write that outlives the batch's deadline looks like a hang: the worker stops
+    heartbeating (the broker NACKs its batch, the supervisor may restart it), and resumes when
+    the write returns."""
+    lane.worker.spool.write_batch = slow(lane.worker.spool.write_batch, 4 * WINDOW)
+    start = time.monotonic()
+    lane.send(1, deadline_s=WINDOW)
+    events, _ = lane.collect(replies=1, limit=20.0)
+    assert [k for _, k in events].count(Kind.ACK) == 1
+    assert max_gap(events, start) >= WINDOW
+    # and it heartbeats again afterwards
+    more, _ = lane.collect(replies=1, limit=2 * WINDOW)
+    assert Kind.HEARTBEAT in [k for _, k in more]
