@@ -489,7 +489,7 @@ def starttls_context(cfg: Config) -> ssl.SSLContext | None:
 def mtls_context(cfg: Config) -> ssl.SSLContext | None:
     """The mutual-TLS port: implicit TLS, a client certificate required and verified against
     tls.client_ca (a pinned self-signed certificate must be in that bundle too: Python's ssl
-    cannot request a certificate without verifying it)."""
+    cannot request a certificate without verifying it; config validation requires the bundle)."""
     t = cfg.tls
     if t.mtls_port < 0 or not t.cert:
         return None
@@ -508,7 +508,9 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
     ctx = AcceptorContext(cfg, index, loop)
     raise_nofile(cfg.smtp.max_connections + 64)
     sock.setblocking(False)
-    servers = [await loop.create_server(lambda: IngressSMTP(ctx), sock=sock)]
+    lst = cfg.listen
+    servers = [await loop.create_server(
+        lambda: IngressSMTP(ctx, proxy_protocol=lst.proxy_protocol), sock=sock)]
     if mtls_sock is not None and ctx.mtls_context is not None:
         mtls_sock.setblocking(False)
         servers.append(await loop.create_server(
@@ -517,7 +519,8 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
     if fast_sock is not None:
         fast_sock.setblocking(False)
         servers.append(await loop.create_server(
-            lambda: IngressSMTP(ctx, fast_only=True), sock=fast_sock))
+            lambda: IngressSMTP(ctx, fast_only=True, proxy_protocol=lst.fast_port_proxy_protocol),
+            sock=fast_sock))
     stop = asyncio.Event()
     retire = False
 

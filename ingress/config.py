@@ -39,12 +39,15 @@ class ListenConfig:
     port: int = 2525
     backlog: int = 4096                 # per acceptor socket; the kernel caps it (somaxconn)
     proxy_protocol: bool = False        # PROXY v1/v2 header required on listen.port (behind an
-                                        # L4 balancer); never on a port direct clients use
+                                        # L4 balancer); never on a port direct clients use.
+                                        # listen.port only: the fast port has its own key, and
+                                        # the mutual-TLS port never takes a PROXY header
     trusted_proxies: tuple[str, ...] = ()   # CIDRs whose PROXY header is believed (required
                                             # when proxy_protocol = true)
     fast_port: int = -1                 # a second plain port (same host) that admits only
                                         # clients with connect-time fast-lane evidence (allow
                                         # list, learned allow); -1 = off
+    fast_port_proxy_protocol: bool = False  # PROXY header required on listen.fast_port too
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,12 @@ class Config:
         lc: LaneConfig = getattr(self.lanes, lane)
         return lc.workers or max(1, cores() // 2)
 
+    @property
+    def child_count(self) -> int:
+        """Processes the supervisor runs for this config: brokers, workers, relay, acceptors."""
+        return (2 + self.worker_count("fast") + self.worker_count("bulk")
+                + (1 if self.relay.downstream else 0) + self.acceptor_count)
+
     def ipc(self, name: str) -> str:
         return f"ipc://{self.spool.state_dir / 'run' / name}.sock"
 
@@ -280,6 +289,10 @@ def _finish(cfg: Config, file: str) -> Config:
             raise ConfigError(file, "listen.trusted_proxies", f"{c!r} is not a CIDR") from None
     need(not lst.proxy_protocol or bool(lst.trusted_proxies), "listen.trusted_proxies",
          "must list the load balancers' addresses when listen.proxy_protocol = true")
+    need(not lst.fast_port_proxy_protocol or bool(lst.trusted_proxies), "listen.trusted_proxies",
+         "must list the load balancers' addresses when listen.fast_port_proxy_protocol = true")
+    need(not lst.fast_port_proxy_protocol or lst.fast_port >= 0,
+         "listen.fast_port_proxy_protocol", "needs listen.fast_port")
     need(bool(s.hostname) and " " not in s.hostname, "smtp.hostname", "must be a host name")
     need(len(s.accepted_domains) > 0, "smtp.accepted_domains",
          "must list at least one domain (the ingress is never an open relay)")
@@ -350,6 +363,11 @@ def _finish(cfg: Config, file: str) -> Config:
     need(t.mtls_port < 0 or bool(t.cert), "tls.mtls_port", "needs tls.cert and tls.key")
     need(t.mtls_port < 0 or bool(t.client_ca) or bool(t.pinned_sha256), "tls.mtls_port",
          "needs tls.client_ca or tls.pinned_sha256 to check client certificates against")
+    # Python's ssl verifies every client certificate it requests against a CA bundle (there is
+    # no verify callback to accept a pinned one instead): pins alone fail every handshake.
+    need(t.mtls_port < 0 or bool(t.client_ca), "tls.client_ca",
+         "tls.mtls_port needs a CA bundle even with tls.pinned_sha256: put the pinned (e.g. "
+         "self-signed) certificates or their issuers in tls.client_ca")
     for fp in t.pinned_sha256:
         hexed = fp.replace(":", "").lower()
         need(len(hexed) == 64 and all(ch in "0123456789abcdef" for ch in hexed),
@@ -367,7 +385,8 @@ def _finish(cfg: Config, file: str) -> Config:
         mhost, _, mport = m.rpartition(":")
         need(mport.isdigit() and int(mport) <= 65535 and bool(mhost), "metrics.listen",
              'must be "host:port" or ""')
-    need(sup.acceptors >= 0, "supervisor.acceptors", "must be >= 0 (0 = one per core)")
+    need(0 <= sup.acceptors <= 1024, "supervisor.acceptors",
+         "must be 0..1024 (0 = one per core)")
     need(sup.heartbeat_interval > 0, "supervisor.heartbeat_interval", "must be > 0")
     need(sup.heartbeat_timeout >= 2 * sup.heartbeat_interval, "supervisor.heartbeat_timeout",
          "must be at least twice supervisor.heartbeat_interval")

@@ -6,8 +6,9 @@ API:
 
 What this layer adds to aiosmtpd (DESIGN.md section 10 lists the traps it works around):
 - classification and admission in connection_made, before aiosmtpd builds anything: a refused
-  connection (421 4.7.0, no banner) costs microseconds; behind a PROXY-protocol balancer they
-  wait for the header; the fast port (listen.fast_port) serves fast-lane clients only;
+  connection (421 4.7.0, no banner) costs microseconds; behind a PROXY-protocol balancer (per
+  listener: IngressSMTP(proxy_protocol=...)) they wait for the header, and the greet pause and
+  the early-talker test start after it; the fast port (listen.fast_port) serves fast-lane clients only;
 - a session is built from a per-process prototype (aiosmtpd's __init__ introspects the class
   and the handler on every connection: ~0.5 ms);
 - lane state on the protocol instance (STARTTLS builds a new Session); SPF at MAIL FROM can
@@ -65,7 +66,7 @@ _PER_CONNECTION = frozenset({
 
 class IngressSMTP(SMTP):
     def __init__(self, ctx: AcceptorContext, implicit_tls: bool = False,
-                 fast_only: bool = False) -> None:
+                 fast_only: bool = False, proxy_protocol: bool = False) -> None:
         # aiosmtpd's SMTP.__init__ introspects the handler and the class on every connection
         # (inspect.getmembers, dir(), inspect.signature): ~0.5 ms, more than the rest of a
         # one-message session costs here. It is run once per (acceptor, listener kind); every
@@ -104,6 +105,8 @@ class IngressSMTP(SMTP):
         self.ctx = ctx
         self.implicit_tls = implicit_tls
         self.fast_only = fast_only         # listen.fast_port: fast-lane clients only
+        self.proxy_protocol = proxy_protocol   # this listener is behind a PROXY balancer
+        self.awaiting_proxy = proxy_protocol   # the PROXY header has not been read yet
         self.lane = Lane.BULK
         self.evidence = Evidence()
         self.reasons: tuple[str, ...] = ()
@@ -134,7 +137,7 @@ class IngressSMTP(SMTP):
         # thousands of bots reconnect every second, a refusal must cost as little as possible.
         # (Behind a PROXY-protocol balancer the client is known only after the header, so
         # admission waits for it in _handle_client.)
-        if self.transport is None and not self.ctx.cfg.listen.proxy_protocol:
+        if self.transport is None and not self.proxy_protocol:
             self.started = time.monotonic()
             peer = transport.get_extra_info("peername")
             if peer:
@@ -175,7 +178,7 @@ class IngressSMTP(SMTP):
 
     async def _handle_client(self) -> None:
         ctx = self.ctx
-        if ctx.cfg.listen.proxy_protocol and not await self._proxy_header():
+        if self.proxy_protocol and not await self._proxy_header():
             return
         self._deadline = self.loop.call_later(ctx.cfg.smtp.session_deadline, self._deadline_cb)
         pause = ctx.cfg.admission.greet_pause
@@ -207,6 +210,11 @@ class IngressSMTP(SMTP):
             return False
         self._reset_timeout(proxy.PROXY_TIMEOUT)
         data = await get_proxy(self._reader)
+        self.awaiting_proxy = False
+        # The greet pause starts now: bytes the client sent after the balancer's header and
+        # before our banner (already in the buffer) are early talk; the header itself is not.
+        if self._reader._buffer:       # type: ignore[attr-defined]
+            self.early_talker = True
         client = proxy.proxy_peer(peer, data, ctx.trusted_proxies)
         if client is None:
             metrics.connection(self.lane, "proxy_rejected")
@@ -257,6 +265,8 @@ class IngressSMTP(SMTP):
     def data_received(self, data: bytes) -> None:
         if self.busy:      # a large message on a slow link is not idle
             self._reset_timeout()
+        elif self.awaiting_proxy:    # the balancer's PROXY header (and what follows it: see
+            pass                     # _proxy_header) is not the client talking
         elif not self.greeted:
             self.early_talker = True
         elif not self.spoken:
