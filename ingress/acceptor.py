@@ -49,6 +49,7 @@ from ingress.classify import (
     decide,
 )
 from ingress.config import Config
+from ingress.dataread import DataBudget
 from ingress.evidence import cert_evidence, check_spf, make_resolver, normalize_fingerprint
 from ingress.smtp import IngressHandler, IngressSMTP
 from ingress.wire import (
@@ -193,6 +194,9 @@ class AcceptorContext:
             lb.rate * BULK_SHARE / cfg.acceptor_count,
             max(1.0, (lb.burst or lb.rate) / cfg.acceptor_count), now=time.monotonic()) \
             if lb.rate > 0 else None
+        # Bytes held in DATA by all sessions (smtp.data_memory_budget); bulk never takes the
+        # fast lane's part (smtp.data_fast_reserve).
+        self.data_budget = DataBudget(*cfg.data_budget)
         self.tls_context = starttls_context(cfg)
         self.mtls_context = mtls_context(cfg)
         self.handler = IngressHandler(self)

@@ -63,6 +63,9 @@ class SmtpConfig:
     fast_reserve: int = 100             # of max_connections, usable by the fast lane only
     drain_grace: float = 20.0           # SIGTERM / reload: sessions may finish within this
     recipient_map: str = ""             # file: accepted addresses, one a line ("@dom" = any)
+    data_memory_budget: int = 0         # bytes all sessions of one acceptor may hold in DATA
+                                        # (and until the ack); 0 = 8 x max_message_size
+    data_fast_reserve: int = 0          # of it, bytes only the fast lane may use; 0 = a quarter
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,13 @@ class Config:
         return (2 + self.worker_count("fast") + self.worker_count("bulk")
                 + (1 if self.relay.downstream else 0) + self.acceptor_count)
 
+    @property
+    def data_budget(self) -> tuple[int, int]:
+        """(bytes per acceptor in DATA, of which reserved for the fast lane), defaults derived."""
+        s = self.smtp
+        total = s.data_memory_budget or 8 * s.max_message_size
+        return total, s.data_fast_reserve or total // 4
+
     def ipc(self, name: str) -> str:
         return f"ipc://{self.spool.state_dir / 'run' / name}.sock"
 
@@ -310,6 +320,12 @@ def _finish(cfg: Config, file: str) -> Config:
     need(0 <= s.fast_reserve < s.max_connections, "smtp.fast_reserve",
          "must be >= 0 and below smtp.max_connections")
     need(s.drain_grace >= 0, "smtp.drain_grace", "must be >= 0")
+    need(s.data_memory_budget >= 0 and s.data_fast_reserve >= 0, "smtp.data_memory_budget",
+         "smtp.data_memory_budget and smtp.data_fast_reserve must be >= 0 (0 = derived)")
+    total, reserve = cfg.data_budget
+    need(total - reserve >= s.max_message_size, "smtp.data_fast_reserve",
+         f"the bulk share of the DATA budget ({total} - {reserve} bytes) must hold one message "
+         f"of smtp.max_message_size ({s.max_message_size})")
     for lane in ("fast", "bulk"):
         lc: LaneConfig = getattr(cfg.lanes, lane)
         k = f"lanes.{lane}"

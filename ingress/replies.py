@@ -21,6 +21,7 @@ LANE_BUSY_CLOSING = "421 4.7.1 {host} Service busy, closing connection, try agai
 INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
 NOT_QUEUED = "451 4.3.0 Message not queued ({why}), try again later"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
+DATA_NO_STORAGE = "452 4.3.1 Insufficient system storage, try again later"
 
 # 5xx: policy
 UNKNOWN_USER = "550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown"

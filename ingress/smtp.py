@@ -8,7 +8,8 @@ What this layer adds to aiosmtpd (DESIGN.md section 10 lists the traps it works 
 - classification and admission in connection_made, before aiosmtpd builds anything: a refused
   connection (421 4.7.0, no banner) costs microseconds; behind a PROXY-protocol balancer (per
   listener: IngressSMTP(proxy_protocol=...)) they wait for the header, and the greet pause and
-  the early-talker test start after it; the fast port (listen.fast_port) serves fast-lane clients only;
+  the early-talker test start after it; the fast port (listen.fast_port) serves fast-lane
+  clients only;
 - a session is built from a per-process prototype (aiosmtpd's __init__ introspects the class
   and the handler on every connection: ~0.5 ms);
 - lane state on the protocol instance (STARTTLS builds a new Session); SPF at MAIL FROM can
@@ -21,6 +22,12 @@ What this layer adds to aiosmtpd (DESIGN.md section 10 lists the traps it works 
 - EHLO advertises PIPELINING (aiosmtpd supports but does not advertise it) and never AUTH;
 - RCPT only for accepted domains (550 5.7.1), with no sender-specified routing in the local
   part (% ! @), at most max_recipients (452 4.5.3);
+- DATA read into one bytearray in bulk (ingress.dataread; aiosmtpd keeps one per line, ~23x the
+  message), charged to the acceptor's DATA budget (smtp.data_memory_budget; bulk never takes
+  smtp.data_fast_reserve): a bulk DATA with the bulk share spent gets 452 4.3.1 at once, a
+  message that overflows it mid-transfer is read to its end, dropped, and gets 452 4.3.1;
+- no idle timer (stress or not) while the worker's ack is awaited: the ack wait has its own
+  deadline (smtp.ack_timeout), and the session deadline waits for it;
 - bare CR or LF in DATA -> 550 5.6.0 (SMTP smuggling);
 - after DATA the message goes to the lane broker; 250 only on the worker's ACK (durable);
   a NACK, a timeout or an unreachable broker -> 451;
@@ -40,12 +47,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from aiosmtpd.proxy_protocol import get_proxy
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import MISSING, SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from ingress import log, metrics, proxy, replies
 from ingress.admission import Ticket
 from ingress.classify import AuthResult, Evidence, normalize_ip
+from ingress.dataread import DataReader, DataState
 from ingress.evidence import received_spf_header, spf_identity
 from ingress.wire import Envelope, Lane, new_qid
 
@@ -117,6 +125,7 @@ class IngressSMTP(SMTP):
         self.greeted = False
         self.early_talker = False
         self.busy = False              # inside DATA or waiting for the ack
+        self.awaiting_ack = False      # the message is with the lane: no idle timer now
         self.messages = 0
         self.started = 0.0
         self.last_reply = ""
@@ -256,6 +265,9 @@ class IngressSMTP(SMTP):
         super()._timeout_cb()
 
     def _deadline_cb(self) -> None:
+        if self.awaiting_ack:    # let the ack (bounded by smtp.ack_timeout) come first
+            self._deadline = self.loop.call_later(0.1, self._deadline_cb)
+            return
         log.event("session_deadline", "info", peer=self.peer_ip, lane=self.lane.value)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(
@@ -285,6 +297,8 @@ class IngressSMTP(SMTP):
         self._close_with(line)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
+        if self.awaiting_ack:    # the ack wait has its own deadline (smtp.ack_timeout): a
+            return               # 421 now would leave a message spooled that the client retries
         # Stress mode: while the bulk lane is saturated, bulk sessions get a short idle timeout
         # (as Postfix's stress-dependent smtpd_timeout) and get it back afterwards.
         if duration is None and self.lane is Lane.BULK and self.ctx.lane_saturated(Lane.BULK):
@@ -343,11 +357,85 @@ class IngressSMTP(SMTP):
         return super()._getaddr(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's smtp_DATA (same checks, replies and end-of-data, dot-unstuffing,
+        line-length and size semantics), but the message is read into one bytearray in bulk
+        (ingress.dataread) and charged to the acceptor's DATA budget; the idle timers are off
+        while the worker's ack is awaited (the ack wait has its own deadline)."""
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        budget = self.ctx.data_budget
+        if self.lane is Lane.BULK and budget.bulk_full():
+            self.ctx.count("data_no_storage", self.lane)
+            log.event("data_no_storage", peer=self.peer_ip, lane=self.lane.value, at="DATA")
+            await self.push(replies.DATA_NO_STORAGE)
+            return
         self.busy = True
+        reader = DataReader(self.data_size_limit, budget, self.lane, self.line_length_limit)
         try:
-            await super().smtp_DATA(arg)
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            if not await self._read_data(reader):
+                return
+            if reader.state is not DataState.NOMINAL:
+                if reader.state is DataState.TOO_LONG:
+                    await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
+                elif reader.state is DataState.TOO_MUCH:
+                    await self.push("552 Error: Too much mail data")
+                else:
+                    self.ctx.count("data_no_storage", self.lane)
+                    log.event("data_no_storage", peer=self.peer_ip, lane=self.lane.value,
+                              at="end of data", size=reader.total)
+                    await self.push(replies.DATA_NO_STORAGE)
+                self._set_post_data_state()
+                return
+            content = reader.content()
+            self.envelope.content = content
+            self.envelope.original_content = content
+            self.awaiting_ack = True
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            try:
+                status = await self._call_handler_hook("DATA")
+            finally:
+                self.awaiting_ack = False
+                self.envelope.content = self.envelope.original_content = None
+            self._reset_timeout()
+            self._set_post_data_state()
+            await self.push("250 OK" if status is MISSING else status)
         finally:
+            reader.release()
             self.busy = False
+
+    async def _read_data(self, reader: DataReader) -> bool:
+        """Feed the stream buffer to `reader` until the end of data. False: the connection
+        is gone (aiosmtpd's eof_received cancels this task in the same case)."""
+        stream = self._reader
+        buf: bytearray = stream._buffer           # type: ignore[attr-defined]
+        while True:
+            if stream._exception is not None:     # type: ignore[attr-defined]
+                raise stream._exception           # type: ignore[attr-defined]
+            if buf:
+                n, done = reader.feed(buf)
+                if n:
+                    del buf[:n]
+                    stream._maybe_resume_transport()  # type: ignore[attr-defined]
+                if done:
+                    return True
+            if stream.at_eof() or stream._eof:    # type: ignore[attr-defined]
+                return False
+            try:
+                await stream._wait_for_data("smtp_DATA")  # type: ignore[attr-defined]
+            except asyncio.CancelledError:
+                self._writer.close()              # the connection was reset during DATA
+                raise
 
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push(replies.AUTH_NOT_OFFERED)

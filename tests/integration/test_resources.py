@@ -10,9 +10,16 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
-from tests.harness import Ingress
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests.harness import Ingress, client_bytes, make_body, send_one
 
 PROXY_V1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n"
 
@@ -80,3 +87,275 @@ def test_fast_port_proxy_protocol_key(tmp_path: Path) -> None:
     assert plain.startswith("220 "), plain
     assert via.startswith("220 "), via
     assert not_fast.startswith("554 5.7.1"), not_fast
+
+
+@pytest.fixture
+def blackhole() -> Iterator[str]:
+    """A nameserver that never answers: every DKIM key lookup waits for classify.dns_timeout,
+    so the worker's ack comes seconds after the end of DATA."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    yield f"127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+
+
+def dkim_signed(body: bytes) -> bytes:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM,
+                            serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())
+    return dkim.sign(body, b"sel", b"sender.test", pem, include_headers=[b"from", b"subject"]) \
+        + body
+
+
+def test_stress_timeout_does_not_cut_the_ack_wait(tmp_path: Path, blackhole: str) -> None:
+    """The bulk lane is saturated (its cap spent), so bulk sessions get the short stress idle
+    timeout (1 s); the worker's ack takes ~2 s (a DKIM key lookup that times out) but well
+    within smtp.ack_timeout. The client must get its 250, once: before the fix it got 421 at
+    1 s while the message was spooled anyway, and its retry made a duplicate."""
+    with Ingress(tmp_path, {
+        "supervisor": {"acceptors": 1},
+        "lanes.bulk": {"rate": 0.01, "burst": 1},
+        "admission": {"stress_idle_timeout": 1.0},
+        "classify": {"nameservers": [blackhole], "dns_timeout": 2.0, "dkim_deadline": 3.0},
+    }) as ing:
+        body = dkim_signed(make_body(1))
+        code, text = asyncio.run(send_one(ing.port, body))
+        spooled = ing.spooled()
+    assert code == 250, (code, text)
+    assert len(spooled) == 1
+    (msg,) = ing.events("message")
+    assert msg["ack_ms"] > 1500, msg        # the ack really outlasted the stress timeout
+
+
+# --- DATA: memory, budget, semantics ------------------------------------------------------
+
+ENVELOPE = [b"EHLO client.test\r\n", b"MAIL FROM:<a@sender.test>\r\n",
+            b"RCPT TO:<b@example.test>\r\n"]
+
+
+def lines_of(n: int, width: int = 1000) -> bytes:
+    """Exactly n bytes of dot-free CRLF lines of at most `width` bytes (CRLF included)."""
+    out = bytearray()
+    while len(out) < n:
+        k = min(width, n - len(out))
+        out += b"x" * max(0, k - 2) + b"\r\n"[-k:] if k >= 2 else b"\r\n"
+    assert len(out) == n
+    return bytes(out)
+
+
+class Session:
+    """One raw SMTP session, driven step by step (a message can be left in DATA)."""
+
+    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
+        self.port, self.source = port, source
+
+    async def open(self) -> str:
+        self.reader, self.writer = await asyncio.open_connection(
+            "127.0.0.1", self.port, local_addr=(self.source, 0))
+        return await self.reply()
+
+    async def reply(self, timeout: float = 15.0) -> str:
+        text = []
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), timeout)
+            if not line:
+                return "EOF"
+            text.append(line.decode(errors="replace").rstrip("\r\n"))
+            if line[3:4] != b"-":
+                return "\n".join(text)
+
+    async def cmd(self, line: bytes) -> str:
+        self.writer.write(line)
+        await self.writer.drain()
+        return await self.reply()
+
+    async def start_data(self) -> str:
+        for line in ENVELOPE:
+            r = await self.cmd(line)
+            assert r.startswith("250"), r
+        return await self.cmd(b"DATA\r\n")
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def proc_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def test_data_memory_is_about_the_message_size(tmp_path: Path) -> None:
+    """3 MiB of 3-byte lines: aiosmtpd's per-line bytearrays held ~68 MiB for it. The
+    acceptor's peak RSS (VmHWM, reset before) may grow by at most 4x the message."""
+    size = 3 * 1024 * 1024
+    with Ingress(tmp_path, {"supervisor": {"acceptors": 1},
+                            "smtp": {"max_message_size": 4 * 1024 * 1024}}) as ing:
+        (pid,) = ing.children("acceptor")
+
+        async def run() -> str:
+            s = Session(ing.port)
+            await s.open()
+            assert (await s.start_data()).startswith("354")
+            Path(f"/proc/{pid}/clear_refs").write_text("5")      # reset VmHWM to VmRSS
+            base = proc_kb(pid, "VmRSS")
+            await s.send(b"a\r\n" * (size // 3))
+            r = await s.cmd(b".\r\n")
+            s.close()
+            grown = proc_kb(pid, "VmHWM") - base
+            assert grown * 1024 < 4 * size, f"peak RSS +{grown} KiB for {size >> 10} KiB"
+            return r
+
+        reply = asyncio.run(run())
+        spooled = ing.spooled()
+    assert reply.startswith("250"), reply
+    (entry,) = spooled.values()
+    assert entry.message.endswith(b"a\r\n" * 1000)
+
+
+def test_data_budget_bulk_share_and_fast_reserve(tmp_path: Path) -> None:
+    """smtp.data_memory_budget 3 MiB, of which 1 MiB fast only: two bulk sessions holding 1 MiB
+    each fill the bulk share; a third bulk DATA gets 452 4.3.1 at once, a fast session still
+    gets its message through, and a bulk message that would overflow mid-transfer is read to
+    its end and refused with 452 4.3.1."""
+    mib = 1024 * 1024
+    with Ingress(tmp_path, {
+        "supervisor": {"acceptors": 1},
+        "smtp": {"max_message_size": mib, "data_memory_budget": 3 * mib,
+                 "data_fast_reserve": mib},
+        "classify": {"allow_cidrs": ["127.0.0.2/32"]},
+    }) as ing:
+
+        async def run() -> dict[str, str]:
+            out: dict[str, str] = {}
+            a, b, c = Session(ing.port), Session(ing.port), Session(ing.port)
+            for s in (a, b, c):
+                await s.open()
+            assert (await a.start_data()).startswith("354")
+            assert (await b.start_data()).startswith("354")
+            await a.send(lines_of(mib))
+            await b.send(lines_of(mib))
+            await asyncio.sleep(1.0)                 # let the acceptor read them
+            out["third_bulk"] = await c.start_data()
+            fast = Session(ing.port, source="127.0.0.2")
+            await fast.open()
+            assert (await fast.start_data()).startswith("354")
+            await fast.send(lines_of(mib // 2))
+            out["fast"] = await fast.cmd(b".\r\n")
+            out["a"] = await a.cmd(b".\r\n")         # frees a's MiB
+            e, f = Session(ing.port), Session(ing.port)
+            for s in (e, f):
+                await s.open()
+                assert (await s.start_data()).startswith("354")
+            await e.send(lines_of(600 * 1024))
+            await asyncio.sleep(0.5)
+            await f.send(lines_of(600 * 1024))       # b 1 MiB + e 600 KiB + 600 KiB > 2 MiB
+            out["f"] = await f.cmd(b".\r\n")
+            out["e"] = await e.cmd(b".\r\n")
+            out["b"] = await b.cmd(b".\r\n")
+            out["f_next"] = await f.cmd(b"RSET\r\n")  # the session goes on
+            for s in (a, b, c, fast, e, f):
+                s.close()
+            return out
+
+        r = asyncio.run(run())
+        n_spooled = len(ing.spooled())
+    assert r["third_bulk"].startswith("452 4.3.1"), r
+    assert r["f"].startswith("452 4.3.1"), r
+    for k in ("fast", "a", "e", "b", "f_next"):
+        assert r[k].startswith("250"), (k, r)
+    assert n_spooled == 4
+
+
+class Oracle:
+    """aiosmtpd 1.4.6's own smtp_DATA, in a thread of this process: what IngressSMTP's
+    DATA must match (reply codes and the content handed on)."""
+
+    def __init__(self, size_limit: int) -> None:
+        import threading
+
+        from aiosmtpd.smtp import SMTP
+
+        self.contents: list[bytes] = []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def start() -> asyncio.AbstractServer:
+            return await self.loop.create_server(
+                lambda: SMTP(self, hostname="oracle.test", data_size_limit=size_limit,
+                             decode_data=False), "127.0.0.1", 0)
+
+        self.server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+
+    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+        self.contents.append(envelope.original_content)  # type: ignore[attr-defined]
+        return "250 OK"
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+HDR = b"From: a@sender.test\r\nSubject: t\r\n\r\n"
+DATA_CASES = {
+    "plain": HDR + b"body\r\n.\r\n",
+    "empty_body": HDR + b".\r\n",
+    "stuffed": HDR + b"..one\r\n.two\r\n...\r\n. \r\nx.\r\n.\r\n",
+    "dot_in_line": HDR + b"a.\r\n.b.\r\n\r\n.\r\n",
+    "crlf_dot_inside_line": HDR + b"a\r\n.\r\nMAIL FROM:<x@y>\r\n",   # ends at the first
+    "line_999": HDR + b"x" * 999 + b"\r\n.\r\n",
+    "line_1000": HDR + b"x" * 1000 + b"\r\n.\r\n",
+    "line_5000": HDR + b"x" * 5000 + b"\r\nafter\r\n.\r\n",
+    "at_size": HDR + lines_of(4096 - len(HDR), 100) + b".\r\n",
+    "size_plus_1": HDR + lines_of(4097 - len(HDR), 100) + b".\r\n",
+    "big_then_long": HDR + lines_of(5000, 100) + b"x" * 2000 + b"\r\n.\r\n",
+    "long_then_big": HDR + b"x" * 2000 + b"\r\n" + lines_of(5000, 100) + b".\r\n",
+    "long_and_big": HDR + lines_of(3000, 100) + b"y" * 1500 + b"\r\n.\r\n",
+}
+CHUNKINGS = {"whole": 0, "bytewise": 1, "by7": 7, "by1000": 1000}
+
+
+@pytest.mark.parametrize("chunk", list(CHUNKINGS))
+def test_data_semantics_match_aiosmtpd(tmp_path: Path, chunk: str) -> None:
+    """Every case, cut into pieces of every size, gets the same reply as from aiosmtpd's own
+    smtp_DATA, and the same bytes are spooled as aiosmtpd hands on; then the session goes on."""
+    size = 4096
+    oracle = Oracle(size)
+    step = CHUNKINGS[chunk]
+
+    async def one(port: int, data: bytes) -> tuple[str, str]:
+        s = Session(port)
+        await s.open()
+        assert (await s.start_data()).startswith("354")
+        for i in range(0, len(data), step or len(data)):
+            await s.send(data[i:i + (step or len(data))])
+        r = await s.reply()
+        after = await s.cmd(b"RSET\r\n")
+        s.close()
+        return r[:3], after[:3]
+
+    try:
+        with Ingress(tmp_path, {"supervisor": {"acceptors": 1},
+                                "smtp": {"max_message_size": size}}) as ing:
+            for name, data in DATA_CASES.items():
+                want = asyncio.run(one(oracle.port, data))
+                before = set(ing.spooled())
+                got = asyncio.run(one(ing.port, data))
+                assert got == want, (name, got, want)
+                new = [e for q, e in ing.spooled().items() if q not in before]
+                if want[0] == "250":
+                    (entry,) = new
+                    assert client_bytes(entry) == oracle.contents[-1], name
+                else:
+                    assert not new, name
+    finally:
+        oracle.close()
