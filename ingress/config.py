@@ -72,6 +72,8 @@ class SmtpConfig:
 class LaneConfig:
     workers: int = 0                    # 0: scale to the cores
     queue_max: int = 256                # broker queue bound
+    queue_bytes: int = 0                # broker queue bound in bytes of message bodies; 0 =
+                                        # max(64 MiB, 4 x smtp.max_message_size)
     credit: int = 8                     # messages a worker may hold at once (group commit)
     rate: float = 0.0                   # msgs/s cap; 0 = uncapped (the fast lane always is)
     burst: int = 0                      # token bucket depth; 0 = one second of rate
@@ -198,6 +200,11 @@ class Config:
         s = self.smtp
         total = s.data_memory_budget or 8 * s.max_message_size
         return total, s.data_fast_reserve or total // 4
+
+    def queue_bytes(self, lane: str) -> int:
+        """The lane broker's queue bound in bytes (lanes.<lane>.queue_bytes, derived if 0)."""
+        lc: LaneConfig = getattr(self.lanes, lane)
+        return lc.queue_bytes or max(64 * 1024 * 1024, 4 * self.smtp.max_message_size)
 
     def ipc(self, name: str) -> str:
         return f"ipc://{self.spool.state_dir / 'run' / name}.sock"
@@ -331,6 +338,8 @@ def _finish(cfg: Config, file: str) -> Config:
         k = f"lanes.{lane}"
         need(0 <= lc.workers <= 256, f"{k}.workers", "must be 0..256 (0 = scale to cores)")
         need(1 <= lc.queue_max <= 100000, f"{k}.queue_max", "must be 1..100000")
+        need(lc.queue_bytes == 0 or lc.queue_bytes >= s.max_message_size, f"{k}.queue_bytes",
+             "must be 0 (derived) or at least smtp.max_message_size")
         need(1 <= lc.credit <= 1024, f"{k}.credit", "must be 1..1024")
         need(lc.rate >= 0, f"{k}.rate", "must be >= 0 (0 = uncapped)")
         need(lc.burst >= 0, f"{k}.burst", "must be >= 0")
