@@ -270,6 +270,7 @@ class AcceptorContext:
     def promote(self, proto: IngressSMTP) -> None:
         if proto.ticket is not None:
             self.admission.promote(proto.ticket)
+        self.silent.pop(proto, None)      # a fast session is never evicted for being silent
         if proto.admitted and proto.lane is not Lane.FAST:
             metrics.session_close(proto.lane)
             metrics.session_open(Lane.FAST)
@@ -433,6 +434,45 @@ class AcceptorContext:
                   left=len(self.sessions), **self.counters)
 
 
+class MtlsGate(asyncio.Protocol):
+    """The mutual-TLS port's protocol for a new TCP connection: the connection takes a slot
+    (IngressSMTP.admit_before_handshake) before the TLS handshake, so handshakes are bounded
+    by smtp.max_connections like any session; then the handshake, bounded by
+    tls.handshake_timeout (loop.start_tls), and the SMTP session on the TLS transport."""
+
+    def __init__(self, ctx: AcceptorContext) -> None:
+        self.ctx = ctx
+
+    def connection_made(self, transport: Any) -> None:      # uvloop's TCPTransport
+        transport.pause_reading()         # the ClientHello stays in the socket for start_tls
+        proto = IngressSMTP(self.ctx, implicit_tls=True)
+        if not proto.admit_before_handshake(transport):
+            transport.abort()
+            return
+        self.ctx.loop.create_task(self._handshake(transport, proto))
+
+    async def _handshake(self, transport: Any, proto: IngressSMTP) -> None:
+        ctx = self.ctx
+        assert ctx.mtls_context is not None
+        try:
+            tls = await ctx.loop.start_tls(
+                transport, proto, ctx.mtls_context, server_side=True,
+                ssl_handshake_timeout=ctx.cfg.tls.handshake_timeout)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError, RuntimeError) as e:
+            proto.handshake_failed(f"{type(e).__name__}: {e}")
+            transport.abort()
+            return
+        if tls is None or not proto.admitted:     # evicted (or closed) during the handshake
+            proto.handshake_failed("closed during the handshake")
+            if tls is not None:
+                tls.abort()
+            return
+        proto.connection_made(tls)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass      # before start_tls took the transport over: the handshake task sees it
+
+
 def raise_nofile(needed: int) -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit; warn if `needed` cannot fit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -517,9 +557,7 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
         lambda: IngressSMTP(ctx, proxy_protocol=lst.proxy_protocol), sock=sock)]
     if mtls_sock is not None and ctx.mtls_context is not None:
         mtls_sock.setblocking(False)
-        servers.append(await loop.create_server(
-            lambda: IngressSMTP(ctx, implicit_tls=True), sock=mtls_sock,
-            ssl=ctx.mtls_context, ssl_handshake_timeout=10.0))
+        servers.append(await loop.create_server(lambda: MtlsGate(ctx), sock=mtls_sock))
     if fast_sock is not None:
         fast_sock.setblocking(False)
         servers.append(await loop.create_server(

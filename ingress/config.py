@@ -124,6 +124,8 @@ class TlsConfig:
     mtls_port: int = -1                 # implicit-TLS port requiring a client certificate; -1 off
     client_ca: str = ""                 # CA bundle that verifies client certificates (mTLS port)
     pinned_sha256: tuple[str, ...] = () # client certificate fingerprints that promote
+    handshake_timeout: float = 5.0      # mTLS port: a TLS handshake that takes longer is
+                                        # closed (the connection holds a slot meanwhile)
 
 
 @dataclass(frozen=True)
@@ -385,6 +387,7 @@ def _finish(cfg: Config, file: str) -> Config:
         path = getattr(t, key)
         need(not path or os.path.isfile(path), f"tls.{key}", f"{path!r}: no such file")
     need(-1 <= t.mtls_port <= 65535, "tls.mtls_port", "must be -1 (off) or 0..65535")
+    need(0 < t.handshake_timeout <= 60, "tls.handshake_timeout", "must be in (0, 60] seconds")
     need(t.mtls_port < 0 or bool(t.cert), "tls.mtls_port", "needs tls.cert and tls.key")
     need(t.mtls_port < 0 or bool(t.client_ca) or bool(t.pinned_sha256), "tls.mtls_port",
          "needs tls.client_ca or tls.pinned_sha256 to check client certificates against")

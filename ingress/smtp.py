@@ -138,6 +138,7 @@ class IngressSMTP(SMTP):
         self.refused = False
         self.banner_sent = False
         self._deadline: asyncio.TimerHandle | None = None
+        self._raw_transport: asyncio.BaseTransport | None = None   # mTLS: before the handshake
 
     # --- connection life cycle ----------------------------------------------------------------
 
@@ -146,6 +147,7 @@ class IngressSMTP(SMTP):
         # thousands of bots reconnect every second, a refusal must cost as little as possible.
         # (Behind a PROXY-protocol balancer the client is known only after the header, so
         # admission waits for it in _handle_client.)
+        self._raw_transport = None
         if self.transport is None and not self.proxy_protocol:
             self.started = time.monotonic()
             peer = transport.get_extra_info("peername")
@@ -171,6 +173,12 @@ class IngressSMTP(SMTP):
         # The TLS handshake of the mutual-TLS port succeeded, so a certificate is verified.
         self.evidence = ctx.connect_evidence(self.peer_ip, der, verified=der is not None)
         decision = ctx.decide(self.evidence)
+        if self.admitted:     # mutual-TLS port: the slot was taken before the handshake
+            self.reasons = decision.reasons
+            if decision.lane is Lane.FAST and self.lane is Lane.BULK:
+                ctx.promote(self)
+            metrics.connection(self.lane, "admitted")
+            return None
         self.lane, self.reasons = decision.lane, decision.reasons
         if self.fast_only and self.lane is Lane.BULK:
             metrics.connection(self.lane, "not_fast")
@@ -184,6 +192,41 @@ class IngressSMTP(SMTP):
         metrics.connection(self.lane, "admitted")
         metrics.session_open(self.lane)
         return None
+
+    def admit_before_handshake(self, transport: asyncio.BaseTransport) -> bool:
+        """Mutual-TLS port (MtlsGate): take a connection slot on the TCP connection, before
+        the TLS handshake, by connect-time evidence (an unproven client is bulk: the bulk
+        share, the per-IP cap and rate). False: refused (the caller closes; no SMTP reply is
+        possible before TLS). The handshake then has tls.handshake_timeout; a stalled one is
+        silent and can be evicted like any silent bulk session."""
+        ctx = self.ctx
+        self.started = time.monotonic()
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer_ip = normalize_ip(peer[0])
+            self.peer_port = int(peer[1])
+        self._raw_transport = transport
+        self.evidence = ctx.connect_evidence(self.peer_ip, None, verified=False)
+        self.lane = ctx.decide(self.evidence).lane
+        refusal = ctx.admit(self)
+        if refusal is not None:
+            ctx.count("refused", self.lane)
+            metrics.connection(self.lane, self.refused_why or "draining")
+            log.event("mtls_refused", "debug", peer=self.peer_ip, why=self.refused_why)
+            return False
+        self.admitted = True
+        metrics.session_open(self.lane)
+        return True
+
+    def handshake_failed(self, why: str) -> None:
+        """The mutual-TLS handshake failed, timed out or the client went: give the slot back."""
+        self._raw_transport = None
+        if self.admitted:
+            self.admitted = False
+            self.ctx.release(self)
+            metrics.session_close(self.lane)
+            metrics.connection(self.lane, "tls_failed")
+            log.event("mtls_handshake_failed", "info", peer=self.peer_ip, why=why[:200])
 
     async def _handle_client(self) -> None:
         ctx = self.ctx
@@ -243,6 +286,9 @@ class IngressSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if self.refused:          # refused in connection_made: aiosmtpd never set up
             return
+        if self.transport is None:    # mutual-TLS port: lost during the handshake
+            self.handshake_failed(f"connection lost: {error}" if error else "connection lost")
+            return
         if self._deadline is not None:
             self._deadline.cancel()
         if self.admitted:
@@ -255,6 +301,9 @@ class IngressSMTP(SMTP):
         super().connection_lost(error)
 
     def _close_with(self, line: str) -> None:
+        if self.transport is None and self._raw_transport is not None:
+            self._raw_transport.abort()       # mid TLS handshake: no SMTP line is possible
+            return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(line.encode() + b"\r\n")
             self.transport.close()

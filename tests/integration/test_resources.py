@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.harness import Ingress, client_bytes, make_body, send_one
+from tests.harness import Ingress, client_bytes, make_body, send_one, smtp_dialogue
 
 PROXY_V1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n"
 
@@ -359,3 +359,105 @@ def test_data_semantics_match_aiosmtpd(tmp_path: Path, chunk: str) -> None:
                     assert not new, name
     finally:
         oracle.close()
+
+
+# --- the mutual-TLS port: counted before the handshake ------------------------------------
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    import trustme
+
+    ca = trustme.CA()
+    d = tmp_path / "pki"
+    d.mkdir()
+    server = ca.issue_cert("mx.test", "127.0.0.1")
+    client = ca.issue_cert("client.good.test")
+    out = {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key",
+           "client": d / "client.pem"}
+    ca.cert_pem.write_to_path(str(out["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(out["cert"]))
+    server.private_key_pem.write_to_path(str(out["key"]))
+    client.private_key_and_cert_chain_pem.write_to_path(str(out["client"]))
+    return out
+
+
+async def mtls_message(port: int, pki: dict[str, Path]) -> tuple[int, str]:
+    import ssl
+
+    import aiosmtplib
+
+    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+    ctx.load_cert_chain(str(pki["client"]))
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, use_tls=True, tls_context=ctx,
+                           timeout=10, local_hostname="client.test")
+    try:
+        await smtp.connect()
+        await smtp.ehlo()
+        await smtp.mail("alice@good.test")
+        await smtp.rcpt("bob@example.test")
+        resp = await smtp.data(make_body(7))
+        return resp.code, resp.message
+    except aiosmtplib.SMTPResponseException as e:
+        return e.code, e.message
+    except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as e:
+        return 0, repr(e)
+    finally:
+        smtp.close()
+
+
+async def closed_by_server(r: asyncio.StreamReader, wait: float) -> bool:
+    try:
+        return await asyncio.wait_for(r.read(1), wait) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+def test_mtls_handshakes_count_against_max_connections(tmp_path: Path,
+                                                       pki: dict[str, Path]) -> None:
+    """max_connections 20, fast_reserve 5: of 25 connections that never start their TLS
+    handshake on the mutual-TLS port, 15 (the bulk share) hold a slot and 10 are closed at
+    once; a fast-lane client still gets in on port 25 (the reserve), an unknown one (and a
+    client with a certificate on the mTLS port) once the stalled handshakes are old enough to
+    be evicted, and tls.handshake_timeout ends the rest.
+    Before, handshakes were not counted at all and each held its connection for 10 s."""
+    with Ingress(tmp_path, {
+        "supervisor": {"acceptors": 1},
+        "smtp": {"max_connections": 20, "fast_reserve": 5},
+        "admission": {"evict_silent_after": 1.0, "evict_rate": 100.0},
+        "classify": {"allow_cidrs": ["127.0.0.2/32"]},
+        "tls": {"cert": str(pki["cert"]), "key": str(pki["key"]), "mtls_port": 0,
+                "client_ca": str(pki["ca"]), "handshake_timeout": 3.0},
+    }) as ing:
+        mport = int(ing.events("ready")[-1]["mtls_port"])
+
+        async def run() -> dict[str, object]:
+            out: dict[str, object] = {}
+            conns = []
+            for _ in range(25):
+                conns.append(await asyncio.open_connection("127.0.0.1", mport))
+                await asyncio.sleep(0.01)
+            closed = await asyncio.gather(*(closed_by_server(r, 0.5) for r, _ in conns))
+            out["refused"] = sum(closed)
+            out["fast_plain"] = (await smtp_dialogue(ing.port, [], source="127.0.0.2"))[0]
+            await asyncio.sleep(0.8)                              # stalled ones now > 1 s
+            out["bulk_plain"] = (await smtp_dialogue(ing.port, [b"QUIT\r\n"]))[0]
+            # A client with a certificate is unproven until its handshake is done: it too
+            # gets in by evicting a stalled handshake, and then is fast lane.
+            out["mtls_ok"] = await mtls_message(mport, pki)
+            left = [c for c, gone in zip(conns, closed, strict=True) if not gone]
+            ended = await asyncio.gather(*(closed_by_server(r, 4.0) for r, _ in left))
+            out["ended_by_timeout"] = (sum(ended), len(left))
+            for _, w in conns:
+                w.close()
+            return out
+
+        r = asyncio.run(run())
+    assert r["refused"] == 10, r
+    assert str(r["fast_plain"]).startswith("220 "), r
+    assert r["mtls_ok"][0] == 250, r                           # type: ignore[index]
+    assert str(r["bulk_plain"]).startswith("220 "), r
+    done, total = r["ended_by_timeout"]                        # type: ignore[misc]
+    assert done == total, r
