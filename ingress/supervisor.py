@@ -12,7 +12,8 @@ SO_REUSEPORT would reset them unless net.ipv4.tcp_migrate_req=1).
 
 Watching: each child writes time.monotonic() into its slot of a shared array from its own main
 loop. The array has heartbeat_slots(cfg) slots (every child twice, for the overlap of a reload,
-plus a margin); a reload that needs more than are free is refused like an invalid file. A child that exits is restarted after a backoff (restart_backoff doubling to
+plus a margin); a reload that needs more than are free is refused like an invalid file.
+A child that exits is restarted after a backoff (restart_backoff doubling to
 restart_backoff_max while it keeps crashing young); more than crash_limit restarts within
 crash_window is a crash loop: logged, restarts throttled to the maximum backoff. A child whose
 heartbeat is older than heartbeat_timeout is hung: SIGKILL, then restarted.
