@@ -324,7 +324,8 @@ def _finish(cfg: Config, file: str) -> Config:
     need(s.session_deadline >= s.idle_timeout, "smtp.session_deadline",
          "must be >= smtp.idle_timeout")
     need(0 < s.ack_timeout < s.idle_timeout, "smtp.ack_timeout",
-         "must be > 0 and shorter than smtp.idle_timeout (the idle timer also runs during the ack)")
+         "must be > 0 and shorter than smtp.idle_timeout (a client waits this long after its "
+         "end of data; no idle timer runs meanwhile)")
     need(s.max_connections >= 1, "smtp.max_connections", "must be >= 1")
     need(0 <= s.fast_reserve < s.max_connections, "smtp.fast_reserve",
          "must be >= 0 and below smtp.max_connections")

@@ -37,6 +37,8 @@ bytearray and the bytes returned), for the moment of the copy.
 
 from __future__ import annotations
 
+import functools
+import re
 from enum import Enum
 
 from ingress.wire import Lane
@@ -44,6 +46,11 @@ from ingress.wire import Lane
 TERMINATOR = b"\r\n.\r\n"
 MIN_FREE = 64 * 1024         # a bulk DATA is refused at once when less than this is left
 CRLF = b"\r\n"
+
+
+@functools.lru_cache(maxsize=4)
+def _long_run_pattern(line_limit: int) -> re.Pattern[bytes]:
+    return re.compile(rb"\n[^\n]{%d}" % line_limit)
 
 
 class DataState(Enum):
@@ -136,17 +143,21 @@ class DataReader:
         self.raw += seg
 
     def _check(self, seg: bytes | bytearray) -> None:
-        """Line lengths and the size limit over one piece, in C loops; the order of the two
-        errors is worked out line by line only when both occur in this piece."""
-        limit = self.line_limit
-        parts = seg.split(CRLF)
-        last = len(parts[-1]) + (self.line if len(parts) == 1 else 0)
-        first = self.line + len(parts[0]) + 2
-        longest = max(first, max(map(len, parts[1:-1]), default=0) + 2) if len(parts) > 1 else 0
-        too_long = longest > limit or last > limit
-        too_much = bool(self.size_limit) and self.total + len(seg) > self.size_limit
+        """Line lengths and the size limit over one piece, in C loops (bytes methods and one
+        regex); the order of the two errors is worked out line by line only when both occur
+        in this piece."""
+        limit, n = self.line_limit, len(seg)
+        i0 = seg.find(CRLF)
+        if i0 < 0:
+            last, too_long = self.line + n, False
+        else:
+            j = seg.rfind(CRLF)
+            last = n - j - 2
+            too_long = self.line + i0 + 2 > limit or self._long_line(seg, i0 + 2, j + 2)
+        too_long = too_long or last > limit
+        too_much = bool(self.size_limit) and self.total + n > self.size_limit
         if too_long and too_much:
-            self._fail(self._first_error(parts))
+            self._fail(self._first_error(seg.split(CRLF)))
         self.line = last
         if self.state is not DataState.NOMINAL:
             return
@@ -154,6 +165,20 @@ class DataReader:
             self._fail(DataState.TOO_LONG)
         elif too_much:
             self._fail(DataState.TOO_MUCH)
+
+    def _long_line(self, seg: bytes | bytearray, start: int, end: int) -> bool:
+        """Is a complete line in seg[start:end] (whole lines) longer than line_limit with its
+        CRLF? Without bare LFs, exactly when a run of line_limit non-LF bytes follows an LF
+        (the content and the CR of its CRLF; seg[start - 1] is the LF of the CRLF before the
+        region); with bare LFs (refused later anyway), line by line."""
+        if seg.count(b"\n", start, end) == seg.count(CRLF, start, end):
+            # Anchored on the LF before each line, so each line is scanned once (linear).
+            return self._long_run.search(seg, start - 1, end) is not None
+        return max(map(len, seg[start:end].split(CRLF)), default=0) + 2 > self.line_limit
+
+    @functools.cached_property
+    def _long_run(self) -> re.Pattern[bytes]:
+        return _long_run_pattern(self.line_limit)
 
     def _first_error(self, parts: list[bytes] | list[bytearray]) -> DataState:
         total, line = self.total, self.line

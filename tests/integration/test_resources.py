@@ -314,6 +314,8 @@ DATA_CASES = {
     "crlf_dot_inside_line": HDR + b"a\r\n.\r\nMAIL FROM:<x@y>\r\n",   # ends at the first
     "line_999": HDR + b"x" * 999 + b"\r\n.\r\n",
     "line_1000": HDR + b"x" * 1000 + b"\r\n.\r\n",
+    "long_in_middle": HDR + b"a\r\n" + b"x" * 1000 + b"\r\nb\r\n.\r\n",
+    "long_bare_lf": HDR + b"a\r\n" + b"x" * 600 + b"\n" + b"x" * 600 + b"\r\nb\r\n.\r\n",
     "line_5000": HDR + b"x" * 5000 + b"\r\nafter\r\n.\r\n",
     "at_size": HDR + lines_of(4096 - len(HDR), 100) + b".\r\n",
     "size_plus_1": HDR + lines_of(4097 - len(HDR), 100) + b".\r\n",
