@@ -71,7 +71,8 @@ def main(argv: list[str]) -> int:
     idle = int(argv[3]) if len(argv) > 3 else 1000
     with tempfile.TemporaryDirectory() as tmp, Ingress(Path(tmp), {
             "supervisor": {"acceptors": 1},
-            "smtp": {"max_message_size": 4 * each, "data_memory_budget": 2 * sessions * each + (16 << 20),
+            "smtp": {"max_message_size": 4 * each,
+                     "data_memory_budget": 2 * sessions * each + (16 << 20),
                      "max_connections": idle + sessions + 200,
                      "fast_reserve": 100}}) as ing:
         (pid,) = ing.children("acceptor")
@@ -84,8 +85,9 @@ def main(argv: list[str]) -> int:
     held = sessions * each / (1 << 20)
     print(f"+ {sessions} sessions in DATA ({held:.0f} MiB of 3-byte lines): "
           f"{(r['in_data'] - r['idle']) / kib:8.1f} MiB")
-    print(f"after those messages ({r['accepted']} accepted):  {(r['after'] - r['rest']) / kib:8.1f} "
-          f"MiB above rest; {time.monotonic() - t0:.1f} s")
+    after = (r["after"] - r["rest"]) / kib
+    print(f"after those messages ({r['accepted']} accepted):  {after:8.1f} MiB above rest; "
+          f"{time.monotonic() - t0:.1f} s")
     return 0
 
 
