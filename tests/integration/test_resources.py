@@ -463,3 +463,38 @@ def test_mtls_handshakes_count_against_max_connections(tmp_path: Path,
     assert str(r["bulk_plain"]).startswith("220 "), r
     done, total = r["ended_by_timeout"]                        # type: ignore[misc]
     assert done == total, r
+
+
+def test_lane_queue_bound_in_bytes(tmp_path: Path) -> None:
+    """lanes.fast.queue_bytes 300 KB: with the fast worker stopped (SIGSTOP, less than
+    smtp.ack_timeout), three 90 KB messages wait in the broker's queue; a fourth would pass
+    the byte bound and gets 451 (queue_full) at once instead of waiting. When the worker
+    resumes, the three queued ones are stored and acknowledged."""
+    import os
+    import signal
+
+    with Ingress(tmp_path, {
+        "supervisor": {"acceptors": 1, "heartbeat_timeout": 20.0},   # stopped, not hung
+        "smtp": {"max_message_size": 100000, "ack_timeout": 8.0},
+        "classify": {"allow_cidrs": ["127.0.0.1/32"]},
+        "lanes.fast": {"workers": 1, "queue_bytes": 300000},
+    }) as ing:
+        (worker,) = ing.children("worker-fast")
+
+        async def run() -> tuple[list[tuple[int, str]], tuple[int, str]]:
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(1.5)          # the broker has dropped the silent worker
+                waiting = [asyncio.create_task(send_one(ing.port, make_body(i, 90000)))
+                           for i in range(3)]
+                await asyncio.sleep(1.0)          # all three queued
+                fourth = await send_one(ing.port, make_body(9, 90000))   # not "ack timeout"
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            return list(await asyncio.gather(*waiting)), fourth
+
+        queued, fourth = asyncio.run(run())
+        n_spooled = len(ing.spooled())
+    assert fourth[0] == 451 and "queue_full" in fourth[1], fourth
+    assert [c for c, _ in queued] == [250, 250, 250], queued
+    assert n_spooled == 3
