@@ -407,7 +407,7 @@ class AcceptorContext:
                 except OSError as e:
                     log.event("learned_save_failed", "error", error=str(e))
 
-    async def drain(self, servers: list[asyncio.AbstractServer], retire: bool) -> None:
+    async def drain(self, servers: list[Any], retire: bool) -> None:
         """Stop accepting, then let the sessions go.
 
         retire (a reload: replacement acceptors already serve the same sockets): every session
@@ -434,43 +434,51 @@ class AcceptorContext:
                   left=len(self.sessions), **self.counters)
 
 
-class MtlsGate(asyncio.Protocol):
-    """The mutual-TLS port's protocol for a new TCP connection: the connection takes a slot
-    (IngressSMTP.admit_before_handshake) before the TLS handshake, so handshakes are bounded
-    by smtp.max_connections like any session; then the handshake, bounded by
-    tls.handshake_timeout (loop.start_tls), and the SMTP session on the TLS transport."""
+class MtlsListener:
+    """The mutual-TLS port. Connections are accepted here (loop.sock_accept), and each takes a
+    slot (IngressSMTP.admit_before_handshake) before its TLS handshake, so handshakes are
+    bounded by smtp.max_connections like any session; a refused one is closed at once. Then
+    the handshake (loop.connect_accepted_socket, bounded by tls.handshake_timeout) and the SMTP
+    session on the TLS transport. (A protocol on a plain listener calling start_tls would race
+    uvloop, which starts reading after connection_made: the ClientHello could be lost.)
+    close() stops accepting, like asyncio.Server.close()."""
 
-    def __init__(self, ctx: AcceptorContext) -> None:
-        self.ctx = ctx
+    def __init__(self, ctx: AcceptorContext, sock: socket.socket) -> None:
+        self.ctx, self.sock = ctx, sock
+        self.task = ctx.loop.create_task(self._accept_loop())
 
-    def connection_made(self, transport: Any) -> None:      # uvloop's TCPTransport
-        transport.pause_reading()         # the ClientHello stays in the socket for start_tls
-        proto = IngressSMTP(self.ctx, implicit_tls=True)
-        if not proto.admit_before_handshake(transport):
-            transport.abort()
-            return
-        self.ctx.loop.create_task(self._handshake(transport, proto))
+    def close(self) -> None:
+        self.task.cancel()
 
-    async def _handshake(self, transport: Any, proto: IngressSMTP) -> None:
+    async def _accept_loop(self) -> None:
+        loop = self.ctx.loop
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(self.sock)
+            except OSError as e:       # EMFILE, ENFILE, ECONNABORTED ...: no busy loop
+                log.event("accept_failed", "warning", port="mtls", error=str(e))
+                await asyncio.sleep(0.1)
+                continue
+            proto = IngressSMTP(self.ctx, implicit_tls=True)
+            if not proto.admit_before_handshake(addr):
+                conn.close()
+                continue
+            task = loop.create_task(self._handshake(conn, proto))
+            proto.abort_handshake = task.cancel
+
+    async def _handshake(self, conn: socket.socket, proto: IngressSMTP) -> None:
         ctx = self.ctx
         assert ctx.mtls_context is not None
         try:
-            tls = await ctx.loop.start_tls(
-                transport, proto, ctx.mtls_context, server_side=True,
+            await ctx.loop.connect_accepted_socket(
+                lambda: proto, conn, ssl=ctx.mtls_context,
                 ssl_handshake_timeout=ctx.cfg.tls.handshake_timeout)
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError, RuntimeError) as e:
+        except asyncio.CancelledError:     # evicted, or the acceptor is stopping
+            proto.handshake_failed("cancelled")
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
             proto.handshake_failed(f"{type(e).__name__}: {e}")
-            transport.abort()
-            return
-        if tls is None or not proto.admitted:     # evicted (or closed) during the handshake
-            proto.handshake_failed("closed during the handshake")
-            if tls is not None:
-                tls.abort()
-            return
-        proto.connection_made(tls)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass      # before start_tls took the transport over: the handshake task sees it
+        else:
+            proto.abort_handshake = None
 
 
 def raise_nofile(needed: int) -> int:
@@ -557,7 +565,7 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
         lambda: IngressSMTP(ctx, proxy_protocol=lst.proxy_protocol), sock=sock)]
     if mtls_sock is not None and ctx.mtls_context is not None:
         mtls_sock.setblocking(False)
-        servers.append(await loop.create_server(lambda: MtlsGate(ctx), sock=mtls_sock))
+        servers.append(MtlsListener(ctx, mtls_sock))
     if fast_sock is not None:
         fast_sock.setblocking(False)
         servers.append(await loop.create_server(

@@ -43,8 +43,9 @@ import asyncio
 import collections
 import re
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import MISSING, SMTP, Session
@@ -138,7 +139,7 @@ class IngressSMTP(SMTP):
         self.refused = False
         self.banner_sent = False
         self._deadline: asyncio.TimerHandle | None = None
-        self._raw_transport: asyncio.BaseTransport | None = None   # mTLS: before the handshake
+        self.abort_handshake: Callable[[], Any] | None = None   # mTLS port, during the handshake
 
     # --- connection life cycle ----------------------------------------------------------------
 
@@ -147,7 +148,7 @@ class IngressSMTP(SMTP):
         # thousands of bots reconnect every second, a refusal must cost as little as possible.
         # (Behind a PROXY-protocol balancer the client is known only after the header, so
         # admission waits for it in _handle_client.)
-        self._raw_transport = None
+        self.abort_handshake = None
         if self.transport is None and not self.proxy_protocol:
             self.started = time.monotonic()
             peer = transport.get_extra_info("peername")
@@ -193,19 +194,17 @@ class IngressSMTP(SMTP):
         metrics.session_open(self.lane)
         return None
 
-    def admit_before_handshake(self, transport: asyncio.BaseTransport) -> bool:
-        """Mutual-TLS port (MtlsGate): take a connection slot on the TCP connection, before
-        the TLS handshake, by connect-time evidence (an unproven client is bulk: the bulk
-        share, the per-IP cap and rate). False: refused (the caller closes; no SMTP reply is
-        possible before TLS). The handshake then has tls.handshake_timeout; a stalled one is
-        silent and can be evicted like any silent bulk session."""
+    def admit_before_handshake(self, peer: tuple[Any, ...]) -> bool:
+        """Mutual-TLS port (MtlsListener): take a connection slot for the TCP connection from
+        `peer`, before the TLS handshake, by connect-time evidence (an unproven client is bulk:
+        the bulk share, the per-IP cap and rate). False: refused (the caller closes; no SMTP
+        reply is possible before TLS). The handshake then has tls.handshake_timeout; a stalled
+        one is silent and can be evicted like any silent bulk session (abort_handshake)."""
         ctx = self.ctx
         self.started = time.monotonic()
-        peer = transport.get_extra_info("peername")
         if peer:
             self.peer_ip = normalize_ip(peer[0])
             self.peer_port = int(peer[1])
-        self._raw_transport = transport
         self.evidence = ctx.connect_evidence(self.peer_ip, None, verified=False)
         self.lane = ctx.decide(self.evidence).lane
         refusal = ctx.admit(self)
@@ -220,7 +219,7 @@ class IngressSMTP(SMTP):
 
     def handshake_failed(self, why: str) -> None:
         """The mutual-TLS handshake failed, timed out or the client went: give the slot back."""
-        self._raw_transport = None
+        self.abort_handshake = None
         if self.admitted:
             self.admitted = False
             self.ctx.release(self)
@@ -301,8 +300,8 @@ class IngressSMTP(SMTP):
         super().connection_lost(error)
 
     def _close_with(self, line: str) -> None:
-        if self.transport is None and self._raw_transport is not None:
-            self._raw_transport.abort()       # mid TLS handshake: no SMTP line is possible
+        if self.transport is None and self.abort_handshake is not None:
+            self.abort_handshake()            # mid TLS handshake: no SMTP line is possible
             return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(line.encode() + b"\r\n")

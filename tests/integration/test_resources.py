@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -498,3 +499,42 @@ def test_lane_queue_bound_in_bytes(tmp_path: Path) -> None:
     assert fourth[0] == 451 and "queue_full" in fourth[1], fourth
     assert [c for c, _ in queued] == [250, 250, 250], queued
     assert n_spooled == 3
+
+
+def test_mtls_port_takes_no_proxy_header(tmp_path: Path, pki: dict[str, Path]) -> None:
+    """listen.proxy_protocol is for listen.port: a client with a certificate on the mutual-TLS
+    port is served directly (before, it was made to wait for a PROXY header inside TLS)."""
+    with Ingress(tmp_path, {
+        "listen": {"proxy_protocol": True, "trusted_proxies": ["127.0.0.1/32"]},
+        "tls": {"cert": str(pki["cert"]), "key": str(pki["key"]), "mtls_port": 0,
+                "client_ca": str(pki["ca"])},
+    }) as ing:
+        mport = int(ing.events("ready")[-1]["mtls_port"])
+        code, text = asyncio.run(mtls_message(mport, pki))
+        lanes = [str(e.envelope["lane"]) for e in ing.spooled().values()]
+    assert code == 250, (code, text)
+    assert lanes == ["fast"]
+
+
+def test_reload_that_does_not_fit_the_heartbeat_array(tmp_path: Path) -> None:
+    """The heartbeat array is sized from the config at start; a SIGHUP to a config with many
+    more processes is refused (reload_failed, the running config kept, mail still accepted)
+    instead of an IndexError in the supervisor."""
+    import signal
+
+    with Ingress(tmp_path, {"supervisor": {"acceptors": 1},
+                            "lanes.fast": {"workers": 1}, "lanes.bulk": {"workers": 1}}) as ing:
+        before = "[lanes.bulk]\nrate = 0.0\nworkers = 1\n"
+        text = ing.config.read_text()
+        assert before in text
+        ing.config.write_text(text.replace(before, "[lanes.bulk]\nrate = 0.0\nworkers = 40\n"))
+        ing.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not ing.events("reload_failed") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        failed = ing.events("reload_failed")
+        code, _ = asyncio.run(send_one(ing.port, make_body(1)))
+        workers = len(ing.children("worker-bulk"))
+    assert failed and "heartbeat slots" in failed[-1]["error"], failed
+    assert code == 250
+    assert workers == 1
