@@ -5,6 +5,11 @@ API:
                                       supervisor bound for this acceptor slot (SO_REUSEPORT)
     AcceptorContext                   per-process state shared by all sessions (smtp.py uses it)
     LaneClient                        DEALER to one lane broker: submit() -> (Reply | None, why)
+    MtlsListener                      the mutual-TLS port: a slot is taken at accept, before
+                                      the TLS handshake (tls.handshake_timeout)
+
+Memory: the bytes all sessions hold in DATA (until their ack) are bounded by one DataBudget
+(smtp.data_memory_budget, with smtp.data_fast_reserve for the fast lane only).
 
 The event loop (uvloop) never blocks: no DNS, no disk, no CPU-heavy work here. Every wait has a
 deadline: the ack wait is smtp.ack_timeout; a broker that is down fails the send at once

@@ -10,6 +10,8 @@ What this layer adds to aiosmtpd (DESIGN.md section 10 lists the traps it works 
   listener: IngressSMTP(proxy_protocol=...)) they wait for the header, and the greet pause and
   the early-talker test start after it; the fast port (listen.fast_port) serves fast-lane
   clients only;
+- on the mutual-TLS port a connection takes its slot before the TLS handshake
+  (admit_before_handshake; acceptor.MtlsListener), and a verified certificate promotes it after;
 - a session is built from a per-process prototype (aiosmtpd's __init__ introspects the class
   and the handler on every connection: ~0.5 ms);
 - lane state on the protocol instance (STARTTLS builds a new Session); SPF at MAIL FROM can
