@@ -457,7 +457,7 @@ class IngressSMTP(SMTP):
             finally:
                 self.awaiting_ack = False
                 self.envelope.content = self.envelope.original_content = None
-            self._reset_timeout()
+                self._reset_timeout()       # the idle timer again, whatever happened
             self._set_post_data_state()
             await self.push("250 OK" if status is MISSING else status)
         finally:
