@@ -5,6 +5,11 @@ API:
                                       supervisor bound for this acceptor slot (SO_REUSEPORT)
     AcceptorContext                   per-process state shared by all sessions (smtp.py uses it)
     LaneClient                        DEALER to one lane broker: submit() -> (Reply | None, why)
+    MtlsListener                      the mutual-TLS port: a slot is taken at accept, before
+                                      the TLS handshake (tls.handshake_timeout)
+
+Memory: the bytes all sessions hold in DATA (until their ack) are bounded by one DataBudget
+(smtp.data_memory_budget, with smtp.data_fast_reserve for the fast lane only).
 
 The event loop (uvloop) never blocks: no DNS, no disk, no CPU-heavy work here. Every wait has a
 deadline: the ack wait is smtp.ack_timeout; a broker that is down fails the send at once
@@ -49,6 +54,7 @@ from ingress.classify import (
     decide,
 )
 from ingress.config import Config
+from ingress.dataread import DataBudget
 from ingress.evidence import cert_evidence, check_spf, make_resolver, normalize_fingerprint
 from ingress.rcpt_verify import RecipientVerifier
 from ingress.session_rules import ErrorPolicy
@@ -195,6 +201,9 @@ class AcceptorContext:
             lb.rate * BULK_SHARE / cfg.acceptor_count,
             max(1.0, (lb.burst or lb.rate) / cfg.acceptor_count), now=time.monotonic()) \
             if lb.rate > 0 else None
+        # Bytes held in DATA by all sessions (smtp.data_memory_budget); bulk never takes the
+        # fast lane's part (smtp.data_fast_reserve).
+        self.data_budget = DataBudget(*cfg.data_budget)
         self.tls_context = starttls_context(cfg)
         self.mtls_context = mtls_context(cfg)
         self.handler = IngressHandler(self)
@@ -277,6 +286,7 @@ class AcceptorContext:
     def promote(self, proto: IngressSMTP) -> None:
         if proto.ticket is not None:
             self.admission.promote(proto.ticket)
+        self.silent.pop(proto, None)      # a fast session is never evicted for being silent
         if proto.admitted and proto.lane is not Lane.FAST:
             metrics.session_close(proto.lane)
             metrics.session_open(Lane.FAST)
@@ -408,7 +418,7 @@ class AcceptorContext:
                 except OSError as e:
                     log.event("learned_save_failed", "error", error=str(e))
 
-    async def drain(self, servers: list[asyncio.AbstractServer], retire: bool) -> None:
+    async def drain(self, servers: list[Any], retire: bool) -> None:
         """Stop accepting, then let the sessions go.
 
         retire (a reload: replacement acceptors already serve the same sockets): every session
@@ -433,6 +443,53 @@ class AcceptorContext:
         await asyncio.sleep(0.05)
         log.event("acceptor_drained", mode="retire" if retire else "shutdown",
                   left=len(self.sessions), **self.counters)
+
+
+class MtlsListener:
+    """The mutual-TLS port. Connections are accepted here (loop.sock_accept), and each takes a
+    slot (IngressSMTP.admit_before_handshake) before its TLS handshake, so handshakes are
+    bounded by smtp.max_connections like any session; a refused one is closed at once. Then
+    the handshake (loop.connect_accepted_socket, bounded by tls.handshake_timeout) and the SMTP
+    session on the TLS transport. (A protocol on a plain listener calling start_tls would race
+    uvloop, which starts reading after connection_made: the ClientHello could be lost.)
+    close() stops accepting, like asyncio.Server.close()."""
+
+    def __init__(self, ctx: AcceptorContext, sock: socket.socket) -> None:
+        self.ctx, self.sock = ctx, sock
+        self.task = ctx.loop.create_task(self._accept_loop())
+
+    def close(self) -> None:
+        self.task.cancel()
+
+    async def _accept_loop(self) -> None:
+        loop = self.ctx.loop
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(self.sock)
+            except OSError as e:       # EMFILE, ENFILE, ECONNABORTED ...: no busy loop
+                log.event("accept_failed", "warning", port="mtls", error=str(e))
+                await asyncio.sleep(0.1)
+                continue
+            proto = IngressSMTP(self.ctx, implicit_tls=True)
+            if not proto.admit_before_handshake(addr):
+                conn.close()
+                continue
+            task = loop.create_task(self._handshake(conn, proto))
+            proto.abort_handshake = task.cancel
+
+    async def _handshake(self, conn: socket.socket, proto: IngressSMTP) -> None:
+        ctx = self.ctx
+        assert ctx.mtls_context is not None
+        try:
+            await ctx.loop.connect_accepted_socket(
+                lambda: proto, conn, ssl=ctx.mtls_context,
+                ssl_handshake_timeout=ctx.cfg.tls.handshake_timeout)
+        except asyncio.CancelledError:     # evicted, or the acceptor is stopping
+            proto.handshake_failed("cancelled")
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
+            proto.handshake_failed(f"{type(e).__name__}: {e}")
+        else:
+            proto.abort_handshake = None
 
 
 def raise_nofile(needed: int) -> int:
@@ -510,7 +567,7 @@ def starttls_context(cfg: Config) -> ssl.SSLContext | None:
 def mtls_context(cfg: Config) -> ssl.SSLContext | None:
     """The mutual-TLS port: implicit TLS, a client certificate required and verified against
     tls.client_ca (a pinned self-signed certificate must be in that bundle too: Python's ssl
-    cannot request a certificate without verifying it)."""
+    cannot request a certificate without verifying it; config validation requires the bundle)."""
     t = cfg.tls
     if t.mtls_port < 0 or not t.cert:
         return None
@@ -529,16 +586,17 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
     ctx = AcceptorContext(cfg, index, loop)
     raise_nofile(cfg.smtp.max_connections + 64)
     sock.setblocking(False)
-    servers = [await loop.create_server(lambda: IngressSMTP(ctx), sock=sock)]
+    lst = cfg.listen
+    servers = [await loop.create_server(
+        lambda: IngressSMTP(ctx, proxy_protocol=lst.proxy_protocol), sock=sock)]
     if mtls_sock is not None and ctx.mtls_context is not None:
         mtls_sock.setblocking(False)
-        servers.append(await loop.create_server(
-            lambda: IngressSMTP(ctx, implicit_tls=True), sock=mtls_sock,
-            ssl=ctx.mtls_context, ssl_handshake_timeout=10.0))
+        servers.append(MtlsListener(ctx, mtls_sock))
     if fast_sock is not None:
         fast_sock.setblocking(False)
         servers.append(await loop.create_server(
-            lambda: IngressSMTP(ctx, fast_only=True), sock=fast_sock))
+            lambda: IngressSMTP(ctx, fast_only=True, proxy_protocol=lst.fast_port_proxy_protocol),
+            sock=fast_sock))
     stop = asyncio.Event()
     retire = False
 

@@ -39,12 +39,15 @@ class ListenConfig:
     port: int = 2525
     backlog: int = 4096                 # per acceptor socket; the kernel caps it (somaxconn)
     proxy_protocol: bool = False        # PROXY v1/v2 header required on listen.port (behind an
-                                        # L4 balancer); never on a port direct clients use
+                                        # L4 balancer); never on a port direct clients use.
+                                        # listen.port only: the fast port has its own key, and
+                                        # the mutual-TLS port never takes a PROXY header
     trusted_proxies: tuple[str, ...] = ()   # CIDRs whose PROXY header is believed (required
                                             # when proxy_protocol = true)
     fast_port: int = -1                 # a second plain port (same host) that admits only
                                         # clients with connect-time fast-lane evidence (allow
                                         # list, learned allow); -1 = off
+    fast_port_proxy_protocol: bool = False  # PROXY header required on listen.fast_port too
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,17 @@ class SmtpConfig:
     verify_concurrency: int = 4         # callouts at once per acceptor process (x acceptors:
                                         # keep it well below the downstream's process limit)
     verify_per_session: int = 10        # callouts one session may cause; then 450
+    data_memory_budget: int = 0         # bytes all sessions of one acceptor may hold in DATA
+                                        # (and until the ack); 0 = 8 x max_message_size
+    data_fast_reserve: int = 0          # of it, bytes only the fast lane may use; 0 = a quarter
 
 
 @dataclass(frozen=True)
 class LaneConfig:
     workers: int = 0                    # 0: scale to the cores
     queue_max: int = 256                # broker queue bound
+    queue_bytes: int = 0                # broker queue bound in bytes of message bodies; 0 =
+                                        # max(64 MiB, 4 x smtp.max_message_size)
     credit: int = 8                     # messages a worker may hold at once (group commit)
     rate: float = 0.0                   # msgs/s cap; 0 = uncapped (the fast lane always is)
     burst: int = 0                      # token bucket depth; 0 = one second of rate
@@ -138,6 +146,8 @@ class TlsConfig:
     mtls_port: int = -1                 # implicit-TLS port requiring a client certificate; -1 off
     client_ca: str = ""                 # CA bundle that verifies client certificates (mTLS port)
     pinned_sha256: tuple[str, ...] = () # client certificate fingerprints that promote
+    handshake_timeout: float = 5.0      # mTLS port: a TLS handshake that takes longer is
+                                        # closed (the connection holds a slot meanwhile)
 
 
 @dataclass(frozen=True)
@@ -201,6 +211,24 @@ class Config:
     def worker_count(self, lane: str) -> int:
         lc: LaneConfig = getattr(self.lanes, lane)
         return lc.workers or max(1, cores() // 2)
+
+    @property
+    def child_count(self) -> int:
+        """Processes the supervisor runs for this config: brokers, workers, relay, acceptors."""
+        return (2 + self.worker_count("fast") + self.worker_count("bulk")
+                + (1 if self.relay.downstream else 0) + self.acceptor_count)
+
+    @property
+    def data_budget(self) -> tuple[int, int]:
+        """(bytes per acceptor in DATA, of which reserved for the fast lane), defaults derived."""
+        s = self.smtp
+        total = s.data_memory_budget or 8 * s.max_message_size
+        return total, s.data_fast_reserve or total // 4
+
+    def queue_bytes(self, lane: str) -> int:
+        """The lane broker's queue bound in bytes (lanes.<lane>.queue_bytes, derived if 0)."""
+        lc: LaneConfig = getattr(self.lanes, lane)
+        return lc.queue_bytes or max(64 * 1024 * 1024, 4 * self.smtp.max_message_size)
 
     def ipc(self, name: str) -> str:
         return f"ipc://{self.spool.state_dir / 'run' / name}.sock"
@@ -302,6 +330,10 @@ def _finish(cfg: Config, file: str) -> Config:
             raise ConfigError(file, "listen.trusted_proxies", f"{c!r} is not a CIDR") from None
     need(not lst.proxy_protocol or bool(lst.trusted_proxies), "listen.trusted_proxies",
          "must list the load balancers' addresses when listen.proxy_protocol = true")
+    need(not lst.fast_port_proxy_protocol or bool(lst.trusted_proxies), "listen.trusted_proxies",
+         "must list the load balancers' addresses when listen.fast_port_proxy_protocol = true")
+    need(not lst.fast_port_proxy_protocol or lst.fast_port >= 0,
+         "listen.fast_port_proxy_protocol", "needs listen.fast_port")
     need(bool(s.hostname) and " " not in s.hostname, "smtp.hostname", "must be a host name")
     need(len(s.accepted_domains) > 0, "smtp.accepted_domains",
          "must list at least one domain (the ingress is never an open relay)")
@@ -314,7 +346,8 @@ def _finish(cfg: Config, file: str) -> Config:
     need(s.session_deadline >= s.idle_timeout, "smtp.session_deadline",
          "must be >= smtp.idle_timeout")
     need(0 < s.ack_timeout < s.idle_timeout, "smtp.ack_timeout",
-         "must be > 0 and shorter than smtp.idle_timeout (the idle timer also runs during the ack)")
+         "must be > 0 and shorter than smtp.idle_timeout (a client waits this long after its "
+         "end of data; no idle timer runs meanwhile)")
     need(s.max_connections >= 1, "smtp.max_connections", "must be >= 1")
     need(0 <= s.fast_reserve < s.max_connections, "smtp.fast_reserve",
          "must be >= 0 and below smtp.max_connections")
@@ -339,11 +372,19 @@ def _finish(cfg: Config, file: str) -> Config:
     need(1 <= s.verify_cache_size <= 10_000_000, "smtp.verify_cache_size", "must be 1..10000000")
     need(1 <= s.verify_concurrency <= 1000, "smtp.verify_concurrency", "must be 1..1000")
     need(0 <= s.verify_per_session <= 1000, "smtp.verify_per_session", "must be 0..1000")
+    need(s.data_memory_budget >= 0 and s.data_fast_reserve >= 0, "smtp.data_memory_budget",
+         "smtp.data_memory_budget and smtp.data_fast_reserve must be >= 0 (0 = derived)")
+    total, reserve = cfg.data_budget
+    need(total - reserve >= s.max_message_size, "smtp.data_fast_reserve",
+         f"the bulk share of the DATA budget ({total} - {reserve} bytes) must hold one message "
+         f"of smtp.max_message_size ({s.max_message_size})")
     for lane in ("fast", "bulk"):
         lc: LaneConfig = getattr(cfg.lanes, lane)
         k = f"lanes.{lane}"
         need(0 <= lc.workers <= 256, f"{k}.workers", "must be 0..256 (0 = scale to cores)")
         need(1 <= lc.queue_max <= 100000, f"{k}.queue_max", "must be 1..100000")
+        need(lc.queue_bytes == 0 or lc.queue_bytes >= s.max_message_size, f"{k}.queue_bytes",
+             "must be 0 (derived) or at least smtp.max_message_size")
         need(1 <= lc.credit <= 1024, f"{k}.credit", "must be 1..1024")
         need(lc.rate >= 0, f"{k}.rate", "must be >= 0 (0 = uncapped)")
         need(lc.burst >= 0, f"{k}.burst", "must be >= 0")
@@ -389,9 +430,15 @@ def _finish(cfg: Config, file: str) -> Config:
         path = getattr(t, key)
         need(not path or os.path.isfile(path), f"tls.{key}", f"{path!r}: no such file")
     need(-1 <= t.mtls_port <= 65535, "tls.mtls_port", "must be -1 (off) or 0..65535")
+    need(0 < t.handshake_timeout <= 60, "tls.handshake_timeout", "must be in (0, 60] seconds")
     need(t.mtls_port < 0 or bool(t.cert), "tls.mtls_port", "needs tls.cert and tls.key")
     need(t.mtls_port < 0 or bool(t.client_ca) or bool(t.pinned_sha256), "tls.mtls_port",
          "needs tls.client_ca or tls.pinned_sha256 to check client certificates against")
+    # Python's ssl verifies every client certificate it requests against a CA bundle (there is
+    # no verify callback to accept a pinned one instead): pins alone fail every handshake.
+    need(t.mtls_port < 0 or bool(t.client_ca), "tls.client_ca",
+         "tls.mtls_port needs a CA bundle even with tls.pinned_sha256: put the pinned (e.g. "
+         "self-signed) certificates or their issuers in tls.client_ca")
     for fp in t.pinned_sha256:
         hexed = fp.replace(":", "").lower()
         need(len(hexed) == 64 and all(ch in "0123456789abcdef" for ch in hexed),
@@ -409,7 +456,8 @@ def _finish(cfg: Config, file: str) -> Config:
         mhost, _, mport = m.rpartition(":")
         need(mport.isdigit() and int(mport) <= 65535 and bool(mhost), "metrics.listen",
              'must be "host:port" or ""')
-    need(sup.acceptors >= 0, "supervisor.acceptors", "must be >= 0 (0 = one per core)")
+    need(0 <= sup.acceptors <= 1024, "supervisor.acceptors",
+         "must be 0..1024 (0 = one per core)")
     need(sup.heartbeat_interval > 0, "supervisor.heartbeat_interval", "must be > 0")
     need(sup.heartbeat_timeout >= 2 * sup.heartbeat_interval, "supervisor.heartbeat_timeout",
          "must be at least twice supervisor.heartbeat_interval")

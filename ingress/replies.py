@@ -25,6 +25,7 @@ TOO_MANY_ERRORS = "421 4.7.0 {host} Error: too many errors"
 TOO_MANY_TRANSACTIONS = "421 4.7.0 {host} Error: too many transactions without a message"
 UNVERIFIED_RECIPIENT = ("450 4.1.1 <{rcpt}>: Recipient address rejected: "
                         "unverified address, try again later")
+DATA_NO_STORAGE = "452 4.3.1 Insufficient system storage, try again later"
 
 # 5xx: policy
 UNKNOWN_USER = "550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown"

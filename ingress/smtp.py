@@ -6,8 +6,12 @@ API:
 
 What this layer adds to aiosmtpd (DESIGN.md section 10 lists the traps it works around):
 - classification and admission in connection_made, before aiosmtpd builds anything: a refused
-  connection (421 4.7.0, no banner) costs microseconds; behind a PROXY-protocol balancer they
-  wait for the header; the fast port (listen.fast_port) serves fast-lane clients only;
+  connection (421 4.7.0, no banner) costs microseconds; behind a PROXY-protocol balancer (per
+  listener: IngressSMTP(proxy_protocol=...)) they wait for the header, and the greet pause and
+  the early-talker test start after it; the fast port (listen.fast_port) serves fast-lane
+  clients only;
+- on the mutual-TLS port a connection takes its slot before the TLS handshake
+  (admit_before_handshake; acceptor.MtlsListener), and a verified certificate promotes it after;
 - a session is built from a per-process prototype (aiosmtpd's __init__ introspects the class
   and the handler on every connection: ~0.5 ms);
 - lane state on the protocol instance (STARTTLS builds a new Session); SPF at MAIL FROM can
@@ -30,6 +34,12 @@ What this layer adds to aiosmtpd (DESIGN.md section 10 lists the traps it works 
   past smtp.soft_error_limit, 421 4.7.0 and a close at smtp.hard_error_limit, junk commands
   (NOOP/RSET/VRFY/HELP) and MAILs without a delivered message limited; after a 421 that closes
   the session, pipelined commands are not parsed (the handler task is cancelled, as on QUIT);
+- DATA read into one bytearray in bulk (ingress.dataread; aiosmtpd keeps one per line, ~23x the
+  message), charged to the acceptor's DATA budget (smtp.data_memory_budget; bulk never takes
+  smtp.data_fast_reserve): a bulk DATA with the bulk share spent gets 452 4.3.1 at once, a
+  message that overflows it mid-transfer is read to its end, dropped, and gets 452 4.3.1;
+- no idle timer (stress or not) while the worker's ack is awaited: the ack wait has its own
+  deadline (smtp.ack_timeout), and the session deadline waits for it;
 - bare CR or LF in DATA -> 550 5.6.0 (SMTP smuggling);
 - after DATA the message goes to the lane broker; 250 only on the worker's ACK (durable);
   a NACK, a timeout or an unreachable broker -> 451;
@@ -45,16 +55,18 @@ import asyncio
 import collections
 import re
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.proxy_protocol import get_proxy
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import MISSING, SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from ingress import log, metrics, proxy, replies, session_rules
 from ingress.admission import Ticket
 from ingress.classify import AuthResult, Evidence, normalize_ip
+from ingress.dataread import DataReader, DataState
 from ingress.evidence import received_spf_header, spf_identity
 from ingress.rcpt_verify import Answer
 from ingress.session_rules import Counters, Refusal
@@ -77,7 +89,7 @@ _PER_CONNECTION = frozenset({
 
 class IngressSMTP(SMTP):
     def __init__(self, ctx: AcceptorContext, implicit_tls: bool = False,
-                 fast_only: bool = False) -> None:
+                 fast_only: bool = False, proxy_protocol: bool = False) -> None:
         # aiosmtpd's SMTP.__init__ introspects the handler and the class on every connection
         # (inspect.getmembers, dir(), inspect.signature): ~0.5 ms, more than the rest of a
         # one-message session costs here. It is run once per (acceptor, listener kind); every
@@ -116,6 +128,8 @@ class IngressSMTP(SMTP):
         self.ctx = ctx
         self.implicit_tls = implicit_tls
         self.fast_only = fast_only         # listen.fast_port: fast-lane clients only
+        self.proxy_protocol = proxy_protocol   # this listener is behind a PROXY balancer
+        self.awaiting_proxy = proxy_protocol   # the PROXY header has not been read yet
         self.lane = Lane.BULK
         self.evidence = Evidence()
         self.reasons: tuple[str, ...] = ()
@@ -126,6 +140,7 @@ class IngressSMTP(SMTP):
         self.greeted = False
         self.early_talker = False
         self.busy = False              # inside DATA or waiting for the ack
+        self.awaiting_ack = False      # the message is with the lane: no idle timer now
         self.messages = 0
         self.started = 0.0
         self.last_reply = ""
@@ -144,6 +159,7 @@ class IngressSMTP(SMTP):
         self.cut_off = False           # 421 written: nothing more is read or answered
         self.callouts = 0              # recipient verification callouts this session caused
         self._logged = False           # the next final reply's refusal is logged already
+        self.abort_handshake: Callable[[], Any] | None = None   # mTLS port, during the handshake
 
     # --- connection life cycle ----------------------------------------------------------------
 
@@ -152,7 +168,8 @@ class IngressSMTP(SMTP):
         # thousands of bots reconnect every second, a refusal must cost as little as possible.
         # (Behind a PROXY-protocol balancer the client is known only after the header, so
         # admission waits for it in _handle_client.)
-        if self.transport is None and not self.ctx.cfg.listen.proxy_protocol:
+        self.abort_handshake = None
+        if self.transport is None and not self.proxy_protocol:
             self.started = time.monotonic()
             peer = transport.get_extra_info("peername")
             if peer:
@@ -177,6 +194,12 @@ class IngressSMTP(SMTP):
         # The TLS handshake of the mutual-TLS port succeeded, so a certificate is verified.
         self.evidence = ctx.connect_evidence(self.peer_ip, der, verified=der is not None)
         decision = ctx.decide(self.evidence)
+        if self.admitted:     # mutual-TLS port: the slot was taken before the handshake
+            self.reasons = decision.reasons
+            if decision.lane is Lane.FAST and self.lane is Lane.BULK:
+                ctx.promote(self)
+            metrics.connection(self.lane, "admitted")
+            return None
         self.lane, self.reasons = decision.lane, decision.reasons
         if self.fast_only and self.lane is Lane.BULK:
             metrics.connection(self.lane, "not_fast")
@@ -191,9 +214,42 @@ class IngressSMTP(SMTP):
         metrics.session_open(self.lane)
         return None
 
+    def admit_before_handshake(self, peer: tuple[Any, ...]) -> bool:
+        """Mutual-TLS port (MtlsListener): take a connection slot for the TCP connection from
+        `peer`, before the TLS handshake, by connect-time evidence (an unproven client is bulk:
+        the bulk share, the per-IP cap and rate). False: refused (the caller closes; no SMTP
+        reply is possible before TLS). The handshake then has tls.handshake_timeout; a stalled
+        one is silent and can be evicted like any silent bulk session (abort_handshake)."""
+        ctx = self.ctx
+        self.started = time.monotonic()
+        if peer:
+            self.peer_ip = normalize_ip(peer[0])
+            self.peer_port = int(peer[1])
+        self.evidence = ctx.connect_evidence(self.peer_ip, None, verified=False)
+        self.lane = ctx.decide(self.evidence).lane
+        refusal = ctx.admit(self)
+        if refusal is not None:
+            ctx.count("refused", self.lane)
+            metrics.connection(self.lane, self.refused_why or "draining")
+            log.event("mtls_refused", "debug", peer=self.peer_ip, why=self.refused_why)
+            return False
+        self.admitted = True
+        metrics.session_open(self.lane)
+        return True
+
+    def handshake_failed(self, why: str) -> None:
+        """The mutual-TLS handshake failed, timed out or the client went: give the slot back."""
+        self.abort_handshake = None
+        if self.admitted:
+            self.admitted = False
+            self.ctx.release(self)
+            metrics.session_close(self.lane)
+            metrics.connection(self.lane, "tls_failed")
+            log.event("mtls_handshake_failed", "info", peer=self.peer_ip, why=why[:200])
+
     async def _handle_client(self) -> None:
         ctx = self.ctx
-        if ctx.cfg.listen.proxy_protocol and not await self._proxy_header():
+        if self.proxy_protocol and not await self._proxy_header():
             return
         self._deadline = self.loop.call_later(ctx.cfg.smtp.session_deadline, self._deadline_cb)
         pause = ctx.cfg.admission.greet_pause
@@ -225,6 +281,11 @@ class IngressSMTP(SMTP):
             return False
         self._reset_timeout(proxy.PROXY_TIMEOUT)
         data = await get_proxy(self._reader)
+        self.awaiting_proxy = False
+        # The greet pause starts now: bytes the client sent after the balancer's header and
+        # before our banner (already in the buffer) are early talk; the header itself is not.
+        if self._reader._buffer:       # type: ignore[attr-defined]
+            self.early_talker = True
         client = proxy.proxy_peer(peer, data, ctx.trusted_proxies)
         if client is None:
             metrics.connection(self.lane, "proxy_rejected")
@@ -244,6 +305,9 @@ class IngressSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if self.refused:          # refused in connection_made: aiosmtpd never set up
             return
+        if self.transport is None:    # mutual-TLS port: lost during the handshake
+            self.handshake_failed(f"connection lost: {error}" if error else "connection lost")
+            return
         if self._deadline is not None:
             self._deadline.cancel()
         if self.admitted:
@@ -256,6 +320,9 @@ class IngressSMTP(SMTP):
         super().connection_lost(error)
 
     def _close_with(self, line: str) -> None:
+        if self.transport is None and self.abort_handshake is not None:
+            self.abort_handshake()            # mid TLS handshake: no SMTP line is possible
+            return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(line.encode() + b"\r\n")
             self.transport.close()
@@ -266,6 +333,9 @@ class IngressSMTP(SMTP):
         super()._timeout_cb()
 
     def _deadline_cb(self) -> None:
+        if self.awaiting_ack:    # let the ack (bounded by smtp.ack_timeout) come first
+            self._deadline = self.loop.call_later(0.1, self._deadline_cb)
+            return
         log.event("session_deadline", "info", peer=self.peer_ip, lane=self.lane.value)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(
@@ -275,6 +345,8 @@ class IngressSMTP(SMTP):
     def data_received(self, data: bytes) -> None:
         if self.busy:      # a large message on a slow link is not idle
             self._reset_timeout()
+        elif self.awaiting_proxy:    # the balancer's PROXY header (and what follows it: see
+            pass                     # _proxy_header) is not the client talking
         elif not self.greeted:
             self.early_talker = True
         elif not self.spoken:
@@ -293,6 +365,8 @@ class IngressSMTP(SMTP):
         self._close_with(line)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
+        if self.awaiting_ack:    # the ack wait has its own deadline (smtp.ack_timeout): a
+            return               # 421 now would leave a message spooled that the client retries
         # Stress mode: while the bulk lane is saturated, bulk sessions get a short idle timeout
         # (as Postfix's stress-dependent smtpd_timeout) and get it back afterwards.
         if duration is None and self.lane is Lane.BULK and self.ctx.lane_saturated(Lane.BULK):
@@ -455,11 +529,85 @@ class IngressSMTP(SMTP):
         return super()._getaddr(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's smtp_DATA (same checks, replies and end-of-data, dot-unstuffing,
+        line-length and size semantics), but the message is read into one bytearray in bulk
+        (ingress.dataread) and charged to the acceptor's DATA budget; the idle timers are off
+        while the worker's ack is awaited (the ack wait has its own deadline)."""
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        budget = self.ctx.data_budget
+        if self.lane is Lane.BULK and budget.bulk_full():
+            self.ctx.count("data_no_storage", self.lane)
+            log.event("data_no_storage", peer=self.peer_ip, lane=self.lane.value, at="DATA")
+            await self.push(replies.DATA_NO_STORAGE)
+            return
         self.busy = True
+        reader = DataReader(self.data_size_limit, budget, self.lane, self.line_length_limit)
         try:
-            await super().smtp_DATA(arg)
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            if not await self._read_data(reader):
+                return
+            if reader.state is not DataState.NOMINAL:
+                if reader.state is DataState.TOO_LONG:
+                    await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
+                elif reader.state is DataState.TOO_MUCH:
+                    await self.push("552 Error: Too much mail data")
+                else:
+                    self.ctx.count("data_no_storage", self.lane)
+                    log.event("data_no_storage", peer=self.peer_ip, lane=self.lane.value,
+                              at="end of data", size=reader.total)
+                    await self.push(replies.DATA_NO_STORAGE)
+                self._set_post_data_state()
+                return
+            content = reader.content()
+            self.envelope.content = content
+            self.envelope.original_content = content
+            self.awaiting_ack = True
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            try:
+                status = await self._call_handler_hook("DATA")
+            finally:
+                self.awaiting_ack = False
+                self.envelope.content = self.envelope.original_content = None
+                self._reset_timeout()       # the idle timer again, whatever happened
+            self._set_post_data_state()
+            await self.push("250 OK" if status is MISSING else status)
         finally:
+            reader.release()
             self.busy = False
+
+    async def _read_data(self, reader: DataReader) -> bool:
+        """Feed the stream buffer to `reader` until the end of data. False: the connection
+        is gone (aiosmtpd's eof_received cancels this task in the same case)."""
+        stream = self._reader
+        buf: bytearray = stream._buffer           # type: ignore[attr-defined]
+        while True:
+            if stream._exception is not None:     # type: ignore[attr-defined]
+                raise stream._exception           # type: ignore[attr-defined]
+            if buf:
+                n, done = reader.feed(buf)
+                if n:
+                    del buf[:n]
+                    stream._maybe_resume_transport()  # type: ignore[attr-defined]
+                if done:
+                    return True
+            if stream.at_eof() or stream._eof:    # type: ignore[attr-defined]
+                return False
+            try:
+                await stream._wait_for_data("smtp_DATA")  # type: ignore[attr-defined]
+            except asyncio.CancelledError:
+                self._writer.close()              # the connection was reset during DATA
+                raise
 
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push(replies.AUTH_NOT_OFFERED)

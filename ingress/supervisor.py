@@ -11,7 +11,9 @@ never closes a listening socket, so connections waiting in its backlog are never
 SO_REUSEPORT would reset them unless net.ipv4.tcp_migrate_req=1).
 
 Watching: each child writes time.monotonic() into its slot of a shared array from its own main
-loop. A child that exits is restarted after a backoff (restart_backoff doubling to
+loop. The array has heartbeat_slots(cfg) slots (every child twice, for the overlap of a reload,
+plus a margin); a reload that needs more than are free is refused like an invalid file.
+A child that exits is restarted after a backoff (restart_backoff doubling to
 restart_backoff_max while it keeps crashing young); more than crash_limit restarts within
 crash_window is a crash loop: logged, restarts throttled to the maximum backoff. A child whose
 heartbeat is older than heartbeat_timeout is hung: SIGKILL, then restarted.
@@ -48,6 +50,14 @@ from ingress import log, metrics
 from ingress.config import Config, ConfigError
 
 TICK = 0.05
+HB_MARGIN = 16       # heartbeat slots beyond two per child (a reload runs old and new side by side)
+
+
+def heartbeat_slots(cfg: Config) -> int:
+    """Size of the shared heartbeat array: every child twice (during a reload the old ones
+    drain beside their replacements), plus a margin. A reload that needs more is refused
+    (Supervisor.reload_fits) and waits for a restart."""
+    return 2 * cfg.child_count + HB_MARGIN
 
 
 @dataclasses.dataclass
@@ -117,8 +127,9 @@ class Supervisor:
         self.cfg = cfg
         self.config_path = config_path
         self.mp = mp.get_context("spawn")
-        self.hb = self.mp.RawArray("d", 512)
-        self.free_slots = list(range(511, -1, -1))
+        slots = heartbeat_slots(cfg)
+        self.hb = self.mp.RawArray("d", slots)
+        self.free_slots = list(range(slots - 1, -1, -1))
         self.children: list[Child] = []
         self.sockets: list[socket.socket] = []
         self.mtls_sockets: list[socket.socket] = []
@@ -235,6 +246,11 @@ class Supervisor:
                           exitcode=code, restart_in_s=round(backoff, 3))
             elif now >= c.restart_at:
                 self._start(c)
+
+    def reload_fits(self, new: Config) -> bool:
+        """Are there free heartbeat slots for every child a reload to `new` starts? (Brokers
+        are counted though they may be kept: the check must not depend on what changed.)"""
+        return len(self._wanted(new)) <= len(self.free_slots)
 
     def _reap(self, c: Child) -> None:
         if c.proc is not None:
@@ -385,6 +401,14 @@ class Supervisor:
                 new, listen=old.listen, spool=old.spool,
                 tls=dataclasses.replace(new.tls, mtls_port=old.tls.mtls_port),
                 supervisor=dataclasses.replace(new.supervisor, acceptors=old.acceptor_count))
+        if not self.reload_fits(new):
+            log.event("reload_failed", "error",
+                      error=f"{new.source}: the new config runs {new.child_count} processes; "
+                            f"only {len(self.free_slots)} heartbeat slots are free beside the "
+                            "running ones (a reload still draining, or more workers or "
+                            "acceptors than at start): restart to apply it")
+            sd_notify("READY=1")
+            return
         self.cfg = new
         current = [c for c in self.children if not c.retiring]
         brokers_changed = new.lanes != old.lanes

@@ -9,7 +9,8 @@ Sockets (addresses from Config.ipc):
                           and the SHARE facts (learned clients, penalties) passed on to
                           every acceptor
 
-Policy, in one place per lane: the bounded queue (`queue_max`; beyond it NACK queue_full) and,
+Policy, in one place per lane: the bounded queue (`queue_max` messages and `queue_bytes` bytes of
+bodies, Config.queue_bytes; a SUBMIT beyond either is NACKed queue_full at once) and,
 for a capped lane, the token bucket (`rate`, `burst`; an empty bucket is NACK rate). Work goes only
 to a worker with credit, the one with the most. A worker that misses LANE_LIVENESS heartbeats is
 dropped and every message it held is NACKed at once (worker_lost), so acceptors answer 451 instead
@@ -80,6 +81,8 @@ class Broker:
         self.cfg, self.lane = cfg, lane
         lc = getattr(cfg.lanes, lane)
         self.queue_max: int = lc.queue_max
+        self.queue_bytes: int = cfg.queue_bytes(lane)
+        self.queued_bytes = 0          # bytes of the bodies in self.queue
         self.bucket = TokenBucket(lc.rate, lc.burst, now=time.monotonic())
         self.queue: deque[Job] = deque()
         self.workers: dict[bytes, WorkerState] = {}
@@ -146,10 +149,14 @@ class Broker:
             self._nack(reply_to, qid, NackReason.SHUTDOWN, "lane shutting down")
         elif len(self.queue) >= self.queue_max:
             self._nack(reply_to, qid, NackReason.QUEUE_FULL, "lane queue full")
+        elif self.queued_bytes + len(body) > self.queue_bytes:
+            self.counters["nack_queue_bytes"] = self.counters.get("nack_queue_bytes", 0) + 1
+            self._nack(reply_to, qid, NackReason.QUEUE_FULL, "lane queue full (bytes)")
         elif not self.bucket.take(time.monotonic()):
             self._nack(reply_to, qid, NackReason.RATE, "lane rate cap")
         else:
             self.queue.append(Job(reply_to, qid, env_raw, body, deadline))
+            self.queued_bytes += len(body)
 
     # --- backend ------------------------------------------------------------------------------
 
@@ -223,6 +230,7 @@ class Broker:
             if best is None or best.credit <= 0:
                 return
             job = self.queue.popleft()
+            self.queued_bytes -= len(job.body)
             if job.deadline <= wall:
                 self._nack(job.reply_to, job.qid, NackReason.EXPIRED, "waited too long")
                 continue
@@ -232,6 +240,7 @@ class Broker:
             except zmq.ZMQError as e:
                 # Unroutable (worker gone) or its pipe full: treat it as lost, requeue the job.
                 self.queue.appendleft(job)
+                self.queued_bytes += len(job.body)
                 self._fail_worker(best, f"send failed: {e}")
                 del self.workers[best.ident]
                 continue
@@ -253,8 +262,10 @@ class Broker:
         depth = len(self.queue)
         # The rate cap itself is applied at MAIL FROM by the acceptors' shares of it (and here,
         # exactly, after DATA); "saturated" says the lane cannot take work at all.
-        saturated = depth >= self.queue_max * 0.8 or not self.workers
+        saturated = (depth >= self.queue_max * 0.8 or not self.workers
+                     or self.queued_bytes >= self.queue_bytes * 0.8)
         doc = {"lane": self.lane, "ts": time.time(), "depth": depth, "queue_max": self.queue_max,
+               "queued_bytes": self.queued_bytes, "queue_bytes": self.queue_bytes,
                "free_credit": free, "workers": len(self.workers),
                "inflight": sum(len(w.inflight) for w in self.workers.values()),
                "tokens": None if tokens == float("inf") else round(tokens, 2),
@@ -282,6 +293,7 @@ class Broker:
                 for job in self.queue:
                     self._nack(job.reply_to, job.qid, NackReason.SHUTDOWN, "lane shutting down")
                 self.queue.clear()
+                self.queued_bytes = 0
             if stop_deadline is not None and (
                     now > stop_deadline or not any(w.inflight for w in self.workers.values())):
                 break
@@ -324,6 +336,7 @@ def run(cfg: Config, lane: str, hb: Any = None, slot: int = 0) -> None:
     signal.signal(signal.SIGUSR2, stop)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    log.event("broker_start", lane=lane, queue_max=b.queue_max, rate=b.bucket.rate)
+    log.event("broker_start", lane=lane, queue_max=b.queue_max, queue_bytes=b.queue_bytes,
+              rate=b.bucket.rate)
     b.run()
     log.event("broker_stop", lane=lane, **b.counters)

@@ -31,6 +31,9 @@ INVALID = [
     ("[lanes.fast]\nrate = 10.0\n", "lanes.fast.rate"),
     ("[lanes.bulk]\nqueue_max = 0\n", "lanes.bulk.queue_max"),
     ("[lanes.bulk]\ncredit = true\n", "lanes.bulk.credit"),
+    ("[lanes.bulk]\nqueue_bytes = 1000\n", "lanes.bulk.queue_bytes"),
+    ("[smtp]\ndata_memory_budget = 2048\n", "smtp.data_fast_reserve"),
+    ("[smtp]\ndata_memory_budget = -1\n", "smtp.data_memory_budget"),
     ("[classify]\nallow_cidrs = [\"10.0.0.0/33\"]\n", "classify.allow_cidrs"),
     ("[classify]\nallow_cidrs = \"10.0.0.0/8\"\n", "classify.allow_cidrs"),
     ("[classify]\nspf_promote = \"sometimes\"\n", "classify.spf_promote"),
@@ -43,6 +46,10 @@ INVALID = [
     ("[tls]\npinned_sha256 = [\"abcd\"]\n", "tls.pinned_sha256"),
     ("[relay]\ndownstream = \"http://x\"\n", "relay.downstream"),
     ("[metrics]\nlisten = \"9125\"\n", "metrics.listen"),
+    ("[supervisor]\nacceptors = 5000\n", "supervisor.acceptors"),
+    ("[listen]\nfast_port_proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+     "listen.fast_port_proxy_protocol"),
+    ("[listen]\nfast_port = 2526\nfast_port_proxy_protocol = true\n", "listen.trusted_proxies"),
     ("[supervisor]\nheartbeat_interval = 1.0\nheartbeat_timeout = 1.0\n",
      "supervisor.heartbeat_timeout"),
     ("[log]\nlevel = \"chatty\"\n", "log.level"),
@@ -98,3 +105,31 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "ingress.cli", "check-config", str(good)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+
+
+def test_mtls_pins_without_client_ca_refused(tmp_path: Path) -> None:
+    """Python's ssl verifies every client certificate it requests (no verify callback): a
+    mutual-TLS port with pins but no CA bundle would fail every handshake. Refused here,
+    naming the file and tls.client_ca."""
+    cert, key = tmp_path / "c.pem", tmp_path / "c.key"
+    cert.write_text("x")
+    key.write_text("x")
+    f = tmp_path / "pins.toml"
+    f.write_text(f'[tls]\ncert = "{cert}"\nkey = "{key}"\nmtls_port = 4650\n'
+                 f'pinned_sha256 = ["{"ab" * 32}"]\n')
+    with pytest.raises(ConfigError) as e:
+        config.load(f)
+    assert e.value.key == "tls.client_ca" and str(f) in str(e.value)
+    assert "pinned" in e.value.message
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    f.write_text(f.read_text() + f'client_ca = "{ca}"\n')
+    assert config.load(f).tls.client_ca == str(ca)
+
+
+def test_child_count(tmp_path: Path) -> None:
+    f = tmp_path / "n.toml"
+    f.write_text('[supervisor]\nacceptors = 7\n[lanes.fast]\nworkers = 3\n'
+                 '[lanes.bulk]\nworkers = 256\n[relay]\ndownstream = "smtp://127.0.0.1:25"\n')
+    cfg = config.load(f)
+    assert cfg.child_count == 2 + 3 + 256 + 1 + 7

@@ -1,0 +1,82 @@
+"""The lane broker bounds its queue in bytes as well as in count (lanes.<lane>.queue_bytes):
+a SUBMIT that would pass the byte bound is NACKed queue_full at once (the acceptor answers 451).
+The Broker object runs in this process on its own ipc sockets; no worker is connected, so what
+is submitted stays queued."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from ingress import config
+from ingress.wire import Envelope, Lane, decode_reply, new_qid, ready, submit
+from workers.broker import Broker
+
+
+@pytest.fixture
+def broker_and_client():
+    state = Path(tempfile.mkdtemp(prefix="bb-", dir="/tmp"))
+    f = state / "c.toml"
+    f.write_text(f'[spool]\nstate_dir = "{state}"\npath = "{state / "spool"}"\n'
+                 '[smtp]\nmax_message_size = 100000\n'
+                 '[lanes.fast]\nqueue_max = 100\nqueue_bytes = 250000\n')
+    cfg = config.load(f)
+    b = Broker(cfg, "fast")
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.ROUTING_ID, b"acc-1")
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(cfg.ipc("fast-front"))
+    yield b, dealer
+    dealer.close()
+    for s in (b.front, b.back, b.pub):
+        s.close()
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def frames(size: int) -> list[bytes]:
+    now = time.time()
+    env = Envelope(qid=new_qid(now), lane=Lane.FAST, peer_ip="192.0.2.1", peer_port=1,
+                   helo="h", mail_from="a@b.test", rcpts=("c@example.test",),
+                   received_at=now, deadline=now + 30)
+    return submit(env, b"x" * size)
+
+
+def pump(b: Broker, dealer: zmq.Socket, n: int) -> None:
+    want = b.counters["submitted"] + n
+    for _ in range(n):
+        dealer.send_multipart(frames(100000))
+    deadline = time.monotonic() + 5
+    while b.counters["submitted"] < want and time.monotonic() < deadline:
+        if b.front.poll(100):
+            b._drain(b.front, b.on_front)
+
+
+def test_queue_bound_in_bytes(broker_and_client) -> None:
+    b, dealer = broker_and_client
+    pump(b, dealer, 3)
+    assert len(b.queue) == 2 and b.queued_bytes == 200000     # the third would pass 250000
+    assert b.counters["nack_queue_full"] == 1
+    assert dealer.poll(2000)
+    reply = decode_reply(dealer.recv_multipart())
+    assert not reply.ok and reply.reason is not None and reply.reason.value == "queue_full"
+    # A worker takes them: the bytes are given back, and the next SUBMIT fits again.
+    worker = zmq.Context.instance().socket(zmq.DEALER)
+    worker.setsockopt(zmq.ROUTING_ID, b"w1")
+    worker.setsockopt(zmq.LINGER, 0)
+    worker.connect(b.cfg.ipc("fast-back"))
+    try:
+        worker.send_multipart(ready(8))
+        assert b.back.poll(2000)
+        b._drain(b.back, b.on_back)
+        b.dispatch()
+        assert not b.queue and b.queued_bytes == 0
+        pump(b, dealer, 1)
+        assert len(b.queue) == 1 and b.queued_bytes == 100000
+    finally:
+        worker.close()
