@@ -1,4 +1,6 @@
-"""Command line: `smtp-ingress run|status [--config FILE]`, `smtp-ingress check-config FILE`.
+"""Command line: `smtp-ingress run|status [--config FILE]`, `smtp-ingress check-config FILE`,
+`smtp-ingress queue [--config FILE] list|show|retry|delete|hold|release|requeue-failed`
+(ingress/queuecmd.py; bad input: a message on stderr and exit status 1).
 
 Exit status: 0 clean stop, 2 invalid configuration (the message names file, key and problem),
 1 anything else that stops the start (e.g. the port is taken), with one line saying why.
@@ -23,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="show the running instance: lanes, sessions, spool")
     st.add_argument("--config", type=Path, help="the running instance's TOML file")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    from ingress import queuecmd
+    queuecmd.add_parser(sub)
     args = p.parse_args(argv)
 
     path = args.file if args.cmd == "check-config" else args.config
@@ -34,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "check-config":
         print(f"{cfg.source}: ok")
         return 0
+    if args.cmd == "queue":
+        return queuecmd.run(cfg.spool.path, args)
     if args.cmd == "status":
         import orjson
 

@@ -36,6 +36,9 @@ recipient is wasteful, and spool.py owns that format). Missing state = never tri
 without a spool file (a crash between finishing a message and removing its state) are removed at
 start. The spool file is flock()ed while it is being delivered, so two relays (a reload overlap)
 never deliver one file at once; a file unlinked under us is noticed (st_nlink == 0) and skipped.
+Operator tools (workers/queue_ops.py, `smtp-ingress queue`) take the same flock; the relay
+keeps a failed message's final state in spool/relay.failed/<name> (for requeue-failed) and
+reschedules a known message at once when spool/retry/<name> appears (queue retry).
 
 Downstream down: a connection-level failure (connect refused, greeting/EHLO not 2xx, timeout,
 disconnect) opens a circuit breaker: nothing is sent until backoff(consecutive failures) has
@@ -95,6 +98,8 @@ IDLE_CLOSE = 5.0           # a downstream connection idle this long is closed (Q
 MAX_PER_CONNECTION = 500   # messages per downstream connection, then a fresh one
 STOP_GRACE = 3.0           # SIGUSR2: in-flight deliveries may finish within this
 HEADERS_MAX = 64 * 1024    # original headers quoted in a DSN at most
+KEPT_STATE_DIR = "relay.failed"  # spool/relay.failed/<name>: a failed message's state (requeue)
+RETRY_REQUEST_DIR = "retry"  # spool/retry/<name>: `smtp-ingress queue retry` asks for it now
 
 
 # --- pure parts ----------------------------------------------------------------------------------
@@ -682,6 +687,10 @@ class Relay:
         self.spool = spool_mod.Spool(cfg.spool.path)
         self.state_dir = self.spool.root / "relay"
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.kept_dir = self.spool.root / KEPT_STATE_DIR            # see workers/queue_ops.py
+        self.kept_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.retry_dir = self.spool.root / RETRY_REQUEST_DIR
+        self.retry_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.hostname = cfg.smtp.hostname
         self.known: dict[str, float] = {}          # name -> next_at (wall), not in flight
         self.heap: list[tuple[float, str]] = []
@@ -708,6 +717,7 @@ class Relay:
 
     def scan(self) -> int:
         """Pick up files in new/ we do not know yet; forget the ones that are gone."""
+        self.take_retry_requests()
         try:
             names = {e.name for e in os.scandir(self.spool.new) if not e.name.startswith(".")}
         except FileNotFoundError:
@@ -722,6 +732,19 @@ class Relay:
             at = read_state(self.state_dir, name).next_at if name in with_state else 0.0
             self._schedule(name, at)
         return len(fresh)
+
+    def take_retry_requests(self) -> None:
+        """spool/retry/<name> (written by `smtp-ingress queue retry` after it set the state's
+        next_at to 0 under the file's lock): a known message is due now."""
+        try:
+            names = [e.name for e in os.scandir(self.retry_dir) if not e.name.startswith(".")]
+        except FileNotFoundError:
+            return
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                (self.retry_dir / name).unlink()
+            if name in self.known:
+                self._schedule(name, 0.0)
 
     def _schedule(self, name: str, at: float) -> None:
         self.known[name] = at
@@ -915,6 +938,8 @@ class Relay:
                       delivered=list(out.delivered_now), attempts=out.state.attempts,
                       retry_in_s=round(out.state.next_at - now, 3), reply=out.state.last_error)
             return
+        if out.disposition == "failed":   # kept so `queue requeue-failed` skips the delivered
+            write_state(self.kept_dir, name, out.state)
         self._finish(name, out.disposition)
         if out.disposition == "done":
             self.counters["sent"] += 1
