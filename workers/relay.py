@@ -88,7 +88,7 @@ from typing import Any, Literal, Protocol
 import aiosmtplib
 import orjson
 
-from ingress import log
+from ingress import log, metrics
 from ingress.config import Config, RelayConfig
 from ingress.wire import Envelope, Lane, new_qid
 from workers import spool as spool_mod
@@ -769,6 +769,7 @@ class Relay:
             self.inflight.add(name)
             if self.down_failures:
                 self.probe = name
+                metrics.relay_breaker(metrics.BREAKER_HALF_OPEN, self.down_failures)
             return name
         return None
 
@@ -787,6 +788,7 @@ class Relay:
         delay = backoff(self.down_failures, self.rc.retry_base, self.rc.retry_max)
         self.down_until = time.monotonic() + delay
         self.counters["down"] += 1
+        metrics.relay_breaker(metrics.BREAKER_OPEN, self.down_failures)
         log.event("relay_downstream_down", "warning", downstream=str(self.target), error=why,
                   failures=self.down_failures, retry_in_s=round(delay, 3))
 
@@ -795,6 +797,7 @@ class Relay:
             log.event("relay_downstream_up", downstream=str(self.target),
                       after_failures=self.down_failures)
         self.down_failures = 0
+        metrics.relay_breaker(metrics.BREAKER_CLOSED)
 
     # --- one message -------------------------------------------------------------------------
 
@@ -894,6 +897,7 @@ class Relay:
                     await session.open()
                     reused = False
                 got = await session.deliver(mail_from, good, message, smtputf8)
+                metrics.relay_replies([r.code for r in got.values()], time.monotonic() - t0)
                 self._downstream_ok()
                 results.update(got)
                 log.event("relay_attempt", "debug", qid=qid, rcpts=len(good),
@@ -903,6 +907,7 @@ class Relay:
                 if e.stage == "connect" and reused and tries == 1:
                     continue                    # a stale reused connection: once more, fresh
                 self._downstream_failed(str(e))
+                metrics.relay_error(len(good))
                 if e.stage == "data":
                     # The message went out and its reply was lost: the downstream may have it.
                     log.event("relay_unsure", "warning", qid=qid, rcpts=good, error=e.why,
@@ -971,6 +976,7 @@ class Relay:
         if isinstance(res, Exception):
             raise res                           # nothing recorded: the message is retried
         self.counters["dsn_spooled"] += 1
+        metrics.relay_dsn()
         self._schedule(res, 0.0)
         return dsn_qid
 
@@ -1021,6 +1027,7 @@ class Relay:
         hb = asyncio.create_task(self.heartbeat(parent))
         removed = self.cleanup_states()
         self.scan()
+        metrics.relay_breaker(metrics.BREAKER_CLOSED)
         log.event("relay_start", downstream=str(self.target), concurrency=self.rc.concurrency,
                   backlog=len(self.known), stale_state_removed=removed)
         scanner = asyncio.create_task(self.scanner())
