@@ -64,8 +64,9 @@ parent changed) -> the same stop. The heartbeat slot is written by a task of the
 Limits: one relay process; the new/ scan is O(files) and runs at most every SCAN_MIN seconds,
 stretched to 10x its own duration for huge spools; state writes and fsyncs are done on the event
 loop (this process has nothing latency-critical; it keeps the bookkeeping after a reply
-atomic with respect to cancellation). No STARTTLS or AUTH to the downstream (a local MTA). The
-message is held in memory while it is sent.
+atomic with respect to cancellation). STARTTLS and AUTH PLAIN to a TCP downstream as relay.tls
+says (workers/relay_tls.py; a refusal is a connection-level failure). The message is held in
+memory while it is sent.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ import orjson
 from ingress import log, metrics
 from ingress.config import Config, RelayConfig
 from ingress.wire import Envelope, Lane, new_qid
+from workers import relay_tls
 from workers import spool as spool_mod
 
 SCAN_MIN = 0.25            # seconds between two scans of new/ (at least)
@@ -410,6 +412,7 @@ class SmtpSession:
     def __init__(self, target: Target, hostname: str, timeout: float) -> None:
         self.target, self.hostname, self.timeout = target, hostname, timeout
         self.client: aiosmtplib.SMTP | None = None
+        self.tls: relay_tls.TlsPolicy = relay_tls.PLAIN
         self.messages = 0
         self.last_used = time.monotonic()
 
@@ -425,6 +428,7 @@ class SmtpSession:
         try:
             await client.connect()
             await client.ehlo()
+            await relay_tls.secure_smtp(client, self.tls)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
             client.close()
             raise Unavailable("connect", _oneline(str(e), 300)) from None
@@ -513,6 +517,7 @@ class LmtpSession:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.exts: set[str] = set()
+        self.tls: relay_tls.TlsPolicy = relay_tls.PLAIN
         self.messages = 0
         self.last_used = time.monotonic()
 
@@ -566,6 +571,7 @@ class LmtpSession:
             if not lines[-1].startswith("250"):
                 raise ConnectionError(f"LHLO refused: {lines[-1]}")
             self.exts = {ln[4:].split(" ")[0].lower() for ln in lines[1:]}
+            await relay_tls.secure_lmtp(self, self.tls)
         except (OSError, TimeoutError, ConnectionError) as e:
             self._drop()
             raise Unavailable("connect", _oneline(f"{type(e).__name__}: {e}", 300)) from None
@@ -692,6 +698,7 @@ class Relay:
         self.retry_dir = self.spool.root / RETRY_REQUEST_DIR
         self.retry_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.hostname = cfg.smtp.hostname
+        self.tls = relay_tls.policy(cfg.relay, self.target)
         self.known: dict[str, float] = {}          # name -> next_at (wall), not in flight
         self.heap: list[tuple[float, str]] = []
         self.inflight: set[str] = set()
@@ -803,6 +810,7 @@ class Relay:
 
     async def worker(self, index: int) -> None:
         session = make_session(self.target, self.hostname, self.rc.timeout)
+        session.tls = self.tls  # type: ignore[attr-defined]
         try:
             while not self.stopping:
                 name = self._pop_due()
