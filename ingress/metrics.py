@@ -14,6 +14,9 @@ API (supervisor):
                                     HTTP on "host:port" ("" = off; port 0 = any, see .port);
                                     a daemon thread. None (and a log line) if it cannot bind.
     child_dead(pid)                 after reaping a child: drops its live gauges
+    child_exited(kind)              a child died unexpectedly (it will be restarted): counted in
+                                    smtp_ingress_child_exits_total{kind} (this process's memory,
+                                    exported by SupervisorCollector; always present, 0 per kind)
     MetricsServer.close()           stop serving (reload with a new metrics.listen, drain)
 
 API (hot path: a dict lookup, then one mmap write per counter/gauge, two per histogram
@@ -65,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
@@ -264,6 +267,27 @@ def child_dead(pid: int) -> None:
             mark_process_dead(pid, path)
 
 
+CHILD_KINDS = ("acceptor", "broker", "worker", "relay")
+_child_exits: dict[str, int] = dict.fromkeys(CHILD_KINDS, 0)
+
+
+def child_exited(kind: str) -> None:
+    """Supervisor only (its scrape thread reads the dict; an int add under the GIL)."""
+    _child_exits[kind] = _child_exits.get(kind, 0) + 1
+
+
+class SupervisorCollector(Collector):
+    """What the supervisor itself counts: unexpected child exits (restart loops)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        c = CounterMetricFamily("smtp_ingress_child_exits",
+                                "Children that exited or hung unexpectedly (then restarted)",
+                                labels=["kind"])
+        for kind, n in list(_child_exits.items()):
+            c.add_metric([kind], n)
+        yield c
+
+
 @dataclass
 class SpoolStats:
     at: float = 0.0
@@ -371,6 +395,7 @@ def registry(spool_dir: Path | str, metrics_dir: Path | str) -> CollectorRegistr
     reg = CollectorRegistry()
     MultiProcessCollector(reg, path=str(metrics_dir))
     reg.register(SpoolCollector(spool_dir))
+    reg.register(SupervisorCollector())
     return reg
 
 

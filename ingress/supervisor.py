@@ -224,6 +224,7 @@ class Supervisor:
                     c.proc.join(0)
                     metrics.child_dead(c.proc.pid)
                 c.failures += 1
+                metrics.child_exited(c.kind)
                 backoff = min(sup.restart_backoff * 2 ** (c.failures - 1), sup.restart_backoff_max)
                 recent = sum(1 for t in c.history if now - t < sup.crash_window)
                 if recent > sup.crash_limit:
