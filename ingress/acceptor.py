@@ -75,6 +75,7 @@ SPF_BACKLOG = 64             # SPF checks waiting per lane before new ones get t
 SPF_CACHE_TTL = 300.0        # seconds an SPF result for (ip, domain, helo) is reused
 SPF_CACHE_SIZE = 10000
 BULK_SHARE = 1.1             # acceptors together admit this much of the bulk cap at MAIL FROM
+FD_SPARE = 64               # descriptors an acceptor needs besides its sessions
 LEARNED_SAVE_INTERVAL = 5.0  # seconds between saves of a changed learned allow cache
 
 
@@ -188,11 +189,9 @@ class AcceptorContext:
         self.spf_inflight: Counter[Lane] = Counter()
         self.spf_cache: OrderedDict[tuple[str, str, str], tuple[float, AuthResult, str]] = \
             OrderedDict()
-        lb = cfg.lanes.bulk
-        self.bulk_bucket = TokenBucket(
-            lb.rate * BULK_SHARE / cfg.acceptor_count,
-            max(1.0, (lb.burst or lb.rate) / cfg.acceptor_count), now=time.monotonic()) \
-            if lb.rate > 0 else None
+        bulk_share = bulk_share_bucket(cfg)
+        self.bulk_bucket = TokenBucket(*bulk_share, now=time.monotonic()) \
+            if bulk_share is not None else None
         self.tls_context = starttls_context(cfg)
         self.mtls_context = mtls_context(cfg)
         self.handler = IngressHandler(self)
@@ -429,6 +428,15 @@ class AcceptorContext:
                   left=len(self.sessions), **self.counters)
 
 
+def bulk_share_bucket(cfg: Config) -> tuple[float, float] | None:
+    """(rate, burst) of one acceptor's share of the bulk cap at MAIL FROM; None: uncapped."""
+    lb = cfg.lanes.bulk
+    if lb.rate <= 0:
+        return None
+    return (lb.rate * BULK_SHARE / cfg.acceptor_count,
+            max(1.0, (lb.burst or lb.rate) / cfg.acceptor_count))
+
+
 def raise_nofile(needed: int) -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit; warn if `needed` cannot fit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -506,7 +514,7 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
                 mtls_sock: socket.socket | None, fast_sock: socket.socket | None) -> None:
     loop = asyncio.get_running_loop()
     ctx = AcceptorContext(cfg, index, loop)
-    raise_nofile(cfg.smtp.max_connections + 64)
+    raise_nofile(cfg.smtp.max_connections + FD_SPARE)
     sock.setblocking(False)
     servers = [await loop.create_server(lambda: IngressSMTP(ctx), sock=sock)]
     if mtls_sock is not None and ctx.mtls_context is not None:
