@@ -92,9 +92,9 @@ def _say(msg: str) -> None:
 
 
 def run(spool_root: Path, args: argparse.Namespace) -> int:
-    q = Queue(spool_root, wait=args.wait)
     now = time.time()
     try:
+        q = Queue(spool_root, wait=args.wait)
         match args.qcmd:
             case "list":
                 items = q.list()
@@ -132,6 +132,10 @@ def run(spool_root: Path, args: argparse.Namespace) -> int:
                     _say(f"{items[0].qid}: requeued")
                 else:
                     _say(f"{len(items)} message(s) requeued")
+                    for why in q.skipped:
+                        print(f"smtp-ingress queue: {why}", file=sys.stderr)
+                    if q.skipped:
+                        return 1
     except QueueError as e:
         print(f"smtp-ingress queue: {e}", file=sys.stderr)
         return 1

@@ -141,17 +141,34 @@ def _read_envelope(path: Path) -> tuple[dict[str, Any] | None, str]:
 
 class Queue:
     def __init__(self, root: Path | str, wait: float = 10.0) -> None:
+        if not (Path(root) / "new").is_dir():
+            raise QueueError(f"{root}: no spool here (spool.path in the config?)")
         self.spool = spool_mod.Spool(root)
         self.root = self.spool.root
         self.wait = wait
+        # Run as root, the files and directories we create belong to the spool's owner (the
+        # service user), or the relay could not read a released message or a state file.
+        st = self.root.stat()
+        self.owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
         self.state_dir = self.root / "relay"
         self.hold_dir = self.root / HOLD_DIR
         self.dirs = {"new": self.spool.new, "hold": self.hold_dir, "failed": self.spool.failed}
         self.state_dirs = {"new": self.state_dir, "hold": self.root / HOLD_STATE_DIR,
                            "failed": self.root / KEPT_STATE_DIR}
         self.retry_dir = self.root / RETRY_REQUEST_DIR
+        self.skipped: list[str] = []
         for d in (self.state_dir, self.hold_dir, self.retry_dir, *self.state_dirs.values()):
-            d.mkdir(parents=True, exist_ok=True, mode=0o750)
+            if not d.is_dir():
+                d.mkdir(parents=True, exist_ok=True, mode=0o750)
+                self._own(d)
+
+    def _own(self, path: Path) -> None:
+        if self.owner is not None and self.owner != (0, 0):
+            os.chown(path, *self.owner)
+
+    def _write_state(self, where: str, name: str, state: RelayState) -> None:
+        write_state(self.state_dirs[where], name, state)
+        self._own(self.state_dirs[where] / name)
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -248,14 +265,14 @@ class Queue:
     def _move_state(self, name: str, src: str, dst: str,
                     reset_failed: bool = False) -> RelayState | None:
         """Move <name>'s relay state from src's state dir to dst's (durably, new first)."""
-        sdir, ddir = self.state_dirs[src], self.state_dirs[dst]
+        sdir = self.state_dirs[src]
         if not (sdir / name).exists():
             return None
         state = read_state(sdir, name)
         state.next_at = 0.0
         if reset_failed:
             state.failed, state.attempts = [], 0
-        write_state(ddir, name, state)
+        self._write_state(dst, name, state)
         (sdir / name).unlink()
         _fsync_dir(sdir)
         return state
@@ -290,15 +307,19 @@ class Queue:
             try:
                 os.lseek(fd, 0, os.SEEK_SET)
                 while chunk := os.read(fd, 1 << 20):
-                    os.write(out, chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(out, view):]
+                if self.owner is not None:           # the original's owner, not root
+                    st = os.fstat(fd)
+                    os.fchown(out, st.st_uid, st.st_gid)
                 os.fsync(out)
             finally:
                 os.close(out)
             os.rename(tmp, self.hold_dir / item.name)
             _fsync_dir(self.hold_dir)
             if (self.state_dir / item.name).exists():
-                write_state(self.state_dirs["hold"], item.name,
-                            read_state(self.state_dir, item.name))
+                self._write_state("hold", item.name, read_state(self.state_dir, item.name))
             src.unlink()                    # the relay, waiting for the lock, sees nlink == 0
             _fsync_dir(self.spool.new)
             with contextlib.suppress(FileNotFoundError):
@@ -321,14 +342,21 @@ class Queue:
         return item
 
     def requeue_failed(self, qid: str | None = None) -> list[Item]:
+        """failed/ -> new/ (one, or all); with all, a message that cannot be requeued
+        (malformed, busy, its name already in new/) is left and listed in `self.skipped`."""
+        self.skipped: list[str] = []
         items = [self.find(qid, ("failed",))] if qid else self.list(("failed",))
         out = []
         for item in items:
-            if item.envelope is None:
-                if qid:
+            try:
+                if item.envelope is None:
                     raise QueueError(f"{item.qid}: {item.error}; not requeued")
+                self._back_to_new(item, reset_failed=True)
+            except QueueError as e:
+                if qid:
+                    raise
+                self.skipped.append(str(e))
                 continue
-            self._back_to_new(item, reset_failed=True)
             out.append(item)
         return out
 
@@ -339,7 +367,7 @@ class Queue:
                 state = read_state(self.state_dir, item.name)
                 if state.next_at:
                     state.next_at = 0.0
-                    write_state(self.state_dir, item.name, state)
+                    self._write_state("new", item.name, state)
             self._request_retry(item.name)
         return item
 
@@ -355,3 +383,4 @@ class Queue:
     def _request_retry(self, name: str) -> None:
         fd = os.open(self.retry_dir / name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
         os.close(fd)
+        self._own(self.retry_dir / name)

@@ -192,6 +192,29 @@ def test_retry_delete_requeue(tmp_path: Path) -> None:
     assert q2 and q3
 
 
+def test_no_spool_and_owner(tmp_path: Path) -> None:
+    cfg = tmp_path / "elsewhere.toml"
+    write_config(cfg, {"smtp": {"accepted_domains": ["example.test"]},
+                       "spool": {"path": str(tmp_path / "nothing"),
+                                 "state_dir": str(tmp_path / "st")}})
+    r = cli(cfg, "list")
+    assert r.returncode == 1 and "no spool here" in r.stderr, r
+    assert not (tmp_path / "nothing").exists(), "a typo must not create a spool"
+    if os.geteuid() != 0:
+        return
+    # run as root on a spool the service user owns: what we create is the service user's
+    cfg, spool = make_spool(tmp_path)
+    q, name = put(spool, "a@sender.test", ("x@example.test",))
+    write_state(spool / "relay", name, RelayState(attempts=1, next_at=time.time() + 99))
+    for p in [spool, *spool.rglob("*")]:
+        os.chown(p, 65534, 65534)
+    assert cli(cfg, "hold", q).returncode == 0
+    assert cli(cfg, "release", q).returncode == 0
+    assert cli(cfg, "retry", q).returncode == 0
+    for p in [spool, *spool.rglob("*")]:
+        assert (p.stat().st_uid, p.stat().st_gid) == (65534, 65534), p
+
+
 def test_busy_file_is_not_touched(tmp_path: Path) -> None:
     cfg, spool = make_spool(tmp_path)
     q, name = put(spool, "a@sender.test", ("x@example.test",))
