@@ -335,6 +335,8 @@ class Queue:
             os.rename(self.dirs[item.where] / item.name, self.spool.new / item.name)
             _fsync_dir(self.spool.new)
             _fsync_dir(self.dirs[item.where])
+        # a relay that still has the name scheduled (hold and release within one of its scans)
+        self._request_retry(item.name)
 
     def release(self, qid: str) -> Item:
         item = self.find(qid, ("hold",))
