@@ -33,7 +33,9 @@ API:
 Errors: QueueError (unknown id, wrong place, malformed file, busy beyond `wait` seconds, gone
 meanwhile); its message is meant for the operator.
 
-Failure modes: a crash in the middle of hold leaves the message in hold/ and new/ (release then
+Failure modes: a failed message without kept state (failed before this existed, the relay
+could not write it, or a malformed file) is requeued with every recipient pending again. A crash
+in the middle of hold leaves the message in hold/ and new/ (release then
 refuses, because new/<name> exists, rather than deliver it twice); in the middle of release or
 requeue the state may already be in spool/relay/ without the file (a relay starting exactly then
 removes it as stale: the pending recipients are all tried again). Limits: `list` reads the first

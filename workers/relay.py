@@ -952,7 +952,10 @@ class Relay:
                       retry_in_s=round(out.state.next_at - now, 3), reply=out.state.last_error)
             return
         if out.disposition == "failed":   # kept so `queue requeue-failed` skips the delivered
-            write_state(self.kept_dir, name, out.state)
+            try:
+                write_state(self.kept_dir, name, out.state)
+            except OSError as e:             # only requeue-failed needs it: not worth a retry
+                log.event("relay_state_keep_failed", "warning", name=name, error=str(e))
         self._finish(name, out.disposition)
         if out.disposition == "done":
             self.counters["sent"] += 1
