@@ -3,8 +3,10 @@
 API: run(spool_root, args) -> exit status;  render_list(items, now) -> str (pure)
 
 Every change goes through workers.queue_ops (the spool's own operations, with the relay's
-locking); this module only parses arguments' meaning and prints. Errors (unknown id, malformed
-file, busy, gone meanwhile) go to stderr as "smtp-ingress queue: <why>" with exit status 1.
+locking); this module only parses arguments' meaning and prints. Run as root, it first becomes
+the spool's owner (queue_ops.become_owner), so what it creates is the service user's.
+Errors (unknown id, malformed file, busy, gone meanwhile) go to stderr as
+"smtp-ingress queue: <why>" with exit status 1.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from workers.queue_ops import Item, Queue, QueueError
+from workers.queue_ops import Item, Queue, QueueError, become_owner
 
 
 def add_parser(sub: Any) -> None:
@@ -94,6 +96,8 @@ def _say(msg: str) -> None:
 def run(spool_root: Path, args: argparse.Namespace) -> int:
     now = time.time()
     try:
+        if (spool_root / "new").is_dir():
+            become_owner(spool_root)
         q = Queue(spool_root, wait=args.wait)
         match args.qcmd:
             case "list":

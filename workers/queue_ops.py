@@ -30,6 +30,7 @@ API:
     .delete(qid) / .hold(qid) / .release(qid) / .retry(qid) -> Item
     .retry_all() -> (made due, skipped busy)   .delete_from(sender) -> [Item]
     .requeue_failed(qid | None) -> [Item]
+    become_owner(spool_root)              as root: become the spool's owner first (the CLI does)
 Errors: QueueError (unknown id, wrong place, malformed file, busy beyond `wait` seconds, gone
 meanwhile); its message is meant for the operator.
 
@@ -47,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import pwd
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -141,6 +143,24 @@ def _read_envelope(path: Path) -> tuple[dict[str, Any] | None, str]:
         return None, f"malformed spool file: {e}"
 
 
+def become_owner(root: Path | str) -> tuple[int, int] | None:
+    """Run as root: from here on act as the spool's owner (the service user), so that whatever
+    the operator's command creates (a held copy, a state file, a retry request) is the relay's
+    to read and replace. Returns the (uid, gid) taken on, None when nothing changed."""
+    if os.geteuid() != 0:
+        return None
+    st = os.stat(root)
+    if st.st_uid == 0:
+        return None
+    try:
+        os.initgroups(pwd.getpwuid(st.st_uid).pw_name, st.st_gid)
+    except KeyError:
+        os.setgroups([])
+    os.setgid(st.st_gid)
+    os.setuid(st.st_uid)
+    return st.st_uid, st.st_gid
+
+
 class Queue:
     def __init__(self, root: Path | str, wait: float = 10.0) -> None:
         if not (Path(root) / "new").is_dir():
@@ -148,10 +168,6 @@ class Queue:
         self.spool = spool_mod.Spool(root)
         self.root = self.spool.root
         self.wait = wait
-        # Run as root, the files and directories we create belong to the spool's owner (the
-        # service user), or the relay could not read a released message or a state file.
-        st = self.root.stat()
-        self.owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
         self.state_dir = self.root / "relay"
         self.hold_dir = self.root / HOLD_DIR
         self.dirs = {"new": self.spool.new, "hold": self.hold_dir, "failed": self.spool.failed}
@@ -160,17 +176,10 @@ class Queue:
         self.retry_dir = self.root / RETRY_REQUEST_DIR
         self.skipped: list[str] = []
         for d in (self.state_dir, self.hold_dir, self.retry_dir, *self.state_dirs.values()):
-            if not d.is_dir():
-                d.mkdir(parents=True, exist_ok=True, mode=0o750)
-                self._own(d)
-
-    def _own(self, path: Path) -> None:
-        if self.owner is not None and self.owner != (0, 0):
-            os.chown(path, *self.owner)
+            d.mkdir(parents=True, exist_ok=True, mode=0o750)
 
     def _write_state(self, where: str, name: str, state: RelayState) -> None:
         write_state(self.state_dirs[where], name, state)
-        self._own(self.state_dirs[where] / name)
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -190,6 +199,7 @@ class Queue:
     def list(self, dirs: tuple[str, ...] = DIRS) -> list[Item]:
         out: list[Item] = []
         for where in dirs:
+            names: list[str] = []
             with contextlib.suppress(FileNotFoundError), os.scandir(self.dirs[where]) as it:
                 names = [e.name for e in it if not e.name.startswith(".") and e.is_file()]
             for name in names:
@@ -312,9 +322,6 @@ class Queue:
                     view = memoryview(chunk)
                     while view:
                         view = view[os.write(out, view):]
-                if self.owner is not None:           # the original's owner, not root
-                    st = os.fstat(fd)
-                    os.fchown(out, st.st_uid, st.st_gid)
                 os.fsync(out)
             finally:
                 os.close(out)
@@ -387,4 +394,3 @@ class Queue:
     def _request_retry(self, name: str) -> None:
         fd = os.open(self.retry_dir / name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
         os.close(fd)
-        self._own(self.retry_dir / name)

@@ -203,6 +203,16 @@ def test_no_spool_and_owner(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         return
     # run as root on a spool the service user owns: what we create is the service user's
+    # (the spool's parents must be traversable by that user, as /var/spool is)
+    base = Path(tempfile.mkdtemp(prefix="queue-owner-"))
+    base.chmod(0o755)
+    try:
+        owned_by_service_user(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def owned_by_service_user(tmp_path: Path) -> None:
     cfg, spool = make_spool(tmp_path)
     q, name = put(spool, "a@sender.test", ("x@example.test",))
     write_state(spool / "relay", name, RelayState(attempts=1, next_at=time.time() + 99))
