@@ -192,6 +192,36 @@ def test_retry_delete_requeue(tmp_path: Path) -> None:
     assert q2 and q3
 
 
+@pytest.mark.parametrize(("cmd", "relay_does"), [("delete", "delivered"), ("hold", "failed"),
+                                                ("hold", "delivered"), ("retry", "failed")])
+def test_waits_for_the_relay_then_sees_it_gone(tmp_path: Path, cmd: str,
+                                               relay_does: str) -> None:
+    """The relay holds the file's lock while delivering; the command waits, and once the relay
+    has finished (unlinked it, or moved it to failed/) it must not act on the stale file."""
+    cfg, spool = make_spool(tmp_path)
+    q, name = put(spool, "a@sender.test", ("x@example.test",))
+    path = spool / "new" / name
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        proc = subprocess.Popen([sys.executable, "-m", "ingress.cli", "queue", "--config",
+                                 str(cfg), "--wait", "20", cmd, q], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(1.5)                       # the command is up and waiting for the lock
+        assert proc.poll() is None, proc.communicate()
+        if relay_does == "delivered":
+            path.unlink()
+        else:
+            os.rename(path, spool / "failed" / name)
+    finally:
+        os.close(fd)                          # the relay is done with it
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "gone meanwhile" in err, (out, err)
+    assert not any((spool / "hold").iterdir()), "a held copy of a finished message"
+    if relay_does == "failed":
+        assert (spool / "failed" / name).exists()
+
+
 def test_no_spool_and_owner(tmp_path: Path) -> None:
     cfg = tmp_path / "elsewhere.toml"
     write_config(cfg, {"smtp": {"accepted_domains": ["example.test"]},
@@ -305,9 +335,11 @@ def test_commands_race_the_relay(tmp_path: Path, slow_postfix: PostfixInstance) 
         outcomes: list[tuple[str, int, str]] = []
         deadline = time.monotonic() + 60
         while (t.is_alive() or spool_count(ing, "new")) and time.monotonic() < deadline:
-            docs = [d for d in listing(ing.config).values() if d["queue"] == "new"]
+            docs = sorted((d for d in listing(ing.config).values() if d["queue"] == "new"),
+                          key=lambda d: d["received_at"])
             if docs:
-                d = rng.choice(docs)
+                # the oldest are the ones the relay is most likely delivering right now
+                d = docs[0] if rng.random() < 0.5 else rng.choice(docs)
                 cmd = rng.choice(("delete", "hold", "retry", "retry-all"))
                 r = (cli(ing.config, "retry", "--all") if cmd == "retry-all"
                      else cli(ing.config, cmd, d["qid"]))
@@ -323,6 +355,7 @@ def test_commands_race_the_relay(tmp_path: Path, slow_postfix: PostfixInstance) 
                     assert any(w in r.stderr for w in ("gone meanwhile", "busy", "no such")), r
             time.sleep(0.05)
         t.join(60)
+        print("outcomes:", sorted((c, rc, e.split(": ")[-1].strip()[:30]) for c, rc, e in outcomes))
         assert all(code == 250 for code in sent.values()) and len(sent) == n
         assert held and deleted, outcomes                # the race did exercise both
         docs = listing(ing.config).values()
