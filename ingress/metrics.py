@@ -14,6 +14,9 @@ API (supervisor):
                                     HTTP on "host:port" ("" = off; port 0 = any, see .port);
                                     a daemon thread. None (and a log line) if it cannot bind.
     child_dead(pid)                 after reaping a child: drops its live gauges
+    configured(cfg)                 at start and reload: the connection slots the config gives
+                                    (smtp_ingress_connection_slots{kind=total|fast_reserved|bulk},
+                                    over all acceptors), for "sessions vs slots" on a dashboard
     child_exited(kind)              a child died unexpectedly (it will be restarted): counted in
                                     smtp_ingress_child_exits_total{kind} (this process's memory,
                                     exported by SupervisorCollector; always present, 0 per kind)
@@ -271,21 +274,38 @@ CHILD_KINDS = ("acceptor", "broker", "worker", "relay")
 _child_exits: dict[str, int] = dict.fromkeys(CHILD_KINDS, 0)
 
 
+_slots: dict[str, int] = {}
+
+
+def configured(cfg: Any) -> None:
+    """Supervisor: the slot capacity of the running config (an ingress.config.Config)."""
+    n, s = cfg.acceptor_count, cfg.smtp
+    _slots.update(total=s.max_connections * n, fast_reserved=s.fast_reserve * n,
+                  bulk=(s.max_connections - s.fast_reserve) * n)
+
+
 def child_exited(kind: str) -> None:
     """Supervisor only (its scrape thread reads the dict; an int add under the GIL)."""
     _child_exits[kind] = _child_exits.get(kind, 0) + 1
 
 
 class SupervisorCollector(Collector):
-    """What the supervisor itself counts: unexpected child exits (restart loops)."""
+    """What the supervisor itself knows: unexpected child exits (restart loops), slot capacity."""
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         c = CounterMetricFamily("smtp_ingress_child_exits",
                                 "Children that exited or hung unexpectedly (then restarted)",
                                 labels=["kind"])
         for kind, n in list(_child_exits.items()):
             c.add_metric([kind], n)
         yield c
+        if _slots:
+            g = GaugeMetricFamily("smtp_ingress_connection_slots",
+                                  "Connection slots the config gives, over all acceptors: total, "
+                                  "reserved for the fast lane, usable by bulk", labels=["kind"])
+            for kind, n in list(_slots.items()):
+                g.add_metric([kind], n)
+            yield g
 
 
 @dataclass

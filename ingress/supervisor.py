@@ -302,6 +302,7 @@ class Supervisor:
         metrics.setup_dir(self.cfg.spool.state_dir)     # before any child is spawned
         self.metrics_server = metrics.serve(self.cfg.metrics.listen, self.cfg.spool.path,
                                             self.cfg.spool.state_dir)
+        metrics.configured(self.cfg)
         # In stages, so that acceptors come up to lanes that already have workers.
         ok = True
         for stage in ("broker", "worker", "relay", "acceptor"):
@@ -387,6 +388,7 @@ class Supervisor:
                 tls=dataclasses.replace(new.tls, mtls_port=old.tls.mtls_port),
                 supervisor=dataclasses.replace(new.supervisor, acceptors=old.acceptor_count))
         self.cfg = new
+        metrics.configured(new)
         current = [c for c in self.children if not c.retiring]
         brokers_changed = new.lanes != old.lanes
         replace = [c for c in current if c.kind != "broker" or brokers_changed]

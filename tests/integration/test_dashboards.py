@@ -148,6 +148,7 @@ def test_every_metric_exists_in_a_live_scrape(tmp_path: Path,
         wait_for(lambda: ing.events("relay_bounced"), 20, "a bounce (and its DSN)")
         # a hung bulk worker: the broker nacks what it held, the supervisor kills and restarts it
         (pid,) = ing.children("worker-bulk")
+        time.sleep(2.5)                   # the bulk share refills: this one passes MAIL FROM
         os.kill(pid, signal.SIGSTOP)
         try:
             # at once: the broker still counts the worker's credit and hands it the message
@@ -166,3 +167,8 @@ def test_every_metric_exists_in_a_live_scrape(tmp_path: Path,
     missing = sorted(wanted - present)
     assert not missing, f"named in etc/ but absent from a live scrape: {missing}"
     assert s[("smtp_ingress_child_exits_total", (("kind", "worker"),))] >= 1
+    from ingress.config import SmtpConfig
+    sc = SmtpConfig()                             # the harness runs 2 acceptors, default slots
+    assert s[("smtp_ingress_connection_slots", (("kind", "total"),))] == 2 * sc.max_connections
+    assert s[("smtp_ingress_connection_slots", (("kind", "bulk"),))] == \
+        2 * (sc.max_connections - sc.fast_reserve)
