@@ -141,7 +141,9 @@ def collect(cfg: Config, timeout: float = 1.5) -> dict[str, Any]:
             lane: m.get(f"smtp_ingress_sessions{{lane={lane}}}", 0.0) for lane in lanes},
         "spool": {"new": count_files(spool / "new"), "failed": count_files(spool / "failed"),
                   "tmp": count_files(spool / "tmp"), "hold": count_files(spool / "hold")},
-        "relay": cfg.relay.downstream or "(none: the spool is the destination)",
+        "relay": (cfg.relay.downstream + ("" if cfg.relay.tls == "none" else
+                                          f" (TLS {cfg.relay.tls})")
+                  if cfg.relay.downstream else "(none: the spool is the destination)"),
         "metrics": cfg.metrics.listen or "(disabled)",
         "relay_stats": None if m is None or not cfg.relay.downstream else relay_stats(m),
     }
