@@ -4,6 +4,8 @@ API:
     load(path: Path | None) -> Config        the embedded default when path is None
     Config, and one frozen dataclass per TOML table
     ConfigError(file, key, message)           raised for anything invalid; str() names all three
+    read_credentials(path) -> (user, password)    relay.auth_file (ValueError: unreadable,
+                                              group/world-readable, or not "user:password")
 
 Every value is validated once, here; the rest of the code trusts a Config. Unknown tables and keys
 are errors (a typo must not silently fall back to a default). Counts of 0 for acceptors and workers
