@@ -33,6 +33,8 @@ API
         ``.master_pid()``, ``.queue_size()``, ``.wait_queue_empty(timeout)``,
         ``.maildir_messages()``, ``.log_tail(lines)``, ``.postconf(name)``, ``.version()``,
         ``.main_cf()`` / ``.master_cf()`` (the generated config, pure).
+        TLS: put ``smtpd_tls_*`` settings (cert, key, security level) in ``extra_main_cf``;
+        master.cf then also runs tlsmgr (smtpd disables TLS without its entropy).
     ``check_available()`` raises ``PostfixUnavailable`` unless root with Postfix installed.
     ``free_port(host)`` returns a currently free TCP port on a loopback address.
 
