@@ -83,6 +83,7 @@ SPF_BACKLOG = 64             # SPF checks waiting per lane before new ones get t
 SPF_CACHE_TTL = 300.0        # seconds an SPF result for (ip, domain, helo) is reused
 SPF_CACHE_SIZE = 10000
 BULK_SHARE = 1.1             # acceptors together admit this much of the bulk cap at MAIL FROM
+FD_SPARE = 64               # descriptors an acceptor needs besides its sessions
 LEARNED_SAVE_INTERVAL = 5.0  # seconds between saves of a changed learned allow cache
 
 
@@ -196,11 +197,9 @@ class AcceptorContext:
         self.spf_inflight: Counter[Lane] = Counter()
         self.spf_cache: OrderedDict[tuple[str, str, str], tuple[float, AuthResult, str]] = \
             OrderedDict()
-        lb = cfg.lanes.bulk
-        self.bulk_bucket = TokenBucket(
-            lb.rate * BULK_SHARE / cfg.acceptor_count,
-            max(1.0, (lb.burst or lb.rate) / cfg.acceptor_count), now=time.monotonic()) \
-            if lb.rate > 0 else None
+        bulk_share = bulk_share_bucket(cfg)
+        self.bulk_bucket = TokenBucket(*bulk_share, now=time.monotonic()) \
+            if bulk_share is not None else None
         # Bytes held in DATA by all sessions (smtp.data_memory_budget); bulk never takes the
         # fast lane's part (smtp.data_fast_reserve).
         self.data_budget = DataBudget(*cfg.data_budget)
@@ -445,6 +444,15 @@ class AcceptorContext:
                   left=len(self.sessions), **self.counters)
 
 
+def bulk_share_bucket(cfg: Config) -> tuple[float, float] | None:
+    """(rate, burst) of one acceptor's share of the bulk cap at MAIL FROM; None: uncapped."""
+    lb = cfg.lanes.bulk
+    if lb.rate <= 0:
+        return None
+    return (lb.rate * BULK_SHARE / cfg.acceptor_count,
+            max(1.0, (lb.burst or lb.rate) / cfg.acceptor_count))
+
+
 class MtlsListener:
     """The mutual-TLS port. Connections are accepted here (loop.sock_accept), and each takes a
     slot (IngressSMTP.admit_before_handshake) before its TLS handshake, so handshakes are
@@ -584,7 +592,7 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
                 mtls_sock: socket.socket | None, fast_sock: socket.socket | None) -> None:
     loop = asyncio.get_running_loop()
     ctx = AcceptorContext(cfg, index, loop)
-    raise_nofile(cfg.smtp.max_connections + 64)
+    raise_nofile(cfg.smtp.max_connections + FD_SPARE)
     sock.setblocking(False)
     lst = cfg.listen
     servers = [await loop.create_server(

@@ -1,4 +1,7 @@
-"""Command line: `smtp-ingress run|status [--config FILE]`, `smtp-ingress check-config FILE`.
+"""Command line: `smtp-ingress run|status [--config FILE]`, `smtp-ingress check-config FILE
+[--show]` (ingress/configshow.py: the effective config and the derived limits),
+`smtp-ingress queue [--config FILE] list|show|retry|delete|hold|release|requeue-failed`
+(ingress/queuecmd.py; bad input: a message on stderr and exit status 1).
 
 Exit status: 0 clean stop, 2 invalid configuration (the message names file, key and problem),
 1 anything else that stops the start (e.g. the port is taken), with one line saying why.
@@ -20,9 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--config", type=Path, help="TOML file (default: the embedded default)")
     c = sub.add_parser("check-config", help="validate a configuration file and exit")
     c.add_argument("file", type=Path)
+    c.add_argument("--show", action="store_true",
+                   help="print every value after defaults and the derived limits")
     st = sub.add_parser("status", help="show the running instance: lanes, sessions, spool")
     st.add_argument("--config", type=Path, help="the running instance's TOML file")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    from ingress import queuecmd
+    queuecmd.add_parser(sub)
     args = p.parse_args(argv)
 
     path = args.file if args.cmd == "check-config" else args.config
@@ -31,9 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"smtp-ingress: invalid configuration: {e}", file=sys.stderr)
         return 2
+    if args.cmd == "check-config" and args.show:
+        from ingress import configshow
+        print(configshow.render(cfg), end="")
+        return 0
     if args.cmd == "check-config":
         print(f"{cfg.source}: ok")
         return 0
+    if args.cmd == "queue":
+        return queuecmd.run(cfg.spool.path, args)
     if args.cmd == "status":
         import orjson
 

@@ -4,6 +4,8 @@ API:
     load(path: Path | None) -> Config        the embedded default when path is None
     Config, and one frozen dataclass per TOML table
     ConfigError(file, key, message)           raised for anything invalid; str() names all three
+    read_credentials(path) -> (user, password)    relay.auth_file (ValueError: unreadable,
+                                              group/world-readable, or not "user:password")
 
 Every value is validated once, here; the rest of the code trusts a Config. Unknown tables and keys
 are errors (a typo must not silently fall back to a default). Counts of 0 for acceptors and workers
@@ -159,6 +161,11 @@ class RelayConfig:
     retry_max: float = 3600.0
     max_age: float = 5 * 86400.0        # then the message bounces (DSN), as Postfix does
     timeout: float = 60.0               # per downstream SMTP step
+    tls: str = "none"                   # STARTTLS to a TCP downstream: RELAY_TLS_MODES
+    tls_ca_file: str = ""               # CA bundle for "required" ("" = the system's)
+    tls_verify_name: str = ""           # name the certificate must carry ("" = the host)
+    auth_file: str = ""                 # "user:password" for AUTH PLAIN (over TLS only); the
+                                        # file must not be group/world-readable
 
 
 @dataclass(frozen=True)
@@ -246,6 +253,36 @@ def cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+RELAY_TLS_MODES = ("none", "opportunistic", "required")
+
+
+def read_credentials(path: str) -> tuple[str, str]:
+    """relay.auth_file: one line "user:password". ValueError (a message for the operator) when
+    the file is unreadable, group/world-readable, or not in that form."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ValueError(f"{path!r}: cannot read: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077:
+            raise ValueError(f"{path!r} is readable by others (mode {st.st_mode & 0o777:04o}): "
+                             "it must be readable only by the service user (chmod 600)")
+        raw = os.read(fd, 4097)
+    finally:
+        os.close(fd)
+    if len(raw) > 4096:
+        raise ValueError(f"{path!r}: longer than 4096 bytes")
+    try:
+        line = raw.decode("utf-8").strip("\r\n")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path!r}: not UTF-8") from None
+    user, sep, password = line.partition(":")
+    if not sep or not user or not password or "\n" in line:
+        raise ValueError(f"{path!r}: want one line user:password")
+    return user, password
 
 
 def load(path: Path | str | None) -> Config:
@@ -449,6 +486,17 @@ def _finish(cfg: Config, file: str) -> Config:
     need(1 <= r.concurrency <= 256, "relay.concurrency", "must be 1..256")
     need(0 < r.retry_base <= r.retry_max, "relay.retry_base", "must be > 0 and <= retry_max")
     need(r.max_age > 0 and r.timeout > 0, "relay.max_age", "max_age and timeout must be > 0")
+    need(r.tls in RELAY_TLS_MODES, "relay.tls", f"must be one of {', '.join(RELAY_TLS_MODES)}")
+    need(r.tls == "none" or r.downstream.startswith(("smtp://", "lmtp://")), "relay.tls",
+         "TLS needs a TCP downstream (smtp://host:port or lmtp://host:port)")
+    need(not r.tls_ca_file or os.path.isfile(r.tls_ca_file), "relay.tls_ca_file",
+         f"{r.tls_ca_file!r}: no such file")
+    if r.auth_file:
+        need(r.tls != "none", "relay.auth_file", 'AUTH is sent over TLS only: set relay.tls')
+        try:
+            read_credentials(r.auth_file)
+        except ValueError as e:
+            raise ConfigError(file, "relay.auth_file", str(e)) from None
     need(not s.recipient_map or os.path.isfile(s.recipient_map), "smtp.recipient_map",
          f"{s.recipient_map!r}: no such file")
     m = cfg.metrics.listen

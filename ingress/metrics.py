@@ -3,7 +3,8 @@
 Purpose: one scrape endpoint on the supervisor shows what the acceptors, brokers and workers
 count. Each child writes its values to its own mmap'd files in PROMETHEUS_MULTIPROC_DIR; the
 supervisor's HTTP thread merges them at scrape time (MultiProcessCollector) and adds the spool
-and relay-backlog gauges, which it computes itself by counting files (SpoolCollector).
+and relay-backlog gauges (counts, bytes, backlog by age bucket, the spool filesystem's free
+bytes), which it computes itself by counting files and one statvfs (SpoolCollector).
 
 API (supervisor):
     setup_dir(state_dir) -> Path    before spawning any child: empties <state_dir>/metrics,
@@ -13,6 +14,12 @@ API (supervisor):
                                     HTTP on "host:port" ("" = off; port 0 = any, see .port);
                                     a daemon thread. None (and a log line) if it cannot bind.
     child_dead(pid)                 after reaping a child: drops its live gauges
+    configured(cfg)                 at start and reload: the connection slots the config gives
+                                    (smtp_ingress_connection_slots{kind=total|fast_reserved|bulk},
+                                    over all acceptors), for "sessions vs slots" on a dashboard
+    child_exited(kind)              a child died unexpectedly (it will be restarted): counted in
+                                    smtp_ingress_child_exits_total{kind} (this process's memory,
+                                    exported by SupervisorCollector; always present, 0 per kind)
     MetricsServer.close()           stop serving (reload with a new metrics.listen, drain)
 
 API (hot path: a dict lookup, then one mmap write per counter/gauge, two per histogram
@@ -28,6 +35,10 @@ observation; measured ~1.5 us per counter inc and ~3-5 us per observe on the dev
     lane_status(lane, depth=, saturated=, free_credit=, workers=, tokens=)   broker, per status
     lane_nack(lane, reason)         broker refused or lost a message (wire.NackReason value)
     spooled(lane, n=1, seconds=)    worker: n messages durable; the group commit's duration
+    relay_replies(codes, seconds)   relay: one delivery's per-recipient reply codes, its duration
+    relay_error(n)                  relay: n recipients hit connection-level trouble
+    relay_breaker(state, failures)  relay: circuit breaker BREAKER_CLOSED|OPEN|HALF_OPEN
+    relay_dsn()                     relay: a DSN was spooled
 
 `lane` is "fast" | "bulk" (wire.Lane is a StrEnum, so a Lane works as is).
 
@@ -60,7 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
@@ -123,6 +134,25 @@ SPOOLED = Counter("smtp_ingress_spooled_messages", "Messages written durably by 
 COMMIT_SECONDS = Histogram("smtp_ingress_spool_commit_seconds",
                            "One group commit (write, fsync, rename, fsync dir)", ["lane"],
                            buckets=BUCKETS)
+
+RELAY_RESULTS = ("2xx", "4xx", "5xx", "error")
+RELAY_DELIVERIES = Counter("smtp_ingress_relay_deliveries",
+                           "Relay results per recipient: the downstream's reply class, or error "
+                           "(connection-level trouble: refused, timeout, lost reply)", ["result"])
+RELAY_SECONDS = Histogram("smtp_ingress_relay_downstream_seconds",
+                          "One delivery to the downstream: MAIL FROM to the last reply",
+                          buckets=BUCKETS)
+BREAKER_CLOSED, BREAKER_OPEN, BREAKER_HALF_OPEN = 0, 1, 2
+RELAY_BREAKER = Gauge("smtp_ingress_relay_breaker_state",
+                      "Downstream circuit breaker: 0 closed, 1 open (backing off), 2 half-open "
+                      "(one probe delivery)", multiprocess_mode="livemostrecent")
+RELAY_BREAKER_FAILURES = Gauge("smtp_ingress_relay_breaker_failures",
+                               "Consecutive connection-level downstream failures",
+                               multiprocess_mode="livemostrecent")
+RELAY_DSNS = Counter("smtp_ingress_relay_dsns", "Delivery status notifications spooled")
+# Relay backlog age buckets (upper bounds in seconds; the last is open-ended).
+BACKLOG_AGES = (("lt_1m", 60.0), ("1m_10m", 600.0), ("10m_1h", 3600.0), ("1h_1d", 86400.0),
+                ("gt_1d", float("inf")))
 
 # Pre-bound label children, filled on first use (binding at import would create .db files in
 # every process that merely imports this module, e.g. the CLI).
@@ -194,6 +224,32 @@ def spooled(lane: str, n: int = 1, seconds: float | None = None) -> None:
         COMMIT_SECONDS.labels(lane).observe(seconds)
 
 
+# --- relay ------------------------------------------------------------------------------------
+
+def relay_class(code: int) -> str:
+    return {2: "2xx", 4: "4xx", 5: "5xx"}.get(code // 100, "error")
+
+
+def relay_replies(codes: Any, seconds: float | None = None) -> None:
+    for code in codes:
+        RELAY_DELIVERIES.labels(relay_class(int(code))).inc()
+    if seconds is not None:
+        RELAY_SECONDS.observe(seconds)
+
+
+def relay_error(n: int = 1) -> None:
+    RELAY_DELIVERIES.labels("error").inc(n)
+
+
+def relay_breaker(state: int, failures: int = 0) -> None:
+    RELAY_BREAKER.set(state)
+    RELAY_BREAKER_FAILURES.set(failures)
+
+
+def relay_dsn() -> None:
+    RELAY_DSNS.inc()
+
+
 # --- supervisor -------------------------------------------------------------------------------
 
 def setup_dir(state_dir: Path | str) -> Path:
@@ -219,6 +275,44 @@ def child_dead(pid: int) -> None:
             mark_process_dead(pid, path)
 
 
+CHILD_KINDS = ("acceptor", "broker", "worker", "relay")
+_child_exits: dict[str, int] = dict.fromkeys(CHILD_KINDS, 0)
+
+
+_slots: dict[str, int] = {}
+
+
+def configured(cfg: Any) -> None:
+    """Supervisor: the slot capacity of the running config (an ingress.config.Config)."""
+    n, s = cfg.acceptor_count, cfg.smtp
+    _slots.update(total=s.max_connections * n, fast_reserved=s.fast_reserve * n,
+                  bulk=(s.max_connections - s.fast_reserve) * n)
+
+
+def child_exited(kind: str) -> None:
+    """Supervisor only (its scrape thread reads the dict; an int add under the GIL)."""
+    _child_exits[kind] = _child_exits.get(kind, 0) + 1
+
+
+class SupervisorCollector(Collector):
+    """What the supervisor itself knows: unexpected child exits (restart loops), slot capacity."""
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        c = CounterMetricFamily("smtp_ingress_child_exits",
+                                "Children that exited or hung unexpectedly (then restarted)",
+                                labels=["kind"])
+        for kind, n in list(_child_exits.items()):
+            c.add_metric([kind], n)
+        yield c
+        if _slots:
+            g = GaugeMetricFamily("smtp_ingress_connection_slots",
+                                  "Connection slots the config gives, over all acceptors: total, "
+                                  "reserved for the fast lane, usable by bulk", labels=["kind"])
+            for kind, n in list(_slots.items()):
+                g.add_metric([kind], n)
+            yield g
+
+
 @dataclass
 class SpoolStats:
     at: float = 0.0
@@ -226,12 +320,15 @@ class SpoolStats:
     new_bytes: int = 0
     oldest_age: float = 0.0
     truncated: bool = False
+    ages: dict[str, int] | None = None         # relay backlog by BACKLOG_AGES bucket
+    fs_free: int = -1                          # bytes available to the service (statvfs)
+    fs_size: int = -1
 
 
 class SpoolCollector(Collector):
     """Counts spool files at scrape time: bounded (SCAN_MAX) and cached (SCAN_CACHE)."""
 
-    DIRS = ("new", "tmp", "failed")
+    DIRS = ("new", "tmp", "failed", "hold")
 
     def __init__(self, spool_dir: Path | str) -> None:
         self.root = Path(spool_dir)
@@ -239,8 +336,9 @@ class SpoolCollector(Collector):
         self.lock = threading.Lock()
 
     def _scan(self) -> SpoolStats:
-        st = SpoolStats(at=time.monotonic(), counts={})
-        assert st.counts is not None
+        st = SpoolStats(at=time.monotonic(), counts={}, ages=dict.fromkeys(
+            (b for b, _ in BACKLOG_AGES), 0))
+        assert st.counts is not None and st.ages is not None
         now = time.time()
         oldest = now
         for name in self.DIRS:
@@ -258,8 +356,13 @@ class SpoolCollector(Collector):
                             s = e.stat()
                             st.new_bytes += s.st_size
                             oldest = min(oldest, s.st_mtime)
+                            age = now - s.st_mtime
+                            st.ages[next(b for b, top in BACKLOG_AGES if age < top)] += 1
             st.counts[name] = n
         st.oldest_age = max(0.0, now - oldest)
+        with contextlib.suppress(OSError):
+            vfs = os.statvfs(self.root)
+            st.fs_free, st.fs_size = vfs.f_bavail * vfs.f_frsize, vfs.f_blocks * vfs.f_frsize
         return st
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -281,6 +384,18 @@ class SpoolCollector(Collector):
         yield GaugeMetricFamily("smtp_ingress_relay_backlog_oldest_seconds",
                                 "Age of the oldest message waiting for the relay",
                                 value=st.oldest_age)
+        a = GaugeMetricFamily("smtp_ingress_relay_backlog_age_messages",
+                              "Messages waiting for the relay by age bucket (spool file mtime)",
+                              labels=["age"])
+        for bucket, n in (st.ages or {}).items():
+            a.add_metric([bucket], n)
+        yield a
+        if st.fs_free >= 0:
+            yield GaugeMetricFamily("smtp_ingress_spool_fs_free_bytes",
+                                    "Bytes available to the service on the spool's filesystem",
+                                    value=st.fs_free)
+            yield GaugeMetricFamily("smtp_ingress_spool_fs_size_bytes",
+                                    "Size of the spool's filesystem", value=st.fs_size)
         yield GaugeMetricFamily("smtp_ingress_spool_scan_truncated",
                                 f"1 if a spool directory held more than {SCAN_MAX} entries "
                                 "(the counts are then lower bounds)", value=int(st.truncated))
@@ -305,6 +420,7 @@ def registry(spool_dir: Path | str, metrics_dir: Path | str) -> CollectorRegistr
     reg = CollectorRegistry()
     MultiProcessCollector(reg, path=str(metrics_dir))
     reg.register(SpoolCollector(spool_dir))
+    reg.register(SupervisorCollector())
     return reg
 
 

@@ -1,12 +1,14 @@
 """`smtp-ingress status`: what the running instance is doing, read from the instance itself.
 
-API: collect(cfg, timeout) -> dict;  render(doc) -> str
+API: collect(cfg, timeout) -> dict;  render(doc) -> str;  quantile(buckets, q) -> float | None
 
 Sources, all local and read-only:
 - each lane broker's status publication (ZeroMQ SUB on the state dir's ipc sockets): queue
   depth and bound, workers, free credit, the bulk cap's tokens and saturation, counters;
 - the Prometheus endpoint (metrics.listen), when enabled: live sessions per lane (summed over
-  the acceptor processes) and the spool/relay gauges;
+  the acceptor processes), the spool/relay gauges, and the relay's own metrics: deliveries by
+  result (2xx / 4xx / 5xx / error), downstream latency (p50 / p99 from the histogram), the
+  circuit breaker, DSNs sent, the backlog by age, the spool filesystem's free bytes;
 - the spool directories themselves (counted with os.scandir, bounded) when metrics are off.
 
 Failure modes: a lane whose broker does not publish within `timeout` is shown as "down";
@@ -26,6 +28,7 @@ from typing import Any
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
+from ingress import metrics
 from ingress.config import Config
 from ingress.wire import STATUS_TOPIC, WireError, decode_status
 
@@ -83,6 +86,50 @@ def count_files(d: Path) -> int:
     return n
 
 
+def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """Prometheus' histogram_quantile over (upper bound, cumulative count) pairs. Pure.
+
+    Linear interpolation inside the bucket holding the q-th observation; the +Inf bucket
+    answers with the highest finite bound; None without observations."""
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return lower
+            if count == below:
+                return le
+            return lower + (le - lower) * (rank - below) / (count - below)
+        lower, below = le, count
+    return lower
+
+
+BREAKER_NAMES = {metrics.BREAKER_CLOSED: "closed", metrics.BREAKER_OPEN: "open",
+                 metrics.BREAKER_HALF_OPEN: "half-open"}
+
+
+def relay_stats(m: dict[str, float]) -> dict[str, Any]:
+    """The relay's part of a scrape (see scrape()): what `status` shows. Pure."""
+    hist = [(float(k.split("le=", 1)[1].rstrip("}")), v) for k, v in m.items()
+            if k.startswith("smtp_ingress_relay_downstream_seconds_bucket{")]
+    breaker = m.get("smtp_ingress_relay_breaker_state{}")
+    p50, p99 = quantile(hist, 0.5), quantile(hist, 0.99)
+    return {
+        "deliveries": {r: m.get(f"smtp_ingress_relay_deliveries_total{{result={r}}}", 0.0)
+                       for r in metrics.RELAY_RESULTS},
+        "dsns": m.get("smtp_ingress_relay_dsns_total{}", 0.0),
+        "breaker": None if breaker is None else BREAKER_NAMES.get(int(breaker), str(breaker)),
+        "breaker_failures": m.get("smtp_ingress_relay_breaker_failures{}", 0.0),
+        "latency_p50_s": p50, "latency_p99_s": p99,
+        "backlog_by_age": {b: m.get(f"smtp_ingress_relay_backlog_age_messages{{age={b}}}", 0.0)
+                           for b, _ in metrics.BACKLOG_AGES},
+        "spool_fs_free_bytes": m.get("smtp_ingress_spool_fs_free_bytes{}"),
+    }
+
+
 def collect(cfg: Config, timeout: float = 1.5) -> dict[str, Any]:
     lanes = lane_status(cfg, timeout)
     m = scrape(cfg.metrics.listen, timeout)
@@ -93,9 +140,12 @@ def collect(cfg: Config, timeout: float = 1.5) -> dict[str, Any]:
         "sessions": None if m is None else {
             lane: m.get(f"smtp_ingress_sessions{{lane={lane}}}", 0.0) for lane in lanes},
         "spool": {"new": count_files(spool / "new"), "failed": count_files(spool / "failed"),
-                  "tmp": count_files(spool / "tmp")},
-        "relay": cfg.relay.downstream or "(none: the spool is the destination)",
+                  "tmp": count_files(spool / "tmp"), "hold": count_files(spool / "hold")},
+        "relay": (cfg.relay.downstream + ("" if cfg.relay.tls == "none" else
+                                          f" (TLS {cfg.relay.tls})")
+                  if cfg.relay.downstream else "(none: the spool is the destination)"),
         "metrics": cfg.metrics.listen or "(disabled)",
+        "relay_stats": None if m is None or not cfg.relay.downstream else relay_stats(m),
     }
     return doc
 
@@ -118,7 +168,23 @@ def render(doc: dict[str, Any]) -> str:
             f"shed {st.get('nack_rate', 0) + st.get('nack_queue_full', 0)}")
     sp = doc["spool"]
     lines.append(f"  spool: {sp['new']} waiting in new/ (relay backlog), {sp['failed']} in "
-                 f"failed/, {sp['tmp']} in tmp/")
+                 f"failed/, {sp['tmp']} in tmp/, {sp.get('hold', 0)} held")
     lines.append(f"  relay: {doc['relay']}")
+    rs = doc.get("relay_stats")
+    if rs:
+        d = rs["deliveries"]
+
+        def ms(v: float | None) -> str:
+            return "-" if v is None else f"{v * 1000:.1f} ms"
+        lines.append(f"    deliveries (per recipient): 2xx {d['2xx']:.0f}, 4xx {d['4xx']:.0f}, "
+                     f"5xx {d['5xx']:.0f}, error {d['error']:.0f}; DSNs sent {rs['dsns']:.0f}")
+        lines.append(f"    downstream latency p50 {ms(rs['latency_p50_s'])}, p99 "
+                     f"{ms(rs['latency_p99_s'])}; circuit breaker {rs['breaker'] or '?'}"
+                     + (f" ({rs['breaker_failures']:.0f} failures)"
+                        if rs["breaker_failures"] else ""))
+        lines.append("    backlog by age: " + ", ".join(
+            f"{b} {n:.0f}" for b, n in rs["backlog_by_age"].items()))
+        if rs["spool_fs_free_bytes"] is not None:
+            lines.append(f"    spool filesystem: {rs['spool_fs_free_bytes'] / 2**30:.2f} GiB free")
     lines.append(f"  metrics: {doc['metrics']}")
     return "\n".join(lines)

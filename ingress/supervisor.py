@@ -235,6 +235,7 @@ class Supervisor:
                     c.proc.join(0)
                     metrics.child_dead(c.proc.pid)
                 c.failures += 1
+                metrics.child_exited(c.kind)
                 backoff = min(sup.restart_backoff * 2 ** (c.failures - 1), sup.restart_backoff_max)
                 recent = sum(1 for t in c.history if now - t < sup.crash_window)
                 if recent > sup.crash_limit:
@@ -317,6 +318,7 @@ class Supervisor:
         metrics.setup_dir(self.cfg.spool.state_dir)     # before any child is spawned
         self.metrics_server = metrics.serve(self.cfg.metrics.listen, self.cfg.spool.path,
                                             self.cfg.spool.state_dir)
+        metrics.configured(self.cfg)
         # In stages, so that acceptors come up to lanes that already have workers.
         ok = True
         for stage in ("broker", "worker", "relay", "acceptor"):
@@ -410,6 +412,7 @@ class Supervisor:
             sd_notify("READY=1")
             return
         self.cfg = new
+        metrics.configured(new)
         current = [c for c in self.children if not c.retiring]
         brokers_changed = new.lanes != old.lanes
         replace = [c for c in current if c.kind != "broker" or brokers_changed]

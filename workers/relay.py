@@ -45,6 +45,9 @@ removed at start, and tmp leftovers too unless another relay (a reload overlap) 
 file's lock: it writes state files only under it. The spool file is flock()ed while it is being
 delivered, so two relays (a reload overlap) never deliver one file at once; a file unlinked under
 us is noticed (st_nlink == 0) and skipped.
+Operator tools (workers/queue_ops.py, `smtp-ingress queue`) take the same flock; the relay
+keeps a failed message's final state in spool/relay.failed/<name> (for requeue-failed) and
+reschedules a known message at once when spool/retry/<name> appears (queue retry).
 
 Downstream down: only a failure to open a session (connect refused, greeting/EHLO not 2xx, timeout)
 is connection-level: it opens a circuit breaker (nothing is sent until backoff(consecutive
@@ -77,8 +80,9 @@ parent changed) -> the same stop. The heartbeat slot is written by a task of the
 Limits: one relay process; the new/ scan is O(files) and runs at most every SCAN_MIN seconds,
 stretched to 10x its own duration for huge spools; state writes and fsyncs are done on the event
 loop (this process has nothing latency-critical; it keeps the bookkeeping after a reply
-atomic with respect to cancellation). No STARTTLS or AUTH to the downstream (a local MTA). The
-message is held in memory while it is sent.
+atomic with respect to cancellation). STARTTLS and AUTH PLAIN to a TCP downstream as relay.tls
+says (workers/relay_tls.py; a refusal is a connection-level failure). The message is held in
+memory while it is sent.
 """
 
 from __future__ import annotations
@@ -101,9 +105,10 @@ from typing import Any, Literal, Protocol
 import aiosmtplib
 import orjson
 
-from ingress import log
+from ingress import log, metrics
 from ingress.config import Config, RelayConfig
 from ingress.wire import Envelope, Lane, new_qid
+from workers import relay_tls
 from workers import spool as spool_mod
 
 SCAN_MIN = 0.25            # seconds between two scans of new/ (at least)
@@ -111,6 +116,8 @@ IDLE_CLOSE = 5.0           # a downstream connection idle this long is closed (Q
 MAX_PER_CONNECTION = 500   # messages per downstream connection, then a fresh one
 STOP_GRACE = 3.0           # SIGUSR2: in-flight deliveries may finish within this
 HEADERS_MAX = 64 * 1024    # original headers quoted in a DSN at most
+KEPT_STATE_DIR = "relay.failed"  # spool/relay.failed/<name>: a failed message's state (requeue)
+RETRY_REQUEST_DIR = "retry"  # spool/retry/<name>: `smtp-ingress queue retry` asks for it now
 
 
 # --- pure parts ----------------------------------------------------------------------------------
@@ -472,6 +479,7 @@ class SmtpSession:
     def __init__(self, target: Target, hostname: str, timeout: float) -> None:
         self.target, self.hostname, self.timeout = target, hostname, timeout
         self.client: aiosmtplib.SMTP | None = None
+        self.tls: relay_tls.TlsPolicy = relay_tls.PLAIN
         self.messages = 0
         self.last_used = time.monotonic()
 
@@ -487,6 +495,7 @@ class SmtpSession:
         try:
             await client.connect()
             await client.ehlo()
+            await relay_tls.secure_smtp(client, self.tls)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
             client.close()
             raise Unavailable("connect", _oneline(str(e), 300)) from None
@@ -598,6 +607,7 @@ class LmtpSession:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.exts: set[str] = set()
+        self.tls: relay_tls.TlsPolicy = relay_tls.PLAIN
         self.messages = 0
         self.last_used = time.monotonic()
 
@@ -651,6 +661,7 @@ class LmtpSession:
             if not lines[-1].startswith("250"):
                 raise ConnectionError(f"LHLO refused: {lines[-1]}")
             self.exts = {ln[4:].split(" ")[0].lower() for ln in lines[1:]}
+            await relay_tls.secure_lmtp(self, self.tls)
         except (OSError, TimeoutError, ConnectionError) as e:
             self._drop()
             raise Unavailable("connect", _oneline(f"{type(e).__name__}: {e}", 300)) from None
@@ -796,7 +807,12 @@ class Relay:
         self.spool = spool_mod.Spool(cfg.spool.path)
         self.state_dir = self.spool.root / "relay"
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.kept_dir = self.spool.root / KEPT_STATE_DIR            # see workers/queue_ops.py
+        self.kept_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.retry_dir = self.spool.root / RETRY_REQUEST_DIR
+        self.retry_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.hostname = cfg.smtp.hostname
+        self.tls = relay_tls.policy(cfg.relay, self.target)
         self.known: dict[str, float] = {}          # name -> next_at (wall), not in flight
         self.heap: list[tuple[float, str]] = []
         self.inflight: set[str] = set()
@@ -844,6 +860,7 @@ class Relay:
 
     def scan(self) -> int:
         """Pick up files in new/ we do not know yet; forget the ones that are gone."""
+        self.take_retry_requests()
         try:
             names = {e.name for e in os.scandir(self.spool.new) if not e.name.startswith(".")}
         except FileNotFoundError:
@@ -858,6 +875,19 @@ class Relay:
             at = read_state(self.state_dir, name).next_at if name in with_state else 0.0
             self._schedule(name, at)
         return len(fresh)
+
+    def take_retry_requests(self) -> None:
+        """spool/retry/<name> (written by `smtp-ingress queue retry` after it set the state's
+        next_at to 0 under the file's lock): a known message is due now."""
+        try:
+            names = [e.name for e in os.scandir(self.retry_dir) if not e.name.startswith(".")]
+        except FileNotFoundError:
+            return
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                (self.retry_dir / name).unlink()
+            if name in self.known:
+                self._schedule(name, 0.0)
 
     def _schedule(self, name: str, at: float) -> None:
         self.known[name] = at
@@ -882,6 +912,7 @@ class Relay:
             self.inflight.add(name)
             if self.down_failures:
                 self.probe = name
+                metrics.relay_breaker(metrics.BREAKER_HALF_OPEN, self.down_failures)
             return name
         return None
 
@@ -900,6 +931,7 @@ class Relay:
         delay = backoff(self.down_failures, self.rc.retry_base, self.rc.retry_max)
         self.down_until = time.monotonic() + delay
         self.counters["down"] += 1
+        metrics.relay_breaker(metrics.BREAKER_OPEN, self.down_failures)
         log.event("relay_downstream_down", "warning", downstream=str(self.target), error=why,
                   failures=self.down_failures, retry_in_s=round(delay, 3))
 
@@ -908,11 +940,13 @@ class Relay:
             log.event("relay_downstream_up", downstream=str(self.target),
                       after_failures=self.down_failures)
         self.down_failures = 0
+        metrics.relay_breaker(metrics.BREAKER_CLOSED)
 
     # --- one message -------------------------------------------------------------------------
 
     async def worker(self, index: int) -> None:
         session = make_session(self.target, self.hostname, self.rc.timeout)
+        session.tls = self.tls  # type: ignore[attr-defined]
         try:
             while not self.stopping:
                 name = self._pop_due()
@@ -1038,6 +1072,7 @@ class Relay:
             except Unavailable as e:
                 if e.stage == "connect" and reused and tries == 1:
                     continue                    # a stale reused connection: once more, fresh
+                metrics.relay_error(len(good))
                 if e.stage == "data":
                     # The message went out and its reply was lost: the downstream may have it.
                     log.event("relay_unsure", "warning", qid=qid, error=e.why,
@@ -1056,9 +1091,11 @@ class Relay:
                 log.event("relay_attempt_error", "error", qid=qid, rcpts=good, error=why)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(session.close(), 1.0)
+                metrics.relay_error(len(good))
                 results.update(dict.fromkeys(
                     good, Reply(451, f"4.3.0 local error: {why}", local=True)))
                 return results
+            metrics.relay_replies([r.code for r in got.values()], time.monotonic() - t0)
             self._downstream_ok()
             results.update(got)
             log.event("relay_attempt", "debug", qid=qid, rcpts=len(good),
@@ -1089,6 +1126,11 @@ class Relay:
                       delivered=list(out.delivered_now), attempts=out.state.attempts,
                       retry_in_s=round(out.state.next_at - now, 3), reply=out.state.last_error)
             return
+        if out.disposition == "failed":   # kept so `queue requeue-failed` skips the delivered
+            try:
+                write_state(self.kept_dir, name, out.state)
+            except OSError as e:             # only requeue-failed needs it: not worth a retry
+                log.event("relay_state_keep_failed", "warning", name=name, error=str(e))
         self._finish(name, out.disposition)
         if out.disposition == "done":
             self.counters["sent"] += 1
@@ -1124,6 +1166,7 @@ class Relay:
         if isinstance(res, Exception):
             raise res                           # nothing recorded: the message is retried
         self.counters["dsn_spooled"] += 1
+        metrics.relay_dsn()
         self._schedule(res, 0.0)
         return dsn_qid
 
@@ -1174,6 +1217,7 @@ class Relay:
         hb = asyncio.create_task(self.heartbeat(parent))
         removed = self.cleanup_states()
         self.scan()
+        metrics.relay_breaker(metrics.BREAKER_CLOSED)
         log.event("relay_start", downstream=str(self.target), concurrency=self.rc.concurrency,
                   backlog=len(self.known), stale_state_removed=removed)
         scanner = asyncio.create_task(self.scanner())

@@ -1,0 +1,124 @@
+"""`smtp-ingress check-config FILE --show`: the effective configuration and what follows from it.
+
+API:
+    effective_toml(cfg) -> str       every key after defaults, as TOML; a value that differs from
+                                     the default says the default in a comment
+    derived(cfg, nofile=None) -> dict    the limits the processes compute from the config and the
+                                     machine: acceptors and workers per core, connection slots
+                                     per acceptor (and what the fd limit allows), bulk shares
+    render(cfg) -> str               both, for a terminal (derived values as TOML comments, so
+                                     the output is itself a valid config file)
+
+The derived numbers come from the functions the processes use (Config.acceptor_count,
+Config.worker_count, AdmissionLimits.bulk_share, acceptor.bulk_share_bucket, acceptor.FD_SPARE);
+the fd limit is this process's RLIMIT_NOFILE (the service's may differ: LimitNOFILE= in the unit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+from pathlib import Path
+from typing import Any
+
+from ingress import config
+from ingress.admission import AdmissionLimits
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str | Path):
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, tuple | list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return repr(v)
+
+
+def _tables(obj: Any, default: Any, prefix: str) -> list[tuple[str, list[str]]]:
+    rows: list[str] = []
+    subs: list[tuple[str, list[str]]] = []
+    for f in dataclasses.fields(obj):
+        if f.name == "source":
+            continue
+        v, d = getattr(obj, f.name), getattr(default, f.name)
+        if dataclasses.is_dataclass(v):
+            subs += _tables(v, d, f"{prefix}{f.name}.")
+            continue
+        line = f"{f.name} = {_toml(v)}"
+        if v != d:
+            line = f"{line:<40} # default {_toml(d)}"
+        rows.append(line)
+    out = [(prefix.rstrip("."), rows)] if rows else []
+    return out + subs
+
+
+def effective_toml(cfg: config.Config) -> str:
+    parts = []
+    for name, rows in _tables(cfg, config.Config(), ""):
+        parts.append(f"[{name}]\n" + "\n".join(rows) + "\n")
+    return "\n".join(parts)
+
+
+def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[str, Any]:
+    from ingress.acceptor import BULK_SHARE, FD_SPARE, bulk_share_bucket
+    soft, hard = nofile or resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = soft if hard == resource.RLIM_INFINITY else max(soft, hard)   # raised to hard
+    s = cfg.smtp
+    fd_sessions = max(0, limit - FD_SPARE)
+    lim = AdmissionLimits(max_connections=s.max_connections, fast_reserve=s.fast_reserve,
+                          per_ip_bulk_max=cfg.admission.per_ip_bulk_max,
+                          per_ip_rate=cfg.admission.per_ip_rate,
+                          per_ip_burst=cfg.admission.per_ip_burst)
+    cores = config.cores()
+    acceptors = cfg.acceptor_count
+    workers = {lane: cfg.worker_count(lane) for lane in ("fast", "bulk")}
+    share = bulk_share_bucket(cfg)
+    return {
+        "cores": cores,
+        "acceptors": acceptors,
+        "workers": workers,
+        "workers_per_core": {k: round(v / cores, 2) for k, v in workers.items()},
+        "fd_limit": limit,
+        "connections_fd_allows_per_acceptor": fd_sessions,
+        "connections_per_acceptor": min(s.max_connections, fd_sessions),
+        "fd_limit_too_low": fd_sessions < s.max_connections,
+        "fast_reserve_per_acceptor": s.fast_reserve,
+        "bulk_slots_per_acceptor": lim.bulk_share,
+        "connections_total": min(s.max_connections, fd_sessions) * acceptors,
+        "bulk_rate": cfg.lanes.bulk.rate,
+        "bulk_share_per_acceptor": None if share is None else
+            {"rate": round(share[0], 4), "burst": round(share[1], 4)},
+        "bulk_admitted_at_mail_from": None if share is None else
+            round(cfg.lanes.bulk.rate * BULK_SHARE, 4),
+    }
+
+
+def render(cfg: config.Config, nofile: tuple[int, int] | None = None) -> str:
+    d = derived(cfg, nofile)
+    w, wpc = d["workers"], d["workers_per_core"]
+    lines = [f"# {cfg.source}: ok. Effective configuration (every value after defaults).", ""]
+    lines.append(effective_toml(cfg))
+    lines += [
+        "# --- derived limits ---------------------------------------------------------------",
+        f"# cores: {d['cores']}; acceptors: {d['acceptors']}"
+        + (" (supervisor.acceptors = 0: one per core)" if not cfg.supervisor.acceptors else ""),
+        f"# workers: fast {w['fast']} ({wpc['fast']} per core), bulk {w['bulk']} "
+        f"({wpc['bulk']} per core)" + ("" if cfg.lanes.fast.workers and cfg.lanes.bulk.workers
+                                       else "; lanes.<lane>.workers = 0: half the cores"),
+        f"# fd limit: {d['fd_limit']} -> at most {d['connections_fd_allows_per_acceptor']} "
+        "sessions per acceptor (this process's RLIMIT_NOFILE; the unit's LimitNOFILE= rules)",
+        f"# connections per acceptor: {d['connections_per_acceptor']} "
+        f"(smtp.max_connections {cfg.smtp.max_connections}"
+        + (", CUT BY THE FD LIMIT: raise LimitNOFILE" if d["fd_limit_too_low"] else "")
+        + f"), of which fast-lane only {d['fast_reserve_per_acceptor']}, "
+        f"bulk at most {d['bulk_slots_per_acceptor']}; all acceptors: {d['connections_total']}",
+    ]
+    if d["bulk_share_per_acceptor"] is None:
+        lines.append("# bulk: uncapped (lanes.bulk.rate = 0)")
+    else:
+        sh = d["bulk_share_per_acceptor"]
+        lines.append(f"# bulk cap {d['bulk_rate']:g}/s: each acceptor admits {sh['rate']:g}/s "
+                     f"(burst {sh['burst']:g}) at MAIL FROM, {d['bulk_admitted_at_mail_from']:g}/s"
+                     " together; the bulk broker enforces the cap exactly after DATA")
+    return "\n".join(lines) + "\n"

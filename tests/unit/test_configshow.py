@@ -1,0 +1,79 @@
+"""check-config --show: the effective config round-trips as TOML; the derived limits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from ingress import config, configshow
+from tests.harness import ROOT, write_config
+
+
+def cfg_file(tmp_path: Path, **tables: dict[str, object]) -> Path:
+    f = tmp_path / "c.toml"
+    write_config(f, {"smtp": {"accepted_domains": ["example.test"]}, **tables})
+    return f
+
+
+def test_effective_config_round_trips(tmp_path: Path) -> None:
+    cfg = config.load(cfg_file(tmp_path, **{"lanes.bulk": {"rate": 50.0},
+                                            "relay": {"downstream": "smtp://127.0.0.1:25"}}))
+    text = configshow.render(cfg, nofile=(4096, 4096))
+    again = tmp_path / "again.toml"
+    again.write_text(text)
+    back = config.load(again)
+    assert dataclass_eq(back, cfg)
+    raw = tomllib.loads(text)
+    assert raw["lanes"]["bulk"]["rate"] == 50.0 and raw["relay"]["concurrency"] == 4
+    assert 'downstream = "smtp://127.0.0.1:25"' in text and '# default ""' in text
+    default_rate = config.Config().lanes.bulk.rate
+    assert f"# default {default_rate!r}" in text.split("rate = 50.0", 1)[1].split("\n", 1)[0]
+    assert "\nconcurrency = 4\n" in text, "a default value is shown without a comment"
+
+
+def dataclass_eq(a: config.Config, b: config.Config) -> bool:
+    import dataclasses
+    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+    da.pop("source"), db.pop("source")
+    return da == db
+
+
+@pytest.mark.parametrize(("tables", "nofile", "want"), [
+    ({"smtp": {"max_connections": 1000, "fast_reserve": 100},
+      "supervisor": {"acceptors": 4}, "lanes.bulk": {"rate": 100.0, "workers": 3},
+      "lanes.fast": {"workers": 2}},
+     (1024, 1024),
+     {"acceptors": 4, "connections_fd_allows_per_acceptor": 960, "connections_per_acceptor": 960,
+      "fd_limit_too_low": True, "bulk_slots_per_acceptor": 900, "connections_total": 3840,
+      "workers": {"fast": 2, "bulk": 3},
+      "bulk_share_per_acceptor": {"rate": 27.5, "burst": 25.0},
+      "bulk_admitted_at_mail_from": 110.0}),
+    ({"smtp": {"max_connections": 500, "fast_reserve": 50},
+      "supervisor": {"acceptors": 2}, "lanes.bulk": {"rate": 0.0}},
+     (1024, 65536),
+     {"fd_limit": 65536, "connections_per_acceptor": 500, "fd_limit_too_low": False,
+      "bulk_slots_per_acceptor": 450, "connections_total": 1000,
+      "bulk_share_per_acceptor": None}),
+])
+def test_derived(tmp_path: Path, tables: dict[str, dict[str, object]], nofile: tuple[int, int],
+                 want: dict[str, object]) -> None:
+    d = configshow.derived(config.load(cfg_file(tmp_path, **tables)), nofile=nofile)
+    for k, v in want.items():
+        assert d[k] == v, (k, d[k])
+
+
+def test_cli_show(tmp_path: Path) -> None:
+    f = cfg_file(tmp_path, **{"lanes.bulk": {"rate": 10.0}})
+    r = subprocess.run([sys.executable, "-m", "ingress.cli", "check-config", str(f), "--show"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "[lanes.bulk]" in r.stdout and "# connections per acceptor:" in r.stdout
+    assert "# bulk cap 10/s: each acceptor admits" in r.stdout
+    tomllib.loads(r.stdout)
+    r = subprocess.run([sys.executable, "-m", "ingress.cli", "check-config", str(f)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.stdout.strip() == f"{f}: ok"
