@@ -1061,6 +1061,7 @@ class Relay:
                 except Exception as e:          # Unavailable, or a bug: not this message's
                     why = e.why if isinstance(e, Unavailable) else f"{type(e).__name__}: {e}"
                     self._downstream_failed(_oneline(why, 300))
+                    metrics.relay_error(len(good))
                     if time.time() - received_at < self.rc.max_age:
                         return None
                     results.update(dict.fromkeys(
