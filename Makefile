@@ -30,6 +30,7 @@ run: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ingress workers tests bench
+	$(VENV)/bin/lint-imports --no-cache
 
 test: $(STAMP) sysdeps lint
 	$(PY) -m pytest -q tests

@@ -42,24 +42,12 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
-from ingress import log, metrics, proxy, replies
-from ingress.admission import Admission, AdmissionLimits, Refusal
-from ingress.classify import (
-    AuthResult,
-    ClassifyPolicy,
-    Decision,
-    Evidence,
-    LearnedAllow,
-    StaticAllow,
-    decide,
-)
-from ingress.config import Config
-from ingress.dataread import DataBudget
-from ingress.evidence import cert_evidence, check_spf, make_resolver, normalize_fingerprint
-from ingress.rcpt_verify import RecipientVerifier
-from ingress.session_rules import ErrorPolicy
-from ingress.smtp import IngressHandler, IngressSMTP
-from ingress.wire import (
+from ingress import proxy
+from ingress.core import log, metrics
+from ingress.core.config import Config
+from ingress.core.downstream import parse_downstream
+from ingress.core.ratelimit import TokenBucket
+from ingress.core.wire import (
     LEARN_TOPIC,
     PENALTY_TOPIC,
     SHARED_FACTS,
@@ -76,14 +64,33 @@ from ingress.wire import (
     share,
     submit,
 )
-from workers.ratelimit import TokenBucket
+from ingress.dataread import DataBudget
+from ingress.evidence import cert_evidence, check_spf, make_resolver, normalize_fingerprint
+from ingress.policy import replies
+from ingress.policy.admission import (
+    FD_SPARE,
+    Admission,
+    AdmissionLimits,
+    Refusal,
+    bulk_share_bucket,
+)
+from ingress.policy.classify import (
+    AuthResult,
+    ClassifyPolicy,
+    Decision,
+    Evidence,
+    LearnedAllow,
+    StaticAllow,
+    decide,
+)
+from ingress.policy.session_rules import ErrorPolicy
+from ingress.rcpt_verify import RecipientVerifier
+from ingress.smtp import IngressHandler, IngressSMTP
 
 HANDOFF_RETRY = 1.5          # seconds to keep trying to reach a broker that is not connected
 SPF_BACKLOG = 64             # SPF checks waiting per lane before new ones get temperror
 SPF_CACHE_TTL = 300.0        # seconds an SPF result for (ip, domain, helo) is reused
 SPF_CACHE_SIZE = 10000
-BULK_SHARE = 1.1             # acceptors together admit this much of the bulk cap at MAIL FROM
-FD_SPARE = 64               # descriptors an acceptor needs besides its sessions
 LEARNED_SAVE_INTERVAL = 5.0  # seconds between saves of a changed learned allow cache
 
 
@@ -444,15 +451,6 @@ class AcceptorContext:
                   left=len(self.sessions), **self.counters)
 
 
-def bulk_share_bucket(cfg: Config) -> tuple[float, float] | None:
-    """(rate, burst) of one acceptor's share of the bulk cap at MAIL FROM; None: uncapped."""
-    lb = cfg.lanes.bulk
-    if lb.rate <= 0:
-        return None
-    return (lb.rate * BULK_SHARE / cfg.acceptor_count,
-            max(1.0, (lb.burst or lb.rate) / cfg.acceptor_count))
-
-
 class MtlsListener:
     """The mutual-TLS port. Connections are accepted here (loop.sock_accept), and each takes a
     slot (IngressSMTP.admit_before_handshake) before its TLS handshake, so handshakes are
@@ -539,7 +537,6 @@ def verifier(cfg: Config) -> RecipientVerifier | None:
     s = cfg.smtp
     if not s.verify_recipients:
         return None
-    from workers.relay import parse_downstream  # the one parser of relay.downstream
     target = parse_downstream(cfg.relay.downstream)
     return RecipientVerifier(
         target.host, target.port, helo=s.hostname, timeout=s.verify_timeout,

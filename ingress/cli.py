@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ingress import config, log
+from ingress.core import config, log
 
 
 def main(argv: list[str] | None = None) -> int:

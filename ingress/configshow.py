@@ -10,7 +10,7 @@ API:
                                      the output is itself a valid config file)
 
 The derived numbers come from the functions the processes use (Config.acceptor_count,
-Config.worker_count, AdmissionLimits.bulk_share, acceptor.bulk_share_bucket, acceptor.FD_SPARE);
+Config.worker_count, AdmissionLimits.bulk_share, admission.bulk_share_bucket, admission.FD_SPARE);
 the fd limit is this process's RLIMIT_NOFILE (the service's may differ: LimitNOFILE= in the unit).
 """
 
@@ -21,8 +21,8 @@ import resource
 from pathlib import Path
 from typing import Any
 
-from ingress import config
-from ingress.admission import AdmissionLimits
+from ingress.core import config
+from ingress.policy.admission import BULK_SHARE, FD_SPARE, AdmissionLimits, bulk_share_bucket
 
 
 def _toml(v: Any) -> str:
@@ -61,7 +61,6 @@ def effective_toml(cfg: config.Config) -> str:
 
 
 def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[str, Any]:
-    from ingress.acceptor import BULK_SHARE, FD_SPARE, bulk_share_bucket
     soft, hard = nofile or resource.getrlimit(resource.RLIMIT_NOFILE)
     limit = soft if hard == resource.RLIM_INFINITY else max(soft, hard)   # raised to hard
     s = cfg.smtp

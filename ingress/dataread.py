@@ -41,7 +41,7 @@ import functools
 import re
 from enum import Enum
 
-from ingress.wire import Lane
+from ingress.core.wire import Lane
 
 TERMINATOR = b"\r\n.\r\n"
 MIN_FREE = 64 * 1024         # a bulk DATA is refused at once when less than this is left

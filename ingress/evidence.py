@@ -1,7 +1,7 @@
 """Evidence I/O shell: one cached DNS resolver, SPF with a deadline, client-certificate facts.
 
 Purpose
-    Gather the facts that ingress.classify.decide() consumes, without ever blocking the event
+    Gather the facts that ingress.policy.classify.decide() consumes, without ever blocking the event
     loop and with a deadline on every lookup (DESIGN.md sections 3, 9.6, 10).
 
 API
@@ -61,8 +61,8 @@ import dns.nameserver
 import dns.resolver
 import spf
 
-from ingress.classify import AuthResult, CertResult
-from ingress.resolver import make_resolver, parse_nameserver
+from ingress.core.resolver import make_resolver, parse_nameserver
+from ingress.policy.classify import AuthResult, CertResult
 
 __all__ = [
     "cert_evidence",

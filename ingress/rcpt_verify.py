@@ -25,7 +25,7 @@ Bounds (so a flood of RCPTs cannot turn us into an amplifier against the downstr
 - at most `concurrency` callouts at once per acceptor process, and at most `backlog` (default
   4 x concurrency) waiting for a slot; beyond that TEMPFAIL at once, without a connection;
 - the caller caps callouts per session (smtp.verify_per_session) and counts every refusal in the
-  session's error accounting (ingress/session_rules.py).
+  session's error accounting (ingress/policy/session_rules.py).
 Limits: only an smtp:// downstream (config validation says so for lmtp); the cache is per
 acceptor process and is lost at restart; callouts are not authenticated or encrypted (the
 downstream is the operator's own MTA, normally on a private network).
@@ -41,7 +41,7 @@ from enum import StrEnum
 import aiosmtplib
 from cachetools import TLRUCache
 
-from ingress import log
+from ingress.core import log
 
 GOODBYE_TIMEOUT = 2.0       # seconds for RSET + QUIT after the answer
 

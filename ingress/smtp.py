@@ -22,7 +22,7 @@ What this layer adds to aiosmtpd (DESIGN.md section 10 lists the traps it works 
 - a whole-session deadline on top of the idle timeout, and a 421 line before closing on either;
   the idle timer is re-armed by incoming bytes while DATA is being received;
 - EHLO advertises PIPELINING (aiosmtpd supports but does not advertise it) and never AUTH;
-- the decisions on command arguments and the per-session limits are ingress/session_rules.py
+- the decisions on command arguments and the per-session limits are ingress/policy/session_rules.py
   (pure); this layer applies them: 501 5.5.2 for NUL / invalid UTF-8 / control characters in
   HELO, EHLO, MAIL, RCPT (aiosmtpd decodes them with surrogateescape whether or not the client
   said SMTPUTF8), 553 5.6.7 for non-ASCII addresses without SMTPUTF8, RCPT only for accepted
@@ -63,14 +63,16 @@ from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import MISSING, SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from ingress import log, metrics, proxy, replies, session_rules
-from ingress.admission import Ticket
-from ingress.classify import AuthResult, Evidence, normalize_ip
+from ingress import proxy
+from ingress.core import log, metrics
+from ingress.core.wire import Envelope, Lane, new_qid
 from ingress.dataread import DataReader, DataState
 from ingress.evidence import received_spf_header, spf_identity
+from ingress.policy import replies, session_rules
+from ingress.policy.admission import Ticket
+from ingress.policy.classify import AuthResult, Evidence, normalize_ip
+from ingress.policy.session_rules import Counters, Refusal
 from ingress.rcpt_verify import Answer
-from ingress.session_rules import Counters, Refusal
-from ingress.wire import Envelope, Lane, new_qid
 
 if TYPE_CHECKING:
     from ingress.acceptor import AcceptorContext

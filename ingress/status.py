@@ -28,9 +28,9 @@ from typing import Any
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingress import metrics
-from ingress.config import Config
-from ingress.wire import STATUS_TOPIC, WireError, decode_status
+from ingress.core import metrics
+from ingress.core.config import Config
+from ingress.core.wire import STATUS_TOPIC, WireError, decode_status
 
 SCAN_LIMIT = 1_000_000
 

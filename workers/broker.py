@@ -37,9 +37,10 @@ from typing import Any
 import orjson
 import zmq
 
-from ingress import log, metrics
-from ingress.config import Config
-from ingress.wire import (
+from ingress.core import log, metrics
+from ingress.core.config import Config
+from ingress.core.ratelimit import TokenBucket
+from ingress.core.wire import (
     LANE_HEARTBEAT,
     LANE_LIVENESS,
     STATUS_INTERVAL,
@@ -56,7 +57,6 @@ from ingress.wire import (
     to_acceptor,
     work,
 )
-from workers.ratelimit import TokenBucket
 
 
 @dataclass

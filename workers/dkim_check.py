@@ -5,11 +5,11 @@ Purpose
     it runs here, not in the acceptors), decide DMARC-style alignment with the From: domain,
     render the RFC 8601 Authentication-Results header, and remove forged A-R headers that
     claim our authserv-id (RFC 8601 section 5). An aligned DKIM pass plus an SPF pass feeds
-    the learned allow cache (ingress.classify.should_learn).
+    the learned allow cache (ingress.policy.classify.should_learn).
 
 API
     make_resolver(nameservers, timeout, cache_size=10000) -> dns.resolver.Resolver
-        ingress.resolver's, the same factory the acceptors use for SPF.
+        ingress.core.resolver's, the same factory the acceptors use for SPF.
     make_dnsfunc(resolver, timeout, trace=None, deadline=None, min_bits=1024)
         -> dnsfunc(name: bytes, timeout=5) -> bytes|None
         dkimpy-compatible TXT lookup through our resolver; records outcomes in `trace`; a key
@@ -26,7 +26,7 @@ API
     authentication_results(authserv_id, *, spf=None, spf_domain=None, spf_helo=None,
                            dkim_results=(), comment=None) -> bytes
     strip_forged_ar(message, authserv_id) -> bytes
-    Results are ingress.wire.AuthResult (DkimResult is the same enum).
+    Results are ingress.core.wire.AuthResult (DkimResult is the same enum).
 
 Result mapping (RFC 6376 / RFC 8601)
     signature verifies -> pass; body hash or signature mismatch -> fail;
@@ -91,8 +91,8 @@ import dkim.util
 import dns.exception
 import dns.resolver
 
-from ingress.resolver import make_resolver
-from ingress.wire import AuthResult
+from ingress.core.resolver import make_resolver
+from ingress.core.wire import AuthResult
 
 __all__ = [
     "DkimReport",
@@ -109,7 +109,7 @@ __all__ = [
 ]
 
 
-DkimResult = AuthResult      # the one result vocabulary (ingress.wire.AuthResult)
+DkimResult = AuthResult      # the one result vocabulary (ingress.core.wire.AuthResult)
 
 # CPU bounds, checked before dkimpy does any RSA operation (its pow() holds the GIL: an
 # 8192-bit modulus with an 8192-bit exponent took ~1.1 s per signature, and the worker's

@@ -30,8 +30,8 @@ import email.utils
 import re
 from dataclasses import dataclass
 
-from ingress.config import Config
-from ingress.wire import Envelope
+from ingress.core.config import Config
+from ingress.core.wire import Envelope
 from workers import dkim_check
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]")

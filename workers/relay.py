@@ -105,9 +105,10 @@ from typing import Any, Literal, Protocol
 import aiosmtplib
 import orjson
 
-from ingress import log, metrics
-from ingress.config import Config, RelayConfig
-from ingress.wire import Envelope, Lane, new_qid
+from ingress.core import log, metrics
+from ingress.core.config import Config, RelayConfig
+from ingress.core.downstream import Target, parse_downstream
+from ingress.core.wire import Envelope, Lane, new_qid
 from workers import relay_tls
 from workers import spool as spool_mod
 
@@ -121,35 +122,6 @@ RETRY_REQUEST_DIR = "retry"  # spool/retry/<name>: `smtp-ingress queue retry` as
 
 
 # --- pure parts ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Target:
-    proto: Literal["smtp", "lmtp"]
-    host: str = ""
-    port: int = 0
-    path: str = ""              # unix socket (LMTP only)
-
-    def __str__(self) -> str:
-        return f"{self.proto}:{self.path}" if self.path else f"{self.proto}://{self.host}:{self.port}"
-
-    @property
-    def mta_name(self) -> str:
-        return self.path or self.host
-
-
-def parse_downstream(url: str) -> Target:
-    """'smtp://host:port' | 'lmtp://host:port' | 'lmtp:/path/socket' -> Target (ValueError)."""
-    m = re.fullmatch(r"(smtp|lmtp)://\[?([^\]/]+?)\]?:(\d{1,5})", url)
-    if m:
-        port = int(m.group(3))
-        if not 0 < port < 65536:
-            raise ValueError(f"bad port in {url!r}")
-        return Target(m.group(1), m.group(2), port)  # type: ignore[arg-type]
-    if url.startswith("lmtp:/") and not url.startswith("lmtp://"):
-        return Target("lmtp", path=url[len("lmtp:"):])
-    raise ValueError(f"relay.downstream {url!r}: want smtp://host:port, lmtp://host:port or "
-                     "lmtp:/path/socket")
-
 
 def backoff(attempt: int, base: float, maximum: float) -> float:
     """Delay before retry number `attempt` (1 = the first retry): base doubling, capped."""

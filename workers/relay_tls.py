@@ -33,7 +33,7 @@ import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ingress.config import RelayConfig, read_credentials
+from ingress.core.config import RelayConfig, read_credentials
 
 if TYPE_CHECKING:
     from workers.relay import LmtpSession, Target

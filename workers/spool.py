@@ -40,7 +40,7 @@ from typing import Any
 
 import orjson
 
-from ingress.wire import Envelope
+from ingress.core.wire import Envelope
 
 ENVELOPE_HEADER = b"X-Ingress-Envelope: "
 SPOOL_FORMAT = 1

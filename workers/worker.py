@@ -2,8 +2,8 @@
 
 API: run(cfg, lane, index, hb, slot)  the process entry point (spawned by the supervisor)
 
-Protocol (see ingress.wire): a DEALER connected to the lane broker's backend. The worker announces
-READY with `credit` (how many messages the broker may hand it at once), heartbeats every
+Protocol (see ingress.core.wire): a DEALER connected to the lane broker's backend. The worker
+announces READY with `credit` (how many messages the broker may hand it at once), heartbeats every
 LANE_HEARTBEAT seconds, and answers every WORK with exactly one ACK (after the spool write is
 durable) or NACK. Messages that arrive together are committed together: one fsync per file, one
 fsync of new/ for the batch, then all the ACKs. The work (pipeline per message, then the batch
@@ -34,9 +34,9 @@ from typing import Any
 import orjson
 import zmq
 
-from ingress import log, metrics
-from ingress.config import Config
-from ingress.wire import (
+from ingress.core import log, metrics
+from ingress.core.config import Config
+from ingress.core.wire import (
     LANE_HEARTBEAT,
     LANE_LIVENESS,
     LEARN_TOPIC,

@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ingress import evidence
-from ingress.classify import AuthResult, CertResult
 from ingress.evidence import (
     cert_evidence,
     check_spf,
@@ -32,6 +31,7 @@ from ingress.evidence import (
     sha256_fingerprint,
     spf_identity,
 )
+from ingress.policy.classify import AuthResult, CertResult
 from tests.dnsserver import DNSServer
 from workers import dkim_check
 from workers.dkim_check import (

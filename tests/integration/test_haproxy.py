@@ -92,7 +92,7 @@ class MiniBackend:
 
 class IngressBackend:
     """The real ingress with the PROXY protocol on its listener (needs [listen] proxy_protocol
-    and trusted_proxies in ingress.config). The client address is the `peer` of its `message`
+    and trusted_proxies in ingress.core.config). The client address is the `peer` of its `message`
     log lines."""
 
     def __init__(self, tmp: Path) -> None:

@@ -1,8 +1,8 @@
 """The Prometheus endpoint of a real ingress, scraped while mail flows.
 
 The ingress runs with metrics.listen = "127.0.0.1:0"; the port comes from the supervisor's
-`metrics_listening` log line (ingress.metrics.serve logs it). Until the supervisor calls
-ingress.metrics.serve (issue 5 wiring), this test skips, saying so; once ingress/supervisor.py
+`metrics_listening` log line (ingress.core.metrics.serve logs it). Until the supervisor calls
+ingress.core.metrics.serve (issue 5 wiring), this test skips, saying so; once ingress/supervisor.py
 mentions `metrics.serve`, it runs and must pass.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingress import metrics
+from ingress.core import metrics
 from tests.harness import ROOT, Ingress, make_body, send_one
 
 N = 20
@@ -37,7 +37,8 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-@pytest.mark.skipif(not _wired(), reason="ingress.metrics.serve is not called by the supervisor "
+@pytest.mark.skipif(not _wired(), reason="ingress.core.metrics.serve is not called by the "
+                                          "supervisor "
                                           "yet (issue 5 wiring)")
 def test_scrape_while_mail_flows(tmp_path: Path) -> None:
     with Ingress(tmp_path, {"metrics": {"listen": "127.0.0.1:0"}}) as ing:

@@ -30,7 +30,7 @@ import orjson
 import pytest
 
 from bench.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
-from ingress.wire import Envelope, Lane, new_qid
+from ingress.core.wire import Envelope, Lane, new_qid
 from tests.harness import ROOT, Ingress, make_body, send_one, write_config
 from tests.integration.test_relay import delivered, relaying, wait_for
 from workers import spool as spool_mod

@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 
 from bench.postfix import free_port
-from ingress import metrics
+from ingress.core import metrics
 from tests.harness import ROOT, Ingress, make_body, send_one
 from tests.integration.test_metrics_scrape import scrape
 from tests.integration.test_queue_cli import REJECTED, TEMPFAIL, postfix, tables  # noqa: F401

@@ -38,7 +38,7 @@ import orjson
 import pytest
 
 from bench.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
-from ingress.wire import Envelope, Lane, new_qid
+from ingress.core.wire import Envelope, Lane, new_qid
 from tests.harness import Ingress, make_body, send_one
 from workers import spool as spool_mod
 

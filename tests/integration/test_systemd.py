@@ -13,7 +13,7 @@
    started with NOTIFY_SOCKET pointing at a unix datagram socket this test binds, and
    WATCHDOG_USEC set. READY=1 (with MAINPID), WATCHDOG=1, RELOADING=1 then READY=1 after SIGHUP,
    STOPPING=1 after SIGTERM must arrive in that order, and the exit status must be 0.
-3. etc/ingress.example.toml loads, and names every key ingress.config knows.
+3. etc/ingress.example.toml loads, and names every key ingress.core.config knows.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from ingress import config as config_mod
+from ingress.core import config as config_mod
 from tests.harness import ROOT, write_config
 
 UNIT_DIR = ROOT / "systemd"
@@ -209,9 +209,9 @@ def test_sd_notify_protocol(tmp_path: Path) -> None:
         "supervisor": {"acceptors": 1, "heartbeat_interval": 0.2, "heartbeat_timeout": 2.0},
         "metrics": {"listen": ""},
     })
-    listener = NotifyListener(state / "notify.sock", tmp_path / "ingress.log")
+    listener = NotifyListener(state / "notify.sock", tmp_path / "ingress.core.log")
     env = {**os.environ, "NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "200000"}
-    log = open(tmp_path / "ingress.log", "wb")  # noqa: SIM115 - closed below
+    log = open(tmp_path / "ingress.core.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "ingress.cli", "run", "--config", str(cfg)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)

@@ -1,4 +1,4 @@
-"""Table-driven tests of connection admission (ingress.admission)."""
+"""Table-driven tests of connection admission (ingress.policy.admission)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from ingress.admission import (
+from ingress.core.wire import Lane
+from ingress.policy.admission import (
     EARLY_TALKER_REPLY,
     REPLY_PENALISED,
     REPLY_PER_IP,
@@ -19,7 +20,6 @@ from ingress.admission import (
     ip_key,
     stress_timeouts,
 )
-from ingress.wire import Lane
 
 F, B = Lane.FAST, Lane.BULK
 
@@ -361,7 +361,7 @@ def test_reconfigure_keeps_tickets() -> None:
 
 @pytest.mark.parametrize("lane, reason", list(itertools.product(Lane, Refusal)))
 def test_refusal_replies_are_4xx_before_banner(lane: Lane, reason: Refusal) -> None:
-    from ingress.admission import _REPLIES
+    from ingress.policy.admission import _REPLIES
 
     reply = _REPLIES[reason]
     if reason is Refusal.ADMITTED:

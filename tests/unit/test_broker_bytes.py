@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from ingress import config
-from ingress.wire import Envelope, Lane, decode_reply, new_qid, ready, submit
+from ingress.core import config
+from ingress.core.wire import Envelope, Lane, decode_reply, new_qid, ready, submit
 from workers.broker import Broker
 
 

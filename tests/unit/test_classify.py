@@ -1,4 +1,4 @@
-"""Table-driven tests of the classification policy (ingress.classify): every combination."""
+"""Table-driven tests of the classification policy (ingress.policy.classify): every combination."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from ingress.classify import (
+from ingress.core.wire import Lane
+from ingress.policy.classify import (
     AuthResult,
     CertResult,
     ClassifyPolicy,
@@ -22,7 +23,6 @@ from ingress.classify import (
     promote,
     should_learn,
 )
-from ingress.wire import Lane
 
 BOOLS = (False, True)
 SPF_DOMAINS = (None, "example.com", "mail.example.com", "other.org")

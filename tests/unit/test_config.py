@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ingress import config
-from ingress.config import ConfigError
+from ingress.core import config
+from ingress.core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

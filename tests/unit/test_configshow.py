@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ingress import config, configshow
+from ingress import configshow
+from ingress.core import config
 from tests.harness import ROOT, write_config
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from ingress.core.wire import Lane
 from ingress.dataread import DataBudget, DataReader, DataState
-from ingress.wire import Lane
 
 
 def read_all(data: bytes, step: int, size_limit: int = 4096,

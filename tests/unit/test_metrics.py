@@ -1,4 +1,4 @@
-"""ingress.metrics: multiprocess aggregation across real spawned processes, the exposition, the
+"""ingress.core.metrics: multiprocess aggregation across real spawned processes, the exposition, the
 spool collector, child_dead, the HTTP endpoint, and the per-call cost of the hot-path helpers.
 
 Run `python -m tests.unit.test_metrics` to print the measured costs.
@@ -17,14 +17,14 @@ import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingress import metrics
+from ingress.core import metrics
 
 N = 1000
 
 
 def _child(lane: str, depth: int, q: Any) -> None:
     """A stand-in for an acceptor + broker + worker: uses every helper, then reports its pid."""
-    from ingress import metrics as m
+    from ingress.core import metrics as m
     for _ in range(N):
         m.connection(lane, "admitted")
         m.message(lane, "accepted")
@@ -165,7 +165,7 @@ def test_spool_scan_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 # --- cost of the hot path ---------------------------------------------------------------------
 
 def _bench(q: Any) -> None:
-    from ingress import metrics as m
+    from ingress.core import metrics as m
     n = 50_000
     out = {}
     for name, fn in (("counter inc (connection)", lambda: m.connection("bulk", "admitted")),

@@ -2,7 +2,7 @@
 
 import pytest
 
-from workers.ratelimit import TokenBucket
+from ingress.core.ratelimit import TokenBucket
 
 CASES = [
     # rate, burst, times, expected

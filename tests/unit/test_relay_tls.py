@@ -1,4 +1,4 @@
-"""relay.tls / relay.auth_file validation (ingress.config) and the relay's TLS policy
+"""relay.tls / relay.auth_file validation (ingress.core.config) and the relay's TLS policy
 (workers.relay_tls): table-driven, no network."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ingress import config
+from ingress.core import config
 from tests.harness import ROOT, write_config
 from workers import relay_tls
 from workers.relay import parse_downstream

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from ingress.config import Config, RelayConfig, SmtpConfig, SpoolConfig
-from ingress.wire import Envelope, Lane, new_qid
+from ingress.core.config import Config, RelayConfig, SmtpConfig, SpoolConfig
+from ingress.core.wire import Envelope, Lane, new_qid
 from workers import relay
 from workers import spool as spool_mod
 from workers.relay import RelayState, Reply, backoff, build_dsn, failure_for, settle

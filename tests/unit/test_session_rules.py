@@ -1,4 +1,5 @@
-"""ingress.session_rules: the pure per-command decisions, table by table; the new smtp.* keys."""
+"""ingress.policy.session_rules: the pure per-command decisions, table by table; the new
+smtp.* keys."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ingress import metrics, replies, session_rules
-from ingress.config import ConfigError, load
-from ingress.session_rules import Counters, ErrorPolicy, after_reply, error_delay
+from ingress.core import metrics
+from ingress.core.config import ConfigError, load
+from ingress.policy import replies, session_rules
+from ingress.policy.session_rules import Counters, ErrorPolicy, after_reply, error_delay
 
 # --- check_argument -------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ingress.wire import Envelope, Lane
+from ingress.core.wire import Envelope, Lane
 from workers import pipeline, spool
 
 

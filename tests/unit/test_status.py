@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from ingress import metrics, status
+from ingress import status
+from ingress.core import metrics
 
 INF = math.inf
 

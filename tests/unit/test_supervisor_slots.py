@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ingress import config
+from ingress.core import config
 from ingress.supervisor import Supervisor, heartbeat_slots
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ingress import wire
-from ingress.wire import Envelope, Kind, Lane, NackReason, WireError
+from ingress.core import wire
+from ingress.core.wire import Envelope, Kind, Lane, NackReason, WireError
 
 ENV = Envelope(qid="0000000000100001000A", lane=Lane.FAST, peer_ip="192.0.2.1", peer_port=4242,
                helo="mail.example", mail_from="a@example.org", rcpts=("b@example.test",),

@@ -24,8 +24,17 @@ from typing import Any
 import pytest
 import zmq
 
-from ingress import config
-from ingress.wire import LANE_HEARTBEAT, LANE_LIVENESS, Envelope, Kind, Lane, kind_of, new_qid, work
+from ingress.core import config
+from ingress.core.wire import (
+    LANE_HEARTBEAT,
+    LANE_LIVENESS,
+    Envelope,
+    Kind,
+    Lane,
+    kind_of,
+    new_qid,
+    work,
+)
 from workers.worker import Worker
 
 WINDOW = LANE_HEARTBEAT * LANE_LIVENESS          # the broker's liveness window (1 s)

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ingress.resolver import parse_nameserver
+from ingress.core.downstream import parse_downstream
+from ingress.core.resolver import parse_nameserver
 
 
 class ConfigError(Exception):
@@ -67,7 +68,7 @@ class SmtpConfig:
     recipient_map: str = ""             # file: accepted addresses, one a line ("@dom" = any)
     # Per-session error and command limits (Postfix's smtpd_soft/hard_error_limit,
     # smtpd_error_sleep_time, smtpd_junk_command_limit, smtpd_recipient_overshoot_limit);
-    # the counts start afresh after a delivered message. See ingress/session_rules.py.
+    # the counts start afresh after a delivered message. See ingress/policy/session_rules.py.
     soft_error_limit: int = 10          # errors before every reply is delayed
     hard_error_limit: int = 20          # errors, then 421 4.7.0 and a close
     error_sleep: float = 1.0            # delay per error beyond soft_error_limit ...
@@ -481,8 +482,11 @@ def _finish(cfg: Config, file: str) -> Config:
         need(len(hexed) == 64 and all(ch in "0123456789abcdef" for ch in hexed),
              "tls.pinned_sha256", f"{fp!r} is not a SHA-256 fingerprint (64 hex digits)")
     r = cfg.relay
-    need(r.downstream == "" or r.downstream.startswith(("smtp://", "lmtp://", "lmtp:/")),
-         "relay.downstream", 'must be "", smtp://host:port, lmtp://host:port or lmtp:/socket')
+    if r.downstream:
+        try:
+            parse_downstream(r.downstream)
+        except ValueError as e:
+            need(False, "relay.downstream", str(e))
     need(1 <= r.concurrency <= 256, "relay.concurrency", "must be 1..256")
     need(0 < r.retry_base <= r.retry_max, "relay.retry_base", "must be > 0 and <= retry_max")
     need(r.max_age > 0 and r.timeout > 0, "relay.max_age", "max_age and timeout must be > 0")

@@ -59,8 +59,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ingress.wire import Lane
-from workers.ratelimit import TokenBucket
+from ingress.core.config import Config
+from ingress.core.ratelimit import TokenBucket
+from ingress.core.wire import Lane
 
 __all__ = [
     "EARLY_TALKER_REPLY",
@@ -348,3 +349,16 @@ class Admission:
             # Limits may have been reconfigured since this bucket was made.
             bucket.rate, bucket.burst = lim.per_ip_rate, float(lim.per_ip_burst)
         return bucket.take(now)
+
+
+BULK_SHARE = 1.1    # acceptors together admit this much of the bulk cap at MAIL FROM
+FD_SPARE = 64       # descriptors an acceptor needs besides its sessions
+
+
+def bulk_share_bucket(cfg: Config) -> tuple[float, float] | None:
+    """(rate, burst) of one acceptor's share of the bulk cap at MAIL FROM; None: uncapped."""
+    lb = cfg.lanes.bulk
+    if lb.rate <= 0:
+        return None
+    return (lb.rate * BULK_SHARE / cfg.acceptor_count,
+            max(1.0, (lb.burst or lb.rate) / cfg.acceptor_count))

@@ -60,7 +60,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from ingress.wire import AuthResult, Lane
+from ingress.core.wire import AuthResult, Lane
 
 __all__ = [
     "AuthResult",

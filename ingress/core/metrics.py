@@ -82,7 +82,7 @@ SCAN_MAX = 100_000
 SCAN_CACHE = 1.0
 
 LANES = ("fast", "bulk")
-# The admission outcomes are ingress.admission.Refusal's values, plus what smtp.py adds.
+# The admission outcomes are ingress.policy.admission.Refusal's values, plus what smtp.py adds.
 OUTCOMES = (
     "admitted",         # passed admission (Refusal.ADMITTED)
     "slots",            # 421 before the banner: connection slots (or the bulk share) full
@@ -283,7 +283,7 @@ _slots: dict[str, int] = {}
 
 
 def configured(cfg: Any) -> None:
-    """Supervisor: the slot capacity of the running config (an ingress.config.Config)."""
+    """Supervisor: the slot capacity of the running config (an ingress.core.config.Config)."""
     n, s = cfg.acceptor_count, cfg.smtp
     _slots.update(total=s.max_connections * n, fast_reserved=s.fast_reserve * n,
                   bulk=(s.max_connections - s.fast_reserve) * n)
@@ -435,7 +435,7 @@ def serve(listen: str, spool_dir: Path | str, state_dir: Path | str) -> MetricsS
         return None
     from prometheus_client import start_http_server
 
-    from ingress import log
+    from ingress.core import log
     host, port = parse_listen(listen)
     reg = registry(spool_dir, Path(state_dir) / SUBDIR)
     try:

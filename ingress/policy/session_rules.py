@@ -50,7 +50,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ingress import replies
+from ingress.policy import replies
 
 # aiosmtpd decodes an undecodable byte b as chr(0xDC00 + b), b >= 0x80.
 _SURROGATES = range(0xD800, 0xE000)
