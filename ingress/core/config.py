@@ -315,63 +315,75 @@ def _build(cls: type, raw: Any, file: str, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# Scalar types a config value may have: (the default's type, the check, the message, convert).
+_SCALARS: tuple[tuple[type, Any, str, Any], ...] = (
+    (bool, lambda v: isinstance(v, bool), "must be true or false", lambda v: v),
+    (int, _is_int, "must be an integer", lambda v: v),
+    (float, lambda v: _is_int(v) or isinstance(v, float), "must be a number", float),
+    (Path, lambda v: isinstance(v, str) and bool(v), "must be a non-empty path string", Path),
+    (str, lambda v: isinstance(v, str), "must be a string", lambda v: v),
+    (tuple, lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+     "must be a list of strings", tuple),
+)
+
+
 def _convert(default: Any, value: Any, file: str, key: str) -> Any:
     if dataclasses.is_dataclass(default):
         return _build(type(default), value, file, key + ".")
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(file, key, f"must be true or false, not {value!r}")
-        return value
-    if isinstance(default, int) and not isinstance(default, bool):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(file, key, f"must be an integer, not {value!r}")
-        return value
-    if isinstance(default, float):
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise ConfigError(file, key, f"must be a number, not {value!r}")
-        return float(value)
-    if isinstance(default, Path):
-        if not isinstance(value, str) or not value:
-            raise ConfigError(file, key, f"must be a non-empty path string, not {value!r}")
-        return Path(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(file, key, f"must be a string, not {value!r}")
-        return value
-    if isinstance(default, tuple):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(file, key, f"must be a list of strings, not {value!r}")
-        return tuple(value)
+    for kind, ok, message, convert in _SCALARS:   # bool before int: a bool is an int
+        if isinstance(default, kind):
+            if not ok(value):
+                raise ConfigError(file, key, f"{message}, not {value!r}")
+            return convert(value)
     raise ConfigError(file, key, "unsupported value")  # pragma: no cover
 
 
-def _finish(cfg: Config, file: str) -> Config:
-    """Cross-field validation and normalisation; returns the final frozen Config."""
+class _Need:
+    """need(ok, key, message): raise ConfigError(file, key, message) unless ok; parses(...)
+    the same for a value that a parser must accept (ValueError -> the error, named)."""
 
-    def need(ok: bool, key: str, msg: str) -> None:
+    def __init__(self, file: str) -> None:
+        self.file = file
+
+    def __call__(self, ok: bool, key: str, msg: str) -> None:
         if not ok:
-            raise ConfigError(file, key, msg)
+            raise ConfigError(self.file, key, msg)
 
-    s, sup, lst = cfg.smtp, cfg.supervisor, cfg.listen
+    def parses(self, parse: Any, values: Any, key: str, what: str = "") -> None:
+        for v in values:
+            try:
+                parse(v)
+            except ValueError as e:
+                raise ConfigError(self.file, key, f"{v!r} is not {what}" if what else str(e)) \
+                    from None
+
+
+def _cidr(c: str) -> Any:
+    return ipaddress.ip_network(c, strict=False)
+
+
+def _check_listen(cfg: Config, need: _Need) -> None:
+    lst = cfg.listen
     need(0 <= lst.port <= 65535, "listen.port", "must be 0..65535")
     need(lst.backlog >= 16, "listen.backlog", "must be at least 16")
     need(-1 <= lst.fast_port <= 65535 and (lst.fast_port <= 0 or lst.fast_port != lst.port),
          "listen.fast_port", "must be -1 (off) or 0..65535 and not listen.port")
-    try:
-        ipaddress.ip_address(lst.host)
-    except ValueError:
-        raise ConfigError(file, "listen.host", f"{lst.host!r} is not an IP address") from None
-    for c in lst.trusted_proxies:
-        try:
-            ipaddress.ip_network(c, strict=False)
-        except ValueError:
-            raise ConfigError(file, "listen.trusted_proxies", f"{c!r} is not a CIDR") from None
+    need.parses(ipaddress.ip_address, [lst.host], "listen.host", "an IP address")
+    need.parses(_cidr, lst.trusted_proxies, "listen.trusted_proxies", "a CIDR")
     need(not lst.proxy_protocol or bool(lst.trusted_proxies), "listen.trusted_proxies",
          "must list the load balancers' addresses when listen.proxy_protocol = true")
     need(not lst.fast_port_proxy_protocol or bool(lst.trusted_proxies), "listen.trusted_proxies",
          "must list the load balancers' addresses when listen.fast_port_proxy_protocol = true")
     need(not lst.fast_port_proxy_protocol or lst.fast_port >= 0,
          "listen.fast_port_proxy_protocol", "needs listen.fast_port")
+
+
+def _check_smtp(cfg: Config, need: _Need) -> None:
+    s = cfg.smtp
     need(bool(s.hostname) and " " not in s.hostname, "smtp.hostname", "must be a host name")
     need(len(s.accepted_domains) > 0, "smtp.accepted_domains",
          "must list at least one domain (the ingress is never an open relay)")
@@ -416,6 +428,12 @@ def _finish(cfg: Config, file: str) -> Config:
     need(total - reserve >= s.max_message_size, "smtp.data_fast_reserve",
          f"the bulk share of the DATA budget ({total} - {reserve} bytes) must hold one message "
          f"of smtp.max_message_size ({s.max_message_size})")
+    need(not s.recipient_map or os.path.isfile(s.recipient_map), "smtp.recipient_map",
+         f"{s.recipient_map!r}: no such file")
+
+
+def _check_lanes(cfg: Config, need: _Need) -> None:
+    s = cfg.smtp
     for lane in ("fast", "bulk"):
         lc: LaneConfig = getattr(cfg.lanes, lane)
         k = f"lanes.{lane}"
@@ -427,11 +445,11 @@ def _finish(cfg: Config, file: str) -> Config:
         need(lc.rate >= 0, f"{k}.rate", "must be >= 0 (0 = uncapped)")
         need(lc.burst >= 0, f"{k}.burst", "must be >= 0")
     need(cfg.lanes.fast.rate == 0, "lanes.fast.rate", "the fast lane is never rate-capped")
-    for c in cfg.classify.allow_cidrs:
-        try:
-            ipaddress.ip_network(c, strict=False)
-        except ValueError:
-            raise ConfigError(file, "classify.allow_cidrs", f"{c!r} is not a CIDR") from None
+
+
+def _check_classify(cfg: Config, need: _Need) -> None:
+    s = cfg.smtp
+    need.parses(_cidr, cfg.classify.allow_cidrs, "classify.allow_cidrs", "a CIDR")
     c = cfg.classify
     need(c.spf_promote in ("any", "listed", "off"), "classify.spf_promote",
          "must be one of any, listed, off")
@@ -444,11 +462,11 @@ def _finish(cfg: Config, file: str) -> Config:
          "must be in (0, 60] (at most half of smtp.idle_timeout applies)")
     need(0 < c.dkim_deadline < s.ack_timeout, "classify.dkim_deadline",
          "must be > 0 and below smtp.ack_timeout (it runs before the ack)")
-    for ns in c.nameservers:
-        try:
-            parse_nameserver(ns)
-        except ValueError as e:
-            raise ConfigError(file, "classify.nameservers", str(e)) from None
+    need.parses(parse_nameserver, c.nameservers, "classify.nameservers")
+
+
+def _check_admission(cfg: Config, need: _Need) -> None:
+    s = cfg.smtp
     a = cfg.admission
     need(a.per_ip_bulk_max >= 1, "admission.per_ip_bulk_max", "must be >= 1")
     need(a.per_ip_rate >= 0, "admission.per_ip_rate", "must be >= 0 (0 = off)")
@@ -462,6 +480,9 @@ def _finish(cfg: Config, file: str) -> Config:
     need(a.evict_rate >= 0, "admission.evict_rate", "must be >= 0 (0 = never evict)")
     need(a.stress_idle_timeout > 0, "admission.stress_idle_timeout",
          "must be > 0 (the shorter of it and smtp.idle_timeout applies under stress)")
+
+
+def _check_tls(cfg: Config, need: _Need) -> None:
     t = cfg.tls
     need(bool(t.cert) == bool(t.key), "tls.key", "tls.cert and tls.key go together")
     for key in ("cert", "key", "client_ca"):
@@ -481,12 +502,11 @@ def _finish(cfg: Config, file: str) -> Config:
         hexed = fp.replace(":", "").lower()
         need(len(hexed) == 64 and all(ch in "0123456789abcdef" for ch in hexed),
              "tls.pinned_sha256", f"{fp!r} is not a SHA-256 fingerprint (64 hex digits)")
+
+
+def _check_relay(cfg: Config, need: _Need) -> None:
     r = cfg.relay
-    if r.downstream:
-        try:
-            parse_downstream(r.downstream)
-        except ValueError as e:
-            need(False, "relay.downstream", str(e))
+    need.parses(parse_downstream, [r.downstream] if r.downstream else [], "relay.downstream")
     need(1 <= r.concurrency <= 256, "relay.concurrency", "must be 1..256")
     need(0 < r.retry_base <= r.retry_max, "relay.retry_base", "must be > 0 and <= retry_max")
     need(r.max_age > 0 and r.timeout > 0, "relay.max_age", "max_age and timeout must be > 0")
@@ -497,12 +517,11 @@ def _finish(cfg: Config, file: str) -> Config:
          f"{r.tls_ca_file!r}: no such file")
     if r.auth_file:
         need(r.tls != "none", "relay.auth_file", 'AUTH is sent over TLS only: set relay.tls')
-        try:
-            read_credentials(r.auth_file)
-        except ValueError as e:
-            raise ConfigError(file, "relay.auth_file", str(e)) from None
-    need(not s.recipient_map or os.path.isfile(s.recipient_map), "smtp.recipient_map",
-         f"{s.recipient_map!r}: no such file")
+        need.parses(read_credentials, [r.auth_file], "relay.auth_file")
+
+
+def _check_outputs_and_supervisor(cfg: Config, need: _Need) -> None:
+    sup = cfg.supervisor
     m = cfg.metrics.listen
     if m:
         mhost, _, mport = m.rpartition(":")
@@ -518,6 +537,15 @@ def _finish(cfg: Config, file: str) -> Config:
          "must be >= supervisor.restart_backoff")
     need(sup.crash_limit >= 1, "supervisor.crash_limit", "must be >= 1")
     need(cfg.log.level in LOG_LEVELS, "log.level", f"must be one of {', '.join(LOG_LEVELS)}")
+
+
+def _finish(cfg: Config, file: str) -> Config:
+    """Cross-field validation and normalisation; returns the final frozen Config."""
+    need = _Need(file)
+    for check in (_check_listen, _check_smtp, _check_lanes, _check_classify, _check_admission,
+                  _check_tls, _check_relay, _check_outputs_and_supervisor):
+        check(cfg, need)
+    s = cfg.smtp
     spool = SpoolConfig(path=cfg.spool.path.absolute(), state_dir=cfg.spool.state_dir.absolute())
     run_dir = spool.state_dir / "run"
     # ipc:// paths are limited by sockaddr_un (107 bytes).
