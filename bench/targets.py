@@ -322,7 +322,7 @@ def start_ingress(procs: Processes, directory: Path, template: Path,
     })
     cfg_path = directory / "ingress.toml"
     write_toml(cfg_path, tables)
-    log = directory / "ingress.core.log"
+    log = directory / "ingress.log"
     proc = procs.spawn([PY, "-m", "ingress.cli", "run", "--config", str(cfg_path)], log=log)
 
     def stop() -> int | None:

@@ -80,7 +80,7 @@ class Ingress:
             base.setdefault(table, {}).update(kv)
         self.config = self.tmpdir / "ingress.toml"
         write_config(self.config, base)
-        self.logfile = self.tmpdir / "ingress.core.log"
+        self.logfile = self.tmpdir / "ingress.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 

@@ -209,9 +209,9 @@ def test_sd_notify_protocol(tmp_path: Path) -> None:
         "supervisor": {"acceptors": 1, "heartbeat_interval": 0.2, "heartbeat_timeout": 2.0},
         "metrics": {"listen": ""},
     })
-    listener = NotifyListener(state / "notify.sock", tmp_path / "ingress.core.log")
+    listener = NotifyListener(state / "notify.sock", tmp_path / "ingress.log")
     env = {**os.environ, "NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "200000"}
-    log = open(tmp_path / "ingress.core.log", "wb")  # noqa: SIM115 - closed below
+    log = open(tmp_path / "ingress.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "ingress.cli", "run", "--config", str(cfg)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
