@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import resource
 import socket
 import ssl
 import time
@@ -42,7 +41,7 @@ import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
 from ingress import proxy
-from ingress.core import child, log, metrics
+from ingress.core import child, log, metrics, procs
 from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
 from ingress.core.ratelimit import TokenBucket
@@ -487,19 +486,6 @@ class MtlsListener:
             proto.abort_handshake = None
 
 
-def raise_nofile(needed: int) -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; warn if `needed` cannot fit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-    if soft < needed:
-        log.event("nofile_too_low", "error", limit=soft, needed=needed,
-                  hint="raise LimitNOFILE / ulimit -n, or lower smtp.max_connections")
-    return soft
-
-
 def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -579,7 +565,11 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
                 sig: child.Signals | None = None) -> None:
     loop = asyncio.get_running_loop()
     ctx = AcceptorContext(cfg, index, loop)
-    raise_nofile(cfg.smtp.max_connections + FD_SPARE)
+    needed = cfg.smtp.max_connections + FD_SPARE
+    nofile, _ = procs.raise_nofile(needed)
+    if nofile < needed:
+        log.event("nofile_too_low", "error", limit=nofile, needed=needed,
+                  hint="raise LimitNOFILE / ulimit -n, or lower smtp.max_connections")
     sock.setblocking(False)
     lst = cfg.listen
     servers = [await loop.create_server(
