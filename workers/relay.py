@@ -75,7 +75,8 @@ the spool file is removed only after the reply is recorded.
 Signals: SIGUSR2 (the supervisor) stops taking new work, lets in-flight deliveries finish for up
 to STOP_GRACE seconds, then cancels the rest (no file whose delivery did not finish is touched),
 exits 0. SIGTERM/SIGINT/SIGHUP are ignored (the supervisor drains us in order). Orphaned (the
-parent changed) -> the same stop. The heartbeat slot is written by a task of the event loop.
+parent changed) -> the same stop. The heartbeat slot is written by a task of the event loop
+(signals, heartbeat and parent check: ingress.core.child).
 
 Limits: one relay process; the new/ scan is O(files) and runs at most every SCAN_MIN seconds,
 stretched to 10x its own duration for huge spools; state writes and fsyncs are done on the event

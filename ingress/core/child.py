@@ -11,6 +11,7 @@ API:
                                          .install_loop(loop) with loop.add_signal_handler
     ACCEPTOR_SIGNALS, LANE_SIGNALS       which signal does what (Action) in an acceptor, and in a
                                          broker, worker or the relay
+    STOP_SIGNAL, RETIRE_SIGNAL           what the supervisor sends (SIGUSR2, SIGUSR1)
     Heartbeat(hb, slot)                  this child's slot of the supervisor's shared heartbeat
                                          array: .beat(); .orphaned() is the parent-death check;
                                          `await .run(period, on_orphan)` as a task of the child's
@@ -55,12 +56,15 @@ class Action(enum.Enum):
     IGNORE = "ignore"
 
 
+STOP_SIGNAL = signal.SIGUSR2        # the supervisor's order to stop
+RETIRE_SIGNAL = signal.SIGUSR1      # ... and to an acceptor replaced by a reload, to retire
+
 ACCEPTOR_SIGNALS: Mapping[int, Action] = {
-    signal.SIGUSR2: Action.STOP, signal.SIGTERM: Action.STOP, signal.SIGUSR1: Action.RETIRE,
+    STOP_SIGNAL: Action.STOP, signal.SIGTERM: Action.STOP, RETIRE_SIGNAL: Action.RETIRE,
     signal.SIGINT: Action.IGNORE, signal.SIGHUP: Action.IGNORE,
 }
 LANE_SIGNALS: Mapping[int, Action] = {
-    signal.SIGUSR2: Action.STOP, signal.SIGTERM: Action.IGNORE,
+    STOP_SIGNAL: Action.STOP, signal.SIGTERM: Action.IGNORE,
     signal.SIGINT: Action.IGNORE, signal.SIGHUP: Action.IGNORE,
 }
 
