@@ -53,11 +53,12 @@ def children(ppid: int) -> list[int]:
 
 def alive(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        status: str = psutil.Process(pid).status()
     except psutil.AccessDenied:
         return True
     except psutil.Error:
         return False
+    return status != psutil.STATUS_ZOMBIE
 
 
 def environ(pid: int) -> dict[str, str]:
