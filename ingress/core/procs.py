@@ -58,7 +58,7 @@ def alive(pid: int) -> bool:
         return True
     except psutil.Error:
         return False
-    return status != psutil.STATUS_ZOMBIE
+    return bool(status != psutil.STATUS_ZOMBIE)
 
 
 def environ(pid: int) -> dict[str, str]:
