@@ -71,7 +71,6 @@ import dataclasses
 import ipaddress
 import math
 import os
-import resource
 import socket
 import ssl
 import sys
@@ -82,6 +81,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from ingress.core import procs
 
 FD_MARGIN = 64  # descriptors kept for the interpreter, pipes, logs
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -169,12 +170,7 @@ def ensure_fd_limit(needed: int, what: str = "") -> tuple[int, int]:
     Also checks the system-wide table (/proc/sys/fs/file-max minus allocated). Returns the
     (soft, hard) pair in force afterwards.
     """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, needed)
-    if soft != target:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = procs.raise_nofile(needed)
     detail = f" ({what})" if what else ""
     if needed > soft:
         raise FdLimitError(

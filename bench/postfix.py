@@ -75,6 +75,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
+from ingress.core import procs
+
 __all__ = [
     "POSTFIX",
     "PostfixError",
@@ -154,39 +156,8 @@ def smtp_banner(host: str, port: int, timeout: float = 3.0) -> str | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is not alive for our purposes.
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def _proc_env(pid: int) -> dict[str, str]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    env: dict[str, str] = {}
-    for item in raw.split(b"\0"):
-        key, sep, value = item.partition(b"=")
-        if sep:
-            env[key.decode("latin-1")] = value.decode("latin-1")
-    return env
-
-
-def _proc_ppid(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
+_pid_alive = procs.alive            # a zombie is not alive for our purposes
+_proc_env = procs.environ
 
 
 _SAFE_VALUE = re.compile(r"^[^\n\r]*$")
@@ -472,13 +443,7 @@ class PostfixInstance:
         master = self.master_pid() or self._master_pid
         if master is None or not _pid_alive(master):
             return []
-        children = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                pid = int(entry.name)
-                if _proc_ppid(pid) == master and _pid_alive(pid):
-                    children.append(pid)
-        return [master, *sorted(children)]
+        return [master, *procs.children(master)]
 
     @property
     def running(self) -> bool:

@@ -51,6 +51,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
+import tomli_w
+
+from ingress.core import procs
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -225,18 +228,6 @@ def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
 # smtp-ingress
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str | Path):
-        return json.dumps(str(v))  # a JSON string is a valid TOML basic string
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, int | float):
-        return repr(v)
-    raise TypeError(f"cannot write {v!r} as TOML")
-
-
 def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
     """{"lanes": {"bulk": {"rate": 1}}} -> {"lanes.bulk": {"rate": 1}} (tables of scalars)."""
     tables: dict[str, dict[str, Any]] = {}
@@ -250,14 +241,14 @@ def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]
 
 
 def write_toml(path: Path, tables: dict[str, dict[str, Any]]) -> None:
-    lines: list[str] = []
+    """`tables` by dotted name (as _flatten gives them) as a TOML file (tomli-w)."""
+    doc: dict[str, Any] = {}
     for table, kv in tables.items():
-        if not kv:
-            continue
-        lines.append(f"[{table}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in kv.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
+        node = doc
+        for part in table.split(".") if table else ():
+            node = node.setdefault(part, {})
+        node.update({k: str(v) if isinstance(v, Path) else v for k, v in kv.items()})
+    path.write_text(tomli_w.dumps(doc))
 
 
 def ingress_config(template: Path, overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str,
@@ -287,23 +278,9 @@ def _tail(path: Path, n: int = 20) -> str:
     return ""
 
 
-def _children(ppid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            rest = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(rest[1]) == ppid and rest[0] != "Z":
-            out.append(int(d.name))
-    return out
-
-
 def acceptor_pids(log_path: Path, supervisor_pid: int) -> list[int]:
     """Live acceptor processes of the ingress, from its child_start log events."""
-    live = set(_children(supervisor_pid))
+    live = set(procs.children(supervisor_pid))
     return [int(d["child_pid"]) for d in _log_docs(log_path)
             if d.get("event") == "child_start" and d.get("kind") == "acceptor"
             and int(d.get("child_pid", 0)) in live]
@@ -341,7 +318,7 @@ def start_ingress(procs: Processes, directory: Path, template: Path,
                 mport = int(doc.get("mtls_port", -1))
                 return Running(
                     name, "127.0.0.1", port, mport if mport > 0 else None,
-                    pids=lambda: [proc.pid, *_children(proc.pid)], stop=stop,
+                    pids=lambda: [proc.pid, *procs.children(proc.pid)], stop=stop,
                     info={"config": str(cfg_path), "config_tables": tables, "log": str(log),
                           "supervisor_pid": proc.pid, "acceptors": doc.get("acceptors"),
                           "fast_workers": doc.get("fast_workers"),

@@ -54,7 +54,6 @@ import ipaddress
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
 import statistics
@@ -69,6 +68,7 @@ from types import TracebackType
 from typing import IO
 
 from bench.postfix import smtp_banner
+from ingress.core import procs
 
 __all__ = [
     "MODES",
@@ -112,13 +112,7 @@ def _check_loopback(host: str) -> None:
 
 def raise_nofile_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = max(soft, 1 << 20)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return procs.raise_nofile()[0]
 
 
 def _cpu_times() -> tuple[int, int]:
@@ -152,38 +146,14 @@ def wait_for_idle(max_busy: float, timeout: float, window: float = 1.0) -> float
 
 def _proc_table() -> dict[int, tuple[int, int, int]]:
     """pid -> (ppid, own CPU ticks utime+stime, reaped children's ticks cutime+cstime)."""
-    table: dict[int, tuple[int, int, int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            f = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            table[int(entry.name)] = (int(f[1]), int(f[11]) + int(f[12]),
-                                      int(f[13]) + int(f[14]))
-        except (OSError, IndexError, ValueError):
-            continue
-    return table
+    hz = os.sysconf("SC_CLK_TCK")
+    return {pid: (ppid, round(own * hz), round(kids * hz))
+            for pid, (ppid, own, kids) in procs.cpu_table().items()}
 
 
 def _listener_pids(port: int) -> set[int]:
-    """PIDs holding a listening TCP socket on ``port`` (via /proc/net/tcp{,6} inodes)."""
-    inodes: set[str] = set()
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(name).read_text().splitlines()[1:]:
-                cols = line.split()
-                if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(cols[9])
-    pids: set[int] = set()
-    if not inodes:
-        return pids
-    wanted = {f"socket:[{i}]" for i in inodes}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if any(os.readlink(fd) in wanted for fd in (entry / "fd").iterdir()):
-                    pids.add(int(entry.name))
-    return pids
+    """PIDs holding a listening TCP socket on ``port``."""
+    return procs.listeners(port)
 
 
 class ForeignCpu:

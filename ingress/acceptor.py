@@ -28,8 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import resource
-import signal
 import socket
 import ssl
 import time
@@ -43,7 +41,7 @@ import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
 from ingress import proxy
-from ingress.core import log, metrics
+from ingress.core import child, log, metrics, procs
 from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
 from ingress.core.ratelimit import TokenBucket
@@ -400,16 +398,6 @@ class AcceptorContext:
                 continue
             lc.status, lc.status_at = doc, time.monotonic()
 
-    async def heartbeat(self, hb: Any, slot: int, stop: asyncio.Event) -> None:
-        parent = os.getppid()
-        while True:
-            if hb is not None:
-                hb[slot] = time.monotonic()
-            if os.getppid() != parent:
-                log.event("orphaned", "warning", why="supervisor gone")
-                stop.set()
-            await asyncio.sleep(self.cfg.supervisor.heartbeat_interval / 2)
-
     async def persist_learned(self) -> None:
         """Acceptor 0 keeps the learned allow cache on disk (every acceptor learns the same
         entries over pub/sub and reads the file at start), so it survives restarts."""
@@ -498,19 +486,6 @@ class MtlsListener:
             proto.abort_handshake = None
 
 
-def raise_nofile(needed: int) -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; warn if `needed` cannot fit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-    if soft < needed:
-        log.event("nofile_too_low", "error", limit=soft, needed=needed,
-                  hint="raise LimitNOFILE / ulimit -n, or lower smtp.max_connections")
-    return soft
-
-
 def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -586,10 +561,15 @@ def mtls_context(cfg: Config) -> ssl.SSLContext | None:
 
 
 async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int,
-                mtls_sock: socket.socket | None, fast_sock: socket.socket | None) -> None:
+                mtls_sock: socket.socket | None, fast_sock: socket.socket | None,
+                sig: child.Signals | None = None) -> None:
     loop = asyncio.get_running_loop()
     ctx = AcceptorContext(cfg, index, loop)
-    raise_nofile(cfg.smtp.max_connections + FD_SPARE)
+    needed = cfg.smtp.max_connections + FD_SPARE
+    nofile, _ = procs.raise_nofile(needed)
+    if nofile < needed:
+        log.event("nofile_too_low", "error", limit=nofile, needed=needed,
+                  hint="raise LimitNOFILE / ulimit -n, or lower smtp.max_connections")
     sock.setblocking(False)
     lst = cfg.listen
     servers = [await loop.create_server(
@@ -603,23 +583,15 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
             lambda: IngressSMTP(ctx, fast_only=True, proxy_protocol=lst.fast_port_proxy_protocol),
             sock=fast_sock))
     stop = asyncio.Event()
-    retire = False
-
-    def retire_now() -> None:      # SIGUSR1: replaced by a reload
-        nonlocal retire
-        retire = True
-        stop.set()
-
     # SIGUSR2 is the supervisor's order to shut down, SIGUSR1 to retire after a reload; SIGTERM
     # (e.g. sent to the whole process group) shuts down too. ^C in a terminal reaches every
-    # process: only the supervisor acts on it.
-    for sig in (signal.SIGUSR2, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, retire_now)
-    for sig in (signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, lambda: None)
+    # process: only the supervisor acts on it (child.ACCEPTOR_SIGNALS).
+    sig = sig if sig is not None else child.Signals(child.ACCEPTOR_SIGNALS)
+    sig.install_loop(loop)
+    sig.on_stop(stop.set)
+    heart = child.Heartbeat(hb, slot)
     tasks = [loop.create_task(t) for t in (
-        ctx.heartbeat(hb, slot, stop), ctx.read_status(),
+        heart.run(child.heartbeat_period(cfg), stop.set), ctx.read_status(),
         *(lc.read_replies() for lc in ctx.lanes.values()),
         *(lc.watch_broker() for lc in ctx.lanes.values()))]
     if index == 0:
@@ -628,7 +600,7 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
               tls=ctx.tls_context is not None, mtls=mtls_sock is not None,
               fast_port=fast_sock is not None)
     await stop.wait()
-    await ctx.drain(servers, retire)
+    await ctx.drain(servers, sig.retire)
     for t in tasks:
         t.cancel()
     if index == 0 and ctx.learned_dirty:
@@ -641,9 +613,9 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
 
 def run(cfg: Config, index: int, sock: socket.socket, hb: Any = None, slot: int = 0,
         mtls_sock: socket.socket | None = None, fast_sock: socket.socket | None = None) -> None:
-    log.setup(cfg.log.level, f"acceptor-{index}")
+    sig = child.start(cfg, f"acceptor-{index}", child.ACCEPTOR_SIGNALS)
     try:
         import uvloop
-        uvloop.run(serve(cfg, index, sock, hb, slot, mtls_sock, fast_sock))
+        uvloop.run(serve(cfg, index, sock, hb, slot, mtls_sock, fast_sock, sig))
     except ImportError:     # pragma: no cover - uvloop is a hard dependency; keep serving anyway
-        asyncio.run(serve(cfg, index, sock, hb, slot, mtls_sock, fast_sock))
+        asyncio.run(serve(cfg, index, sock, hb, slot, mtls_sock, fast_sock, sig))

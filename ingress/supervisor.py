@@ -19,7 +19,8 @@ crash_window is a crash loop: logged, restarts throttled to the maximum backoff.
 heartbeat is older than heartbeat_timeout is hung: SIGKILL, then restarted.
 
 Signals only set flags; the main loop acts on them. Children are told to stop with SIGUSR2 and
-ignore SIGINT (and brokers and workers SIGTERM), so a signal sent to the whole process group (^C,
+ignore SIGINT (and brokers and workers SIGTERM; the tables are in ingress.core.child, the
+skeleton every child runs on), so a signal sent to the whole process group (^C,
 `timeout`, systemd's KillMode=control-group) still drains in order:
     SIGTERM/SIGINT  drain: acceptors stop accepting and finish sessions within smtp.drain_grace,
                     then brokers and workers stop; exit 0.
@@ -46,8 +47,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ingress.core import child, log, metrics
 from ingress.core import config as config_mod
-from ingress.core import log, metrics
 from ingress.core.config import Config, ConfigError
 
 TICK = 0.05
@@ -269,7 +270,7 @@ class Supervisor:
         reload (it keeps serving the sessions it has)."""
         c.retiring = True
         c.kill_at = time.monotonic() + grace
-        sig = signal.SIGUSR1 if replaced and c.kind == "acceptor" else signal.SIGUSR2
+        sig = child.RETIRE_SIGNAL if replaced and c.kind == "acceptor" else child.STOP_SIGNAL
         if c.proc is not None and c.proc.is_alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(c.proc.pid, sig)

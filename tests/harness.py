@@ -8,7 +8,7 @@ API:
     send_one(port, ...) -> (code, text)  one message on a fresh connection (aiosmtplib)
 
 The ingress runs as `python -m ingress.cli run --config FILE` with listen.port = 0; the real port
-comes from its "ready" log line. Children are found through /proc (ppid == supervisor pid) so
+comes from its "ready" log line. Children are found with psutil (ingress.core.procs) so
 tests can kill -9 one of them. Everything started here is stopped here, by PID.
 """
 
@@ -27,29 +27,23 @@ from typing import Any
 
 import aiosmtplib
 import orjson
+import tomli_w
 
+from ingress.core import procs
 from workers import spool as spool_mod
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str | Path):
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return repr(v)
-
-
 def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> None:
-    out = []
+    """`tables` by dotted name ({"lanes.bulk": {"workers": 1}}) as a TOML file (tomli-w)."""
+    doc: dict[str, Any] = {}
     for table, kv in tables.items():
-        out.append(f"[{table}]")
-        out += [f"{k} = {toml_value(v)}" for k, v in kv.items()]
-        out.append("")
-    path.write_text("\n".join(out))
+        node = doc
+        for part in table.split("."):
+            node = node.setdefault(part, {})
+        node.update({k: str(v) if isinstance(v, Path) else v for k, v in kv.items()})
+    path.write_text(tomli_w.dumps(doc))
 
 
 class Ingress:
@@ -131,17 +125,7 @@ class Ingress:
 
     def children(self, kind: str | None = None) -> list[int]:
         """PIDs of live children; kind = 'acceptor' | 'broker-bulk' | 'worker-bulk' ..."""
-        pids = []
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
-            try:
-                stat = (d / "stat").read_text()
-                ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == self.pid and stat.rsplit(")", 1)[1].split()[0] != "Z":
-                pids.append(int(d.name))
+        pids = procs.children(self.pid)
         if kind is None:
             return pids
         starts = {d["child_pid"]: d for d in self.events("child_start")}

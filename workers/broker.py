@@ -26,8 +26,6 @@ ACKs drain (bounded wait).
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,7 +35,8 @@ from typing import Any
 import orjson
 import zmq
 
-from ingress.core import log, metrics
+from ingress.core import child, log, metrics
+from ingress.core.child import Heartbeat
 from ingress.core.config import Config
 from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import (
@@ -86,7 +85,7 @@ class Broker:
         self.bucket = TokenBucket(lc.rate, lc.burst, now=time.monotonic())
         self.queue: deque[Job] = deque()
         self.workers: dict[bytes, WorkerState] = {}
-        self.hb, self.slot = hb, slot
+        self.heart = Heartbeat(hb, slot)
         self.stopping = False
         self.counters = {"submitted": 0, "acked": 0, "nack_rate": 0, "nack_queue_full": 0,
                          "nack_worker_lost": 0, "nack_expired": 0, "nack_worker": 0}
@@ -281,13 +280,11 @@ class Broker:
         poller.register(self.back, zmq.POLLIN)
         next_hb = next_status = 0.0
         stop_deadline: float | None = None
-        parent = os.getppid()
         while True:
             now = time.monotonic()
-            if self.hb is not None:
-                self.hb[self.slot] = now
-            if os.getppid() != parent:
-                self.stopping = True      # orphaned: the supervisor is gone
+            self.heart.beat()
+            if self.heart.orphaned():
+                self.stopping = True
             if self.stopping and stop_deadline is None:
                 stop_deadline = now + 2.0
                 for job in self.queue:
@@ -325,17 +322,10 @@ class Broker:
 
 
 def run(cfg: Config, lane: str, hb: Any = None, slot: int = 0) -> None:
-    log.setup(cfg.log.level, f"broker-{lane}")
+    # Only the supervisor stops us (SIGUSR2), after the acceptors have drained (LANE_SIGNALS).
+    sig = child.start(cfg, f"broker-{lane}", child.LANE_SIGNALS)
     b = Broker(cfg, lane, hb, slot)
-
-    def stop(signum: int, frame: object) -> None:
-        b.stopping = True
-
-    # Only the supervisor stops us (SIGUSR2), after the acceptors have drained; a SIGTERM or ^C
-    # sent to the whole process group must not cut the lane under sessions still finishing.
-    signal.signal(signal.SIGUSR2, stop)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
+    sig.on_stop(lambda: setattr(b, "stopping", True))
     log.event("broker_start", lane=lane, queue_max=b.queue_max, queue_bytes=b.queue_bytes,
               rate=b.bucket.rate)
     b.run()

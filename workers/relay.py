@@ -75,7 +75,8 @@ the spool file is removed only after the reply is recorded.
 Signals: SIGUSR2 (the supervisor) stops taking new work, lets in-flight deliveries finish for up
 to STOP_GRACE seconds, then cancels the rest (no file whose delivery did not finish is touched),
 exits 0. SIGTERM/SIGINT/SIGHUP are ignored (the supervisor drains us in order). Orphaned (the
-parent changed) -> the same stop. The heartbeat slot is written by a task of the event loop.
+parent changed) -> the same stop. The heartbeat slot is written by a task of the event loop
+(signals, heartbeat and parent check: ingress.core.child).
 
 Limits: one relay process; the new/ scan is O(files) and runs at most every SCAN_MIN seconds,
 stretched to 10x its own duration for huge spools; state writes and fsyncs are done on the event
@@ -94,7 +95,6 @@ import fcntl
 import heapq
 import os
 import re
-import signal
 import time
 import uuid
 from collections.abc import Sequence
@@ -105,7 +105,7 @@ from typing import Any, Literal, Protocol
 import aiosmtplib
 import orjson
 
-from ingress.core import log, metrics
+from ingress.core import child, log, metrics
 from ingress.core.config import Config, RelayConfig
 from ingress.core.downstream import Target, parse_downstream
 from ingress.core.wire import Envelope, Lane, new_qid
@@ -775,7 +775,7 @@ class Relay:
     def __init__(self, cfg: Config, hb: Any = None, slot: int = 0) -> None:
         self.cfg, self.rc = cfg, cfg.relay
         self.target = parse_downstream(cfg.relay.downstream)
-        self.hb, self.slot = hb, slot
+        self.heart = child.Heartbeat(hb, slot)
         self.spool = spool_mod.Spool(cfg.spool.path)
         self.state_dir = self.spool.root / "relay"
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -1169,25 +1169,15 @@ class Relay:
             interval = max(SCAN_MIN, 10 * (time.monotonic() - t0))
             await asyncio.sleep(interval)
 
-    async def heartbeat(self, parent: int) -> None:
-        period = min(0.5, self.cfg.supervisor.heartbeat_interval)
-        while True:
-            if self.hb is not None:
-                self.hb[self.slot] = time.monotonic()
-            if os.getppid() != parent and not self.stopping:
-                log.event("relay_orphaned", "warning")
-                self.stop()
-            await asyncio.sleep(period)
-
     def stop(self) -> None:
         self.stopping = True
         self.wake.set()
 
-    async def main(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGUSR2, self.stop)
-        parent = os.getppid()
-        hb = asyncio.create_task(self.heartbeat(parent))
+    async def main(self, sig: child.Signals | None = None) -> None:
+        if sig is not None:                 # the process entry point's: SIGUSR2 stops us
+            sig.install_loop(asyncio.get_running_loop())
+            sig.on_stop(self.stop)
+        hb = asyncio.create_task(self.heart.run(child.heartbeat_period(self.cfg), self.stop))
         removed = self.cleanup_states()
         self.scan()
         metrics.relay_breaker(metrics.BREAKER_CLOSED)
@@ -1208,18 +1198,13 @@ class Relay:
 
 
 def run(cfg: Config, hb: Any = None, slot: int = 0) -> None:
-    log.setup(cfg.log.level, "relay")
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
+    sig = child.start(cfg, "relay", child.LANE_SIGNALS)     # SIGUSR2 stops; TERM/INT/HUP ignored
     if not cfg.relay.downstream:
         # Not meant to be started (the spool is the destination); idle rather than crash-loop.
         log.event("relay_disabled", "warning", why="relay.downstream is empty")
-        stop = []
-        signal.signal(signal.SIGUSR2, lambda s, f: stop.append(s))
-        parent = os.getppid()
-        while not stop and os.getppid() == parent:
-            if hb is not None:
-                hb[slot] = time.monotonic()
+        heart = child.Heartbeat(hb, slot)
+        while not sig.stop and not heart.orphaned():
+            heart.beat()
             time.sleep(0.2)
         return
-    asyncio.run(Relay(cfg, hb, slot).main())
+    asyncio.run(Relay(cfg, hb, slot).main(sig))

@@ -11,7 +11,9 @@ write) runs in pool threads while this loop waits and keeps heartbeating, so nei
 nor a slow disk makes the broker NACK a batch that is being stored (issue 9 item 6).
 
 Failure modes: a broker that stops heartbeating for LANE_LIVENESS intervals is presumed dead: the
-worker reconnects with a fresh socket and announces READY again (Paranoid Pirate). A disk error is
+worker reconnects with a fresh socket and announces READY again (Paranoid Pirate), at once and
+then after 1, 2, 4 ... 32 s while the broker stays silent (ingress.core.child.Reconnect; the loop
+keeps heartbeating meanwhile; the first message from the broker resets it). A disk error is
 a NACK with reason "error" for that message (the client gets 451). SIGUSR2 (the supervisor): stop
 taking work (DISCONNECT), finish what was received, exit 0. The supervisor's heartbeat slot is
 written from this loop, and only while the batch in hand is within its deadline (the latest
@@ -27,14 +29,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
-import signal
 import time
 from typing import Any
 
 import orjson
 import zmq
 
-from ingress.core import log, metrics
+from ingress.core import child, log, metrics
+from ingress.core.child import Heartbeat, Reconnect
 from ingress.core.config import Config
 from ingress.core.wire import (
     LANE_HEARTBEAT,
@@ -63,7 +65,8 @@ TMP_MAX_AGE = 60.0
 class Worker:
     def __init__(self, cfg: Config, lane: Lane, index: int, hb: Any = None, slot: int = 0) -> None:
         self.cfg, self.lane, self.index = cfg, lane, index
-        self.hb, self.slot = hb, slot
+        self.heart = Heartbeat(hb, slot)
+        self.reconnect = Reconnect()       # 1 -> 32 s between reconnects to a silent broker
         self.credit = getattr(cfg.lanes, lane.value).credit
         self.spool = Spool(cfg.spool.path)
         self.pipeline = Pipeline(cfg)
@@ -91,8 +94,7 @@ class Worker:
         assert self.sock is not None
         with contextlib.suppress(zmq.Again):
             self.sock.send_multipart(heartbeat(self.credit), zmq.NOBLOCK)
-        if self.hb is not None:
-            self.hb[self.slot] = time.monotonic()
+        self.heart.beat()
 
     def run(self) -> None:
         # A file lives in tmp/ for the milliseconds of its write; one older than a minute was
@@ -104,23 +106,27 @@ class Worker:
         poller.register(self.sock, zmq.POLLIN)
         broker_seen = time.monotonic()
         next_hb = 0.0
-        parent = os.getppid()
         while not self.stopping:
             now = time.monotonic()
-            if os.getppid() != parent:
-                break             # orphaned: the supervisor is gone
+            if self.heart.orphaned():
+                break
             if now >= next_hb:
                 self._heartbeat()
                 next_hb = now + LANE_HEARTBEAT
             if not dict(poller.poll(timeout=int(LANE_HEARTBEAT * 1000))):
-                if time.monotonic() - broker_seen > LANE_HEARTBEAT * LANE_LIVENESS:
-                    log.event("broker_silent", "warning", lane=self.lane.value)
+                now = time.monotonic()
+                if (now - broker_seen > LANE_HEARTBEAT * LANE_LIVENESS
+                        and self.reconnect.due(now)):
+                    wait = self.reconnect.attempted(now)
+                    log.event("broker_silent", "warning", lane=self.lane.value,
+                              next_reconnect_s=wait)
                     poller.unregister(self.sock)
                     self._connect()
                     poller.register(self.sock, zmq.POLLIN)
                     broker_seen = time.monotonic()
                 continue
             broker_seen = time.monotonic()
+            self.reconnect.reset()
             self._handle(self._drain())
         self._shutdown()
 
@@ -264,17 +270,10 @@ def _qid_guess(env_raw: bytes) -> bytes:
 
 
 def run(cfg: Config, lane: str, index: int, hb: Any = None, slot: int = 0) -> None:
-    log.setup(cfg.log.level, f"worker-{lane}-{index}")
+    # Only the supervisor stops us (SIGUSR2), after the acceptors have drained (LANE_SIGNALS).
+    sig = child.start(cfg, f"worker-{lane}-{index}", child.LANE_SIGNALS)
     w = Worker(cfg, Lane(lane), index, hb, slot)
-
-    def stop(signum: int, frame: object) -> None:
-        w.stopping = True
-
-    # Only the supervisor stops us (SIGUSR2), after the acceptors have drained; a SIGTERM or ^C
-    # sent to the whole process group must not cut the lane under sessions still finishing.
-    signal.signal(signal.SIGUSR2, stop)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
+    sig.on_stop(lambda: setattr(w, "stopping", True))
     log.event("worker_start", lane=lane, index=index)
     w.run()
     log.event("worker_stop", lane=lane, index=index)

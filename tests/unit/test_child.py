@@ -1,0 +1,117 @@
+"""The child skeleton's pure parts: the reconnect back-off, what each signal does, the
+heartbeat slot and the parent-death check (no process is started here)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from ingress.core import child
+from ingress.core.child import ACCEPTOR_SIGNALS, LANE_SIGNALS, Heartbeat, Reconnect, Signals
+
+
+def test_reconnect_backoff_is_paranoid_pirates_1_to_32_seconds() -> None:
+    r = Reconnect()
+    now = 100.0
+    delays = []
+    for _ in range(8):
+        assert r.due(now)
+        delays.append(r.attempted(now))
+        assert not r.due(now + delays[-1] - 0.001)
+        now += delays[-1]
+    assert delays == [1, 2, 4, 8, 16, 32, 32, 32]
+
+
+def test_reconnect_reset_starts_again_at_once_and_at_the_initial_delay() -> None:
+    r = Reconnect(initial=0.5, maximum=4.0)
+    for t in range(5):
+        r.attempted(float(t))
+    assert not r.due(4.5)
+    r.reset()
+    assert r.due(4.5)
+    assert r.attempted(4.5) == 0.5
+
+
+@pytest.mark.parametrize(("initial", "maximum"), [(0.0, 1.0), (2.0, 1.0), (-1.0, 32.0)])
+def test_reconnect_refuses_a_nonsense_range(initial: float, maximum: float) -> None:
+    with pytest.raises(ValueError):
+        Reconnect(initial, maximum)
+
+
+# (table, signal, stop, retire)
+SIGNAL_CASES = [
+    (ACCEPTOR_SIGNALS, signal.SIGUSR2, True, False),
+    (ACCEPTOR_SIGNALS, signal.SIGTERM, True, False),
+    (ACCEPTOR_SIGNALS, signal.SIGUSR1, True, True),
+    (ACCEPTOR_SIGNALS, signal.SIGINT, False, False),
+    (ACCEPTOR_SIGNALS, signal.SIGHUP, False, False),
+    (LANE_SIGNALS, signal.SIGUSR2, True, False),
+    (LANE_SIGNALS, signal.SIGTERM, False, False),
+    (LANE_SIGNALS, signal.SIGINT, False, False),
+    (LANE_SIGNALS, signal.SIGHUP, False, False),
+]
+
+
+@pytest.mark.parametrize(("table", "signum", "stop", "retire"), SIGNAL_CASES)
+def test_signal_sets_the_flags(table: dict[int, child.Action], signum: int, stop: bool,
+                               retire: bool) -> None:
+    s = Signals(table)
+    called: list[int] = []
+    s.on_stop(lambda: called.append(1))
+    s.handle(signum)
+    assert (s.stop, s.retire) == (stop, retire)
+    assert called == ([1] if stop else [])
+
+
+def test_on_stop_registered_late_is_called_at_once() -> None:
+    s = Signals(LANE_SIGNALS)
+    s.handle(signal.SIGUSR2)
+    called: list[int] = []
+    s.on_stop(lambda: called.append(1))
+    assert called == [1]
+
+
+def test_installed_handler_only_sets_the_flag() -> None:
+    """A real SIGUSR2 to this process, through signal.signal, sets the flag and nothing else;
+    SIGHUP is ignored (the default would end the process)."""
+    saved = {n: signal.getsignal(n) for n in LANE_SIGNALS}
+    try:
+        s = Signals(LANE_SIGNALS)
+        s.install()
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert not s.stop
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert s.stop and not s.retire
+    finally:
+        for n, h in saved.items():
+            signal.signal(n, h)
+
+
+def test_heartbeat_writes_its_slot_only() -> None:
+    hb = [0.0, 0.0, 0.0]
+    Heartbeat(hb, 1).beat()
+    assert hb[0] == hb[2] == 0.0 and hb[1] > 0
+    Heartbeat(None, 0).beat()        # no array: nothing to write, no error
+
+
+def test_orphaned_when_the_parent_pid_changed() -> None:
+    assert not Heartbeat().orphaned()
+    assert Heartbeat(parent=os.getppid() + 1).orphaned()
+
+
+def test_heartbeat_task_beats_and_stops_an_orphan_once() -> None:
+    hb = [0.0]
+    stops: list[int] = []
+
+    async def go() -> None:
+        heart = Heartbeat(hb, 0, parent=os.getppid() + 1)
+        task = asyncio.create_task(heart.run(0.01, lambda: stops.append(1)))
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(go())
+    assert hb[0] > 0
+    assert stops == [1]
