@@ -6,7 +6,8 @@
   mail is accepted again.
 - EMFILE: the ingress under `prlimit --nofile=N:N`, far below what smtp.max_connections needs. It
   says so at start (nofile_too_low); a flood of connections beyond the limit does not crash it or
-  make it spin; once they are gone it serves again.
+  make it spin; once they are gone it serves again. (That the clients beyond the limit get a
+  silent close and nothing is logged is held as an xfail: test_emfile_is_refused_politely...)
 - SIGSTOP of the bulk broker for 5 s, then SIGCONT, while mail streams: every client gets its
   verdict within the ack deadline (250 or 4xx, never a hang), nothing acknowledged is lost,
   nothing is spooled twice, and mail flows again afterwards. With the harness's
@@ -146,21 +147,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_emfile_under_a_low_fd_limit(tmp_path: Path) -> None:
+NOFILE = 160
+
+
+def emfile_flood(tmp_path: Path) -> dict[str, object]:
+    """Start the ingress under `prlimit --nofile=NOFILE:NOFILE` (one acceptor), check it warned,
+    open 2 x NOFILE connections and hold them; measure the acceptor's CPU meanwhile; close them
+    and wait until it serves again. Returns what the clients and the log saw."""
     if shutil.which("prlimit") is None:
         pytest.skip("prlimit(1) not installed")
-    nofile = 160
+    out: dict[str, object] = {}
     with Ingress(tmp_path, {"supervisor": {"acceptors": 1}},
-                 prefix=["prlimit", f"--nofile={nofile}:{nofile}"]) as ing:
-        # smtp.max_connections (1000) cannot fit in 160 fds: said at start.
-        low = ing.events("nofile_too_low")
-        assert low and low[0]["limit"] == nofile, ing.log_tail()
-        assert asyncio.run(send_one(ing.port, make_body(0)))[0] == 250
+                 prefix=["prlimit", f"--nofile={NOFILE}:{NOFILE}"]) as ing:
+        out["nofile_too_low"] = ing.events("nofile_too_low")
+        out["before"] = asyncio.run(send_one(ing.port, make_body(0)))[0]
         (acceptor,) = ing.children("acceptor")
         children = sorted(ing.children())
         socks: list[socket.socket] = []
+        seen: dict[str, int] = {"banner": 0, "421": 0, "closed": 0, "waiting": 0, "other": 0}
         try:
-            for _ in range(2 * nofile):            # bounded: twice the limit
+            for _ in range(2 * NOFILE):            # bounded: twice the limit
                 s = socket.socket()
                 s.settimeout(5)
                 s.connect(("127.0.0.1", ing.port))
@@ -169,20 +175,24 @@ def test_emfile_under_a_low_fd_limit(tmp_path: Path) -> None:
             # Out of fds, the acceptor must not spin on accept() (nor crash).
             t0, c0 = time.monotonic(), cpu_seconds(acceptor)
             time.sleep(2.0)
-            busy = (cpu_seconds(acceptor) - c0) / (time.monotonic() - t0)
-            assert busy < 0.5, f"acceptor at {busy:.0%} CPU while out of file descriptors"
-            assert ing.proc is not None and ing.proc.poll() is None
-            # Connections the acceptor could take got a banner; the rest wait in the backlog
-            # or were closed: none may get a traceback or a half reply.
-            banners = 0
-            for s in socks[:20]:
-                with contextlib.suppress(OSError):
+            out["cpu"] = (cpu_seconds(acceptor) - c0) / (time.monotonic() - t0)
+            out["alive"] = ing.proc is not None and ing.proc.poll() is None
+            for s in socks:
+                s.settimeout(0.05)
+                try:
                     line = s.recv(512)
-                    assert not line or line.startswith((b"220 ", b"421 ")), line
-                    banners += line.startswith(b"220 ")
+                except TimeoutError:
+                    seen["waiting"] += 1          # still in the kernel's accept queue
+                    continue
+                except OSError:
+                    line = b""
+                key = ("banner" if line.startswith(b"220 ") else "421"
+                       if line.startswith(b"421 ") else "closed" if not line else "other")
+                seen[key] += 1
         finally:
             for s in socks:
                 s.close()
+        out["seen"] = seen
         # Once the connections are gone, it serves again (give it a few seconds to drain).
         deadline = time.monotonic() + 15
         code, text = 0, ""
@@ -191,13 +201,44 @@ def test_emfile_under_a_low_fd_limit(tmp_path: Path) -> None:
             if code == 250:
                 break
             time.sleep(0.5)
-        assert code == 250, f"not serving again after the flood: {code} {text}"
-        assert sorted(ing.children()) == children, "children crashed and were replaced"
-        assert not [e for e in ing.log_lines() if e.get("event") in CRASH_EVENTS]
-        bad = [e for e in ing.log_lines() if "exc" in e]
-        assert not bad, str(bad[0])[:2000]
-        print(f"EMFILE: {banners}/20 early connections got a banner; log events: "
-              f"{sorted({str(e.get('event')) for e in ing.log_lines()})}")
+        out["after"] = (code, text)
+        out["replaced"] = sorted(ing.children()) != children
+        out["crashes"] = [e for e in ing.log_lines() if e.get("event") in CRASH_EVENTS]
+        out["tracebacks"] = [e for e in ing.log_lines() if "exc" in e]
+        out["events"] = sorted({str(e.get("event")) for e in ing.log_lines()})
+        out["log"] = ing.log_lines()
+    return out
+
+
+def test_emfile_under_a_low_fd_limit(tmp_path: Path) -> None:
+    r = emfile_flood(tmp_path)
+    low = r["nofile_too_low"]
+    assert low and low[0]["limit"] == NOFILE, "no warning that the fd limit is too low"  # type: ignore[index]
+    assert r["before"] == 250
+    seen = r["seen"]
+    assert isinstance(seen, dict) and seen["banner"] < 2 * NOFILE, f"never ran out of fds: {seen}"
+    assert seen["other"] == 0, seen
+    assert r["cpu"] < 0.5, f"acceptor at {r['cpu']:.0%} CPU while out of file descriptors"  # type: ignore[operator]
+    assert r["alive"], "supervisor died"
+    assert r["after"][0] == 250, f"not serving again after the flood: {r['after']}"  # type: ignore[index]
+    assert not r["replaced"] and not r["crashes"], r["crashes"]
+    assert not r["tracebacks"], str(r["tracebacks"])[:2000]
+    print(f"EMFILE: {seen}; log events {r['events']}")
+
+
+@pytest.mark.xfail(strict=False, reason="found by the chaos test, not covered by issue 9: out of "
+                   "fds, libuv accepts and closes silently (no reply, nothing logged); reported")
+def test_emfile_is_refused_politely_and_logged(tmp_path: Path) -> None:
+    """Beyond what the fd limit allows a client should get 421 (or wait in the backlog), never
+    a silent close, and the operator a log line; admission could cap smtp.max_connections at
+    what RLIMIT_NOFILE allows (acceptor.raise_nofile only warns today)."""
+    r = emfile_flood(tmp_path)
+    seen = r["seen"]
+    assert isinstance(seen, dict)
+    assert seen["closed"] == 0, f"connections closed without a reply: {seen}"
+    logged = [e for e in r["log"] if "emfile" in str(e).lower()  # type: ignore[attr-defined]
+              or "too many open files" in str(e).lower()]
+    assert logged, f"running out of fds is not logged: {r['events']}"
 
 
 # --- SIGSTOP of a broker ----------------------------------------------------------------------
@@ -270,5 +311,9 @@ def test_sigstop_bulk_broker(tmp_path: Path, heartbeat_timeout: float) -> None:
             # Frozen for less than heartbeat_timeout: the same broker resumes, nothing restarts.
             assert not hung and not ing.events("child_exit"), ing.events("child_exit")
             assert ing.children("broker-bulk") == [broker]
+        stored = {client_bytes(e) for e in ing.spooled().values()}
+        dup_risk = sum(bodies[s.i] in stored for s in tempfailed)
         print(f"SIGSTOP ({heartbeat_timeout}s): {len(sent)} sent, codes {codes}, "
-              f"{len(tempfailed)} tempfailed, max wait {max(s.seconds for s in sent):.2f}s")
+              f"{len(tempfailed)} tempfailed ({dup_risk} of them stored all the same: a retry "
+              f"makes a duplicate, README 'Duplicates'), "
+              f"max wait {max(s.seconds for s in sent):.2f}s")
