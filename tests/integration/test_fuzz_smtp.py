@@ -972,3 +972,48 @@ def test_starttls_inside_tls(fuzz_ingress: Ingress) -> None:
         finally:
             t.skip_to_now()
 
+
+
+# --- issue 9 item 1, as the fuzzer's HOSTILE_ARGS mode sees it, one case each -----------------
+
+HOSTILE_ARG_CASES = {
+    # name: (lines before, the line, codes wanted)
+    "helo-nul": ([], b"HELO a\x00b\r\n", (501,)),
+    "ehlo-invalid-utf8": ([], b"EHLO a\xffb\r\n", (501,)),
+    "mail-nul": ([b"EHLO c.test\r\n"], b"MAIL FROM:<a\x00b@sender.test>\r\n", (501,)),
+    "mail-invalid-utf8": ([b"EHLO c.test\r\n"], b"MAIL FROM:<a\xffb@sender.test>\r\n", (501,)),
+    "mail-control": ([b"EHLO c.test\r\n"], b"MAIL FROM:<a\x1bb@sender.test>\r\n", (501,)),
+    "mail-non-ascii-without-smtputf8": ([b"EHLO c.test\r\n"],
+                                        "MAIL FROM:<ö@sender.test>\r\n".encode(), (553,)),
+    "rcpt-nul": ([b"EHLO c.test\r\n", b"MAIL FROM:<a@sender.test>\r\n"],
+                 b"RCPT TO:<b\x00b@example.test>\r\n", (501,)),
+    "rcpt-invalid-utf8": ([b"EHLO c.test\r\n", b"MAIL FROM:<a@sender.test>\r\n"],
+                          b"RCPT TO:<b\xffb@example.test>\r\n", (501,)),
+    "rcpt-non-ascii-without-smtputf8": ([b"EHLO c.test\r\n", b"MAIL FROM:<a@sender.test>\r\n"],
+                                        "RCPT TO:<ü@example.test>\r\n".encode(), (553,)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_ARG_CASES))
+@pytest.mark.xfail(strict=False, reason="issue 9 item 1, fixed on the acceptor input-validation "
+                   "branch")
+def test_hostile_argument_is_refused(fuzz_ingress: Ingress, name: str) -> None:
+    before, line, wanted = HOSTILE_ARG_CASES[name]
+    t = fuzz_ingress.tracker                     # type: ignore[attr-defined]
+    t.check_log()
+    c = Client(fuzz_ingress.port, fuzz_ingress.ca_file)    # type: ignore[attr-defined]
+    c.open()
+    try:
+        for ln in before:
+            c.send(ln)
+            assert c.reply()[0] == 250
+        c.send(line)
+        code, reply = c.reply()
+        assert code in wanted, f"{line!r}: {reply!r}, want {wanted}"
+    finally:
+        c.close()
+        time.sleep(0.1)
+        try:
+            t.check_log()
+        finally:
+            t.skip_to_now()
