@@ -1017,3 +1017,28 @@ def test_hostile_argument_is_refused(fuzz_ingress: Ingress, name: str) -> None:
             t.check_log()
         finally:
             t.skip_to_now()
+
+
+def test_client_gone_right_after_the_final_dot(fuzz_ingress: Ingress) -> None:
+    """Found by the fuzzer ('drop'): a client that closes right after the final dot is cancelled
+    while it waits for the worker's ack. On 3.11 asyncio.wait_for swallowed that cancellation
+    when the ack arrived at the same moment, and the session read on at EOF: IncompleteReadError,
+    a traceback in the log (about 1 in 70 tries). Fixed in LaneClient.submit (asyncio.timeout).
+    The message itself may or may not be stored: the client never heard a verdict."""
+    t = fuzz_ingress.tracker                     # type: ignore[attr-defined]
+    t.check_log()
+    for i in range(400):                         # bounded; ~1% each made the bug show
+        token = t.token("gone")
+        wire = f"X-Fuzz-Id: {token}\r\nSubject: gone\r\n\r\nbye\r\n".encode()
+        t.txns[token] = Txn(token, wire, b"c.test", 1, False, outcome="unknown")
+        c = Client(fuzz_ingress.port, fuzz_ingress.ca_file)    # type: ignore[attr-defined]
+        c.open()
+        c.send(b"EHLO c.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<bob@example.test>\r\n"
+               b"DATA\r\n")
+        for _ in range(4):
+            c.reply()
+        c.send(wire + b".\r\n")
+        if i % 2:
+            time.sleep(0.002 * (i % 7))
+        c.close()
+    t.settle()
