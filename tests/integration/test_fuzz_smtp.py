@@ -32,6 +32,11 @@ Invariants, checked on every reply and after every example:
   gets 250, nor a non-ASCII address without SMTPUTF8 (issue 9 item 1), and no reply echoes the
   client's control bytes.
 
+What the fuzzer found and nobody fixes here is held one case at a time: test_known_findings and
+test_starttls_inside_tls (xfail, not covered by issue 9), test_hostile_argument_is_refused (xfail,
+issue 9 item 1); the generators steer clear of those inputs so the clean mode stays green.
+test_client_gone_right_after_the_final_dot is the regression test of a finding fixed here.
+
 Bounded: `make test` runs FUZZ_EXAMPLES_CI examples per mode, derandomized (reproducible, no
 database, no shrinking so an expected failure costs little); `make fuzz` (SMTP_FUZZ=1, optionally
 SMTP_FUZZ_EXAMPLES=N) runs many more, random, with shrinking and the example database in
