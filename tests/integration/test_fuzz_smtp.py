@@ -904,7 +904,7 @@ def test_fuzz_smtp_dialogue(fuzz_ingress: Ingress, mode: str) -> None:
 
 # --- what the fuzzer found that issue 9 does not cover (reported; fixes belong in smtp.py) ------
 
-KNOWN_FINDINGS = {
+KNOWN_FINDINGS: dict[str, list[bytes | None]] = {
     # email._header_value_parser.get_addr_spec("a@") raises IndexError inside aiosmtpd's
     # _getaddr: the session gets "451 4.3.0 Internal error" and the log a traceback; a client
     # can log tracebacks at will. Want: 553 5.1.3 (malformed address), no exception.
@@ -915,11 +915,17 @@ KNOWN_FINDINGS = {
     # aiosmtpd echoes an unknown verb as is: a NUL (or ESC) goes back to the client in the reply.
     "unknown-verb-echoes-nul": [b"EHLO c.test\r\n", b"X\x00Y\r\n"],
     "unknown-verb-echoes-esc": [b"EHLO c.test\r\n", b"\x1b[2J\r\n"],
+    # ... and a bare CR: the reply line itself is broken ('500 Error: command "\r..."').
+    "unknown-verb-echoes-cr": [b"EHLO c.test\r\n", b"\r\x00\r\n"],
+    # VRFY that the parser refuses is echoed: '502 Could not VRFY ' + the argument, which holds
+    # a lone surrogate for invalid UTF-8: push() raises UnicodeEncodeError -> 451, traceback.
+    "vrfy-echoes-invalid-utf8": [b"HELO c.test\r\n", b"VRFY [\xff\r\n"],
     # Inside TLS, more than 5 unknown commands in one write: aiosmtpd answers "502 ... goodbye",
     # closes, and goes on answering the lines already read on the closed TLS transport:
     # AttributeError ('NoneType' object has no attribute '_write_appdata') and a traceback.
     # (In plaintext the writes are dropped silently.) Want: stop reading after the close.
-    "tls-pipelined-after-goodbye": [b"STARTTLS\r\n", b"EHLO c.test\r\n" + b"XYZ\r\n" * 8],
+    # (None: close at once, without reading the replies to the last write.)
+    "tls-pipelined-after-goodbye": [b"STARTTLS\r\n", b"EHLO c.test\r\n" + b"XYZ\r\n" * 8, None],
 }
 
 
@@ -931,8 +937,13 @@ def test_known_findings(fuzz_ingress: Ingress, name: str) -> None:
     c = Client(fuzz_ingress.port, fuzz_ingress.ca_file)    # type: ignore[attr-defined]
     c.open()
     try:
-        for line in KNOWN_FINDINGS[name]:
+        lines = KNOWN_FINDINGS[name]
+        for i, line in enumerate(lines):
+            if line is None:
+                break
             c.send(line)
+            if i + 1 < len(lines) and lines[i + 1] is None:
+                continue
             with contextlib.suppress(Closed):
                 for _ in range(line.count(b"\n")):
                     code, reply = c.reply()      # well-formed, no control bytes
