@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint unit integration bench bench-quick sysdeps clean
+.PHONY: run test lint unit integration fuzz bench bench-quick sysdeps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -40,6 +40,15 @@ unit: $(STAMP)
 
 integration: $(STAMP) sysdeps
 	$(PY) -m pytest -q tests/integration
+
+# The SMTP dialogue fuzzer, long run: random (not the fixed examples of `make test`), with
+# shrinking and the example database in .hypothesis/. FUZZ_EXAMPLES sets the count per mode;
+# FUZZ_ARGS is passed to pytest (e.g. FUZZ_ARGS='-k clean': an expected failure still shrinks).
+FUZZ_EXAMPLES ?= 3000
+FUZZ_ARGS ?=
+fuzz: $(STAMP)
+	SMTP_FUZZ=1 SMTP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider \
+	  --timeout=0 -rxX $(FUZZ_ARGS) tests/integration/test_fuzz_smtp.py
 
 bench: $(STAMP) sysdeps
 	$(PY) -m bench.run --full

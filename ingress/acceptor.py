@@ -127,7 +127,11 @@ class LaneClient:
                         return None, "lane unavailable"
                     await asyncio.sleep(0.05)
             try:
-                reply = await asyncio.wait_for(fut, timeout - (loop.time() - start))
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows the session's
+                # cancellation (client gone) when the ack arrives at the same moment, and the
+                # session then reads on at EOF (IncompleteReadError, a traceback in the log).
+                async with asyncio.timeout(timeout - (loop.time() - start)):
+                    reply = await fut
             except TimeoutError:
                 return None, "ack timeout"
             return reply, "" if reply.ok else (reply.reason or "nack")

@@ -48,8 +48,10 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> None:
 
 class Ingress:
     def __init__(self, tmpdir: Path, tables: dict[str, dict[str, Any]] | None = None,
-                 state: Path | None = None) -> None:
-        """`state`: a state dir to reuse (kept at stop); by default a fresh one, removed."""
+                 state: Path | None = None, prefix: list[str] | None = None) -> None:
+        """`state`: a state dir to reuse (kept at stop); by default a fresh one, removed.
+        `prefix`: a command the ingress is started under, e.g. ["prlimit", "--nofile=64:64"]."""
+        self.prefix = list(prefix or [])
         self.tmpdir = Path(tmpdir)
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         self.spool = self.tmpdir / "spool"
@@ -88,7 +90,8 @@ class Ingress:
     def start(self, timeout: float = 60.0) -> None:
         self._log = open(self.logfile, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ingress.cli", "run", "--config", str(self.config)],
+            [*self.prefix, sys.executable, "-m", "ingress.cli", "run",
+             "--config", str(self.config)],
             cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
