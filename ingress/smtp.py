@@ -411,6 +411,13 @@ class IngressSMTP(SMTP):
             return
         self.last_reply = line[:3].decode("ascii", "replace")
         line += b"\r\n" + await self._account(line)
+        transport = self._writer.transport
+        if transport is None or transport.is_closing():
+            # Closed meanwhile (aiosmtpd's own "502 ... goodbye", a deadline, the client): a
+            # closed TLS transport raises on write, so nothing more is written or read.
+            self._continuation.clear()
+            await self._stop_reading()
+            return
         if self._continuation:
             self._continuation.append(line)
             self._writer.write(b"".join(self._continuation))
