@@ -213,7 +213,8 @@ class AcceptorContext:
         self.tls_context = starttls_context(cfg)
         self.mtls_context = mtls_context(cfg)
         self.handler = IngressHandler(self)
-        self.smtp_prototypes: dict[bool, tuple[dict[str, Any], tuple[str, ...]]] = {}
+        self.smtp_prototypes: dict[bool, tuple[dict[str, Any], tuple[str, ...],
+                                               tuple[tuple[str, str, bool], ...]]] = {}
         self.sessions: set[IngressSMTP] = set()
         self.error_policy = ErrorPolicy(
             soft_error_limit=s.soft_error_limit, hard_error_limit=s.hard_error_limit,

@@ -60,7 +60,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.proxy_protocol import get_proxy
-from aiosmtpd.smtp import MISSING, SMTP, Session
+from aiosmtpd.smtp import MISSING, SMTP, Session, _AuthMechAttr
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from ingress import proxy
@@ -69,8 +69,8 @@ from ingress.core.wire import Envelope, Lane, new_qid
 from ingress.dataread import DataReader, DataState
 from ingress.evidence import received_spf_header, spf_identity
 from ingress.policy import replies, session_rules
-from ingress.policy.admission import Ticket
-from ingress.policy.classify import AuthResult, Evidence, normalize_ip
+from ingress.policy.admission import Ticket, stress_timeouts
+from ingress.policy.classify import AuthResult, Evidence, normalize_ip, promote
 from ingress.policy.session_rules import Counters, Refusal
 from ingress.rcpt_verify import Answer
 
@@ -86,7 +86,8 @@ _SIMPLE_ADDRESS = re.compile(
 # Per-connection state that SMTP.__init__ sets and that must not be shared between sessions.
 _PER_CONNECTION = frozenset({
     "_timeout_handle", "_tls_handshake_okay", "_tls_protocol", "_original_transport", "session",
-    "envelope", "transport", "_handler_coroutine", "_smtp_methods", "command_size_limits"})
+    "envelope", "transport", "_handler_coroutine", "_smtp_methods", "_auth_methods",
+    "command_size_limits"})
 
 
 class IngressSMTP(SMTP):
@@ -110,9 +111,11 @@ class IngressSMTP(SMTP):
                 loop=ctx.loop).__dict__)
             shared = {k: v for k, v in self.__dict__.items()
                       if k not in stream_keys and k not in _PER_CONNECTION}
-            ctx.smtp_prototypes[implicit_tls] = (shared, tuple(self._smtp_methods))
+            auth = tuple((m, a.method.__name__, a.is_builtin)
+                         for m, a in self._auth_methods.items())
+            ctx.smtp_prototypes[implicit_tls] = (shared, tuple(self._smtp_methods), auth)
         else:
-            shared, names = proto
+            shared, names, auth = proto
             asyncio.StreamReaderProtocol.__init__(
                 self, asyncio.StreamReader(loop=ctx.loop, limit=self.line_length_limit),
                 client_connected_cb=self._cb_client_connected, loop=ctx.loop)
@@ -126,6 +129,10 @@ class IngressSMTP(SMTP):
             self.transport = None
             self._handler_coroutine = None
             self._smtp_methods = {n: getattr(self, "smtp_" + n) for n in names}
+            # AUTH mechanisms of this class are bound to the session; the handler's are shared.
+            self._auth_methods = {
+                m: _AuthMechAttr(getattr(self if builtin else ctx.handler, fn), builtin)
+                for m, fn, builtin in auth}
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self.ctx = ctx
         self.implicit_tls = implicit_tls
@@ -198,7 +205,7 @@ class IngressSMTP(SMTP):
         decision = ctx.decide(self.evidence)
         if self.admitted:     # mutual-TLS port: the slot was taken before the handshake
             self.reasons = decision.reasons
-            if decision.lane is Lane.FAST and self.lane is Lane.BULK:
+            if promote(self.lane, decision) is not self.lane:
                 ctx.promote(self)
             metrics.connection(self.lane, "admitted")
             return None
@@ -371,8 +378,9 @@ class IngressSMTP(SMTP):
             return               # 421 now would leave a message spooled that the client retries
         # Stress mode: while the bulk lane is saturated, bulk sessions get a short idle timeout
         # (as Postfix's stress-dependent smtpd_timeout) and get it back afterwards.
-        if duration is None and self.lane is Lane.BULK and self.ctx.lane_saturated(Lane.BULK):
-            duration = min(self._timeout_duration, self.ctx.cfg.admission.stress_idle_timeout)
+        if duration is None and self.lane is Lane.BULK:
+            duration = stress_timeouts(self._timeout_duration, self.ctx.lane_saturated(Lane.BULK),
+                                       self.ctx.cfg.admission.stress_idle_timeout)
         super()._reset_timeout(duration)
 
     def trace_evidence(self) -> dict[str, str]:
@@ -652,7 +660,7 @@ class IngressHandler:
                 helo=session.host_name or "", receiver=server.hostname,
                 explanation=why).decode("ascii", "replace")
             decision = ctx.decide(server.evidence)
-            if decision.lane is Lane.FAST and server.lane is Lane.BULK:
+            if promote(server.lane, decision) is not server.lane:
                 ctx.promote(server)
                 server.reasons = decision.reasons
                 ctx.count("promoted", Lane.FAST)
