@@ -17,7 +17,6 @@ API
         release(ticket) -> None                  idempotent
         promote(ticket) -> None                  bulk -> fast slot accounting; never fails
         penalise(ip, now) / is_penalised(ip, now)  early-talker penalty box (bounded)
-        reconfigure(limits)                      new limits for new admissions (SIGHUP)
         in_use / fast_in_use / bulk_in_use / bulk_for(ip)   counters for metrics and tests
     Refusal                  StrEnum: why a connection was refused (metrics label)
     ip_key(ip, ipv6_prefix) -> str               the per-IP accounting key
@@ -261,13 +260,6 @@ class Admission:
     def penalised_count(self) -> int:
         return len(self._penalties)
 
-    def reconfigure(self, limits: AdmissionLimits) -> None:
-        """Apply new limits to future admissions; held tickets stay valid."""
-        self.limits = limits
-        self._penalties.max_size = limits.max_penalised
-        while len(self._buckets) > limits.max_tracked_ips:
-            self._buckets.popitem(last=False)
-
     # ------------------------------------------------------------------ admission
 
     def try_admit(self, ip: str, lane: Lane, now: float) -> Verdict:
@@ -346,8 +338,6 @@ class Admission:
             bucket = self._buckets[key] = TokenBucket(lim.per_ip_rate, lim.per_ip_burst, now)
         else:
             self._buckets.move_to_end(key)
-            # Limits may have been reconfigured since this bucket was made.
-            bucket.rate, bucket.burst = lim.per_ip_rate, float(lim.per_ip_burst)
         return bucket.take(now)
 
 
