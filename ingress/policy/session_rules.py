@@ -10,6 +10,20 @@ API:
         and CR, DEL, C1).
     mail_verdict(address, smtputf8) -> Refusal | None
         A non-ASCII sender without the SMTPUTF8 parameter: 553 5.6.7 (RFC 6531 section 3.5).
+    shed_verdict(sheds, shed_limit=, shed_delay=, host=) -> Shed
+        The MAIL shed/tarpit decision for a bulk transaction over the cap (at MAIL FROM, and
+        after DATA when the lane's rate cap refused it): `sheds` is this session's count so
+        far; the answer is the new count, the reply, the delay before it (the tarpit:
+        shed_delay) and whether the session closes after it (the shed_limit-th: 421, no delay).
+        Separate from mail_verdict because SPF (which may promote the session out of the
+        bulk lane) runs between the two.
+    data_verdict(body) -> Refusal | None
+        End of DATA: a bare CR or LF (SMTP smuggling) is 550 5.6.0.
+    pick_eviction(silent, now, silent_after=, bucket=) -> key | None
+        Slots are full: the session to evict, the longest-silent one (`silent`: the unproven
+        sessions that have not spoken, key -> since, oldest first), if it has been silent for
+        silent_after seconds and `bucket` (admission.evict_rate; None: evictions off) has a
+        token, which it then spends.
     rcpt_verdict(address, smtputf8=, domains=, primary_domain=, recipients=, accepted=,
                  max_recipients=) -> RcptVerdict
         The RCPT decision before any callout: the address to store (a bare "postmaster" becomes
@@ -48,9 +62,14 @@ and penalties are admission's business). Failure modes: none; every function is 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
+from ingress.core.ratelimit import TokenBucket
 from ingress.policy import replies
+
+K = TypeVar("K")
 
 # aiosmtpd decodes an undecodable byte b as chr(0xDC00 + b), b >= 0x80.
 _SURROGATES = range(0xD800, 0xE000)
@@ -75,6 +94,16 @@ class RcptVerdict:
     address: str               # the recipient to store (postmaster rewritten)
     refusal: Refusal | None    # None: accepted (subject to verification when `verify`)
     verify: bool = False       # a callout to the downstream may decide
+
+
+@dataclass(frozen=True)
+class Shed:
+    """shed_verdict's answer: the reply to a bulk transaction over the cap."""
+
+    sheds: int                 # the session's shed count after this one
+    reply: str
+    delay: float               # seconds to wait before the reply (the tarpit)
+    close: bool                # 421: the session ends after this reply
 
 
 @dataclass(frozen=True)
@@ -136,6 +165,30 @@ def mail_verdict(address: str, smtputf8: bool) -> Refusal | None:
     if not smtputf8 and not address.isascii():
         return _not_ascii(address, "Sender", "bad_command")
     return None
+
+
+def shed_verdict(sheds: int, *, shed_limit: int, shed_delay: float, host: str) -> Shed:
+    sheds += 1
+    if sheds >= shed_limit:
+        return Shed(sheds, replies.LANE_BUSY_CLOSING.format(host=host), 0.0, True)
+    return Shed(sheds, replies.LANE_BUSY, max(0.0, shed_delay), False)
+
+
+def data_verdict(body: bytes) -> Refusal | None:
+    n_lf = body.count(b"\n")
+    if n_lf != body.count(b"\r") or n_lf != body.count(b"\r\n"):
+        return Refusal(replies.BARE_LINE_ENDING, "bare_line_ending", "rejected")
+    return None
+
+
+def pick_eviction(silent: Mapping[K, float], now: float, *, silent_after: float,
+                  bucket: TokenBucket | None) -> K | None:
+    if not silent or bucket is None:
+        return None
+    victim, since = next(iter(silent.items()))
+    if now - since < silent_after or not bucket.take(now):
+        return None
+    return victim
 
 
 def rcpt_verdict(address: str, *, smtputf8: bool, domains: frozenset[str], primary_domain: str,
