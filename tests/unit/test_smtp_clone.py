@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from ingress.core import config
-from ingress.smtp import IngressHandler, IngressSMTP
+from ingress.handler import IngressHandler
+from ingress.smtp import IngressSMTP
 
 
 def make_ctx(loop: asyncio.AbstractEventLoop) -> types.SimpleNamespace:
