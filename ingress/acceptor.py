@@ -55,7 +55,6 @@ from ingress.handler import IngressHandler
 from ingress.host import Prototype
 from ingress.lanes import Lanes
 from ingress.learned_store import LEARNED_SAVE_INTERVAL, LearnedStore
-from ingress.policy import replies
 from ingress.policy.admission import FD_SPARE, Admission
 from ingress.policy.classify import (
     AuthResult,
@@ -66,6 +65,7 @@ from ingress.policy.classify import (
     StaticAllow,
     decide,
 )
+from ingress.policy.replies import Refusal, text
 from ingress.policy.session_rules import ErrorPolicy
 from ingress.rcpt_verify import RecipientVerifier
 from ingress.sessions import Seat, SessionTable
@@ -237,7 +237,7 @@ class AcceptorContext:
         self.draining = not retire
         for server in servers:
             server.close()
-        line = replies.SHUTTING_DOWN.format(host=self.cfg.smtp.hostname)
+        line = text(Refusal.SHUTTING_DOWN, host=self.cfg.smtp.hostname)
         deadline = time.monotonic() + self.cfg.smtp.drain_grace
         while self.sessions and time.monotonic() < deadline:
             if not retire:

@@ -37,6 +37,7 @@ from ingress.evidence import received_spf_header, spf_identity
 from ingress.host import SessionHost
 from ingress.policy import replies, session_rules
 from ingress.policy.classify import AuthResult, promote
+from ingress.policy.replies import Refusal, text
 from ingress.rcpt_verify import Answer
 from ingress.smtp import IngressSMTP
 
@@ -59,7 +60,7 @@ class IngressHandler:
                           address: str, mail_options: list[str]) -> str:
         if self.ctx.draining:      # no new transaction on a draining acceptor: come back later
             self.ctx.loop.call_soon(server.close_if_idle, "")
-            return replies.SHUTTING_DOWN.format(host=server.hostname)
+            return text(Refusal.SHUTTING_DOWN, host=server.hostname)
         ctx = self.ctx
         refusal = session_rules.mail_verdict(address, bool(envelope.smtp_utf8)) \
             or session_rules.before_mail(server.counters, ctx.error_policy, server.hostname)
@@ -162,7 +163,7 @@ class IngressHandler:
                   size=len(body), rcpts=len(env.rcpts), reply="451", why=why, ack_ms=ms)
         if reply is not None and reply.reason is not None and reply.reason.value == "rate":
             return await self.shed(server)
-        return replies.NOT_QUEUED.format(why=why)
+        return text(Refusal.NOT_QUEUED, why=why)
 
     async def shed(self, server: IngressSMTP) -> str:
         """Refuse a bulk transaction over the cap, cheaply for us and expensively for a bot:
@@ -184,4 +185,4 @@ class IngressHandler:
     async def handle_exception(self, error: Exception) -> str:
         log.get().error("smtp_exception", exc_info=error,
                         extra={"fields": {"error": type(error).__name__}})
-        return replies.INTERNAL_ERROR
+        return text(Refusal.INTERNAL_ERROR)

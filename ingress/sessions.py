@@ -32,8 +32,9 @@ from ingress.core import metrics
 from ingress.core.config import Config
 from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import Lane
-from ingress.policy import replies
-from ingress.policy.admission import Admission, AdmissionLimits, Refusal, Ticket
+from ingress.policy.admission import Admission, AdmissionLimits, Ticket
+from ingress.policy.admission import Refusal as Reason
+from ingress.policy.replies import Refusal, text
 from ingress.policy.session_rules import pick_eviction
 
 
@@ -64,9 +65,9 @@ class SessionTable:
         """Slots: the fast lane may use any of max_connections; bulk never the fast reserve,
         and bulk is capped per IP (/64) in count and connection rate."""
         if draining:
-            return replies.SHUTTING_DOWN.format(host=self.cfg.smtp.hostname)
+            return text(Refusal.SHUTTING_DOWN, host=self.cfg.smtp.hostname)
         verdict = self.admission.try_admit(seat.peer_ip, seat.lane, now)
-        if not verdict.admitted and verdict.reason is Refusal.SLOTS and self.evict_silent(now):
+        if not verdict.admitted and verdict.reason is Reason.SLOTS and self.evict_silent(now):
             verdict = self.admission.try_admit(seat.peer_ip, seat.lane, now)
         if not verdict.admitted:
             self.counters[f"refused_{verdict.reason.value}"] += 1
@@ -85,7 +86,7 @@ class SessionTable:
             return False
         self.counters["evicted_silent"] += 1
         metrics.connection(victim.lane, "evicted_silent")
-        victim.evict(replies.EVICTED_SILENT.format(host=self.cfg.smtp.hostname))
+        victim.evict(text(Refusal.EVICTED_SILENT, host=self.cfg.smtp.hostname))
         return True
 
     def spoke(self, seat: Seat) -> None:

@@ -59,10 +59,11 @@ from ingress.core import log, metrics
 from ingress.core.wire import Lane
 from ingress.dataread import DataReader, DataState
 from ingress.host import SessionHost
-from ingress.policy import replies, session_rules
+from ingress.policy import session_rules
 from ingress.policy.admission import Ticket, stress_timeouts
 from ingress.policy.classify import Evidence, normalize_ip, promote
-from ingress.policy.session_rules import Counters, Refusal
+from ingress.policy.replies import Refusal, text
+from ingress.policy.session_rules import Counters, Refused
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _SIMPLE_ADDRESS = re.compile(
@@ -211,7 +212,7 @@ class IngressSMTP(SMTP):
         self.lane, self.reasons = decision.lane, decision.reasons
         if self.fast_only and self.lane is Lane.BULK:
             metrics.connection(self.lane, "not_fast")
-            return replies.FAST_PORT_ONLY.format(host=self.hostname)
+            return text(Refusal.FAST_PORT_ONLY, host=self.hostname)
         refusal = ctx.admit(self)
         if refusal is not None:
             ctx.count("refused", self.lane)
@@ -268,7 +269,7 @@ class IngressSMTP(SMTP):
                 ctx.count("early_talker", self.lane)
                 metrics.connection(self.lane, "early_talker")
                 log.event("early_talker", peer=self.peer_ip)
-                self._close_with(replies.EARLY_TALKER)
+                self._close_with(text(Refusal.EARLY_TALKER))
                 return
         self.greeted = True
         await super()._handle_client()
@@ -337,7 +338,7 @@ class IngressSMTP(SMTP):
 
     def _timeout_cb(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(replies.IDLE_TIMEOUT.format(host=self.hostname).encode() + b"\r\n")
+            self.transport.write(text(Refusal.IDLE_TIMEOUT, host=self.hostname).encode() + b"\r\n")
         super()._timeout_cb()
 
     def _deadline_cb(self) -> None:
@@ -345,10 +346,7 @@ class IngressSMTP(SMTP):
             self._deadline = self.loop.call_later(0.1, self._deadline_cb)
             return
         log.event("session_deadline", "info", peer=self.peer_ip, lane=self.lane.value)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(
-                replies.SESSION_DEADLINE.format(host=self.hostname).encode() + b"\r\n")
-            self.transport.close()
+        self._close_with(text(Refusal.SESSION_DEADLINE, host=self.hostname))
 
     def data_received(self, data: bytes) -> None:
         if self.busy:      # a large message on a slow link is not idle
@@ -470,7 +468,7 @@ class IngressSMTP(SMTP):
             task.cancel()
             await asyncio.sleep(0)         # the CancelledError is raised here
 
-    def _refused(self, refusal: Refusal, command: str, **fields: object) -> str:
+    def _refused(self, refusal: Refused, command: str, **fields: object) -> str:
         """Log line, metric and close flag for one of session_rules' refusals; the reply."""
         log.event(refusal.event, peer=self.peer_ip, lane=self.lane.value, command=command,
                   **fields)
@@ -534,7 +532,7 @@ class IngressSMTP(SMTP):
         if self.lane is Lane.BULK and budget.bulk_full():
             self.ctx.count("data_no_storage", self.lane)
             log.event("data_no_storage", peer=self.peer_ip, lane=self.lane.value, at="DATA")
-            await self.push(replies.DATA_NO_STORAGE)
+            await self.push(text(Refusal.DATA_NO_STORAGE))
             return
         self.busy = True
         reader = DataReader(self.data_size_limit, budget, self.lane, self.line_length_limit)
@@ -551,7 +549,7 @@ class IngressSMTP(SMTP):
                     self.ctx.count("data_no_storage", self.lane)
                     log.event("data_no_storage", peer=self.peer_ip, lane=self.lane.value,
                               at="end of data", size=reader.total)
-                    await self.push(replies.DATA_NO_STORAGE)
+                    await self.push(text(Refusal.DATA_NO_STORAGE))
                 self._set_post_data_state()
                 return
             content = reader.content()
@@ -596,4 +594,4 @@ class IngressSMTP(SMTP):
                 raise
 
     async def smtp_AUTH(self, arg: str) -> None:
-        await self.push(replies.AUTH_NOT_OFFERED)
+        await self.push(text(Refusal.AUTH_NOT_OFFERED))

@@ -8,7 +8,7 @@ API:
         "invalid_utf8" (aiosmtpd decodes arguments as UTF-8 with errors="surrogateescape", so
         undecodable bytes arrive as lone surrogates U+DC80..U+DCFF), "control" (C0 including TAB
         and CR, DEL, C1).
-    mail_verdict(address, smtputf8) -> Refusal | None
+    mail_verdict(address, smtputf8) -> Refused | None
         A non-ASCII sender without the SMTPUTF8 parameter: 553 5.6.7 (RFC 6531 section 3.5).
     shed_verdict(sheds, shed_limit=, shed_delay=, host=) -> Shed
         The MAIL shed/tarpit decision for a bulk transaction over the cap (at MAIL FROM, and
@@ -17,7 +17,7 @@ API:
         shed_delay) and whether the session closes after it (the shed_limit-th: 421, no delay).
         Separate from mail_verdict because SPF (which may promote the session out of the
         bulk lane) runs between the two.
-    data_verdict(body) -> Refusal | None
+    data_verdict(body) -> Refused | None
         End of DATA: a bare CR or LF (SMTP smuggling) is 550 5.6.0.
     pick_eviction(silent, now, silent_after=, bucket=) -> key | None
         Slots are full: the session to evict, the longest-silent one (`silent`: the unproven
@@ -33,20 +33,20 @@ API:
         that would tell a harvester whether an address exists), relay (550 5.7.1; includes
         sender-specified routing % ! @ in the local part), the recipient map (550 5.1.1).
         postmaster at an accepted domain is always accepted (no map, no verification).
-    verify_verdict(address, answer) -> Refusal | None   a callout's answer -> the reply
+    verify_verdict(address, answer) -> Refused | None   a callout's answer -> the reply
     is_error_reply(line) -> bool                  does this reply count as a client error?
     JUNK_COMMANDS                                 the commands the junk limit counts
     ErrorPolicy, Counters                         the limits and one session's counts
     after_reply(counters, policy, line, command) -> Step
         Accounting for one reply: the counters after it, the tarpit delay before it is written
         (error_delay), and whether the session is cut off after it (421 4.7.0 and a close).
-    before_mail(counters, policy, host) -> Refusal | None
+    before_mail(counters, policy, host) -> Refused | None
         A MAIL beyond policy.mail_without_data_limit transactions without a delivered message:
         421 4.7.0 and a close (each MAIL of a bulk session spends a bulk token).
     mail_accepted(counters) -> Counters           a MAIL got 250
     delivered(counters) -> Counters               a message was delivered: counts start afresh
-    argument_refusal(why, command) -> Refusal     the 501 5.5.2 for check_argument's answer
-    cut_off_refusal(host) -> Refusal              the 421 4.7.0 at the hard error limit
+    argument_refusal(why, command) -> Refused     the 501 5.5.2 for check_argument's answer
+    cut_off_refusal(host) -> Refused              the 421 4.7.0 at the hard error limit
     error_delay(errors, policy) -> float          0 up to the soft limit, then error_sleep per
                                                   error beyond it, at most error_sleep_max
 
@@ -67,7 +67,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from ingress.core.ratelimit import TokenBucket
-from ingress.policy import replies
+from ingress.policy.replies import Refusal, text
 
 K = TypeVar("K")
 
@@ -80,7 +80,7 @@ _WHY = {"nul": "NUL character", "invalid_utf8": "invalid UTF-8",
 
 
 @dataclass(frozen=True)
-class Refusal:
+class Refused:
     """A reply that refuses a command, with the log event and the metric label it gets."""
 
     reply: str
@@ -92,7 +92,7 @@ class Refusal:
 @dataclass(frozen=True)
 class RcptVerdict:
     address: str               # the recipient to store (postmaster rewritten)
-    refusal: Refusal | None    # None: accepted (subject to verification when `verify`)
+    refusal: Refused | None    # None: accepted (subject to verification when `verify`)
     verify: bool = False       # a callout to the downstream may decide
 
 
@@ -148,20 +148,20 @@ def check_argument(arg: str | None) -> str | None:
     return None
 
 
-def _not_ascii(address: str, what: str, metric: str) -> Refusal:
+def _not_ascii(address: str, what: str, metric: str) -> Refused:
     shown = address[:200].encode("ascii", "backslashreplace").decode("ascii")
-    return Refusal(replies.ADDRESS_NOT_ASCII.format(addr=shown, what=what),
+    return Refused(text(Refusal.ADDRESS_NOT_ASCII, addr=shown, what=what),
                    "address_not_ascii", metric)
 
 
-def argument_refusal(why: str, command: str) -> Refusal:
+def argument_refusal(why: str, command: str) -> Refused:
     """The 501 for check_argument's `why`; metric: a recipient label for RCPT, else a
     transaction label."""
-    return Refusal(replies.BAD_ARGUMENT.format(why=_WHY[why], command=command), "bad_argument",
+    return Refused(text(Refusal.BAD_ARGUMENT, why=_WHY[why], command=command), "bad_argument",
                    "bad_address" if command == "RCPT" else "bad_command")
 
 
-def mail_verdict(address: str, smtputf8: bool) -> Refusal | None:
+def mail_verdict(address: str, smtputf8: bool) -> Refused | None:
     if not smtputf8 and not address.isascii():
         return _not_ascii(address, "Sender", "bad_command")
     return None
@@ -170,14 +170,14 @@ def mail_verdict(address: str, smtputf8: bool) -> Refusal | None:
 def shed_verdict(sheds: int, *, shed_limit: int, shed_delay: float, host: str) -> Shed:
     sheds += 1
     if sheds >= shed_limit:
-        return Shed(sheds, replies.LANE_BUSY_CLOSING.format(host=host), 0.0, True)
-    return Shed(sheds, replies.LANE_BUSY, max(0.0, shed_delay), False)
+        return Shed(sheds, text(Refusal.LANE_BUSY_CLOSING, host=host), 0.0, True)
+    return Shed(sheds, text(Refusal.LANE_BUSY), max(0.0, shed_delay), False)
 
 
-def data_verdict(body: bytes) -> Refusal | None:
+def data_verdict(body: bytes) -> Refused | None:
     n_lf = body.count(b"\n")
     if n_lf != body.count(b"\r") or n_lf != body.count(b"\r\n"):
-        return Refusal(replies.BARE_LINE_ENDING, "bare_line_ending", "rejected")
+        return Refused(text(Refusal.BARE_LINE_ENDING), "bare_line_ending", "rejected")
     return None
 
 
@@ -199,32 +199,32 @@ def rcpt_verdict(address: str, *, smtputf8: bool, domains: frozenset[str], prima
     if address.lower() == "postmaster":
         address = f"postmaster@{primary_domain}"
     if accepted >= max_recipients:
-        return RcptVerdict(address, Refusal(replies.TOO_MANY_RECIPIENTS, "too_many_recipients",
-                                            "too_many"))
+        return RcptVerdict(address, Refused(text(Refusal.TOO_MANY_RECIPIENTS),
+                                            "too_many_recipients", "too_many"))
     local, _, domain = address.rpartition("@")
     domain = domain.lower().rstrip(".")
     # Sender-specified routing (user%other@us, other!user@us, "a@b"@us) would let a
     # downstream MTA relay on to `other`: refused like any other relay attempt.
     if not local or domain not in domains or any(c in local for c in "%!@"):
-        return RcptVerdict(address, Refusal(replies.RELAY_DENIED.format(rcpt=address[:200]),
+        return RcptVerdict(address, Refused(text(Refusal.RELAY_DENIED, rcpt=address[:200]),
                                             "relay_denied", "relay_denied"))
     if local.lower() == "postmaster":
         return RcptVerdict(address, None)
     if recipients is not None and address.lower() not in recipients \
             and "@" + domain not in recipients:
-        return RcptVerdict(address, Refusal(replies.UNKNOWN_USER.format(rcpt=address[:200]),
+        return RcptVerdict(address, Refused(text(Refusal.UNKNOWN_USER, rcpt=address[:200]),
                                             "unknown_user", "unknown_user"))
     return RcptVerdict(address, None, verify=True)
 
 
-def verify_verdict(address: str, answer: str) -> Refusal | None:
+def verify_verdict(address: str, answer: str) -> Refused | None:
     """`answer` is rcpt_verify's: "ok" | "unknown" | anything else (uncertain)."""
     if answer == "ok":
         return None
     if answer == "unknown":
-        return Refusal(replies.UNKNOWN_USER.format(rcpt=address[:200]), "unknown_user",
+        return Refused(text(Refusal.UNKNOWN_USER, rcpt=address[:200]), "unknown_user",
                        "unknown_user")
-    return Refusal(replies.UNVERIFIED_RECIPIENT.format(rcpt=address[:200]),
+    return Refused(text(Refusal.UNVERIFIED_RECIPIENT, rcpt=address[:200]),
                    "recipient_unverified", "unverified")
 
 
@@ -259,9 +259,9 @@ def after_reply(counters: Counters, policy: ErrorPolicy, line: str, command: str
     return Step(c, error_delay(errors, policy), errors >= policy.hard_error_limit)
 
 
-def before_mail(counters: Counters, policy: ErrorPolicy, host: str) -> Refusal | None:
+def before_mail(counters: Counters, policy: ErrorPolicy, host: str) -> Refused | None:
     if counters.mails >= policy.mail_without_data_limit:
-        return Refusal(replies.TOO_MANY_TRANSACTIONS.format(host=host), "session_cut_off",
+        return Refused(text(Refusal.TOO_MANY_TRANSACTIONS, host=host), "session_cut_off",
                        "cut_off", close=True)
     return None
 
@@ -274,7 +274,7 @@ def delivered(counters: Counters) -> Counters:
     return Counters()
 
 
-def cut_off_refusal(host: str) -> Refusal:
+def cut_off_refusal(host: str) -> Refused:
     """The 421 at the hard error limit."""
-    return Refusal(replies.TOO_MANY_ERRORS.format(host=host), "session_cut_off", "cut_off",
+    return Refused(text(Refusal.TOO_MANY_ERRORS, host=host), "session_cut_off", "cut_off",
                    close=True)

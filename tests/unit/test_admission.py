@@ -8,18 +8,21 @@ import random
 import pytest
 
 from ingress.core.wire import Lane
+from ingress.policy import replies
 from ingress.policy.admission import (
-    EARLY_TALKER_REPLY,
-    REPLY_PENALISED,
-    REPLY_PER_IP,
-    REPLY_RATE,
-    REPLY_SLOTS,
     Admission,
     AdmissionLimits,
     Refusal,
     ip_key,
     stress_timeouts,
 )
+
+# the reply lines live in the one reply table (ingress.policy.replies)
+REPLY_SLOTS = replies.REPLIES[replies.Refusal.SLOTS]
+REPLY_PER_IP = replies.REPLIES[replies.Refusal.PER_IP]
+REPLY_RATE = replies.REPLIES[replies.Refusal.RATE]
+REPLY_PENALISED = replies.REPLIES[replies.Refusal.PENALISED]
+EARLY_TALKER_REPLY = replies.REPLIES[replies.Refusal.EARLY_TALKER]
 
 F, B = Lane.FAST, Lane.BULK
 

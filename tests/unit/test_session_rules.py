@@ -10,7 +10,8 @@ import pytest
 from ingress.core import metrics
 from ingress.core.config import ConfigError, load
 from ingress.core.ratelimit import TokenBucket
-from ingress.policy import replies, session_rules
+from ingress.policy import session_rules
+from ingress.policy.replies import Refusal, text
 from ingress.policy.session_rules import Counters, ErrorPolicy, after_reply, error_delay
 
 # --- check_argument -------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def test_delivered_resets_everything() -> None:
 
 def test_cut_off_refusal() -> None:
     r = session_rules.cut_off_refusal("mx.test")
-    assert r.reply == replies.TOO_MANY_ERRORS.format(host="mx.test")
+    assert r.reply == text(Refusal.TOO_MANY_ERRORS, host="mx.test")
     assert r.reply.startswith("421 4.7.0") and r.close and r.metric in metrics.RESULTS
 
 
@@ -342,9 +343,9 @@ def test_shed_verdict(sheds: int, limit: int, delay: float, code: str, wait: flo
     assert v.sheds == sheds + 1
     assert v.reply.startswith(code) and v.delay == wait and v.close is close
     if close:
-        assert "mx.test" in v.reply and v.reply == replies.LANE_BUSY_CLOSING.format(host="mx.test")
+        assert "mx.test" in v.reply and v.reply == text(Refusal.LANE_BUSY_CLOSING, host="mx.test")
     else:
-        assert v.reply == replies.LANE_BUSY
+        assert v.reply == text(Refusal.LANE_BUSY)
 
 
 @pytest.mark.parametrize(("body", "refused"), [
@@ -362,7 +363,8 @@ def test_data_verdict(body: bytes, refused: bool) -> None:
     if not refused:
         assert r is None
         return
-    assert r is not None and r.reply == replies.BARE_LINE_ENDING and r.reply.startswith("550 5.6.0")
+    assert r is not None and r.reply == text(Refusal.BARE_LINE_ENDING)
+    assert r.reply.startswith("550 5.6.0")
     assert r.event == "bare_line_ending" and r.metric == "rejected" and not r.close
 
 
