@@ -32,6 +32,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
 
 from ingress.core import log, metrics
+from ingress.core.metrics import RcptResult, Result
 from ingress.core.wire import Envelope, Lane, new_qid
 from ingress.evidence import received_spf_header, spf_identity
 from ingress.host import SessionHost
@@ -106,7 +107,7 @@ class IngressHandler:
         if refusal is not None:
             return server._refused(refusal, "RCPT", rcpt=verdict.address[:200])
         address = verdict.address
-        metrics.recipient(server.lane, "accepted")
+        metrics.recipient(server.lane, RcptResult.ACCEPTED)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
@@ -149,8 +150,8 @@ class IngressHandler:
         reply, why = await ctx.submit(env, body)
         ms = round((time.monotonic() - t0) * 1000, 2)
         metrics.observe_ack(server.lane, time.monotonic() - t0)
-        metrics.message(server.lane, "accepted" if reply is not None and reply.ok
-                        else "tempfailed")
+        metrics.message(server.lane, Result.ACCEPTED if reply is not None and reply.ok
+                        else Result.TEMPFAILED)
         if reply is not None and reply.ok:
             server.messages += 1
             ctx.count("accepted", server.lane)
@@ -175,7 +176,7 @@ class IngressHandler:
                                           shed_delay=a.shed_delay, host=server.hostname)
         server.sheds = shed.sheds
         self.ctx.count("shed", server.lane)
-        metrics.message(server.lane, "shed")
+        metrics.message(server.lane, Result.SHED)
         if shed.close:
             server.close_after_reply = True
         elif shed.delay > 0:

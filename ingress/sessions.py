@@ -30,6 +30,7 @@ from typing import Protocol
 
 from ingress.core import metrics
 from ingress.core.config import Config
+from ingress.core.metrics import Outcome
 from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import Lane
 from ingress.policy.admission import Admission, AdmissionLimits, Ticket
@@ -85,7 +86,7 @@ class SessionTable:
         if victim is None:
             return False
         self.counters["evicted_silent"] += 1
-        metrics.connection(victim.lane, "evicted_silent")
+        metrics.connection(victim.lane, Outcome.EVICTED_SILENT)
         victim.evict(text(Refusal.EVICTED_SILENT, host=self.cfg.smtp.hostname))
         return True
 

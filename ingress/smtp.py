@@ -56,6 +56,7 @@ from aiosmtpd.smtp import MISSING, SMTP, _AuthMechAttr
 
 from ingress import proxy
 from ingress.core import log, metrics
+from ingress.core.metrics import Outcome, RcptResult
 from ingress.core.wire import Lane
 from ingress.dataread import DataReader, DataState
 from ingress.host import SessionHost
@@ -207,19 +208,19 @@ class IngressSMTP(SMTP):
             self.reasons = decision.reasons
             if promote(self.lane, decision) is not self.lane:
                 ctx.promote(self)
-            metrics.connection(self.lane, "admitted")
+            metrics.connection(self.lane, Outcome.ADMITTED)
             return None
         self.lane, self.reasons = decision.lane, decision.reasons
         if self.fast_only and self.lane is Lane.BULK:
-            metrics.connection(self.lane, "not_fast")
+            metrics.connection(self.lane, Outcome.NOT_FAST)
             return text(Refusal.FAST_PORT_ONLY, host=self.hostname)
         refusal = ctx.admit(self)
         if refusal is not None:
             ctx.count("refused", self.lane)
-            metrics.connection(self.lane, self.refused_why or "draining")
+            metrics.connection(self.lane, Outcome(self.refused_why or "draining"))
             return refusal
         self.admitted = True
-        metrics.connection(self.lane, "admitted")
+        metrics.connection(self.lane, Outcome.ADMITTED)
         metrics.session_open(self.lane)
         return None
 
@@ -239,7 +240,7 @@ class IngressSMTP(SMTP):
         refusal = ctx.admit(self)
         if refusal is not None:
             ctx.count("refused", self.lane)
-            metrics.connection(self.lane, self.refused_why or "draining")
+            metrics.connection(self.lane, Outcome(self.refused_why or "draining"))
             log.event("mtls_refused", "debug", peer=self.peer_ip, why=self.refused_why)
             return False
         self.admitted = True
@@ -253,7 +254,7 @@ class IngressSMTP(SMTP):
             self.admitted = False
             self.ctx.release(self)
             metrics.session_close(self.lane)
-            metrics.connection(self.lane, "tls_failed")
+            metrics.connection(self.lane, Outcome.TLS_FAILED)
             log.event("mtls_handshake_failed", "info", peer=self.peer_ip, why=why[:200])
 
     async def _handle_client(self) -> None:
@@ -267,7 +268,7 @@ class IngressSMTP(SMTP):
             if self.early_talker:     # spoke before our banner: a bot that does not listen
                 ctx.penalise(self.peer_ip)
                 ctx.count("early_talker", self.lane)
-                metrics.connection(self.lane, "early_talker")
+                metrics.connection(self.lane, Outcome.EARLY_TALKER)
                 log.event("early_talker", peer=self.peer_ip)
                 self._close_with(text(Refusal.EARLY_TALKER))
                 return
@@ -284,7 +285,7 @@ class IngressSMTP(SMTP):
         self.peer_ip = normalize_ip(peer[0]) if peer else ""
         self.peer_port = int(peer[1]) if peer else 0
         if not proxy.peer_trusted(self.peer_ip, ctx.trusted_proxies):
-            metrics.connection(self.lane, "proxy_rejected")
+            metrics.connection(self.lane, Outcome.PROXY_REJECTED)
             log.event("proxy_rejected", peer=self.peer_ip, why="untrusted peer")
             transport.close()
             return False
@@ -297,7 +298,7 @@ class IngressSMTP(SMTP):
             self.early_talker = True
         client = proxy.proxy_peer(peer, data, ctx.trusted_proxies)
         if client is None:
-            metrics.connection(self.lane, "proxy_rejected")
+            metrics.connection(self.lane, Outcome.PROXY_REJECTED)
             log.event("proxy_rejected", peer=self.peer_ip, why=data.error or "invalid")
             transport.close()
             return False
@@ -473,7 +474,7 @@ class IngressSMTP(SMTP):
         log.event(refusal.event, peer=self.peer_ip, lane=self.lane.value, command=command,
                   **fields)
         self._logged = True
-        if refusal.metric in metrics.RCPT_RESULTS:
+        if isinstance(refusal.metric, RcptResult):
             metrics.recipient(self.lane, refusal.metric)
         else:
             metrics.message(self.lane, refusal.metric)

@@ -66,6 +66,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
+from ingress.core.metrics import RcptResult, Result
 from ingress.core.ratelimit import TokenBucket
 from ingress.policy.replies import Refusal, text
 
@@ -85,7 +86,7 @@ class Refused:
 
     reply: str
     event: str
-    metric: str
+    metric: Result | RcptResult   # the message() or recipient() label it counts under
     close: bool = False        # 421: the session ends after this reply
 
 
@@ -148,7 +149,7 @@ def check_argument(arg: str | None) -> str | None:
     return None
 
 
-def _not_ascii(address: str, what: str, metric: str) -> Refused:
+def _not_ascii(address: str, what: str, metric: Result | RcptResult) -> Refused:
     shown = address[:200].encode("ascii", "backslashreplace").decode("ascii")
     return Refused(text(Refusal.ADDRESS_NOT_ASCII, addr=shown, what=what),
                    "address_not_ascii", metric)
@@ -158,12 +159,12 @@ def argument_refusal(why: str, command: str) -> Refused:
     """The 501 for check_argument's `why`; metric: a recipient label for RCPT, else a
     transaction label."""
     return Refused(text(Refusal.BAD_ARGUMENT, why=_WHY[why], command=command), "bad_argument",
-                   "bad_address" if command == "RCPT" else "bad_command")
+                   RcptResult.BAD_ADDRESS if command == "RCPT" else Result.BAD_COMMAND)
 
 
 def mail_verdict(address: str, smtputf8: bool) -> Refused | None:
     if not smtputf8 and not address.isascii():
-        return _not_ascii(address, "Sender", "bad_command")
+        return _not_ascii(address, "Sender", Result.BAD_COMMAND)
     return None
 
 
@@ -177,7 +178,7 @@ def shed_verdict(sheds: int, *, shed_limit: int, shed_delay: float, host: str) -
 def data_verdict(body: bytes) -> Refused | None:
     n_lf = body.count(b"\n")
     if n_lf != body.count(b"\r") or n_lf != body.count(b"\r\n"):
-        return Refused(text(Refusal.BARE_LINE_ENDING), "bare_line_ending", "rejected")
+        return Refused(text(Refusal.BARE_LINE_ENDING), "bare_line_ending", Result.REJECTED)
     return None
 
 
@@ -195,25 +196,25 @@ def rcpt_verdict(address: str, *, smtputf8: bool, domains: frozenset[str], prima
                  recipients: frozenset[str] | None, accepted: int,
                  max_recipients: int) -> RcptVerdict:
     if not smtputf8 and not address.isascii():
-        return RcptVerdict(address, _not_ascii(address, "Recipient", "bad_address"))
+        return RcptVerdict(address, _not_ascii(address, "Recipient", RcptResult.BAD_ADDRESS))
     if address.lower() == "postmaster":
         address = f"postmaster@{primary_domain}"
     if accepted >= max_recipients:
         return RcptVerdict(address, Refused(text(Refusal.TOO_MANY_RECIPIENTS),
-                                            "too_many_recipients", "too_many"))
+                                            "too_many_recipients", RcptResult.TOO_MANY))
     local, _, domain = address.rpartition("@")
     domain = domain.lower().rstrip(".")
     # Sender-specified routing (user%other@us, other!user@us, "a@b"@us) would let a
     # downstream MTA relay on to `other`: refused like any other relay attempt.
     if not local or domain not in domains or any(c in local for c in "%!@"):
         return RcptVerdict(address, Refused(text(Refusal.RELAY_DENIED, rcpt=address[:200]),
-                                            "relay_denied", "relay_denied"))
+                                            "relay_denied", RcptResult.RELAY_DENIED))
     if local.lower() == "postmaster":
         return RcptVerdict(address, None)
     if recipients is not None and address.lower() not in recipients \
             and "@" + domain not in recipients:
         return RcptVerdict(address, Refused(text(Refusal.UNKNOWN_USER, rcpt=address[:200]),
-                                            "unknown_user", "unknown_user"))
+                                            "unknown_user", RcptResult.UNKNOWN_USER))
     return RcptVerdict(address, None, verify=True)
 
 
@@ -223,9 +224,9 @@ def verify_verdict(address: str, answer: str) -> Refused | None:
         return None
     if answer == "unknown":
         return Refused(text(Refusal.UNKNOWN_USER, rcpt=address[:200]), "unknown_user",
-                       "unknown_user")
+                       RcptResult.UNKNOWN_USER)
     return Refused(text(Refusal.UNVERIFIED_RECIPIENT, rcpt=address[:200]),
-                   "recipient_unverified", "unverified")
+                   "recipient_unverified", RcptResult.UNVERIFIED)
 
 
 def is_error_reply(line: str) -> bool:
@@ -262,7 +263,7 @@ def after_reply(counters: Counters, policy: ErrorPolicy, line: str, command: str
 def before_mail(counters: Counters, policy: ErrorPolicy, host: str) -> Refused | None:
     if counters.mails >= policy.mail_without_data_limit:
         return Refused(text(Refusal.TOO_MANY_TRANSACTIONS, host=host), "session_cut_off",
-                       "cut_off", close=True)
+                       Result.CUT_OFF, close=True)
     return None
 
 
@@ -276,5 +277,5 @@ def delivered(counters: Counters) -> Counters:
 
 def cut_off_refusal(host: str) -> Refused:
     """The 421 at the hard error limit."""
-    return Refused(text(Refusal.TOO_MANY_ERRORS, host=host), "session_cut_off", "cut_off",
+    return Refused(text(Refusal.TOO_MANY_ERRORS, host=host), "session_cut_off", Result.CUT_OFF,
                    close=True)
