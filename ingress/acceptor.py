@@ -55,7 +55,7 @@ from ingress.handler import IngressHandler
 from ingress.host import Prototype
 from ingress.lanes import Lanes
 from ingress.learned_store import LEARNED_SAVE_INTERVAL, LearnedStore
-from ingress.policy.admission import FD_SPARE, Admission
+from ingress.policy.admission import FD_SPARE
 from ingress.policy.classify import (
     AuthResult,
     ClassifyPolicy,
@@ -121,10 +121,6 @@ class AcceptorContext:
     @property
     def sessions(self) -> set[Any]:
         return self.table.sessions
-
-    @property
-    def admission(self) -> Admission:
-        return self.table.admission
 
     @property
     def learned(self) -> LearnedAllow:

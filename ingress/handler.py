@@ -66,8 +66,8 @@ class IngressHandler:
         refusal = session_rules.mail_verdict(address, bool(envelope.smtp_utf8)) \
             or session_rules.before_mail(server.counters, ctx.error_policy, server.hostname)
         if refusal is not None:
-            why = {"why": "mail_without_data"} if refusal.close else {}
-            return server._refused(refusal, "MAIL", sender=address[:200], **why)
+            extra = {"why": "mail_without_data"} if refusal.close else {}
+            return server._refused(refusal, "MAIL", sender=address[:200], **extra)
         server.evidence = replace(server.evidence, spf=AuthResult.NONE, spf_domain=None)
         server.spf_header = ""
         # SPF can only promote, so a session already in the fast lane never waits for DNS.
@@ -132,7 +132,7 @@ class IngressHandler:
         refusal = session_rules.data_verdict(body)
         if refusal is not None:
             log.event(refusal.event, peer=server.peer_ip, lane=server.lane.value)
-            metrics.message(server.lane, refusal.metric)
+            metrics.message(server.lane, Result(refusal.metric))
             return refusal.reply
         ctx = self.ctx
         now = time.time()
