@@ -34,6 +34,9 @@ API:
         sender-specified routing % ! @ in the local part), the recipient map (550 5.1.1).
         postmaster at an accepted domain is always accepted (no map, no verification).
     verify_verdict(address, answer) -> Refused | None   a callout's answer -> the reply
+    Refused(reply, event, metric, close=False)    a refusal: its line (from the one reply table,
+                                                  ingress.policy.replies), log event, metric
+                                                  label (metrics.Result / RcptResult), 421?
     is_error_reply(line) -> bool                  does this reply count as a client error?
     JUNK_COMMANDS                                 the commands the junk limit counts
     ErrorPolicy, Counters                         the limits and one session's counts
