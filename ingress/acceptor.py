@@ -3,8 +3,12 @@
 API:
     run(cfg, index, sock, hb, slot)   process entry point; `sock` is the listening socket the
                                       supervisor bound for this acceptor slot (SO_REUSEPORT)
-    AcceptorContext                   per-process state shared by all sessions (smtp.py uses it)
-    LaneClient                        DEALER to one lane broker: submit() -> (Reply | None, why)
+    AcceptorContext                   per-process state shared by all sessions: the
+                                      SessionHost (ingress.host) that smtp.py runs against;
+                                      it holds the session table (ingress.sessions), the SPF
+                                      service (ingress.spf_service), the learned store
+                                      (ingress.learned_store) and the lane clients
+                                      (ingress.lanes)
     MtlsListener                      the mutual-TLS port: a slot is taken at accept, before
                                       the TLS handshake (tls.handshake_timeout)
 
@@ -31,47 +35,25 @@ import os
 import socket
 import ssl
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import zmq
 import zmq.asyncio
-from zmq.utils.monitor import recv_monitor_message
 
 from ingress import proxy
-from ingress.core import child, log, metrics, procs
+from ingress.core import child, log, procs
 from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
-from ingress.core.ratelimit import TokenBucket
-from ingress.core.wire import (
-    LEARN_TOPIC,
-    PENALTY_TOPIC,
-    SHARED_FACTS,
-    STATUS_STALE,
-    STATUS_TOPIC,
-    Envelope,
-    Lane,
-    NackReason,
-    Reply,
-    WireError,
-    decode_reply,
-    decode_shared,
-    decode_status,
-    share,
-    submit,
-)
+from ingress.core.wire import Envelope, Lane, Reply
 from ingress.dataread import DataBudget
-from ingress.evidence import cert_evidence, check_spf, make_resolver, normalize_fingerprint
-from ingress.policy import replies
-from ingress.policy.admission import (
-    FD_SPARE,
-    Admission,
-    AdmissionLimits,
-    Refusal,
-    bulk_share_bucket,
-)
+from ingress.evidence import cert_evidence, normalize_fingerprint
+from ingress.handler import IngressHandler
+from ingress.host import Prototype
+from ingress.lanes import Lanes
+from ingress.learned_store import LEARNED_SAVE_INTERVAL, LearnedStore
+from ingress.policy.admission import FD_SPARE
 from ingress.policy.classify import (
     AuthResult,
     ClassifyPolicy,
@@ -81,102 +63,20 @@ from ingress.policy.classify import (
     StaticAllow,
     decide,
 )
+from ingress.policy.replies import Refusal, text
 from ingress.policy.session_rules import ErrorPolicy
 from ingress.rcpt_verify import RecipientVerifier
-from ingress.smtp import IngressHandler, IngressSMTP
-
-HANDOFF_RETRY = 1.5          # seconds to keep trying to reach a broker that is not connected
-SPF_BACKLOG = 64             # SPF checks waiting per lane before new ones get temperror
-SPF_CACHE_TTL = 300.0        # seconds an SPF result for (ip, domain, helo) is reused
-SPF_CACHE_SIZE = 10000
-LEARNED_SAVE_INTERVAL = 5.0  # seconds between saves of a changed learned allow cache
-
-
-class LaneClient:
-    """One DEALER to a lane broker, with the futures of messages waiting for their ack."""
-
-    def __init__(self, ctx: zmq.asyncio.Context, cfg: Config, lane: Lane, ident: str) -> None:
-        self.lane = lane
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.ROUTING_ID, f"{ident}-{lane.value}".encode())
-        s.setsockopt(zmq.IMMEDIATE, 1)     # no peer: fail the send now, never queue blindly
-        s.setsockopt(zmq.SNDHWM, 200)
-        s.setsockopt(zmq.RCVHWM, 2000)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.RECONNECT_IVL, 50)
-        s.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-        s.connect(cfg.ipc(f"{lane.value}-front"))
-        self.sock = s
-        self.pending: dict[str, asyncio.Future[Reply]] = {}
-        self.status: dict[str, Any] = {}
-        self.status_at = 0.0
-
-    async def submit(self, env: Envelope, body: bytes, timeout: float) -> tuple[Reply | None, str]:
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self.pending[env.qid] = fut
-        try:
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            frames = submit(env, body)
-            while True:      # no broker connected (e.g. restarting): retry the hand-off briefly
-                try:
-                    await self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-                    break
-                except zmq.Again:
-                    if loop.time() - start > min(HANDOFF_RETRY, timeout / 2):
-                        return None, "lane unavailable"
-                    await asyncio.sleep(0.05)
-            try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows the session's
-                # cancellation (client gone) when the ack arrives at the same moment, and the
-                # session then reads on at EOF (IncompleteReadError, a traceback in the log).
-                async with asyncio.timeout(timeout - (loop.time() - start)):
-                    reply = await fut
-            except TimeoutError:
-                return None, "ack timeout"
-            return reply, "" if reply.ok else (reply.reason or "nack")
-        finally:
-            self.pending.pop(env.qid, None)
-
-    async def read_replies(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart()
-            try:
-                reply = decode_reply(frames)
-            except WireError as e:
-                log.event("wire_error", "warning", lane=self.lane.value, error=str(e))
-                continue
-            fut = self.pending.get(reply.qid)
-            if fut is not None and not fut.done():
-                fut.set_result(reply)
-
-    async def watch_broker(self) -> None:
-        """A broker that dies takes the messages it held with it: answer their sessions now
-        (451) instead of at the ack deadline. Some may still be spooled by a worker that had
-        them; a client retry then makes a duplicate, never a loss (README: duplicates)."""
-        mon = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        while True:
-            await recv_monitor_message(mon)
-            lost = [f for f in self.pending.values() if not f.done()]
-            for fut in lost:
-                fut.set_result(Reply(qid="", ok=False, reason=NackReason.WORKER_LOST,
-                                     text="broker lost"))
-            log.event("broker_disconnected", "warning", lane=self.lane.value, failed=len(lost))
-
-    def saturated(self) -> bool:
-        """The broker cannot take work (queue nearly full, no workers), by fresh news."""
-        fresh = time.monotonic() - self.status_at < STATUS_STALE
-        return fresh and bool(self.status.get("saturated"))
-
-    def cap_spent(self) -> bool:
-        """The broker's rate bucket was empty at its last publication."""
-        tokens = self.status.get("tokens")
-        fresh = time.monotonic() - self.status_at < STATUS_STALE
-        return fresh and isinstance(tokens, int | float) and tokens < 1.0
+from ingress.sessions import Seat, SessionTable
+from ingress.smtp import IngressSMTP
+from ingress.spf_service import SpfService
 
 
 class AcceptorContext:
-    """Everything the sessions of one acceptor process share: policy, admission, lanes, TLS."""
+    """Everything the sessions of one acceptor process share (the SessionHost that smtp.py's
+    IngressSMTP and IngressHandler run against): the classify policy, and the parts it holds,
+    each its own module: the session table (ingress.sessions), the SPF service
+    (ingress.spf_service), the learned store (ingress.learned_store), the lane clients
+    (ingress.lanes)."""
 
     def __init__(self, cfg: Config, index: int, loop: asyncio.AbstractEventLoop) -> None:
         self.cfg, self.index, self.loop = cfg, index, loop
@@ -186,37 +86,22 @@ class AcceptorContext:
         self.recipients = load_recipient_map(s.recipient_map) if s.recipient_map else None
         self.static_allow = StaticAllow.from_cidrs(c.allow_cidrs)
         self.trusted_proxies = proxy.trusted_networks(cfg.listen.trusted_proxies)
-        self.learned_path = cfg.spool.state_dir / "learned.json"
-        self.learned = load_learned(self.learned_path, c.learned_ttl, c.learned_max)
-        self.learned_dirty = False
+        self.learned_store = LearnedStore(cfg.spool.state_dir / "learned.json", c.learned_ttl,
+                                          c.learned_max)
         self.policy = ClassifyPolicy(
             spf_promote=c.spf_promote, spf_domains=frozenset(c.spf_domains),
             cert_promotes=c.cert_promotes, learned_promotes=c.learned_ttl > 0)
-        self.admission = Admission(AdmissionLimits(
-            max_connections=s.max_connections, fast_reserve=s.fast_reserve,
-            per_ip_bulk_max=a.per_ip_bulk_max, per_ip_rate=a.per_ip_rate,
-            per_ip_burst=a.per_ip_burst, penalty_s=a.penalty))
+        self.counters: Counter[str] = Counter()
+        self.table = SessionTable(cfg, self.counters, time.monotonic())
         self.pins = frozenset(normalize_fingerprint(f) for f in cfg.tls.pinned_sha256)
-        self.resolver = make_resolver(c.nameservers, c.dns_timeout) \
-            if c.spf_promote != "off" else None
-        # SPF lookups block in pyspf: one small bounded pool per lane, so a flood of bulk
-        # lookups never delays the fast lane's.
-        self.spf_pools = {lane: ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"spf-{lane}")
-                          for lane in Lane}
-        self.spf_inflight: Counter[Lane] = Counter()
-        self.spf_cache: OrderedDict[tuple[str, str, str], tuple[float, AuthResult, str]] = \
-            OrderedDict()
-        bulk_share = bulk_share_bucket(cfg)
-        self.bulk_bucket = TokenBucket(*bulk_share, now=time.monotonic()) \
-            if bulk_share is not None else None
+        self.spf_service = SpfService(cfg, self.counters)
         # Bytes held in DATA by all sessions (smtp.data_memory_budget); bulk never takes the
         # fast lane's part (smtp.data_fast_reserve).
         self.data_budget = DataBudget(*cfg.data_budget)
         self.tls_context = starttls_context(cfg)
         self.mtls_context = mtls_context(cfg)
         self.handler = IngressHandler(self)
-        self.smtp_prototypes: dict[bool, tuple[dict[str, Any], tuple[str, ...]]] = {}
-        self.sessions: set[IngressSMTP] = set()
+        self.smtp_prototypes: dict[bool, Prototype] = {}
         self.error_policy = ErrorPolicy(
             soft_error_limit=s.soft_error_limit, hard_error_limit=s.hard_error_limit,
             # the delay runs on the idle timer: at most half of the shorter idle timeout
@@ -226,18 +111,44 @@ class AcceptorContext:
             mail_without_data_limit=s.mail_without_data_limit,
             recipient_overshoot_limit=s.recipient_overshoot_limit)
         self.verifier = verifier(cfg)
-        self.silent: OrderedDict[IngressSMTP, float] = OrderedDict()   # bulk, not spoken yet
-        self.evictions = TokenBucket(a.evict_rate, max(1.0, a.evict_rate), now=time.monotonic())
-        self.counters: Counter[str] = Counter()
         self.draining = False
-        self.zctx = zmq.asyncio.Context()
-        self.lanes = {lane: LaneClient(self.zctx, cfg, lane, self.ident) for lane in Lane}
+        self.lanes = Lanes(cfg, self.ident)
 
-    # --- policy hooks used by smtp.py ---------------------------------------------------------
+    # --- the parts, by the names serve() and drain() use ---------------------------------------
+
+    @property
+    def sessions(self) -> set[Any]:
+        return self.table.sessions
+
+    @property
+    def learned(self) -> LearnedAllow:
+        return self.learned_store.allow
+
+    @property
+    def learned_path(self) -> Path:
+        return self.learned_store.path
+
+    @property
+    def learned_dirty(self) -> bool:
+        return self.learned_store.dirty
+
+    @property
+    def resolver(self) -> Any:
+        return self.spf_service.resolver
+
+    @property
+    def spf_pools(self) -> dict[Lane, ThreadPoolExecutor]:
+        return self.spf_service.pools
+
+    @property
+    def zctx(self) -> zmq.asyncio.Context:
+        return self.lanes.zctx
+
+    # --- policy hooks used by smtp.py (the SessionHost protocol) ------------------------------
 
     def connect_evidence(self, ip: str, peercert_der: bytes | None, verified: bool) -> Evidence:
         ev = Evidence(static_allow=self.static_allow.contains(ip),
-                      learned_allow=self.learned.contains(ip, time.time()))
+                      learned_allow=self.learned_store.contains(ip, time.time()))
         if peercert_der is not None:
             ev = ev.with_cert(cert_evidence(peercert_der, verified, self.pins))
         return ev
@@ -245,172 +156,55 @@ class AcceptorContext:
     def decide(self, evidence: Evidence) -> Decision:
         return decide(evidence, self.policy)
 
-    def admit(self, proto: IngressSMTP) -> str | None:
-        """Slots: the fast lane may use any of max_connections; bulk never the fast reserve,
-        and bulk is capped per IP (/64) in count and connection rate."""
-        if self.draining:
-            return replies.SHUTTING_DOWN.format(host=self.cfg.smtp.hostname)
-        now = time.monotonic()
-        verdict = self.admission.try_admit(proto.peer_ip, proto.lane, now)
-        if not verdict.admitted and verdict.reason is Refusal.SLOTS and self.evict_silent(now):
-            verdict = self.admission.try_admit(proto.peer_ip, proto.lane, now)
-        if not verdict.admitted:
-            self.counters[f"refused_{verdict.reason.value}"] += 1
-            proto.refused_why = verdict.reason.value
-            return verdict.reply
-        proto.ticket = verdict.ticket
-        self.sessions.add(proto)
-        if proto.lane is Lane.BULK:
-            self.silent[proto] = now
-        return None
+    def admit(self, proto: Seat) -> str | None:
+        return self.table.admit(proto, self.draining, time.monotonic())
 
-    def evict_silent(self, now: float) -> bool:
-        """Slots are full: the bulk session that has been connected longest without saying a
-        word, if that is longer than admission.evict_silent_after, makes room (421). A real
-        MTA speaks within milliseconds of the banner; a slowloris bot never does. So a flood
-        of stalling bots cannot keep unknown (bulk) senders out for good: they get in as the
-        stallers rotate, and a session that has started talking is never evicted. Evictions
-        are rate-limited (admission.evict_rate): each one makes a bot reconnect, and that
-        churn must not cost the fast lane its latency."""
-        if not self.silent or self.cfg.admission.evict_rate <= 0:
-            return False
-        victim, since = next(iter(self.silent.items()))
-        if now - since < self.cfg.admission.evict_silent_after or not self.evictions.take(now):
-            return False
-        self.counters["evicted_silent"] += 1
-        metrics.connection(victim.lane, "evicted_silent")
-        victim.evict(replies.EVICTED_SILENT.format(host=self.cfg.smtp.hostname))
-        return True
+    def spoke(self, proto: Seat) -> None:
+        self.table.spoke(proto)
 
-    def spoke(self, proto: IngressSMTP) -> None:
-        self.silent.pop(proto, None)
+    def release(self, proto: Seat) -> None:
+        self.table.release(proto)
 
-    def release(self, proto: IngressSMTP) -> None:
-        self.sessions.discard(proto)
-        self.silent.pop(proto, None)
-        if proto.ticket is not None:
-            self.admission.release(proto.ticket)
-
-    def promote(self, proto: IngressSMTP) -> None:
-        if proto.ticket is not None:
-            self.admission.promote(proto.ticket)
-        self.silent.pop(proto, None)      # a fast session is never evicted for being silent
-        if proto.admitted and proto.lane is not Lane.FAST:
-            metrics.session_close(proto.lane)
-            metrics.session_open(Lane.FAST)
-        proto.lane = Lane.FAST
+    def promote(self, proto: Seat) -> None:
+        self.table.promote(proto)
 
     def penalise(self, ip: str) -> None:
         """Here at once, and in every other acceptor through the bulk broker's fan-out."""
-        self.admission.penalise(ip, time.monotonic())
-        with contextlib.suppress(zmq.ZMQError):
-            self.lanes[Lane.BULK].sock.send_multipart(share(PENALTY_TOPIC, ip), zmq.NOBLOCK)
+        self.table.penalise(ip, time.monotonic())
+        self.lanes.share_penalty(ip)
 
-    async def spf(self, proto: IngressSMTP, mail_from: str, helo: str) -> tuple[AuthResult, str]:
-        """SPF for (client IP, sender domain, HELO): from a small result cache (a spam run
-        repeats itself), else in the lane's thread pool with a deadline. When SPF_BACKLOG
-        checks are already waiting (a slow DNS server under a flood), the answer is temperror
-        at once: the pool's queue never grows without bound."""
-        assert self.resolver is not None
-        key = (proto.peer_ip, mail_from.rpartition("@")[2].lower(), helo.lower())
-        hit = self.spf_cache.get(key)
-        now = time.monotonic()
-        if hit is not None and hit[0] > now:
-            self.spf_cache.move_to_end(key)
-            return hit[1], hit[2]
-        result, why = await self._spf_lookup(proto, mail_from, helo)
-        if result is not AuthResult.TEMPERROR:
-            self.spf_cache[key] = (now + SPF_CACHE_TTL, result, why)
-            self.spf_cache.move_to_end(key)
-            while len(self.spf_cache) > SPF_CACHE_SIZE:
-                self.spf_cache.popitem(last=False)
-        return result, why
-
-    async def _spf_lookup(self, proto: IngressSMTP, mail_from: str,
-                          helo: str) -> tuple[AuthResult, str]:
-        assert self.resolver is not None
-        if self.spf_inflight[proto.lane] >= SPF_BACKLOG:
-            self.counters["spf_backlog"] += 1
-            return AuthResult.TEMPERROR, "SPF backlog full"
-        self.spf_inflight[proto.lane] += 1
-        try:
-            return await check_spf(proto.peer_ip, mail_from, helo, resolver=self.resolver,
-                                   deadline_s=min(self.cfg.classify.spf_deadline,
-                                                  self.cfg.smtp.idle_timeout / 2),
-                                   executor=self.spf_pools[proto.lane],
-                                   receiver=self.cfg.smtp.hostname)
-        finally:
-            self.spf_inflight[proto.lane] -= 1
+    async def spf(self, peer_ip: str, lane: Lane, mail_from: str,
+                  helo: str) -> tuple[AuthResult, str]:
+        return await self.spf_service.check(peer_ip, lane, mail_from, helo)
 
     def lane_saturated(self, lane: Lane) -> bool:
-        """Stress: the bulk broker cannot take work, or the bulk cap (ours or the broker's) is
-        spent."""
-        if lane is not Lane.BULK:
-            return False
-        if self.bulk_bucket is not None and self.bulk_bucket.tokens(time.monotonic()) < 1.0:
-            return True
-        return self.lanes[lane].saturated() or self.lanes[lane].cap_spent()
+        return self.lanes.lane_saturated(lane)
 
     def bulk_mail_admitted(self) -> bool:
-        """May a bulk session start a transaction now? Each acceptor holds a share of the bulk
-        cap (BULK_SHARE / acceptors of it) and spends it at MAIL FROM, so the excess is shed
-        before DATA without waiting for the broker's news; the broker's own bucket enforces
-        the cap exactly after DATA."""
-        if self.lanes[Lane.BULK].saturated():
-            return False
-        return self.bulk_bucket is None or self.bulk_bucket.take(time.monotonic())
+        return self.lanes.bulk_mail_admitted()
 
     async def submit(self, env: Envelope, body: bytes) -> tuple[Reply | None, str]:
-        return await self.lanes[env.lane].submit(env, body, self.cfg.smtp.ack_timeout)
+        return await self.lanes.submit(env, body)
 
     def count(self, what: str, lane: Lane) -> None:
         self.counters[f"{what}_{lane.value}"] += 1
 
     def learn(self, ip: str) -> None:
-        self.learned.learn(ip, time.time())
-        self.learned_dirty = True
+        self.learned_store.learn(ip, time.time())
 
     # --- background tasks ---------------------------------------------------------------------
 
     async def read_status(self) -> None:
-        sub = self.zctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, 10)
-        sub.setsockopt(zmq.SUBSCRIBE, STATUS_TOPIC)
-        for topic in SHARED_FACTS:
-            sub.setsockopt(zmq.SUBSCRIBE, topic)
-        for lane in Lane:
-            sub.connect(self.cfg.ipc(f"{lane.value}-status"))
-        while True:
-            frames = await sub.recv_multipart()
-            if frames and frames[0] in SHARED_FACTS:
-                try:
-                    fact, ip = decode_shared(frames)
-                except WireError as e:
-                    log.event("wire_error", "warning", side="fact", error=str(e))
-                    continue
-                if fact == LEARN_TOPIC:
-                    self.learn(ip)
-                else:
-                    self.admission.penalise(ip, time.monotonic())
-                continue
-            try:
-                doc = decode_status(frames)
-                lc = self.lanes[Lane(str(doc["lane"]))]
-            except (WireError, KeyError, ValueError) as e:
-                log.event("wire_error", "warning", side="status", error=str(e))
-                continue
-            lc.status, lc.status_at = doc, time.monotonic()
+        await self.lanes.read_status(
+            self.learn, lambda ip: self.table.penalise(ip, time.monotonic()))
 
     async def persist_learned(self) -> None:
         """Acceptor 0 keeps the learned allow cache on disk (every acceptor learns the same
         entries over pub/sub and reads the file at start), so it survives restarts."""
         while True:
             await asyncio.sleep(LEARNED_SAVE_INTERVAL)
-            if self.learned_dirty:
-                self.learned_dirty = False
-                self.learned.purge(time.time())
-                data = self.learned.to_json().encode()
+            data = self.learned_store.snapshot(time.time())
+            if data is not None:
                 try:
                     await self.loop.run_in_executor(None, write_atomic, self.learned_path, data)
                 except OSError as e:
@@ -427,7 +221,7 @@ class AcceptorContext:
         self.draining = not retire
         for server in servers:
             server.close()
-        line = replies.SHUTTING_DOWN.format(host=self.cfg.smtp.hostname)
+        line = text(Refusal.SHUTTING_DOWN, host=self.cfg.smtp.hostname)
         deadline = time.monotonic() + self.cfg.smtp.drain_grace
         while self.sessions and time.monotonic() < deadline:
             if not retire:
@@ -497,17 +291,6 @@ def write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def load_learned(path: Path, ttl: float, max_size: int) -> LearnedAllow:
-    try:
-        return LearnedAllow.from_json(path.read_bytes(), ttl=max(ttl, 1.0),
-                                      max_size=max_size, now=time.time())
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError) as e:
-        log.event("learned_load_failed", "warning", path=str(path), error=str(e))
-    return LearnedAllow(ttl=max(ttl, 1.0), max_size=max_size)
 
 
 def verifier(cfg: Config) -> RecipientVerifier | None:

@@ -2,9 +2,13 @@
 
 Purpose: on a listener configured for the PROXY protocol, an L4 load balancer (HAProxy,
 nginx stream, AWS NLB, ...) opens the TCP connection and prefixes the stream with a PROXY header
-that names the real client. aiosmtpd parses that header (SMTP(proxy_protocol_timeout=...)) and
-calls the handler's `handle_PROXY(server, session, envelope, proxy_data)` hook; this module decides,
-as a pure function, what that header is worth. The answer is the address classification sees.
+that names the real client. What runs (ingress/smtp.py, IngressSMTP._proxy_header, in place of
+aiosmtpd's own PROXY handling: aiosmtpd's proxy_protocol_timeout and handle_PROXY hook are not
+used): the TCP peer is checked with `peer_trusted()` before anything is read (an untrusted
+peer is closed at once), the header is read with aiosmtpd's `get_proxy()` with the
+idle timer set to PROXY_TIMEOUT, and `proxy_peer()` decides, as a pure function, what that
+header is worth. The answer is the address classification and admission see; only then does
+the session start (greet pause, banner).
 
 API:
     trusted_networks(cidrs) -> tuple[network, ...]   parse CIDR strings once (ValueError if bad)
@@ -21,21 +25,22 @@ API:
         None                       reject the connection: the peer is not a trusted proxy (its
                                    header could name any address, e.g. one on the allow list),
                                    or the header is invalid
-    PROXY_TIMEOUT   a sane default for SMTP(proxy_protocol_timeout=...)
+    peer_trusted(ip, trusted) -> bool   may this TCP peer send a PROXY header at all?
+    PROXY_TIMEOUT   seconds the acceptor waits for the whole header
 
 Addresses come back as strings, IPv4-mapped IPv6 (::ffff:a.b.c.d) unwrapped to a.b.c.d, so
 "127.0.0.1" behind a dual-stack socket and behind a v4 socket look the same to the allow list.
 
-Failure modes: none raised; every bad input is None (reject). aiosmtpd itself closes the
-connection without calling the hook when the header is missing, malformed or late (the timeout),
-so on a PROXY listener a client that speaks SMTP directly is dropped: never enable the PROXY
-protocol on a port that direct clients also use.
+Failure modes: none raised; every bad input is None (reject). A missing or malformed header
+is a ProxyData with an error: proxy_peer() answers None and the acceptor closes
+the connection without a reply, so on a PROXY listener a client that speaks SMTP directly is
+dropped: never enable the PROXY protocol on a port that direct
+clients also use. A header that does not arrive within PROXY_TIMEOUT ends the connection on
+the idle timer.
 
 Limits: no TLV is interpreted (PP2_TYPE_SSL, AUTHORITY, ...); the CRC32C TLV is not checked (the
 header comes from a trusted peer over a connection it opened). The trust decision is by TCP peer
-address only. aiosmtpd reads the header before the hook runs, so an untrusted peer still costs
-one header read (bounded by the timeout): the acceptor can refuse untrusted peers before that, at
-connect time, with `peer_trusted()`.
+address only; an untrusted peer never costs a header read.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from typing import Any
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-PROXY_TIMEOUT = 5.0      # seconds for the whole header; aiosmtpd warns below 3
+PROXY_TIMEOUT = 5.0      # seconds for the whole header
 
 # aiosmtpd.proxy_protocol values, repeated so this module stays importable and testable alone.
 _CMD_LOCAL = 0

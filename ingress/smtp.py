@@ -1,35 +1,29 @@
-"""The SMTP dialogue: a thin aiosmtpd subclass plus the hooks that apply our policy.
+"""The SMTP dialogue: a thin aiosmtpd subclass, glue between aiosmtpd and our policy.
 
 API:
-    Session context: AcceptorContext (the per-process state the acceptor builds; see acceptor.py)
-    IngressSMTP(ctx)   one instance per connection (the asyncio protocol)
+    IngressSMTP(host, implicit_tls=False, fast_only=False, proxy_protocol=False)
+        one instance per connection (the asyncio protocol); `host` is the acceptor process
+        (ingress.host.SessionHost); the aiosmtpd hooks are ingress.handler.IngressHandler
 
-What this layer adds to aiosmtpd (DESIGN.md section 10 lists the traps it works around):
+What this layer adds to aiosmtpd:
 - classification and admission in connection_made, before aiosmtpd builds anything: a refused
   connection (421 4.7.0, no banner) costs microseconds; behind a PROXY-protocol balancer (per
-  listener: IngressSMTP(proxy_protocol=...)) they wait for the header, and the greet pause and
-  the early-talker test start after it; the fast port (listen.fast_port) serves fast-lane
+  listener) they wait for the header (ingress/proxy.py), and the greet pause and the
+  early-talker test start after it; the fast port (listen.fast_port) serves fast-lane
   clients only;
 - on the mutual-TLS port a connection takes its slot before the TLS handshake
   (admit_before_handshake; acceptor.MtlsListener), and a verified certificate promotes it after;
 - a session is built from a per-process prototype (aiosmtpd's __init__ introspects the class
-  and the handler on every connection: ~0.5 ms);
-- lane state on the protocol instance (STARTTLS builds a new Session); SPF at MAIL FROM can
-  promote it;
-- bulk over its cap is shed at MAIL FROM with a tarpit (451 4.7.1 after shed_delay) and a
-  per-session limit (421); slots full: the longest-silent bulk session is evicted;
+  and the handler on every connection: ~0.5 ms); _PER_CONNECTION is the state each session
+  builds itself (test_smtp_clone checks it; hence aiosmtpd <1.5 in pyproject);
+- lane state on the protocol (STARTTLS builds a new Session); evict() when slots are full;
 - an early-talker test for bulk clients (554, and a penalty shared by every acceptor);
 - a whole-session deadline on top of the idle timeout, and a 421 line before closing on either;
-  the idle timer is re-armed by incoming bytes while DATA is being received;
-- EHLO advertises PIPELINING (aiosmtpd supports but does not advertise it) and never AUTH;
-- the decisions on command arguments and the per-session limits are ingress/policy/session_rules.py
-  (pure); this layer applies them: 501 5.5.2 for NUL / invalid UTF-8 / control characters in
-  HELO, EHLO, MAIL, RCPT (aiosmtpd decodes them with surrogateescape whether or not the client
-  said SMTPUTF8), 553 5.6.7 for non-ASCII addresses without SMTPUTF8, RCPT only for accepted
-  domains (550 5.7.1) with no sender-specified routing in the local part (% ! @), the recipient
-  map (550 5.1.1), at most max_recipients (452 4.5.3), a bare <postmaster> stored as
-  postmaster@<first accepted domain>; optional recipient verification against the downstream
-  (ingress/rcpt_verify.py: 550 5.1.1 / 450 4.1.1), at most smtp.verify_per_session callouts;
+  the idle timer is re-armed by incoming bytes while DATA is being received; bulk sessions get
+  admission.stress_idle_timeout while the bulk lane is saturated (admission.stress_timeouts);
+- 501 5.5.2 for NUL / invalid UTF-8 / control characters in HELO, EHLO, MAIL, RCPT (aiosmtpd
+  decodes them with surrogateescape whether or not the client said SMTPUTF8); the decisions are
+  ingress/policy/session_rules.py (pure);
 - per-session error accounting in push() (every final reply passes there): the tarpit delay
   past smtp.soft_error_limit, 421 4.7.0 and a close at smtp.hard_error_limit, junk commands
   (NOOP/RSET/VRFY/HELP) and MAILs without a delivered message limited; after a 421 that closes
@@ -40,13 +34,12 @@ What this layer adds to aiosmtpd (DESIGN.md section 10 lists the traps it works 
   message that overflows it mid-transfer is read to its end, dropped, and gets 452 4.3.1;
 - no idle timer (stress or not) while the worker's ack is awaited: the ack wait has its own
   deadline (smtp.ack_timeout), and the session deadline waits for it;
-- bare CR or LF in DATA -> 550 5.6.0 (SMTP smuggling);
-- after DATA the message goes to the lane broker; 250 only on the worker's ACK (durable);
-  a NACK, a timeout or an unreachable broker -> 451;
-- any exception -> 451 4.3.0 and a log line (aiosmtpd's default is a 500 with internals);
 - a per-instance command_size_limits (aiosmtpd's is a class attribute shared by all sessions
-  and grows with every EHLO);
+  and grows with every EHLO); AUTH is never offered (502 5.5.1);
 - the lines of a multi-line reply (EHLO) leave in one write; <addr> parsing has a fast path.
+
+Failure modes: bad input gets an SMTP reply and a log line, never a traceback (the handler's
+handle_exception answers 451 4.3.0). Limits: those of the config (smtp.*, admission.*).
 """
 
 from __future__ import annotations
@@ -55,28 +48,23 @@ import asyncio
 import collections
 import re
 import time
-from collections.abc import Callable
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiosmtpd.proxy_protocol import get_proxy
-from aiosmtpd.smtp import MISSING, SMTP, Session
-from aiosmtpd.smtp import Envelope as SmtpEnvelope
+from aiosmtpd.smtp import MISSING, SMTP, _AuthMechAttr
 
 from ingress import proxy
 from ingress.core import log, metrics
-from ingress.core.wire import Envelope, Lane, new_qid
+from ingress.core.metrics import Outcome, RcptResult
+from ingress.core.wire import Lane
 from ingress.dataread import DataReader, DataState
-from ingress.evidence import received_spf_header, spf_identity
-from ingress.policy import replies, session_rules
-from ingress.policy.admission import Ticket
-from ingress.policy.classify import AuthResult, Evidence, normalize_ip
-from ingress.policy.session_rules import Counters, Refusal
-from ingress.rcpt_verify import Answer
-
-if TYPE_CHECKING:
-    from ingress.acceptor import AcceptorContext
-
+from ingress.host import SessionHost
+from ingress.policy import session_rules
+from ingress.policy.admission import Ticket, stress_timeouts
+from ingress.policy.classify import Evidence, normalize_ip, promote
+from ingress.policy.replies import Refusal, text
+from ingress.policy.session_rules import Counters, Refused
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _SIMPLE_ADDRESS = re.compile(
@@ -86,11 +74,25 @@ _SIMPLE_ADDRESS = re.compile(
 # Per-connection state that SMTP.__init__ sets and that must not be shared between sessions.
 _PER_CONNECTION = frozenset({
     "_timeout_handle", "_tls_handshake_okay", "_tls_protocol", "_original_transport", "session",
-    "envelope", "transport", "_handler_coroutine", "_smtp_methods", "command_size_limits"})
+    "envelope", "transport", "_handler_coroutine", "_smtp_methods", "_auth_methods",
+    "command_size_limits"})
+
+
+def _checked_command(name: str, check_arg: bool = True) -> Callable[..., Awaitable[None]]:
+    """smtp_<name>: IngressSMTP._checked (accounting; 501 5.5.2 for a bad argument), then
+    aiosmtpd's own implementation of the command."""
+    base = getattr(SMTP, "smtp_" + name)
+
+    async def command(self: IngressSMTP, arg: str | None) -> None:
+        if await self._checked(name, arg if check_arg else None):
+            await base(self, arg)
+
+    command.__name__ = command.__qualname__ = "smtp_" + name
+    return command
 
 
 class IngressSMTP(SMTP):
-    def __init__(self, ctx: AcceptorContext, implicit_tls: bool = False,
+    def __init__(self, ctx: SessionHost, implicit_tls: bool = False,
                  fast_only: bool = False, proxy_protocol: bool = False) -> None:
         # aiosmtpd's SMTP.__init__ introspects the handler and the class on every connection
         # (inspect.getmembers, dir(), inspect.signature): ~0.5 ms, more than the rest of a
@@ -110,9 +112,11 @@ class IngressSMTP(SMTP):
                 loop=ctx.loop).__dict__)
             shared = {k: v for k, v in self.__dict__.items()
                       if k not in stream_keys and k not in _PER_CONNECTION}
-            ctx.smtp_prototypes[implicit_tls] = (shared, tuple(self._smtp_methods))
+            auth = tuple((m, a.method.__name__, a.is_builtin)
+                         for m, a in self._auth_methods.items())
+            ctx.smtp_prototypes[implicit_tls] = (shared, tuple(self._smtp_methods), auth)
         else:
-            shared, names = proto
+            shared, names, auth = proto
             asyncio.StreamReaderProtocol.__init__(
                 self, asyncio.StreamReader(loop=ctx.loop, limit=self.line_length_limit),
                 client_connected_cb=self._cb_client_connected, loop=ctx.loop)
@@ -126,6 +130,10 @@ class IngressSMTP(SMTP):
             self.transport = None
             self._handler_coroutine = None
             self._smtp_methods = {n: getattr(self, "smtp_" + n) for n in names}
+            # AUTH mechanisms of this class are bound to the session; the handler's are shared.
+            self._auth_methods = {
+                m: _AuthMechAttr(getattr(self if builtin else ctx.handler, fn), builtin)
+                for m, fn, builtin in auth}
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self.ctx = ctx
         self.implicit_tls = implicit_tls
@@ -198,21 +206,21 @@ class IngressSMTP(SMTP):
         decision = ctx.decide(self.evidence)
         if self.admitted:     # mutual-TLS port: the slot was taken before the handshake
             self.reasons = decision.reasons
-            if decision.lane is Lane.FAST and self.lane is Lane.BULK:
+            if promote(self.lane, decision) is not self.lane:
                 ctx.promote(self)
-            metrics.connection(self.lane, "admitted")
+            metrics.connection(self.lane, Outcome.ADMITTED)
             return None
         self.lane, self.reasons = decision.lane, decision.reasons
         if self.fast_only and self.lane is Lane.BULK:
-            metrics.connection(self.lane, "not_fast")
-            return replies.FAST_PORT_ONLY.format(host=self.hostname)
+            metrics.connection(self.lane, Outcome.NOT_FAST)
+            return text(Refusal.FAST_PORT_ONLY, host=self.hostname)
         refusal = ctx.admit(self)
         if refusal is not None:
             ctx.count("refused", self.lane)
-            metrics.connection(self.lane, self.refused_why or "draining")
+            metrics.connection(self.lane, Outcome(self.refused_why or "draining"))
             return refusal
         self.admitted = True
-        metrics.connection(self.lane, "admitted")
+        metrics.connection(self.lane, Outcome.ADMITTED)
         metrics.session_open(self.lane)
         return None
 
@@ -232,7 +240,7 @@ class IngressSMTP(SMTP):
         refusal = ctx.admit(self)
         if refusal is not None:
             ctx.count("refused", self.lane)
-            metrics.connection(self.lane, self.refused_why or "draining")
+            metrics.connection(self.lane, Outcome(self.refused_why or "draining"))
             log.event("mtls_refused", "debug", peer=self.peer_ip, why=self.refused_why)
             return False
         self.admitted = True
@@ -246,7 +254,7 @@ class IngressSMTP(SMTP):
             self.admitted = False
             self.ctx.release(self)
             metrics.session_close(self.lane)
-            metrics.connection(self.lane, "tls_failed")
+            metrics.connection(self.lane, Outcome.TLS_FAILED)
             log.event("mtls_handshake_failed", "info", peer=self.peer_ip, why=why[:200])
 
     async def _handle_client(self) -> None:
@@ -260,9 +268,9 @@ class IngressSMTP(SMTP):
             if self.early_talker:     # spoke before our banner: a bot that does not listen
                 ctx.penalise(self.peer_ip)
                 ctx.count("early_talker", self.lane)
-                metrics.connection(self.lane, "early_talker")
+                metrics.connection(self.lane, Outcome.EARLY_TALKER)
                 log.event("early_talker", peer=self.peer_ip)
-                self._close_with(replies.EARLY_TALKER)
+                self._close_with(text(Refusal.EARLY_TALKER))
                 return
         self.greeted = True
         await super()._handle_client()
@@ -277,7 +285,7 @@ class IngressSMTP(SMTP):
         self.peer_ip = normalize_ip(peer[0]) if peer else ""
         self.peer_port = int(peer[1]) if peer else 0
         if not proxy.peer_trusted(self.peer_ip, ctx.trusted_proxies):
-            metrics.connection(self.lane, "proxy_rejected")
+            metrics.connection(self.lane, Outcome.PROXY_REJECTED)
             log.event("proxy_rejected", peer=self.peer_ip, why="untrusted peer")
             transport.close()
             return False
@@ -290,7 +298,7 @@ class IngressSMTP(SMTP):
             self.early_talker = True
         client = proxy.proxy_peer(peer, data, ctx.trusted_proxies)
         if client is None:
-            metrics.connection(self.lane, "proxy_rejected")
+            metrics.connection(self.lane, Outcome.PROXY_REJECTED)
             log.event("proxy_rejected", peer=self.peer_ip, why=data.error or "invalid")
             transport.close()
             return False
@@ -331,7 +339,7 @@ class IngressSMTP(SMTP):
 
     def _timeout_cb(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(replies.IDLE_TIMEOUT.format(host=self.hostname).encode() + b"\r\n")
+            self.transport.write(text(Refusal.IDLE_TIMEOUT, host=self.hostname).encode() + b"\r\n")
         super()._timeout_cb()
 
     def _deadline_cb(self) -> None:
@@ -339,10 +347,7 @@ class IngressSMTP(SMTP):
             self._deadline = self.loop.call_later(0.1, self._deadline_cb)
             return
         log.event("session_deadline", "info", peer=self.peer_ip, lane=self.lane.value)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(
-                replies.SESSION_DEADLINE.format(host=self.hostname).encode() + b"\r\n")
-            self.transport.close()
+        self._close_with(text(Refusal.SESSION_DEADLINE, host=self.hostname))
 
     def data_received(self, data: bytes) -> None:
         if self.busy:      # a large message on a slow link is not idle
@@ -371,8 +376,9 @@ class IngressSMTP(SMTP):
             return               # 421 now would leave a message spooled that the client retries
         # Stress mode: while the bulk lane is saturated, bulk sessions get a short idle timeout
         # (as Postfix's stress-dependent smtpd_timeout) and get it back afterwards.
-        if duration is None and self.lane is Lane.BULK and self.ctx.lane_saturated(Lane.BULK):
-            duration = min(self._timeout_duration, self.ctx.cfg.admission.stress_idle_timeout)
+        if duration is None and self.lane is Lane.BULK:
+            duration = stress_timeouts(self._timeout_duration, self.ctx.lane_saturated(Lane.BULK),
+                                       self.ctx.cfg.admission.stress_idle_timeout)
         super()._reset_timeout(duration)
 
     def trace_evidence(self) -> dict[str, str]:
@@ -470,12 +476,12 @@ class IngressSMTP(SMTP):
             task.cancel()
             await asyncio.sleep(0)         # the CancelledError is raised here
 
-    def _refused(self, refusal: Refusal, command: str, **fields: object) -> str:
+    def _refused(self, refusal: Refused, command: str, **fields: object) -> str:
         """Log line, metric and close flag for one of session_rules' refusals; the reply."""
         log.event(refusal.event, peer=self.peer_ip, lane=self.lane.value, command=command,
                   **fields)
         self._logged = True
-        if refusal.metric in metrics.RCPT_RESULTS:
+        if isinstance(refusal.metric, RcptResult):
             metrics.recipient(self.lane, refusal.metric)
         else:
             metrics.message(self.lane, refusal.metric)
@@ -497,37 +503,14 @@ class IngressSMTP(SMTP):
                                       why=why, arg=repr(arg)[:200]))
         return False
 
-    async def smtp_HELO(self, hostname: str) -> None:
-        if await self._checked("HELO", hostname):
-            await super().smtp_HELO(hostname)
-
-    async def smtp_EHLO(self, hostname: str) -> None:
-        if await self._checked("EHLO", hostname):
-            await super().smtp_EHLO(hostname)
-
-    async def smtp_MAIL(self, arg: str | None) -> None:
-        if await self._checked("MAIL", arg):
-            await super().smtp_MAIL(arg)
-
-    async def smtp_RCPT(self, arg: str | None) -> None:
-        if await self._checked("RCPT", arg):
-            await super().smtp_RCPT(arg)
-
-    async def smtp_NOOP(self, arg: str) -> None:
-        if await self._checked("NOOP", None):
-            await super().smtp_NOOP(arg)
-
-    async def smtp_RSET(self, arg: str) -> None:
-        if await self._checked("RSET", None):
-            await super().smtp_RSET(arg)
-
-    async def smtp_VRFY(self, arg: str) -> None:
-        if await self._checked("VRFY", arg):
-            await super().smtp_VRFY(arg)
-
-    async def smtp_HELP(self, arg: str) -> None:
-        if await self._checked("HELP", None):
-            await super().smtp_HELP(arg)
+    smtp_HELO = _checked_command("HELO")
+    smtp_EHLO = _checked_command("EHLO")
+    smtp_MAIL = _checked_command("MAIL")
+    smtp_RCPT = _checked_command("RCPT")
+    smtp_NOOP = _checked_command("NOOP", check_arg=False)
+    smtp_RSET = _checked_command("RSET", check_arg=False)
+    smtp_VRFY = _checked_command("VRFY")
+    smtp_HELP = _checked_command("HELP", check_arg=False)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The common case, <dot-atom@domain> [params], without the email package's full
@@ -557,7 +540,7 @@ class IngressSMTP(SMTP):
         if self.lane is Lane.BULK and budget.bulk_full():
             self.ctx.count("data_no_storage", self.lane)
             log.event("data_no_storage", peer=self.peer_ip, lane=self.lane.value, at="DATA")
-            await self.push(replies.DATA_NO_STORAGE)
+            await self.push(text(Refusal.DATA_NO_STORAGE))
             return
         self.busy = True
         reader = DataReader(self.data_size_limit, budget, self.lane, self.line_length_limit)
@@ -574,7 +557,7 @@ class IngressSMTP(SMTP):
                     self.ctx.count("data_no_storage", self.lane)
                     log.event("data_no_storage", peer=self.peer_ip, lane=self.lane.value,
                               at="end of data", size=reader.total)
-                    await self.push(replies.DATA_NO_STORAGE)
+                    await self.push(text(Refusal.DATA_NO_STORAGE))
                 self._set_post_data_state()
                 return
             content = reader.content()
@@ -619,148 +602,4 @@ class IngressSMTP(SMTP):
                 raise
 
     async def smtp_AUTH(self, arg: str) -> None:
-        await self.push(replies.AUTH_NOT_OFFERED)
-
-
-class IngressHandler:
-    """aiosmtpd hooks. One instance per acceptor process; per-session state is on the protocol."""
-
-    def __init__(self, ctx: AcceptorContext) -> None:
-        self.ctx = ctx
-
-    async def handle_EHLO(self, server: IngressSMTP, session: Session, envelope: SmtpEnvelope,
-                          hostname: str, responses: list[str]) -> list[str]:
-        session.host_name = hostname
-        out = [r for r in responses if not r[4:].startswith(("AUTH", "HELP"))]
-        out.insert(1, "250-PIPELINING")
-        out.append("250 ENHANCEDSTATUSCODES")
-        return out
-
-    async def handle_MAIL(self, server: IngressSMTP, session: Session, envelope: SmtpEnvelope,
-                          address: str, mail_options: list[str]) -> str:
-        if self.ctx.draining:      # no new transaction on a draining acceptor: come back later
-            self.ctx.loop.call_soon(server.close_if_idle, "")
-            return replies.SHUTTING_DOWN.format(host=server.hostname)
-        ctx = self.ctx
-        refusal = session_rules.mail_verdict(address, bool(envelope.smtp_utf8)) \
-            or session_rules.before_mail(server.counters, ctx.error_policy, server.hostname)
-        if refusal is not None:
-            why = {"why": "mail_without_data"} if refusal.close else {}
-            return server._refused(refusal, "MAIL", sender=address[:200], **why)
-        server.evidence = replace(server.evidence, spf=AuthResult.NONE, spf_domain=None)
-        server.spf_header = ""
-        # SPF can only promote, so a session already in the fast lane never waits for DNS.
-        if ctx.resolver is not None and server.lane is Lane.BULK:
-            result, why = await ctx.spf(server, address, session.host_name or "")
-            _, domain = spf_identity(address, session.host_name or "")
-            server.evidence = server.evidence.with_spf(result, domain or None)
-            server.spf_header = received_spf_header(
-                result, client_ip=server.peer_ip, mail_from=address,
-                helo=session.host_name or "", receiver=server.hostname,
-                explanation=why).decode("ascii", "replace")
-            decision = ctx.decide(server.evidence)
-            if decision.lane is Lane.FAST and server.lane is Lane.BULK:
-                ctx.promote(server)
-                server.reasons = decision.reasons
-                ctx.count("promoted", Lane.FAST)
-                log.event("promoted", peer=server.peer_ip, reasons=",".join(decision.reasons))
-        if server.lane is Lane.BULK and not ctx.bulk_mail_admitted():
-            return await self.shed(server)
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        server.counters = session_rules.mail_accepted(server.counters)
-        return "250 2.1.0 Ok"
-
-    async def handle_RCPT(self, server: IngressSMTP, session: Session, envelope: SmtpEnvelope,
-                          address: str, rcpt_options: list[str]) -> str:
-        ctx = self.ctx
-        verdict = session_rules.rcpt_verdict(
-            address, smtputf8=bool(envelope.smtp_utf8), domains=ctx.domains,
-            primary_domain=ctx.cfg.smtp.accepted_domains[0], recipients=ctx.recipients,
-            accepted=len(envelope.rcpt_tos), max_recipients=ctx.cfg.smtp.max_recipients)
-        refusal = verdict.refusal
-        if refusal is None and verdict.verify and ctx.verifier is not None:
-            refusal = session_rules.verify_verdict(verdict.address,
-                                                   await self.verify(server, verdict.address))
-        if refusal is not None:
-            return server._refused(refusal, "RCPT", rcpt=verdict.address[:200])
-        address = verdict.address
-        metrics.recipient(server.lane, "accepted")
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(rcpt_options)
-        return "250 2.1.5 Ok"
-
-    async def verify(self, server: IngressSMTP, address: str) -> Answer:
-        """The downstream's answer for `address`: cached, or a callout if this session has not
-        used up smtp.verify_per_session (then TEMPFAIL: 450, never an amplifier)."""
-        verifier = self.ctx.verifier
-        assert verifier is not None
-        hit = verifier.cached(address)
-        if hit is not None:
-            return hit
-        if server.callouts >= self.ctx.cfg.smtp.verify_per_session:
-            log.event("verify_session_cap", peer=server.peer_ip, rcpt=address[:200])
-            return Answer.TEMPFAIL
-        server.callouts += 1
-        return await verifier.verify(address, bool(server.envelope and server.envelope.smtp_utf8))
-
-    async def handle_DATA(self, server: IngressSMTP, session: Session,
-                          envelope: SmtpEnvelope) -> str:
-        body: bytes = envelope.original_content or b""
-        n_lf = body.count(b"\n")
-        if n_lf != body.count(b"\r") or n_lf != body.count(b"\r\n"):
-            log.event("bare_line_ending", peer=server.peer_ip, lane=server.lane.value)
-            metrics.message(server.lane, "rejected")
-            return replies.BARE_LINE_ENDING
-        ctx = self.ctx
-        now = time.time()
-        ssl_object = server.transport.get_extra_info("ssl_object") if server.transport else None
-        tls = str(ssl_object.version() or "TLS") if ssl_object is not None else ""
-        env = Envelope(
-            qid=new_qid(now), lane=server.lane, peer_ip=server.peer_ip,
-            peer_port=server.peer_port, helo=session.host_name or "",
-            mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
-            rcpts=tuple(envelope.rcpt_tos),
-            received_at=now, deadline=now + ctx.cfg.smtp.ack_timeout, acceptor=ctx.ident,
-            smtputf8=bool(envelope.smtp_utf8), tls=tls, evidence=server.trace_evidence(),
-        )
-        t0 = time.monotonic()
-        reply, why = await ctx.submit(env, body)
-        ms = round((time.monotonic() - t0) * 1000, 2)
-        metrics.observe_ack(server.lane, time.monotonic() - t0)
-        metrics.message(server.lane, "accepted" if reply is not None and reply.ok
-                        else "tempfailed")
-        if reply is not None and reply.ok:
-            server.messages += 1
-            ctx.count("accepted", server.lane)
-            log.event("message", qid=env.qid, peer=server.peer_ip, lane=env.lane.value,
-                      size=len(body), rcpts=len(env.rcpts), reply="250", ack_ms=ms,
-                      reasons=env.evidence.get("reasons", ""), spf=env.evidence.get("spf", ""))
-            return replies.QUEUED.format(qid=env.qid)
-        ctx.count("tempfail", server.lane)
-        log.event("message", qid=env.qid, peer=server.peer_ip, lane=env.lane.value,
-                  size=len(body), rcpts=len(env.rcpts), reply="451", why=why, ack_ms=ms)
-        if reply is not None and reply.reason is not None and reply.reason.value == "rate":
-            return await self.shed(server)
-        return replies.NOT_QUEUED.format(why=why)
-
-    async def shed(self, server: IngressSMTP) -> str:
-        """Refuse a bulk transaction over the cap, cheaply for us and expensively for a bot:
-        the 451 comes after admission.shed_delay (a tarpit, like Postfix's error sleep, so a
-        spam loop costs us a few commands a second instead of thousands), and the
-        admission.shed_limit-th refusal in a session is 421 and a close."""
-        a = self.ctx.cfg.admission
-        server.sheds += 1
-        self.ctx.count("shed", server.lane)
-        metrics.message(server.lane, "shed")
-        if server.sheds >= a.shed_limit:
-            server.close_after_reply = True
-            return replies.LANE_BUSY_CLOSING.format(host=server.hostname)
-        if a.shed_delay > 0:
-            await asyncio.sleep(a.shed_delay)
-        return replies.LANE_BUSY
-
-    async def handle_exception(self, error: Exception) -> str:
-        log.get().error("smtp_exception", exc_info=error,
-                        extra={"fields": {"error": type(error).__name__}})
-        return replies.INTERNAL_ERROR
+        await self.push(text(Refusal.AUTH_NOT_OFFERED))

@@ -121,7 +121,7 @@ class Broker:
 
     def _nack(self, to: bytes, qid: bytes, reason: NackReason, text: str = "") -> None:
         self.counters[f"nack_{reason.value}"] = self.counters.get(f"nack_{reason.value}", 0) + 1
-        metrics.lane_nack(self.lane, reason.value)
+        metrics.lane_nack(self.lane, reason)
         self._reply(to, Kind.NACK, qid, nack_detail(reason, text))
 
     # --- frontend -----------------------------------------------------------------------------

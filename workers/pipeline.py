@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from ingress.core.config import Config
 from ingress.core.wire import Envelope
+from ingress.policy.classify import should_learn
 from workers import dkim_check
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
@@ -95,4 +96,4 @@ class Pipeline:
         received_spf = ev.get("received_spf", "").encode("ascii", "replace")
         trace = ar + received_spf + received_header(env, self.hostname)
         aligned_pass = any(r.result is dkim_check.DkimResult.PASS and r.aligned for r in results)
-        return Processed(trace, body, results, learn=spf == "pass" and aligned_pass)
+        return Processed(trace, body, results, learn=should_learn(spf, aligned_pass))

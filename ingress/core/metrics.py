@@ -25,15 +25,18 @@ API (supervisor):
 API (hot path: a dict lookup, then one mmap write per counter/gauge, two per histogram
 observation; measured ~1.5 us per counter inc and ~3-5 us per observe on the dev VM, see
 `python -m tests.unit.test_metrics`):
-    connection(lane, outcome)       a connection ended its admission: OUTCOMES
+    Outcome, Result, RcptResult     StrEnums: the declared labels of connection(), message(),
+                                    recipient() (OUTCOMES, RESULTS, RCPT_RESULTS: their values);
+                                    an undeclared label raises ValueError at its first use
+    connection(lane, outcome)       a connection ended its admission: Outcome
     session_open(lane) / session_close(lane)      live sessions per lane (acceptors)
-    message(lane, result)           a transaction's end: RESULTS (accepted = 250 after DATA,
+    message(lane, result)           a transaction's end: Result (accepted = 250 after DATA,
                                     tempfailed = a 4xx that ends it, rejected = a 5xx to DATA)
-    recipient(lane, result)         a RCPT TO answer: RCPT_RESULTS
+    recipient(lane, result)         a RCPT TO answer: RcptResult
     observe_banner(lane, seconds)   connect -> banner written
     observe_ack(lane, seconds)      end of DATA -> 250 (or the 4xx) written
     lane_status(lane, depth=, saturated=, free_credit=, workers=, tokens=)   broker, per status
-    lane_nack(lane, reason)         broker refused or lost a message (wire.NackReason value)
+    lane_nack(lane, reason)         broker refused or lost a message (a wire.NackReason)
     spooled(lane, n=1, seconds=)    worker: n messages durable; the group commit's duration
     relay_replies(codes, seconds)   relay: one delivery's per-recipient reply codes, its duration
     relay_error(n)                  relay: n recipients hit connection-level trouble
@@ -67,6 +70,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +79,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
+from ingress.core.wire import NackReason
+
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 SUBDIR = "metrics"
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -82,24 +88,50 @@ SCAN_MAX = 100_000
 SCAN_CACHE = 1.0
 
 LANES = ("fast", "bulk")
-# The admission outcomes are ingress.policy.admission.Refusal's values, plus what smtp.py adds.
-OUTCOMES = (
-    "admitted",         # passed admission (Refusal.ADMITTED)
-    "slots",            # 421 before the banner: connection slots (or the bulk share) full
-    "per-ip",           # per-IP (/64) bulk concurrency cap
-    "rate",             # per-IP connection rate
-    "penalised",        # refused during an early-talker penalty
-    "early_talker",     # admitted, then spoke before the banner (554)
-    "draining",         # 421 because this acceptor is draining
-    "proxy_rejected",   # PROXY header invalid or from an untrusted peer
-)
-RESULTS = ("accepted", "tempfailed", "rejected",
-           "shed",          # bulk over its cap at MAIL FROM (451 / 421)
-           "bad_command",   # HELO/EHLO/MAIL refused: bad argument (501), non-ASCII sender (553)
-           "cut_off")       # 421 4.7.0: too many errors, or MAILs without a message
-RCPT_RESULTS = ("accepted", "relay_denied", "unknown_user", "too_many",
-                "bad_address",   # 501 bad argument, 553 5.6.7 non-ASCII without SMTPUTF8
-                "unverified")    # 450 4.1.1: recipient verification was not sure
+
+
+class Outcome(StrEnum):
+    """connection()'s labels: how a connection ended its admission. The refusals are
+    ingress.policy.admission.Refusal's values."""
+
+    ADMITTED = "admitted"               # passed admission (Refusal.ADMITTED)
+    SLOTS = "slots"                     # 421 before the banner: slots (or the bulk share) full
+    PER_IP = "per-ip"                   # per-IP (/64) bulk concurrency cap
+    RATE = "rate"                       # per-IP connection rate
+    PENALISED = "penalised"             # refused during an early-talker penalty
+    EARLY_TALKER = "early_talker"       # admitted, then spoke before the banner (554)
+    DRAINING = "draining"               # 421 because this acceptor is draining
+    PROXY_REJECTED = "proxy_rejected"   # PROXY header invalid or from an untrusted peer
+    NOT_FAST = "not_fast"               # a bulk client on the fast port (554)
+    TLS_FAILED = "tls_failed"           # the mutual-TLS handshake failed after its slot
+    EVICTED_SILENT = "evicted_silent"   # silent since its banner, evicted to make room (421)
+
+
+class Result(StrEnum):
+    """message()'s labels: how a transaction ended."""
+
+    ACCEPTED = "accepted"
+    TEMPFAILED = "tempfailed"
+    REJECTED = "rejected"
+    SHED = "shed"                       # bulk over its cap at MAIL FROM (451 / 421)
+    BAD_COMMAND = "bad_command"         # HELO/EHLO/MAIL refused: bad argument (501), 553 5.6.7
+    CUT_OFF = "cut_off"                 # 421 4.7.0: too many errors, or MAILs without a message
+
+
+class RcptResult(StrEnum):
+    """recipient()'s labels: a RCPT TO answer."""
+
+    ACCEPTED = "accepted"
+    RELAY_DENIED = "relay_denied"
+    UNKNOWN_USER = "unknown_user"
+    TOO_MANY = "too_many"
+    BAD_ADDRESS = "bad_address"         # 501 bad argument, 553 5.6.7 non-ASCII without SMTPUTF8
+    UNVERIFIED = "unverified"           # 450 4.1.1: recipient verification was not sure
+
+
+OUTCOMES = tuple(o.value for o in Outcome)
+RESULTS = tuple(r.value for r in Result)
+RCPT_RESULTS = tuple(r.value for r in RcptResult)
 
 # --- metric definitions (names are the contract with dashboards: change with care) -----------
 
@@ -164,16 +196,22 @@ _banner: dict[str, Any] = {}
 _ack: dict[str, Any] = {}
 
 
-def _bind(cache: dict[Any, Any], metric: Any, key: Any) -> Any:
+def _bind(cache: dict[Any, Any], metric: Any, key: Any,
+          labels: type[StrEnum] | None = None) -> Any:
+    """The first use of a label set: bind it (and cache the child). With `labels`, the last
+    label must be one of that enum's (ValueError otherwise): an undeclared label is never
+    emitted. Later uses hit the cache and cost no check."""
+    if labels is not None:
+        labels(key[-1])
     child = cache[key] = metric.labels(*key) if isinstance(key, tuple) else metric.labels(key)
     return child
 
 
 # --- hot path (acceptors) ---------------------------------------------------------------------
 
-def connection(lane: str, outcome: str) -> None:
+def connection(lane: str, outcome: Outcome) -> None:
     key = (lane, outcome)
-    (_conn.get(key) or _bind(_conn, CONNECTIONS, key)).inc()
+    (_conn.get(key) or _bind(_conn, CONNECTIONS, key, Outcome)).inc()
 
 
 def session_open(lane: str) -> None:
@@ -184,14 +222,14 @@ def session_close(lane: str) -> None:
     (_sess.get(lane) or _bind(_sess, SESSIONS, lane)).dec()
 
 
-def message(lane: str, result: str) -> None:
+def message(lane: str, result: Result) -> None:
     key = (lane, result)
-    (_msg.get(key) or _bind(_msg, MESSAGES, key)).inc()
+    (_msg.get(key) or _bind(_msg, MESSAGES, key, Result)).inc()
 
 
-def recipient(lane: str, result: str) -> None:
+def recipient(lane: str, result: RcptResult) -> None:
     key = (lane, result)
-    (_rcpt.get(key) or _bind(_rcpt, RECIPIENTS, key)).inc()
+    (_rcpt.get(key) or _bind(_rcpt, RECIPIENTS, key, RcptResult)).inc()
 
 
 def observe_banner(lane: str, seconds: float) -> None:
@@ -214,7 +252,7 @@ def lane_status(lane: str, *, depth: int, saturated: bool, free_credit: int, wor
         LANE_TOKENS.labels(lane).set(tokens)
 
 
-def lane_nack(lane: str, reason: str) -> None:
+def lane_nack(lane: str, reason: NackReason) -> None:
     LANE_NACKS.labels(lane, reason).inc()
 
 

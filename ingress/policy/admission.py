@@ -17,12 +17,11 @@ API
         release(ticket) -> None                  idempotent
         promote(ticket) -> None                  bulk -> fast slot accounting; never fails
         penalise(ip, now) / is_penalised(ip, now)  early-talker penalty box (bounded)
-        reconfigure(limits)                      new limits for new admissions (SIGHUP)
         in_use / fast_in_use / bulk_in_use / bulk_for(ip)   counters for metrics and tests
     Refusal                  StrEnum: why a connection was refused (metrics label)
     ip_key(ip, ipv6_prefix) -> str               the per-IP accounting key
     stress_timeouts(normal_idle, saturated, stress_idle=10.0) -> float
-    REPLY_* / EARLY_TALKER_REPLY                 reply lines (no CRLF) for the acceptor to send
+    Verdict.reply                                the refusal's line (ingress.policy.replies)
 
 Rules
     * fast: admitted while any slot is free (in_use < max_connections); never rate-capped,
@@ -62,13 +61,9 @@ from enum import StrEnum
 from ingress.core.config import Config
 from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import Lane
+from ingress.policy import replies
 
 __all__ = [
-    "EARLY_TALKER_REPLY",
-    "REPLY_PENALISED",
-    "REPLY_PER_IP",
-    "REPLY_RATE",
-    "REPLY_SLOTS",
     "Admission",
     "AdmissionLimits",
     "Refusal",
@@ -78,13 +73,6 @@ __all__ = [
     "stress_timeouts",
 ]
 
-REPLY_SLOTS = "421 4.7.0 Too many connections, try again later"
-REPLY_PER_IP = "421 4.7.0 Too many connections from your address, try again later"
-REPLY_RATE = "421 4.7.0 Connection rate limit exceeded, try again later"
-REPLY_PENALISED = "421 4.7.0 Temporarily refused after a protocol violation, try again later"
-EARLY_TALKER_REPLY = "554 5.5.0 Protocol violation: client talked before the greeting"
-
-
 class Refusal(StrEnum):
     ADMITTED = "admitted"
     SLOTS = "slots"
@@ -93,13 +81,9 @@ class Refusal(StrEnum):
     PENALISED = "penalised"
 
 
+# The reply lines are ingress.policy.replies' table (same values: the metric labels).
 _REPLIES: dict[Refusal, str | None] = {
-    Refusal.ADMITTED: None,
-    Refusal.SLOTS: REPLY_SLOTS,
-    Refusal.PER_IP: REPLY_PER_IP,
-    Refusal.RATE: REPLY_RATE,
-    Refusal.PENALISED: REPLY_PENALISED,
-}
+    r: None if r is Refusal.ADMITTED else replies.text(replies.Refusal(r.value)) for r in Refusal}
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,13 +245,6 @@ class Admission:
     def penalised_count(self) -> int:
         return len(self._penalties)
 
-    def reconfigure(self, limits: AdmissionLimits) -> None:
-        """Apply new limits to future admissions; held tickets stay valid."""
-        self.limits = limits
-        self._penalties.max_size = limits.max_penalised
-        while len(self._buckets) > limits.max_tracked_ips:
-            self._buckets.popitem(last=False)
-
     # ------------------------------------------------------------------ admission
 
     def try_admit(self, ip: str, lane: Lane, now: float) -> Verdict:
@@ -346,8 +323,6 @@ class Admission:
             bucket = self._buckets[key] = TokenBucket(lim.per_ip_rate, lim.per_ip_burst, now)
         else:
             self._buckets.move_to_end(key)
-            # Limits may have been reconfigured since this bucket was made.
-            bucket.rate, bucket.burst = lim.per_ip_rate, float(lim.per_ip_burst)
         return bucket.take(now)
 
 

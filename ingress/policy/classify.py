@@ -143,16 +143,6 @@ class Evidence:
     def with_spf(self, spf: AuthResult, domain: str | None) -> Evidence:
         return Evidence(self.static_allow, self.learned_allow, self.cert, spf, domain)
 
-    def as_dict(self) -> dict[str, object]:
-        """JSON-friendly form (for the wire envelope and log lines)."""
-        return {
-            "static_allow": self.static_allow,
-            "learned_allow": self.learned_allow,
-            "cert": str(self.cert),
-            "spf": str(self.spf),
-            "spf_domain": self.spf_domain,
-        }
-
 
 @dataclass(frozen=True, slots=True)
 class ClassifyPolicy:
@@ -229,9 +219,10 @@ def promote(current_lane: Lane, decision: Decision) -> Lane:
     return Lane.BULK
 
 
-def should_learn(spf: AuthResult, dkim_aligned_pass: bool) -> bool:
-    """A client is remembered only when SPF passed AND a DKIM signature aligned with From passed."""
-    return spf is AuthResult.PASS and bool(dkim_aligned_pass)
+def should_learn(spf: AuthResult | str | None, dkim_aligned_pass: bool) -> bool:
+    """A client is remembered only when SPF passed AND a DKIM signature aligned with From passed.
+    `spf` may be the wire's plain string (the envelope's evidence)."""
+    return spf == AuthResult.PASS and bool(dkim_aligned_pass)
 
 
 # --------------------------------------------------------------------------- static allow list

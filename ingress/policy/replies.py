@@ -1,40 +1,89 @@
-"""Every SMTP reply the ingress itself chooses, as a named constant (RFC 5321 + RFC 3463 codes).
+"""Every SMTP reply the ingress itself chooses: one table, keyed by Refusal (RFC 5321 + RFC 3463
+codes).
 
-Policy (DESIGN.md section 5): 250 only after a durable write; anything uncertain is 4xx; 5xx only
-for real policy decisions. aiosmtpd's own syntax replies (500/501/503) are left as they are.
+API:
+    Refusal                 StrEnum: every refusal the ingress chooses; the admission ones have
+                            the values admission.Refusal uses as metric labels
+    REPLIES                 Refusal -> reply line (no CRLF), some with {fields} to format
+    text(refusal, **fields) -> str   the reply line, formatted
+    QUEUED                  the 250 after a durable write ({qid})
+
+Policy: 250 only after a durable write; anything uncertain is 4xx; 5xx only for real policy
+decisions. aiosmtpd's own syntax replies (500/501/503) are left as they are.
+Failure modes: text() raises KeyError for a missing {field} (a bug, caught by the tests).
 """
 
 from __future__ import annotations
 
-# 2xx
+from enum import StrEnum
+
 QUEUED = "250 2.0.0 Ok: queued as {qid}"
-CLOSING = "221 2.0.0 Bye"
 
-# 4xx: try again later
-TOO_MANY_CONNECTIONS = "421 4.7.0 {host} Too many connections, try again later"
-SHUTTING_DOWN = "421 4.3.2 {host} Service shutting down, try again later"
-IDLE_TIMEOUT = "421 4.4.2 {host} Error: timeout exceeded"
-EVICTED_SILENT = "421 4.4.2 {host} Error: no command received, closing to make room"
-SESSION_DEADLINE = "421 4.4.2 {host} Error: session time limit exceeded"
-LANE_BUSY = "451 4.7.1 Service busy, try again later"
-LANE_BUSY_CLOSING = "421 4.7.1 {host} Service busy, closing connection, try again later"
-INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
-NOT_QUEUED = "451 4.3.0 Message not queued ({why}), try again later"
-TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
-TOO_MANY_ERRORS = "421 4.7.0 {host} Error: too many errors"
-TOO_MANY_TRANSACTIONS = "421 4.7.0 {host} Error: too many transactions without a message"
-UNVERIFIED_RECIPIENT = ("450 4.1.1 <{rcpt}>: Recipient address rejected: "
-                        "unverified address, try again later")
-DATA_NO_STORAGE = "452 4.3.1 Insufficient system storage, try again later"
 
-# 5xx: policy
-UNKNOWN_USER = "550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown"
-RELAY_DENIED = "550 5.7.1 <{rcpt}>: Relay access denied"
-BARE_LINE_ENDING = "550 5.6.0 Message contains bare CR or LF, refused (RFC 5321 section 2.3.8)"
-MESSAGE_TOO_BIG = "552 5.3.4 Error: message too big"
-FAST_PORT_ONLY = "554 5.7.1 {host} This port serves allow-listed clients only; use port 25"
-EARLY_TALKER = "554 5.5.0 Error: SMTP protocol synchronization"
-ADDRESS_NOT_ASCII = ("553 5.6.7 <{addr}>: {what} address rejected: "
-                     "non-ASCII address without SMTPUTF8")
-BAD_ARGUMENT = "501 5.5.2 Syntax error: {why} in {command} argument"
-AUTH_NOT_OFFERED = "502 5.5.1 Error: authentication not enabled"
+class Refusal(StrEnum):
+    SLOTS = "slots"
+    PER_IP = "per-ip"
+    RATE = "rate"
+    PENALISED = "penalised"
+    SHUTTING_DOWN = "shutting_down"
+    IDLE_TIMEOUT = "idle_timeout"
+    EVICTED_SILENT = "evicted_silent"
+    SESSION_DEADLINE = "session_deadline"
+    LANE_BUSY = "lane_busy"
+    LANE_BUSY_CLOSING = "lane_busy_closing"
+    INTERNAL_ERROR = "internal_error"
+    NOT_QUEUED = "not_queued"
+    TOO_MANY_RECIPIENTS = "too_many_recipients"
+    TOO_MANY_ERRORS = "too_many_errors"
+    TOO_MANY_TRANSACTIONS = "too_many_transactions"
+    UNVERIFIED_RECIPIENT = "unverified_recipient"
+    DATA_NO_STORAGE = "data_no_storage"
+    UNKNOWN_USER = "unknown_user"
+    RELAY_DENIED = "relay_denied"
+    BARE_LINE_ENDING = "bare_line_ending"
+    FAST_PORT_ONLY = "fast_port_only"
+    EARLY_TALKER = "early_talker"
+    ADDRESS_NOT_ASCII = "address_not_ascii"
+    BAD_ARGUMENT = "bad_argument"
+    AUTH_NOT_OFFERED = "auth_not_offered"
+
+
+REPLIES: dict[Refusal, str] = {
+    # 4xx: try again later
+    Refusal.SLOTS: "421 4.7.0 Too many connections, try again later",
+    Refusal.PER_IP: "421 4.7.0 Too many connections from your address, try again later",
+    Refusal.RATE: "421 4.7.0 Connection rate limit exceeded, try again later",
+    Refusal.PENALISED: "421 4.7.0 Temporarily refused after a protocol violation, try again later",
+    Refusal.SHUTTING_DOWN: "421 4.3.2 {host} Service shutting down, try again later",
+    Refusal.IDLE_TIMEOUT: "421 4.4.2 {host} Error: timeout exceeded",
+    Refusal.EVICTED_SILENT: "421 4.4.2 {host} Error: no command received, closing to make room",
+    Refusal.SESSION_DEADLINE: "421 4.4.2 {host} Error: session time limit exceeded",
+    Refusal.LANE_BUSY: "451 4.7.1 Service busy, try again later",
+    Refusal.LANE_BUSY_CLOSING: "421 4.7.1 {host} Service busy, closing connection, try again later",
+    Refusal.INTERNAL_ERROR: "451 4.3.0 Internal error, try again later",
+    Refusal.NOT_QUEUED: "451 4.3.0 Message not queued ({why}), try again later",
+    Refusal.TOO_MANY_RECIPIENTS: "452 4.5.3 Error: too many recipients",
+    Refusal.TOO_MANY_ERRORS: "421 4.7.0 {host} Error: too many errors",
+    Refusal.TOO_MANY_TRANSACTIONS: "421 4.7.0 {host} Error: too many transactions without a "
+                                   "message",
+    Refusal.UNVERIFIED_RECIPIENT: "450 4.1.1 <{rcpt}>: Recipient address rejected: unverified "
+                                  "address, try again later",
+    Refusal.DATA_NO_STORAGE: "452 4.3.1 Insufficient system storage, try again later",
+    # 5xx: policy
+    Refusal.UNKNOWN_USER: "550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown",
+    Refusal.RELAY_DENIED: "550 5.7.1 <{rcpt}>: Relay access denied",
+    Refusal.BARE_LINE_ENDING: "550 5.6.0 Message contains bare CR or LF, refused (RFC 5321 "
+                              "section 2.3.8)",
+    Refusal.FAST_PORT_ONLY: "554 5.7.1 {host} This port serves allow-listed clients only; use "
+                            "port 25",
+    Refusal.EARLY_TALKER: "554 5.5.0 Error: SMTP protocol synchronization",
+    Refusal.ADDRESS_NOT_ASCII: "553 5.6.7 <{addr}>: {what} address rejected: non-ASCII address "
+                               "without SMTPUTF8",
+    Refusal.BAD_ARGUMENT: "501 5.5.2 Syntax error: {why} in {command} argument",
+    Refusal.AUTH_NOT_OFFERED: "502 5.5.1 Error: authentication not enabled",
+}
+
+
+def text(refusal: Refusal, **fields: object) -> str:
+    line = REPLIES[refusal]
+    return line.format(**fields) if fields else line

@@ -8,8 +8,22 @@ API:
         "invalid_utf8" (aiosmtpd decodes arguments as UTF-8 with errors="surrogateescape", so
         undecodable bytes arrive as lone surrogates U+DC80..U+DCFF), "control" (C0 including TAB
         and CR, DEL, C1).
-    mail_verdict(address, smtputf8) -> Refusal | None
+    mail_verdict(address, smtputf8) -> Refused | None
         A non-ASCII sender without the SMTPUTF8 parameter: 553 5.6.7 (RFC 6531 section 3.5).
+    shed_verdict(sheds, shed_limit=, shed_delay=, host=) -> Shed
+        The MAIL shed/tarpit decision for a bulk transaction over the cap (at MAIL FROM, and
+        after DATA when the lane's rate cap refused it): `sheds` is this session's count so
+        far; the answer is the new count, the reply, the delay before it (the tarpit:
+        shed_delay) and whether the session closes after it (the shed_limit-th: 421, no delay).
+        Separate from mail_verdict because SPF (which may promote the session out of the
+        bulk lane) runs between the two.
+    data_verdict(body) -> Refused | None
+        End of DATA: a bare CR or LF (SMTP smuggling) is 550 5.6.0.
+    pick_eviction(silent, now, silent_after=, bucket=) -> key | None
+        Slots are full: the session to evict, the longest-silent one (`silent`: the unproven
+        sessions that have not spoken, key -> since, oldest first), if it has been silent for
+        silent_after seconds and `bucket` (admission.evict_rate; None: evictions off) has a
+        token, which it then spends.
     rcpt_verdict(address, smtputf8=, domains=, primary_domain=, recipients=, accepted=,
                  max_recipients=) -> RcptVerdict
         The RCPT decision before any callout: the address to store (a bare "postmaster" becomes
@@ -19,20 +33,23 @@ API:
         that would tell a harvester whether an address exists), relay (550 5.7.1; includes
         sender-specified routing % ! @ in the local part), the recipient map (550 5.1.1).
         postmaster at an accepted domain is always accepted (no map, no verification).
-    verify_verdict(address, answer) -> Refusal | None   a callout's answer -> the reply
+    verify_verdict(address, answer) -> Refused | None   a callout's answer -> the reply
+    Refused(reply, event, metric, close=False)    a refusal: its line (from the one reply table,
+                                                  ingress.policy.replies), log event, metric
+                                                  label (metrics.Result / RcptResult), 421?
     is_error_reply(line) -> bool                  does this reply count as a client error?
     JUNK_COMMANDS                                 the commands the junk limit counts
     ErrorPolicy, Counters                         the limits and one session's counts
     after_reply(counters, policy, line, command) -> Step
         Accounting for one reply: the counters after it, the tarpit delay before it is written
         (error_delay), and whether the session is cut off after it (421 4.7.0 and a close).
-    before_mail(counters, policy, host) -> Refusal | None
+    before_mail(counters, policy, host) -> Refused | None
         A MAIL beyond policy.mail_without_data_limit transactions without a delivered message:
         421 4.7.0 and a close (each MAIL of a bulk session spends a bulk token).
     mail_accepted(counters) -> Counters           a MAIL got 250
     delivered(counters) -> Counters               a message was delivered: counts start afresh
-    argument_refusal(why, command) -> Refusal     the 501 5.5.2 for check_argument's answer
-    cut_off_refusal(host) -> Refusal              the 421 4.7.0 at the hard error limit
+    argument_refusal(why, command) -> Refused     the 501 5.5.2 for check_argument's answer
+    cut_off_refusal(host) -> Refused              the 421 4.7.0 at the hard error limit
     error_delay(errors, policy) -> float          0 up to the soft limit, then error_sleep per
                                                   error beyond it, at most error_sleep_max
 
@@ -48,9 +65,15 @@ and penalties are admission's business). Failure modes: none; every function is 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
-from ingress.policy import replies
+from ingress.core.metrics import RcptResult, Result
+from ingress.core.ratelimit import TokenBucket
+from ingress.policy.replies import Refusal, text
+
+K = TypeVar("K")
 
 # aiosmtpd decodes an undecodable byte b as chr(0xDC00 + b), b >= 0x80.
 _SURROGATES = range(0xD800, 0xE000)
@@ -61,20 +84,30 @@ _WHY = {"nul": "NUL character", "invalid_utf8": "invalid UTF-8",
 
 
 @dataclass(frozen=True)
-class Refusal:
+class Refused:
     """A reply that refuses a command, with the log event and the metric label it gets."""
 
     reply: str
     event: str
-    metric: str
+    metric: Result | RcptResult   # the message() or recipient() label it counts under
     close: bool = False        # 421: the session ends after this reply
 
 
 @dataclass(frozen=True)
 class RcptVerdict:
     address: str               # the recipient to store (postmaster rewritten)
-    refusal: Refusal | None    # None: accepted (subject to verification when `verify`)
+    refusal: Refused | None    # None: accepted (subject to verification when `verify`)
     verify: bool = False       # a callout to the downstream may decide
+
+
+@dataclass(frozen=True)
+class Shed:
+    """shed_verdict's answer: the reply to a bulk transaction over the cap."""
+
+    sheds: int                 # the session's shed count after this one
+    reply: str
+    delay: float               # seconds to wait before the reply (the tarpit)
+    close: bool                # 421: the session ends after this reply
 
 
 @dataclass(frozen=True)
@@ -119,60 +152,84 @@ def check_argument(arg: str | None) -> str | None:
     return None
 
 
-def _not_ascii(address: str, what: str, metric: str) -> Refusal:
+def _not_ascii(address: str, what: str, metric: Result | RcptResult) -> Refused:
     shown = address[:200].encode("ascii", "backslashreplace").decode("ascii")
-    return Refusal(replies.ADDRESS_NOT_ASCII.format(addr=shown, what=what),
+    return Refused(text(Refusal.ADDRESS_NOT_ASCII, addr=shown, what=what),
                    "address_not_ascii", metric)
 
 
-def argument_refusal(why: str, command: str) -> Refusal:
+def argument_refusal(why: str, command: str) -> Refused:
     """The 501 for check_argument's `why`; metric: a recipient label for RCPT, else a
     transaction label."""
-    return Refusal(replies.BAD_ARGUMENT.format(why=_WHY[why], command=command), "bad_argument",
-                   "bad_address" if command == "RCPT" else "bad_command")
+    return Refused(text(Refusal.BAD_ARGUMENT, why=_WHY[why], command=command), "bad_argument",
+                   RcptResult.BAD_ADDRESS if command == "RCPT" else Result.BAD_COMMAND)
 
 
-def mail_verdict(address: str, smtputf8: bool) -> Refusal | None:
+def mail_verdict(address: str, smtputf8: bool) -> Refused | None:
     if not smtputf8 and not address.isascii():
-        return _not_ascii(address, "Sender", "bad_command")
+        return _not_ascii(address, "Sender", Result.BAD_COMMAND)
     return None
+
+
+def shed_verdict(sheds: int, *, shed_limit: int, shed_delay: float, host: str) -> Shed:
+    sheds += 1
+    if sheds >= shed_limit:
+        return Shed(sheds, text(Refusal.LANE_BUSY_CLOSING, host=host), 0.0, True)
+    return Shed(sheds, text(Refusal.LANE_BUSY), max(0.0, shed_delay), False)
+
+
+def data_verdict(body: bytes) -> Refused | None:
+    n_lf = body.count(b"\n")
+    if n_lf != body.count(b"\r") or n_lf != body.count(b"\r\n"):
+        return Refused(text(Refusal.BARE_LINE_ENDING), "bare_line_ending", Result.REJECTED)
+    return None
+
+
+def pick_eviction(silent: Mapping[K, float], now: float, *, silent_after: float,
+                  bucket: TokenBucket | None) -> K | None:
+    if not silent or bucket is None:
+        return None
+    victim, since = next(iter(silent.items()))
+    if now - since < silent_after or not bucket.take(now):
+        return None
+    return victim
 
 
 def rcpt_verdict(address: str, *, smtputf8: bool, domains: frozenset[str], primary_domain: str,
                  recipients: frozenset[str] | None, accepted: int,
                  max_recipients: int) -> RcptVerdict:
     if not smtputf8 and not address.isascii():
-        return RcptVerdict(address, _not_ascii(address, "Recipient", "bad_address"))
+        return RcptVerdict(address, _not_ascii(address, "Recipient", RcptResult.BAD_ADDRESS))
     if address.lower() == "postmaster":
         address = f"postmaster@{primary_domain}"
     if accepted >= max_recipients:
-        return RcptVerdict(address, Refusal(replies.TOO_MANY_RECIPIENTS, "too_many_recipients",
-                                            "too_many"))
+        return RcptVerdict(address, Refused(text(Refusal.TOO_MANY_RECIPIENTS),
+                                            "too_many_recipients", RcptResult.TOO_MANY))
     local, _, domain = address.rpartition("@")
     domain = domain.lower().rstrip(".")
     # Sender-specified routing (user%other@us, other!user@us, "a@b"@us) would let a
     # downstream MTA relay on to `other`: refused like any other relay attempt.
     if not local or domain not in domains or any(c in local for c in "%!@"):
-        return RcptVerdict(address, Refusal(replies.RELAY_DENIED.format(rcpt=address[:200]),
-                                            "relay_denied", "relay_denied"))
+        return RcptVerdict(address, Refused(text(Refusal.RELAY_DENIED, rcpt=address[:200]),
+                                            "relay_denied", RcptResult.RELAY_DENIED))
     if local.lower() == "postmaster":
         return RcptVerdict(address, None)
     if recipients is not None and address.lower() not in recipients \
             and "@" + domain not in recipients:
-        return RcptVerdict(address, Refusal(replies.UNKNOWN_USER.format(rcpt=address[:200]),
-                                            "unknown_user", "unknown_user"))
+        return RcptVerdict(address, Refused(text(Refusal.UNKNOWN_USER, rcpt=address[:200]),
+                                            "unknown_user", RcptResult.UNKNOWN_USER))
     return RcptVerdict(address, None, verify=True)
 
 
-def verify_verdict(address: str, answer: str) -> Refusal | None:
+def verify_verdict(address: str, answer: str) -> Refused | None:
     """`answer` is rcpt_verify's: "ok" | "unknown" | anything else (uncertain)."""
     if answer == "ok":
         return None
     if answer == "unknown":
-        return Refusal(replies.UNKNOWN_USER.format(rcpt=address[:200]), "unknown_user",
-                       "unknown_user")
-    return Refusal(replies.UNVERIFIED_RECIPIENT.format(rcpt=address[:200]),
-                   "recipient_unverified", "unverified")
+        return Refused(text(Refusal.UNKNOWN_USER, rcpt=address[:200]), "unknown_user",
+                       RcptResult.UNKNOWN_USER)
+    return Refused(text(Refusal.UNVERIFIED_RECIPIENT, rcpt=address[:200]),
+                   "recipient_unverified", RcptResult.UNVERIFIED)
 
 
 def is_error_reply(line: str) -> bool:
@@ -206,10 +263,10 @@ def after_reply(counters: Counters, policy: ErrorPolicy, line: str, command: str
     return Step(c, error_delay(errors, policy), errors >= policy.hard_error_limit)
 
 
-def before_mail(counters: Counters, policy: ErrorPolicy, host: str) -> Refusal | None:
+def before_mail(counters: Counters, policy: ErrorPolicy, host: str) -> Refused | None:
     if counters.mails >= policy.mail_without_data_limit:
-        return Refusal(replies.TOO_MANY_TRANSACTIONS.format(host=host), "session_cut_off",
-                       "cut_off", close=True)
+        return Refused(text(Refusal.TOO_MANY_TRANSACTIONS, host=host), "session_cut_off",
+                       Result.CUT_OFF, close=True)
     return None
 
 
@@ -221,7 +278,7 @@ def delivered(counters: Counters) -> Counters:
     return Counters()
 
 
-def cut_off_refusal(host: str) -> Refusal:
+def cut_off_refusal(host: str) -> Refused:
     """The 421 at the hard error limit."""
-    return Refusal(replies.TOO_MANY_ERRORS.format(host=host), "session_cut_off", "cut_off",
+    return Refused(text(Refusal.TOO_MANY_ERRORS, host=host), "session_cut_off", Result.CUT_OFF,
                    close=True)

@@ -340,14 +340,3 @@ def test_learned_json_tolerates_bad_entries_and_rejects_bad_documents() -> None:
 def test_learned_bad_config(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         LearnedAllow(**kwargs)
-
-
-def test_evidence_as_dict() -> None:
-    ev = Evidence(True, False, CertResult.PINNED, AuthResult.TEMPERROR, "example.com")
-    assert json.loads(json.dumps(ev.as_dict())) == {
-        "static_allow": True,
-        "learned_allow": False,
-        "cert": "pinned",
-        "spf": "temperror",
-        "spf_domain": "example.com",
-    }

@@ -206,3 +206,34 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as d:
         for k, v in measure(metrics.setup_dir(d)).items():
             print(f"{k:28s} {v:6.2f} us/call")
+
+
+# --- declared labels ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fn", "label"), [
+    (metrics.connection, "evicted_silent"),     # emitted by the session table
+    (metrics.connection, "not_fast"),           # a bulk client on the fast port
+    (metrics.connection, "tls_failed"),         # mutual-TLS handshake failed
+    (metrics.message, "shed"),
+    (metrics.message, "cut_off"),
+    (metrics.recipient, "unverified"),
+])
+def test_emitted_labels_are_declared(fn: Any, label: str) -> None:
+    declared = {metrics.connection: metrics.OUTCOMES, metrics.message: metrics.RESULTS,
+                metrics.recipient: metrics.RCPT_RESULTS}[fn]
+    assert label in declared
+    fn("bulk", label)                           # accepted at its first use
+
+
+@pytest.mark.parametrize("fn", [metrics.connection, metrics.message, metrics.recipient])
+def test_undeclared_label_is_refused(fn: Any) -> None:
+    with pytest.raises(ValueError):
+        fn("bulk", "never_declared")
+
+
+def test_label_enums_are_the_tuples() -> None:
+    assert tuple(metrics.Outcome) == metrics.OUTCOMES
+    assert tuple(metrics.Result) == metrics.RESULTS
+    assert tuple(metrics.RcptResult) == metrics.RCPT_RESULTS
+    assert metrics.Outcome.PER_IP == "per-ip"     # admission.Refusal's value, as is

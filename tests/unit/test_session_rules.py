@@ -9,7 +9,9 @@ import pytest
 
 from ingress.core import metrics
 from ingress.core.config import ConfigError, load
-from ingress.policy import replies, session_rules
+from ingress.core.ratelimit import TokenBucket
+from ingress.policy import session_rules
+from ingress.policy.replies import Refusal, text
 from ingress.policy.session_rules import Counters, ErrorPolicy, after_reply, error_delay
 
 # --- check_argument -------------------------------------------------------------------------------
@@ -224,7 +226,7 @@ def test_delivered_resets_everything() -> None:
 
 def test_cut_off_refusal() -> None:
     r = session_rules.cut_off_refusal("mx.test")
-    assert r.reply == replies.TOO_MANY_ERRORS.format(host="mx.test")
+    assert r.reply == text(Refusal.TOO_MANY_ERRORS, host="mx.test")
     assert r.reply.startswith("421 4.7.0") and r.close and r.metric in metrics.RESULTS
 
 
@@ -323,3 +325,75 @@ def test_refusal_metrics_name_one_counter() -> None:
     }
     for label in labels:
         assert (label in metrics.RCPT_RESULTS) != (label in metrics.RESULTS), label
+
+
+# --- shed_verdict, data_verdict, pick_eviction ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("sheds", "limit", "delay", "code", "wait", "close"), [
+    (0, 10, 0.1, "451 4.7.1", 0.1, False),
+    (8, 10, 0.1, "451 4.7.1", 0.1, False),
+    (9, 10, 0.1, "421 4.7.1", 0.0, True),         # the shed_limit-th: 421 at once, closed
+    (0, 1, 0.5, "421 4.7.1", 0.0, True),
+    (3, 10, 0.0, "451 4.7.1", 0.0, False),        # no tarpit configured
+])
+def test_shed_verdict(sheds: int, limit: int, delay: float, code: str, wait: float,
+                      close: bool) -> None:
+    v = session_rules.shed_verdict(sheds, shed_limit=limit, shed_delay=delay, host="mx.test")
+    assert v.sheds == sheds + 1
+    assert v.reply.startswith(code) and v.delay == wait and v.close is close
+    if close:
+        assert "mx.test" in v.reply and v.reply == text(Refusal.LANE_BUSY_CLOSING, host="mx.test")
+    else:
+        assert v.reply == text(Refusal.LANE_BUSY)
+
+
+@pytest.mark.parametrize(("body", "refused"), [
+    (b"", False),
+    (b"Subject: x\r\n\r\nhello\r\n", False),
+    (b"a\r\nb\r\n.\r\n", False),
+    (b"a\nb\r\n", True),                 # bare LF
+    (b"a\rb\r\n", True),                 # bare CR
+    (b"a\r\r\nb\r\n", True),
+    (b"a\r\n.\nMAIL FROM:<x@y>\r\n", True),   # the smuggling shape
+    (b"a\n\rb", True),                   # LF CR: counts match, pairs do not
+])
+def test_data_verdict(body: bytes, refused: bool) -> None:
+    r = session_rules.data_verdict(body)
+    if not refused:
+        assert r is None
+        return
+    assert r is not None and r.reply == text(Refusal.BARE_LINE_ENDING)
+    assert r.reply.startswith("550 5.6.0")
+    assert r.event == "bare_line_ending" and r.metric == "rejected" and not r.close
+
+
+def bucket(rate: float) -> TokenBucket:
+    return TokenBucket(rate, max(1.0, rate), now=0.0)
+
+
+@pytest.mark.parametrize(("silent", "now", "after", "rate", "victim"), [
+    ({}, 100.0, 5.0, 10.0, None),                              # nobody silent
+    ({"a": 90.0, "b": 99.0}, 100.0, 5.0, 10.0, "a"),           # the longest-silent one
+    ({"a": 97.0, "b": 99.0}, 100.0, 5.0, 10.0, None),          # not silent long enough
+    ({"a": 95.0}, 100.0, 5.0, 10.0, "a"),                      # exactly silent_after
+    ({"a": 0.0}, 100.0, 5.0, None, None),                      # evict_rate 0: never
+])
+def test_pick_eviction(silent: dict[str, float], now: float, after: float, rate: float | None,
+                       victim: str | None) -> None:
+    b = bucket(rate) if rate is not None else None
+    assert session_rules.pick_eviction(silent, now, silent_after=after, bucket=b) == victim
+
+
+def test_pick_eviction_is_rate_limited() -> None:
+    b = bucket(1.0)            # one eviction a second, burst 1
+    silent = {"a": 0.0, "b": 0.0}
+    assert session_rules.pick_eviction(silent, 10.0, silent_after=5.0, bucket=b) == "a"
+    assert session_rules.pick_eviction(silent, 10.0, silent_after=5.0, bucket=b) is None
+    assert session_rules.pick_eviction(silent, 11.0, silent_after=5.0, bucket=b) == "a"
+
+
+def test_pick_eviction_spends_no_token_when_nobody_qualifies() -> None:
+    b = bucket(1.0)
+    assert session_rules.pick_eviction({"a": 9.0}, 10.0, silent_after=5.0, bucket=b) is None
+    assert b.tokens(10.0) == 1.0

@@ -1,0 +1,189 @@
+"""The aiosmtpd hooks of an acceptor: EHLO, MAIL, RCPT and DATA, applying the session policy.
+
+API:
+    IngressHandler(host)    one per acceptor process (host: ingress.host.SessionHost); the
+                            per-session state is on the protocol (ingress.smtp.IngressSMTP)
+
+What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; this is glue):
+- EHLO: PIPELINING advertised, AUTH and HELP never, ENHANCEDSTATUSCODES;
+- MAIL: 421 on a draining acceptor; mail_verdict (553 5.6.7 non-ASCII without SMTPUTF8) and
+  before_mail (421 4.7.0 too many transactions without a message); SPF for a bulk session,
+  which may promote it to the fast lane (classify.decide / classify.promote); a bulk
+  transaction over the cap is shed (shed_verdict: 451 4.7.1 after admission.shed_delay, the
+  admission.shed_limit-th 421 4.7.1 and a close);
+- RCPT: rcpt_verdict, then recipient verification (ingress/rcpt_verify.py, cached, at most
+  smtp.verify_per_session callouts a session; over that 450: never an amplifier);
+- DATA: data_verdict (bare CR or LF: 550 5.6.0, SMTP smuggling); then the message goes to its
+  lane broker; 250 only on the worker's ACK (durable); a NACK, a timeout or an unreachable
+  broker -> 451; a NACK for the lane's rate cap is shed like MAIL;
+- any exception -> 451 4.3.0 and a log line (aiosmtpd's default is a 500 with internals).
+
+Failure modes: none raised to aiosmtpd; every wait is bounded (SPF deadline, callout timeout,
+smtp.ack_timeout). Limits: those of the session policy and the acceptor's parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+from aiosmtpd.smtp import Session
+
+from ingress.core import log, metrics
+from ingress.core.metrics import RcptResult, Result
+from ingress.core.wire import Envelope, Lane, new_qid
+from ingress.evidence import received_spf_header, spf_identity
+from ingress.host import SessionHost
+from ingress.policy import replies, session_rules
+from ingress.policy.classify import AuthResult, promote
+from ingress.policy.replies import Refusal, text
+from ingress.rcpt_verify import Answer
+from ingress.smtp import IngressSMTP
+
+
+class IngressHandler:
+    """aiosmtpd hooks. One instance per acceptor process; per-session state is on the protocol."""
+
+    def __init__(self, ctx: SessionHost) -> None:
+        self.ctx = ctx
+
+    async def handle_EHLO(self, server: IngressSMTP, session: Session, envelope: SmtpEnvelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        out = [r for r in responses if not r[4:].startswith(("AUTH", "HELP"))]
+        out.insert(1, "250-PIPELINING")
+        out.append("250 ENHANCEDSTATUSCODES")
+        return out
+
+    async def handle_MAIL(self, server: IngressSMTP, session: Session, envelope: SmtpEnvelope,
+                          address: str, mail_options: list[str]) -> str:
+        if self.ctx.draining:      # no new transaction on a draining acceptor: come back later
+            self.ctx.loop.call_soon(server.close_if_idle, "")
+            return text(Refusal.SHUTTING_DOWN, host=server.hostname)
+        ctx = self.ctx
+        refusal = session_rules.mail_verdict(address, bool(envelope.smtp_utf8)) \
+            or session_rules.before_mail(server.counters, ctx.error_policy, server.hostname)
+        if refusal is not None:
+            extra = {"why": "mail_without_data"} if refusal.close else {}
+            return server._refused(refusal, "MAIL", sender=address[:200], **extra)
+        server.evidence = replace(server.evidence, spf=AuthResult.NONE, spf_domain=None)
+        server.spf_header = ""
+        # SPF can only promote, so a session already in the fast lane never waits for DNS.
+        if ctx.resolver is not None and server.lane is Lane.BULK:
+            result, why = await ctx.spf(server.peer_ip, server.lane, address,
+                                        session.host_name or "")
+            _, domain = spf_identity(address, session.host_name or "")
+            server.evidence = server.evidence.with_spf(result, domain or None)
+            server.spf_header = received_spf_header(
+                result, client_ip=server.peer_ip, mail_from=address,
+                helo=session.host_name or "", receiver=server.hostname,
+                explanation=why).decode("ascii", "replace")
+            decision = ctx.decide(server.evidence)
+            if promote(server.lane, decision) is not server.lane:
+                ctx.promote(server)
+                server.reasons = decision.reasons
+                ctx.count("promoted", Lane.FAST)
+                log.event("promoted", peer=server.peer_ip, reasons=",".join(decision.reasons))
+        if server.lane is Lane.BULK and not ctx.bulk_mail_admitted():
+            return await self.shed(server)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        server.counters = session_rules.mail_accepted(server.counters)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server: IngressSMTP, session: Session, envelope: SmtpEnvelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        ctx = self.ctx
+        verdict = session_rules.rcpt_verdict(
+            address, smtputf8=bool(envelope.smtp_utf8), domains=ctx.domains,
+            primary_domain=ctx.cfg.smtp.accepted_domains[0], recipients=ctx.recipients,
+            accepted=len(envelope.rcpt_tos), max_recipients=ctx.cfg.smtp.max_recipients)
+        refusal = verdict.refusal
+        if refusal is None and verdict.verify and ctx.verifier is not None:
+            refusal = session_rules.verify_verdict(verdict.address,
+                                                   await self.verify(server, verdict.address))
+        if refusal is not None:
+            return server._refused(refusal, "RCPT", rcpt=verdict.address[:200])
+        address = verdict.address
+        metrics.recipient(server.lane, RcptResult.ACCEPTED)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    async def verify(self, server: IngressSMTP, address: str) -> Answer:
+        """The downstream's answer for `address`: cached, or a callout if this session has not
+        used up smtp.verify_per_session (then TEMPFAIL: 450, never an amplifier)."""
+        verifier = self.ctx.verifier
+        assert verifier is not None
+        hit = verifier.cached(address)
+        if hit is not None:
+            return hit
+        if server.callouts >= self.ctx.cfg.smtp.verify_per_session:
+            log.event("verify_session_cap", peer=server.peer_ip, rcpt=address[:200])
+            return Answer.TEMPFAIL
+        server.callouts += 1
+        return await verifier.verify(address, bool(server.envelope and server.envelope.smtp_utf8))
+
+    async def handle_DATA(self, server: IngressSMTP, session: Session,
+                          envelope: SmtpEnvelope) -> str:
+        body: bytes = envelope.original_content or b""
+        refusal = session_rules.data_verdict(body)
+        if refusal is not None:
+            log.event(refusal.event, peer=server.peer_ip, lane=server.lane.value)
+            metrics.message(server.lane, Result(refusal.metric))
+            return refusal.reply
+        ctx = self.ctx
+        now = time.time()
+        ssl_object = server.transport.get_extra_info("ssl_object") if server.transport else None
+        tls = str(ssl_object.version() or "TLS") if ssl_object is not None else ""
+        env = Envelope(
+            qid=new_qid(now), lane=server.lane, peer_ip=server.peer_ip,
+            peer_port=server.peer_port, helo=session.host_name or "",
+            mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
+            rcpts=tuple(envelope.rcpt_tos),
+            received_at=now, deadline=now + ctx.cfg.smtp.ack_timeout, acceptor=ctx.ident,
+            smtputf8=bool(envelope.smtp_utf8), tls=tls, evidence=server.trace_evidence(),
+        )
+        t0 = time.monotonic()
+        reply, why = await ctx.submit(env, body)
+        ms = round((time.monotonic() - t0) * 1000, 2)
+        metrics.observe_ack(server.lane, time.monotonic() - t0)
+        metrics.message(server.lane, Result.ACCEPTED if reply is not None and reply.ok
+                        else Result.TEMPFAILED)
+        if reply is not None and reply.ok:
+            server.messages += 1
+            ctx.count("accepted", server.lane)
+            log.event("message", qid=env.qid, peer=server.peer_ip, lane=env.lane.value,
+                      size=len(body), rcpts=len(env.rcpts), reply="250", ack_ms=ms,
+                      reasons=env.evidence.get("reasons", ""), spf=env.evidence.get("spf", ""))
+            return replies.QUEUED.format(qid=env.qid)
+        ctx.count("tempfail", server.lane)
+        log.event("message", qid=env.qid, peer=server.peer_ip, lane=env.lane.value,
+                  size=len(body), rcpts=len(env.rcpts), reply="451", why=why, ack_ms=ms)
+        if reply is not None and reply.reason is not None and reply.reason.value == "rate":
+            return await self.shed(server)
+        return text(Refusal.NOT_QUEUED, why=why)
+
+    async def shed(self, server: IngressSMTP) -> str:
+        """Refuse a bulk transaction over the cap, cheaply for us and expensively for a bot:
+        the 451 comes after admission.shed_delay (a tarpit, like Postfix's error sleep, so a
+        spam loop costs us a few commands a second instead of thousands), and the
+        admission.shed_limit-th refusal in a session is 421 and a close."""
+        a = self.ctx.cfg.admission
+        shed = session_rules.shed_verdict(server.sheds, shed_limit=a.shed_limit,
+                                          shed_delay=a.shed_delay, host=server.hostname)
+        server.sheds = shed.sheds
+        self.ctx.count("shed", server.lane)
+        metrics.message(server.lane, Result.SHED)
+        if shed.close:
+            server.close_after_reply = True
+        elif shed.delay > 0:
+            await asyncio.sleep(shed.delay)
+        return shed.reply
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.get().error("smtp_exception", exc_info=error,
+                        extra={"fields": {"error": type(error).__name__}})
+        return text(Refusal.INTERNAL_ERROR)

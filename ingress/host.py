@@ -1,0 +1,73 @@
+"""SessionHost: what an SMTP session (ingress.smtp.IngressSMTP) and its hooks
+(ingress.handler.IngressHandler) need of the acceptor process that runs them.
+
+API:
+    SessionHost    typing.Protocol; ingress.acceptor.AcceptorContext is the implementation.
+                   The session side imports only this, never the acceptor, so the dialogue can
+                   be built against a small fake in tests.
+    Prototype      what IngressSMTP keeps per listener kind of the first session's aiosmtpd
+                   configuration: (shared attributes, smtp_* command names, AUTH mechanisms as
+                   (name, method name, is_builtin))
+
+Failure modes and limits: none; this module holds types only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any, Protocol
+
+from ingress.core.config import Config
+from ingress.core.wire import Envelope, Lane, Reply
+from ingress.dataread import DataBudget
+from ingress.policy.classify import AuthResult, Decision, Evidence
+from ingress.policy.session_rules import ErrorPolicy
+from ingress.rcpt_verify import RecipientVerifier
+
+Prototype = tuple[dict[str, Any], tuple[str, ...], tuple[tuple[str, str, bool], ...]]
+
+
+class SessionHost(Protocol):
+    cfg: Config
+    loop: asyncio.AbstractEventLoop
+    ident: str
+    handler: Any                          # the aiosmtpd handler (ingress.handler.IngressHandler)
+    smtp_prototypes: dict[bool, Prototype]
+    tls_context: ssl.SSLContext | None
+    trusted_proxies: tuple[Any, ...]
+    domains: frozenset[str]
+    recipients: frozenset[str] | None
+    verifier: RecipientVerifier | None
+    error_policy: ErrorPolicy
+    data_budget: DataBudget
+    draining: bool
+
+    @property
+    def resolver(self) -> Any: ...        # None: SPF is off
+
+    def connect_evidence(self, ip: str, peercert_der: bytes | None,
+                         verified: bool) -> Evidence: ...
+
+    def decide(self, evidence: Evidence) -> Decision: ...
+
+    def admit(self, proto: Any) -> str | None: ...
+
+    def spoke(self, proto: Any) -> None: ...
+
+    def release(self, proto: Any) -> None: ...
+
+    def promote(self, proto: Any) -> None: ...
+
+    def penalise(self, ip: str) -> None: ...
+
+    def count(self, what: str, lane: Lane) -> None: ...
+
+    def lane_saturated(self, lane: Lane) -> bool: ...
+
+    def bulk_mail_admitted(self) -> bool: ...
+
+    async def spf(self, peer_ip: str, lane: Lane, mail_from: str,
+                  helo: str) -> tuple[AuthResult, str]: ...
+
+    async def submit(self, env: Envelope, body: bytes) -> tuple[Reply | None, str]: ...

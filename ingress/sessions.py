@@ -1,0 +1,112 @@
+"""The acceptor's session table: admission, the live sessions, and eviction of silent ones.
+
+API:
+    Seat                      Protocol: what the table needs of a session (IngressSMTP is one)
+    SessionTable(cfg, counters)
+        admit(seat, draining, now) -> str | None   None: admitted (seat.ticket set, the seat
+                                   is live, and silent if bulk); else the refusal line
+                                   (seat.refused_why names the reason)
+        spoke(seat)                it said something: never evicted for silence again
+        promote(seat)              bulk -> fast (slot accounting; the lane's session gauge)
+        release(seat)              the session ended: its slot is free (idempotent)
+        penalise(ip, now)          the early-talker penalty, in this acceptor
+        sessions                   the live sessions (drain walks them)
+        admission                  the slot accounting (ingress.policy.admission.Admission)
+
+Eviction: when the slots are full, session_rules.pick_eviction chooses the bulk session that has
+been connected longest without saying a word, if that is longer than
+admission.evict_silent_after; it gets 421 (seat.evict) and its slot goes to the newcomer. A
+real MTA speaks within milliseconds of the banner; a slowloris bot never does. Evictions are
+rate-limited (admission.evict_rate; 0 = never), since each one makes a bot reconnect.
+
+Failure modes: none raised; refusals are lines. Limits: per acceptor (admission's limits); the
+silent set holds bulk sessions only, in admission order (so the first is the longest-silent).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from typing import Protocol
+
+from ingress.core import metrics
+from ingress.core.config import Config
+from ingress.core.metrics import Outcome
+from ingress.core.ratelimit import TokenBucket
+from ingress.core.wire import Lane
+from ingress.policy.admission import Admission, AdmissionLimits, Ticket
+from ingress.policy.admission import Refusal as Reason
+from ingress.policy.replies import Refusal, text
+from ingress.policy.session_rules import pick_eviction
+
+
+class Seat(Protocol):
+    peer_ip: str
+    lane: Lane
+    ticket: Ticket | None
+    refused_why: str
+    admitted: bool
+
+    def evict(self, line: str) -> None: ...
+
+
+class SessionTable:
+    def __init__(self, cfg: Config, counters: Counter[str], now: float) -> None:
+        a, s = cfg.admission, cfg.smtp
+        self.cfg, self.counters = cfg, counters
+        self.admission = Admission(AdmissionLimits(
+            max_connections=s.max_connections, fast_reserve=s.fast_reserve,
+            per_ip_bulk_max=a.per_ip_bulk_max, per_ip_rate=a.per_ip_rate,
+            per_ip_burst=a.per_ip_burst, penalty_s=a.penalty))
+        self.sessions: set[Seat] = set()
+        self.silent: OrderedDict[Seat, float] = OrderedDict()   # bulk, not spoken yet
+        self.evictions = TokenBucket(a.evict_rate, max(1.0, a.evict_rate), now=now) \
+            if a.evict_rate > 0 else None
+
+    def admit(self, seat: Seat, draining: bool, now: float) -> str | None:
+        """Slots: the fast lane may use any of max_connections; bulk never the fast reserve,
+        and bulk is capped per IP (/64) in count and connection rate."""
+        if draining:
+            return text(Refusal.SHUTTING_DOWN, host=self.cfg.smtp.hostname)
+        verdict = self.admission.try_admit(seat.peer_ip, seat.lane, now)
+        if not verdict.admitted and verdict.reason is Reason.SLOTS and self.evict_silent(now):
+            verdict = self.admission.try_admit(seat.peer_ip, seat.lane, now)
+        if not verdict.admitted:
+            self.counters[f"refused_{verdict.reason.value}"] += 1
+            seat.refused_why = verdict.reason.value
+            return verdict.reply
+        seat.ticket = verdict.ticket
+        self.sessions.add(seat)
+        if seat.lane is Lane.BULK:
+            self.silent[seat] = now
+        return None
+
+    def evict_silent(self, now: float) -> bool:
+        victim = pick_eviction(self.silent, now, silent_after=self.cfg.admission.evict_silent_after,
+                               bucket=self.evictions)
+        if victim is None:
+            return False
+        self.counters["evicted_silent"] += 1
+        metrics.connection(victim.lane, Outcome.EVICTED_SILENT)
+        victim.evict(text(Refusal.EVICTED_SILENT, host=self.cfg.smtp.hostname))
+        return True
+
+    def spoke(self, seat: Seat) -> None:
+        self.silent.pop(seat, None)
+
+    def release(self, seat: Seat) -> None:
+        self.sessions.discard(seat)
+        self.silent.pop(seat, None)
+        if seat.ticket is not None:
+            self.admission.release(seat.ticket)
+
+    def promote(self, seat: Seat) -> None:
+        if seat.ticket is not None:
+            self.admission.promote(seat.ticket)
+        self.silent.pop(seat, None)      # a fast session is never evicted for being silent
+        if seat.admitted and seat.lane is not Lane.FAST:
+            metrics.session_close(seat.lane)
+            metrics.session_open(Lane.FAST)
+        seat.lane = Lane.FAST
+
+    def penalise(self, ip: str, now: float) -> None:
+        self.admission.penalise(ip, now)
