@@ -2,7 +2,7 @@
 
 The spool owns every state change of a spool file: spool.py writes files into new/, the relay
 delivers and settles them, and this module makes the operator's changes (hold, release, delete,
-retry, requeue). They all follow the relay's own rules (workers/relay.py docstring):
+retry, requeue). They all follow the relay's own rules (workers/relay/scheduler.py docstring):
 
 - a spool file is changed only while its flock() is held, the same exclusive lock the relay
   takes while delivering it; after the lock is taken the file must still be linked *and* still be
@@ -58,15 +58,14 @@ from typing import Any
 import orjson
 
 from workers import spool as spool_mod
-from workers.relay import (
+from workers.relay.scheduler import (
     KEPT_STATE_DIR,
     RETRY_REQUEST_DIR,
-    RelayState,
     _fsync_dir,
-    envelope_sender,
     read_state,
     write_state,
 )
+from workers.relay.state import RelayState, envelope_sender
 
 HOLD_DIR = "hold"
 HOLD_STATE_DIR = "relay.hold"       # spool/relay.hold/<name>: a held message's relay state

@@ -22,11 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from ingress.core import downstream
 from ingress.core.config import Config, RelayConfig, SmtpConfig, SpoolConfig
 from ingress.core.wire import Envelope, Lane, new_qid
-from workers import relay
 from workers import spool as spool_mod
-from workers.relay import RelayState, Reply, backoff, build_dsn, failure_for, settle
+from workers.relay import clients, scheduler
+from workers.relay import state as relay_state
+from workers.relay.dsn import build_dsn
+from workers.relay.state import RelayState, Reply, backoff, failure_for, settle
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -41,20 +44,20 @@ def test_backoff_schedule() -> None:
 
 
 @pytest.mark.parametrize(("url", "want"), [
-    ("smtp://127.0.0.1:25", relay.Target("smtp", "127.0.0.1", 25)),
-    ("lmtp://localhost:24", relay.Target("lmtp", "localhost", 24)),
-    ("smtp://[::1]:10025", relay.Target("smtp", "::1", 10025)),
-    ("lmtp:/var/run/dovecot/lmtp", relay.Target("lmtp", path="/var/run/dovecot/lmtp")),
+    ("smtp://127.0.0.1:25", downstream.Target("smtp", "127.0.0.1", 25)),
+    ("lmtp://localhost:24", downstream.Target("lmtp", "localhost", 24)),
+    ("smtp://[::1]:10025", downstream.Target("smtp", "::1", 10025)),
+    ("lmtp:/var/run/dovecot/lmtp", downstream.Target("lmtp", path="/var/run/dovecot/lmtp")),
 ])
-def test_parse_downstream(url: str, want: relay.Target) -> None:
-    assert relay.parse_downstream(url) == want
+def test_parse_downstream(url: str, want: downstream.Target) -> None:
+    assert downstream.parse_downstream(url) == want
 
 
 @pytest.mark.parametrize("url", ["", "smtp://host", "smtp:/sock", "http://x:1", "smtp://h:0",
                                  "smtp://h:99999"])
 def test_parse_downstream_bad(url: str) -> None:
     with pytest.raises(ValueError):
-        relay.parse_downstream(url)
+        downstream.parse_downstream(url)
 
 
 @pytest.mark.parametrize(("code", "text", "kind", "status"), [
@@ -297,8 +300,9 @@ def spool_msg(cfg: Config, body: bytes, rcpts: tuple[str, ...], sender: str = "a
     return name, trace + body
 
 
-async def run_until(cfg: Config, cond: Callable[[], bool], timeout: float = 10.0) -> relay.Relay:
-    r = relay.Relay(cfg)
+async def run_until(cfg: Config, cond: Callable[[], bool],
+                    timeout: float = 10.0) -> scheduler.Relay:
+    r = scheduler.Relay(cfg)
     task = asyncio.create_task(r.main())
     deadline = time.monotonic() + timeout
     try:
@@ -401,7 +405,7 @@ def test_downstream_down_then_up(tmp_path: Path) -> None:
 
     async def go() -> None:
         names = [spool_msg(cfg, BODY, (f"u{i}@example.test",))[0] for i in range(10)]
-        r = relay.Relay(cfg)
+        r = scheduler.Relay(cfg)
         task = asyncio.create_task(r.main())
         await asyncio.sleep(2.0)                      # nothing listens
         assert sorted(listing(cfg, "new")) == sorted(names)
@@ -464,7 +468,7 @@ def test_reload_overlap_never_delivers_twice(tmp_path: Path) -> None:
             cfg.relay, downstream=f"smtp://127.0.0.1:{port}", concurrency=4))
         for i in range(60):
             spool_msg(c, BODY, (f"u{i}@example.test",))
-        r1, r2 = relay.Relay(c), relay.Relay(c)
+        r1, r2 = scheduler.Relay(c), scheduler.Relay(c)
         tasks = [asyncio.create_task(r1.main()), asyncio.create_task(r2.main())]
         deadline = time.monotonic() + 10
         while listing(c, "new") and time.monotonic() < deadline:
@@ -513,7 +517,7 @@ LONG_LOCAL = "x" * 250
     ("ü" * 121 + "@example.test", False, True, "553 5.1.3"),    # 255 octets in UTF-8
 ])
 def test_address_problem(addr: str, sender: bool, utf8: bool, want: str | None) -> None:
-    got = relay.address_problem(addr, sender=sender, utf8=utf8)
+    got = relay_state.address_problem(addr, sender=sender, utf8=utf8)
     if want is None:
         assert got is None
     else:
@@ -561,7 +565,7 @@ def test_settle_recipient_without_result(state: RelayState, results: dict[str, R
 ])
 def test_failure_for(reply: Reply | str, expired: bool, status: str, diag: str) -> None:
     if isinstance(reply, str):                    # an address: the relay's own verdict on it
-        got = relay.address_problem(reply, sender=False, utf8=False)
+        got = relay_state.address_problem(reply, sender=False, utf8=False)
         assert got is not None
         reply = got
     f = failure_for("r@x.test", reply, expired)
@@ -603,7 +607,7 @@ def test_cleanup_states_spares_a_locked_message(tmp_path: Path, spool_file: bool
     try:
         if locked:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # the "old relay"
-        removed = relay.Relay(cfg).cleanup_states()
+        removed = scheduler.Relay(cfg).cleanup_states()
         assert st.exists() == kept
         assert removed == (0 if kept else 1)
     finally:
@@ -711,13 +715,13 @@ def test_any_exception_is_one_message_failure(tmp_path: Path, lmtp: bool,
     dropped, never reused dirty, so the innocent messages around it are delivered."""
     sock = str(tmp_path / "lmtp.sock")
     if lmtp:
-        orig = relay.LmtpSession._cmd
+        orig = clients.LmtpSession._cmd
 
-        async def cmd(self: relay.LmtpSession, line: bytes) -> Reply:
+        async def cmd(self: clients.LmtpSession, line: bytes) -> Reply:
             if line.startswith(b"RCPT") and b"boom@" in line:
                 raise RuntimeError("injected")
             return await orig(self, line)
-        monkeypatch.setattr(relay.LmtpSession, "_cmd", cmd)
+        monkeypatch.setattr(clients.LmtpSession, "_cmd", cmd)
     else:
         import aiosmtplib
         orig_ex = aiosmtplib.SMTP.execute_command
@@ -855,7 +859,7 @@ def test_recording_error_backs_off(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def broken(*a: object, **kw: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(relay, "write_state", broken)
+    monkeypatch.setattr(scheduler, "write_state", broken)
 
     async def go() -> None:
         mta = FakeMTA(lmtp=False, decide=decide)

@@ -1,22 +1,17 @@
-"""Relay process: drains spool/new to the downstream MTA (SMTP or LMTP) with retries and DSNs.
+"""The relay's queue manager: drains spool/new to the downstream MTA (SMTP or LMTP) with
+retries, DSNs and a circuit breaker.
 
 API:
-    run(cfg, hb=None, slot=0)       the process entry point (spawned by the supervisor only when
-                                    relay.downstream is set; with "" the spool is the destination)
-    Pure parts (unit-tested): parse_downstream(url) -> Target, backoff(attempt, base, maximum),
-    Reply (code, text, .status), RelayState (per-message state, JSON), settle(state, results,
-    rcpts=...) -> Outcome, failure_for(rcpt, reply, expired) -> Failure, build_dsn(...) -> bytes,
-    address_problem(addr, sender=, utf8=) -> Reply | None (can this address be sent at all).
-    Sessions: SmtpSession (aiosmtplib), LmtpSession (asyncio streams; TCP or unix socket), both
-    `await open()`, `await deliver(mail_from, rcpts, data, smtputf8) -> {rcpt: Reply}`, `close()`;
-    they raise Unavailable for connection-level trouble.
+    Relay(cfg, hb=None, slot=0)       one relay process's state; `await main()` runs it until
+                                      stop() (SIGUSR2, or orphaned)
+    Relay.scan() -> int               pick up new files in new/, forget the gone ones
+    Relay.cleanup_states() -> int     at start: remove stale state files and tmp leftovers
+    The pure rules are in workers/relay/state.py, the DSN in dsn.py, the clients in clients.py.
 
 What it does, per spool file in new/ (oldest first, at most relay.concurrency at once, each
 worker task keeping its own downstream connection for reuse and closing it after IDLE_CLOSE):
-  - sends the stored message minus our X-Ingress-Envelope line (trace headers kept), byte-exact
-    (CRLF, dot-stuffed on the wire), MAIL FROM / RCPT TO exactly as in the envelope; SMTPUTF8
-    when the envelope says so or an address needs it, and the downstream offers it;
-    BODY=8BITMIME when the body has 8-bit bytes and the downstream offers it;
+  - sends the stored message minus our X-Ingress-Envelope line (trace headers kept), byte-exact,
+    with the envelope as stored (clients.py);
   - an address that cannot be sent is refused here, before the transaction, for its recipient
     alone (the others still go): NUL, CR, LF, any control character, space, <>, a path over
     254 octets (5.1.3; 5.1.7 for the sender: then every recipient), non-ASCII when the
@@ -81,657 +76,50 @@ Limits: one relay process; the new/ scan is O(files) and runs at most every SCAN
 stretched to 10x its own duration for huge spools; state writes and fsyncs are done on the event
 loop (this process has nothing latency-critical; it keeps the bookkeeping after a reply
 atomic with respect to cancellation). STARTTLS and AUTH PLAIN to a TCP downstream as relay.tls
-says (workers/relay_tls.py; a refusal is a connection-level failure). The message is held in
-memory while it is sent.
+says (clients.py; a refusal is a connection-level failure). The message is held in memory
+while it is sent.
 """
+
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import fcntl
 import heapq
 import os
-import re
 import signal
 import time
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
-import aiosmtplib
 import orjson
 
 from ingress.core import log, metrics
-from ingress.core.config import Config, RelayConfig
-from ingress.core.downstream import Target, parse_downstream
+from ingress.core.config import Config
+from ingress.core.downstream import parse_downstream
 from ingress.core.wire import Envelope, Lane, new_qid
-from workers import relay_tls
 from workers import spool as spool_mod
+from workers.relay.clients import Session, Unavailable, make_session, policy
+from workers.relay.dsn import build_dsn
+from workers.relay.state import (
+    Failure,
+    RelayState,
+    Reply,
+    _oneline,
+    address_problem,
+    backoff,
+    envelope_sender,
+    settle,
+)
 
 SCAN_MIN = 0.25            # seconds between two scans of new/ (at least)
 IDLE_CLOSE = 5.0           # a downstream connection idle this long is closed (QUIT)
 MAX_PER_CONNECTION = 500   # messages per downstream connection, then a fresh one
 STOP_GRACE = 3.0           # SIGUSR2: in-flight deliveries may finish within this
-HEADERS_MAX = 64 * 1024    # original headers quoted in a DSN at most
 KEPT_STATE_DIR = "relay.failed"  # spool/relay.failed/<name>: a failed message's state (requeue)
 RETRY_REQUEST_DIR = "retry"  # spool/retry/<name>: `smtp-ingress queue retry` asks for it now
-
-
-# --- pure parts ----------------------------------------------------------------------------------
-
-def backoff(attempt: int, base: float, maximum: float) -> float:
-    """Delay before retry number `attempt` (1 = the first retry): base doubling, capped."""
-    if attempt <= 0:
-        return 0.0
-    return min(base * 2.0 ** min(attempt - 1, 64), maximum)
-
-
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One downstream reply for one recipient. local=True: made up here (connection trouble)."""
-    code: int
-    text: str
-    local: bool = False
-
-    @property
-    def kind(self) -> Literal["ok", "temp", "perm"]:
-        if 200 <= self.code < 300:
-            return "ok"
-        if self.code == 503:
-            # Bad sequence of commands: our session is out of step (a half-open transaction),
-            # never a verdict on the message. Retried; at max_age it fails as 4.4.7.
-            return "temp"
-        return "perm" if 500 <= self.code < 600 else "temp"
-
-    @property
-    def status(self) -> str:
-        """The RFC 3463 status: the enhanced code in the text, else derived from the class."""
-        m = _ENHANCED.match(self.text.strip())
-        if m and m.group(1) == str(self.code // 100):
-            return ".".join(m.groups())
-        return {"ok": "2.0.0", "temp": "4.0.0", "perm": "5.0.0"}[self.kind]
-
-    def line(self) -> str:
-        return f"{self.code} {self.text}".strip()
-
-
-ADDRESS_MAX = 254     # octets in a path without its <> (RFC 5321 4.5.3.1.3: 256 with them)
-
-
-def _unsafe_char(c: str) -> bool:
-    o = ord(c)
-    return (o <= 0x20 or o == 0x7f or 0x80 <= o <= 0x9f or 0xd800 <= o <= 0xdfff
-            or c in "<>\u2028\u2029")
-
-
-def address_problem(addr: str, *, sender: bool, utf8: bool) -> Reply | None:
-    """Why `addr` cannot go into MAIL FROM (sender=True) or RCPT TO, as the local permanent
-    Reply to record for it; None if it can. Pure. `utf8`: the downstream offers SMTPUTF8.
-
-    Refused: NUL, CR, LF and every other control character (C0, DEL, C1, U+2028/9), space,
-    angle brackets, lone surrogates (command or parameter injection, or not encodable at all)
-    -> 5.1.3 (5.1.7 for the sender); a path over ADDRESS_MAX octets -> the same; a non-ASCII
-    address when the downstream has no SMTPUTF8 -> 5.6.7 (RFC 6531 3.2). The null sender is
-    fine; an empty recipient is not."""
-    bad = "5.1.7 bad sender address syntax" if sender else "5.1.3 bad recipient address syntax"
-    if addr == "":
-        return None if sender else Reply(553, bad + ": empty", local=True)
-    if len(addr) > ADDRESS_MAX:
-        return Reply(553, f"{bad}: longer than {ADDRESS_MAX} octets", local=True)
-    if any(map(_unsafe_char, addr)):
-        return Reply(553, f"{bad}: control character, space or angle bracket", local=True)
-    if len(addr.encode("utf-8")) > ADDRESS_MAX:
-        return Reply(553, f"{bad}: longer than {ADDRESS_MAX} octets", local=True)
-    if not utf8 and not addr.isascii():
-        return Reply(553, "5.6.7 non-ASCII address and the downstream does not offer SMTPUTF8",
-                     local=True)
-    return None
-
-
-def envelope_sender(env: dict[str, Any]) -> str:
-    """MAIL FROM of a spool envelope; the null sender is "" (the acceptor may store "<>")."""
-    sender = str(env["mail_from"]).strip()
-    return "" if sender in ("", "<>") else sender
-
-
-def _oneline(text: str, limit: int = 900) -> str:
-    return " ".join(text.split())[:limit]
-
-
-@dataclass
-class RelayState:
-    """What is durably known about one message's relaying (spool/relay/<name>)."""
-    attempts: int = 0                  # deliveries that ended with something deferred
-    next_at: float = 0.0               # wall clock: not before this
-    delivered: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-    last_error: str = ""
-
-    def pending(self, rcpts: Sequence[str]) -> list[str]:
-        settled = set(self.delivered) | set(self.failed)
-        out: list[str] = []
-        for r in rcpts:
-            if r not in settled and r not in out:
-                out.append(r)
-        return out
-
-    def encode(self) -> bytes:
-        return orjson.dumps({"v": 1, "attempts": self.attempts, "next_at": self.next_at,
-                             "delivered": self.delivered, "failed": self.failed,
-                             "last_error": self.last_error})
-
-    @classmethod
-    def decode(cls, raw: bytes) -> RelayState:
-        d = orjson.loads(raw)
-        return cls(attempts=int(d.get("attempts", 0)), next_at=float(d.get("next_at", 0.0)),
-                   delivered=[str(x) for x in d.get("delivered", [])],
-                   failed=[str(x) for x in d.get("failed", [])],
-                   last_error=str(d.get("last_error", "")))
-
-
-@dataclass(frozen=True)
-class Failure:
-    """One recipient to report in a DSN."""
-    rcpt: str
-    status: str                 # RFC 3463, e.g. "5.1.1" or "4.4.7"
-    diagnostic: str             # "smtp; 550 5.1.1 ..." or "X-Ingress; ..." ("" = none)
-    reply: str                  # human-readable reason
-
-
-def failure_for(rcpt: str, reply: Reply, expired: bool = False) -> Failure:
-    line = _oneline(reply.line())
-    diag = f"X-Ingress; {line}" if reply.local else f"smtp; {line}"
-    if expired:
-        return Failure(rcpt, "4.4.7", diag, f"delivery time expired; last error: {line}")
-    return Failure(rcpt, reply.status, diag, line)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    state: RelayState
-    bounce: tuple[Failure, ...]          # newly failed recipients: report them now
-    disposition: Literal["done", "failed", "retry"]
-    delivered_now: tuple[str, ...] = ()
-    deferred: tuple[str, ...] = ()
-
-
-_NO_RESULT = Reply(451, "4.3.0 no result for this recipient", local=True)
-
-
-def settle(state: RelayState, results: dict[str, Reply], *, rcpts: Sequence[str], now: float,
-           received_at: float, cfg: RelayConfig) -> Outcome:
-    """Fold one delivery attempt's per-recipient results into the state. Pure.
-
-    Every recipient of the message (`rcpts`) not settled in `state` is pending. A pending
-    recipient missing from `results` (or with a 4xx) is deferred, so the message is never
-    finished while a recipient has no result; once the message is older than cfg.max_age a
-    deferral is a failure with status 4.4.7. Results for recipients that are not pending
-    (not in the message, or already settled) are ignored."""
-    pending = state.pending(rcpts)
-    new = RelayState(state.attempts, state.next_at, list(state.delivered), list(state.failed),
-                     state.last_error)
-    bounce: list[Failure] = []
-    delivered: list[str] = []
-    deferred: list[str] = []
-    expired = now - received_at >= cfg.max_age
-    for rcpt in pending:
-        reply = results.get(rcpt, _NO_RESULT)
-        if reply.kind == "ok":
-            new.delivered.append(rcpt)
-            delivered.append(rcpt)
-        elif reply.kind == "perm":
-            new.failed.append(rcpt)
-            bounce.append(failure_for(rcpt, reply))
-        elif expired:
-            new.failed.append(rcpt)
-            bounce.append(failure_for(rcpt, reply, expired=True))
-        else:
-            deferred.append(rcpt)
-            new.last_error = _oneline(reply.line(), 300)
-    if deferred:
-        new.attempts += 1
-        new.next_at = now + backoff(new.attempts, cfg.retry_base, cfg.retry_max)
-        disp: Literal["done", "failed", "retry"] = "retry"
-    else:
-        disp = "failed" if new.failed else "done"
-    return Outcome(new, tuple(bounce), disp, tuple(delivered), tuple(deferred))
-
-
-def _headers_of(message: bytes) -> bytes:
-    end = message.find(b"\r\n\r\n")
-    head = message if end < 0 else message[:end + 2]
-    if len(head) > HEADERS_MAX:
-        cut = head.rfind(b"\r\n", 0, HEADERS_MAX)
-        head = head[:cut + 2] if cut > 0 else head[:HEADERS_MAX] + b"\r\n"
-    if not head.endswith(b"\r\n"):
-        head += b"\r\n"
-    return head
-
-
-def build_dsn(*, reporting_mta: str, sender: str, qid: str, arrival: float, now: float,
-              failures: Sequence[Failure], original: bytes, remote_mta: str = "",
-              dsn_id: str = "", boundary: str = "") -> bytes:
-    """An RFC 3464 delivery status notification (bytes, CRLF) for `failures` of one message.
-
-    `original` is the relayed message (trace headers + client bytes); only its header section
-    is quoted, as text/rfc822-headers (message/global-headers when it is not ASCII, and the
-    RFC 6533 global types when an address is not ASCII)."""
-    headers = _headers_of(original)
-    utf8_addr = not sender.isascii() or any(not f.rcpt.isascii() for f in failures)
-    status_type = "message/global-delivery-status" if utf8_addr else "message/delivery-status"
-    headers_type = ("message/global-headers" if utf8_addr or not headers.isascii()
-                    else "text/rfc822-headers")
-    addr_type = "utf-8" if utf8_addr else "rfc822"
-    boundary = boundary or f"{qid}.{uuid.uuid4().hex}/{reporting_mta}"
-    mta = _UNPRINTABLE.sub("?", reporting_mta)
-
-    def clean(s: str) -> str:
-        return _UNPRINTABLE.sub("?", s) if not utf8_addr else "".join(
-            c for c in s if c.isprintable())
-
-    human = [
-        f"This is the mail system at host {mta}.",
-        "",
-        "I'm sorry to have to inform you that your message could not",
-        "be delivered to one or more recipients.",
-        "",
-    ]
-    for f in failures:
-        via = f" (via {clean(remote_mta)})" if remote_mta else ""
-        human.append(f"<{clean(f.rcpt)}>{via}: {clean(f.reply)}")
-    human.append("")
-    per_msg = [f"Reporting-MTA: dns; {mta}",
-               f"X-Ingress-Queue-ID: {clean(qid)}",
-               f"Arrival-Date: {email.utils.formatdate(arrival)}"]
-    per_rcpt: list[str] = []
-    for f in failures:
-        per_rcpt += ["", f"Final-Recipient: {addr_type}; {clean(f.rcpt)}", "Action: failed",
-                     f"Status: {f.status}"]
-        if remote_mta:
-            per_rcpt.append(f"Remote-MTA: dns; {clean(remote_mta)}")
-        if f.diagnostic:
-            per_rcpt.append(f"Diagnostic-Code: {clean(f.diagnostic)}")
-        per_rcpt.append(f"Last-Attempt-Date: {email.utils.formatdate(now)}")
-    to = clean(sender)
-    head = [
-        f"From: Mail Delivery System <MAILER-DAEMON@{mta}>",
-        f"To: <{to}>",
-        "Subject: Undelivered Mail Returned to Sender",
-        f"Date: {email.utils.formatdate(now)}",
-        f"Message-ID: <{clean(dsn_id or qid + '.dsn')}@{mta}>",
-        "Auto-Submitted: auto-replied",
-        "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
-        "",
-        "This is a MIME-encapsulated message.",
-        "",
-        f"--{boundary}",
-        "Content-Description: Notification",
-        f"Content-Type: text/plain; charset={'utf-8' if utf8_addr else 'us-ascii'}",
-        "",
-        *human,
-        f"--{boundary}",
-        "Content-Description: Delivery report",
-        f"Content-Type: {status_type}",
-        "",
-        *per_msg,
-        *per_rcpt,
-        "",
-        f"--{boundary}",
-        "Content-Description: Undelivered Message Headers",
-        f"Content-Type: {headers_type}",
-        "",
-    ]
-    text = "\r\n".join(head).encode("utf-8") + b"\r\n"
-    return text + headers + f"\r\n--{boundary}--\r\n".encode()
-
-
-# --- downstream sessions ----------------------------------------------------------------------
-
-class Unavailable(Exception):
-    """Connection-level trouble. stage='connect': nothing of this message was sent.
-    `partial`: the final per-recipient replies already received (RCPT refusals, LMTP replies
-    after DATA) -- they stand whatever happened to the connection after them."""
-
-    def __init__(self, stage: str, why: str, partial: dict[str, Reply] | None = None) -> None:
-        super().__init__(f"{stage}: {why}")
-        self.stage, self.why = stage, why
-        self.partial = dict(partial or {})
-
-
-class Session(Protocol):
-    messages: int
-    last_used: float
-
-    @property
-    def connected(self) -> bool: ...
-    async def open(self) -> None: ...
-    async def deliver(self, mail_from: str, rcpts: Sequence[str], data: bytes,
-                      smtputf8: bool) -> dict[str, Reply]: ...
-    async def close(self) -> None: ...
-
-
-def _plan(mail_from: str, rcpts: Sequence[str], smtputf8: bool, eightbit: bool, exts: set[str]
-          ) -> tuple[list[str], list[str], dict[str, Reply]]:
-    """Before the transaction: (MAIL FROM parameters, recipients to send, recipients refused
-    here with their Reply). A sender that cannot be sent refuses every recipient; a recipient
-    that cannot be sent (address_problem) is refused alone. SMTPUTF8 is asked for when the
-    envelope says so or an address needs it, and the downstream offers it."""
-    utf8 = "smtputf8" in exts
-    refused = address_problem(mail_from, sender=True, utf8=utf8)
-    if refused is not None:
-        return [], [], dict.fromkeys(rcpts, refused)
-    results: dict[str, Reply] = {}
-    send: list[str] = []
-    for r in rcpts:
-        problem = address_problem(r, sender=False, utf8=utf8)
-        if problem is not None:
-            results[r] = problem
-        elif r not in send:
-            send.append(r)
-    params: list[str] = []
-    if eightbit and "8bitmime" in exts:
-        params.append("BODY=8BITMIME")
-    if utf8 and (smtputf8 or not mail_from.isascii() or not all(r.isascii() for r in send)):
-        params.append("SMTPUTF8")
-    return params, send, results
-
-
-class SmtpSession:
-    """SMTP to the downstream with aiosmtplib (one connection, reused across messages)."""
-
-    def __init__(self, target: Target, hostname: str, timeout: float) -> None:
-        self.target, self.hostname, self.timeout = target, hostname, timeout
-        self.client: aiosmtplib.SMTP | None = None
-        self.tls: relay_tls.TlsPolicy = relay_tls.PLAIN
-        self.messages = 0
-        self.last_used = time.monotonic()
-
-    @property
-    def connected(self) -> bool:
-        return self.client is not None and self.client.is_connected
-
-    async def open(self) -> None:
-        await self.close()
-        client = aiosmtplib.SMTP(hostname=self.target.host, port=self.target.port,
-                                 timeout=self.timeout, start_tls=False, use_tls=False,
-                                 local_hostname=self.hostname)
-        try:
-            await client.connect()
-            await client.ehlo()
-            await relay_tls.secure_smtp(client, self.tls)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-            client.close()
-            raise Unavailable("connect", _oneline(str(e), 300)) from None
-        self.client, self.messages, self.last_used = client, 0, time.monotonic()
-
-    async def close(self) -> None:
-        c, self.client = self.client, None
-        if c is None:
-            return
-        if c.is_connected:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(c.quit(), min(self.timeout, 2.0))
-        c.close()
-
-    async def deliver(self, mail_from: str, rcpts: Sequence[str], data: bytes,
-                      smtputf8: bool) -> dict[str, Reply]:
-        c = self.client
-        if c is None or not c.is_connected:
-            raise Unavailable("connect", "not connected")
-        self.messages += 1
-        self.last_used = time.monotonic()
-        params, send, results = _plan(mail_from, rcpts, smtputf8, not data.isascii(),
-                                      set(c.esmtp_extensions))
-        if not send:
-            return results
-        enc = "utf-8" if "SMTPUTF8" in params else "ascii"
-        stage = "connect"        # until the downstream answered MAIL FROM
-        try:
-            # The commands are built here, not by aiosmtplib's mail()/rcpt() (which re-parse
-            # the address with email.utils and may send something else): exactly the envelope.
-            r = await self._cmd(b"MAIL", b"FROM:<" + mail_from.encode(enc) + b">",
-                                *(p.encode("ascii") for p in params))
-            if r.code in (421, 503):  # closing, or out of step: the session's, not the message's
-                self._abort()
-                raise Unavailable("connect", f"session refused MAIL: {r.line()}")
-            if r.kind != "ok":
-                await self._reset(r)
-                results.update(dict.fromkeys(send, r))
-                return results
-            stage = "rcpt"
-            accepted: list[str] = []
-            for i, rc in enumerate(send):
-                r = await self._cmd(b"RCPT", b"TO:<" + rc.encode(enc) + b">")
-                if r.kind == "ok":
-                    accepted.append(rc)
-                    continue
-                results[rc] = r
-                if r.code in (421, 503):   # closing, or out of step: the rest are deferred too
-                    for rest in send[i + 1:]:
-                        results[rest] = r
-                    self._abort()
-                    for a in accepted:
-                        results[a] = r
-                    return results
-            if not accepted:
-                await self._reset(None)
-                return results
-            stage = "data"
-            try:
-                resp = await c.data(data)
-                reply = Reply(resp.code, _oneline(resp.message))
-            except aiosmtplib.SMTPDataError as e:
-                reply = Reply(e.code, _oneline(e.message))
-                await self._reset(reply)
-            for rc in accepted:
-                results[rc] = reply
-            self.last_used = time.monotonic()
-            return results
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-            self._abort()
-            raise Unavailable(stage, _oneline(f"{type(e).__name__}: {e}", 300), results) from None
-        except BaseException:
-            self._abort()             # anything else (a bug, a cancel): never reuse it dirty
-            raise
-
-    async def _cmd(self, *args: bytes) -> Reply:
-        assert self.client is not None
-        resp = await self.client.execute_command(*args)
-        return Reply(resp.code, _oneline(resp.message))
-
-    def _abort(self) -> None:
-        c, self.client = self.client, None
-        if c is not None:
-            c.close()
-
-    async def _reset(self, after: Reply | None) -> None:
-        """End a transaction that did not complete: RSET, checked; else drop the connection."""
-        c = self.client
-        if c is None or not c.is_connected or (after is not None and after.code in (421, 503)):
-            self._abort()
-            return
-        try:
-            r = await self._cmd(b"RSET")
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            self._abort()
-            return
-        if r.code != 250:
-            self._abort()
-
-
-class LmtpSession:
-    """LMTP (RFC 2033) over asyncio streams: LHLO, then one reply per accepted RCPT after DATA.
-
-    aiosmtplib has no LMTP; the protocol is small enough that a minimal client is clearer than
-    bending an SMTP client (DATA's per-recipient replies) or running smtplib.LMTP in threads."""
-
-    def __init__(self, target: Target, hostname: str, timeout: float) -> None:
-        self.target, self.hostname, self.timeout = target, hostname, timeout
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.exts: set[str] = set()
-        self.tls: relay_tls.TlsPolicy = relay_tls.PLAIN
-        self.messages = 0
-        self.last_used = time.monotonic()
-
-    @property
-    def connected(self) -> bool:
-        return self.writer is not None and not self.writer.is_closing()
-
-    async def _reply(self) -> Reply:
-        assert self.reader is not None
-        lines: list[str] = []
-        while True:
-            raw = await asyncio.wait_for(self.reader.readline(), self.timeout)
-            if not raw.endswith(b"\n"):
-                raise ConnectionError("connection closed by the downstream")
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if len(line) < 3 or not line[:3].isdigit():
-                raise ConnectionError(f"malformed reply {line[:80]!r}")
-            lines.append(line[4:])
-            if line[3:4] != "-":
-                return Reply(int(line[:3]), " ".join(lines).strip())
-
-    async def _cmd(self, line: bytes) -> Reply:
-        assert self.writer is not None
-        self.writer.write(line + b"\r\n")
-        await asyncio.wait_for(self.writer.drain(), self.timeout)
-        return await self._reply()
-
-    async def open(self) -> None:
-        await self.close()
-        try:
-            if self.target.path:
-                conn = asyncio.open_unix_connection(self.target.path, limit=1 << 20)
-            else:
-                conn = asyncio.open_connection(self.target.host, self.target.port, limit=1 << 20)
-            self.reader, self.writer = await asyncio.wait_for(conn, self.timeout)
-            greet = await self._reply()
-            if greet.code != 220:
-                raise ConnectionError(f"greeting {greet.line()}")
-            assert self.reader is not None
-            self.writer.write(f"LHLO {self.hostname}\r\n".encode())
-            await asyncio.wait_for(self.writer.drain(), self.timeout)
-            lines: list[str] = []
-            while True:
-                raw = await asyncio.wait_for(self.reader.readline(), self.timeout)
-                if not raw.endswith(b"\n"):
-                    raise ConnectionError("connection closed during LHLO")
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                lines.append(line)
-                if line[3:4] != "-":
-                    break
-            if not lines[-1].startswith("250"):
-                raise ConnectionError(f"LHLO refused: {lines[-1]}")
-            self.exts = {ln[4:].split(" ")[0].lower() for ln in lines[1:]}
-            await relay_tls.secure_lmtp(self, self.tls)
-        except (OSError, TimeoutError, ConnectionError) as e:
-            self._drop()
-            raise Unavailable("connect", _oneline(f"{type(e).__name__}: {e}", 300)) from None
-        self.messages, self.last_used = 0, time.monotonic()
-
-    def _drop(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
-
-    async def close(self) -> None:
-        if self.connected:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._cmd(b"QUIT"), min(self.timeout, 2.0))
-        self._drop()
-
-    async def deliver(self, mail_from: str, rcpts: Sequence[str], data: bytes,
-                      smtputf8: bool) -> dict[str, Reply]:
-        if not self.connected:
-            raise Unavailable("connect", "not connected")
-        self.messages += 1
-        self.last_used = time.monotonic()
-        params, send, results = _plan(mail_from, rcpts, smtputf8, not data.isascii(), self.exts)
-        if not send:
-            return results
-        enc = "utf-8" if "SMTPUTF8" in params else "ascii"
-        tail = b"".join(b" " + p.encode() for p in params)
-        stage = "connect"
-        try:
-            r = await self._cmd(b"MAIL FROM:<" + mail_from.encode(enc) + b">" + tail)
-            if r.code in (421, 503):  # closing, or out of step: the session's, not the message's
-                raise ConnectionError(f"session refused MAIL: {r.line()}")
-            if r.kind != "ok":
-                await self._reset(r)
-                results.update(dict.fromkeys(send, r))
-                return results
-            stage = "rcpt"
-            accepted: list[str] = []
-            for i, rcpt in enumerate(send):
-                r = await self._cmd(b"RCPT TO:<" + rcpt.encode(enc) + b">")
-                if r.kind == "ok":
-                    accepted.append(rcpt)
-                    continue
-                results[rcpt] = r
-                if r.code in (421, 503):   # closing, or out of step: the rest are deferred too
-                    for rest in [*send[i + 1:], *accepted]:
-                        results[rest] = r
-                    self._drop()
-                    return results
-            if not accepted:
-                await self._reset(None)
-                return results
-            stage = "data"
-            r = await self._cmd(b"DATA")
-            if r.code != 354:
-                for rcpt in accepted:
-                    results[rcpt] = r
-                await self._reset(r)
-                return results
-            assert self.writer is not None
-            if not data.endswith(b"\r\n"):
-                data += b"\r\n"
-            self.writer.write(_DOT.sub(b"..", data) + b".\r\n")
-            await asyncio.wait_for(self.writer.drain(), self.timeout)
-            for rcpt in accepted:          # RFC 2033: one reply per accepted RCPT, in order
-                results[rcpt] = await self._reply()
-            if any(results[x].code in (421, 503) for x in accepted):
-                self._drop()
-            self.last_used = time.monotonic()
-            return results
-        except (OSError, TimeoutError, ConnectionError, UnicodeError) as e:
-            self._drop()
-            raise Unavailable(stage, _oneline(f"{type(e).__name__}: {e}", 300), results) from None
-        except BaseException:
-            self._drop()              # anything else (a bug, a cancel): never reuse it dirty
-            raise
-
-    async def _reset(self, after: Reply | None) -> None:
-        """End a transaction that did not complete: RSET, checked; else drop the connection."""
-        if not self.connected or (after is not None and after.code in (421, 503)):
-            self._drop()
-            return
-        try:
-            r = await self._cmd(b"RSET")
-        except (OSError, TimeoutError, ConnectionError):
-            self._drop()
-            return
-        if r.code != 250:
-            self._drop()
-
-
-_DOT = re.compile(rb"(?m)^\.")
-
-
-def make_session(target: Target, hostname: str, timeout: float) -> Session:
-    if target.proto == "lmtp":
-        return LmtpSession(target, hostname, timeout)
-    return SmtpSession(target, hostname, timeout)
 
 
 # --- spool-side I/O ---------------------------------------------------------------------------
@@ -769,6 +157,7 @@ def read_state(state_dir: Path, name: str) -> RelayState:
         return RelayState()
 
 
+
 # --- the relay ---------------------------------------------------------------------------------
 
 class Relay:
@@ -784,7 +173,7 @@ class Relay:
         self.retry_dir = self.spool.root / RETRY_REQUEST_DIR
         self.retry_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.hostname = cfg.smtp.hostname
-        self.tls = relay_tls.policy(cfg.relay, self.target)
+        self.tls = policy(cfg.relay, self.target)
         self.known: dict[str, float] = {}          # name -> next_at (wall), not in flight
         self.heap: list[tuple[float, str]] = []
         self.inflight: set[str] = set()
@@ -1206,20 +595,3 @@ class Relay:
         log.event("relay_stop", cancelled=len(busy), backlog=len(self.known) + len(self.inflight),
                   **self.counters)
 
-
-def run(cfg: Config, hb: Any = None, slot: int = 0) -> None:
-    log.setup(cfg.log.level, "relay")
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    if not cfg.relay.downstream:
-        # Not meant to be started (the spool is the destination); idle rather than crash-loop.
-        log.event("relay_disabled", "warning", why="relay.downstream is empty")
-        stop = []
-        signal.signal(signal.SIGUSR2, lambda s, f: stop.append(s))
-        parent = os.getppid()
-        while not stop and os.getppid() == parent:
-            if hb is not None:
-                hb[slot] = time.monotonic()
-            time.sleep(0.2)
-        return
-    asyncio.run(Relay(cfg, hb, slot).main())
