@@ -46,6 +46,7 @@ from ingress import proxy
 from ingress.core import log, metrics
 from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
+from ingress.core.fsutil import atomic_write
 from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import (
     LEARN_TOPIC,
@@ -420,7 +421,7 @@ class AcceptorContext:
                 self.learned.purge(time.time())
                 data = self.learned.to_json().encode()
                 try:
-                    await self.loop.run_in_executor(None, write_atomic, self.learned_path, data)
+                    await self.loop.run_in_executor(None, atomic_write, self.learned_path, data)
                 except OSError as e:
                     log.event("learned_save_failed", "error", error=str(e))
 
@@ -509,15 +510,6 @@ def raise_nofile(needed: int) -> int:
         log.event("nofile_too_low", "error", limit=soft, needed=needed,
                   hint="raise LimitNOFILE / ulimit -n, or lower smtp.max_connections")
     return soft
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_learned(path: Path, ttl: float, max_size: int) -> LearnedAllow:
@@ -633,7 +625,7 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
         t.cancel()
     if index == 0 and ctx.learned_dirty:
         with contextlib.suppress(OSError):
-            write_atomic(ctx.learned_path, ctx.learned.to_json().encode())
+            atomic_write(ctx.learned_path, ctx.learned.to_json().encode())
     for pool in ctx.spf_pools.values():
         pool.shutdown(wait=False, cancel_futures=True)
     ctx.zctx.destroy(linger=0)
