@@ -859,7 +859,7 @@ def test_recording_error_backs_off(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def broken(*a: object, **kw: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(scheduler, "write_state", broken)
+    monkeypatch.setattr(spool_mod.Spool, "write_state", broken)
 
     async def go() -> None:
         mta = FakeMTA(lmtp=False, decide=decide)
@@ -878,3 +878,57 @@ def test_recording_error_backs_off(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     # only stretches the gaps.
     assert 2 <= len(times) <= 5, times
     assert max(gaps) >= 0.75, gaps
+
+
+def test_bounce_never_replaces_a_file_in_failed(tmp_path: Path) -> None:
+    """A message moved to failed/ whose name is already taken there (a requeued message that
+    fails again while its earlier copy is back, a second relay's file of that name) gets a
+    numbered name: the file already in failed/ and its kept state stay as they were (a rename
+    replaced them: that message was lost)."""
+    async def go() -> None:
+        mta = FakeMTA(lmtp=False, decide=lambda r, n: "550 5.1.1 no such user"
+                      if r.startswith("gone") else "250 2.0.0 ok")
+        cfg = make_cfg(tmp_path, f"smtp://127.0.0.1:{await mta.start_tcp()}")
+        name, _ = spool_msg(cfg, BODY, ("gone@example.test",))
+        earlier = b"X-Ingress-Envelope: the earlier message\r\n"
+        (cfg.spool.path / "failed" / name).write_bytes(earlier)
+        kept = cfg.spool.path / "relay.failed"
+        kept.mkdir()
+        (kept / name).write_bytes(RelayState(failed=["x@example.test"]).encode())
+        try:
+            await run_until(cfg, lambda: not listing(cfg, "new")
+                            and len(listing(cfg, "failed")) == 2)
+        finally:
+            await mta.stop()
+        assert (cfg.spool.path / "failed" / name).read_bytes() == earlier
+        moved = spool_mod.read(cfg.spool.path / "failed" / f"{name}.1")
+        assert moved.envelope["rcpts"] == ["gone@example.test"]
+        assert RelayState.decode((kept / name).read_bytes()).failed == ["x@example.test"]
+        assert RelayState.decode((kept / f"{name}.1").read_bytes()).failed == [
+            "gone@example.test"]
+
+    asyncio.run(go())
+
+
+def test_corrupt_spool_and_state_files_are_settled(tmp_path: Path) -> None:
+    """A spool file that cannot be parsed goes to failed/ and a corrupt state file reads as
+    "never tried" (the message is delivered), each with its log line. Logging them raised
+    TypeError (a field called `name` clashed with log.event's own argument), so the corrupt
+    file was retried forever and the message with a corrupt state was never delivered."""
+    async def go() -> None:
+        mta = FakeMTA(lmtp=False, decide=lambda r, n: "250 2.0.0 ok")
+        cfg = make_cfg(tmp_path, f"smtp://127.0.0.1:{await mta.start_tcp()}")
+        spool_mod.Spool(cfg.spool.path)
+        (cfg.spool.path / "new" / "1.CORRUPT.host").write_bytes(b"not a spool file\r\n")
+        name, _ = spool_msg(cfg, BODY, ("a@example.test",))
+        (cfg.spool.path / "relay").mkdir()
+        (cfg.spool.path / "relay" / name).write_bytes(b"{not json")
+        try:
+            r = await run_until(cfg, lambda: not listing(cfg, "new"))
+        finally:
+            await mta.stop()
+        assert listing(cfg, "failed") == ["1.CORRUPT.host"]
+        assert [rc for f, rc, _ in mta.delivered if f] == ["a@example.test"]
+        assert r.counters["corrupt"] == 1 and r.counters["sent"] == 1
+
+    asyncio.run(go())

@@ -27,7 +27,9 @@ worker task keeping its own downstream connection for reuse and closing it after
     at retry_max; once the message is older than max_age a tempfail becomes failed with status
     4.4.7 (Action: failed) and is bounced;
   - the file is unlinked once every recipient is delivered, moved to failed/ once every recipient
-    is settled and at least one failed.
+    is settled and at least one failed (never replacing a file there: a taken name gets ".N").
+    Every change of a spool file or a state file is made by workers/spool.py (claim, finish,
+    fail, the state files); this module decides.
 
 Durable retry state: one small JSON file per message that has been tried, spool/relay/<name>,
 written tmp + fsync + rename + fsync(dir): attempts, next_at (wall clock), delivered, failed,
@@ -37,9 +39,9 @@ and break the name the acceptor logged) or the spool file itself (rewriting a 10
 record one recipient is wasteful, and spool.py owns that format). Missing state = never tried.
 State files without a spool file (a crash between finishing a message and removing its state) are
 removed at start, and tmp leftovers too unless another relay (a reload overlap) holds that spool
-file's lock: it writes state files only under it. The spool file is flock()ed while it is being
-delivered, so two relays (a reload overlap) never deliver one file at once; a file unlinked under
-us is noticed (st_nlink == 0) and skipped.
+file's lock: it writes state files only under it. The spool file is claimed (flock()ed) while it
+is being delivered, so two relays (a reload overlap) never deliver one file at once; a file
+unlinked or moved under us is noticed (st_nlink == 0, or another file at the path) and skipped.
 Operator tools (workers/queue_ops.py, `smtp-ingress queue`) take the same flock; the relay
 keeps a failed message's final state in spool/relay.failed/<name> (for requeue-failed) and
 reschedules a known message at once when spool/retry/<name> appears (queue retry).
@@ -85,16 +87,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import heapq
 import os
 import signal
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
-
-import orjson
 
 from ingress.core import log, metrics
 from ingress.core.config import Config
@@ -118,44 +116,6 @@ SCAN_MIN = 0.25            # seconds between two scans of new/ (at least)
 IDLE_CLOSE = 5.0           # a downstream connection idle this long is closed (QUIT)
 MAX_PER_CONNECTION = 500   # messages per downstream connection, then a fresh one
 STOP_GRACE = 3.0           # SIGUSR2: in-flight deliveries may finish within this
-KEPT_STATE_DIR = "relay.failed"  # spool/relay.failed/<name>: a failed message's state (requeue)
-RETRY_REQUEST_DIR = "retry"  # spool/retry/<name>: `smtp-ingress queue retry` asks for it now
-
-
-# --- spool-side I/O ---------------------------------------------------------------------------
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_state(state_dir: Path, name: str, state: RelayState) -> None:
-    """Atomically and durably replace spool/relay/<name>."""
-    tmp = state_dir / f".tmp.{name}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-    try:
-        os.write(fd, state.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, state_dir / name)
-    _fsync_dir(state_dir)
-
-
-def read_state(state_dir: Path, name: str) -> RelayState:
-    try:
-        return RelayState.decode((state_dir / name).read_bytes())
-    except FileNotFoundError:
-        return RelayState()
-    except (orjson.JSONDecodeError, ValueError, TypeError, AttributeError) as e:
-        # A torn state file cannot happen (rename is atomic); a corrupt one is treated as "never
-        # tried": that may resend to delivered recipients, which beats losing the message.
-        log.event("relay_state_corrupt", "error", name=name, error=str(e))
-        return RelayState()
-
 
 
 # --- the relay ---------------------------------------------------------------------------------
@@ -166,12 +126,7 @@ class Relay:
         self.target = parse_downstream(cfg.relay.downstream)
         self.hb, self.slot = hb, slot
         self.spool = spool_mod.Spool(cfg.spool.path)
-        self.state_dir = self.spool.root / "relay"
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        self.kept_dir = self.spool.root / KEPT_STATE_DIR            # see workers/queue_ops.py
-        self.kept_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        self.retry_dir = self.spool.root / RETRY_REQUEST_DIR
-        self.retry_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.spool.make_relay_dirs()
         self.hostname = cfg.smtp.hostname
         self.tls = policy(cfg.relay, self.target)
         self.known: dict[str, float] = {}          # name -> next_at (wall), not in flight
@@ -189,64 +144,28 @@ class Relay:
     # --- scheduling ------------------------------------------------------------------------
 
     def cleanup_states(self) -> int:
-        """Remove state files whose spool file is gone, and tmp leftovers nobody is writing.
-        At start only. During a reload the old relay is still delivering: it writes a
-        message's state (tmp + rename) while holding that spool file's flock, so a tmp file
-        is removed only under the lock taken here, and never while another relay holds it."""
-        n = 0
-        for p in self.state_dir.iterdir():
-            tmp = p.name.startswith(".tmp.")
-            name = p.name[len(".tmp."):] if tmp else p.name
-            try:
-                fd = os.open(self.spool.new / name, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                fd = -1                          # finished: its state is stale
-            except OSError:
-                continue
-            try:
-                if fd >= 0:
-                    if not tmp:
-                        continue                 # still waiting: keep its schedule
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        continue                 # another relay is writing it right now
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-                    n += 1
-            finally:
-                if fd >= 0:
-                    os.close(fd)
-        return n
+        """At start: remove stale state files and tmp leftovers (Spool.cleanup_states)."""
+        return self.spool.cleanup_states()
 
     def scan(self) -> int:
         """Pick up files in new/ we do not know yet; forget the ones that are gone."""
         self.take_retry_requests()
-        try:
-            names = {e.name for e in os.scandir(self.spool.new) if not e.name.startswith(".")}
-        except FileNotFoundError:
-            return 0
+        names = self.spool.names("new")
         for gone in [n for n in self.known if n not in names]:
             del self.known[gone]
         fresh = [n for n in names if n not in self.known and n not in self.inflight]
         if not fresh:
             return 0
-        with_state = {e.name for e in os.scandir(self.state_dir)}
+        with_state = self.spool.state_names()
         for name in fresh:
-            at = read_state(self.state_dir, name).next_at if name in with_state else 0.0
+            at = self.spool.read_state(name).next_at if name in with_state else 0.0
             self._schedule(name, at)
         return len(fresh)
 
     def take_retry_requests(self) -> None:
         """spool/retry/<name> (written by `smtp-ingress queue retry` after it set the state's
         next_at to 0 under the file's lock): a known message is due now."""
-        try:
-            names = [e.name for e in os.scandir(self.retry_dir) if not e.name.startswith(".")]
-        except FileNotFoundError:
-            return
-        for name in names:
-            with contextlib.suppress(FileNotFoundError):
-                (self.retry_dir / name).unlink()
+        for name in self.spool.take_retry_requests():
             if name in self.known:
                 self._schedule(name, 0.0)
 
@@ -342,21 +261,15 @@ class Relay:
                 await asyncio.wait_for(session.close(), 1.0)
 
     async def process(self, name: str, session: Session) -> None:
-        path = self.spool.new / name
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return
-        try:
+        with contextlib.ExitStack() as held:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:           # another relay (reload overlap) has it
+                claim = held.enter_context(self.spool.claim("new", name))
+            except spool_mod.Busy:            # another relay (reload overlap) has it
                 self._schedule(name, time.time() + SCAN_MIN)
                 return
-            if os.fstat(fd).st_nlink == 0:     # finished by someone else meanwhile
+            except spool_mod.Gone:            # finished by someone else meanwhile
                 return
-            with os.fdopen(os.dup(fd), "rb") as f:
-                raw = f.read()
+            raw = claim.read()
             try:
                 entry = spool_mod.parse(raw)
                 env = entry.envelope
@@ -365,11 +278,11 @@ class Relay:
                 received_at = float(env["received_at"])
             except (ValueError, KeyError, TypeError) as e:
                 self.counters["corrupt"] += 1
-                log.event("relay_corrupt", "error", name=name, error=str(e))
-                self._finish(name, "failed")
+                log.event("relay_corrupt", "error", file=name, error=str(e))
+                self._finish(name, "failed", None)
                 return
             del raw
-            state = read_state(self.state_dir, name)
+            state = self.spool.read_state(name)
             now = time.time()
             if state.next_at > now:            # rescheduled by another relay meanwhile
                 self._schedule(name, state.next_at)
@@ -386,8 +299,6 @@ class Relay:
                 results = {}
             # From here on nothing awaits: the reply is recorded before anything can cancel us.
             self._record(name, qid, env, state, results, received_at, entry.message)
-        finally:
-            os.close(fd)
 
     async def _attempt(self, session: Session, qid: str, mail_from: str, pending: list[str],
                        message: bytes, smtputf8: bool,
@@ -482,18 +393,14 @@ class Relay:
                       null_sender=mail_from == "")
         if out.disposition == "retry":
             self.counters["deferred"] += 1
-            write_state(self.state_dir, name, out.state)
+            self.spool.write_state(name, out.state)
             self._schedule(name, out.state.next_at)
             log.event("relay_deferred", qid=qid, deferred=list(out.deferred),
                       delivered=list(out.delivered_now), attempts=out.state.attempts,
                       retry_in_s=round(out.state.next_at - now, 3), reply=out.state.last_error)
             return
-        if out.disposition == "failed":   # kept so `queue requeue-failed` skips the delivered
-            try:
-                write_state(self.kept_dir, name, out.state)
-            except OSError as e:             # only requeue-failed needs it: not worth a retry
-                log.event("relay_state_keep_failed", "warning", name=name, error=str(e))
-        self._finish(name, out.disposition)
+        # failed: the state is kept so `queue requeue-failed` skips the delivered recipients
+        self._finish(name, out.disposition, out.state)
         if out.disposition == "done":
             self.counters["sent"] += 1
         first = next(iter(results.values()), None)
@@ -532,17 +439,13 @@ class Relay:
         self._schedule(res, 0.0)
         return dsn_qid
 
-    def _finish(self, name: str, disposition: str) -> None:
-        src = self.spool.new / name
+    def _finish(self, name: str, disposition: str, state: RelayState | None) -> None:
         if disposition == "done":
-            src.unlink()
-            _fsync_dir(self.spool.new)
-        else:
-            os.rename(src, self.spool.failed / name)
-            _fsync_dir(self.spool.failed)
-            _fsync_dir(self.spool.new)
-        with contextlib.suppress(FileNotFoundError):
-            (self.state_dir / name).unlink()
+            self.spool.finish(name)
+            return
+        _where, keep_error = self.spool.fail(name, state)
+        if keep_error is not None:         # only requeue-failed needs it: not worth a retry
+            log.event("relay_state_keep_failed", "warning", file=name, error=str(keep_error))
 
     # --- process loop ------------------------------------------------------------------------
 
