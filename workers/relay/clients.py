@@ -44,7 +44,7 @@ import contextlib
 import re
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -215,6 +215,32 @@ def _plan(mail_from: str, rcpts: Sequence[str], smtputf8: bool, eightbit: bool, 
     return params, send, results
 
 
+def _mail_words(mail_from: str, params: list[str], enc: str) -> tuple[bytes, ...]:
+    """MAIL FROM exactly as the envelope says (the commands are built here, not by aiosmtplib's
+    mail()/rcpt(), which re-parse the address with email.utils and may send something else)."""
+    return (b"MAIL", b"FROM:<" + mail_from.encode(enc) + b">",
+            *(p.encode("ascii") for p in params))
+
+
+async def _rcpt_each(cmd: Callable[..., Awaitable[Reply]], send: Sequence[str], enc: str,
+                     results: dict[str, Reply]) -> list[str] | None:
+    """One RCPT TO per recipient (`cmd(*words)` sends one command); a refusal is recorded in
+    `results`. The accepted recipients, or None when a 421 or 503 (closing, or out of step)
+    ended the session: then the rest and the accepted ones have that reply too (deferred)."""
+    accepted: list[str] = []
+    for i, rcpt in enumerate(send):
+        r = await cmd(b"RCPT", b"TO:<" + rcpt.encode(enc) + b">")
+        if r.kind == "ok":
+            accepted.append(rcpt)
+            continue
+        results[rcpt] = r
+        if r.code in (421, 503):
+            for rest in [*send[i + 1:], *accepted]:
+                results[rest] = r
+            return None
+    return accepted
+
+
 class SmtpSession:
     """SMTP to the downstream with aiosmtplib (one connection, reused across messages)."""
 
@@ -268,30 +294,18 @@ class SmtpSession:
         try:
             # The commands are built here, not by aiosmtplib's mail()/rcpt() (which re-parse
             # the address with email.utils and may send something else): exactly the envelope.
-            r = await self._cmd(b"MAIL", b"FROM:<" + mail_from.encode(enc) + b">",
-                                *(p.encode("ascii") for p in params))
+            r = await self._cmd(*_mail_words(mail_from, params, enc))
             if r.code in (421, 503):  # closing, or out of step: the session's, not the message's
                 self._abort()
                 raise Unavailable("connect", f"session refused MAIL: {r.line()}")
             if r.kind != "ok":
                 await self._reset(r)
-                results.update(dict.fromkeys(send, r))
-                return results
+                return {**results, **dict.fromkeys(send, r)}
             stage = "rcpt"
-            accepted: list[str] = []
-            for i, rc in enumerate(send):
-                r = await self._cmd(b"RCPT", b"TO:<" + rc.encode(enc) + b">")
-                if r.kind == "ok":
-                    accepted.append(rc)
-                    continue
-                results[rc] = r
-                if r.code in (421, 503):   # closing, or out of step: the rest are deferred too
-                    for rest in send[i + 1:]:
-                        results[rest] = r
-                    self._abort()
-                    for a in accepted:
-                        results[a] = r
-                    return results
+            accepted = await _rcpt_each(self._cmd, send, enc, results)
+            if accepted is None:
+                self._abort()
+                return results
             if not accepted:
                 await self._reset(None)
                 return results
@@ -377,6 +391,9 @@ class LmtpSession:
         await asyncio.wait_for(self.writer.drain(), self.timeout)
         return await self._reply()
 
+    async def _words(self, *words: bytes) -> Reply:
+        return await self._cmd(b" ".join(words))
+
     async def lhlo(self, fail: type[Exception]) -> dict[str, str]:
         """Send LHLO; the extensions offered (lower-case keyword -> parameters). A hang-up or
         a refusal raises `fail` (ConnectionError; TlsFailure after STARTTLS)."""
@@ -438,29 +455,19 @@ class LmtpSession:
         if not send:
             return results
         enc = "utf-8" if "SMTPUTF8" in params else "ascii"
-        tail = b"".join(b" " + p.encode() for p in params)
         stage = "connect"
         try:
-            r = await self._cmd(b"MAIL FROM:<" + mail_from.encode(enc) + b">" + tail)
+            r = await self._words(*_mail_words(mail_from, params, enc))
             if r.code in (421, 503):  # closing, or out of step: the session's, not the message's
                 raise ConnectionError(f"session refused MAIL: {r.line()}")
             if r.kind != "ok":
                 await self._reset(r)
-                results.update(dict.fromkeys(send, r))
-                return results
+                return {**results, **dict.fromkeys(send, r)}
             stage = "rcpt"
-            accepted: list[str] = []
-            for i, rcpt in enumerate(send):
-                r = await self._cmd(b"RCPT TO:<" + rcpt.encode(enc) + b">")
-                if r.kind == "ok":
-                    accepted.append(rcpt)
-                    continue
-                results[rcpt] = r
-                if r.code in (421, 503):   # closing, or out of step: the rest are deferred too
-                    for rest in [*send[i + 1:], *accepted]:
-                        results[rest] = r
-                    self._drop()
-                    return results
+            accepted = await _rcpt_each(self._words, send, enc, results)
+            if accepted is None:
+                self._drop()
+                return results
             if not accepted:
                 await self._reset(None)
                 return results
