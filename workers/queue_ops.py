@@ -46,6 +46,7 @@ line of every file (bounded to ENVELOPE_MAX bytes); O(files).
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import pwd
@@ -244,7 +245,7 @@ class Queue:
             self.spool.delete(item.where, item.name)
         return item
 
-    def delete_from(self, sender: str) -> list[Item]:
+    def delete_from(self, sender: str) -> builtins.list[Item]:
         want = sender.strip().strip("<>").lower()
         out = []
         for item in self.list():
@@ -278,7 +279,7 @@ class Queue:
         self._back_to_new(item, reset_failed=False)
         return item
 
-    def requeue_failed(self, qid: str | None = None) -> list[Item]:
+    def requeue_failed(self, qid: str | None = None) -> builtins.list[Item]:
         """failed/ -> new/ (one, or all); with all, a message that cannot be requeued
         (malformed, busy, its name already in new/) is left and listed in `self.skipped`."""
         self.skipped = []
@@ -308,7 +309,7 @@ class Queue:
             self.spool.request_retry(item.name)
         return item
 
-    def retry_all(self) -> tuple[list[Item], list[Item]]:
+    def retry_all(self) -> tuple[builtins.list[Item], builtins.list[Item]]:
         done, busy = [], []
         for item in self.list(("new",)):
             try:

@@ -146,6 +146,7 @@ async def secure_lmtp(session: LmtpSession, p: TlsPolicy) -> None:
         if p.credentials:
             raise TlsFailure("downstream does not offer STARTTLS: AUTH is not sent in clear")
         return
+    assert p.context is not None        # every mode but "none" has one (policy())
     r = await session._cmd(b"STARTTLS")
     if r.code != 220:
         raise TlsFailure(f"STARTTLS refused: {r.line()}")

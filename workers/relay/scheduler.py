@@ -138,8 +138,9 @@ class Relay:
         self.down_until = 0.0                      # monotonic; breaker open until then
         self.probe: str | None = None              # the one delivery allowed while half-open
         self.errors: dict[str, int] = {}           # name -> consecutive unexpected errors
-        self.counters = {"sent": 0, "rcpt_delivered": 0, "deferred": 0, "bounced": 0,
-                         "dsn_spooled": 0, "null_sender_failed": 0, "down": 0, "corrupt": 0}
+        self.counters: dict[str, Any] = {
+            "sent": 0, "rcpt_delivered": 0, "deferred": 0, "bounced": 0, "dsn_spooled": 0,
+            "null_sender_failed": 0, "down": 0, "corrupt": 0}
 
     # --- scheduling ------------------------------------------------------------------------
 
