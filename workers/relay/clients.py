@@ -46,7 +46,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import aiosmtplib
 
@@ -242,7 +242,78 @@ async def _rcpt_each(cmd: Callable[..., Awaitable[Reply]], send: Sequence[str], 
     return accepted
 
 
-class SmtpSession:
+class _Transaction:
+    """One mail transaction on a connected session, the same for SMTP and LMTP: the plan, MAIL
+    FROM, one RCPT per recipient, then the protocol's own DATA (`_data`). A subclass provides
+    the connection (`connected`, `_words`, `_reset`, `_drop`, `_exts`, `_mail_refused`,
+    `_data`) and ERRORS, the exceptions that mean the connection failed."""
+
+    ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+    messages: int
+    last_used: float
+
+    @property
+    def connected(self) -> bool:
+        raise NotImplementedError
+
+    def _exts(self) -> set[str]:
+        raise NotImplementedError
+
+    async def _words(self, *words: bytes) -> Reply:
+        raise NotImplementedError
+
+    def _drop(self) -> None:
+        raise NotImplementedError
+
+    async def _reset(self, after: Reply | None) -> None:
+        raise NotImplementedError
+
+    def _mail_refused(self, r: Reply) -> NoReturn:
+        raise NotImplementedError
+
+    async def _data(self, accepted: list[str], data: bytes, results: dict[str, Reply]) -> None:
+        raise NotImplementedError
+
+    async def deliver(self, mail_from: str, rcpts: Sequence[str], data: bytes,
+                      smtputf8: bool) -> dict[str, Reply]:
+        if not self.connected:
+            raise Unavailable("connect", "not connected")
+        self.messages += 1
+        self.last_used = time.monotonic()
+        params, send, results = _plan(mail_from, rcpts, smtputf8, not data.isascii(),
+                                      self._exts())
+        if not send:
+            return results
+        enc = "utf-8" if "SMTPUTF8" in params else "ascii"
+        stage = "connect"        # until the downstream answered MAIL FROM
+        try:
+            r = await self._words(*_mail_words(mail_from, params, enc))
+            if r.code in (421, 503):  # closing, or out of step: the session's, not the message's
+                self._mail_refused(r)
+            if r.kind != "ok":
+                await self._reset(r)
+                results.update(dict.fromkeys(send, r))
+                return results
+            stage = "rcpt"
+            accepted = await _rcpt_each(self._words, send, enc, results)
+            if accepted is None:
+                self._drop()
+                return results
+            if not accepted:
+                await self._reset(None)
+                return results
+            stage = "data"
+            await self._data(accepted, data, results)
+            return results
+        except self.ERRORS as e:
+            self._drop()
+            raise Unavailable(stage, _oneline(f"{type(e).__name__}: {e}", 300), results) from None
+        except BaseException:
+            self._drop()              # anything else (a bug, a cancel): never reuse it dirty
+            raise
+
+
+class SmtpSession(_Transaction):
     """SMTP to the downstream with aiosmtplib (one connection, reused across messages)."""
 
     def __init__(self, target: Target, hostname: str, timeout: float) -> None:
@@ -279,61 +350,36 @@ class SmtpSession:
                 await asyncio.wait_for(c.quit(), min(self.timeout, 2.0))
         c.close()
 
-    async def deliver(self, mail_from: str, rcpts: Sequence[str], data: bytes,
-                      smtputf8: bool) -> dict[str, Reply]:
-        c = self.client
-        if c is None or not c.is_connected:
-            raise Unavailable("connect", "not connected")
-        self.messages += 1
-        self.last_used = time.monotonic()
-        params, send, results = _plan(mail_from, rcpts, smtputf8, not data.isascii(),
-                                      set(c.esmtp_extensions))
-        if not send:
-            return results
-        enc = "utf-8" if "SMTPUTF8" in params else "ascii"
-        stage = "connect"        # until the downstream answered MAIL FROM
-        try:
-            # The commands are built here, not by aiosmtplib's mail()/rcpt() (which re-parse
-            # the address with email.utils and may send something else): exactly the envelope.
-            r = await self._cmd(*_mail_words(mail_from, params, enc))
-            if r.code in (421, 503):  # closing, or out of step: the session's, not the message's
-                self._abort()
-                raise Unavailable("connect", f"session refused MAIL: {r.line()}")
-            if r.kind != "ok":
-                await self._reset(r)
-                return {**results, **dict.fromkeys(send, r)}
-            stage = "rcpt"
-            accepted = await _rcpt_each(self._cmd, send, enc, results)
-            if accepted is None:
-                self._abort()
-                return results
-            if not accepted:
-                await self._reset(None)
-                return results
-            stage = "data"
-            try:
-                resp = await c.data(data)
-                reply = Reply(resp.code, _oneline(resp.message))
-            except aiosmtplib.SMTPDataError as e:
-                reply = Reply(e.code, _oneline(e.message))
-                await self._reset(reply)
-            for rc in accepted:
-                results[rc] = reply
-            self.last_used = time.monotonic()
-            return results
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-            self._abort()
-            raise Unavailable(stage, _oneline(f"{type(e).__name__}: {e}", 300), results) from None
-        except BaseException:
-            self._abort()             # anything else (a bug, a cancel): never reuse it dirty
-            raise
+    ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
 
-    async def _cmd(self, *args: bytes) -> Reply:
+    def _exts(self) -> set[str]:
         assert self.client is not None
-        resp = await self.client.execute_command(*args)
+        return set(self.client.esmtp_extensions)
+
+    def _mail_refused(self, r: Reply) -> NoReturn:
+        self._drop()
+        raise Unavailable("connect", f"session refused MAIL: {r.line()}")
+
+    async def _data(self, accepted: list[str], data: bytes, results: dict[str, Reply]) -> None:
+        assert self.client is not None
+        try:
+            resp = await self.client.data(data)
+            reply = Reply(resp.code, _oneline(resp.message))
+        except aiosmtplib.SMTPDataError as e:
+            reply = Reply(e.code, _oneline(e.message))
+            await self._reset(reply)
+        for rc in accepted:
+            results[rc] = reply
+        self.last_used = time.monotonic()
+
+    async def _words(self, *words: bytes) -> Reply:
+        # The commands are built here, not by aiosmtplib's mail()/rcpt() (which re-parse the
+        # address with email.utils and may send something else): exactly the envelope.
+        assert self.client is not None
+        resp = await self.client.execute_command(*words)
         return Reply(resp.code, _oneline(resp.message))
 
-    def _abort(self) -> None:
+    def _drop(self) -> None:
         c, self.client = self.client, None
         if c is not None:
             c.close()
@@ -342,18 +388,18 @@ class SmtpSession:
         """End a transaction that did not complete: RSET, checked; else drop the connection."""
         c = self.client
         if c is None or not c.is_connected or (after is not None and after.code in (421, 503)):
-            self._abort()
+            self._drop()
             return
         try:
-            r = await self._cmd(b"RSET")
+            r = await self._words(b"RSET")
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            self._abort()
+            self._drop()
             return
         if r.code != 250:
-            self._abort()
+            self._drop()
 
 
-class LmtpSession:
+class LmtpSession(_Transaction):
     """LMTP (RFC 2033) over asyncio streams: LHLO, then one reply per accepted RCPT after DATA.
 
     aiosmtplib has no LMTP; the protocol is small enough that a minimal client is clearer than
@@ -446,56 +492,31 @@ class LmtpSession:
                 await asyncio.wait_for(self._cmd(b"QUIT"), min(self.timeout, 2.0))
         self._drop()
 
-    async def deliver(self, mail_from: str, rcpts: Sequence[str], data: bytes,
-                      smtputf8: bool) -> dict[str, Reply]:
-        if not self.connected:
-            raise Unavailable("connect", "not connected")
-        self.messages += 1
-        self.last_used = time.monotonic()
-        params, send, results = _plan(mail_from, rcpts, smtputf8, not data.isascii(), self.exts)
-        if not send:
-            return results
-        enc = "utf-8" if "SMTPUTF8" in params else "ascii"
-        stage = "connect"
-        try:
-            r = await self._words(*_mail_words(mail_from, params, enc))
-            if r.code in (421, 503):  # closing, or out of step: the session's, not the message's
-                raise ConnectionError(f"session refused MAIL: {r.line()}")
-            if r.kind != "ok":
-                await self._reset(r)
-                return {**results, **dict.fromkeys(send, r)}
-            stage = "rcpt"
-            accepted = await _rcpt_each(self._words, send, enc, results)
-            if accepted is None:
-                self._drop()
-                return results
-            if not accepted:
-                await self._reset(None)
-                return results
-            stage = "data"
-            r = await self._cmd(b"DATA")
-            if r.code != 354:
-                for rcpt in accepted:
-                    results[rcpt] = r
-                await self._reset(r)
-                return results
-            assert self.writer is not None
-            if not data.endswith(b"\r\n"):
-                data += b"\r\n"
-            self.writer.write(_DOT.sub(b"..", data) + b".\r\n")
-            await asyncio.wait_for(self.writer.drain(), self.timeout)
-            for rcpt in accepted:          # RFC 2033: one reply per accepted RCPT, in order
-                results[rcpt] = await self._reply()
-            if any(results[x].code in (421, 503) for x in accepted):
-                self._drop()
-            self.last_used = time.monotonic()
-            return results
-        except (OSError, TimeoutError, ConnectionError, UnicodeError) as e:
+    ERRORS = (OSError, TimeoutError, ConnectionError, UnicodeError)
+
+    def _exts(self) -> set[str]:
+        return self.exts
+
+    def _mail_refused(self, r: Reply) -> NoReturn:
+        raise ConnectionError(f"session refused MAIL: {r.line()}")
+
+    async def _data(self, accepted: list[str], data: bytes, results: dict[str, Reply]) -> None:
+        r = await self._cmd(b"DATA")
+        if r.code != 354:
+            for rcpt in accepted:
+                results[rcpt] = r
+            await self._reset(r)
+            return
+        assert self.writer is not None
+        if not data.endswith(b"\r\n"):
+            data += b"\r\n"
+        self.writer.write(_DOT.sub(b"..", data) + b".\r\n")
+        await asyncio.wait_for(self.writer.drain(), self.timeout)
+        for rcpt in accepted:          # RFC 2033: one reply per accepted RCPT, in order
+            results[rcpt] = await self._reply()
+        if any(results[x].code in (421, 503) for x in accepted):
             self._drop()
-            raise Unavailable(stage, _oneline(f"{type(e).__name__}: {e}", 300), results) from None
-        except BaseException:
-            self._drop()              # anything else (a bug, a cancel): never reuse it dirty
-            raise
+        self.last_used = time.monotonic()
 
     async def _reset(self, after: Reply | None) -> None:
         """End a transaction that did not complete: RSET, checked; else drop the connection."""
