@@ -46,6 +46,7 @@ from ingress import proxy
 from ingress.core import child, log, procs
 from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
+from ingress.core.fsutil import atomic_write
 from ingress.core.wire import Envelope, Lane, Reply
 from ingress.dataread import DataBudget
 from ingress.evidence import cert_evidence, normalize_fingerprint
@@ -206,7 +207,7 @@ class AcceptorContext:
             data = self.learned_store.snapshot(time.time())
             if data is not None:
                 try:
-                    await self.loop.run_in_executor(None, write_atomic, self.learned_path, data)
+                    await self.loop.run_in_executor(None, atomic_write, self.learned_path, data)
                 except OSError as e:
                     log.event("learned_save_failed", "error", error=str(e))
 
@@ -284,13 +285,6 @@ class MtlsListener:
             proto.abort_handshake = None
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def verifier(cfg: Config) -> RecipientVerifier | None:
@@ -392,7 +386,7 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
         t.cancel()
     if index == 0 and ctx.learned_dirty:
         with contextlib.suppress(OSError):
-            write_atomic(ctx.learned_path, ctx.learned.to_json().encode())
+            atomic_write(ctx.learned_path, ctx.learned.to_json().encode())
     for pool in ctx.spf_pools.values():
         pool.shutdown(wait=False, cancel_futures=True)
     ctx.zctx.destroy(linger=0)

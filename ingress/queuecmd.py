@@ -2,9 +2,10 @@
 
 API: run(spool_root, args) -> exit status;  render_list(items, now) -> str (pure)
 
-Every change goes through workers.queue_ops (the spool's own operations, with the relay's
-locking); this module only parses arguments' meaning and prints. Run as root, it first becomes
-the spool's owner (queue_ops.become_owner), so what it creates is the service user's.
+Every change goes through workers.queue_ops (the queue commands; workers.spool does their file
+work under the relay's lock); this module only parses arguments' meaning and prints. Run as
+root, it first becomes the spool's owner (queue_ops.become_owner), so what it creates is the
+service user's.
 Errors (unknown id, malformed file, busy, gone meanwhile) go to stderr as
 "smtp-ingress queue: <why>" with exit status 1.
 """

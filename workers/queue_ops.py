@@ -1,8 +1,9 @@
 """Queue operations on the spool (`smtp-ingress queue ...`), safe while the relay runs.
 
-The spool owns every state change of a spool file: spool.py writes files into new/, the relay
-delivers and settles them, and this module makes the operator's changes (hold, release, delete,
-retry, requeue). They all follow the relay's own rules (workers/relay.py docstring):
+The spool module (workers/spool.py) owns every state change of a spool file: it writes files
+into new/, does the relay's claims and settlements, and the file work of the operator's changes
+(hold, release, delete, retry, requeue). This module is their command logic: it finds the
+message, takes the claim and says what went wrong. The rules (the relay's, workers/relay/):
 
 - a spool file is changed only while its flock() is held, the same exclusive lock the relay
   takes while delivering it; after the lock is taken the file must still be linked *and* still be
@@ -12,7 +13,7 @@ retry, requeue). They all follow the relay's own rules (workers/relay.py docstri
   durable copy into hold/ (tmp + fsync + rename + fsync dir) and then unlinking new/<name> under
   the lock: a relay that opened the file before and waits for the lock then sees st_nlink == 0
   and skips it (a plain rename would keep the inode linked and the relay would deliver a held
-  message). Release renames hold/<name> back into new/.
+  message). Release links hold/<name> back into new/ (never replacing a file there).
 - per-message relay state (spool/relay/<name>: delivered / failed recipients, attempts, next
   retry) travels with the message: spool/relay.hold/<name> while held, spool/relay.failed/<name>
   for a message the relay moved to failed/ (the relay keeps it there), so release and requeue-failed
@@ -45,11 +46,10 @@ line of every file (bounded to ENVELOPE_MAX bytes); O(files).
 
 from __future__ import annotations
 
+import builtins
 import contextlib
-import fcntl
 import os
 import pwd
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,18 +58,8 @@ from typing import Any
 import orjson
 
 from workers import spool as spool_mod
-from workers.relay import (
-    KEPT_STATE_DIR,
-    RETRY_REQUEST_DIR,
-    RelayState,
-    _fsync_dir,
-    envelope_sender,
-    read_state,
-    write_state,
-)
+from workers.relay.state import RelayState, envelope_sender
 
-HOLD_DIR = "hold"
-HOLD_STATE_DIR = "relay.hold"       # spool/relay.hold/<name>: a held message's relay state
 ENVELOPE_MAX = 1 << 20
 DIRS = ("new", "hold", "failed")
 
@@ -166,20 +156,11 @@ class Queue:
         if not (Path(root) / "new").is_dir():
             raise QueueError(f"{root}: no spool here (spool.path in the config?)")
         self.spool = spool_mod.Spool(root)
+        self.spool.make_relay_dirs(held=True)
         self.root = self.spool.root
         self.wait = wait
-        self.state_dir = self.root / "relay"
-        self.hold_dir = self.root / HOLD_DIR
-        self.dirs = {"new": self.spool.new, "hold": self.hold_dir, "failed": self.spool.failed}
-        self.state_dirs = {"new": self.state_dir, "hold": self.root / HOLD_STATE_DIR,
-                           "failed": self.root / KEPT_STATE_DIR}
-        self.retry_dir = self.root / RETRY_REQUEST_DIR
+        self.dirs = self.spool.dirs
         self.skipped: list[str] = []
-        for d in (self.state_dir, self.hold_dir, self.retry_dir, *self.state_dirs.values()):
-            d.mkdir(parents=True, exist_ok=True, mode=0o750)
-
-    def _write_state(self, where: str, name: str, state: RelayState) -> None:
-        write_state(self.state_dirs[where], name, state)
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -191,8 +172,8 @@ class Queue:
             return None
         env, err = _read_envelope(path)
         state = None
-        if (self.state_dirs[where] / name).exists():
-            state = read_state(self.state_dirs[where], name)
+        if self.spool.has_state(name, where):
+            state = self.spool.read_state(name, where)
         qid = str(env.get("qid", qid_of(name))) if env else qid_of(name)
         return Item(name, qid, where, st.st_size, st.st_mtime, env, state, err)
 
@@ -241,66 +222,30 @@ class Queue:
             raise QueueError(f"{qid}: {item.error}")
         return item, spool_mod.parse(raw).message
 
-    # --- the lock -----------------------------------------------------------------------------
+    # --- the lock ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _locked(self, item: Item, wait: float | None = None) -> Iterator[int]:
-        """The spool file's exclusive flock (the relay's), waiting at most `wait` seconds; the
+    def _locked(self, item: Item, wait: float | None = None) -> Iterator[spool_mod.Claim]:
+        """The spool file's claim (the relay's flock), waiting at most `wait` seconds; the
         file must still be linked at its path after the lock is taken."""
-        path = self.dirs[item.where] / item.name
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            with self.spool.claim(item.where, item.name,
+                                  self.wait if wait is None else wait) as claim:
+                yield claim
+        except spool_mod.Gone:
             raise QueueError(f"{item.qid}: gone meanwhile (delivered or moved)") from None
-        try:
-            deadline = time.monotonic() + (self.wait if wait is None else wait)
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise QueueError(f"{item.qid}: busy (being delivered right now); "
-                                         "try again") from None
-                    time.sleep(0.02)
-            st = os.fstat(fd)
-            try:
-                same = os.stat(path).st_ino == st.st_ino
-            except FileNotFoundError:
-                same = False
-            if st.st_nlink == 0 or not same:
-                raise QueueError(f"{item.qid}: gone meanwhile (delivered or moved)")
-            yield fd
-        finally:
-            os.close(fd)
-
-    def _move_state(self, name: str, src: str, dst: str,
-                    reset_failed: bool = False) -> RelayState | None:
-        """Move <name>'s relay state from src's state dir to dst's (durably, new first)."""
-        sdir = self.state_dirs[src]
-        if not (sdir / name).exists():
-            return None
-        state = read_state(sdir, name)
-        state.next_at = 0.0
-        if reset_failed:
-            state.failed, state.attempts = [], 0
-        self._write_state(dst, name, state)
-        (sdir / name).unlink()
-        _fsync_dir(sdir)
-        return state
+        except spool_mod.Busy:
+            raise QueueError(f"{item.qid}: busy (being delivered right now); try again") from None
 
     # --- operations ---------------------------------------------------------------------------
 
     def delete(self, qid: str) -> Item:
         item = self.find(qid)
         with self._locked(item):
-            (self.dirs[item.where] / item.name).unlink()
-            _fsync_dir(self.dirs[item.where])
-            with contextlib.suppress(FileNotFoundError):
-                (self.state_dirs[item.where] / item.name).unlink()
+            self.spool.delete(item.where, item.name)
         return item
 
-    def delete_from(self, sender: str) -> list[Item]:
+    def delete_from(self, sender: str) -> builtins.list[Item]:
         want = sender.strip().strip("<>").lower()
         out = []
         for item in self.list():
@@ -312,50 +257,32 @@ class Queue:
 
     def hold(self, qid: str) -> Item:
         item = self.find(qid, ("new",))
-        src = self.spool.new / item.name
-        with self._locked(item) as fd:
-            tmp = self.hold_dir / f".tmp.{item.name}"
-            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-            try:
-                os.lseek(fd, 0, os.SEEK_SET)
-                while chunk := os.read(fd, 1 << 20):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(out, view):]
-                os.fsync(out)
-            finally:
-                os.close(out)
-            os.rename(tmp, self.hold_dir / item.name)
-            _fsync_dir(self.hold_dir)
-            if (self.state_dir / item.name).exists():
-                self._write_state("hold", item.name, read_state(self.state_dir, item.name))
-            src.unlink()                    # the relay, waiting for the lock, sees nlink == 0
-            _fsync_dir(self.spool.new)
-            with contextlib.suppress(FileNotFoundError):
-                (self.state_dir / item.name).unlink()
+        with self._locked(item) as claim:
+            self.spool.hold(claim, item.name)
         return item
 
     def _back_to_new(self, item: Item, reset_failed: bool) -> None:
+        taken = QueueError(f"{item.qid}: a file of that name is already in new/; "
+                           "delete one of them first")
         if (self.spool.new / item.name).exists():
-            raise QueueError(f"{item.qid}: a file of that name is already in new/; "
-                             "delete one of them first")
+            raise taken
         with self._locked(item):
-            self._move_state(item.name, item.where, "new", reset_failed=reset_failed)
-            os.rename(self.dirs[item.where] / item.name, self.spool.new / item.name)
-            _fsync_dir(self.spool.new)
-            _fsync_dir(self.dirs[item.where])
+            try:
+                self.spool.move_to_new(item.where, item.name, reset_failed=reset_failed)
+            except FileExistsError:
+                raise taken from None
         # a relay that still has the name scheduled (hold and release within one of its scans)
-        self._request_retry(item.name)
+        self.spool.request_retry(item.name)
 
     def release(self, qid: str) -> Item:
         item = self.find(qid, ("hold",))
         self._back_to_new(item, reset_failed=False)
         return item
 
-    def requeue_failed(self, qid: str | None = None) -> list[Item]:
+    def requeue_failed(self, qid: str | None = None) -> builtins.list[Item]:
         """failed/ -> new/ (one, or all); with all, a message that cannot be requeued
         (malformed, busy, its name already in new/) is left and listed in `self.skipped`."""
-        self.skipped: list[str] = []
+        self.skipped = []
         items = [self.find(qid, ("failed",))] if qid else self.list(("failed",))
         out = []
         for item in items:
@@ -374,15 +301,15 @@ class Queue:
     def retry(self, qid: str, wait: float | None = None) -> Item:
         item = self.find(qid, ("new",))
         with self._locked(item, wait):
-            if (self.state_dir / item.name).exists():
-                state = read_state(self.state_dir, item.name)
+            if self.spool.has_state(item.name):
+                state = self.spool.read_state(item.name)
                 if state.next_at:
                     state.next_at = 0.0
-                    self._write_state("new", item.name, state)
-            self._request_retry(item.name)
+                    self.spool.write_state(item.name, state)
+            self.spool.request_retry(item.name)
         return item
 
-    def retry_all(self) -> tuple[list[Item], list[Item]]:
+    def retry_all(self) -> tuple[builtins.list[Item], builtins.list[Item]]:
         done, busy = [], []
         for item in self.list(("new",)):
             try:
@@ -390,7 +317,3 @@ class Queue:
             except QueueError:
                 busy.append(item)
         return done, busy
-
-    def _request_retry(self, name: str) -> None:
-        fd = os.open(self.retry_dir / name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        os.close(fd)

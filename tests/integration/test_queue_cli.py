@@ -34,7 +34,8 @@ from ingress.core.wire import Envelope, Lane, new_qid
 from tests.harness import ROOT, Ingress, make_body, send_one, write_config
 from tests.integration.test_relay import delivered, relaying, wait_for
 from workers import spool as spool_mod
-from workers.relay import RelayState, read_state, write_state
+from workers.relay.state import RelayState
+from workers.spool import read_state, write_state
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -3,7 +3,7 @@ ingress (tests/harness.py Ingress: supervisor and children) relaying to a real P
 
 Nothing is lost: every message the acceptor answered 250 for arrives in Postfix's Maildir at
 least once, the supervisor restarts the relay and the restarted relay drains the spool. A
-duplicate is allowed only in the documented windows (workers/relay.py docstring): a message in
+duplicate is allowed only in the documented windows (the relay's docstring): a message in
 flight when the process died (the downstream's 2xx came, the unlink did not: at most
 relay.concurrency per kill), or one logged relay_unsure. Never more than two copies.
 Skips when Postfix cannot run here (not root / not installed).

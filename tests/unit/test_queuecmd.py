@@ -6,7 +6,7 @@ import pytest
 
 from ingress.queuecmd import render_list
 from workers.queue_ops import Item, qid_of
-from workers.relay import RelayState
+from workers.relay.state import RelayState
 
 NOW = 1_800_000_000.0
 

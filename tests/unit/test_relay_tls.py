@@ -1,5 +1,5 @@
 """relay.tls / relay.auth_file validation (ingress.core.config) and the relay's TLS policy
-(workers.relay_tls): table-driven, no network."""
+(workers.relay.clients): table-driven, no network."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from ingress.core import config
+from ingress.core.downstream import parse_downstream
 from tests.harness import ROOT, write_config
-from workers import relay_tls
-from workers.relay import parse_downstream
+from workers.relay import clients as relay_tls
 
 
 def load(tmp_path: Path, **relay: object) -> config.Config:

@@ -22,11 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from ingress.core import downstream
 from ingress.core.config import Config, RelayConfig, SmtpConfig, SpoolConfig
 from ingress.core.wire import Envelope, Lane, new_qid
-from workers import relay
 from workers import spool as spool_mod
-from workers.relay import RelayState, Reply, backoff, build_dsn, failure_for, settle
+from workers.relay import clients, scheduler
+from workers.relay import state as relay_state
+from workers.relay.dsn import build_dsn
+from workers.relay.state import RelayState, Reply, backoff, failure_for, settle
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -41,20 +44,20 @@ def test_backoff_schedule() -> None:
 
 
 @pytest.mark.parametrize(("url", "want"), [
-    ("smtp://127.0.0.1:25", relay.Target("smtp", "127.0.0.1", 25)),
-    ("lmtp://localhost:24", relay.Target("lmtp", "localhost", 24)),
-    ("smtp://[::1]:10025", relay.Target("smtp", "::1", 10025)),
-    ("lmtp:/var/run/dovecot/lmtp", relay.Target("lmtp", path="/var/run/dovecot/lmtp")),
+    ("smtp://127.0.0.1:25", downstream.Target("smtp", "127.0.0.1", 25)),
+    ("lmtp://localhost:24", downstream.Target("lmtp", "localhost", 24)),
+    ("smtp://[::1]:10025", downstream.Target("smtp", "::1", 10025)),
+    ("lmtp:/var/run/dovecot/lmtp", downstream.Target("lmtp", path="/var/run/dovecot/lmtp")),
 ])
-def test_parse_downstream(url: str, want: relay.Target) -> None:
-    assert relay.parse_downstream(url) == want
+def test_parse_downstream(url: str, want: downstream.Target) -> None:
+    assert downstream.parse_downstream(url) == want
 
 
 @pytest.mark.parametrize("url", ["", "smtp://host", "smtp:/sock", "http://x:1", "smtp://h:0",
                                  "smtp://h:99999"])
 def test_parse_downstream_bad(url: str) -> None:
     with pytest.raises(ValueError):
-        relay.parse_downstream(url)
+        downstream.parse_downstream(url)
 
 
 @pytest.mark.parametrize(("code", "text", "kind", "status"), [
@@ -297,8 +300,9 @@ def spool_msg(cfg: Config, body: bytes, rcpts: tuple[str, ...], sender: str = "a
     return name, trace + body
 
 
-async def run_until(cfg: Config, cond: Callable[[], bool], timeout: float = 10.0) -> relay.Relay:
-    r = relay.Relay(cfg)
+async def run_until(cfg: Config, cond: Callable[[], bool],
+                    timeout: float = 10.0) -> scheduler.Relay:
+    r = scheduler.Relay(cfg)
     task = asyncio.create_task(r.main())
     deadline = time.monotonic() + timeout
     try:
@@ -401,7 +405,7 @@ def test_downstream_down_then_up(tmp_path: Path) -> None:
 
     async def go() -> None:
         names = [spool_msg(cfg, BODY, (f"u{i}@example.test",))[0] for i in range(10)]
-        r = relay.Relay(cfg)
+        r = scheduler.Relay(cfg)
         task = asyncio.create_task(r.main())
         await asyncio.sleep(2.0)                      # nothing listens
         assert sorted(listing(cfg, "new")) == sorted(names)
@@ -464,7 +468,7 @@ def test_reload_overlap_never_delivers_twice(tmp_path: Path) -> None:
             cfg.relay, downstream=f"smtp://127.0.0.1:{port}", concurrency=4))
         for i in range(60):
             spool_msg(c, BODY, (f"u{i}@example.test",))
-        r1, r2 = relay.Relay(c), relay.Relay(c)
+        r1, r2 = scheduler.Relay(c), scheduler.Relay(c)
         tasks = [asyncio.create_task(r1.main()), asyncio.create_task(r2.main())]
         deadline = time.monotonic() + 10
         while listing(c, "new") and time.monotonic() < deadline:
@@ -513,7 +517,7 @@ LONG_LOCAL = "x" * 250
     ("ü" * 121 + "@example.test", False, True, "553 5.1.3"),    # 255 octets in UTF-8
 ])
 def test_address_problem(addr: str, sender: bool, utf8: bool, want: str | None) -> None:
-    got = relay.address_problem(addr, sender=sender, utf8=utf8)
+    got = relay_state.address_problem(addr, sender=sender, utf8=utf8)
     if want is None:
         assert got is None
     else:
@@ -561,7 +565,7 @@ def test_settle_recipient_without_result(state: RelayState, results: dict[str, R
 ])
 def test_failure_for(reply: Reply | str, expired: bool, status: str, diag: str) -> None:
     if isinstance(reply, str):                    # an address: the relay's own verdict on it
-        got = relay.address_problem(reply, sender=False, utf8=False)
+        got = relay_state.address_problem(reply, sender=False, utf8=False)
         assert got is not None
         reply = got
     f = failure_for("r@x.test", reply, expired)
@@ -603,7 +607,7 @@ def test_cleanup_states_spares_a_locked_message(tmp_path: Path, spool_file: bool
     try:
         if locked:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # the "old relay"
-        removed = relay.Relay(cfg).cleanup_states()
+        removed = scheduler.Relay(cfg).cleanup_states()
         assert st.exists() == kept
         assert removed == (0 if kept else 1)
     finally:
@@ -711,13 +715,13 @@ def test_any_exception_is_one_message_failure(tmp_path: Path, lmtp: bool,
     dropped, never reused dirty, so the innocent messages around it are delivered."""
     sock = str(tmp_path / "lmtp.sock")
     if lmtp:
-        orig = relay.LmtpSession._cmd
+        orig = clients.LmtpSession._cmd
 
-        async def cmd(self: relay.LmtpSession, line: bytes) -> Reply:
+        async def cmd(self: clients.LmtpSession, line: bytes) -> Reply:
             if line.startswith(b"RCPT") and b"boom@" in line:
                 raise RuntimeError("injected")
             return await orig(self, line)
-        monkeypatch.setattr(relay.LmtpSession, "_cmd", cmd)
+        monkeypatch.setattr(clients.LmtpSession, "_cmd", cmd)
     else:
         import aiosmtplib
         orig_ex = aiosmtplib.SMTP.execute_command
@@ -855,7 +859,7 @@ def test_recording_error_backs_off(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def broken(*a: object, **kw: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(relay, "write_state", broken)
+    monkeypatch.setattr(spool_mod.Spool, "write_state", broken)
 
     async def go() -> None:
         mta = FakeMTA(lmtp=False, decide=decide)
@@ -874,3 +878,57 @@ def test_recording_error_backs_off(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     # only stretches the gaps.
     assert 2 <= len(times) <= 5, times
     assert max(gaps) >= 0.75, gaps
+
+
+def test_bounce_never_replaces_a_file_in_failed(tmp_path: Path) -> None:
+    """A message moved to failed/ whose name is already taken there (a requeued message that
+    fails again while its earlier copy is back, a second relay's file of that name) gets a
+    numbered name: the file already in failed/ and its kept state stay as they were (a rename
+    replaced them: that message was lost)."""
+    async def go() -> None:
+        mta = FakeMTA(lmtp=False, decide=lambda r, n: "550 5.1.1 no such user"
+                      if r.startswith("gone") else "250 2.0.0 ok")
+        cfg = make_cfg(tmp_path, f"smtp://127.0.0.1:{await mta.start_tcp()}")
+        name, _ = spool_msg(cfg, BODY, ("gone@example.test",))
+        earlier = b"X-Ingress-Envelope: the earlier message\r\n"
+        (cfg.spool.path / "failed" / name).write_bytes(earlier)
+        kept = cfg.spool.path / "relay.failed"
+        kept.mkdir()
+        (kept / name).write_bytes(RelayState(failed=["x@example.test"]).encode())
+        try:
+            await run_until(cfg, lambda: not listing(cfg, "new")
+                            and len(listing(cfg, "failed")) == 2)
+        finally:
+            await mta.stop()
+        assert (cfg.spool.path / "failed" / name).read_bytes() == earlier
+        moved = spool_mod.read(cfg.spool.path / "failed" / f"{name}.1")
+        assert moved.envelope["rcpts"] == ["gone@example.test"]
+        assert RelayState.decode((kept / name).read_bytes()).failed == ["x@example.test"]
+        assert RelayState.decode((kept / f"{name}.1").read_bytes()).failed == [
+            "gone@example.test"]
+
+    asyncio.run(go())
+
+
+def test_corrupt_spool_and_state_files_are_settled(tmp_path: Path) -> None:
+    """A spool file that cannot be parsed goes to failed/ and a corrupt state file reads as
+    "never tried" (the message is delivered), each with its log line. Logging them raised
+    TypeError (a field called `name` clashed with log.event's own argument), so the corrupt
+    file was retried forever and the message with a corrupt state was never delivered."""
+    async def go() -> None:
+        mta = FakeMTA(lmtp=False, decide=lambda r, n: "250 2.0.0 ok")
+        cfg = make_cfg(tmp_path, f"smtp://127.0.0.1:{await mta.start_tcp()}")
+        spool_mod.Spool(cfg.spool.path)
+        (cfg.spool.path / "new" / "1.CORRUPT.host").write_bytes(b"not a spool file\r\n")
+        name, _ = spool_msg(cfg, BODY, ("a@example.test",))
+        (cfg.spool.path / "relay").mkdir()
+        (cfg.spool.path / "relay" / name).write_bytes(b"{not json")
+        try:
+            r = await run_until(cfg, lambda: not listing(cfg, "new"))
+        finally:
+            await mta.stop()
+        assert listing(cfg, "failed") == ["1.CORRUPT.host"]
+        assert [rc for f, rc, _ in mta.delivered if f] == ["a@example.test"]
+        assert r.counters["corrupt"] == 1 and r.counters["sent"] == 1
+
+    asyncio.run(go())

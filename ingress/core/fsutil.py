@@ -1,0 +1,68 @@
+"""Durable file writes: one implementation for the spool, the relay state and the learned cache.
+
+API:
+    write_all(fd, chunks)               every byte of `chunks` written to `fd`, or OSError
+    fsync_dir(path)                     make the directory's entries (links, renames, unlinks)
+                                        durable
+    atomic_write(path, data, mode=0o640)
+                                        replace `path` atomically and durably: the data goes to
+                                        <dir>/.tmp.<name>, is fsync'd, renamed over `path`, and
+                                        the directory is fsync'd; a reader sees the old file or
+                                        the new one, never a torn one
+
+Failure modes: OSError from the disk propagates (ENOSPC, EIO, EACCES). A short write is
+continued; one that makes no progress is ENOSPC. A failed atomic_write leaves `path` as it was
+and may leave the .tmp.<name> file behind (the caller's start-up clean-up removes such
+leftovers; a later atomic_write replaces it). A crash before the directory fsync may lose the
+rename: the old file is then still there.
+Limits: `path`'s directory must exist and be on a local filesystem with atomic rename (every
+local Linux filesystem); one writer per path at a time (the tmp name is fixed per path).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+TMP_PREFIX = ".tmp."
+
+
+def write_all(fd: int, chunks: Sequence[bytes]) -> None:
+    """Write every byte of `chunks` to `fd` or raise OSError.
+
+    writev may write less than asked (a filling disk, a signal): the rest is written in a loop,
+    each call's count checked. A call that writes nothing is an error (ENOSPC), never success.
+    """
+    total = sum(map(len, chunks))
+    written = os.writev(fd, chunks)
+    if written == total:
+        return
+    rest = memoryview(b"".join(chunks))[written:]
+    while rest:
+        n = os.write(fd, rest)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "short write: no progress", None)
+        rest = rest[n:]
+
+
+def fsync_dir(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path | str, data: bytes, mode: int = 0o640) -> None:
+    path = Path(path)
+    tmp = path.with_name(TMP_PREFIX + path.name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        write_all(fd, [data])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

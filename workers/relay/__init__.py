@@ -1,0 +1,33 @@
+"""The relay: the process that drains the spool to the downstream MTA (SMTP or LMTP).
+
+What lives here: state.py (the pure delivery rules: replies, per-message state, settling,
+backoff, address checks), dsn.py (the RFC 3464 bounce builder), clients.py (the SMTP and LMTP
+sessions with STARTTLS / AUTH), scheduler.py (the Relay: scan, schedule, circuit breaker, one
+delivery per spool file) and `run`, the entry point the supervisor starts by module name
+("workers.relay" -> run; only when relay.downstream is set). The package may import the core
+(ingress.core) and the spool module (workers.spool, which owns every change of a spool file);
+nothing of the acceptor side, and no other lane worker. state.py and dsn.py do no I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from ingress.core import child, log
+from ingress.core.config import Config
+
+
+def run(cfg: Config, hb: Any = None, slot: int = 0) -> None:
+    sig = child.start(cfg, "relay", child.LANE_SIGNALS)     # SIGUSR2 stops; TERM/INT/HUP ignored
+    if not cfg.relay.downstream:
+        # Not meant to be started (the spool is the destination); idle rather than crash-loop.
+        log.event("relay_disabled", "warning", why="relay.downstream is empty")
+        heart = child.Heartbeat(hb, slot)
+        while not sig.stop and not heart.orphaned():
+            heart.beat()
+            time.sleep(0.2)
+        return
+    from workers.relay.scheduler import Relay  # not at import: the pure modules stay light
+    asyncio.run(Relay(cfg, hb, slot).main(sig))

@@ -1,0 +1,490 @@
+"""The relay's queue manager: drains spool/new to the downstream MTA (SMTP or LMTP) with
+retries, DSNs and a circuit breaker.
+
+API:
+    Relay(cfg, hb=None, slot=0)       one relay process's state; `await main()` runs it until
+                                      stop() (SIGUSR2, or orphaned)
+    Relay.scan() -> int               pick up new files in new/, forget the gone ones
+    Relay.cleanup_states() -> int     at start: remove stale state files and tmp leftovers
+    The pure rules are in workers/relay/state.py, the DSN in dsn.py, the clients in clients.py.
+
+What it does, per spool file in new/ (oldest first, at most relay.concurrency at once, each
+worker task keeping its own downstream connection for reuse and closing it after IDLE_CLOSE):
+  - sends the stored message minus our X-Ingress-Envelope line (trace headers kept), byte-exact,
+    with the envelope as stored (clients.py);
+  - an address that cannot be sent is refused here, before the transaction, for its recipient
+    alone (the others still go): NUL, CR, LF, any control character, space, <>, a path over
+    254 octets (5.1.3; 5.1.7 for the sender: then every recipient), non-ASCII when the
+    downstream has no SMTPUTF8 (5.6.7, RFC 6531). Old spool files, DSNs and acceptor bugs
+    can carry such addresses; the relay does not rely on the acceptor's checks;
+  - per recipient (RCPT replies; for LMTP one reply per recipient after DATA; for SMTP the DATA
+    reply applies to every accepted RCPT): 2xx -> delivered, recorded and never sent again;
+    5xx -> failed; 4xx -> deferred;
+  - failed recipients get one RFC 3464 DSN (multipart/report; report-type=delivery-status) to the
+    envelope sender with MAIL FROM:<>, written into spool/new as an ordinary spool file (so it is
+    itself relayed, retried and durable); never for the null sender (logged only);
+  - deferred recipients are retried after backoff(attempt) = retry_base * 2**(attempt-1), capped
+    at retry_max; once the message is older than max_age a tempfail becomes failed with status
+    4.4.7 (Action: failed) and is bounced;
+  - the file is unlinked once every recipient is delivered, moved to failed/ once every recipient
+    is settled and at least one failed (never replacing a file there: a taken name gets ".N").
+    Every change of a spool file or a state file is made by workers/spool.py (claim, finish,
+    fail, the state files); this module decides.
+
+Durable retry state: one small JSON file per message that has been tried, spool/relay/<name>,
+written tmp + fsync + rename + fsync(dir): attempts, next_at (wall clock), delivered, failed,
+last_error. Every recipient of the message without a result stays pending (the file is never
+finished while one has none). A file rather than the file name (name changes would race the scan
+and break the name the acceptor logged) or the spool file itself (rewriting a 10 MB message to
+record one recipient is wasteful, and spool.py owns that format). Missing state = never tried.
+State files without a spool file (a crash between finishing a message and removing its state) are
+removed at start, and tmp leftovers too unless another relay (a reload overlap) holds that spool
+file's lock: it writes state files only under it. The spool file is claimed (flock()ed) while it
+is being delivered, so two relays (a reload overlap) never deliver one file at once; a file
+unlinked or moved under us is noticed (st_nlink == 0, or another file at the path) and skipped.
+Operator tools (workers/queue_ops.py, `smtp-ingress queue`) take the same flock; the relay
+keeps a failed message's final state in spool/relay.failed/<name> (for requeue-failed) and
+reschedules a known message at once when spool/retry/<name> appears (queue retry).
+
+Downstream down: only a failure to open a session (connect refused, greeting/EHLO not 2xx, timeout)
+is connection-level: it opens a circuit breaker (nothing is sent until backoff(consecutive
+failures) has passed, then one delivery at a time probes until a session opens) and does not count
+against the message (put back unchanged). A stale reused session (or one that answers MAIL with 421
+or 503) is retried once on a fresh one. Anything after a session opened -- a reply, a hang-up, a
+timeout, any exception (an encoding error, a bug) -- is that message's: a 4xx for its pending
+recipients (attempt, backoff, 4.4.7 at max_age; final replies already received, such as a RCPT's
+550 or LMTP's per-recipient replies, stand), and the session is RSET (checked) or dropped, never
+reused dirty. So a message that makes the downstream hang up backs off on its own and can never be
+the breaker's eternal probe, and a half-open transaction can never give the next message a 503 (a
+503 is never a bounce anyway: bad sequence is our state, not the message). Errors while recording a
+result (disk) back off in memory. Mail waits and drains once the downstream is back, without a busy
+loop. The breaker is in memory: after a restart the first delivery is the probe.
+
+Duplicates are possible exactly when the downstream has taken responsibility and we did not
+record it: (1) the process dies (kill -9, power loss) after the downstream's 2xx and before the
+state write / unlink; (2) the reply to the final "." is lost (timeout, dropped connection, or a
+stop that cancels a delivery waiting for it) although the downstream accepted the message (RFC
+1047); a lost reply is logged as relay_unsure with the qid; (3) a DSN was spooled and the process
+died before the failure was recorded, so the recipient is tried again and a second DSN may be
+spooled. Mail is never lost to these windows:
+the spool file is removed only after the reply is recorded.
+
+Signals: SIGUSR2 (the supervisor) stops taking new work, lets in-flight deliveries finish for up
+to STOP_GRACE seconds, then cancels the rest (no file whose delivery did not finish is touched),
+exits 0. SIGTERM/SIGINT/SIGHUP are ignored (the supervisor drains us in order). Orphaned (the
+parent changed) -> the same stop. The heartbeat slot is written by a task of the event loop
+(signals, heartbeat and parent check: ingress.core.child).
+
+Limits: one relay process; the new/ scan is O(files) and runs at most every SCAN_MIN seconds,
+stretched to 10x its own duration for huge spools; state writes and fsyncs are done on the event
+loop (this process has nothing latency-critical; it keeps the bookkeeping after a reply
+atomic with respect to cancellation). STARTTLS and AUTH PLAIN to a TCP downstream as relay.tls
+says (clients.py; a refusal is a connection-level failure). The message is held in memory
+while it is sent.
+"""
+
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ingress.core import child, log, metrics
+from ingress.core.config import Config
+from ingress.core.downstream import parse_downstream
+from ingress.core.wire import Envelope, Lane, new_qid
+from workers import spool as spool_mod
+from workers.relay.clients import Session, Unavailable, make_session, policy
+from workers.relay.dsn import build_dsn
+from workers.relay.state import (
+    Failure,
+    RelayState,
+    Reply,
+    _oneline,
+    address_problem,
+    backoff,
+    envelope_sender,
+    settle,
+)
+
+SCAN_MIN = 0.25            # seconds between two scans of new/ (at least)
+IDLE_CLOSE = 5.0           # a downstream connection idle this long is closed (QUIT)
+MAX_PER_CONNECTION = 500   # messages per downstream connection, then a fresh one
+STOP_GRACE = 3.0           # SIGUSR2: in-flight deliveries may finish within this
+
+
+# --- the relay ---------------------------------------------------------------------------------
+
+class Relay:
+    def __init__(self, cfg: Config, hb: Any = None, slot: int = 0) -> None:
+        self.cfg, self.rc = cfg, cfg.relay
+        self.target = parse_downstream(cfg.relay.downstream)
+        self.heart = child.Heartbeat(hb, slot)
+        self.spool = spool_mod.Spool(cfg.spool.path)
+        self.spool.make_relay_dirs()
+        self.hostname = cfg.smtp.hostname
+        self.tls = policy(cfg.relay, self.target)
+        self.known: dict[str, float] = {}          # name -> next_at (wall), not in flight
+        self.heap: list[tuple[float, str]] = []
+        self.inflight: set[str] = set()
+        self.stopping = False
+        self.wake = asyncio.Event()
+        self.down_failures = 0                     # consecutive connection-level failures
+        self.down_until = 0.0                      # monotonic; breaker open until then
+        self.probe: str | None = None              # the one delivery allowed while half-open
+        self.errors: dict[str, int] = {}           # name -> consecutive unexpected errors
+        self.counters: dict[str, Any] = {
+            "sent": 0, "rcpt_delivered": 0, "deferred": 0, "bounced": 0, "dsn_spooled": 0,
+            "null_sender_failed": 0, "down": 0, "corrupt": 0}
+
+    # --- scheduling ------------------------------------------------------------------------
+
+    def cleanup_states(self) -> int:
+        """At start: remove stale state files and tmp leftovers (Spool.cleanup_states)."""
+        return self.spool.cleanup_states()
+
+    def scan(self) -> int:
+        """Pick up files in new/ we do not know yet; forget the ones that are gone."""
+        self.take_retry_requests()
+        names = self.spool.names("new")
+        for gone in [n for n in self.known if n not in names]:
+            del self.known[gone]
+        fresh = [n for n in names if n not in self.known and n not in self.inflight]
+        if not fresh:
+            return 0
+        with_state = self.spool.state_names()
+        for name in fresh:
+            at = self.spool.read_state(name).next_at if name in with_state else 0.0
+            self._schedule(name, at)
+        return len(fresh)
+
+    def take_retry_requests(self) -> None:
+        """spool/retry/<name> (written by `smtp-ingress queue retry` after it set the state's
+        next_at to 0 under the file's lock): a known message is due now."""
+        for name in self.spool.take_retry_requests():
+            if name in self.known:
+                self._schedule(name, 0.0)
+
+    def _schedule(self, name: str, at: float) -> None:
+        self.known[name] = at
+        heapq.heappush(self.heap, (at, name))
+        self.wake.set()
+
+    def _pop_due(self) -> str | None:
+        if self.stopping:
+            return None
+        if self.down_failures and (time.monotonic() < self.down_until or self.probe is not None):
+            return None
+        now = time.time()
+        while self.heap:
+            at, name = self.heap[0]
+            if self.known.get(name) != at:
+                heapq.heappop(self.heap)          # stale entry
+                continue
+            if at > now:
+                return None
+            heapq.heappop(self.heap)
+            del self.known[name]
+            self.inflight.add(name)
+            if self.down_failures:
+                self.probe = name
+                metrics.relay_breaker(metrics.BREAKER_HALF_OPEN, self.down_failures)
+            return name
+        return None
+
+    def _wait_hint(self) -> float:
+        t = SCAN_MIN
+        if self.down_failures and self.probe is None:
+            t = min(t, max(0.01, self.down_until - time.monotonic()))
+        while self.heap and self.known.get(self.heap[0][1]) != self.heap[0][0]:
+            heapq.heappop(self.heap)
+        if self.heap:
+            t = min(t, max(0.01, self.heap[0][0] - time.time()))
+        return t
+
+    def _downstream_failed(self, why: str) -> None:
+        self.down_failures += 1
+        delay = backoff(self.down_failures, self.rc.retry_base, self.rc.retry_max)
+        self.down_until = time.monotonic() + delay
+        self.counters["down"] += 1
+        metrics.relay_breaker(metrics.BREAKER_OPEN, self.down_failures)
+        log.event("relay_downstream_down", "warning", downstream=str(self.target), error=why,
+                  failures=self.down_failures, retry_in_s=round(delay, 3))
+
+    def _downstream_ok(self) -> None:
+        if self.down_failures:
+            log.event("relay_downstream_up", downstream=str(self.target),
+                      after_failures=self.down_failures)
+        self.down_failures = 0
+        metrics.relay_breaker(metrics.BREAKER_CLOSED)
+
+    # --- one message -------------------------------------------------------------------------
+
+    async def worker(self, index: int) -> None:
+        session = make_session(self.target, self.hostname, self.rc.timeout)
+        session.tls = self.tls  # type: ignore[attr-defined]
+        try:
+            while not self.stopping:
+                name = self._pop_due()
+                if name is None:
+                    if session.connected and time.monotonic() - session.last_used > IDLE_CLOSE:
+                        await session.close()
+                    self.wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.wake.wait(), self._wait_hint())
+                    continue
+                try:
+                    await self.process(name, session)
+                    self.errors.pop(name, None)
+                except Exception:
+                    # A disk error while recording (the downstream may have accepted: a
+                    # duplicate is possible on the retry) or a bug: log it, retry later with
+                    # backoff (in memory: recording is what failed), and a clean session.
+                    n = self.errors[name] = self.errors.get(name, 0) + 1
+                    delay = backoff(n, self.rc.retry_base, self.rc.retry_max)
+                    log.get().exception("relay_error name=%s errors=%d retry_in_s=%.3f",
+                                        name, n, delay)
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(session.close(), 1.0)
+                    self._schedule(name, time.time() + delay)
+                finally:
+                    self.inflight.discard(name)
+                    if self.probe == name:
+                        self.probe = None
+                    self.wake.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(session.close(), 1.0)
+
+    async def process(self, name: str, session: Session) -> None:
+        with contextlib.ExitStack() as held:
+            try:
+                claim = held.enter_context(self.spool.claim("new", name))
+            except spool_mod.Busy:            # another relay (reload overlap) has it
+                self._schedule(name, time.time() + SCAN_MIN)
+                return
+            except spool_mod.Gone:            # finished by someone else meanwhile
+                return
+            raw = claim.read()
+            try:
+                entry = spool_mod.parse(raw)
+                env = entry.envelope
+                mail_from = envelope_sender(env)
+                rcpts = [str(r) for r in env["rcpts"]]
+                received_at = float(env["received_at"])
+            except (ValueError, KeyError, TypeError) as e:
+                self.counters["corrupt"] += 1
+                log.event("relay_corrupt", "error", file=name, error=str(e))
+                self._finish(name, "failed", None)
+                return
+            del raw
+            state = self.spool.read_state(name)
+            now = time.time()
+            if state.next_at > now:            # rescheduled by another relay meanwhile
+                self._schedule(name, state.next_at)
+                return
+            pending = state.pending(rcpts)
+            qid = str(env.get("qid", name))
+            if pending:
+                results = await self._attempt(session, qid, mail_from, pending, entry.message,
+                                              bool(env.get("smtputf8")), received_at)
+                if results is None:             # downstream unreachable; message not charged
+                    self._schedule(name, 0.0)
+                    return
+            else:
+                results = {}
+            # From here on nothing awaits: the reply is recorded before anything can cancel us.
+            self._record(name, qid, env, state, results, received_at, entry.message)
+
+    async def _attempt(self, session: Session, qid: str, mail_from: str, pending: list[str],
+                       message: bytes, smtputf8: bool,
+                       received_at: float) -> dict[str, Reply] | None:
+        """Deliver to `pending`; the per-recipient results, or None when the downstream could
+        not be reached (connection-level: the breaker counts it, the message is not charged).
+
+        Only a failure to open a session counts against the downstream. Anything after that
+        (a reply, a hang-up, a timeout, any exception) is this message's: a result for each
+        recipient, so it is charged an attempt with backoff, and expires at max_age. The
+        session is dropped after anything unexpected, so the next message gets a clean one."""
+        # Syntax first (no connection needed); SMTPUTF8 once the downstream's EHLO is known.
+        refused = address_problem(mail_from, sender=True, utf8=True)
+        if refused is not None:
+            return dict.fromkeys(pending, refused)
+        results: dict[str, Reply] = {}
+        for r in pending:
+            problem = address_problem(r, sender=False, utf8=True)
+            if problem is not None:
+                results[r] = problem
+        good = [r for r in pending if r not in results]
+        if not good:
+            return results
+        t0 = time.monotonic()
+        mta = self.target.mta_name
+        for tries in (1, 2):
+            reused = session.connected
+            if not session.connected or session.messages >= MAX_PER_CONNECTION:
+                reused = False
+                try:
+                    await session.open()
+                except Exception as e:          # Unavailable, or a bug: not this message's
+                    why = e.why if isinstance(e, Unavailable) else f"{type(e).__name__}: {e}"
+                    self._downstream_failed(_oneline(why, 300))
+                    metrics.relay_error(len(good))
+                    if time.time() - received_at < self.rc.max_age:
+                        return None
+                    results.update(dict.fromkeys(
+                        good, Reply(451, f"4.4.1 {mta}: {_oneline(why, 300)}", local=True)))
+                    return results
+                self._downstream_ok()
+            try:
+                got = await session.deliver(mail_from, good, message, smtputf8)
+            except Unavailable as e:
+                if e.stage == "connect" and reused and tries == 1:
+                    continue                    # a stale reused connection: once more, fresh
+                metrics.relay_error(len(good))
+                if e.stage == "data":
+                    # The message went out and its reply was lost: the downstream may have it.
+                    log.event("relay_unsure", "warning", qid=qid, error=e.why,
+                              rcpts=[r for r in good if r not in e.partial],
+                              note="downstream may have accepted; the retry may duplicate")
+                # The downstream greeted us and then failed on this message: its failure. The
+                # final replies received before that stand (a 550 for a RCPT, LMTP's replies).
+                results.update(dict.fromkeys(
+                    good, Reply(451, f"4.4.2 {mta}: {e.why}", local=True)))
+                results.update({r: x for r, x in e.partial.items() if r in good})
+                return results
+            except Exception as e:
+                # Not expected from a session (a bug, an encoding error): this message's
+                # failure, never a fixed-interval retry or a dirty session for the next one.
+                why = _oneline(f"{type(e).__name__}: {e}", 300)
+                log.event("relay_attempt_error", "error", qid=qid, rcpts=good, error=why)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(session.close(), 1.0)
+                metrics.relay_error(len(good))
+                results.update(dict.fromkeys(
+                    good, Reply(451, f"4.3.0 local error: {why}", local=True)))
+                return results
+            metrics.relay_replies([r.code for r in got.values()], time.monotonic() - t0)
+            self._downstream_ok()
+            results.update(got)
+            log.event("relay_attempt", "debug", qid=qid, rcpts=len(good),
+                      ms=round((time.monotonic() - t0) * 1000, 2))
+            return results
+        return None  # pragma: no cover
+
+    def _record(self, name: str, qid: str, env: dict[str, Any], state: RelayState,
+                results: dict[str, Reply], received_at: float, message: bytes) -> None:
+        now = time.time()
+        out = settle(state, results, rcpts=[str(r) for r in env["rcpts"]], now=now,
+                     received_at=received_at, cfg=self.rc)
+        mail_from = envelope_sender(env)
+        if out.delivered_now:
+            self.counters["rcpt_delivered"] += len(out.delivered_now)
+        if out.bounce:
+            self.counters["bounced"] += len(out.bounce)
+            dsn_qid = self._bounce(qid, env, out.bounce, received_at, now, message)
+            log.event("relay_bounced", "warning", qid=qid, rcpts=[f.rcpt for f in out.bounce],
+                      status=[f.status for f in out.bounce],
+                      reply=[f.diagnostic for f in out.bounce], dsn=dsn_qid,
+                      null_sender=mail_from == "")
+        if out.disposition == "retry":
+            self.counters["deferred"] += 1
+            self.spool.write_state(name, out.state)
+            self._schedule(name, out.state.next_at)
+            log.event("relay_deferred", qid=qid, deferred=list(out.deferred),
+                      delivered=list(out.delivered_now), attempts=out.state.attempts,
+                      retry_in_s=round(out.state.next_at - now, 3), reply=out.state.last_error)
+            return
+        # failed: the state is kept so `queue requeue-failed` skips the delivered recipients
+        self._finish(name, out.disposition, out.state)
+        if out.disposition == "done":
+            self.counters["sent"] += 1
+        first = next(iter(results.values()), None)
+        log.event("relay_sent" if out.disposition == "done" else "relay_failed", qid=qid,
+                  rcpts=len(out.state.delivered), failed=len(out.state.failed),
+                  reply=first.line()[:200] if first else "",
+                  delay_s=round(now - received_at, 3))
+
+    def _bounce(self, qid: str, env: dict[str, Any], failures: Sequence[Failure],
+                received_at: float, now: float, message: bytes) -> str:
+        sender = envelope_sender(env)
+        if sender == "":
+            self.counters["null_sender_failed"] += 1
+            return ""                           # never bounce a bounce
+        problem = address_problem(sender, sender=False, utf8=True)
+        if problem is not None:                 # a DSN to it could never be sent either
+            log.event("relay_dsn_unsendable", "warning", qid=qid, why=problem.line())
+            return ""
+        dsn_qid = new_qid(now)
+        body = build_dsn(reporting_mta=self.hostname, sender=sender, qid=qid, arrival=received_at,
+                         now=now, failures=failures, original=message,
+                         remote_mta=self.target.mta_name, dsn_id=f"{dsn_qid}.dsn")
+        try:
+            lane = Lane(str(env.get("lane", "bulk")))
+        except ValueError:
+            lane = Lane.BULK
+        denv = Envelope(qid=dsn_qid, lane=lane, peer_ip="127.0.0.1", peer_port=0,
+                        helo=self.hostname, mail_from="", rcpts=(sender,), received_at=now,
+                        deadline=now, acceptor="relay", smtputf8=not sender.isascii(),
+                        evidence={"dsn_for": qid})
+        (res,) = self.spool.write_batch([(denv, b"", body)])
+        if isinstance(res, Exception):
+            raise res                           # nothing recorded: the message is retried
+        self.counters["dsn_spooled"] += 1
+        metrics.relay_dsn()
+        self._schedule(res, 0.0)
+        return dsn_qid
+
+    def _finish(self, name: str, disposition: str, state: RelayState | None) -> None:
+        if disposition == "done":
+            self.spool.finish(name)
+            return
+        _where, keep_error = self.spool.fail(name, state)
+        if keep_error is not None:         # only requeue-failed needs it: not worth a retry
+            log.event("relay_state_keep_failed", "warning", file=name, error=str(keep_error))
+
+    # --- process loop ------------------------------------------------------------------------
+
+    async def scanner(self) -> None:
+        interval = SCAN_MIN
+        while not self.stopping:
+            t0 = time.monotonic()
+            try:
+                if self.scan():
+                    self.wake.set()
+            except OSError as e:
+                log.event("relay_scan_error", "error", error=str(e))
+            interval = max(SCAN_MIN, 10 * (time.monotonic() - t0))
+            await asyncio.sleep(interval)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+
+    async def main(self, sig: child.Signals | None = None) -> None:
+        if sig is not None:                 # the process entry point's: SIGUSR2 stops us
+            sig.install_loop(asyncio.get_running_loop())
+            sig.on_stop(self.stop)
+        hb = asyncio.create_task(self.heart.run(child.heartbeat_period(self.cfg), self.stop))
+        removed = self.cleanup_states()
+        self.scan()
+        metrics.relay_breaker(metrics.BREAKER_CLOSED)
+        log.event("relay_start", downstream=str(self.target), concurrency=self.rc.concurrency,
+                  backlog=len(self.known), stale_state_removed=removed)
+        scanner = asyncio.create_task(self.scanner())
+        workers = [asyncio.create_task(self.worker(i)) for i in range(self.rc.concurrency)]
+        while not self.stopping:
+            await asyncio.sleep(0.1)
+        scanner.cancel()
+        _done, busy = await asyncio.wait(workers, timeout=STOP_GRACE)
+        for t in busy:
+            t.cancel()                 # waiting for a reply: the file stays, retried later
+        await asyncio.gather(*workers, scanner, return_exceptions=True)
+        hb.cancel()
+        log.event("relay_stop", cancelled=len(busy), backlog=len(self.known) + len(self.inflight),
+                  **self.counters)
+
