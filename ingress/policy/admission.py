@@ -52,7 +52,6 @@ Limits
 from __future__ import annotations
 
 import functools
-import heapq
 import ipaddress
 import itertools
 from collections import OrderedDict
@@ -60,6 +59,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from ingress.core.config import Config
+from ingress.core.expiry import ExpiryMap
 from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import Lane
 
@@ -186,50 +186,22 @@ class Verdict:
 
 
 class _PenaltyBox:
-    """key -> until, bounded; evicts the soonest-expiring entry when full."""
+    """key -> until, bounded (ingress.core.expiry.ExpiryMap); soonest-expiring evicted when full."""
 
-    __slots__ = ("_heap", "_until", "max_size")
+    __slots__ = ("_map", "max_size")
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
-        self._until: dict[str, float] = {}
-        self._heap: list[tuple[float, str]] = []
+        self._map = ExpiryMap(max_size)
 
     def __len__(self) -> int:
-        return len(self._until)
+        return len(self._map)
 
     def add(self, key: str, until: float, now: float) -> None:
-        old = self._until.get(key)
-        if old is not None and old >= until:
-            return
-        if old is None and len(self._until) >= self.max_size:
-            self._expire(now)
-            if len(self._until) >= self.max_size:
-                while self._heap:
-                    exp, k = heapq.heappop(self._heap)
-                    if self._until.get(k) == exp:
-                        del self._until[k]
-                        break
-        self._until[key] = until
-        heapq.heappush(self._heap, (until, key))
-        if len(self._heap) > 2 * len(self._until) + 64:
-            self._heap = [(u, k) for k, u in self._until.items()]
-            heapq.heapify(self._heap)
+        self._map.put(key, until, now)
 
     def active(self, key: str, now: float) -> bool:
-        until = self._until.get(key)
-        if until is None:
-            return False
-        if until <= now:
-            del self._until[key]
-            return False
-        return True
-
-    def _expire(self, now: float) -> None:
-        while self._heap and self._heap[0][0] <= now:
-            exp, k = heapq.heappop(self._heap)
-            if self._until.get(k) == exp:
-                del self._until[k]
+        return self._map.get(key, now) is not None
 
 
 class Admission:
