@@ -20,7 +20,7 @@ API
         reconfigure(limits)                      new limits for new admissions (SIGHUP)
         in_use / fast_in_use / bulk_in_use / bulk_for(ip)   counters for metrics and tests
     Refusal                  StrEnum: why a connection was refused (metrics label)
-    ip_key(ip, ipv6_prefix) -> str               the per-IP accounting key
+    ip_key(ip, ipv6_prefix) -> str               the per-IP accounting key (ingress.core.addr's)
     stress_timeouts(normal_idle, saturated, stress_idle=10.0) -> float
     REPLY_* / EARLY_TALKER_REPLY                 reply lines (no CRLF) for the acceptor to send
 
@@ -51,13 +51,12 @@ Limits
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ingress.core.addr import ip_key
 from ingress.core.config import Config
 from ingress.core.expiry import ExpiryMap
 from ingress.core.ratelimit import TokenBucket
@@ -134,20 +133,6 @@ class AdmissionLimits:
     def bulk_share(self) -> int:
         """Slots bulk may use when no fast session is connected."""
         return self.max_connections - self.fast_reserve
-
-
-@functools.lru_cache(maxsize=65536)
-def ip_key(ip: str, ipv6_prefix: int = 64) -> str:
-    """Accounting key: IPv4 address (IPv4-mapped IPv6 counts as IPv4) or IPv6 /prefix network."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0].strip())
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, ipv6_prefix), strict=False))
-    return str(addr)
 
 
 def stress_timeouts(normal_idle: float, saturated: bool, stress_idle: float = 10.0) -> float:

@@ -19,7 +19,7 @@ API
     decide(evidence, policy) -> Decision
     promote(current_lane, decision) -> Lane   (FAST wins; never demotes)
     domain_matches(domain, listed) -> bool    (exact or subdomain, case-insensitive)
-    normalize_ip(ip) -> str                   (canonical text; IPv4-mapped IPv6 -> IPv4)
+    normalize_ip(ip) -> str                   (ingress.core.addr's, re-exported)
     StaticAllow.from_cidrs(cidrs).contains(ip)
     LearnedAllow(ttl, max_size): learn(ip, now) / add(ip, expires_at) / contains(ip, now)
                                / purge(now) / to_json() / LearnedAllow.from_json(data, ...)
@@ -59,6 +59,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from ingress.core.addr import normalize_domain, normalize_ip
 from ingress.core.expiry import ExpiryMap
 from ingress.core.wire import AuthResult, Lane
 
@@ -95,12 +96,6 @@ class SpfPromote(StrEnum):
     OFF = "off"
 
 
-def normalize_domain(domain: str) -> str:
-    """Lower-case, strip surrounding whitespace and one trailing dot."""
-    d = domain.strip().lower()
-    return d[:-1] if d.endswith(".") else d
-
-
 def domain_matches(domain: str, listed: Iterable[str]) -> bool:
     """True if `domain` equals a listed domain or is a subdomain of one (case-insensitive)."""
     d = normalize_domain(domain)
@@ -111,20 +106,6 @@ def domain_matches(domain: str, listed: Iterable[str]) -> bool:
         if e and (d == e or d.endswith("." + e)):
             return True
     return False
-
-
-@functools.lru_cache(maxsize=65536)
-def normalize_ip(ip: str) -> str:
-    """Canonical text form of an IP address; IPv4-mapped IPv6 becomes plain IPv4.
-
-    Raises ValueError for something that is not an IP address. A zone index (%eth0) is dropped.
-    Cached (bounded): every connection parses its peer's address several times, and a flood
-    repeats the same addresses.
-    """
-    addr = ipaddress.ip_address(ip.split("%", 1)[0].strip())
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
 
 
 @dataclass(frozen=True, slots=True)
