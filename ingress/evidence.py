@@ -17,10 +17,11 @@ API
         with pyspf's own `querytime` budget slightly under `deadline_s` and an outer
         asyncio.wait_for(deadline_s). Exceeding either -> TEMPERROR.
     spf_identity(mail_from, helo) -> (identity, domain)   "mailfrom"/"helo" and its domain
+                                                       (ingress.core.headers', re-exported)
     cert_evidence(peercert_der, verified, pinned_sha256) -> CertResult
     sha256_fingerprint(der) -> str;  normalize_fingerprint(text) -> str
     received_spf_header(result, *, client_ip, mail_from, helo, receiver, explanation=None)
-        -> bytes  (RFC 7208 section 9.1, CRLF-terminated, folded)
+        -> bytes  (RFC 7208 section 9.1; ingress.core.headers', re-exported)
 
 How pyspf is pointed at our resolver
     pyspf 2.0.14 resolves through the module global `spf.DNSLookup(name, qtype, strict,
@@ -61,6 +62,7 @@ import dns.nameserver
 import dns.resolver
 import spf
 
+from ingress.core.headers import received_spf_header, spf_identity
 from ingress.core.resolver import make_resolver, parse_nameserver
 from ingress.policy.classify import AuthResult, CertResult
 
@@ -120,15 +122,6 @@ def _install() -> None:
         if spf.DNSLookup is not _spf_lookup:
             _original_lookup = spf.DNSLookup
             spf.DNSLookup = _spf_lookup
-
-
-def spf_identity(mail_from: str, helo: str) -> tuple[str, str]:
-    """SPF identity checked for this MAIL FROM (RFC 7208 2.4): ("mailfrom", domain) or, for
-    the null sender, ("helo", helo)."""
-    mf = mail_from.strip().strip("<>")
-    if mf:
-        return "mailfrom", mf.rpartition("@")[2].strip().lower().rstrip(".")
-    return "helo", helo.strip().lower().rstrip(".")
 
 
 def _spf_sync(
@@ -226,71 +219,3 @@ def cert_evidence(
     if verified:
         return CertResult.VERIFIED
     return CertResult.UNTRUSTED
-
-
-# --------------------------------------------------------------------------- Received-SPF
-
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
-_ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]"
-_DOT_ATOM = re.compile(rf"^{_ATEXT}+(?:\.{_ATEXT}+)*$")
-
-
-def _clean(text: str) -> str:
-    return _UNSAFE.sub(" ", text).strip()
-
-
-def _kv_value(text: str) -> str:
-    v = _clean(text)
-    if v and _DOT_ATOM.match(v):  # RFC 7208 9.1: dot-atom / quoted-string
-        return v
-    return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _comment(text: str) -> str:
-    return re.sub(r"([()\\])", r"\\\1", _clean(text))
-
-
-def received_spf_header(
-    result: AuthResult,
-    *,
-    client_ip: str,
-    mail_from: str,
-    helo: str,
-    receiver: str,
-    explanation: str | None = None,
-) -> bytes:
-    """Received-SPF: header field (RFC 7208 section 9.1), folded, CRLF-terminated.
-
-    Example: Received-SPF: pass (mx.example.net: domain of a@example.com designates
-    192.0.2.1 as permitted sender) receiver=mx.example.net; client-ip=192.0.2.1;
-    envelope-from="a@example.com"; helo=mail.example.com; identity=mailfrom
-    """
-    identity, domain = spf_identity(mail_from, helo)
-    sender = mail_from.strip().strip("<>") or f"postmaster@{helo.strip()}"
-    if explanation:
-        comment = f"{receiver}: {explanation}"
-    elif result is AuthResult.PASS:
-        comment = f"{receiver}: domain of {sender} designates {client_ip} as permitted sender"
-    elif result in (AuthResult.FAIL, AuthResult.SOFTFAIL):
-        comment = (
-            f"{receiver}: domain of {sender} does not designate {client_ip} as permitted sender"
-        )
-    else:
-        comment = f"{receiver}: {result} for {domain or 'unknown domain'}"
-    pairs = [
-        f"receiver={_kv_value(receiver)};",
-        f"client-ip={_kv_value(client_ip)};",
-        f"envelope-from={_kv_value(mail_from.strip().strip('<>'))};",
-        f"helo={_kv_value(helo)};",
-        f"identity={identity}",
-    ]
-    words = f"Received-SPF: {result} ({_comment(comment)}) {' '.join(pairs)}".split(" ")
-    lines = [words[0]]
-    for w in words[1:]:
-        if not w:
-            continue
-        if len(lines[-1]) + 1 + len(w) > 78 and lines[-1].strip():
-            lines.append("\t" + w)  # fold at whitespace (FWS is legal in comments and values)
-        else:
-            lines[-1] += " " + w
-    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")

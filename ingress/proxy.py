@@ -29,7 +29,8 @@ API:
     PROXY_TIMEOUT   seconds the acceptor waits for the whole header
 
 Addresses come back as strings, IPv4-mapped IPv6 (::ffff:a.b.c.d) unwrapped to a.b.c.d, so
-"127.0.0.1" behind a dual-stack socket and behind a v4 socket look the same to the allow list.
+"127.0.0.1" behind a dual-stack socket and behind a v4 socket look the same to the allow list
+(ingress.core.addr.parse_ip, the one address parser; a zone index is dropped).
 
 Failure modes: none raised; every bad input is None (reject). A missing or malformed header
 is a ProxyData with an error: proxy_peer() answers None and the acceptor closes
@@ -49,8 +50,9 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
+from ingress.core.addr import Address, try_parse_ip
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 PROXY_TIMEOUT = 5.0      # seconds for the whole header
 
@@ -67,14 +69,7 @@ def trusted_networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
 
 
 def _addr(value: Any) -> Address | None:
-    try:
-        a = value if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address) \
-            else ipaddress.ip_address(str(value).strip("[]"))
-    except ValueError:
-        return None
-    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
-        return a.ipv4_mapped
-    return a
+    return try_parse_ip(value)
 
 
 def peer_trusted(peer_ip: str | Address, trusted: tuple[Network, ...]) -> bool:

@@ -1,11 +1,10 @@
-"""DKIM verification and Authentication-Results for the workers (dkimpy 1.1.8, dnspython).
+"""DKIM verification for the workers (dkimpy 1.1.8, dnspython).
 
 Purpose
     Verify every DKIM-Signature of a received message (RSA verify is ~1 ms of pure Python, so
-    it runs here, not in the acceptors), decide DMARC-style alignment with the From: domain,
-    render the RFC 8601 Authentication-Results header, and remove forged A-R headers that
-    claim our authserv-id (RFC 8601 section 5). An aligned DKIM pass plus an SPF pass feeds
-    the learned allow cache (ingress.policy.classify.should_learn).
+    it runs here, not in the acceptors) and decide DMARC-style alignment with the From:
+    domain, for workers.headers to render into Authentication-Results. An aligned DKIM pass
+    plus an SPF pass feeds the learned allow cache (ingress.policy.classify.should_learn).
 
 API
     make_resolver(nameservers, timeout, cache_size=10000) -> dns.resolver.Resolver
@@ -23,9 +22,7 @@ API
     header_from_domain(message) -> str | None     (exactly one From: with one address, the
                                                    field at most MAX_FROM_FIELD bytes)
     aligned(signing_domain, from_domain) -> bool  (relaxed, organisational-domain-lite)
-    authentication_results(authserv_id, *, spf=None, spf_domain=None, spf_helo=None,
-                           dkim_results=(), comment=None) -> bytes
-    strip_forged_ar(message, authserv_id) -> bytes
+    The Authentication-Results renderer and forged A-R stripping are in workers.headers.
     Results are ingress.core.wire.AuthResult (DkimResult is the same enum).
 
 Result mapping (RFC 6376 / RFC 8601)
@@ -67,10 +64,7 @@ Limits
     Alignment without the Public Suffix List: domains align when equal or when one is a
     subdomain of the other and the shorter has at least two labels. This over-aligns across
     registry-style suffixes (co.uk, github.io) only for signers that control a key under the
-    suffix itself. strip_forged_ar looks only at the header section (up to the first empty
-    line or the first line that is not a header field); it parses each A-R authserv-id in one
-    linear pass (CFWS with nested comments and quoted-pairs) and removes, unparsed, any A-R
-    field longer than MAX_AR_FIELD (16 KiB).
+    suffix itself.
 """
 
 from __future__ import annotations
@@ -80,7 +74,7 @@ import binascii
 import email.utils
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,18 +87,17 @@ import dns.resolver
 
 from ingress.core.resolver import make_resolver
 from ingress.core.wire import AuthResult
+from workers.headers import field_value, header_fields, unfold
 
 __all__ = [
     "DkimReport",
     "DkimResult",
     "DkimSignatureResult",
     "aligned",
-    "authentication_results",
     "header_from_domain",
     "key_record_problem",
     "make_dnsfunc",
     "make_resolver",
-    "strip_forged_ar",
     "verify_dkim",
 ]
 
@@ -239,50 +232,6 @@ def make_dnsfunc(
     return dnsfunc
 
 
-# --------------------------------------------------------------------------- header parsing
-
-_FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
-
-
-def _header_fields(message: bytes) -> list[tuple[int, int, bytes]]:
-    """(start, end, lower-cased name) byte spans of each header field, continuations included.
-
-    Stops at the first empty line or at the first line that is neither a field nor a
-    continuation (as Postfix does: that line starts the body).
-    """
-    fields: list[tuple[int, int, bytes]] = []
-    pos = 0
-    n = len(message)
-    cur: list | None = None
-    while pos < n:
-        nl = message.find(b"\n", pos)
-        end = n if nl < 0 else nl + 1
-        line = message[pos:end]
-        if line in (b"\r\n", b"\n"):
-            break
-        if line[:1] in (b" ", b"\t") and cur is not None:
-            cur[1] = end
-        else:
-            m = _FIELD.match(line)
-            if not m:
-                break
-            if cur is not None:
-                fields.append((cur[0], cur[1], cur[2]))
-            cur = [pos, end, m.group(1).lower()]
-        pos = end
-    if cur is not None:
-        fields.append((cur[0], cur[1], cur[2]))
-    return fields
-
-
-def _field_value(raw: bytes) -> bytes:
-    return raw.split(b":", 1)[1]
-
-
-def _unfold(value: bytes) -> str:
-    return re.sub(r"\r?\n(?=[ \t])", "", value.decode("utf-8", "replace")).strip()
-
-
 # A From: field longer than this has no usable domain (one address is well under 1 KiB; a
 # From: with several addresses has none anyway): it is not parsed.
 MAX_FROM_FIELD = 8 * 1024
@@ -290,11 +239,11 @@ MAX_FROM_FIELD = 8 * 1024
 
 def header_from_domain(message: bytes) -> str | None:
     """Domain of the single From: address, lower-cased; None if absent or ambiguous."""
-    froms = [message[s:e] for s, e, name in _header_fields(message) if name == b"from"]
+    froms = [message[s:e] for s, e, name in header_fields(message) if name == b"from"]
     if len(froms) != 1 or len(froms[0]) > MAX_FROM_FIELD:
         return None
     try:
-        addrs = email.utils.getaddresses([_unfold(_field_value(froms[0]))])
+        addrs = email.utils.getaddresses([unfold(field_value(froms[0]))])
     except (RecursionError, ValueError, IndexError):
         # the stdlib parser recurses once per nested comment: hostile input, no domain
         return None
@@ -416,7 +365,7 @@ def _tag(sig: dict, key: bytes) -> str:
 
 
 def _count_signatures(message: bytes) -> int:
-    return sum(1 for _, _, name in _header_fields(message) if name == b"dkim-signature")
+    return sum(1 for _, _, name in header_fields(message) if name == b"dkim-signature")
 
 
 def verify_dkim(
@@ -527,150 +476,3 @@ def _verify_one(
         except Exception as e:
             return out(DkimResult.PERMERROR, f"bad key record: {e}")
     return out(DkimResult.FAIL, "signature did not verify")
-
-
-# --------------------------------------------------------------------------- A-R header
-
-_CTL = re.compile(r"[\x00-\x1f\x7f]")
-_VALUE_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`{|}~@]+$")
-
-
-def _value(text: str) -> str:
-    """RFC 2045 token if possible, else a quoted-string; control characters removed."""
-    v = _CTL.sub("", text).strip()
-    if v and _VALUE_TOKEN.match(v):
-        return v
-    return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _ccomment(text: str) -> str:
-    return "(" + re.sub(r"([()\\])", r"\\\1", _CTL.sub(" ", text).strip()) + ")"
-
-
-def authentication_results(
-    authserv_id: str,
-    *,
-    spf: str | None = None,
-    spf_domain: str | None = None,
-    spf_helo: str | None = None,
-    dkim_results: Sequence[DkimSignatureResult] = (),
-    dkim_checked: bool = True,
-    comment: str | None = None,
-) -> bytes:
-    """Authentication-Results header field (RFC 8601), folded one resinfo per line, CRLF-ended.
-
-    spf: an AuthResult value string or None (not checked: omitted). spf_domain is reported as
-    smtp.mailfrom, else spf_helo as smtp.helo. dkim_results: one resinfo per signature; when
-    empty and dkim_checked, "dkim=none". comment: e.g. "lane=fast" after the authserv-id.
-    With nothing to report the body is "authserv-id; none".
-    """
-    head = f"Authentication-Results: {_value(authserv_id)}"
-    if comment:
-        head += " " + _ccomment(comment)
-    resinfos: list[str] = []
-    if spf is not None:
-        r = f"spf={_value(str(spf))}"
-        if spf_domain:
-            r += f" smtp.mailfrom={_value(spf_domain)}"
-        elif spf_helo:
-            r += f" smtp.helo={_value(spf_helo)}"
-        resinfos.append(r)
-    for res in dkim_results:
-        r = f"dkim={res.result}"
-        if res.result is DkimResult.PASS and res.aligned:
-            r += " (aligned)"
-        elif res.result is not DkimResult.PASS and res.reason:
-            r += f" reason={_value(res.reason[:120])}"
-        if res.domain:
-            r += f" header.d={_value(res.domain)}"
-        if res.selector:
-            r += f" header.s={_value(res.selector)}"
-        if res.b_prefix:
-            r += f" header.b={_value(res.b_prefix)}"
-        resinfos.append(r)
-    if not dkim_results and dkim_checked:
-        resinfos.append("dkim=none")
-    if not resinfos:
-        return (head + "; none\r\n").encode("utf-8", "replace")
-    return (head + ";\r\n\t" + ";\r\n\t".join(resinfos) + "\r\n").encode("utf-8", "replace")
-
-
-# --------------------------------------------------------------------------- forged A-R
-
-# An A-R field longer than this is removed without being parsed. Real ones are well under
-# 4 KiB (ours with 20 signatures is about 3 KiB); RFC 8601 section 5 allows a border MTA to
-# remove any A-R, and one this long could only be hiding an id behind a huge comment.
-MAX_AR_FIELD = 16 * 1024
-
-_WSP = re.compile(r"[ \t\r\n]*")
-_COMMENT_PART = re.compile(r"\\.|[()]", re.S)       # a quoted-pair, or a parenthesis
-_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"', re.S)
-_QUOTED_PAIR = re.compile(r"\\(.)", re.S)
-_FOLD = re.compile(r"\r?\n(?=[ \t])")
-_ID_END = re.compile(r"[\s;]")
-# RFC 2045 token: no SPACE, CTLs or tspecials (non-ASCII is let through, RFC 6532).
-_TOKEN = re.compile(r'[^\x00-\x20\x7f()<>@,;:\\"/\[\]?=]+')
-
-
-def _skip_cfws(text: str, i: int) -> int:
-    """Index after the CFWS at text[i] (RFC 5322 3.2.2: nested comments, quoted-pairs).
-
-    One left-to-right pass; an unterminated comment runs to the end of the text."""
-    n = len(text)
-    while i < n:
-        i = _WSP.match(text, i).end()  # type: ignore[union-attr]
-        if i >= n or text[i] != "(":
-            return i
-        depth = 0
-        for m in _COMMENT_PART.finditer(text, i):
-            c = m.group()
-            if c == "(":
-                depth += 1
-            elif c == ")":
-                depth -= 1
-                if depth == 0:
-                    i = m.end()
-                    break
-        else:
-            return n
-    return i
-
-
-def _authserv_id(value: bytes) -> str:
-    """The authserv-id of an A-R field value (RFC 8601: [CFWS] value, value being an RFC 2045
-    token or quoted-string), lower-cased; "" when there is none. Linear in len(value)."""
-    text = value.decode("utf-8", "replace")
-    i = _skip_cfws(text, 0)
-    m = _QUOTED.match(text, i)
-    if m:
-        return _QUOTED_PAIR.sub(r"\1", _FOLD.sub("", m.group(1))).strip().lower()
-    if text.startswith('"', i):       # unterminated quoted-string: not a valid id
-        end = _ID_END.search(text, i)
-        return text[i:end.start() if end else len(text)].lower()
-    m = _TOKEN.match(text, i)
-    return m.group().lower() if m else ""
-
-
-def strip_forged_ar(message: bytes, authserv_id: str) -> bytes:
-    """Remove every Authentication-Results header field whose authserv-id is ours.
-
-    Field name match is case-insensitive, folded continuation lines are removed with their
-    field, and every other byte (other headers, ARC-Authentication-Results, the body, line
-    endings) is kept identical.
-    """
-    ours = authserv_id.strip().lower()
-    drop = [
-        (s, e)
-        for s, e, name in _header_fields(message)
-        if name == b"authentication-results"
-        and (e - s > MAX_AR_FIELD or _authserv_id(_field_value(message[s:e])) == ours)
-    ]
-    if not drop:
-        return message
-    out = bytearray()
-    pos = 0
-    for s, e in drop:
-        out += message[pos:s]
-        pos = e
-    out += message[pos:]
-    return bytes(out)

@@ -1,7 +1,7 @@
 """Per-message work done in a worker before the durable write: DKIM and the trace headers.
 
 API:
-    received_header(env, hostname) -> bytes
+    received_header(env, hostname) -> bytes     (workers.headers', re-exported)
     Pipeline(cfg).process(env, body, budget_s) -> Processed(trace, body, dkim, learn)
 
 The trace prepended to the client's message, top first:
@@ -26,7 +26,6 @@ input.
 
 from __future__ import annotations
 
-import email.utils
 import re
 from dataclasses import dataclass
 
@@ -34,26 +33,9 @@ from ingress.core.config import Config
 from ingress.core.wire import Envelope
 from ingress.policy.classify import should_learn
 from workers import dkim_check
+from workers.headers import authentication_results, received_header, strip_forged_ar
 
-_UNSAFE = re.compile(r"[^\x21-\x7e]")
 DKIM_HEADER = re.compile(rb"(?im)^dkim-signature[ \t]*:")
-
-
-def _safe(text: str, limit: int = 200) -> str:
-    return _UNSAFE.sub("?", text)[:limit] or "unknown"
-
-
-def received_header(env: Envelope, hostname: str) -> bytes:
-    with_ = "ESMTPS" if env.tls else "ESMTP"
-    if env.smtputf8:
-        with_ = "UTF8SMTPS" if env.tls else "UTF8SMTP"
-    tls = f" ({_safe(env.tls)})" if env.tls else ""
-    for_ = f"\r\n\tfor <{_safe(env.rcpts[0])}>" if len(env.rcpts) == 1 else ""
-    date = email.utils.formatdate(env.received_at, localtime=True)
-    line = (f"Received: from {_safe(env.helo)} ([{_safe(env.peer_ip)}])\r\n"
-            f"\tby {_safe(hostname)} (smtp-ingress lane={env.lane.value}) with {with_}{tls}"
-            f" id {_safe(env.qid)}{for_};\r\n\t{date}\r\n")
-    return line.encode("ascii")
 
 
 def has_dkim_signature(body: bytes) -> bool:
@@ -81,7 +63,7 @@ class Pipeline:
 
     def process(self, env: Envelope, body: bytes, budget_s: float) -> Processed:
         ev = env.evidence
-        body = dkim_check.strip_forged_ar(body, self.authserv_id)
+        body = strip_forged_ar(body, self.authserv_id)
         results: tuple[dkim_check.DkimSignatureResult, ...] = ()
         if has_dkim_signature(body):
             report = dkim_check.verify_dkim(
@@ -89,7 +71,7 @@ class Pipeline:
                 deadline_s=max(0.1, min(self.dkim_deadline, budget_s)))
             results = report.results
         spf = ev.get("spf")
-        ar = dkim_check.authentication_results(
+        ar = authentication_results(
             self.authserv_id, spf=spf, spf_domain=ev.get("spf_domain") or None,
             spf_helo=env.helo if spf and not ev.get("spf_domain") else None,
             dkim_results=results, comment=f"lane={env.lane.value}")

@@ -19,7 +19,7 @@ API
         penalise(ip, now) / is_penalised(ip, now)  early-talker penalty box (bounded)
         in_use / fast_in_use / bulk_in_use / bulk_for(ip)   counters for metrics and tests
     Refusal                  StrEnum: why a connection was refused (metrics label)
-    ip_key(ip, ipv6_prefix) -> str               the per-IP accounting key
+    ip_key(ip, ipv6_prefix) -> str               the per-IP accounting key (ingress.core.addr's)
     stress_timeouts(normal_idle, saturated, stress_idle=10.0) -> float
     Verdict.reply                                the refusal's line (ingress.policy.replies)
 
@@ -50,15 +50,14 @@ Limits
 
 from __future__ import annotations
 
-import functools
-import heapq
-import ipaddress
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ingress.core.addr import ip_key
 from ingress.core.config import Config
+from ingress.core.expiry import ExpiryMap
 from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import Lane
 from ingress.policy import replies
@@ -120,20 +119,6 @@ class AdmissionLimits:
         return self.max_connections - self.fast_reserve
 
 
-@functools.lru_cache(maxsize=65536)
-def ip_key(ip: str, ipv6_prefix: int = 64) -> str:
-    """Accounting key: IPv4 address (IPv4-mapped IPv6 counts as IPv4) or IPv6 /prefix network."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0].strip())
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, ipv6_prefix), strict=False))
-    return str(addr)
-
-
 def stress_timeouts(normal_idle: float, saturated: bool, stress_idle: float = 10.0) -> float:
     """Idle timeout for bulk sessions: shrunk to `stress_idle` while bulk is saturated.
 
@@ -170,50 +155,22 @@ class Verdict:
 
 
 class _PenaltyBox:
-    """key -> until, bounded; evicts the soonest-expiring entry when full."""
+    """key -> until, bounded (ingress.core.expiry.ExpiryMap); soonest-expiring evicted when full."""
 
-    __slots__ = ("_heap", "_until", "max_size")
+    __slots__ = ("_map", "max_size")
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
-        self._until: dict[str, float] = {}
-        self._heap: list[tuple[float, str]] = []
+        self._map = ExpiryMap(max_size)
 
     def __len__(self) -> int:
-        return len(self._until)
+        return len(self._map)
 
     def add(self, key: str, until: float, now: float) -> None:
-        old = self._until.get(key)
-        if old is not None and old >= until:
-            return
-        if old is None and len(self._until) >= self.max_size:
-            self._expire(now)
-            if len(self._until) >= self.max_size:
-                while self._heap:
-                    exp, k = heapq.heappop(self._heap)
-                    if self._until.get(k) == exp:
-                        del self._until[k]
-                        break
-        self._until[key] = until
-        heapq.heappush(self._heap, (until, key))
-        if len(self._heap) > 2 * len(self._until) + 64:
-            self._heap = [(u, k) for k, u in self._until.items()]
-            heapq.heapify(self._heap)
+        self._map.put(key, until, now)
 
     def active(self, key: str, now: float) -> bool:
-        until = self._until.get(key)
-        if until is None:
-            return False
-        if until <= now:
-            del self._until[key]
-            return False
-        return True
-
-    def _expire(self, now: float) -> None:
-        while self._heap and self._heap[0][0] <= now:
-            exp, k = heapq.heappop(self._heap)
-            if self._until.get(k) == exp:
-                del self._until[k]
+        return self._map.get(key, now) is not None
 
 
 class Admission:

@@ -19,7 +19,7 @@ API
     decide(evidence, policy) -> Decision
     promote(current_lane, decision) -> Lane   (FAST wins; never demotes)
     domain_matches(domain, listed) -> bool    (exact or subdomain, case-insensitive)
-    normalize_ip(ip) -> str                   (canonical text; IPv4-mapped IPv6 -> IPv4)
+    normalize_ip(ip) -> str                   (ingress.core.addr's, re-exported)
     StaticAllow.from_cidrs(cidrs).contains(ip)
     LearnedAllow(ttl, max_size): learn(ip, now) / add(ip, expires_at) / contains(ip, now)
                                / purge(now) / to_json() / LearnedAllow.from_json(data, ...)
@@ -53,13 +53,14 @@ Limits
 from __future__ import annotations
 
 import functools
-import heapq
 import ipaddress
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from ingress.core.addr import normalize_domain, normalize_ip
+from ingress.core.expiry import ExpiryMap
 from ingress.core.wire import AuthResult, Lane
 
 __all__ = [
@@ -95,12 +96,6 @@ class SpfPromote(StrEnum):
     OFF = "off"
 
 
-def normalize_domain(domain: str) -> str:
-    """Lower-case, strip surrounding whitespace and one trailing dot."""
-    d = domain.strip().lower()
-    return d[:-1] if d.endswith(".") else d
-
-
 def domain_matches(domain: str, listed: Iterable[str]) -> bool:
     """True if `domain` equals a listed domain or is a subdomain of one (case-insensitive)."""
     d = normalize_domain(domain)
@@ -111,20 +106,6 @@ def domain_matches(domain: str, listed: Iterable[str]) -> bool:
         if e and (d == e or d.endswith("." + e)):
             return True
     return False
-
-
-@functools.lru_cache(maxsize=65536)
-def normalize_ip(ip: str) -> str:
-    """Canonical text form of an IP address; IPv4-mapped IPv6 becomes plain IPv4.
-
-    Raises ValueError for something that is not an IP address. A zone index (%eth0) is dropped.
-    Cached (bounded): every connection parses its peer's address several times, and a flood
-    repeats the same addresses.
-    """
-    addr = ipaddress.ip_address(ip.split("%", 1)[0].strip())
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +261,7 @@ _LEARNED_VERSION = 1
 
 @dataclass(slots=True)
 class LearnedAllow:
-    """IP -> expiry (epoch seconds), TTL'd and bounded. Mutable, single-threaded, no I/O.
+    """IP -> expiry (epoch seconds), TTL'd and bounded (ingress.core.expiry.ExpiryMap).
 
     learn(ip, now)          remember ip until now + ttl (refreshes; never shortens).
     add(ip, expires_at)     merge an entry learned elsewhere (pub/sub, persisted state).
@@ -291,17 +272,17 @@ class LearnedAllow:
 
     ttl: float
     max_size: int
-    _expiry: dict[str, float] = field(default_factory=dict)
-    _heap: list[tuple[float, str]] = field(default_factory=list)
+    _map: ExpiryMap = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.ttl > 0:
             raise ValueError("LearnedAllow ttl must be > 0")
         if self.max_size < 1:
             raise ValueError("LearnedAllow max_size must be >= 1")
+        self._map = ExpiryMap(self.max_size)
 
     def __len__(self) -> int:
-        return len(self._expiry)
+        return len(self._map)
 
     def learn(self, ip: str, now: float) -> float:
         """Remember `ip` until now + ttl; returns the expiry (to publish to other acceptors).
@@ -311,7 +292,8 @@ class LearnedAllow:
         key = normalize_ip(ip)  # ValueError for a non-IP
         expires_at = now + self.ttl
         self.add(key, expires_at, now=now)
-        return self._expiry.get(key, expires_at)
+        held = self._map.peek(key)
+        return expires_at if held is None else held
 
     def add(self, ip: str, expires_at: float, now: float | None = None) -> bool:
         """Merge an entry; keeps the later expiry. Returns False if ignored (expired/bad ip)."""
@@ -319,55 +301,31 @@ class LearnedAllow:
             key = normalize_ip(ip)
         except ValueError:
             return False
-        if now is not None and expires_at <= now:
-            return False
-        old = self._expiry.get(key)
-        if old is not None and old >= expires_at:
-            return True
-        if old is None and len(self._expiry) >= self.max_size:
-            if now is not None:
-                self.purge(now)
-            if len(self._expiry) >= self.max_size:
-                victim_exp = self._peek_soonest()
-                if victim_exp is not None and victim_exp > expires_at:
-                    return False  # the newcomer expires sooner than anything held: drop it
-                self._evict_soonest()
-        self._expiry[key] = expires_at
-        heapq.heappush(self._heap, (expires_at, key))
-        self._compact_heap()
-        return True
+        return self._map.put(key, expires_at, now)
 
     def contains(self, ip: str, now: float) -> bool:
         try:
             key = normalize_ip(ip)
         except ValueError:
             return False
-        exp = self._expiry.get(key)
-        if exp is None:
-            return False
-        if exp <= now:
-            del self._expiry[key]
-            return False
-        return True
+        return self._map.get(key, now) is not None
 
     def expiry(self, ip: str) -> float | None:
         try:
-            return self._expiry.get(normalize_ip(ip))
+            return self._map.peek(normalize_ip(ip))
         except ValueError:
             return None
 
     def purge(self, now: float) -> int:
-        removed = 0
-        while self._heap and self._heap[0][0] <= now:
-            exp, key = heapq.heappop(self._heap)
-            if self._expiry.get(key) == exp:
-                del self._expiry[key]
-                removed += 1
-        # entries deleted lazily by contains() have stale heap items; they pop harmlessly.
-        return removed
+        return self._map.purge(now)
 
     def items(self) -> list[tuple[str, float]]:
-        return sorted(self._expiry.items())
+        return self._map.items()
+
+    @property
+    def _heap(self) -> list[tuple[float, str]]:
+        """The map's expiry heap (tests check that refreshes keep it bounded)."""
+        return self._map._heap
 
     def to_json(self) -> str:
         return json.dumps(
@@ -407,26 +365,3 @@ class LearnedAllow:
                 continue
             cache.add(ip, min(float(exp), now + ttl), now=now)
         return cache
-
-    # -- internals
-
-    def _peek_soonest(self) -> float | None:
-        while self._heap:
-            exp, key = self._heap[0]
-            if self._expiry.get(key) == exp:
-                return exp
-            heapq.heappop(self._heap)  # stale
-        return None
-
-    def _evict_soonest(self) -> None:
-        while self._heap:
-            exp, key = heapq.heappop(self._heap)
-            if self._expiry.get(key) == exp:
-                del self._expiry[key]
-                return
-
-    def _compact_heap(self) -> None:
-        # Refreshes leave stale heap items; rebuild when they dominate so memory stays bounded.
-        if len(self._heap) > 2 * len(self._expiry) + 64:
-            self._heap = [(e, k) for k, e in self._expiry.items()]
-            heapq.heapify(self._heap)

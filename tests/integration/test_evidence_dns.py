@@ -38,11 +38,10 @@ from workers.dkim_check import (
     DkimResult,
     DkimSignatureResult,
     aligned,
-    authentication_results,
     header_from_domain,
-    strip_forged_ar,
     verify_dkim,
 )
+from workers.headers import authentication_results, strip_forged_ar
 
 SPF_RECORDS = {
     "pass.test": {"TXT": ["v=spf1 ip4:127.0.0.1 -all", "google-site-verification=xyz"]},
