@@ -29,7 +29,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from ingress.proxy import PROXY_TIMEOUT, proxy_peer, trusted_networks
-from tests.harness import Ingress, make_body, send_one, smtp_dialogue
+from tests.kit.harness import Ingress, make_body, send_one, smtp_dialogue
 
 CLIENT_IP = "127.0.0.55"          # the "real" client; HAProxy itself connects from 127.0.0.1
 TRUSTED = ["127.0.0.1/32"]

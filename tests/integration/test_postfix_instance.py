@@ -1,4 +1,4 @@
-"""A private Postfix instance (bench/postfix.py) starts on loopback, accepts and stops cleanly.
+"""A private Postfix instance (tests/kit/postfix.py) starts on loopback, accepts and stops cleanly.
 
 Checks, with a real Postfix on a free 127.0.0.1 port: one message sent with aiosmtplib gets 250
 and lands as a Maildir file under maildir_root (delivery="maildir"); a foreign domain is refused
@@ -21,7 +21,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from bench.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
+from tests.kit.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from ingress.core import config as config_mod
-from tests.harness import ROOT, write_config
+from tests.kit.harness import ROOT, write_config
 
 UNIT_DIR = ROOT / "systemd"
 INSTALLED_BIN = "/usr/bin/smtp-ingress"

@@ -11,7 +11,7 @@ import pytest
 
 from ingress import configshow
 from ingress.core import config
-from tests.harness import ROOT, write_config
+from tests.kit.harness import ROOT, write_config
 
 
 def cfg_file(tmp_path: Path, **tables: dict[str, object]) -> Path:

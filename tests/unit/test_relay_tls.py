@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ingress.core import config
-from tests.harness import ROOT, write_config
+from tests.kit.harness import ROOT, write_config
 from workers import relay_tls
 from workers.relay import parse_downstream
 

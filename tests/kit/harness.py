@@ -30,7 +30,7 @@ import orjson
 
 from workers import spool as spool_mod
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def toml_value(v: Any) -> str:
