@@ -24,7 +24,7 @@ API (supervisor):
 
 API (hot path: a dict lookup, then one mmap write per counter/gauge, two per histogram
 observation; measured ~1.5 us per counter inc and ~3-5 us per observe on the dev VM, see
-`python -m tests.unit.test_metrics`):
+`python -m tests.integration.test_metrics`):
     connection(lane, outcome)       a connection ended its admission: OUTCOMES
     session_open(lane) / session_close(lane)      live sessions per lane (acceptors)
     message(lane, result)           a transaction's end: RESULTS (accepted = 250 after DATA,
