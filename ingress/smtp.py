@@ -4,7 +4,7 @@ API:
     Session context: AcceptorContext (the per-process state the acceptor builds; see acceptor.py)
     IngressSMTP(ctx)   one instance per connection (the asyncio protocol)
 
-What this layer adds to aiosmtpd (DESIGN.md section 10 lists the traps it works around):
+What this layer adds to aiosmtpd (docs/design.md lists the aiosmtpd traps it works around):
 - classification and admission in connection_made, before aiosmtpd builds anything: a refused
   connection (421 4.7.0, no banner) costs microseconds; behind a PROXY-protocol balancer (per
   listener: IngressSMTP(proxy_protocol=...)) they wait for the header, and the greet pause and

@@ -1,6 +1,6 @@
 """Every SMTP reply the ingress itself chooses, as a named constant (RFC 5321 + RFC 3463 codes).
 
-Policy (DESIGN.md section 5): 250 only after a durable write; anything uncertain is 4xx; 5xx only
+Policy: 250 only after a durable write; anything uncertain is 4xx; 5xx only
 for real policy decisions. aiosmtpd's own syntax replies (500/501/503) are left as they are.
 """
 
