@@ -2,7 +2,7 @@
 
     .venv/bin/python -m tests.kit.measure_data_memory [sessions] [bytes_each] [idle]
 
-Starts the real ingress (one acceptor, tests/harness.Ingress) and reads the acceptor's VmRSS
+Starts the real ingress (one acceptor, tests.kit.harness.Ingress) and reads the acceptor's VmRSS
 from /proc: at rest; with `idle` connections open after the banner; with `sessions` sessions
 each holding `bytes_each` bytes of 3-byte lines in DATA (the worst case for a per-line buffer);
 and after those messages are finished. Bounded: everything is closed and stopped at the end.
