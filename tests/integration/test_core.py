@@ -206,7 +206,7 @@ def test_status_command(tmp_path: Path) -> None:
 def test_second_instance_refused(ingress: Ingress, tmp_path: Path) -> None:
     """SO_REUSEPORT would let a second instance share the port (and split the mail between two
     spools); the supervisor refuses instead, and refuses a state dir that is in use."""
-    text = ingress.core.config.read_text()
+    text = ingress.config.read_text()
     same_port = tmp_path / "same_port.toml"
     same_port.write_text(text.replace("port = 0", f"port = {ingress.port}").replace(
         str(ingress.state), str(tmp_path / "other-state")))
