@@ -26,7 +26,7 @@ Conventions
     Percentiles are the flood generator's nearest-rank values (no interpolation). Accepted % is
     strict: accepted / every scheduled attempt; an attempt still unanswered when the run ended
     (plus its grace) counts as not accepted ("unfinished" in the failures), unlike
-    bench/flood.py's own accepted_pct, which leaves those out.
+    bench.flood's own accepted_pct, which leaves those out.
     "n/a" means the target has no such sender (no mutual-TLS port). A check that
     could not be measured (target or scenario missing) is reported as "not measured", never as
     passed.

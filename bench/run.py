@@ -3,7 +3,7 @@
 Purpose
     One command (``make bench`` = ``python -m bench.run --full``, ``make bench-quick`` =
     ``--quick``) that starts its own targets -- smtp-ingress (bench/configs/flood.toml), plain
-    aiosmtpd (bench/baseline.py), a private Postfix with default limits (bench/postfix.py) and
+    aiosmtpd (bench/baseline.py), a private Postfix with default limits (tests/kit/postfix.py) and
     smtp-sink --, runs every scenario against them, stops every process it started, and writes
     bench/out/<timestamp>/{results.json, results.md, latency.png}. A --full run that completes is
     also copied to bench/results/ (latest.json, latest.md, latency.png).

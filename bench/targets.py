@@ -8,12 +8,12 @@ Purpose
     registry (a context manager) whose exit stops whatever is still running, newest first.
 
 API
-    Processes()                          context manager; .spawn(argv, ...) -> Popen (own session,
-                                         registered), .stop(proc), .stop_all(), .pids()
+    Processes()                          (from tests.kit.procs) context manager; .spawn(argv, ...)
+                                         -> Popen (own session), .stop(proc), .stop_all()
     make_pki(dir) -> Pki                 trustme CA, server cert (localhost, 127.0.0.1) and a
                                          client cert (PEM files); Pki.as_dict() for the JSON
     start_dns(procs, dir, records) -> (addr, Popen)
-                                         ``python -m tests.dnsserver`` as a child; addr is
+                                         ``python -m tests.kit.dnsserver`` as a child; addr is
                                          "127.0.0.1@PORT" (the ingress's nameserver syntax)
     ingress_config(template, overrides) -> dict; write_toml(path, tables)
     start_ingress(procs, dir, template, overrides, name) -> Running
@@ -39,21 +39,21 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 import tomli_w
 
 from ingress.core import procs
+from tests.kit.procs import Processes
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -62,74 +62,6 @@ PY = sys.executable
 
 class TargetError(RuntimeError):
     """A target did not start (or answer) in time."""
-
-
-# --------------------------------------------------------------------------------------------
-# Process registry
-
-
-class Processes:
-    """Every child process the suite starts, stopped by PID on exit (also on ^C and errors)."""
-
-    def __init__(self) -> None:
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self._logs: dict[int, IO[bytes]] = {}
-
-    def __enter__(self) -> Processes:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_all()
-
-    def spawn(self, argv: Sequence[str], *, log: Path | None = None, stdout_pipe: bool = False,
-              env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
-        """Start ``argv`` in its own session; stderr (and stdout unless piped) into ``log``."""
-        out: IO[bytes] | int = subprocess.DEVNULL
-        logf = None
-        if log is not None:
-            logf = open(log, "ab")  # noqa: SIM115 - closed in stop()
-            out = logf
-        proc = subprocess.Popen(
-            list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if stdout_pipe else out, stderr=out,
-            start_new_session=True)
-        self._procs.append(proc)
-        if logf is not None:
-            self._logs[proc.pid] = logf
-        return proc
-
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs if p.poll() is None]
-
-    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 30.0,
-             sig: int = signal.SIGTERM) -> int | None:
-        """SIGTERM (or ``sig``), wait up to ``timeout`` s, then SIGKILL its own process group."""
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)  # its own session: only this target
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(5.0)
-        # Whatever the target left behind in its own group (e.g. a child that outlived it).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        if proc.stdout is not None:
-            proc.stdout.close()
-        logf = self._logs.pop(proc.pid, None)
-        if logf is not None:
-            logf.close()
-        if proc in self._procs:
-            self._procs.remove(proc)
-        return proc.returncode
-
-    def stop_all(self) -> None:
-        for proc in reversed(list(self._procs)):
-            with contextlib.suppress(Exception):
-                self.stop(proc, timeout=20.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,11 +120,11 @@ def make_pki(directory: Path) -> Pki:
 
 def start_dns(procs: Processes, directory: Path, records: dict[str, dict[str, list[str]]],
               timeout: float = 15.0) -> tuple[str, subprocess.Popen[bytes]]:
-    """Run tests/dnsserver.py as a child; return ("127.0.0.1@PORT", process)."""
+    """Run tests/kit/dnsserver.py as a child; return ("127.0.0.1@PORT", process)."""
     directory.mkdir(parents=True, exist_ok=True)
     rec = directory / "dns-records.json"
     rec.write_text(json.dumps(records, indent=1))
-    proc = procs.spawn([PY, "-m", "tests.dnsserver", str(rec)], log=directory / "dns.log",
+    proc = procs.spawn([PY, "-m", "tests.kit.dnsserver", str(rec)], log=directory / "dns.log",
                        stdout_pipe=True)
     assert proc.stdout is not None
     line = _read_line(proc, timeout)
@@ -356,7 +288,7 @@ def start_baseline(procs: Processes, directory: Path, name: str = "aiosmtpd",
 def start_postfix(stack: contextlib.ExitStack, directory: Path,
                   name: str = "postfix") -> Running | str:
     """A private Postfix (default limits, discard delivery); a str is why it was skipped."""
-    from bench.postfix import (
+    from tests.kit.postfix import (
         PostfixError,
         PostfixInstance,
         PostfixUnavailable,
@@ -390,8 +322,8 @@ def start_postfix(stack: contextlib.ExitStack, directory: Path,
 
 
 def start_sink(stack: contextlib.ExitStack, name: str = "smtp-sink") -> Running | str:
-    from bench.postfix import free_port
     from bench.throughput import SmtpSink, ToolMissing
+    from tests.kit.postfix import free_port
 
     sink = SmtpSink(free_port())
     try:
@@ -408,7 +340,7 @@ def start_sink(stack: contextlib.ExitStack, name: str = "smtp-sink") -> Running 
 
 def postfix_version() -> str | None:
     with contextlib.suppress(Exception):
-        from bench.postfix import PostfixInstance
+        from tests.kit.postfix import PostfixInstance
 
         return PostfixInstance.version()
     return None

@@ -4,7 +4,7 @@ Purpose
     Measure how many messages per second a target accepts from ``smtp-source -s 20 -l 1024
     -m 20000`` (one message per connection) and the same with ``-d`` (many messages per
     connection), the way issue 2 and issue 4 ask: medians of N runs, side by side with a private
-    Postfix instance (bench/postfix.py, delivery="discard", default limits) and ``smtp-sink``
+    Postfix instance (tests/kit/postfix.py, delivery="discard", default limits) and ``smtp-sink``
     (the C ceiling: it accepts and forgets), with the ratio of every target against Postfix.
 
 API
@@ -67,8 +67,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from bench.postfix import smtp_banner
 from ingress.core import procs
+from tests.kit.postfix import smtp_banner
 
 __all__ = [
     "MODES",
@@ -532,7 +532,7 @@ def render_markdown(result: BenchResult, baseline: str = "postfix") -> str:
 def builtin_targets(stack: contextlib.ExitStack, names: Iterable[str], workdir: Path,
                     notes: list[str] | None = None) -> list[Target]:
     """Start the built-in targets (``postfix``, ``smtp-sink``); ``stack`` stops them."""
-    from bench.postfix import PostfixError, PostfixInstance, PostfixUnavailable, free_port
+    from tests.kit.postfix import PostfixError, PostfixInstance, PostfixUnavailable, free_port
 
     targets: list[Target] = []
     for name in names:

@@ -2,7 +2,7 @@
 
 Purpose
     Gather the facts that ingress.policy.classify.decide() consumes, without ever blocking the event
-    loop and with a deadline on every lookup (DESIGN.md sections 3, 9.6, 10).
+    loop and with a deadline on every lookup (pyspf is synchronous: it runs in an executor).
 
 API
     make_resolver(nameservers, timeout, cache_size=10000) -> dns.resolver.Resolver

@@ -5,7 +5,7 @@ API:
         one instance per connection (the asyncio protocol); `host` is the acceptor process
         (ingress.host.SessionHost); the aiosmtpd hooks are ingress.handler.IngressHandler
 
-What this layer adds to aiosmtpd:
+What this layer adds to aiosmtpd (docs/design.md lists the aiosmtpd traps it works around):
 - classification and admission in connection_made, before aiosmtpd builds anything: a refused
   connection (421 4.7.0, no banner) costs microseconds; behind a PROXY-protocol balancer (per
   listener) they wait for the header (ingress/proxy.py), and the greet pause and the

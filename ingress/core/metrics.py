@@ -24,7 +24,7 @@ API (supervisor):
 
 API (hot path: a dict lookup, then one mmap write per counter/gauge, two per histogram
 observation; measured ~1.5 us per counter inc and ~3-5 us per observe on the dev VM, see
-`python -m tests.unit.test_metrics`):
+`python -m tests.integration.test_metrics`):
     Outcome, Result, RcptResult     StrEnums: the declared labels of connection(), message(),
                                     recipient() (OUTCOMES, RESULTS, RCPT_RESULTS: their values);
                                     an undeclared label raises ValueError at its first use

@@ -2,7 +2,7 @@
 
 Purpose
     Decide in microseconds, before the banner, whether a new connection gets a slot
-    (DESIGN.md section 4). Capacity is held for the fast lane: `fast_reserve` of the
+    (pure: no I/O). Capacity is held for the fast lane: `fast_reserve` of the
     `max_connections` slots can only ever be used by fast sessions, so a bulk flood cannot take
     them. Bulk is additionally limited per client IP (IPv4 address or IPv6 /64 by default):
     a concurrency cap and a connection-rate token bucket. Early talkers are penalised.

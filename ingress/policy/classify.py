@@ -2,7 +2,7 @@
 
 Purpose
     Decide whether a live SMTP session belongs in the fast lane (held capacity, never
-    rate-capped) or the bulk lane, from evidence that arrives in stages (DESIGN.md section 3):
+    rate-capped) or the bulk lane, from evidence that arrives in stages, each only promoting:
     connect (static allow list, learned allow cache), TLS handshake (client certificate),
     MAIL FROM (SPF). Each stage can only *promote* a session, never demote it.
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Ingress, client_bytes, make_body, send_one
+from tests.kit.harness import Ingress, client_bytes, make_body, send_one
 
 QUEUED = re.compile(r"queued as ([0-9A-F]+)")
 CRASH_EVENTS = ("child_exit", "child_hung", "crash_loop")

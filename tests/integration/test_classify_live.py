@@ -22,8 +22,8 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.dnsserver import DNSServer
-from tests.harness import Ingress, make_body, send_one, smtp_dialogue, split_trace
+from tests.kit.dnsserver import DNSServer
+from tests.kit.harness import Ingress, make_body, send_one, smtp_dialogue, split_trace
 
 TRUSTED_IP = "127.0.0.20"
 SPF_IP = "127.0.0.30"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT, Ingress, client_bytes, make_body, send_one, smtp_dialogue
+from tests.kit.harness import ROOT, Ingress, client_bytes, make_body, send_one, smtp_dialogue
 
 QUEUED = re.compile(r"queued as ([0-9A-F]+)")
 

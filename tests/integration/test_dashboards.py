@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.postfix import PostfixInstance
-from tests.harness import ROOT, Ingress, make_body, send_one
 from tests.integration.test_metrics_scrape import scrape
 from tests.integration.test_queue_cli import REJECTED, postfix, tables  # noqa: F401
 from tests.integration.test_relay import relaying, wait_for
+from tests.kit.harness import ROOT, Ingress, make_body, send_one
+from tests.kit.postfix import PostfixInstance
 
 pytestmark = pytest.mark.timeout(120)
 

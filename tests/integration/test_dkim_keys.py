@@ -1,4 +1,4 @@
-"""DKIM key limits end to end: real DNS (tests/dnsserver.py) and a real ingress.
+"""DKIM key limits end to end: real DNS (tests/kit/dnsserver.py) and a real ingress.
 
 Issue 9 item 2: dkimpy accepts any key size and exponent. A key record with an 8192-bit modulus
 and an 8192-bit exponent costs ~1.1 s of GIL-holding pow() per signature, a 16384-bit one ~8 s:
@@ -6,7 +6,7 @@ the broker NACKed whole batches as worker_lost and the supervisor killed the wor
 now refused from their TXT record, before any RSA operation, and at most MAX_SIGNATURES are
 evaluated per message.
 
-The oversized and weak keys are crafted numbers (tests/dkimkeys.py), the good key a real one;
+The oversized and weak keys are crafted numbers (tests/kit/dkimkeys.py), the good key a real one;
 every signature is made with the good private key, so only the published key differs.
 """
 
@@ -22,9 +22,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.dkimkeys import modulus, record, spki
-from tests.dnsserver import DNSServer
-from tests.harness import Ingress, send_one, split_trace
+from tests.kit.dkimkeys import modulus, record, spki
+from tests.kit.dnsserver import DNSServer
+from tests.kit.harness import Ingress, send_one, split_trace
 from workers import dkim_check
 from workers.dkim_check import MAX_SIGNATURES, DkimResult, verify_dkim
 

@@ -1,6 +1,6 @@
 """SPF (ingress.evidence) and DKIM (workers.dkim_check) against a real DNS server on loopback.
 
-The DNS server is tests/dnsserver.py (dnspython, UDP + TCP on 127.0.0.1). Timeouts are
+The DNS server is tests/kit/dnsserver.py (dnspython, UDP + TCP on 127.0.0.1). Timeouts are
 provoked with a UDP socket that is bound but never read, and with names the server ignores.
 """
 
@@ -32,7 +32,7 @@ from ingress.evidence import (
     spf_identity,
 )
 from ingress.policy.classify import AuthResult, CertResult
-from tests.dnsserver import DNSServer
+from tests.kit.dnsserver import DNSServer
 from workers import dkim_check
 from workers.dkim_check import (
     DkimResult,

@@ -74,7 +74,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from tests.harness import ROOT, Ingress, client_bytes, send_one
+from tests.kit.harness import ROOT, Ingress, client_bytes, send_one
 from workers import spool as spool_mod
 
 MAX_MESSAGE = 32 * 1024

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import Ingress, client_bytes, smtp_dialogue
+from tests.kit.harness import Ingress, client_bytes, smtp_dialogue
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingress.core import metrics
-from tests.harness import ROOT, Ingress, make_body, send_one
+from tests.kit.harness import ROOT, Ingress, make_body, send_one
 
 N = 20
 

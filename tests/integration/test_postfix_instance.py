@@ -1,9 +1,9 @@
-"""A private Postfix instance (bench/postfix.py) starts on loopback, accepts and stops cleanly.
+"""A private Postfix instance (tests/kit/postfix.py) starts on loopback, accepts and stops cleanly.
 
 Checks, with a real Postfix on a free 127.0.0.1 port: one message sent with aiosmtplib gets 250
 and lands as a Maildir file under maildir_root (delivery="maildir"); a foreign domain is refused
 (no open relay); after stop() no process of the instance is left and the port is closed. Skips
-when not root or Postfix is not installed (PostfixUnavailable). Budget: well under 20 s.
+when not root or Postfix is not installed (the needs_postfix marker). Budget: well under 20 s.
 """
 
 from __future__ import annotations
@@ -21,17 +21,9 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from bench.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
+from tests.kit.postfix import PostfixInstance, free_port
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def postfix_available() -> None:
-    try:
-        check_available()
-    except PostfixUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.fixture
@@ -62,7 +54,8 @@ def _send(port: int, rcpt: str, marker: str) -> tuple[dict[str, tuple[int, str]]
     return asyncio.run(go())
 
 
-def test_maildir_delivery_and_clean_stop(workdir: Path, postfix_available: None) -> None:
+@pytest.mark.needs_postfix
+def test_maildir_delivery_and_clean_stop(workdir: Path) -> None:
     maildir_root = workdir / "maildir"
     pf = PostfixInstance(workdir, free_port(), delivery="maildir", maildir_root=maildir_root,
                          accept_domains=("example.test",))

@@ -29,10 +29,10 @@ from typing import Any
 import orjson
 import pytest
 
-from bench.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
 from ingress.core.wire import Envelope, Lane, new_qid
-from tests.harness import ROOT, Ingress, make_body, send_one, write_config
 from tests.integration.test_relay import delivered, relaying, wait_for
+from tests.kit.harness import ROOT, Ingress, make_body, send_one, write_config
+from tests.kit.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
 from workers import spool as spool_mod
 from workers.relay.state import RelayState
 from workers.spool import read_state, write_state

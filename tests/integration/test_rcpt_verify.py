@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
-from tests.harness import Ingress, make_body, send_one, smtp_dialogue
+from tests.kit.harness import Ingress, make_body, send_one, smtp_dialogue
+from tests.kit.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
 
 pytestmark = pytest.mark.timeout(120)
 

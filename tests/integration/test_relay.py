@@ -1,4 +1,4 @@
-"""The relay end to end: a real ingress relaying to a real, private Postfix (bench/postfix.py).
+"""The relay end to end: a real ingress relaying to a real, private Postfix (tests/kit/postfix.py).
 
 (a) 50 messages arrive in Postfix's Maildir byte-identical apart from the trace headers (ours
     and the four Postfix adds: Return-Path, X-Original-To, Delivered-To, its Received), and are
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
-from tests.harness import Ingress, make_body, send_one
+from tests.kit.harness import Ingress, make_body, send_one
+from tests.kit.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -1,5 +1,5 @@
 """Chaos for the relay (issue 9): kill -9 of the relay child mid-delivery, twice, with a real
-ingress (tests/harness.py Ingress: supervisor and children) relaying to a real Postfix.
+ingress (tests/kit/harness.py Ingress: supervisor and children) relaying to a real Postfix.
 
 Nothing is lost: every message the acceptor answered 250 for arrives in Postfix's Maildir at
 least once, the supervisor restarts the relay and the restarted relay drains the spool. A
@@ -20,8 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from bench.postfix import PostfixInstance
-from tests.harness import Ingress, make_body
 from tests.integration.test_relay import (  # noqa: F401 - postfix is a fixture
     delivered,
     postfix,
@@ -31,6 +29,8 @@ from tests.integration.test_relay import (  # noqa: F401 - postfix is a fixture
     strip_trace,
     wait_for,
 )
+from tests.kit.harness import Ingress, make_body
+from tests.kit.postfix import PostfixInstance
 
 pytestmark = pytest.mark.timeout(150)
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import orjson
 
-from bench.postfix import free_port
 from ingress.core import metrics
-from tests.harness import ROOT, Ingress, make_body, send_one
 from tests.integration.test_metrics_scrape import scrape
 from tests.integration.test_queue_cli import REJECTED, TEMPFAIL, postfix, tables  # noqa: F401
 from tests.integration.test_relay import relaying, wait_for
+from tests.kit.harness import ROOT, Ingress, make_body, send_one
+from tests.kit.postfix import free_port
 
 
 def metrics_port(ing: Ingress) -> int:

@@ -1,6 +1,6 @@
 """The innocent-mail invariant of the relay (issue 9): poison messages interleaved with innocent
 ones, relayed by a real ingress to a real downstream, over SMTP (a private Postfix,
-bench/postfix.py) and over LMTP (aiosmtpd's LMTP server in its own process, on a loopback
+tests/kit/postfix.py) and over LMTP (aiosmtpd's LMTP server in its own process, on a loopback
 socket). Every innocent message arrives exactly once and none bounces; every poison message
 ends in failed/ with a DSN to its sender (never to the null sender; none at all to a sender
 that cannot be sent), or is delivered where the downstream takes it.
@@ -37,9 +37,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bench.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
 from ingress.core.wire import Envelope, Lane, new_qid
-from tests.harness import Ingress, make_body, send_one
+from tests.kit.harness import Ingress, make_body, send_one
+from tests.kit.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
 from workers import spool as spool_mod
 
 pytestmark = pytest.mark.timeout(150)

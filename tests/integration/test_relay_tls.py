@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import trustme
 
-from bench.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
-from tests.harness import Ingress, make_body, send_one
 from tests.integration.test_queue_cli import postfix, spool_count  # noqa: F401
 from tests.integration.test_relay import delivered, relaying, wait_for
+from tests.kit.harness import Ingress, make_body, send_one
+from tests.kit.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
 
 pytestmark = pytest.mark.timeout(120)
 

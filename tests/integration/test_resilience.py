@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Ingress, client_bytes, make_body, send_one, smtp_dialogue
+from tests.kit.harness import Ingress, client_bytes, make_body, send_one, smtp_dialogue
 
 QUEUED = re.compile(r"queued as ([0-9A-F]+)")
 

@@ -20,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.harness import Ingress, client_bytes, make_body, send_one, smtp_dialogue
+from tests.kit.harness import Ingress, client_bytes, make_body, send_one, smtp_dialogue
 
 PROXY_V1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n"
 

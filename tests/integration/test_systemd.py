@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from ingress.core import config as config_mod
-from tests.harness import ROOT, write_config
+from tests.kit.harness import ROOT, write_config
 
 UNIT_DIR = ROOT / "systemd"
 INSTALLED_BIN = "/usr/bin/smtp-ingress"
@@ -49,15 +49,7 @@ def _venv_bin() -> Path:
 
 def _need(tool: str) -> str:
     path = shutil.which(tool)
-    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-qq", "systemd"], check=False,
-                       capture_output=True, env={**os.environ,
-                                                 "DEBIAN_FRONTEND": "noninteractive"},
-                       timeout=300)
-        path = shutil.which(tool)
-    if path is None:
-        pytest.skip(f"{tool} not installed (Debian package systemd; install it as root, or run "
-                    "`make sysdeps`)")
+    assert path is not None, f"{tool}: the test lacks @pytest.mark.needs_systemd"
     return path
 
 
@@ -75,6 +67,7 @@ def _rewritten(unit: Path, into: Path) -> Path:
     return out
 
 
+@pytest.mark.needs_systemd
 def test_units_verify(tmp_path: Path) -> None:
     tool = _need("systemd-analyze")
     for unit in _units():
@@ -102,6 +95,7 @@ def test_unit_has_what_the_issue_asks() -> None:
     assert float(stop.split("=")[1].rstrip("s")) > example.smtp.drain_grace + 25
 
 
+@pytest.mark.needs_systemd
 def test_unit_security_exposure(tmp_path: Path) -> None:
     tool = _need("systemd-analyze")
     local = _rewritten(UNIT_DIR / "smtp-ingress.service", tmp_path)
@@ -110,6 +104,7 @@ def test_unit_security_exposure(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
 
 
+@pytest.mark.needs_systemd
 def test_sysusers_and_tmpfiles(tmp_path: Path) -> None:
     sysusers = _need("systemd-sysusers")
     r = subprocess.run([sysusers, "--dry-run", str(UNIT_DIR / "smtp-ingress.sysusers")],

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -11,7 +9,7 @@ import pytest
 
 from ingress import configshow
 from ingress.core import config
-from tests.harness import ROOT, write_config
+from tests.kit.harness import write_config
 
 
 def cfg_file(tmp_path: Path, **tables: dict[str, object]) -> Path:
@@ -65,16 +63,3 @@ def test_derived(tmp_path: Path, tables: dict[str, dict[str, object]], nofile: t
     d = configshow.derived(config.load(cfg_file(tmp_path, **tables)), nofile=nofile)
     for k, v in want.items():
         assert d[k] == v, (k, d[k])
-
-
-def test_cli_show(tmp_path: Path) -> None:
-    f = cfg_file(tmp_path, **{"lanes.bulk": {"rate": 10.0}})
-    r = subprocess.run([sys.executable, "-m", "ingress.cli", "check-config", str(f), "--show"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, r.stderr
-    assert "[lanes.bulk]" in r.stdout and "# connections per acceptor:" in r.stdout
-    assert "# bulk cap 10/s: each acceptor admits" in r.stdout
-    tomllib.loads(r.stdout)
-    r = subprocess.run([sys.executable, "-m", "ingress.cli", "check-config", str(f)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=30)
-    assert r.stdout.strip() == f"{f}: ok"

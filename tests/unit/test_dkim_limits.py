@@ -5,7 +5,7 @@ exponent costs ~1.1 s of GIL-holding pow() per signature. RFC 8301 section 3.1: 
 accept 1024..4096 bits and must not accept < 1024; we refuse > 4096 too, and exponents above
 64 bits (OpenSSL's own limit for public operations on large moduli).
 
-The key records are crafted numbers (tests/dkimkeys.py): the check is about the sizes in the
+The key records are crafted numbers (tests/kit/dkimkeys.py): the check is about the sizes in the
 TXT record, not about keys anyone can sign with.
 """
 
@@ -17,8 +17,8 @@ from functools import partial
 
 import pytest
 
-from tests.dkimkeys import modulus as _modulus
-from tests.dkimkeys import record, rsa_public_key, spki
+from tests.kit.dkimkeys import modulus as _modulus
+from tests.kit.dkimkeys import record, rsa_public_key, spki
 from workers import dkim_check
 from workers.dkim_check import MAX_KEY_BITS, MIN_KEY_BITS, header_from_domain, key_record_problem
 

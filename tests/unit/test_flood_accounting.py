@@ -1,4 +1,4 @@
-"""Accounting of the flood generator (bench.flood), checked against bench.scripted_server.
+"""Accounting of the flood generator (bench.flood), checked against tests.kit.scripted_server.
 
 Each test runs a short flood (well under a second of load) against a server whose answer to each
 connection is scripted, and checks the counts, reply-code buckets, timeouts, refused connections
@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from bench import flood
-from bench.scripted_server import ScriptedServer, parse_outcome
+from tests.kit.scripted_server import ScriptedServer, parse_outcome
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = "127.0.0.10"

@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-import os
 import ssl
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ingress.core import config
 from ingress.core.downstream import parse_downstream
-from tests.harness import ROOT, write_config
+from tests.kit.harness import write_config
 from workers.relay import clients as relay_tls
 
 
@@ -59,19 +56,6 @@ def test_read_credentials(tmp_path: Path, content: str, mode: int,
     else:
         with pytest.raises(ValueError, match=want):
             config.read_credentials(str(f))
-
-
-def test_group_readable_auth_file_is_a_config_error(tmp_path: Path) -> None:
-    f = tmp_path / "auth"
-    f.write_text("u:p\n")
-    os.chmod(f, 0o640)
-    cfg = tmp_path / "c.toml"
-    write_config(cfg, {"smtp": {"accepted_domains": ["example.test"]},
-                       "relay": {"downstream": "smtp://127.0.0.1:25", "tls": "required",
-                                 "auth_file": str(f)}})
-    r = subprocess.run([sys.executable, "-m", "ingress.cli", "check-config", str(cfg)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 2 and "relay.auth_file" in r.stderr and "chmod 600" in r.stderr, r
 
 
 def test_policy(tmp_path: Path) -> None:

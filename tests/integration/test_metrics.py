@@ -1,7 +1,7 @@
 """ingress.core.metrics: multiprocess aggregation across real spawned processes, the exposition, the
 spool collector, child_dead, the HTTP endpoint, and the per-call cost of the hot-path helpers.
 
-Run `python -m tests.unit.test_metrics` to print the measured costs.
+Run `python -m tests.integration.test_metrics` to print the measured costs.
 """
 
 from __future__ import annotations

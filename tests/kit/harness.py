@@ -32,7 +32,7 @@ import tomli_w
 from ingress.core import procs
 from workers import spool as spool_mod
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> None:

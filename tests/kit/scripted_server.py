@@ -10,7 +10,7 @@ API
         await start() -> port;  await stop();  ``async with`` does both
         .connections, .accepted (messages answered 250 at end of DATA), .peers (source addresses),
         .served (the Outcome text used for each connection, in order)
-    CLI: python -m bench.scripted_server --port 2526 250 "451 at MAIL" "slow 200ms"
+    CLI: python -m tests.kit.scripted_server --port 2526 250 "451 at MAIL" "slow 200ms"
 
 Script grammar (one entry per connection, in connect order; after the last entry the last one
 repeats, or the script restarts with ``cycle=True``):
@@ -223,7 +223,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.scripted_server")
+    p = argparse.ArgumentParser(prog="python -m tests.kit.scripted_server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--cycle", action="store_true")

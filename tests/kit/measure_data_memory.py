@@ -1,8 +1,8 @@
 """Measure what sessions cost an acceptor in memory (for the README's figures; not a test).
 
-    .venv/bin/python -m tests.measure_data_memory [sessions] [bytes_each] [idle]
+    .venv/bin/python -m tests.kit.measure_data_memory [sessions] [bytes_each] [idle]
 
-Starts the real ingress (one acceptor, tests/harness.Ingress) and reads the acceptor's VmRSS
+Starts the real ingress (one acceptor, tests.kit.harness.Ingress) and reads the acceptor's VmRSS
 from /proc: at rest; with `idle` connections open after the banner; with `sessions` sessions
 each holding `bytes_each` bytes of 3-byte lines in DATA (the worst case for a per-line buffer);
 and after those messages are finished. Bounded: everything is closed and stopped at the end.
@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.harness import Ingress
+from tests.kit.harness import Ingress
 
 
 def rss_kib(pid: int) -> int:
