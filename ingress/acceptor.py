@@ -79,7 +79,8 @@ class AcceptorContext:
     (ingress.spf_service), the learned store (ingress.learned_store), the lane clients
     (ingress.lanes)."""
 
-    def __init__(self, cfg: Config, index: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, cfg: Config, index: int, loop: asyncio.AbstractEventLoop,
+                 nofile: int = 0) -> None:
         self.cfg, self.index, self.loop = cfg, index, loop
         self.ident = f"a{index}-{os.getpid()}"
         c, a, s = cfg.classify, cfg.admission, cfg.smtp
@@ -93,7 +94,7 @@ class AcceptorContext:
             spf_promote=c.spf_promote, spf_domains=frozenset(c.spf_domains),
             cert_promotes=c.cert_promotes, learned_promotes=c.learned_ttl > 0)
         self.counters: Counter[str] = Counter()
-        self.table = SessionTable(cfg, self.counters, time.monotonic())
+        self.table = SessionTable(cfg, self.counters, time.monotonic(), nofile=nofile)
         self.pins = frozenset(normalize_fingerprint(f) for f in cfg.tls.pinned_sha256)
         self.spf_service = SpfService(cfg, self.counters)
         # Bytes held in DATA by all sessions (smtp.data_memory_budget); bulk never takes the
@@ -345,11 +346,14 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
                 mtls_sock: socket.socket | None, fast_sock: socket.socket | None,
                 sig: child.Signals | None = None) -> None:
     loop = asyncio.get_running_loop()
-    ctx = AcceptorContext(cfg, index, loop)
     needed = cfg.smtp.max_connections + FD_SPARE
     nofile, _ = procs.raise_nofile(needed)
+    # Admission is capped at what the fd limit allows (sessions.fd_capped): a client beyond it
+    # gets 421 instead of libuv's silent accept-and-close on EMFILE.
+    ctx = AcceptorContext(cfg, index, loop, nofile=nofile)
     if nofile < needed:
         log.event("nofile_too_low", "error", limit=nofile, needed=needed,
+                  max_connections_effective=ctx.table.admission.limits.max_connections,
                   hint="raise LimitNOFILE / ulimit -n, or lower smtp.max_connections")
     sock.setblocking(False)
     lst = cfg.listen

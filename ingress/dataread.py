@@ -5,7 +5,7 @@ lines) and runs Python code per line (a 256 KiB read of 3-byte lines stalled the
 ~120 ms). DataReader takes whatever the stream buffer holds, finds the end of data and checks
 line lengths with bytes methods (C loops), and appends to one bytearray.
 
-API (pure: no I/O; the SMTP layer feeds it from its StreamReader's buffer):
+API (pure: no I/O, but read_stream; the SMTP layer feeds it from its StreamReader's buffer):
     DataState                       NOMINAL, TOO_LONG (500), TOO_MUCH (552), NO_STORAGE (452)
     DataBudget(total, fast_reserve) the bytes in DATA of one acceptor: take(lane, n) -> bool,
                                     give(lane, n), bulk_full() (less than MIN_FREE left for
@@ -15,6 +15,9 @@ API (pure: no I/O; the SMTP layer feeds it from its StreamReader's buffer):
                                         done: the end-of-data line was consumed
         content() -> bytes              the message, dot-unstuffed (NOMINAL only)
         release()                       give every charged byte back to the budget (always call)
+    read_stream(stream, writer, reader) -> bool   the one piece of I/O here, the SMTP layer's
+                                    glue: feed an asyncio StreamReader's buffer to `reader`
+                                    until the end of data; False: the connection is gone
 
 Semantics are aiosmtpd 1.4.6's smtp_DATA, which tests/integration/test_resources.py compares
 byte for byte: lines end at CRLF only (a bare CR or LF is part of a line: the SMTP layer refuses
@@ -37,6 +40,7 @@ bytearray and the bytes returned), for the moment of the copy.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
 from enum import Enum
@@ -209,3 +213,27 @@ class DataReader:
         if self.budget is not None and self.charged:
             self.budget.give(self.lane, self.charged)
         self.charged = 0
+
+
+async def read_stream(stream: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      reader: DataReader) -> bool:
+    """Feed the stream buffer to `reader` until the end of data. False: the connection
+    is gone (aiosmtpd's eof_received cancels the reading task in the same case)."""
+    buf: bytearray = stream._buffer           # type: ignore[attr-defined]
+    while True:
+        if stream._exception is not None:     # type: ignore[attr-defined]
+            raise stream._exception           # type: ignore[attr-defined]
+        if buf:
+            n, done = reader.feed(buf)
+            if n:
+                del buf[:n]
+                stream._maybe_resume_transport()  # type: ignore[attr-defined]
+            if done:
+                return True
+        if stream.at_eof() or stream._eof:    # type: ignore[attr-defined]
+            return False
+        try:
+            await stream._wait_for_data("smtp_DATA")  # type: ignore[attr-defined]
+        except asyncio.CancelledError:
+            writer.close()                    # the connection was reset during DATA
+            raise

@@ -2,7 +2,9 @@
 
 API:
     Seat                      Protocol: what the table needs of a session (IngressSMTP is one)
-    SessionTable(cfg, counters)
+    fd_capped(max_connections, fast_reserve, nofile) -> (max_connections, fast_reserve)
+                              the slots the fd limit allows (pure; below)
+    SessionTable(cfg, counters, now, nofile=0)
         admit(seat, draining, now) -> str | None   None: admitted (seat.ticket set, the seat
                                    is live, and silent if bulk); else the refusal line
                                    (seat.refused_why names the reason)
@@ -19,6 +21,13 @@ admission.evict_silent_after; it gets 421 (seat.evict) and its slot goes to the 
 real MTA speaks within milliseconds of the banner; a slowloris bot never does. Evictions are
 rate-limited (admission.evict_rate; 0 = never), since each one makes a bot reconnect.
 
+The fd cap: an acceptor holds one fd per session plus FD_SPARE (admission.FD_SPARE: listeners,
+ZeroMQ, logs, the SPF pool), so it admits at most RLIMIT_NOFILE - FD_SPARE sessions (the soft
+limit after procs.raise_nofile raised it to the hard one; nofile=0: no cap), and the fast
+reserve shrinks in proportion. Beyond that a client gets 421 4.7.0 (slots) instead of libuv's
+silent accept-and-close on EMFILE; the first refusal the cap causes is logged (fd_limit_reached,
+then at most once a minute).
+
 Failure modes: none raised; refusals are lines. Limits: per acceptor (admission's limits); the
 silent set holds bulk sessions only, in admission order (so the first is the longest-silent).
 """
@@ -28,12 +37,12 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from typing import Protocol
 
-from ingress.core import metrics
+from ingress.core import log, metrics
 from ingress.core.config import Config
 from ingress.core.metrics import Outcome
 from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import Lane
-from ingress.policy.admission import Admission, AdmissionLimits, Ticket
+from ingress.policy.admission import FD_SPARE, Admission, AdmissionLimits, Ticket
 from ingress.policy.admission import Refusal as Reason
 from ingress.policy.replies import Refusal, text
 from ingress.policy.session_rules import pick_eviction
@@ -49,12 +58,29 @@ class Seat(Protocol):
     def evict(self, line: str) -> None: ...
 
 
+FD_LOG_INTERVAL = 60.0     # seconds between two fd_limit_reached lines
+
+
+def fd_capped(max_connections: int, fast_reserve: int, nofile: int) -> tuple[int, int]:
+    """smtp.max_connections and smtp.fast_reserve as the fd limit `nofile` allows: at most
+    nofile - FD_SPARE sessions (at least 1), the reserve scaled down in the same proportion.
+    nofile <= 0: unknown, no cap."""
+    if nofile <= 0 or nofile - FD_SPARE >= max_connections:
+        return max_connections, fast_reserve
+    cap = max(1, nofile - FD_SPARE)
+    return cap, min(cap - 1, fast_reserve * cap // max_connections)
+
+
 class SessionTable:
-    def __init__(self, cfg: Config, counters: Counter[str], now: float) -> None:
+    def __init__(self, cfg: Config, counters: Counter[str], now: float, nofile: int = 0) -> None:
         a, s = cfg.admission, cfg.smtp
         self.cfg, self.counters = cfg, counters
+        max_connections, fast_reserve = fd_capped(s.max_connections, s.fast_reserve, nofile)
+        self.nofile = nofile
+        self.fd_capped = max_connections < s.max_connections
+        self._fd_logged = -FD_LOG_INTERVAL
         self.admission = Admission(AdmissionLimits(
-            max_connections=s.max_connections, fast_reserve=s.fast_reserve,
+            max_connections=max_connections, fast_reserve=fast_reserve,
             per_ip_bulk_max=a.per_ip_bulk_max, per_ip_rate=a.per_ip_rate,
             per_ip_burst=a.per_ip_burst, penalty_s=a.penalty))
         self.sessions: set[Seat] = set()
@@ -71,6 +97,8 @@ class SessionTable:
         if not verdict.admitted and verdict.reason is Reason.SLOTS and self.evict_silent(now):
             verdict = self.admission.try_admit(seat.peer_ip, seat.lane, now)
         if not verdict.admitted:
+            if verdict.reason is Reason.SLOTS and self.fd_capped:
+                self._log_fd_cap(now)
             self.counters[f"refused_{verdict.reason.value}"] += 1
             seat.refused_why = verdict.reason.value
             return verdict.reply
@@ -79,6 +107,18 @@ class SessionTable:
         if seat.lane is Lane.BULK:
             self.silent[seat] = now
         return None
+
+    def _log_fd_cap(self, now: float) -> None:
+        """Slots full and they were capped by the fd limit: say so (rate-limited)."""
+        if now - self._fd_logged < FD_LOG_INTERVAL:
+            return
+        self._fd_logged = now
+        log.event("fd_limit_reached", "warning", nofile=self.nofile, fd_spare=FD_SPARE,
+                  max_connections=self.cfg.smtp.max_connections,
+                  effective=self.admission.limits.max_connections,
+                  why="slots capped at RLIMIT_NOFILE - FD_SPARE: 421 instead of EMFILE "
+                      "(too many open files)",
+                  hint="raise LimitNOFILE / ulimit -n")
 
     def evict_silent(self, now: float) -> bool:
         victim = pick_eviction(self.silent, now, silent_after=self.cfg.admission.evict_silent_after,

@@ -36,7 +36,9 @@ What this layer adds to aiosmtpd (docs/design.md lists the aiosmtpd traps it wor
   deadline (smtp.ack_timeout), and the session deadline waits for it;
 - a per-instance command_size_limits (aiosmtpd's is a class attribute shared by all sessions
   and grows with every EHLO); AUTH is never offered (502 5.5.1);
-- the lines of a multi-line reply (EHLO) leave in one write; <addr> parsing has a fast path.
+- every reply line replies.clean()ed in push() (no client control bytes echoed, 512 octets);
+  STARTTLS inside TLS refused (503 5.5.1, RFC 3207); an address the stdlib parser chokes on
+  ("a@": IndexError) is malformed (553 5.1.3); multi-line replies leave in one write.
 
 Failure modes: bad input gets an SMTP reply and a log line, never a traceback (the handler's
 handle_exception answers 451 4.3.0). Limits: those of the config (smtp.*, admission.*).
@@ -52,18 +54,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiosmtpd.proxy_protocol import get_proxy
-from aiosmtpd.smtp import MISSING, SMTP, _AuthMechAttr
+from aiosmtpd.smtp import MISSING, SMTP, _AuthMechAttr, syntax
 
 from ingress import proxy
 from ingress.core import log, metrics
 from ingress.core.metrics import Outcome, RcptResult
 from ingress.core.wire import Lane
-from ingress.dataread import DataReader, DataState
+from ingress.dataread import DataReader, DataState, read_stream
 from ingress.host import SessionHost
 from ingress.policy import session_rules
 from ingress.policy.admission import Ticket, stress_timeouts
 from ingress.policy.classify import Evidence, normalize_ip, promote
-from ingress.policy.replies import Refusal, text
+from ingress.policy.replies import Refusal, clean, text
 from ingress.policy.session_rules import Counters, Refused
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -402,13 +404,14 @@ class IngressSMTP(SMTP):
     # --- commands -----------------------------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:
-        """As aiosmtpd's, but the lines of a multi-line reply (EHLO) go out in one write:
-        one system call instead of seven, the largest single cost of a short session."""
+        """As aiosmtpd's, but every line replies.clean()ed (aiosmtpd echoes client bytes), and
+        the lines of a multi-line reply (EHLO) go out in one write: one system call, not seven."""
         if not self.banner_sent:
             self.banner_sent = True
             metrics.observe_banner(self.lane, time.monotonic() - self.started)
-        line = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") \
-            if isinstance(status, str) else status
+        if isinstance(status, bytes):
+            status = status.decode("utf-8", "surrogateescape")
+        line = clean(status).encode("utf-8" if self.enable_SMTPUTF8 else "ascii", "replace")
         if line[3:4] == b"-":
             self._continuation.append(line + b"\r\n")
             return
@@ -512,13 +515,25 @@ class IngressSMTP(SMTP):
     smtp_VRFY = _checked_command("VRFY")
     smtp_HELP = _checked_command("HELP", check_arg=False)
 
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """RFC 3207 4.2: no STARTTLS inside TLS (aiosmtpd would start TLS inside TLS)."""
+        if self._tls_protocol is not None:
+            await self.push("503 5.5.1 Error: TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The common case, <dot-atom@domain> [params], without the email package's full
-        RFC 5322 parser (5% of a session's CPU); anything else goes the long way."""
+        RFC 5322 parser (5% of a session's CPU); anything else goes the long way, where what
+        the parser raises besides HeaderParseError ("a@": IndexError) is a malformed address."""
         m = _SIMPLE_ADDRESS.match(arg) if arg else None
         if m is not None and not self.local_part_limit:
             return m.group(1), m.group(2)
-        return super()._getaddr(arg)
+        try:
+            return super()._getaddr(arg)
+        except (IndexError, ValueError):   # the stdlib parser on "a@": a malformed address
+            return None, None               # (553 5.1.3 for MAIL/RCPT, 502 for VRFY)
 
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's smtp_DATA (same checks, replies and end-of-data, dot-unstuffing,
@@ -546,7 +561,7 @@ class IngressSMTP(SMTP):
         reader = DataReader(self.data_size_limit, budget, self.lane, self.line_length_limit)
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
-            if not await self._read_data(reader):
+            if not await read_stream(self._reader, self._writer, reader):
                 return
             if reader.state is not DataState.NOMINAL:
                 if reader.state is DataState.TOO_LONG:
@@ -577,29 +592,6 @@ class IngressSMTP(SMTP):
         finally:
             reader.release()
             self.busy = False
-
-    async def _read_data(self, reader: DataReader) -> bool:
-        """Feed the stream buffer to `reader` until the end of data. False: the connection
-        is gone (aiosmtpd's eof_received cancels this task in the same case)."""
-        stream = self._reader
-        buf: bytearray = stream._buffer           # type: ignore[attr-defined]
-        while True:
-            if stream._exception is not None:     # type: ignore[attr-defined]
-                raise stream._exception           # type: ignore[attr-defined]
-            if buf:
-                n, done = reader.feed(buf)
-                if n:
-                    del buf[:n]
-                    stream._maybe_resume_transport()  # type: ignore[attr-defined]
-                if done:
-                    return True
-            if stream.at_eof() or stream._eof:    # type: ignore[attr-defined]
-                return False
-            try:
-                await stream._wait_for_data("smtp_DATA")  # type: ignore[attr-defined]
-            except asyncio.CancelledError:
-                self._writer.close()              # the connection was reset during DATA
-                raise
 
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push(text(Refusal.AUTH_NOT_OFFERED))

@@ -7,14 +7,21 @@ API:
     REPLIES                 Refusal -> reply line (no CRLF), some with {fields} to format
     text(refusal, **fields) -> str   the reply line, formatted
     QUEUED                  the 250 after a durable write ({qid})
+    clean(line) -> str      a reply line made safe to send, whoever chose it: C0 controls but
+                            HT, DEL and C1 controls become \\xNN, a byte that was not UTF-8
+                            (a surrogateescape) \\xNN, any other lone surrogate "?"; cut to
+                            MAX_REPLY_LINE octets with the CRLF (RFC 5321 4.5.3.1.5), never
+                            inside a UTF-8 sequence. aiosmtpd echoes client input in replies
+                            (500 Error: command "X\\x00Y" not recognized; 502 Could not VRFY)
 
 Policy: 250 only after a durable write; anything uncertain is 4xx; 5xx only for real policy
-decisions. aiosmtpd's own syntax replies (500/501/503) are left as they are.
+decisions. aiosmtpd's own syntax replies (500/501/503) are left as they are (but clean()ed).
 Failure modes: text() raises KeyError for a missing {field} (a bug, caught by the tests).
 """
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 QUEUED = "250 2.0.0 Ok: queued as {qid}"
@@ -87,3 +94,25 @@ REPLIES: dict[Refusal, str] = {
 def text(refusal: Refusal, **fields: object) -> str:
     line = REPLIES[refusal]
     return line.format(**fields) if fields else line
+
+
+MAX_REPLY_LINE = 512          # octets, the CRLF included (RFC 5321 4.5.3.1.5)
+_MAX_TEXT = MAX_REPLY_LINE - 2
+_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = ord(m.group())
+    if c < 0xa0:
+        return f"\\x{c:02x}"
+    return f"\\x{c - 0xdc00:02x}" if 0xdc80 <= c <= 0xdcff else "?"
+
+
+def clean(line: str) -> str:
+    if _UNSAFE.search(line) is not None:
+        line = _UNSAFE.sub(_escape, line)
+    if len(line) > _MAX_TEXT // 4:          # shorter cannot be over the limit, even in UTF-8
+        raw = line.encode("utf-8")
+        if len(raw) > _MAX_TEXT:
+            line = raw[:_MAX_TEXT].decode("utf-8", "ignore")
+    return line

@@ -32,10 +32,10 @@ Invariants, checked on every reply and after every example:
   gets 250, nor a non-ASCII address without SMTPUTF8 (issue 9 item 1), and no reply echoes the
   client's control bytes.
 
-What the fuzzer found and nobody fixes here is held one case at a time: test_known_findings and
-test_starttls_inside_tls (xfail, not covered by issue 9), test_hostile_argument_is_refused (
-issue 9 item 1); the generators steer clear of those inputs so the clean mode stays green.
-test_client_gone_right_after_the_final_dot is the regression test of a finding fixed here.
+What the fuzzer found is held one case at a time, as regression tests of the fixes:
+test_known_findings, test_starttls_inside_tls, test_hostile_argument_is_refused (issue 9 item 1)
+and test_client_gone_right_after_the_final_dot; the generators no longer steer clear of those
+inputs (addresses ending in "@", control bytes in unknown verbs, STARTTLS inside TLS).
 
 Bounded: `make test` runs FUZZ_EXAMPLES_CI examples per mode, derandomized (reproducible, no
 database, no shrinking so an expected failure costs little); `make fuzz` (SMTP_FUZZ=1, optionally
@@ -56,13 +56,11 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from email.errors import HeaderParseError
 from pathlib import Path
 
 import orjson
 import pytest
 import trustme
-from aiosmtpd.smtp import get_addr_spec, get_angle_addr
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
@@ -436,9 +434,7 @@ def address(draw: st.DrawFn, *, hostile: bool, utf8: bool) -> bytes:
     else:
         inner = local + b"@" + domain
     if kind == "bare":
-        # A bare address ending in "@" makes the stdlib parser raise IndexError (a traceback
-        # and 451): test_known_findings[bare-address-ending-in-at] holds it.
-        return inner if not inner.endswith(b"@") else inner + b"example.test"
+        return inner        # ending in "@" too: test_known_findings[bare-address-ending-in-at]
     if kind == "nested":
         return b"<<" + inner + b">>"
     return b"<" + inner + b">"
@@ -468,33 +464,6 @@ SPECIAL = {b"DATA", b"BDAT", b"STARTTLS", b"QUIT"}
 
 def verb_of(line: bytes) -> bytes:
     return line.split(b" ", 1)[0].rstrip(b"\r\n").upper()
-
-
-def crashes_address_parser(line: bytes) -> bool:
-    """Would this MAIL/RCPT/VRFY line make the stdlib address parser behind aiosmtpd's _getaddr
-    raise something other than HeaderParseError ("VRFY 0@": IndexError)? The generators steer
-    clear of those; test_known_findings holds them, so the rest of the fuzzing stays green."""
-    verb = verb_of(line)
-    arg = line.rstrip(b"\r\n").partition(b" ")[2].strip().decode("utf-8", "surrogateescape")
-    if verb in (b"MAIL", b"RCPT"):
-        key = "FROM:" if verb == b"MAIL" else "TO:"
-        if arg[:len(key)].upper() != key:
-            return False
-        arg = arg[len(key):].strip()
-    elif verb != b"VRFY":
-        return False
-    if not arg:
-        return False
-    try:
-        if arg.lstrip().startswith("<"):
-            get_angle_addr(arg)
-        else:
-            get_addr_spec(arg)
-    except HeaderParseError:
-        return False
-    except Exception:
-        return True
-    return False
 
 
 @st.composite
@@ -546,7 +515,7 @@ def command(draw: st.DrawFn, mode: str, in_txn_utf8: bool) -> bytes:
         line = (line + b"a" * n)[:n]
     else:
         line = free_line(draw, mode)
-    if verb_of(line) in SPECIAL or crashes_address_parser(line):
+    if verb_of(line) in SPECIAL:
         line = b"X" + line
     return line + draw(st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n"]))
 
@@ -712,7 +681,6 @@ class SmtpFuzzer(RuleBasedStateMachine):
                 lines.append(b"RCPT TO:" + data.draw(address(hostile=hostile, utf8=utf8)) + b"\r\n")
             else:
                 lines.append(b"RCPT TO:<u%d@example.test>\r\n" % data.draw(st.integers(0, 9)))
-        lines = [b"X" + ln if crashes_address_parser(ln) else ln for ln in lines]
         if pipelined:
             self.exchange(lines)
         else:
@@ -787,8 +755,7 @@ class SmtpFuzzer(RuleBasedStateMachine):
             assert code == 221, reply
             self.gone()
 
-    @precondition(lambda self: not self.client.tls)   # inside TLS: see test_starttls_inside_tls
-    @rule(data=st.data())
+    @rule(data=st.data())     # inside TLS too: 503 (test_starttls_inside_tls)
     def starttls(self, data: st.DataObject) -> None:
         self.do_starttls(data.draw(st.sampled_from([b"", b"", b"HELP\r\n",
                                                     b"MAIL FROM:<i@j.test>\r\n"])))
@@ -815,7 +782,7 @@ class SmtpFuzzer(RuleBasedStateMachine):
             assert code >= 400, reply           # TLS already on, or a 5xx: both fine
             if inject:                          # the injected line was a plain command then
                 with contextlib.suppress(Closed):
-                    c.reply()
+                    self.judge(inject, *c.reply())    # (inside TLS it may be a MAIL: 250)
             return
         assert not c.tls, "STARTTLS accepted twice"
         c.buf = b""     # anything the server sent in plaintext after 220 is checked just above
@@ -843,7 +810,7 @@ class SmtpFuzzer(RuleBasedStateMachine):
                 ch = bytes(b for b in ch if 0x20 <= b < 0x7f)
             if verb_of(ch) in SPECIAL or verb_of(ch).startswith(b"STARTTLS"):
                 ch = b"X" + ch
-            if verb_of(ch) in (b"HELO", b"EHLO", b"MAIL", b"RCPT") or crashes_address_parser(ch):
+            if verb_of(ch) in (b"HELO", b"EHLO", b"MAIL", b"RCPT"):
                 ch = b"X" + ch          # hostile arguments to these are HOSTILE_ARGS' business
             lines.append(ch + b"\r\n")
         self.exchange(lines)
@@ -862,6 +829,14 @@ class SmtpFuzzer(RuleBasedStateMachine):
             code, reply = c.reply()
         except Closed:
             assert c.closing_reply, "connection dropped without a reply to QUIT"
+            self.gone()
+            return
+        if code == 421 and b"too many errors" in reply[-1]:
+            # The last reply of the previous write hit smtp.hard_error_limit: its 421 followed it
+            # in the same write (unread until now) and the session is closed; QUIT is not read.
+            with contextlib.suppress(Closed):
+                extra = c._line(REPLY_TIMEOUT)
+                raise AssertionError(f"more after 421: {extra!r}")
             self.gone()
             return
         assert code == 221, reply
@@ -907,16 +882,13 @@ def run_fuzzer(ing: Ingress, mode: str) -> None:
 @pytest.mark.parametrize("mode", [
     CLEAN,
     HOSTILE_ARGS,
-    pytest.param(HOSTILE_BYTES, marks=pytest.mark.xfail(
-        strict=False, reason="not covered by issue 9: replies echo the client's control bytes "
-                             "(500 Error: command \"X\\x00Y\" not recognized), see "
-                             "test_known_findings; reported")),
+    HOSTILE_BYTES,
 ])
 def test_fuzz_smtp_dialogue(fuzz_ingress: Ingress, mode: str) -> None:
     run_fuzzer(fuzz_ingress, mode)
 
 
-# --- what the fuzzer found that issue 9 does not cover (reported; fixes belong in smtp.py) ------
+# --- what the fuzzer found (issue 9: fixed in ingress/smtp.py; regression cases) --------------
 
 KNOWN_FINDINGS: dict[str, list[bytes | None]] = {
     # email._header_value_parser.get_addr_spec("a@") raises IndexError inside aiosmtpd's
@@ -944,7 +916,6 @@ KNOWN_FINDINGS: dict[str, list[bytes | None]] = {
 
 
 @pytest.mark.parametrize("name", sorted(KNOWN_FINDINGS))
-@pytest.mark.xfail(strict=False, reason="found by the fuzzer, not covered by issue 9: reported")
 def test_known_findings(fuzz_ingress: Ingress, name: str) -> None:
     t = fuzz_ingress.tracker                     # type: ignore[attr-defined]
     t.check_log()
@@ -973,7 +944,6 @@ def test_known_findings(fuzz_ingress: Ingress, name: str) -> None:
         t.skip_to_now()
 
 
-@pytest.mark.xfail(strict=False, reason="found by the fuzzer, not covered by issue 9: reported")
 def test_starttls_inside_tls(fuzz_ingress: Ingress) -> None:
     """RFC 3207: STARTTLS inside a TLS session is refused (503/554). aiosmtpd answers 220 and
     starts TLS inside TLS; a client that then closes leaves a TypeError traceback in the log
