@@ -36,11 +36,7 @@ import socket
 import ssl
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
-
-import zmq.asyncio
 
 from ingress import proxy
 from ingress.core import child, log, procs
@@ -60,7 +56,6 @@ from ingress.policy.classify import (
     ClassifyPolicy,
     Decision,
     Evidence,
-    LearnedAllow,
     StaticAllow,
     decide,
 )
@@ -116,35 +111,9 @@ class AcceptorContext:
         self.draining = False
         self.lanes = Lanes(cfg, self.ident)
 
-    # --- the parts, by the names serve() and drain() use ---------------------------------------
-
-    @property
-    def sessions(self) -> set[Any]:
-        return self.table.sessions
-
-    @property
-    def learned(self) -> LearnedAllow:
-        return self.learned_store.allow
-
-    @property
-    def learned_path(self) -> Path:
-        return self.learned_store.path
-
-    @property
-    def learned_dirty(self) -> bool:
-        return self.learned_store.dirty
-
     @property
     def resolver(self) -> Any:
         return self.spf_service.resolver
-
-    @property
-    def spf_pools(self) -> dict[Lane, ThreadPoolExecutor]:
-        return self.spf_service.pools
-
-    @property
-    def zctx(self) -> zmq.asyncio.Context:
-        return self.lanes.zctx
 
     # --- policy hooks used by smtp.py (the SessionHost protocol) ------------------------------
 
@@ -208,7 +177,8 @@ class AcceptorContext:
             data = self.learned_store.snapshot(time.time())
             if data is not None:
                 try:
-                    await self.loop.run_in_executor(None, atomic_write, self.learned_path, data)
+                    await self.loop.run_in_executor(
+                        None, atomic_write, self.learned_store.path, data)
                 except OSError as e:
                     log.event("learned_save_failed", "error", error=str(e))
 
@@ -225,18 +195,18 @@ class AcceptorContext:
             server.close()
         line = text(Refusal.SHUTTING_DOWN, host=self.cfg.smtp.hostname)
         deadline = time.monotonic() + self.cfg.smtp.drain_grace
-        while self.sessions and time.monotonic() < deadline:
+        while self.table.sessions and time.monotonic() < deadline:
             if not retire:
-                for proto in list(self.sessions):
+                for proto in list(self.table.sessions):
                     proto.close_if_idle(line)
             await asyncio.sleep(0.05)
-        for proto in list(self.sessions):
+        for proto in list(self.table.sessions):
             if proto.transport is not None:
                 proto.transport.write(line.encode() + b"\r\n")
                 proto.transport.close()
         await asyncio.sleep(0.05)
         log.event("acceptor_drained", mode="retire" if retire else "shutdown",
-                  left=len(self.sessions), **self.counters)
+                  left=len(self.table.sessions), **self.counters)
 
 
 class MtlsListener:
@@ -381,19 +351,19 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
         *(lc.watch_broker() for lc in ctx.lanes.values()))]
     if index == 0:
         tasks.append(loop.create_task(ctx.persist_learned()))
-    log.event("acceptor_start", index=index, learned=len(ctx.learned),
+    log.event("acceptor_start", index=index, learned=len(ctx.learned_store.allow),
               tls=ctx.tls_context is not None, mtls=mtls_sock is not None,
               fast_port=fast_sock is not None)
     await stop.wait()
     await ctx.drain(servers, sig.retire)
     for t in tasks:
         t.cancel()
-    if index == 0 and ctx.learned_dirty:
+    if index == 0 and ctx.learned_store.dirty:
         with contextlib.suppress(OSError):
-            atomic_write(ctx.learned_path, ctx.learned.to_json().encode())
-    for pool in ctx.spf_pools.values():
+            atomic_write(ctx.learned_store.path, ctx.learned_store.allow.to_json().encode())
+    for pool in ctx.spf_service.pools.values():
         pool.shutdown(wait=False, cancel_futures=True)
-    ctx.zctx.destroy(linger=0)
+    ctx.lanes.close()
 
 
 def run(cfg: Config, index: int, sock: socket.socket, hb: Any = None, slot: int = 0,

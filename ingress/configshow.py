@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from ingress.core import config
-from ingress.policy.admission import BULK_SHARE, FD_SPARE, AdmissionLimits, bulk_share_bucket
+from ingress.policy.admission import (
+    BULK_SHARE,
+    FD_SPARE,
+    AdmissionLimits,
+    bulk_share_bucket,
+    fd_capped,
+)
 
 
 def _toml(v: Any) -> str:
@@ -65,7 +71,8 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
     limit = soft if hard == resource.RLIM_INFINITY else max(soft, hard)   # raised to hard
     s = cfg.smtp
     fd_sessions = max(0, limit - FD_SPARE)
-    lim = AdmissionLimits(max_connections=s.max_connections, fast_reserve=s.fast_reserve,
+    slots, reserve = fd_capped(s.max_connections, s.fast_reserve, limit)   # what the acceptor runs
+    lim = AdmissionLimits(max_connections=slots, fast_reserve=reserve,
                           per_ip_bulk_max=cfg.admission.per_ip_bulk_max,
                           per_ip_rate=cfg.admission.per_ip_rate,
                           per_ip_burst=cfg.admission.per_ip_burst)
@@ -80,11 +87,11 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
         "workers_per_core": {k: round(v / cores, 2) for k, v in workers.items()},
         "fd_limit": limit,
         "connections_fd_allows_per_acceptor": fd_sessions,
-        "connections_per_acceptor": min(s.max_connections, fd_sessions),
+        "connections_per_acceptor": slots,
         "fd_limit_too_low": fd_sessions < s.max_connections,
-        "fast_reserve_per_acceptor": s.fast_reserve,
+        "fast_reserve_per_acceptor": reserve,
         "bulk_slots_per_acceptor": lim.bulk_share,
-        "connections_total": min(s.max_connections, fd_sessions) * acceptors,
+        "connections_total": slots * acceptors,
         "bulk_rate": cfg.lanes.bulk.rate,
         "bulk_share_per_acceptor": None if share is None else
             {"rate": round(share[0], 4), "burst": round(share[1], 4)},

@@ -2,7 +2,7 @@
 
 API:
     Seat                      Protocol: what the table needs of a session (IngressSMTP is one)
-    fd_capped(max_connections, fast_reserve, nofile) -> (max_connections, fast_reserve)
+    (admission.fd_capped: the slots the fd limit allows)
                               the slots the fd limit allows (pure; below)
     SessionTable(cfg, counters, now, nofile=0)
         admit(seat, draining, now) -> str | None   None: admitted (seat.ticket set, the seat
@@ -42,7 +42,7 @@ from ingress.core.config import Config
 from ingress.core.metrics import Outcome
 from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import Lane
-from ingress.policy.admission import FD_SPARE, Admission, AdmissionLimits, Ticket
+from ingress.policy.admission import FD_SPARE, Admission, AdmissionLimits, Ticket, fd_capped
 from ingress.policy.admission import Refusal as Reason
 from ingress.policy.replies import Refusal, text
 from ingress.policy.session_rules import pick_eviction
@@ -59,16 +59,6 @@ class Seat(Protocol):
 
 
 FD_LOG_INTERVAL = 60.0     # seconds between two fd_limit_reached lines
-
-
-def fd_capped(max_connections: int, fast_reserve: int, nofile: int) -> tuple[int, int]:
-    """smtp.max_connections and smtp.fast_reserve as the fd limit `nofile` allows: at most
-    nofile - FD_SPARE sessions (at least 1), the reserve scaled down in the same proportion.
-    nofile <= 0: unknown, no cap."""
-    if nofile <= 0 or nofile - FD_SPARE >= max_connections:
-        return max_connections, fast_reserve
-    cap = max(1, nofile - FD_SPARE)
-    return cap, min(cap - 1, fast_reserve * cap // max_connections)
 
 
 class SessionTable:

@@ -294,3 +294,13 @@ def bulk_share_bucket(cfg: Config) -> tuple[float, float] | None:
         return None
     return (lb.rate * BULK_SHARE / cfg.acceptor_count,
             max(1.0, (lb.burst or lb.rate) / cfg.acceptor_count))
+
+
+def fd_capped(max_connections: int, fast_reserve: int, nofile: int) -> tuple[int, int]:
+    """smtp.max_connections and smtp.fast_reserve as the fd limit `nofile` allows: at most
+    nofile - FD_SPARE sessions (at least 1), the reserve scaled down in the same proportion.
+    nofile <= 0: unknown, no cap."""
+    if nofile <= 0 or nofile - FD_SPARE >= max_connections:
+        return max_connections, fast_reserve
+    cap = max(1, nofile - FD_SPARE)
+    return cap, min(cap - 1, fast_reserve * cap // max_connections)

@@ -47,7 +47,7 @@ def dataclass_eq(a: config.Config, b: config.Config) -> bool:
       "lanes.fast": {"workers": 2}},
      (1024, 1024),
      {"acceptors": 4, "connections_fd_allows_per_acceptor": 960, "connections_per_acceptor": 960,
-      "fd_limit_too_low": True, "bulk_slots_per_acceptor": 900, "connections_total": 3840,
+      "fd_limit_too_low": True, "bulk_slots_per_acceptor": 864, "connections_total": 3840,
       "workers": {"fast": 2, "bulk": 3},
       "bulk_share_per_acceptor": {"rate": 27.5, "burst": 25.0},
       "bulk_admitted_at_mail_from": 110.0}),

@@ -1,12 +1,11 @@
-"""sessions.fd_capped (slots the fd limit allows) and replies.clean (reply lines): tables."""
+"""admission.fd_capped (slots the fd limit allows) and replies.clean (reply lines): tables."""
 
 from __future__ import annotations
 
 import pytest
 
-from ingress.policy.admission import FD_SPARE
+from ingress.policy.admission import FD_SPARE, fd_capped
 from ingress.policy.replies import MAX_REPLY_LINE, clean
-from ingress.sessions import fd_capped
 
 
 @pytest.mark.parametrize(("max_c", "reserve", "nofile", "want"), [
