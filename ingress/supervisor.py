@@ -278,7 +278,7 @@ class Supervisor:
     # --- life cycle ---------------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self.flags.add({signal.SIGHUP: "reload"}.get(signum, "stop"))
+        self.flags.add("reload" if signum == signal.SIGHUP else "stop")
 
     def _bind_set(self, port: int) -> list[socket.socket]:
         """One SO_REUSEPORT socket per acceptor on `port` (0: a free one, shared by all)."""

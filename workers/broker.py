@@ -89,7 +89,7 @@ class Broker:
         self.stopping = False
         self.counters = {"submitted": 0, "acked": 0, "nack_rate": 0, "nack_queue_full": 0,
                          "nack_worker_lost": 0, "nack_expired": 0, "nack_worker": 0}
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         Path(cfg.ipc("x")[len("ipc://"):]).parent.mkdir(parents=True, exist_ok=True)
         self.front = self._router(ctx, f"{lane}-front")
         self.back = self._router(ctx, f"{lane}-back")

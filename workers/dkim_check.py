@@ -243,11 +243,11 @@ def header_from_domain(message: bytes) -> str | None:
     if len(froms) != 1 or len(froms[0]) > MAX_FROM_FIELD:
         return None
     try:
-        addrs = email.utils.getaddresses([unfold(field_value(froms[0]))])
+        pairs = email.utils.getaddresses([unfold(field_value(froms[0]))])
     except (RecursionError, ValueError, IndexError):
         # the stdlib parser recurses once per nested comment: hostile input, no domain
         return None
-    addrs = [a for _, a in addrs if a]
+    addrs = [a for _, a in pairs if a]
     if len(addrs) != 1 or "@" not in addrs[0]:
         return None
     domain = addrs[0].rpartition("@")[2].strip().lower().rstrip(".")

@@ -72,7 +72,7 @@ class Worker:
         self.pipeline = Pipeline(cfg)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.credit,
                                                           thread_name_prefix="dkim")
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sock: zmq.Socket[bytes] | None = None
         self.stopping = False
         self.ident = f"w-{lane.value}-{index}-{os.getpid()}".encode()
