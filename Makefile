@@ -30,6 +30,8 @@ run: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ingress workers tests bench
+	$(VENV)/bin/mypy --strict ingress/core ingress/policy
+	$(VENV)/bin/mypy ingress workers
 	$(VENV)/bin/lint-imports --no-cache
 
 test: $(STAMP) sysdeps lint

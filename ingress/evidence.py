@@ -91,20 +91,26 @@ def _spf_lookup(name: str, qtype: str, strict: Any = True, timeout: float = 20.0
     if resolver is None:
         return _original_lookup(name, qtype, strict, timeout)
     lifetime = max(0.001, min(float(timeout), float(resolver.lifetime)))
-    out: list = []
     try:
         answer = resolver.resolve(
             name, qtype, lifetime=lifetime, search=False, raise_on_no_answer=False
         )
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.YXDOMAIN):
-        return out
+        return []
     except dns.exception.Timeout as e:
         raise spf.TempError(f"DNS timeout: {name} {qtype}: {e}") from None
     except dns.exception.DNSException as e:
         raise spf.TempError(f"DNS error: {name} {qtype}: {e}") from None
     if answer.rrset is None:
-        return out
-    for rdata in answer.rrset:
+        return []
+    return _spf_records(name, qtype, answer.rrset)
+
+
+def _spf_records(name: str, qtype: str, rrset: Any) -> list:
+    """The answer's records in pyspf's shape: ((name, qtype), value), value by record type
+    (an address; (preference, exchange); a PTR target; a TXT's list of strings)."""
+    out: list = []
+    for rdata in rrset:
         if qtype in ("A", "AAAA"):
             out.append(((name, qtype), rdata.address))
         elif qtype == "MX":

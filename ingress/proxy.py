@@ -81,6 +81,17 @@ def peer_trusted(peer_ip: str | Address, trusted: tuple[Network, ...]) -> bool:
 def proxy_peer(peer: tuple[Any, ...] | None, proxy_data: Any,
                trusted: tuple[Network, ...]) -> tuple[str, int] | None:
     """The client address to use for this connection, or None to reject it (see module doc)."""
+    tcp_peer = _trusted_tcp_peer(peer, trusted)
+    if tcp_peer is None:
+        return None
+    if proxy_data is None or not bool(getattr(proxy_data, "valid", False)):
+        return None
+    return _header_source(proxy_data, tcp_peer)
+
+
+def _trusted_tcp_peer(peer: tuple[Any, ...] | None,
+                      trusted: tuple[Network, ...]) -> tuple[str, int] | None:
+    """The TCP peer as (address, port) if it is a trusted proxy (port 0 if unreadable), or None."""
     if not peer:
         return None
     real = _addr(peer[0])
@@ -90,12 +101,16 @@ def proxy_peer(peer: tuple[Any, ...] | None, proxy_data: Any,
         real_port = int(peer[1])
     except (IndexError, TypeError, ValueError):
         real_port = 0
-    if proxy_data is None or not bool(getattr(proxy_data, "valid", False)):
-        return None
+    return str(real), real_port
+
+
+def _header_source(proxy_data: Any, tcp_peer: tuple[str, int]) -> tuple[str, int] | None:
+    """The client named by a valid PROXY header from a trusted peer: the header's source, the
+    TCP peer itself (v2 LOCAL; a family or protocol that names no TCP client), or None."""
     version = getattr(proxy_data, "version", None)
     command = getattr(proxy_data, "command", None)
     if version == 2 and command == _CMD_LOCAL:
-        return str(real), real_port
+        return tcp_peer
     if version == 2 and command != _CMD_PROXY:
         return None
     if version not in (1, 2):
@@ -103,7 +118,7 @@ def proxy_peer(peer: tuple[Any, ...] | None, proxy_data: Any,
     family = getattr(proxy_data, "family", None)
     protocol = getattr(proxy_data, "protocol", None)
     if family not in (_AF_INET, _AF_INET6) or protocol != _PROTO_STREAM:
-        return str(real), real_port          # UNKNOWN / UNSPEC / AF_UNIX / UDP: keep the peer
+        return tcp_peer                      # UNKNOWN / UNSPEC / AF_UNIX / UDP: keep the peer
     src = _addr(getattr(proxy_data, "src_addr", None))
     port = getattr(proxy_data, "src_port", None)
     if src is None or not isinstance(port, int) or not 0 <= port <= 65535:

@@ -100,51 +100,75 @@ def run(spool_root: Path, args: argparse.Namespace) -> int:
         if (spool_root / "new").is_dir():
             become_owner(spool_root)
         q = Queue(spool_root, wait=args.wait)
-        match args.qcmd:
-            case "list":
-                items = q.list()
-                if args.json:
-                    sys.stdout.write(orjson.dumps([i.as_dict(now) for i in items],
-                                                  option=orjson.OPT_INDENT_2).decode() + "\n")
-                else:
-                    _say(render_list(items, now))
-            case "show":
-                item, message = q.show(args.qid)
-                doc = {"envelope": item.envelope, **item.as_dict(now)}
-                sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
-                                 + "\n\n")
-                sys.stdout.flush()
-                sys.stdout.buffer.write(message)
-                sys.stdout.buffer.flush()
-            case "retry" if args.all:
-                done, busy = q.retry_all()
-                _say(f"{len(done)} message(s) due now"
-                     + (f", {len(busy)} being delivered right now" if busy else ""))
-            case "retry":
-                _say(f"{q.retry(args.qid).qid}: due now")
-            case "delete" if args.all_from is not None:
-                gone = q.delete_from(args.all_from)
-                _say(f"{len(gone)} message(s) from <{args.all_from}> deleted")
-            case "delete":
-                _say(f"{q.delete(args.qid).qid}: deleted")
-            case "hold":
-                _say(f"{q.hold(args.qid).qid}: held")
-            case "release":
-                _say(f"{q.release(args.qid).qid}: released")
-            case "requeue-failed":
-                items = q.requeue_failed(args.qid)
-                if args.qid:
-                    _say(f"{items[0].qid}: requeued")
-                else:
-                    _say(f"{len(items)} message(s) requeued")
-                    for why in q.skipped:
-                        print(f"smtp-ingress queue: {why}", file=sys.stderr)
-                    if q.skipped:
-                        return 1
+        return _dispatch(q, args, now)
     except QueueError as e:
         print(f"smtp-ingress queue: {e}", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"smtp-ingress queue: {e.filename or ''}: {e.strerror}", file=sys.stderr)
         return 1
+
+
+def _dispatch(q: Queue, args: argparse.Namespace, now: float) -> int:
+    """Run one queue subcommand; the exit status (QueueError and OSError reach run())."""
+    match args.qcmd:
+        case "list":
+            _list(q, args.json, now)
+        case "show":
+            _show(q, args.qid, now)
+        case "requeue-failed":
+            return _requeue_failed(q, args.qid)
+        case _:
+            _change(q, args)
     return 0
+
+
+def _list(q: Queue, as_json: bool, now: float) -> None:
+    items = q.list()
+    if as_json:
+        sys.stdout.write(orjson.dumps([i.as_dict(now) for i in items],
+                                      option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        _say(render_list(items, now))
+
+
+def _show(q: Queue, qid: str, now: float) -> None:
+    item, message = q.show(qid)
+    doc = {"envelope": item.envelope, **item.as_dict(now)}
+    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
+                     + "\n\n")
+    sys.stdout.flush()
+    sys.stdout.buffer.write(message)
+    sys.stdout.buffer.flush()
+
+
+def _change(q: Queue, args: argparse.Namespace) -> None:
+    """The subcommands that change one message's (or a set's) state: retry, delete, hold,
+    release."""
+    match args.qcmd:
+        case "retry" if args.all:
+            done, busy = q.retry_all()
+            _say(f"{len(done)} message(s) due now"
+                 + (f", {len(busy)} being delivered right now" if busy else ""))
+        case "retry":
+            _say(f"{q.retry(args.qid).qid}: due now")
+        case "delete" if args.all_from is not None:
+            gone = q.delete_from(args.all_from)
+            _say(f"{len(gone)} message(s) from <{args.all_from}> deleted")
+        case "delete":
+            _say(f"{q.delete(args.qid).qid}: deleted")
+        case "hold":
+            _say(f"{q.hold(args.qid).qid}: held")
+        case "release":
+            _say(f"{q.release(args.qid).qid}: released")
+
+
+def _requeue_failed(q: Queue, qid: str | None) -> int:
+    items = q.requeue_failed(qid)
+    if qid:
+        _say(f"{items[0].qid}: requeued")
+        return 0
+    _say(f"{len(items)} message(s) requeued")
+    for why in q.skipped:
+        print(f"smtp-ingress queue: {why}", file=sys.stderr)
+    return 1 if q.skipped else 0

@@ -205,53 +205,72 @@ class Supervisor:
         """One pass over the children; every wait loop (start, reload, drain) calls it, so the
         systemd watchdog is fed from here."""
         now = time.monotonic()
-        sup = self.cfg.supervisor
         if self.watchdog and now >= self.next_watchdog:
             sd_notify("WATCHDOG=1", wait=0)
             self.next_watchdog = now + self.watchdog / 2
         for c in list(self.children):
-            alive = c.proc is not None and c.proc.is_alive()
-            if c.retiring:
-                if not alive:
-                    self._reap(c)
-                elif c.kill_at is not None and now > c.kill_at:
-                    log.event("child_kill", "warning", kind=c.kind, key=str(c.key[1:]),
-                              why="drain overran")
-                    c.proc.kill()
-                    c.kill_at = None
-                continue
-            if alive:
-                beat = self.hb[c.slot]
-                age = now - (beat if beat > 0 else c.started)
-                limit = sup.heartbeat_timeout if beat > 0 else max(30.0, sup.heartbeat_timeout)
-                if age > limit:
-                    log.event("child_hung", "error", kind=c.kind, key=str(c.key[1:]),
-                              child_pid=c.proc.pid, silent_s=round(age, 2))
-                    c.proc.kill()
-                    c.proc.join(1.0)
-                    alive = False
-                else:
-                    if now - c.started > sup.crash_window:
-                        c.failures = 0
-                    continue
-            if c.restart_at is None:
-                code = c.proc.exitcode if c.proc is not None else None
-                if c.proc is not None:
-                    c.proc.join(0)
-                    metrics.child_dead(c.proc.pid)
-                c.failures += 1
-                metrics.child_exited(c.kind)
-                backoff = min(sup.restart_backoff * 2 ** (c.failures - 1), sup.restart_backoff_max)
-                recent = sum(1 for t in c.history if now - t < sup.crash_window)
-                if recent > sup.crash_limit:
-                    backoff = sup.restart_backoff_max
-                    log.event("crash_loop", "error", kind=c.kind, key=str(c.key[1:]),
-                              restarts=recent, window_s=sup.crash_window)
-                c.restart_at = now + backoff
-                log.event("child_exit", "warning", kind=c.kind, key=str(c.key[1:]),
-                          exitcode=code, restart_in_s=round(backoff, 3))
-            elif now >= c.restart_at:
-                self._start(c)
+            self._watch_child(c, now)
+
+    def _watch_child(self, c: Child, now: float) -> None:
+        """A retiring child is reaped or killed at its deadline; a live one is checked for a
+        hang; a dead one gets a restart time, and is started when that time comes."""
+        alive = c.proc is not None and c.proc.is_alive()
+        if c.retiring:
+            self._watch_retiring(c, now, alive)
+            return
+        if alive and not self._kill_if_hung(c, now):
+            return
+        if c.restart_at is None:
+            self._schedule_restart(c, now)
+        elif now >= c.restart_at:
+            self._start(c)
+
+    def _watch_retiring(self, c: Child, now: float, alive: bool) -> None:
+        if not alive:
+            self._reap(c)
+        elif c.proc is not None and c.kill_at is not None and now > c.kill_at:
+            log.event("child_kill", "warning", kind=c.kind, key=str(c.key[1:]),
+                      why="drain overran")
+            c.proc.kill()
+            c.kill_at = None
+
+    def _kill_if_hung(self, c: Child, now: float) -> bool:
+        """True if this live child's heartbeat is too old and it was killed (it is dead now);
+        False if it is well (its failure count is cleared once it has outlived crash_window)."""
+        sup = self.cfg.supervisor
+        assert c.proc is not None
+        beat = self.hb[c.slot]
+        age = now - (beat if beat > 0 else c.started)
+        limit = sup.heartbeat_timeout if beat > 0 else max(30.0, sup.heartbeat_timeout)
+        if age > limit:
+            log.event("child_hung", "error", kind=c.kind, key=str(c.key[1:]),
+                      child_pid=c.proc.pid, silent_s=round(age, 2))
+            c.proc.kill()
+            c.proc.join(1.0)
+            return True
+        if now - c.started > sup.crash_window:
+            c.failures = 0
+        return False
+
+    def _schedule_restart(self, c: Child, now: float) -> None:
+        """A child has died: count the failure and set its restart time (exponential backoff,
+        the maximum in a crash loop)."""
+        sup = self.cfg.supervisor
+        code = c.proc.exitcode if c.proc is not None else None
+        if c.proc is not None:
+            c.proc.join(0)
+            metrics.child_dead(c.proc.pid)
+        c.failures += 1
+        metrics.child_exited(c.kind)
+        backoff = min(sup.restart_backoff * 2 ** (c.failures - 1), sup.restart_backoff_max)
+        recent = sum(1 for t in c.history if now - t < sup.crash_window)
+        if recent > sup.crash_limit:
+            backoff = sup.restart_backoff_max
+            log.event("crash_loop", "error", kind=c.kind, key=str(c.key[1:]),
+                      restarts=recent, window_s=sup.crash_window)
+        c.restart_at = now + backoff
+        log.event("child_exit", "warning", kind=c.kind, key=str(c.key[1:]),
+                  exitcode=code, restart_in_s=round(backoff, 3))
 
     def reload_fits(self, new: Config) -> bool:
         """Are there free heartbeat slots for every child a reload to `new` starts? (Brokers
@@ -278,7 +297,7 @@ class Supervisor:
     # --- life cycle ---------------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self.flags.add({signal.SIGHUP: "reload"}.get(signum, "stop"))
+        self.flags.add("reload" if signum == signal.SIGHUP else "stop")
 
     def _bind_set(self, port: int) -> list[socket.socket]:
         """One SO_REUSEPORT socket per acceptor on `port` (0: a free one, shared by all)."""

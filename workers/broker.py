@@ -89,7 +89,7 @@ class Broker:
         self.stopping = False
         self.counters = {"submitted": 0, "acked": 0, "nack_rate": 0, "nack_queue_full": 0,
                          "nack_worker_lost": 0, "nack_expired": 0, "nack_worker": 0}
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         Path(cfg.ipc("x")[len("ipc://"):]).parent.mkdir(parents=True, exist_ok=True)
         self.front = self._router(ctx, f"{lane}-front")
         self.back = self._router(ctx, f"{lane}-back")
@@ -171,33 +171,45 @@ class Broker:
                 (credit,) = expect(msg, 1)
                 self._register(ident, int_frame(credit), now)
             elif kind is Kind.HEARTBEAT:
-                (free,) = expect(msg, 1)
-                if w is None:   # we restarted, or it timed out here: take it back
-                    self._register(ident, int_frame(free), now)
-                else:
-                    w.expiry = now + LANE_HEARTBEAT * LANE_LIVENESS
+                self._on_worker_heartbeat(ident, w, msg, now)
             elif kind in (Kind.ACK, Kind.NACK):
-                reply_to, qid, detail = expect(msg, 3)
-                if w is not None:
-                    w.expiry = now + LANE_HEARTBEAT * LANE_LIVENESS
-                    if w.inflight.pop(qid, None) is not None:
-                        w.credit += 1
-                if kind is Kind.ACK:
-                    self.counters["acked"] += 1
-                else:
-                    self.counters["nack_worker"] += 1
-                self._reply(reply_to, kind, qid, detail)
+                self._on_worker_result(w, kind, msg, now)
             elif kind is Kind.SHARE:
                 self._publish_fact(msg)
             elif kind is Kind.DISCONNECT:
-                if w is not None:
-                    w.credit = 0          # keep it until its in-flight ACKs are in
-                    if not w.inflight:
-                        del self.workers[ident]
+                self._on_worker_disconnect(ident, w)
             else:
                 raise WireError(f"worker sent {kind.name}")
         except WireError as e:
             log.event("wire_error", "warning", lane=self.lane, side="back", error=str(e))
+
+    def _on_worker_heartbeat(self, ident: bytes, w: WorkerState | None, msg: list[bytes],
+                             now: float) -> None:
+        (free,) = expect(msg, 1)
+        if w is None:   # we restarted, or it timed out here: take it back
+            self._register(ident, int_frame(free), now)
+        else:
+            w.expiry = now + LANE_HEARTBEAT * LANE_LIVENESS
+
+    def _on_worker_result(self, w: WorkerState | None, kind: Kind, msg: list[bytes],
+                          now: float) -> None:
+        """A worker's ACK or NACK: its credit back, the counter, the answer to the acceptor."""
+        reply_to, qid, detail = expect(msg, 3)
+        if w is not None:
+            w.expiry = now + LANE_HEARTBEAT * LANE_LIVENESS
+            if w.inflight.pop(qid, None) is not None:
+                w.credit += 1
+        if kind is Kind.ACK:
+            self.counters["acked"] += 1
+        else:
+            self.counters["nack_worker"] += 1
+        self._reply(reply_to, kind, qid, detail)
+
+    def _on_worker_disconnect(self, ident: bytes, w: WorkerState | None) -> None:
+        if w is not None:
+            w.credit = 0          # keep it until its in-flight ACKs are in
+            if not w.inflight:
+                del self.workers[ident]
 
     def _publish_fact(self, msg: list[bytes]) -> None:
         """Pass a worker's or an acceptor's fact about a client on to every acceptor."""
@@ -287,10 +299,7 @@ class Broker:
                 self.stopping = True
             if self.stopping and stop_deadline is None:
                 stop_deadline = now + 2.0
-                for job in self.queue:
-                    self._nack(job.reply_to, job.qid, NackReason.SHUTDOWN, "lane shutting down")
-                self.queue.clear()
-                self.queued_bytes = 0
+                self._refuse_queued()
             if stop_deadline is not None and (
                     now > stop_deadline or not any(w.inflight for w in self.workers.values())):
                 break
@@ -300,16 +309,27 @@ class Broker:
             if now >= next_status:
                 self.publish(now)
                 next_status = now + STATUS_INTERVAL
-            timeout = max(0.0, min(next_hb, next_status) - time.monotonic())
-            events = dict(poller.poll(timeout=int(timeout * 1000) + 1))
-            # Workers first: their ACKs free credit for the work that follows.
-            if self.back in events:
-                self._drain(self.back, self.on_back)
-            if self.front in events:
-                self._drain(self.front, self.on_front)
-            self.dispatch()
+            self._poll_once(poller, min(next_hb, next_status))
         for w in self.workers.values():
             self._fail_worker(w, "broker shutting down")
+
+    def _refuse_queued(self) -> None:
+        """Shutting down: every queued job is NACKed (the acceptors answer 4xx) and dropped."""
+        for job in self.queue:
+            self._nack(job.reply_to, job.qid, NackReason.SHUTDOWN, "lane shutting down")
+        self.queue.clear()
+        self.queued_bytes = 0
+
+    def _poll_once(self, poller: zmq.Poller, wake_at: float) -> None:
+        """Wait for traffic until `wake_at` (monotonic), drain both sockets, hand out work."""
+        timeout = max(0.0, wake_at - time.monotonic())
+        events = dict(poller.poll(timeout=int(timeout * 1000) + 1))
+        # Workers first: their ACKs free credit for the work that follows.
+        if self.back in events:
+            self._drain(self.back, self.on_back)
+        if self.front in events:
+            self._drain(self.front, self.on_front)
+        self.dispatch()
 
     @staticmethod
     def _drain(sock: zmq.Socket[bytes], handle: Any, limit: int = 256) -> None:

@@ -243,11 +243,11 @@ def header_from_domain(message: bytes) -> str | None:
     if len(froms) != 1 or len(froms[0]) > MAX_FROM_FIELD:
         return None
     try:
-        addrs = email.utils.getaddresses([unfold(field_value(froms[0]))])
+        pairs = email.utils.getaddresses([unfold(field_value(froms[0]))])
     except (RecursionError, ValueError, IndexError):
         # the stdlib parser recurses once per nested comment: hostile input, no domain
         return None
-    addrs = [a for _, a in addrs if a]
+    addrs = [a for _, a in pairs if a]
     if len(addrs) != 1 or "@" not in addrs[0]:
         return None
     domain = addrs[0].rpartition("@")[2].strip().lower().rstrip(".")
@@ -438,41 +438,60 @@ def _verify_one(
     selector = _tag(sig, b"s")
     b_prefix = _tag(sig, b"b")[:8]
     al = aligned(domain, from_domain)
+    result, reason = _judge_signature(d, idx, sig, include_headers, sigheaders, dnsfunc, trace,
+                                      deadline)
+    return DkimSignatureResult(domain, selector, result, al, b_prefix, reason)
 
-    def out(result: DkimResult, reason: str = "") -> DkimSignatureResult:
-        return DkimSignatureResult(domain, selector, result, al, b_prefix, reason)
 
+def _judge_signature(
+    d: dkim.DKIM,
+    idx: int,
+    sig: dict,
+    include_headers: list,
+    sigheaders: list,
+    dnsfunc: DnsFunc,
+    trace: _Trace,
+    deadline: float,
+) -> tuple[DkimResult, str]:
+    """The verdict and its reason for one parsed signature: the deadline and the header-work
+    bound first, then dkimpy's verification (its exceptions mapped to FAIL / PERMERROR /
+    TEMPERROR)."""
     if time.monotonic() >= deadline:
-        return out(DkimResult.TEMPERROR, "DKIM verification deadline exhausted")
+        return DkimResult.TEMPERROR, "DKIM verification deadline exhausted"
     work = len(set(include_headers)) * len(d.headers)
     if work > MAX_HEADER_WORK:
-        return out(DkimResult.PERMERROR, f"signature too costly: {len(set(include_headers))} "
-                   f"distinct h= names over {len(d.headers)} header fields")
+        return DkimResult.PERMERROR, (f"signature too costly: {len(set(include_headers))} "
+                                      f"distinct h= names over {len(d.headers)} header fields")
     trace.outcome, trace.txt, trace.error = "", None, ""
     try:
         ok = d.verify_sig(sig, include_headers, sigheaders[idx], dnsfunc)
     except dkim.ValidationError as e:  # body hash mismatch, tlsrpt service mismatch
         msg = str(e)
         if "body hash" in msg:
-            return out(DkimResult.FAIL, "body hash mismatch")
-        return out(DkimResult.PERMERROR, msg)
+            return DkimResult.FAIL, "body hash mismatch"
+        return DkimResult.PERMERROR, msg
     except dkim.KeyFormatError as e:  # e.g. key too small (raised after a good verify)
-        return out(DkimResult.PERMERROR, str(e))
+        return DkimResult.PERMERROR, str(e)
     except dkim.DKIMException as e:
-        return out(DkimResult.PERMERROR, str(e))
+        return DkimResult.PERMERROR, str(e)
     except Exception as e:  # dkimpy bug on hostile input: uncertain
-        return out(DkimResult.TEMPERROR, f"{type(e).__name__}: {e}")
+        return DkimResult.TEMPERROR, f"{type(e).__name__}: {e}"
     if ok:
-        return out(DkimResult.PASS)
+        return DkimResult.PASS, ""
+    return _unverified_verdict(trace)
+
+
+def _unverified_verdict(trace: _Trace) -> tuple[DkimResult, str]:
+    """Why a signature did not verify, from what the key lookup saw (the trace)."""
     if trace.outcome == "temperror":
-        return out(DkimResult.TEMPERROR, trace.error or "key lookup failed")
+        return DkimResult.TEMPERROR, trace.error or "key lookup failed"
     if trace.outcome == "nokey":
-        return out(DkimResult.PERMERROR, "no key for signature")
+        return DkimResult.PERMERROR, "no key for signature"
     if trace.outcome == "badkey":
-        return out(DkimResult.PERMERROR, trace.error)
+        return DkimResult.PERMERROR, trace.error
     if trace.outcome == "found" and trace.txt is not None:
         try:
             dkim.evaluate_pk(trace.name.encode(), trace.txt)
         except Exception as e:
-            return out(DkimResult.PERMERROR, f"bad key record: {e}")
-    return out(DkimResult.FAIL, "signature did not verify")
+            return DkimResult.PERMERROR, f"bad key record: {e}"
+    return DkimResult.FAIL, "signature did not verify"

@@ -154,30 +154,40 @@ def authentication_results(
         head += " (" + comment_text(comment) + ")"
     resinfos: list[str] = []
     if spf is not None:
-        r = f"spf={_value(str(spf))}"
-        if spf_domain:
-            r += f" smtp.mailfrom={_value(spf_domain)}"
-        elif spf_helo:
-            r += f" smtp.helo={_value(spf_helo)}"
-        resinfos.append(r)
-    for res in dkim_results:
-        r = f"dkim={res.result}"
-        if res.result is DkimResult.PASS and res.aligned:
-            r += " (aligned)"
-        elif res.result is not DkimResult.PASS and res.reason:
-            r += f" reason={_value(res.reason[:120])}"
-        if res.domain:
-            r += f" header.d={_value(res.domain)}"
-        if res.selector:
-            r += f" header.s={_value(res.selector)}"
-        if res.b_prefix:
-            r += f" header.b={_value(res.b_prefix)}"
-        resinfos.append(r)
+        resinfos.append(_spf_resinfo(spf, spf_domain, spf_helo))
+    resinfos.extend(_dkim_resinfo(res) for res in dkim_results)
     if not dkim_results and dkim_checked:
         resinfos.append("dkim=none")
     if not resinfos:
         return (head + "; none\r\n").encode("utf-8", "replace")
     return (head + ";\r\n\t" + ";\r\n\t".join(resinfos) + "\r\n").encode("utf-8", "replace")
+
+
+def _spf_resinfo(spf: str, spf_domain: str | None, spf_helo: str | None) -> str:
+    """"spf=<result>" with smtp.mailfrom, else smtp.helo, when known."""
+    r = f"spf={_value(str(spf))}"
+    if spf_domain:
+        r += f" smtp.mailfrom={_value(spf_domain)}"
+    elif spf_helo:
+        r += f" smtp.helo={_value(spf_helo)}"
+    return r
+
+
+def _dkim_resinfo(res: DkimSignatureResult) -> str:
+    """"dkim=<result>" for one signature: "(aligned)" on an aligned pass, else the reason of a
+    non-pass; then header.d, header.s and header.b when known."""
+    r = f"dkim={res.result}"
+    if res.result is DkimResult.PASS and res.aligned:
+        r += " (aligned)"
+    elif res.result is not DkimResult.PASS and res.reason:
+        r += f" reason={_value(res.reason[:120])}"
+    if res.domain:
+        r += f" header.d={_value(res.domain)}"
+    if res.selector:
+        r += f" header.s={_value(res.selector)}"
+    if res.b_prefix:
+        r += f" header.b={_value(res.b_prefix)}"
+    return r
 
 
 # --------------------------------------------------------------------------- forged A-R

@@ -72,7 +72,7 @@ class Worker:
         self.pipeline = Pipeline(cfg)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.credit,
                                                           thread_name_prefix="dkim")
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sock: zmq.Socket[bytes] | None = None
         self.stopping = False
         self.ident = f"w-{lane.value}-{index}-{os.getpid()}".encode()
@@ -142,6 +142,19 @@ class Worker:
         return msgs
 
     def _handle(self, msgs: list[list[bytes]]) -> None:
+        """One batch: decode the work, process it (DKIM, trace headers), spool what may still
+        be accepted in one group commit, and ACK or NACK every job."""
+        jobs = self._decode_jobs(msgs)
+        if not jobs:
+            return
+        batch = self._spoolable(jobs, self._process(jobs))
+        if not batch:
+            return
+        self._spool_batch(batch)
+
+    def _decode_jobs(self, msgs: list[list[bytes]]) -> list[tuple[bytes, Envelope, bytes]]:
+        """The WORK messages as (reply_to, envelope, body); a bad envelope is NACKed, any
+        other malformed message is logged and dropped."""
         assert self.sock is not None
         jobs: list[tuple[bytes, Envelope, bytes]] = []
         for frames in msgs:
@@ -161,9 +174,12 @@ class Worker:
                                        "bad envelope"))
                 continue
             jobs.append((reply_to, env, body))
-        if not jobs:
-            return
-        processed = self._process(jobs)
+        return jobs
+
+    def _spoolable(self, jobs: list[tuple[bytes, Envelope, bytes]],
+                   processed: list[Any]) -> list[tuple[bytes, bytes, Envelope, Any]]:
+        """The processed jobs to spool, as (reply_to, qid, envelope, processed); a failed or
+        expired one is NACKed here."""
         batch = []
         wall = time.time()
         for (reply_to, env, _), done in zip(jobs, processed, strict=True):
@@ -178,8 +194,10 @@ class Worker:
                 self._send(worker_nack(reply_to, qid, NackReason.EXPIRED, "too late"))
             else:
                 batch.append((reply_to, qid, env, done))
-        if not batch:
-            return
+        return batch
+
+    def _spool_batch(self, batch: list[tuple[bytes, bytes, Envelope, Any]]) -> None:
+        """One group commit for the batch, then the ACK (or the NACK) of each message."""
         t0 = time.monotonic()
         items = [(env, p.trace, p.body) for _, _, env, p in batch]
         write = self.pool.submit(self.spool.write_batch, items)

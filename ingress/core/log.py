@@ -2,7 +2,9 @@
 
 API:
     setup(level, proc)                  once per process, after spawn (sets the process title)
-    event(name, level="info", **fields) one structured line: {"ts","lvl","proc","pid","event",...}
+    event(name, level="info", /, **fields)
+                                        one structured line: {"ts","lvl","proc","pid","event",...}
+                                        (name and level positional, so any key is a field)
     get() -> logging.Logger             for exceptions (log.exception(...) keeps the traceback in
                                         the log line's "exc" field, never in an SMTP reply)
 
@@ -18,7 +20,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 import setproctitle
@@ -50,7 +52,7 @@ class _JsonFormatter(logging.Formatter):
         return orjson.dumps(doc, default=repr).decode()
 
 
-class _SafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _SafeHandler(logging.StreamHandler[TextIO]):
     def handleError(self, record: logging.LogRecord) -> None:
         pass   # never let logging raise into mail handling
 
@@ -74,7 +76,7 @@ def setup(level: str, proc: str) -> None:
     logging.Formatter.converter = time.gmtime
 
 
-def event(name: str, level: str = "info", **fields: Any) -> None:
+def event(name: str, level: str = "info", /, **fields: Any) -> None:
     """One structured line, written straight to stderr (fd 2) with a single write(2): this is
     on the acceptors' per-message path, where the logging module's records, locks and
     formatters cost more than the line itself."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from itertools import count
@@ -208,7 +209,7 @@ def to_acceptor(kind: Kind, qid: bytes, detail: bytes) -> list[bytes]:
     return [VERSION, kind.value, qid, detail]
 
 
-def status(doc: dict[str, object]) -> list[bytes]:
+def status(doc: Mapping[str, object]) -> list[bytes]:
     return [STATUS_TOPIC, VERSION, orjson.dumps(doc)]
 
 

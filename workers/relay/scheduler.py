@@ -322,59 +322,83 @@ class Relay:
         good = [r for r in pending if r not in results]
         if not good:
             return results
+        got = await self._deliver(session, qid, mail_from, good, message, smtputf8, received_at)
+        if got is None:
+            return None
+        results.update(got)
+        return results
+
+    async def _deliver(self, session: Session, qid: str, mail_from: str, good: list[str],
+                       message: bytes, smtputf8: bool,
+                       received_at: float) -> dict[str, Reply] | None:
+        """_attempt's delivery to the syntactically good recipients: a result for each, or None
+        when the downstream could not be reached and the message is not yet past max_age. A
+        reused connection found stale is tried once more on a fresh one."""
         t0 = time.monotonic()
         mta = self.target.mta_name
         for tries in (1, 2):
             reused = session.connected
             if not session.connected or session.messages >= MAX_PER_CONNECTION:
                 reused = False
-                try:
-                    await session.open()
-                except Exception as e:          # Unavailable, or a bug: not this message's
-                    why = e.why if isinstance(e, Unavailable) else f"{type(e).__name__}: {e}"
-                    self._downstream_failed(_oneline(why, 300))
-                    metrics.relay_error(len(good))
+                why = await self._open_session(session, len(good))
+                if why is not None:
                     if time.time() - received_at < self.rc.max_age:
                         return None
-                    results.update(dict.fromkeys(
-                        good, Reply(451, f"4.4.1 {mta}: {_oneline(why, 300)}", local=True)))
-                    return results
-                self._downstream_ok()
+                    return dict.fromkeys(
+                        good, Reply(451, f"4.4.1 {mta}: {_oneline(why, 300)}", local=True))
             try:
                 got = await session.deliver(mail_from, good, message, smtputf8)
             except Unavailable as e:
                 if e.stage == "connect" and reused and tries == 1:
                     continue                    # a stale reused connection: once more, fresh
-                metrics.relay_error(len(good))
-                if e.stage == "data":
-                    # The message went out and its reply was lost: the downstream may have it.
-                    log.event("relay_unsure", "warning", qid=qid, error=e.why,
-                              rcpts=[r for r in good if r not in e.partial],
-                              note="downstream may have accepted; the retry may duplicate")
-                # The downstream greeted us and then failed on this message: its failure. The
-                # final replies received before that stand (a 550 for a RCPT, LMTP's replies).
-                results.update(dict.fromkeys(
-                    good, Reply(451, f"4.4.2 {mta}: {e.why}", local=True)))
-                results.update({r: x for r, x in e.partial.items() if r in good})
-                return results
+                return self._delivery_failed(qid, good, e)
             except Exception as e:
-                # Not expected from a session (a bug, an encoding error): this message's
-                # failure, never a fixed-interval retry or a dirty session for the next one.
-                why = _oneline(f"{type(e).__name__}: {e}", 300)
-                log.event("relay_attempt_error", "error", qid=qid, rcpts=good, error=why)
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(session.close(), 1.0)
-                metrics.relay_error(len(good))
-                results.update(dict.fromkeys(
-                    good, Reply(451, f"4.3.0 local error: {why}", local=True)))
-                return results
+                return await self._attempt_error(session, qid, good, e)
             metrics.relay_replies([r.code for r in got.values()], time.monotonic() - t0)
             self._downstream_ok()
-            results.update(got)
             log.event("relay_attempt", "debug", qid=qid, rcpts=len(good),
                       ms=round((time.monotonic() - t0) * 1000, 2))
-            return results
+            return got
         return None  # pragma: no cover
+
+    async def _open_session(self, session: Session, rcpts: int) -> str | None:
+        """Open a fresh downstream session: None, or why it failed (the breaker and the error
+        metric count it: a failure to open is the downstream's, not the message's)."""
+        try:
+            await session.open()
+        except Exception as e:          # Unavailable, or a bug: not this message's
+            why = e.why if isinstance(e, Unavailable) else f"{type(e).__name__}: {e}"
+            self._downstream_failed(_oneline(why, 300))
+            metrics.relay_error(rcpts)
+            return why
+        self._downstream_ok()
+        return None
+
+    def _delivery_failed(self, qid: str, good: list[str], e: Unavailable) -> dict[str, Reply]:
+        """The downstream greeted us and then failed on this message: its failure (451 for
+        each recipient). The final replies received before that stand (a 550 for a RCPT,
+        LMTP's replies)."""
+        metrics.relay_error(len(good))
+        if e.stage == "data":
+            # The message went out and its reply was lost: the downstream may have it.
+            log.event("relay_unsure", "warning", qid=qid, error=e.why,
+                      rcpts=[r for r in good if r not in e.partial],
+                      note="downstream may have accepted; the retry may duplicate")
+        mta = self.target.mta_name
+        results = dict.fromkeys(good, Reply(451, f"4.4.2 {mta}: {e.why}", local=True))
+        results.update({r: x for r, x in e.partial.items() if r in good})
+        return results
+
+    async def _attempt_error(self, session: Session, qid: str, good: list[str],
+                             e: Exception) -> dict[str, Reply]:
+        """Not expected from a session (a bug, an encoding error): this message's failure,
+        never a fixed-interval retry or a dirty session for the next one."""
+        why = _oneline(f"{type(e).__name__}: {e}", 300)
+        log.event("relay_attempt_error", "error", qid=qid, rcpts=good, error=why)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(session.close(), 1.0)
+        metrics.relay_error(len(good))
+        return dict.fromkeys(good, Reply(451, f"4.3.0 local error: {why}", local=True))
 
     def _record(self, name: str, qid: str, env: dict[str, Any], state: RelayState,
                 results: dict[str, Reply], received_at: float, message: bytes) -> None:
