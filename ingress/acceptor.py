@@ -201,9 +201,7 @@ class AcceptorContext:
                     proto.close_if_idle(line)
             await asyncio.sleep(0.05)
         for proto in list(self.table.sessions):
-            if proto.transport is not None:
-                proto.transport.write(line.encode() + b"\r\n")
-                proto.transport.close()
+            proto.close_with(line)
         await asyncio.sleep(0.05)
         log.event("acceptor_drained", mode="retire" if retire else "shutdown",
                   left=len(self.table.sessions), **self.counters)
@@ -327,7 +325,7 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
                   hint="raise LimitNOFILE / ulimit -n, or lower smtp.max_connections")
     sock.setblocking(False)
     lst = cfg.listen
-    servers = [await loop.create_server(
+    servers: list[Any] = [await loop.create_server(
         lambda: IngressSMTP(ctx, proxy_protocol=lst.proxy_protocol), sock=sock)]
     if mtls_sock is not None and ctx.mtls_context is not None:
         mtls_sock.setblocking(False)

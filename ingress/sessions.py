@@ -57,6 +57,10 @@ class Seat(Protocol):
 
     def evict(self, line: str) -> None: ...
 
+    def close_if_idle(self, line: str) -> bool: ...
+
+    def close_with(self, line: str) -> None: ...
+
 
 FD_LOG_INTERVAL = 60.0     # seconds between two fd_limit_reached lines
 

@@ -28,10 +28,11 @@ What this layer adds to aiosmtpd (docs/design.md lists the aiosmtpd traps it wor
   past smtp.soft_error_limit, 421 4.7.0 and a close at smtp.hard_error_limit, junk commands
   (NOOP/RSET/VRFY/HELP) and MAILs without a delivered message limited; after a 421 that closes
   the session, pipelined commands are not parsed (the handler task is cancelled, as on QUIT);
-- DATA read into one bytearray in bulk (ingress.dataread; aiosmtpd keeps one per line, ~23x the
-  message), charged to the acceptor's DATA budget (smtp.data_memory_budget; bulk never takes
-  smtp.data_fast_reserve): a bulk DATA with the bulk share spent gets 452 4.3.1 at once, a
-  message that overflows it mid-transfer is read to its end, dropped, and gets 452 4.3.1;
+- DATA read into one bytearray in bulk (ingress.smtp_data, ingress.dataread; aiosmtpd keeps one
+  per line, ~23x the message), charged to the acceptor's DATA budget (smtp.data_memory_budget;
+  bulk never takes smtp.data_fast_reserve): a bulk DATA with the bulk share spent gets 452 4.3.1
+  at once, a message that overflows it mid-transfer is read to its end, dropped, and gets
+  452 4.3.1;
 - no idle timer (stress or not) while the worker's ack is awaited: the ack wait has its own
   deadline (smtp.ack_timeout), and the session deadline waits for it;
 - a per-instance command_size_limits (aiosmtpd's is a class attribute shared by all sessions
@@ -51,22 +52,22 @@ import collections
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.proxy_protocol import get_proxy
-from aiosmtpd.smtp import MISSING, SMTP, _AuthMechAttr, syntax
+from aiosmtpd.smtp import SMTP, _AuthMechAttr, syntax
 
 from ingress import proxy
 from ingress.core import log, metrics
 from ingress.core.metrics import Outcome, RcptResult
 from ingress.core.wire import Lane
-from ingress.dataread import DataReader, DataState, read_stream
 from ingress.host import SessionHost
 from ingress.policy import session_rules
 from ingress.policy.admission import Ticket, stress_timeouts
 from ingress.policy.classify import Evidence, normalize_ip, promote
 from ingress.policy.replies import Refusal, clean, text
 from ingress.policy.session_rules import Counters, Refused
+from ingress.smtp_data import DataPhase
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _SIMPLE_ADDRESS = re.compile(
@@ -93,7 +94,12 @@ def _checked_command(name: str, check_arg: bool = True) -> Callable[..., Awaitab
     return command
 
 
-class IngressSMTP(SMTP):
+
+def _write_line(transport: asyncio.BaseTransport, line: str) -> None:
+    """One reply line straight onto the transport (before aiosmtpd's writer exists, or after)."""
+    cast(asyncio.WriteTransport, transport).write(line.encode() + b"\r\n")
+
+class IngressSMTP(DataPhase):
     def __init__(self, ctx: SessionHost, implicit_tls: bool = False,
                  fast_only: bool = False, proxy_protocol: bool = False) -> None:
         # aiosmtpd's SMTP.__init__ introspects the handler and the class on every connection
@@ -190,7 +196,7 @@ class IngressSMTP(SMTP):
             refusal = self._classify_and_admit(transport)
             if refusal is not None:
                 self.refused = True
-                transport.write(refusal.encode() + b"\r\n")
+                _write_line(transport, refusal)
                 transport.close()
                 return
         super().connection_made(transport)
@@ -272,7 +278,7 @@ class IngressSMTP(SMTP):
                 ctx.count("early_talker", self.lane)
                 metrics.connection(self.lane, Outcome.EARLY_TALKER)
                 log.event("early_talker", peer=self.peer_ip)
-                self._close_with(text(Refusal.EARLY_TALKER))
+                self.close_with(text(Refusal.EARLY_TALKER))
                 return
         self.greeted = True
         await super()._handle_client()
@@ -310,7 +316,7 @@ class IngressSMTP(SMTP):
             self.session.proxy_data = data
         refusal = self._classify_and_admit(transport)
         if refusal is not None:
-            self._close_with(refusal)
+            self.close_with(refusal)
             return False
         return True
 
@@ -331,17 +337,17 @@ class IngressSMTP(SMTP):
                       duration_ms=round((time.monotonic() - self.started) * 1000, 1))
         super().connection_lost(error)
 
-    def _close_with(self, line: str) -> None:
+    def close_with(self, line: str) -> None:
         if self.transport is None and self.abort_handshake is not None:
             self.abort_handshake()            # mid TLS handshake: no SMTP line is possible
             return
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(line.encode() + b"\r\n")
+            _write_line(self.transport, line)
             self.transport.close()
 
     def _timeout_cb(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(text(Refusal.IDLE_TIMEOUT, host=self.hostname).encode() + b"\r\n")
+            _write_line(self.transport, text(Refusal.IDLE_TIMEOUT, host=self.hostname))
         super()._timeout_cb()
 
     def _deadline_cb(self) -> None:
@@ -349,7 +355,7 @@ class IngressSMTP(SMTP):
             self._deadline = self.loop.call_later(0.1, self._deadline_cb)
             return
         log.event("session_deadline", "info", peer=self.peer_ip, lane=self.lane.value)
-        self._close_with(text(Refusal.SESSION_DEADLINE, host=self.hostname))
+        self.close_with(text(Refusal.SESSION_DEADLINE, host=self.hostname))
 
     def data_received(self, data: bytes) -> None:
         if self.busy:      # a large message on a slow link is not idle
@@ -371,7 +377,7 @@ class IngressSMTP(SMTP):
             metrics.session_close(self.lane)
             log.event("evicted", peer=self.peer_ip, lane=self.lane.value,
                       silent_s=round(time.monotonic() - self.started, 1))
-        self._close_with(line)
+        self.close_with(line)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         if self.awaiting_ack:    # the ack wait has its own deadline (smtp.ack_timeout): a
@@ -397,7 +403,7 @@ class IngressSMTP(SMTP):
         if self.busy or self.transport is None or self.transport.is_closing():
             return False
         if line:
-            self.transport.write(line.encode() + b"\r\n")
+            _write_line(self.transport, line)
         self.transport.close()
         return True
 
@@ -474,9 +480,9 @@ class IngressSMTP(SMTP):
         (already buffered, so without yielding) until connection_lost runs; stop it here, as
         its own QUIT does."""
         self.cut_off = True
-        task = self._handler_coroutine
-        if task is not None and task is asyncio.current_task():
-            task.cancel()
+        current = asyncio.current_task()
+        if current is not None and current is self._handler_coroutine:
+            current.cancel()
             await asyncio.sleep(0)         # the CancelledError is raised here
 
     def _refused(self, refusal: Refused, command: str, **fields: object) -> str:
@@ -534,64 +540,6 @@ class IngressSMTP(SMTP):
             return super()._getaddr(arg)
         except (IndexError, ValueError):   # the stdlib parser on "a@": a malformed address
             return None, None               # (553 5.1.3 for MAIL/RCPT, 502 for VRFY)
-
-    async def smtp_DATA(self, arg: str) -> None:
-        """aiosmtpd's smtp_DATA (same checks, replies and end-of-data, dot-unstuffing,
-        line-length and size semantics), but the message is read into one bytearray in bulk
-        (ingress.dataread) and charged to the acceptor's DATA budget; the idle timers are off
-        while the worker's ack is awaited (the ack wait has its own deadline)."""
-        if await self.check_helo_needed():
-            return
-        if await self.check_auth_needed("DATA"):
-            return
-        assert self.envelope is not None
-        if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 Syntax: DATA")
-            return
-        budget = self.ctx.data_budget
-        if self.lane is Lane.BULK and budget.bulk_full():
-            self.ctx.count("data_no_storage", self.lane)
-            log.event("data_no_storage", peer=self.peer_ip, lane=self.lane.value, at="DATA")
-            await self.push(text(Refusal.DATA_NO_STORAGE))
-            return
-        self.busy = True
-        reader = DataReader(self.data_size_limit, budget, self.lane, self.line_length_limit)
-        try:
-            await self.push("354 End data with <CR><LF>.<CR><LF>")
-            if not await read_stream(self._reader, self._writer, reader):
-                return
-            if reader.state is not DataState.NOMINAL:
-                if reader.state is DataState.TOO_LONG:
-                    await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
-                elif reader.state is DataState.TOO_MUCH:
-                    await self.push("552 Error: Too much mail data")
-                else:
-                    self.ctx.count("data_no_storage", self.lane)
-                    log.event("data_no_storage", peer=self.peer_ip, lane=self.lane.value,
-                              at="end of data", size=reader.total)
-                    await self.push(text(Refusal.DATA_NO_STORAGE))
-                self._set_post_data_state()
-                return
-            content = reader.content()
-            self.envelope.content = content
-            self.envelope.original_content = content
-            self.awaiting_ack = True
-            if self._timeout_handle is not None:
-                self._timeout_handle.cancel()
-            try:
-                status = await self._call_handler_hook("DATA")
-            finally:
-                self.awaiting_ack = False
-                self.envelope.content = self.envelope.original_content = None
-                self._reset_timeout()       # the idle timer again, whatever happened
-            self._set_post_data_state()
-            await self.push("250 OK" if status is MISSING else status)
-        finally:
-            reader.release()
-            self.busy = False
 
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push(text(Refusal.AUTH_NOT_OFFERED))

@@ -1,0 +1,103 @@
+"""The DATA phase of a session: aiosmtpd's smtp_DATA, reading the message in bulk into one buffer.
+
+API:
+    DataPhase     the base class of ingress.smtp.IngressSMTP (an aiosmtpd SMTP) that provides
+                  smtp_DATA; it uses the session's ctx (ingress.host.SessionHost), lane, peer_ip,
+                  busy and awaiting_ack, which IngressSMTP sets.
+
+What it keeps of aiosmtpd's smtp_DATA: the checks before 354 (HELO, AUTH, RCPT, no argument),
+end-of-data, dot-unstuffing, the line-length (500) and size (552) replies. What it changes: the
+message is read into one bytearray by ingress.dataread (aiosmtpd keeps a bytearray per line,
+about 23x the message for short lines) and charged to the acceptor's DATA budget: a bulk DATA
+when the bulk share is spent gets 452 4.3.1 at once, a message that overflows it mid-transfer
+is read to its end, dropped and answered 452 4.3.1; and no idle timer runs while the worker's
+ack is awaited (the ack wait has its own deadline, smtp.ack_timeout).
+
+Failure modes: none of its own; the hook's exceptions go to aiosmtpd's handle_exception (our
+handler answers 451 4.3.0). Limits: smtp.max_message_size, the line length, the DATA budget.
+"""
+
+from __future__ import annotations
+
+from aiosmtpd.smtp import MISSING, SMTP
+
+from ingress.core import log
+from ingress.core.wire import Lane
+from ingress.dataread import DataReader, DataState, read_stream
+from ingress.host import SessionHost
+from ingress.policy.replies import Refusal, text
+
+
+class DataPhase(SMTP):
+    ctx: SessionHost
+    lane: Lane
+    peer_ip: str
+    busy: bool                 # inside DATA or waiting for the ack
+    awaiting_ack: bool         # the message is with the lane: no idle timer now
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's smtp_DATA (same checks, replies and end-of-data, dot-unstuffing,
+        line-length and size semantics), but the message is read into one bytearray in bulk
+        (ingress.dataread) and charged to the acceptor's DATA budget; the idle timers are off
+        while the worker's ack is awaited (the ack wait has its own deadline)."""
+        if await self._data_refused(arg):
+            return
+        assert self.envelope is not None
+        budget = self.ctx.data_budget
+        self.busy = True
+        reader = DataReader(self.data_size_limit, budget, self.lane, self.line_length_limit)
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            if not await read_stream(self._reader, self._writer, reader):
+                return
+            if reader.state is not DataState.NOMINAL:
+                await self._data_failed(reader)
+                return
+            content = reader.content()
+            self.envelope.content = content
+            self.envelope.original_content = content
+            self.awaiting_ack = True
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            try:
+                status = await self._call_handler_hook("DATA")
+            finally:
+                self.awaiting_ack = False
+                self.envelope.content = self.envelope.original_content = None
+                self._reset_timeout()       # the idle timer again, whatever happened
+            self._set_post_data_state()
+            await self.push("250 OK" if status is MISSING else status)
+        finally:
+            reader.release()
+            self.busy = False
+
+    async def _data_refused(self, arg: str) -> bool:
+        """aiosmtpd's checks before 354, then the DATA budget's bulk share: True = answered."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return True
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return True
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return True
+        if self.lane is Lane.BULK and self.ctx.data_budget.bulk_full():
+            self.ctx.count("data_no_storage", self.lane)
+            log.event("data_no_storage", peer=self.peer_ip, lane=self.lane.value, at="DATA")
+            await self.push(text(Refusal.DATA_NO_STORAGE))
+            return True
+        return False
+
+    async def _data_failed(self, reader: DataReader) -> None:
+        """The message was read but cannot be taken: too long a line, too big, no storage."""
+        if reader.state is DataState.TOO_LONG:
+            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
+        elif reader.state is DataState.TOO_MUCH:
+            await self.push("552 Error: Too much mail data")
+        else:
+            self.ctx.count("data_no_storage", self.lane)
+            log.event("data_no_storage", peer=self.peer_ip, lane=self.lane.value,
+                      at="end of data", size=reader.total)
+            await self.push(text(Refusal.DATA_NO_STORAGE))
+        self._set_post_data_state()
