@@ -15,7 +15,7 @@ API
     start_dns(procs, dir, records) -> (addr, Popen)
                                          ``python -m tests.kit.dnsserver`` as a child; addr is
                                          "127.0.0.1@PORT" (the ingress's nameserver syntax)
-    ingress_config(template, overrides) -> dict; write_toml(path, tables)
+    ingress_config(template, overrides) -> dict (written with tests.kit.harness.write_config)
     start_ingress(procs, dir, template, overrides, name) -> Running
     start_baseline(procs, dir) -> Running                     bench/baseline.py, port 0
     start_postfix(stack, dir) -> Running | str                a str is the reason it was skipped
@@ -50,9 +50,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import tomli_w
 
 from ingress.core import procs
+from tests.kit.harness import write_config
 from tests.kit.procs import Processes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,17 +172,6 @@ def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]
     return tables
 
 
-def write_toml(path: Path, tables: dict[str, dict[str, Any]]) -> None:
-    """`tables` by dotted name (as _flatten gives them) as a TOML file (tomli-w)."""
-    doc: dict[str, Any] = {}
-    for table, kv in tables.items():
-        node = doc
-        for part in table.split(".") if table else ():
-            node = node.setdefault(part, {})
-        node.update({k: str(v) if isinstance(v, Path) else v for k, v in kv.items()})
-    path.write_text(tomli_w.dumps(doc))
-
-
 def ingress_config(template: Path, overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str,
                                                                                          Any]]:
     """The template's tables (dotted names) with ``overrides`` merged in, table by table."""
@@ -230,7 +219,7 @@ def start_ingress(procs: Processes, directory: Path, template: Path,
         **overrides,
     })
     cfg_path = directory / "ingress.toml"
-    write_toml(cfg_path, tables)
+    write_config(cfg_path, tables)
     log = directory / "ingress.log"
     proc = procs.spawn([PY, "-m", "ingress.cli", "run", "--config", str(cfg_path)], log=log)
 

@@ -32,7 +32,10 @@ import pytest
 from ingress.core.wire import Envelope, Lane, new_qid
 from tests.integration.test_relay import delivered, relaying, wait_for
 from tests.kit.harness import ROOT, Ingress, make_body, send_one, write_config
-from tests.kit.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
+from tests.kit.postfix import (
+    PostfixInstance,
+    started_postfix,
+)
 from workers import spool as spool_mod
 from workers.relay.state import RelayState
 from workers.spool import read_state, write_state
@@ -276,24 +279,10 @@ def test_busy_file_is_not_touched(tmp_path: Path) -> None:
 # --- part 2: racing the running relay -----------------------------------------------------------
 
 def _postfix(extra: dict[str, str]) -> Iterator[PostfixInstance]:
-    try:
-        check_available()
-    except PostfixUnavailable as exc:
-        pytest.skip(str(exc))
-    work = Path(tempfile.mkdtemp(prefix="queue-pf-"))
-    work.chmod(0o711)
-    pf = PostfixInstance(
-        work, free_port(), delivery="maildir", maildir_root=work / "maildir",
-        accept_domains=("example.test", "sender.test"),
-        extra_main_cf={"smtpd_recipient_restrictions":
-                       f"check_recipient_access inline:{{{{{REJECTED}=550 5.1.1 no such user}}, "
-                       f"{{{TEMPFAIL}=450 4.2.0 try later}}}}", **extra})
-    try:
-        pf.start()
-        yield pf
-    finally:
-        pf.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    yield from started_postfix("queue-pf-", extra_main_cf={
+        "smtpd_recipient_restrictions":
+            f"check_recipient_access inline:{{{{{REJECTED}=550 5.1.1 no such user}}, "
+            f"{{{TEMPFAIL}=450 4.2.0 try later}}}}", **extra})
 
 
 @pytest.fixture(scope="module")
@@ -334,14 +323,16 @@ def test_commands_race_the_relay(tmp_path: Path, slow_postfix: PostfixInstance) 
         deleted: set[str] = set()
         held: set[str] = set()
         outcomes: list[tuple[str, int, str]] = []
+        commands = ("delete", "hold", "retry", "retry-all")
         deadline = time.monotonic() + 60
         while (t.is_alive() or spool_count(ing, "new")) and time.monotonic() < deadline:
             docs = sorted((d for d in listing(ing.config).values() if d["queue"] == "new"),
                           key=lambda d: d["received_at"])
             if docs:
-                # the oldest are the ones the relay is most likely delivering right now
-                d = docs[0] if rng.random() < 0.5 else rng.choice(docs)
-                cmd = rng.choice(("delete", "hold", "retry", "retry-all"))
+                # Every command in turn (a random draw sometimes skipped one), against the oldest
+                # (the one the relay is most likely delivering right now) and a random one.
+                cmd = commands[len(outcomes) % len(commands)]
+                d = docs[0] if (len(outcomes) // len(commands)) % 2 == 0 else rng.choice(docs)
                 r = (cli(ing.config, "retry", "--all") if cmd == "retry-all"
                      else cli(ing.config, cmd, d["qid"]))
                 outcomes.append((cmd, r.returncode, r.stderr))

@@ -14,16 +14,18 @@ Postfix parts skip when Postfix cannot run here (not root / not installed).
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.kit.harness import Ingress, make_body, send_one, smtp_dialogue
-from tests.kit.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
+from tests.kit.postfix import (
+    PostfixInstance,
+    free_port,
+    started_postfix,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,27 +37,12 @@ MAIL = b"MAIL FROM:<alice@sender.test>\r\n"
 
 @pytest.fixture(scope="module")
 def postfix() -> Iterator[PostfixInstance]:
-    try:
-        check_available()
-    except PostfixUnavailable as exc:
-        pytest.skip(str(exc))
-    work = Path(tempfile.mkdtemp(prefix="verify-pf-"))
-    work.chmod(0o711)
     boxes = ", ".join(f"{a}=example.test/" for a in (*KNOWN, TEMP))
-    pf = PostfixInstance(
-        work, free_port(), delivery="maildir", maildir_root=work / "maildir",
-        accept_domains=("example.test",),
-        extra_main_cf={
-            # only these mailboxes exist: every other recipient is 550 5.1.1 at RCPT
-            "virtual_mailbox_maps": f"inline:{{{boxes}}}",
-            "smtpd_recipient_restrictions":
-                f"check_recipient_access inline:{{{{{TEMP}=450 4.2.1 mailbox busy}}}}"})
-    try:
-        pf.start()
-        yield pf
-    finally:
-        pf.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    yield from started_postfix("verify-pf-", accept_domains=("example.test",), extra_main_cf={
+        # only these mailboxes exist: every other recipient is 550 5.1.1 at RCPT
+        "virtual_mailbox_maps": f"inline:{{{boxes}}}",
+        "smtpd_recipient_restrictions":
+            f"check_recipient_access inline:{{{{{TEMP}=450 4.2.1 mailbox busy}}}}"})
 
 
 def tables(downstream: str, **smtp: object) -> dict[str, dict[str, object]]:

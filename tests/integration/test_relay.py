@@ -15,8 +15,6 @@ import asyncio
 import email
 import email.policy
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +22,10 @@ from pathlib import Path
 import pytest
 
 from tests.kit.harness import Ingress, make_body, send_one
-from tests.kit.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
+from tests.kit.postfix import (
+    PostfixInstance,
+    started_postfix,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -33,24 +34,9 @@ REJECTED = "nosuchuser@example.test"
 
 @pytest.fixture(scope="module")
 def postfix() -> Iterator[PostfixInstance]:
-    try:
-        check_available()
-    except PostfixUnavailable as exc:
-        pytest.skip(str(exc))
-    # Not tmp_path: virtual(8) delivers as an unprivileged user that must traverse the parents.
-    work = Path(tempfile.mkdtemp(prefix="relay-pf-"))
-    work.chmod(0o711)
-    pf = PostfixInstance(
-        work, free_port(), delivery="maildir", maildir_root=work / "maildir",
-        accept_domains=("example.test", "sender.test"),
-        extra_main_cf={"smtpd_recipient_restrictions":
-                       f"check_recipient_access inline:{{{{{REJECTED}=550 5.1.1 no such user}}}}"})
-    try:
-        pf.start()
-        yield pf
-    finally:
-        pf.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    yield from started_postfix("relay-pf-", extra_main_cf={
+        "smtpd_recipient_restrictions":
+            f"check_recipient_access inline:{{{{{REJECTED}=550 5.1.1 no such user}}}}"})
 
 
 def relay_tables(pf: PostfixInstance) -> dict[str, dict[str, object]]:

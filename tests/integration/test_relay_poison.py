@@ -39,7 +39,11 @@ import pytest
 
 from ingress.core.wire import Envelope, Lane, new_qid
 from tests.kit.harness import Ingress, make_body, send_one
-from tests.kit.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
+from tests.kit.postfix import (
+    PostfixInstance,
+    free_port,
+    started_postfix,
+)
 from workers import spool as spool_mod
 
 pytestmark = pytest.mark.timeout(150)
@@ -127,26 +131,12 @@ class LmtpDownstream:
 
 @pytest.fixture(scope="module")
 def postfix() -> Iterator[PostfixInstance]:
-    try:
-        check_available()
-    except PostfixUnavailable as exc:
-        pytest.skip(str(exc))
-    work = Path(tempfile.mkdtemp(prefix="relay-poison-pf-"))
-    work.chmod(0o711)
     table = ", ".join("{" + f"{r}=550 5.1.1 no such user" + "}" for r in REJECTED)
-    pf = PostfixInstance(
-        work, free_port(), delivery="maildir", maildir_root=work / "maildir",
-        accept_domains=("example.test", "sender.test"),
-        extra_main_cf={"smtpd_recipient_restrictions": f"check_recipient_access inline:{{{table}}}",
-                       "smtputf8_enable": "no",
-                       "smtpd_hard_error_limit": str(HARD_ERRORS),
-                       "smtpd_error_sleep_time": "0"})
-    try:
-        pf.start()
-        yield pf
-    finally:
-        pf.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    yield from started_postfix("relay-poison-pf-", extra_main_cf={
+        "smtpd_recipient_restrictions": f"check_recipient_access inline:{{{table}}}",
+        "smtputf8_enable": "no",
+        "smtpd_hard_error_limit": str(HARD_ERRORS),
+        "smtpd_error_sleep_time": "0"})
 
 
 def postfix_delivered(pf: PostfixInstance) -> list[tuple[str, str, bytes]]:

@@ -36,11 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> None:
-    """`tables` by dotted name ({"lanes.bulk": {"workers": 1}}) as a TOML file (tomli-w)."""
+    """`tables` by dotted name ({"lanes.bulk": {"workers": 1}}; "" = top-level keys) as a TOML
+    file (tomli-w). The bench writes its targets' configs with it too."""
     doc: dict[str, Any] = {}
     for table, kv in tables.items():
         node = doc
-        for part in table.split("."):
+        for part in table.split(".") if table else ():
             node = node.setdefault(part, {})
         node.update({k: str(v) if isinstance(v, Path) else v for k, v in kv.items()})
     path.write_text(tomli_w.dumps(doc))

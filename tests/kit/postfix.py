@@ -65,12 +65,14 @@ import ipaddress
 import os
 import pwd
 import re
+import shutil
 import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
@@ -556,3 +558,29 @@ class PostfixInstance:
     def __repr__(self) -> str:
         return (f"PostfixInstance({str(self.workdir)!r}, {self.port}, delivery={self.delivery!r}, "
                 f"running={self.running})")
+
+
+def started_postfix(prefix: str, *,
+                    accept_domains: tuple[str, ...] = ("example.test", "sender.test"),
+                    extra_main_cf: Mapping[str, str] | None = None) -> Iterator[PostfixInstance]:
+    """For a module-scoped pytest fixture (`yield from started_postfix(...)`): a started private
+    Postfix delivering to maildirs under a fresh work dir, stopped and removed afterwards; the
+    test skips, naming why, when Postfix cannot run here. The work dir is not pytest's tmp_path
+    but a 0711 dir under /tmp: virtual(8) delivers as an unprivileged user that must traverse
+    the parents."""
+    import pytest
+
+    try:
+        check_available()
+    except PostfixUnavailable as exc:
+        pytest.skip(str(exc))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    work.chmod(0o711)
+    pf = PostfixInstance(work, free_port(), delivery="maildir", maildir_root=work / "maildir",
+                         accept_domains=accept_domains, extra_main_cf=dict(extra_main_cf or {}))
+    try:
+        pf.start()
+        yield pf
+    finally:
+        pf.stop()
+        shutil.rmtree(work, ignore_errors=True)
