@@ -52,6 +52,7 @@ def test_parse_ip_objects(obj: object, want: str) -> None:
     ("2001:db8:1:2:3:4:5:6", 128, "2001:db8:1:2:3:4:5:6/128"),
     ("fe80::1%eth0", 64, "fe80::/64"),
     ("not-an-ip", 64, "not-an-ip"),
+    ("unix-socket", 64, "unix-socket"),
 ])
 def test_ip_key(ip: str, prefix: int, key: str) -> None:
     assert ip_key(ip, prefix) == key

@@ -13,7 +13,6 @@ from ingress.policy.admission import (
     Admission,
     AdmissionLimits,
     Refusal,
-    ip_key,
     stress_timeouts,
 )
 
@@ -163,22 +162,6 @@ def test_per_ip_cap_does_not_apply_to_fast_and_frees_on_release() -> None:
     adm.release(t)  # idempotent
     assert adm.bulk_for("192.0.2.1") == 0
     assert adm.try_admit("192.0.2.1", B, 0).admitted
-
-
-@pytest.mark.parametrize(
-    "ip, prefix, key",
-    [
-        ("192.0.2.1", 64, "192.0.2.1"),
-        ("::ffff:192.0.2.1", 64, "192.0.2.1"),
-        ("2001:db8:1:2:3:4:5:6", 64, "2001:db8:1:2::/64"),
-        ("2001:db8:1:2:3:4:5:6", 48, "2001:db8:1::/48"),
-        ("2001:db8:1:2:3:4:5:6", 128, "2001:db8:1:2:3:4:5:6/128"),
-        ("fe80::1%eth0", 64, "fe80::/64"),
-        ("unix-socket", 64, "unix-socket"),
-    ],
-)
-def test_ip_key(ip: str, prefix: int, key: str) -> None:
-    assert ip_key(ip, prefix) == key
 
 
 # --------------------------------------------------------------------------- rate
