@@ -19,11 +19,17 @@ import aiosmtplib
 import dkim
 import pytest
 import trustme
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.kit.dkimkeys import signing_key
 from tests.kit.dnsserver import DNSServer
-from tests.kit.harness import Ingress, make_body, send_one, smtp_dialogue, split_trace
+from tests.kit.harness import (
+    Ingress,
+    make_body,
+    send_one,
+    send_tls,
+    smtp_dialogue,
+    split_trace,
+)
 
 TRUSTED_IP = "127.0.0.20"
 SPF_IP = "127.0.0.30"
@@ -32,12 +38,7 @@ UNKNOWN_IP = "127.0.0.40"
 
 @pytest.fixture(scope="module")
 def dkim_key() -> tuple[bytes, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM,
-                            serialization.PrivateFormat.TraditionalOpenSSL,
-                            serialization.NoEncryption())
-    pub = key.public_key().public_bytes(serialization.Encoding.DER,
-                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem, pub = signing_key()
     return pem, "v=DKIM1; k=rsa; p=" + base64.b64encode(pub).decode()
 
 
@@ -97,28 +98,6 @@ def lane_of(ing: Ingress, subject: str) -> tuple[str, dict[str, bytes]]:
 def message(subject: str, sender: str = "alice@good.test") -> bytes:
     return (f"From: {sender}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
             f"Message-ID: <{subject}@good.test>\r\n\r\nHello.\r\n").encode()
-
-
-async def send_tls(port: int, body: bytes, *, ca: Path, client: Path | None,
-                   sender: str = "alice@other.test") -> tuple[int, str]:
-    ctx = ssl.create_default_context(cafile=str(ca))
-    if client is not None:
-        ctx.load_cert_chain(str(client))
-    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, use_tls=True, tls_context=ctx,
-                           timeout=10, local_hostname="client.test")
-    try:
-        await smtp.connect()
-        await smtp.ehlo()
-        await smtp.mail(sender)
-        await smtp.rcpt("bob@example.test")
-        resp = await smtp.data(body)
-        return resp.code, resp.message
-    except aiosmtplib.SMTPResponseException as e:
-        return e.code, e.message
-    except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as e:
-        return 0, repr(e)
-    finally:
-        smtp.close()
 
 
 def test_each_kind_of_evidence(ingress: Ingress, pki: dict[str, Path]) -> None:

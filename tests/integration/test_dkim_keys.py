@@ -19,10 +19,8 @@ from pathlib import Path
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.kit.dkimkeys import modulus, record, spki
+from tests.kit.dkimkeys import modulus, record, signing_key, spki
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, send_one, split_trace
 from workers import dkim_check
@@ -42,12 +40,7 @@ CRAFTED = {
 
 @pytest.fixture(scope="module")
 def good_key() -> tuple[bytes, bytes]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM,
-                            serialization.PrivateFormat.TraditionalOpenSSL,
-                            serialization.NoEncryption())
-    pub = key.public_key().public_bytes(serialization.Encoding.DER,
-                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem, pub = signing_key()
     return pem, record(pub)
 
 

@@ -20,7 +20,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.kit.harness import Ingress, client_bytes, make_body, send_one, smtp_dialogue
+from tests.kit.harness import (
+    Ingress,
+    client_bytes,
+    make_body,
+    send_one,
+    send_tls,
+    smtp_dialogue,
+)
 
 PROXY_V1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n"
 
@@ -386,27 +393,8 @@ def pki(tmp_path: Path) -> dict[str, Path]:
 
 
 async def mtls_message(port: int, pki: dict[str, Path]) -> tuple[int, str]:
-    import ssl
-
-    import aiosmtplib
-
-    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
-    ctx.load_cert_chain(str(pki["client"]))
-    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, use_tls=True, tls_context=ctx,
-                           timeout=10, local_hostname="client.test")
-    try:
-        await smtp.connect()
-        await smtp.ehlo()
-        await smtp.mail("alice@good.test")
-        await smtp.rcpt("bob@example.test")
-        resp = await smtp.data(make_body(7))
-        return resp.code, resp.message
-    except aiosmtplib.SMTPResponseException as e:
-        return e.code, e.message
-    except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as e:
-        return 0, repr(e)
-    finally:
-        smtp.close()
+    return await send_tls(port, make_body(7), ca=pki["ca"], client=pki["client"],
+                          sender="alice@good.test")
 
 
 async def closed_by_server(r: asyncio.StreamReader, wait: float) -> bool:

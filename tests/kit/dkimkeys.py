@@ -46,3 +46,17 @@ def modulus(bits: int, rng: random.Random) -> int:
 
 def record(der: bytes, extra: str = "") -> bytes:
     return f"v=DKIM1; k=rsa;{extra} p={base64.b64encode(der).decode()}".encode()
+
+
+def signing_key() -> tuple[bytes, bytes]:
+    """A real 2048-bit RSA key pair for signing test messages: (private key PEM, public key DER
+    as SubjectPublicKeyInfo, for a DKIM record's p=)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM,
+                            serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())
+    return pem, key.public_key().public_bytes(serialization.Encoding.DER,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)

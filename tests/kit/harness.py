@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -275,3 +276,27 @@ def make_body(i: int, size: int = 1024, extra: bytes = b"") -> bytes:
     while len(body) < size:
         body += line + os.urandom(8).hex().encode() + b"\r\n"
     return head + extra + body
+
+
+async def send_tls(port: int, body: bytes, *, ca: Path, client: Path | None,
+                   sender: str = "alice@other.test") -> tuple[int, str]:
+    """One message over implicit TLS (the mutual-TLS port), with `client` as the client
+    certificate (None: none); (code, text), or (0, the error) when no SMTP reply came."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if client is not None:
+        ctx.load_cert_chain(str(client))
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, use_tls=True, tls_context=ctx,
+                           timeout=10, local_hostname="client.test")
+    try:
+        await smtp.connect()
+        await smtp.ehlo()
+        await smtp.mail(sender)
+        await smtp.rcpt("bob@example.test")
+        resp = await smtp.data(body)
+        return resp.code, resp.message
+    except aiosmtplib.SMTPResponseException as e:
+        return e.code, e.message
+    except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as e:
+        return 0, repr(e)
+    finally:
+        smtp.close()
