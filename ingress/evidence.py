@@ -16,12 +16,8 @@ API
         pyspf (spf.query(...).check()) in `executor` (default: the loop's default executor),
         with pyspf's own `querytime` budget slightly under `deadline_s` and an outer
         asyncio.wait_for(deadline_s). Exceeding either -> TEMPERROR.
-    spf_identity(mail_from, helo) -> (identity, domain)   "mailfrom"/"helo" and its domain
-                                                       (ingress.core.headers', re-exported)
     cert_evidence(peercert_der, verified, pinned_sha256) -> CertResult
     sha256_fingerprint(der) -> str;  normalize_fingerprint(text) -> str
-    received_spf_header(result, *, client_ip, mail_from, helo, receiver, explanation=None)
-        -> bytes  (RFC 7208 section 9.1; ingress.core.headers', re-exported)
 
 How pyspf is pointed at our resolver
     pyspf 2.0.14 resolves through the module global `spf.DNSLookup(name, qtype, strict,
@@ -62,7 +58,6 @@ import dns.nameserver
 import dns.resolver
 import spf
 
-from ingress.core.headers import received_spf_header, spf_identity
 from ingress.core.resolver import make_resolver, parse_nameserver
 from ingress.policy.classify import AuthResult, CertResult
 
@@ -72,9 +67,7 @@ __all__ = [
     "make_resolver",
     "normalize_fingerprint",
     "parse_nameserver",
-    "received_spf_header",
     "sha256_fingerprint",
-    "spf_identity",
 ]
 
 

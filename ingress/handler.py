@@ -32,9 +32,9 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
 
 from ingress.core import log, metrics
+from ingress.core.headers import received_spf_header, spf_identity
 from ingress.core.metrics import RcptResult, Result
 from ingress.core.wire import Envelope, Lane, new_qid
-from ingress.evidence import received_spf_header, spf_identity
 from ingress.host import SessionHost
 from ingress.policy import replies, session_rules
 from ingress.policy.classify import AuthResult, promote

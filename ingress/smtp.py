@@ -59,12 +59,13 @@ from aiosmtpd.smtp import SMTP, _AuthMechAttr, syntax
 
 from ingress import proxy
 from ingress.core import log, metrics
+from ingress.core.addr import normalize_ip
 from ingress.core.metrics import Outcome, RcptResult
 from ingress.core.wire import Lane
 from ingress.host import SessionHost
 from ingress.policy import session_rules
 from ingress.policy.admission import Ticket, stress_timeouts
-from ingress.policy.classify import Evidence, normalize_ip, promote
+from ingress.policy.classify import Evidence, promote
 from ingress.policy.replies import Refusal, clean, text
 from ingress.policy.session_rules import Counters, Refused
 from ingress.smtp_data import DataPhase

@@ -1,7 +1,6 @@
 """Per-message work done in a worker before the durable write: DKIM and the trace headers.
 
 API:
-    received_header(env, hostname) -> bytes     (workers.headers', re-exported)
     Pipeline(cfg).process(env, body, budget_s) -> Processed(trace, body, dkim, learn)
 
 The trace prepended to the client's message, top first:

@@ -19,7 +19,6 @@ API
     decide(evidence, policy) -> Decision
     promote(current_lane, decision) -> Lane   (FAST wins; never demotes)
     domain_matches(domain, listed) -> bool    (exact or subdomain, case-insensitive)
-    normalize_ip(ip) -> str                   (ingress.core.addr's, re-exported)
     StaticAllow.from_cidrs(cidrs).contains(ip)
     LearnedAllow(ttl, max_size): learn(ip, now) / add(ip, expires_at) / contains(ip, now)
                                / purge(now) / to_json() / LearnedAllow.from_json(data, ...)
@@ -74,8 +73,6 @@ __all__ = [
     "StaticAllow",
     "decide",
     "domain_matches",
-    "normalize_domain",
-    "normalize_ip",
     "promote",
     "should_learn",
 ]

@@ -21,15 +21,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ingress import evidence
+from ingress.core.headers import received_spf_header, spf_identity
 from ingress.evidence import (
     cert_evidence,
     check_spf,
     make_resolver,
     normalize_fingerprint,
     parse_nameserver,
-    received_spf_header,
     sha256_fingerprint,
-    spf_identity,
 )
 from ingress.policy.classify import AuthResult, CertResult
 from tests.kit.dnsserver import DNSServer

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from ingress.core.addr import normalize_ip
 from ingress.core.wire import Lane
 from ingress.policy.classify import (
     AuthResult,
@@ -19,7 +20,6 @@ from ingress.policy.classify import (
     StaticAllow,
     decide,
     domain_matches,
-    normalize_ip,
     promote,
     should_learn,
 )

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ingress.core.wire import Envelope, Lane
-from workers import pipeline, spool
+from workers import headers, spool
 
 
 def env(qid: str = "Q", **kw: object) -> Envelope:
@@ -80,7 +80,7 @@ def test_parse_rejects(raw: bytes) -> None:
 def test_received_header_cannot_be_injected(field: str, value: object,
                                             must_not_contain: bytes) -> None:
     kw = {"qid": "Q1", field: value}
-    h = pipeline.received_header(env(**kw), "mx.example")  # type: ignore[arg-type]
+    h = headers.received_header(env(**kw), "mx.example")  # type: ignore[arg-type]
     assert must_not_contain not in h
     assert h.startswith(b"Received: from ") and h.endswith(b"\r\n")
     # Every line after the first is a continuation line.
@@ -88,9 +88,9 @@ def test_received_header_cannot_be_injected(field: str, value: object,
 
 
 def test_received_header_variants() -> None:
-    h = pipeline.received_header(env("Q1", tls="TLSv1.3", smtputf8=True, lane=Lane.FAST), "mx")
+    h = headers.received_header(env("Q1", tls="TLSv1.3", smtputf8=True, lane=Lane.FAST), "mx")
     assert b"with UTF8SMTPS (TLSv1.3) id Q1" in h and b"lane=fast" in h
-    h = pipeline.received_header(env("Q2", rcpts=("a@x", "b@x")), "mx")
+    h = headers.received_header(env("Q2", rcpts=("a@x", "b@x")), "mx")
     assert b"for <" not in h
 
 
