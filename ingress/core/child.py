@@ -4,8 +4,10 @@ The acceptors, the lane brokers and workers and the relay each call this instead
 own set-up (as gunicorn's worker base class and Postfix's server skeletons do for theirs).
 
 API:
-    start(cfg, name, table) -> Signals   log set-up and process title ("smtp-ingress: <name>"),
-                                         then the signal handlers of `table` installed
+    start(cfg, name, table, nice=0) -> Signals
+                                         log set-up and process title ("smtp-ingress: <name>"),
+                                         the CPU priority lowered by `nice` (lanes.<lane>.nice,
+                                         relay.nice), then the signal handlers of `table`
     Signals(table)                       .stop / .retire flags; .on_stop(callback); .handle(signum)
                                          (what a handler does); .install() with signal.signal,
                                          .install_loop(loop) with loop.add_signal_handler
@@ -113,9 +115,17 @@ class Signals:
                 loop.add_signal_handler(signum, self.handle, signum)
 
 
-def start(cfg: Config, name: str, table: Mapping[int, Action]) -> Signals:
-    """A child's first call: JSON logging and the process title, then its signal handlers."""
+def start(cfg: Config, name: str, table: Mapping[int, Action], nice: int = 0) -> Signals:
+    """A child's first call: JSON logging and the process title, its CPU priority, then its
+    signal handlers. `nice` > 0 lowers the priority (os.nice), so that on shared cores the
+    bulk lane's brokers and workers and the relay yield to the acceptors and the fast lane;
+    a failure is logged and the child runs on at its inherited priority."""
     log.setup(cfg.log.level, name)          # also sets the title: "smtp-ingress: <name>"
+    if nice > 0:
+        try:
+            os.nice(nice)
+        except OSError as e:
+            log.event("nice_failed", "warning", nice=nice, error=str(e))
     sig = Signals(table)
     sig.install()
     return sig

@@ -102,12 +102,14 @@ class LaneConfig:
     credit: int = 8                     # messages a worker may hold at once (group commit)
     rate: float = 0.0                   # msgs/s cap; 0 = uncapped (the fast lane always is)
     burst: int = 0                      # token bucket depth; 0 = one second of rate
+    nice: int = 0                       # the lane's broker and workers run at this nice(2)
+                                        # increment (0..19): bulk yields the cores to fast
 
 
 @dataclass(frozen=True)
 class LanesConfig:
     fast: LaneConfig = LaneConfig()
-    bulk: LaneConfig = LaneConfig(rate=500.0)
+    bulk: LaneConfig = LaneConfig(rate=500.0, nice=10)
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,8 @@ class RelayConfig:
     tls_verify_name: str = ""           # name the certificate must carry ("" = the host)
     auth_file: str = ""                 # "user:password" for AUTH PLAIN (over TLS only); the
                                         # file must not be group/world-readable
+    nice: int = 5                       # nice(2) increment of the relay (0..19): delivery is
+                                        # background work, accepting is not
 
 
 @dataclass(frozen=True)
@@ -444,6 +448,7 @@ def _check_lanes(cfg: Config, need: _Need) -> None:
         need(1 <= lc.credit <= 1024, f"{k}.credit", "must be 1..1024")
         need(lc.rate >= 0, f"{k}.rate", "must be >= 0 (0 = uncapped)")
         need(lc.burst >= 0, f"{k}.burst", "must be >= 0")
+        need(0 <= lc.nice <= 19, f"{k}.nice", "must be 0..19 (a nice(2) increment)")
     need(cfg.lanes.fast.rate == 0, "lanes.fast.rate", "the fast lane is never rate-capped")
 
 
@@ -508,6 +513,7 @@ def _check_relay(cfg: Config, need: _Need) -> None:
     r = cfg.relay
     need.parses(parse_downstream, [r.downstream] if r.downstream else [], "relay.downstream")
     need(1 <= r.concurrency <= 256, "relay.concurrency", "must be 1..256")
+    need(0 <= r.nice <= 19, "relay.nice", "must be 0..19 (a nice(2) increment)")
     need(0 < r.retry_base <= r.retry_max, "relay.retry_base", "must be > 0 and <= retry_max")
     need(r.max_age > 0 and r.timeout > 0, "relay.max_age", "max_age and timeout must be > 0")
     need(r.tls in RELAY_TLS_MODES, "relay.tls", f"must be one of {', '.join(RELAY_TLS_MODES)}")

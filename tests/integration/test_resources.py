@@ -526,3 +526,21 @@ def test_reload_that_does_not_fit_the_heartbeat_array(tmp_path: Path) -> None:
     assert failed and "heartbeat slots" in failed[-1]["error"], failed
     assert code == 250
     assert workers == 1
+
+
+def test_bulk_lane_and_relay_yield_the_cores(tmp_path: Path) -> None:
+    """Issue 8 item 4: under a flood, bulk work must not take CPU from the fast lane on the
+    same cores. The bulk broker and workers run at lanes.bulk.nice, the relay at relay.nice;
+    the acceptors and the fast lane keep the supervisor's priority."""
+    import psutil
+
+    tables = {"lanes.bulk": {"rate": 0.0, "nice": 7},
+              # a downstream nobody listens on: the relay runs (and retries), nothing is sent
+              "relay": {"nice": 3, "downstream": "smtp://127.0.0.1:9"}}
+    with Ingress(tmp_path, tables) as ing:
+        base = psutil.Process(ing.pid).nice()
+        nice = {kind: {psutil.Process(p).nice() - base for p in ing.children(kind)}
+                for kind in ("acceptor", "broker-fast", "worker-fast", "broker-bulk",
+                             "worker-bulk", "relay")}
+        assert nice == {"acceptor": {0}, "broker-fast": {0}, "worker-fast": {0},
+                        "broker-bulk": {7}, "worker-bulk": {7}, "relay": {3}}

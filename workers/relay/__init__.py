@@ -20,7 +20,8 @@ from ingress.core.config import Config
 
 
 def run(cfg: Config, hb: Any = None, slot: int = 0) -> None:
-    sig = child.start(cfg, "relay", child.LANE_SIGNALS)     # SIGUSR2 stops; TERM/INT/HUP ignored
+    # SIGUSR2 stops; TERM/INT/HUP ignored; a lower CPU priority (relay.nice)
+    sig = child.start(cfg, "relay", child.LANE_SIGNALS, nice=cfg.relay.nice)
     if not cfg.relay.downstream:
         # Not meant to be started (the spool is the destination); idle rather than crash-loop.
         log.event("relay_disabled", "warning", why="relay.downstream is empty")
