@@ -209,25 +209,39 @@ class Spool:
         return n
 
     def write_batch(self, items: list[tuple[Envelope, bytes, bytes]]) -> list[str | Exception]:
-        results: list[str | Exception] = []
-        linked: list[int] = []
+        """One group commit: every file written first, then each fsynced (the first fsync's
+        journal commit carries the others' data too, so the rest are cheap), then each linked
+        into new/, then one fsync of new/. A failure at any step fails that item only."""
+        results: list[str | Exception | None] = [None] * len(items)
+        written: list[tuple[int, int, Path, str]] = []      # (item, fd, tmp path, name)
         for i, (env, trace, body) in enumerate(items):
             name = self.name_for(env)
             tmp = self.tmp / name
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            except OSError as e:
+                results[i] = e
+                continue
+            try:
+                write_all(fd, [envelope_line(env), trace, body])
+            except OSError as e:
+                os.close(fd)
+                self._drop_tmp(tmp)
+                results[i] = e
+                continue
+            written.append((i, fd, tmp, name))
+        linked: list[int] = []
+        for i, fd, tmp, name in written:
+            try:
                 try:
-                    write_all(fd, [envelope_line(env), trace, body])
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                name = self._publish(tmp, name)
-                results.append(name)
+                results[i] = self._publish(tmp, name)
                 linked.append(i)
             except OSError as e:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                results.append(e)
+                self._drop_tmp(tmp)
+                results[i] = e
         if linked:
             try:
                 fsync_dir(self.new)
@@ -239,7 +253,12 @@ class Spool:
                     with contextlib.suppress(OSError):
                         os.unlink(self.new / str(results[i]))
                     results[i] = e
-        return results
+        return [r if r is not None else OSError("not written") for r in results]
+
+    @staticmethod
+    def _drop_tmp(tmp: Path) -> None:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
     # --- claiming and finishing ---------------------------------------------------------------
 
