@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from ingress import proxy
+from ingress import handoff, proxy
 from ingress.core import child, log, procs
 from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
@@ -75,9 +75,12 @@ class AcceptorContext:
     (ingress.lanes)."""
 
     def __init__(self, cfg: Config, index: int, loop: asyncio.AbstractEventLoop,
-                 nofile: int = 0) -> None:
+                 nofile: int = 0, fast: bool = False) -> None:
         self.cfg, self.index, self.loop = cfg, index, loop
-        self.ident = f"a{index}-{os.getpid()}"
+        self.ident = f"{'f' if fast else 'a'}{index}-{os.getpid()}"
+        # a port-25 acceptor hands clients classified fast at connect to the fast acceptors
+        # (ingress.handoff); a fast acceptor serves what it is handed, and hands nothing on
+        self.handoff = None if fast else handoff.Sender(cfg)
         c, a, s = cfg.classify, cfg.admission, cfg.smtp
         self.domains = frozenset(s.accepted_domains)
         self.recipients = load_recipient_map(s.recipient_map) if s.recipient_map else None
@@ -126,6 +129,14 @@ class AcceptorContext:
 
     def decide(self, evidence: Evidence) -> Decision:
         return decide(evidence, self.policy)
+
+    def hand_off(self, transport: asyncio.BaseTransport) -> bool:
+        """A connection classified fast at connect, on a plain listener: give it to a fast
+        acceptor (True: the caller closes its copy and writes nothing)."""
+        if self.handoff is None or self.draining or not self.handoff.offer(transport):
+            return False
+        self.counters["handed_off"] += 1
+        return True
 
     def admit(self, proto: Seat) -> str | None:
         return self.table.admit(proto, self.draining, time.monotonic())
@@ -310,23 +321,29 @@ def mtls_context(cfg: Config) -> ssl.SSLContext | None:
     return ctx
 
 
-async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int,
+async def serve(cfg: Config, index: int, sock: socket.socket | None, hb: Any, slot: int,
                 mtls_sock: socket.socket | None, fast_sock: socket.socket | None,
                 sig: child.Signals | None = None) -> None:
+    """An acceptor's life; `sock` None: a fast acceptor (its connections are handed to it by
+    the others over ingress.handoff, it has no listening socket of its own)."""
     loop = asyncio.get_running_loop()
     needed = cfg.smtp.max_connections + FD_SPARE
     nofile, _ = procs.raise_nofile(needed)
     # Admission is capped at what the fd limit allows (sessions.fd_capped): a client beyond it
     # gets 421 instead of libuv's silent accept-and-close on EMFILE.
-    ctx = AcceptorContext(cfg, index, loop, nofile=nofile)
+    ctx = AcceptorContext(cfg, index, loop, nofile=nofile, fast=sock is None)
     if nofile < needed:
         log.event("nofile_too_low", "error", limit=nofile, needed=needed,
                   max_connections_effective=ctx.table.admission.limits.max_connections,
                   hint="raise LimitNOFILE / ulimit -n, or lower smtp.max_connections")
-    sock.setblocking(False)
     lst = cfg.listen
-    servers: list[Any] = [await loop.create_server(
-        lambda: IngressSMTP(ctx, proxy_protocol=lst.proxy_protocol), sock=sock)]
+    servers: list[Any] = []
+    if sock is None:
+        servers.append(handoff.Receiver(cfg, index, loop, lambda conn: serve_handed(ctx, conn)))
+    else:
+        sock.setblocking(False)
+        servers.append(await loop.create_server(
+            lambda: IngressSMTP(ctx, proxy_protocol=lst.proxy_protocol), sock=sock))
     if mtls_sock is not None and ctx.mtls_context is not None:
         mtls_sock.setblocking(False)
         servers.append(MtlsListener(ctx, mtls_sock))
@@ -347,7 +364,7 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
         heart.run(child.heartbeat_period(cfg), stop.set), ctx.read_status(),
         *(lc.read_replies() for lc in ctx.lanes.values()),
         *(lc.watch_broker() for lc in ctx.lanes.values()))]
-    if index == 0:
+    if index == 0 and sock is not None:     # one writer: port-25 acceptor 0
         tasks.append(loop.create_task(ctx.persist_learned()))
     log.event("acceptor_start", index=index, learned=len(ctx.learned_store.allow),
               tls=ctx.tls_context is not None, mtls=mtls_sock is not None,
@@ -356,12 +373,36 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
     await ctx.drain(servers, sig.retire)
     for t in tasks:
         t.cancel()
-    if index == 0 and ctx.learned_store.dirty:
+    if index == 0 and sock is not None and ctx.learned_store.dirty:
         with contextlib.suppress(OSError):
             atomic_write(ctx.learned_store.path, ctx.learned_store.allow.to_json().encode())
     for pool in ctx.spf_service.pools.values():
         pool.shutdown(wait=False, cancel_futures=True)
     ctx.lanes.close()
+    if ctx.handoff is not None:
+        ctx.handoff.close()
+
+
+def serve_handed(ctx: AcceptorContext, conn: socket.socket) -> None:
+    """A fast acceptor: an SMTP session on a socket another acceptor accepted and handed over
+    (classified again here, from the same evidence, with this process's own slots)."""
+    async def start() -> None:
+        try:
+            await ctx.loop.connect_accepted_socket(lambda: IngressSMTP(ctx), conn)
+        except OSError as e:        # the client went meanwhile
+            conn.close()
+            log.event("handoff_session_failed", "info", error=str(e))
+    ctx.loop.create_task(start())
+
+
+def run_fast(cfg: Config, index: int, hb: Any = None, slot: int = 0) -> None:
+    """A fast acceptor's entry point (supervisor.fast_acceptors; ingress.handoff)."""
+    sig = child.start(cfg, f"fast-acceptor-{index}", child.ACCEPTOR_SIGNALS)
+    try:
+        import uvloop
+        uvloop.run(serve(cfg, index, None, hb, slot, None, None, sig))
+    except ImportError:     # pragma: no cover - uvloop is a hard dependency
+        asyncio.run(serve(cfg, index, None, hb, slot, None, None, sig))
 
 
 def run(cfg: Config, index: int, sock: socket.socket, hb: Any = None, slot: int = 0,

@@ -7,10 +7,11 @@ API:
 
 What this layer adds to aiosmtpd (docs/design.md lists the aiosmtpd traps it works around):
 - classification and admission in connection_made, before aiosmtpd builds anything: a refused
-  connection (421 4.7.0, no banner) costs microseconds; behind a PROXY-protocol balancer (per
-  listener) they wait for the header (ingress/proxy.py), and the greet pause and the
-  early-talker test start after it; the fast port (listen.fast_port) serves fast-lane
-  clients only;
+  connection (421 4.7.0, no banner) costs microseconds; a client classified fast there is
+  handed to a fast acceptor (ingress.handoff) and served in that process; behind a
+  PROXY-protocol balancer (per listener) they wait for the header (ingress/proxy.py), and
+  the greet pause and the early-talker test start after it; the fast port
+  (listen.fast_port) serves fast-lane clients only;
 - on the mutual-TLS port a connection takes its slot before the TLS handshake
   (admit_before_handshake; acceptor.MtlsListener), and a verified certificate promotes it after;
 - a session is built from a per-process prototype (aiosmtpd's __init__ introspects the class
@@ -197,7 +198,8 @@ class IngressSMTP(DataPhase):
             refusal = self._classify_and_admit(transport)
             if refusal is not None:
                 self.refused = True
-                _write_line(transport, refusal)
+                if refusal:                 # "": handed to a fast acceptor, which answers
+                    _write_line(transport, refusal)
                 transport.close()
                 return
         super().connection_made(transport)
@@ -220,6 +222,10 @@ class IngressSMTP(DataPhase):
             metrics.connection(self.lane, Outcome.ADMITTED)
             return None
         self.lane, self.reasons = decision.lane, decision.reasons
+        if (self.lane is Lane.FAST and not self.implicit_tls and not self.proxy_protocol
+                and ctx.hand_off(transport)):
+            metrics.connection(self.lane, Outcome.HANDED_OFF)
+            return ""                       # a fast acceptor serves it (ingress.handoff)
         if self.fast_only and self.lane is Lane.BULK:
             metrics.connection(self.lane, Outcome.NOT_FAST)
             return text(Refusal.FAST_PORT_ONLY, host=self.hostname)

@@ -4,7 +4,8 @@ API: Supervisor(cfg, config_path).run() -> int (exit status)
 
 Children (multiprocessing, *spawn* start method; no event loop or zmq.Context exists in this
 process): one broker per lane, `lanes.<lane>.workers` workers per lane, the relay (only with a
-relay.downstream), and `acceptors` acceptors.
+relay.downstream), `acceptors` acceptors, and supervisor.fast_acceptors fast acceptors (no
+listening socket: they serve the connections the acceptors hand them, ingress.handoff).
 The supervisor binds one SO_REUSEPORT listening socket per acceptor slot and hands it to that
 slot's acceptor. Because the socket outlives its acceptor, restarting or replacing an acceptor
 never closes a listening socket, so connections waiting in its backlog are never reset (plain
@@ -62,16 +63,18 @@ def heartbeat_slots(cfg: Config) -> int:
     return 2 * cfg.child_count + HB_MARGIN
 
 
-def _entry(module: str) -> Any:
+def _entry(module: str, name: str = "run") -> Any:
     """A child's entry point, by module name: the supervisor imports no child's code itself
     (the acceptor side and the lane side stay apart; see the import-linter contract)."""
-    return importlib.import_module(module).run
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclasses.dataclass
 class Child:
     kind: str                       # "acceptor" | "broker" | "worker"
-    key: tuple[Any, ...]            # ("acceptor", i) / ("broker", lane) / ("worker", lane, i)
+    key: tuple[Any, ...]            # ("acceptor", i) / ("acceptor", "fast", i) (a fast
+                                    # acceptor: ingress.handoff) / ("broker", lane) /
+                                    # ("worker", lane, i)
     cfg: Config
     slot: int
     proc: Any = None                # mp.Process
@@ -150,6 +153,8 @@ class Supervisor:
     # --- child management ---------------------------------------------------------------------
 
     def _target(self, c: Child) -> tuple[Any, tuple[Any, ...]]:
+        if c.kind == "acceptor" and c.key[1] == "fast":
+            return _entry("ingress.acceptor", "run_fast"), (c.cfg, c.key[2], self.hb, c.slot)
         if c.kind == "acceptor":
             i = c.key[1]
             mtls = self.mtls_sockets[i] if self.mtls_sockets else None
@@ -187,6 +192,8 @@ class Supervisor:
         if cfg.relay.downstream:         # "": the spool itself is the destination
             out.append(("relay", ("relay", "main")))
         out += [("acceptor", ("acceptor", i)) for i in range(cfg.acceptor_count)]
+        out += [("acceptor", ("acceptor", "fast", i))
+                for i in range(cfg.supervisor.fast_acceptors)]
         return out
 
     def _ready(self, c: Child) -> bool:

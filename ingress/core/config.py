@@ -187,6 +187,9 @@ class SpoolConfig:
 @dataclass(frozen=True)
 class SupervisorConfig:
     acceptors: int = 0                  # 0: one per core
+    fast_acceptors: int = 1             # processes serving only clients classified fast at
+                                        # connect, handed over by the acceptors (SCM_RIGHTS);
+                                        # 0 = none (every acceptor serves everyone)
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 5.0      # a child silent this long is hung: killed and restarted
     restart_backoff: float = 0.1        # first restart delay, doubled per consecutive crash
@@ -228,7 +231,8 @@ class Config:
     def child_count(self) -> int:
         """Processes the supervisor runs for this config: brokers, workers, relay, acceptors."""
         return (2 + self.worker_count("fast") + self.worker_count("bulk")
-                + (1 if self.relay.downstream else 0) + self.acceptor_count)
+                + (1 if self.relay.downstream else 0) + self.acceptor_count
+                + self.supervisor.fast_acceptors)
 
     @property
     def data_budget(self) -> tuple[int, int]:
@@ -535,6 +539,7 @@ def _check_outputs_and_supervisor(cfg: Config, need: _Need) -> None:
              'must be "host:port" or ""')
     need(0 <= sup.acceptors <= 1024, "supervisor.acceptors",
          "must be 0..1024 (0 = one per core)")
+    need(0 <= sup.fast_acceptors <= 64, "supervisor.fast_acceptors", "must be 0..64")
     need(sup.heartbeat_interval > 0, "supervisor.heartbeat_interval", "must be > 0")
     need(sup.heartbeat_timeout >= 2 * sup.heartbeat_interval, "supervisor.heartbeat_timeout",
          "must be at least twice supervisor.heartbeat_interval")

@@ -105,6 +105,7 @@ class Outcome(StrEnum):
     NOT_FAST = "not_fast"               # a bulk client on the fast port (554)
     TLS_FAILED = "tls_failed"           # the mutual-TLS handshake failed after its slot
     EVICTED_SILENT = "evicted_silent"   # silent since its banner, evicted to make room (421)
+    HANDED_OFF = "handed_off"           # classified fast at connect, passed to a fast acceptor
 
 
 class Result(StrEnum):

@@ -129,7 +129,8 @@ class Ingress:
         return [d for d in self.log_lines() if d.get("event") == name]
 
     def children(self, kind: str | None = None) -> list[int]:
-        """PIDs of live children; kind = 'acceptor' | 'broker-bulk' | 'worker-bulk' ..."""
+        """PIDs of live children; kind = 'acceptor' | 'fast-acceptor' | 'broker-bulk' |
+        'worker-bulk' ..."""
         pids = procs.children(self.pid)
         if kind is None:
             return pids
@@ -139,7 +140,10 @@ class Ingress:
             d = starts.get(p)
             if d is None:
                 continue
-            key = d["kind"] + ("-" + d["key"].split("'")[1] if d["kind"] != "acceptor" else "")
+            if d["kind"] == "acceptor":     # fast acceptors: "fast-acceptor"
+                key = "fast-acceptor" if "fast" in d["key"] else "acceptor"
+            else:
+                key = d["kind"] + "-" + d["key"].split("'")[1]
             if key.startswith(kind):
                 out.append(p)
         return out

@@ -1,0 +1,134 @@
+"""Fast-acceptor hand-off: connections classified fast at connect leave the shared acceptors.
+
+Purpose
+    The acceptors on port 25 serve everyone: silent bots, spam being shed, bulk DATA. A client
+    known at connect (static allow list, learned allow cache) would share their event loops
+    and wait behind their work. So, as Postfix's postscreen hands a client it has judged to an
+    smtpd process, an acceptor that classifies a new connection fast passes the socket itself
+    (SCM_RIGHTS over a unix datagram socket) to a *fast acceptor*: a process with no listening
+    socket of its own, which serves only what it is handed. The accept queue, the kernel
+    socket and the client's bytes are untouched: the fast acceptor writes the banner.
+
+API
+    endpoint(cfg, index) -> str        the unix socket path of fast acceptor `index`
+    Sender(cfg)                        in every port-25 acceptor
+        .offer(transport) -> bool      True: the connection is the fast acceptor's now (the
+                                       caller closes its own copy without writing anything);
+                                       False: serve it here (no fast acceptor configured, or
+                                       none is up or has room: never a refusal)
+        .close()
+    Receiver(cfg, index, loop, serve)  in a fast acceptor: every socket handed over is given
+                                       to serve(sock) (which builds the SMTP session on it)
+        .close()
+
+Failure modes
+    Every send is non-blocking: a fast acceptor that is down (ECONNREFUSED / ENOENT), busy
+    (EAGAIN: its datagram queue is full) or gone mid-send leaves the connection where it is;
+    the sender tries each fast acceptor at most once per connection (round robin) and then
+    serves it itself. A fast acceptor that is restarted re-binds its path (the old file is
+    unlinked). A datagram that carries no descriptor, or more than one, is ignored (extra
+    descriptors are closed).
+
+Limits
+    Only plain listeners hand off (not the mutual-TLS port, whose TLS state lives in this
+    process, nor a PROXY-protocol listener, whose header has been read here). Late evidence
+    (SPF at MAIL FROM) promotes a session where it is: an aiosmtpd session cannot move.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from ingress.core import log
+from ingress.core.config import Config
+
+MAGIC = b"si-handoff-1"       # the datagram's payload (a version, for a later change)
+
+
+def endpoint(cfg: Config, index: int) -> str:
+    return str(cfg.spool.state_dir / "run" / f"fast-acceptor-{index}.sock")
+
+
+class Sender:
+    def __init__(self, cfg: Config) -> None:
+        self.paths = [endpoint(cfg, i) for i in range(cfg.supervisor.fast_acceptors)]
+        self.sock: socket.socket | None = None
+        if self.paths:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self.sock.setblocking(False)
+        self.next = 0
+        self.failed_logged = False
+
+    def offer(self, transport: asyncio.BaseTransport) -> bool:
+        if self.sock is None:
+            return False
+        raw = transport.get_extra_info("socket")
+        if raw is None:
+            return False
+        fd = raw.fileno()
+        for _ in range(len(self.paths)):
+            path = self.paths[self.next]
+            self.next = (self.next + 1) % len(self.paths)
+            try:
+                self.sock.sendmsg([MAGIC], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                             array.array("i", [fd]))], 0, path)
+            except OSError as e:          # down, restarting, or its queue is full
+                if not self.failed_logged:
+                    self.failed_logged = True
+                    log.event("handoff_failed", "warning", path=path, error=str(e),
+                              why="served by this acceptor instead (logged once)")
+                continue
+            self.failed_logged = False
+            return True
+        return False
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+
+class Receiver:
+    def __init__(self, cfg: Config, index: int, loop: asyncio.AbstractEventLoop,
+                 serve: Callable[[socket.socket], Any]) -> None:
+        self.path = endpoint(cfg, index)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.bind(self.path)
+        # room for a burst of hand-offs (each datagram is tiny)
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.sock.setblocking(False)
+        self.loop, self.serve = loop, serve
+        loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        for _ in range(256):      # then let the loop run; the reader fires again
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(self.sock, 64, 4)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                log.event("handoff_recv_failed", "warning", error=str(e))
+                return
+            if msg != MAGIC or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                log.event("handoff_ignored", "warning", fds=len(fds), size=len(msg))
+                continue
+            conn = socket.socket(fileno=fds[0])
+            conn.setblocking(False)
+            self.serve(conn)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
