@@ -181,7 +181,7 @@ class AcceptorContext:
         now = time.time()
         key = deferral_key(ip, sender)
         metrics.deferred(Lane.BULK, reason)
-        if self.deferrals.record(key, now, rcpts):
+        if self.deferrals.record(key, now, rcpts, origin=self.ident):
             rec = self.deferrals.lookup(key, now)
             self.lanes.share_record(DEFER_TOPIC, {
                 "k": key, "f": rec.first if rec else now, "t": now,
@@ -206,6 +206,7 @@ class AcceptorContext:
         metrics.retry(Lane.BULK, RetryResult.BYPASSED)
         self.lanes.share_record(CLAIM_TOPIC, {"k": key, "t": now, "o": self.ident})
         log.event("retry_bypass", peer=ip, acceptor=self.ident,
+                  deferred_by=claim.origin if claim else "",
                   deferred_s=round(now - claim.first, 3) if claim else 0)
         return claim
 
@@ -233,7 +234,7 @@ class AcceptorContext:
         if fact == DEFER_TOPIC:
             rcpts = [str(x) for x in r] if isinstance(r, list) else []
             first = float(f) if isinstance(f, int | float) else at
-            self.deferrals.record(str(doc["k"]), at, rcpts, first=first)
+            self.deferrals.record(str(doc["k"]), at, rcpts, first=first, origin=str(doc["o"]))
         else:
             self.deferrals.consume(str(doc["k"]), at)
 

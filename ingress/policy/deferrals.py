@@ -17,12 +17,14 @@ API
     DeferralLimits(min_delay, ttl, max_records, per_net_max)    frozen, validated
     deferral_key(ip, sender) -> str           the record key; net_of(ip) -> str
     Record                                    first, last (deferral times), count, credits, rcpts
-    Claim                                     first (time of the first deferral), rcpts;
+    Claim                                     first (time of the first deferral), rcpts,
+                                              origin;
                                               covers(rcpts) -> bool
     ClaimResult                               StrEnum: claimed | none | too_early
     DeferralStore(limits)                     the record store (the interface a shared
                                               backend, e.g. Redis, implements too)
-        record(key, now, rcpts=()) -> bool    a deferral; False if not stored (net full)
+        record(key, now, rcpts=(), first=None, origin="") -> bool
+                                              a deferral; False if not stored (net full)
         lookup(key, now) -> Record | None     without changing it
         check(key, now) -> ClaimResult        would claim() succeed (without changing it)
         claim(key, now) -> (ClaimResult, Claim | None)   spend one credit of a ripe record
@@ -111,12 +113,14 @@ class Record:
     count: int = 1
     credits: int = 1
     rcpts: frozenset[str] = field(default_factory=frozenset)
+    origin: str = ""            # who recorded the first deferral (an acceptor's ident)
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
     first: float
     rcpts: frozenset[str] = frozenset()
+    origin: str = ""
 
     def covers(self, rcpts: tuple[str, ...] | list[str]) -> bool:
         """The retry is of the deferred transaction: no recipients were known when it was
@@ -158,8 +162,9 @@ class DeferralStore:
         return self._per_net.get(net, 0)
 
     def record(self, key: str, now: float, rcpts: tuple[str, ...] | list[str] = (),
-               first: float | None = None) -> bool:
-        """A deferral of `key` at `now` (first: when a shared record began elsewhere)."""
+               first: float | None = None, origin: str = "") -> bool:
+        """A deferral of `key` at `now` (first: when a shared record began elsewhere; origin:
+        who recorded it first, for the log)."""
         self._purge(now)
         new_rcpts = frozenset(_addr(r) for r in list(rcpts)[:MAX_RCPTS])
         rec = self._records.get(key)
@@ -178,7 +183,7 @@ class DeferralStore:
             return False
         if len(self._records) >= self.limits.max_records:
             self._drop(next(iter(self._records)))
-        self._records[key] = Record(net, start, now, rcpts=new_rcpts)
+        self._records[key] = Record(net, start, now, rcpts=new_rcpts, origin=origin[:64])
         self._per_net[net] = self._per_net.get(net, 0) + 1
         return True
 
@@ -213,7 +218,7 @@ class DeferralStore:
         rec.credits -= 1
         if rec.credits <= 0:
             self._drop(key)
-        return Claim(rec.first, rec.rcpts)
+        return Claim(rec.first, rec.rcpts, rec.origin)
 
     def _drop(self, key: str) -> None:
         rec = self._records.pop(key, None)
