@@ -188,8 +188,9 @@ class AcceptorContext:
                 "r": list(rcpts[:MAX_RCPTS]), "o": self.ident})
 
     def retry_claim(self, ip: str, sender: str) -> Claim | None:
-        """The bulk cap is spent: a ripe retry of a deferred transaction may go on within the
-        retry share (spending one credit of its record, here and everywhere); None: shed."""
+        """A bulk MAIL FROM: a ripe retry of a deferred transaction may go on within the retry
+        share (spending one credit of its record, here and everywhere); None: the bulk cap
+        applies as usual."""
         now = time.time()
         key = deferral_key(ip, sender)
         result = self.deferrals.check(key, now)

@@ -11,8 +11,9 @@ What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; th
   which may promote it to the fast lane (classify.decide / classify.promote); a bulk
   transaction over the cap is shed (shed_verdict: 451 4.7.1 after admission.shed_delay, the
   admission.shed_limit-th 421 4.7.1 and a close), and the deferral recorded; a ripe retry
-  of a deferred transaction (ingress.policy.deferrals) goes on within admission.retry_share
-  instead (the envelope then carries evidence retry=1, honoured by the bulk broker);
+  of a deferred transaction (ingress.policy.deferrals) takes admission.retry_share first,
+  and the cap only when that is spent (the envelope then carries evidence retry=1, which
+  the bulk broker honours with its own retry bucket);
 - RCPT: rcpt_verdict, then recipient verification (ingress/rcpt_verify.py, cached, at most
   smtp.verify_per_session callouts a session; over that 450: never an amplifier);
 - DATA: data_verdict (bare CR or LF: 550 5.6.0, SMTP smuggling); then the message goes to its
@@ -90,9 +91,11 @@ class IngressHandler:
                 ctx.count("promoted", Lane.FAST)
                 log.event("promoted", peer=server.peer_ip, reasons=",".join(decision.reasons))
         server.retry_claim = None
-        if server.lane is Lane.BULK and not ctx.bulk_mail_admitted():
+        if server.lane is Lane.BULK:
+            # A ripe retry of a transaction we deferred takes the retry share first: the
+            # acceptor's share of the cap may have room while the broker's cap is spent.
             server.retry_claim = ctx.retry_claim(server.peer_ip, address)
-            if server.retry_claim is None:
+            if server.retry_claim is None and not ctx.bulk_mail_admitted():
                 ctx.deferred(server.peer_ip, address, (), DeferReason.MAIL_CAP)
                 return await self.shed(server)
         envelope.mail_from = address

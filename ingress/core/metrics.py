@@ -142,11 +142,11 @@ class DeferReason(StrEnum):
 
 
 class RetryResult(StrEnum):
-    """retry()'s labels: what a retry of a deferred transaction got, with the bulk cap spent."""
+    """retry()'s labels: what a retry of a deferred transaction got at MAIL FROM."""
 
     BYPASSED = "bypassed"               # took a token of the retry share instead of the cap
-    TOO_EARLY = "too_early"             # before admission.retry_min_delay: shed as usual
-    OVER_SHARE = "over_share"           # the retry share was spent: shed as usual
+    TOO_EARLY = "too_early"             # before admission.retry_min_delay: the cap applies
+    OVER_SHARE = "over_share"           # the retry share was spent: the cap applies
 
 
 OUTCOMES = tuple(o.value for o in Outcome)

@@ -24,7 +24,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.kit.harness import Ingress, make_body, send_one
+from tests.kit.harness import Ingress, make_body, send_one, smtp_dialogue
 
 SPAM_SOURCE = "127.0.1.2"
 MIN_DELAY = 1.0
@@ -206,3 +206,36 @@ def test_retry_recognised_on_the_other_acceptor(tmp_path: Path) -> None:
         assert any(e["deferred_by"] != e["acceptor"] for e in bypasses), bypasses
         m = scrape(mport)
         assert value(m, "smtp_ingress_deferred_accepted_total", lane="bulk") == n
+
+
+def test_retry_of_a_data_time_deferral(tmp_path: Path) -> None:
+    """The broker's cap is spent while an acceptor's share at MAIL FROM still has a token:
+    the transaction is deferred after DATA (NACK rate), and recorded with its recipient. Its
+    retry takes the retry share at MAIL FROM and the broker's retry bucket after DATA."""
+    with Ingress(tmp_path, tables(acceptors=2, burst=1, share=0.5)) as ing:
+        mport = metrics_port(ing)
+
+        async def scenario() -> tuple[str, int]:
+            code, text = await send_one(ing.port, make_body(0, 200), sender="spam@spam.test",
+                                        source=SPAM_SOURCE)
+            assert code == 250, text            # the broker's only token, and one acceptor's
+            for i in range(16):                 # until one lands on the other acceptor
+                sender = f"late{i}@sender.test"
+                replies = await smtp_dialogue(ing.port, [
+                    b"EHLO client.test\r\n", f"MAIL FROM:<{sender}>\r\n".encode(),
+                    b"RCPT TO:<bob@example.test>\r\n", b"DATA\r\n",
+                    make_body(i, 200) + b".\r\n", b"QUIT\r\n"])
+                if replies[2].startswith("250") and replies[5].startswith("451"):
+                    break
+            else:
+                raise AssertionError("no transaction reached DATA on the other acceptor")
+            await asyncio.sleep(MIN_DELAY + 0.3)
+            code, text = await send_one(ing.port, make_body(99, 200), sender=sender)
+            return sender, code
+
+        sender, code = asyncio.run(scenario())
+        assert code == 250
+        assert bodies_from(ing, sender) == 1
+        m = scrape(mport)
+        assert value(m, "smtp_ingress_deferrals_total", lane="bulk", reason="data_rate") >= 1
+        assert value(m, "smtp_ingress_deferred_accepted_total", lane="bulk") == 1
