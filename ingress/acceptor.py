@@ -181,7 +181,8 @@ class AcceptorContext:
         now = time.time()
         key = deferral_key(ip, sender)
         metrics.deferred(Lane.BULK, reason)
-        if self.deferrals.record(key, now, rcpts, origin=self.ident):
+        if self.deferrals.record(key, now, rcpts, origin=self.ident) \
+                and self.deferrals.should_share(key, now):
             rec = self.deferrals.lookup(key, now)
             self.lanes.share_record(DEFER_TOPIC, {
                 "k": key, "f": rec.first if rec else now, "t": now,

@@ -27,6 +27,9 @@ API
                                               a deferral; False if not stored (net full)
         lookup(key, now) -> Record | None     without changing it
         check(key, now) -> ClaimResult        would claim() succeed (without changing it)
+        should_share(key, now) -> bool        tell the other processes about this deferral now?
+                                              (new to us, or min_delay / 2 since we last did:
+                                              a hammering bot costs one fact per half delay)
         claim(key, now) -> (ClaimResult, Claim | None)   spend one credit of a ripe record
         consume(key, now) -> Claim | None     spend one credit, ripe or not (the record was
                                               claimed elsewhere, or the sender got through
@@ -114,6 +117,7 @@ class Record:
     credits: int = 1
     rcpts: frozenset[str] = field(default_factory=frozenset)
     origin: str = ""            # who recorded the first deferral (an acceptor's ident)
+    shared: float | None = None  # when this process last told the others (should_share)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +207,18 @@ class DeferralStore:
         if now - rec.last < self.limits.min_delay:
             return ClaimResult.TOO_EARLY
         return ClaimResult.CLAIMED
+
+    def should_share(self, key: str, now: float) -> bool:
+        """Share the deferral of `key` at `now`? Often enough that every copy's `last` lags by
+        less than min_delay / 2 (so a bot hammering on one acceptor never ripens on another),
+        rarely enough that a flood of sheds is not a flood of facts."""
+        rec = self.lookup(key, now)
+        if rec is None:
+            return False
+        if rec.shared is not None and now - rec.shared < self.limits.min_delay / 2:
+            return False
+        rec.shared = now
+        return True
 
     def claim(self, key: str, now: float) -> tuple[ClaimResult, Claim | None]:
         result = self.check(key, now)

@@ -202,3 +202,13 @@ def test_config_errors_name_the_key(tmp_path: Path, toml: str, key: str) -> None
     with pytest.raises(ConfigError) as e:
         _cfg(tmp_path, toml)
     assert key in str(e.value)
+
+
+def test_should_share_rate_limits_a_hammering_bot() -> None:
+    store = DeferralStore(LIM)                        # min_delay 60: share every 30 s at most
+    got = []
+    for t in range(0, 100, 5):
+        store.record(A, float(t))
+        got.append((t, store.should_share(A, float(t))))
+    assert [t for t, shared in got if shared] == [0, 30, 60, 90]
+    assert not store.should_share(C, 0)               # no record: nothing to share
