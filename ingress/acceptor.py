@@ -67,6 +67,7 @@ from ingress.policy.deferrals import (
     Claim,
     ClaimResult,
     DeferralLimits,
+    DeferralRecords,
     DeferralStore,
     deferral_key,
 )
@@ -121,7 +122,7 @@ class AcceptorContext:
         self.verifier = verifier(cfg)
         self.draining = False
         self.lanes = Lanes(cfg, self.ident)
-        self.deferrals = DeferralStore(DeferralLimits(
+        self.deferrals: DeferralRecords = DeferralStore(DeferralLimits(
             min_delay=a.retry_min_delay, ttl=a.retry_ttl, max_records=a.retry_max_records,
             per_net_max=a.retry_per_net))
 

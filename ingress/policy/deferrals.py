@@ -21,8 +21,10 @@ API
                                               origin;
                                               covers(rcpts) -> bool
     ClaimResult                               StrEnum: claimed | none | too_early
-    DeferralStore(limits)                     the record store (the interface a shared
-                                              backend, e.g. Redis, implements too)
+    DeferralRecords                           typing.Protocol: the record store's interface
+                                              (what the acceptor calls; a shared backend,
+                                              e.g. Redis, implements the same)
+    DeferralStore(limits)                     the in-process record store
         record(key, now, rcpts=(), first=None, origin="") -> bool
                                               a deferral; False if not stored (net full)
         lookup(key, now) -> Record | None     without changing it
@@ -60,10 +62,12 @@ Limits
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Protocol
 
 from ingress.core.addr import try_parse_ip
 from ingress.core.config import Config
@@ -74,6 +78,7 @@ __all__ = [
     "Claim",
     "ClaimResult",
     "DeferralLimits",
+    "DeferralRecords",
     "DeferralStore",
     "Record",
     "deferral_key",
@@ -132,6 +137,7 @@ class Claim:
         return not self.rcpts or any(_addr(r) in self.rcpts for r in rcpts)
 
 
+@functools.lru_cache(maxsize=65536)
 def net_of(ip: str) -> str:
     """IPv4 /24 or IPv6 /64 of `ip` (IPv4-mapped counts as IPv4); a non-address is itself."""
     addr = try_parse_ip(ip)
@@ -149,6 +155,26 @@ def deferral_key(ip: str, sender: str) -> str:
     """network|sender: what a retry must repeat. The null sender <> is the empty string."""
     s = _addr(sender)
     return f"{net_of(ip)}|{'' if s == '<>' else s}"
+
+
+class DeferralRecords(Protocol):
+    """What the acceptor needs of a record store (DeferralStore here; a shared backend
+    later). Times are wall-clock seconds, passed in."""
+
+    def __len__(self) -> int: ...
+
+    def record(self, key: str, now: float, rcpts: tuple[str, ...] | list[str] = (),
+               first: float | None = None, origin: str = "") -> bool: ...
+
+    def lookup(self, key: str, now: float) -> Record | None: ...
+
+    def check(self, key: str, now: float) -> ClaimResult: ...
+
+    def should_share(self, key: str, now: float) -> bool: ...
+
+    def claim(self, key: str, now: float) -> tuple[ClaimResult, Claim | None]: ...
+
+    def consume(self, key: str, now: float) -> Claim | None: ...
 
 
 class DeferralStore:
