@@ -46,7 +46,8 @@ Rules
     * A claim needs `min_delay` since the LAST deferral of the record: a bot that hammers
       refreshes `last` with every shed attempt and never ripens (too_early).
     * Bounded: at most max_records records (when full, the oldest is dropped: records are
-      kept in first-deferral order, which is also expiry order) and at most per_net_max per
+      kept in arrival order, which is expiry order but for records shared late by another
+      process; lookups check the TTL of each record exactly) and at most per_net_max per
       network (a newcomer for a full network is not stored: one /24 cannot flush the table
       or hold a record per sender it invents).
 

@@ -7,8 +7,8 @@ timing involved. The legitimate client is 127.0.0.1; the spam comes from 127.0.1
 so the deferral records of the two never share a network's quota).
 
 - a deferred message, retried after admission.retry_min_delay, is accepted while spam keeps the
-  bulk cap saturated, and the metrics count the deferral, the bypass, the deferred-then-accepted
-  message and the time since its first deferral;
+  bulk cap saturated (once: the record is spent), and the metrics count the deferral, the
+  bypass, the deferred-then-accepted message and the time since its first deferral;
 - a retry before the minimum delay is shed (and counted too_early); after it, accepted;
 - a bot that retries everything at once gets only the retry share: the rest are shed;
 - with two acceptors, a retry landing on the acceptor that did not defer it is recognised.
@@ -96,7 +96,7 @@ def test_retry_accepted_while_bulk_cap_saturated(tmp_path: Path) -> None:
     with Ingress(tmp_path, tables()) as ing:
         mport = metrics_port(ing)
 
-        async def scenario() -> tuple[int, int, dict[str, int]]:
+        async def scenario() -> tuple[int, int, int, dict[str, int]]:
             await saturate(ing.port)
             stop, counts = asyncio.Event(), {}
             spam = asyncio.create_task(spam_loop(ing.port, stop, counts))
@@ -105,15 +105,16 @@ def test_retry_accepted_while_bulk_cap_saturated(tmp_path: Path) -> None:
                 await asyncio.sleep(MIN_DELAY + 0.3)
                 retry, text = await send_one(ing.port, make_body(2), sender="legit@sender.test")
                 assert retry == 250, text
+                # one deferral bought one bypass: the same sender again is shed
+                again, _ = await send_one(ing.port, make_body(3), sender="legit@sender.test")
                 await asyncio.sleep(0.3)          # spam still shed after the retry got in
             finally:
                 stop.set()
                 await spam
-            return first, retry, counts
+            return first, retry, again, counts
 
-        first, retry, counts = asyncio.run(scenario())
-        assert first == 451
-        assert retry == 250
+        first, retry, again, counts = asyncio.run(scenario())
+        assert (first, retry, again) == (451, 250, 451)
         assert counts.get("250", 0) == 0 and counts.get("451", 0) >= 1, counts
         assert bodies_from(ing, "legit@sender.test") == 1
         m = scrape(mport)
