@@ -26,6 +26,10 @@ the routing-id frames themselves; the frames below are what the application send
 orjson: for ACK {"path": spool file name}, for NACK {"reason": NackReason, "text": str}.
 `reply_to` is the acceptor's routing id, carried through the worker and back so that a restarted
 broker can still route a late ACK (brokers keep no routing state that matters).
+An envelope whose evidence holds "retry": "1" is a claimed retry of a transaction we deferred
+(ingress.policy.deferrals): the bulk broker charges it to its retry bucket first. The record facts
+and that evidence key are additive (a new SHARE fact, an optional evidence key), so the version
+stays SI1: every process of a host runs the same code (the supervisor starts them all).
 
 Failure modes: `decode_*` raise WireError for anything malformed (wrong version, frame count,
 kind, JSON); callers log it and drop the message (an acceptor waiting on it times out: 451).
