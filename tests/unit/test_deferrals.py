@@ -212,3 +212,17 @@ def test_should_share_rate_limits_a_hammering_bot() -> None:
         got.append((t, store.should_share(A, float(t))))
     assert [t for t, shared in got if shared] == [0, 30, 60, 90]
     assert not store.should_share(C, 0)               # no record: nothing to share
+
+
+def test_check_config_shows_the_retry_share(tmp_path: Path) -> None:
+    from ingress import configshow
+    cfg = _cfg(tmp_path, "[lanes.bulk]\nrate = 100.0\n[admission]\nretry_share = 0.1\n"
+               "[supervisor]\nacceptors = 2\n")
+    d = configshow.derived(cfg, nofile=(65536, 65536))
+    assert d["retry_share_per_acceptor"] == {"rate": 5.0, "burst": 5.0}
+    assert d["retry_share_at_broker"] == {"rate": 10.0, "burst": 10.0}
+    assert "# retries of deferred transactions: 10/s (burst 10) beyond the bulk cap, 5/s " \
+        "(burst 5) per acceptor" in configshow.render(cfg, nofile=(65536, 65536))
+    off = _cfg(tmp_path, "[admission]\nretry_share = 0.0\n")
+    assert configshow.derived(off, nofile=(65536, 65536))["retry_share_at_broker"] is None
+    assert "retries of deferred" not in configshow.render(off, nofile=(65536, 65536))
