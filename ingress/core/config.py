@@ -146,7 +146,7 @@ class AdmissionConfig:
     retry_min_delay: float = 60.0       # ... if it comes at least this long after the last
                                         # deferral (bots hammer at once; MTAs wait)
     retry_ttl: float = 14400.0          # ... and within this long of the first deferral
-    retry_max_records: int = 100000     # deferral records held (per acceptor)
+    retry_max_records: int = 20000      # deferral records held (per acceptor; ~0.8 KB each)
     retry_per_net: int = 32             # deferral records per client /24 (IPv4) or /64 (IPv6)
 
 
