@@ -8,7 +8,9 @@ API:
                                       it holds the session table (ingress.sessions), the SPF
                                       service (ingress.spf_service), the learned store
                                       (ingress.learned_store) and the lane clients
-                                      (ingress.lanes)
+                                      (ingress.lanes) and the deferral records
+                                      (ingress.policy.deferrals, shared with every acceptor
+                                      through the bulk broker: retry evidence)
     MtlsListener                      the mutual-TLS port: a slot is taken at accept, before
                                       the TLS handshake (tls.handshake_timeout)
 
@@ -39,11 +41,12 @@ from collections import Counter
 from typing import Any
 
 from ingress import handoff, proxy
-from ingress.core import child, log, procs
+from ingress.core import child, log, metrics, procs
 from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
 from ingress.core.fsutil import atomic_write
-from ingress.core.wire import Envelope, Lane, Reply
+from ingress.core.metrics import DeferReason, RetryResult
+from ingress.core.wire import CLAIM_TOPIC, DEFER_TOPIC, Envelope, Lane, Reply
 from ingress.dataread import DataBudget
 from ingress.evidence import cert_evidence, normalize_fingerprint
 from ingress.handler import IngressHandler
@@ -58,6 +61,15 @@ from ingress.policy.classify import (
     Evidence,
     StaticAllow,
     decide,
+)
+from ingress.policy.deferrals import (
+    MAX_RCPTS,
+    Claim,
+    ClaimResult,
+    DeferralLimits,
+    DeferralRecords,
+    DeferralStore,
+    deferral_key,
 )
 from ingress.policy.replies import Refusal, text
 from ingress.policy.session_rules import ErrorPolicy
@@ -113,6 +125,9 @@ class AcceptorContext:
         self.verifier = verifier(cfg)
         self.draining = False
         self.lanes = Lanes(cfg, self.ident)
+        self.deferrals: DeferralRecords = DeferralStore(DeferralLimits(
+            min_delay=a.retry_min_delay, ttl=a.retry_ttl, max_records=a.retry_max_records,
+            per_net_max=a.retry_per_net))
 
     @property
     def resolver(self) -> Any:
@@ -168,6 +183,75 @@ class AcceptorContext:
     async def submit(self, env: Envelope, body: bytes) -> tuple[Reply | None, str]:
         return await self.lanes.submit(env, body)
 
+    # --- deferral records: a retry after our own deferral is evidence -----------------------
+    # (wall clock: the records are shared between processes, and later between hosts)
+
+    def deferred(self, ip: str, sender: str, rcpts: tuple[str, ...],
+                 reason: DeferReason) -> None:
+        """We defer this bulk transaction for the bulk cap: remember it, here and (through the
+        bulk broker) in every other acceptor."""
+        now = time.time()
+        key = deferral_key(ip, sender)
+        metrics.deferred(Lane.BULK, reason)
+        if self.deferrals.record(key, now, rcpts, origin=self.ident) \
+                and self.deferrals.should_share(key, now):
+            rec = self.deferrals.lookup(key, now)
+            self.lanes.share_record(DEFER_TOPIC, {
+                "k": key, "f": rec.first if rec else now, "t": now,
+                "r": list(rcpts[:MAX_RCPTS]), "o": self.ident})
+
+    def retry_claim(self, ip: str, sender: str) -> Claim | None:
+        """A bulk MAIL FROM: a ripe retry of a deferred transaction may go on within the retry
+        share (spending one credit of its record, here and everywhere); None: the bulk cap
+        applies as usual."""
+        now = time.time()
+        key = deferral_key(ip, sender)
+        result = self.deferrals.check(key, now)
+        if result is ClaimResult.NONE:
+            return None
+        if result is ClaimResult.TOO_EARLY:
+            metrics.retry(Lane.BULK, RetryResult.TOO_EARLY)
+            return None
+        if not self.lanes.retry_mail_admitted():
+            metrics.retry(Lane.BULK, RetryResult.OVER_SHARE)
+            log.event("retry_over_share", peer=ip)
+            return None
+        _, claim = self.deferrals.claim(key, now)
+        metrics.retry(Lane.BULK, RetryResult.BYPASSED)
+        self.lanes.share_record(CLAIM_TOPIC, {"k": key, "t": now, "o": self.ident})
+        log.event("retry_bypass", peer=ip, acceptor=self.ident,
+                  deferred_by=claim.origin if claim else "",
+                  deferred_s=round(now - claim.first, 3) if claim else 0)
+        return claim
+
+    def deferred_accepted(self, lane: Lane, ip: str, sender: str, claim: Claim | None) -> None:
+        """A message got its 250: if we had deferred it (a claimed retry, or one that came
+        back on ordinary capacity, which spends a credit of its record), count it and the time
+        since its first deferral."""
+        now = time.time()
+        if claim is None:
+            if not len(self.deferrals):
+                return
+            key = deferral_key(ip, sender)
+            claim = self.deferrals.consume(key, now)
+            if claim is None:
+                return
+            self.lanes.share_record(CLAIM_TOPIC, {"k": key, "t": now, "o": self.ident})
+        metrics.deferred_accepted(lane, now - claim.first)
+
+    def on_record(self, fact: bytes, doc: dict[str, object]) -> None:
+        """Another acceptor's deferral or claim (decoded by wire.decode_record)."""
+        if doc["o"] == self.ident:
+            return
+        t, f, r = doc.get("t"), doc.get("f"), doc.get("r")
+        at = float(t) if isinstance(t, int | float) else time.time()
+        if fact == DEFER_TOPIC:
+            rcpts = [str(x) for x in r] if isinstance(r, list) else []
+            first = float(f) if isinstance(f, int | float) else at
+            self.deferrals.record(str(doc["k"]), at, rcpts, first=first, origin=str(doc["o"]))
+        else:
+            self.deferrals.consume(str(doc["k"]), at)
+
     def count(self, what: str, lane: Lane) -> None:
         self.counters[f"{what}_{lane.value}"] += 1
 
@@ -178,7 +262,7 @@ class AcceptorContext:
 
     async def read_status(self) -> None:
         await self.lanes.read_status(
-            self.learn, lambda ip: self.table.penalise(ip, time.monotonic()))
+            self.learn, lambda ip: self.table.penalise(ip, time.monotonic()), self.on_record)
 
     async def persist_learned(self) -> None:
         """Acceptor 0 keeps the learned allow cache on disk (every acceptor learns the same

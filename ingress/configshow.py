@@ -5,7 +5,8 @@ API:
                                      the default says the default in a comment
     derived(cfg, nofile=None) -> dict    the limits the processes compute from the config and the
                                      machine: acceptors and workers per core, connection slots
-                                     per acceptor (and what the fd limit allows), bulk shares
+                                     per acceptor (and what the fd limit allows), bulk shares,
+                                     the retry share (deferrals.retry_buckets)
     render(cfg) -> str               both, for a terminal (derived values as TOML comments, so
                                      the output is itself a valid config file)
 
@@ -29,6 +30,7 @@ from ingress.policy.admission import (
     bulk_share_bucket,
     fd_capped,
 )
+from ingress.policy.deferrals import retry_buckets
 
 
 def _toml(v: Any) -> str:
@@ -80,6 +82,7 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
     acceptors = cfg.acceptor_count
     workers = {lane: cfg.worker_count(lane) for lane in ("fast", "bulk")}
     share = bulk_share_bucket(cfg)
+    retry = retry_buckets(cfg)
     return {
         "cores": cores,
         "acceptors": acceptors,
@@ -97,6 +100,10 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
             {"rate": round(share[0], 4), "burst": round(share[1], 4)},
         "bulk_admitted_at_mail_from": None if share is None else
             round(cfg.lanes.bulk.rate * BULK_SHARE, 4),
+        "retry_share_per_acceptor": None if retry is None else
+            {"rate": round(retry[0][0], 4), "burst": round(retry[0][1], 4)},
+        "retry_share_at_broker": None if retry is None else
+            {"rate": round(retry[1][0], 4), "burst": round(retry[1][1], 4)},
     }
 
 
@@ -127,4 +134,9 @@ def render(cfg: config.Config, nofile: tuple[int, int] | None = None) -> str:
         lines.append(f"# bulk cap {d['bulk_rate']:g}/s: each acceptor admits {sh['rate']:g}/s "
                      f"(burst {sh['burst']:g}) at MAIL FROM, {d['bulk_admitted_at_mail_from']:g}/s"
                      " together; the bulk broker enforces the cap exactly after DATA")
+    if d["retry_share_at_broker"] is not None:
+        r, b = d["retry_share_per_acceptor"], d["retry_share_at_broker"]
+        lines.append(f"# retries of deferred transactions: {b['rate']:g}/s (burst {b['burst']:g})"
+                     f" beyond the bulk cap, {r['rate']:g}/s (burst {r['burst']:g}) per acceptor"
+                     " (admission.retry_share)")
     return "\n".join(lines) + "\n"

@@ -10,12 +10,16 @@ What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; th
   before_mail (421 4.7.0 too many transactions without a message); SPF for a bulk session,
   which may promote it to the fast lane (classify.decide / classify.promote); a bulk
   transaction over the cap is shed (shed_verdict: 451 4.7.1 after admission.shed_delay, the
-  admission.shed_limit-th 421 4.7.1 and a close);
+  admission.shed_limit-th 421 4.7.1 and a close), and the deferral recorded; a ripe retry
+  of a deferred transaction (ingress.policy.deferrals) takes admission.retry_share first,
+  and the cap only when that is spent (the envelope then carries evidence retry=1, which
+  the bulk broker honours with its own retry bucket);
 - RCPT: rcpt_verdict, then recipient verification (ingress/rcpt_verify.py, cached, at most
   smtp.verify_per_session callouts a session; over that 450: never an amplifier);
 - DATA: data_verdict (bare CR or LF: 550 5.6.0, SMTP smuggling); then the message goes to its
   lane broker; 250 only on the worker's ACK (durable); a NACK, a timeout or an unreachable
-  broker -> 451; a NACK for the lane's rate cap is shed like MAIL;
+  broker -> 451; a NACK for the lane's rate cap is shed like MAIL (and recorded with its
+  recipients); a 250 for a transaction we had deferred is counted (metrics.deferred_accepted);
 - any exception -> 451 4.3.0 and a log line (aiosmtpd's default is a 500 with internals).
 
 Failure modes: none raised to aiosmtpd; every wait is bounded (SPF deadline, callout timeout,
@@ -33,7 +37,7 @@ from aiosmtpd.smtp import Session
 
 from ingress.core import log, metrics
 from ingress.core.headers import received_spf_header, spf_identity
-from ingress.core.metrics import RcptResult, Result
+from ingress.core.metrics import DeferReason, RcptResult, Result
 from ingress.core.wire import Envelope, Lane, new_qid
 from ingress.host import SessionHost
 from ingress.policy import replies, session_rules
@@ -86,8 +90,14 @@ class IngressHandler:
                 server.reasons = decision.reasons
                 ctx.count("promoted", Lane.FAST)
                 log.event("promoted", peer=server.peer_ip, reasons=",".join(decision.reasons))
-        if server.lane is Lane.BULK and not ctx.bulk_mail_admitted():
-            return await self.shed(server)
+        server.retry_claim = None
+        if server.lane is Lane.BULK:
+            # A ripe retry of a transaction we deferred takes the retry share first: the
+            # acceptor's share of the cap may have room while the broker's cap is spent.
+            server.retry_claim = ctx.retry_claim(server.peer_ip, address)
+            if server.retry_claim is None and not ctx.bulk_mail_admitted():
+                ctx.deferred(server.peer_ip, address, (), DeferReason.MAIL_CAP)
+                return await self.shed(server)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         server.counters = session_rules.mail_accepted(server.counters)
@@ -146,6 +156,9 @@ class IngressHandler:
             received_at=now, deadline=now + ctx.cfg.smtp.ack_timeout, acceptor=ctx.ident,
             smtputf8=bool(envelope.smtp_utf8), tls=tls, evidence=server.trace_evidence(),
         )
+        claim = server.retry_claim
+        if claim is not None and env.lane is Lane.BULK and claim.covers(env.rcpts):
+            env.evidence["retry"] = "1"
         t0 = time.monotonic()
         reply, why = await ctx.submit(env, body)
         ms = round((time.monotonic() - t0) * 1000, 2)
@@ -155,6 +168,7 @@ class IngressHandler:
         if reply is not None and reply.ok:
             server.messages += 1
             ctx.count("accepted", server.lane)
+            ctx.deferred_accepted(server.lane, server.peer_ip, env.mail_from, claim)
             log.event("message", qid=env.qid, peer=server.peer_ip, lane=env.lane.value,
                       size=len(body), rcpts=len(env.rcpts), reply="250", ack_ms=ms,
                       reasons=env.evidence.get("reasons", ""), spf=env.evidence.get("spf", ""))
@@ -163,6 +177,7 @@ class IngressHandler:
         log.event("message", qid=env.qid, peer=server.peer_ip, lane=env.lane.value,
                   size=len(body), rcpts=len(env.rcpts), reply="451", why=why, ack_ms=ms)
         if reply is not None and reply.reason is not None and reply.reason.value == "rate":
+            ctx.deferred(server.peer_ip, env.mail_from, env.rcpts, DeferReason.DATA_RATE)
             return await self.shed(server)
         return text(Refusal.NOT_QUEUED, why=why)
 

@@ -19,9 +19,11 @@ import ssl
 from typing import Any, Protocol
 
 from ingress.core.config import Config
+from ingress.core.metrics import DeferReason
 from ingress.core.wire import Envelope, Lane, Reply
 from ingress.dataread import DataBudget
 from ingress.policy.classify import AuthResult, Decision, Evidence
+from ingress.policy.deferrals import Claim
 from ingress.policy.session_rules import ErrorPolicy
 from ingress.rcpt_verify import RecipientVerifier
 
@@ -68,6 +70,14 @@ class SessionHost(Protocol):
     def lane_saturated(self, lane: Lane) -> bool: ...
 
     def bulk_mail_admitted(self) -> bool: ...
+
+    def deferred(self, ip: str, sender: str, rcpts: tuple[str, ...],
+                 reason: DeferReason) -> None: ...
+
+    def retry_claim(self, ip: str, sender: str) -> Claim | None: ...
+
+    def deferred_accepted(self, lane: Lane, ip: str, sender: str,
+                          claim: Claim | None) -> None: ...
 
     async def spf(self, peer_ip: str, lane: Lane, mail_from: str,
                   helo: str) -> tuple[AuthResult, str]: ...

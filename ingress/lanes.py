@@ -12,15 +12,24 @@ API:
         lane_saturated(lane) -> bool     stress: bulk broker saturated or the bulk cap spent
         bulk_mail_admitted() -> bool     may a bulk session start a transaction now (spends a
                                          token of this acceptor's share of the bulk cap)
+        retry_mail_admitted() -> bool    may a claimed retry of a deferred transaction start
+                                         now (spends a token of this acceptor's part of the
+                                         retry share, admission.retry_share; not while the
+                                         bulk broker is saturated)
         share_penalty(ip)                tell every other acceptor (via the bulk broker)
-        read_status(on_learn, on_penalty)  background task: status and shared facts over SUB
+        share_record(fact, doc)          a deferral record fact, likewise (wire.RECORD_FACTS)
+        read_status(on_learn, on_penalty, on_record=None)  background task: status and shared
+                                         facts over SUB
         tasks() -> coroutines            the background tasks of the clients
         close()                          destroys the ZeroMQ context
 
 Failure modes: a broker that is not connected fails a send after HANDOFF_RETRY (the session
 gets 451); a malformed reply, status or fact is logged (wire_error) and skipped; a penalty
-that cannot be shared (ZMQError) stays local. Limits: SNDHWM 200 / RCVHWM 2000 per DEALER;
-status older than STATUS_STALE is ignored, so a dead broker never makes us shed on old news.
+or deferral record that cannot be shared (ZMQError) stays local; record facts ride the bulk
+broker's PUB (SNDHWM 10), so under a flood some may be dropped: a record then stays local to the
+acceptor that made it, and the retry share still bounds what that gives away.
+Limits: SNDHWM 200 / RCVHWM 2000 per DEALER; status older than STATUS_STALE is ignored, so a
+dead broker never makes us shed on old news.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import (
     LEARN_TOPIC,
     PENALTY_TOPIC,
+    RECORD_FACTS,
     SHARED_FACTS,
     STATUS_STALE,
     STATUS_TOPIC,
@@ -49,13 +59,16 @@ from ingress.core.wire import (
     NackReason,
     Reply,
     WireError,
+    decode_record,
     decode_reply,
     decode_shared,
     decode_status,
     share,
+    share_record,
     submit,
 )
 from ingress.policy.admission import bulk_share_bucket
+from ingress.policy.deferrals import retry_buckets
 
 HANDOFF_RETRY = 1.5          # seconds to keep trying to reach a broker that is not connected
 
@@ -153,6 +166,9 @@ class Lanes:
         bulk_share = bulk_share_bucket(cfg)
         self.bulk_bucket = TokenBucket(*bulk_share, now=time.monotonic()) \
             if bulk_share is not None else None
+        retry = retry_buckets(cfg)
+        self.retry_bucket = TokenBucket(*retry[0], now=time.monotonic()) \
+            if retry is not None else None
 
     def __getitem__(self, lane: Lane) -> LaneClient:
         return self.clients[lane]
@@ -178,12 +194,24 @@ class Lanes:
             return False
         return self.bulk_bucket is None or self.bulk_bucket.take(time.monotonic())
 
+    def retry_mail_admitted(self) -> bool:
+        """May a retry of a transaction we deferred start now, the bulk cap being spent? Only
+        within this acceptor's part of the retry share (none when it is off or bulk uncapped),
+        and never while the bulk broker cannot take work at all."""
+        if self.retry_bucket is None or self.clients[Lane.BULK].saturated():
+            return False
+        return self.retry_bucket.take(time.monotonic())
+
     async def submit(self, env: Envelope, body: bytes) -> tuple[Reply | None, str]:
         return await self.clients[env.lane].submit(env, body, self.cfg.smtp.ack_timeout)
 
     def share_penalty(self, ip: str) -> None:
         with contextlib.suppress(zmq.ZMQError):
             self.clients[Lane.BULK].sock.send_multipart(share(PENALTY_TOPIC, ip), zmq.NOBLOCK)
+
+    def share_record(self, fact: bytes, doc: dict[str, object]) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self.clients[Lane.BULK].sock.send_multipart(share_record(fact, doc), zmq.NOBLOCK)
 
     def tasks(self) -> list[Coroutine[Any, Any, None]]:
         return [*(lc.read_replies() for lc in self.clients.values()),
@@ -193,17 +221,22 @@ class Lanes:
         self.zctx.destroy(linger=0)
 
     async def read_status(self, on_learn: Callable[[str], None],
-                          on_penalty: Callable[[str], None]) -> None:
+                          on_penalty: Callable[[str], None],
+                          on_record: Callable[[bytes, dict[str, object]], None] | None = None,
+                          ) -> None:
         sub = self.zctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 10)
         sub.setsockopt(zmq.SUBSCRIBE, STATUS_TOPIC)
-        for topic in SHARED_FACTS:
+        for topic in SHARED_FACTS + (RECORD_FACTS if on_record is not None else ()):
             sub.setsockopt(zmq.SUBSCRIBE, topic)
         for lane in Lane:
             sub.connect(self.cfg.ipc(f"{lane.value}-status"))
         while True:
             frames = await sub.recv_multipart()
+            if on_record is not None and frames and frames[0] in RECORD_FACTS:
+                _apply_record(frames, on_record)
+                continue
             if frames and frames[0] in SHARED_FACTS:
                 try:
                     fact, ip = decode_shared(frames)
@@ -222,3 +255,14 @@ class Lanes:
                 log.event("wire_error", "warning", side="status", error=str(e))
                 continue
             lc.status, lc.status_at = doc, time.monotonic()
+
+
+def _apply_record(frames: list[bytes], on_record: Callable[[bytes, dict[str, object]], None],
+                  ) -> None:
+    """A deferral record fact from the bulk broker: decoded, or logged and skipped."""
+    try:
+        fact, doc = decode_record(frames)
+    except WireError as e:
+        log.event("wire_error", "warning", side="record", error=str(e))
+        return
+    on_record(fact, doc)

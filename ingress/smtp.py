@@ -67,6 +67,7 @@ from ingress.host import SessionHost
 from ingress.policy import session_rules
 from ingress.policy.admission import Ticket, stress_timeouts
 from ingress.policy.classify import Evidence, promote
+from ingress.policy.deferrals import Claim
 from ingress.policy.replies import Refusal, clean, text
 from ingress.policy.session_rules import Counters, Refused
 from ingress.smtp_data import DataPhase
@@ -169,6 +170,7 @@ class IngressSMTP(DataPhase):
         self._continuation: list[bytes] = []
         self.close_after_reply = False
         self.sheds = 0
+        self.retry_claim: Claim | None = None   # this transaction is a claimed retry (deferrals)
         self.spoken = False
         self.refused = False
         self.banner_sent = False

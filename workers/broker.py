@@ -11,7 +11,10 @@ Sockets (addresses from Config.ipc):
 
 Policy, in one place per lane: the bounded queue (`queue_max` messages and `queue_bytes` bytes of
 bodies, Config.queue_bytes; a SUBMIT beyond either is NACKed queue_full at once) and,
-for a capped lane, the token bucket (`rate`, `burst`; an empty bucket is NACK rate). Work goes only
+for a capped lane, the token bucket (`rate`, `burst`; an empty bucket is NACK rate); an envelope
+the acceptor marked a retry of a transaction we deferred (evidence "retry": "1", see
+ingress.policy.deferrals) takes a token of the retry bucket (admission.retry_share of the cap)
+first, and the lane's bucket only when that is empty. Work goes only
 to a worker with credit, the one with the most. A worker that misses LANE_LIVENESS heartbeats is
 dropped and every message it held is NACKed at once (worker_lost), so acceptors answer 451 instead
 of waiting. Work that waited past its envelope deadline is NACKed expired, never dispatched.
@@ -56,6 +59,7 @@ from ingress.core.wire import (
     to_acceptor,
     work,
 )
+from ingress.policy.deferrals import retry_buckets
 
 
 @dataclass
@@ -83,6 +87,9 @@ class Broker:
         self.queue_bytes: int = cfg.queue_bytes(lane)
         self.queued_bytes = 0          # bytes of the bodies in self.queue
         self.bucket = TokenBucket(lc.rate, lc.burst, now=time.monotonic())
+        retry = retry_buckets(cfg) if lane == "bulk" else None
+        self.retry_bucket = TokenBucket(*retry[1], now=time.monotonic()) \
+            if retry is not None else None
         self.queue: deque[Job] = deque()
         self.workers: dict[bytes, WorkerState] = {}
         self.heart = Heartbeat(hb, slot)
@@ -151,11 +158,18 @@ class Broker:
         elif self.queued_bytes + len(body) > self.queue_bytes:
             self.counters["nack_queue_bytes"] = self.counters.get("nack_queue_bytes", 0) + 1
             self._nack(reply_to, qid, NackReason.QUEUE_FULL, "lane queue full (bytes)")
-        elif not self.bucket.take(time.monotonic()):
+        elif not (self._retry_token(env) or self.bucket.take(time.monotonic())):
             self._nack(reply_to, qid, NackReason.RATE, "lane rate cap")
         else:
             self.queue.append(Job(reply_to, qid, env_raw, body, deadline))
             self.queued_bytes += len(body)
+
+    def _retry_token(self, env: Any) -> bool:
+        """A token of the retry share for an envelope marked a retry (never for others)."""
+        ev = env.get("evidence") if isinstance(env, dict) else None
+        if self.retry_bucket is None or not isinstance(ev, dict) or ev.get("retry") != "1":
+            return False
+        return self.retry_bucket.take(time.monotonic())
 
     # --- backend ------------------------------------------------------------------------------
 

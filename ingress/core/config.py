@@ -142,6 +142,14 @@ class AdmissionConfig:
                                         # for this long makes room for a newcomer
     evict_rate: float = 10.0            # at most this many such evictions per second per
                                         # acceptor (0 = never evict)
+    retry_share: float = 0.1            # a retry of a transaction we deferred for the bulk
+                                        # cap bypasses it within this fraction of
+                                        # lanes.bulk.rate (0 = off)
+    retry_min_delay: float = 60.0       # ... if it comes at least this long after the last
+                                        # deferral (bots hammer at once; MTAs wait)
+    retry_ttl: float = 14400.0          # ... and within this long of the first deferral
+    retry_max_records: int = 20000      # deferral records held (per acceptor; ~0.8 KB each)
+    retry_per_net: int = 32             # deferral records per client /24 (IPv4) or /64 (IPv6)
 
 
 @dataclass(frozen=True)
@@ -487,6 +495,13 @@ def _check_admission(cfg: Config, need: _Need) -> None:
     need(a.shed_limit >= 1, "admission.shed_limit", "must be >= 1")
     need(a.evict_silent_after > 0, "admission.evict_silent_after", "must be > 0 seconds")
     need(a.evict_rate >= 0, "admission.evict_rate", "must be >= 0 (0 = never evict)")
+    need(0 <= a.retry_share <= 1, "admission.retry_share", "must be 0..1 (0 = off)")
+    need(a.retry_min_delay >= 0, "admission.retry_min_delay", "must be >= 0 seconds")
+    need(a.retry_ttl > a.retry_min_delay, "admission.retry_ttl",
+         "must be greater than admission.retry_min_delay")
+    need(1 <= a.retry_max_records <= 10_000_000, "admission.retry_max_records",
+         "must be 1..10000000")
+    need(a.retry_per_net >= 1, "admission.retry_per_net", "must be >= 1")
     need(a.stress_idle_timeout > 0, "admission.stress_idle_timeout",
          "must be > 0 (the shorter of it and smtp.idle_timeout applies under stress)")
 

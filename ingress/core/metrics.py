@@ -35,6 +35,11 @@ observation; measured ~1.5 us per counter inc and ~3-5 us per observe on the dev
     recipient(lane, result)         a RCPT TO answer: RcptResult
     observe_banner(lane, seconds)   connect -> banner written
     observe_ack(lane, seconds)      end of DATA -> 250 (or the 4xx) written
+    DeferReason, RetryResult        StrEnums: the labels of deferred() and retry()
+    deferred(lane, reason)          we deferred a transaction for the bulk cap (DeferReason)
+    retry(lane, result)             a transaction we had deferred came back: RetryResult
+    deferred_accepted(lane, seconds)   a transaction we had deferred got its 250: counted, and
+                                    the time since its first deferral (RETRY_BUCKETS, 1 s .. 1 d)
     lane_status(lane, depth=, saturated=, free_credit=, workers=, tokens=)   broker, per status
     lane_nack(lane, reason)         broker refused or lost a message (a wire.NackReason)
     spooled(lane, n=1, seconds=)    worker: n messages durable; the group commit's duration
@@ -79,7 +84,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-from ingress.core.wire import NackReason
+from ingress.core.wire import Lane, NackReason
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 SUBDIR = "metrics"
@@ -130,6 +135,21 @@ class RcptResult(StrEnum):
     UNVERIFIED = "unverified"           # 450 4.1.1: recipient verification was not sure
 
 
+class DeferReason(StrEnum):
+    """deferred()'s labels: why we deferred a transaction (a retry of it is evidence)."""
+
+    MAIL_CAP = "mail_cap"               # shed at MAIL FROM (451 4.7.1): this acceptor's share
+    DATA_RATE = "data_rate"             # the lane broker NACKed it for the rate cap after DATA
+
+
+class RetryResult(StrEnum):
+    """retry()'s labels: what a retry of a deferred transaction got at MAIL FROM."""
+
+    BYPASSED = "bypassed"               # took a token of the retry share instead of the cap
+    TOO_EARLY = "too_early"             # before admission.retry_min_delay: the cap applies
+    OVER_SHARE = "over_share"           # the retry share was spent: the cap applies
+
+
 OUTCOMES = tuple(o.value for o in Outcome)
 RESULTS = tuple(r.value for r in Result)
 RCPT_RESULTS = tuple(r.value for r in RcptResult)
@@ -162,6 +182,15 @@ LANE_TOKENS = Gauge("smtp_ingress_lane_tokens", "Tokens left in the lane's rate 
                     "(absent for an uncapped lane)", ["lane"], multiprocess_mode="livemostrecent")
 LANE_NACKS = Counter("smtp_ingress_lane_nacks", "Messages the lane broker refused or lost",
                      ["lane", "reason"])
+RETRY_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 86400.0)
+DEFERRALS = Counter("smtp_ingress_deferrals", "Transactions we deferred (4xx) for the bulk cap, "
+                    "by lane and reason", ["lane", "reason"])
+RETRIES = Counter("smtp_ingress_deferral_retries", "Retries of deferred transactions over the "
+                  "bulk cap, by lane and result", ["lane", "result"])
+DEFERRED_ACCEPTED = Counter("smtp_ingress_deferred_accepted", "Transactions we had deferred "
+                            "that were later accepted (250)", ["lane"])
+DEFERRED_WAIT = Histogram("smtp_ingress_deferred_to_accepted_seconds", "First deferral of a "
+                          "transaction to its acceptance", ["lane"], buckets=RETRY_BUCKETS)
 SPOOLED = Counter("smtp_ingress_spooled_messages", "Messages written durably by workers",
                   ["lane"])
 COMMIT_SECONDS = Histogram("smtp_ingress_spool_commit_seconds",
@@ -195,6 +224,8 @@ _msg: dict[tuple[str, str], Any] = {}
 _rcpt: dict[tuple[str, str], Any] = {}
 _banner: dict[str, Any] = {}
 _ack: dict[str, Any] = {}
+_defer: dict[tuple[str, str], Any] = {}
+_retry: dict[tuple[str, str], Any] = {}
 
 
 def _bind(cache: dict[Any, Any], metric: Any, key: Any,
@@ -239,6 +270,21 @@ def observe_banner(lane: str, seconds: float) -> None:
 
 def observe_ack(lane: str, seconds: float) -> None:
     (_ack.get(lane) or _bind(_ack, ACK_SECONDS, lane)).observe(seconds)
+
+
+def deferred(lane: str, reason: DeferReason) -> None:
+    key = (lane, reason)
+    (_defer.get(key) or _bind(_defer, DEFERRALS, key, DeferReason)).inc()
+
+
+def retry(lane: str, result: RetryResult) -> None:
+    key = (lane, result)
+    (_retry.get(key) or _bind(_retry, RETRIES, key, RetryResult)).inc()
+
+
+def deferred_accepted(lane: str, seconds: float) -> None:
+    DEFERRED_ACCEPTED.labels(Lane(lane).value).inc()
+    DEFERRED_WAIT.labels(Lane(lane).value).observe(max(0.0, seconds))
 
 
 # --- brokers and workers ----------------------------------------------------------------------

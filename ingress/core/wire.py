@@ -11,16 +11,25 @@ the routing-id frames themselves; the frames below are what the application send
     any      -> broker   SHARE      [b"SI1", b"SHARE", fact, ip]         a fact about a client IP:
                                      fact b"learn" (worker: SPF + aligned DKIM passed) or
                                      b"penalty" (acceptor: an early talker)
+    acceptor -> broker   SHARE      [b"SI1", b"SHARE", fact, record-json]  a deferral record:
+                                     fact b"defer" (we deferred it) or b"claim" (a retry
+                                     used it); record-json {"k": key, "f": first, "t": at,
+                                     "r": [rcpt...], "o": origin}, at most RECORD_MAX bytes
     worker   -> broker   ACK/NACK   [b"SI1", b"ACK"|b"NACK", reply_to, qid, detail]
     broker   -> acceptor ACK/NACK   [b"SI1", b"ACK"|b"NACK", qid, detail]
     broker   PUB status  STATUS     [b"status", b"SI1", status-json]     topic frame first
     broker   PUB fact    SHARE      [fact, b"SI1", ip]                   every acceptor applies it
+    broker   PUB record  SHARE      [fact, b"SI1", record-json]          (defer / claim) likewise
 
 `envelope` is orjson of `Envelope` (keys below, stable); `body` is the client's raw message bytes
 (dot-unstuffed, CRLF line ends) in a frame of its own so it is never re-encoded. `detail` is
 orjson: for ACK {"path": spool file name}, for NACK {"reason": NackReason, "text": str}.
 `reply_to` is the acceptor's routing id, carried through the worker and back so that a restarted
 broker can still route a late ACK (brokers keep no routing state that matters).
+An envelope whose evidence holds "retry": "1" is a claimed retry of a transaction we deferred
+(ingress.policy.deferrals): the bulk broker charges it to its retry bucket first. The record facts
+and that evidence key are additive (a new SHARE fact, an optional evidence key), so the version
+stays SI1: every process of a host runs the same code (the supervisor starts them all).
 
 Failure modes: `decode_*` raise WireError for anything malformed (wrong version, frame count,
 kind, JSON); callers log it and drop the message (an acceptor waiting on it times out: 451).
@@ -43,6 +52,10 @@ STATUS_TOPIC = b"status"
 LEARN_TOPIC = b"learn"
 PENALTY_TOPIC = b"penalty"
 SHARED_FACTS = (LEARN_TOPIC, PENALTY_TOPIC)
+DEFER_TOPIC = b"defer"
+CLAIM_TOPIC = b"claim"
+RECORD_FACTS = (DEFER_TOPIC, CLAIM_TOPIC)   # deferral records (ingress.policy.deferrals)
+RECORD_MAX = 4096           # bytes of one record fact's JSON
 LANE_HEARTBEAT = 0.25       # seconds between broker <-> worker heartbeats
 LANE_LIVENESS = 4           # heartbeats missed before the peer is presumed dead
 STATUS_INTERVAL = 0.1       # seconds between a broker's status publications
@@ -181,9 +194,18 @@ def share(fact: bytes, ip: str) -> list[bytes]:
     return [VERSION, Kind.SHARE.value, fact, ip.encode("ascii")]
 
 
+def share_record(fact: bytes, doc: Mapping[str, object]) -> list[bytes]:
+    """A deferral record fact (DEFER_TOPIC or CLAIM_TOPIC) for every acceptor."""
+    return [VERSION, Kind.SHARE.value, fact, orjson.dumps(doc)]
+
+
 def shared_publication(frames: list[bytes]) -> list[bytes]:
     """What a broker publishes for a SHARE message it received (validated), or WireError."""
     fact, ip = expect(frames, 2)
+    if fact in RECORD_FACTS:
+        if len(ip) > RECORD_MAX:
+            raise WireError(f"record fact of {len(ip)} bytes")
+        return [fact, VERSION, ip]
     if fact not in SHARED_FACTS:
         raise WireError(f"unknown fact {fact[:20]!r}")
     return [fact, VERSION, ip]
@@ -267,6 +289,24 @@ def decode_shared(frames: list[bytes]) -> tuple[bytes, str]:
         return frames[0], str(ipaddress.ip_address(frames[2].decode("ascii")))
     except (UnicodeDecodeError, ValueError):
         raise WireError(f"bad address {frames[2][:50]!r}") from None
+
+
+def decode_record(frames: list[bytes]) -> tuple[bytes, dict[str, object]]:
+    """(fact, record) of a deferral record publication (validated shape), or WireError."""
+    if len(frames) != 3 or frames[0] not in RECORD_FACTS or frames[1] != VERSION \
+            or len(frames[2]) > RECORD_MAX:
+        raise WireError("bad record publication")
+    try:
+        doc = orjson.loads(frames[2])
+    except orjson.JSONDecodeError as e:
+        raise WireError(f"bad record json: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("k"), str) \
+            or not isinstance(doc.get("o"), str) \
+            or not all(isinstance(doc.get(t, 0), int | float) for t in ("f", "t")) \
+            or not isinstance(doc.get("r", []), list) \
+            or not all(isinstance(r, str) for r in doc.get("r", [])):
+        raise WireError("bad record fields")
+    return frames[0], doc
 
 
 def decode_status(frames: list[bytes]) -> dict[str, object]:
