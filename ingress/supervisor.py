@@ -4,7 +4,9 @@ API: Supervisor(cfg, config_path).run() -> int (exit status)
 
 Children (multiprocessing, *spawn* start method; no event loop or zmq.Context exists in this
 process): one broker per lane, `lanes.<lane>.workers` workers per lane, the relay (only with a
-relay.downstream), and `acceptors` acceptors.
+relay.downstream), and `acceptors` acceptors. cluster.role (or `run --role`, which overrides
+it, on reload too) picks among them: "edge" starts only the acceptors, "lanes" all but the
+acceptors (and binds no listening socket), "all" every one.
 The supervisor binds one SO_REUSEPORT listening socket per acceptor slot and hands it to that
 slot's acceptor. Because the socket outlives its acceptor, restarting or replacing an acceptor
 never closes a listening socket, so connections waiting in its backlog are never reset (plain
@@ -131,8 +133,9 @@ def bind_listener(cfg: Config, port: int | None = None, first: bool = False) -> 
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, config_path: Path | None) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Config, config_path: Path | None, role: str | None = None) -> None:
+        self.role = role              # `run --role`: overrides cluster.role, also on reload
+        self.cfg = cfg if role is None else config_mod.with_role(cfg, role)
         self.config_path = config_path
         self.mp = mp.get_context("spawn")
         slots = heartbeat_slots(cfg)
@@ -187,6 +190,11 @@ class Supervisor:
         if cfg.relay.downstream:         # "": the spool itself is the destination
             out.append(("relay", ("relay", "main")))
         out += [("acceptor", ("acceptor", i)) for i in range(cfg.acceptor_count)]
+        # cluster.role: an edge runs only the acceptors, a lanes node everything else.
+        if cfg.cluster.role == "edge":
+            out = [w for w in out if w[0] == "acceptor"]
+        elif cfg.cluster.role == "lanes":
+            out = [w for w in out if w[0] != "acceptor"]
         return out
 
     def _ready(self, c: Child) -> bool:
@@ -319,10 +327,7 @@ class Supervisor:
         os.ftruncate(self.lock_fd, 0)
         os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
 
-    def start(self) -> None:
-        Path(self.cfg.spool.path).mkdir(parents=True, exist_ok=True)
-        (self.cfg.spool.state_dir / "run").mkdir(parents=True, exist_ok=True)
-        self._lock_state_dir()
+    def _bind_listeners(self) -> None:
         # Port 0 (tests): the first socket picks a free port, the others share it.
         first = bind_listener(self.cfg, first=True)
         port = first.getsockname()[1]
@@ -339,6 +344,13 @@ class Supervisor:
             self.fast_sockets = self._bind_set(self.cfg.listen.fast_port)
             self.cfg = dataclasses.replace(self.cfg, listen=dataclasses.replace(
                 self.cfg.listen, fast_port=self.fast_sockets[0].getsockname()[1]))
+
+    def start(self) -> None:
+        Path(self.cfg.spool.path).mkdir(parents=True, exist_ok=True)
+        (self.cfg.spool.state_dir / "run").mkdir(parents=True, exist_ok=True)
+        self._lock_state_dir()
+        if self.cfg.cluster.role != "lanes":
+            self._bind_listeners()
         metrics.setup_dir(self.cfg.spool.state_dir)     # before any child is spawned
         self.metrics_server = metrics.serve(self.cfg.metrics.listen, self.cfg.spool.path,
                                             self.cfg.spool.state_dir)
@@ -350,7 +362,8 @@ class Supervisor:
                     for kind, key in self._wanted(self.cfg) if kind == stage]
             ok = self._wait_ready(kids, 60.0) and ok
         log.event("ready" if ok else "not_ready", "info" if ok else "error",
-                  listen=f"{self.cfg.listen.host}:{self.sockets[0].getsockname()[1]}",
+                  listen=f"{self.cfg.listen.host}:{self.sockets[0].getsockname()[1]}"
+                  if self.sockets else self.cfg.cluster.lanes_bind, role=self.cfg.cluster.role,
                   mtls_port=self.cfg.tls.mtls_port, fast_port=self.cfg.listen.fast_port,
                   acceptors=self.cfg.acceptor_count, spool=str(self.cfg.spool.path),
                   fast_workers=self.cfg.worker_count("fast"),
@@ -403,6 +416,7 @@ class Supervisor:
         sd_notify("RELOADING=1")
         try:
             new = config_mod.load(self.config_path)
+            new = new if self.role is None else config_mod.with_role(new, self.role)
         except ConfigError as e:
             log.event("reload_failed", "error", error=str(e))
             sd_notify("READY=1")
