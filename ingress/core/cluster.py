@@ -26,6 +26,7 @@ API:
     curve_server(sock, cfg)                   a lanes node's tcp socket
     Gate(ctx, cfg)                            the lanes node's ZAP handler; .stop()
     HANDSHAKE_FAILURES, log_handshake_event(frames, where)   a monitor socket's refusals
+    refused(**fields)                         one curve_refused line (rate-limited)
 
 Failure modes: an unknown client key is refused by ZAP and logged (curve_refused, with the
 key); a peer without CURVE, or with a wrong server key, fails the handshake, which a monitor
@@ -33,13 +34,17 @@ socket on the server socket logs (curve_refused, with libzmq's protocol error). 
 gets a pipe: nothing it sends reaches the broker, nothing is published to it. Key files that
 cannot be read or parsed are a ValueError (config.load turns it into a ConfigError naming the
 key). Limits: the allowed keys are read once at start (a new edge key needs a restart of the
-lanes node).
+lanes node). Refusal lines are rate-limited per process (REFUSAL_LOG_RATE; the count of
+those left out rides on the next line). A peer stuck in the handshake is dropped after
+HANDSHAKE_IVL_MS; the number of connections an unauthenticated peer may open is not bounded
+here (libzmq has no such limit): firewall the lanes ports to the edges' addresses.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +54,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from ingress.core import log
+from ingress.core.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from ingress.core.config import Config
@@ -59,6 +65,32 @@ PORTS = {("fast", "front"): 0, ("fast", "status"): 1, ("bulk", "front"): 2,
 ZAP_DOMAIN = b"smtp-ingress"
 HEARTBEAT_IVL_MS = 300       # ZMTP PING on every tcp socket: a silent peer is dropped after
 HEARTBEAT_TIMEOUT_MS = 1200  # this long (a host that vanished without a FIN or RST)
+HANDSHAKE_IVL_MS = 5000      # a peer that does not finish the CURVE handshake is dropped
+REFUSAL_LOG_RATE = 5.0       # refusal lines per second and process (burst REFUSAL_LOG_BURST);
+REFUSAL_LOG_BURST = 20       # the rest are counted and the count rides on the next line
+
+
+class _RefusalLog:
+    """curve_refused lines, rate-limited: a peer reconnecting in a loop must not flood the log
+    (each line after a gap carries `suppressed`, the refusals not logged meanwhile)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()      # the ZAP thread and the main loop both log
+        self.bucket = TokenBucket(REFUSAL_LOG_RATE, REFUSAL_LOG_BURST, now=time.monotonic())
+        self.suppressed = 0
+        self.total = 0
+
+    def __call__(self, **fields: Any) -> None:
+        with self.lock:
+            self.total += 1
+            if not self.bucket.take(time.monotonic()):
+                self.suppressed += 1
+                return
+            suppressed, self.suppressed = self.suppressed, 0
+        log.event("curve_refused", "warning", suppressed=suppressed, **fields)
+
+
+refused = _RefusalLog()
 
 
 def parse_base(base: str) -> tuple[str, int]:
@@ -161,6 +193,7 @@ def curve_server(sock: zmq.Socket[Any], cfg: Config) -> None:
     sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
     sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
     sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
     _heartbeats(sock)
 
 
@@ -169,16 +202,11 @@ class _Allowed:
 
     def __init__(self, keys: set[bytes]) -> None:
         self.keys = keys
-        self.lock = threading.Lock()
-        self.refused = 0
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self.keys:
             return True
-        with self.lock:
-            self.refused += 1
-        log.event("curve_refused", "warning", why="unknown client key",
-                  key=key.decode("ascii", "replace"))
+        refused(why="unknown client key", key=key.decode("ascii", "replace"))
         return False
 
 
@@ -217,6 +245,5 @@ def log_handshake_event(frames: list[bytes], where: str) -> None:
             int(zmq.EVENT_HANDSHAKE_FAILED_AUTH): "refused by ZAP",
             int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL): "handshake failed"}
     raw = ev.get("endpoint", b"")
-    log.event("curve_refused", "warning", why=whys.get(event, "handshake failed"), socket=where,
-              code=ev.get("value"),
-              endpoint=raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw))
+    refused(why=whys.get(event, "handshake failed"), socket=where, code=ev.get("value"),
+            endpoint=raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw))
