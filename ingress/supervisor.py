@@ -412,11 +412,22 @@ class Supervisor:
                 c.proc.join(2.0)
                 self._reap(c)
 
+    def _keep_role(self, new: Config) -> Config:
+        """A node keeps its role until a restart (the children it runs and the sockets it
+        binds depend on it); ConfigError if the new [cluster] table does not fit that role."""
+        role = self.cfg.cluster.role
+        if new.cluster.role == role:
+            return new
+        log.event("reload_restart_needed", "warning",
+                  why=f"cluster.role {new.cluster.role} takes effect on restart only")
+        return config_mod.with_role(new, role)
+
     def reload(self) -> None:
         sd_notify("RELOADING=1")
         try:
             new = config_mod.load(self.config_path)
             new = new if self.role is None else config_mod.with_role(new, self.role)
+            new = self._keep_role(new)
         except ConfigError as e:
             log.event("reload_failed", "error", error=str(e))
             sd_notify("READY=1")
@@ -452,7 +463,7 @@ class Supervisor:
         self.cfg = new
         metrics.configured(new)
         current = [c for c in self.children if not c.retiring]
-        brokers_changed = new.lanes != old.lanes
+        brokers_changed = new.lanes != old.lanes or new.cluster != old.cluster
         replace = [c for c in current if c.kind != "broker" or brokers_changed]
         for c in [c for c in replace if c.kind == "broker"]:
             self._retire(c, 3.0)
