@@ -29,7 +29,9 @@ is stale is tried last). Once handed off, it is never resent elsewhere: a broker
 meanwhile (disconnect) or no ack within the deadline is a 451, never a loss and never a 250
 without the worker's durable write.
 
-Failure modes: no broker of the lane connected fails a send after HANDOFF_RETRY (the session
+Failure modes: a lanes node that refuses our CURVE handshake (our key not allowed there, or a
+wrong public key for it in cluster.lanes_nodes) is logged once (lanes_handshake_failed) until
+a handshake succeeds; no broker of the lane connected fails a send after HANDOFF_RETRY (the session
 gets 451); a malformed reply, status or fact is logged (wire_error) and skipped; a penalty
 that cannot be shared (ZMQError) stays local. Limits: SNDHWM 200 / RCVHWM 2000 per DEALER;
 status older than STATUS_STALE is ignored, so a dead broker never makes us shed on old news.
@@ -140,9 +142,23 @@ class LaneClient:
         """A broker that dies takes the messages it held with it: answer their sessions now
         (451) instead of at the ack deadline. Some may still be spooled by a worker that had
         them; a client retry then makes a duplicate, never a loss (README: duplicates)."""
-        mon = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        mon = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                           | cluster.HANDSHAKE_FAILURES)
+        refused = False         # the lanes node refuses our handshake: said once, not per retry
         while True:
-            await recv_monitor_message(mon)
+            ev = await recv_monitor_message(mon)
+            event = int(ev["event"])
+            if event & cluster.HANDSHAKE_FAILURES:
+                if not refused:
+                    log.event("lanes_handshake_failed", "error", lane=self.lane.value,
+                              node=self.where, code=ev.get("value"),
+                              why="the lanes node refuses us, or its public key is not the one "
+                                  "in cluster.lanes_nodes")
+                refused = True
+                continue
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                refused = False
+                continue
             lost = [f for f in self.pending.values() if not f.done()]
             for fut in lost:
                 fut.set_result(Reply(qid="", ok=False, reason=NackReason.WORKER_LOST,

@@ -62,13 +62,14 @@ def free_base(host: str) -> int:
 class Cluster:
     """Keys, lanes nodes and one edge, all started here and stopped here."""
 
-    def __init__(self, tmp: Path, n_lanes: int) -> None:
+    def __init__(self, tmp: Path, n_lanes: int, allow_edge: bool = True) -> None:
         self.tmp = tmp
         keys = tmp / "keys"
         self.edge_pub, self.edge_sec = keygen(keys, "edge")
         self.allowed = tmp / "allowed"
         self.allowed.mkdir()
-        (self.allowed / "edge.key").write_bytes(self.edge_pub.read_bytes())
+        if allow_edge:
+            (self.allowed / "edge.key").write_bytes(self.edge_pub.read_bytes())
         self.lanes: list[Ingress] = []
         self.bases: list[str] = []
         self.lanes_pubs: list[Path] = []
@@ -102,12 +103,16 @@ class Cluster:
             with contextlib.suppress(Exception):
                 ing.stop()
 
-    def status(self) -> dict[str, Any]:
-        out = subprocess.run([sys.executable, "-m", "ingress.cli", "status", "--json",
-                              "--config", str(self.edge.config)],
-                             cwd=ROOT, capture_output=True, timeout=30)
+    def status(self, ing: Ingress | None = None, text: bool = False) -> dict[str, Any]:
+        """`smtp-ingress status` of the edge (or `ing`), bounded; text: its rendering too."""
+        cmd = [sys.executable, "-m", "ingress.cli", "status", "--config",
+               str((ing or self.edge).config)]
+        out = subprocess.run([*cmd, "--json"], cwd=ROOT, capture_output=True, timeout=30)
         doc: dict[str, Any] = orjson.loads(out.stdout)
         doc["exit"] = out.returncode
+        if text:
+            doc["text"] = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=30,
+                                         text=True).stdout
         return doc
 
 
@@ -147,6 +152,10 @@ def test_edge_delivers_to_both_lanes_nodes_over_curve(two_nodes: Cluster) -> Non
     doc = wait_both_live(c, time.monotonic() + 20)
     assert doc["exit"] == 0 and doc["role"] == "edge"
     assert [n["node"] for n in doc["nodes"]] == c.bases
+    for ln, base in zip(c.lanes, c.bases, strict=True):   # a lanes node reads itself (own key)
+        own = c.status(ln)
+        assert own["exit"] == 0 and own["role"] == "lanes", own
+        assert [n["node"] for n in own["nodes"]] == [base] and own["nodes"][0]["live"]
 
     async def go() -> list[tuple[int, str]]:
         return [await send_one(c.edge.port, tagged(f"m{i}")) for i in range(16)]
@@ -199,8 +208,10 @@ def test_kill_9_of_a_lanes_node_fails_over(two_nodes: Cluster) -> None:
     assert flowing and flowing[0][1] <= t_kill + 2.0, [r for r in results if r[0] >= t_kill][:5]
     later = [r for r in results if r[0] >= t_kill + 2.0]
     assert later and all(r[2] == 250 for r in later), [r for r in later if r[2] != 250][:5]
-    doc = c.status()
+    doc = c.status(text=True)
     assert [n["live"] for n in doc["nodes"]] == [True, False] and doc["exit"] == 1
+    assert f"lanes node {c.bases[0]}: live" in doc["text"]
+    assert f"lanes node {c.bases[1]}: DEAD" in doc["text"]
 
 
 def _raw_submit(c: Cluster, node: int, curve: tuple[bytes, bytes] | None, server: bytes,
@@ -298,3 +309,24 @@ def test_an_unknown_peer_reads_no_status_or_facts(tmp_path: Path) -> None:
         assert listen(cluster.key_pair(str(c.edge_sec)), 10.0) == 1
         assert listen(intruder, 2.0) == 0
         assert listen(None, 2.0) == 0
+
+
+def test_an_edge_whose_key_is_not_allowed_gets_451_and_both_sides_log_it(tmp_path: Path) -> None:
+    """The real edge, with a key the lanes node does not list: its clients get 451, nothing is
+    spooled, the lanes node logs the refusal and the edge says once that it is refused."""
+    with Cluster(tmp_path, 1, allow_edge=False) as c:
+        code, text = asyncio.run(send_one(c.edge.port, tagged("x"), timeout=20))
+        assert code == 451, (code, text)
+        ln = c.lanes[0]
+        ev = _refusals(ln, time.monotonic() + 5, 1)
+        assert any(e.get("key") == cluster.public_key(str(c.edge_pub)).decode() for e in ev), ev
+        assert spooled_tags(ln) == set()
+        deadline = time.monotonic() + 5
+        while not c.edge.events("lanes_handshake_failed") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        said = c.edge.events("lanes_handshake_failed")
+        # once per socket (2 lanes x (1 DEALER)), not once per reconnect attempt
+        assert 1 <= len(said) <= 2, said
+        assert len(c.edge.events("broker_disconnected")) <= 2
+        doc = c.status()
+        assert doc["exit"] == 1 and [n["live"] for n in doc["nodes"]] == [False]
