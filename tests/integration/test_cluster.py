@@ -330,3 +330,57 @@ def test_an_edge_whose_key_is_not_allowed_gets_451_and_both_sides_log_it(tmp_pat
         assert len(c.edge.events("broker_disconnected")) <= 2
         doc = c.status()
         assert doc["exit"] == 1 and [n["live"] for n in doc["nodes"]] == [False]
+
+
+def test_a_silent_lanes_node_is_left_and_rejoins(two_nodes: Cluster) -> None:
+    """A lanes node that stops answering without closing its connections (SIGSTOP of the whole
+    node: a hung or vanished host): its stale status and the ZeroMQ heartbeats take it out of
+    use, clients get 250 or 451, every 250 is spooled, mail flows on the other node within a
+    deadline; after SIGCONT it serves again."""
+    c = two_nodes
+    wait_both_live(c, time.monotonic() + 20)
+    results: list[tuple[float, float, int, str]] = []
+    stopped_at: list[float] = []
+
+    async def sender(k: int, stop_at: float) -> None:
+        i = 0
+        while time.monotonic() < stop_at and i < 400:
+            tag = f"q{k}-{i}"
+            t0 = time.monotonic()
+            code, _ = await send_one(c.edge.port, tagged(tag), timeout=10)
+            results.append((t0, time.monotonic(), code, tag))
+            i += 1
+            await asyncio.sleep(0.02)
+
+    async def stopper() -> None:
+        await asyncio.sleep(1.0)
+        stopped_at.append(time.monotonic())
+        os.killpg(c.lanes[1].pid, signal.SIGSTOP)
+
+    async def go() -> None:
+        stop_at = time.monotonic() + 7.0
+        await asyncio.gather(sender(0, stop_at), sender(1, stop_at), stopper())
+    try:
+        asyncio.run(asyncio.wait_for(go(), 90))
+    finally:
+        os.killpg(c.lanes[1].pid, signal.SIGCONT)
+    t_stop = stopped_at[0]
+    assert {code for *_, code, _ in results} <= {250, 421, 451}
+    ok = {tag for *_, code, tag in results if code == 250}
+    later = [r for r in results if r[0] >= t_stop + 3.0]
+    assert later and all(r[2] == 250 for r in later), [r for r in later if r[2] != 250][:5]
+    # It rejoins: after SIGCONT (its supervisor may restart children it found silent), the
+    # edge sends to it again.
+    def rejoined() -> set[str]:
+        return {t for t in spooled_tags(c.lanes[1]) if t.startswith("r")}
+    deadline = time.monotonic() + 30
+    n = 0
+    while time.monotonic() < deadline and not rejoined():
+        code, _ = asyncio.run(send_one(c.edge.port, tagged(f"r{n}"), timeout=10))
+        if code == 250:
+            ok.add(f"r{n}")
+        n += 1
+        time.sleep(0.05)
+    assert rejoined(), "never rejoined"
+    time.sleep(1.0)
+    assert ok <= spooled_tags(c.lanes[0]) | spooled_tags(c.lanes[1])   # never 250 and lost
