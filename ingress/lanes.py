@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -85,7 +86,9 @@ class LaneClient:
         self.node = node
         self.where = node.base if node is not None else "local"
         s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.ROUTING_ID, f"{ident}-{lane.value}".encode())
+        # Unique across hosts too: two edges' acceptors may share index and pid (containers),
+        # and a lanes node's ROUTER refuses a second peer with a routing id it already has.
+        s.setsockopt(zmq.ROUTING_ID, f"{ident}-{lane.value}-{os.urandom(6).hex()}".encode())
         s.setsockopt(zmq.IMMEDIATE, 1)     # no peer: fail the send now, never queue blindly
         s.setsockopt(zmq.SNDHWM, 200)
         s.setsockopt(zmq.RCVHWM, 2000)

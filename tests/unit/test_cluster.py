@@ -194,3 +194,21 @@ def test_refusal_log_is_rate_limited(capfd: pytest.CaptureFixture[str]) -> None:
     assert rl.total == 200
     assert cluster.REFUSAL_LOG_BURST <= len(lines) < 200
     assert rl.suppressed == 200 - len(lines)
+
+
+def test_lane_clients_of_two_edges_never_share_a_routing_id() -> None:
+    """Two edges' acceptors may have the same index and pid (containers): the lanes node's
+    ROUTER would refuse the second one's connection if their routing ids were equal."""
+    import zmq
+    import zmq.asyncio
+
+    from ingress.lanes import LaneClient
+    ctx = zmq.asyncio.Context()
+    try:
+        cfg = config.load(None)
+        a = LaneClient(ctx, cfg, Lane.BULK, "a0-100")
+        b = LaneClient(ctx, cfg, Lane.BULK, "a0-100")
+        ra, rb = a.sock.getsockopt(zmq.ROUTING_ID), b.sock.getsockopt(zmq.ROUTING_ID)
+        assert ra != rb and ra.startswith(b"a0-100-bulk")   # type: ignore[union-attr]
+    finally:
+        ctx.destroy(linger=0)
