@@ -78,10 +78,12 @@ class Cluster:
             base = f"tcp://{LANES_ADDRS[i]}:{free_base(LANES_ADDRS[i])}"
             self.bases.append(base)
             self.lanes_pubs.append(pub)
+            # The lanes nodes' files say role "all": `run --role lanes` makes them lanes nodes.
             self.lanes.append(Ingress(tmp / f"lanes{i}", {
-                "cluster": {"role": "lanes", "secret_key": str(sec), "lanes_bind": base,
+                "cluster": {"secret_key": str(sec), "lanes_bind": base,
                             "allowed_keys": str(self.allowed)},
-                "lanes.fast": {"workers": 1}, "lanes.bulk": {"workers": 1, "rate": 0.0}}))
+                "lanes.fast": {"workers": 1}, "lanes.bulk": {"workers": 1, "rate": 0.0}},
+                args=["--role", "lanes"]))
         self.edge = Ingress(tmp / "edge", {
             "cluster": {"role": "edge", "secret_key": str(self.edge_sec),
                         "lanes_nodes": [f"{b} {p}" for b, p in zip(self.bases, self.lanes_pubs,
@@ -106,7 +108,7 @@ class Cluster:
     def status(self, ing: Ingress | None = None, text: bool = False) -> dict[str, Any]:
         """`smtp-ingress status` of the edge (or `ing`), bounded; text: its rendering too."""
         cmd = [sys.executable, "-m", "ingress.cli", "status", "--config",
-               str((ing or self.edge).config)]
+               str((ing or self.edge).config), *(ing.args if ing else [])]
         out = subprocess.run([*cmd, "--json"], cwd=ROOT, capture_output=True, timeout=30)
         doc: dict[str, Any] = orjson.loads(out.stdout)
         doc["exit"] = out.returncode
@@ -384,3 +386,17 @@ def test_a_silent_lanes_node_is_left_and_rejoins(two_nodes: Cluster) -> None:
     assert rejoined(), "never rejoined"
     time.sleep(1.0)
     assert ok <= spooled_tags(c.lanes[0]) | spooled_tags(c.lanes[1])   # never 250 and lost
+
+
+def test_run_role_is_checked_against_the_cluster_table(tmp_path: Path) -> None:
+    """`run --role edge` with a file that names no lanes node: exit 2, naming the key; and a
+    lanes node (--role lanes) listens for no SMTP client."""
+    with Cluster(tmp_path, 1) as c:
+        out = subprocess.run([sys.executable, "-m", "ingress.cli", "run", "--role", "edge",
+                              "--config", str(c.lanes[0].config)],
+                             cwd=ROOT, capture_output=True, timeout=30, text=True)
+        assert out.returncode == 2 and "cluster.lanes_nodes" in out.stderr, out.stderr
+        ready = c.lanes[0].events("ready")[0]
+        assert ready["role"] == "lanes" and ready["listen"] == c.bases[0]
+        assert not c.lanes[0].children("acceptor") and c.edge.children("acceptor")
+        assert not c.edge.children("broker") and c.lanes[0].children("broker")
