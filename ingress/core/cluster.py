@@ -26,7 +26,8 @@ API:
     curve_server(sock, cfg)                   a lanes node's tcp socket
     Gate(ctx, cfg)                            the lanes node's ZAP handler; .stop()
     HANDSHAKE_FAILURES, log_handshake_event(frames, where)   a monitor socket's refusals
-    refused(**fields)                         one curve_refused line (rate-limited)
+    refused(label, **fields)                  one refusal: counted (metrics.curve_refused(label)),
+                                              one curve_refused line (rate-limited)
 
 Failure modes: an unknown client key is refused by ZAP and logged (curve_refused, with the
 key); a peer without CURVE, or with a wrong server key, fails the handshake, which a monitor
@@ -53,7 +54,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from ingress.core import log
+from ingress.core import log, metrics
 from ingress.core.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
@@ -80,7 +81,8 @@ class _RefusalLog:
         self.suppressed = 0
         self.total = 0
 
-    def __call__(self, **fields: Any) -> None:
+    def __call__(self, label: str, **fields: Any) -> None:
+        metrics.curve_refused(label)
         with self.lock:
             self.total += 1
             if not self.bucket.take(time.monotonic()):
@@ -206,7 +208,7 @@ class _Allowed:
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self.keys:
             return True
-        refused(why="unknown client key", key=key.decode("ascii", "replace"))
+        refused("unknown_key", why="unknown client key", key=key.decode("ascii", "replace"))
         return False
 
 
@@ -239,11 +241,13 @@ def log_handshake_event(frames: list[bytes], where: str) -> None:
     except (ValueError, IndexError, TypeError):
         return
     event = int(ev["event"])
-    if not event & HANDSHAKE_FAILURES:
+    # A ZAP refusal (EVENT_HANDSHAKE_FAILED_AUTH) was counted and logged by the Gate, with the
+    # key: here only the handshakes that never reached ZAP.
+    if not event & HANDSHAKE_FAILURES or event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return
     whys = {int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "handshake failed (no CURVE or wrong key)",
-            int(zmq.EVENT_HANDSHAKE_FAILED_AUTH): "refused by ZAP",
             int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL): "handshake failed"}
     raw = ev.get("endpoint", b"")
-    refused(why=whys.get(event, "handshake failed"), socket=where, code=ev.get("value"),
+    refused("handshake", why=whys.get(event, "handshake failed"), socket=where,
+            code=ev.get("value"),
             endpoint=raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw))

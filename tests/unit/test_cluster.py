@@ -189,7 +189,7 @@ def test_failover_order_takes_equals_in_turn() -> None:
 def test_refusal_log_is_rate_limited(capfd: pytest.CaptureFixture[str]) -> None:
     rl = cluster._RefusalLog()
     for i in range(200):
-        rl(why="test", n=i)
+        rl("handshake", why="test", n=i)
     lines = [ln for ln in capfd.readouterr().err.splitlines() if "curve_refused" in ln]
     assert rl.total == 200
     assert cluster.REFUSAL_LOG_BURST <= len(lines) < 200
@@ -212,3 +212,12 @@ def test_lane_clients_of_two_edges_never_share_a_routing_id() -> None:
         assert ra != rb and ra.startswith(b"a0-100-bulk")   # type: ignore[union-attr]
     finally:
         ctx.destroy(linger=0)
+
+
+def test_refusals_are_counted_with_bounded_labels() -> None:
+    from ingress.core import metrics
+    before = metrics.CURVE_REFUSED.labels(why="unknown_key")._value.get()
+    cluster.refused("unknown_key", why="test")
+    assert metrics.CURVE_REFUSED.labels(why="unknown_key")._value.get() == before + 1
+    with pytest.raises(ValueError):
+        metrics.curve_refused("a key an attacker chose")
