@@ -195,6 +195,7 @@ def curve_server(sock: zmq.Socket[Any], cfg: Config) -> None:
     sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
     sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
     sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)    # no ZAP handler (no Gate): refuse, not admit
     sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
     _heartbeats(sock)
 

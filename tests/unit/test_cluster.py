@@ -221,3 +221,48 @@ def test_refusals_are_counted_with_bounded_labels() -> None:
     assert metrics.CURVE_REFUSED.labels(why="unknown_key")._value.get() == before + 1
     with pytest.raises(ValueError):
         metrics.curve_refused("a key an attacker chose")
+
+
+def _curve_pair(keys: dict[str, Path], gate: bool, client_key: Path, wait: float) -> bool:
+    """A CURVE server ROUTER (the lanes node's settings, with or without its Gate) and a
+    DEALER with `client_key`: does a message get through within `wait` seconds?"""
+    import zmq
+    f = keys["tmp"] / "l.toml"
+    f.write_text(_cluster_toml(keys, role="lanes", secret_key="{lanes_sec}",
+                               lanes_bind="tcp://127.0.0.1:7100", allowed_keys="{allowed}"))
+    cfg = config.load(f)
+    ctx: zmq.Context[Any] = zmq.Context()
+    g = cluster.Gate(ctx, cfg) if gate else None
+    try:
+        srv = ctx.socket(zmq.ROUTER)
+        srv.setsockopt(zmq.LINGER, 0)
+        cluster.curve_server(srv, cfg)
+        port = srv.bind_to_random_port("tcp://127.0.0.1")
+        cli = ctx.socket(zmq.DEALER)
+        cli.setsockopt(zmq.LINGER, 0)
+        pub, sec = cluster.key_pair(str(client_key))
+        cli.setsockopt(zmq.CURVE_SERVERKEY, cluster.public_key(str(keys["lanes_pub"])))
+        cli.setsockopt(zmq.CURVE_PUBLICKEY, pub)
+        cli.setsockopt(zmq.CURVE_SECRETKEY, sec)
+        cli.connect(f"tcp://127.0.0.1:{port}")
+        cli.send(b"hello")
+        return bool(srv.poll(int(wait * 1000)))
+    finally:
+        if g is not None:
+            g.stop()
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize(("gate", "who", "passes"), [
+    (True, "edge_sec", True),        # an allowed key
+    (True, "lanes_sec", True),       # the node's own (its status command)
+    (False, "edge_sec", False),      # no ZAP handler at all: refused, never "allow all"
+])
+def test_curve_server_admits_only_through_its_gate(keys: dict[str, Path], gate: bool, who: str,
+                                                   passes: bool) -> None:
+    assert _curve_pair(keys, gate, keys[who], 5.0 if passes else 1.0) is passes
+
+
+def test_curve_server_refuses_an_unknown_key(keys: dict[str, Path]) -> None:
+    _, intruder = cluster.keygen(keys["tmp"] / "other", "intruder")
+    assert _curve_pair(keys, True, intruder, 1.0) is False
