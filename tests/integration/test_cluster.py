@@ -400,3 +400,39 @@ def test_run_role_is_checked_against_the_cluster_table(tmp_path: Path) -> None:
         assert ready["role"] == "lanes" and ready["listen"] == c.bases[0]
         assert not c.lanes[0].children("acceptor") and c.edge.children("acceptor")
         assert not c.edge.children("broker") and c.lanes[0].children("broker")
+
+
+def test_two_edges_share_one_lanes_node(tmp_path: Path) -> None:
+    """The README's layout: edges on two loopback addresses, each its own state dir, one
+    lanes node: both deliver into its spool, and a second edge key must be listed too."""
+    with Cluster(tmp_path, 1) as c:
+        pub_b, sec_b = keygen(tmp_path / "keys", "edge-b")
+        (c.allowed / "edge-b.key").write_bytes(pub_b.read_bytes())
+        # allowed_keys is read at start: restart the lanes node to admit edge B
+        c.lanes[0].stop()
+        c.lanes[0].start()        # returns at the old "ready" line (the log is appended to)
+        deadline = time.monotonic() + 60
+        while len(c.lanes[0].events("ready")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        edge_b = Ingress(tmp_path / "edge-b", {
+            "listen": {"host": "127.0.0.4", "port": 0},
+            "cluster": {"role": "edge", "secret_key": str(sec_b),
+                        "lanes_nodes": [f"{c.bases[0]} {c.lanes_pubs[0]}"]},
+            "supervisor": {"acceptors": 1}})
+        with edge_b:
+            for edge in (c.edge, edge_b):
+                deadline = time.monotonic() + 20
+                while not all(n["live"] for n in c.status(edge)["nodes"]):
+                    assert time.monotonic() < deadline, "lanes node not live for an edge"
+                    time.sleep(0.2)
+
+            async def go() -> list[int]:
+                out = []
+                for i in range(6):
+                    out.append((await send_one(c.edge.port, tagged(f"a{i}")))[0])
+                    out.append((await send_one(edge_b.port, tagged(f"b{i}"),
+                                               host="127.0.0.4"))[0])
+                return out
+            assert asyncio.run(asyncio.wait_for(go(), 120)) == [250] * 12
+        tags = spooled_tags(c.lanes[0])
+        assert {f"a{i}" for i in range(6)} | {f"b{i}" for i in range(6)} <= tags
