@@ -151,7 +151,7 @@ def node_status(cfg: Config, timeout: float) -> list[dict[str, Any]] | None:
         return None
     if role == "lanes":
         own = cluster.key_pair(cfg.cluster.secret_key)[0]
-        targets = [cluster.Node(cfg.cluster.lanes_bind, own)]
+        targets = [cluster.Node(cluster.local_base(cfg.cluster.lanes_bind), own)]
     else:
         targets = cluster.nodes(cfg)
     with ThreadPoolExecutor(max_workers=min(16, len(targets))) as pool:

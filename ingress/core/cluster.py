@@ -16,6 +16,7 @@ API:
     ROLES, PORTS
     parse_base(base) -> (host, port)          ValueError unless "tcp://host:port", port+3 valid
     endpoint(base, lane, kind) -> str         kind "front" | "status"
+    local_base(base) -> str                   the node's own address for a wildcard bind
     parse_node(spec) -> (base, public_key_path)   "tcp://host:port /path/node.key"
     Node(base, public)                        a lanes node as an edge sees it
     nodes(cfg) -> list[Node]                  cluster.lanes_nodes, keys loaded
@@ -114,12 +115,23 @@ def endpoint(base: str, lane: str, kind: str) -> str:
     return f"tcp://{host}:{port + PORTS[(lane, kind)]}"
 
 
+WILDCARDS = {"*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}
+
+
+def local_base(base: str) -> str:
+    """The address a process on the lanes node itself connects to for `base` (a wildcard bind
+    address such as tcp://*:7100 or tcp://0.0.0.0:7100 means loopback)."""
+    host, port = parse_base(base)
+    return f"tcp://{WILDCARDS.get(host, host)}:{port}"
+
+
 def parse_node(spec: str) -> tuple[str, str]:
     """A cluster.lanes_nodes entry: "tcp://host:port /path/to/lanes-node.key"."""
     parts = spec.split()
     if len(parts) != 2:
         raise ValueError(f"{spec!r}: want \"tcp://host:port /path/to/node.key\"")
-    parse_base(parts[0])
+    if parse_base(parts[0])[0] in WILDCARDS:
+        raise ValueError(f"{spec!r}: name the lanes node's address, not a wildcard")
     return parts[0], parts[1]
 
 

@@ -41,12 +41,21 @@ def test_endpoints_are_four_consecutive_ports(lane: str, kind: str, port: int) -
     assert cluster.endpoint("tcp://10.0.0.5:7100", lane, kind) == f"tcp://10.0.0.5:{port}"
 
 
+@pytest.mark.parametrize(("base", "local"), [
+    ("tcp://*:7100", "tcp://127.0.0.1:7100"), ("tcp://0.0.0.0:7100", "tcp://127.0.0.1:7100"),
+    ("tcp://[::]:7100", "tcp://[::1]:7100"), ("tcp://10.0.0.5:7100", "tcp://10.0.0.5:7100")])
+def test_local_base_for_a_wildcard_bind(base: str, local: str) -> None:
+    assert cluster.local_base(base) == local
+
+
 @pytest.mark.parametrize(("spec", "ok"), [
     ("tcp://10.0.0.5:7100 /etc/k/lanes1.key", True),
     ("tcp://10.0.0.5:7100   /etc/k/lanes1.key", True),
     ("tcp://10.0.0.5:7100", False),
     ("/etc/k/lanes1.key tcp://10.0.0.5:7100", False),
-    ("tcp://10.0.0.5:7100 /a /b", False)])
+    ("tcp://10.0.0.5:7100 /a /b", False),
+    ("tcp://*:7100 /etc/k/lanes1.key", False),
+    ("tcp://0.0.0.0:7100 /etc/k/lanes1.key", False)])
 def test_parse_node(spec: str, ok: bool) -> None:
     if ok:
         assert cluster.parse_node(spec) == ("tcp://10.0.0.5:7100", "/etc/k/lanes1.key")
