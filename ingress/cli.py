@@ -1,5 +1,7 @@
-"""Command line: `smtp-ingress run|status [--config FILE]`, `smtp-ingress check-config FILE
-[--show]` (ingress/configshow.py: the effective config and the derived limits),
+"""Command line: `smtp-ingress run|status [--config FILE] [--role all|edge|lanes]`,
+`smtp-ingress keygen DIR NAME` (a CURVE key pair: DIR/NAME.key, DIR/NAME.key_secret; see
+ingress/core/cluster.py), `smtp-ingress check-config FILE [--show]` (ingress/configshow.py:
+the effective config and the derived limits),
 `smtp-ingress queue [--config FILE] list|show|retry|delete|hold|release|requeue-failed`
 (ingress/queuecmd.py; bad input: a message on stderr and exit status 1).
 
@@ -21,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="start the supervisor and its children")
     r.add_argument("--config", type=Path, help="TOML file (default: the embedded default)")
+    r.add_argument("--role", choices=("all", "edge", "lanes"),
+                   help="all: one host (default: cluster.role); edge: supervisor and acceptors; "
+                        "lanes: brokers, workers, spool and relay")
+    k = sub.add_parser("keygen", help="write a CURVE key pair for an edge or lanes node")
+    k.add_argument("dir", type=Path)
+    k.add_argument("name")
     c = sub.add_parser("check-config", help="validate a configuration file and exit")
     c.add_argument("file", type=Path)
     c.add_argument("--show", action="store_true",
@@ -28,13 +36,26 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="show the running instance: lanes, sessions, spool")
     st.add_argument("--config", type=Path, help="the running instance's TOML file")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--role", choices=("all", "edge", "lanes"),
+                    help="the running instance's role (default: cluster.role)")
     from ingress import queuecmd
     queuecmd.add_parser(sub)
     args = p.parse_args(argv)
+    if args.cmd == "keygen":
+        from ingress.core import cluster
+        try:
+            pub, sec = cluster.keygen(args.dir, args.name)
+        except (OSError, ValueError) as e:
+            print(f"smtp-ingress: keygen: {e}", file=sys.stderr)
+            return 1
+        print(f"public key {pub} (give it to the peers)\nsecret key {sec} (keep it here)")
+        return 0
 
     path = args.file if args.cmd == "check-config" else args.config
     try:
         cfg = config.load(path)
+        if getattr(args, "role", None):
+            cfg = config.with_role(cfg, args.role)
     except config.ConfigError as e:
         print(f"smtp-ingress: invalid configuration: {e}", file=sys.stderr)
         return 2
@@ -54,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         doc = status.collect(cfg)
         print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if args.json
               else status.render(doc))
-        return 0 if all(v is not None for v in doc["lanes"].values()) else 1
+        return 0 if status.healthy(doc) else 1
 
     from ingress.supervisor import Supervisor
     log.setup(cfg.log.level, "supervisor")
     try:
-        return Supervisor(cfg, path).run()
+        return Supervisor(cfg, path, args.role).run()
     except OSError as e:
         print(f"smtp-ingress: cannot start: {e}", file=sys.stderr)
         return 1

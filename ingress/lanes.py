@@ -2,40 +2,55 @@
 facts the brokers publish.
 
 API:
-    LaneClient(zctx, cfg, lane, ident)   DEALER to one lane broker
-        submit(env, body, timeout) -> (Reply | None, why)   None: not handed off or no ack in time
+    LaneClient(zctx, cfg, lane, ident, node=None)   DEALER to one lane broker: the local one
+                                         (ipc://), or a lanes node's (tcp:// + CURVE)
+        try_send(frames) -> bool         hand off now, or False (no connected broker)
+        await_reply(qid, timeout) -> (Reply | None, why)   None: no ack in time
         read_replies() / watch_broker()   background tasks (acks; a lost broker fails its
                                           messages at once)
-        saturated() / cap_spent()         by the broker's fresh status (STATUS_STALE)
-    Lanes(cfg, ident)                    the clients of one acceptor, its share of the bulk cap
+        fresh() / saturated() / cap_spent()   by the broker's fresh status (STATUS_STALE)
+    Lanes(cfg, ident)                    the clients of one acceptor, its share of the bulk cap;
+                                         with cluster.role "edge", one client per lane and
+                                         lanes node (cluster.lanes_nodes)
         submit(env, body) -> (Reply | None, why)      to the envelope's lane, smtp.ack_timeout
+        order(lane) -> [LaneClient]      failover order: live, unsaturated, least loaded, in turn
         lane_saturated(lane) -> bool     stress: bulk broker saturated or the bulk cap spent
         bulk_mail_admitted() -> bool     may a bulk session start a transaction now (spends a
                                          token of this acceptor's share of the bulk cap)
         retry_mail_admitted() -> bool    may a claimed retry of a deferred transaction start
                                          now (spends a token of this acceptor's part of the
                                          retry share, admission.retry_share; not while the
-                                         bulk broker is saturated)
-        share_penalty(ip)                tell every other acceptor (via the bulk broker)
+                                         bulk broker(s) cannot take work)
+        share_penalty(ip)                tell every other acceptor (via the bulk broker(s))
         share_record(fact, doc)          a deferral record fact, likewise (wire.RECORD_FACTS)
         read_status(on_learn, on_penalty, on_record=None)  background task: status and shared
-                                         facts over SUB
+                                         facts over SUB (one per lanes node)
         tasks() -> coroutines            the background tasks of the clients
         close()                          destroys the ZeroMQ context
 
-Failure modes: a broker that is not connected fails a send after HANDOFF_RETRY (the session
+Failover (several lanes nodes): a message goes to the first broker in order() that takes it
+now (IMMEDIATE: a dead node's DEALER has no pipe, its send fails at once; a node whose status
+is stale is tried last). Once handed off, it is never resent elsewhere: a broker lost
+meanwhile (disconnect) or no ack within the deadline is a 451, never a loss and never a 250
+without the worker's durable write.
+
+Failure modes: a lanes node that refuses our CURVE handshake (our key not allowed there, or a
+wrong public key for it in cluster.lanes_nodes) is logged once (lanes_handshake_failed) until
+a handshake succeeds; no broker of the lane connected fails a send after HANDOFF_RETRY (the session
 gets 451); a malformed reply, status or fact is logged (wire_error) and skipped; a penalty
 or deferral record that cannot be shared (ZMQError) stays local; record facts ride the bulk
 broker's PUB (SNDHWM 10), so under a flood some may be dropped: a record then stays local to the
 acceptor that made it, and the retry share still bounds what that gives away.
 Limits: SNDHWM 200 / RCVHWM 2000 per DEALER; status older than STATUS_STALE is ignored, so a
 dead broker never makes us shed on old news.
+With several lanes nodes each broker has its own bulk bucket: the bulk cap is per node.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -44,7 +59,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
-from ingress.core import log
+from ingress.core import cluster, log
 from ingress.core.config import Config
 from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import (
@@ -74,50 +89,57 @@ HANDOFF_RETRY = 1.5          # seconds to keep trying to reach a broker that is 
 
 
 class LaneClient:
-    """One DEALER to a lane broker, with the futures of messages waiting for their ack."""
+    """One DEALER to a lane broker (of one lanes node), with the futures of messages waiting
+    for their ack."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, cfg: Config, lane: Lane, ident: str) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, cfg: Config, lane: Lane, ident: str,
+                 node: cluster.Node | None = None) -> None:
         self.lane = lane
+        self.node = node
+        self.where = node.base if node is not None else "local"
         s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.ROUTING_ID, f"{ident}-{lane.value}".encode())
+        # Unique across hosts too: two edges' acceptors may share index and pid (containers),
+        # and a lanes node's ROUTER refuses a second peer with a routing id it already has.
+        s.setsockopt(zmq.ROUTING_ID, f"{ident}-{lane.value}-{os.urandom(6).hex()}".encode())
         s.setsockopt(zmq.IMMEDIATE, 1)     # no peer: fail the send now, never queue blindly
         s.setsockopt(zmq.SNDHWM, 200)
         s.setsockopt(zmq.RCVHWM, 2000)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.RECONNECT_IVL, 50)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-        s.connect(cfg.ipc(f"{lane.value}-front"))
+        if node is None:
+            s.connect(cfg.ipc(f"{lane.value}-front"))
+        else:
+            cluster.curve_client(s, cfg, node.public)
+            s.connect(cluster.endpoint(node.base, lane.value, "front"))
         self.sock = s
         self.pending: dict[str, asyncio.Future[Reply]] = {}
         self.status: dict[str, Any] = {}
         self.status_at = 0.0
 
-    async def submit(self, env: Envelope, body: bytes, timeout: float) -> tuple[Reply | None, str]:
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self.pending[env.qid] = fut
+    async def try_send(self, frames: list[bytes]) -> bool:
+        """Hand the frames to the broker now, or False (no connected broker: IMMEDIATE)."""
         try:
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            frames = submit(env, body)
-            while True:      # no broker connected (e.g. restarting): retry the hand-off briefly
-                try:
-                    await self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-                    break
-                except zmq.Again:
-                    if loop.time() - start > min(HANDOFF_RETRY, timeout / 2):
-                        return None, "lane unavailable"
-                    await asyncio.sleep(0.05)
-            try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows the session's
-                # cancellation (client gone) when the ack arrives at the same moment, and the
-                # session then reads on at EOF (IncompleteReadError, a traceback in the log).
-                async with asyncio.timeout(timeout - (loop.time() - start)):
-                    reply = await fut
-            except TimeoutError:
-                return None, "ack timeout"
-            return reply, "" if reply.ok else (reply.reason or "nack")
+            await self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        return True
+
+    async def await_reply(self, qid: str, timeout: float) -> tuple[Reply | None, str]:
+        """After a hand-off: the broker's reply within `timeout`, or (None, "ack timeout")."""
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self.pending[qid] = fut
+        try:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows the session's
+            # cancellation (client gone) when the ack arrives at the same moment, and the
+            # session then reads on at EOF (IncompleteReadError, a traceback in the log).
+            async with asyncio.timeout(timeout):
+                reply = await fut
+        except TimeoutError:
+            return None, "ack timeout"
         finally:
-            self.pending.pop(env.qid, None)
+            self.pending.pop(qid, None)
+        return reply, "" if reply.ok else (reply.reason or "nack")
 
     async def read_replies(self) -> None:
         while True:
@@ -135,14 +157,33 @@ class LaneClient:
         """A broker that dies takes the messages it held with it: answer their sessions now
         (451) instead of at the ack deadline. Some may still be spooled by a worker that had
         them; a client retry then makes a duplicate, never a loss (README: duplicates)."""
-        mon = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        mon = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                           | cluster.HANDSHAKE_FAILURES)
+        refused = False         # the lanes node refuses our handshake: said once, not per retry
         while True:
-            await recv_monitor_message(mon)
+            ev = await recv_monitor_message(mon)
+            event = int(ev["event"])
+            if event & cluster.HANDSHAKE_FAILURES:
+                if not refused:
+                    log.event("lanes_handshake_failed", "error", lane=self.lane.value,
+                              node=self.where, code=ev.get("value"),
+                              why="the lanes node refuses us, or its public key is not the one "
+                                  "in cluster.lanes_nodes")
+                refused = True
+                continue
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                refused = False
+                continue
             lost = [f for f in self.pending.values() if not f.done()]
             for fut in lost:
                 fut.set_result(Reply(qid="", ok=False, reason=NackReason.WORKER_LOST,
                                      text="broker lost"))
-            log.event("broker_disconnected", "warning", lane=self.lane.value, failed=len(lost))
+            log.event("broker_disconnected", "warning", lane=self.lane.value,
+                      node=self.where, failed=len(lost))
+
+    def fresh(self) -> bool:
+        """The broker published its status lately (a live lanes node)."""
+        return time.monotonic() - self.status_at < STATUS_STALE
 
     def saturated(self) -> bool:
         """The broker cannot take work (queue nearly full, no workers), by fresh news."""
@@ -157,12 +198,17 @@ class LaneClient:
 
 
 class Lanes:
-    """The lane clients of one acceptor process."""
+    """The lane clients of one acceptor process: one per lane on one host (role all), one per
+    lane and lanes node on an edge (cluster.lanes_nodes)."""
 
     def __init__(self, cfg: Config, ident: str) -> None:
         self.cfg = cfg
         self.zctx = zmq.asyncio.Context()
-        self.clients = {lane: LaneClient(self.zctx, cfg, lane, ident) for lane in Lane}
+        self.nodes: list[cluster.Node | None] = (
+            list(cluster.nodes(cfg)) if cfg.cluster.role == "edge" else [None])
+        self.clients = {lane: [LaneClient(self.zctx, cfg, lane, ident, node)
+                               for node in self.nodes] for lane in Lane}
+        self.turn = 0                 # round robin among equally loaded lanes nodes
         bulk_share = bulk_share_bucket(cfg)
         self.bulk_bucket = TokenBucket(*bulk_share, now=time.monotonic()) \
             if bulk_share is not None else None
@@ -170,52 +216,80 @@ class Lanes:
         self.retry_bucket = TokenBucket(*retry[0], now=time.monotonic()) \
             if retry is not None else None
 
-    def __getitem__(self, lane: Lane) -> LaneClient:
-        return self.clients[lane]
-
     def values(self) -> list[LaneClient]:
-        return list(self.clients.values())
+        return [lc for lcs in self.clients.values() for lc in lcs]
 
     def lane_saturated(self, lane: Lane) -> bool:
         """Stress: the bulk broker cannot take work, or the bulk cap (ours or the broker's) is
-        spent."""
+        spent (on every lanes node)."""
         if lane is not Lane.BULK:
             return False
         if self.bulk_bucket is not None and self.bulk_bucket.tokens(time.monotonic()) < 1.0:
             return True
-        return self.clients[lane].saturated() or self.clients[lane].cap_spent()
+        return all(lc.saturated() or lc.cap_spent() for lc in self.clients[lane])
 
     def bulk_mail_admitted(self) -> bool:
         """May a bulk session start a transaction now? Each acceptor holds a share of the bulk
         cap (BULK_SHARE / acceptors of it) and spends it at MAIL FROM, so the excess is shed
         before DATA without waiting for the broker's news; the broker's own bucket enforces
         the cap exactly after DATA."""
-        if self.clients[Lane.BULK].saturated():
+        if all(lc.saturated() for lc in self.clients[Lane.BULK]):
             return False
         return self.bulk_bucket is None or self.bulk_bucket.take(time.monotonic())
 
     def retry_mail_admitted(self) -> bool:
         """May a retry of a transaction we deferred start now, the bulk cap being spent? Only
         within this acceptor's part of the retry share (none when it is off or bulk uncapped),
-        and never while the bulk broker cannot take work at all."""
-        if self.retry_bucket is None or self.clients[Lane.BULK].saturated():
+        and never while no bulk broker can take work at all."""
+        if self.retry_bucket is None or all(lc.saturated() for lc in self.clients[Lane.BULK]):
             return False
         return self.retry_bucket.take(time.monotonic())
 
+    def order(self, lane: Lane) -> list[LaneClient]:
+        """The lane's clients, best first: live (fresh status) before stale, unsaturated
+        before saturated, fewest messages awaiting an ack first, ties taken in turn."""
+        lcs = self.clients[lane]
+        if len(lcs) == 1:
+            return lcs
+        self.turn = (self.turn + 1) % len(lcs)
+        turned = lcs[self.turn:] + lcs[:self.turn]
+        return sorted(turned, key=lambda lc: (not lc.fresh(), lc.saturated(), len(lc.pending)))
+
     async def submit(self, env: Envelope, body: bytes) -> tuple[Reply | None, str]:
-        return await self.clients[env.lane].submit(env, body, self.cfg.smtp.ack_timeout)
+        """Hand the message to one broker of its lane (the first of order() that is connected)
+        and wait for its reply, within smtp.ack_timeout. No broker connected: try again
+        briefly (one restarting), then (None, "lane unavailable"). A message is handed to one
+        broker only: after the hand-off, a lost broker or no ack is a 4xx, never a resend."""
+        timeout = self.cfg.smtp.ack_timeout
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        frames = submit(env, body)
+        while True:
+            for lc in self.order(env.lane):
+                if await lc.try_send(frames):
+                    return await lc.await_reply(env.qid, timeout - (loop.time() - start))
+            if loop.time() - start > min(HANDOFF_RETRY, timeout / 2):
+                return None, "lane unavailable"
+            await asyncio.sleep(0.05)
 
     def share_penalty(self, ip: str) -> None:
-        with contextlib.suppress(zmq.ZMQError):
-            self.clients[Lane.BULK].sock.send_multipart(share(PENALTY_TOPIC, ip), zmq.NOBLOCK)
+        for lc in self.clients[Lane.BULK]:
+            with contextlib.suppress(zmq.ZMQError):
+                lc.sock.send_multipart(share(PENALTY_TOPIC, ip), zmq.NOBLOCK)
 
     def share_record(self, fact: bytes, doc: dict[str, object]) -> None:
-        with contextlib.suppress(zmq.ZMQError):
-            self.clients[Lane.BULK].sock.send_multipart(share_record(fact, doc), zmq.NOBLOCK)
+        """To one bulk broker (the best live one): every acceptor of every edge subscribes to
+        every lanes node, so one copy reaches all, and a record is not counted twice."""
+        for lc in self.order(Lane.BULK):
+            try:
+                lc.sock.send_multipart(share_record(fact, doc), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                continue
+            return
 
     def tasks(self) -> list[Coroutine[Any, Any, None]]:
-        return [*(lc.read_replies() for lc in self.clients.values()),
-                *(lc.watch_broker() for lc in self.clients.values())]
+        return [*(lc.read_replies() for lc in self.values()),
+                *(lc.watch_broker() for lc in self.values())]
 
     def close(self) -> None:
         self.zctx.destroy(linger=0)
@@ -224,14 +298,26 @@ class Lanes:
                           on_penalty: Callable[[str], None],
                           on_record: Callable[[bytes, dict[str, object]], None] | None = None,
                           ) -> None:
+        """Status and shared facts from every lanes node (one SUB each), until cancelled."""
+        await asyncio.gather(*(self._read_node_status(i, on_learn, on_penalty, on_record)
+                               for i in range(len(self.nodes))))
+
+    async def _read_node_status(self, i: int, on_learn: Callable[[str], None],
+                                on_penalty: Callable[[str], None],
+                                on_record: Callable[[bytes, dict[str, object]], None] | None,
+                                ) -> None:
+        node = self.nodes[i]
         sub = self.zctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 10)
         sub.setsockopt(zmq.SUBSCRIBE, STATUS_TOPIC)
         for topic in SHARED_FACTS + (RECORD_FACTS if on_record is not None else ()):
             sub.setsockopt(zmq.SUBSCRIBE, topic)
+        if node is not None:
+            cluster.curve_client(sub, self.cfg, node.public)
         for lane in Lane:
-            sub.connect(self.cfg.ipc(f"{lane.value}-status"))
+            sub.connect(self.cfg.ipc(f"{lane.value}-status") if node is None
+                        else cluster.endpoint(node.base, lane.value, "status"))
         while True:
             frames = await sub.recv_multipart()
             if on_record is not None and frames and frames[0] in RECORD_FACTS:
@@ -250,7 +336,7 @@ class Lanes:
                 continue
             try:
                 doc = decode_status(frames)
-                lc = self.clients[Lane(str(doc["lane"]))]
+                lc = self.clients[Lane(str(doc["lane"]))][i]
             except (WireError, KeyError, ValueError) as e:
                 log.event("wire_error", "warning", side="status", error=str(e))
                 continue

@@ -1,6 +1,7 @@
 """`smtp-ingress status`: what the running instance is doing, read from the instance itself.
 
-API: collect(cfg, timeout) -> dict;  render(doc) -> str;  quantile(buckets, q) -> float | None
+API: collect(cfg, timeout) -> dict;  render(doc) -> str;  healthy(doc) -> bool (exit 0);
+     quantile(buckets, q) -> float | None
 
 Sources, all local and read-only:
 - each lane broker's status publication (ZeroMQ SUB on the state dir's ipc sockets): queue
@@ -11,7 +12,12 @@ Sources, all local and read-only:
   circuit breaker, DSNs sent, the backlog by age, the spool filesystem's free bytes;
 - the spool directories themselves (counted with os.scandir, bounded) when metrics are off.
 
+- on an edge (cluster.role "edge"), every lanes node of cluster.lanes_nodes (tcp:// + CURVE,
+  the edge's own key): live or dead, and its lanes' last status ("nodes"); on a lanes node,
+  itself over its tcp address with its own key (the node's Gate admits it).
+
 Failure modes: a lane whose broker does not publish within `timeout` is shown as "down";
+a lanes node with a lane that does not publish within `timeout` as "DEAD";
 an unreachable metrics endpoint as "unavailable". Exit status 0 when every lane answered,
 1 otherwise (so scripts and monitoring can use it).
 """
@@ -22,28 +28,35 @@ import contextlib
 import os
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingress.core import metrics
+from ingress.core import cluster, metrics
 from ingress.core.config import Config
 from ingress.core.wire import STATUS_TOPIC, WireError, decode_status
 
 SCAN_LIMIT = 1_000_000
 
 
-def lane_status(cfg: Config, timeout: float) -> dict[str, dict[str, Any] | None]:
+def lane_status(cfg: Config, timeout: float, node: cluster.Node | None = None
+                ) -> dict[str, dict[str, Any] | None]:
+    """Each lane's status publication: from this host's brokers (ipc://), or from lanes node
+    `node` (tcp:// + CURVE, with this node's own key), within `timeout`; None: none came."""
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, STATUS_TOPIC)
     out: dict[str, dict[str, Any] | None] = {"fast": None, "bulk": None}
     try:
+        if node is not None:
+            cluster.curve_client(sub, cfg, node.public)
         for lane in out:
-            sub.connect(cfg.ipc(f"{lane}-status"))
+            sub.connect(cfg.ipc(f"{lane}-status") if node is None
+                        else cluster.endpoint(node.base, lane, "status"))
         deadline = time.monotonic() + timeout
         while any(v is None for v in out.values()) and time.monotonic() < deadline:
             if not sub.poll(timeout=max(1, int((deadline - time.monotonic()) * 1000))):
@@ -130,13 +143,43 @@ def relay_stats(m: dict[str, float]) -> dict[str, Any]:
     }
 
 
+def node_status(cfg: Config, timeout: float) -> list[dict[str, Any]] | None:
+    """Every lanes node this instance reaches over tcp (an edge: cluster.lanes_nodes; a lanes
+    node: itself), polled side by side, each within `timeout`; None on role all."""
+    role = cfg.cluster.role
+    if role == "all":
+        return None
+    if role == "lanes":
+        own = cluster.key_pair(cfg.cluster.secret_key)[0]
+        targets = [cluster.Node(cluster.local_base(cfg.cluster.lanes_bind), own)]
+    else:
+        targets = cluster.nodes(cfg)
+    with ThreadPoolExecutor(max_workers=min(16, len(targets))) as pool:
+        found = list(pool.map(lambda n: lane_status(cfg, timeout, n), targets))
+    return [{"node": n.base, "live": all(v is not None for v in lanes.values()),
+             "lanes": lanes} for n, lanes in zip(targets, found, strict=True)]
+
+
+def healthy(doc: dict[str, Any]) -> bool:
+    """Exit status 0: every lane answered (and, on an edge, every lanes node)."""
+    nodes = doc.get("nodes")
+    if nodes is not None:
+        return all(n["live"] for n in nodes)
+    return all(v is not None for v in doc["lanes"].values())
+
+
 def collect(cfg: Config, timeout: float = 1.5) -> dict[str, Any]:
-    lanes = lane_status(cfg, timeout)
+    nodes = node_status(cfg, timeout)
+    if nodes is None:
+        lanes = lane_status(cfg, timeout)
+    else:   # the lanes as the first live node reports them (each node's own: doc["nodes"])
+        live = [n for n in nodes if n["live"]] or nodes
+        lanes = live[0]["lanes"]
     m = scrape(cfg.metrics.listen, timeout)
     spool = cfg.spool.path
     doc: dict[str, Any] = {
         "config": cfg.source, "listen": f"{cfg.listen.host}:{cfg.listen.port}",
-        "lanes": lanes,
+        "role": cfg.cluster.role, "lanes": lanes, "nodes": nodes,
         "sessions": None if m is None else {
             lane: m.get(f"smtp_ingress_sessions{{lane={lane}}}", 0.0) for lane in lanes},
         "spool": {"new": count_files(spool / "new"), "failed": count_files(spool / "failed"),
@@ -166,6 +209,13 @@ def render(doc: dict[str, Any]) -> str:
             f"(free credit {st['free_credit']}), {cap}"
             f"{', SATURATED' if st.get('saturated') else ''}; accepted {st.get('acked', 0)}, "
             f"shed {st.get('nack_rate', 0) + st.get('nack_queue_full', 0)}")
+    for n in doc.get("nodes") or ():
+        if not n["live"]:
+            lines.append(f"  lanes node {n['node']}: DEAD (no status within the deadline)")
+            continue
+        parts = [f"{lane} queue {st['depth']}/{st['queue_max']}, workers {st['workers']}, "
+                 f"accepted {st.get('acked', 0)}" for lane, st in n["lanes"].items() if st]
+        lines.append(f"  lanes node {n['node']}: live; " + "; ".join(parts))
     sp = doc["spool"]
     lines.append(f"  spool: {sp['new']} waiting in new/ (relay backlog), {sp['failed']} in "
                  f"failed/, {sp['tmp']} in tmp/, {sp.get('hold', 0)} held")

@@ -6,6 +6,9 @@ Children (multiprocessing, *spawn* start method; no event loop or zmq.Context ex
 process): one broker per lane, `lanes.<lane>.workers` workers per lane, the relay (only with a
 relay.downstream), `acceptors` acceptors, and supervisor.fast_acceptors fast acceptors (no
 listening socket: they serve the connections the acceptors hand them, ingress.handoff).
+cluster.role (or `run --role`, which overrides it, on reload too) picks among them: "edge"
+starts only the acceptors, "lanes" all but the acceptors (and binds no listening socket),
+"all" every one.
 The supervisor binds one SO_REUSEPORT listening socket per acceptor slot and hands it to that
 slot's acceptor. Because the socket outlives its acceptor, restarting or replacing an acceptor
 never closes a listening socket, so connections waiting in its backlog are never reset (plain
@@ -134,8 +137,9 @@ def bind_listener(cfg: Config, port: int | None = None, first: bool = False) -> 
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, config_path: Path | None) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Config, config_path: Path | None, role: str | None = None) -> None:
+        self.role = role              # `run --role`: overrides cluster.role, also on reload
+        self.cfg = cfg if role is None else config_mod.with_role(cfg, role)
         self.config_path = config_path
         self.mp = mp.get_context("spawn")
         slots = heartbeat_slots(cfg)
@@ -194,6 +198,11 @@ class Supervisor:
         out += [("acceptor", ("acceptor", i)) for i in range(cfg.acceptor_count)]
         out += [("acceptor", ("acceptor", "fast", i))
                 for i in range(cfg.supervisor.fast_acceptors)]
+        # cluster.role: an edge runs only the acceptors, a lanes node everything else.
+        if cfg.cluster.role == "edge":
+            out = [w for w in out if w[0] == "acceptor"]
+        elif cfg.cluster.role == "lanes":
+            out = [w for w in out if w[0] != "acceptor"]
         return out
 
     def _ready(self, c: Child) -> bool:
@@ -326,10 +335,7 @@ class Supervisor:
         os.ftruncate(self.lock_fd, 0)
         os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
 
-    def start(self) -> None:
-        Path(self.cfg.spool.path).mkdir(parents=True, exist_ok=True)
-        (self.cfg.spool.state_dir / "run").mkdir(parents=True, exist_ok=True)
-        self._lock_state_dir()
+    def _bind_listeners(self) -> None:
         # Port 0 (tests): the first socket picks a free port, the others share it.
         first = bind_listener(self.cfg, first=True)
         port = first.getsockname()[1]
@@ -346,6 +352,13 @@ class Supervisor:
             self.fast_sockets = self._bind_set(self.cfg.listen.fast_port)
             self.cfg = dataclasses.replace(self.cfg, listen=dataclasses.replace(
                 self.cfg.listen, fast_port=self.fast_sockets[0].getsockname()[1]))
+
+    def start(self) -> None:
+        Path(self.cfg.spool.path).mkdir(parents=True, exist_ok=True)
+        (self.cfg.spool.state_dir / "run").mkdir(parents=True, exist_ok=True)
+        self._lock_state_dir()
+        if self.cfg.cluster.role != "lanes":
+            self._bind_listeners()
         metrics.setup_dir(self.cfg.spool.state_dir)     # before any child is spawned
         self.metrics_server = metrics.serve(self.cfg.metrics.listen, self.cfg.spool.path,
                                             self.cfg.spool.state_dir)
@@ -357,7 +370,8 @@ class Supervisor:
                     for kind, key in self._wanted(self.cfg) if kind == stage]
             ok = self._wait_ready(kids, 60.0) and ok
         log.event("ready" if ok else "not_ready", "info" if ok else "error",
-                  listen=f"{self.cfg.listen.host}:{self.sockets[0].getsockname()[1]}",
+                  listen=f"{self.cfg.listen.host}:{self.sockets[0].getsockname()[1]}"
+                  if self.sockets else self.cfg.cluster.lanes_bind, role=self.cfg.cluster.role,
                   mtls_port=self.cfg.tls.mtls_port, fast_port=self.cfg.listen.fast_port,
                   acceptors=self.cfg.acceptor_count, spool=str(self.cfg.spool.path),
                   fast_workers=self.cfg.worker_count("fast"),
@@ -406,10 +420,22 @@ class Supervisor:
                 c.proc.join(2.0)
                 self._reap(c)
 
+    def _keep_role(self, new: Config) -> Config:
+        """A node keeps its role until a restart (the children it runs and the sockets it
+        binds depend on it); ConfigError if the new [cluster] table does not fit that role."""
+        role = self.cfg.cluster.role
+        if new.cluster.role == role:
+            return new
+        log.event("reload_restart_needed", "warning",
+                  why=f"cluster.role {new.cluster.role} takes effect on restart only")
+        return config_mod.with_role(new, role)
+
     def reload(self) -> None:
         sd_notify("RELOADING=1")
         try:
             new = config_mod.load(self.config_path)
+            new = new if self.role is None else config_mod.with_role(new, self.role)
+            new = self._keep_role(new)
         except ConfigError as e:
             log.event("reload_failed", "error", error=str(e))
             sd_notify("READY=1")
@@ -445,7 +471,7 @@ class Supervisor:
         self.cfg = new
         metrics.configured(new)
         current = [c for c in self.children if not c.retiring]
-        brokers_changed = new.lanes != old.lanes
+        brokers_changed = new.lanes != old.lanes or new.cluster != old.cluster
         replace = [c for c in current if c.kind != "broker" or brokers_changed]
         for c in [c for c in replace if c.kind == "broker"]:
             self._retire(c, 3.0)

@@ -2,7 +2,9 @@
 
 API: run(cfg, lane, hb, slot)   the process entry point (one broker per lane)
 
-Sockets (addresses from Config.ipc):
+Sockets (addresses from Config.ipc; with cluster.role "lanes", front and status are tcp:// on
+cluster.lanes_bind instead, CURVE servers admitting only the allowed edge keys (ingress.core.
+cluster: the Gate, and a monitor per socket that logs every refused handshake)):
     {lane}-front  ROUTER  acceptors' DEALERs send SUBMIT, get ACK/NACK
     {lane}-back   ROUTER  workers' DEALERs send READY/HEARTBEAT/ACK/NACK/DISCONNECT, get WORK
     {lane}-status PUB     lane status every STATUS_INTERVAL: depth, free credit, saturation;
@@ -38,7 +40,7 @@ from typing import Any
 import orjson
 import zmq
 
-from ingress.core import child, log, metrics
+from ingress.core import child, cluster, log, metrics
 from ingress.core.child import Heartbeat
 from ingress.core.config import Config
 from ingress.core.ratelimit import TokenBucket
@@ -98,19 +100,39 @@ class Broker:
                          "nack_worker_lost": 0, "nack_expired": 0, "nack_worker": 0}
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         Path(cfg.ipc("x")[len("ipc://"):]).parent.mkdir(parents=True, exist_ok=True)
-        self.front = self._router(ctx, f"{lane}-front")
+        # Role lanes: the edges' sockets are tcp:// with CURVE, admitted by the Gate (ZAP);
+        # the workers' stays ipc:// (they run on this host).
+        self.remote = cfg.cluster.role == "lanes"
+        self.gate = cluster.Gate(ctx, cfg) if self.remote else None
+        self.monitors: list[tuple[zmq.Socket[bytes], str]] = []
+        self.front = self._router(ctx, f"{lane}-front", remote=self.remote)
         self.back = self._router(ctx, f"{lane}-back")
         self.pub: zmq.Socket[bytes] = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.SNDHWM, 10)
         self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.bind(cfg.ipc(f"{lane}-status"))
+        if self.remote:
+            self._bind_remote(self.pub, "status")
+        else:
+            self.pub.bind(cfg.ipc(f"{lane}-status"))
 
-    def _router(self, ctx: zmq.Context[Any], name: str) -> zmq.Socket[bytes]:
+    def _bind_remote(self, s: zmq.Socket[bytes], kind: str) -> None:
+        """A CURVE server socket on this lanes node's tcp port for (lane, kind), watched by a
+        monitor that logs every refused handshake (cluster.log_handshake_event)."""
+        cluster.curve_server(s, self.cfg)
+        self.monitors.append((s.get_monitor_socket(cluster.HANDSHAKE_FAILURES),
+                              f"{self.lane}-{kind}"))
+        s.bind(cluster.endpoint(self.cfg.cluster.lanes_bind, self.lane, kind))
+
+    def _router(self, ctx: zmq.Context[Any], name: str, remote: bool = False
+                ) -> zmq.Socket[bytes]:
         s: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, 1000)
         s.setsockopt(zmq.RCVHWM, 1000)
+        if remote:
+            self._bind_remote(s, name.rsplit("-", 1)[1])
+            return s
         addr = self.cfg.ipc(name)
         with contextlib.suppress(FileNotFoundError):   # a stale socket file from a dead broker
             Path(addr[len("ipc://"):]).unlink()
@@ -304,6 +326,8 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
+        for mon, _ in self.monitors:
+            poller.register(mon, zmq.POLLIN)
         next_hb = next_status = 0.0
         stop_deadline: float | None = None
         while True:
@@ -326,6 +350,8 @@ class Broker:
             self._poll_once(poller, min(next_hb, next_status))
         for w in self.workers.values():
             self._fail_worker(w, "broker shutting down")
+        if self.gate is not None:
+            self.gate.stop()
 
     def _refuse_queued(self) -> None:
         """Shutting down: every queued job is NACKed (the acceptors answer 4xx) and dropped."""
@@ -343,6 +369,9 @@ class Broker:
             self._drain(self.back, self.on_back)
         if self.front in events:
             self._drain(self.front, self.on_front)
+        for mon, where in self.monitors:
+            if mon in events:
+                self._drain(mon, lambda frames, w=where: cluster.log_handshake_event(frames, w))
         self.dispatch()
 
     @staticmethod

@@ -207,6 +207,16 @@ class SupervisorConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    role: str = "all"                   # "all" (one host, ipc://, no keys) | "edge" | "lanes";
+                                        # `smtp-ingress run --role` overrides it
+    secret_key: str = ""                # edge and lanes: this node's NAME.key_secret (keygen)
+    lanes_bind: str = ""                # lanes: "tcp://host:port"; binds port..port+3
+    allowed_keys: str = ""              # lanes: directory of the edges' public keys (*.key)
+    lanes_nodes: tuple[str, ...] = ()   # edge: "tcp://host:port /path/node.key" per lanes node
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
 
@@ -224,6 +234,7 @@ class Config:
     spool: SpoolConfig = SpoolConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     log: LogConfig = LogConfig()
+    cluster: ClusterConfig = ClusterConfig()
     source: str = "<embedded default>"
 
     # Derived values, computed from the validated fields.
@@ -565,11 +576,41 @@ def _check_outputs_and_supervisor(cfg: Config, need: _Need) -> None:
     need(cfg.log.level in LOG_LEVELS, "log.level", f"must be one of {', '.join(LOG_LEVELS)}")
 
 
+def _check_cluster(cfg: Config, need: _Need) -> None:
+    from ingress.core import cluster
+    c = cfg.cluster
+    need(c.role in cluster.ROLES, "cluster.role", f"must be one of {', '.join(cluster.ROLES)}")
+    if c.role == "all":
+        return
+    need(bool(c.secret_key), "cluster.secret_key",
+         f"required with role {c.role} (this node's NAME.key_secret from smtp-ingress keygen)")
+    need.parses(cluster.key_pair, [c.secret_key], "cluster.secret_key")
+    if c.role == "lanes":
+        need(bool(c.lanes_bind), "cluster.lanes_bind", 'required with role lanes ("tcp://host:port")')
+        need.parses(cluster.parse_base, [c.lanes_bind], "cluster.lanes_bind")
+        need(bool(c.allowed_keys), "cluster.allowed_keys",
+             "required with role lanes (a directory of the edges' public keys)")
+        need.parses(cluster.allowed_keys, [c.allowed_keys], "cluster.allowed_keys")
+    else:
+        need(bool(c.lanes_nodes), "cluster.lanes_nodes", "required with role edge")
+        need.parses(cluster.parse_node, c.lanes_nodes, "cluster.lanes_nodes")
+        need.parses(cluster.public_key, [cluster.parse_node(n)[1] for n in c.lanes_nodes],
+                    "cluster.lanes_nodes")
+        need(len(set(c.lanes_nodes)) == len(c.lanes_nodes), "cluster.lanes_nodes",
+             "a lanes node is named twice")
+
+
+def with_role(cfg: Config, role: str) -> Config:
+    """`run --role`: the config with cluster.role replaced, validated again."""
+    return _finish(dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, role=role)),
+                   cfg.source)
+
+
 def _finish(cfg: Config, file: str) -> Config:
     """Cross-field validation and normalisation; returns the final frozen Config."""
     need = _Need(file)
     for check in (_check_listen, _check_smtp, _check_lanes, _check_classify, _check_admission,
-                  _check_tls, _check_relay, _check_outputs_and_supervisor):
+                  _check_tls, _check_relay, _check_outputs_and_supervisor, _check_cluster):
         check(cfg, need)
     s = cfg.smtp
     spool = SpoolConfig(path=cfg.spool.path.absolute(), state_dir=cfg.spool.state_dir.absolute())

@@ -47,6 +47,8 @@ observation; measured ~1.5 us per counter inc and ~3-5 us per observe on the dev
     relay_error(n)                  relay: n recipients hit connection-level trouble
     relay_breaker(state, failures)  relay: circuit breaker BREAKER_CLOSED|OPEN|HALF_OPEN
     relay_dsn()                     relay: a DSN was spooled
+    curve_refused(why)              lanes node: a peer refused (CURVE_REFUSALS: unknown_key,
+                                    handshake), counted before the log lines' rate limit
 
 `lane` is "fast" | "bulk" (wire.Lane is a StrEnum, so a Lane works as is).
 
@@ -212,6 +214,11 @@ RELAY_BREAKER_FAILURES = Gauge("smtp_ingress_relay_breaker_failures",
                                "Consecutive connection-level downstream failures",
                                multiprocess_mode="livemostrecent")
 RELAY_DSNS = Counter("smtp_ingress_relay_dsns", "Delivery status notifications spooled")
+CURVE_REFUSALS = ("unknown_key", "handshake")
+CURVE_REFUSED = Counter("smtp_ingress_curve_refused",
+                        "Peers a lanes node refused on its tcp ports: unknown_key (ZAP: a CURVE "
+                        "key not in cluster.allowed_keys) or handshake (no CURVE, a wrong server "
+                        "key)", ["why"])
 # Relay backlog age buckets (upper bounds in seconds; the last is open-ended).
 BACKLOG_AGES = (("lt_1m", 60.0), ("1m_10m", 600.0), ("10m_1h", 3600.0), ("1h_1d", 86400.0),
                 ("gt_1d", float("inf")))
@@ -329,6 +336,13 @@ def relay_error(n: int = 1) -> None:
 def relay_breaker(state: int, failures: int = 0) -> None:
     RELAY_BREAKER.set(state)
     RELAY_BREAKER_FAILURES.set(failures)
+
+
+def curve_refused(why: str) -> None:
+    """A lanes node refused a peer (ingress.core.cluster): `why` in CURVE_REFUSALS."""
+    if why not in CURVE_REFUSALS:
+        raise ValueError(f"undeclared curve_refused label {why!r}")
+    CURVE_REFUSED.labels(why=why).inc()
 
 
 def relay_dsn() -> None:

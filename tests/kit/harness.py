@@ -50,10 +50,13 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> None:
 
 class Ingress:
     def __init__(self, tmpdir: Path, tables: dict[str, dict[str, Any]] | None = None,
-                 state: Path | None = None, prefix: list[str] | None = None) -> None:
+                 state: Path | None = None, prefix: list[str] | None = None,
+                 args: list[str] | None = None) -> None:
         """`state`: a state dir to reuse (kept at stop); by default a fresh one, removed.
-        `prefix`: a command the ingress is started under, e.g. ["prlimit", "--nofile=64:64"]."""
+        `prefix`: a command the ingress is started under, e.g. ["prlimit", "--nofile=64:64"].
+        `args`: more arguments to `run`, e.g. ["--role", "lanes"]."""
         self.prefix = list(prefix or [])
+        self.args = list(args or [])
         self.tmpdir = Path(tmpdir)
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         self.spool = self.tmpdir / "spool"
@@ -93,7 +96,7 @@ class Ingress:
         self._log = open(self.logfile, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", "ingress.cli", "run",
-             "--config", str(self.config)],
+             "--config", str(self.config), *self.args],
             cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
