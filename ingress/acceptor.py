@@ -8,7 +8,8 @@ API:
                                       it holds the session table (ingress.sessions), the SPF
                                       service (ingress.spf_service), the learned store
                                       (ingress.learned_store) and the lane clients
-                                      (ingress.lanes)
+                                      (ingress.lanes), and with [cluster] redis
+                                      the shared state (ingress.cluster_state)
     MtlsListener                      the mutual-TLS port: a slot is taken at accept, before
                                       the TLS handshake (tls.handshake_timeout)
 
@@ -39,6 +40,7 @@ from collections import Counter
 from typing import Any
 
 from ingress import proxy
+from ingress.cluster_state import ClusterState
 from ingress.core import child, log, procs
 from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
@@ -110,6 +112,10 @@ class AcceptorContext:
         self.verifier = verifier(cfg)
         self.draining = False
         self.lanes = Lanes(cfg, self.ident)
+        # [cluster] redis: the state every edge shares (None: in-process only, one host)
+        self.cluster = ClusterState.create(
+            cfg, self.ident, lambda ip: self.table.penalise(ip, time.monotonic()),
+            self.learned_store.learn)
 
     @property
     def resolver(self) -> Any:
@@ -140,9 +146,12 @@ class AcceptorContext:
         self.table.promote(proto)
 
     def penalise(self, ip: str) -> None:
-        """Here at once, and in every other acceptor through the bulk broker's fan-out."""
+        """Here at once, and in every other acceptor through the bulk broker's fan-out (and in
+        every other edge through Redis, with [cluster] redis)."""
         self.table.penalise(ip, time.monotonic())
         self.lanes.share_penalty(ip)
+        if self.cluster is not None:
+            self.cluster.share_penalty(ip)
 
     async def spf(self, peer_ip: str, lane: Lane, mail_from: str,
                   helo: str) -> tuple[AuthResult, str]:
@@ -151,7 +160,15 @@ class AcceptorContext:
     def lane_saturated(self, lane: Lane) -> bool:
         return self.lanes.lane_saturated(lane)
 
-    def bulk_mail_admitted(self) -> bool:
+    async def bulk_mail_admitted(self) -> bool:
+        """The global bulk bucket in Redis when it is up (one EVALSHA, cluster.redis_timeout);
+        else, or when it fails or is late, this acceptor's local share of the cap."""
+        if self.cluster is not None and self.cluster.up \
+                and not self.lanes[Lane.BULK].saturated():
+            shared = await self.cluster.bulk_take()
+            if shared is not None:
+                return shared
+            self.lanes.local_share(self.cluster.edges())
         return self.lanes.bulk_mail_admitted()
 
     async def submit(self, env: Envelope, body: bytes) -> tuple[Reply | None, str]:
@@ -166,8 +183,15 @@ class AcceptorContext:
     # --- background tasks ---------------------------------------------------------------------
 
     async def read_status(self) -> None:
-        await self.lanes.read_status(
-            self.learn, lambda ip: self.table.penalise(ip, time.monotonic()))
+        await self.lanes.read_status(self.learned_from_lane,
+                                     lambda ip: self.table.penalise(ip, time.monotonic()))
+
+    def learned_from_lane(self, ip: str) -> None:
+        """A worker learned `ip` (every acceptor of this edge hears it from the bulk broker);
+        acceptor 0 records it in Redis for the other edges."""
+        self.learn(ip)
+        if self.cluster is not None and self.index == 0:
+            self.cluster.share_learned(ip)
 
     async def persist_learned(self) -> None:
         """Acceptor 0 keeps the learned allow cache on disk (every acceptor learns the same
@@ -349,6 +373,8 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
         *(lc.watch_broker() for lc in ctx.lanes.values()))]
     if index == 0:
         tasks.append(loop.create_task(ctx.persist_learned()))
+    if ctx.cluster is not None:
+        tasks.append(loop.create_task(ctx.cluster.run()))
     log.event("acceptor_start", index=index, learned=len(ctx.learned_store.allow),
               tls=ctx.tls_context is not None, mtls=mtls_sock is not None,
               fast_port=fast_sock is not None)
@@ -361,6 +387,8 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
             atomic_write(ctx.learned_store.path, ctx.learned_store.allow.to_json().encode())
     for pool in ctx.spf_service.pools.values():
         pool.shutdown(wait=False, cancel_futures=True)
+    if ctx.cluster is not None:
+        await ctx.cluster.close()
     ctx.lanes.close()
 
 

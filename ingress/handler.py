@@ -86,7 +86,7 @@ class IngressHandler:
                 server.reasons = decision.reasons
                 ctx.count("promoted", Lane.FAST)
                 log.event("promoted", peer=server.peer_ip, reasons=",".join(decision.reasons))
-        if server.lane is Lane.BULK and not ctx.bulk_mail_admitted():
+        if server.lane is Lane.BULK and not await ctx.bulk_mail_admitted():
             return await self.shed(server)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)

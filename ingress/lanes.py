@@ -12,6 +12,8 @@ API:
         lane_saturated(lane) -> bool     stress: bulk broker saturated or the bulk cap spent
         bulk_mail_admitted() -> bool     may a bulk session start a transaction now (spends a
                                          token of this acceptor's share of the bulk cap)
+        local_share(edges)               resize that share for `edges` edges (the fallback
+                                         while Redis is down, [cluster] redis)
         share_penalty(ip)                tell every other acceptor (via the bulk broker)
         read_status(on_learn, on_penalty)  background task: status and shared facts over SUB
         tasks() -> coroutines            the background tasks of the clients
@@ -168,6 +170,13 @@ class Lanes:
         if self.bulk_bucket is not None and self.bulk_bucket.tokens(time.monotonic()) < 1.0:
             return True
         return self.clients[lane].saturated() or self.clients[lane].cap_spent()
+
+    def local_share(self, edges: int) -> None:
+        """Resize this acceptor's share of the bulk cap for `edges` edges sharing it (the
+        fallback while the shared bucket in Redis is out of reach: ingress.cluster_state)."""
+        share = bulk_share_bucket(self.cfg, edges)
+        if self.bulk_bucket is not None and share is not None:
+            self.bulk_bucket.rate, self.bulk_bucket.burst = share
 
     def bulk_mail_admitted(self) -> bool:
         """May a bulk session start a transaction now? Each acceptor holds a share of the bulk

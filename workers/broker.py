@@ -56,6 +56,7 @@ from ingress.core.wire import (
     to_acceptor,
     work,
 )
+from ingress.policy.admission import broker_bucket
 
 
 @dataclass
@@ -82,7 +83,9 @@ class Broker:
         self.queue_max: int = lc.queue_max
         self.queue_bytes: int = cfg.queue_bytes(lane)
         self.queued_bytes = 0          # bytes of the bodies in self.queue
-        self.bucket = TokenBucket(lc.rate, lc.burst, now=time.monotonic())
+        # lanes.<lane>.rate; with [cluster] redis the bulk cap is held at MAIL FROM and this
+        # is a guard with headroom (admission.broker_bucket says why)
+        self.bucket = TokenBucket(*broker_bucket(cfg, lane), now=time.monotonic())
         self.queue: deque[Job] = deque()
         self.workers: dict[bytes, WorkerState] = {}
         self.heart = Heartbeat(hb, slot)

@@ -42,6 +42,8 @@ observation; measured ~1.5 us per counter inc and ~3-5 us per observe on the dev
     relay_error(n)                  relay: n recipients hit connection-level trouble
     relay_breaker(state, failures)  relay: circuit breaker BREAKER_CLOSED|OPEN|HALF_OPEN
     relay_dsn()                     relay: a DSN was spooled
+    cluster_state(up)               acceptor: its Redis ([cluster] redis) up or down
+    cluster_fallback()              acceptor: a decision taken on local limits (Redis down/slow)
 
 `lane` is "fast" | "bulk" (wire.Lane is a StrEnum, so a Lane works as is).
 
@@ -182,6 +184,13 @@ RELAY_BREAKER_FAILURES = Gauge("smtp_ingress_relay_breaker_failures",
                                "Consecutive connection-level downstream failures",
                                multiprocess_mode="livemostrecent")
 RELAY_DSNS = Counter("smtp_ingress_relay_dsns", "Delivery status notifications spooled")
+# [cluster] redis (ingress/cluster_state.py): per acceptor, 1 while its Redis is reachable
+CLUSTER_UP = Gauge("smtp_ingress_cluster_state_up",
+                   "Shared admission state in Redis reachable (1) or local fallback (0), "
+                   "per acceptor", multiprocess_mode="livemin")
+CLUSTER_FALLBACKS = Counter("smtp_ingress_cluster_state_fallbacks",
+                            "Admission decisions taken on local limits because Redis was "
+                            "down or too slow")
 # Relay backlog age buckets (upper bounds in seconds; the last is open-ended).
 BACKLOG_AGES = (("lt_1m", 60.0), ("1m_10m", 600.0), ("10m_1h", 3600.0), ("1h_1d", 86400.0),
                 ("gt_1d", float("inf")))
@@ -286,6 +295,16 @@ def relay_breaker(state: int, failures: int = 0) -> None:
 
 def relay_dsn() -> None:
     RELAY_DSNS.inc()
+
+
+def cluster_state(up: bool) -> None:
+    """An acceptor's Redis went up or down (ingress/cluster_state.py)."""
+    CLUSTER_UP.set(1 if up else 0)
+
+
+def cluster_fallback() -> None:
+    """One admission decision fell back to local limits (Redis down or over its deadline)."""
+    CLUSTER_FALLBACKS.inc()
 
 
 # --- supervisor -------------------------------------------------------------------------------

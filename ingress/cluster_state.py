@@ -1,0 +1,359 @@
+"""Shared admission state in Redis ([cluster] redis): what every edge of a cluster must agree on.
+
+Purpose
+    Several edge hosts (each with its own acceptors) share one global bulk cap, the early-talker
+    penalties and the learned allow cache through one Redis. Each acceptor process holds one
+    ClusterState. Connect-time admission is synchronous and must stay cheap, so nothing there
+    waits for Redis: penalties and learned entries are *mirrored* into the acceptor's own
+    penalty box (ingress.sessions) and learned store (ingress.learned_store) over pub/sub, and
+    loaded whole when the connection comes (back) up. The one call on the session path is the
+    bulk bucket at MAIL FROM (one EVALSHA), which is async and bounded by cluster.redis_timeout.
+    Without [cluster] redis nothing here exists (ClusterState.create returns None) and the
+    acceptor is fully in-process, as on one host.
+
+API
+    ClusterState.create(cfg, ident, on_penalty, on_learn) -> ClusterState | None
+        on_penalty(ip) / on_learn(ip, at)   how a mirrored fact enters this acceptor
+    up                              bool: Redis reachable (health; False at start)
+    run()                           background task: connect, load the mirrors, subscribe,
+                                    heartbeat this edge; on any failure: down, retry every
+                                    cluster.redis_retry seconds (the circuit)
+    bulk_take() -> bool | None      the global bulk bucket (Lua, atomic): True a token was
+                                    taken, False it is empty; None: Redis down or slow - the
+                                    caller uses its local share (lanes.bulk_mail_admitted)
+    share_penalty(ip)               record and publish an early-talker penalty (fire and forget)
+    share_learned(ip)               record and publish a learned allow entry (fire and forget)
+    edges() -> int                  edges seen alive by their heartbeats (at least 1)
+    The seam for state others build (identity shares, deferral records), generic and bounded:
+    record(kind, key, ttl, value="1") -> bool       SET prefix:kind:key value EX ttl
+    lookup(kind, key) -> str | None                 GET (None: absent, or Redis down)
+    incr(kind, key, ttl) -> int | None              INCR, EXPIRE on first use (None: down)
+    close()                         closes the connections
+
+Keys (prefix = cluster.redis_prefix; all bounded):
+    {prefix}:bulk                   hash {tokens, ts}: the global bulk bucket (lanes.bulk.rate,
+                                    lanes.bulk.burst), refilled by Redis's own clock (TIME)
+    {prefix}:penalty                sorted set ip -> until (unix s); trimmed to
+                                    MAX_MIRRORED entries, expired entries purged on write
+    {prefix}:learned                sorted set ip -> learned at (unix s); trimmed to
+                                    classify.learned_max, entries older than learned_ttl purged
+    {prefix}:edge:{node}:{ident}    heartbeat of one acceptor (EX 3 x redis_retry); node:
+                                    a hash of the host name and spool.state_dir
+    {prefix}:{kind}:{key}           the seam's keys (kind and key length-checked)
+    channels {prefix}:penalty, {prefix}:learn   "ident ip" of a new fact
+
+Failure modes
+    No Redis error, timeout or malformed fact is ever raised to a session. A failed or late
+    call (over cluster.redis_timeout) marks Redis down: cluster_state_down is logged once, the
+    smtp_ingress_cluster_state_up gauge drops to 0, and every decision goes local (counted in
+    smtp_ingress_cluster_state_fallbacks) until run() reconnects (cluster_state_up logged,
+    mirrors reloaded). While down, calls return at once (no connect attempt on the session
+    path). Facts published while an edge was down reach it when it reloads the sets.
+
+Limits
+    A mirrored penalty runs its full admission.penalty from when it arrives (the local box has
+    no "until" argument), so a reload can lengthen one by up to a penalty. The bucket is exact
+    while Redis is up; while down each acceptor holds its share (admission.bulk_share_bucket:
+    rate x BULK_SHARE / (acceptors x cluster.edges)). Per-IP connection rates are not shared
+    yet (still per acceptor; incr() is the seam for it). Wall clocks of the edges must agree to
+    within a penalty or a learned TTL (NTP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from ingress.core import log, metrics
+from ingress.core.config import Config
+
+MAX_MIRRORED = 65536      # penalties kept in Redis (as the local box: admission.max_penalised)
+MAX_KEY = 200             # bytes of a seam key or kind
+FAILURES = (RedisError, OSError, TimeoutError, ValueError, asyncio.IncompleteReadError)
+
+# The global bulk bucket: refill by elapsed time at `rate` up to `burst`, take one token.
+# Redis's clock (TIME: scripts replicate their effects since 7.0), so every edge agrees.
+# Returns {1|0 taken, tokens left x 1000}.
+BUCKET_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(b[1])
+local ts = tonumber(b[2])
+if tokens == nil or ts == nil then tokens = burst; ts = now end
+if now > ts then tokens = math.min(burst, tokens + (now - ts) * rate); ts = now end
+local ok = 0
+if tokens >= 1 then tokens = tokens - 1; ok = 1 end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 60000)
+return {ok, math.floor(tokens * 1000)}
+"""
+
+# Add a member scored `score`, purge members scored below `floor`, keep the `keep` highest.
+ZADD_LUA = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[4]) + 1))
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('PUBLISH', KEYS[2], ARGV[6])
+return 1
+"""
+
+
+def valid_ip(s: str) -> bool:
+    try:
+        ipaddress.ip_address(s)
+    except ValueError:
+        return False
+    return True
+
+
+class ClusterState:
+    """One acceptor's view of the shared state; single-threaded (the acceptor's loop)."""
+
+    def __init__(self, cfg: Config, ident: str, on_penalty: Callable[[str], None],
+                 on_learn: Callable[[str, float], None]) -> None:
+        c = cfg.cluster
+        self.cfg, self.ident = cfg, ident
+        self.on_penalty, self.on_learn = on_penalty, on_learn
+        self.timeout, self.retry, self.prefix = c.redis_timeout, c.redis_retry, c.redis_prefix
+        self.client = aioredis.Redis.from_url(
+            c.redis, socket_timeout=c.redis_timeout, socket_connect_timeout=c.redis_timeout,
+            retry_on_timeout=False, retry=Retry(NoBackoff(), 0), health_check_interval=0,
+            max_connections=64, decode_responses=True)
+        lb = cfg.lanes.bulk
+        self.bulk_rate = lb.rate
+        self.bulk_burst = float(lb.burst) if lb.burst > 0 else max(1.0, lb.rate)
+        self._bucket = self.client.register_script(BUCKET_LUA)
+        self._zadd = self.client.register_script(ZADD_LUA)
+        self.up = False
+        self.since = time.monotonic()
+        self._edges = 1
+        # this edge: its host and state dir (two edges on one machine are two nodes)
+        self.node = hashlib.sha256(
+            f"{socket.gethostname()}/{cfg.spool.state_dir}".encode()).hexdigest()[:12]
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @classmethod
+    def create(cls, cfg: Config, ident: str, on_penalty: Callable[[str], None],
+               on_learn: Callable[[str, float], None]) -> ClusterState | None:
+        return cls(cfg, ident, on_penalty, on_learn) if cfg.cluster.redis else None
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    # --- health -------------------------------------------------------------------------------
+
+    def _down(self, why: str) -> None:
+        if self.up:
+            self.up = False
+            self.since = time.monotonic()
+            log.event("cluster_state_down", "warning", acceptor=self.ident, error=why[:200],
+                      fallback="local limits: this edge's share of the bulk cap, local "
+                               "penalties and learned cache")
+            metrics.cluster_state(False)
+
+    def _up(self) -> None:
+        if not self.up:
+            self.up = True
+            log.event("cluster_state_up", acceptor=self.ident,
+                      down_s=round(time.monotonic() - self.since, 2))
+            self.since = time.monotonic()
+            metrics.cluster_state(True)
+
+    async def _call(self, make: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
+        """(True, result), or (False, None) when Redis is down (at once) or the call fails or
+        overruns cluster.redis_timeout (then it is marked down)."""
+        if not self.up:
+            return False, None
+        try:
+            async with asyncio.timeout(self.timeout):
+                return True, await make()
+        except FAILURES as e:
+            self._down(f"{type(e).__name__}: {e}")
+            return False, None
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- the global bulk cap ------------------------------------------------------------------
+
+    async def bulk_take(self) -> bool | None:
+        if self.bulk_rate <= 0:
+            return True
+        ok, res = await self._call(lambda: self._bucket(
+            keys=[self.key("bulk")], args=[self.bulk_rate, self.bulk_burst]))
+        if not ok:
+            metrics.cluster_fallback()
+            return None
+        return bool(int(res[0]))
+
+    # --- penalties and learned entries: record, publish, mirror --------------------------------
+
+    def share_penalty(self, ip: str) -> None:
+        now = time.time()
+        until = now + self.cfg.admission.penalty
+        self._spawn(self._call(lambda: self._zadd(
+            keys=[self.key("penalty"), self.key("chan", "penalty")],
+            args=[ip, until, now, MAX_MIRRORED, int(self.cfg.admission.penalty) + 60,
+                  f"{self.ident} {ip}"])))
+
+    def share_learned(self, ip: str) -> None:
+        c = self.cfg.classify
+        if c.learned_ttl <= 0:
+            return
+        now = time.time()
+        self._spawn(self._call(lambda: self._zadd(
+            keys=[self.key("learned"), self.key("chan", "learn")],
+            args=[ip, now, now - c.learned_ttl, c.learned_max, int(c.learned_ttl) + 60,
+                  f"{self.ident} {ip}"])))
+
+    async def _load(self) -> None:
+        """The whole shared sets into this acceptor's mirrors (at start and on rejoin)."""
+        now = time.time()
+        c = self.cfg.classify
+        async with asyncio.timeout(max(1.0, 20 * self.timeout)):
+            pens: list[Any] = await self.client.zrangebyscore(self.key("penalty"), now, "+inf",
+                                                   start=0, num=MAX_MIRRORED)
+            learned: list[Any] = await self.client.zrangebyscore(
+                self.key("learned"), now - c.learned_ttl, "+inf", start=0,
+                num=c.learned_max, withscores=True) if c.learned_ttl > 0 else []
+        for ip in pens:
+            if valid_ip(str(ip)):
+                self.on_penalty(str(ip))
+        for ip, at in learned:
+            if valid_ip(str(ip)):
+                self.on_learn(str(ip), float(at))
+        log.event("cluster_state_loaded", acceptor=self.ident, penalties=len(pens),
+                  learned=len(learned))
+
+    def _fact(self, channel: str, data: str) -> None:
+        origin, _, ip = data.partition(" ")
+        if origin == self.ident:
+            return
+        if not valid_ip(ip):
+            log.event("cluster_fact_invalid", "warning", channel=channel[:80], data=data[:80])
+            return
+        if channel == self.key("chan", "penalty"):
+            self.on_penalty(ip)
+        elif channel == self.key("chan", "learn"):
+            self.on_learn(ip, time.time())
+
+    # --- edges --------------------------------------------------------------------------------
+
+    def edges(self) -> int:
+        return self._edges
+
+    async def _heartbeat(self) -> None:
+        """Say this acceptor is alive; count the edges (distinct nodes) alive."""
+        ttl = max(1, int(3 * self.retry))
+        await self.client.set(self.key("edge", self.node, self.ident), "1", ex=ttl)
+        nodes: set[str] = set()
+        seen = 0
+        async for k in self.client.scan_iter(match=self.key("edge", "*"), count=1000):
+            nodes.add(str(k).split(":")[-2])
+            seen += 1
+            if seen >= 100000:
+                break
+        self._edges = max(1, len(nodes))
+
+    # --- the connection loop ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, load, subscribe, then watch: pub/sub messages and a heartbeat every
+        cluster.redis_retry. Any failure: down, wait cluster.redis_retry, try again."""
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                async with asyncio.timeout(max(1.0, 20 * self.timeout)):
+                    await self.client.ping()
+                    await pubsub.subscribe(self.key("chan", "penalty"), self.key("chan", "learn"))
+                await self._load()
+                self._up()
+                await self._watch(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except FAILURES as e:
+                self._down(f"{type(e).__name__}: {e}")
+            finally:
+                with contextlib.suppress(*FAILURES):
+                    async with asyncio.timeout(self.timeout):
+                        await pubsub.aclose()
+            await asyncio.sleep(self.retry)
+
+    async def _watch(self, pubsub: Any) -> None:
+        next_beat = 0.0
+        while self.up:
+            now = time.monotonic()
+            if now >= next_beat:
+                async with asyncio.timeout(max(1.0, 20 * self.timeout)):
+                    await self._heartbeat()
+                next_beat = now + self.retry
+            async with asyncio.timeout(self.retry + 1.0):
+                msg = await pubsub.get_message(timeout=min(1.0, self.retry))
+            if msg is not None and msg.get("type") == "message":
+                self._fact(str(msg.get("channel", "")), str(msg.get("data", "")))
+
+    # --- the seam: generic, bounded records for state built elsewhere ---------------------------
+
+    def _seam_key(self, kind: str, key: str) -> str | None:
+        if not kind or not key or len(kind) > MAX_KEY or len(key) > MAX_KEY or ":" in kind:
+            return None
+        return self.key(kind, key)
+
+    async def record(self, kind: str, key: str, ttl: float, value: str = "1") -> bool:
+        """Remember `key` of `kind` for ttl seconds (e.g. kind "deferral", key the triplet
+        hash). False: not recorded (Redis down, or the key is out of bounds)."""
+        k = self._seam_key(kind, key)
+        if k is None or ttl <= 0 or len(value) > 1024:
+            return False
+        ok, _ = await self._call(lambda: self.client.set(k, value, px=int(ttl * 1000)))
+        return ok
+
+    async def lookup(self, kind: str, key: str) -> str | None:
+        """The value recorded for `key` of `kind`, or None (absent, expired, or Redis down: a
+        caller treats None as "unknown" and decides locally)."""
+        k = self._seam_key(kind, key)
+        if k is None:
+            return None
+        ok, res = await self._call(lambda: self.client.get(k))
+        return str(res) if ok and res is not None else None
+
+    async def incr(self, kind: str, key: str, ttl: float) -> int | None:
+        """Count `key` of `kind` in a window of ttl seconds starting at its first count (e.g.
+        an identity's fast-lane messages, or one IP's connections). None: Redis down."""
+        k = self._seam_key(kind, key)
+        if k is None or ttl <= 0:
+            return None
+
+        async def go() -> int:
+            async with self.client.pipeline(transaction=True) as p:
+                p.incr(k)
+                p.pexpire(k, int(ttl * 1000), nx=True)
+                n, _ = await p.execute()
+            return int(n)
+
+        ok, res = await self._call(go)
+        return res if ok else None
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        with contextlib.suppress(*FAILURES):
+            async with asyncio.timeout(self.timeout):
+                await self.client.aclose()
