@@ -1,0 +1,366 @@
+"""[cluster] redis end to end: two ingress instances sharing one real redis-server.
+
+One machine plays two edge hosts: two `all`-role ingress instances (tests.kit.harness.Ingress),
+each with its own spool and state dir, bound to 127.0.0.1 and 127.0.0.2, and one redis-server
+(Debian package redis-server; the tests skip without it) that each test starts on a unix socket
+in a temp dir (`--save '' --appendonly no`: nothing on disk) and stops by its PID.
+
+- the global bulk cap (lanes.bulk.rate) is held within 5% over both instances together;
+- an early talker penalised on A is refused on B;
+- a client learned on A (SPF pass + aligned DKIM pass) is fast on B;
+- Redis stopped mid-run: both keep answering 250 on their local shares and log the fallback;
+  started again, both rejoin (cluster_state_up) and take from the shared bucket again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dkim
+import pytest
+import redis
+
+from tests.kit.dkimkeys import signing_key
+from tests.kit.dnsserver import DNSServer
+from tests.kit.harness import Ingress, send_one, smtp_dialogue, split_trace
+
+pytestmark = pytest.mark.needs_redis
+
+A_HOST, B_HOST = "127.0.0.1", "127.0.0.2"
+SPF_IP = "127.0.0.30"
+TALKER_IP = "127.0.0.41"
+POLITE_IP = "127.0.0.42"
+ACCEPTORS = 2
+
+
+class RedisServer:
+    """redis-server on a unix socket in its own temp dir; start() again after stop() reuses
+    the socket path (an empty Redis: nothing is saved)."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="rds-", dir="/tmp"))
+        self.sock = self.dir / "redis.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"unix://{self.sock}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", "0", "--unixsocket", str(self.sock),
+             "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.RedisError, OSError):
+                if self.client().ping():
+                    return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited {self.proc.returncode}")
+            time.sleep(0.05)
+        raise TimeoutError("redis-server not ready in 10 s")
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(unix_socket_path=str(self.sock), socket_timeout=2,
+                           decode_responses=True)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+def tables(server: RedisServer, host: str, **extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    t: dict[str, dict[str, Any]] = {
+        "listen": {"host": host},
+        "supervisor": {"acceptors": ACCEPTORS},
+        "cluster": {"redis": server.url, "redis_timeout": 0.5, "redis_retry": 0.5,
+                    "edges": 2},
+    }
+    for table, kv in extra.items():
+        t.setdefault(table, {}).update(kv)
+    return t
+
+
+def wait_events(ing: Ingress, name: str, n: int, timeout: float = 15.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = ing.events(name)
+        if len(got) >= n:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"{n} x {name} not logged in {timeout}s: {ing.log_tail()}")
+
+
+@contextlib.contextmanager
+def two_edges(tmp: Path, server: RedisServer,
+              **extra: dict[str, Any]) -> Iterator[tuple[Ingress, Ingress]]:
+    with Ingress(tmp / "a", tables(server, A_HOST, **extra)) as a, \
+            Ingress(tmp / "b", tables(server, B_HOST, **extra)) as b:
+        for ing in (a, b):    # every acceptor connected to Redis
+            wait_events(ing, "cluster_state_up", ACCEPTORS)
+        yield a, b
+
+
+def message(subject: str, sender: str = "alice@good.test") -> bytes:
+    return (f"From: {sender}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject}@good.test>\r\n\r\nHello.\r\n").encode()
+
+
+# --- the global bulk cap ---------------------------------------------------------------------
+
+RATE, BURST = 20.0, 20          # the global cap: 20 bulk messages a second, burst 20
+WINDOW = 8.0                    # seconds of spam against both instances
+CLIENTS = 4                     # spam loops per instance
+MAX_TRIES = 2000                # MAIL FROMs per loop, at most (a bound, not a target)
+
+
+class Conn:
+    """One raw SMTP connection: a command, its (last) reply line."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def reply(self) -> str:
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), 10)
+            if not line:
+                return "EOF"
+            if line[3:4] != b"-":
+                return line.decode("ascii", "replace")
+
+    async def cmd(self, line: bytes) -> str:
+        self.writer.write(line)
+        await self.writer.drain()
+        return await self.reply()
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+async def spam_loop(host: str, port: int, until: float, tag: str,
+                    stats: dict[str, Any]) -> None:
+    """One bulk client: MAIL FROM again and again on one connection (reconnecting after a
+    421), a message after each 250, a short pause after each 451. Bounded by `until` and
+    MAX_TRIES."""
+    tries = 0
+    while time.monotonic() < until and tries < MAX_TRIES:
+        try:
+            c = Conn(*await asyncio.open_connection(host, port))
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        try:
+            await c.reply()                                 # banner
+            await c.cmd(b"EHLO spammer.test\r\n")
+            while time.monotonic() < until and tries < MAX_TRIES:
+                tries += 1
+                sent = time.monotonic()
+                stats["first"] = min(stats["first"], sent)
+                r = await c.cmd(b"MAIL FROM:<spam@spam.test>\r\n")
+                if r.startswith("250"):
+                    stats["last"] = max(stats["last"], time.monotonic())
+                    stats["admitted"][tag] += 1
+                    await c.cmd(b"RCPT TO:<bob@example.test>\r\n")
+                    await c.cmd(b"DATA\r\n")
+                    d = await c.cmd(b"Subject: spam\r\n\r\nbuy\r\n.\r\n")
+                    stats["data"][d[:3]] = stats["data"].get(d[:3], 0) + 1
+                elif r.startswith("451"):
+                    stats["shed"] += 1
+                    await c.cmd(b"RSET\r\n")
+                    await asyncio.sleep(0.02)
+                else:                                       # 421: closed; reconnect
+                    break
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            await c.close()
+
+
+def test_global_bulk_cap_held_across_two_edges(tmp_path: Path,
+                                               redis_server: RedisServer) -> None:
+    extra = {"lanes.bulk": {"rate": RATE, "burst": BURST},
+             "admission": {"shed_delay": 0.0, "shed_limit": 100000}}
+    with two_edges(tmp_path, redis_server, **extra) as (a, b):
+        stats: dict[str, Any] = {"first": float("inf"), "last": 0.0, "shed": 0,
+                                 "admitted": {"a": 0, "b": 0}, "data": {}}
+
+        async def run() -> None:
+            until = time.monotonic() + WINDOW
+            await asyncio.gather(*(
+                spam_loop(host, ing.port, until, tag, stats)
+                for host, ing, tag in ((A_HOST, a, "a"), (B_HOST, b, "b"))
+                for _ in range(CLIENTS)))
+
+        asyncio.run(run())
+        admitted = stats["admitted"]["a"] + stats["admitted"]["b"]
+        # Accounting, not speed: the bucket admits at most BURST + RATE x (time between the
+        # first MAIL FROM and the last admitted one); with demand above the cap it admits
+        # about that much. Two independent caps would admit about twice that, and two local
+        # shares (Redis unused) BULK_SHARE x that.
+        elapsed = stats["last"] - stats["first"]
+        expected = BURST + RATE * elapsed
+        assert stats["shed"] > admitted, stats         # the demand was above the cap
+        assert abs(admitted - expected) <= 0.05 * expected, (admitted, expected, stats)
+        assert stats["admitted"]["a"] > 0 and stats["admitted"]["b"] > 0, stats
+        # Nothing the shared cap admitted was shed again after DATA by a broker.
+        assert stats["data"] == {"250": admitted}, stats
+        assert len(a.spooled()) + len(b.spooled()) == admitted
+        assert not a.events("cluster_state_down") and not b.events("cluster_state_down")
+
+
+# --- early talkers ---------------------------------------------------------------------------
+
+def test_early_talker_penalised_on_a_is_refused_on_b(tmp_path: Path,
+                                                     redis_server: RedisServer) -> None:
+    extra = {"admission": {"greet_pause": 0.5, "penalty": 60.0}}
+    with two_edges(tmp_path, redis_server, **extra) as (a, b):
+        async def run() -> tuple[list[str], list[str], list[str]]:
+            early = await smtp_dialogue(a.port, [b"EHLO hasty.test\r\n"], host=A_HOST,
+                                        wait_banner=False, source=TALKER_IP)
+            # The penalty reaches B over Redis pub/sub a few milliseconds later: poll B with
+            # connections that wait for the banner (bounded: at most 5 s).
+            again: list[str] = []
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                again = await smtp_dialogue(b.port, [], host=B_HOST, source=TALKER_IP)
+                if again and not again[0].startswith("220"):
+                    break
+                await asyncio.sleep(0.1)
+            polite = await smtp_dialogue(b.port, [b"EHLO polite.test\r\n"], host=B_HOST,
+                                         source=POLITE_IP)
+            return early, again, polite
+
+        early, again, polite = asyncio.run(run())
+        assert early[0].startswith("554 5.5.0"), early
+        assert again and again[0].startswith("421 4.7.0"), again
+        assert polite[0].startswith("220") and polite[1].startswith("250"), polite
+        assert a.events("early_talker") and not b.events("early_talker")
+        assert redis_server.client().zscore("smtp-ingress:penalty", TALKER_IP) is not None
+
+
+# --- the learned allow cache -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dkim_key() -> tuple[bytes, str]:
+    pem, pub = signing_key()
+    return pem, "v=DKIM1; k=rsa; p=" + base64.b64encode(pub).decode()
+
+
+@pytest.fixture(scope="module")
+def dns_server(dkim_key: tuple[bytes, str]) -> Iterator[DNSServer]:
+    records = {
+        "good.test": {"TXT": [f"v=spf1 ip4:{SPF_IP} -all"]},
+        "sel._domainkey.good.test": {"TXT": [dkim_key[1]]},
+    }
+    with DNSServer(records) as server:
+        yield server
+
+
+def lane_of(ing: Ingress, subject: str) -> str:
+    for entry in ing.spooled().values():
+        if f"Subject: {subject}\r\n".encode() in split_trace(entry.message)[1]:
+            return str(entry.envelope["lane"])
+    raise AssertionError(f"{subject!r} not spooled")
+
+
+def test_client_learned_on_a_is_fast_on_b(tmp_path: Path, redis_server: RedisServer,
+                                          dns_server: DNSServer,
+                                          dkim_key: tuple[bytes, str]) -> None:
+    extra = {"classify": {"spf_promote": "any", "nameservers": [dns_server.address],
+                          "dns_timeout": 1.0, "spf_deadline": 2.0, "dkim_deadline": 3.0}}
+    with two_edges(tmp_path, redis_server, **extra) as (a, b):
+        # Before: the client is unknown on B (bulk with a sender whose SPF says nothing).
+        code, text = asyncio.run(send_one(b.port, message("before", "bob@nodomain.test"),
+                                          host=B_HOST, source=SPF_IP))
+        assert code == 250, text
+        assert lane_of(b, "before") == "bulk"
+        signed = dkim.sign(message("signed"), b"sel", b"good.test", dkim_key[0],
+                           include_headers=[b"from", b"to", b"subject", b"message-id"])
+        code, text = asyncio.run(send_one(a.port, signed + message("signed"), host=A_HOST,
+                                          source=SPF_IP, sender="alice@good.test"))
+        assert code == 250, text
+        assert lane_of(a, "signed") == "fast"
+        r = redis_server.client()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and r.zscore("smtp-ingress:learned", SPF_IP) is None:
+            time.sleep(0.1)
+        assert r.zscore("smtp-ingress:learned", SPF_IP) is not None
+        time.sleep(0.5)      # the PUBLISH went out with the ZADD; B's mirrors take it in
+        for ing, host in ((b, B_HOST), (a, A_HOST)):
+            subject = f"learned-{host}"
+            code, text = asyncio.run(send_one(ing.port, message(subject, "bob@nodomain.test"),
+                                              host=host, source=SPF_IP))
+            assert code == 250, text
+            assert lane_of(ing, subject) == "fast", host
+        assert any("learned-allow" in e.get("reasons", "") for e in b.events("message"))
+
+
+# --- Redis stopped mid-run -------------------------------------------------------------------
+
+def test_redis_stopped_edges_fall_back_and_rejoin(tmp_path: Path,
+                                                  redis_server: RedisServer) -> None:
+    extra = {"lanes.bulk": {"rate": 1.0, "burst": 10}}
+    with two_edges(tmp_path, redis_server, **extra) as (a, b):
+        edges = ((a, A_HOST), (b, B_HOST))
+
+        def send_all(tag: str) -> None:
+            for ing, host in edges:
+                code, text = asyncio.run(send_one(ing.port, message(f"{tag}-{host}"),
+                                                  host=host, sender="x@nowhere.test"))
+                assert code == 250, (tag, host, text)
+
+        send_all("shared")
+        tokens = float(redis_server.client().hget("smtp-ingress:bulk", "tokens") or 99)
+        assert tokens < 9.5         # both took from the one shared bucket
+        redis_server.stop()
+        for ing, _ in edges:
+            down = wait_events(ing, "cluster_state_down", ACCEPTORS)
+            assert all("local limits" in d["fallback"] for d in down)
+        send_all("local1")           # served on the local shares: 250, nothing lost
+        send_all("local2")
+        redis_server.start()
+        for ing, _ in edges:
+            wait_events(ing, "cluster_state_up", 2 * ACCEPTORS)
+        r = redis_server.client()
+        assert r.hget("smtp-ingress:bulk", "tokens") is None     # a fresh, empty Redis
+        send_all("rejoined")
+        tokens = float(r.hget("smtp-ingress:bulk", "tokens") or 99)
+        assert tokens < 9.5         # the shared bucket again, for both
+        for ing, host in edges:
+            subjects = {split_trace(e.message)[1].split(b"Subject: ")[1].split(b"\r\n")[0]
+                        for e in ing.spooled().values()}
+            assert subjects == {f"{t}-{host}".encode()
+                                for t in ("shared", "local1", "local2", "rejoined")}
