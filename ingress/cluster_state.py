@@ -23,7 +23,8 @@ API
                                     caller uses its local share (lanes.bulk_mail_admitted)
     share_penalty(ip)               record and publish an early-talker penalty (fire and forget)
     share_learned(ip)               record and publish a learned allow entry (fire and forget)
-    edges() -> int                  edges seen alive by their heartbeats (at least 1)
+    edges() -> int                  edges sharing the cap: max(cluster.edges, edges seen
+                                    alive by their heartbeats)
     The seam for state others build (identity shares, deferral records), generic and bounded:
     record(kind, key, ttl, value="1") -> bool       SET prefix:kind:key value EX ttl
     lookup(kind, key) -> str | None                 GET (None: absent, or Redis down)
@@ -257,7 +258,8 @@ class ClusterState:
     # --- edges --------------------------------------------------------------------------------
 
     def edges(self) -> int:
-        return self._edges
+        """Edges sharing the cap: cluster.edges, or more if the heartbeats counted more."""
+        return max(self.cfg.cluster.edges, self._edges)
 
     async def _heartbeat(self) -> None:
         """Say this acceptor is alive; count the edges (distinct nodes) alive."""
