@@ -22,6 +22,10 @@ API
     ip_key(ip, ipv6_prefix) -> str               the per-IP accounting key (ingress.core.addr's)
     stress_timeouts(normal_idle, saturated, stress_idle=10.0) -> float
     Verdict.reply                                the refusal's line (ingress.policy.replies)
+    bulk_share_bucket(cfg, edges=0) -> (rate, burst) | None   one acceptor's share of the
+                                                 bulk cap (over acceptors x edges)
+    broker_bucket(cfg, lane) -> (rate, burst)    a lane broker's own bucket (a guard with
+                                                 headroom when [cluster] redis holds the cap)
 
 Rules
     * fast: admitted while any slot is free (in_use < max_connections); never rate-capped,
