@@ -364,3 +364,27 @@ def test_redis_stopped_edges_fall_back_and_rejoin(tmp_path: Path,
                         for e in ing.spooled().values()}
             assert subjects == {f"{t}-{host}".encode()
                                 for t in ("shared", "local1", "local2", "rejoined")}
+
+
+def test_redis_frozen_calls_meet_their_deadline(tmp_path: Path,
+                                                redis_server: RedisServer) -> None:
+    """A Redis that stops answering (SIGSTOP: the connections stay open, nothing comes back)
+    is the slow case: the bulk bucket call runs into cluster.redis_timeout, the acceptor goes
+    local and the mail gets 250; after SIGCONT they rejoin."""
+    extra = {"lanes.bulk": {"rate": 1.0, "burst": 10}}
+    with two_edges(tmp_path, redis_server, **extra) as (a, b):
+        assert redis_server.proc is not None
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            for ing, host in ((a, A_HOST), (b, B_HOST)):
+                code, text = asyncio.run(send_one(ing.port, message(f"frozen-{host}"),
+                                                  host=host, sender="x@nowhere.test"))
+                assert code == 250, text
+                down = wait_events(ing, "cluster_state_down", 1)
+                assert "TimeoutError" in down[0]["error"], down
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        for ing in (a, b):
+            ups = wait_events(ing, "cluster_state_up", ACCEPTORS + 1)
+            assert len(ups) > ACCEPTORS
+        assert len(a.spooled()) == 1 and len(b.spooled()) == 1
