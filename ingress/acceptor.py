@@ -42,6 +42,7 @@ from typing import Any
 from ingress import proxy
 from ingress.cluster_state import ClusterState
 from ingress.core import child, log, procs
+from ingress.core.addr import ip_key
 from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
 from ingress.core.fsutil import atomic_write
@@ -134,7 +135,10 @@ class AcceptorContext:
         return decide(evidence, self.policy)
 
     def admit(self, proto: Seat) -> str | None:
-        return self.table.admit(proto, self.draining, time.monotonic())
+        now = time.monotonic()
+        over = self.cluster is not None and proto.lane is Lane.BULK and self.cluster.conn_over(
+            ip_key(proto.peer_ip, self.table.admission.limits.ipv6_prefix), now)
+        return self.table.admit(proto, self.draining, now, shared_rate_over=over)
 
     def spoke(self, proto: Seat) -> None:
         self.table.spoke(proto)

@@ -23,6 +23,9 @@ API
                                     caller uses its local share (lanes.bulk_mail_admitted)
     share_penalty(ip)               record and publish an early-talker penalty (fire and forget)
     share_learned(ip)               record and publish a learned allow entry (fire and forget)
+    conn_over(key, now) -> bool     a bulk connection attempt from IP key `key`: counted for
+                                    the cluster, and is that key over the cluster's per-IP
+                                    rate (by the last flush; no Redis call; False when down)
     edges() -> int                  edges sharing the cap: max(cluster.edges, edges seen
                                     alive by their heartbeats)
     The seam for state others build (identity shares, deferral records), generic and bounded:
@@ -38,6 +41,8 @@ Keys (prefix = cluster.redis_prefix; all bounded):
                                     MAX_MIRRORED entries, expired entries purged on write
     {prefix}:learned                sorted set ip -> learned at (unix s); trimmed to
                                     classify.learned_max, entries older than learned_ttl purged
+    {prefix}:conn:{window}:{ipkey}  attempts from one IP key in one CONN_WINDOW, all edges
+                                    (INCRBY from each acceptor every CONN_FLUSH; EX 3 s)
     {prefix}:edge:{node}:{ident}    heartbeat of one acceptor (EX 3 x redis_retry); node:
                                     a hash of the host name and spool.state_dir
     {prefix}:{kind}:{key}           the seam's keys (kind and key length-checked)
@@ -55,8 +60,10 @@ Limits
     A mirrored penalty runs its full admission.penalty from when it arrives (the local box has
     no "until" argument), so a reload can lengthen one by up to a penalty. The bucket is exact
     while Redis is up; while down each acceptor holds its share (admission.bulk_share_bucket:
-    rate x BULK_SHARE / (acceptors x cluster.edges)). Per-IP connection rates are not shared
-    yet (still per acceptor; incr() is the seam for it). Wall clocks of the edges must agree to
+    rate x BULK_SHARE / (acceptors x cluster.edges)). The shared per-IP rate is mirrored: the
+    counts of the other acceptors arrive at most CONN_FLUSH (plus a Redis round trip) late, so
+    in that lag each acceptor's local bucket (admission.per_ip_rate) is what holds; at most
+    MAX_PENDING keys are counted per flush. Wall clocks of the edges must agree to
     within a penalty or a learned TTL (NTP).
 """
 
@@ -66,8 +73,10 @@ import asyncio
 import contextlib
 import hashlib
 import ipaddress
+import math
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -81,6 +90,10 @@ from ingress.core.config import Config
 
 MAX_MIRRORED = 65536      # penalties kept in Redis (as the local box: admission.max_penalised)
 MAX_KEY = 200             # bytes of a seam key or kind
+CONN_WINDOW = 1           # seconds: one window of the shared per-IP connection counts
+CONN_FLUSH = 0.1          # seconds between two flushes of this acceptor's counts
+MAX_PENDING = 4096        # IP keys counted between two flushes (more: not counted until then)
+MAX_OVER = 65536          # IP keys marked over the shared rate at once
 FAILURES = (RedisError, OSError, TimeoutError, ValueError, asyncio.IncompleteReadError)
 
 # The global bulk bucket: refill by elapsed time at `rate` up to `burst`, take one token.
@@ -147,6 +160,13 @@ class ClusterState:
         self.node = hashlib.sha256(
             f"{socket.gethostname()}/{cfg.spool.state_dir}".encode()).hexdigest()[:12]
         self._tasks: set[asyncio.Task[Any]] = set()
+        # shared per-IP connection rates: attempts since the last flush, and the keys the last
+        # flushes found over the cluster's limit (key -> monotonic until)
+        a = cfg.admission
+        self.conn_limit = max(a.per_ip_burst, math.ceil(
+            cfg.acceptor_count * a.per_ip_rate * CONN_WINDOW)) if a.per_ip_rate > 0 else 0
+        self._pending: Counter[str] = Counter()
+        self._over: dict[str, float] = {}
 
     @classmethod
     def create(cls, cfg: Config, ident: str, on_penalty: Callable[[str], None],
@@ -255,6 +275,52 @@ class ClusterState:
         elif channel == self.key("chan", "learn"):
             self.on_learn(ip, time.time())
 
+    # --- per-IP connection rates, shared ---------------------------------------------------------
+
+    def conn_over(self, key: str, now: float) -> bool:
+        """A bulk connection attempt from IP key `key` (admission.ip_key): count it for the
+        next flush, and say whether the cluster's last known count for the key is over
+        conn_limit (ceil(acceptors x admission.per_ip_rate + per_ip_burst) attempts a window:
+        the cluster together allows one IP what one host allows it). Synchronous and local:
+        no Redis call. False while Redis is down (the local per-acceptor bucket still holds)."""
+        if not self.up or self.conn_limit <= 0:
+            return False
+        if key in self._pending or len(self._pending) < MAX_PENDING:
+            self._pending[key] += 1
+        until = self._over.get(key)
+        if until is None:
+            return False
+        if now >= until:
+            del self._over[key]
+            return False
+        return True
+
+    async def _flush_conns(self) -> None:
+        """Add this acceptor's attempts to the window's shared counts (one pipeline) and mark
+        the keys now over the limit until the end of the next window. Attempts count, refused
+        or not (as with the local bucket, and Postfix's anvil): a client that keeps hammering
+        goes over again in that next window and stays out; one that slows down is back after
+        it."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, Counter()
+        window = int(time.time()) // CONN_WINDOW
+        keys = list(pending)
+        async with self.client.pipeline(transaction=False) as p:
+            for k in keys:
+                rk = self.key("conn", str(window), k)
+                p.incrby(rk, pending[k])
+                p.expire(rk, 2 * CONN_WINDOW + 1)
+            res = await p.execute()
+        now, wall = time.monotonic(), time.time()
+        until = now + (window + 1) * CONN_WINDOW - wall + CONN_WINDOW
+        for k, total in zip(keys, res[0::2], strict=True):
+            if int(total) > self.conn_limit and (k in self._over or len(self._over) < MAX_OVER):
+                self._over[k] = until
+        if len(self._over) > MAX_OVER // 2:
+            for k in [k for k, u in self._over.items() if u <= now]:
+                del self._over[k]
+
     # --- edges --------------------------------------------------------------------------------
 
     def edges(self) -> int:
@@ -306,8 +372,10 @@ class ClusterState:
                 async with asyncio.timeout(max(1.0, 20 * self.timeout)):
                     await self._heartbeat()
                 next_beat = now + self.retry
-            async with asyncio.timeout(self.retry + 1.0):
-                msg = await pubsub.get_message(timeout=min(1.0, self.retry))
+            async with asyncio.timeout(max(1.0, 20 * self.timeout)):
+                await self._flush_conns()
+            async with asyncio.timeout(CONN_FLUSH + 1.0):
+                msg = await pubsub.get_message(timeout=CONN_FLUSH)
             if msg is not None and msg.get("type") == "message":
                 self._fact(str(msg.get("channel", "")), str(msg.get("data", "")))
 

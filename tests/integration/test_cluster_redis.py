@@ -388,3 +388,38 @@ def test_redis_frozen_calls_meet_their_deadline(tmp_path: Path,
             ups = wait_events(ing, "cluster_state_up", ACCEPTORS + 1)
             assert len(ups) > ACCEPTORS
         assert len(a.spooled()) == 1 and len(b.spooled()) == 1
+
+
+# --- per-IP connection rates -----------------------------------------------------------------
+
+RATE_IP = "127.0.0.50"
+PER_IP_RATE, PER_IP_BURST = 1.0, 3     # the cluster's limit: max(3, 2 acceptors x 1) a second
+ATTEMPTS, PACE = 80, 0.05              # 80 connections, one every 50 ms, alternating A and B
+
+
+def test_per_ip_connection_rate_shared(tmp_path: Path, redis_server: RedisServer) -> None:
+    """One IP connecting to both edges in turn: the cluster lets it in about as often as one
+    host would (the shared count), not once per acceptor per edge. Without the shared count
+    the four acceptors' own buckets would let in up to 4 x (burst + rate x run time)."""
+    extra = {"admission": {"per_ip_rate": PER_IP_RATE, "per_ip_burst": PER_IP_BURST}}
+    with two_edges(tmp_path, redis_server, **extra) as (a, b):
+        async def run() -> dict[str, int]:
+            seen: dict[str, int] = {}
+            for i in range(ATTEMPTS):
+                ing, host = (a, A_HOST) if i % 2 == 0 else (b, B_HOST)
+                banner = (await smtp_dialogue(ing.port, [], host=host, source=RATE_IP))[0]
+                seen[banner[:9]] = seen.get(banner[:9], 0) + 1
+                await asyncio.sleep(PACE)
+            return seen
+
+        t0 = time.monotonic()
+        seen = asyncio.run(run())
+        elapsed = time.monotonic() - t0
+        admitted = sum(n for code, n in seen.items() if code.startswith("220"))
+        local_bound = 2 * ACCEPTORS * (PER_IP_BURST + PER_IP_RATE * elapsed)
+        assert set(seen) <= {"220 mx.te", "421 4.7.0"}, seen
+        assert admitted >= PER_IP_BURST, seen            # it was let in at first
+        # the shared count holds it to about one host's allowance (the first window's limit
+        # plus what the counts' lag, CONN_FLUSH, lets through): well under half of what the
+        # acceptors' own buckets allow (they alone let in about local_bound)
+        assert admitted <= local_bound / 2, (seen, local_bound)
