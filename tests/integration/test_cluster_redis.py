@@ -30,9 +30,11 @@ import dkim
 import pytest
 import redis
 
+from ingress.cluster_state import ClusterState
+from ingress.core import config
 from tests.kit.dkimkeys import signing_key
 from tests.kit.dnsserver import DNSServer
-from tests.kit.harness import Ingress, send_one, smtp_dialogue, split_trace
+from tests.kit.harness import Ingress, send_one, smtp_dialogue, split_trace, write_config
 
 pytestmark = pytest.mark.needs_redis
 
@@ -423,3 +425,77 @@ def test_per_ip_connection_rate_shared(tmp_path: Path, redis_server: RedisServer
         # plus what the counts' lag, CONN_FLUSH, lets through): well under half of what the
         # acceptors' own buckets allow (they alone let in about local_bound)
         assert admitted <= local_bound / 2, (seen, local_bound)
+
+
+# --- the client itself, in this process: the seam, the bucket, the circuit ----------------------
+
+def cluster_cfg(tmp: Path, server: RedisServer, **cluster: Any) -> Any:
+    f = tmp / "c.toml"
+    write_config(f, {"cluster": {"redis": server.url, "redis_timeout": 0.5,
+                                 "redis_retry": 0.5, **cluster},
+                     "lanes.bulk": {"rate": 5.0, "burst": 3},
+                     "spool": {"path": str(tmp / "spool"), "state_dir": str(tmp / "st")},
+                     "supervisor": {"acceptors": 1}})
+    return config.load(f)
+
+
+def test_client_seam_bucket_and_circuit(tmp_path: Path, redis_server: RedisServer) -> None:
+    penalties: list[str] = []
+    learned: list[str] = []
+    cfg = cluster_cfg(tmp_path, redis_server)
+
+    async def run() -> None:
+        cs = ClusterState(cfg, "t0", penalties.append, lambda ip, at: learned.append(ip))
+        other = ClusterState(cfg, "t1", lambda ip: None, lambda ip, at: None)
+        assert await cs.bulk_take() is None                    # not connected yet: local
+        tasks = [asyncio.create_task(c.run()) for c in (cs, other)]
+        try:
+            deadline = time.monotonic() + 5
+            while not (cs.up and other.up) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert cs.up and other.up
+            # the seam: bounded generic records
+            assert await cs.record("deferral", "k1", 5.0, "v") is True
+            assert await other.lookup("deferral", "k1") == "v"
+            assert await other.lookup("deferral", "nope") is None
+            assert await cs.record("bad:kind", "k", 5.0) is False
+            assert await cs.record("deferral", "x" * 500, 5.0) is False
+            assert [await c.incr("share", "id1", 5.0) for c in (cs, other, cs)] == [1, 2, 3]
+            # the bucket: burst 3 shared by both clients, then empty (rate 5/s refills one
+            # token in 200 ms: the takes below are far quicker than that on any machine)
+            takes = [await c.bulk_take() for c in (cs, other, cs, other)]
+            assert takes[:3] == [True, True, True] and takes[3] is False, takes
+            # facts cross over pub/sub, never back to their origin
+            other.share_penalty("192.0.2.7")
+            other.share_learned("192.0.2.8")
+            cs.share_penalty("192.0.2.9")
+            deadline = time.monotonic() + 5
+            while (not penalties or not learned) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert penalties == ["192.0.2.7"] and learned == ["192.0.2.8"]
+            # the circuit: Redis gone -> down, every call answers at once (local fallback)
+            redis_server.stop()
+            assert await cs.bulk_take() is None
+            assert not cs.up
+            assert await cs.lookup("deferral", "k1") is None
+            assert await cs.incr("share", "id1", 5.0) is None
+            assert await cs.record("deferral", "k2", 5.0) is False
+            assert cs.conn_over("192.0.2.1", time.monotonic()) is False
+            tried: list[int] = []               # while down, no call even reaches Redis
+
+            async def probe() -> None:
+                tried.append(1)
+
+            assert await cs._call(probe) == (False, None) and not tried
+            redis_server.start()
+            deadline = time.monotonic() + 5
+            while not cs.up and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert cs.up and await cs.bulk_take() is True
+        finally:
+            for task in tasks:
+                task.cancel()
+            for c in (cs, other):
+                await c.close()
+
+    asyncio.run(run())
