@@ -9,7 +9,11 @@ in a temp dir (`--save '' --appendonly no`: nothing on disk) and stops by its PI
 - an early talker penalised on A is refused on B;
 - a client learned on A (SPF pass + aligned DKIM pass) is fast on B;
 - Redis stopped mid-run: both keep answering 250 on their local shares and log the fallback;
-  started again, both rejoin (cluster_state_up) and take from the shared bucket again.
+  started again, both rejoin (cluster_state_up) and take from the shared bucket again; a
+  frozen Redis (SIGSTOP) is met by the call deadline the same way;
+- one IP's connection rate is counted over both;
+- both behind a real HAProxy (PROXY v2, round-robin): the cap and the penalty hold the same;
+- the client module in this process: the record/lookup/incr seam, the bucket, the circuit.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import redis
 
 from ingress.cluster_state import ClusterState
 from ingress.core import config
+from tests.integration.test_haproxy import HAProxy
 from tests.kit.dkimkeys import signing_key
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, send_one, smtp_dialogue, split_trace, write_config
@@ -173,14 +178,15 @@ class Conn:
 
 
 async def spam_loop(host: str, port: int, until: float, tag: str,
-                    stats: dict[str, Any]) -> None:
+                    stats: dict[str, Any], source: str | None = None) -> None:
     """One bulk client: MAIL FROM again and again on one connection (reconnecting after a
     421), a message after each 250, a short pause after each 451. Bounded by `until` and
     MAX_TRIES."""
     tries = 0
     while time.monotonic() < until and tries < MAX_TRIES:
         try:
-            c = Conn(*await asyncio.open_connection(host, port))
+            c = Conn(*await asyncio.open_connection(
+                host, port, local_addr=(source, 0) if source else None))
         except OSError:
             await asyncio.sleep(0.05)
             continue
@@ -216,8 +222,7 @@ def test_global_bulk_cap_held_across_two_edges(tmp_path: Path,
     extra = {"lanes.bulk": {"rate": RATE, "burst": BURST},
              "admission": {"shed_delay": 0.0, "shed_limit": 100000}}
     with two_edges(tmp_path, redis_server, **extra) as (a, b):
-        stats: dict[str, Any] = {"first": float("inf"), "last": 0.0, "shed": 0,
-                                 "admitted": {"a": 0, "b": 0}, "data": {}}
+        stats = new_stats()
 
         async def run() -> None:
             until = time.monotonic() + WINDOW
@@ -227,20 +232,30 @@ def test_global_bulk_cap_held_across_two_edges(tmp_path: Path,
                 for _ in range(CLIENTS)))
 
         asyncio.run(run())
-        admitted = stats["admitted"]["a"] + stats["admitted"]["b"]
-        # Accounting, not speed: the bucket admits at most BURST + RATE x (time between the
-        # first MAIL FROM and the last admitted one); with demand above the cap it admits
-        # about that much. Two independent caps would admit about twice that, and two local
-        # shares (Redis unused) BULK_SHARE x that.
-        elapsed = stats["last"] - stats["first"]
-        expected = BURST + RATE * elapsed
-        assert stats["shed"] > admitted, stats         # the demand was above the cap
-        assert abs(admitted - expected) <= 0.05 * expected, (admitted, expected, stats)
         assert stats["admitted"]["a"] > 0 and stats["admitted"]["b"] > 0, stats
-        # Nothing the shared cap admitted was shed again after DATA by a broker.
-        assert stats["data"] == {"250": admitted}, stats
-        assert len(a.spooled()) + len(b.spooled()) == admitted
-        assert not a.events("cluster_state_down") and not b.events("cluster_state_down")
+        check_cap(stats, a, b)
+
+
+def new_stats() -> dict[str, Any]:
+    return {"first": float("inf"), "last": 0.0, "shed": 0, "admitted": {"a": 0, "b": 0},
+            "data": {}}
+
+
+def check_cap(stats: dict[str, Any], a: Ingress, b: Ingress) -> None:
+    """Accounting, not speed: the bucket admits at most BURST + RATE x (time between the first
+    MAIL FROM and the last admitted one); with demand above the cap it admits about that much.
+    Two independent caps would admit about twice that, and two local shares (Redis unused)
+    BULK_SHARE x that."""
+    admitted = sum(stats["admitted"].values())
+    elapsed = stats["last"] - stats["first"]
+    expected = BURST + RATE * elapsed
+    assert stats["shed"] > admitted, stats         # the demand was above the cap
+    assert abs(admitted - expected) <= 0.05 * expected, (admitted, expected, stats)
+    # Nothing the shared cap admitted was shed again after DATA by a broker.
+    assert stats["data"] == {"250": admitted}, stats
+    assert len(a.spooled()) + len(b.spooled()) == admitted
+    assert len(a.spooled()) > 0 and len(b.spooled()) > 0
+    assert not a.events("cluster_state_down") and not b.events("cluster_state_down")
 
 
 # --- early talkers ---------------------------------------------------------------------------
@@ -499,3 +514,54 @@ def test_client_seam_bucket_and_circuit(tmp_path: Path, redis_server: RedisServe
                 await c.close()
 
     asyncio.run(run())
+
+
+# --- both edges behind a real HAProxy (PROXY v2, round-robin) ----------------------------------
+
+SPAM_IP = "127.0.0.60"
+
+
+@pytest.mark.needs_haproxy
+def test_two_edges_behind_haproxy(tmp_path: Path, redis_server: RedisServer) -> None:
+    """The clients see one address (HAProxy's, PROXY v2 to both edges, round-robin): the global
+    cap holds within 5% over both, and an early talker caught by one edge is refused by the
+    other on its next connections."""
+    extra = {"listen": {"proxy_protocol": True, "trusted_proxies": ["127.0.0.1/32"]},
+             "lanes.bulk": {"rate": RATE, "burst": BURST},
+             "admission": {"shed_delay": 0.0, "shed_limit": 100000, "greet_pause": 0.3,
+                           "penalty": 60.0}}
+    with two_edges(tmp_path, redis_server, **extra) as (a, b):
+        hap = HAProxy(tmp_path, a.port, "send-proxy-v2", more=((B_HOST, b.port),))
+        try:
+            stats = new_stats()
+
+            async def spam() -> None:
+                until = time.monotonic() + WINDOW
+                await asyncio.gather(*(spam_loop("127.0.0.1", hap.port, until, "hap", stats,
+                                                 source=SPAM_IP) for _ in range(2 * CLIENTS)))
+
+            async def talker() -> tuple[list[str], list[list[str]]]:
+                early = await smtp_dialogue(hap.port, [b"EHLO hasty.test\r\n"],
+                                            wait_banner=False, source=TALKER_IP)
+                await asyncio.sleep(0.5)        # the penalty crosses over pub/sub
+                # round-robin: of four more connections, two reach the other edge
+                again = [await smtp_dialogue(hap.port, [], source=TALKER_IP)
+                         for _ in range(4)]
+                return early, again
+
+            stats["admitted"] = {"hap": 0}
+            asyncio.run(spam())
+            check_cap(stats, a, b)
+            early, again = asyncio.run(talker())
+            assert early[0].startswith("554 5.5.0"), early
+            assert all(r[0].startswith("421 4.7.0") for r in again), again
+        finally:
+            hap.stop()
+        caught = [ing for ing in (a, b) if ing.events("early_talker")]
+        assert len(caught) == 1, "one edge caught the early talker"
+        other = b if caught[0] is a else a
+        other.stop()        # its acceptors' counters are in their acceptor_drained lines
+        refused = sum(int(e.get("refused_penalised", 0)) for e in other.events("acceptor_drained"))
+        assert refused >= 1, other.events("acceptor_drained")
+        assert all(e["peer"] == SPAM_IP for ing in (a, b) for e in ing.events("message")), \
+            "every edge saw the client's address from the PROXY v2 header"
