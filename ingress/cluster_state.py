@@ -43,8 +43,9 @@ Keys (prefix = cluster.redis_prefix; all bounded):
                                     classify.learned_max, entries older than learned_ttl purged
     {prefix}:conn:{window}:{ipkey}  attempts from one IP key in one CONN_WINDOW, all edges
                                     (INCRBY from each acceptor every CONN_FLUSH; EX 3 s)
-    {prefix}:edge:{node}:{ident}    heartbeat of one acceptor (EX 3 x redis_retry); node:
-                                    a hash of the host name and spool.state_dir
+    {prefix}:edges                  sorted set "node/acceptor" -> last heartbeat (unix s),
+                                    older than 3 x redis_retry dropped; node: a hash of the
+                                    host name and spool.state_dir
     {prefix}:{kind}:{key}           the seam's keys (kind and key length-checked)
     channels {prefix}:penalty, {prefix}:learn   "ident ip" of a new fact
 
@@ -94,6 +95,7 @@ CONN_WINDOW = 1           # seconds: one window of the shared per-IP connection 
 CONN_FLUSH = 0.1          # seconds between two flushes of this acceptor's counts
 MAX_PENDING = 4096        # IP keys counted between two flushes (more: not counted until then)
 MAX_OVER = 65536          # IP keys marked over the shared rate at once
+MAX_EDGE_ENTRIES = 4096   # acceptors (of all edges) in the heartbeat set
 FAILURES = (RedisError, OSError, TimeoutError, ValueError, asyncio.IncompleteReadError)
 
 # The global bulk bucket: refill by elapsed time at `rate` up to `burst`, take one token.
@@ -155,6 +157,7 @@ class ClusterState:
         self._zadd = self.client.register_script(ZADD_LUA)
         self.up = False
         self.since = time.monotonic()
+        metrics.cluster_state(False)
         self._edges = 1
         # this edge: its host and state dir (two edges on one machine are two nodes)
         self.node = hashlib.sha256(
@@ -328,17 +331,18 @@ class ClusterState:
         return max(self.cfg.cluster.edges, self._edges)
 
     async def _heartbeat(self) -> None:
-        """Say this acceptor is alive; count the edges (distinct nodes) alive."""
-        ttl = max(1, int(3 * self.retry))
-        await self.client.set(self.key("edge", self.node, self.ident), "1", ex=ttl)
-        nodes: set[str] = set()
-        seen = 0
-        async for k in self.client.scan_iter(match=self.key("edge", "*"), count=1000):
-            nodes.add(str(k).split(":")[-2])
-            seen += 1
-            if seen >= 100000:
-                break
-        self._edges = max(1, len(nodes))
+        """Say this acceptor is alive; count the edges (distinct nodes) alive: one sorted set
+        of "node/acceptor" by last heartbeat, entries older than 3 x redis_retry dropped."""
+        now = time.time()
+        key = self.key("edges")
+        async with self.client.pipeline(transaction=True) as p:
+            p.zadd(key, {f"{self.node}/{self.ident}": now})
+            p.zremrangebyscore(key, "-inf", now - 3 * self.retry)
+            p.zremrangebyrank(key, 0, -(MAX_EDGE_ENTRIES + 1))
+            p.expire(key, max(1, int(6 * self.retry)))
+            p.zrange(key, 0, -1)
+            res = await p.execute()
+        self._edges = max(1, len({str(m).split("/", 1)[0] for m in res[-1]}))
 
     # --- the connection loop ------------------------------------------------------------------
 
