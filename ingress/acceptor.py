@@ -162,7 +162,9 @@ class AcceptorContext:
         return await self.spf_service.check(peer_ip, lane, mail_from, helo)
 
     def lane_saturated(self, lane: Lane) -> bool:
-        return self.lanes.lane_saturated(lane)
+        return self.lanes.lane_saturated(lane) or (
+            lane is Lane.BULK and self.cluster is not None
+            and self.cluster.bulk_spent(time.monotonic()))
 
     async def bulk_mail_admitted(self) -> bool:
         """The global bulk bucket in Redis when it is up (one EVALSHA, cluster.redis_timeout);

@@ -21,6 +21,7 @@ API
     bulk_take() -> bool | None      the global bulk bucket (Lua, atomic): True a token was
                                     taken, False it is empty; None: Redis down or slow - the
                                     caller uses its local share (lanes.bulk_mail_admitted)
+    bulk_spent(now) -> bool         the bucket was empty at its last use (< 1 s ago)
     share_penalty(ip)               record and publish an early-talker penalty (fire and forget)
     share_learned(ip)               record and publish a learned allow entry (fire and forget)
     conn_over(key, now) -> bool     a bulk connection attempt from IP key `key`: counted for
@@ -159,6 +160,7 @@ class ClusterState:
         self.since = time.monotonic()
         metrics.cluster_state(False)
         self._edges = 1
+        self._bucket_tokens, self._bucket_at = float("inf"), float("-inf")
         # this edge: its host and state dir (two edges on one machine are two nodes)
         self.node = hashlib.sha256(
             f"{socket.gethostname()}/{cfg.spool.state_dir}".encode()).hexdigest()[:12]
@@ -225,7 +227,13 @@ class ClusterState:
         if not ok:
             metrics.cluster_fallback()
             return None
+        self._bucket_tokens, self._bucket_at = int(res[1]) / 1000, time.monotonic()
         return bool(int(res[0]))
+
+    def bulk_spent(self, now: float) -> bool:
+        """The shared bucket was empty at its last use, less than a second ago (stress mode:
+        shorter bulk idle timeouts, as the local share's empty bucket says on one host)."""
+        return self.up and now - self._bucket_at < 1.0 and self._bucket_tokens < 1.0
 
     # --- penalties and learned entries: record, publish, mirror --------------------------------
 

@@ -484,6 +484,7 @@ def test_client_seam_bucket_and_circuit(tmp_path: Path, redis_server: RedisServe
             # token in 200 ms: the takes below are far quicker than that on any machine)
             takes = [await c.bulk_take() for c in (cs, other, cs, other)]
             assert takes[:3] == [True, True, True] and takes[3] is False, takes
+            assert other.bulk_spent(time.monotonic())      # stress mode for the bulk lane
             # facts cross over pub/sub, never back to their origin
             other.share_penalty("192.0.2.7")
             other.share_learned("192.0.2.8")
