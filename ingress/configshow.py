@@ -26,6 +26,7 @@ from ingress.policy.admission import (
     BULK_SHARE,
     FD_SPARE,
     AdmissionLimits,
+    broker_bucket,
     bulk_share_bucket,
     fd_capped,
 )
@@ -96,7 +97,8 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
         "bulk_share_per_acceptor": None if share is None else
             {"rate": round(share[0], 4), "burst": round(share[1], 4)},
         "bulk_admitted_at_mail_from": None if share is None else
-            round(cfg.lanes.bulk.rate * BULK_SHARE, 4),
+            round(cfg.lanes.bulk.rate * BULK_SHARE / cfg.cluster.edges, 4),
+        "broker_bucket_bulk": broker_bucket(cfg, "bulk"),
     }
 
 
@@ -126,5 +128,12 @@ def render(cfg: config.Config, nofile: tuple[int, int] | None = None) -> str:
         sh = d["bulk_share_per_acceptor"]
         lines.append(f"# bulk cap {d['bulk_rate']:g}/s: each acceptor admits {sh['rate']:g}/s "
                      f"(burst {sh['burst']:g}) at MAIL FROM, {d['bulk_admitted_at_mail_from']:g}/s"
-                     " together; the bulk broker enforces the cap exactly after DATA")
+                     " together" + ("" if cfg.cluster.redis else
+                                    "; the bulk broker enforces the cap exactly after DATA"))
+    if cfg.cluster.redis and d["bulk_share_per_acceptor"] is not None:
+        rate, burst = d["broker_bucket_bulk"]
+        lines.append(f"# [cluster] redis: the cap is one shared bucket for all edges at MAIL FROM; "
+                     f"the shares above hold only while Redis is down (1/{cfg.cluster.edges} "
+                     f"of the cap per edge); the bulk broker guards at {rate:g}/s "
+                     f"(burst {burst:g})")
     return "\n".join(lines) + "\n"

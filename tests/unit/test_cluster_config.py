@@ -102,3 +102,15 @@ BROKER = [
 def test_broker_bucket(lane: str, rate: float, burst: int, redis: str,
                        want: tuple[float, float]) -> None:
     assert broker_bucket(cfg(rate, burst, 2, redis=redis), lane) == pytest.approx(want)
+
+
+def test_check_config_show_explains_the_shared_cap() -> None:
+    from ingress import configshow
+    one = configshow.render(cfg(500.0, 0, 2), nofile=(100000, 100000))
+    two = configshow.render(cfg(500.0, 0, 2, edges=2, redis="redis://r:6379/0"),
+                            nofile=(100000, 100000))
+    assert "550/s together; the bulk broker enforces the cap exactly after DATA" in one
+    assert "[cluster] redis" not in one
+    assert "275/s together\n" in two
+    assert "the shares above hold only while Redis is down (1/2 of the cap per edge)" in two
+    assert "the bulk broker guards at 550/s (burst 1000)" in two
