@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ingress import configshow
 from ingress.core import config
 from ingress.core.config import ClusterConfig, ConfigError
 from ingress.policy.admission import BULK_SHARE, broker_bucket, bulk_share_bucket
@@ -105,7 +106,6 @@ def test_broker_bucket(lane: str, rate: float, burst: int, redis: str,
 
 
 def test_check_config_show_explains_the_shared_cap() -> None:
-    from ingress import configshow
     one = configshow.render(cfg(500.0, 0, 2), nofile=(100000, 100000))
     two = configshow.render(cfg(500.0, 0, 2, edges=2, redis="redis://r:6379/0"),
                             nofile=(100000, 100000))
