@@ -43,7 +43,7 @@ from tests.kit.harness import Ingress, send_one, smtp_dialogue, split_trace, wri
 
 pytestmark = pytest.mark.needs_redis
 
-A_HOST, B_HOST = "127.0.0.1", "127.0.0.2"
+A_HOST, B_HOST, C_HOST = "127.0.0.1", "127.0.0.2", "127.0.0.3"
 SPF_IP = "127.0.0.30"
 TALKER_IP = "127.0.0.41"
 POLITE_IP = "127.0.0.42"
@@ -347,6 +347,14 @@ def test_client_learned_on_a_is_fast_on_b(tmp_path: Path, redis_server: RedisSer
             assert code == 250, text
             assert lane_of(ing, subject) == "fast", host
         assert any("learned-allow" in e.get("reasons", "") for e in b.events("message"))
+        # an edge that starts later loads the shared cache at start (not only on pub/sub)
+        with Ingress(tmp_path / "c", tables(redis_server, C_HOST, **extra)) as c:
+            loaded = wait_events(c, "cluster_state_loaded", ACCEPTORS)
+            assert all(e["learned"] >= 1 for e in loaded), loaded
+            code, text = asyncio.run(send_one(c.port, message("late", "bob@nodomain.test"),
+                                              host=C_HOST, source=SPF_IP))
+            assert code == 250, text
+            assert lane_of(c, "late") == "fast"
 
 
 # --- Redis stopped mid-run -------------------------------------------------------------------
