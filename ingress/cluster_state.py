@@ -47,16 +47,19 @@ Keys (prefix = cluster.redis_prefix; all bounded):
     {prefix}:edges                  sorted set "node/acceptor" -> last heartbeat (unix s),
                                     older than 3 x redis_retry dropped; node: a hash of the
                                     host name and spool.state_dir
-    {prefix}:{kind}:{key}           the seam's keys (kind and key length-checked)
-    channels {prefix}:penalty, {prefix}:learn   "ident ip" of a new fact
+    {prefix}:{kind}:{key}           the seam's keys (kind and key length-checked; the kinds
+                                    above are RESERVED)
+    channels {prefix}:chan:penalty, {prefix}:chan:learn   "ident ip" of a new fact
 
 Failure modes
     No Redis error, timeout or malformed fact is ever raised to a session. A failed or late
     call (over cluster.redis_timeout) marks Redis down: cluster_state_down is logged once, the
-    smtp_ingress_cluster_state_up gauge drops to 0, and every decision goes local (counted in
-    smtp_ingress_cluster_state_fallbacks) until run() reconnects (cluster_state_up logged,
-    mirrors reloaded). While down, calls return at once (no connect attempt on the session
-    path). Facts published while an edge was down reach it when it reloads the sets.
+    smtp_ingress_cluster_state_up gauge drops to 0, and every decision goes local (each bulk
+    MAIL FROM so decided is counted in smtp_ingress_cluster_state_fallbacks) until run()
+    reconnects (cluster_state_up logged, mirrors reloaded). While down, calls return at once
+    (no connect attempt on the session path). Facts published while an edge was down reach it
+    when it reloads the sets; a fact this edge finds while its own Redis is down stays local
+    (this host's acceptors still get it over the bulk broker's fan-out).
 
 Limits
     A mirrored penalty runs its full admission.penalty from when it arrives (the local box has
@@ -92,6 +95,7 @@ from ingress.core.config import Config
 
 MAX_MIRRORED = 65536      # penalties kept in Redis (as the local box: admission.max_penalised)
 MAX_KEY = 200             # bytes of a seam key or kind
+RESERVED = frozenset({"bulk", "penalty", "learned", "conn", "edges", "chan"})   # not seam kinds
 CONN_WINDOW = 1           # seconds: one window of the shared per-IP connection counts
 CONN_FLUSH = 0.1          # seconds between two flushes of this acceptor's counts
 MAX_PENDING = 4096        # IP keys counted between two flushes (more: not counted until then)
@@ -394,7 +398,8 @@ class ClusterState:
     # --- the seam: generic, bounded records for state built elsewhere ---------------------------
 
     def _seam_key(self, kind: str, key: str) -> str | None:
-        if not kind or not key or len(kind) > MAX_KEY or len(key) > MAX_KEY or ":" in kind:
+        if not kind or not key or len(kind) > MAX_KEY or len(key) > MAX_KEY or ":" in kind \
+                or kind in RESERVED:
             return None
         return self.key(kind, key)
 

@@ -486,6 +486,7 @@ def test_client_seam_bucket_and_circuit(tmp_path: Path, redis_server: RedisServe
             assert await other.lookup("deferral", "k1") == "v"
             assert await other.lookup("deferral", "nope") is None
             assert await cs.record("bad:kind", "k", 5.0) is False
+            assert await cs.incr("conn", "1:192.0.2.1", 5.0) is None     # a reserved kind
             assert await cs.record("deferral", "x" * 500, 5.0) is False
             assert [await c.incr("share", "id1", 5.0) for c in (cs, other, cs)] == [1, 2, 3]
             # the bucket: burst 3 shared by both clients, then empty (rate 5/s refills one
