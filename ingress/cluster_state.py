@@ -61,6 +61,12 @@ Failure modes
     when it reloads the sets; a fact this edge finds while its own Redis is down stays local
     (this host's acceptors still get it over the bulk broker's fan-out).
 
+Trust
+    Whoever can write to this Redis can put any IP in the fast lane (a learned entry) or
+    refuse it (a penalty): Redis must be reachable by the edges only, with a password or ACL
+    user in the URL (redis://user:password@host:6379/0) and TLS (rediss://) off the host.
+    What comes back is still checked (IP syntax, sizes), never trusted to be well-formed.
+
 Limits
     A mirrored penalty runs its full admission.penalty from when it arrives (the local box has
     no "until" argument), so a reload can lengthen one by up to a penalty. The bucket is exact
@@ -82,7 +88,7 @@ import math
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -101,6 +107,7 @@ CONN_FLUSH = 0.1          # seconds between two flushes of this acceptor's count
 MAX_PENDING = 4096        # IP keys counted between two flushes (more: not counted until then)
 MAX_OVER = 65536          # IP keys marked over the shared rate at once
 MAX_EDGE_ENTRIES = 4096   # acceptors (of all edges) in the heartbeat set
+MAX_INFLIGHT = 1024       # fire-and-forget records (penalties, learned) in flight at once
 FAILURES = (RedisError, OSError, TimeoutError, ValueError, asyncio.IncompleteReadError)
 
 # The global bulk bucket: refill by elapsed time at `rate` up to `burst`, take one token.
@@ -216,7 +223,13 @@ class ClusterState:
             self._down(f"{type(e).__name__}: {e}")
             return False, None
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Fire and forget, bounded: beyond MAX_INFLIGHT calls in flight (Redis slow under a
+        flood of facts) a new one is dropped (the fact stays local) and counted."""
+        if len(self._tasks) >= MAX_INFLIGHT:
+            coro.close()
+            metrics.cluster_fallback()
+            return
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
