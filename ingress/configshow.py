@@ -20,6 +20,7 @@ import dataclasses
 import resource
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ingress.core import config
 from ingress.policy.admission import (
@@ -42,6 +43,17 @@ def _toml(v: Any) -> str:
     return repr(v)
 
 
+SECRET_URLS = ("cluster.redis",)     # URLs that may carry a password: shown as ***
+
+
+def _masked(key: str, v: Any) -> Any:
+    if key in SECRET_URLS and isinstance(v, str):
+        password = urlsplit(v).password
+        if password:
+            return v.replace(f":{password}@", ":***@", 1)
+    return v
+
+
 def _tables(obj: Any, default: Any, prefix: str) -> list[tuple[str, list[str]]]:
     rows: list[str] = []
     subs: list[tuple[str, list[str]]] = []
@@ -52,7 +64,7 @@ def _tables(obj: Any, default: Any, prefix: str) -> list[tuple[str, list[str]]]:
         if dataclasses.is_dataclass(v):
             subs += _tables(v, d, f"{prefix}{f.name}.")
             continue
-        line = f"{f.name} = {_toml(v)}"
+        line = f"{f.name} = {_toml(_masked(prefix + f.name, v))}"
         if v != d:
             line = f"{line:<40} # default {_toml(d)}"
         rows.append(line)

@@ -114,3 +114,10 @@ def test_check_config_show_explains_the_shared_cap() -> None:
     assert "275/s together\n" in two
     assert "the shares above hold only while Redis is down (1/2 of the cap per edge)" in two
     assert "the bulk broker guards at 550/s (burst 1000)" in two
+
+
+def test_check_config_show_hides_the_redis_password() -> None:
+    out = configshow.render(cfg(500.0, 0, 2, redis="redis://edge:s3cret@10.0.0.5:6379/0"),
+                            nofile=(100000, 100000))
+    assert "s3cret" not in out
+    assert 'redis = "redis://edge:***@10.0.0.5:6379/0"' in out
