@@ -13,16 +13,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian packages the tests and benchmarks use (real Postfix, smtp-source, swaks, HAProxy,
-# systemd-analyze, promtool for the alert rules).
+# systemd-analyze, promtool for the alert rules, redis-server for [cluster] redis).
 # Installed only when running as root and missing; otherwise the tests that need them skip.
 sysdeps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	   { ! command -v postfix >/dev/null || ! command -v swaks >/dev/null || \
 	     ! command -v smtp-source >/dev/null || ! command -v systemd-analyze >/dev/null || \
-	     ! command -v haproxy >/dev/null || ! command -v promtool >/dev/null; }; then \
-	  echo "installing Debian packages: postfix swaks systemd haproxy prometheus"; \
+	     ! command -v haproxy >/dev/null || ! command -v promtool >/dev/null || \
+	     ! command -v redis-server >/dev/null; }; then \
+	  echo "installing Debian packages: postfix swaks systemd haproxy prometheus redis-server"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    postfix swaks systemd haproxy prometheus >/dev/null; \
+	    postfix swaks systemd haproxy prometheus redis-server >/dev/null; \
 	fi
 
 run: $(STAMP)

@@ -10,7 +10,9 @@ API:
                                       (ingress.learned_store) and the lane clients
                                       (ingress.lanes) and the deferral records
                                       (ingress.policy.deferrals, shared with every acceptor
-                                      through the bulk broker: retry evidence)
+                                      through the bulk broker: retry evidence),
+                                      and with [cluster] redis the shared state
+                                      (ingress.cluster_state)
     MtlsListener                      the mutual-TLS port: a slot is taken at accept, before
                                       the TLS handshake (tls.handshake_timeout)
 
@@ -41,7 +43,9 @@ from collections import Counter
 from typing import Any
 
 from ingress import handoff, proxy
+from ingress.cluster_state import ClusterState
 from ingress.core import child, log, metrics, procs
+from ingress.core.addr import ip_key
 from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
 from ingress.core.fsutil import atomic_write
@@ -128,6 +132,10 @@ class AcceptorContext:
         self.deferrals: DeferralRecords = DeferralStore(DeferralLimits(
             min_delay=a.retry_min_delay, ttl=a.retry_ttl, max_records=a.retry_max_records,
             per_net_max=a.retry_per_net))
+        # [cluster] redis: the state every edge shares (None: in-process only, one host)
+        self.cluster = ClusterState.create(
+            cfg, self.ident, lambda ip: self.table.penalise(ip, time.monotonic()),
+            self.learned_store.learn)
 
     @property
     def resolver(self) -> Any:
@@ -154,7 +162,10 @@ class AcceptorContext:
         return True
 
     def admit(self, proto: Seat) -> str | None:
-        return self.table.admit(proto, self.draining, time.monotonic())
+        now = time.monotonic()
+        over = self.cluster is not None and proto.lane is Lane.BULK and self.cluster.conn_over(
+            ip_key(proto.peer_ip, self.table.admission.limits.ipv6_prefix), now)
+        return self.table.admit(proto, self.draining, now, shared_rate_over=over)
 
     def spoke(self, proto: Seat) -> None:
         self.table.spoke(proto)
@@ -166,18 +177,31 @@ class AcceptorContext:
         self.table.promote(proto)
 
     def penalise(self, ip: str) -> None:
-        """Here at once, and in every other acceptor through the bulk broker's fan-out."""
+        """Here at once, and in every other acceptor through the bulk broker's fan-out (and in
+        every other edge through Redis, with [cluster] redis)."""
         self.table.penalise(ip, time.monotonic())
         self.lanes.share_penalty(ip)
+        if self.cluster is not None:
+            self.cluster.share_penalty(ip)
 
     async def spf(self, peer_ip: str, lane: Lane, mail_from: str,
                   helo: str) -> tuple[AuthResult, str]:
         return await self.spf_service.check(peer_ip, lane, mail_from, helo)
 
     def lane_saturated(self, lane: Lane) -> bool:
-        return self.lanes.lane_saturated(lane)
+        return self.lanes.lane_saturated(lane) or (
+            lane is Lane.BULK and self.cluster is not None
+            and self.cluster.bulk_spent(time.monotonic()))
 
-    def bulk_mail_admitted(self) -> bool:
+    async def bulk_mail_admitted(self) -> bool:
+        """The global bulk bucket in Redis when it is up (one EVALSHA, cluster.redis_timeout);
+        else, or when it fails or is late, this acceptor's local share of the cap."""
+        if self.cluster is not None and self.cluster.up \
+                and not all(lc.saturated() for lc in self.lanes.clients[Lane.BULK]):
+            shared = await self.cluster.bulk_take()
+            if shared is not None:
+                return shared
+            self.lanes.local_share(self.cluster.edges())
         return self.lanes.bulk_mail_admitted()
 
     async def submit(self, env: Envelope, body: bytes) -> tuple[Reply | None, str]:
@@ -262,7 +286,15 @@ class AcceptorContext:
 
     async def read_status(self) -> None:
         await self.lanes.read_status(
-            self.learn, lambda ip: self.table.penalise(ip, time.monotonic()), self.on_record)
+            self.learned_from_lane, lambda ip: self.table.penalise(ip, time.monotonic()),
+            self.on_record)
+
+    def learned_from_lane(self, ip: str) -> None:
+        """A worker learned `ip` (every acceptor of this edge hears it from the bulk broker);
+        acceptor 0 records it in Redis for the other edges."""
+        self.learn(ip)
+        if self.cluster is not None and self.index == 0:
+            self.cluster.share_learned(ip)
 
     async def persist_learned(self) -> None:
         """Acceptor 0 keeps the learned allow cache on disk (every acceptor learns the same
@@ -405,6 +437,31 @@ def mtls_context(cfg: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+async def listeners(ctx: AcceptorContext, sock: socket.socket | None,
+                    mtls_sock: socket.socket | None,
+                    fast_sock: socket.socket | None) -> list[Any]:
+    """What this acceptor serves: port 25 (listen.port), or, for a fast acceptor (`sock`
+    None), the hand-off socket; the mutual-TLS port and the fast port when configured."""
+    loop, lst = ctx.loop, ctx.cfg.listen
+    servers: list[Any] = []
+    if sock is None:
+        servers.append(handoff.Receiver(ctx.cfg, ctx.index, loop,
+                                        lambda conn: serve_handed(ctx, conn)))
+    else:
+        sock.setblocking(False)
+        servers.append(await loop.create_server(
+            lambda: IngressSMTP(ctx, proxy_protocol=lst.proxy_protocol), sock=sock))
+    if mtls_sock is not None and ctx.mtls_context is not None:
+        mtls_sock.setblocking(False)
+        servers.append(MtlsListener(ctx, mtls_sock))
+    if fast_sock is not None:
+        fast_sock.setblocking(False)
+        servers.append(await loop.create_server(
+            lambda: IngressSMTP(ctx, fast_only=True, proxy_protocol=lst.fast_port_proxy_protocol),
+            sock=fast_sock))
+    return servers
+
+
 async def serve(cfg: Config, index: int, sock: socket.socket | None, hb: Any, slot: int,
                 mtls_sock: socket.socket | None, fast_sock: socket.socket | None,
                 sig: child.Signals | None = None) -> None:
@@ -420,22 +477,7 @@ async def serve(cfg: Config, index: int, sock: socket.socket | None, hb: Any, sl
         log.event("nofile_too_low", "error", limit=nofile, needed=needed,
                   max_connections_effective=ctx.table.admission.limits.max_connections,
                   hint="raise LimitNOFILE / ulimit -n, or lower smtp.max_connections")
-    lst = cfg.listen
-    servers: list[Any] = []
-    if sock is None:
-        servers.append(handoff.Receiver(cfg, index, loop, lambda conn: serve_handed(ctx, conn)))
-    else:
-        sock.setblocking(False)
-        servers.append(await loop.create_server(
-            lambda: IngressSMTP(ctx, proxy_protocol=lst.proxy_protocol), sock=sock))
-    if mtls_sock is not None and ctx.mtls_context is not None:
-        mtls_sock.setblocking(False)
-        servers.append(MtlsListener(ctx, mtls_sock))
-    if fast_sock is not None:
-        fast_sock.setblocking(False)
-        servers.append(await loop.create_server(
-            lambda: IngressSMTP(ctx, fast_only=True, proxy_protocol=lst.fast_port_proxy_protocol),
-            sock=fast_sock))
+    servers = await listeners(ctx, sock, mtls_sock, fast_sock)
     stop = asyncio.Event()
     # SIGUSR2 is the supervisor's order to shut down, SIGUSR1 to retire after a reload; SIGTERM
     # (e.g. sent to the whole process group) shuts down too. ^C in a terminal reaches every
@@ -450,6 +492,8 @@ async def serve(cfg: Config, index: int, sock: socket.socket | None, hb: Any, sl
         *(lc.watch_broker() for lc in ctx.lanes.values()))]
     if index == 0 and sock is not None:     # one writer: port-25 acceptor 0
         tasks.append(loop.create_task(ctx.persist_learned()))
+    if ctx.cluster is not None:
+        tasks.append(loop.create_task(ctx.cluster.run()))
     log.event("acceptor_start", index=index, learned=len(ctx.learned_store.allow),
               tls=ctx.tls_context is not None, mtls=mtls_sock is not None,
               fast_port=fast_sock is not None)
@@ -462,6 +506,8 @@ async def serve(cfg: Config, index: int, sock: socket.socket | None, hb: Any, sl
             atomic_write(ctx.learned_store.path, ctx.learned_store.allow.to_json().encode())
     for pool in ctx.spf_service.pools.values():
         pool.shutdown(wait=False, cancel_futures=True)
+    if ctx.cluster is not None:
+        await ctx.cluster.close()
     ctx.lanes.close()
     if ctx.handoff is not None:
         ctx.handoff.close()

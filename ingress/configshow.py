@@ -21,12 +21,14 @@ import dataclasses
 import resource
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ingress.core import config
 from ingress.policy.admission import (
     BULK_SHARE,
     FD_SPARE,
     AdmissionLimits,
+    broker_bucket,
     bulk_share_bucket,
     fd_capped,
 )
@@ -43,6 +45,17 @@ def _toml(v: Any) -> str:
     return repr(v)
 
 
+SECRET_URLS = ("cluster.redis",)     # URLs that may carry a password: shown as ***
+
+
+def _masked(key: str, v: Any) -> Any:
+    if key in SECRET_URLS and isinstance(v, str):
+        password = urlsplit(v).password
+        if password:
+            return v.replace(f":{password}@", ":***@", 1)
+    return v
+
+
 def _tables(obj: Any, default: Any, prefix: str) -> list[tuple[str, list[str]]]:
     rows: list[str] = []
     subs: list[tuple[str, list[str]]] = []
@@ -53,7 +66,7 @@ def _tables(obj: Any, default: Any, prefix: str) -> list[tuple[str, list[str]]]:
         if dataclasses.is_dataclass(v):
             subs += _tables(v, d, f"{prefix}{f.name}.")
             continue
-        line = f"{f.name} = {_toml(v)}"
+        line = f"{f.name} = {_toml(_masked(prefix + f.name, v))}"
         if v != d:
             line = f"{line:<40} # default {_toml(d)}"
         rows.append(line)
@@ -99,7 +112,8 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
         "bulk_share_per_acceptor": None if share is None else
             {"rate": round(share[0], 4), "burst": round(share[1], 4)},
         "bulk_admitted_at_mail_from": None if share is None else
-            round(cfg.lanes.bulk.rate * BULK_SHARE, 4),
+            round(cfg.lanes.bulk.rate * BULK_SHARE / cfg.cluster.edges, 4),
+        "broker_bucket_bulk": broker_bucket(cfg, "bulk"),
         "retry_share_per_acceptor": None if retry is None else
             {"rate": round(retry[0][0], 4), "burst": round(retry[0][1], 4)},
         "retry_share_at_broker": None if retry is None else
@@ -133,10 +147,17 @@ def render(cfg: config.Config, nofile: tuple[int, int] | None = None) -> str:
         sh = d["bulk_share_per_acceptor"]
         lines.append(f"# bulk cap {d['bulk_rate']:g}/s: each acceptor admits {sh['rate']:g}/s "
                      f"(burst {sh['burst']:g}) at MAIL FROM, {d['bulk_admitted_at_mail_from']:g}/s"
-                     " together; the bulk broker enforces the cap exactly after DATA")
+                     " together" + ("" if cfg.cluster.redis else
+                                    "; the bulk broker enforces the cap exactly after DATA"))
     if d["retry_share_at_broker"] is not None:
         r, b = d["retry_share_per_acceptor"], d["retry_share_at_broker"]
         lines.append(f"# retries of deferred transactions: {b['rate']:g}/s (burst {b['burst']:g})"
                      f" beyond the bulk cap, {r['rate']:g}/s (burst {r['burst']:g}) per acceptor"
                      " (admission.retry_share)")
+    if cfg.cluster.redis and d["bulk_share_per_acceptor"] is not None:
+        rate, burst = d["broker_bucket_bulk"]
+        lines.append(f"# [cluster] redis: the cap is one shared bucket for all edges at MAIL FROM; "
+                     f"the shares above hold only while Redis is down (1/{cfg.cluster.edges} "
+                     f"of the cap per edge); the bulk broker guards at {rate:g}/s "
+                     f"(burst {burst:g})")
     return "\n".join(lines) + "\n"

@@ -95,7 +95,7 @@ class IngressHandler:
             # A ripe retry of a transaction we deferred takes the retry share first: the
             # acceptor's share of the cap may have room while the broker's cap is spent.
             server.retry_claim = ctx.retry_claim(server.peer_ip, address)
-            if server.retry_claim is None and not ctx.bulk_mail_admitted():
+            if server.retry_claim is None and not await ctx.bulk_mail_admitted():
                 ctx.deferred(server.peer_ip, address, (), DeferReason.MAIL_CAP)
                 return await self.shed(server)
         envelope.mail_from = address

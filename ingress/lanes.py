@@ -21,6 +21,8 @@ API:
                                          now (spends a token of this acceptor's part of the
                                          retry share, admission.retry_share; not while the
                                          bulk broker(s) cannot take work)
+        local_share(edges)               resize that share for `edges` edges (the fallback
+                                         while Redis is down, [cluster] redis)
         share_penalty(ip)                tell every other acceptor (via the bulk broker(s))
         share_record(fact, doc)          a deferral record fact, likewise (wire.RECORD_FACTS)
         read_status(on_learn, on_penalty, on_record=None)  background task: status and shared
@@ -227,6 +229,13 @@ class Lanes:
         if self.bulk_bucket is not None and self.bulk_bucket.tokens(time.monotonic()) < 1.0:
             return True
         return all(lc.saturated() or lc.cap_spent() for lc in self.clients[lane])
+
+    def local_share(self, edges: int) -> None:
+        """Resize this acceptor's share of the bulk cap for `edges` edges sharing it (the
+        fallback while the shared bucket in Redis is out of reach: ingress.cluster_state)."""
+        share = bulk_share_bucket(self.cfg, edges)
+        if self.bulk_bucket is not None and share is not None:
+            self.bulk_bucket.rate, self.bulk_bucket.burst = share
 
     def bulk_mail_admitted(self) -> bool:
         """May a bulk session start a transaction now? Each acceptor holds a share of the bulk

@@ -5,9 +5,11 @@ API:
     (admission.fd_capped: the slots the fd limit allows)
                               the slots the fd limit allows (pure; below)
     SessionTable(cfg, counters, now, nofile=0)
-        admit(seat, draining, now) -> str | None   None: admitted (seat.ticket set, the seat
+        admit(seat, draining, now, shared_rate_over=False) -> str | None
+                                   None: admitted (seat.ticket set, the seat
                                    is live, and silent if bulk); else the refusal line
-                                   (seat.refused_why names the reason)
+                                   (seat.refused_why names the reason); shared_rate_over:
+                                   [cluster] redis counts this IP over the cluster's rate
         spoke(seat)                it said something: never evicted for silence again
         promote(seat)              bulk -> fast (slot accounting; the lane's session gauge)
         release(seat)              the session ended: its slot is free (idempotent)
@@ -82,11 +84,19 @@ class SessionTable:
         self.evictions = TokenBucket(a.evict_rate, max(1.0, a.evict_rate), now=now) \
             if a.evict_rate > 0 else None
 
-    def admit(self, seat: Seat, draining: bool, now: float) -> str | None:
+    def admit(self, seat: Seat, draining: bool, now: float,
+              shared_rate_over: bool = False) -> str | None:
         """Slots: the fast lane may use any of max_connections; bulk never the fast reserve,
-        and bulk is capped per IP (/64) in count and connection rate."""
+        and bulk is capped per IP (/64) in count and connection rate. shared_rate_over: the
+        cluster's count of this IP's connections ([cluster] redis) is over its limit: a bulk
+        session is refused as over the rate (a penalty still takes precedence)."""
         if draining:
             return text(Refusal.SHUTTING_DOWN, host=self.cfg.smtp.hostname)
+        if shared_rate_over and seat.lane is Lane.BULK \
+                and not self.admission.is_penalised(seat.peer_ip, now):
+            self.counters[f"refused_{Reason.RATE.value}"] += 1
+            seat.refused_why = Reason.RATE.value
+            return text(Refusal.RATE)
         verdict = self.admission.try_admit(seat.peer_ip, seat.lane, now)
         if not verdict.admitted and verdict.reason is Reason.SLOTS and self.evict_silent(now):
             verdict = self.admission.try_admit(seat.peer_ip, seat.lane, now)

@@ -10,6 +10,7 @@ API
     ``@pytest.mark.needs_haproxy``   ``haproxy`` on PATH
     ``@pytest.mark.needs_systemd``   ``systemd-analyze``, ``systemd-sysusers``, ``systemd-tmpfiles``
                                      on PATH
+    ``@pytest.mark.needs_redis``     ``redis-server`` on PATH (tests start and stop their own)
     ``missing(marker_name) -> str | None``   the skip reason, or None when the program is there
 
 Failure modes
@@ -52,6 +53,11 @@ def missing(marker: str) -> str | None:
             return (f"{', '.join(gone)} not installed (Debian package systemd; "
                     "`make sysdeps` as root)")
         return None
+    if marker == "needs_redis":
+        if shutil.which("redis-server") is None:
+            return ("redis-server not installed (Debian package redis-server; "
+                    "`make sysdeps` as root)")
+        return None
     raise ValueError(f"unknown marker {marker}")
 
 
@@ -59,10 +65,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "needs_postfix: needs root and the Debian postfix package")
     config.addinivalue_line("markers", "needs_haproxy: needs haproxy on PATH")
     config.addinivalue_line("markers", "needs_systemd: needs systemd-analyze/-sysusers/-tmpfiles")
+    config.addinivalue_line("markers", "needs_redis: needs redis-server on PATH")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    for name in ("needs_postfix", "needs_haproxy", "needs_systemd"):
+    for name in ("needs_postfix", "needs_haproxy", "needs_systemd", "needs_redis"):
         if item.get_closest_marker(name) is not None:
             reason = missing(name)
             if reason is not None:

@@ -61,6 +61,7 @@ from ingress.core.wire import (
     to_acceptor,
     work,
 )
+from ingress.policy.admission import broker_bucket
 from ingress.policy.deferrals import retry_buckets
 
 
@@ -88,7 +89,9 @@ class Broker:
         self.queue_max: int = lc.queue_max
         self.queue_bytes: int = cfg.queue_bytes(lane)
         self.queued_bytes = 0          # bytes of the bodies in self.queue
-        self.bucket = TokenBucket(lc.rate, lc.burst, now=time.monotonic())
+        # lanes.<lane>.rate; with [cluster] redis the bulk cap is held at MAIL FROM and this
+        # is a guard with headroom (admission.broker_bucket says why)
+        self.bucket = TokenBucket(*broker_bucket(cfg, lane), now=time.monotonic())
         retry = retry_buckets(cfg) if lane == "bulk" else None
         self.retry_bucket = TokenBucket(*retry[1], now=time.monotonic()) \
             if retry is not None else None

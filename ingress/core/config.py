@@ -23,6 +23,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ingress.core.downstream import parse_downstream
 from ingress.core.resolver import parse_nameserver
@@ -214,6 +215,14 @@ class ClusterConfig:
     lanes_bind: str = ""                # lanes: "tcp://host:port"; binds port..port+3
     allowed_keys: str = ""              # lanes: directory of the edges' public keys (*.key)
     lanes_nodes: tuple[str, ...] = ()   # edge: "tcp://host:port /path/node.key" per lanes node
+    # --- shared admission state in Redis (ingress/cluster_state.py) ---
+    redis: str = ""                     # "redis://host:port/db", "rediss://...", or
+                                        # "unix:///path/redis.sock"; "" = in-process only
+    redis_timeout: float = 0.05         # deadline of one Redis call (and of its connect)
+    redis_retry: float = 2.0            # Redis down: try to reconnect at most this often
+    redis_prefix: str = "smtp-ingress"  # key and channel namespace (one cluster per prefix)
+    edges: int = 1                      # edge hosts sharing lanes.bulk.rate: Redis down, each
+                                        # edge's acceptors hold 1/edges of it
 
 
 @dataclass(frozen=True)
@@ -605,12 +614,32 @@ def with_role(cfg: Config, role: str) -> Config:
     return _finish(dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, role=role)),
                    cfg.source)
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _check_cluster_redis(cfg: Config, need: _Need) -> None:
+    """[cluster] redis and its timing keys (the Redis part of [cluster])."""
+    c = cfg.cluster
+    if c.redis:
+        u = urlsplit(c.redis)
+        need(u.scheme in REDIS_SCHEMES and bool(u.hostname if u.scheme != "unix" else u.path),
+             "cluster.redis", 'must be "redis://host:port/db", "rediss://host:port/db", '
+             '"unix:///path" or "" (no Redis)')
+    need(0 < c.redis_timeout <= 5.0, "cluster.redis_timeout", "must be > 0 and <= 5 seconds")
+    need(c.redis_retry >= c.redis_timeout, "cluster.redis_retry",
+         "must be >= cluster.redis_timeout")
+    need(bool(c.redis_prefix) and c.redis_prefix.isprintable() and " " not in c.redis_prefix
+         and len(c.redis_prefix) <= 64, "cluster.redis_prefix",
+         "must be 1..64 printable characters without spaces")
+    need(1 <= c.edges <= 1024, "cluster.edges", "must be 1..1024")
+
 
 def _finish(cfg: Config, file: str) -> Config:
     """Cross-field validation and normalisation; returns the final frozen Config."""
     need = _Need(file)
     for check in (_check_listen, _check_smtp, _check_lanes, _check_classify, _check_admission,
-                  _check_tls, _check_relay, _check_outputs_and_supervisor, _check_cluster):
+                  _check_tls, _check_relay, _check_outputs_and_supervisor, _check_cluster,
+                  _check_cluster_redis):
         check(cfg, need)
     s = cfg.smtp
     spool = SpoolConfig(path=cfg.spool.path.absolute(), state_dir=cfg.spool.state_dir.absolute())

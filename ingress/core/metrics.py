@@ -49,6 +49,8 @@ observation; measured ~1.5 us per counter inc and ~3-5 us per observe on the dev
     relay_dsn()                     relay: a DSN was spooled
     curve_refused(why)              lanes node: a peer refused (CURVE_REFUSALS: unknown_key,
                                     handshake), counted before the log lines' rate limit
+    cluster_state(up)               acceptor: its Redis ([cluster] redis) up or down
+    cluster_fallback()              acceptor: a decision taken on local limits (Redis down/slow)
 
 `lane` is "fast" | "bulk" (wire.Lane is a StrEnum, so a Lane works as is).
 
@@ -219,6 +221,13 @@ CURVE_REFUSED = Counter("smtp_ingress_curve_refused",
                         "Peers a lanes node refused on its tcp ports: unknown_key (ZAP: a CURVE "
                         "key not in cluster.allowed_keys) or handshake (no CURVE, a wrong server "
                         "key)", ["why"])
+# [cluster] redis (ingress/cluster_state.py): per acceptor, 1 while its Redis is reachable
+CLUSTER_UP = Gauge("smtp_ingress_cluster_state_up",
+                   "Shared admission state in Redis reachable (1) or local fallback (0), "
+                   "per acceptor", multiprocess_mode="livemin")
+CLUSTER_FALLBACKS = Counter("smtp_ingress_cluster_state_fallbacks",
+                            "Admission decisions taken on local limits because Redis was "
+                            "down or too slow")
 # Relay backlog age buckets (upper bounds in seconds; the last is open-ended).
 BACKLOG_AGES = (("lt_1m", 60.0), ("1m_10m", 600.0), ("10m_1h", 3600.0), ("1h_1d", 86400.0),
                 ("gt_1d", float("inf")))
@@ -347,6 +356,16 @@ def curve_refused(why: str) -> None:
 
 def relay_dsn() -> None:
     RELAY_DSNS.inc()
+
+
+def cluster_state(up: bool) -> None:
+    """An acceptor's Redis went up or down (ingress/cluster_state.py)."""
+    CLUSTER_UP.set(1 if up else 0)
+
+
+def cluster_fallback() -> None:
+    """One admission decision fell back to local limits (Redis down or over its deadline)."""
+    CLUSTER_FALLBACKS.inc()
 
 
 # --- supervisor -------------------------------------------------------------------------------

@@ -22,6 +22,10 @@ API
     ip_key(ip, ipv6_prefix) -> str               the per-IP accounting key (ingress.core.addr's)
     stress_timeouts(normal_idle, saturated, stress_idle=10.0) -> float
     Verdict.reply                                the refusal's line (ingress.policy.replies)
+    bulk_share_bucket(cfg, edges=0) -> (rate, burst) | None   one acceptor's share of the
+                                                 bulk cap (over acceptors x edges)
+    broker_bucket(cfg, lane) -> (rate, burst)    a lane broker's own bucket (a guard with
+                                                 headroom when [cluster] redis holds the cap)
 
 Rules
     * fast: admitted while any slot is free (in_use < max_connections); never rate-capped,
@@ -287,13 +291,31 @@ BULK_SHARE = 1.1    # acceptors together admit this much of the bulk cap at MAIL
 FD_SPARE = 64       # descriptors an acceptor needs besides its sessions
 
 
-def bulk_share_bucket(cfg: Config) -> tuple[float, float] | None:
-    """(rate, burst) of one acceptor's share of the bulk cap at MAIL FROM; None: uncapped."""
+def bulk_share_bucket(cfg: Config, edges: int = 0) -> tuple[float, float] | None:
+    """(rate, burst) of one acceptor's share of the bulk cap at MAIL FROM; None: uncapped.
+    Several edges ([cluster]) divide lanes.bulk.rate between them: `edges` (0: cluster.edges)
+    is how many; this local share is what an edge holds while the shared bucket in Redis is
+    out of reach (ingress.cluster_state)."""
     lb = cfg.lanes.bulk
     if lb.rate <= 0:
         return None
-    return (lb.rate * BULK_SHARE / cfg.acceptor_count,
-            max(1.0, (lb.burst or lb.rate) / cfg.acceptor_count))
+    n = cfg.acceptor_count * max(1, edges or cfg.cluster.edges)
+    return (lb.rate * BULK_SHARE / n, max(1.0, (lb.burst or lb.rate) / n))
+
+
+def broker_bucket(cfg: Config, lane: str) -> tuple[float, float]:
+    """(rate, burst) of a lane broker's own bucket. One host: lanes.<lane>.rate exactly (the
+    acceptors' shares overshoot by BULK_SHARE; the broker trims after DATA). With the shared
+    bucket in Redis ([cluster] redis, bulk lane) the cap is already exact at MAIL FROM, across
+    every edge: the broker is only the lane-side guard against an edge that does not hold to
+    it, so it gets BULK_SHARE of headroom in rate and twice the burst. Otherwise the jitter
+    between MAIL FROM and the end of DATA would bunch admitted messages past an exact bucket,
+    and it would shed (after DATA, the costly place) mail the shared cap had admitted."""
+    lc = getattr(cfg.lanes, lane)
+    burst = float(lc.burst) if lc.burst > 0 else max(1.0, lc.rate)
+    if lane == "bulk" and cfg.cluster.redis and lc.rate > 0:
+        return lc.rate * BULK_SHARE, 2 * burst
+    return lc.rate, float(lc.burst)
 
 
 def fd_capped(max_connections: int, fast_reserve: int, nofile: int) -> tuple[int, int]:

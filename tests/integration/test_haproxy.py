@@ -123,8 +123,13 @@ def _free_port() -> int:
 
 
 class HAProxy:
-    def __init__(self, tmp: Path, backend_port: int, send_proxy: str) -> None:
+    def __init__(self, tmp: Path, backend_port: int, send_proxy: str,
+                 more: tuple[tuple[str, int], ...] = ()) -> None:
+        """`more`: further backend servers (host, port), balanced round-robin with the first
+        (tests/integration/test_cluster_redis.py: two edges behind one HAProxy)."""
         self.port = _free_port()
+        extra = "".join(f"    server ingress{i} {host}:{port} {send_proxy}\n"
+                        for i, (host, port) in enumerate(more, 2))
         self.cfg = tmp / "haproxy.cfg"
         self.cfg.write_text(f"""\
 global
@@ -142,7 +147,7 @@ frontend smtp_in
 
 backend smtp_ingress
     server ingress 127.0.0.1:{backend_port} {send_proxy}
-""")
+{extra}""")
         self.log = open(tmp / "haproxy.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([_haproxy_bin(), "-f", str(self.cfg), "-db"],
                                      stdout=self.log, stderr=subprocess.STDOUT,

@@ -1,0 +1,459 @@
+"""Shared admission state in Redis ([cluster] redis): what every edge of a cluster must agree on.
+
+Purpose
+    Several edge hosts (each with its own acceptors) share one global bulk cap, the early-talker
+    penalties and the learned allow cache through one Redis. Each acceptor process holds one
+    ClusterState. Connect-time admission is synchronous and must stay cheap, so nothing there
+    waits for Redis: penalties and learned entries are *mirrored* into the acceptor's own
+    penalty box (ingress.sessions) and learned store (ingress.learned_store) over pub/sub, and
+    loaded whole when the connection comes (back) up. The one call on the session path is the
+    bulk bucket at MAIL FROM (one EVALSHA), which is async and bounded by cluster.redis_timeout.
+    Without [cluster] redis nothing here exists (ClusterState.create returns None) and the
+    acceptor is fully in-process, as on one host.
+
+API
+    ClusterState.create(cfg, ident, on_penalty, on_learn) -> ClusterState | None
+        on_penalty(ip) / on_learn(ip, at)   how a mirrored fact enters this acceptor
+    up                              bool: Redis reachable (health; False at start)
+    run()                           background task: connect, load the mirrors, subscribe,
+                                    heartbeat this edge; on any failure: down, retry every
+                                    cluster.redis_retry seconds (the circuit)
+    bulk_take() -> bool | None      the global bulk bucket (Lua, atomic): True a token was
+                                    taken, False it is empty; None: Redis down or slow - the
+                                    caller uses its local share (lanes.bulk_mail_admitted)
+    bulk_spent(now) -> bool         the bucket was empty at its last use (< 1 s ago)
+    share_penalty(ip)               record and publish an early-talker penalty (fire and forget)
+    share_learned(ip)               record and publish a learned allow entry (fire and forget)
+    conn_over(key, now) -> bool     a bulk connection attempt from IP key `key`: counted for
+                                    the cluster, and is that key over the cluster's per-IP
+                                    rate (by the last flush; no Redis call; False when down)
+    edges() -> int                  edges sharing the cap: max(cluster.edges, edges seen
+                                    alive by their heartbeats)
+    The seam for state others build (identity shares, deferral records), generic and bounded:
+    record(kind, key, ttl, value="1") -> bool       SET prefix:kind:key value EX ttl
+    lookup(kind, key) -> str | None                 GET (None: absent, or Redis down)
+    incr(kind, key, ttl) -> int | None              INCR, EXPIRE on first use (None: down)
+    close()                         closes the connections
+
+Keys (prefix = cluster.redis_prefix; all bounded):
+    {prefix}:bulk                   hash {tokens, ts}: the global bulk bucket (lanes.bulk.rate,
+                                    lanes.bulk.burst), refilled by Redis's own clock (TIME)
+    {prefix}:penalty                sorted set ip -> until (unix s); trimmed to
+                                    MAX_MIRRORED entries, expired entries purged on write
+    {prefix}:learned                sorted set ip -> learned at (unix s); trimmed to
+                                    classify.learned_max, entries older than learned_ttl purged
+    {prefix}:conn:{window}:{ipkey}  attempts from one IP key in one CONN_WINDOW, all edges
+                                    (INCRBY from each acceptor every CONN_FLUSH; EX 3 s)
+    {prefix}:edges                  sorted set "node/acceptor" -> last heartbeat (unix s),
+                                    older than 3 x redis_retry dropped; node: a hash of the
+                                    host name and spool.state_dir
+    {prefix}:{kind}:{key}           the seam's keys (kind and key length-checked; the kinds
+                                    above are RESERVED)
+    channels {prefix}:chan:penalty, {prefix}:chan:learn   "ident ip" of a new fact
+
+Failure modes
+    No Redis error, timeout or malformed fact is ever raised to a session. A failed or late
+    call (over cluster.redis_timeout) marks Redis down: cluster_state_down is logged once, the
+    smtp_ingress_cluster_state_up gauge drops to 0, and every decision goes local (each bulk
+    MAIL FROM so decided is counted in smtp_ingress_cluster_state_fallbacks) until run()
+    reconnects (cluster_state_up logged, mirrors reloaded). While down, calls return at once
+    (no connect attempt on the session path). Facts published while an edge was down reach it
+    when it reloads the sets; a fact this edge finds while its own Redis is down stays local
+    (this host's acceptors still get it over the bulk broker's fan-out).
+
+Trust
+    Whoever can write to this Redis can put any IP in the fast lane (a learned entry) or
+    refuse it (a penalty): Redis must be reachable by the edges only, with a password or ACL
+    user in the URL (redis://user:password@host:6379/0) and TLS (rediss://) off the host.
+    What comes back is still checked (IP syntax, sizes), never trusted to be well-formed.
+
+Limits
+    A mirrored penalty runs its full admission.penalty from when it arrives (the local box has
+    no "until" argument), so a reload can lengthen one by up to a penalty. The bucket is exact
+    while Redis is up; while down each acceptor holds its share (admission.bulk_share_bucket:
+    rate x BULK_SHARE / (acceptors x cluster.edges)). The shared per-IP rate is mirrored: the
+    counts of the other acceptors arrive at most CONN_FLUSH (plus a Redis round trip) late, so
+    in that lag each acceptor's local bucket (admission.per_ip_rate) is what holds; at most
+    MAX_PENDING keys are counted per flush. Wall clocks of the edges must agree to
+    within a penalty or a learned TTL (NTP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import math
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from ingress.core import log, metrics
+from ingress.core.config import Config
+
+MAX_MIRRORED = 65536      # penalties kept in Redis (as the local box: admission.max_penalised)
+MAX_KEY = 200             # bytes of a seam key or kind
+RESERVED = frozenset({"bulk", "penalty", "learned", "conn", "edges", "chan"})   # not seam kinds
+CONN_WINDOW = 1           # seconds: one window of the shared per-IP connection counts
+CONN_FLUSH = 0.1          # seconds between two flushes of this acceptor's counts
+MAX_PENDING = 4096        # IP keys counted between two flushes (more: not counted until then)
+MAX_OVER = 65536          # IP keys marked over the shared rate at once
+MAX_EDGE_ENTRIES = 4096   # acceptors (of all edges) in the heartbeat set
+MAX_INFLIGHT = 1024       # fire-and-forget records (penalties, learned) in flight at once
+FAILURES = (RedisError, OSError, TimeoutError, ValueError, asyncio.IncompleteReadError)
+
+# The global bulk bucket: refill by elapsed time at `rate` up to `burst`, take one token.
+# Redis's clock (TIME: scripts replicate their effects since 7.0), so every edge agrees.
+# Returns {1|0 taken, tokens left x 1000}.
+BUCKET_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(b[1])
+local ts = tonumber(b[2])
+if tokens == nil or ts == nil then tokens = burst; ts = now end
+if now > ts then tokens = math.min(burst, tokens + (now - ts) * rate); ts = now end
+local ok = 0
+if tokens >= 1 then tokens = tokens - 1; ok = 1 end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 60000)
+return {ok, math.floor(tokens * 1000)}
+"""
+
+# Add a member scored `score`, purge members scored below `floor`, keep the `keep` highest.
+ZADD_LUA = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[4]) + 1))
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('PUBLISH', KEYS[2], ARGV[6])
+return 1
+"""
+
+
+def valid_ip(s: str) -> bool:
+    try:
+        ipaddress.ip_address(s)
+    except ValueError:
+        return False
+    return True
+
+
+class ClusterState:
+    """One acceptor's view of the shared state; single-threaded (the acceptor's loop)."""
+
+    def __init__(self, cfg: Config, ident: str, on_penalty: Callable[[str], None],
+                 on_learn: Callable[[str, float], None]) -> None:
+        c = cfg.cluster
+        self.cfg, self.ident = cfg, ident
+        self.on_penalty, self.on_learn = on_penalty, on_learn
+        self.timeout, self.retry, self.prefix = c.redis_timeout, c.redis_retry, c.redis_prefix
+        self.client = aioredis.Redis.from_url(
+            c.redis, socket_timeout=c.redis_timeout, socket_connect_timeout=c.redis_timeout,
+            retry_on_timeout=False, retry=Retry(NoBackoff(), 0), health_check_interval=0,
+            max_connections=64, decode_responses=True)
+        lb = cfg.lanes.bulk
+        self.bulk_rate = lb.rate
+        self.bulk_burst = float(lb.burst) if lb.burst > 0 else max(1.0, lb.rate)
+        self._bucket = self.client.register_script(BUCKET_LUA)
+        self._zadd = self.client.register_script(ZADD_LUA)
+        self.up = False
+        self.since = time.monotonic()
+        metrics.cluster_state(False)
+        self._edges = 1
+        self._bucket_tokens, self._bucket_at = float("inf"), float("-inf")
+        # this edge: its host and state dir (two edges on one machine are two nodes)
+        self.node = hashlib.sha256(
+            f"{socket.gethostname()}/{cfg.spool.state_dir}".encode()).hexdigest()[:12]
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # shared per-IP connection rates: attempts since the last flush, and the keys the last
+        # flushes found over the cluster's limit (key -> monotonic until)
+        a = cfg.admission
+        self.conn_limit = max(a.per_ip_burst, math.ceil(
+            cfg.acceptor_count * a.per_ip_rate * CONN_WINDOW)) if a.per_ip_rate > 0 else 0
+        self._pending: Counter[str] = Counter()
+        self._over: dict[str, float] = {}
+
+    @classmethod
+    def create(cls, cfg: Config, ident: str, on_penalty: Callable[[str], None],
+               on_learn: Callable[[str, float], None]) -> ClusterState | None:
+        return cls(cfg, ident, on_penalty, on_learn) if cfg.cluster.redis else None
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    # --- health -------------------------------------------------------------------------------
+
+    def _down(self, why: str) -> None:
+        if self.up:
+            self.up = False
+            self.since = time.monotonic()
+            log.event("cluster_state_down", "warning", acceptor=self.ident, error=why[:200],
+                      fallback="local limits: this edge's share of the bulk cap, local "
+                               "penalties and learned cache")
+            metrics.cluster_state(False)
+
+    def _up(self) -> None:
+        if not self.up:
+            self.up = True
+            log.event("cluster_state_up", acceptor=self.ident,
+                      down_s=round(time.monotonic() - self.since, 2))
+            self.since = time.monotonic()
+            metrics.cluster_state(True)
+
+    async def _call(self, make: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
+        """(True, result), or (False, None) when Redis is down (at once) or the call fails or
+        overruns cluster.redis_timeout (then it is marked down)."""
+        if not self.up:
+            return False, None
+        try:
+            async with asyncio.timeout(self.timeout):
+                return True, await make()
+        except FAILURES as e:
+            self._down(f"{type(e).__name__}: {e}")
+            return False, None
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Fire and forget, bounded: beyond MAX_INFLIGHT calls in flight (Redis slow under a
+        flood of facts) a new one is dropped (the fact stays local) and counted."""
+        if len(self._tasks) >= MAX_INFLIGHT:
+            coro.close()
+            metrics.cluster_fallback()
+            return
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- the global bulk cap ------------------------------------------------------------------
+
+    async def bulk_take(self) -> bool | None:
+        if self.bulk_rate <= 0:
+            return True
+        ok, res = await self._call(lambda: self._bucket(
+            keys=[self.key("bulk")], args=[self.bulk_rate, self.bulk_burst]))
+        if not ok:
+            metrics.cluster_fallback()
+            return None
+        self._bucket_tokens, self._bucket_at = int(res[1]) / 1000, time.monotonic()
+        return bool(int(res[0]))
+
+    def bulk_spent(self, now: float) -> bool:
+        """The shared bucket was empty at its last use, less than a second ago (stress mode:
+        shorter bulk idle timeouts, as the local share's empty bucket says on one host)."""
+        return self.up and now - self._bucket_at < 1.0 and self._bucket_tokens < 1.0
+
+    # --- penalties and learned entries: record, publish, mirror --------------------------------
+
+    def share_penalty(self, ip: str) -> None:
+        now = time.time()
+        until = now + self.cfg.admission.penalty
+        self._spawn(self._call(lambda: self._zadd(
+            keys=[self.key("penalty"), self.key("chan", "penalty")],
+            args=[ip, until, now, MAX_MIRRORED, int(self.cfg.admission.penalty) + 60,
+                  f"{self.ident} {ip}"])))
+
+    def share_learned(self, ip: str) -> None:
+        c = self.cfg.classify
+        if c.learned_ttl <= 0:
+            return
+        now = time.time()
+        self._spawn(self._call(lambda: self._zadd(
+            keys=[self.key("learned"), self.key("chan", "learn")],
+            args=[ip, now, now - c.learned_ttl, c.learned_max, int(c.learned_ttl) + 60,
+                  f"{self.ident} {ip}"])))
+
+    async def _load(self) -> None:
+        """The whole shared sets into this acceptor's mirrors (at start and on rejoin)."""
+        now = time.time()
+        c = self.cfg.classify
+        async with asyncio.timeout(max(1.0, 20 * self.timeout)):
+            pens: list[Any] = await self.client.zrangebyscore(self.key("penalty"), now, "+inf",
+                                                   start=0, num=MAX_MIRRORED)
+            learned: list[Any] = await self.client.zrangebyscore(
+                self.key("learned"), now - c.learned_ttl, "+inf", start=0,
+                num=c.learned_max, withscores=True) if c.learned_ttl > 0 else []
+        for ip in pens:
+            if valid_ip(str(ip)):
+                self.on_penalty(str(ip))
+        for ip, at in learned:
+            if valid_ip(str(ip)):
+                self.on_learn(str(ip), float(at))
+        log.event("cluster_state_loaded", acceptor=self.ident, penalties=len(pens),
+                  learned=len(learned))
+
+    def _fact(self, channel: str, data: str) -> None:
+        origin, _, ip = data.partition(" ")
+        if origin == self.ident:
+            return
+        if not valid_ip(ip):
+            log.event("cluster_fact_invalid", "warning", channel=channel[:80], data=data[:80])
+            return
+        if channel == self.key("chan", "penalty"):
+            self.on_penalty(ip)
+        elif channel == self.key("chan", "learn"):
+            self.on_learn(ip, time.time())
+
+    # --- per-IP connection rates, shared ---------------------------------------------------------
+
+    def conn_over(self, key: str, now: float) -> bool:
+        """A bulk connection attempt from IP key `key` (admission.ip_key): count it for the
+        next flush, and say whether the cluster's last known count for the key is over
+        conn_limit (ceil(acceptors x admission.per_ip_rate + per_ip_burst) attempts a window:
+        the cluster together allows one IP what one host allows it). Synchronous and local:
+        no Redis call. False while Redis is down (the local per-acceptor bucket still holds)."""
+        if not self.up or self.conn_limit <= 0:
+            return False
+        if key in self._pending or len(self._pending) < MAX_PENDING:
+            self._pending[key] += 1
+        until = self._over.get(key)
+        if until is None:
+            return False
+        if now >= until:
+            del self._over[key]
+            return False
+        return True
+
+    async def _flush_conns(self) -> None:
+        """Add this acceptor's attempts to the window's shared counts (one pipeline) and mark
+        the keys now over the limit until the end of the next window. Attempts count, refused
+        or not (as with the local bucket, and Postfix's anvil): a client that keeps hammering
+        goes over again in that next window and stays out; one that slows down is back after
+        it."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, Counter()
+        window = int(time.time()) // CONN_WINDOW
+        keys = list(pending)
+        async with self.client.pipeline(transaction=False) as p:
+            for k in keys:
+                rk = self.key("conn", str(window), k)
+                p.incrby(rk, pending[k])
+                p.expire(rk, 2 * CONN_WINDOW + 1)
+            res = await p.execute()
+        now, wall = time.monotonic(), time.time()
+        until = now + (window + 1) * CONN_WINDOW - wall + CONN_WINDOW
+        for k, total in zip(keys, res[0::2], strict=True):
+            if int(total) > self.conn_limit and (k in self._over or len(self._over) < MAX_OVER):
+                self._over[k] = until
+        if len(self._over) > MAX_OVER // 2:
+            for k in [k for k, u in self._over.items() if u <= now]:
+                del self._over[k]
+
+    # --- edges --------------------------------------------------------------------------------
+
+    def edges(self) -> int:
+        """Edges sharing the cap: cluster.edges, or more if the heartbeats counted more."""
+        return max(self.cfg.cluster.edges, self._edges)
+
+    async def _heartbeat(self) -> None:
+        """Say this acceptor is alive; count the edges (distinct nodes) alive: one sorted set
+        of "node/acceptor" by last heartbeat, entries older than 3 x redis_retry dropped."""
+        now = time.time()
+        key = self.key("edges")
+        async with self.client.pipeline(transaction=True) as p:
+            p.zadd(key, {f"{self.node}/{self.ident}": now})
+            p.zremrangebyscore(key, "-inf", now - 3 * self.retry)
+            p.zremrangebyrank(key, 0, -(MAX_EDGE_ENTRIES + 1))
+            p.expire(key, max(1, int(6 * self.retry)))
+            p.zrange(key, 0, -1)
+            res = await p.execute()
+        self._edges = max(1, len({str(m).split("/", 1)[0] for m in res[-1]}))
+
+    # --- the connection loop ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, load, subscribe, then watch: pub/sub messages and a heartbeat every
+        cluster.redis_retry. Any failure: down, wait cluster.redis_retry, try again."""
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                async with asyncio.timeout(max(1.0, 20 * self.timeout)):
+                    await self.client.ping()
+                    await pubsub.subscribe(self.key("chan", "penalty"), self.key("chan", "learn"))
+                await self._load()
+                self._up()
+                await self._watch(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except FAILURES as e:
+                self._down(f"{type(e).__name__}: {e}")
+            finally:
+                with contextlib.suppress(*FAILURES):
+                    async with asyncio.timeout(self.timeout):
+                        await pubsub.aclose()
+            await asyncio.sleep(self.retry)
+
+    async def _watch(self, pubsub: Any) -> None:
+        next_beat = 0.0
+        while self.up:
+            now = time.monotonic()
+            if now >= next_beat:
+                async with asyncio.timeout(max(1.0, 20 * self.timeout)):
+                    await self._heartbeat()
+                next_beat = now + self.retry
+            async with asyncio.timeout(max(1.0, 20 * self.timeout)):
+                await self._flush_conns()
+            async with asyncio.timeout(CONN_FLUSH + 1.0):
+                msg = await pubsub.get_message(timeout=CONN_FLUSH)
+            if msg is not None and msg.get("type") == "message":
+                self._fact(str(msg.get("channel", "")), str(msg.get("data", "")))
+
+    # --- the seam: generic, bounded records for state built elsewhere ---------------------------
+
+    def _seam_key(self, kind: str, key: str) -> str | None:
+        if not kind or not key or len(kind) > MAX_KEY or len(key) > MAX_KEY or ":" in kind \
+                or kind in RESERVED:
+            return None
+        return self.key(kind, key)
+
+    async def record(self, kind: str, key: str, ttl: float, value: str = "1") -> bool:
+        """Remember `key` of `kind` for ttl seconds (e.g. kind "deferral", key the triplet
+        hash). False: not recorded (Redis down, or the key is out of bounds)."""
+        k = self._seam_key(kind, key)
+        if k is None or ttl <= 0 or len(value) > 1024:
+            return False
+        ok, _ = await self._call(lambda: self.client.set(k, value, px=int(ttl * 1000)))
+        return ok
+
+    async def lookup(self, kind: str, key: str) -> str | None:
+        """The value recorded for `key` of `kind`, or None (absent, expired, or Redis down: a
+        caller treats None as "unknown" and decides locally)."""
+        k = self._seam_key(kind, key)
+        if k is None:
+            return None
+        ok, res = await self._call(lambda: self.client.get(k))
+        return str(res) if ok and res is not None else None
+
+    async def incr(self, kind: str, key: str, ttl: float) -> int | None:
+        """Count `key` of `kind` in a window of ttl seconds starting at its first count (e.g.
+        an identity's fast-lane messages, or one IP's connections). None: Redis down."""
+        k = self._seam_key(kind, key)
+        if k is None or ttl <= 0:
+            return None
+
+        async def go() -> int:
+            async with self.client.pipeline(transaction=True) as p:
+                p.incr(k)
+                p.pexpire(k, int(ttl * 1000), nx=True)
+                n, _ = await p.execute()
+            return int(n)
+
+        ok, res = await self._call(go)
+        return res if ok else None
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        with contextlib.suppress(*FAILURES):
+            async with asyncio.timeout(self.timeout):
+                await self.client.aclose()
