@@ -439,3 +439,57 @@ def test_two_edges_share_one_lanes_node(tmp_path: Path) -> None:
             assert asyncio.run(asyncio.wait_for(go(), 120)) == [250] * 12
         tags = spooled_tags(c.lanes[0])
         assert {f"a{i}" for i in range(6)} | {f"b{i}" for i in range(6)} <= tags
+
+
+def test_kill_9_of_an_edge_under_load(tmp_path: Path) -> None:
+    """Two edges and one lanes node, mail on both edges; kill -9 of edge A (its supervisor and
+    every acceptor, as a host that vanishes): edge B goes on answering 250 to every message,
+    A's clients see a 250, a 4xx or a dropped connection, and every message that got 250 on
+    either edge is in the lanes node's spool."""
+    c = Cluster(tmp_path, 1)
+    pub_b, sec_b = keygen(tmp_path / "keys", "edge-b")
+    (c.allowed / "edge-b.key").write_bytes(pub_b.read_bytes())
+    edge_b = Ingress(tmp_path / "edge-b", {
+        "listen": {"host": "127.0.0.4", "port": 0},
+        "cluster": {"role": "edge", "secret_key": str(sec_b),
+                    "lanes_nodes": [f"{c.bases[0]} {c.lanes_pubs[0]}"]},
+        "supervisor": {"acceptors": 1}})
+    with c, edge_b:
+        for edge in (c.edge, edge_b):
+            deadline = time.monotonic() + 20
+            while not all(n["live"] for n in c.status(edge)["nodes"]):
+                assert time.monotonic() < deadline, "lanes node not live for an edge"
+                time.sleep(0.2)
+        results: dict[str, list[tuple[float, int, str]]] = {"a": [], "b": []}
+        killed_at: list[float] = []
+
+        async def sender(name: str, port: int, host: str, stop_at: float) -> None:
+            i = 0
+            while time.monotonic() < stop_at and i < 300:
+                tag = f"{name}{i}"
+                code, _ = await send_one(port, tagged(tag), host=host, timeout=10)
+                results[name].append((time.monotonic(), code, tag))
+                i += 1
+                await asyncio.sleep(0.02)
+
+        async def killer() -> None:
+            await asyncio.sleep(1.5)
+            os.killpg(c.edge.pid, signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+        async def go() -> None:
+            stop_at = time.monotonic() + 5.0
+            await asyncio.gather(sender("a", c.edge.port, "127.0.0.1", stop_at),
+                                 sender("b", edge_b.port, "127.0.0.4", stop_at), killer())
+        asyncio.run(asyncio.wait_for(go(), 90))
+        c.edge.proc.wait(10)  # type: ignore[union-attr]
+        a, b = results["a"], results["b"]
+        assert {code for _, code, _ in a} <= {250, 421, 451, 0}
+        assert any(code == 250 for _, code, _ in a)                # it served before the kill
+        assert [code for _, code, _ in b] == [250] * len(b)        # B never faltered
+        assert any(t > killed_at[0] for t, _, _ in b)              # ... and served after it
+        ok = {tag for _, code, tag in a + b if code == 250}
+        deadline = time.monotonic() + 10
+        while not ok <= spooled_tags(c.lanes[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ok <= spooled_tags(c.lanes[0])                      # never a 250 and lost
