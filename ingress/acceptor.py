@@ -135,7 +135,7 @@ class AcceptorContext:
         # [cluster] redis: the state every edge shares (None: in-process only, one host)
         self.cluster = ClusterState.create(
             cfg, self.ident, lambda ip: self.table.penalise(ip, time.monotonic()),
-            self.learned_store.learn)
+            self.learned_store.learn, self.on_record)
 
     @property
     def resolver(self) -> Any:
@@ -220,7 +220,7 @@ class AcceptorContext:
         if self.deferrals.record(key, now, rcpts, origin=self.ident) \
                 and self.deferrals.should_share(key, now):
             rec = self.deferrals.lookup(key, now)
-            self.lanes.share_record(DEFER_TOPIC, {
+            self.share_record(DEFER_TOPIC, {
                 "k": key, "f": rec.first if rec else now, "t": now,
                 "r": list(rcpts[:MAX_RCPTS]), "o": self.ident})
 
@@ -242,7 +242,7 @@ class AcceptorContext:
             return None
         _, claim = self.deferrals.claim(key, now)
         metrics.retry(Lane.BULK, RetryResult.BYPASSED)
-        self.lanes.share_record(CLAIM_TOPIC, {"k": key, "t": now, "o": self.ident})
+        self.share_record(CLAIM_TOPIC, {"k": key, "t": now, "o": self.ident})
         log.event("retry_bypass", peer=ip, acceptor=self.ident,
                   deferred_by=claim.origin if claim else "",
                   deferred_s=round(now - claim.first, 3) if claim else 0)
@@ -260,8 +260,14 @@ class AcceptorContext:
             claim = self.deferrals.consume(key, now)
             if claim is None:
                 return
-            self.lanes.share_record(CLAIM_TOPIC, {"k": key, "t": now, "o": self.ident})
+            self.share_record(CLAIM_TOPIC, {"k": key, "t": now, "o": self.ident})
         metrics.deferred_accepted(lane, now - claim.first)
+
+    def share_record(self, fact: bytes, doc: dict[str, object]) -> None:
+        """Every edge through Redis when it is up ([cluster] redis), else this host's
+        acceptors through the bulk broker: one way only, so no acceptor counts a fact twice."""
+        if self.cluster is None or not self.cluster.share_record(fact, doc):
+            self.lanes.share_record(fact, doc)
 
     def on_record(self, fact: bytes, doc: dict[str, object]) -> None:
         """Another acceptor's deferral or claim (decoded by wire.decode_record)."""

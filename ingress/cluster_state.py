@@ -24,6 +24,8 @@ API
     bulk_spent(now) -> bool         the bucket was empty at its last use (< 1 s ago)
     share_penalty(ip)               record and publish an early-talker penalty (fire and forget)
     share_learned(ip)               record and publish a learned allow entry (fire and forget)
+    share_record(fact, doc) -> bool a deferral record fact (retry evidence) for every edge:
+                                    kept in {prefix}:records, published; False: Redis down
     conn_over(key, now) -> bool     a bulk connection attempt from IP key `key`: counted for
                                     the cluster, and is that key over the cluster's per-IP
                                     rate (by the last flush; no Redis call; False when down)
@@ -91,6 +93,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -98,10 +101,12 @@ from redis.exceptions import RedisError
 
 from ingress.core import log, metrics
 from ingress.core.config import Config
+from ingress.core.wire import RECORD_FACTS, VERSION, WireError, decode_record
 
 MAX_MIRRORED = 65536      # penalties kept in Redis (as the local box: admission.max_penalised)
 MAX_KEY = 200             # bytes of a seam key or kind
-RESERVED = frozenset({"bulk", "penalty", "learned", "conn", "edges", "chan"})   # not seam kinds
+# not seam kinds:
+RESERVED = frozenset({"bulk", "penalty", "learned", "conn", "edges", "chan", "records"})
 CONN_WINDOW = 1           # seconds: one window of the shared per-IP connection counts
 CONN_FLUSH = 0.1          # seconds between two flushes of this acceptor's counts
 MAX_PENDING = 4096        # IP keys counted between two flushes (more: not counted until then)
@@ -153,10 +158,12 @@ class ClusterState:
     """One acceptor's view of the shared state; single-threaded (the acceptor's loop)."""
 
     def __init__(self, cfg: Config, ident: str, on_penalty: Callable[[str], None],
-                 on_learn: Callable[[str, float], None]) -> None:
+                 on_learn: Callable[[str, float], None],
+                 on_record: Callable[[bytes, dict[str, object]], None] | None = None) -> None:
         c = cfg.cluster
         self.cfg, self.ident = cfg, ident
         self.on_penalty, self.on_learn = on_penalty, on_learn
+        self.on_record = on_record
         self.timeout, self.retry, self.prefix = c.redis_timeout, c.redis_retry, c.redis_prefix
         self.client = aioredis.Redis.from_url(
             c.redis, socket_timeout=c.redis_timeout, socket_connect_timeout=c.redis_timeout,
@@ -186,8 +193,10 @@ class ClusterState:
 
     @classmethod
     def create(cls, cfg: Config, ident: str, on_penalty: Callable[[str], None],
-               on_learn: Callable[[str, float], None]) -> ClusterState | None:
-        return cls(cfg, ident, on_penalty, on_learn) if cfg.cluster.redis else None
+               on_learn: Callable[[str, float], None],
+               on_record: Callable[[bytes, dict[str, object]], None] | None = None,
+               ) -> ClusterState | None:
+        return cls(cfg, ident, on_penalty, on_learn, on_record) if cfg.cluster.redis else None
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -272,6 +281,45 @@ class ClusterState:
             args=[ip, now, now - c.learned_ttl, c.learned_max, int(c.learned_ttl) + 60,
                   f"{self.ident} {ip}"])))
 
+    def share_record(self, fact: bytes, doc: dict[str, object]) -> bool:
+        """A deferral record fact (wire.DEFER_TOPIC / CLAIM_TOPIC, ingress.policy.deferrals)
+        for every acceptor of every edge: kept in the sorted set {prefix}:records (by time,
+        trimmed to admission.retry_ttl and retry_max_records, so an edge that starts later
+        replays them) and published. False (Redis down): the caller shares it on this host
+        only (the bulk broker's fan-out), never both ways (a fact counted twice would give a
+        deferral two bypasses)."""
+        if not self.up or self.on_record is None:
+            return False
+        a = self.cfg.admission
+        now = time.time()
+        member = orjson.dumps({"x": fact.decode(), "n": self.node, **doc}).decode()
+        if len(member) > 4096:
+            return False
+        self._spawn(self._call(lambda: self._zadd(
+            keys=[self.key("records"), self.key("chan", "record")],
+            args=[member, now, now - a.retry_ttl, a.retry_max_records, int(a.retry_ttl) + 60,
+                  f"{self.node}/{self.ident} {member}"])))
+        return True
+
+    def _record(self, member: str) -> None:
+        """One record fact from Redis, checked (wire.decode_record's shape) and applied; its
+        origin is made cluster-wide (node/acceptor), so it is never taken for our own."""
+        try:
+            doc = orjson.loads(member)
+            fact = str(doc.pop("x")).encode()
+            node = str(doc.pop("n"))
+            if fact not in RECORD_FACTS:
+                raise WireError("not a record fact")
+            fact, rec = decode_record([fact, VERSION, orjson.dumps(doc)])
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, WireError) as e:
+            log.event("cluster_fact_invalid", "warning", channel="record", error=str(e)[:80])
+            return
+        if node == self.node and rec["o"] == self.ident:
+            return                  # our own (the other acceptors of this node apply it)
+        rec["o"] = f"{node}/{rec['o']}"
+        assert self.on_record is not None
+        self.on_record(fact, rec)
+
     async def _load(self) -> None:
         """The whole shared sets into this acceptor's mirrors (at start and on rejoin)."""
         now = time.time()
@@ -282,6 +330,11 @@ class ClusterState:
             learned: list[Any] = await self.client.zrangebyscore(
                 self.key("learned"), now - c.learned_ttl, "+inf", start=0,
                 num=c.learned_max, withscores=True) if c.learned_ttl > 0 else []
+        records: list[Any] = await self.client.zrangebyscore(
+            self.key("records"), now - self.cfg.admission.retry_ttl, "+inf", start=0,
+            num=self.cfg.admission.retry_max_records) if self.on_record is not None else []
+        for member in records:          # in time order: deferrals before their claims
+            self._record(str(member))
         for ip in pens:
             if valid_ip(str(ip)):
                 self.on_penalty(str(ip))
@@ -292,6 +345,11 @@ class ClusterState:
                   learned=len(learned))
 
     def _fact(self, channel: str, data: str) -> None:
+        if channel == self.key("chan", "record"):
+            origin, _, member = data.partition(" ")
+            if origin != f"{self.node}/{self.ident}" and self.on_record is not None:
+                self._record(member)
+            return
         origin, _, ip = data.partition(" ")
         if origin == self.ident:
             return
@@ -379,7 +437,8 @@ class ClusterState:
             try:
                 async with asyncio.timeout(max(1.0, 20 * self.timeout)):
                     await self.client.ping()
-                    await pubsub.subscribe(self.key("chan", "penalty"), self.key("chan", "learn"))
+                    await pubsub.subscribe(self.key("chan", "penalty"), self.key("chan", "learn"),
+                                           self.key("chan", "record"))
                 await self._load()
                 self._up()
                 await self._watch(pubsub)

@@ -580,3 +580,39 @@ def test_two_edges_behind_haproxy(tmp_path: Path, redis_server: RedisServer) -> 
         assert refused >= 1, other.events("acceptor_drained")
         assert all(e["peer"] == SPAM_IP for ing in (a, b) for e in ing.events("message")), \
             "every edge saw the client's address from the PROXY v2 header"
+
+
+# --- deferral records (retry evidence, ingress.policy.deferrals) across edges ----------------
+
+def test_deferred_on_a_retried_on_b_is_accepted(tmp_path: Path,
+                                                redis_server: RedisServer) -> None:
+    """A transaction deferred for the (shared, spent) bulk cap on edge A and retried on edge B
+    after admission.retry_min_delay is recognised there and accepted within the retry share;
+    the record is spent once used (an immediate second try on either edge is shed)."""
+    extra = {"lanes.bulk": {"rate": 0.001, "burst": 1},
+             "admission": {"retry_share": 0.5, "retry_min_delay": 1.0, "retry_ttl": 600.0,
+                           "shed_delay": 0.0}}
+    sender = "mta@retry.test"
+    with two_edges(tmp_path, redis_server, **extra) as (a, b):
+        async def run() -> list[int]:
+            codes = []
+            # spend the shared cap's one token (from a network of its own)
+            for i in range(5):
+                code, _ = await send_one(a.port, message(f"spam{i}", f"s{i}@spam.test"),
+                                         host=A_HOST, sender=f"s{i}@spam.test",
+                                         source="127.0.1.2")
+                if code in (421, 451):
+                    break
+            codes.append((await send_one(a.port, message("first", sender), host=A_HOST,
+                                         sender=sender, source="127.0.2.9"))[0])
+            await asyncio.sleep(1.5)            # past retry_min_delay
+            codes.append((await send_one(b.port, message("retry", sender), host=B_HOST,
+                                         sender=sender, source="127.0.2.9"))[0])
+            codes.append((await send_one(a.port, message("again", sender), host=A_HOST,
+                                         sender=sender, source="127.0.2.9"))[0])
+            return codes
+
+        assert asyncio.run(run()) == [451, 250, 451]
+        bypass = wait_events(b, "retry_bypass", 1)
+        assert "/" in str(bypass[0].get("deferred_by")), bypass     # made on the other node
+        assert redis_server.client().zcard("smtp-ingress:records") >= 2  # defer + claim
