@@ -1,8 +1,10 @@
 """Acceptor process: holds TCP connections on a listening socket and runs the SMTP dialogue.
 
 API:
-    run(cfg, index, sock, hb, slot)   process entry point; `sock` is the listening socket the
-                                      supervisor bound for this acceptor slot (SO_REUSEPORT)
+    run(cfg, index, sock, hb, slot, mtls_sock, fast_sock)   process entry point; each `*sock`
+                                      is the listening socket, or a list of them (one per
+                                      listen address), the supervisor bound for this acceptor
+                                      slot (SO_REUSEPORT); all of them are served
     AcceptorContext                   per-process state shared by all sessions: the
                                       SessionHost (ingress.host) that smtp.py runs against;
                                       it holds the session table (ingress.sessions), the SPF
@@ -36,6 +38,7 @@ import socket
 import ssl
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from ingress import proxy
@@ -310,8 +313,19 @@ def mtls_context(cfg: Config) -> ssl.SSLContext | None:
     return ctx
 
 
-async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int,
-                mtls_sock: socket.socket | None, fast_sock: socket.socket | None,
+Listening = socket.socket | Sequence[socket.socket] | None
+
+
+def _listening(socks: Listening) -> list[socket.socket]:
+    """A listener's sockets (one per listen address) as a list, each non-blocking; None: []."""
+    out = [] if socks is None else [socks] if isinstance(socks, socket.socket) else list(socks)
+    for s in out:
+        s.setblocking(False)
+    return out
+
+
+async def serve(cfg: Config, index: int, sock: Listening, hb: Any, slot: int,
+                mtls_sock: Listening, fast_sock: Listening,
                 sig: child.Signals | None = None) -> None:
     loop = asyncio.get_running_loop()
     needed = cfg.smtp.max_connections + FD_SPARE
@@ -323,18 +337,16 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
         log.event("nofile_too_low", "error", limit=nofile, needed=needed,
                   max_connections_effective=ctx.table.admission.limits.max_connections,
                   hint="raise LimitNOFILE / ulimit -n, or lower smtp.max_connections")
-    sock.setblocking(False)
+    socks, mtls_socks, fast_socks = _listening(sock), _listening(mtls_sock), _listening(fast_sock)
     lst = cfg.listen
+    # One server per listening socket: one per listen address (e.g. 0.0.0.0 and [::]).
     servers: list[Any] = [await loop.create_server(
-        lambda: IngressSMTP(ctx, proxy_protocol=lst.proxy_protocol), sock=sock)]
-    if mtls_sock is not None and ctx.mtls_context is not None:
-        mtls_sock.setblocking(False)
-        servers.append(MtlsListener(ctx, mtls_sock))
-    if fast_sock is not None:
-        fast_sock.setblocking(False)
-        servers.append(await loop.create_server(
-            lambda: IngressSMTP(ctx, fast_only=True, proxy_protocol=lst.fast_port_proxy_protocol),
-            sock=fast_sock))
+        lambda: IngressSMTP(ctx, proxy_protocol=lst.proxy_protocol), sock=s) for s in socks]
+    if ctx.mtls_context is not None:
+        servers += [MtlsListener(ctx, s) for s in mtls_socks]
+    servers += [await loop.create_server(
+        lambda: IngressSMTP(ctx, fast_only=True, proxy_protocol=lst.fast_port_proxy_protocol),
+        sock=s) for s in fast_socks]
     stop = asyncio.Event()
     # SIGUSR2 is the supervisor's order to shut down, SIGUSR1 to retire after a reload; SIGTERM
     # (e.g. sent to the whole process group) shuts down too. ^C in a terminal reaches every
@@ -350,8 +362,8 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
     if index == 0:
         tasks.append(loop.create_task(ctx.persist_learned()))
     log.event("acceptor_start", index=index, learned=len(ctx.learned_store.allow),
-              tls=ctx.tls_context is not None, mtls=mtls_sock is not None,
-              fast_port=fast_sock is not None)
+              tls=ctx.tls_context is not None, mtls=bool(mtls_socks),
+              fast_port=bool(fast_socks), sockets=len(socks) + len(mtls_socks) + len(fast_socks))
     await stop.wait()
     await ctx.drain(servers, sig.retire)
     for t in tasks:
@@ -364,8 +376,8 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
     ctx.lanes.close()
 
 
-def run(cfg: Config, index: int, sock: socket.socket, hb: Any = None, slot: int = 0,
-        mtls_sock: socket.socket | None = None, fast_sock: socket.socket | None = None) -> None:
+def run(cfg: Config, index: int, sock: Listening, hb: Any = None, slot: int = 0,
+        mtls_sock: Listening = None, fast_sock: Listening = None) -> None:
     sig = child.start(cfg, f"acceptor-{index}", child.ACCEPTOR_SIGNALS)
     try:
         import uvloop
