@@ -109,6 +109,7 @@ def dns_server():
     records = {
         "v6.test": {"TXT": ["v=spf1 ip6:::1 -all"]},
         "v6other.test": {"TXT": ["v=spf1 ip6:2001:db8::/32 -all"]},
+        "v6a.test": {"TXT": ["v=spf1 a -all"], "AAAA": ["::1"]},
     }
     with DNSServer(records) as server:
         yield server
@@ -117,7 +118,8 @@ def dns_server():
 def test_ipv6_client_passing_spf_ip6_is_promoted(tmp_path: Path, dns_server: DNSServer) -> None:
     """SPF over IPv6 through pyspf and our resolver against the real DNS test server: a
     client on ::1 whose domain says "ip6:::1" passes and goes to the fast lane; one whose
-    domain lists other IPv6 networks fails and stays bulk."""
+    domain lists other IPv6 networks fails and stays bulk; "a" over IPv6 looks up the
+    domain's AAAA record (served by the test DNS server) and passes."""
     tables = {"listen": DUAL,
               "classify": {"spf_promote": "any", "nameservers": [dns_server.address],
                            "dns_timeout": 1.0, "spf_deadline": 2.0}}
@@ -126,9 +128,11 @@ def test_ipv6_client_passing_spf_ip6_is_promoted(tmp_path: Path, dns_server: DNS
             return [await send_one(ing.port, message("pass6", "alice@v6.test"), host="::1",
                                    sender="alice@v6.test"),
                     await send_one(ing.port, message("fail6", "alice@v6other.test"), host="::1",
-                                   sender="alice@v6other.test")]
+                                   sender="alice@v6other.test"),
+                    await send_one(ing.port, message("aaaa6", "alice@v6a.test"), host="::1",
+                                   sender="alice@v6a.test")]
         r = asyncio.run(run())
-        assert [c for c, _ in r] == [250, 250], r
+        assert [c for c, _ in r] == [250, 250, 250], r
         spooled = by_subject(ing)
     env, trace = spooled["pass6"]
     assert env["peer_ip"] == "::1" and env["lane"] == "fast", env
@@ -136,6 +140,10 @@ def test_ipv6_client_passing_spf_ip6_is_promoted(tmp_path: Path, dns_server: DNS
     assert b"([IPv6:::1])" in trace["Received"]
     env, trace = spooled["fail6"]
     assert env["lane"] == "bulk" and b"spf=fail" in trace["Authentication-Results"]
+    env, trace = spooled["aaaa6"]
+    assert env["lane"] == "fast" and b"spf=pass smtp.mailfrom=v6a.test" in \
+        trace["Authentication-Results"]
+    assert any(q[:2] == ("v6a.test", "AAAA") for q in dns_server.queries), dns_server.queries
 
 
 def test_per_64_bulk_limit_over_ipv6(tmp_path: Path) -> None:
