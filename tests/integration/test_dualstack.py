@@ -222,3 +222,23 @@ def test_proxy_v2_from_ipv6_proxy_names_ipv6_client(tmp_path: Path) -> None:
     assert env["peer_ip"] == "2001:db8::5", env
     assert b"([IPv6:2001:db8::5])" in trace["Received"]
     assert "untrusted" not in spooled
+
+
+@pytest.mark.needs_haproxy
+def test_real_haproxy_proxy_v2_carries_an_ipv6_client(tmp_path: Path) -> None:
+    """A real HAProxy listening on [::1] forwards to the ingress over IPv4 (127.0.0.1, the
+    trusted proxy) with send-proxy-v2: the header carries the IPv6 client ::1, and that is the
+    address the ingress records, not the TCP peer 127.0.0.1."""
+    from tests.integration.test_haproxy import HAProxy
+    tables = {"listen": {**DUAL, "proxy_protocol": True, "trusted_proxies": ["127.0.0.1/32"]}}
+    with Ingress(tmp_path, tables) as ing:
+        hap = HAProxy(tmp_path, ing.port, "send-proxy-v2", bind="::1")
+        try:
+            r = asyncio.run(send_one(hap.port, message("haproxy6"), host="::1"))
+        finally:
+            hap.stop()
+        spooled = by_subject(ing)
+    assert r[0] == 250, r
+    env, trace = spooled["haproxy6"]
+    assert env["peer_ip"] == "::1", env
+    assert b"([IPv6:::1])" in trace["Received"]

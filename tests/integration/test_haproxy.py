@@ -122,9 +122,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _free_port6() -> int:
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        return int(s.getsockname()[1])
+
+
 class HAProxy:
-    def __init__(self, tmp: Path, backend_port: int, send_proxy: str) -> None:
-        self.port = _free_port()
+    def __init__(self, tmp: Path, backend_port: int, send_proxy: str,
+                 bind: str = "127.0.0.1") -> None:
+        """`bind`: the frontend's address ("::1": an IPv6 frontend; the backend stays IPv4)."""
+        self.bind = bind
+        self.port = _free_port() if ":" not in bind else _free_port6()
         self.cfg = tmp / "haproxy.cfg"
         self.cfg.write_text(f"""\
 global
@@ -137,7 +146,7 @@ defaults
     timeout server 15s
 
 frontend smtp_in
-    bind 127.0.0.1:{self.port}
+    bind {f"[{bind}]" if ":" in bind else bind}:{self.port}
     default_backend smtp_ingress
 
 backend smtp_ingress
@@ -158,7 +167,7 @@ backend smtp_ingress
         """Is the frontend port in LISTEN state? (/proc, so no probe connection reaches the
         backend.)"""
         want = f":{self.port:04X} "
-        with open("/proc/net/tcp") as f:
+        with open("/proc/net/tcp6" if ":" in self.bind else "/proc/net/tcp") as f:
             return any(want in ln and ln.split()[3] == "0A" for ln in f)
 
     def log_text(self) -> str:
