@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import signal
 import socket
 import struct
@@ -102,6 +103,31 @@ def test_one_instance_serves_ipv4_and_ipv6(tmp_path: Path) -> None:
         env, _ = spooled[f"fast6{tag}"]
         assert env["peer_ip"] == "::1" and env["lane"] == "fast"
         assert f"fast4{tag}" not in spooled
+
+
+def test_restarted_acceptor_serves_every_address(tmp_path: Path) -> None:
+    """kill -9 of the only acceptor: its replacement gets the slot's sockets for both
+    addresses (the supervisor keeps them open), so 127.0.0.1 and ::1 are served again."""
+    with Ingress(tmp_path, {"listen": DUAL, "supervisor": {"acceptors": 1}}) as ing:
+        [old] = ing.children("acceptor")
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = ing.children("acceptor")
+            if now and old not in now and ing.events("acceptor_start")[1:]:
+                break
+            time.sleep(0.1)
+        assert ing.children("acceptor") != [old]
+
+        async def run() -> list[tuple[int, str]]:
+            return [await send_one(ing.port, message("after-kill-v4"), host="127.0.0.1"),
+                    await send_one(ing.port, message("after-kill-v6"), host="::1")]
+        r = asyncio.run(run())
+        assert [c for c, _ in r] == [250, 250], r
+        starts = ing.events("acceptor_start")
+        spooled = by_subject(ing)
+    assert len(starts) == 2 and starts[-1]["sockets"] == 2, starts
+    assert spooled["after-kill-v6"][0]["peer_ip"] == "::1"
 
 
 @pytest.fixture(scope="module")
