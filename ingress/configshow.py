@@ -5,7 +5,8 @@ API:
                                      the default says the default in a comment
     derived(cfg, nofile=None) -> dict    the limits the processes compute from the config and the
                                      machine: acceptors and workers per core, connection slots
-                                     per acceptor (and what the fd limit allows), bulk shares
+                                     per acceptor (and what the fd limit allows), bulk shares,
+                                     every listen address and the sockets they take
     render(cfg) -> str               both, for a terminal (derived values as TOML comments, so
                                      the output is itself a valid config file)
 

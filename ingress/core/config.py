@@ -6,8 +6,13 @@ API:
     ConfigError(file, key, message)           raised for anything invalid; str() names all three
     read_credentials(path) -> (user, password)    relay.auth_file (ValueError: unreadable,
                                               group/world-readable, or not "user:password")
+    parse_listen_address("v4:port" | "[v6]:port") -> (host, port)   ValueError if not one
+    format_listen_address(host, port) -> str  the reverse
 
-Every value is validated once, here; the rest of the code trusts a Config. Unknown tables and keys
+Every value is validated once, here; the rest of the code trusts a Config. Listen addresses:
+listen.addresses, listen.fast_addresses and tls.mtls_addresses are never empty-when-on after
+loading (filled from listen.host/port, listen.fast_port, tls.mtls_port), and those single keys
+mirror each list's first entry. Unknown tables and keys
 are errors (a typo must not silently fall back to a default). Counts of 0 for acceptors and workers
 mean "scale to the cores". Limits: the file is read whole (it is small); paths are made absolute
 relative to the working directory at load time, so children started elsewhere agree.
@@ -424,7 +429,9 @@ def _addresses(need: _Need, key: str, given: tuple[str, ...], hosts: list[str],
         parsed = [(h, port) for h in dict.fromkeys(hosts)]
     else:
         return ()
-    return tuple(format_listen_address(h, p) for h, p in parsed)
+    out = tuple(format_listen_address(h, p) for h, p in parsed)
+    need(len(set(out)) == len(out), key, f"lists an address twice: {', '.join(out)}")
+    return out
 
 
 def _check_overlap(need: _Need, sets: dict[str, tuple[str, ...]]) -> None:
