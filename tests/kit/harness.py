@@ -2,7 +2,9 @@
 
 API:
     Ingress(tmpdir, **overrides)   context manager; .port, .spool, .pid, .children(kind),
-                                   .signal(sig), .stop() -> exit code, .log_lines()
+                                   .signal(sig), .stop() -> exit code, .log_lines();
+                                   .addresses: every listen address as bound ("[::1]:p");
+                                   overrides with listen.addresses drop listen.host/port
     spooled() -> dict[qid, SpoolEntry]   every file in spool/new, parsed
     smtp_dialogue(port, lines, ...)      raw client: send lines, collect every reply
     send_one(port, ...) -> (code, text)  one message on a fresh connection (aiosmtplib)
