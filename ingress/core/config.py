@@ -455,11 +455,10 @@ def _listen_sets(cfg: Config, need: _Need) -> Config:
     single keys then mirror each set's first entry, so old configs keep their meaning."""
     lst, t = cfg.listen, cfg.tls
     default = ListenConfig()
-    if lst.addresses and (lst.host, lst.port) != (default.host, default.port):
-        first = parse_listen_address(lst.addresses[0]) if lst.addresses else None
-        need(first == (str(ipaddress.ip_address(lst.host)), lst.port), "listen.addresses",
-             "set listen.addresses or listen.host and listen.port, not both")
     main = _addresses(need, "listen.addresses", lst.addresses, [lst.host], lst.port)
+    if lst.addresses and (lst.host, lst.port) != (default.host, default.port):
+        need(parse_listen_address(main[0]) == (str(ipaddress.ip_address(lst.host)), lst.port),
+             "listen.addresses", "set listen.addresses or listen.host and listen.port, not both")
     hosts = [parse_listen_address(a)[0] for a in main]
     fast = _addresses(need, "listen.fast_addresses", lst.fast_addresses, hosts, lst.fast_port)
     mtls = _addresses(need, "tls.mtls_addresses", t.mtls_addresses, hosts, t.mtls_port)

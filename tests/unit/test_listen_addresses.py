@@ -79,6 +79,9 @@ def test_mtls_addresses(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError) as e:
         load(tmp_path, {"tls": {"mtls_addresses": ["[::1]:465"]}})
     assert e.value.key == "tls.mtls_port"        # needs tls.cert, like mtls_port
+    with pytest.raises(config.ConfigError) as e:
+        load(tmp_path, {"tls": {**tls, "mtls_addresses": ["[::1]:x"]}})
+    assert e.value.key == "tls.mtls_addresses" and "[v6]:port" in e.value.message
 
 
 @pytest.mark.parametrize(("tables", "key", "words"), [
@@ -92,6 +95,8 @@ def test_mtls_addresses(tmp_path: Path) -> None:
     ({"listen": {"addresses": ["[::1]:25", "[::1]:25"]}}, "listen.addresses", "twice"),
     ({"listen": {"addresses": ["[::1]:0", "[::1]:0"]}}, "listen.addresses", "twice"),
     ({"listen": {"addresses": ["127.0.0.1:25"], "port": 26}}, "listen.addresses", "not both"),
+    ({"listen": {"addresses": ["bad"], "port": 26}}, "listen.addresses", "[v6]:port"),
+    ({"listen": {"fast_addresses": ["bad"], "fast_port": 26}}, "listen.fast_addresses", "v4:port"),
     ({"listen": {"addresses": ["127.0.0.1:25"], "fast_addresses": ["0.0.0.0:25"]}},
      "listen.fast_addresses", "overlaps"),
     ({"listen": {"fast_addresses": ["127.0.0.1:26"], "fast_port": 27}}, "listen.fast_port",
