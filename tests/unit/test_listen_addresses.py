@@ -158,3 +158,15 @@ def test_received_address_literal(ip: str, literal: bytes) -> None:
     """RFC 5321 4.4 TCP-info: an address-literal, "[IPv6:...]" for IPv6 (4.1.3)."""
     h = headers.received_header(env(ip), "mx.example")
     assert h.startswith(b"Received: from h.example " + literal + b"\r\n")
+
+
+@pytest.mark.parametrize("prefix", [48, 64, 128])
+def test_ipv6_prefix_reaches_admission(tmp_path: Path, prefix: int) -> None:
+    """admission.ipv6_prefix is what the acceptor's admission counts IPv6 clients by."""
+    from collections import Counter
+
+    from ingress.sessions import SessionTable
+    cfg = load(tmp_path, {"admission": {"ipv6_prefix": prefix}})
+    table = SessionTable(cfg, Counter(), now=0.0)
+    assert table.admission.limits.ipv6_prefix == prefix
+    assert configshow.derived(cfg, nofile=(4096, 4096))["listen_sockets"] >= 1
