@@ -1,8 +1,10 @@
 """Acceptor process: holds TCP connections on a listening socket and runs the SMTP dialogue.
 
 API:
-    run(cfg, index, sock, hb, slot)   process entry point; `sock` is the listening socket the
-                                      supervisor bound for this acceptor slot (SO_REUSEPORT)
+    run(cfg, index, sock, hb, slot, mtls_sock, fast_sock)   process entry point; each `*sock`
+                                      is the listening socket, or a list of them (one per
+                                      listen address), the supervisor bound for this acceptor
+                                      slot (SO_REUSEPORT); all of them are served
     AcceptorContext                   per-process state shared by all sessions: the
                                       SessionHost (ingress.host) that smtp.py runs against;
                                       it holds the session table (ingress.sessions), the SPF
@@ -40,6 +42,7 @@ import socket
 import ssl
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from ingress import handoff, proxy
@@ -443,33 +446,40 @@ def mtls_context(cfg: Config) -> ssl.SSLContext | None:
     return ctx
 
 
-async def listeners(ctx: AcceptorContext, sock: socket.socket | None,
-                    mtls_sock: socket.socket | None,
-                    fast_sock: socket.socket | None) -> list[Any]:
-    """What this acceptor serves: port 25 (listen.port), or, for a fast acceptor (`sock`
-    None), the hand-off socket; the mutual-TLS port and the fast port when configured."""
+Listening = socket.socket | Sequence[socket.socket] | None
+
+
+def _listening(socks: Listening) -> list[socket.socket]:
+    """A listener's sockets (one per listen address) as a list, each non-blocking; None: []."""
+    out = [] if socks is None else [socks] if isinstance(socks, socket.socket) else list(socks)
+    for s in out:
+        s.setblocking(False)
+    return out
+
+
+async def listeners(ctx: AcceptorContext, sock: Listening, mtls_sock: Listening,
+                    fast_sock: Listening) -> list[Any]:
+    """What this acceptor serves: one server per listening socket, i.e. per listen address
+    (e.g. 0.0.0.0 and [::]) of port 25, the mutual-TLS port and the fast port; for a fast
+    acceptor (`sock` None) the hand-off socket instead of port 25."""
     loop, lst = ctx.loop, ctx.cfg.listen
     servers: list[Any] = []
     if sock is None:
         servers.append(handoff.Receiver(ctx.cfg, ctx.index, loop,
                                         lambda conn: serve_handed(ctx, conn)))
-    else:
-        sock.setblocking(False)
-        servers.append(await loop.create_server(
-            lambda: IngressSMTP(ctx, proxy_protocol=lst.proxy_protocol), sock=sock))
-    if mtls_sock is not None and ctx.mtls_context is not None:
-        mtls_sock.setblocking(False)
-        servers.append(MtlsListener(ctx, mtls_sock))
-    if fast_sock is not None:
-        fast_sock.setblocking(False)
-        servers.append(await loop.create_server(
-            lambda: IngressSMTP(ctx, fast_only=True, proxy_protocol=lst.fast_port_proxy_protocol),
-            sock=fast_sock))
+    servers += [await loop.create_server(
+        lambda: IngressSMTP(ctx, proxy_protocol=lst.proxy_protocol), sock=s)
+        for s in _listening(sock)]
+    if ctx.mtls_context is not None:
+        servers += [MtlsListener(ctx, s) for s in _listening(mtls_sock)]
+    servers += [await loop.create_server(
+        lambda: IngressSMTP(ctx, fast_only=True, proxy_protocol=lst.fast_port_proxy_protocol),
+        sock=s) for s in _listening(fast_sock)]
     return servers
 
 
-async def serve(cfg: Config, index: int, sock: socket.socket | None, hb: Any, slot: int,
-                mtls_sock: socket.socket | None, fast_sock: socket.socket | None,
+async def serve(cfg: Config, index: int, sock: Listening, hb: Any, slot: int,
+                mtls_sock: Listening, fast_sock: Listening,
                 sig: child.Signals | None = None) -> None:
     """An acceptor's life; `sock` None: a fast acceptor (its connections are handed to it by
     the others over ingress.handoff, it has no listening socket of its own)."""
@@ -501,8 +511,9 @@ async def serve(cfg: Config, index: int, sock: socket.socket | None, hb: Any, sl
     if ctx.cluster is not None:
         tasks.append(loop.create_task(ctx.cluster.run()))
     log.event("acceptor_start", index=index, learned=len(ctx.learned_store.allow),
-              tls=ctx.tls_context is not None, mtls=mtls_sock is not None,
-              fast_port=fast_sock is not None)
+              tls=ctx.tls_context is not None, mtls=bool(cfg.tls.mtls_addresses),
+              fast_port=bool(cfg.listen.fast_addresses), handed=sock is None,
+              servers=len(servers))
     await stop.wait()
     await ctx.drain(servers, sig.retire)
     for t in tasks:
@@ -541,8 +552,8 @@ def run_fast(cfg: Config, index: int, hb: Any = None, slot: int = 0) -> None:
         asyncio.run(serve(cfg, index, None, hb, slot, None, None, sig))
 
 
-def run(cfg: Config, index: int, sock: socket.socket, hb: Any = None, slot: int = 0,
-        mtls_sock: socket.socket | None = None, fast_sock: socket.socket | None = None) -> None:
+def run(cfg: Config, index: int, sock: Listening, hb: Any = None, slot: int = 0,
+        mtls_sock: Listening = None, fast_sock: Listening = None) -> None:
     sig = child.start(cfg, f"acceptor-{index}", child.ACCEPTOR_SIGNALS)
     try:
         import uvloop

@@ -6,7 +6,8 @@ API:
     derived(cfg, nofile=None) -> dict    the limits the processes compute from the config and the
                                      machine: acceptors and workers per core, connection slots
                                      per acceptor (and what the fd limit allows), bulk shares,
-                                     the retry share (deferrals.retry_buckets)
+                                     the retry share (deferrals.retry_buckets);
+                                     every listen address and the sockets they take
     render(cfg) -> str               both, for a terminal (derived values as TOML comments, so
                                      the output is itself a valid config file)
 
@@ -90,7 +91,8 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
     lim = AdmissionLimits(max_connections=slots, fast_reserve=reserve,
                           per_ip_bulk_max=cfg.admission.per_ip_bulk_max,
                           per_ip_rate=cfg.admission.per_ip_rate,
-                          per_ip_burst=cfg.admission.per_ip_burst)
+                          per_ip_burst=cfg.admission.per_ip_burst,
+                          ipv6_prefix=cfg.admission.ipv6_prefix)
     cores = config.cores()
     acceptors = cfg.acceptor_count
     workers = {lane: cfg.worker_count(lane) for lane in ("fast", "bulk")}
@@ -109,6 +111,10 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
         "bulk_slots_per_acceptor": lim.bulk_share,
         "connections_total": slots * acceptors,
         "bulk_rate": cfg.lanes.bulk.rate,
+        "listen_addresses": {"smtp": cfg.listen.addresses, "fast": cfg.listen.fast_addresses,
+                             "mtls": cfg.tls.mtls_addresses},
+        "listen_sockets": acceptors * (len(cfg.listen.addresses) + len(cfg.listen.fast_addresses)
+                                       + len(cfg.tls.mtls_addresses)),
         "bulk_share_per_acceptor": None if share is None else
             {"rate": round(share[0], 4), "burst": round(share[1], 4)},
         "bulk_admitted_at_mail_from": None if share is None else
@@ -141,6 +147,10 @@ def render(cfg: config.Config, nofile: tuple[int, int] | None = None) -> str:
         + f"), of which fast-lane only {d['fast_reserve_per_acceptor']}, "
         f"bulk at most {d['bulk_slots_per_acceptor']}; all acceptors: {d['connections_total']}",
     ]
+    la = d["listen_addresses"]
+    lines.append("# listening on " + "; ".join(
+        f"{name} {', '.join(addrs)}" for name, addrs in la.items() if addrs)
+        + f": {d['listen_sockets']} SO_REUSEPORT sockets (one per address per acceptor)")
     if d["bulk_share_per_acceptor"] is None:
         lines.append("# bulk: uncapped (lanes.bulk.rate = 0)")
     else:

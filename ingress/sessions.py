@@ -78,7 +78,7 @@ class SessionTable:
         self.admission = Admission(AdmissionLimits(
             max_connections=max_connections, fast_reserve=fast_reserve,
             per_ip_bulk_max=a.per_ip_bulk_max, per_ip_rate=a.per_ip_rate,
-            per_ip_burst=a.per_ip_burst, penalty_s=a.penalty))
+            per_ip_burst=a.per_ip_burst, penalty_s=a.penalty, ipv6_prefix=a.ipv6_prefix))
         self.sessions: set[Seat] = set()
         self.silent: OrderedDict[Seat, float] = OrderedDict()   # bulk, not spoken yet
         self.evictions = TokenBucket(a.evict_rate, max(1.0, a.evict_rate), now=now) \

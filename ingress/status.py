@@ -4,6 +4,8 @@ API: collect(cfg, timeout) -> dict;  render(doc) -> str;  healthy(doc) -> bool (
      quantile(buckets, q) -> float | None
 
 Sources, all local and read-only:
+- the config: every listen address (listen.addresses, listen.fast_addresses,
+  tls.mtls_addresses; "port 0" as written, since the real port is the running instance's);
 - each lane broker's status publication (ZeroMQ SUB on the state dir's ipc sockets): queue
   depth and bound, workers, free credit, the bulk cap's tokens and saturation, counters;
 - the Prometheus endpoint (metrics.listen), when enabled: live sessions per lane (summed over
@@ -178,7 +180,10 @@ def collect(cfg: Config, timeout: float = 1.5) -> dict[str, Any]:
     m = scrape(cfg.metrics.listen, timeout)
     spool = cfg.spool.path
     doc: dict[str, Any] = {
-        "config": cfg.source, "listen": f"{cfg.listen.host}:{cfg.listen.port}",
+        "config": cfg.source, "listen": ", ".join(cfg.listen.addresses),
+        "listen_addresses": {"smtp": list(cfg.listen.addresses),
+                             "fast": list(cfg.listen.fast_addresses),
+                             "mtls": list(cfg.tls.mtls_addresses)},
         "role": cfg.cluster.role, "lanes": lanes, "nodes": nodes,
         "sessions": None if m is None else {
             lane: m.get(f"smtp_ingress_sessions{{lane={lane}}}", 0.0) for lane in lanes},
@@ -195,6 +200,10 @@ def collect(cfg: Config, timeout: float = 1.5) -> dict[str, Any]:
 
 def render(doc: dict[str, Any]) -> str:
     lines = [f"smtp-ingress on {doc['listen']} (config {doc['config']})"]
+    extra = {k: v for k, v in doc.get("listen_addresses", {}).items() if k != "smtp" and v}
+    if extra:
+        lines.append("  also listening: " + "; ".join(
+            f"{k} port {', '.join(v)}" for k, v in extra.items()))
     sessions = doc["sessions"]
     for lane, st in doc["lanes"].items():
         live = "?" if sessions is None else f"{sessions[lane]:.0f}"

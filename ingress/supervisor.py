@@ -9,10 +9,13 @@ listening socket: they serve the connections the acceptors hand them, ingress.ha
 cluster.role (or `run --role`, which overrides it, on reload too) picks among them: "edge"
 starts only the acceptors, "lanes" all but the acceptors (and binds no listening socket),
 "all" every one.
-The supervisor binds one SO_REUSEPORT listening socket per acceptor slot and hands it to that
-slot's acceptor. Because the socket outlives its acceptor, restarting or replacing an acceptor
-never closes a listening socket, so connections waiting in its backlog are never reset (plain
-SO_REUSEPORT would reset them unless net.ipv4.tcp_migrate_req=1).
+The supervisor binds one SO_REUSEPORT listening socket per listen address (listen.addresses,
+listen.fast_addresses, tls.mtls_addresses: e.g. "0.0.0.0:25" and "[::]:25", the IPv6 one
+V6ONLY) per acceptor slot and hands that slot's sockets to its acceptor, which serves them all.
+A replacement acceptor (restart, reload) gets the same sockets. Because a socket outlives its
+acceptor, restarting or replacing an acceptor never closes a listening socket, so connections
+waiting in its backlog are never reset (plain SO_REUSEPORT would reset them unless
+net.ipv4.tcp_migrate_req=1).
 
 Watching: each child writes time.monotonic() into its slot of a shared array from its own main
 loop. The array has heartbeat_slots(cfg) slots (every child twice, for the overlap of a reload,
@@ -53,7 +56,7 @@ from typing import Any
 
 from ingress.core import child, log, metrics
 from ingress.core import config as config_mod
-from ingress.core.config import Config, ConfigError
+from ingress.core.config import Config, ConfigError, format_listen_address, parse_listen_address
 
 TICK = 0.05
 HB_MARGIN = 16       # heartbeat slots beyond two per child (a reload runs old and new side by side)
@@ -119,21 +122,79 @@ def port_free(family: int, host: str, port: int) -> bool:
     return True
 
 
-def bind_listener(cfg: Config, port: int | None = None, first: bool = False) -> socket.socket:
-    """One SO_REUSEPORT listening socket; `first` refuses a port someone already listens on."""
-    host = cfg.listen.host
-    port = cfg.listen.port if port is None else port
+def bind_listener(cfg: Config, host: str, port: int, first: bool = False) -> socket.socket:
+    """One SO_REUSEPORT listening socket on host:port; `first` refuses a port someone already
+    listens on. An IPv6 socket is V6ONLY, so "0.0.0.0" and "[::]" on one port coexist (and a
+    v4 client is never seen as ::ffff:a.b.c.d)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     if first and port and not port_free(family, host, port):
-        raise OSError(f"{host}:{port} is already in use (another smtp-ingress or MTA?)")
+        raise OSError(f"{format_listen_address(host, port)} is already in use (another "
+                      "smtp-ingress or MTA?)")
     s = socket.socket(family, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if family == socket.AF_INET6:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    s.bind((host, port))
-    s.listen(cfg.listen.backlog)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((host, port))
+        s.listen(cfg.listen.backlog)
+    except OSError:
+        s.close()
+        raise
     return s
+
+
+PORT_PICK_TRIES = 20     # port 0 on several addresses: attempts to find one port free on all
+
+
+def bind_addresses(cfg: Config, addresses: tuple[str, ...], count: int
+                   ) -> tuple[list[list[socket.socket]], tuple[str, ...]]:
+    """`count` sets (one per acceptor slot) of one SO_REUSEPORT socket per address, and the
+    addresses as bound. Port 0 (tests): the addresses with port 0 share one free port (the
+    first picks it; if another address has it taken, all are closed and a new one is tried)."""
+    for attempt in range(PORT_PICK_TRIES):
+        firsts: list[socket.socket] = []
+        bound: list[str] = []
+        shared = 0
+        try:
+            for a in addresses:
+                host, port = parse_listen_address(a)
+                pick = port == 0
+                s = bind_listener(cfg, host, shared if pick else port, first=True)
+                firsts.append(s)
+                if pick and not shared:
+                    shared = s.getsockname()[1]
+                bound.append(format_listen_address(host, s.getsockname()[1]))
+        except OSError:
+            for s in firsts:
+                s.close()
+            if shared and attempt + 1 < PORT_PICK_TRIES:
+                continue                 # the picked port is taken on another address
+            raise
+        break
+    slots = [firsts]
+    for _ in range(count - 1):
+        slots.append([bind_listener(cfg, *parse_listen_address(a)) for a in bound])
+    return slots, tuple(bound)
+
+
+def with_bound(cfg: Config, main: tuple[str, ...], fast: tuple[str, ...],
+               mtls: tuple[str, ...]) -> Config:
+    """The config with its listen sets replaced by the addresses as bound (port 0 -> the real
+    port); listen.host/port, listen.fast_port, tls.mtls_port mirror each set's first entry."""
+    host, port = parse_listen_address(main[0])
+    return dataclasses.replace(
+        cfg,
+        listen=dataclasses.replace(
+            cfg.listen, addresses=main, host=host, port=port, fast_addresses=fast,
+            fast_port=parse_listen_address(fast[0])[1] if fast else -1),
+        tls=dataclasses.replace(
+            cfg.tls, mtls_addresses=mtls,
+            mtls_port=parse_listen_address(mtls[0])[1] if mtls else -1))
+
+
+def listen_sets(cfg: Config) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    return cfg.listen.addresses, cfg.listen.fast_addresses, cfg.tls.mtls_addresses
 
 
 class Supervisor:
@@ -146,9 +207,11 @@ class Supervisor:
         self.hb = self.mp.RawArray("d", slots)
         self.free_slots = list(range(slots - 1, -1, -1))
         self.children: list[Child] = []
-        self.sockets: list[socket.socket] = []
-        self.mtls_sockets: list[socket.socket] = []
-        self.fast_sockets: list[socket.socket] = []
+        # Per acceptor slot, one socket per listen address (listen.addresses, ...).
+        self.sockets: list[list[socket.socket]] = []
+        self.mtls_sockets: list[list[socket.socket]] = []
+        self.fast_sockets: list[list[socket.socket]] = []
+        self.configured = listen_sets(cfg)      # as in the file (port 0 = any), for reloads
         self.flags: set[str] = set()
         self.watchdog = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
         self.next_watchdog = 0.0
@@ -315,13 +378,6 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.flags.add("reload" if signum == signal.SIGHUP else "stop")
 
-    def _bind_set(self, port: int) -> list[socket.socket]:
-        """One SO_REUSEPORT socket per acceptor on `port` (0: a free one, shared by all)."""
-        first = bind_listener(self.cfg, port, first=True)
-        port = first.getsockname()[1]
-        return [first] + [bind_listener(self.cfg, port)
-                          for _ in range(self.cfg.acceptor_count - 1)]
-
     def _lock_state_dir(self) -> None:
         """One instance per state dir: its ipc sockets, metrics files and learned cache."""
         path = self.cfg.spool.state_dir / "supervisor.lock"
@@ -336,22 +392,15 @@ class Supervisor:
         os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
 
     def _bind_listeners(self) -> None:
-        # Port 0 (tests): the first socket picks a free port, the others share it.
-        first = bind_listener(self.cfg, first=True)
-        port = first.getsockname()[1]
-        if port != self.cfg.listen.port:
-            self.cfg = dataclasses.replace(
-                self.cfg, listen=dataclasses.replace(self.cfg.listen, port=port))
-        self.sockets = [first] + [bind_listener(self.cfg)
-                                  for _ in range(self.cfg.acceptor_count - 1)]
-        if self.cfg.tls.mtls_port >= 0:
-            self.mtls_sockets = self._bind_set(self.cfg.tls.mtls_port)
-            self.cfg = dataclasses.replace(self.cfg, tls=dataclasses.replace(
-                self.cfg.tls, mtls_port=self.mtls_sockets[0].getsockname()[1]))
-        if self.cfg.listen.fast_port >= 0:
-            self.fast_sockets = self._bind_set(self.cfg.listen.fast_port)
-            self.cfg = dataclasses.replace(self.cfg, listen=dataclasses.replace(
-                self.cfg.listen, fast_port=self.fast_sockets[0].getsockname()[1]))
+        # Port 0 (tests): the first socket of an address picks a free port, the others share it.
+        main, fast, mtls = listen_sets(self.cfg)
+        n = self.cfg.acceptor_count
+        self.sockets, main = bind_addresses(self.cfg, main, n)
+        if mtls:
+            self.mtls_sockets, mtls = bind_addresses(self.cfg, mtls, n)
+        if fast:
+            self.fast_sockets, fast = bind_addresses(self.cfg, fast, n)
+        self.cfg = with_bound(self.cfg, main, fast, mtls)
 
     def start(self) -> None:
         Path(self.cfg.spool.path).mkdir(parents=True, exist_ok=True)
@@ -370,8 +419,11 @@ class Supervisor:
                     for kind, key in self._wanted(self.cfg) if kind == stage]
             ok = self._wait_ready(kids, 60.0) and ok
         log.event("ready" if ok else "not_ready", "info" if ok else "error",
-                  listen=f"{self.cfg.listen.host}:{self.sockets[0].getsockname()[1]}"
-                  if self.sockets else self.cfg.cluster.lanes_bind, role=self.cfg.cluster.role,
+                  listen=self.cfg.listen.addresses[0] if self.sockets
+                  else self.cfg.cluster.lanes_bind, role=self.cfg.cluster.role,
+                  listen_addresses=self.cfg.listen.addresses if self.sockets else (),
+                  fast_addresses=self.cfg.listen.fast_addresses,
+                  mtls_addresses=self.cfg.tls.mtls_addresses,
                   mtls_port=self.cfg.tls.mtls_port, fast_port=self.cfg.listen.fast_port,
                   acceptors=self.cfg.acceptor_count, spool=str(self.cfg.spool.path),
                   fast_workers=self.cfg.worker_count("fast"),
@@ -402,8 +454,9 @@ class Supervisor:
         for c in rest:
             self._retire(c, 5.0)
         self._wait_gone(rest, 10.0)
-        for s in self.sockets + self.mtls_sockets + self.fast_sockets:
-            s.close()
+        for slot in self.sockets + self.mtls_sockets + self.fast_sockets:
+            for s in slot:
+                s.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
         log.event("stopped")
@@ -441,24 +494,19 @@ class Supervisor:
             sd_notify("READY=1")
             return
         old = self.cfg
-        if new.listen.port == 0:       # "any free port" means the one we already have
-            new = dataclasses.replace(
-                new, listen=dataclasses.replace(new.listen, port=old.listen.port))
-        if new.listen.fast_port == 0:
-            new = dataclasses.replace(
-                new, listen=dataclasses.replace(new.listen, fast_port=old.listen.fast_port))
-        if new.tls.mtls_port == 0:
-            new = dataclasses.replace(
-                new, tls=dataclasses.replace(new.tls, mtls_port=old.tls.mtls_port))
-        if (new.listen, new.spool, new.acceptor_count, new.tls.mtls_port) != (
-                old.listen, old.spool, old.acceptor_count, old.tls.mtls_port):
+        if listen_sets(new) == self.configured:     # port 0 means the one we already have
+            new = with_bound(new, *listen_sets(old))
+        if (new.listen, new.spool, new.acceptor_count, new.tls.mtls_port,
+                new.tls.mtls_addresses) != (old.listen, old.spool, old.acceptor_count,
+                                            old.tls.mtls_port, old.tls.mtls_addresses):
             # Changing these would mean closing listening sockets (resetting what is queued on
             # them) or moving the spool under running workers: they wait for a restart.
             log.event("reload_restart_needed", "warning",
                       why="listen, spool and supervisor.acceptors take effect on restart only")
             new = dataclasses.replace(
                 new, listen=old.listen, spool=old.spool,
-                tls=dataclasses.replace(new.tls, mtls_port=old.tls.mtls_port),
+                tls=dataclasses.replace(new.tls, mtls_port=old.tls.mtls_port,
+                                        mtls_addresses=old.tls.mtls_addresses),
                 supervisor=dataclasses.replace(new.supervisor, acceptors=old.acceptor_count))
         if not self.reload_fits(new):
             log.event("reload_failed", "error",

@@ -15,7 +15,8 @@ API
     strip_forged_ar(message, authserv_id) -> bytes
     authentication_results(authserv_id, *, spf=None, spf_domain=None, spf_helo=None,
                            dkim_results=(), dkim_checked=True, comment=None) -> bytes
-    received_header(env, hostname) -> bytes
+    received_header(env, hostname) -> bytes   the client IP as an RFC 5321 address-literal
+    address_literal(ip) -> str                "[192.0.2.1]", "[IPv6:2001:db8::1]"
     received_spf_header (ingress.core.headers', re-exported)
     MAX_AR_FIELD
 
@@ -37,6 +38,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ingress.core.addr import try_parse_ip
 from ingress.core.headers import comment_text, quoted_value, received_spf_header, sanitise
 from ingress.core.wire import AuthResult, Envelope
 
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_AR_FIELD",
+    "address_literal",
     "authentication_results",
     "field_value",
     "header_fields",
@@ -108,15 +111,26 @@ def _safe(text: str, limit: int = 200) -> str:
     return sanitise(text, "?", printable=True)[:limit] or "unknown"
 
 
+def address_literal(ip: str) -> str:
+    """RFC 5321 address-literal (4.1.3) of the client's IP: "[192.0.2.1]", "[IPv6:2001:db8::1]"
+    (an IPv4-mapped IPv6 address is written as IPv4); something that is not an address is
+    bracketed as it is, made safe."""
+    addr = try_parse_ip(ip)
+    if addr is None:
+        return f"[{_safe(ip)}]"
+    return f"[IPv6:{addr}]" if addr.version == 6 else f"[{addr}]"
+
+
 def received_header(env: Envelope, hostname: str) -> bytes:
-    """Received: from <helo> ([ip]) by <host> (smtp-ingress lane=...) with ESMTP[S] id <qid>."""
+    """Received: from <helo> ([ip] or [IPv6:ip]) by <host> (smtp-ingress lane=...) with
+    ESMTP[S] id <qid>."""
     with_ = "ESMTPS" if env.tls else "ESMTP"
     if env.smtputf8:
         with_ = "UTF8SMTPS" if env.tls else "UTF8SMTP"
     tls = f" ({_safe(env.tls)})" if env.tls else ""
     for_ = f"\r\n\tfor <{_safe(env.rcpts[0])}>" if len(env.rcpts) == 1 else ""
     date = email.utils.formatdate(env.received_at, localtime=True)
-    line = (f"Received: from {_safe(env.helo)} ([{_safe(env.peer_ip)}])\r\n"
+    line = (f"Received: from {_safe(env.helo)} ({address_literal(env.peer_ip)})\r\n"
             f"\tby {_safe(hostname)} (smtp-ingress lane={env.lane.value}) with {with_}{tls}"
             f" id {_safe(env.qid)}{for_};\r\n\t{date}\r\n")
     return line.encode("ascii")

@@ -6,8 +6,13 @@ API:
     ConfigError(file, key, message)           raised for anything invalid; str() names all three
     read_credentials(path) -> (user, password)    relay.auth_file (ValueError: unreadable,
                                               group/world-readable, or not "user:password")
+    parse_listen_address("v4:port" | "[v6]:port") -> (host, port)   ValueError if not one
+    format_listen_address(host, port) -> str  the reverse
 
-Every value is validated once, here; the rest of the code trusts a Config. Unknown tables and keys
+Every value is validated once, here; the rest of the code trusts a Config. Listen addresses:
+listen.addresses, listen.fast_addresses and tls.mtls_addresses are never empty-when-on after
+loading (filled from listen.host/port, listen.fast_port, tls.mtls_port), and those single keys
+mirror each list's first entry. Unknown tables and keys
 are errors (a typo must not silently fall back to a default). Counts of 0 for acceptors and workers
 mean "scale to the cores". Limits: the file is read whole (it is small); paths are made absolute
 relative to the working directory at load time, so children started elsewhere agree.
@@ -52,6 +57,12 @@ class ListenConfig:
                                         # clients with connect-time fast-lane evidence (allow
                                         # list, learned allow); -1 = off
     fast_port_proxy_protocol: bool = False  # PROXY header required on listen.fast_port too
+    addresses: tuple[str, ...] = ()     # several listen addresses, "v4:port" / "[v6]:port"
+                                        # (e.g. ["0.0.0.0:25", "[::]:25"]); empty = the one
+                                        # address listen.host:listen.port. After loading it is
+                                        # never empty, and host/port are its first entry
+    fast_addresses: tuple[str, ...] = ()    # the fast port's addresses; empty = listen.fast_port
+                                        # on every host of listen.addresses (if fast_port >= 0)
 
 
 @dataclass(frozen=True)
@@ -151,6 +162,8 @@ class AdmissionConfig:
     retry_ttl: float = 14400.0          # ... and within this long of the first deferral
     retry_max_records: int = 20000      # deferral records held (per acceptor; ~0.8 KB each)
     retry_per_net: int = 32             # deferral records per client /24 (IPv4) or /64 (IPv6)
+    ipv6_prefix: int = 64               # IPv6 clients are counted (per_ip_*, penalties) per
+                                        # network of this prefix length (a /64 is one site)
 
 
 @dataclass(frozen=True)
@@ -162,6 +175,9 @@ class TlsConfig:
     pinned_sha256: tuple[str, ...] = () # client certificate fingerprints that promote
     handshake_timeout: float = 5.0      # mTLS port: a TLS handshake that takes longer is
                                         # closed (the connection holds a slot meanwhile)
+    mtls_addresses: tuple[str, ...] = ()    # the mTLS port's addresses ("v4:port"/"[v6]:port");
+                                        # empty = tls.mtls_port on every host of
+                                        # listen.addresses (if mtls_port >= 0)
 
 
 @dataclass(frozen=True)
@@ -402,6 +418,104 @@ def _cidr(c: str) -> Any:
     return ipaddress.ip_network(c, strict=False)
 
 
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """ "v4:port" or "[v6]:port" -> (host, port); ValueError (a message) for anything else.
+    The host is a literal IP address (no names, no zone index), the port 0..65535 (0: a free
+    one, picked at start)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"{text!r} is not \"v4:port\" or \"[v6]:port\"")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        want = 6
+    else:
+        want = 4
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
+    if "%" in host:
+        raise ValueError(f"{text!r}: no zone index (%...) in a listen address")
+    if addr.version != want:
+        raise ValueError(f"{text!r}: an IPv6 address goes in brackets (\"[::1]:25\"), an IPv4 "
+                         "one without")
+    if int(port) > 65535:
+        raise ValueError(f"{text!r}: the port must be 0..65535")
+    return str(addr), int(port)
+
+
+def format_listen_address(host: str, port: int) -> str:
+    """(host, port) -> "v4:port" / "[v6]:port" (the form parse_listen_address reads)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _addresses(need: _Need, key: str, given: tuple[str, ...], hosts: list[str],
+               port: int) -> tuple[str, ...]:
+    """One listener's addresses, normalised: `given` parsed, or `port` on each of `hosts`
+    (port < 0: off, empty). Duplicates, and a wildcard beside an address of the same family
+    and port, are errors (SO_REUSEPORT would let both bind and split the clients)."""
+    if given:
+        parsed = []
+        for a in given:
+            try:
+                parsed.append(parse_listen_address(a))
+            except ValueError as e:
+                raise ConfigError(need.file, key, str(e)) from None
+    elif port >= 0:
+        parsed = [(h, port) for h in dict.fromkeys(hosts)]
+    else:
+        return ()
+    out = tuple(format_listen_address(h, p) for h, p in parsed)
+    need(len(set(out)) == len(out), key, f"lists an address twice: {', '.join(out)}")
+    return out
+
+
+def _check_overlap(need: _Need, sets: dict[str, tuple[str, ...]]) -> None:
+    """No two listen addresses (in any of the sets) that would take the same connections."""
+    seen: dict[tuple[int, int], list[tuple[Any, str]]] = {}
+    for key, addrs in sets.items():
+        for a in addrs:
+            host, port = parse_listen_address(a)
+            if port == 0:
+                continue
+            ip = ipaddress.ip_address(host)
+            for other, okey in seen.get((ip.version, port), []):
+                need(ip != other and not ip.is_unspecified and not other.is_unspecified, key,
+                     f"{a!r} overlaps {format_listen_address(str(other), port)!r} ({okey})")
+            seen.setdefault((ip.version, port), []).append((ip, key))
+
+
+def _listen_sets(cfg: Config, need: _Need) -> Config:
+    """listen.addresses / listen.fast_addresses / tls.mtls_addresses filled in from the single
+    address keys (listen.host, listen.port, listen.fast_port, tls.mtls_port) when empty; the
+    single keys then mirror each set's first entry, so old configs keep their meaning."""
+    lst, t = cfg.listen, cfg.tls
+    default = ListenConfig()
+    main = _addresses(need, "listen.addresses", lst.addresses, [lst.host], lst.port)
+    if lst.addresses and (lst.host, lst.port) != (default.host, default.port):
+        need(parse_listen_address(main[0]) == (str(ipaddress.ip_address(lst.host)), lst.port),
+             "listen.addresses", "set listen.addresses or listen.host and listen.port, not both")
+    hosts = [parse_listen_address(a)[0] for a in main]
+    fast = _addresses(need, "listen.fast_addresses", lst.fast_addresses, hosts, lst.fast_port)
+    mtls = _addresses(need, "tls.mtls_addresses", t.mtls_addresses, hosts, t.mtls_port)
+    need(not lst.fast_addresses or lst.fast_port < 0 or lst.fast_port
+         == parse_listen_address(fast[0])[1], "listen.fast_port",
+         "set listen.fast_addresses or listen.fast_port, not both")
+    need(not t.mtls_addresses or t.mtls_port < 0 or t.mtls_port
+         == parse_listen_address(mtls[0])[1], "tls.mtls_port",
+         "set tls.mtls_addresses or tls.mtls_port, not both")
+    _check_overlap(need, {"listen.addresses": main, "listen.fast_addresses": fast,
+                          "tls.mtls_addresses": mtls})
+    host, port = parse_listen_address(main[0])
+    return dataclasses.replace(
+        cfg,
+        listen=dataclasses.replace(
+            lst, addresses=main, fast_addresses=fast, host=host, port=port,
+            fast_port=parse_listen_address(fast[0])[1] if fast else -1),
+        tls=dataclasses.replace(
+            t, mtls_addresses=mtls, mtls_port=parse_listen_address(mtls[0])[1] if mtls else -1))
+
+
 def _check_listen(cfg: Config, need: _Need) -> None:
     lst = cfg.listen
     need(0 <= lst.port <= 65535, "listen.port", "must be 0..65535")
@@ -414,7 +528,7 @@ def _check_listen(cfg: Config, need: _Need) -> None:
          "must list the load balancers' addresses when listen.proxy_protocol = true")
     need(not lst.fast_port_proxy_protocol or bool(lst.trusted_proxies), "listen.trusted_proxies",
          "must list the load balancers' addresses when listen.fast_port_proxy_protocol = true")
-    need(not lst.fast_port_proxy_protocol or lst.fast_port >= 0,
+    need(not lst.fast_port_proxy_protocol or lst.fast_port >= 0 or bool(lst.fast_addresses),
          "listen.fast_port_proxy_protocol", "needs listen.fast_port")
 
 
@@ -522,6 +636,7 @@ def _check_admission(cfg: Config, need: _Need) -> None:
     need(1 <= a.retry_max_records <= 10_000_000, "admission.retry_max_records",
          "must be 1..10000000")
     need(a.retry_per_net >= 1, "admission.retry_per_net", "must be >= 1")
+    need(16 <= a.ipv6_prefix <= 128, "admission.ipv6_prefix", "must be 16..128")
     need(a.stress_idle_timeout > 0, "admission.stress_idle_timeout",
          "must be > 0 (the shorter of it and smtp.idle_timeout applies under stress)")
 
@@ -534,12 +649,13 @@ def _check_tls(cfg: Config, need: _Need) -> None:
         need(not path or os.path.isfile(path), f"tls.{key}", f"{path!r}: no such file")
     need(-1 <= t.mtls_port <= 65535, "tls.mtls_port", "must be -1 (off) or 0..65535")
     need(0 < t.handshake_timeout <= 60, "tls.handshake_timeout", "must be in (0, 60] seconds")
-    need(t.mtls_port < 0 or bool(t.cert), "tls.mtls_port", "needs tls.cert and tls.key")
-    need(t.mtls_port < 0 or bool(t.client_ca) or bool(t.pinned_sha256), "tls.mtls_port",
+    mtls_on = t.mtls_port >= 0 or bool(t.mtls_addresses)
+    need(not mtls_on or bool(t.cert), "tls.mtls_port", "needs tls.cert and tls.key")
+    need(not mtls_on or bool(t.client_ca) or bool(t.pinned_sha256), "tls.mtls_port",
          "needs tls.client_ca or tls.pinned_sha256 to check client certificates against")
     # Python's ssl verifies every client certificate it requests against a CA bundle (there is
     # no verify callback to accept a pinned one instead): pins alone fail every handshake.
-    need(t.mtls_port < 0 or bool(t.client_ca), "tls.client_ca",
+    need(not mtls_on or bool(t.client_ca), "tls.client_ca",
          "tls.mtls_port needs a CA bundle even with tls.pinned_sha256: put the pinned (e.g. "
          "self-signed) certificates or their issuers in tls.client_ca")
     for fp in t.pinned_sha256:
@@ -641,6 +757,7 @@ def _finish(cfg: Config, file: str) -> Config:
                   _check_tls, _check_relay, _check_outputs_and_supervisor, _check_cluster,
                   _check_cluster_redis):
         check(cfg, need)
+    cfg = _listen_sets(cfg, need)
     s = cfg.smtp
     spool = SpoolConfig(path=cfg.spool.path.absolute(), state_dir=cfg.spool.state_dir.absolute())
     run_dir = spool.state_dir / "run"

@@ -122,12 +122,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _free_port6() -> int:
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        return int(s.getsockname()[1])
+
+
 class HAProxy:
     def __init__(self, tmp: Path, backend_port: int, send_proxy: str,
-                 more: tuple[tuple[str, int], ...] = ()) -> None:
+                 more: tuple[tuple[str, int], ...] = (), bind: str = "127.0.0.1") -> None:
         """`more`: further backend servers (host, port), balanced round-robin with the first
-        (tests/integration/test_cluster_redis.py: two edges behind one HAProxy)."""
-        self.port = _free_port()
+        (tests/integration/test_cluster_redis.py: two edges behind one HAProxy). `bind`: the
+        frontend's address ("::1": an IPv6 frontend; the backend stays IPv4)."""
+        self.bind = bind
+        self.port = _free_port() if ":" not in bind else _free_port6()
         extra = "".join(f"    server ingress{i} {host}:{port} {send_proxy}\n"
                         for i, (host, port) in enumerate(more, 2))
         self.cfg = tmp / "haproxy.cfg"
@@ -142,7 +150,7 @@ defaults
     timeout server 15s
 
 frontend smtp_in
-    bind 127.0.0.1:{self.port}
+    bind {f"[{bind}]" if ":" in bind else bind}:{self.port}
     default_backend smtp_ingress
 
 backend smtp_ingress
@@ -163,7 +171,7 @@ backend smtp_ingress
         """Is the frontend port in LISTEN state? (/proc, so no probe connection reaches the
         backend.)"""
         want = f":{self.port:04X} "
-        with open("/proc/net/tcp") as f:
+        with open("/proc/net/tcp6" if ":" in self.bind else "/proc/net/tcp") as f:
             return any(want in ln and ln.split()[3] == "0A" for ln in f)
 
     def log_text(self) -> str:

@@ -2,7 +2,9 @@
 
 API:
     Ingress(tmpdir, **overrides)   context manager; .port, .spool, .pid, .children(kind),
-                                   .signal(sig), .stop() -> exit code, .log_lines()
+                                   .signal(sig), .stop() -> exit code, .log_lines();
+                                   .addresses: every listen address as bound ("[::1]:p");
+                                   overrides with listen.addresses drop listen.host/port
     spooled() -> dict[qid, SpoolEntry]   every file in spool/new, parsed
     smtp_dialogue(port, lines, ...)      raw client: send lines, collect every reply
     send_one(port, ...) -> (code, text)  one message on a fresh connection (aiosmtplib)
@@ -77,6 +79,8 @@ class Ingress:
             "log": {"level": "info"},
             "metrics": {"listen": ""},
         }
+        if "addresses" in (tables or {}).get("listen", {}):    # several addresses: they
+            base["listen"] = {}                                 # replace listen.host/port
         for table, kv in (tables or {}).items():
             base.setdefault(table, {}).update(kv)
         self.config = self.tmpdir / "ingress.toml"
@@ -84,6 +88,7 @@ class Ingress:
         self.logfile = self.tmpdir / "ingress.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.addresses: list[str] = []     # listen.addresses as bound ("v4:port", "[v6]:port")
 
     def __enter__(self) -> Ingress:
         self.start()
@@ -103,6 +108,7 @@ class Ingress:
             for doc in self.log_lines():
                 if doc.get("event") == "ready":
                     self.port = int(str(doc["listen"]).rsplit(":", 1)[1])
+                    self.addresses = list(doc.get("listen_addresses") or [doc["listen"]])
                     return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ingress exited {self.proc.returncode}: {self.log_tail()}")
