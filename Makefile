@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint unit integration fuzz bench bench-quick sysdeps clean
+.PHONY: run test lint unit integration fuzz bench bench-quick bench-cluster sysdeps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -58,6 +58,10 @@ bench: $(STAMP) sysdeps
 
 bench-quick: $(STAMP) sysdeps
 	$(PY) -m bench.run --quick
+
+# Two edges + one lanes node (tcp + CURVE) beside a single host, same run (bench/cluster.py)
+bench-cluster: $(STAMP) sysdeps
+	$(PY) -m bench.cluster --runs 3
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
