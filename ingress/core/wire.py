@@ -85,6 +85,9 @@ class NackReason(StrEnum):
     EXPIRED = "expired"            # waited in the broker past its deadline
     ERROR = "error"                # the worker failed (disk error, bad input)
     SHUTDOWN = "shutdown"          # broker or worker shutting down
+    SHARE = "share"                # fast lane: the message's identity is at its share of the
+                                   # queue (classify.identity_share); the acceptor serves it as
+                                   # bulk (resubmits it to the bulk lane)
 
 
 class WireError(ValueError):

@@ -10,7 +10,10 @@ Purpose
 
 API
     FairQueue(quantum, key_count, key_bytes)
-        push(key, item, size) -> bool     False: the key is at its share (the caller NACKs)
+        push(key, item, size, bounded=True) -> bool
+                                          False: the key is at its share (the caller NACKs);
+                                          bounded=False skips the per-key bound (the caller
+                                          applies its own global bounds)
         push_front(key, item, size)       put back an item that could not be sent (no bound)
         pop(eligible=None) -> (key, item, size) | None
                                           the next item in DRR order among keys for which
@@ -57,9 +60,9 @@ class FairQueue(Generic[T]):
     def keys(self) -> list[str]:
         return list(self._active)
 
-    def push(self, key: str, item: T, size: int) -> bool:
+    def push(self, key: str, item: T, size: int, bounded: bool = True) -> bool:
         size = max(1, size)
-        if (self.depth(key) >= self.key_count
+        if bounded and (self.depth(key) >= self.key_count
                 or self._bytes.get(key, 0) + size > self.key_bytes):
             return False
         self._add(key, item, size, front=False)

@@ -91,3 +91,11 @@ def test_idle_identity_saves_no_credit() -> None:
 def test_bad_parameters() -> None:
     with pytest.raises(ValueError):
         FairQueue(0, 1, 1)
+
+
+def test_unbounded_push_skips_the_share() -> None:
+    q: FairQueue[str] = FairQueue(10, key_count=1, key_bytes=10)
+    assert q.push("", "a", 10, bounded=False)
+    assert q.push("", "b", 100, bounded=False)
+    assert not q.push("", "c", 10)
+    assert len(q) == 2
