@@ -45,7 +45,7 @@ from ingress.core.downstream import parse_downstream
 from ingress.core.fsutil import atomic_write
 from ingress.core.wire import Envelope, Lane, Reply
 from ingress.dataread import DataBudget
-from ingress.evidence import cert_evidence, normalize_fingerprint
+from ingress.evidence import cert_evidence, normalize_fingerprint, sha256_fingerprint
 from ingress.handler import IngressHandler
 from ingress.host import Prototype
 from ingress.lanes import Lanes
@@ -87,7 +87,8 @@ class AcceptorContext:
                                           c.learned_max)
         self.policy = ClassifyPolicy(
             spf_promote=c.spf_promote, spf_domains=frozenset(c.spf_domains),
-            cert_promotes=c.cert_promotes, learned_promotes=c.learned_ttl > 0)
+            cert_promotes=c.cert_promotes, learned_promotes=c.learned_ttl > 0,
+            identity_share=c.identity_share)
         self.counters: Counter[str] = Counter()
         self.table = SessionTable(cfg, self.counters, time.monotonic(), nofile=nofile)
         self.pins = frozenset(normalize_fingerprint(f) for f in cfg.tls.pinned_sha256)
@@ -118,14 +119,19 @@ class AcceptorContext:
     # --- policy hooks used by smtp.py (the SessionHost protocol) ------------------------------
 
     def connect_evidence(self, ip: str, peercert_der: bytes | None, verified: bool) -> Evidence:
-        ev = Evidence(static_allow=self.static_allow.contains(ip),
-                      learned_allow=self.learned_store.contains(ip, time.time()))
+        entry = self.static_allow.match(ip)
+        learned = self.learned_store.contains(ip, time.time())
+        ev = Evidence(static_allow=entry is not None, learned_allow=learned, allow_entry=entry,
+                      learned_domain=self.learned_store.allow.domain(ip) if learned else None)
         if peercert_der is not None:
-            ev = ev.with_cert(cert_evidence(peercert_der, verified, self.pins))
+            ev = ev.with_cert(cert_evidence(peercert_der, verified, self.pins),
+                              sha256_fingerprint(peercert_der))
         return ev
 
     def decide(self, evidence: Evidence) -> Decision:
-        return decide(evidence, self.policy)
+        """The policy's decision, served as bulk when its identity holds its share of this
+        acceptor's slots (SessionTable.within_share: classify.identity_share)."""
+        return self.table.within_share(decide(evidence, self.policy))
 
     def admit(self, proto: Seat) -> str | None:
         return self.table.admit(proto, self.draining, time.monotonic())

@@ -82,10 +82,15 @@ class IngressHandler:
                 explanation=why).decode("ascii", "replace")
             decision = ctx.decide(server.evidence)
             if promote(server.lane, decision) is not server.lane:
+                server.identity = decision.identity
                 ctx.promote(server)
                 server.reasons = decision.reasons
                 ctx.count("promoted", Lane.FAST)
-                log.event("promoted", peer=server.peer_ip, reasons=",".join(decision.reasons))
+                log.event("promoted", peer=server.peer_ip, reasons=",".join(decision.reasons),
+                          identity=decision.identity)
+            elif any(r.startswith("over-share:") for r in decision.reasons):
+                server.reasons = decision.reasons    # served as bulk: say why in the trace
+                log.event("over_share", peer=server.peer_ip, reasons=",".join(decision.reasons))
         if server.lane is Lane.BULK and not ctx.bulk_mail_admitted():
             return await self.shed(server)
         envelope.mail_from = address

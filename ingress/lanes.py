@@ -8,7 +8,11 @@ API:
                                           messages at once)
         saturated() / cap_spent()         by the broker's fresh status (STATUS_STALE)
     Lanes(cfg, ident)                    the clients of one acceptor, its share of the bulk cap
-        submit(env, body) -> (Reply | None, why)      to the envelope's lane, smtp.ack_timeout
+        submit(env, body) -> (Reply | None, why)      to the envelope's lane, smtp.ack_timeout;
+                                         a fast message NACKed share (its identity is at its
+                                         share of the fast queue) is served as bulk: resubmitted
+                                         to the bulk lane (whose cap applies) within the same
+                                         deadline
         lane_saturated(lane) -> bool     stress: bulk broker saturated or the bulk cap spent
         bulk_mail_admitted() -> bool     may a bulk session start a transaction now (spends a
                                          token of this acceptor's share of the bulk cap)
@@ -29,6 +33,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 import zmq
@@ -56,6 +61,7 @@ from ingress.core.wire import (
     submit,
 )
 from ingress.policy.admission import bulk_share_bucket
+from ingress.policy.identity import over_share_reason
 
 HANDOFF_RETRY = 1.5          # seconds to keep trying to reach a broker that is not connected
 
@@ -179,7 +185,20 @@ class Lanes:
         return self.bulk_bucket is None or self.bulk_bucket.take(time.monotonic())
 
     async def submit(self, env: Envelope, body: bytes) -> tuple[Reply | None, str]:
-        return await self.clients[env.lane].submit(env, body, self.cfg.smtp.ack_timeout)
+        timeout = self.cfg.smtp.ack_timeout
+        start = time.monotonic()
+        reply, why = await self.clients[env.lane].submit(env, body, timeout)
+        if env.lane is Lane.FAST and reply is not None and reply.reason is NackReason.SHARE:
+            identity = env.evidence.get("identity", "")
+            log.event("over_share", qid=env.qid, peer=env.peer_ip, identity=identity,
+                      served="bulk")
+            evidence = {k: v for k, v in env.evidence.items() if k != "identity"}
+            evidence["reasons"] = ",".join(
+                filter(None, (evidence.get("reasons", ""), over_share_reason(identity))))
+            bulk = replace(env, lane=Lane.BULK, evidence=evidence)
+            reply, why = await self.clients[Lane.BULK].submit(
+                bulk, body, max(0.1, timeout - (time.monotonic() - start)))
+        return reply, why
 
     def share_penalty(self, ip: str) -> None:
         with contextlib.suppress(zmq.ZMQError):

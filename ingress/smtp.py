@@ -152,6 +152,7 @@ class IngressSMTP(DataPhase):
         self.lane = Lane.BULK
         self.evidence = Evidence()
         self.reasons: tuple[str, ...] = ()
+        self.identity = ""          # who vouched for the fast lane (Decision.identity)
         self.ticket: Ticket | None = None
         self.peer_ip = ""
         self.peer_port = 0
@@ -216,10 +217,12 @@ class IngressSMTP(DataPhase):
         if self.admitted:     # mutual-TLS port: the slot was taken before the handshake
             self.reasons = decision.reasons
             if promote(self.lane, decision) is not self.lane:
+                self.identity = decision.identity
                 ctx.promote(self)
             metrics.connection(self.lane, Outcome.ADMITTED)
             return None
         self.lane, self.reasons = decision.lane, decision.reasons
+        self.identity = decision.identity
         if self.fast_only and self.lane is Lane.BULK:
             metrics.connection(self.lane, Outcome.NOT_FAST)
             return text(Refusal.FAST_PORT_ONLY, host=self.hostname)
@@ -394,6 +397,8 @@ class IngressSMTP(DataPhase):
         """What the worker needs for the trace headers and the learned allow cache."""
         ev = self.evidence
         out = {"reasons": ",".join(self.reasons), "cert": ev.cert.value}
+        if self.lane is Lane.FAST and self.identity:
+            out["identity"] = self.identity     # the fast broker's share key (DRR, shares)
         if self.spf_header:
             out.update(spf=ev.spf.value, spf_domain=ev.spf_domain or "",
                        received_spf=self.spf_header)
