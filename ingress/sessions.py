@@ -11,8 +11,11 @@ API:
         spoke(seat)                it said something: never evicted for silence again
         promote(seat)              bulk -> fast (slot accounting; the lane's session gauge)
         within_share(decision) -> Decision   a FAST decision whose identity already holds its
-                                   share (classify.identity_share) of this acceptor's slots is
-                                   served as bulk: BULK, reasons + "over-share:<key>"
+                                   share (classify.identity_share) of this acceptor's fast
+                                   reserve (smtp.fast_reserve; max_connections if 0) is served
+                                   as bulk: BULK, reasons + "over-share:<key>". The reserve is
+                                   what nobody may capture: one identity holding its share
+                                   leaves the rest of it to the others
                                    (seat.identity counts from admit/promote to release)
         release(seat)              the session ended: its slot is free (idempotent)
         penalise(ip, now)          the early-talker penalty, in this acceptor
@@ -95,7 +98,8 @@ class SessionTable:
         if decision.lane is not Lane.FAST or not decision.identity:
             return decision
         key = share_key(decision.identity)
-        if not over_share(self.by_identity[key], self.admission.limits.max_connections,
+        limits = self.admission.limits
+        if not over_share(self.by_identity[key], limits.fast_reserve or limits.max_connections,
                           self.identity_share):
             return decision
         self.counters["over_share"] += 1
