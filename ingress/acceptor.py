@@ -166,8 +166,8 @@ class AcceptorContext:
     def count(self, what: str, lane: Lane) -> None:
         self.counters[f"{what}_{lane.value}"] += 1
 
-    def learn(self, ip: str) -> None:
-        self.learned_store.learn(ip, time.time())
+    def learn(self, ip: str, domain: str = "") -> None:
+        self.learned_store.learn(ip, time.time(), domain)
 
     # --- background tasks ---------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ API:
                                          token of this acceptor's share of the bulk cap)
         share_penalty(ip)                tell every other acceptor (via the bulk broker)
         read_status(on_learn, on_penalty)  background task: status and shared facts over SUB
+                                         (on_learn(ip, domain): the domain it was learned for)
         tasks() -> coroutines            the background tasks of the clients
         close()                          destroys the ZeroMQ context
 
@@ -211,7 +212,7 @@ class Lanes:
     def close(self) -> None:
         self.zctx.destroy(linger=0)
 
-    async def read_status(self, on_learn: Callable[[str], None],
+    async def read_status(self, on_learn: Callable[[str, str], None],
                           on_penalty: Callable[[str], None]) -> None:
         sub = self.zctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
@@ -225,12 +226,12 @@ class Lanes:
             frames = await sub.recv_multipart()
             if frames and frames[0] in SHARED_FACTS:
                 try:
-                    fact, ip = decode_shared(frames)
+                    fact, ip, domain = decode_shared(frames)
                 except WireError as e:
                     log.event("wire_error", "warning", side="fact", error=str(e))
                     continue
                 if fact == LEARN_TOPIC:
-                    on_learn(ip)
+                    on_learn(ip, domain)
                 else:
                     on_penalty(ip)
                 continue

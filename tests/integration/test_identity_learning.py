@@ -4,9 +4,14 @@ client only when classify.spf_promote would promote that domain, and says for wh
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
+import json
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import dkim
 import pytest
@@ -15,6 +20,7 @@ from ingress.core.config import ClassifyConfig, Config
 from ingress.core.wire import Envelope, Lane
 from tests.kit.dkimkeys import signing_key
 from tests.kit.dnsserver import DNSServer
+from tests.kit.harness import Ingress, send_one
 from workers.pipeline import Pipeline
 
 
@@ -63,3 +69,41 @@ def test_listed_learns_only_listed_domains(dns: DNSServer, keys: tuple[bytes, st
     assert any(r.aligned and r.result == "pass" for r in p.dkim), p.dkim   # real evidence
     assert p.learn is learn
     assert p.learn_domain == (domain if learn else "")
+
+
+def test_listed_learns_only_listed_domains_live(tmp_path: Path, keys: tuple[bytes, str]) -> None:
+    """The whole path: worker -> bulk broker's fan-out -> every acceptor -> learned.json. With
+    spf_promote = "listed", a listed domain's client is learned (with its domain: the next
+    connection's identity is learned:<domain>); a spammer with valid SPF and DKIM is not."""
+    good_ip, spam_ip = "127.0.2.7", "127.0.1.7"
+    with DNSServer({"good.test": {"TXT": [f"v=spf1 ip4:{good_ip} -all"]},
+                    "spammer.test": {"TXT": [f"v=spf1 ip4:{spam_ip} -all"]},
+                    "sel._domainkey.good.test": {"TXT": [keys[1]]},
+                    "sel._domainkey.spammer.test": {"TXT": [keys[1]]}}) as dns:
+        state = Path(tempfile.mkdtemp(prefix="si-", dir="/tmp"))
+        tables = {"classify": {"spf_promote": "listed", "spf_domains": ["good.test"],
+                               "nameservers": [dns.address], "dns_timeout": 1.0,
+                               "spf_deadline": 2.0}}
+        try:
+            with Ingress(tmp_path, tables, state=state) as ing:
+                for ip, domain in ((spam_ip, "spammer.test"), (good_ip, "good.test")):
+                    code, text = asyncio.run(send_one(ing.port, signed(domain, keys[0]),
+                                                      source=ip, sender=f"a@{domain}"))
+                    assert code == 250, text
+                learned = state / "learned.json"
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and not learned.exists():
+                    time.sleep(0.2)
+                time.sleep(1.0)     # the spammer's learn fact (if any) had time to arrive too
+                entries = json.loads(learned.read_text())["entries"]
+                assert good_ip in entries and entries[good_ip]["domain"] == "good.test"
+                assert spam_ip not in entries
+                # the learned client is fast at connect, as identity learned:good.test
+                code, text = asyncio.run(send_one(ing.port, signed("good.test", keys[0]),
+                                                  source=good_ip, sender="other@elsewhere.test"))
+                assert code == 250, text
+                idents = [e.envelope["evidence"].get("identity")
+                          for e in ing.spooled().values() if e.envelope["peer_ip"] == good_ip]
+                assert "learned:good.test" in idents, idents
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
