@@ -87,8 +87,7 @@ class AcceptorContext:
                                           c.learned_max)
         self.policy = ClassifyPolicy(
             spf_promote=c.spf_promote, spf_domains=frozenset(c.spf_domains),
-            cert_promotes=c.cert_promotes, learned_promotes=c.learned_ttl > 0,
-            identity_share=c.identity_share)
+            cert_promotes=c.cert_promotes, learned_promotes=c.learned_ttl > 0)
         self.counters: Counter[str] = Counter()
         self.table = SessionTable(cfg, self.counters, time.monotonic(), nofile=nofile)
         self.pins = frozenset(normalize_fingerprint(f) for f in cfg.tls.pinned_sha256)

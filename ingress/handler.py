@@ -90,7 +90,6 @@ class IngressHandler:
                           identity=decision.identity)
             elif any(r.startswith("over-share:") for r in decision.reasons):
                 server.reasons = decision.reasons    # served as bulk: say why in the trace
-                log.event("over_share", peer=server.peer_ip, reasons=",".join(decision.reasons))
         if server.lane is Lane.BULK and not ctx.bulk_mail_admitted():
             return await self.shed(server)
         envelope.mail_from = address

@@ -104,7 +104,10 @@ class SessionTable:
             return decision
         self.counters["over_share"] += 1
         metrics.over_share("session", key)
-        return Decision(Lane.BULK, (*decision.reasons, over_share_reason(decision.identity)))
+        reasons = (*decision.reasons, over_share_reason(decision.identity))
+        log.event("over_share", identity=decision.identity, reasons=",".join(reasons),
+                  served="bulk")
+        return Decision(Lane.BULK, reasons)
 
     def _hold(self, seat: Seat) -> None:
         if seat.identity:

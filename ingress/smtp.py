@@ -223,7 +223,10 @@ class IngressSMTP(DataPhase):
             return None
         self.lane, self.reasons = decision.lane, decision.reasons
         self.identity = decision.identity
-        if self.fast_only and self.lane is Lane.BULK:
+        # listen.fast_port: a fast client over its identity's share is served as bulk there
+        # too (never refused for it)
+        if self.fast_only and self.lane is Lane.BULK and not any(
+                r.startswith("over-share:") for r in decision.reasons):
             metrics.connection(self.lane, Outcome.NOT_FAST)
             return text(Refusal.FAST_PORT_ONLY, host=self.hostname)
         refusal = ctx.admit(self)

@@ -34,6 +34,12 @@ Rules encoded here
       NONE never promote;
     * SPF PASS promotes per policy.spf_promote: "any" domain, "listed" (spf_domain equal to or
       a subdomain of a listed domain), or "off";
+    * a FAST decision names its identity (ingress.policy.identity), from the strongest
+      promoting evidence: the allow entry (Evidence.allow_entry), the certificate
+      (Evidence.cert_fp), the learned entry's domain (Evidence.learned_domain), the SPF
+      organisational domain; the shares of the fast lane are counted by it (the acceptor's
+      session table, the fast broker), not here;
+    * learning (should_learn) obeys the SPF promotion policy (ClassifyPolicy.spf_promotes);
     * every other SPF result (fail, softfail, neutral, none, permerror, temperror) neither
       promotes nor rejects: decide() only chooses a lane; it never produces a rejection.
       In particular TEMPERROR yields exactly the same decision as NONE.
@@ -141,7 +147,6 @@ class ClassifyPolicy:
     spf_domains: frozenset[str] = frozenset()
     cert_promotes: bool = True
     learned_promotes: bool = True
-    identity_share: float = 1.0     # classify.identity_share: one identity's share of the lane
 
     def __post_init__(self) -> None:
         try:
@@ -155,8 +160,6 @@ class ClassifyPolicy:
         object.__setattr__(self, "spf_domains", domains)
         if mode is SpfPromote.LISTED and not domains:
             raise ValueError("spf_promote = 'listed' needs at least one entry in spf_domains")
-        if not 0 < self.identity_share <= 1:
-            raise ValueError("identity_share must be in (0, 1]")
 
     def spf_promotes(self, domain: str) -> bool:
         """Does an SPF pass for `domain` promote (and may it be learned) under this policy?"""

@@ -2,7 +2,7 @@
 is at its share of the fast queue, issue 8): ingress.lanes.Lanes resubmits it to the bulk lane,
 whose cap applies, within the same ack deadline. The acceptor side is real (Lanes, its DEALERs);
 the two brokers are stand-ins (ROUTER sockets on the lanes' ipc addresses) because the test is
-about the acceptor's answer to a NACK, not the broker (tests/integration/test_broker_identity.py)."""
+about the acceptor's answer to a NACK, not the broker (test_broker_identity.py)."""
 
 from __future__ import annotations
 
