@@ -171,3 +171,31 @@ def test_spammer_with_spf_and_dkim_from_50_ips_leaves_others_at_100(
         promoted = [e["identity"] for e in ing.events("promoted") if e.get("identity")]
         assert promoted.count("org:spammer.test") == 3, promoted
         assert any(r.startswith("421") for r in spam_replies)     # its bulk excess was refused
+
+
+def test_over_share_on_the_fast_port_is_served_as_bulk(tmp_path: Path, dns: DNSServer,
+                                                       keys: tuple[bytes, str]) -> None:
+    """listen.fast_port admits fast-lane clients only; an allow-listed relay over its share
+    (fast_reserve 4 x 0.25 = 1 session) is served as bulk there too: never a 554."""
+    t = tables(dns, max_connections=20, fast_reserve=4)
+    t["listen"] = {"fast_port": 0}
+    with Ingress(tmp_path, t) as ing:
+        fport = int(ing.events("ready")[-1]["fast_port"])
+
+        async def run() -> list[str]:
+            first, banner = await Session.open(fport, ALLOWED_IP)      # holds the share
+            assert banner.startswith("220")
+            second, banner = await Session.open(fport, ALLOWED_IP)
+            assert banner.startswith("220"), banner
+            await second.cmd("EHLO relay.test")
+            reply = await second.message("a@allowed.test",
+                                         signed("allowed.test", "second", keys[0]))
+            first.close()
+            second.close()
+            return [reply]
+
+        replies = asyncio.run(run())
+        assert replies[0].startswith("250"), replies
+        assert lanes_by_subject(ing)["second"][0] == "bulk"
+        assert any("over-share:allow:127.0.0.20/32" in e["reasons"]
+                   for e in ing.events("over_share"))
