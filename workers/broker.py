@@ -14,8 +14,10 @@ bodies, Config.queue_bytes; a SUBMIT beyond either is NACKed queue_full at once)
 for the fast lane, fairness between identities (the envelope's evidence["identity"], by its
 ingress.policy.identity.share_key): the queue is an ingress.policy.fairqueue.FairQueue (deficit
 round robin, DRR_QUANTUM bytes) in which one identity holds at most classify.identity_share of
-queue_max and queue_bytes (beyond it: NACK share, and the acceptor serves the message as bulk) and
-at most that share of the workers' total credit in flight (its queue waits; others go first);
+queue_max and queue_bytes, but always room for one message of smtp.max_message_size (beyond it:
+NACK share, and the acceptor serves the message as bulk) and at most that share of the workers'
+total credit in flight (its queue waits; others go first). A fast envelope without an identity
+(none is sent today) has key "" and only the lane's own bounds; the bulk lane is one FIFO;
 for a capped lane, the token bucket (`rate`, `burst`; an empty bucket is NACK rate). Work goes only
 to a worker with credit, the one with the most. A worker that misses LANE_LIVENESS heartbeats is
 dropped and every message it held is NACKed at once (worker_lost), so acceptors answer 451 instead
