@@ -19,7 +19,7 @@ API
     decide(evidence, policy) -> Decision
     promote(current_lane, decision) -> Lane   (FAST wins; never demotes)
     domain_matches(domain, listed) -> bool    (exact or subdomain, case-insensitive)
-    StaticAllow.from_cidrs(cidrs).contains(ip)
+    StaticAllow.from_cidrs(cidrs).contains(ip) / .match(ip) -> the matching entry (CIDR) or None
     LearnedAllow(ttl, max_size): learn(ip, now, domain) / add(ip, expires_at, domain=)
                                / contains(ip, now) / domain(ip) / purge(now) / to_json()
                                / LearnedAllow.from_json(data, ...) (document versions 1 and 2)
