@@ -52,7 +52,7 @@ from ingress.core.wire import Lane
 from ingress.policy.admission import FD_SPARE, Admission, AdmissionLimits, Ticket, fd_capped
 from ingress.policy.admission import Refusal as Reason
 from ingress.policy.classify import Decision
-from ingress.policy.identity import over_share, over_share_reason, share_key
+from ingress.policy.identity import fast_slots, over_share, over_share_reason, share_key
 from ingress.policy.replies import Refusal, text
 from ingress.policy.session_rules import pick_eviction
 
@@ -99,7 +99,8 @@ class SessionTable:
             return decision
         key = share_key(decision.identity)
         limits = self.admission.limits
-        if not over_share(self.by_identity[key], limits.fast_reserve or limits.max_connections,
+        if not over_share(self.by_identity[key],
+                          fast_slots(limits.max_connections, limits.fast_reserve),
                           self.identity_share):
             return decision
         self.counters["over_share"] += 1

@@ -21,6 +21,9 @@ API
     share_bound(total, share) -> int   how many of `total` units one identity may hold
                                        (at least 1: a share never locks an identity out).
     over_share(held, total, share) -> bool   would one more unit take it over its bound?
+    fast_slots(max_connections, fast_reserve) -> int   the slots an identity's share is of:
+                                       the fast reserve (what nobody may capture), or every
+                                       slot when there is no reserve
     over_share_reason(identity) -> str "over-share:<share key>" (Decision.reasons / logs).
 
 Failure modes: none; empty or malformed domains map to "" (org_identity("") is "org:").
@@ -39,6 +42,7 @@ from ingress.core.addr import normalize_domain
 __all__ = [
     "allow_identity",
     "cert_identity",
+    "fast_slots",
     "identity_kind",
     "learned_identity",
     "org_domain",
@@ -100,6 +104,10 @@ def share_bound(total: int, share: float) -> int:
 
 def over_share(held: int, total: int, share: float) -> bool:
     return held + 1 > share_bound(total, share)
+
+
+def fast_slots(max_connections: int, fast_reserve: int) -> int:
+    return fast_reserve or max_connections
 
 
 def over_share_reason(identity: str) -> str:

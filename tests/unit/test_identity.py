@@ -17,6 +17,7 @@ from ingress.policy.classify import (
     decide,
 )
 from ingress.policy.identity import (
+    fast_slots,
     identity_kind,
     org_domain,
     over_share,
@@ -135,3 +136,11 @@ def test_learned_domains_stay_bounded() -> None:
     assert len(la) == 3
     assert len(la._domains) <= 6
     assert la.domain("192.0.2.49") == "d49.test"
+
+
+@pytest.mark.parametrize("max_connections, fast_reserve, slots", [
+    (1000, 100, 100),    # the reserve is what nobody may capture
+    (1000, 0, 1000),     # no reserve: a share of every slot
+])
+def test_fast_slots(max_connections: int, fast_reserve: int, slots: int) -> None:
+    assert fast_slots(max_connections, fast_reserve) == slots
