@@ -8,7 +8,8 @@ What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; th
 - EHLO: PIPELINING advertised, AUTH and HELP never, ENHANCEDSTATUSCODES;
 - MAIL: 421 on a draining acceptor; mail_verdict (553 5.6.7 non-ASCII without SMTPUTF8) and
   before_mail (421 4.7.0 too many transactions without a message); SPF for a bulk session,
-  which may promote it to the fast lane (classify.decide / classify.promote); a bulk
+  which may promote it to the fast lane (classify.decide / classify.promote) within its
+  identity's share of the fast reserve (else it stays bulk, reason over-share:<key>); a bulk
   transaction over the cap is shed (shed_verdict: 451 4.7.1 after admission.shed_delay, the
   admission.shed_limit-th 421 4.7.1 and a close);
 - RCPT: rcpt_verdict, then recipient verification (ingress/rcpt_verify.py, cached, at most
