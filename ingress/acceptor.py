@@ -55,7 +55,7 @@ from ingress.core.fsutil import atomic_write
 from ingress.core.metrics import DeferReason, RetryResult
 from ingress.core.wire import CLAIM_TOPIC, DEFER_TOPIC, Envelope, Lane, Reply
 from ingress.dataread import DataBudget
-from ingress.evidence import cert_evidence, normalize_fingerprint
+from ingress.evidence import cert_evidence, normalize_fingerprint, sha256_fingerprint
 from ingress.handler import IngressHandler
 from ingress.host import Prototype
 from ingress.lanes import Lanes
@@ -147,14 +147,19 @@ class AcceptorContext:
     # --- policy hooks used by smtp.py (the SessionHost protocol) ------------------------------
 
     def connect_evidence(self, ip: str, peercert_der: bytes | None, verified: bool) -> Evidence:
-        ev = Evidence(static_allow=self.static_allow.contains(ip),
-                      learned_allow=self.learned_store.contains(ip, time.time()))
+        entry = self.static_allow.match(ip)
+        learned = self.learned_store.contains(ip, time.time())
+        ev = Evidence(static_allow=entry is not None, learned_allow=learned, allow_entry=entry,
+                      learned_domain=self.learned_store.allow.domain(ip) if learned else None)
         if peercert_der is not None:
-            ev = ev.with_cert(cert_evidence(peercert_der, verified, self.pins))
+            ev = ev.with_cert(cert_evidence(peercert_der, verified, self.pins),
+                              sha256_fingerprint(peercert_der))
         return ev
 
     def decide(self, evidence: Evidence) -> Decision:
-        return decide(evidence, self.policy)
+        """The policy's decision, served as bulk when its identity holds its share of this
+        acceptor's slots (SessionTable.within_share: classify.identity_share)."""
+        return self.table.within_share(decide(evidence, self.policy))
 
     def hand_off(self, transport: asyncio.BaseTransport) -> bool:
         """A connection classified fast at connect, on a plain listener: give it to a fast
@@ -288,8 +293,8 @@ class AcceptorContext:
     def count(self, what: str, lane: Lane) -> None:
         self.counters[f"{what}_{lane.value}"] += 1
 
-    def learn(self, ip: str) -> None:
-        self.learned_store.learn(ip, time.time())
+    def learn(self, ip: str, domain: str = "") -> None:
+        self.learned_store.learn(ip, time.time(), domain)
 
     # --- background tasks ---------------------------------------------------------------------
 
@@ -298,12 +303,12 @@ class AcceptorContext:
             self.learned_from_lane, lambda ip: self.table.penalise(ip, time.monotonic()),
             self.on_record)
 
-    def learned_from_lane(self, ip: str) -> None:
+    def learned_from_lane(self, ip: str, domain: str = "") -> None:
         """A worker learned `ip` (every acceptor of this edge hears it from the bulk broker);
         acceptor 0 records it in Redis for the other edges."""
-        self.learn(ip)
+        self.learn(ip, domain)
         if self.cluster is not None and self.index == 0:
-            self.cluster.share_learned(ip)
+            self.cluster.share_learned(ip, domain)
 
     async def persist_learned(self) -> None:
         """Acceptor 0 keeps the learned allow cache on disk (every acceptor learns the same

@@ -13,7 +13,8 @@ Purpose
 
 API
     ClusterState.create(cfg, ident, on_penalty, on_learn) -> ClusterState | None
-        on_penalty(ip) / on_learn(ip, at)   how a mirrored fact enters this acceptor
+        on_penalty(ip) / on_learn(ip, at, domain)   how a mirrored fact enters this acceptor
+                                    (domain: what the entry was learned for, its identity)
     up                              bool: Redis reachable (health; False at start)
     run()                           background task: connect, load the mirrors, subscribe,
                                     heartbeat this edge; on any failure: down, retry every
@@ -146,6 +147,12 @@ return 1
 """
 
 
+def valid_domain(s: str) -> bool:
+    """A domain name as a learned entry carries it (checked: it comes back from Redis)."""
+    return 0 < len(s) <= 253 and s.isascii() and all(
+        c.isalnum() or c in "-._" for c in s)
+
+
 def valid_ip(s: str) -> bool:
     try:
         ipaddress.ip_address(s)
@@ -158,7 +165,7 @@ class ClusterState:
     """One acceptor's view of the shared state; single-threaded (the acceptor's loop)."""
 
     def __init__(self, cfg: Config, ident: str, on_penalty: Callable[[str], None],
-                 on_learn: Callable[[str, float], None],
+                 on_learn: Callable[[str, float, str], None],
                  on_record: Callable[[bytes, dict[str, object]], None] | None = None) -> None:
         c = cfg.cluster
         self.cfg, self.ident = cfg, ident
@@ -193,7 +200,7 @@ class ClusterState:
 
     @classmethod
     def create(cls, cfg: Config, ident: str, on_penalty: Callable[[str], None],
-               on_learn: Callable[[str, float], None],
+               on_learn: Callable[[str, float, str], None],
                on_record: Callable[[bytes, dict[str, object]], None] | None = None,
                ) -> ClusterState | None:
         return cls(cfg, ident, on_penalty, on_learn, on_record) if cfg.cluster.redis else None
@@ -269,17 +276,20 @@ class ClusterState:
         self._spawn(self._call(lambda: self._zadd(
             keys=[self.key("penalty"), self.key("chan", "penalty")],
             args=[ip, until, now, MAX_MIRRORED, int(self.cfg.admission.penalty) + 60,
-                  f"{self.ident} {ip}"])))
+                  f"{self.node}/{self.ident} {ip}"])))
 
-    def share_learned(self, ip: str) -> None:
+    def share_learned(self, ip: str, domain: str = "") -> None:
+        """Member "ip domain" (or "ip"): the domain travels with the entry, so a client learned
+        on one edge counts against its domain's fast-lane share on every edge."""
         c = self.cfg.classify
         if c.learned_ttl <= 0:
             return
         now = time.time()
+        member = f"{ip} {domain}" if valid_domain(domain) else ip
         self._spawn(self._call(lambda: self._zadd(
             keys=[self.key("learned"), self.key("chan", "learn")],
-            args=[ip, now, now - c.learned_ttl, c.learned_max, int(c.learned_ttl) + 60,
-                  f"{self.ident} {ip}"])))
+            args=[member, now, now - c.learned_ttl, c.learned_max, int(c.learned_ttl) + 60,
+                  f"{self.node}/{self.ident} {member}"])))
 
     def share_record(self, fact: bytes, doc: dict[str, object]) -> bool:
         """A deferral record fact (wire.DEFER_TOPIC / CLAIM_TOPIC, ingress.policy.deferrals)
@@ -338,9 +348,10 @@ class ClusterState:
         for ip in pens:
             if valid_ip(str(ip)):
                 self.on_penalty(str(ip))
-        for ip, at in learned:
-            if valid_ip(str(ip)):
-                self.on_learn(str(ip), float(at))
+        for member, at in learned:
+            ip, _, domain = str(member).partition(" ")
+            if valid_ip(ip):
+                self.on_learn(ip, float(at), domain if valid_domain(domain) else "")
         log.event("cluster_state_loaded", acceptor=self.ident, penalties=len(pens),
                   learned=len(learned))
 
@@ -350,8 +361,9 @@ class ClusterState:
             if origin != f"{self.node}/{self.ident}" and self.on_record is not None:
                 self._record(member)
             return
-        origin, _, ip = data.partition(" ")
-        if origin == self.ident:
+        origin, _, rest = data.partition(" ")
+        ip, _, domain = rest.partition(" ")
+        if origin in (self.ident, f"{self.node}/{self.ident}"):
             return
         if not valid_ip(ip):
             log.event("cluster_fact_invalid", "warning", channel=channel[:80], data=data[:80])
@@ -359,7 +371,7 @@ class ClusterState:
         if channel == self.key("chan", "penalty"):
             self.on_penalty(ip)
         elif channel == self.key("chan", "learn"):
-            self.on_learn(ip, time.time())
+            self.on_learn(ip, time.time(), domain if valid_domain(domain) else "")
 
     # --- per-IP connection rates, shared ---------------------------------------------------------
 

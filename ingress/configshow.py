@@ -34,6 +34,7 @@ from ingress.policy.admission import (
     fd_capped,
 )
 from ingress.policy.deferrals import retry_buckets
+from ingress.policy.identity import fast_slots, share_bound
 
 
 def _toml(v: Any) -> str:
@@ -109,6 +110,8 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
         "fd_limit_too_low": fd_sessions < s.max_connections,
         "fast_reserve_per_acceptor": reserve,
         "bulk_slots_per_acceptor": lim.bulk_share,
+        "fast_sessions_per_identity_per_acceptor": share_bound(
+            fast_slots(slots, reserve), cfg.classify.identity_share),
         "connections_total": slots * acceptors,
         "bulk_rate": cfg.lanes.bulk.rate,
         "listen_addresses": {"smtp": cfg.listen.addresses, "fast": cfg.listen.fast_addresses,
@@ -146,6 +149,9 @@ def render(cfg: config.Config, nofile: tuple[int, int] | None = None) -> str:
         + (", CUT BY THE FD LIMIT: raise LimitNOFILE" if d["fd_limit_too_low"] else "")
         + f"), of which fast-lane only {d['fast_reserve_per_acceptor']}, "
         f"bulk at most {d['bulk_slots_per_acceptor']}; all acceptors: {d['connections_total']}",
+        f"# one identity (classify.identity_share {cfg.classify.identity_share:g}): at most "
+        f"{d['fast_sessions_per_identity_per_acceptor']} fast sessions per acceptor, the same "
+        "share of the fast queue and workers; beyond it, bulk",
     ]
     la = d["listen_addresses"]
     lines.append("# listening on " + "; ".join(

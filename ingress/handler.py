@@ -8,7 +8,8 @@ What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; th
 - EHLO: PIPELINING advertised, AUTH and HELP never, ENHANCEDSTATUSCODES;
 - MAIL: 421 on a draining acceptor; mail_verdict (553 5.6.7 non-ASCII without SMTPUTF8) and
   before_mail (421 4.7.0 too many transactions without a message); SPF for a bulk session,
-  which may promote it to the fast lane (classify.decide / classify.promote); a bulk
+  which may promote it to the fast lane (classify.decide / classify.promote) within its
+  identity's share of the fast reserve (else it stays bulk, reason over-share:<key>); a bulk
   transaction over the cap is shed (shed_verdict: 451 4.7.1 after admission.shed_delay, the
   admission.shed_limit-th 421 4.7.1 and a close), and the deferral recorded; a ripe retry
   of a deferred transaction (ingress.policy.deferrals) takes admission.retry_share first,
@@ -86,10 +87,14 @@ class IngressHandler:
                 explanation=why).decode("ascii", "replace")
             decision = ctx.decide(server.evidence)
             if promote(server.lane, decision) is not server.lane:
+                server.identity = decision.identity
                 ctx.promote(server)
                 server.reasons = decision.reasons
                 ctx.count("promoted", Lane.FAST)
-                log.event("promoted", peer=server.peer_ip, reasons=",".join(decision.reasons))
+                log.event("promoted", peer=server.peer_ip, reasons=",".join(decision.reasons),
+                          identity=decision.identity)
+            elif any(r.startswith("over-share:") for r in decision.reasons):
+                server.reasons = decision.reasons    # served as bulk: say why in the trace
         server.retry_claim = None
         if server.lane is Lane.BULK:
             # A ripe retry of a transaction we deferred takes the retry share first: the

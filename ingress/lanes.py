@@ -12,7 +12,11 @@ API:
     Lanes(cfg, ident)                    the clients of one acceptor, its share of the bulk cap;
                                          with cluster.role "edge", one client per lane and
                                          lanes node (cluster.lanes_nodes)
-        submit(env, body) -> (Reply | None, why)      to the envelope's lane, smtp.ack_timeout
+        submit(env, body) -> (Reply | None, why)      to the envelope's lane, smtp.ack_timeout;
+                                         a fast message NACKed share (its identity is at its
+                                         share of the fast queue) is served as bulk: resubmitted
+                                         to the bulk lane (whose cap applies) within the same
+                                         deadline
         order(lane) -> [LaneClient]      failover order: live, unsaturated, least loaded, in turn
         lane_saturated(lane) -> bool     stress: bulk broker saturated or the bulk cap spent
         bulk_mail_admitted() -> bool     may a bulk session start a transaction now (spends a
@@ -26,7 +30,8 @@ API:
         share_penalty(ip)                tell every other acceptor (via the bulk broker(s))
         share_record(fact, doc)          a deferral record fact, likewise (wire.RECORD_FACTS)
         read_status(on_learn, on_penalty, on_record=None)  background task: status and shared
-                                         facts over SUB (one per lanes node)
+                                         facts over SUB (one per lanes node; on_learn(ip,
+                                         domain): the domain it was learned for)
         tasks() -> coroutines            the background tasks of the clients
         close()                          destroys the ZeroMQ context
 
@@ -55,6 +60,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 import zmq
@@ -86,6 +92,7 @@ from ingress.core.wire import (
 )
 from ingress.policy.admission import bulk_share_bucket
 from ingress.policy.deferrals import retry_buckets
+from ingress.policy.identity import over_share_reason
 
 HANDOFF_RETRY = 1.5          # seconds to keep trying to reach a broker that is not connected
 
@@ -268,8 +275,25 @@ class Lanes:
         """Hand the message to one broker of its lane (the first of order() that is connected)
         and wait for its reply, within smtp.ack_timeout. No broker connected: try again
         briefly (one restarting), then (None, "lane unavailable"). A message is handed to one
-        broker only: after the hand-off, a lost broker or no ack is a 4xx, never a resend."""
+        broker only: after the hand-off, a lost broker or no ack is a 4xx, never a resend
+        (except a fast message NACKed share: nothing was queued; it is served as bulk)."""
         timeout = self.cfg.smtp.ack_timeout
+        start = time.monotonic()
+        reply, why = await self._submit_once(env, body, timeout)
+        if env.lane is Lane.FAST and reply is not None and reply.reason is NackReason.SHARE:
+            identity = env.evidence.get("identity", "")
+            log.event("over_share", qid=env.qid, peer=env.peer_ip, identity=identity,
+                      served="bulk")
+            evidence = {k: v for k, v in env.evidence.items() if k != "identity"}
+            evidence["reasons"] = ",".join(
+                filter(None, (evidence.get("reasons", ""), over_share_reason(identity))))
+            bulk = replace(env, lane=Lane.BULK, evidence=evidence)
+            reply, why = await self._submit_once(
+                bulk, body, max(0.1, timeout - (time.monotonic() - start)))
+        return reply, why
+
+    async def _submit_once(self, env: Envelope, body: bytes,
+                           timeout: float) -> tuple[Reply | None, str]:
         loop = asyncio.get_running_loop()
         start = loop.time()
         frames = submit(env, body)
@@ -303,7 +327,7 @@ class Lanes:
     def close(self) -> None:
         self.zctx.destroy(linger=0)
 
-    async def read_status(self, on_learn: Callable[[str], None],
+    async def read_status(self, on_learn: Callable[[str, str], None],
                           on_penalty: Callable[[str], None],
                           on_record: Callable[[bytes, dict[str, object]], None] | None = None,
                           ) -> None:
@@ -311,7 +335,7 @@ class Lanes:
         await asyncio.gather(*(self._read_node_status(i, on_learn, on_penalty, on_record)
                                for i in range(len(self.nodes))))
 
-    async def _read_node_status(self, i: int, on_learn: Callable[[str], None],
+    async def _read_node_status(self, i: int, on_learn: Callable[[str, str], None],
                                 on_penalty: Callable[[str], None],
                                 on_record: Callable[[bytes, dict[str, object]], None] | None,
                                 ) -> None:
@@ -334,12 +358,12 @@ class Lanes:
                 continue
             if frames and frames[0] in SHARED_FACTS:
                 try:
-                    fact, ip = decode_shared(frames)
+                    fact, ip, domain = decode_shared(frames)
                 except WireError as e:
                     log.event("wire_error", "warning", side="fact", error=str(e))
                     continue
                 if fact == LEARN_TOPIC:
-                    on_learn(ip)
+                    on_learn(ip, domain)
                 else:
                     on_penalty(ip)
                 continue

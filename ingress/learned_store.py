@@ -4,7 +4,8 @@ API:
     load_learned(path, ttl, max_size) -> LearnedAllow   the file's entries, or an empty cache
     LearnedStore(path, ttl, max_size)
         contains(ip, now) -> bool      is the client on the learned allow list?
-        learn(ip, now)                 remember it (marks the store dirty)
+        learn(ip, now, domain="")      remember it, for the domain it was learned for (its
+                                       identity "learned:<org domain>"; marks the store dirty)
         allow                          the LearnedAllow itself (len(), to_json())
         dirty                          changed since the last snapshot
         snapshot(now) -> bytes | None  the JSON to save (purged), None when unchanged; clears
@@ -48,8 +49,8 @@ class LearnedStore:
     def contains(self, ip: str, now: float) -> bool:
         return self.allow.contains(ip, now)
 
-    def learn(self, ip: str, now: float) -> None:
-        self.allow.learn(ip, now)
+    def learn(self, ip: str, now: float, domain: str = "") -> None:
+        self.allow.learn(ip, now, domain)
         self.dirty = True
 
     def snapshot(self, now: float) -> bytes | None:

@@ -12,6 +12,13 @@ API:
                                    [cluster] redis counts this IP over the cluster's rate
         spoke(seat)                it said something: never evicted for silence again
         promote(seat)              bulk -> fast (slot accounting; the lane's session gauge)
+        within_share(decision) -> Decision   a FAST decision whose identity already holds its
+                                   share (classify.identity_share) of this acceptor's fast
+                                   reserve (smtp.fast_reserve; max_connections if 0) is served
+                                   as bulk: BULK, reasons + "over-share:<key>". The reserve is
+                                   what nobody may capture: one identity holding its share
+                                   leaves the rest of it to the others
+                                   (seat.identity counts from admit/promote to release)
         release(seat)              the session ended: its slot is free (idempotent)
         penalise(ip, now)          the early-talker penalty, in this acceptor
         sessions                   the live sessions (drain walks them)
@@ -46,6 +53,8 @@ from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import Lane
 from ingress.policy.admission import FD_SPARE, Admission, AdmissionLimits, Ticket, fd_capped
 from ingress.policy.admission import Refusal as Reason
+from ingress.policy.classify import Decision
+from ingress.policy.identity import fast_slots, over_share, over_share_reason, share_key
 from ingress.policy.replies import Refusal, text
 from ingress.policy.session_rules import pick_eviction
 
@@ -56,6 +65,7 @@ class Seat(Protocol):
     ticket: Ticket | None
     refused_why: str
     admitted: bool
+    identity: str      # who vouched for a fast session (ingress.policy.identity); "" for bulk
 
     def evict(self, line: str) -> None: ...
 
@@ -83,6 +93,35 @@ class SessionTable:
         self.silent: OrderedDict[Seat, float] = OrderedDict()   # bulk, not spoken yet
         self.evictions = TokenBucket(a.evict_rate, max(1.0, a.evict_rate), now=now) \
             if a.evict_rate > 0 else None
+        self.identity_share = cfg.classify.identity_share
+        self.by_identity: Counter[str] = Counter()   # share key -> fast sessions holding a slot
+
+    def within_share(self, decision: Decision) -> Decision:
+        if decision.lane is not Lane.FAST or not decision.identity:
+            return decision
+        key = share_key(decision.identity)
+        limits = self.admission.limits
+        if not over_share(self.by_identity[key],
+                          fast_slots(limits.max_connections, limits.fast_reserve),
+                          self.identity_share):
+            return decision
+        self.counters["over_share"] += 1
+        metrics.over_share("session", key)
+        reasons = (*decision.reasons, over_share_reason(decision.identity))
+        log.event("over_share", identity=decision.identity, reasons=",".join(reasons),
+                  served="bulk")
+        return Decision(Lane.BULK, reasons)
+
+    def _hold(self, seat: Seat) -> None:
+        if seat.identity:
+            self.by_identity[share_key(seat.identity)] += 1
+
+    def _unhold(self, seat: Seat) -> None:
+        if seat.lane is Lane.FAST and seat.identity:
+            key = share_key(seat.identity)
+            self.by_identity[key] -= 1
+            if self.by_identity[key] <= 0:
+                del self.by_identity[key]
 
     def admit(self, seat: Seat, draining: bool, now: float,
               shared_rate_over: bool = False) -> str | None:
@@ -110,6 +149,8 @@ class SessionTable:
         self.sessions.add(seat)
         if seat.lane is Lane.BULK:
             self.silent[seat] = now
+        else:
+            self._hold(seat)
         return None
 
     def _log_fd_cap(self, now: float) -> None:
@@ -138,6 +179,8 @@ class SessionTable:
         self.silent.pop(seat, None)
 
     def release(self, seat: Seat) -> None:
+        if seat in self.sessions:
+            self._unhold(seat)
         self.sessions.discard(seat)
         self.silent.pop(seat, None)
         if seat.ticket is not None:
@@ -150,6 +193,8 @@ class SessionTable:
         if seat.admitted and seat.lane is not Lane.FAST:
             metrics.session_close(seat.lane)
             metrics.session_open(Lane.FAST)
+        if seat.lane is not Lane.FAST and seat in self.sessions:
+            self._hold(seat)
         seat.lane = Lane.FAST
 
     def penalise(self, ip: str, now: float) -> None:

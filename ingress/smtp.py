@@ -154,6 +154,7 @@ class IngressSMTP(DataPhase):
         self.lane = Lane.BULK
         self.evidence = Evidence()
         self.reasons: tuple[str, ...] = ()
+        self.identity = ""          # who vouched for the fast lane (Decision.identity)
         self.ticket: Ticket | None = None
         self.peer_ip = ""
         self.peer_port = 0
@@ -220,15 +221,20 @@ class IngressSMTP(DataPhase):
         if self.admitted:     # mutual-TLS port: the slot was taken before the handshake
             self.reasons = decision.reasons
             if promote(self.lane, decision) is not self.lane:
+                self.identity = decision.identity
                 ctx.promote(self)
             metrics.connection(self.lane, Outcome.ADMITTED)
             return None
         self.lane, self.reasons = decision.lane, decision.reasons
+        self.identity = decision.identity
         if (self.lane is Lane.FAST and not self.implicit_tls and not self.proxy_protocol
                 and ctx.hand_off(transport)):
             metrics.connection(self.lane, Outcome.HANDED_OFF)
             return ""                       # a fast acceptor serves it (ingress.handoff)
-        if self.fast_only and self.lane is Lane.BULK:
+        # listen.fast_port: a fast client over its identity's share is served as bulk there
+        # too (never refused for it)
+        if self.fast_only and self.lane is Lane.BULK and not any(
+                r.startswith("over-share:") for r in decision.reasons):
             metrics.connection(self.lane, Outcome.NOT_FAST)
             return text(Refusal.FAST_PORT_ONLY, host=self.hostname)
         refusal = ctx.admit(self)
@@ -402,6 +408,8 @@ class IngressSMTP(DataPhase):
         """What the worker needs for the trace headers and the learned allow cache."""
         ev = self.evidence
         out = {"reasons": ",".join(self.reasons), "cert": ev.cert.value}
+        if self.lane is Lane.FAST and self.identity:
+            out["identity"] = self.identity     # the fast broker's share key (DRR, shares)
         if self.spf_header:
             out.update(spf=ev.spf.value, spf_domain=ev.spf_domain or "",
                        received_spf=self.spf_header)

@@ -13,6 +13,13 @@ cluster: the Gate, and a monitor per socket that logs every refused handshake)):
 
 Policy, in one place per lane: the bounded queue (`queue_max` messages and `queue_bytes` bytes of
 bodies, Config.queue_bytes; a SUBMIT beyond either is NACKed queue_full at once) and,
+for the fast lane, fairness between identities (the envelope's evidence["identity"], by its
+ingress.policy.identity.share_key): the queue is an ingress.policy.fairqueue.FairQueue (deficit
+round robin, DRR_QUANTUM bytes) in which one identity holds at most classify.identity_share of
+queue_max and queue_bytes, but always room for one message of smtp.max_message_size (beyond it:
+NACK share, and the acceptor serves the message as bulk) and at most that share of the workers'
+total credit in flight (its queue waits; others go first). A fast envelope without an identity
+(none is sent today) has key "" and only the lane's own bounds; the bulk lane is one FIFO;
 for a capped lane, the token bucket (`rate`, `burst`; an empty bucket is NACK rate); an envelope
 the acceptor marked a retry of a transaction we deferred (evidence "retry": "1", see
 ingress.policy.deferrals) takes a token of the retry bucket (admission.retry_share of the cap)
@@ -32,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +55,7 @@ from ingress.core.wire import (
     LANE_LIVENESS,
     STATUS_INTERVAL,
     Kind,
+    Lane,
     NackReason,
     WireError,
     expect,
@@ -63,6 +70,10 @@ from ingress.core.wire import (
 )
 from ingress.policy.admission import broker_bucket
 from ingress.policy.deferrals import retry_buckets
+from ingress.policy.fairqueue import FairQueue
+from ingress.policy.identity import share_bound, share_key
+
+DRR_QUANTUM = 65536     # bytes an identity is served per round of the fast lane's DRR
 
 
 @dataclass
@@ -80,6 +91,7 @@ class Job:
     env_raw: bytes
     body: bytes
     deadline: float          # wall clock
+    key: str = ""            # the identity's share key (fast lane); "" = one FIFO (bulk)
 
 
 class Broker:
@@ -88,14 +100,21 @@ class Broker:
         lc = getattr(cfg.lanes, lane)
         self.queue_max: int = lc.queue_max
         self.queue_bytes: int = cfg.queue_bytes(lane)
-        self.queued_bytes = 0          # bytes of the bodies in self.queue
         # lanes.<lane>.rate; with [cluster] redis the bulk cap is held at MAIL FROM and this
         # is a guard with headroom (admission.broker_bucket says why)
         self.bucket = TokenBucket(*broker_bucket(cfg, lane), now=time.monotonic())
         retry = retry_buckets(cfg) if lane == "bulk" else None
         self.retry_bucket = TokenBucket(*retry[1], now=time.monotonic()) \
             if retry is not None else None
-        self.queue: deque[Job] = deque()
+        # Fast lane: no identity holds more than classify.identity_share of the queue or of
+        # the workers' credit; the bulk lane is one FIFO (every job has key "").
+        self.share = cfg.classify.identity_share if lane == Lane.FAST else 1.0
+        # An identity's share of the bytes admits at least one message of the largest size.
+        self.queue: FairQueue[Job] = FairQueue(
+            DRR_QUANTUM, share_bound(self.queue_max, self.share),
+            max(share_bound(self.queue_bytes, self.share), cfg.smtp.max_message_size))
+        self.inflight_keys: dict[bytes, str] = {}    # qid -> share key, of work at a worker
+        self.inflight_by_key: dict[str, int] = {}
         self.workers: dict[bytes, WorkerState] = {}
         self.heart = Heartbeat(hb, slot)
         self.stopping = False
@@ -172,6 +191,8 @@ class Broker:
             env_raw, body = expect(msg, 2)
             env = orjson.loads(env_raw)
             qid, deadline = str(env["qid"]).encode(), float(env["deadline"])
+            key = share_key(str((env.get("evidence") or {}).get("identity", ""))) \
+                if self.share < 1.0 else ""
         except (WireError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             log.event("wire_error", "warning", lane=self.lane, side="front", error=str(e))
             return
@@ -185,9 +206,10 @@ class Broker:
             self._nack(reply_to, qid, NackReason.QUEUE_FULL, "lane queue full (bytes)")
         elif not (self._retry_token(env) or self.bucket.take(time.monotonic())):
             self._nack(reply_to, qid, NackReason.RATE, "lane rate cap")
-        else:
-            self.queue.append(Job(reply_to, qid, env_raw, body, deadline))
-            self.queued_bytes += len(body)
+        elif not self.queue.push(key, Job(reply_to, qid, env_raw, body, deadline, key),
+                                 len(body), bounded=bool(key)):   # "": bulk, or no identity
+            metrics.over_share("message", key)
+            self._nack(reply_to, qid, NackReason.SHARE, "identity over its share of the lane")
 
     def _retry_token(self, env: Any) -> bool:
         """A token of the retry share for an envelope marked a retry (never for others)."""
@@ -238,6 +260,7 @@ class Broker:
             w.expiry = now + LANE_HEARTBEAT * LANE_LIVENESS
             if w.inflight.pop(qid, None) is not None:
                 w.credit += 1
+        self._done(qid)
         if kind is Kind.ACK:
             self.counters["acked"] += 1
         else:
@@ -265,6 +288,7 @@ class Broker:
 
     def _fail_worker(self, w: WorkerState, why: str) -> None:
         for qid, reply_to in w.inflight.items():
+            self._done(qid)
             self._nack(reply_to, qid, NackReason.WORKER_LOST, why)
         if w.inflight:
             log.event("worker_lost", "warning", lane=self.lane, worker=w.ident.decode("ascii",
@@ -273,14 +297,40 @@ class Broker:
 
     # --- scheduling ---------------------------------------------------------------------------
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of the bodies in self.queue."""
+        return self.queue.bytes
+
+    def _done(self, qid: bytes) -> None:
+        """Work `qid` left a worker (ACK, NACK or lost): its identity's in-flight count drops."""
+        key = self.inflight_keys.pop(qid, None)
+        if key is not None:
+            left = self.inflight_by_key[key] - 1
+            if left > 0:
+                self.inflight_by_key[key] = left
+            else:
+                del self.inflight_by_key[key]
+
+    def _eligible(self) -> Any:
+        """None (everyone) for the bulk lane; else: below the identity's share of the credit."""
+        if self.share >= 1.0:
+            return None
+        total = sum(w.credit + len(w.inflight) for w in self.workers.values())
+        bound = share_bound(total, self.share)
+        return lambda key: self.inflight_by_key.get(key, 0) < bound
+
     def dispatch(self) -> None:
         wall = time.time()
+        eligible = self._eligible()
         while self.queue:
             best = max(self.workers.values(), key=lambda w: w.credit, default=None)
             if best is None or best.credit <= 0:
                 return
-            job = self.queue.popleft()
-            self.queued_bytes -= len(job.body)
+            got = self.queue.pop(eligible)
+            if got is None:       # every identity with work is at its in-flight share
+                return
+            key, job, size = got
             if job.deadline <= wall:
                 self._nack(job.reply_to, job.qid, NackReason.EXPIRED, "waited too long")
                 continue
@@ -289,13 +339,17 @@ class Broker:
                                          zmq.NOBLOCK)
             except zmq.ZMQError as e:
                 # Unroutable (worker gone) or its pipe full: treat it as lost, requeue the job.
-                self.queue.appendleft(job)
-                self.queued_bytes += len(job.body)
+                self.queue.push_front(job.key, job, len(job.body))
                 self._fail_worker(best, f"send failed: {e}")
                 del self.workers[best.ident]
+                eligible = self._eligible()
                 continue
             best.credit -= 1
             best.inflight[job.qid] = job.reply_to
+            self.inflight_keys[job.qid] = job.key
+            self.inflight_by_key[job.key] = self.inflight_by_key.get(job.key, 0) + 1
+            if self.share < 1.0:
+                metrics.fast_identity(key, size)
 
     def housekeeping(self, now: float) -> None:
         for ident, w in list(self.workers.items()):
@@ -358,10 +412,8 @@ class Broker:
 
     def _refuse_queued(self) -> None:
         """Shutting down: every queued job is NACKed (the acceptors answer 4xx) and dropped."""
-        for job in self.queue:
+        for _, job, _ in self.queue.drain():
             self._nack(job.reply_to, job.qid, NackReason.SHUTDOWN, "lane shutting down")
-        self.queue.clear()
-        self.queued_bytes = 0
 
     def _poll_once(self, poller: zmq.Poller, wake_at: float) -> None:
         """Wait for traffic until `wake_at` (monotonic), drain both sockets, hand out work."""

@@ -1,7 +1,8 @@
 """Per-message work done in a worker before the durable write: DKIM and the trace headers.
 
 API:
-    Pipeline(cfg).process(env, body, budget_s) -> Processed(trace, body, dkim, learn)
+    Pipeline(cfg).process(env, body, budget_s) -> Processed(trace, body, dkim, learn,
+                                                            learn_domain)
 
 The trace prepended to the client's message, top first:
     Authentication-Results: <authserv-id> (lane=...); spf=...; dkim=...   (RFC 8601)
@@ -14,8 +15,11 @@ DKIM: the first dkim_check.MAX_SIGNATURES (5) signatures are verified (dkimpy, w
 header limits of workers.dkim_check) with one cached resolver and a deadline of
 min(classify.dkim_deadline, budget_s); a message without a DKIM-Signature header costs nothing.
 process() runs in a worker pool thread, never on the worker's heartbeat loop.
-`learn` is true when SPF passed (acceptor's verdict) and a DKIM signature aligned with the From:
-domain passed: the client is then remembered in every acceptor's learned allow cache.
+`learn` is true when SPF passed (acceptor's verdict), a DKIM signature aligned with the From:
+domain passed, and the promotion policy (classify.spf_promote/spf_domains) would promote an SPF
+pass for that domain ("listed": listed domains only; "off": nothing is learned): the client is
+then remembered in every acceptor's learned allow cache, for `learn_domain` (the SPF domain; the
+learned entry counts against its organisational domain's share of the fast lane).
 
 Anything the client chose (HELO name, addresses) is sanitised to printable ASCII without CR/LF
 before it goes into a header, so a client cannot inject header lines. Failure modes: DKIM
@@ -30,7 +34,7 @@ from dataclasses import dataclass
 
 from ingress.core.config import Config
 from ingress.core.wire import Envelope
-from ingress.policy.classify import should_learn
+from ingress.policy.classify import ClassifyPolicy, should_learn
 from workers import dkim_check
 from workers.headers import authentication_results, received_header, strip_forged_ar
 
@@ -49,6 +53,7 @@ class Processed:
     body: bytes
     dkim: tuple[dkim_check.DkimSignatureResult, ...]
     learn: bool
+    learn_domain: str = ""
 
 
 class Pipeline:
@@ -59,6 +64,9 @@ class Pipeline:
         self.dkim_deadline = c.dkim_deadline
         self.dns_timeout = c.dns_timeout
         self.resolver = dkim_check.make_resolver(c.nameservers, c.dns_timeout)
+        # learning obeys the acceptors' promotion policy (one rule: ClassifyPolicy.spf_promotes)
+        self.policy = ClassifyPolicy(spf_promote=c.spf_promote,
+                                     spf_domains=frozenset(c.spf_domains))
 
     def process(self, env: Envelope, body: bytes, budget_s: float) -> Processed:
         ev = env.evidence
@@ -77,4 +85,6 @@ class Pipeline:
         received_spf = ev.get("received_spf", "").encode("ascii", "replace")
         trace = ar + received_spf + received_header(env, self.hostname)
         aligned_pass = any(r.result is dkim_check.DkimResult.PASS and r.aligned for r in results)
-        return Processed(trace, body, results, learn=should_learn(spf, aligned_pass))
+        domain = ev.get("spf_domain") or ""
+        learn = should_learn(spf, aligned_pass, domain, self.policy)
+        return Processed(trace, body, results, learn=learn, learn_domain=domain if learn else "")

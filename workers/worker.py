@@ -216,7 +216,7 @@ class Worker:
                 continue
             self._send(worker_ack(reply_to, qid, res))
             if p.learn:
-                self._send(share(LEARN_TOPIC, env.peer_ip))
+                self._send(share(LEARN_TOPIC, env.peer_ip, p.learn_domain))
             log.event("spooled", "debug", qid=env.qid, lane=env.lane.value, size=len(p.body),
                       rcpts=len(env.rcpts), batch=len(batch), write_ms=round(dt * 1000, 3),
                       dkim=",".join(f"{r.domain}:{r.result}" for r in p.dkim), learn=p.learn)

@@ -133,6 +133,9 @@ class ClassifyConfig:
     spf_promote: str = "off"            # "any" | "listed" | "off": which SPF passes promote
                                         # (off: no SPF lookups at all, e.g. without DNS)
     spf_domains: tuple[str, ...] = ()   # for spf_promote = "listed" (and their subdomains)
+    identity_share: float = 0.25        # most of the fast lane (slots, queue, worker credit) one
+                                        # identity may hold (ingress.policy.identity); beyond it
+                                        # its sessions and messages are served as bulk
     nameservers: tuple[str, ...] = ()   # "ip", "ip@port", "ip:port"; empty = /etc/resolv.conf
     dns_timeout: float = 2.0            # one DNS query
     spf_deadline: float = 3.0           # a whole SPF evaluation; then temperror (never rejects)
@@ -607,6 +610,7 @@ def _check_classify(cfg: Config, need: _Need) -> None:
     need(c.spf_promote != "listed" or bool(c.spf_domains), "classify.spf_domains",
          'must list domains when classify.spf_promote = "listed"')
     need(c.learned_ttl >= 0, "classify.learned_ttl", "must be >= 0 (0 = do not learn)")
+    need(0 < c.identity_share <= 1, "classify.identity_share", "must be in (0, 1]")
     need(c.learned_max >= 1, "classify.learned_max", "must be >= 1")
     need(0 < c.dns_timeout <= 30, "classify.dns_timeout", "must be in (0, 30]")
     need(0 < c.spf_deadline <= 60, "classify.spf_deadline",

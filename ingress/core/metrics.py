@@ -42,6 +42,14 @@ observation; measured ~1.5 us per counter inc and ~3-5 us per observe on the dev
                                     the time since its first deferral (RETRY_BUCKETS, 1 s .. 1 d)
     lane_status(lane, depth=, saturated=, free_credit=, workers=, tokens=)   broker, per status
     lane_nack(lane, reason)         broker refused or lost a message (a wire.NackReason)
+    fast_identity(key, size)        fast broker: one message of identity share key `key`
+                                    dispatched (smtp_ingress_fast_identity_messages/_bytes
+                                    {kind, identity}): the first TOP_IDENTITIES keys a process
+                                    sees are named, every later one is "other" (an attacker
+                                    controls domains: at most TOP_IDENTITIES + 1 values a kind)
+    over_share(what, key)           a session ("session") or message ("message") of identity
+                                    `key` served as bulk because the identity is at its share
+                                    (smtp_ingress_over_share{what, kind})
     spooled(lane, n=1, seconds=)    worker: n messages durable; the group commit's duration
     relay_replies(codes, seconds)   relay: one delivery's per-recipient reply codes, its duration
     relay_error(n)                  relay: n recipients hit connection-level trouble
@@ -215,6 +223,15 @@ RELAY_BREAKER = Gauge("smtp_ingress_relay_breaker_state",
 RELAY_BREAKER_FAILURES = Gauge("smtp_ingress_relay_breaker_failures",
                                "Consecutive connection-level downstream failures",
                                multiprocess_mode="livemostrecent")
+FAST_IDENTITY_MESSAGES = Counter("smtp_ingress_fast_identity_messages",
+                                 "Fast-lane messages dispatched, by identity kind and identity "
+                                 "(bounded: TOP_IDENTITIES named, the rest 'other')",
+                                 ["kind", "identity"])
+FAST_IDENTITY_BYTES = Counter("smtp_ingress_fast_identity_bytes",
+                              "Fast-lane message bytes dispatched, by identity kind and identity",
+                              ["kind", "identity"])
+OVER_SHARE = Counter("smtp_ingress_over_share", "Sessions or messages served as bulk because "
+                     "their identity was at its share of the fast lane", ["what", "kind"])
 RELAY_DSNS = Counter("smtp_ingress_relay_dsns", "Delivery status notifications spooled")
 CURVE_REFUSALS = ("unknown_key", "handshake")
 CURVE_REFUSED = Counter("smtp_ingress_curve_refused",
@@ -317,6 +334,31 @@ def lane_status(lane: str, *, depth: int, saturated: bool, free_credit: int, wor
 
 def lane_nack(lane: str, reason: NackReason) -> None:
     LANE_NACKS.labels(lane, reason).inc()
+
+
+TOP_IDENTITIES = 16
+IDENTITY_KINDS = ("allow", "cert", "org", "learned", "other")
+_named: set[str] = set()
+
+
+def _identity_labels(key: str) -> tuple[str, str]:
+    kind = key.partition(":")[0]
+    kind = kind if kind in IDENTITY_KINDS else "other"
+    if key not in _named and len(_named) < TOP_IDENTITIES:
+        _named.add(key)
+    return kind, key if key in _named else "other"
+
+
+def fast_identity(key: str, size: int) -> None:
+    labels = _identity_labels(key)
+    FAST_IDENTITY_MESSAGES.labels(*labels).inc()
+    FAST_IDENTITY_BYTES.labels(*labels).inc(size)
+
+
+def over_share(what: str, key: str) -> None:
+    if what not in ("session", "message"):
+        raise ValueError(f"over_share: {what!r}")
+    OVER_SHARE.labels(what, _identity_labels(key)[0]).inc()
 
 
 def spooled(lane: str, n: int = 1, seconds: float | None = None) -> None:

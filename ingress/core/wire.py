@@ -1,25 +1,27 @@
 """THE wire format between acceptor, lane broker and worker (ZeroMQ multipart messages).
 
-Every message starts with the version frame b"SI1" and a kind frame. ROUTER sockets add and strip
+Every message starts with the version frame b"SI2" and a kind frame (SI2: a learn fact carries
+the domain it was learned for). ROUTER sockets add and strip
 the routing-id frames themselves; the frames below are what the application sends.
 
-    acceptor -> broker   SUBMIT     [b"SI1", b"SUBMIT", envelope, body]
-    broker   -> worker   WORK       [b"SI1", b"WORK", reply_to, envelope, body]
-    worker   -> broker   READY      [b"SI1", b"READY", credit]           credit: ascii int
-    worker  <-> broker   HEARTBEAT  [b"SI1", b"HEARTBEAT", free]         free: ascii int (worker)
-    worker   -> broker   DISCONNECT [b"SI1", b"DISCONNECT"]              leaving, nothing in flight
-    any      -> broker   SHARE      [b"SI1", b"SHARE", fact, ip]         a fact about a client IP:
-                                     fact b"learn" (worker: SPF + aligned DKIM passed) or
-                                     b"penalty" (acceptor: an early talker)
-    acceptor -> broker   SHARE      [b"SI1", b"SHARE", fact, record-json]  a deferral record:
+    acceptor -> broker   SUBMIT     [b"SI2", b"SUBMIT", envelope, body]
+    broker   -> worker   WORK       [b"SI2", b"WORK", reply_to, envelope, body]
+    worker   -> broker   READY      [b"SI2", b"READY", credit]           credit: ascii int
+    worker  <-> broker   HEARTBEAT  [b"SI2", b"HEARTBEAT", free]         free: ascii int (worker)
+    worker   -> broker   DISCONNECT [b"SI2", b"DISCONNECT"]              leaving, nothing in flight
+    any      -> broker   SHARE      [b"SI2", b"SHARE", fact, ip(, domain)]  a fact about a client
+                                     IP: fact b"learn" (worker: SPF + aligned DKIM passed, and
+                                     the policy promotes the domain; `domain` is the SPF domain
+                                     it was learned for) or b"penalty" (acceptor: an early talker)
+    worker   -> broker   ACK/NACK   [b"SI2", b"ACK"|b"NACK", reply_to, qid, detail]
+    broker   -> acceptor ACK/NACK   [b"SI2", b"ACK"|b"NACK", qid, detail]
+    broker   PUB status  STATUS     [b"status", b"SI2", status-json]     topic frame first
+    acceptor -> broker   SHARE      [b"SI2", b"SHARE", fact, record-json]  a deferral record:
                                      fact b"defer" (we deferred it) or b"claim" (a retry
                                      used it); record-json {"k": key, "f": first, "t": at,
                                      "r": [rcpt...], "o": origin}, at most RECORD_MAX bytes
-    worker   -> broker   ACK/NACK   [b"SI1", b"ACK"|b"NACK", reply_to, qid, detail]
-    broker   -> acceptor ACK/NACK   [b"SI1", b"ACK"|b"NACK", qid, detail]
-    broker   PUB status  STATUS     [b"status", b"SI1", status-json]     topic frame first
-    broker   PUB fact    SHARE      [fact, b"SI1", ip]                   every acceptor applies it
-    broker   PUB record  SHARE      [fact, b"SI1", record-json]          (defer / claim) likewise
+    broker   PUB fact    SHARE      [fact, b"SI2", ip(, domain)]         every acceptor applies it
+    broker   PUB record  SHARE      [fact, b"SI2", record-json]          (defer / claim) likewise
 
 `envelope` is orjson of `Envelope` (keys below, stable); `body` is the client's raw message bytes
 (dot-unstuffed, CRLF line ends) in a frame of its own so it is never re-encoded. `detail` is
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,7 +50,7 @@ from itertools import count
 
 import orjson
 
-VERSION = b"SI1"
+VERSION = b"SI2"
 STATUS_TOPIC = b"status"
 LEARN_TOPIC = b"learn"
 PENALTY_TOPIC = b"penalty"
@@ -98,6 +101,9 @@ class NackReason(StrEnum):
     EXPIRED = "expired"            # waited in the broker past its deadline
     ERROR = "error"                # the worker failed (disk error, bad input)
     SHUTDOWN = "shutdown"          # broker or worker shutting down
+    SHARE = "share"                # fast lane: the message's identity is at its share of the
+                                   # queue (classify.identity_share); the acceptor serves it as
+                                   # bulk (resubmits it to the bulk lane)
 
 
 class WireError(ValueError):
@@ -190,8 +196,9 @@ def disconnect() -> list[bytes]:
     return [VERSION, Kind.DISCONNECT.value]
 
 
-def share(fact: bytes, ip: str) -> list[bytes]:
-    return [VERSION, Kind.SHARE.value, fact, ip.encode("ascii")]
+def share(fact: bytes, ip: str, domain: str = "") -> list[bytes]:
+    frames = [VERSION, Kind.SHARE.value, fact, ip.encode("ascii")]
+    return [*frames, domain.encode("ascii", "replace")] if domain else frames
 
 
 def share_record(fact: bytes, doc: Mapping[str, object]) -> list[bytes]:
@@ -201,14 +208,17 @@ def share_record(fact: bytes, doc: Mapping[str, object]) -> list[bytes]:
 
 def shared_publication(frames: list[bytes]) -> list[bytes]:
     """What a broker publishes for a SHARE message it received (validated), or WireError."""
-    fact, ip = expect(frames, 2)
+    payload = frames[2:]
+    if len(frames) < 2 or len(payload) not in (2, 3):
+        expect(frames, 2)    # raises WireError with the frame count
+    fact = payload[0]
     if fact in RECORD_FACTS:
-        if len(ip) > RECORD_MAX:
-            raise WireError(f"record fact of {len(ip)} bytes")
-        return [fact, VERSION, ip]
+        if len(payload) != 2 or len(payload[1]) > RECORD_MAX:
+            raise WireError(f"record fact of {len(payload[1])} bytes or {len(payload)} frames")
+        return [fact, VERSION, payload[1]]
     if fact not in SHARED_FACTS:
         raise WireError(f"unknown fact {fact[:20]!r}")
-    return [fact, VERSION, ip]
+    return [fact, VERSION, *payload[1:]]
 
 
 def ack_detail(path: str) -> bytes:
@@ -281,14 +291,21 @@ def decode_reply(frames: list[bytes]) -> Reply:
         raise WireError(f"bad reply detail: {e}") from None
 
 
-def decode_shared(frames: list[bytes]) -> tuple[bytes, str]:
-    """(fact, IP address) of a fact publication (validated), or WireError."""
-    if len(frames) != 3 or frames[0] not in SHARED_FACTS or frames[1] != VERSION:
+_DOMAIN = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+
+
+def decode_shared(frames: list[bytes]) -> tuple[bytes, str, str]:
+    """(fact, IP address, domain or "") of a fact publication (validated), or WireError."""
+    if len(frames) not in (3, 4) or frames[0] not in SHARED_FACTS or frames[1] != VERSION:
         raise WireError("bad fact publication")
     try:
-        return frames[0], str(ipaddress.ip_address(frames[2].decode("ascii")))
+        ip = str(ipaddress.ip_address(frames[2].decode("ascii")))
     except (UnicodeDecodeError, ValueError):
         raise WireError(f"bad address {frames[2][:50]!r}") from None
+    domain = frames[3].decode("ascii", "replace").lower() if len(frames) == 4 else ""
+    if domain and (len(domain) > 253 or not _DOMAIN.fullmatch(domain)):
+        raise WireError(f"bad domain {frames[3][:50]!r}")
+    return frames[0], ip, domain
 
 
 def decode_record(frames: list[bytes]) -> tuple[bytes, dict[str, object]]:

@@ -19,10 +19,13 @@ API
     decide(evidence, policy) -> Decision
     promote(current_lane, decision) -> Lane   (FAST wins; never demotes)
     domain_matches(domain, listed) -> bool    (exact or subdomain, case-insensitive)
-    StaticAllow.from_cidrs(cidrs).contains(ip)
-    LearnedAllow(ttl, max_size): learn(ip, now) / add(ip, expires_at) / contains(ip, now)
-                               / purge(now) / to_json() / LearnedAllow.from_json(data, ...)
-    should_learn(spf, dkim_aligned_pass) -> bool
+    StaticAllow.from_cidrs(cidrs).contains(ip) / .match(ip) -> the matching entry (CIDR) or None
+    LearnedAllow(ttl, max_size): learn(ip, now, domain) / add(ip, expires_at, domain=)
+                               / contains(ip, now) / domain(ip) / purge(now) / to_json()
+                               / LearnedAllow.from_json(data, ...) (document versions 1 and 2)
+    should_learn(spf, dkim_aligned_pass, spf_domain, policy) -> bool  (obeys spf_promote)
+    Decision.identity          who vouched for a FAST decision (ingress.policy.identity):
+                               allow entry > certificate > learned domain > SPF org domain.
 
 Rules encoded here
     * static allow always promotes (it is explicit configuration);
@@ -31,6 +34,12 @@ Rules encoded here
       NONE never promote;
     * SPF PASS promotes per policy.spf_promote: "any" domain, "listed" (spf_domain equal to or
       a subdomain of a listed domain), or "off";
+    * a FAST decision names its identity (ingress.policy.identity), from the strongest
+      promoting evidence: the allow entry (Evidence.allow_entry), the certificate
+      (Evidence.cert_fp), the learned entry's domain (Evidence.learned_domain), the SPF
+      organisational domain; the shares of the fast lane are counted by it (the acceptor's
+      session table, the fast broker), not here;
+    * learning (should_learn) obeys the SPF promotion policy (ClassifyPolicy.spf_promotes);
     * every other SPF result (fail, softfail, neutral, none, permerror, temperror) neither
       promotes nor rejects: decide() only chooses a lane; it never produces a rejection.
       In particular TEMPERROR yields exactly the same decision as NONE.
@@ -55,12 +64,19 @@ import functools
 import ipaddress
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from ingress.core.addr import normalize_domain, normalize_ip
 from ingress.core.expiry import ExpiryMap
 from ingress.core.wire import AuthResult, Lane
+from ingress.policy.identity import (
+    allow_identity,
+    cert_identity,
+    learned_identity,
+    org_domain,
+    org_identity,
+)
 
 __all__ = [
     "AuthResult",
@@ -114,12 +130,15 @@ class Evidence:
     cert: CertResult = CertResult.NONE
     spf: AuthResult = AuthResult.NONE
     spf_domain: str | None = None  # domain SPF was evaluated for (MAIL FROM domain or HELO)
+    allow_entry: str | None = None  # the static allow entry (CIDR) that matched, for identity
+    cert_fp: str | None = None      # SHA-256 of the client certificate (hex), for identity
+    learned_domain: str | None = None  # the domain the learned entry was learned for
 
-    def with_cert(self, cert: CertResult) -> Evidence:
-        return Evidence(self.static_allow, self.learned_allow, cert, self.spf, self.spf_domain)
+    def with_cert(self, cert: CertResult, fingerprint: str | None = None) -> Evidence:
+        return replace(self, cert=cert, cert_fp=fingerprint)
 
     def with_spf(self, spf: AuthResult, domain: str | None) -> Evidence:
-        return Evidence(self.static_allow, self.learned_allow, self.cert, spf, domain)
+        return replace(self, spf=spf, spf_domain=domain)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,11 +161,18 @@ class ClassifyPolicy:
         if mode is SpfPromote.LISTED and not domains:
             raise ValueError("spf_promote = 'listed' needs at least one entry in spf_domains")
 
+    def spf_promotes(self, domain: str) -> bool:
+        """Does an SPF pass for `domain` promote (and may it be learned) under this policy?"""
+        if not domain or self.spf_promote is SpfPromote.OFF:
+            return False
+        return self.spf_promote is SpfPromote.ANY or domain_matches(domain, self.spf_domains)
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     lane: Lane
     reasons: tuple[str, ...]
+    identity: str = ""   # who vouched for a FAST decision (ingress.policy.identity); "" for bulk
 
 
 def decide(evidence: Evidence, policy: ClassifyPolicy) -> Decision:
@@ -173,11 +199,7 @@ def decide(evidence: Evidence, policy: ClassifyPolicy) -> Decision:
     dom = normalize_domain(evidence.spf_domain) if evidence.spf_domain else ""
     tag = f"spf-{spf}:{dom}" if dom else f"spf-{spf}"
     if spf is AuthResult.PASS:
-        if (policy.spf_promote is SpfPromote.ANY and dom) or (
-            policy.spf_promote is SpfPromote.LISTED
-            and dom
-            and domain_matches(dom, policy.spf_domains)
-        ):
+        if policy.spf_promotes(dom):
             promoting.append(tag)
         else:
             noted.append(tag)
@@ -186,8 +208,20 @@ def decide(evidence: Evidence, policy: ClassifyPolicy) -> Decision:
         noted.append(tag)
 
     if promoting:
-        return Decision(Lane.FAST, tuple(promoting))
+        return Decision(Lane.FAST, tuple(promoting), _identity(evidence, policy, dom))
     return Decision(Lane.BULK, tuple(noted) or ("no-evidence",))
+
+
+def _identity(evidence: Evidence, policy: ClassifyPolicy, spf_domain: str) -> str:
+    """The strongest promoting evidence names the identity: allow entry, certificate, learned
+    domain, SPF organisational domain (called only for a FAST decision)."""
+    if evidence.static_allow:
+        return allow_identity(evidence.allow_entry or "?")
+    if evidence.cert in (CertResult.VERIFIED, CertResult.PINNED) and policy.cert_promotes:
+        return cert_identity(evidence.cert_fp or "?")
+    if evidence.learned_allow and policy.learned_promotes:
+        return learned_identity(evidence.learned_domain or "?")
+    return org_identity(spf_domain)
 
 
 def promote(current_lane: Lane, decision: Decision) -> Lane:
@@ -197,10 +231,14 @@ def promote(current_lane: Lane, decision: Decision) -> Lane:
     return Lane.BULK
 
 
-def should_learn(spf: AuthResult | str | None, dkim_aligned_pass: bool) -> bool:
-    """A client is remembered only when SPF passed AND a DKIM signature aligned with From passed.
-    `spf` may be the wire's plain string (the envelope's evidence)."""
-    return spf == AuthResult.PASS and bool(dkim_aligned_pass)
+def should_learn(spf: AuthResult | str | None, dkim_aligned_pass: bool,
+                 spf_domain: str | None, policy: ClassifyPolicy) -> bool:
+    """A client is remembered only when SPF passed AND a DKIM signature aligned with From passed
+    AND the promotion policy would promote an SPF pass for `spf_domain` (learning obeys the
+    policy: "listed" learns listed domains only, "off" learns nothing). `spf` may be the wire's
+    plain string (the envelope's evidence)."""
+    return (spf == AuthResult.PASS and bool(dkim_aligned_pass)
+            and policy.spf_promotes(normalize_domain(spf_domain or "")))
 
 
 # --------------------------------------------------------------------------- static allow list
@@ -234,35 +272,43 @@ class StaticAllow:
         return cls(tuple(v4), tuple(v6))
 
     def contains(self, ip: str) -> bool:
+        return self.match(ip) is not None
+
+    def match(self, ip: str) -> str | None:
+        """The first entry (as a CIDR string) containing `ip`, or None."""
         if not self.v4 and not self.v6:
-            return False
+            return None
         return _in_networks(ip, self.v4, self.v6)
 
 
 @functools.lru_cache(maxsize=65536)
 def _in_networks(ip: str, v4: tuple[ipaddress.IPv4Network, ...],
-                 v6: tuple[ipaddress.IPv6Network, ...]) -> bool:
+                 v6: tuple[ipaddress.IPv6Network, ...]) -> str | None:
     try:
         addr = ipaddress.ip_address(normalize_ip(ip))
     except ValueError:
-        return False
-    nets = v4 if isinstance(addr, ipaddress.IPv4Address) else v6
-    return any(addr in n for n in nets)
+        return None
+    nets: tuple[ipaddress.IPv4Network, ...] | tuple[ipaddress.IPv6Network, ...] = \
+        v4 if isinstance(addr, ipaddress.IPv4Address) else v6
+    return next((str(n) for n in nets if addr in n), None)
 
 
 # --------------------------------------------------------------------------- learned allow
 
 _LEARNED_FORMAT = "smtp-ingress/learned-allow"
-_LEARNED_VERSION = 1
+_LEARNED_VERSION = 2   # 2: entries are {"exp": expiry, "domain": org domain}; 1 (ip -> expiry)
+                       # still loads, its entries with domain "" (identity "learned:")
 
 
 @dataclass(slots=True)
 class LearnedAllow:
     """IP -> expiry (epoch seconds), TTL'd and bounded (ingress.core.expiry.ExpiryMap).
 
-    learn(ip, now)          remember ip until now + ttl (refreshes; never shortens).
-    add(ip, expires_at)     merge an entry learned elsewhere (pub/sub, persisted state).
+    learn(ip, now, domain)  remember ip until now + ttl (refreshes; never shortens), for the
+                            organisational domain it was learned for (its identity and share).
+    add(ip, expires_at, domain=...)  merge an entry learned elsewhere (pub/sub, persisted state).
     contains(ip, now)       True while not expired.
+    domain(ip)              the domain the entry was learned for ("" if unknown).
     purge(now)              drop expired entries; returns how many.
     to_json() / from_json() persistence (state directory); expired entries are dropped on load.
     """
@@ -270,6 +316,7 @@ class LearnedAllow:
     ttl: float
     max_size: int
     _map: ExpiryMap = field(init=False)
+    _domains: dict[str, str] = field(init=False)   # ip -> org domain (pruned with the map)
 
     def __post_init__(self) -> None:
         if not self.ttl > 0:
@@ -277,28 +324,44 @@ class LearnedAllow:
         if self.max_size < 1:
             raise ValueError("LearnedAllow max_size must be >= 1")
         self._map = ExpiryMap(self.max_size)
+        self._domains = {}
 
     def __len__(self) -> int:
         return len(self._map)
 
-    def learn(self, ip: str, now: float) -> float:
+    def learn(self, ip: str, now: float, domain: str = "") -> float:
         """Remember `ip` until now + ttl; returns the expiry (to publish to other acceptors).
 
         Raises ValueError if `ip` is not an IP address.
         """
         key = normalize_ip(ip)  # ValueError for a non-IP
         expires_at = now + self.ttl
-        self.add(key, expires_at, now=now)
+        self.add(key, expires_at, now=now, domain=domain)
         held = self._map.peek(key)
         return expires_at if held is None else held
 
-    def add(self, ip: str, expires_at: float, now: float | None = None) -> bool:
-        """Merge an entry; keeps the later expiry. Returns False if ignored (expired/bad ip)."""
+    def add(self, ip: str, expires_at: float, now: float | None = None,
+            domain: str = "") -> bool:
+        """Merge an entry; keeps the later expiry. Returns False if ignored (expired/bad ip).
+        A non-empty `domain` (reduced to its organisational domain) replaces the recorded one."""
         try:
             key = normalize_ip(ip)
         except ValueError:
             return False
-        return self._map.put(key, expires_at, now)
+        ok = self._map.put(key, expires_at, now)
+        if ok and domain:
+            self._domains[key] = org_domain(domain)
+            if len(self._domains) > 2 * self.max_size:   # evicted entries' domains: prune
+                held = {k for k, _ in self._map.items()}
+                self._domains = {k: v for k, v in self._domains.items() if k in held}
+        return ok
+
+    def domain(self, ip: str) -> str:
+        try:
+            key = normalize_ip(ip)
+        except ValueError:
+            return ""
+        return self._domains.get(key, "") if self._map.peek(key) is not None else ""
 
     def contains(self, ip: str, now: float) -> bool:
         try:
@@ -330,7 +393,8 @@ class LearnedAllow:
                 "format": _LEARNED_FORMAT,
                 "version": _LEARNED_VERSION,
                 "ttl": self.ttl,
-                "entries": dict(self.items()),
+                "entries": {ip: {"exp": exp, "domain": self._domains.get(ip, "")}
+                            for ip, exp in self.items()},
             },
             separators=(",", ":"),
             sort_keys=True,
@@ -354,11 +418,15 @@ class LearnedAllow:
             or not isinstance(doc.get("entries"), dict)
         ):
             raise ValueError("not a learned-allow state document")
-        if doc.get("version") != _LEARNED_VERSION:
-            raise ValueError(f"unsupported learned-allow version {doc.get('version')!r}")
+        version = doc.get("version")
+        if version not in (1, _LEARNED_VERSION):
+            raise ValueError(f"unsupported learned-allow version {version!r}")
         cache = cls(ttl=ttl, max_size=max_size)
-        for ip, exp in doc["entries"].items():
+        for ip, entry in doc["entries"].items():
+            exp, domain = (entry, "") if version == 1 or not isinstance(entry, dict) \
+                else (entry.get("exp"), entry.get("domain"))
             if not isinstance(ip, str) or isinstance(exp, bool) or not isinstance(exp, int | float):
                 continue
-            cache.add(ip, min(float(exp), now + ttl), now=now)
+            cache.add(ip, min(float(exp), now + ttl), now=now,
+                      domain=domain if isinstance(domain, str) else "")
         return cache

@@ -465,7 +465,9 @@ def test_lane_queue_bound_in_bytes(tmp_path: Path) -> None:
     with Ingress(tmp_path, {
         "supervisor": {"acceptors": 1, "heartbeat_timeout": 20.0},   # stopped, not hung
         "smtp": {"max_message_size": 100000, "ack_timeout": 8.0},
-        "classify": {"allow_cidrs": ["127.0.0.1/32"]},
+        # one identity may hold the whole fast queue here (classify.identity_share 1): the
+        # lane's own byte bound is under test (the share's: test_broker_identity.py)
+        "classify": {"allow_cidrs": ["127.0.0.1/32"], "identity_share": 1.0},
         "lanes.fast": {"workers": 1, "queue_bytes": 300000},
     }) as ing:
         (worker,) = ing.children("worker-fast")

@@ -142,7 +142,9 @@ def test_evidence_is_monotone(pol: ClassifyPolicy) -> None:
     ],
 )
 def test_reasons(ev: Evidence, pol: ClassifyPolicy, lane: Lane, reasons: tuple[str, ...]) -> None:
-    assert decide(ev, pol) == Decision(lane, reasons)
+    d = decide(ev, pol)
+    assert Decision(d.lane, d.reasons) == Decision(lane, reasons)
+    assert bool(d.identity) is (lane is Lane.FAST)   # identity: tests/unit/test_identity.py
 
 
 def test_promote_never_demotes() -> None:
@@ -208,7 +210,29 @@ def test_domain_matches(domain: str, listed: list[str], ok: bool) -> None:
     [(r, d, r == AuthResult.PASS and d) for r, d in itertools.product(AuthResult, BOOLS)],
 )
 def test_should_learn(spf: AuthResult, dkim: bool, learn: bool) -> None:
-    assert should_learn(spf, dkim) is learn
+    assert should_learn(spf, dkim, "example.com", ClassifyPolicy()) is learn
+
+
+_LISTED = ClassifyPolicy(spf_promote="listed", spf_domains=frozenset({"example.com"}))
+
+
+@pytest.mark.parametrize(
+    "policy, domain, learn",
+    [
+        # learning obeys the promotion policy (issue 8): "listed" learns listed domains only
+        (_LISTED, "example.com", True),
+        (_LISTED, "mail.example.com", True),
+        (_LISTED, "spammer.test", False),
+        (_LISTED, "badexample.com", False),
+        (_LISTED, None, False),
+        (ClassifyPolicy(spf_promote="off"), "example.com", False),
+        (ClassifyPolicy(spf_promote="any"), "spammer.test", True),
+        (ClassifyPolicy(spf_promote="any"), None, False),
+    ],
+)
+def test_should_learn_obeys_policy(policy: ClassifyPolicy, domain: str | None,
+                                   learn: bool) -> None:
+    assert should_learn(AuthResult.PASS, True, domain, policy) is learn
 
 
 # --------------------------------------------------------------------------- static allow

@@ -50,7 +50,9 @@ def dataclass_eq(a: config.Config, b: config.Config) -> bool:
       "fd_limit_too_low": True, "bulk_slots_per_acceptor": 864, "connections_total": 3840,
       "workers": {"fast": 2, "bulk": 3},
       "bulk_share_per_acceptor": {"rate": 27.5, "burst": 25.0},
-      "bulk_admitted_at_mail_from": 110.0}),
+      "bulk_admitted_at_mail_from": 110.0,
+      # fast reserve 100 cut to 96 by the fd limit, x classify.identity_share 0.25
+      "fast_sessions_per_identity_per_acceptor": 24}),
     ({"smtp": {"max_connections": 500, "fast_reserve": 50},
       "supervisor": {"acceptors": 2}, "lanes.bulk": {"rate": 0.0}},
      (1024, 65536),

@@ -20,41 +20,47 @@ GOLDEN_ENVELOPE = (
 
 
 def test_golden_frames() -> None:
-    assert wire.VERSION == b"SI1"
+    assert wire.VERSION == b"SI2"
     assert ENV.encode() == GOLDEN_ENVELOPE
-    assert wire.submit(ENV, b"body") == [b"SI1", b"SUBMIT", GOLDEN_ENVELOPE, b"body"]
-    assert wire.work(b"a0", b"E", b"B") == [b"SI1", b"WORK", b"a0", b"E", b"B"]
-    assert wire.ready(8) == [b"SI1", b"READY", b"8"]
-    assert wire.heartbeat(3) == [b"SI1", b"HEARTBEAT", b"3"]
-    assert wire.disconnect() == [b"SI1", b"DISCONNECT"]
-    assert wire.worker_ack(b"a0", b"Q1", "f") == [b"SI1", b"ACK", b"a0", b"Q1", b'{"path":"f"}']
+    assert wire.submit(ENV, b"body") == [b"SI2", b"SUBMIT", GOLDEN_ENVELOPE, b"body"]
+    assert wire.work(b"a0", b"E", b"B") == [b"SI2", b"WORK", b"a0", b"E", b"B"]
+    assert wire.ready(8) == [b"SI2", b"READY", b"8"]
+    assert wire.heartbeat(3) == [b"SI2", b"HEARTBEAT", b"3"]
+    assert wire.disconnect() == [b"SI2", b"DISCONNECT"]
+    assert wire.worker_ack(b"a0", b"Q1", "f") == [b"SI2", b"ACK", b"a0", b"Q1", b'{"path":"f"}']
     assert wire.worker_nack(b"a0", b"Q1", NackReason.RATE, "cap") == [
-        b"SI1", b"NACK", b"a0", b"Q1", b'{"reason":"rate","text":"cap"}']
-    assert wire.to_acceptor(Kind.ACK, b"Q1", b"{}") == [b"SI1", b"ACK", b"Q1", b"{}"]
-    assert wire.status({"lane": "bulk"}) == [b"status", b"SI1", b'{"lane":"bulk"}']
-    assert wire.share(wire.LEARN_TOPIC, "192.0.2.1") == [b"SI1", b"SHARE", b"learn",
+        b"SI2", b"NACK", b"a0", b"Q1", b'{"reason":"rate","text":"cap"}']
+    assert wire.to_acceptor(Kind.ACK, b"Q1", b"{}") == [b"SI2", b"ACK", b"Q1", b"{}"]
+    assert wire.status({"lane": "bulk"}) == [b"status", b"SI2", b'{"lane":"bulk"}']
+    assert wire.share(wire.LEARN_TOPIC, "192.0.2.1") == [b"SI2", b"SHARE", b"learn",
                                                          b"192.0.2.1"]
     assert wire.shared_publication(wire.share(wire.PENALTY_TOPIC, "2001:db8::1")) == [
-        b"penalty", b"SI1", b"2001:db8::1"]
+        b"penalty", b"SI2", b"2001:db8::1"]
+    # a learned fact says for which domain (the learned entry counts against its share)
+    assert wire.shared_publication(wire.share(wire.LEARN_TOPIC, "192.0.2.1", "good.test")) == [
+        b"learn", b"SI2", b"192.0.2.1", b"good.test"]
 
 
 @pytest.mark.parametrize(("frames", "ok"), [
-    ([b"learn", b"SI1", b"192.0.2.1"], ("learn", "192.0.2.1")),
-    ([b"penalty", b"SI1", b"2001:DB8::1"], ("penalty", "2001:db8::1")),
-    ([b"learn", b"SI1", b"not-an-ip"], None),
-    ([b"learn", b"SI2", b"192.0.2.1"], None),
-    ([b"admin", b"SI1", b"192.0.2.1"], None),
-    ([b"learn", b"SI1"], None),
+    ([b"learn", b"SI2", b"192.0.2.1"], ("learn", "192.0.2.1", "")),
+    ([b"learn", b"SI2", b"192.0.2.1", b"Example.COM"], ("learn", "192.0.2.1", "example.com")),
+    ([b"learn", b"SI2", b"192.0.2.1", b"bad domain\r\n"], None),
+    ([b"learn", b"SI2", b"192.0.2.1", b"x" * 254], None),
+    ([b"penalty", b"SI2", b"2001:DB8::1"], ("penalty", "2001:db8::1", "")),
+    ([b"learn", b"SI2", b"not-an-ip"], None),
+    ([b"learn", b"SI1", b"192.0.2.1"], None),
+    ([b"admin", b"SI2", b"192.0.2.1"], None),
+    ([b"learn", b"SI2"], None),
 ])
-def test_shared_facts(frames: list[bytes], ok: tuple[str, str] | None) -> None:
+def test_shared_facts(frames: list[bytes], ok: tuple[str, str, str] | None) -> None:
     if ok is None:
         with pytest.raises(WireError):
             wire.decode_shared(frames)
     else:
-        fact, ip = wire.decode_shared(frames)
-        assert (fact.decode(), ip) == ok
+        fact, ip, domain = wire.decode_shared(frames)
+        assert (fact.decode(), ip, domain) == ok
     with pytest.raises(WireError):
-        wire.shared_publication([b"SI1", b"SHARE", b"admin", b"192.0.2.1"])
+        wire.shared_publication([b"SI2", b"SHARE", b"admin", b"192.0.2.1"])
 
 
 def test_roundtrip() -> None:
@@ -68,9 +74,9 @@ def test_roundtrip() -> None:
 
 
 @pytest.mark.parametrize("frames", [
-    [], [b"SI0", b"ACK", b"Q", b"{}"], [b"SI1", b"BOGUS"], [b"SI1", b"ACK", b"Q"],
-    [b"SI1", b"ACK", b"Q", b"not json"], [b"SI1", b"NACK", b"Q", b'{"reason":"nope"}'],
-    [b"SI1", b"SUBMIT", b"E", b"B"], [b"SI1", b"ACK", b"\xff", b'{"path":"x"}'],
+    [], [b"SI0", b"ACK", b"Q", b"{}"], [b"SI2", b"BOGUS"], [b"SI2", b"ACK", b"Q"],
+    [b"SI2", b"ACK", b"Q", b"not json"], [b"SI2", b"NACK", b"Q", b'{"reason":"nope"}'],
+    [b"SI2", b"SUBMIT", b"E", b"B"], [b"SI2", b"ACK", b"\xff", b'{"path":"x"}'],
 ])
 def test_decode_reply_rejects(frames: list[bytes]) -> None:
     with pytest.raises(WireError):

@@ -1,0 +1,114 @@
+"""Identities of promoted sessions and their shares of the fast lane (pure; no I/O).
+
+Purpose
+    Every session promoted to the fast lane carries an *identity*: who vouched for it. No
+    identity may hold more than a configured share (classify.identity_share) of the fast lane's
+    slots, queue or worker throughput; beyond it the session or message is served as bulk
+    (never refused). A spammer who publishes SPF for its own domain, or gets its IPs learned,
+    is then one identity among many instead of the owner of the reserve.
+
+API
+    org_domain(domain) -> str          organisational domain by the Public Suffix List
+                                       ("mail.example.co.uk" -> "example.co.uk"); a name that is
+                                       itself a public suffix or single label maps to itself.
+    allow_identity(entry) / cert_identity(fingerprint) / org_identity(domain)
+    / learned_identity(domain) -> str  the identity strings: "allow:<CIDR entry>",
+                                       "cert:<sha256 hex>", "org:<org domain>",
+                                       "learned:<org domain>".
+    share_key(identity) -> str         the budget an identity counts against: a learned entry
+                                       shares its domain's budget ("learned:x" -> "org:x").
+    identity_kind(identity) -> str     "allow" | "cert" | "org" | "learned" | "other" (a label)
+    share_bound(total, share) -> int   how many of `total` units one identity may hold
+                                       (at least 1: a share never locks an identity out).
+    over_share(held, total, share) -> bool   would one more unit take it over its bound?
+    fast_slots(max_connections, fast_reserve) -> int   the slots an identity's share is of:
+                                       the fast reserve (what nobody may capture), or every
+                                       slot when there is no reserve
+    over_share_reason(identity) -> str "over-share:<share key>" (Decision.reasons / logs).
+
+Failure modes: none; empty or malformed domains map to "" (org_identity("") is "org:").
+Limits: org_domain caches 4096 names (an attacker controls the names: bounded LRU). The PSL
+(publicsuffixlist, bundled data, I/O-free after import) is built once, on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from publicsuffixlist import PublicSuffixList
+
+from ingress.core.addr import normalize_domain
+
+__all__ = [
+    "allow_identity",
+    "cert_identity",
+    "fast_slots",
+    "identity_kind",
+    "learned_identity",
+    "org_domain",
+    "org_identity",
+    "over_share",
+    "over_share_reason",
+    "share_bound",
+    "share_key",
+]
+
+KINDS = ("allow", "cert", "org", "learned")
+
+
+@functools.cache
+def _psl() -> PublicSuffixList:
+    """The Public Suffix List, parsed once per process (about 10k rules: not per session)."""
+    return PublicSuffixList()
+
+
+@functools.lru_cache(maxsize=4096)
+def org_domain(domain: str) -> str:
+    d = normalize_domain(domain).rstrip(".")
+    if not d:
+        return ""
+    org = _psl().privatesuffix(d)
+    return str(org) if org else d
+
+
+def allow_identity(entry: str) -> str:
+    return f"allow:{entry}"
+
+
+def cert_identity(fingerprint: str) -> str:
+    return f"cert:{fingerprint.lower()}"
+
+
+def org_identity(domain: str) -> str:
+    return f"org:{org_domain(domain)}"
+
+
+def learned_identity(domain: str) -> str:
+    return f"learned:{org_domain(domain)}"
+
+
+def share_key(identity: str) -> str:
+    if identity.startswith("learned:"):
+        return "org:" + identity[len("learned:"):]
+    return identity
+
+
+def identity_kind(identity: str) -> str:
+    kind = identity.partition(":")[0]
+    return kind if kind in KINDS else "other"
+
+
+def share_bound(total: int, share: float) -> int:
+    return max(1, int(total * share))
+
+
+def over_share(held: int, total: int, share: float) -> bool:
+    return held + 1 > share_bound(total, share)
+
+
+def fast_slots(max_connections: int, fast_reserve: int) -> int:
+    return fast_reserve or max_connections
+
+
+def over_share_reason(identity: str) -> str:
+    return f"over-share:{share_key(identity)}"

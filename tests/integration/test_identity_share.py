@@ -1,0 +1,201 @@
+"""Nobody can capture the reserve (issue 8): every promoted session carries an identity, and no
+identity holds more than classify.identity_share of an acceptor's fast reserve; beyond it the
+session is served as bulk (not refused). Real supervisor, acceptor, brokers and workers on
+loopback; SPF and DKIM against the real DNS server of tests/kit/dnsserver.py."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+
+import dkim
+import pytest
+
+from tests.kit.dkimkeys import signing_key
+from tests.kit.dnsserver import DNSServer
+from tests.kit.harness import Ingress, send_one, split_trace
+
+ALLOWED_IP = "127.0.0.20"
+GOOD_IP = "127.0.2.5"
+SPAM_IPS = [f"127.0.1.{i}" for i in range(1, 51)]   # the spammer's 50 addresses
+
+
+@pytest.fixture(scope="module")
+def keys() -> tuple[bytes, str]:
+    pem, pub = signing_key()
+    return pem, "v=DKIM1; k=rsa; p=" + base64.b64encode(pub).decode()
+
+
+@pytest.fixture(scope="module")
+def dns(keys: tuple[bytes, str]):
+    with DNSServer({
+        "spammer.test": {"TXT": ["v=spf1 ip4:127.0.1.0/24 -all"]},
+        "good.test": {"TXT": ["v=spf1 ip4:127.0.2.0/24 -all"]},
+        "sel._domainkey.spammer.test": {"TXT": [keys[1]]},
+        "sel._domainkey.good.test": {"TXT": [keys[1]]},
+    }) as server:
+        yield server
+
+
+def signed(domain: str, subject: str, pem: bytes) -> bytes:
+    msg = (f"From: a@{domain}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
+           f"Message-ID: <{subject}@{domain}>\r\n\r\nHello.\r\n").encode()
+    return dkim.sign(msg, b"sel", domain.encode(), pem,
+                     include_headers=[b"from", b"to", b"subject", b"message-id"]) + msg
+
+
+def tables(dns: DNSServer, **smtp: object) -> dict[str, dict[str, object]]:
+    return {"classify": {"allow_cidrs": [f"{ALLOWED_IP}/32"], "spf_promote": "any",
+                         "identity_share": 0.25, "nameservers": [dns.address],
+                         "dns_timeout": 1.0, "spf_deadline": 2.0},
+            "smtp": dict(smtp), "supervisor": {"acceptors": 1}}
+
+
+class Session:
+    """One held SMTP session, driven a command at a time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int, source: str) -> tuple[Session, str]:
+        r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        s = cls(r, w)
+        return s, await s.reply()
+
+    async def reply(self) -> str:
+        lines = []
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), 10)
+            if not line:
+                return "EOF"
+            lines.append(line.decode())
+            if line[3:4] != b"-":
+                return "".join(lines)
+
+    async def cmd(self, line: str) -> str:
+        self.writer.write(line.encode() + b"\r\n")
+        await self.writer.drain()
+        return await self.reply()
+
+    async def message(self, sender: str, body: bytes) -> str:
+        for line in (f"MAIL FROM:<{sender}>", "RCPT TO:<bob@example.test>"):
+            r = await self.cmd(line)
+            if not r.startswith("250"):
+                return r
+        r = await self.cmd("DATA")
+        if not r.startswith("354"):
+            return r
+        self.writer.write(body.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+        await self.writer.drain()
+        return await self.reply()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def lanes_by_subject(ing: Ingress) -> dict[str, tuple[str, bytes]]:
+    out = {}
+    for entry in ing.spooled().values():
+        trace, body = split_trace(entry.message)
+        subject = body.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
+        out[subject] = (str(entry.envelope["lane"]), trace.get("Authentication-Results", b""))
+    return out
+
+
+def test_one_identity_cannot_exceed_its_share(tmp_path: Path, dns: DNSServer,
+                                              keys: tuple[bytes, str]) -> None:
+    """fast_reserve 12 x 0.25: 3 fast sessions of org:spammer.test; its 4th..6th are bulk,
+    and their mail is still accepted (served as bulk, not refused)."""
+    with Ingress(tmp_path, tables(dns, max_connections=40, fast_reserve=12)) as ing:
+        async def run() -> list[str]:
+            held = [(await Session.open(ing.port, ip))[0] for ip in SPAM_IPS[:6]]
+            for s in held:
+                assert (await s.cmd("EHLO spam.test")).startswith("250")
+            replies = [await s.message("x@spammer.test",
+                                       signed("spammer.test", f"spam{i}", keys[0]))
+                       for i, s in enumerate(held)]
+            for s in held:
+                s.close()
+            return replies
+
+        replies = asyncio.run(run())
+        assert all(r.startswith("250") for r in replies), replies
+        lanes = lanes_by_subject(ing)
+        assert sorted(lanes[f"spam{i}"][0] for i in range(6)) == ["bulk"] * 3 + ["fast"] * 3
+        promoted = [e for e in ing.events("promoted") if e.get("identity")]
+        assert [e["identity"] for e in promoted] == ["org:spammer.test"] * 3
+        over = ing.events("over_share")
+        assert len(over) == 3 and all("over-share:org:spammer.test" in e["reasons"]
+                                      for e in over)
+
+
+def test_spammer_with_spf_and_dkim_from_50_ips_leaves_others_at_100(
+        tmp_path: Path, dns: DNSServer, keys: tuple[bytes, str]) -> None:
+    """A spammer domain with valid SPF and DKIM holds sessions from 50 addresses; an
+    allow-listed sender and a second authenticated domain still get every message in, in the
+    fast lane."""
+    with Ingress(tmp_path, tables(dns, max_connections=40, fast_reserve=12)) as ing:
+        async def run() -> tuple[list[str], list[int], list[str]]:
+            good, banner = await Session.open(ing.port, GOOD_IP)
+            assert banner.startswith("220") and (await good.cmd("EHLO good.test"))[:3] == "250"
+            spam, spam_replies = [], []
+            for ip in SPAM_IPS:
+                s, banner = await Session.open(ing.port, ip)
+                if not banner.startswith("220"):
+                    spam_replies.append(banner)
+                    s.close()
+                    continue
+                await s.cmd("EHLO spam.test")
+                spam_replies.append(await s.cmd("MAIL FROM:<x@spammer.test>"))
+                spam.append(s)
+            allowed = [(await send_one(ing.port, signed("allowed.test", f"allowed{i}", keys[0]),
+                                       source=ALLOWED_IP, sender="a@allowed.test"))[0]
+                       for i in range(5)]
+            good_replies = [await good.message("a@good.test",
+                                               signed("good.test", f"good{i}", keys[0]))
+                            for i in range(5)]
+            for s in (good, *spam):
+                s.close()
+            return spam_replies, allowed, good_replies
+
+        spam_replies, allowed, good_replies = asyncio.run(run())
+        assert allowed == [250] * 5, allowed
+        assert all(r.startswith("250") for r in good_replies), good_replies
+        lanes = lanes_by_subject(ing)
+        assert all(lanes[f"allowed{i}"][0] == "fast" for i in range(5))
+        assert all(lanes[f"good{i}"][0] == "fast" for i in range(5))
+        assert b"dkim=pass" in lanes["good0"][1]
+        # the spammer held no more than its share of the reserve
+        promoted = [e["identity"] for e in ing.events("promoted") if e.get("identity")]
+        assert promoted.count("org:spammer.test") == 3, promoted
+        assert any(r.startswith("421") for r in spam_replies)     # its bulk excess was refused
+
+
+def test_over_share_on_the_fast_port_is_served_as_bulk(tmp_path: Path, dns: DNSServer,
+                                                       keys: tuple[bytes, str]) -> None:
+    """listen.fast_port admits fast-lane clients only; an allow-listed relay over its share
+    (fast_reserve 4 x 0.25 = 1 session) is served as bulk there too: never a 554."""
+    t = tables(dns, max_connections=20, fast_reserve=4)
+    t["listen"] = {"fast_port": 0}
+    with Ingress(tmp_path, t) as ing:
+        fport = int(ing.events("ready")[-1]["fast_port"])
+
+        async def run() -> list[str]:
+            first, banner = await Session.open(fport, ALLOWED_IP)      # holds the share
+            assert banner.startswith("220")
+            second, banner = await Session.open(fport, ALLOWED_IP)
+            assert banner.startswith("220"), banner
+            await second.cmd("EHLO relay.test")
+            reply = await second.message("a@allowed.test",
+                                         signed("allowed.test", "second", keys[0]))
+            first.close()
+            second.close()
+            return [reply]
+
+        replies = asyncio.run(run())
+        assert replies[0].startswith("250"), replies
+        assert lanes_by_subject(ing)["second"][0] == "bulk"
+        assert any("over-share:allow:127.0.0.20/32" in e["reasons"]
+                   for e in ing.events("over_share"))
