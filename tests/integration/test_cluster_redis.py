@@ -337,9 +337,12 @@ def test_client_learned_on_a_is_fast_on_b(tmp_path: Path, redis_server: RedisSer
         assert lane_of(a, "signed") == "fast"
         r = redis_server.client()
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and r.zscore("smtp-ingress:learned", SPF_IP) is None:
+        # the member carries the domain the entry was learned for (its identity's budget)
+        member = f"{SPF_IP} good.test"
+        while time.monotonic() < deadline and r.zscore("smtp-ingress:learned", member) is None:
             time.sleep(0.1)
-        assert r.zscore("smtp-ingress:learned", SPF_IP) is not None
+        assert r.zscore("smtp-ingress:learned", member) is not None, \
+            r.zrange("smtp-ingress:learned", 0, -1)
         time.sleep(0.5)      # the PUBLISH went out with the ZADD; B's mirrors take it in
         for ing, host in ((b, B_HOST), (a, A_HOST)):
             subject = f"learned-{host}"
@@ -473,8 +476,9 @@ def test_client_seam_bucket_and_circuit(tmp_path: Path, redis_server: RedisServe
     cfg = cluster_cfg(tmp_path, redis_server)
 
     async def run() -> None:
-        cs = ClusterState(cfg, "t0", penalties.append, lambda ip, at: learned.append(ip))
-        other = ClusterState(cfg, "t1", lambda ip: None, lambda ip, at: None)
+        cs = ClusterState(cfg, "t0", penalties.append,
+                          lambda ip, at, domain: learned.append(f"{ip} {domain}".strip()))
+        other = ClusterState(cfg, "t1", lambda ip: None, lambda ip, at, domain: None)
         assert await cs.bulk_take() is None                    # not connected yet: local
         tasks = [asyncio.create_task(c.run()) for c in (cs, other)]
         try:
@@ -498,11 +502,14 @@ def test_client_seam_bucket_and_circuit(tmp_path: Path, redis_server: RedisServe
             # facts cross over pub/sub, never back to their origin
             other.share_penalty("192.0.2.7")
             other.share_learned("192.0.2.8")
+            other.share_learned("192.0.2.10", "good.test")
+            other.share_learned("192.0.2.11", "bad domain\r\n")     # not carried
             cs.share_penalty("192.0.2.9")
             deadline = time.monotonic() + 5
-            while (not penalties or not learned) and time.monotonic() < deadline:
+            while (not penalties or len(learned) < 3) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-            assert penalties == ["192.0.2.7"] and learned == ["192.0.2.8"]
+            assert penalties == ["192.0.2.7"]
+            assert sorted(learned) == ["192.0.2.10 good.test", "192.0.2.11", "192.0.2.8"]
             # the circuit: Redis gone -> down, every call answers at once (local fallback)
             redis_server.stop()
             assert await cs.bulk_take() is None
