@@ -50,7 +50,7 @@ from ingress.handler import IngressHandler
 from ingress.host import Prototype
 from ingress.lanes import Lanes
 from ingress.learned_store import LEARNED_SAVE_INTERVAL, LearnedStore
-from ingress.policy.admission import FD_SPARE
+from ingress.policy.admission import FD_SPARE, configured_limit
 from ingress.policy.classify import (
     AuthResult,
     ClassifyPolicy,
@@ -314,11 +314,16 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
                 mtls_sock: socket.socket | None, fast_sock: socket.socket | None,
                 sig: child.Signals | None = None) -> None:
     loop = asyncio.get_running_loop()
-    needed = cfg.smtp.max_connections + FD_SPARE
+    wanted = configured_limit(cfg, 0).max_connections    # what config / memory allow
+    needed = wanted + FD_SPARE
     nofile, _ = procs.raise_nofile(needed)
-    # Admission is capped at what the fd limit allows (sessions.fd_capped): a client beyond it
-    # gets 421 instead of libuv's silent accept-and-close on EMFILE.
+    # Admission is capped at what the fd limit allows (admission.connection_limit): a client
+    # beyond it gets 421 instead of libuv's silent accept-and-close on EMFILE.
     ctx = AcceptorContext(cfg, index, loop, nofile=nofile)
+    limit = ctx.table.limit
+    log.event("connection_limit", index=index, max_connections=limit.max_connections,
+              fast_reserve=limit.fast_reserve, limited_by=limit.limited_by, nofile=nofile,
+              configured=cfg.smtp.max_connections, connection_memory=cfg.smtp.connection_memory)
     if nofile < needed:
         log.event("nofile_too_low", "error", limit=nofile, needed=needed,
                   max_connections_effective=ctx.table.admission.limits.max_connections,
