@@ -50,6 +50,7 @@ from ingress.handler import IngressHandler
 from ingress.host import Prototype
 from ingress.lanes import Lanes
 from ingress.learned_store import LEARNED_SAVE_INTERVAL, LearnedStore
+from ingress.lobby import Lobby
 from ingress.policy.admission import FD_SPARE, configured_limit
 from ingress.policy.classify import (
     AuthResult,
@@ -135,6 +136,9 @@ class AcceptorContext:
 
     def release(self, proto: Seat) -> None:
         self.table.release(proto)
+
+    def swap(self, old: Seat, new: Seat) -> None:
+        self.table.swap(old, new)
 
     def promote(self, proto: Seat) -> None:
         self.table.promote(proto)
@@ -330,15 +334,19 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
                   hint="raise LimitNOFILE / ulimit -n, or lower smtp.max_connections")
     sock.setblocking(False)
     lst = cfg.listen
+    # A plain listener starts each connection in the lobby (ingress.lobby: no aiosmtpd session
+    # until the client speaks); behind PROXY the session is built at once.
     servers: list[Any] = [await loop.create_server(
-        lambda: IngressSMTP(ctx, proxy_protocol=lst.proxy_protocol), sock=sock)]
+        (lambda: IngressSMTP(ctx, proxy_protocol=True)) if lst.proxy_protocol else
+        (lambda: Lobby(ctx)), sock=sock)]
     if mtls_sock is not None and ctx.mtls_context is not None:
         mtls_sock.setblocking(False)
         servers.append(MtlsListener(ctx, mtls_sock))
     if fast_sock is not None:
         fast_sock.setblocking(False)
         servers.append(await loop.create_server(
-            lambda: IngressSMTP(ctx, fast_only=True, proxy_protocol=lst.fast_port_proxy_protocol),
+            (lambda: IngressSMTP(ctx, fast_only=True, proxy_protocol=True))
+            if lst.fast_port_proxy_protocol else (lambda: Lobby(ctx, fast_only=True)),
             sock=fast_sock))
     stop = asyncio.Event()
     # SIGUSR2 is the supervisor's order to shut down, SIGUSR1 to retire after a reload; SIGTERM

@@ -11,6 +11,7 @@ API:
         spoke(seat)                it said something: never evicted for silence again
         promote(seat)              bulk -> fast (slot accounting; the lane's session gauge)
         release(seat)              the session ended: its slot is free (idempotent)
+        swap(old, new)             a lobby seat (ingress.lobby.Lobby) became a session
         penalise(ip, now)          the early-talker penalty, in this acceptor
         sessions                   the live sessions (drain walks them)
         admission                  the slot accounting (ingress.policy.admission.Admission)
@@ -139,6 +140,14 @@ class SessionTable:
 
     def spoke(self, seat: Seat) -> None:
         self.silent.pop(seat, None)
+
+    def swap(self, old: Seat, new: Seat) -> None:
+        """A lobby seat (ingress.lobby) became a session: `new` holds the slot now. It is
+        handed the client's first bytes, so it is not silent any more."""
+        if old in self.sessions:
+            self.sessions.discard(old)
+            self.sessions.add(new)
+        self.silent.pop(old, None)
 
     def release(self, seat: Seat) -> None:
         self.sessions.discard(seat)
