@@ -12,6 +12,10 @@ API:
     MtlsListener                      the mutual-TLS port: a slot is taken at accept, before
                                       the TLS handshake (tls.handshake_timeout)
 
+listen.port and listen.fast_port start each connection in the lobby (ingress.lobby) unless they
+are behind PROXY; the slots are admission.configured_limit's (logged as connection_limit at
+start, with what limited them).
+
 Memory: the bytes all sessions hold in DATA (until their ack) are bounded by one DataBudget
 (smtp.data_memory_budget, with smtp.data_fast_reserve for the fast lane only).
 

@@ -11,6 +11,10 @@ What this layer adds to aiosmtpd (docs/design.md lists the aiosmtpd traps it wor
   listener) they wait for the header (ingress/proxy.py), and the greet pause and the
   early-talker test start after it; the fast port (listen.fast_port) serves fast-lane
   clients only;
+- on the plain listeners (not behind PROXY) a connection starts in the lobby (ingress.lobby) and
+  the session is built on the client's first bytes: handed_off (set by the lobby) means admitted,
+  greet pause done and banner written already (aiosmtpd's banner push is skipped), and the
+  session deadline counts from connect;
 - on the mutual-TLS port a connection takes its slot before the TLS handshake
   (admit_before_handshake; acceptor.MtlsListener), and a verified certificate promotes it after;
 - a session is built from a per-process prototype (aiosmtpd's __init__ introspects the class
