@@ -333,7 +333,10 @@ async def serve(cfg: Config, index: int, sock: socket.socket, hb: Any, slot: int
               fast_reserve=limit.fast_reserve, limited_by=limit.limited_by, nofile=nofile,
               configured=cfg.smtp.max_connections, connection_memory=cfg.smtp.connection_memory)
     if nofile < needed:
-        log.event("nofile_too_low", "error", limit=nofile, needed=needed,
+        # An explicit smtp.max_connections the fd limit cannot hold is an error; the automatic
+        # limit (0) adapts to it by design, so it is only worth a warning.
+        log.event("nofile_too_low", "error" if cfg.smtp.max_connections else "warning",
+                  limit=nofile, needed=needed,
                   max_connections_effective=ctx.table.admission.limits.max_connections,
                   hint="raise LimitNOFILE / ulimit -n, or lower smtp.max_connections")
     sock.setblocking(False)

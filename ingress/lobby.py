@@ -87,7 +87,8 @@ class Lobby(asyncio.Protocol):
             self._greet()
 
     def data_received(self, data: bytes) -> None:
-        if not self.admitted or self.handed:
+        if not self.admitted or self.handed or self.transport is None \
+                or self.transport.is_closing():     # refused, evicted, timed out, drained
             return
         if not self.greeted:         # spoke before our banner: judged when the pause ends
             self.early_talker = True
