@@ -18,6 +18,10 @@ API:
     MtlsListener                      the mutual-TLS port: a slot is taken at accept, before
                                       the TLS handshake (tls.handshake_timeout)
 
+listen.port and listen.fast_port start each connection in the lobby (ingress.lobby) unless they
+are behind PROXY; the slots are admission.configured_limit's (logged as connection_limit at
+start, with what limited them).
+
 Memory: the bytes all sessions hold in DATA (until their ack) are bounded by one DataBudget
 (smtp.data_memory_budget, with smtp.data_fast_reserve for the fast lane only).
 
@@ -60,7 +64,8 @@ from ingress.handler import IngressHandler
 from ingress.host import Prototype
 from ingress.lanes import Lanes
 from ingress.learned_store import LEARNED_SAVE_INTERVAL, LearnedStore
-from ingress.policy.admission import FD_SPARE
+from ingress.lobby import Lobby
+from ingress.policy.admission import FD_SPARE, configured_limit
 from ingress.policy.classify import (
     AuthResult,
     ClassifyPolicy,
@@ -180,6 +185,9 @@ class AcceptorContext:
 
     def release(self, proto: Seat) -> None:
         self.table.release(proto)
+
+    def swap(self, old: Seat, new: Seat) -> None:
+        self.table.swap(old, new)
 
     def promote(self, proto: Seat) -> None:
         self.table.promote(proto)
@@ -472,13 +480,16 @@ async def listeners(ctx: AcceptorContext, sock: Listening, mtls_sock: Listening,
     if sock is None:
         servers.append(handoff.Receiver(ctx.cfg, ctx.index, loop,
                                         lambda conn: serve_handed(ctx, conn)))
+    # A plain listener starts each connection in the lobby (ingress.lobby: no aiosmtpd session
+    # until the client speaks); behind PROXY the session is built at once.
     servers += [await loop.create_server(
-        lambda: IngressSMTP(ctx, proxy_protocol=lst.proxy_protocol), sock=s)
-        for s in _listening(sock)]
+        (lambda: IngressSMTP(ctx, proxy_protocol=True)) if lst.proxy_protocol else
+        (lambda: Lobby(ctx)), sock=s) for s in _listening(sock)]
     if ctx.mtls_context is not None:
         servers += [MtlsListener(ctx, s) for s in _listening(mtls_sock)]
     servers += [await loop.create_server(
-        lambda: IngressSMTP(ctx, fast_only=True, proxy_protocol=lst.fast_port_proxy_protocol),
+        (lambda: IngressSMTP(ctx, fast_only=True, proxy_protocol=True))
+        if lst.fast_port_proxy_protocol else (lambda: Lobby(ctx, fast_only=True)),
         sock=s) for s in _listening(fast_sock)]
     return servers
 
@@ -489,13 +500,21 @@ async def serve(cfg: Config, index: int, sock: Listening, hb: Any, slot: int,
     """An acceptor's life; `sock` None: a fast acceptor (its connections are handed to it by
     the others over ingress.handoff, it has no listening socket of its own)."""
     loop = asyncio.get_running_loop()
-    needed = cfg.smtp.max_connections + FD_SPARE
+    wanted = configured_limit(cfg, 0).max_connections    # what config / memory allow
+    needed = wanted + FD_SPARE
     nofile, _ = procs.raise_nofile(needed)
-    # Admission is capped at what the fd limit allows (sessions.fd_capped): a client beyond it
-    # gets 421 instead of libuv's silent accept-and-close on EMFILE.
+    # Admission is capped at what the fd limit allows (admission.connection_limit): a client
+    # beyond it gets 421 instead of libuv's silent accept-and-close on EMFILE.
     ctx = AcceptorContext(cfg, index, loop, nofile=nofile, fast=sock is None)
+    limit = ctx.table.limit
+    log.event("connection_limit", index=index, max_connections=limit.max_connections,
+              fast_reserve=limit.fast_reserve, limited_by=limit.limited_by, nofile=nofile,
+              configured=cfg.smtp.max_connections, connection_memory=cfg.smtp.connection_memory)
     if nofile < needed:
-        log.event("nofile_too_low", "error", limit=nofile, needed=needed,
+        # An explicit smtp.max_connections the fd limit cannot hold is an error; the automatic
+        # limit (0) adapts to it by design, so it is only worth a warning.
+        log.event("nofile_too_low", "error" if cfg.smtp.max_connections else "warning",
+                  limit=nofile, needed=needed,
                   max_connections_effective=ctx.table.admission.limits.max_connections,
                   hint="raise LimitNOFILE / ulimit -n, or lower smtp.max_connections")
     servers = await listeners(ctx, sock, mtls_sock, fast_sock)

@@ -31,7 +31,7 @@ from ingress.policy.admission import (
     AdmissionLimits,
     broker_bucket,
     bulk_share_bucket,
-    fd_capped,
+    configured_limit,
 )
 from ingress.policy.deferrals import retry_buckets
 from ingress.policy.identity import fast_slots, share_bound
@@ -88,7 +88,8 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
     limit = soft if hard == resource.RLIM_INFINITY else max(soft, hard)   # raised to hard
     s = cfg.smtp
     fd_sessions = max(0, limit - FD_SPARE)
-    slots, reserve = fd_capped(s.max_connections, s.fast_reserve, limit)   # what the acceptor runs
+    conn = configured_limit(cfg, limit)          # what the acceptor runs
+    slots, reserve = conn.max_connections, conn.fast_reserve
     lim = AdmissionLimits(max_connections=slots, fast_reserve=reserve,
                           per_ip_bulk_max=cfg.admission.per_ip_bulk_max,
                           per_ip_rate=cfg.admission.per_ip_rate,
@@ -107,7 +108,8 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
         "fd_limit": limit,
         "connections_fd_allows_per_acceptor": fd_sessions,
         "connections_per_acceptor": slots,
-        "fd_limit_too_low": fd_sessions < s.max_connections,
+        "fd_limit_too_low": conn.limited_by == "fd" and s.max_connections > 0,
+        "connections_limited_by": conn.limited_by,
         "fast_reserve_per_acceptor": reserve,
         "bulk_slots_per_acceptor": lim.bulk_share,
         "fast_sessions_per_identity_per_acceptor": share_bound(
@@ -145,7 +147,8 @@ def render(cfg: config.Config, nofile: tuple[int, int] | None = None) -> str:
         f"# fd limit: {d['fd_limit']} -> at most {d['connections_fd_allows_per_acceptor']} "
         "sessions per acceptor (this process's RLIMIT_NOFILE; the unit's LimitNOFILE= rules)",
         f"# connections per acceptor: {d['connections_per_acceptor']} "
-        f"(smtp.max_connections {cfg.smtp.max_connections}"
+        f"(smtp.max_connections {cfg.smtp.max_connections or 'auto'}, "
+        f"limited by {d['connections_limited_by']}"
         + (", CUT BY THE FD LIMIT: raise LimitNOFILE" if d["fd_limit_too_low"] else "")
         + f"), of which fast-lane only {d['fast_reserve_per_acceptor']}, "
         f"bulk at most {d['bulk_slots_per_acceptor']}; all acceptors: {d['connections_total']}",

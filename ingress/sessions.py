@@ -2,8 +2,8 @@
 
 API:
     Seat                      Protocol: what the table needs of a session (IngressSMTP is one)
-    (admission.fd_capped: the slots the fd limit allows)
-                              the slots the fd limit allows (pure; below)
+    (admission.configured_limit: the slots the config, the fd limit and the memory budget
+                              allow (pure; below); SessionTable.limit is what it gave)
     SessionTable(cfg, counters, now, nofile=0)
         admit(seat, draining, now, shared_rate_over=False) -> str | None
                                    None: admitted (seat.ticket set, the seat
@@ -20,20 +20,25 @@ API:
                                    leaves the rest of it to the others
                                    (seat.identity counts from admit/promote to release)
         release(seat)              the session ended: its slot is free (idempotent)
+        swap(old, new)             a lobby seat (ingress.lobby.Lobby) became a session
         penalise(ip, now)          the early-talker penalty, in this acceptor
         sessions                   the live sessions (drain walks them)
         admission                  the slot accounting (ingress.policy.admission.Admission)
 
 Eviction: when the slots are full, session_rules.pick_eviction chooses the bulk session that has
 been connected longest without saying a word, if that is longer than
-admission.evict_silent_after; it gets 421 (seat.evict) and its slot goes to the newcomer. A
-real MTA speaks within milliseconds of the banner; a slowloris bot never does. Evictions are
-rate-limited (admission.evict_rate; 0 = never), since each one makes a bot reconnect.
+admission.evict_silent_after (default 0: any); it gets 421 (seat.evict) and its slot goes to the
+newcomer. A real MTA speaks within milliseconds of the banner; a slowloris bot never does. While
+there is room nobody is evicted: a held silent bot is a tarpit (cheap, and it is not
+reconnecting). Evictions may be rate-limited (admission.evict_rate; default inf: no limit, so a
+newcomer is never refused for want of an eviction token; 0 = never evict).
 
+The slots: smtp.max_connections, or with 0 (the default) min(RLIMIT_NOFILE - FD_SPARE,
+smtp.connection_memory / admission.CONNECTION_COST); smtp.fast_reserve, or with 0 a tenth.
 The fd cap: an acceptor holds one fd per session plus FD_SPARE (admission.FD_SPARE: listeners,
 ZeroMQ, logs, the SPF pool), so it admits at most RLIMIT_NOFILE - FD_SPARE sessions (the soft
-limit after procs.raise_nofile raised it to the hard one; nofile=0: no cap), and the fast
-reserve shrinks in proportion. Beyond that a client gets 421 4.7.0 (slots) instead of libuv's
+limit after procs.raise_nofile raised it to the hard one; nofile=0: no cap), and an explicit
+fast reserve shrinks in proportion. Beyond that a client gets 421 4.7.0 (slots) instead of libuv's
 silent accept-and-close on EMFILE; the first refusal the cap causes is logged (fd_limit_reached,
 then at most once a minute).
 
@@ -51,7 +56,13 @@ from ingress.core.config import Config
 from ingress.core.metrics import Outcome
 from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import Lane
-from ingress.policy.admission import FD_SPARE, Admission, AdmissionLimits, Ticket, fd_capped
+from ingress.policy.admission import (
+    FD_SPARE,
+    Admission,
+    AdmissionLimits,
+    Ticket,
+    configured_limit,
+)
 from ingress.policy.admission import Refusal as Reason
 from ingress.policy.classify import Decision
 from ingress.policy.identity import fast_slots, over_share, over_share_reason, share_key
@@ -79,11 +90,12 @@ FD_LOG_INTERVAL = 60.0     # seconds between two fd_limit_reached lines
 
 class SessionTable:
     def __init__(self, cfg: Config, counters: Counter[str], now: float, nofile: int = 0) -> None:
-        a, s = cfg.admission, cfg.smtp
+        a = cfg.admission
         self.cfg, self.counters = cfg, counters
-        max_connections, fast_reserve = fd_capped(s.max_connections, s.fast_reserve, nofile)
+        self.limit = configured_limit(cfg, nofile)
+        max_connections, fast_reserve = self.limit.max_connections, self.limit.fast_reserve
         self.nofile = nofile
-        self.fd_capped = max_connections < s.max_connections
+        self.fd_capped = self.limit.limited_by == "fd"
         self._fd_logged = -FD_LOG_INTERVAL
         self.admission = Admission(AdmissionLimits(
             max_connections=max_connections, fast_reserve=fast_reserve,
@@ -91,8 +103,10 @@ class SessionTable:
             per_ip_burst=a.per_ip_burst, penalty_s=a.penalty, ipv6_prefix=a.ipv6_prefix))
         self.sessions: set[Seat] = set()
         self.silent: OrderedDict[Seat, float] = OrderedDict()   # bulk, not spoken yet
-        self.evictions = TokenBucket(a.evict_rate, max(1.0, a.evict_rate), now=now) \
-            if a.evict_rate > 0 else None
+        # evict_rate: 0 = never (None), inf = no limit (a rate-0 bucket always has a token)
+        self.evictions = None if a.evict_rate <= 0 else TokenBucket(0.0) \
+            if a.evict_rate == float("inf") else \
+            TokenBucket(a.evict_rate, max(1.0, a.evict_rate), now=now)
         self.identity_share = cfg.classify.identity_share
         self.by_identity: Counter[str] = Counter()   # share key -> fast sessions holding a slot
 
@@ -177,6 +191,14 @@ class SessionTable:
 
     def spoke(self, seat: Seat) -> None:
         self.silent.pop(seat, None)
+
+    def swap(self, old: Seat, new: Seat) -> None:
+        """A lobby seat (ingress.lobby) became a session: `new` holds the slot now. It is
+        handed the client's first bytes, so it is not silent any more."""
+        if old in self.sessions:
+            self.sessions.discard(old)
+            self.sessions.add(new)
+        self.silent.pop(old, None)
 
     def release(self, seat: Seat) -> None:
         if seat in self.sessions:

@@ -12,6 +12,10 @@ What this layer adds to aiosmtpd (docs/design.md lists the aiosmtpd traps it wor
   PROXY-protocol balancer (per listener) they wait for the header (ingress/proxy.py), and
   the greet pause and the early-talker test start after it; the fast port
   (listen.fast_port) serves fast-lane clients only;
+- on the plain listeners (not behind PROXY) a connection starts in the lobby (ingress.lobby) and
+  the session is built on the client's first bytes: handed_off (set by the lobby) means admitted,
+  greet pause done and banner written already (aiosmtpd's banner push is skipped), and the
+  session deadline counts from connect;
 - on the mutual-TLS port a connection takes its slot before the TLS handshake
   (admit_before_handshake; acceptor.MtlsListener), and a verified certificate promotes it after;
 - a session is built from a per-process prototype (aiosmtpd's __init__ introspects the class
@@ -102,6 +106,58 @@ def _write_line(transport: asyncio.BaseTransport, line: str) -> None:
     """One reply line straight onto the transport (before aiosmtpd's writer exists, or after)."""
     cast(asyncio.WriteTransport, transport).write(line.encode() + b"\r\n")
 
+def classify_and_admit(seat: Any, ctx: SessionHost, transport: asyncio.BaseTransport, *,
+                       implicit_tls: bool = False, fast_only: bool = False,
+                       may_hand_off: bool = False) -> str | None:
+    """Evidence at connect (allow lists, learned allow, client certificate) -> lane ->
+    admission, for an IngressSMTP or a lobby seat (ingress.lobby.Lobby): sets seat.evidence,
+    .reasons, .lane, .identity, .admitted (and .ticket, .refused_why through ctx.admit).
+    Returns the refusal line, "" when a fast acceptor took the connection (may_hand_off,
+    ingress.handoff: close it without a word), or None when admitted here."""
+    der = None
+    if implicit_tls:
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+    # The TLS handshake of the mutual-TLS port succeeded, so a certificate is verified.
+    seat.evidence = ctx.connect_evidence(seat.peer_ip, der, verified=der is not None)
+    decision = ctx.decide(seat.evidence)
+    if seat.admitted:     # mutual-TLS port: the slot was taken before the handshake
+        seat.reasons = decision.reasons
+        if promote(seat.lane, decision) is not seat.lane:
+            seat.identity = decision.identity
+            ctx.promote(seat)
+        metrics.connection(seat.lane, Outcome.ADMITTED)
+        return None
+    seat.lane, seat.reasons = decision.lane, decision.reasons
+    seat.identity = decision.identity
+    if seat.lane is Lane.FAST and may_hand_off and ctx.hand_off(transport):
+        metrics.connection(seat.lane, Outcome.HANDED_OFF)
+        return ""                       # a fast acceptor serves it (ingress.handoff)
+    # listen.fast_port: a fast client over its identity's share is served as bulk there too
+    # (never refused for it)
+    if fast_only and seat.lane is Lane.BULK and not any(
+            r.startswith("over-share:") for r in decision.reasons):
+        metrics.connection(seat.lane, Outcome.NOT_FAST)
+        return text(Refusal.FAST_PORT_ONLY, host=ctx.cfg.smtp.hostname)
+    refusal = ctx.admit(seat)
+    if refusal is not None:
+        ctx.count("refused", seat.lane)
+        metrics.connection(seat.lane, Outcome(seat.refused_why or "draining"))
+        return refusal
+    seat.admitted = True
+    metrics.connection(seat.lane, Outcome.ADMITTED)
+    metrics.session_open(seat.lane)
+    return None
+
+
+def banner_line(hostname: str) -> str:
+    """The 220 greeting (aiosmtpd's format with our ident), for a session or a lobby seat."""
+    return f"220 {hostname} {IDENT}"
+
+
+IDENT = "smtp-ingress"
+
+
 class IngressSMTP(DataPhase):
     def __init__(self, ctx: SessionHost, implicit_tls: bool = False,
                  fast_only: bool = False, proxy_protocol: bool = False) -> None:
@@ -113,7 +169,7 @@ class IngressSMTP(DataPhase):
         if proto is None:
             s = ctx.cfg.smtp
             super().__init__(
-                ctx.handler, hostname=s.hostname, ident="smtp-ingress",
+                ctx.handler, hostname=s.hostname, ident=IDENT,
                 data_size_limit=s.max_message_size, enable_SMTPUTF8=True, decode_data=False,
                 timeout=s.idle_timeout, tls_context=None if implicit_tls else ctx.tls_context,
                 loop=ctx.loop,
@@ -183,6 +239,10 @@ class IngressSMTP(DataPhase):
         self.callouts = 0              # recipient verification callouts this session caused
         self._logged = False           # the next final reply's refusal is logged already
         self.abort_handshake: Callable[[], Any] | None = None   # mTLS port, during the handshake
+        # Built by a lobby seat (ingress.lobby) on the client's first bytes: admitted, greet
+        # pause done and banner written already; aiosmtpd's own banner push is skipped.
+        self.handed_off = False
+        self.skip_banner = False
 
     # --- connection life cycle ----------------------------------------------------------------
 
@@ -192,7 +252,7 @@ class IngressSMTP(DataPhase):
         # (Behind a PROXY-protocol balancer the client is known only after the header, so
         # admission waits for it in _handle_client.)
         self.abort_handshake = None
-        if self.transport is None and not self.proxy_protocol:
+        if self.transport is None and not self.proxy_protocol and not self.handed_off:
             self.started = time.monotonic()
             peer = transport.get_extra_info("peername")
             if peer:
@@ -208,44 +268,11 @@ class IngressSMTP(DataPhase):
         super().connection_made(transport)
 
     def _classify_and_admit(self, transport: asyncio.BaseTransport) -> str | None:
-        """Evidence at connect (allow lists, learned allow, client certificate) -> lane ->
-        admission. Returns the refusal line, or None when admitted."""
-        ctx = self.ctx
-        der = None
-        if self.implicit_tls:
-            ssl_object = transport.get_extra_info("ssl_object")
-            der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-        # The TLS handshake of the mutual-TLS port succeeded, so a certificate is verified.
-        self.evidence = ctx.connect_evidence(self.peer_ip, der, verified=der is not None)
-        decision = ctx.decide(self.evidence)
-        if self.admitted:     # mutual-TLS port: the slot was taken before the handshake
-            self.reasons = decision.reasons
-            if promote(self.lane, decision) is not self.lane:
-                self.identity = decision.identity
-                ctx.promote(self)
-            metrics.connection(self.lane, Outcome.ADMITTED)
-            return None
-        self.lane, self.reasons = decision.lane, decision.reasons
-        self.identity = decision.identity
-        if (self.lane is Lane.FAST and not self.implicit_tls and not self.proxy_protocol
-                and ctx.hand_off(transport)):
-            metrics.connection(self.lane, Outcome.HANDED_OFF)
-            return ""                       # a fast acceptor serves it (ingress.handoff)
-        # listen.fast_port: a fast client over its identity's share is served as bulk there
-        # too (never refused for it)
-        if self.fast_only and self.lane is Lane.BULK and not any(
-                r.startswith("over-share:") for r in decision.reasons):
-            metrics.connection(self.lane, Outcome.NOT_FAST)
-            return text(Refusal.FAST_PORT_ONLY, host=self.hostname)
-        refusal = ctx.admit(self)
-        if refusal is not None:
-            ctx.count("refused", self.lane)
-            metrics.connection(self.lane, Outcome(self.refused_why or "draining"))
-            return refusal
-        self.admitted = True
-        metrics.connection(self.lane, Outcome.ADMITTED)
-        metrics.session_open(self.lane)
-        return None
+        """Evidence at connect -> lane -> admission (classify_and_admit). Returns the refusal
+        line, or None when admitted."""
+        return classify_and_admit(self, self.ctx, transport, implicit_tls=self.implicit_tls,
+                                  fast_only=self.fast_only,
+                                  may_hand_off=not self.implicit_tls and not self.proxy_protocol)
 
     def admit_before_handshake(self, peer: tuple[Any, ...]) -> bool:
         """Mutual-TLS port (MtlsListener): take a connection slot for the TCP connection from
@@ -284,9 +311,12 @@ class IngressSMTP(DataPhase):
         ctx = self.ctx
         if self.proxy_protocol and not await self._proxy_header():
             return
-        self._deadline = self.loop.call_later(ctx.cfg.smtp.session_deadline, self._deadline_cb)
+        deadline = ctx.cfg.smtp.session_deadline
+        if self.handed_off:       # the lobby's time counts
+            deadline = max(0.0, deadline - (time.monotonic() - self.started))
+        self._deadline = self.loop.call_later(deadline, self._deadline_cb)
         pause = ctx.cfg.admission.greet_pause
-        if pause > 0 and self.lane is Lane.BULK:
+        if pause > 0 and self.lane is Lane.BULK and not self.handed_off:
             await asyncio.sleep(pause)
             if self.early_talker:     # spoke before our banner: a bot that does not listen
                 ctx.penalise(self.peer_ip)
@@ -429,6 +459,9 @@ class IngressSMTP(DataPhase):
     async def push(self, status: str | bytes) -> None:
         """As aiosmtpd's, but every line replies.clean()ed (aiosmtpd echoes client bytes), and
         the lines of a multi-line reply (EHLO) go out in one write: one system call, not seven."""
+        if self.skip_banner:               # handed off by a lobby seat: it wrote the banner
+            self.skip_banner = False
+            return
         if not self.banner_sent:
             self.banner_sent = True
             metrics.observe_banner(self.lane, time.monotonic() - self.started)

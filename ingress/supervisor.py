@@ -48,6 +48,7 @@ import fcntl
 import importlib
 import multiprocessing as mp
 import os
+import resource
 import signal
 import socket
 import time
@@ -57,9 +58,18 @@ from typing import Any
 from ingress.core import child, log, metrics
 from ingress.core import config as config_mod
 from ingress.core.config import Config, ConfigError, format_listen_address, parse_listen_address
+from ingress.policy.admission import configured_limit
 
 TICK = 0.05
 HB_MARGIN = 16       # heartbeat slots beyond two per child (a reload runs old and new side by side)
+
+
+def acceptor_slots(cfg: Config) -> tuple[int, int]:
+    """(max_connections, fast_reserve) each acceptor derives (admission.configured_limit) under
+    the fd limit it will run with: the hard RLIMIT_NOFILE it raises its soft one to."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lim = configured_limit(cfg, soft if hard == resource.RLIM_INFINITY else max(soft, hard))
+    return lim.max_connections, lim.fast_reserve
 
 
 def heartbeat_slots(cfg: Config) -> int:
@@ -411,7 +421,7 @@ class Supervisor:
         metrics.setup_dir(self.cfg.spool.state_dir)     # before any child is spawned
         self.metrics_server = metrics.serve(self.cfg.metrics.listen, self.cfg.spool.path,
                                             self.cfg.spool.state_dir)
-        metrics.configured(self.cfg)
+        metrics.configured(self.cfg, acceptor_slots(self.cfg))
         # In stages, so that acceptors come up to lanes that already have workers.
         ok = True
         for stage in ("broker", "worker", "relay", "acceptor"):
@@ -517,7 +527,7 @@ class Supervisor:
             sd_notify("READY=1")
             return
         self.cfg = new
-        metrics.configured(new)
+        metrics.configured(new, acceptor_slots(new))
         current = [c for c in self.children if not c.retiring]
         brokers_changed = new.lanes != old.lanes or new.cluster != old.cluster
         replace = [c for c in current if c.kind != "broker" or brokers_changed]

@@ -74,8 +74,12 @@ class SmtpConfig:
     idle_timeout: float = 60.0          # per command / DATA line; RFC 5321 suggests 5 min
     session_deadline: float = 600.0     # whole session, whatever the client does
     ack_timeout: float = 20.0           # end of DATA -> worker ack; must be < idle_timeout
-    max_connections: int = 1000         # per acceptor process
-    fast_reserve: int = 100             # of max_connections, usable by the fast lane only
+    max_connections: int = 0            # per acceptor process; 0 = auto: min(RLIMIT_NOFILE -
+                                        # 64, connection_memory / 8 KiB)
+    fast_reserve: int = 0               # of max_connections, usable by the fast lane only;
+                                        # 0 = a tenth of the slots
+    connection_memory: int = 256 << 20  # bytes per acceptor budgeted for held connections
+                                        # (8 KiB each) when max_connections = 0
     drain_grace: float = 20.0           # SIGTERM / reload: sessions may finish within this
     recipient_map: str = ""             # file: accepted addresses, one a line ("@dom" = any)
     # Per-session error and command limits (Postfix's smtpd_soft/hard_error_limit,
@@ -153,10 +157,11 @@ class AdmissionConfig:
     stress_idle_timeout: float = 10.0   # bulk idle timeout while the bulk lane is saturated
     shed_delay: float = 0.1             # a shed bulk MAIL FROM waits this long for its 451
     shed_limit: int = 10                # sheds in one session; the last is 421 and a close
-    evict_silent_after: float = 5.0     # slots full: a bulk session silent since its banner
-                                        # for this long makes room for a newcomer
-    evict_rate: float = 10.0            # at most this many such evictions per second per
-                                        # acceptor (0 = never evict)
+    evict_silent_after: float = 0.0     # slots full: a bulk session silent since its banner
+                                        # for this long makes room for a newcomer (0: any;
+                                        # the longest-silent goes first)
+    evict_rate: float = float("inf")    # at most this many such evictions per second per
+                                        # acceptor (inf = no limit, 0 = never evict)
     retry_share: float = 0.1            # a retry of a transaction we deferred for the bulk
                                         # cap bypasses it within this fraction of
                                         # lanes.bulk.rate (0 = off)
@@ -551,9 +556,11 @@ def _check_smtp(cfg: Config, need: _Need) -> None:
     need(0 < s.ack_timeout < s.idle_timeout, "smtp.ack_timeout",
          "must be > 0 and shorter than smtp.idle_timeout (a client waits this long after its "
          "end of data; no idle timer runs meanwhile)")
-    need(s.max_connections >= 1, "smtp.max_connections", "must be >= 1")
-    need(0 <= s.fast_reserve < s.max_connections, "smtp.fast_reserve",
-         "must be >= 0 and below smtp.max_connections")
+    need(s.max_connections >= 0, "smtp.max_connections", "must be >= 0 (0 = auto)")
+    need(s.fast_reserve >= 0 and (s.max_connections == 0 or s.fast_reserve < s.max_connections),
+         "smtp.fast_reserve", "must be >= 0 and below smtp.max_connections (0 = a tenth)")
+    need(s.connection_memory >= 8192, "smtp.connection_memory",
+         "must be >= 8192 bytes (one connection)")
     need(s.drain_grace >= 0, "smtp.drain_grace", "must be >= 0")
     need(1 <= s.soft_error_limit <= 1000, "smtp.soft_error_limit", "must be 1..1000")
     need(s.soft_error_limit < s.hard_error_limit <= 1000, "smtp.hard_error_limit",
@@ -631,8 +638,9 @@ def _check_admission(cfg: Config, need: _Need) -> None:
     need(a.penalty >= 0, "admission.penalty", "must be >= 0")
     need(0 <= a.shed_delay <= 10, "admission.shed_delay", "must be 0..10 seconds")
     need(a.shed_limit >= 1, "admission.shed_limit", "must be >= 1")
-    need(a.evict_silent_after > 0, "admission.evict_silent_after", "must be > 0 seconds")
-    need(a.evict_rate >= 0, "admission.evict_rate", "must be >= 0 (0 = never evict)")
+    need(a.evict_silent_after >= 0, "admission.evict_silent_after", "must be >= 0 seconds")
+    need(a.evict_rate >= 0, "admission.evict_rate",
+         "must be >= 0 (0 = never evict, inf = no limit)")
     need(0 <= a.retry_share <= 1, "admission.retry_share", "must be 0..1 (0 = off)")
     need(a.retry_min_delay >= 0, "admission.retry_min_delay", "must be >= 0 seconds")
     need(a.retry_ttl > a.retry_min_delay, "admission.retry_ttl",

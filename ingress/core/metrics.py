@@ -442,11 +442,13 @@ _child_exits: dict[str, int] = dict.fromkeys(CHILD_KINDS, 0)
 _slots: dict[str, int] = {}
 
 
-def configured(cfg: Any) -> None:
-    """Supervisor: the slot capacity of the running config (an ingress.core.config.Config)."""
+def configured(cfg: Any, slots: tuple[int, int] | None = None) -> None:
+    """Supervisor: the slot capacity of the running config (an ingress.core.config.Config);
+    `slots`: (max_connections, fast_reserve) per acceptor as derived (admission.connection_limit;
+    default: the configured values)."""
     n, s = cfg.acceptor_count, cfg.smtp
-    _slots.update(total=s.max_connections * n, fast_reserved=s.fast_reserve * n,
-                  bulk=(s.max_connections - s.fast_reserve) * n)
+    total, reserve = slots if slots is not None else (s.max_connections, s.fast_reserve)
+    _slots.update(total=total * n, fast_reserved=reserve * n, bulk=(total - reserve) * n)
 
 
 def child_exited(kind: str) -> None:

@@ -21,6 +21,11 @@ API
     Refusal                  StrEnum: why a connection was refused (metrics label)
     ip_key(ip, ipv6_prefix) -> str               the per-IP accounting key (ingress.core.addr's)
     stress_timeouts(normal_idle, saturated, stress_idle=10.0) -> float
+    connection_limit(max_connections, fast_reserve, nofile, memory, cost=CONNECTION_COST)
+        -> ConnectionLimit(max_connections, fast_reserve, limited_by)   the per-acceptor slots
+        from smtp.max_connections (0 = auto), the fd limit and smtp.connection_memory
+    configured_limit(cfg, nofile) -> ConnectionLimit     the same for a Config
+    fd_capped(max_connections, fast_reserve, nofile) -> (slots, reserve)  the same, explicit
     Verdict.reply                                the refusal's line (ingress.policy.replies)
     bulk_share_bucket(cfg, edges=0) -> (rate, burst) | None   one acceptor's share of the
                                                  bulk cap (over acceptors x edges)
@@ -69,9 +74,12 @@ from ingress.policy import replies
 __all__ = [
     "Admission",
     "AdmissionLimits",
+    "ConnectionLimit",
     "Refusal",
     "Ticket",
     "Verdict",
+    "configured_limit",
+    "connection_limit",
     "ip_key",
     "stress_timeouts",
 ]
@@ -318,11 +326,51 @@ def broker_bucket(cfg: Config, lane: str) -> tuple[float, float]:
     return lc.rate, float(lc.burst)
 
 
+FAST_RESERVE_SHARE = 10      # smtp.fast_reserve = 0: a tenth of the slots (1 / this)
+CONNECTION_COST = 8 * 1024   # bytes one held connection is budgeted at (smtp.connection_memory)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimit:
+    """One acceptor's slots: `max_connections` of which `fast_reserve` for the fast lane only;
+    `limited_by` says what set the number: "config" (smtp.max_connections), "fd"
+    (RLIMIT_NOFILE - FD_SPARE) or "memory" (smtp.connection_memory / CONNECTION_COST)."""
+    max_connections: int
+    fast_reserve: int
+    limited_by: str
+
+
+def connection_limit(max_connections: int, fast_reserve: int, nofile: int,
+                     memory: int, cost: int = CONNECTION_COST) -> ConnectionLimit:
+    """The per-acceptor slots. max_connections > 0: that, capped at what the fd limit `nofile`
+    allows (nofile - FD_SPARE, at least 1; nofile <= 0: unknown, no cap), an explicit reserve
+    scaled down in the same proportion. max_connections = 0 (auto): min(nofile - FD_SPARE,
+    memory // cost), at least 1. fast_reserve = 0: limit // FAST_RESERVE_SHARE. The reserve is
+    always below the limit."""
+    fd_cap = max(1, nofile - FD_SPARE) if nofile > 0 else 0
+    if max_connections > 0:
+        if not fd_cap or fd_cap >= max_connections:
+            limit, why = max_connections, "config"
+        else:
+            limit, why = fd_cap, "fd"
+        reserve = fast_reserve * limit // max_connections if fast_reserve else 0
+    else:
+        mem_cap = max(1, memory // max(1, cost))
+        limit, why = (fd_cap, "fd") if fd_cap and fd_cap < mem_cap else (mem_cap, "memory")
+        reserve = min(fast_reserve, limit)
+    if not fast_reserve:
+        reserve = limit // FAST_RESERVE_SHARE
+    return ConnectionLimit(limit, max(0, min(limit - 1, reserve)), why)
+
+
+def configured_limit(cfg: Config, nofile: int) -> ConnectionLimit:
+    """connection_limit for `cfg`'s smtp.max_connections, fast_reserve and connection_memory."""
+    s = cfg.smtp
+    return connection_limit(s.max_connections, s.fast_reserve, nofile, s.connection_memory)
+
+
 def fd_capped(max_connections: int, fast_reserve: int, nofile: int) -> tuple[int, int]:
-    """smtp.max_connections and smtp.fast_reserve as the fd limit `nofile` allows: at most
-    nofile - FD_SPARE sessions (at least 1), the reserve scaled down in the same proportion.
-    nofile <= 0: unknown, no cap."""
-    if nofile <= 0 or nofile - FD_SPARE >= max_connections:
-        return max_connections, fast_reserve
-    cap = max(1, nofile - FD_SPARE)
-    return cap, min(cap - 1, fast_reserve * cap // max_connections)
+    """smtp.max_connections and smtp.fast_reserve (both explicit) as the fd limit `nofile`
+    allows: connection_limit's rule for a configured limit."""
+    lim = connection_limit(max_connections, fast_reserve, nofile, 0)
+    return lim.max_connections, lim.fast_reserve

@@ -158,7 +158,8 @@ def emfile_flood(tmp_path: Path) -> dict[str, object]:
     if shutil.which("prlimit") is None:
         pytest.skip("prlimit(1) not installed")
     out: dict[str, object] = {}
-    with Ingress(tmp_path, {"supervisor": {"acceptors": 1}},
+    # evict_rate 0: the held connections stay (no silent one makes room), so the fd cap refuses
+    with Ingress(tmp_path, {"supervisor": {"acceptors": 1}, "admission": {"evict_rate": 0.0}},
                  prefix=["prlimit", f"--nofile={NOFILE}:{NOFILE}"]) as ing:
         out["nofile_too_low"] = ing.events("nofile_too_low")
         out["before"] = asyncio.run(send_one(ing.port, make_body(0)))[0]

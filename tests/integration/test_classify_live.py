@@ -260,6 +260,8 @@ def test_per_ip_bulk_limits(tmp_path: Path) -> None:
 def test_fast_reserve_holds_slots_for_the_fast_lane(tmp_path: Path) -> None:
     with Ingress(tmp_path, {"classify": {"allow_cidrs": [f"{TRUSTED_IP}/32"]},
                             "smtp": {"max_connections": 12, "fast_reserve": 4},
+                            # the reserve alone: no silent session evicted for a newcomer
+                            "admission": {"evict_rate": 0.0},
                             "supervisor": {"acceptors": 1}}) as ing:
         async def run() -> tuple[list[bytes], list[str]]:
             held = []

@@ -167,8 +167,9 @@ def test_every_metric_exists_in_a_live_scrape(tmp_path: Path,
     missing = sorted(wanted - present)
     assert not missing, f"named in etc/ but absent from a live scrape: {missing}"
     assert s[("smtp_ingress_child_exits_total", (("kind", "worker"),))] >= 1
-    from ingress.core.config import SmtpConfig
-    sc = SmtpConfig()                             # the harness runs 2 acceptors, default slots
-    assert s[("smtp_ingress_connection_slots", (("kind", "total"),))] == 2 * sc.max_connections
+    from ingress.core.config import Config
+    from ingress.supervisor import acceptor_slots
+    total, reserve = acceptor_slots(Config())    # the harness runs 2 acceptors, default slots
+    assert s[("smtp_ingress_connection_slots", (("kind", "total"),))] == 2 * total
     assert s[("smtp_ingress_connection_slots", (("kind", "bulk"),))] == \
-        2 * (sc.max_connections - sc.fast_reserve)
+        2 * (total - reserve)

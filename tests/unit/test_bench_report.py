@@ -274,7 +274,13 @@ def test_parse_pyspy_raw() -> None:
 
 def test_build_scenarios() -> None:
     full = build_scenarios("full")
-    assert list(full) == ["noflood", "stall", "spam", "mixed", "flood", "large"]
+    assert list(full) == ["noflood", "stall", "spam", "mixed", "flood", "large", "silent2k",
+                          "silent5k", "silent20k", "trickle2k", "silent20k_spam", "spfspam"]
+    assert full["silent20k"].bots.stallers == 20000 and full["silent20k"].bot_procs == 3
+    assert full["silent2k"].bots.reconnect_delay == 0.2 and full["silent2k"].senders == ("spf",)
+    assert full["spfspam"].bots.spam_from == "spam@spf-bots.test"
+    assert list(build_scenarios("quick", picked=frozenset({"silent2k"}))) == [
+        "noflood", "flood", "large", "silent2k"]
     f = full["flood"]
     assert f.bots.stallers == 300 and f.bots.spammers == 50
     assert f.duration_s - f.warmup_s == 30.0
@@ -291,3 +297,26 @@ def test_netstat_delta() -> None:
     d = netstat_delta({"ListenOverflows": 5, "ListenDrops": 5, "Other": 1},
                       {"ListenOverflows": 9, "ListenDrops": 12, "Other": 7})
     assert d == {"ListenOverflows": 4, "ListenDrops": 7}
+
+
+def test_issue8_rows_against_noflood() -> None:
+    from bench.run import issue8_rows
+
+    def entry(scn: str, **legit: tuple[int, int, float, float]) -> dict[str, Any]:
+        return {"scenario": scn, "target": "smtp-ingress", "result": {"x": 1}, "summary": {
+            "legit": {k: {"accepted": a, "attempts": n, "accepted_pct": 100.0 * a / n,
+                          "p50": p50, "p99": p99} for k, (a, n, p50, p99) in legit.items()},
+            "spam": {}}}
+
+    doc = {"scenarios": {"noflood": {"label": "no flood"},
+                         "silent2k": {"label": "2k", "senders": ["spf"], "p99_max": 2.0,
+                                      "min_accepted_pct": 99.0},
+                         "spfspam": {"label": "spf spam", "senders": ["trusted"],
+                                     "p99_max": 2.0, "min_accepted_pct": 100.0}},
+           "flood": [entry("noflood", spf=(10, 10, 5.0, 10.0), trusted=(10, 10, 4.0, 8.0)),
+                     entry("silent2k", spf=(250, 250, 6.0, 15.0)),
+                     entry("spfspam", trusted=(99, 100, 4.0, 8.0))]}
+    rows = {r["scenario"]: r for r in issue8_rows(doc)}
+    assert rows["silent2k"]["p99_ratio"] == 1.5 and rows["silent2k"]["p50_ratio"] == 1.2
+    assert rows["silent2k"]["ok"] is True
+    assert rows["spfspam"]["ok"] is False            # 99% where 100% is required

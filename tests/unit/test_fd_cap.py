@@ -1,10 +1,11 @@
-"""admission.fd_capped (slots the fd limit allows) and replies.clean (reply lines): tables."""
+"""admission.fd_capped and connection_limit (slots the fd limit and memory allow) and replies.clean
+(reply lines): tables."""
 
 from __future__ import annotations
 
 import pytest
 
-from ingress.policy.admission import FD_SPARE, fd_capped
+from ingress.policy.admission import FD_SPARE, connection_limit, fd_capped
 from ingress.policy.replies import MAX_REPLY_LINE, clean
 
 
@@ -41,3 +42,22 @@ def test_clean_caps_at_512_octets_without_splitting_utf8(line: str) -> None:
     out = clean(line).encode("utf-8")      # would raise on a split sequence (no surrogates)
     assert len(out) + 2 <= MAX_REPLY_LINE and len(out) >= MAX_REPLY_LINE - 2 - 3
     assert line.encode().startswith(out)
+
+
+# connection_limit: smtp.max_connections (0 = auto), the fd limit, smtp.connection_memory.
+@pytest.mark.parametrize(("max_c", "reserve", "nofile", "memory", "want"), [
+    (1000, 100, 0, 0, (1000, 100, "config")),                  # explicit, fd unknown
+    (1000, 100, 160, 0, (96, 9, "fd")),                        # explicit, cut by the fd limit
+    (1000, 0, 0, 0, (1000, 100, "config")),                    # reserve 0: a tenth
+    (0, 0, 20000, 256 << 20, (20000 - FD_SPARE, 1993, "fd")),  # auto, fd below memory
+    (0, 0, 1 << 20, 256 << 20, (32768, 3276, "memory")),       # auto, memory below fd
+    (0, 0, 0, 256 << 20, (32768, 3276, "memory")),             # auto, fd unknown
+    (0, 500, 1 << 20, 256 << 20, (32768, 500, "memory")),      # auto, explicit reserve kept
+    (0, 0, 10, 256 << 20, (1, 0, "fd")),                       # below the spare: one slot
+    (0, 0, 1 << 20, 1, (1, 0, "memory")),                      # tiny budget: one slot
+    (0, 5000, 0, 8 * 1024 * 100, (100, 99, "memory")),         # reserve below the limit
+])
+def test_connection_limit(max_c: int, reserve: int, nofile: int, memory: int,
+                          want: tuple[int, int, str]) -> None:
+    lim = connection_limit(max_c, reserve, nofile, memory)
+    assert (lim.max_connections, lim.fast_reserve, lim.limited_by) == want
