@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -59,6 +60,16 @@ def test_without_a_fast_acceptor_the_client_is_served_where_it_arrived(tmp_path:
         deadline = time.monotonic() + 5
         while fast in ing.children() and time.monotonic() < deadline:
             time.sleep(0.05)
+        # the premise: nothing receives on the fast acceptor's socket any more
+        path = str(ing.state / "run" / "fast-acceptor-0.sock")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        while time.monotonic() < deadline:
+            try:
+                probe.sendto(b"probe", path)        # ignored by a receiver: no descriptor
+            except OSError:
+                break
+            time.sleep(0.05)
+        probe.close()
         code, text = asyncio.run(send_one(ing.port, make_body(1), source=TRUSTED))
         assert code == 250, (text, ing.log_tail())
         deadline = time.monotonic() + 5
