@@ -10,9 +10,12 @@ A connection that has proven nothing costs a file descriptor, the kernel's socke
 this object (__slots__; no StreamReader, no Task, no aiosmtpd Session). At connection_made it
 does what IngressSMTP does there (ingress.smtp.classify_and_admit: the same code), the greet
 pause and early-talker test (admission.greet_pause, one timer), writes the 220 banner and arms
-one idle timer (smtp.idle_timeout; bulk: admission.stress_idle_timeout while the bulk lane is
-saturated). On the client's first bytes after the banner it builds the IngressSMTP session,
-swaps the seat in the session table (SessionTable.swap), hands the transport over
+one idle timer (smtp.idle_timeout, also while the bulk lane is saturated: stress mode's short
+timeout frees sessions, and a seat is not one; cutting silent seats early only makes their bots
+reconnect, a storm on the accept queue that a fast client then waits in; when the seats are all
+taken, the longest-silent one makes room instead). On the client's first bytes after the
+banner it builds the IngressSMTP session, swaps the seat in the session table
+(SessionTable.swap), hands the transport over
 (transport.set_protocol + connection_made with IngressSMTP.handed_off: no second banner, no
 second greet pause or admission) and feeds it those bytes (pipelined commands included).
 
@@ -37,7 +40,7 @@ from ingress.core.addr import normalize_ip
 from ingress.core.metrics import Outcome
 from ingress.core.wire import Lane
 from ingress.host import SessionHost
-from ingress.policy.admission import Ticket, stress_timeouts
+from ingress.policy.admission import Ticket
 from ingress.policy.classify import Evidence
 from ingress.policy.replies import Refusal, text
 from ingress.smtp import IngressSMTP, banner_line, classify_and_admit
@@ -156,11 +159,8 @@ class Lobby(asyncio.Protocol):
         self.greeted = True
         self._write(banner_line(ctx.cfg.smtp.hostname))
         metrics.observe_banner(self.lane, time.monotonic() - self.started)
-        idle = ctx.cfg.smtp.idle_timeout
-        if self.lane is Lane.BULK:
-            idle = stress_timeouts(idle, ctx.lane_saturated(Lane.BULK),
-                                   ctx.cfg.admission.stress_idle_timeout)
-        self.timer = ctx.loop.call_later(idle, self._idle)
+        # no stress timeout here (see the module docstring): a seat is cheap, a reconnect is not
+        self.timer = ctx.loop.call_later(ctx.cfg.smtp.idle_timeout, self._idle)
 
     def _idle(self) -> None:
         self.timer = None
