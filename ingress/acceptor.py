@@ -566,14 +566,17 @@ def serve_handed(ctx: AcceptorContext, conn: socket.socket) -> None:
     ctx.loop.create_task(start())
 
 
-def run_fast(cfg: Config, index: int, hb: Any = None, slot: int = 0) -> None:
-    """A fast acceptor's entry point (supervisor.fast_acceptors; ingress.handoff)."""
+def run_fast(cfg: Config, index: int, hb: Any = None, slot: int = 0,
+             mtls_sock: Listening = None, fast_sock: Listening = None) -> None:
+    """A fast acceptor's entry point (supervisor.fast_acceptors; ingress.handoff): the
+    connections handed over from port 25, and the mutual-TLS port and listen.fast_port (their
+    clients prove themselves at the handshake or at connect), away from port 25's floods."""
     sig = child.start(cfg, f"fast-acceptor-{index}", child.ACCEPTOR_SIGNALS)
     try:
         import uvloop
-        uvloop.run(serve(cfg, index, None, hb, slot, None, None, sig))
+        uvloop.run(serve(cfg, index, None, hb, slot, mtls_sock, fast_sock, sig))
     except ImportError:     # pragma: no cover - uvloop is a hard dependency
-        asyncio.run(serve(cfg, index, None, hb, slot, None, None, sig))
+        asyncio.run(serve(cfg, index, None, hb, slot, mtls_sock, fast_sock, sig))
 
 
 def run(cfg: Config, index: int, sock: Listening, hb: Any = None, slot: int = 0,

@@ -230,12 +230,19 @@ class Supervisor:
     # --- child management ---------------------------------------------------------------------
 
     def _target(self, c: Child) -> tuple[Any, tuple[Any, ...]]:
+        # With fast acceptors, the mutual-TLS port and the fast port (clients that prove
+        # themselves at connect or at the handshake) are theirs, not the port-25 acceptors'.
+        to_fast = c.cfg.supervisor.fast_acceptors > 0
         if c.kind == "acceptor" and c.key[1] == "fast":
-            return _entry("ingress.acceptor", "run_fast"), (c.cfg, c.key[2], self.hb, c.slot)
+            i = c.key[2]
+            mtls = self.mtls_sockets[i] if self.mtls_sockets and to_fast else None
+            fast = self.fast_sockets[i] if self.fast_sockets and to_fast else None
+            return _entry("ingress.acceptor", "run_fast"), (c.cfg, i, self.hb, c.slot,
+                                                            mtls, fast)
         if c.kind == "acceptor":
             i = c.key[1]
-            mtls = self.mtls_sockets[i] if self.mtls_sockets else None
-            fast = self.fast_sockets[i] if self.fast_sockets else None
+            mtls = self.mtls_sockets[i] if self.mtls_sockets and not to_fast else None
+            fast = self.fast_sockets[i] if self.fast_sockets and not to_fast else None
             return _entry("ingress.acceptor"), (c.cfg, i, self.sockets[i], self.hb, c.slot,
                                                 mtls, fast)
         if c.kind == "relay":
@@ -406,10 +413,12 @@ class Supervisor:
         main, fast, mtls = listen_sets(self.cfg)
         n = self.cfg.acceptor_count
         self.sockets, main = bind_addresses(self.cfg, main, n)
+        # the mTLS and fast ports are served by the fast acceptors when there are any (_target)
+        nf = self.cfg.supervisor.fast_acceptors or n
         if mtls:
-            self.mtls_sockets, mtls = bind_addresses(self.cfg, mtls, n)
+            self.mtls_sockets, mtls = bind_addresses(self.cfg, mtls, nf)
         if fast:
-            self.fast_sockets, fast = bind_addresses(self.cfg, fast, n)
+            self.fast_sockets, fast = bind_addresses(self.cfg, fast, nf)
         self.cfg = with_bound(self.cfg, main, fast, mtls)
 
     def start(self) -> None:
@@ -506,18 +515,21 @@ class Supervisor:
         old = self.cfg
         if listen_sets(new) == self.configured:     # port 0 means the one we already have
             new = with_bound(new, *listen_sets(old))
-        if (new.listen, new.spool, new.acceptor_count, new.tls.mtls_port,
-                new.tls.mtls_addresses) != (old.listen, old.spool, old.acceptor_count,
-                                            old.tls.mtls_port, old.tls.mtls_addresses):
+        if (new.listen, new.spool, new.acceptor_count, new.supervisor.fast_acceptors,
+                new.tls.mtls_port, new.tls.mtls_addresses) != (
+                old.listen, old.spool, old.acceptor_count, old.supervisor.fast_acceptors,
+                old.tls.mtls_port, old.tls.mtls_addresses):
             # Changing these would mean closing listening sockets (resetting what is queued on
             # them) or moving the spool under running workers: they wait for a restart.
             log.event("reload_restart_needed", "warning",
-                      why="listen, spool and supervisor.acceptors take effect on restart only")
+                      why="listen, spool, supervisor.acceptors and fast_acceptors take effect "
+                          "on restart only")
             new = dataclasses.replace(
                 new, listen=old.listen, spool=old.spool,
                 tls=dataclasses.replace(new.tls, mtls_port=old.tls.mtls_port,
                                         mtls_addresses=old.tls.mtls_addresses),
-                supervisor=dataclasses.replace(new.supervisor, acceptors=old.acceptor_count))
+                supervisor=dataclasses.replace(new.supervisor, acceptors=old.acceptor_count,
+                                               fast_acceptors=old.supervisor.fast_acceptors))
         if not self.reload_fits(new):
             log.event("reload_failed", "error",
                       error=f"{new.source}: the new config runs {new.child_count} processes; "

@@ -293,16 +293,33 @@ def test_stress_mode_shortens_bulk_idle_timeout(tmp_path: Path) -> None:
         time.sleep(0.5)          # the broker publishes saturation within 0.1 s
 
         async def idle_then_wait() -> tuple[str, float]:
+            """A bulk session (it said EHLO) that then idles: cut at the stress timeout."""
             reader, writer = await asyncio.open_connection("127.0.0.1", ing.port)
             await reader.readline()
+            writer.write(b"EHLO idle.test\r\n")
+            while not (await asyncio.wait_for(reader.readline(), 5)).startswith(b"250 "):
+                pass
             t0 = time.monotonic()
             line = await asyncio.wait_for(reader.readline(), 15)
             writer.close()
             return line.decode(), time.monotonic() - t0
 
+        async def silent_seat() -> bytes | None:
+            """A silent lobby seat is not a session: stress mode does not cut it (a cut only
+            makes a bot reconnect); it keeps smtp.idle_timeout (eviction makes room if full)."""
+            reader, writer = await asyncio.open_connection("127.0.0.1", ing.port)
+            await reader.readline()
+            try:
+                return await asyncio.wait_for(reader.readline(), 2.5)
+            except TimeoutError:
+                return None
+            finally:
+                writer.close()
+
         line, waited = asyncio.run(idle_then_wait())
         assert line.startswith("421 4.4.2"), line
         assert waited < 5.0, waited       # cut at the stress timeout, not the 20 s one
+        assert asyncio.run(silent_seat()) is None
 
 
 def test_silent_bulk_sessions_make_room(tmp_path: Path) -> None:
