@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ from ingress.policy.deferrals import retry_buckets
 from ingress.policy.fairqueue import FairQueue
 from ingress.policy.identity import share_bound, share_key
 
+DOMAIN_BUCKETS = 4096   # domain identities whose fast-lane rate is tracked at once
 DRR_QUANTUM = 65536     # bytes an identity is served per round of the fast lane's DRR
 
 
@@ -113,6 +115,10 @@ class Broker:
         self.queue: FairQueue[Job] = FairQueue(
             DRR_QUANTUM, share_bound(self.queue_max, self.share),
             max(share_bound(self.queue_bytes, self.share), cfg.smtp.max_message_size))
+        # classify.domain_rate: a domain identity's (org:, learned: -> org:) fast-lane rate;
+        # its buckets bounded (least recently used dropped: a fresh bucket is a full one)
+        self.domain_rate = cfg.classify.domain_rate if lane == Lane.FAST else 0.0
+        self.domain_buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self.inflight_keys: dict[bytes, str] = {}    # qid -> share key, of work at a worker
         self.inflight_by_key: dict[str, int] = {}
         self.workers: dict[bytes, WorkerState] = {}
@@ -192,7 +198,7 @@ class Broker:
             env = orjson.loads(env_raw)
             qid, deadline = str(env["qid"]).encode(), float(env["deadline"])
             key = share_key(str((env.get("evidence") or {}).get("identity", ""))) \
-                if self.share < 1.0 else ""
+                if self.share < 1.0 or self.domain_rate > 0 else ""
         except (WireError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             log.event("wire_error", "warning", lane=self.lane, side="front", error=str(e))
             return
@@ -206,10 +212,26 @@ class Broker:
             self._nack(reply_to, qid, NackReason.QUEUE_FULL, "lane queue full (bytes)")
         elif not (self._retry_token(env) or self.bucket.take(time.monotonic())):
             self._nack(reply_to, qid, NackReason.RATE, "lane rate cap")
-        elif not self.queue.push(key, Job(reply_to, qid, env_raw, body, deadline, key),
-                                 len(body), bounded=bool(key)):   # "": bulk, or no identity
+        elif not (self._domain_token(key) and self.queue.push(
+                key, Job(reply_to, qid, env_raw, body, deadline, key), len(body),
+                bounded=bool(key))):     # "": bulk, or no identity
+            # over its share of the queue, or a domain over classify.domain_rate
             metrics.over_share("message", key)
             self._nack(reply_to, qid, NackReason.SHARE, "identity over its share of the lane")
+
+    def _domain_token(self, key: str) -> bool:
+        """A domain identity (share key "org:...") within classify.domain_rate? Others: yes."""
+        if self.domain_rate <= 0 or not key.startswith("org:"):
+            return True
+        bucket = self.domain_buckets.get(key)
+        now = time.monotonic()
+        if bucket is None:
+            if len(self.domain_buckets) >= DOMAIN_BUCKETS:
+                self.domain_buckets.popitem(last=False)
+            bucket = self.domain_buckets[key] = TokenBucket(self.domain_rate, now=now)
+        else:
+            self.domain_buckets.move_to_end(key)
+        return bucket.take(now)
 
     def _retry_token(self, env: Any) -> bool:
         """A token of the retry share for an envelope marked a retry (never for others)."""

@@ -140,6 +140,11 @@ class ClassifyConfig:
     identity_share: float = 0.25        # most of the fast lane (slots, queue, worker credit) one
                                         # identity may hold (ingress.policy.identity); beyond it
                                         # its sessions and messages are served as bulk
+    domain_rate: float = 50.0           # messages/s one domain (org:/learned: identity, proven
+                                        # only by its own SPF/DKIM) may pass through the fast
+                                        # lane of one lanes node; beyond it: served as bulk (the
+                                        # bulk cap applies); 0 = no bound. Allow-list entries
+                                        # and certificates (operator trust) are not bounded
     nameservers: tuple[str, ...] = ()   # "ip", "ip@port", "ip:port"; empty = /etc/resolv.conf
     dns_timeout: float = 2.0            # one DNS query
     spf_deadline: float = 3.0           # a whole SPF evaluation; then temperror (never rejects)
@@ -618,6 +623,7 @@ def _check_classify(cfg: Config, need: _Need) -> None:
          'must list domains when classify.spf_promote = "listed"')
     need(c.learned_ttl >= 0, "classify.learned_ttl", "must be >= 0 (0 = do not learn)")
     need(0 < c.identity_share <= 1, "classify.identity_share", "must be in (0, 1]")
+    need(c.domain_rate >= 0, "classify.domain_rate", "must be >= 0 (0 = no bound)")
     need(c.learned_max >= 1, "classify.learned_max", "must be >= 1")
     need(0 < c.dns_timeout <= 30, "classify.dns_timeout", "must be in (0, 30]")
     need(0 < c.spf_deadline <= 60, "classify.spf_deadline",

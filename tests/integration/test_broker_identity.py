@@ -110,3 +110,39 @@ def test_identity_share_of_queue_and_fair_dispatch(broker) -> None:
     b.dispatch()
     assert worker.poll(500)
     assert orjson.loads(worker.recv_multipart()[3])["mail_from"] == "spam4"
+
+
+def test_a_domain_identity_is_held_to_classify_domain_rate() -> None:
+    """A domain that proves itself only by its own SPF/DKIM (org:, and learned: entries of
+    it) gets at most classify.domain_rate messages/s of the fast lane; beyond it NACK share
+    (the acceptor serves it as bulk, where the bulk cap applies). Allow-list entries are
+    operator trust: not bounded by it."""
+    state = Path(tempfile.mkdtemp(prefix="bd-", dir="/tmp"))
+    f = state / "c.toml"
+    f.write_text(f'[spool]\nstate_dir = "{state}"\npath = "{state / "spool"}"\n'
+                 '[smtp]\nmax_message_size = 100000\n'
+                 '[classify]\nidentity_share = 1.0\ndomain_rate = 0.001\n'
+                 '[lanes.fast]\nqueue_max = 64\nqueue_bytes = 10000000\n')
+    b = Broker(config.load(f), "fast")
+    ctx = zmq.Context.instance()
+    acceptor = ctx.socket(zmq.DEALER)
+    acceptor.setsockopt(zmq.ROUTING_ID, b"acc-1")
+    acceptor.setsockopt(zmq.LINGER, 0)
+    acceptor.connect(b.cfg.ipc("fast-front"))
+    try:
+        for i in range(3):
+            send(b, acceptor, "org:spf-bots.test", f"spam{i}")
+        send(b, acceptor, "learned:spf-bots.test", "spam-learned")    # the same domain
+        for i in range(3):
+            send(b, acceptor, "allow:127.0.0.20/32", f"allow{i}")
+        # burst 1 (one second of 0.001/s): one spam message queued, the other three NACKed
+        assert len(b.queue) == 1 + 3
+        nacks = []
+        while acceptor.poll(500):
+            nacks.append(decode_reply(acceptor.recv_multipart()))
+        assert len(nacks) == 3
+        assert all(r.reason is not None and r.reason.value == "share" for r in nacks), nacks
+    finally:
+        for s in (acceptor, b.front, b.back, b.pub):
+            s.close()
+        shutil.rmtree(state, ignore_errors=True)
