@@ -37,13 +37,12 @@ from typing import cast
 
 from ingress.core import log, metrics
 from ingress.core.addr import normalize_ip
-from ingress.core.metrics import Outcome
 from ingress.core.wire import Lane
 from ingress.host import SessionHost
 from ingress.policy.admission import Ticket
 from ingress.policy.classify import Evidence
 from ingress.policy.replies import Refusal, text
-from ingress.smtp import IngressSMTP, banner_line, classify_and_admit
+from ingress.smtp import IngressSMTP, banner_line, classify_and_admit, refuse_early_talker
 
 
 class Lobby(asyncio.Protocol):
@@ -150,11 +149,7 @@ class Lobby(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if self.early_talker:        # a bot that does not listen (as IngressSMTP's test)
-            ctx.penalise(self.peer_ip)
-            ctx.count("early_talker", self.lane)
-            metrics.connection(self.lane, Outcome.EARLY_TALKER)
-            log.event("early_talker", peer=self.peer_ip)
-            self.close_with(text(Refusal.EARLY_TALKER))
+            refuse_early_talker(self, ctx)
             return
         self.greeted = True
         self._write(banner_line(ctx.cfg.smtp.hostname))

@@ -150,6 +150,16 @@ def classify_and_admit(seat: Any, ctx: SessionHost, transport: asyncio.BaseTrans
     return None
 
 
+def refuse_early_talker(seat: Any, ctx: SessionHost) -> None:
+    """A bulk client spoke before our banner (the greet pause): 554, and the penalty shared by
+    every acceptor. For an IngressSMTP or a lobby seat (ingress.lobby.Lobby)."""
+    ctx.penalise(seat.peer_ip)
+    ctx.count("early_talker", seat.lane)
+    metrics.connection(seat.lane, Outcome.EARLY_TALKER)
+    log.event("early_talker", peer=seat.peer_ip)
+    seat.close_with(text(Refusal.EARLY_TALKER))
+
+
 def banner_line(hostname: str) -> str:
     """The 220 greeting (aiosmtpd's format with our ident), for a session or a lobby seat."""
     return f"220 {hostname} {IDENT}"
@@ -319,11 +329,7 @@ class IngressSMTP(DataPhase):
         if pause > 0 and self.lane is Lane.BULK and not self.handed_off:
             await asyncio.sleep(pause)
             if self.early_talker:     # spoke before our banner: a bot that does not listen
-                ctx.penalise(self.peer_ip)
-                ctx.count("early_talker", self.lane)
-                metrics.connection(self.lane, Outcome.EARLY_TALKER)
-                log.event("early_talker", peer=self.peer_ip)
-                self.close_with(text(Refusal.EARLY_TALKER))
+                refuse_early_talker(self, ctx)
                 return
         self.greeted = True
         await super()._handle_client()
