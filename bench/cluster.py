@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,19 +36,14 @@ from typing import Any
 
 from bench import flood
 from bench import throughput as tp
-from bench.targets import CONFIGS, PY, ROOT, Running, start_ingress
+from bench.targets import CONFIGS, ROOT, Running, start_ingress
+from tests.kit.clusterkit import free_base, keygen
 from tests.kit.procs import Processes
 
 LANES_HOST, EDGE_A, EDGE_B = "127.0.0.2", "127.0.0.1", "127.0.0.5"
 TRUSTED = "127.0.0.10"
 BULK_RATE = 200.0
 RCPT = "user@example.test"
-
-
-def keygen(d: Path, name: str) -> tuple[Path, Path]:
-    subprocess.run([PY, "-m", "ingress.cli", "keygen", str(d), name], cwd=ROOT, check=True,
-                   capture_output=True, timeout=30)
-    return d / f"{name}.key", d / f"{name}.key_secret"
 
 
 def common(capped: bool) -> dict[str, dict[str, Any]]:
@@ -73,7 +67,7 @@ def start_cluster(procs: Processes, d: Path, capped: bool) -> list[Running]:
     edge_keys = [keygen(keys, f"edge{i}") for i in range(2)]
     for i, (pub, _) in enumerate(edge_keys):
         (allowed / f"edge{i}.key").write_bytes(pub.read_bytes())
-    base = f"tcp://{LANES_HOST}:{_free_base()}"
+    base = f"tcp://{LANES_HOST}:{free_base(LANES_HOST)}"
     lanes = start_ingress(procs, d / "lanes", CONFIGS / "throughput.toml", {
         **common(capped), "cluster": {"role": "lanes", "secret_key": str(lanes_sec),
                                 "lanes_bind": base, "allowed_keys": str(allowed)}},
@@ -87,26 +81,6 @@ def start_cluster(procs: Processes, d: Path, capped: bool) -> list[Running]:
         edges[-1].host = host
     time.sleep(2.0)      # the edges' CURVE handshakes and first status
     return [lanes, *edges]
-
-
-def _free_base() -> int:
-    import random
-    import socket
-    for _ in range(200):
-        p = random.randrange(20000, 60000)
-        socks = []
-        try:
-            for i in range(4):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((LANES_HOST, p + i))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return p
-    raise RuntimeError("no free port range")
 
 
 def throughput(targets: list[tuple[str, int]], messages: int) -> float:

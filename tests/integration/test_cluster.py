@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,36 +25,10 @@ import zmq
 
 from ingress.core import cluster
 from ingress.core.wire import Envelope, Lane, decode_reply, submit
+from tests.kit.clusterkit import free_base, keygen
 from tests.kit.harness import ROOT, Ingress, make_body, send_one
 
 LANES_ADDRS = ("127.0.0.2", "127.0.0.3")
-
-
-def keygen(d: Path, name: str) -> tuple[Path, Path]:
-    """Through the command line, as an operator would."""
-    out = subprocess.run([sys.executable, "-m", "ingress.cli", "keygen", str(d), name],
-                         cwd=ROOT, capture_output=True, timeout=30, check=True)
-    assert b"public key" in out.stdout
-    return d / f"{name}.key", d / f"{name}.key_secret"
-
-
-def free_base(host: str) -> int:
-    """A port p with p..p+3 free on `host` (a lanes node binds four)."""
-    for _ in range(200):
-        p = random.randrange(20000, 60000)
-        try:
-            socks = []
-            for i in range(4):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((host, p + i))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return p
-    raise RuntimeError("no free port range")
 
 
 class Cluster:
