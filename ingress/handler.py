@@ -43,6 +43,7 @@ from ingress.core.wire import Envelope, Lane, new_qid
 from ingress.host import SessionHost
 from ingress.policy import replies, session_rules
 from ingress.policy.classify import AuthResult, promote
+from ingress.policy.identity import served_over_share
 from ingress.policy.replies import Refusal, text
 from ingress.rcpt_verify import Answer
 from ingress.smtp import IngressSMTP
@@ -93,7 +94,7 @@ class IngressHandler:
                 ctx.count("promoted", Lane.FAST)
                 log.event("promoted", peer=server.peer_ip, reasons=",".join(decision.reasons),
                           identity=decision.identity)
-            elif any(r.startswith("over-share:") for r in decision.reasons):
+            elif served_over_share(decision.reasons):
                 server.reasons = decision.reasons    # served as bulk: say why in the trace
         server.retry_claim = None
         if server.lane is Lane.BULK:

@@ -72,6 +72,7 @@ from ingress.policy import session_rules
 from ingress.policy.admission import Ticket, stress_timeouts
 from ingress.policy.classify import Evidence, promote
 from ingress.policy.deferrals import Claim
+from ingress.policy.identity import served_over_share
 from ingress.policy.replies import Refusal, clean, text
 from ingress.policy.session_rules import Counters, Refused
 from ingress.smtp_data import DataPhase
@@ -135,8 +136,7 @@ def classify_and_admit(seat: Any, ctx: SessionHost, transport: asyncio.BaseTrans
         return ""                       # a fast acceptor serves it (ingress.handoff)
     # listen.fast_port: a fast client over its identity's share is served as bulk there too
     # (never refused for it)
-    if fast_only and seat.lane is Lane.BULK and not any(
-            r.startswith("over-share:") for r in decision.reasons):
+    if fast_only and seat.lane is Lane.BULK and not served_over_share(decision.reasons):
         metrics.connection(seat.lane, Outcome.NOT_FAST)
         return text(Refusal.FAST_PORT_ONLY, host=ctx.cfg.smtp.hostname)
     refusal = ctx.admit(seat)

@@ -49,6 +49,7 @@ __all__ = [
     "org_identity",
     "over_share",
     "over_share_reason",
+    "served_over_share",
     "share_bound",
     "share_key",
 ]
@@ -110,5 +111,14 @@ def fast_slots(max_connections: int, fast_reserve: int) -> int:
     return fast_reserve or max_connections
 
 
+OVER_SHARE = "over-share:"
+
+
 def over_share_reason(identity: str) -> str:
-    return f"over-share:{share_key(identity)}"
+    return f"{OVER_SHARE}{share_key(identity)}"
+
+
+def served_over_share(reasons: tuple[str, ...]) -> bool:
+    """Was this decision left bulk because its identity was over its share (over_share_reason
+    among the reasons)? Such a client is served as bulk, never refused for it."""
+    return any(r.startswith(OVER_SHARE) for r in reasons)
