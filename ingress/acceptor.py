@@ -83,6 +83,7 @@ from ingress.policy.deferrals import (
     DeferralStore,
     deferral_key,
 )
+from ingress.policy.identity import over_rate_reason, rate_bounded, share_key
 from ingress.policy.replies import Refusal, text
 from ingress.policy.session_rules import ErrorPolicy
 from ingress.rcpt_verify import RecipientVerifier
@@ -163,8 +164,26 @@ class AcceptorContext:
 
     def decide(self, evidence: Evidence) -> Decision:
         """The policy's decision, served as bulk when its identity holds its share of this
-        acceptor's slots (SessionTable.within_share: classify.identity_share)."""
-        return self.table.within_share(decide(evidence, self.policy))
+        acceptor's slots (SessionTable.within_share: classify.identity_share), or is a domain
+        the fast broker(s) name over classify.domain_rate (reason over-rate:<key>): its
+        sessions are then shed by the bulk cap at MAIL FROM, not after DATA."""
+        decision = self.table.within_share(decide(evidence, self.policy))
+        if decision.lane is Lane.FAST and self.over_rate(decision.identity):
+            self.counters["over_rate"] += 1
+            metrics.over_share("rate", share_key(decision.identity))
+            reasons = (*decision.reasons, over_rate_reason(decision.identity))
+            log.event("over_rate", identity=decision.identity, reasons=",".join(reasons),
+                      served="bulk")
+            return Decision(Lane.BULK, reasons)
+        return decision
+
+    def over_rate(self, identity: str) -> bool:
+        """Is this identity a domain the fast broker(s) name over classify.domain_rate?"""
+        key = share_key(identity)
+        return bool(identity) and rate_bounded(key) and self.lanes.over_rate(key)
+
+    def demote(self, proto: Seat) -> None:
+        self.table.demote(proto)
 
     def hand_off(self, transport: asyncio.BaseTransport) -> bool:
         """A connection classified fast at connect, on a plain listener: give it to a fast

@@ -9,7 +9,9 @@ What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; th
 - MAIL: 421 on a draining acceptor; mail_verdict (553 5.6.7 non-ASCII without SMTPUTF8) and
   before_mail (421 4.7.0 too many transactions without a message); SPF for a bulk session,
   which may promote it to the fast lane (classify.decide / classify.promote) within its
-  identity's share of the fast reserve (else it stays bulk, reason over-share:<key>); a bulk
+  identity's share of the fast reserve (else it stays bulk, reason over-share:<key>) and
+  while its domain is not over classify.domain_rate at the fast broker (else bulk, reason
+  over-rate:<key>; a fast session of such a domain is demoted at its next MAIL); a bulk
   transaction over the cap is shed (shed_verdict: 451 4.7.1 after admission.shed_delay, the
   admission.shed_limit-th 421 4.7.1 and a close), and the deferral recorded; a ripe retry
   of a deferred transaction (ingress.policy.deferrals) takes admission.retry_share first,
@@ -74,6 +76,13 @@ class IngressHandler:
         if refusal is not None:
             extra = {"why": "mail_without_data"} if refusal.close else {}
             return server._refused(refusal, "MAIL", sender=address[:200], **extra)
+        if server.lane is Lane.FAST and ctx.over_rate(server.identity):
+            # Its domain went over classify.domain_rate at the fast broker: bulk from this
+            # transaction on (below, its SPF decides again and names the reason), so the bulk
+            # cap sheds it here rather than after DATA.
+            log.event("demoted", peer=server.peer_ip, identity=server.identity)
+            ctx.count("demoted", Lane.FAST)
+            ctx.demote(server)
         server.evidence = replace(server.evidence, spf=AuthResult.NONE, spf_domain=None)
         server.spf_header = ""
         # SPF can only promote, so a session already in the fast lane never waits for DNS.

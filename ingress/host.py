@@ -65,6 +65,10 @@ class SessionHost(Protocol):
 
     def promote(self, proto: Any) -> None: ...
 
+    def over_rate(self, identity: str) -> bool: ...   # a domain over classify.domain_rate
+
+    def demote(self, proto: Any) -> None: ...          # fast -> bulk (its domain over rate)
+
     def penalise(self, ip: str) -> None: ...
 
     def count(self, what: str, lane: Lane) -> None: ...

@@ -9,6 +9,7 @@ API:
         read_replies() / watch_broker()   background tasks (acks; a lost broker fails its
                                           messages at once)
         fresh() / saturated() / cap_spent()   by the broker's fresh status (STATUS_STALE)
+        lists_over_rate(key) -> bool     its fresh status names the domain over its rate
     Lanes(cfg, ident)                    the clients of one acceptor, its share of the bulk cap;
                                          with cluster.role "edge", one client per lane and
                                          lanes node (cluster.lanes_nodes)
@@ -19,6 +20,8 @@ API:
                                          deadline
         order(lane) -> [LaneClient]      failover order: live, unsaturated, least loaded, in turn
         lane_saturated(lane) -> bool     stress: bulk broker saturated or the bulk cap spent
+        over_rate(key) -> bool           every live fast broker names this domain identity over
+                                         classify.domain_rate (keep its sessions bulk)
         bulk_mail_admitted() -> bool     may a bulk session start a transaction now (spends a
                                          token of this acceptor's share of the bulk cap)
         retry_mail_admitted() -> bool    may a claimed retry of a deferred transaction start
@@ -94,6 +97,7 @@ from ingress.policy.admission import bulk_share_bucket
 from ingress.policy.deferrals import retry_buckets
 from ingress.policy.identity import over_share_reason
 
+OVER_RATE_READ = 1024        # at most this many over-rate domains read from one status
 HANDOFF_RETRY = 1.5          # seconds to keep trying to reach a broker that is not connected
 
 
@@ -125,6 +129,7 @@ class LaneClient:
         self.pending: dict[str, asyncio.Future[Reply]] = {}
         self.status: dict[str, Any] = {}
         self.status_at = 0.0
+        self.over_rate: frozenset[str] = frozenset()   # the status's over_rate domains
 
     async def try_send(self, frames: list[bytes]) -> bool:
         """Hand the frames to the broker now, or False (no connected broker: IMMEDIATE)."""
@@ -206,6 +211,11 @@ class LaneClient:
         return fresh and isinstance(tokens, int | float) and tokens < 1.0
 
 
+    def lists_over_rate(self, key: str) -> bool:
+        """The broker (fast lane) named this domain over classify.domain_rate, by fresh news."""
+        return key in self.over_rate and self.fresh()
+
+
 class Lanes:
     """The lane clients of one acceptor process: one per lane on one host (role all), one per
     lane and lanes node on an edge (cluster.lanes_nodes)."""
@@ -236,6 +246,13 @@ class Lanes:
         if self.bulk_bucket is not None and self.bulk_bucket.tokens(time.monotonic()) < 1.0:
             return True
         return all(lc.saturated() or lc.cap_spent() for lc in self.clients[lane])
+
+    def over_rate(self, key: str) -> bool:
+        """Is this domain identity (share key) over classify.domain_rate on every live fast
+        broker? Then its sessions stay bulk (each lanes node holds its own bucket per domain,
+        and a message goes to whichever is first in order()). No live fast broker: no."""
+        live = [lc for lc in self.clients[Lane.FAST] if lc.fresh()]
+        return bool(live) and all(lc.lists_over_rate(key) for lc in live)
 
     def local_share(self, edges: int) -> None:
         """Resize this acceptor's share of the bulk cap for `edges` edges sharing it (the
@@ -374,6 +391,9 @@ class Lanes:
                 log.event("wire_error", "warning", side="status", error=str(e))
                 continue
             lc.status, lc.status_at = doc, time.monotonic()
+            over = doc.get("over_rate")
+            lc.over_rate = frozenset(str(k) for k in over[:OVER_RATE_READ]) \
+                if isinstance(over, list) else frozenset()
 
 
 def _apply_record(frames: list[bytes], on_record: Callable[[bytes, dict[str, object]], None],

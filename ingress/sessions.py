@@ -12,6 +12,8 @@ API:
                                    [cluster] redis counts this IP over the cluster's rate
         spoke(seat)                it said something: never evicted for silence again
         promote(seat)              bulk -> fast (slot accounting; the lane's session gauge)
+        demote(seat)               fast -> bulk, its identity's hold released (its domain went
+                                   over classify.domain_rate); it has spoken: never evicted
         within_share(decision) -> Decision   a FAST decision whose identity already holds its
                                    share (classify.identity_share) of this acceptor's fast
                                    reserve (smtp.fast_reserve; max_connections if 0) is served
@@ -218,6 +220,19 @@ class SessionTable:
         if seat.lane is not Lane.FAST and seat in self.sessions:
             self._hold(seat)
         seat.lane = Lane.FAST
+
+    def demote(self, seat: Seat) -> None:
+        if seat.lane is not Lane.FAST:
+            return
+        if seat.ticket is not None:
+            self.admission.demote(seat.ticket)
+        if seat in self.sessions:
+            self._unhold(seat)
+        if seat.admitted:
+            metrics.session_close(Lane.FAST)
+            metrics.session_open(Lane.BULK)
+        seat.lane = Lane.BULK
+        seat.identity = ""
 
     def penalise(self, ip: str, now: float) -> None:
         self.admission.penalise(ip, now)

@@ -8,6 +8,8 @@ cluster: the Gate, and a monitor per socket that logs every refused handshake)):
     {lane}-front  ROUTER  acceptors' DEALERs send SUBMIT, get ACK/NACK
     {lane}-back   ROUTER  workers' DEALERs send READY/HEARTBEAT/ACK/NACK/DISCONNECT, get WORK
     {lane}-status PUB     lane status every STATUS_INTERVAL: depth, free credit, saturation;
+                          for the fast lane, "over_rate": the domains refused for
+                          classify.domain_rate within OVER_RATE_HOLD (acceptors keep them bulk);
                           and the SHARE facts (learned clients, penalties) passed on to
                           every acceptor
 
@@ -72,9 +74,11 @@ from ingress.core.wire import (
 from ingress.policy.admission import broker_bucket
 from ingress.policy.deferrals import retry_buckets
 from ingress.policy.fairqueue import FairQueue
-from ingress.policy.identity import share_bound, share_key
+from ingress.policy.identity import rate_bounded, share_bound, share_key
 
 DOMAIN_BUCKETS = 4096   # domain identities whose fast-lane rate is tracked at once
+OVER_RATE_HOLD = 1.0    # seconds a domain stays listed over its rate after its last refusal
+OVER_RATE_LISTED = 256  # domains over their rate named in one status (the most recent first)
 DRR_QUANTUM = 65536     # bytes an identity is served per round of the fast lane's DRR
 
 
@@ -119,6 +123,10 @@ class Broker:
         # its buckets bounded (least recently used dropped: a fresh bucket is a full one)
         self.domain_rate = cfg.classify.domain_rate if lane == Lane.FAST else 0.0
         self.domain_buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        # share key -> when its bucket last refused (published as "over_rate" in the status:
+        # the acceptors keep that domain's sessions bulk at MAIL FROM, where the bulk cap sheds
+        # them before DATA; bounded like the buckets)
+        self.over_rate: OrderedDict[str, float] = OrderedDict()
         self.inflight_keys: dict[bytes, str] = {}    # qid -> share key, of work at a worker
         self.inflight_by_key: dict[str, int] = {}
         self.workers: dict[bytes, WorkerState] = {}
@@ -221,7 +229,7 @@ class Broker:
 
     def _domain_token(self, key: str) -> bool:
         """A domain identity (share key "org:...") within classify.domain_rate? Others: yes."""
-        if self.domain_rate <= 0 or not key.startswith("org:"):
+        if self.domain_rate <= 0 or not rate_bounded(key):
             return True
         bucket = self.domain_buckets.get(key)
         now = time.monotonic()
@@ -231,7 +239,23 @@ class Broker:
             bucket = self.domain_buckets[key] = TokenBucket(self.domain_rate, now=now)
         else:
             self.domain_buckets.move_to_end(key)
-        return bucket.take(now)
+        if bucket.take(now):
+            return True
+        self.over_rate[key] = now
+        self.over_rate.move_to_end(key)
+        if len(self.over_rate) > DOMAIN_BUCKETS:
+            self.over_rate.popitem(last=False)
+        return False
+
+    def over_rate_now(self, now: float) -> list[str]:
+        """The domains refused for classify.domain_rate within OVER_RATE_HOLD, most recent
+        first (at most OVER_RATE_LISTED); older ones are forgotten."""
+        while self.over_rate:
+            key, at = next(iter(self.over_rate.items()))
+            if at >= now - OVER_RATE_HOLD:
+                break
+            del self.over_rate[key]
+        return list(reversed(self.over_rate))[:OVER_RATE_LISTED]
 
     def _retry_token(self, env: Any) -> bool:
         """A token of the retry share for an envelope marked a retry (never for others)."""
@@ -390,12 +414,15 @@ class Broker:
         # exactly, after DATA); "saturated" says the lane cannot take work at all.
         saturated = (depth >= self.queue_max * 0.8 or not self.workers
                      or self.queued_bytes >= self.queue_bytes * 0.8)
-        doc = {"lane": self.lane, "ts": time.time(), "depth": depth, "queue_max": self.queue_max,
+        doc: dict[str, Any] = {
+               "lane": self.lane, "ts": time.time(), "depth": depth, "queue_max": self.queue_max,
                "queued_bytes": self.queued_bytes, "queue_bytes": self.queue_bytes,
                "free_credit": free, "workers": len(self.workers),
                "inflight": sum(len(w.inflight) for w in self.workers.values()),
                "tokens": None if tokens == float("inf") else round(tokens, 2),
                "rate": self.bucket.rate, "saturated": saturated, **self.counters}
+        if self.domain_rate > 0:
+            doc["over_rate"] = self.over_rate_now(now)
         with contextlib.suppress(zmq.ZMQError):
             self.pub.send_multipart(status(doc), zmq.NOBLOCK)
         metrics.lane_status(self.lane, depth=depth, saturated=saturated, free_credit=free,

@@ -231,7 +231,10 @@ FAST_IDENTITY_BYTES = Counter("smtp_ingress_fast_identity_bytes",
                               "Fast-lane message bytes dispatched, by identity kind and identity",
                               ["kind", "identity"])
 OVER_SHARE = Counter("smtp_ingress_over_share", "Sessions or messages served as bulk because "
-                     "their identity was at its share of the fast lane", ["what", "kind"])
+                     "their identity was at its share of the fast lane (what: session = of "
+                     "the slots, message = of the fast queue or, for a domain, of "
+                     "classify.domain_rate at the broker, rate = a domain the broker named "
+                     "over its rate, kept bulk at MAIL FROM)", ["what", "kind"])
 RELAY_DSNS = Counter("smtp_ingress_relay_dsns", "Delivery status notifications spooled")
 CURVE_REFUSALS = ("unknown_key", "handshake")
 CURVE_REFUSED = Counter("smtp_ingress_curve_refused",
@@ -356,7 +359,7 @@ def fast_identity(key: str, size: int) -> None:
 
 
 def over_share(what: str, key: str) -> None:
-    if what not in ("session", "message"):
+    if what not in ("session", "message", "rate"):
         raise ValueError(f"over_share: {what!r}")
     OVER_SHARE.labels(what, _identity_labels(key)[0]).inc()
 

@@ -16,6 +16,7 @@ API
         try_admit(ip, lane, now) -> Verdict      Verdict.admitted / .ticket / .reason / .reply
         release(ticket) -> None                  idempotent
         promote(ticket) -> None                  bulk -> fast slot accounting; never fails
+        demote(ticket) -> None                   fast -> bulk slot accounting; never fails
         penalise(ip, now) / is_penalised(ip, now)  early-talker penalty box (bounded)
         in_use / fast_in_use / bulk_in_use / bulk_for(ip)   counters for metrics and tests
     Refusal                  StrEnum: why a connection was refused (metrics label)
@@ -44,6 +45,10 @@ Rules
     * promote(ticket): a session admitted as bulk and later classified fast moves its slot
       from the bulk count to the fast count and frees its per-IP bulk count. The total is
       unchanged, so promotion can never fail or evict anyone (fast may exceed its reserve).
+    * demote(ticket): the reverse, for a fast session whose domain went over its rate
+      (classify.domain_rate). It keeps its slot (it is never closed for it) and counts as bulk
+      and against its IP again, so bulk may exceed its share for a while: new bulk sessions
+      wait for room, and the fast reserve is never what pays for it.
 
 Failure modes
     AdmissionLimits raises ValueError for inconsistent limits. try_admit never raises: an ip
@@ -256,6 +261,15 @@ class Admission:
         self.bulk_in_use -= 1
         self.fast_in_use += 1
         self._dec_ip(ticket.key)
+
+    def demote(self, ticket: Ticket) -> None:
+        """Move a held fast slot back to the bulk lane. No-op if already bulk or released."""
+        if ticket.released or ticket.lane == Lane.BULK:
+            return
+        ticket.lane = Lane.BULK
+        self.fast_in_use -= 1
+        self.bulk_in_use += 1
+        self._per_ip_bulk[ticket.key] = self._per_ip_bulk.get(ticket.key, 0) + 1
 
     # ------------------------------------------------------------------ early talkers
 

@@ -25,6 +25,13 @@ API
                                        the fast reserve (what nobody may capture), or every
                                        slot when there is no reserve
     over_share_reason(identity) -> str "over-share:<share key>" (Decision.reasons / logs).
+    rate_bounded(key) -> bool          is this share key held to classify.domain_rate? Only
+                                       domain identities ("org:", which learned entries count
+                                       against): they vouch for themselves with their own SPF.
+                                       Allow entries and certificates are the operator's trust.
+    over_rate_reason(identity) -> str  "over-rate:<share key>": its domain is over
+                                       classify.domain_rate at the fast broker (served as bulk).
+    served_over_share(reasons) -> bool left bulk for either of the two (served, not refused).
 
 Failure modes: none; empty or malformed domains map to "" (org_identity("") is "org:").
 Limits: org_domain caches 4096 names (an attacker controls the names: bounded LRU). The PSL
@@ -47,8 +54,10 @@ __all__ = [
     "learned_identity",
     "org_domain",
     "org_identity",
+    "over_rate_reason",
     "over_share",
     "over_share_reason",
+    "rate_bounded",
     "served_over_share",
     "share_bound",
     "share_key",
@@ -112,13 +121,23 @@ def fast_slots(max_connections: int, fast_reserve: int) -> int:
 
 
 OVER_SHARE = "over-share:"
+OVER_RATE = "over-rate:"
 
 
 def over_share_reason(identity: str) -> str:
     return f"{OVER_SHARE}{share_key(identity)}"
 
 
+def rate_bounded(key: str) -> bool:
+    return key.startswith("org:")
+
+
+def over_rate_reason(identity: str) -> str:
+    return f"{OVER_RATE}{share_key(identity)}"
+
+
 def served_over_share(reasons: tuple[str, ...]) -> bool:
-    """Was this decision left bulk because its identity was over its share (over_share_reason
-    among the reasons)? Such a client is served as bulk, never refused for it."""
-    return any(r.startswith(OVER_SHARE) for r in reasons)
+    """Was this decision left bulk because its identity was over its share of the slots
+    (over_share_reason) or its domain over its rate (over_rate_reason)? Such a client is
+    served as bulk, never refused for it."""
+    return any(r.startswith((OVER_SHARE, OVER_RATE)) for r in reasons)

@@ -21,13 +21,14 @@ from ingress.core.wire import (
     Kind,
     Lane,
     decode_reply,
+    decode_status,
     kind_of,
     new_qid,
     ready,
     submit,
     worker_ack,
 )
-from workers.broker import Broker
+from workers.broker import OVER_RATE_HOLD, Broker
 
 
 @pytest.fixture
@@ -129,6 +130,10 @@ def test_a_domain_identity_is_held_to_classify_domain_rate() -> None:
     acceptor.setsockopt(zmq.ROUTING_ID, b"acc-1")
     acceptor.setsockopt(zmq.LINGER, 0)
     acceptor.connect(b.cfg.ipc("fast-front"))
+    status = ctx.socket(zmq.SUB)
+    status.setsockopt(zmq.SUBSCRIBE, b"")
+    status.setsockopt(zmq.LINGER, 0)
+    status.connect(b.cfg.ipc("fast-status"))
     try:
         for i in range(3):
             send(b, acceptor, "org:spf-bots.test", f"spam{i}")
@@ -142,7 +147,17 @@ def test_a_domain_identity_is_held_to_classify_domain_rate() -> None:
             nacks.append(decode_reply(acceptor.recv_multipart()))
         assert len(nacks) == 3
         assert all(r.reason is not None and r.reason.value == "share" for r in nacks), nacks
+        # ... and its status names the domain over its rate (the acceptors then keep its
+        # sessions bulk at MAIL FROM), never an allow entry; forgotten OVER_RATE_HOLD later
+        doc = None
+        deadline = time.monotonic() + 5
+        while doc is None and time.monotonic() < deadline:
+            b.publish(time.monotonic())
+            if status.poll(100):
+                doc = decode_status(status.recv_multipart())
+        assert doc is not None and doc["over_rate"] == ["org:spf-bots.test"], doc
+        assert b.over_rate_now(time.monotonic() + OVER_RATE_HOLD + 0.5) == []
     finally:
-        for s in (acceptor, b.front, b.back, b.pub):
+        for s in (acceptor, status, b.front, b.back, b.pub):
             s.close()
         shutil.rmtree(state, ignore_errors=True)

@@ -259,7 +259,9 @@ def test_sigstop_bulk_broker(tmp_path: Path, heartbeat_timeout: float) -> None:
                 await asyncio.sleep(1.0)
                 os.kill(broker, signal.SIGSTOP)
                 marks["stop"] = time.monotonic()
-                await asyncio.sleep(5.0)
+                # Longer than ack_timeout (so a message submitted at the stop is tempfailed,
+                # not just slow) and shorter than the "resumes" heartbeat_timeout.
+                await asyncio.sleep(ack_timeout + 2.0)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(broker, signal.SIGCONT)
                 marks["cont"] = time.monotonic()

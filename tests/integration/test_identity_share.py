@@ -199,3 +199,56 @@ def test_over_share_on_the_fast_port_is_served_as_bulk(tmp_path: Path, dns: DNSS
         assert lanes_by_subject(ing)["second"][0] == "bulk"
         assert any("over-share:allow:127.0.0.20/32" in e["reasons"]
                    for e in ing.events("over_share"))
+
+
+def plain(domain: str, subject: str) -> bytes:
+    """Unsigned (no aligned DKIM: nothing is learned, each session decides at MAIL FROM)."""
+    return (f"From: a@{domain}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject}@{domain}>\r\n\r\nHello.\r\n").encode()
+
+
+def test_a_domain_over_its_rate_is_kept_bulk_from_mail_from(tmp_path: Path,
+                                                            dns: DNSServer) -> None:
+    """classify.domain_rate (burst 1 here): once the fast broker refuses the domain a token,
+    its status names the domain over its rate, and the acceptor keeps that domain's sessions
+    bulk at MAIL FROM (reason over-rate:, where the bulk cap sheds before DATA): a new
+    session stays bulk and a fast one is demoted at its next MAIL. Another domain and the
+    allow-listed sender stay fast; every message is still accepted (served, not refused)."""
+    t = tables(dns, max_connections=40, fast_reserve=12)
+    t["classify"].update(identity_share=1.0, domain_rate=0.001)
+    with Ingress(tmp_path, t) as ing:
+        async def run() -> list[str]:
+            a, _ = await Session.open(ing.port, SPAM_IPS[0])
+            await a.cmd("EHLO spam.test")
+            out = [await a.message("x@spammer.test", plain("spammer.test", "a1")),   # fast
+                   await a.message("x@spammer.test", plain("spammer.test", "a2"))]   # refused
+            await asyncio.sleep(0.3)          # a status or three (STATUS_INTERVAL 0.1 s)
+            out.append(await a.message("x@spammer.test", plain("spammer.test", "a3")))
+            b, _ = await Session.open(ing.port, SPAM_IPS[1])
+            await b.cmd("EHLO spam.test")
+            out.append(await b.message("x@spammer.test", plain("spammer.test", "b1")))
+            good, _ = await Session.open(ing.port, GOOD_IP)
+            await good.cmd("EHLO good.test")
+            out.append(await good.message("a@good.test", plain("good.test", "good1")))
+            code, _ = await send_one(ing.port, plain("allowed.test", "allowed1"),
+                                     source=ALLOWED_IP, sender="a@allowed.test")
+            out.append(str(code))
+            for s in (a, b, good):
+                s.close()
+            return out
+
+        out = asyncio.run(run())
+        assert all(r.startswith("250") for r in out), out
+        lanes = {k: v[0] for k, v in lanes_by_subject(ing).items()}
+        assert lanes == {"a1": "fast", "a2": "bulk",      # the broker's NACK share, resubmitted
+                         "a3": "bulk", "b1": "bulk",      # kept bulk at MAIL FROM
+                         "good1": "fast", "allowed1": "fast"}, lanes
+        demoted = ing.events("demoted")
+        assert [e["identity"] for e in demoted] == ["org:spammer.test"], demoted
+        over = ing.events("over_rate")
+        assert len(over) == 2 and all("over-rate:org:spammer.test" in e["reasons"]
+                                      for e in over), over
+        # the log line of each kept-bulk message says why
+        why = [e for e in ing.events("message")
+               if "over-rate:org:spammer.test" in str(e.get("reasons", ""))]
+        assert len(why) == 2, ing.events("message")

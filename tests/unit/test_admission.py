@@ -256,6 +256,33 @@ def test_promote_moves_accounting() -> None:
     assert (adm.fast_in_use, adm.bulk_in_use) == (0, 3)
 
 
+def test_demote_moves_accounting_back() -> None:
+    """A fast session whose domain went over its rate counts as bulk again: it keeps its
+    slot, counts against its IP, and new bulk sessions wait while bulk is over its share."""
+    adm = Admission(limits(max_connections=4, fast_reserve=2, per_ip_bulk_max=1))
+    b0 = adm.try_admit(distinct_ip(0), B, 0).ticket
+    b1 = adm.try_admit(distinct_ip(1), B, 0).ticket
+    assert b0 is not None and b1 is not None
+    adm.promote(b0)
+    adm.promote(b1)
+    assert (adm.fast_in_use, adm.bulk_in_use) == (2, 0)
+    adm.demote(b0)
+    assert b0.lane == B and (adm.fast_in_use, adm.bulk_in_use, adm.in_use) == (1, 1, 2)
+    assert adm.bulk_for(distinct_ip(0)) == 1
+    assert not adm.try_admit(distinct_ip(0), B, 0).admitted     # its IP's bulk count is back
+    adm.demote(b0)                                              # idempotent
+    assert (adm.fast_in_use, adm.bulk_in_use) == (1, 1)
+    assert adm.try_admit(distinct_ip(2), B, 0).admitted          # 3 + 1 unused reserve = 4
+    adm.demote(b1)                                               # bulk now over its share (3)
+    assert (adm.fast_in_use, adm.bulk_in_use, adm.in_use) == (0, 3, 3)
+    assert not adm.try_admit(distinct_ip(3), B, 0).admitted      # new bulk waits
+    assert adm.try_admit(distinct_ip(3), F, 0).admitted          # the reserve is not what pays
+    adm.release(b0)
+    assert adm.bulk_for(distinct_ip(0)) == 0 and adm.bulk_in_use == 2
+    adm.demote(b0)                                               # released: no-op
+    assert adm.bulk_in_use == 2
+
+
 def test_promote_never_fails_even_beyond_the_reserve() -> None:
     adm = Admission(limits(max_connections=5, fast_reserve=1))
     fast = [adm.try_admit(distinct_ip(100 + i), F, 0).ticket for i in range(1)]

@@ -20,8 +20,11 @@ from ingress.policy.identity import (
     fast_slots,
     identity_kind,
     org_domain,
+    over_rate_reason,
     over_share,
     over_share_reason,
+    rate_bounded,
+    served_over_share,
     share_bound,
     share_key,
 )
@@ -72,17 +75,30 @@ def test_decision_identity(ev: Evidence, pol: ClassifyPolicy, identity: str) -> 
     assert (d.lane is Lane.FAST) is bool(identity)
 
 
-@pytest.mark.parametrize("identity, key, kind", [
-    ("learned:example.com", "org:example.com", "learned"),   # one budget with its SPF sessions
-    ("org:example.com", "org:example.com", "org"),
-    ("allow:192.0.2.0/24", "allow:192.0.2.0/24", "allow"),
-    (f"cert:{FP}", f"cert:{FP}", "cert"),
-    ("weird", "weird", "other"),
+@pytest.mark.parametrize("identity, key, kind, bounded", [
+    ("learned:example.com", "org:example.com", "learned", True),   # one budget with its SPF
+    ("org:example.com", "org:example.com", "org", True),
+    ("allow:192.0.2.0/24", "allow:192.0.2.0/24", "allow", False),  # the operator's trust
+    (f"cert:{FP}", f"cert:{FP}", "cert", False),
+    ("weird", "weird", "other", False),
 ])
-def test_share_key_and_kind(identity: str, key: str, kind: str) -> None:
+def test_share_key_and_kind(identity: str, key: str, kind: str, bounded: bool) -> None:
     assert share_key(identity) == key
     assert identity_kind(identity) == kind
     assert over_share_reason(identity) == f"over-share:{key}"
+    assert over_rate_reason(identity) == f"over-rate:{key}"
+    assert rate_bounded(share_key(identity)) is bounded
+
+
+@pytest.mark.parametrize("reasons, served", [
+    (("spf-pass", "over-share:org:example.com"), True),
+    (("spf-pass", "over-rate:org:example.com"), True),
+    (("spf-pass",), False),
+    ((), False),
+    (("share:org:x",), False),
+])
+def test_served_over_share(reasons: tuple[str, ...], served: bool) -> None:
+    assert served_over_share(reasons) is served
 
 
 @pytest.mark.parametrize("held, total, share, over", [
