@@ -431,11 +431,13 @@ class Supervisor:
         self.metrics_server = metrics.serve(self.cfg.metrics.listen, self.cfg.spool.path,
                                             self.cfg.spool.state_dir)
         metrics.configured(self.cfg, acceptor_slots(self.cfg))
-        # In stages, so that acceptors come up to lanes that already have workers.
+        # In stages, so that acceptors come up to lanes that already have workers (brokers and
+        # workers start together: a worker's DEALER connects to its broker's socket whenever
+        # that is bound, and announces itself then).
         ok = True
-        for stage in ("broker", "worker", "relay", "acceptor"):
+        for stage in (("broker", "worker"), ("relay",), ("acceptor",)):
             kids = [self._new_child(kind, key, self.cfg)
-                    for kind, key in self._wanted(self.cfg) if kind == stage]
+                    for kind, key in self._wanted(self.cfg) if kind in stage]
             ok = self._wait_ready(kids, 60.0) and ok
         log.event("ready" if ok else "not_ready", "info" if ok else "error",
                   listen=self.cfg.listen.addresses[0] if self.sockets

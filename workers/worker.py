@@ -60,6 +60,7 @@ from workers.pipeline import Pipeline
 from workers.spool import Spool
 
 TMP_MAX_AGE = 60.0
+STOP_POLL = 0.1       # seconds: the longest a stop waits for a poll to return
 
 
 class Worker:
@@ -113,7 +114,9 @@ class Worker:
             if now >= next_hb:
                 self._heartbeat()
                 next_hb = now + LANE_HEARTBEAT
-            if not dict(poller.poll(timeout=int(LANE_HEARTBEAT * 1000))):
+            # Woken at least every STOP_POLL: a stop (a flag set by the signal handler, which
+            # does not interrupt zmq's poll) is seen within it.
+            if not dict(poller.poll(timeout=int(min(LANE_HEARTBEAT, STOP_POLL) * 1000))):
                 now = time.monotonic()
                 if (now - broker_seen > LANE_HEARTBEAT * LANE_LIVENESS
                         and self.reconnect.due(now)):
@@ -265,10 +268,13 @@ class Worker:
             return
         with contextlib.suppress(zmq.ZMQError):
             self.sock.send_multipart(disconnect(), zmq.NOBLOCK)
+        # Work the broker sent before it read the DISCONNECT is already in our pipe: finish
+        # it; a quiet STOP_POLL means there is none (anything later is the broker's to NACK
+        # as worker_lost, so its client gets a 4xx: nothing is lost).
         deadline = time.monotonic() + 0.5
         while time.monotonic() < deadline:
-            if not self.sock.poll(timeout=100):
-                continue
+            if not self.sock.poll(timeout=int(STOP_POLL * 1000)):
+                break
             self._handle(self._drain())
         self.sock.close(linger=1000)
 
