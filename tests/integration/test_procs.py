@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import subprocess
+import time
 
 from ingress.core import procs
 
@@ -23,9 +25,21 @@ def test_raise_nofile_lifts_soft_to_hard() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, before)
 
 
-def test_alive_and_environ_of_this_process() -> None:
+def test_alive_and_environ_of_a_process() -> None:
     assert procs.alive(os.getpid())
-    assert procs.environ(os.getpid()).get("PATH") == os.environ.get("PATH")
+    child = subprocess.Popen(["sleep", "30"], env={"PATH": "/usr/bin:/bin", "PROBE": "x1"})
+    try:
+        env: dict[str, str] = {}
+        deadline = time.monotonic() + 5       # until its exec is done
+        while env.get("PROBE") is None and time.monotonic() < deadline:
+            env = procs.environ(child.pid)
+            time.sleep(0.01)
+        assert env.get("PROBE") == "x1" and env.get("PATH") == "/usr/bin:/bin", env
+    finally:
+        child.kill()
+        child.wait(5)
+    assert not procs.alive(child.pid)
+    assert procs.environ(child.pid) == {}          # gone: empty, never an exception
 
 
 def test_a_pid_that_does_not_exist() -> None:

@@ -2,7 +2,8 @@
 
 API:
     Ingress(tmpdir, **overrides)   context manager; .port, .spool, .pid, .children(kind),
-                                   .signal(sig), .stop() -> exit code, .log_lines();
+                                   .signal(sig), .stop() -> exit code (the drain), .log_lines();
+                                   leaving the block kills what is left (SIGKILL, its group)
                                    .addresses: every listen address as bound ("[::1]:p");
                                    overrides with listen.addresses drop listen.host/port
     spooled() -> dict[qid, SpoolEntry]   every file in spool/new, parsed
@@ -95,7 +96,9 @@ class Ingress:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        # The end of a test: SIGKILL to our own process group, not a drain (0.6 s an instance;
+        # the drain has its own tests, which call stop() themselves).
+        self.stop(graceful=False)
 
     def start(self, timeout: float = 60.0) -> None:
         self._log = open(self.logfile, "ab")  # noqa: SIM115 - closed in stop()
@@ -160,9 +163,15 @@ class Ingress:
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 
-    def stop(self, timeout: float = 30.0) -> int | None:
+    def stop(self, timeout: float = 30.0, graceful: bool = True) -> int | None:
+        """SIGTERM (the drain) and wait up to `timeout`, then SIGKILL to the process group;
+        graceful=False: SIGKILL at once. Then the state dir is removed (unless given)."""
         if self.proc is None:
             return None
+        if not graceful and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)   # our own session only
+            self.proc.wait(5)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

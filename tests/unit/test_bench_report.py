@@ -320,3 +320,19 @@ def test_issue8_rows_against_noflood() -> None:
     assert rows["silent2k"]["p99_ratio"] == 1.5 and rows["silent2k"]["p50_ratio"] == 1.2
     assert rows["silent2k"]["ok"] is True
     assert rows["spfspam"]["ok"] is False            # 99% where 100% is required
+
+
+def test_medians_ratios_per_run() -> None:
+    from bench.medians import ratios
+
+    def entry(scn: str, **p99: float) -> dict[str, Any]:
+        return {"scenario": scn, "target": "smtp-ingress", "result": {"x": 1}, "summary": {
+            "legit": {k: {"accepted": 1, "attempts": 1, "accepted_pct": 100.0, "p50": v,
+                          "p99": v} for k, v in p99.items()}, "spam": {}}}
+
+    doc = {"scenarios": {"noflood": {}, "flood": {}, "spfspam": {"senders": ["trusted"]}},
+           "flood": [entry("noflood", trusted=10.0, cert=20.0),
+                     entry("flood", trusted=15.0, cert=30.0),
+                     entry("spfspam", trusted=25.0)]}
+    assert ratios(doc) == {("flood", "trusted"): 1.5, ("flood", "cert"): 1.5,
+                           ("spfspam", "trusted"): 2.5}
