@@ -35,14 +35,18 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy ingress workers
 	$(VENV)/bin/lint-imports --no-cache
 
+# Two at a time (by file: a module's fixtures stay in one process), then the tests marked
+# serial alone (tests/conftest.py: SERIAL_FILES time failover and shared rates).
 test: $(STAMP) sysdeps lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial" tests
+	$(PY) -m pytest -q -m serial tests
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
 integration: $(STAMP) sysdeps
-	$(PY) -m pytest -q tests/integration
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial" tests/integration
+	$(PY) -m pytest -q -m serial tests/integration
 
 # The SMTP dialogue fuzzer, long run: random (not the fixed examples of `make test`), with
 # shrinking and the example database in .hypothesis/. FUZZ_EXAMPLES sets the count per mode;
