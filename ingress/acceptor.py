@@ -91,6 +91,9 @@ from ingress.sessions import Seat, SessionTable
 from ingress.smtp import IngressSMTP
 from ingress.spf_service import SpfService
 
+OVER_RATE_LOG_EVERY = 10.0    # seconds between two over_rate lines for one domain
+OVER_RATE_LOGGED_MAX = 1024   # domains whose last over_rate line is remembered
+
 
 class AcceptorContext:
     """Everything the sessions of one acceptor process share (the SessionHost that smtp.py's
@@ -117,6 +120,7 @@ class AcceptorContext:
             spf_promote=c.spf_promote, spf_domains=frozenset(c.spf_domains),
             cert_promotes=c.cert_promotes, learned_promotes=c.learned_ttl > 0)
         self.counters: Counter[str] = Counter()
+        self.over_rate_logged: dict[str, tuple[float, int]] = {}  # key -> (last line, since)
         self.table = SessionTable(cfg, self.counters, time.monotonic(), nofile=nofile)
         self.pins = frozenset(normalize_fingerprint(f) for f in cfg.tls.pinned_sha256)
         self.spf_service = SpfService(cfg, self.counters)
@@ -170,10 +174,21 @@ class AcceptorContext:
         decision = self.table.within_share(decide(evidence, self.policy))
         if decision.lane is Lane.FAST and self.over_rate(decision.identity):
             self.counters["over_rate"] += 1
-            metrics.over_share("rate", share_key(decision.identity))
+            key = share_key(decision.identity)
+            metrics.over_share("rate", key)
             reasons = (*decision.reasons, over_rate_reason(decision.identity))
-            log.event("over_rate", identity=decision.identity, reasons=",".join(reasons),
-                      served="bulk")
+            # One line per domain per OVER_RATE_LOG_EVERY (the spammer chooses how many MAILs:
+            # the metric counts each), with the number left out since the last.
+            now = time.monotonic()
+            last, quiet = self.over_rate_logged.get(key, (-OVER_RATE_LOG_EVERY, 0))
+            if now - last >= OVER_RATE_LOG_EVERY:
+                if len(self.over_rate_logged) >= OVER_RATE_LOGGED_MAX:
+                    self.over_rate_logged.clear()
+                self.over_rate_logged[key] = (now, 0)
+                log.event("over_rate", identity=decision.identity, reasons=",".join(reasons),
+                          served="bulk", not_logged=quiet)
+            else:
+                self.over_rate_logged[key] = (last, quiet + 1)
             return Decision(Lane.BULK, reasons)
         return decision
 
@@ -600,7 +615,9 @@ def run_fast(cfg: Config, index: int, hb: Any = None, slot: int = 0,
 
 def run(cfg: Config, index: int, sock: Listening, hb: Any = None, slot: int = 0,
         mtls_sock: Listening = None, fast_sock: Listening = None) -> None:
-    sig = child.start(cfg, f"acceptor-{index}", child.ACCEPTOR_SIGNALS)
+    # With fast acceptors, these serve the unknown and the shed: they yield the cores to them.
+    sig = child.start(cfg, f"acceptor-{index}", child.ACCEPTOR_SIGNALS,
+                      nice=cfg.supervisor.acceptor_nice if cfg.supervisor.fast_acceptors else 0)
     try:
         import uvloop
         uvloop.run(serve(cfg, index, sock, hb, slot, mtls_sock, fast_sock, sig))

@@ -228,6 +228,9 @@ class SupervisorConfig:
     fast_acceptors: int = 1             # processes serving only clients classified fast at
                                         # connect, handed over by the acceptors (SCM_RIGHTS);
                                         # 0 = none (every acceptor serves everyone)
+    acceptor_nice: int = 0              # nice(2) increment of the acceptors with the listeners
+                                        # (every unknown client, spam being shed) when there
+                                        # are fast acceptors, which keep 0; 0..19
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 5.0      # a child silent this long is hung: killed and restarted
     restart_backoff: float = 0.1        # first restart delay, doubled per consecutive crash
@@ -709,6 +712,8 @@ def _check_outputs_and_supervisor(cfg: Config, need: _Need) -> None:
     need(0 <= sup.acceptors <= 1024, "supervisor.acceptors",
          "must be 0..1024 (0 = one per core)")
     need(0 <= sup.fast_acceptors <= 64, "supervisor.fast_acceptors", "must be 0..64")
+    need(0 <= sup.acceptor_nice <= 19, "supervisor.acceptor_nice",
+         "must be 0..19 (a nice(2) increment)")
     need(sup.heartbeat_interval > 0, "supervisor.heartbeat_interval", "must be > 0")
     need(sup.heartbeat_timeout >= 2 * sup.heartbeat_interval, "supervisor.heartbeat_timeout",
          "must be at least twice supervisor.heartbeat_interval")

@@ -546,3 +546,21 @@ def test_bulk_lane_and_relay_yield_the_cores(tmp_path: Path) -> None:
                              "worker-bulk", "relay")}
         assert nice == {"acceptor": {0}, "broker-fast": {0}, "worker-fast": {0},
                         "broker-bulk": {7}, "worker-bulk": {7}, "relay": {3}}
+
+
+@pytest.mark.parametrize("fast_acceptors, listener_nice", [(1, 4), (0, 0)])
+def test_listener_acceptors_yield_to_the_fast_acceptors(tmp_path: Path, fast_acceptors: int,
+                                                        listener_nice: int) -> None:
+    """supervisor.acceptor_nice lowers the priority of the acceptors that own the listeners
+    (unknown clients, spam being shed) when fast acceptors serve the known ones at full
+    priority; without fast acceptors, nobody is lowered (they serve the fast lane too)."""
+    import psutil
+
+    tables = {"supervisor": {"acceptor_nice": 4, "fast_acceptors": fast_acceptors}}
+    with Ingress(tmp_path, tables) as ing:
+        base = psutil.Process(ing.pid).nice()
+        got = {kind: {psutil.Process(p).nice() - base for p in ing.children(kind)}
+               for kind in ("acceptor", "fast-acceptor", "worker-fast")}
+    want = {"acceptor": {listener_nice}, "fast-acceptor": {0} if fast_acceptors else set(),
+            "worker-fast": {0}}
+    assert got == want
