@@ -256,9 +256,11 @@ def check_cap(stats: dict[str, Any], a: Ingress, b: Ingress) -> None:
     Two independent caps would admit about twice that, and two local shares (Redis unused)
     BULK_SHARE x that."""
     admitted = sum(stats["admitted"].values())
-    # The last admission was decided between its MAIL's send and its reply; a reply can come
-    # a second or two late here (a MAIL reply stall seen at the earlier commits too), so the
-    # window ends somewhere in [last_sent, last]: within 5 % of the cap over that window.
+    # The last admission was decided between its MAIL's send and its reply, and a reply can
+    # come a second or two late here: each loop collects 451s, and past the soft error limit
+    # the error tarpit (session_rules.error_delay, Postfix's smtpd_error_sleep_time) sleeps
+    # before the reply. So the window ends somewhere in [last_sent, last]: within 5 % of the
+    # cap over that window.
     low = BURST + RATE * (stats["last_sent"] - stats["first"])
     high = BURST + RATE * (stats["last"] - stats["first"])
     assert stats["shed"] > admitted, stats         # the demand was above the cap
