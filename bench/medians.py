@@ -15,29 +15,16 @@ from typing import Any
 
 import orjson
 
-from bench import report
+from bench.run import issue8_rows
 
 JUDGED = {"flood": ("trusted", "cert")}   # scenarios whose rows issue 8 quotes without senders=
 
 
 def ratios(doc: dict[str, Any], target: str = "smtp-ingress") -> dict[tuple[str, str], float]:
-    """(scenario, sender) -> p99 / no-flood p99 of one run (pure)."""
-    base_e = report._find(doc, "noflood", target)
-    base = report._summary(base_e)["legit"] if base_e else {}
-    out: dict[tuple[str, str], float] = {}
-    for name, sc in (doc.get("scenarios") or {}).items():
-        if name == "noflood":
-            continue
-        e = report._find(doc, name, target)
-        if e is None:
-            continue
-        legit = report._summary(e)["legit"]
-        for who in sc.get("senders") or JUDGED.get(name, ()):
-            t, b = legit.get(who), base.get(who)
-            r = report.ratio(t["p99"], b["p99"]) if t and b else None
-            if r is not None:
-                out[(name, who)] = r
-    return out
+    """(scenario, sender) -> p99 / no-flood p99 of one run (bench.run.issue8_rows; pure)."""
+    return {(r["scenario"], r["sender"]): r["p99_ratio"]
+            for r in issue8_rows(doc, target, judged=JUDGED)
+            if r["measured"] and r.get("p99_ratio") is not None}
 
 
 def main(argv: list[str]) -> int:

@@ -201,15 +201,17 @@ def build_scenarios(mode: str, ramp: float | None = None,
     return {x.name: x for x in s}
 
 
-def issue8_rows(doc: dict[str, Any], target: str = "smtp-ingress") -> list[dict[str, Any]]:
-    """Issue 8's bench rows for `target`: per scenario with senders, per judged sender, the
-    accepted share, p50 (the median) and p99 against the same sender's no-flood run (pure)."""
+def issue8_rows(doc: dict[str, Any], target: str = "smtp-ingress",
+                judged: dict[str, tuple[str, ...]] | None = None) -> list[dict[str, Any]]:
+    """Issue 8's bench rows for `target`: per scenario with senders (or, for a scenario named in
+    `judged`, those senders), per judged sender, the accepted share, p50 (the median) and p99
+    against the same sender's no-flood run (pure)."""
     scenarios = doc.get("scenarios") or {}
     base_e = report._find(doc, "noflood", target)
     base = report._summary(base_e)["legit"] if base_e else {}
     rows = []
     for name, sc in scenarios.items():
-        for who in sc.get("senders") or ():
+        for who in sc.get("senders") or (judged or {}).get(name, ()):
             e = report._find(doc, name, target)
             t = report._summary(e)["legit"].get(who) if e else None
             b = base.get(who)
