@@ -31,23 +31,29 @@ from ingress.core.wire import (
 from workers.broker import OVER_RATE_HOLD, Broker
 
 
-@pytest.fixture
-def broker():
-    state = Path(tempfile.mkdtemp(prefix="bi-", dir="/tmp"))
+def fast_broker(state: Path, classify: str, lanes_fast: str) -> Broker:
+    """A fast-lane Broker in this process, its state and ipc sockets under `state`, with these
+    [classify] and [lanes.fast] lines."""
     f = state / "c.toml"
     f.write_text(f'[spool]\nstate_dir = "{state}"\npath = "{state / "spool"}"\n'
                  '[smtp]\nmax_message_size = 100000\n'
-                 '[classify]\nidentity_share = 0.25\n'
-                 '[lanes.fast]\nqueue_max = 8\nqueue_bytes = 1000000\n')
-    b = Broker(config.load(f), "fast")
-    ctx = zmq.Context.instance()
-    socks = []
-    for name, ident in (("fast-front", b"acc-1"), ("fast-back", b"w1")):
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.ROUTING_ID, ident)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(b.cfg.ipc(name))
-        socks.append(s)
+                 f'[classify]\n{classify}\n[lanes.fast]\n{lanes_fast}\n')
+    return Broker(config.load(f), "fast")
+
+
+def dealer(b: Broker, name: str, ident: bytes) -> zmq.Socket:
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.ROUTING_ID, ident)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(b.cfg.ipc(name))
+    return s
+
+
+@pytest.fixture
+def broker():
+    state = Path(tempfile.mkdtemp(prefix="bi-", dir="/tmp"))
+    b = fast_broker(state, "identity_share = 0.25", "queue_max = 8\nqueue_bytes = 1000000")
+    socks = [dealer(b, "fast-front", b"acc-1"), dealer(b, "fast-back", b"w1")]
     yield b, socks[0], socks[1]
     for s in (*socks, b.front, b.back, b.pub):
         s.close()
@@ -119,18 +125,10 @@ def test_a_domain_identity_is_held_to_classify_domain_rate() -> None:
     (the acceptor serves it as bulk, where the bulk cap applies). Allow-list entries are
     operator trust: not bounded by it."""
     state = Path(tempfile.mkdtemp(prefix="bd-", dir="/tmp"))
-    f = state / "c.toml"
-    f.write_text(f'[spool]\nstate_dir = "{state}"\npath = "{state / "spool"}"\n'
-                 '[smtp]\nmax_message_size = 100000\n'
-                 '[classify]\nidentity_share = 1.0\ndomain_rate = 0.001\n'
-                 '[lanes.fast]\nqueue_max = 64\nqueue_bytes = 10000000\n')
-    b = Broker(config.load(f), "fast")
-    ctx = zmq.Context.instance()
-    acceptor = ctx.socket(zmq.DEALER)
-    acceptor.setsockopt(zmq.ROUTING_ID, b"acc-1")
-    acceptor.setsockopt(zmq.LINGER, 0)
-    acceptor.connect(b.cfg.ipc("fast-front"))
-    status = ctx.socket(zmq.SUB)
+    b = fast_broker(state, "identity_share = 1.0\ndomain_rate = 0.001",
+                    "queue_max = 64\nqueue_bytes = 10000000")
+    acceptor = dealer(b, "fast-front", b"acc-1")
+    status = zmq.Context.instance().socket(zmq.SUB)
     status.setsockopt(zmq.SUBSCRIBE, b"")
     status.setsockopt(zmq.LINGER, 0)
     status.connect(b.cfg.ipc("fast-status"))

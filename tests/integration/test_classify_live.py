@@ -8,7 +8,6 @@ trace the ingress wrote.
 from __future__ import annotations
 
 import asyncio
-import base64
 import shutil
 import ssl
 import tempfile
@@ -20,7 +19,7 @@ import dkim
 import pytest
 import trustme
 
-from tests.kit.dkimkeys import signing_key
+from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import (
     Ingress,
@@ -38,8 +37,7 @@ UNKNOWN_IP = "127.0.0.40"
 
 @pytest.fixture(scope="module")
 def dkim_key() -> tuple[bytes, str]:
-    pem, pub = signing_key()
-    return pem, "v=DKIM1; k=rsa; p=" + base64.b64encode(pub).decode()
+    return signing_record()
 
 
 @pytest.fixture(scope="module")

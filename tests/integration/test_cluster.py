@@ -111,6 +111,36 @@ def two_nodes(tmp_path: Path) -> Iterator[Cluster]:
         yield c
 
 
+def send_while_signalled(c: Cluster, prefix: str, sig: int, at: float, duration: float,
+                         ) -> tuple[list[tuple[float, float, int, str]], float]:
+    """Two senders through the edge, a message each every 20 ms (at most 400) for `duration`
+    s, while `sig` goes to lanes node 1's process group `at` s in. Every message's (start,
+    end, code, tag), tags "<prefix><sender>-<n>", and when the signal was sent."""
+    results: list[tuple[float, float, int, str]] = []
+    signalled: list[float] = []
+
+    async def sender(k: int, stop_at: float) -> None:
+        i = 0
+        while time.monotonic() < stop_at and i < 400:
+            tag = f"{prefix}{k}-{i}"
+            t0 = time.monotonic()
+            code, _ = await send_one(c.edge.port, tagged(tag), timeout=10)
+            results.append((t0, time.monotonic(), code, tag))
+            i += 1
+            await asyncio.sleep(0.02)
+
+    async def signaller() -> None:
+        await asyncio.sleep(at)
+        signalled.append(time.monotonic())
+        os.killpg(c.lanes[1].pid, sig)
+
+    async def go() -> None:
+        stop_at = time.monotonic() + duration
+        await asyncio.gather(sender(0, stop_at), sender(1, stop_at), signaller())
+    asyncio.run(asyncio.wait_for(go(), 90))
+    return results, signalled[0]
+
+
 def wait_both_live(c: Cluster, deadline: float) -> dict[str, Any]:
     doc: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -146,30 +176,9 @@ def test_kill_9_of_a_lanes_node_fails_over(two_nodes: Cluster) -> None:
     client gets 250 or a 4xx, every 250 is in a spool, and mail flows again within 2 s."""
     c = two_nodes
     wait_both_live(c, time.monotonic() + 20)
-    results: list[tuple[float, float, int, str]] = []   # (start, end, code, tag)
-    killed_at: list[float] = []
-
-    async def sender(k: int, stop_at: float) -> None:
-        i = 0
-        while time.monotonic() < stop_at and i < 400:
-            tag = f"s{k}-{i}"
-            t0 = time.monotonic()
-            code, _ = await send_one(c.edge.port, tagged(tag), timeout=10)
-            results.append((t0, time.monotonic(), code, tag))
-            i += 1
-            await asyncio.sleep(0.02)
-
-    async def killer() -> None:
-        await asyncio.sleep(1.5)
-        killed_at.append(time.monotonic())
-        os.killpg(c.lanes[1].pid, signal.SIGKILL)      # the host is gone, at once
-
-    async def go() -> None:
-        stop_at = time.monotonic() + 6.0
-        await asyncio.gather(sender(0, stop_at), sender(1, stop_at), killer())
-    asyncio.run(asyncio.wait_for(go(), 90))
+    # the host is gone, at once
+    results, t_kill = send_while_signalled(c, "s", signal.SIGKILL, at=1.5, duration=6.0)
     c.lanes[1].proc.wait(10)  # type: ignore[union-attr]
-    t_kill = killed_at[0]
     codes = {code for _, _, code, _ in results}
     assert codes <= {250, 421, 451}, sorted(codes)
     ok = {tag for _, _, code, tag in results if code == 250}
@@ -316,32 +325,10 @@ def test_a_silent_lanes_node_is_left_and_rejoins(two_nodes: Cluster) -> None:
     deadline; after SIGCONT it serves again."""
     c = two_nodes
     wait_both_live(c, time.monotonic() + 20)
-    results: list[tuple[float, float, int, str]] = []
-    stopped_at: list[float] = []
-
-    async def sender(k: int, stop_at: float) -> None:
-        i = 0
-        while time.monotonic() < stop_at and i < 400:
-            tag = f"q{k}-{i}"
-            t0 = time.monotonic()
-            code, _ = await send_one(c.edge.port, tagged(tag), timeout=10)
-            results.append((t0, time.monotonic(), code, tag))
-            i += 1
-            await asyncio.sleep(0.02)
-
-    async def stopper() -> None:
-        await asyncio.sleep(1.0)
-        stopped_at.append(time.monotonic())
-        os.killpg(c.lanes[1].pid, signal.SIGSTOP)
-
-    async def go() -> None:
-        stop_at = time.monotonic() + 7.0
-        await asyncio.gather(sender(0, stop_at), sender(1, stop_at), stopper())
     try:
-        asyncio.run(asyncio.wait_for(go(), 90))
+        results, t_stop = send_while_signalled(c, "q", signal.SIGSTOP, at=1.0, duration=7.0)
     finally:
         os.killpg(c.lanes[1].pid, signal.SIGCONT)
-    t_stop = stopped_at[0]
     assert {code for *_, code, _ in results} <= {250, 421, 451}
     ok = {tag for *_, code, tag in results if code == 250}
     later = [r for r in results if r[0] >= t_stop + 3.0]

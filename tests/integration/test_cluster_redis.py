@@ -19,7 +19,6 @@ in a temp dir (`--save '' --appendonly no`: nothing on disk) and stops by its PI
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import shutil
 import signal
@@ -37,7 +36,7 @@ import redis
 from ingress.cluster_state import ClusterState
 from ingress.core import config
 from tests.integration.test_haproxy import HAProxy
-from tests.kit.dkimkeys import signing_key
+from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, send_one, smtp_dialogue, split_trace, write_config
 
@@ -306,8 +305,7 @@ def test_early_talker_penalised_on_a_is_refused_on_b(tmp_path: Path,
 
 @pytest.fixture(scope="module")
 def dkim_key() -> tuple[bytes, str]:
-    pem, pub = signing_key()
-    return pem, "v=DKIM1; k=rsa; p=" + base64.b64encode(pub).decode()
+    return signing_record()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ client only when classify.spf_promote would promote that domain, and says for wh
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import json
 import shutil
@@ -18,7 +17,7 @@ import pytest
 
 from ingress.core.config import ClassifyConfig, Config
 from ingress.core.wire import Envelope, Lane
-from tests.kit.dkimkeys import signing_key
+from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, send_one
 from workers.pipeline import Pipeline
@@ -26,8 +25,7 @@ from workers.pipeline import Pipeline
 
 @pytest.fixture(scope="module")
 def keys() -> tuple[bytes, str]:
-    pem, pub = signing_key()
-    return pem, "v=DKIM1; k=rsa; p=" + base64.b64encode(pub).decode()
+    return signing_record()
 
 
 @pytest.fixture(scope="module")

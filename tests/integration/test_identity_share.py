@@ -6,13 +6,12 @@ loopback; SPF and DKIM against the real DNS server of tests/kit/dnsserver.py."""
 from __future__ import annotations
 
 import asyncio
-import base64
 from pathlib import Path
 
 import dkim
 import pytest
 
-from tests.kit.dkimkeys import signing_key
+from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, send_one, split_trace
 
@@ -23,8 +22,7 @@ SPAM_IPS = [f"127.0.1.{i}" for i in range(1, 51)]   # the spammer's 50 addresses
 
 @pytest.fixture(scope="module")
 def keys() -> tuple[bytes, str]:
-    pem, pub = signing_key()
-    return pem, "v=DKIM1; k=rsa; p=" + base64.b64encode(pub).decode()
+    return signing_record()
 
 
 @pytest.fixture(scope="module")

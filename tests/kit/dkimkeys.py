@@ -3,6 +3,8 @@
 rsa_public_key(n, e) / spki(n, e) -> DER (RFC 8017 RSAPublicKey / X.509 SubjectPublicKeyInfo)
 modulus(bits, rng) -> an odd number of exactly `bits` bits
 record(der) -> b"v=DKIM1; k=rsa; p=<base64>"
+signing_key() -> (private key PEM, public key DER)   a real key pair, for signing
+signing_record() -> (private key PEM, its DKIM record as str)   the same, ready for a TXT
 
 The numbers are not products of two primes: nobody can sign with these keys, and that does not
 matter to a test about the sizes a verifier accepts in a TXT record.
@@ -60,3 +62,9 @@ def signing_key() -> tuple[bytes, bytes]:
                             serialization.NoEncryption())
     return pem, key.public_key().public_bytes(serialization.Encoding.DER,
                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def signing_record() -> tuple[bytes, str]:
+    """signing_key() with its public key as the DKIM TXT record (str, for tests.kit.dnsserver)."""
+    pem, pub = signing_key()
+    return pem, record(pub).decode()
