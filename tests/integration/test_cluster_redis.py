@@ -39,6 +39,7 @@ from tests.integration.test_haproxy import HAProxy
 from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, send_one, smtp_dialogue, split_trace, write_config
+from tests.kit.procs import Processes
 
 pytestmark = pytest.mark.needs_redis
 
@@ -58,13 +59,13 @@ class RedisServer:
         self.sock = self.dir / "redis.sock"
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"unix://{self.sock}"
+        self.procs = Processes()      # started in its own session, stopped by PID
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
+        self.proc = self.procs.spawn(
             ["redis-server", "--port", "0", "--unixsocket", str(self.sock),
              "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+             "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")])
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with contextlib.suppress(redis.RedisError, OSError):
@@ -82,13 +83,7 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        self.procs.stop(self.proc, timeout=10)
         self.proc = None
 
     def close(self) -> None:

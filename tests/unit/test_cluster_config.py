@@ -14,8 +14,9 @@ import pytest
 
 from ingress import configshow
 from ingress.core import config
-from ingress.core.config import ClusterConfig, ConfigError
+from ingress.core.config import ClusterConfig
 from ingress.policy.admission import BULK_SHARE, broker_bucket, bulk_share_bucket
+from tests.unit.test_config import check_invalid
 
 INVALID = [
     ('[cluster]\nredis = "http://127.0.0.1:6379"\n', "cluster.redis"),
@@ -34,12 +35,7 @@ INVALID = [
 
 @pytest.mark.parametrize(("text", "key"), INVALID)
 def test_invalid(tmp_path: Path, text: str, key: str) -> None:
-    f = tmp_path / "bad.toml"
-    f.write_text(text)
-    with pytest.raises(ConfigError) as e:
-        config.load(f)
-    assert e.value.key == key
-    assert str(f) in str(e.value)
+    check_invalid(tmp_path, text, key)
 
 
 VALID = [
