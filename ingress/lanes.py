@@ -9,7 +9,7 @@ API:
         read_replies() / watch_broker()   background tasks (acks; a lost broker fails its
                                           messages at once)
         fresh() / saturated() / cap_spent()   by the broker's fresh status (STATUS_STALE)
-        lists_over_rate(key) -> bool     its fresh status names the domain over its rate
+        over_rate                        the domains its last status named over their rate
     Lanes(cfg, ident)                    the clients of one acceptor, its share of the bulk cap;
                                          with cluster.role "edge", one client per lane and
                                          lanes node (cluster.lanes_nodes)
@@ -211,11 +211,6 @@ class LaneClient:
         return fresh and isinstance(tokens, int | float) and tokens < 1.0
 
 
-    def lists_over_rate(self, key: str) -> bool:
-        """The broker (fast lane) named this domain over classify.domain_rate, by fresh news."""
-        return key in self.over_rate and self.fresh()
-
-
 class Lanes:
     """The lane clients of one acceptor process: one per lane on one host (role all), one per
     lane and lanes node on an edge (cluster.lanes_nodes)."""
@@ -252,7 +247,7 @@ class Lanes:
         broker? Then its sessions stay bulk (each lanes node holds its own bucket per domain,
         and a message goes to whichever is first in order()). No live fast broker: no."""
         live = [lc for lc in self.clients[Lane.FAST] if lc.fresh()]
-        return bool(live) and all(lc.lists_over_rate(key) for lc in live)
+        return bool(live) and all(key in lc.over_rate for lc in live)
 
     def local_share(self, edges: int) -> None:
         """Resize this acceptor's share of the bulk cap for `edges` edges sharing it (the

@@ -40,6 +40,7 @@ ACKs drain (bounded wait).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -255,7 +256,7 @@ class Broker:
             if at >= now - OVER_RATE_HOLD:
                 break
             del self.over_rate[key]
-        return list(reversed(self.over_rate))[:OVER_RATE_LISTED]
+        return list(itertools.islice(reversed(self.over_rate), OVER_RATE_LISTED))
 
     def _retry_token(self, env: Any) -> bool:
         """A token of the retry share for an envelope marked a retry (never for others)."""
