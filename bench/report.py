@@ -123,6 +123,7 @@ def _legit_summary(s: dict[str, Any]) -> dict[str, Any]:
         "p50": lat.get("p50"), "p95": lat.get("p95"), "p99": lat.get("p99"),
         "max": lat.get("max"), "n": lat.get("n", 0),
         "tempfails": dict(s.get("tempfails") or {}), "failures": failures,
+        "stages_ms": dict(s.get("stages_ms") or {}),
     }
 
 

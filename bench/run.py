@@ -77,7 +77,7 @@ from typing import Any
 
 import orjson
 
-from bench import report
+from bench import report, sched
 from bench.flood import (
     BotConfig,
     FdLimitError,
@@ -430,6 +430,21 @@ def profile_acceptor(procs: Processes, target: Running, directory: Path, delay: 
     return t
 
 
+def sched_window(delay: float, seconds: float, out: dict[str, Any]) -> threading.Thread:
+    """CPU and run-queue wait per process role (bench.sched) over [delay, delay + seconds] from
+    now: the flood's measured part (its children start 1.5 s after run_flood is called)."""
+
+    def work() -> None:
+        time.sleep(delay)
+        before, t0 = sched.snapshot(os.getpid()), time.monotonic()
+        time.sleep(max(0.5, seconds))
+        out["rows"] = sched.delta(before, sched.snapshot(os.getpid()), time.monotonic() - t0)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    return t
+
+
 def run_scenarios(procs: Processes, target: Running, pki: Pki,
                   scenarios: dict[str, Scenario], prog: Progress, grace: float,
                   workdir: Path, profile: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -440,6 +455,8 @@ def run_scenarios(procs: Processes, target: Running, pki: Pki,
         ns0 = netstat()
         t0 = time.monotonic()
         prof_thread = None
+        sched_out: dict[str, Any] = {}
+        sched_thread = sched_window(sc.warmup_s + 1.5, sc.duration_s - sc.warmup_s, sched_out)
         if profile is not None and sc.name == "flood" and target.name == "smtp-ingress":
             profile["scenario"] = sc.label
             prof_thread = profile_acceptor(procs, target, workdir, sc.warmup_s + 3.0,
@@ -452,9 +469,11 @@ def run_scenarios(procs: Processes, target: Running, pki: Pki,
             result, err = None, f"{type(e).__name__}: {e}"
         if prof_thread is not None:
             prof_thread.join(60)
+        sched_thread.join(10)
         entry: dict[str, Any] = {
             "scenario": sc.name, "target": target.name, "wall_s": round(time.monotonic() - t0, 2),
             "netstat_delta": netstat_delta(ns0, netstat()), "result": result, "error": err,
+            "sched": sched_out.get("rows"),
         }
         if result is not None:
             entry["summary"] = report.summarise_flood(result)

@@ -105,6 +105,7 @@ class Attempt:
     code: int | None = None
     stage: str | None = None
     detail: str | None = None
+    stages_ms: dict[str, float] | None = None  # accepted: ms per stage, connect to DOT
 
 
 class _Reply(Exception):
@@ -136,11 +137,22 @@ async def smtp_attempt(
     writer: asyncio.StreamWriter | None = None
     t0 = time.perf_counter()
     t_rel = time.monotonic() - t_run0
+    stages: dict[str, float] = {}
+    mark = t0
+
+    def lap(name: str) -> None:
+        # the time since the previous stage ended (a second EHLO after STARTTLS adds to EHLO)
+        nonlocal mark
+        now = time.perf_counter()
+        stages[name] = stages.get(name, 0.0) + (now - mark) * 1000.0
+        mark = now
+
     try:
         async with asyncio.timeout(deadline_s):
             reader, writer = await open_conn(
                 target, source, ssl_ctx if tls == "implicit" else None, server_hostname
             )
+            lap("connect")
 
             async def cmd(line: bytes | None, want: int, name: str) -> None:
                 nonlocal stage
@@ -150,6 +162,7 @@ async def smtp_attempt(
                 code, text = await read_reply(reader)
                 if code != want:
                     raise _Reply(code, name, text)
+                lap(name)
 
             await cmd(None, 220, "banner")
             await cmd(b"EHLO %s\r\n" % helo.encode(), 250, "EHLO")
@@ -157,6 +170,7 @@ async def smtp_attempt(
                 await cmd(b"STARTTLS\r\n", 220, "STARTTLS")
                 stage = "TLS"
                 await writer.start_tls(ssl_ctx, server_hostname=server_hostname)
+                lap("TLS")
                 await cmd(b"EHLO %s\r\n" % helo.encode(), 250, "EHLO")
             await cmd(b"MAIL FROM:<%s>\r\n" % mail_from.encode(), 250, "MAIL")
             await cmd(b"RCPT TO:<%s>\r\n" % rcpt.encode(), 250, "RCPT")
@@ -168,7 +182,7 @@ async def smtp_attempt(
             async with asyncio.timeout(0.5):
                 writer.write(b"QUIT\r\n")
                 await read_reply(reader)
-        return Attempt(t_rel, latency, "accepted", 250, "DOT")
+        return Attempt(t_rel, latency, "accepted", 250, "DOT", stages_ms=stages)
     except _Reply as r:
         kind = "tempfail" if 400 <= r.code < 500 else "permfail" if r.code >= 500 else "error"
         return Attempt(t_rel, None, kind, r.code, r.stage, r.text[:120])

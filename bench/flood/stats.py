@@ -11,6 +11,7 @@ Failure modes and limits: those of the whole generator, in the package docstring
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,25 @@ def _pcts(values: Sequence[float], scale: float = 1.0, nd: int = 3) -> dict[str,
     }
 
 
+def stage_breakdown(samples: Sequence[dict[str, float]], tail_pct: float = 99.0
+                    ) -> dict[str, dict[str, float | None]]:
+    """Where the time of accepted transactions goes: per stage (connect, banner, EHLO, MAIL,
+    RCPT, DATA, DOT; TLS for STARTTLS), its p50 and p99 over all of them, and its mean over the
+    tail (the slowest 100 - ``tail_pct`` per cent of the transactions by total, at least one),
+    so that a p99 regression is pinned to the stage that grew."""
+    if not samples:
+        return {}
+    n_tail = max(1, math.ceil(len(samples) * (100.0 - tail_pct) / 100.0))
+    tail = sorted(samples, key=lambda s: sum(s.values()))[-n_tail:]
+    out: dict[str, dict[str, float | None]] = {}
+    for name in dict.fromkeys(k for s in samples for k in s):
+        vals = [s.get(name, 0.0) for s in samples]
+        p = _pcts(vals)
+        out[name] = {"p50": p["p50"], "p99": p["p99"],
+                     "tail_mean": round(sum(s.get(name, 0.0) for s in tail) / len(tail), 3)}
+    return out
+
+
 @dataclass
 class LegitStats:
     """Per legitimate sender (or merged). ``summary()`` is the JSON shape documented in main()."""
@@ -71,6 +91,7 @@ class LegitStats:
     timeouts: dict[str, int] = field(default_factory=dict)  # stage -> n
     conn_errors: dict[str, int] = field(default_factory=dict)  # "closed at MAIL" -> n
     latencies_ms: list[float] = field(default_factory=list)
+    stages_ms: list[dict[str, float]] = field(default_factory=list)  # per accepted attempt
     timeline: list[Attempt] = field(default_factory=list)
 
     def record(self, a: Attempt) -> None:
@@ -80,6 +101,8 @@ class LegitStats:
             self.accepted += 1
             assert a.latency_ms is not None
             self.latencies_ms.append(a.latency_ms)
+            if a.stages_ms is not None:
+                self.stages_ms.append(a.stages_ms)
         elif a.outcome == "tempfail":
             bump(self.tempfails, str(a.code))
             bump(self.tempfails_by_stage, f"{a.stage} {a.code}")
@@ -111,6 +134,7 @@ class LegitStats:
             "accepted_pct": self.accepted_pct,
             "unfinished": self.unfinished,
             "latency_ms": _pcts(self.latencies_ms),
+            "stages_ms": stage_breakdown(self.stages_ms),
             "tempfails": dict(self.tempfails),
             "tempfails_by_stage": dict(self.tempfails_by_stage),
             "permfails": dict(self.permfails),
