@@ -57,6 +57,7 @@ from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
 from ingress.core.fsutil import atomic_write
 from ingress.core.metrics import DeferReason, RetryResult
+from ingress.core.ratelimit import KeyedBuckets
 from ingress.core.wire import CLAIM_TOPIC, DEFER_TOPIC, Envelope, Lane, Reply
 from ingress.dataread import DataBudget
 from ingress.evidence import cert_evidence, normalize_fingerprint, sha256_fingerprint
@@ -83,7 +84,13 @@ from ingress.policy.deferrals import (
     DeferralStore,
     deferral_key,
 )
-from ingress.policy.identity import over_rate_reason, rate_bounded, share_key
+from ingress.policy.identity import (
+    RATE_TRACKED,
+    domain_buckets,
+    over_rate_reason,
+    rate_bounded,
+    share_key,
+)
 from ingress.policy.replies import Refusal, text
 from ingress.policy.session_rules import ErrorPolicy
 from ingress.rcpt_verify import RecipientVerifier
@@ -121,6 +128,13 @@ class AcceptorContext:
             cert_promotes=c.cert_promotes, learned_promotes=c.learned_ttl > 0)
         self.counters: Counter[str] = Counter()
         self.over_rate_logged: dict[str, tuple[float, int]] = {}  # key -> (last line, since)
+        # classify.domain_rate and domain_burst, held here at MAIL FROM: each acceptor of the
+        # edge takes its part of both, so that a domain's fast-lane mail is a steady flow
+        # (the fast broker's own bucket bounds the sum of several edges, and names a domain
+        # over it in its status: Lanes.over_rate)
+        mine, _ = domain_buckets(c.domain_rate, c.domain_burst,
+                                 cfg.acceptor_count + cfg.supervisor.fast_acceptors)
+        self.domain_rates = KeyedBuckets(*mine, RATE_TRACKED)
         self.table = SessionTable(cfg, self.counters, time.monotonic(), nofile=nofile)
         self.pins = frozenset(normalize_fingerprint(f) for f in cfg.tls.pinned_sha256)
         self.spf_service = SpfService(cfg, self.counters)
@@ -166,13 +180,14 @@ class AcceptorContext:
                               sha256_fingerprint(peercert_der))
         return ev
 
-    def decide(self, evidence: Evidence) -> Decision:
+    def decide(self, evidence: Evidence, transaction: bool = False) -> Decision:
         """The policy's decision, served as bulk when its identity holds its share of this
         acceptor's slots (SessionTable.within_share: classify.identity_share), or is a domain
-        the fast broker(s) name over classify.domain_rate (reason over-rate:<key>): its
-        sessions are then shed by the bulk cap at MAIL FROM, not after DATA."""
+        over classify.domain_rate (over_rate; reason over-rate:<key>): its sessions are then
+        shed by the bulk cap at MAIL FROM, not after DATA. `transaction`: a MAIL FROM, which
+        takes a token of the domain's rate when it is served fast."""
         decision = self.table.within_share(decide(evidence, self.policy))
-        if decision.lane is Lane.FAST and self.over_rate(decision.identity):
+        if decision.lane is Lane.FAST and self.over_rate(decision.identity, transaction):
             self.counters["over_rate"] += 1
             key = share_key(decision.identity)
             metrics.over_share("rate", key)
@@ -192,10 +207,16 @@ class AcceptorContext:
             return Decision(Lane.BULK, reasons)
         return decision
 
-    def over_rate(self, identity: str) -> bool:
-        """Is this identity a domain the fast broker(s) name over classify.domain_rate?"""
+    def over_rate(self, identity: str, transaction: bool = False) -> bool:
+        """Is this identity a domain over classify.domain_rate: named so by the fast broker(s),
+        or, for a `transaction` (a MAIL FROM to be served fast), without a token of this
+        acceptor's part of the rate (taken when there is one)? Other identities: never."""
         key = share_key(identity)
-        return bool(identity) and rate_bounded(key) and self.lanes.over_rate(key)
+        if not identity or not rate_bounded(key):
+            return False
+        if self.lanes.over_rate(key):
+            return True
+        return transaction and not self.domain_rates.take(key, time.monotonic())
 
     def demote(self, proto: Seat) -> None:
         self.table.demote(proto)

@@ -34,7 +34,7 @@ from ingress.policy.admission import (
     configured_limit,
 )
 from ingress.policy.deferrals import retry_buckets
-from ingress.policy.identity import fast_slots, share_bound
+from ingress.policy.identity import domain_buckets, fast_slots, share_bound
 
 
 def _toml(v: Any) -> str:
@@ -100,6 +100,8 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
     workers = {lane: cfg.worker_count(lane) for lane in ("fast", "bulk")}
     share = bulk_share_bucket(cfg)
     retry = retry_buckets(cfg)
+    domains = domain_buckets(cfg.classify.domain_rate, cfg.classify.domain_burst,
+                             acceptors + cfg.supervisor.fast_acceptors)
     return {
         "cores": cores,
         "acceptors": acceptors,
@@ -129,6 +131,10 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
             {"rate": round(retry[0][0], 4), "burst": round(retry[0][1], 4)},
         "retry_share_at_broker": None if retry is None else
             {"rate": round(retry[1][0], 4), "burst": round(retry[1][1], 4)},
+        "domain_rate_per_acceptor": None if not cfg.classify.domain_rate else
+            {"rate": round(domains[0][0], 4), "burst": round(domains[0][1], 4)},
+        "domain_rate_at_broker": None if not cfg.classify.domain_rate else
+            {"rate": round(domains[1][0], 4), "burst": round(domains[1][1], 4)},
     }
 
 
@@ -173,6 +179,11 @@ def render(cfg: config.Config, nofile: tuple[int, int] | None = None) -> str:
         lines.append(f"# retries of deferred transactions: {b['rate']:g}/s (burst {b['burst']:g})"
                      f" beyond the bulk cap, {r['rate']:g}/s (burst {r['burst']:g}) per acceptor"
                      " (admission.retry_share)")
+    if d["domain_rate_per_acceptor"] is not None:
+        r, b = d["domain_rate_per_acceptor"], d["domain_rate_at_broker"]
+        lines.append(f"# a domain proven only by itself (classify.domain_rate): {r['rate']:g}/s "
+                     f"(burst {r['burst']:g}) of the fast lane per acceptor at MAIL FROM; the "
+                     f"fast broker bounds all edges to {b['rate']:g}/s (burst {b['burst']:g})")
     if cfg.cluster.redis and d["bulk_share_per_acceptor"] is not None:
         rate, burst = d["broker_bucket_bulk"]
         lines.append(f"# [cluster] redis: the cap is one shared bucket for all edges at MAIL FROM; "

@@ -76,10 +76,10 @@ class IngressHandler:
         if refusal is not None:
             extra = {"why": "mail_without_data"} if refusal.close else {}
             return server._refused(refusal, "MAIL", sender=address[:200], **extra)
-        if server.lane is Lane.FAST and ctx.over_rate(server.identity):
-            # Its domain went over classify.domain_rate at the fast broker: bulk from this
-            # transaction on (below, its SPF decides again and names the reason), so the bulk
-            # cap sheds it here rather than after DATA.
+        if server.lane is Lane.FAST and ctx.over_rate(server.identity, transaction=True):
+            # Its domain is over classify.domain_rate (no token here, or named by the fast
+            # broker): bulk from this transaction on (below, its SPF decides again and names
+            # the reason), so the bulk cap sheds it here rather than after DATA.
             log.event("demoted", peer=server.peer_ip, identity=server.identity)
             ctx.count("demoted", Lane.FAST)
             ctx.demote(server)
@@ -95,7 +95,7 @@ class IngressHandler:
                 result, client_ip=server.peer_ip, mail_from=address,
                 helo=session.host_name or "", receiver=server.hostname,
                 explanation=why).decode("ascii", "replace")
-            decision = ctx.decide(server.evidence)
+            decision = ctx.decide(server.evidence, transaction=True)
             if promote(server.lane, decision) is not server.lane:
                 server.identity = decision.identity
                 ctx.promote(server)

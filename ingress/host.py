@@ -51,7 +51,7 @@ class SessionHost(Protocol):
     def connect_evidence(self, ip: str, peercert_der: bytes | None,
                          verified: bool) -> Evidence: ...
 
-    def decide(self, evidence: Evidence) -> Decision: ...
+    def decide(self, evidence: Evidence, transaction: bool = False) -> Decision: ...
 
     def hand_off(self, transport: asyncio.BaseTransport) -> bool: ...
 
@@ -65,7 +65,8 @@ class SessionHost(Protocol):
 
     def promote(self, proto: Any) -> None: ...
 
-    def over_rate(self, identity: str) -> bool: ...   # a domain over classify.domain_rate
+    def over_rate(self, identity: str,       # a domain over classify.domain_rate (a
+                  transaction: bool = False) -> bool: ...  # transaction takes a token)
 
     def demote(self, proto: Any) -> None: ...          # fast -> bulk (its domain over rate)
 

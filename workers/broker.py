@@ -53,7 +53,7 @@ import zmq
 from ingress.core import child, cluster, log, metrics
 from ingress.core.child import Heartbeat
 from ingress.core.config import Config
-from ingress.core.ratelimit import TokenBucket
+from ingress.core.ratelimit import KeyedBuckets, TokenBucket
 from ingress.core.wire import (
     LANE_HEARTBEAT,
     LANE_LIVENESS,
@@ -75,9 +75,14 @@ from ingress.core.wire import (
 from ingress.policy.admission import broker_bucket
 from ingress.policy.deferrals import retry_buckets
 from ingress.policy.fairqueue import FairQueue
-from ingress.policy.identity import rate_bounded, share_bound, share_key
+from ingress.policy.identity import (
+    RATE_TRACKED,
+    domain_buckets,
+    rate_bounded,
+    share_bound,
+    share_key,
+)
 
-DOMAIN_BUCKETS = 4096   # domain identities whose fast-lane rate is tracked at once
 OVER_RATE_HOLD = 1.0    # seconds a domain stays listed over its rate after its last refusal
 OVER_RATE_LISTED = 256  # domains over their rate named in one status (the most recent first)
 DRR_QUANTUM = 65536     # bytes an identity is served per round of the fast lane's DRR
@@ -120,10 +125,14 @@ class Broker:
         self.queue: FairQueue[Job] = FairQueue(
             DRR_QUANTUM, share_bound(self.queue_max, self.share),
             max(share_bound(self.queue_bytes, self.share), cfg.smtp.max_message_size))
-        # classify.domain_rate: a domain identity's (org:, learned: -> org:) fast-lane rate;
-        # its buckets bounded (least recently used dropped: a fresh bucket is a full one)
+        # classify.domain_rate: a domain identity's (org:, learned: -> org:) fast-lane rate
+        # over every edge. The acceptors already hold each domain to its rate with a burst of
+        # classify.domain_burst (ingress.acceptor: smooth, per edge); this bucket, one second
+        # deep (and at least one edge's burst), bounds the sum of several edges. Its buckets
+        # are bounded (least recently used dropped: a fresh bucket is a full one).
         self.domain_rate = cfg.classify.domain_rate if lane == Lane.FAST else 0.0
-        self.domain_buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        _, at_broker = domain_buckets(self.domain_rate, cfg.classify.domain_burst, 1)
+        self.domain_buckets = KeyedBuckets(*at_broker, RATE_TRACKED)
         # share key -> when its bucket last refused (published as "over_rate" in the status:
         # the acceptors keep that domain's sessions bulk at MAIL FROM, where the bulk cap sheds
         # them before DATA; bounded like the buckets)
@@ -232,19 +241,12 @@ class Broker:
         """A domain identity (share key "org:...") within classify.domain_rate? Others: yes."""
         if self.domain_rate <= 0 or not rate_bounded(key):
             return True
-        bucket = self.domain_buckets.get(key)
         now = time.monotonic()
-        if bucket is None:
-            if len(self.domain_buckets) >= DOMAIN_BUCKETS:
-                self.domain_buckets.popitem(last=False)
-            bucket = self.domain_buckets[key] = TokenBucket(self.domain_rate, now=now)
-        else:
-            self.domain_buckets.move_to_end(key)
-        if bucket.take(now):
+        if self.domain_buckets.take(key, now):
             return True
         self.over_rate[key] = now
         self.over_rate.move_to_end(key)
-        if len(self.over_rate) > DOMAIN_BUCKETS:
+        if len(self.over_rate) > RATE_TRACKED:
             self.over_rate.popitem(last=False)
         return False
 

@@ -145,6 +145,11 @@ class ClassifyConfig:
                                         # lane of one lanes node; beyond it: served as bulk (the
                                         # bulk cap applies); 0 = no bound. Allow-list entries
                                         # and certificates (operator trust) are not bounded
+    domain_burst: float = 10.0          # messages one domain may start in the fast lane at once
+                                        # on one edge (split over its acceptors, each of which
+                                        # holds the domain to its part of domain_rate at MAIL
+                                        # FROM): small, so that its fast-lane mail is a steady
+                                        # flow, never a wave that the allow-listed wait behind
     nameservers: tuple[str, ...] = ()   # "ip", "ip@port", "ip:port"; empty = /etc/resolv.conf
     dns_timeout: float = 2.0            # one DNS query
     spf_deadline: float = 3.0           # a whole SPF evaluation; then temperror (never rejects)
@@ -627,6 +632,7 @@ def _check_classify(cfg: Config, need: _Need) -> None:
     need(c.learned_ttl >= 0, "classify.learned_ttl", "must be >= 0 (0 = do not learn)")
     need(0 < c.identity_share <= 1, "classify.identity_share", "must be in (0, 1]")
     need(c.domain_rate >= 0, "classify.domain_rate", "must be >= 0 (0 = no bound)")
+    need(c.domain_burst >= 1, "classify.domain_burst", "must be >= 1 (messages)")
     need(c.learned_max >= 1, "classify.learned_max", "must be >= 1")
     need(0 < c.dns_timeout <= 30, "classify.dns_timeout", "must be in (0, 30]")
     need(0 < c.spf_deadline <= 60, "classify.spf_deadline",

@@ -125,7 +125,7 @@ def test_a_domain_identity_is_held_to_classify_domain_rate() -> None:
     (the acceptor serves it as bulk, where the bulk cap applies). Allow-list entries are
     operator trust: not bounded by it."""
     state = Path(tempfile.mkdtemp(prefix="bd-", dir="/tmp"))
-    b = fast_broker(state, "identity_share = 1.0\ndomain_rate = 0.001",
+    b = fast_broker(state, "identity_share = 1.0\ndomain_rate = 0.001\ndomain_burst = 1",
                     "queue_max = 64\nqueue_bytes = 10000000")
     acceptor = dealer(b, "fast-front", b"acc-1")
     status = zmq.Context.instance().socket(zmq.SUB)

@@ -6,11 +6,14 @@ loopback; SPF and DKIM against the real DNS server of tests/kit/dnsserver.py."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import dkim
 import pytest
+import zmq
 
+from ingress.core.wire import Envelope, Lane, decode_reply, new_qid, submit
 from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, send_one, split_trace
@@ -205,23 +208,28 @@ def plain(domain: str, subject: str) -> bytes:
             f"Message-ID: <{subject}@{domain}>\r\n\r\nHello.\r\n").encode()
 
 
-def test_a_domain_over_its_rate_is_kept_bulk_from_mail_from(tmp_path: Path,
-                                                            dns: DNSServer) -> None:
-    """classify.domain_rate (burst 1 here): once the fast broker refuses the domain a token,
-    its status names the domain over its rate, and the acceptor keeps that domain's sessions
-    bulk at MAIL FROM (reason over-rate:, where the bulk cap sheds before DATA): a new
-    session stays bulk and a fast one is demoted at its next MAIL. Another domain and the
-    allow-listed sender stay fast; every message is still accepted (served, not refused)."""
+def over_rate_lines(ing: Ingress, key: str) -> list[dict[str, object]]:
+    """The message log lines of the messages kept bulk for this domain's rate."""
+    return [e for e in ing.events("message") if f"over-rate:{key}" in str(e.get("reasons", ""))]
+
+
+def test_a_domain_is_held_to_its_rate_at_mail_from(tmp_path: Path, dns: DNSServer) -> None:
+    """classify.domain_rate and domain_burst, held by the acceptors at MAIL FROM: burst 2 over
+    this edge's two acceptors (one on port 25, one fast acceptor) is 1 each, so the domain's
+    first transaction is fast and the next ones are served as bulk from MAIL FROM on (reason
+    over-rate:, where the bulk cap sheds before DATA): a fast session is demoted, a new one
+    stays bulk. The fast broker never had to refuse it (its bucket is never the first to
+    bite on one edge). Another domain and the allow-listed sender stay fast; every message is
+    accepted (served, not refused)."""
     t = tables(dns, max_connections=40, fast_reserve=12)
-    t["classify"].update(identity_share=1.0, domain_rate=0.001)
+    t["classify"].update(identity_share=1.0, domain_rate=0.001, domain_burst=2)
     with Ingress(tmp_path, t) as ing:
         async def run() -> list[str]:
             a, _ = await Session.open(ing.port, SPAM_IPS[0])
             await a.cmd("EHLO spam.test")
             out = [await a.message("x@spammer.test", plain("spammer.test", "a1")),   # fast
-                   await a.message("x@spammer.test", plain("spammer.test", "a2"))]   # refused
-            await asyncio.sleep(0.3)          # a status or three (STATUS_INTERVAL 0.1 s)
-            out.append(await a.message("x@spammer.test", plain("spammer.test", "a3")))
+                   await a.message("x@spammer.test", plain("spammer.test", "a2")),   # demoted
+                   await a.message("x@spammer.test", plain("spammer.test", "a3"))]
             b, _ = await Session.open(ing.port, SPAM_IPS[1])
             await b.cmd("EHLO spam.test")
             out.append(await b.message("x@spammer.test", plain("spammer.test", "b1")))
@@ -238,14 +246,78 @@ def test_a_domain_over_its_rate_is_kept_bulk_from_mail_from(tmp_path: Path,
         out = asyncio.run(run())
         assert all(r.startswith("250") for r in out), out
         lanes = {k: v[0] for k, v in lanes_by_subject(ing).items()}
-        assert lanes == {"a1": "fast", "a2": "bulk",      # the broker's NACK share, resubmitted
-                         "a3": "bulk", "b1": "bulk",      # kept bulk at MAIL FROM
+        assert lanes == {"a1": "fast", "a2": "bulk", "a3": "bulk", "b1": "bulk",
                          "good1": "fast", "allowed1": "fast"}, lanes
         demoted = ing.events("demoted")
         assert [e["identity"] for e in demoted] == ["org:spammer.test"], demoted
         over = ing.events("over_rate")       # one line per domain per 10 s (not per MAIL)
         assert len(over) == 1 and "over-rate:org:spammer.test" in over[0]["reasons"], over
-        # the log line of each kept-bulk message says why
-        why = [e for e in ing.events("message")
-               if "over-rate:org:spammer.test" in str(e.get("reasons", ""))]
-        assert len(why) == 2, ing.events("message")
+        assert len(over_rate_lines(ing, "org:spammer.test")) == 3, ing.events("message")
+        # the fast broker never refused it (no NACK share, resubmitted as bulk)
+        assert not [e for e in ing.events("over_share") if e.get("qid")], \
+            ing.events("over_share")
+
+
+def drain_domain_at_the_broker(ing: Ingress, identity: str, n: int) -> list[str]:
+    """Submit `n` envelopes of this identity to the fast broker, as another edge would: its
+    replies (the broker's bucket for the domain is then spent)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"ipc://{ing.state / 'run' / 'fast-front'}.sock")
+    replies = []
+    try:
+        for i in range(n):
+            now = time.time()
+            env = Envelope(qid=new_qid(now), lane=Lane.FAST, peer_ip="127.0.1.99",
+                           peer_port=1, helo="other-edge.test", mail_from="x@spammer.test",
+                           rcpts=("bob@example.test",), received_at=now, deadline=now + 30,
+                           evidence={"identity": identity})
+            sock.send_multipart(submit(env, plain("spammer.test", f"other-edge{i}")))
+            assert sock.poll(10_000), "no reply from the fast broker"
+            r = decode_reply(sock.recv_multipart())
+            replies.append("ok" if r.ok else str(r.reason))
+    finally:
+        sock.close()
+    return replies
+
+
+def test_a_domain_the_fast_broker_names_over_its_rate_is_kept_bulk(tmp_path: Path,
+                                                                     dns: DNSServer) -> None:
+    """Several edges share a lanes node: each holds a domain to classify.domain_rate, and the
+    fast broker's bucket (one second of rate, at least domain_burst) bounds their sum. Here
+    another edge (this test, on the fast broker's front socket) has spent the domain's bucket:
+    the broker NACKs it share and names it over its rate in its status, and this edge then
+    keeps the domain's sessions bulk at MAIL FROM although its own buckets still have
+    tokens: a fast session is demoted at its next MAIL, a new one stays bulk."""
+    t = tables(dns, max_connections=40, fast_reserve=12)
+    t["classify"].update(identity_share=1.0, domain_rate=0.001, domain_burst=4)
+    with Ingress(tmp_path, t) as ing:
+        async def before() -> tuple[Session, str]:
+            a, _ = await Session.open(ing.port, SPAM_IPS[0])
+            await a.cmd("EHLO spam.test")
+            return a, await a.message("x@spammer.test", plain("spammer.test", "a1"))
+
+        async def after(a: Session) -> list[str]:
+            out = [await a.message("x@spammer.test", plain("spammer.test", "a2"))]
+            b, _ = await Session.open(ing.port, SPAM_IPS[1])
+            await b.cmd("EHLO spam.test")
+            out.append(await b.message("x@spammer.test", plain("spammer.test", "b1")))
+            for s in (a, b):
+                s.close()
+            return out
+
+        async def run() -> list[str]:
+            a, first = await before()
+            # the broker's bucket is 4 deep; this edge took 1 (a1): 3 left, then refused
+            assert drain_domain_at_the_broker(ing, "org:spammer.test", 4) == \
+                ["ok", "ok", "ok", "share"]
+            await asyncio.sleep(0.3)          # a status or three (STATUS_INTERVAL 0.1 s)
+            return [first, *await after(a)]
+
+        out = asyncio.run(run())
+        assert all(r.startswith("250") for r in out), out
+        lanes = {k: v[0] for k, v in lanes_by_subject(ing).items()}
+        assert {k: lanes[k] for k in ("a1", "a2", "b1")} == \
+            {"a1": "fast", "a2": "bulk", "b1": "bulk"}, lanes
+        assert [e["identity"] for e in ing.events("demoted")] == ["org:spammer.test"]
+        assert len(over_rate_lines(ing, "org:spammer.test")) == 2, ing.events("message")

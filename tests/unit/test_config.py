@@ -40,6 +40,7 @@ INVALID = [
     ("[classify]\nspf_promote = \"sometimes\"\n", "classify.spf_promote"),
     ("[classify]\nspf_promote = \"listed\"\n", "classify.spf_domains"),
     ("[classify]\nnameservers = [\"dns.example\"]\n", "classify.nameservers"),
+    ("[classify]\ndomain_burst = 0.5\n", "classify.domain_burst"),
     ("[admission]\ngreet_pause = 100.0\n", "admission.greet_pause"),
     ("[tls]\ncert = \"/nonexistent.pem\"\nkey = \"/nonexistent.key\"\n", "tls.cert"),
     ("[tls]\ncert = \"x\"\n", "tls.key"),

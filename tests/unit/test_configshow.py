@@ -52,13 +52,23 @@ def dataclass_eq(a: config.Config, b: config.Config) -> bool:
       "bulk_share_per_acceptor": {"rate": 27.5, "burst": 25.0},
       "bulk_admitted_at_mail_from": 110.0,
       # fast reserve 100 cut to 96 by the fd limit, x classify.identity_share 0.25
-      "fast_sessions_per_identity_per_acceptor": 24}),
+      "fast_sessions_per_identity_per_acceptor": 24,
+      # domain_rate 50/s and domain_burst 10 over 4 acceptors + 1 fast acceptor
+      "domain_rate_per_acceptor": {"rate": 10.0, "burst": 2.0},
+      "domain_rate_at_broker": {"rate": 50.0, "burst": 50.0}}),
     ({"smtp": {"max_connections": 500, "fast_reserve": 50},
       "supervisor": {"acceptors": 2}, "lanes.bulk": {"rate": 0.0}},
      (1024, 65536),
      {"fd_limit": 65536, "connections_per_acceptor": 500, "fd_limit_too_low": False,
       "bulk_slots_per_acceptor": 450, "connections_total": 1000,
       "bulk_share_per_acceptor": None}),
+    ({"classify": {"domain_rate": 4.0, "domain_burst": 30.0}, "supervisor": {"acceptors": 2,
+                                                                             "fast_acceptors": 0}},
+     (1024, 65536),
+     {"domain_rate_per_acceptor": {"rate": 2.0, "burst": 15.0},
+      "domain_rate_at_broker": {"rate": 4.0, "burst": 30.0}}),   # at least one edge's burst
+    ({"classify": {"domain_rate": 0.0}}, (1024, 65536),
+     {"domain_rate_per_acceptor": None, "domain_rate_at_broker": None}),
 ])
 def test_derived(tmp_path: Path, tables: dict[str, dict[str, object]], nofile: tuple[int, int],
                  want: dict[str, object]) -> None:
