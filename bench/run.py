@@ -71,6 +71,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -409,11 +410,14 @@ def profile_acceptor(procs: Processes, target: Running, directory: Path, delay: 
     def work() -> None:
         time.sleep(delay)
         pids = acceptor_pids(Path(target.info["log"]), target.info["supervisor_pid"])
-        if not pids or not shutil.which("py-spy"):
+        # py-spy is a bench dependency: in the venv, which need not be on PATH
+        beside = Path(sys.executable).with_name("py-spy")
+        pyspy = shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+        if not pids or pyspy is None:
             out["error"] = "no acceptor pid" if not pids else "py-spy not installed"
             return
         raw = directory / f"pyspy-acceptor-{pids[0]}.txt"
-        proc = procs.spawn(["py-spy", "record", "-p", str(pids[0]), "-d", str(seconds),
+        proc = procs.spawn([pyspy, "record", "-p", str(pids[0]), "-d", str(seconds),
                             "-f", "raw", "-o", str(raw), "--nonblocking", "-r", "100"],
                            log=directory / "pyspy.log")
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -548,6 +552,23 @@ def _publish(out_dir: Path) -> None:
         shutil.copyfile(out_dir / "latency.png", RESULTS / "latency.png")
 
 
+def parse_settings(items: list[str]) -> dict[str, dict[str, Any]]:
+    """["supervisor.acceptor_nice=10", 'classify.spf_promote="off"'] -> {table: {key: value}}
+    (the value is TOML; a bare word is taken as a string). Pure; ValueError names the item."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, eq, raw = item.partition("=")
+        table, dot, key = name.strip().rpartition(".")
+        if not eq or not dot or not table or not key:
+            raise ValueError(f"--set {item!r}: want TABLE.KEY=VALUE")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        out.setdefault(table, {})[key] = value
+    return out
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -572,7 +593,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-publish", action="store_true",
                     help="--full: do not copy the results into bench/results/")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, spools)")
+    ap.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                    help="smtp-ingress flood config: set this key (a TOML value, e.g. "
+                         "supervisor.acceptor_nice=10); repeatable; recorded in the results")
     a = ap.parse_args(argv)
+    try:
+        settings = parse_settings(a.set)
+    except ValueError as e:
+        ap.error(str(e))
     mode = "full" if a.full else "quick"
     names = [t.strip() for t in a.targets.split(",") if t.strip()]
     bad = [t for t in names if t not in FLOOD_TARGETS]
@@ -658,11 +686,13 @@ def main(argv: list[str] | None = None) -> int:
                                                    mode, prog, notes)
                 if sink is not None:
                     sink.stop()
-            flood_tables = {
+            flood_tables: dict[str, dict[str, Any]] = {
                 "classify": {"nameservers": [dns_addr]},
                 "tls": {"cert": str(pki.server_cert), "key": str(pki.server_key),
                         "mtls_port": 0, "client_ca": str(pki.ca)},
             }
+            for table, kv in settings.items():
+                flood_tables.setdefault(table, {}).update(kv)
             for name in names:
                 target: Running | None = None
                 if name == "postfix":

@@ -296,7 +296,8 @@ def _qid_guess(env_raw: bytes) -> bytes:
 def run(cfg: Config, lane: str, index: int, hb: Any = None, slot: int = 0) -> None:
     # Only the supervisor stops us (SIGUSR2), after the acceptors have drained (LANE_SIGNALS).
     sig = child.start(cfg, f"worker-{lane}-{index}", child.LANE_SIGNALS,
-                      nice=getattr(cfg.lanes, lane).nice)
+                      nice=getattr(cfg.lanes, lane).nice,
+                      policy=getattr(cfg.lanes, lane).sched_policy)
     w = Worker(cfg, Lane(lane), index, hb, slot)
     sig.on_stop(lambda: setattr(w, "stopping", True))
     log.event("worker_start", lane=lane, index=index)

@@ -115,12 +115,26 @@ class Signals:
                 loop.add_signal_handler(signum, self.handle, signum)
 
 
-def start(cfg: Config, name: str, table: Mapping[int, Action], nice: int = 0) -> Signals:
+# config.SCHED_POLICIES, as the kernel's constants
+POLICY = {"other": os.SCHED_OTHER, "batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}
+
+
+def start(cfg: Config, name: str, table: Mapping[int, Action], nice: int = 0,
+          policy: str = "other") -> Signals:
     """A child's first call: JSON logging and the process title, its CPU priority, then its
     signal handlers. `nice` > 0 lowers the priority (os.nice), so that on shared cores the
-    bulk lane's brokers and workers and the relay yield to the acceptors and the fast lane;
-    a failure is logged and the child runs on at its inherited priority."""
+    bulk lane's brokers and workers and the relay yield to the acceptors and the fast lane.
+    `policy` (lanes.<lane>.sched_policy, as systemd's CPUSchedulingPolicy=) "idle" runs it
+    only on CPU time no other task wants (SCHED_IDLE: a waking fast-lane task preempts it at
+    once), "batch" as a CPU-bound task (SCHED_BATCH). Set before the child starts any thread
+    (zmq's io threads, pools), so every thread inherits it. A failure is logged and the child
+    runs on at its inherited priority and policy."""
     log.setup(cfg.log.level, name)          # also sets the title: "smtp-ingress: <name>"
+    if policy != "other":
+        try:
+            os.sched_setscheduler(0, POLICY[policy], os.sched_param(0))
+        except OSError as e:
+            log.event("sched_policy_failed", "warning", policy=policy, error=str(e))
     if nice > 0:
         try:
             os.nice(nice)

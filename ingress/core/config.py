@@ -120,12 +120,15 @@ class LaneConfig:
     burst: int = 0                      # token bucket depth; 0 = one second of rate
     nice: int = 0                       # the lane's broker and workers run at this nice(2)
                                         # increment (0..19): bulk yields the cores to fast
+    sched_policy: str = "other"         # and this CPU scheduling policy, named as systemd's
+                                        # CPUSchedulingPolicy=: "other", "batch" or "idle"
+                                        # (SCHED_IDLE: only CPU time nobody else wants)
 
 
 @dataclass(frozen=True)
 class LanesConfig:
     fast: LaneConfig = LaneConfig()
-    bulk: LaneConfig = LaneConfig(rate=500.0, nice=10)
+    bulk: LaneConfig = LaneConfig(rate=500.0, nice=10, sched_policy="idle")
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,7 @@ class SupervisorConfig:
     fast_acceptors: int = 1             # processes serving only clients classified fast at
                                         # connect, handed over by the acceptors (SCM_RIGHTS);
                                         # 0 = none (every acceptor serves everyone)
-    acceptor_nice: int = 0              # nice(2) increment of the acceptors with the listeners
+    acceptor_nice: int = 10             # nice(2) increment of the acceptors with the listeners
                                         # (every unknown client, spam being shed) when there
                                         # are fast acceptors, which keep 0; 0..19
     heartbeat_interval: float = 0.5
@@ -320,6 +323,7 @@ class Config:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SCHED_POLICIES = ("other", "batch", "idle")     # lanes.<lane>.sched_policy (ingress.core.child)
 
 
 def cores() -> int:
@@ -618,6 +622,8 @@ def _check_lanes(cfg: Config, need: _Need) -> None:
         need(lc.rate >= 0, f"{k}.rate", "must be >= 0 (0 = uncapped)")
         need(lc.burst >= 0, f"{k}.burst", "must be >= 0")
         need(0 <= lc.nice <= 19, f"{k}.nice", "must be 0..19 (a nice(2) increment)")
+        need(lc.sched_policy in SCHED_POLICIES, f"{k}.sched_policy",
+             f"must be one of {', '.join(SCHED_POLICIES)}")
     need(cfg.lanes.fast.rate == 0, "lanes.fast.rate", "the fast lane is never rate-capped")
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -530,22 +531,46 @@ def test_reload_that_does_not_fit_the_heartbeat_array(tmp_path: Path) -> None:
     assert workers == 1
 
 
-def test_bulk_lane_and_relay_yield_the_cores(tmp_path: Path) -> None:
+KINDS = ("acceptor", "fast-acceptor", "broker-fast", "worker-fast", "broker-bulk",
+         "worker-bulk", "relay")
+
+
+def policies(pid: int) -> set[int]:
+    """The scheduling policy of every thread of a process (zmq's io threads included)."""
+    return {os.sched_getscheduler(int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()}
+
+
+@pytest.mark.parametrize("bulk_policy, want_bulk", [("other", os.SCHED_OTHER),
+                                                    ("batch", os.SCHED_BATCH),
+                                                    ("idle", os.SCHED_IDLE)])
+def test_bulk_lane_and_relay_yield_the_cores(tmp_path: Path, bulk_policy: str,
+                                             want_bulk: int) -> None:
     """Issue 8 item 4: under a flood, bulk work must not take CPU from the fast lane on the
-    same cores. The bulk broker and workers run at lanes.bulk.nice, the relay at relay.nice;
-    the acceptors and the fast lane keep the supervisor's priority."""
+    same cores. The bulk broker and workers run at lanes.bulk.nice and lanes.bulk.sched_policy
+    (every thread: zmq's io threads and the worker's pool start after it is set), the relay at
+    relay.nice; the fast acceptor and the fast lane keep the supervisor's priority and policy
+    (the acceptors that own the listeners run at supervisor.acceptor_nice, default 10)."""
     import psutil
 
-    tables = {"lanes.bulk": {"rate": 0.0, "nice": 7},
+    tables = {"lanes.bulk": {"rate": 0.0, "nice": 7, "sched_policy": bulk_policy},
               # a downstream nobody listens on: the relay runs (and retries), nothing is sent
               "relay": {"nice": 3, "downstream": "smtp://127.0.0.1:9"}}
     with Ingress(tmp_path, tables) as ing:
         base = psutil.Process(ing.pid).nice()
         nice = {kind: {psutil.Process(p).nice() - base for p in ing.children(kind)}
-                for kind in ("acceptor", "broker-fast", "worker-fast", "broker-bulk",
-                             "worker-bulk", "relay")}
-        assert nice == {"acceptor": {0}, "broker-fast": {0}, "worker-fast": {0},
-                        "broker-bulk": {7}, "worker-bulk": {7}, "relay": {3}}
+                for kind in KINDS}
+        policy = {kind: set().union(*(policies(p) for p in ing.children(kind)))
+                  for kind in KINDS}
+        threads = sum(len(list(Path(f"/proc/{p}/task").iterdir()))
+                      for p in ing.children("worker-bulk"))
+    assert nice == {"acceptor": {10}, "fast-acceptor": {0}, "broker-fast": {0},
+                    "worker-fast": {0}, "broker-bulk": {7}, "worker-bulk": {7}, "relay": {3}}
+    other = {os.SCHED_OTHER}
+    assert policy == {"acceptor": other, "fast-acceptor": other, "broker-fast": other,
+                      "worker-fast": other,
+                      "broker-bulk": {want_bulk}, "worker-bulk": {want_bulk},
+                      "relay": other}, policy
+    assert threads > 1              # the policy reached its threads, not only the main one
 
 
 @pytest.mark.parametrize("fast_acceptors, listener_nice", [(1, 4), (0, 0)])

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bench import report
-from bench.run import build_scenarios, netstat_delta
+from bench.run import build_scenarios, netstat_delta, parse_settings
 
 
 def legit(kind: str, attempts: int, accepted: int, p99: float, *, p50: float = 5.0,
@@ -336,3 +336,19 @@ def test_medians_ratios_per_run() -> None:
                      entry("spfspam", trusted=25.0)]}
     assert ratios(doc) == {("flood", "trusted"): 1.5, ("flood", "cert"): 1.5,
                            ("spfspam", "trusted"): 2.5}
+
+
+@pytest.mark.parametrize(("items", "want"), [
+    (["supervisor.acceptor_nice=10"], {"supervisor": {"acceptor_nice": 10}}),
+    (["lanes.bulk.rate=50.5", "lanes.bulk.nice=19"], {"lanes.bulk": {"rate": 50.5, "nice": 19}}),
+    (["classify.spf_promote=off", 'log.level="debug"', "classify.allow_cidrs=[]"],
+     {"classify": {"spf_promote": "off", "allow_cidrs": []}, "log": {"level": "debug"}}),
+])
+def test_parse_settings(items: list[str], want: dict[str, Any]) -> None:
+    assert parse_settings(items) == want
+
+
+@pytest.mark.parametrize("item", ["nice=10", "supervisor.acceptor_nice", ".x=1", "a.=1"])
+def test_parse_settings_refuses(item: str) -> None:
+    with pytest.raises(ValueError, match=r"TABLE\.KEY=VALUE"):
+        parse_settings([item])

@@ -31,6 +31,7 @@ INVALID = [
     ("[lanes.bulk]\ncredit = true\n", "lanes.bulk.credit"),
     ("[lanes.bulk]\nnice = 20\n", "lanes.bulk.nice"),
     ("[lanes.fast]\nnice = -1\n", "lanes.fast.nice"),
+    ("[lanes.bulk]\nsched_policy = \"fifo\"\n", "lanes.bulk.sched_policy"),
     ("[relay]\nnice = 99\n", "relay.nice"),
     ("[lanes.bulk]\nqueue_bytes = 1000\n", "lanes.bulk.queue_bytes"),
     ("[smtp]\ndata_memory_budget = 2048\n", "smtp.data_fast_reserve"),
