@@ -306,6 +306,41 @@ def _machine_line(doc: dict[str, Any]) -> str:
             f"at end {m.get('loadavg_end', '?')}")
 
 
+STAGES = ("connect", "banner", "EHLO", "TLS", "MAIL", "RCPT", "DATA", "DOT")
+
+
+def _where_the_time_goes(doc: dict[str, Any], scen: dict[str, Any]) -> list[str]:
+    """smtp-ingress, per scenario: the allow-listed sender's stages (p50, and the mean over its
+    slowest 1%), and CPU / run-queue wait per process role over the measured window."""
+    out: list[str] = []
+    entries = list(_entries(doc, scen, ["smtp-ingress"]))
+
+    def stages(e: dict[str, Any]) -> dict[str, Any]:
+        return dict((_summary(e)["legit"].get("trusted") or {}).get("stages_ms") or {})
+
+    keys = [k for k in STAGES if any(k in stages(e) for _l, _t, e in entries)]
+    stage_rows = [[label] + [f"{st[k]['p50']:.1f} / {st[k]['tail_mean']:.1f}" if k in st
+                             else "-" for k in keys]
+                  for label, _t, e in entries if (st := stages(e))]
+    sched_rows = [[label, "; ".join(
+        f"{r['role']} {r['cpu_pct']:g}% cpu, {r['wait_per_slice_us']:g} µs wait/run"
+        for r in (e.get("sched") or [])[:8]
+        if r.get("cpu_pct") and r.get("wait_per_slice_us") is not None)]
+        for label, _t, e in entries if e.get("sched")]
+    if stage_rows:
+        out += ["### Where the allow-listed sender's time goes (smtp-ingress)", "",
+                "ms per SMTP stage: p50 / mean over its slowest 1% of transactions.", ""]
+        out += _table(["scenario", *keys], stage_rows, "l" + "r" * len(keys))
+        out.append("")
+    if sched_rows:
+        out += ["### CPU per process role over the measured window (bench/sched.py)", "",
+                "% of one core, and the mean time a wake-up of that role waited for a core.",
+                ""]
+        out += _table(["scenario", "roles (most CPU first)"], sched_rows)
+        out.append("")
+    return out
+
+
 def render_markdown(doc: dict[str, Any]) -> str:
     """The whole report as Markdown (deterministic for a given document)."""
     params = doc.get("params") or {}
@@ -388,6 +423,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
     out += _table(["scenario", "target", "spam", "spam shed (4xx)", "spam rejected (5xx)",
                    "idle bots", "listen drops"], rows)
     out.append("")
+
+    out += _where_the_time_goes(doc, scen)
 
     tp = doc.get("throughput") or {}
     if tp.get("skipped"):

@@ -352,3 +352,20 @@ def test_parse_settings(items: list[str], want: dict[str, Any]) -> None:
 def test_parse_settings_refuses(item: str) -> None:
     with pytest.raises(ValueError, match=r"TABLE\.KEY=VALUE"):
         parse_settings([item])
+
+
+def test_render_where_the_time_goes() -> None:
+    doc = make_doc()
+    e = doc["flood"][1]                                       # flood @ smtp-ingress
+    e["result"]["legit"][0]["stages_ms"] = {
+        "connect": {"p50": 1.0, "p99": 2.0, "tail_mean": 1.5},
+        "DOT": {"p50": 5.0, "p99": 20.0, "tail_mean": 18.25}}
+    e["sched"] = [{"role": "acceptor", "processes": 2, "cpu_pct": 40.0, "wait_pct": 9.0,
+                   "slices": 10, "wait_per_slice_us": 90.5},
+                  {"role": "idle-one", "processes": 1, "cpu_pct": 0.0, "wait_pct": 0.0,
+                   "slices": 0, "wait_per_slice_us": None}]
+    md = report.render_markdown(doc)
+    assert "| scenario | connect | DOT |" in md
+    assert "| 300 + 50 | 1.0 / 1.5 | 5.0 / 18.2 |" in md        # stages only where measured
+    assert "| 300 + 50 | acceptor 40% cpu, 90.5 µs wait/run |" in md
+    assert "no flood |" not in md.split("Where the allow-listed")[1].split("###")[0]
