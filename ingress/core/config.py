@@ -128,7 +128,7 @@ class LaneConfig:
 @dataclass(frozen=True)
 class LanesConfig:
     fast: LaneConfig = LaneConfig()
-    bulk: LaneConfig = LaneConfig(rate=500.0, nice=10, sched_policy="idle")
+    bulk: LaneConfig = LaneConfig(rate=500.0, nice=10)
 
 
 @dataclass(frozen=True)
@@ -375,21 +375,23 @@ def load(path: Path | str | None) -> Config:
         raise ConfigError(name, "-", f"cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(name, "-", f"not valid TOML: {e}") from None
-    return _finish(_build(Config, raw, name, ""), name)
+    return _finish(_build(Config(), raw, name, ""), name)
 
 
-def _build(cls: type, raw: Any, file: str, prefix: str) -> Any:
+def _build(base: Any, raw: Any, file: str, prefix: str) -> Any:
+    """`base` (a default instance) with the keys of the table `raw` replaced. A table's keys
+    it does not name keep `base`'s values: [lanes.bulk] with only `rate` keeps the bulk lane's
+    own defaults (rate 500, nice 10), not a generic lane's."""
     if not isinstance(raw, dict):
         raise ConfigError(file, prefix or "-", "must be a table")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    fields = {f.name: f for f in dataclasses.fields(base) if f.name != "source"}
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
             raise ConfigError(file, dotted, f"unknown key (known: {', '.join(sorted(fields))})")
-        default = getattr(cls(), key)
-        kwargs[key] = _convert(default, value, file, dotted)
-    return cls(**kwargs)
+        kwargs[key] = _convert(getattr(base, key), value, file, dotted)
+    return dataclasses.replace(base, **kwargs)
 
 
 def _is_int(v: Any) -> bool:
@@ -410,7 +412,7 @@ _SCALARS: tuple[tuple[type, Any, str, Any], ...] = (
 
 def _convert(default: Any, value: Any, file: str, key: str) -> Any:
     if dataclasses.is_dataclass(default):
-        return _build(type(default), value, file, key + ".")
+        return _build(default, value, file, key + ".")
     for kind, ok, message, convert in _SCALARS:   # bool before int: a bool is an int
         if isinstance(default, kind):
             if not ok(value):

@@ -125,3 +125,16 @@ def test_child_count(tmp_path: Path) -> None:
                  '[lanes.bulk]\nworkers = 256\n[relay]\ndownstream = "smtp://127.0.0.1:25"\n')
     cfg = config.load(f)
     assert cfg.child_count == 2 + 3 + 256 + 1 + 7 + 1     # + the fast acceptor
+
+
+def test_a_table_keeps_the_defaults_it_does_not_name(tmp_path: Path) -> None:
+    """[lanes.bulk] with only `rate` keeps the bulk lane's own defaults (nice 10), not a
+    generic lane's (nice 0): every config that set the bulk cap had run bulk at full
+    priority, and one that set only its nice had an uncapped bulk lane."""
+    f = tmp_path / "c.toml"
+    f.write_text('[smtp]\naccepted_domains = ["example.test"]\n[lanes.bulk]\nrate = 200.0\n')
+    bulk = config.load(f).lanes.bulk
+    assert (bulk.rate, bulk.nice, bulk.sched_policy) == (200.0, 10, "other")
+    f.write_text('[smtp]\naccepted_domains = ["example.test"]\n[lanes.bulk]\nnice = 5\n')
+    bulk = config.load(f).lanes.bulk
+    assert (bulk.rate, bulk.nice) == (config.Config().lanes.bulk.rate, 5)
