@@ -436,7 +436,7 @@ def profile_acceptor(procs: Processes, target: Running, directory: Path, delay: 
 
 def sched_window(delay: float, seconds: float, out: dict[str, Any]) -> threading.Thread:
     """CPU and run-queue wait per process role (bench.sched) over [delay, delay + seconds] from
-    now: the flood's measured part (its children start 1.5 s after run_flood is called)."""
+    now: the flood's measured part (FloodConfig.startup_s + warmup_s after run_flood's call)."""
 
     def work() -> None:
         time.sleep(delay)
@@ -460,10 +460,11 @@ def run_scenarios(procs: Processes, target: Running, pki: Pki,
         t0 = time.monotonic()
         prof_thread = None
         sched_out: dict[str, Any] = {}
-        sched_thread = sched_window(sc.warmup_s + 1.5, sc.duration_s - sc.warmup_s, sched_out)
+        measured_at = cfg.startup_s + sc.warmup_s     # from now, when the senders start
+        sched_thread = sched_window(measured_at, sc.duration_s - sc.warmup_s, sched_out)
         if profile is not None and sc.name == "flood" and target.name == "smtp-ingress":
             profile["scenario"] = sc.label
-            prof_thread = profile_acceptor(procs, target, workdir, sc.warmup_s + 3.0,
+            prof_thread = profile_acceptor(procs, target, workdir, measured_at + 1.5,
                                            min(5, max(1, int(sc.duration_s - sc.warmup_s - 4))),
                                            profile)
         try:

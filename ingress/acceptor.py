@@ -127,13 +127,12 @@ class AcceptorContext:
             spf_promote=c.spf_promote, spf_domains=frozenset(c.spf_domains),
             cert_promotes=c.cert_promotes, learned_promotes=c.learned_ttl > 0)
         self.counters: Counter[str] = Counter()
-        self.over_rate_logged: dict[str, tuple[float, int]] = {}  # key -> (last line, since)
+        self.over_rate_lines = log.Throttle(OVER_RATE_LOG_EVERY, OVER_RATE_LOGGED_MAX)
         # classify.domain_rate and domain_burst, held here at MAIL FROM: each acceptor of the
         # edge takes its part of both, so that a domain's fast-lane mail is a steady flow
         # (the fast broker's own bucket bounds the sum of several edges, and names a domain
         # over it in its status: Lanes.over_rate)
-        mine, _ = domain_buckets(c.domain_rate, c.domain_burst,
-                                 cfg.acceptor_count + cfg.supervisor.fast_acceptors)
+        mine, _ = domain_buckets(c.domain_rate, c.domain_burst, cfg.acceptor_processes)
         self.domain_rates = KeyedBuckets(*mine, RATE_TRACKED)
         self.table = SessionTable(cfg, self.counters, time.monotonic(), nofile=nofile)
         self.pins = frozenset(normalize_fingerprint(f) for f in cfg.tls.pinned_sha256)
@@ -194,16 +193,10 @@ class AcceptorContext:
             reasons = (*decision.reasons, over_rate_reason(decision.identity))
             # One line per domain per OVER_RATE_LOG_EVERY (the spammer chooses how many MAILs:
             # the metric counts each), with the number left out since the last.
-            now = time.monotonic()
-            last, quiet = self.over_rate_logged.get(key, (-OVER_RATE_LOG_EVERY, 0))
-            if now - last >= OVER_RATE_LOG_EVERY:
-                if len(self.over_rate_logged) >= OVER_RATE_LOGGED_MAX:
-                    self.over_rate_logged.clear()
-                self.over_rate_logged[key] = (now, 0)
+            quiet = self.over_rate_lines.due(key, time.monotonic())
+            if quiet is not None:
                 log.event("over_rate", identity=decision.identity, reasons=",".join(reasons),
                           served="bulk", not_logged=quiet)
-            else:
-                self.over_rate_logged[key] = (last, quiet + 1)
             return Decision(Lane.BULK, reasons)
         return decision
 

@@ -101,7 +101,7 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
     share = bulk_share_bucket(cfg)
     retry = retry_buckets(cfg)
     domains = domain_buckets(cfg.classify.domain_rate, cfg.classify.domain_burst,
-                             acceptors + cfg.supervisor.fast_acceptors)
+                             cfg.acceptor_processes)
     return {
         "cores": cores,
         "acceptors": acceptors,

@@ -98,7 +98,7 @@ class SessionTable:
         max_connections, fast_reserve = self.limit.max_connections, self.limit.fast_reserve
         self.nofile = nofile
         self.fd_capped = self.limit.limited_by == "fd"
-        self._fd_logged = -FD_LOG_INTERVAL
+        self._fd_lines = log.Throttle(FD_LOG_INTERVAL, 1)
         self.admission = Admission(AdmissionLimits(
             max_connections=max_connections, fast_reserve=fast_reserve,
             per_ip_bulk_max=a.per_ip_bulk_max, per_ip_rate=a.per_ip_rate,
@@ -171,9 +171,8 @@ class SessionTable:
 
     def _log_fd_cap(self, now: float) -> None:
         """Slots full and they were capped by the fd limit: say so (rate-limited)."""
-        if now - self._fd_logged < FD_LOG_INTERVAL:
+        if self._fd_lines.due("", now) is None:
             return
-        self._fd_logged = now
         log.event("fd_limit_reached", "warning", nofile=self.nofile, fd_spare=FD_SPARE,
                   max_connections=self.cfg.smtp.max_connections,
                   effective=self.admission.limits.max_connections,

@@ -122,6 +122,12 @@ class FloodConfig:
             ))
         return out
 
+    @property
+    def startup_s(self) -> float:
+        """Seconds from run_flood's call to the bots' start: child processes need time to
+        spawn (the legitimate senders start warmup_s after that)."""
+        return 1.5 if any(role != "inline" for role, _, _ in self.plan()) else 0.05
+
     def legit_sockets(self) -> int:
         return sum(math.ceil((s.deadline_s or self.deadline_s) / s.interval_s) + 2
                    for s in self.legit)
@@ -305,7 +311,7 @@ async def run_flood(
         ensure_fd_limit(need, f"process {proc_name}")
     plan = cfg.plan()
     children_roles = [(r, bc, off) for r, bc, off in plan if r != "inline"]
-    startup = 1.5 if children_roles else 0.05
+    startup = cfg.startup_s
     wall0 = time.time() + startup
     start_at = loop.time() + startup
     end = start_at + cfg.duration_s

@@ -291,6 +291,11 @@ class Config:
     def acceptor_count(self) -> int:
         return self.supervisor.acceptors or cores()
 
+    @property
+    def acceptor_processes(self) -> int:
+        """Every acceptor of this host: those with the listeners and the fast acceptors."""
+        return self.acceptor_count + self.supervisor.fast_acceptors
+
     def worker_count(self, lane: str) -> int:
         lc: LaneConfig = getattr(self.lanes, lane)
         return lc.workers or max(1, cores() // 2)
@@ -299,8 +304,7 @@ class Config:
     def child_count(self) -> int:
         """Processes the supervisor runs for this config: brokers, workers, relay, acceptors."""
         return (2 + self.worker_count("fast") + self.worker_count("bulk")
-                + (1 if self.relay.downstream else 0) + self.acceptor_count
-                + self.supervisor.fast_acceptors)
+                + (1 if self.relay.downstream else 0) + self.acceptor_processes)
 
     @property
     def data_budget(self) -> tuple[int, int]:

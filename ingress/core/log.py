@@ -7,6 +7,10 @@ API:
                                         (name and level positional, so any key is a field)
     get() -> logging.Logger             for exceptions (log.exception(...) keeps the traceback in
                                         the log line's "exc" field, never in an SMTP reply)
+    Throttle(every, max_keys).due(key, now) -> int | None
+                                        at most one line per key per `every` seconds, for
+                                        lines a client can make us write: None (leave it out)
+                                        or how many were left out since the last (pure clock)
 
 aiosmtpd's own logger ("mail.log") logs every command at INFO; it is held at WARNING so the
 acceptors' hot path does not pay for it. Failure modes: a value orjson cannot encode is logged
@@ -90,3 +94,25 @@ def event(name: str, level: str = "info", /, **fields: Any) -> None:
 
 def get() -> logging.Logger:
     return _LOGGER
+
+
+class Throttle:
+    """At most one log line per key per `every` seconds (the caller logs when due() is not
+    None, saying how many it left out). Holds at most `max_keys` keys: when full, a line that
+    is due forgets them all (an attacker choosing keys cannot grow it)."""
+
+    __slots__ = ("_seen", "every", "max_keys")
+
+    def __init__(self, every: float, max_keys: int = 1024) -> None:
+        self.every, self.max_keys = every, max(1, max_keys)
+        self._seen: dict[str, tuple[float, int]] = {}   # key -> (last line, left out since)
+
+    def due(self, key: str, now: float) -> int | None:
+        last, quiet = self._seen.get(key, (float("-inf"), 0))
+        if now - last >= self.every:
+            if len(self._seen) >= self.max_keys:
+                self._seen.clear()
+            self._seen[key] = (now, 0)
+            return quiet
+        self._seen[key] = (last, quiet + 1)
+        return None

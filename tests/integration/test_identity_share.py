@@ -13,6 +13,7 @@ import dkim
 import pytest
 import zmq
 
+from ingress.core import config
 from ingress.core.wire import Envelope, Lane, decode_reply, new_qid, submit
 from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
@@ -263,7 +264,7 @@ def drain_domain_at_the_broker(ing: Ingress, identity: str, n: int) -> list[str]
     replies (the broker's bucket for the domain is then spent)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(f"ipc://{ing.state / 'run' / 'fast-front'}.sock")
+    sock.connect(config.load(ing.config).ipc("fast-front"))
     replies = []
     try:
         for i in range(n):

@@ -45,3 +45,13 @@ def test_stage_breakdown_names_the_stage_of_the_tail() -> None:
     assert stage_breakdown([]) == {}
     # a stage only some transactions have (TLS: STARTTLS) counts 0 for the others
     assert stage_breakdown([{"TLS": 2.0}, {"DOT": 1.0}])["TLS"]["p50"] == 0.0
+
+
+def test_startup_waits_for_child_processes_only() -> None:
+    from bench.flood import BotConfig, FloodConfig, Target
+
+    t = Target("127.0.0.1", 2525)
+    assert FloodConfig(target=t, duration_s=1.0).startup_s == 0.05
+    assert FloodConfig(target=t, duration_s=1.0, bots=BotConfig(spammers=2)).startup_s == 1.5
+    inline = FloodConfig(target=t, duration_s=1.0, bots=BotConfig(stallers=3), bot_procs=0)
+    assert inline.startup_s == 0.05                   # bots in the measuring process
