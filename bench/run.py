@@ -89,6 +89,7 @@ from bench.flood import (
     format_progress,
     run_flood_sync,
 )
+from bench.flood.adversary import Adversary
 from bench.targets import (
     CONFIGS,
     Pki,
@@ -112,6 +113,12 @@ FLOOD_TARGETS = ("smtp-ingress", "postfix", "aiosmtpd")
 TRUSTED_IP, CERT_IP, SPF_IP = "127.0.0.10", "127.0.0.11", "127.0.0.12"
 SPF_DOMAIN = "spf-pass.test"
 SPF_BOTS_DOMAIN = "spf-bots.test"   # a spammer's own domain: SPF pass for the spam bots (127.4/16)
+SPF_MANY = "s{d}.spf-many.test"     # issue 17: a spammer's many domains (SPF pass for 127.4/16)
+SPF_MANY_N = 200
+DKIM_SELECTOR = "bench"             # the spam domains' DKIM key (aligned: learning)
+DEAD_SIGS = 3                       # DKIM signatures whose key names never answer (dead<i>)
+MTA_RETRY_FULL, MTA_RETRY_QUICK = 60.0, 15.0   # issue 17: retrying MTAs (every 60-300 s)
+MTAS = 5                            # MTAs, each from its own /24 (127.7.<k>.1)
 BOTS_PER_PROC = 9000                # idle bots per bot process (the hard fd limit here: 20000)
 RCPT = "user@example.test"
 LEGIT_INTERVAL = 0.1
@@ -130,6 +137,11 @@ class Scenario:
     senders: tuple[str, ...] = ()   # issue 8: the legitimate senders this row is judged on
     p99_max: float = P99_MAX_RATIO  # issue 8: their p99 at most this x their no-flood p99
     min_accepted_pct: float = 99.0  # issue 8: and at least this share accepted
+    # issue 17: (sender, min accepted %, p99 max ratio) per judged sender, instead of the above
+    judged: tuple[tuple[str, float, float], ...] = ()
+    mtas: int = 0                   # issue 17: retrying MTAs (judged: accepted by the 3rd retry)
+    mta_retry_s: float = 0.0
+    issue: str = "8"
 
     @property
     def bot_procs(self) -> int:
@@ -197,9 +209,66 @@ def build_scenarios(mode: str, ramp: float | None = None,
                       BotConfig(spammers=50, spam_per_conn=100, spam_rcpt=RCPT,
                                 spam_from=f"spam@{SPF_BOTS_DOMAIN}"),
                       senders=("trusted",), min_accepted_pct=100.0))
+    s += adversarial_scenarios(full, i8_measured)
     if not full:
         s = [x for x in s if x.name in ("noflood", "flood", "large") or x.name in picked]
     return {x.name: x for x in s}
+
+
+def adversarial_scenarios(full: bool, measured: float) -> list[Scenario]:
+    """Issue 17: a spammer who has read the code (pure). spfmany: every spam connection its own
+    SPF-pass domain (200); spfmany_learned: the same signed with aligned DKIM, so their IPs get
+    learned; dkimdead: SPF-pass spam carrying DKIM signatures whose key names never answer;
+    tlsflood: stranger TLS handshakes on the mutual-TLS port; retryfarm: a bot farming
+    deferral records over 64 senders while MTAs retry a deferred message."""
+    stall_spam = dict(stallers=300, spammers=50, ramp_s=1.0, spam_rcpt=RCPT)
+    many = dict(spam_from=f"spam@{SPF_MANY}", spam_per_conn=10)
+    both = (("trusted", 100.0, 1.5), ("cert", 100.0, 1.5))
+    retry = MTA_RETRY_FULL if full else MTA_RETRY_QUICK
+    return [
+        Scenario("spfmany", f"300 silent bots + 50 spam connections, each connection its own "
+                 f"SPF-pass domain ({SPF_MANY_N} domains)", measured + 2.0, 2.0,
+                 BotConfig(**stall_spam, **many, adversary=Adversary(spam_domains=SPF_MANY_N)),
+                 judged=(*both, ("spf", 99.0, 2.0)), issue="17"),
+        Scenario("spfmany_learned", f"the same, the {SPF_MANY_N} domains' mail signed with "
+                 f"aligned DKIM (their IPs learned)", measured + 4.0, 4.0,
+                 BotConfig(**stall_spam, **many, adversary=Adversary(
+                     spam_domains=SPF_MANY_N, dkim_key="{dkim_key}",
+                     dkim_selector=DKIM_SELECTOR)),
+                 judged=both, issue="17"),
+        Scenario("spfspam17", "300 bots + 50 spam connections from one SPF-pass domain they own",
+                 measured + 2.0, 2.0,
+                 BotConfig(**stall_spam, spam_from=f"spam@{SPF_BOTS_DOMAIN}", spam_per_conn=100),
+                 judged=(("trusted", 100.0, 1.5),), issue="17"),
+        Scenario("dkimdead", f"50 SPF-pass spam connections, each message with {DEAD_SIGS} DKIM "
+                 f"signatures whose key names never answer", measured + 1.0, 1.0,
+                 BotConfig(spammers=50, spam_per_conn=100, spam_rcpt=RCPT,
+                           spam_from=f"spam@{SPF_BOTS_DOMAIN}",
+                           adversary=Adversary(dead_sigs=DEAD_SIGS)),
+                 judged=(("trusted", 100.0, 1.5),), issue="17"),
+        Scenario("tlsflood", "250 bots doing TLS handshakes without a valid certificate on the "
+                 "mutual-TLS port + 50 silent connections there", measured + 2.0, 2.0,
+                 BotConfig(ramp_s=1.0, adversary=Adversary(handshakers=250, tls_stallers=50,
+                                                           tls_port=1)),
+                 judged=(("cert", 100.0, 2.0), ("trusted", 100.0, 2.0)), issue="17"),
+        Scenario("retryfarm", f"300 bots + 50 spam connections farming deferrals over 64 "
+                 f"senders; {MTAS} MTAs retrying every {retry:g} s", 4 * retry + 12.0, 2.0,
+                 BotConfig(**stall_spam, spam_from="farm{s}@bots.invalid", spam_per_conn=100,
+                           adversary=Adversary(spam_senders=64)),
+                 mtas=MTAS, mta_retry_s=retry, issue="17"),
+    ]
+
+
+def adversary_dns(dkim_record: str) -> tuple[dict[str, dict[str, list[str]]], list[str]]:
+    """The records issue 17's scenarios need (the spammer's domains, their DKIM key) and the
+    names never answered (the dead DKIM keys) (pure)."""
+    records: dict[str, dict[str, list[str]]] = {}
+    for d in range(SPF_MANY_N):
+        name = SPF_MANY.format(d=d)
+        records[name] = {"TXT": ["v=spf1 ip4:127.4.0.0/16 -all"]}
+        records[f"{DKIM_SELECTOR}._domainkey.{name}"] = {"TXT": [dkim_record]}
+    silent = [f"dead{i}._domainkey.{SPF_BOTS_DOMAIN}" for i in range(DEAD_SIGS)]
+    return records, silent
 
 
 def issue8_rows(doc: dict[str, Any], target: str = "smtp-ingress",
@@ -212,12 +281,17 @@ def issue8_rows(doc: dict[str, Any], target: str = "smtp-ingress",
     base = report._summary(base_e)["legit"] if base_e else {}
     rows = []
     for name, sc in scenarios.items():
-        for who in sc.get("senders") or (judged or {}).get(name, ()):
+        limits = {w: (pct, p99) for w, pct, p99 in sc.get("judged") or ()}
+        for who in list(limits) or sc.get("senders") or (judged or {}).get(name, ()):
+            min_pct, p99_max = limits.get(who, (sc.get("min_accepted_pct", 99.0),
+                                                sc.get("p99_max", P99_MAX_RATIO)))
             e = report._find(doc, name, target)
             t = report._summary(e)["legit"].get(who) if e else None
             b = base.get(who)
             row: dict[str, Any] = {"scenario": name, "label": sc.get("label", name),
-                                   "sender": who, "measured": t is not None}
+                                   "sender": who, "measured": t is not None,
+                                   "issue": sc.get("issue", "8"), "p99_max": p99_max,
+                                   "min_accepted_pct": min_pct}
             if t is not None:
                 r99 = report.ratio(t["p99"], b["p99"] if b else None)
                 r50 = report.ratio(t["p50"], b["p50"] if b else None)
@@ -225,8 +299,8 @@ def issue8_rows(doc: dict[str, Any], target: str = "smtp-ingress",
                            accepted_pct=t["accepted_pct"], p50=t["p50"], p99=t["p99"],
                            base_p50=b["p50"] if b else None, base_p99=b["p99"] if b else None,
                            p50_ratio=r50, p99_ratio=r99,
-                           ok=(t["accepted_pct"] or 0) >= sc.get("min_accepted_pct", 99.0)
-                           and r99 is not None and r99 <= sc.get("p99_max", P99_MAX_RATIO))
+                           ok=(t["accepted_pct"] or 0) >= min_pct
+                           and r99 is not None and r99 <= p99_max)
             rows.append(row)
     return rows
 
@@ -234,7 +308,8 @@ def issue8_rows(doc: dict[str, Any], target: str = "smtp-ingress",
 def issue8_markdown(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
-    out = ["", "### Issue 8: late-proving senders under silent floods (smtp-ingress)", "",
+    out = ["", "### Judged senders: issue 8 (late-proving senders under silent floods) and "
+           "issue 17 (trust tiers) rows (smtp-ingress)", "",
            "| scenario | sender | accepted | p50 ms (no flood) | p99 ms (no flood) | "
            "p99 ratio | ok |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -247,6 +322,49 @@ def issue8_markdown(rows: list[dict[str, Any]]) -> str:
             f"({r['accepted']}/{r['attempts']}) | {report._fmt_ms(r['p50'])} "
             f"({report._fmt_ms(r['base_p50'])}) | {report._fmt_ms(r['p99'])} "
             f"({report._fmt_ms(r['base_p99'])}) | {ratio} | {'yes' if r['ok'] else 'NO'} |")
+    return "\n".join(out) + "\n"
+
+
+def self_proven_rate(tables: dict[str, Any]) -> float | None:
+    """The self-proven tier's total fast-lane rate in the measured config, or None if unknown."""
+    v = (tables.get("tiers") or {}).get("self_proven_rate")
+    return float(v) if isinstance(v, int | float) else None
+
+
+def issue17_extra(doc: dict[str, Any], target: str = "smtp-ingress") -> list[dict[str, Any]]:
+    """Issue 17's rows that are not a sender's latency (pure): the spam accepted against the
+    bulk cap + the self-proven tier's total rate (spfmany*), and the try at which each retrying
+    MTA's message was accepted (retryfarm: by its third retry, i.e. within 4 tries)."""
+    params = doc.get("params") or {}
+    cap = params.get("bulk_rate_cap")
+    tier = self_proven_rate(params.get("ingress_config") or {})
+    rows: list[dict[str, Any]] = []
+    for name, sc in (doc.get("scenarios") or {}).items():
+        e = report._find(doc, name, target)
+        res = (e or {}).get("result") or {}
+        if name.startswith("spfmany") and res:
+            rate = ((res.get("bots") or {}).get("spam") or {}).get("accepted_per_s")
+            bound = None if cap is None or tier is None else cap + tier
+            rows.append({"scenario": name, "what": "spam accepted msgs/s", "value": rate,
+                         "bound": bound, "ok": None if rate is None or bound is None
+                         else rate <= bound * (1 + BULK_TOLERANCE_PCT / 100)})
+        if sc.get("mtas") and res:
+            tries = [t for s in res.get("legit") or [] if s.get("kind") == "mta"
+                     for t in s.get("tries") or [0]]
+            rows.append({"scenario": name, "what": "retrying MTAs: try that got 250",
+                         "value": tries, "bound": 4,
+                         "ok": bool(tries) and all(0 < t <= 4 for t in tries)})
+    return rows
+
+
+def issue17_markdown(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    out = ["", "### Issue 17: what the attacker gets (smtp-ingress)", "",
+           "| scenario | measure | value | bound | ok |", "|---|---|---|---|---|"]
+    for r in rows:
+        ok = "-" if r["ok"] is None else ("yes" if r["ok"] else "NO")
+        out.append(f"| {r['scenario']} | {r['what']} | {r['value']} | {r['bound']} | {ok} |")
     return "\n".join(out) + "\n"
 
 
@@ -378,10 +496,24 @@ def legit_specs(target: Running, pki: Pki) -> list[LegitSpec]:
     return specs
 
 
-def flood_config(target: Running, pki: Pki, sc: Scenario, grace: float) -> FloodConfig:
+def flood_config(target: Running, pki: Pki, sc: Scenario, grace: float,
+                 dkim_key: str = "") -> FloodConfig:
+    """The flood of scenario `sc` against `target`: issue 17's TLS bots aim at its mutual-TLS
+    port, its spam is signed with `dkim_key` (a PEM file), its MTAs come from 127.7.<k>.1."""
+    bots, adv = sc.bots, sc.bots.adversary
+    if adv.tls_sockets:
+        adv = dataclasses.replace(adv, tls_port=target.mtls_port or 0)
+    if adv.dkim_key:
+        adv = dataclasses.replace(adv, dkim_key=dkim_key)
+    if adv.tls_sockets and not adv.tls_port:
+        adv = dataclasses.replace(adv, handshakers=0, tls_stallers=0)   # no such port: n/a
+    bots = dataclasses.replace(bots, adversary=adv)
+    mtas = [LegitSpec("mta", f"127.7.{k}.1", sc.mta_retry_s, name=f"mta{k}",
+                      mail_from=f"mta{k}@example.org", retry_s=sc.mta_retry_s)
+            for k in range(sc.mtas)]
     return FloodConfig(
-        target=Target(target.host, target.port), duration_s=sc.duration_s, bots=sc.bots,
-        legit=tuple(legit_specs(target, pki)), warmup_s=sc.warmup_s, grace_s=grace,
+        target=Target(target.host, target.port), duration_s=sc.duration_s, bots=bots,
+        legit=(*legit_specs(target, pki), *mtas), warmup_s=sc.warmup_s, grace_s=grace,
         spam_procs=1, bot_procs=sc.bot_procs, mail_from="legit@example.org", rcpt=RCPT,
         helo="legit.example.org", deadline_s=LEGIT_DEADLINE, servername="localhost")
 
@@ -455,7 +587,9 @@ def run_scenarios(procs: Processes, target: Running, pki: Pki,
     entries = []
     for sc in scenarios.values():
         prog.step(f"{sc.name} @ {target.name}")
-        cfg = flood_config(target, pki, sc, grace)
+        if sc.bots.adversary.tls_sockets and not target.mtls_port:
+            continue   # the stranger-handshake flood needs a mutual-TLS port
+        cfg = flood_config(target, pki, sc, grace, str(workdir / "dkim.pem"))
         ns0 = netstat()
         t0 = time.monotonic()
         prof_thread = None
@@ -662,11 +796,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Processes() as procs, contextlib.ExitStack() as stack:
             pki = make_pki(work / "pki")
+            from tests.kit.dkimkeys import signing_record
+
+            dkim_pem, dkim_txt = signing_record()
+            (out_dir / "dkim.pem").write_bytes(dkim_pem)
+            more, silent = adversary_dns(dkim_txt)
             dns_addr, _dns = start_dns(procs, work / "dns", {
                 SPF_DOMAIN: {"TXT": [f"v=spf1 ip4:{SPF_IP} -all"]},
                 SPF_BOTS_DOMAIN: {"TXT": ["v=spf1 ip4:127.4.0.0/16 -all"]},
                 "example.org": {"TXT": ["v=spf1 ?all"]},
                 "bots.invalid": {"TXT": ["v=spf1 ?all"]},
+                **more, "$silent": silent,   # type: ignore[dict-item]
             })
             postfix: Running | None = None
             pf = start_postfix(stack, work / "postfix") if (
@@ -766,7 +906,9 @@ def _write(out_dir: Path, doc: dict[str, Any], prog: Progress) -> None:
     (out_dir / "results.json").write_bytes(
         orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS) + b"\n")
     doc["issue8"] = issue8_rows(doc)
-    md = report.render_markdown(doc) + issue8_markdown(doc["issue8"])
+    doc["issue17"] = issue17_extra(doc)
+    md = (report.render_markdown(doc) + issue8_markdown(doc["issue8"])
+          + issue17_markdown(doc["issue17"]))
     (out_dir / "results.md").write_text(md)
     png: Path | None = None
     try:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bench.flood.adversary import SpamMessages
 from bench.flood.client import (
     Attempt,
     ProtocolError,
@@ -225,8 +226,11 @@ class SpamSender:
         max_messages: int = 10_000_000,
         deadline_s: float = 30.0,
         reconnect_delay: float = 0.05,
+        messages: SpamMessages | None = None,
+        index: int = 0,
     ) -> None:
         self.target, self.source, self.stats = target, source, stats
+        self.messages, self.index, self.conns = messages, index, 0
         self.start_at, self.per_conn, self.rate = start_at, max(1, per_conn), rate
         self.mail_from, self.rcpt = mail_from, rcpt
         self.message = make_message(mail_from, rcpt, size, "spam")
@@ -286,6 +290,7 @@ class SpamSender:
                 if await cmd(b"EHLO spam.invalid\r\n", "EHLO") != 250:
                     return False
                 t_next = loop.time()
+                self.conns += 1
                 for _ in range(self.per_conn):
                     if self.count >= self.max_messages or loop.time() >= end:
                         break
@@ -295,13 +300,17 @@ class SpamSender:
                     self.count += 1
                     s.sent += 1
                     in_txn = True
-                    code = await cmd(b"MAIL FROM:<%s>\r\n" % self.mail_from.encode(), "MAIL")
+                    sender, message = self.mail_from, self.message
+                    if self.messages is not None:
+                        sender = self.messages.sender(self.index, self.conns, self.count)
+                        message = self.messages.message(sender)
+                    code = await cmd(b"MAIL FROM:<%s>\r\n" % sender.encode(), "MAIL")
                     if code == 250:
                         code = await cmd(b"RCPT TO:<%s>\r\n" % self.rcpt.encode(), "RCPT")
                     if code == 250:
                         code = await cmd(b"DATA\r\n", "DATA")
                     if code == 354:
-                        code = await cmd(self.message, "DOT")
+                        code = await cmd(message, "DOT")
                     in_txn = False
                     if code == 250:
                         s.accepted += 1
@@ -344,7 +353,8 @@ class LegitSpec:
     ``trusted:127.0.0.10:0.1``, ``spf:127.0.0.12:0.1,mail_from=a@spf.example``,
     ``cert:127.0.0.11:0.1,tls=implicit,port=4650,cert=c.pem,key=k.pem,ca=ca.pem``.
     Keys: name, mail_from, rcpt, helo, size, deadline, tls (none|implicit|starttls), port,
-    cert, key, ca, servername. Unset keys take the FloodConfig defaults.
+    cert, key, ca, servername, retry_s. Unset keys take the FloodConfig defaults. KIND mta is
+    one message retried every retry_s after a 4xx (bench.flood.adversary.RetryingMTA).
     """
 
     kind: str
@@ -362,10 +372,11 @@ class LegitSpec:
     key: str | None = None
     ca: str | None = None
     servername: str | None = None
+    retry_s: float | None = None   # kind "mta": one message, retried this often after a 4xx
 
     def __post_init__(self) -> None:
-        if self.kind not in ("trusted", "cert", "spf"):
-            raise ValueError(f"legit kind {self.kind!r}: expected trusted, cert or spf")
+        if self.kind not in ("trusted", "cert", "spf", "mta"):
+            raise ValueError(f"legit kind {self.kind!r}: expected trusted, cert, spf or mta")
         if not self.interval_s > 0:
             raise ValueError("legit interval must be > 0")
         if self.tls not in (None, "none", "implicit", "starttls"):
@@ -385,7 +396,8 @@ class LegitSpec:
         else:
             raise ValueError(f"bad legit spec {text!r}: expected KIND:SOURCE:INTERVAL[,k=v...]")
         kw: dict[str, Any] = {}
-        conv: dict[str, Callable[[str], Any]] = {"size": int, "port": int, "deadline": float}
+        conv: dict[str, Callable[[str], Any]] = {"size": int, "port": int, "deadline": float,
+                                                 "retry_s": float}
         for pair in pairs:
             k, sep, v = pair.partition("=")
             if not sep:

@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from bench.flood.adversary import Adversary
 from bench.flood.bots import LegitSpec
 from bench.flood.common import FD_MARGIN, FdLimitError, Target, bot_address, ensure_fd_limit
 from bench.flood.orchestrate import (
@@ -45,6 +46,7 @@ async def _bots_child(args: argparse.Namespace) -> dict[str, Any]:
         spam_size=args.spam_size, spam_from=args.spam_from, spam_rcpt=args.spam_rcpt,
         trickle_interval=args.trickle_interval, reconnect_delay=args.reconnect_delay,
         connect_deadline=args.connect_deadline, ramp_s=args.ramp,
+        adversary=Adversary.from_json(orjson.loads(args.adversary)),
     )
     offsets = {"stall": args.offset_stall, "trickle": args.offset_trickle,
                "early": args.offset_early, "spam": args.offset_spam}
@@ -96,6 +98,8 @@ def _add_bot_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect-deadline", type=float, default=30.0)
     p.add_argument("--ramp", type=float, default=1.0, help="spread idle-bot connects over S s")
     p.add_argument("--no-uvloop", action="store_true")
+    p.add_argument("--adversary", default="{}",
+                   help="JSON of bench.flood.adversary.Adversary (issue 17's attackers)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +139,7 @@ def config_from_args(a: argparse.Namespace) -> FloodConfig:
             spam_per_conn=a.spam_per_conn, spam_rate=a.spam_rate, spam_size=a.spam_size,
             spam_from=a.spam_from, spam_rcpt=a.spam_rcpt, trickle_interval=a.trickle_interval,
             reconnect_delay=a.reconnect_delay, connect_deadline=a.connect_deadline,
-            ramp_s=a.ramp,
+            ramp_s=a.ramp, adversary=Adversary.from_json(orjson.loads(a.adversary)),
         ),
         legit=tuple(LegitSpec.parse(x) for x in a.legit),
         warmup_s=a.warmup, grace_s=a.grace, spam_procs=a.spam_procs, bot_procs=a.bot_procs,

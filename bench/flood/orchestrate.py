@@ -25,6 +25,15 @@ from typing import Any
 
 import orjson
 
+from bench.flood.adversary import (
+    TLS_HANDSHAKE_ROLE,
+    TLS_STALL_ROLE,
+    Adversary,
+    HandshakeBot,
+    HandshakeStats,
+    RetryingMTA,
+    SpamMessages,
+)
 from bench.flood.bots import (
     EarlyTalkerBot,
     LegitSender,
@@ -65,10 +74,12 @@ class BotConfig:
     reconnect_delay: float = 1.0
     connect_deadline: float = 30.0
     ramp_s: float = 1.0  # spread idle-bot connects over this many seconds
+    adversary: Adversary = field(default_factory=Adversary)   # issue 17's attackers
 
     @property
     def sockets(self) -> int:
-        return self.stallers + self.tricklers + self.early + self.spammers
+        return (self.stallers + self.tricklers + self.early + self.spammers
+                + self.adversary.tls_sockets)
 
 
 @dataclass(frozen=True)
@@ -100,7 +111,9 @@ class FloodConfig:
         b = self.bots
         if min(b.stallers, b.tricklers, b.early, b.spammers) < 0:
             raise ValueError("bot counts must be >= 0")
-        for role, n in ((1, b.stallers), (2, b.tricklers), (3, b.early), (4, b.spammers)):
+        for role, n in ((1, b.stallers), (2, b.tricklers), (3, b.early), (4, b.spammers),
+                        (TLS_HANDSHAKE_ROLE, b.adversary.handshakers),
+                        (TLS_STALL_ROLE, b.adversary.tls_stallers)):
             if n:
                 bot_address(role, n - 1)  # raises if out of range
 
@@ -139,6 +152,13 @@ class FloodConfig:
         """
         b = self.bots
         plan: list[tuple[str, BotConfig, dict[str, int]]] = []
+        no_tls = dataclasses.replace(b.adversary, handshakers=0, tls_stallers=0,
+                                     spam_stride=b.adversary.spam_stride or b.spammers)
+        if b.adversary.tls_sockets:
+            plan.append(("tls", dataclasses.replace(
+                b, stallers=0, tricklers=0, early=0, spammers=0),
+                {"stall": 0, "trickle": 0, "early": 0, "spam": 0}))
+        b = dataclasses.replace(b, adversary=no_tls)
         if b.spammers:
             n = max(1, min(self.spam_procs, b.spammers))
             for i in range(n):
@@ -182,6 +202,8 @@ class BotRunner:
         self.trickle = BotStats(role="trickle")
         self.early = BotStats(role="early")
         self.spam = SpamStats()
+        self.handshake = HandshakeStats()
+        self.tls_stall = BotStats(role="tls_stall")
 
     def _src(self, role_octet: int, idx: int) -> str | None:
         return bot_address(role_octet, idx) if self.target.family == socket.AF_INET else None
@@ -209,12 +231,24 @@ class BotRunner:
             coros.append(EarlyTalkerBot(t, self._src(3, off["early"] + i), self.early,
                                         start_at=ramp(), **common).run(end))
             k += 1
+        adv = bc.adversary
+        messages = SpamMessages(adv, bc.spam_from, bc.spam_rcpt, bc.spam_size) if (
+            adv.spam_domains or adv.spam_senders or adv.dkim_key or adv.dead_sigs) else None
         for i in range(bc.spammers):
             coros.append(SpamSender(
                 t, self._src(4, off["spam"] + i), self.spam, start_at=start_at,
                 per_conn=bc.spam_per_conn, rate=bc.spam_rate, size=bc.spam_size,
-                mail_from=bc.spam_from, rcpt=bc.spam_rcpt,
+                mail_from=bc.spam_from, rcpt=bc.spam_rcpt, messages=messages,
+                index=off["spam"] + i,
             ).run(end))
+        tls = t.with_port(adv.tls_port) if adv.tls_sockets else t
+        for i in range(adv.handshakers):
+            coros.append(HandshakeBot(tls, self._src(TLS_HANDSHAKE_ROLE, i), self.handshake,
+                                      start_at=start_at + bc.ramp_s * i / adv.handshakers,
+                                      pause=adv.handshake_pause).run(end))
+        for i in range(adv.tls_stallers):
+            coros.append(StallingBot(tls, self._src(TLS_STALL_ROLE, i), self.tls_stall,
+                                     start_at=start_at, **common).run(end))
         return coros
 
     async def run(self, start_at: float, end: float) -> None:
@@ -222,6 +256,8 @@ class BotRunner:
         loop = asyncio.get_running_loop()
         if self.bc.spammers:
             self.spam.active_s = max(0.0, min(loop.time(), end) - start_at)
+        if self.bc.adversary.handshakers:
+            self.handshake.active_s = max(0.0, min(loop.time(), end) - start_at)
 
     def progress(self) -> dict[str, Any]:
         return {
@@ -229,18 +265,23 @@ class BotRunner:
             "early_conns": self.early.connections, "spam_open": self.spam.open_now,
             "spam_sent": self.spam.sent, "spam_accepted": self.spam.accepted,
             "spam_shed": sum(self.spam.shed.values()),
+            "tls_handshakes": self.handshake.handshakes,
         }
 
     def raw(self) -> dict[str, Any]:
         return {
             "stall": dataclasses.asdict(self.stall), "trickle": dataclasses.asdict(self.trickle),
             "early": dataclasses.asdict(self.early), "spam": dataclasses.asdict(self.spam),
+            "handshake": dataclasses.asdict(self.handshake),
+            "tls_stall": dataclasses.asdict(self.tls_stall),
         }
 
 
-def _from_raw(raw: dict[str, Any]) -> tuple[BotStats, BotStats, BotStats, SpamStats]:
+def _from_raw(raw: dict[str, Any]) -> tuple[BotStats, BotStats, BotStats, SpamStats,
+                                            HandshakeStats, BotStats]:
     return (BotStats(**raw["stall"]), BotStats(**raw["trickle"]), BotStats(**raw["early"]),
-            SpamStats(**raw["spam"]))
+            SpamStats(**raw["spam"]), HandshakeStats(**raw["handshake"]),
+            BotStats(**raw["tls_stall"]))
 
 
 def _bots_argv(cfg: FloodConfig, bc: BotConfig, offsets: dict[str, int],
@@ -255,6 +296,7 @@ def _bots_argv(cfg: FloodConfig, bc: BotConfig, offsets: dict[str, int],
         "--spam-rcpt", bc.spam_rcpt, "--trickle-interval", repr(bc.trickle_interval),
         "--reconnect-delay", repr(bc.reconnect_delay),
         "--connect-deadline", repr(bc.connect_deadline), "--ramp", repr(bc.ramp_s),
+        "--adversary", orjson.dumps(bc.adversary.to_json()).decode(),
     ]
     for role, off in offsets.items():
         argv += [f"--offset-{role}", str(off)]
@@ -336,7 +378,13 @@ async def run_flood(
         specs = cfg.resolved_legit()
         legit_stats = [LegitStats(name=s.name, kind=s.kind, source=s.source,
                                   interval_s=s.interval_s) for s in specs]
-        senders = [LegitSender(cfg.target, s, st, start_at=start_at + cfg.warmup_s,
+        senders = [RetryingMTA(cfg.target, s.source, st, start_at=start_at + cfg.warmup_s,
+                               retry_s=s.retry_s or 60.0, helo=s.helo or cfg.helo,
+                               mail_from=s.mail_from or cfg.mail_from, rcpt=s.rcpt or cfg.rcpt,
+                               size=s.size or cfg.size, deadline_s=s.deadline_s or cfg.deadline_s,
+                               t_run0=t_run0, name=s.name)
+                   if s.kind == "mta" else
+                   LegitSender(cfg.target, s, st, start_at=start_at + cfg.warmup_s,
                                t_run0=t_run0, grace=cfg.grace_s)
                    for s, st in zip(specs, legit_stats, strict=True)]
         work = [asyncio.create_task(r.run(start_at, end)) for r in inline]
@@ -372,22 +420,25 @@ async def run_flood(
         for p in pumps:
             p.cancel()
 
-    stall, trickle, early, spam = (BotStats(role="stall"), BotStats(role="trickle"),
-                                   BotStats(role="early"), SpamStats())
+    stall, trickle, early, spam, handshake, tls_stall = (
+        BotStats(role="stall"), BotStats(role="trickle"), BotStats(role="early"), SpamStats(),
+        HandshakeStats(), BotStats(role="tls_stall"))
+    every = (stall, trickle, early, spam, handshake, tls_stall)
     processes: list[dict[str, Any]] = [
                  {"role": "main", "pid": os.getpid(), "fds_needed": budget["main"],
                   "legit": len(specs), "inline_bots": sum(r.bc.sockets for r in inline)}]
-    spam_active = 0.0
+    spam_active = hs_active = 0.0
     for r in inline:
-        for a, b in zip((stall, trickle, early, spam), (r.stall, r.trickle, r.early, r.spam),
-                        strict=True):
+        for a, b in zip(every, (r.stall, r.trickle, r.early, r.spam, r.handshake,
+                                r.tls_stall), strict=True):
             merge_into(a, b)
     for c in children:
         info: dict[str, Any] = {"role": c.role, "pid": c.proc.pid, "rc": c.proc.returncode}
         if c.result is not None:
             parts = _from_raw(c.result["bots"])
             spam_active = max(spam_active, parts[3].active_s)
-            for a, b in zip((stall, trickle, early, spam), parts, strict=True):
+            hs_active = max(hs_active, parts[4].active_s)
+            for a, b in zip(every, parts, strict=True):
                 merge_into(a, b)
             info["fds"] = c.result.get("fds")
         else:
@@ -396,6 +447,8 @@ async def run_flood(
         processes.append(info)
     if spam_active:
         spam.active_s = spam_active
+    if hs_active:
+        handshake.active_s = hs_active
     total = LegitStats.merged("all", legit_stats)
     return {
         "version": 1,
@@ -406,7 +459,9 @@ async def run_flood(
         "legit": [s.summary() for s in legit_stats],
         "legit_total": total.summary(timeline=False),
         "bots": {"stall": stall.summary(), "trickle": trickle.summary(),
-                 "early": early.summary(), "spam": spam.summary()},
+                 "early": early.summary(), "spam": spam.summary(),
+                 **({"handshake": handshake.summary(), "tls_stall": tls_stall.summary()}
+                    if cfg.bots.adversary.tls_sockets else {})},
         "processes": processes,
         "percentile_method": "nearest-rank: sorted[ceil(p/100*N)-1]",
     }

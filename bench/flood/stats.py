@@ -93,6 +93,7 @@ class LegitStats:
     latencies_ms: list[float] = field(default_factory=list)
     stages_ms: list[dict[str, float]] = field(default_factory=list)  # per accepted attempt
     timeline: list[Attempt] = field(default_factory=list)
+    tries: list[int] = field(default_factory=list)  # retrying MTAs: the try that got 250 (0: none)
 
     def record(self, a: Attempt) -> None:
         self.attempts += 1
@@ -143,6 +144,8 @@ class LegitStats:
             "conn_errors": dict(self.conn_errors),
             "refused": self.refused,
         }
+        if self.tries:
+            out["tries"] = sorted(self.tries)
         if timeline:
             out["timeline"] = [
                 {

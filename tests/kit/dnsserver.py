@@ -17,7 +17,8 @@ API
     server.servfail.add(name) answer SERVFAIL for this name
     server.queries            list of (qname, rdtype, "udp"|"tcp") seen, for assertions
     server.stop()             closes sockets and joins the threads (also a context manager)
-    python -m tests.kit.dnsserver records.json   runs it in the foreground (prints the port)
+    python -m tests.kit.dnsserver records.json   runs it in the foreground (prints the port);
+                              the file's "$silent" key lists names never answered
 
 Records
     Names are case-insensitive, with or without the trailing dot. Values are zone-file rdata
@@ -265,7 +266,10 @@ def main(argv: list[str]) -> int:
     """python -m tests.kit.dnsserver records.json: serve until interrupted; prints the port."""
     with open(argv[1], encoding="utf-8") as f:
         records = json.load(f)
-    server = DNSServer(records).start()
+    silent = records.pop("$silent", [])   # names never answered (a dead nameserver)
+    server = DNSServer(records)
+    server.silent.update(silent)
+    server.start()
     print(server.port, flush=True)
     try:
         threading.Event().wait()
