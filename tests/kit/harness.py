@@ -2,6 +2,7 @@
 
 API:
     Ingress(tmpdir, **overrides)   context manager; .port, .spool, .pid, .children(kind),
+                                   .config (the TOML file written), .logfile,
                                    .signal(sig), .stop() -> exit code (the drain), .log_lines();
                                    leaving the block kills what is left (SIGKILL, its group)
                                    .addresses: every listen address as bound ("[::1]:p");
@@ -10,8 +11,9 @@ API:
     smtp_dialogue(port, lines, ...)      raw client: send lines, collect every reply
     send_one(port, ...) -> (code, text)  one message on a fresh connection (aiosmtplib)
 
-The ingress runs as `python -m ingress.cli run --config FILE` with listen.port = 0; the real port
-comes from its "ready" log line. Children are found with psutil (ingress.core.procs) so
+The ingress runs as `python -m ingress.cli run --config FILE` with listen.port = 0 (or as
+`command`, e.g. an installed entry point, from `cwd` with `env`); the real port comes from its
+"ready" log line. Children are found with psutil (ingress.core.procs) so
 tests can kill -9 one of them. Everything started here is stopped here, by PID.
 """
 
@@ -54,12 +56,19 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> None:
 class Ingress:
     def __init__(self, tmpdir: Path, tables: dict[str, dict[str, Any]] | None = None,
                  state: Path | None = None, prefix: list[str] | None = None,
-                 args: list[str] | None = None) -> None:
+                 args: list[str] | None = None, command: list[str] | None = None,
+                 cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
         """`state`: a state dir to reuse (kept at stop); by default a fresh one, removed.
         `prefix`: a command the ingress is started under, e.g. ["prlimit", "--nofile=64:64"].
-        `args`: more arguments to `run`, e.g. ["--role", "lanes"]."""
+        `args`: more arguments to `run`, e.g. ["--role", "lanes"].
+        `command`: smtp-ingress itself (default: this interpreter's `-m ingress.cli`), e.g. an
+        installed venv's bin/smtp-ingress; `cwd` (default: the repository) and `env` (default:
+        ours) for it."""
         self.prefix = list(prefix or [])
         self.args = list(args or [])
+        self.command = list(command or [sys.executable, "-m", "ingress.cli"])
+        self.cwd = cwd or ROOT
+        self.env = env
         self.tmpdir = Path(tmpdir)
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         self.spool = self.tmpdir / "spool"
@@ -103,9 +112,9 @@ class Ingress:
     def start(self, timeout: float = 60.0) -> None:
         self._log = open(self.logfile, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "ingress.cli", "run",
-             "--config", str(self.config), *self.args],
-            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            [*self.prefix, *self.command, "run", "--config", str(self.config), *self.args],
+            cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for doc in self.log_lines():
