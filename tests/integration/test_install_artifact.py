@@ -28,9 +28,9 @@ What it checks
       to the supervisor's PID drains it with exit status 0.
 
 Cost
-    Measured on the 2 shared cores: build ~5 s, each venv and install 10-15 s, each served run
-    ~10 s; the whole file well under a minute. pip work, not CPU-bound timing: it runs in the
-    parallel phase of `make test`.
+    Measured on the 2 shared cores (warm pip cache): build 4-7 s for both, each venv and
+    install 8-30 s, each served run 3-12 s; the whole file 37-40 s idle, 74 s with the other
+    helpers' load. pip work, not timing: it runs in the parallel phase of `make test`.
 
 Failure modes
     No network and no cached wheels: the isolated build (setuptools) or the dependency install
