@@ -101,6 +101,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ingress.core import log, metrics
+from ingress.core.addr import normalize_domain
 from ingress.core.config import Config
 from ingress.core.wire import RECORD_FACTS, VERSION, WireError, decode_record
 
@@ -148,9 +149,9 @@ return 1
 
 
 def valid_domain(s: str) -> bool:
-    """A domain name as a learned entry carries it (checked: it comes back from Redis)."""
-    return 0 < len(s) <= 253 and s.isascii() and all(
-        c.isalnum() or c in "-._" for c in s)
+    """A domain name as a learned entry carries it: canonical (ingress.core.addr.
+    normalize_domain, A-labels; checked: it comes back from Redis)."""
+    return bool(s) and normalize_domain(s) == s
 
 
 def valid_ip(s: str) -> bool:

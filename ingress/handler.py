@@ -8,7 +8,9 @@ What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; th
 - EHLO: PIPELINING advertised, AUTH and HELP never, ENHANCEDSTATUSCODES;
 - MAIL: 421 on a draining acceptor; mail_verdict (553 5.6.7 non-ASCII without SMTPUTF8) and
   before_mail (421 4.7.0 too many transactions without a message); SPF for a bulk session,
-  which may promote it to the fast lane (classify.decide / classify.promote) within its
+  evaluated for the canonical domain (ingress.core.headers.spf_request: every spelling of a
+  name is one domain; not a domain name: none, no lookup), which may promote it to the fast
+  lane (classify.decide / classify.promote) within its
   identity's share of the fast reserve (else it stays bulk, reason over-share:<key>) and
   while its domain is not over classify.domain_rate at the fast broker (else bulk, reason
   over-rate:<key>; a fast session of such a domain is demoted at its next MAIL); a bulk
@@ -39,7 +41,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
 
 from ingress.core import log, metrics
-from ingress.core.headers import received_spf_header, spf_identity
+from ingress.core.headers import received_spf_header, spf_request
 from ingress.core.metrics import DeferReason, RcptResult, Result
 from ingress.core.wire import Envelope, Lane, new_qid
 from ingress.host import SessionHost
@@ -87,9 +89,14 @@ class IngressHandler:
         server.spf_header = ""
         # SPF can only promote, so a session already in the fast lane never waits for DNS.
         if ctx.resolver is not None and server.lane is Lane.BULK:
-            result, why = await ctx.spf(server.peer_ip, server.lane, address,
-                                        session.host_name or "")
-            _, domain = spf_identity(address, session.host_name or "")
+            # SPF is evaluated for the canonical name (every spelling of a domain is one
+            # identity, one rate, one cache entry); a name that is not a domain: none.
+            request = spf_request(address, session.host_name or "")
+            if request is None:
+                result, why, domain = AuthResult.NONE, "not a valid domain name", ""
+            else:
+                domain, sender, helo = request
+                result, why = await ctx.spf(server.peer_ip, server.lane, sender, helo)
             server.evidence = server.evidence.with_spf(result, domain or None)
             server.spf_header = received_spf_header(
                 result, client_ip=server.peer_ip, mail_from=address,

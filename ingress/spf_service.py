@@ -6,6 +6,10 @@ API:
         check(peer_ip, lane, mail_from, helo) -> (AuthResult, why)   async
         shutdown()                 stops the pools (queued lookups are cancelled)
 
+check() takes canonical names (the handler passes ingress.core.headers.spf_request's: the
+sender's domain and the HELO name as A-labels), so every spelling of a domain is one lookup and
+one cache entry.
+
 Cache: (client IP, sender domain, HELO) -> (result, why) for SPF_CACHE_TTL seconds, at most
 SPF_CACHE_SIZE entries (cachetools.TTLCache: least recently used evicted when full); a spam run
 repeats itself. A temperror is never cached.

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ingress.core.addr import normalize_domain
 from ingress.core.downstream import parse_downstream
 from ingress.core.resolver import parse_nameserver
 
@@ -449,6 +450,14 @@ def _cidr(c: str) -> Any:
     return ipaddress.ip_network(c, strict=False)
 
 
+def _domain_name(d: str) -> str:
+    """The canonical name (ingress.core.addr.normalize_domain); ValueError if there is none."""
+    name = normalize_domain(d) if isinstance(d, str) else ""
+    if not name:
+        raise ValueError(d)
+    return name
+
+
 def parse_listen_address(text: str) -> tuple[str, int]:
     """ "v4:port" or "[v6]:port" -> (host, port); ValueError (a message) for anything else.
     The host is a literal IP address (no names, no zone index), the port 0..65535 (0: a free
@@ -641,6 +650,7 @@ def _check_classify(cfg: Config, need: _Need) -> None:
          "must be one of any, listed, off")
     need(c.spf_promote != "listed" or bool(c.spf_domains), "classify.spf_domains",
          'must list domains when classify.spf_promote = "listed"')
+    need.parses(_domain_name, c.spf_domains, "classify.spf_domains", "a valid domain name")
     need(c.learned_ttl >= 0, "classify.learned_ttl", "must be >= 0 (0 = do not learn)")
     need(0 < c.identity_share <= 1, "classify.identity_share", "must be in (0, 1]")
     need(c.domain_rate >= 0, "classify.domain_rate", "must be >= 0 (0 = no bound)")

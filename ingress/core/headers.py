@@ -15,7 +15,10 @@ API
         sanitised text (control characters -> `replacement`) as is when `plain` (a compiled regex)
         matches it whole, else as an RFC 5322 quoted-string.
     comment_text(text) -> str       sanitised text with ( ) and backslash escaped
-    spf_identity(mail_from, helo) -> (identity, domain)   "mailfrom"/"helo" and its domain
+    spf_identity(mail_from, helo) -> (identity, domain)   "mailfrom"/"helo" and its domain,
+                                    canonical (ingress.core.addr.normalize_domain; "" invalid)
+    spf_request(mail_from, helo) -> (domain, sender, helo) | None   what SPF is evaluated for,
+                                    canonical; None: not a valid domain (no lookup: none)
     received_spf_header(result, *, client_ip, mail_from, helo, receiver, explanation=None)
         -> bytes  (RFC 7208 section 9.1, CRLF-terminated, folded at 78 columns)
 
@@ -30,9 +33,11 @@ from __future__ import annotations
 
 import re
 
+from ingress.core.addr import normalize_domain, split_address
 from ingress.core.wire import AuthResult
 
-__all__ = ["comment_text", "quoted_value", "received_spf_header", "sanitise", "spf_identity"]
+__all__ = ["comment_text", "quoted_value", "received_spf_header", "sanitise", "spf_identity",
+           "spf_request"]
 
 _CTL = re.compile(r"[\x00-\x1f\x7f]")
 _NOT_VCHAR = re.compile(r"[^\x21-\x7e]")
@@ -58,11 +63,26 @@ def comment_text(text: str) -> str:
 
 def spf_identity(mail_from: str, helo: str) -> tuple[str, str]:
     """SPF identity checked for this MAIL FROM (RFC 7208 2.4): ("mailfrom", domain) or, for
-    the null sender, ("helo", helo)."""
-    mf = mail_from.strip().strip("<>")
-    if mf:
-        return "mailfrom", mf.rpartition("@")[2].strip().lower().rstrip(".")
-    return "helo", helo.strip().lower().rstrip(".")
+    the null sender, ("helo", helo); the domain canonical (ingress.core.addr.normalize_domain:
+    every spelling of a name is one key), "" when it is not a valid domain name."""
+    local, domain = split_address(mail_from)
+    if local or domain:
+        return "mailfrom", normalize_domain(domain)
+    return "helo", normalize_domain(helo)
+
+
+def spf_request(mail_from: str, helo: str) -> tuple[str, str, str] | None:
+    """What SPF is evaluated for (and what its cache is keyed by): (domain, sender, helo), all
+    canonical: the domain of spf_identity, the sender as local@domain ("" for the null
+    sender), the HELO name canonical, or as sent (stripped, lower case) when it is not a
+    domain name (an address literal: it only feeds the %{h} macro then). None when the domain
+    is not a valid name: no lookup, the result is none (RFC 7208 4.3)."""
+    _, domain = spf_identity(mail_from, helo)
+    if not domain:
+        return None
+    local, written = split_address(mail_from)
+    sender = f"{local}@{domain}" if local or written else ""
+    return domain, sender, normalize_domain(helo) or helo.strip().lower()
 
 
 def _kv(text: str) -> str:

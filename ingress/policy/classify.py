@@ -18,7 +18,7 @@ API
                                and trace headers ("static-allow", "spf-pass:example.com", ...).
     decide(evidence, policy) -> Decision
     promote(current_lane, decision) -> Lane   (FAST wins; never demotes)
-    domain_matches(domain, listed) -> bool    (exact or subdomain, case-insensitive)
+    domain_matches(domain, listed) -> bool    (exact or subdomain, canonical names)
     StaticAllow.from_cidrs(cidrs).contains(ip) / .match(ip) -> the matching entry (CIDR) or None
     LearnedAllow(ttl, max_size): learn(ip, now, domain) / add(ip, expires_at, domain=)
                                / contains(ip, now) / domain(ip) / purge(now) / to_json()
@@ -46,9 +46,12 @@ Rules encoded here
 
 Failure modes
     None at decide() time: all inputs are enums/bools validated at construction
-    (ClassifyPolicy.__post_init__ raises ValueError on a bad spf_promote or an SPF "listed"
-    policy with no domains). LearnedAllow.from_json raises ValueError on a document that is
-    not a LearnedAllow document; individual malformed entries are skipped.
+    (ClassifyPolicy.__post_init__ raises ValueError on a bad spf_promote, an spf_domains
+    entry that is not a valid domain name, or an SPF "listed" policy with no domains).
+    Every domain is compared by its canonical name (ingress.core.addr.normalize_domain:
+    UTS-46, A-labels); one that is not a valid name never promotes and is never learned.
+    LearnedAllow.from_json raises ValueError on a document that is not a LearnedAllow
+    document; individual malformed entries are skipped.
 
 Limits
     * `now` for LearnedAllow is wall-clock epoch seconds (time.time()) because the cache is
@@ -110,7 +113,8 @@ class SpfPromote(StrEnum):
 
 
 def domain_matches(domain: str, listed: Iterable[str]) -> bool:
-    """True if `domain` equals a listed domain or is a subdomain of one (case-insensitive)."""
+    """True if `domain` equals a listed domain or is a subdomain of one (canonical names:
+    ingress.core.addr.normalize_domain; a name that is not a domain matches nothing)."""
     d = normalize_domain(domain)
     if not d:
         return False
@@ -157,6 +161,8 @@ class ClassifyPolicy:
             ) from None
         object.__setattr__(self, "spf_promote", mode)
         domains = frozenset(normalize_domain(d) for d in self.spf_domains if d.strip())
+        if "" in domains:
+            raise ValueError("spf_domains: an entry is not a valid domain name")
         object.__setattr__(self, "spf_domains", domains)
         if mode is SpfPromote.LISTED and not domains:
             raise ValueError("spf_promote = 'listed' needs at least one entry in spf_domains")

@@ -7,7 +7,10 @@ Purpose
     bypass the bulk cap through a separate, bounded retry share (admission.retry_share).
 
 Key
-    client network (IPv4 /24, IPv6 /64) + envelope sender (lower-cased). At MAIL FROM the
+    client network (IPv4 /24, IPv6 /64) + envelope sender (local part lower-cased, domain
+    canonical: ingress.core.addr.normalize_domain, so "a@spam.test" in fullwidth letters
+    and "A@SPAM.test." are one record, and a domain that is not a valid name is "": "a@").
+    At MAIL FROM the
     recipients are not known yet, so the record is keyed without them and the claim is made
     at MAIL FROM by network + sender. A deferral at DATA time also stores the recipients
     (at most MAX_RCPTS); a claim of such a record covers a transaction only if it shares a
@@ -73,7 +76,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from ingress.core.addr import try_parse_ip
+from ingress.core.addr import normalize_domain, split_address, try_parse_ip
 from ingress.core.config import Config
 
 __all__ = [
@@ -155,10 +158,18 @@ def _addr(a: str) -> str:
     return a.strip().lower()[:MAX_ADDR]
 
 
+def _sender(sender: str) -> str:
+    """local@domain: the local part lower-cased, the domain canonical (every spelling of a
+    name is one record); a domain that is not a valid name is "" (never a key of its own)."""
+    local, domain = split_address(sender)
+    if not local and not domain:
+        return ""
+    return f"{local.lower()}@{normalize_domain(domain)}"[:MAX_ADDR]
+
+
 def deferral_key(ip: str, sender: str) -> str:
     """network|sender: what a retry must repeat. The null sender <> is the empty string."""
-    s = _addr(sender)
-    return f"{net_of(ip)}|{'' if s == '<>' else s}"
+    return f"{net_of(ip)}|{_sender(sender)}"
 
 
 class DeferralRecords(Protocol):

@@ -11,6 +11,12 @@ API
     org_domain(domain) -> str          organisational domain by the Public Suffix List
                                        ("mail.example.co.uk" -> "example.co.uk"); a name that is
                                        itself a public suffix or single label maps to itself.
+                                       Of the canonical name (ingress.core.addr.normalize_domain:
+                                       A-labels, so fullwidth "spam.test", "spam<U+3002>test"
+                                       and "SPAM.test." are all "spam.test"; "bücher.test" is
+                                       "xn--bcher-kva.test"): every identity, share, domain
+                                       rate, learned entry and metrics label built from it is
+                                       one key per DNS name, however it was spelled.
     allow_identity(entry) / cert_identity(fingerprint) / org_identity(domain)
     / learned_identity(domain) -> str  the identity strings: "allow:<CIDR entry>",
                                        "cert:<sha256 hex>", "org:<org domain>",
@@ -37,7 +43,9 @@ API
                                        acceptors' and the fast broker's buckets: LRU)
     served_over_share(reasons) -> bool left bulk for either of the two (served, not refused).
 
-Failure modes: none; empty or malformed domains map to "" (org_identity("") is "org:").
+Failure modes: none; empty or malformed domains (not a valid domain name) map to ""
+(org_identity("") is "org:"): never a distinct key, and never promoted (classify: an SPF
+pass for "" does not promote).
 Limits: org_domain caches 4096 names (an attacker controls the names: bounded LRU). The PSL
 (publicsuffixlist, bundled data, I/O-free after import) is built once, on first use.
 """
@@ -81,7 +89,7 @@ def _psl() -> PublicSuffixList:
 
 @functools.lru_cache(maxsize=4096)
 def org_domain(domain: str) -> str:
-    d = normalize_domain(domain).rstrip(".")
+    d = normalize_domain(domain)
     if not d:
         return ""
     org = _psl().privatesuffix(d)

@@ -176,6 +176,8 @@ def test_staged_session_only_promotes() -> None:
         {"spf_promote": "sometimes"},
         {"spf_promote": "listed"},
         {"spf_promote": "listed", "spf_domains": frozenset({"  "})},
+        {"spf_promote": "listed", "spf_domains": frozenset({"example..com"})},
+        {"spf_promote": "any", "spf_domains": frozenset({"[192.0.2.1]"})},
     ],
 )
 def test_bad_policy(kwargs: dict) -> None:
@@ -187,6 +189,20 @@ def test_policy_normalises() -> None:
     p = ClassifyPolicy(spf_promote="listed", spf_domains=frozenset({"Example.COM."}))
     assert p.spf_promote is SpfPromote.LISTED
     assert p.spf_domains == frozenset({"example.com"})
+    p = ClassifyPolicy(spf_promote="listed", spf_domains=frozenset({"B\u00fccher.test"}))
+    assert p.spf_domains == frozenset({"xn--bcher-kva.test"})
+
+
+def test_look_alike_spellings_decide_as_the_name() -> None:
+    """The SPF reason names the canonical domain, and "listed" matches every spelling."""
+    for spelled in ("\uff53pam.test", "spam\u3002test", "SPAM.test."):
+        d = decide(Evidence(spf=AuthResult.PASS, spf_domain=spelled), ClassifyPolicy(
+            spf_promote="listed", spf_domains=frozenset({"spam.test"})))
+        assert (d.lane, d.reasons, d.identity) == \
+            (Lane.FAST, ("spf-pass:spam.test",), "org:spam.test")
+    assert not should_learn(AuthResult.PASS, True, "a..b", ClassifyPolicy())
+    assert should_learn(AuthResult.PASS, True, "\uff53pam.test", ClassifyPolicy(
+        spf_promote="listed", spf_domains=frozenset({"spam.test"})))
 
 
 @pytest.mark.parametrize(
@@ -199,6 +215,14 @@ def test_policy_normalises() -> None:
         ("example.com", ["mail.example.com"], False),
         ("", ["example.com"], False),
         ("example.com", [], False),
+        # canonical names: every spelling of the name, IDNs in either form
+        ("\uff45xample.com", ["example.com"], True),
+        ("mail.example\u3002com", ["example.com"], True),
+        ("b\u00fccher.test", ["xn--bcher-kva.test"], True),
+        ("mail.xn--bcher-kva.test", ["B\u00dcCHER.test"], True),
+        ("bucher.test", ["b\u00fccher.test"], False),
+        ("a..example.com", ["example.com"], False),     # not a domain name: matches nothing
+        ("example.com", ["a..example.com"], False),
     ],
 )
 def test_domain_matches(domain: str, listed: list[str], ok: bool) -> None:

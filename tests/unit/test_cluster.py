@@ -275,3 +275,14 @@ def test_curve_server_admits_only_through_its_gate(keys: dict[str, Path], gate: 
 def test_curve_server_refuses_an_unknown_key(keys: dict[str, Path]) -> None:
     _, intruder = cluster.keygen(keys["tmp"] / "other", "intruder")
     assert _curve_pair(keys, True, intruder, 1.0) is False
+
+
+@pytest.mark.parametrize(("domain", "ok"), [
+    ("example.test", True), ("xn--bcher-kva.test", True),
+    # what a learned entry never carries (it is canonical): refused when it comes back
+    ("", False), ("Example.test", False), ("example.test.", False), ("b\u00fccher.test", False),
+    ("\uff53pam.test", False), ("a..test", False), ("my_host.test", False), ("x" * 300, False),
+])
+def test_a_learned_domain_from_redis_is_canonical(domain: str, ok: bool) -> None:
+    from ingress.cluster_state import valid_domain
+    assert valid_domain(domain) is ok

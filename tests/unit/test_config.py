@@ -40,6 +40,7 @@ INVALID = [
     ("[classify]\nallow_cidrs = \"10.0.0.0/8\"\n", "classify.allow_cidrs"),
     ("[classify]\nspf_promote = \"sometimes\"\n", "classify.spf_promote"),
     ("[classify]\nspf_promote = \"listed\"\n", "classify.spf_domains"),
+    ("[classify]\nspf_promote = \"listed\"\nspf_domains = [\"a..b\"]\n", "classify.spf_domains"),
     ("[classify]\nnameservers = [\"dns.example\"]\n", "classify.nameservers"),
     ("[classify]\ndomain_burst = 0.5\n", "classify.domain_burst"),
     ("[admission]\ngreet_pause = 100.0\n", "admission.greet_pause"),

@@ -37,6 +37,14 @@ E = deferral_key("2001:db8::1", "eve@other.test")
     ("192.0.2.1", "<>", "192.0.2.0/24|"),                                     # null sender
     ("192.0.2.1", "", "192.0.2.0/24|"),
     ("not-an-ip", "a@b", "not-an-ip|a@b"),
+    # the domain is canonical (every spelling one record), the local part lower-cased
+    ("192.0.2.1", "A@\uff53pam.test", "192.0.2.0/24|a@spam.test"),
+    ("192.0.2.1", "a@SPAM\u3002test.", "192.0.2.0/24|a@spam.test"),
+    ("192.0.2.1", "<a@spam\uff0etest>", "192.0.2.0/24|a@spam.test"),
+    ("192.0.2.1", "a@B\u00fccher.test", "192.0.2.0/24|a@xn--bcher-kva.test"),
+    ("192.0.2.1", "a@xn--bcher-kva.test", "192.0.2.0/24|a@xn--bcher-kva.test"),
+    ("192.0.2.1", "a@-not-a-name-", "192.0.2.0/24|a@"),    # never a key of its own
+    ("192.0.2.1", "a@x..test", "192.0.2.0/24|a@"),
 ])
 def test_key(ip: str, sender: str, key: str) -> None:
     assert deferral_key(ip, sender) == key

@@ -39,6 +39,18 @@ from ingress.policy.identity import (
     ("user.github.io", "user.github.io"),   # PSL private section
     ("localhost", "localhost"),
     ("", ""),
+    # every spelling of a name is one organisational domain: the canonical A-label name
+    ("\uff53pam.test", "spam.test"),
+    ("x.spam\u3002test", "spam.test"),
+    ("SPAM\uff0eTEST.", "spam.test"),
+    ("mail.b\u00fccher.test", "xn--bcher-kva.test"),
+    ("mail.xn--bcher-kva.test", "xn--bcher-kva.test"),
+    ("b\u00fccher.\u0440\u0444", "xn--bcher-kva.xn--p1ai"),   # an IDN public suffix (.rf)
+    ("a.xn--85x722f.xn--55qx5d.cn", "xn--85x722f.xn--55qx5d.cn"),   # under 公司.cn
+    # not a domain name: "" (never its own identity)
+    ("a..spam.test", ""),
+    ("[192.0.2.1]", ""),
+    ("-spam.test", ""),
 ])
 def test_org_domain(domain: str, org: str) -> None:
     assert org_domain(domain) == org
@@ -68,6 +80,16 @@ FP = "ab" * 32
     (Evidence(spf=AuthResult.PASS, spf_domain="spammer.test"),
      ClassifyPolicy(spf_promote="listed", spf_domains=frozenset({"example.com"})), ""),
     (Evidence(cert=CertResult.UNTRUSTED, cert_fp=FP), ANY, ""),
+    # look-alike spellings are the one identity of the name they spell
+    (Evidence(spf=AuthResult.PASS, spf_domain="\uff53pam.test"), ANY, "org:spam.test"),
+    (Evidence(spf=AuthResult.PASS, spf_domain="spam\u3002test"), ANY, "org:spam.test"),
+    (Evidence(spf=AuthResult.PASS, spf_domain="b\u00fccher.test"), ANY,
+     "org:xn--bcher-kva.test"),
+    (Evidence(learned_allow=True, learned_domain="mail.\uff53pam.test"), ANY,
+     "learned:spam.test"),
+    # an SPF pass for something that is not a domain name promotes nothing
+    (Evidence(spf=AuthResult.PASS, spf_domain="a..spam.test"), ANY, ""),
+    (Evidence(spf=AuthResult.PASS, spf_domain="[127.0.0.1]"), ANY, ""),
 ])
 def test_decision_identity(ev: Evidence, pol: ClassifyPolicy, identity: str) -> None:
     d = decide(ev, pol)
