@@ -20,8 +20,10 @@ API
         DkimReport.results: tuple[DkimSignatureResult(domain, selector, result, aligned,
         b_prefix, reason)], .from_domain, .aligned_pass, .any_pass.
     header_from_domain(message) -> str | None     (exactly one From: with one address, the
-                                                   field at most MAX_FROM_FIELD bytes)
-    aligned(signing_domain, from_domain) -> bool  (relaxed, organisational-domain-lite)
+                                                   field at most MAX_FROM_FIELD bytes; its
+                                                   domain canonical, None if not a valid name)
+    aligned(signing_domain, from_domain) -> bool  (relaxed, RFC 7489 3.1.1: the same
+                                                   organisational domain by the PSL)
     The Authentication-Results renderer and forged A-R stripping are in workers.headers.
     Results are ingress.core.wire.AuthResult (DkimResult is the same enum).
 
@@ -61,10 +63,12 @@ Limits
     (checked before every signature and bounding every DNS wait). What remains per signature
     is dkimpy's canonicalisation and hashing, linear in the message size (relaxed body
     canonicalisation of 10 MB is ~0.5 s of regex work in short GIL-holding steps).
-    Alignment without the Public Suffix List: domains align when equal or when one is a
-    subdomain of the other and the shorter has at least two labels. This over-aligns across
-    registry-style suffixes (co.uk, github.io) only for signers that control a key under the
-    suffix itself.
+    Alignment: d= and the From: domain align when their organisational domains (the Public
+    Suffix List, ingress.policy.identity.org_domain) are equal, compared by canonical name
+    (ingress.core.addr.normalize_domain: UTS-46, A-labels), so "From: a@bücher.test" aligns
+    with d=xn--bcher-kva.test, and a fullwidth "spam.test" is "spam.test"; a name that is
+    not a valid domain aligns with nothing. d=github.io never aligns with From: x.github.io
+    (a public suffix is nobody's organisational domain).
 """
 
 from __future__ import annotations
@@ -85,8 +89,10 @@ import dkim.util
 import dns.exception
 import dns.resolver
 
+from ingress.core.addr import normalize_domain
 from ingress.core.resolver import make_resolver
 from ingress.core.wire import AuthResult
+from ingress.policy.identity import org_domain
 from workers.headers import field_value, header_fields, unfold
 
 __all__ = [
@@ -238,7 +244,8 @@ MAX_FROM_FIELD = 8 * 1024
 
 
 def header_from_domain(message: bytes) -> str | None:
-    """Domain of the single From: address, lower-cased; None if absent or ambiguous."""
+    """Canonical domain of the single From: address (ingress.core.addr.normalize_domain);
+    None if absent, ambiguous or not a valid domain name."""
     froms = [message[s:e] for s, e, name in header_fields(message) if name == b"from"]
     if len(froms) != 1 or len(froms[0]) > MAX_FROM_FIELD:
         return None
@@ -250,20 +257,16 @@ def header_from_domain(message: bytes) -> str | None:
     addrs = [a for _, a in pairs if a]
     if len(addrs) != 1 or "@" not in addrs[0]:
         return None
-    domain = addrs[0].rpartition("@")[2].strip().lower().rstrip(".")
-    return domain or None
+    return normalize_domain(addrs[0].rpartition("@")[2]) or None
 
 
 def aligned(signing_domain: str, from_domain: str | None) -> bool:
-    """Relaxed alignment without the Public Suffix List (see module docstring)."""
+    """Relaxed alignment (RFC 7489 3.1.1): the same organisational domain, of canonical
+    names (see module docstring)."""
     if not from_domain or not signing_domain:
         return False
-    d = signing_domain.strip().lower().rstrip(".")
-    f = from_domain.strip().lower().rstrip(".")
-    if d == f:
-        return True
-    shorter, longer = (d, f) if len(d) < len(f) else (f, d)
-    return shorter.count(".") >= 1 and longer.endswith("." + shorter)
+    org = org_domain(signing_domain)
+    return bool(org) and org == org_domain(from_domain)
 
 
 # --------------------------------------------------------------------------- verification

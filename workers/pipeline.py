@@ -18,8 +18,10 @@ process() runs in a worker pool thread, never on the worker's heartbeat loop.
 `learn` is true when SPF passed (acceptor's verdict), a DKIM signature aligned with the From:
 domain passed, and the promotion policy (classify.spf_promote/spf_domains) would promote an SPF
 pass for that domain ("listed": listed domains only; "off": nothing is learned): the client is
-then remembered in every acceptor's learned allow cache, for `learn_domain` (the SPF domain; the
-learned entry counts against its organisational domain's share of the fast lane).
+then remembered in every acceptor's learned allow cache, for `learn_domain` (the SPF domain,
+canonical: A-labels, ingress.core.addr.normalize_domain; the learned entry counts against its
+organisational domain's share of the fast lane). DKIM alignment compares canonical names through
+the Public Suffix List (workers.dkim_check.aligned).
 
 Anything the client chose (HELO name, addresses) is sanitised to printable ASCII without CR/LF
 before it goes into a header, so a client cannot inject header lines. Failure modes: DKIM
@@ -32,6 +34,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ingress.core.addr import normalize_domain
 from ingress.core.config import Config
 from ingress.core.wire import Envelope
 from ingress.policy.classify import ClassifyPolicy, should_learn
@@ -85,6 +88,6 @@ class Pipeline:
         received_spf = ev.get("received_spf", "").encode("ascii", "replace")
         trace = ar + received_spf + received_header(env, self.hostname)
         aligned_pass = any(r.result is dkim_check.DkimResult.PASS and r.aligned for r in results)
-        domain = ev.get("spf_domain") or ""
+        domain = normalize_domain(ev.get("spf_domain") or "")    # learned under its A-labels
         learn = should_learn(spf, aligned_pass, domain, self.policy)
         return Processed(trace, body, results, learn=learn, learn_domain=domain if learn else "")

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ingress import evidence
-from ingress.core.headers import received_spf_header, spf_identity
+from ingress.core.headers import received_spf_header, spf_identity, spf_request
 from ingress.evidence import (
     cert_evidence,
     check_spf,
@@ -294,10 +294,37 @@ def test_spf_event_loop_not_blocked(blackhole: str) -> None:
         ("<a@example.com.>", "h.test", ("mailfrom", "example.com")),
         ("", "H.test", ("helo", "h.test")),
         ("<>", "h.test", ("helo", "h.test")),
+        ("a@\uff53pam.test", "h.test", ("mailfrom", "spam.test")),     # canonical
+        ("a@spam\u3002test", "h.test", ("mailfrom", "spam.test")),
+        ("a@b\u00fccher.test", "h.test", ("mailfrom", "xn--bcher-kva.test")),
+        ("<>", "SPAM.test.", ("helo", "spam.test")),
+        ("<>", "[127.0.0.1]", ("helo", "")),                            # not a domain name
+        ("a@x..test", "h.test", ("mailfrom", "")),
     ],
 )
 def test_spf_identity(mail_from: str, helo: str, expected: tuple[str, str]) -> None:
     assert spf_identity(mail_from, helo) == expected
+
+
+@pytest.mark.parametrize(
+    "mail_from, helo, expected",
+    [
+        ("a@example.com", "h.test", ("example.com", "a@example.com", "h.test")),
+        ("User@\uff53pam.test", "H.test.", ("spam.test", "User@spam.test", "h.test")),
+        ("<a@b\u00fccher.test>", "h.test",
+         ("xn--bcher-kva.test", "a@xn--bcher-kva.test", "h.test")),
+        ("<>", "SPAM.test.", ("spam.test", "", "spam.test")),
+        ("", "mail.spam.test", ("mail.spam.test", "", "mail.spam.test")),
+        # a HELO that is not a name only feeds %{h}, as sent (lower case)
+        ("a@spam.test", "[127.0.0.1]", ("spam.test", "a@spam.test", "[127.0.0.1]")),
+        # no valid domain to evaluate: no lookup at all (RFC 7208 4.3: none)
+        ("a@x..test", "h.test", None),
+        ("<>", "[127.0.0.1]", None),
+        ("a@", "h.test", None),
+    ],
+)
+def test_spf_request(mail_from: str, helo: str, expected: object) -> None:
+    assert spf_request(mail_from, helo) == expected
 
 
 def test_received_spf_header() -> None:
@@ -569,6 +596,19 @@ def test_dkim_result_values_match_authresult() -> None:
         ("test", "example.test", False),  # a bare TLD never aligns
         ("example.test", None, False),
         ("", "example.test", False),
+        # relaxed alignment by the PSL, of canonical names
+        ("xn--bcher-kva.test", "b\u00fccher.test", True),     # d= A-label, From: U-label
+        ("b\u00fccher.test", "mail.xn--bcher-kva.test", True),
+        ("spam.test", "\uff53pam.test", True),                # a spelling is its name
+        ("\uff53pam.test", "spam\u3002test", True),
+        ("a.example.test", "b.example.test", True),           # same organisational domain
+        ("example.co.uk", "mail.example.co.uk", True),
+        ("co.uk", "example.co.uk", False),                    # a public suffix is nobody's
+        ("github.io", "victim.github.io", False),             # (was aligned: "2 labels")
+        ("evil.github.io", "victim.github.io", False),        # PSL private section
+        ("bucher.test", "b\u00fccher.test", False),
+        ("a..example.test", "a..example.test", False),        # not a domain name
+        ("example.test", "[192.0.2.1]", False),
     ],
 )
 def test_alignment(d: str, f: str | None, ok: bool) -> None:
@@ -585,6 +625,9 @@ def test_alignment(d: str, f: str | None, ok: bool) -> None:
         (b"From: a@x.test\r\nFrom: b@x.test\r\n", None),
         (b"Sender: a@x.test\r\n", None),
         (b"From: nobody\r\n", None),
+        ("From: a@B\u00fccher.test\r\n".encode(), "xn--bcher-kva.test"),   # canonical
+        ("From: a@\uff53pam\u3002test\r\n".encode(), "spam.test"),
+        (b"From: a@x..test\r\n", None),                                  # not a name
     ],
 )
 def test_header_from_domain(headers: bytes, domain: str | None) -> None:

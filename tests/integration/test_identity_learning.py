@@ -69,6 +69,24 @@ def test_listed_learns_only_listed_domains(dns: DNSServer, keys: tuple[bytes, st
     assert p.learn_domain == (domain if learn else "")
 
 
+def test_idn_is_learned_under_its_a_label(dns: DNSServer, keys: tuple[bytes, str]) -> None:
+    """From: the U-label address, d= the A-label: aligned (canonical names), and learned for
+    the A-label, whichever form the envelope's SPF domain came in (issue 17 build item 2)."""
+    a_label = "xn--bcher-kva.test"
+    dns.set(f"sel._domainkey.{a_label}", "TXT", [keys[1]])
+    msg = (f"From: a@B\u00fccher.test\r\nTo: b@example.test\r\nSubject: s\r\n"
+           f"Message-ID: <1@{a_label}>\r\n\r\nHello.\r\n").encode()
+    body = dkim.sign(msg, b"sel", a_label.encode(), keys[0],
+                     include_headers=[b"from", b"to", b"subject", b"message-id"]) + msg
+    for spf_domain in (a_label, "b\u00fccher.test"):
+        env = dataclasses.replace(envelope(a_label), evidence={"spf": "pass",
+                                                               "spf_domain": spf_domain})
+        p = pipeline(dns, spf_promote="listed", spf_domains=("b\u00fccher.test",)).process(
+            env, body, 5.0)
+        assert [(r.domain, r.result, r.aligned) for r in p.dkim] == [(a_label, "pass", True)]
+        assert (p.learn, p.learn_domain) == (True, a_label)
+
+
 def test_listed_learns_only_listed_domains_live(tmp_path: Path, keys: tuple[bytes, str]) -> None:
     """The whole path: worker -> bulk broker's fan-out -> every acceptor -> learned.json. With
     spf_promote = "listed", a listed domain's client is learned (with its domain: the next
