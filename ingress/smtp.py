@@ -27,7 +27,8 @@ What this layer adds to aiosmtpd (docs/design.md lists the aiosmtpd traps it wor
   the idle timer is re-armed by incoming bytes while DATA is being received; bulk sessions get
   admission.stress_idle_timeout while the bulk lane is saturated (admission.stress_timeouts);
 - 501 5.5.2 for NUL / invalid UTF-8 / control characters in HELO, EHLO, MAIL, RCPT (aiosmtpd
-  decodes them with surrogateescape whether or not the client said SMTPUTF8); the decisions are
+  decodes them with surrogateescape whether or not the client said SMTPUTF8), and for any
+  non-ASCII in a HELO/EHLO name (RFC 6531 3.7.1: A-labels only there); the decisions are
   ingress/policy/session_rules.py (pure);
 - per-session error accounting in push() (every final reply passes there): the tarpit delay
   past smtp.soft_error_limit, 421 4.7.0 and a close at smtp.hard_error_limit, junk commands
@@ -561,7 +562,7 @@ class IngressSMTP(DataPhase):
         if self.cut_off:
             await self._stop_reading()
             return False
-        why = session_rules.check_argument(arg)
+        why = session_rules.check_argument(arg, command)
         if why is None:
             return True
         await self.push(self._refused(session_rules.argument_refusal(why, command), command,

@@ -3,11 +3,15 @@ that keeps erring is slowed down and cut off. Pure: plain values in, verdicts ou
 clock (ingress/smtp.py is the thin glue that calls these and sleeps, writes and closes).
 
 API:
-    check_argument(arg) -> str | None
+    check_argument(arg, command="") -> str | None
         None, or why the argument of HELO/EHLO/MAIL/RCPT is refused (501 5.5.2): "nul",
         "invalid_utf8" (aiosmtpd decodes arguments as UTF-8 with errors="surrogateescape", so
         undecodable bytes arrive as lone surrogates U+DC80..U+DCFF), "control" (C0 including TAB
-        and CR, DEL, C1).
+        and CR, DEL, C1), "non_ascii_helo" (any non-ASCII in a HELO/EHLO name: RFC 6531
+        section 3.7.1 has an SMTPUTF8 client send only LDH labels or A-labels in EHLO, because
+        SMTPUTF8 cannot have been negotiated yet; and SMTPUTF8 is a MAIL parameter, so it never
+        is at HELO time. A U-label or fullwidth spelling of a name there is refused, never
+        mapped: the SPF HELO identity and its keys only ever see ASCII).
     mail_verdict(address, smtputf8) -> Refused | None
         A non-ASCII sender without the SMTPUTF8 parameter: 553 5.6.7 (RFC 6531 section 3.5).
     shed_verdict(sheds, shed_limit=, shed_delay=, host=) -> Shed
@@ -80,7 +84,9 @@ _SURROGATES = range(0xD800, 0xE000)
 
 JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "HELP"})
 _WHY = {"nul": "NUL character", "invalid_utf8": "invalid UTF-8",
-        "control": "control character"}
+        "control": "control character",
+        "non_ascii_helo": "non-ASCII domain name (send A-labels, RFC 6531 3.7.1)"}
+_HELO = frozenset({"HELO", "EHLO"})
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,7 @@ class Step:
     cut_off: bool              # after the reply: 421 4.7.0 too many errors, close
 
 
-def check_argument(arg: str | None) -> str | None:
+def check_argument(arg: str | None, command: str = "") -> str | None:
     if not arg:
         return None
     if arg.isascii() and arg.isprintable():   # the common case: one C-level scan each
@@ -149,6 +155,8 @@ def check_argument(arg: str | None) -> str | None:
             return "invalid_utf8"
         if o < 0x20 or 0x7F <= o <= 0x9F:
             return "control"
+    if command in _HELO and not arg.isascii():
+        return "non_ascii_helo"
     return None
 
 

@@ -50,6 +50,31 @@ def test_check_argument(raw: bytes, why: str | None) -> None:
     assert session_rules.check_argument(surrogateescaped(raw)) == why
 
 
+@pytest.mark.parametrize(("command", "raw", "why"), [
+    # RFC 6531 3.7.1: only LDH labels or A-labels in HELO/EHLO (SMTPUTF8 cannot be in force)
+    ("EHLO", "\uff53pam.test".encode(), "non_ascii_helo"),       # fullwidth s
+    ("EHLO", "spam\u3002test".encode(), "non_ascii_helo"),       # ideographic full stop
+    ("HELO", "b\u00fccher.test".encode(), "non_ascii_helo"),     # a U-label
+    ("HELO", b"\xc2\xa0", "non_ascii_helo"),                     # U+00A0 alone
+    ("EHLO", b"xn--bcher-kva.test", None),                      # its A-label is fine
+    ("EHLO", b"SPAM.test.", None),
+    ("EHLO", b"[192.0.2.1]", None),
+    ("EHLO", b"host\xff.test", "invalid_utf8"),                 # the byte rules come first
+    ("EHLO", b"h\x01\xc3\xbc", "control"),
+    ("MAIL", "<a@b\u00fccher.test> SMTPUTF8".encode(), None),  # addresses: mail_verdict's
+    ("RCPT", "<b\u00fcb@example.test>".encode(), None),
+])
+def test_check_argument_helo_is_ascii(command: str, raw: bytes, why: str | None) -> None:
+    assert session_rules.check_argument(surrogateescaped(raw), command) == why
+
+
+def test_non_ascii_helo_refusal_names_it() -> None:
+    r = session_rules.argument_refusal("non_ascii_helo", "EHLO")
+    assert r.reply == ("501 5.5.2 Syntax error: non-ASCII domain name (send A-labels, "
+                       "RFC 6531 3.7.1) in EHLO argument"), r.reply
+    assert r.reply.isascii() and r.metric is metrics.Result.BAD_COMMAND
+
+
 def test_check_argument_empty() -> None:
     assert session_rules.check_argument(None) is None
     assert session_rules.check_argument("") is None
@@ -65,6 +90,9 @@ DOMAINS = frozenset({"example.test", "other.test"})
     ("\u00f6@sender.test", False, "553 5.6.7"),
     ("\u00f6@sender.test", True, None),
     ("a@s\u00e9nder.test", False, "553 5.6.7"),
+    ("a@\uff53pam.test", False, "553 5.6.7"),          # a fullwidth spelling of spam.test
+    ("a@spam\u3002test", False, "553 5.6.7"),          # the ideographic full stop
+    ("a@\uff53pam.test", True, None),                  # with SMTPUTF8: spam.test (canonical)
 ])
 def test_mail_verdict(address: str, smtputf8: bool, code: str | None) -> None:
     r = session_rules.mail_verdict(address, smtputf8)
