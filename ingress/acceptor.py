@@ -15,8 +15,8 @@ API:
                                       through the bulk broker: retry evidence),
                                       and with [cluster] redis the shared state
                                       (ingress.cluster_state)
-    MtlsListener                      the mutual-TLS port: a slot is taken at accept, before
-                                      the TLS handshake (tls.handshake_timeout)
+    (the mutual-TLS port's listeners and handshake gate: ingress.mtls; a slot is taken at
+    accept, before the TLS handshake)
 
 listen.port and listen.fast_port start each connection in the lobby (ingress.lobby) unless they
 are behind PROXY; the slots are admission.configured_limit's (logged as connection_limit at
@@ -49,7 +49,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from ingress import handoff, proxy
+from ingress import handoff, mtls, proxy
 from ingress.cluster_state import ClusterState
 from ingress.core import child, log, metrics, procs
 from ingress.core.addr import ip_key
@@ -141,7 +141,7 @@ class AcceptorContext:
         # fast lane's part (smtp.data_fast_reserve).
         self.data_budget = DataBudget(*cfg.data_budget)
         self.tls_context = starttls_context(cfg)
-        self.mtls_context = mtls_context(cfg)
+        self.mtls_context = mtls.mtls_context(cfg)
         self.handler = IngressHandler(self)
         self.smtp_prototypes: dict[bool, Prototype] = {}
         self.error_policy = ErrorPolicy(
@@ -404,55 +404,6 @@ class AcceptorContext:
                   left=len(self.table.sessions), **self.counters)
 
 
-class MtlsListener:
-    """The mutual-TLS port. Connections are accepted here (loop.sock_accept), and each takes a
-    slot (IngressSMTP.admit_before_handshake) before its TLS handshake, so handshakes are
-    bounded by smtp.max_connections like any session; a refused one is closed at once. Then
-    the handshake (loop.connect_accepted_socket, bounded by tls.handshake_timeout) and the SMTP
-    session on the TLS transport. (A protocol on a plain listener calling start_tls would race
-    uvloop, which starts reading after connection_made: the ClientHello could be lost.)
-    close() stops accepting, like asyncio.Server.close()."""
-
-    def __init__(self, ctx: AcceptorContext, sock: socket.socket) -> None:
-        self.ctx, self.sock = ctx, sock
-        self.task = ctx.loop.create_task(self._accept_loop())
-
-    def close(self) -> None:
-        self.task.cancel()
-
-    async def _accept_loop(self) -> None:
-        loop = self.ctx.loop
-        while True:
-            try:
-                conn, addr = await loop.sock_accept(self.sock)
-            except OSError as e:       # EMFILE, ENFILE, ECONNABORTED ...: no busy loop
-                log.event("accept_failed", "warning", port="mtls", error=str(e))
-                await asyncio.sleep(0.1)
-                continue
-            proto = IngressSMTP(self.ctx, implicit_tls=True)
-            if not proto.admit_before_handshake(addr):
-                conn.close()
-                continue
-            task = loop.create_task(self._handshake(conn, proto))
-            proto.abort_handshake = task.cancel
-
-    async def _handshake(self, conn: socket.socket, proto: IngressSMTP) -> None:
-        ctx = self.ctx
-        assert ctx.mtls_context is not None
-        try:
-            await ctx.loop.connect_accepted_socket(
-                lambda: proto, conn, ssl=ctx.mtls_context,
-                ssl_handshake_timeout=ctx.cfg.tls.handshake_timeout)
-        except asyncio.CancelledError:     # evicted, or the acceptor is stopping
-            proto.handshake_failed("cancelled")
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
-            proto.handshake_failed(f"{type(e).__name__}: {e}")
-        else:
-            proto.abort_handshake = None
-
-
-
-
 def verifier(cfg: Config) -> RecipientVerifier | None:
     """smtp.verify_recipients: callouts to relay.downstream (config validation made sure it is
     smtp://host:port)."""
@@ -491,22 +442,6 @@ def starttls_context(cfg: Config) -> ssl.SSLContext | None:
     return ctx
 
 
-def mtls_context(cfg: Config) -> ssl.SSLContext | None:
-    """The mutual-TLS port: implicit TLS, a client certificate required and verified against
-    tls.client_ca (a pinned self-signed certificate must be in that bundle too: Python's ssl
-    cannot request a certificate without verifying it; config validation requires the bundle)."""
-    t = cfg.tls
-    if t.mtls_port < 0 or not t.cert:
-        return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(t.cert, t.key)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    if t.client_ca:
-        ctx.load_verify_locations(cafile=t.client_ca)
-    return ctx
-
-
 Listening = socket.socket | Sequence[socket.socket] | None
 
 
@@ -534,7 +469,8 @@ async def listeners(ctx: AcceptorContext, sock: Listening, mtls_sock: Listening,
         (lambda: IngressSMTP(ctx, proxy_protocol=True)) if lst.proxy_protocol else
         (lambda: Lobby(ctx)), sock=s) for s in _listening(sock)]
     if ctx.mtls_context is not None:
-        servers += [MtlsListener(ctx, s) for s in _listening(mtls_sock)]
+        gate = mtls.Gate(ctx.cfg, loop)        # one per process, for every mTLS address
+        servers += [mtls.MtlsListener(ctx, s, gate) for s in _listening(mtls_sock)]
     servers += [await loop.create_server(
         (lambda: IngressSMTP(ctx, fast_only=True, proxy_protocol=True))
         if lst.fast_port_proxy_protocol else (lambda: Lobby(ctx, fast_only=True)),

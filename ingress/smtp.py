@@ -17,7 +17,8 @@ What this layer adds to aiosmtpd (docs/design.md lists the aiosmtpd traps it wor
   greet pause done and banner written already (aiosmtpd's banner push is skipped), and the
   session deadline counts from connect;
 - on the mutual-TLS port a connection takes its slot before the TLS handshake
-  (admit_before_handshake; acceptor.MtlsListener), and a verified certificate promotes it after;
+  (admit_before_handshake; ingress.mtls: the handshake gate comes after it), and a verified
+  certificate promotes it after;
 - a session is built from a per-process prototype (aiosmtpd's __init__ introspects the class
   and the handler on every connection: ~0.5 ms); _PER_CONNECTION is the state each session
   builds itself (test_smtp_clone checks it; hence aiosmtpd <1.5 in pyproject);
@@ -286,11 +287,12 @@ class IngressSMTP(DataPhase):
                                   may_hand_off=not self.implicit_tls and not self.proxy_protocol)
 
     def admit_before_handshake(self, peer: tuple[Any, ...]) -> bool:
-        """Mutual-TLS port (MtlsListener): take a connection slot for the TCP connection from
-        `peer`, before the TLS handshake, by connect-time evidence (an unproven client is bulk:
-        the bulk share, the per-IP cap and rate). False: refused (the caller closes; no SMTP
-        reply is possible before TLS). The handshake then has tls.handshake_timeout; a stalled
-        one is silent and can be evicted like any silent bulk session (abort_handshake)."""
+        """Mutual-TLS port (ingress.mtls.MtlsListener): take a connection slot for the TCP
+        connection from `peer`, before the TLS handshake, by connect-time evidence (an unproven
+        client is bulk: the bulk share, the per-IP cap and rate). False: refused (the caller
+        closes; no SMTP reply is possible before TLS). The ClientHello, the handshake gate and
+        the handshake then have tls.handshake_timeout; a stalled connection is silent and can
+        be evicted like any silent bulk session (abort_handshake)."""
         ctx = self.ctx
         self.started = time.monotonic()
         if peer:
@@ -308,15 +310,19 @@ class IngressSMTP(DataPhase):
         metrics.session_open(self.lane)
         return True
 
-    def handshake_failed(self, why: str) -> None:
-        """The mutual-TLS handshake failed, timed out or the client went: give the slot back."""
+    def handshake_failed(self, why: str, outcome: Outcome = Outcome.TLS_FAILED,
+                         quiet: bool = False) -> None:
+        """The mutual-TLS handshake failed, timed out or the client went, or the handshake gate
+        refused it (Outcome.TLS_BUSY, `quiet`: the gate logs those, rate-limited): give the
+        slot back."""
         self.abort_handshake = None
         if self.admitted:
             self.admitted = False
             self.ctx.release(self)
             metrics.session_close(self.lane)
-            metrics.connection(self.lane, Outcome.TLS_FAILED)
-            log.event("mtls_handshake_failed", "info", peer=self.peer_ip, why=why[:200])
+            metrics.connection(self.lane, outcome)
+            if not quiet:
+                log.event("mtls_handshake_failed", "info", peer=self.peer_ip, why=why[:200])
 
     async def _handle_client(self) -> None:
         ctx = self.ctx

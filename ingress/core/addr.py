@@ -18,8 +18,9 @@ API
         index (%eth0) are dropped; IPv4-mapped IPv6 (::ffff:a.b.c.d) becomes IPv4.
     try_parse_ip(value) -> address | None       the same, None instead of ValueError
     normalize_ip(ip) -> str                     canonical text of parse_ip (cached)
-    ip_key(ip, ipv6_prefix=64) -> str           IPv4 address, or the IPv6 /prefix network;
-                                                a non-address is its own key
+    ip_key(ip, ipv6_prefix=64, ipv4_prefix=32) -> str   the IPv4 address (or its
+                                                /ipv4_prefix network), or the IPv6 /ipv6_prefix
+                                                network; a non-address is its own key
     normalize_domain(domain) -> str             the canonical name: UTS-46 mapping (IDNA 2008,
                                                 the `idna` package: width and case folding, the
                                                 ideographic and fullwidth full stops as dots,
@@ -105,13 +106,16 @@ def normalize_ip(ip: str) -> str:
 
 
 @functools.lru_cache(maxsize=65536)
-def ip_key(ip: str, ipv6_prefix: int = 64) -> str:
-    """Accounting key: IPv4 address (IPv4-mapped IPv6 counts as IPv4) or IPv6 /prefix network."""
+def ip_key(ip: str, ipv6_prefix: int = 64, ipv4_prefix: int = 32) -> str:
+    """Accounting key: IPv4 address (IPv4-mapped IPv6 counts as IPv4), or its /ipv4_prefix
+    network when that is shorter than 32, or the IPv6 /ipv6_prefix network."""
     addr = try_parse_ip(ip)
     if addr is None:
         return ip
     if isinstance(addr, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((addr, ipv6_prefix), strict=False))
+    if ipv4_prefix < 32:
+        return str(ipaddress.IPv4Network((addr, ipv4_prefix), strict=False))
     return str(addr)
 
 

@@ -200,6 +200,22 @@ class TlsConfig:
     mtls_addresses: tuple[str, ...] = ()    # the mTLS port's addresses ("v4:port"/"[v6]:port");
                                         # empty = tls.mtls_port on every host of
                                         # listen.addresses (if mtls_port >= 0)
+    # --- the mTLS port's handshake gate (ingress/policy/handshake_gate.py), per acceptor ---
+    stranger_handshake_rate: float = 50.0   # handshakes a second for clients not known by a
+                                        # verified certificate (~1.2 ms CPU each: 6% of a
+                                        # core); 0 = no gate
+    stranger_handshake_burst: float = 10.0
+    stranger_wait: float = 1.0          # seconds a stranger waits for its turn; then a TLS
+                                        # alert (the queue holds rate x wait connections)
+    known_ttl: float = 604800.0         # a prefix that completed a verified handshake goes
+                                        # first for this long (refreshed by each one)
+    known_max: int = 4096               # known prefixes remembered
+    known_handshake_rate: float = 20.0  # handshakes a second (burst as many) per known
+                                        # prefix; beyond it, a stranger
+    known_ipv4_prefix: int = 24         # IPv4 network a known client is remembered by (IPv6:
+                                        # admission.ipv6_prefix)
+    failed_ttl: float = 600.0           # an address whose handshake failed waits behind
+                                        # strangers this long (0 = not remembered)
 
 
 @dataclass(frozen=True)
@@ -698,6 +714,20 @@ def _check_tls(cfg: Config, need: _Need) -> None:
         need(not path or os.path.isfile(path), f"tls.{key}", f"{path!r}: no such file")
     need(-1 <= t.mtls_port <= 65535, "tls.mtls_port", "must be -1 (off) or 0..65535")
     need(0 < t.handshake_timeout <= 60, "tls.handshake_timeout", "must be in (0, 60] seconds")
+    need(0 <= t.stranger_handshake_rate <= 100000, "tls.stranger_handshake_rate",
+         "must be 0 (no gate) .. 100000 a second")
+    need(1 <= t.stranger_handshake_burst <= 100000, "tls.stranger_handshake_burst",
+         "must be 1..100000")
+    need(0 <= t.stranger_wait < t.handshake_timeout, "tls.stranger_wait",
+         "must be >= 0 and less than tls.handshake_timeout (the handshake needs time too)")
+    need(t.stranger_handshake_rate * t.stranger_wait <= 100000, "tls.stranger_wait",
+         "the queue (stranger_handshake_rate x stranger_wait) must hold <= 100000")
+    need(0 < t.known_ttl <= 90 * 86400, "tls.known_ttl", "must be in (0, 90 days] seconds")
+    need(1 <= t.known_max <= 1_000_000, "tls.known_max", "must be 1..1000000")
+    need(0 < t.known_handshake_rate <= 100000, "tls.known_handshake_rate",
+         "must be in (0, 100000] a second")
+    need(8 <= t.known_ipv4_prefix <= 32, "tls.known_ipv4_prefix", "must be 8..32")
+    need(0 <= t.failed_ttl <= 86400, "tls.failed_ttl", "must be 0..86400 seconds")
     mtls_on = t.mtls_port >= 0 or bool(t.mtls_addresses)
     need(not mtls_on or bool(t.cert), "tls.mtls_port", "needs tls.cert and tls.key")
     need(not mtls_on or bool(t.client_ca) or bool(t.pinned_sha256), "tls.mtls_port",

@@ -57,6 +57,9 @@ observation; measured ~1.5 us per counter inc and ~3-5 us per observe on the dev
     relay_dsn()                     relay: a DSN was spooled
     curve_refused(why)              lanes node: a peer refused (CURVE_REFUSALS: unknown_key,
                                     handshake), counted before the log lines' rate limit
+    mtls_gate(tier, outcome)        mutual-TLS port: a connection at the handshake gate
+                                    (MTLS_TIERS x MTLS_GATE_OUTCOMES)
+    mtls_handshake(tier, result)    mutual-TLS port: a handshake ended (MTLS_RESULTS)
     cluster_state(up)               acceptor: its Redis ([cluster] redis) up or down
     cluster_fallback()              acceptor: a decision taken on local limits (Redis down/slow)
 
@@ -121,6 +124,8 @@ class Outcome(StrEnum):
     PROXY_REJECTED = "proxy_rejected"   # PROXY header invalid or from an untrusted peer
     NOT_FAST = "not_fast"               # a bulk client on the fast port (554)
     TLS_FAILED = "tls_failed"           # the mutual-TLS handshake failed after its slot
+    TLS_BUSY = "tls_busy"               # mutual-TLS port: refused by the handshake gate (an
+                                        # alert, no handshake: ingress.mtls)
     EVICTED_SILENT = "evicted_silent"   # silent since its banner, evicted to make room (421)
     HANDED_OFF = "handed_off"           # classified fast at connect, passed to a fast acceptor
 
@@ -241,6 +246,20 @@ CURVE_REFUSED = Counter("smtp_ingress_curve_refused",
                         "Peers a lanes node refused on its tcp ports: unknown_key (ZAP: a CURVE "
                         "key not in cluster.allowed_keys) or handshake (no CURVE, a wrong server "
                         "key)", ["why"])
+# The mutual-TLS port's handshake gate (ingress/policy/handshake_gate.py, ingress/mtls.py)
+MTLS_TIERS = ("known", "stranger", "failed")
+MTLS_GATE_OUTCOMES = ("started", "waited", "refused")
+MTLS_RESULTS = ("ok", "failed")
+MTLS_GATE = Counter("smtp_ingress_mtls_gate",
+                    "Connections on the mutual-TLS port at the handshake gate, by tier (known: "
+                    "its network showed a valid certificate lately; stranger; failed: its "
+                    "address failed a handshake lately) and outcome (started: at once; waited: "
+                    "started after a wait for a token; refused: a TLS alert, no handshake)",
+                    ["tier", "outcome"])
+MTLS_HANDSHAKES = Counter("smtp_ingress_mtls_handshakes",
+                          "TLS handshakes done on the mutual-TLS port, by tier and result (ok, "
+                          "failed: no or a bad certificate, a stall, the client went)",
+                          ["tier", "result"])
 # [cluster] redis (ingress/cluster_state.py): per acceptor, 1 while its Redis is reachable
 CLUSTER_UP = Gauge("smtp_ingress_cluster_state_up",
                    "Shared admission state in Redis reachable (1) or local fallback (0), "
@@ -262,6 +281,8 @@ _banner: dict[str, Any] = {}
 _ack: dict[str, Any] = {}
 _defer: dict[tuple[str, str], Any] = {}
 _retry: dict[tuple[str, str], Any] = {}
+_mtls_gate: dict[tuple[str, str], Any] = {}
+_mtls_hs: dict[tuple[str, str], Any] = {}
 
 
 def _bind(cache: dict[Any, Any], metric: Any, key: Any,
@@ -397,6 +418,29 @@ def curve_refused(why: str) -> None:
     if why not in CURVE_REFUSALS:
         raise ValueError(f"undeclared curve_refused label {why!r}")
     CURVE_REFUSED.labels(why=why).inc()
+
+
+def mtls_gate(tier: str, outcome: str) -> None:
+    """A connection on the mutual-TLS port passed the handshake gate: `tier` in MTLS_TIERS,
+    `outcome` in MTLS_GATE_OUTCOMES."""
+    key = (tier, outcome)
+    child = _mtls_gate.get(key)
+    if child is None:
+        if tier not in MTLS_TIERS or outcome not in MTLS_GATE_OUTCOMES:
+            raise ValueError(f"undeclared mtls_gate labels {key!r}")
+        child = _mtls_gate[key] = MTLS_GATE.labels(*key)
+    child.inc()
+
+
+def mtls_handshake(tier: str, result: str) -> None:
+    """A TLS handshake on the mutual-TLS port ended: `result` in MTLS_RESULTS."""
+    key = (tier, result)
+    child = _mtls_hs.get(key)
+    if child is None:
+        if tier not in MTLS_TIERS or result not in MTLS_RESULTS:
+            raise ValueError(f"undeclared mtls_handshake labels {key!r}")
+        child = _mtls_hs[key] = MTLS_HANDSHAKES.labels(*key)
+    child.inc()
 
 
 def relay_dsn() -> None:

@@ -1,0 +1,334 @@
+"""The mutual-TLS port (tls.mtls_port): accept, the handshake gate, the TLS handshake, its alert.
+
+Purpose
+    Only clients with a valid certificate get mail in here, but anyone can open connections
+    and make the server do TLS handshakes (~1.2 ms of CPU each, on the event loop of the fast
+    acceptor that also serves the allow-listed clients of port 25). Each connection goes:
+      1. accept; a connection slot before anything else (IngressSMTP.admit_before_handshake:
+         an unproven client is bulk: the bulk share, per-IP limits), or a close at once;
+      2. its ClientHello's first byte (a readable wait and MSG_PEEK: a silent connection holds
+         its slot only, can be evicted like any silent session, and is closed at
+         tls.handshake_timeout); a first byte that does not open a TLS handshake record: closed;
+      3. the handshake gate (ingress.policy.handshake_gate, one per process for all its
+         mTLS listeners): a network that showed a valid certificate lately starts at once;
+         a stranger takes a token of tls.stranger_handshake_rate, or waits for one (at most
+         tls.stranger_wait), or is refused with a TLS alert (internal_error, a plaintext
+         alert record written after its ClientHello is read, so that the close is a FIN and
+         not a reset that could destroy the alert);
+      4. the handshake (loop.connect_accepted_socket: uvloop's SSL protocol) within what is
+         left of tls.handshake_timeout since the accept, then the SMTP session on the TLS
+         transport. A verified certificate (a resumed TLS 1.3 session carries the one it was
+         verified with) makes the client's network known (HandshakeGate.verified); a failure
+         marks its address failed, and the client gets the alert OpenSSL wrote.
+
+    Why an alert needs help: asyncio's and uvloop's SSL protocols abort the transport when
+    do_handshake() raises, dropping the alert OpenSSL has just written to the outgoing memory
+    BIO: the client saw a bare EOF. MtlsContext is an SSLContext whose wrap_bio() returns an
+    AlertingSSLObject; on a failed handshake that object takes the pending bytes (the alert)
+    out of its outgoing BIO and hangs them on the exception (`tls_alert`). The listener holds
+    a duplicate of the socket's descriptor for the length of the handshake, and writes them
+    on it when uvloop has closed its own.
+
+API
+    mtls_context(cfg) -> MtlsContext | None    the server context (None: no mTLS port)
+    Gate(cfg, loop)                            the process's gate: .turn(ip) -> Tier | None,
+                                               .verified(ip, der, tier), .failed(ip, tier)
+    MtlsListener(ctx, sock, gate)              serves one listening socket; .close()
+    alert_record(description) -> bytes         a plaintext fatal TLS alert record
+
+Failure modes
+    Every step has a deadline (tls.handshake_timeout from the accept covers the wait for the
+    ClientHello, the gate and the handshake); any failure gives the slot back
+    (IngressSMTP.handshake_failed) and closes the connection; nothing raises out of a
+    connection's task. An alert that does not fit in the socket buffer at once is dropped.
+
+Limits
+    Per process: the gate's tables and bucket, and TLS session tickets (OpenSSL's ticket keys
+    are per SSL_CTX: with several fast acceptors, a session resumes only on the process that
+    issued its ticket; elsewhere it is a full handshake, gated by the client's network).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+import time
+from typing import TYPE_CHECKING, Any
+
+from ingress.core import log, metrics
+from ingress.core.config import Config
+from ingress.core.metrics import Outcome
+from ingress.evidence import sha256_fingerprint
+from ingress.policy.handshake_gate import GateLimits, HandshakeGate, Tier, Verdict
+from ingress.smtp import IngressSMTP
+
+if TYPE_CHECKING:
+    from ingress.acceptor import AcceptorContext
+
+TLS_HANDSHAKE_RECORD = 0x16        # the first byte of a ClientHello's record
+ALERT_INTERNAL_ERROR = 80          # RFC 8446 6.2: "unrelated to the peer": we are busy
+REFUSED_LOG_EVERY = 10.0           # seconds between two mtls_gate_refused lines
+CLIENT_HELLO_MAX = 65536           # bytes read (and dropped) before a refusal's alert
+
+
+def alert_record(description: int) -> bytes:
+    """A fatal TLS alert in a plaintext record (before any keys: RFC 8446 5.1, 6)."""
+    return bytes((0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description))
+
+
+class AlertingSSLObject(ssl.SSLObject):
+    """An SSLObject that, when its handshake fails, hands the alert OpenSSL wrote over on the
+    exception (`tls_alert`: bytes) instead of leaving it in a BIO nobody will flush."""
+
+    outgoing: ssl.MemoryBIO | None = None
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as e:
+            if self.outgoing is not None and self.outgoing.pending:
+                e.tls_alert = self.outgoing.read()     # type: ignore[attr-defined]
+            raise
+
+
+class MtlsContext(ssl.SSLContext):
+    sslobject_class = AlertingSSLObject
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 server_side: bool = False, server_hostname: str | bytes | None = None,
+                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        obj = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        if isinstance(obj, AlertingSSLObject):
+            obj.outgoing = outgoing
+        return obj
+
+
+def mtls_context(cfg: Config) -> MtlsContext | None:
+    """The mutual-TLS port: implicit TLS, a client certificate required and verified against
+    tls.client_ca (a pinned self-signed certificate must be in that bundle too: Python's ssl
+    cannot request a certificate without verifying it; config validation requires the bundle).
+    TLS 1.3 session tickets are on (OpenSSL's default, two per handshake): a resumed session
+    costs the server about half a full handshake and keeps the certificate it was verified
+    with."""
+    t = cfg.tls
+    if t.mtls_port < 0 or not t.cert:
+        return None
+    ctx = MtlsContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(t.cert, t.key)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if t.client_ca:
+        ctx.load_verify_locations(cafile=t.client_ca)
+    return ctx
+
+
+def gate_limits(cfg: Config) -> GateLimits:
+    t = cfg.tls
+    return GateLimits(
+        stranger_rate=t.stranger_handshake_rate, stranger_burst=t.stranger_handshake_burst,
+        wait=t.stranger_wait, known_ttl=t.known_ttl, known_max=t.known_max,
+        known_rate=t.known_handshake_rate, known_ipv4_prefix=t.known_ipv4_prefix,
+        ipv6_prefix=cfg.admission.ipv6_prefix, failed_ttl=t.failed_ttl)
+
+
+class Gate:
+    """The handshake gate of one process (shared by its mTLS listeners: one per listen
+    address): the pure HandshakeGate, a timer that starts waiters when tokens come and
+    refuses them when their wait is over, the metrics and a rate-limited log line."""
+
+    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.policy: HandshakeGate[asyncio.Future[bool]] = HandshakeGate(
+            gate_limits(cfg), time.monotonic())
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+        self.lines = log.Throttle(REFUSED_LOG_EVERY, 4)
+
+    async def turn(self, ip: str) -> Tier | None:
+        """Wait for this client's turn to a handshake: its tier, or None (refused)."""
+        fut: asyncio.Future[bool] = self.loop.create_future()
+        a = self.policy.arrive(ip, fut, time.monotonic())
+        if a.displaced is not None and not a.displaced.done():
+            a.displaced.set_result(False)
+        if a.verdict is Verdict.START:
+            metrics.mtls_gate(a.tier, "started")
+            return a.tier
+        if a.verdict is Verdict.WAIT:
+            self._arm()
+            try:
+                if await fut:
+                    metrics.mtls_gate(a.tier, "waited")
+                    return a.tier
+            finally:
+                if not fut.done() or fut.cancelled():
+                    self.policy.leave(fut)
+        metrics.mtls_gate(a.tier, "refused")
+        quiet = self.lines.due(a.tier, time.monotonic())
+        if quiet is not None:
+            log.event("mtls_gate_refused", "info", tier=a.tier.value, peer=ip,
+                      waiting=self.policy.waiting, not_logged=quiet)
+        return None
+
+    def verified(self, ip: str, der: bytes | None, tier: Tier) -> None:
+        metrics.mtls_handshake(tier, "ok")
+        if der:
+            self.policy.verified(ip, sha256_fingerprint(der), time.monotonic())
+
+    def failed(self, ip: str, tier: Tier) -> None:
+        metrics.mtls_handshake(tier, "failed")
+        self.policy.failed(ip, time.monotonic())
+
+    def _arm(self) -> None:
+        now = time.monotonic()
+        at = self.policy.next_event(now)
+        if at is None or (self.timer is not None and self.timer_at <= at):
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_at = at
+        # a hair late, so that the token is whole when due() looks (float arithmetic)
+        self.timer = self.loop.call_later(max(0.0, at - now) + 0.0005, self._pump)
+
+    def _pump(self) -> None:
+        self.timer = None
+        due = self.policy.due(time.monotonic())
+        for fut in due.started:
+            if not fut.done():
+                fut.set_result(True)
+        for fut in due.expired:
+            if not fut.done():
+                fut.set_result(False)
+        self._arm()
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def first_byte(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes:
+    """The first byte the client sent, left in the socket (MSG_PEEK); b"" if it closed."""
+    while True:
+        try:
+            return conn.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            return b""
+        fut: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(conn.fileno(), _wake, fut)
+        try:
+            await fut
+        finally:
+            loop.remove_reader(conn.fileno())
+
+
+def refuse(conn: socket.socket) -> None:
+    """No handshake for this one: read its ClientHello (closing with unread bytes would be a
+    reset, which may destroy the alert before the client reads it), a fatal internal_error
+    alert, close."""
+    with contextlib.suppress(OSError):
+        for _ in range(CLIENT_HELLO_MAX // 16384):
+            if not conn.recv(16384):
+                break
+    with contextlib.suppress(OSError):
+        conn.send(alert_record(ALERT_INTERNAL_ERROR))
+    conn.close()
+
+
+class MtlsListener:
+    """One listening socket of the mutual-TLS port. Connections are accepted here
+    (loop.sock_accept), and each takes a slot (IngressSMTP.admit_before_handshake) before
+    anything else, so they are bounded by smtp.max_connections like any session; a refused one
+    is closed at once. Then the steps of the module docstring. (A protocol on a plain listener
+    calling start_tls would race uvloop, which starts reading after connection_made: the
+    ClientHello could be lost.) close() stops accepting, like asyncio.Server.close()."""
+
+    def __init__(self, ctx: AcceptorContext, sock: socket.socket, gate: Gate) -> None:
+        self.ctx, self.sock, self.gate = ctx, sock, gate
+        self.task = ctx.loop.create_task(self._accept_loop())
+
+    def close(self) -> None:
+        self.task.cancel()
+
+    async def _accept_loop(self) -> None:
+        loop = self.ctx.loop
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(self.sock)
+            except OSError as e:       # EMFILE, ENFILE, ECONNABORTED ...: no busy loop
+                log.event("accept_failed", "warning", port="mtls", error=str(e))
+                await asyncio.sleep(0.1)
+                continue
+            proto = IngressSMTP(self.ctx, implicit_tls=True)
+            if not proto.admit_before_handshake(addr):
+                conn.close()
+                continue
+            conn.setblocking(False)
+            task = loop.create_task(self._serve(conn, proto))
+            proto.abort_handshake = task.cancel
+
+    async def _serve(self, conn: socket.socket, proto: IngressSMTP) -> None:
+        """Steps 2-4 for one admitted connection; every way out gives its slot back."""
+        loop, tls = self.ctx.loop, self.ctx.cfg.tls
+        deadline = loop.time() + tls.handshake_timeout
+        mine = True                   # the socket is ours until uvloop takes it
+        try:
+            async with asyncio.timeout_at(deadline):
+                first = await first_byte(loop, conn)
+                if first != bytes((TLS_HANDSHAKE_RECORD,)):
+                    proto.handshake_failed("not a TLS handshake" if first else
+                                           "closed before its ClientHello")
+                    return
+                tier = await self.gate.turn(proto.peer_ip)
+            if tier is None:
+                mine = False
+                refuse(conn)
+                proto.handshake_failed("handshake gate: busy", Outcome.TLS_BUSY, quiet=True)
+                return
+            mine = False
+            await self._handshake(conn, proto, tier, deadline)
+        except TimeoutError:
+            proto.handshake_failed("no ClientHello, or no turn, within tls.handshake_timeout")
+        except asyncio.CancelledError:     # evicted, or the acceptor is stopping
+            proto.handshake_failed("cancelled")
+        except Exception as e:             # pragma: no cover - a bug: log it, free the slot
+            log.event("mtls_error", "error", peer=proto.peer_ip, error=repr(e)[:200])
+            proto.handshake_failed(f"error: {e!r}")
+        finally:
+            if mine:
+                conn.close()
+
+    async def _handshake(self, conn: socket.socket, proto: IngressSMTP, tier: Tier,
+                         deadline: float) -> None:
+        ctx, ip = self.ctx, proto.peer_ip
+        assert ctx.mtls_context is not None
+        spare = os.dup(conn.fileno())      # the alert goes out on it after uvloop closes its own
+        try:
+            transport, _ = await ctx.loop.connect_accepted_socket(
+                lambda: proto, conn, ssl=ctx.mtls_context,
+                ssl_handshake_timeout=max(0.05, deadline - ctx.loop.time()))
+        except asyncio.CancelledError:
+            raise
+        except ssl.SSLError as e:
+            alert: bytes = getattr(e, "tls_alert", b"")
+            if alert:
+                with contextlib.suppress(OSError):
+                    os.write(spare, alert)
+            self.gate.failed(ip, tier)
+            proto.handshake_failed(f"{type(e).__name__}: {e}")
+        except (OSError, TimeoutError, ConnectionError) as e:
+            self.gate.failed(ip, tier)
+            proto.handshake_failed(f"{type(e).__name__}: {e}")
+        else:
+            proto.abort_handshake = None
+            ssl_object: Any = transport.get_extra_info("ssl_object")
+            self.gate.verified(ip, ssl_object.getpeercert(binary_form=True)
+                               if ssl_object is not None else None, tier)
+        finally:
+            os.close(spare)
