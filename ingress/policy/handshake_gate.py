@@ -44,6 +44,8 @@ API
                                        due() names `item` (at most until `deadline`); refuse:
                                        the queue is full. `displaced`: a failed waiter pushed
                                        out of the queue by this stranger (refuse it now)
+        refused_at_once(ip, now) -> Tier | None   the tier of a client arrive() would refuse
+                                       now (nothing taken), None if it could start or wait
         due(now) -> Due(started, expired)   waiters that got a token (start them), waiters
                                        whose wait is over (refuse them); call it at
                                        next_event()
@@ -196,9 +198,7 @@ class HandshakeGate(Generic[T]):
     def tier(self, ip: str, now: float) -> Tier:
         if self._is_known(self._known_key(ip), now):
             return Tier.KNOWN
-        if self._failed.get(ip_key(ip, self.limits.ipv6_prefix), now) is not None:
-            return Tier.FAILED
-        return Tier.STRANGER
+        return self._unknown_tier(ip, now)
 
     @property
     def known_count(self) -> int:
@@ -214,19 +214,17 @@ class HandshakeGate(Generic[T]):
         prefix = self._known_key(ip)
         if self._is_known(prefix, now) and self.known_rates.take(prefix, now):
             return Arrival(Verdict.START, Tier.KNOWN)
-        tier = Tier.FAILED if self._failed.get(
-            ip_key(ip, self.limits.ipv6_prefix), now) is not None else Tier.STRANGER
+        tier = self._unknown_tier(ip, now)
         if self.limits.stranger_rate <= 0:
             return Arrival(Verdict.START, tier)
         self._expire(now, self._expired)   # the expired are named by the next due()
-        strangers, failed = self._queues[Tier.STRANGER], self._queues[Tier.FAILED]
-        ahead = len(strangers) + (len(failed) if tier is Tier.FAILED else 0)
-        if ahead == 0 and self.bucket.take(now):
+        if self._ahead(tier) == 0 and self.bucket.take(now):
             return Arrival(Verdict.START, tier)
+        if self._no_room(tier, now):
+            return Arrival(Verdict.REFUSE, tier)
         displaced: T | None = None
+        failed = self._queues[Tier.FAILED]
         if len(self._waiters) >= self.limits.queue_max:
-            if tier is Tier.FAILED or not failed:
-                return Arrival(Verdict.REFUSE, tier)
             out = failed.pop()             # a stranger goes before a failed waiter
             del self._waiters[out.item]
             displaced = out.item
@@ -234,6 +232,33 @@ class HandshakeGate(Generic[T]):
         self._queues[tier].append(waiter)
         self._waiters[item] = waiter
         return Arrival(Verdict.WAIT, tier, waiter.deadline, displaced)
+
+    def refused_at_once(self, ip: str, now: float) -> Tier | None:
+        """The tier of a client whose arrival now would be refused (no token for it, no place
+        in the queue), without taking anything; None if it could start or wait. Lets the
+        caller turn such a client away before it builds a session for it."""
+        if self.limits.stranger_rate <= 0 or self._is_known(self._known_key(ip), now):
+            return None
+        tier = self._unknown_tier(ip, now)
+        self._expire(now, self._expired)
+        return tier if self._no_room(tier, now) else None
+
+    def _unknown_tier(self, ip: str, now: float) -> Tier:
+        failed = self._failed.get(ip_key(ip, self.limits.ipv6_prefix), now) is not None
+        return Tier.FAILED if failed else Tier.STRANGER
+
+    def _ahead(self, tier: Tier) -> int:
+        """Waiters an arrival of `tier` queues behind (a stranger: the strangers)."""
+        ahead = len(self._queues[Tier.STRANGER])
+        return ahead + len(self._queues[Tier.FAILED]) if tier is Tier.FAILED else ahead
+
+    def _no_room(self, tier: Tier, now: float) -> bool:
+        """An arrival of `tier` would be refused: no token it may take now, and the queue is
+        full (of waiters it cannot push out: a stranger pushes out a failed one)."""
+        if self._ahead(tier) == 0 and self.bucket.tokens(now) >= 1.0:
+            return False
+        return len(self._waiters) >= self.limits.queue_max and (
+            tier is Tier.FAILED or not self._queues[Tier.FAILED])
 
     def _expire(self, now: float, into: list[T]) -> None:
         for q in self._queues.values():

@@ -209,3 +209,24 @@ def test_a_failed_ttl_of_zero_remembers_nothing() -> None:
     g = gate(GateLimits(**{**LIM.__dict__, "failed_ttl": 0.0}))
     g.failed("198.51.100.1", 0.0)
     assert g.tier("198.51.100.1", 0.0) is Tier.STRANGER
+
+
+def test_refused_at_once_agrees_with_arrive_and_takes_nothing() -> None:
+    g = gate()
+    g.verified("192.0.2.10", CERT, 0.0)
+    for i in range(6):
+        g.failed(f"198.51.100.{i}", 0.0)
+    seen = []
+    for i in range(6):          # 2 start, 4 wait: one place left
+        ip = f"198.51.100.{i}"
+        assert g.refused_at_once(ip, 0.0) is None
+        seen.append(g.arrive(ip, f"bot{i}", 0.0).verdict)
+    assert seen == [Verdict.START] * 2 + [Verdict.WAIT] * 4
+    assert g.refused_at_once("198.51.100.9", 0.0) is None          # a stranger: one place
+    g.arrive("203.0.113.1", "s1", 0.0)                              # queue full now
+    assert g.refused_at_once("198.51.100.1", 0.0) is Tier.FAILED
+    assert g.arrive("198.51.100.1", "bot-again", 0.0).verdict is Verdict.REFUSE
+    assert g.refused_at_once("203.0.113.2", 0.0) is None            # pushes out a failed one
+    assert g.refused_at_once("192.0.2.77", 0.0) is None             # known
+    assert g.waiting == 5
+    assert g.due(0.125).started == ["s1"]                           # no token was taken
