@@ -184,8 +184,8 @@ class Gate:
     def refuse_at_accept(self, conn: socket.socket, ip: str) -> bool:
         """A client the gate would refuse anyway (HandshakeGate.refused_at_once: in a flood,
         most of them) whose ClientHello is already there: refused here, before a session
-        object, a slot or a task is made for it (a fifth of the cost). False: serve it the
-        long way."""
+        object, a slot, a task or a poll handle is made for it. False: serve it the long
+        way."""
         tier = self.policy.refused_at_once(ip, time.monotonic())
         if tier is None:
             return False
