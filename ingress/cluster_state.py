@@ -298,8 +298,10 @@ class ClusterState:
         for every acceptor of every edge: kept in the sorted set {prefix}:records (by time,
         trimmed to admission.retry_ttl and retry_max_records, so an edge that starts later
         replays them) and published. False (Redis down): the caller shares it on this host
-        only (the bulk broker's fan-out), never both ways (a fact counted twice would give a
-        deferral two bypasses)."""
+        only (the bulk broker's fan-out), never both ways (a fact counted twice would count
+        its sheds twice). The fact carries all the store's rules need (recipients, the sheds
+        it stands for, voidness, a bypass to charge to its site): every acceptor's
+        DeferralStore applies the same rules to it, whichever way it came."""
         if not self.up or self.on_record is None:
             return False
         a = self.cfg.admission

@@ -13,18 +13,24 @@ What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; th
   lane (classify.decide / classify.promote) within its
   identity's share of the fast reserve (else it stays bulk, reason over-share:<key>) and
   while its domain is not over classify.domain_rate at the fast broker (else bulk, reason
-  over-rate:<key>; a fast session of such a domain is demoted at its next MAIL); a bulk
-  transaction over the cap is shed (shed_verdict: 451 4.7.1 after admission.shed_delay, the
-  admission.shed_limit-th 421 4.7.1 and a close), and the deferral recorded; a ripe retry
-  of a deferred transaction (ingress.policy.deferrals) takes admission.retry_share first,
-  and the cap only when that is spent (the envelope then carries evidence retry=1, which
-  the bulk broker honours with its own retry bucket);
-- RCPT: rcpt_verdict, then recipient verification (ingress/rcpt_verify.py, cached, at most
-  smtp.verify_per_session callouts a session; over that 450: never an amplifier);
+  over-rate:<key>; a fast session of such a domain is demoted at its next MAIL);
+- RCPT: rcpt_verdict; then, at the first acceptable RCPT of a bulk transaction, the bulk cap
+  (admit(): before any callout, so a shed stays cheap; Postfix-style greylisting defers at
+  RCPT too, and so the deferral knows its recipients): a transaction over the cap is shed
+  (shed_verdict: 451 4.7.1 after admission.shed_delay, the admission.shed_limit-th 421 4.7.1
+  and a close) and the deferral recorded with the recipient (each later RCPT of it: 451 and
+  recorded too); a ripe retry of a deferred transaction (ingress.policy.deferrals: same
+  network, sender and a recipient it deferred) takes its site's part of admission.retry_share
+  first, and the cap only when that is spent (the envelope then carries evidence retry=1,
+  which the bulk broker honours with its own retry bucket), and may carry only recipients
+  of the deferred transaction (another: 451, recorded); then recipient verification
+  (ingress/rcpt_verify.py, cached, at most smtp.verify_per_session callouts a session; over
+  that 450: never an amplifier);
 - DATA: data_verdict (bare CR or LF: 550 5.6.0, SMTP smuggling); then the message goes to its
   lane broker; 250 only on the worker's ACK (durable); a NACK, a timeout or an unreachable
-  broker -> 451; a NACK for the lane's rate cap is shed like MAIL (and recorded with its
-  recipients); a 250 for a transaction we had deferred is counted (metrics.deferred_accepted);
+  broker -> 451; a NACK for the lane's rate cap is shed like a first RCPT (and recorded with
+  its recipients); a 250 for a transaction we had deferred is counted
+  (metrics.deferred_accepted);
 - any exception -> 451 4.3.0 and a log line (aiosmtpd's default is a 500 with internals).
 
 Failure modes: none raised to aiosmtpd; every wait is bounded (SPF deadline, callout timeout,

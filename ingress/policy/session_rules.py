@@ -49,7 +49,9 @@ API:
         (error_delay), and whether the session is cut off after it (421 4.7.0 and a close).
     before_mail(counters, policy, host) -> Refused | None
         A MAIL beyond policy.mail_without_data_limit transactions without a delivered message:
-        421 4.7.0 and a close (each MAIL of a bulk session spends a bulk token).
+        421 4.7.0 and a close (each MAIL of a bulk session costs an SPF check, and its first
+        RCPT a bulk token; a transaction deferred for the bulk cap is not counted:
+        mail_deferred).
     mail_accepted(counters) -> Counters           a MAIL got 250
     mail_deferred(counters) -> Counters           ... and its transaction was deferred for the
                                                   bulk cap (at its first RCPT): not a MAIL

@@ -1,4 +1,5 @@
-"""A retry after our own deferral is evidence (issue 8, item 2; ingress.policy.deferrals).
+"""A retry after our own deferral is evidence, if earned (issue 8, item 2; issue 17, item 4;
+ingress.policy.deferrals).
 
 The real ingress (supervisor, acceptors, brokers, workers) on loopback, with a bulk cap so low
 (lanes.bulk.rate = 0.001/s, burst 1) that once a bounded spam loop has spent it, every further
@@ -11,7 +12,12 @@ so the deferral records of the two never share a network's quota).
   bypass, the deferred-then-accepted message and the time since its first deferral;
 - a retry before the minimum delay is shed (and counted too_early); after it, accepted;
 - a bot that retries everything at once gets only the retry share: the rest are shed;
-- with two acceptors, a retry landing on the acceptor that did not defer it is recognised.
+- with two acceptors, a retry landing on the acceptor that did not defer it is recognised;
+- (issue 17) a bot rotating 32 senders from one /24, hammering, earns nothing, and an honest MTA
+  of another network gets its bypass by its third retry; the retry share is divided between
+  networks (a bot that does not hammer takes its network's part, no more); the deferral is made
+  at the first RCPT TO and a retry may carry only recipients of the deferred transaction.
+(The IPv6 /48 bounds are table tests of the store: loopback IPv6 is ::1 alone.)
 """
 
 from __future__ import annotations
@@ -337,3 +343,30 @@ def test_the_retry_share_is_divided_between_networks(tmp_path: Path) -> None:
         assert honest == 250, codes
         assert 1 <= bot.count(250) <= 2, codes          # the bot's network: its part, no more
         assert bodies_from(ing, "mta@partner.test") == 1
+
+
+def test_a_retry_carries_only_the_deferred_recipients(tmp_path: Path) -> None:
+    """The deferral is made at the first RCPT TO (every later RCPT of that transaction is
+    deferred too, and remembered): a retry is recognised by a recipient it deferred, and may
+    carry only those; another recipient on it is deferred (451), not let in on the bypass."""
+    with Ingress(tmp_path, tables()) as ing:
+        sender = "mta@partner.test"
+
+        async def scenario() -> tuple[list[str], list[str]]:
+            await saturate(ing.port)
+            first = await smtp_dialogue(ing.port, [
+                b"EHLO partner.test\r\n", f"MAIL FROM:<{sender}>\r\n".encode(),
+                b"RCPT TO:<bob@example.test>\r\n", b"RCPT TO:<carol@example.test>\r\n",
+                b"QUIT\r\n"])
+            await asyncio.sleep(MIN_DELAY + 0.3)
+            retry = await smtp_dialogue(ing.port, [
+                b"EHLO partner.test\r\n", f"MAIL FROM:<{sender}>\r\n".encode(),
+                b"RCPT TO:<carol@example.test>\r\n", b"RCPT TO:<dave@example.test>\r\n",
+                b"DATA\r\n", make_body(1, 200) + b".\r\n", b"QUIT\r\n"])
+            return first, retry
+
+        first, retry = asyncio.run(scenario())
+        assert [r[:3] for r in first[2:5]] == ["250", "451", "451"], first
+        assert [r[:3] for r in retry[2:7]] == ["250", "250", "451", "354", "250"], retry
+        spooled = [e.envelope for e in ing.spooled().values() if e.envelope["mail_from"] == sender]
+        assert [env["rcpts"] for env in spooled] == [["carol@example.test"]], spooled
