@@ -182,7 +182,7 @@ class AdmissionConfig:
     retry_min_delay: float = 60.0       # ... if it comes at least this long after the last
                                         # deferral (bots hammer at once; MTAs wait)
     retry_ttl: float = 14400.0          # ... and within this long of the first deferral
-    retry_max_records: int = 20000      # deferral records held (per acceptor; ~0.8 KB each)
+    retry_max_records: int = 20000      # deferral records held (per acceptor; ~1.1 KB each)
     retry_per_net: int = 32             # deferral records per client /24 (IPv4) or IPv6
                                         # network of ipv6_prefix
     retry_per_site: int = 128           # ... and per IPv6 /48 (all its networks together;
