@@ -79,10 +79,9 @@ from ingress.policy.deferrals import (
     MAX_RCPTS,
     Claim,
     ClaimResult,
-    DeferralLimits,
     DeferralRecords,
     DeferralStore,
-    deferral_key,
+    deferral_limits,
 )
 from ingress.policy.identity import (
     RATE_TRACKED,
@@ -100,6 +99,7 @@ from ingress.spf_service import SpfService
 
 OVER_RATE_LOG_EVERY = 10.0    # seconds between two over_rate lines for one domain
 OVER_RATE_LOGGED_MAX = 1024   # domains whose last over_rate line is remembered
+MAX_SHEDS_TOLD = 1_000_000    # sheds one deferral fact may stand for (a bound, not a limit)
 
 
 class AcceptorContext:
@@ -155,9 +155,8 @@ class AcceptorContext:
         self.verifier = verifier(cfg)
         self.draining = False
         self.lanes = Lanes(cfg, self.ident)
-        self.deferrals: DeferralRecords = DeferralStore(DeferralLimits(
-            min_delay=a.retry_min_delay, ttl=a.retry_ttl, max_records=a.retry_max_records,
-            per_net_max=a.retry_per_net))
+        self.deferrals: DeferralRecords = DeferralStore(deferral_limits(cfg))
+        self.hammered_lines = log.Throttle(OVER_RATE_LOG_EVERY, OVER_RATE_LOGGED_MAX)
         # [cluster] redis: the state every edge shares (None: in-process only, one host)
         self.cluster = ClusterState.create(
             cfg, self.ident, lambda ip: self.table.penalise(ip, time.monotonic()),
@@ -183,7 +182,7 @@ class AcceptorContext:
         """The policy's decision, served as bulk when its identity holds its share of this
         acceptor's slots (SessionTable.within_share: classify.identity_share), or is a domain
         over classify.domain_rate (over_rate; reason over-rate:<key>): its sessions are then
-        shed by the bulk cap at MAIL FROM, not after DATA. `transaction`: a MAIL FROM, which
+        shed by the bulk cap at their first RCPT, not after DATA. `transaction`: a MAIL FROM, which
         takes a token of the domain's rate when it is served fast."""
         decision = self.table.within_share(decide(evidence, self.policy))
         if decision.lane is Lane.FAST and self.over_rate(decision.identity, transaction):
@@ -275,52 +274,70 @@ class AcceptorContext:
     # (wall clock: the records are shared between processes, and later between hosts)
 
     def deferred(self, ip: str, sender: str, rcpts: tuple[str, ...],
-                 reason: DeferReason) -> None:
-        """We defer this bulk transaction for the bulk cap: remember it, here and (through the
-        bulk broker) in every other acceptor."""
+                 reason: DeferReason | None) -> None:
+        """We defer this bulk transaction for the bulk cap (reason None: another recipient of
+        a transaction deferred already, not another shed): remember it, here and (through the
+        bulk broker, or Redis) in every other acceptor."""
         now = time.time()
-        key = deferral_key(ip, sender)
-        metrics.deferred(Lane.BULK, reason)
-        if self.deferrals.record(key, now, rcpts, origin=self.ident) \
-                and self.deferrals.should_share(key, now):
-            rec = self.deferrals.lookup(key, now)
+        key = self.deferrals.key(ip, sender)
+        if reason is not None:
+            metrics.deferred(Lane.BULK, reason)
+        if not self.deferrals.record(key, now, rcpts, origin=self.ident,
+                                     sheds=0 if reason is None else 1):
+            return
+        told = self.deferrals.to_share(key, now)
+        if told is not None:
+            rec, sheds = told
             self.share_record(DEFER_TOPIC, {
-                "k": key, "f": rec.first if rec else now, "t": now,
-                "r": list(rcpts[:MAX_RCPTS]), "o": self.ident})
+                "k": key, "f": rec.first, "t": now, "r": sorted(rec.rcpts)[:MAX_RCPTS],
+                "o": self.ident, "n": sheds, "h": int(rec.void)})
 
-    def retry_claim(self, ip: str, sender: str) -> Claim | None:
-        """A bulk MAIL FROM: a ripe retry of a deferred transaction may go on within the retry
-        share (spending one credit of its record, here and everywhere); None: the bulk cap
-        applies as usual."""
+    def retry_claim(self, ip: str, sender: str, rcpt: str) -> Claim | None:
+        """The first RCPT of a bulk transaction: a ripe retry of a deferred transaction (same
+        network, sender, and a recipient it had) may go on within its site's part of the
+        retry share (spending its record, here and everywhere); None: the bulk cap applies
+        as usual."""
         now = time.time()
-        key = deferral_key(ip, sender)
-        result = self.deferrals.check(key, now)
+        key = self.deferrals.key(ip, sender)
+        result = self.deferrals.check(key, (rcpt,), now)
         if result is ClaimResult.NONE:
             return None
         if result is ClaimResult.TOO_EARLY:
             metrics.retry(Lane.BULK, RetryResult.TOO_EARLY)
             return None
-        if not self.lanes.retry_mail_admitted():
-            metrics.retry(Lane.BULK, RetryResult.OVER_SHARE)
-            log.event("retry_over_share", peer=ip)
+        if result is ClaimResult.HAMMERED:
+            metrics.retry(Lane.BULK, RetryResult.HAMMERED)
+            net = key.split("|", 1)[0]
+            quiet = self.hammered_lines.due(net, time.monotonic())
+            if quiet is not None:
+                log.event("retry_hammered", peer=ip, net=net, not_logged=quiet)
             return None
-        _, claim = self.deferrals.claim(key, now)
+        if result is ClaimResult.OVER_SHARE or not self.lanes.retry_mail_admitted():
+            metrics.retry(Lane.BULK, RetryResult.OVER_SHARE)
+            log.event("retry_over_share", peer=ip,
+                      part="site" if result is ClaimResult.OVER_SHARE else "all")
+            return None
+        _, claim = self.deferrals.claim(key, (rcpt,), now)
         metrics.retry(Lane.BULK, RetryResult.BYPASSED)
-        self.share_record(CLAIM_TOPIC, {"k": key, "t": now, "o": self.ident})
+        self.share_record(CLAIM_TOPIC, {"k": key, "t": now, "o": self.ident, "b": 1})
         log.event("retry_bypass", peer=ip, acceptor=self.ident,
                   deferred_by=claim.origin if claim else "",
                   deferred_s=round(now - claim.first, 3) if claim else 0)
         return claim
 
-    def deferred_accepted(self, lane: Lane, ip: str, sender: str, claim: Claim | None) -> None:
+    def deferred_accepted(self, lane: Lane, ip: str, sender: str, rcpts: tuple[str, ...],
+                          claim: Claim | None) -> None:
         """A message got its 250: if we had deferred it (a claimed retry, or one that came
-        back on ordinary capacity, which spends a credit of its record), count it and the time
-        since its first deferral."""
+        back on ordinary capacity with recipients all of the deferred transaction, which
+        spends its record), count it and the time since its first deferral."""
         now = time.time()
         if claim is None:
             if not len(self.deferrals):
                 return
-            key = deferral_key(ip, sender)
+            key = self.deferrals.key(ip, sender)
+            rec = self.deferrals.lookup(key, now)
+            if rec is None or not Claim(rec.first, rec.rcpts).covers(rcpts):
+                return
             claim = self.deferrals.consume(key, now)
             if claim is None:
                 return
@@ -340,11 +357,14 @@ class AcceptorContext:
         t, f, r = doc.get("t"), doc.get("f"), doc.get("r")
         at = float(t) if isinstance(t, int | float) else time.time()
         if fact == DEFER_TOPIC:
-            rcpts = [str(x) for x in r] if isinstance(r, list) else []
+            rcpts = [str(x) for x in r[:MAX_RCPTS]] if isinstance(r, list) else []
             first = float(f) if isinstance(f, int | float) else at
-            self.deferrals.record(str(doc["k"]), at, rcpts, first=first, origin=str(doc["o"]))
+            n = doc.get("n", 1)
+            sheds = min(MAX_SHEDS_TOLD, max(0, int(n))) if isinstance(n, int | float) else 1
+            self.deferrals.record(str(doc["k"]), at, rcpts, first=first, origin=str(doc["o"]),
+                                  sheds=sheds, hammered=bool(doc.get("h")))
         else:
-            self.deferrals.consume(str(doc["k"]), at)
+            self.deferrals.consume(str(doc["k"]), at, bypass=bool(doc.get("b")))
 
     def count(self, what: str, lane: Lane) -> None:
         self.counters[f"{what}_{lane.value}"] += 1

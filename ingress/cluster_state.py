@@ -7,7 +7,8 @@ Purpose
     waits for Redis: penalties and learned entries are *mirrored* into the acceptor's own
     penalty box (ingress.sessions) and learned store (ingress.learned_store) over pub/sub, and
     loaded whole when the connection comes (back) up. The one call on the session path is the
-    bulk bucket at MAIL FROM (one EVALSHA), which is async and bounded by cluster.redis_timeout.
+    bulk bucket at a bulk transaction's first RCPT TO (one EVALSHA), which is async and bounded
+    by cluster.redis_timeout.
     Without [cluster] redis nothing here exists (ClusterState.create returns None) and the
     acceptor is fully in-process, as on one host.
 
@@ -58,7 +59,7 @@ Failure modes
     No Redis error, timeout or malformed fact is ever raised to a session. A failed or late
     call (over cluster.redis_timeout) marks Redis down: cluster_state_down is logged once, the
     smtp_ingress_cluster_state_up gauge drops to 0, and every decision goes local (each bulk
-    MAIL FROM so decided is counted in smtp_ingress_cluster_state_fallbacks) until run()
+    transaction so decided is counted in smtp_ingress_cluster_state_fallbacks) until run()
     reconnects (cluster_state_up logged, mirrors reloaded). While down, calls return at once
     (no connect attempt on the session path). Facts published while an edge was down reach it
     when it reloads the sets; a fact this edge finds while its own Redis is down stays local
@@ -297,8 +298,10 @@ class ClusterState:
         for every acceptor of every edge: kept in the sorted set {prefix}:records (by time,
         trimmed to admission.retry_ttl and retry_max_records, so an edge that starts later
         replays them) and published. False (Redis down): the caller shares it on this host
-        only (the bulk broker's fan-out), never both ways (a fact counted twice would give a
-        deferral two bypasses)."""
+        only (the bulk broker's fan-out), never both ways (a fact counted twice would count
+        its sheds twice). The fact carries all the store's rules need (recipients, the sheds
+        it stands for, voidness, a bypass to charge to its site): every acceptor's
+        DeferralStore applies the same rules to it, whichever way it came."""
         if not self.up or self.on_record is None:
             return False
         a = self.cfg.admission

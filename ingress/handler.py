@@ -13,18 +13,24 @@ What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; th
   lane (classify.decide / classify.promote) within its
   identity's share of the fast reserve (else it stays bulk, reason over-share:<key>) and
   while its domain is not over classify.domain_rate at the fast broker (else bulk, reason
-  over-rate:<key>; a fast session of such a domain is demoted at its next MAIL); a bulk
-  transaction over the cap is shed (shed_verdict: 451 4.7.1 after admission.shed_delay, the
-  admission.shed_limit-th 421 4.7.1 and a close), and the deferral recorded; a ripe retry
-  of a deferred transaction (ingress.policy.deferrals) takes admission.retry_share first,
-  and the cap only when that is spent (the envelope then carries evidence retry=1, which
-  the bulk broker honours with its own retry bucket);
-- RCPT: rcpt_verdict, then recipient verification (ingress/rcpt_verify.py, cached, at most
-  smtp.verify_per_session callouts a session; over that 450: never an amplifier);
+  over-rate:<key>; a fast session of such a domain is demoted at its next MAIL);
+- RCPT: rcpt_verdict; then, at the first acceptable RCPT of a bulk transaction, the bulk cap
+  (admit(): before any callout, so a shed stays cheap; Postfix-style greylisting defers at
+  RCPT too, and so the deferral knows its recipients): a transaction over the cap is shed
+  (shed_verdict: 451 4.7.1 after admission.shed_delay, the admission.shed_limit-th 421 4.7.1
+  and a close) and the deferral recorded with the recipient (each later RCPT of it: 451 and
+  recorded too); a ripe retry of a deferred transaction (ingress.policy.deferrals: same
+  network, sender and a recipient it deferred) takes its site's part of admission.retry_share
+  first, and the cap only when that is spent (the envelope then carries evidence retry=1,
+  which the bulk broker honours with its own retry bucket), and may carry only recipients
+  of the deferred transaction (another: 451, recorded); then recipient verification
+  (ingress/rcpt_verify.py, cached, at most smtp.verify_per_session callouts a session; over
+  that 450: never an amplifier);
 - DATA: data_verdict (bare CR or LF: 550 5.6.0, SMTP smuggling); then the message goes to its
   lane broker; 250 only on the worker's ACK (durable); a NACK, a timeout or an unreachable
-  broker -> 451; a NACK for the lane's rate cap is shed like MAIL (and recorded with its
-  recipients); a 250 for a transaction we had deferred is counted (metrics.deferred_accepted);
+  broker -> 451; a NACK for the lane's rate cap is shed like a first RCPT (and recorded with
+  its recipients); a 250 for a transaction we had deferred is counted
+  (metrics.deferred_accepted);
 - any exception -> 451 4.3.0 and a log line (aiosmtpd's default is a 500 with internals).
 
 Failure modes: none raised to aiosmtpd; every wait is bounded (SPF deadline, callout timeout,
@@ -112,14 +118,12 @@ class IngressHandler:
                           identity=decision.identity)
             elif served_over_share(decision.reasons):
                 server.reasons = decision.reasons    # served as bulk: say why in the trace
+        # A bulk transaction is admitted (the bulk cap, or a retry claim) at its first RCPT,
+        # when a recipient is known: see admit().
         server.retry_claim = None
-        if server.lane is Lane.BULK:
-            # A ripe retry of a transaction we deferred takes the retry share first: the
-            # acceptor's share of the cap may have room while the broker's cap is spent.
-            server.retry_claim = ctx.retry_claim(server.peer_ip, address)
-            if server.retry_claim is None and not await ctx.bulk_mail_admitted():
-                ctx.deferred(server.peer_ip, address, (), DeferReason.MAIL_CAP)
-                return await self.shed(server)
+        server.txn_admitted = server.lane is not Lane.BULK
+        server.txn_deferred = False
+        server.deferred_rcpts = 0
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         server.counters = session_rules.mail_accepted(server.counters)
@@ -131,8 +135,14 @@ class IngressHandler:
         verdict = session_rules.rcpt_verdict(
             address, smtputf8=bool(envelope.smtp_utf8), domains=ctx.domains,
             primary_domain=ctx.cfg.smtp.accepted_domains[0], recipients=ctx.recipients,
-            accepted=len(envelope.rcpt_tos), max_recipients=ctx.cfg.smtp.max_recipients)
+            accepted=len(envelope.rcpt_tos) + server.deferred_rcpts,
+            max_recipients=ctx.cfg.smtp.max_recipients)
         refusal = verdict.refusal
+        if refusal is None and (not server.txn_admitted or server.retry_claim is not None):
+            # before the verification callout: a shed costs no lookup
+            deferral = await self.admit(server, envelope, verdict.address)
+            if deferral is not None:
+                return deferral
         if refusal is None and verdict.verify and ctx.verifier is not None:
             refusal = session_rules.verify_verdict(verdict.address,
                                                    await self.verify(server, verdict.address))
@@ -143,6 +153,39 @@ class IngressHandler:
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
+
+    async def admit(self, server: IngressSMTP, envelope: SmtpEnvelope, rcpt: str) -> str | None:
+        """The bulk cap for a bulk transaction, at its first (acceptable) RCPT: None, go on;
+        else the 451 (421 at the shed limit) and the deferral recorded with the recipient, so
+        that a retry must repeat network, sender and recipients (ingress.policy.deferrals).
+
+        - first RCPT: a ripe retry of a transaction we deferred takes the retry share first
+          (the acceptor's share of the cap may have room while the broker's cap is spent);
+          else a token of the bulk cap; else shed (the tarpit of shed());
+        - a later RCPT of a transaction deferred at its first: 451 too, added to the record;
+        - a later RCPT of a claimed retry: only a recipient of the deferred transaction (the
+          retry may not carry others in on it); another is deferred (451, and recorded: the
+          MTA retries it later)."""
+        ctx = self.ctx
+        sender = envelope.mail_from or ""
+        claim = server.retry_claim
+        if server.txn_deferred or (claim is not None and not claim.covers((rcpt,))):
+            server.deferred_rcpts += 1
+            ctx.deferred(server.peer_ip, sender, (rcpt,), None)
+            metrics.recipient(server.lane, RcptResult.DEFERRED)
+            return text(Refusal.LANE_BUSY)
+        if claim is not None:
+            return None
+        server.retry_claim = ctx.retry_claim(server.peer_ip, sender, rcpt)
+        if server.retry_claim is not None or await ctx.bulk_mail_admitted():
+            server.txn_admitted = True
+            return None
+        server.txn_deferred = True
+        server.deferred_rcpts += 1
+        server.counters = session_rules.mail_deferred(server.counters)
+        ctx.deferred(server.peer_ip, sender, (rcpt,), DeferReason.RCPT_CAP)
+        metrics.recipient(server.lane, RcptResult.DEFERRED)
+        return await self.shed(server)
 
     async def verify(self, server: IngressSMTP, address: str) -> Answer:
         """The downstream's answer for `address`: cached, or a callout if this session has not
@@ -190,7 +233,7 @@ class IngressHandler:
         if reply is not None and reply.ok:
             server.messages += 1
             ctx.count("accepted", server.lane)
-            ctx.deferred_accepted(server.lane, server.peer_ip, env.mail_from, claim)
+            ctx.deferred_accepted(server.lane, server.peer_ip, env.mail_from, env.rcpts, claim)
             log.event("message", qid=env.qid, peer=server.peer_ip, lane=env.lane.value,
                       size=len(body), rcpts=len(env.rcpts), reply="250", ack_ms=ms,
                       reasons=env.evidence.get("reasons", ""), spf=env.evidence.get("spf", ""))

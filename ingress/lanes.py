@@ -258,9 +258,9 @@ class Lanes:
 
     def bulk_mail_admitted(self) -> bool:
         """May a bulk session start a transaction now? Each acceptor holds a share of the bulk
-        cap (BULK_SHARE / acceptors of it) and spends it at MAIL FROM, so the excess is shed
-        before DATA without waiting for the broker's news; the broker's own bucket enforces
-        the cap exactly after DATA."""
+        cap (BULK_SHARE / acceptors of it) and spends it at a transaction's first RCPT TO, so
+        the excess is shed before DATA without waiting for the broker's news; the broker's own
+        bucket enforces the cap exactly after DATA."""
         if all(lc.saturated() for lc in self.clients[Lane.BULK]):
             return False
         return self.bulk_bucket is None or self.bulk_bucket.take(time.monotonic())

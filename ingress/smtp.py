@@ -239,7 +239,13 @@ class IngressSMTP(DataPhase):
         self._continuation: list[bytes] = []
         self.close_after_reply = False
         self.sheds = 0
-        self.retry_claim: Claim | None = None   # this transaction is a claimed retry (deferrals)
+        # the transaction (set at MAIL FROM; a bulk one is admitted at its first RCPT,
+        # IngressHandler.admit): a claimed retry (deferrals), admitted (the bulk cap, or not
+        # bulk), deferred (451 at its first RCPT), its recipients answered 451
+        self.retry_claim: Claim | None = None
+        self.txn_admitted = False
+        self.txn_deferred = False
+        self.deferred_rcpts = 0
         self.spoken = False
         self.refused = False
         self.banner_sent = False

@@ -112,7 +112,7 @@ class Broker:
         lc = getattr(cfg.lanes, lane)
         self.queue_max: int = lc.queue_max
         self.queue_bytes: int = cfg.queue_bytes(lane)
-        # lanes.<lane>.rate; with [cluster] redis the bulk cap is held at MAIL FROM and this
+        # lanes.<lane>.rate; with [cluster] redis the bulk cap is held at the first RCPT and this
         # is a guard with headroom (admission.broker_bucket says why)
         self.bucket = TokenBucket(*broker_bucket(cfg, lane), now=time.monotonic())
         retry = retry_buckets(cfg) if lane == "bulk" else None
@@ -413,7 +413,7 @@ class Broker:
         free = sum(w.credit for w in self.workers.values())
         tokens = self.bucket.tokens(now)
         depth = len(self.queue)
-        # The rate cap itself is applied at MAIL FROM by the acceptors' shares of it (and here,
+        # The rate cap itself is applied at the first RCPT by the acceptors' shares of it (and here,
         # exactly, after DATA); "saturated" says the lane cannot take work at all.
         saturated = (depth >= self.queue_max * 0.8 or not self.workers
                      or self.queued_bytes >= self.queue_bytes * 0.8)

@@ -182,8 +182,13 @@ class AdmissionConfig:
     retry_min_delay: float = 60.0       # ... if it comes at least this long after the last
                                         # deferral (bots hammer at once; MTAs wait)
     retry_ttl: float = 14400.0          # ... and within this long of the first deferral
-    retry_max_records: int = 20000      # deferral records held (per acceptor; ~0.8 KB each)
-    retry_per_net: int = 32             # deferral records per client /24 (IPv4) or /64 (IPv6)
+    retry_max_records: int = 20000      # deferral records held (per acceptor; ~1.1 KB each)
+    retry_per_net: int = 32             # deferral records per client /24 (IPv4) or IPv6
+                                        # network of ipv6_prefix
+    retry_per_site: int = 128           # ... and per IPv6 /48 (all its networks together;
+                                        # an IPv4 /24 is its own site)
+    retry_hammer_sheds: int = 30        # a site (/24, IPv6 /48) shed more than this many times
+                                        # in a minute earns no retry evidence (0 = no such rule)
     ipv6_prefix: int = 64               # IPv6 clients are counted (per_ip_*, penalties) per
                                         # network of this prefix length (a /64 is one site)
 
@@ -701,6 +706,9 @@ def _check_admission(cfg: Config, need: _Need) -> None:
     need(1 <= a.retry_max_records <= 10_000_000, "admission.retry_max_records",
          "must be 1..10000000")
     need(a.retry_per_net >= 1, "admission.retry_per_net", "must be >= 1")
+    need(a.retry_per_site >= a.retry_per_net, "admission.retry_per_site",
+         "must be >= admission.retry_per_net")
+    need(a.retry_hammer_sheds >= 0, "admission.retry_hammer_sheds", "must be >= 0 (0 = off)")
     need(16 <= a.ipv6_prefix <= 128, "admission.ipv6_prefix", "must be 16..128")
     need(a.stress_idle_timeout > 0, "admission.stress_idle_timeout",
          "must be > 0 (the shorter of it and smtp.idle_timeout applies under stress)")

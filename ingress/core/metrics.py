@@ -136,7 +136,7 @@ class Result(StrEnum):
     ACCEPTED = "accepted"
     TEMPFAILED = "tempfailed"
     REJECTED = "rejected"
-    SHED = "shed"                       # bulk over its cap at MAIL FROM (451 / 421)
+    SHED = "shed"                       # bulk over its cap at its first RCPT (451 / 421)
     BAD_COMMAND = "bad_command"         # HELO/EHLO/MAIL refused: bad argument (501), 553 5.6.7
     CUT_OFF = "cut_off"                 # 421 4.7.0: too many errors, or MAILs without a message
 
@@ -150,21 +150,26 @@ class RcptResult(StrEnum):
     TOO_MANY = "too_many"
     BAD_ADDRESS = "bad_address"         # 501 bad argument, 553 5.6.7 non-ASCII without SMTPUTF8
     UNVERIFIED = "unverified"           # 450 4.1.1: recipient verification was not sure
+    DEFERRED = "deferred"               # 451 4.7.1: its transaction deferred for the bulk cap
 
 
 class DeferReason(StrEnum):
     """deferred()'s labels: why we deferred a transaction (a retry of it is evidence)."""
 
-    MAIL_CAP = "mail_cap"               # shed at MAIL FROM (451 4.7.1): this acceptor's share
+    RCPT_CAP = "rcpt_cap"               # shed at its first RCPT TO (451 4.7.1): this
+                                        # acceptor's share of the bulk cap was spent
     DATA_RATE = "data_rate"             # the lane broker NACKed it for the rate cap after DATA
 
 
 class RetryResult(StrEnum):
-    """retry()'s labels: what a retry of a deferred transaction got at MAIL FROM."""
+    """retry()'s labels: what a retry of a deferred transaction got at its first RCPT TO."""
 
     BYPASSED = "bypassed"               # took a token of the retry share instead of the cap
     TOO_EARLY = "too_early"             # before admission.retry_min_delay: the cap applies
-    OVER_SHARE = "over_share"           # the retry share was spent: the cap applies
+    HAMMERED = "hammered"               # its site is shed more than admission.retry_hammer_
+                                        # sheds a minute (or was, when deferred): no evidence
+    OVER_SHARE = "over_share"           # the retry share, or its site's part of it, was
+                                        # spent: the cap applies
 
 
 OUTCOMES = tuple(o.value for o in Outcome)

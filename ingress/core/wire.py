@@ -19,7 +19,10 @@ the routing-id frames themselves; the frames below are what the application send
     acceptor -> broker   SHARE      [b"SI2", b"SHARE", fact, record-json]  a deferral record:
                                      fact b"defer" (we deferred it) or b"claim" (a retry
                                      used it); record-json {"k": key, "f": first, "t": at,
-                                     "r": [rcpt...], "o": origin}, at most RECORD_MAX bytes
+                                     "r": [rcpt...], "o": origin, "n": sheds it stands for,
+                                     "h": 1 made while its site hammered} (defer) or {"k",
+                                     "t", "o", "b": 1 a bypass, charged to its site} (claim),
+                                     at most RECORD_MAX bytes
     broker   PUB fact    SHARE      [fact, b"SI2", ip(, domain)]         every acceptor applies it
     broker   PUB record  SHARE      [fact, b"SI2", record-json]          (defer / claim) likewise
 
@@ -59,6 +62,7 @@ DEFER_TOPIC = b"defer"
 CLAIM_TOPIC = b"claim"
 RECORD_FACTS = (DEFER_TOPIC, CLAIM_TOPIC)   # deferral records (ingress.policy.deferrals)
 RECORD_MAX = 4096           # bytes of one record fact's JSON
+RECORD_NUMBERS = ("f", "t", "n", "h", "b")   # a record fact's numeric fields (all optional)
 LANE_HEARTBEAT = 0.25       # seconds between broker <-> worker heartbeats
 LANE_LIVENESS = 4           # heartbeats missed before the peer is presumed dead
 STATUS_INTERVAL = 0.1       # seconds between a broker's status publications
@@ -319,7 +323,7 @@ def decode_record(frames: list[bytes]) -> tuple[bytes, dict[str, object]]:
         raise WireError(f"bad record json: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("k"), str) \
             or not isinstance(doc.get("o"), str) \
-            or not all(isinstance(doc.get(t, 0), int | float) for t in ("f", "t")) \
+            or not all(isinstance(doc.get(t, 0), int | float) for t in RECORD_NUMBERS) \
             or not isinstance(doc.get("r", []), list) \
             or not all(isinstance(r, str) for r in doc.get("r", [])):
         raise WireError("bad record fields")

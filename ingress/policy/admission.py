@@ -309,12 +309,13 @@ class Admission:
         return bucket.take(now)
 
 
-BULK_SHARE = 1.1    # acceptors together admit this much of the bulk cap at MAIL FROM
+BULK_SHARE = 1.1    # acceptors together admit this much of the bulk cap (at the first RCPT)
 FD_SPARE = 64       # descriptors an acceptor needs besides its sessions
 
 
 def bulk_share_bucket(cfg: Config, edges: int = 0) -> tuple[float, float] | None:
-    """(rate, burst) of one acceptor's share of the bulk cap at MAIL FROM; None: uncapped.
+    """(rate, burst) of one acceptor's share of the bulk cap (spent at a bulk transaction's
+    first RCPT TO); None: uncapped.
     Several edges ([cluster]) divide lanes.bulk.rate between them: `edges` (0: cluster.edges)
     is how many; this local share is what an edge holds while the shared bucket in Redis is
     out of reach (ingress.cluster_state)."""
@@ -328,10 +329,10 @@ def bulk_share_bucket(cfg: Config, edges: int = 0) -> tuple[float, float] | None
 def broker_bucket(cfg: Config, lane: str) -> tuple[float, float]:
     """(rate, burst) of a lane broker's own bucket. One host: lanes.<lane>.rate exactly (the
     acceptors' shares overshoot by BULK_SHARE; the broker trims after DATA). With the shared
-    bucket in Redis ([cluster] redis, bulk lane) the cap is already exact at MAIL FROM, across
+    bucket in Redis ([cluster] redis, bulk lane) the cap is already exact at the first RCPT, across
     every edge: the broker is only the lane-side guard against an edge that does not hold to
     it, so it gets BULK_SHARE of headroom in rate and twice the burst. Otherwise the jitter
-    between MAIL FROM and the end of DATA would bunch admitted messages past an exact bucket,
+    between the first RCPT and the end of DATA would bunch admitted messages past an exact bucket,
     and it would shed (after DATA, the costly place) mail the shared cap had admitted."""
     lc = getattr(cfg.lanes, lane)
     burst = float(lc.burst) if lc.burst > 0 else max(1.0, lc.rate)

@@ -1,77 +1,109 @@
-"""Deferral records: a retry after our own deferral is evidence (pure; no I/O, clock as argument).
+"""Deferral records: a retry after our own deferral is evidence, if it was earned (pure; no I/O,
+clock as argument).
 
 Purpose
-    When a bulk transaction is deferred for the bulk cap (451 4.7.1 at MAIL FROM, or a DATA
-    NACK for the lane's rate cap), remember it; a later retry of the same transaction, after
-    a minimum delay (bots that hammer at once are not MTAs retrying) and within a TTL, may
-    bypass the bulk cap through a separate, bounded retry share (admission.retry_share).
+    When a bulk transaction is deferred for the bulk cap (451 4.7.1 at its first RCPT TO, or a
+    DATA NACK for the lane's rate cap), remember it; a later retry of the same transaction,
+    after a minimum delay and within a TTL, may bypass the bulk cap through a separate, bounded
+    retry share (admission.retry_share). A bot can shed as often as it likes: what it may not
+    do is turn that into bypasses (issue 17, item 4: "retry evidence has to be earned").
 
 Key
-    client network (IPv4 /24, IPv6 /64) + envelope sender (local part lower-cased, domain
-    canonical: ingress.core.addr.normalize_domain, so "a@spam.test" in fullwidth letters
-    and "A@SPAM.test." are one record, and a domain that is not a valid name is "": "a@").
-    At MAIL FROM the
-    recipients are not known yet, so the record is keyed without them and the claim is made
-    at MAIL FROM by network + sender. A deferral at DATA time also stores the recipients
-    (at most MAX_RCPTS); a claim of such a record covers a transaction only if it shares a
-    recipient with it (Claim.covers), checked at DATA before the envelope is marked a retry.
+    client network (IPv4 /24, IPv6 /admission.ipv6_prefix) + envelope sender (local part
+    lower-cased, domain canonical: ingress.core.addr.normalize_domain, so "a@spam.test" in
+    fullwidth letters and "A@SPAM.test." are one record, and a domain that is not a valid
+    name is "": "a@"), and the record holds the recipients of the deferred transaction (at
+    most MAX_RCPTS, lower-cased): the deferral is made at the first RCPT TO, like
+    Postfix-style greylisting, so the recipients are known (each later RCPT of that
+    transaction is deferred too and added to the record).
+    A client's *site* is the wider aggregate the bounds and fairness count: an IPv6 /48 (or
+    the network itself when ipv6_prefix is shorter), an IPv4 /24 (its own site).
 
 API
-    DeferralLimits(min_delay, ttl, max_records, per_net_max)    frozen, validated
-    deferral_key(ip, sender) -> str           the record key; net_of(ip) -> str
-    Record                                    first, last (deferral times), count, credits, rcpts
-    Claim                                     first (time of the first deferral), rcpts,
-                                              origin;
+    DeferralLimits(min_delay, ttl, max_records, per_net_max, per_site_max=128, ipv6_prefix=64,
+                   hammer_sheds=0, share_rate=0.0, share_burst=1.0)   frozen, validated
+    deferral_limits(cfg) -> DeferralLimits    from admission.retry_* (and the retry share)
+    deferral_key(ip, sender, ipv6_prefix=64) -> str      the record key
+    net_of(ip, ipv6_prefix=64) -> str; site_of(net) -> str
+    Record                                    net, site, first, last (deferral times), count,
+                                              rcpts, origin, void (earns nothing)
+    Claim                                     first (time of the first deferral), rcpts, origin;
                                               covers(rcpts) -> bool
-    ClaimResult                               StrEnum: claimed | none | too_early
+    ClaimResult                               StrEnum: claimed | none | too_early | hammered |
+                                              over_share
     DeferralRecords                           typing.Protocol: the record store's interface
-                                              (what the acceptor calls; a shared backend,
-                                              e.g. Redis, implements the same)
+                                              (what the acceptor calls)
     DeferralStore(limits)                     the in-process record store
-        record(key, now, rcpts=(), first=None, origin="") -> bool
-                                              a deferral; False if not stored (net full)
+        key(ip, sender) -> str                deferral_key with the store's ipv6_prefix
+        record(key, now, rcpts=(), first=None, origin="", sheds=1, hammered=False) -> bool
+                                              a deferral (sheds: how many sheds it stands for,
+                                              0 for another recipient of a transaction already
+                                              deferred); False if not stored (a bound)
         lookup(key, now) -> Record | None     without changing it
-        check(key, now) -> ClaimResult        would claim() succeed (without changing it)
-        should_share(key, now) -> bool        tell the other processes about this deferral now?
-                                              (new to us, or min_delay / 2 since we last did:
-                                              a hammering bot costs one fact per half delay)
-        claim(key, now) -> (ClaimResult, Claim | None)   spend one credit of a ripe record
-        consume(key, now) -> Claim | None     spend one credit, ripe or not (the record was
-                                              claimed elsewhere, or the sender got through
-                                              on ordinary capacity)
-        len(store)
+        check(key, rcpts, now) -> ClaimResult would claim() succeed (without changing it)
+        to_share(key, now) -> (Record, sheds) | None   tell the other processes about this
+                                              deferral now? (new to us, recipients added, made
+                                              void, or min_delay / 2 since we last did; sheds:
+                                              those not told yet)
+        claim(key, rcpts, now) -> (ClaimResult, Claim | None)   spend a ripe record
+        consume(key, now, bypass=False) -> Claim | None   spend it, ripe or not (claimed
+                                              elsewhere - bypass: charge the site's part - or
+                                              the transaction came back on ordinary capacity)
+        hammering(site, now) -> bool; sites(); per_net(net); per_site(site); len(store)
     retry_buckets(cfg) -> ((rate, burst) per acceptor, (rate, burst) at the broker) | None
 
 Rules
-    * A record lives `ttl` from its FIRST deferral; later deferrals never extend it.
-    * Each deferral adds one credit (at most MAX_CREDITS); a claim spends one, and a record
-      with no credit left is removed: one deferral buys at most one bypass.
-    * A claim needs `min_delay` since the LAST deferral of the record: a bot that hammers
-      refreshes `last` with every shed attempt and never ripens (too_early).
-    * Bounded: at most max_records records (when full, the oldest is dropped: records are
-      kept in arrival order, which is expiry order but for records shared late by another
-      process; lookups check the TTL of each record exactly) and at most per_net_max per
-      network (a newcomer for a full network is not stored: one /24 cannot flush the table
-      or hold a record per sender it invents).
+    * One record, one bypass: a record holds no credits; further deferrals of it only refresh
+      `last` and add recipients. A claim (or consume) removes it.
+    * A claim needs the same network, the same sender and recipients that were all in the
+      deferred transaction (the retry may carry fewer, never others): Claim.covers, checked at
+      each RCPT of the retry. A record with no recipient covers nothing.
+    * The wait must look like a real MTA's: `min_delay` since the LAST deferral of the record
+      (a bot that hammers refreshes `last` at every shed and never ripens: too_early), and
+      within `ttl` of the FIRST (later deferrals never extend it).
+    * A site shed more than `hammer_sheds` times in HAMMER_WINDOW (a sliding estimate over two
+      fixed windows) earns nothing: its records do not ripen while it hammers (hammered), and a
+      record deferred while its site hammered is void for good (a bot cannot build records
+      fast, then pause and cash them in).
+    * The retry share is divided between sites: with `share_rate` / `share_burst` the edge's
+      retry bucket and A the sites holding records now, one site may claim at most one in
+      A / share_rate seconds, with a burst of max(1, share_burst / A) (GCRA: one theoretical
+      arrival time per site), so a bot rotating senders in one network takes its part and
+      leaves the rest (over_share). Claims made elsewhere (consume with bypass) count too.
+    * Bounded: at most per_net_max records per network and per_site_max per site (a newcomer
+      over either is not stored: one /48 of 2^16 /64s cannot flood the table); at most
+      max_records in all, and when full the table makes room by quota, not by age: the oldest
+      record of the site holding the most is dropped if that site holds at least two more
+      than the newcomer's, else the newcomer is not stored. So records of a site are never
+      pushed out by a site holding as few or fewer; expired records are purged first.
+    * The per-site tables (shed counts, arrival times) hold at most max_records sites each
+      (least recently used forgotten: a forgotten site counts as quiet and fresh).
 
 Failure modes
     DeferralLimits raises ValueError for inconsistent limits; nothing else raises.
 
 Limits
     Per process: every acceptor holds a copy, kept in step by the fan-out through the bulk
-    broker (ingress.lanes); a claim on one acceptor and a claim of the same record on another
-    within the fan-out latency can both succeed (at most one per acceptor). The retry share
-    bounds what any number of claims buys. Memory: about 0.8 KB per record at most (measured
-    with a recipient and a 40-character sender), so 20,000 records are ~16 MB per acceptor.
-    An attacker with many /24s can still fill max_records and push legitimate records out
-    (oldest first). Not thread-safe.
+    broker (ingress.lanes) or Redis (ingress.cluster_state), both carrying the same facts; a
+    claim on one acceptor and a claim of the same record on another within the fan-out
+    latency can both succeed (at most one per acceptor), and a site's sheds on other
+    acceptors arrive in batches (at least every min_delay / 2 per record). The retry share
+    bounds what any number of claims buys. The site's part is computed from one edge's retry
+    share (each edge's broker holds its own). Memory: about 1.1 KB per record at most, site
+    tables included (measured with a recipient, a 40-character sender and every record its
+    own site), so 20,000 records are ~22 MB per acceptor. Time: ~15 us a new record, ~1.3 us
+    a check (measured on the 2-core test machine). An attacker holding more sites than
+    max_records / per_site_max can fill the table: new records (anyone's) are then not stored
+    until old ones expire or are used, but none already held is pushed out. Not thread-safe.
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -80,7 +112,7 @@ from ingress.core.addr import normalize_domain, split_address, try_parse_ip
 from ingress.core.config import Config
 
 __all__ = [
-    "MAX_CREDITS",
+    "HAMMER_WINDOW",
     "MAX_RCPTS",
     "Claim",
     "ClaimResult",
@@ -89,19 +121,26 @@ __all__ = [
     "DeferralStore",
     "Record",
     "deferral_key",
+    "deferral_limits",
     "net_of",
     "retry_buckets",
+    "site_of",
 ]
 
-MAX_CREDITS = 8         # bypasses one record can hold, however often it was deferred
-MAX_RCPTS = 8           # recipients a DATA-time deferral remembers
+MAX_RCPTS = 8           # recipients a record remembers (a retry may carry only those)
 MAX_ADDR = 254          # longest sender / recipient kept (RFC 5321 path limit)
+HAMMER_WINDOW = 60.0    # seconds: "shed many times a minute"
+IPV4_NET = 24           # an IPv4 client network (and site)
+IPV6_SITE = 48          # an IPv6 site: the aggregate of its networks
 
 
 class ClaimResult(StrEnum):
     CLAIMED = "claimed"
-    NONE = "none"               # no record (never deferred, expired or used up)
+    NONE = "none"               # no record of this transaction (never deferred, expired, used
+                                # up, or a recipient it did not have)
     TOO_EARLY = "too_early"     # deferred less than min_delay ago
+    HAMMERED = "hammered"       # its site is (or was, when deferred) shed too often: no evidence
+    OVER_SHARE = "over_share"   # its site has taken its part of the retry share
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +149,12 @@ class DeferralLimits:
     ttl: float
     max_records: int
     per_net_max: int
+    per_site_max: int = 128
+    ipv6_prefix: int = 64
+    hammer_sheds: int = 0       # sheds of a site per HAMMER_WINDOW beyond which it earns
+                                # nothing (0: no such rule)
+    share_rate: float = 0.0     # the retry share divided between sites (0: not divided)
+    share_burst: float = 1.0
 
     def __post_init__(self) -> None:
         if self.min_delay < 0:
@@ -118,18 +163,28 @@ class DeferralLimits:
             raise ValueError("ttl must be greater than min_delay")
         if self.max_records < 1 or self.per_net_max < 1:
             raise ValueError("max_records and per_net_max must be >= 1")
+        if self.per_site_max < self.per_net_max:
+            raise ValueError("per_site_max must be >= per_net_max")
+        if not 16 <= self.ipv6_prefix <= 128:
+            raise ValueError("ipv6_prefix must be 16..128")
+        if self.hammer_sheds < 0 or self.share_rate < 0 or self.share_burst < 1:
+            raise ValueError("hammer_sheds, share_rate must be >= 0, share_burst >= 1")
 
 
 @dataclass(slots=True)
 class Record:
     net: str
+    site: str
     first: float
     last: float
     count: int = 1
-    credits: int = 1
     rcpts: frozenset[str] = field(default_factory=frozenset)
     origin: str = ""            # who recorded the first deferral (an acceptor's ident)
-    shared: float | None = None  # when this process last told the others (should_share)
+    void: bool = False          # deferred while its site hammered: never ripens
+    shared: float | None = None  # when this process last told the others (to_share)
+    shared_rcpts: int = 0       # how many recipients they were told of
+    shared_void: bool = False   # ... and whether they were told it is void
+    unshared: int = 0           # sheds not told yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,20 +193,34 @@ class Claim:
     rcpts: frozenset[str] = frozenset()
     origin: str = ""
 
-    def covers(self, rcpts: tuple[str, ...] | list[str]) -> bool:
-        """The retry is of the deferred transaction: no recipients were known when it was
-        deferred (at MAIL FROM), or it shares one with the deferred one."""
-        return not self.rcpts or any(_addr(r) in self.rcpts for r in rcpts)
+    def covers(self, rcpts: Sequence[str]) -> bool:
+        """The retry is of the deferred transaction: it names recipients, and every one of
+        them was a recipient of the deferred transaction (it may name fewer)."""
+        return bool(rcpts) and all(_addr(r) in self.rcpts for r in rcpts)
 
 
 @functools.lru_cache(maxsize=65536)
-def net_of(ip: str) -> str:
-    """IPv4 /24 or IPv6 /64 of `ip` (IPv4-mapped counts as IPv4); a non-address is itself."""
+def net_of(ip: str, ipv6_prefix: int = 64) -> str:
+    """IPv4 /24 or IPv6 /ipv6_prefix of `ip` (IPv4-mapped counts as IPv4); a non-address is
+    itself (at most 64 characters)."""
     addr = try_parse_ip(ip)
     if addr is None:
         return ip[:64]
-    prefix = 24 if addr.version == 4 else 64
+    prefix = IPV4_NET if addr.version == 4 else ipv6_prefix
     return str(ipaddress.ip_network((addr, prefix), strict=False))
+
+
+@functools.lru_cache(maxsize=65536)
+def site_of(net: str) -> str:
+    """The site of a network (net_of's text): IPv6 /48 (the network itself if it is wider), an
+    IPv4 network itself; anything else is itself."""
+    try:
+        n = ipaddress.ip_network(net, strict=False)
+    except ValueError:
+        return net[:64]
+    if n.version == 6 and n.prefixlen > IPV6_SITE:
+        n = n.supernet(new_prefix=IPV6_SITE)
+    return str(n)
 
 
 def _addr(a: str) -> str:
@@ -167,29 +236,32 @@ def _sender(sender: str) -> str:
     return f"{local.lower()}@{normalize_domain(domain)}"[:MAX_ADDR]
 
 
-def deferral_key(ip: str, sender: str) -> str:
+def deferral_key(ip: str, sender: str, ipv6_prefix: int = 64) -> str:
     """network|sender: what a retry must repeat. The null sender <> is the empty string."""
-    return f"{net_of(ip)}|{_sender(sender)}"
+    return f"{net_of(ip, ipv6_prefix)}|{_sender(sender)}"
 
 
 class DeferralRecords(Protocol):
-    """What the acceptor needs of a record store (DeferralStore here; a shared backend
-    later). Times are wall-clock seconds, passed in."""
+    """What the acceptor needs of a record store. Times are wall-clock seconds, passed in."""
 
     def __len__(self) -> int: ...
 
-    def record(self, key: str, now: float, rcpts: tuple[str, ...] | list[str] = (),
-               first: float | None = None, origin: str = "") -> bool: ...
+    def key(self, ip: str, sender: str) -> str: ...
+
+    def record(self, key: str, now: float, rcpts: Sequence[str] = (),
+               first: float | None = None, origin: str = "", sheds: int = 1,
+               hammered: bool = False) -> bool: ...
 
     def lookup(self, key: str, now: float) -> Record | None: ...
 
-    def check(self, key: str, now: float) -> ClaimResult: ...
+    def check(self, key: str, rcpts: Sequence[str], now: float) -> ClaimResult: ...
 
-    def should_share(self, key: str, now: float) -> bool: ...
+    def to_share(self, key: str, now: float) -> tuple[Record, int] | None: ...
 
-    def claim(self, key: str, now: float) -> tuple[ClaimResult, Claim | None]: ...
+    def claim(self, key: str, rcpts: Sequence[str],
+              now: float) -> tuple[ClaimResult, Claim | None]: ...
 
-    def consume(self, key: str, now: float) -> Claim | None: ...
+    def consume(self, key: str, now: float, bypass: bool = False) -> Claim | None: ...
 
 
 class DeferralStore:
@@ -199,37 +271,62 @@ class DeferralStore:
         self.limits = limits
         self._records: OrderedDict[str, Record] = OrderedDict()   # first-deferral order
         self._per_net: dict[str, int] = {}
+        self._site_keys: dict[str, dict[str, None]] = {}   # site -> its keys, oldest first
+        self._by_count: dict[int, dict[str, None]] = {}    # record count -> sites holding it
+        self._most = 0                                     # the highest such count
+        # site -> [window index, sheds in it, sheds in the one before]
+        self._sheds: OrderedDict[str, list[float]] = OrderedDict()
+        self._tat: OrderedDict[str, float] = OrderedDict()  # site -> theoretical arrival time
 
     def __len__(self) -> int:
         return len(self._records)
 
+    def key(self, ip: str, sender: str) -> str:
+        return deferral_key(ip, sender, self.limits.ipv6_prefix)
+
     def per_net(self, net: str) -> int:
         return self._per_net.get(net, 0)
 
-    def record(self, key: str, now: float, rcpts: tuple[str, ...] | list[str] = (),
-               first: float | None = None, origin: str = "") -> bool:
+    def per_site(self, site: str) -> int:
+        return len(self._site_keys.get(site, ()))
+
+    def sites(self) -> int:
+        """Sites holding records now."""
+        return len(self._site_keys)
+
+    # --- deferrals ----------------------------------------------------------------------------
+
+    def record(self, key: str, now: float, rcpts: Sequence[str] = (),
+               first: float | None = None, origin: str = "", sheds: int = 1,
+               hammered: bool = False) -> bool:
         """A deferral of `key` at `now` (first: when a shared record began elsewhere; origin:
-        who recorded it first, for the log)."""
+        who recorded it first, for the log; sheds: the sheds it stands for; hammered: the
+        process that made it found its site hammering)."""
         self._purge(now)
-        new_rcpts = frozenset(_addr(r) for r in list(rcpts)[:MAX_RCPTS])
+        net = key.split("|", 1)[0]
+        site = site_of(net)
+        self._count_sheds(site, now, sheds)
+        void = hammered or self.hammering(site, now)
         rec = self._records.get(key)
         if rec is not None:
             rec.last = max(rec.last, now)
             rec.count += 1
-            rec.credits = min(MAX_CREDITS, rec.credits + 1)
-            if new_rcpts and len(rec.rcpts) < MAX_RCPTS:
-                rec.rcpts = frozenset(list(rec.rcpts | new_rcpts)[:MAX_RCPTS])
+            rec.unshared += max(0, sheds)
+            rec.void = rec.void or void
+            rec.rcpts = _merge(rec.rcpts, rcpts)
             return True
-        net = key.split("|", 1)[0]
-        if self._per_net.get(net, 0) >= self.limits.per_net_max:
+        if self._per_net.get(net, 0) >= self.limits.per_net_max \
+                or self.per_site(site) >= self.limits.per_site_max:
             return False
         start = now if first is None else min(first, now)
         if start + self.limits.ttl <= now:
             return False
-        if len(self._records) >= self.limits.max_records:
-            self._drop(next(iter(self._records)))
-        self._records[key] = Record(net, start, now, rcpts=new_rcpts, origin=origin[:64])
+        if len(self._records) >= self.limits.max_records and not self._make_room(site):
+            return False
+        self._records[key] = Record(net, site, start, now, rcpts=_merge(frozenset(), rcpts),
+                                    origin=origin[:64], void=void, unshared=max(0, sheds))
         self._per_net[net] = self._per_net.get(net, 0) + 1
+        self._site_add(site, key)
         return True
 
     def lookup(self, key: str, now: float) -> Record | None:
@@ -241,41 +338,150 @@ class DeferralStore:
             return None
         return rec
 
-    def check(self, key: str, now: float) -> ClaimResult:
+    def to_share(self, key: str, now: float) -> tuple[Record, int] | None:
+        """Share the deferral of `key` at `now`? When the others' copy lacks something that
+        decides a claim (the record, a recipient, its voidness), and otherwise often enough
+        that every copy's `last` lags by less than min_delay / 2 (so a bot hammering on one
+        acceptor never ripens on another), rarely enough that a flood of sheds is not a flood
+        of facts. Returns the record and the sheds not told yet (now told)."""
         rec = self.lookup(key, now)
         if rec is None:
+            return None
+        news = len(rec.rcpts) > rec.shared_rcpts or rec.void != rec.shared_void
+        if not news and rec.shared is not None \
+                and now - rec.shared < self.limits.min_delay / 2:
+            return None
+        sheds, rec.unshared = rec.unshared, 0
+        rec.shared, rec.shared_rcpts, rec.shared_void = now, len(rec.rcpts), rec.void
+        return rec, sheds
+
+    # --- claims -------------------------------------------------------------------------------
+
+    def check(self, key: str, rcpts: Sequence[str], now: float) -> ClaimResult:
+        rec = self.lookup(key, now)
+        if rec is None or not Claim(rec.first, rec.rcpts).covers(rcpts):
             return ClaimResult.NONE
+        if rec.void or self.hammering(rec.site, now):
+            return ClaimResult.HAMMERED
         if now - rec.last < self.limits.min_delay:
             return ClaimResult.TOO_EARLY
+        if not self._site_may_claim(rec.site, now):
+            return ClaimResult.OVER_SHARE
         return ClaimResult.CLAIMED
 
-    def should_share(self, key: str, now: float) -> bool:
-        """Share the deferral of `key` at `now`? Often enough that every copy's `last` lags by
-        less than min_delay / 2 (so a bot hammering on one acceptor never ripens on another),
-        rarely enough that a flood of sheds is not a flood of facts."""
-        rec = self.lookup(key, now)
-        if rec is None:
-            return False
-        if rec.shared is not None and now - rec.shared < self.limits.min_delay / 2:
-            return False
-        rec.shared = now
-        return True
-
-    def claim(self, key: str, now: float) -> tuple[ClaimResult, Claim | None]:
-        result = self.check(key, now)
+    def claim(self, key: str, rcpts: Sequence[str],
+              now: float) -> tuple[ClaimResult, Claim | None]:
+        result = self.check(key, rcpts, now)
         if result is not ClaimResult.CLAIMED:
             return result, None
-        return result, self._spend(key, self._records[key])
+        rec = self._records[key]
+        self._charge(rec.site, now)
+        self._drop(key)
+        return result, Claim(rec.first, rec.rcpts, rec.origin)
 
-    def consume(self, key: str, now: float) -> Claim | None:
+    def consume(self, key: str, now: float, bypass: bool = False) -> Claim | None:
+        if bypass:
+            self._charge(site_of(key.split("|", 1)[0]), now)
         rec = self.lookup(key, now)
-        return None if rec is None else self._spend(key, rec)
-
-    def _spend(self, key: str, rec: Record) -> Claim:
-        rec.credits -= 1
-        if rec.credits <= 0:
-            self._drop(key)
+        if rec is None:
+            return None
+        self._drop(key)
         return Claim(rec.first, rec.rcpts, rec.origin)
+
+    # --- sites: hammering and their part of the retry share ----------------------------------
+
+    def hammering(self, site: str, now: float) -> bool:
+        """Shed more than hammer_sheds times in the last HAMMER_WINDOW (estimated: this
+        window's count and the previous one's, weighted by how much of it is still inside)?"""
+        limit = self.limits.hammer_sheds
+        e = self._sheds.get(site)
+        if limit <= 0 or e is None:
+            return False
+        w = math.floor(now / HAMMER_WINDOW)
+        if w == e[0]:
+            cur, prev = e[1], e[2]
+        elif w == e[0] + 1:
+            cur, prev = 0.0, e[1]
+        else:
+            return False
+        inside = 1.0 - (now - w * HAMMER_WINDOW) / HAMMER_WINDOW
+        return cur + prev * inside > limit
+
+    def _count_sheds(self, site: str, at: float, n: int) -> None:
+        if n <= 0 or self.limits.hammer_sheds <= 0:
+            return
+        w = math.floor(at / HAMMER_WINDOW)
+        e = self._sheds.get(site)
+        if e is None:
+            e = self._sheds[site] = [w, 0.0, 0.0]
+            while len(self._sheds) > self.limits.max_records:
+                self._sheds.popitem(last=False)
+        else:
+            self._sheds.move_to_end(site)
+        if w > e[0]:
+            e[:] = [w, 0.0, e[1] if w == e[0] + 1 else 0.0]
+        if w == e[0]:
+            e[1] += n
+        elif w == e[0] - 1:
+            e[2] += n            # late news of the previous window (a shared fact)
+
+    def _site_interval(self) -> tuple[float, float]:
+        """(seconds between two claims of one site, how far ahead of now it may claim)."""
+        active = max(1, len(self._site_keys))
+        interval = active / self.limits.share_rate
+        return interval, (max(1.0, self.limits.share_burst / active) - 1.0) * interval
+
+    def _site_may_claim(self, site: str, now: float) -> bool:
+        if self.limits.share_rate <= 0:
+            return True
+        _, ahead = self._site_interval()
+        return self._tat.get(site, now) - now <= ahead + 1e-9
+
+    def _charge(self, site: str, now: float) -> None:
+        if self.limits.share_rate <= 0:
+            return
+        interval, _ = self._site_interval()
+        self._tat[site] = max(self._tat.get(site, now), now) + interval
+        self._tat.move_to_end(site)
+        while len(self._tat) > self.limits.max_records:
+            self._tat.popitem(last=False)
+
+    # --- bookkeeping --------------------------------------------------------------------------
+
+    def _make_room(self, site: str) -> bool:
+        """The table is full: drop the oldest record of the site holding the most, if it holds
+        at least two more than `site` (so the counts only ever get more even)."""
+        if not self._most or self._most < self.per_site(site) + 2:
+            return False
+        largest = next(iter(self._by_count[self._most]))
+        self._drop(next(iter(self._site_keys[largest])))
+        return True
+
+    def _site_add(self, site: str, key: str) -> None:
+        keys = self._site_keys.setdefault(site, {})
+        keys[key] = None
+        self._recount(site, len(keys) - 1, len(keys))
+
+    def _site_remove(self, site: str, key: str) -> None:
+        keys = self._site_keys.get(site)
+        if keys is None or key not in keys:
+            return
+        del keys[key]
+        if not keys:
+            del self._site_keys[site]
+        self._recount(site, len(keys) + 1, len(keys))
+
+    def _recount(self, site: str, old: int, new: int) -> None:
+        if old:
+            sites = self._by_count[old]
+            del sites[site]
+            if not sites:
+                del self._by_count[old]
+        if new:
+            self._by_count.setdefault(new, {})[site] = None
+        self._most = max(self._most, new)
+        while self._most and self._most not in self._by_count:
+            self._most -= 1
 
     def _drop(self, key: str) -> None:
         rec = self._records.pop(key, None)
@@ -286,6 +492,7 @@ class DeferralStore:
             self._per_net[rec.net] = n
         else:
             self._per_net.pop(rec.net, None)
+        self._site_remove(rec.site, key)
 
     def _purge(self, now: float) -> None:
         ttl = self.limits.ttl
@@ -294,6 +501,18 @@ class DeferralStore:
             if rec.first + ttl > now:
                 return
             self._drop(key)
+
+
+def _merge(have: frozenset[str], rcpts: Sequence[str]) -> frozenset[str]:
+    """`have` and the recipients in `rcpts`, at most MAX_RCPTS in all (those first seen kept)."""
+    if len(have) >= MAX_RCPTS or not rcpts:
+        return have
+    out = set(have)
+    for r in list(rcpts)[:MAX_RCPTS]:
+        out.add(_addr(r))
+        if len(out) >= MAX_RCPTS:
+            break
+    return frozenset(out)
 
 
 def retry_buckets(cfg: Config) -> tuple[tuple[float, float], tuple[float, float]] | None:
@@ -307,3 +526,15 @@ def retry_buckets(cfg: Config) -> tuple[tuple[float, float], tuple[float, float]
     burst = max(1.0, (lb.burst or lb.rate) * share)
     n = cfg.acceptor_count
     return (rate / n, max(1.0, burst / n)), (rate, burst)
+
+
+def deferral_limits(cfg: Config) -> DeferralLimits:
+    """The store's limits from admission.retry_*, admission.ipv6_prefix and the edge's retry
+    share (retry_buckets: what is divided between sites)."""
+    a = cfg.admission
+    retry = retry_buckets(cfg)
+    rate, burst = retry[1] if retry is not None else (0.0, 1.0)
+    return DeferralLimits(
+        min_delay=a.retry_min_delay, ttl=a.retry_ttl, max_records=a.retry_max_records,
+        per_net_max=a.retry_per_net, per_site_max=a.retry_per_site, ipv6_prefix=a.ipv6_prefix,
+        hammer_sheds=a.retry_hammer_sheds, share_rate=rate, share_burst=burst)

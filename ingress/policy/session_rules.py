@@ -49,8 +49,13 @@ API:
         (error_delay), and whether the session is cut off after it (421 4.7.0 and a close).
     before_mail(counters, policy, host) -> Refused | None
         A MAIL beyond policy.mail_without_data_limit transactions without a delivered message:
-        421 4.7.0 and a close (each MAIL of a bulk session spends a bulk token).
+        421 4.7.0 and a close (each MAIL of a bulk session costs an SPF check, and its first
+        RCPT a bulk token; a transaction deferred for the bulk cap is not counted:
+        mail_deferred).
     mail_accepted(counters) -> Counters           a MAIL got 250
+    mail_deferred(counters) -> Counters           ... and its transaction was deferred for the
+                                                  bulk cap (at its first RCPT): not a MAIL
+                                                  without a message (the shed limit counts it)
     delivered(counters) -> Counters               a message was delivered: counts start afresh
     argument_refusal(why, command) -> Refused     the 501 5.5.2 for check_argument's answer
     cut_off_refusal(host) -> Refused              the 421 4.7.0 at the hard error limit
@@ -280,6 +285,10 @@ def before_mail(counters: Counters, policy: ErrorPolicy, host: str) -> Refused |
 
 def mail_accepted(counters: Counters) -> Counters:
     return replace(counters, mails=counters.mails + 1)
+
+
+def mail_deferred(counters: Counters) -> Counters:
+    return replace(counters, mails=max(0, counters.mails - 1))
 
 
 def delivered(counters: Counters) -> Counters:

@@ -143,7 +143,7 @@ def message(subject: str, sender: str = "alice@good.test") -> bytes:
 RATE, BURST = 20.0, 20          # the global cap: 20 bulk messages a second, burst 20
 WINDOW = 8.0                    # seconds of spam against both instances
 CLIENTS = 4                     # spam loops per instance
-MAX_TRIES = 2000                # MAIL FROMs per loop, at most (a bound, not a target)
+MAX_TRIES = 2000                # transactions per loop, at most (a bound, not a target)
 
 
 class Conn:
@@ -173,9 +173,9 @@ class Conn:
 
 async def spam_loop(host: str, port: int, until: float, tag: str,
                     stats: dict[str, Any], source: str | None = None) -> None:
-    """One bulk client: MAIL FROM again and again on one connection (reconnecting after a
-    421), a message after each 250, a short pause after each 451. Bounded by `until` and
-    MAX_TRIES."""
+    """One bulk client: MAIL FROM and RCPT TO again and again on one connection (reconnecting
+    after a 421), a message after each RCPT 250 (the bulk cap decides at the first RCPT), a
+    short pause after each 451. Bounded by `until` and MAX_TRIES."""
     tries = 0
     while time.monotonic() < until and tries < MAX_TRIES:
         try:
@@ -189,9 +189,12 @@ async def spam_loop(host: str, port: int, until: float, tag: str,
             await c.cmd(b"EHLO spammer.test\r\n")
             while time.monotonic() < until and tries < MAX_TRIES:
                 tries += 1
+                r = await c.cmd(b"MAIL FROM:<spam@spam.test>\r\n")
+                if not r.startswith("250"):                 # 421: closed; reconnect
+                    break
                 sent = time.monotonic()
                 stats["first"] = min(stats["first"], sent)
-                r = await c.cmd(b"MAIL FROM:<spam@spam.test>\r\n")
+                r = await c.cmd(b"RCPT TO:<bob@example.test>\r\n")
                 replied = time.monotonic()
                 stats["slowest"] = max(stats.get("slowest", 0.0), replied - sent)
                 if r.startswith("250"):
@@ -199,7 +202,6 @@ async def spam_loop(host: str, port: int, until: float, tag: str,
                     stats["last_sent"] = max(stats.get("last_sent", 0.0), sent)
                     stats["last"] = max(stats["last"], replied)
                     stats["admitted"][tag] += 1
-                    await c.cmd(b"RCPT TO:<bob@example.test>\r\n")
                     await c.cmd(b"DATA\r\n")
                     d = await c.cmd(b"Subject: spam\r\n\r\nbuy\r\n.\r\n")
                     stats["data"][d[:3]] = stats["data"].get(d[:3], 0) + 1
@@ -246,11 +248,11 @@ def new_stats() -> dict[str, Any]:
 
 def check_cap(stats: dict[str, Any], a: Ingress, b: Ingress) -> None:
     """Accounting, not speed: the bucket admits at most BURST + RATE x (time between the first
-    MAIL FROM and the last admitted one); with demand above the cap it admits about that much.
+    RCPT TO and the last admitted one); with demand above the cap it admits about that much.
     Two independent caps would admit about twice that, and two local shares (Redis unused)
     BULK_SHARE x that."""
     admitted = sum(stats["admitted"].values())
-    # The last admission was decided between its MAIL's send and its reply, and a reply can
+    # The last admission was decided between its RCPT's send and its reply, and a reply can
     # come a second or two late here: each loop collects 451s, and past the soft error limit
     # the error tarpit (session_rules.error_delay, Postfix's smtpd_error_sleep_time) sleeps
     # before the reply. So the window ends somewhere in [last_sent, last]: within 5 % of the

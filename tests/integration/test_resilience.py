@@ -252,7 +252,7 @@ def test_bulk_rate_cap_sheds_with_4xx(tmp_path: Path) -> None:
 
 
 def test_shed_tarpit_and_limit(tmp_path: Path) -> None:
-    """Over the bulk cap, MAIL FROM gets 451 4.7.1 after admission.shed_delay, and the
+    """Over the bulk cap, the first RCPT TO gets 451 4.7.1 after admission.shed_delay, and the
     shed_limit-th refusal in one session is 421 with the connection closed."""
     with Ingress(tmp_path, {"lanes.bulk": {"rate": 0.01, "burst": 1},
                             "admission": {"shed_delay": 0.2, "shed_limit": 4},
@@ -263,7 +263,8 @@ def test_shed_tarpit_and_limit(tmp_path: Path) -> None:
             t0 = time.monotonic()
             lines = [b"EHLO bot.test\r\n"]
             for _ in range(5):
-                lines += [b"MAIL FROM:<spam@bot.test>\r\n", b"RSET\r\n"]
+                lines += [b"MAIL FROM:<spam@bot.test>\r\n", b"RCPT TO:<bob@example.test>\r\n",
+                          b"RSET\r\n"]
             return await smtp_dialogue(ing.port, lines), time.monotonic() - t0
 
         replies, took = asyncio.run(loop_mail())

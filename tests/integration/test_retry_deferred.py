@@ -1,4 +1,5 @@
-"""A retry after our own deferral is evidence (issue 8, item 2; ingress.policy.deferrals).
+"""A retry after our own deferral is evidence, if earned (issue 8, item 2; issue 17, item 4;
+ingress.policy.deferrals).
 
 The real ingress (supervisor, acceptors, brokers, workers) on loopback, with a bulk cap so low
 (lanes.bulk.rate = 0.001/s, burst 1) that once a bounded spam loop has spent it, every further
@@ -11,7 +12,12 @@ so the deferral records of the two never share a network's quota).
   bypass, the deferred-then-accepted message and the time since its first deferral;
 - a retry before the minimum delay is shed (and counted too_early); after it, accepted;
 - a bot that retries everything at once gets only the retry share: the rest are shed;
-- with two acceptors, a retry landing on the acceptor that did not defer it is recognised.
+- with two acceptors, a retry landing on the acceptor that did not defer it is recognised;
+- (issue 17) a bot rotating 32 senders from one /24, hammering, earns nothing, and an honest MTA
+  of another network gets its bypass by its third retry; the retry share is divided between
+  networks (a bot that does not hammer takes its network's part, no more); the deferral is made
+  at the first RCPT TO and a retry may carry only recipients of the deferred transaction.
+(The IPv6 /48 bounds are table tests of the store: loopback IPv6 is ::1 alone.)
 """
 
 from __future__ import annotations
@@ -119,7 +125,7 @@ def test_retry_accepted_while_bulk_cap_saturated(tmp_path: Path) -> None:
         assert counts.get("250", 0) == 0 and counts.get("451", 0) >= 1, counts
         assert bodies_from(ing, "legit@sender.test") == 1
         m = scrape(mport)
-        assert value(m, "smtp_ingress_deferrals_total", lane="bulk", reason="mail_cap") >= 2
+        assert value(m, "smtp_ingress_deferrals_total", lane="bulk", reason="rcpt_cap") >= 2
         assert value(m, "smtp_ingress_deferral_retries_total", lane="bulk",
                      result="bypassed") == 1
         assert value(m, "smtp_ingress_deferred_accepted_total", lane="bulk") == 1
@@ -242,3 +248,125 @@ def test_retry_of_a_data_time_deferral(tmp_path: Path) -> None:
         m = scrape(mport)
         assert value(m, "smtp_ingress_deferrals_total", lane="bulk", reason="data_rate") >= 1
         assert value(m, "smtp_ingress_deferred_accepted_total", lane="bulk") == 1
+
+
+# --- issue 17, item 4: retry evidence has to be earned ----------------------------------------
+
+BOT_SENDERS = 32
+BOT_SOURCES = [f"127.0.1.{10 + i}" for i in range(8)]     # one /24: the bot's network
+
+
+async def rotating_bot(port: int, stop: asyncio.Event, counts: dict[str, int],
+                       pace: float = 0.05, limit: int = 3000) -> None:
+    """A bot that read the code: it rotates BOT_SENDERS senders (each retried when its turn
+    comes round, which is later than admission.retry_min_delay) from several addresses of one
+    /24, as fast as it can. Bounded in count (and by `stop`)."""
+    for i in range(limit):
+        if stop.is_set():
+            return
+        code, _ = await send_one(port, make_body(i, 200), sender=f"bot{i % BOT_SENDERS}@bot.test",
+                                 source=BOT_SOURCES[i % len(BOT_SOURCES)])
+        counts[str(code)] = counts.get(str(code), 0) + 1
+        counts["attempts"] = counts.get("attempts", 0) + 1
+        await asyncio.sleep(pace)
+
+
+def test_a_bot_rotating_senders_does_not_take_the_retry_share(tmp_path: Path) -> None:
+    """Was (issue 17, measured 7): every shed MAIL FROM added a credit to its record, so a bot
+    rotating 32 senders from one /24 ripened a record at every turn and took every token of
+    the retry share; an honest MTA retrying its deferred message got none. Now a network shed
+    many times a minute earns nothing, and the honest MTA (another network) gets its bypass
+    by its third retry. The retry share here is 4 tokens (burst 8 x 0.5), refilled never."""
+    with Ingress(tmp_path, tables(burst=8, share=0.5)) as ing:
+        mport = metrics_port(ing)
+
+        async def scenario() -> tuple[list[int], dict[str, int]]:
+            await saturate(ing.port)
+            stop, bot = asyncio.Event(), {}
+            task = asyncio.create_task(rotating_bot(ing.port, stop, bot))
+            try:
+                # two full turns of the bot: on the old code it had taken the share by then
+                deadline = time.monotonic() + 60
+                while bot.get("attempts", 0) < 2 * BOT_SENDERS + 4 and not task.done():
+                    assert time.monotonic() < deadline, bot
+                    await asyncio.sleep(0.1)
+                honest = [(await send_one(ing.port, make_body(1), sender="mta@partner.test"))[0]]
+                for i in range(3):                  # three retries, each after the minimum wait
+                    if 250 in honest:
+                        break
+                    await asyncio.sleep(MIN_DELAY + 0.3)
+                    honest.append((await send_one(ing.port, make_body(2 + i),
+                                                  sender="mta@partner.test"))[0])
+            finally:
+                stop.set()
+                await task
+            return honest, bot
+
+        honest, bot = asyncio.run(scenario())
+        assert honest[0] == 451 and honest[-1] == 250, (honest, bot)
+        assert bot.get("250", 0) == 0, bot
+        assert bodies_from(ing, "mta@partner.test") == 1
+        assert not any(e.get("mail_from", "").startswith("bot")
+                       for e in (s.envelope for s in ing.spooled().values()))
+        m = scrape(mport)
+        assert value(m, "smtp_ingress_deferral_retries_total", lane="bulk",
+                     result="bypassed") == 1
+        assert value(m, "smtp_ingress_deferral_retries_total", lane="bulk",
+                     result="hammered") >= 1
+
+
+def test_the_retry_share_is_divided_between_networks(tmp_path: Path) -> None:
+    """Was: a bot that defers 8 senders from one /24 (slowly: it does not hammer) and retries
+    them all at once after the minimum wait took all 4 tokens of the retry share, and the
+    honest MTA's retry from another network found it spent. Now each network holding records
+    gets its part (2 of 4 here: two networks): the bot 2, the honest MTA its one."""
+    with Ingress(tmp_path, tables(burst=8, share=0.5)) as ing:
+        senders = [f"bot{i}@bot.test" for i in range(8)]
+
+        async def scenario() -> tuple[list[int], list[int]]:
+            await saturate(ing.port)
+            firsts = [(await send_one(ing.port, make_body(i), sender=s,
+                                      source=BOT_SOURCES[i % len(BOT_SOURCES)]))[0]
+                      for i, s in enumerate(senders)]
+            firsts.append((await send_one(ing.port, make_body(9), sender="mta@partner.test"))[0])
+            await asyncio.sleep(MIN_DELAY + 0.3)
+            retries = await asyncio.gather(*(
+                send_one(ing.port, make_body(i), sender=s,
+                         source=BOT_SOURCES[i % len(BOT_SOURCES)])
+                for i, s in enumerate(senders)))
+            honest, _ = await send_one(ing.port, make_body(10), sender="mta@partner.test")
+            return firsts, [*(code for code, _ in retries), honest]
+
+        firsts, codes = asyncio.run(scenario())
+        assert firsts == [451] * 9
+        bot, honest = codes[:-1], codes[-1]
+        assert honest == 250, codes
+        assert 1 <= bot.count(250) <= 2, codes          # the bot's network: its part, no more
+        assert bodies_from(ing, "mta@partner.test") == 1
+
+
+def test_a_retry_carries_only_the_deferred_recipients(tmp_path: Path) -> None:
+    """The deferral is made at the first RCPT TO (every later RCPT of that transaction is
+    deferred too, and remembered): a retry is recognised by a recipient it deferred, and may
+    carry only those; another recipient on it is deferred (451), not let in on the bypass."""
+    with Ingress(tmp_path, tables()) as ing:
+        sender = "mta@partner.test"
+
+        async def scenario() -> tuple[list[str], list[str]]:
+            await saturate(ing.port)
+            first = await smtp_dialogue(ing.port, [
+                b"EHLO partner.test\r\n", f"MAIL FROM:<{sender}>\r\n".encode(),
+                b"RCPT TO:<bob@example.test>\r\n", b"RCPT TO:<carol@example.test>\r\n",
+                b"QUIT\r\n"])
+            await asyncio.sleep(MIN_DELAY + 0.3)
+            retry = await smtp_dialogue(ing.port, [
+                b"EHLO partner.test\r\n", f"MAIL FROM:<{sender}>\r\n".encode(),
+                b"RCPT TO:<carol@example.test>\r\n", b"RCPT TO:<dave@example.test>\r\n",
+                b"DATA\r\n", make_body(1, 200) + b".\r\n", b"QUIT\r\n"])
+            return first, retry
+
+        first, retry = asyncio.run(scenario())
+        assert [r[:3] for r in first[2:5]] == ["250", "451", "451"], first
+        assert [r[:3] for r in retry[2:7]] == ["250", "250", "451", "354", "250"], retry
+        spooled = [e.envelope for e in ing.spooled().values() if e.envelope["mail_from"] == sender]
+        assert [env["rcpts"] for env in spooled] == [["carol@example.test"]], spooled

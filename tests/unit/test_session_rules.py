@@ -247,6 +247,16 @@ def test_mail_without_data_limit() -> None:
     assert session_rules.before_mail(session_rules.delivered(c), P, "mx") is None
 
 
+def test_a_transaction_deferred_for_the_cap_is_not_a_mail_without_data() -> None:
+    """The bulk cap defers at the first RCPT (MAIL had its 250): the shed limit counts that
+    transaction, not mail_without_data_limit."""
+    c = Counters()
+    for _ in range(5):
+        c = session_rules.mail_deferred(session_rules.mail_accepted(c))
+    assert c.mails == 0 and session_rules.before_mail(c, P, "mx") is None
+    assert session_rules.mail_deferred(Counters()).mails == 0          # never below 0
+
+
 def test_delivered_resets_everything() -> None:
     c = Counters(errors=5, junk=7, mails=3, overshoot=2)
     assert session_rules.delivered(c) == Counters()

@@ -38,6 +38,9 @@ def test_round_trip_through_the_broker(fact: bytes) -> None:
     [DEFER_TOPIC, VERSION, orjson.dumps({"k": "x"})],                       # no origin
     [DEFER_TOPIC, VERSION, orjson.dumps({"k": "x", "o": "a", "t": "now"})],
     [DEFER_TOPIC, VERSION, orjson.dumps({"k": "x", "o": "a", "r": [1]})],
+    [DEFER_TOPIC, VERSION, orjson.dumps({"k": "x", "o": "a", "n": "many"})],   # sheds
+    [DEFER_TOPIC, VERSION, orjson.dumps({"k": "x", "o": "a", "h": [1]})],      # hammered
+    [CLAIM_TOPIC, VERSION, orjson.dumps({"k": "x", "o": "a", "b": "yes"})],    # a bypass
     [DEFER_TOPIC, b"SI0", orjson.dumps(DOC)],
     [b"learn", VERSION, orjson.dumps(DOC)],
     [CLAIM_TOPIC, VERSION, orjson.dumps({**DOC, "k": "x" * RECORD_MAX})],   # too big
@@ -45,6 +48,14 @@ def test_round_trip_through_the_broker(fact: bytes) -> None:
 def test_malformed_publications_raise(frames: list[bytes]) -> None:
     with pytest.raises(WireError):
         decode_record(frames)
+
+
+@pytest.mark.parametrize("fact,doc", [
+    (DEFER_TOPIC, {**DOC, "n": 12, "h": 1}),       # sheds it stands for, made while hammering
+    (CLAIM_TOPIC, {"k": DOC["k"], "t": 2.0, "o": "a0-1", "b": 1}),   # a bypass
+])
+def test_the_earned_evidence_fields_round_trip(fact: bytes, doc: dict) -> None:
+    assert decode_record(shared_publication(share_record(fact, doc))) == (fact, doc)
 
 
 def test_broker_refuses_an_oversized_record() -> None:
