@@ -66,7 +66,7 @@ from ingress.host import Prototype
 from ingress.lanes import Lanes
 from ingress.learned_store import LEARNED_SAVE_INTERVAL, LearnedStore
 from ingress.lobby import Lobby
-from ingress.policy.admission import FD_SPARE, configured_limit
+from ingress.policy.admission import FD_SPARE, configured_limit, spf_fds
 from ingress.policy.classify import (
     AuthResult,
     ClassifyPolicy,
@@ -505,7 +505,7 @@ async def serve(cfg: Config, index: int, sock: Listening, hb: Any, slot: int,
     the others over ingress.handoff, it has no listening socket of its own)."""
     loop = asyncio.get_running_loop()
     wanted = configured_limit(cfg, 0).max_connections    # what config / memory allow
-    needed = wanted + FD_SPARE
+    needed = wanted + FD_SPARE + spf_fds(cfg)        # SPF's DNS sockets besides the spare
     nofile, _ = procs.raise_nofile(needed)
     # Admission is capped at what the fd limit allows (admission.connection_limit): a client
     # beyond it gets 421 instead of libuv's silent accept-and-close on EMFILE.
@@ -549,8 +549,7 @@ async def serve(cfg: Config, index: int, sock: Listening, hb: Any, slot: int,
     if index == 0 and sock is not None and ctx.learned_store.dirty:
         with contextlib.suppress(OSError):
             atomic_write(ctx.learned_store.path, ctx.learned_store.allow.to_json().encode())
-    for pool in ctx.spf_service.pools.values():
-        pool.shutdown(wait=False, cancel_futures=True)
+    ctx.spf_service.shutdown()
     if ctx.cluster is not None:
         await ctx.cluster.close()
     ctx.lanes.close()

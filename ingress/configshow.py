@@ -32,6 +32,7 @@ from ingress.policy.admission import (
     broker_bucket,
     bulk_share_bucket,
     configured_limit,
+    spf_fds,
 )
 from ingress.policy.deferrals import retry_buckets
 from ingress.policy.identity import domain_buckets, fast_slots, share_bound
@@ -87,7 +88,7 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
     soft, hard = nofile or resource.getrlimit(resource.RLIMIT_NOFILE)
     limit = soft if hard == resource.RLIM_INFINITY else max(soft, hard)   # raised to hard
     s = cfg.smtp
-    fd_sessions = max(0, limit - FD_SPARE)
+    fd_sessions = max(0, limit - FD_SPARE - spf_fds(cfg))
     conn = configured_limit(cfg, limit)          # what the acceptor runs
     slots, reserve = conn.max_connections, conn.fast_reserve
     lim = AdmissionLimits(max_connections=slots, fast_reserve=reserve,

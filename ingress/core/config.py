@@ -157,6 +157,13 @@ class ClassifyConfig:
     nameservers: tuple[str, ...] = ()   # "ip", "ip@port", "ip:port"; empty = /etc/resolv.conf
     dns_timeout: float = 2.0            # one DNS query
     spf_deadline: float = 3.0           # a whole SPF evaluation; then temperror (never rejects)
+    spf_per_domain: int = 16            # SPF checks of one sender (organisational) domain under
+                                        # way at once, per acceptor; beyond: temperror at once
+    spf_per_network: int = 8            # ... from one client /24 (IPv6: admission.ipv6_prefix)
+    spf_backlog: int = 256              # ... in all, per acceptor (each may hold a DNS socket:
+                                        # that many descriptors are kept from the slots)
+    spf_timeout_ttl: float = 15.0       # a domain whose SPF lookup timed out is temperror at
+                                        # once (no lookup) for this long; 0 = never
     dkim_deadline: float = 5.0          # all DKIM signatures of one message, in a worker
     authserv_id: str = ""               # Authentication-Results id; default smtp.hostname
 
@@ -680,6 +687,13 @@ def _check_classify(cfg: Config, need: _Need) -> None:
     need(0 < c.dns_timeout <= 30, "classify.dns_timeout", "must be in (0, 30]")
     need(0 < c.spf_deadline <= 60, "classify.spf_deadline",
          "must be in (0, 60] (at most half of smtp.idle_timeout applies)")
+    need(1 <= c.spf_backlog <= 65536, "classify.spf_backlog", "must be 1..65536")
+    need(1 <= c.spf_per_domain <= c.spf_backlog, "classify.spf_per_domain",
+         "must be 1..classify.spf_backlog")
+    need(1 <= c.spf_per_network <= c.spf_backlog, "classify.spf_per_network",
+         "must be 1..classify.spf_backlog")
+    need(0 <= c.spf_timeout_ttl <= 300, "classify.spf_timeout_ttl",
+         "must be 0..300 seconds (0 = no cache of timeouts)")
     need(0 < c.dkim_deadline < s.ack_timeout, "classify.dkim_deadline",
          "must be > 0 and below smtp.ack_timeout (it runs before the ack)")
     need.parses(parse_nameserver, c.nameservers, "classify.nameservers")

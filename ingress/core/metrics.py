@@ -60,6 +60,11 @@ observation; measured ~1.5 us per counter inc and ~3-5 us per observe on the dev
     mtls_gate(tier, outcome)        mutual-TLS port: a connection at the handshake gate
                                     (MTLS_TIERS x MTLS_GATE_OUTCOMES)
     mtls_handshake(tier, result)    mutual-TLS port: a handshake ended (MTLS_RESULTS)
+    spf_refused(reason)             acceptor: an SPF check answered temperror at once, without a
+                                    lookup (SPF_REFUSALS: timeout = the sender's domain timed
+                                    out lately; domain / network / backlog = that many checks
+                                    of the domain, from the client's network, in the process,
+                                    under way: ingress.policy.spf_gate)
     cluster_state(up)               acceptor: its Redis ([cluster] redis) up or down
     cluster_fallback()              acceptor: a decision taken on local limits (Redis down/slow)
 
@@ -265,6 +270,12 @@ MTLS_HANDSHAKES = Counter("smtp_ingress_mtls_handshakes",
                           "TLS handshakes done on the mutual-TLS port, by tier and result (ok, "
                           "failed: no or a bad certificate, a stall, the client went)",
                           ["tier", "result"])
+SPF_REFUSALS = ("timeout", "domain", "network", "backlog")
+SPF_REFUSED = Counter("smtp_ingress_spf_refused",
+                      "SPF checks answered temperror at once, without a lookup, by reason: "
+                      "timeout (the sender's domain timed out lately), domain, network or "
+                      "backlog (that many checks of the domain, from the client's network, "
+                      "or in the acceptor, already under way)", ["reason"])
 # [cluster] redis (ingress/cluster_state.py): per acceptor, 1 while its Redis is reachable
 CLUSTER_UP = Gauge("smtp_ingress_cluster_state_up",
                    "Shared admission state in Redis reachable (1) or local fallback (0), "
@@ -288,6 +299,7 @@ _defer: dict[tuple[str, str], Any] = {}
 _retry: dict[tuple[str, str], Any] = {}
 _mtls_gate: dict[tuple[str, str], Any] = {}
 _mtls_hs: dict[tuple[str, str], Any] = {}
+_spf: dict[str, Any] = {}
 
 
 def _bind(cache: dict[Any, Any], metric: Any, key: Any,
@@ -445,6 +457,16 @@ def mtls_handshake(tier: str, result: str) -> None:
         if tier not in MTLS_TIERS or result not in MTLS_RESULTS:
             raise ValueError(f"undeclared mtls_handshake labels {key!r}")
         child = _mtls_hs[key] = MTLS_HANDSHAKES.labels(*key)
+    child.inc()
+
+
+def spf_refused(reason: str) -> None:
+    """An acceptor answered an SPF check temperror without a lookup: `reason` in SPF_REFUSALS."""
+    child = _spf.get(reason)
+    if child is None:
+        if reason not in SPF_REFUSALS:
+            raise ValueError(f"undeclared spf_refused label {reason!r}")
+        child = _bind(_spf, SPF_REFUSED, reason)
     child.inc()
 
 

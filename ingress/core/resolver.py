@@ -8,6 +8,11 @@ API:
         (resolver.timeout and resolver.lifetime). The cache is dns.resolver.LRUCache
         (thread-safe, honours TTLs, caches negative answers); the resolver is not modified
         afterwards, so one instance may be shared by threads.
+    async_twin(resolver) -> dns.asyncresolver.Resolver
+        The asyncio resolver with the same nameservers, timeouts and cache (the one LRUCache
+        object: an answer one of them got serves the other). Made once per resolver (held in
+        a WeakKeyDictionary). SPF (ingress.evidence.check_spf) queries through it, on the
+        event loop, so no DNS wait holds a thread; it works under uvloop.
 
 Failure modes: ValueError for a nameserver that is not an IP literal or has a bad port, or a
 timeout that is not > 0.
@@ -17,8 +22,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import threading
+import weakref
 from collections.abc import Iterable
 
+import dns.asyncresolver
 import dns.nameserver
 import dns.resolver
 
@@ -69,3 +77,23 @@ def make_resolver(
     res.retry_servfail = False
     res.cache = dns.resolver.LRUCache(cache_size)
     return res
+
+
+_twins: weakref.WeakKeyDictionary[dns.resolver.Resolver, dns.asyncresolver.Resolver] = \
+    weakref.WeakKeyDictionary()
+_twins_lock = threading.Lock()
+
+
+def async_twin(resolver: dns.resolver.Resolver) -> dns.asyncresolver.Resolver:
+    """The asyncio resolver that asks what `resolver` asks, with its deadlines and its cache."""
+    with _twins_lock:
+        twin = _twins.get(resolver)
+        if twin is None:
+            twin = dns.asyncresolver.Resolver(configure=False)
+            twin.nameservers = list(resolver.nameservers)
+            twin.timeout = resolver.timeout
+            twin.lifetime = resolver.lifetime
+            twin.retry_servfail = resolver.retry_servfail
+            twin.cache = resolver.cache
+            _twins[resolver] = twin
+        return twin

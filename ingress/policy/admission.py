@@ -25,7 +25,10 @@ API
     connection_limit(max_connections, fast_reserve, nofile, memory, cost=CONNECTION_COST)
         -> ConnectionLimit(max_connections, fast_reserve, limited_by)   the per-acceptor slots
         from smtp.max_connections (0 = auto), the fd limit and smtp.connection_memory
-    configured_limit(cfg, nofile) -> ConnectionLimit     the same for a Config
+    configured_limit(cfg, nofile) -> ConnectionLimit     the same for a Config (the fd limit
+                                                 less spf_fds(cfg))
+    spf_fds(cfg) -> int                          descriptors an acceptor keeps for SPF's DNS
+                                                 queries: classify.spf_backlog when SPF is on
     fd_capped(max_connections, fast_reserve, nofile) -> (slots, reserve)  the same, explicit
     Verdict.reply                                the refusal's line (ingress.policy.replies)
     bulk_share_bucket(cfg, edges=0) -> (rate, burst) | None   one acceptor's share of the
@@ -86,6 +89,7 @@ __all__ = [
     "configured_limit",
     "connection_limit",
     "ip_key",
+    "spf_fds",
     "stress_timeouts",
 ]
 
@@ -378,10 +382,19 @@ def connection_limit(max_connections: int, fast_reserve: int, nofile: int,
     return ConnectionLimit(limit, max(0, min(limit - 1, reserve)), why)
 
 
+def spf_fds(cfg: Config) -> int:
+    """Descriptors an acceptor keeps for SPF beside FD_SPARE: each SPF check under way may
+    have a DNS query (a UDP socket) in flight, and classify.spf_backlog bounds them; 0 when
+    classify.spf_promote is "off" (no lookups)."""
+    return cfg.classify.spf_backlog if cfg.classify.spf_promote != "off" else 0
+
+
 def configured_limit(cfg: Config, nofile: int) -> ConnectionLimit:
-    """connection_limit for `cfg`'s smtp.max_connections, fast_reserve and connection_memory."""
+    """connection_limit for `cfg`'s smtp.max_connections, fast_reserve and connection_memory,
+    under the fd limit `nofile` less what SPF keeps (spf_fds)."""
     s = cfg.smtp
-    return connection_limit(s.max_connections, s.fast_reserve, nofile, s.connection_memory)
+    fds = max(1, nofile - spf_fds(cfg)) if nofile > 0 else nofile
+    return connection_limit(s.max_connections, s.fast_reserve, fds, s.connection_memory)
 
 
 def fd_capped(max_connections: int, fast_reserve: int, nofile: int) -> tuple[int, int]:

@@ -175,7 +175,7 @@ def test_make_resolver_settings(dns_server: DNSServer) -> None:
     ],
 )
 def test_spf_results(resolver, ip: str, mail_from: str, helo: str, expected: AuthResult) -> None:
-    result, explanation = run(check_spf(ip, mail_from, helo, resolver=resolver, deadline_s=2.0))
+    result, explanation, _ = run(check_spf(ip, mail_from, helo, resolver=resolver, deadline_s=2.0))
     assert result is expected, explanation
     assert isinstance(explanation, str)
 
@@ -183,7 +183,7 @@ def test_spf_results(resolver, ip: str, mail_from: str, helo: str, expected: Aut
 def test_spf_uses_our_resolver(dns_server: DNSServer) -> None:
     fresh = make_resolver([dns_server.address], timeout=0.5)  # empty cache
     before = len(dns_server.queries)
-    res, _ = run(check_spf("127.0.0.2", "x@mx.test", "c.test", resolver=fresh, deadline_s=2.0))
+    res, *_ = run(check_spf("127.0.0.2", "x@mx.test", "c.test", resolver=fresh, deadline_s=2.0))
     assert res is AuthResult.PASS
     assert dns_server.queries[before:] == [
         ("mx.test", "TXT", "udp"),
@@ -196,7 +196,7 @@ def test_spf_uses_our_resolver(dns_server: DNSServer) -> None:
 def test_spf_tcp_fallback_for_big_record(dns_server: DNSServer) -> None:
     fresh = make_resolver([dns_server.address], timeout=0.5)  # empty cache
     before = len(dns_server.queries)
-    res, _ = run(check_spf("127.0.0.1", "x@long.test", "c", resolver=fresh, deadline_s=2.0))
+    res, *_ = run(check_spf("127.0.0.1", "x@long.test", "c", resolver=fresh, deadline_s=2.0))
     assert res is AuthResult.PASS
     assert dns_server.queries[before:] == [
         ("long.test", "TXT", "udp"),
@@ -208,7 +208,7 @@ def test_spf_cache_avoids_repeat_queries(dns_server: DNSServer) -> None:
     fresh = make_resolver([dns_server.address], timeout=0.5)
     before = len(dns_server.queries)
     for _ in range(5):
-        res, _ = run(check_spf("127.0.0.2", "x@mx.test", "c", resolver=fresh, deadline_s=2.0))
+        res, *_ = run(check_spf("127.0.0.2", "x@mx.test", "c", resolver=fresh, deadline_s=2.0))
         assert res is AuthResult.PASS
     names = [q[:2] for q in dns_server.queries[before:]]
     assert names == [("mx.test", "TXT"), ("mx.test", "MX"), ("mail.mx.test", "A")]
@@ -217,7 +217,7 @@ def test_spf_cache_avoids_repeat_queries(dns_server: DNSServer) -> None:
 def test_spf_temperror_when_nameserver_never_answers(blackhole: str) -> None:
     dead = make_resolver([blackhole], timeout=0.3)
     t0 = time.monotonic()
-    res, explanation = run(
+    res, explanation, _ = run(
         check_spf("127.0.0.1", "a@pass.test", "c.test", resolver=dead, deadline_s=1.0)
     )
     elapsed = time.monotonic() - t0
@@ -232,7 +232,7 @@ def test_spf_outer_deadline(resolver) -> None:
     busy.submit(gate.wait, 5)
     try:
         t0 = time.monotonic()
-        res, explanation = run(
+        res, explanation, _ = run(
             check_spf(
                 "127.0.0.1", "a@pass.test", "c", resolver=resolver, deadline_s=0.2, executor=busy
             )
@@ -250,7 +250,7 @@ def test_spf_concurrent_checks_use_their_own_resolver(resolver, blackhole: str) 
     dead = make_resolver([blackhole], timeout=0.3)
     pool = ThreadPoolExecutor(max_workers=8)
 
-    async def main() -> list[tuple[AuthResult, str]]:
+    async def main() -> list[evidence.SpfOutcome]:
         jobs = []
         for i in range(24):
             r = dead if i % 3 == 0 else resolver
@@ -265,9 +265,9 @@ def test_spf_concurrent_checks_use_their_own_resolver(resolver, blackhole: str) 
         results = run(main())
     finally:
         pool.shutdown(wait=True)
-    for i, (res, exp) in enumerate(results):
+    for i, (res, exp, _) in enumerate(results):
         assert res is (AuthResult.TEMPERROR if i % 3 == 0 else AuthResult.PASS), (i, exp)
-    assert getattr(evidence._tls, "resolver", None) is None
+    assert getattr(evidence._tls, "answers", None) is None
 
 
 def test_spf_event_loop_not_blocked(blackhole: str) -> None:
