@@ -198,8 +198,10 @@ def _spf_step(ip: str, mail_from: str, helo: str, answers: dict[Key, Answer],
 class _Lookups:
     """The DNS side of one check: answers so far, what timed out, what the client named."""
 
-    def __init__(self, resolver: dns.asyncresolver.Resolver, addr_type: str) -> None:
+    def __init__(self, resolver: dns.asyncresolver.Resolver, addr_type: str,
+                 deadline: float) -> None:
         self.resolver, self.addr_type = resolver, addr_type
+        self.deadline = deadline              # loop.time() at which the check gives up
         self.answers: dict[Key, Answer] = {}
         self.pending: set[str] = set()        # names being resolved right now
         self.timed_out: set[str] = set()
@@ -230,14 +232,20 @@ class _Lookups:
 
     async def _resolve(self, key: Key) -> None:
         """One name into self.answers: the pending query for it if there is one (any check
-        on this loop with this resolver), else a new one. Each waiter keeps its own deadline;
-        the query ends at the resolver's lifetime even when every waiter is gone."""
+        on this loop with this resolver), else a new one, whose lifetime is the resolver's or
+        what is left of this check's deadline, the shorter. Each waiter keeps its own
+        deadline (a waiter that joined later may get the creator's timeout: a stall)."""
         name, qtype = key
         flights = _flights.setdefault(asyncio.get_running_loop(), {})
         fkey = (self.resolver, name, qtype)
         flight = flights.get(fkey)
         if flight is None:
-            flight = asyncio.ensure_future(_query(self.resolver, name, qtype))
+            # Never longer than this check's deadline: a query outlives no check, so the
+            # queries in flight (sockets) are at most the checks under way.
+            lifetime = min(float(self.resolver.lifetime),
+                           self.deadline - asyncio.get_running_loop().time())
+            flight = asyncio.ensure_future(_query(self.resolver, name, qtype,
+                                                  max(0.001, lifetime)))
             flights[fkey] = flight
             flight.add_done_callback(lambda f: flights.pop(fkey, None) if
                                      flights.get(fkey) is f else None)
@@ -257,11 +265,12 @@ _flights: weakref.WeakKeyDictionary[
 ] = weakref.WeakKeyDictionary()
 
 
-async def _query(resolver: dns.asyncresolver.Resolver, name: str,
-                 qtype: str) -> tuple[Answer, bool]:
+async def _query(resolver: dns.asyncresolver.Resolver, name: str, qtype: str,
+                 lifetime: float) -> tuple[Answer, bool]:
     """(pyspf's records or a temperror message, whether it timed out); never raises."""
     try:
-        answer = await resolver.resolve(name, qtype, search=False, raise_on_no_answer=False)
+        answer = await resolver.resolve(name, qtype, search=False, raise_on_no_answer=False,
+                                        lifetime=lifetime)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.YXDOMAIN):
         return [], False
     except dns.exception.Timeout as e:
@@ -295,9 +304,9 @@ async def check_spf(
     if not mf and not helo:
         return SpfOutcome(AuthResult.NONE, "no identity to check (null sender and empty HELO)")
     addr = try_parse_ip(ip)
-    dns_side = _Lookups(async_twin(resolver), "AAAA" if addr is not None and addr.version == 6
-                        else "A")
     loop = asyncio.get_running_loop()
+    dns_side = _Lookups(async_twin(resolver), "AAAA" if addr is not None and addr.version == 6
+                        else "A", loop.time() + deadline_s)
     try:
         async with asyncio.timeout(deadline_s):
             while True:
