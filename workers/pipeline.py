@@ -66,7 +66,11 @@ class Pipeline:
         self.authserv_id = c.authserv_id or cfg.smtp.hostname
         self.dkim_deadline = c.dkim_deadline
         self.dns_timeout = c.dns_timeout
+        self.dns_budget = c.dkim_dns_budget
         self.resolver = dkim_check.make_resolver(c.nameservers, c.dns_timeout)
+        # shared by the worker's pipeline threads (it locks): a key domain that did not answer
+        # costs the next message naming it no wait
+        self.dead = dkim_check.DeadKeyDomains(ttl=c.dkim_timeout_ttl)
         # learning obeys the acceptors' promotion policy (one rule: ClassifyPolicy.spf_promotes)
         self.policy = ClassifyPolicy(spf_promote=c.spf_promote,
                                      spf_domains=frozenset(c.spf_domains))
@@ -78,7 +82,8 @@ class Pipeline:
         if has_dkim_signature(body):
             report = dkim_check.verify_dkim(
                 body, resolver=self.resolver, timeout=self.dns_timeout,
-                deadline_s=max(0.1, min(self.dkim_deadline, budget_s)))
+                deadline_s=max(0.1, min(self.dkim_deadline, budget_s)),
+                dns_budget=self.dns_budget, dead=self.dead)
             results = report.results
         spf = ev.get("spf")
         ar = authentication_results(
