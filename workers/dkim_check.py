@@ -9,14 +9,20 @@ Purpose
 API
     make_resolver(nameservers, timeout, cache_size=10000) -> dns.resolver.Resolver
         ingress.core.resolver's, the same factory the acceptors use for SPF.
-    make_dnsfunc(resolver, timeout, trace=None, deadline=None, min_bits=1024)
-        -> dnsfunc(name: bytes, timeout=5) -> bytes|None
+    make_dnsfunc(resolver, timeout, trace=None, deadline=None, min_bits=1024, budget=None,
+                 dead=None) -> dnsfunc(name: bytes, timeout=5) -> bytes|None
         dkimpy-compatible TXT lookup through our resolver; records outcomes in `trace`; a key
-        record that key_record_problem() refuses is never handed to dkimpy.
+        record that key_record_problem() refuses is never handed to dkimpy; each wait bounded
+        by the message's DnsBudget (ingress.policy.dkim_budget) and `deadline`; a domain in
+        `dead` is a temperror at once, a conclusive unanswered lookup marks its domain there.
+    DeadKeyDomains(ttl=60, maxsize=4096)  .mark(domain), .is_dead(domain), len()
+        the negative cache of signing domains (by organisational domain) whose key lookups
+        got no answer; thread-safe; one per worker process (workers.pipeline).
     key_record_problem(txt, *, min_bits=1024, max_bits=4096) -> str | None
         why an RSA key record must not be used (size, exponent), judged before any RSA.
     verify_dkim(message, *, resolver, timeout=2.0, deadline_s=5.0, max_signatures=5,
-                minkey=1024) -> DkimReport
+                minkey=1024, dns_budget=None, dead=None) -> DkimReport
+        signatures aligned with the From: domain are judged first; results in header order.
         DkimReport.results: tuple[DkimSignatureResult(domain, selector, result, aligned,
         b_prefix, reason)], .from_domain, .aligned_pass, .any_pass.
     header_from_domain(message) -> str | None     (exactly one From: with one address, the
@@ -34,7 +40,8 @@ Result mapping (RFC 6376 / RFC 8601)
     RSA key under 1024 or over 4096 bits (RFC 8301), public exponent not odd in 3..2^64, or a
     DER key over 4 KiB -> permerror, decided from the TXT record before any RSA operation;
     distinct h= names x header fields over MAX_HEADER_WORK -> permerror, before the lookup;
-    DNS timeout or SERVFAIL for the key, or the overall deadline exhausted -> temperror;
+    DNS timeout or SERVFAIL for the key, the overall deadline or the message's DNS budget
+    exhausted, or a key domain that did not answer recently (DeadKeyDomains) -> temperror;
     signatures beyond max_signatures -> neutral ("not checked: too many signatures");
     no DKIM-Signature at all -> an empty results tuple (rendered as dkim=none).
 
@@ -57,6 +64,10 @@ Failure modes
     that contains a DKIM-Signature yields one permerror result.
 
 Limits
+    DNS wait per message: at most dns_budget (classify.dkim_dns_budget) over all its lookups,
+    each at most `timeout`. A dead signing domain costs one conclusive timeout per
+    DEAD_KEY_TTL per worker process (then nothing), whatever selector or subdomain names it.
+    DeadKeyDomains holds at most DEAD_KEY_MAX names of at most MAX_DOMAIN_KEY characters.
     CPU per message: at most MAX_SIGNATURES (5) signatures are evaluated, each with a key of at
     most 4096 bits and a 64-bit exponent (a verify is then a few ms) and a bounded header
     selection (MAX_HEADER_WORK), within deadline_s overall

@@ -1,27 +1,43 @@
-"""Lane worker process: DKIM, trace headers, durable spool write (group commit), then ACK.
+"""Lane worker process: DKIM, trace headers, durable spool write (group commit), then ACK,
+each message on its own.
 
 API: run(cfg, lane, index, hb, slot)  the process entry point (spawned by the supervisor)
 
 Protocol (see ingress.core.wire): a DEALER connected to the lane broker's backend. The worker
 announces READY with `credit` (how many messages the broker may hand it at once), heartbeats every
 LANE_HEARTBEAT seconds, and answers every WORK with exactly one ACK (after the spool write is
-durable) or NACK. Messages that arrive together are committed together: one fsync per file, one
-fsync of new/ for the batch, then all the ACKs. The work (pipeline per message, then the batch
-write) runs in pool threads while this loop waits and keeps heartbeating, so neither slow DKIM
-nor a slow disk makes the broker NACK a batch that is being stored (issue 9 item 6).
+durable) or NACK. Each ACK or NACK gives the broker back one unit of credit.
+
+Per-message flow (issue 17: no lookup holds anyone else's mail). Each WORK starts its own
+pipeline (workers.pipeline: DKIM, trace headers) at once in a pool of `credit` threads, so a
+message never waits for a thread, whatever the others wait on. A finished pipeline joins
+`ready`; whenever no commit is being written, everything ready goes into one group commit
+(Spool.write_batch, one committer thread: one fsync per file, one of new/ for the commit);
+messages that become ready during a commit form the next one. Each message is ACKed when its
+own commit is durable, never before. This loop only waits for the broker or a finished thread
+(a socketpair wakes it), so it keeps receiving work and heartbeating while a DKIM check waits
+on a key that never answers (dkim_deadline, classify.dkim_dns_budget). That check holds its
+own unit of credit and nobody else's. Bounds: messages in hand <= credit (pipelines + ready +
+the commit); after a reconnect or a broker restart the new broker lends full credit while
+old work is still in hand: that WORK waits for a unit (at most `credit` more; beyond that
+it is NACKed "error", which only a broker that lost count could cause).
 
 Failure modes: a broker that stops heartbeating for LANE_LIVENESS intervals is presumed dead: the
 worker reconnects with a fresh socket and announces READY again (Paranoid Pirate), at once and
 then after 1, 2, 4 ... 32 s while the broker stays silent (ingress.core.child.Reconnect; the loop
 keeps heartbeating meanwhile; the first message from the broker resets it). A disk error is
-a NACK with reason "error" for that message (the client gets 451). SIGUSR2 (the supervisor): stop
-taking work (DISCONNECT), finish what was received, exit 0. The supervisor's heartbeat slot is
-written from this loop, and only while the batch in hand is within its deadline (the latest
-envelope deadline plus one liveness window): work that outlives it is presumed hung, the
-heartbeats stop, the broker NACKs the batch and the supervisor restarts the worker if it stays
-stuck (e.g. a hung disk). Limit: a single C call that holds the GIL longer than the liveness
-window (1 s) would still silence the loop; DKIM key limits (workers.dkim_check) keep RSA well
-under that.
+a NACK with reason "error" for that message (the client gets 451); so is a pipeline that raised.
+A message whose envelope deadline passed before its commit is NACKed "expired" (the acceptor
+has answered 451). SIGUSR2 (the supervisor): stop taking work (DISCONNECT), finish what was
+received, exit 0. Hang detection, per message: the supervisor's heartbeat slot (and the
+broker's heartbeats) are written from this loop, and only while every piece of work in hand is
+within its deadline: each pipeline until its own message's envelope deadline plus one liveness
+window, the commit until its latest message's. Work that outlives it is presumed hung. Then
+the heartbeats stop, the broker NACKs everything this worker holds, and the supervisor
+restarts it if it stays stuck (e.g. a hung disk). A message that is merely waiting (ready,
+behind a running commit) vouches for nothing. Limit: a single C call that holds the GIL
+longer than the liveness window (1 s) would still silence the loop. DKIM key limits
+(workers.dkim_check) keep RSA well under that.
 """
 
 from __future__ import annotations

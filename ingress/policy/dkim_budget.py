@@ -15,12 +15,16 @@ The rule (per message)
     * Signatures whose d= aligns with the From: domain are judged first (header order
       otherwise). Only an aligned pass feeds learning. So a dead third-party signature
       added to a message cannot use up the time of the one that matters.
-    * A lookup that was given the full allowance, min(per_lookup, total), and still got no
-      answer (timeout, SERVFAIL or refusal from every server) is *conclusive*: it marks
-      its signing domain as unresponsive. A lookup cut short because earlier lookups of the
-      same message used the budget, or because the deadline was near, marks nothing. Otherwise
-      a sender could spend a message's budget on dead keys, then name a slow but working
-      domain and get it marked.
+    * A lookup that was given at least CONCLUSIVE_SHARE (3/4) of a full lookup's time,
+      min(per_lookup, total), and still got no answer (timeout, SERVFAIL or refusal from
+      every server) is *conclusive*: it marks its signing domain as unresponsive. A lookup
+      cut shorter, because earlier lookups of the same message used the budget or because
+      the deadline was near, marks nothing. Otherwise a sender could spend a message's budget
+      on dead keys, then name a slow but working domain and get it marked. (Why not require
+      the full time: a healthy lookup of a few ms before a dead one would then keep the
+      dead domain from ever being marked.) To be marked, a domain must fail to answer for
+      1.5 s at the defaults. A domain that slow is broken for its own mail anyway, and being
+      marked costs it only dkim=temperror for the TTL.
     What it costs a spammer: one conclusive timeout per registered domain it owns, per
     DeadKeyDomains TTL. Its messages hold only their own credit units. The fast broker already
     keeps one identity to classify.identity_share of the worker credit.
@@ -31,6 +35,7 @@ API
         .lifetime(deadline_left) -> float    the wait the next lookup may have (0: none)
         .charge(seconds)                     a lookup waited this long (answered or not)
         .conclusive(lifetime) -> bool        would a timeout in this lifetime mark the domain?
+    CONCLUSIVE_SHARE                         0.75
         .spent -> float
     evaluation_order(aligned) -> list[int]   indices: aligned signatures first, each group in
                                              header order
@@ -44,10 +49,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["DnsBudget", "evaluation_order"]
+__all__ = ["CONCLUSIVE_SHARE", "DnsBudget", "evaluation_order"]
 
-# A lifetime within this of the full allowance counts as full (float arithmetic on deadlines).
-_SLACK = 1e-3
+CONCLUSIVE_SHARE = 0.75     # of a full lookup's time: a timeout after that much marks a domain
 
 
 @dataclass
@@ -71,7 +75,7 @@ class DnsBudget:
         self.spent += max(0.0, seconds)
 
     def conclusive(self, lifetime: float) -> bool:
-        return lifetime >= self.allowance - _SLACK
+        return lifetime >= CONCLUSIVE_SHARE * self.allowance
 
 
 def evaluation_order(aligned: Sequence[bool]) -> list[int]:
