@@ -9,14 +9,20 @@ Purpose
 API
     make_resolver(nameservers, timeout, cache_size=10000) -> dns.resolver.Resolver
         ingress.core.resolver's, the same factory the acceptors use for SPF.
-    make_dnsfunc(resolver, timeout, trace=None, deadline=None, min_bits=1024)
-        -> dnsfunc(name: bytes, timeout=5) -> bytes|None
+    make_dnsfunc(resolver, timeout, trace=None, deadline=None, min_bits=1024, budget=None,
+                 dead=None) -> dnsfunc(name: bytes, timeout=5) -> bytes|None
         dkimpy-compatible TXT lookup through our resolver; records outcomes in `trace`; a key
-        record that key_record_problem() refuses is never handed to dkimpy.
+        record that key_record_problem() refuses is never handed to dkimpy; each wait bounded
+        by the message's DnsBudget (ingress.policy.dkim_budget) and `deadline`; a domain in
+        `dead` is a temperror at once, a conclusive unanswered lookup marks its domain there.
+    DeadKeyDomains(ttl=60, maxsize=4096)  .mark(domain), .is_dead(domain), len()
+        the negative cache of signing domains (by organisational domain) whose key lookups
+        got no answer; thread-safe; one per worker process (workers.pipeline).
     key_record_problem(txt, *, min_bits=1024, max_bits=4096) -> str | None
         why an RSA key record must not be used (size, exponent), judged before any RSA.
     verify_dkim(message, *, resolver, timeout=2.0, deadline_s=5.0, max_signatures=5,
-                minkey=1024) -> DkimReport
+                minkey=1024, dns_budget=None, dead=None) -> DkimReport
+        signatures aligned with the From: domain are judged first; results in header order.
         DkimReport.results: tuple[DkimSignatureResult(domain, selector, result, aligned,
         b_prefix, reason)], .from_domain, .aligned_pass, .any_pass.
     header_from_domain(message) -> str | None     (exactly one From: with one address, the
@@ -34,7 +40,8 @@ Result mapping (RFC 6376 / RFC 8601)
     RSA key under 1024 or over 4096 bits (RFC 8301), public exponent not odd in 3..2^64, or a
     DER key over 4 KiB -> permerror, decided from the TXT record before any RSA operation;
     distinct h= names x header fields over MAX_HEADER_WORK -> permerror, before the lookup;
-    DNS timeout or SERVFAIL for the key, or the overall deadline exhausted -> temperror;
+    DNS timeout or SERVFAIL for the key, the overall deadline or the message's DNS budget
+    exhausted, or a key domain that did not answer recently (DeadKeyDomains) -> temperror;
     signatures beyond max_signatures -> neutral ("not checked: too many signatures");
     no DKIM-Signature at all -> an empty results tuple (rendered as dkim=none).
 
@@ -57,6 +64,10 @@ Failure modes
     that contains a DKIM-Signature yields one permerror result.
 
 Limits
+    DNS wait per message: at most dns_budget (classify.dkim_dns_budget) over all its lookups,
+    each at most `timeout`. A dead signing domain costs one conclusive timeout per
+    DEAD_KEY_TTL per worker process (then nothing), whatever selector or subdomain names it.
+    DeadKeyDomains holds at most DEAD_KEY_MAX names of at most MAX_DOMAIN_KEY characters.
     CPU per message: at most MAX_SIGNATURES (5) signatures are evaluated, each with a key of at
     most 4096 bits and a 64-bit exponent (a verify is then a few ms) and a bounded header
     selection (MAX_HEADER_WORK), within deadline_s overall
@@ -75,8 +86,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import email.utils
+import math
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,14 +102,17 @@ import dkim.crypto
 import dkim.util
 import dns.exception
 import dns.resolver
+from cachetools import TTLCache
 
 from ingress.core.addr import normalize_domain
 from ingress.core.resolver import make_resolver
 from ingress.core.wire import AuthResult
+from ingress.policy.dkim_budget import DnsBudget, evaluation_order
 from ingress.policy.identity import org_domain
 from workers.headers import field_value, header_fields, unfold
 
 __all__ = [
+    "DeadKeyDomains",
     "DkimReport",
     "DkimResult",
     "DkimSignatureResult",
@@ -143,9 +160,10 @@ class _Trace:
     """What the last key lookup did (filled by the dnsfunc)."""
 
     name: str = ""
-    outcome: str = ""  # "found" | "nokey" | "temperror"
+    outcome: str = ""  # "found" | "nokey" | "badkey" | "temperror"
     txt: bytes | None = None
     error: str = ""
+    domain: str = ""   # d= of the signature being judged (set before its lookup)
 
 
 DnsFunc = Callable[..., bytes | None]
@@ -185,16 +203,81 @@ def key_record_problem(txt: bytes, *, min_bits: int = MIN_KEY_BITS,
     return None
 
 
+# The negative cache of key domains whose lookups timed out: RFC 2308 section 7 allows a
+# server failure to be remembered for up to five minutes; a minute keeps a real outage short
+# (its mail is only dkim=temperror meanwhile: never rejected, just not learned from).
+DEAD_KEY_TTL = 60.0
+DEAD_KEY_MAX = 4096          # domains remembered per worker process (least recently used go)
+MAX_DOMAIN_KEY = 253         # a longer name is never resolved (dnspython refuses it at once)
+
+
+class DeadKeyDomains:
+    """Signing domains whose key lookups recently got no answer: a bounded negative cache with
+    a TTL, shared by the pipeline threads of one worker process.
+
+    Keyed by the organisational domain of d= (ingress.policy.identity.org_domain: canonical,
+    lower case). A sender who delegates sub.evil.example to a silent server must then register
+    a new domain for every conclusive timeout, rather than make up a new subdomain. A
+    provider that hands out subdomains is on the PSL's private section, so each customer is
+    its own key. Bounded: at most `maxsize` names of at most MAX_DOMAIN_KEY characters
+    (about 2 MB). ttl <= 0 disables it."""
+
+    def __init__(self, ttl: float = DEAD_KEY_TTL, maxsize: int = DEAD_KEY_MAX,
+                 timer: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self._cache: TTLCache[str, bool] = TTLCache(maxsize, max(ttl, 1e-9), timer=timer)
+        self._lock = threading.Lock()      # cachetools caches are not thread-safe
+
+    @staticmethod
+    def key(domain: str) -> str:
+        return org_domain(domain)
+
+    def mark(self, domain: str) -> None:
+        k = self.key(domain)
+        if self.ttl <= 0 or not k or len(k) > MAX_DOMAIN_KEY:
+            return
+        with self._lock:
+            self._cache[k] = True
+
+    def is_dead(self, domain: str) -> bool:
+        if self.ttl <= 0:
+            return False
+        k = self.key(domain)
+        with self._lock:
+            return self._cache.get(k, False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._cache.expire()
+            return len(self._cache)
+
+
+def _key_domain(qname: str) -> str:
+    """d= of a key name "<selector>._domainkey.<d>" (when the caller did not say)."""
+    return qname.rstrip(".").partition("._domainkey.")[2]
+
+
+# The DNS failures that say the key's domain does not answer (a malformed name, say, does not).
+_UNANSWERED = (dns.exception.Timeout, dns.resolver.NoNameservers)
+
+
 def make_dnsfunc(
     resolver: dns.resolver.Resolver,
     timeout: float,
     trace: _Trace | None = None,
     deadline: float | None = None,
     min_bits: int = MIN_KEY_BITS,
+    budget: DnsBudget | None = None,
+    dead: DeadKeyDomains | None = None,
 ) -> DnsFunc:
-    """A dkimpy dnsfunc backed by `resolver`; each lookup bounded by `timeout` seconds and, if
-    given, by the absolute time.monotonic() `deadline`. A key record that key_record_problem()
-    refuses is not handed to dkimpy (it sees no key, does no RSA): trace.outcome "badkey"."""
+    """A dkimpy dnsfunc backed by `resolver`; each lookup bounded by `timeout` seconds, by the
+    message's DnsBudget if given (ingress.policy.dkim_budget) and by the absolute
+    time.monotonic() `deadline` if given. A key record that key_record_problem() refuses is not
+    handed to dkimpy (it sees no key, does no RSA): trace.outcome "badkey". With `dead`, a
+    signing domain remembered as unresponsive is a temperror at once (no query), and a
+    conclusive unanswered lookup remembers its domain."""
+    per_lookup = min(timeout, resolver.lifetime)
+    bud = budget if budget is not None else DnsBudget(per_lookup, math.inf)
 
     def dnsfunc(name: bytes | str, timeout: float = timeout) -> bytes | None:
         t = trace if trace is not None else _Trace()
@@ -205,12 +288,19 @@ def make_dnsfunc(
             t.outcome = "nokey"
             return None
         t.name = qname
-        lifetime = min(timeout, resolver.lifetime)
-        if deadline is not None:
-            lifetime = min(lifetime, deadline - time.monotonic())
-        if lifetime <= 0:
-            t.outcome, t.error = "temperror", "DKIM verification deadline exhausted"
+        domain = t.domain or _key_domain(qname)
+        if dead is not None and dead.is_dead(domain):
+            t.outcome = "temperror"
+            t.error = f"key domain {dead.key(domain)} did not answer recently (not asked again)"
             raise dkim.DnsTimeoutError(t.error)
+        left = math.inf if deadline is None else deadline - time.monotonic()
+        lifetime = min(bud.lifetime(left), timeout, per_lookup)
+        if lifetime <= 0:
+            t.outcome = "temperror"
+            t.error = ("DKIM verification deadline exhausted" if left <= 0
+                       else "DNS time of the message exhausted")
+            raise dkim.DnsTimeoutError(t.error)
+        t0 = time.monotonic()
         try:
             ans = resolver.resolve(
                 qname, "TXT", lifetime=lifetime, search=False, raise_on_no_answer=False
@@ -220,8 +310,12 @@ def make_dnsfunc(
             return None
         except dns.exception.DNSException as e:
             # timeout, SERVFAIL from every server (NoNameservers), network errors
+            if dead is not None and isinstance(e, _UNANSWERED) and bud.conclusive(lifetime):
+                dead.mark(domain)
             t.outcome, t.error = "temperror", f"{type(e).__name__}: {e}"
             raise dkim.DnsTimeoutError(t.error) from None
+        finally:
+            bud.charge(time.monotonic() - t0)
         records = [b"".join(r.strings) for r in ans.rrset] if ans.rrset is not None else []
         if not records:
             t.outcome = "nokey"
@@ -379,8 +473,13 @@ def verify_dkim(
     deadline_s: float = 5.0,
     max_signatures: int = MAX_SIGNATURES,
     minkey: int = MIN_KEY_BITS,
+    dns_budget: float | None = None,
+    dead: DeadKeyDomains | None = None,
 ) -> DkimReport:
-    """Verify every DKIM-Signature (up to max_signatures) within deadline_s seconds overall."""
+    """Verify every DKIM-Signature (up to max_signatures) within deadline_s seconds overall,
+    the key lookups together waiting at most dns_budget seconds (None: only the deadline);
+    signatures aligned with the From: domain first (ingress.policy.dkim_budget). `dead`: the
+    process's negative cache of unresponsive key domains (None: none)."""
     deadline = time.monotonic() + deadline_s
     from_domain = header_from_domain(message)
     try:
@@ -394,19 +493,35 @@ def verify_dkim(
         return DkimReport((), from_domain)
 
     trace = _Trace()
-    dnsfunc = make_dnsfunc(resolver, timeout, trace, deadline, min_bits=minkey)
-    results: list[DkimSignatureResult] = []
-    for idx in range(nsig):
-        if idx >= max_signatures:
-            results.append(
-                DkimSignatureResult(
-                    "", "", DkimResult.NEUTRAL, False, "", "not checked: too many signatures"
-                )
-            )
-            continue
-        results.append(_verify_one(d, idx, raw_sigs[idx], dnsfunc, trace, from_domain,
-                                   deadline))
+    budget = DnsBudget(min(timeout, resolver.lifetime),
+                       dns_budget if dns_budget is not None else deadline_s)
+    dnsfunc = make_dnsfunc(resolver, timeout, trace, deadline, min_bits=minkey, budget=budget,
+                           dead=dead)
+    judged = min(nsig, max_signatures)
+    preps = [_prepare(d, idx, raw_sigs[idx], from_domain) for idx in range(judged)]
+    results: list[DkimSignatureResult] = [p if isinstance(p, DkimSignatureResult) else p.done
+                                          for p in preps]
+    order = evaluation_order([isinstance(p, _Prepared) and p.done.aligned for p in preps])
+    for idx in order:
+        p = preps[idx]
+        if isinstance(p, _Prepared):
+            result, reason = _judge_signature(d, idx, p.sig, p.include_headers, p.sigheaders,
+                                              dnsfunc, trace, deadline)
+            results[idx] = dataclasses.replace(p.done, result=result, reason=reason)
+    results += [DkimSignatureResult("", "", DkimResult.NEUTRAL, False, "",
+                                    "not checked: too many signatures")] * (nsig - judged)
     return DkimReport(tuple(results), from_domain)
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A parsed signature waiting for its key: its result so far (identity, alignment) and
+    what dkimpy's verify_sig needs."""
+
+    done: DkimSignatureResult
+    sig: dict
+    include_headers: list
+    sigheaders: list
 
 
 def _signature_field_problem(raw: bytes) -> str | None:
@@ -418,15 +533,14 @@ def _signature_field_problem(raw: bytes) -> str | None:
     return None
 
 
-def _verify_one(
+def _prepare(
     d: dkim.DKIM,
     idx: int,
     raw_sig: bytes,
-    dnsfunc: DnsFunc,
-    trace: _Trace,
     from_domain: str | None,
-    deadline: float,
-) -> DkimSignatureResult:
+) -> DkimSignatureResult | _Prepared:
+    """Signature `idx` parsed (no DNS, no RSA): its final result if it is malformed, else what
+    its judgement needs."""
     problem = _signature_field_problem(raw_sig)
     if problem is not None:   # judged before dkimpy parses it (its regexes backtrack)
         return DkimSignatureResult("", "", DkimResult.PERMERROR, False, "", problem)
@@ -441,9 +555,9 @@ def _verify_one(
     selector = _tag(sig, b"s")
     b_prefix = _tag(sig, b"b")[:8]
     al = aligned(domain, from_domain)
-    result, reason = _judge_signature(d, idx, sig, include_headers, sigheaders, dnsfunc, trace,
-                                      deadline)
-    return DkimSignatureResult(domain, selector, result, al, b_prefix, reason)
+    # The result is a placeholder until _judge_signature replaces it.
+    done = DkimSignatureResult(domain, selector, DkimResult.TEMPERROR, al, b_prefix, "")
+    return _Prepared(done, sig, include_headers, sigheaders)
 
 
 def _judge_signature(
@@ -466,6 +580,7 @@ def _judge_signature(
         return DkimResult.PERMERROR, (f"signature too costly: {len(set(include_headers))} "
                                       f"distinct h= names over {len(d.headers)} header fields")
     trace.outcome, trace.txt, trace.error = "", None, ""
+    trace.domain = _tag(sig, b"d").lower()
     try:
         ok = d.verify_sig(sig, include_headers, sigheaders[idx], dnsfunc)
     except dkim.ValidationError as e:  # body hash mismatch, tlsrpt service mismatch

@@ -13,8 +13,14 @@ message (RFC 8601 section 5): nobody else may speak for us. Nothing else in it c
 
 DKIM: the first dkim_check.MAX_SIGNATURES (5) signatures are verified (dkimpy, with the key and
 header limits of workers.dkim_check) with one cached resolver and a deadline of
-min(classify.dkim_deadline, budget_s); a message without a DKIM-Signature header costs nothing.
-process() runs in a worker pool thread, never on the worker's heartbeat loop.
+min(classify.dkim_deadline, budget_s). The key lookups of one message together wait at most
+classify.dkim_dns_budget, and signatures aligned with From: go first
+(ingress.policy.dkim_budget). A signing domain whose key lookup got no answer is remembered
+for classify.dkim_timeout_ttl in the worker's DeadKeyDomains, shared by its threads: the
+next message naming it gets dkim=temperror at once. A temperror never promotes or rejects,
+and the message is still stored and acknowledged. A message without a DKIM-Signature header
+costs nothing. process() runs in its own worker pool thread, one message per call, never on
+the worker's heartbeat loop; a slow one delays only itself.
 `learn` is true when SPF passed (acceptor's verdict), a DKIM signature aligned with the From:
 domain passed, and the promotion policy (classify.spf_promote/spf_domains) would promote an SPF
 pass for that domain ("listed": listed domains only; "off": nothing is learned): the client is
@@ -66,7 +72,11 @@ class Pipeline:
         self.authserv_id = c.authserv_id or cfg.smtp.hostname
         self.dkim_deadline = c.dkim_deadline
         self.dns_timeout = c.dns_timeout
+        self.dns_budget = c.dkim_dns_budget
         self.resolver = dkim_check.make_resolver(c.nameservers, c.dns_timeout)
+        # shared by the worker's pipeline threads (it locks): a key domain that did not answer
+        # costs the next message naming it no wait
+        self.dead = dkim_check.DeadKeyDomains(ttl=c.dkim_timeout_ttl)
         # learning obeys the acceptors' promotion policy (one rule: ClassifyPolicy.spf_promotes)
         self.policy = ClassifyPolicy(spf_promote=c.spf_promote,
                                      spf_domains=frozenset(c.spf_domains))
@@ -78,7 +88,8 @@ class Pipeline:
         if has_dkim_signature(body):
             report = dkim_check.verify_dkim(
                 body, resolver=self.resolver, timeout=self.dns_timeout,
-                deadline_s=max(0.1, min(self.dkim_deadline, budget_s)))
+                deadline_s=max(0.1, min(self.dkim_deadline, budget_s)),
+                dns_budget=self.dns_budget, dead=self.dead)
             results = report.results
         spf = ev.get("spf")
         ar = authentication_results(

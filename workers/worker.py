@@ -1,35 +1,55 @@
-"""Lane worker process: DKIM, trace headers, durable spool write (group commit), then ACK.
+"""Lane worker process: DKIM, trace headers, durable spool write (group commit), then ACK,
+each message on its own.
 
 API: run(cfg, lane, index, hb, slot)  the process entry point (spawned by the supervisor)
 
 Protocol (see ingress.core.wire): a DEALER connected to the lane broker's backend. The worker
 announces READY with `credit` (how many messages the broker may hand it at once), heartbeats every
 LANE_HEARTBEAT seconds, and answers every WORK with exactly one ACK (after the spool write is
-durable) or NACK. Messages that arrive together are committed together: one fsync per file, one
-fsync of new/ for the batch, then all the ACKs. The work (pipeline per message, then the batch
-write) runs in pool threads while this loop waits and keeps heartbeating, so neither slow DKIM
-nor a slow disk makes the broker NACK a batch that is being stored (issue 9 item 6).
+durable) or NACK. Each ACK or NACK gives the broker back one unit of credit.
+
+Per-message flow (issue 17: no lookup holds anyone else's mail). Each WORK starts its own
+pipeline (workers.pipeline: DKIM, trace headers) at once in a pool of `credit` threads, so a
+message never waits for a thread, whatever the others wait on. A finished pipeline joins
+`ready`; whenever no commit is being written, everything ready goes into one group commit
+(Spool.write_batch, one committer thread: one fsync per file, one of new/ for the commit);
+messages that become ready during a commit form the next one. Each message is ACKed when its
+own commit is durable, never before. This loop only waits for the broker or a finished thread
+(a socketpair wakes it), so it keeps receiving work and heartbeating while a DKIM check waits
+on a key that never answers (dkim_deadline, classify.dkim_dns_budget). That check holds its
+own unit of credit and nobody else's. Bounds: messages in hand <= credit (pipelines + ready +
+the commit); after a reconnect or a broker restart the new broker lends full credit while
+old work is still in hand: that WORK waits for a unit (at most `credit` more; beyond that
+it is NACKed "error", which only a broker that lost count could cause).
 
 Failure modes: a broker that stops heartbeating for LANE_LIVENESS intervals is presumed dead: the
 worker reconnects with a fresh socket and announces READY again (Paranoid Pirate), at once and
 then after 1, 2, 4 ... 32 s while the broker stays silent (ingress.core.child.Reconnect; the loop
 keeps heartbeating meanwhile; the first message from the broker resets it). A disk error is
-a NACK with reason "error" for that message (the client gets 451). SIGUSR2 (the supervisor): stop
-taking work (DISCONNECT), finish what was received, exit 0. The supervisor's heartbeat slot is
-written from this loop, and only while the batch in hand is within its deadline (the latest
-envelope deadline plus one liveness window): work that outlives it is presumed hung, the
-heartbeats stop, the broker NACKs the batch and the supervisor restarts the worker if it stays
-stuck (e.g. a hung disk). Limit: a single C call that holds the GIL longer than the liveness
-window (1 s) would still silence the loop; DKIM key limits (workers.dkim_check) keep RSA well
-under that.
+a NACK with reason "error" for that message (the client gets 451); so is a pipeline that raised.
+A message whose envelope deadline passed before its commit is NACKed "expired" (the acceptor
+has answered 451). SIGUSR2 (the supervisor): stop taking work (DISCONNECT), finish what was
+received, exit 0. Hang detection, per message: the supervisor's heartbeat slot (and the
+broker's heartbeats) are written from this loop, and only while every piece of work in hand is
+within its deadline: each pipeline until its own message's envelope deadline plus one liveness
+window, the commit until its latest message's. Work that outlives it is presumed hung. Then
+the heartbeats stop, the broker NACKs everything this worker holds, and the supervisor
+restarts it if it stays stuck (e.g. a hung disk). A message that is merely waiting (ready,
+behind a running commit) vouches for nothing. Limit: a single C call that holds the GIL
+longer than the liveness window (1 s) would still silence the loop. DKIM key limits
+(workers.dkim_check) keep RSA well under that.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import os
+import socket
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -56,11 +76,37 @@ from ingress.core.wire import (
     worker_ack,
     worker_nack,
 )
-from workers.pipeline import Pipeline
+from workers.pipeline import Pipeline, Processed
 from workers.spool import Spool
 
 TMP_MAX_AGE = 60.0
 STOP_POLL = 0.1       # seconds: the longest a stop waits for a poll to return
+SHUTDOWN_GRACE = 0.5  # seconds a stop waits for work the broker sent before our DISCONNECT
+PIPELINE_MARGIN = 0.5  # a pipeline ends this long before its envelope deadline (DKIM budget)
+
+Future = concurrent.futures.Future
+
+
+@dataclass(slots=True)
+class _Job:
+    """One message in hand, from WORK to its ACK or NACK (it holds one unit of credit)."""
+
+    reply_to: bytes
+    env: Envelope
+    body: bytes
+    vouch: float = 0.0                              # time.monotonic(): see _vouch_until
+    future: Future[Processed] | None = None         # its pipeline, in a pool thread
+    done: Processed | None = None                   # the pipeline's result
+
+
+@dataclass(slots=True)
+class _Commit:
+    """One group commit in the committer thread: every message whose pipeline was done."""
+
+    jobs: list[_Job]
+    future: Future[list[str | Exception]]
+    vouch: float
+    started: float
 
 
 class Worker:
@@ -71,12 +117,28 @@ class Worker:
         self.credit = getattr(cfg.lanes, lane.value).credit
         self.spool = Spool(cfg.spool.path)
         self.pipeline = Pipeline(cfg)
+        # One pipeline thread per unit of credit: a message never waits for a thread, whatever
+        # the others wait on. One committer thread: while a commit runs, the messages that
+        # become ready meanwhile gather for the next one (group commit).
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.credit,
-                                                          thread_name_prefix="dkim")
+                                                          thread_name_prefix="pipeline")
+        self.committer = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                               thread_name_prefix="commit")
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sock: zmq.Socket[bytes] | None = None
         self.stopping = False
         self.ident = f"w-{lane.value}-{index}-{os.getpid()}".encode()
+        self.running: list[_Job] = []                   # pipelines in pool threads
+        self.ready: list[_Job] = []                     # pipelines done, for the next commit
+        self.commit: _Commit | None = None              # the commit being written
+        # WORK beyond the credit: only after a reconnect or a broker restart (the new broker
+        # lends full credit while we still hold the old work); started as units free up.
+        self.waiting: collections.deque[_Job] = collections.deque()
+        # A pool thread that finishes wakes the loop's poll (a socket object: sending on it
+        # after close() raises, it never writes to a reused descriptor).
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
 
     def _connect(self) -> None:
         if self.sock is not None:
@@ -90,12 +152,33 @@ class Worker:
         s.send_multipart(ready(self.credit))
         self.sock = s
 
+    # --- heartbeats ---------------------------------------------------------------------------
+
     def _heartbeat(self) -> None:
         """To the broker (lane liveness) and to the supervisor (hang detection)."""
         assert self.sock is not None
         with contextlib.suppress(zmq.Again):
             self.sock.send_multipart(heartbeat(self.credit), zmq.NOBLOCK)
         self.heart.beat()
+
+    def _vouched(self, now: float) -> bool:
+        """Is every piece of work in hand within its deadline? Each pipeline until its own
+        message's deadline, the commit until its latest message's (plus one liveness window
+        each). Work that outlives it is presumed hung: no heartbeats then."""
+        if self.commit is not None and now >= self.commit.vouch:
+            return False
+        return all(now < job.vouch for job in self.running)
+
+    def _tick(self, next_hb: float) -> float:
+        """Heartbeat if one is due and the work in hand is vouched for; the next due time."""
+        now = time.monotonic()
+        if now < next_hb:
+            return next_hb
+        if self._vouched(now):
+            self._heartbeat()
+        return now + LANE_HEARTBEAT
+
+    # --- the loop -----------------------------------------------------------------------------
 
     def run(self) -> None:
         # A file lives in tmp/ for the milliseconds of its write; one older than a minute was
@@ -105,152 +188,181 @@ class Worker:
         assert self.sock is not None
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         broker_seen = time.monotonic()
         next_hb = 0.0
         while not self.stopping:
-            now = time.monotonic()
             if self.heart.orphaned():
                 break
-            if now >= next_hb:
-                self._heartbeat()
-                next_hb = now + LANE_HEARTBEAT
-            # Woken at least every STOP_POLL: a stop (a flag set by the signal handler, which
-            # does not interrupt zmq's poll) is seen within it.
-            if not dict(poller.poll(timeout=int(min(LANE_HEARTBEAT, STOP_POLL) * 1000))):
-                now = time.monotonic()
-                if (now - broker_seen > LANE_HEARTBEAT * LANE_LIVENESS
-                        and self.reconnect.due(now)):
-                    wait = self.reconnect.attempted(now)
-                    log.event("broker_silent", "warning", lane=self.lane.value,
-                              next_reconnect_s=wait)
-                    poller.unregister(self.sock)
-                    self._connect()
-                    poller.register(self.sock, zmq.POLLIN)
-                    broker_seen = time.monotonic()
+            next_hb = self._tick(next_hb)
+            if self._step(poller):
+                broker_seen = time.monotonic()
+                self.reconnect.reset()
                 continue
-            broker_seen = time.monotonic()
-            self.reconnect.reset()
-            self._handle(self._drain())
-        self._shutdown()
+            now = time.monotonic()
+            if now - broker_seen > LANE_HEARTBEAT * LANE_LIVENESS and self.reconnect.due(now):
+                wait = self.reconnect.attempted(now)
+                log.event("broker_silent", "warning", lane=self.lane.value,
+                          next_reconnect_s=wait)
+                poller.unregister(self.sock)
+                self._connect()
+                poller.register(self.sock, zmq.POLLIN)
+                broker_seen = time.monotonic()
+        self._shutdown(poller)
 
-    def _drain(self) -> list[list[bytes]]:
-        """Everything already received, up to the credit: the group-commit batch."""
+    def _step(self, poller: zmq.Poller) -> bool:
+        """One turn: wait (at most STOP_POLL, so a stop flag set by the signal handler is seen
+        within it) for the broker or a finished thread, take what the broker sent, move every
+        finished piece of work on. True if the broker sent anything."""
+        events = dict(poller.poll(timeout=int(STOP_POLL * 1000)))
+        if self._wake_r in events:
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                self._wake_r.recv(4096)
+        got = self.sock in events
+        if got:
+            self._receive()
+        self._advance()
+        return got
+
+    def _wake(self, _: Future[Any]) -> None:
+        """A pool thread's done callback: wake the loop's poll."""
+        with contextlib.suppress(OSError):     # a wake is already pending, or we are gone
+            self._wake_w.send(b"\0")
+
+    # --- taking work --------------------------------------------------------------------------
+
+    def _in_hand(self) -> int:
+        """Messages holding a unit of credit: in a pipeline, ready, or being written."""
+        return len(self.running) + len(self.ready) + (len(self.commit.jobs) if self.commit else 0)
+
+    def _receive(self) -> None:
+        """Everything the broker sent so far (bounded per turn): WORK starts its pipeline at
+        once, whatever the other messages in hand are waiting on."""
         assert self.sock is not None
-        msgs: list[list[bytes]] = []
-        while len(msgs) < self.credit:
+        for _ in range(self.credit + 64):
             try:
-                msgs.append(self.sock.recv_multipart(zmq.NOBLOCK))
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                break
-        return msgs
-
-    def _handle(self, msgs: list[list[bytes]]) -> None:
-        """One batch: decode the work, process it (DKIM, trace headers), spool what may still
-        be accepted in one group commit, and ACK or NACK every job."""
-        jobs = self._decode_jobs(msgs)
-        if not jobs:
-            return
-        batch = self._spoolable(jobs, self._process(jobs))
-        if not batch:
-            return
-        self._spool_batch(batch)
-
-    def _decode_jobs(self, msgs: list[list[bytes]]) -> list[tuple[bytes, Envelope, bytes]]:
-        """The WORK messages as (reply_to, envelope, body); a bad envelope is NACKed, any
-        other malformed message is logged and dropped."""
-        assert self.sock is not None
-        jobs: list[tuple[bytes, Envelope, bytes]] = []
-        for frames in msgs:
-            try:
-                kind = kind_of(frames)
-                if kind is not Kind.WORK:
-                    continue      # HEARTBEAT from the broker: liveness already noted
-                reply_to, env_raw, body = expect(frames, 3)
-            except WireError as e:
-                log.event("wire_error", "warning", error=str(e))
+                return
+            job = self._decode(frames)
+            if job is None:
                 continue
-            try:
-                env = Envelope.decode(env_raw)
-            except WireError as e:
-                log.event("wire_error", "warning", error=str(e))
-                self._send(worker_nack(reply_to, _qid_guess(env_raw), NackReason.ERROR,
-                                       "bad envelope"))
-                continue
-            jobs.append((reply_to, env, body))
-        return jobs
+            if self._in_hand() < self.credit:
+                self._start(job)
+            elif len(self.waiting) < self.credit:
+                self.waiting.append(job)
+            else:   # more than twice the credit: only a broker that lost count could send it
+                log.event("worker_over_credit", "warning", lane=self.lane.value,
+                          qid=job.env.qid, in_hand=self._in_hand(), waiting=len(self.waiting))
+                self._send(worker_nack(job.reply_to, job.env.qid.encode(), NackReason.ERROR,
+                                       "worker over credit"))
 
-    def _spoolable(self, jobs: list[tuple[bytes, Envelope, bytes]],
-                   processed: list[Any]) -> list[tuple[bytes, bytes, Envelope, Any]]:
-        """The processed jobs to spool, as (reply_to, qid, envelope, processed); a failed or
-        expired one is NACKed here."""
-        batch = []
+    def _decode(self, frames: list[bytes]) -> _Job | None:
+        """A WORK message as a job; a bad envelope is NACKed, any other malformed message is
+        logged and dropped, a broker HEARTBEAT is None (liveness already noted)."""
+        try:
+            if kind_of(frames) is not Kind.WORK:
+                return None
+            reply_to, env_raw, body = expect(frames, 3)
+        except WireError as e:
+            log.event("wire_error", "warning", error=str(e))
+            return None
+        try:
+            env = Envelope.decode(env_raw)
+        except WireError as e:
+            log.event("wire_error", "warning", error=str(e))
+            self._send(worker_nack(reply_to, _qid_guess(env_raw), NackReason.ERROR,
+                                   "bad envelope"))
+            return None
+        return _Job(reply_to, env, body)
+
+    def _start(self, job: _Job) -> None:
+        """The message's pipeline (DKIM, trace headers) in its own pool thread, bounded by its
+        envelope deadline; it counts as progress until then (plus one liveness window)."""
+        job.vouch = _vouch_until([job.env])
+        budget_s = job.env.deadline - time.time() - PIPELINE_MARGIN
+        job.future = self.pool.submit(self.pipeline.process, job.env, job.body, budget_s)
+        job.future.add_done_callback(self._wake)
+        self.running.append(job)
+
+    # --- finishing work -----------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Answer a finished commit; move finished pipelines to `ready` (a failed one is
+        NACKed); start the next commit with everything ready, unless one is being written;
+        start waiting work as units of credit free up."""
+        if self.commit is not None and self.commit.future.done():
+            commit, self.commit = self.commit, None
+            self._answer(commit)
+        still: list[_Job] = []
+        for job in self.running:
+            assert job.future is not None
+            if not job.future.done():
+                still.append(job)
+                continue
+            exc = job.future.exception()    # never let one message take the worker down
+            if exc is not None:
+                log.get().error("pipeline_error", exc_info=exc,
+                                extra={"fields": {"qid": job.env.qid}})
+                self._send(worker_nack(job.reply_to, job.env.qid.encode(), NackReason.ERROR,
+                                       "processing failed"))
+            else:
+                job.done = job.future.result()
+                self.ready.append(job)
+        self.running = still
+        if self.commit is None and self.ready:
+            self._commit()
+        while self.waiting and self._in_hand() < self.credit:
+            self._start(self.waiting.popleft())
+
+    def _commit(self) -> None:
+        """One group commit of every ready message still within its deadline (in the committer
+        thread); an expired one is NACKed instead."""
         wall = time.time()
-        for (reply_to, env, _), done in zip(jobs, processed, strict=True):
-            qid = env.qid.encode()
-            if isinstance(done, BaseException):
-                log.get().error("pipeline_error", exc_info=done,
-                                extra={"fields": {"qid": env.qid}})
-                self._send(worker_nack(reply_to, qid, NackReason.ERROR, "processing failed"))
-            elif env.deadline <= wall:
+        batch: list[_Job] = []
+        for job in self.ready:
+            if job.env.deadline <= wall:
                 # The acceptor has already answered 451: writing it now would only make a
                 # duplicate when the client retries.
-                self._send(worker_nack(reply_to, qid, NackReason.EXPIRED, "too late"))
+                self._send(worker_nack(job.reply_to, job.env.qid.encode(), NackReason.EXPIRED,
+                                       "too late"))
             else:
-                batch.append((reply_to, qid, env, done))
-        return batch
+                batch.append(job)
+        self.ready = []
+        if not batch:
+            return
+        items = []
+        for job in batch:
+            assert job.done is not None
+            items.append((job.env, job.done.trace, job.done.body))
+        write = self.committer.submit(self.spool.write_batch, items)
+        self.commit = _Commit(batch, write, _vouch_until(j.env for j in batch),
+                              time.monotonic())
+        write.add_done_callback(self._wake)
 
-    def _spool_batch(self, batch: list[tuple[bytes, bytes, Envelope, Any]]) -> None:
-        """One group commit for the batch, then the ACK (or the NACK) of each message."""
-        t0 = time.monotonic()
-        items = [(env, p.trace, p.body) for _, _, env, p in batch]
-        write = self.pool.submit(self.spool.write_batch, items)
-        self._wait_heartbeating([write], _vouch_until(env for _, _, env, _ in batch))
+    def _answer(self, commit: _Commit) -> None:
+        """The ACK (or the NACK) of each message of a finished commit: only now is it durable."""
         try:
-            results = write.result()
+            results = commit.future.result()
         except Exception as e:   # write_batch reports disk errors per item; anything else:
-            results = [e] * len(batch)   # every item failed, nothing is acknowledged
+            results = [e] * len(commit.jobs)   # every item failed, nothing is acknowledged
+        dt = time.monotonic() - commit.started
         metrics.spooled(self.lane, sum(not isinstance(r, Exception) for r in results),
-                        seconds=time.monotonic() - t0)
-        dt = time.monotonic() - t0
-        for (reply_to, qid, env, p), res in zip(batch, results, strict=True):
+                        seconds=dt)
+        for job, res in zip(commit.jobs, results, strict=True):
+            env, p = job.env, job.done
+            assert p is not None
+            qid = env.qid.encode()
             if isinstance(res, Exception):
                 log.event("spool_error", "error", qid=env.qid, error=str(res))
-                self._send(worker_nack(reply_to, qid, NackReason.ERROR, "spool write failed"))
+                self._send(worker_nack(job.reply_to, qid, NackReason.ERROR, "spool write failed"))
                 continue
-            self._send(worker_ack(reply_to, qid, res))
+            self._send(worker_ack(job.reply_to, qid, res))
             if p.learn:
                 self._send(share(LEARN_TOPIC, env.peer_ip, p.learn_domain))
             log.event("spooled", "debug", qid=env.qid, lane=env.lane.value, size=len(p.body),
-                      rcpts=len(env.rcpts), batch=len(batch), write_ms=round(dt * 1000, 3),
+                      rcpts=len(env.rcpts), batch=len(commit.jobs), write_ms=round(dt * 1000, 3),
                       dkim=",".join(f"{r.domain}:{r.result}" for r in p.dkim), learn=p.learn)
-
-    def _process(self, jobs: list[tuple[bytes, Envelope, bytes]]) -> list[Any]:
-        """DKIM and trace headers for a batch, each message in a pool thread (DNS waits overlap)
-        while this loop keeps heartbeating: a slow DNS server, a big message or many
-        signatures never make the broker or the supervisor think this worker is dead."""
-        wall = time.time()
-        futures = [self.pool.submit(self.pipeline.process, env, body, env.deadline - wall - 0.5)
-                   for _, env, body in jobs]
-        self._wait_heartbeating(futures, _vouch_until(env for _, env, _ in jobs))
-        out: list[Any] = []
-        for fut in futures:
-            exc = fut.exception()   # never let one message take the worker down
-            out.append(exc if exc is not None else fut.result())
-        return out
-
-    def _wait_heartbeating(self, futures: list[concurrent.futures.Future[Any]],
-                           until: float) -> None:
-        """Wait for `futures`, heartbeating every LANE_HEARTBEAT while time.monotonic() < until.
-
-        The work runs in pool threads, so this loop is where the heartbeats come from. Past
-        `until` (the batch's deadline) the work is presumed hung and the heartbeats stop: the
-        broker NACKs the batch (worker_lost) and the supervisor restarts a worker that stays
-        stuck, as it would if this loop itself hung."""
-        pending = {f for f in futures if not f.done()}
-        while pending:
-            _, pending = concurrent.futures.wait(pending, timeout=LANE_HEARTBEAT)
-            if time.monotonic() < until:
-                self._heartbeat()
 
     def _send(self, frames: list[bytes]) -> None:
         assert self.sock is not None
@@ -262,26 +374,41 @@ class Worker:
             # the client may retry and a duplicate is possible (documented).
             log.event("ack_dropped", "warning", frames=len(frames))
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, poller: zmq.Poller) -> None:
         """Leave cleanly: tell the broker, then finish what already arrived."""
         if self.sock is None:
             return
         with contextlib.suppress(zmq.ZMQError):
             self.sock.send_multipart(disconnect(), zmq.NOBLOCK)
         # Work the broker sent before it read the DISCONNECT is already in our pipe: finish
-        # it; a quiet STOP_POLL means there is none (anything later is the broker's to NACK
-        # as worker_lost, so its client gets a 4xx: nothing is lost).
-        deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline:
-            if not self.sock.poll(timeout=int(STOP_POLL * 1000)):
+        # it and everything in hand, heartbeating meanwhile (the broker keeps us until our
+        # last ACK). Done when nothing is in hand and the broker was quiet for a STOP_POLL
+        # (anything later is the broker's to NACK as worker_lost, so its client gets a 4xx:
+        # nothing is lost); at the latest when the work in hand is past its deadline.
+        start = time.monotonic()
+        quiet_since = start
+        next_hb = 0.0
+        while True:
+            next_hb = self._tick(next_hb)
+            if self._step(poller):
+                quiet_since = time.monotonic()
+            now = time.monotonic()
+            busy = self._in_hand() or self.waiting
+            if not busy and now - quiet_since >= STOP_POLL:
                 break
-            self._handle(self._drain())
+            if now > start + SHUTDOWN_GRACE and (not busy or not self._vouched(now)):
+                break
         self.sock.close(linger=1000)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.committer.shutdown(wait=False, cancel_futures=True)
+        self._wake_r.close()
+        self._wake_w.close()
 
 
-def _vouch_until(envs: Any) -> float:
-    """time.monotonic() until which a batch's work counts as progress: its latest envelope
-    deadline (after which the acceptor has answered 451 anyway) plus one liveness window."""
+def _vouch_until(envs: Iterable[Envelope]) -> float:
+    """time.monotonic() until which work on these messages counts as progress: their latest
+    envelope deadline (after which the acceptor has answered 451 anyway) plus one liveness
+    window."""
     latest = max((e.deadline for e in envs), default=time.time())
     return time.monotonic() + (latest - time.time()) + LANE_HEARTBEAT * LANE_LIVENESS
 

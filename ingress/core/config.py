@@ -165,6 +165,10 @@ class ClassifyConfig:
     spf_timeout_ttl: float = 15.0       # a domain whose SPF lookup timed out is temperror at
                                         # once (no lookup) for this long; 0 = never
     dkim_deadline: float = 5.0          # all DKIM signatures of one message, in a worker
+    dkim_dns_budget: float = 2.0        # all DKIM key lookups of one message together wait on
+                                        # DNS at most this long (ingress.policy.dkim_budget)
+    dkim_timeout_ttl: float = 60.0      # a key domain that did not answer is not asked again
+                                        # for this long (dkim=temperror at once); 0 = off
     authserv_id: str = ""               # Authentication-Results id; default smtp.hostname
 
 
@@ -696,6 +700,10 @@ def _check_classify(cfg: Config, need: _Need) -> None:
          "must be 0..300 seconds (0 = no cache of timeouts)")
     need(0 < c.dkim_deadline < s.ack_timeout, "classify.dkim_deadline",
          "must be > 0 and below smtp.ack_timeout (it runs before the ack)")
+    need(0 < c.dkim_dns_budget <= 30, "classify.dkim_dns_budget",
+         "must be in (0, 30] (classify.dkim_deadline bounds it too)")
+    need(0 <= c.dkim_timeout_ttl <= 300, "classify.dkim_timeout_ttl",
+         "must be in [0, 300] (RFC 2308 7: at most five minutes; 0 = off)")
     need.parses(parse_nameserver, c.nameservers, "classify.nameservers")
 
 

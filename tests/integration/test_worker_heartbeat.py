@@ -1,6 +1,8 @@
 """The worker keeps heartbeating while it works (issue 9 item 6: a batch write over 1 s was
-NACKed as worker_lost although it was stored), and stops vouching for itself once a batch is
-past its deadline (so a wedged disk is still detected and the worker restarted).
+NACKed as worker_lost although it was stored), and stops vouching for itself once a commit, or
+one message's pipeline, is past its deadline (so a wedged disk is still detected and the worker
+restarted). Each message is ACKed when its own pipeline is done and it is durable (issue 17
+item 5): a slow one holds nobody else's ACK.
 
 What is real here: the Worker object and its run loop, its DEALER socket, a ROUTER bound where
 the lane broker's backend would be (this test plays the broker), the spool. What is replaced:
@@ -53,6 +55,7 @@ class Lane_:
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.bind(self.cfg.ipc("bulk-back"))
         self.hb: list[float] = [0.0]
+        self.answered: list[tuple[bytes, Kind]] = []     # (qid, ACK | NACK) in arrival order
         self.worker = Worker(self.cfg, Lane.BULK, 0, hb=self.hb, slot=0)
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         self.thread.start()
@@ -60,18 +63,23 @@ class Lane_:
         self.ident, *frames = self.router.recv_multipart()
         assert kind_of(frames) is Kind.READY
 
-    def send(self, n: int, deadline_s: float) -> None:
+    def send(self, n: int, deadline_s: float, body: bytes = BODY) -> list[bytes]:
+        """`n` WORK messages; their qids."""
         now = time.time()
+        qids = []
         for _ in range(n):
             env = Envelope(qid=new_qid(), lane=Lane.BULK, peer_ip="192.0.2.1", peer_port=1,
                            helo="h.example", mail_from="a@example.org",
                            rcpts=("b@example.test",), received_at=now,
                            deadline=now + deadline_s)
-            self.router.send_multipart([self.ident, *work(b"acceptor", env.encode(), BODY)])
+            self.router.send_multipart([self.ident, *work(b"acceptor", env.encode(), body)])
+            qids.append(env.qid.encode())
+        return qids
 
     def collect(self, replies: int, limit: float) -> tuple[list[tuple[float, Kind]], float]:
         """(time, kind) of everything the worker sends until `replies` ACK/NACKs arrived, and
-        the longest time the supervisor's heartbeat slot went without an update meanwhile."""
+        the longest time the supervisor's heartbeat slot went without an update meanwhile.
+        The qid of each ACK/NACK is in self.answered, in order."""
         got: list[tuple[float, Kind]] = []
         t_end = time.monotonic() + limit
         stale = 0.0
@@ -86,6 +94,8 @@ class Lane_:
             if self.router.poll(50):
                 _, *frames = self.router.recv_multipart()
                 got.append((time.monotonic(), kind_of(frames)))
+                if got[-1][1] in (Kind.ACK, Kind.NACK):
+                    self.answered.append((frames[3], got[-1][1]))
         return got, stale
 
     def close(self) -> None:
@@ -144,5 +154,54 @@ def test_heartbeats_stop_once_the_batch_is_past_its_deadline(lane: Lane_) -> Non
     assert [k for _, k in events].count(Kind.ACK) == 1
     assert max_gap(events, start) >= WINDOW
     # and it heartbeats again afterwards
+    more, _ = lane.collect(replies=1, limit=2 * WINDOW)
+    assert Kind.HEARTBEAT in [k for _, k in more]
+
+
+def slow_for(fn: Any, marker: bytes, seconds: float) -> Any:
+    """`fn` (Pipeline.process) behind a sleep for the messages whose body holds `marker`."""
+    def wrapper(env: Any, body: bytes, *args: Any) -> Any:
+        if marker in body:
+            time.sleep(seconds)
+        return fn(env, body, *args)
+    return wrapper
+
+
+SLOW = b"From: a@example.org\r\nSubject: slow DKIM\r\n\r\nbody\r\n"
+
+
+def test_each_message_is_acked_when_its_own_pipeline_is_done(lane: Lane_) -> None:
+    """Issue 17 item 5: a message whose pipeline is slow (a DKIM key that never answers) holds
+    nobody else's ACK: the messages sent after it are stored and ACKed at once, while the
+    worker keeps heartbeating; the slow one is ACKed when it is done."""
+    lane.worker.pipeline.process = slow_for(lane.worker.pipeline.process, b"slow DKIM",
+                                            3 * WINDOW)
+    start = time.monotonic()
+    (slow_qid,) = lane.send(1, deadline_s=20.0, body=SLOW)
+    time.sleep(0.2)                            # it is in its pipeline
+    quick = lane.send(3, deadline_s=20.0)
+    events, stale = lane.collect(replies=3, limit=20.0)
+    quick_done = time.monotonic() - start
+    assert sorted(q for q, _ in lane.answered) == sorted(quick), lane.answered
+    assert all(k is Kind.ACK for _, k in lane.answered)
+    assert quick_done < 2 * WINDOW, quick_done          # not after the slow one (3 windows)
+    more, stale2 = lane.collect(replies=1, limit=20.0)
+    assert lane.answered[-1] == (slow_qid, Kind.ACK)
+    assert max_gap(events + more, start) < WINDOW and max(stale, stale2) < WINDOW
+    assert len(list((lane.worker.spool.new).iterdir())) == 4
+
+
+def test_heartbeats_stop_once_a_message_is_past_its_own_deadline(lane: Lane_) -> None:
+    """Hang detection is per message: a pipeline that outlives its own message's deadline
+    stops the heartbeats even though another message in hand has a later deadline; the
+    late message is NACKed expired, and the heartbeats resume."""
+    lane.worker.pipeline.process = slow_for(lane.worker.pipeline.process, b"slow DKIM",
+                                            4 * WINDOW)
+    start = time.monotonic()
+    (hung,) = lane.send(1, deadline_s=WINDOW, body=SLOW)
+    (fine,) = lane.send(1, deadline_s=20.0)
+    events, _ = lane.collect(replies=2, limit=20.0)
+    assert lane.answered == [(fine, Kind.ACK), (hung, Kind.NACK)], lane.answered
+    assert max_gap(events, start) >= WINDOW, events
     more, _ = lane.collect(replies=1, limit=2 * WINDOW)
     assert Kind.HEARTBEAT in [k for _, k in more]
