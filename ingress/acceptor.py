@@ -121,8 +121,9 @@ class AcceptorContext:
         self.recipients = load_recipient_map(s.recipient_map) if s.recipient_map else None
         self.static_allow = StaticAllow.from_cidrs(c.allow_cidrs)
         self.trusted_proxies = proxy.trusted_networks(cfg.listen.trusted_proxies)
-        self.learned_store = LearnedStore(cfg.spool.state_dir / "learned.json", c.learned_ttl,
-                                          c.learned_max)
+        self.learned_store = LearnedStore(cfg.spool.state_dir / "learned.json", cfg)
+        # port-25 acceptor 0 speaks for this edge's learned cache: its file, its Redis copy
+        self.learned_writer = index == 0 and not fast
         self.policy = ClassifyPolicy(
             spf_promote=c.spf_promote, spf_domains=frozenset(c.spf_domains),
             cert_promotes=c.cert_promotes, learned_promotes=c.learned_ttl > 0)
@@ -160,7 +161,7 @@ class AcceptorContext:
         # [cluster] redis: the state every edge shares (None: in-process only, one host)
         self.cluster = ClusterState.create(
             cfg, self.ident, lambda ip: self.table.penalise(ip, time.monotonic()),
-            self.learned_store.learn, self.on_record)
+            self.learned_from_cluster, self.on_record, on_unlearn=self.learned_store.unlearn)
 
     @property
     def resolver(self) -> Any:
@@ -369,22 +370,43 @@ class AcceptorContext:
     def count(self, what: str, lane: Lane) -> None:
         self.counters[f"{what}_{lane.value}"] += 1
 
-    def learn(self, ip: str, domain: str = "") -> None:
-        self.learned_store.learn(ip, time.time(), domain)
+    def learn(self, ip: str, domain: str = "") -> list[str]:
+        """Learn `ip`'s network for `domain`; the keys the quotas evicted for it."""
+        return self.learned_store.learn(ip, time.time(), domain)
 
     # --- background tasks ---------------------------------------------------------------------
 
     async def read_status(self) -> None:
         await self.lanes.read_status(
             self.learned_from_lane, lambda ip: self.table.penalise(ip, time.monotonic()),
-            self.on_record)
+            self.on_record, on_unlearn=self.unlearned_from_lane)
 
     def learned_from_lane(self, ip: str, domain: str = "") -> None:
-        """A worker learned `ip` (every acceptor of this edge hears it from the bulk broker);
-        acceptor 0 records it in Redis for the other edges."""
-        self.learn(ip, domain)
-        if self.cluster is not None and self.index == 0:
-            self.cluster.share_learned(ip, domain)
+        """A worker learned `ip` (every acceptor of this edge hears it from the lane brokers);
+        acceptor 0 records it in Redis for the other edges, with the entries the quotas
+        evicted for it (so Redis holds what the quotas hold, not just the newest)."""
+        evicted = self.learn(ip, domain)
+        if self.cluster is not None and self.learned_writer:
+            key = self.learned_store.allow.key(ip)
+            if self.learned_store.allow.expiry(key) is not None:
+                self.cluster.share_learned(key, self.learned_store.allow.domain(key))
+            self.cluster.forget_learned(evicted)
+
+    def learned_from_cluster(self, ip: str, at: float, domain: str) -> None:
+        """Another edge learned `ip` (a key), at `at` (Redis: pub/sub, or the load)."""
+        self.learned_store.learn(ip, at, domain)
+
+    def unlearned_from_lane(self, ip: str) -> None:
+        """A worker saw mail from `ip`'s learned network fail SPF or DKIM: forget the entry
+        (every acceptor of this edge hears it; acceptor 0 removes it from Redis, whence the
+        other edges hear it too)."""
+        key = self.learned_store.unlearn(ip)
+        if not self.learned_writer:
+            return
+        if key is not None:
+            log.event("unlearned", peer=ip, key=key)
+        if self.cluster is not None:
+            self.cluster.share_unlearned(key or self.learned_store.allow.key(ip))
 
     async def persist_learned(self) -> None:
         """Acceptor 0 keeps the learned allow cache on disk (every acceptor learns the same

@@ -13,9 +13,12 @@ Purpose
     acceptor is fully in-process, as on one host.
 
 API
-    ClusterState.create(cfg, ident, on_penalty, on_learn) -> ClusterState | None
-        on_penalty(ip) / on_learn(ip, at, domain)   how a mirrored fact enters this acceptor
-                                    (domain: what the entry was learned for, its identity)
+    ClusterState.create(cfg, ident, on_penalty, on_learn, on_record=None, on_unlearn=None)
+        -> ClusterState | None
+        on_penalty(ip) / on_learn(key, at, domain) / on_unlearn(key)   how a mirrored fact
+                                    enters this acceptor (key: a learned entry's network,
+                                    ingress.policy.classify.LearnedAllow.key; domain: what the
+                                    entry was learned for, its identity)
     up                              bool: Redis reachable (health; False at start)
     run()                           background task: connect, load the mirrors, subscribe,
                                     heartbeat this edge; on any failure: down, retry every
@@ -25,7 +28,10 @@ API
                                     caller uses its local share (lanes.bulk_mail_admitted)
     bulk_spent(now) -> bool         the bucket was empty at its last use (< 1 s ago)
     share_penalty(ip)               record and publish an early-talker penalty (fire and forget)
-    share_learned(ip)               record and publish a learned allow entry (fire and forget)
+    share_learned(key, domain)      record and publish a learned allow entry (fire and forget)
+    share_unlearned(key)            remove a learned entry and publish that (fire and forget)
+    forget_learned(keys)            remove entries the local quotas evicted (not published:
+                                    every edge applies the same quotas)
     share_record(fact, doc) -> bool a deferral record fact (retry evidence) for every edge:
                                     kept in {prefix}:records, published; False: Redis down
     conn_over(key, now) -> bool     a bulk connection attempt from IP key `key`: counted for
@@ -44,8 +50,10 @@ Keys (prefix = cluster.redis_prefix; all bounded):
                                     lanes.bulk.burst), refilled by Redis's own clock (TIME)
     {prefix}:penalty                sorted set ip -> until (unix s); trimmed to
                                     MAX_MIRRORED entries, expired entries purged on write
-    {prefix}:learned                sorted set ip -> learned at (unix s); trimmed to
+    {prefix}:learned                sorted set key -> learned at (unix s); trimmed to
                                     classify.learned_max, entries older than learned_ttl purged
+                                    (a member "ip domain" of an older version still loads)
+    {prefix}:learned:domains        hash key -> the domain it was learned for (kept with the set)
     {prefix}:conn:{window}:{ipkey}  attempts from one IP key in one CONN_WINDOW, all edges
                                     (INCRBY from each acceptor every CONN_FLUSH; EX 3 s)
     {prefix}:edges                  sorted set "node/acceptor" -> last heartbeat (unix s),
@@ -53,7 +61,8 @@ Keys (prefix = cluster.redis_prefix; all bounded):
                                     host name and spool.state_dir
     {prefix}:{kind}:{key}           the seam's keys (kind and key length-checked; the kinds
                                     above are RESERVED)
-    channels {prefix}:chan:penalty, {prefix}:chan:learn   "ident ip" of a new fact
+    channels {prefix}:chan:penalty, {prefix}:chan:learn, {prefix}:chan:unlearn
+                                    "ident ip" (learn: "ident key domain") of a new fact
 
 Failure modes
     No Redis error, timeout or malformed fact is ever raised to a session. A failed or late
@@ -138,6 +147,37 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 60000)
 return {ok, math.floor(tokens * 1000)}
 """
 
+# A learned entry: member KEYS[1] ARGV[1] scored ARGV[2] with its domain ARGV[7] in the hash
+# KEYS[3]; members scored below ARGV[3] purged and the ARGV[4] highest kept, set and hash alike.
+LEARN_LUA = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[7])
+else redis.call('HDEL', KEYS[3], ARGV[1]) end
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3], 'LIMIT', 0, 1000)
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -(tonumber(ARGV[4]) + 1))) do
+  table.insert(gone, m)
+end
+for _, m in ipairs(gone) do
+  redis.call('ZREM', KEYS[1], m)
+  redis.call('HDEL', KEYS[3], m)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+redis.call('PUBLISH', KEYS[2], ARGV[6])
+return 1
+"""
+
+# Learned entries gone (unlearned, or evicted by a quota): members ARGV[2..] out of the set
+# KEYS[1] and the hash KEYS[3]; ARGV[1], if not empty, published on KEYS[2].
+FORGET_LUA = """
+for i = 2, #ARGV do
+  redis.call('ZREM', KEYS[1], ARGV[i])
+  redis.call('HDEL', KEYS[3], ARGV[i])
+end
+if ARGV[1] ~= '' then redis.call('PUBLISH', KEYS[2], ARGV[1]) end
+return 1
+"""
+
 # Add a member scored `score`, purge members scored below `floor`, keep the `keep` highest.
 ZADD_LUA = """
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
@@ -163,15 +203,27 @@ def valid_ip(s: str) -> bool:
     return True
 
 
+def valid_key(s: str) -> bool:
+    """A learned entry's key: an address, or a network in CIDR form (an IPv6 /prefix)."""
+    if len(s) > 64:
+        return False
+    try:
+        ipaddress.ip_network(s, strict=True)
+    except ValueError:
+        return False
+    return True
+
+
 class ClusterState:
     """One acceptor's view of the shared state; single-threaded (the acceptor's loop)."""
 
     def __init__(self, cfg: Config, ident: str, on_penalty: Callable[[str], None],
                  on_learn: Callable[[str, float, str], None],
-                 on_record: Callable[[bytes, dict[str, object]], None] | None = None) -> None:
+                 on_record: Callable[[bytes, dict[str, object]], None] | None = None,
+                 on_unlearn: Callable[[str], object] | None = None) -> None:
         c = cfg.cluster
         self.cfg, self.ident = cfg, ident
-        self.on_penalty, self.on_learn = on_penalty, on_learn
+        self.on_penalty, self.on_learn, self.on_unlearn = on_penalty, on_learn, on_unlearn
         self.on_record = on_record
         self.timeout, self.retry, self.prefix = c.redis_timeout, c.redis_retry, c.redis_prefix
         self.client = aioredis.Redis.from_url(
@@ -183,6 +235,8 @@ class ClusterState:
         self.bulk_burst = float(lb.burst) if lb.burst > 0 else max(1.0, lb.rate)
         self._bucket = self.client.register_script(BUCKET_LUA)
         self._zadd = self.client.register_script(ZADD_LUA)
+        self._learn = self.client.register_script(LEARN_LUA)
+        self._forget = self.client.register_script(FORGET_LUA)
         self.up = False
         self.since = time.monotonic()
         metrics.cluster_state(False)
@@ -204,8 +258,10 @@ class ClusterState:
     def create(cls, cfg: Config, ident: str, on_penalty: Callable[[str], None],
                on_learn: Callable[[str, float, str], None],
                on_record: Callable[[bytes, dict[str, object]], None] | None = None,
+               on_unlearn: Callable[[str], object] | None = None,
                ) -> ClusterState | None:
-        return cls(cfg, ident, on_penalty, on_learn, on_record) if cfg.cluster.redis else None
+        return cls(cfg, ident, on_penalty, on_learn, on_record, on_unlearn) \
+            if cfg.cluster.redis else None
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -280,18 +336,40 @@ class ClusterState:
             args=[ip, until, now, MAX_MIRRORED, int(self.cfg.admission.penalty) + 60,
                   f"{self.node}/{self.ident} {ip}"])))
 
-    def share_learned(self, ip: str, domain: str = "") -> None:
-        """Member "ip domain" (or "ip"): the domain travels with the entry, so a client learned
-        on one edge counts against its domain's fast-lane share on every edge."""
+    def _learned_keys(self, channel: str) -> list[str]:
+        return [self.key("learned"), self.key("chan", channel), self.key("learned", "domains")]
+
+    def share_learned(self, key: str, domain: str = "") -> None:
+        """Member `key` (a network: one member per learned entry), its domain in the hash: the
+        domain travels with the entry, so a client learned on one edge counts against its
+        domain's fast-lane share, and vouches for that domain only, on every edge."""
         c = self.cfg.classify
-        if c.learned_ttl <= 0:
+        if c.learned_ttl <= 0 or not valid_key(key):
             return
         now = time.time()
-        member = f"{ip} {domain}" if valid_domain(domain) else ip
-        self._spawn(self._call(lambda: self._zadd(
-            keys=[self.key("learned"), self.key("chan", "learn")],
-            args=[member, now, now - c.learned_ttl, c.learned_max, int(c.learned_ttl) + 60,
-                  f"{self.node}/{self.ident} {member}"])))
+        domain = domain if valid_domain(domain) else ""
+        msg = f"{self.node}/{self.ident} {key} {domain}".rstrip()
+        self._spawn(self._call(lambda: self._learn(
+            keys=self._learned_keys("learn"),
+            args=[key, now, now - c.learned_ttl, c.learned_max, int(c.learned_ttl) + 60,
+                  msg, domain])))
+
+    def share_unlearned(self, key: str) -> None:
+        """The entry `key` is unlearned (mail from it failed SPF or DKIM): out of Redis, and
+        every other edge told."""
+        if not valid_key(key):
+            return
+        self._spawn(self._call(lambda: self._forget(
+            keys=self._learned_keys("unlearn"),
+            args=[f"{self.node}/{self.ident} {key}", key])))
+
+    def forget_learned(self, keys: list[str]) -> None:
+        """Entries this edge's quotas evicted: out of Redis too (unpublished), so that what an
+        edge loads from Redis is what the quotas kept, not merely the newest."""
+        keys = [k for k in keys if valid_key(k)][:1000]
+        if keys:
+            self._spawn(self._call(lambda: self._forget(
+                keys=self._learned_keys("unlearn"), args=["", *keys])))
 
     def share_record(self, fact: bytes, doc: dict[str, object]) -> bool:
         """A deferral record fact (wire.DEFER_TOPIC / CLAIM_TOPIC, ingress.policy.deferrals)
@@ -352,10 +430,13 @@ class ClusterState:
         for ip in pens:
             if valid_ip(str(ip)):
                 self.on_penalty(str(ip))
-        for member, at in learned:
-            ip, _, domain = str(member).partition(" ")
-            if valid_ip(ip):
-                self.on_learn(ip, float(at), domain if valid_domain(domain) else "")
+        domains: dict[Any, Any] = await self.client.hgetall(self.key("learned", "domains")) \
+            if learned else {}
+        for member, at in learned:      # oldest first: the quotas keep the newest
+            key, _, domain = str(member).partition(" ")
+            domain = domain or str(domains.get(member, ""))
+            if valid_key(key):
+                self.on_learn(key, float(at), domain if valid_domain(domain) else "")
         log.event("cluster_state_loaded", acceptor=self.ident, penalties=len(pens),
                   learned=len(learned))
 
@@ -369,13 +450,16 @@ class ClusterState:
         ip, _, domain = rest.partition(" ")
         if origin in (self.ident, f"{self.node}/{self.ident}"):
             return
-        if not valid_ip(ip):
+        penalty = channel == self.key("chan", "penalty")
+        if not (valid_ip(ip) if penalty else valid_key(ip)):
             log.event("cluster_fact_invalid", "warning", channel=channel[:80], data=data[:80])
             return
-        if channel == self.key("chan", "penalty"):
+        if penalty:
             self.on_penalty(ip)
         elif channel == self.key("chan", "learn"):
             self.on_learn(ip, time.time(), domain if valid_domain(domain) else "")
+        elif channel == self.key("chan", "unlearn") and self.on_unlearn is not None:
+            self.on_unlearn(ip)
 
     # --- per-IP connection rates, shared ---------------------------------------------------------
 
@@ -454,7 +538,7 @@ class ClusterState:
                 async with asyncio.timeout(max(1.0, 20 * self.timeout)):
                     await self.client.ping()
                     await pubsub.subscribe(self.key("chan", "penalty"), self.key("chan", "learn"),
-                                           self.key("chan", "record"))
+                                           self.key("chan", "unlearn"), self.key("chan", "record"))
                 await self._load()
                 self._up()
                 await self._watch(pubsub)

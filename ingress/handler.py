@@ -13,7 +13,10 @@ What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; th
   lane (classify.decide / classify.promote) within its
   identity's share of the fast reserve (else it stays bulk, reason over-share:<key>) and
   while its domain is not over classify.domain_rate at the fast broker (else bulk, reason
-  over-rate:<key>; a fast session of such a domain is demoted at its next MAIL);
+  over-rate:<key>; a fast session of such a domain is demoted at its next MAIL); a fast
+  session that rests on a learned entry is demoted for a MAIL FROM whose (organisational)
+  domain is not the one the entry was learned for, and judged afresh (its own SPF; reason
+  learned-mismatch:<learned domain>);
 - RCPT: rcpt_verdict; then, at the first acceptable RCPT of a bulk transaction, the bulk cap
   (admit(): before any callout, so a shed stays cheap; Postfix-style greylisting defers at
   RCPT too, and so the deferral knows its recipients): a transaction over the cap is shed
@@ -47,12 +50,12 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
 
 from ingress.core import log, metrics
-from ingress.core.headers import received_spf_header, spf_request
+from ingress.core.headers import received_spf_header, spf_identity, spf_request
 from ingress.core.metrics import DeferReason, RcptResult, Result
 from ingress.core.wire import Envelope, Lane, new_qid
 from ingress.host import SessionHost
 from ingress.policy import replies, session_rules
-from ingress.policy.classify import AuthResult, promote
+from ingress.policy.classify import AuthResult, decide, promote
 from ingress.policy.identity import served_over_share
 from ingress.policy.replies import Refusal, text
 from ingress.rcpt_verify import Answer
@@ -84,15 +87,14 @@ class IngressHandler:
         if refusal is not None:
             extra = {"why": "mail_without_data"} if refusal.close else {}
             return server._refused(refusal, "MAIL", sender=address[:200], **extra)
-        if server.lane is Lane.FAST and ctx.over_rate(server.identity, transaction=True):
-            # Its domain is over classify.domain_rate (no token here, or named by the fast
-            # broker): bulk from this transaction on (below, its SPF decides again and names
-            # the reason), so the bulk cap sheds it here rather than after DATA.
-            log.event("demoted", peer=server.peer_ip, identity=server.identity)
-            ctx.count("demoted", Lane.FAST)
-            ctx.demote(server)
-        server.evidence = replace(server.evidence, spf=AuthResult.NONE, spf_domain=None)
+        # The transaction's sender domain (SPF's identity: the MAIL FROM domain, or the HELO
+        # name for the null sender): a learned entry vouches only for the domain it was
+        # learned for (classify.learned_vouches).
+        _, mail_domain = spf_identity(address, session.host_name or "")
+        server.evidence = replace(server.evidence, spf=AuthResult.NONE, spf_domain=None,
+                                  mail_domain=mail_domain)
         server.spf_header = ""
+        afresh = server.lane is Lane.FAST and self.demote_for(server, mail_domain)
         # SPF can only promote, so a session already in the fast lane never waits for DNS.
         if ctx.resolver is not None and server.lane is Lane.BULK:
             # SPF is evaluated for the canonical name (every spelling of a domain is one
@@ -116,7 +118,7 @@ class IngressHandler:
                 ctx.count("promoted", Lane.FAST)
                 log.event("promoted", peer=server.peer_ip, reasons=",".join(decision.reasons),
                           identity=decision.identity)
-            elif served_over_share(decision.reasons):
+            elif afresh or served_over_share(decision.reasons):
                 server.reasons = decision.reasons    # served as bulk: say why in the trace
         # A bulk transaction is admitted (the bulk cap, or a retry claim) at its first RCPT,
         # when a recipient is known: see admit().
@@ -128,6 +130,29 @@ class IngressHandler:
         envelope.mail_options.extend(mail_options)
         server.counters = session_rules.mail_accepted(server.counters)
         return "250 2.1.0 Ok"
+
+    def demote_for(self, server: IngressSMTP, mail_domain: str) -> bool:
+        """A fast session's MAIL FROM: demote it for this transaction when what made it fast
+        does not hold for it. True: judged afresh because its learned entry was learned for
+        another domain (served, not refused: below, its own SPF, else bulk under the bulk
+        cap; the trace says learned-mismatch:<domain>)."""
+        ctx = self.ctx
+        if server.evidence.learned_allow \
+                and decide(server.evidence, ctx.policy).lane is Lane.BULK:
+            server.reasons = decide(server.evidence, ctx.policy).reasons
+            why = "learned-mismatch"
+        elif ctx.over_rate(server.identity, transaction=True):
+            # Its domain is over classify.domain_rate (no token here, or named by the fast
+            # broker): bulk from this transaction on (below, its SPF decides again and names
+            # the reason), so the bulk cap sheds it here rather than after DATA.
+            why = "over-rate"
+        else:
+            return False
+        log.event("demoted", peer=server.peer_ip, identity=server.identity, why=why,
+                  sender_domain=mail_domain[:100])
+        ctx.count("demoted", Lane.FAST)
+        ctx.demote(server)
+        return why == "learned-mismatch"
 
     async def handle_RCPT(self, server: IngressSMTP, session: Session, envelope: SmtpEnvelope,
                           address: str, rcpt_options: list[str]) -> str:

@@ -22,7 +22,7 @@ from ingress.core.config import Config
 from ingress.core.metrics import DeferReason
 from ingress.core.wire import Envelope, Lane, Reply
 from ingress.dataread import DataBudget
-from ingress.policy.classify import AuthResult, Decision, Evidence
+from ingress.policy.classify import AuthResult, ClassifyPolicy, Decision, Evidence
 from ingress.policy.deferrals import Claim
 from ingress.policy.session_rules import ErrorPolicy
 from ingress.rcpt_verify import RecipientVerifier
@@ -44,6 +44,7 @@ class SessionHost(Protocol):
     error_policy: ErrorPolicy
     data_budget: DataBudget
     draining: bool
+    policy: ClassifyPolicy                # the classify policy (pure decide(): no shares)
 
     @property
     def resolver(self) -> Any: ...        # None: SPF is off

@@ -32,9 +32,10 @@ API:
                                          while Redis is down, [cluster] redis)
         share_penalty(ip)                tell every other acceptor (via the bulk broker(s))
         share_record(fact, doc)          a deferral record fact, likewise (wire.RECORD_FACTS)
-        read_status(on_learn, on_penalty, on_record=None)  background task: status and shared
-                                         facts over SUB (one per lanes node; on_learn(ip,
-                                         domain): the domain it was learned for)
+        read_status(on_learn, on_penalty, on_record=None, on_unlearn=None)  background
+                                         task: status and shared facts over SUB (one per lanes
+                                         node; on_learn(ip, domain): the domain it was learned
+                                         for; on_unlearn(ip): forget the ip's learned entry)
         tasks() -> coroutines            the background tasks of the clients
         close()                          destroys the ZeroMQ context
 
@@ -80,6 +81,7 @@ from ingress.core.wire import (
     SHARED_FACTS,
     STATUS_STALE,
     STATUS_TOPIC,
+    UNLEARN_TOPIC,
     Envelope,
     Lane,
     NackReason,
@@ -342,14 +344,17 @@ class Lanes:
     async def read_status(self, on_learn: Callable[[str, str], None],
                           on_penalty: Callable[[str], None],
                           on_record: Callable[[bytes, dict[str, object]], None] | None = None,
+                          on_unlearn: Callable[[str], None] | None = None,
                           ) -> None:
         """Status and shared facts from every lanes node (one SUB each), until cancelled."""
-        await asyncio.gather(*(self._read_node_status(i, on_learn, on_penalty, on_record)
+        await asyncio.gather(*(self._read_node_status(i, on_learn, on_penalty, on_record,
+                                                      on_unlearn)
                                for i in range(len(self.nodes))))
 
     async def _read_node_status(self, i: int, on_learn: Callable[[str, str], None],
                                 on_penalty: Callable[[str], None],
                                 on_record: Callable[[bytes, dict[str, object]], None] | None,
+                                on_unlearn: Callable[[str], None] | None = None,
                                 ) -> None:
         node = self.nodes[i]
         sub = self.zctx.socket(zmq.SUB)
@@ -369,15 +374,7 @@ class Lanes:
                 _apply_record(frames, on_record)
                 continue
             if frames and frames[0] in SHARED_FACTS:
-                try:
-                    fact, ip, domain = decode_shared(frames)
-                except WireError as e:
-                    log.event("wire_error", "warning", side="fact", error=str(e))
-                    continue
-                if fact == LEARN_TOPIC:
-                    on_learn(ip, domain)
-                else:
-                    on_penalty(ip)
+                _apply_fact(frames, on_learn, on_penalty, on_unlearn)
                 continue
             try:
                 doc = decode_status(frames)
@@ -389,6 +386,24 @@ class Lanes:
             over = doc.get("over_rate")
             lc.over_rate = frozenset(str(k) for k in over[:OVER_RATE_READ]) \
                 if isinstance(over, list) else frozenset()
+
+
+def _apply_fact(frames: list[bytes], on_learn: Callable[[str, str], None],
+                on_penalty: Callable[[str], None],
+                on_unlearn: Callable[[str], None] | None) -> None:
+    """A fact about a client from a lane broker: decoded and applied, or logged and skipped."""
+    try:
+        fact, ip, domain = decode_shared(frames)
+    except WireError as e:
+        log.event("wire_error", "warning", side="fact", error=str(e))
+        return
+    if fact == LEARN_TOPIC:
+        on_learn(ip, domain)
+    elif fact == UNLEARN_TOPIC:
+        if on_unlearn is not None:
+            on_unlearn(ip)
+    else:
+        on_penalty(ip)
 
 
 def _apply_record(frames: list[bytes], on_record: Callable[[bytes, dict[str, object]], None],

@@ -1,20 +1,29 @@
 """The acceptor's learned store: the learned allow cache of one acceptor and its file.
 
 API:
-    load_learned(path, ttl, max_size) -> LearnedAllow   the file's entries, or an empty cache
-    LearnedStore(path, ttl, max_size)
-        contains(ip, now) -> bool      is the client on the learned allow list?
+    learned_cache(cfg) -> LearnedAllow   an empty cache with the configured bounds
+                                         (classify.learned_ttl, learned_max, learned_per_domain,
+                                         learned_per_net; admission.ipv6_prefix)
+    load_learned(path, cfg) -> LearnedAllow   the file's entries, or an empty cache
+    LearnedStore(path, cfg)
+        contains(ip, now) -> bool      is the client's network on the learned allow list?
         learn(ip, now, domain="")      remember it, for the domain it was learned for (its
-                                       identity "learned:<org domain>"; marks the store dirty)
+                                       identity "learned:<org domain>"; marks the store dirty);
+                                       returns the keys the quotas evicted for it (to drop
+                                       them from Redis too, ingress.cluster_state)
+        unlearn(ip) -> str | None      forget the client's network (mail from it failed SPF or
+                                       DKIM); its key, None if it was not learned
         allow                          the LearnedAllow itself (len(), to_json())
         dirty                          changed since the last snapshot
         snapshot(now) -> bytes | None  the JSON to save (purged), None when unchanged; clears
                                        `dirty`. The caller writes it (acceptor 0 does, every
-                                       LEARNED_SAVE_INTERVAL; every acceptor learns the same
-                                       entries over pub/sub and reads the file at start).
+                                       LEARNED_SAVE_INTERVAL; every acceptor learns and
+                                       unlearns the same entries over pub/sub and reads the
+                                       file at start).
 
 Failure modes: a missing file is an empty cache; an unreadable or corrupt one is logged
-(learned_load_failed) and the cache starts empty. Limits: LearnedAllow's (max_size entries,
+(learned_load_failed) and the cache starts empty. Limits: LearnedAllow's (entries per network,
+at most learned_per_domain per domain and learned_per_net per /24 or /48, learned_max in all,
 each expiring after ttl seconds, at least one second).
 """
 
@@ -24,34 +33,63 @@ import time
 from pathlib import Path
 
 from ingress.core import log
+from ingress.core.config import Config
 from ingress.policy.classify import LearnedAllow
 
 LEARNED_SAVE_INTERVAL = 5.0  # seconds between saves of a changed learned allow cache
 
 
-def load_learned(path: Path, ttl: float, max_size: int) -> LearnedAllow:
+def _bounds(cfg: Config) -> dict[str, float | int]:
+    c = cfg.classify
+    return {"ttl": max(c.learned_ttl, 1.0), "max_size": c.learned_max,
+            "per_domain": c.learned_per_domain, "per_net": c.learned_per_net,
+            "ipv6_prefix": cfg.admission.ipv6_prefix}
+
+
+def learned_cache(cfg: Config) -> LearnedAllow:
+    b = _bounds(cfg)
+    return LearnedAllow(ttl=float(b["ttl"]), max_size=int(b["max_size"]),
+                        per_domain=int(b["per_domain"]), per_net=int(b["per_net"]),
+                        ipv6_prefix=int(b["ipv6_prefix"]))
+
+
+def load_learned(path: Path, cfg: Config) -> LearnedAllow:
+    b = _bounds(cfg)
     try:
-        return LearnedAllow.from_json(path.read_bytes(), ttl=max(ttl, 1.0),
-                                      max_size=max_size, now=time.time())
+        return LearnedAllow.from_json(
+            path.read_bytes(), ttl=float(b["ttl"]), max_size=int(b["max_size"]),
+            per_domain=int(b["per_domain"]), per_net=int(b["per_net"]),
+            ipv6_prefix=int(b["ipv6_prefix"]), now=time.time())
     except FileNotFoundError:
         pass
     except (OSError, ValueError) as e:
         log.event("learned_load_failed", "warning", path=str(path), error=str(e))
-    return LearnedAllow(ttl=max(ttl, 1.0), max_size=max_size)
+    return learned_cache(cfg)
 
 
 class LearnedStore:
-    def __init__(self, path: Path, ttl: float, max_size: int) -> None:
+    def __init__(self, path: Path, cfg: Config) -> None:
         self.path = path
-        self.allow = load_learned(path, ttl, max_size)
+        self.allow = load_learned(path, cfg)
         self.dirty = False
 
     def contains(self, ip: str, now: float) -> bool:
         return self.allow.contains(ip, now)
 
-    def learn(self, ip: str, now: float, domain: str = "") -> None:
+    def learn(self, ip: str, now: float, domain: str = "") -> list[str]:
         self.allow.learn(ip, now, domain)
         self.dirty = True
+        return self.allow.take_evicted()
+
+    def unlearn(self, ip: str) -> str | None:
+        try:
+            key = self.allow.key(ip)
+        except ValueError:
+            return None
+        if not self.allow.unlearn(key):
+            return None
+        self.dirty = True
+        return key
 
     def snapshot(self, now: float) -> bytes | None:
         if not self.dirty:

@@ -459,6 +459,8 @@ class IngressSMTP(DataPhase):
         out = {"reasons": ",".join(self.reasons), "cert": ev.cert.value}
         if self.lane is Lane.FAST and self.identity:
             out["identity"] = self.identity     # the fast broker's share key (DRR, shares)
+        if ev.learned_allow:      # the network was learned: the worker may unlearn it
+            out["learned"] = ev.learned_domain or "?"
         if self.spf_header:
             out.update(spf=ev.spf.value, spf_domain=ev.spf_domain or "",
                        received_spf=self.spf_header)

@@ -10,8 +10,8 @@ cluster: the Gate, and a monitor per socket that logs every refused handshake)):
     {lane}-status PUB     lane status every STATUS_INTERVAL: depth, free credit, saturation;
                           for the fast lane, "over_rate": the domains refused for
                           classify.domain_rate within OVER_RATE_HOLD (acceptors keep them bulk);
-                          and the SHARE facts (learned clients, penalties) passed on to
-                          every acceptor
+                          and the SHARE facts (learned and unlearned clients, penalties)
+                          passed on to every acceptor
 
 Policy, in one place per lane: the bounded queue (`queue_max` messages and `queue_bytes` bytes of
 bodies, Config.queue_bytes; a SUBMIT beyond either is NACKed queue_full at once) and,

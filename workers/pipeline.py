@@ -2,7 +2,7 @@
 
 API:
     Pipeline(cfg).process(env, body, budget_s) -> Processed(trace, body, dkim, learn,
-                                                            learn_domain)
+                                                            learn_domain, unlearn)
 
 The trace prepended to the client's message, top first:
     Authentication-Results: <authserv-id> (lane=...); spf=...; dkim=...   (RFC 8601)
@@ -28,6 +28,11 @@ then remembered in every acceptor's learned allow cache, for `learn_domain` (the
 canonical: A-labels, ingress.core.addr.normalize_domain; the learned entry counts against its
 organisational domain's share of the fast lane). DKIM alignment compares canonical names through
 the Public Suffix List (workers.dkim_check.aligned).
+`unlearn` (a reason, or "") when the client's network was learned (the envelope's evidence
+"learned", set by the acceptor) and this message disowns it (classify.should_unlearn): SPF
+fail or softfail, an aligned DKIM signature failing with none passing, or, for a message served
+fast on the entry (identity learned:<domain>), no aligned DKIM signature at all; never on
+temperror. The worker then tells every acceptor to forget the entry.
 
 Anything the client chose (HELO name, addresses) is sanitised to printable ASCII without CR/LF
 before it goes into a header, so a client cannot inject header lines. Failure modes: DKIM
@@ -42,8 +47,8 @@ from dataclasses import dataclass
 
 from ingress.core.addr import normalize_domain
 from ingress.core.config import Config
-from ingress.core.wire import Envelope
-from ingress.policy.classify import ClassifyPolicy, should_learn
+from ingress.core.wire import Envelope, Lane
+from ingress.policy.classify import ClassifyPolicy, should_learn, should_unlearn
 from workers import dkim_check
 from workers.headers import authentication_results, received_header, strip_forged_ar
 
@@ -63,6 +68,7 @@ class Processed:
     dkim: tuple[dkim_check.DkimSignatureResult, ...]
     learn: bool
     learn_domain: str = ""
+    unlearn: str = ""        # why the client's learned network must be forgotten ("": keep)
 
 
 class Pipeline:
@@ -101,4 +107,8 @@ class Pipeline:
         aligned_pass = any(r.result is dkim_check.DkimResult.PASS and r.aligned for r in results)
         domain = normalize_domain(ev.get("spf_domain") or "")    # learned under its A-labels
         learn = should_learn(spf, aligned_pass, domain, self.policy)
-        return Processed(trace, body, results, learn=learn, learn_domain=domain if learn else "")
+        rode = env.lane is Lane.FAST and ev.get("identity", "").startswith("learned:")
+        unlearn = "" if learn else should_unlearn(
+            "learned" in ev, rode, spf, (r.result for r in results if r.aligned))
+        return Processed(trace, body, results, learn=learn, learn_domain=domain if learn else "",
+                         unlearn=unlearn)

@@ -20,7 +20,9 @@ on a key that never answers (dkim_deadline, classify.dkim_dns_budget). That chec
 own unit of credit and nobody else's. Bounds: messages in hand <= credit (pipelines + ready +
 the commit); after a reconnect or a broker restart the new broker lends full credit while
 old work is still in hand: that WORK waits for a unit (at most `credit` more; beyond that
-it is NACKed "error", which only a broker that lost count could cause).
+it is NACKed "error", which only a broker that lost count could cause). After each ACK, a
+SHARE fact when the pipeline says so: learn (SPF + aligned DKIM passed) or unlearn (mail from a
+learned network failed SPF or DKIM: workers.pipeline), logged as "unlearn".
 
 Failure modes: a broker that stops heartbeating for LANE_LIVENESS intervals is presumed dead: the
 worker reconnects with a fresh socket and announces READY again (Paranoid Pirate), at once and
@@ -62,6 +64,7 @@ from ingress.core.wire import (
     LANE_HEARTBEAT,
     LANE_LIVENESS,
     LEARN_TOPIC,
+    UNLEARN_TOPIC,
     Envelope,
     Kind,
     Lane,
@@ -360,6 +363,10 @@ class Worker:
             self._send(worker_ack(job.reply_to, qid, res))
             if p.learn:
                 self._send(share(LEARN_TOPIC, env.peer_ip, p.learn_domain))
+            elif p.unlearn:
+                self._send(share(UNLEARN_TOPIC, env.peer_ip))
+                log.event("unlearn", qid=env.qid, peer=env.peer_ip, why=p.unlearn,
+                          learned=env.evidence.get("learned", ""))
             log.event("spooled", "debug", qid=env.qid, lane=env.lane.value, size=len(p.body),
                       rcpts=len(env.rcpts), batch=len(commit.jobs), write_ms=round(dt * 1000, 3),
                       dkim=",".join(f"{r.domain}:{r.result}" for r in p.dkim), learn=p.learn)

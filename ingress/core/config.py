@@ -136,7 +136,11 @@ class LanesConfig:
 class ClassifyConfig:
     allow_cidrs: tuple[str, ...] = ()   # static allow list: these clients are fast lane
     learned_ttl: float = 7 * 86400.0    # SPF pass + aligned DKIM pass: remembered this long
-    learned_max: int = 100000
+    learned_max: int = 100000           # learned entries (networks: an IPv4 address, an IPv6
+                                        # /admission.ipv6_prefix) kept in all
+    learned_per_domain: int = 16        # ... learned for one (organisational) domain: the
+                                        # domain's oldest goes for a newer one
+    learned_per_net: int = 16           # ... in one IPv4 /24 or IPv6 /48: likewise
     cert_promotes: bool = True          # a verified or pinned client certificate -> fast lane
     spf_promote: str = "off"            # "any" | "listed" | "off": which SPF passes promote
                                         # (off: no SPF lookups at all, e.g. without DNS)
@@ -688,6 +692,8 @@ def _check_classify(cfg: Config, need: _Need) -> None:
     need(c.domain_rate >= 0, "classify.domain_rate", "must be >= 0 (0 = no bound)")
     need(c.domain_burst >= 1, "classify.domain_burst", "must be >= 1 (messages)")
     need(c.learned_max >= 1, "classify.learned_max", "must be >= 1")
+    need(1 <= c.learned_per_domain <= 10000, "classify.learned_per_domain", "must be 1..10000")
+    need(1 <= c.learned_per_net <= 10000, "classify.learned_per_net", "must be 1..10000")
     need(0 < c.dns_timeout <= 30, "classify.dns_timeout", "must be in (0, 30]")
     need(0 < c.spf_deadline <= 60, "classify.spf_deadline",
          "must be in (0, 60] (at most half of smtp.idle_timeout applies)")

@@ -6,10 +6,11 @@ Purpose
     `max_size` keys.
 
 API
-    ExpiryMap(max_size)
+    ExpiryMap(max_size, on_drop=None)
         put(key, expires_at, now=None) -> bool   keep the later expiry; False if not stored
         get(key, now) -> float | None            the expiry while not expired (lazy delete)
         peek(key) -> float | None                the stored expiry, expired or not
+        pop(key) -> float | None                 remove the entry now; its expiry, or None
         purge(now) -> int                        drop expired entries; how many
         items() -> list[(key, expires_at)]       sorted by key
         len(map)
@@ -19,7 +20,10 @@ Rules
     * put() never shortens an expiry. With `now` given, an already-expired entry is not stored.
     * When full, expired entries are purged first (if `now` is given); then the entry expiring
       soonest among the held ones and the newcomer is dropped (the newcomer itself, when it
-      would expire strictly sooner than everything held).
+      would expire strictly sooner than everything held). A caller with its own eviction
+      rule (the learned allow cache: by quota) makes room before put() so this never runs.
+    * on_drop(key), when given, is called for every entry that leaves the map (expired,
+      evicted, popped), so a caller can keep indexes over the keys exact.
 
 Failure modes
     ValueError from the constructor for max_size < 1. Nothing else raises.
@@ -33,6 +37,7 @@ Limits
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 
 __all__ = ["ExpiryMap"]
 
@@ -40,12 +45,13 @@ __all__ = ["ExpiryMap"]
 class ExpiryMap:
     """key -> expires_at, bounded in count; see the module docstring."""
 
-    __slots__ = ("_expiry", "_heap", "max_size")
+    __slots__ = ("_expiry", "_heap", "max_size", "on_drop")
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, on_drop: Callable[[str], None] | None = None) -> None:
         if max_size < 1:
             raise ValueError("ExpiryMap max_size must be >= 1")
         self.max_size = max_size
+        self.on_drop = on_drop
         self._expiry: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
 
@@ -79,8 +85,14 @@ class ExpiryMap:
         if exp is None:
             return None
         if exp <= now:
-            del self._expiry[key]
+            self._drop(key)
             return None
+        return exp
+
+    def pop(self, key: str) -> float | None:
+        exp = self._expiry.get(key)
+        if exp is not None:
+            self._drop(key)      # its heap item goes stale (skipped, rebuilt when they dominate)
         return exp
 
     def peek(self, key: str) -> float | None:
@@ -91,7 +103,7 @@ class ExpiryMap:
         while self._heap and self._heap[0][0] <= now:
             exp, key = heapq.heappop(self._heap)
             if self._expiry.get(key) == exp:
-                del self._expiry[key]
+                self._drop(key)
                 removed += 1
         return removed
 
@@ -110,5 +122,10 @@ class ExpiryMap:
         while self._heap:
             exp, key = heapq.heappop(self._heap)
             if self._expiry.get(key) == exp:
-                del self._expiry[key]
+                self._drop(key)
                 return
+
+    def _drop(self, key: str) -> None:
+        del self._expiry[key]
+        if self.on_drop is not None:
+            self.on_drop(key)

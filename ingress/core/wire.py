@@ -12,7 +12,9 @@ the routing-id frames themselves; the frames below are what the application send
     any      -> broker   SHARE      [b"SI2", b"SHARE", fact, ip(, domain)]  a fact about a client
                                      IP: fact b"learn" (worker: SPF + aligned DKIM passed, and
                                      the policy promotes the domain; `domain` is the SPF domain
-                                     it was learned for) or b"penalty" (acceptor: an early talker)
+                                     it was learned for), b"unlearn" (worker: mail from a
+                                     learned network failed SPF or DKIM: forget its entry) or
+                                     b"penalty" (acceptor: an early talker)
     worker   -> broker   ACK/NACK   [b"SI2", b"ACK"|b"NACK", reply_to, qid, detail]
     broker   -> acceptor ACK/NACK   [b"SI2", b"ACK"|b"NACK", qid, detail]
     broker   PUB status  STATUS     [b"status", b"SI2", status-json]     topic frame first
@@ -57,7 +59,8 @@ VERSION = b"SI2"
 STATUS_TOPIC = b"status"
 LEARN_TOPIC = b"learn"
 PENALTY_TOPIC = b"penalty"
-SHARED_FACTS = (LEARN_TOPIC, PENALTY_TOPIC)
+UNLEARN_TOPIC = b"unlearn"     # additive (a new SHARE fact): the version stays SI2
+SHARED_FACTS = (LEARN_TOPIC, PENALTY_TOPIC, UNLEARN_TOPIC)
 DEFER_TOPIC = b"defer"
 CLAIM_TOPIC = b"claim"
 RECORD_FACTS = (DEFER_TOPIC, CLAIM_TOPIC)   # deferral records (ingress.policy.deferrals)

@@ -357,9 +357,9 @@ def test_learned_json_roundtrip() -> None:
     assert back.items() == la.items()
     # expired entries dropped on load; a shorter configured TTL clamps expiries
     later = LearnedAllow.from_json(doc.encode(), ttl=30, max_size=10, now=120)
-    assert later.items() == [("2001:db8::1", 150.0)]
+    assert later.items() == [("2001:db8::/64", 150.0)]     # keyed by network (issue 17)
     clamped = LearnedAllow.from_json(doc, ttl=10, max_size=10, now=60)
-    assert clamped.items() == [("192.0.2.1", 70.0), ("2001:db8::1", 70.0)]
+    assert clamped.items() == [("192.0.2.1", 70.0), ("2001:db8::/64", 70.0)]
 
 
 def test_learned_json_tolerates_bad_entries_and_rejects_bad_documents() -> None:

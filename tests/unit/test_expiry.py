@@ -56,3 +56,18 @@ def test_bounded_heap_under_refreshes() -> None:
 def test_bad_size() -> None:
     with pytest.raises(ValueError):
         ExpiryMap(0)
+
+
+def test_on_drop_follows_every_removal_and_pop() -> None:
+    """on_drop names every key that leaves (expired lazily or by purge, evicted, popped): the
+    learned cache keeps its per-domain and per-network groups exact by it."""
+    gone: list[str] = []
+    m = ExpiryMap(2, on_drop=gone.append)
+    m.put("a", 10, 0)
+    m.put("b", 20, 0)
+    m.put("c", 30, 0)             # full: "a" evicted
+    assert m.get("b", 25) is None  # lazily expired
+    assert m.pop("c") == 30 and m.pop("c") is None
+    m.put("d", 5, 0)
+    assert m.purge(6) == 1
+    assert gone == ["a", "b", "c", "d"] and len(m) == 0

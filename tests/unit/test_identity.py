@@ -153,7 +153,7 @@ def test_learned_entry_records_its_domain_and_persists() -> None:
     assert la.domain("192.0.2.1") == "example.com"
     assert la.domain("192.0.2.2") == ""
     doc = json.loads(la.to_json())
-    assert doc["version"] == 2
+    assert doc["version"] == 3      # 3: keyed by network (issue 17)
     back = LearnedAllow.from_json(la.to_json(), ttl=100, max_size=10, now=1)
     assert back.domain("192.0.2.1") == "example.com"
     assert back.contains("192.0.2.2", 1)
