@@ -177,6 +177,12 @@ def test_dkim_and_learned_allow_survives_restart(tmp_path: Path, dns_server: DNS
     signed = dkim.sign(message("signed"), b"sel", b"good.test", dkim_key[0],
                        include_headers=[b"from", b"to", b"subject", b"message-id"])
     state = Path(tempfile.mkdtemp(prefix="si-", dir="/tmp"))
+
+    def signed_msg(subject: str) -> bytes:
+        return dkim.sign(message(subject), b"sel", b"good.test", dkim_key[0],
+                         include_headers=[b"from", b"to", b"subject", b"message-id"]) \
+            + message(subject)
+
     try:
         with Ingress(tmp_path / "first", tables, state=state) as ing:
             code, text = asyncio.run(send_one(ing.port, forged + signed + message("signed"),
@@ -191,19 +197,25 @@ def test_dkim_and_learned_allow_survives_restart(tmp_path: Path, dns_server: DNS
             assert b"paypal.test" not in entry.message
             assert b"Authentication-Results: other.example; spf=pass" in entry.message
             # SPF pass + aligned DKIM pass: learned. The next connection is fast at connect,
-            # even with a sender whose SPF says nothing.
+            # for the domain it was learned for (issue 17: before, any sender, even one whose
+            # SPF says nothing; such a sender is now judged afresh: bulk).
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and not (state / "learned.json").exists():
                 time.sleep(0.2)
             assert SPF_IP in (state / "learned.json").read_text()
-            code, text = asyncio.run(send_one(ing.port, message("learned1"), source=SPF_IP,
-                                              sender="bob@nodomain.test"))
+            code, text = asyncio.run(send_one(ing.port, signed_msg("learned1"), source=SPF_IP,
+                                              sender="bob@good.test"))
             assert code == 250, text
             assert lane_of(ing, "learned1")[0] == "fast"
+            code, text = asyncio.run(send_one(
+                ing.port, message("other1", "bob@nodomain.test"), source=SPF_IP,
+                sender="bob@nodomain.test"))
+            assert code == 250, text
+            assert lane_of(ing, "other1")[0] == "bulk"
         # A restart with the same state dir remembers it.
         with Ingress(tmp_path / "second", tables, state=state) as ing2:
-            code, text = asyncio.run(send_one(ing2.port, message("learned2"), source=SPF_IP,
-                                              sender="bob@nodomain.test"))
+            code, text = asyncio.run(send_one(ing2.port, signed_msg("learned2"), source=SPF_IP,
+                                              sender="bob@good.test"))
             assert code == 250, text
             assert lane_of(ing2, "learned2")[0] == "fast"
             assert any("learned-allow" in e["reasons"] for e in ing2.events("message"))

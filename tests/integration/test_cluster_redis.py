@@ -7,7 +7,8 @@ in a temp dir (`--save '' --appendonly no`: nothing on disk) and stops by its PI
 
 - the global bulk cap (lanes.bulk.rate) is held within 5% over both instances together;
 - an early talker penalised on A is refused on B;
-- a client learned on A (SPF pass + aligned DKIM pass) is fast on B;
+- a client learned on A (SPF pass + aligned DKIM pass) is fast on B, for its domain; unlearned
+  on B (mail from it fails SPF), it is gone from Redis and from A;
 - Redis stopped mid-run: both keep answering 250 on their local shares and log the fallback;
   started again, both rejoin (cluster_state_up) and take from the shared bucket again; a
   frozen Redis (SIGSTOP) is met by the call deadline the same way;
@@ -309,6 +310,7 @@ def dkim_key() -> tuple[bytes, str]:
 def dns_server(dkim_key: tuple[bytes, str]) -> Iterator[DNSServer]:
     records = {
         "good.test": {"TXT": [f"v=spf1 ip4:{SPF_IP} -all"]},
+        "bad.test": {"TXT": ["v=spf1 -all"]},
         "sel._domainkey.good.test": {"TXT": [dkim_key[1]]},
     }
     with DNSServer(records) as server:
@@ -327,31 +329,36 @@ def test_client_learned_on_a_is_fast_on_b(tmp_path: Path, redis_server: RedisSer
                                           dkim_key: tuple[bytes, str]) -> None:
     extra = {"classify": {"spf_promote": "any", "nameservers": [dns_server.address],
                           "dns_timeout": 1.0, "spf_deadline": 2.0, "dkim_deadline": 3.0}}
+
+    def signed(subject: str) -> bytes:
+        return dkim.sign(message(subject), b"sel", b"good.test", dkim_key[0],
+                         include_headers=[b"from", b"to", b"subject", b"message-id"]) \
+            + message(subject)
+
     with two_edges(tmp_path, redis_server, **extra) as (a, b):
         # Before: the client is unknown on B (bulk with a sender whose SPF says nothing).
         code, text = asyncio.run(send_one(b.port, message("before", "bob@nodomain.test"),
                                           host=B_HOST, source=SPF_IP))
         assert code == 250, text
         assert lane_of(b, "before") == "bulk"
-        signed = dkim.sign(message("signed"), b"sel", b"good.test", dkim_key[0],
-                           include_headers=[b"from", b"to", b"subject", b"message-id"])
-        code, text = asyncio.run(send_one(a.port, signed + message("signed"), host=A_HOST,
+        code, text = asyncio.run(send_one(a.port, signed("signed"), host=A_HOST,
                                           source=SPF_IP, sender="alice@good.test"))
         assert code == 250, text
         assert lane_of(a, "signed") == "fast"
         r = redis_server.client()
         deadline = time.monotonic() + 10
-        # the member carries the domain the entry was learned for (its identity's budget)
-        member = f"{SPF_IP} good.test"
-        while time.monotonic() < deadline and r.zscore("smtp-ingress:learned", member) is None:
+        # one member per network; the domain it was learned for beside it (its identity's
+        # budget, and the only domain it vouches for: issue 17)
+        while time.monotonic() < deadline and r.zscore("smtp-ingress:learned", SPF_IP) is None:
             time.sleep(0.1)
-        assert r.zscore("smtp-ingress:learned", member) is not None, \
+        assert r.zscore("smtp-ingress:learned", SPF_IP) is not None, \
             r.zrange("smtp-ingress:learned", 0, -1)
+        assert r.hget("smtp-ingress:learned:domains", SPF_IP) == "good.test"
         time.sleep(0.5)      # the PUBLISH went out with the ZADD; B's mirrors take it in
         for ing, host in ((b, B_HOST), (a, A_HOST)):
             subject = f"learned-{host}"
-            code, text = asyncio.run(send_one(ing.port, message(subject, "bob@nodomain.test"),
-                                              host=host, source=SPF_IP))
+            code, text = asyncio.run(send_one(ing.port, signed(subject), host=host,
+                                              source=SPF_IP, sender="bob@good.test"))
             assert code == 250, text
             assert lane_of(ing, subject) == "fast", host
         assert any("learned-allow" in e.get("reasons", "") for e in b.events("message"))
@@ -359,10 +366,28 @@ def test_client_learned_on_a_is_fast_on_b(tmp_path: Path, redis_server: RedisSer
         with Ingress(tmp_path / "c", tables(redis_server, C_HOST, **extra)) as c:
             loaded = wait_events(c, "cluster_state_loaded", ACCEPTORS)
             assert all(e["learned"] >= 1 for e in loaded), loaded
-            code, text = asyncio.run(send_one(c.port, message("late", "bob@nodomain.test"),
-                                              host=C_HOST, source=SPF_IP))
+            code, text = asyncio.run(send_one(c.port, signed("late"), host=C_HOST,
+                                              source=SPF_IP, sender="bob@good.test"))
             assert code == 250, text
             assert lane_of(c, "late") == "fast"
+        # Unlearned on B (it sends mail whose SPF fails): gone from Redis, and A hears it.
+        code, text = asyncio.run(send_one(b.port, message("spam", "x@bad.test"), host=B_HOST,
+                                          source=SPF_IP, sender="x@bad.test"))
+        assert code == 250, text
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline \
+                and r.zscore("smtp-ingress:learned", SPF_IP) is not None:
+            time.sleep(0.1)
+        assert r.zscore("smtp-ingress:learned", SPF_IP) is None
+        assert r.hget("smtp-ingress:learned:domains", SPF_IP) is None
+        time.sleep(0.5)
+        code, text = asyncio.run(send_one(a.port, signed("after"), host=A_HOST, source=SPF_IP,
+                                          sender="bob@good.test"))
+        assert code == 250, text
+        after = [e.envelope["evidence"] for e in a.spooled().values()
+                 if b"Subject: after\r\n" in split_trace(e.message)[1]]
+        assert after and "learned-allow" not in after[0]["reasons"], after   # its SPF only
+        assert after[0].get("identity") == "org:good.test", after
 
 
 # --- Redis stopped mid-run -------------------------------------------------------------------
@@ -477,11 +502,13 @@ def cluster_cfg(tmp: Path, server: RedisServer, **cluster: Any) -> Any:
 def test_client_seam_bucket_and_circuit(tmp_path: Path, redis_server: RedisServer) -> None:
     penalties: list[str] = []
     learned: list[str] = []
+    unlearned: list[str] = []
     cfg = cluster_cfg(tmp_path, redis_server)
 
     async def run() -> None:
         cs = ClusterState(cfg, "t0", penalties.append,
-                          lambda ip, at, domain: learned.append(f"{ip} {domain}".strip()))
+                          lambda ip, at, domain: learned.append(f"{ip} {domain}".strip()),
+                          on_unlearn=unlearned.append)
         other = ClusterState(cfg, "t1", lambda ip: None, lambda ip, at, domain: None)
         assert await cs.bulk_take() is None                    # not connected yet: local
         tasks = [asyncio.create_task(c.run()) for c in (cs, other)]
@@ -514,6 +541,23 @@ def test_client_seam_bucket_and_circuit(tmp_path: Path, redis_server: RedisServe
                 await asyncio.sleep(0.02)
             assert penalties == ["192.0.2.7"]
             assert sorted(learned) == ["192.0.2.10 good.test", "192.0.2.11", "192.0.2.8"]
+            # learned entries are networks; unlearned ones leave Redis and are published, the
+            # ones a quota evicted leave quietly (every edge applies the same quotas)
+            other.share_learned("2001:db8:7:7::/64", "v6.test")
+            other.share_unlearned("192.0.2.10")
+            other.forget_learned(["192.0.2.8", "not a key"])
+            deadline = time.monotonic() + 5
+            while not unlearned and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert unlearned == ["192.0.2.10"]
+            assert "2001:db8:7:7::/64 v6.test" in learned
+            r = redis_server.client()
+            want = ["192.0.2.11", "2001:db8:7:7::/64"]
+            while sorted(r.zrange("smtp-ingress:learned", 0, -1)) != want \
+                    and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)      # fire and forget: let the last calls land
+            assert sorted(r.zrange("smtp-ingress:learned", 0, -1)) == want
+            assert r.hgetall("smtp-ingress:learned:domains") == {"2001:db8:7:7::/64": "v6.test"}
             # the circuit: Redis gone -> down, every call answers at once (local fallback)
             redis_server.stop()
             assert await cs.bulk_take() is None
