@@ -33,6 +33,8 @@ the routing-id frames themselves; the frames below are what the application send
 orjson: for ACK {"path": spool file name}, for NACK {"reason": NackReason, "text": str}.
 `reply_to` is the acceptor's routing id, carried through the worker and back so that a restarted
 broker can still route a late ACK (brokers keep no routing state that matters).
+An envelope whose evidence holds "learned": <domain> came from a network learned for that domain
+when its session began (the worker unlearns it when the message disowns it: workers.pipeline).
 An envelope whose evidence holds "retry": "1" is a claimed retry of a transaction we deferred
 (ingress.policy.deferrals): the bulk broker charges it to its retry bucket first. The record facts
 and that evidence key are additive (a new SHARE fact, an optional evidence key), so the version
