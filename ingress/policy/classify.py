@@ -95,7 +95,6 @@ from ingress.core.addr import (
     normalize_domain,
     normalize_ip,
     parse_ip,
-    try_parse_ip,
 )
 from ingress.core.expiry import ExpiryMap
 from ingress.core.wire import AuthResult, Lane
@@ -392,6 +391,24 @@ NET_V6 = 48               # ... and IPv6 entries per /48 (or per ipv6_prefix, if
 EVICTED_KEPT = 1024       # quota evictions remembered for take_evicted() (beyond: dropped)
 
 
+@functools.lru_cache(maxsize=65536)
+def _entry(ip: str, ipv6_prefix: int) -> tuple[str, str]:
+    """(LearnedAllow.key, its network group) of an address or a key; ValueError for anything
+    else. Cached: every connection asks, and a flood repeats addresses."""
+    if "/" in ip:
+        try:
+            net = ipaddress.ip_network(ip.strip(), strict=False)
+        except ValueError:
+            raise ValueError(f"not an address or network: {ip[:60]!r}") from None
+        if net.version == 4 and net.prefixlen != 32:
+            raise ValueError(f"not an IPv4 address: {ip[:60]!r}")
+        addr = parse_ip(net.network_address)
+    else:
+        addr = parse_ip(ip)
+    text = str(addr)
+    return ip_key(text, ipv6_prefix), net_key(text, NET_V4, min(NET_V6, ipv6_prefix))
+
+
 class _Groups:
     """Entry keys grouped (by domain, by network): each group's keys in learning order, and
     the groups by size, least recently learned or refreshed first within a size (the tie-break
@@ -507,19 +524,7 @@ class LearnedAllow:
     def key(self, ip: str) -> str:
         """The entry key of an address, or of a key (a network, as persisted or shared):
         IPv4 address, or IPv6 /ipv6_prefix network. Raises ValueError for anything else."""
-        addr = try_parse_ip(ip)
-        if addr is None:
-            try:
-                net = ipaddress.ip_network(ip.strip(), strict=False)
-            except (ValueError, AttributeError):
-                raise ValueError(f"not an address or network: {ip[:60]!r}") from None
-            if net.version == 4 and net.prefixlen != 32:
-                raise ValueError(f"not an IPv4 address: {ip[:60]!r}")
-            addr = parse_ip(net.network_address)
-        return ip_key(str(addr), self.ipv6_prefix)
-
-    def _net(self, key: str) -> str:
-        return net_key(key, NET_V4, min(NET_V6, self.ipv6_prefix))
+        return _entry(ip, self.ipv6_prefix)[0]
 
     # --- the public operations --------------------------------------------------------------
 
@@ -527,7 +532,7 @@ class LearnedAllow:
         """Remember `ip`'s network until now + ttl; returns the expiry held (to publish to
         other acceptors). Raises ValueError if `ip` is not an IP address."""
         key = self.key(ip)
-        self.add(key, now + self.ttl, now=now, domain=domain)
+        self.add(ip, now + self.ttl, now=now, domain=domain)
         held = self._map.peek(key)
         return now + self.ttl if held is None else held
 
@@ -537,7 +542,7 @@ class LearnedAllow:
         its organisational domain). Returns False if not stored (expired, bad ip, or older
         than everything of the quota it falls under)."""
         try:
-            key = self.key(ip)
+            key, net = _entry(ip, self.ipv6_prefix)
         except ValueError:
             return False
         if now is not None and expires_at <= now:
@@ -551,7 +556,7 @@ class LearnedAllow:
             if expires_at >= old:     # older news changes nothing
                 self._refresh(key, expires_at, dom)
             return True
-        return self._insert(key, expires_at, now, dom)
+        return self._insert(key, net, expires_at, now, dom)
 
     def _refresh(self, key: str, expires_at: float, dom: str) -> None:
         """A held entry learned again: the later expiry, and a new domain if it has room."""
@@ -567,11 +572,11 @@ class LearnedAllow:
         self._by_domain.add(held, key)     # its new domain, or (full of newer) the old one
         self._domains[key] = held
 
-    def _insert(self, key: str, expires_at: float, now: float | None, dom: str) -> bool:
+    def _insert(self, key: str, net: str, expires_at: float, now: float | None,
+                dom: str) -> bool:
         """A new entry, within the quotas (see the class docstring)."""
         if now is not None and len(self._map) >= self.max_size:
             self._map.purge(now)
-        net = self._net(key)
         if not self._room_in(self._by_net.of.get(net), self.per_net, expires_at) \
                 or not self._room_in(self._by_domain.of.get(dom), self.per_domain, expires_at):
             return False
@@ -637,7 +642,7 @@ class LearnedAllow:
 
     def per_net_count(self, ip: str) -> int:
         try:
-            return self._by_net.count(self._net(self.key(ip)))
+            return self._by_net.count(_entry(ip, self.ipv6_prefix)[1])
         except ValueError:
             return 0
 
