@@ -144,7 +144,7 @@ class IngressHandler:
         elif ctx.over_rate(server.identity, transaction=True):
             # Its domain is over classify.domain_rate (no token here, or named by the fast
             # broker): bulk from this transaction on (below, its SPF decides again and names
-            # the reason), so the bulk cap sheds it here rather than after DATA.
+            # the reason), so the bulk cap sheds it before DATA, not after.
             why = "over-rate"
         else:
             return False

@@ -21,10 +21,6 @@ API
     ip_key(ip, ipv6_prefix=64, ipv4_prefix=32) -> str   the IPv4 address (or its
                                                 /ipv4_prefix network), or the IPv6 /ipv6_prefix
                                                 network; a non-address is its own key
-    net_key(ip, v4_prefix, v6_prefix) -> str    the IPv4 /v4_prefix or IPv6 /v6_prefix
-                                                network of `ip` (an address, or a network
-                                                such as an ip_key: its first address); a
-                                                non-address is its own key
     normalize_domain(domain) -> str             the canonical name: UTS-46 mapping (IDNA 2008,
                                                 the `idna` package: width and case folding, the
                                                 ideographic and fullwidth full stops as dots,
@@ -49,8 +45,7 @@ Failure modes
     try_parse_ip, ip_key and normalize_domain never raise.
 
 Limits
-    normalize_ip, ip_key and net_key are lru-cached (65,536 entries each): a flood repeats
-    addresses.
+    normalize_ip and ip_key are lru-cached (65,536 entries each): a flood repeats addresses.
     normalize_domain is lru-cached for names up to 255 characters (DOMAIN_CACHE entries: at
     most ~4 MB even of 4-byte characters); a longer input (up to MAX_DOMAIN_INPUT) is worked
     out each time (~0.1 ms), a still longer one is "" at once. Cost uncached: ~4 us for an
@@ -66,8 +61,8 @@ from typing import Any
 
 import idna
 
-__all__ = ["DOMAIN_CACHE", "MAX_DOMAIN_INPUT", "Address", "ip_key", "net_key",
-           "normalize_domain", "normalize_ip", "parse_ip", "split_address", "try_parse_ip"]
+__all__ = ["DOMAIN_CACHE", "MAX_DOMAIN_INPUT", "Address", "ip_key", "normalize_domain",
+           "normalize_ip", "parse_ip", "split_address", "try_parse_ip"]
 
 MAX_DOMAIN_INPUT = 1024    # characters: beyond it not a domain name (idna's own input limit)
 DOMAIN_CACHE = 4096        # canonical names cached (inputs of up to _CACHED_INPUT characters)
@@ -122,21 +117,6 @@ def ip_key(ip: str, ipv6_prefix: int = 64, ipv4_prefix: int = 32) -> str:
     if ipv4_prefix < 32:
         return str(ipaddress.IPv4Network((addr, ipv4_prefix), strict=False))
     return str(addr)
-
-
-@functools.lru_cache(maxsize=65536)
-def net_key(ip: str, v4_prefix: int = 24, v6_prefix: int = 48) -> str:
-    """The network of `ip` at v4_prefix (IPv4, IPv4-mapped included) or v6_prefix (IPv6), as
-    CIDR text ("192.0.2.0/24", "2001:db8::/48"). `ip` may be a network ("2001:db8::/64", an
-    ip_key): its first address is taken. A non-address is its own key."""
-    addr = try_parse_ip(ip)
-    if addr is None:
-        try:
-            addr = parse_ip(ipaddress.ip_network(ip.strip(), strict=False).network_address)
-        except ValueError:
-            return ip
-    prefix = v4_prefix if isinstance(addr, ipaddress.IPv4Address) else v6_prefix
-    return str(ipaddress.ip_network((addr, prefix), strict=False))
 
 
 def normalize_domain(domain: str) -> str:

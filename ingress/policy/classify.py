@@ -91,7 +91,6 @@ from enum import StrEnum
 
 from ingress.core.addr import (
     ip_key,
-    net_key,
     normalize_domain,
     normalize_ip,
     parse_ip,
@@ -406,7 +405,7 @@ def _entry(ip: str, ipv6_prefix: int) -> tuple[str, str]:
     else:
         addr = parse_ip(ip)
     text = str(addr)
-    return ip_key(text, ipv6_prefix), net_key(text, NET_V4, min(NET_V6, ipv6_prefix))
+    return ip_key(text, ipv6_prefix), ip_key(text, min(NET_V6, ipv6_prefix), NET_V4)
 
 
 class _Groups:

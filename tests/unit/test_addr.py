@@ -11,7 +11,6 @@ from ingress.core.addr import (
     MAX_DOMAIN_INPUT,
     _canonical_cached,
     ip_key,
-    net_key,
     normalize_domain,
     normalize_ip,
     parse_ip,
@@ -154,15 +153,3 @@ def test_canonical_domain_long_inputs_are_worked_out_uncached() -> None:
 ])
 def test_split_address(address: str, want: tuple[str, str]) -> None:
     assert split_address(address) == want
-
-
-@pytest.mark.parametrize("ip, v4, v6, key", [
-    ("192.0.2.77", 24, 48, "192.0.2.0/24"),
-    ("::ffff:192.0.2.77", 24, 48, "192.0.2.0/24"),
-    ("2001:db8:1:2::7", 24, 48, "2001:db8:1::/48"),
-    ("2001:db8:1:2::/64", 24, 48, "2001:db8:1::/48"),     # a network: its first address
-    ("192.0.2.77", 32, 64, "192.0.2.77/32"),
-    ("not an ip", 24, 48, "not an ip"),
-])
-def test_net_key(ip: str, v4: int, v6: int, key: str) -> None:
-    assert net_key(ip, v4, v6) == key
