@@ -64,8 +64,8 @@ def test_spam_is_signed_for_its_domain_and_carries_dead_signatures(tmp_path: Pat
 
 def test_adversary_dns_names_every_domain_and_the_dead_keys() -> None:
     records, silent = adversary_dns("v=DKIM1; p=x")
-    assert "s0.spf-many.test" in records and "s199.spf-many.test" in records
-    assert records["bench._domainkey.s7.spf-many.test"] == {"TXT": ["v=DKIM1; p=x"]}
+    assert "spam0-many.test" in records and "spam199-many.test" in records
+    assert records["bench._domainkey.spam7-many.test"] == {"TXT": ["v=DKIM1; p=x"]}
     assert silent == [f"dead{i}._domainkey.spf-bots.test" for i in range(3)]
 
 
