@@ -246,8 +246,9 @@ class RelayConfig:
     tls: str = "none"                   # STARTTLS to a TCP downstream: RELAY_TLS_MODES
     tls_ca_file: str = ""               # CA bundle for "required" ("" = the system's)
     tls_verify_name: str = ""           # name the certificate must carry ("" = the host)
-    auth_file: str = ""                 # "user:password" for AUTH PLAIN (over TLS only); the
-                                        # file must not be group/world-readable
+    auth_file: str = ""                 # "user:password" for AUTH PLAIN; needs tls = "required"
+                                        # (verified TLS only); the file must not be
+                                        # group/world-readable
     nice: int = 5                       # nice(2) increment of the relay (0..19): delivery is
                                         # background work, accepting is not
 
@@ -786,7 +787,12 @@ def _check_relay(cfg: Config, need: _Need) -> None:
     need(not r.tls_ca_file or os.path.isfile(r.tls_ca_file), "relay.tls_ca_file",
          f"{r.tls_ca_file!r}: no such file")
     if r.auth_file:
-        need(r.tls != "none", "relay.auth_file", 'AUTH is sent over TLS only: set relay.tls')
+        # "required" is the only mode that verifies the certificate (chain and name): under
+        # "opportunistic" the password would go to whoever answers STARTTLS (a MITM, a
+        # hijacked route), so credentials need it.
+        need(r.tls == "required", "relay.auth_file",
+             f"{r.auth_file!r}: credentials are sent only over verified TLS: set "
+             f'relay.tls = "required" (now {r.tls!r})')
         need.parses(read_credentials, [r.auth_file], "relay.auth_file")
 
 
