@@ -17,6 +17,10 @@ acceptor, restarting or replacing an acceptor never closes a listening socket, s
 waiting in its backlog are never reset (plain SO_REUSEPORT would reset them unless
 net.ipv4.tcp_migrate_req=1).
 
+State dir: spool.state_dir and its run/ are created 0750 when missing; a start with either not
+owned by the running user, or writable by group or others, is refused (OSError: one line
+naming the dir): run/ holds the hand-off socket that receives every fast client's connection.
+
 Watching: each child writes time.monotonic() into its slot of a shared array from its own main
 loop. The array has heartbeat_slots(cfg) slots (every child twice, for the overlap of a reload,
 plus a margin); a reload that needs more than are free is refused like an invalid file.
@@ -58,6 +62,7 @@ from typing import Any
 from ingress.core import child, log, metrics
 from ingress.core import config as config_mod
 from ingress.core.config import Config, ConfigError, format_listen_address, parse_listen_address
+from ingress.core.fsutil import private_dir_problem
 from ingress.policy.admission import configured_limit
 
 TICK = 0.05
@@ -117,6 +122,21 @@ def sd_notify(msg: str, wait: float = 1.0) -> None:
         s.settimeout(wait if wait > 0 else 0.0)     # 0.0: non-blocking
         s.connect(addr)
         s.send(msg.encode())
+
+
+def prepare_state_dir(state: Path) -> None:
+    """spool.state_dir and its run/ (created 0750 when missing), refused (OSError, one line for
+    the operator) unless each is owned by the user we run as and not writable by group or
+    others: run/ holds the hand-off socket that receives every fast client's connection and the
+    lanes' ipc sockets, so whoever can write there could plant a socket of their own."""
+    state.mkdir(parents=True, exist_ok=True, mode=0o750)
+    (state / "run").mkdir(exist_ok=True, mode=0o750)
+    for d in (state, state / "run"):
+        problem = private_dir_problem(os.stat(d), (os.geteuid(),))
+        if problem:
+            raise OSError(f"spool.state_dir: {d} {problem}: it holds the sockets that receive "
+                          "every fast client's connection; make it owned by the service user "
+                          "and not writable by group or others (chown, chmod go-w)")
 
 
 def port_free(family: int, host: str, port: int) -> bool:
@@ -423,7 +443,7 @@ class Supervisor:
 
     def start(self) -> None:
         Path(self.cfg.spool.path).mkdir(parents=True, exist_ok=True)
-        (self.cfg.spool.state_dir / "run").mkdir(parents=True, exist_ok=True)
+        prepare_state_dir(self.cfg.spool.state_dir)
         self._lock_state_dir()
         if self.cfg.cluster.role != "lanes":
             self._bind_listeners()

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 from ingress.core.addr import normalize_domain
 from ingress.core.downstream import parse_downstream
+from ingress.core.fsutil import read_private
 from ingress.core.resolver import parse_nameserver
 
 
@@ -377,20 +378,7 @@ RELAY_TLS_MODES = ("none", "opportunistic", "required")
 def read_credentials(path: str) -> tuple[str, str]:
     """relay.auth_file: one line "user:password". ValueError (a message for the operator) when
     the file is unreadable, group/world-readable, or not in that form."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise ValueError(f"{path!r}: cannot read: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if st.st_mode & 0o077:
-            raise ValueError(f"{path!r} is readable by others (mode {st.st_mode & 0o777:04o}): "
-                             "it must be readable only by the service user (chmod 600)")
-        raw = os.read(fd, 4097)
-    finally:
-        os.close(fd)
-    if len(raw) > 4096:
-        raise ValueError(f"{path!r}: longer than 4096 bytes")
+    raw = read_private(path, 4096)
     try:
         line = raw.decode("utf-8").strip("\r\n")
     except UnicodeDecodeError:
