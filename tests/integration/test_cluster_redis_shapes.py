@@ -345,3 +345,37 @@ def test_bulk_mail_served_when_redis_answers_garbage(tmp_path: Path) -> None:
         down = ing.events("cluster_state_down")
         assert down and any("EVALSHA" in d["error"] or "bucket" in d["error"] for d in down), \
             down
+
+
+def test_record_timestamps_are_clamped(tmp_path: Path) -> None:
+    """A deferral record's first/last times come back from Redis too: held to
+    [now - admission.retry_ttl, now] before the record reaches the acceptor."""
+    import orjson
+    now = time.time()
+    member = orjson.dumps({"x": "defer", "n": "othernode", "k": "key1", "o": "t9",
+                           "f": now - 10 * 86400, "t": now + 10 * 86400,
+                           "r": ["bob@example.test"]}).decode()
+    got: list[tuple[bytes, dict[str, object]]] = []
+
+    async def go() -> None:
+        fake = FakeRedis({"ZRANGEBYSCORE": lambda a: [member] if a[1].endswith(":records")
+                          else []})
+        await fake.start()
+        cfg = cfg_for(tmp_path, fake.port)
+        cs = ClusterState(cfg, "t0", lambda ip: None, lambda ip, at, domain: None,
+                          lambda fact, rec: got.append((fact, rec)))
+        task = asyncio.create_task(cs.run())
+        try:
+            deadline = time.monotonic() + 5
+            while not got and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        finally:
+            await stop(cs, task)
+            await fake.stop()
+    asyncio.run(go())
+    after = time.time()
+    ttl = config.load(tmp_path / "c.toml").admission.retry_ttl
+    assert len(got) == 1 and got[0][0] == b"defer"
+    rec = got[0][1]
+    assert now - ttl - 1 <= float(rec["f"]) <= after - ttl + 1      # type: ignore[arg-type]
+    assert now - 1 <= float(rec["t"]) <= after                       # type: ignore[arg-type]
