@@ -119,3 +119,18 @@ def test_run_refuses_a_state_dir_others_can_change(tmp_path: Path, case: str, mo
     checked = state / sub if sub else state
     assert "spool.state_dir" in err and str(checked) in err and why in err, err
     assert not list(state.rglob("*.sock")), "refused before any socket was made"
+
+
+def test_run_names_why_a_listener_cannot_be_bound(tmp_path: Path) -> None:
+    """Issue 19 item 9: an address this host does not have (192.0.2.1, TEST-NET-1: the bind
+    fails locally, nothing is sent) is named as such, not as "already in use"."""
+    cfg = tmp_path / "c.toml"
+    write_config(cfg, {"listen": {"host": "192.0.2.1", "port": 2525},
+                       "smtp": {"accepted_domains": ["example.test"]},
+                       "spool": {"path": str(tmp_path / "spool"),
+                                 "state_dir": str(tmp_path / "state")},
+                       "supervisor": {"acceptors": 1}, "metrics": {"listen": ""}})
+    code, err = run_briefly(cfg)
+    assert code == 1, (code, err)
+    assert "192.0.2.1:2525" in err and "not on this host" in err, err
+    assert "already in use" not in err, err
