@@ -15,16 +15,10 @@ $(STAMP): pyproject.toml
 # Debian packages the tests and benchmarks use (real Postfix, smtp-source, swaks, HAProxy,
 # systemd-analyze, promtool for the alert rules, redis-server for [cluster] redis).
 # Installed only when running as root and missing; otherwise the tests that need them skip.
+# The tests run private instances: the install leaves no system service enabled or running
+# (.ci/sysdeps: a deny-all policy-rc.d during apt-get, then what it installed is disabled).
 sysdeps:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	   { ! command -v postfix >/dev/null || ! command -v swaks >/dev/null || \
-	     ! command -v smtp-source >/dev/null || ! command -v systemd-analyze >/dev/null || \
-	     ! command -v haproxy >/dev/null || ! command -v promtool >/dev/null || \
-	     ! command -v redis-server >/dev/null; }; then \
-	  echo "installing Debian packages: postfix swaks systemd haproxy prometheus redis-server"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    postfix swaks systemd haproxy prometheus redis-server >/dev/null; \
-	fi
+	@.ci/sysdeps
 
 run: $(STAMP)
 	$(VENV)/bin/smtp-ingress run

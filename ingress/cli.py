@@ -1,7 +1,8 @@
 """Command line: `smtp-ingress run|status [--config FILE] [--role all|edge|lanes]`,
-`smtp-ingress keygen DIR NAME` (a CURVE key pair: DIR/NAME.key, DIR/NAME.key_secret; see
-ingress/core/cluster.py), `smtp-ingress check-config FILE [--show]` (ingress/configshow.py:
-the effective config and the derived limits),
+`smtp-ingress keygen [--force] DIR NAME` (a CURVE key pair: DIR/NAME.key, DIR/NAME.key_secret;
+an existing pair is replaced only with --force; see ingress/core/cluster.py),
+`smtp-ingress check-config FILE [--show]` (ingress/configshow.py: the effective config and the
+derived limits),
 `smtp-ingress queue [--config FILE] list|show|retry|delete|hold|release|requeue-failed`
 (ingress/queuecmd.py; bad input: a message on stderr and exit status 1).
 
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     k = sub.add_parser("keygen", help="write a CURVE key pair for an edge or lanes node")
     k.add_argument("dir", type=Path)
     k.add_argument("name")
+    k.add_argument("--force", action="store_true",
+                   help="replace an existing pair (every peer that knows its public key is "
+                        "locked out until it gets the new one)")
     c = sub.add_parser("check-config", help="validate a configuration file and exit")
     c.add_argument("file", type=Path)
     c.add_argument("--show", action="store_true",
@@ -44,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "keygen":
         from ingress.core import cluster
         try:
-            pub, sec = cluster.keygen(args.dir, args.name)
+            pub, sec = cluster.keygen(args.dir, args.name, force=args.force)
         except (OSError, ValueError) as e:
             print(f"smtp-ingress: keygen: {e}", file=sys.stderr)
             return 1

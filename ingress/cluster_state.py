@@ -44,6 +44,8 @@ API
     lookup(kind, key) -> str | None                 GET (None: absent, or Redis down)
     incr(kind, key, ttl) -> int | None              INCR, EXPIRE on first use (None: down)
     close()                         closes the connections
+    BadReply                        a reply of a shape its command never returns (RedisError)
+    clamp_time(t, now, ttl)         a time read back, held to [now - ttl, now]
 
 Keys (prefix = cluster.redis_prefix; all bounded):
     {prefix}:bulk                   hash {tokens, ts}: the global bulk bucket (lanes.bulk.rate,
@@ -65,14 +67,21 @@ Keys (prefix = cluster.redis_prefix; all bounded):
                                     "ident ip" (learn: "ident key domain") of a new fact
 
 Failure modes
-    No Redis error, timeout or malformed fact is ever raised to a session. A failed or late
+    No Redis error, timeout or malformed fact is ever raised to a session. Every reply is
+    checked for the shape its command returns (a reply validator per call, BadReply when it does
+    not fit: a proxy or another server on the port, a key of another type, a Redis that is not
+    ours); any exception from a call, BadReply included, is Redis being down, on the session
+    path (_call) as in the background loop (run(), which never dies of one: it goes down and
+    retries). Timestamps read back (a learned entry's time, a record's f/t) are clamped to
+    [now - ttl, now], so a skewed or forged one cannot outlive its TTL. A bad reply while connecting
+    is logged as cluster_state_bad_reply (at most once a minute per acceptor). A failed or late
     call (over cluster.redis_timeout) marks Redis down: cluster_state_down is logged once, the
     smtp_ingress_cluster_state_up gauge drops to 0, and every decision goes local (each bulk
     transaction so decided is counted in smtp_ingress_cluster_state_fallbacks) until run()
-    reconnects (cluster_state_up logged, mirrors reloaded). While down, calls return at once
-    (no connect attempt on the session path). Facts published while an edge was down reach it
-    when it reloads the sets; a fact this edge finds while its own Redis is down stays local
-    (this host's acceptors still get it over the bulk broker's fan-out).
+    reconnects (cluster_state_up logged, mirrors reloaded). While down, calls return at once (no
+    connect attempt on the session path). Facts published while an edge was down reach it when
+    it reloads the sets; a fact this edge finds while its own Redis is down stays local (this
+    host's acceptors still get it over the bulk broker's fan-out).
 
 Trust
     Whoever can write to this Redis can put any IP in the fast lane (a learned entry) or
@@ -125,7 +134,7 @@ MAX_PENDING = 4096        # IP keys counted between two flushes (more: not count
 MAX_OVER = 65536          # IP keys marked over the shared rate at once
 MAX_EDGE_ENTRIES = 4096   # acceptors (of all edges) in the heartbeat set
 MAX_INFLIGHT = 1024       # fire-and-forget records (penalties, learned) in flight at once
-FAILURES = (RedisError, OSError, TimeoutError, ValueError, asyncio.IncompleteReadError)
+BAD_REPLY_LOG_EVERY = 60.0  # seconds between two cluster_state_bad_reply lines (connecting)
 
 # The global bulk bucket: refill by elapsed time at `rate` up to `burst`, take one token.
 # Redis's clock (TIME: scripts replicate their effects since 7.0), so every edge agrees.
@@ -187,6 +196,67 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('PUBLISH', KEYS[2], ARGV[6])
 return 1
 """
+
+
+class BadReply(RedisError):
+    """A Redis reply of a shape its command never returns: treated as Redis down."""
+
+
+def _want(ok: bool, what: str, res: object) -> None:
+    if not ok:
+        raise BadReply(f"{what}: unexpected reply {type(res).__name__} {repr(res)[:60]}")
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int            # not bool, not a float, not a numeric string
+
+
+def _reply_list(res: object, what: str, n: int | None = None) -> list[Any]:
+    _want(isinstance(res, list) and (n is None or len(res) == n), what, res)
+    assert isinstance(res, list)
+    return res
+
+
+def _reply_strs(res: object, what: str) -> list[str]:
+    out = _reply_list(res, what)
+    _want(all(isinstance(m, str) for m in out), what, res)
+    return out
+
+
+def _reply_int(res: object, what: str) -> int:
+    _want(_is_int(res), what, res)
+    assert isinstance(res, int)
+    return res
+
+
+def _reply_str_or_none(res: object, what: str) -> str | None:
+    _want(res is None or isinstance(res, str), what, res)
+    return res if isinstance(res, str) else None
+
+
+def _reply_str_map(res: object, what: str) -> dict[str, str]:
+    """HGETALL: {field: value}, strings only."""
+    _want(isinstance(res, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                        for k, v in res.items()), what, res)
+    assert isinstance(res, dict)
+    return res
+
+
+def _reply_scored(res: object, what: str) -> list[tuple[str, float]]:
+    """ZRANGE... WITHSCORES: [(member, score), ...] (redis-py pairs them); a NaN is refused."""
+    out = []
+    for pair in _reply_list(res, what):
+        _want(isinstance(pair, tuple | list) and len(pair) == 2 and isinstance(pair[0], str)
+              and isinstance(pair[1], float | int) and not isinstance(pair[1], bool)
+              and not math.isnan(pair[1]), what, res)
+        out.append((pair[0], float(pair[1])))
+    return out
+
+
+def clamp_time(t: float, now: float, ttl: float) -> float:
+    """A wall-clock time read back from Redis, held to [now - ttl, now]: a time in the future
+    (a skewed edge, a hand-made entry) is taken as now, one older than the TTL as its start."""
+    return min(max(t, now - ttl), now)
 
 
 def valid_domain(s: str) -> bool:
@@ -253,6 +323,7 @@ class ClusterState:
             cfg.acceptor_count * a.per_ip_rate * CONN_WINDOW)) if a.per_ip_rate > 0 else 0
         self._pending: Counter[str] = Counter()
         self._over: dict[str, float] = {}
+        self._bad_log = log.Throttle(BAD_REPLY_LOG_EVERY, 4)
 
     @classmethod
     def create(cls, cfg: Config, ident: str, on_penalty: Callable[[str], None],
@@ -285,16 +356,29 @@ class ClusterState:
             self.since = time.monotonic()
             metrics.cluster_state(True)
 
-    async def _call(self, make: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
-        """(True, result), or (False, None) when Redis is down (at once) or the call fails or
-        overruns cluster.redis_timeout (then it is marked down)."""
+    def _failed(self, e: Exception) -> None:
+        """Any exception from Redis or from checking its reply: Redis is down."""
+        why = f"{type(e).__name__}: {e}"
+        if not self.up and isinstance(e, BadReply):
+            quiet = self._bad_log.due("bad", time.monotonic())
+            if quiet is not None:
+                log.event("cluster_state_bad_reply", "warning", acceptor=self.ident,
+                          error=why[:200], suppressed=quiet)
+        self._down(why)
+
+    async def _call(self, make: Callable[[], Awaitable[Any]],
+                    shape: Callable[[Any], Any] = lambda res: res) -> tuple[bool, Any]:
+        """(True, shape(result)), or (False, None) when Redis is down (at once) or the call
+        fails, overruns cluster.redis_timeout or answers what `shape` refuses (then it is
+        marked down). Every call on the session path goes through here."""
         if not self.up:
             return False, None
         try:
             async with asyncio.timeout(self.timeout):
-                return True, await make()
-        except FAILURES as e:
-            self._down(f"{type(e).__name__}: {e}")
+                res = await make()
+            return True, shape(res)
+        except Exception as e:          # whatever it is, Redis is down
+            self._failed(e)
             return False, None
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -314,12 +398,21 @@ class ClusterState:
         if self.bulk_rate <= 0:
             return True
         ok, res = await self._call(lambda: self._bucket(
-            keys=[self.key("bulk")], args=[self.bulk_rate, self.bulk_burst]))
+            keys=[self.key("bulk")], args=[self.bulk_rate, self.bulk_burst]),
+            self._bucket_reply)
         if not ok:
             metrics.cluster_fallback()
             return None
-        self._bucket_tokens, self._bucket_at = int(res[1]) / 1000, time.monotonic()
-        return bool(int(res[0]))
+        taken, tokens = res
+        self._bucket_tokens, self._bucket_at = tokens, time.monotonic()
+        return bool(taken)
+
+    def _bucket_reply(self, res: object) -> tuple[int, float]:
+        """BUCKET_LUA's {1|0, tokens x 1000}; the tokens held to [0, burst]."""
+        taken, tokens = _reply_list(res, "bulk bucket (EVALSHA)", 2)
+        _want(_is_int(taken) and taken in (0, 1) and _is_int(tokens), "bulk bucket (EVALSHA)",
+              res)
+        return taken, min(max(tokens / 1000, 0.0), self.bulk_burst)
 
     def bulk_spent(self, now: float) -> bool:
         """The shared bucket was empty at its last use, less than a second ago (stress mode:
@@ -408,6 +501,11 @@ class ClusterState:
             return
         if node == self.node and rec["o"] == self.ident:
             return                  # our own (the other acceptors of this node apply it)
+        now = time.time()
+        for t in ("f", "t"):        # times read back: never in the future, nor beyond the TTL
+            v = rec.get(t)
+            if isinstance(v, int | float):
+                rec[t] = clamp_time(float(v), now, self.cfg.admission.retry_ttl)
         rec["o"] = f"{node}/{rec['o']}"
         assert self.on_record is not None
         self.on_record(fact, rec)
@@ -417,26 +515,28 @@ class ClusterState:
         now = time.time()
         c = self.cfg.classify
         async with asyncio.timeout(max(1.0, 20 * self.timeout)):
-            pens: list[Any] = await self.client.zrangebyscore(self.key("penalty"), now, "+inf",
-                                                   start=0, num=MAX_MIRRORED)
-            learned: list[Any] = await self.client.zrangebyscore(
+            pens = _reply_strs(await self.client.zrangebyscore(
+                self.key("penalty"), now, "+inf", start=0, num=MAX_MIRRORED), "penalties")
+            learned = _reply_scored(await self.client.zrangebyscore(
                 self.key("learned"), now - c.learned_ttl, "+inf", start=0,
-                num=c.learned_max, withscores=True) if c.learned_ttl > 0 else []
-        records: list[Any] = await self.client.zrangebyscore(
+                num=c.learned_max, withscores=True), "learned") if c.learned_ttl > 0 else []
+        records = _reply_strs(await self.client.zrangebyscore(
             self.key("records"), now - self.cfg.admission.retry_ttl, "+inf", start=0,
-            num=self.cfg.admission.retry_max_records) if self.on_record is not None else []
+            num=self.cfg.admission.retry_max_records), "records") \
+            if self.on_record is not None else []
         for member in records:          # in time order: deferrals before their claims
-            self._record(str(member))
+            self._record(member)
         for ip in pens:
-            if valid_ip(str(ip)):
-                self.on_penalty(str(ip))
-        domains: dict[Any, Any] = await self.client.hgetall(self.key("learned", "domains")) \
-            if learned else {}
+            if valid_ip(ip):
+                self.on_penalty(ip)
+        domains = _reply_str_map(await self.client.hgetall(self.key("learned", "domains")),
+                                 "learned domains") if learned else {}
         for member, at in learned:      # oldest first: the quotas keep the newest
-            key, _, domain = str(member).partition(" ")
-            domain = domain or str(domains.get(member, ""))
+            key, _, domain = member.partition(" ")
+            domain = domain or domains.get(member, "")
             if valid_key(key):
-                self.on_learn(key, float(at), domain if valid_domain(domain) else "")
+                self.on_learn(key, clamp_time(at, now, c.learned_ttl),
+                              domain if valid_domain(domain) else "")
         log.event("cluster_state_loaded", acceptor=self.ident, penalties=len(pens),
                   learned=len(learned))
 
@@ -497,11 +597,12 @@ class ClusterState:
                 rk = self.key("conn", str(window), k)
                 p.incrby(rk, pending[k])
                 p.expire(rk, 2 * CONN_WINDOW + 1)
-            res = await p.execute()
+            res = _reply_list(await p.execute(), "connection counts", 2 * len(keys))
+        totals = [_reply_int(t, "connection count (INCRBY)") for t in res[0::2]]
         now, wall = time.monotonic(), time.time()
         until = now + (window + 1) * CONN_WINDOW - wall + CONN_WINDOW
-        for k, total in zip(keys, res[0::2], strict=True):
-            if int(total) > self.conn_limit and (k in self._over or len(self._over) < MAX_OVER):
+        for k, total in zip(keys, totals, strict=True):
+            if total > self.conn_limit and (k in self._over or len(self._over) < MAX_OVER):
                 self._over[k] = until
         if len(self._over) > MAX_OVER // 2:
             for k in [k for k, u in self._over.items() if u <= now]:
@@ -524,8 +625,9 @@ class ClusterState:
             p.zremrangebyrank(key, 0, -(MAX_EDGE_ENTRIES + 1))
             p.expire(key, max(1, int(6 * self.retry)))
             p.zrange(key, 0, -1)
-            res = await p.execute()
-        self._edges = max(1, len({str(m).split("/", 1)[0] for m in res[-1]}))
+            res = _reply_list(await p.execute(), "heartbeat", 5)
+        alive = _reply_strs(res[-1], "edges (ZRANGE)")
+        self._edges = max(1, len({m.split("/", 1)[0] for m in alive}))
 
     # --- the connection loop ------------------------------------------------------------------
 
@@ -544,10 +646,10 @@ class ClusterState:
                 await self._watch(pubsub)
             except asyncio.CancelledError:
                 raise
-            except FAILURES as e:
-                self._down(f"{type(e).__name__}: {e}")
+            except Exception as e:      # any failure: down, and try again
+                self._failed(e)
             finally:
-                with contextlib.suppress(*FAILURES):
+                with contextlib.suppress(Exception):
                     async with asyncio.timeout(self.timeout):
                         await pubsub.aclose()
             await asyncio.sleep(self.retry)
@@ -564,8 +666,14 @@ class ClusterState:
                 await self._flush_conns()
             async with asyncio.timeout(CONN_FLUSH + 1.0):
                 msg = await pubsub.get_message(timeout=CONN_FLUSH)
-            if msg is not None and msg.get("type") == "message":
-                self._fact(str(msg.get("channel", "")), str(msg.get("data", "")))
+            if msg is None:
+                continue
+            _want(isinstance(msg, dict), "pub/sub message", msg)
+            if msg.get("type") == "message":
+                channel, data = msg.get("channel"), msg.get("data")
+                _want(isinstance(channel, str) and isinstance(data, str), "pub/sub message",
+                      msg)
+                self._fact(str(channel), str(data))
 
     # --- the seam: generic, bounded records for state built elsewhere ---------------------------
 
@@ -581,8 +689,9 @@ class ClusterState:
         k = self._seam_key(kind, key)
         if k is None or ttl <= 0 or len(value) > 1024:
             return False
-        ok, _ = await self._call(lambda: self.client.set(k, value, px=int(ttl * 1000)))
-        return ok
+        ok, _ = await self._call(lambda: self.client.set(k, value, px=int(ttl * 1000)),
+                                 lambda res: _want(res is True, "SET", res))
+        return bool(ok)
 
     async def lookup(self, kind: str, key: str) -> str | None:
         """The value recorded for `key` of `kind`, or None (absent, expired, or Redis down: a
@@ -590,8 +699,9 @@ class ClusterState:
         k = self._seam_key(kind, key)
         if k is None:
             return None
-        ok, res = await self._call(lambda: self.client.get(k))
-        return str(res) if ok and res is not None else None
+        ok, res = await self._call(lambda: self.client.get(k),
+                                   lambda res: _reply_str_or_none(res, "GET"))
+        return res if ok else None
 
     async def incr(self, kind: str, key: str, ttl: float) -> int | None:
         """Count `key` of `kind` in a window of ttl seconds starting at its first count (e.g.
@@ -604,8 +714,8 @@ class ClusterState:
             async with self.client.pipeline(transaction=True) as p:
                 p.incr(k)
                 p.pexpire(k, int(ttl * 1000), nx=True)
-                n, _ = await p.execute()
-            return int(n)
+                res = _reply_list(await p.execute(), "INCR", 2)
+            return _reply_int(res[0], "INCR")
 
         ok, res = await self._call(go)
         return res if ok else None
@@ -613,6 +723,6 @@ class ClusterState:
     async def close(self) -> None:
         for t in list(self._tasks):
             t.cancel()
-        with contextlib.suppress(*FAILURES):
+        with contextlib.suppress(Exception):
             async with asyncio.timeout(self.timeout):
                 await self.client.aclose()

@@ -15,14 +15,18 @@ API:
 
 The callout: connect, EHLO, MAIL FROM:<>, RCPT TO:<address> (SMTPUTF8 on MAIL when the address
 needs it and the downstream offers it; else TEMPFAIL) within `timeout`, the wait for a slot
-included; then RSET and QUIT in the background, bounded by GOODBYE_TIMEOUT (aiosmtplib, one
-fresh connection per callout; nothing is ever delivered).
+included; then RSET and QUIT in a background task that still holds the callout's concurrency
+slot, bounded by GOODBYE_TIMEOUT, after which the connection is closed (aiosmtplib, one fresh
+connection per callout; nothing is ever delivered). The caller has its answer at once; the slot
+(and so the downstream connection) is free only when the goodbye is done, so the downstream
+never sees more than `concurrency` connections from one process.
 
 Bounds (so a flood of RCPTs cannot turn us into an amplifier against the downstream):
 - answers cached per address (domain case-folded) in a cachetools.TLRUCache of `cache_size`
   entries: 2xx for positive_ttl, 5xx for negative_ttl, uncertain for tempfail_ttl (0: never);
 - single flight: concurrent RCPTs for one address share one callout;
-- at most `concurrency` callouts at once per acceptor process, and at most `backlog` (default
+- at most `concurrency` callouts at once per acceptor process (a connection's RSET/QUIT
+  included: at most `concurrency` downstream connections), and at most `backlog` (default
   4 x concurrency) waiting for a slot; beyond that TEMPFAIL at once, without a connection;
 - the caller caps callouts per session (smtp.verify_per_session) and counts every refusal in the
   session's error accounting (ingress/policy/session_rules.py).
@@ -110,15 +114,23 @@ class RecipientVerifier:
                     await self.slots.acquire()
                 finally:
                     self.waiting -= 1
+                handed = False
                 try:
-                    return await self._callout(address, smtputf8)
+                    answer, client = await self._callout(address, smtputf8)
+                    if client is not None:          # the goodbye releases the slot
+                        self._goodbye(client)
+                        handed = True
+                    return answer
                 finally:
-                    self.slots.release()
+                    if not handed:
+                        self.slots.release()
         except TimeoutError:
             log.event("verify_timeout", "warning", rcpt=address[:200], timeout=self.timeout)
             return Answer.TEMPFAIL
 
-    async def _callout(self, address: str, smtputf8: bool) -> Answer:
+    async def _callout(self, address: str,
+                       smtputf8: bool) -> tuple[Answer, aiosmtplib.SMTP | None]:
+        """(answer, the connection still open for its goodbye, or None when it is closed)."""
         self.callouts += 1
         client = aiosmtplib.SMTP(hostname=self.host, port=self.port, timeout=self.timeout,
                                  start_tls=False, use_tls=False, local_hostname=self.helo)
@@ -132,14 +144,14 @@ class RecipientVerifier:
             if utf8 and "smtputf8" not in client.esmtp_extensions:
                 log.event("verify_uncertain", "info", rcpt=address[:200],
                           why="downstream lacks SMTPUTF8")
-                return Answer.TEMPFAIL
+                return Answer.TEMPFAIL, None
             stage = "mail"
             r = await client.execute_command(b"MAIL", b"FROM:<>",
                                              *([b"SMTPUTF8"] if utf8 else []))
             if r.code != 250:
                 log.event("verify_uncertain", "warning", rcpt=address[:200], stage=stage,
                           reply=f"{r.code} {r.message}"[:200])
-                return Answer.TEMPFAIL
+                return Answer.TEMPFAIL, None
             stage = "rcpt"
             r = await client.execute_command(
                 b"RCPT", b"TO:<" + address.encode("utf-8" if utf8 else "ascii") + b">")
@@ -148,19 +160,20 @@ class RecipientVerifier:
             log.event("verify", rcpt=address[:200], answer=answer.value,
                       reply=f"{r.code} {r.message}"[:200])
             answered = True
-            self._goodbye(client)
-            return answer
+            return answer, client
         except (aiosmtplib.SMTPException, OSError, UnicodeError) as e:
             log.event("verify_uncertain", "warning", rcpt=address[:200], stage=stage,
                       error=f"{type(e).__name__}: {e}"[:200])
-            return Answer.TEMPFAIL
+            return Answer.TEMPFAIL, None
         finally:
             if not answered:
                 client.close()
 
     def _goodbye(self, client: aiosmtplib.SMTP) -> None:
         """RSET and QUIT after the answer, outside the callout's deadline (the answer is in;
-        a downstream slow to say goodbye must not turn it into a 450), bounded on its own."""
+        a downstream slow to say goodbye must not turn it into a 450), bounded on its own by
+        GOODBYE_TIMEOUT. Owns the callout's concurrency slot: releases it when the connection
+        is closed, so goodbyes never add connections beyond `concurrency`."""
         async def bye() -> None:
             try:
                 async with asyncio.timeout(min(self.timeout, GOODBYE_TIMEOUT)):
@@ -168,9 +181,12 @@ class RecipientVerifier:
                     await client.quit()
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
                 pass
-            finally:
-                client.close()
+
+        def done(task: asyncio.Task[None]) -> None:     # also when cancelled before it ran
+            self._goodbyes.discard(task)
+            client.close()
+            self.slots.release()
 
         task = asyncio.get_running_loop().create_task(bye())
         self._goodbyes.add(task)
-        task.add_done_callback(self._goodbyes.discard)
+        task.add_done_callback(done)

@@ -15,7 +15,13 @@ V6ONLY) per acceptor slot and hands that slot's sockets to its acceptor, which s
 A replacement acceptor (restart, reload) gets the same sockets. Because a socket outlives its
 acceptor, restarting or replacing an acceptor never closes a listening socket, so connections
 waiting in its backlog are never reset (plain SO_REUSEPORT would reset them unless
-net.ipv4.tcp_migrate_req=1).
+net.ipv4.tcp_migrate_req=1). A listener that cannot be bound stops the start with one line
+naming the cause from the errno (bind_error_message: in use; a port below 1024 without
+CAP_NET_BIND_SERVICE; an address this host does not have).
+
+State dir: spool.state_dir and its run/ are created 0750 when missing; a start with either not
+owned by the running user, or writable by group or others, is refused (OSError: one line
+naming the dir): run/ holds the hand-off socket that receives every fast client's connection.
 
 Watching: each child writes time.monotonic() into its slot of a shared array from its own main
 loop. The array has heartbeat_slots(cfg) slots (every child twice, for the overlap of a reload,
@@ -44,6 +50,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import importlib
 import multiprocessing as mp
@@ -58,6 +65,7 @@ from typing import Any
 from ingress.core import child, log, metrics
 from ingress.core import config as config_mod
 from ingress.core.config import Config, ConfigError, format_listen_address, parse_listen_address
+from ingress.core.fsutil import private_dir_problem
 from ingress.policy.admission import configured_limit
 
 TICK = 0.05
@@ -119,28 +127,79 @@ def sd_notify(msg: str, wait: float = 1.0) -> None:
         s.send(msg.encode())
 
 
-def port_free(family: int, host: str, port: int) -> bool:
+def prepare_state_dir(state: Path) -> None:
+    """spool.state_dir and its run/ (created 0750 when missing), refused (OSError, one line for
+    the operator) unless each is owned by the user we run as and not writable by group or
+    others: run/ holds the hand-off socket that receives every fast client's connection and the
+    lanes' ipc sockets, so whoever can write there could plant a socket of their own."""
+    state.mkdir(parents=True, exist_ok=True, mode=0o750)
+    (state / "run").mkdir(exist_ok=True, mode=0o750)
+    for d in (state, state / "run"):
+        problem = private_dir_problem(os.stat(d), (os.geteuid(),))
+        if problem:
+            raise OSError(f"spool.state_dir: {d} {problem}: it holds the sockets that receive "
+                          "every fast client's connection; make it owned by the service user "
+                          "and not writable by group or others (chown, chmod go-w)")
+
+
+class BindError(OSError):
+    """A listening socket that cannot be bound: str() is the message for the operator (the
+    errno is kept in .errno)."""
+
+    def __str__(self) -> str:
+        return self.strerror or ""
+
+
+def bind_error_message(address: str, errno_: int | None, strerror: str | None = None) -> str:
+    """Why `address` ("v4:port" / "[v6]:port") cannot be bound, from the errno: in use, a
+    privileged port without the capability, an address this host does not have."""
+    if errno_ == errno.EADDRINUSE:
+        return f"{address} is already in use (another smtp-ingress or MTA?)"
+    if errno_ in (errno.EACCES, errno.EPERM):
+        return (f"{address}: permission denied: a port below 1024 needs the capability "
+                "CAP_NET_BIND_SERVICE (AmbientCapabilities= in the systemd unit) or root; "
+                "or listen on a port >= 1024")
+    if errno_ == errno.EADDRNOTAVAIL:
+        return (f"{address}: the address is not on this host (no interface has it: check "
+                "listen.host / listen.addresses and `ip addr`)")
+    if errno_ == errno.EAFNOSUPPORT:
+        return f"{address}: this host has no IPv6 (or IPv4) support for that address"
+    return f"{address}: cannot bind: {strerror or 'error'}" + \
+        (f" (errno {errno_})" if errno_ else "")
+
+
+def bind_failure(host: str, port: int, e: OSError) -> BindError:
+    return BindError(e.errno, bind_error_message(format_listen_address(host, port), e.errno,
+                                                 e.strerror))
+
+
+def port_taken(family: int, host: str, port: int) -> OSError | None:
     """SO_REUSEPORT would let a second instance (same user) share a port with the first, the
     kernel splitting the clients between two spools. A plain bind tells whether anyone
-    listens there already."""
+    listens there already: None when free, else the bind's error (EADDRINUSE, or EACCES,
+    EADDRNOTAVAIL, ...: the real cause, for the message)."""
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
-        except OSError:
-            return False
-    return True
+        except OSError as e:
+            return e
+    return None
 
 
 def bind_listener(cfg: Config, host: str, port: int, first: bool = False) -> socket.socket:
     """One SO_REUSEPORT listening socket on host:port; `first` refuses a port someone already
     listens on. An IPv6 socket is V6ONLY, so "0.0.0.0" and "[::]" on one port coexist (and a
-    v4 client is never seen as ::ffff:a.b.c.d)."""
+    v4 client is never seen as ::ffff:a.b.c.d). BindError (naming the cause) when it fails."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if first and port and not port_free(family, host, port):
-        raise OSError(f"{format_listen_address(host, port)} is already in use (another "
-                      "smtp-ingress or MTA?)")
-    s = socket.socket(family, socket.SOCK_STREAM)
+    if first and port:
+        taken = port_taken(family, host, port)
+        if taken is not None:
+            raise bind_failure(host, port, taken)
+    try:
+        s = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise bind_failure(host, port, e) from None
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -148,9 +207,9 @@ def bind_listener(cfg: Config, host: str, port: int, first: bool = False) -> soc
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.bind((host, port))
         s.listen(cfg.listen.backlog)
-    except OSError:
+    except OSError as e:
         s.close()
-        raise
+        raise bind_failure(host, port, e) from None
     return s
 
 
@@ -423,7 +482,7 @@ class Supervisor:
 
     def start(self) -> None:
         Path(self.cfg.spool.path).mkdir(parents=True, exist_ok=True)
-        (self.cfg.spool.state_dir / "run").mkdir(parents=True, exist_ok=True)
+        prepare_state_dir(self.cfg.spool.state_dir)
         self._lock_state_dir()
         if self.cfg.cluster.role != "lanes":
             self._bind_listeners()

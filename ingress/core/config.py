@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 from ingress.core.addr import normalize_domain
 from ingress.core.downstream import parse_downstream
+from ingress.core.fsutil import read_private
 from ingress.core.resolver import parse_nameserver
 
 
@@ -250,8 +251,9 @@ class RelayConfig:
     tls: str = "none"                   # STARTTLS to a TCP downstream: RELAY_TLS_MODES
     tls_ca_file: str = ""               # CA bundle for "required" ("" = the system's)
     tls_verify_name: str = ""           # name the certificate must carry ("" = the host)
-    auth_file: str = ""                 # "user:password" for AUTH PLAIN (over TLS only); the
-                                        # file must not be group/world-readable
+    auth_file: str = ""                 # "user:password" for AUTH PLAIN; needs tls = "required"
+                                        # (verified TLS only); the file must not be
+                                        # group/world-readable
     nice: int = 5                       # nice(2) increment of the relay (0..19): delivery is
                                         # background work, accepting is not
 
@@ -380,20 +382,7 @@ RELAY_TLS_MODES = ("none", "opportunistic", "required")
 def read_credentials(path: str) -> tuple[str, str]:
     """relay.auth_file: one line "user:password". ValueError (a message for the operator) when
     the file is unreadable, group/world-readable, or not in that form."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise ValueError(f"{path!r}: cannot read: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if st.st_mode & 0o077:
-            raise ValueError(f"{path!r} is readable by others (mode {st.st_mode & 0o777:04o}): "
-                             "it must be readable only by the service user (chmod 600)")
-        raw = os.read(fd, 4097)
-    finally:
-        os.close(fd)
-    if len(raw) > 4096:
-        raise ValueError(f"{path!r}: longer than 4096 bytes")
+    raw = read_private(path, 4096)
     try:
         line = raw.decode("utf-8").strip("\r\n")
     except UnicodeDecodeError:
@@ -792,7 +781,12 @@ def _check_relay(cfg: Config, need: _Need) -> None:
     need(not r.tls_ca_file or os.path.isfile(r.tls_ca_file), "relay.tls_ca_file",
          f"{r.tls_ca_file!r}: no such file")
     if r.auth_file:
-        need(r.tls != "none", "relay.auth_file", 'AUTH is sent over TLS only: set relay.tls')
+        # "required" is the only mode that verifies the certificate (chain and name): under
+        # "opportunistic" the password would go to whoever answers STARTTLS (a MITM, a
+        # hijacked route), so credentials need it.
+        need(r.tls == "required", "relay.auth_file",
+             f"{r.auth_file!r}: credentials are sent only over verified TLS: set "
+             f'relay.tls = "required" (now {r.tls!r})')
         need.parses(read_credentials, [r.auth_file], "relay.auth_file")
 
 

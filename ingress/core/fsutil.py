@@ -1,4 +1,5 @@
-"""Durable file writes: one implementation for the spool, the relay state and the learned cache.
+"""Durable file writes: one implementation for the spool, the relay state and the learned cache;
+and the one reader of private files (secrets).
 
 API:
     write_all(fd, chunks)               every byte of `chunks` written to `fd`, or OSError
@@ -9,6 +10,15 @@ API:
                                         <dir>/.tmp.<name>, is fsync'd, renamed over `path`, and
                                         the directory is fsync'd; a reader sees the old file or
                                         the new one, never a torn one
+    read_private(path, limit) -> bytes  a secret's bytes (relay.auth_file, a CURVE secret key):
+                                        ValueError (naming the file, and its mode) when group or
+                                        others have any access, it cannot be read, or it is
+                                        longer than `limit`
+    private_dir_problem(st, owners) -> str
+                                        "" when a directory (its stat) is owned by one of
+                                        `owners` and not writable by group or others, else why
+                                        not (for a message): the rule for the key directory and
+                                        spool.state_dir
 
 Failure modes: OSError from the disk propagates (ENOSPC, EIO, EACCES). A short write is
 continued; one that makes no progress is ENOSPC. A failed atomic_write leaves `path` as it was
@@ -17,13 +27,16 @@ leftovers; a later atomic_write replaces it). A crash before the directory fsync
 rename: the old file is then still there.
 Limits: `path`'s directory must exist and be on a local filesystem with atomic rename (every
 local Linux filesystem); one writer per path at a time (the tmp name is fixed per path).
+read_private checks the mode of the file it opened (fstat, no race with a swap), follows a
+symlink (an operator may link a secret into place) and does not check the owner.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+import stat
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 TMP_PREFIX = ".tmp."
@@ -66,3 +79,37 @@ def atomic_write(path: Path | str, data: bytes, mode: int = 0o640) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def read_private(path: str, limit: int) -> bytes:
+    """The bytes of a secret that only its owner may read or write (mode 0600 or 0400)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ValueError(f"{path!r}: cannot read: {e.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+        if mode & 0o077:
+            raise ValueError(f"{path!r} is open to group or others (mode {mode:04o}; a secret "
+                             "must not be readable by others): chmod 600, owned by the service "
+                             "user")
+        raw = os.read(fd, limit + 1)
+    except OSError as e:
+        raise ValueError(f"{path!r}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > limit:
+        raise ValueError(f"{path!r}: longer than {limit} bytes")
+    return raw
+
+
+def private_dir_problem(st: os.stat_result, owners: Collection[int]) -> str:
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if mode & 0o022:
+        return f"is writable by group or others (mode {mode:04o})"
+    if st.st_uid not in owners:
+        return (f"is owned by uid {st.st_uid}, not by the user this runs as (uid "
+                f"{os.geteuid()})")
+    return ""

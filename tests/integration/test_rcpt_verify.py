@@ -20,12 +20,15 @@ from pathlib import Path
 
 import pytest
 
+from ingress import rcpt_verify
+from ingress.rcpt_verify import Answer, RecipientVerifier
 from tests.kit.harness import Ingress, make_body, send_one, smtp_dialogue
 from tests.kit.postfix import (
     PostfixInstance,
     free_port,
     started_postfix,
 )
+from tests.kit.scripted_server import ScriptedServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -164,3 +167,56 @@ def test_smtputf8_address_verified(tmp_path: Path, postfix: PostfixInstance) -> 
         assert r[3].startswith("550 5.1.1"), r
         assert r[4].startswith("250"), r
         assert callouts(ing, "j\u00fcrgen@example.test") == 1
+
+
+def _verifier(port: int, concurrency: int) -> RecipientVerifier:
+    return RecipientVerifier("127.0.0.1", port, helo="mx.test", timeout=20.0,
+                             positive_ttl=100.0, negative_ttl=100.0, tempfail_ttl=0.0,
+                             cache_size=100, concurrency=concurrency, backlog=100)
+
+
+@pytest.mark.parametrize("script", ["slow 300ms at RSET", "slow 300ms at QUIT"])
+def test_goodbye_holds_the_concurrency_slot(script: str) -> None:
+    """Issue 19 item 5: RSET and QUIT after the answer used to run in unbounded background
+    tasks, so a downstream slow to say goodbye saw 40 connections with verify_concurrency = 2.
+    A downstream (tests.kit.scripted_server) that answers RSET / QUIT slowly counts the
+    connections open at once: never more than the concurrency, every answer still OK, and
+    every connection closed when the answers are in and the goodbyes done."""
+    async def go() -> tuple[list[Answer], int, int]:
+        async with ScriptedServer([script]) as srv:
+            v = _verifier(srv.port, 2)
+            answers = await asyncio.gather(
+                *(v.verify(f"user{i}@example.test") for i in range(16)))
+            for _ in range(200):                 # the last goodbyes (bounded: 2 x 300 ms)
+                if srv.open == 0:
+                    break
+                await asyncio.sleep(0.05)
+            return list(answers), srv.max_open, srv.open
+    answers, max_open, still_open = asyncio.run(go())
+    assert answers == [Answer.OK] * 16
+    assert max_open <= 2, f"{max_open} downstream connections at once, verify_concurrency = 2"
+    assert still_open == 0
+
+
+def test_hung_goodbye_frees_the_slot_after_goodbye_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A downstream that never answers RSET holds a slot for GOODBYE_TIMEOUT, no longer: the
+    callouts after it are still answered (well within their own deadline), and the connection
+    is closed by us."""
+    monkeypatch.setattr(rcpt_verify, "GOODBYE_TIMEOUT", 0.5)
+
+    async def go() -> tuple[list[Answer], int, int, float]:
+        async with ScriptedServer(["hang at RSET"]) as srv:
+            v = _verifier(srv.port, 1)
+            t0 = asyncio.get_running_loop().time()
+            answers = await asyncio.gather(
+                *(v.verify(f"user{i}@example.test") for i in range(4)))
+            took = asyncio.get_running_loop().time() - t0
+            for _ in range(200):
+                if srv.open == 0:
+                    break
+                await asyncio.sleep(0.05)
+            return list(answers), srv.max_open, srv.open, took
+    answers, max_open, still_open, took = asyncio.run(go())
+    assert answers == [Answer.OK] * 4 and max_open == 1 and still_open == 0
+    assert took < 15, took          # 3 goodbyes of 0.5 s before the last answer; a margin

@@ -154,7 +154,10 @@ def _authenticator(server: object, session: object, envelope: object, mechanism:
     return AuthResult(success=ok, handled=False)
 
 
-def _controller(proto: str, ca: trustme.CA, sink: _Sink) -> object:
+def _controller(proto: str, ca: trustme.CA, sink: _Sink,
+                auth_seen: list[str] | None = None) -> object:
+    """An aiosmtpd downstream with a certificate from `ca`; every AUTH command it receives (in
+    TLS or not, before any check) is appended to auth_seen."""
     import ssl
 
     from aiosmtpd.controller import Controller
@@ -163,7 +166,13 @@ def _controller(proto: str, ca: trustme.CA, sink: _Sink) -> object:
 
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert(NAME).configure_cert(ctx)
-    cls = LMTP if proto == "lmtp" else SMTP
+    base = LMTP if proto == "lmtp" else SMTP
+
+    class cls(base):  # type: ignore[valid-type,misc]
+        async def smtp_AUTH(self, arg: str) -> None:
+            if auth_seen is not None:
+                auth_seen.append(arg)
+            await super().smtp_AUTH(arg)
 
     class C(Controller):
         def factory(self) -> object:
@@ -181,8 +190,8 @@ def _controller(proto: str, ca: trustme.CA, sink: _Sink) -> object:
 
 @pytest.mark.parametrize("proto", ["smtp", "lmtp"])
 def test_auth_plain_over_starttls(tmp_path: Path, ca: trustme.CA, proto: str) -> None:
-    sink = _Sink()
-    ctl = _controller(proto, ca, sink)
+    sink, auth_seen = _Sink(), []
+    ctl = _controller(proto, ca, sink, auth_seen)
     try:
         ca_file = tmp_path / "ca.pem"
         ca.cert_pem.write_to_path(str(ca_file))
@@ -203,6 +212,7 @@ def test_auth_plain_over_starttls(tmp_path: Path, ca: trustme.CA, proto: str) ->
             wait_for(lambda: len(sink.got) == 2, 20, "delivery with AUTH")
         assert sorted(r for _, rs, _ in sink.got for r in rs) == sorted(to)
         assert {(login, tls) for login, _, tls in sink.got} == {("relayuser", "tls")}
+        assert auth_seen and all(a.startswith("PLAIN") for a in auth_seen), auth_seen
         t["relay"]["auth_file"] = str(bad)
         with Ingress(tmp_path / "bad", t) as ing:
             relaying(ing)
@@ -212,5 +222,35 @@ def test_auth_plain_over_starttls(tmp_path: Path, ca: trustme.CA, proto: str) ->
                        for d in ing.events("relay_downstream_down"))
             assert spool_count(ing, "new") == 1
         assert len(sink.got) == 2
+    finally:
+        ctl.stop()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("proto", ["smtp", "lmtp"])
+def test_required_refuses_untrusted_ca_and_sends_no_auth(tmp_path: Path, ca: trustme.CA,
+                                                        proto: str) -> None:
+    """Issue 19 item 4: a downstream whose certificate (the right name) comes from a CA we do
+    not trust -- a MITM answering STARTTLS -- never sees AUTH: the relay refuses the handshake,
+    the message stays queued. (opportunistic + auth_file, which used to send the password
+    here, is a configuration error: tests/unit/test_relay_tls.py.)"""
+    sink, auth_seen = _Sink(), []
+    ctl = _controller(proto, trustme.CA(), sink, auth_seen)     # a stranger's CA
+    try:
+        ca_file, good = tmp_path / "ca.pem", tmp_path / "auth"
+        ca.cert_pem.write_to_path(str(ca_file))
+        good.write_text("relayuser:s3cret:pw\n")
+        good.chmod(0o600)
+        t = {"relay": {"downstream": f"{proto}://127.0.0.1:{ctl.port}",  # type: ignore[attr-defined]
+                       "retry_base": 0.3, "retry_max": 1.0, "timeout": 10.0, "concurrency": 1,
+                       "tls": "required", "tls_ca_file": str(ca_file), "tls_verify_name": NAME,
+                       "auth_file": str(good)}}
+        with Ingress(tmp_path / "ing", t) as ing:
+            relaying(ing)
+            send(ing, rcpts(f"mitm-{proto}", 1))
+            wait_for(lambda: len(ing.events("relay_downstream_down")) >= 2, 20,
+                     "retries against an unverified downstream")
+            assert all("certificate" in d["error"] for d in ing.events("relay_downstream_down"))
+            assert spool_count(ing, "new") == 1
+        assert auth_seen == [] and sink.got == []
     finally:
         ctl.stop()  # type: ignore[attr-defined]

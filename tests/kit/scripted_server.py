@@ -9,18 +9,20 @@ API
     ScriptedServer(script, host="127.0.0.1", port=0, cycle=False)
         await start() -> port;  await stop();  ``async with`` does both
         .connections, .accepted (messages answered 250 at end of DATA), .peers (source addresses),
-        .served (the Outcome text used for each connection, in order)
+        .served (the Outcome text used for each connection, in order), .open (connections
+        open now), .max_open (the most open at once)
     CLI: python -m tests.kit.scripted_server --port 2526 250 "451 at MAIL" "slow 200ms"
 
 Script grammar (one entry per connection, in connect order; after the last entry the last one
 repeats, or the script restarts with ``cycle=True``):
     "250"                 normal dialogue, message accepted
     "CODE at STAGE"       reply CODE (4xx/5xx) at STAGE instead of the normal reply; STAGE is one of
-                          banner, EHLO, MAIL, RCPT, DATA, DOT. At banner, or for 421 anywhere, the
-                          server closes the connection after the reply.
+                          banner, EHLO, MAIL, RCPT, DATA, DOT, RSET, QUIT. At banner, or for
+                          421 anywhere, the server closes the connection after the reply.
     "slow Nms [at STAGE]" wait N ms before the reply at STAGE (default DOT), otherwise normal
     "close [at STAGE]"    close without replying at STAGE (default banner)
-    "hang [at STAGE]"     never reply at STAGE (default banner); the client must time out
+    "hang [at STAGE]"     never reply at STAGE (default banner); the client must time out (the
+                          connection ends when the client closes it)
 
 Failure modes
     A malformed entry raises ValueError at construction. Unknown commands get 502; STARTTLS gets
@@ -41,7 +43,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-STAGES = ("banner", "EHLO", "MAIL", "RCPT", "DATA", "DOT")
+STAGES = ("banner", "EHLO", "MAIL", "RCPT", "DATA", "DOT", "RSET", "QUIT")
 MAX_COMMANDS = 10_000
 _RE = re.compile(
     r"^\s*(?:(?P<code>[2-5]\d\d)(?:\s+at\s+(?P<cstage>\w+))?"
@@ -105,6 +107,8 @@ class ScriptedServer:
         self.accepted = 0
         self.peers: list[str] = []
         self.served: list[str] = []
+        self.open = 0
+        self.max_open = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -142,6 +146,8 @@ class ScriptedServer:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self.open += 1
+        self.max_open = max(self.max_open, self.open)
         outcome = self._next()
         self.served.append(outcome.text)
         peer = writer.get_extra_info("peername")
@@ -152,15 +158,20 @@ class ScriptedServer:
             pass
         finally:
             self._tasks.discard(task)
+            self.open -= 1
             writer.close()
 
-    async def _reply(self, o: Outcome, stage: str, normal: bytes, w: asyncio.StreamWriter) -> bool:
+    async def _reply(self, o: Outcome, stage: str, normal: bytes, w: asyncio.StreamWriter,
+                     r: asyncio.StreamReader) -> bool:
         """Send the scripted or the normal reply at ``stage``; False if the session must end."""
         if o.stage == stage:
             if o.kind == "close":
                 raise _Close
-            if o.kind == "hang":
-                await asyncio.sleep(3600)
+            if o.kind == "hang":        # never answer; notice the client leaving (EOF)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(3600):
+                        while await r.read(65536):
+                            pass
                 raise _Close
             if o.kind == "slow":
                 await asyncio.sleep(o.delay_s)
@@ -177,20 +188,20 @@ class ScriptedServer:
     async def _dialogue(
         self, o: Outcome, reader: asyncio.StreamReader, w: asyncio.StreamWriter
     ) -> None:
-        await self._reply(o, "banner", b"220 scripted.invalid ESMTP\r\n", w)
+        await self._reply(o, "banner", b"220 scripted.invalid ESMTP\r\n", w, reader)
         for _ in range(MAX_COMMANDS):
             line = await reader.readline()
             if not line:
                 return
             verb = line[:4].upper()
             if verb in (b"EHLO", b"HELO"):
-                await self._reply(o, "EHLO", b"250-scripted.invalid\r\n250 8BITMIME\r\n", w)
+                await self._reply(o, "EHLO", b"250-scripted.invalid\r\n250 8BITMIME\r\n", w, reader)
             elif verb == b"MAIL":
-                await self._reply(o, "MAIL", b"250 2.1.0 OK\r\n", w)
+                await self._reply(o, "MAIL", b"250 2.1.0 OK\r\n", w, reader)
             elif verb == b"RCPT":
-                await self._reply(o, "RCPT", b"250 2.1.5 OK\r\n", w)
+                await self._reply(o, "RCPT", b"250 2.1.5 OK\r\n", w, reader)
             elif verb == b"DATA":
-                if not await self._reply(o, "DATA", b"354 end with .\r\n", w):
+                if not await self._reply(o, "DATA", b"354 end with .\r\n", w, reader):
                     continue
                 for _ in range(10_000_000):
                     body = await reader.readline()
@@ -198,13 +209,14 @@ class ScriptedServer:
                         return
                     if body in (b".\r\n", b".\n"):
                         break
-                if await self._reply(o, "DOT", b"250 2.0.0 queued\r\n", w):
+                if await self._reply(o, "DOT", b"250 2.0.0 queued\r\n", w, reader):
                     self.accepted += 1
-            elif verb == b"RSET" or verb == b"NOOP":
+            elif verb == b"RSET":
+                await self._reply(o, "RSET", b"250 2.0.0 OK\r\n", w, reader)
+            elif verb == b"NOOP":
                 w.write(b"250 2.0.0 OK\r\n")
             elif verb == b"QUIT":
-                w.write(b"221 2.0.0 bye\r\n")
-                await w.drain()
+                await self._reply(o, "QUIT", b"221 2.0.0 bye\r\n", w, reader)
                 return
             elif verb == b"STAR":
                 w.write(b"454 4.7.0 TLS not available\r\n")

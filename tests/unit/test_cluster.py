@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,140 @@ def test_keygen_writes_a_pair_and_keeps_the_secret_private(tmp_path: Path) -> No
     with pytest.raises(ValueError):
         cluster.keygen(tmp_path, "../x")
     assert cluster.allowed_keys(str(tmp_path / "keys")) == {public}
+
+
+# --- issue 19 item 6: keygen writes the secret private from the start, never follows a
+# --- symlink, never overwrites a pair without --force; loading refuses a secret others can read
+
+@pytest.fixture
+def umask0() -> Iterator[None]:
+    """umask 0: whatever keygen does not ask for explicitly shows up as 0666 / 0777."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_keygen_secret_is_private_from_creation(tmp_path: Path, umask0: None,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The secret is created O_CREAT|O_EXCL|O_NOFOLLOW with mode 0600 -- never written with the
+    umask's mode and chmod'ed afterwards (a window in which anyone could open it)."""
+    opened: list[tuple[str, int, int]] = []
+    real_open = os.open
+
+    def spy_open(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        opened.append((os.fsdecode(path), flags, mode))
+        return real_open(path, flags, mode, **kw)
+
+    def no_chmod(*a: Any, **kw: Any) -> None:
+        raise AssertionError(f"chmod after the fact: {a}")
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    monkeypatch.setattr(os, "fchmod", no_chmod)
+    pub, sec = cluster.keygen(tmp_path / "keys", "edge1")
+    monkeypatch.undo()
+    assert stat.S_IMODE(os.stat(sec).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(pub).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "keys").st_mode) == 0o700
+    want = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    secret_opens = [(f, m) for p, f, m in opened if p.endswith("key_secret")]
+    assert secret_opens and all(f & want == want and m == 0o600 for f, m in secret_opens), \
+        opened
+    cluster.key_pair(str(sec))
+
+
+def test_keygen_refuses_a_symlinked_directory(tmp_path: Path) -> None:
+    real = tmp_path / "elsewhere"
+    real.mkdir(mode=0o700)
+    (tmp_path / "keys").symlink_to(real)
+    with pytest.raises(ValueError, match="symbolic link"):
+        cluster.keygen(tmp_path / "keys", "edge1")
+    assert list(real.iterdir()) == []
+
+
+def test_keygen_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
+    d = tmp_path / "shared"
+    d.mkdir()
+    d.chmod(0o777)
+    with pytest.raises(ValueError, match="writable by group or others"):
+        cluster.keygen(d, "edge1")
+    assert list(d.iterdir()) == []
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_keygen_never_follows_a_symlink_at_the_key_path(tmp_path: Path, force: bool) -> None:
+    """A symlink planted where the secret goes (to a file the attacker can read, or one to
+    clobber) is never written through, with --force neither (that replaces the link itself)."""
+    d = tmp_path / "keys"
+    d.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (d / "edge1.key_secret").symlink_to(victim)
+    if force:
+        _, sec = cluster.keygen(d, "edge1", force=True)
+        assert not sec.is_symlink() and stat.S_IMODE(os.lstat(sec).st_mode) == 0o600
+    else:
+        with pytest.raises(ValueError, match="--force"):
+            cluster.keygen(d, "edge1")
+    assert victim.read_text() == "precious\n"
+
+
+def test_keygen_refuses_to_overwrite_a_pair_without_force(tmp_path: Path) -> None:
+    """Overwriting a pair locks out every peer that knows its public key: --force only."""
+    d = tmp_path / "keys"
+    pub, sec = cluster.keygen(d, "lanes1")
+    before = (pub.read_bytes(), sec.read_bytes())
+    with pytest.raises(ValueError, match=r"lanes1\.key' exists.*--force"):
+        cluster.keygen(d, "lanes1")
+    assert (pub.read_bytes(), sec.read_bytes()) == before
+    pub.unlink()                         # either half of a pair is enough to refuse
+    with pytest.raises(ValueError, match=r"lanes1\.key_secret' exists.*--force"):
+        cluster.keygen(d, "lanes1")
+    assert sec.read_bytes() == before[1] and not pub.exists()
+    pub2, sec2 = cluster.keygen(d, "lanes1", force=True)
+    assert (pub2, sec2) == (pub, sec) and sec.read_bytes() != before[1]
+    assert cluster.public_key(str(pub)) == cluster.key_pair(str(sec))[0]
+    assert stat.S_IMODE(os.stat(sec).st_mode) == 0o600
+    assert sorted(p.name for p in d.iterdir()) == ["lanes1.key", "lanes1.key_secret"]
+
+
+def test_keygen_cli_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ingress import cli
+    d = tmp_path / "keys"
+    assert cli.main(["keygen", str(d), "edge1"]) == 0
+    first = (d / "edge1.key_secret").read_bytes()
+    assert cli.main(["keygen", str(d), "edge1"]) == 1
+    err = capsys.readouterr().err
+    assert "edge1.key" in err and "--force" in err, err
+    assert (d / "edge1.key_secret").read_bytes() == first
+    assert cli.main(["keygen", "--force", str(d), "edge1"]) == 0
+    assert (d / "edge1.key_secret").read_bytes() != first
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o644, 0o604, 0o620, 0o660], ids=oct)
+def test_key_pair_refuses_a_secret_others_can_read(tmp_path: Path, mode: int) -> None:
+    _, sec = cluster.keygen(tmp_path / "keys", "edge1")
+    sec.chmod(mode)
+    with pytest.raises(ValueError) as e:
+        cluster.key_pair(str(sec))
+    assert str(sec) in str(e.value) and f"{mode:04o}" in str(e.value), str(e.value)
+    sec.chmod(0o400)
+    assert len(cluster.key_pair(str(sec))[1]) == 40
+
+
+def test_config_refuses_a_secret_others_can_read(tmp_path: Path) -> None:
+    d = tmp_path / "keys"
+    _, sec = cluster.keygen(d, "edge")
+    l_pub, _ = cluster.keygen(d, "lanes")
+    sec.chmod(0o644)
+    f = tmp_path / "edge.toml"
+    f.write_text(f'[cluster]\nrole = "edge"\nsecret_key = "{sec}"\n'
+                 f'lanes_nodes = ["tcp://127.0.0.2:7100 {l_pub}"]\n')
+    with pytest.raises(ConfigError) as e:
+        config.load(f)
+    assert e.value.key == "cluster.secret_key" and "0644" in str(e.value)
 
 
 @pytest.fixture

@@ -4,13 +4,16 @@ parsing, validation (errors name file and key), the single-address keys kept wor
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ingress import configshow, status
+from ingress import configshow, status, supervisor
 from ingress.core import config
 from ingress.core.wire import Envelope, Lane
 from tests.kit.harness import write_config
@@ -170,3 +173,36 @@ def test_ipv6_prefix_reaches_admission(tmp_path: Path, prefix: int) -> None:
     table = SessionTable(cfg, Counter(), now=0.0)
     assert table.admission.limits.ipv6_prefix == prefix
     assert configshow.derived(cfg, nofile=(4096, 4096))["listen_sockets"] >= 1
+
+
+# --- issue 19 item 9: a failed bind names its cause (it used to say "already in use" for all) --
+
+@pytest.mark.parametrize(("err", "want", "not_want"), [
+    (errno.EADDRINUSE, "already in use", "CAP_NET_BIND_SERVICE"),
+    (errno.EACCES, "CAP_NET_BIND_SERVICE", "already in use"),
+    (errno.EPERM, "port >= 1024", "already in use"),
+    (errno.EADDRNOTAVAIL, "not on this host", "already in use"),
+    (errno.EINVAL, "cannot bind: Invalid argument", "already in use"),
+])
+def test_bind_error_message(err: int, want: str, not_want: str) -> None:
+    text = supervisor.bind_error_message("192.0.2.1:25", err, os.strerror(err))
+    assert text.startswith("192.0.2.1:25") and want in text and not_want not in text, text
+
+
+def test_bind_listener_names_the_cause() -> None:
+    """Binding fails locally: nothing is sent. A port in use on 127.0.0.1, and 192.0.2.1
+    (TEST-NET-1: no interface of this host has it)."""
+    cfg = config.load(None)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError) as e:
+            supervisor.bind_listener(cfg, "127.0.0.1", port, first=True)
+        assert e.value.errno == errno.EADDRINUSE
+        assert str(e.value) == f"127.0.0.1:{port} is already in use (another smtp-ingress or MTA?)"
+    with pytest.raises(OSError) as e:
+        supervisor.bind_listener(cfg, "192.0.2.1", 2525, first=True)
+    assert e.value.errno == errno.EADDRNOTAVAIL
+    assert "192.0.2.1:2525" in str(e.value) and "not on this host" in str(e.value)
+    assert "already in use" not in str(e.value)

@@ -26,7 +26,13 @@ def load(tmp_path: Path, **relay: object) -> config.Config:
     ({"downstream": "smtp://127.0.0.1:25", "tls": "required", "tls_ca_file": "/nonexistent"},
      "relay.tls_ca_file", "no such file"),
     ({"downstream": "smtp://127.0.0.1:25", "auth_file": "AUTH"}, "relay.auth_file",
-     "over TLS only"),
+     "over verified TLS"),
+    # issue 19 item 4: opportunistic TLS verifies nothing, so the password would go to any
+    # server that answers STARTTLS (an untrusted CA, a MITM): credentials need "required"
+    ({"downstream": "smtp://127.0.0.1:25", "tls": "opportunistic", "auth_file": "AUTH"},
+     "relay.auth_file", 'relay.tls = "required"'),
+    ({"downstream": "lmtp://127.0.0.1:24", "tls": "opportunistic", "auth_file": "AUTH"},
+     "relay.auth_file", "/auth'"),
 ])
 def test_config_errors(tmp_path: Path, relay: dict[str, object], key: str, text: str) -> None:
     (tmp_path / "auth").write_text("u:p\n")

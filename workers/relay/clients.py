@@ -24,8 +24,9 @@ TLS modes (relay.tls): none (plain; the default, a local MTA); opportunistic (ST
 offered, the certificate not verified, RFC 7435; plain text when not offered); required
 (STARTTLS mandatory, the certificate verified against tls_ca_file or the system's CAs for
 tls_verify_name or the downstream's host, TLS >= 1.2). AUTH PLAIN (relay.auth_file,
-"user:password", read once at relay start) is sent only inside TLS: without STARTTLS the
-password is never sent in clear.
+"user:password", read once at relay start) is sent only inside TLS whose certificate verified:
+the configuration allows auth_file with tls = "required" only, so the password never goes in
+clear nor to a server that merely answers STARTTLS.
 
 Failure modes: Unavailable(stage="connect") when a session cannot be opened (refused, greeting
 or EHLO/LHLO not 2xx, timeout, any TLS or AUTH refusal: TlsFailure, an OSError) or a session
