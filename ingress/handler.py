@@ -110,7 +110,7 @@ class IngressHandler:
                 result, client_ip=server.peer_ip, mail_from=address,
                 helo=session.host_name or "", receiver=server.hostname,
                 explanation=why).decode("ascii", "replace")
-            decision = ctx.decide(server.evidence, transaction=True)
+            decision = ctx.decide(server.evidence, transaction=True, peer=server.peer_ip)
             if promote(server.lane, decision) is not server.lane:
                 server.identity = decision.identity
                 ctx.promote(server)

@@ -35,33 +35,33 @@ from ingress.policy.tiers import (
     tier_rates,
 )
 
-O, T, S, U = Tier.OPERATOR, Tier.THIRD_PARTY, Tier.SELF_PROVEN, Tier.UNKNOWN
+OP, TP, SP, UN = Tier.OPERATOR, Tier.THIRD_PARTY, Tier.SELF_PROVEN, Tier.UNKNOWN
 SHARES = TierShares(third_party=0.25, self_proven=0.5)
 
 
 @pytest.mark.parametrize("identity, tier", [
-    ("allow:192.0.2.0/24", O),
-    ("cert:ab12", O),
-    ("dnswl:list.dnswl.test", T),
-    ("org:example.com", S),
-    ("learned:example.com", S),
-    ("learned:", S),
-    ("fcrdns:provider.test", S),      # a kind not known here: capped (fail closed)
-    ("other", S),
-    ("", U),
+    ("allow:192.0.2.0/24", OP),
+    ("cert:ab12", OP),
+    ("dnswl:list.dnswl.test", TP),
+    ("org:example.com", SP),
+    ("learned:example.com", SP),
+    ("learned:", SP),
+    ("fcrdns:provider.test", SP),      # a kind not known here: capped (fail closed)
+    ("other", SP),
+    ("", UN),
 ])
 def test_tier_of(identity: str, tier: Tier) -> None:
     assert tier_of(identity) is tier
 
 
 def test_fast_tier_without_identity_is_capped() -> None:
-    assert fast_tier("") is S and fast_tier("allow:x") is O
+    assert fast_tier("") is SP and fast_tier("allow:x") is OP
 
 
 def test_labels_and_order() -> None:
     assert [t.label for t in Tier] == ["operator", "third-party", "self-proven", "unknown"]
-    assert FAST_TIERS == (O, T, S) and CAPPED == (T, S)
-    assert sorted([S, U, O, T]) == [O, T, S, U]       # priority: a lower value first
+    assert FAST_TIERS == (OP, TP, SP) and CAPPED == (TP, SP)
+    assert sorted([SP, UN, OP, TP]) == [OP, TP, SP, UN]       # priority: a lower value first
     assert dnswl_identity("List.DNSWL.test.") == "dnswl:list.dnswl.test"
 
 
@@ -78,8 +78,8 @@ def test_labels_and_order() -> None:
 ])
 def test_caps_and_operator_floor(total: int, want: tuple[int, int, int]) -> None:
     c = caps(total, SHARES)
-    assert (c[T], c[S], operator_floor(total, SHARES)) == want
-    assert cap(O, total, SHARES) == total and cap(U, total, SHARES) == 0
+    assert (c[TP], c[SP], operator_floor(total, SHARES)) == want
+    assert cap(OP, total, SHARES) == total and cap(UN, total, SHARES) == 0
 
 
 @pytest.mark.parametrize("tp, sp", [(-0.1, 0.5), (0.5, 0.5), (0.0, 1.0), (0.6, 0.5)])
@@ -93,7 +93,7 @@ def test_shares_of_config() -> None:
     assert TierShares.of(cfg) == TierShares(0.25, 0.5)
 
 
-@pytest.mark.parametrize("tier, want", [(O, 0), (T, 12 - 3 - 6), (S, 12 - 6), (U, 12)])
+@pytest.mark.parametrize("tier, want", [(OP, 0), (TP, 12 - 3 - 6), (SP, 12 - 6), (UN, 12)])
 def test_floor_above(tier: Tier, want: int) -> None:
     assert floor_above(tier, 12, SHARES) == want
 
@@ -101,27 +101,27 @@ def test_floor_above(tier: Tier, want: int) -> None:
 # capacity 20 slots, reserve 12: caps third-party 3, self-proven 6, operator floor 3
 @pytest.mark.parametrize("tier, held, used, ok", [
     # self-proven: within its cap, and leaves the unused floor above it (12 - 6 = 6) free
-    (S, {}, 0, True),
-    (S, {S: 5}, 5, True),
-    (S, {S: 6}, 6, False),                  # at its cap, however much room there is
-    (S, {S: 1}, 13, True),                  # 13 + 1 + 6 free above = 20
-    (S, {S: 1}, 14, False),                 # would eat into the floor above it
-    (S, {S: 1, O: 6}, 19, True),            # the operator uses its floor: nothing to keep
-    (S, {S: 1, O: 6}, 20, False),           # full
+    (SP, {}, 0, True),
+    (SP, {SP: 5}, 5, True),
+    (SP, {SP: 6}, 6, False),                  # at its cap, however much room there is
+    (SP, {SP: 1}, 13, True),                  # 13 + 1 + 6 free above = 20
+    (SP, {SP: 1}, 14, False),                 # would eat into the floor above it
+    (SP, {SP: 1, OP: 6}, 19, True),            # the operator uses its floor: nothing to keep
+    (SP, {SP: 1, OP: 6}, 20, False),           # full
     # third-party: its cap 3, the operator's floor 3 kept free
-    (T, {T: 3}, 3, False),
-    (T, {}, 16, True),
-    (T, {}, 17, False),
-    (T, {O: 2}, 17, True),
+    (TP, {TP: 3}, 3, False),
+    (TP, {}, 16, True),
+    (TP, {}, 17, False),
+    (TP, {OP: 2}, 17, True),
     # operator: any free slot
-    (O, {S: 6, T: 3}, 19, True),
-    (O, {S: 6, T: 3, O: 11}, 20, False),
+    (OP, {SP: 6, TP: 3}, 19, True),
+    (OP, {SP: 6, TP: 3, OP: 11}, 20, False),
     # bulk: never the unused reserve (admission's rule before tiers)
-    (U, {}, 7, True),
-    (U, {}, 8, False),
-    (U, {S: 6}, 13, True),
-    (U, {S: 6}, 14, False),
-    (U, {O: 12}, 19, True),                 # the fast lane past its reserve: the rest is free
+    (UN, {}, 7, True),
+    (UN, {}, 8, False),
+    (UN, {SP: 6}, 13, True),
+    (UN, {SP: 6}, 14, False),
+    (UN, {OP: 12}, 19, True),                 # the fast lane past its reserve: the rest is free
 ])
 def test_admits_slots(tier: Tier, held: dict[Tier, int], used: int, ok: bool) -> None:
     assert admits(tier, 1, held, used, 20, 12, SHARES) is ok
@@ -129,11 +129,11 @@ def test_admits_slots(tier: Tier, held: dict[Tier, int], used: int, ok: bool) ->
 
 def test_admits_bytes() -> None:
     """The same rule in bytes (the DATA budget): n units at once."""
-    held = {S: 0}
-    assert admits(S, 500, held, 0, 1000, 1000, SHARES)
-    assert not admits(S, 501, held, 0, 1000, 1000, SHARES)
-    assert admits(U, 200, {}, 0, 1000, 800, SHARES)
-    assert not admits(U, 201, {}, 0, 1000, 800, SHARES)
+    held = {SP: 0}
+    assert admits(SP, 500, held, 0, 1000, 1000, SHARES)
+    assert not admits(SP, 501, held, 0, 1000, 1000, SHARES)
+    assert admits(UN, 200, {}, 0, 1000, 800, SHARES)
+    assert not admits(UN, 201, {}, 0, 1000, 800, SHARES)
 
 
 def test_operator_always_finds_its_floor() -> None:
@@ -141,22 +141,22 @@ def test_operator_always_finds_its_floor() -> None:
     brute force over every sequence of admissions of a small resource."""
     capacity, reserve = 7, 5        # caps: third-party 1, self-proven 2; operator floor 2
     floor = operator_floor(reserve, SHARES)
-    for seq in itertools.product([T, S, U], repeat=8):
+    for seq in itertools.product([TP, SP, UN], repeat=8):
         held: dict[Tier, int] = {}
         used = 0
         for t in seq:
             if admits(t, 1, held, used, capacity, reserve, SHARES):
                 used += 1
-                if t is not U:
+                if t is not UN:
                     held[t] = held.get(t, 0) + 1
-        assert held.get(S, 0) <= 2 and held.get(T, 0) <= 1
+        assert held.get(SP, 0) <= 2 and held.get(TP, 0) <= 1
         for i in range(floor):          # the operator gets its whole floor, one at a time
-            assert admits(O, 1, held, used + i, capacity, reserve, SHARES), (seq, held, used)
+            assert admits(OP, 1, held, used + i, capacity, reserve, SHARES), (seq, held, used)
 
 
 @pytest.mark.parametrize("tier, handed, evicts, per_ip", [
-    (O, True, True, False), (T, True, True, True), (S, False, False, True),
-    (U, False, False, False)])
+    (OP, True, True, False), (TP, True, True, True), (SP, False, False, True),
+    (UN, False, False, False)])
 def test_tier_rules(tier: Tier, handed: bool, evicts: bool, per_ip: bool) -> None:
     assert hands_off(tier) is handed
     assert may_evict(tier) is evicts
@@ -165,15 +165,15 @@ def test_tier_rules(tier: Tier, handed: bool, evicts: bool, per_ip: bool) -> Non
 
 @pytest.mark.parametrize("evictor, seats, victim", [
     # lowest tier first, then the longest connected; busy ones and equal/higher tiers never
-    (O, [("a", S, False, 1.0), ("b", U, False, 5.0), ("c", U, False, 2.0)], "c"),
-    (O, [("a", S, False, 1.0), ("b", U, True, 0.0)], "a"),
-    (O, [("a", T, False, 1.0), ("b", S, False, 9.0)], "b"),
-    (O, [("a", O, False, 1.0), ("b", S, True, 1.0)], None),
-    (T, [("a", T, False, 1.0), ("b", S, False, 2.0)], "b"),
-    (T, [("a", O, False, 1.0)], None),
-    (S, [("a", U, False, 1.0)], None),      # a tier anyone can mint never evicts
-    (U, [("a", U, False, 1.0)], None),
-    (O, [], None),
+    (OP, [("a", SP, False, 1.0), ("b", UN, False, 5.0), ("c", UN, False, 2.0)], "c"),
+    (OP, [("a", SP, False, 1.0), ("b", UN, True, 0.0)], "a"),
+    (OP, [("a", TP, False, 1.0), ("b", SP, False, 9.0)], "b"),
+    (OP, [("a", OP, False, 1.0), ("b", SP, True, 1.0)], None),
+    (TP, [("a", TP, False, 1.0), ("b", SP, False, 2.0)], "b"),
+    (TP, [("a", OP, False, 1.0)], None),
+    (SP, [("a", UN, False, 1.0)], None),      # a tier anyone can mint never evicts
+    (UN, [("a", UN, False, 1.0)], None),
+    (OP, [], None),
 ])
 def test_pick_victim(evictor: Tier, seats: list[tuple[str, Tier, bool, float]],
                      victim: str | None) -> None:
@@ -181,22 +181,22 @@ def test_pick_victim(evictor: Tier, seats: list[tuple[str, Tier, bool, float]],
 
 
 def test_reasons_are_served_as_bulk() -> None:
-    assert over_tier_reason(S) == "over-share:tier:self-proven"
-    assert over_tier_rate_reason(S) == "over-rate:tier:self-proven"
+    assert over_tier_reason(SP) == "over-share:tier:self-proven"
+    assert over_tier_rate_reason(SP) == "over-rate:tier:self-proven"
     assert over_ip_reason("192.0.2.1") == "over-share:ip:192.0.2.1"
-    assert rate_key(T) == "tier:third-party"
-    for reason in (over_tier_reason(S), over_tier_rate_reason(S), over_ip_reason("x")):
+    assert rate_key(TP) == "tier:third-party"
+    for reason in (over_tier_reason(SP), over_tier_rate_reason(SP), over_ip_reason("x")):
         assert served_over_share(("spf-pass:x", reason))
 
 
 @pytest.mark.parametrize("tables, rates, parts", [
-    ({}, {S: (200.0, 20.0)}, 2 + 0),
+    ({}, {SP: (200.0, 20.0)}, 2 + 0),
     ({"tiers": {"self_proven_rate": 0.0}}, {}, 2),
     ({"tiers": {"third_party_rate": 5.0, "third_party_burst": 2.0}},
-     {S: (200.0, 20.0), T: (5.0, 2.0)}, 2),
-    ({"listen": {"fast_port": 0}}, {S: (200.0, 20.0)}, 3),   # the fast port's learned clients
+     {SP: (200.0, 20.0), TP: (5.0, 2.0)}, 2),
+    ({"listen": {"fast_port": 0}}, {SP: (200.0, 20.0)}, 3),   # the fast port's learned clients
     ({"listen": {"fast_port": 0}, "supervisor": {"acceptors": 2, "fast_acceptors": 0}},
-     {S: (200.0, 20.0)}, 2),
+     {SP: (200.0, 20.0)}, 2),
 ])
 def test_tier_rates_and_parts(tmp_path, tables: dict, rates: dict, parts: int) -> None:
     from tests.kit.harness import write_config
