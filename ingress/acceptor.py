@@ -23,7 +23,14 @@ are behind PROXY; the slots are admission.configured_limit's (logged as connecti
 start, with what limited them).
 
 Memory: the bytes all sessions hold in DATA (until their ack) are bounded by one DataBudget
-(smtp.data_memory_budget, with smtp.data_fast_reserve for the fast lane only).
+(smtp.data_memory_budget, with smtp.data_fast_reserve for the fast lane only, of which the
+capped trust tiers their parts: ingress.policy.tiers).
+
+Rates at MAIL FROM: each acceptor holds its part of classify.domain_rate per domain and of
+tiers.self_proven_rate for the whole self-proven tier (AcceptorContext.over_rate_why).
+
+Hand-off: a port-25 acceptor hands operator and third-party clients known at connect to a fast
+acceptor (ingress.handoff) and serves what a fast acceptor gives back (serve_returned).
 
 The event loop (uvloop) never blocks: no DNS, no disk, no CPU-heavy work here. Every wait has a
 deadline: the ack wait is smtp.ack_timeout; a broker that is down fails the send at once

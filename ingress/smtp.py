@@ -7,8 +7,10 @@ API:
 
 What this layer adds to aiosmtpd (docs/design.md lists the aiosmtpd traps it works around):
 - classification and admission in connection_made, before aiosmtpd builds anything: a refused
-  connection (421 4.7.0, no banner) costs microseconds; a client classified fast there is
-  handed to a fast acceptor (ingress.handoff) and served in that process; behind a
+  connection (421 4.7.0, no banner) costs microseconds; a client of the operator or third-party
+  trust tier known there is handed to a fast acceptor (ingress.handoff) and served in that
+  process (which gives it back, to be served here, if it cannot admit it: hand_back_to,
+  returned); a fast session is admitted by its tier (ingress.policy.tiers); behind a
   PROXY-protocol balancer (per listener) they wait for the header (ingress/proxy.py), and
   the greet pause and the early-talker test start after it; the fast port
   (listen.fast_port) serves fast-lane clients only;
