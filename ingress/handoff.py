@@ -16,7 +16,8 @@ Purpose
     A fast acceptor that cannot admit a connection (its slots full even after it took an
     idle lower-tier session's room, or it is draining) does not refuse it: it hands it back
     to the acceptor it came from (the sender's socket is bound to an abstract address for
-    that), which serves it where it arrived and never hands it off again.
+    that; it takes connections back only from the fast acceptors' own socket paths), which
+    serves it where it arrived and never hands it off again.
 
 API
     endpoint(cfg, index) -> str        the unix socket path of fast acceptor `index`
@@ -120,11 +121,14 @@ class Sender:
                 return
             if got is None:
                 return
-            msg, conn, _addr = got
-            if conn is None or msg != RETURN:
+            msg, conn, addr = got
+            # Only from a fast acceptor: its socket's path is in the state directory, and the
+            # kernel fills in a datagram's source address (an abstract address, which anyone
+            # on the host could send to, is ours, not theirs).
+            if conn is None or msg != RETURN or addr not in self.paths:
                 if conn is not None:
                     conn.close()
-                log.event("handoff_ignored", "warning", size=len(msg))
+                log.event("handoff_ignored", "warning", size=len(msg), sender=str(addr)[:120])
                 continue
             self.returned(conn)
 
