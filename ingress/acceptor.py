@@ -64,7 +64,7 @@ from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
 from ingress.core.fsutil import atomic_write
 from ingress.core.metrics import DeferReason, RetryResult
-from ingress.core.ratelimit import KeyedBuckets, TokenBucket
+from ingress.core.ratelimit import FairBucket, KeyedBuckets
 from ingress.core.wire import CLAIM_TOPIC, DEFER_TOPIC, Envelope, Lane, Reply
 from ingress.dataread import DataBudget
 from ingress.evidence import cert_evidence, normalize_fingerprint, sha256_fingerprint
@@ -153,11 +153,14 @@ class AcceptorContext:
         mine, _ = domain_buckets(c.domain_rate, c.domain_burst, cfg.acceptor_processes)
         self.domain_rates = KeyedBuckets(*mine, RATE_TRACKED)
         # tiers.self_proven_rate (and third_party_rate): one total rate for every identity of
-        # the tier, held here at MAIL FROM by each acceptor that serves the tier (its part);
-        # the fast broker's bucket bounds the sum of several edges
+        # the tier, held here at MAIL FROM by each acceptor that serves the tier (its part),
+        # shared max-min fairly between the tier's identities (FairBucket: however many domains
+        # a spammer mints, a domain sending less than its fair share is not refused); the
+        # fast broker's bucket bounds the sum of several edges
         now = time.monotonic()
         self.tier_rates = {
-            tier: TokenBucket(*tier_buckets(rate, burst, rate_parts(cfg))[0], now=now)
+            tier: FairBucket(*tier_buckets(rate, burst, rate_parts(cfg))[0], now=now,
+                             max_keys=RATE_TRACKED)
             for tier, (rate, burst) in tier_rates(cfg).items()}
         self.table = SessionTable(cfg, self.counters, time.monotonic(), nofile=nofile)
         self.pins = frozenset(normalize_fingerprint(f) for f in cfg.tls.pinned_sha256)
@@ -242,7 +245,8 @@ class AcceptorContext:
         (tiers.self_proven_rate: over-rate:tier:<tier>), either named so by the fast
         broker(s), or, for a `transaction` (a MAIL FROM to be served fast), without a token of
         this acceptor's part of the rate (taken when there is one; the domain's first, so a
-        domain over its own rate spends none of its tier's). The operator tier: never."""
+        domain over its own rate spends none of its tier's; the tier's is shared fairly
+        between its identities). The operator tier: never."""
         if not identity:
             return ""
         key = share_key(identity)
@@ -253,7 +257,7 @@ class AcceptorContext:
         tier = fast_tier(identity)
         bucket = self.tier_rates.get(tier)
         if bucket is not None and (self.lanes.over_rate(rate_key(tier)) or (
-                transaction and not bucket.take(now))):
+                transaction and not bucket.take(key, now))):
             return over_tier_rate_reason(tier)
         return ""
 
