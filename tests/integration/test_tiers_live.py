@@ -81,6 +81,8 @@ class Session:
         for line in (f"MAIL FROM:<{sender}>", "RCPT TO:<bob@example.test>"):
             r = await self.cmd(line)
             if not r.startswith("250"):
+                if line.startswith("RCPT") and r.startswith("4") and not r.startswith("421"):
+                    await self.cmd("RSET")        # the bulk cap answers at the first RCPT
                 return r
         r = await self.cmd("DATA")
         if not r.startswith("354"):
