@@ -6,16 +6,19 @@ API: TokenBucket(rate, burst); .take(now) -> bool; .tokens(now) -> float.
      KeyedBuckets(rate, burst, max_keys); .take(key, now) -> bool; len()
      FairBucket(rate, burst, now=0.0, window=1.0, max_keys=4096); .take(key, now) -> bool;
          .active(now) -> int (keys that asked within the window); .tokens(now)
-         One TokenBucket shared by every key, max-min fair between the keys that asked within
-         the last `window` seconds: a key takes a token only while its use over the last window
-         is below the fair level, the water-filling level at which the keys' asks, each cut
-         at it, add up to HEADROOM (0.8) of the rate (recomputed every tenth of a window); a
-         full bucket's token (which would be lost) goes to anyone. So however many keys ask, a
-         key that asks for less than its fair share finds a token (the headroom keeps some in
-         the bucket), and the keys that ask for more share the rest evenly. Asks and uses are
-         sliding windows of two slots; keys are forgotten `window` after they last asked (and
-         beyond max_keys, the least recently asking first). Cost: O(1) per take, and an
-         O(keys log keys) recomputation every tenth of a window (4096 keys: ~1 ms).
+         One TokenBucket shared by every key, max-min fair between the keys: the fair level is
+         the water-filling level at which the keys' asks over the last `window` seconds, each
+         cut at it, add up to HEADROOM (0.8) of the rate (recomputed every tenth of a window;
+         .level(now)); each key has a bucket of its own at that level (two windows deep; a new
+         key starts with it full), and takes a shared token only with one of its own (spent
+         even when the shared bucket is empty, so a greedy key cannot hoard them), or when the
+         shared bucket is full (its token would be lost: work-conserving). So however many
+         keys ask, a key that asks for less than its fair share finds a token nearly always
+         (the headroom keeps some in the shared bucket), and the keys that ask for more share
+         the rest. Asks are a sliding window of two slots; a key is forgotten KEEP (10)
+         windows after it last asked, and beyond max_keys the least recently asking first.
+         Cost: O(1) per take, and an O(keys log keys) recomputation every tenth of a window
+         (4096 keys: ~1 ms).
 rate <= 0 means uncapped (take() always succeeds). burst <= 0 means one second of rate (at least 1).
 Limits: monotonic `now` expected; a clock going backwards is treated as no time passing.
 KeyedBuckets holds at most max_keys buckets: the least recently used is forgotten, and a key
