@@ -143,9 +143,10 @@ class IngressHandler:
             server.reasons = decide(server.evidence, ctx.policy).reasons
             why = "learned-mismatch"
         elif ctx.over_rate(server.identity, transaction=True):
-            # Its domain is over classify.domain_rate (no token here, or named by the fast
-            # broker): bulk from this transaction on (below, its SPF decides again and names
-            # the reason), so the bulk cap sheds it before DATA, not after.
+            # Its domain is over classify.domain_rate, or its trust tier over its total rate
+            # (no token here, or named by the fast broker): bulk from this transaction on
+            # (below, its SPF decides again and names the reason), so the bulk cap sheds it
+            # before DATA, not after.
             why = "over-rate"
         else:
             return False
