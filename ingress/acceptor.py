@@ -23,7 +23,14 @@ are behind PROXY; the slots are admission.configured_limit's (logged as connecti
 start, with what limited them).
 
 Memory: the bytes all sessions hold in DATA (until their ack) are bounded by one DataBudget
-(smtp.data_memory_budget, with smtp.data_fast_reserve for the fast lane only).
+(smtp.data_memory_budget, with smtp.data_fast_reserve for the fast lane only, of which the
+capped trust tiers their parts: ingress.policy.tiers).
+
+Rates at MAIL FROM: each acceptor holds its part of classify.domain_rate per domain and of
+tiers.self_proven_rate for the whole self-proven tier (AcceptorContext.over_rate_why).
+
+Hand-off: a port-25 acceptor hands operator and third-party clients known at connect to a fast
+acceptor (ingress.handoff) and serves what a fast acceptor gives back (serve_returned).
 
 The event loop (uvloop) never blocks: no DNS, no disk, no CPU-heavy work here. Every wait has a
 deadline: the ack wait is smtp.ack_timeout; a broker that is down fails the send at once
@@ -57,7 +64,7 @@ from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
 from ingress.core.fsutil import atomic_write
 from ingress.core.metrics import DeferReason, RetryResult
-from ingress.core.ratelimit import KeyedBuckets
+from ingress.core.ratelimit import FairBucket, KeyedBuckets
 from ingress.core.wire import CLAIM_TOPIC, DEFER_TOPIC, Envelope, Lane, Reply
 from ingress.dataread import DataBudget
 from ingress.evidence import cert_evidence, normalize_fingerprint, sha256_fingerprint
@@ -92,6 +99,15 @@ from ingress.policy.identity import (
 )
 from ingress.policy.replies import Refusal, text
 from ingress.policy.session_rules import ErrorPolicy
+from ingress.policy.tiers import (
+    TierShares,
+    fast_tier,
+    over_tier_rate_reason,
+    rate_key,
+    rate_parts,
+    tier_buckets,
+    tier_rates,
+)
 from ingress.rcpt_verify import RecipientVerifier
 from ingress.sessions import Seat, SessionTable
 from ingress.smtp import IngressSMTP
@@ -115,7 +131,8 @@ class AcceptorContext:
         self.ident = f"{'f' if fast else 'a'}{index}-{os.getpid()}"
         # a port-25 acceptor hands clients classified fast at connect to the fast acceptors
         # (ingress.handoff); a fast acceptor serves what it is handed, and hands nothing on
-        self.handoff = None if fast else handoff.Sender(cfg)
+        self.handoff = None if fast else handoff.Sender(
+            cfg, loop, lambda conn: serve_returned(self, conn))
         c, a, s = cfg.classify, cfg.admission, cfg.smtp
         self.domains = frozenset(s.accepted_domains)
         self.recipients = load_recipient_map(s.recipient_map) if s.recipient_map else None
@@ -135,12 +152,22 @@ class AcceptorContext:
         # over it in its status: Lanes.over_rate)
         mine, _ = domain_buckets(c.domain_rate, c.domain_burst, cfg.acceptor_processes)
         self.domain_rates = KeyedBuckets(*mine, RATE_TRACKED)
+        # tiers.self_proven_rate (and third_party_rate): one total rate for every identity of
+        # the tier, held here at MAIL FROM by each acceptor that serves the tier (its part),
+        # shared max-min fairly between the tier's identities (FairBucket: however many domains
+        # a spammer mints, a domain sending less than its fair share is not refused); the
+        # fast broker's bucket bounds the sum of several edges
+        now = time.monotonic()
+        self.tier_rates = {
+            tier: FairBucket(*tier_buckets(rate, burst, rate_parts(cfg))[0], now=now,
+                             max_keys=RATE_TRACKED)
+            for tier, (rate, burst) in tier_rates(cfg).items()}
         self.table = SessionTable(cfg, self.counters, time.monotonic(), nofile=nofile)
         self.pins = frozenset(normalize_fingerprint(f) for f in cfg.tls.pinned_sha256)
         self.spf_service = SpfService(cfg, self.counters)
         # Bytes held in DATA by all sessions (smtp.data_memory_budget); bulk never takes the
         # fast lane's part (smtp.data_fast_reserve).
-        self.data_budget = DataBudget(*cfg.data_budget)
+        self.data_budget = DataBudget(*cfg.data_budget, TierShares.of(cfg))
         self.tls_context = starttls_context(cfg)
         self.mtls_context = mtls.mtls_context(cfg)
         self.handler = IngressHandler(self)
@@ -156,6 +183,7 @@ class AcceptorContext:
         self.verifier = verifier(cfg)
         self.draining = False
         self.lanes = Lanes(cfg, self.ident)
+        self.receiver: handoff.Receiver | None = None    # a fast acceptor's (listeners())
         self.deferrals: DeferralRecords = DeferralStore(deferral_limits(cfg))
         self.hammered_lines = log.Throttle(OVER_RATE_LOG_EVERY, OVER_RATE_LOGGED_MAX)
         # [cluster] redis: the state every edge shares (None: in-process only, one host)
@@ -179,20 +207,28 @@ class AcceptorContext:
                               sha256_fingerprint(peercert_der))
         return ev
 
-    def decide(self, evidence: Evidence, transaction: bool = False) -> Decision:
+    def decide(self, evidence: Evidence, transaction: bool = False, peer: str = "") -> Decision:
         """The policy's decision, served as bulk when its identity holds its share of this
-        acceptor's slots (SessionTable.within_share: classify.identity_share), or is a domain
-        over classify.domain_rate (over_rate; reason over-rate:<key>): its sessions are then
-        shed by the bulk cap at their first RCPT, not after DATA. `transaction`: a MAIL FROM, which
-        takes a token of the domain's rate when it is served fast."""
-        decision = self.table.within_share(decide(evidence, self.policy))
-        if decision.lane is Lane.FAST and self.over_rate(decision.identity, transaction):
+        acceptor's slots (SessionTable.within_share: classify.identity_share), its trust tier
+        its cap, or its IP (`peer`) admission.per_ip_fast_max fast sessions of the capped
+        tiers; or when it is a domain over classify.domain_rate or of a tier over its total
+        rate (over_rate_why; reason over-rate:<key>): its sessions are then shed by the bulk
+        cap at their first RCPT, not after DATA. `transaction`: a MAIL FROM, which takes a
+        token of the domain's rate and of its tier's when it is served fast."""
+        decision = self.table.within_share(decide(evidence, self.policy), peer)
+        why = self.over_rate_why(decision.identity, transaction) \
+            if decision.lane is Lane.FAST else ""
+        if why:
             self.counters["over_rate"] += 1
-            key = share_key(decision.identity)
-            metrics.over_share("rate", key)
-            reasons = (*decision.reasons, over_rate_reason(decision.identity))
-            # One line per domain per OVER_RATE_LOG_EVERY (the spammer chooses how many MAILs:
-            # the metric counts each), with the number left out since the last.
+            key = why.partition(":")[2]
+            tier = fast_tier(decision.identity)
+            if why == over_tier_rate_reason(tier):
+                metrics.over_tier(tier.label, "rate")
+            else:
+                metrics.over_share("rate", key)
+            reasons = (*decision.reasons, why)
+            # One line per domain (or tier) per OVER_RATE_LOG_EVERY (the spammer chooses how
+            # many MAILs: the metric counts each), with the number left out since the last.
             quiet = self.over_rate_lines.due(key, time.monotonic())
             if quiet is not None:
                 log.event("over_rate", identity=decision.identity, reasons=",".join(reasons),
@@ -201,25 +237,49 @@ class AcceptorContext:
         return decision
 
     def over_rate(self, identity: str, transaction: bool = False) -> bool:
-        """Is this identity a domain over classify.domain_rate: named so by the fast broker(s),
-        or, for a `transaction` (a MAIL FROM to be served fast), without a token of this
-        acceptor's part of the rate (taken when there is one)? Other identities: never."""
+        return bool(self.over_rate_why(identity, transaction))
+
+    def over_rate_why(self, identity: str, transaction: bool = False) -> str:
+        """Why this identity is over a rate ("" if it is not): a domain over
+        classify.domain_rate (over-rate:<key>), or an identity of a tier over its total rate
+        (tiers.self_proven_rate: over-rate:tier:<tier>), either named so by the fast
+        broker(s), or, for a `transaction` (a MAIL FROM to be served fast), without a token of
+        this acceptor's part of the rate (taken when there is one; the domain's first, so a
+        domain over its own rate spends none of its tier's; the tier's is shared fairly
+        between its identities). The operator tier: never."""
+        if not identity:
+            return ""
         key = share_key(identity)
-        if not identity or not rate_bounded(key):
-            return False
-        if self.lanes.over_rate(key):
-            return True
-        return transaction and not self.domain_rates.take(key, time.monotonic())
+        now = time.monotonic()
+        if rate_bounded(key) and (self.lanes.over_rate(key) or (
+                transaction and not self.domain_rates.take(key, now))):
+            return over_rate_reason(identity)
+        tier = fast_tier(identity)
+        bucket = self.tier_rates.get(tier)
+        if bucket is not None and (self.lanes.over_rate(rate_key(tier)) or (
+                transaction and not bucket.take(key, now))):
+            return over_tier_rate_reason(tier)
+        return ""
 
     def demote(self, proto: Seat) -> None:
         self.table.demote(proto)
 
     def hand_off(self, transport: asyncio.BaseTransport) -> bool:
-        """A connection classified fast at connect, on a plain listener: give it to a fast
-        acceptor (True: the caller closes its copy and writes nothing)."""
+        """A connection classified fast at connect (operator or third-party tier), on a plain
+        listener: give it to a fast acceptor (True: the caller closes its copy and writes
+        nothing)."""
         if self.handoff is None or self.draining or not self.handoff.offer(transport):
             return False
         self.counters["handed_off"] += 1
+        return True
+
+    def hand_back(self, transport: asyncio.BaseTransport, to: Any) -> bool:
+        """A fast acceptor that cannot admit a connection handed to it (slots full, draining):
+        give it back to the acceptor `to` that handed it over, which serves it where it
+        arrived (True: the caller closes its copy and writes nothing)."""
+        if self.receiver is None or to is None or not self.receiver.give_back(transport, to):
+            return False
+        self.counters["handed_back"] += 1
         return True
 
     def admit(self, proto: Seat) -> str | None:
@@ -503,8 +563,9 @@ async def listeners(ctx: AcceptorContext, sock: Listening, mtls_sock: Listening,
     loop, lst = ctx.loop, ctx.cfg.listen
     servers: list[Any] = []
     if sock is None:
-        servers.append(handoff.Receiver(ctx.cfg, ctx.index, loop,
-                                        lambda conn: serve_handed(ctx, conn)))
+        ctx.receiver = handoff.Receiver(ctx.cfg, ctx.index, loop,
+                                        lambda conn, sender: serve_handed(ctx, conn, sender))
+        servers.append(ctx.receiver)
     # A plain listener starts each connection in the lobby (ingress.lobby: no aiosmtpd session
     # until the client speaks); behind PROXY the session is built at once.
     servers += [await loop.create_server(
@@ -579,12 +640,24 @@ async def serve(cfg: Config, index: int, sock: Listening, hb: Any, slot: int,
         ctx.handoff.close()
 
 
-def serve_handed(ctx: AcceptorContext, conn: socket.socket) -> None:
+def serve_handed(ctx: AcceptorContext, conn: socket.socket, sender: Any = None) -> None:
     """A fast acceptor: an SMTP session on a socket another acceptor accepted and handed over
-    (classified again here, from the same evidence, with this process's own slots)."""
+    (classified again here, from the same evidence, with this process's own slots); refused
+    here, it goes back to `sender` (IngressSMTP.hand_back_to, AcceptorContext.hand_back)."""
+    _serve_socket(ctx, conn, lambda: IngressSMTP(ctx, hand_back_to=sender))
+
+
+def serve_returned(ctx: AcceptorContext, conn: socket.socket) -> None:
+    """A port-25 acceptor: a connection it had handed to a fast acceptor, given back (that one
+    could not admit it): served here, where it arrived, and never handed off again."""
+    ctx.counters["returned"] += 1
+    _serve_socket(ctx, conn, lambda: IngressSMTP(ctx, returned=True))
+
+
+def _serve_socket(ctx: AcceptorContext, conn: socket.socket, factory: Any) -> None:
     async def start() -> None:
         try:
-            await ctx.loop.connect_accepted_socket(lambda: IngressSMTP(ctx), conn)
+            await ctx.loop.connect_accepted_socket(factory, conn)
         except OSError as e:        # the client went meanwhile
             conn.close()
             log.event("handoff_session_failed", "info", error=str(e))

@@ -6,8 +6,11 @@ API:
     derived(cfg, nofile=None) -> dict    the limits the processes compute from the config and the
                                      machine: acceptors and workers per core, connection slots
                                      per acceptor (and what the fd limit allows), bulk shares,
-                                     the retry share (deferrals.retry_buckets);
-                                     every listen address and the sockets they take
+                                     the retry share (deferrals.retry_buckets); the trust
+                                     tiers' part of every fast resource (tiers.cap,
+                                     tiers.operator_floor) and the self-proven total rate
+                                     (tiers.tier_buckets); every listen address and the
+                                     sockets they take
     render(cfg) -> str               both, for a terminal (derived values as TOML comments, so
                                      the output is itself a valid config file)
 
@@ -36,6 +39,15 @@ from ingress.policy.admission import (
 )
 from ingress.policy.deferrals import retry_buckets
 from ingress.policy.identity import domain_buckets, fast_slots, share_bound
+from ingress.policy.tiers import (
+    Tier,
+    TierShares,
+    cap,
+    operator_floor,
+    rate_parts,
+    tier_buckets,
+    tier_rates,
+)
 
 
 def _toml(v: Any) -> str:
@@ -104,6 +116,7 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
     domains = domain_buckets(cfg.classify.domain_rate, cfg.classify.domain_burst,
                              cfg.acceptor_processes)
     return {
+        "tiers": tier_limits(cfg, reserve),
         "cores": cores,
         "acceptors": acceptors,
         "workers": workers,
@@ -139,6 +152,63 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
     }
 
 
+def tier_limits(cfg: config.Config, reserve: int) -> dict[str, Any]:
+    """What each trust tier may hold of every fast resource (per acceptor: slots of the fast
+    reserve, DATA bytes of smtp.data_fast_reserve; per lanes node: the fast queue's messages and
+    bytes, the fast workers' credit): "at_most" for the capped tiers, "at_least" (its floor,
+    which no lower tier can use) for the operator; the tiers' total rates."""
+    shares = TierShares.of(cfg)
+    resources = {
+        "slots_per_acceptor": reserve,
+        "data_bytes_per_acceptor": cfg.data_budget[1],
+        "fast_queue_messages": cfg.lanes.fast.queue_max,
+        "fast_queue_bytes": cfg.queue_bytes("fast"),
+        "fast_worker_credit": cfg.worker_count("fast") * cfg.lanes.fast.credit,
+    }
+    out: dict[str, Any] = {
+        "operator": {"at_least": {k: operator_floor(v, shares) for k, v in resources.items()}},
+        **{t.label: {"at_most": {k: cap(t, v, shares) for k, v in resources.items()}}
+           for t in (Tier.THIRD_PARTY, Tier.SELF_PROVEN)},
+        "of": resources,
+        "per_ip_fast_max": cfg.admission.per_ip_fast_max,
+    }
+    parts = rate_parts(cfg)
+    for tier, (rate, burst) in tier_rates(cfg).items():
+        mine, broker = tier_buckets(rate, burst, parts)
+        out[tier.label]["rate_per_acceptor"] = {"rate": round(mine[0], 4),
+                                                "burst": round(mine[1], 4)}
+        out[tier.label]["rate_at_broker"] = {"rate": round(broker[0], 4),
+                                             "burst": round(broker[1], 4)}
+    return out
+
+
+def _tier_lines(cfg: config.Config, t: dict[str, Any]) -> list[str]:
+    names = {"slots_per_acceptor": "slots per acceptor (of smtp.fast_reserve)",
+             "data_bytes_per_acceptor": "DATA bytes per acceptor (of smtp.data_fast_reserve)",
+             "fast_queue_messages": "fast queue, messages (of lanes.fast.queue_max)",
+             "fast_queue_bytes": "fast queue, bytes",
+             "fast_worker_credit": "fast worker credit (workers x lanes.fast.credit)"}
+    lines = [f"# trust tiers (tiers.self_proven_share {cfg.tiers.self_proven_share:g}, "
+             f"third_party_share {cfg.tiers.third_party_share:g}): of each fast resource, "
+             "the operator tier always holds its floor, no lower tier can use it"]
+    for key, name in names.items():
+        lines.append(f"#   {name}: {t['of'][key]}: operator at least "
+                     f"{t['operator']['at_least'][key]}, third-party at most "
+                     f"{t['third-party']['at_most'][key]}, self-proven at most "
+                     f"{t['self-proven']['at_most'][key]}")
+    for label in ("self-proven", "third-party"):
+        r, b = t[label].get("rate_per_acceptor"), t[label].get("rate_at_broker")
+        if r is None:
+            lines.append(f"#   {label}: no total rate")
+        else:
+            lines.append(f"#   {label}: one total rate for all its identities, {b['rate']:g}/s "
+                         f"(burst {b['burst']:g}) at the fast broker, {r['rate']:g}/s "
+                         f"(burst {r['burst']:g}) per acceptor at MAIL FROM")
+    lines.append(f"#   promoted sessions per IP per acceptor (self-proven, third-party): at most "
+                 f"{t['per_ip_fast_max']} (admission.per_ip_fast_max); beyond every cap: bulk")
+    return lines
+
+
 def render(cfg: config.Config, nofile: tuple[int, int] | None = None) -> str:
     d = derived(cfg, nofile)
     w, wpc = d["workers"], d["workers_per_core"]
@@ -163,6 +233,7 @@ def render(cfg: config.Config, nofile: tuple[int, int] | None = None) -> str:
         f"{d['fast_sessions_per_identity_per_acceptor']} fast sessions per acceptor, the same "
         "share of the fast queue and workers; beyond it, bulk",
     ]
+    lines += _tier_lines(cfg, d["tiers"])
     la = d["listen_addresses"]
     lines.append("# listening on " + "; ".join(
         f"{name} {', '.join(addrs)}" for name, addrs in la.items() if addrs)

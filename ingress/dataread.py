@@ -7,10 +7,18 @@ line lengths with bytes methods (C loops), and appends to one bytearray.
 
 API (pure: no I/O, but read_stream; the SMTP layer feeds it from its StreamReader's buffer):
     DataState                       NOMINAL, TOO_LONG (500), TOO_MUCH (552), NO_STORAGE (452)
-    DataBudget(total, fast_reserve) the bytes in DATA of one acceptor: take(lane, n) -> bool,
-                                    give(lane, n), bulk_full() (less than MIN_FREE left for
-                                    bulk); bulk never uses fast_reserve
-    DataReader(size_limit, budget, lane, line_limit=1001)
+    DataBudget(total, fast_reserve, shares=TierShares())   the bytes in DATA of one acceptor:
+                                    charge(tier, n) -> the tier charged (the session's, or
+                                    UNKNOWN: a capped tier past its cap is charged as bulk) or
+                                    None; release(tier, n); full(tier) (less than MIN_FREE left
+                                    for that tier, bulk included for a capped tier; never for
+                                    the operator's); take(lane, n) / give(lane, n) /
+                                    bulk_full() for a lane (FAST = the operator tier). The
+                                    rule is ingress.policy.tiers.admits: bulk never uses
+                                    fast_reserve, the third-party and self-proven tiers each at
+                                    most their share of it, the operator the rest
+    DataReader(size_limit, budget, lane, line_limit=1001, tier=None)   `tier`: the session's
+                                    trust tier (ingress.policy.tiers; None: by the lane)
         feed(buf) -> (consumed, done)   consume from `buf` (the caller deletes `consumed` bytes);
                                         done: the end-of-data line was consumed
         content() -> bytes              the message, dot-unstuffed (NOMINAL only)
@@ -27,8 +35,11 @@ lines (CRLFs and stuffing dots included, the final ".\r\n" not) -> TOO_MUCH; the
 in stream order wins (a line that is both is TOO_LONG). Data after an error is read and dropped,
 and the reply comes after the end of data (RFC 5321 4.2.5).
 
-Budget: each consumed piece is charged before it is kept. A piece that does not fit (a bulk
-session past the bulk share, any session past the total) turns the message into NO_STORAGE: what
+Budget: each consumed piece is charged before it is kept (a self-proven or third-party session
+past its tier's part of the reserve is charged to the bulk share, as the session would be served
+past its cap). A piece that does not fit (a bulk session past the bulk share, any session past
+the total, a capped tier past both its part and the bulk share) turns the message into
+NO_STORAGE: what
 it held is given back at once, the rest is read and dropped, and the reply after the end of data
 is 452 4.3.1. The charge stays until release(), i.e. through the ack wait, while the body is
 still held.
@@ -46,6 +57,7 @@ import re
 from enum import Enum
 
 from ingress.core.wire import Lane
+from ingress.policy.tiers import CAPPED, FAST_TIERS, Tier, TierShares, admits
 
 TERMINATOR = b"\r\n.\r\n"
 MIN_FREE = 64 * 1024         # a bulk DATA is refused at once when less than this is left
@@ -65,51 +77,89 @@ class DataState(Enum):
 
 
 class DataBudget:
-    """Bytes held in DATA by all the sessions of one acceptor. The fast lane may use all of
-    `total`; bulk at most total - fast_reserve, so the reserve is always there for fast."""
+    """Bytes held in DATA by all the sessions of one acceptor. Bulk at most
+    total - fast_reserve, so the reserve is always there for the fast lane; of the reserve the
+    capped tiers each at most their share (ingress.policy.tiers.admits), the operator tier the
+    rest and anything free."""
 
-    def __init__(self, total: int, fast_reserve: int) -> None:
+    def __init__(self, total: int, fast_reserve: int,
+                 shares: TierShares | None = None) -> None:
         if not 0 <= fast_reserve < total:
             raise ValueError("need 0 <= fast_reserve < total")
         self.total, self.fast_reserve = total, fast_reserve
+        self.shares = shares or TierShares()
         self.used = 0
-        self.used_bulk = 0
+        self._held: dict[Tier, int] = dict.fromkeys(FAST_TIERS, 0)
 
     @property
     def bulk_limit(self) -> int:
         return self.total - self.fast_reserve
 
-    def bulk_full(self) -> bool:
-        """Less than MIN_FREE (or a tenth of the bulk share) left for bulk: not worth a 354."""
+    @property
+    def used_bulk(self) -> int:
+        """Bytes charged as bulk (bulk sessions, and capped tiers past their part)."""
+        return self.used - sum(self._held.values())
+
+    def held(self, tier: Tier) -> int:
+        return self._held.get(tier, 0)
+
+    def _fits(self, tier: Tier, n: int) -> bool:
+        return admits(tier, n, self._held, self.used, self.total, self.fast_reserve,
+                      self.shares)
+
+    def full(self, tier: Tier) -> bool:
+        """Less than MIN_FREE (or a tenth of the bulk share) left for `tier` (for a capped
+        tier: in its part nor in the bulk share): not worth a 354. Never for the operator."""
+        if tier is Tier.OPERATOR:
+            return False
         need = min(MIN_FREE, max(1, self.bulk_limit // 10))
-        return self.used_bulk + need > self.bulk_limit or self.used + need > self.total
+        if tier in CAPPED and self._fits(tier, need):
+            return False
+        return not self._fits(Tier.UNKNOWN, need)
+
+    def bulk_full(self) -> bool:
+        return self.full(Tier.UNKNOWN)
+
+    def charge(self, tier: Tier, n: int) -> Tier | None:
+        """Charge `n` bytes for a session of `tier`: the tier charged (UNKNOWN for bulk, or
+        for a capped tier past its part of the reserve), or None (it does not fit)."""
+        if tier is not Tier.UNKNOWN and self._fits(tier, n):
+            self._held[tier] += n
+            self.used += n
+            return tier
+        if tier is not Tier.OPERATOR and self._fits(Tier.UNKNOWN, n):
+            self.used += n
+            return Tier.UNKNOWN
+        return None
+
+    def release(self, tier: Tier, n: int) -> None:
+        self.used -= n
+        if tier is not Tier.UNKNOWN:
+            self._held[tier] -= n
 
     def take(self, lane: Lane, n: int) -> bool:
-        if self.used + n > self.total:
-            return False
-        if lane is Lane.BULK:
-            if self.used_bulk + n > self.bulk_limit:
-                return False
-            self.used_bulk += n
-        self.used += n
-        return True
+        return self.charge(_lane_tier(lane), n) is not None
 
     def give(self, lane: Lane, n: int) -> None:
-        self.used -= n
-        if lane is Lane.BULK:
-            self.used_bulk -= n
+        self.release(_lane_tier(lane), n)
+
+
+def _lane_tier(lane: Lane) -> Tier:
+    return Tier.OPERATOR if lane is Lane.FAST else Tier.UNKNOWN
 
 
 class DataReader:
     def __init__(self, size_limit: int | None, budget: DataBudget | None, lane: Lane,
-                 line_limit: int = 1001) -> None:
+                 line_limit: int = 1001, tier: Tier | None = None) -> None:
         self.size_limit = size_limit or 0
         self.budget, self.lane, self.line_limit = budget, lane, line_limit
+        self.tier = Tier.UNKNOWN if lane is Lane.BULK else tier or Tier.OPERATOR
         self.state = DataState.NOMINAL
         self.raw = bytearray()
         self.total = 0           # bytes of lines so far (aiosmtpd's num_bytes)
         self.line = 0            # length of the incomplete line so far
         self.charged = 0
+        self._charges: dict[Tier, int] = {}     # what was charged as which tier
         self.at_start = True
 
     def feed(self, buf: bytes | bytearray) -> tuple[int, bool]:
@@ -140,10 +190,12 @@ class DataReader:
         if self.state is not DataState.NOMINAL:
             return
         if self.budget is not None:
-            if not self.budget.take(self.lane, n):
+            got = self.budget.charge(self.tier, n)
+            if got is None:
                 self._fail(DataState.NO_STORAGE)
                 return
             self.charged += n
+            self._charges[got] = self._charges.get(got, 0) + n
         self.raw += seg
 
     def _check(self, seg: bytes | bytearray) -> None:
@@ -210,8 +262,10 @@ class DataReader:
         return bytes(raw)
 
     def release(self) -> None:
-        if self.budget is not None and self.charged:
-            self.budget.give(self.lane, self.charged)
+        if self.budget is not None:
+            for tier, n in self._charges.items():
+                self.budget.release(tier, n)
+        self._charges.clear()
         self.charged = 0
 
 

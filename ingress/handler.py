@@ -10,13 +10,14 @@ What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; th
   before_mail (421 4.7.0 too many transactions without a message); SPF for a bulk session,
   evaluated for the canonical domain (ingress.core.headers.spf_request: every spelling of a
   name is one domain; not a domain name: none, no lookup), which may promote it to the fast
-  lane (classify.decide / classify.promote) within its
-  identity's share of the fast reserve (else it stays bulk, reason over-share:<key>) and
-  while its domain is not over classify.domain_rate at the fast broker (else bulk, reason
-  over-rate:<key>; a fast session of such a domain is demoted at its next MAIL); a fast
-  session that rests on a learned entry is demoted for a MAIL FROM whose (organisational)
-  domain is not the one the entry was learned for, and judged afresh (its own SPF; reason
-  learned-mismatch:<learned domain>);
+  lane (classify.decide / classify.promote) within its identity's share of the fast reserve
+  (else it stays bulk, reason over-share:<key>), its trust tier's cap and the per-IP cap of
+  promoted sessions (over-share:tier:<tier>, over-share:ip:<key>: ingress.policy.tiers), and
+  while neither its domain is over classify.domain_rate nor its tier over its total rate
+  (else bulk, reason over-rate:<key> or over-rate:tier:<tier>; a fast session of such a
+  domain or tier is demoted at its next MAIL); a fast session that rests on a learned entry
+  is demoted for a MAIL FROM whose (organisational) domain is not the one the entry was
+  learned for, and judged afresh (its own SPF; reason learned-mismatch:<learned domain>);
 - RCPT: rcpt_verdict; then, at the first acceptable RCPT of a bulk transaction, the bulk cap
   (admit(): before any callout, so a shed stays cheap; Postfix-style greylisting defers at
   RCPT too, and so the deferral knows its recipients): a transaction over the cap is shed
@@ -110,7 +111,7 @@ class IngressHandler:
                 result, client_ip=server.peer_ip, mail_from=address,
                 helo=session.host_name or "", receiver=server.hostname,
                 explanation=why).decode("ascii", "replace")
-            decision = ctx.decide(server.evidence, transaction=True)
+            decision = ctx.decide(server.evidence, transaction=True, peer=server.peer_ip)
             if promote(server.lane, decision) is not server.lane:
                 server.identity = decision.identity
                 ctx.promote(server)
@@ -142,9 +143,10 @@ class IngressHandler:
             server.reasons = decide(server.evidence, ctx.policy).reasons
             why = "learned-mismatch"
         elif ctx.over_rate(server.identity, transaction=True):
-            # Its domain is over classify.domain_rate (no token here, or named by the fast
-            # broker): bulk from this transaction on (below, its SPF decides again and names
-            # the reason), so the bulk cap sheds it before DATA, not after.
+            # Its domain is over classify.domain_rate, or its trust tier over its total rate
+            # (no token here, or named by the fast broker): bulk from this transaction on
+            # (below, its SPF decides again and names the reason), so the bulk cap sheds it
+            # before DATA, not after.
             why = "over-rate"
         else:
             return False

@@ -9,25 +9,41 @@ Purpose
     socket of its own, which serves only what it is handed. The accept queue, the kernel
     socket and the client's bytes are untouched: the fast acceptor writes the banner.
 
+    Only the operator and third-party trust tiers are handed over (ingress.policy.tiers
+    .hands_off): self-proven clients (learned entries), which anyone can mint, are served on
+    port 25's acceptors and never share the fast acceptors' event loops.
+
+    A fast acceptor that cannot admit a connection (its slots full even after it took an
+    idle lower-tier session's room, or it is draining) does not refuse it: it hands it back
+    to the acceptor it came from (the sender's socket is bound to an abstract address for
+    that; it takes connections back only from the fast acceptors' own socket paths), which
+    serves it where it arrived and never hands it off again.
+
 API
     endpoint(cfg, index) -> str        the unix socket path of fast acceptor `index`
-    Sender(cfg)                        in every port-25 acceptor
+    Sender(cfg, loop=None, returned=None)   in every port-25 acceptor
         .offer(transport) -> bool      True: the connection is the fast acceptor's now (the
                                        caller closes its own copy without writing anything);
                                        False: serve it here (no fast acceptor configured, or
                                        none is up or has room: never a refusal)
+                                       a connection handed back is given to returned(sock)
+                                       (which serves it here); needs `loop`
         .close()
     Receiver(cfg, index, loop, serve)  in a fast acceptor: every socket handed over is given
-                                       to serve(sock) (which builds the SMTP session on it)
+                                       to serve(sock, sender) (which builds the SMTP session on
+                                       it; `sender`: the address to give it back to, or None)
+        .give_back(transport, sender) -> bool   True: `sender` has it now (the caller closes
+                                       its own copy without writing anything)
         .close()
 
 Failure modes
     Every send is non-blocking: a fast acceptor that is down (ECONNREFUSED / ENOENT), busy
     (EAGAIN: its datagram queue is full) or gone mid-send leaves the connection where it is;
     the sender tries each fast acceptor at most once per connection (round robin) and then
-    serves it itself. A fast acceptor that is restarted re-binds its path (the old file is
-    unlinked). A datagram that carries no descriptor, or more than one, is ignored (extra
-    descriptors are closed).
+    serves it itself. A give-back that cannot be sent (the sender restarted meanwhile) leaves
+    the connection with the fast acceptor, which then refuses it (421) as before. A fast
+    acceptor that is restarted re-binds its path (the old file is unlinked). A datagram that
+    carries no descriptor, or more than one, is ignored (extra descriptors are closed).
 
 Limits
     Only plain listeners hand off (not the mutual-TLS port, whose TLS state lives in this
@@ -49,21 +65,72 @@ from ingress.core import log
 from ingress.core.config import Config
 
 MAGIC = b"si-handoff-1"       # the datagram's payload (a version, for a later change)
+RETURN = b"si-handback-1"     # a connection given back by a fast acceptor
 
 
 def endpoint(cfg: Config, index: int) -> str:
     return str(cfg.spool.state_dir / "run" / f"fast-acceptor-{index}.sock")
 
 
+def _recv_one(sock: socket.socket) -> tuple[bytes, socket.socket | None, Any] | None:
+    """One datagram with its descriptor: (payload, the socket or None, the sender's address);
+    None when nothing is waiting. A datagram without exactly one descriptor yields None for
+    the socket (its descriptors are closed)."""
+    try:
+        msg, fds, _flags, addr = socket.recv_fds(sock, 64, 4)
+    except BlockingIOError:
+        return None
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        return msg, None, addr
+    conn = socket.socket(fileno=fds[0])
+    conn.setblocking(False)
+    return msg, conn, addr
+
+
+def _send_fd(sock: socket.socket, payload: bytes, fd: int, to: Any) -> None:
+    sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+                 0, to)
+
+
 class Sender:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop | None = None,
+                 returned: Callable[[socket.socket], Any] | None = None) -> None:
         self.paths = [endpoint(cfg, i) for i in range(cfg.supervisor.fast_acceptors)]
         self.sock: socket.socket | None = None
+        self.loop, self.returned = loop, returned
         if self.paths:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self.sock.setblocking(False)
+            if loop is not None and returned is not None:
+                # an abstract address of its own (Linux autobind), so that a fast acceptor
+                # can give a connection back
+                self.sock.bind("")
+                loop.add_reader(self.sock.fileno(), self._readable)
         self.next = 0
         self.failed_logged = False
+
+    def _readable(self) -> None:
+        assert self.sock is not None and self.returned is not None
+        for _ in range(256):
+            try:
+                got = _recv_one(self.sock)
+            except OSError as e:
+                log.event("handback_recv_failed", "warning", error=str(e))
+                return
+            if got is None:
+                return
+            msg, conn, addr = got
+            # Only from a fast acceptor: its socket's path is in the state directory, and the
+            # kernel fills in a datagram's source address (an abstract address, which anyone
+            # on the host could send to, is ours, not theirs).
+            if conn is None or msg != RETURN or addr not in self.paths:
+                if conn is not None:
+                    conn.close()
+                log.event("handoff_ignored", "warning", size=len(msg), sender=str(addr)[:120])
+                continue
+            self.returned(conn)
 
     def offer(self, transport: asyncio.BaseTransport) -> bool:
         if self.sock is None:
@@ -76,8 +143,7 @@ class Sender:
             path = self.paths[self.next]
             self.next = (self.next + 1) % len(self.paths)
             try:
-                self.sock.sendmsg([MAGIC], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                             array.array("i", [fd]))], 0, path)
+                _send_fd(self.sock, MAGIC, fd, path)
             except OSError as e:          # down, restarting, or its queue is full
                 if not self.failed_logged:
                     self.failed_logged = True
@@ -90,12 +156,15 @@ class Sender:
 
     def close(self) -> None:
         if self.sock is not None:
+            if self.loop is not None and self.returned is not None:
+                with contextlib.suppress(Exception):
+                    self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
 
 
 class Receiver:
     def __init__(self, cfg: Config, index: int, loop: asyncio.AbstractEventLoop,
-                 serve: Callable[[socket.socket], Any]) -> None:
+                 serve: Callable[[socket.socket, Any], Any]) -> None:
         self.path = endpoint(cfg, index)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
@@ -111,20 +180,31 @@ class Receiver:
     def _readable(self) -> None:
         for _ in range(256):      # then let the loop run; the reader fires again
             try:
-                msg, fds, _flags, _addr = socket.recv_fds(self.sock, 64, 4)
-            except BlockingIOError:
-                return
+                got = _recv_one(self.sock)
             except OSError as e:
                 log.event("handoff_recv_failed", "warning", error=str(e))
                 return
-            if msg != MAGIC or len(fds) != 1:
-                for fd in fds:
-                    os.close(fd)
-                log.event("handoff_ignored", "warning", fds=len(fds), size=len(msg))
+            if got is None:
+                return
+            msg, conn, addr = got
+            if conn is None or msg != MAGIC:
+                if conn is not None:
+                    conn.close()
+                log.event("handoff_ignored", "warning", size=len(msg))
                 continue
-            conn = socket.socket(fileno=fds[0])
-            conn.setblocking(False)
-            self.serve(conn)
+            # an unbound sender (no give-back) has no address
+            self.serve(conn, addr or None)
+
+    def give_back(self, transport: asyncio.BaseTransport, sender: Any) -> bool:
+        raw = transport.get_extra_info("socket")
+        if raw is None or not sender:
+            return False
+        try:
+            _send_fd(self.sock, RETURN, raw.fileno(), sender)
+        except OSError as e:      # the sender restarted (its address is gone), or is full
+            log.event("handback_failed", "warning", error=str(e))
+            return False
+        return True
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

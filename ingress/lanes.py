@@ -14,8 +14,9 @@ API:
                                          with cluster.role "edge", one client per lane and
                                          lanes node (cluster.lanes_nodes)
         submit(env, body) -> (Reply | None, why)      to the envelope's lane, smtp.ack_timeout;
-                                         a fast message NACKed share (its identity is at its
-                                         share of the fast queue) is served as bulk: resubmitted
+                                         a fast message NACKed share (its identity, or its trust
+                                         tier, is at its share of the fast queue, credit or
+                                         rate) is served as bulk: resubmitted
                                          to the bulk lane (whose cap applies) within the same
                                          deadline
         order(lane) -> [LaneClient]      failover order: live, unsaturated, least loaded, in turn
@@ -98,6 +99,7 @@ from ingress.core.wire import (
 from ingress.policy.admission import bulk_share_bucket
 from ingress.policy.deferrals import retry_buckets
 from ingress.policy.identity import over_share_reason
+from ingress.policy.tiers import fast_tier, over_tier_reason
 
 OVER_RATE_READ = 1024        # at most this many over-rate domains read from one status
 HANDOFF_RETRY = 1.5          # seconds to keep trying to reach a broker that is not connected
@@ -299,8 +301,10 @@ class Lanes:
             log.event("over_share", qid=env.qid, peer=env.peer_ip, identity=identity,
                       served="bulk")
             evidence = {k: v for k, v in env.evidence.items() if k != "identity"}
-            evidence["reasons"] = ",".join(
-                filter(None, (evidence.get("reasons", ""), over_share_reason(identity))))
+            # the fast broker says which: the identity's share, or its whole tier's
+            why = over_tier_reason(fast_tier(identity)) if reply.text.startswith("tier") \
+                else over_share_reason(identity)
+            evidence["reasons"] = ",".join(filter(None, (evidence.get("reasons", ""), why)))
             bulk = replace(env, lane=Lane.BULK, evidence=evidence)
             reply, why = await self._submit_once(
                 bulk, body, max(0.1, timeout - (time.monotonic() - start)))

@@ -42,6 +42,7 @@ from ingress.host import SessionHost
 from ingress.policy.admission import Ticket
 from ingress.policy.classify import Evidence
 from ingress.policy.replies import Refusal, text
+from ingress.policy.tiers import Tier, fast_tier
 from ingress.smtp import IngressSMTP, banner_line, classify_and_admit, refuse_early_talker
 
 
@@ -49,6 +50,8 @@ class Lobby(asyncio.Protocol):
     __slots__ = ("admitted", "ctx", "early_talker", "evidence", "fast_only", "greeted",
                  "handed", "identity", "lane", "peer_ip", "peer_port", "reasons", "refused_why",
                  "started", "ticket", "timer", "transport")
+
+    busy = False                     # a seat is always between transactions (Seat.busy)
 
     def __init__(self, ctx: SessionHost, fast_only: bool = False) -> None:
         self.ctx = ctx
@@ -116,7 +119,9 @@ class Lobby(asyncio.Protocol):
         if self.admitted:
             self._release()
             log.event("evicted", peer=self.peer_ip, lane=self.lane.value,
-                      silent_s=round(time.monotonic() - self.started, 1))
+                      tier=(fast_tier(self.identity) if self.lane is Lane.FAST
+                            else Tier.UNKNOWN).label, spoken=False,
+                      connected_s=round(time.monotonic() - self.started, 1))
         self.close_with(line)
 
     def close_if_idle(self, line: str) -> bool:

@@ -9,18 +9,26 @@ API:
                                    None: admitted (seat.ticket set, the seat
                                    is live, and silent if bulk); else the refusal line
                                    (seat.refused_why names the reason); shared_rate_over:
-                                   [cluster] redis counts this IP over the cluster's rate
+                                   [cluster] redis counts this IP over the cluster's rate.
+                                   A fast seat is admitted by its trust tier
+                                   (ingress.policy.tiers); an operator-tier seat that finds
+                                   no slot takes an idle lower-tier session's (evict_for)
         spoke(seat)                it said something: never evicted for silence again
         promote(seat)              bulk -> fast (slot accounting; the lane's session gauge)
         demote(seat)               fast -> bulk, its identity's hold released (its domain went
                                    over classify.domain_rate); it has spoken: never evicted
-        within_share(decision) -> Decision   a FAST decision whose identity already holds its
-                                   share (classify.identity_share) of this acceptor's fast
-                                   reserve (smtp.fast_reserve; max_connections if 0) is served
-                                   as bulk: BULK, reasons + "over-share:<key>". The reserve is
-                                   what nobody may capture: one identity holding its share
-                                   leaves the rest of it to the others
-                                   (seat.identity counts from admit/promote to release)
+        within_share(decision, ip="") -> Decision   a FAST decision whose identity already
+                                   holds its share (classify.identity_share) of this acceptor's
+                                   fast reserve (smtp.fast_reserve; max_connections if 0) is
+                                   served as bulk: BULK, reasons + "over-share:<key>". The
+                                   reserve is what nobody may capture: one identity holding its
+                                   share leaves the rest of it to the others (seat.identity
+                                   counts from admit/promote to release). Likewise a decision
+                                   whose trust tier holds its cap of the reserve
+                                   ("over-share:tier:<tier>") or whose IP (`ip`) holds
+                                   admission.per_ip_fast_max fast sessions of the capped tiers
+                                   ("over-share:ip:<key>"): both bounds apply
+        tier(seat) -> Tier         the seat's trust tier now (UNKNOWN while bulk)
         release(seat)              the session ended: its slot is free (idempotent)
         swap(old, new)             a lobby seat (ingress.lobby.Lobby) became a session
         penalise(ip, now)          the early-talker penalty, in this acceptor
@@ -30,10 +38,14 @@ API:
 Eviction: when the slots are full, session_rules.pick_eviction chooses the bulk session that has
 been connected longest without saying a word, if that is longer than
 admission.evict_silent_after (default 0: any); it gets 421 (seat.evict) and its slot goes to the
-newcomer. A real MTA speaks within milliseconds of the banner; a slowloris bot never does. While
-there is room nobody is evicted: a held silent bot is a tarpit (cheap, and it is not
-reconnecting). Evictions may be rate-limited (admission.evict_rate; default inf: no limit, so a
-newcomer is never refused for want of an eviction token; 0 = never evict).
+newcomer. If none can go and the newcomer is of the operator (or third-party) tier,
+tiers.pick_victim chooses an idle session (not in DATA or its ack) of a lower tier, bulk first,
+then self-proven: it gets 421 4.7.0 (evicted) and its slot goes to the newcomer. A lower tier
+never takes a higher one's slot. A real MTA speaks within milliseconds of the banner; a
+slowloris bot never does. While there is room nobody is evicted: a held silent bot is a tarpit
+(cheap, and it is not reconnecting). Evictions of silent sessions may be rate-limited
+(admission.evict_rate; default inf: no limit, so a newcomer is never refused for want of an
+eviction token; 0 = never evict).
 
 The slots: smtp.max_connections, or with 0 (the default) min(RLIMIT_NOFILE - FD_SPARE,
 smtp.connection_memory / admission.CONNECTION_COST); smtp.fast_reserve, or with 0 a tenth.
@@ -54,6 +66,7 @@ from collections import Counter, OrderedDict
 from typing import Protocol
 
 from ingress.core import log, metrics
+from ingress.core.addr import ip_key
 from ingress.core.config import Config
 from ingress.core.metrics import Outcome
 from ingress.core.ratelimit import TokenBucket
@@ -70,6 +83,14 @@ from ingress.policy.classify import Decision
 from ingress.policy.identity import fast_slots, over_share, over_share_reason, share_key
 from ingress.policy.replies import Refusal, text
 from ingress.policy.session_rules import pick_eviction
+from ingress.policy.tiers import (
+    Tier,
+    TierShares,
+    fast_tier,
+    over_ip_reason,
+    over_tier_reason,
+    pick_victim,
+)
 
 
 class Seat(Protocol):
@@ -79,6 +100,8 @@ class Seat(Protocol):
     refused_why: str
     admitted: bool
     identity: str      # who vouched for a fast session (ingress.policy.identity); "" for bulk
+    busy: bool         # inside DATA or waiting for its ack: never evicted for another
+    started: float     # when it connected (monotonic)
 
     def evict(self, line: str) -> None: ...
 
@@ -102,7 +125,8 @@ class SessionTable:
         self.admission = Admission(AdmissionLimits(
             max_connections=max_connections, fast_reserve=fast_reserve,
             per_ip_bulk_max=a.per_ip_bulk_max, per_ip_rate=a.per_ip_rate,
-            per_ip_burst=a.per_ip_burst, penalty_s=a.penalty, ipv6_prefix=a.ipv6_prefix))
+            per_ip_burst=a.per_ip_burst, penalty_s=a.penalty, ipv6_prefix=a.ipv6_prefix,
+            per_ip_fast_max=a.per_ip_fast_max, shares=TierShares.of(cfg)))
         self.sessions: set[Seat] = set()
         self.silent: OrderedDict[Seat, float] = OrderedDict()   # bulk, not spoken yet
         # evict_rate: 0 = never (None), inf = no limit (a rate-0 bucket always has a token)
@@ -112,21 +136,33 @@ class SessionTable:
         self.identity_share = cfg.classify.identity_share
         self.by_identity: Counter[str] = Counter()   # share key -> fast sessions holding a slot
 
-    def within_share(self, decision: Decision) -> Decision:
+    def within_share(self, decision: Decision, ip: str = "") -> Decision:
         if decision.lane is not Lane.FAST or not decision.identity:
             return decision
         key = share_key(decision.identity)
+        tier = fast_tier(decision.identity)
         limits = self.admission.limits
-        if not over_share(self.by_identity[key],
-                          fast_slots(limits.max_connections, limits.fast_reserve),
-                          self.identity_share):
-            return decision
+        if over_share(self.by_identity[key],
+                      fast_slots(limits.max_connections, limits.fast_reserve),
+                      self.identity_share):
+            metrics.over_share("session", key)
+            reason = over_share_reason(decision.identity)
+        else:
+            why = self.admission.fast_refusal(ip, tier)
+            if why is None:
+                return decision
+            metrics.over_tier(tier.label, "session" if why == "tier" else "ip")
+            reason = over_tier_reason(tier) if why == "tier" \
+                else over_ip_reason(ip_key(ip, limits.ipv6_prefix))
         self.counters["over_share"] += 1
-        metrics.over_share("session", key)
-        reasons = (*decision.reasons, over_share_reason(decision.identity))
-        log.event("over_share", identity=decision.identity, reasons=",".join(reasons),
-                  served="bulk")
+        reasons = (*decision.reasons, reason)
+        log.event("over_share", identity=decision.identity, tier=tier.label,
+                  reasons=",".join(reasons), served="bulk")
         return Decision(Lane.BULK, reasons)
+
+    @staticmethod
+    def tier(seat: Seat) -> Tier:
+        return fast_tier(seat.identity) if seat.lane is Lane.FAST else Tier.UNKNOWN
 
     def _hold(self, seat: Seat) -> None:
         if seat.identity:
@@ -152,9 +188,13 @@ class SessionTable:
             self.counters[f"refused_{Reason.RATE.value}"] += 1
             seat.refused_why = Reason.RATE.value
             return text(Refusal.RATE)
-        verdict = self.admission.try_admit(seat.peer_ip, seat.lane, now)
+        tier = self.tier(seat)
+        verdict = self.admission.try_admit(seat.peer_ip, seat.lane, now, tier)
         if not verdict.admitted and verdict.reason is Reason.SLOTS and self.evict_silent(now):
-            verdict = self.admission.try_admit(seat.peer_ip, seat.lane, now)
+            verdict = self.admission.try_admit(seat.peer_ip, seat.lane, now, tier)
+        if not verdict.admitted and verdict.reason is Reason.SLOTS \
+                and seat.lane is Lane.FAST and self.evict_for(tier, seat):
+            verdict = self.admission.try_admit(seat.peer_ip, seat.lane, now, tier)
         if not verdict.admitted:
             if verdict.reason is Reason.SLOTS and self.fd_capped:
                 self._log_fd_cap(now)
@@ -190,6 +230,21 @@ class SessionTable:
         victim.evict(text(Refusal.EVICTED_SILENT, host=self.cfg.smtp.hostname))
         return True
 
+    def evict_for(self, tier: Tier, newcomer: Seat) -> bool:
+        """No slot for a newcomer of `tier`: close an idle session of a lower tier
+        (tiers.pick_victim; only the operator and third-party tiers may take one's room).
+        Scans the sessions: this runs only when the slots are full for such a client."""
+        victim = pick_victim(tier, ((seat, self.tier(seat), seat.busy, seat.started)
+                                    for seat in self.sessions if seat.admitted))
+        if victim is None:
+            return False
+        self.counters["evicted_for_tier"] += 1
+        metrics.connection(victim.lane, Outcome.EVICTED)
+        log.event("made_room", peer=newcomer.peer_ip, tier=tier.label, victim=victim.peer_ip,
+                  victim_tier=self.tier(victim).label)
+        victim.evict(text(Refusal.EVICTED, host=self.cfg.smtp.hostname))
+        return True
+
     def spoke(self, seat: Seat) -> None:
         self.silent.pop(seat, None)
 
@@ -210,8 +265,9 @@ class SessionTable:
             self.admission.release(seat.ticket)
 
     def promote(self, seat: Seat) -> None:
+        """Bulk -> fast, in the tier of seat.identity (set by the caller before)."""
         if seat.ticket is not None:
-            self.admission.promote(seat.ticket)
+            self.admission.promote(seat.ticket, fast_tier(seat.identity))
         self.silent.pop(seat, None)      # a fast session is never evicted for being silent
         if seat.admitted and seat.lane is not Lane.FAST:
             metrics.session_close(seat.lane)

@@ -7,8 +7,10 @@ API:
 
 What this layer adds to aiosmtpd (docs/design.md lists the aiosmtpd traps it works around):
 - classification and admission in connection_made, before aiosmtpd builds anything: a refused
-  connection (421 4.7.0, no banner) costs microseconds; a client classified fast there is
-  handed to a fast acceptor (ingress.handoff) and served in that process; behind a
+  connection (421 4.7.0, no banner) costs microseconds; a client of the operator or third-party
+  trust tier known there is handed to a fast acceptor (ingress.handoff) and served in that
+  process (which gives it back, to be served here, if it cannot admit it: hand_back_to,
+  returned); a fast session is admitted by its tier (ingress.policy.tiers); behind a
   PROXY-protocol balancer (per listener) they wait for the header (ingress/proxy.py), and
   the greet pause and the early-talker test start after it; the fast port
   (listen.fast_port) serves fast-lane clients only;
@@ -77,6 +79,7 @@ from ingress.policy.deferrals import Claim
 from ingress.policy.identity import served_over_share
 from ingress.policy.replies import Refusal, clean, text
 from ingress.policy.session_rules import Counters, Refused
+from ingress.policy.tiers import hands_off, tier_of
 from ingress.smtp_data import DataPhase
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -111,19 +114,21 @@ def _write_line(transport: asyncio.BaseTransport, line: str) -> None:
 
 def classify_and_admit(seat: Any, ctx: SessionHost, transport: asyncio.BaseTransport, *,
                        implicit_tls: bool = False, fast_only: bool = False,
-                       may_hand_off: bool = False) -> str | None:
+                       may_hand_off: bool = False, hand_back_to: Any = None) -> str | None:
     """Evidence at connect (allow lists, learned allow, client certificate) -> lane ->
     admission, for an IngressSMTP or a lobby seat (ingress.lobby.Lobby): sets seat.evidence,
     .reasons, .lane, .identity, .admitted (and .ticket, .refused_why through ctx.admit).
-    Returns the refusal line, "" when a fast acceptor took the connection (may_hand_off,
-    ingress.handoff: close it without a word), or None when admitted here."""
+    Returns the refusal line, "" when a fast acceptor took the connection (may_hand_off, and
+    the operator or third-party tier: ingress.handoff; close it without a word) or when this
+    fast acceptor could not admit a connection handed to it and gave it back to the acceptor
+    `hand_back_to` (the same), or None when admitted here."""
     der = None
     if implicit_tls:
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
     # The TLS handshake of the mutual-TLS port succeeded, so a certificate is verified.
     seat.evidence = ctx.connect_evidence(seat.peer_ip, der, verified=der is not None)
-    decision = ctx.decide(seat.evidence)
+    decision = ctx.decide(seat.evidence, peer=seat.peer_ip)
     if seat.admitted:     # mutual-TLS port: the slot was taken before the handshake
         seat.reasons = decision.reasons
         if promote(seat.lane, decision) is not seat.lane:
@@ -133,7 +138,8 @@ def classify_and_admit(seat: Any, ctx: SessionHost, transport: asyncio.BaseTrans
         return None
     seat.lane, seat.reasons = decision.lane, decision.reasons
     seat.identity = decision.identity
-    if seat.lane is Lane.FAST and may_hand_off and ctx.hand_off(transport):
+    if seat.lane is Lane.FAST and may_hand_off and hands_off(tier_of(seat.identity)) \
+            and ctx.hand_off(transport):
         metrics.connection(seat.lane, Outcome.HANDED_OFF)
         return ""                       # a fast acceptor serves it (ingress.handoff)
     # listen.fast_port: a fast client over its identity's share is served as bulk there too
@@ -142,6 +148,12 @@ def classify_and_admit(seat: Any, ctx: SessionHost, transport: asyncio.BaseTrans
         metrics.connection(seat.lane, Outcome.NOT_FAST)
         return text(Refusal.FAST_PORT_ONLY, host=ctx.cfg.smtp.hostname)
     refusal = ctx.admit(seat)
+    if refusal is not None and hand_back_to is not None and ctx.hand_back(transport,
+                                                                          hand_back_to):
+        metrics.connection(seat.lane, Outcome.HANDED_BACK)
+        log.event("handed_back", peer=seat.peer_ip, lane=seat.lane.value,
+                  why=seat.refused_why or "draining")
+        return ""                       # served where it arrived (ingress.handoff)
     if refusal is not None:
         ctx.count("refused", seat.lane)
         metrics.connection(seat.lane, Outcome(seat.refused_why or "draining"))
@@ -172,7 +184,8 @@ IDENT = "smtp-ingress"
 
 class IngressSMTP(DataPhase):
     def __init__(self, ctx: SessionHost, implicit_tls: bool = False,
-                 fast_only: bool = False, proxy_protocol: bool = False) -> None:
+                 fast_only: bool = False, proxy_protocol: bool = False,
+                 returned: bool = False, hand_back_to: Any = None) -> None:
         # aiosmtpd's SMTP.__init__ introspects the handler and the class on every connection
         # (inspect.getmembers, dir(), inspect.signature): ~0.5 ms, more than the rest of a
         # one-message session costs here. It is run once per (acceptor, listener kind); every
@@ -218,6 +231,8 @@ class IngressSMTP(DataPhase):
         self.implicit_tls = implicit_tls
         self.fast_only = fast_only         # listen.fast_port: fast-lane clients only
         self.proxy_protocol = proxy_protocol   # this listener is behind a PROXY balancer
+        self.returned = returned           # handed back by a fast acceptor: never offered again
+        self.hand_back_to = hand_back_to   # a fast acceptor: the acceptor that handed it over
         self.awaiting_proxy = proxy_protocol   # the PROXY header has not been read yet
         self.lane = Lane.BULK
         self.evidence = Evidence()
@@ -290,7 +305,8 @@ class IngressSMTP(DataPhase):
         line, or None when admitted."""
         return classify_and_admit(self, self.ctx, transport, implicit_tls=self.implicit_tls,
                                   fast_only=self.fast_only,
-                                  may_hand_off=not self.implicit_tls and not self.proxy_protocol)
+                                  may_hand_off=not self.implicit_tls and not self.proxy_protocol
+                                  and not self.returned, hand_back_to=self.hand_back_to)
 
     def admit_before_handshake(self, peer: tuple[Any, ...]) -> bool:
         """Mutual-TLS port (ingress.mtls.MtlsListener): take a connection slot for the TCP
@@ -440,7 +456,8 @@ class IngressSMTP(DataPhase):
             self.ctx.release(self)
             metrics.session_close(self.lane)
             log.event("evicted", peer=self.peer_ip, lane=self.lane.value,
-                      silent_s=round(time.monotonic() - self.started, 1))
+                      tier=self.tier.label, spoken=self.spoken,
+                      connected_s=round(time.monotonic() - self.started, 1))
         self.close_with(line)
 
     def _reset_timeout(self, duration: float | None = None) -> None:

@@ -8,8 +8,10 @@ API:
 What it keeps of aiosmtpd's smtp_DATA: the checks before 354 (HELO, AUTH, RCPT, no argument),
 end-of-data, dot-unstuffing, the line-length (500) and size (552) replies. What it changes: the
 message is read into one bytearray by ingress.dataread (aiosmtpd keeps a bytearray per line,
-about 23x the message for short lines) and charged to the acceptor's DATA budget: a bulk DATA
-when the bulk share is spent gets 452 4.3.1 at once, a message that overflows it mid-transfer
+about 23x the message for short lines) and charged to the acceptor's DATA budget by the
+session's trust tier (ingress.policy.tiers: bulk never takes the fast reserve, a capped tier at
+most its part of it and then the bulk share): a DATA with no room left for its tier (never the
+operator's) gets 452 4.3.1 at once, a message that overflows it mid-transfer
 is read to its end, dropped and answered 452 4.3.1; and no idle timer runs while the worker's
 ack is awaited (the ack wait has its own deadline, smtp.ack_timeout).
 
@@ -26,11 +28,13 @@ from ingress.core.wire import Lane
 from ingress.dataread import DataReader, DataState, read_stream
 from ingress.host import SessionHost
 from ingress.policy.replies import Refusal, text
+from ingress.policy.tiers import Tier, fast_tier
 
 
 class DataPhase(SMTP):
     ctx: SessionHost
     lane: Lane
+    identity: str              # who vouched for a fast session (ingress.policy.identity)
     peer_ip: str
     busy: bool                 # inside DATA or waiting for the ack
     awaiting_ack: bool         # the message is with the lane: no idle timer now
@@ -45,7 +49,8 @@ class DataPhase(SMTP):
         assert self.envelope is not None
         budget = self.ctx.data_budget
         self.busy = True
-        reader = DataReader(self.data_size_limit, budget, self.lane, self.line_length_limit)
+        reader = DataReader(self.data_size_limit, budget, self.lane, self.line_length_limit,
+                            tier=self.tier)
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             if not await read_stream(self._reader, self._writer, reader):
@@ -71,6 +76,11 @@ class DataPhase(SMTP):
             reader.release()
             self.busy = False
 
+    @property
+    def tier(self) -> Tier:
+        """This session's trust tier now (UNKNOWN while bulk)."""
+        return fast_tier(self.identity) if self.lane is Lane.FAST else Tier.UNKNOWN
+
     async def _data_refused(self, arg: str) -> bool:
         """aiosmtpd's checks before 354, then the DATA budget's bulk share: True = answered."""
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
@@ -82,7 +92,7 @@ class DataPhase(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return True
-        if self.lane is Lane.BULK and self.ctx.data_budget.bulk_full():
+        if self.ctx.data_budget.full(self.tier):
             self.ctx.count("data_no_storage", self.lane)
             log.event("data_no_storage", peer=self.peer_ip, lane=self.lane.value, at="DATA")
             await self.push(text(Refusal.DATA_NO_STORAGE))

@@ -9,19 +9,29 @@ cluster: the Gate, and a monitor per socket that logs every refused handshake)):
     {lane}-back   ROUTER  workers' DEALERs send READY/HEARTBEAT/ACK/NACK/DISCONNECT, get WORK
     {lane}-status PUB     lane status every STATUS_INTERVAL: depth, free credit, saturation;
                           for the fast lane, "over_rate": the domains refused for
-                          classify.domain_rate within OVER_RATE_HOLD (acceptors keep them bulk);
+                          classify.domain_rate, and the tiers ("tier:self-proven") refused
+                          for their total rate, within OVER_RATE_HOLD (acceptors keep them
+                          bulk), and "tiers": each tier's depth and work in flight;
                           and the SHARE facts (learned and unlearned clients, penalties)
                           passed on to every acceptor
 
 Policy, in one place per lane: the bounded queue (`queue_max` messages and `queue_bytes` bytes of
 bodies, Config.queue_bytes; a SUBMIT beyond either is NACKed queue_full at once) and,
-for the fast lane, fairness between identities (the envelope's evidence["identity"], by its
-ingress.policy.identity.share_key): the queue is an ingress.policy.fairqueue.FairQueue (deficit
-round robin, DRR_QUANTUM bytes) in which one identity holds at most classify.identity_share of
-queue_max and queue_bytes, but always room for one message of smtp.max_message_size (beyond it:
-NACK share, and the acceptor serves the message as bulk) and at most that share of the workers'
-total credit in flight (its queue waits; others go first). A fast envelope without an identity
-(none is sent today) has key "" and only the lane's own bounds; the bulk lane is one FIFO;
+for the fast lane, trust tiers and fairness between identities (the envelope's
+evidence["identity"], by its ingress.policy.identity.share_key, and its tier,
+ingress.policy.tiers.fast_tier): the queue is an ingress.policy.fairqueue.TieredQueue, one
+deficit round robin queue (DRR_QUANTUM bytes) per tier served in strict priority, so the
+operator tier's work is dispatched before any lower tier's. The third-party and self-proven
+tiers each hold at most their cap (tiers.*_share) of queue_max and queue_bytes queued, and of
+the workers' total credit in flight, so some credit is always free for the operator tier
+(tiers.operator_floor); and one total rate each (tiers.self_proven_rate: a bucket one second
+deep, at least one edge's burst, like a domain's; the acceptors hold their parts at MAIL FROM).
+Inside that, one identity holds at most classify.identity_share of queue_max and queue_bytes,
+but always room for one message of smtp.max_message_size, and at most that share of the
+workers' total credit in flight (its queue waits; others go first). Beyond a cap or a rate:
+NACK share, and the acceptor serves the message as bulk. A fast envelope without an identity
+(none is sent today) has key "" (no per-key bound) and counts as self-proven; the bulk lane is
+one FIFO;
 for a capped lane, the token bucket (`rate`, `burst`; an empty bucket is NACK rate); an envelope
 the acceptor marked a retry of a transaction we deferred (evidence "retry": "1", see
 ingress.policy.deferrals) takes a token of the retry bucket (admission.retry_share of the cap)
@@ -74,13 +84,24 @@ from ingress.core.wire import (
 )
 from ingress.policy.admission import broker_bucket
 from ingress.policy.deferrals import retry_buckets
-from ingress.policy.fairqueue import FairQueue
+from ingress.policy.fairqueue import TieredQueue
 from ingress.policy.identity import (
     RATE_TRACKED,
     domain_buckets,
     rate_bounded,
     share_bound,
     share_key,
+)
+from ingress.policy.tiers import (
+    CAPPED,
+    FAST_TIERS,
+    Tier,
+    TierShares,
+    cap,
+    fast_tier,
+    rate_key,
+    tier_buckets,
+    tier_rates,
 )
 
 OVER_RATE_HOLD = 1.0    # seconds a domain stays listed over its rate after its last refusal
@@ -104,6 +125,7 @@ class Job:
     body: bytes
     deadline: float          # wall clock
     key: str = ""            # the identity's share key (fast lane); "" = one FIFO (bulk)
+    tier: Tier = Tier.UNKNOWN    # its trust tier (fast lane); UNKNOWN: bulk
 
 
 class Broker:
@@ -119,12 +141,22 @@ class Broker:
         self.retry_bucket = TokenBucket(*retry[1], now=time.monotonic()) \
             if retry is not None else None
         # Fast lane: no identity holds more than classify.identity_share of the queue or of
-        # the workers' credit; the bulk lane is one FIFO (every job has key "").
-        self.share = cfg.classify.identity_share if lane == Lane.FAST else 1.0
+        # the workers' credit, no capped tier more than its share (tiers.*_share); the bulk
+        # lane is one FIFO (every job has key "" and tier UNKNOWN).
+        self.fast = lane == Lane.FAST
+        self.share = cfg.classify.identity_share if self.fast else 1.0
+        self.shares = TierShares.of(cfg)
+        limits = {t: (cap(t, self.queue_max, self.shares), cap(t, self.queue_bytes, self.shares))
+                  for t in CAPPED} if self.fast else {}
         # An identity's share of the bytes admits at least one message of the largest size.
-        self.queue: FairQueue[Job] = FairQueue(
+        self.queue: TieredQueue[Job] = TieredQueue(
             DRR_QUANTUM, share_bound(self.queue_max, self.share),
-            max(share_bound(self.queue_bytes, self.share), cfg.smtp.max_message_size))
+            max(share_bound(self.queue_bytes, self.share), cfg.smtp.max_message_size), limits)
+        # tiers.self_proven_rate (third_party_rate): one bucket per tier, whatever the domains
+        self.tier_buckets = {
+            t: TokenBucket(*tier_buckets(rate, burst, 1)[1], now=time.monotonic())
+            for t, (rate, burst) in tier_rates(cfg).items()} if self.fast else {}
+        self.inflight_by_tier: dict[Tier, int] = dict.fromkeys(Tier, 0)
         # classify.domain_rate: a domain identity's (org:, learned: -> org:) fast-lane rate
         # over every edge. The acceptors already hold each domain to its rate with a burst of
         # classify.domain_burst (ingress.acceptor: smooth, per edge); this bucket, one second
@@ -137,7 +169,7 @@ class Broker:
         # the acceptors keep that domain's sessions bulk at MAIL FROM, where the bulk cap sheds
         # them before DATA; bounded like the buckets)
         self.over_rate: OrderedDict[str, float] = OrderedDict()
-        self.inflight_keys: dict[bytes, str] = {}    # qid -> share key, of work at a worker
+        self.inflight_keys: dict[bytes, tuple[Tier, str]] = {}   # qid -> (tier, share key)
         self.inflight_by_key: dict[str, int] = {}
         self.workers: dict[bytes, WorkerState] = {}
         self.heart = Heartbeat(hb, slot)
@@ -215,8 +247,9 @@ class Broker:
             env_raw, body = expect(msg, 2)
             env = orjson.loads(env_raw)
             qid, deadline = str(env["qid"]).encode(), float(env["deadline"])
-            key = share_key(str((env.get("evidence") or {}).get("identity", ""))) \
-                if self.share < 1.0 or self.domain_rate > 0 else ""
+            identity = str((env.get("evidence") or {}).get("identity", "")) if self.fast else ""
+            key = share_key(identity)
+            tier = fast_tier(identity) if self.fast else Tier.UNKNOWN
         except (WireError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             log.event("wire_error", "warning", lane=self.lane, side="front", error=str(e))
             return
@@ -230,12 +263,31 @@ class Broker:
             self._nack(reply_to, qid, NackReason.QUEUE_FULL, "lane queue full (bytes)")
         elif not (self._retry_token(env) or self.bucket.take(time.monotonic())):
             self._nack(reply_to, qid, NackReason.RATE, "lane rate cap")
-        elif not (self._domain_token(key) and self.queue.push(
-                key, Job(reply_to, qid, env_raw, body, deadline, key), len(body),
-                bounded=bool(key))):     # "": bulk, or no identity
-            # over its share of the queue, or a domain over classify.domain_rate
+        elif (why := self._over_share(key, tier, len(body))) is not None:
+            self._nack(reply_to, qid, NackReason.SHARE, why)
+        else:
+            self.queue.push(tier, key, Job(reply_to, qid, env_raw, body, deadline, key, tier),
+                            len(body), bounded=False)     # room checked: _over_share
+
+    def _over_share(self, key: str, tier: Tier, size: int) -> str | None:
+        """Why a fast message is served as bulk (NACK share), or None: its tier at its cap of
+        the queue or of the credit, its identity at its share of the queue ("": bulk, or no
+        identity: no per-key bound), a domain over classify.domain_rate, its tier over its
+        total rate. Checked in that order, so a message refused for one spends no token of
+        the rates after it."""
+        if not self.queue.tier_room(tier, size) or not self._tier_credit(tier):
+            metrics.over_tier(tier.label, "message")
+            return "tier over its share of the lane"
+        if key and not self.queue.key_room(tier, key, size):
             metrics.over_share("message", key)
-            self._nack(reply_to, qid, NackReason.SHARE, "identity over its share of the lane")
+            return "identity over its share of the lane"
+        if not self._domain_token(key):
+            metrics.over_share("message", key)
+            return "identity over its share of the lane"
+        if not self._tier_token(tier):
+            metrics.over_tier(tier.label, "rate")
+            return "tier over its rate"
+        return None
 
     def _domain_token(self, key: str) -> bool:
         """A domain identity (share key "org:...") within classify.domain_rate? Others: yes."""
@@ -249,6 +301,30 @@ class Broker:
         if len(self.over_rate) > RATE_TRACKED:
             self.over_rate.popitem(last=False)
         return False
+
+    def _tier_credit(self, tier: Tier) -> bool:
+        """May this tier hold any of the workers' credit now? A capped tier whose cap of the
+        current credit is 0 would never be dispatched: served as bulk instead of waiting to
+        expire. With no worker connected (total 0) it waits, as every tier does."""
+        total = self._total_credit()
+        return tier not in CAPPED or not total or cap(tier, total, self.shares) > 0
+
+    def _tier_token(self, tier: Tier) -> bool:
+        """Within its tier's total rate (tiers.self_proven_rate)? A token is taken; refused,
+        the tier is named over its rate in the status. Tiers without a rate: yes."""
+        bucket = self.tier_buckets.get(tier)
+        if bucket is None:
+            return True
+        now = time.monotonic()
+        if bucket.take(now):
+            return True
+        key = rate_key(tier)
+        self.over_rate[key] = now
+        self.over_rate.move_to_end(key)
+        return False
+
+    def _total_credit(self) -> int:
+        return sum(w.credit + len(w.inflight) for w in self.workers.values())
 
     def over_rate_now(self, now: float) -> list[str]:
         """The domains refused for classify.domain_rate within OVER_RATE_HOLD, most recent
@@ -352,34 +428,45 @@ class Broker:
         return self.queue.bytes
 
     def _done(self, qid: bytes) -> None:
-        """Work `qid` left a worker (ACK, NACK or lost): its identity's in-flight count drops."""
-        key = self.inflight_keys.pop(qid, None)
-        if key is not None:
+        """Work `qid` left a worker (ACK, NACK or lost): its identity's and its tier's
+        in-flight counts drop."""
+        held = self.inflight_keys.pop(qid, None)
+        if held is not None:
+            tier, key = held
+            self.inflight_by_tier[tier] -= 1
             left = self.inflight_by_key[key] - 1
             if left > 0:
                 self.inflight_by_key[key] = left
             else:
                 del self.inflight_by_key[key]
 
-    def _eligible(self) -> Any:
-        """None (everyone) for the bulk lane; else: below the identity's share of the credit."""
+    def _eligible(self) -> tuple[Any, Any]:
+        """(tier_ok, key_ok) for the queue's pop: None (everyone) for the bulk lane; else a
+        capped tier below its cap of the workers' credit, an identity below its share."""
+        if not self.fast:
+            return None, None
+        total = self._total_credit()
+        caps = {t: cap(t, total, self.shares) for t in FAST_TIERS}
+
+        def tier_ok(tier: Tier) -> bool:
+            return self.inflight_by_tier[tier] < caps.get(tier, total)
+
         if self.share >= 1.0:
-            return None
-        total = sum(w.credit + len(w.inflight) for w in self.workers.values())
+            return tier_ok, None
         bound = share_bound(total, self.share)
-        return lambda key: self.inflight_by_key.get(key, 0) < bound
+        return tier_ok, lambda key: self.inflight_by_key.get(key, 0) < bound
 
     def dispatch(self) -> None:
         wall = time.time()
-        eligible = self._eligible()
+        tier_ok, key_ok = self._eligible()
         while self.queue:
             best = max(self.workers.values(), key=lambda w: w.credit, default=None)
             if best is None or best.credit <= 0:
                 return
-            got = self.queue.pop(eligible)
-            if got is None:       # every identity with work is at its in-flight share
+            got = self.queue.pop(tier_ok, key_ok)
+            if got is None:       # every tier / identity with work is at its in-flight share
                 return
-            key, job, size = got
+            _, key, job, size = got
             if job.deadline <= wall:
                 self._nack(job.reply_to, job.qid, NackReason.EXPIRED, "waited too long")
                 continue
@@ -388,16 +475,17 @@ class Broker:
                                          zmq.NOBLOCK)
             except zmq.ZMQError as e:
                 # Unroutable (worker gone) or its pipe full: treat it as lost, requeue the job.
-                self.queue.push_front(job.key, job, len(job.body))
+                self.queue.push_front(job.tier, job.key, job, len(job.body))
                 self._fail_worker(best, f"send failed: {e}")
                 del self.workers[best.ident]
-                eligible = self._eligible()
+                tier_ok, key_ok = self._eligible()
                 continue
             best.credit -= 1
             best.inflight[job.qid] = job.reply_to
-            self.inflight_keys[job.qid] = job.key
+            self.inflight_keys[job.qid] = (job.tier, job.key)
             self.inflight_by_key[job.key] = self.inflight_by_key.get(job.key, 0) + 1
-            if self.share < 1.0:
+            self.inflight_by_tier[job.tier] += 1
+            if self.fast:
                 metrics.fast_identity(key, size)
 
     def housekeeping(self, now: float) -> None:
@@ -424,8 +512,12 @@ class Broker:
                "inflight": sum(len(w.inflight) for w in self.workers.values()),
                "tokens": None if tokens == float("inf") else round(tokens, 2),
                "rate": self.bucket.rate, "saturated": saturated, **self.counters}
-        if self.domain_rate > 0:
+        if self.domain_rate > 0 or self.tier_buckets:
             doc["over_rate"] = self.over_rate_now(now)
+        if self.fast:
+            doc["tiers"] = {t.label: {"depth": self.queue.tier_len(t),
+                                      "inflight": self.inflight_by_tier[t]}
+                            for t in FAST_TIERS}
         with contextlib.suppress(zmq.ZMQError):
             self.pub.send_multipart(status(doc), zmq.NOBLOCK)
         metrics.lane_status(self.lane, depth=depth, saturated=saturated, free_credit=free,
@@ -464,7 +556,7 @@ class Broker:
 
     def _refuse_queued(self) -> None:
         """Shutting down: every queued job is NACKed (the acceptors answer 4xx) and dropped."""
-        for _, job, _ in self.queue.drain():
+        for _, _, job, _ in self.queue.drain():
             self._nack(job.reply_to, job.qid, NackReason.SHUTDOWN, "lane shutting down")
 
     def _poll_once(self, poller: zmq.Poller, wake_at: float) -> None:

@@ -207,6 +207,25 @@ class AdmissionConfig:
                                         # in a minute earns no retry evidence (0 = no such rule)
     ipv6_prefix: int = 64               # IPv6 clients are counted (per_ip_*, penalties) per
                                         # network of this prefix length (a /64 is one site)
+    per_ip_fast_max: int = 4            # concurrent fast sessions per IP (/ipv6_prefix) per
+                                        # acceptor for the self-proven and third-party tiers
+                                        # (ingress.policy.tiers); beyond it: bulk. The operator
+                                        # tier (allow list, certificates) is exempt
+
+
+@dataclass(frozen=True)
+class TiersConfig:
+    """Trust tiers (ingress.policy.tiers): what the tiers below the operator's may hold of every
+    fast resource (an acceptor's fast reserve of slots and DATA bytes, the fast queue's count
+    and bytes, the fast workers' credit), as a tier, however many identities they hold."""
+    self_proven_share: float = 0.5      # SPF, DKIM, learned: at most this share; beyond: bulk
+    self_proven_rate: float = 200.0     # msgs/s all self-proven identities together may pass
+                                        # through the fast lane of one lanes node (split over
+                                        # the acceptors at MAIL FROM); beyond: bulk. 0 = none
+    self_proven_burst: float = 20.0     # messages the tier may start at once (split likewise)
+    third_party_share: float = 0.25     # DNS allow lists (not built yet): at most this share
+    third_party_rate: float = 0.0       # msgs/s for the third-party tier as a whole; 0 = none
+    third_party_burst: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -316,6 +335,7 @@ class Config:
     lanes: LanesConfig = LanesConfig()
     classify: ClassifyConfig = ClassifyConfig()
     admission: AdmissionConfig = AdmissionConfig()
+    tiers: TiersConfig = TiersConfig()
     tls: TlsConfig = TlsConfig()
     relay: RelayConfig = RelayConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -729,6 +749,19 @@ def _check_admission(cfg: Config, need: _Need) -> None:
     need(16 <= a.ipv6_prefix <= 128, "admission.ipv6_prefix", "must be 16..128")
     need(a.stress_idle_timeout > 0, "admission.stress_idle_timeout",
          "must be > 0 (the shorter of it and smtp.idle_timeout applies under stress)")
+    need(1 <= a.per_ip_fast_max <= 100000, "admission.per_ip_fast_max", "must be 1..100000")
+
+
+def _check_tiers(cfg: Config, need: _Need) -> None:
+    t = cfg.tiers
+    for key in ("self_proven_share", "third_party_share"):
+        need(0 <= getattr(t, key) < 1, f"tiers.{key}", "must be in [0, 1)")
+    need(t.self_proven_share + t.third_party_share < 1, "tiers.third_party_share",
+         "tiers.self_proven_share + tiers.third_party_share must be below 1 (the rest is the "
+         "operator tier's floor)")
+    for key in ("self_proven", "third_party"):
+        need(getattr(t, f"{key}_rate") >= 0, f"tiers.{key}_rate", "must be >= 0 (0 = no bound)")
+        need(getattr(t, f"{key}_burst") >= 1, f"tiers.{key}_burst", "must be >= 1 (messages)")
 
 
 def _check_tls(cfg: Config, need: _Need) -> None:
@@ -865,8 +898,8 @@ def _finish(cfg: Config, file: str) -> Config:
     """Cross-field validation and normalisation; returns the final frozen Config."""
     need = _Need(file)
     for check in (_check_listen, _check_smtp, _check_lanes, _check_classify, _check_admission,
-                  _check_tls, _check_relay, _check_outputs_and_supervisor, _check_cluster,
-                  _check_cluster_redis):
+                  _check_tiers, _check_tls, _check_relay, _check_outputs_and_supervisor,
+                  _check_cluster, _check_cluster_redis):
         check(cfg, need)
     cfg = _listen_sets(cfg, need)
     s = cfg.smtp

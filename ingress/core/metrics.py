@@ -50,6 +50,12 @@ observation; measured ~1.5 us per counter inc and ~3-5 us per observe on the dev
     over_share(what, key)           a session ("session") or message ("message") of identity
                                     `key` served as bulk because the identity is at its share
                                     (smtp_ingress_over_share{what, kind})
+    over_tier(tier, what)           a session or message of a capped trust tier
+                                    (ingress.policy.tiers: "third-party", "self-proven")
+                                    served as bulk because the tier as a whole is at its cap:
+                                    what = session (slots), ip (admission.per_ip_fast_max),
+                                    message (fast queue or worker credit), rate (the tier's
+                                    total rate) (smtp_ingress_over_tier{tier, what})
     spooled(lane, n=1, seconds=)    worker: n messages durable; the group commit's duration
     relay_replies(codes, seconds)   relay: one delivery's per-recipient reply codes, its duration
     relay_error(n)                  relay: n recipients hit connection-level trouble
@@ -133,6 +139,10 @@ class Outcome(StrEnum):
                                         # alert, no handshake: ingress.mtls)
     EVICTED_SILENT = "evicted_silent"   # silent since its banner, evicted to make room (421)
     HANDED_OFF = "handed_off"           # classified fast at connect, passed to a fast acceptor
+    EVICTED = "evicted"                 # an idle lower-tier session closed (421) to make room
+                                        # for an operator-tier client (ingress.policy.tiers)
+    HANDED_BACK = "handed_back"         # a fast acceptor could not admit a handed connection:
+                                        # given back to the acceptor it came from, served there
 
 
 class Result(StrEnum):
@@ -250,6 +260,13 @@ OVER_SHARE = Counter("smtp_ingress_over_share", "Sessions or messages served as 
                      "the slots, message = of the fast queue or, for a domain, of "
                      "classify.domain_rate at the broker, rate = a domain the broker named "
                      "over its rate, kept bulk at MAIL FROM)", ["what", "kind"])
+OVER_TIERS = ("third-party", "self-proven")
+OVER_TIER_WHAT = ("session", "ip", "message", "rate")
+OVER_TIER = Counter("smtp_ingress_over_tier", "Sessions or messages served as bulk because their "
+                    "trust tier as a whole was at its cap (what: session = its part of the "
+                    "fast reserve of slots, ip = admission.per_ip_fast_max, message = its part "
+                    "of the fast queue or worker credit, rate = the tier's total rate)",
+                    ["tier", "what"])
 RELAY_DSNS = Counter("smtp_ingress_relay_dsns", "Delivery status notifications spooled")
 CURVE_REFUSALS = ("unknown_key", "handshake")
 CURVE_REFUSED = Counter("smtp_ingress_curve_refused",
@@ -400,6 +417,12 @@ def over_share(what: str, key: str) -> None:
     if what not in ("session", "message", "rate"):
         raise ValueError(f"over_share: {what!r}")
     OVER_SHARE.labels(what, _identity_labels(key)[0]).inc()
+
+
+def over_tier(tier: str, what: str) -> None:
+    if tier not in OVER_TIERS or what not in OVER_TIER_WHAT:
+        raise ValueError(f"over_tier: {tier!r} {what!r}")
+    OVER_TIER.labels(tier, what).inc()
 
 
 def spooled(lane: str, n: int = 1, seconds: float | None = None) -> None:

@@ -11,15 +11,22 @@ Purpose
 API
     AdmissionLimits(max_connections, fast_reserve, per_ip_bulk_max, per_ip_rate,
                     per_ip_burst, ipv6_prefix=64, penalty_s=300.0,
-                    max_tracked_ips=65536, max_penalised=65536)      frozen, validated
+                    max_tracked_ips=65536, max_penalised=65536, per_ip_fast_max=0,
+                    shares=TierShares())                            frozen, validated
     Admission(limits)
-        try_admit(ip, lane, now) -> Verdict      Verdict.admitted / .ticket / .reason / .reply
+        try_admit(ip, lane, now, tier=Tier.OPERATOR) -> Verdict   Verdict.admitted / .ticket /
+                                                 .reason / .reply; `tier`: a fast session's
+                                                 trust tier (ingress.policy.tiers)
+        fast_refusal(ip, tier) -> "tier" | "per-ip" | None   would one more fast session of
+                                                 this tier from this IP be over its tier's cap
+                                                 of the reserve, or over per_ip_fast_max?
         release(ticket) -> None                  idempotent
-        promote(ticket) -> None                  bulk -> fast slot accounting; never fails
+        promote(ticket, tier=Tier.OPERATOR) -> None   bulk -> fast slot accounting; never fails
         demote(ticket) -> None                   fast -> bulk slot accounting; never fails
         penalise(ip, now) / is_penalised(ip, now)  early-talker penalty box (bounded)
-        in_use / fast_in_use / bulk_in_use / bulk_for(ip)   counters for metrics and tests
-    Refusal                  StrEnum: why a connection was refused (metrics label)
+        in_use / fast_in_use / bulk_in_use / bulk_for(ip) / held(tier) / fast_for(ip)
+                                                 counters for metrics and tests
+    Refusal                  StrEnum: why a connection was refused (metric label)
     ip_key(ip, ipv6_prefix) -> str               the per-IP accounting key (ingress.core.addr's)
     stress_timeouts(normal_idle, saturated, stress_idle=10.0) -> float
     connection_limit(max_connections, fast_reserve, nofile, memory, cost=CONNECTION_COST)
@@ -37,21 +44,30 @@ API
                                                  headroom when [cluster] redis holds the cap)
 
 Rules
-    * fast: admitted while any slot is free (in_use < max_connections); never rate-capped,
-      never per-IP capped, not subject to penalties.
+    * Slots follow ingress.policy.tiers.admits, the one rule for every fast resource: the
+      fast reserve (`fast_reserve` of the `max_connections` slots) is the fast lane's; of it
+      the third-party and self-proven tiers each hold at most their cap (tiers.*_share), and
+      every admission leaves the unused floors of the tiers above it free. So bulk never uses
+      a reserved slot, self-proven sessions never the third-party's and operator's part, and
+      an operator client always finds its floor free.
+    * operator (fast): admitted while any slot is free; never rate-capped, never per-IP
+      capped, not subject to penalties.
+    * third-party and self-proven (fast): within the tier's cap and, per IP key,
+      per_ip_fast_max (0: no cap) sessions; the caller (ingress.sessions) asks fast_refusal
+      first and serves a session over either as bulk.
     * bulk: admitted only if, after admission, the unused part of the fast reserve is still
-      free: in_use + max(0, fast_reserve - fast_in_use) < max_connections. So bulk can never
-      occupy a reserved slot, while fast sessions beyond the reserve share the rest.
+      free: in_use + max(0, fast_reserve - fast_in_use) < max_connections.
     * bulk, per IP key, checked in this order: penalty box (421), connection-rate token bucket
       (421; every bulk attempt that reaches it spends a token, refused or not - it measures
       attempts, like Postfix anvil), concurrency cap (421), slots (421).
-    * promote(ticket): a session admitted as bulk and later classified fast moves its slot
-      from the bulk count to the fast count and frees its per-IP bulk count. The total is
-      unchanged, so promotion can never fail or evict anyone (fast may exceed its reserve).
-    * demote(ticket): the reverse, for a fast session whose domain went over its rate
-      (classify.domain_rate). It keeps its slot (it is never closed for it) and counts as bulk
-      and against its IP again, so bulk may exceed its share for a while: new bulk sessions
-      wait for room, and the fast reserve is never what pays for it.
+    * promote(ticket, tier): a session admitted as bulk and later classified fast moves its
+      slot from the bulk count to its tier's count and frees its per-IP bulk count. The total
+      is unchanged, so promotion can never fail or evict anyone (fast may exceed its reserve);
+      the caller checks fast_refusal before it.
+    * demote(ticket): the reverse, for a fast session whose domain (or tier) went over its
+      rate. It keeps its slot (it is never closed for it) and counts as bulk and against its
+      IP again, so bulk may exceed its share for a while: new bulk sessions wait for room, and
+      the fast reserve is never what pays for it (the higher tiers' floors are untouched).
 
 Failure modes
     AdmissionLimits raises ValueError for inconsistent limits. try_admit never raises: an ip
@@ -69,7 +85,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from ingress.core.addr import ip_key
@@ -78,6 +94,7 @@ from ingress.core.expiry import ExpiryMap
 from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import Lane
 from ingress.policy import replies
+from ingress.policy.tiers import FAST_TIERS, Tier, TierShares, admits, cap, per_ip_capped
 
 __all__ = [
     "Admission",
@@ -117,6 +134,8 @@ class AdmissionLimits:
     penalty_s: float = 300.0
     max_tracked_ips: int = 65536
     max_penalised: int = 65536
+    per_ip_fast_max: int = 0   # fast sessions of the capped tiers per IP key; 0 = no cap
+    shares: TierShares = field(default_factory=TierShares)
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
@@ -133,6 +152,8 @@ class AdmissionLimits:
             raise ValueError("penalty_s must be >= 0")
         if self.max_tracked_ips < 1 or self.max_penalised < 1:
             raise ValueError("max_tracked_ips and max_penalised must be >= 1")
+        if self.per_ip_fast_max < 0:
+            raise ValueError("per_ip_fast_max must be >= 0")
 
     @property
     def bulk_share(self) -> int:
@@ -152,18 +173,20 @@ def stress_timeouts(normal_idle: float, saturated: bool, stress_idle: float = 10
 class Ticket:
     """A held slot. Hand it back with Admission.release(); promote with Admission.promote()."""
 
-    __slots__ = ("id", "ip", "key", "lane", "released")
+    __slots__ = ("id", "ip", "key", "lane", "released", "tier")
 
-    def __init__(self, id: int, ip: str, key: str, lane: Lane) -> None:
+    def __init__(self, id: int, ip: str, key: str, lane: Lane,
+                 tier: Tier = Tier.UNKNOWN) -> None:
         self.id = id
         self.ip = ip
         self.key = key
         self.lane = lane
+        self.tier = tier          # its fast tier (UNKNOWN while bulk)
         self.released = False
 
     def __repr__(self) -> str:
         state = "released" if self.released else "held"
-        return f"Ticket({self.id}, {self.ip!r}, {self.lane}, {state})"
+        return f"Ticket({self.id}, {self.ip!r}, {self.lane}, {self.tier.label}, {state})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,9 +222,10 @@ class Admission:
 
     def __init__(self, limits: AdmissionLimits) -> None:
         self.limits = limits
-        self.fast_in_use = 0
         self.bulk_in_use = 0
+        self._held: dict[Tier, int] = dict.fromkeys(FAST_TIERS, 0)   # fast sessions per tier
         self._per_ip_bulk: dict[str, int] = {}
+        self._per_ip_fast: dict[str, int] = {}    # capped tiers' fast sessions per IP key
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()   # per-IP connection rate
         self._penalties = _PenaltyBox(limits.max_penalised)
         self._ids = itertools.count(1)
@@ -209,11 +233,22 @@ class Admission:
     # ------------------------------------------------------------------ counters
 
     @property
+    def fast_in_use(self) -> int:
+        return sum(self._held.values())
+
+    @property
     def in_use(self) -> int:
         return self.fast_in_use + self.bulk_in_use
 
+    def held(self, tier: Tier) -> int:
+        return self._held.get(tier, 0)
+
     def bulk_for(self, ip: str) -> int:
         return self._per_ip_bulk.get(ip_key(ip, self.limits.ipv6_prefix), 0)
+
+    def fast_for(self, ip: str) -> int:
+        """Fast sessions of the capped tiers from this IP key."""
+        return self._per_ip_fast.get(ip_key(ip, self.limits.ipv6_prefix), 0)
 
     @property
     def tracked_ips(self) -> int:
@@ -225,14 +260,38 @@ class Admission:
 
     # ------------------------------------------------------------------ admission
 
-    def try_admit(self, ip: str, lane: Lane, now: float) -> Verdict:
+    def _admits(self, tier: Tier) -> bool:
+        lim = self.limits
+        return admits(tier, 1, self._held, self.in_use, lim.max_connections, lim.fast_reserve,
+                      lim.shares)
+
+    def fast_refusal(self, ip: str, tier: Tier) -> str | None:
+        """Would one more fast session of `tier` from `ip` be over its tier's cap of the
+        reserve ("tier") or over per_ip_fast_max ("per-ip")? None: it fits (the operator
+        tier always does)."""
+        lim = self.limits
+        if tier is Tier.OPERATOR:
+            return None
+        if self.held(tier) + 1 > cap(tier, lim.fast_reserve, lim.shares):
+            return "tier"
+        if lim.per_ip_fast_max and per_ip_capped(tier) \
+                and self.fast_for(ip) + 1 > lim.per_ip_fast_max:
+            return "per-ip"
+        return None
+
+    def try_admit(self, ip: str, lane: Lane, now: float, tier: Tier = Tier.OPERATOR) -> Verdict:
         lim = self.limits
         key = ip_key(ip, lim.ipv6_prefix)
         if lane == Lane.FAST:
-            if self.in_use >= lim.max_connections:
+            tier = Tier.SELF_PROVEN if tier is Tier.UNKNOWN else tier   # fail closed
+            why = self.fast_refusal(ip, tier)
+            if why is not None:      # the caller serves it as bulk instead (fast_refusal)
+                return self._refuse(Lane.FAST, Refusal.PER_IP if why == "per-ip"
+                                    else Refusal.SLOTS)
+            if not self._admits(tier):
                 return self._refuse(Lane.FAST, Refusal.SLOTS)
-            self.fast_in_use += 1
-            return self._admit(ip, key, Lane.FAST)
+            self._take_fast(key, tier)
+            return self._admit(ip, key, Lane.FAST, tier)
 
         if self._penalties.active(key, now):
             return self._refuse(Lane.BULK, Refusal.PENALISED)
@@ -240,8 +299,7 @@ class Admission:
             return self._refuse(Lane.BULK, Refusal.RATE)
         if self._per_ip_bulk.get(key, 0) >= lim.per_ip_bulk_max:
             return self._refuse(Lane.BULK, Refusal.PER_IP)
-        unused_reserve = max(0, lim.fast_reserve - self.fast_in_use)
-        if self.in_use + unused_reserve >= lim.max_connections:
+        if not self._admits(Tier.UNKNOWN):
             return self._refuse(Lane.BULK, Refusal.SLOTS)
         self.bulk_in_use += 1
         self._per_ip_bulk[key] = self._per_ip_bulk.get(key, 0) + 1
@@ -252,26 +310,29 @@ class Admission:
             return
         ticket.released = True
         if ticket.lane == Lane.FAST:
-            self.fast_in_use -= 1
+            self._drop_fast(ticket)
         else:
             self.bulk_in_use -= 1
-            self._dec_ip(ticket.key)
+            self._dec(self._per_ip_bulk, ticket.key)
 
-    def promote(self, ticket: Ticket) -> None:
-        """Move a held bulk slot to the fast lane. No-op if already fast or released."""
+    def promote(self, ticket: Ticket, tier: Tier = Tier.OPERATOR) -> None:
+        """Move a held bulk slot to the fast lane, to `tier`. No-op if already fast or
+        released."""
         if ticket.released or ticket.lane == Lane.FAST:
             return
+        tier = Tier.SELF_PROVEN if tier is Tier.UNKNOWN else tier
         ticket.lane = Lane.FAST
         self.bulk_in_use -= 1
-        self.fast_in_use += 1
-        self._dec_ip(ticket.key)
+        self._dec(self._per_ip_bulk, ticket.key)
+        self._take_fast(ticket.key, tier)
+        ticket.tier = tier
 
     def demote(self, ticket: Ticket) -> None:
         """Move a held fast slot back to the bulk lane. No-op if already bulk or released."""
         if ticket.released or ticket.lane == Lane.BULK:
             return
+        self._drop_fast(ticket)
         ticket.lane = Lane.BULK
-        self.fast_in_use -= 1
         self.bulk_in_use += 1
         self._per_ip_bulk[ticket.key] = self._per_ip_bulk.get(ticket.key, 0) + 1
 
@@ -286,20 +347,32 @@ class Admission:
 
     # ------------------------------------------------------------------ internals
 
-    def _admit(self, ip: str, key: str, lane: Lane) -> Verdict:
-        ticket = Ticket(next(self._ids), ip, key, lane)
+    def _admit(self, ip: str, key: str, lane: Lane, tier: Tier = Tier.UNKNOWN) -> Verdict:
+        ticket = Ticket(next(self._ids), ip, key, lane, tier)
         return Verdict(True, lane, Refusal.ADMITTED, None, ticket)
 
     @staticmethod
     def _refuse(lane: Lane, reason: Refusal) -> Verdict:
         return Verdict(False, lane, reason, _REPLIES[reason], None)
 
-    def _dec_ip(self, key: str) -> None:
-        n = self._per_ip_bulk.get(key, 0) - 1
+    def _take_fast(self, key: str, tier: Tier) -> None:
+        self._held[tier] += 1
+        if per_ip_capped(tier):
+            self._per_ip_fast[key] = self._per_ip_fast.get(key, 0) + 1
+
+    def _drop_fast(self, ticket: Ticket) -> None:
+        self._held[ticket.tier] -= 1
+        if per_ip_capped(ticket.tier):
+            self._dec(self._per_ip_fast, ticket.key)
+        ticket.tier = Tier.UNKNOWN
+
+    @staticmethod
+    def _dec(counts: dict[str, int], key: str) -> None:
+        n = counts.get(key, 0) - 1
         if n > 0:
-            self._per_ip_bulk[key] = n
+            counts[key] = n
         else:
-            self._per_ip_bulk.pop(key, None)
+            counts.pop(key, None)
 
     def _take_token(self, key: str, now: float) -> bool:
         lim = self.limits

@@ -35,6 +35,7 @@ class Refusal(StrEnum):
     SHUTTING_DOWN = "shutting_down"
     IDLE_TIMEOUT = "idle_timeout"
     EVICTED_SILENT = "evicted_silent"
+    EVICTED = "evicted"
     SESSION_DEADLINE = "session_deadline"
     LANE_BUSY = "lane_busy"
     LANE_BUSY_CLOSING = "lane_busy_closing"
@@ -64,6 +65,7 @@ REPLIES: dict[Refusal, str] = {
     Refusal.SHUTTING_DOWN: "421 4.3.2 {host} Service shutting down, try again later",
     Refusal.IDLE_TIMEOUT: "421 4.4.2 {host} Error: timeout exceeded",
     Refusal.EVICTED_SILENT: "421 4.4.2 {host} Error: no command received, closing to make room",
+    Refusal.EVICTED: "421 4.7.0 {host} Too busy, closing to make room, try again later",
     Refusal.SESSION_DEADLINE: "421 4.4.2 {host} Error: session time limit exceeded",
     Refusal.LANE_BUSY: "451 4.7.1 Service busy, try again later",
     Refusal.LANE_BUSY_CLOSING: "421 4.7.1 {host} Service busy, closing connection, try again later",

@@ -28,6 +28,7 @@ from ingress.core.wire import (
     submit,
     worker_ack,
 )
+from ingress.policy.tiers import Tier
 from workers.broker import OVER_RATE_HOLD, Broker
 
 
@@ -37,7 +38,7 @@ def fast_broker(state: Path, classify: str, lanes_fast: str) -> Broker:
     f = state / "c.toml"
     f.write_text(f'[spool]\nstate_dir = "{state}"\npath = "{state / "spool"}"\n'
                  '[smtp]\nmax_message_size = 100000\n'
-                 f'[classify]\n{classify}\n[lanes.fast]\n{lanes_fast}\n')
+                 f'[lanes.fast]\n{lanes_fast}\n[classify]\n{classify}\n')
     return Broker(config.load(f), "fast")
 
 
@@ -89,7 +90,8 @@ def test_identity_share_of_queue_and_fair_dispatch(broker) -> None:
         assert not r.ok
         nacks.append(r.reason)
     assert [str(n) for n in nacks] == ["share"] * 3
-    # a worker with credit 8: in-flight share 2 per identity; DRR order between identities
+    # a worker with credit 8: in-flight share 2 per identity; the operator tier (allow) first
+    # (strict priority between trust tiers, issue 17), then DRR order between identities
     worker.send_multipart(ready(8))
     assert b.back.poll(2000)
     b._drain(b.back, b.on_back)
@@ -99,7 +101,7 @@ def test_identity_share_of_queue_and_fair_dispatch(broker) -> None:
         msg = worker.recv_multipart()
         assert kind_of(msg) is Kind.WORK
         got.append((msg[2], orjson.loads(msg[3])))
-    assert [e["mail_from"] for _, e in got] == ["spam0", "good0", "allow0", "spam1"]
+    assert [e["mail_from"] for _, e in got] == ["allow0", "spam0", "good0", "spam1"]
     assert not b.queue and b.inflight_by_key == {"org:spammer.test": 2, "org:good.test": 1,
                                                  "allow:127.0.0.20/32": 1}
     # at its in-flight share, a spammer's new message waits while others go
@@ -110,7 +112,7 @@ def test_identity_share_of_queue_and_fair_dispatch(broker) -> None:
     assert orjson.loads(worker.recv_multipart()[3])["mail_from"] == "good1"
     assert not worker.poll(200)
     # an ACK gives the spammer's share back
-    reply_to, e = got[0]
+    reply_to, e = next((r, e) for r, e in got if e["mail_from"] == "spam0")
     worker.send_multipart(worker_ack(reply_to, str(e["qid"]).encode(), "p"))
     assert b.back.poll(2000)
     b._drain(b.back, b.on_back)
@@ -155,6 +157,107 @@ def test_a_domain_identity_is_held_to_classify_domain_rate() -> None:
                 doc = decode_status(status.recv_multipart())
         assert doc is not None and doc["over_rate"] == ["org:spf-bots.test"], doc
         assert b.over_rate_now(time.monotonic() + OVER_RATE_HOLD + 0.5) == []
+    finally:
+        for s in (acceptor, status, b.front, b.back, b.pub):
+            s.close()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def drain_nacks(acceptor: zmq.Socket) -> list[str]:
+    out = []
+    while acceptor.poll(300):
+        r = decode_reply(acceptor.recv_multipart())
+        assert not r.ok
+        out.append(str(r.reason))
+    return out
+
+
+def test_trust_tiers_in_the_fast_broker() -> None:
+    """Issue 17: the self-proven tier as a whole holds at most tiers.self_proven_share of the
+    queue and of the workers' credit, however many domains it has (beyond it: NACK share,
+    served as bulk); the operator tier's work is dispatched first (strict priority), and a
+    share of the credit is always free for it."""
+    state = Path(tempfile.mkdtemp(prefix="bt-", dir="/tmp"))
+    f = state / "c.toml"
+    f.write_text(f'[spool]\nstate_dir = "{state}"\npath = "{state / "spool"}"\n'
+                 '[smtp]\nmax_message_size = 100000\n'
+                 '[classify]\nidentity_share = 1.0\ndomain_rate = 0.0\n'
+                 '[tiers]\nself_proven_share = 0.5\nthird_party_share = 0.25\n'
+                 'self_proven_rate = 0.0\n'
+                 '[lanes.fast]\nqueue_max = 8\nqueue_bytes = 1000000\n')
+    b = Broker(config.load(f), "fast")
+    acceptor, worker = dealer(b, "fast-front", b"acc-1"), dealer(b, "fast-back", b"w1")
+    try:
+        # ten self-proven domains, one message each: the tier holds 8 x 0.5 = 4 queued
+        for i in range(10):
+            send(b, acceptor, f"org:d{i}.test", f"spam{i}")
+        assert b.queue.tier_len(Tier.SELF_PROVEN) == 4
+        assert drain_nacks(acceptor) == ["share"] * 6
+        for i in range(3):
+            send(b, acceptor, "allow:127.0.0.20/32", f"allow{i}")
+        # a worker with credit 4: the operator's three first, then one self-proven message
+        # (its cap: 4 x 0.5 = 2; and the operator always finds credit it cannot use)
+        worker.send_multipart(ready(4))
+        assert b.back.poll(2000)
+        b._drain(b.back, b.on_back)
+        b.dispatch()
+        got = []
+        while worker.poll(300):
+            msg = worker.recv_multipart()
+            got.append((msg[2], orjson.loads(msg[3])))
+        assert [e["mail_from"] for _, e in got] == ["allow0", "allow1", "allow2", "spam0"]
+        # ACK the operator's: the self-proven tier may take up to 2 of the 4 credits, no more
+        for reply_to, e in got[:3]:
+            worker.send_multipart(worker_ack(reply_to, str(e["qid"]).encode(), "p"))
+        deadline = time.monotonic() + 5
+        while b.inflight_by_tier[Tier.OPERATOR] and time.monotonic() < deadline:
+            if b.back.poll(100):
+                b._drain(b.back, b.on_back)
+        b.dispatch()
+        more = []
+        while worker.poll(300):
+            more.append(orjson.loads(worker.recv_multipart()[3])["mail_from"])
+        assert more == ["spam1"], more
+        assert b.inflight_by_tier[Tier.SELF_PROVEN] == 2
+        send(b, acceptor, "allow:127.0.0.20/32", "allow3")          # free credit: at once
+        b.dispatch()
+        assert worker.poll(500)
+        assert orjson.loads(worker.recv_multipart()[3])["mail_from"] == "allow3"
+    finally:
+        for s in (acceptor, worker, b.front, b.back, b.pub):
+            s.close()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_the_self_proven_tier_has_one_total_rate() -> None:
+    """tiers.self_proven_rate: one bucket for every self-proven identity (here 1 deep): the
+    first message of ten domains is queued, the other nine NACKed share, and the status names
+    the tier over its rate (the acceptors then keep its sessions bulk at MAIL FROM); the
+    operator tier is not bounded by it."""
+    state = Path(tempfile.mkdtemp(prefix="br-", dir="/tmp"))
+    b = fast_broker(state, "identity_share = 1.0\ndomain_rate = 0.0\n"
+                    "[tiers]\nself_proven_rate = 0.001\nself_proven_burst = 1",
+                    "queue_max = 64\nqueue_bytes = 10000000")
+    acceptor = dealer(b, "fast-front", b"acc-1")
+    status = zmq.Context.instance().socket(zmq.SUB)
+    status.setsockopt(zmq.SUBSCRIBE, b"")
+    status.setsockopt(zmq.LINGER, 0)
+    status.connect(b.cfg.ipc("fast-status"))
+    try:
+        for i in range(10):
+            send(b, acceptor, f"org:d{i}.test", f"spam{i}")
+        for i in range(3):
+            send(b, acceptor, "allow:127.0.0.20/32", f"allow{i}")
+        assert (b.queue.tier_len(Tier.SELF_PROVEN), b.queue.tier_len(Tier.OPERATOR)) == (1, 3)
+        assert drain_nacks(acceptor) == ["share"] * 9
+        doc = None
+        deadline = time.monotonic() + 5
+        while doc is None and time.monotonic() < deadline:
+            b.publish(time.monotonic())
+            if status.poll(100):
+                doc = decode_status(status.recv_multipart())
+        assert doc is not None and doc["over_rate"] == ["tier:self-proven"], doc
+        assert doc["tiers"]["self-proven"] == {"depth": 1, "inflight": 0}
     finally:
         for s in (acceptor, status, b.front, b.back, b.pub):
             s.close()

@@ -213,6 +213,8 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize(("fn", "label"), [
     (metrics.connection, "evicted_silent"),     # emitted by the session table
+    (metrics.connection, "evicted"),            # made room for an operator-tier client
+    (metrics.connection, "handed_back"),        # a full fast acceptor gave it back
     (metrics.connection, "not_fast"),           # a bulk client on the fast port
     (metrics.connection, "tls_failed"),         # mutual-TLS handshake failed
     (metrics.message, "shed"),

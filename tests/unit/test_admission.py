@@ -370,3 +370,94 @@ def test_refusal_replies_are_4xx_before_banner(lane: Lane, reason: Refusal) -> N
         assert reply is None
     else:
         assert reply is not None and reply.startswith("421 4.7.0 ") and "\n" not in reply
+
+
+# --------------------------------------------------------------------------- trust tiers (issue 17)
+
+from ingress.policy.tiers import Tier  # noqa: E402
+
+OP, TP, SP = Tier.OPERATOR, Tier.THIRD_PARTY, Tier.SELF_PROVEN
+
+
+def tiered(**kw: float) -> Admission:
+    # 20 slots, 12 reserved: self-proven cap 6, third-party 3, the operator's floor 3
+    return Admission(limits(max_connections=20, fast_reserve=12, **kw))
+
+
+@pytest.mark.parametrize("fill, tier, ip, want", [
+    # the self-proven tier is capped as a whole, however many IPs and identities it has
+    ([(SP, f"10.0.0.{i}") for i in range(6)], SP, "10.0.1.1", "tier"),
+    ([(SP, f"10.0.0.{i}") for i in range(5)], SP, "10.0.1.1", None),
+    ([(TP, f"10.0.0.{i}") for i in range(3)], TP, "10.0.1.1", "tier"),
+    ([(TP, f"10.0.0.{i}") for i in range(3)], SP, "10.0.1.1", None),   # caps are per tier
+    # per IP: per_ip_fast_max 2 for the capped tiers; the operator is exempt
+    ([(SP, "10.0.0.1"), (SP, "10.0.0.1")], SP, "10.0.0.1", "per-ip"),
+    ([(SP, "10.0.0.1"), (TP, "10.0.0.1")], TP, "10.0.0.1", "per-ip"),
+    ([(SP, "10.0.0.1"), (SP, "10.0.0.1")], SP, "10.0.0.2", None),
+    ([(OP, "10.0.0.1")] * 5, OP, "10.0.0.1", None),
+    ([(SP, "10.0.0.1"), (SP, "10.0.0.1")], OP, "10.0.0.1", None),
+])
+def test_fast_refusal(fill: list[tuple[Tier, str]], tier: Tier, ip: str,
+                      want: str | None) -> None:
+    adm = tiered(per_ip_fast_max=2)
+    for t, addr in fill:
+        assert adm.try_admit(addr, F, 0, t).admitted
+    assert adm.fast_refusal(ip, tier) == want
+
+
+def test_fast_admission_per_tier_keeps_the_operator_floor() -> None:
+    adm = tiered()
+    for i in range(8):        # bulk: 20 - 12
+        assert adm.try_admit(distinct_ip(i), B, 0).admitted
+    for i in range(6):        # self-proven: its cap
+        assert adm.try_admit(distinct_ip(100 + i), F, 0, SP).admitted
+    assert not adm.try_admit(distinct_ip(200), F, 0, SP).admitted
+    for i in range(3):        # third-party: its cap
+        assert adm.try_admit(distinct_ip(300 + i), F, 0, TP).admitted
+    v = adm.try_admit(distinct_ip(400), F, 0, TP)
+    assert not v.admitted and v.reason is Refusal.SLOTS
+    assert not adm.try_admit(distinct_ip(500), B, 0).admitted
+    for i in range(3):        # the operator: its floor is free, then the slots are full
+        assert adm.try_admit(distinct_ip(600 + i), F, 0, OP).admitted
+    assert adm.in_use == 20 and not adm.try_admit(distinct_ip(700), F, 0, OP).admitted
+    assert (adm.held(OP), adm.held(TP), adm.held(SP), adm.bulk_in_use) == (3, 3, 6, 8)
+
+
+def test_self_proven_cannot_take_the_operator_floor_by_promotion_and_demotion() -> None:
+    """Bulk sessions promoted to self-proven, demoted (domain over its rate), promoted again,
+    while bulk refills whatever it may: the operator's floor (3 slots) stays free."""
+    adm = tiered()
+    held = []
+    n = 0
+    for _ in range(4):
+        while (v := adm.try_admit(distinct_ip(n), B, 0)).admitted:     # bulk fills its room
+            n += 1
+            held.append(v.ticket)
+        for t in held:
+            if t.lane is B and adm.fast_refusal(t.ip, SP) is None:
+                adm.promote(t, SP)
+        assert adm.held(SP) == 6
+        assert adm.limits.max_connections - adm.in_use >= 3
+        for t in held:
+            adm.demote(t)
+        assert adm.limits.max_connections - adm.in_use >= 3
+    for i in range(3):
+        assert adm.try_admit(distinct_ip(10_000 + i), F, 0, OP).admitted
+
+
+def test_promote_and_release_track_the_tier_and_ip() -> None:
+    adm = tiered(per_ip_fast_max=1)
+    t = adm.try_admit("10.0.0.1", B, 0).ticket
+    assert t is not None
+    adm.promote(t, SP)
+    assert (t.lane, t.tier, adm.held(SP), adm.fast_for("10.0.0.1"), adm.bulk_for("10.0.0.1")) \
+        == (F, SP, 1, 1, 0)
+    assert adm.fast_refusal("10.0.0.1", SP) == "per-ip"
+    adm.demote(t)
+    assert (t.lane, t.tier, adm.held(SP), adm.fast_for("10.0.0.1"), adm.bulk_for("10.0.0.1")) \
+        == (B, Tier.UNKNOWN, 0, 0, 1)
+    adm.promote(t, OP)                  # e.g. a certificate after the handshake
+    assert adm.fast_for("10.0.0.1") == 0 and adm.held(OP) == 1
+    adm.release(t)
+    adm.release(t)
+    assert (adm.in_use, adm.held(OP)) == (0, 0)

@@ -75,3 +75,30 @@ def test_derived(tmp_path: Path, tables: dict[str, dict[str, object]], nofile: t
     d = configshow.derived(config.load(cfg_file(tmp_path, **tables)), nofile=nofile)
     for k, v in want.items():
         assert d[k] == v, (k, d[k])
+
+
+def test_derived_tiers(tmp_path: Path) -> None:
+    """check-config --show prints what each trust tier may hold (issue 17)."""
+    cfg = config.load(cfg_file(tmp_path, smtp={"max_connections": 1000, "fast_reserve": 100,
+                                               "max_message_size": 1 << 20,
+                                               "data_memory_budget": 8 << 20,
+                                               "data_fast_reserve": 4 << 20},
+                               supervisor={"acceptors": 2, "fast_acceptors": 1},
+                               **{"lanes.fast": {"workers": 2, "credit": 8, "queue_max": 256,
+                                                 "queue_bytes": 64 << 20}}))
+    t = configshow.derived(cfg, nofile=(65536, 65536))["tiers"]
+    assert t["of"] == {"slots_per_acceptor": 100, "data_bytes_per_acceptor": 4 << 20,
+                       "fast_queue_messages": 256, "fast_queue_bytes": 64 << 20,
+                       "fast_worker_credit": 16}
+    assert t["self-proven"]["at_most"] == {
+        "slots_per_acceptor": 50, "data_bytes_per_acceptor": 2 << 20,
+        "fast_queue_messages": 128, "fast_queue_bytes": 32 << 20, "fast_worker_credit": 8}
+    assert t["operator"]["at_least"] == {
+        "slots_per_acceptor": 25, "data_bytes_per_acceptor": 1 << 20,
+        "fast_queue_messages": 64, "fast_queue_bytes": 16 << 20, "fast_worker_credit": 4}
+    # 200/s over the two port-25 acceptors (no fast port: learned clients are not handed off)
+    assert t["self-proven"]["rate_per_acceptor"] == {"rate": 100.0, "burst": 10.0}
+    assert t["self-proven"]["rate_at_broker"] == {"rate": 200.0, "burst": 200.0}
+    assert "rate_per_acceptor" not in t["third-party"] and t["per_ip_fast_max"] == 4
+    text = configshow.render(cfg, nofile=(65536, 65536))
+    assert "# trust tiers" in text and "self-proven: one total rate" in text

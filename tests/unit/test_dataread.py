@@ -6,13 +6,15 @@ import pytest
 
 from ingress.core.wire import Lane
 from ingress.dataread import DataBudget, DataReader, DataState
+from ingress.policy.tiers import Tier
 
 
 def read_all(data: bytes, step: int, size_limit: int = 4096,
-             budget: DataBudget | None = None, lane: Lane = Lane.BULK) -> tuple[DataReader, int]:
+             budget: DataBudget | None = None, lane: Lane = Lane.BULK,
+             tier: Tier | None = None) -> tuple[DataReader, int]:
     """Feed `data` `step` bytes at a time as a stream buffer would; return the reader and how
     many bytes were left unconsumed after the end of data."""
-    r = DataReader(size_limit, budget, lane)
+    r = DataReader(size_limit, budget, lane, tier=tier)
     buf = bytearray()
     for i in range(0, len(data), step):
         buf += data[i:i + step]
@@ -80,3 +82,40 @@ def test_reader_over_budget_gives_everything_back() -> None:
     assert ok.state is DataState.NOMINAL and b.used == 3000
     ok.release()
     assert b.used == 0
+
+
+@pytest.mark.parametrize("steps", [
+    # (tier, bytes, charged as): total 1000, reserve 400: self-proven 200 of it, third-party
+    # 100, the operator's floor 100; bulk 600
+    [("S", 200, "S"), ("S", 1, "U"), ("U", 599, "U"), ("S", 1, None), ("O", 200, "O")],
+    [("U", 600, "U"), ("U", 1, None), ("S", 200, "S"), ("S", 1, None), ("T", 100, "T"),
+     ("T", 1, None), ("O", 100, "O"), ("O", 1, None)],
+    # the operator past its floor takes whatever is free; lower tiers then get less
+    [("O", 900, "O"), ("S", 100, "S"), ("S", 1, None), ("U", 1, None)],
+])
+def test_budget_by_tier(steps: list[tuple[str, int, str | None]]) -> None:
+    names = {"O": Tier.OPERATOR, "T": Tier.THIRD_PARTY, "S": Tier.SELF_PROVEN,
+             "U": Tier.UNKNOWN}
+    b = DataBudget(total=1000, fast_reserve=400)
+    charged = []
+    for tier, n, want in steps:
+        got = b.charge(names[tier], n)
+        assert got is (names[want] if want else None), (tier, n, got)
+        if got is not None:
+            charged.append((got, n))
+    for got, n in charged:
+        b.release(got, n)
+    assert b.used == 0 and b.used_bulk == 0
+
+
+def test_reader_of_a_capped_tier_overflows_into_the_bulk_share() -> None:
+    b = DataBudget(total=10000, fast_reserve=4000)        # self-proven: 2000 of the reserve
+    r, _ = read_all(b"z\r\n" * 1000 + b".\r\n", 512, size_limit=100000, budget=b,
+                    lane=Lane.FAST, tier=Tier.SELF_PROVEN)
+    assert r.state is DataState.NOMINAL and b.used == 3000
+    # pieces are charged whole: as much as fits in the tier's part, the rest as bulk
+    assert 2000 - 512 < b.held(Tier.SELF_PROVEN) <= 2000
+    assert b.held(Tier.SELF_PROVEN) + b.used_bulk == 3000
+    assert b.full(Tier.OPERATOR) is False
+    r.release()
+    assert b.used == 0 and b.held(Tier.SELF_PROVEN) == 0

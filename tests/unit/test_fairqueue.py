@@ -99,3 +99,72 @@ def test_unbounded_push_skips_the_share() -> None:
     assert q.push("", "b", 100, bounded=False)
     assert not q.push("", "c", 10)
     assert len(q) == 2
+
+
+# --------------------------------------------------------------------------- trust tiers (issue 17)
+
+from ingress.policy.fairqueue import TieredQueue  # noqa: E402
+from ingress.policy.tiers import Tier  # noqa: E402
+
+OP, TP, SP, UN = Tier.OPERATOR, Tier.THIRD_PARTY, Tier.SELF_PROVEN, Tier.UNKNOWN
+
+
+def tiered_order(q: TieredQueue[str], tier_ok=None, key_ok=None) -> list[str]:
+    out = []
+    while (got := q.pop(tier_ok, key_ok)) is not None:
+        out.append(got[2])
+    return out
+
+
+@pytest.mark.parametrize("pushes, tier_ok, expected", [
+    # strict priority: the operator's work first, whatever was queued before it
+    ([(SP, "org:a", "s1"), (SP, "org:b", "b1"), (SP, "org:a", "s2"), (OP, "allow:x", "o1"),
+      (TP, "dnswl:z", "t1"), (OP, "cert:y", "o2")], None,
+     ["o1", "o2", "t1", "s1", "b1", "s2"]),
+    # DRR between identities inside a tier
+    ([(SP, "org:a", "a1"), (SP, "org:a", "a2"), (SP, "org:b", "b1")], None, ["a1", "b1", "a2"]),
+    # a tier at its in-flight cap is skipped: the next one goes
+    ([(SP, "org:a", "s1"), (OP, "allow:x", "o1")], lambda t: t is not OP, ["s1"]),
+    ([(SP, "org:a", "s1"), (OP, "allow:x", "o1")], lambda t: t is not SP, ["o1"]),
+    # the bulk lane: one tier, one key, FIFO
+    ([(UN, "", "x1"), (UN, "", "x2")], None, ["x1", "x2"]),
+])
+def test_tiered_order(pushes, tier_ok, expected: list[str]) -> None:
+    q: TieredQueue[str] = TieredQueue(10, key_count=100, key_bytes=10_000)
+    for tier, key, item in pushes:
+        assert q.push(tier, key, item, 10)
+    assert tiered_order(q, tier_ok) == expected
+
+
+@pytest.mark.parametrize("limits, pushes, accepted", [
+    # the self-proven tier as a whole: 3 messages, however many identities
+    ({SP: (3, 10_000)}, [(SP, f"org:d{i}", 10) for i in range(5)],
+     [True, True, True, False, False]),
+    # ... and bytes
+    ({SP: (100, 25)}, [(SP, "org:a", 10), (SP, "org:b", 10), (SP, "org:c", 10)],
+     [True, True, False]),
+    # the operator tier is never capped by another tier's limit
+    ({SP: (1, 10)}, [(SP, "org:a", 10), (OP, "allow:x", 10), (OP, "allow:y", 10),
+                   (SP, "org:b", 10)], [True, True, True, False]),
+    # a cap of 0: nothing of that tier is queued
+    ({TP: (0, 0)}, [(TP, "dnswl:z", 1)], [False]),
+    # the per-key share still applies inside the tier
+    ({SP: (100, 10_000)}, [(SP, "org:a", 10), (SP, "org:a", 10), (SP, "org:a", 10)],
+     [True, True, False]),
+])
+def test_tier_caps(limits, pushes, accepted: list[bool]) -> None:
+    q: TieredQueue[str] = TieredQueue(10, key_count=2, key_bytes=10_000, limits=limits)
+    got = [q.push(t, k, f"{k}{i}", size) for i, (t, k, size) in enumerate(pushes)]
+    assert got == accepted
+
+
+def test_tiered_counts_and_drain() -> None:
+    q: TieredQueue[str] = TieredQueue(10, key_count=10, key_bytes=10_000)
+    q.push(SP, "org:a", "s1", 7)
+    q.push(OP, "allow:x", "o1", 5)
+    q.push_front(SP, "org:a", "s0", 3)
+    assert (len(q), q.bytes, q.tier_len(SP), q.tier_bytes(SP), q.depth("org:a")) == \
+        (3, 15, 2, 10, 2)
+    assert bool(q) and q.tier_room(SP, 1)
+    assert sorted(item for _, _, item, _ in q.drain()) == ["o1", "s0", "s1"]
+    assert not q and len(q) == 0 and q.bytes == 0

@@ -48,3 +48,63 @@ def test_keyed(max_keys: int, takes: list[tuple[str, float]], expected: list[boo
 def test_keyed_uncapped_holds_nothing() -> None:
     kb = KeyedBuckets(0.0, 1.0, 4)
     assert all(kb.take(str(i), 0.0) for i in range(100)) and len(kb) == 0
+
+
+# --------------------------------------------------------------------------- FairBucket (issue 17)
+
+from ingress.core.ratelimit import FairBucket  # noqa: E402
+
+
+def simulate(b: FairBucket, askers: dict[str, float], seconds: float, seed: int = 7
+             ) -> tuple[dict[str, int], dict[str, int]]:
+    """Each key asks at its rate (asks/s) on average, at random times (exponential gaps, a
+    fixed seed: the same run every time); (asked, got) per key."""
+    import heapq
+    import random
+    rng = random.Random(seed)
+    asked = dict.fromkeys(askers, 0)
+    got = dict.fromkeys(askers, 0)
+    due = [(rng.expovariate(r), k) for k, r in askers.items()]
+    heapq.heapify(due)
+    while due[0][0] < seconds:
+        t, k = heapq.heappop(due)
+        asked[k] += 1
+        got[k] += b.take(k, t)
+        heapq.heappush(due, (t + rng.expovariate(askers[k]), k))
+    return asked, got
+
+
+@pytest.mark.parametrize("n, legit_rate, legit_min", [
+    # 50 keys asking 20/s each (a spammer's domains) against 100/s: the fair level is about
+    # 1.6/s; a key asking 1/s at random times gets nearly all of it (a plain bucket would give
+    # every ask the same chance, 100 / 1000: a tenth)
+    (50, 1.0, 0.8),
+    (10, 5.0, 0.9),      # level ~7/s > 5
+    (50, 5.0, 0.2),      # level ~1.6/s < 5: about its share (never nothing)
+])
+def test_fair_bucket_shares_the_rate_max_min(n: int, legit_rate: float,
+                                             legit_min: float) -> None:
+    b = FairBucket(100, 10, now=0.0)
+    askers = {f"spam{i}": 20.0 for i in range(n)} | {"legit": legit_rate}
+    asked, got = simulate(b, askers, 20.0)
+    assert got["legit"] >= legit_min * asked["legit"], (got["legit"], asked["legit"])
+    total = sum(got.values())
+    assert 0.95 * 100 * 20 <= total <= 100 * 20 + 10, total    # the rate, work-conserving
+    spam = sorted(got[f"spam{i}"] for i in range(n))
+    assert spam[-1] <= 3 * spam[0] + 10, spam                 # shared, roughly evenly
+
+
+def test_fair_bucket_alone_gets_the_whole_rate_and_forgets() -> None:
+    b = FairBucket(100, 10, now=0.0)
+    _, got = simulate(b, {"one": 500.0}, 5.0)
+    assert 490 <= got["one"] <= 511                      # alone: all of it
+    assert b.active(5.0) == 1 and b.active(7.0) == 0
+    assert len(b._keys) == 1 and b.active(20.0) == 0 and not b._keys   # forgotten
+    assert FairBucket(0, 0).take("x", 0.0)               # rate 0: uncapped
+
+
+def test_fair_bucket_bounds_its_keys() -> None:
+    b = FairBucket(1000, 10, now=0.0, max_keys=16)
+    for i in range(100):
+        b.take(f"k{i}", i * 0.001)
+    assert b.active(0.1) == 16

@@ -1,0 +1,297 @@
+"""Trust tiers: who vouches for an identity, and what each tier may hold of the fast lane (pure).
+
+Purpose
+    Every promoted session carries an identity (ingress.policy.identity), and identities are
+    ranked by who vouches for them: the operator (an allow-list entry, a client certificate),
+    a third party (a DNS allow list, DNSWL-style: room for it, nothing promotes into it yet),
+    the sender itself (SPF, DKIM, learned entries: anyone can mint these for the price of a
+    domain), or nobody (bulk). A higher tier may take room from a lower one, never the
+    reverse. This module is the one place that says which tier an identity is in and how much
+    of a fast resource each tier may hold; the acceptors' slots (ingress.policy.admission),
+    DATA bytes (ingress.dataread), and the fast broker's queue and worker credit
+    (workers.broker, ingress.policy.fairqueue.TieredQueue) all apply it.
+
+Rules (one for every fast resource: slots, queue count and bytes, worker credit, DATA bytes)
+    * The third-party and self-proven tiers are each capped as a whole: cap(tier, reserve) =
+      floor(reserve x share) (tiers.third_party_share, tiers.self_proven_share), however many
+      identities (domains) they hold. Beyond its cap a tier's session or message is served as
+      bulk, never refused for it. Per-identity shares (classify.identity_share) and rates
+      (classify.domain_rate) apply inside that cap (both bounds hold).
+    * The operator tier is never capped, and holds a floor no lower tier can use:
+      operator_floor = reserve - cap(third-party) - cap(self-proven) >= 1 whenever reserve >= 1
+      (the shares sum to less than 1). Likewise third-party and operator together hold
+      reserve - cap(self-proven) that self-proven and bulk can never use, and the whole
+      reserve is the fast lane's (bulk never uses it: the rule admission had before tiers).
+    * admits(): one rule for every tier of a resource of `capacity` units of which `reserve`
+      is the fast lane's: a tier's units must fit its cap, and after taking them the unused
+      floors of every higher tier must still be free. Since every lower tier obeys the same
+      rule, a higher tier always finds its unused floor free (see docs/design.md, "Trust
+      tiers").
+    * The self-proven tier has one total rate (tiers.self_proven_rate msgs/s per lanes node,
+      burst tiers.self_proven_burst), split over the acceptors that hold its sessions as
+      classify.domain_rate is (tier_buckets); beyond it: bulk. The third-party tier may have one.
+    * Promoted sessions of the capped tiers have a per-IP (per-prefix) cap
+      (admission.per_ip_fast_max; the operator tier is exempt).
+    * Only the operator and third-party tiers are handed to the fast acceptors
+      (ingress.handoff): a tier anyone can mint does not share their event loop. Only they
+      may evict (may_evict / pick_victim): when the slots are full, an operator client takes
+      the room of an idle session of a lower tier (bulk first, then self-proven, then
+      third-party), never the reverse.
+
+API
+    Tier                              IntEnum, in priority order: OPERATOR, THIRD_PARTY,
+                                      SELF_PROVEN, UNKNOWN; .label ("operator", "third-party",
+                                      "self-proven", "unknown")
+    FAST_TIERS, CAPPED                (OPERATOR, THIRD_PARTY, SELF_PROVEN); (THIRD_PARTY,
+                                      SELF_PROVEN)
+    tier_of(identity) -> Tier         "allow:", "cert:" -> OPERATOR; "dnswl:" -> THIRD_PARTY;
+                                      "org:", "learned:" (and any other kind: fail closed)
+                                      -> SELF_PROVEN; "" -> UNKNOWN
+    fast_tier(identity) -> Tier       tier_of, but a fast message without an identity counts
+                                      as SELF_PROVEN (capped: fail closed)
+    dnswl_identity(zone) -> str       "dnswl:<zone>" (for the evidence-sources issue)
+    TierShares(third_party, self_proven)   frozen, validated; .share(tier) (None: uncapped);
+                                      TierShares.of(cfg)
+    cap(tier, total, shares) -> int   what one tier may hold of `total` units
+    caps(total, shares) -> {Tier: int}     the capped tiers' caps
+    operator_floor(total, shares) -> int
+    floor_above(tier, reserve, shares) -> int   what the tiers above `tier` are guaranteed
+    admits(tier, n, held, used, capacity, reserve, shares) -> bool    the admission rule
+    hands_off(tier) / may_evict(tier) / per_ip_capped(tier) -> bool
+    pick_victim(evictor, seats) -> key | None   seats: (key, tier, busy, since)
+    rate_key(tier) -> "tier:<label>"  the key of a tier's total rate (brokers' over_rate list)
+    over_tier_reason(tier) / over_tier_rate_reason(tier) / over_ip_reason(ip_key) -> str
+                                      "over-share:tier:<label>", "over-rate:tier:<label>",
+                                      "over-share:ip:<key>" (Decision.reasons; served as bulk:
+                                      identity.served_over_share knows both prefixes)
+    tier_rates(cfg) -> {Tier: (rate, burst)}    the tiers with a total rate (rate > 0)
+    tier_buckets(rate, burst, parts) -> ((rate, burst) per acceptor, (rate, burst) at the
+                                      fast broker): identity.domain_buckets' split
+    rate_parts(cfg) -> int            the acceptors that hold self-proven sessions: those with
+                                      listen.port, and the fast acceptors when listen.fast_port
+                                      is on (its learned clients)
+
+Failure modes: TierShares raises ValueError for shares outside [0, 1) or summing to 1 or more.
+Everything else is total. Limits: none (no state).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TypeVar
+
+from ingress.core.config import Config
+from ingress.policy.identity import domain_buckets
+
+__all__ = [
+    "CAPPED",
+    "FAST_TIERS",
+    "Tier",
+    "TierShares",
+    "admits",
+    "cap",
+    "caps",
+    "dnswl_identity",
+    "fast_tier",
+    "floor_above",
+    "hands_off",
+    "may_evict",
+    "operator_floor",
+    "over_ip_reason",
+    "over_tier_rate_reason",
+    "over_tier_reason",
+    "per_ip_capped",
+    "pick_victim",
+    "rate_key",
+    "rate_parts",
+    "tier_buckets",
+    "tier_of",
+    "tier_rates",
+]
+
+
+class Tier(IntEnum):
+    """Ranked by who vouches: a lower value is a higher tier (and is served first)."""
+
+    OPERATOR = 0
+    THIRD_PARTY = 1
+    SELF_PROVEN = 2
+    UNKNOWN = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+
+FAST_TIERS = (Tier.OPERATOR, Tier.THIRD_PARTY, Tier.SELF_PROVEN)
+CAPPED = (Tier.THIRD_PARTY, Tier.SELF_PROVEN)
+
+_BY_KIND = {"allow": Tier.OPERATOR, "cert": Tier.OPERATOR, "dnswl": Tier.THIRD_PARTY,
+            "org": Tier.SELF_PROVEN, "learned": Tier.SELF_PROVEN}
+
+
+def tier_of(identity: str) -> Tier:
+    if not identity:
+        return Tier.UNKNOWN
+    return _BY_KIND.get(identity.partition(":")[0], Tier.SELF_PROVEN)
+
+
+def fast_tier(identity: str) -> Tier:
+    tier = tier_of(identity)
+    return Tier.SELF_PROVEN if tier is Tier.UNKNOWN else tier
+
+
+def dnswl_identity(zone: str) -> str:
+    return f"dnswl:{zone.lower().rstrip('.')}"
+
+
+@dataclass(frozen=True, slots=True)
+class TierShares:
+    """The capped tiers' shares of every fast resource (tiers.third_party_share and
+    tiers.self_proven_share); the operator tier holds the rest."""
+
+    third_party: float = 0.25
+    self_proven: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("third_party", "self_proven"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                raise ValueError(f"{name} share must be in [0, 1)")
+        if self.third_party + self.self_proven >= 1:
+            raise ValueError("the third-party and self-proven shares must sum to less than 1 "
+                             "(the rest is the operator tier's floor)")
+
+    def share(self, tier: Tier) -> float | None:
+        if tier is Tier.THIRD_PARTY:
+            return self.third_party
+        if tier is Tier.SELF_PROVEN:
+            return self.self_proven
+        if tier is Tier.UNKNOWN:
+            return 0.0
+        return None
+
+    @classmethod
+    def of(cls, cfg: Config) -> TierShares:
+        t = cfg.tiers
+        return cls(third_party=t.third_party_share, self_proven=t.self_proven_share)
+
+
+def cap(tier: Tier, total: int, shares: TierShares) -> int:
+    """Units of `total` one tier may hold: all of it for the operator, none for bulk (of a
+    fast resource), floor(total x share) for a capped tier."""
+    share = shares.share(tier)
+    if share is None:
+        return max(0, total)
+    return max(0, math.floor(total * share + 1e-9))
+
+
+def caps(total: int, shares: TierShares) -> dict[Tier, int]:
+    return {t: cap(t, total, shares) for t in CAPPED}
+
+
+def operator_floor(total: int, shares: TierShares) -> int:
+    """Units of `total` no lower tier can ever hold."""
+    return max(0, total - sum(caps(total, shares).values()))
+
+
+def floor_above(tier: Tier, reserve: int, shares: TierShares) -> int:
+    """The part of the fast `reserve` that the tiers above `tier` are guaranteed: the reserve
+    less the caps of `tier` and of every capped tier below it (bulk: the whole reserve)."""
+    if tier is Tier.OPERATOR:
+        return 0
+    return max(0, reserve - sum(cap(t, reserve, shares) for t in CAPPED if t >= tier))
+
+
+def admits(tier: Tier, n: int, held: Mapping[Tier, int], used: int, capacity: int,
+           reserve: int, shares: TierShares) -> bool:
+    """May `tier` take `n` more units of a resource of `capacity` units (of which `reserve` are
+    the fast lane's), `used` in all, `held[t]` by each fast tier t? Within its cap (capped
+    tiers), and leaving the unused floors of the tiers above it free."""
+    if tier in CAPPED and held.get(tier, 0) + n > cap(tier, reserve, shares):
+        return False
+    above = sum(held.get(t, 0) for t in FAST_TIERS if t < tier)
+    unused = max(0, floor_above(tier, reserve, shares) - above)
+    return used + n + unused <= capacity
+
+
+def hands_off(tier: Tier) -> bool:
+    """Is a client of this tier, known at connect, served by a fast acceptor?"""
+    return tier in (Tier.OPERATOR, Tier.THIRD_PARTY)
+
+
+def may_evict(tier: Tier) -> bool:
+    """May a newcomer of this tier take an idle lower-tier session's slot when none is free?"""
+    return tier in (Tier.OPERATOR, Tier.THIRD_PARTY)
+
+
+def per_ip_capped(tier: Tier) -> bool:
+    """Do this tier's promoted sessions count against admission.per_ip_fast_max?"""
+    return tier in CAPPED
+
+
+K = TypeVar("K")
+
+
+def pick_victim(evictor: Tier, seats: Iterable[tuple[K, Tier, bool, float]]) -> K | None:
+    """The seat whose slot a newcomer of tier `evictor` takes: not busy (inside DATA or
+    waiting for its ack), of a strictly lower tier, the lowest tier first, then the one
+    connected longest (`since`: its start). None: nobody may be evicted for it."""
+    if not may_evict(evictor):
+        return None
+    best: tuple[int, float] | None = None
+    victim: K | None = None
+    for key, tier, busy, since in seats:
+        if busy or tier <= evictor:
+            continue
+        rank = (-int(tier), since)
+        if best is None or rank < best:
+            best, victim = rank, key
+    return victim
+
+
+TIER_KEY = "tier:"
+
+
+def rate_key(tier: Tier) -> str:
+    return f"{TIER_KEY}{tier.label}"
+
+
+def over_tier_reason(tier: Tier) -> str:
+    return f"over-share:{rate_key(tier)}"
+
+
+def over_tier_rate_reason(tier: Tier) -> str:
+    return f"over-rate:{rate_key(tier)}"
+
+
+def over_ip_reason(ip_key: str) -> str:
+    return f"over-share:ip:{ip_key}"
+
+
+def tier_rates(cfg: Config) -> dict[Tier, tuple[float, float]]:
+    t = cfg.tiers
+    out = {}
+    if t.self_proven_rate > 0:
+        out[Tier.SELF_PROVEN] = (t.self_proven_rate, t.self_proven_burst)
+    if t.third_party_rate > 0:
+        out[Tier.THIRD_PARTY] = (t.third_party_rate, t.third_party_burst)
+    return out
+
+
+def tier_buckets(rate: float, burst: float, parts: int
+                 ) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(rate, burst) of a tier's bucket in one of `parts` acceptors, and at the fast broker
+    (which bounds several edges): the split of identity.domain_buckets."""
+    return domain_buckets(rate, burst, parts)
+
+
+def rate_parts(cfg: Config) -> int:
+    """The acceptors of an edge that hold self-proven sessions and so share its total rate at
+    MAIL FROM: the port-25 acceptors (self-proven clients are not handed off), and the fast
+    acceptors when listen.fast_port is on (a learned client may come in there)."""
+    fast = cfg.supervisor.fast_acceptors if cfg.listen.fast_addresses else 0
+    return max(1, cfg.acceptor_count + fast)
