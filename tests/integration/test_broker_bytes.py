@@ -17,6 +17,8 @@ from ingress.core import config
 from ingress.core.wire import Envelope, Lane, decode_reply, new_qid, ready, submit
 from workers.broker import Broker
 
+_SENT = 0
+
 
 @pytest.fixture
 def broker_and_client():
@@ -40,10 +42,15 @@ def broker_and_client():
 
 
 def frames(size: int) -> list[bytes]:
+    global _SENT
+    _SENT += 1
     now = time.time()
     env = Envelope(qid=new_qid(now), lane=Lane.FAST, peer_ip="192.0.2.1", peer_port=1,
                    helo="h", mail_from="a@b.test", rcpts=("c@example.test",),
-                   received_at=now, deadline=now + 30)
+                   received_at=now, deadline=now + 30,
+                   # each its own operator identity: what is bounded here is the lane's own
+                   # queue_bytes, not a tier's or an identity's part of it (test_broker_identity)
+                   evidence={"identity": f"allow:192.0.2.{_SENT % 250}/32"})
     return submit(env, b"x" * size)
 
 

@@ -275,7 +275,8 @@ def test_learned_timestamps_are_clamped(tmp_path: Path) -> None:
 
     async def go() -> list[tuple[str, float, str]]:
         fake = FakeRedis({"ZRANGEBYSCORE": lambda a: entries
-                          if "WITHSCORES" in [x.upper() for x in a] else []})
+                          if "WITHSCORES" in [x.upper() for x in a] else [],
+                          "HGETALL": lambda a: []})     # no learned domains (an empty hash)
         await fake.start()
         learned: list[tuple[str, float, str]] = []
         cs, task = await connected(tmp_path, fake, learned)
