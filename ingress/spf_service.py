@@ -52,7 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from cachetools import TTLCache
 
 from ingress.core import log, metrics
-from ingress.core.addr import ip_key
+from ingress.core.addr import net_key
 from ingress.core.config import Config
 from ingress.core.headers import spf_identity
 from ingress.core.wire import Lane
@@ -65,8 +65,6 @@ SPF_THREADS = 4              # per lane: pyspf evaluations (CPU only, never a DN
 SPF_CACHE_TTL = 300.0        # seconds an SPF result for (ip, domain, helo) is reused
 SPF_CACHE_SIZE = 10000
 REFUSED_LOG_EVERY = 10.0     # one spf_refused line per reason per this many seconds
-NET_V4_PREFIX = 24           # a client network for spf_per_network: IPv4 /24 (IPv6: the
-                             # admission.ipv6_prefix network)
 
 _WHY = {
     SpfVerdict.TIMEOUT: "SPF not checked: the DNS of {domain} timed out lately",
@@ -112,7 +110,7 @@ class SpfService:
         hit = self.cache.get(key)
         if hit is not None:
             return hit
-        org, net = org_domain(domain), ip_key(peer_ip, self.ipv6_prefix, NET_V4_PREFIX)
+        org, net = org_domain(domain), net_key(peer_ip, self.ipv6_prefix)
         gate = self.gates[lane]
         verdict = gate.admit(org, net, time.monotonic())
         if verdict is not SpfVerdict.ADMIT:

@@ -21,6 +21,13 @@ API
     ip_key(ip, ipv6_prefix=64, ipv4_prefix=32) -> str   the IPv4 address (or its
                                                 /ipv4_prefix network), or the IPv6 /ipv6_prefix
                                                 network; a non-address is its own key
+    net_key(ip, ipv6_prefix=64) -> str          a client *network*: IPv4 /NET_V4 (24), IPv6
+                                                /ipv6_prefix (what SPF checks and deferral
+                                                records are bounded per)
+    site_key(ip, ipv6_prefix=64) -> str         a client *site*, the wider aggregate of its
+                                                networks: IPv4 /24, IPv6 /SITE_V6 (48, or
+                                                /ipv6_prefix when shorter) (learned entries and
+                                                deferral records are bounded per site)
     normalize_domain(domain) -> str             the canonical name: UTS-46 mapping (IDNA 2008,
                                                 the `idna` package: width and case folding, the
                                                 ideographic and fullwidth full stops as dots,
@@ -61,8 +68,12 @@ from typing import Any
 
 import idna
 
-__all__ = ["DOMAIN_CACHE", "MAX_DOMAIN_INPUT", "Address", "ip_key", "normalize_domain",
-           "normalize_ip", "parse_ip", "split_address", "try_parse_ip"]
+__all__ = ["DOMAIN_CACHE", "MAX_DOMAIN_INPUT", "NET_V4", "SITE_V6", "Address", "ip_key",
+           "net_key", "normalize_domain", "normalize_ip", "parse_ip", "site_key",
+           "split_address", "try_parse_ip"]
+
+NET_V4 = 24                # an IPv4 client network, and site
+SITE_V6 = 48               # an IPv6 site: the aggregate of its networks
 
 MAX_DOMAIN_INPUT = 1024    # characters: beyond it not a domain name (idna's own input limit)
 DOMAIN_CACHE = 4096        # canonical names cached (inputs of up to _CACHED_INPUT characters)
@@ -117,6 +128,14 @@ def ip_key(ip: str, ipv6_prefix: int = 64, ipv4_prefix: int = 32) -> str:
     if ipv4_prefix < 32:
         return str(ipaddress.IPv4Network((addr, ipv4_prefix), strict=False))
     return str(addr)
+
+
+def net_key(ip: str, ipv6_prefix: int = 64) -> str:
+    return ip_key(ip, ipv6_prefix, NET_V4)
+
+
+def site_key(ip: str, ipv6_prefix: int = 64) -> str:
+    return ip_key(ip, min(SITE_V6, ipv6_prefix), NET_V4)
 
 
 def normalize_domain(domain: str) -> str:

@@ -92,6 +92,7 @@ from ingress.core.addr import ip_key
 from ingress.core.config import Config
 from ingress.core.expiry import ExpiryMap
 from ingress.core.ratelimit import TokenBucket
+from ingress.core.tally import decrement
 from ingress.core.wire import Lane
 from ingress.policy import replies
 from ingress.policy.tiers import FAST_TIERS, Tier, TierShares, admits, cap, per_ip_capped
@@ -313,7 +314,7 @@ class Admission:
             self._drop_fast(ticket)
         else:
             self.bulk_in_use -= 1
-            self._dec(self._per_ip_bulk, ticket.key)
+            decrement(self._per_ip_bulk, ticket.key)
 
     def promote(self, ticket: Ticket, tier: Tier = Tier.OPERATOR) -> None:
         """Move a held bulk slot to the fast lane, to `tier`. No-op if already fast or
@@ -323,7 +324,7 @@ class Admission:
         tier = Tier.SELF_PROVEN if tier is Tier.UNKNOWN else tier
         ticket.lane = Lane.FAST
         self.bulk_in_use -= 1
-        self._dec(self._per_ip_bulk, ticket.key)
+        decrement(self._per_ip_bulk, ticket.key)
         self._take_fast(ticket.key, tier)
         ticket.tier = tier
 
@@ -363,16 +364,8 @@ class Admission:
     def _drop_fast(self, ticket: Ticket) -> None:
         self._held[ticket.tier] -= 1
         if per_ip_capped(ticket.tier):
-            self._dec(self._per_ip_fast, ticket.key)
+            decrement(self._per_ip_fast, ticket.key)
         ticket.tier = Tier.UNKNOWN
-
-    @staticmethod
-    def _dec(counts: dict[str, int], key: str) -> None:
-        n = counts.get(key, 0) - 1
-        if n > 0:
-            counts[key] = n
-        else:
-            counts.pop(key, None)
 
     def _take_token(self, key: str, now: float) -> bool:
         lim = self.limits

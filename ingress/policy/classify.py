@@ -94,8 +94,10 @@ from ingress.core.addr import (
     normalize_domain,
     normalize_ip,
     parse_ip,
+    site_key,
 )
 from ingress.core.expiry import ExpiryMap
+from ingress.core.tally import Groups
 from ingress.core.wire import AuthResult, Lane
 from ingress.policy.identity import (
     allow_identity,
@@ -385,8 +387,6 @@ _LEARNED_VERSION = 3   # 3: entries keyed by network (ip_key: IPv4 address, IPv6
                        # and 1 (ip -> expiry, domain "") still load, re-keyed by network
 LEARNED_PER_DOMAIN = 16   # default classify.learned_per_domain
 LEARNED_PER_NET = 16      # default classify.learned_per_net
-NET_V4 = 24               # the per-network quota counts IPv4 entries per /24 ...
-NET_V6 = 48               # ... and IPv6 entries per /48 (or per ipv6_prefix, if shorter)
 EVICTED_KEPT = 1024       # quota evictions remembered for take_evicted() (beyond: dropped)
 
 
@@ -405,57 +405,8 @@ def _entry(ip: str, ipv6_prefix: int) -> tuple[str, str]:
     else:
         addr = parse_ip(ip)
     text = str(addr)
-    return ip_key(text, ipv6_prefix), ip_key(text, min(NET_V6, ipv6_prefix), NET_V4)
+    return ip_key(text, ipv6_prefix), site_key(text, ipv6_prefix)
 
-
-class _Groups:
-    """Entry keys grouped (by domain, by network): each group's keys in learning order, and
-    the groups by size, least recently learned or refreshed first within a size (the tie-break
-    of an eviction). O(1) per change; largest() is O(distinct sizes) <= the group quota."""
-
-    __slots__ = ("of", "sizes")
-
-    def __init__(self) -> None:
-        self.of: dict[str, dict[str, None]] = {}       # group -> keys
-        self.sizes: dict[int, dict[str, None]] = {}    # n -> groups of n keys
-
-    def count(self, group: str) -> int:
-        return len(self.of.get(group, ()))
-
-    def add(self, group: str, key: str) -> None:
-        keys = self.of.setdefault(group, {})
-        self._resize(group, len(keys), len(keys) + 1)
-        keys[key] = None
-
-    def remove(self, group: str, key: str) -> None:
-        keys = self.of.get(group)
-        if keys is None or key not in keys:
-            return
-        del keys[key]
-        self._resize(group, len(keys) + 1, len(keys))
-        if not keys:
-            del self.of[group]
-
-    def touch(self, group: str) -> None:
-        n = self.count(group)
-        if n:
-            self._resize(group, n, n)
-
-    def largest(self) -> tuple[str, int]:
-        """The group holding the most keys (ties: least recently touched) and its size."""
-        if not self.sizes:
-            return "", 0
-        n = max(self.sizes)
-        return next(iter(self.sizes[n])), n
-
-    def _resize(self, group: str, old: int, new: int) -> None:
-        if old:
-            bucket = self.sizes[old]
-            bucket.pop(group, None)
-            if not bucket:
-                del self.sizes[old]
-        if new:
-            self.sizes.setdefault(new, {})[group] = None
 
 
 @dataclass(slots=True)
@@ -497,8 +448,8 @@ class LearnedAllow:
     _map: ExpiryMap = field(init=False)
     _domains: dict[str, str] = field(init=False)              # key -> org domain
     _nets: dict[str, str] = field(init=False)                 # key -> its /24 or /48
-    _by_domain: _Groups = field(init=False)
-    _by_net: _Groups = field(init=False)
+    _by_domain: Groups = field(init=False)
+    _by_net: Groups = field(init=False)
     _evicted: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -512,7 +463,7 @@ class LearnedAllow:
             raise ValueError("LearnedAllow ipv6_prefix must be 16..128")
         self._map = ExpiryMap(self.max_size, on_drop=self._dropped)
         self._domains, self._nets = {}, {}
-        self._by_domain, self._by_net = _Groups(), _Groups()
+        self._by_domain, self._by_net = Groups(), Groups()
         self._evicted = []
 
     def __len__(self) -> int:
@@ -566,7 +517,7 @@ class LearnedAllow:
             self._by_domain.touch(held)
             return
         self._by_domain.remove(held, key)
-        if self._room_in(self._by_domain.of.get(dom), self.per_domain, expires_at):
+        if self._room_in(self._by_domain.keys(dom), self.per_domain, expires_at):
             held = dom
         self._by_domain.add(held, key)     # its new domain, or (full of newer) the old one
         self._domains[key] = held
@@ -576,8 +527,8 @@ class LearnedAllow:
         """A new entry, within the quotas (see the class docstring)."""
         if now is not None and len(self._map) >= self.max_size:
             self._map.purge(now)
-        if not self._room_in(self._by_net.of.get(net), self.per_net, expires_at) \
-                or not self._room_in(self._by_domain.of.get(dom), self.per_domain, expires_at):
+        if not self._room_in(self._by_net.keys(net), self.per_net, expires_at) \
+                or not self._room_in(self._by_domain.keys(dom), self.per_domain, expires_at):
             return False
         if len(self._map) >= self.max_size and not self._room_in(
                 self._victims(net, dom), 0, expires_at):
@@ -597,10 +548,10 @@ class LearnedAllow:
         big_dom, dmax = self._by_domain.largest()
         big_net, nmax = self._by_net.largest()
         if dn > 1 and dn >= max(dmax, nmax, nn):
-            return self._by_domain.of[dom]
+            return self._by_domain.keys(dom)
         if nn > 1 and nn >= max(dmax, nmax):
-            return self._by_net.of[net]
-        return self._by_domain.of.get(big_dom) if dmax >= nmax else self._by_net.of.get(big_net)
+            return self._by_net.keys(net)
+        return self._by_domain.keys(big_dom) if dmax >= nmax else self._by_net.keys(big_net)
 
     def unlearn(self, ip: str) -> bool:
         """Remove the entry of `ip`'s network (an address or a key); False if there was none."""

@@ -108,8 +108,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from ingress.core.addr import normalize_domain, split_address, try_parse_ip
+from ingress.core.addr import net_key, normalize_domain, site_key, split_address
 from ingress.core.config import Config
+from ingress.core.tally import Groups, decrement
 
 __all__ = [
     "HAMMER_WINDOW",
@@ -130,8 +131,6 @@ __all__ = [
 MAX_RCPTS = 8           # recipients a record remembers (a retry may carry only those)
 MAX_ADDR = 254          # longest sender / recipient kept (RFC 5321 path limit)
 HAMMER_WINDOW = 60.0    # seconds: "shed many times a minute"
-IPV4_NET = 24           # an IPv4 client network (and site)
-IPV6_SITE = 48          # an IPv6 site: the aggregate of its networks
 
 
 class ClaimResult(StrEnum):
@@ -199,28 +198,21 @@ class Claim:
         return bool(rcpts) and all(_addr(r) in self.rcpts for r in rcpts)
 
 
-@functools.lru_cache(maxsize=65536)
 def net_of(ip: str, ipv6_prefix: int = 64) -> str:
-    """IPv4 /24 or IPv6 /ipv6_prefix of `ip` (IPv4-mapped counts as IPv4); a non-address is
-    itself (at most 64 characters)."""
-    addr = try_parse_ip(ip)
-    if addr is None:
-        return ip[:64]
-    prefix = IPV4_NET if addr.version == 4 else ipv6_prefix
-    return str(ipaddress.ip_network((addr, prefix), strict=False))
+    """The client network of `ip` (ingress.core.addr.net_key: IPv4 /24, IPv6 /ipv6_prefix;
+    IPv4-mapped counts as IPv4); a non-address is itself (at most 64 characters)."""
+    return net_key(ip, ipv6_prefix)[:64]
 
 
 @functools.lru_cache(maxsize=65536)
 def site_of(net: str) -> str:
-    """The site of a network (net_of's text): IPv6 /48 (the network itself if it is wider), an
-    IPv4 network itself; anything else is itself."""
+    """The site of a network (net_of's text; ingress.core.addr.site_key): IPv6 /48 (the
+    network itself if it is wider), an IPv4 /24 itself; anything else is itself."""
     try:
         n = ipaddress.ip_network(net, strict=False)
     except ValueError:
         return net[:64]
-    if n.version == 6 and n.prefixlen > IPV6_SITE:
-        n = n.supernet(new_prefix=IPV6_SITE)
-    return str(n)
+    return site_key(str(n.network_address), n.prefixlen if n.version == 6 else 128)
 
 
 def _addr(a: str) -> str:
@@ -271,9 +263,7 @@ class DeferralStore:
         self.limits = limits
         self._records: OrderedDict[str, Record] = OrderedDict()   # first-deferral order
         self._per_net: dict[str, int] = {}
-        self._site_keys: dict[str, dict[str, None]] = {}   # site -> its keys, oldest first
-        self._by_count: dict[int, dict[str, None]] = {}    # record count -> sites holding it
-        self._most = 0                                     # the highest such count
+        self._sites = Groups()                      # site -> its keys, oldest first
         # site -> [window index, sheds in it, sheds in the one before]
         self._sheds: OrderedDict[str, list[float]] = OrderedDict()
         self._tat: OrderedDict[str, float] = OrderedDict()  # site -> theoretical arrival time
@@ -288,11 +278,11 @@ class DeferralStore:
         return self._per_net.get(net, 0)
 
     def per_site(self, site: str) -> int:
-        return len(self._site_keys.get(site, ()))
+        return self._sites.count(site)
 
     def sites(self) -> int:
         """Sites holding records now."""
-        return len(self._site_keys)
+        return len(self._sites)
 
     # --- deferrals ----------------------------------------------------------------------------
 
@@ -326,7 +316,7 @@ class DeferralStore:
         self._records[key] = Record(net, site, start, now, rcpts=_merge(frozenset(), rcpts),
                                     origin=origin[:64], void=void, unshared=max(0, sheds))
         self._per_net[net] = self._per_net.get(net, 0) + 1
-        self._site_add(site, key)
+        self._sites.add(site, key)
         return True
 
     def lookup(self, key: str, now: float) -> Record | None:
@@ -427,7 +417,7 @@ class DeferralStore:
 
     def _site_interval(self) -> tuple[float, float]:
         """(seconds between two claims of one site, how far ahead of now it may claim)."""
-        active = max(1, len(self._site_keys))
+        active = max(1, len(self._sites))
         interval = active / self.limits.share_rate
         return interval, (max(1.0, self.limits.share_burst / active) - 1.0) * interval
 
@@ -451,48 +441,19 @@ class DeferralStore:
     def _make_room(self, site: str) -> bool:
         """The table is full: drop the oldest record of the site holding the most, if it holds
         at least two more than `site` (so the counts only ever get more even)."""
-        if not self._most or self._most < self.per_site(site) + 2:
+        largest, most = self._sites.largest()
+        oldest = self._sites.oldest(largest)
+        if oldest is None or most < self.per_site(site) + 2:
             return False
-        largest = next(iter(self._by_count[self._most]))
-        self._drop(next(iter(self._site_keys[largest])))
+        self._drop(oldest)
         return True
-
-    def _site_add(self, site: str, key: str) -> None:
-        keys = self._site_keys.setdefault(site, {})
-        keys[key] = None
-        self._recount(site, len(keys) - 1, len(keys))
-
-    def _site_remove(self, site: str, key: str) -> None:
-        keys = self._site_keys.get(site)
-        if keys is None or key not in keys:
-            return
-        del keys[key]
-        if not keys:
-            del self._site_keys[site]
-        self._recount(site, len(keys) + 1, len(keys))
-
-    def _recount(self, site: str, old: int, new: int) -> None:
-        if old:
-            sites = self._by_count[old]
-            del sites[site]
-            if not sites:
-                del self._by_count[old]
-        if new:
-            self._by_count.setdefault(new, {})[site] = None
-        self._most = max(self._most, new)
-        while self._most and self._most not in self._by_count:
-            self._most -= 1
 
     def _drop(self, key: str) -> None:
         rec = self._records.pop(key, None)
         if rec is None:
             return
-        n = self._per_net.get(rec.net, 0) - 1
-        if n > 0:
-            self._per_net[rec.net] = n
-        else:
-            self._per_net.pop(rec.net, None)
-        self._site_remove(rec.site, key)
+        decrement(self._per_net, rec.net)
+        self._sites.remove(rec.site, key)
 
     def _purge(self, now: float) -> None:
         ttl = self.limits.ttl

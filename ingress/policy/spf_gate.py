@@ -61,16 +61,18 @@ Failure modes: SpfLimits raises ValueError for inconsistent limits; nothing else
 release() without its admit() is ignored (counts never go below zero).
 
 Limits: the counts hold at most `backlog` domains and networks (an entry is dropped at zero);
-the cache of timeouts at most timeouts_max domains (the oldest entry goes first: entries are
-kept in expiry order, as the TTL is one constant), ~150 bytes each. Per process (each acceptor
-has its own gate). Not thread-safe (the event loop's).
+the cache of timeouts at most timeouts_max domains (ingress.core.expiry.ExpiryMap: the
+soonest-expiring goes first, which with one constant TTL is the oldest), ~150 bytes each. Per
+process (each acceptor has its own gate). Not thread-safe (the event loop's).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
+
+from ingress.core.expiry import ExpiryMap
+from ingress.core.tally import decrement
 
 __all__ = ["TIMEOUTS_MAX", "SpfGate", "SpfLimits", "SpfVerdict"]
 
@@ -110,7 +112,7 @@ class SpfGate:
         self._domains: dict[str, int] = {}
         self._nets: dict[str, int] = {}
         self._total = 0
-        self._timeouts: OrderedDict[str, float] = OrderedDict()   # domain -> until
+        self._timeouts = ExpiryMap(limits.timeouts_max)       # domain -> until
 
     def __len__(self) -> int:
         return self._total
@@ -122,13 +124,7 @@ class SpfGate:
         return self._nets.get(net, 0)
 
     def timed_out(self, domain: str, now: float) -> bool:
-        until = self._timeouts.get(domain)
-        if until is None:
-            return False
-        if now < until:
-            return True
-        del self._timeouts[domain]
-        return False
+        return self._timeouts.get(domain, now) is not None
 
     def admit(self, domain: str, net: str, now: float) -> SpfVerdict:
         lim = self.limits
@@ -146,21 +142,10 @@ class SpfGate:
         return SpfVerdict.ADMIT
 
     def release(self, domain: str, net: str, now: float, stalled: bool = False) -> None:
-        d, n = self._domains.get(domain, 0), self._nets.get(net, 0)
-        if d <= 0 or n <= 0:
+        if self._domains.get(domain, 0) <= 0 or self._nets.get(net, 0) <= 0:
             return
-        _drop(self._domains, domain, d)
-        _drop(self._nets, net, n)
+        decrement(self._domains, domain)
+        decrement(self._nets, net)
         self._total -= 1
         if stalled and self.limits.timeout_ttl > 0:
-            self._timeouts.pop(domain, None)
-            self._timeouts[domain] = now + self.limits.timeout_ttl
-            while len(self._timeouts) > self.limits.timeouts_max:
-                self._timeouts.popitem(last=False)
-
-
-def _drop(counts: dict[str, int], key: str, held: int) -> None:
-    if held <= 1:
-        del counts[key]
-    else:
-        counts[key] = held - 1
+            self._timeouts.put(domain, now + self.limits.timeout_ttl, now)

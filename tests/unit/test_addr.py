@@ -11,9 +11,11 @@ from ingress.core.addr import (
     MAX_DOMAIN_INPUT,
     _canonical_cached,
     ip_key,
+    net_key,
     normalize_domain,
     normalize_ip,
     parse_ip,
+    site_key,
     split_address,
     try_parse_ip,
 )
@@ -153,3 +155,15 @@ def test_canonical_domain_long_inputs_are_worked_out_uncached() -> None:
 ])
 def test_split_address(address: str, want: tuple[str, str]) -> None:
     assert split_address(address) == want
+
+
+@pytest.mark.parametrize(("ip", "prefix", "net", "site"), [
+    ("192.0.2.77", 64, "192.0.2.0/24", "192.0.2.0/24"),
+    ("::ffff:192.0.2.77", 64, "192.0.2.0/24", "192.0.2.0/24"),
+    ("2001:db8:1:2:3::4", 64, "2001:db8:1:2::/64", "2001:db8:1::/48"),
+    ("2001:db8:1:2:3::4", 56, "2001:db8:1::/56", "2001:db8:1::/48"),
+    ("2001:db8:1:2:3::4", 32, "2001:db8::/32", "2001:db8::/32"),     # wider than a site
+    ("not-an-ip", 64, "not-an-ip", "not-an-ip"),
+])
+def test_network_and_site_keys(ip: str, prefix: int, net: str, site: str) -> None:
+    assert net_key(ip, prefix) == net and site_key(ip, prefix) == site

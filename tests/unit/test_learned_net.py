@@ -196,7 +196,8 @@ def test_indexes_follow_expiry_and_unlearn() -> None:
     assert la.per_domain_count("a.test") == 1
     assert la.unlearn("192.0.2.2") and not la.unlearn("192.0.2.2")
     assert la.per_domain_count("a.test") == 0 and len(la) == 0
-    assert not la._by_net.of and not la._by_domain.sizes and not la._domains and not la._nets
+    assert not len(la._by_net) and la._by_domain.largest() == ("", 0) and not la._domains \
+        and not la._nets
     la.learn("192.0.2.3", now=20, domain="a.test")        # learnable again
     assert la.contains("192.0.2.3", 21)
 
