@@ -138,9 +138,9 @@ class IngressHandler:
         another domain (served, not refused: below, its own SPF, else bulk under the bulk
         cap; the trace says learned-mismatch:<domain>)."""
         ctx = self.ctx
-        if server.evidence.learned_allow \
-                and decide(server.evidence, ctx.policy).lane is Lane.BULK:
-            server.reasons = decide(server.evidence, ctx.policy).reasons
+        fresh = decide(server.evidence, ctx.policy) if server.evidence.learned_allow else None
+        if fresh is not None and fresh.lane is Lane.BULK:
+            server.reasons = fresh.reasons
             why = "learned-mismatch"
         elif ctx.over_rate(server.identity, transaction=True):
             # Its domain is over classify.domain_rate, or its trust tier over its total rate

@@ -89,6 +89,28 @@ def _recv_one(sock: socket.socket) -> tuple[bytes, socket.socket | None, Any] | 
     return msg, conn, addr
 
 
+def _drain(sock: socket.socket, payload: bytes, allowed: Callable[[Any], bool],
+           serve: Callable[[socket.socket, Any], Any]) -> None:
+    """Every datagram waiting on `sock` (at most 256, then the loop runs and the reader fires
+    again): one carrying exactly one descriptor, `payload` and a sender `allowed` is served;
+    anything else is logged and dropped (its descriptors closed)."""
+    for _ in range(256):
+        try:
+            got = _recv_one(sock)
+        except OSError as e:
+            log.event("handoff_recv_failed", "warning", error=str(e))
+            return
+        if got is None:
+            return
+        msg, conn, addr = got
+        if conn is None or msg != payload or not allowed(addr):
+            if conn is not None:
+                conn.close()
+            log.event("handoff_ignored", "warning", size=len(msg), sender=str(addr)[:120])
+            continue
+        serve(conn, addr)
+
+
 def _send_fd(sock: socket.socket, payload: bytes, fd: int, to: Any) -> None:
     sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
                  0, to)
@@ -113,24 +135,12 @@ class Sender:
 
     def _readable(self) -> None:
         assert self.sock is not None and self.returned is not None
-        for _ in range(256):
-            try:
-                got = _recv_one(self.sock)
-            except OSError as e:
-                log.event("handback_recv_failed", "warning", error=str(e))
-                return
-            if got is None:
-                return
-            msg, conn, addr = got
-            # Only from a fast acceptor: its socket's path is in the state directory, and the
-            # kernel fills in a datagram's source address (an abstract address, which anyone
-            # on the host could send to, is ours, not theirs).
-            if conn is None or msg != RETURN or addr not in self.paths:
-                if conn is not None:
-                    conn.close()
-                log.event("handoff_ignored", "warning", size=len(msg), sender=str(addr)[:120])
-                continue
-            self.returned(conn)
+        returned = self.returned
+        # Only from a fast acceptor: its socket's path is in the state directory, and the
+        # kernel fills in a datagram's source address (an abstract address, which anyone on
+        # the host could send to, is ours, not theirs).
+        _drain(self.sock, RETURN, lambda addr: addr in self.paths,
+               lambda conn, _addr: returned(conn))
 
     def offer(self, transport: asyncio.BaseTransport) -> bool:
         if self.sock is None:
@@ -178,22 +188,10 @@ class Receiver:
         loop.add_reader(self.sock.fileno(), self._readable)
 
     def _readable(self) -> None:
-        for _ in range(256):      # then let the loop run; the reader fires again
-            try:
-                got = _recv_one(self.sock)
-            except OSError as e:
-                log.event("handoff_recv_failed", "warning", error=str(e))
-                return
-            if got is None:
-                return
-            msg, conn, addr = got
-            if conn is None or msg != MAGIC:
-                if conn is not None:
-                    conn.close()
-                log.event("handoff_ignored", "warning", size=len(msg))
-                continue
-            # an unbound sender (no give-back) has no address
-            self.serve(conn, addr or None)
+        # any sender (a port-25 acceptor; an unbound one, which cannot take a connection
+        # back, has no address)
+        _drain(self.sock, MAGIC, lambda _addr: True,
+               lambda conn, addr: self.serve(conn, addr or None))
 
     def give_back(self, transport: asyncio.BaseTransport, sender: Any) -> bool:
         raw = transport.get_extra_info("socket")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from ingress.core import log
 from ingress.core.config import Config
@@ -39,7 +40,8 @@ from ingress.policy.classify import LearnedAllow
 LEARNED_SAVE_INTERVAL = 5.0  # seconds between saves of a changed learned allow cache
 
 
-def _bounds(cfg: Config) -> dict[str, float | int]:
+def _bounds(cfg: Config) -> dict[str, Any]:
+    """LearnedAllow's bounds from the config (its keyword arguments)."""
     c = cfg.classify
     return {"ttl": max(c.learned_ttl, 1.0), "max_size": c.learned_max,
             "per_domain": c.learned_per_domain, "per_net": c.learned_per_net,
@@ -47,19 +49,12 @@ def _bounds(cfg: Config) -> dict[str, float | int]:
 
 
 def learned_cache(cfg: Config) -> LearnedAllow:
-    b = _bounds(cfg)
-    return LearnedAllow(ttl=float(b["ttl"]), max_size=int(b["max_size"]),
-                        per_domain=int(b["per_domain"]), per_net=int(b["per_net"]),
-                        ipv6_prefix=int(b["ipv6_prefix"]))
+    return LearnedAllow(**_bounds(cfg))
 
 
 def load_learned(path: Path, cfg: Config) -> LearnedAllow:
-    b = _bounds(cfg)
     try:
-        return LearnedAllow.from_json(
-            path.read_bytes(), ttl=float(b["ttl"]), max_size=int(b["max_size"]),
-            per_domain=int(b["per_domain"]), per_net=int(b["per_net"]),
-            ipv6_prefix=int(b["ipv6_prefix"]), now=time.time())
+        return LearnedAllow.from_json(path.read_bytes(), now=time.time(), **_bounds(cfg))
     except FileNotFoundError:
         pass
     except (OSError, ValueError) as e:

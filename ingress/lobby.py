@@ -42,7 +42,7 @@ from ingress.host import SessionHost
 from ingress.policy.admission import Ticket
 from ingress.policy.classify import Evidence
 from ingress.policy.replies import Refusal, text
-from ingress.policy.tiers import Tier, fast_tier
+from ingress.policy.tiers import session_tier
 from ingress.smtp import IngressSMTP, banner_line, classify_and_admit, refuse_early_talker
 
 
@@ -119,8 +119,7 @@ class Lobby(asyncio.Protocol):
         if self.admitted:
             self._release()
             log.event("evicted", peer=self.peer_ip, lane=self.lane.value,
-                      tier=(fast_tier(self.identity) if self.lane is Lane.FAST
-                            else Tier.UNKNOWN).label, spoken=False,
+                      tier=session_tier(self.lane, self.identity).label, spoken=False,
                       connected_s=round(time.monotonic() - self.started, 1))
         self.close_with(line)
 

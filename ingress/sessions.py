@@ -90,6 +90,7 @@ from ingress.policy.tiers import (
     over_ip_reason,
     over_tier_reason,
     pick_victim,
+    session_tier,
 )
 
 
@@ -162,7 +163,7 @@ class SessionTable:
 
     @staticmethod
     def tier(seat: Seat) -> Tier:
-        return fast_tier(seat.identity) if seat.lane is Lane.FAST else Tier.UNKNOWN
+        return session_tier(seat.lane, seat.identity)
 
     def _hold(self, seat: Seat) -> None:
         if seat.identity:

@@ -28,7 +28,7 @@ from ingress.core.wire import Lane
 from ingress.dataread import DataReader, DataState, read_stream
 from ingress.host import SessionHost
 from ingress.policy.replies import Refusal, text
-from ingress.policy.tiers import Tier, fast_tier
+from ingress.policy.tiers import Tier, session_tier
 
 
 class DataPhase(SMTP):
@@ -79,7 +79,7 @@ class DataPhase(SMTP):
     @property
     def tier(self) -> Tier:
         """This session's trust tier now (UNKNOWN while bulk)."""
-        return fast_tier(self.identity) if self.lane is Lane.FAST else Tier.UNKNOWN
+        return session_tier(self.lane, self.identity)
 
     async def _data_refused(self, arg: str) -> bool:
         """aiosmtpd's checks before 354, then the DATA budget's bulk share: True = answered."""

@@ -170,20 +170,12 @@ def public_key(path: str) -> bytes:
     return public
 
 
-def _certificate_keys(raw: bytes) -> tuple[bytes | None, bytes | None]:
-    """(public-key, secret-key) of a ZPL certificate, as zmq.auth.load_certificate reads it."""
-    public = secret = None
-    for line in raw.splitlines():
-        line = line.strip()
-        if line.startswith(b"public-key"):
-            public = line.split(b"=", 1)[-1].strip(b" \t'\"")
-        elif line.startswith(b"secret-key"):
-            secret = line.split(b"=", 1)[-1].strip(b" \t'\"")
-    return public, secret
-
-
 def key_pair(path: str) -> tuple[bytes, bytes]:
-    public, secret = _certificate_keys(read_private(path, 64 * 1024))
+    read_private(path, 64 * 1024)      # only its owner may read it (ValueError naming it)
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path!r}: not a CURVE key file ({e})") from None
     if not public or not secret or len(public) != 40 or len(secret) != 40:
         raise ValueError(f"{path!r}: want a secret key file (NAME.key_secret from "
                          "`smtp-ingress keygen`)")

@@ -314,18 +314,26 @@ _banner: dict[str, Any] = {}
 _ack: dict[str, Any] = {}
 _defer: dict[tuple[str, str], Any] = {}
 _retry: dict[tuple[str, str], Any] = {}
+_over_tier: dict[tuple[str, str], Any] = {}
 _mtls_gate: dict[tuple[str, str], Any] = {}
 _mtls_hs: dict[tuple[str, str], Any] = {}
 _spf: dict[str, Any] = {}
 
 
 def _bind(cache: dict[Any, Any], metric: Any, key: Any,
-          labels: type[StrEnum] | None = None) -> Any:
+          labels: type[StrEnum] | None = None,
+          declared: tuple[tuple[str, ...], ...] | None = None) -> Any:
     """The first use of a label set: bind it (and cache the child). With `labels`, the last
-    label must be one of that enum's (ValueError otherwise): an undeclared label is never
-    emitted. Later uses hit the cache and cost no check."""
+    label must be one of that enum's; with `declared`, each label one of its tuple's
+    (ValueError otherwise): an undeclared label is never emitted. Later uses hit the cache and
+    cost no check."""
     if labels is not None:
         labels(key[-1])
+    if declared is not None:
+        values = key if isinstance(key, tuple) else (key,)
+        if len(values) != len(declared) or any(
+                v not in ok for v, ok in zip(values, declared, strict=False)):
+            raise ValueError(f"undeclared labels {key!r} of {metric}")
     child = cache[key] = metric.labels(*key) if isinstance(key, tuple) else metric.labels(key)
     return child
 
@@ -420,9 +428,9 @@ def over_share(what: str, key: str) -> None:
 
 
 def over_tier(tier: str, what: str) -> None:
-    if tier not in OVER_TIERS or what not in OVER_TIER_WHAT:
-        raise ValueError(f"over_tier: {tier!r} {what!r}")
-    OVER_TIER.labels(tier, what).inc()
+    key = (tier, what)
+    (_over_tier.get(key) or _bind(_over_tier, OVER_TIER, key,
+                                  declared=(OVER_TIERS, OVER_TIER_WHAT))).inc()
 
 
 def spooled(lane: str, n: int = 1, seconds: float | None = None) -> None:
@@ -464,33 +472,20 @@ def mtls_gate(tier: str, outcome: str) -> None:
     """A connection on the mutual-TLS port passed the handshake gate: `tier` in MTLS_TIERS,
     `outcome` in MTLS_GATE_OUTCOMES."""
     key = (tier, outcome)
-    child = _mtls_gate.get(key)
-    if child is None:
-        if tier not in MTLS_TIERS or outcome not in MTLS_GATE_OUTCOMES:
-            raise ValueError(f"undeclared mtls_gate labels {key!r}")
-        child = _mtls_gate[key] = MTLS_GATE.labels(*key)
-    child.inc()
+    (_mtls_gate.get(key) or _bind(_mtls_gate, MTLS_GATE, key,
+                                  declared=(MTLS_TIERS, MTLS_GATE_OUTCOMES))).inc()
 
 
 def mtls_handshake(tier: str, result: str) -> None:
     """A TLS handshake on the mutual-TLS port ended: `result` in MTLS_RESULTS."""
     key = (tier, result)
-    child = _mtls_hs.get(key)
-    if child is None:
-        if tier not in MTLS_TIERS or result not in MTLS_RESULTS:
-            raise ValueError(f"undeclared mtls_handshake labels {key!r}")
-        child = _mtls_hs[key] = MTLS_HANDSHAKES.labels(*key)
-    child.inc()
+    (_mtls_hs.get(key) or _bind(_mtls_hs, MTLS_HANDSHAKES, key,
+                                declared=(MTLS_TIERS, MTLS_RESULTS))).inc()
 
 
 def spf_refused(reason: str) -> None:
     """An acceptor answered an SPF check temperror without a lookup: `reason` in SPF_REFUSALS."""
-    child = _spf.get(reason)
-    if child is None:
-        if reason not in SPF_REFUSALS:
-            raise ValueError(f"undeclared spf_refused label {reason!r}")
-        child = _bind(_spf, SPF_REFUSED, reason)
-    child.inc()
+    (_spf.get(reason) or _bind(_spf, SPF_REFUSED, reason, declared=(SPF_REFUSALS,))).inc()
 
 
 def relay_dsn() -> None:

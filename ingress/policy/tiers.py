@@ -49,6 +49,8 @@ API
                                       -> SELF_PROVEN; "" -> UNKNOWN
     fast_tier(identity) -> Tier       tier_of, but a fast message without an identity counts
                                       as SELF_PROVEN (capped: fail closed)
+    session_tier(lane, identity) -> Tier   a session's or message's tier now: fast_tier in the
+                                      fast lane, UNKNOWN in the bulk lane
     dnswl_identity(zone) -> str       "dnswl:<zone>" (for the evidence-sources issue)
     TierShares(third_party, self_proven)   frozen, validated; .share(tier) (None: uncapped);
                                       TierShares.of(cfg)
@@ -84,7 +86,8 @@ from enum import IntEnum
 from typing import TypeVar
 
 from ingress.core.config import Config
-from ingress.policy.identity import domain_buckets
+from ingress.core.wire import Lane
+from ingress.policy.identity import OVER_RATE, OVER_SHARE, domain_buckets
 
 __all__ = [
     "CAPPED",
@@ -107,6 +110,7 @@ __all__ = [
     "pick_victim",
     "rate_key",
     "rate_parts",
+    "session_tier",
     "tier_buckets",
     "tier_of",
     "tier_rates",
@@ -142,6 +146,10 @@ def tier_of(identity: str) -> Tier:
 def fast_tier(identity: str) -> Tier:
     tier = tier_of(identity)
     return Tier.SELF_PROVEN if tier is Tier.UNKNOWN else tier
+
+
+def session_tier(lane: Lane, identity: str) -> Tier:
+    return fast_tier(identity) if lane is Lane.FAST else Tier.UNKNOWN
 
 
 def dnswl_identity(zone: str) -> str:
@@ -261,15 +269,15 @@ def rate_key(tier: Tier) -> str:
 
 
 def over_tier_reason(tier: Tier) -> str:
-    return f"over-share:{rate_key(tier)}"
+    return f"{OVER_SHARE}{rate_key(tier)}"
 
 
 def over_tier_rate_reason(tier: Tier) -> str:
-    return f"over-rate:{rate_key(tier)}"
+    return f"{OVER_RATE}{rate_key(tier)}"
 
 
 def over_ip_reason(ip_key: str) -> str:
-    return f"over-share:ip:{ip_key}"
+    return f"{OVER_SHARE}ip:{ip_key}"
 
 
 def tier_rates(cfg: Config) -> dict[Tier, tuple[float, float]]:
