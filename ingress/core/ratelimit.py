@@ -3,6 +3,10 @@ one bucket shared fairly by many keys (a trust tier's total rate). Pure: the clo
 argument.
 
 API: TokenBucket(rate, burst); .take(now) -> bool; .tokens(now) -> float.
+     SlidingCount(window); .add(now, n=1) ; .value(now) -> float   events over the last
+         `window` seconds, estimated from two fixed windows (this one's count and the one
+         before, weighted by how much of it is still inside): O(1), three numbers. News of the
+         window before (a count shared late) still counts; older news is dropped.
      KeyedBuckets(rate, burst, max_keys); .take(key, now) -> bool; len()
      FairBucket(rate, burst, now=0.0, window=1.0, max_keys=4096); .take(key, now) -> bool;
          .active(now) -> int (keys that asked within the window); .tokens(now)
@@ -85,6 +89,34 @@ class KeyedBuckets:
         return len(self._buckets)
 
 
+class SlidingCount:
+    __slots__ = ("cur", "prev", "slot", "window")
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.slot = -1.0                # the fixed window `cur` counts (now // window)
+        self.cur = self.prev = 0.0
+
+    def add(self, now: float, n: float = 1.0) -> None:
+        slot = now // self.window
+        if slot > self.slot:
+            self.cur, self.prev = 0.0, (self.cur if slot == self.slot + 1 else 0.0)
+            self.slot = slot
+        if slot == self.slot:
+            self.cur += n
+        elif slot == self.slot - 1:
+            self.prev += n               # late news of the window before
+
+    def value(self, now: float) -> float:
+        slot = now // self.window
+        inside = 1.0 - (now / self.window - slot)    # of the window before, still inside
+        if slot == self.slot:
+            return self.cur + self.prev * inside
+        if slot == self.slot + 1:
+            return self.cur * inside
+        return 0.0
+
+
 class FairBucket:
     __slots__ = ("_keys", "_level", "_level_at", "bucket", "max_keys", "rate", "window")
 
@@ -97,8 +129,7 @@ class FairBucket:
                  max_keys: int = 4096) -> None:
         self.bucket = TokenBucket(rate, burst, now)
         self.rate, self.window, self.max_keys = float(rate), max(1e-3, window), max(1, max_keys)
-        # key -> [last asked, slot, asks in slot, asks the slot before, own tokens, own refill]
-        self._keys: OrderedDict[str, list[float]] = OrderedDict()
+        self._keys: OrderedDict[str, _FairKey] = OrderedDict()
         self._level = self.rate            # tokens per second a key may use (max-min)
         self._level_at = float("-inf")
 
@@ -114,28 +145,19 @@ class FairBucket:
         keys = self._keys
         while keys:
             first = next(iter(keys.values()))
-            if first[0] >= now - self.KEEP * self.window and len(keys) <= self.max_keys:
+            if first.last >= now - self.KEEP * self.window and len(keys) <= self.max_keys:
                 break
             keys.popitem(last=False)
 
     def active(self, now: float) -> int:
         """Keys that asked within the last window."""
         self._forget(now)
-        return sum(1 for st in self._keys.values() if st[0] >= now - self.window)
-
-    def _asks(self, state: list[float], now: float) -> float:
-        """The key's asks over the last window (two slots, the older one weighted by how much
-        of it is still inside the window); advances its slots to `now`."""
-        slot = now // self.window
-        if slot != state[1]:
-            state[3] = state[2] if slot == state[1] + 1 else 0.0
-            state[2], state[1] = 0.0, slot
-        return state[3] * (1.0 - (now / self.window - slot)) + state[2]
+        return sum(1 for st in self._keys.values() if st.last >= now - self.window)
 
     def _recompute(self, now: float) -> None:
         """Water-filling over the keys' asks in the last window: the level L (per second) at
         which sum(min(asks, L x window)) is HEADROOM x rate x window."""
-        demands = sorted(self._asks(state, now) for state in self._keys.values())
+        demands = sorted(state.asks.value(now) for state in self._keys.values())
         left, n = self.HEADROOM * self.rate * self.window, len(demands)
         level = self.rate
         for i, d in enumerate(demands):
@@ -151,27 +173,36 @@ class FairBucket:
         state = self._keys.pop(key, None)
         fresh = state is None
         if state is None:
-            state = [now, now // self.window, 0.0, 0.0, 0.0, now]
-        state[0] = now
+            state = _FairKey(now, SlidingCount(self.window))
+        state.last = now
         self._keys[key] = state              # the most recently asking last
         self._forget(now)
-        self._asks(state, now)
-        state[2] += 1.0
+        state.asks.add(now)
         if now - self._level_at >= self.window / 10 or now < self._level_at:
             self._recompute(now)
         # the key's own bucket: the fair level, one window deep (a key asking at random times
         # for less than its level is rarely short)
         own_burst = max(1.0, 2.0 * self._level * self.window)
-        if now > state[5]:
-            state[4] = min(own_burst, state[4] + (now - state[5]) * self._level)
-            state[5] = now
+        if now > state.refill:
+            state.tokens = min(own_burst, state.tokens + (now - state.refill) * self._level)
+            state.refill = now
         if fresh:       # a new key starts with a full bucket of its own (at least a token)
-            state[4] = own_burst
-        if state[4] >= 1.0:
+            state.tokens = own_burst
+        if state.tokens >= 1.0:
             # its own token is spent whether or not the shared bucket has one: a key that
             # asks more than its level cannot hoard tokens while the bucket is empty (and then
             # empty it at once, before a modest key's turn)
-            state[4] -= 1.0
+            state.tokens -= 1.0
             return self.bucket.take(now)
         # beyond its level: only a full bucket's token, which would be lost otherwise
         return self.bucket.tokens(now) >= self.bucket.burst - 1.0 and self.bucket.take(now)
+
+
+class _FairKey:
+    """One key of a FairBucket: when it last asked, its asks over the window, its own bucket."""
+
+    __slots__ = ("asks", "last", "refill", "tokens")
+
+    def __init__(self, now: float, asks: SlidingCount) -> None:
+        self.last, self.asks = now, asks
+        self.tokens, self.refill = 0.0, now

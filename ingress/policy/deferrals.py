@@ -62,9 +62,9 @@ Rules
       (a bot that hammers refreshes `last` at every shed and never ripens: too_early), and
       within `ttl` of the FIRST (later deferrals never extend it).
     * A site shed more than `hammer_sheds` times in HAMMER_WINDOW (a sliding estimate over two
-      fixed windows) earns nothing: its records do not ripen while it hammers (hammered), and a
-      record deferred while its site hammered is void for good (a bot cannot build records
-      fast, then pause and cash them in).
+      fixed windows, ingress.core.ratelimit.SlidingCount) earns nothing: its records do not
+      ripen while it hammers (hammered), and a record deferred while its site hammered is void
+      for good (a bot cannot build records fast, then pause and cash them in).
     * The retry share is divided between sites: with `share_rate` / `share_burst` the edge's
       retry bucket and A the sites holding records now, one site may claim at most one in
       A / share_rate seconds, with a burst of max(1, share_burst / A) (GCRA: one theoretical
@@ -101,7 +101,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -110,6 +109,7 @@ from typing import Protocol
 
 from ingress.core.addr import net_key, normalize_domain, site_key, split_address
 from ingress.core.config import Config
+from ingress.core.ratelimit import SlidingCount
 from ingress.core.tally import Groups, decrement
 
 __all__ = [
@@ -264,8 +264,7 @@ class DeferralStore:
         self._records: OrderedDict[str, Record] = OrderedDict()   # first-deferral order
         self._per_net: dict[str, int] = {}
         self._sites = Groups()                      # site -> its keys, oldest first
-        # site -> [window index, sheds in it, sheds in the one before]
-        self._sheds: OrderedDict[str, list[float]] = OrderedDict()
+        self._sheds: OrderedDict[str, SlidingCount] = OrderedDict()   # site -> its sheds
         self._tat: OrderedDict[str, float] = OrderedDict()  # site -> theoretical arrival time
 
     def __len__(self) -> int:
@@ -384,36 +383,20 @@ class DeferralStore:
         """Shed more than hammer_sheds times in the last HAMMER_WINDOW (estimated: this
         window's count and the previous one's, weighted by how much of it is still inside)?"""
         limit = self.limits.hammer_sheds
-        e = self._sheds.get(site)
-        if limit <= 0 or e is None:
-            return False
-        w = math.floor(now / HAMMER_WINDOW)
-        if w == e[0]:
-            cur, prev = e[1], e[2]
-        elif w == e[0] + 1:
-            cur, prev = 0.0, e[1]
-        else:
-            return False
-        inside = 1.0 - (now - w * HAMMER_WINDOW) / HAMMER_WINDOW
-        return cur + prev * inside > limit
+        sheds = self._sheds.get(site)
+        return limit > 0 and sheds is not None and sheds.value(now) > limit
 
     def _count_sheds(self, site: str, at: float, n: int) -> None:
         if n <= 0 or self.limits.hammer_sheds <= 0:
             return
-        w = math.floor(at / HAMMER_WINDOW)
-        e = self._sheds.get(site)
-        if e is None:
-            e = self._sheds[site] = [w, 0.0, 0.0]
+        sheds = self._sheds.get(site)
+        if sheds is None:
+            sheds = self._sheds[site] = SlidingCount(HAMMER_WINDOW)
             while len(self._sheds) > self.limits.max_records:
                 self._sheds.popitem(last=False)
         else:
             self._sheds.move_to_end(site)
-        if w > e[0]:
-            e[:] = [w, 0.0, e[1] if w == e[0] + 1 else 0.0]
-        if w == e[0]:
-            e[1] += n
-        elif w == e[0] - 1:
-            e[2] += n            # late news of the previous window (a shared fact)
+        sheds.add(at, n)          # a late fact of the window before still counts
 
     def _site_interval(self) -> tuple[float, float]:
         """(seconds between two claims of one site, how far ahead of now it may claim)."""

@@ -3,7 +3,7 @@
 
 import pytest
 
-from ingress.core.ratelimit import KeyedBuckets, TokenBucket
+from ingress.core.ratelimit import KeyedBuckets, SlidingCount, TokenBucket
 
 CASES = [
     # rate, burst, times, expected
@@ -108,3 +108,19 @@ def test_fair_bucket_bounds_its_keys() -> None:
     for i in range(100):
         b.take(f"k{i}", i * 0.001)
     assert b.active(0.1) == 16
+
+
+@pytest.mark.parametrize(("events", "now", "expected"), [
+    ([], 5.0, 0.0),
+    ([(1.0, 3)], 5.0, 3.0),                      # this window: counted whole
+    ([(1.0, 4)], 15.0, 2.0),                     # the window before, half of it still inside
+    ([(1.0, 4), (12.0, 1)], 15.0, 3.0),
+    ([(1.0, 4)], 25.0, 0.0),                     # two windows ago: gone
+    ([(12.0, 1), (8.0, 4)], 15.0, 3.0),          # late news of the window before still counts
+    ([(25.0, 1), (8.0, 4)], 25.0, 1.0),          # ... older news is dropped
+])
+def test_sliding_count(events: list[tuple[float, int]], now: float, expected: float) -> None:
+    c = SlidingCount(10.0)
+    for at, n in events:
+        c.add(at, n)
+    assert c.value(now) == pytest.approx(expected)
