@@ -50,6 +50,15 @@ def dealer(b: Broker, name: str, ident: bytes) -> zmq.Socket:
     return s
 
 
+def status_sub(b: Broker) -> zmq.Socket:
+    """A SUB socket on the fast broker's status (every topic)."""
+    s = zmq.Context.instance().socket(zmq.SUB)
+    s.setsockopt(zmq.SUBSCRIBE, b"")
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(b.cfg.ipc("fast-status"))
+    return s
+
+
 @pytest.fixture
 def broker():
     state = Path(tempfile.mkdtemp(prefix="bi-", dir="/tmp"))
@@ -130,10 +139,7 @@ def test_a_domain_identity_is_held_to_classify_domain_rate() -> None:
     b = fast_broker(state, "identity_share = 1.0\ndomain_rate = 0.001\ndomain_burst = 1",
                     "queue_max = 64\nqueue_bytes = 10000000")
     acceptor = dealer(b, "fast-front", b"acc-1")
-    status = zmq.Context.instance().socket(zmq.SUB)
-    status.setsockopt(zmq.SUBSCRIBE, b"")
-    status.setsockopt(zmq.LINGER, 0)
-    status.connect(b.cfg.ipc("fast-status"))
+    status = status_sub(b)
     try:
         for i in range(3):
             send(b, acceptor, "org:spf-bots.test", f"spam{i}")
@@ -239,10 +245,7 @@ def test_the_self_proven_tier_has_one_total_rate() -> None:
                     "[tiers]\nself_proven_rate = 0.001\nself_proven_burst = 1",
                     "queue_max = 64\nqueue_bytes = 10000000")
     acceptor = dealer(b, "fast-front", b"acc-1")
-    status = zmq.Context.instance().socket(zmq.SUB)
-    status.setsockopt(zmq.SUBSCRIBE, b"")
-    status.setsockopt(zmq.LINGER, 0)
-    status.connect(b.cfg.ipc("fast-status"))
+    status = status_sub(b)
     try:
         for i in range(10):
             send(b, acceptor, f"org:d{i}.test", f"spam{i}")

@@ -17,7 +17,6 @@ from pathlib import Path
 import aiosmtplib
 import dkim
 import pytest
-import trustme
 
 from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
@@ -29,6 +28,7 @@ from tests.kit.harness import (
     smtp_dialogue,
     split_trace,
 )
+from tests.kit.pki import write_pki
 
 TRUSTED_IP = "127.0.0.20"
 SPF_IP = "127.0.0.30"
@@ -54,19 +54,7 @@ def dns_server(dkim_key: tuple[bytes, str]):
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("pki")
-    ca, other_ca = trustme.CA(), trustme.CA()
-    server = ca.issue_cert("mx.test", "127.0.0.1")
-    client = ca.issue_cert("client.good.test")
-    rogue = other_ca.issue_cert("client.rogue.test")
-    out = {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key",
-           "client": d / "client.pem", "rogue": d / "rogue.pem"}
-    ca.cert_pem.write_to_path(str(out["ca"]))
-    server.cert_chain_pems[0].write_to_path(str(out["cert"]))
-    server.private_key_pem.write_to_path(str(out["key"]))
-    client.private_key_and_cert_chain_pem.write_to_path(str(out["client"]))
-    rogue.private_key_and_cert_chain_pem.write_to_path(str(out["rogue"]))
-    return out
+    return write_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

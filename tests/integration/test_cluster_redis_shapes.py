@@ -65,6 +65,7 @@ DEFAULTS: dict[str, Answer] = {
     "ZRANGEBYSCORE": [], "ZRANGE": ["n0/t0"], "EVALSHA": [1, 5000],
     "SCRIPT": "0" * 40, "ZADD": 1, "ZREMRANGEBYSCORE": 0, "ZREMRANGEBYRANK": 0, "EXPIRE": 1,
     "PEXPIRE": 1, "INCRBY": 1, "INCR": 1, "SET": Simple("OK"), "GET": None, "PUBLISH": 0,
+    "HGETALL": [],                  # the learned entries' domains: an empty hash
 }
 
 
@@ -275,8 +276,7 @@ def test_learned_timestamps_are_clamped(tmp_path: Path) -> None:
 
     async def go() -> list[tuple[str, float, str]]:
         fake = FakeRedis({"ZRANGEBYSCORE": lambda a: entries
-                          if "WITHSCORES" in [x.upper() for x in a] else [],
-                          "HGETALL": lambda a: []})     # no learned domains (an empty hash)
+                          if "WITHSCORES" in [x.upper() for x in a] else []})
         await fake.start()
         learned: list[tuple[str, float, str]] = []
         cs, task = await connected(tmp_path, fake, learned)

@@ -29,6 +29,7 @@ import pytest
 from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, split_trace
+from tests.kit.session import HeldSession
 
 IP = "127.0.0.1"
 IDN_A = "xn--bcher-kva.test"        # bücher.test
@@ -65,49 +66,11 @@ def tables(dns: DNSServer, **classify: object) -> dict[str, dict[str, object]]:
             "supervisor": {"acceptors": 1}}
 
 
-class Session:
-    """One held SMTP session from 127.0.0.1, driven a command at a time."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, port: int) -> Session:
-        r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(IP, 0))
-        s = cls(r, w)
-        banner = await s.reply()
-        assert banner.startswith("220"), banner
-        return s
-
-    async def reply(self) -> str:
-        lines = []
-        while True:
-            line = await asyncio.wait_for(self.reader.readline(), 10)
-            if not line:
-                return "EOF"
-            lines.append(line.decode("utf-8", "replace"))
-            if line[3:4] != b"-":
-                return "".join(lines)
-
-    async def cmd(self, line: str) -> str:
-        self.writer.write(line.encode() + b"\r\n")
-        await self.writer.drain()
-        return await self.reply()
-
-    async def message(self, mail_arg: str, body: bytes) -> str:
-        for line in (f"MAIL FROM:{mail_arg}", "RCPT TO:<bob@example.test>"):
-            r = await self.cmd(line)
-            if not r.startswith("250"):
-                return r
-        r = await self.cmd("DATA")
-        if not r.startswith("354"):
-            return r
-        self.writer.write(body.replace(b"\r\n.", b"\r\n..") + b".\r\n")
-        await self.writer.drain()
-        return await self.reply()
-
-    def close(self) -> None:
-        self.writer.close()
+async def open_session(port: int) -> HeldSession:
+    """A held session from IP, its banner checked."""
+    s, banner = await HeldSession.open(port, IP)
+    assert banner.startswith("220"), banner
+    return s
 
 
 def plain(subject: str, sender: str = "a@spam.test") -> bytes:
@@ -131,15 +94,15 @@ def by_subject(ing: Ingress) -> dict[str, dict[str, Any]]:
 async def spellings(ing: Ingress, hold_first: bool) -> list[str]:
     """The plain spelling first (it takes the domain's share or token), then every other
     spelling, each in its own session from the same address; replies of every message."""
-    first = await Session.open(ing.port)
+    first = await open_session(ing.port)
     assert (await first.cmd("EHLO client.test")).startswith("250")
-    out = [await first.message("<x@spam.test>", plain("s0"))]
+    out = [await first.transaction("<x@spam.test>", plain("s0"))]
     if not hold_first:
         first.close()
     for i, (helo, mail_arg) in enumerate(SPELLINGS, 1):
-        s = await Session.open(ing.port)
+        s = await open_session(ing.port)
         assert (await s.cmd(f"EHLO {helo}")).startswith("250")
-        out.append(await s.message(mail_arg, plain(f"s{i}")))
+        out.append(await s.transaction(mail_arg, plain(f"s{i}")))
         s.close()
     first.close()
     return out
@@ -195,11 +158,11 @@ def test_non_ascii_helo_and_sender_without_smtputf8_are_refused(tmp_path: Path,
     non-ASCII sender without the SMTPUTF8 parameter is 553 5.6.7."""
     with Ingress(tmp_path, tables(dns)) as ing:
         async def run() -> list[str]:
-            s = await Session.open(ing.port)
+            s = await open_session(ing.port)
             out = [await s.cmd("EHLO \uff53pam.test"), await s.cmd("HELO spam\u3002test"),
                    await s.cmd("EHLO b\u00fccher.test"), await s.cmd(f"EHLO {IDN_A}"),
                    await s.cmd("MAIL FROM:<x@\uff53pam.test>"),
-                   await s.message("<>", plain("null"))]
+                   await s.transaction("<>", plain("null"))]
             s.close()
             return out
 
@@ -235,9 +198,9 @@ def test_idn_sender_is_identified_and_learned_under_its_a_label(
     try:
         with Ingress(tmp_path, tables(dns), state=state) as ing:
             async def send(subject: str) -> str:
-                s = await Session.open(ing.port)
+                s = await open_session(ing.port)
                 assert (await s.cmd("EHLO client.test")).startswith("250")
-                r = await s.message("<user@b\u00fccher.test> SMTPUTF8",
+                r = await s.transaction("<user@b\u00fccher.test> SMTPUTF8",
                                     signed_idn(subject, keys[0]))
                 s.close()
                 return r

@@ -18,6 +18,7 @@ from ingress.core.wire import Envelope, Lane, decode_reply, new_qid, submit
 from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, send_one, split_trace
+from tests.kit.session import HeldSession
 
 ALLOWED_IP = "127.0.0.20"
 GOOD_IP = "127.0.2.5"
@@ -54,49 +55,6 @@ def tables(dns: DNSServer, **smtp: object) -> dict[str, dict[str, object]]:
             "smtp": dict(smtp), "supervisor": {"acceptors": 1}}
 
 
-class Session:
-    """One held SMTP session, driven a command at a time."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, port: int, source: str) -> tuple[Session, str]:
-        r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-        s = cls(r, w)
-        return s, await s.reply()
-
-    async def reply(self) -> str:
-        lines = []
-        while True:
-            line = await asyncio.wait_for(self.reader.readline(), 10)
-            if not line:
-                return "EOF"
-            lines.append(line.decode())
-            if line[3:4] != b"-":
-                return "".join(lines)
-
-    async def cmd(self, line: str) -> str:
-        self.writer.write(line.encode() + b"\r\n")
-        await self.writer.drain()
-        return await self.reply()
-
-    async def message(self, sender: str, body: bytes) -> str:
-        for line in (f"MAIL FROM:<{sender}>", "RCPT TO:<bob@example.test>"):
-            r = await self.cmd(line)
-            if not r.startswith("250"):
-                return r
-        r = await self.cmd("DATA")
-        if not r.startswith("354"):
-            return r
-        self.writer.write(body.replace(b"\r\n.", b"\r\n..") + b".\r\n")
-        await self.writer.drain()
-        return await self.reply()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 def lanes_by_subject(ing: Ingress) -> dict[str, tuple[str, bytes]]:
     out = {}
     for entry in ing.spooled().values():
@@ -112,7 +70,7 @@ def test_one_identity_cannot_exceed_its_share(tmp_path: Path, dns: DNSServer,
     and their mail is still accepted (served as bulk, not refused)."""
     with Ingress(tmp_path, tables(dns, max_connections=40, fast_reserve=12)) as ing:
         async def run() -> list[str]:
-            held = [(await Session.open(ing.port, ip))[0] for ip in SPAM_IPS[:6]]
+            held = [(await HeldSession.open(ing.port, ip))[0] for ip in SPAM_IPS[:6]]
             for s in held:
                 assert (await s.cmd("EHLO spam.test")).startswith("250")
             replies = [await s.message("x@spammer.test",
@@ -140,11 +98,11 @@ def test_spammer_with_spf_and_dkim_from_50_ips_leaves_others_at_100(
     fast lane."""
     with Ingress(tmp_path, tables(dns, max_connections=40, fast_reserve=12)) as ing:
         async def run() -> tuple[list[str], list[int], list[str]]:
-            good, banner = await Session.open(ing.port, GOOD_IP)
+            good, banner = await HeldSession.open(ing.port, GOOD_IP)
             assert banner.startswith("220") and (await good.cmd("EHLO good.test"))[:3] == "250"
             spam, spam_replies = [], []
             for ip in SPAM_IPS:
-                s, banner = await Session.open(ing.port, ip)
+                s, banner = await HeldSession.open(ing.port, ip)
                 if not banner.startswith("220"):
                     spam_replies.append(banner)
                     s.close()
@@ -185,9 +143,9 @@ def test_over_share_on_the_fast_port_is_served_as_bulk(tmp_path: Path, dns: DNSS
         fport = int(ing.events("ready")[-1]["fast_port"])
 
         async def run() -> list[str]:
-            first, banner = await Session.open(fport, ALLOWED_IP)      # holds the share
+            first, banner = await HeldSession.open(fport, ALLOWED_IP)      # holds the share
             assert banner.startswith("220")
-            second, banner = await Session.open(fport, ALLOWED_IP)
+            second, banner = await HeldSession.open(fport, ALLOWED_IP)
             assert banner.startswith("220"), banner
             await second.cmd("EHLO relay.test")
             reply = await second.message("a@allowed.test",
@@ -226,15 +184,15 @@ def test_a_domain_is_held_to_its_rate_at_mail_from(tmp_path: Path, dns: DNSServe
     t["classify"].update(identity_share=1.0, domain_rate=0.001, domain_burst=2)
     with Ingress(tmp_path, t) as ing:
         async def run() -> list[str]:
-            a, _ = await Session.open(ing.port, SPAM_IPS[0])
+            a, _ = await HeldSession.open(ing.port, SPAM_IPS[0])
             await a.cmd("EHLO spam.test")
             out = [await a.message("x@spammer.test", plain("spammer.test", "a1")),   # fast
                    await a.message("x@spammer.test", plain("spammer.test", "a2")),   # demoted
                    await a.message("x@spammer.test", plain("spammer.test", "a3"))]
-            b, _ = await Session.open(ing.port, SPAM_IPS[1])
+            b, _ = await HeldSession.open(ing.port, SPAM_IPS[1])
             await b.cmd("EHLO spam.test")
             out.append(await b.message("x@spammer.test", plain("spammer.test", "b1")))
-            good, _ = await Session.open(ing.port, GOOD_IP)
+            good, _ = await HeldSession.open(ing.port, GOOD_IP)
             await good.cmd("EHLO good.test")
             out.append(await good.message("a@good.test", plain("good.test", "good1")))
             code, _ = await send_one(ing.port, plain("allowed.test", "allowed1"),
@@ -293,14 +251,14 @@ def test_a_domain_the_fast_broker_names_over_its_rate_is_kept_bulk(tmp_path: Pat
     t = tables(dns, max_connections=40, fast_reserve=12)
     t["classify"].update(identity_share=1.0, domain_rate=0.001, domain_burst=4)
     with Ingress(tmp_path, t) as ing:
-        async def before() -> tuple[Session, str]:
-            a, _ = await Session.open(ing.port, SPAM_IPS[0])
+        async def before() -> tuple[HeldSession, str]:
+            a, _ = await HeldSession.open(ing.port, SPAM_IPS[0])
             await a.cmd("EHLO spam.test")
             return a, await a.message("x@spammer.test", plain("spammer.test", "a1"))
 
-        async def after(a: Session) -> list[str]:
+        async def after(a: HeldSession) -> list[str]:
             out = [await a.message("x@spammer.test", plain("spammer.test", "a2"))]
-            b, _ = await Session.open(ing.port, SPAM_IPS[1])
+            b, _ = await HeldSession.open(ing.port, SPAM_IPS[1])
             await b.cmd("EHLO spam.test")
             out.append(await b.message("x@spammer.test", plain("spammer.test", "b1")))
             for s in (a, b):

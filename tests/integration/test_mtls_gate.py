@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
 from tests.integration.test_retry_deferred import metrics_port, scrape, value
 from tests.kit.harness import Ingress, make_body, send_one
+from tests.kit.pki import write_pki
 
 CERT_IP = "127.0.0.50"           # the certificate sender (its /24 becomes known)
 ALLOWED_IP = "127.0.0.2"         # allow-listed on port 25 (served by the fast acceptor)
@@ -33,19 +33,7 @@ BOT_IPS = ("127.0.1.101", "127.0.1.102", "127.0.1.103")    # another /24: strang
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("pki")
-    ca, other_ca = trustme.CA(), trustme.CA()
-    server = ca.issue_cert("mx.test", "127.0.0.1")
-    client = ca.issue_cert("client.good.test")
-    rogue = other_ca.issue_cert("client.rogue.test")
-    out = {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key",
-           "client": d / "client.pem", "rogue": d / "rogue.pem"}
-    ca.cert_pem.write_to_path(str(out["ca"]))
-    server.cert_chain_pems[0].write_to_path(str(out["cert"]))
-    server.private_key_pem.write_to_path(str(out["key"]))
-    client.private_key_and_cert_chain_pem.write_to_path(str(out["client"]))
-    rogue.private_key_and_cert_chain_pem.write_to_path(str(out["rogue"]))
-    return out
+    return write_pki(tmp_path_factory.mktemp("pki"))
 
 
 def client_ctx(pki: dict[str, Path], cert: str | None) -> ssl.SSLContext:

@@ -25,6 +25,7 @@ import pytest
 from ingress.policy.classify import LearnedAllow
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, send_one
+from tests.kit.session import HeldSession
 
 ALLOWED = "127.0.0.20"
 SPF_RECORD = "v=spf1 ip4:127.0.0.0/8 -all"
@@ -43,62 +44,6 @@ def body(subject: str, domain: str = "d0.test") -> bytes:
     return (f"From: a@{domain}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
             f"Message-ID: <{subject}.{time.time_ns()}@{domain}>\r\n\r\nHello.\r\n").encode()
 
-
-class Session:
-    """One held SMTP session from a given source address, a command at a time."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, port: int, source: str) -> tuple[Session, str]:
-        r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-        s = cls(r, w)
-        return s, await s.reply()
-
-    async def reply(self, timeout: float = 10.0) -> str:
-        lines = []
-        while True:
-            try:
-                line = await asyncio.wait_for(self.reader.readline(), timeout)
-            except (ConnectionError, TimeoutError):
-                return "EOF"
-            if not line:
-                return "EOF" if not lines else "".join(lines)
-            lines.append(line.decode())
-            if line[3:4] != b"-":
-                return "".join(lines)
-
-    async def cmd(self, line: str) -> str:
-        try:
-            self.writer.write(line.encode() + b"\r\n")
-            await self.writer.drain()
-        except ConnectionError:
-            return "EOF"
-        return await self.reply()
-
-    async def message(self, sender: str, msg: bytes) -> str:
-        for line in (f"MAIL FROM:<{sender}>", "RCPT TO:<bob@example.test>"):
-            r = await self.cmd(line)
-            if not r.startswith("250"):
-                if line.startswith("RCPT") and r.startswith("4") and not r.startswith("421"):
-                    await self.cmd("RSET")        # the bulk cap answers at the first RCPT
-                return r
-        r = await self.cmd("DATA")
-        if not r.startswith("354"):
-            return r
-        try:
-            self.writer.write(msg.replace(b"\r\n.", b"\r\n..") + b".\r\n")
-            await self.writer.drain()
-        except ConnectionError:
-            return "EOF"
-        return await self.reply()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-# --------------------------------------------------------------------------------------- (a)
 
 TIER_RATE = 3.0          # tiers.self_proven_rate (and its burst)
 BULK_RATE = 3.0          # lanes.bulk.rate (and its burst)
@@ -134,7 +79,7 @@ async def spam(port: int, domains: list[str], conns: int, window: float
         nonlocal accepted, attempts, last_ok
         i = j
         while time.monotonic() < end:
-            s, banner = await Session.open(port, f"127.0.9.{j + 1}")
+            s, banner = await HeldSession.open(port, f"127.0.9.{j + 1}")
             if not banner.startswith("220") or not (await s.cmd("EHLO spam.test")
                                                     ).startswith("250"):
                 s.close()
@@ -242,11 +187,11 @@ def remove_state(state: Path) -> None:
         state.rmdir()
 
 
-async def hold(port: int, sources: list[str]) -> tuple[list[Session], list[str]]:
+async def hold(port: int, sources: list[str]) -> tuple[list[HeldSession], list[str]]:
     """A session from each source (repeats allowed), EHLO said, held open; their banners."""
     held, banners = [], []
     for src in sources:
-        s, banner = await Session.open(port, src)
+        s, banner = await HeldSession.open(port, src)
         banners.append(banner[:3])
         if banner.startswith("220"):
             await s.cmd("EHLO held.test")
@@ -306,7 +251,7 @@ def test_allow_listed_takes_an_idle_self_proven_slot(tmp_path: Path) -> None:
             async def run() -> tuple[list[str], list[str], str, list[str]]:
                 learned, lb = await hold(ing.port, [ip for ip, _ in LEARNED[:2]])
                 allowed, ab = await hold(ing.port, [ALLOWED] * 3)
-                fourth, banner = await Session.open(ing.port, ALLOWED)
+                fourth, banner = await HeldSession.open(ing.port, ALLOWED)
                 await fourth.cmd("EHLO relay.test")
                 reply = await fourth.message("a@allowed.test", body("fourth"))
                 # the evicted learned session was told why
