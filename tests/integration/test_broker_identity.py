@@ -50,6 +50,22 @@ def dealer(b: Broker, name: str, ident: bytes) -> zmq.Socket:
     return s
 
 
+def ready_and_collect(b: Broker, worker: zmq.Socket, credit: int,
+                      quiet_ms: int) -> list[tuple[bytes, dict]]:
+    """The worker announces READY with `credit`; the broker dispatches; (reply_to, envelope)
+    of every WORK it got, until it hears nothing for `quiet_ms`."""
+    worker.send_multipart(ready(credit))
+    assert b.back.poll(2000)
+    b._drain(b.back, b.on_back)
+    b.dispatch()
+    got = []
+    while worker.poll(quiet_ms):
+        msg = worker.recv_multipart()
+        assert kind_of(msg) is Kind.WORK
+        got.append((msg[2], orjson.loads(msg[3])))
+    return got
+
+
 def status_sub(b: Broker) -> zmq.Socket:
     """A SUB socket on the fast broker's status (every topic)."""
     s = zmq.Context.instance().socket(zmq.SUB)
@@ -101,15 +117,7 @@ def test_identity_share_of_queue_and_fair_dispatch(broker) -> None:
     assert [str(n) for n in nacks] == ["share"] * 3
     # a worker with credit 8: in-flight share 2 per identity; the operator tier (allow) first
     # (strict priority between trust tiers, issue 17), then DRR order between identities
-    worker.send_multipart(ready(8))
-    assert b.back.poll(2000)
-    b._drain(b.back, b.on_back)
-    b.dispatch()
-    got = []
-    while worker.poll(500):
-        msg = worker.recv_multipart()
-        assert kind_of(msg) is Kind.WORK
-        got.append((msg[2], orjson.loads(msg[3])))
+    got = ready_and_collect(b, worker, 8, 500)
     assert [e["mail_from"] for _, e in got] == ["allow0", "spam0", "good0", "spam1"]
     assert not b.queue and b.inflight_by_key == {"org:spammer.test": 2, "org:good.test": 1,
                                                  "allow:127.0.0.20/32": 1}
@@ -203,14 +211,7 @@ def test_trust_tiers_in_the_fast_broker() -> None:
             send(b, acceptor, "allow:127.0.0.20/32", f"allow{i}")
         # a worker with credit 4: the operator's three first, then one self-proven message
         # (its cap: 4 x 0.5 = 2; and the operator always finds credit it cannot use)
-        worker.send_multipart(ready(4))
-        assert b.back.poll(2000)
-        b._drain(b.back, b.on_back)
-        b.dispatch()
-        got = []
-        while worker.poll(300):
-            msg = worker.recv_multipart()
-            got.append((msg[2], orjson.loads(msg[3])))
+        got = ready_and_collect(b, worker, 4, 300)
         assert [e["mail_from"] for _, e in got] == ["allow0", "allow1", "allow2", "spam0"]
         # ACK the operator's: the self-proven tier may take up to 2 of the 4 credits, no more
         for reply_to, e in got[:3]:
