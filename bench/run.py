@@ -325,10 +325,13 @@ def issue8_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def self_proven_rate(tables: dict[str, Any]) -> float | None:
-    """The self-proven tier's total fast-lane rate in the measured config, or None if unknown."""
+def self_proven_rate(tables: dict[str, Any]) -> float:
+    """The self-proven tier's total fast-lane rate in the measured config (its default when
+    the config does not name it)."""
+    from ingress.core.config import TiersConfig
+
     v = (tables.get("tiers") or {}).get("self_proven_rate")
-    return float(v) if isinstance(v, int | float) else None
+    return float(v) if isinstance(v, int | float) else TiersConfig().self_proven_rate
 
 
 def issue17_extra(doc: dict[str, Any], target: str = "smtp-ingress") -> list[dict[str, Any]]:
@@ -344,7 +347,7 @@ def issue17_extra(doc: dict[str, Any], target: str = "smtp-ingress") -> list[dic
         res = (e or {}).get("result") or {}
         if name.startswith("spfmany") and res:
             rate = ((res.get("bots") or {}).get("spam") or {}).get("accepted_per_s")
-            bound = None if cap is None or tier is None else cap + tier
+            bound = None if cap is None else cap + tier
             rows.append({"scenario": name, "what": "spam accepted msgs/s", "value": rate,
                          "bound": bound, "ok": None if rate is None or bound is None
                          else rate <= bound * (1 + BULK_TOLERANCE_PCT / 100)})

@@ -92,6 +92,8 @@ def make_message(mail_from: str, rcpt: str, size: int, tag: str) -> bytes:
     filler = max(0, size - len(head))
     line = b"x" * 76 + b"\r\n"
     body = (line * (filler // len(line) + 1))[:filler]
+    if body.endswith(b"\r"):       # cut between CR and LF: a bare CR (refused, 550 5.6.0)
+        body = body[:-1] + b"x"
     return dot_stuff(head + body)
 
 

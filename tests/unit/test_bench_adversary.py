@@ -101,3 +101,11 @@ def test_issue17_rows() -> None:
     extra = {r["scenario"]: r for r in issue17_extra(doc)}
     assert extra["spfmany"]["bound"] == 300.0 and extra["spfmany"]["ok"] is False
     assert extra["retryfarm"]["value"] == [2, 5] and extra["retryfarm"]["ok"] is False
+
+
+def test_messages_never_end_a_line_with_a_bare_cr() -> None:
+    from bench.flood.client import make_message
+
+    for n in range(20):                          # header lengths that cut the filler anywhere
+        raw = make_message(f"mta{'x' * n}@example.org", "user@example.test", 1024, "t")
+        assert b"\r\r" not in raw and raw.count(b"\n") == raw.count(b"\r\n")
