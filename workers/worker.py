@@ -218,7 +218,7 @@ class Worker:
         within it) for the broker or a finished thread, take what the broker sent, move every
         finished piece of work on. True if the broker sent anything."""
         events = dict(poller.poll(timeout=int(STOP_POLL * 1000)))
-        if self._wake_r in events:
+        if self._wake_r.fileno() in events:     # zmq.Poller names a plain socket by its fd
             with contextlib.suppress(BlockingIOError, InterruptedError):
                 self._wake_r.recv(4096)
         got = self.sock in events

@@ -205,3 +205,15 @@ def test_heartbeats_stop_once_a_message_is_past_its_own_deadline(lane: Lane_) ->
     assert max_gap(events, start) >= WINDOW, events
     more, _ = lane.collect(replies=1, limit=2 * WINDOW)
     assert Kind.HEARTBEAT in [k for _, k in more]
+
+
+def test_the_wake_is_drained_so_an_idle_worker_sleeps_in_its_poll(lane: Lane_) -> None:
+    """A finished pipeline or commit wakes the loop's poll through a socket pair; the loop must
+    read the wake, or the poll returns at once forever and the idle worker spins a whole core
+    (zmq.Poller names a plain socket by its descriptor: it was looked up by the object)."""
+    lane.send(1, deadline_s=10)
+    got, _ = lane.collect(1, 10)
+    assert [k for _, k in got if k in (Kind.ACK, Kind.NACK)] == [Kind.ACK]
+    time.sleep(0.5)                     # a few turns of the loop, with nothing to do
+    with pytest.raises(BlockingIOError):
+        lane.worker._wake_r.recv(16)    # nothing left unread
