@@ -59,7 +59,7 @@ from typing import Any
 from ingress import handoff, mtls, proxy
 from ingress.cluster_state import ClusterState
 from ingress.core import child, log, metrics, procs
-from ingress.core.addr import ip_key
+from ingress.core.addr import ip_key, site_key
 from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
 from ingress.core.fsutil import atomic_write
@@ -154,9 +154,10 @@ class AcceptorContext:
         self.domain_rates = KeyedBuckets(*mine, RATE_TRACKED)
         # tiers.self_proven_rate (and third_party_rate): one total rate for every identity of
         # the tier, held here at MAIL FROM by each acceptor that serves the tier (its part),
-        # shared max-min fairly between the tier's identities (FairBucket: however many domains
-        # a spammer mints, a domain sending less than its fair share is not refused); the
-        # fast broker's bucket bounds the sum of several edges
+        # shared max-min fairly between client sites (FairBucket keyed by addr.site_key:
+        # however many domains a spammer mints from its networks, a site sending less than its
+        # fair share is not refused); the fast broker's bucket, fair the same way, bounds the
+        # sum of several edges
         now = time.monotonic()
         self.tier_rates = {
             tier: FairBucket(*tier_buckets(rate, burst, rate_parts(cfg))[0], now=now,
@@ -216,7 +217,7 @@ class AcceptorContext:
         cap at their first RCPT, not after DATA. `transaction`: a MAIL FROM, which takes a
         token of the domain's rate and of its tier's when it is served fast."""
         decision = self.table.within_share(decide(evidence, self.policy), peer)
-        why = self.over_rate_why(decision.identity, transaction) \
+        why = self.over_rate_why(decision.identity, transaction, peer) \
             if decision.lane is Lane.FAST else ""
         if why:
             self.counters["over_rate"] += 1
@@ -236,17 +237,18 @@ class AcceptorContext:
             return Decision(Lane.BULK, reasons)
         return decision
 
-    def over_rate(self, identity: str, transaction: bool = False) -> bool:
-        return bool(self.over_rate_why(identity, transaction))
+    def over_rate(self, identity: str, transaction: bool = False, peer: str = "") -> bool:
+        return bool(self.over_rate_why(identity, transaction, peer))
 
-    def over_rate_why(self, identity: str, transaction: bool = False) -> str:
+    def over_rate_why(self, identity: str, transaction: bool = False, peer: str = "") -> str:
         """Why this identity is over a rate ("" if it is not): a domain over
         classify.domain_rate (over-rate:<key>), or an identity of a tier over its total rate
         (tiers.self_proven_rate: over-rate:tier:<tier>), either named so by the fast
         broker(s), or, for a `transaction` (a MAIL FROM to be served fast), without a token of
         this acceptor's part of the rate (taken when there is one; the domain's first, so a
         domain over its own rate spends none of its tier's; the tier's is shared fairly
-        between its identities). The operator tier: never."""
+        between the client sites: `peer`'s, ingress.core.addr.site_key; the broker names a
+        site over its part as rate_key(tier, site)). The operator tier: never."""
         if not identity:
             return ""
         key = share_key(identity)
@@ -256,8 +258,9 @@ class AcceptorContext:
             return over_rate_reason(identity)
         tier = fast_tier(identity)
         bucket = self.tier_rates.get(tier)
-        if bucket is not None and (self.lanes.over_rate(rate_key(tier)) or (
-                transaction and not bucket.take(key, now))):
+        site = site_key(peer, self.table.admission.limits.ipv6_prefix) if peer else key
+        if bucket is not None and (self.lanes.over_rate(rate_key(tier, site)) or (
+                transaction and not bucket.take(site, now))):
             return over_tier_rate_reason(tier)
         return ""
 

@@ -142,7 +142,7 @@ class IngressHandler:
         if fresh is not None and fresh.lane is Lane.BULK:
             server.reasons = fresh.reasons
             why = "learned-mismatch"
-        elif ctx.over_rate(server.identity, transaction=True):
+        elif ctx.over_rate(server.identity, transaction=True, peer=server.peer_ip):
             # Its domain is over classify.domain_rate, or its trust tier over its total rate
             # (no token here, or named by the fast broker): bulk from this transaction on
             # (below, its SPF decides again and names the reason), so the bulk cap sheds it

@@ -69,8 +69,9 @@ class SessionHost(Protocol):
 
     def promote(self, proto: Any) -> None: ...
 
-    def over_rate(self, identity: str,       # a domain over classify.domain_rate (a
-                  transaction: bool = False) -> bool: ...  # transaction takes a token)
+    def over_rate(self, identity: str,       # a domain over classify.domain_rate, or its
+                  transaction: bool = False,  # tier over the client site's part of its rate
+                  peer: str = "") -> bool: ...  # (a transaction takes a token)
 
     def demote(self, proto: Any) -> None: ...          # fast -> bulk (its domain over rate)
 

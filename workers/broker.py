@@ -61,9 +61,10 @@ import orjson
 import zmq
 
 from ingress.core import child, cluster, log, metrics
+from ingress.core.addr import site_key
 from ingress.core.child import Heartbeat
 from ingress.core.config import Config
-from ingress.core.ratelimit import KeyedBuckets, TokenBucket
+from ingress.core.ratelimit import FairBucket, KeyedBuckets, TokenBucket
 from ingress.core.wire import (
     LANE_HEARTBEAT,
     LANE_LIVENESS,
@@ -152,10 +153,13 @@ class Broker:
         self.queue: TieredQueue[Job] = TieredQueue(
             DRR_QUANTUM, share_bound(self.queue_max, self.share),
             max(share_bound(self.queue_bytes, self.share), cfg.smtp.max_message_size), limits)
-        # tiers.self_proven_rate (third_party_rate): one bucket per tier, whatever the domains
+        # tiers.self_proven_rate (third_party_rate): one bucket per tier, whatever the domains,
+        # shared max-min fairly between client sites (addr.site_key), as in the acceptors
         self.tier_buckets = {
-            t: TokenBucket(*tier_buckets(rate, burst, 1)[1], now=time.monotonic())
+            t: FairBucket(*tier_buckets(rate, burst, 1)[1], now=time.monotonic(),
+                          max_keys=RATE_TRACKED)
             for t, (rate, burst) in tier_rates(cfg).items()} if self.fast else {}
+        self.ipv6_prefix = cfg.admission.ipv6_prefix
         self.inflight_by_tier: dict[Tier, int] = dict.fromkeys(Tier, 0)
         # classify.domain_rate: a domain identity's (org:, learned: -> org:) fast-lane rate
         # over every edge. The acceptors already hold each domain to its rate with a burst of
@@ -250,6 +254,8 @@ class Broker:
             identity = str((env.get("evidence") or {}).get("identity", "")) if self.fast else ""
             key = share_key(identity)
             tier = fast_tier(identity) if self.fast else Tier.UNKNOWN
+            site = site_key(str(env.get("peer_ip", "")), self.ipv6_prefix) \
+                if tier in self.tier_buckets else ""
         except (WireError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             log.event("wire_error", "warning", lane=self.lane, side="front", error=str(e))
             return
@@ -263,13 +269,13 @@ class Broker:
             self._nack(reply_to, qid, NackReason.QUEUE_FULL, "lane queue full (bytes)")
         elif not (self._retry_token(env) or self.bucket.take(time.monotonic())):
             self._nack(reply_to, qid, NackReason.RATE, "lane rate cap")
-        elif (why := self._over_share(key, tier, len(body))) is not None:
+        elif (why := self._over_share(key, tier, len(body), site)) is not None:
             self._nack(reply_to, qid, NackReason.SHARE, why)
         else:
             self.queue.push(tier, key, Job(reply_to, qid, env_raw, body, deadline, key, tier),
                             len(body), bounded=False)     # room checked: _over_share
 
-    def _over_share(self, key: str, tier: Tier, size: int) -> str | None:
+    def _over_share(self, key: str, tier: Tier, size: int, site: str = "") -> str | None:
         """Why a fast message is served as bulk (NACK share), or None: its tier at its cap of
         the queue or of the credit, its identity at its share of the queue ("": bulk, or no
         identity: no per-key bound), a domain over classify.domain_rate, its tier over its
@@ -284,7 +290,7 @@ class Broker:
         if not self._domain_token(key):
             metrics.over_share("message", key)
             return "identity over its share of the lane"
-        if not self._tier_token(tier):
+        if not self._tier_token(tier, site):
             metrics.over_tier(tier.label, "rate")
             return "tier over its rate"
         return None
@@ -296,11 +302,16 @@ class Broker:
         now = time.monotonic()
         if self.domain_buckets.take(key, now):
             return True
+        self._name_over_rate(key, now)
+        return False
+
+    def _name_over_rate(self, key: str, now: float) -> None:
+        """Name `key` over its rate in the status (the acceptors keep its sessions bulk at
+        MAIL FROM); bounded: the least recently named is dropped."""
         self.over_rate[key] = now
         self.over_rate.move_to_end(key)
         if len(self.over_rate) > RATE_TRACKED:
             self.over_rate.popitem(last=False)
-        return False
 
     def _tier_credit(self, tier: Tier) -> bool:
         """May this tier hold any of the workers' credit now? A capped tier whose cap of the
@@ -309,18 +320,18 @@ class Broker:
         total = self._total_credit()
         return tier not in CAPPED or not total or cap(tier, total, self.shares) > 0
 
-    def _tier_token(self, tier: Tier) -> bool:
-        """Within its tier's total rate (tiers.self_proven_rate)? A token is taken; refused,
-        the tier is named over its rate in the status. Tiers without a rate: yes."""
+    def _tier_token(self, tier: Tier, site: str) -> bool:
+        """Within the client site's fair part of its tier's total rate
+        (tiers.self_proven_rate)? A token is taken; refused, that site is named over the
+        tier's rate in the status (rate_key(tier, site)), not the whole tier: another site's
+        sessions of the tier stay fast. Tiers without a rate: yes."""
         bucket = self.tier_buckets.get(tier)
         if bucket is None:
             return True
         now = time.monotonic()
-        if bucket.take(now):
+        if bucket.take(site, now):
             return True
-        key = rate_key(tier)
-        self.over_rate[key] = now
-        self.over_rate.move_to_end(key)
+        self._name_over_rate(rate_key(tier, site), now)
         return False
 
     def _total_credit(self) -> int:

@@ -30,6 +30,11 @@ Rules (one for every fast resource: slots, queue count and bytes, worker credit,
     * The self-proven tier has one total rate (tiers.self_proven_rate msgs/s per lanes node,
       burst tiers.self_proven_burst), split over the acceptors that hold its sessions as
       classify.domain_rate is (tier_buckets); beyond it: bulk. The third-party tier may have one.
+      A tier's rate is shared max-min fairly between client sites (IPv4 /24, IPv6 /48:
+      ingress.core.addr.site_key), not between identities: identities are free to mint,
+      networks are not. A sender from its own network keeps its fair part however many
+      domains an attacker's networks mint; an attacker spread over many networks dilutes
+      everyone's part, and the tier's total still bounds what they all get.
     * Promoted sessions of the capped tiers have a per-IP (per-prefix) cap
       (admission.per_ip_fast_max; the operator tier is exempt).
     * Only the operator and third-party tiers are handed to the fast acceptors
@@ -61,7 +66,9 @@ API
     admits(tier, n, held, used, capacity, reserve, shares) -> bool    the admission rule
     hands_off(tier) / may_evict(tier) / per_ip_capped(tier) -> bool
     pick_victim(evictor, seats) -> key | None   seats: (key, tier, busy, since)
-    rate_key(tier) -> "tier:<label>"  the key of a tier's total rate (brokers' over_rate list)
+    rate_key(tier, site="") -> "tier:<label>[@<site>]"  the key of a tier's total rate, or of
+                                      one client site's fair part of it (brokers' over_rate
+                                      list)
     over_tier_reason(tier) / over_tier_rate_reason(tier) / over_ip_reason(ip_key) -> str
                                       "over-share:tier:<label>", "over-rate:tier:<label>",
                                       "over-share:ip:<key>" (Decision.reasons; served as bulk:
@@ -264,8 +271,10 @@ def pick_victim(evictor: Tier, seats: Iterable[tuple[K, Tier, bool, float]]) -> 
 TIER_KEY = "tier:"
 
 
-def rate_key(tier: Tier) -> str:
-    return f"{TIER_KEY}{tier.label}"
+def rate_key(tier: Tier, site: str = "") -> str:
+    """The key of a tier's total rate ("tier:<label>"), or of one client site's part of it
+    ("tier:<label>@<site>", site = ingress.core.addr.site_key)."""
+    return f"{TIER_KEY}{tier.label}@{site}" if site else f"{TIER_KEY}{tier.label}"
 
 
 def over_tier_reason(tier: Tier) -> str:

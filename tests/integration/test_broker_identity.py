@@ -86,9 +86,10 @@ def broker():
     shutil.rmtree(state, ignore_errors=True)
 
 
-def send(b: Broker, dealer: zmq.Socket, identity: str, subject: str) -> None:
+def send(b: Broker, dealer: zmq.Socket, identity: str, subject: str,
+         peer_ip: str = "127.0.0.9") -> None:
     now = time.time()
-    env = Envelope(qid=new_qid(now), lane=Lane.FAST, peer_ip="127.0.0.9", peer_port=1,
+    env = Envelope(qid=new_qid(now), lane=Lane.FAST, peer_ip=peer_ip, peer_port=1,
                    helo="h", mail_from=subject, rcpts=("c@example.test",), received_at=now,
                    deadline=now + 30, evidence={"identity": identity})
     want = b.counters["submitted"] + 1
@@ -239,7 +240,9 @@ def test_trust_tiers_in_the_fast_broker() -> None:
 def test_the_self_proven_tier_has_one_total_rate() -> None:
     """tiers.self_proven_rate: one bucket for every self-proven identity (here 1 deep): the
     first message of ten domains is queued, the other nine NACKed share, and the status names
-    the tier over its rate (the acceptors then keep its sessions bulk at MAIL FROM); the
+    the client's site over the tier's rate (the acceptors then keep that site's sessions of
+    the tier bulk at MAIL FROM; another site is not named until it is refused itself: the
+    rate is shared fairly between sites); a second site finds the total spent too; the
     operator tier is not bounded by it."""
     state = Path(tempfile.mkdtemp(prefix="br-", dir="/tmp"))
     b = fast_broker(state, "identity_share = 1.0\ndomain_rate = 0.0\n"
@@ -260,7 +263,17 @@ def test_the_self_proven_tier_has_one_total_rate() -> None:
             b.publish(time.monotonic())
             if status.poll(100):
                 doc = decode_status(status.recv_multipart())
-        assert doc is not None and doc["over_rate"] == ["tier:self-proven"], doc
+        assert doc is not None and doc["over_rate"] == ["tier:self-proven@127.0.0.0/24"], doc
+        send(b, acceptor, "org:other.test", "other", peer_ip="127.0.5.9")
+        assert drain_nacks(acceptor) == ["share"]
+        doc = None
+        deadline = time.monotonic() + 5
+        while doc is None and time.monotonic() < deadline:
+            b.publish(time.monotonic())
+            if status.poll(100):
+                doc = decode_status(status.recv_multipart())
+        assert doc is not None and doc["over_rate"] == [
+            "tier:self-proven@127.0.5.0/24", "tier:self-proven@127.0.0.0/24"], doc
         assert doc["tiers"]["self-proven"] == {"depth": 1, "inflight": 0}
     finally:
         for s in (acceptor, status, b.front, b.back, b.pub):

@@ -185,6 +185,7 @@ def test_reasons_are_served_as_bulk() -> None:
     assert over_tier_rate_reason(SP) == "over-rate:tier:self-proven"
     assert over_ip_reason("192.0.2.1") == "over-share:ip:192.0.2.1"
     assert rate_key(TP) == "tier:third-party"
+    assert rate_key(SP, "2001:db8:1::/48") == "tier:self-proven@2001:db8:1::/48"
     for reason in (over_tier_reason(SP), over_tier_rate_reason(SP), over_ip_reason("x")):
         assert served_over_share(("spf-pass:x", reason))
 
