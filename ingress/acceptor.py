@@ -126,9 +126,9 @@ class AcceptorContext:
     (ingress.lanes)."""
 
     def __init__(self, cfg: Config, index: int, loop: asyncio.AbstractEventLoop,
-                 nofile: int = 0, fast: bool = False) -> None:
+                 nofile: int = 0, fast: bool = False, mtls_only: bool = False) -> None:
         self.cfg, self.index, self.loop = cfg, index, loop
-        self.ident = f"{'f' if fast else 'a'}{index}-{os.getpid()}"
+        self.ident = f"{'m' if mtls_only else 'f' if fast else 'a'}{index}-{os.getpid()}"
         # a port-25 acceptor hands clients classified fast at connect to the fast acceptors
         # (ingress.handoff); a fast acceptor serves what it is handed, and hands nothing on
         self.handoff = None if fast else handoff.Sender(
@@ -559,13 +559,14 @@ def _listening(socks: Listening) -> list[socket.socket]:
 
 
 async def listeners(ctx: AcceptorContext, sock: Listening, mtls_sock: Listening,
-                    fast_sock: Listening) -> list[Any]:
+                    fast_sock: Listening, handed: bool = True) -> list[Any]:
     """What this acceptor serves: one server per listening socket, i.e. per listen address
     (e.g. 0.0.0.0 and [::]) of port 25, the mutual-TLS port and the fast port; for a fast
-    acceptor (`sock` None) the hand-off socket instead of port 25."""
+    acceptor (`sock` None) the hand-off socket instead of port 25 (not for an mTLS acceptor:
+    `handed` False)."""
     loop, lst = ctx.loop, ctx.cfg.listen
     servers: list[Any] = []
-    if sock is None:
+    if sock is None and handed:
         ctx.receiver = handoff.Receiver(ctx.cfg, ctx.index, loop,
                                         lambda conn, sender: serve_handed(ctx, conn, sender))
         servers.append(ctx.receiver)
@@ -586,16 +587,18 @@ async def listeners(ctx: AcceptorContext, sock: Listening, mtls_sock: Listening,
 
 async def serve(cfg: Config, index: int, sock: Listening, hb: Any, slot: int,
                 mtls_sock: Listening, fast_sock: Listening,
-                sig: child.Signals | None = None) -> None:
+                sig: child.Signals | None = None, handed: bool = True) -> None:
     """An acceptor's life; `sock` None: a fast acceptor (its connections are handed to it by
-    the others over ingress.handoff, it has no listening socket of its own)."""
+    the others over ingress.handoff, it has no port-25 socket), or with `handed` False an mTLS
+    acceptor (the mutual-TLS port alone)."""
     loop = asyncio.get_running_loop()
     wanted = configured_limit(cfg, 0).max_connections    # what config / memory allow
     needed = wanted + FD_SPARE + spf_fds(cfg)        # SPF's DNS sockets besides the spare
     nofile, _ = procs.raise_nofile(needed)
     # Admission is capped at what the fd limit allows (admission.connection_limit): a client
     # beyond it gets 421 instead of libuv's silent accept-and-close on EMFILE.
-    ctx = AcceptorContext(cfg, index, loop, nofile=nofile, fast=sock is None)
+    ctx = AcceptorContext(cfg, index, loop, nofile=nofile, fast=sock is None,
+                          mtls_only=not handed)
     limit = ctx.table.limit
     log.event("connection_limit", index=index, max_connections=limit.max_connections,
               fast_reserve=limit.fast_reserve, limited_by=limit.limited_by, nofile=nofile,
@@ -607,7 +610,7 @@ async def serve(cfg: Config, index: int, sock: Listening, hb: Any, slot: int,
                   limit=nofile, needed=needed,
                   max_connections_effective=ctx.table.admission.limits.max_connections,
                   hint="raise LimitNOFILE / ulimit -n, or lower smtp.max_connections")
-    servers = await listeners(ctx, sock, mtls_sock, fast_sock)
+    servers = await listeners(ctx, sock, mtls_sock, fast_sock, handed)
     stop = asyncio.Event()
     # SIGUSR2 is the supervisor's order to shut down, SIGUSR1 to retire after a reload; SIGTERM
     # (e.g. sent to the whole process group) shuts down too. ^C in a terminal reaches every
@@ -678,6 +681,19 @@ def run_fast(cfg: Config, index: int, hb: Any = None, slot: int = 0,
         uvloop.run(serve(cfg, index, None, hb, slot, mtls_sock, fast_sock, sig))
     except ImportError:     # pragma: no cover - uvloop is a hard dependency
         asyncio.run(serve(cfg, index, None, hb, slot, mtls_sock, fast_sock, sig))
+
+
+def run_mtls(cfg: Config, index: int, hb: Any = None, slot: int = 0,
+             mtls_sock: Listening = None) -> None:
+    """An mTLS acceptor's entry point (supervisor.mtls_acceptors): the mutual-TLS port alone,
+    so that the handshakes of clients without a valid certificate (ingress.mtls's gate bounds
+    them) share no event loop with the operator clients port 25 hands to the fast acceptors."""
+    sig = child.start(cfg, f"mtls-acceptor-{index}", child.ACCEPTOR_SIGNALS)
+    try:
+        import uvloop
+        uvloop.run(serve(cfg, index, None, hb, slot, mtls_sock, None, sig, handed=False))
+    except ImportError:     # pragma: no cover - uvloop is a hard dependency
+        asyncio.run(serve(cfg, index, None, hb, slot, mtls_sock, None, sig, handed=False))
 
 
 def run(cfg: Config, index: int, sock: Listening, hb: Any = None, slot: int = 0,

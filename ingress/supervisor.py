@@ -4,8 +4,11 @@ API: Supervisor(cfg, config_path).run() -> int (exit status)
 
 Children (multiprocessing, *spawn* start method; no event loop or zmq.Context exists in this
 process): one broker per lane, `lanes.<lane>.workers` workers per lane, the relay (only with a
-relay.downstream), `acceptors` acceptors, and supervisor.fast_acceptors fast acceptors (no
-listening socket: they serve the connections the acceptors hand them, ingress.handoff).
+relay.downstream), `acceptors` acceptors, supervisor.fast_acceptors fast acceptors (no
+port-25 socket: they serve the connections the acceptors hand them, ingress.handoff), and,
+with fast acceptors and a mutual-TLS port, supervisor.mtls_acceptors mTLS acceptors, which
+serve that port alone (strangers' handshakes run on their event loop, not on the one that
+serves port 25's operator clients).
 cluster.role (or `run --role`, which overrides it, on reload too) picks among them: "edge"
 starts only the acceptors, "lanes" all but the acceptors (and binds no listening socket),
 "all" every one.
@@ -291,10 +294,18 @@ class Supervisor:
     def _target(self, c: Child) -> tuple[Any, tuple[Any, ...]]:
         # With fast acceptors, the mutual-TLS port and the fast port (clients that prove
         # themselves at connect or at the handshake) are theirs, not the port-25 acceptors'.
+        # With mTLS acceptors (supervisor.mtls_acceptors), the mutual-TLS port is theirs alone:
+        # strangers' handshakes never run on a fast acceptor's event loop.
         to_fast = c.cfg.supervisor.fast_acceptors > 0
+        own_mtls = c.cfg.mtls_acceptor_count > 0
+        if c.kind == "acceptor" and c.key[1] == "mtls":
+            i = c.key[2]
+            return _entry("ingress.acceptor", "run_mtls"), (c.cfg, i, self.hb, c.slot,
+                                                            self.mtls_sockets[i])
         if c.kind == "acceptor" and c.key[1] == "fast":
             i = c.key[2]
-            mtls = self.mtls_sockets[i] if self.mtls_sockets and to_fast else None
+            mtls = self.mtls_sockets[i] if self.mtls_sockets and to_fast and not own_mtls \
+                else None
             fast = self.fast_sockets[i] if self.fast_sockets and to_fast else None
             return _entry("ingress.acceptor", "run_fast"), (c.cfg, i, self.hb, c.slot,
                                                             mtls, fast)
@@ -337,6 +348,7 @@ class Supervisor:
         out += [("acceptor", ("acceptor", i)) for i in range(cfg.acceptor_count)]
         out += [("acceptor", ("acceptor", "fast", i))
                 for i in range(cfg.supervisor.fast_acceptors)]
+        out += [("acceptor", ("acceptor", "mtls", i)) for i in range(cfg.mtls_acceptor_count)]
         # cluster.role: an edge runs only the acceptors, a lanes node everything else.
         if cfg.cluster.role == "edge":
             out = [w for w in out if w[0] == "acceptor"]
@@ -475,7 +487,8 @@ class Supervisor:
         # the mTLS and fast ports are served by the fast acceptors when there are any (_target)
         nf = self.cfg.supervisor.fast_acceptors or n
         if mtls:
-            self.mtls_sockets, mtls = bind_addresses(self.cfg, mtls, nf)
+            self.mtls_sockets, mtls = bind_addresses(
+                self.cfg, mtls, self.cfg.mtls_acceptor_count or nf)
         if fast:
             self.fast_sockets, fast = bind_addresses(self.cfg, fast, nf)
         self.cfg = with_bound(self.cfg, main, fast, mtls)
@@ -577,20 +590,21 @@ class Supervisor:
         if listen_sets(new) == self.configured:     # port 0 means the one we already have
             new = with_bound(new, *listen_sets(old))
         if (new.listen, new.spool, new.acceptor_count, new.supervisor.fast_acceptors,
-                new.tls.mtls_port, new.tls.mtls_addresses) != (
+                new.mtls_acceptor_count, new.tls.mtls_port, new.tls.mtls_addresses) != (
                 old.listen, old.spool, old.acceptor_count, old.supervisor.fast_acceptors,
-                old.tls.mtls_port, old.tls.mtls_addresses):
+                old.mtls_acceptor_count, old.tls.mtls_port, old.tls.mtls_addresses):
             # Changing these would mean closing listening sockets (resetting what is queued on
             # them) or moving the spool under running workers: they wait for a restart.
             log.event("reload_restart_needed", "warning",
-                      why="listen, spool, supervisor.acceptors and fast_acceptors take effect "
-                          "on restart only")
+                      why="listen, spool, supervisor.acceptors, fast_acceptors and "
+                          "mtls_acceptors take effect on restart only")
             new = dataclasses.replace(
                 new, listen=old.listen, spool=old.spool,
                 tls=dataclasses.replace(new.tls, mtls_port=old.tls.mtls_port,
                                         mtls_addresses=old.tls.mtls_addresses),
                 supervisor=dataclasses.replace(new.supervisor, acceptors=old.acceptor_count,
-                                               fast_acceptors=old.supervisor.fast_acceptors))
+                                               fast_acceptors=old.supervisor.fast_acceptors,
+                                               mtls_acceptors=old.supervisor.mtls_acceptors))
         if not self.reload_fits(new):
             log.event("reload_failed", "error",
                       error=f"{new.source}: the new config runs {new.child_count} processes; "

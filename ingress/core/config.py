@@ -294,6 +294,11 @@ class SupervisorConfig:
     fast_acceptors: int = 1             # processes serving only clients classified fast at
                                         # connect, handed over by the acceptors (SCM_RIGHTS);
                                         # 0 = none (every acceptor serves everyone)
+    mtls_acceptors: int = 1             # with fast acceptors and tls.mtls_addresses: processes
+                                        # serving the mutual-TLS port alone, so that strangers'
+                                        # handshakes never run on the event loop of the fast
+                                        # acceptors (port 25's operator clients); 0 = the fast
+                                        # acceptors serve it; 0..64
     acceptor_nice: int = 10             # nice(2) increment of the acceptors with the listeners
                                         # (every unknown client, spam being shed) when there
                                         # are fast acceptors, which keep 0; 0..19
@@ -355,6 +360,14 @@ class Config:
         """Every acceptor of this host: those with the listeners and the fast acceptors."""
         return self.acceptor_count + self.supervisor.fast_acceptors
 
+    @property
+    def mtls_acceptor_count(self) -> int:
+        """Processes serving only the mutual-TLS port (supervisor.mtls_acceptors): with fast
+        acceptors and an mTLS port; else 0 (the fast acceptors, or all, serve it)."""
+        if not self.tls.mtls_addresses or self.supervisor.fast_acceptors <= 0:
+            return 0
+        return self.supervisor.mtls_acceptors
+
     def worker_count(self, lane: str) -> int:
         lc: LaneConfig = getattr(self.lanes, lane)
         return lc.workers or max(1, cores() // 2)
@@ -363,7 +376,8 @@ class Config:
     def child_count(self) -> int:
         """Processes the supervisor runs for this config: brokers, workers, relay, acceptors."""
         return (2 + self.worker_count("fast") + self.worker_count("bulk")
-                + (1 if self.relay.downstream else 0) + self.acceptor_processes)
+                + (1 if self.relay.downstream else 0) + self.acceptor_processes
+                + self.mtls_acceptor_count)
 
     @property
     def data_budget(self) -> tuple[int, int]:
@@ -833,6 +847,7 @@ def _check_outputs_and_supervisor(cfg: Config, need: _Need) -> None:
     need(0 <= sup.acceptors <= 1024, "supervisor.acceptors",
          "must be 0..1024 (0 = one per core)")
     need(0 <= sup.fast_acceptors <= 64, "supervisor.fast_acceptors", "must be 0..64")
+    need(0 <= sup.mtls_acceptors <= 64, "supervisor.mtls_acceptors", "must be 0..64")
     need(0 <= sup.acceptor_nice <= 19, "supervisor.acceptor_nice",
          "must be 0..19 (a nice(2) increment)")
     need(sup.heartbeat_interval > 0, "supervisor.heartbeat_interval", "must be > 0")

@@ -194,3 +194,24 @@ def test_stranger_handshake_flood_is_held_to_its_rate(tmp_path: Path,
         "alert: tlsv1 alert internal error", "alert: tlsv1 alert unknown ca",
         "alert: tlsv13 alert certificate required")]
     assert not others, others[:20]
+
+
+@pytest.mark.parametrize("mtls_acceptors", [1, 0])
+def test_the_mtls_port_has_its_own_process(tmp_path: Path, pki: dict[str, Path],
+                                           mtls_acceptors: int) -> None:
+    """supervisor.mtls_acceptors: the mutual-TLS port is served by its own process, so the
+    handshakes of strangers run on no event loop that serves port 25's operator clients (the
+    fast acceptor they are handed to). 0: the fast acceptor serves both, as before."""
+    with Ingress(tmp_path, {
+        "supervisor": {"acceptors": 1, "fast_acceptors": 1, "mtls_acceptors": mtls_acceptors},
+        "classify": {"allow_cidrs": [f"{ALLOWED_IP}/32"]},
+        "tls": tls_config(pki),
+    }) as ing:
+        cert, _, _ = smtp_tls(mtls_port(ing), client_ctx(pki, "client"), CERT_IP, make_body(0))
+        allowed = asyncio.run(send_one(ing.port, make_body(1), source=ALLOWED_IP))[0]
+        procs = {e["peer"]: e.get("proc") for e in ing.events("message")}
+        starts = [e.get("proc") for e in ing.events("acceptor_start")]
+    assert cert.startswith("250 ") and allowed == 250, (cert, allowed)
+    assert procs[ALLOWED_IP] == "fast-acceptor-0", procs
+    assert procs[CERT_IP] == ("mtls-acceptor-0" if mtls_acceptors else "fast-acceptor-0"), procs
+    assert ("mtls-acceptor-0" in starts) == bool(mtls_acceptors), starts
