@@ -280,7 +280,9 @@ class AcceptorContext:
         """A fast acceptor that cannot admit a connection handed to it (slots full, draining):
         give it back to the acceptor `to` that handed it over, which serves it where it
         arrived (True: the caller closes its copy and writes nothing)."""
-        if self.receiver is None or to is None or not self.receiver.give_back(transport, to):
+        if self.receiver is None or not (
+                self.receiver.give_back_any(transport) if to == handoff.ANY
+                else self.receiver.give_back(transport, to)):
             return False
         self.counters["handed_back"] += 1
         return True
@@ -559,11 +561,13 @@ def _listening(socks: Listening) -> list[socket.socket]:
 
 
 async def listeners(ctx: AcceptorContext, sock: Listening, mtls_sock: Listening,
-                    fast_sock: Listening, handed: bool = True) -> list[Any]:
+                    fast_sock: Listening, handed: bool = True,
+                    steered: Listening = None) -> list[Any]:
     """What this acceptor serves: one server per listening socket, i.e. per listen address
     (e.g. 0.0.0.0 and [::]) of port 25, the mutual-TLS port and the fast port; for a fast
     acceptor (`sock` None) the hand-off socket instead of port 25 (not for an mTLS acceptor:
-    `handed` False)."""
+    `handed` False), and its own port-25 sockets that the kernel steers the operator's
+    networks to (`steered`: ingress.core.reuseport; served like port 25's)."""
     loop, lst = ctx.loop, ctx.cfg.listen
     servers: list[Any] = []
     if sock is None and handed:
@@ -575,6 +579,8 @@ async def listeners(ctx: AcceptorContext, sock: Listening, mtls_sock: Listening,
     servers += [await loop.create_server(
         (lambda: IngressSMTP(ctx, proxy_protocol=True)) if lst.proxy_protocol else
         (lambda: Lobby(ctx)), sock=s) for s in _listening(sock)]
+    servers += [await loop.create_server(lambda: Lobby(ctx, hand_back_to=handoff.ANY), sock=s)
+                for s in _listening(steered)]
     if ctx.mtls_context is not None:
         gate = mtls.Gate(ctx.cfg, loop)        # one per process, for every mTLS address
         servers += [mtls.MtlsListener(ctx, s, gate) for s in _listening(mtls_sock)]
@@ -587,7 +593,8 @@ async def listeners(ctx: AcceptorContext, sock: Listening, mtls_sock: Listening,
 
 async def serve(cfg: Config, index: int, sock: Listening, hb: Any, slot: int,
                 mtls_sock: Listening, fast_sock: Listening,
-                sig: child.Signals | None = None, handed: bool = True) -> None:
+                sig: child.Signals | None = None, handed: bool = True,
+                steered: Listening = None) -> None:
     """An acceptor's life; `sock` None: a fast acceptor (its connections are handed to it by
     the others over ingress.handoff, it has no port-25 socket), or with `handed` False an mTLS
     acceptor (the mutual-TLS port alone)."""
@@ -610,7 +617,7 @@ async def serve(cfg: Config, index: int, sock: Listening, hb: Any, slot: int,
                   limit=nofile, needed=needed,
                   max_connections_effective=ctx.table.admission.limits.max_connections,
                   hint="raise LimitNOFILE / ulimit -n, or lower smtp.max_connections")
-    servers = await listeners(ctx, sock, mtls_sock, fast_sock, handed)
+    servers = await listeners(ctx, sock, mtls_sock, fast_sock, handed, steered)
     stop = asyncio.Event()
     # SIGUSR2 is the supervisor's order to shut down, SIGUSR1 to retire after a reload; SIGTERM
     # (e.g. sent to the whole process group) shuts down too. ^C in a terminal reaches every
@@ -671,16 +678,19 @@ def _serve_socket(ctx: AcceptorContext, conn: socket.socket, factory: Any) -> No
 
 
 def run_fast(cfg: Config, index: int, hb: Any = None, slot: int = 0,
-             mtls_sock: Listening = None, fast_sock: Listening = None) -> None:
+             mtls_sock: Listening = None, fast_sock: Listening = None,
+             steered: Listening = None) -> None:
     """A fast acceptor's entry point (supervisor.fast_acceptors; ingress.handoff): the
     connections handed over from port 25, and the mutual-TLS port and listen.fast_port (their
     clients prove themselves at the handshake or at connect), away from port 25's floods."""
     sig = child.start(cfg, f"fast-acceptor-{index}", child.ACCEPTOR_SIGNALS)
     try:
         import uvloop
-        uvloop.run(serve(cfg, index, None, hb, slot, mtls_sock, fast_sock, sig))
+        uvloop.run(serve(cfg, index, None, hb, slot, mtls_sock, fast_sock, sig,
+                         steered=steered))
     except ImportError:     # pragma: no cover - uvloop is a hard dependency
-        asyncio.run(serve(cfg, index, None, hb, slot, mtls_sock, fast_sock, sig))
+        asyncio.run(serve(cfg, index, None, hb, slot, mtls_sock, fast_sock, sig,
+                          steered=steered))
 
 
 def run_mtls(cfg: Config, index: int, hb: Any = None, slot: int = 0,

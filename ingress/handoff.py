@@ -34,6 +34,8 @@ API
                                        it; `sender`: the address to give it back to, or None)
         .give_back(transport, sender) -> bool   True: `sender` has it now (the caller closes
                                        its own copy without writing anything)
+        .give_back_any(transport) -> bool       the same, to a port-25 acceptor that said
+                                       hello (a connection nobody handed here)
         .close()
 
 Failure modes
@@ -41,7 +43,10 @@ Failure modes
     (EAGAIN: its datagram queue is full) or gone mid-send leaves the connection where it is;
     the sender tries each fast acceptor at most once per connection (round robin) and then
     serves it itself. A give-back that cannot be sent (the sender restarted meanwhile) leaves
-    the connection with the fast acceptor, which then refuses it (421) as before. A fast
+    the connection with the fast acceptor, which then refuses it (421) as before. A
+    connection the kernel steered to a fast acceptor (listen.steer_operator) that it cannot
+    admit is given to a port-25 acceptor that said hello (HELLO every HELLO_EVERY seconds
+    from each Sender: a fast acceptor learns where to give back); none known: 421. A fast
     acceptor that is restarted re-binds its path (the old file is unlinked). A datagram that
     carries no descriptor, or more than one, is ignored (extra descriptors are closed).
 
@@ -66,6 +71,10 @@ from ingress.core.config import Config
 
 MAGIC = b"si-handoff-1"       # the datagram's payload (a version, for a later change)
 RETURN = b"si-handback-1"     # a connection given back by a fast acceptor
+HELLO = b"si-hello-1"         # a port-25 acceptor's address, without a descriptor
+HELLO_EVERY = 2.0             # seconds between a Sender's hellos (a fast acceptor restarts)
+SENDERS_KEPT = 64             # port-25 acceptors' addresses a Receiver remembers
+ANY = "any port-25 acceptor"  # hand_back_to of a steered connection (give_back_any)
 
 
 def endpoint(cfg: Config, index: int) -> str:
@@ -90,10 +99,12 @@ def _recv_one(sock: socket.socket) -> tuple[bytes, socket.socket | None, Any] | 
 
 
 def _drain(sock: socket.socket, payload: bytes, allowed: Callable[[Any], bool],
-           serve: Callable[[socket.socket, Any], Any]) -> None:
+           serve: Callable[[socket.socket, Any], Any],
+           hello: Callable[[Any], None] | None = None) -> None:
     """Every datagram waiting on `sock` (at most 256, then the loop runs and the reader fires
     again): one carrying exactly one descriptor, `payload` and a sender `allowed` is served;
-    anything else is logged and dropped (its descriptors closed)."""
+    a HELLO without one goes to `hello(sender)` when given; anything else is logged and
+    dropped (its descriptors closed)."""
     for _ in range(256):
         try:
             got = _recv_one(sock)
@@ -103,6 +114,9 @@ def _drain(sock: socket.socket, payload: bytes, allowed: Callable[[Any], bool],
         if got is None:
             return
         msg, conn, addr = got
+        if conn is None and msg == HELLO and hello is not None and addr:
+            hello(addr)
+            continue
         if conn is None or msg != payload or not allowed(addr):
             if conn is not None:
                 conn.close()
@@ -130,8 +144,19 @@ class Sender:
                 # can give a connection back
                 self.sock.bind("")
                 loop.add_reader(self.sock.fileno(), self._readable)
+                self._hello()
         self.next = 0
         self.failed_logged = False
+
+    def _hello(self) -> None:
+        """Tell every fast acceptor where to give connections back: the clients the kernel
+        steers to a fast acceptor directly (ingress.core.reuseport) were handed by nobody, so
+        when it has no room for one it gives it to a port-25 acceptor that said hello."""
+        assert self.sock is not None and self.loop is not None
+        for path in self.paths:
+            with contextlib.suppress(OSError):
+                self.sock.sendto(HELLO, path)
+        self.loop.call_later(HELLO_EVERY, self._hello)
 
     def _readable(self) -> None:
         assert self.sock is not None and self.returned is not None
@@ -185,13 +210,30 @@ class Receiver:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.sock.setblocking(False)
         self.loop, self.serve = loop, serve
+        self.senders: dict[Any, None] = {}     # port-25 acceptors that said hello, oldest first
         loop.add_reader(self.sock.fileno(), self._readable)
 
     def _readable(self) -> None:
         # any sender (a port-25 acceptor; an unbound one, which cannot take a connection
         # back, has no address)
         _drain(self.sock, MAGIC, lambda _addr: True,
-               lambda conn, addr: self.serve(conn, addr or None))
+               lambda conn, addr: self.serve(conn, addr or None), self._hello)
+
+    def _hello(self, addr: Any) -> None:
+        self.senders.pop(addr, None)
+        self.senders[addr] = None
+        while len(self.senders) > SENDERS_KEPT:
+            del self.senders[next(iter(self.senders))]
+
+    def give_back_any(self, transport: asyncio.BaseTransport) -> bool:
+        """A connection nobody handed here (steered by the kernel) that this fast acceptor
+        cannot admit: to a port-25 acceptor that said hello, the most recent first; False
+        when none takes it."""
+        for addr in reversed(list(self.senders)):
+            if self.give_back(transport, addr):
+                return True
+            self.senders.pop(addr, None)        # gone (restarted): its address is stale
+        return False
 
     def give_back(self, transport: asyncio.BaseTransport, sender: Any) -> bool:
         raw = transport.get_extra_info("socket")

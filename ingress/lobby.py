@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import cast
+from typing import Any, cast
 
 from ingress.core import log, metrics
 from ingress.core.addr import normalize_ip
@@ -48,14 +48,18 @@ from ingress.smtp import IngressSMTP, banner_line, classify_and_admit, refuse_ea
 
 class Lobby(asyncio.Protocol):
     __slots__ = ("admitted", "ctx", "early_talker", "evidence", "fast_only", "greeted",
-                 "handed", "identity", "lane", "peer_ip", "peer_port", "reasons", "refused_why",
-                 "started", "ticket", "timer", "transport")
+                 "hand_back_to", "handed", "identity", "lane", "peer_ip", "peer_port",
+                 "reasons", "refused_why", "started", "ticket", "timer", "transport")
 
     busy = False                     # a seat is always between transactions (Seat.busy)
 
-    def __init__(self, ctx: SessionHost, fast_only: bool = False) -> None:
+    def __init__(self, ctx: SessionHost, fast_only: bool = False,
+                 hand_back_to: Any = None) -> None:
         self.ctx = ctx
         self.fast_only = fast_only
+        # a fast acceptor's steered port-25 socket: handoff.ANY (when it has no room, the
+        # client goes to a port-25 acceptor; ingress.core.reuseport)
+        self.hand_back_to = hand_back_to
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.lane = Lane.BULK
@@ -82,7 +86,7 @@ class Lobby(asyncio.Protocol):
             self.peer_ip = normalize_ip(peer[0])
             self.peer_port = int(peer[1])
         refusal = classify_and_admit(self, self.ctx, transport, fast_only=self.fast_only,
-                                     may_hand_off=True)
+                                     may_hand_off=True, hand_back_to=self.hand_back_to)
         if refusal is not None:
             if refusal:              # "": handed to a fast acceptor, which answers
                 self._write(refusal)

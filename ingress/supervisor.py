@@ -65,7 +65,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ingress.core import child, log, metrics
+from ingress.core import child, log, metrics, reuseport
 from ingress.core import config as config_mod
 from ingress.core.config import Config, ConfigError, format_listen_address, parse_listen_address
 from ingress.core.fsutil import private_dir_problem
@@ -216,6 +216,13 @@ def bind_listener(cfg: Config, host: str, port: int, first: bool = False) -> soc
     return s
 
 
+def steer_networks(cfg: Config, host: str) -> list[reuseport.Network]:
+    """classify.allow_cidrs of the family of listen address `host` (what the kernel steers
+    to the fast acceptors there: listen.steer_operator)."""
+    version = 6 if ":" in host else 4
+    return [n for n in cfg.allow_networks if n.version == version]
+
+
 PORT_PICK_TRIES = 20     # port 0 on several addresses: attempts to find one port free on all
 
 
@@ -283,6 +290,12 @@ class Supervisor:
         self.sockets: list[list[socket.socket]] = []
         self.mtls_sockets: list[list[socket.socket]] = []
         self.fast_sockets: list[list[socket.socket]] = []
+        # Per fast acceptor slot, its own socket in port 25's groups that the kernel steers the
+        # operator's networks to (ingress.core.reuseport), for the addresses in self.steered.
+        self.steered_sockets: list[list[socket.socket]] = []
+        self.steered: list[int] = []      # indexes into the listen addresses
+        self.steering: bool | None = None  # the programs attached send the operator's
+                                           # networks to the fast acceptors (None: unknown)
         self.configured = listen_sets(cfg)      # as in the file (port 0 = any), for reloads
         self.flags: set[str] = set()
         self.watchdog = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
@@ -307,8 +320,9 @@ class Supervisor:
             mtls = self.mtls_sockets[i] if self.mtls_sockets and to_fast and not own_mtls \
                 else None
             fast = self.fast_sockets[i] if self.fast_sockets and to_fast else None
+            steered = self.steered_sockets[i] if i < len(self.steered_sockets) else None
             return _entry("ingress.acceptor", "run_fast"), (c.cfg, i, self.hb, c.slot,
-                                                            mtls, fast)
+                                                            mtls, fast, steered)
         if c.kind == "acceptor":
             i = c.key[1]
             mtls = self.mtls_sockets[i] if self.mtls_sockets and not to_fast else None
@@ -377,6 +391,26 @@ class Supervisor:
             self.next_watchdog = now + self.watchdog / 2
         for c in list(self.children):
             self._watch_child(c, now)
+        if self.steered:
+            self._watch_steering()
+
+    def _watch_steering(self) -> None:
+        """Steer the operator's networks to the fast acceptors only while every one of them is
+        up: one that died (or is being replaced) would leave them in a backlog nobody reads;
+        meanwhile the port-25 acceptors take them and hand them over, or serve them."""
+        fast = [c for c in self.children if c.kind == "acceptor" and c.key[1] == "fast"
+                and not c.retiring]
+        on = len(fast) == self.cfg.supervisor.fast_acceptors and all(map(self._ready, fast))
+        if on == self.steering:
+            return
+        try:
+            for j in self.steered:
+                self._steer(j, self.cfg, on)
+        except OSError as e:
+            log.event("steer_unavailable", "warning", error=str(e))
+            return
+        self.steering = on
+        log.event("steering", on=on)
 
     def _watch_child(self, c: Child, now: float) -> None:
         """A retiring child is reaped or killed at its deadline; a live one is checked for a
@@ -492,6 +526,51 @@ class Supervisor:
         if fast:
             self.fast_sockets, fast = bind_addresses(self.cfg, fast, nf)
         self.cfg = with_bound(self.cfg, main, fast, mtls)
+        self._bind_steered(main)
+
+    def _bind_steered(self, main: tuple[str, ...]) -> None:
+        """listen.steer_operator: one more socket per fast acceptor in each port-25 address's
+        group whose family has allow-list networks, and the program that steers them there.
+        Where the kernel refuses it, those sockets are closed (they leave the group: the
+        others keep their indexes) and port 25 is served as without steering."""
+        cfg = self.cfg
+        nf = cfg.supervisor.fast_acceptors
+        if not cfg.listen.steer_operator or nf <= 0 or cfg.listen.proxy_protocol:
+            return
+        for j, addr in enumerate(main):
+            host, port = parse_listen_address(addr)
+            if not steer_networks(cfg, host):
+                continue
+            extra = [bind_listener(cfg, host, port) for _ in range(nf)]
+            try:
+                self._steer(j, cfg, on=False)    # on once the fast acceptors are up (_watch)
+            except OSError as e:
+                for sock in extra:
+                    sock.close()
+                log.event("steer_unavailable", "warning", address=addr, error=str(e))
+                continue
+            self.steered.append(j)
+            for slot, sock in enumerate(extra):
+                if slot == len(self.steered_sockets):
+                    self.steered_sockets.append([])
+                self.steered_sockets[slot].append(sock)
+        if self.steered:
+            log.event("steer_operator", addresses=[main[j] for j in self.steered],
+                      fast_acceptors=nf, networks=len(cfg.classify.allow_cidrs))
+
+    def _steer(self, j: int, cfg: Config, on: bool) -> None:
+        """(Re)attach the program of listen address `j`'s group for `cfg`'s allow list; `on`
+        False: every client to the port-25 acceptors (then the operator's are handed over as
+        without steering). More networks of its family than one program holds steer none."""
+        sock = self.sockets[0][j]
+        nets = steer_networks(cfg, sock.getsockname()[0]) if on else []
+        prog = reuseport.program(nets, cfg.acceptor_count, cfg.supervisor.fast_acceptors)
+        if prog is None:           # too many networks for one program
+            log.event("steer_too_many", "warning", networks=len(nets),
+                      max=reuseport.MAX_NETWORKS)
+            prog = reuseport.program((), cfg.acceptor_count, cfg.supervisor.fast_acceptors)
+        assert prog is not None
+        reuseport.attach(sock, prog)
 
     def start(self) -> None:
         Path(self.cfg.spool.path).mkdir(parents=True, exist_ok=True)
@@ -614,6 +693,7 @@ class Supervisor:
             sd_notify("READY=1")
             return
         self.cfg = new
+        self.steering = None               # the new allow list, at the next _watch
         metrics.configured(new, acceptor_slots(new))
         current = [c for c in self.children if not c.retiring]
         brokers_changed = new.lanes != old.lanes or new.cluster != old.cluster

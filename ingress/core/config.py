@@ -65,6 +65,11 @@ class ListenConfig:
                                         # never empty, and host/port are its first entry
     fast_addresses: tuple[str, ...] = ()    # the fast port's addresses; empty = listen.fast_port
                                         # on every host of listen.addresses (if fast_port >= 0)
+    steer_operator: bool = True         # Linux: the kernel steers port-25 connections from
+                                        # classify.allow_cidrs to the fast acceptors' own
+                                        # sockets (SO_REUSEPORT BPF, ingress.core.reuseport):
+                                        # never accepted on a bot-laden loop first. Needs fast
+                                        # acceptors; off behind PROXY (the source is the proxy)
 
 
 @dataclass(frozen=True)

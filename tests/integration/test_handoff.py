@@ -70,6 +70,11 @@ def test_without_a_fast_acceptor_the_client_is_served_where_it_arrived(tmp_path:
                 break
             time.sleep(0.05)
         probe.close()
+        # and the kernel no longer steers the allow list to its port-25 socket (the
+        # supervisor turns steering off when it sees the child gone: listen.steer_operator)
+        while time.monotonic() < deadline and not any(
+                e.get("on") is False for e in ing.events("steering")[1:]):
+            time.sleep(0.05)
         code, text = asyncio.run(send_one(ing.port, make_body(1), source=TRUSTED))
         assert code == 250, (text, ing.log_tail())
         deadline = time.monotonic() + 5

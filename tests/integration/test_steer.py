@@ -1,0 +1,72 @@
+"""listen.steer_operator end to end: the kernel steers port-25 connections from the operator's
+allow list to the fast acceptor's own socket (ingress.core.reuseport), so they are accepted
+and served there, never on a port-25 acceptor's loop first (no hand-off); everyone else goes
+to the port-25 acceptors. A reload re-attaches the program for the new allow list."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_retry_deferred import metrics_port, scrape, value
+from tests.kit.harness import Ingress, make_body, send_one
+
+ALLOWED = "127.0.0.20"
+OTHER = "127.0.0.21"
+
+
+def tables(steer: bool) -> dict[str, dict[str, object]]:
+    return {"supervisor": {"acceptors": 2, "fast_acceptors": 1},
+            "listen": {"steer_operator": steer},
+            "classify": {"allow_cidrs": [f"{ALLOWED}/32"]},
+            "metrics": {"listen": "127.0.0.1:0"}}
+
+
+def served(ing: Ingress, peer: str) -> list[object]:
+    return [e.get("proc") for e in ing.events("message") if e.get("peer") == peer]
+
+
+@pytest.mark.parametrize("steer", [True, False])
+def test_allow_listed_clients_are_accepted_by_the_fast_acceptor(tmp_path: Path,
+                                                                steer: bool) -> None:
+    with Ingress(tmp_path, tables(steer)) as ing:
+        async def run() -> list[int]:
+            out = []
+            for i in range(6):
+                out.append((await send_one(ing.port, make_body(i), source=ALLOWED))[0])
+                out.append((await send_one(ing.port, make_body(10 + i), source=OTHER))[0])
+            return out
+
+        codes = asyncio.run(run())
+        m = scrape(metrics_port(ing))
+        assert codes == [250] * 12, codes
+        assert served(ing, ALLOWED) == ["fast-acceptor-0"] * 6
+        assert set(served(ing, OTHER)) <= {"acceptor-0", "acceptor-1"}, served(ing, OTHER)
+        handed = value(m, "smtp_ingress_connections_total", lane="fast", outcome="handed_off")
+        if steer:      # accepted where it is served: nothing to hand over
+            assert ing.events("steer_operator")
+            assert handed == 0, m
+        else:
+            assert not ing.events("steer_operator")
+            assert handed == 6, m
+
+
+def test_a_reload_steers_the_new_allow_list(tmp_path: Path) -> None:
+    with Ingress(tmp_path, tables(True)) as ing:
+        assert asyncio.run(send_one(ing.port, make_body(0), source=ALLOWED))[0] == 250
+        ing.config.write_text(ing.config.read_text().replace(f"{ALLOWED}/32", f"{OTHER}/32"))
+        ing.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while not ing.events("reloaded") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ing.events("reloaded"), ing.log_tail()
+        codes = [asyncio.run(send_one(ing.port, make_body(i), source=src))[0]
+                 for i, src in enumerate((OTHER, OTHER, ALLOWED, ALLOWED), 1)]
+        assert codes == [250] * 4, codes
+        assert served(ing, OTHER) == ["fast-acceptor-0"] * 2, served(ing, OTHER)
+        assert set(served(ing, ALLOWED)[1:]) <= {"acceptor-0", "acceptor-1"}, \
+            served(ing, ALLOWED)
