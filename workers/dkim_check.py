@@ -29,7 +29,9 @@ API
                                                    field at most MAX_FROM_FIELD bytes; its
                                                    domain canonical, None if not a valid name)
     aligned(signing_domain, from_domain) -> bool  (relaxed, RFC 7489 3.1.1: the same
-                                                   organisational domain by the PSL)
+                                                   organisational domain by the PSL; the one
+                                                   implementation is ingress.policy.identity's,
+                                                   re-exported here)
     The Authentication-Results renderer and forged A-R stripping are in workers.headers.
     Results are ingress.core.wire.AuthResult (DkimResult is the same enum).
 
@@ -108,7 +110,7 @@ from ingress.core.addr import normalize_domain
 from ingress.core.resolver import make_resolver
 from ingress.core.wire import AuthResult
 from ingress.policy.dkim_budget import DnsBudget, evaluation_order
-from ingress.policy.identity import org_domain
+from ingress.policy.identity import aligned, org_domain
 from workers.headers import field_value, header_fields, unfold
 
 __all__ = [
@@ -352,15 +354,6 @@ def header_from_domain(message: bytes) -> str | None:
     if len(addrs) != 1 or "@" not in addrs[0]:
         return None
     return normalize_domain(addrs[0].rpartition("@")[2]) or None
-
-
-def aligned(signing_domain: str, from_domain: str | None) -> bool:
-    """Relaxed alignment (RFC 7489 3.1.1): the same organisational domain, of canonical
-    names (see module docstring)."""
-    if not from_domain or not signing_domain:
-        return False
-    org = org_domain(signing_domain)
-    return bool(org) and org == org_domain(from_domain)
 
 
 # --------------------------------------------------------------------------- verification

@@ -13,6 +13,7 @@ API
     header_fields(message) -> list[(start, end, lower-cased name)]   the header section's fields
     field_value(raw) -> bytes;  unfold(value) -> str
     strip_forged_ar(message, authserv_id) -> bytes
+    ar_authserv_id(value) -> str     the authserv-id of an A-R field value, lower-cased ("" none)
     authentication_results(authserv_id, *, spf=None, spf_domain=None, spf_helo=None,
                            dkim_results=(), dkim_checked=True, comment=None) -> bytes
     received_header(env, hostname) -> bytes   the client IP as an RFC 5321 address-literal
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_AR_FIELD",
     "address_literal",
+    "ar_authserv_id",
     "authentication_results",
     "field_value",
     "header_fields",
@@ -258,6 +260,9 @@ def _authserv_id(value: bytes) -> str:
         return text[i:end.start() if end else len(text)].lower()
     m = _TOKEN.match(text, i)
     return m.group().lower() if m else ""
+
+
+ar_authserv_id = _authserv_id       # public: the DSN quotes only our own A-R (workers.relay.dsn)
 
 
 def strip_forged_ar(message: bytes, authserv_id: str) -> bytes:

@@ -2,7 +2,8 @@
 
 API:
     Pipeline(cfg).process(env, body, budget_s) -> Processed(trace, body, dkim, learn,
-                                                            learn_domain, unlearn)
+                                                            learn_domain, unlearn, evidence)
+    Processed.spool_envelope(env) -> Envelope   what the worker stores: env with `evidence`
 
 The trace prepended to the client's message, top first:
     Authentication-Results: <authserv-id> (lane=...); spf=...; dkim=...   (RFC 8601)
@@ -34,6 +35,14 @@ fail or softfail, an aligned DKIM signature failing with none passing, or, for a
 fast on the entry (identity learned:<domain>), no aligned DKIM signature at all; never on
 temperror. The worker then tells every acceptor to forget the entry.
 
+`evidence` (stored with the envelope in the spool file, for the relay): "dkim_pass", the
+canonical d= (ingress.core.addr.normalize_domain) of every signature that passed, space
+separated ("" when none passed), so the relay can tell a sender whose return path is
+authenticated (ingress.policy.dsn: DKIM aligned with the MAIL FROM domain) without parsing
+a header of the message. It replaces any "dkim_pass" the envelope came with. Additive: an
+optional evidence key, so the spool format stays version 1 (a spool file without it: nothing
+was proven by DKIM).
+
 Anything the client chose (HELO name, addresses) is sanitised to printable ASCII without CR/LF
 before it goes into a header, so a client cannot inject header lines. Failure modes: DKIM
 problems are results (temperror/permerror), never exceptions; process() does not raise for bad
@@ -43,7 +52,7 @@ input.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from ingress.core.addr import normalize_domain
 from ingress.core.config import Config
@@ -69,6 +78,13 @@ class Processed:
     learn: bool
     learn_domain: str = ""
     unlearn: str = ""        # why the client's learned network must be forgotten ("": keep)
+    evidence: dict[str, str] = field(default_factory=dict)   # added to the stored envelope
+
+    def spool_envelope(self, env: Envelope) -> Envelope:
+        """The envelope to store: env with this message's evidence added."""
+        if not self.evidence:
+            return env
+        return replace(env, evidence={**env.evidence, **self.evidence})
 
 
 class Pipeline:
@@ -110,5 +126,7 @@ class Pipeline:
         rode = env.lane is Lane.FAST and ev.get("identity", "").startswith("learned:")
         unlearn = "" if learn else should_unlearn(
             "learned" in ev, rode, spf, (r.result for r in results if r.aligned))
+        passed = dict.fromkeys(d for r in results if r.result is dkim_check.DkimResult.PASS
+                               if (d := normalize_domain(r.domain)))
         return Processed(trace, body, results, learn=learn, learn_domain=domain if learn else "",
-                         unlearn=unlearn)
+                         unlearn=unlearn, evidence={"dkim_pass": " ".join(passed)})

@@ -18,6 +18,13 @@ A spool file is one RFC 5322 message whose first line carries the envelope:
     Received: ... (our trace headers, each CRLF-terminated)
     <the client's message bytes, exactly as received after dot-unstuffing>
 
+The envelope is ingress.core.wire.Envelope's dict plus "v" (SPOOL_FORMAT). Its "evidence"
+carries what the ingress proved, for the relay: "spf" and "spf_domain" (the acceptor's SPF
+verdict and the MAIL FROM domain it was for) and "dkim_pass" (the worker's: the d= of every
+DKIM signature that passed, workers.pipeline); ingress.policy.dsn reads them to decide who may
+get a DSN. New evidence keys are additive (optional; a reader treats a missing key as nothing
+proven), so they do not change SPOOL_FORMAT; a change that an older relay would misread does.
+
 API:
     Spool(root).write_batch([(envelope, trace, body), ...]) -> list[str | Exception]
         Group commit: every file is written to tmp/ and fsync'd, moved into new/ with a

@@ -337,7 +337,7 @@ class Worker:
         items = []
         for job in batch:
             assert job.done is not None
-            items.append((job.env, job.done.trace, job.done.body))
+            items.append((job.done.spool_envelope(job.env), job.done.trace, job.done.body))
         write = self.committer.submit(self.spool.write_batch, items)
         self.commit = _Commit(batch, write, _vouch_until(j.env for j in batch),
                               time.monotonic())

@@ -270,7 +270,12 @@ class RelayConfig:
     concurrency: int = 4
     retry_base: float = 30.0            # first retry after a 4xx, doubled up to retry_max
     retry_max: float = 3600.0
-    max_age: float = 5 * 86400.0        # then the message bounces (DSN), as Postfix does
+    max_age: float = 5 * 86400.0        # then the message fails (to failed/; a DSN as relay.dsn
+                                        # says), as Postfix does
+    dsn: str = "authenticated"          # who gets a DSN for a failed recipient: DSN_MODES
+                                        # (ingress.policy.dsn); anything else: failed/ only
+    dsn_rate: float = 30.0              # DSNs per destination organisational domain per hour
+                                        # (at most that many at once): DSN_RATE_MAX at most
     timeout: float = 60.0               # per downstream SMTP step
     tls: str = "none"                   # STARTTLS to a TCP downstream: RELAY_TLS_MODES
     tls_ca_file: str = ""               # CA bundle for "required" ("" = the system's)
@@ -416,6 +421,11 @@ def cores() -> int:
 
 
 RELAY_TLS_MODES = ("none", "opportunistic", "required")
+# relay.dsn: "authenticated" (a DSN only to a sender whose return path passed SPF, or DKIM
+# aligned with it), "never" (failures go to failed/ only), "always" (every non-null sender, the
+# old behaviour: backscatter to forged senders). ingress.policy.dsn decides.
+DSN_MODES = ("authenticated", "never", "always")
+DSN_RATE_MAX = 3600.0       # relay.dsn_rate: at most one a second per domain, on average
 
 
 def read_credentials(path: str) -> tuple[str, str]:
@@ -827,6 +837,9 @@ def _check_relay(cfg: Config, need: _Need) -> None:
     need(0 <= r.nice <= 19, "relay.nice", "must be 0..19 (a nice(2) increment)")
     need(0 < r.retry_base <= r.retry_max, "relay.retry_base", "must be > 0 and <= retry_max")
     need(r.max_age > 0 and r.timeout > 0, "relay.max_age", "max_age and timeout must be > 0")
+    need(r.dsn in DSN_MODES, "relay.dsn", f"must be one of {', '.join(DSN_MODES)}")
+    need(1.0 <= r.dsn_rate <= DSN_RATE_MAX, "relay.dsn_rate",
+         f"must be 1..{DSN_RATE_MAX:g} (DSNs per destination domain per hour)")
     need(r.tls in RELAY_TLS_MODES, "relay.tls", f"must be one of {', '.join(RELAY_TLS_MODES)}")
     need(r.tls == "none" or r.downstream.startswith(("smtp://", "lmtp://")), "relay.tls",
          "TLS needs a TCP downstream (smtp://host:port or lmtp://host:port)")

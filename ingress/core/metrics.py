@@ -60,7 +60,12 @@ observation; measured ~1.5 us per counter inc and ~3-5 us per observe on the dev
     relay_replies(codes, seconds)   relay: one delivery's per-recipient reply codes, its duration
     relay_error(n)                  relay: n recipients hit connection-level trouble
     relay_breaker(state, failures)  relay: circuit breaker BREAKER_CLOSED|OPEN|HALF_OPEN
-    relay_dsn()                     relay: a DSN was spooled
+    relay_dsn()                     relay: a DSN was spooled (smtp_ingress_relay_dsns_total)
+    relay_dsn_decision(result)      relay: a message with failed recipients, whether it got a
+                                    DSN (smtp_ingress_relay_dsn_decisions_total{result},
+                                    DSN_RESULTS: ingress.policy.dsn.Result's values: sent,
+                                    null_sender, suppressed_never, unsendable,
+                                    suppressed_unauthenticated, rate_limited, rate_table_full)
     curve_refused(why)              lanes node: a peer refused (CURVE_REFUSALS: unknown_key,
                                     handshake), counted before the log lines' rate limit
     mtls_gate(tier, outcome)        mutual-TLS port: a connection at the handshake gate
@@ -268,6 +273,14 @@ OVER_TIER = Counter("smtp_ingress_over_tier", "Sessions or messages served as bu
                     "of the fast queue or worker credit, rate = the tier's total rate)",
                     ["tier", "what"])
 RELAY_DSNS = Counter("smtp_ingress_relay_dsns", "Delivery status notifications spooled")
+DSN_RESULTS = ("sent", "null_sender", "suppressed_never", "unsendable",
+               "suppressed_unauthenticated", "rate_limited", "rate_table_full")
+RELAY_DSN_DECISIONS = Counter("smtp_ingress_relay_dsn_decisions",
+                              "Messages with failed recipients by what became of their DSN "
+                              "(relay.dsn): sent, or why not (null_sender, suppressed_never, "
+                              "unsendable, suppressed_unauthenticated: the return path was not "
+                              "authenticated, rate_limited / rate_table_full: relay.dsn_rate)",
+                              ["result"])
 CURVE_REFUSALS = ("unknown_key", "handshake")
 CURVE_REFUSED = Counter("smtp_ingress_curve_refused",
                         "Peers a lanes node refused on its tcp ports: unknown_key (ZAP: a CURVE "
@@ -318,6 +331,7 @@ _over_tier: dict[tuple[str, str], Any] = {}
 _mtls_gate: dict[tuple[str, str], Any] = {}
 _mtls_hs: dict[tuple[str, str], Any] = {}
 _spf: dict[str, Any] = {}
+_dsn: dict[str, Any] = {}
 
 
 def _bind(cache: dict[Any, Any], metric: Any, key: Any,
@@ -490,6 +504,12 @@ def spf_refused(reason: str) -> None:
 
 def relay_dsn() -> None:
     RELAY_DSNS.inc()
+
+
+def relay_dsn_decision(result: str) -> None:
+    """The relay decided about a DSN (ingress.policy.dsn): `result` in DSN_RESULTS."""
+    (_dsn.get(result) or _bind(_dsn, RELAY_DSN_DECISIONS, result,
+                               declared=(DSN_RESULTS,))).inc()
 
 
 def cluster_state(up: bool) -> None:

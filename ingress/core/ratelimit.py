@@ -7,7 +7,13 @@ API: TokenBucket(rate, burst); .take(now) -> bool; .tokens(now) -> float.
          `window` seconds, estimated from two fixed windows (this one's count and the one
          before, weighted by how much of it is still inside): O(1), three numbers. News of the
          window before (a count shared late) still counts; older news is dropped.
-     KeyedBuckets(rate, burst, max_keys); .take(key, now) -> bool; len()
+     KeyedBuckets(rate, burst, max_keys, keep_partial=False); .take(key, now) -> bool; len();
+         `key in buckets`. keep_partial=True: when the table is full, a new key only replaces
+         the least recently used key whose bucket has refilled completely (forgetting it then
+         changes nothing: a key seen again starts full); if that one has not, the new key is
+         refused (take() is False, nothing stored). So no number of other keys can reset a
+         drained key's bucket; the price is that max_keys keys kept draining lock newcomers
+         out until the oldest refills (at most burst / rate seconds after its last take).
      FairBucket(rate, burst, now=0.0, window=1.0, max_keys=4096); .take(key, now) -> bool;
          .active(now) -> int (keys that asked within the window); .tokens(now)
          One TokenBucket shared by every key, max-min fair between the keys: the fair level is
@@ -26,7 +32,7 @@ API: TokenBucket(rate, burst); .take(now) -> bool; .tokens(now) -> float.
 rate <= 0 means uncapped (take() always succeeds). burst <= 0 means one second of rate (at least 1).
 Limits: monotonic `now` expected; a clock going backwards is treated as no time passing.
 KeyedBuckets holds at most max_keys buckets: the least recently used is forgotten, and a key
-seen again starts with a full bucket (keep `burst` small where that matters).
+seen again starts with a full bucket (keep `burst` small where that matters, or keep_partial).
 """
 
 from __future__ import annotations
@@ -65,13 +71,19 @@ class TokenBucket:
 
 
 class KeyedBuckets:
-    """One TokenBucket(rate, burst) per key, at most `max_keys` of them (LRU)."""
+    """One TokenBucket(rate, burst) per key, at most `max_keys` of them (LRU; with
+    keep_partial, only a refilled bucket makes room: see the module docstring)."""
 
-    __slots__ = ("_buckets", "burst", "max_keys", "rate")
+    __slots__ = ("_buckets", "burst", "keep_partial", "max_keys", "rate")
 
-    def __init__(self, rate: float, burst: float = 0, max_keys: int = 4096) -> None:
+    def __init__(self, rate: float, burst: float = 0, max_keys: int = 4096,
+                 keep_partial: bool = False) -> None:
         self.rate, self.burst, self.max_keys = float(rate), float(burst), max(1, max_keys)
+        self.keep_partial = keep_partial
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._buckets
 
     def take(self, key: str, now: float) -> bool:
         if self.rate <= 0:
@@ -79,6 +91,9 @@ class KeyedBuckets:
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= self.max_keys:
+                oldest = next(iter(self._buckets.values()))
+                if self.keep_partial and oldest.tokens(now) < oldest.burst:
+                    return False              # forgetting it would refill it: refuse instead
                 self._buckets.popitem(last=False)
             bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now=now)
         else:

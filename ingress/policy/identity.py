@@ -17,6 +17,12 @@ API
                                        "xn--bcher-kva.test"): every identity, share, domain
                                        rate, learned entry and metrics label built from it is
                                        one key per DNS name, however it was spelled.
+    aligned(domain_a, domain_b) -> bool relaxed alignment (RFC 7489 3.1.1): both names valid and
+                                       of the same organisational domain. The one rule for
+                                       DKIM d= with From: (workers.dkim_check, learning) and
+                                       with the MAIL FROM domain (ingress.policy.dsn: which
+                                       senders may get a DSN). d=github.io never aligns with
+                                       x.github.io: a public suffix is nobody's organisation.
     allow_identity(entry) / cert_identity(fingerprint) / org_identity(domain)
     / learned_identity(domain) -> str  the identity strings: "allow:<CIDR entry>",
                                        "cert:<sha256 hex>", "org:<org domain>",
@@ -60,6 +66,7 @@ from ingress.core.addr import normalize_domain
 
 __all__ = [
     "RATE_TRACKED",
+    "aligned",
     "allow_identity",
     "cert_identity",
     "domain_buckets",
@@ -94,6 +101,15 @@ def org_domain(domain: str) -> str:
         return ""
     org = _psl().privatesuffix(d)
     return str(org) if org else d
+
+
+def aligned(domain_a: str, domain_b: str | None) -> bool:
+    """Relaxed alignment (RFC 7489 3.1.1): the same organisational domain, of canonical names;
+    an empty or invalid name aligns with nothing."""
+    if not domain_a or not domain_b:
+        return False
+    org = org_domain(domain_a)
+    return bool(org) and org == org_domain(domain_b)
 
 
 def allow_identity(entry: str) -> str:

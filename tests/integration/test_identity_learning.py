@@ -93,6 +93,27 @@ def test_idn_is_learned_under_its_a_label(dns: DNSServer, keys: tuple[bytes, str
         assert (p.learn, p.learn_domain) == (True, a_label)
 
 
+def test_pipeline_stores_dkim_passes_for_the_relay(dns: DNSServer,
+                                                   keys: tuple[bytes, str]) -> None:
+    """The worker stores the d= of every passing signature with the envelope (evidence
+    "dkim_pass", canonical), replacing whatever the envelope came with: the relay's DSN policy
+    (ingress.policy.dsn) reads it from the spool file, never from a header (issue 19)."""
+    forged = dataclasses.replace(envelope("good.test"), evidence={
+        "spf": "pass", "spf_domain": "good.test", "dkim_pass": "victim.test"})
+    p = pipeline(dns).process(forged, signed("good.test", keys[0]), 5.0)
+    assert p.evidence == {"dkim_pass": "good.test"}
+    stored = p.spool_envelope(forged)
+    assert stored.evidence == {"spf": "pass", "spf_domain": "good.test", "dkim_pass": "good.test"}
+    assert forged.evidence["dkim_pass"] == "victim.test"          # not changed in place
+    tampered = signed("good.test", keys[0]).replace(b"Hello.", b"Hullo.")
+    p = pipeline(dns).process(forged, tampered, 5.0)
+    assert [r.result for r in p.dkim] == ["fail"]
+    assert p.spool_envelope(forged).evidence["dkim_pass"] == ""
+    unsigned_env = envelope("good.test")
+    p = pipeline(dns).process(unsigned_env, b"From: a@good.test\r\n\r\nHi\r\n", 5.0)
+    assert p.spool_envelope(unsigned_env).evidence["dkim_pass"] == ""
+
+
 def test_listed_learns_only_listed_domains_live(tmp_path: Path, keys: tuple[bytes, str]) -> None:
     """The whole path: worker -> bulk broker's fan-out -> every acceptor -> learned.json. With
     spf_promote = "listed", a listed domain's client is learned (with its domain: the next

@@ -175,7 +175,11 @@ def test_5xx_bounces_with_dsn(tmp_path: Path, postfix: PostfixInstance) -> None:
             f"Message-ID: <{marker}@sender.test>\r\n\r\nhello\r\n").encode()
     null_marker = marker + "-null"
     null_body = body.replace(marker.encode(), null_marker.encode())
-    with Ingress(tmp_path, relay_tables(postfix)) as ing:
+    t = relay_tables(postfix)
+    # DSN mechanics for a sender without evidence: relay.dsn's default ("authenticated") would
+    # send it none (tests/integration/test_dsn_backscatter.py)
+    t["relay"]["dsn"] = "always"
+    with Ingress(tmp_path, t) as ing:
         relaying(ing)
         assert asyncio.run(send_one(ing.port, body, sender="alice@sender.test",
                                     rcpts=(REJECTED,)))[0] == 250

@@ -18,8 +18,10 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import orjson
 import pytest
 
+from ingress.core.addr import normalize_domain
 from ingress.core.config import Config, RelayConfig, SmtpConfig, SpoolConfig
 from ingress.core.wire import Envelope, Lane, new_qid
 from tests.unit.test_relay_unit import parse_dsn
@@ -135,9 +137,11 @@ class FakeMTA:
             w.close()
 
 
-def make_cfg(tmp: Path, downstream: str, **relay_kw: float) -> Config:
+def make_cfg(tmp: Path, downstream: str, **relay_kw: float | str) -> Config:
+    """`dsn="always"` in the tests about DSN mechanics: their senders carry no evidence, and
+    relay.dsn's default ("authenticated") would send them none (test_dsn_policy_live.py)."""
     base = Config()
-    kw: dict[str, float] = {"retry_base": 0.2, "retry_max": 0.5, "timeout": 5.0}
+    kw: dict[str, float | str] = {"retry_base": 0.2, "retry_max": 0.5, "timeout": 5.0}
     kw.update(relay_kw)
     return dataclasses.replace(
         base, spool=SpoolConfig(path=tmp / "spool", state_dir=tmp / "state"),
@@ -191,7 +195,7 @@ def test_lmtp_unix_per_recipient(tmp_path: Path) -> None:
             return "550 5.1.1 no such user"
         return "250 2.0.0 ok"
 
-    cfg = make_cfg(tmp_path, f"lmtp:{sock}")
+    cfg = make_cfg(tmp_path, f"lmtp:{sock}", dsn="always")
 
     async def go() -> None:
         mta = FakeMTA(lmtp=True, decide=decide)
@@ -288,7 +292,7 @@ def test_downstream_down_then_up(tmp_path: Path) -> None:
 
 
 def test_null_sender_and_expiry(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, "smtp://127.0.0.1:1", max_age=60.0)
+    cfg = make_cfg(tmp_path, "smtp://127.0.0.1:1", max_age=60.0, dsn="always")
 
     async def go() -> None:
         mta = FakeMTA(lmtp=False, decide=lambda r, n: "550 5.1.1 unknown" if r.startswith(
@@ -436,7 +440,7 @@ def test_unsendable_address_never_poisons_the_session(tmp_path: Path, lmtp: bool
         else:
             ds = f"smtp://127.0.0.1:{await mta.start_tcp()}"
         cfg = dataclasses.replace(make_cfg(tmp_path, ds), relay=dataclasses.replace(
-            make_cfg(tmp_path, ds).relay, concurrency=1))        # one shared session
+            make_cfg(tmp_path, ds, dsn="always").relay, concurrency=1))   # one shared session
         innocent, poison = innocent_and_poison(cfg)
         want_ok = set(innocent) | {"p1ok@example.test", "p3ok@example.test",
                                    "p4ok@example.test"}
@@ -503,7 +507,7 @@ def test_any_exception_is_one_message_failure(tmp_path: Path, lmtp: bool,
             ds = f"lmtp:{sock}"
         else:
             ds = f"smtp://127.0.0.1:{await mta.start_tcp()}"
-        cfg = make_cfg(tmp_path, ds, retry_base=0.3, retry_max=5.0, max_age=2.0)
+        cfg = make_cfg(tmp_path, ds, retry_base=0.3, retry_max=5.0, max_age=2.0, dsn="always")
         cfg = dataclasses.replace(cfg, relay=dataclasses.replace(cfg.relay, concurrency=1))
         innocent = [f"i{i}@example.test" for i in range(4)]
         spool_msg(cfg, BODY, (innocent[0],))
@@ -592,7 +596,8 @@ def test_replies_before_a_hang_up_stand(tmp_path: Path) -> None:
         mta = FakeMTA(lmtp=False, decide=lambda r, n: "550 5.1.1 unknown" if r.startswith(
             "gone@") else "250 2.1.5 ok", drop=drop)
         port = await mta.start_tcp()
-        cfg = make_cfg(tmp_path, f"smtp://127.0.0.1:{port}", retry_base=0.2, retry_max=0.5)
+        cfg = make_cfg(tmp_path, f"smtp://127.0.0.1:{port}", retry_base=0.2, retry_max=0.5,
+                       dsn="always")
         name, _ = spool_msg(cfg, BODY, ("gone@example.test", "hang@example.test",
                                         "ok@example.test"))
         try:
@@ -696,3 +701,115 @@ def test_corrupt_spool_and_state_files_are_settled(tmp_path: Path) -> None:
         assert r.counters["corrupt"] == 1 and r.counters["sent"] == 1
 
     asyncio.run(go())
+
+
+# --- issue 19: who gets a DSN (ingress.policy.dsn), through the relay ----------------------------
+
+def spool_with_evidence(cfg: Config, sender: str, rcpt: str, evidence: dict[str, str]) -> str:
+    now = time.time()
+    env = Envelope(qid=new_qid(now), lane=Lane.BULK, peer_ip="127.0.0.1", peer_port=1,
+                   helo="c.test", mail_from=sender, rcpts=(rcpt,), received_at=now,
+                   deadline=now + 5, evidence=evidence)
+    (name,) = spool_mod.Spool(cfg.spool.path).write_batch([(env, b"", BODY)])
+    assert isinstance(name, str)
+    return name
+
+
+def reject_rcpt(rcpt: str, n: int) -> str:
+    """The downstream refuses the original's recipient and takes the DSNs."""
+    return "550 5.7.1 content rejected" if rcpt == "rcpt@example.test" else "250 2.1.5 ok"
+
+
+def dsn_decisions() -> dict[str, float]:
+    from ingress.core import metrics
+    return {r: metrics.RELAY_DSN_DECISIONS.labels(result=r)._value.get()
+            for r in metrics.DSN_RESULTS}
+
+
+def test_default_dsn_only_to_an_authenticated_return_path(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """relay.dsn at its default: of four senders whose message fails (550), only the two whose
+    return path the ingress authenticated (SPF pass for the MAIL FROM domain; a DKIM pass
+    aligned with it) get a DSN. The forged ones (SPF fail; a DKIM pass for the spammer's own,
+    unaligned domain) get none: their messages are in failed/, each logged and counted."""
+    cfg = make_cfg(tmp_path, "smtp://127.0.0.1:1")
+    assert cfg.relay.dsn == "authenticated"
+    senders = {
+        "spf@sender.test": {"spf": "pass", "spf_domain": "sender.test"},
+        "dkim@bounce.signer.test": {"spf": "fail", "spf_domain": "bounce.signer.test",
+                                    "dkim_pass": "mail.signer.test"},
+        "victim@forged.test": {"spf": "fail", "spf_domain": "forged.test"},
+        "victim@victim.test": {"spf": "none", "spf_domain": "victim.test",
+                               "dkim_pass": "spammer.test"},
+    }
+    before = dsn_decisions()
+
+    async def go() -> None:
+        mta = FakeMTA(lmtp=False, decide=reject_rcpt, exts=("8BITMIME", "SMTPUTF8"))
+        c = make_cfg(tmp_path, f"smtp://127.0.0.1:{await mta.start_tcp()}")
+        names = {s: spool_with_evidence(c, s, "rcpt@example.test", ev)
+                 for s, ev in senders.items()}
+        try:
+            await run_until(c, lambda: len(listing(c, "failed")) == 4 and not listing(c, "new")
+                            and sum(f == "" for f, _, _ in mta.delivered) >= 2)
+            await asyncio.sleep(0.3)                    # would a third DSN show up?
+        finally:
+            await mta.stop()
+        assert sorted(listing(c, "failed")) == sorted(names.values())
+        assert sorted(r for f, r, _ in mta.delivered if f == "") == [
+            "dkim@bounce.signer.test", "spf@sender.test"]
+
+    asyncio.run(go())
+    out = capfd.readouterr().err
+    docs = [orjson.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+    suppressed = [d for d in docs if d.get("event") == "relay_dsn_suppressed"]
+    assert sorted(d["sender"] for d in suppressed) == ["victim@forged.test",
+                                                       "victim@victim.test"]
+    assert {d["result"] for d in suppressed} == {"suppressed_unauthenticated"}
+    assert all(d["qid"] and "not authenticated" in d["why"] for d in suppressed)
+    sent = {d["sender"]: d["authenticated"] for d in docs if d.get("event") == "relay_dsn"}
+    assert sent == {"spf@sender.test": "spf", "dkim@bounce.signer.test": "dkim:mail.signer.test"}
+    after = dsn_decisions()
+    assert after["sent"] - before["sent"] == 2
+    assert after["suppressed_unauthenticated"] - before["suppressed_unauthenticated"] == 2
+
+
+def test_dsn_rate_per_domain_is_throttled_and_counted(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """relay.dsn_rate = 2: eight authenticated senders of one organisational domain (its
+    spellings and subdomains) fail; two DSNs go, six do not (failed/, counted), and the log
+    says so once (throttled), with how many it left out afterwards. Another domain still gets
+    its own."""
+    before = dsn_decisions()
+    spellings = ["sender.test", "SENDER.test", "\uff53\uff45\uff4e\uff44\uff45\uff52.test",
+                 "a.sender.test", "b.sender.test", "sender.test.", "c.d.sender.test",
+                 "sender\u3002test"]
+
+    async def go() -> None:
+        mta = FakeMTA(lmtp=False, decide=reject_rcpt, exts=("8BITMIME", "SMTPUTF8"))
+        c = make_cfg(tmp_path, f"smtp://127.0.0.1:{await mta.start_tcp()}", dsn_rate=2.0)
+        for i, d in enumerate(spellings):
+            spool_with_evidence(c, f"u{i}@{d}", "rcpt@example.test",
+                                {"spf": "pass", "spf_domain": normalize_domain(d)})
+        spool_with_evidence(c, "u@other.test", "rcpt@example.test",
+                            {"spf": "pass", "spf_domain": "other.test"})
+        try:
+            await run_until(c, lambda: len(listing(c, "failed")) == 9 and not listing(c, "new")
+                            and sum(f == "" for f, _, _ in mta.delivered) >= 3)
+            await asyncio.sleep(0.3)
+        finally:
+            await mta.stop()
+        dsns = [r for f, r, _ in mta.delivered if f == ""]
+        assert len(dsns) == 3 and "u@other.test" in dsns, dsns
+
+    asyncio.run(go())
+    docs = [orjson.loads(ln) for ln in capfd.readouterr().err.splitlines()
+            if ln.startswith("{")]
+    limited = [d for d in docs if d.get("event") == "relay_dsn_suppressed"]
+    assert len(limited) == 1 and limited[0]["result"] == "rate_limited", limited
+    assert "sender.test" in limited[0]["why"] and limited[0]["left_out"] == 0
+    bounced = [d for d in docs if d.get("event") == "relay_bounced"]
+    assert sorted(d["dsn_result"] for d in bounced) == ["rate_limited"] * 6 + ["sent"] * 3
+    after = dsn_decisions()
+    assert after["rate_limited"] - before["rate_limited"] == 6
+    assert after["sent"] - before["sent"] == 3

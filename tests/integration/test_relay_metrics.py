@@ -38,6 +38,7 @@ def status(ing: Ingress, *extra: str) -> subprocess.CompletedProcess[str]:
 
 def test_relay_metrics_and_status(tmp_path: Path, postfix) -> None:  # noqa: F811
     t = tables(postfix)
+    t["relay"]["dsn"] = "always"      # a DSN for an unauthenticated sender is counted here
     # a real port: `status` finds the endpoint through metrics.listen
     t["metrics"] = {"listen": f"127.0.0.1:{free_port()}"}
     with Ingress(tmp_path, t) as ing:

@@ -194,8 +194,10 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str) -> None:
 
 def run_invariant(tmp_path: Path, downstream: str, lmtp: bool,
                   delivered: Callable[[], list[tuple[str, str, bytes]]]) -> None:
+    # relay.dsn = "always": the poison's DSNs are part of the invariant (their senders carry no
+    # evidence, and the default would send them none)
     tables = {"relay": {"downstream": downstream, "retry_base": 0.3, "retry_max": 1.0,
-                        "max_age": 8.0, "timeout": 5.0, "concurrency": 1}}
+                        "max_age": 8.0, "timeout": 5.0, "concurrency": 1, "dsn": "always"}}
     poison = poison_set(lmtp)
     innocent = {f"inno{i}-{time.time_ns()}@example.test": make_body(i)
                 for i in range(len(poison) + 1)}

@@ -62,6 +62,11 @@ INVALID = [
     ("[tls]\nknown_ipv4_prefix = 33\n", "tls.known_ipv4_prefix"),
     ("[tls]\nfailed_ttl = -1.0\n", "tls.failed_ttl"),
     ("[relay]\ndownstream = \"http://x\"\n", "relay.downstream"),
+    ("[relay]\ndsn = \"sometimes\"\n", "relay.dsn"),
+    ("[relay]\ndsn = \"Always\"\n", "relay.dsn"),
+    ("[relay]\ndsn_rate = 0.0\n", "relay.dsn_rate"),
+    ("[relay]\ndsn_rate = 3601.0\n", "relay.dsn_rate"),
+    ("[relay]\ndsn_rate = \"lots\"\n", "relay.dsn_rate"),
     ("[metrics]\nlisten = \"9125\"\n", "metrics.listen"),
     ("[supervisor]\nacceptors = 5000\n", "supervisor.acceptors"),
     ("[listen]\nfast_port_proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
@@ -93,6 +98,7 @@ def test_invalid(tmp_path: Path, text: str, key: str) -> None:
 
 def test_default_is_valid_and_absolute() -> None:
     cfg = config.load(None)
+    assert cfg.relay.dsn == "authenticated" and cfg.relay.dsn_rate == 30.0   # the safe ones
     assert cfg.listen.host == "127.0.0.1" and cfg.listen.port == 2525
     assert cfg.spool.path.is_absolute() and cfg.spool.path.name == "spool"
     assert cfg.acceptor_count == config.cores()

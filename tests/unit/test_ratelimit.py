@@ -45,6 +45,28 @@ def test_keyed(max_keys: int, takes: list[tuple[str, float]], expected: list[boo
     assert len(kb) <= max_keys
 
 
+KEEP_PARTIAL = [
+    # max_keys, takes (key, now), expected: rate 1/s, burst 2 per key, keep_partial
+    (2, [("a", 0), ("b", 0), ("c", 0)], [True, True, False]),   # full of drained keys: refused
+    (2, [("a", 0), ("b", 0), ("c", 0), ("a", 0), ("a", 0)],
+     [True, True, False, True, False]),                          # a was never reset by c
+    (2, [("a", 0), ("b", 0.5), ("c", 1.0), ("d", 1.4)],
+     [True, True, True, False]),          # a refilled at 1.0: c takes its place; b not yet
+    (1, [("a", 0), ("a", 0), ("b", 1.0), ("b", 2.0), ("a", 2.0)],
+     [True, True, False, True, False]),   # a empty: refilled at 2.0 only; then b holds it
+]
+
+
+@pytest.mark.parametrize(("max_keys", "takes", "expected"), KEEP_PARTIAL)
+def test_keyed_keep_partial(max_keys: int, takes: list[tuple[str, float]],
+                            expected: list[bool]) -> None:
+    """keep_partial: no number of other keys resets a drained key (a rate per destination that
+    an attacker could otherwise empty by naming max_keys other domains)."""
+    kb = KeyedBuckets(1.0, 2.0, max_keys, keep_partial=True)
+    assert [kb.take(k, t) for k, t in takes] == expected
+    assert len(kb) <= max_keys
+
+
 def test_keyed_uncapped_holds_nothing() -> None:
     kb = KeyedBuckets(0.0, 1.0, 4)
     assert all(kb.take(str(i), 0.0) for i in range(100)) and len(kb) == 0

@@ -15,7 +15,7 @@ import pytest
 from ingress.core import downstream
 from ingress.core.config import RelayConfig
 from workers.relay import state as relay_state
-from workers.relay.dsn import build_dsn
+from workers.relay.dsn import build_dsn, quoted_headers
 from workers.relay.state import RelayState, Reply, backoff, failure_for, settle
 
 pytestmark = pytest.mark.timeout(30)
@@ -158,6 +158,85 @@ def test_build_dsn_utf8_uses_global_types() -> None:
     types = [p.get_content_type() for p in msg.iter_parts()]
     assert types == ["text/plain", "message/global-delivery-status", "message/global-headers"]
     assert "Final-Recipient: utf-8; jürgen@example.test" in raw.decode()
+
+
+# --- issue 19: a DSN quotes only the bounded trace and identifying headers ----------------
+
+def hostile_original() -> bytes:
+    """What an attacker's message looks like in the spool: our trace on top, then 64 KiB of
+    headers of his choosing (his own A-R claiming our id, 60 Received, long junk fields, a
+    folded 5 KiB Subject, duplicates of everything)."""
+    ours = (b"Authentication-Results: mx.test (lane=bulk);\r\n\tspf=pass "
+            b"smtp.mailfrom=sender.test;\r\n\tdkim=none\r\n"
+            b"Received-SPF: pass (mx.test: domain of a@sender.test designates 127.0.0.1)\r\n"
+            b"Received: from c.test ([127.0.0.1])\r\n\tby mx.test (smtp-ingress lane=bulk) "
+            b"with ESMTP id Q1;\r\n\tMon, 1 Jan 2024 00:00:00 +0000\r\n")
+    client = [b"Authentication-Results: mx.test; spf=pass smtp.mailfrom=victim.test\r\n"]
+    client += [f"Received: from hop{i}.evil.test by relay{i}.evil.test; Mon, 1 Jan 2024\r\n"
+               .encode() for i in range(60)]
+    client += [b"From: alice@sender.test\r\n", b"To: " + b", ".join(
+        f"u{i}@example.test".encode() for i in range(400)) + b"\r\n",
+        b"Subject: " + b"\r\n\t".join([b"S" * 70] * 70) + b"\r\n",
+        b"Message-ID: <1@sender.test>\r\n", b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\n",
+        b"Subject: second subject\r\n", b"X-Ctl: a\x00b\x1bc\r\n"]
+    client += [f"X-Junk-{i}: {'J' * 900}\r\n".encode() for i in range(70)]
+    client += [b"From: mallory@evil.test\r\n"]
+    return ours + b"".join(client) + b"\r\nsecret body\r\n"
+
+
+def quoted_part(raw: bytes) -> bytes:
+    """The raw bytes of the DSN's third part (the quoted header section)."""
+    boundary = email.message_from_bytes(raw, policy=email.policy.compat32).get_boundary()
+    assert boundary
+    parts = raw.split(f"--{boundary}".encode())
+    assert len(parts) == 5 and parts[4].startswith(b"--")       # 3 parts, then the end
+    head, _, body = parts[3].partition(b"\r\n\r\n")
+    assert b"rfc822-headers" in head
+    return body
+
+
+def test_dsn_quotes_only_bounded_trace_and_identifying_headers() -> None:
+    original = hostile_original()
+    assert len(original) > 64 * 1024
+    fails = [failure_for("bob@example.test", Reply(554, "5.7.1 content rejected"))]
+    raw = build_dsn(reporting_mta="mx.test", sender="alice@sender.test", qid="Q1",
+                    arrival=0, now=0, failures=fails, original=original, authserv_id="mx.test")
+    assert len(raw) < 8 * 1024, len(raw)
+    quoted = quoted_part(raw)
+    assert len(quoted) <= 4096 + 4, len(quoted)
+    lines = quoted.rstrip(b"\r\n").split(b"\r\n")
+    names = [ln.split(b":", 1)[0].lower() for ln in lines]
+    # our A-R (top-most, our id) and Received; the client's top two Received; the first
+    # From/To/Subject/Message-ID/Date; nothing else, and never the client's A-R
+    assert names == [b"authentication-results", b"received", b"received", b"received",
+                     b"from", b"to", b"subject", b"message-id", b"date"], names
+    assert lines[0].startswith(b"Authentication-Results: mx.test (lane=bulk);")
+    assert b"victim.test" not in quoted and b"X-Junk" not in raw and b"X-Ctl" not in quoted
+    assert b"hop0.evil.test" in quoted and b"hop1.evil.test" in quoted
+    assert b"hop2.evil.test" not in quoted
+    assert b"mallory" not in quoted and b"second subject" not in quoted
+    assert b"secret body" not in raw
+    assert all(len(ln) <= 400 for ln in lines), [len(ln) for ln in lines]
+    assert lines[5].endswith(b"...") and lines[6].endswith(b"...")     # To, Subject: cut
+    assert b"Message-ID: <1@sender.test>" in lines
+
+
+def test_dsn_quoted_headers_never_a_forged_ar_or_control_characters() -> None:
+    """An A-R with our id that is not the top-most field is the client's: never quoted (the
+    worker strips those; an old spool file may not have been). Control characters, C1 and
+    Unicode line separators in a quoted field are replaced; a non-UTF-8 byte too."""
+    original = (b"Received: from c.test by mx.test; Mon, 1 Jan 2024\r\n"
+                b"Authentication-Results: mx.test; spf=pass smtp.mailfrom=victim.test\r\n"
+                b"Subject: a\x00b\x1bc \xc2\x85d \xe2\x80\xa8e \xffz \xc3\xa9t\xc3\xa9\r\n"
+                b"\r\nbody\r\n")
+    quoted = quoted_headers(original, "mx.test")
+    assert b"victim.test" not in quoted
+    assert quoted.endswith(b"Subject: a?b?c ?d ?e ?z \xc3\xa9t\xc3\xa9\r\n"), quoted
+    assert quoted.count(b"\r\n") == 2 and b"\n" not in quoted.replace(b"\r\n", b"")
+    # no authserv-id given: no A-R at all
+    top = b"Authentication-Results: mx.test; none\r\n" + original
+    assert b"Authentication-Results" not in quoted_headers(top, "")
+    assert quoted_headers(top, "MX.test").startswith(b"Authentication-Results: mx.test; none")
 
 
 # --- issue 9: hostile addresses, poison messages, settle, reload overlap ----------------------

@@ -5,8 +5,10 @@ backoff, address checks), dsn.py (the RFC 3464 bounce builder), clients.py (the 
 sessions with STARTTLS / AUTH), scheduler.py (the Relay: scan, schedule, circuit breaker, one
 delivery per spool file) and `run`, the entry point the supervisor starts by module name
 ("workers.relay" -> run; only when relay.downstream is set). The package may import the core
-(ingress.core) and the spool module (workers.spool, which owns every change of a spool file);
-nothing of the acceptor side, and no other lane worker. state.py and dsn.py do no I/O.
+(ingress.core), the pure policy (ingress.policy.dsn: who may get a DSN), the spool module
+(workers.spool, which owns every change of a spool file) and workers.headers (the header
+field parser: what a DSN quotes); nothing of the acceptor side, and no other lane worker.
+state.py and dsn.py do no I/O.
 """
 
 from __future__ import annotations

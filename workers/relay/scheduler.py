@@ -22,7 +22,13 @@ worker task keeping its own downstream connection for reuse and closing it after
     5xx -> failed; 4xx -> deferred;
   - failed recipients get one RFC 3464 DSN (multipart/report; report-type=delivery-status) to the
     envelope sender with MAIL FROM:<>, written into spool/new as an ordinary spool file (so it is
-    itself relayed, retried and durable); never for the null sender (logged only);
+    itself relayed, retried and durable), when ingress.policy.dsn says so (relay.dsn: by default
+    only to a sender whose return path the ingress authenticated, SPF pass or DKIM aligned with
+    the MAIL FROM domain, from the spool envelope's evidence; at most relay.dsn_rate an hour per
+    destination organisational domain); never for the null sender. Every decision is counted
+    (smtp_ingress_relay_dsn_decisions_total{result}); a DSN withheld is logged
+    (relay_dsn_suppressed: qid, sender, result, why; rate-limited ones at most once a minute
+    per domain, with how many were left out) and the message goes to failed/ as any failure;
   - deferred recipients are retried after backoff(attempt) = retry_base * 2**(attempt-1), capped
     at retry_max; once the message is older than max_age a tempfail becomes failed with status
     4.4.7 (Action: failed) and is bounced;
@@ -97,6 +103,7 @@ from ingress.core import child, log, metrics
 from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
 from ingress.core.wire import Envelope, Lane, new_qid
+from ingress.policy import dsn as dsn_policy
 from workers import spool as spool_mod
 from workers.relay.clients import Session, Unavailable, make_session, policy
 from workers.relay.dsn import build_dsn
@@ -115,6 +122,8 @@ SCAN_MIN = 0.25            # seconds between two scans of new/ (at least)
 IDLE_CLOSE = 5.0           # a downstream connection idle this long is closed (QUIT)
 MAX_PER_CONNECTION = 500   # messages per downstream connection, then a fresh one
 STOP_GRACE = 3.0           # SIGUSR2: in-flight deliveries may finish within this
+DSN_LOG_EVERY = 60.0       # seconds between two relay_dsn_suppressed lines for a rate-limited
+                           # destination domain
 
 
 # --- the relay ---------------------------------------------------------------------------------
@@ -139,7 +148,10 @@ class Relay:
         self.errors: dict[str, int] = {}           # name -> consecutive unexpected errors
         self.counters: dict[str, Any] = {
             "sent": 0, "rcpt_delivered": 0, "deferred": 0, "bounced": 0, "dsn_spooled": 0,
-            "null_sender_failed": 0, "down": 0, "corrupt": 0}
+            "dsn_suppressed": 0, "null_sender_failed": 0, "down": 0, "corrupt": 0}
+        self.authserv_id = cfg.classify.authserv_id or cfg.smtp.hostname
+        self.dsn_limits = dsn_policy.DsnLimits(cfg.relay.dsn_rate)
+        self.dsn_log = log.Throttle(DSN_LOG_EVERY, dsn_policy.DSN_TRACKED)
 
     # --- scheduling ------------------------------------------------------------------------
 
@@ -410,10 +422,11 @@ class Relay:
             self.counters["rcpt_delivered"] += len(out.delivered_now)
         if out.bounce:
             self.counters["bounced"] += len(out.bounce)
-            dsn_qid = self._bounce(qid, env, out.bounce, received_at, now, message)
+            dsn_qid, decision = self._bounce(qid, env, out.bounce, received_at, now, message)
             log.event("relay_bounced", "warning", qid=qid, rcpts=[f.rcpt for f in out.bounce],
                       status=[f.status for f in out.bounce],
                       reply=[f.diagnostic for f in out.bounce], dsn=dsn_qid,
+                      dsn_result=decision.result.value, sender=mail_from[:300],
                       null_sender=mail_from == "")
         if out.disposition == "retry":
             self.counters["deferred"] += 1
@@ -434,19 +447,25 @@ class Relay:
                   delay_s=round(now - received_at, 3))
 
     def _bounce(self, qid: str, env: dict[str, Any], failures: Sequence[Failure],
-                received_at: float, now: float, message: bytes) -> str:
+                received_at: float, now: float,
+                message: bytes) -> tuple[str, dsn_policy.Decision]:
+        """The DSN for `failures`, if ingress.policy.dsn allows one: (its qid or "", the
+        decision). Raises only when the DSN could not be spooled (the message is retried)."""
         sender = envelope_sender(env)
-        if sender == "":
-            self.counters["null_sender_failed"] += 1
-            return ""                           # never bounce a bounce
-        problem = address_problem(sender, sender=False, utf8=True)
-        if problem is not None:                 # a DSN to it could never be sent either
-            log.event("relay_dsn_unsendable", "warning", qid=qid, why=problem.line())
-            return ""
+        problem = address_problem(sender, sender=False, utf8=True) if sender else None
+        decision = dsn_policy.decide(self.rc.dsn, sender,
+                                     dsn_policy.return_path(env.get("evidence")),
+                                     self.dsn_limits, time.monotonic(),
+                                     sendable=problem is None)
+        if not decision.send:
+            metrics.relay_dsn_decision(decision.result.value)
+            self._dsn_withheld(qid, sender, decision, problem)
+            return "", decision
         dsn_qid = new_qid(now)
         body = build_dsn(reporting_mta=self.hostname, sender=sender, qid=qid, arrival=received_at,
                          now=now, failures=failures, original=message,
-                         remote_mta=self.target.mta_name, dsn_id=f"{dsn_qid}.dsn")
+                         remote_mta=self.target.mta_name, dsn_id=f"{dsn_qid}.dsn",
+                         authserv_id=self.authserv_id)
         try:
             lane = Lane(str(env.get("lane", "bulk")))
         except ValueError:
@@ -460,8 +479,35 @@ class Relay:
             raise res                           # nothing recorded: the message is retried
         self.counters["dsn_spooled"] += 1
         metrics.relay_dsn()
+        metrics.relay_dsn_decision(decision.result.value)      # counted once it is durable
         self._schedule(res, 0.0)
-        return dsn_qid
+        log.event("relay_dsn", qid=qid, dsn=dsn_qid, sender=sender, authenticated=decision.why)
+        return dsn_qid, decision
+
+    def _dsn_withheld(self, qid: str, sender: str, decision: dsn_policy.Decision,
+                      problem: Reply | None) -> None:
+        """Log why no DSN went (the message itself goes to failed/ as any failure)."""
+        R = dsn_policy.Result
+        if decision.result is R.NULL_SENDER:
+            self.counters["null_sender_failed"] += 1      # relay_bounced says null_sender
+            return
+        self.counters["dsn_suppressed"] += 1
+        if decision.result is R.UNSENDABLE and problem is not None:
+            # a DSN to it could never be sent either
+            log.event("relay_dsn_unsendable", "warning", qid=qid, sender=sender[:300],
+                      why=problem.line())
+            return
+        fields: dict[str, Any] = {}
+        if decision.result in (R.RATE_LIMITED, R.RATE_TABLE_FULL):
+            # a flood would write a line per message: once a minute per limited domain, and
+            # once a minute in all for a full table (a flood of distinct domains)
+            key = decision.domain if decision.result is R.RATE_LIMITED else ""
+            left_out = self.dsn_log.due(f"{decision.result}:{key}", time.monotonic())
+            if left_out is None:
+                return
+            fields["left_out"] = left_out
+        log.event("relay_dsn_suppressed", "warning", qid=qid, sender=sender[:300],
+                  result=decision.result.value, why=decision.why, **fields)
 
     def _finish(self, name: str, disposition: str, state: RelayState | None) -> None:
         if disposition == "done":
