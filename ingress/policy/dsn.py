@@ -14,7 +14,9 @@ API
     return_path(evidence) -> ReturnPath the spool envelope's evidence (a dict of str) read back;
                                         bounded (at most DKIM_PASS_MAX domains), never raises
     authenticated_by(sender_domain, rp) -> str
-                                        "spf" (SPF pass for exactly the MAIL FROM domain),
+                                        "operator" (the client was the operator's own: the
+                                        allow list or a certificate, which vouch for what it
+                                        relays), "spf" (SPF pass for exactly the MAIL FROM domain),
                                         "dkim:<d>" (a DKIM pass whose d= is aligned with it,
                                         ingress.policy.identity.aligned: relaxed, by the Public
                                         Suffix List), or "" (not authenticated)
@@ -66,6 +68,7 @@ from ingress.core.headers import spf_identity
 from ingress.core.ratelimit import KeyedBuckets
 from ingress.core.wire import AuthResult
 from ingress.policy.identity import aligned, org_domain
+from ingress.policy.tiers import Tier, fast_tier
 
 __all__ = [
     "DKIM_PASS_MAX",
@@ -105,6 +108,8 @@ class ReturnPath:
     spf: str = ""                       # AuthResult value; "" = not evaluated
     spf_domain: str = ""                # canonical; "" = none (or the HELO identity)
     dkim_pass: tuple[str, ...] = ()     # canonical d= of the passing signatures
+    operator: bool = False              # the client was the operator's (allow list,
+                                        # certificate): its return paths are vouched for
 
 
 @dataclass(frozen=True)
@@ -129,9 +134,12 @@ def return_path(evidence: object) -> ReturnPath:
             canon = normalize_domain(d)
             if canon and canon not in passes:
                 passes.append(canon)
+    identity = evidence.get("identity")
     return ReturnPath(spf=spf if isinstance(spf, str) else "",
                       spf_domain=normalize_domain(dom) if isinstance(dom, str) else "",
-                      dkim_pass=tuple(passes))
+                      dkim_pass=tuple(passes),
+                      operator=isinstance(identity, str) and bool(identity)
+                      and fast_tier(identity) is Tier.OPERATOR)
 
 
 def authenticated_by(sender_domain: str, rp: ReturnPath) -> str:
@@ -139,6 +147,8 @@ def authenticated_by(sender_domain: str, rp: ReturnPath) -> str:
     or "" when it is not."""
     if not sender_domain:
         return ""
+    if rp.operator:
+        return "operator"
     if rp.spf == AuthResult.PASS and rp.spf_domain == sender_domain:
         return "spf"
     for d in rp.dkim_pass:

@@ -101,6 +101,8 @@ def test_return_path_is_bounded() -> None:
     ("sender.test", ReturnPath("pass", "sender.test", ("sender.test",)), "spf"),
     ("sender.test", ReturnPath("fail", "sender.test", ("x.sender.test",)), "dkim:x.sender.test"),
     ("", ReturnPath("pass", ""), ""),
+    ("sender.test", ReturnPath("fail", "sender.test", operator=True), "operator"),
+    ("sender.test", ReturnPath(), ""),
 ])
 def test_authenticated_by(domain: str, rp: ReturnPath, want: str) -> None:
     assert authenticated_by(domain, rp) == want
@@ -154,3 +156,12 @@ def test_unauthenticated_flood_spends_nothing() -> None:
     assert len(limits) == 0
     assert decide("authenticated", "real@victim.test", return_path(
         {"spf": "pass", "spf_domain": "victim.test"}), limits, 0.0).send
+
+
+@pytest.mark.parametrize(("identity", "operator"), [
+    ("allow:127.0.0.20/32", True), ("cert:ab12", True), ("org:spf.test", False),
+    ("learned:127.0.0.0/24", False), ("", False), (7, False)])
+def test_the_operators_clients_are_vouched_for(identity: object, operator: bool) -> None:
+    """A client on the operator's allow list or with a certificate: its DSNs go out (the
+    operator's own relays), whatever SPF says; a self-proven identity proves nothing more."""
+    assert return_path({"identity": identity, "spf": "fail"}).operator is operator
