@@ -398,9 +398,12 @@ class Supervisor:
         """Steer the operator's networks to the fast acceptors only while every one of them is
         up: one that died (or is being replaced) would leave them in a backlog nobody reads;
         meanwhile the port-25 acceptors take them and hand them over, or serve them."""
-        fast = [c for c in self.children if c.kind == "acceptor" and c.key[1] == "fast"
-                and not c.retiring]
-        on = len(fast) == self.cfg.supervisor.fast_acceptors and all(map(self._ready, fast))
+        # each fast acceptor slot served by a ready child that is not draining (during a
+        # reload the old one serves until its replacement is ready: both accept on the slot's
+        # socket, so steering stays on)
+        up = {c.key[2] for c in self.children if c.kind == "acceptor" and c.key[1] == "fast"
+              and not c.retiring and self._ready(c)}
+        on = len(up) == self.cfg.supervisor.fast_acceptors
         if on == self.steering:
             return
         try:

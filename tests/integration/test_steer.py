@@ -68,5 +68,9 @@ def test_a_reload_steers_the_new_allow_list(tmp_path: Path) -> None:
                  for i, src in enumerate((OTHER, OTHER, ALLOWED, ALLOWED), 1)]
         assert codes == [250] * 4, codes
         assert served(ing, OTHER) == ["fast-acceptor-0"] * 2, served(ing, OTHER)
+        # the old fast acceptor served until its replacement was ready: steering stayed on
+        # through the reload (re-attached for the new list), never off
+        ons = [e.get("on") for e in ing.events("steering")]
+        assert ons[ons.index(True):] == [True, True], ons
         assert set(served(ing, ALLOWED)[1:]) <= {"acceptor-0", "acceptor-1"}, \
             served(ing, ALLOWED)
