@@ -130,6 +130,8 @@ def start(cfg: Config, name: str, table: Mapping[int, Action], nice: int = 0,
     (zmq's io threads, pools), so every thread inherits it. A failure is logged and the child
     runs on at its inherited priority and policy."""
     log.setup(cfg.log.level, name)          # also sets the title: "smtp-ingress: <name>"
+    log.configure_throttle(cfg.log.throttle_interval, cfg.log.throttle_lines,
+                           cfg.log.throttle_total)
     if policy != "other":
         try:
             os.sched_setscheduler(0, POLICY[policy], os.sched_param(0))

@@ -341,6 +341,13 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
+    # Lines a client can make us write (refusals, sheds, hand-backs: ingress.core.log.refused)
+    # are throttled, so that a flood cannot fill the disk: at most throttle_lines per (event,
+    # client network: IPv4 /24, IPv6 /64) per throttle_interval, and throttle_total per event
+    # in each process; the next line carries not_logged. 0 = no limit.
+    throttle_interval: float = 60.0     # seconds: the window of both limits
+    throttle_lines: int = 5             # lines per event and client network per window
+    throttle_total: int = 300           # lines per event and process per window
 
 
 @dataclass(frozen=True)
@@ -876,6 +883,12 @@ def _check_outputs_and_supervisor(cfg: Config, need: _Need) -> None:
          "must be >= supervisor.restart_backoff")
     need(sup.crash_limit >= 1, "supervisor.crash_limit", "must be >= 1")
     need(cfg.log.level in LOG_LEVELS, "log.level", f"must be one of {', '.join(LOG_LEVELS)}")
+    need(1.0 <= cfg.log.throttle_interval <= 86400.0, "log.throttle_interval",
+         "must be 1..86400 seconds")
+    need(0 <= cfg.log.throttle_lines <= 1_000_000, "log.throttle_lines",
+         "must be 0..1000000 (0 = no limit)")
+    need(0 <= cfg.log.throttle_total <= 1_000_000, "log.throttle_total",
+         "must be 0..1000000 (0 = no limit)")
 
 
 def _check_cluster(cfg: Config, need: _Need) -> None:

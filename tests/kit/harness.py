@@ -86,7 +86,9 @@ class Ingress:
             "admission": {"per_ip_rate": 0.0, "per_ip_bulk_max": 10000},
             "spool": {"path": str(self.spool), "state_dir": str(self.state)},
             "supervisor": {"acceptors": 2, "heartbeat_interval": 0.2, "heartbeat_timeout": 2.0},
-            "log": {"level": "info"},
+            # ... and count log lines: refusal lines are not throttled here either
+            # (test_refusal_log.py tests the throttle with it on).
+            "log": {"level": "info", "throttle_lines": 0, "throttle_total": 0},
             "metrics": {"listen": ""},
         }
         if "addresses" in (tables or {}).get("listen", {}):    # several addresses: they
