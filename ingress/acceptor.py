@@ -380,8 +380,8 @@ class AcceptorContext:
             return None
         if result is ClaimResult.OVER_SHARE or not self.lanes.retry_mail_admitted():
             metrics.retry(Lane.BULK, RetryResult.OVER_SHARE)
-            log.event("retry_over_share", peer=ip,
-                      part="site" if result is ClaimResult.OVER_SHARE else "all")
+            log.throttled("retry_over_share", ip,
+                          part="site" if result is ClaimResult.OVER_SHARE else "all")
             return None
         _, claim = self.deferrals.claim(key, (rcpt,), now)
         metrics.retry(Lane.BULK, RetryResult.BYPASSED)

@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 from dataclasses import replace
+from typing import Any
 
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
@@ -81,6 +83,8 @@ class IngressHandler:
                           address: str, mail_options: list[str]) -> str:
         if self.ctx.draining:      # no new transaction on a draining acceptor: come back later
             self.ctx.loop.call_soon(server.close_if_idle, "")
+            log.refused("shutting_down", server.peer_ip, stage="mail", code=421,
+                        port=server.peer_port, lane=server.lane.value)
             return text(Refusal.SHUTTING_DOWN, host=server.hostname)
         ctx = self.ctx
         refusal = session_rules.mail_verdict(address, bool(envelope.smtp_utf8)) \
@@ -200,6 +204,10 @@ class IngressHandler:
             server.deferred_rcpts += 1
             ctx.deferred(server.peer_ip, sender, (rcpt,), None)
             metrics.recipient(server.lane, RcptResult.DEFERRED)
+            log.refused("shed", server.peer_ip, stage="rcpt", code=451,
+                        reason="deferred_transaction" if server.txn_deferred
+                        else "not_in_retry", port=server.peer_port, lane=server.lane.value,
+                        sender=sender[:200], rcpt=rcpt[:200])
             return text(Refusal.LANE_BUSY)
         if claim is not None:
             return None
@@ -212,7 +220,8 @@ class IngressHandler:
         server.counters = session_rules.mail_deferred(server.counters)
         ctx.deferred(server.peer_ip, sender, (rcpt,), DeferReason.RCPT_CAP)
         metrics.recipient(server.lane, RcptResult.DEFERRED)
-        return await self.shed(server)
+        return await self.shed(server, DeferReason.RCPT_CAP, "rcpt", sender=sender[:200],
+                               rcpt=rcpt[:200])
 
     async def verify(self, server: IngressSMTP, address: str) -> Answer:
         """The downstream's answer for `address`: cached, or a callout if this session has not
@@ -223,7 +232,8 @@ class IngressHandler:
         if hit is not None:
             return hit
         if server.callouts >= self.ctx.cfg.smtp.verify_per_session:
-            log.event("verify_session_cap", peer=server.peer_ip, rcpt=address[:200])
+            log.throttled("verify_session_cap", server.peer_ip, port=server.peer_port,
+                          rcpt=address[:200])
             return Answer.TEMPFAIL
         server.callouts += 1
         return await verifier.verify(address, bool(server.envelope and server.envelope.smtp_utf8))
@@ -233,7 +243,9 @@ class IngressHandler:
         body: bytes = envelope.original_content or b""
         refusal = session_rules.data_verdict(body)
         if refusal is not None:
-            log.event(refusal.event, peer=server.peer_ip, lane=server.lane.value)
+            log.refused(refusal.event, server.peer_ip, stage="end_of_data",
+                        code=refusal.reply[:3], port=server.peer_port, lane=server.lane.value,
+                        sender=(envelope.mail_from or "")[:200], size=len(body))
             metrics.message(server.lane, Result(refusal.metric))
             return refusal.reply
         ctx = self.ctx
@@ -261,27 +273,40 @@ class IngressHandler:
             server.messages += 1
             ctx.count("accepted", server.lane)
             ctx.deferred_accepted(server.lane, server.peer_ip, env.mail_from, env.rcpts, claim)
-            log.event("message", qid=env.qid, peer=server.peer_ip, lane=env.lane.value,
-                      size=len(body), rcpts=len(env.rcpts), reply="250", ack_ms=ms,
-                      reasons=env.evidence.get("reasons", ""), spf=env.evidence.get("spf", ""))
+            # The one accept line of a message (its 250): the relay's line names the same qid.
+            log.event("message", qid=env.qid, peer=server.peer_ip, port=server.peer_port,
+                      helo=env.helo[:100], sender=env.mail_from[:200], rcpts=len(env.rcpts),
+                      size=len(body), lane=env.lane.value, tier=server.tier.label,
+                      identity=env.evidence.get("identity", ""),
+                      reasons=env.evidence.get("reasons", ""), spf=env.evidence.get("spf", ""),
+                      tls=env.tls, reply="250", ack_ms=ms)
             return replies.QUEUED.format(qid=env.qid)
         ctx.count("tempfail", server.lane)
-        log.event("message", qid=env.qid, peer=server.peer_ip, lane=env.lane.value,
-                  size=len(body), rcpts=len(env.rcpts), reply="451", why=why, ack_ms=ms)
+        fields: dict[str, Any] = {"port": server.peer_port, "lane": env.lane.value, "qid": env.qid,
+                  "sender": env.mail_from[:200], "rcpts": len(env.rcpts), "size": len(body),
+                  "why": why, "ack_ms": ms}
         if reply is not None and reply.reason is not None and reply.reason.value == "rate":
             ctx.deferred(server.peer_ip, env.mail_from, env.rcpts, DeferReason.DATA_RATE)
-            return await self.shed(server)
+            return await self.shed(server, DeferReason.DATA_RATE, "end_of_data", **fields)
+        log.refused("not_queued", server.peer_ip, stage="end_of_data", code=451,
+                    reason=str(why).replace(" ", "_"), **fields)
         return text(Refusal.NOT_QUEUED, why=why)
 
-    async def shed(self, server: IngressSMTP) -> str:
+    async def shed(self, server: IngressSMTP, reason: DeferReason, stage: str,
+                   **fields: Any) -> str:
         """Refuse a bulk transaction over the cap, cheaply for us and expensively for a bot:
         the 451 comes after admission.shed_delay (a tarpit, like Postfix's error sleep, so a
         spam loop costs us a few commands a second instead of thousands), and the
-        admission.shed_limit-th refusal in a session is 421 and a close."""
+        admission.shed_limit-th refusal in a session is 421 and a close. The `shed` line
+        names the client, `reason` and `stage` (and `fields`)."""
         a = self.ctx.cfg.admission
         shed = session_rules.shed_verdict(server.sheds, shed_limit=a.shed_limit,
                                           shed_delay=a.shed_delay, host=server.hostname)
         server.sheds = shed.sheds
+        fields.setdefault("port", server.peer_port)
+        fields.setdefault("lane", server.lane.value)
+        log.refused("shed", server.peer_ip, stage=stage, code=shed.reply[:3],
+                    reason=reason.value, sheds=shed.sheds, closed=shed.close, **fields)
         self.ctx.count("shed", server.lane)
         metrics.message(server.lane, Result.SHED)
         if shed.close:
@@ -290,7 +315,13 @@ class IngressHandler:
             await asyncio.sleep(shed.delay)
         return shed.reply
 
-    async def handle_exception(self, error: Exception) -> str:
-        log.get().error("smtp_exception", exc_info=error,
-                        extra={"fields": {"error": type(error).__name__}})
+    async def handle_exception(self, error: Exception, server: IngressSMTP | None = None) -> str:
+        """451 4.3.0, and the traceback in a line, throttled like a refusal (a client that
+        found a way to raise one could otherwise repeat it at will)."""
+        peer = server.peer_ip if server is not None else ""
+        log.refused("smtp_exception", peer, level="error", stage="command", code=451,
+                    reason=type(error).__name__,
+                    port=server.peer_port if server is not None else 0,
+                    error=str(error)[:300],
+                    exc="".join(traceback.format_exception(error))[-4000:])
         return text(Refusal.INTERNAL_ERROR)

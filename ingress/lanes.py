@@ -298,8 +298,8 @@ class Lanes:
         reply, why = await self._submit_once(env, body, timeout)
         if env.lane is Lane.FAST and reply is not None and reply.reason is NackReason.SHARE:
             identity = env.evidence.get("identity", "")
-            log.event("over_share", qid=env.qid, peer=env.peer_ip, identity=identity,
-                      served="bulk")
+            log.throttled("over_share", env.peer_ip, qid=env.qid, identity=identity,
+                          served="bulk")
             evidence = {k: v for k, v in env.evidence.items() if k != "identity"}
             # the fast broker says which: the identity's share, or its whole tier's
             why = over_tier_reason(fast_tier(identity)) if reply.text.startswith("tier") \

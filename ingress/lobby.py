@@ -43,7 +43,13 @@ from ingress.policy.admission import Ticket
 from ingress.policy.classify import Evidence
 from ingress.policy.replies import Refusal, text
 from ingress.policy.tiers import session_tier
-from ingress.smtp import IngressSMTP, banner_line, classify_and_admit, refuse_early_talker
+from ingress.smtp import (
+    IngressSMTP,
+    banner_line,
+    classify_and_admit,
+    eviction_reason,
+    refuse_early_talker,
+)
 
 
 class Lobby(asyncio.Protocol):
@@ -122,9 +128,10 @@ class Lobby(asyncio.Protocol):
     def evict(self, line: str) -> None:
         if self.admitted:
             self._release()
-            log.event("evicted", peer=self.peer_ip, lane=self.lane.value,
-                      tier=session_tier(self.lane, self.identity).label, spoken=False,
-                      connected_s=round(time.monotonic() - self.started, 1))
+            log.refused("evicted", self.peer_ip, stage="banner", code=line[:3],
+                        reason=eviction_reason(line), port=self.peer_port,
+                        lane=self.lane.value, tier=session_tier(self.lane, self.identity).label,
+                        spoken=False, connected_s=round(time.monotonic() - self.started, 1))
         self.close_with(line)
 
     def close_if_idle(self, line: str) -> bool:
@@ -167,6 +174,9 @@ class Lobby(asyncio.Protocol):
 
     def _idle(self) -> None:
         self.timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            log.refused("idle_timeout", self.peer_ip, stage="banner", code=421,
+                        port=self.peer_port, lane=self.lane.value)
         self.close_with(text(Refusal.IDLE_TIMEOUT, host=self.ctx.cfg.smtp.hostname))
 
     def _hand_off(self, data: bytes) -> None:

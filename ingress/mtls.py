@@ -74,7 +74,6 @@ if TYPE_CHECKING:
 
 TLS_HANDSHAKE_RECORD = 0x16        # the first byte of a ClientHello's record
 ALERT_INTERNAL_ERROR = 80          # RFC 8446 6.2: "unrelated to the peer": we are busy
-REFUSED_LOG_EVERY = 10.0           # seconds between two mtls_gate_refused lines
 CLIENT_HELLO_MAX = 65536           # bytes read (and dropped) before a refusal's alert
 
 
@@ -151,7 +150,6 @@ class Gate:
             gate_limits(cfg), time.monotonic())
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
-        self.lines = log.Throttle(REFUSED_LOG_EVERY, 4)
 
     async def turn(self, ip: str) -> Tier | None:
         """Wait for this client's turn to a handshake: its tier, or None (refused)."""
@@ -176,10 +174,8 @@ class Gate:
 
     def refused(self, ip: str, tier: Tier) -> None:
         metrics.mtls_gate(tier, "refused")
-        quiet = self.lines.due(tier, time.monotonic())
-        if quiet is not None:
-            log.event("mtls_gate_refused", "info", tier=tier.value, peer=ip,
-                      waiting=self.policy.waiting, not_logged=quiet)
+        log.refused("mtls_gate_refused", ip, stage="tls", code="alert", reason=tier.value,
+                    waiting=self.policy.waiting)
 
     def refuse_at_accept(self, conn: socket.socket, ip: str) -> bool:
         """A client the gate would refuse anyway (HandshakeGate.refused_at_once: in a flood,

@@ -157,8 +157,8 @@ class SessionTable:
                 else over_ip_reason(ip_key(ip, limits.ipv6_prefix))
         self.counters["over_share"] += 1
         reasons = (*decision.reasons, reason)
-        log.event("over_share", identity=decision.identity, tier=tier.label,
-                  reasons=",".join(reasons), served="bulk")
+        log.throttled("over_share", ip, identity=decision.identity, tier=tier.label,
+                      reasons=",".join(reasons), served="bulk")
         return Decision(Lane.BULK, reasons)
 
     @staticmethod

@@ -77,7 +77,7 @@ from ingress.policy.admission import Ticket, stress_timeouts
 from ingress.policy.classify import Evidence, promote
 from ingress.policy.deferrals import Claim
 from ingress.policy.identity import served_over_share
-from ingress.policy.replies import Refusal, clean, text
+from ingress.policy.replies import REPLIES, Refusal, clean, text
 from ingress.policy.session_rules import Counters, Refused
 from ingress.policy.tiers import hands_off, tier_of
 from ingress.smtp_data import DataPhase
@@ -146,17 +146,22 @@ def classify_and_admit(seat: Any, ctx: SessionHost, transport: asyncio.BaseTrans
     # (never refused for it)
     if fast_only and seat.lane is Lane.BULK and not served_over_share(decision.reasons):
         metrics.connection(seat.lane, Outcome.NOT_FAST)
+        log.refused("connection_refused", seat.peer_ip, stage="connect", code=554,
+                    reason=Outcome.NOT_FAST.value, port=seat.peer_port, lane=seat.lane.value)
         return text(Refusal.FAST_PORT_ONLY, host=ctx.cfg.smtp.hostname)
     refusal = ctx.admit(seat)
     if refusal is not None and hand_back_to is not None and ctx.hand_back(transport,
                                                                           hand_back_to):
         metrics.connection(seat.lane, Outcome.HANDED_BACK)
-        log.event("handed_back", peer=seat.peer_ip, lane=seat.lane.value,
-                  why=seat.refused_why or "draining")
+        log.throttled("handed_back", seat.peer_ip, port=seat.peer_port, lane=seat.lane.value,
+                      why=seat.refused_why or "draining")
         return ""                       # served where it arrived (ingress.handoff)
     if refusal is not None:
         ctx.count("refused", seat.lane)
         metrics.connection(seat.lane, Outcome(seat.refused_why or "draining"))
+        log.refused("connection_refused", seat.peer_ip, stage="connect", code=refusal[:3],
+                    reason=seat.refused_why or "draining", port=seat.peer_port,
+                    lane=seat.lane.value)
         return refusal
     seat.admitted = True
     metrics.connection(seat.lane, Outcome.ADMITTED)
@@ -170,8 +175,15 @@ def refuse_early_talker(seat: Any, ctx: SessionHost) -> None:
     ctx.penalise(seat.peer_ip)
     ctx.count("early_talker", seat.lane)
     metrics.connection(seat.lane, Outcome.EARLY_TALKER)
-    log.event("early_talker", peer=seat.peer_ip)
+    log.refused("early_talker", seat.peer_ip, stage="greet", code=554, port=seat.peer_port,
+                penalty_s=ctx.cfg.admission.penalty)
     seat.close_with(text(Refusal.EARLY_TALKER))
+
+
+def eviction_reason(line: str) -> str:
+    """The reason token of an eviction, from its reply line (the table's EVICTED_SILENT or
+    EVICTED: ingress.sessions chooses)."""
+    return "silent" if line.startswith(REPLIES[Refusal.EVICTED_SILENT][:9]) else "made_room"
 
 
 def banner_line(hostname: str) -> str:
@@ -326,7 +338,9 @@ class IngressSMTP(DataPhase):
         if refusal is not None:
             ctx.count("refused", self.lane)
             metrics.connection(self.lane, Outcome(self.refused_why or "draining"))
-            log.event("mtls_refused", "debug", peer=self.peer_ip, why=self.refused_why)
+            log.refused("connection_refused", self.peer_ip, stage="connect", code="close",
+                        reason=self.refused_why or "draining", port=self.peer_port,
+                        lane=self.lane.value, listener="mtls")
             return False
         self.admitted = True
         metrics.session_open(self.lane)
@@ -344,7 +358,8 @@ class IngressSMTP(DataPhase):
             metrics.session_close(self.lane)
             metrics.connection(self.lane, outcome)
             if not quiet:
-                log.event("mtls_handshake_failed", "info", peer=self.peer_ip, why=why[:200])
+                log.throttled("mtls_handshake_failed", self.peer_ip, port=self.peer_port,
+                              why=why[:200])
 
     async def _handle_client(self) -> None:
         ctx = self.ctx
@@ -374,7 +389,8 @@ class IngressSMTP(DataPhase):
         self.peer_port = int(peer[1]) if peer else 0
         if not proxy.peer_trusted(self.peer_ip, ctx.trusted_proxies):
             metrics.connection(self.lane, Outcome.PROXY_REJECTED)
-            log.event("proxy_rejected", peer=self.peer_ip, why="untrusted peer")
+            log.refused("proxy_rejected", self.peer_ip, stage="proxy", code="close",
+                        reason="untrusted_peer", port=self.peer_port, why="untrusted peer")
             transport.close()
             return False
         self._reset_timeout(proxy.PROXY_TIMEOUT)
@@ -387,7 +403,9 @@ class IngressSMTP(DataPhase):
         client = proxy.proxy_peer(peer, data, ctx.trusted_proxies)
         if client is None:
             metrics.connection(self.lane, Outcome.PROXY_REJECTED)
-            log.event("proxy_rejected", peer=self.peer_ip, why=data.error or "invalid")
+            log.refused("proxy_rejected", self.peer_ip, stage="proxy", code="close",
+                        reason="invalid_header", port=self.peer_port,
+                        why=(data.error or "invalid")[:200])
             transport.close()
             return False
         self.peer_ip, self.peer_port = client
@@ -428,13 +446,16 @@ class IngressSMTP(DataPhase):
     def _timeout_cb(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             _write_line(self.transport, text(Refusal.IDLE_TIMEOUT, host=self.hostname))
+            log.refused("idle_timeout", self.peer_ip, stage="session", code=421,
+                        port=self.peer_port, lane=self.lane.value, messages=self.messages)
         super()._timeout_cb()
 
     def _deadline_cb(self) -> None:
         if self.awaiting_ack:    # let the ack (bounded by smtp.ack_timeout) come first
             self._deadline = self.loop.call_later(0.1, self._deadline_cb)
             return
-        log.event("session_deadline", "info", peer=self.peer_ip, lane=self.lane.value)
+        log.refused("session_deadline", self.peer_ip, stage="session", code=421,
+                    port=self.peer_port, lane=self.lane.value, messages=self.messages)
         self.close_with(text(Refusal.SESSION_DEADLINE, host=self.hostname))
 
     def data_received(self, data: bytes) -> None:
@@ -455,9 +476,10 @@ class IngressSMTP(DataPhase):
             self.admitted = False
             self.ctx.release(self)
             metrics.session_close(self.lane)
-            log.event("evicted", peer=self.peer_ip, lane=self.lane.value,
-                      tier=self.tier.label, spoken=self.spoken,
-                      connected_s=round(time.monotonic() - self.started, 1))
+            log.refused("evicted", self.peer_ip, stage="session", code=line[:3],
+                        reason=eviction_reason(line), port=self.peer_port,
+                        lane=self.lane.value, tier=self.tier.label, spoken=self.spoken,
+                        connected_s=round(time.monotonic() - self.started, 1))
         self.close_with(line)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
@@ -546,13 +568,14 @@ class IngressSMTP(DataPhase):
         step = session_rules.after_reply(self.counters, self.ctx.error_policy, text, command)
         if not logged and session_rules.is_error_reply(text):
             # aiosmtpd's own refusals (500, 501 syntax, 503 sequence, 555 ...) get a line too
-            log.event("command_error", peer=self.peer_ip, lane=self.lane.value,
-                      command=command, reply=line[:80].decode("utf-8", "replace"),
-                      errors=step.counters.errors)
+            log.refused("command_error", self.peer_ip, stage=command.lower() or "command",
+                        code=text[:3], reason="protocol", port=self.peer_port,
+                        lane=self.lane.value, command=command,
+                        reply=line[:80].decode("utf-8", "replace"), errors=step.counters.errors)
         self.counters = step.counters
         if step.delay > 0:
-            log.event("error_delay", peer=self.peer_ip,
-                      errors=step.counters.errors, delay_ms=round(step.delay * 1000, 1))
+            log.throttled("error_delay", self.peer_ip, port=self.peer_port,
+                          errors=step.counters.errors, delay_ms=round(step.delay * 1000, 1))
             await asyncio.sleep(step.delay)
         if not step.cut_off:
             return b""
@@ -573,10 +596,13 @@ class IngressSMTP(DataPhase):
             current.cancel()
             await asyncio.sleep(0)         # the CancelledError is raised here
 
-    def _refused(self, refusal: Refused, command: str, **fields: object) -> str:
-        """Log line, metric and close flag for one of session_rules' refusals; the reply."""
-        log.event(refusal.event, peer=self.peer_ip, lane=self.lane.value, command=command,
-                  **fields)
+    def _refused(self, refusal: Refused, command: str, **fields: Any) -> str:
+        """Log line, metric and close flag for one of session_rules' refusals; the reply.
+        The reason token is the `why` field when there is one, else the event."""
+        log.refused(refusal.event, self.peer_ip, stage=command.lower() or "command",
+                    code=refusal.reply[:3],
+                    reason=str(fields.get("why") or refusal.event), port=self.peer_port,
+                    lane=self.lane.value, command=command, **fields)
         self._logged = True
         if isinstance(refusal.metric, RcptResult):
             metrics.recipient(self.lane, refusal.metric)
@@ -628,6 +654,11 @@ class IngressSMTP(DataPhase):
             return super()._getaddr(arg)
         except (IndexError, ValueError):   # the stdlib parser on "a@": a malformed address
             return None, None               # (553 5.1.3 for MAIL/RCPT, 502 for VRFY)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd's hook for an exception in a command: the handler's 451 4.3.0, told whose
+        session it was (its line names the client)."""
+        return cast(str, await self.ctx.handler.handle_exception(error, self))
 
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push(text(Refusal.AUTH_NOT_OFFERED))

@@ -36,6 +36,7 @@ class DataPhase(SMTP):
     lane: Lane
     identity: str              # who vouched for a fast session (ingress.policy.identity)
     peer_ip: str
+    peer_port: int
     busy: bool                 # inside DATA or waiting for the ack
     awaiting_ack: bool         # the message is with the lane: no idle timer now
 
@@ -94,7 +95,8 @@ class DataPhase(SMTP):
             return True
         if self.ctx.data_budget.full(self.tier):
             self.ctx.count("data_no_storage", self.lane)
-            log.event("data_no_storage", peer=self.peer_ip, lane=self.lane.value, at="DATA")
+            log.refused("data_no_storage", self.peer_ip, stage="data", code=452,
+                        port=self.peer_port, lane=self.lane.value, at="DATA")
             await self.push(text(Refusal.DATA_NO_STORAGE))
             return True
         return False
@@ -107,7 +109,8 @@ class DataPhase(SMTP):
             await self.push("552 Error: Too much mail data")
         else:
             self.ctx.count("data_no_storage", self.lane)
-            log.event("data_no_storage", peer=self.peer_ip, lane=self.lane.value,
-                      at="end of data", size=reader.total)
+            log.refused("data_no_storage", self.peer_ip, stage="end_of_data", code=452,
+                        port=self.peer_port, lane=self.lane.value, at="end of data",
+                        size=reader.total)
             await self.push(text(Refusal.DATA_NO_STORAGE))
         self._set_post_data_state()
