@@ -123,7 +123,7 @@ def test_relay_byte_exact_to_postfix(tmp_path: Path, postfix: PostfixInstance) -
                  "Postfix to deliver 50 messages")
         assert spool_count(ing, "failed") == 0
         assert not list((ing.spool / "relay").iterdir())
-        sent = [d for d in ing.events("relay_sent")]
+        sent = [d for d in ing.events("relay") if d["outcome"] == "delivered"]
     got = delivered(postfix)
     for rcpt, body in bodies.items():
         (raw,) = got[rcpt]

@@ -115,6 +115,7 @@ from workers.relay.state import (
     address_problem,
     backoff,
     envelope_sender,
+    outcome_fields,
     settle,
 )
 
@@ -420,6 +421,7 @@ class Relay:
         mail_from = envelope_sender(env)
         if out.delivered_now:
             self.counters["rcpt_delivered"] += len(out.delivered_now)
+        dsn_qid = ""
         if out.bounce:
             self.counters["bounced"] += len(out.bounce)
             dsn_qid, decision = self._bounce(qid, env, out.bounce, received_at, now, message)
@@ -428,23 +430,20 @@ class Relay:
                       reply=[f.diagnostic for f in out.bounce], dsn=dsn_qid,
                       dsn_result=decision.result.value, sender=mail_from[:300],
                       null_sender=mail_from == "")
+        # The one outcome line of this attempt (the acceptor's `message` line has the qid).
+        line = outcome_fields(out, results, attempt=state.attempts + 1, now=now,
+                              received_at=received_at, dsn=dsn_qid)
         if out.disposition == "retry":
             self.counters["deferred"] += 1
             self.spool.write_state(name, out.state)
             self._schedule(name, out.state.next_at)
-            log.event("relay_deferred", qid=qid, deferred=list(out.deferred),
-                      delivered=list(out.delivered_now), attempts=out.state.attempts,
-                      retry_in_s=round(out.state.next_at - now, 3), reply=out.state.last_error)
+            log.event("relay", qid=qid, rcpts=len(env["rcpts"]), **line)
             return
         # failed: the state is kept so `queue requeue-failed` skips the delivered recipients
         self._finish(name, out.disposition, out.state)
         if out.disposition == "done":
             self.counters["sent"] += 1
-        first = next(iter(results.values()), None)
-        log.event("relay_sent" if out.disposition == "done" else "relay_failed", qid=qid,
-                  rcpts=len(out.state.delivered), failed=len(out.state.failed),
-                  reply=first.line()[:200] if first else "",
-                  delay_s=round(now - received_at, 3))
+        log.event("relay", qid=qid, rcpts=len(env["rcpts"]), **line)
 
     def _bounce(self, qid: str, env: dict[str, Any], failures: Sequence[Failure],
                 received_at: float, now: float,

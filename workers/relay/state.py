@@ -13,6 +13,10 @@ API (pure: no I/O, the clock is an argument):
     failure_for(rcpt, reply, expired) -> Failure    one recipient to report in a DSN
     settle(state, results, rcpts=, now=, received_at=, cfg=) -> Outcome
                                                 one attempt's results folded into the state
+    outcome_fields(out, results, attempt=, now=, received_at=, dsn=) -> dict
+                                                the fields of the one `relay` log line of an
+                                                attempt (outcome delivered | deferred |
+                                                bounced | failed, the reply that decided it)
 
 Rules: 2xx -> delivered (never sent again); 5xx -> failed; 4xx (and 503: our session out of
 step, never a verdict on the message) -> deferred, retried after backoff(attempt); once the
@@ -218,3 +222,38 @@ def settle(state: RelayState, results: dict[str, Reply], *, rcpts: Sequence[str]
         disp = "failed" if new.failed else "done"
     return Outcome(new, tuple(bounce), disp, tuple(delivered), tuple(deferred))
 
+
+
+OUTCOMES = ("delivered", "deferred", "bounced", "failed")
+_DECIDES = {"delivered": "ok", "deferred": "temp", "bounced": "perm", "failed": "perm"}
+
+
+def outcome_fields(out: Outcome, results: dict[str, Reply], *, attempt: int, now: float,
+                   received_at: float, dsn: str = "") -> dict[str, object]:
+    """The `relay` line of one delivery attempt (Postfix's status= line): the message's
+    outcome after it -- delivered (every recipient delivered: removed), deferred (some wait
+    for a retry), bounced (settled with failures, and a DSN for them was spooled now: `dsn`
+    its qid), failed (settled with failures, no DSN now: the null sender, a sender a DSN
+    cannot reach, or the DSN left with an earlier attempt) -- and the downstream's reply that
+    decided it (the first of that kind; `local`: made up here, e.g. connection trouble). Pure."""
+    if out.disposition == "retry":
+        outcome = "deferred"
+    elif out.disposition == "done":
+        outcome = "delivered"
+    else:
+        outcome = "bounced" if dsn else "failed"
+    replies = list(results.values())
+    reply = next((r for r in replies if r.kind == _DECIDES[outcome]),
+                 replies[0] if replies else None)
+    fields: dict[str, object] = {
+        "outcome": outcome, "code": reply.code if reply else 0,
+        "reply": _oneline(reply.line(), 200) if reply else "",
+        "local": bool(reply and reply.local), "attempts": attempt,
+        "delay_s": round(max(0.0, now - received_at), 3),
+        "delivered": len(out.delivered_now), "deferred": len(out.deferred),
+        "failed": len(out.bounce)}
+    if outcome == "deferred":
+        fields["retry_in_s"] = round(max(0.0, out.state.next_at - now), 3)
+    if dsn:
+        fields["dsn"] = dsn
+    return fields
