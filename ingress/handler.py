@@ -35,7 +35,9 @@ What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; th
   broker -> 451; a NACK for the lane's rate cap is shed like a first RCPT (and recorded with
   its recipients); a 250 for a transaction we had deferred is counted
   (metrics.deferred_accepted);
-- any exception -> 451 4.3.0 and a log line (aiosmtpd's default is a 500 with internals).
+- any exception -> 451 4.3.0 and a log line (aiosmtpd's default is a 500 with internals);
+- logging: every refusal and shed here is a log.refused line naming the client (stage, code,
+  reason; throttled), and each 250 the one `message` line of its message.
 
 Failure modes: none raised to aiosmtpd; every wait is bounded (SPF deadline, callout timeout,
 smtp.ack_timeout). Limits: those of the session policy and the acceptor's parts.

@@ -32,6 +32,8 @@ worker task keeping its own downstream connection for reuse and closing it after
   - deferred recipients are retried after backoff(attempt) = retry_base * 2**(attempt-1), capped
     at retry_max; once the message is older than max_age a tempfail becomes failed with status
     4.4.7 (Action: failed) and is bounced;
+  - each attempt writes one `relay` line (state.outcome_fields: qid, outcome delivered |
+    deferred | bounced | failed, the reply that decided it, attempts, delay);
   - the file is unlinked once every recipient is delivered, moved to failed/ once every recipient
     is settled and at least one failed (never replacing a file there: a taken name gets ".N").
     Every change of a spool file or a state file is made by workers/spool.py (claim, finish,
@@ -259,8 +261,8 @@ class Relay:
                     # backoff (in memory: recording is what failed), and a clean session.
                     n = self.errors[name] = self.errors.get(name, 0) + 1
                     delay = backoff(n, self.rc.retry_base, self.rc.retry_max)
-                    log.get().exception("relay_error name=%s errors=%d retry_in_s=%.3f",
-                                        name, n, delay)
+                    log.get().exception("relay_error", extra={"fields": {
+                        "file": name, "errors": n, "retry_in_s": round(delay, 3)}})
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(session.close(), 1.0)
                     self._schedule(name, time.time() + delay)
