@@ -126,6 +126,6 @@ def test_throttle_off(lines: tuple[Clock, list[dict[str, Any]]]) -> None:
 def test_below_the_level_is_not_counted(lines: tuple[Clock, list[dict[str, Any]]]) -> None:
     _, out = lines
     log.configure_throttle(60.0, 1, 300)
-    assert not log.throttled("mtls_refused", "192.0.2.1", "debug")
-    assert log.throttled("mtls_refused", "192.0.2.1")
+    assert not log.throttled("over_share", "192.0.2.1", "debug")
+    assert log.throttled("over_share", "192.0.2.1")
     assert out[0]["not_logged"] == 0
