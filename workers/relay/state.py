@@ -233,9 +233,10 @@ def outcome_fields(out: Outcome, results: dict[str, Reply], *, attempt: int, now
     """The `relay` line of one delivery attempt (Postfix's status= line): the message's
     outcome after it -- delivered (every recipient delivered: removed), deferred (some wait
     for a retry), bounced (settled with failures, and a DSN for them was spooled now: `dsn`
-    its qid), failed (settled with failures, no DSN now: the null sender, a sender a DSN
-    cannot reach, or the DSN left with an earlier attempt) -- and the downstream's reply that
-    decided it (the first of that kind; `local`: made up here, e.g. connection trouble). Pure."""
+    its qid), failed (settled with failures, no DSN now: the null sender, relay.dsn withheld
+    it, a sender a DSN cannot reach, or the DSN left with an earlier attempt) -- and the
+    downstream's reply that decided it (the first of that kind; `local`: made up here, e.g.
+    connection trouble). Pure."""
     if out.disposition == "retry":
         outcome = "deferred"
     elif out.disposition == "done":
