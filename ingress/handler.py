@@ -261,6 +261,7 @@ class IngressHandler:
             rcpts=tuple(envelope.rcpt_tos),
             received_at=now, deadline=now + ctx.cfg.smtp.ack_timeout, acceptor=ctx.ident,
             smtputf8=bool(envelope.smtp_utf8), tls=tls, evidence=server.trace_evidence(),
+            proto="ESMTP" if session.extended_smtp else "SMTP",
         )
         claim = server.retry_claim
         if claim is not None and env.lane is Lane.BULK and claim.covers(env.rcpts):

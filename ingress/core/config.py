@@ -285,6 +285,9 @@ class RelayConfig:
                                         # group/world-readable
     nice: int = 5                       # nice(2) increment of the relay (0..19): delivery is
                                         # background work, accepting is not
+    forward_client: str = "auto"        # the original client's identity to an smtp://
+                                        # downstream: FORWARD_CLIENT_MODES (workers/relay/
+                                        # forward.py); auto = XCLIENT, else XFORWARD, if offered
 
 
 @dataclass(frozen=True)
@@ -433,6 +436,10 @@ RELAY_TLS_MODES = ("none", "opportunistic", "required")
 # old behaviour: backscatter to forged senders). ingress.policy.dsn decides.
 DSN_MODES = ("authenticated", "never", "always")
 DSN_RATE_MAX = 3600.0       # relay.dsn_rate: at most one a second per domain, on average
+# relay.forward_client: "auto" sends XCLIENT when the downstream offers it, else XFORWARD, else
+# nothing; "xclient" / "xforward" insist (a downstream without it is not used: the mail waits);
+# "off" never sends either.
+FORWARD_CLIENT_MODES = ("auto", "xclient", "xforward", "off")
 
 
 def read_credentials(path: str) -> tuple[str, str]:
@@ -852,6 +859,14 @@ def _check_relay(cfg: Config, need: _Need) -> None:
          "TLS needs a TCP downstream (smtp://host:port or lmtp://host:port)")
     need(not r.tls_ca_file or os.path.isfile(r.tls_ca_file), "relay.tls_ca_file",
          f"{r.tls_ca_file!r}: no such file")
+    need(r.forward_client in FORWARD_CLIENT_MODES, "relay.forward_client",
+         f"must be one of {', '.join(FORWARD_CLIENT_MODES)}")
+    # XCLIENT and XFORWARD are Postfix's SMTP extensions; an LMTP server's (Dovecot's XCLIENT)
+    # differ in attributes and restart: the relay speaks them to an smtp:// downstream only.
+    need(r.forward_client in ("auto", "off") or not r.downstream
+         or r.downstream.startswith("smtp://"), "relay.forward_client",
+         f'"{r.forward_client}" needs an smtp://host:port relay.downstream (LMTP gets nothing: '
+         'use "auto" or "off")')
     if r.auth_file:
         # "required" is the only mode that verifies the certificate (chain and name): under
         # "opportunistic" the password would go to whoever answers STARTTLS (a MITM, a

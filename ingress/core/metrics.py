@@ -66,6 +66,12 @@ observation; measured ~1.5 us per counter inc and ~3-5 us per observe on the dev
                                     DSN_RESULTS: ingress.policy.dsn.Result's values: sent,
                                     null_sender, suppressed_never, unsendable,
                                     suppressed_unauthenticated, rate_limited, rate_table_full)
+    relay_forwarded(method)         relay: a delivery attempt, by how the original client's
+                                    identity went to the downstream (FORWARD_METHODS: xclient,
+                                    xforward, none)
+    relay_forward_missing(mode)     relay: a downstream connection not used because
+                                    relay.forward_client = mode ("xclient"/"xforward") and the
+                                    downstream does not offer it (the mail waits)
     curve_refused(why)              lanes node: a peer refused (CURVE_REFUSALS: unknown_key,
                                     handshake), counted before the log lines' rate limit
     mtls_gate(tier, outcome)        mutual-TLS port: a connection at the handshake gate
@@ -281,6 +287,16 @@ RELAY_DSN_DECISIONS = Counter("smtp_ingress_relay_dsn_decisions",
                               "unsendable, suppressed_unauthenticated: the return path was not "
                               "authenticated, rate_limited / rate_table_full: relay.dsn_rate)",
                               ["result"])
+FORWARD_METHODS = ("xclient", "xforward", "none")
+RELAY_FORWARDED = Counter("smtp_ingress_relay_forwarded",
+                          "Relay delivery attempts by how the original client's identity went to "
+                          "the downstream: xclient, xforward, none (relay.forward_client off, "
+                          "not offered under auto, LMTP, or a message the relay made itself)",
+                          ["method"])
+RELAY_FORWARD_MISSING = Counter("smtp_ingress_relay_forward_missing",
+                                "Downstream connections not used because relay.forward_client "
+                                "forces a method the downstream does not offer (mail waits)",
+                                ["method"])
 CURVE_REFUSALS = ("unknown_key", "handshake")
 CURVE_REFUSED = Counter("smtp_ingress_curve_refused",
                         "Peers a lanes node refused on its tcp ports: unknown_key (ZAP: a CURVE "
@@ -332,6 +348,8 @@ _mtls_gate: dict[tuple[str, str], Any] = {}
 _mtls_hs: dict[tuple[str, str], Any] = {}
 _spf: dict[str, Any] = {}
 _dsn: dict[str, Any] = {}
+_forwarded: dict[str, Any] = {}
+_forward_missing: dict[str, Any] = {}
 
 
 def _bind(cache: dict[Any, Any], metric: Any, key: Any,
@@ -510,6 +528,18 @@ def relay_dsn_decision(result: str) -> None:
     """The relay decided about a DSN (ingress.policy.dsn): `result` in DSN_RESULTS."""
     (_dsn.get(result) or _bind(_dsn, RELAY_DSN_DECISIONS, result,
                                declared=(DSN_RESULTS,))).inc()
+
+
+def relay_forwarded(method: str) -> None:
+    """A relay delivery attempt; `method` in FORWARD_METHODS."""
+    (_forwarded.get(method)
+     or _bind(_forwarded, RELAY_FORWARDED, method, declared=(FORWARD_METHODS,))).inc()
+
+
+def relay_forward_missing(mode: str) -> None:
+    """A downstream connection refused for want of the forced method `mode`."""
+    (_forward_missing.get(mode) or _bind(_forward_missing, RELAY_FORWARD_MISSING, mode,
+                                         declared=(FORWARD_METHODS[:2],))).inc()
 
 
 def cluster_state(up: bool) -> None:

@@ -38,7 +38,10 @@ when its session began (the worker unlearns it when the message disowns it: work
 An envelope whose evidence holds "retry": "1" is a claimed retry of a transaction we deferred
 (ingress.policy.deferrals): the bulk broker charges it to its retry bucket first. The record facts
 and that evidence key are additive (a new SHARE fact, an optional evidence key), so the version
-stays SI1: every process of a host runs the same code (the supervisor starts them all).
+stays SI2: every process of a host runs the same code (the supervisor starts them all). So is
+the envelope's "proto" ("SMTP" when the client greeted with HELO, "ESMTP" with EHLO; the relay
+forwards it with XCLIENT/XFORWARD): written only when set, and an envelope without it (a spool
+file written before it, a DSN the relay made) decodes as "" (unknown).
 
 Failure modes: `decode_*` raise WireError for anything malformed (wrong version, frame count,
 kind, JSON); callers log it and drop the message (an acceptor waiting on it times out: 451).
@@ -145,18 +148,22 @@ class Envelope:
     smtputf8: bool = False
     tls: str = ""                              # e.g. "TLSv1.3" when the session used TLS
     evidence: dict[str, str] = field(default_factory=dict)   # stage -> result, for the trace
+    proto: str = ""                            # "SMTP" (HELO) | "ESMTP" (EHLO) | "" unknown
 
     def encode(self) -> bytes:
         return orjson.dumps(self.as_dict())
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        d: dict[str, object] = {
             "qid": self.qid, "lane": self.lane.value, "peer_ip": self.peer_ip,
             "peer_port": self.peer_port, "helo": self.helo, "mail_from": self.mail_from,
             "rcpts": list(self.rcpts), "received_at": self.received_at,
             "deadline": self.deadline, "acceptor": self.acceptor,
             "smtputf8": self.smtputf8, "tls": self.tls, "evidence": self.evidence,
         }
+        if self.proto:                  # additive: an envelope without it encodes as before
+            d["proto"] = self.proto
+        return d
 
     @classmethod
     def decode(cls, raw: bytes) -> Envelope:
@@ -167,7 +174,8 @@ class Envelope:
                        mail_from=str(d["mail_from"]), rcpts=tuple(map(str, d["rcpts"])),
                        received_at=float(d["received_at"]), deadline=float(d["deadline"]),
                        acceptor=str(d.get("acceptor", "")), smtputf8=bool(d.get("smtputf8")),
-                       tls=str(d.get("tls", "")), evidence=dict(d.get("evidence") or {}))
+                       tls=str(d.get("tls", "")), evidence=dict(d.get("evidence") or {}),
+                       proto=str(d.get("proto", "")))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise WireError(f"bad envelope: {e}") from None
 

@@ -19,6 +19,14 @@ GOLDEN_ENVELOPE = (
     b'"tls":"TLSv1.3","evidence":{"spf":"pass"}}')
 
 
+def test_golden_envelope_proto() -> None:
+    """Issue 19 item 2: "proto" is additive (written only when set; absent decodes as "")."""
+    with_proto = Envelope(**{**ENV.__dict__, "proto": "ESMTP"})
+    assert with_proto.encode() == GOLDEN_ENVELOPE[:-1] + b',"proto":"ESMTP"}'
+    assert Envelope.decode(with_proto.encode()) == with_proto
+    assert Envelope.decode(GOLDEN_ENVELOPE).proto == ""
+
+
 def test_golden_frames() -> None:
     assert wire.VERSION == b"SI2"
     assert ENV.encode() == GOLDEN_ENVELOPE

@@ -3,8 +3,9 @@ STARTTLS and AUTH PLAIN as relay.tls says.
 
 API:
     make_session(target, hostname, timeout) -> Session     SmtpSession or LmtpSession
-    Session: `await open()`, `await deliver(mail_from, rcpts, data, smtputf8) -> {rcpt: Reply}`,
-        `await close()`, .connected, .messages, .last_used, .tls (a TlsPolicy, set before open)
+    Session: `await open()`, `await deliver(mail_from, rcpts, data, smtputf8, client=None) ->
+        {rcpt: Reply}`, `await close()`, .connected, .messages, .last_used, .tls (a TlsPolicy)
+        and .forward (relay.forward_client), both set before open; .reusable_for(client)
     Unavailable(stage, why, partial)     connection-level trouble (see below)
     policy(rc, target) -> TlsPolicy      built once by the relay (ssl context included)
     PLAIN                                the "none" policy (a session's default)
@@ -19,6 +20,18 @@ for its recipient alone (5.1.7 for the sender: then every recipient). For SMTP t
 applies to every accepted RCPT; for LMTP (RFC 2033) there is one reply per accepted RCPT.
 A transaction that did not complete is RSET (checked) or the connection dropped: a session is
 never reused dirty (a 421 or 503 drops it).
+
+The original client (forward.py decides and encodes; SMTP only): open() picks the method from
+the EHLO after STARTTLS; a forced one the downstream does not offer fails the open
+(ForwardUnavailable, a connection-level failure: the breaker backs off, the mail waits, the
+relay_downstream_down line names why, smtp_ingress_relay_forward_missing_total counts it).
+deliver() sends it right before MAIL FROM, only when a transaction follows: XFORWARD lines each
+time (the downstream forgets them after the transaction); XCLIENT once per connection, then the
+client's own HELO/EHLO (and AUTH again if used: XCLIENT resets it). After XCLIENT the
+connection is that client session's: reusable_for() says no to any other (the scheduler then
+opens a fresh one), and the relay's own messages (client None) never go on it. A refusal of
+XCLIENT/XFORWARD or of the greeting after it is that message's 451 4.7.0 (never sent
+unattributed or as someone else), and the connection is dropped.
 
 TLS modes (relay.tls): none (plain; the default, a local MTA); opportunistic (STARTTLS whenever
 offered, the certificate not verified, RFC 7435; plain text when not offered); required
@@ -51,8 +64,11 @@ from typing import Any, NoReturn, Protocol
 
 import aiosmtplib
 
+from ingress.core import metrics
 from ingress.core.config import RelayConfig, read_credentials
 from ingress.core.downstream import Target
+from workers.relay import forward
+from workers.relay.forward import Client
 from workers.relay.state import Reply, _oneline, address_problem
 
 # --- TLS and AUTH ------------------------------------------------------------------------------
@@ -127,6 +143,12 @@ async def secure_smtp(client: Any, p: TlsPolicy) -> None:
         raise TlsFailure(_handshake_error(e)) from None
     except aiosmtplib.SMTPException as e:
         raise TlsFailure(f"STARTTLS: {e}") from None
+    await _auth_smtp(client, p)
+
+
+async def _auth_smtp(client: Any, p: TlsPolicy) -> None:
+    """AUTH PLAIN when the policy has credentials (inside the TLS secure_smtp verified; again
+    after XCLIENT, which resets the downstream's SASL state)."""
     if p.credentials:
         if not _offers_plain(client.esmtp_extensions.get("auth", "")):
             raise TlsFailure("downstream does not offer AUTH PLAIN")
@@ -179,15 +201,21 @@ class Unavailable(Exception):
         self.partial = dict(partial or {})
 
 
+class ForwardUnavailable(ConnectionError):
+    """relay.forward_client forces XCLIENT or XFORWARD and the downstream does not offer it."""
+
+
 class Session(Protocol):
     messages: int
     last_used: float
+    forward: str                    # relay.forward_client (set before open)
 
     @property
     def connected(self) -> bool: ...
     async def open(self) -> None: ...
+    def reusable_for(self, client: Client | None) -> bool: ...
     async def deliver(self, mail_from: str, rcpts: Sequence[str], data: bytes,
-                      smtputf8: bool) -> dict[str, Reply]: ...
+                      smtputf8: bool, client: Client | None = None) -> dict[str, Reply]: ...
     async def close(self) -> None: ...
 
 
@@ -252,6 +280,7 @@ class _Transaction:
     ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError)
     messages: int
     last_used: float
+    forward: str = "off"
 
     @property
     def connected(self) -> bool:
@@ -275,8 +304,18 @@ class _Transaction:
     async def _data(self, accepted: list[str], data: bytes, results: dict[str, Reply]) -> None:
         raise NotImplementedError
 
+    def reusable_for(self, client: Client | None) -> bool:
+        """Can this connection carry a message from `client` (None: the relay's own)?"""
+        return True
+
+    async def _forward(self, client: Client | None) -> Reply | None:
+        """Give the downstream the message's client (forward.py); a refusal as the Reply to
+        record for every recipient (the connection is then dropped), else None."""
+        metrics.relay_forwarded("none")
+        return None
+
     async def deliver(self, mail_from: str, rcpts: Sequence[str], data: bytes,
-                      smtputf8: bool) -> dict[str, Reply]:
+                      smtputf8: bool, client: Client | None = None) -> dict[str, Reply]:
         if not self.connected:
             raise Unavailable("connect", "not connected")
         self.messages += 1
@@ -288,6 +327,12 @@ class _Transaction:
         enc = "utf-8" if "SMTPUTF8" in params else "ascii"
         stage = "connect"        # until the downstream answered MAIL FROM
         try:
+            # Only when a transaction follows: XFORWARD attributes last until its end.
+            refused = await self._forward(client)
+            if refused is not None:
+                self._drop()
+                results.update(dict.fromkeys(send, refused))
+                return results
             r = await self._words(*_mail_words(mail_from, params, enc))
             if r.code in (421, 503):  # closing, or out of step: the session's, not the message's
                 self._mail_refused(r)
@@ -323,6 +368,8 @@ class SmtpSession(_Transaction):
         self.tls: TlsPolicy = PLAIN
         self.messages = 0
         self.last_used = time.monotonic()
+        self.method = forward.Method()          # this connection's (its EHLO's offer)
+        self.carries: tuple[str, int, str, str] | None = None   # the client XCLIENT gave it
 
     @property
     def connected(self) -> bool:
@@ -337,10 +384,60 @@ class SmtpSession(_Transaction):
             await client.connect()
             await client.ehlo()
             await secure_smtp(client, self.tls)
+            method = forward.select(self.forward, client.esmtp_extensions)
+            if method.problem:
+                metrics.relay_forward_missing(self.forward)
+                raise ForwardUnavailable(method.problem)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
             client.close()
             raise Unavailable("connect", _oneline(str(e), 300)) from None
         self.client, self.messages, self.last_used = client, 0, time.monotonic()
+        self.method, self.carries = method, None
+
+    def reusable_for(self, client: Client | None) -> bool:
+        """After XCLIENT a connection is that client's for good (the downstream would refuse
+        a second XCLIENT: it re-checks its authorisation against the new client): only that
+        same client session's messages may follow on it; the relay's own never."""
+        if self.method.command != "XCLIENT" or self.carries is None:
+            return True
+        return client is not None and client.session == self.carries
+
+    async def _forward(self, client: Client | None) -> Reply | None:
+        m, c = self.method, self.client
+        assert c is not None
+        if client is None or not m.command:
+            metrics.relay_forwarded("none")
+            return None
+        if m.command == "XCLIENT" and self.carries is not None:
+            if self.carries != client.session:     # the scheduler reopens first (reusable_for)
+                return self._forward_refused(m.command, Reply(0, "carries another client"))
+            metrics.relay_forwarded("xclient")
+            return None
+        p = forward.plan(m, client)
+        for line in p.lines:
+            r = await self._words(line)
+            if not (r.code == 250 or (m.command == "XCLIENT" and r.code == 220)):
+                return self._forward_refused(m.command, r)
+        if p.greeting is not None:
+            # XCLIENT restarted the session (a new 220): greet as the client did, then AUTH
+            # again if we use it (XCLIENT resets the downstream's SASL state).
+            self.carries = client.session
+            verb, name = p.greeting
+            try:
+                if verb == "HELO":
+                    await c.helo(hostname=name)
+                else:
+                    await c.ehlo(hostname=name)
+            except aiosmtplib.SMTPHeloError as e:
+                return self._forward_refused(verb, Reply(e.code, _oneline(e.message)))
+            await _auth_smtp(c, self.tls)
+        metrics.relay_forwarded(m.command.lower())
+        return None
+
+    def _forward_refused(self, what: str, r: Reply) -> Reply:
+        """Never sent unattributed, never as another client: this message waits (4xx)."""
+        return Reply(451, f"4.7.0 {self.target.mta_name}: {what} refused: "
+                          f"{_oneline(r.line(), 300)}", local=True)
 
     async def close(self) -> None:
         c, self.client = self.client, None

@@ -11,7 +11,10 @@ API:
 What it does, per spool file in new/ (oldest first, at most relay.concurrency at once, each
 worker task keeping its own downstream connection for reuse and closing it after IDLE_CLOSE):
   - sends the stored message minus our X-Ingress-Envelope line (trace headers kept), byte-exact,
-    with the envelope as stored (clients.py);
+    with the envelope as stored (clients.py), under its original client's identity
+    (relay.forward_client: XCLIENT or XFORWARD, forward.py); a message the relay made itself
+    (a DSN: acceptor forward.OWN) under the ingress's own, never on a connection that XCLIENT
+    gave to a client (a connection that cannot carry the message's client is replaced);
   - an address that cannot be sent is refused here, before the transaction, for its recipient
     alone (the others still go): NUL, CR, LF, any control character, space, <>, a path over
     254 octets (5.1.3; 5.1.7 for the sender: then every recipient), non-ASCII when the
@@ -107,8 +110,10 @@ from ingress.core.downstream import parse_downstream
 from ingress.core.wire import Envelope, Lane, new_qid
 from ingress.policy import dsn as dsn_policy
 from workers import spool as spool_mod
+from workers.relay import forward
 from workers.relay.clients import Session, Unavailable, make_session, policy
 from workers.relay.dsn import build_dsn
+from workers.relay.forward import Client
 from workers.relay.state import (
     Failure,
     RelayState,
@@ -242,6 +247,7 @@ class Relay:
     async def worker(self, index: int) -> None:
         session = make_session(self.target, self.hostname, self.rc.timeout)
         session.tls = self.tls  # type: ignore[attr-defined]
+        session.forward = self.rc.forward_client
         try:
             while not self.stopping:
                 name = self._pop_due()
@@ -306,7 +312,8 @@ class Relay:
             qid = str(env.get("qid", name))
             if pending:
                 results = await self._attempt(session, qid, mail_from, pending, entry.message,
-                                              bool(env.get("smtputf8")), received_at)
+                                              bool(env.get("smtputf8")), received_at,
+                                              forward.client_of(env))
                 if results is None:             # downstream unreachable; message not charged
                     self._schedule(name, 0.0)
                     return
@@ -316,8 +323,8 @@ class Relay:
             self._record(name, qid, env, state, results, received_at, entry.message)
 
     async def _attempt(self, session: Session, qid: str, mail_from: str, pending: list[str],
-                       message: bytes, smtputf8: bool,
-                       received_at: float) -> dict[str, Reply] | None:
+                       message: bytes, smtputf8: bool, received_at: float,
+                       client: Client | None = None) -> dict[str, Reply] | None:
         """Deliver to `pending`; the per-recipient results, or None when the downstream could
         not be reached (connection-level: the breaker counts it, the message is not charged).
 
@@ -337,23 +344,26 @@ class Relay:
         good = [r for r in pending if r not in results]
         if not good:
             return results
-        got = await self._deliver(session, qid, mail_from, good, message, smtputf8, received_at)
+        got = await self._deliver(session, qid, mail_from, good, message, smtputf8, received_at,
+                                  client)
         if got is None:
             return None
         results.update(got)
         return results
 
     async def _deliver(self, session: Session, qid: str, mail_from: str, good: list[str],
-                       message: bytes, smtputf8: bool,
-                       received_at: float) -> dict[str, Reply] | None:
+                       message: bytes, smtputf8: bool, received_at: float,
+                       client: Client | None) -> dict[str, Reply] | None:
         """_attempt's delivery to the syntactically good recipients: a result for each, or None
         when the downstream could not be reached and the message is not yet past max_age. A
-        reused connection found stale is tried once more on a fresh one."""
+        reused connection found stale is tried once more on a fresh one; a connection that
+        carries another client (XCLIENT) is replaced by a fresh one."""
         t0 = time.monotonic()
         mta = self.target.mta_name
         for tries in (1, 2):
             reused = session.connected
-            if not session.connected or session.messages >= MAX_PER_CONNECTION:
+            if not session.connected or session.messages >= MAX_PER_CONNECTION \
+                    or not session.reusable_for(client):
                 reused = False
                 why = await self._open_session(session, len(good))
                 if why is not None:
@@ -362,7 +372,7 @@ class Relay:
                     return dict.fromkeys(
                         good, Reply(451, f"4.4.1 {mta}: {_oneline(why, 300)}", local=True))
             try:
-                got = await session.deliver(mail_from, good, message, smtputf8)
+                got = await session.deliver(mail_from, good, message, smtputf8, client)
             except Unavailable as e:
                 if e.stage == "connect" and reused and tries == 1:
                     continue                    # a stale reused connection: once more, fresh
@@ -473,7 +483,7 @@ class Relay:
             lane = Lane.BULK
         denv = Envelope(qid=dsn_qid, lane=lane, peer_ip="127.0.0.1", peer_port=0,
                         helo=self.hostname, mail_from="", rcpts=(sender,), received_at=now,
-                        deadline=now, acceptor="relay", smtputf8=not sender.isascii(),
+                        deadline=now, acceptor=forward.OWN, smtputf8=not sender.isascii(),
                         evidence={"dsn_for": qid})
         (res,) = self.spool.write_batch([(denv, b"", body)])
         if isinstance(res, Exception):
