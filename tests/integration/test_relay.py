@@ -121,6 +121,9 @@ def test_relay_byte_exact_to_postfix(tmp_path: Path, postfix: PostfixInstance) -
         wait_for(lambda: spool_count(ing, "new") == 0, 30, "the spool to drain")
         wait_for(lambda: len(delivered(postfix).keys() & bodies.keys()) == 50, 30,
                  "Postfix to deliver 50 messages")
+        # the relay logs a delivery just after it removes the spool file: wait for the lines
+        wait_for(lambda: len([d for d in ing.events("relay") if d["outcome"] == "delivered"])
+                 >= 50, 30, "50 relay lines")
         assert spool_count(ing, "failed") == 0
         assert not list((ing.spool / "relay").iterdir())
         sent = [d for d in ing.events("relay") if d["outcome"] == "delivered"]
