@@ -107,7 +107,8 @@ class SmtpConfig:
     verify_positive_ttl: float = 86400.0    # a 2xx answer is reused this long
     verify_negative_ttl: float = 3600.0     # a 5xx answer is reused this long
     verify_tempfail_ttl: float = 30.0       # an uncertain answer (450 to the client) this long
-    verify_cache_size: int = 100000     # cached answers per acceptor process
+    verify_cache_size: int = 100000     # cached answers per acceptor process (2xx/5xx kept
+                                        # across reloads: ingress/verify_store.py)
     verify_concurrency: int = 4         # callouts at once per acceptor process (x acceptors:
                                         # keep it well below the downstream's process limit)
     verify_per_session: int = 10        # callouts one session may cause; then 450
@@ -295,7 +296,7 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class SpoolConfig:
     path: Path = Path("var/spool")
-    state_dir: Path = Path("var/state")   # ipc sockets, learned allow cache
+    state_dir: Path = Path("var/state")   # ipc sockets, learned allow cache, callout cache
 
 
 @dataclass(frozen=True)
