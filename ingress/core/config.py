@@ -615,17 +615,23 @@ def _listen_sets(cfg: Config, need: _Need) -> Config:
     default = ListenConfig()
     main = _addresses(need, "listen.addresses", lst.addresses, [lst.host], lst.port)
     if lst.addresses and (lst.host, lst.port) != (default.host, default.port):
-        need(parse_listen_address(main[0]) == (str(ipaddress.ip_address(lst.host)), lst.port),
-             "listen.addresses", "set listen.addresses or listen.host and listen.port, not both")
+        single = format_listen_address(str(ipaddress.ip_address(lst.host)), lst.port)
+        need(main[0] == single, "listen.addresses",
+             f"set listen.addresses or listen.host and listen.port, not both: the file has "
+             f"addresses {list(main)} and host/port {single}. Keep one form: remove "
+             "listen.host and listen.port (addresses replaces them), or remove "
+             "listen.addresses")
     hosts = [parse_listen_address(a)[0] for a in main]
     fast = _addresses(need, "listen.fast_addresses", lst.fast_addresses, hosts, lst.fast_port)
     mtls = _addresses(need, "tls.mtls_addresses", t.mtls_addresses, hosts, t.mtls_port)
     need(not lst.fast_addresses or lst.fast_port < 0 or lst.fast_port
          == parse_listen_address(fast[0])[1], "listen.fast_port",
-         "set listen.fast_addresses or listen.fast_port, not both")
+         "set listen.fast_addresses or listen.fast_port, not both: set fast_port = -1 (or "
+         "remove it) to use fast_addresses, or empty fast_addresses to use fast_port")
     need(not t.mtls_addresses or t.mtls_port < 0 or t.mtls_port
          == parse_listen_address(mtls[0])[1], "tls.mtls_port",
-         "set tls.mtls_addresses or tls.mtls_port, not both")
+         "set tls.mtls_addresses or tls.mtls_port, not both: set mtls_port = -1 (or remove "
+         "it) to use mtls_addresses, or empty mtls_addresses to use mtls_port")
     _check_overlap(need, {"listen.addresses": main, "listen.fast_addresses": fast,
                           "tls.mtls_addresses": mtls})
     host, port = parse_listen_address(main[0])
