@@ -655,8 +655,7 @@ async def serve(cfg: Config, index: int, sock: Listening, hb: Any, slot: int,
     await ctx.drain(servers, sig.retire)
     for t in tasks:
         t.cancel()
-    if ctx.verify_store is not None and not sig.retire and ctx.verifier is not None \
-            and ctx.verifier.dirty:
+    if ctx.verify_store is not None and not sig.retire and ctx.verify_store.unsaved:
         ctx.verify_store.save()
     if index == 0 and sock is not None and ctx.learned_store.dirty:
         with contextlib.suppress(OSError):

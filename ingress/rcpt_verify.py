@@ -8,8 +8,8 @@ API:
     .cached(address) -> Answer | None       a cached answer, no I/O
     .export() -> (expiry {key: t}, answers {key: Answer}, now)   copies of the cache (dict
                                              copies: cheap on the event loop), `timer` time;
-                                             .dirty: a 2xx/5xx answer was cached since the
-                                             last export (ingress/verify_store.py saves it)
+                                             .changes counts the 2xx/5xx answers cached, so a
+                                             saver (ingress/verify_store.py) knows what is new
     .preload([(key, answer, seconds left)]) -> int   answers kept from before (a reload: the
                                              store's file), each for at most its TTL
     await .verify(address, smtputf8=False) -> Answer
@@ -86,7 +86,7 @@ class RecipientVerifier:
         self.timer = timer
         self.answers: dict[str, Answer] = {}
         self.expiry = ExpiryMap(cache_size, on_drop=self._dropped)
-        self.dirty = False
+        self.changes = 0            # 2xx/5xx answers cached so far (what a saver keeps)
         self.slots = asyncio.Semaphore(concurrency)
         self.backlog = backlog if backlog is not None else 4 * concurrency
         self.waiting = 0
@@ -120,7 +120,6 @@ class RecipientVerifier:
         return len(self.answers)
 
     def export(self) -> tuple[dict[str, float], dict[str, Answer], float]:
-        self.dirty = False
         return self.expiry.snapshot(), dict(self.answers), self.timer()
 
     def preload(self, entries: Iterable[tuple[str, Answer, float]]) -> int:
@@ -157,7 +156,7 @@ class RecipientVerifier:
             self.inflight.pop(key, None)
             if answer is not None and self.ttl[answer] > 0 \
                     and self._store(key, answer, self.ttl[answer]) and answer in PERSISTED:
-                self.dirty = True
+                self.changes += 1
             if not fut.done():
                 fut.set_result(answer or Answer.TEMPFAIL)
         return answer

@@ -16,6 +16,7 @@ API:
                                         verify_cache_loaded
         await .run()                    saves this process's file while the cache changes
         .save() -> bool                 one save now (shutdown; tests)
+        .unsaved                        answers cached since the last save that was written
 
 Files: one per acceptor, written only by the acceptor of that slot (old and new one during a
 reload: an flock on rcpt-verify.lock orders their writes), atomically (fsutil.atomic_write,
@@ -238,6 +239,11 @@ class VerifyStore:
         self.idents = idents
         self.downstream = downstream
         self.cost = 0.0             # seconds the last save took on the event loop
+        self.written = verifier.changes     # the verifier's count the file on disk holds
+
+    @property
+    def unsaved(self) -> bool:
+        return self.verifier.changes != self.written
 
     def load(self) -> int:
         """Every acceptor's file into the verifier (the latest expiry of a key wins); logged."""
@@ -288,14 +294,15 @@ class VerifyStore:
 
     def save(self) -> bool:
         """Save now, on this thread (shutdown): True when written."""
+        changes = self.verifier.changes
         expiry, answers, now = self.verifier.export()
         try:
             _locked_write(self.lock, self.path,
                           encode(expiry, answers, now, time.time(), self.downstream))
         except (OSError, TimeoutError) as e:
-            self.verifier.dirty = True
             log.event("verify_cache_save_failed", "error", path=str(self.path), error=str(e))
             return False
+        self.written = changes
         return True
 
     async def run(self) -> None:
@@ -304,12 +311,14 @@ class VerifyStore:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(max(SAVE_INTERVAL, SAVE_SPREAD * self.cost))
-            if not self.verifier.dirty:
+            if not self.unsaved:
                 continue
+            changes = self.verifier.changes
             data = await self._snapshot()
             try:
                 await loop.run_in_executor(None, _locked_write, self.lock, self.path, data)
             except (OSError, TimeoutError) as e:
-                self.verifier.dirty = True
                 log.event("verify_cache_save_failed", "error", path=str(self.path),
                           error=str(e))
+                continue
+            self.written = changes

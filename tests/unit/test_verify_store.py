@@ -11,7 +11,9 @@ tests/integration/test_rcpt_verify.py::test_cache_survives_a_reload.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -191,7 +193,7 @@ def test_save_and_load_every_acceptors_file(tmp_path: Path,
         "nosuch@example.test": Answer.UNKNOWN}
     assert ("verify_cache_loaded", {"entries": 3, "files": 2, "refused": 0, "malformed": 0,
                                     "offered": 3}) in events
-    assert not new.dirty                  # nothing new to save
+    assert not store_for(new, tmp_path, "f0").unsaved      # nothing new to save
 
 
 def test_more_entries_than_the_cache_holds(tmp_path: Path) -> None:
@@ -280,3 +282,46 @@ def test_the_byte_budget_of_one_start(tmp_path: Path, monkeypatch: pytest.Monkey
     assert store_for(v, tmp_path, "f0").load() == 50
     assert [kw["path"].endswith(file_name("a1")) for name, kw in events
             if name == "verify_cache_refused"] == [True]
+
+
+def test_the_saver_writes_new_answers_and_retries_a_failed_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        events: list[tuple[str, dict[str, Any]]]) -> None:
+    """run(): a new answer is on disk within a few SAVE_INTERVALs; a write that fails (here:
+    the state dir is gone) is logged, the answers stay unsaved and the next interval tries
+    again; nothing new, nothing written."""
+    monkeypatch.setattr(verify_store, "SAVE_INTERVAL", 0.02)
+    state = tmp_path / "state"
+    state.mkdir()
+    v = verifier()
+    store = store_for(v, state)
+
+    async def go() -> None:
+        task = asyncio.create_task(store.run())
+        try:
+            v._store("bob@example.test", Answer.OK, 500.0)
+            v.changes += 1                      # as verify() counts a callout's answer
+            for _ in range(200):
+                if not store.unsaved:
+                    break
+                await asyncio.sleep(0.01)
+            assert not store.unsaved
+            assert b"bob@example.test" in (state / file_name("a0")).read_bytes()
+            shutil.rmtree(state)
+            v._store("carol@example.test", Answer.OK, 500.0)
+            v.changes += 1
+            for _ in range(200):
+                if any(name == "verify_cache_save_failed" for name, _ in events):
+                    break
+                await asyncio.sleep(0.01)
+            assert store.unsaved
+            state.mkdir()
+            for _ in range(200):
+                if not store.unsaved:
+                    break
+                await asyncio.sleep(0.01)
+            assert b"carol@example.test" in (state / file_name("a0")).read_bytes()
+        finally:
+            task.cancel()
+    asyncio.run(go())
+    assert any(name == "verify_cache_save_failed" for name, _ in events)
