@@ -14,7 +14,10 @@ API:
                                       (ingress.policy.deferrals, shared with every acceptor
                                       through the bulk broker: retry evidence),
                                       and with [cluster] redis the shared state
-                                      (ingress.cluster_state)
+                                      (ingress.cluster_state); with smtp.verify_recipients
+                                      the callout cache and its file (ingress.rcpt_verify,
+                                      ingress.verify_store: loaded at start, saved while it
+                                      changes and at shutdown, not while retiring)
     (the mutual-TLS port's listeners and handshake gate: ingress.mtls; a slot is taken at
     accept, before the TLS handshake)
 
@@ -185,9 +188,10 @@ class AcceptorContext:
         self.verifier = verifier(cfg)
         # its 2xx/5xx answers outlive this process (a reload replaces every acceptor)
         self.verify_store = None if self.verifier is None else VerifyStore(
-            self.verifier, cfg.spool.state_dir, f"{'f' if fast else 'a'}{index}",
+            self.verifier, cfg.spool.state_dir, self.ident.split("-", 1)[0],
             [f"a{i}" for i in range(cfg.acceptor_count)]
-            + [f"f{i}" for i in range(cfg.supervisor.fast_acceptors)],
+            + [f"f{i}" for i in range(cfg.supervisor.fast_acceptors)]
+            + [f"m{i}" for i in range(cfg.mtls_acceptor_count)],
             f"{self.verifier.host}:{self.verifier.port}")
         if self.verify_store is not None:
             self.verify_store.load()

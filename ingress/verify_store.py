@@ -4,7 +4,7 @@ mail for recipients the downstream already confirmed into 450s (issue 19 item 9)
 
 API:
     file_name(ident) -> str             "rcpt-verify.<ident>.json"; ident "a<i>" for a port-25
-                                        acceptor, "f<i>" for a fast acceptor
+                                        acceptor, "f<i>" a fast one, "m<i>" an mTLS one
     encode(expiry, answers, now, wall, downstream, max_bytes) -> bytes   (pure) the file
     decode(data, downstream, wall) -> (entries, bad)   (pure) [(key, answer, seconds left)]
                                         and how many entries were malformed; ValueError when
