@@ -14,7 +14,10 @@ API:
                                       (ingress.policy.deferrals, shared with every acceptor
                                       through the bulk broker: retry evidence),
                                       and with [cluster] redis the shared state
-                                      (ingress.cluster_state)
+                                      (ingress.cluster_state); with smtp.verify_recipients
+                                      the callout cache and its file (ingress.rcpt_verify,
+                                      ingress.verify_store: loaded at start, saved while it
+                                      changes and at shutdown, not while retiring)
     (the mutual-TLS port's listeners and handshake gate: ingress.mtls; a slot is taken at
     accept, before the TLS handshake)
 
@@ -112,6 +115,7 @@ from ingress.rcpt_verify import RecipientVerifier
 from ingress.sessions import Seat, SessionTable
 from ingress.smtp import IngressSMTP
 from ingress.spf_service import SpfService
+from ingress.verify_store import VerifyStore
 
 OVER_RATE_LOG_EVERY = 10.0    # seconds between two over_rate lines for one domain
 OVER_RATE_LOGGED_MAX = 1024   # domains whose last over_rate line is remembered
@@ -182,6 +186,15 @@ class AcceptorContext:
             mail_without_data_limit=s.mail_without_data_limit,
             recipient_overshoot_limit=s.recipient_overshoot_limit)
         self.verifier = verifier(cfg)
+        # its 2xx/5xx answers outlive this process (a reload replaces every acceptor)
+        self.verify_store = None if self.verifier is None else VerifyStore(
+            self.verifier, cfg.spool.state_dir, self.ident.split("-", 1)[0],
+            [f"a{i}" for i in range(cfg.acceptor_count)]
+            + [f"f{i}" for i in range(cfg.supervisor.fast_acceptors)]
+            + [f"m{i}" for i in range(cfg.mtls_acceptor_count)],
+            f"{self.verifier.host}:{self.verifier.port}")
+        if self.verify_store is not None:
+            self.verify_store.load()
         self.draining = False
         self.lanes = Lanes(cfg, self.ident)
         self.receiver: handoff.Receiver | None = None    # a fast acceptor's (listeners())
@@ -634,14 +647,20 @@ async def serve(cfg: Config, index: int, sock: Listening, hb: Any, slot: int,
         tasks.append(loop.create_task(ctx.persist_learned()))
     if ctx.cluster is not None:
         tasks.append(loop.create_task(ctx.cluster.run()))
+    saver = None if ctx.verify_store is None else loop.create_task(ctx.verify_store.run())
     log.event("acceptor_start", index=index, learned=len(ctx.learned_store.allow),
               tls=ctx.tls_context is not None, mtls=bool(cfg.tls.mtls_addresses),
               fast_port=bool(cfg.listen.fast_addresses), handed=sock is None,
               servers=len(servers))
     await stop.wait()
+    if saver is not None:
+        # retiring (a reload): the replacement owns the file now; shutting down: saved below
+        saver.cancel()
     await ctx.drain(servers, sig.retire)
     for t in tasks:
         t.cancel()
+    if ctx.verify_store is not None and not sig.retire and ctx.verify_store.unsaved:
+        ctx.verify_store.save()
     if index == 0 and sock is not None and ctx.learned_store.dirty:
         with contextlib.suppress(OSError):
             atomic_write(ctx.learned_store.path, ctx.learned_store.allow.to_json().encode())

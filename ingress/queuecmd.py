@@ -1,6 +1,8 @@
 """`smtp-ingress queue ...`: the operator's view of the spool (mailq, postcat, postsuper).
 
-API: run(spool_root, args) -> exit status;  render_list(items, now) -> str (pure)
+API: add_parser(sub, parents) (the `queue` subcommands: --config, from ingress.cli, and --wait
+     go before or after a subcommand's name); run(spool_root, args) -> exit status;
+     render_list(items, now) -> str (pure)
 
 Every change goes through workers.queue_ops (the queue commands; workers.spool does their file
 work under the relay's lock); this module only parses arguments' meaning and prints. Run as
@@ -23,30 +25,40 @@ import orjson
 
 from workers.queue_ops import Item, Queue, QueueError, become_owner
 
+WAIT_HELP = "seconds to wait for a message the relay is delivering (default 10)"
 
-def add_parser(sub: Any) -> None:
-    q = sub.add_parser("queue", help="inspect and change the spool (mailq, postcat, postsuper)")
-    q.add_argument("--config", type=Path, help="the instance's TOML file (for spool.path)")
-    q.add_argument("--wait", type=float, default=10.0,
-                   help="seconds to wait for a message the relay is delivering (default 10)")
+
+def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """`queue` and its subcommands; `parents`: the options every subcommand takes (--config:
+    ingress.cli.common_options). --config and --wait go before or after a subcommand's name."""
+    q = sub.add_parser("queue", help="inspect and change the spool (mailq, postcat, postsuper)",
+                       parents=parents)
+    q.add_argument("--wait", type=float, default=10.0, help=WAIT_HELP)
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--wait", type=float, default=argparse.SUPPRESS, help=WAIT_HELP)
+    parents = [*parents, own]
     qs = q.add_subparsers(dest="qcmd", required=True)
-    ls = qs.add_parser("list", help="every waiting, held and failed message (mailq)")
+    ls = qs.add_parser("list", help="every waiting, held and failed message (mailq)",
+                       parents=parents)
     ls.add_argument("--json", action="store_true", help="one JSON document")
-    sh = qs.add_parser("show", help="envelope, relay state and the message (postcat)")
+    sh = qs.add_parser("show", help="envelope, relay state and the message (postcat)",
+                       parents=parents)
     sh.add_argument("qid")
-    rt = qs.add_parser("retry", help="make a deferred message due now (postqueue -i / -f)")
+    rt = qs.add_parser("retry", help="make a deferred message due now and wake the relay "
+                       "(postqueue -i / -f)", parents=parents)
     g = rt.add_mutually_exclusive_group(required=True)
     g.add_argument("qid", nargs="?")
     g.add_argument("--all", action="store_true")
-    de = qs.add_parser("delete", help="remove a message (postsuper -d)")
+    de = qs.add_parser("delete", help="remove a message (postsuper -d)", parents=parents)
     g = de.add_mutually_exclusive_group(required=True)
     g.add_argument("qid", nargs="?")
     g.add_argument("--all-from", metavar="SENDER", help="every message from this envelope sender")
-    rq = qs.add_parser("requeue-failed", help="failed/ back to new/, failed recipients retried")
+    rq = qs.add_parser("requeue-failed", help="failed/ back to new/, failed recipients retried",
+                       parents=parents)
     rq.add_argument("qid", nargs="?")
     for name, what in (("hold", "keep a message from the relay (postsuper -h)"),
                        ("release", "give a held message back to the relay (postsuper -H)")):
-        qs.add_parser(name, help=what).add_argument("qid")
+        qs.add_parser(name, help=what, parents=parents).add_argument("qid")
 
 
 def _age(seconds: float) -> str:

@@ -6,6 +6,12 @@ API:
     RecipientVerifier(host, port, *, helo, timeout, positive_ttl, negative_ttl, tempfail_ttl,
                       cache_size, concurrency, backlog=None, timer=time.monotonic)
     .cached(address) -> Answer | None       a cached answer, no I/O
+    .export() -> (expiry {key: t}, answers {key: Answer}, now)   copies of the cache (dict
+                                             copies: cheap on the event loop), `timer` time;
+                                             .changes counts the 2xx/5xx answers cached, so a
+                                             saver (ingress/verify_store.py) knows what is new
+    .preload([(key, answer, seconds left)]) -> int   answers kept from before (a reload: the
+                                             store's file), each for at most its TTL
     await .verify(address, smtputf8=False) -> Answer
         OK (the downstream said 2xx to RCPT TO), UNKNOWN (it said 5xx), TEMPFAIL (anything else:
         4xx, a refused MAIL FROM:<>, connection refused or reset, a timeout, a garbled reply).
@@ -22,8 +28,11 @@ connection per callout; nothing is ever delivered). The caller has its answer at
 never sees more than `concurrency` connections from one process.
 
 Bounds (so a flood of RCPTs cannot turn us into an amplifier against the downstream):
-- answers cached per address (domain case-folded) in a cachetools.TLRUCache of `cache_size`
-  entries: 2xx for positive_ttl, 5xx for negative_ttl, uncertain for tempfail_ttl (0: never);
+- answers cached per address (domain case-folded), at most `cache_size` of them
+  (ingress.core.expiry.ExpiryMap): 2xx for positive_ttl, 5xx for negative_ttl, uncertain for
+  tempfail_ttl (0: never). When full, the answer expiring soonest goes first: a flood of
+  made-up recipients (5xx, an hour) cannot push out the known ones (2xx, a day) unless those
+  are near their end anyway;
 - single flight: concurrent RCPTs for one address share one callout;
 - at most `concurrency` callouts at once per acceptor process (a connection's RSET/QUIT
   included: at most `concurrency` downstream connections), and at most `backlog` (default
@@ -31,21 +40,23 @@ Bounds (so a flood of RCPTs cannot turn us into an amplifier against the downstr
 - the caller caps callouts per session (smtp.verify_per_session) and counts every refusal in the
   session's error accounting (ingress/policy/session_rules.py).
 Limits: only an smtp:// downstream (config validation says so for lmtp); the cache is per
-acceptor process and is lost at restart; callouts are not authenticated or encrypted (the
-downstream is the operator's own MTA, normally on a private network).
+acceptor process; its 2xx and 5xx answers are kept across reloads and restarts by
+ingress/verify_store.py (a file per acceptor in spool.state_dir); callouts are not
+authenticated or encrypted (the downstream is the operator's own MTA, normally on a private
+network).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from enum import StrEnum
 
 import aiosmtplib
-from cachetools import TLRUCache
 
 from ingress.core import log
+from ingress.core.expiry import ExpiryMap
 
 GOODBYE_TIMEOUT = 2.0       # seconds for RSET + QUIT after the answer
 
@@ -54,6 +65,9 @@ class Answer(StrEnum):
     OK = "ok"
     UNKNOWN = "unknown"
     TEMPFAIL = "tempfail"
+
+
+PERSISTED = (Answer.OK, Answer.UNKNOWN)     # what outlives the process (never an unsure one)
 
 
 def cache_key(address: str) -> str:
@@ -69,8 +83,10 @@ class RecipientVerifier:
         self.host, self.port, self.helo, self.timeout = host, port, helo, timeout
         self.ttl = {Answer.OK: positive_ttl, Answer.UNKNOWN: negative_ttl,
                     Answer.TEMPFAIL: tempfail_ttl}
-        self.cache: TLRUCache[str, Answer] = TLRUCache(
-            maxsize=cache_size, ttu=lambda _k, v, now: now + self.ttl[v], timer=timer)
+        self.timer = timer
+        self.answers: dict[str, Answer] = {}
+        self.expiry = ExpiryMap(cache_size, on_drop=self._dropped)
+        self.changes = 0            # 2xx/5xx answers cached so far (what a saver keeps)
         self.slots = asyncio.Semaphore(concurrency)
         self.backlog = backlog if backlog is not None else 4 * concurrency
         self.waiting = 0
@@ -78,12 +94,51 @@ class RecipientVerifier:
         self.callouts = 0           # made, for logs and tests
         self._goodbyes: set[asyncio.Task[None]] = set()
 
+    # --- the cache ---------------------------------------------------------------------------
+
+    def _dropped(self, key: str) -> None:
+        self.answers.pop(key, None)
+
+    def _get(self, key: str) -> Answer | None:
+        if self.expiry.get(key, self.timer()) is None:
+            return None
+        return self.answers.get(key)
+
+    def _store(self, key: str, answer: Answer, seconds: float) -> bool:
+        """Cache `answer` for `seconds` (replacing what was there); False if the cache is full
+        of answers that all outlive it."""
+        self.expiry.pop(key)
+        if not self.expiry.put(key, self.timer() + seconds, self.timer()):
+            return False
+        self.answers[key] = answer
+        return True
+
     def cached(self, address: str) -> Answer | None:
-        return self.cache.get(cache_key(address))
+        return self._get(cache_key(address))
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def export(self) -> tuple[dict[str, float], dict[str, Answer], float]:
+        return self.expiry.snapshot(), dict(self.answers), self.timer()
+
+    def preload(self, entries: Iterable[tuple[str, Answer, float]]) -> int:
+        """Answers from before (the store's file): each kept for `seconds left`, but never
+        longer than its TTL now (a file cannot extend an answer) and never one that is
+        unsure. Answers this process got itself are not replaced. The number kept."""
+        kept = 0
+        for key, answer, left in entries:
+            ttl = self.ttl.get(answer, 0.0)
+            if answer not in PERSISTED or ttl <= 0 or left <= 0 or self._get(key) is not None:
+                continue
+            kept += self._store(key, answer, min(left, ttl))
+        return kept
+
+    # --- callouts ---------------------------------------------------------------------------
 
     async def verify(self, address: str, smtputf8: bool = False) -> Answer:
         key = cache_key(address)
-        hit = self.cache.get(key)
+        hit = self._get(key)
         if hit is not None:
             return hit
         fut = self.inflight.get(key)
@@ -99,8 +154,9 @@ class RecipientVerifier:
             answer = await self._bounded(address, smtputf8)
         finally:             # cancelled (the client left): nothing cached, waiters unsure
             self.inflight.pop(key, None)
-            if answer is not None and self.ttl[answer] > 0:
-                self.cache[key] = answer
+            if answer is not None and self.ttl[answer] > 0 \
+                    and self._store(key, answer, self.ttl[answer]) and answer in PERSISTED:
+                self.changes += 1
             if not fut.done():
                 fut.set_result(answer or Answer.TEMPFAIL)
         return answer

@@ -107,7 +107,8 @@ class SmtpConfig:
     verify_positive_ttl: float = 86400.0    # a 2xx answer is reused this long
     verify_negative_ttl: float = 3600.0     # a 5xx answer is reused this long
     verify_tempfail_ttl: float = 30.0       # an uncertain answer (450 to the client) this long
-    verify_cache_size: int = 100000     # cached answers per acceptor process
+    verify_cache_size: int = 100000     # cached answers per acceptor process (2xx/5xx kept
+                                        # across reloads: ingress/verify_store.py)
     verify_concurrency: int = 4         # callouts at once per acceptor process (x acceptors:
                                         # keep it well below the downstream's process limit)
     verify_per_session: int = 10        # callouts one session may cause; then 450
@@ -298,7 +299,7 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class SpoolConfig:
     path: Path = Path("var/spool")
-    state_dir: Path = Path("var/state")   # ipc sockets, learned allow cache
+    state_dir: Path = Path("var/state")   # ipc sockets, learned allow cache, callout cache
 
 
 @dataclass(frozen=True)
@@ -621,17 +622,23 @@ def _listen_sets(cfg: Config, need: _Need) -> Config:
     default = ListenConfig()
     main = _addresses(need, "listen.addresses", lst.addresses, [lst.host], lst.port)
     if lst.addresses and (lst.host, lst.port) != (default.host, default.port):
-        need(parse_listen_address(main[0]) == (str(ipaddress.ip_address(lst.host)), lst.port),
-             "listen.addresses", "set listen.addresses or listen.host and listen.port, not both")
+        single = format_listen_address(str(ipaddress.ip_address(lst.host)), lst.port)
+        need(main[0] == single, "listen.addresses",
+             f"set listen.addresses or listen.host and listen.port, not both: the file has "
+             f"addresses {list(main)} and host/port {single}. Keep one form: remove "
+             "listen.host and listen.port (addresses replaces them), or remove "
+             "listen.addresses")
     hosts = [parse_listen_address(a)[0] for a in main]
     fast = _addresses(need, "listen.fast_addresses", lst.fast_addresses, hosts, lst.fast_port)
     mtls = _addresses(need, "tls.mtls_addresses", t.mtls_addresses, hosts, t.mtls_port)
     need(not lst.fast_addresses or lst.fast_port < 0 or lst.fast_port
          == parse_listen_address(fast[0])[1], "listen.fast_port",
-         "set listen.fast_addresses or listen.fast_port, not both")
+         "set listen.fast_addresses or listen.fast_port, not both: set fast_port = -1 (or "
+         "remove it) to use fast_addresses, or empty fast_addresses to use fast_port")
     need(not t.mtls_addresses or t.mtls_port < 0 or t.mtls_port
          == parse_listen_address(mtls[0])[1], "tls.mtls_port",
-         "set tls.mtls_addresses or tls.mtls_port, not both")
+         "set tls.mtls_addresses or tls.mtls_port, not both: set mtls_port = -1 (or remove "
+         "it) to use mtls_addresses, or empty mtls_addresses to use mtls_port")
     _check_overlap(need, {"listen.addresses": main, "listen.fast_addresses": fast,
                           "tls.mtls_addresses": mtls})
     host, port = parse_listen_address(main[0])

@@ -1,9 +1,9 @@
 """A bounded map whose entries expire: key -> expiry time (pure; no I/O, clock as an argument).
 
 Purpose
-    The one expiring-entry structure behind the admission penalty box and the learned allow
-    cache: each key holds an expiry, refreshed only forward, and the map holds at most
-    `max_size` keys.
+    The one expiring-entry structure behind the admission penalty box, the learned allow
+    cache and the recipient-callout cache: each key holds an expiry, refreshed only forward,
+    and the map holds at most `max_size` keys.
 
 API
     ExpiryMap(max_size, on_drop=None)
@@ -13,6 +13,9 @@ API
         pop(key) -> float | None                 remove the entry now; its expiry, or None
         purge(now) -> int                        drop expired entries; how many
         items() -> list[(key, expires_at)]       sorted by key
+        snapshot() -> dict[key, expires_at]      every entry as held (expired ones not yet
+                                                 purged included), unsorted: a plain dict
+                                                 copy, cheap enough for an event loop
         len(map)
 
 Rules
@@ -109,6 +112,9 @@ class ExpiryMap:
 
     def items(self) -> list[tuple[str, float]]:
         return sorted(self._expiry.items())
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(self._expiry)
 
     def _peek_soonest(self) -> float | None:
         while self._heap:

@@ -1,5 +1,5 @@
-"""Durable file writes: one implementation for the spool, the relay state and the learned cache;
-and the one reader of private files (secrets).
+"""Durable file writes: one implementation for the spool, the relay state, the learned cache and
+the callout cache; and the readers of private files (secrets, our own state files).
 
 API:
     write_all(fd, chunks)               every byte of `chunks` written to `fd`, or OSError
@@ -14,6 +14,12 @@ API:
                                         ValueError (naming the file, and its mode) when group or
                                         others have any access, it cannot be read, or it is
                                         longer than `limit`
+    read_own(path, limit) -> bytes      a state file this process wrote itself (the callout
+                                        cache): ValueError unless it is a regular file (not
+                                        followed if a symlink; a FIFO never blocks the open),
+                                        owned by the effective uid, not writable by group or
+                                        others and at most `limit` bytes (checked before
+                                        reading); FileNotFoundError when it is not there
     private_dir_problem(st, owners) -> str
                                         "" when a directory (its stat) is owned by one of
                                         `owners` and not writable by group or others, else why
@@ -100,6 +106,56 @@ def read_private(path: str, limit: int) -> bytes:
         os.close(fd)
     if len(raw) > limit:
         raise ValueError(f"{path!r}: longer than {limit} bytes")
+    return raw
+
+
+def _own_file_problem(st: os.stat_result, limit: int) -> str:
+    """Why a file (its fstat) is not one read_own may read; "" when it is."""
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by uid {os.geteuid()} (this process)"
+    if mode & 0o022:
+        return f"is writable by group or others (mode {mode:04o})"
+    if st.st_size > limit:
+        return f"has {st.st_size} bytes, over the limit of {limit}"
+    return ""
+
+
+def _read_upto(fd: int, n: int) -> bytes:
+    chunks: list[bytes] = []
+    while n > 0:
+        chunk = os.read(fd, n)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_own(path: Path | str, limit: int) -> bytes:
+    """The bytes of a file this process (its effective uid) wrote, refused when anyone else
+    could have: see the module docstring. O_NOFOLLOW: a symlink planted at `path` is refused
+    (ELOOP), never followed; O_NONBLOCK: a FIFO cannot hold the open."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        why = "is a symlink" if e.errno == errno.ELOOP else f"cannot be read: {e.strerror}"
+        raise ValueError(f"{str(path)!r} {why}") from None
+    try:
+        problem = _own_file_problem(os.fstat(fd), limit)
+        if problem:
+            raise ValueError(f"{str(path)!r} {problem}")
+        raw = _read_upto(fd, limit + 1)
+    except OSError as e:
+        raise ValueError(f"{str(path)!r} cannot be read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > limit:                    # grew after the fstat
+        raise ValueError(f"{str(path)!r} is longer than {limit} bytes")
     return raw
 
 

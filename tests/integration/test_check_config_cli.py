@@ -7,11 +7,13 @@ tests/unit/test_config.py, test_configshow.py and test_relay_tls.py."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -134,3 +136,55 @@ def test_run_names_why_a_listener_cannot_be_bound(tmp_path: Path) -> None:
     assert code == 1, (code, err)
     assert "192.0.2.1:2525" in err and "not on this host" in err, err
     assert "already in use" not in err, err
+
+
+# --- the shipped example's [listen]: one way of saying it (issue 19 item 9) --------------------
+
+EXAMPLE = ROOT / "etc" / "ingress.example.toml"
+
+
+def check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ingress.cli", "check-config", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+
+def example_with(tmp_path: Path, edit: Any) -> Path:
+    """The shipped example with its [listen] table edited as an operator would (text)."""
+    text = EXAMPLE.read_text()
+    head, sep, rest = text.partition("[listen]\n")
+    table, nxt, tail = rest.partition("\n[")
+    out = tmp_path / "ingress.toml"
+    out.write_text(head + sep + edit(table) + nxt + tail)
+    return out
+
+
+def test_example_listen_says_it_one_way() -> None:
+    """The example sets listen.addresses and not listen.host / listen.port: it names them only
+    as the commented alternative, so editing either one cannot contradict the other."""
+    raw = tomllib.loads(EXAMPLE.read_text())["listen"]
+    assert "addresses" in raw and "host" not in raw and "port" not in raw, raw
+
+
+def test_editing_the_example_listen_address_as_its_comment_says(tmp_path: Path) -> None:
+    from ingress.core import config as config_mod
+    # 1. edit the addresses line
+    edited = example_with(tmp_path, lambda t: re.sub(
+        r'(?m)^addresses = \[.*\](?=\s+#)',
+        'addresses = ["192.0.2.25:25", "[2001:db8::25]:25"]', t))
+    r = check(edited)
+    assert r.returncode == 0, r.stderr
+    assert config_mod.load(edited).listen.addresses == ("192.0.2.25:25", "[2001:db8::25]:25")
+    # 2. the single-address form the comment offers instead: addresses out, host/port in
+    edited = example_with(tmp_path, lambda t: re.sub(
+        r'(?m)^# (host|port) = ', r'\1 = ', re.sub(r'(?m)^addresses = .*$', '', t)))
+    r = check(edited)
+    assert r.returncode == 0, r.stderr
+    lst = config_mod.load(edited).listen
+    assert (lst.host, lst.port, lst.addresses) == ("0.0.0.0", 25, ("0.0.0.0:25",))
+    # 3. both forms, disagreeing: the error says how to fix it
+    edited = example_with(tmp_path, lambda t: re.sub(r'(?m)^# (host|port) = ', r'\1 = ', t)
+                          .replace('host = "0.0.0.0"', 'host = "192.0.2.25"'))
+    r = check(edited)
+    assert r.returncode == 2, r
+    assert "listen.addresses" in r.stderr and "remove listen.host and listen.port" in r.stderr, \
+        r.stderr

@@ -385,6 +385,40 @@ def test_retry_makes_deferred_due_now(tmp_path: Path, postfix: PostfixInstance) 
         assert listing(ing.config)[d["qid"]]["attempts"] == 2
 
 
+def test_retry_wakes_the_relay_out_of_its_downstream_backoff(
+        tmp_path: Path, postfix: PostfixInstance) -> None:
+    """issue 19 item 9: the downstream was down, so the relay's circuit breaker backs off
+    (600 s here, as after a long outage); `queue retry --all` must make it try at once, not
+    only mark the message due. Still down: one probe, then the backoff again (no storm)."""
+    rcpt = f"wake{time.time_ns()}@example.test"
+    postfix.stop()
+    try:
+        with Ingress(tmp_path, tables(postfix, retry_base=600.0)) as ing:
+            relaying(ing)
+            assert asyncio.run(send_one(ing.port, make_body(3), rcpts=(rcpt,)))[0] == 250
+            wait_for(lambda: ing.events("relay_downstream_down"), 20, "the relay to back off")
+            (down,) = ing.events("relay_downstream_down")
+            assert down["retry_in_s"] > 500, down
+            # still down: the retry wakes the relay for one probe, which backs off again
+            r = cli(ing.config, "retry", "--all")
+            assert r.returncode == 0 and "1 message(s) due now" in r.stdout, r
+            wait_for(lambda: len(ing.events("relay_downstream_down")) == 2, 10,
+                     "the relay to probe the downstream at once (its backoff was 600 s)")
+            time.sleep(1.0)
+            assert len(ing.events("relay_downstream_down")) == 2, "one probe per retry"
+            postfix.start()
+            time.sleep(1.0)                  # back up, but the relay waits out its backoff
+            assert rcpt not in delivered(postfix) and spool_count(ing, "new") == 1
+            r = cli(ing.config, "retry", "--all")
+            assert r.returncode == 0 and "1 message(s) due now" in r.stdout, r
+            wait_for(lambda: rcpt in delivered(postfix), 10,
+                     "delivery right after `queue retry --all`")
+            wait_for(lambda: spool_count(ing, "new") == 0, 10, "the spool to drain")
+            assert ing.events("relay_downstream_up")
+    finally:
+        postfix.start()                      # the module's other tests need it (idempotent)
+
+
 def test_requeue_failed_skips_delivered(tmp_path: Path, postfix: PostfixInstance) -> None:
     good = f"good{time.time_ns()}@example.test"
     with Ingress(tmp_path, tables(postfix)) as ing:

@@ -14,8 +14,10 @@ Postfix parts skip when Postfix cannot run here (not root / not installed).
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,13 @@ def rcpt_replies(port: int, rcpts: list[str]) -> list[str]:
     lines = [EHLO, MAIL] + [f"RCPT TO:<{r}>\r\n".encode() for r in rcpts] + [b"QUIT\r\n"]
     r = asyncio.run(smtp_dialogue(port, lines))
     return r[3:3 + len(rcpts)]
+
+
+def wait_for(cond: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
 
 
 def callouts(ing: Ingress, rcpt: str) -> int:
@@ -167,6 +176,38 @@ def test_smtputf8_address_verified(tmp_path: Path, postfix: PostfixInstance) -> 
         assert r[3].startswith("550 5.1.1"), r
         assert r[4].startswith("250"), r
         assert callouts(ing, "j\u00fcrgen@example.test") == 1
+
+
+def saved_in_state(ing: Ingress, *rcpts: str) -> bool:
+    """Every one of `rcpts` is in one of the acceptors' callout cache files."""
+    data = b"".join(f.read_bytes() for f in ing.state.glob("rcpt-verify.*.json"))
+    return all(r.encode() in data for r in rcpts)
+
+
+def test_cache_survives_a_reload(tmp_path: Path, postfix: PostfixInstance) -> None:
+    """issue 19 item 9: a reload (SIGHUP replaces the acceptors) used to empty the callout
+    cache, so a reload during a downstream outage turned mail for known recipients into 450s.
+    Two acceptors: each new one starts with the answers of both old ones."""
+    known, unknown = list(KNOWN), "nosuch@example.test"
+    try:
+        with Ingress(tmp_path, {**tables(f"smtp://127.0.0.1:{postfix.port}"),
+                                "supervisor": {"acceptors": 2}}) as ing:
+            for rcpt in [*known, unknown]:       # one session each: either acceptor
+                r = rcpt_replies(ing.port, [rcpt])
+                assert r[0].startswith("550" if rcpt == unknown else "250"), r
+            wait_for(lambda: saved_in_state(ing, *known, unknown), 10,
+                     "the answers saved in the state dir")
+            postfix.stop()                       # the downstream is down from here on
+            ing.signal(signal.SIGHUP)
+            wait_for(lambda: ing.events("reloaded"), 30, "the reload")
+            loaded = ing.events("verify_cache_loaded")
+            assert len(loaded) >= 2 and all(d["entries"] >= 3 for d in loaded[-2:]), loaded
+            for _ in range(4):                   # new sessions, on either new acceptor
+                r = rcpt_replies(ing.port, [*known, unknown, "dave@example.test"])
+                assert [x[:3] for x in r] == ["250", "250", "550", "450"], r
+        assert "Traceback" not in ing.log_tail(500)
+    finally:
+        postfix.start()                          # the module's other tests need it
 
 
 def _verifier(port: int, concurrency: int) -> RecipientVerifier:

@@ -13,7 +13,8 @@
    started with NOTIFY_SOCKET pointing at a unix datagram socket this test binds, and
    WATCHDOG_USEC set. READY=1 (with MAINPID), WATCHDOG=1, RELOADING=1 then READY=1 after SIGHUP,
    STOPPING=1 after SIGTERM must arrive in that order, and the exit status must be 0.
-3. etc/ingress.example.toml loads, and names every key ingress.core.config knows.
+3. etc/ingress.example.toml loads, and names every key ingress.core.config knows (listen.host
+   and listen.port as commented-out lines: the example sets listen.addresses instead).
 """
 
 from __future__ import annotations
@@ -125,6 +126,23 @@ def test_sysusers_and_tmpfiles(tmp_path: Path) -> None:
         assert (st.st_mode & 0o777, st.st_uid if os.geteuid() == 0 else 990) == (0o750, 990), sub
 
 
+# Keys the example names only as a commented-out line ("# key = value", in its own table),
+# because the key of the other form is set (issue 19 item 9: setting both forms made an edit of
+# one contradict the other): key -> the key that replaces it.
+ALTERNATIVES = {"listen.host": "listen.addresses", "listen.port": "listen.addresses"}
+
+
+def commented_alternative(text: str, dotted: str, raw: dict[str, object]) -> bool:
+    if dotted not in ALTERNATIVES:
+        return False
+    table, key = dotted.rsplit(".", 1)
+    other = ALTERNATIVES[dotted].rsplit(".", 1)[1]
+    section = text.split(f"\n[{table}]\n", 1)[1].split("\n[", 1)[0]
+    values = raw.get(table)
+    return (isinstance(values, dict) and bool(values.get(other))
+            and f"\n# {key} = " in f"\n{section}")
+
+
 def test_example_config_names_every_key() -> None:
     path = ROOT / "etc" / "ingress.example.toml"
     cfg = config_mod.load(path)          # raises ConfigError naming the key if anything is off
@@ -147,7 +165,7 @@ def test_example_config_names_every_key() -> None:
         node: object = raw
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None   # type: ignore[assignment]
-        if node is None:
+        if node is None and not commented_alternative(text, dotted, raw):
             missing.append(dotted)
     assert not missing, f"etc/ingress.example.toml lacks {missing}"
     r = subprocess.run([sys.executable, "-m", "ingress.cli", "check-config", str(path)],

@@ -46,6 +46,19 @@ def test_put_result_purge_peek_items() -> None:
     assert m.peek("a") is None
 
 
+def test_snapshot_is_a_copy_of_what_is_held() -> None:
+    """snapshot(): every held entry, expired ones not yet purged included; a copy, so changes
+    to the map after it do not show in it (the callout cache serialises it later)."""
+    m = ExpiryMap(4)
+    m.put("a", 10, 0)
+    m.put("b", 5, 0)
+    snap = m.snapshot()
+    assert snap == {"a": 10, "b": 5}
+    m.put("c", 20, 0)
+    m.pop("a")
+    assert snap == {"a": 10, "b": 5}
+
+
 def test_bounded_heap_under_refreshes() -> None:
     m = ExpiryMap(4)
     for i in range(10_000):

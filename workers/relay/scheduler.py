@@ -55,7 +55,9 @@ is being delivered, so two relays (a reload overlap) never deliver one file at o
 unlinked or moved under us is noticed (st_nlink == 0, or another file at the path) and skipped.
 Operator tools (workers/queue_ops.py, `smtp-ingress queue`) take the same flock; the relay
 keeps a failed message's final state in spool/relay.failed/<name> (for requeue-failed) and
-reschedules a known message at once when spool/retry/<name> appears (queue retry).
+reschedules a known message at once when spool/retry/<name> appears (queue retry, release,
+requeue-failed; picked up by the next scan, every SCAN_MIN). Such a request also ends the
+circuit breaker's wait (below): the next delivery probes the downstream now.
 
 Downstream down: only a failure to open a session (connect refused, greeting/EHLO not 2xx, timeout)
 is connection-level: it opens a circuit breaker (nothing is sent until backoff(consecutive
@@ -69,7 +71,9 @@ reused dirty. So a message that makes the downstream hang up backs off on its ow
 the breaker's eternal probe, and a half-open transaction can never give the next message a 503 (a
 503 is never a bounce anyway: bad sequence is our state, not the message). Errors while recording a
 result (disk) back off in memory. Mail waits and drains once the downstream is back, without a busy
-loop. The breaker is in memory: after a restart the first delivery is the probe.
+loop. The breaker is in memory: after a restart the first delivery is the probe. An operator's
+retry request (`smtp-ingress queue retry`) ends the wait at once: one probe goes now, and if it
+fails the backoff goes on from the same failure count (relay_breaker_woken in the log).
 
 Duplicates are possible exactly when the downstream has taken responsibility and we did not
 record it: (1) the process dies (kill -9, power loss) after the downstream's 2xx and before the
@@ -183,11 +187,29 @@ class Relay:
         return len(fresh)
 
     def take_retry_requests(self) -> None:
-        """spool/retry/<name> (written by `smtp-ingress queue retry` after it set the state's
-        next_at to 0 under the file's lock): a known message is due now."""
-        for name in self.spool.take_retry_requests():
+        """spool/retry/<name> (written by `smtp-ingress queue retry`, `release` and
+        `requeue-failed` after they set the state's next_at to 0 under the file's lock): a
+        known message is due now, and an open circuit breaker lets its probe go now (the
+        operator says the downstream is back: its backoff, up to retry_max after a long
+        outage, is not waited out)."""
+        names = self.spool.take_retry_requests()
+        for name in names:
             if name in self.known:
                 self._schedule(name, 0.0)
+        if names and self.down_failures:
+            self._breaker_woken(len(names))
+
+    def _breaker_woken(self, requests: int) -> None:
+        """An operator's retry while the breaker is open: the next due delivery is the probe,
+        now. The failure count stays, so a probe that fails backs off as before (one probe
+        per retry request, never a storm against a downstream still down)."""
+        now = time.monotonic()
+        if self.probe is None and self.down_until > now:
+            log.event("relay_breaker_woken", downstream=str(self.target), requests=requests,
+                      failures=self.down_failures,
+                      backoff_left_s=round(self.down_until - now, 3))
+            self.down_until = now
+            self.wake.set()
 
     def _schedule(self, name: str, at: float) -> None:
         self.known[name] = at
