@@ -679,7 +679,8 @@ class Supervisor:
             # them) or moving the spool under running workers: they wait for a restart.
             log.event("reload_restart_needed", "warning",
                       why="listen, spool, supervisor.acceptors, fast_acceptors and "
-                          "mtls_acceptors take effect on restart only")
+                          "mtls_acceptors, tls.mtls_port and mtls_addresses take effect on "
+                          "restart only")
             new = dataclasses.replace(
                 new, listen=old.listen, spool=old.spool,
                 tls=dataclasses.replace(new.tls, mtls_port=old.tls.mtls_port,
