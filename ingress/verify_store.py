@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import math
 import os
 import time
@@ -66,7 +65,7 @@ from typing import Any
 import orjson
 
 from ingress.core import log
-from ingress.core.fsutil import atomic_write, read_own
+from ingress.core.fsutil import atomic_write, flock_wait, read_own
 from ingress.rcpt_verify import PERSISTED, Answer, RecipientVerifier, cache_key
 
 VERSION = 1
@@ -215,15 +214,8 @@ def _locked_write(lock: Path, path: Path, data: bytes) -> None:
     old or the new one of a reload, may save too), waiting at most LOCK_WAIT."""
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
-        deadline = time.monotonic() + LOCK_WAIT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{lock} still locked after {LOCK_WAIT} s") from None
-                time.sleep(0.01)
+        if not flock_wait(fd, LOCK_WAIT, 0.01):
+            raise TimeoutError(f"{lock} still locked after {LOCK_WAIT} s")
         atomic_write(path, data, mode=0o600)
     finally:
         os.close(fd)            # releases the lock

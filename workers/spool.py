@@ -63,7 +63,6 @@ import errno
 import fcntl
 import os
 import socket
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +71,7 @@ from typing import Any
 import orjson
 
 from ingress.core import log
-from ingress.core.fsutil import TMP_PREFIX, atomic_write, fsync_dir, write_all
+from ingress.core.fsutil import TMP_PREFIX, atomic_write, flock_wait, fsync_dir, write_all
 from ingress.core.wire import Envelope
 from workers.relay.state import RelayState
 
@@ -285,15 +284,8 @@ class Spool:
         except FileNotFoundError:
             raise Gone(name) from None
         try:
-            deadline = time.monotonic() + wait
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise Busy(name) from None
-                    time.sleep(LOCK_POLL)
+            if not flock_wait(fd, wait, LOCK_POLL):
+                raise Busy(name)
             st = os.fstat(fd)
             try:
                 same = os.stat(path).st_ino == st.st_ino

@@ -40,8 +40,10 @@ symlink (an operator may link a secret into place) and does not check the owner.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
+import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
@@ -169,3 +171,17 @@ def private_dir_problem(st: os.stat_result, owners: Collection[int]) -> str:
         return (f"is owned by uid {st.st_uid}, not by the user this runs as (uid "
                 f"{os.geteuid()})")
     return ""
+
+
+def flock_wait(fd: int, wait: float, poll: float = 0.02) -> bool:
+    """An exclusive flock of `fd`, tried every `poll` seconds for at most `wait` seconds (never
+    a blocking wait: a holder that hangs cannot hang us). False: still held by another."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)
