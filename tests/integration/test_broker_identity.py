@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -164,18 +165,23 @@ def test_a_domain_identity_is_held_to_classify_domain_rate() -> None:
         assert all(r.reason is not None and r.reason.value == "share" for r in nacks), nacks
         # ... and its status names the domain over its rate (the acceptors then keep its
         # sessions bulk at MAIL FROM), never an allow entry; forgotten OVER_RATE_HOLD later
-        doc = None
-        deadline = time.monotonic() + 5
-        while doc is None and time.monotonic() < deadline:
-            b.publish(time.monotonic())
-            if status.poll(100):
-                doc = decode_status(status.recv_multipart())
+        doc = published(b, status)
         assert doc is not None and doc["over_rate"] == ["org:spf-bots.test"], doc
         assert b.over_rate_now(time.monotonic() + OVER_RATE_HOLD + 0.5) == []
     finally:
         for s in (acceptor, status, b.front, b.back, b.pub):
             s.close()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def published(b: Broker, status: zmq.Socket) -> dict[str, Any] | None:
+    """The broker's next status document (it publishes now; at most 5 s), or None."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        b.publish(time.monotonic())
+        if status.poll(100):
+            return decode_status(status.recv_multipart())
+    return None
 
 
 def drain_nacks(acceptor: zmq.Socket) -> list[str]:
@@ -257,21 +263,11 @@ def test_the_self_proven_tier_has_one_total_rate() -> None:
             send(b, acceptor, "allow:127.0.0.20/32", f"allow{i}")
         assert (b.queue.tier_len(Tier.SELF_PROVEN), b.queue.tier_len(Tier.OPERATOR)) == (1, 3)
         assert drain_nacks(acceptor) == ["share"] * 9
-        doc = None
-        deadline = time.monotonic() + 5
-        while doc is None and time.monotonic() < deadline:
-            b.publish(time.monotonic())
-            if status.poll(100):
-                doc = decode_status(status.recv_multipart())
+        doc = published(b, status)
         assert doc is not None and doc["over_rate"] == ["tier:self-proven@127.0.0.0/24"], doc
         send(b, acceptor, "org:other.test", "other", peer_ip="127.0.5.9")
         assert drain_nacks(acceptor) == ["share"]
-        doc = None
-        deadline = time.monotonic() + 5
-        while doc is None and time.monotonic() < deadline:
-            b.publish(time.monotonic())
-            if status.poll(100):
-                doc = decode_status(status.recv_multipart())
+        doc = published(b, status)
         assert doc is not None and doc["over_rate"] == [
             "tier:self-proven@127.0.5.0/24", "tier:self-proven@127.0.0.0/24"], doc
         assert doc["tiers"]["self-proven"] == {"depth": 1, "inflight": 0}
