@@ -136,7 +136,7 @@ class AcceptorContext:
         # a port-25 acceptor hands clients classified fast at connect to the fast acceptors
         # (ingress.handoff); a fast acceptor serves what it is handed, and hands nothing on
         self.handoff = None if fast else handoff.Sender(
-            cfg, loop, lambda conn: serve_returned(self, conn))
+            cfg, loop, lambda conn: serve_returned(self, conn), index)
         c, a, s = cfg.classify, cfg.admission, cfg.smtp
         self.domains = frozenset(s.accepted_domains)
         self.recipients = load_recipient_map(s.recipient_map) if s.recipient_map else None

@@ -15,13 +15,15 @@ Purpose
 
     A fast acceptor that cannot admit a connection (its slots full even after it took an
     idle lower-tier session's room, or it is draining) does not refuse it: it hands it back
-    to the acceptor it came from (the sender's socket is bound to an abstract address for
-    that; it takes connections back only from the fast acceptors' own socket paths), which
-    serves it where it arrived and never hands it off again.
+    to the acceptor it came from (the sender's socket is bound to its path in run/ for that,
+    return_endpoint; it takes connections back only from the fast acceptors' own socket
+    paths), which serves it where it arrived and never hands it off again.
 
 API
     endpoint(cfg, index) -> str        the unix socket path of fast acceptor `index`
-    Sender(cfg, loop=None, returned=None)   in every port-25 acceptor
+    return_endpoint(cfg, index) -> str where port-25 acceptor `index` takes connections back
+    Sender(cfg, loop=None, returned=None, index=None)   in every port-25 acceptor (`index`:
+                                       bound at return_endpoint, else an abstract address)
         .offer(transport) -> bool      True: the connection is the fast acceptor's now (the
                                        caller closes its own copy without writing anything);
                                        False: serve it here (no fast acceptor configured, or
@@ -34,8 +36,8 @@ API
                                        it; `sender`: the address to give it back to, or None)
         .give_back(transport, sender) -> bool   True: `sender` has it now (the caller closes
                                        its own copy without writing anything)
-        .give_back_any(transport) -> bool       the same, to a port-25 acceptor that said
-                                       hello (a connection nobody handed here)
+        .give_back_any(transport) -> bool       the same, to any port-25 acceptor
+                                       (return_endpoint; a connection nobody handed here)
         .close()
 
 Failure modes
@@ -45,8 +47,8 @@ Failure modes
     serves it itself. A give-back that cannot be sent (the sender restarted meanwhile) leaves
     the connection with the fast acceptor, which then refuses it (421) as before. A
     connection the kernel steered to a fast acceptor (listen.steer_operator) that it cannot
-    admit is given to a port-25 acceptor that said hello (HELLO every HELLO_EVERY seconds
-    from each Sender: a fast acceptor learns where to give back); none known: 421. A fast
+    admit is given to a port-25 acceptor, whose path it knows (return_endpoint, in run/);
+    none takes it: 421. A fast
     acceptor that is restarted re-binds its path (the old file is unlinked). A datagram that
     carries no descriptor, or more than one, is ignored (extra descriptors are closed).
 
@@ -71,14 +73,24 @@ from ingress.core.config import Config
 
 MAGIC = b"si-handoff-1"       # the datagram's payload (a version, for a later change)
 RETURN = b"si-handback-1"     # a connection given back by a fast acceptor
-HELLO = b"si-hello-1"         # a port-25 acceptor's address, without a descriptor
-HELLO_EVERY = 2.0             # seconds between a Sender's hellos (a fast acceptor restarts)
-SENDERS_KEPT = 64             # port-25 acceptors' addresses a Receiver remembers
 ANY = "any port-25 acceptor"  # hand_back_to of a steered connection (give_back_any)
 
 
 def endpoint(cfg: Config, index: int) -> str:
     return str(cfg.spool.state_dir / "run" / f"fast-acceptor-{index}.sock")
+
+
+def return_endpoint(cfg: Config, index: int) -> str:
+    """Where port-25 acceptor `index` takes connections back (a path in the state dir's run/,
+    which only the service can reach: never an abstract address another user could take)."""
+    return str(cfg.spool.state_dir / "run" / f"acceptor-{index}.sock")
+
+
+def _bind_path(sock: socket.socket, path: str) -> None:
+    """Bind `sock` to `path`, a stale file of a previous process removed first."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock.bind(path)
 
 
 def _recv_one(sock: socket.socket) -> tuple[bytes, socket.socket | None, Any] | None:
@@ -99,12 +111,10 @@ def _recv_one(sock: socket.socket) -> tuple[bytes, socket.socket | None, Any] | 
 
 
 def _drain(sock: socket.socket, payload: bytes, allowed: Callable[[Any], bool],
-           serve: Callable[[socket.socket, Any], Any],
-           hello: Callable[[Any], None] | None = None) -> None:
+           serve: Callable[[socket.socket, Any], Any]) -> None:
     """Every datagram waiting on `sock` (at most 256, then the loop runs and the reader fires
     again): one carrying exactly one descriptor, `payload` and a sender `allowed` is served;
-    a HELLO without one goes to `hello(sender)` when given; anything else is logged and
-    dropped (its descriptors closed)."""
+    anything else is logged and dropped (its descriptors closed)."""
     for _ in range(256):
         try:
             got = _recv_one(sock)
@@ -114,9 +124,6 @@ def _drain(sock: socket.socket, payload: bytes, allowed: Callable[[Any], bool],
         if got is None:
             return
         msg, conn, addr = got
-        if conn is None and msg == HELLO and hello is not None and addr:
-            hello(addr)
-            continue
         if conn is None or msg != payload or not allowed(addr):
             if conn is not None:
                 conn.close()
@@ -132,7 +139,8 @@ def _send_fd(sock: socket.socket, payload: bytes, fd: int, to: Any) -> None:
 
 class Sender:
     def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop | None = None,
-                 returned: Callable[[socket.socket], Any] | None = None) -> None:
+                 returned: Callable[[socket.socket], Any] | None = None,
+                 index: int | None = None) -> None:
         self.paths = [endpoint(cfg, i) for i in range(cfg.supervisor.fast_acceptors)]
         self.sock: socket.socket | None = None
         self.loop, self.returned = loop, returned
@@ -140,23 +148,17 @@ class Sender:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self.sock.setblocking(False)
             if loop is not None and returned is not None:
-                # an abstract address of its own (Linux autobind), so that a fast acceptor
-                # can give a connection back
-                self.sock.bind("")
+                # an address of its own, so that a fast acceptor can give a connection back:
+                # port-25 acceptor `index`'s path (return_endpoint: a fast acceptor finds it
+                # for the clients the kernel steered to it, which nobody handed over), else an
+                # abstract one (Linux autobind)
+                if index is None:
+                    self.sock.bind("")
+                else:
+                    _bind_path(self.sock, return_endpoint(cfg, index))
                 loop.add_reader(self.sock.fileno(), self._readable)
-                self._hello()
         self.next = 0
         self.failed_logged = False
-
-    def _hello(self) -> None:
-        """Tell every fast acceptor where to give connections back: the clients the kernel
-        steers to a fast acceptor directly (ingress.core.reuseport) were handed by nobody, so
-        when it has no room for one it gives it to a port-25 acceptor that said hello."""
-        assert self.sock is not None and self.loop is not None
-        for path in self.paths:
-            with contextlib.suppress(OSError):
-                self.sock.sendto(HELLO, path)
-        self.loop.call_later(HELLO_EVERY, self._hello)
 
     def _readable(self) -> None:
         assert self.sock is not None and self.returned is not None
@@ -201,38 +203,32 @@ class Receiver:
     def __init__(self, cfg: Config, index: int, loop: asyncio.AbstractEventLoop,
                  serve: Callable[[socket.socket, Any], Any]) -> None:
         self.path = endpoint(cfg, index)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.sock.bind(self.path)
+        _bind_path(self.sock, self.path)
+        self.returns = [return_endpoint(cfg, i) for i in range(cfg.acceptor_count)]
+        self.next_return = index
         # room for a burst of hand-offs (each datagram is tiny)
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.sock.setblocking(False)
         self.loop, self.serve = loop, serve
-        self.senders: dict[Any, None] = {}     # port-25 acceptors that said hello, oldest first
         loop.add_reader(self.sock.fileno(), self._readable)
 
     def _readable(self) -> None:
         # any sender (a port-25 acceptor; an unbound one, which cannot take a connection
         # back, has no address)
         _drain(self.sock, MAGIC, lambda _addr: True,
-               lambda conn, addr: self.serve(conn, addr or None), self._hello)
-
-    def _hello(self, addr: Any) -> None:
-        self.senders.pop(addr, None)
-        self.senders[addr] = None
-        while len(self.senders) > SENDERS_KEPT:
-            del self.senders[next(iter(self.senders))]
+               lambda conn, addr: self.serve(conn, addr or None))
 
     def give_back_any(self, transport: asyncio.BaseTransport) -> bool:
         """A connection nobody handed here (steered by the kernel) that this fast acceptor
-        cannot admit: to a port-25 acceptor that said hello, the most recent first; False
-        when none takes it."""
-        for addr in reversed(list(self.senders)):
-            if self.give_back(transport, addr):
+        cannot admit: to a port-25 acceptor (return_endpoint), each tried once in turn;
+        False when none takes it (down, restarting, its queue full)."""
+        for _ in range(len(self.returns)):
+            path = self.returns[self.next_return % len(self.returns)]
+            self.next_return += 1
+            if self.give_back(transport, path):
                 return True
-            self.senders.pop(addr, None)        # gone (restarted): its address is stale
         return False
 
     def give_back(self, transport: asyncio.BaseTransport, sender: Any) -> bool:

@@ -113,6 +113,10 @@ class RecipientVerifier:
         self.answers[key] = answer
         return True
 
+    def remember(self, key: str, answer: Answer) -> bool:
+        """Cache `answer` for its own TTL (smtp.verify_*_ttl; 0: not cached)."""
+        return self.ttl[answer] > 0 and self._store(key, answer, self.ttl[answer])
+
     def cached(self, address: str) -> Answer | None:
         return self._get(cache_key(address))
 
@@ -154,8 +158,7 @@ class RecipientVerifier:
             answer = await self._bounded(address, smtputf8)
         finally:             # cancelled (the client left): nothing cached, waiters unsure
             self.inflight.pop(key, None)
-            if answer is not None and self.ttl[answer] > 0 \
-                    and self._store(key, answer, self.ttl[answer]) and answer in PERSISTED:
+            if answer is not None and self.remember(key, answer) and answer in PERSISTED:
                 self.changes += 1
             if not fut.done():
                 fut.set_result(answer or Answer.TEMPFAIL)

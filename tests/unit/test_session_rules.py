@@ -321,8 +321,8 @@ def test_verify_cache_ttls_per_answer() -> None:
     v = RecipientVerifier("127.0.0.1", 1, helo="mx.test", timeout=1.0, positive_ttl=100.0,
                           negative_ttl=10.0, tempfail_ttl=1.0, cache_size=2,
                           concurrency=1, timer=lambda: now[0])
-    v.cache[cache_key("a@Example.TEST")] = Answer.OK
-    v.cache[cache_key("b@example.test")] = Answer.UNKNOWN
+    assert v.remember(cache_key("a@Example.TEST"), Answer.OK)
+    assert v.remember(cache_key("b@example.test"), Answer.UNKNOWN)
     assert v.cached("a@example.test") is Answer.OK          # the domain is case-folded
     assert v.cached("A@example.test") is None               # the local part is not
     now[0] += 11
@@ -330,8 +330,8 @@ def test_verify_cache_ttls_per_answer() -> None:
     now[0] += 100
     assert v.cached("a@example.test") is None
     for i in range(5):                                      # bounded in count
-        v.cache[cache_key(f"c{i}@example.test")] = Answer.OK
-    assert len(v.cache) == 2
+        v.remember(cache_key(f"c{i}@example.test"), Answer.OK)
+    assert len(v) == 2
 
 
 def test_verify_backlog_full_is_tempfail_without_a_connection() -> None:
