@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 
 # Two at a time (by file: a module's fixtures stay in one process), then the tests marked
-# serial alone (tests/conftest.py: SERIAL_FILES time failover and shared rates).
+# serial alone (@pytest.mark.serial, tests/conftest.py: failover, deadlines, shared rates).
 test: $(STAMP) sysdeps lint
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial" tests
 	$(PY) -m pytest -q -m serial tests

@@ -74,7 +74,7 @@ from ingress.evidence import cert_evidence, normalize_fingerprint, sha256_finger
 from ingress.handler import IngressHandler
 from ingress.host import Prototype
 from ingress.lanes import Lanes
-from ingress.learned_store import LEARNED_SAVE_INTERVAL, LearnedStore
+from ingress.learned_store import LearnedStore
 from ingress.lobby import Lobby
 from ingress.policy.admission import FD_SPARE, configured_limit, spf_fds
 from ingress.policy.classify import (
@@ -490,7 +490,7 @@ class AcceptorContext:
         """Acceptor 0 keeps the learned allow cache on disk (every acceptor learns the same
         entries over pub/sub and reads the file at start), so it survives restarts."""
         while True:
-            await asyncio.sleep(LEARNED_SAVE_INTERVAL)
+            await asyncio.sleep(self.cfg.classify.learned_save_interval)
             data = self.learned_store.snapshot(time.time())
             if data is not None:
                 try:

@@ -17,7 +17,7 @@ API:
         dirty                          changed since the last snapshot
         snapshot(now) -> bytes | None  the JSON to save (purged), None when unchanged; clears
                                        `dirty`. The caller writes it (acceptor 0 does, every
-                                       LEARNED_SAVE_INTERVAL; every acceptor learns and
+                                       classify.learned_save_interval; every acceptor learns and
                                        unlearns the same entries over pub/sub and reads the
                                        file at start).
 
@@ -36,8 +36,6 @@ from typing import Any
 from ingress.core import log
 from ingress.core.config import Config
 from ingress.policy.classify import LearnedAllow
-
-LEARNED_SAVE_INTERVAL = 5.0  # seconds between saves of a changed learned allow cache
 
 
 def _bounds(cfg: Config) -> dict[str, Any]:

@@ -12,11 +12,14 @@ API
                                      on PATH
     ``@pytest.mark.needs_redis``     ``redis-server`` on PATH (tests start and stop their own)
     ``missing(marker_name) -> str | None``   the skip reason, or None when the program is there
-    ``serial``                       given here to every test of SERIAL_FILES: tests that time
-                                     failover, deadlines or a shared rate across processes, which
-                                     a second test running beside them on these 2 cores would
-                                     skew. `make test` runs the rest two at a time
-                                     (pytest-xdist, -n 2 by file), then these alone
+    ``@pytest.mark.serial``          put by a test on itself, with a comment saying what it
+                                     times: failover within a deadline, a deadline, or a shared
+                                     rate across processes, which a second test running beside
+                                     it on these 2 cores would skew. `make test` runs the rest
+                                     two at a time (pytest-xdist, -n 2 by file), then these
+                                     alone. A test that only checks what happens (not how fast)
+                                     is not serial, even beside serial tests in its file: every
+                                     test run alone is one the 2 cores do not share.
 
 Failure modes
     A test carrying a marker whose program is missing is skipped with a reason that names the
@@ -37,7 +40,6 @@ import pytest
 from tests.kit.postfix import PostfixUnavailable, check_available
 
 SYSTEMD_TOOLS = ("systemd-analyze", "systemd-sysusers", "systemd-tmpfiles")
-SERIAL_FILES = frozenset({"test_chaos.py", "test_cluster.py", "test_cluster_redis.py"})
 
 
 @functools.cache
@@ -73,12 +75,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "needs_systemd: needs systemd-analyze/-sysusers/-tmpfiles")
     config.addinivalue_line("markers", "needs_redis: needs redis-server on PATH")
     config.addinivalue_line("markers", "serial: run alone, not beside another test (timing)")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.name in SERIAL_FILES:
-            item.add_marker(pytest.mark.serial)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -148,6 +148,8 @@ class ClassifyConfig:
     learned_per_domain: int = 16        # ... learned for one (organisational) domain: the
                                         # domain's oldest goes for a newer one
     learned_per_net: int = 16           # ... in one IPv4 /24 or IPv6 /48: likewise
+    learned_save_interval: float = 5.0  # seconds between two saves of a changed learned cache
+                                        # to learned.json (acceptor 0); what a crash can lose
     cert_promotes: bool = True          # a verified or pinned client certificate -> fast lane
     spf_promote: str = "off"            # "any" | "listed" | "off": which SPF passes promote
                                         # (off: no SPF lookups at all, e.g. without DNS)
@@ -753,6 +755,8 @@ def _check_classify(cfg: Config, need: _Need) -> None:
     need(c.learned_max >= 1, "classify.learned_max", "must be >= 1")
     need(1 <= c.learned_per_domain <= 10000, "classify.learned_per_domain", "must be 1..10000")
     need(1 <= c.learned_per_net <= 10000, "classify.learned_per_net", "must be 1..10000")
+    need(0.1 <= c.learned_save_interval <= 3600, "classify.learned_save_interval",
+         "must be 0.1..3600 seconds")
     need(0 < c.dns_timeout <= 30, "classify.dns_timeout", "must be in (0, 30]")
     need(0 < c.spf_deadline <= 60, "classify.spf_deadline",
          "must be in (0, 60] (at most half of smtp.idle_timeout applies)")

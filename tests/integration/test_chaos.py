@@ -212,8 +212,14 @@ def emfile_flood(tmp_path: Path) -> dict[str, object]:
     return out
 
 
-def test_emfile_under_a_low_fd_limit(tmp_path: Path) -> None:
-    r = emfile_flood(tmp_path)
+@pytest.fixture(scope="module")
+def emfile_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """One flood for both EMFILE tests: they check different things of the same run."""
+    return emfile_flood(tmp_path_factory.mktemp("emfile"))
+
+
+def test_emfile_under_a_low_fd_limit(emfile_run: dict[str, object]) -> None:
+    r = emfile_run
     low = r["nofile_too_low"]
     assert low and low[0]["limit"] == NOFILE, "no warning that the fd limit is too low"  # type: ignore[index]
     assert r["before"] == 250
@@ -228,11 +234,11 @@ def test_emfile_under_a_low_fd_limit(tmp_path: Path) -> None:
     print(f"EMFILE: {seen}; log events {r['events']}")
 
 
-def test_emfile_is_refused_politely_and_logged(tmp_path: Path) -> None:
+def test_emfile_is_refused_politely_and_logged(emfile_run: dict[str, object]) -> None:
     """Beyond what the fd limit allows a client should get 421 (or wait in the backlog), never
     a silent close, and the operator a log line; admission could cap smtp.max_connections at
     what RLIMIT_NOFILE allows (acceptor.raise_nofile only warns today)."""
-    r = emfile_flood(tmp_path)
+    r = emfile_run
     seen = r["seen"]
     assert isinstance(seen, dict)
     assert seen["closed"] == 0, f"connections closed without a reply: {seen}"
@@ -244,6 +250,8 @@ def test_emfile_is_refused_politely_and_logged(tmp_path: Path) -> None:
 # --- SIGSTOP of a broker ----------------------------------------------------------------------
 
 
+# serial: every verdict within ack_timeout + 3 s and mail flowing 3 s after SIGCONT are deadlines
+@pytest.mark.serial
 @pytest.mark.parametrize("heartbeat_timeout", [2.0, 10.0], ids=["replaced", "resumes"])
 def test_sigstop_bulk_broker(tmp_path: Path, heartbeat_timeout: float) -> None:
     ack_timeout = 5.0

@@ -159,7 +159,8 @@ def test_starttls_on_public_port_is_bulk_and_never_asks_for_a_cert(
 def test_dkim_and_learned_allow_survives_restart(tmp_path: Path, dns_server: DNSServer,
                                                  dkim_key: tuple[bytes, str]) -> None:
     tables = {"classify": {"spf_promote": "any", "nameservers": [dns_server.address],
-                           "dns_timeout": 1.0, "spf_deadline": 2.0}}
+                           "dns_timeout": 1.0, "spf_deadline": 2.0,
+                           "learned_save_interval": 0.5}}     # learned.json: waited for below
     forged = (b"Authentication-Results: mx.test; dkim=pass header.d=paypal.test\r\n"
               b"Authentication-Results: other.example; spf=pass\r\n")
     signed = dkim.sign(message("signed"), b"sel", b"good.test", dkim_key[0],

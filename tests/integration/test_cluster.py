@@ -26,7 +26,7 @@ import zmq
 from ingress.core import cluster
 from ingress.core.wire import Envelope, Lane, decode_reply, submit
 from tests.kit.clusterkit import free_base, keygen
-from tests.kit.harness import ROOT, Ingress, make_body, send_one
+from tests.kit.harness import ROOT, Ingress, make_body, send_one, start_all
 
 LANES_ADDRS = ("127.0.0.2", "127.0.0.3")
 
@@ -63,13 +63,9 @@ class Cluster:
             "supervisor": {"acceptors": 1}})
 
     def __enter__(self) -> Cluster:
-        try:
-            for ln in self.lanes:
-                ln.start()
-            self.edge.start()
-        except BaseException:
-            self.__exit__()
-            raise
+        # All at once, as a cluster boots: the edge's acceptors connect to the lanes nodes
+        # whenever those bind (every test waits for the nodes to be live where it matters).
+        start_all(*self.lanes, self.edge)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -171,6 +167,7 @@ def test_edge_delivers_to_both_lanes_nodes_over_curve(two_nodes: Cluster) -> Non
     assert not (c.edge.spool / "new").is_dir() or not list((c.edge.spool / "new").iterdir())
 
 
+@pytest.mark.serial     # mail flows again within 2 s of the kill: a deadline
 def test_kill_9_of_a_lanes_node_fails_over(two_nodes: Cluster) -> None:
     """kill -9 of a whole lanes node (its supervisor and children) while two are up: every
     client gets 250 or a 4xx, every 250 is in a spool, and mail flows again within 2 s."""
@@ -318,6 +315,7 @@ def test_an_edge_whose_key_is_not_allowed_gets_451_and_both_sides_log_it(tmp_pat
         assert doc["exit"] == 1 and [n["live"] for n in doc["nodes"]] == [False]
 
 
+@pytest.mark.serial     # every message 3 s after the SIGSTOP gets 250: a deadline
 def test_a_silent_lanes_node_is_left_and_rejoins(two_nodes: Cluster) -> None:
     """A lanes node that stops answering without closing its connections (SIGSTOP of the whole
     node: a hung or vanished host): its stale status and the ZeroMQ heartbeats take it out of

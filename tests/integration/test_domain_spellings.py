@@ -196,7 +196,8 @@ def test_idn_sender_is_identified_and_learned_under_its_a_label(
     alignment compared the U-label with the A-label)."""
     state = Path(tempfile.mkdtemp(prefix="si-", dir="/tmp"))
     try:
-        with Ingress(tmp_path, tables(dns), state=state) as ing:
+        # learned.json (waited for below) saved every 0.5 s, not every 5 s
+        with Ingress(tmp_path, tables(dns, learned_save_interval=0.5), state=state) as ing:
             async def send(subject: str) -> str:
                 s = await open_session(ing.port)
                 assert (await s.cmd("EHLO client.test")).startswith("250")

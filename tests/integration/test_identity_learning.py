@@ -28,6 +28,9 @@ from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, send_one
 from workers.pipeline import Pipeline
 
+# learned.json is written this often (classify.learned_save_interval; 5 s by default): the tests
+# that read it wait for a save, and several saves happen within each of their waits.
+SAVE_INTERVAL = 0.5
 
 @pytest.fixture(scope="module")
 def keys() -> tuple[bytes, str]:
@@ -126,7 +129,7 @@ def test_listed_learns_only_listed_domains_live(tmp_path: Path, keys: tuple[byte
         state = Path(tempfile.mkdtemp(prefix="si-", dir="/tmp"))
         tables = {"classify": {"spf_promote": "listed", "spf_domains": ["good.test"],
                                "nameservers": [dns.address], "dns_timeout": 1.0,
-                               "spf_deadline": 2.0}}
+                               "spf_deadline": 2.0, "learned_save_interval": SAVE_INTERVAL}}
         try:
             with Ingress(tmp_path, tables, state=state) as ing:
                 for ip, domain in ((spam_ip, "spammer.test"), (good_ip, "good.test")):
@@ -220,7 +223,8 @@ def live_dns(keys: tuple[bytes, str]):
 
 def live_tables(dns: DNSServer, **classify: object) -> dict:
     return {"classify": {"spf_promote": "any", "nameservers": [dns.address],
-                         "dns_timeout": 1.0, "spf_deadline": 2.0, **classify}}
+                         "dns_timeout": 1.0, "spf_deadline": 2.0,
+                         "learned_save_interval": SAVE_INTERVAL, **classify}}
 
 
 def wait_for(cond, timeout: float = 15.0) -> bool:       # type: ignore[no-untyped-def]

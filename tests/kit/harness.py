@@ -1,13 +1,16 @@
 """Test harness: run a real smtp-ingress (supervisor + children) on loopback and talk to it.
 
 API:
-    Ingress(tmpdir, **overrides)   context manager; .port, .spool, .pid, .children(kind),
+    Ingress(tmpdir, **overrides)   context manager (or .start(); .spawn() + .wait_ready());
+                                   .port, .spool, .pid, .children(kind),
                                    .config (the TOML file written), .logfile,
                                    .signal(sig), .stop() -> exit code (the drain), .log_lines();
                                    leaving the block kills what is left (SIGKILL, its group)
                                    .addresses: every listen address as bound ("[::1]:p");
                                    overrides with listen.addresses drop listen.host/port
     spooled() -> dict[qid, SpoolEntry]   every file in spool/new, parsed
+    start_all(*instances)                several started at once (the start-ups overlap); all
+                                         stopped again if one fails
     smtp_dialogue(port, lines, ...)      raw client: send lines, collect every reply
     send_one(port, ...) -> (code, text)  one message on a fresh connection (aiosmtplib)
 
@@ -103,7 +106,8 @@ class Ingress:
         self.addresses: list[str] = []     # listen.addresses as bound ("v4:port", "[v6]:port")
 
     def __enter__(self) -> Ingress:
-        self.start()
+        if self.proc is None or self.proc.poll() is not None:   # not already started_all
+            self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -112,11 +116,19 @@ class Ingress:
         self.stop(graceful=False)
 
     def start(self, timeout: float = 60.0) -> None:
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the process and return at once (wait_ready waits for its "ready" line)."""
         self._log = open(self.logfile, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [*self.prefix, *self.command, "run", "--config", str(self.config), *self.args],
             cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for doc in self.log_lines():
@@ -214,6 +226,23 @@ class Ingress:
             assert qid not in out, f"{qid} spooled twice"
             out[qid] = e
         return out
+
+
+def start_all(*instances: Ingress, timeout: float = 60.0) -> None:
+    """Start several instances at once (their start-ups overlap: a cluster's nodes, two edges)
+    and return when every one is ready; if one fails, every one started here is stopped."""
+    spawned: list[Ingress] = []
+    try:
+        for ing in instances:
+            ing.spawn()
+            spawned.append(ing)
+        for ing in instances:
+            ing.wait_ready(timeout)
+    except BaseException:
+        for ing in spawned:
+            with contextlib.suppress(Exception):
+                ing.stop(graceful=False)
+        raise
 
 
 def split_trace(msg: bytes) -> tuple[dict[str, bytes], bytes]:

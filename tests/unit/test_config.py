@@ -43,6 +43,8 @@ INVALID = [
     ("[classify]\nspf_promote = \"listed\"\nspf_domains = [\"a..b\"]\n", "classify.spf_domains"),
     ("[classify]\nnameservers = [\"dns.example\"]\n", "classify.nameservers"),
     ("[classify]\ndomain_burst = 0.5\n", "classify.domain_burst"),
+    ("[classify]\nlearned_save_interval = 0.0\n", "classify.learned_save_interval"),
+    ("[classify]\nlearned_save_interval = 7200.0\n", "classify.learned_save_interval"),
     ("[classify]\nspf_backlog = 0\n", "classify.spf_backlog"),
     ("[classify]\nspf_per_domain = 300\n", "classify.spf_per_domain"),
     ("[classify]\nspf_per_network = 0\n", "classify.spf_per_network"),
