@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint unit integration fuzz bench bench-quick bench-cluster sysdeps clean
+.PHONY: run test lint bytecode unit integration fuzz bench bench-quick bench-cluster sysdeps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -30,16 +30,23 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy ingress workers
 	$(VENV)/bin/lint-imports --no-cache
 
+# Our modules compiled once. Where PYTHONDONTWRITEBYTECODE is set (it is on these machines) no
+# process writes bytecode, and each of the 9 processes of every instance a test starts compiled
+# ingress/ and workers/ from source again: 0.6 s of CPU an instance, a quarter of its start-up.
+# (Python reads the files whatever that variable says; a stale one is simply not used.)
+bytecode: $(STAMP)
+	$(PY) -m compileall -q ingress workers tests bench
+
 # Two at a time (by file: a module's fixtures stay in one process), then the tests marked
 # serial alone (@pytest.mark.serial, tests/conftest.py: failover, deadlines, shared rates).
-test: $(STAMP) sysdeps lint
+test: $(STAMP) sysdeps lint bytecode
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial" tests
 	$(PY) -m pytest -q -m serial tests
 
-unit: $(STAMP)
+unit: $(STAMP) bytecode
 	$(PY) -m pytest -q tests/unit
 
-integration: $(STAMP) sysdeps
+integration: $(STAMP) sysdeps bytecode
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial" tests/integration
 	$(PY) -m pytest -q -m serial tests/integration
 
