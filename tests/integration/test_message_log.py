@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.kit.harness import Ingress, make_body, send_one
+from tests.kit.harness import Ingress, make_body, send_one, wait_for
 from tests.kit.postfix import PostfixInstance, started_postfix
 
 pytestmark = pytest.mark.timeout(90)
@@ -31,13 +31,6 @@ FAST = "127.0.0.9"
 @pytest.fixture(scope="module")
 def postfix() -> Iterator[PostfixInstance]:
     yield from started_postfix("msglog-pf-")
-
-
-def wait_for(cond: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_one_accept_line_and_one_relay_line_per_message(tmp_path: Path,

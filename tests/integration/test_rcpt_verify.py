@@ -16,15 +16,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ingress import rcpt_verify
 from ingress.rcpt_verify import Answer, RecipientVerifier
-from tests.kit.harness import Ingress, make_body, send_one, smtp_dialogue
+from tests.kit.harness import Ingress, make_body, send_one, smtp_dialogue, wait_for
 from tests.kit.postfix import (
     PostfixInstance,
     free_port,
@@ -62,13 +61,6 @@ def rcpt_replies(port: int, rcpts: list[str]) -> list[str]:
     lines = [EHLO, MAIL] + [f"RCPT TO:<{r}>\r\n".encode() for r in rcpts] + [b"QUIT\r\n"]
     r = asyncio.run(smtp_dialogue(port, lines))
     return r[3:3 + len(rcpts)]
-
-
-def wait_for(cond: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def callouts(ing: Ingress, rcpt: str) -> int:

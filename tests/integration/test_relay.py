@@ -16,12 +16,12 @@ import email
 import email.policy
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.kit.harness import Ingress, make_body, send_one
+from tests.kit.harness import Ingress, make_body, relaying, send_one, wait_for
 from tests.kit.postfix import (
     PostfixInstance,
     started_postfix,
@@ -91,19 +91,6 @@ def strip_trace(raw: bytes, sender: str, rcpt: str) -> bytes:
     assert m, raw[:600]
     assert m["rp"].decode() == sender and m["xot"].decode() == rcpt and m["dt"].decode() == rcpt
     return raw[m.end():]
-
-
-def wait_for(cond: Callable[[], object], timeout: float, what: str, poll: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(poll)
-
-
-def relaying(ing: Ingress) -> Ingress:
-    wait_for(lambda: ing.events("relay_start"), 15,
-             "the relay process (supervisor wiring: a relay child when relay.downstream is set)")
-    return ing
 
 
 def spool_count(ing: Ingress, sub: str) -> int:

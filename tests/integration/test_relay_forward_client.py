@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from ingress.core.wire import Envelope, Lane, new_qid
-from tests.kit.harness import Ingress, make_body, send_one, smtp_dialogue
+from tests.kit.harness import Ingress, make_body, relaying, send_one, smtp_dialogue, wait_for
 from tests.kit.postfix import PostfixInstance, started_postfix
 from workers import spool as spool_mod
 
@@ -62,18 +62,6 @@ def tables(pf: PostfixInstance, mode: str | None) -> dict[str, dict[str, Any]]:
     if mode is not None:                   # None: the default (auto)
         relay["forward_client"] = mode
     return {"relay": relay}
-
-
-def wait_for(cond: Callable[[], object], timeout: float, what: str, poll: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(poll)
-
-
-def relaying(ing: Ingress) -> Ingress:
-    wait_for(lambda: ing.events("relay_start"), 15, "the relay process")
-    return ing
 
 
 def spool_count(ing: Ingress, sub: str) -> int:

@@ -38,7 +38,7 @@ import orjson
 import pytest
 
 from ingress.core.wire import Envelope, Lane, new_qid
-from tests.kit.harness import Ingress, make_body, send_one
+from tests.kit.harness import Ingress, make_body, send_one, wait_for
 from tests.kit.postfix import (
     PostfixInstance,
     free_port,
@@ -183,13 +183,6 @@ def poison_set(lmtp: bool) -> list[tuple[str, str, tuple[str, ...], bytes]]:
          body("rcpt-crlf")),
         ("sender-crlf", "s@sender.test\r\nRSET", ("p-scrlf@example.test",), body("sender-crlf")),
     ]
-
-
-def wait_for(cond: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def run_invariant(tmp_path: Path, downstream: str, lmtp: bool,

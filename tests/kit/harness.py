@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -362,3 +363,18 @@ async def send_tls(port: int, body: bytes, *, ca: Path, client: Path | None,
         return 0, repr(e)
     finally:
         smtp.close()
+
+
+def wait_for(cond: Callable[[], object], timeout: float, what: str, poll: float = 0.1) -> None:
+    """Poll `cond` until it is true; an AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)
+
+
+def relaying(ing: Ingress) -> Ingress:
+    """`ing` once its relay process runs (a relay child when relay.downstream is set)."""
+    wait_for(lambda: ing.events("relay_start"), 15,
+             "the relay process (supervisor wiring: a relay child when relay.downstream is set)")
+    return ing
