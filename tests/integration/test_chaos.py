@@ -8,7 +8,7 @@
   says so at start (nofile_too_low); a flood of connections beyond the limit does not crash it or
   make it spin; once they are gone it serves again. The clients beyond what the limit allows
   get 421 (admission is capped at RLIMIT_NOFILE - FD_SPARE), never a silent close, and the
-  operator a log line (test_emfile_is_refused_politely_and_logged).
+  operator a log line (test_emfile_is_refused_politely_and_logged; both tests check one flood).
 - SIGSTOP of the bulk broker for 5 s, then SIGCONT, while mail streams: every client gets its
   verdict within the ack deadline (250 or 4xx, never a hang), nothing acknowledged is lost,
   nothing is spooled twice, and mail flows again afterwards. With the harness's
@@ -16,7 +16,8 @@
   same broker resumes without any restart.
 
 Every load loop is bounded in count and time; every process is started and stopped by the
-harness, by PID.
+harness, by PID. Only the SIGSTOP test is serial (its deadlines); the others check what is
+stored and answered, which a test running beside them does not change.
 """
 
 from __future__ import annotations
