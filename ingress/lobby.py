@@ -47,7 +47,6 @@ from ingress.smtp import (
     IngressSMTP,
     banner_line,
     classify_and_admit,
-    eviction_reason,
     refuse_early_talker,
 )
 
@@ -125,11 +124,11 @@ class Lobby(asyncio.Protocol):
 
     # --- Seat (ingress.sessions) ----------------------------------------------------------
 
-    def evict(self, line: str) -> None:
+    def evict(self, line: str, reason: str) -> None:
         if self.admitted:
             self._release()
             log.refused("evicted", self.peer_ip, stage="banner", code=line[:3],
-                        reason=eviction_reason(line), port=self.peer_port,
+                        reason=reason, port=self.peer_port,
                         lane=self.lane.value, tier=session_tier(self.lane, self.identity).label,
                         spoken=False, connected_s=round(time.monotonic() - self.started, 1))
         self.close_with(line)

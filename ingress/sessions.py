@@ -104,7 +104,7 @@ class Seat(Protocol):
     busy: bool         # inside DATA or waiting for its ack: never evicted for another
     started: float     # when it connected (monotonic)
 
-    def evict(self, line: str) -> None: ...
+    def evict(self, line: str, reason: str) -> None: ...  # reason: the log line's token
 
     def close_if_idle(self, line: str) -> bool: ...
 
@@ -228,7 +228,7 @@ class SessionTable:
             return False
         self.counters["evicted_silent"] += 1
         metrics.connection(victim.lane, Outcome.EVICTED_SILENT)
-        victim.evict(text(Refusal.EVICTED_SILENT, host=self.cfg.smtp.hostname))
+        victim.evict(text(Refusal.EVICTED_SILENT, host=self.cfg.smtp.hostname), "silent")
         return True
 
     def evict_for(self, tier: Tier, newcomer: Seat) -> bool:
@@ -243,7 +243,7 @@ class SessionTable:
         metrics.connection(victim.lane, Outcome.EVICTED)
         log.event("made_room", peer=newcomer.peer_ip, tier=tier.label, victim=victim.peer_ip,
                   victim_tier=self.tier(victim).label)
-        victim.evict(text(Refusal.EVICTED, host=self.cfg.smtp.hostname))
+        victim.evict(text(Refusal.EVICTED, host=self.cfg.smtp.hostname), "made_room")
         return True
 
     def spoke(self, seat: Seat) -> None:

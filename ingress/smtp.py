@@ -77,7 +77,7 @@ from ingress.policy.admission import Ticket, stress_timeouts
 from ingress.policy.classify import Evidence, promote
 from ingress.policy.deferrals import Claim
 from ingress.policy.identity import served_over_share
-from ingress.policy.replies import REPLIES, Refusal, clean, text
+from ingress.policy.replies import Refusal, clean, text
 from ingress.policy.session_rules import Counters, Refused
 from ingress.policy.tiers import hands_off, tier_of
 from ingress.smtp_data import DataPhase
@@ -178,12 +178,6 @@ def refuse_early_talker(seat: Any, ctx: SessionHost) -> None:
     log.refused("early_talker", seat.peer_ip, stage="greet", code=554, port=seat.peer_port,
                 penalty_s=ctx.cfg.admission.penalty)
     seat.close_with(text(Refusal.EARLY_TALKER))
-
-
-def eviction_reason(line: str) -> str:
-    """The reason token of an eviction, from its reply line (the table's EVICTED_SILENT or
-    EVICTED: ingress.sessions chooses)."""
-    return "silent" if line.startswith(REPLIES[Refusal.EVICTED_SILENT][:9]) else "made_room"
 
 
 def banner_line(hostname: str) -> str:
@@ -470,14 +464,14 @@ class IngressSMTP(DataPhase):
             self.ctx.spoke(self)
         super().data_received(data)
 
-    def evict(self, line: str) -> None:
+    def evict(self, line: str, reason: str) -> None:
         """Make room now (the slot is released at once, not when the close completes)."""
         if self.admitted:
             self.admitted = False
             self.ctx.release(self)
             metrics.session_close(self.lane)
             log.refused("evicted", self.peer_ip, stage="session", code=line[:3],
-                        reason=eviction_reason(line), port=self.peer_port,
+                        reason=reason, port=self.peer_port,
                         lane=self.lane.value, tier=self.tier.label, spoken=self.spoken,
                         connected_s=round(time.monotonic() - self.started, 1))
         self.close_with(line)

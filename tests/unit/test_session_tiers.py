@@ -28,7 +28,7 @@ class FakeSeat:
         self.evicted: str | None = None
         self.table: SessionTable | None = None
 
-    def evict(self, line: str) -> None:
+    def evict(self, line: str, reason: str) -> None:
         self.evicted = line
         self.admitted = False
         assert self.table is not None
