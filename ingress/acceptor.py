@@ -199,7 +199,6 @@ class AcceptorContext:
         self.lanes = Lanes(cfg, self.ident)
         self.receiver: handoff.Receiver | None = None    # a fast acceptor's (listeners())
         self.deferrals: DeferralRecords = DeferralStore(deferral_limits(cfg))
-        self.hammered_lines = log.Throttle(OVER_RATE_LOG_EVERY, OVER_RATE_LOGGED_MAX)
         # [cluster] redis: the state every edge shares (None: in-process only, one host)
         self.cluster = ClusterState.create(
             cfg, self.ident, lambda ip: self.table.penalise(ip, time.monotonic()),
@@ -386,10 +385,7 @@ class AcceptorContext:
             return None
         if result is ClaimResult.HAMMERED:
             metrics.retry(Lane.BULK, RetryResult.HAMMERED)
-            net = key.split("|", 1)[0]
-            quiet = self.hammered_lines.due(net, time.monotonic())
-            if quiet is not None:
-                log.event("retry_hammered", peer=ip, net=net, not_logged=quiet)
+            log.throttled("retry_hammered", ip, net=key.split("|", 1)[0])
             return None
         if result is ClaimResult.OVER_SHARE or not self.lanes.retry_mail_admitted():
             metrics.retry(Lane.BULK, RetryResult.OVER_SHARE)
