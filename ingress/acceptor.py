@@ -56,7 +56,7 @@ import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from ingress import handoff, mtls, proxy
@@ -122,6 +122,21 @@ OVER_RATE_LOGGED_MAX = 1024   # domains whose last over_rate line is remembered
 MAX_SHEDS_TOLD = 1_000_000    # sheds one deferral fact may stand for (a bound, not a limit)
 
 
+SLOT_PREFIX = {"port25": "a", "fast": "f", "mtls": "m"}
+
+
+def slot_name(kind: str, index: int) -> str:
+    """An acceptor slot's short name ("a0", "f0", "m0"): its ident's head, its files' names."""
+    return f"{SLOT_PREFIX[kind]}{index}"
+
+
+def slot_names(cfg: Config) -> list[str]:
+    """Every acceptor slot this host runs, port-25, fast and mTLS ones."""
+    counts = {"port25": cfg.acceptor_count, "fast": cfg.supervisor.fast_acceptors,
+              "mtls": cfg.mtls_acceptor_count}
+    return [slot_name(kind, i) for kind, n in counts.items() for i in range(n)]
+
+
 class AcceptorContext:
     """Everything the sessions of one acceptor process share (the SessionHost that smtp.py's
     IngressSMTP and IngressHandler run against): the classify policy, and the parts it holds,
@@ -132,7 +147,8 @@ class AcceptorContext:
     def __init__(self, cfg: Config, index: int, loop: asyncio.AbstractEventLoop,
                  nofile: int = 0, fast: bool = False, mtls_only: bool = False) -> None:
         self.cfg, self.index, self.loop = cfg, index, loop
-        self.ident = f"{'m' if mtls_only else 'f' if fast else 'a'}{index}-{os.getpid()}"
+        self.slot = slot_name("mtls" if mtls_only else "fast" if fast else "port25", index)
+        self.ident = f"{self.slot}-{os.getpid()}"
         # a port-25 acceptor hands clients classified fast at connect to the fast acceptors
         # (ingress.handoff); a fast acceptor serves what it is handed, and hands nothing on
         self.handoff = None if fast else handoff.Sender(
@@ -188,10 +204,7 @@ class AcceptorContext:
         self.verifier = verifier(cfg)
         # its 2xx/5xx answers outlive this process (a reload replaces every acceptor)
         self.verify_store = None if self.verifier is None else VerifyStore(
-            self.verifier, cfg.spool.state_dir, self.ident.split("-", 1)[0],
-            [f"a{i}" for i in range(cfg.acceptor_count)]
-            + [f"f{i}" for i in range(cfg.supervisor.fast_acceptors)]
-            + [f"m{i}" for i in range(cfg.mtls_acceptor_count)],
+            self.verifier, cfg.spool.state_dir, self.slot, slot_names(cfg),
             f"{self.verifier.host}:{self.verifier.port}")
         if self.verify_store is not None:
             self.verify_store.load()
@@ -692,6 +705,16 @@ def _serve_socket(ctx: AcceptorContext, conn: socket.socket, factory: Any) -> No
     ctx.loop.create_task(start())
 
 
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """An acceptor's life on uvloop (on asyncio's own loop where uvloop is missing)."""
+    try:
+        import uvloop
+    except ImportError:     # pragma: no cover - uvloop is a hard dependency; keep serving anyway
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
 def run_fast(cfg: Config, index: int, hb: Any = None, slot: int = 0,
              mtls_sock: Listening = None, fast_sock: Listening = None,
              steered: Listening = None) -> None:
@@ -699,13 +722,7 @@ def run_fast(cfg: Config, index: int, hb: Any = None, slot: int = 0,
     connections handed over from port 25, and the mutual-TLS port and listen.fast_port (their
     clients prove themselves at the handshake or at connect), away from port 25's floods."""
     sig = child.start(cfg, f"fast-acceptor-{index}", child.ACCEPTOR_SIGNALS)
-    try:
-        import uvloop
-        uvloop.run(serve(cfg, index, None, hb, slot, mtls_sock, fast_sock, sig,
-                         steered=steered))
-    except ImportError:     # pragma: no cover - uvloop is a hard dependency
-        asyncio.run(serve(cfg, index, None, hb, slot, mtls_sock, fast_sock, sig,
-                          steered=steered))
+    _run_loop(serve(cfg, index, None, hb, slot, mtls_sock, fast_sock, sig, steered=steered))
 
 
 def run_mtls(cfg: Config, index: int, hb: Any = None, slot: int = 0,
@@ -714,11 +731,7 @@ def run_mtls(cfg: Config, index: int, hb: Any = None, slot: int = 0,
     so that the handshakes of clients without a valid certificate (ingress.mtls's gate bounds
     them) share no event loop with the operator clients port 25 hands to the fast acceptors."""
     sig = child.start(cfg, f"mtls-acceptor-{index}", child.ACCEPTOR_SIGNALS)
-    try:
-        import uvloop
-        uvloop.run(serve(cfg, index, None, hb, slot, mtls_sock, None, sig, handed=False))
-    except ImportError:     # pragma: no cover - uvloop is a hard dependency
-        asyncio.run(serve(cfg, index, None, hb, slot, mtls_sock, None, sig, handed=False))
+    _run_loop(serve(cfg, index, None, hb, slot, mtls_sock, None, sig, handed=False))
 
 
 def run(cfg: Config, index: int, sock: Listening, hb: Any = None, slot: int = 0,
@@ -726,8 +739,4 @@ def run(cfg: Config, index: int, sock: Listening, hb: Any = None, slot: int = 0,
     # With fast acceptors, these serve the unknown and the shed: they yield the cores to them.
     sig = child.start(cfg, f"acceptor-{index}", child.ACCEPTOR_SIGNALS,
                       nice=cfg.supervisor.acceptor_nice if cfg.supervisor.fast_acceptors else 0)
-    try:
-        import uvloop
-        uvloop.run(serve(cfg, index, sock, hb, slot, mtls_sock, fast_sock, sig))
-    except ImportError:     # pragma: no cover - uvloop is a hard dependency; keep serving anyway
-        asyncio.run(serve(cfg, index, sock, hb, slot, mtls_sock, fast_sock, sig))
+    _run_loop(serve(cfg, index, sock, hb, slot, mtls_sock, fast_sock, sig))
