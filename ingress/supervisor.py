@@ -540,6 +540,7 @@ class Supervisor:
         nf = cfg.supervisor.fast_acceptors
         if not cfg.listen.steer_operator or nf <= 0 or cfg.listen.proxy_protocol:
             return
+        per_slot: list[list[socket.socket]] = [[] for _ in range(nf)]
         for j, addr in enumerate(main):
             host, port = parse_listen_address(addr)
             if not steer_networks(cfg, host):
@@ -553,11 +554,10 @@ class Supervisor:
                 log.event("steer_unavailable", "warning", address=addr, error=str(e))
                 continue
             self.steered.append(j)
-            for slot, sock in enumerate(extra):
-                if slot == len(self.steered_sockets):
-                    self.steered_sockets.append([])
-                self.steered_sockets[slot].append(sock)
+            for slot, sock in zip(per_slot, extra, strict=True):
+                slot.append(sock)
         if self.steered:
+            self.steered_sockets = per_slot
             log.event("steer_operator", addresses=[main[j] for j in self.steered],
                       fast_acceptors=nf, networks=len(cfg.classify.allow_cidrs))
 
