@@ -14,7 +14,6 @@ the other tests, which count lines from one address), clients from several loopb
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.kit.harness import Ingress, make_body, send_one
+from tests.kit.harness import Ingress, make_body, send_one, smtp_dialogue
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,38 +32,10 @@ async def talk(port: int, source: str, lines: list[bytes], *, early: bool = Fals
                timeout: float = 10.0) -> tuple[list[str], int]:
     """Connect from `source`; `early`: send the first line before the banner. Each line is
     sent after the previous reply. Returns (the replies, banner first; our source port)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-    sport = writer.get_extra_info("sockname")[1]
-    out: list[str] = []
-
-    async def reply() -> str:
-        text: list[str] = []
-        while True:
-            line = await asyncio.wait_for(reader.readline(), timeout)
-            if not line:
-                return "\n".join(text) or "EOF"
-            text.append(line.decode("utf-8", "replace").rstrip("\r\n"))
-            if line[3:4] != b"-":
-                return "\n".join(text)
-
-    try:
-        if early and lines:
-            writer.write(lines[0])
-            lines = lines[1:]
-        out.append(await reply())
-        for line in lines:
-            if out[-1] == "EOF":
-                break
-            writer.write(line)
-            await writer.drain()
-            out.append(await reply())
-    except (ConnectionError, TimeoutError) as e:
-        out.append(f"ERR {type(e).__name__}")
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-    return out, sport
+    sport: list[int] = []
+    out = await smtp_dialogue(port, lines, read_timeout=timeout, wait_banner=not early,
+                              source=source, local_port=sport)
+    return out, sport[0]
 
 
 async def hold(port: int, source: str, n: int) -> list[tuple[asyncio.StreamReader,

@@ -270,11 +270,16 @@ def client_bytes(entry: spool_mod.SpoolEntry) -> bytes:
 
 async def smtp_dialogue(port: int, lines: list[bytes], *, host: str = "127.0.0.1",
                         read_timeout: float = 10.0, wait_banner: bool = True,
-                        source: str | None = None) -> list[str]:
+                        source: str | None = None,
+                        local_port: list[int] | None = None) -> list[str]:
     """Send each line (bytes, sent as is) after reading the previous reply; return all replies.
-    The banner is the first reply. A closed connection ends the list with 'EOF'."""
+    The banner is the first reply (wait_banner False: the first line goes before it, and its
+    reply is the first read). A closed connection ends the list with 'EOF'. `local_port`:
+    our source port is appended to it."""
     reader, writer = await asyncio.open_connection(
         host, port, local_addr=(source, 0) if source else None)
+    if local_port is not None:
+        local_port.append(writer.get_extra_info("sockname")[1])
     replies: list[str] = []
 
     async def read_reply() -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ast
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -242,16 +242,21 @@ def test_every_metric_is_documented(page: dict[str, list[list[str]]]) -> None:
     assert all(n.startswith("smtp_ingress_") for n in code), [n for n in code
                                                               if not n.startswith("smtp_")]
     rows = {r[0]: r for r in page["metrics"]}
-    missing = sorted(set(code) - set(rows))
-    gone = sorted(set(rows) - set(code))
-    assert not missing, f"metrics not in docs/reference.md: {missing}"
-    assert not gone, f"docs/reference.md lists metrics the code no longer has: {gone}"
+    same_names(code, rows, "metrics")
     for name, m in code.items():
         _, kind, labels, meaning = rows[name][:4]
         assert kind == m.kind, f"{name}: documented as {kind}, declared {m.kind} ({m.where})"
         assert set(_TICKED.findall(labels)) == m.labels, \
             f"{name}: documented labels {labels!r}, declared {sorted(m.labels)} ({m.where})"
         assert len(meaning) > 10, f"{name}: say what it means"
+
+
+def same_names(code: Mapping[str, object], rows: Mapping[str, object], what: str) -> None:
+    """The page names exactly what the code has: nothing missing, nothing gone."""
+    missing = sorted(set(code) - set(rows))
+    gone = sorted(set(rows) - set(code))
+    assert not missing, f"{what} not in docs/reference.md: {missing}"
+    assert not gone, f"docs/reference.md lists {what} the code no longer has: {gone}"
 
 
 def test_every_log_event_is_documented(page: dict[str, list[list[str]]]) -> None:
@@ -263,10 +268,7 @@ def test_every_log_event_is_documented(page: dict[str, list[list[str]]]) -> None
     for r in page["events"]:
         assert r[0] not in rows, f"{r[0]} is documented twice"
         rows[r[0]] = r
-    missing = sorted(set(code) - set(rows))
-    gone = sorted(set(rows) - set(code))
-    assert not missing, f"log events not in docs/reference.md: {missing}"
-    assert not gone, f"docs/reference.md lists events the code no longer writes: {gone}"
+    same_names(code, rows, "log events")
     for name, ev in code.items():
         _, levels, fields, when = rows[name][:4]
         documented = {x.strip() for x in levels.split(",")}
