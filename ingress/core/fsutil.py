@@ -44,7 +44,7 @@ import fcntl
 import os
 import stat
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 TMP_PREFIX = ".tmp."
@@ -89,26 +89,39 @@ def atomic_write(path: Path | str, data: bytes, mode: int = 0o640) -> None:
     fsync_dir(path.parent)
 
 
+def _read_limited(path: Path | str, fd: int, limit: int,
+                  problem: Callable[[os.stat_result], str]) -> bytes:
+    """The bytes of the open file `fd` (closed here) when problem(its fstat) is "", at most
+    `limit` (ValueError naming `path` otherwise): read_private's and read_own's one reader."""
+    try:
+        why = problem(os.fstat(fd))
+        if why:
+            raise ValueError(f"{str(path)!r} {why}")
+        raw = _read_upto(fd, limit + 1)
+    except OSError as e:
+        raise ValueError(f"{str(path)!r} cannot be read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > limit:                    # grew after the fstat
+        raise ValueError(f"{str(path)!r} is longer than {limit} bytes")
+    return raw
+
+
+def _secret_problem(st: os.stat_result) -> str:
+    mode = st.st_mode & 0o777
+    if mode & 0o077:
+        return (f"is open to group or others (mode {mode:04o}; a secret must not be readable "
+                "by others): chmod 600, owned by the service user")
+    return ""
+
+
 def read_private(path: str, limit: int) -> bytes:
     """The bytes of a secret that only its owner may read or write (mode 0600 or 0400)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
-        raise ValueError(f"{path!r}: cannot read: {e.strerror}") from None
-    try:
-        mode = os.fstat(fd).st_mode & 0o777
-        if mode & 0o077:
-            raise ValueError(f"{path!r} is open to group or others (mode {mode:04o}; a secret "
-                             "must not be readable by others): chmod 600, owned by the service "
-                             "user")
-        raw = os.read(fd, limit + 1)
-    except OSError as e:
-        raise ValueError(f"{path!r}: cannot read: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(raw) > limit:
-        raise ValueError(f"{path!r}: longer than {limit} bytes")
-    return raw
+        raise ValueError(f"{path!r} cannot be read: {e.strerror}") from None
+    return _read_limited(path, fd, limit, _secret_problem)
 
 
 def _own_file_problem(st: os.stat_result, limit: int) -> str:
@@ -147,18 +160,7 @@ def read_own(path: Path | str, limit: int) -> bytes:
     except OSError as e:
         why = "is a symlink" if e.errno == errno.ELOOP else f"cannot be read: {e.strerror}"
         raise ValueError(f"{str(path)!r} {why}") from None
-    try:
-        problem = _own_file_problem(os.fstat(fd), limit)
-        if problem:
-            raise ValueError(f"{str(path)!r} {problem}")
-        raw = _read_upto(fd, limit + 1)
-    except OSError as e:
-        raise ValueError(f"{str(path)!r} cannot be read: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(raw) > limit:                    # grew after the fstat
-        raise ValueError(f"{str(path)!r} is longer than {limit} bytes")
-    return raw
+    return _read_limited(path, fd, limit, lambda st: _own_file_problem(st, limit))
 
 
 def private_dir_problem(st: os.stat_result, owners: Collection[int]) -> str:
