@@ -1,5 +1,5 @@
 # smtp-ingress: `make run` serves mail on the embedded default (unless $SMTP_INGRESS_CONFIG or
-# /etc/smtp-ingress/ingress.toml names a file: ingress/cli.py); `make test` sets up and tests.
+# /etc/smtp-ingress/ingress.toml names a file: ingress/tools/cli.py); `make test` sets up and tests.
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python

@@ -221,7 +221,7 @@ def start_ingress(procs: Processes, directory: Path, template: Path,
     cfg_path = directory / "ingress.toml"
     write_config(cfg_path, tables)
     log = directory / "ingress.log"
-    proc = procs.spawn([PY, "-m", "ingress.cli", "run", "--config", str(cfg_path)], log=log)
+    proc = procs.spawn([PY, "-m", "ingress", "run", "--config", str(cfg_path)], log=log)
 
     def stop() -> int | None:
         code = procs.stop(proc, timeout=40.0)

@@ -1,11 +1,10 @@
-"""smtp-ingress, the port-25 side: the shared core, the pure policy, the acceptors and the tools.
+"""smtp-ingress, the port-25 side: the shared core, the pure policy, the edge and the tools.
 
-Lives here: ``core/`` (wire, config, log, metrics, resolver, ratelimit, the child skeleton: used
-by every process), ``policy/`` (classify, admission, session rules, replies: pure decisions), the
-acceptor side (acceptor, smtp -- the aiosmtpd glue --, evidence, proxy, dataread, rcpt_verify,
-verify_store) and the tools (supervisor, cli, status, configshow, queuecmd). May import: the
-acceptor side imports ``ingress.core`` and ``ingress.policy``, never ``workers`` nor the tools;
-the supervisor starts every child by module name and imports neither side; the other tools may
-import ``workers`` (queue commands act on the spool). The import-linter contract in pyproject.toml
-(``make lint``) enforces this.
+Lives here, one package per layer (the folders are the layers; docs/development.md):
+``core/`` (wire, config, log, metrics, resolver, ratelimit, the child skeleton: used by every
+process; imports nothing else of ours), ``policy/`` (classify, tiers, admission, session rules,
+replies: pure decisions over the core), ``edge/`` (the acceptors: what holds a client's
+connection) and ``tools/`` (supervisor, cli, status, configshow, queuecmd). The lane side is the
+``workers`` package. The import-linter layers contract in pyproject.toml (``make lint``)
+enforces who imports whom.
 """

@@ -101,14 +101,14 @@ class SmtpConfig:
     mail_without_data_limit: int = 20   # MAIL commands without a delivered message, then 421
     recipient_overshoot_limit: int = 1000   # 452 too-many-recipients; each one beyond: error
     # Recipient verification against relay.downstream at RCPT time (a cached callout, as
-    # Postfix's reject_unverified_recipient): see ingress/rcpt_verify.py.
+    # Postfix's reject_unverified_recipient): see ingress/edge/rcpt_verify.py.
     verify_recipients: bool = False
     verify_timeout: float = 4.0         # one whole callout (connect .. RCPT answer)
     verify_positive_ttl: float = 86400.0    # a 2xx answer is reused this long
     verify_negative_ttl: float = 3600.0     # a 5xx answer is reused this long
     verify_tempfail_ttl: float = 30.0       # an uncertain answer (450 to the client) this long
     verify_cache_size: int = 100000     # cached answers per acceptor process (2xx/5xx kept
-                                        # across reloads: ingress/verify_store.py)
+                                        # across reloads: ingress/edge/verify_store.py)
     verify_concurrency: int = 4         # callouts at once per acceptor process (x acceptors:
                                         # keep it well below the downstream's process limit)
     verify_per_session: int = 10        # callouts one session may cause; then 450
@@ -334,7 +334,7 @@ class ClusterConfig:
     lanes_bind: str = ""                # lanes: "tcp://host:port"; binds port..port+3
     allowed_keys: str = ""              # lanes: directory of the edges' public keys (*.key)
     lanes_nodes: tuple[str, ...] = ()   # edge: "tcp://host:port /path/node.key" per lanes node
-    # --- shared admission state in Redis (ingress/cluster_state.py) ---
+    # --- shared admission state in Redis (ingress/edge/cluster_state.py) ---
     redis: str = ""                     # "redis://host:port/db", "rediss://...", or
                                         # "unix:///path/redis.sock"; "" = in-process only
     redis_timeout: float = 0.05         # deadline of one Redis call (and of its connect)

@@ -147,7 +147,7 @@ class Outcome(StrEnum):
     NOT_FAST = "not_fast"               # a bulk client on the fast port (554)
     TLS_FAILED = "tls_failed"           # the mutual-TLS handshake failed after its slot
     TLS_BUSY = "tls_busy"               # mutual-TLS port: refused by the handshake gate (an
-                                        # alert, no handshake: ingress.mtls)
+                                        # alert, no handshake: ingress.edge.mtls)
     EVICTED_SILENT = "evicted_silent"   # silent since its banner, evicted to make room (421)
     HANDED_OFF = "handed_off"           # classified fast at connect, passed to a fast acceptor
     EVICTED = "evicted"                 # an idle lower-tier session closed (421) to make room
@@ -302,7 +302,7 @@ CURVE_REFUSED = Counter("smtp_ingress_curve_refused",
                         "Peers a lanes node refused on its tcp ports: unknown_key (ZAP: a CURVE "
                         "key not in cluster.allowed_keys) or handshake (no CURVE, a wrong server "
                         "key)", ["why"])
-# The mutual-TLS port's handshake gate (ingress/policy/handshake_gate.py, ingress/mtls.py)
+# The mutual-TLS port's handshake gate (ingress/policy/handshake_gate.py, ingress/edge/mtls.py)
 MTLS_TIERS = ("known", "stranger", "failed")
 MTLS_GATE_OUTCOMES = ("started", "waited", "refused")
 MTLS_RESULTS = ("ok", "failed")
@@ -322,7 +322,7 @@ SPF_REFUSED = Counter("smtp_ingress_spf_refused",
                       "timeout (the sender's domain timed out lately), domain, network or "
                       "backlog (that many checks of the domain, from the client's network, "
                       "or in the acceptor, already under way)", ["reason"])
-# [cluster] redis (ingress/cluster_state.py): per acceptor, 1 while its Redis is reachable
+# [cluster] redis (ingress/edge/cluster_state.py): per acceptor, 1 while its Redis is reachable
 CLUSTER_UP = Gauge("smtp_ingress_cluster_state_up",
                    "Shared admission state in Redis reachable (1) or local fallback (0), "
                    "per acceptor", multiprocess_mode="livemin")
@@ -543,7 +543,7 @@ def relay_forward_missing(mode: str) -> None:
 
 
 def cluster_state(up: bool) -> None:
-    """An acceptor's Redis went up or down (ingress/cluster_state.py)."""
+    """An acceptor's Redis went up or down (ingress/edge/cluster_state.py)."""
     CLUSTER_UP.set(1 if up else 0)
 
 

@@ -11,7 +11,7 @@ API:
     async_twin(resolver) -> dns.asyncresolver.Resolver
         The asyncio resolver with the same nameservers, timeouts and cache (the one LRUCache
         object: an answer one of them got serves the other). Made once per resolver (held in
-        a WeakKeyDictionary). SPF (ingress.evidence.check_spf) queries through it, on the
+        a WeakKeyDictionary). SPF (ingress.edge.evidence.check_spf) queries through it, on the
         event loop, so no DNS wait holds a thread; it works under uvloop.
 
 Failure modes: ValueError for a nameserver that is not an IP literal or has a bad port, or a

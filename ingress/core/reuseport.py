@@ -9,7 +9,7 @@ a fast acceptor's socket, every other client to a port-25 acceptor's, at random.
 allow-listed client is accepted, classified and served on a fast acceptor's event loop (nice
 0) and never waits for a port-25 acceptor's loop, which under a flood is busy with the bots and
 yields the cores (supervisor.acceptor_nice). Without steering it is accepted there first and
-handed over (ingress.handoff), which is where its time went under a flood.
+handed over (ingress.edge.handoff), which is where its time went under a flood.
 
 API
     program(networks, acceptors, fast) -> bytes | None

@@ -34,7 +34,7 @@ orjson: for ACK {"path": spool file name}, for NACK {"reason": NackReason, "text
 `reply_to` is the acceptor's routing id, carried through the worker and back so that a restarted
 broker can still route a late ACK (brokers keep no routing state that matters).
 An envelope whose evidence holds "learned": <domain> came from a network learned for that domain
-when its session began (the worker unlearns it when the message disowns it: workers.pipeline).
+when its session began (the worker unlearns it when the message disowns it: workers.lane.pipeline).
 An envelope whose evidence holds "retry": "1" is a claimed retry of a transaction we deferred
 (ingress.policy.deferrals): the bulk broker charges it to its retry bucket first. The record facts
 and that evidence key are additive (a new SHARE fact, an optional evidence key), so the version

@@ -53,7 +53,7 @@ Rules
     * operator (fast): admitted while any slot is free; never rate-capped, never per-IP
       capped, not subject to penalties.
     * third-party and self-proven (fast): within the tier's cap and, per IP key,
-      per_ip_fast_max (0: no cap) sessions; the caller (ingress.sessions) asks fast_refusal
+      per_ip_fast_max (0: no cap) sessions; the caller (ingress.edge.sessions) asks fast_refusal
       first and serves a session over either as bulk.
     * bulk: admitted only if, after admission, the unused part of the fast reserve is still
       free: in_use + max(0, fast_reserve - fast_in_use) < max_connections.
@@ -388,7 +388,7 @@ def bulk_share_bucket(cfg: Config, edges: int = 0) -> tuple[float, float] | None
     first RCPT TO); None: uncapped.
     Several edges ([cluster]) divide lanes.bulk.rate between them: `edges` (0: cluster.edges)
     is how many; this local share is what an edge holds while the shared bucket in Redis is
-    out of reach (ingress.cluster_state)."""
+    out of reach (ingress.edge.cluster_state)."""
     lb = cfg.lanes.bulk
     if lb.rate <= 0:
         return None

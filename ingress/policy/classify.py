@@ -435,7 +435,7 @@ class LearnedAllow:
     key(ip) -> str          the entry key of an address (ValueError for a non-address).
     per_domain_count(domain) / per_net_count(ip) -> int   what a domain / network group holds
     take_evicted() -> keys  entries evicted by quota since the last call (to drop them from a
-                            shared copy, ingress.cluster_state), at most EVICTED_KEPT.
+                            shared copy, ingress.edge.cluster_state), at most EVICTED_KEPT.
     purge(now)              drop expired entries; returns how many.
     to_json() / from_json() persistence (state directory); expired entries are dropped on load.
     """

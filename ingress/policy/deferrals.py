@@ -84,8 +84,8 @@ Failure modes
 
 Limits
     Per process: every acceptor holds a copy, kept in step by the fan-out through the bulk
-    broker (ingress.lanes) or Redis (ingress.cluster_state), both carrying the same facts; a
-    claim on one acceptor and a claim of the same record on another within the fan-out
+    broker (ingress.edge.lanes) or Redis (ingress.edge.cluster_state), both carrying the same
+    facts; a claim on one acceptor and a claim of the same record on another within the fan-out
     latency can both succeed (at most one per acceptor), and a site's sheds on other
     acceptors arrive in batches (at least every min_delay / 2 per record). The retry share
     bounds what any number of claims buys. The site's part is computed from one edge's retry

@@ -6,7 +6,7 @@ Purpose
     own pipeline is done, so that wait holds nobody else's mail. This rule bounds how long
     the message itself waits (an allow-listed forwarder may carry such signatures). A
     timeout that says something about the domain is remembered per signing domain
-    (workers.dkim_check.DeadKeyDomains), so the next message that names it waits for nothing.
+    (workers.lane.dkim_check.DeadKeyDomains), so the next message that names it waits for nothing.
 
 The rule (per message)
     * Every key lookup waits at most `per_lookup` (classify.dns_timeout), and all the lookups

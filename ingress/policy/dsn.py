@@ -85,7 +85,7 @@ __all__ = [
 
 DSN_TRACKED = 4096          # destination domains whose DSN rate one relay tracks at once
 DKIM_PASS_MAX = 8           # passing d= domains read from one envelope (the worker checks 5)
-EVIDENCE_DKIM_PASS = "dkim_pass"    # the spool envelope's evidence key (workers.pipeline)
+EVIDENCE_DKIM_PASS = "dkim_pass"    # the spool envelope's evidence key (workers.lane.pipeline)
 
 
 class Result(StrEnum):

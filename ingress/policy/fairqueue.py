@@ -2,7 +2,7 @@
 trust tiers (pure; no I/O, no clock).
 
 Purpose
-    The fast broker's queue (workers/broker.py): one FIFO per identity's share key
+    The fast broker's queue (workers/lane/broker.py): one FIFO per identity's share key
     (ingress.policy.identity.share_key), served in deficit round robin (Shreedhar & Varghese,
     1995) with a quantum in bytes, so one identity's burst cannot delay another's: each
     identity with work gets about `quantum` bytes per round whatever its backlog. Each identity

@@ -19,7 +19,7 @@ API
                                        one key per DNS name, however it was spelled.
     aligned(domain_a, domain_b) -> bool relaxed alignment (RFC 7489 3.1.1): both names valid and
                                        of the same organisational domain. The one rule for
-                                       DKIM d= with From: (workers.dkim_check, learning) and
+                                       DKIM d= with From: (workers.lane.dkim_check, learning) and
                                        with the MAIL FROM domain (ingress.policy.dsn: which
                                        senders may get a DSN). d=github.io never aligns with
                                        x.github.io: a public suffix is nobody's organisation.

@@ -1,6 +1,6 @@
 """Per-command session rules: what to answer to a HELO/EHLO/MAIL/RCPT argument, and how a session
 that keeps erring is slowed down and cut off. Pure: plain values in, verdicts out; no I/O, no
-clock (ingress/smtp.py is the thin glue that calls these and sleeps, writes and closes).
+clock (ingress/edge/smtp.py is the thin glue that calls these and sleeps, writes and closes).
 
 API:
     check_argument(arg, command="") -> str | None

@@ -4,7 +4,7 @@ short cache of domains whose DNS timed out (pure; no I/O, clock as an argument).
 Purpose
     An SPF check waits on DNS that the sender chooses. One domain whose nameserver never
     answers, a thousand of them, or one client network sending them, must not hold the checks
-    of anyone else. The acceptor's SPF service (ingress.spf_service) asks this gate before
+    of anyone else. The acceptor's SPF service (ingress.edge.spf_service) asks this gate before
     each check and tells it when the check ends; what the gate refuses is a `temperror` at
     once (never promotes, never rejects: the session stays bulk).
 
@@ -23,7 +23,7 @@ API
         admit(domain, net, now) -> SpfVerdict  ADMIT counts the check in (until release)
         release(domain, net, now, stalled)     the check ended; stalled: it was a temperror
                                                because the domain's DNS did not answer in
-                                               time (ingress.evidence's SpfOutcome.
+                                               time (ingress.edge.evidence's SpfOutcome.
                                                domain_stalled): remember the domain
         timed_out(domain, now) -> bool         a timeout of the domain is remembered
         held(domain) / held_net(net) / len(gate)   checks admitted and not released
@@ -41,7 +41,7 @@ Rules (in this order)
 
 Capacity nobody can exhaust (why these bounds, with the service's design)
     The service resolves DNS on the event loop and evaluates in its pool with pure CPU
-    (ingress.evidence): no DNS wait holds a thread, so the pool always has threads for every
+    (ingress.edge.evidence): no DNS wait holds a thread, so the pool always has threads for every
     domain, and concurrent checks share one query per name. What a stalling domain holds is
     admission: at most per_domain checks, for one DNS timeout (at most one deadline), and then
     nothing for timeout_ttl. One network holds at most per_network. To hold the whole backlog

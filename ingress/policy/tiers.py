@@ -8,8 +8,8 @@ Purpose
     domain), or nobody (bulk). A higher tier may take room from a lower one, never the
     reverse. This module is the one place that says which tier an identity is in and how much
     of a fast resource each tier may hold; the acceptors' slots (ingress.policy.admission),
-    DATA bytes (ingress.dataread), and the fast broker's queue and worker credit
-    (workers.broker, ingress.policy.fairqueue.TieredQueue) all apply it.
+    DATA bytes (ingress.edge.dataread), and the fast broker's queue and worker credit
+    (workers.lane.broker, ingress.policy.fairqueue.TieredQueue) all apply it.
 
 Rules (one for every fast resource: slots, queue count and bytes, worker credit, DATA bytes)
     * The third-party and self-proven tiers are each capped as a whole: cap(tier, reserve) =
@@ -38,7 +38,7 @@ Rules (one for every fast resource: slots, queue count and bytes, worker credit,
     * Promoted sessions of the capped tiers have a per-IP (per-prefix) cap
       (admission.per_ip_fast_max; the operator tier is exempt).
     * Only the operator and third-party tiers are handed to the fast acceptors
-      (ingress.handoff): a tier anyone can mint does not share their event loop. Only they
+      (ingress.edge.handoff): a tier anyone can mint does not share their event loop. Only they
       may evict (may_evict / pick_victim): when the slots are full, an operator client takes
       the room of an idle session of a lower tier (bulk first, then self-proven, then
       third-party), never the reverse.

@@ -15,7 +15,7 @@ import zmq
 
 from ingress.core import config
 from ingress.core.wire import Envelope, Lane, decode_reply, new_qid, ready, submit
-from workers.broker import Broker
+from workers.lane.broker import Broker
 
 _SENT = 0
 

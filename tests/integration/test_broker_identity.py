@@ -30,7 +30,7 @@ from ingress.core.wire import (
     worker_ack,
 )
 from ingress.policy.tiers import Tier
-from workers.broker import OVER_RATE_HOLD, Broker
+from workers.lane.broker import OVER_RATE_HOLD, Broker
 
 
 def fast_broker(state: Path, classify: str, lanes_fast: str) -> Broker:

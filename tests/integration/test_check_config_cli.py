@@ -1,4 +1,4 @@
-"""`smtp-ingress check-config` and `run` as a user calls them (a real `python -m ingress.cli`
+"""`smtp-ingress check-config` and `run` as a user calls them (a real `python -m ingress`
 process): exit codes and messages naming file and key, `--show` printing TOML that parses, a
 group-readable relay.auth_file refused, and `run` refusing a state dir that others can change.
 Moved from tests/unit (they start processes); the config rules themselves are table-tested in
@@ -24,29 +24,29 @@ from tests.unit.test_configshow import cfg_file
 def test_cli_exit_codes(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[smtp]\nmax_recipients = -1\n")
-    r = subprocess.run([sys.executable, "-m", "ingress.cli", "check-config", str(bad)],
+    r = subprocess.run([sys.executable, "-m", "ingress", "check-config", str(bad)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2
     assert str(bad) in r.stderr and "smtp.max_recipients" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "ingress.cli", "run", "--config", str(bad)],
+    r = subprocess.run([sys.executable, "-m", "ingress", "run", "--config", str(bad)],
                        capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert r.returncode == 2 and "smtp.max_recipients" in r.stderr
     good = tmp_path / "good.toml"
     good.write_text("[smtp]\nmax_recipients = 5\n")
-    r = subprocess.run([sys.executable, "-m", "ingress.cli", "check-config", str(good)],
+    r = subprocess.run([sys.executable, "-m", "ingress", "check-config", str(good)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
 
 
 def test_cli_show(tmp_path: Path) -> None:
     f = cfg_file(tmp_path, **{"lanes.bulk": {"rate": 10.0}})
-    r = subprocess.run([sys.executable, "-m", "ingress.cli", "check-config", str(f), "--show"],
+    r = subprocess.run([sys.executable, "-m", "ingress", "check-config", str(f), "--show"],
                        cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert "[lanes.bulk]" in r.stdout and "# connections per acceptor:" in r.stdout
     assert "# bulk cap 10/s: each acceptor admits" in r.stdout
     tomllib.loads(r.stdout)
-    r = subprocess.run([sys.executable, "-m", "ingress.cli", "check-config", str(f)],
+    r = subprocess.run([sys.executable, "-m", "ingress", "check-config", str(f)],
                        cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert r.stdout.strip() == f"{f}: ok"
 
@@ -59,7 +59,7 @@ def test_group_readable_auth_file_is_a_config_error(tmp_path: Path) -> None:
     write_config(cfg, {"smtp": {"accepted_domains": ["example.test"]},
                        "relay": {"downstream": "smtp://127.0.0.1:25", "tls": "required",
                                  "auth_file": str(f)}})
-    r = subprocess.run([sys.executable, "-m", "ingress.cli", "check-config", str(cfg)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "ingress", "check-config", str(cfg)], cwd=ROOT,
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "relay.auth_file" in r.stderr and "chmod 600" in r.stderr, r
 
@@ -67,7 +67,7 @@ def test_group_readable_auth_file_is_a_config_error(tmp_path: Path) -> None:
 def run_briefly(cfg: Path) -> tuple[int | None, str]:
     """`smtp-ingress run`: (exit status, stderr) when it stops by itself within 30 s; (None,
     stderr) when it was still running then (it was stopped: SIGTERM, then SIGKILL)."""
-    with subprocess.Popen([sys.executable, "-m", "ingress.cli", "run", "--config", str(cfg)],
+    with subprocess.Popen([sys.executable, "-m", "ingress", "run", "--config", str(cfg)],
                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True, start_new_session=True) as p:
         try:
@@ -144,7 +144,7 @@ EXAMPLE = ROOT / "etc" / "ingress.example.toml"
 
 
 def check(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ingress.cli", "check-config", str(path)],
+    return subprocess.run([sys.executable, "-m", "ingress", "check-config", str(path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=30)
 
 

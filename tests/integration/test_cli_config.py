@@ -7,7 +7,7 @@ Through the installed entry point (this venv's bin/smtp-ingress, a subprocess): 
 running instance with --config in every position, and found through $SMTP_INGRESS_CONFIG with
 no option at all; `queue` subcommands with --config (and --wait) in every position;
 `check-config` without a file; a file named nowhere falls back to the embedded default only
-when the default path does not exist. The lookup itself (ingress.cli.config_path) is checked
+when the default path does not exist. The lookup itself (ingress.tools.cli.config_path) is checked
 against the systemd unit's path, so the two cannot drift apart.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ingress import cli
+from ingress.tools import cli
 from tests.integration.test_queue_cli import make_spool, put
 from tests.kit.harness import ROOT, Ingress
 

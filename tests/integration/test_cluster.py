@@ -75,7 +75,7 @@ class Cluster:
 
     def status(self, ing: Ingress | None = None, text: bool = False) -> dict[str, Any]:
         """`smtp-ingress status` of the edge (or `ing`), bounded; text: its rendering too."""
-        cmd = [sys.executable, "-m", "ingress.cli", "status", "--config",
+        cmd = [sys.executable, "-m", "ingress", "status", "--config",
                str((ing or self.edge).config), *(ing.args if ing else [])]
         out = subprocess.run([*cmd, "--json"], cwd=ROOT, capture_output=True, timeout=30)
         doc: dict[str, Any] = orjson.loads(out.stdout)
@@ -352,7 +352,7 @@ def test_run_role_is_checked_against_the_cluster_table(tmp_path: Path) -> None:
     """`run --role edge` with a file that names no lanes node: exit 2, naming the key; and a
     lanes node (--role lanes) listens for no SMTP client."""
     with Cluster(tmp_path, 1) as c:
-        out = subprocess.run([sys.executable, "-m", "ingress.cli", "run", "--role", "edge",
+        out = subprocess.run([sys.executable, "-m", "ingress", "run", "--role", "edge",
                               "--config", str(c.lanes[0].config)],
                              cwd=ROOT, capture_output=True, timeout=30, text=True)
         assert out.returncode == 2 and "cluster.lanes_nodes" in out.stderr, out.stderr

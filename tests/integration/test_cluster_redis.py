@@ -34,8 +34,8 @@ import dkim
 import pytest
 import redis
 
-from ingress.cluster_state import ClusterState
 from ingress.core import config
+from ingress.edge.cluster_state import ClusterState
 from tests.integration.test_haproxy import HAProxy
 from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from ingress.cluster_state import ClusterState
 from ingress.core import config
+from ingress.edge.cluster_state import ClusterState
 from tests.kit.harness import Ingress, send_one, write_config
 
 pytestmark = pytest.mark.timeout(120)

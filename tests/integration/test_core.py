@@ -182,7 +182,7 @@ def test_status_command(tmp_path: Path) -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", ing.port)
             await reader.readline()
             code = await send_one(ing.port, make_body(1))
-            r = subprocess.run([sys.executable, "-m", "ingress.cli", "status", "--json",
+            r = subprocess.run([sys.executable, "-m", "ingress", "status", "--json",
                                 "--config", str(tmp_path / "status.toml")],
                                capture_output=True, text=True, timeout=30, cwd=ROOT)
             writer.close()
@@ -197,7 +197,7 @@ def test_status_command(tmp_path: Path) -> None:
         assert doc["sessions"]["bulk"] >= 1          # the connection held open above
         assert doc["spool"]["new"] == 1
     # Nothing running: the lanes are down, exit 1.
-    r = subprocess.run([sys.executable, "-m", "ingress.cli", "status", "--config",
+    r = subprocess.run([sys.executable, "-m", "ingress", "status", "--config",
                         str(tmp_path / "status.toml")], capture_output=True, text=True,
                        timeout=30, cwd=ROOT)
     assert r.returncode == 1 and "DOWN" in r.stdout
@@ -213,7 +213,7 @@ def test_second_instance_refused(ingress: Ingress, tmp_path: Path) -> None:
     same_state = tmp_path / "same_state.toml"
     same_state.write_text(text)
     for cfg, why in ((same_port, "already in use"), (same_state, "in use by another")):
-        r = subprocess.run([sys.executable, "-m", "ingress.cli", "run", "--config", str(cfg)],
+        r = subprocess.run([sys.executable, "-m", "ingress", "run", "--config", str(cfg)],
                            capture_output=True, text=True, timeout=30, cwd=ROOT)
         assert r.returncode == 1 and why in r.stderr, (r.returncode, r.stderr)
     code, text = asyncio.run(send_one(ingress.port, make_body(1)))

@@ -168,7 +168,7 @@ def test_every_metric_exists_in_a_live_scrape(tmp_path: Path,
     assert not missing, f"named in etc/ but absent from a live scrape: {missing}"
     assert s[("smtp_ingress_child_exits_total", (("kind", "worker"),))] >= 1
     from ingress.core.config import Config
-    from ingress.supervisor import acceptor_slots
+    from ingress.tools.supervisor import acceptor_slots
     total, reserve = acceptor_slots(Config())    # the harness runs 2 acceptors, default slots
     assert s[("smtp_ingress_connection_slots", (("kind", "total"),))] == 2 * total
     assert s[("smtp_ingress_connection_slots", (("kind", "bulk"),))] == \

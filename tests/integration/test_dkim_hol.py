@@ -7,7 +7,7 @@ after one carrying dead-key signatures waited out that message's DKIM deadline (
 here: 3.1 s behind a 3 s deadline; now 0.01-0.05 s). Now each message is acknowledged when its
 own pipeline is done and it is durable, and the worker keeps taking work while a slow check
 runs. A key lookup that got no answer marks its signing domain for a while
-(workers.dkim_check.DeadKeyDomains), so the next message naming it costs no wait. The lookups
+(workers.lane.dkim_check.DeadKeyDomains), so the next message naming it costs no wait. The lookups
 of one message share a DNS budget, aligned signatures first (ingress.policy.dkim_budget).
 
 The slow message arrives either from the allow-listed forwarder itself (spf_promote off) or
@@ -27,8 +27,8 @@ import pytest
 from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, send_one, split_trace
-from workers import dkim_check
-from workers.dkim_check import DeadKeyDomains, DkimResult, verify_dkim
+from workers.lane import dkim_check
+from workers.lane.dkim_check import DeadKeyDomains, DkimResult, verify_dkim
 
 TRUSTED_IP = "127.0.0.1"          # allow-listed (the sender we protect; also the forwarder)
 SPF_IP = "127.0.0.2"              # SPF pass for spam.test (promoted when spf_promote is "any")

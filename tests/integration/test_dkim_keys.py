@@ -23,8 +23,8 @@ import pytest
 from tests.kit.dkimkeys import modulus, record, signing_key, spki
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, send_one, split_trace
-from workers import dkim_check
-from workers.dkim_check import MAX_SIGNATURES, DkimResult, verify_dkim
+from workers.lane import dkim_check
+from workers.lane.dkim_check import MAX_SIGNATURES, DkimResult, verify_dkim
 
 RNG = random.Random(2)
 N8192 = modulus(8192, RNG)

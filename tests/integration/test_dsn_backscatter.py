@@ -33,7 +33,7 @@ from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, send_one
 from tests.kit.postfix import PostfixInstance, started_postfix
-from workers import spool as spool_mod
+from workers.spool import store as spool_mod
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.needs_postfix]
 

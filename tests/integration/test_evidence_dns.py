@@ -1,4 +1,5 @@
-"""SPF (ingress.evidence) and DKIM (workers.dkim_check) against a real DNS server on loopback.
+"""SPF (ingress.edge.evidence) and DKIM (workers.lane.dkim_check) against a real DNS server on
+loopback.
 
 The DNS server is tests/kit/dnsserver.py (dnspython, UDP + TCP on 127.0.0.1). Timeouts are
 provoked with a UDP socket that is bound but never read, and with names the server ignores.
@@ -20,9 +21,9 @@ import spf
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ingress import evidence
 from ingress.core.headers import received_spf_header, spf_identity, spf_request
-from ingress.evidence import (
+from ingress.edge import evidence
+from ingress.edge.evidence import (
     cert_evidence,
     check_spf,
     make_resolver,
@@ -32,15 +33,15 @@ from ingress.evidence import (
 )
 from ingress.policy.classify import AuthResult, CertResult
 from tests.kit.dnsserver import DNSServer
-from workers import dkim_check
-from workers.dkim_check import (
+from workers.lane import dkim_check
+from workers.lane.dkim_check import (
     DkimResult,
     DkimSignatureResult,
     aligned,
     header_from_domain,
     verify_dkim,
 )
-from workers.headers import authentication_results, strip_forged_ar
+from workers.lane.headers import authentication_results, strip_forged_ar
 
 SPF_RECORDS = {
     "pass.test": {"TXT": ["v=spf1 ip4:127.0.0.1 -all", "google-site-verification=xyz"]},

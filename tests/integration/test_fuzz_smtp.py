@@ -21,11 +21,11 @@ Invariants, checked on every reply and after every example:
   part) is ever spooled;
 - bodies: bare CR or LF, a line over 1000 octets or a message over the size limit never gets 250;
   a clean body always does and is spooled byte-exact (dot-unstuffed);
-- nothing half-stored: every file in new/ parses (workers.spool.read) and belongs to a transaction
-  that got 250 (same queue id, byte-exact body, its recipients, TLS flag, HELO), or to one whose
-  connection died after the final dot before the reply could be read (the worker may have stored
-  it: the client never heard a verdict, and retries); never to one that was refused, never to one
-  cut off before the final dot; no message is spooled twice; tmp/ is left empty;
+- nothing half-stored: every file in new/ parses (workers.spool.store.read) and belongs to a
+  transaction that got 250 (same queue id, byte-exact body, its recipients, TLS flag, HELO), or to
+  one whose connection died after the final dot before the reply could be read (the worker may have
+  stored it: the client never heard a verdict, and retries); never to one that was refused, never to
+  one cut off before the final dot; no message is spooled twice; tmp/ is left empty;
 - after every example an innocent session (EHLO, MAIL, RCPT, DATA) gets 250 and is spooled
   byte-exact;
 - in the hostile modes: HELO/EHLO, MAIL or RCPT with NUL, control characters or invalid UTF-8 never
@@ -75,7 +75,7 @@ from hypothesis.stateful import (
 
 from ingress.core.wire import LANE_HEARTBEAT, LANE_LIVENESS
 from tests.kit.harness import ROOT, Ingress, client_bytes, send_one
-from workers import spool as spool_mod
+from workers.spool import store as spool_mod
 
 MAX_MESSAGE = 32 * 1024
 MAX_RCPTS = 5
@@ -84,8 +84,8 @@ REPLY_TIMEOUT = 8.0                 # one command's reply (no DNS here: SPF is o
 DATA_TIMEOUT = ACK_TIMEOUT + 5.0    # end of DATA -> verdict
 # A message whose client left after the final dot may still be written until its envelope
 # deadline (the acceptor's ACK_TIMEOUT from when it read the dot), and a commit that started
-# before it may run one liveness window longer (workers.worker: past that the worker is presumed
-# hung, which the log shows); plus a margin for an acceptor that reads the dot late.
+# before it may run one liveness window longer (workers.lane.worker: past that the worker is
+# presumed hung, which the log shows); plus a margin for an acceptor that reads the dot late.
 LATE_WRITE = ACK_TIMEOUT + LANE_HEARTBEAT * LANE_LIVENESS + 4.0
 ACCEPTED = ("example.test",)
 FUZZ_EXAMPLES_CI = 300
@@ -918,7 +918,7 @@ def test_fuzz_smtp_dialogue(fuzz_ingress: Ingress, mode: str) -> None:
     run_fuzzer(fuzz_ingress, mode)
 
 
-# --- what the fuzzer found (issue 9: fixed in ingress/smtp.py; regression cases) --------------
+# --- what the fuzzer found (issue 9: fixed in ingress/edge/smtp.py; regression cases) ---------
 
 KNOWN_FINDINGS: dict[str, list[bytes | None]] = {
     # email._header_value_parser.get_addr_spec("a@") raises IndexError inside aiosmtpd's

@@ -1,4 +1,4 @@
-"""Fast acceptors (ingress.handoff, issue 8 item 4): a client classified fast at connect is
+"""Fast acceptors (ingress.edge.handoff, issue 8 item 4): a client classified fast at connect is
 served by a fast acceptor, not on the port-25 acceptors' loops where bots and spam are; when
 no fast acceptor is up it is served where it arrived, never refused."""
 

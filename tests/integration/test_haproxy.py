@@ -7,7 +7,7 @@ backend server line carries `send-proxy` (v1) in one test and `send-proxy-v2` in
 client connects from 127.0.0.55, HAProxy reaches the backend from 127.0.0.1 (the trusted proxy),
 so a backend that reports 127.0.0.55 proves it took the address from the PROXY header.
 
-The backend is BACKEND below: MiniBackend, a minimal aiosmtpd server using ingress.proxy's
+The backend is BACKEND below: MiniBackend, a minimal aiosmtpd server using ingress.edge.proxy's
 proxy_peer() in handle_PROXY, until the ingress itself is wired for `[listen] proxy_protocol`;
 then BACKEND = IngressBackend (one line) runs the same tests against the real ingress.
 """
@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from ingress.proxy import PROXY_TIMEOUT, proxy_peer, trusted_networks
+from ingress.edge.proxy import PROXY_TIMEOUT, proxy_peer, trusted_networks
 from tests.kit.harness import Ingress, make_body, send_one, smtp_dialogue
 
 CLIENT_IP = "127.0.0.55"          # the "real" client; HAProxy itself connects from 127.0.0.1

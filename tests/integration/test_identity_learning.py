@@ -26,7 +26,7 @@ from ingress.core.wire import Envelope, Lane
 from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, send_one
-from workers.pipeline import Pipeline
+from workers.lane.pipeline import Pipeline
 
 # learned.json is written this often (classify.learned_save_interval; 5 s by default): the tests
 # that read it wait for a save, and several saves happen within each of their waits.

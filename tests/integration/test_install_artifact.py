@@ -175,7 +175,7 @@ def test_artifacts_carry_every_package(artifacts: Artifacts) -> None:
 
 def test_installed_check_config_on_the_example(installed: Installed) -> None:
     probe = _run([str(installed.venv / "bin" / "python"), "-c",
-                  "import ingress.cli, workers.relay.scheduler as s; print(s.__file__)"],
+                  "import ingress.tools.cli, workers.relay.scheduler as s; print(s.__file__)"],
                  cwd=installed.cwd, env=installed.env)
     assert probe.returncode == 0, probe.stderr
     site = (installed.venv / "lib").resolve()

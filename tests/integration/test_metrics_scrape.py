@@ -2,8 +2,8 @@
 
 The ingress runs with metrics.listen = "127.0.0.1:0"; the port comes from the supervisor's
 `metrics_listening` log line (ingress.core.metrics.serve logs it). Until the supervisor calls
-ingress.core.metrics.serve (issue 5 wiring), this test skips, saying so; once ingress/supervisor.py
-mentions `metrics.serve`, it runs and must pass.
+ingress.core.metrics.serve (issue 5 wiring), this test skips, saying so; once
+ingress/tools/supervisor.py mentions `metrics.serve`, it runs and must pass.
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ from tests.kit.postfix import (
     PostfixInstance,
     started_postfix,
 )
-from workers import spool as spool_mod
-from workers.relay.state import RelayState
-from workers.spool import read_state, write_state
+from workers.spool import store as spool_mod
+from workers.spool.state import RelayState
+from workers.spool.store import read_state, write_state
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,7 +47,7 @@ TEMPFAIL = "later@example.test"
 
 
 def cli(config: Path, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ingress.cli", "queue", "--config", str(config),
+    return subprocess.run([sys.executable, "-m", "ingress", "queue", "--config", str(config),
                            *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -208,7 +208,7 @@ def test_waits_for_the_relay_then_sees_it_gone(tmp_path: Path, cmd: str,
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        proc = subprocess.Popen([sys.executable, "-m", "ingress.cli", "queue", "--config",
+        proc = subprocess.Popen([sys.executable, "-m", "ingress", "queue", "--config",
                                  str(cfg), "--wait", "20", cmd, q], cwd=ROOT, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         time.sleep(1.5)                       # the command is up and waiting for the lock
@@ -266,7 +266,7 @@ def test_busy_file_is_not_touched(tmp_path: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)              # as the relay does while delivering
         for cmd in ("delete", "hold"):
-            r = subprocess.run([sys.executable, "-m", "ingress.cli", "queue", "--config",
+            r = subprocess.run([sys.executable, "-m", "ingress", "queue", "--config",
                                 str(cfg), "--wait", "0.3", cmd, q], cwd=ROOT,
                                capture_output=True, text=True, timeout=30)
             assert r.returncode == 1 and "busy" in r.stderr, r

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from ingress import rcpt_verify
-from ingress.rcpt_verify import Answer, RecipientVerifier
+from ingress.edge import rcpt_verify
+from ingress.edge.rcpt_verify import Answer, RecipientVerifier
 from tests.kit.harness import Ingress, make_body, send_one, smtp_dialogue, wait_for
 from tests.kit.postfix import (
     PostfixInstance,

@@ -25,9 +25,9 @@ from ingress.core.addr import normalize_domain
 from ingress.core.config import Config, RelayConfig, SmtpConfig, SpoolConfig
 from ingress.core.wire import Envelope, Lane, new_qid
 from tests.unit.test_relay_unit import parse_dsn
-from workers import spool as spool_mod
 from workers.relay import clients, scheduler
-from workers.relay.state import RelayState, Reply
+from workers.spool import store as spool_mod
+from workers.spool.state import RelayState, Reply
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -31,7 +31,7 @@ import pytest
 from ingress.core.wire import Envelope, Lane, new_qid
 from tests.kit.harness import Ingress, make_body, relaying, send_one, smtp_dialogue, wait_for
 from tests.kit.postfix import PostfixInstance, started_postfix
-from workers import spool as spool_mod
+from workers.spool import store as spool_mod
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.needs_postfix]
 

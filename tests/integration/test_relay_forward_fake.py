@@ -28,8 +28,8 @@ from ingress.core.config import Config
 from ingress.core.wire import Envelope, Lane, new_qid
 from tests.integration.test_relay_fake_downstream import make_cfg, run_until
 from tests.unit.test_relay_forward import xtext_decode
-from workers import spool as spool_mod
 from workers.relay import forward
+from workers.spool import store as spool_mod
 
 pytestmark = pytest.mark.timeout(60)
 

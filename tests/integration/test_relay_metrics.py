@@ -31,7 +31,7 @@ def metrics_port(ing: Ingress) -> int:
 
 
 def status(ing: Ingress, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ingress.cli", "status", "--config",
+    return subprocess.run([sys.executable, "-m", "ingress", "status", "--config",
                            str(ing.config), *extra], cwd=ROOT, capture_output=True, text=True,
                           timeout=30)
 

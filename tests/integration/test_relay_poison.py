@@ -5,7 +5,7 @@ socket). Every innocent message arrives exactly once and none bounces; every poi
 ends in failed/ with a DSN to its sender (never to the null sender; none at all to a sender
 that cannot be sent), or is delivered where the downstream takes it.
 
-The poison is written straight into the spool with workers.spool (as old spool files, DSNs or
+The poison is written straight into the spool with workers.spool.store (as old spool files, DSNs or
 an acceptor bug would leave it), so the acceptor's own address checks cannot stop it:
   - a non-ASCII recipient without SMTPUTF8 next to a good one (the downstream offers no
     SMTPUTF8: 5.6.7 for that recipient, the other delivered);
@@ -44,7 +44,7 @@ from tests.kit.postfix import (
     free_port,
     started_postfix,
 )
-from workers import spool as spool_mod
+from workers.spool import store as spool_mod
 
 pytestmark = pytest.mark.timeout(150)
 

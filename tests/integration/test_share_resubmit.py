@@ -1,5 +1,5 @@
 """An acceptor serves a fast message as bulk when the fast broker NACKs it share (its identity
-is at its share of the fast queue, issue 8): ingress.lanes.Lanes resubmits it to the bulk lane,
+is at its share of the fast queue, issue 8): ingress.edge.lanes.Lanes resubmits it to the bulk lane,
 whose cap applies, within the same ack deadline. The acceptor side is real (Lanes, its DEALERs);
 the two brokers are stand-ins (ROUTER sockets on the lanes' ipc addresses) because the test is
 about the acceptor's answer to a NACK, not the broker (test_broker_identity.py)."""
@@ -29,7 +29,7 @@ from ingress.core.wire import (
     new_qid,
     to_acceptor,
 )
-from ingress.lanes import Lanes
+from ingress.edge.lanes import Lanes
 
 
 def test_fast_message_over_its_share_is_served_as_bulk() -> None:

@@ -1,4 +1,4 @@
-"""The acceptor's SPF service (ingress.spf_service) against the test kit's DNS server: what an
+"""The acceptor's SPF service (ingress.edge.spf_service) against the test kit's DNS server: what an
 attacker with dead nameservers can and cannot hold (issue 17, build item 3, SPF).
 
 In process (no ingress): SpfService.check as the acceptor calls it at MAIL FROM, the loopback
@@ -22,8 +22,8 @@ import pytest
 
 from ingress.core.config import ClassifyConfig, Config
 from ingress.core.wire import Lane
+from ingress.edge.spf_service import SpfService
 from ingress.policy.classify import AuthResult
-from ingress.spf_service import SpfService
 from tests.kit.dnsserver import DNSServer
 
 pytestmark = pytest.mark.timeout(60)

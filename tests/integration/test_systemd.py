@@ -9,7 +9,7 @@
    The sysusers.d and tmpfiles.d snippets are checked with systemd-sysusers --dry-run and
    systemd-tmpfiles --root (into a temp dir). systemd is installed from Debian when missing and
    we are root (the Makefile's sysdeps does the same); otherwise these tests skip.
-2. Type=notify end to end, without systemd: the real ingress (`python -m ingress.cli run`) is
+2. Type=notify end to end, without systemd: the real ingress (`python -m ingress run`) is
    started with NOTIFY_SOCKET pointing at a unix datagram socket this test binds, and
    WATCHDOG_USEC set. READY=1 (with MAINPID), WATCHDOG=1, RELOADING=1 then READY=1 after SIGHUP,
    STOPPING=1 after SIGTERM must arrive in that order, and the exit status must be 0.
@@ -168,7 +168,7 @@ def test_example_config_names_every_key() -> None:
         if node is None and not commented_alternative(text, dotted, raw):
             missing.append(dotted)
     assert not missing, f"etc/ingress.example.toml lacks {missing}"
-    r = subprocess.run([sys.executable, "-m", "ingress.cli", "check-config", str(path)],
+    r = subprocess.run([sys.executable, "-m", "ingress", "check-config", str(path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
 
@@ -225,7 +225,7 @@ def test_sd_notify_protocol(tmp_path: Path) -> None:
     listener = NotifyListener(state / "notify.sock", tmp_path / "ingress.log")
     env = {**os.environ, "NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "200000"}
     log = open(tmp_path / "ingress.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "ingress.cli", "run", "--config", str(cfg)],
+    proc = subprocess.Popen([sys.executable, "-m", "ingress", "run", "--config", str(cfg)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     listener.proc = proc

@@ -37,7 +37,7 @@ from ingress.core.wire import (
     new_qid,
     work,
 )
-from workers.worker import Worker
+from workers.lane.worker import Worker
 
 WINDOW = LANE_HEARTBEAT * LANE_LIVENESS          # the broker's liveness window (1 s)
 BODY = b"From: a@example.org\r\nSubject: slow\r\n\r\nbody\r\n"

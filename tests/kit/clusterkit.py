@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def keygen(d: Path, name: str) -> tuple[Path, Path]:
-    out = subprocess.run([sys.executable, "-m", "ingress.cli", "keygen", str(d), name],
+    out = subprocess.run([sys.executable, "-m", "ingress", "keygen", str(d), name],
                          cwd=ROOT, capture_output=True, timeout=30, check=True)
     assert b"public key" in out.stdout
     return d / f"{name}.key", d / f"{name}.key_secret"

@@ -14,7 +14,7 @@ API:
     smtp_dialogue(port, lines, ...)      raw client: send lines, collect every reply
     send_one(port, ...) -> (code, text)  one message on a fresh connection (aiosmtplib)
 
-The ingress runs as `python -m ingress.cli run --config FILE` with listen.port = 0 (or as
+The ingress runs as `python -m ingress run --config FILE` with listen.port = 0 (or as
 `command`, e.g. an installed entry point, from `cwd` with `env`); the real port comes from its
 "ready" log line. Children are found with psutil (ingress.core.procs) so
 tests can kill -9 one of them. Everything started here is stopped here, by PID.
@@ -40,7 +40,7 @@ import orjson
 import tomli_w
 
 from ingress.core import procs
-from workers import spool as spool_mod
+from workers.spool import store as spool_mod
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -65,12 +65,12 @@ class Ingress:
         """`state`: a state dir to reuse (kept at stop); by default a fresh one, removed.
         `prefix`: a command the ingress is started under, e.g. ["prlimit", "--nofile=64:64"].
         `args`: more arguments to `run`, e.g. ["--role", "lanes"].
-        `command`: smtp-ingress itself (default: this interpreter's `-m ingress.cli`), e.g. an
+        `command`: smtp-ingress itself (default: this interpreter's `-m ingress`), e.g. an
         installed venv's bin/smtp-ingress; `cwd` (default: the repository) and `env` (default:
         ours) for it."""
         self.prefix = list(prefix or [])
         self.args = list(args or [])
-        self.command = list(command or [sys.executable, "-m", "ingress.cli"])
+        self.command = list(command or [sys.executable, "-m", "ingress"])
         self.cwd = cwd or ROOT
         self.env = env
         self.tmpdir = Path(tmpdir)

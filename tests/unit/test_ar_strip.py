@@ -1,4 +1,4 @@
-"""Forged Authentication-Results removal (workers.headers.strip_forged_ar, RFC 8601 section 5):
+"""Forged Authentication-Results removal (workers.lane.headers.strip_forged_ar, RFC 8601 section 5):
 the authserv-id parser (RFC 5322 CFWS with nested comments and quoted-pairs, RFC 2045 value) and
 its bounds. Issue 9 item 3: the old parser stripped one level of nesting per pass (quadratic:
 1 MiB of nested parentheses took about 40 minutes)."""
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers.headers import MAX_AR_FIELD, _authserv_id, strip_forged_ar
+from ingress.core.fields import ar_authserv_id as _authserv_id
+from workers.lane.headers import MAX_AR_FIELD, strip_forged_ar
 
 OURS = "mx.example.net"
 MESSAGE = b"From: a@example.test\r\nSubject: s\r\n\r\nbody (((\r\n"

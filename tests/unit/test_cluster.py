@@ -13,8 +13,8 @@ import pytest
 from ingress.core import cluster, config
 from ingress.core.config import ConfigError
 from ingress.core.wire import Lane
-from ingress.lanes import Lanes
-from ingress.supervisor import Supervisor
+from ingress.edge.lanes import Lanes
+from ingress.tools.supervisor import Supervisor
 
 BASES = [
     ("tcp://127.0.0.2:7100", ("127.0.0.2", 7100)),
@@ -179,7 +179,7 @@ def test_keygen_refuses_to_overwrite_a_pair_without_force(tmp_path: Path) -> Non
 
 
 def test_keygen_cli_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from ingress import cli
+    from ingress.tools import cli
     d = tmp_path / "keys"
     assert cli.main(["keygen", str(d), "edge1"]) == 0
     first = (d / "edge1.key_secret").read_bytes()
@@ -347,7 +347,7 @@ def test_lane_clients_of_two_edges_never_share_a_routing_id() -> None:
     import zmq
     import zmq.asyncio
 
-    from ingress.lanes import LaneClient
+    from ingress.edge.lanes import LaneClient
     ctx = zmq.asyncio.Context()
     try:
         cfg = config.load(None)
@@ -420,5 +420,5 @@ def test_curve_server_refuses_an_unknown_key(keys: dict[str, Path]) -> None:
     ("\uff53pam.test", False), ("a..test", False), ("my_host.test", False), ("x" * 300, False),
 ])
 def test_a_learned_domain_from_redis_is_canonical(domain: str, ok: bool) -> None:
-    from ingress.cluster_state import valid_domain
+    from ingress.edge.cluster_state import valid_domain
     assert valid_domain(domain) is ok

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from ingress import configshow
 from ingress.core import config
 from ingress.core.config import ClusterConfig
 from ingress.policy.admission import BULK_SHARE, broker_bucket, bulk_share_bucket
+from ingress.tools import configshow
 from tests.unit.test_config import check_invalid
 
 INVALID = [

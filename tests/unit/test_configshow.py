@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ingress import configshow
 from ingress.core import config
+from ingress.tools import configshow
 from tests.kit.harness import write_config
 
 

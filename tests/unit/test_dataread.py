@@ -1,11 +1,11 @@
-"""ingress.dataread: DATA parsing in bulk and the per-acceptor DATA budget (pure)."""
+"""ingress.edge.dataread: DATA parsing in bulk and the per-acceptor DATA budget (pure)."""
 
 from __future__ import annotations
 
 import pytest
 
 from ingress.core.wire import Lane
-from ingress.dataread import DataBudget, DataReader, DataState
+from ingress.edge.dataread import DataBudget, DataReader, DataState
 from ingress.policy.tiers import Tier
 
 

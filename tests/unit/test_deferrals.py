@@ -530,7 +530,7 @@ def test_config_errors_name_the_key(tmp_path: Path, toml: str, key: str) -> None
 
 
 def test_check_config_shows_the_retry_share(tmp_path: Path) -> None:
-    from ingress import configshow
+    from ingress.tools import configshow
     cfg = _cfg(tmp_path, "[lanes.bulk]\nrate = 100.0\n[admission]\nretry_share = 0.1\n"
                "[supervisor]\nacceptors = 2\n")
     d = configshow.derived(cfg, nofile=(65536, 65536))

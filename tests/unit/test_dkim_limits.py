@@ -1,4 +1,4 @@
-"""DKIM key limits checked before any RSA operation (workers.dkim_check.key_record_problem).
+"""DKIM key limits checked before any RSA operation (workers.lane.dkim_check.key_record_problem).
 
 Issue 9 item 2: dkimpy accepts any key size and exponent; an 8192-bit modulus with an 8192-bit
 exponent costs ~1.1 s of GIL-holding pow() per signature. RFC 8301 section 3.1: verifiers must
@@ -19,8 +19,13 @@ import pytest
 
 from tests.kit.dkimkeys import modulus as _modulus
 from tests.kit.dkimkeys import record, rsa_public_key, spki
-from workers import dkim_check
-from workers.dkim_check import MAX_KEY_BITS, MIN_KEY_BITS, header_from_domain, key_record_problem
+from workers.lane import dkim_check
+from workers.lane.dkim_check import (
+    MAX_KEY_BITS,
+    MIN_KEY_BITS,
+    header_from_domain,
+    key_record_problem,
+)
 
 modulus = partial(_modulus, rng=random.Random(9))
 

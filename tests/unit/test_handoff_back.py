@@ -1,5 +1,5 @@
-"""ingress.handoff: a fast acceptor that cannot admit a connection gives it back to the acceptor
-that handed it over (issue 17: the hand-off never turns into a 421), and the acceptor takes
+"""ingress.edge.handoff: a fast acceptor that cannot admit a connection gives it back to the
+acceptor that handed it over (issue 17: the hand-off never turns into a 421), and the acceptor takes
 connections back only from a fast acceptor's own socket path. Real unix datagram sockets and
 descriptors, in one event loop."""
 
@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ingress import handoff
 from ingress.core import config
+from ingress.edge import handoff
 from tests.kit.harness import write_config
 
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from ingress import configshow, status, supervisor
 from ingress.core import config
 from ingress.core.wire import Envelope, Lane
+from ingress.tools import configshow, status, supervisor
 from tests.kit.harness import write_config
-from workers import headers
+from workers.lane import headers
 
 
 @pytest.mark.parametrize(("text", "want"), [
@@ -168,7 +168,7 @@ def test_ipv6_prefix_reaches_admission(tmp_path: Path, prefix: int) -> None:
     """admission.ipv6_prefix is what the acceptor's admission counts IPv6 clients by."""
     from collections import Counter
 
-    from ingress.sessions import SessionTable
+    from ingress.edge.sessions import SessionTable
     cfg = load(tmp_path, {"admission": {"ipv6_prefix": prefix}})
     table = SessionTable(cfg, Counter(), now=0.0)
     assert table.admission.limits.ipv6_prefix == prefix

@@ -1,10 +1,10 @@
-"""ingress.lobby.Lobby holds only its __slots__: no per-connection dict, no stream state."""
+"""ingress.edge.lobby.Lobby holds only its __slots__: no per-connection dict, no stream state."""
 
 from __future__ import annotations
 
 from typing import Any, cast
 
-from ingress.lobby import Lobby
+from ingress.edge.lobby import Lobby
 
 
 def test_lobby_seat_has_no_instance_dict() -> None:

@@ -1,4 +1,4 @@
-"""ingress.proxy.proxy_peer: table-driven, on headers parsed by aiosmtpd's own PROXY parser."""
+"""ingress.edge.proxy.proxy_peer: table-driven, on headers parsed by aiosmtpd's own PROXY parser."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import struct
 import pytest
 from aiosmtpd.proxy_protocol import V2_SIGNATURE, ProxyData, get_proxy
 
-from ingress.proxy import peer_trusted, proxy_peer, trusted_networks
+from ingress.edge.proxy import peer_trusted, proxy_peer, trusted_networks
 
 TRUSTED = trusted_networks(["127.0.0.1/32", "10.0.0.0/8", "fd00::/8"])
 LB = ("10.1.2.3", 40000)           # a trusted load balancer

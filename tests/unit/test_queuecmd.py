@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ingress.queuecmd import render_list
-from workers.queue_ops import Item, qid_of
-from workers.relay.state import RelayState
+from ingress.tools.queuecmd import render_list
+from workers.spool.queue_ops import Item, qid_of
+from workers.spool.state import RelayState
 
 NOW = 1_800_000_000.0
 

@@ -1,4 +1,4 @@
-"""workers.relay.state.outcome_fields: one attempt's settle() outcome -> the `relay` line's
+"""workers.spool.state.outcome_fields: one attempt's settle() outcome -> the `relay` line's
 outcome and the reply that decided it (table-driven, pure)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ingress.core.config import RelayConfig
-from workers.relay.state import RelayState, Reply, outcome_fields, settle
+from workers.spool.state import RelayState, Reply, outcome_fields, settle
 
 OK = Reply(250, "2.0.0 Ok: queued as ABC")
 TEMP = Reply(450, "4.2.0 mailbox busy")

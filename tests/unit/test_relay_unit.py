@@ -14,9 +14,9 @@ import pytest
 
 from ingress.core import downstream
 from ingress.core.config import RelayConfig
-from workers.relay import state as relay_state
 from workers.relay.dsn import build_dsn, quoted_headers
-from workers.relay.state import RelayState, Reply, backoff, failure_for, settle
+from workers.spool import state as relay_state
+from workers.spool.state import RelayState, Reply, backoff, failure_for, settle
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -316,7 +316,7 @@ def test_verify_config_accepted(tmp_path: Path) -> None:
 # --- rcpt_verify's cache (no I/O: the answers are put in by hand, the clock is ours) -------------
 
 def test_verify_cache_ttls_per_answer() -> None:
-    from ingress.rcpt_verify import Answer, RecipientVerifier, cache_key
+    from ingress.edge.rcpt_verify import Answer, RecipientVerifier, cache_key
     now = [1000.0]
     v = RecipientVerifier("127.0.0.1", 1, helo="mx.test", timeout=1.0, positive_ttl=100.0,
                           negative_ttl=10.0, tempfail_ttl=1.0, cache_size=2,
@@ -337,7 +337,7 @@ def test_verify_cache_ttls_per_answer() -> None:
 def test_verify_backlog_full_is_tempfail_without_a_connection() -> None:
     import asyncio
 
-    from ingress.rcpt_verify import Answer, RecipientVerifier
+    from ingress.edge.rcpt_verify import Answer, RecipientVerifier
     v = RecipientVerifier("127.0.0.1", 1, helo="mx.test", timeout=1.0, positive_ttl=1.0,
                           negative_ttl=1.0, tempfail_ttl=0.0, cache_size=10, concurrency=1,
                           backlog=0)

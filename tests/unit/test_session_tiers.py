@@ -1,5 +1,5 @@
-"""ingress.sessions.SessionTable with trust tiers (issue 17): the tier cap and the per-IP cap of
-promoted sessions (served as bulk beyond them), and an operator client taking an idle lower-tier
+"""ingress.edge.sessions.SessionTable with trust tiers (issue 17): the tier cap and the per-IP cap
+of promoted sessions (served as bulk beyond them), and an operator client taking an idle lower-tier
 session's slot when none is free (never the reverse). Fake seats; the real table."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 
 from ingress.core import config
 from ingress.core.wire import Lane
+from ingress.edge.sessions import SessionTable
 from ingress.policy.admission import Ticket
 from ingress.policy.classify import Decision
-from ingress.sessions import SessionTable
 from tests.kit.harness import write_config
 
 

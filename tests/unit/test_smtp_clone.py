@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from ingress.core import config
-from ingress.handler import IngressHandler
-from ingress.smtp import IngressSMTP
+from ingress.edge.handler import IngressHandler
+from ingress.edge.smtp import IngressSMTP
 
 
 def make_ctx(loop: asyncio.AbstractEventLoop) -> types.SimpleNamespace:
@@ -99,5 +99,5 @@ def test_clone_holds_nothing_bound_to_the_prototype(loop: asyncio.AbstractEventL
 
 
 def test_auth_methods_are_per_connection() -> None:
-    from ingress.smtp import _PER_CONNECTION
+    from ingress.edge.smtp import _PER_CONNECTION
     assert "_auth_methods" in _PER_CONNECTION

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from ingress.core.wire import Envelope, Lane
-from workers import headers, spool
+from workers.lane import headers
+from workers.spool import store as spool
 
 
 def env(qid: str = "Q", **kw: object) -> Envelope:

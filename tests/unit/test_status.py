@@ -1,4 +1,4 @@
-"""ingress.status pure parts: histogram quantiles (as Prometheus' histogram_quantile) and the
+"""ingress.tools.status pure parts: histogram quantiles (as Prometheus' histogram_quantile) and the
 relay's share of a scrape."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from ingress import status
 from ingress.core import metrics
+from ingress.tools import status
 
 INF = math.inf
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ingress.core import config
-from ingress.supervisor import Supervisor, heartbeat_slots
+from ingress.tools.supervisor import Supervisor, heartbeat_slots
 
 
 def cfg_with(tmp_path: Path, name: str, text: str) -> config.Config:

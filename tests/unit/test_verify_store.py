@@ -1,4 +1,4 @@
-"""The recipient-callout cache on disk (ingress/verify_store.py; issue 19 item 9: a reload
+"""The recipient-callout cache on disk (ingress/edge/verify_store.py; issue 19 item 9: a reload
 emptied the cache, so a reload during a downstream outage turned known recipients into 450s).
 
 The keys are addresses the network chose and the file is read back at every start, so it is
@@ -21,11 +21,11 @@ from typing import Any
 import orjson
 import pytest
 
-from ingress import verify_store
 from ingress.core import log
 from ingress.core.fsutil import read_own
-from ingress.rcpt_verify import Answer, RecipientVerifier
-from ingress.verify_store import VerifyStore, decode, encode, file_name
+from ingress.edge import verify_store
+from ingress.edge.rcpt_verify import Answer, RecipientVerifier
+from ingress.edge.verify_store import VerifyStore, decode, encode, file_name
 
 DOWN = "127.0.0.1:10025"
 TTL = {Answer.OK: 1000.0, Answer.UNKNOWN: 100.0, Answer.TEMPFAIL: 10.0}

@@ -1,16 +1,14 @@
 """The relay: the process that drains the spool to the downstream MTA (SMTP or LMTP).
 
-What lives here: state.py (the pure delivery rules: replies, per-message state, settling,
-backoff, address checks), dsn.py (the RFC 3464 bounce builder), forward.py (the pure choice and
+What lives here: dsn.py (the RFC 3464 bounce builder), forward.py (the pure choice and
 encoding of XCLIENT / XFORWARD: the original client for the downstream), clients.py (the SMTP
 and LMTP sessions with STARTTLS / AUTH / XCLIENT / XFORWARD), scheduler.py (the Relay: scan,
 schedule, circuit breaker, one delivery per spool file) and `run`, the entry point the
 supervisor starts by module name
 ("workers.relay" -> run; only when relay.downstream is set). The package may import the core
-(ingress.core), the pure policy (ingress.policy.dsn: who may get a DSN), the spool module
-(workers.spool, which owns every change of a spool file) and workers.headers (the header
-field parser: what a DSN quotes); nothing of the acceptor side, and no other lane worker.
-state.py, dsn.py and forward.py do no I/O.
+(ingress.core), the pure policy (ingress.policy.dsn: who may get a DSN) and the spool
+(workers.spool: the store, which owns every change of a spool file, and state, the delivery rules);
+never the edge nor the lane. dsn.py and forward.py do no I/O.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ from ingress.core.config import RelayConfig, read_credentials
 from ingress.core.downstream import Target
 from workers.relay import forward
 from workers.relay.forward import Client
-from workers.relay.state import Reply, _oneline, address_problem
+from workers.spool.state import Reply, _oneline, address_problem
 
 # --- TLS and AUTH ------------------------------------------------------------------------------
 

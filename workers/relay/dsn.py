@@ -32,8 +32,8 @@ import re
 import uuid
 from collections.abc import Sequence
 
-from workers.headers import ar_authserv_id, field_value, header_fields
-from workers.relay.state import Failure
+from ingress.core.fields import ar_authserv_id, field_value, header_fields
+from workers.spool.state import Failure
 
 RECEIVED_MAX = 3            # the top Received fields quoted (ours, then the client's)
 FIELD_MAX = 400             # bytes of one quoted field at most (then cut, "...")

@@ -6,7 +6,7 @@ API:
                                       stop() (SIGUSR2, or orphaned)
     Relay.scan() -> int               pick up new files in new/, forget the gone ones
     Relay.cleanup_states() -> int     at start: remove stale state files and tmp leftovers
-    The pure rules are in workers/relay/state.py, the DSN in dsn.py, the clients in clients.py.
+    The pure rules are in workers/spool/state.py, the DSN in dsn.py, the clients in clients.py.
 
 What it does, per spool file in new/ (oldest first, at most relay.concurrency at once, each
 worker task keeping its own downstream connection for reuse and closing it after IDLE_CLOSE):
@@ -39,7 +39,7 @@ worker task keeping its own downstream connection for reuse and closing it after
     deferred | bounced | failed, the reply that decided it, attempts, delay);
   - the file is unlinked once every recipient is delivered, moved to failed/ once every recipient
     is settled and at least one failed (never replacing a file there: a taken name gets ".N").
-    Every change of a spool file or a state file is made by workers/spool.py (claim, finish,
+    Every change of a spool file or a state file is made by workers/spool/store.py (claim, finish,
     fail, the state files); this module decides.
 
 Durable retry state: one small JSON file per message that has been tried, spool/relay/<name>,
@@ -53,7 +53,7 @@ removed at start, and tmp leftovers too unless another relay (a reload overlap) 
 file's lock: it writes state files only under it. The spool file is claimed (flock()ed) while it
 is being delivered, so two relays (a reload overlap) never deliver one file at once; a file
 unlinked or moved under us is noticed (st_nlink == 0, or another file at the path) and skipped.
-Operator tools (workers/queue_ops.py, `smtp-ingress queue`) take the same flock; the relay
+Operator tools (workers/spool/queue_ops.py, `smtp-ingress queue`) take the same flock; the relay
 keeps a failed message's final state in spool/relay.failed/<name> (for requeue-failed) and
 reschedules a known message at once when spool/retry/<name> appears (queue retry, release,
 requeue-failed; picked up by the next scan, every SCAN_MIN). Such a request also ends the
@@ -113,12 +113,12 @@ from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
 from ingress.core.wire import Envelope, Lane, new_qid
 from ingress.policy import dsn as dsn_policy
-from workers import spool as spool_mod
 from workers.relay import forward
 from workers.relay.clients import Session, Unavailable, make_session, policy
 from workers.relay.dsn import build_dsn
 from workers.relay.forward import Client
-from workers.relay.state import (
+from workers.spool import store as spool_mod
+from workers.spool.state import (
     Failure,
     RelayState,
     Reply,

@@ -255,7 +255,7 @@ class Lanes:
 
     def local_share(self, edges: int) -> None:
         """Resize this acceptor's share of the bulk cap for `edges` edges sharing it (the
-        fallback while the shared bucket in Redis is out of reach: ingress.cluster_state)."""
+        fallback while the shared bucket in Redis is out of reach: ingress.edge.cluster_state)."""
         share = bulk_share_bucket(self.cfg, edges)
         if self.bulk_bucket is not None and share is not None:
             self.bulk_bucket.rate, self.bulk_bucket.burst = share

@@ -163,7 +163,7 @@ class Broker:
         self.inflight_by_tier: dict[Tier, int] = dict.fromkeys(Tier, 0)
         # classify.domain_rate: a domain identity's (org:, learned: -> org:) fast-lane rate
         # over every edge. The acceptors already hold each domain to its rate with a burst of
-        # classify.domain_burst (ingress.acceptor: smooth, per edge); this bucket, one second
+        # classify.domain_burst (ingress.edge.acceptor: smooth, per edge); this bucket, one second
         # deep (and at least one edge's burst), bounds the sum of several edges. Its buckets
         # are bounded (least recently used dropped: a fresh bucket is a full one).
         self.domain_rate = cfg.classify.domain_rate if lane == Lane.FAST else 0.0

@@ -3,12 +3,12 @@ the scarce resource).
 
 API:
     Lobby(ctx, fast_only=False)   the asyncio protocol of listen.port and listen.fast_port when
-                                  they are not behind PROXY (ingress.acceptor.serve); `ctx` is the
-                                  acceptor process (ingress.host.SessionHost)
+                                  they are not behind PROXY (ingress.edge.acceptor.serve);
+                                  `ctx` is the acceptor process (ingress.edge.host.SessionHost)
 
 A connection that has proven nothing costs a file descriptor, the kernel's socket buffers and
 this object (__slots__; no StreamReader, no Task, no aiosmtpd Session). At connection_made it
-does what IngressSMTP does there (ingress.smtp.classify_and_admit: the same code), the greet
+does what IngressSMTP does there (ingress.edge.smtp.classify_and_admit: the same code), the greet
 pause and early-talker test (admission.greet_pause, one timer), writes the 220 banner and arms
 one idle timer (smtp.idle_timeout, also while the bulk lane is saturated: stress mode's short
 timeout frees sessions, and a seat is not one; cutting silent seats early only makes their bots
@@ -19,7 +19,7 @@ banner it builds the IngressSMTP session, swaps the seat in the session table
 (transport.set_protocol + connection_made with IngressSMTP.handed_off: no second banner, no
 second greet pause or admission) and feeds it those bytes (pipelined commands included).
 
-A lobby seat is a Seat of ingress.sessions: it is admitted, evicted (the longest-silent bulk
+A lobby seat is a Seat of ingress.edge.sessions: it is admitted, evicted (the longest-silent bulk
 seat, 421 4.4.2), drained (close_if_idle: always idle; close_with) and penalised (an early
 talker) exactly as a session; it opens and closes the lane's session gauge and logs `session`
 when it ends without having been handed off.
@@ -38,17 +38,17 @@ from typing import Any, cast
 from ingress.core import log, metrics
 from ingress.core.addr import normalize_ip
 from ingress.core.wire import Lane
-from ingress.host import SessionHost
-from ingress.policy.admission import Ticket
-from ingress.policy.classify import Evidence
-from ingress.policy.replies import Refusal, text
-from ingress.policy.tiers import session_tier
-from ingress.smtp import (
+from ingress.edge.host import SessionHost
+from ingress.edge.smtp import (
     IngressSMTP,
     banner_line,
     classify_and_admit,
     refuse_early_talker,
 )
+from ingress.policy.admission import Ticket
+from ingress.policy.classify import Evidence
+from ingress.policy.replies import Refusal, text
+from ingress.policy.tiers import session_tier
 
 
 class Lobby(asyncio.Protocol):
@@ -122,7 +122,7 @@ class Lobby(asyncio.Protocol):
                       last_reply="220" if self.greeted else "",
                       duration_ms=round((time.monotonic() - self.started) * 1000, 1))
 
-    # --- Seat (ingress.sessions) ----------------------------------------------------------
+    # --- Seat (ingress.edge.sessions) ----------------------------------------------------------
 
     def evict(self, line: str, reason: str) -> None:
         if self.admitted:

@@ -13,7 +13,7 @@ Inbound Authentication-Results headers that claim our authserv-id are removed fr
 message (RFC 8601 section 5): nobody else may speak for us. Nothing else in it changes.
 
 DKIM: the first dkim_check.MAX_SIGNATURES (5) signatures are verified (dkimpy, with the key and
-header limits of workers.dkim_check) with one cached resolver and a deadline of
+header limits of workers.lane.dkim_check) with one cached resolver and a deadline of
 min(classify.dkim_deadline, budget_s). The key lookups of one message together wait at most
 classify.dkim_dns_budget, and signatures aligned with From: go first
 (ingress.policy.dkim_budget). A signing domain whose key lookup got no answer is remembered
@@ -28,7 +28,7 @@ pass for that domain ("listed": listed domains only; "off": nothing is learned):
 then remembered in every acceptor's learned allow cache, for `learn_domain` (the SPF domain,
 canonical: A-labels, ingress.core.addr.normalize_domain; the learned entry counts against its
 organisational domain's share of the fast lane). DKIM alignment compares canonical names through
-the Public Suffix List (workers.dkim_check.aligned).
+the Public Suffix List (workers.lane.dkim_check.aligned).
 `unlearn` (a reason, or "") when the client's network was learned (the envelope's evidence
 "learned", set by the acceptor) and this message disowns it (classify.should_unlearn): SPF
 fail or softfail, an aligned DKIM signature failing with none passing, or, for a message served
@@ -58,8 +58,8 @@ from ingress.core.addr import normalize_domain
 from ingress.core.config import Config
 from ingress.core.wire import Envelope, Lane
 from ingress.policy.classify import ClassifyPolicy, should_learn, should_unlearn
-from workers import dkim_check
-from workers.headers import authentication_results, received_header, strip_forged_ar
+from workers.lane import dkim_check
+from workers.lane.headers import authentication_results, received_header, strip_forged_ar
 
 DKIM_HEADER = re.compile(rb"(?im)^dkim-signature[ \t]*:")
 

@@ -1,8 +1,8 @@
 """The lane side's header module: parse the header block, strip forged A-R, render the trace.
 
 Purpose
-    Everything the workers do with header fields, in one place: find the fields of a
-    message's header section, remove Authentication-Results fields that claim our
+    What the workers write and remove in a header section (its parser is ingress.core.fields,
+    shared with the relay's DSN): remove Authentication-Results fields that claim our
     authserv-id (RFC 8601 section 5: nobody else may speak for us), and render the
     Authentication-Results (RFC 8601) and Received trace fields. Client-chosen text reaches a
     header only through ingress.core.headers.sanitise (the one sanitiser, shared with the
@@ -10,10 +10,7 @@ Purpose
     renders that field at MAIL time).
 
 API
-    header_fields(message) -> list[(start, end, lower-cased name)]   the header section's fields
-    field_value(raw) -> bytes;  unfold(value) -> str
     strip_forged_ar(message, authserv_id) -> bytes
-    ar_authserv_id(value) -> str     the authserv-id of an A-R field value, lower-cased ("" none)
     authentication_results(authserv_id, *, spf=None, spf_domain=None, spf_helo=None,
                            dkim_results=(), dkim_checked=True, comment=None) -> bytes
     received_header(env, hostname) -> bytes   the client IP as an RFC 5321 address-literal
@@ -22,12 +19,10 @@ API
     MAX_AR_FIELD
 
 Failure modes
-    None raised for message content: a header section that does not parse ends where the
-    parse stops (as Postfix does: that line starts the body).
+    None raised for message content (the parser's: ingress.core.fields).
 
 Limits
-    header_fields looks only at the header section (up to the first empty line or the first
-    line that is not a header field). strip_forged_ar parses each A-R authserv-id in one
+    strip_forged_ar parses each A-R authserv-id in one
     linear pass (CFWS with nested comments and quoted-pairs) and removes, unparsed, any A-R
     field longer than MAX_AR_FIELD (16 KiB). Received values are cut to 200 characters.
 """
@@ -40,71 +35,23 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ingress.core.addr import try_parse_ip
+from ingress.core.fields import ar_authserv_id, field_value, header_fields
 from ingress.core.headers import comment_text, quoted_value, received_spf_header, sanitise
 from ingress.core.wire import AuthResult, Envelope
 
 if TYPE_CHECKING:
-    from workers.dkim_check import DkimSignatureResult
+    from workers.lane.dkim_check import DkimSignatureResult
 
 __all__ = [
     "MAX_AR_FIELD",
     "address_literal",
-    "ar_authserv_id",
     "authentication_results",
-    "field_value",
-    "header_fields",
     "received_header",
     "received_spf_header",
     "strip_forged_ar",
-    "unfold",
 ]
 
 DkimResult = AuthResult
-
-
-# --------------------------------------------------------------------------- parsing
-
-_FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
-
-
-def header_fields(message: bytes) -> list[tuple[int, int, bytes]]:
-    """(start, end, lower-cased name) byte spans of each header field, continuations included.
-
-    Stops at the first empty line or at the first line that is neither a field nor a
-    continuation (as Postfix does: that line starts the body).
-    """
-    fields: list[tuple[int, int, bytes]] = []
-    pos = 0
-    n = len(message)
-    cur: list | None = None
-    while pos < n:
-        nl = message.find(b"\n", pos)
-        end = n if nl < 0 else nl + 1
-        line = message[pos:end]
-        if line in (b"\r\n", b"\n"):
-            break
-        if line[:1] in (b" ", b"\t") and cur is not None:
-            cur[1] = end
-        else:
-            m = _FIELD.match(line)
-            if not m:
-                break
-            if cur is not None:
-                fields.append((cur[0], cur[1], cur[2]))
-            cur = [pos, end, m.group(1).lower()]
-        pos = end
-    if cur is not None:
-        fields.append((cur[0], cur[1], cur[2]))
-    return fields
-
-
-def field_value(raw: bytes) -> bytes:
-    return raw.split(b":", 1)[1]
-
-
-def unfold(value: bytes) -> str:
-    return re.sub(r"\r?\n(?=[ \t])", "", value.decode("utf-8", "replace")).strip()
-
 
 # --------------------------------------------------------------------------- Received
 
@@ -213,57 +160,6 @@ def _dkim_resinfo(res: DkimSignatureResult) -> str:
 # remove any A-R, and one this long could only be hiding an id behind a huge comment.
 MAX_AR_FIELD = 16 * 1024
 
-_WSP = re.compile(r"[ \t\r\n]*")
-_COMMENT_PART = re.compile(r"\\.|[()]", re.S)       # a quoted-pair, or a parenthesis
-_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"', re.S)
-_QUOTED_PAIR = re.compile(r"\\(.)", re.S)
-_FOLD = re.compile(r"\r?\n(?=[ \t])")
-_ID_END = re.compile(r"[\s;]")
-# RFC 2045 token: no SPACE, CTLs or tspecials (non-ASCII is let through, RFC 6532).
-_TOKEN = re.compile(r'[^\x00-\x20\x7f()<>@,;:\\"/\[\]?=]+')
-
-
-def _skip_cfws(text: str, i: int) -> int:
-    """Index after the CFWS at text[i] (RFC 5322 3.2.2: nested comments, quoted-pairs).
-
-    One left-to-right pass; an unterminated comment runs to the end of the text."""
-    n = len(text)
-    while i < n:
-        i = _WSP.match(text, i).end()  # type: ignore[union-attr]
-        if i >= n or text[i] != "(":
-            return i
-        depth = 0
-        for m in _COMMENT_PART.finditer(text, i):
-            c = m.group()
-            if c == "(":
-                depth += 1
-            elif c == ")":
-                depth -= 1
-                if depth == 0:
-                    i = m.end()
-                    break
-        else:
-            return n
-    return i
-
-
-def _authserv_id(value: bytes) -> str:
-    """The authserv-id of an A-R field value (RFC 8601: [CFWS] value, value being an RFC 2045
-    token or quoted-string), lower-cased; "" when there is none. Linear in len(value)."""
-    text = value.decode("utf-8", "replace")
-    i = _skip_cfws(text, 0)
-    m = _QUOTED.match(text, i)
-    if m:
-        return _QUOTED_PAIR.sub(r"\1", _FOLD.sub("", m.group(1))).strip().lower()
-    if text.startswith('"', i):       # unterminated quoted-string: not a valid id
-        end = _ID_END.search(text, i)
-        return text[i:end.start() if end else len(text)].lower()
-    m = _TOKEN.match(text, i)
-    return m.group().lower() if m else ""
-
-
-ar_authserv_id = _authserv_id       # public: the DSN quotes only our own A-R (workers.relay.dsn)
-
 
 def strip_forged_ar(message: bytes, authserv_id: str) -> bytes:
     """Remove every Authentication-Results header field whose authserv-id is ours.
@@ -277,7 +173,7 @@ def strip_forged_ar(message: bytes, authserv_id: str) -> bytes:
         (s, e)
         for s, e, name in header_fields(message)
         if name == b"authentication-results"
-        and (e - s > MAX_AR_FIELD or _authserv_id(field_value(message[s:e])) == ours)
+        and (e - s > MAX_AR_FIELD or ar_authserv_id(field_value(message[s:e])) == ours)
     ]
     if not drop:
         return message

@@ -30,7 +30,7 @@ API:
                                    ("over-share:ip:<key>"): both bounds apply
         tier(seat) -> Tier         the seat's trust tier now (UNKNOWN while bulk)
         release(seat)              the session ended: its slot is free (idempotent)
-        swap(old, new)             a lobby seat (ingress.lobby.Lobby) became a session
+        swap(old, new)             a lobby seat (ingress.edge.lobby.Lobby) became a session
         penalise(ip, now)          the early-talker penalty, in this acceptor
         sessions                   the live sessions (drain walks them)
         admission                  the slot accounting (ingress.policy.admission.Admission)
@@ -250,7 +250,7 @@ class SessionTable:
         self.silent.pop(seat, None)
 
     def swap(self, old: Seat, new: Seat) -> None:
-        """A lobby seat (ingress.lobby) became a session: `new` holds the slot now. It is
+        """A lobby seat (ingress.edge.lobby) became a session: `new` holds the slot now. It is
         handed the client's first bytes, so it is not silent any more."""
         if old in self.sessions:
             self.sessions.discard(old)

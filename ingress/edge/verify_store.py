@@ -66,7 +66,7 @@ import orjson
 
 from ingress.core import log
 from ingress.core.fsutil import atomic_write, flock_wait, read_own
-from ingress.rcpt_verify import PERSISTED, Answer, RecipientVerifier, cache_key
+from ingress.edge.rcpt_verify import PERSISTED, Answer, RecipientVerifier, cache_key
 
 VERSION = 1
 FILE_PREFIX = "rcpt-verify."

@@ -1,10 +1,10 @@
 """Command line: `smtp-ingress run|status [--config FILE] [--role all|edge|lanes]`,
 `smtp-ingress keygen [--force] DIR NAME` (a CURVE key pair: DIR/NAME.key, DIR/NAME.key_secret;
 an existing pair is replaced only with --force; see ingress/core/cluster.py),
-`smtp-ingress check-config [FILE] [--show]` (ingress/configshow.py: the effective config and the
-derived limits),
+`smtp-ingress check-config [FILE] [--show]` (ingress/tools/configshow.py: the effective config
+and the derived limits),
 `smtp-ingress queue [--config FILE] list|show|retry|delete|hold|release|requeue-failed`
-(ingress/queuecmd.py; bad input: a message on stderr and exit status 1).
+(ingress/tools/queuecmd.py; bad input: a message on stderr and exit status 1).
 
 The config file, one lookup for every subcommand (config_path): --config FILE (accepted before
 the subcommand's name or after it, queue's subcommands included), else $SMTP_INGRESS_CONFIG,
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("--role", choices=("all", "edge", "lanes"),
                     help="the running instance's role (default: cluster.role)")
-    from ingress import queuecmd
+    from ingress.tools import queuecmd
     queuecmd.add_parser(sub, common)
     args = p.parse_args(argv)
     if args.cmd == "keygen":
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smtp-ingress: invalid configuration: {e}{origin}", file=sys.stderr)
         return 2
     if args.cmd == "check-config" and args.show:
-        from ingress import configshow
+        from ingress.tools import configshow
         print(configshow.render(cfg), end="")
         return 0
     if args.cmd == "check-config":
@@ -111,13 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "status":
         import orjson
 
-        from ingress import status
+        from ingress.tools import status
         doc = status.collect(cfg)
         print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if args.json
               else status.render(doc))
         return 0 if status.healthy(doc) else 1
 
-    from ingress.supervisor import Supervisor
+    from ingress.tools.supervisor import Supervisor
     log.setup(cfg.log.level, "supervisor")
     try:
         return Supervisor(cfg, path, args.role).run()

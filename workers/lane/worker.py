@@ -9,7 +9,7 @@ LANE_HEARTBEAT seconds, and answers every WORK with exactly one ACK (after the s
 durable) or NACK. Each ACK or NACK gives the broker back one unit of credit.
 
 Per-message flow (issue 17: no lookup holds anyone else's mail). Each WORK starts its own
-pipeline (workers.pipeline: DKIM, trace headers) at once in a pool of `credit` threads, so a
+pipeline (workers.lane.pipeline: DKIM, trace headers) at once in a pool of `credit` threads, so a
 message never waits for a thread, whatever the others wait on. A finished pipeline joins
 `ready`; whenever no commit is being written, everything ready goes into one group commit
 (Spool.write_batch, one committer thread: one fsync per file, one of new/ for the commit);
@@ -22,7 +22,7 @@ the commit); after a reconnect or a broker restart the new broker lends full cre
 old work is still in hand: that WORK waits for a unit (at most `credit` more; beyond that
 it is NACKed "error", which only a broker that lost count could cause). After each ACK, a
 SHARE fact when the pipeline says so: learn (SPF + aligned DKIM passed) or unlearn (mail from a
-learned network failed SPF or DKIM: workers.pipeline), logged as "unlearn".
+learned network failed SPF or DKIM: workers.lane.pipeline), logged as "unlearn".
 
 Failure modes: a broker that stops heartbeating for LANE_LIVENESS intervals is presumed dead: the
 worker reconnects with a fresh socket and announces READY again (Paranoid Pirate), at once and
@@ -39,7 +39,7 @@ the heartbeats stop, the broker NACKs everything this worker holds, and the supe
 restarts it if it stays stuck (e.g. a hung disk). A message that is merely waiting (ready,
 behind a running commit) vouches for nothing. Limit: a single C call that holds the GIL
 longer than the liveness window (1 s) would still silence the loop. DKIM key limits
-(workers.dkim_check) keep RSA well under that.
+(workers.lane.dkim_check) keep RSA well under that.
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ from ingress.core.wire import (
     worker_ack,
     worker_nack,
 )
-from workers.pipeline import Pipeline, Processed
-from workers.spool import Spool
+from workers.lane.pipeline import Pipeline, Processed
+from workers.spool.store import Spool
 
 TMP_MAX_AGE = 60.0
 STOP_POLL = 0.1       # seconds: the longest a stop waits for a poll to return

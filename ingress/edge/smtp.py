@@ -3,23 +3,23 @@
 API:
     IngressSMTP(host, implicit_tls=False, fast_only=False, proxy_protocol=False)
         one instance per connection (the asyncio protocol); `host` is the acceptor process
-        (ingress.host.SessionHost); the aiosmtpd hooks are ingress.handler.IngressHandler
+        (ingress.edge.host.SessionHost); the aiosmtpd hooks are ingress.edge.handler.IngressHandler
 
 What this layer adds to aiosmtpd (docs/design.md lists the aiosmtpd traps it works around):
 - classification and admission in connection_made, before aiosmtpd builds anything: a refused
   connection (421 4.7.0, no banner) costs microseconds; a client of the operator or third-party
-  trust tier known there is handed to a fast acceptor (ingress.handoff) and served in that
+  trust tier known there is handed to a fast acceptor (ingress.edge.handoff) and served in that
   process (which gives it back, to be served here, if it cannot admit it: hand_back_to,
   returned); a fast session is admitted by its tier (ingress.policy.tiers); behind a
-  PROXY-protocol balancer (per listener) they wait for the header (ingress/proxy.py), and
+  PROXY-protocol balancer (per listener) they wait for the header (ingress/edge/proxy.py), and
   the greet pause and the early-talker test start after it; the fast port
   (listen.fast_port) serves fast-lane clients only;
-- on the plain listeners (not behind PROXY) a connection starts in the lobby (ingress.lobby) and
-  the session is built on the client's first bytes: handed_off (set by the lobby) means admitted,
-  greet pause done and banner written already (aiosmtpd's banner push is skipped), and the
+- on the plain listeners (not behind PROXY) a connection starts in the lobby (ingress.edge.lobby)
+  and the session is built on the client's first bytes: handed_off (set by the lobby) means
+  admitted, greet pause done and banner written already (aiosmtpd's banner push is skipped), and the
   session deadline counts from connect;
 - on the mutual-TLS port a connection takes its slot before the TLS handshake
-  (admit_before_handshake; ingress.mtls: the handshake gate comes after it), and a verified
+  (admit_before_handshake; ingress.edge.mtls: the handshake gate comes after it), and a verified
   certificate promotes it after;
 - a session is built from a per-process prototype (aiosmtpd's __init__ introspects the class
   and the handler on every connection: ~0.5 ms); _PER_CONNECTION is the state each session
@@ -37,11 +37,11 @@ What this layer adds to aiosmtpd (docs/design.md lists the aiosmtpd traps it wor
   past smtp.soft_error_limit, 421 4.7.0 and a close at smtp.hard_error_limit, junk commands
   (NOOP/RSET/VRFY/HELP) and MAILs without a delivered message limited; after a 421 that closes
   the session, pipelined commands are not parsed (the handler task is cancelled, as on QUIT);
-- DATA read into one bytearray in bulk (ingress.smtp_data, ingress.dataread; aiosmtpd keeps one
-  per line, ~23x the message), charged to the acceptor's DATA budget (smtp.data_memory_budget;
-  bulk never takes smtp.data_fast_reserve): a bulk DATA with the bulk share spent gets 452 4.3.1
-  at once, a message that overflows it mid-transfer is read to its end, dropped, and gets
-  452 4.3.1;
+- DATA read into one bytearray in bulk (ingress.edge.smtp_data, ingress.edge.dataread; aiosmtpd
+  keeps one per line, ~23x the message), charged to the acceptor's DATA budget
+  (smtp.data_memory_budget; bulk never takes smtp.data_fast_reserve): a bulk DATA with the bulk
+  share spent gets 452 4.3.1 at once, a message that overflows it mid-transfer is read to its end,
+  dropped, and gets 452 4.3.1;
 - no idle timer (stress or not) while the worker's ack is awaited: the ack wait has its own
   deadline (smtp.ack_timeout), and the session deadline waits for it;
 - a per-instance command_size_limits (aiosmtpd's is a class attribute shared by all sessions
@@ -66,12 +66,13 @@ from typing import Any, cast
 from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import SMTP, _AuthMechAttr, syntax
 
-from ingress import proxy
 from ingress.core import log, metrics
 from ingress.core.addr import normalize_ip
 from ingress.core.metrics import Outcome, RcptResult
 from ingress.core.wire import Lane
-from ingress.host import SessionHost
+from ingress.edge import proxy
+from ingress.edge.host import SessionHost
+from ingress.edge.smtp_data import DataPhase
 from ingress.policy import session_rules
 from ingress.policy.admission import Ticket, stress_timeouts
 from ingress.policy.classify import Evidence, promote
@@ -80,7 +81,6 @@ from ingress.policy.identity import served_over_share
 from ingress.policy.replies import Refusal, clean, text
 from ingress.policy.session_rules import Counters, Refused
 from ingress.policy.tiers import hands_off, tier_of
-from ingress.smtp_data import DataPhase
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _SIMPLE_ADDRESS = re.compile(
@@ -116,10 +116,10 @@ def classify_and_admit(seat: Any, ctx: SessionHost, transport: asyncio.BaseTrans
                        implicit_tls: bool = False, fast_only: bool = False,
                        may_hand_off: bool = False, hand_back_to: Any = None) -> str | None:
     """Evidence at connect (allow lists, learned allow, client certificate) -> lane ->
-    admission, for an IngressSMTP or a lobby seat (ingress.lobby.Lobby): sets seat.evidence,
+    admission, for an IngressSMTP or a lobby seat (ingress.edge.lobby.Lobby): sets seat.evidence,
     .reasons, .lane, .identity, .admitted (and .ticket, .refused_why through ctx.admit).
     Returns the refusal line, "" when a fast acceptor took the connection (may_hand_off, and
-    the operator or third-party tier: ingress.handoff; close it without a word) or when this
+    the operator or third-party tier: ingress.edge.handoff; close it without a word) or when this
     fast acceptor could not admit a connection handed to it and gave it back to the acceptor
     `hand_back_to` (the same), or None when admitted here."""
     der = None
@@ -141,7 +141,7 @@ def classify_and_admit(seat: Any, ctx: SessionHost, transport: asyncio.BaseTrans
     if seat.lane is Lane.FAST and may_hand_off and hands_off(tier_of(seat.identity)) \
             and ctx.hand_off(transport):
         metrics.connection(seat.lane, Outcome.HANDED_OFF)
-        return ""                       # a fast acceptor serves it (ingress.handoff)
+        return ""                       # a fast acceptor serves it (ingress.edge.handoff)
     # listen.fast_port: a fast client over its identity's share is served as bulk there too
     # (never refused for it)
     if fast_only and seat.lane is Lane.BULK and not served_over_share(decision.reasons):
@@ -155,7 +155,7 @@ def classify_and_admit(seat: Any, ctx: SessionHost, transport: asyncio.BaseTrans
         metrics.connection(seat.lane, Outcome.HANDED_BACK)
         log.throttled("handed_back", seat.peer_ip, port=seat.peer_port, lane=seat.lane.value,
                       why=seat.refused_why or "draining")
-        return ""                       # served where it arrived (ingress.handoff)
+        return ""                       # served where it arrived (ingress.edge.handoff)
     if refusal is not None:
         ctx.count("refused", seat.lane)
         metrics.connection(seat.lane, Outcome(seat.refused_why or "draining"))
@@ -171,7 +171,7 @@ def classify_and_admit(seat: Any, ctx: SessionHost, transport: asyncio.BaseTrans
 
 def refuse_early_talker(seat: Any, ctx: SessionHost) -> None:
     """A bulk client spoke before our banner (the greet pause): 554, and the penalty shared by
-    every acceptor. For an IngressSMTP or a lobby seat (ingress.lobby.Lobby)."""
+    every acceptor. For an IngressSMTP or a lobby seat (ingress.edge.lobby.Lobby)."""
     ctx.penalise(seat.peer_ip)
     ctx.count("early_talker", seat.lane)
     metrics.connection(seat.lane, Outcome.EARLY_TALKER)
@@ -278,7 +278,7 @@ class IngressSMTP(DataPhase):
         self.callouts = 0              # recipient verification callouts this session caused
         self._logged = False           # the next final reply's refusal is logged already
         self.abort_handshake: Callable[[], Any] | None = None   # mTLS port, during the handshake
-        # Built by a lobby seat (ingress.lobby) on the client's first bytes: admitted, greet
+        # Built by a lobby seat (ingress.edge.lobby) on the client's first bytes: admitted, greet
         # pause done and banner written already; aiosmtpd's own banner push is skipped.
         self.handed_off = False
         self.skip_banner = False
@@ -315,7 +315,7 @@ class IngressSMTP(DataPhase):
                                   and not self.returned, hand_back_to=self.hand_back_to)
 
     def admit_before_handshake(self, peer: tuple[Any, ...]) -> bool:
-        """Mutual-TLS port (ingress.mtls.MtlsListener): take a connection slot for the TCP
+        """Mutual-TLS port (ingress.edge.mtls.MtlsListener): take a connection slot for the TCP
         connection from `peer`, before the TLS handshake, by connect-time evidence (an unproven
         client is bulk: the bulk share, the per-IP cap and rate). False: refused (the caller
         closes; no SMTP reply is possible before TLS). The ClientHello, the handshake gate and

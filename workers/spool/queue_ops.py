@@ -1,6 +1,6 @@
 """Queue operations on the spool (`smtp-ingress queue ...`), safe while the relay runs.
 
-The spool module (workers/spool.py) owns every state change of a spool file: it writes files
+The spool module (workers/spool/store.py) owns every state change of a spool file: it writes files
 into new/, does the relay's claims and settlements, and the file work of the operator's changes
 (hold, release, delete, retry, requeue). This module is their command logic: it finds the
 message, takes the claim and says what went wrong. The rules (the relay's, workers/relay/):
@@ -57,8 +57,8 @@ from typing import Any
 
 import orjson
 
-from workers import spool as spool_mod
-from workers.relay.state import RelayState, envelope_sender
+from workers.spool import store as spool_mod
+from workers.spool.state import RelayState, envelope_sender
 
 ENVELOPE_MAX = 1 << 20
 DIRS = ("new", "hold", "failed")

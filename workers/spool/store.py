@@ -3,7 +3,7 @@
 Every state change of a spool file is made here: written (write_batch), read, claimed (the
 flock), finished (unlinked when delivered, moved to failed/ when bounced), its relay state
 (the per-message JSON state files) and the operator's queue changes (hold, release, requeue,
-delete, retry requests). The relay and the queue tools (workers/queue_ops.py) decide; this
+delete, retry requests). The relay and the queue tools (workers/spool/queue_ops.py) decide; this
 module does the file work.
 
 Layout under the spool root: tmp/ (being written), new/ (durable, waiting for the relay or the
@@ -21,7 +21,7 @@ A spool file is one RFC 5322 message whose first line carries the envelope:
 The envelope is ingress.core.wire.Envelope's dict plus "v" (SPOOL_FORMAT). Its "evidence"
 carries what the ingress proved, for the relay: "spf" and "spf_domain" (the acceptor's SPF
 verdict and the MAIL FROM domain it was for) and "dkim_pass" (the worker's: the d= of every
-DKIM signature that passed, workers.pipeline); ingress.policy.dsn reads them to decide who may
+DKIM signature that passed, workers.lane.pipeline); ingress.policy.dsn reads them to decide who may
 get a DSN. New evidence keys are additive (optional; a reader treats a missing key as nothing
 proven), so they do not change SPOOL_FORMAT; a change that an older relay would misread does.
 
@@ -73,7 +73,7 @@ import orjson
 from ingress.core import log
 from ingress.core.fsutil import TMP_PREFIX, atomic_write, flock_wait, fsync_dir, write_all
 from ingress.core.wire import Envelope
-from workers.relay.state import RelayState
+from workers.spool.state import RelayState
 
 ENVELOPE_HEADER = b"X-Ingress-Envelope: "
 SPOOL_FORMAT = 1

@@ -3,7 +3,7 @@
 Purpose
     Verify every DKIM-Signature of a received message (RSA verify is ~1 ms of pure Python, so
     it runs here, not in the acceptors) and decide DMARC-style alignment with the From:
-    domain, for workers.headers to render into Authentication-Results. An aligned DKIM pass
+    domain, for workers.lane.headers to render into Authentication-Results. An aligned DKIM pass
     plus an SPF pass feeds the learned allow cache (ingress.policy.classify.should_learn).
 
 API
@@ -17,7 +17,7 @@ API
         `dead` is a temperror at once, a conclusive unanswered lookup marks its domain there.
     DeadKeyDomains(ttl=60, maxsize=4096)  .mark(domain), .is_dead(domain), len()
         the negative cache of signing domains (by organisational domain) whose key lookups
-        got no answer; thread-safe; one per worker process (workers.pipeline).
+        got no answer; thread-safe; one per worker process (workers.lane.pipeline).
     key_record_problem(txt, *, min_bits=1024, max_bits=4096) -> str | None
         why an RSA key record must not be used (size, exponent), judged before any RSA.
     verify_dkim(message, *, resolver, timeout=2.0, deadline_s=5.0, max_signatures=5,
@@ -32,7 +32,7 @@ API
                                                    organisational domain by the PSL; the one
                                                    implementation is ingress.policy.identity's,
                                                    re-exported here)
-    The Authentication-Results renderer and forged A-R stripping are in workers.headers.
+    The Authentication-Results renderer and forged A-R stripping are in workers.lane.headers.
     Results are ingress.core.wire.AuthResult (DkimResult is the same enum).
 
 Result mapping (RFC 6376 / RFC 8601)
@@ -107,11 +107,11 @@ import dns.resolver
 from cachetools import TTLCache
 
 from ingress.core.addr import normalize_domain
+from ingress.core.fields import field_value, header_fields, unfold
 from ingress.core.resolver import make_resolver
 from ingress.core.wire import AuthResult
 from ingress.policy.dkim_budget import DnsBudget, evaluation_order
 from ingress.policy.identity import aligned, org_domain
-from workers.headers import field_value, header_fields, unfold
 
 __all__ = [
     "DeadKeyDomains",

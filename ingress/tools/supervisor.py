@@ -5,7 +5,7 @@ API: Supervisor(cfg, config_path).run() -> int (exit status)
 Children (multiprocessing, *spawn* start method; no event loop or zmq.Context exists in this
 process): one broker per lane, `lanes.<lane>.workers` workers per lane, the relay (only with a
 relay.downstream), `acceptors` acceptors, supervisor.fast_acceptors fast acceptors (no
-port-25 socket: they serve the connections the acceptors hand them, ingress.handoff), and,
+port-25 socket: they serve the connections the acceptors hand them, ingress.edge.handoff), and,
 with fast acceptors and a mutual-TLS port, supervisor.mtls_acceptors mTLS acceptors, which
 serve that port alone (strangers' handshakes run on their event loop, not on the one that
 serves port 25's operator clients).
@@ -100,7 +100,7 @@ def _entry(module: str, name: str = "run") -> Any:
 class Child:
     kind: str                       # "acceptor" | "broker" | "worker"
     key: tuple[Any, ...]            # ("acceptor", i) / ("acceptor", "fast", i) (a fast
-                                    # acceptor: ingress.handoff) / ("broker", lane) /
+                                    # acceptor: ingress.edge.handoff) / ("broker", lane) /
                                     # ("worker", lane, i)
     cfg: Config
     slot: int
@@ -313,7 +313,7 @@ class Supervisor:
         own_mtls = c.cfg.mtls_acceptor_count > 0
         if c.kind == "acceptor" and c.key[1] == "mtls":
             i = c.key[2]
-            return _entry("ingress.acceptor", "run_mtls"), (c.cfg, i, self.hb, c.slot,
+            return _entry("ingress.edge.acceptor", "run_mtls"), (c.cfg, i, self.hb, c.slot,
                                                             self.mtls_sockets[i])
         if c.kind == "acceptor" and c.key[1] == "fast":
             i = c.key[2]
@@ -321,19 +321,19 @@ class Supervisor:
                 else None
             fast = self.fast_sockets[i] if self.fast_sockets and to_fast else None
             steered = self.steered_sockets[i] if i < len(self.steered_sockets) else None
-            return _entry("ingress.acceptor", "run_fast"), (c.cfg, i, self.hb, c.slot,
+            return _entry("ingress.edge.acceptor", "run_fast"), (c.cfg, i, self.hb, c.slot,
                                                             mtls, fast, steered)
         if c.kind == "acceptor":
             i = c.key[1]
             mtls = self.mtls_sockets[i] if self.mtls_sockets and not to_fast else None
             fast = self.fast_sockets[i] if self.fast_sockets and not to_fast else None
-            return _entry("ingress.acceptor"), (c.cfg, i, self.sockets[i], self.hb, c.slot,
+            return _entry("ingress.edge.acceptor"), (c.cfg, i, self.sockets[i], self.hb, c.slot,
                                                 mtls, fast)
         if c.kind == "relay":
             return _entry("workers.relay"), (c.cfg, self.hb, c.slot)
         if c.kind == "broker":
-            return _entry("workers.broker"), (c.cfg, c.key[1], self.hb, c.slot)
-        return _entry("workers.worker"), (c.cfg, c.key[1], c.key[2], self.hb, c.slot)
+            return _entry("workers.lane.broker"), (c.cfg, c.key[1], self.hb, c.slot)
+        return _entry("workers.lane.worker"), (c.cfg, c.key[1], c.key[2], self.hb, c.slot)
 
     def _start(self, c: Child) -> None:
         target, args = self._target(c)

@@ -6,22 +6,22 @@ API:
                                       listen address), the supervisor bound for this acceptor
                                       slot (SO_REUSEPORT); all of them are served
     AcceptorContext                   per-process state shared by all sessions: the
-                                      SessionHost (ingress.host) that smtp.py runs against;
-                                      it holds the session table (ingress.sessions), the SPF
-                                      service (ingress.spf_service), the learned store
-                                      (ingress.learned_store) and the lane clients
-                                      (ingress.lanes) and the deferral records
+                                      SessionHost (ingress.edge.host) that smtp.py runs against;
+                                      it holds the session table (ingress.edge.sessions), the SPF
+                                      service (ingress.edge.spf_service), the learned store
+                                      (ingress.edge.learned_store) and the lane clients
+                                      (ingress.edge.lanes) and the deferral records
                                       (ingress.policy.deferrals, shared with every acceptor
                                       through the bulk broker: retry evidence),
                                       and with [cluster] redis the shared state
-                                      (ingress.cluster_state); with smtp.verify_recipients
-                                      the callout cache and its file (ingress.rcpt_verify,
-                                      ingress.verify_store: loaded at start, saved while it
+                                      (ingress.edge.cluster_state); with smtp.verify_recipients
+                                      the callout cache and its file (ingress.edge.rcpt_verify,
+                                      ingress.edge.verify_store: loaded at start, saved while it
                                       changes and at shutdown, not while retiring)
-    (the mutual-TLS port's listeners and handshake gate: ingress.mtls; a slot is taken at
+    (the mutual-TLS port's listeners and handshake gate: ingress.edge.mtls; a slot is taken at
     accept, before the TLS handshake)
 
-listen.port and listen.fast_port start each connection in the lobby (ingress.lobby) unless they
+listen.port and listen.fast_port start each connection in the lobby (ingress.edge.lobby) unless they
 are behind PROXY; the slots are admission.configured_limit's (logged as connection_limit at
 start, with what limited them).
 
@@ -33,7 +33,7 @@ Rates at MAIL FROM: each acceptor holds its part of classify.domain_rate per dom
 tiers.self_proven_rate for the whole self-proven tier (AcceptorContext.over_rate_why).
 
 Hand-off: a port-25 acceptor hands operator and third-party clients known at connect to a fast
-acceptor (ingress.handoff) and serves what a fast acceptor gives back (serve_returned).
+acceptor (ingress.edge.handoff) and serves what a fast acceptor gives back (serve_returned).
 
 The event loop (uvloop) never blocks: no DNS, no disk, no CPU-heavy work here. Every wait has a
 deadline: the ack wait is smtp.ack_timeout; a broker that is down fails the send at once
@@ -59,8 +59,6 @@ from collections import Counter
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from ingress import handoff, mtls, proxy
-from ingress.cluster_state import ClusterState
 from ingress.core import child, log, metrics, procs
 from ingress.core.addr import ip_key, site_key
 from ingress.core.config import Config
@@ -69,13 +67,20 @@ from ingress.core.fsutil import atomic_write
 from ingress.core.metrics import DeferReason, RetryResult
 from ingress.core.ratelimit import FairBucket, KeyedBuckets
 from ingress.core.wire import CLAIM_TOPIC, DEFER_TOPIC, Envelope, Lane, Reply
-from ingress.dataread import DataBudget
-from ingress.evidence import cert_evidence, normalize_fingerprint, sha256_fingerprint
-from ingress.handler import IngressHandler
-from ingress.host import Prototype
-from ingress.lanes import Lanes
-from ingress.learned_store import LearnedStore
-from ingress.lobby import Lobby
+from ingress.edge import handoff, mtls, proxy
+from ingress.edge.cluster_state import ClusterState
+from ingress.edge.dataread import DataBudget
+from ingress.edge.evidence import cert_evidence, normalize_fingerprint, sha256_fingerprint
+from ingress.edge.handler import IngressHandler
+from ingress.edge.host import Prototype
+from ingress.edge.lanes import Lanes
+from ingress.edge.learned_store import LearnedStore
+from ingress.edge.lobby import Lobby
+from ingress.edge.rcpt_verify import RecipientVerifier
+from ingress.edge.sessions import Seat, SessionTable
+from ingress.edge.smtp import IngressSMTP
+from ingress.edge.spf_service import SpfService
+from ingress.edge.verify_store import VerifyStore
 from ingress.policy.admission import FD_SPARE, configured_limit, spf_fds
 from ingress.policy.classify import (
     AuthResult,
@@ -111,11 +116,6 @@ from ingress.policy.tiers import (
     tier_buckets,
     tier_rates,
 )
-from ingress.rcpt_verify import RecipientVerifier
-from ingress.sessions import Seat, SessionTable
-from ingress.smtp import IngressSMTP
-from ingress.spf_service import SpfService
-from ingress.verify_store import VerifyStore
 
 OVER_RATE_LOG_EVERY = 10.0    # seconds between two over_rate lines for one domain
 OVER_RATE_LOGGED_MAX = 1024   # domains whose last over_rate line is remembered
@@ -140,9 +140,9 @@ def slot_names(cfg: Config) -> list[str]:
 class AcceptorContext:
     """Everything the sessions of one acceptor process share (the SessionHost that smtp.py's
     IngressSMTP and IngressHandler run against): the classify policy, and the parts it holds,
-    each its own module: the session table (ingress.sessions), the SPF service
-    (ingress.spf_service), the learned store (ingress.learned_store), the lane clients
-    (ingress.lanes)."""
+    each its own module: the session table (ingress.edge.sessions), the SPF service
+    (ingress.edge.spf_service), the learned store (ingress.edge.learned_store), the lane clients
+    (ingress.edge.lanes)."""
 
     def __init__(self, cfg: Config, index: int, loop: asyncio.AbstractEventLoop,
                  nofile: int = 0, fast: bool = False, mtls_only: bool = False) -> None:
@@ -150,7 +150,7 @@ class AcceptorContext:
         self.slot = slot_name("mtls" if mtls_only else "fast" if fast else "port25", index)
         self.ident = f"{self.slot}-{os.getpid()}"
         # a port-25 acceptor hands clients classified fast at connect to the fast acceptors
-        # (ingress.handoff); a fast acceptor serves what it is handed, and hands nothing on
+        # (ingress.edge.handoff); a fast acceptor serves what it is handed, and hands nothing on
         self.handoff = None if fast else handoff.Sender(
             cfg, loop, lambda conn: serve_returned(self, conn), index)
         c, a, s = cfg.classify, cfg.admission, cfg.smtp
@@ -596,7 +596,7 @@ async def listeners(ctx: AcceptorContext, sock: Listening, mtls_sock: Listening,
         ctx.receiver = handoff.Receiver(ctx.cfg, ctx.index, loop,
                                         lambda conn, sender: serve_handed(ctx, conn, sender))
         servers.append(ctx.receiver)
-    # A plain listener starts each connection in the lobby (ingress.lobby: no aiosmtpd session
+    # A plain listener starts each connection in the lobby (ingress.edge.lobby: no aiosmtpd session
     # until the client speaks); behind PROXY the session is built at once.
     servers += [await loop.create_server(
         (lambda: IngressSMTP(ctx, proxy_protocol=True)) if lst.proxy_protocol else
@@ -618,7 +618,7 @@ async def serve(cfg: Config, index: int, sock: Listening, hb: Any, slot: int,
                 sig: child.Signals | None = None, handed: bool = True,
                 steered: Listening = None) -> None:
     """An acceptor's life; `sock` None: a fast acceptor (its connections are handed to it by
-    the others over ingress.handoff, it has no port-25 socket), or with `handed` False an mTLS
+    the others over ingress.edge.handoff, it has no port-25 socket), or with `handed` False an mTLS
     acceptor (the mutual-TLS port alone)."""
     loop = asyncio.get_running_loop()
     wanted = configured_limit(cfg, 0).max_connections    # what config / memory allow
@@ -718,7 +718,7 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
 def run_fast(cfg: Config, index: int, hb: Any = None, slot: int = 0,
              mtls_sock: Listening = None, fast_sock: Listening = None,
              steered: Listening = None) -> None:
-    """A fast acceptor's entry point (supervisor.fast_acceptors; ingress.handoff): the
+    """A fast acceptor's entry point (supervisor.fast_acceptors; ingress.edge.handoff): the
     connections handed over from port 25, and the mutual-TLS port and listen.fast_port (their
     clients prove themselves at the handshake or at connect), away from port 25's floods."""
     sig = child.start(cfg, f"fast-acceptor-{index}", child.ACCEPTOR_SIGNALS)
@@ -728,7 +728,7 @@ def run_fast(cfg: Config, index: int, hb: Any = None, slot: int = 0,
 def run_mtls(cfg: Config, index: int, hb: Any = None, slot: int = 0,
              mtls_sock: Listening = None) -> None:
     """An mTLS acceptor's entry point (supervisor.mtls_acceptors): the mutual-TLS port alone,
-    so that the handshakes of clients without a valid certificate (ingress.mtls's gate bounds
+    so that the handshakes of clients without a valid certificate (ingress.edge.mtls's gate bounds
     them) share no event loop with the operator clients port 25 hands to the fast acceptors."""
     sig = child.start(cfg, f"mtls-acceptor-{index}", child.ACCEPTOR_SIGNALS)
     _run_loop(serve(cfg, index, None, hb, slot, mtls_sock, None, sig, handed=False))

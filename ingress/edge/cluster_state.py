@@ -5,10 +5,10 @@ Purpose
     penalties and the learned allow cache through one Redis. Each acceptor process holds one
     ClusterState. Connect-time admission is synchronous and must stay cheap, so nothing there
     waits for Redis: penalties and learned entries are *mirrored* into the acceptor's own
-    penalty box (ingress.sessions) and learned store (ingress.learned_store) over pub/sub, and
-    loaded whole when the connection comes (back) up. The one call on the session path is the
-    bulk bucket at a bulk transaction's first RCPT TO (one EVALSHA), which is async and bounded
-    by cluster.redis_timeout.
+    penalty box (ingress.edge.sessions) and learned store (ingress.edge.learned_store) over
+    pub/sub, and loaded whole when the connection comes (back) up. The one call on the session path
+    is the bulk bucket at a bulk transaction's first RCPT TO (one EVALSHA), which is async and
+    bounded by cluster.redis_timeout.
     Without [cluster] redis nothing here exists (ClusterState.create returns None) and the
     acceptor is fully in-process, as on one host.
 

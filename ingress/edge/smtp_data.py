@@ -1,13 +1,13 @@
 """The DATA phase of a session: aiosmtpd's smtp_DATA, reading the message in bulk into one buffer.
 
 API:
-    DataPhase     the base class of ingress.smtp.IngressSMTP (an aiosmtpd SMTP) that provides
-                  smtp_DATA; it uses the session's ctx (ingress.host.SessionHost), lane, peer_ip,
-                  busy and awaiting_ack, which IngressSMTP sets.
+    DataPhase     the base class of ingress.edge.smtp.IngressSMTP (an aiosmtpd SMTP) that provides
+                  smtp_DATA; it uses the session's ctx (ingress.edge.host.SessionHost), lane,
+                  peer_ip, busy and awaiting_ack, which IngressSMTP sets.
 
 What it keeps of aiosmtpd's smtp_DATA: the checks before 354 (HELO, AUTH, RCPT, no argument),
 end-of-data, dot-unstuffing, the line-length (500) and size (552) replies. What it changes: the
-message is read into one bytearray by ingress.dataread (aiosmtpd keeps a bytearray per line,
+message is read into one bytearray by ingress.edge.dataread (aiosmtpd keeps a bytearray per line,
 about 23x the message for short lines) and charged to the acceptor's DATA budget by the
 session's trust tier (ingress.policy.tiers: bulk never takes the fast reserve, a capped tier at
 most its part of it and then the bulk share): a DATA with no room left for its tier (never the
@@ -25,8 +25,8 @@ from aiosmtpd.smtp import MISSING, SMTP
 
 from ingress.core import log
 from ingress.core.wire import Lane
-from ingress.dataread import DataReader, DataState, read_stream
-from ingress.host import SessionHost
+from ingress.edge.dataread import DataReader, DataState, read_stream
+from ingress.edge.host import SessionHost
 from ingress.policy.replies import Refusal, text
 from ingress.policy.tiers import Tier, session_tier
 
@@ -43,7 +43,7 @@ class DataPhase(SMTP):
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's smtp_DATA (same checks, replies and end-of-data, dot-unstuffing,
         line-length and size semantics), but the message is read into one bytearray in bulk
-        (ingress.dataread) and charged to the acceptor's DATA budget; the idle timers are off
+        (ingress.edge.dataread) and charged to the acceptor's DATA budget; the idle timers are off
         while the worker's ack is awaited (the ack wait has its own deadline)."""
         if await self._data_refused(arg):
             return

@@ -1,8 +1,8 @@
 """The aiosmtpd hooks of an acceptor: EHLO, MAIL, RCPT and DATA, applying the session policy.
 
 API:
-    IngressHandler(host)    one per acceptor process (host: ingress.host.SessionHost); the
-                            per-session state is on the protocol (ingress.smtp.IngressSMTP)
+    IngressHandler(host)    one per acceptor process (host: ingress.edge.host.SessionHost); the
+                            per-session state is on the protocol (ingress.edge.smtp.IngressSMTP)
 
 What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; this is glue):
 - EHLO: PIPELINING advertised, AUTH and HELP never, ENHANCEDSTATUSCODES;
@@ -28,7 +28,7 @@ What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; th
   first, and the cap only when that is spent (the envelope then carries evidence retry=1,
   which the bulk broker honours with its own retry bucket), and may carry only recipients
   of the deferred transaction (another: 451, recorded); then recipient verification
-  (ingress/rcpt_verify.py, cached, at most smtp.verify_per_session callouts a session; over
+  (ingress/edge/rcpt_verify.py, cached, at most smtp.verify_per_session callouts a session; over
   that 450: never an amplifier);
 - DATA: data_verdict (bare CR or LF: 550 5.6.0, SMTP smuggling); then the message goes to its
   lane broker; 250 only on the worker's ACK (durable); a NACK, a timeout or an unreachable
@@ -58,13 +58,13 @@ from ingress.core import log, metrics
 from ingress.core.headers import received_spf_header, spf_identity, spf_request
 from ingress.core.metrics import DeferReason, RcptResult, Result
 from ingress.core.wire import Envelope, Lane, new_qid
-from ingress.host import SessionHost
+from ingress.edge.host import SessionHost
+from ingress.edge.rcpt_verify import Answer
+from ingress.edge.smtp import IngressSMTP
 from ingress.policy import replies, session_rules
 from ingress.policy.classify import AuthResult, decide, promote
 from ingress.policy.identity import served_over_share
 from ingress.policy.replies import Refusal, text
-from ingress.rcpt_verify import Answer
-from ingress.smtp import IngressSMTP
 
 
 class IngressHandler:

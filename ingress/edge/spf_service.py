@@ -21,7 +21,7 @@ One check, in order:
        admission.ipv6_prefix), or classify.spf_backlog in all are under way -> temperror at
        once, no lookup (counted in smtp_ingress_spf_refused_total{reason}, and a log line
        spf_refused per reason per REFUSED_LOG_EVERY seconds).
-    3. ingress.evidence.check_spf within min(classify.spf_deadline, smtp.idle_timeout / 2):
+    3. ingress.edge.evidence.check_spf within min(classify.spf_deadline, smtp.idle_timeout / 2):
        DNS on the event loop (concurrent checks share a query in flight), pyspf in the lane's
        pool of SPF_THREADS threads as pure CPU. The gate is told when it ends, and whether it
        stalled on the domain's own DNS (then the domain is temperror at once for
@@ -56,7 +56,7 @@ from ingress.core.addr import net_key
 from ingress.core.config import Config
 from ingress.core.headers import spf_identity
 from ingress.core.wire import Lane
-from ingress.evidence import SpfOutcome, check_spf, make_resolver
+from ingress.edge.evidence import SpfOutcome, check_spf, make_resolver
 from ingress.policy.classify import AuthResult
 from ingress.policy.identity import org_domain
 from ingress.policy.spf_gate import SpfGate, SpfLimits, SpfVerdict

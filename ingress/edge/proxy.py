@@ -2,7 +2,7 @@
 
 Purpose: on a listener configured for the PROXY protocol, an L4 load balancer (HAProxy,
 nginx stream, AWS NLB, ...) opens the TCP connection and prefixes the stream with a PROXY header
-that names the real client. What runs (ingress/smtp.py, IngressSMTP._proxy_header, in place of
+that names the real client. What runs (ingress/edge/smtp.py, IngressSMTP._proxy_header, in place of
 aiosmtpd's own PROXY handling: aiosmtpd's proxy_protocol_timeout and handle_PROXY hook are not
 used): the TCP peer is checked with `peer_trusted()` before anything is read (an untrusted
 peer is closed at once), the header is read with aiosmtpd's `get_proxy()` with the

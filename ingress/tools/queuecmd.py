@@ -1,12 +1,12 @@
 """`smtp-ingress queue ...`: the operator's view of the spool (mailq, postcat, postsuper).
 
-API: add_parser(sub, parents) (the `queue` subcommands: --config, from ingress.cli, and --wait
+API: add_parser(sub, parents) (the `queue` subcommands: --config, from ingress.tools.cli, and --wait
      go before or after a subcommand's name); run(spool_root, args) -> exit status;
      render_list(items, now) -> str (pure)
 
-Every change goes through workers.queue_ops (the queue commands; workers.spool does their file
-work under the relay's lock); this module only parses arguments' meaning and prints. Run as
-root, it first becomes the spool's owner (queue_ops.become_owner), so what it creates is the
+Every change goes through workers.spool.queue_ops (the queue commands; workers.spool.store does
+their file work under the relay's lock); this module only parses arguments' meaning and prints. Run
+as root, it first becomes the spool's owner (queue_ops.become_owner), so what it creates is the
 service user's.
 Errors (unknown id, malformed file, busy, gone meanwhile) go to stderr as
 "smtp-ingress queue: <why>" with exit status 1.
@@ -23,14 +23,15 @@ from typing import Any
 
 import orjson
 
-from workers.queue_ops import Item, Queue, QueueError, become_owner
+from workers.spool.queue_ops import Item, Queue, QueueError, become_owner
 
 WAIT_HELP = "seconds to wait for a message the relay is delivering (default 10)"
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     """`queue` and its subcommands; `parents`: the options every subcommand takes (--config:
-    ingress.cli.common_options). --config and --wait go before or after a subcommand's name."""
+    ingress.tools.cli.common_options). --config and --wait go before or after a subcommand's
+    name."""
     q = sub.add_parser("queue", help="inspect and change the spool (mailq, postcat, postsuper)",
                        parents=parents)
     q.add_argument("--wait", type=float, default=10.0, help=WAIT_HELP)

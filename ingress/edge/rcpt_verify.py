@@ -9,7 +9,7 @@ API:
     .export() -> (expiry {key: t}, answers {key: Answer}, now)   copies of the cache (dict
                                              copies: cheap on the event loop), `timer` time;
                                              .changes counts the 2xx/5xx answers cached, so a
-                                             saver (ingress/verify_store.py) knows what is new
+                                             saver (ingress/edge/verify_store.py) knows what is new
     .preload([(key, answer, seconds left)]) -> int   answers kept from before (a reload: the
                                              store's file), each for at most its TTL
     await .verify(address, smtputf8=False) -> Answer
@@ -41,7 +41,7 @@ Bounds (so a flood of RCPTs cannot turn us into an amplifier against the downstr
   session's error accounting (ingress/policy/session_rules.py).
 Limits: only an smtp:// downstream (config validation says so for lmtp); the cache is per
 acceptor process; its 2xx and 5xx answers are kept across reloads and restarts by
-ingress/verify_store.py (a file per acceptor in spool.state_dir); callouts are not
+ingress/edge/verify_store.py (a file per acceptor in spool.state_dir); callouts are not
 authenticated or encrypted (the downstream is the operator's own MTA, normally on a private
 network).
 """

@@ -1,8 +1,8 @@
-"""SessionHost: what an SMTP session (ingress.smtp.IngressSMTP) and its hooks
-(ingress.handler.IngressHandler) need of the acceptor process that runs them.
+"""SessionHost: what an SMTP session (ingress.edge.smtp.IngressSMTP) and its hooks
+(ingress.edge.handler.IngressHandler) need of the acceptor process that runs them.
 
 API:
-    SessionHost    typing.Protocol; ingress.acceptor.AcceptorContext is the implementation.
+    SessionHost    typing.Protocol; ingress.edge.acceptor.AcceptorContext is the implementation.
                    The session side imports only this, never the acceptor, so the dialogue can
                    be built against a small fake in tests.
     Prototype      what IngressSMTP keeps per listener kind of the first session's aiosmtpd
@@ -21,11 +21,11 @@ from typing import Any, Protocol
 from ingress.core.config import Config
 from ingress.core.metrics import DeferReason
 from ingress.core.wire import Envelope, Lane, Reply
-from ingress.dataread import DataBudget
+from ingress.edge.dataread import DataBudget
+from ingress.edge.rcpt_verify import RecipientVerifier
 from ingress.policy.classify import AuthResult, ClassifyPolicy, Decision, Evidence
 from ingress.policy.deferrals import Claim
 from ingress.policy.session_rules import ErrorPolicy
-from ingress.rcpt_verify import RecipientVerifier
 
 Prototype = tuple[dict[str, Any], tuple[str, ...], tuple[tuple[str, str, bool], ...]]
 
@@ -34,7 +34,7 @@ class SessionHost(Protocol):
     cfg: Config
     loop: asyncio.AbstractEventLoop
     ident: str
-    handler: Any                          # the aiosmtpd handler (ingress.handler.IngressHandler)
+    handler: Any                    # the aiosmtpd handler (ingress.edge.handler.IngressHandler)
     smtp_prototypes: dict[bool, Prototype]
     tls_context: ssl.SSLContext | None
     trusted_proxies: tuple[Any, ...]

@@ -10,7 +10,7 @@ API:
         learn(ip, now, domain="")      remember it, for the domain it was learned for (its
                                        identity "learned:<org domain>"; marks the store dirty);
                                        returns the keys the quotas evicted for it (to drop
-                                       them from Redis too, ingress.cluster_state)
+                                       them from Redis too, ingress.edge.cluster_state)
         unlearn(ip) -> str | None      forget the client's network (mail from it failed SPF or
                                        DKIM); its key, None if it was not learned
         allow                          the LearnedAllow itself (len(), to_json())

@@ -65,12 +65,12 @@ from ingress.core.addr import normalize_ip
 from ingress.core.config import Config
 from ingress.core.metrics import Outcome
 from ingress.core.wire import Lane
-from ingress.evidence import sha256_fingerprint
+from ingress.edge.evidence import sha256_fingerprint
+from ingress.edge.smtp import IngressSMTP
 from ingress.policy.handshake_gate import GateLimits, HandshakeGate, Tier, Verdict
-from ingress.smtp import IngressSMTP
 
 if TYPE_CHECKING:
-    from ingress.acceptor import AcceptorContext
+    from ingress.edge.acceptor import AcceptorContext
 
 TLS_HANDSHAKE_RECORD = 0x16        # the first byte of a ClientHello's record
 ALERT_INTERNAL_ERROR = 80          # RFC 8446 6.2: "unrelated to the peer": we are busy
