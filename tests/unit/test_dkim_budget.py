@@ -1,5 +1,5 @@
 """The per-message DNS budget of DKIM key lookups (ingress.policy.dkim_budget) and the negative
-cache of unresponsive key domains (workers.lane.dkim_check.DeadKeyDomains), issue 17 Build 3."""
+cache of unresponsive key domains (workers.lane.dkim_keys.DeadKeyDomains), issue 17 Build 3."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 
 from ingress.policy.dkim_budget import DnsBudget, evaluation_order
-from workers.lane.dkim_check import MAX_DOMAIN_KEY, DeadKeyDomains
+from workers.lane.dkim_keys import MAX_DOMAIN_KEY, DeadKeyDomains
 
 # per_lookup, total, spent, deadline_left -> the next lookup's lifetime
 LIFETIMES = [

@@ -1,4 +1,4 @@
-"""DKIM key limits checked before any RSA operation (workers.lane.dkim_check.key_record_problem).
+"""DKIM key limits checked before any RSA operation (workers.lane.dkim_parse.key_record_problem).
 
 Issue 9 item 2: dkimpy accepts any key size and exponent; an 8192-bit modulus with an 8192-bit
 exponent costs ~1.1 s of GIL-holding pow() per signature. RFC 8301 section 3.1: verifiers must
@@ -19,8 +19,8 @@ import pytest
 
 from tests.kit.dkimkeys import modulus as _modulus
 from tests.kit.dkimkeys import record, rsa_public_key, spki
-from workers.lane import dkim_check
-from workers.lane.dkim_check import (
+from workers.lane import dkim_check, dkim_parse
+from workers.lane.dkim_parse import (
     MAX_KEY_BITS,
     MIN_KEY_BITS,
     header_from_domain,
@@ -132,7 +132,7 @@ def test_header_parse_matches_dkimpy(msg: bytes) -> None:
     """The linear parser gives dkimpy exactly what its own rfc822_parse would."""
     import dkim
 
-    assert dkim_check._rfc822_parse(msg) == dkim.rfc822_parse(msg)
+    assert dkim_parse._rfc822_parse(msg) == dkim.rfc822_parse(msg)
 
 
 @pytest.mark.parametrize("msg", [b" leading continuation\r\n\r\n", b"bad header line\r\n\r\n"])
@@ -140,7 +140,7 @@ def test_header_parse_errors(msg: bytes) -> None:
     import dkim
 
     with pytest.raises(dkim.MessageFormatError):
-        dkim_check._rfc822_parse(msg)
+        dkim_parse._rfc822_parse(msg)
 
 
 @pytest.mark.timeout(20)
@@ -154,7 +154,7 @@ def test_a_field_folded_a_million_times_is_parsed_linearly() -> None:
     (r,) = dkim_check.verify_dkim(msg, resolver=resolver, timeout=0.1, deadline_s=0.5).results
     assert r.result in (dkim_check.DkimResult.FAIL, dkim_check.DkimResult.TEMPERROR,
                         dkim_check.DkimResult.PERMERROR)
-    headers, body = dkim_check._rfc822_parse(msg)
+    headers, body = dkim_parse._rfc822_parse(msg)
     assert len(headers) == 3 and headers[2][1].count(b"\r\n") == 1_000_001
     assert body == b"body\r\n"
 
@@ -176,13 +176,13 @@ def test_trailing_whitespace_matches_dkimpy(body: bytes) -> None:
     import dkim.canonicalization
 
     assert dkim.canonicalization.strip_trailing_whitespace is \
-        dkim_check._strip_trailing_whitespace      # installed by importing dkim_check
-    assert dkim_check._strip_trailing_whitespace(body) == _dkimpy_strip_trailing_whitespace(body)
+        dkim_parse._strip_trailing_whitespace      # installed by importing dkim_parse
+    assert dkim_parse._strip_trailing_whitespace(body) == _dkimpy_strip_trailing_whitespace(body)
 
 
 def test_trailing_whitespace_matches_dkimpy_on_random_input() -> None:
     rng = random.Random(11)
     for _ in range(2000):
         body = bytes(rng.choice(b" \t\r\nab") for _ in range(rng.randrange(40)))
-        assert dkim_check._strip_trailing_whitespace(body) == \
+        assert dkim_parse._strip_trailing_whitespace(body) == \
             _dkimpy_strip_trailing_whitespace(body), body

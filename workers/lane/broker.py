@@ -15,44 +15,30 @@ cluster: the Gate, and a monitor per socket that logs every refused handshake)):
                           and the SHARE facts (learned and unlearned clients, penalties)
                           passed on to every acceptor
 
-Policy, in one place per lane: the bounded queue (`queue_max` messages and `queue_bytes` bytes of
-bodies, Config.queue_bytes; a SUBMIT beyond either is NACKed queue_full at once) and,
-for the fast lane, trust tiers and fairness between identities (the envelope's
-evidence["identity"], by its ingress.policy.identity.share_key, and its tier,
-ingress.policy.tiers.fast_tier): the queue is an ingress.policy.fairqueue.TieredQueue, one
-deficit round robin queue (DRR_QUANTUM bytes) per tier served in strict priority, so the
-operator tier's work is dispatched before any lower tier's. The third-party and self-proven
-tiers each hold at most their cap (tiers.*_share) of queue_max and queue_bytes queued, and of
-the workers' total credit in flight, so some credit is always free for the operator tier
-(tiers.operator_floor); and one total rate each (tiers.self_proven_rate: a bucket one second
-deep, at least one edge's burst, like a domain's; the acceptors hold their parts at MAIL FROM).
-Inside that, one identity holds at most classify.identity_share of queue_max and queue_bytes,
-but always room for one message of smtp.max_message_size, and at most that share of the
-workers' total credit in flight (its queue waits; others go first). Beyond a cap or a rate:
-NACK share, and the acceptor serves the message as bulk. A fast envelope without an identity
-(none is sent today) has key "" (no per-key bound) and counts as self-proven; the bulk lane is
-one FIFO;
-for a capped lane, the token bucket (`rate`, `burst`; an empty bucket is NACK rate); an envelope
-the acceptor marked a retry of a transaction we deferred (evidence "retry": "1", see
-ingress.policy.deferrals) takes a token of the retry bucket (admission.retry_share of the cap)
-first, and the lane's bucket only when that is empty. Work goes only
-to a worker with credit, the one with the most. A worker that misses LANE_LIVENESS heartbeats is
-dropped and every message it held is NACKed at once (worker_lost), so acceptors answer 451 instead
-of waiting. Work that waited past its envelope deadline is NACKed expired, never dispatched.
+Policy: ingress.policy.lane_gate.LaneGate, one per lane, decides; this module only carries
+out. A SUBMIT is admitted into the gate's queue or NACKed with the gate's reason (queue_full,
+rate, share: the acceptor serves a fast message refused for share as bulk); the gate names
+what to dispatch next within the tiers' and identities' shares of the workers' credit, and what
+the status says of the rates and tiers. Mechanism here: work goes only to a worker with credit,
+the one with the most. A worker that misses LANE_LIVENESS heartbeats is dropped and every
+message it held is NACKed at once (worker_lost), so acceptors answer 451 instead of waiting.
+Work that waited past its envelope deadline is NACKed expired, never dispatched. SIGUSR2 or
+the supervisor gone: every SUBMIT is NACKed shutdown.
 
 Failure modes: unroutable replies (the acceptor is gone) are dropped (ROUTER_MANDATORY raises, we
 log). Malformed frames are logged and dropped. A broker crash loses only the queue; acceptors time
 out those messages (451) and the supervisor restarts the broker; workers and acceptors reconnect by
 themselves. SIGUSR2 (the supervisor): NACK everything queued (shutdown) and exit after in-flight
 ACKs drain (bounded wait).
+Limits: the queue, the rates' tables and the over-rate list are the gate's (see its bounds);
+high-water marks of 1000 messages per ROUTER, 10 on the status PUB; a drain reads at most 256
+messages a socket per poll, so neither side starves the other.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,16 +47,14 @@ import orjson
 import zmq
 
 from ingress.core import child, cluster, log, metrics
-from ingress.core.addr import site_key
 from ingress.core.child import Heartbeat
 from ingress.core.config import Config
-from ingress.core.ratelimit import FairBucket, KeyedBuckets, TokenBucket
+from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import (
     LANE_HEARTBEAT,
     LANE_LIVENESS,
     STATUS_INTERVAL,
     Kind,
-    Lane,
     NackReason,
     WireError,
     expect,
@@ -83,31 +67,11 @@ from ingress.core.wire import (
     to_acceptor,
     work,
 )
-from ingress.policy.admission import broker_bucket
-from ingress.policy.deferrals import retry_buckets
 from ingress.policy.fairqueue import TieredQueue
-from ingress.policy.identity import (
-    RATE_TRACKED,
-    domain_buckets,
-    rate_bounded,
-    share_bound,
-    share_key,
-)
-from ingress.policy.tiers import (
-    CAPPED,
-    FAST_TIERS,
-    Tier,
-    TierShares,
-    cap,
-    fast_tier,
-    rate_key,
-    tier_buckets,
-    tier_rates,
-)
+from ingress.policy.lane_gate import OVER_RATE_HOLD, Check, Decision, LaneGate, LaneLimits, Request
+from ingress.policy.tiers import Tier
 
-OVER_RATE_HOLD = 1.0    # seconds a domain stays listed over its rate after its last refusal
-OVER_RATE_LISTED = 256  # domains over their rate named in one status (the most recent first)
-DRR_QUANTUM = 65536     # bytes an identity is served per round of the fast lane's DRR
+__all__ = ["OVER_RATE_HOLD", "Broker", "run"]
 
 
 @dataclass
@@ -125,56 +89,13 @@ class Job:
     env_raw: bytes
     body: bytes
     deadline: float          # wall clock
-    key: str = ""            # the identity's share key (fast lane); "" = one FIFO (bulk)
-    tier: Tier = Tier.UNKNOWN    # its trust tier (fast lane); UNKNOWN: bulk
 
 
 class Broker:
     def __init__(self, cfg: Config, lane: str, hb: Any = None, slot: int = 0) -> None:
         self.cfg, self.lane = cfg, lane
-        lc = getattr(cfg.lanes, lane)
-        self.queue_max: int = lc.queue_max
-        self.queue_bytes: int = cfg.queue_bytes(lane)
-        # lanes.<lane>.rate; with [cluster] redis the bulk cap is held at the first RCPT and this
-        # is a guard with headroom (admission.broker_bucket says why)
-        self.bucket = TokenBucket(*broker_bucket(cfg, lane), now=time.monotonic())
-        retry = retry_buckets(cfg) if lane == "bulk" else None
-        self.retry_bucket = TokenBucket(*retry[1], now=time.monotonic()) \
-            if retry is not None else None
-        # Fast lane: no identity holds more than classify.identity_share of the queue or of
-        # the workers' credit, no capped tier more than its share (tiers.*_share); the bulk
-        # lane is one FIFO (every job has key "" and tier UNKNOWN).
-        self.fast = lane == Lane.FAST
-        self.share = cfg.classify.identity_share if self.fast else 1.0
-        self.shares = TierShares.of(cfg)
-        limits = {t: (cap(t, self.queue_max, self.shares), cap(t, self.queue_bytes, self.shares))
-                  for t in CAPPED} if self.fast else {}
-        # An identity's share of the bytes admits at least one message of the largest size.
-        self.queue: TieredQueue[Job] = TieredQueue(
-            DRR_QUANTUM, share_bound(self.queue_max, self.share),
-            max(share_bound(self.queue_bytes, self.share), cfg.smtp.max_message_size), limits)
-        # tiers.self_proven_rate (third_party_rate): one bucket per tier, whatever the domains,
-        # shared max-min fairly between client sites (addr.site_key), as in the acceptors
-        self.tier_buckets = {
-            t: FairBucket(*tier_buckets(rate, burst, 1)[1], now=time.monotonic(),
-                          max_keys=RATE_TRACKED)
-            for t, (rate, burst) in tier_rates(cfg).items()} if self.fast else {}
-        self.ipv6_prefix = cfg.admission.ipv6_prefix
-        self.inflight_by_tier: dict[Tier, int] = dict.fromkeys(Tier, 0)
-        # classify.domain_rate: a domain identity's (org:, learned: -> org:) fast-lane rate
-        # over every edge. The acceptors already hold each domain to its rate with a burst of
-        # classify.domain_burst (ingress.edge.acceptor: smooth, per edge); this bucket, one second
-        # deep (and at least one edge's burst), bounds the sum of several edges. Its buckets
-        # are bounded (least recently used dropped: a fresh bucket is a full one).
-        self.domain_rate = cfg.classify.domain_rate if lane == Lane.FAST else 0.0
-        _, at_broker = domain_buckets(self.domain_rate, cfg.classify.domain_burst, 1)
-        self.domain_buckets = KeyedBuckets(*at_broker, RATE_TRACKED)
-        # share key -> when its bucket last refused (published as "over_rate" in the status:
-        # the acceptors keep that domain's sessions bulk at MAIL FROM, where the bulk cap sheds
-        # them before DATA; bounded like the buckets)
-        self.over_rate: OrderedDict[str, float] = OrderedDict()
-        self.inflight_keys: dict[bytes, tuple[Tier, str]] = {}   # qid -> (tier, share key)
-        self.inflight_by_key: dict[str, int] = {}
+        self.lane_gate: LaneGate[Job] = LaneGate(LaneLimits.of(cfg, lane), now=time.monotonic())
+        self.fast = self.lane_gate.fast
         self.workers: dict[bytes, WorkerState] = {}
         self.heart = Heartbeat(hb, slot)
         self.stopping = False
@@ -196,6 +117,39 @@ class Broker:
             self._bind_remote(self.pub, "status")
         else:
             self.pub.bind(cfg.ipc(f"{lane}-status"))
+
+    # The gate's state, by the names the status and the tests read.
+    @property
+    def queue(self) -> TieredQueue[Job]:
+        return self.lane_gate.queue
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of the bodies in self.queue."""
+        return self.lane_gate.queue.bytes
+
+    @property
+    def queue_max(self) -> int:
+        return self.lane_gate.limits.queue_max
+
+    @property
+    def queue_bytes(self) -> int:
+        return self.lane_gate.limits.queue_bytes
+
+    @property
+    def bucket(self) -> TokenBucket:
+        return self.lane_gate.bucket
+
+    @property
+    def inflight_by_tier(self) -> dict[Tier, int]:
+        return self.lane_gate.inflight_by_tier
+
+    @property
+    def inflight_by_key(self) -> dict[str, int]:
+        return self.lane_gate.inflight_by_key
+
+    def over_rate_now(self, now: float) -> list[str]:
+        return self.lane_gate.over_rate_now(now)
 
     def _bind_remote(self, s: zmq.Socket[bytes], kind: str) -> None:
         """A CURVE server socket on this lanes node's tcp port for (lane, kind), watched by a
@@ -251,108 +205,36 @@ class Broker:
             env_raw, body = expect(msg, 2)
             env = orjson.loads(env_raw)
             qid, deadline = str(env["qid"]).encode(), float(env["deadline"])
-            identity = str((env.get("evidence") or {}).get("identity", "")) if self.fast else ""
-            key = share_key(identity)
-            tier = fast_tier(identity) if self.fast else Tier.UNKNOWN
-            site = site_key(str(env.get("peer_ip", "")), self.ipv6_prefix) \
-                if tier in self.tier_buckets else ""
+            ev = env.get("evidence")
+            ev = ev if isinstance(ev, dict) else {}
+            req = Request(len(body), str(ev.get("identity", "")), str(env.get("peer_ip", "")),
+                          ev.get("retry") == "1")
         except (WireError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             log.event("wire_error", "warning", lane=self.lane, side="front", error=str(e))
             return
         self.counters["submitted"] += 1
         if self.stopping:
             self._nack(reply_to, qid, NackReason.SHUTDOWN, "lane shutting down")
-        elif len(self.queue) >= self.queue_max:
-            self._nack(reply_to, qid, NackReason.QUEUE_FULL, "lane queue full")
-        elif self.queued_bytes + len(body) > self.queue_bytes:
+            return
+        job = Job(reply_to, qid, env_raw, body, deadline)
+        d = self.lane_gate.admit(req, job, time.monotonic(), self._total_credit())
+        if d.reason is not None:
+            self._refused(reply_to, qid, d, d.reason)
+
+    def _refused(self, reply_to: bytes, qid: bytes, d: Decision, reason: NackReason) -> None:
+        """NACK a message the gate refused, counted by the check that refused it."""
+        if d.check is Check.QUEUE_BYTES:
             self.counters["nack_queue_bytes"] = self.counters.get("nack_queue_bytes", 0) + 1
-            self._nack(reply_to, qid, NackReason.QUEUE_FULL, "lane queue full (bytes)")
-        elif not (self._retry_token(env) or self.bucket.take(time.monotonic())):
-            self._nack(reply_to, qid, NackReason.RATE, "lane rate cap")
-        elif (why := self._over_share(key, tier, len(body), site)) is not None:
-            self._nack(reply_to, qid, NackReason.SHARE, why)
-        else:
-            self.queue.push(tier, key, Job(reply_to, qid, env_raw, body, deadline, key, tier),
-                            len(body), bounded=False)     # room checked: _over_share
-
-    def _over_share(self, key: str, tier: Tier, size: int, site: str = "") -> str | None:
-        """Why a fast message is served as bulk (NACK share), or None: its tier at its cap of
-        the queue or of the credit, its identity at its share of the queue ("": bulk, or no
-        identity: no per-key bound), a domain over classify.domain_rate, its tier over its
-        total rate. Checked in that order, so a message refused for one spends no token of
-        the rates after it."""
-        if not self.queue.tier_room(tier, size) or not self._tier_credit(tier):
-            metrics.over_tier(tier.label, "message")
-            return "tier over its share of the lane"
-        if key and not self.queue.key_room(tier, key, size):
-            metrics.over_share("message", key)
-            return "identity over its share of the lane"
-        if not self._domain_token(key):
-            metrics.over_share("message", key)
-            return "identity over its share of the lane"
-        if not self._tier_token(tier, site):
-            metrics.over_tier(tier.label, "rate")
-            return "tier over its rate"
-        return None
-
-    def _domain_token(self, key: str) -> bool:
-        """A domain identity (share key "org:...") within classify.domain_rate? Others: yes."""
-        if self.domain_rate <= 0 or not rate_bounded(key):
-            return True
-        now = time.monotonic()
-        if self.domain_buckets.take(key, now):
-            return True
-        self._name_over_rate(key, now)
-        return False
-
-    def _name_over_rate(self, key: str, now: float) -> None:
-        """Name `key` over its rate in the status (the acceptors keep its sessions bulk at
-        MAIL FROM); bounded: the least recently named is dropped."""
-        self.over_rate[key] = now
-        self.over_rate.move_to_end(key)
-        if len(self.over_rate) > RATE_TRACKED:
-            self.over_rate.popitem(last=False)
-
-    def _tier_credit(self, tier: Tier) -> bool:
-        """May this tier hold any of the workers' credit now? A capped tier whose cap of the
-        current credit is 0 would never be dispatched: served as bulk instead of waiting to
-        expire. With no worker connected (total 0) it waits, as every tier does."""
-        total = self._total_credit()
-        return tier not in CAPPED or not total or cap(tier, total, self.shares) > 0
-
-    def _tier_token(self, tier: Tier, site: str) -> bool:
-        """Within the client site's fair part of its tier's total rate
-        (tiers.self_proven_rate)? A token is taken; refused, that site is named over the
-        tier's rate in the status (rate_key(tier, site)), not the whole tier: another site's
-        sessions of the tier stay fast. Tiers without a rate: yes."""
-        bucket = self.tier_buckets.get(tier)
-        if bucket is None:
-            return True
-        now = time.monotonic()
-        if bucket.take(site, now):
-            return True
-        self._name_over_rate(rate_key(tier, site), now)
-        return False
+        elif d.check is Check.TIER_SHARE:
+            metrics.over_tier(d.tier.label, "message")
+        elif d.check in (Check.KEY_SHARE, Check.DOMAIN_RATE):
+            metrics.over_share("message", d.key)
+        elif d.check is Check.TIER_RATE:
+            metrics.over_tier(d.tier.label, "rate")
+        self._nack(reply_to, qid, reason, d.text)
 
     def _total_credit(self) -> int:
         return sum(w.credit + len(w.inflight) for w in self.workers.values())
-
-    def over_rate_now(self, now: float) -> list[str]:
-        """The domains refused for classify.domain_rate within OVER_RATE_HOLD, most recent
-        first (at most OVER_RATE_LISTED); older ones are forgotten."""
-        while self.over_rate:
-            key, at = next(iter(self.over_rate.items()))
-            if at >= now - OVER_RATE_HOLD:
-                break
-            del self.over_rate[key]
-        return list(itertools.islice(reversed(self.over_rate), OVER_RATE_LISTED))
-
-    def _retry_token(self, env: Any) -> bool:
-        """A token of the retry share for an envelope marked a retry (never for others)."""
-        ev = env.get("evidence") if isinstance(env, dict) else None
-        if self.retry_bucket is None or not isinstance(ev, dict) or ev.get("retry") != "1":
-            return False
-        return self.retry_bucket.take(time.monotonic())
 
     # --- backend ------------------------------------------------------------------------------
 
@@ -396,7 +278,7 @@ class Broker:
             w.expiry = now + LANE_HEARTBEAT * LANE_LIVENESS
             if w.inflight.pop(qid, None) is not None:
                 w.credit += 1
-        self._done(qid)
+        self.lane_gate.release(qid)
         if kind is Kind.ACK:
             self.counters["acked"] += 1
         else:
@@ -424,7 +306,7 @@ class Broker:
 
     def _fail_worker(self, w: WorkerState, why: str) -> None:
         for qid, reply_to in w.inflight.items():
-            self._done(qid)
+            self.lane_gate.release(qid)
             self._nack(reply_to, qid, NackReason.WORKER_LOST, why)
         if w.inflight:
             log.event("worker_lost", "warning", lane=self.lane, worker=w.ident.decode("ascii",
@@ -433,51 +315,18 @@ class Broker:
 
     # --- scheduling ---------------------------------------------------------------------------
 
-    @property
-    def queued_bytes(self) -> int:
-        """Bytes of the bodies in self.queue."""
-        return self.queue.bytes
-
-    def _done(self, qid: bytes) -> None:
-        """Work `qid` left a worker (ACK, NACK or lost): its identity's and its tier's
-        in-flight counts drop."""
-        held = self.inflight_keys.pop(qid, None)
-        if held is not None:
-            tier, key = held
-            self.inflight_by_tier[tier] -= 1
-            left = self.inflight_by_key[key] - 1
-            if left > 0:
-                self.inflight_by_key[key] = left
-            else:
-                del self.inflight_by_key[key]
-
-    def _eligible(self) -> tuple[Any, Any]:
-        """(tier_ok, key_ok) for the queue's pop: None (everyone) for the bulk lane; else a
-        capped tier below its cap of the workers' credit, an identity below its share."""
-        if not self.fast:
-            return None, None
-        total = self._total_credit()
-        caps = {t: cap(t, total, self.shares) for t in FAST_TIERS}
-
-        def tier_ok(tier: Tier) -> bool:
-            return self.inflight_by_tier[tier] < caps.get(tier, total)
-
-        if self.share >= 1.0:
-            return tier_ok, None
-        bound = share_bound(total, self.share)
-        return tier_ok, lambda key: self.inflight_by_key.get(key, 0) < bound
-
     def dispatch(self) -> None:
+        """Hand queued work to the worker with the most credit while the gate names some."""
         wall = time.time()
-        tier_ok, key_ok = self._eligible()
+        credit = self._total_credit()      # unchanged by a dispatch: credit moves to in flight
         while self.queue:
             best = max(self.workers.values(), key=lambda w: w.credit, default=None)
             if best is None or best.credit <= 0:
                 return
-            got = self.queue.pop(tier_ok, key_ok)
+            got = self.lane_gate.pick(credit)
             if got is None:       # every tier / identity with work is at its in-flight share
                 return
-            _, key, job, size = got
+            job = got.item
             if job.deadline <= wall:
                 self._nack(job.reply_to, job.qid, NackReason.EXPIRED, "waited too long")
                 continue
@@ -486,18 +335,16 @@ class Broker:
                                          zmq.NOBLOCK)
             except zmq.ZMQError as e:
                 # Unroutable (worker gone) or its pipe full: treat it as lost, requeue the job.
-                self.queue.push_front(job.tier, job.key, job, len(job.body))
+                self.lane_gate.requeue(got)
                 self._fail_worker(best, f"send failed: {e}")
                 del self.workers[best.ident]
-                tier_ok, key_ok = self._eligible()
+                credit = self._total_credit()
                 continue
             best.credit -= 1
             best.inflight[job.qid] = job.reply_to
-            self.inflight_keys[job.qid] = (job.tier, job.key)
-            self.inflight_by_key[job.key] = self.inflight_by_key.get(job.key, 0) + 1
-            self.inflight_by_tier[job.tier] += 1
+            self.lane_gate.sent(job.qid, got)
             if self.fast:
-                metrics.fast_identity(key, size)
+                metrics.fast_identity(got.key, got.size)
 
     def housekeeping(self, now: float) -> None:
         for ident, w in list(self.workers.items()):
@@ -510,25 +357,19 @@ class Broker:
 
     def publish(self, now: float) -> None:
         free = sum(w.credit for w in self.workers.values())
-        tokens = self.bucket.tokens(now)
+        tokens = self.lane_gate.tokens(now)
         depth = len(self.queue)
         # The rate cap itself is applied at the first RCPT by the acceptors' shares of it (and here,
         # exactly, after DATA); "saturated" says the lane cannot take work at all.
-        saturated = (depth >= self.queue_max * 0.8 or not self.workers
-                     or self.queued_bytes >= self.queue_bytes * 0.8)
+        saturated = self.lane_gate.near_full() or not self.workers
         doc: dict[str, Any] = {
                "lane": self.lane, "ts": time.time(), "depth": depth, "queue_max": self.queue_max,
                "queued_bytes": self.queued_bytes, "queue_bytes": self.queue_bytes,
                "free_credit": free, "workers": len(self.workers),
                "inflight": sum(len(w.inflight) for w in self.workers.values()),
                "tokens": None if tokens == float("inf") else round(tokens, 2),
-               "rate": self.bucket.rate, "saturated": saturated, **self.counters}
-        if self.domain_rate > 0 or self.tier_buckets:
-            doc["over_rate"] = self.over_rate_now(now)
-        if self.fast:
-            doc["tiers"] = {t.label: {"depth": self.queue.tier_len(t),
-                                      "inflight": self.inflight_by_tier[t]}
-                            for t in FAST_TIERS}
+               "rate": self.bucket.rate, "saturated": saturated, **self.counters,
+               **self.lane_gate.facts(now)}
         with contextlib.suppress(zmq.ZMQError):
             self.pub.send_multipart(status(doc), zmq.NOBLOCK)
         metrics.lane_status(self.lane, depth=depth, saturated=saturated, free_credit=free,
@@ -567,7 +408,7 @@ class Broker:
 
     def _refuse_queued(self) -> None:
         """Shutting down: every queued job is NACKed (the acceptors answer 4xx) and dropped."""
-        for _, _, job, _ in self.queue.drain():
+        for job in self.lane_gate.drain():
             self._nack(job.reply_to, job.qid, NackReason.SHUTDOWN, "lane shutting down")
 
     def _poll_once(self, poller: zmq.Poller, wake_at: float) -> None:
