@@ -80,8 +80,9 @@ metrics_server.setup_dir() rules out by creating it before any child exists. Wit
 PROMETHEUS_MULTIPROC_DIR (unit tests, tools) the values live in process memory and nothing is
 written.
 
-Limits: every label value is declared (an enum or a tuple) or bounded (fast_identity's
-TOP_IDENTITIES), so an attacker cannot grow the series. One .db file per process and metric type
+Limits: every label value comes from a declared set (an enum or a tuple here, a wire.Lane or
+wire.NackReason) or is bounded (fast_identity's TOP_IDENTITIES): an attacker cannot grow the
+series. One .db file per process and metric type
 (ingress.core.metrics_server says how the directory grows with restarts). Gauges use "live"
 modes: a dead child's gauges vanish once metrics_server.child_dead(pid) is called. Histograms
 use BUCKETS (1 ms .. 10 s).
