@@ -1,33 +1,19 @@
-"""Prometheus metrics, aggregated across every process (prometheus-client multiprocess mode).
+"""Prometheus metrics: the declarations, and the calls every process counts with.
 
-Purpose: one scrape endpoint on the supervisor shows what the acceptors, brokers and workers
-count. Each child writes its values to its own mmap'd files in PROMETHEUS_MULTIPROC_DIR; the
-supervisor's HTTP thread merges them at scrape time (MultiProcessCollector) and adds the spool
-and relay-backlog gauges (counts, bytes, backlog by age bucket, the spool filesystem's free
-bytes), which it computes itself by counting files and one statvfs (SpoolCollector).
-
-API (supervisor):
-    setup_dir(state_dir) -> Path    before spawning any child: empties <state_dir>/metrics,
-                                    sets os.environ["PROMETHEUS_MULTIPROC_DIR"] (children inherit
-                                    it through spawn and must import prometheus_client after)
-    serve(listen, spool_dir, state_dir) -> MetricsServer | None
-                                    HTTP on "host:port" ("" = off; port 0 = any, see .port);
-                                    a daemon thread. None (and a log line) if it cannot bind.
-    child_dead(pid)                 after reaping a child: drops its live gauges
-    configured(cfg)                 at start and reload: the connection slots the config gives
-                                    (smtp_ingress_connection_slots{kind=total|fast_reserved|bulk},
-                                    over all acceptors), for "sessions vs slots" on a dashboard
-    child_exited(kind)              a child died unexpectedly (it will be restarted): counted in
-                                    smtp_ingress_child_exits_total{kind} (this process's memory,
-                                    exported by SupervisorCollector; always present, 0 per kind)
-    MetricsServer.close()           stop serving (reload with a new metrics.listen, drain)
+Purpose: what the acceptors, brokers, workers and the relay count, declared once (the names and
+labels are the contract with dashboards, alerts and docs/reference.md). In prometheus-client
+multiprocess mode each child writes its values to its own mmap'd files in
+PROMETHEUS_MULTIPROC_DIR; the supervisor merges them at scrape time and serves them
+(ingress.core.metrics_server), with the spool's gauges (workers.spool.collector). The label
+values of the acceptor's counters are StrEnums of their own (ingress.core.metrics_labels).
 
 API (hot path: a dict lookup, then one mmap write per counter/gauge, two per histogram
 observation; measured ~1.5 us per counter inc and ~3-5 us per observe on the dev VM, see
 `python -m tests.integration.test_metrics`):
-    Outcome, Result, RcptResult     StrEnums: the declared labels of connection(), message(),
-                                    recipient() (OUTCOMES, RESULTS, RCPT_RESULTS: their values);
-                                    an undeclared label raises ValueError at its first use
+    Outcome, Result, RcptResult     StrEnums (ingress.core.metrics_labels): the declared labels
+                                    of connection(), message(), recipient() (OUTCOMES, RESULTS,
+                                    RCPT_RESULTS: their values); an undeclared label raises
+                                    ValueError at its first use
     connection(lane, outcome)       a connection ended its admission: Outcome
     session_open(lane) / session_close(lane)      live sessions per lane (acceptors)
     message(lane, result)           a transaction's end: Result (accepted = 250 after DATA,
@@ -35,7 +21,7 @@ observation; measured ~1.5 us per counter inc and ~3-5 us per observe on the dev
     recipient(lane, result)         a RCPT TO answer: RcptResult
     observe_banner(lane, seconds)   connect -> banner written
     observe_ack(lane, seconds)      end of DATA -> 250 (or the 4xx) written
-    DeferReason, RetryResult        StrEnums: the labels of deferred() and retry()
+    DeferReason, RetryResult        StrEnums (metrics_labels): the labels of deferred(), retry()
     deferred(lane, reason)          we deferred a transaction for the bulk cap (DeferReason)
     retry(lane, result)             a transaction we had deferred came back: RetryResult
     deferred_accepted(lane, seconds)   a transaction we had deferred got its 250: counted, and
@@ -90,117 +76,29 @@ observation; measured ~1.5 us per counter inc and ~3-5 us per observe on the dev
 Failure modes: once a label set's value exists, inc/set/observe only write to an mmap and do
 not raise. The first use of a label set in a process opens (creates) that process's .db file: it
 raises OSError if PROMETHEUS_MULTIPROC_DIR names a missing or unwritable directory, which
-setup_dir() rules out by creating it before any child exists. Without PROMETHEUS_MULTIPROC_DIR
-(unit tests, tools) the values live in process memory and nothing is written. serve() never
-raises for a busy port: it logs metrics_listen_failed and returns None (mail flows on).
+metrics_server.setup_dir() rules out by creating it before any child exists. Without
+PROMETHEUS_MULTIPROC_DIR (unit tests, tools) the values live in process memory and nothing is
+written.
 
-Limits: one .db file per process and metric type; a restarted child starts new files, and the
-dead child's counters stay (counters must not go backwards), so the directory grows with restarts
-until the next start clears it (a crash loop of 10k restarts is ~10k small files; the scrape cost
-grows with it). Gauges use "live" modes: a dead child's gauges vanish once child_dead(pid) is
-called. The spool scan stops after SCAN_MAX entries per directory (and says so in
-smtp_ingress_spool_scan_truncated) and is cached for SCAN_CACHE seconds, so scraping costs at
-most a bounded directory listing. Histograms use BUCKETS (1 ms .. 10 s).
+Limits: every label value comes from a declared set (an enum or a tuple here, a wire.Lane or
+wire.NackReason) or is bounded (fast_identity's TOP_IDENTITIES): an attacker cannot grow the
+series. One .db file per process and metric type
+(ingress.core.metrics_server says how the directory grows with restarts). Gauges use "live"
+modes: a dead child's gauges vanish once metrics_server.child_dead(pid) is called. Histograms
+use BUCKETS (1 ms .. 10 s).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
-from prometheus_client.registry import Collector
+from prometheus_client import Counter, Gauge, Histogram
 
+from ingress.core.metrics_labels import DeferReason, Outcome, RcptResult, Result, RetryResult
 from ingress.core.wire import Lane, NackReason
 
-ENV = "PROMETHEUS_MULTIPROC_DIR"
-SUBDIR = "metrics"
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-SCAN_MAX = 100_000
-SCAN_CACHE = 1.0
-
-LANES = ("fast", "bulk")
-
-
-class Outcome(StrEnum):
-    """connection()'s labels: how a connection ended its admission. The refusals are
-    ingress.policy.admission.Refusal's values."""
-
-    ADMITTED = "admitted"               # passed admission (Refusal.ADMITTED)
-    SLOTS = "slots"                     # 421 before the banner: slots (or the bulk share) full
-    PER_IP = "per-ip"                   # per-IP (/64) bulk concurrency cap
-    RATE = "rate"                       # per-IP connection rate
-    PENALISED = "penalised"             # refused during an early-talker penalty
-    EARLY_TALKER = "early_talker"       # admitted, then spoke before the banner (554)
-    DRAINING = "draining"               # 421 because this acceptor is draining
-    PROXY_REJECTED = "proxy_rejected"   # PROXY header invalid or from an untrusted peer
-    NOT_FAST = "not_fast"               # a bulk client on the fast port (554)
-    TLS_FAILED = "tls_failed"           # the mutual-TLS handshake failed after its slot
-    TLS_BUSY = "tls_busy"               # mutual-TLS port: refused by the handshake gate (an
-                                        # alert, no handshake: ingress.edge.mtls)
-    EVICTED_SILENT = "evicted_silent"   # silent since its banner, evicted to make room (421)
-    HANDED_OFF = "handed_off"           # classified fast at connect, passed to a fast acceptor
-    EVICTED = "evicted"                 # an idle lower-tier session closed (421) to make room
-                                        # for an operator-tier client (ingress.policy.tiers)
-    HANDED_BACK = "handed_back"         # a fast acceptor could not admit a handed connection:
-                                        # given back to the acceptor it came from, served there
-
-
-class Result(StrEnum):
-    """message()'s labels: how a transaction ended."""
-
-    ACCEPTED = "accepted"
-    TEMPFAILED = "tempfailed"
-    REJECTED = "rejected"
-    SHED = "shed"                       # bulk over its cap at its first RCPT (451 / 421)
-    BAD_COMMAND = "bad_command"         # HELO/EHLO/MAIL refused: bad argument (501), 553 5.6.7
-    CUT_OFF = "cut_off"                 # 421 4.7.0: too many errors, or MAILs without a message
-
-
-class RcptResult(StrEnum):
-    """recipient()'s labels: a RCPT TO answer."""
-
-    ACCEPTED = "accepted"
-    RELAY_DENIED = "relay_denied"
-    UNKNOWN_USER = "unknown_user"
-    TOO_MANY = "too_many"
-    BAD_ADDRESS = "bad_address"         # 501 bad argument, 553 5.6.7 non-ASCII without SMTPUTF8
-    UNVERIFIED = "unverified"           # 450 4.1.1: recipient verification was not sure
-    DEFERRED = "deferred"               # 451 4.7.1: its transaction deferred for the bulk cap
-
-
-class DeferReason(StrEnum):
-    """deferred()'s labels: why we deferred a transaction (a retry of it is evidence)."""
-
-    RCPT_CAP = "rcpt_cap"               # shed at its first RCPT TO (451 4.7.1): this
-                                        # acceptor's share of the bulk cap was spent
-    DATA_RATE = "data_rate"             # the lane broker NACKed it for the rate cap after DATA
-
-
-class RetryResult(StrEnum):
-    """retry()'s labels: what a retry of a deferred transaction got at its first RCPT TO."""
-
-    BYPASSED = "bypassed"               # took a token of the retry share instead of the cap
-    TOO_EARLY = "too_early"             # before admission.retry_min_delay: the cap applies
-    HAMMERED = "hammered"               # its site is shed more than admission.retry_hammer_
-                                        # sheds a minute (or was, when deferred): no evidence
-    OVER_SHARE = "over_share"           # the retry share, or its site's part of it, was
-                                        # spent: the cap applies
-
-
-OUTCOMES = tuple(o.value for o in Outcome)
-RESULTS = tuple(r.value for r in Result)
-RCPT_RESULTS = tuple(r.value for r in RcptResult)
 
 # --- metric definitions (names are the contract with dashboards: change with care) -----------
 
@@ -329,9 +227,6 @@ CLUSTER_UP = Gauge("smtp_ingress_cluster_state_up",
 CLUSTER_FALLBACKS = Counter("smtp_ingress_cluster_state_fallbacks",
                             "Admission decisions taken on local limits because Redis was "
                             "down or too slow")
-# Relay backlog age buckets (upper bounds in seconds; the last is open-ended).
-BACKLOG_AGES = (("lt_1m", 60.0), ("1m_10m", 600.0), ("10m_1h", 3600.0), ("1h_1d", 86400.0),
-                ("gt_1d", float("inf")))
 
 # Pre-bound label children, filled on first use (binding at import would create .db files in
 # every process that merely imports this module, e.g. the CLI).
@@ -550,203 +445,3 @@ def cluster_state(up: bool) -> None:
 def cluster_fallback() -> None:
     """One admission decision fell back to local limits (Redis down or over its deadline)."""
     CLUSTER_FALLBACKS.inc()
-
-
-# --- supervisor -------------------------------------------------------------------------------
-
-def setup_dir(state_dir: Path | str) -> Path:
-    """Empty <state_dir>/metrics and point PROMETHEUS_MULTIPROC_DIR at it (call before spawn)."""
-    d = Path(state_dir) / SUBDIR
-    if d.is_dir():
-        for f in d.iterdir():
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                f.unlink()
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(d)
-        d.mkdir(parents=True, exist_ok=True)
-    os.environ[ENV] = str(d)
-    return d
-
-
-def child_dead(pid: int) -> None:
-    """A child is gone: its live gauges must stop counting (its counters stay)."""
-    path = os.environ.get(ENV)
-    if path:
-        with contextlib.suppress(OSError):
-            mark_process_dead(pid, path)
-
-
-CHILD_KINDS = ("acceptor", "broker", "worker", "relay")
-_child_exits: dict[str, int] = dict.fromkeys(CHILD_KINDS, 0)
-
-
-_slots: dict[str, int] = {}
-
-
-def configured(cfg: Any, slots: tuple[int, int] | None = None) -> None:
-    """Supervisor: the slot capacity of the running config (an ingress.core.config.Config);
-    `slots`: (max_connections, fast_reserve) per acceptor as derived (admission.connection_limit;
-    default: the configured values)."""
-    n, s = cfg.acceptor_count, cfg.smtp
-    total, reserve = slots if slots is not None else (s.max_connections, s.fast_reserve)
-    _slots.update(total=total * n, fast_reserved=reserve * n, bulk=(total - reserve) * n)
-
-
-def child_exited(kind: str) -> None:
-    """Supervisor only (its scrape thread reads the dict; an int add under the GIL)."""
-    _child_exits[kind] = _child_exits.get(kind, 0) + 1
-
-
-class SupervisorCollector(Collector):
-    """What the supervisor itself knows: unexpected child exits (restart loops), slot capacity."""
-
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        c = CounterMetricFamily("smtp_ingress_child_exits",
-                                "Children that exited or hung unexpectedly (then restarted)",
-                                labels=["kind"])
-        for kind, n in list(_child_exits.items()):
-            c.add_metric([kind], n)
-        yield c
-        if _slots:
-            g = GaugeMetricFamily("smtp_ingress_connection_slots",
-                                  "Connection slots the config gives, over all acceptors: total, "
-                                  "reserved for the fast lane, usable by bulk", labels=["kind"])
-            for kind, n in list(_slots.items()):
-                g.add_metric([kind], n)
-            yield g
-
-
-@dataclass
-class SpoolStats:
-    at: float = 0.0
-    counts: dict[str, int] | None = None
-    new_bytes: int = 0
-    oldest_age: float = 0.0
-    truncated: bool = False
-    ages: dict[str, int] | None = None         # relay backlog by BACKLOG_AGES bucket
-    fs_free: int = -1                          # bytes available to the service (statvfs)
-    fs_size: int = -1
-
-
-class SpoolCollector(Collector):
-    """Counts spool files at scrape time: bounded (SCAN_MAX) and cached (SCAN_CACHE)."""
-
-    DIRS = ("new", "tmp", "failed", "hold")
-
-    def __init__(self, spool_dir: Path | str) -> None:
-        self.root = Path(spool_dir)
-        self.stats = SpoolStats()
-        self.lock = threading.Lock()
-
-    def _scan(self) -> SpoolStats:
-        st = SpoolStats(at=time.monotonic(), counts={}, ages=dict.fromkeys(
-            (b for b, _ in BACKLOG_AGES), 0))
-        assert st.counts is not None and st.ages is not None
-        now = time.time()
-        oldest = now
-        for name in self.DIRS:
-            n = 0
-            with contextlib.suppress(OSError), os.scandir(self.root / name) as it:
-                for e in it:
-                    if n >= SCAN_MAX:
-                        st.truncated = True
-                        break
-                    if e.name.startswith("."):
-                        continue
-                    n += 1
-                    if name == "new":
-                        with contextlib.suppress(OSError):
-                            s = e.stat()
-                            st.new_bytes += s.st_size
-                            oldest = min(oldest, s.st_mtime)
-                            age = now - s.st_mtime
-                            st.ages[next(b for b, top in BACKLOG_AGES if age < top)] += 1
-            st.counts[name] = n
-        st.oldest_age = max(0.0, now - oldest)
-        with contextlib.suppress(OSError):
-            vfs = os.statvfs(self.root)
-            st.fs_free, st.fs_size = vfs.f_bavail * vfs.f_frsize, vfs.f_blocks * vfs.f_frsize
-        return st
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        with self.lock:
-            if self.stats.counts is None or time.monotonic() - self.stats.at >= SCAN_CACHE:
-                self.stats = self._scan()
-            st = self.stats
-        assert st.counts is not None
-        g = GaugeMetricFamily("smtp_ingress_spool_messages", "Messages in the spool by directory",
-                              labels=["dir"])
-        for name, n in st.counts.items():
-            g.add_metric([name], n)
-        yield g
-        yield GaugeMetricFamily("smtp_ingress_spool_bytes", "Bytes of the messages in spool/new",
-                                value=st.new_bytes)
-        yield GaugeMetricFamily("smtp_ingress_relay_backlog_messages",
-                                "Messages waiting for the relay (spool/new)",
-                                value=st.counts.get("new", 0))
-        yield GaugeMetricFamily("smtp_ingress_relay_backlog_oldest_seconds",
-                                "Age of the oldest message waiting for the relay",
-                                value=st.oldest_age)
-        a = GaugeMetricFamily("smtp_ingress_relay_backlog_age_messages",
-                              "Messages waiting for the relay by age bucket (spool file mtime)",
-                              labels=["age"])
-        for bucket, n in (st.ages or {}).items():
-            a.add_metric([bucket], n)
-        yield a
-        if st.fs_free >= 0:
-            yield GaugeMetricFamily("smtp_ingress_spool_fs_free_bytes",
-                                    "Bytes available to the service on the spool's filesystem",
-                                    value=st.fs_free)
-            yield GaugeMetricFamily("smtp_ingress_spool_fs_size_bytes",
-                                    "Size of the spool's filesystem", value=st.fs_size)
-        yield GaugeMetricFamily("smtp_ingress_spool_scan_truncated",
-                                f"1 if a spool directory held more than {SCAN_MAX} entries "
-                                "(the counts are then lower bounds)", value=int(st.truncated))
-
-
-class MetricsServer:
-    def __init__(self, httpd: Any, thread: threading.Thread, registry: CollectorRegistry) -> None:
-        self.httpd, self.thread, self.registry = httpd, thread, registry
-
-    @property
-    def port(self) -> int:
-        return int(self.httpd.server_address[1])
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(2.0)
-
-
-def registry(spool_dir: Path | str, metrics_dir: Path | str) -> CollectorRegistry:
-    """The scrape registry: every child's files merged, plus the spool gauges."""
-    reg = CollectorRegistry()
-    MultiProcessCollector(reg, path=str(metrics_dir))
-    reg.register(SpoolCollector(spool_dir))
-    reg.register(SupervisorCollector())
-    return reg
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def serve(listen: str, spool_dir: Path | str, state_dir: Path | str) -> MetricsServer | None:
-    """Start the endpoint in a daemon thread; None when off ("") or when it cannot bind."""
-    if not listen:
-        return None
-    from prometheus_client import start_http_server
-
-    from ingress.core import log
-    host, port = parse_listen(listen)
-    reg = registry(spool_dir, Path(state_dir) / SUBDIR)
-    try:
-        httpd, thread = start_http_server(port, addr=host, registry=reg)
-    except OSError as e:
-        log.event("metrics_listen_failed", "error", listen=listen, error=str(e))
-        return None
-    srv = MetricsServer(httpd, thread, reg)
-    log.event("metrics_listening", listen=f"{host}:{srv.port}")
-    return srv

@@ -64,7 +64,7 @@ from ingress.core.addr import ip_key, site_key
 from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
 from ingress.core.fsutil import atomic_write
-from ingress.core.metrics import DeferReason, RetryResult
+from ingress.core.metrics_labels import DeferReason, RetryResult
 from ingress.core.ratelimit import FairBucket, KeyedBuckets
 from ingress.core.wire import CLAIM_TOPIC, DEFER_TOPIC, Envelope, Lane, Reply
 from ingress.edge import handoff, mtls, proxy

@@ -11,6 +11,10 @@ Purpose
     bounded by cluster.redis_timeout.
     Without [cluster] redis nothing here exists (ClusterState.create returns None) and the
     acceptor is fully in-process, as on one host.
+    The module's parts: this one (the mirrors, the global bulk bucket, the shared per-IP
+    rates), ingress.edge.cluster_link (RedisLink, which ClusterState is: the connection, its
+    health, the loop, the heartbeat, the seam) and ingress.edge.cluster_redis (the keys, the
+    Lua scripts, the checks of what comes back).
 
 API
     ClusterState.create(cfg, ident, on_penalty, on_learn, on_record=None, on_unlearn=None)
@@ -19,10 +23,11 @@ API
                                     enters this acceptor (key: a learned entry's network,
                                     ingress.policy.classify.LearnedAllow.key; domain: what the
                                     entry was learned for, its identity)
+        on_record(fact, rec)        a deferral record fact from another acceptor of any edge
     up                              bool: Redis reachable (health; False at start)
-    run()                           background task: connect, load the mirrors, subscribe,
+    run()                           background task: connect, subscribe, load the mirrors,
                                     heartbeat this edge; on any failure: down, retry every
-                                    cluster.redis_retry seconds (the circuit)
+                                    cluster.redis_retry seconds (the circuit; RedisLink.run)
     bulk_take() -> bool | None      the global bulk bucket (Lua, atomic): True a token was
                                     taken, False it is empty; None: Redis down or slow - the
                                     caller uses its local share (lanes.bulk_mail_admitted)
@@ -44,44 +49,19 @@ API
     lookup(kind, key) -> str | None                 GET (None: absent, or Redis down)
     incr(kind, key, ttl) -> int | None              INCR, EXPIRE on first use (None: down)
     close()                         closes the connections
-    BadReply                        a reply of a shape its command never returns (RedisError)
-    clamp_time(t, now, ttl)         a time read back, held to [now - ttl, now]
-
-Keys (prefix = cluster.redis_prefix; all bounded):
-    {prefix}:bulk                   hash {tokens, ts}: the global bulk bucket (lanes.bulk.rate,
-                                    lanes.bulk.burst), refilled by Redis's own clock (TIME)
-    {prefix}:penalty                sorted set ip -> until (unix s); trimmed to
-                                    MAX_MIRRORED entries, expired entries purged on write
-    {prefix}:learned                sorted set key -> learned at (unix s); trimmed to
-                                    classify.learned_max, entries older than learned_ttl purged
-                                    (a member "ip domain" of an older version still loads)
-    {prefix}:learned:domains        hash key -> the domain it was learned for (kept with the set)
-    {prefix}:conn:{window}:{ipkey}  attempts from one IP key in one CONN_WINDOW, all edges
-                                    (INCRBY from each acceptor every CONN_FLUSH; EX 3 s)
-    {prefix}:edges                  sorted set "node/acceptor" -> last heartbeat (unix s),
-                                    older than 3 x redis_retry dropped; node: a hash of the
-                                    host name and spool.state_dir
-    {prefix}:{kind}:{key}           the seam's keys (kind and key length-checked; the kinds
-                                    above are RESERVED)
-    channels {prefix}:chan:penalty, {prefix}:chan:learn, {prefix}:chan:unlearn
-                                    "ident ip" (learn: "ident key domain") of a new fact
 
 Failure modes
-    No Redis error, timeout or malformed fact is ever raised to a session. Every reply is
-    checked for the shape its command returns (a reply validator per call, BadReply when it does
-    not fit: a proxy or another server on the port, a key of another type, a Redis that is not
-    ours); any exception from a call, BadReply included, is Redis being down, on the session
-    path (_call) as in the background loop (run(), which never dies of one: it goes down and
-    retries). Timestamps read back (a learned entry's time, a record's f/t) are clamped to
-    [now - ttl, now], so a skewed or forged one cannot outlive its TTL. A bad reply while connecting
-    is logged as cluster_state_bad_reply (at most once a minute per acceptor). A failed or late
-    call (over cluster.redis_timeout) marks Redis down: cluster_state_down is logged once, the
-    smtp_ingress_cluster_state_up gauge drops to 0, and every decision goes local (each bulk
-    transaction so decided is counted in smtp_ingress_cluster_state_fallbacks) until run()
-    reconnects (cluster_state_up logged, mirrors reloaded). While down, calls return at once (no
-    connect attempt on the session path). Facts published while an edge was down reach it when
-    it reloads the sets; a fact this edge finds while its own Redis is down stays local (this
-    host's acceptors still get it over the bulk broker's fan-out).
+    As RedisLink's (ingress.edge.cluster_link): no Redis error, timeout or malformed reply
+    reaches a session, and any of them is Redis down. Every reply is checked for the shape its
+    command returns (ingress.edge.cluster_redis: a proxy or another server on the port, a key of
+    another type, a Redis that is not ours). Timestamps read back (a learned entry's time, a
+    record's f/t) are clamped to [now - ttl, now], so a skewed or forged one cannot outlive its
+    TTL; a malformed fact is logged (cluster_fact_invalid) and dropped. While Redis is down
+    every decision goes local (each bulk transaction so decided is counted in
+    smtp_ingress_cluster_state_fallbacks) until run() reconnects and the mirrors are reloaded.
+    Facts published while an edge was down reach it when it reloads the sets; a fact this edge
+    finds while its own Redis is down stays local (this host's acceptors still get it over the
+    bulk broker's fan-out).
 
 Trust
     Whoever can write to this Redis can put any IP in the fast lane (a learned entry) or
@@ -103,203 +83,52 @@ Limits
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
-import ipaddress
 import math
-import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 import orjson
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from ingress.core import log, metrics
-from ingress.core.addr import normalize_domain
 from ingress.core.config import Config
 from ingress.core.wire import RECORD_FACTS, VERSION, WireError, decode_record
+from ingress.edge.cluster_link import TICK, RedisLink
+from ingress.edge.cluster_redis import (
+    BUCKET_LUA,
+    FORGET_LUA,
+    LEARN_LUA,
+    MAX_MIRRORED,
+    ZADD_LUA,
+    clamp_time,
+    is_int,
+    reply_int,
+    reply_list,
+    reply_scored,
+    reply_str_map,
+    reply_strs,
+    valid_domain,
+    valid_ip,
+    valid_key,
+    want,
+)
 
-MAX_MIRRORED = 65536      # penalties kept in Redis (as the local box: admission.max_penalised)
-MAX_KEY = 200             # bytes of a seam key or kind
-# not seam kinds:
-RESERVED = frozenset({"bulk", "penalty", "learned", "conn", "edges", "chan", "records"})
 CONN_WINDOW = 1           # seconds: one window of the shared per-IP connection counts
-CONN_FLUSH = 0.1          # seconds between two flushes of this acceptor's counts
+CONN_FLUSH = TICK         # seconds between two flushes of this acceptor's counts (one a turn)
 MAX_PENDING = 4096        # IP keys counted between two flushes (more: not counted until then)
 MAX_OVER = 65536          # IP keys marked over the shared rate at once
-MAX_EDGE_ENTRIES = 4096   # acceptors (of all edges) in the heartbeat set
-MAX_INFLIGHT = 1024       # fire-and-forget records (penalties, learned) in flight at once
-BAD_REPLY_LOG_EVERY = 60.0  # seconds between two cluster_state_bad_reply lines (connecting)
-
-# The global bulk bucket: refill by elapsed time at `rate` up to `burst`, take one token.
-# Redis's clock (TIME: scripts replicate their effects since 7.0), so every edge agrees.
-# Returns {1|0 taken, tokens left x 1000}.
-BUCKET_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(b[1])
-local ts = tonumber(b[2])
-if tokens == nil or ts == nil then tokens = burst; ts = now end
-if now > ts then tokens = math.min(burst, tokens + (now - ts) * rate); ts = now end
-local ok = 0
-if tokens >= 1 then tokens = tokens - 1; ok = 1 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts))
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 60000)
-return {ok, math.floor(tokens * 1000)}
-"""
-
-# A learned entry: member KEYS[1] ARGV[1] scored ARGV[2] with its domain ARGV[7] in the hash
-# KEYS[3]; members scored below ARGV[3] purged and the ARGV[4] highest kept, set and hash alike.
-LEARN_LUA = """
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-if ARGV[7] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[7])
-else redis.call('HDEL', KEYS[3], ARGV[1]) end
-local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3], 'LIMIT', 0, 1000)
-for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -(tonumber(ARGV[4]) + 1))) do
-  table.insert(gone, m)
-end
-for _, m in ipairs(gone) do
-  redis.call('ZREM', KEYS[1], m)
-  redis.call('HDEL', KEYS[3], m)
-end
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('EXPIRE', KEYS[3], ARGV[5])
-redis.call('PUBLISH', KEYS[2], ARGV[6])
-return 1
-"""
-
-# Learned entries gone (unlearned, or evicted by a quota): members ARGV[2..] out of the set
-# KEYS[1] and the hash KEYS[3]; ARGV[1], if not empty, published on KEYS[2].
-FORGET_LUA = """
-for i = 2, #ARGV do
-  redis.call('ZREM', KEYS[1], ARGV[i])
-  redis.call('HDEL', KEYS[3], ARGV[i])
-end
-if ARGV[1] ~= '' then redis.call('PUBLISH', KEYS[2], ARGV[1]) end
-return 1
-"""
-
-# Add a member scored `score`, purge members scored below `floor`, keep the `keep` highest.
-ZADD_LUA = """
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[4]) + 1))
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('PUBLISH', KEYS[2], ARGV[6])
-return 1
-"""
 
 
-class BadReply(RedisError):
-    """A Redis reply of a shape its command never returns: treated as Redis down."""
-
-
-def _want(ok: bool, what: str, res: object) -> None:
-    if not ok:
-        raise BadReply(f"{what}: unexpected reply {type(res).__name__} {repr(res)[:60]}")
-
-
-def _is_int(v: object) -> bool:
-    return type(v) is int            # not bool, not a float, not a numeric string
-
-
-def _reply_list(res: object, what: str, n: int | None = None) -> list[Any]:
-    _want(isinstance(res, list) and (n is None or len(res) == n), what, res)
-    assert isinstance(res, list)
-    return res
-
-
-def _reply_strs(res: object, what: str) -> list[str]:
-    out = _reply_list(res, what)
-    _want(all(isinstance(m, str) for m in out), what, res)
-    return out
-
-
-def _reply_int(res: object, what: str) -> int:
-    _want(_is_int(res), what, res)
-    assert isinstance(res, int)
-    return res
-
-
-def _reply_str_or_none(res: object, what: str) -> str | None:
-    _want(res is None or isinstance(res, str), what, res)
-    return res if isinstance(res, str) else None
-
-
-def _reply_str_map(res: object, what: str) -> dict[str, str]:
-    """HGETALL: {field: value}, strings only."""
-    _want(isinstance(res, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                        for k, v in res.items()), what, res)
-    assert isinstance(res, dict)
-    return res
-
-
-def _reply_scored(res: object, what: str) -> list[tuple[str, float]]:
-    """ZRANGE... WITHSCORES: [(member, score), ...] (redis-py pairs them); a NaN is refused."""
-    out = []
-    for pair in _reply_list(res, what):
-        _want(isinstance(pair, tuple | list) and len(pair) == 2 and isinstance(pair[0], str)
-              and isinstance(pair[1], float | int) and not isinstance(pair[1], bool)
-              and not math.isnan(pair[1]), what, res)
-        out.append((pair[0], float(pair[1])))
-    return out
-
-
-def clamp_time(t: float, now: float, ttl: float) -> float:
-    """A wall-clock time read back from Redis, held to [now - ttl, now]: a time in the future
-    (a skewed edge, a hand-made entry) is taken as now, one older than the TTL as its start."""
-    return min(max(t, now - ttl), now)
-
-
-def valid_domain(s: str) -> bool:
-    """A domain name as a learned entry carries it: canonical (ingress.core.addr.
-    normalize_domain, A-labels; checked: it comes back from Redis)."""
-    return bool(s) and normalize_domain(s) == s
-
-
-def valid_ip(s: str) -> bool:
-    try:
-        ipaddress.ip_address(s)
-    except ValueError:
-        return False
-    return True
-
-
-def valid_key(s: str) -> bool:
-    """A learned entry's key: an address, or a network in CIDR form (an IPv6 /prefix)."""
-    if len(s) > 64:
-        return False
-    try:
-        ipaddress.ip_network(s, strict=True)
-    except ValueError:
-        return False
-    return True
-
-
-class ClusterState:
+class ClusterState(RedisLink):
     """One acceptor's view of the shared state; single-threaded (the acceptor's loop)."""
 
     def __init__(self, cfg: Config, ident: str, on_penalty: Callable[[str], None],
                  on_learn: Callable[[str, float, str], None],
                  on_record: Callable[[bytes, dict[str, object]], None] | None = None,
                  on_unlearn: Callable[[str], object] | None = None) -> None:
-        c = cfg.cluster
-        self.cfg, self.ident = cfg, ident
+        super().__init__(cfg, ident)
         self.on_penalty, self.on_learn, self.on_unlearn = on_penalty, on_learn, on_unlearn
         self.on_record = on_record
-        self.timeout, self.retry, self.prefix = c.redis_timeout, c.redis_retry, c.redis_prefix
-        self.client = aioredis.Redis.from_url(
-            c.redis, socket_timeout=c.redis_timeout, socket_connect_timeout=c.redis_timeout,
-            retry_on_timeout=False, retry=Retry(NoBackoff(), 0), health_check_interval=0,
-            max_connections=64, decode_responses=True)
         lb = cfg.lanes.bulk
         self.bulk_rate = lb.rate
         self.bulk_burst = float(lb.burst) if lb.burst > 0 else max(1.0, lb.rate)
@@ -307,15 +136,7 @@ class ClusterState:
         self._zadd = self.client.register_script(ZADD_LUA)
         self._learn = self.client.register_script(LEARN_LUA)
         self._forget = self.client.register_script(FORGET_LUA)
-        self.up = False
-        self.since = time.monotonic()
-        metrics.cluster_state(False)
-        self._edges = 1
         self._bucket_tokens, self._bucket_at = float("inf"), float("-inf")
-        # this edge: its host and state dir (two edges on one machine are two nodes)
-        self.node = hashlib.sha256(
-            f"{socket.gethostname()}/{cfg.spool.state_dir}".encode()).hexdigest()[:12]
-        self._tasks: set[asyncio.Task[Any]] = set()
         # shared per-IP connection rates: attempts since the last flush, and the keys the last
         # flushes found over the cluster's limit (key -> monotonic until)
         a = cfg.admission
@@ -323,7 +144,6 @@ class ClusterState:
             cfg.acceptor_count * a.per_ip_rate * CONN_WINDOW)) if a.per_ip_rate > 0 else 0
         self._pending: Counter[str] = Counter()
         self._over: dict[str, float] = {}
-        self._bad_log = log.Throttle(BAD_REPLY_LOG_EVERY, 4)
 
     @classmethod
     def create(cls, cfg: Config, ident: str, on_penalty: Callable[[str], None],
@@ -334,63 +154,15 @@ class ClusterState:
         return cls(cfg, ident, on_penalty, on_learn, on_record, on_unlearn) \
             if cfg.cluster.redis else None
 
-    def key(self, *parts: str) -> str:
-        return ":".join((self.prefix, *parts))
 
-    # --- health -------------------------------------------------------------------------------
+    # --- RedisLink's hooks -----------------------------------------------------------------------
 
-    def _down(self, why: str) -> None:
-        if self.up:
-            self.up = False
-            self.since = time.monotonic()
-            log.event("cluster_state_down", "warning", acceptor=self.ident, error=why[:200],
-                      fallback="local limits: this edge's share of the bulk cap, local "
-                               "penalties and learned cache")
-            metrics.cluster_state(False)
+    def channels(self) -> list[str]:
+        return [self.key("chan", "penalty"), self.key("chan", "learn"),
+                self.key("chan", "unlearn"), self.key("chan", "record")]
 
-    def _up(self) -> None:
-        if not self.up:
-            self.up = True
-            log.event("cluster_state_up", acceptor=self.ident,
-                      down_s=round(time.monotonic() - self.since, 2))
-            self.since = time.monotonic()
-            metrics.cluster_state(True)
-
-    def _failed(self, e: Exception) -> None:
-        """Any exception from Redis or from checking its reply: Redis is down."""
-        why = f"{type(e).__name__}: {e}"
-        if not self.up and isinstance(e, BadReply):
-            quiet = self._bad_log.due("bad", time.monotonic())
-            if quiet is not None:
-                log.event("cluster_state_bad_reply", "warning", acceptor=self.ident,
-                          error=why[:200], suppressed=quiet)
-        self._down(why)
-
-    async def _call(self, make: Callable[[], Awaitable[Any]],
-                    shape: Callable[[Any], Any] = lambda res: res) -> tuple[bool, Any]:
-        """(True, shape(result)), or (False, None) when Redis is down (at once) or the call
-        fails, overruns cluster.redis_timeout or answers what `shape` refuses (then it is
-        marked down). Every call on the session path goes through here."""
-        if not self.up:
-            return False, None
-        try:
-            async with asyncio.timeout(self.timeout):
-                res = await make()
-            return True, shape(res)
-        except Exception as e:          # whatever it is, Redis is down
-            self._failed(e)
-            return False, None
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Fire and forget, bounded: beyond MAX_INFLIGHT calls in flight (Redis slow under a
-        flood of facts) a new one is dropped (the fact stays local) and counted."""
-        if len(self._tasks) >= MAX_INFLIGHT:
-            coro.close()
-            metrics.cluster_fallback()
-            return
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _tick(self) -> None:
+        await self._flush_conns()
 
     # --- the global bulk cap ------------------------------------------------------------------
 
@@ -409,8 +181,8 @@ class ClusterState:
 
     def _bucket_reply(self, res: object) -> tuple[int, float]:
         """BUCKET_LUA's {1|0, tokens x 1000}; the tokens held to [0, burst]."""
-        taken, tokens = _reply_list(res, "bulk bucket (EVALSHA)", 2)
-        _want(_is_int(taken) and taken in (0, 1) and _is_int(tokens), "bulk bucket (EVALSHA)",
+        taken, tokens = reply_list(res, "bulk bucket (EVALSHA)", 2)
+        want(is_int(taken) and taken in (0, 1) and is_int(tokens), "bulk bucket (EVALSHA)",
               res)
         return taken, min(max(tokens / 1000, 0.0), self.bulk_burst)
 
@@ -515,12 +287,12 @@ class ClusterState:
         now = time.time()
         c = self.cfg.classify
         async with asyncio.timeout(max(1.0, 20 * self.timeout)):
-            pens = _reply_strs(await self.client.zrangebyscore(
+            pens = reply_strs(await self.client.zrangebyscore(
                 self.key("penalty"), now, "+inf", start=0, num=MAX_MIRRORED), "penalties")
-            learned = _reply_scored(await self.client.zrangebyscore(
+            learned = reply_scored(await self.client.zrangebyscore(
                 self.key("learned"), now - c.learned_ttl, "+inf", start=0,
                 num=c.learned_max, withscores=True), "learned") if c.learned_ttl > 0 else []
-        records = _reply_strs(await self.client.zrangebyscore(
+        records = reply_strs(await self.client.zrangebyscore(
             self.key("records"), now - self.cfg.admission.retry_ttl, "+inf", start=0,
             num=self.cfg.admission.retry_max_records), "records") \
             if self.on_record is not None else []
@@ -529,7 +301,7 @@ class ClusterState:
         for ip in pens:
             if valid_ip(ip):
                 self.on_penalty(ip)
-        domains = _reply_str_map(await self.client.hgetall(self.key("learned", "domains")),
+        domains = reply_str_map(await self.client.hgetall(self.key("learned", "domains")),
                                  "learned domains") if learned else {}
         for member, at in learned:      # oldest first: the quotas keep the newest
             key, _, domain = member.partition(" ")
@@ -597,8 +369,8 @@ class ClusterState:
                 rk = self.key("conn", str(window), k)
                 p.incrby(rk, pending[k])
                 p.expire(rk, 2 * CONN_WINDOW + 1)
-            res = _reply_list(await p.execute(), "connection counts", 2 * len(keys))
-        totals = [_reply_int(t, "connection count (INCRBY)") for t in res[0::2]]
+            res = reply_list(await p.execute(), "connection counts", 2 * len(keys))
+        totals = [reply_int(t, "connection count (INCRBY)") for t in res[0::2]]
         now, wall = time.monotonic(), time.time()
         until = now + (window + 1) * CONN_WINDOW - wall + CONN_WINDOW
         for k, total in zip(keys, totals, strict=True):
@@ -607,122 +379,3 @@ class ClusterState:
         if len(self._over) > MAX_OVER // 2:
             for k in [k for k, u in self._over.items() if u <= now]:
                 del self._over[k]
-
-    # --- edges --------------------------------------------------------------------------------
-
-    def edges(self) -> int:
-        """Edges sharing the cap: cluster.edges, or more if the heartbeats counted more."""
-        return max(self.cfg.cluster.edges, self._edges)
-
-    async def _heartbeat(self) -> None:
-        """Say this acceptor is alive; count the edges (distinct nodes) alive: one sorted set
-        of "node/acceptor" by last heartbeat, entries older than 3 x redis_retry dropped."""
-        now = time.time()
-        key = self.key("edges")
-        async with self.client.pipeline(transaction=True) as p:
-            p.zadd(key, {f"{self.node}/{self.ident}": now})
-            p.zremrangebyscore(key, "-inf", now - 3 * self.retry)
-            p.zremrangebyrank(key, 0, -(MAX_EDGE_ENTRIES + 1))
-            p.expire(key, max(1, int(6 * self.retry)))
-            p.zrange(key, 0, -1)
-            res = _reply_list(await p.execute(), "heartbeat", 5)
-        alive = _reply_strs(res[-1], "edges (ZRANGE)")
-        self._edges = max(1, len({m.split("/", 1)[0] for m in alive}))
-
-    # --- the connection loop ------------------------------------------------------------------
-
-    async def run(self) -> None:
-        """Connect, load, subscribe, then watch: pub/sub messages and a heartbeat every
-        cluster.redis_retry. Any failure: down, wait cluster.redis_retry, try again."""
-        while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-            try:
-                async with asyncio.timeout(max(1.0, 20 * self.timeout)):
-                    await self.client.ping()
-                    await pubsub.subscribe(self.key("chan", "penalty"), self.key("chan", "learn"),
-                                           self.key("chan", "unlearn"), self.key("chan", "record"))
-                await self._load()
-                self._up()
-                await self._watch(pubsub)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:      # any failure: down, and try again
-                self._failed(e)
-            finally:
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(self.timeout):
-                        await pubsub.aclose()
-            await asyncio.sleep(self.retry)
-
-    async def _watch(self, pubsub: Any) -> None:
-        next_beat = 0.0
-        while self.up:
-            now = time.monotonic()
-            if now >= next_beat:
-                async with asyncio.timeout(max(1.0, 20 * self.timeout)):
-                    await self._heartbeat()
-                next_beat = now + self.retry
-            async with asyncio.timeout(max(1.0, 20 * self.timeout)):
-                await self._flush_conns()
-            async with asyncio.timeout(CONN_FLUSH + 1.0):
-                msg = await pubsub.get_message(timeout=CONN_FLUSH)
-            if msg is None:
-                continue
-            _want(isinstance(msg, dict), "pub/sub message", msg)
-            if msg.get("type") == "message":
-                channel, data = msg.get("channel"), msg.get("data")
-                _want(isinstance(channel, str) and isinstance(data, str), "pub/sub message",
-                      msg)
-                self._fact(str(channel), str(data))
-
-    # --- the seam: generic, bounded records for state built elsewhere ---------------------------
-
-    def _seam_key(self, kind: str, key: str) -> str | None:
-        if not kind or not key or len(kind) > MAX_KEY or len(key) > MAX_KEY or ":" in kind \
-                or kind in RESERVED:
-            return None
-        return self.key(kind, key)
-
-    async def record(self, kind: str, key: str, ttl: float, value: str = "1") -> bool:
-        """Remember `key` of `kind` for ttl seconds (e.g. kind "deferral", key the triplet
-        hash). False: not recorded (Redis down, or the key is out of bounds)."""
-        k = self._seam_key(kind, key)
-        if k is None or ttl <= 0 or len(value) > 1024:
-            return False
-        ok, _ = await self._call(lambda: self.client.set(k, value, px=int(ttl * 1000)),
-                                 lambda res: _want(res is True, "SET", res))
-        return bool(ok)
-
-    async def lookup(self, kind: str, key: str) -> str | None:
-        """The value recorded for `key` of `kind`, or None (absent, expired, or Redis down: a
-        caller treats None as "unknown" and decides locally)."""
-        k = self._seam_key(kind, key)
-        if k is None:
-            return None
-        ok, res = await self._call(lambda: self.client.get(k),
-                                   lambda res: _reply_str_or_none(res, "GET"))
-        return res if ok else None
-
-    async def incr(self, kind: str, key: str, ttl: float) -> int | None:
-        """Count `key` of `kind` in a window of ttl seconds starting at its first count (e.g.
-        an identity's fast-lane messages, or one IP's connections). None: Redis down."""
-        k = self._seam_key(kind, key)
-        if k is None or ttl <= 0:
-            return None
-
-        async def go() -> int:
-            async with self.client.pipeline(transaction=True) as p:
-                p.incr(k)
-                p.pexpire(k, int(ttl * 1000), nx=True)
-                res = _reply_list(await p.execute(), "INCR", 2)
-            return _reply_int(res[0], "INCR")
-
-        ok, res = await self._call(go)
-        return res if ok else None
-
-    async def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(self.timeout):
-                await self.client.aclose()

@@ -56,7 +56,7 @@ from aiosmtpd.smtp import Session
 
 from ingress.core import log, metrics
 from ingress.core.headers import received_spf_header, spf_identity, spf_request
-from ingress.core.metrics import DeferReason, RcptResult, Result
+from ingress.core.metrics_labels import DeferReason, RcptResult, Result
 from ingress.core.wire import Envelope, Lane, new_qid
 from ingress.edge.host import SessionHost
 from ingress.edge.rcpt_verify import Answer

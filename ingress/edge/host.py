@@ -19,7 +19,7 @@ import ssl
 from typing import Any, Protocol
 
 from ingress.core.config import Config
-from ingress.core.metrics import DeferReason
+from ingress.core.metrics_labels import DeferReason
 from ingress.core.wire import Envelope, Lane, Reply
 from ingress.edge.dataread import DataBudget
 from ingress.edge.rcpt_verify import RecipientVerifier

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 from ingress.core import log, metrics
 from ingress.core.addr import normalize_ip
 from ingress.core.config import Config
-from ingress.core.metrics import Outcome
+from ingress.core.metrics_labels import Outcome
 from ingress.core.wire import Lane
 from ingress.edge.evidence import sha256_fingerprint
 from ingress.edge.smtp import IngressSMTP

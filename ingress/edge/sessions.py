@@ -68,7 +68,7 @@ from typing import Protocol
 from ingress.core import log, metrics
 from ingress.core.addr import ip_key
 from ingress.core.config import Config
-from ingress.core.metrics import Outcome
+from ingress.core.metrics_labels import Outcome
 from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import Lane
 from ingress.policy.admission import (

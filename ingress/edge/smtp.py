@@ -68,7 +68,7 @@ from aiosmtpd.smtp import SMTP, _AuthMechAttr, syntax
 
 from ingress.core import log, metrics
 from ingress.core.addr import normalize_ip
-from ingress.core.metrics import Outcome, RcptResult
+from ingress.core.metrics_labels import Outcome, RcptResult
 from ingress.core.wire import Lane
 from ingress.edge import proxy
 from ingress.edge.host import SessionHost

@@ -78,7 +78,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from ingress.core.metrics import RcptResult, Result
+from ingress.core.metrics_labels import RcptResult, Result
 from ingress.core.ratelimit import TokenBucket
 from ingress.policy.replies import Refusal, text
 

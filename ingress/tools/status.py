@@ -40,6 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ingress.core import cluster, metrics
 from ingress.core.config import Config
 from ingress.core.wire import STATUS_TOPIC, WireError, decode_status
+from workers.spool.collector import BACKLOG_AGES
 
 SCAN_LIMIT = 1_000_000
 
@@ -140,7 +141,7 @@ def relay_stats(m: dict[str, float]) -> dict[str, Any]:
         "breaker_failures": m.get("smtp_ingress_relay_breaker_failures{}", 0.0),
         "latency_p50_s": p50, "latency_p99_s": p99,
         "backlog_by_age": {b: m.get(f"smtp_ingress_relay_backlog_age_messages{{age={b}}}", 0.0)
-                           for b, _ in metrics.BACKLOG_AGES},
+                           for b, _ in BACKLOG_AGES},
         "spool_fs_free_bytes": m.get("smtp_ingress_spool_fs_free_bytes{}"),
     }
 

@@ -65,11 +65,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ingress.core import child, log, metrics, reuseport
+from ingress.core import child, log, metrics_server, reuseport
 from ingress.core import config as config_mod
 from ingress.core.config import Config, ConfigError, format_listen_address, parse_listen_address
 from ingress.core.fsutil import private_dir_problem
 from ingress.policy.admission import configured_limit
+from workers.spool.collector import SpoolCollector
 
 TICK = 0.05
 HB_MARGIN = 16       # heartbeat slots beyond two per child (a reload runs old and new side by side)
@@ -300,7 +301,7 @@ class Supervisor:
         self.flags: set[str] = set()
         self.watchdog = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
         self.next_watchdog = 0.0
-        self.metrics_server: metrics.MetricsServer | None = None
+        self.metrics_server: metrics_server.MetricsServer | None = None
 
     # --- child management ---------------------------------------------------------------------
 
@@ -463,9 +464,9 @@ class Supervisor:
         code = c.proc.exitcode if c.proc is not None else None
         if c.proc is not None:
             c.proc.join(0)
-            metrics.child_dead(c.proc.pid)
+            metrics_server.child_dead(c.proc.pid)
         c.failures += 1
-        metrics.child_exited(c.kind)
+        metrics_server.child_exited(c.kind)
         backoff = min(sup.restart_backoff * 2 ** (c.failures - 1), sup.restart_backoff_max)
         recent = sum(1 for t in c.history if now - t < sup.crash_window)
         if recent > sup.crash_limit:
@@ -484,7 +485,7 @@ class Supervisor:
     def _reap(self, c: Child) -> None:
         if c.proc is not None:
             c.proc.join(0)
-            metrics.child_dead(c.proc.pid)
+            metrics_server.child_dead(c.proc.pid)
         self.children.remove(c)
         self.free_slots.append(c.slot)
 
@@ -581,10 +582,11 @@ class Supervisor:
         self._lock_state_dir()
         if self.cfg.cluster.role != "lanes":
             self._bind_listeners()
-        metrics.setup_dir(self.cfg.spool.state_dir)     # before any child is spawned
-        self.metrics_server = metrics.serve(self.cfg.metrics.listen, self.cfg.spool.path,
-                                            self.cfg.spool.state_dir)
-        metrics.configured(self.cfg, acceptor_slots(self.cfg))
+        metrics_server.setup_dir(self.cfg.spool.state_dir)     # before any child is spawned
+        self.metrics_server = metrics_server.serve(self.cfg.metrics.listen,
+                                                   self.cfg.spool.state_dir,
+                                                   SpoolCollector(self.cfg.spool.path))
+        metrics_server.configured(self.cfg, acceptor_slots(self.cfg))
         # In stages, so that acceptors come up to lanes that already have workers (brokers and
         # workers start together: a worker's DEALER connects to its broker's socket whenever
         # that is bound, and announces itself then).
@@ -698,7 +700,7 @@ class Supervisor:
             return
         self.cfg = new
         self.steering = None               # the new allow list, at the next _watch
-        metrics.configured(new, acceptor_slots(new))
+        metrics_server.configured(new, acceptor_slots(new))
         current = [c for c in self.children if not c.retiring]
         brokers_changed = new.lanes != old.lanes or new.cluster != old.cluster
         replace = [c for c in current if c.kind != "broker" or brokers_changed]

@@ -1,5 +1,6 @@
-"""ingress.core.metrics: multiprocess aggregation across real spawned processes, the exposition, the
-spool collector, child_dead, the HTTP endpoint, and the per-call cost of the hot-path helpers.
+"""ingress.core.metrics and metrics_server: multiprocess aggregation across real spawned processes,
+the exposition (with the spool's collector, workers.spool.collector), child_dead, the HTTP
+endpoint, the declared labels (metrics_labels), and the per-call cost of the hot-path helpers.
 
 Run `python -m tests.integration.test_metrics` to print the measured costs.
 """
@@ -17,7 +18,8 @@ import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingress.core import metrics
+from ingress.core import metrics, metrics_labels, metrics_server
+from workers.spool.collector import SpoolCollector
 
 N = 1000
 
@@ -53,7 +55,7 @@ def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float
 
 
 def _run_children(mdir: Path, monkeypatch: pytest.MonkeyPatch, n: int = 3) -> list[int]:
-    monkeypatch.setenv(metrics.ENV, str(mdir))     # restored after the test
+    monkeypatch.setenv(metrics_server.ENV, str(mdir))     # restored after the test
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_child, args=("fast", 7, q)),
@@ -69,13 +71,13 @@ def _run_children(mdir: Path, monkeypatch: pytest.MonkeyPatch, n: int = 3) -> li
 
 
 def test_setup_dir_empties_and_sets_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(metrics.ENV, "")
+    monkeypatch.setenv(metrics_server.ENV, "")
     d = tmp_path / "metrics"
     d.mkdir()
     (d / "counter_123.db").write_bytes(b"old")
-    assert metrics.setup_dir(tmp_path) == d
+    assert metrics_server.setup_dir(tmp_path) == d
     assert list(d.iterdir()) == []
-    assert os.environ[metrics.ENV] == str(d)
+    assert os.environ[metrics_server.ENV] == str(d)
 
 
 def test_aggregation_across_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -86,11 +88,11 @@ def test_aggregation_across_processes(tmp_path: Path, monkeypatch: pytest.Monkey
         (spool / "new" / f"m{i}").write_bytes(b"x" * 100)
         os.utime(spool / "new" / f"m{i}", (time.time() - 60, time.time() - 60))
     (spool / "failed" / "f0").write_bytes(b"y")
-    monkeypatch.setenv(metrics.ENV, "")
-    mdir = metrics.setup_dir(tmp_path / "state")
+    monkeypatch.setenv(metrics_server.ENV, "")
+    mdir = metrics_server.setup_dir(tmp_path / "state")
     pids = _run_children(mdir, monkeypatch)
 
-    reg = metrics.registry(spool, mdir)
+    reg = metrics_server.registry(mdir, SpoolCollector(spool))
     text = generate_latest(reg)
     s = _samples(text)
     f, b = (("lane", "fast"),), (("lane", "bulk"),)
@@ -123,7 +125,7 @@ def test_aggregation_across_processes(tmp_path: Path, monkeypatch: pytest.Monkey
 
     # A dead child's live gauges go; its counters stay.
     for pid in pids:
-        metrics.child_dead(pid)
+        metrics_server.child_dead(pid)
     s = _samples(generate_latest(reg))
     assert ("smtp_ingress_sessions", f) not in s
     assert ("smtp_ingress_lane_queue_depth", b) not in s
@@ -131,11 +133,12 @@ def test_aggregation_across_processes(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_http_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(metrics.ENV, "")
-    mdir = metrics.setup_dir(tmp_path / "state")
+    monkeypatch.setenv(metrics_server.ENV, "")
+    mdir = metrics_server.setup_dir(tmp_path / "state")
     _run_children(mdir, monkeypatch, 1)
-    assert metrics.serve("", tmp_path, tmp_path / "state") is None
-    srv = metrics.serve("127.0.0.1:0", tmp_path / "nospool", tmp_path / "state")
+    assert metrics_server.serve("", tmp_path / "state", SpoolCollector(tmp_path)) is None
+    srv = metrics_server.serve("127.0.0.1:0", tmp_path / "state",
+                               SpoolCollector(tmp_path / "nospool"))
     assert srv is not None
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/metrics", timeout=5) as r:
@@ -146,20 +149,10 @@ def test_http_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
                      "smtp_ingress_spool_messages", "smtp_ingress_relay_backlog_messages"):
             assert name.encode() in body, name
         # The port is taken: logged, None, no exception.
-        assert metrics.serve(f"127.0.0.1:{srv.port}", tmp_path, tmp_path / "state") is None
+        assert metrics_server.serve(f"127.0.0.1:{srv.port}", tmp_path / "state",
+                                    SpoolCollector(tmp_path)) is None
     finally:
         srv.close()
-
-
-def test_spool_scan_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "new").mkdir()
-    for i in range(12):
-        (tmp_path / "new" / f"m{i}").write_bytes(b"")
-    monkeypatch.setattr(metrics, "SCAN_MAX", 5)
-    col = metrics.SpoolCollector(tmp_path)
-    got = {m.name: m.samples for m in col.collect()}
-    assert got["smtp_ingress_spool_scan_truncated"][0].value == 1
-    assert [s.value for s in got["smtp_ingress_spool_messages"] if s.labels["dir"] == "new"] == [5]
 
 
 # --- cost of the hot path ---------------------------------------------------------------------
@@ -184,7 +177,7 @@ def _bench(q: Any) -> None:
 
 
 def measure(mdir: Path) -> dict[str, float]:
-    os.environ[metrics.ENV] = str(mdir)
+    os.environ[metrics_server.ENV] = str(mdir)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_bench, args=(q,))
@@ -195,8 +188,8 @@ def measure(mdir: Path) -> dict[str, float]:
 
 
 def test_hot_path_cost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(metrics.ENV, "")
-    cost = measure(metrics.setup_dir(tmp_path))
+    monkeypatch.setenv(metrics_server.ENV, "")
+    cost = measure(metrics_server.setup_dir(tmp_path))
     # Generous bound (shared CI machines); typical is a few microseconds (see the module doc).
     assert all(us < 50 for us in cost.values()), cost
 
@@ -204,7 +197,7 @@ def test_hot_path_cost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 if __name__ == "__main__":
     import tempfile
     with tempfile.TemporaryDirectory() as d:
-        for k, v in measure(metrics.setup_dir(d)).items():
+        for k, v in measure(metrics_server.setup_dir(d)).items():
             print(f"{k:28s} {v:6.2f} us/call")
 
 
@@ -222,8 +215,9 @@ if __name__ == "__main__":
     (metrics.recipient, "unverified"),
 ])
 def test_emitted_labels_are_declared(fn: Any, label: str) -> None:
-    declared = {metrics.connection: metrics.OUTCOMES, metrics.message: metrics.RESULTS,
-                metrics.recipient: metrics.RCPT_RESULTS}[fn]
+    declared = {metrics.connection: metrics_labels.OUTCOMES,
+                metrics.message: metrics_labels.RESULTS,
+                metrics.recipient: metrics_labels.RCPT_RESULTS}[fn]
     assert label in declared
     fn("bulk", label)                           # accepted at its first use
 
@@ -235,7 +229,7 @@ def test_undeclared_label_is_refused(fn: Any) -> None:
 
 
 def test_label_enums_are_the_tuples() -> None:
-    assert tuple(metrics.Outcome) == metrics.OUTCOMES
-    assert tuple(metrics.Result) == metrics.RESULTS
-    assert tuple(metrics.RcptResult) == metrics.RCPT_RESULTS
-    assert metrics.Outcome.PER_IP == "per-ip"     # admission.Refusal's value, as is
+    assert tuple(metrics_labels.Outcome) == metrics_labels.OUTCOMES
+    assert tuple(metrics_labels.Result) == metrics_labels.RESULTS
+    assert tuple(metrics_labels.RcptResult) == metrics_labels.RCPT_RESULTS
+    assert metrics_labels.Outcome.PER_IP == "per-ip"     # admission.Refusal's value, as is

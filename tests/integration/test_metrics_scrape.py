@@ -1,9 +1,7 @@
 """The Prometheus endpoint of a real ingress, scraped while mail flows.
 
 The ingress runs with metrics.listen = "127.0.0.1:0"; the port comes from the supervisor's
-`metrics_listening` log line (ingress.core.metrics.serve logs it). Until the supervisor calls
-ingress.core.metrics.serve (issue 5 wiring), this test skips, saying so; once
-ingress/tools/supervisor.py mentions `metrics.serve`, it runs and must pass.
+`metrics_listening` log line (ingress.core.metrics_server.serve logs it).
 """
 
 from __future__ import annotations
@@ -13,17 +11,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingress.core import metrics
-from tests.kit.harness import ROOT, Ingress, make_body, send_one
+from tests.kit.harness import Ingress, make_body, send_one
+from workers.spool import collector
 
 N = 20
-
-
-def _wired() -> bool:
-    return "metrics.serve" in (ROOT / "ingress" / "supervisor.py").read_text()
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -37,9 +30,6 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-@pytest.mark.skipif(not _wired(), reason="ingress.core.metrics.serve is not called by the "
-                                          "supervisor "
-                                          "yet (issue 5 wiring)")
 def test_scrape_while_mail_flows(tmp_path: Path) -> None:
     with Ingress(tmp_path, {"metrics": {"listen": "127.0.0.1:0"}}) as ing:
         deadline = time.monotonic() + 10
@@ -71,8 +61,8 @@ def test_scrape_while_mail_flows(tmp_path: Path) -> None:
         for lane in ("fast", "bulk"):
             assert ("smtp_ingress_lane_queue_depth", (("lane", lane),)) in s, lane
             assert ("smtp_ingress_lane_saturated", (("lane", lane),)) in s, lane
-        # The spool gauges are computed at scrape time and cached for metrics.SCAN_CACHE.
-        time.sleep(metrics.SCAN_CACHE + 0.1)
+        # The spool gauges are computed at scrape time and cached for collector.SCAN_CACHE.
+        time.sleep(collector.SCAN_CACHE + 0.1)
         s = scrape(mport)
         assert s[("smtp_ingress_spool_messages", (("dir", "new"),))] == N
         assert s[("smtp_ingress_relay_backlog_messages", ())] == N

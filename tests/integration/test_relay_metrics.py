@@ -23,6 +23,7 @@ from tests.integration.test_queue_cli import REJECTED, TEMPFAIL, postfix, tables
 from tests.integration.test_relay import relaying, wait_for
 from tests.kit.harness import ROOT, Ingress, make_body, send_one
 from tests.kit.postfix import free_port
+from workers.spool import collector
 
 
 def metrics_port(ing: Ingress) -> int:
@@ -59,7 +60,7 @@ def test_relay_metrics_and_status(tmp_path: Path, postfix) -> None:  # noqa: F81
         assert s[("smtp_ingress_relay_dsns_total", ())] == 1
         assert s[("smtp_ingress_relay_downstream_seconds_count", ())] >= 8
         assert s[("smtp_ingress_relay_breaker_state", ())] == metrics.BREAKER_CLOSED
-        time.sleep(metrics.SCAN_CACHE + 0.1)
+        time.sleep(collector.SCAN_CACHE + 0.1)
         s = scrape(mport)
         assert s[("smtp_ingress_relay_backlog_age_messages", (("age", "lt_1m"),))] == 1
         assert s[("smtp_ingress_relay_backlog_age_messages", (("age", "gt_1d"),))] == 0

@@ -420,5 +420,5 @@ def test_curve_server_refuses_an_unknown_key(keys: dict[str, Path]) -> None:
     ("\uff53pam.test", False), ("a..test", False), ("my_host.test", False), ("x" * 300, False),
 ])
 def test_a_learned_domain_from_redis_is_canonical(domain: str, ok: bool) -> None:
-    from ingress.edge.cluster_state import valid_domain
+    from ingress.edge.cluster_redis import valid_domain
     assert valid_domain(domain) is ok

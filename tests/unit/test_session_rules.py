@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ingress.core import metrics
+from ingress.core import metrics_labels
 from ingress.core.config import ConfigError, load
 from ingress.core.ratelimit import TokenBucket
 from ingress.policy import session_rules
@@ -72,7 +72,7 @@ def test_non_ascii_helo_refusal_names_it() -> None:
     r = session_rules.argument_refusal("non_ascii_helo", "EHLO")
     assert r.reply == ("501 5.5.2 Syntax error: non-ASCII domain name (send A-labels, "
                        "RFC 6531 3.7.1) in EHLO argument"), r.reply
-    assert r.reply.isascii() and r.metric is metrics.Result.BAD_COMMAND
+    assert r.reply.isascii() and r.metric is metrics_labels.Result.BAD_COMMAND
 
 
 def test_check_argument_empty() -> None:
@@ -99,7 +99,7 @@ def test_mail_verdict(address: str, smtputf8: bool, code: str | None) -> None:
     assert (r.reply[:9] if r else None) == code
     if r is not None:
         assert r.reply.isascii(), "no 8-bit reply to a client that did not ask for SMTPUTF8"
-        assert r.metric in metrics.RESULTS
+        assert r.metric in metrics_labels.RESULTS
 
 
 def rcpt(address: str, *, smtputf8: bool = False, recipients: frozenset[str] | None = None,
@@ -150,7 +150,7 @@ def test_rcpt_verdict(address: str, kw: dict, code: str | None, stored: str,
     assert v.address == stored
     assert v.verify is verify
     if v.refusal is not None:
-        assert v.refusal.metric in metrics.RCPT_RESULTS
+        assert v.refusal.metric in metrics_labels.RCPT_RESULTS
         assert v.refusal.reply.isascii()
 
 
@@ -165,15 +165,15 @@ def test_verify_verdict(answer: str, code: str | None, metric: str | None) -> No
     assert (r.reply[:9] if r else None) == code
     assert (r.metric if r else None) == metric
     if metric:
-        assert metric in metrics.RCPT_RESULTS
+        assert metric in metrics_labels.RCPT_RESULTS
 
 
 def test_argument_refusal() -> None:
     for why in ("nul", "invalid_utf8", "control"):
         r = session_rules.argument_refusal(why, "RCPT")
-        assert r.reply.startswith("501 5.5.2") and r.metric in metrics.RCPT_RESULTS
+        assert r.reply.startswith("501 5.5.2") and r.metric in metrics_labels.RCPT_RESULTS
         r = session_rules.argument_refusal(why, "HELO")
-        assert r.reply.startswith("501 5.5.2") and r.metric in metrics.RESULTS
+        assert r.reply.startswith("501 5.5.2") and r.metric in metrics_labels.RESULTS
 
 
 # --- error accounting -----------------------------------------------------------------------------
@@ -243,7 +243,7 @@ def test_mail_without_data_limit() -> None:
     c = session_rules.mail_accepted(session_rules.mail_accepted(c))
     r = session_rules.before_mail(c, P, "mx.test")
     assert r is not None and r.close and r.reply.startswith("421 4.7.0 mx.test")
-    assert r.metric in metrics.RESULTS
+    assert r.metric in metrics_labels.RESULTS
     assert session_rules.before_mail(session_rules.delivered(c), P, "mx") is None
 
 
@@ -265,7 +265,7 @@ def test_delivered_resets_everything() -> None:
 def test_cut_off_refusal() -> None:
     r = session_rules.cut_off_refusal("mx.test")
     assert r.reply == text(Refusal.TOO_MANY_ERRORS, host="mx.test")
-    assert r.reply.startswith("421 4.7.0") and r.close and r.metric in metrics.RESULTS
+    assert r.reply.startswith("421 4.7.0") and r.close and r.metric in metrics_labels.RESULTS
 
 
 def test_policy_defaults_match_config_defaults() -> None:
@@ -362,7 +362,7 @@ def test_refusal_metrics_name_one_counter() -> None:
                                      rcpt("\u00fc@example.test")) if v.refusal),
     }
     for label in labels:
-        assert (label in metrics.RCPT_RESULTS) != (label in metrics.RESULTS), label
+        assert (label in metrics_labels.RCPT_RESULTS) != (label in metrics_labels.RESULTS), label
 
 
 # --- shed_verdict, data_verdict, pick_eviction ----------------------------------------------------

@@ -78,6 +78,10 @@ from workers.spool.state import RelayState
 ENVELOPE_HEADER = b"X-Ingress-Envelope: "
 SPOOL_FORMAT = 1
 MAX_NAME_TRIES = 100        # names tried in new/ before a write fails (a collision is rare)
+TMP_DIR = "tmp"                     # spool/tmp/<name>: being written
+NEW_DIR = "new"                     # spool/new/<name>: durable, waiting for the relay
+CUR_DIR = "cur"                     # spool/cur/: Maildir compatibility, unused
+FAILED_DIR = "failed"               # spool/failed/<name>: bounced by the relay
 STATE_DIR = "relay"                 # spool/relay/<name>: the relay state of new/<name>
 KEPT_STATE_DIR = "relay.failed"     # spool/relay.failed/<name>: a failed message's state
 HOLD_DIR = "hold"                   # spool/hold/<name>: held by the operator
@@ -169,8 +173,8 @@ def _link_noreplace(src: Path, dst_dir: Path, name: str,
 class Spool:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
-        self.tmp, self.new = self.root / "tmp", self.root / "new"
-        self.cur, self.failed = self.root / "cur", self.root / "failed"
+        self.tmp, self.new = self.root / TMP_DIR, self.root / NEW_DIR
+        self.cur, self.failed = self.root / CUR_DIR, self.root / FAILED_DIR
         for d in (self.tmp, self.new, self.cur, self.failed):
             d.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.hold_dir = self.root / HOLD_DIR

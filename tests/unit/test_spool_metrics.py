@@ -1,0 +1,33 @@
+"""workers.spool.collector: the spool's gauges at scrape time, bounded and named by the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workers.spool import collector, store
+from workers.spool.collector import SpoolCollector
+
+
+def test_spool_scan_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "new").mkdir()
+    for i in range(12):
+        (tmp_path / "new" / f"m{i}").write_bytes(b"")
+    monkeypatch.setattr(collector, "SCAN_MAX", 5)
+    col = SpoolCollector(tmp_path)
+    got = {m.name: m.samples for m in col.collect()}
+    assert got["smtp_ingress_spool_scan_truncated"][0].value == 1
+    assert [s.value for s in got["smtp_ingress_spool_messages"] if s.labels["dir"] == "new"] == [5]
+
+
+def test_counts_the_stores_own_directories(tmp_path: Path) -> None:
+    """The directories counted are where the store puts files (one file in each, by the store's
+    own paths), and the dir label keeps its documented values."""
+    sp = store.Spool(tmp_path)
+    sp.make_relay_dirs(held=True)
+    for d in (sp.new, sp.tmp, sp.failed, sp.hold_dir):
+        (d / "m0").write_bytes(b"x")
+    got = {m.name: m.samples for m in SpoolCollector(tmp_path).collect()}
+    assert {s.labels["dir"]: s.value for s in got["smtp_ingress_spool_messages"]} \
+        == {"new": 1, "tmp": 1, "failed": 1, "hold": 1}
