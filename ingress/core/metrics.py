@@ -220,10 +220,10 @@ SPF_REFUSED = Counter("smtp_ingress_spf_refused",
                       "timeout (the sender's domain timed out lately), domain, network or "
                       "backlog (that many checks of the domain, from the client's network, "
                       "or in the acceptor, already under way)", ["reason"])
-# [cluster] redis (ingress/edge/cluster_state.py): per acceptor, 1 while its Redis is reachable
-CLUSTER_UP = Gauge("smtp_ingress_cluster_state_up",
-                   "Shared admission state in Redis reachable (1) or local fallback (0), "
-                   "per acceptor", multiprocess_mode="livemin")
+# [cluster] redis (ingress/edge/cluster_state.py): per acceptor, 1 while its Redis is reachable.
+# Made on first use: a label-less gauge made at import would give every process that imports
+# this module (workers, brokers beside the acceptors on a role "all" node) a 0 in the minimum.
+_cluster_up: list[Gauge] = []
 CLUSTER_FALLBACKS = Counter("smtp_ingress_cluster_state_fallbacks",
                             "Admission decisions taken on local limits because Redis was "
                             "down or too slow")
@@ -439,7 +439,11 @@ def relay_forward_missing(mode: str) -> None:
 
 def cluster_state(up: bool) -> None:
     """An acceptor's Redis went up or down (ingress/edge/cluster_state.py)."""
-    CLUSTER_UP.set(1 if up else 0)
+    if not _cluster_up:
+        _cluster_up.append(Gauge("smtp_ingress_cluster_state_up",
+                                 "Shared admission state in Redis reachable (1) or local "
+                                 "fallback (0), per acceptor", multiprocess_mode="livemin"))
+    _cluster_up[0].set(1 if up else 0)
 
 
 def cluster_fallback() -> None:

@@ -132,6 +132,38 @@ def test_aggregation_across_processes(tmp_path: Path, monkeypatch: pytest.Monkey
     assert s[("smtp_ingress_messages_total", (("lane", "fast"), ("result", "accepted")))] == 2 * N
 
 
+def _redis_acceptor(q: Any) -> None:
+    from ingress.core import metrics as m
+    m.cluster_state(True)
+    q.put(os.getpid())
+
+
+def _worker_beside(q: Any) -> None:
+    from ingress.core import metrics as m
+    m.spooled("fast", 1, seconds=0.001)
+    q.put(os.getpid())
+
+
+def test_cluster_up_is_the_acceptors_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """smtp_ingress_cluster_state_up is the minimum over the processes that hold a Redis link: a
+    worker beside an acceptor on a role "all" node (it imports the metrics, never sets the
+    gauge) does not pull it to 0 while Redis is up."""
+    monkeypatch.setenv(metrics_server.ENV, "")
+    mdir = metrics_server.setup_dir(tmp_path / "state")
+    monkeypatch.setenv(metrics_server.ENV, str(mdir))
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=f, args=(q,)) for f in (_redis_acceptor, _worker_beside)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        q.get(timeout=30)
+    for p in procs:
+        p.join(10)
+    s = _samples(generate_latest(metrics_server.registry(mdir)))
+    assert s[("smtp_ingress_cluster_state_up", ())] == 1
+
+
 def test_http_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(metrics_server.ENV, "")
     mdir = metrics_server.setup_dir(tmp_path / "state")
