@@ -8,7 +8,8 @@ the routing-id frames themselves; the frames below are what the application send
     broker   -> worker   WORK       [b"SI2", b"WORK", reply_to, envelope, body]
     worker   -> broker   READY      [b"SI2", b"READY", credit]           credit: ascii int
     worker  <-> broker   HEARTBEAT  [b"SI2", b"HEARTBEAT", free]         free: ascii int (worker)
-    worker   -> broker   DISCONNECT [b"SI2", b"DISCONNECT"]              leaving, nothing in flight
+    worker   -> broker   DISCONNECT [b"SI2", b"DISCONNECT"]              leaving: no more work
+    broker   -> worker   DISCONNECT [b"SI2", b"DISCONNECT"]              read it: nothing follows
     any      -> broker   SHARE      [b"SI2", b"SHARE", fact, ip(, domain)]  a fact about a client
                                      IP: fact b"learn" (worker: SPF + aligned DKIM passed, and
                                      the policy promotes the domain; `domain` is the SPF domain

@@ -33,6 +33,7 @@ from ingress.core.wire import (
     Envelope,
     Kind,
     Lane,
+    disconnect,
     kind_of,
     new_qid,
     work,
@@ -217,3 +218,25 @@ def test_the_wake_is_drained_so_an_idle_worker_sleeps_in_its_poll(lane: Lane_) -
     time.sleep(0.5)                     # a few turns of the loop, with nothing to do
     with pytest.raises(BlockingIOError):
         lane.worker._wake_r.recv(16)    # nothing left unread
+
+
+def test_a_leaving_worker_does_the_work_that_crossed_its_disconnect(lane: Lane_) -> None:
+    """A stopping worker (SIGUSR2: a reload replaces it) says DISCONNECT and leaves only once
+    the broker has answered it (nothing follows the answer on the pipe) and nothing is in hand.
+    A broker slow to read the DISCONNECT (a reload starts processes: the CPU is contended) sent
+    WORK after it; the worker used to leave after 0.1 s of quiet, and that message was NACKed
+    worker_lost a liveness window later (issue 20: 451 on a reload)."""
+    lane.worker.stopping = True
+    t_end = time.monotonic() + 5
+    kinds: list[Kind] = []
+    while Kind.DISCONNECT not in kinds and time.monotonic() < t_end:
+        if lane.router.poll(50):
+            kinds.append(kind_of(lane.router.recv_multipart()[1:]))
+    assert Kind.DISCONNECT in kinds
+    time.sleep(0.8)                                # the broker is busy elsewhere
+    (qid,) = lane.send(1, deadline_s=30)
+    lane.router.send_multipart([lane.ident, *disconnect()])
+    got, _ = lane.collect(1, limit=10)
+    assert (qid, Kind.ACK) in lane.answered, got
+    lane.thread.join(5)
+    assert not lane.thread.is_alive(), "it leaves once answered and done"

@@ -45,6 +45,7 @@ from typing import Any
 
 import orjson
 import zmq
+from cachetools import TTLCache
 
 from ingress.core import child, cluster, log, metrics
 from ingress.core.child import Heartbeat
@@ -57,6 +58,7 @@ from ingress.core.wire import (
     Kind,
     NackReason,
     WireError,
+    disconnect,
     expect,
     heartbeat,
     int_frame,
@@ -72,6 +74,9 @@ from ingress.policy.lane_gate import OVER_RATE_HOLD, Check, Decision, LaneGate, 
 from ingress.policy.tiers import Tier
 
 __all__ = ["OVER_RATE_HOLD", "Broker", "run"]
+
+LEFT_TTL = 60.0      # seconds a worker that said DISCONNECT is remembered (its heartbeats ignored)
+LEFT_MAX = 4096      # and how many such workers at most
 
 
 @dataclass
@@ -97,6 +102,10 @@ class Broker:
         self.lane_gate: LaneGate[Job] = LaneGate(LaneLimits.of(cfg, lane), now=time.monotonic())
         self.fast = self.lane_gate.fast
         self.workers: dict[bytes, WorkerState] = {}
+        # Workers that said DISCONNECT: their heartbeats (they keep beating while they finish)
+        # never take them back. A routing id is never reused (pid + start time), so a worker
+        # forgotten here after LEFT_TTL is long gone; bounded in count as well.
+        self.left: TTLCache[bytes, bool] = TTLCache(maxsize=LEFT_MAX, ttl=LEFT_TTL)
         self.heart = Heartbeat(hb, slot)
         self.stopping = False
         self.counters = {"submitted": 0, "acked": 0, "nack_rate": 0, "nack_queue_full": 0,
@@ -265,10 +274,10 @@ class Broker:
     def _on_worker_heartbeat(self, ident: bytes, w: WorkerState | None, msg: list[bytes],
                              now: float) -> None:
         (free,) = expect(msg, 1)
-        if w is None:   # we restarted, or it timed out here: take it back
-            self._register(ident, int_frame(free), now)
-        else:
+        if w is not None:
             w.expiry = now + LANE_HEARTBEAT * LANE_LIVENESS
+        elif ident not in self.left:   # we restarted, or it timed out here: take it back
+            self._register(ident, int_frame(free), now)
 
     def _on_worker_result(self, w: WorkerState | None, kind: Kind, msg: list[bytes],
                           now: float) -> None:
@@ -286,10 +295,17 @@ class Broker:
         self._reply(reply_to, kind, qid, detail)
 
     def _on_worker_disconnect(self, ident: bytes, w: WorkerState | None) -> None:
+        """The worker leaves: no more work for it (kept until its in-flight ACKs are in), and
+        the answer DISCONNECT, after which nothing follows on its pipe: the worker leaves once
+        it has that answer and nothing in hand (work sent before it crossed the worker's
+        DISCONNECT is done, not lost)."""
+        self.left[ident] = True
         if w is not None:
-            w.credit = 0          # keep it until its in-flight ACKs are in
+            w.credit = 0
             if not w.inflight:
                 del self.workers[ident]
+        with contextlib.suppress(zmq.ZMQError):
+            self.back.send_multipart([ident, *disconnect()], zmq.NOBLOCK)
 
     def _publish_fact(self, msg: list[bytes]) -> None:
         """Pass a worker's or an acceptor's fact about a client on to every acceptor."""

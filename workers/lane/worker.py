@@ -84,7 +84,8 @@ from workers.spool.store import Spool
 
 TMP_MAX_AGE = 60.0
 STOP_POLL = 0.1       # seconds: the longest a stop waits for a poll to return
-SHUTDOWN_GRACE = 0.5  # seconds a stop waits for work the broker sent before our DISCONNECT
+BYE_WAIT = 2 * LANE_HEARTBEAT * LANE_LIVENESS   # seconds a stop waits for the broker's answer
+                                               # to our DISCONNECT (a broker that is gone)
 PIPELINE_MARGIN = 0.5  # a pipeline ends this long before its envelope deadline (DKIM budget)
 
 Future = concurrent.futures.Future
@@ -130,6 +131,7 @@ class Worker:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sock: zmq.Socket[bytes] | None = None
         self.stopping = False
+        self.answered = False     # the broker answered our DISCONNECT: no WORK follows
         self.ident = f"w-{lane.value}-{index}-{os.getpid()}".encode()
         self.running: list[_Job] = []                   # pipelines in pool threads
         self.ready: list[_Job] = []                     # pipelines done, for the next commit
@@ -264,7 +266,10 @@ class Worker:
         """A WORK message as a job; a bad envelope is NACKed, any other malformed message is
         logged and dropped, a broker HEARTBEAT is None (liveness already noted)."""
         try:
-            if kind_of(frames) is not Kind.WORK:
+            kind = kind_of(frames)
+            if kind is Kind.DISCONNECT:
+                self.answered = True
+            if kind is not Kind.WORK:
                 return None
             reply_to, env_raw, body = expect(frames, 3)
         except WireError as e:
@@ -387,23 +392,22 @@ class Worker:
             return
         with contextlib.suppress(zmq.ZMQError):
             self.sock.send_multipart(disconnect(), zmq.NOBLOCK)
-        # Work the broker sent before it read the DISCONNECT is already in our pipe: finish
-        # it and everything in hand, heartbeating meanwhile (the broker keeps us until our
-        # last ACK). Done when nothing is in hand and the broker was quiet for a STOP_POLL
-        # (anything later is the broker's to NACK as worker_lost, so its client gets a 4xx:
-        # nothing is lost); at the latest when the work in hand is past its deadline.
+        # Work the broker sent before it read the DISCONNECT is in our pipe, however long the
+        # broker took to read it: finish it and everything in hand, heartbeating meanwhile (the
+        # broker keeps us until our last ACK and ignores our beats once we have left). Done
+        # when the broker has answered the DISCONNECT (nothing follows the answer) and nothing
+        # is in hand; without an answer (the broker is gone) after BYE_WAIT; at the latest when
+        # the work in hand is past its deadline (the broker NACKs it, its client gets a 4xx).
         start = time.monotonic()
-        quiet_since = start
         next_hb = 0.0
         while True:
             next_hb = self._tick(next_hb)
-            if self._step(poller):
-                quiet_since = time.monotonic()
+            self._step(poller)
             now = time.monotonic()
-            busy = self._in_hand() or self.waiting
-            if not busy and now - quiet_since >= STOP_POLL:
-                break
-            if now > start + SHUTDOWN_GRACE and (not busy or not self._vouched(now)):
+            if self._in_hand() or self.waiting:
+                if not self._vouched(now):
+                    break
+            elif self.answered or now > start + BYE_WAIT:
                 break
         self.sock.close(linger=1000)
         self.pool.shutdown(wait=False, cancel_futures=True)
