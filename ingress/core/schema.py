@@ -81,7 +81,7 @@ class ListenConfig:
 @dataclass(frozen=True)
 class SmtpConfig:
     """The SMTP dialogue: names, sizes, timeouts, slots and per-session limits."""
-    hostname: str = documented("", "banner, EHLO and Received: name; default: the host name",
+    hostname: str = documented("", "banner, EHLO and Received: name",
                                factory=socket.gethostname)
     accepted_domains: tuple[str, ...] = documented(
         ("example.test", "localhost"), "mail only for these domains (never an open relay); at "

@@ -10,6 +10,7 @@ API:
                                      resource (tiers.cap, tiers.operator_floor) and the
                                      self-proven total rate; every listen address and the
                                      sockets they take
+    toml_value(v) -> str             one value as TOML
     render(cfg) -> str               both, for a terminal (derived values as TOML comments, so
                                      the output is itself a valid config file)
 
@@ -35,13 +36,14 @@ from ingress.policy.identity import fast_slots, share_bound
 from ingress.policy.tiers import Tier, TierShares, cap, operator_floor, tier_rates
 
 
-def _toml(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """A config value as TOML (also the defaults in docs/configuration.md: configdoc)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str | Path):
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, tuple | list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return repr(v)
 
 
@@ -66,9 +68,9 @@ def _tables(obj: Any, default: Any, prefix: str) -> list[tuple[str, list[str]]]:
         if dataclasses.is_dataclass(v):
             subs += _tables(v, d, f"{prefix}{f.name}.")
             continue
-        line = f"{f.name} = {_toml(_masked(prefix + f.name, v))}"
+        line = f"{f.name} = {toml_value(_masked(prefix + f.name, v))}"
         if v != d:
-            line = f"{line:<40} # default {_toml(d)}"
+            line = f"{line:<40} # default {toml_value(d)}"
         rows.append(line)
     out = [(prefix.rstrip("."), rows)] if rows else []
     return out + subs
