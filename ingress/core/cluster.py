@@ -78,7 +78,7 @@ from ingress.core.fsutil import private_dir_problem, read_private, write_all
 from ingress.core.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
-    from ingress.core.config import Config
+    from ingress.core.schema import Config
 
 PORTS = {("fast", "front"): 0, ("fast", "status"): 1, ("bulk", "front"): 2,
          ("bulk", "status"): 3}

@@ -315,10 +315,10 @@ def _check_outputs_and_supervisor(cfg: Config, need: Need) -> None:
 
 
 def _check_cluster(cfg: Config, need: Need) -> None:
-    from ingress.core import cluster
     c = cfg.cluster
     if c.role == "all":
         return
+    from ingress.core import cluster  # here: it brings in zmq (edges and lanes nodes only)
     need(bool(c.secret_key), "cluster.secret_key",
          f"required with role {c.role} (this node's NAME.key_secret from smtp-ingress keygen)")
     need.parses(cluster.key_pair, [c.secret_key], "cluster.secret_key")
