@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bytecode unit integration fuzz bench bench-quick bench-cluster sysdeps clean
+.PHONY: run test lint docs bytecode unit integration fuzz bench bench-quick bench-cluster sysdeps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -29,6 +29,11 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy --strict ingress/core ingress/policy
 	$(VENV)/bin/mypy ingress workers
 	$(VENV)/bin/lint-imports --no-cache
+
+# docs/configuration.md, generated from the config schema (ingress/core/schema.py: each key's
+# default, bounds and doc); tests/unit/test_config_reference.py fails when it is stale.
+docs: $(STAMP)
+	$(PY) -m ingress.tools.configdoc docs/configuration.md
 
 # Our modules compiled once. Where PYTHONDONTWRITEBYTECODE is set (it is on these machines) no
 # process writes bytecode, and each of the 9 processes of every instance a test starts compiled

@@ -13,7 +13,7 @@ client that must know the server's public key, and the lanes node admits (ZAP, z
 the edge public keys in cluster.allowed_keys (plus its own, for `smtp-ingress status`).
 
 API:
-    ROLES, PORTS
+    PORTS                                     (the roles: ingress.core.schema.ROLES)
     parse_base(base) -> (host, port)          ValueError unless "tcp://host:port", port+3 valid
     endpoint(base, lane, kind) -> str         kind "front" | "status"
     local_base(base) -> str                   the node's own address for a wildcard bind
@@ -78,9 +78,8 @@ from ingress.core.fsutil import private_dir_problem, read_private, write_all
 from ingress.core.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
-    from ingress.core.config import Config
+    from ingress.core.schema import Config
 
-ROLES = ("all", "edge", "lanes")
 PORTS = {("fast", "front"): 0, ("fast", "status"): 1, ("bulk", "front"): 2,
          ("bulk", "status"): 3}
 ZAP_DOMAIN = b"smtp-ingress"

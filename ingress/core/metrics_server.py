@@ -88,7 +88,7 @@ _slots: dict[str, int] = {}
 
 def configured(cfg: Any, slots: tuple[int, int] | None = None) -> None:
     """Supervisor: the slot capacity of the running config (an ingress.core.config.Config);
-    `slots`: (max_connections, fast_reserve) per acceptor as derived (admission.connection_limit;
+    `slots`: (max_connections, fast_reserve) per acceptor as derived (derived.connection_limit;
     default: the configured values)."""
     n, s = cfg.acceptor_count, cfg.smtp
     total, reserve = slots if slots is not None else (s.max_connections, s.fast_reserve)

@@ -22,7 +22,7 @@ API:
     accept, before the TLS handshake)
 
 listen.port and listen.fast_port start each connection in the lobby (ingress.edge.lobby) unless they
-are behind PROXY; the slots are admission.configured_limit's (logged as connection_limit at
+are behind PROXY; the slots are derived.configured_limit's (logged as connection_limit at
 start, with what limited them).
 
 Memory: the bytes all sessions hold in DATA (until their ack) are bounded by one DataBudget
@@ -62,6 +62,7 @@ from typing import Any
 from ingress.core import child, log, metrics, procs
 from ingress.core.addr import ip_key, site_key
 from ingress.core.config import Config
+from ingress.core.derived import domain_buckets, fds_needed, rate_parts, tier_buckets
 from ingress.core.downstream import parse_downstream
 from ingress.core.fsutil import atomic_write
 from ingress.core.metrics_labels import DeferReason, RetryResult
@@ -81,7 +82,6 @@ from ingress.edge.sessions import Seat, SessionTable
 from ingress.edge.smtp import IngressSMTP
 from ingress.edge.spf_service import SpfService
 from ingress.edge.verify_store import VerifyStore
-from ingress.policy.admission import FD_SPARE, configured_limit, spf_fds
 from ingress.policy.classify import (
     AuthResult,
     ClassifyPolicy,
@@ -100,7 +100,6 @@ from ingress.policy.deferrals import (
 )
 from ingress.policy.identity import (
     RATE_TRACKED,
-    domain_buckets,
     over_rate_reason,
     rate_bounded,
     share_key,
@@ -112,8 +111,6 @@ from ingress.policy.tiers import (
     fast_tier,
     over_tier_rate_reason,
     rate_key,
-    rate_parts,
-    tier_buckets,
     tier_rates,
 )
 
@@ -621,10 +618,9 @@ async def serve(cfg: Config, index: int, sock: Listening, hb: Any, slot: int,
     the others over ingress.edge.handoff, it has no port-25 socket), or with `handed` False an mTLS
     acceptor (the mutual-TLS port alone)."""
     loop = asyncio.get_running_loop()
-    wanted = configured_limit(cfg, 0).max_connections    # what config / memory allow
-    needed = wanted + FD_SPARE + spf_fds(cfg)        # SPF's DNS sockets besides the spare
+    needed = fds_needed(cfg)      # what config / memory allow, FD_SPARE, SPF's DNS sockets
     nofile, _ = procs.raise_nofile(needed)
-    # Admission is capped at what the fd limit allows (admission.connection_limit): a client
+    # Admission is capped at what the fd limit allows (derived.connection_limit): a client
     # beyond it gets 421 instead of libuv's silent accept-and-close on EMFILE.
     ctx = AcceptorContext(cfg, index, loop, nofile=nofile, fast=sock is None,
                           mtls_only=not handed)

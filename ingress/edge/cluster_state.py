@@ -72,7 +72,7 @@ Trust
 Limits
     A mirrored penalty runs its full admission.penalty from when it arrives (the local box has
     no "until" argument), so a reload can lengthen one by up to a penalty. The bucket is exact
-    while Redis is up; while down each acceptor holds its share (admission.bulk_share_bucket:
+    while Redis is up; while down each acceptor holds its share (derived.bulk_share_bucket:
     rate x BULK_SHARE / (acceptors x cluster.edges)). The shared per-IP rate is mirrored: the
     counts of the other acceptors arrive at most CONN_FLUSH (plus a Redis round trip) late, so
     in that lag each acceptor's local bucket (admission.per_ip_rate) is what holds; at most

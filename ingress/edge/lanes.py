@@ -74,6 +74,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ingress.core import cluster, log
 from ingress.core.config import Config
+from ingress.core.derived import bulk_share_bucket, retry_buckets
 from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import (
     LEARN_TOPIC,
@@ -96,8 +97,6 @@ from ingress.core.wire import (
     share_record,
     submit,
 )
-from ingress.policy.admission import bulk_share_bucket
-from ingress.policy.deferrals import retry_buckets
 from ingress.policy.identity import over_share_reason
 from ingress.policy.tiers import fast_tier, over_tier_reason
 

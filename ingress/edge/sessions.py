@@ -2,7 +2,7 @@
 
 API:
     Seat                      Protocol: what the table needs of a session (IngressSMTP is one)
-    (admission.configured_limit: the slots the config, the fd limit and the memory budget
+    (derived.configured_limit: the slots the config, the fd limit and the memory budget
                               allow (pure; below); SessionTable.limit is what it gave)
     SessionTable(cfg, counters, now, nofile=0)
         admit(seat, draining, now, shared_rate_over=False) -> str | None
@@ -49,7 +49,7 @@ eviction token; 0 = never evict).
 
 The slots: smtp.max_connections, or with 0 (the default) min(RLIMIT_NOFILE - FD_SPARE,
 smtp.connection_memory / admission.CONNECTION_COST); smtp.fast_reserve, or with 0 a tenth.
-The fd cap: an acceptor holds one fd per session plus FD_SPARE (admission.FD_SPARE: listeners,
+The fd cap: an acceptor holds one fd per session plus FD_SPARE (derived.FD_SPARE: listeners,
 ZeroMQ, logs, the SPF pool), so it admits at most RLIMIT_NOFILE - FD_SPARE sessions (the soft
 limit after procs.raise_nofile raised it to the hard one; nofile=0: no cap), and an explicit
 fast reserve shrinks in proportion. Beyond that a client gets 421 4.7.0 (slots) instead of libuv's
@@ -68,16 +68,11 @@ from typing import Protocol
 from ingress.core import log, metrics
 from ingress.core.addr import ip_key
 from ingress.core.config import Config
+from ingress.core.derived import FD_SPARE, configured_limit
 from ingress.core.metrics_labels import Outcome
 from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import Lane
-from ingress.policy.admission import (
-    FD_SPARE,
-    Admission,
-    AdmissionLimits,
-    Ticket,
-    configured_limit,
-)
+from ingress.policy.admission import Admission, AdmissionLimits, Ticket
 from ingress.policy.admission import Refusal as Reason
 from ingress.policy.classify import Decision
 from ingress.policy.identity import fast_slots, over_share, over_share_reason, share_key

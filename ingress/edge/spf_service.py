@@ -40,7 +40,7 @@ Why no domain can take the capacity (the mechanism chosen, issue 17)
 Failure modes: none raised; DNS and pyspf errors are evidence.check_spf's (temperror /
 permerror). Limits: per acceptor process; the gate's bounds, the cache's size; each admitted
 check has at most one query in flight (a UDP socket: classify.spf_backlog descriptors are
-reserved for them, admission.configured_limit).
+reserved for them, derived.configured_limit).
 """
 
 from __future__ import annotations

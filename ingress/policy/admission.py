@@ -29,19 +29,9 @@ API
     Refusal                  StrEnum: why a connection was refused (metric label)
     ip_key(ip, ipv6_prefix) -> str               the per-IP accounting key (ingress.core.addr's)
     stress_timeouts(normal_idle, saturated, stress_idle=10.0) -> float
-    connection_limit(max_connections, fast_reserve, nofile, memory, cost=CONNECTION_COST)
-        -> ConnectionLimit(max_connections, fast_reserve, limited_by)   the per-acceptor slots
-        from smtp.max_connections (0 = auto), the fd limit and smtp.connection_memory
-    configured_limit(cfg, nofile) -> ConnectionLimit     the same for a Config (the fd limit
-                                                 less spf_fds(cfg))
-    spf_fds(cfg) -> int                          descriptors an acceptor keeps for SPF's DNS
-                                                 queries: classify.spf_backlog when SPF is on
-    fd_capped(max_connections, fast_reserve, nofile) -> (slots, reserve)  the same, explicit
     Verdict.reply                                the refusal's line (ingress.policy.replies)
-    bulk_share_bucket(cfg, edges=0) -> (rate, burst) | None   one acceptor's share of the
-                                                 bulk cap (over acceptors x edges)
-    broker_bucket(cfg, lane) -> (rate, burst)    a lane broker's own bucket (a guard with
-                                                 headroom when [cluster] redis holds the cap)
+    (The slots per acceptor, and each acceptor's share of the bulk cap, are derived from the
+    config by ingress.core.derived: connection_limit, configured_limit, bulk_share_bucket.)
 
 Rules
     * Slots follow ingress.policy.tiers.admits, the one rule for every fast resource: the
@@ -89,7 +79,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from ingress.core.addr import ip_key
-from ingress.core.config import Config
 from ingress.core.expiry import ExpiryMap
 from ingress.core.ratelimit import TokenBucket
 from ingress.core.tally import decrement
@@ -100,14 +89,10 @@ from ingress.policy.tiers import FAST_TIERS, Tier, TierShares, admits, cap, per_
 __all__ = [
     "Admission",
     "AdmissionLimits",
-    "ConnectionLimit",
     "Refusal",
     "Ticket",
     "Verdict",
-    "configured_limit",
-    "connection_limit",
     "ip_key",
-    "spf_fds",
     "stress_timeouts",
 ]
 
@@ -377,94 +362,3 @@ class Admission:
         else:
             self._buckets.move_to_end(key)
         return bucket.take(now)
-
-
-BULK_SHARE = 1.1    # acceptors together admit this much of the bulk cap (at the first RCPT)
-FD_SPARE = 64       # descriptors an acceptor needs besides its sessions
-
-
-def bulk_share_bucket(cfg: Config, edges: int = 0) -> tuple[float, float] | None:
-    """(rate, burst) of one acceptor's share of the bulk cap (spent at a bulk transaction's
-    first RCPT TO); None: uncapped.
-    Several edges ([cluster]) divide lanes.bulk.rate between them: `edges` (0: cluster.edges)
-    is how many; this local share is what an edge holds while the shared bucket in Redis is
-    out of reach (ingress.edge.cluster_state)."""
-    lb = cfg.lanes.bulk
-    if lb.rate <= 0:
-        return None
-    n = cfg.acceptor_count * max(1, edges or cfg.cluster.edges)
-    return (lb.rate * BULK_SHARE / n, max(1.0, (lb.burst or lb.rate) / n))
-
-
-def broker_bucket(cfg: Config, lane: str) -> tuple[float, float]:
-    """(rate, burst) of a lane broker's own bucket. One host: lanes.<lane>.rate exactly (the
-    acceptors' shares overshoot by BULK_SHARE; the broker trims after DATA). With the shared
-    bucket in Redis ([cluster] redis, bulk lane) the cap is already exact at the first RCPT, across
-    every edge: the broker is only the lane-side guard against an edge that does not hold to
-    it, so it gets BULK_SHARE of headroom in rate and twice the burst. Otherwise the jitter
-    between the first RCPT and the end of DATA would bunch admitted messages past an exact bucket,
-    and it would shed (after DATA, the costly place) mail the shared cap had admitted."""
-    lc = getattr(cfg.lanes, lane)
-    burst = float(lc.burst) if lc.burst > 0 else max(1.0, lc.rate)
-    if lane == "bulk" and cfg.cluster.redis and lc.rate > 0:
-        return lc.rate * BULK_SHARE, 2 * burst
-    return lc.rate, float(lc.burst)
-
-
-FAST_RESERVE_SHARE = 10      # smtp.fast_reserve = 0: a tenth of the slots (1 / this)
-CONNECTION_COST = 8 * 1024   # bytes one held connection is budgeted at (smtp.connection_memory)
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionLimit:
-    """One acceptor's slots: `max_connections` of which `fast_reserve` for the fast lane only;
-    `limited_by` says what set the number: "config" (smtp.max_connections), "fd"
-    (RLIMIT_NOFILE - FD_SPARE) or "memory" (smtp.connection_memory / CONNECTION_COST)."""
-    max_connections: int
-    fast_reserve: int
-    limited_by: str
-
-
-def connection_limit(max_connections: int, fast_reserve: int, nofile: int,
-                     memory: int, cost: int = CONNECTION_COST) -> ConnectionLimit:
-    """The per-acceptor slots. max_connections > 0: that, capped at what the fd limit `nofile`
-    allows (nofile - FD_SPARE, at least 1; nofile <= 0: unknown, no cap), an explicit reserve
-    scaled down in the same proportion. max_connections = 0 (auto): min(nofile - FD_SPARE,
-    memory // cost), at least 1. fast_reserve = 0: limit // FAST_RESERVE_SHARE. The reserve is
-    always below the limit."""
-    fd_cap = max(1, nofile - FD_SPARE) if nofile > 0 else 0
-    if max_connections > 0:
-        if not fd_cap or fd_cap >= max_connections:
-            limit, why = max_connections, "config"
-        else:
-            limit, why = fd_cap, "fd"
-        reserve = fast_reserve * limit // max_connections if fast_reserve else 0
-    else:
-        mem_cap = max(1, memory // max(1, cost))
-        limit, why = (fd_cap, "fd") if fd_cap and fd_cap < mem_cap else (mem_cap, "memory")
-        reserve = min(fast_reserve, limit)
-    if not fast_reserve:
-        reserve = limit // FAST_RESERVE_SHARE
-    return ConnectionLimit(limit, max(0, min(limit - 1, reserve)), why)
-
-
-def spf_fds(cfg: Config) -> int:
-    """Descriptors an acceptor keeps for SPF beside FD_SPARE: each SPF check under way may
-    have a DNS query (a UDP socket) in flight, and classify.spf_backlog bounds them; 0 when
-    classify.spf_promote is "off" (no lookups)."""
-    return cfg.classify.spf_backlog if cfg.classify.spf_promote != "off" else 0
-
-
-def configured_limit(cfg: Config, nofile: int) -> ConnectionLimit:
-    """connection_limit for `cfg`'s smtp.max_connections, fast_reserve and connection_memory,
-    under the fd limit `nofile` less what SPF keeps (spf_fds)."""
-    s = cfg.smtp
-    fds = max(1, nofile - spf_fds(cfg)) if nofile > 0 else nofile
-    return connection_limit(s.max_connections, s.fast_reserve, fds, s.connection_memory)
-
-
-def fd_capped(max_connections: int, fast_reserve: int, nofile: int) -> tuple[int, int]:
-    """smtp.max_connections and smtp.fast_reserve (both explicit) as the fd limit `nofile`
-    allows: connection_limit's rule for a configured limit."""
-    lim = connection_limit(max_connections, fast_reserve, nofile, 0)
-    return lim.max_connections, lim.fast_reserve

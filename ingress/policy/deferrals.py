@@ -50,7 +50,6 @@ API
                                               elsewhere - bypass: charge the site's part - or
                                               the transaction came back on ordinary capacity)
         hammering(site, now) -> bool; sites(); per_net(net); per_site(site); len(store)
-    retry_buckets(cfg) -> ((rate, burst) per acceptor, (rate, burst) at the broker) | None
 
 Rules
     * One record, one bypass: a record holds no credits; further deferrals of it only refresh
@@ -109,6 +108,7 @@ from typing import Protocol
 
 from ingress.core.addr import net_key, normalize_domain, site_key, split_address
 from ingress.core.config import Config
+from ingress.core.derived import retry_buckets
 from ingress.core.ratelimit import SlidingCount
 from ingress.core.tally import Groups, decrement
 
@@ -124,7 +124,6 @@ __all__ = [
     "deferral_key",
     "deferral_limits",
     "net_of",
-    "retry_buckets",
     "site_of",
 ]
 
@@ -459,22 +458,9 @@ def _merge(have: frozenset[str], rcpts: Sequence[str]) -> frozenset[str]:
     return frozenset(out)
 
 
-def retry_buckets(cfg: Config) -> tuple[tuple[float, float], tuple[float, float]] | None:
-    """(rate, burst) of one acceptor's retry bucket and of the bulk broker's: the
-    admission.retry_share of lanes.bulk.rate (and of its burst, at least 1 token), the
-    acceptors' parts summing to the broker's. None: the bulk lane is uncapped or the share 0."""
-    lb, share = cfg.lanes.bulk, cfg.admission.retry_share
-    if lb.rate <= 0 or share <= 0:
-        return None
-    rate = lb.rate * share
-    burst = max(1.0, (lb.burst or lb.rate) * share)
-    n = cfg.acceptor_count
-    return (rate / n, max(1.0, burst / n)), (rate, burst)
-
-
 def deferral_limits(cfg: Config) -> DeferralLimits:
     """The store's limits from admission.retry_*, admission.ipv6_prefix and the edge's retry
-    share (retry_buckets: what is divided between sites)."""
+    share (ingress.core.derived.retry_buckets: what is divided between sites)."""
     a = cfg.admission
     retry = retry_buckets(cfg)
     rate, burst = retry[1] if retry is not None else (0.0, 1.0)

@@ -43,8 +43,8 @@ API
                                        Allow entries and certificates are the operator's trust.
     over_rate_reason(identity) -> str  "over-rate:<share key>": its domain is over
                                        classify.domain_rate (served as bulk).
-    domain_buckets(rate, burst, acceptors) -> ((rate, burst) per acceptor, (rate, burst) at the
-                                       fast broker): classify.domain_rate and domain_burst
+    (classify.domain_rate's split between acceptors and the fast broker: ingress.core.derived
+    domain_buckets)
     RATE_TRACKED                       domains whose rate one process tracks at once (the
                                        acceptors' and the fast broker's buckets: LRU)
     served_over_share(reasons) -> bool left bulk for either of the two (served, not refused).
@@ -69,7 +69,6 @@ __all__ = [
     "aligned",
     "allow_identity",
     "cert_identity",
-    "domain_buckets",
     "fast_slots",
     "identity_kind",
     "learned_identity",
@@ -161,17 +160,6 @@ def over_share_reason(identity: str) -> str:
 
 def rate_bounded(key: str) -> bool:
     return key.startswith("org:")
-
-
-def domain_buckets(domain_rate: float, domain_burst: float, acceptors: int
-                   ) -> tuple[tuple[float, float], tuple[float, float]]:
-    """(rate, burst) of a domain's bucket in one of an edge's `acceptors` acceptors, which
-    share classify.domain_rate and domain_burst evenly (a steady fast-lane flow per domain,
-    never a wave), and of its bucket at the fast broker: one second of the rate and at least
-    one edge's burst, so that on one edge it never bites first (it bounds several edges)."""
-    parts = max(1, acceptors)
-    return ((domain_rate / parts, max(1.0, domain_burst / parts)),
-            (domain_rate, max(1.0, domain_rate, domain_burst)))
 
 
 def over_rate_reason(identity: str) -> str:

@@ -7,7 +7,7 @@ Purpose
 
     * the bounded queue: at most `queue_max` messages and `queue_bytes` bytes of bodies
       (Config.queue_bytes); a message beyond either is refused queue_full at once;
-    * for a capped lane, the token bucket (lanes.<lane>.rate and burst, admission.broker_bucket:
+    * for a capped lane, the token bucket (lanes.<lane>.rate and burst, derived.broker_bucket:
       an empty bucket is a refusal for rate); an envelope the acceptor marked a retry of a
       transaction we deferred (ingress.policy.deferrals) takes a token of the retry bucket
       (admission.retry_share of the cap, the bulk lane only) first, and the lane's only when
@@ -89,14 +89,12 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from ingress.core.addr import site_key
 from ingress.core.config import Config
+from ingress.core.derived import broker_bucket, domain_buckets, retry_buckets, tier_buckets
 from ingress.core.ratelimit import FairBucket, KeyedBuckets, TokenBucket
 from ingress.core.wire import Lane, NackReason
-from ingress.policy.admission import broker_bucket
-from ingress.policy.deferrals import retry_buckets
 from ingress.policy.fairqueue import TieredQueue
 from ingress.policy.identity import (
     RATE_TRACKED,
-    domain_buckets,
     rate_bounded,
     share_bound,
     share_key,
@@ -109,7 +107,6 @@ from ingress.policy.tiers import (
     cap,
     fast_tier,
     rate_key,
-    tier_buckets,
     tier_rates,
 )
 
@@ -147,8 +144,8 @@ class LaneLimits:
     @classmethod
     def of(cls, cfg: Config, lane: str) -> LaneLimits:
         """The limits of lanes.<lane> (the fast lane's tiers and identities; the bulk lane's
-        retry share), buckets derived as the acceptors' are (admission.broker_bucket,
-        deferrals.retry_buckets, identity.domain_buckets, tiers.tier_buckets)."""
+        retry share), buckets derived as the acceptors' are (ingress.core.derived:
+        broker_bucket, retry_buckets, domain_buckets, tier_buckets)."""
         fast = lane == Lane.FAST
         rate, burst = broker_bucket(cfg, lane)
         retry = retry_buckets(cfg) if lane == Lane.BULK else None

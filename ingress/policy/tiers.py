@@ -29,7 +29,8 @@ Rules (one for every fast resource: slots, queue count and bytes, worker credit,
       tiers").
     * The self-proven tier has one total rate (tiers.self_proven_rate msgs/s per lanes node,
       burst tiers.self_proven_burst), split over the acceptors that hold its sessions as
-      classify.domain_rate is (tier_buckets); beyond it: bulk. The third-party tier may have one.
+      classify.domain_rate is (ingress.core.derived.tier_buckets); beyond it: bulk. The
+      third-party tier may have one.
       A tier's rate is shared max-min fairly between client sites (IPv4 /24, IPv6 /48:
       ingress.core.addr.site_key), not between identities: identities are free to mint,
       networks are not. A sender from its own network keeps its fair part however many
@@ -74,11 +75,8 @@ API
                                       "over-share:ip:<key>" (Decision.reasons; served as bulk:
                                       identity.served_over_share knows both prefixes)
     tier_rates(cfg) -> {Tier: (rate, burst)}    the tiers with a total rate (rate > 0)
-    tier_buckets(rate, burst, parts) -> ((rate, burst) per acceptor, (rate, burst) at the
-                                      fast broker): identity.domain_buckets' split
-    rate_parts(cfg) -> int            the acceptors that hold self-proven sessions: those with
-                                      listen.port, and the fast acceptors when listen.fast_port
-                                      is on (its learned clients)
+    (a tier's total rate split between acceptors and the fast broker: ingress.core.derived
+    tier_buckets, rate_parts)
 
 Failure modes: TierShares raises ValueError for shares outside [0, 1) or summing to 1 or more.
 Everything else is total. Limits: none (no state).
@@ -94,7 +92,7 @@ from typing import TypeVar
 
 from ingress.core.config import Config
 from ingress.core.wire import Lane
-from ingress.policy.identity import OVER_RATE, OVER_SHARE, domain_buckets
+from ingress.policy.identity import OVER_RATE, OVER_SHARE
 
 __all__ = [
     "CAPPED",
@@ -116,9 +114,7 @@ __all__ = [
     "per_ip_capped",
     "pick_victim",
     "rate_key",
-    "rate_parts",
     "session_tier",
-    "tier_buckets",
     "tier_of",
     "tier_rates",
 ]
@@ -297,18 +293,3 @@ def tier_rates(cfg: Config) -> dict[Tier, tuple[float, float]]:
     if t.third_party_rate > 0:
         out[Tier.THIRD_PARTY] = (t.third_party_rate, t.third_party_burst)
     return out
-
-
-def tier_buckets(rate: float, burst: float, parts: int
-                 ) -> tuple[tuple[float, float], tuple[float, float]]:
-    """(rate, burst) of a tier's bucket in one of `parts` acceptors, and at the fast broker
-    (which bounds several edges): the split of identity.domain_buckets."""
-    return domain_buckets(rate, burst, parts)
-
-
-def rate_parts(cfg: Config) -> int:
-    """The acceptors of an edge that hold self-proven sessions and so share its total rate at
-    MAIL FROM: the port-25 acceptors (self-proven clients are not handed off), and the fast
-    acceptors when listen.fast_port is on (a learned client may come in there)."""
-    fast = cfg.supervisor.fast_acceptors if cfg.listen.fast_addresses else 0
-    return max(1, cfg.acceptor_count + fast)

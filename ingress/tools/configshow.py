@@ -6,17 +6,19 @@ API:
     derived(cfg, nofile=None) -> dict    the limits the processes compute from the config and the
                                      machine: acceptors and workers per core, connection slots
                                      per acceptor (and what the fd limit allows), bulk shares,
-                                     the retry share (deferrals.retry_buckets); the trust
-                                     tiers' part of every fast resource (tiers.cap,
-                                     tiers.operator_floor) and the self-proven total rate
-                                     (tiers.tier_buckets); every listen address and the
+                                     the retry share; the trust tiers' part of every fast
+                                     resource (tiers.cap, tiers.operator_floor) and the
+                                     self-proven total rate; every listen address and the
                                      sockets they take
+    toml_value(v) -> str             one value as TOML
     render(cfg) -> str               both, for a terminal (derived values as TOML comments, so
                                      the output is itself a valid config file)
 
-The derived numbers come from the functions the processes use (Config.acceptor_count,
-Config.worker_count, AdmissionLimits.bulk_share, admission.bulk_share_bucket, admission.FD_SPARE);
-the fd limit is this process's RLIMIT_NOFILE (the service's may differ: LimitNOFILE= in the unit).
+This module only prints: every number comes from the functions the processes use, most from
+ingress.core.derived (process counts, slots under the fd limit, each rate cap's split), the
+rest from the policy that applies them (AdmissionLimits.bulk_share, the tiers' caps and floors,
+identity.share_bound); the fd limit is this process's RLIMIT_NOFILE (the service's may differ:
+LimitNOFILE= in the unit).
 """
 
 from __future__ import annotations
@@ -28,35 +30,20 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ingress.core import config
-from ingress.policy.admission import (
-    BULK_SHARE,
-    FD_SPARE,
-    AdmissionLimits,
-    broker_bucket,
-    bulk_share_bucket,
-    configured_limit,
-    spf_fds,
-)
-from ingress.policy.deferrals import retry_buckets
-from ingress.policy.identity import domain_buckets, fast_slots, share_bound
-from ingress.policy.tiers import (
-    Tier,
-    TierShares,
-    cap,
-    operator_floor,
-    rate_parts,
-    tier_buckets,
-    tier_rates,
-)
+from ingress.core import derived as dv
+from ingress.policy.admission import AdmissionLimits
+from ingress.policy.identity import fast_slots, share_bound
+from ingress.policy.tiers import Tier, TierShares, cap, operator_floor, tier_rates
 
 
-def _toml(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """A config value as TOML (also the defaults in docs/configuration.md: configdoc)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str | Path):
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, tuple | list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return repr(v)
 
 
@@ -81,9 +68,9 @@ def _tables(obj: Any, default: Any, prefix: str) -> list[tuple[str, list[str]]]:
         if dataclasses.is_dataclass(v):
             subs += _tables(v, d, f"{prefix}{f.name}.")
             continue
-        line = f"{f.name} = {_toml(_masked(prefix + f.name, v))}"
+        line = f"{f.name} = {toml_value(_masked(prefix + f.name, v))}"
         if v != d:
-            line = f"{line:<40} # default {_toml(d)}"
+            line = f"{line:<40} # default {toml_value(d)}"
         rows.append(line)
     out = [(prefix.rstrip("."), rows)] if rows else []
     return out + subs
@@ -97,24 +84,22 @@ def effective_toml(cfg: config.Config) -> str:
 
 
 def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[str, Any]:
-    soft, hard = nofile or resource.getrlimit(resource.RLIMIT_NOFILE)
-    limit = soft if hard == resource.RLIM_INFINITY else max(soft, hard)   # raised to hard
+    limit = dv.raised_nofile(*(nofile or resource.getrlimit(resource.RLIMIT_NOFILE)))
     s = cfg.smtp
-    fd_sessions = max(0, limit - FD_SPARE - spf_fds(cfg))
-    conn = configured_limit(cfg, limit)          # what the acceptor runs
+    conn = dv.configured_limit(cfg, limit)          # what the acceptor runs
     slots, reserve = conn.max_connections, conn.fast_reserve
     lim = AdmissionLimits(max_connections=slots, fast_reserve=reserve,
                           per_ip_bulk_max=cfg.admission.per_ip_bulk_max,
                           per_ip_rate=cfg.admission.per_ip_rate,
                           per_ip_burst=cfg.admission.per_ip_burst,
                           ipv6_prefix=cfg.admission.ipv6_prefix)
-    cores = config.cores()
-    acceptors = cfg.acceptor_count
-    workers = {lane: cfg.worker_count(lane) for lane in ("fast", "bulk")}
-    share = bulk_share_bucket(cfg)
-    retry = retry_buckets(cfg)
-    domains = domain_buckets(cfg.classify.domain_rate, cfg.classify.domain_burst,
-                             cfg.acceptor_processes)
+    cores = dv.cores()
+    acceptors = dv.acceptor_count(cfg)
+    workers = {lane: dv.worker_count(cfg, lane) for lane in ("fast", "bulk")}
+    share = dv.bulk_share_bucket(cfg)
+    retry = dv.retry_buckets(cfg)
+    domains = dv.domain_buckets(cfg.classify.domain_rate, cfg.classify.domain_burst,
+                                dv.acceptor_processes(cfg))
     return {
         "tiers": tier_limits(cfg, reserve),
         "cores": cores,
@@ -122,7 +107,7 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
         "workers": workers,
         "workers_per_core": {k: round(v / cores, 2) for k, v in workers.items()},
         "fd_limit": limit,
-        "connections_fd_allows_per_acceptor": fd_sessions,
+        "connections_fd_allows_per_acceptor": dv.fd_sessions(cfg, limit),
         "connections_per_acceptor": slots,
         "fd_limit_too_low": conn.limited_by == "fd" and s.max_connections > 0,
         "connections_limited_by": conn.limited_by,
@@ -134,13 +119,12 @@ def derived(cfg: config.Config, nofile: tuple[int, int] | None = None) -> dict[s
         "bulk_rate": cfg.lanes.bulk.rate,
         "listen_addresses": {"smtp": cfg.listen.addresses, "fast": cfg.listen.fast_addresses,
                              "mtls": cfg.tls.mtls_addresses},
-        "listen_sockets": acceptors * (len(cfg.listen.addresses) + len(cfg.listen.fast_addresses)
-                                       + len(cfg.tls.mtls_addresses)),
+        "listen_sockets": dv.listen_sockets(cfg),
         "bulk_share_per_acceptor": None if share is None else
             {"rate": round(share[0], 4), "burst": round(share[1], 4)},
         "bulk_admitted_at_mail_from": None if share is None else
-            round(cfg.lanes.bulk.rate * BULK_SHARE / cfg.cluster.edges, 4),
-        "broker_bucket_bulk": broker_bucket(cfg, "bulk"),
+            round(share[0] * acceptors, 4),
+        "broker_bucket_bulk": dv.broker_bucket(cfg, "bulk"),
         "retry_share_per_acceptor": None if retry is None else
             {"rate": round(retry[0][0], 4), "burst": round(retry[0][1], 4)},
         "retry_share_at_broker": None if retry is None else
@@ -160,10 +144,10 @@ def tier_limits(cfg: config.Config, reserve: int) -> dict[str, Any]:
     shares = TierShares.of(cfg)
     resources = {
         "slots_per_acceptor": reserve,
-        "data_bytes_per_acceptor": cfg.data_budget[1],
+        "data_bytes_per_acceptor": dv.data_budget(cfg)[1],
         "fast_queue_messages": cfg.lanes.fast.queue_max,
-        "fast_queue_bytes": cfg.queue_bytes("fast"),
-        "fast_worker_credit": cfg.worker_count("fast") * cfg.lanes.fast.credit,
+        "fast_queue_bytes": dv.queue_bytes(cfg, "fast"),
+        "fast_worker_credit": dv.worker_count(cfg, "fast") * cfg.lanes.fast.credit,
     }
     out: dict[str, Any] = {
         "operator": {"at_least": {k: operator_floor(v, shares) for k, v in resources.items()}},
@@ -172,9 +156,9 @@ def tier_limits(cfg: config.Config, reserve: int) -> dict[str, Any]:
         "of": resources,
         "per_ip_fast_max": cfg.admission.per_ip_fast_max,
     }
-    parts = rate_parts(cfg)
+    parts = dv.rate_parts(cfg)
     for tier, (rate, burst) in tier_rates(cfg).items():
-        mine, broker = tier_buckets(rate, burst, parts)
+        mine, broker = dv.tier_buckets(rate, burst, parts)
         out[tier.label]["rate_per_acceptor"] = {"rate": round(mine[0], 4),
                                                 "burst": round(mine[1], 4)}
         out[tier.label]["rate_at_broker"] = {"rate": round(broker[0], 4),

@@ -68,8 +68,8 @@ from typing import Any
 from ingress.core import child, log, metrics_server, reuseport
 from ingress.core import config as config_mod
 from ingress.core.config import Config, ConfigError, format_listen_address, parse_listen_address
+from ingress.core.derived import configured_limit, raised_nofile
 from ingress.core.fsutil import private_dir_problem
-from ingress.policy.admission import configured_limit
 from workers.spool.collector import SpoolCollector
 
 TICK = 0.05
@@ -77,10 +77,10 @@ HB_MARGIN = 16       # heartbeat slots beyond two per child (a reload runs old a
 
 
 def acceptor_slots(cfg: Config) -> tuple[int, int]:
-    """(max_connections, fast_reserve) each acceptor derives (admission.configured_limit) under
+    """(max_connections, fast_reserve) each acceptor derives (derived.configured_limit) under
     the fd limit it will run with: the hard RLIMIT_NOFILE it raises its soft one to."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    lim = configured_limit(cfg, soft if hard == resource.RLIM_INFINITY else max(soft, hard))
+    lim = configured_limit(cfg, raised_nofile(soft, hard))
     return lim.max_connections, lim.fast_reserve
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from ingress.core import config
 from ingress.core.config import ClusterConfig
-from ingress.policy.admission import BULK_SHARE, broker_bucket, bulk_share_bucket
+from ingress.core.derived import BULK_SHARE, broker_bucket, bulk_share_bucket
 from ingress.tools import configshow
 from tests.unit.test_config import check_invalid
 

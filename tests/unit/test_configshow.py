@@ -102,3 +102,28 @@ def test_derived_tiers(tmp_path: Path) -> None:
     assert "rate_per_acceptor" not in t["third-party"] and t["per_ip_fast_max"] == 4
     text = configshow.render(cfg, nofile=(65536, 65536))
     assert "# trust tiers" in text and "self-proven: one total rate" in text
+
+
+@pytest.mark.parametrize("smtp", [{"max_connections": 1000, "fast_reserve": 100}, {}])
+def test_show_prints_the_slots_the_processes_run(tmp_path: Path,
+                                                 smtp: dict[str, object]) -> None:
+    """The slots --show prints are the ones an acceptor's session table takes and the
+    supervisor's metrics report, under the same fd limit (ingress.core.derived, one rule)."""
+    import resource
+    from collections import Counter
+
+    from ingress.edge.sessions import SessionTable
+    from ingress.tools import supervisor
+
+    cfg = config.load(cfg_file(tmp_path, smtp={"accepted_domains": ["example.test"], **smtp},
+                               classify={"spf_promote": "any"}))
+    for nofile in ((1024, 1024), (300, 300), (1 << 16, 1 << 16)):
+        d = configshow.derived(cfg, nofile=nofile)
+        lim = SessionTable(cfg, Counter(), now=0.0, nofile=nofile[1]).limit
+        assert (d["connections_per_acceptor"], d["fast_reserve_per_acceptor"],
+                d["connections_limited_by"]) == (lim.max_connections, lim.fast_reserve,
+                                                 lim.limited_by)
+    d = configshow.derived(cfg)         # this process's own RLIMIT_NOFILE, as the supervisor's
+    assert supervisor.acceptor_slots(cfg) == (d["connections_per_acceptor"],
+                                              d["fast_reserve_per_acceptor"])
+    assert d["fd_limit"] >= resource.getrlimit(resource.RLIMIT_NOFILE)[0]

@@ -8,6 +8,7 @@ import pytest
 
 from ingress.core import config as config_mod
 from ingress.core.config import ConfigError
+from ingress.core.derived import retry_buckets
 from ingress.policy.deferrals import (
     HAMMER_WINDOW,
     MAX_RCPTS,
@@ -18,7 +19,6 @@ from ingress.policy.deferrals import (
     deferral_key,
     deferral_limits,
     net_of,
-    retry_buckets,
     site_of,
 )
 

@@ -1,11 +1,11 @@
-"""admission.fd_capped and connection_limit (slots the fd limit and memory allow) and replies.clean
+"""derived.fd_capped and connection_limit (slots the fd limit and memory allow) and replies.clean
 (reply lines): tables."""
 
 from __future__ import annotations
 
 import pytest
 
-from ingress.policy.admission import FD_SPARE, connection_limit, fd_capped
+from ingress.core.derived import FD_SPARE, connection_limit, fd_capped
 from ingress.policy.replies import MAX_REPLY_LINE, clean
 
 

@@ -1,6 +1,7 @@
-"""Several listen addresses (listen.addresses, listen.fast_addresses, tls.mtls_addresses):
-parsing, validation (errors name file and key), the single-address keys kept working, the
---show and status output; and the IPv6 address-literal in the Received header (RFC 5321)."""
+"""Several listen addresses (listen.addresses, listen.fast_addresses, tls.mtls_addresses;
+ingress.core.listen): parsing, validation (errors name file and key), the single-address keys
+kept working, the --show and status output; and the IPv6 address-literal in the Received
+header (RFC 5321)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ingress.core import config
+from ingress.core import config, listen
 from ingress.core.wire import Envelope, Lane
 from ingress.tools import configshow, status, supervisor
 from tests.kit.harness import write_config
@@ -28,8 +29,8 @@ from workers.lane import headers
     ("[2001:DB8::1]:587", ("2001:db8::1", 587)),
 ])
 def test_parse_listen_address(text: str, want: tuple[str, int]) -> None:
-    assert config.parse_listen_address(text) == want
-    assert config.parse_listen_address(config.format_listen_address(*want)) == want
+    assert listen.parse_listen_address(text) == want
+    assert listen.parse_listen_address(listen.format_listen_address(*want)) == want
 
 
 @pytest.mark.parametrize("text", [
@@ -38,7 +39,7 @@ def test_parse_listen_address(text: str, want: tuple[str, int]) -> None:
 ])
 def test_parse_listen_address_rejects(text: str) -> None:
     with pytest.raises(ValueError):
-        config.parse_listen_address(text)
+        listen.parse_listen_address(text)
 
 
 def load(tmp_path: Path, tables: dict[str, dict[str, Any]]) -> config.Config:
@@ -64,9 +65,9 @@ def test_listen_sets(tmp_path: Path, tables: dict[str, dict[str, Any]], main: tu
     assert cfg.listen.addresses == main
     assert cfg.listen.fast_addresses == fast
     assert cfg.tls.mtls_addresses == mtls
-    host, port = config.parse_listen_address(main[0])
+    host, port = listen.parse_listen_address(main[0])
     assert (cfg.listen.host, cfg.listen.port) == (host, port)     # mirror the first entry
-    assert cfg.listen.fast_port == (config.parse_listen_address(fast[0])[1] if fast else -1)
+    assert cfg.listen.fast_port == (listen.parse_listen_address(fast[0])[1] if fast else -1)
 
 
 def test_mtls_addresses(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import itertools
 import pytest
 
 from ingress.core import config
+from ingress.core.derived import rate_parts, tier_buckets
 from ingress.policy.identity import served_over_share
 from ingress.policy.tiers import (
     CAPPED,
@@ -29,8 +30,6 @@ from ingress.policy.tiers import (
     per_ip_capped,
     pick_victim,
     rate_key,
-    rate_parts,
-    tier_buckets,
     tier_of,
     tier_rates,
 )
