@@ -1,5 +1,6 @@
 """The documentation holds together: README.md is a front door that links every page under docs/,
-and no relative link in README.md or docs/*.md points at a file, or a heading, that is not there.
+no relative link in README.md or docs/*.md points at a file, or a heading, that is not there, and
+the one description of the layout (docs/development.md) names every package and module of ours.
 
 Links are Markdown inline links and images, `[text](target)` and `![alt](target)`, outside
 fenced code blocks. A target with a scheme (https:, mailto:) is not checked. A `#fragment` is
@@ -124,3 +125,24 @@ def test_a_broken_link_is_found(tmp_path: Path) -> None:
     assert broken(page, base=DOCS) == [            # resolved as if the page lived in docs/
         "nowhere.md (no such file)", "design.md#no-such-heading (no such heading in design.md)",
         "../../x (outside the repository)"]
+
+
+def layout_block() -> str:
+    """The tree under "## Layout" in docs/development.md (its first fenced block)."""
+    text = (DOCS / "development.md").read_text(encoding="utf-8")
+    section = text.split("\n## Layout\n", 1)[1]
+    return section.split("```", 2)[1]
+
+
+def test_development_layout_names_every_module() -> None:
+    """The layout is described once, in docs/development.md: every package of ours and every
+    module in it is named there, so a module added, moved or split is added to the tree too."""
+    block = layout_block()
+    missing = []
+    for top in ("ingress", "workers"):
+        for pkg in sorted(p for p in (ROOT / top).iterdir() if (p / "__init__.py").is_file()):
+            if not re.search(rf"^\s*{pkg.name}/", block, re.M):
+                missing.append(f"{top}/{pkg.name}/")
+            missing += [f"{top}/{pkg.name}/{m.name}" for m in sorted(pkg.glob("*.py"))
+                        if m.stem != "__init__" and not re.search(rf"\b{m.stem}\b", block)]
+    assert not missing, f"docs/development.md's layout does not name: {missing}"
