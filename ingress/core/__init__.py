@@ -1,10 +1,8 @@
 """The shared core: what every process of smtp-ingress uses, acceptor side and lane side alike.
 
-Lives here: the versioned wire codec (wire), the configuration (config), JSON logging (log),
-Prometheus metrics (metrics: the declarations; metrics_labels: the acceptor's label values;
-metrics_server: the supervisor's scrape endpoint), the DNS resolver factory (resolver), the
-token bucket (ratelimit), the child skeleton every supervised process runs on (child), process
-tables through psutil and the file-descriptor limit (procs).
+The wire codec, the configuration, logging, metrics, the DNS resolver, rate limits, the child
+skeleton every supervised process runs on, and the small shared structures (the modules, one
+line each: docs/development.md).
 May import: the standard library and third-party libraries only; nothing else of ours (the
-import-linter contract in pyproject.toml, run by `make lint`, enforces it).
+import-linter layers contract in pyproject.toml, run by `make lint`, enforces it).
 """

@@ -173,7 +173,7 @@ class LaneClient:
     async def watch_broker(self) -> None:
         """A broker that dies takes the messages it held with it: answer their sessions now
         (451) instead of at the ack deadline. Some may still be spooled by a worker that had
-        them; a client retry then makes a duplicate, never a loss (README: duplicates)."""
+        them; a client retry then makes a duplicate, never a loss (docs/design.md: Duplicates)."""
         mon = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
                                            | cluster.HANDSHAKE_FAILURES)
         refused = False         # the lanes node refuses our handshake: said once, not per retry

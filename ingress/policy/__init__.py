@@ -1,6 +1,6 @@
 """Pure policy: the decisions, with no I/O and the clock as an argument, tested by tables.
 
-Lives here: classification of evidence into a lane (classify), connection admission (admission),
-the per-command session rules and error limits (session_rules), the SMTP reply table (replies).
-May import: ingress.core only (enforced by the import-linter contract in pyproject.toml).
+Classification, identities and trust tiers, admission, deferrals, the session rules and the
+reply table (the modules, one line each: docs/development.md).
+May import: ingress.core only (enforced by the import-linter layers contract in pyproject.toml).
 """

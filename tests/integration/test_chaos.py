@@ -327,5 +327,5 @@ def test_sigstop_bulk_broker(tmp_path: Path, heartbeat_timeout: float) -> None:
         dup_risk = sum(bodies[s.i] in stored for s in tempfailed)
         print(f"SIGSTOP ({heartbeat_timeout}s): {len(sent)} sent, codes {codes}, "
               f"{len(tempfailed)} tempfailed ({dup_risk} of them stored all the same: a retry "
-              f"makes a duplicate, README 'Duplicates'), "
+              f"makes a duplicate, docs/design.md 'Duplicates'), "
               f"max wait {max(s.seconds for s in sent):.2f}s")

@@ -363,8 +363,8 @@ def test_run_role_is_checked_against_the_cluster_table(tmp_path: Path) -> None:
 
 
 def test_two_edges_share_one_lanes_node(tmp_path: Path) -> None:
-    """The README's layout: edges on two loopback addresses, each its own state dir, one
-    lanes node: both deliver into its spool, and a second edge key must be listed too."""
+    """The layout of docs/several-hosts.md: edges on two loopback addresses, each its own state
+    dir, one lanes node: both deliver into its spool, and a second edge key must be listed too."""
     with Cluster(tmp_path, 1) as c:
         pub_b, sec_b = keygen(tmp_path / "keys", "edge-b")
         (c.allowed / "edge-b.key").write_bytes(pub_b.read_bytes())

@@ -3,9 +3,10 @@ run the installed `smtp-ingress` on the example configuration.
 
 Purpose
     `make run` and every other test use the editable install, which sees every file of the
-    checkout; `pip install .` (the README's and the systemd unit's install) ships only what the
-    packaging finds. A hand-kept package list once left `workers.relay` out, and the installed
-    `check-config`, `run` and `queue` all died with "No module named 'workers.relay'".
+    checkout; `pip install .` (the install of docs/operations.md and of the systemd unit) ships
+    only what the packaging finds. A hand-kept package list once left `workers.relay` out, and
+    the installed `check-config`, `run` and `queue` all died with "No module named
+    'workers.relay'".
 
 What it checks
     - `python -m build` on a copy of the checkout (no build/ or egg-info of ours to leak in)

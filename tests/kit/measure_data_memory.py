@@ -1,4 +1,4 @@
-"""Measure what sessions cost an acceptor in memory (for the README's figures; not a test).
+"""Measure what sessions cost an acceptor in memory (for docs/benchmarks.md's figures; not a test).
 
     .venv/bin/python -m tests.kit.measure_data_memory [sessions] [bytes_each] [idle]
 

@@ -47,7 +47,8 @@ written tmp + fsync + rename + fsync(dir): attempts, next_at (wall clock), deliv
 last_error. Every recipient of the message without a result stays pending (the file is never
 finished while one has none). A file rather than the file name (name changes would race the scan
 and break the name the acceptor logged) or the spool file itself (rewriting a 10 MB message to
-record one recipient is wasteful, and spool.py owns that format). Missing state = never tried.
+record one recipient is wasteful, and workers.spool.store owns that format). Missing state =
+never tried.
 State files without a spool file (a crash between finishing a message and removing its state) are
 removed at start, and tmp leftovers too unless another relay (a reload overlap) holds that spool
 file's lock: it writes state files only under it. The spool file is claimed (flock()ed) while it

@@ -1,10 +1,8 @@
 """The spool: the only owner of spool files.
 
-Lives here: store (every state change of a spool file: the durable write, claim, finish, defer,
-delete, retry requests), state (the per-message delivery state file's format and its pure rules:
-replies, settling, backoff), queue_ops (the operator's queue commands: list, hold, release,
-delete, retry, under the same lock as the relay) and collector (the spool's gauges, counted on
-disk at scrape time).
+Every state change of a spool file, the relay's per-message state-file format and its pure
+rules, and the operator's queue commands under the relay's lock (the modules, one line each:
+docs/development.md).
 
 May import: ingress.core only (the import-linter layers contract in pyproject.toml).
 """
