@@ -49,7 +49,9 @@ Failure modes
     connection the kernel steered to a fast acceptor (listen.steer_operator) that it cannot
     admit is given to a port-25 acceptor, whose path it knows (return_endpoint, in run/);
     none takes it: 421. A fast
-    acceptor that is restarted re-binds its path (the old file is unlinked). A datagram that
+    acceptor that is restarted re-binds its path (the old file is unlinked); one that stops
+    unlinks its path only while the file is still its own (a reload binds the successor's
+    first). A datagram that
     carries no descriptor, or more than one, is ignored (extra descriptors are closed).
 
 Limits
@@ -86,11 +88,13 @@ def return_endpoint(cfg: Config, index: int) -> str:
     return str(cfg.spool.state_dir / "run" / f"acceptor-{index}.sock")
 
 
-def _bind_path(sock: socket.socket, path: str) -> None:
-    """Bind `sock` to `path`, a stale file of a previous process removed first."""
+def _bind_path(sock: socket.socket, path: str) -> int:
+    """Bind `sock` to `path`, a stale file of a previous process (or the one a process being
+    replaced still holds) removed first; the inode of the file made, which is ours alone."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock.bind(path)
+    return os.stat(path).st_ino
 
 
 def _recv_one(sock: socket.socket) -> tuple[bytes, socket.socket | None, Any] | None:
@@ -204,7 +208,7 @@ class Receiver:
                  serve: Callable[[socket.socket, Any], Any]) -> None:
         self.path = endpoint(cfg, index)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        _bind_path(self.sock, self.path)
+        self.inode = _bind_path(self.sock, self.path)
         self.returns = [return_endpoint(cfg, i) for i in range(cfg.acceptor_count)]
         self.next_return = index
         # room for a burst of hand-offs (each datagram is tiny)
@@ -246,5 +250,8 @@ class Receiver:
         with contextlib.suppress(Exception):
             self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
+        # Only our own file: on a reload the successor bound this path (a new file) before we
+        # stop, and unlinking its file would fail every hand-off to it with ENOENT.
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            if os.stat(self.path).st_ino == self.inode:
+                os.unlink(self.path)

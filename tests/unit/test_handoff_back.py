@@ -77,3 +77,46 @@ def test_give_back_reaches_the_sender_and_only_from_a_fast_acceptor(tmp_path: Pa
             f.unlink()
         (state / "run").rmdir()
         state.rmdir()
+
+
+def test_a_replaced_fast_acceptor_leaves_its_successors_path(tmp_path: Path) -> None:
+    """A reload starts the new fast acceptor (it binds the path, the old file unlinked) before
+    the old one stops; the old one's close must not unlink the path its successor now holds.
+    Before, it did: every hand-off after a reload failed with ENOENT (issue 20)."""
+    state = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp"))
+    (state / "run").mkdir()
+    write_config(tmp_path / "c.toml", {"spool": {"state_dir": str(state),
+                                                 "path": str(tmp_path / "spool")},
+                                       "supervisor": {"fast_acceptors": 1}})
+    cfg = config.load(tmp_path / "c.toml")
+
+    async def run() -> list[str]:
+        loop = asyncio.get_running_loop()
+        served: list[str] = []
+        got = asyncio.Event()
+
+        def serving(name: str) -> Any:
+            return lambda conn, _sender: (served.append(name), conn.close(), got.set())
+
+        old = handoff.Receiver(cfg, 0, loop, serving("old"))
+        new = handoff.Receiver(cfg, 0, loop, serving("new"))
+        old.close()
+        sender = handoff.Sender(cfg, loop, lambda c: c.close())
+        client, server = socket.socketpair()
+        try:
+            assert sender.offer(FakeTransport(server)), "the successor's path is gone"
+            await asyncio.wait_for(got.wait(), 5)
+            return served
+        finally:
+            client.close()
+            server.close()
+            sender.close()
+            new.close()
+
+    try:
+        assert asyncio.run(run()) == ["new"]
+    finally:
+        for f in (state / "run").iterdir():
+            f.unlink()
+        (state / "run").rmdir()
+        state.rmdir()
