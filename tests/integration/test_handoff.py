@@ -114,3 +114,32 @@ def test_early_talk_travels_with_the_socket(tmp_path: Path) -> None:
         codes = [line[:3] for line in got.splitlines() if line[3:4] == " "]
         assert codes == ["220", "250", "250", "250", "354", "250", "221"], got
         assert _served_by(ing, "127.0.0.1") == ["fast-acceptor-0"]
+
+
+def test_hand_offs_survive_a_reload(tmp_path: Path) -> None:
+    """A reload replaces the fast acceptor: the new one binds the hand-off path before the old
+    one stops, and the old one's exit leaves the new one's path alone (issue 20: it unlinked
+    it, and every hand-off after a reload failed with ENOENT until a restart). Steering is off
+    here, so the hand-off is the only way to the fast acceptor."""
+    tables = {"classify": {"allow_cidrs": [f"{TRUSTED}/32"]},
+              "listen": {"steer_operator": False},
+              "supervisor": {"acceptors": 1, "fast_acceptors": 1}}
+    with Ingress(tmp_path, tables) as ing:
+        (old,) = ing.children("fast-acceptor")
+        assert asyncio.run(send_one(ing.port, make_body(0), source=TRUSTED))[0] == 250
+        ing.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (
+                not ing.events("reloaded") or old in ing.children()):
+            time.sleep(0.1)
+        assert ing.events("reloaded") and old not in ing.children(), ing.log_tail()
+        (new,) = ing.children("fast-acceptor")
+        code, text = asyncio.run(send_one(ing.port, make_body(1), source=TRUSTED))
+        assert code == 250, text
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(
+                d.get("pid") == new for d in ing.events("message") if d.get("peer") == TRUSTED):
+            time.sleep(0.05)
+        served = [(d["proc"], d["pid"]) for d in ing.events("message") if d.get("peer") == TRUSTED]
+        assert served == [("fast-acceptor-0", old), ("fast-acceptor-0", new)], ing.log_tail()
+        assert not ing.events("handoff_failed")
