@@ -20,6 +20,8 @@ Scenarios (bench.flood does the load; all bounded in time and count, each stops 
     silent20k_spam   20,000 silent bots + 50 spam connections; judged: allow-listed, certificate
     spfspam   50 spam connections whose MAIL FROM domain (spf-bots.test) has SPF pass for the
               bots' addresses; judged: the allow-listed sender
+    reload    issue 20: the flood scenario, the target reloaded twice in the measured window
+              (smtp-ingress SIGHUP, Postfix `postfix reload`); judged: allow-listed, certificate
               (issue-8 rows: --full, or --quick --scenarios NAME,...; the report's issue-8 table
               gives accepted, p50 and p99 against the same sender's no-flood run, and the ratio)
     throughput  smtp-source -s 20 -l 1024 -m 20000, with and without -d, against smtp-ingress
@@ -142,6 +144,9 @@ class Scenario:
     mtas: int = 0                   # issue 17: retrying MTAs (judged: accepted by the 3rd retry)
     mta_retry_s: float = 0.0
     issue: str = "8"
+    # issue 20: reload the target (smtp-ingress: SIGHUP; Postfix: `postfix reload`) this many
+    # seconds into the measured window (a target without a reload runs the flood without them)
+    reloads: tuple[float, ...] = ()
 
     @property
     def bot_procs(self) -> int:
@@ -210,6 +215,12 @@ def build_scenarios(mode: str, ramp: float | None = None,
                                 spam_from=f"spam@{SPF_BOTS_DOMAIN}"),
                       senders=("trusted",), min_accepted_pct=100.0))
     s += adversarial_scenarios(full, i8_measured)
+    s.append(Scenario("reload", "300 stalling bots + 50 spam connections, the target reloaded "
+                      "twice (SIGHUP at a third and two thirds of the measured window)",
+                      i8_measured + 2.0, 2.0,
+                      BotConfig(stallers=300, spammers=50, ramp_s=1.0, **spam),
+                      judged=(("trusted", 100.0, 1.5), ("cert", 100.0, 1.5)),
+                      reloads=(i8_measured / 3, 2 * i8_measured / 3), issue="20"))
     if not full:
         s = [x for x in s if x.name in ("noflood", "flood", "large") or x.name in picked]
     return {x.name: x for x in s}
@@ -584,6 +595,26 @@ def sched_window(delay: float, seconds: float, out: dict[str, Any]) -> threading
     return t
 
 
+def reload_at(target: Running, delay: float, offsets: tuple[float, ...],
+              out: list[float]) -> threading.Thread | None:
+    """Reload `target` at each offset (s) after `delay` s from now (thread); the monotonic
+    times of the reloads done go into `out`. None: the target has no reload."""
+    if target.reload is None or not offsets:
+        return None
+    reload = target.reload
+
+    def work() -> None:
+        start = time.monotonic() + delay
+        for off in sorted(offsets):
+            time.sleep(max(0.0, start + off - time.monotonic()))
+            reload()
+            out.append(round(time.monotonic() - start, 2))
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    return t
+
+
 def run_scenarios(procs: Processes, target: Running, pki: Pki,
                   scenarios: dict[str, Scenario], prog: Progress, grace: float,
                   workdir: Path, profile: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -599,6 +630,8 @@ def run_scenarios(procs: Processes, target: Running, pki: Pki,
         sched_out: dict[str, Any] = {}
         measured_at = cfg.startup_s + sc.warmup_s     # from now, when the senders start
         sched_thread = sched_window(measured_at, sc.duration_s - sc.warmup_s, sched_out)
+        reloaded: list[float] = []
+        reload_thread = reload_at(target, measured_at, sc.reloads, reloaded)
         if profile is not None and sc.name == "flood" and target.name == "smtp-ingress":
             profile["scenario"] = sc.label
             prof_thread = profile_acceptor(procs, target, workdir, measured_at + 1.5,
@@ -612,10 +645,12 @@ def run_scenarios(procs: Processes, target: Running, pki: Pki,
         if prof_thread is not None:
             prof_thread.join(60)
         sched_thread.join(10)
+        if reload_thread is not None:
+            reload_thread.join(30)
         entry: dict[str, Any] = {
             "scenario": sc.name, "target": target.name, "wall_s": round(time.monotonic() - t0, 2),
             "netstat_delta": netstat_delta(ns0, netstat()), "result": result, "error": err,
-            "sched": sched_out.get("rows"),
+            "sched": sched_out.get("rows"), "reloaded_at_s": reloaded,
         }
         if result is not None:
             entry["summary"] = report.summarise_flood(result)

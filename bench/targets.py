@@ -39,6 +39,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,7 @@ class Running:
     pids: Callable[[], list[int]] = field(default=lambda: [], repr=False)
     stop: Callable[[], int | None] = field(default=lambda: None, repr=False)
     drain: Callable[[float], bool] | None = field(default=None, repr=False)
+    reload: Callable[[], None] | None = field(default=None, repr=False)   # None: has none
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -240,6 +242,7 @@ def start_ingress(procs: Processes, directory: Path, template: Path,
                 return Running(
                     name, "127.0.0.1", port, mport if mport > 0 else None,
                     pids=lambda: [proc.pid, *procs.children(proc.pid)], stop=stop,
+                    reload=lambda: os.kill(proc.pid, signal.SIGHUP),
                     info={"config": str(cfg_path), "config_tables": tables, "log": str(log),
                           "supervisor_pid": proc.pid, "acceptors": doc.get("acceptors"),
                           "fast_workers": doc.get("fast_workers"),

@@ -277,10 +277,13 @@ def test_build_scenarios() -> None:
     assert list(full) == ["noflood", "stall", "spam", "mixed", "flood", "large", "silent2k",
                           "silent5k", "silent20k", "trickle2k", "silent20k_spam", "spfspam",
                           "spfmany", "spfmany_learned", "spfspam17", "dkimdead", "tlsflood",
-                          "retryfarm"]
+                          "retryfarm", "reload"]
     assert full["silent20k"].bots.stallers == 20000 and full["silent20k"].bot_procs == 3
     assert full["silent2k"].bots.reconnect_delay == 0.2 and full["silent2k"].senders == ("spf",)
     assert full["spfspam"].bots.spam_from == "spam@spf-bots.test"
+    r = full["reload"]
+    assert r.issue == "20" and r.bots.stallers == 300 and r.bots.spammers == 50
+    assert len(r.reloads) == 2 and 0 < r.reloads[0] < r.reloads[1] < r.duration_s - r.warmup_s
     assert list(build_scenarios("quick", picked=frozenset({"silent2k"}))) == [
         "noflood", "flood", "large", "silent2k"]
     f = full["flood"]
