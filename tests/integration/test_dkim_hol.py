@@ -24,7 +24,6 @@ from pathlib import Path
 import dkim
 import pytest
 
-from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, send_one, split_trace
 from workers.lane import dkim_check
@@ -39,19 +38,14 @@ SUBS = ("x1.rot.test", "x2.rot.test")                # subdomains of one silent 
 
 
 @pytest.fixture(scope="module")
-def keys() -> tuple[bytes, str]:
-    return signing_record()
+def pem(dkim_key: tuple[bytes, str]) -> bytes:
+    return dkim_key[0]
 
 
 @pytest.fixture(scope="module")
-def pem(keys: tuple[bytes, str]) -> bytes:
-    return keys[0]
-
-
-@pytest.fixture(scope="module")
-def dns(keys: tuple[bytes, str]) -> Iterator[DNSServer]:
+def dns(dkim_key: tuple[bytes, str]) -> Iterator[DNSServer]:
     with DNSServer({"spam.test": {"TXT": ["v=spf1 ip4:127.0.0.2 -all"]},
-                    "a._domainkey.good.test": {"TXT": [keys[1]]}}) as server:
+                    "a._domainkey.good.test": {"TXT": [dkim_key[1]]}}) as server:
         for d in DEAD + SUBS:
             server.silent.update({f"a._domainkey.{d}", f"b._domainkey.{d}"})
         yield server
