@@ -25,7 +25,7 @@ import dkim
 import pytest
 
 from tests.kit.dnsserver import DNSServer
-from tests.kit.harness import Ingress, send_one, split_trace
+from tests.kit.harness import Ingress, send_one, short_message, split_trace
 from workers.lane import dkim_check
 from workers.lane.dkim_check import DeadKeyDomains, DkimResult, verify_dkim
 
@@ -64,8 +64,7 @@ def dead_signed(subject: str, pem: bytes, signers: list[tuple[str, str]],
 
 
 def plain(subject: str) -> bytes:
-    return (f"From: a@trusted.test\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{subject}@trusted.test>\r\n\r\nHello.\r\n").encode()
+    return short_message(subject, "a@trusted.test", msgid_domain="trusted.test")
 
 
 def dead_queries(dns: DNSServer) -> int:

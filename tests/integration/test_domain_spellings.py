@@ -27,7 +27,7 @@ import dkim
 import pytest
 
 from tests.kit.dnsserver import DNSServer
-from tests.kit.harness import Ingress, split_trace
+from tests.kit.harness import Ingress, short_message, split_trace
 from tests.kit.session import HeldSession
 
 IP = "127.0.0.1"
@@ -69,8 +69,7 @@ async def open_session(port: int) -> HeldSession:
 
 def plain(subject: str, sender: str = "a@spam.test") -> bytes:
     """Unsigned: nothing is learned, every session decides at MAIL FROM."""
-    return (f"From: {sender}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{subject}@spam.test>\r\n\r\nHello.\r\n").encode()
+    return short_message(subject, sender, msgid_domain="spam.test")
 
 
 def by_subject(ing: Ingress) -> dict[str, dict[str, Any]]:

@@ -16,7 +16,7 @@ import zmq
 from ingress.core import config
 from ingress.core.wire import Envelope, Lane, decode_reply, new_qid, submit
 from tests.kit.dnsserver import DNSServer
-from tests.kit.harness import Ingress, send_one, split_trace
+from tests.kit.harness import Ingress, send_one, short_message, split_trace
 from tests.kit.session import HeldSession
 
 ALLOWED_IP = "127.0.0.20"
@@ -36,8 +36,7 @@ def dns(dkim_key: tuple[bytes, str]):
 
 
 def signed(domain: str, subject: str, pem: bytes) -> bytes:
-    msg = (f"From: a@{domain}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
-           f"Message-ID: <{subject}@{domain}>\r\n\r\nHello.\r\n").encode()
+    msg = short_message(subject, f"a@{domain}", msgid_domain=domain)
     return dkim.sign(msg, b"sel", domain.encode(), pem,
                      include_headers=[b"from", b"to", b"subject", b"message-id"]) + msg
 
@@ -157,8 +156,7 @@ def test_over_share_on_the_fast_port_is_served_as_bulk(tmp_path: Path, dns: DNSS
 
 def plain(domain: str, subject: str) -> bytes:
     """Unsigned (no aligned DKIM: nothing is learned, each session decides at MAIL FROM)."""
-    return (f"From: a@{domain}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{subject}@{domain}>\r\n\r\nHello.\r\n").encode()
+    return short_message(subject, f"a@{domain}", msgid_domain=domain)
 
 
 def over_rate_lines(ing: Ingress, key: str) -> list[dict[str, object]]:
