@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.kit.configkit import cfg_file
 from tests.kit.harness import ROOT, write_config
-from tests.unit.test_configshow import cfg_file
 
 
 def test_cli_exit_codes(tmp_path: Path) -> None:

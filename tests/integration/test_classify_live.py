@@ -18,26 +18,21 @@ import aiosmtplib
 import dkim
 import pytest
 
-from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import (
     Ingress,
     make_body,
+    mtls_port,
     send_one,
     send_tls,
+    short_message,
     smtp_dialogue,
     split_trace,
 )
-from tests.kit.pki import write_pki
 
 TRUSTED_IP = "127.0.0.20"
 SPF_IP = "127.0.0.30"
 UNKNOWN_IP = "127.0.0.40"
-
-
-@pytest.fixture(scope="module")
-def dkim_key() -> tuple[bytes, str]:
-    return signing_record()
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +47,6 @@ def dns_server(dkim_key: tuple[bytes, str]):
         yield server
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return write_pki(tmp_path_factory.mktemp("pki"))
-
-
 @pytest.fixture
 def ingress(tmp_path: Path, dns_server: DNSServer, pki: dict[str, Path]):
     with Ingress(tmp_path, {
@@ -69,10 +59,6 @@ def ingress(tmp_path: Path, dns_server: DNSServer, pki: dict[str, Path]):
         yield ing
 
 
-def mtls_port(ing: Ingress) -> int:
-    return int(ing.events("ready")[-1]["mtls_port"])
-
-
 def lane_of(ing: Ingress, subject: str) -> tuple[str, dict[str, bytes]]:
     for entry in ing.spooled().values():
         trace, body = split_trace(entry.message)
@@ -81,30 +67,26 @@ def lane_of(ing: Ingress, subject: str) -> tuple[str, dict[str, bytes]]:
     raise AssertionError(f"{subject!r} not spooled")
 
 
-def message(subject: str, sender: str = "alice@good.test") -> bytes:
-    return (f"From: {sender}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{subject}@good.test>\r\n\r\nHello.\r\n").encode()
-
-
 def test_each_kind_of_evidence(ingress: Ingress, pki: dict[str, Path]) -> None:
     port, mport = ingress.port, mtls_port(ingress)
 
     async def run() -> dict[str, tuple[int, str]]:
         return {
-            "trusted": await send_one(port, message("trusted"), source=TRUSTED_IP,
+            "trusted": await send_one(port, short_message("trusted"), source=TRUSTED_IP,
                                       sender="x@nowhere.test"),
-            "spf_pass": await send_one(port, message("spf_pass"), source=SPF_IP,
+            "spf_pass": await send_one(port, short_message("spf_pass"), source=SPF_IP,
                                        sender="alice@good.test"),
-            "spf_fail": await send_one(port, message("spf_fail"), source=SPF_IP,
+            "spf_fail": await send_one(port, short_message("spf_fail"), source=SPF_IP,
                                        sender="alice@bad.test"),
-            "spf_soft": await send_one(port, message("spf_soft"), source=SPF_IP,
+            "spf_soft": await send_one(port, short_message("spf_soft"), source=SPF_IP,
                                        sender="alice@soft.test"),
-            "unknown": await send_one(port, message("unknown"), source=UNKNOWN_IP,
+            "unknown": await send_one(port, short_message("unknown"), source=UNKNOWN_IP,
                                       sender="alice@nodomain.test"),
-            "cert": await send_tls(mport, message("cert"), ca=pki["ca"], client=pki["client"]),
-            "rogue_cert": await send_tls(mport, message("rogue"), ca=pki["ca"],
+            "cert": await send_tls(mport, short_message("cert"), ca=pki["ca"],
+                                   client=pki["client"]),
+            "rogue_cert": await send_tls(mport, short_message("rogue"), ca=pki["ca"],
                                          client=pki["rogue"]),
-            "no_cert": await send_tls(mport, message("no_cert"), ca=pki["ca"], client=None),
+            "no_cert": await send_tls(mport, short_message("no_cert"), ca=pki["ca"], client=None),
         }
 
     r = asyncio.run(run())
@@ -144,7 +126,7 @@ def test_starttls_on_public_port_is_bulk_and_never_asks_for_a_cert(
             await smtp.connect()
             await smtp.mail("x@nowhere.test")
             await smtp.rcpt("bob@example.test")
-            resp = await smtp.data(message("starttls"))
+            resp = await smtp.data(short_message("starttls"))
             return resp.code, resp.message
         finally:
             smtp.close()
@@ -163,18 +145,18 @@ def test_dkim_and_learned_allow_survives_restart(tmp_path: Path, dns_server: DNS
                            "learned_save_interval": 0.5}}     # learned.json: waited for below
     forged = (b"Authentication-Results: mx.test; dkim=pass header.d=paypal.test\r\n"
               b"Authentication-Results: other.example; spf=pass\r\n")
-    signed = dkim.sign(message("signed"), b"sel", b"good.test", dkim_key[0],
+    signed = dkim.sign(short_message("signed"), b"sel", b"good.test", dkim_key[0],
                        include_headers=[b"from", b"to", b"subject", b"message-id"])
     state = Path(tempfile.mkdtemp(prefix="si-", dir="/tmp"))
 
     def signed_msg(subject: str) -> bytes:
-        return dkim.sign(message(subject), b"sel", b"good.test", dkim_key[0],
+        return dkim.sign(short_message(subject), b"sel", b"good.test", dkim_key[0],
                          include_headers=[b"from", b"to", b"subject", b"message-id"]) \
-            + message(subject)
+            + short_message(subject)
 
     try:
         with Ingress(tmp_path / "first", tables, state=state) as ing:
-            code, text = asyncio.run(send_one(ing.port, forged + signed + message("signed"),
+            code, text = asyncio.run(send_one(ing.port, forged + signed + short_message("signed"),
                                               source=SPF_IP, sender="alice@good.test"))
             assert code == 250, text
             lane, trace = lane_of(ing, "signed")
@@ -197,7 +179,7 @@ def test_dkim_and_learned_allow_survives_restart(tmp_path: Path, dns_server: DNS
             assert code == 250, text
             assert lane_of(ing, "learned1")[0] == "fast"
             code, text = asyncio.run(send_one(
-                ing.port, message("other1", "bob@nodomain.test"), source=SPF_IP,
+                ing.port, short_message("other1", "bob@nodomain.test"), source=SPF_IP,
                 sender="bob@nodomain.test"))
             assert code == 250, text
             assert lane_of(ing, "other1")[0] == "bulk"
@@ -369,7 +351,7 @@ def test_fast_port_admits_only_fast_lane_clients(tmp_path: Path) -> None:
         assert fport not in (0, -1, ing.port)
 
         async def run() -> tuple[tuple[int, str], list[str]]:
-            trusted = await send_one(fport, message("via-fast-port"), source=TRUSTED_IP)
+            trusted = await send_one(fport, short_message("via-fast-port"), source=TRUSTED_IP)
             unknown = await smtp_dialogue(fport, [b"EHLO x.test\r\n"], source=UNKNOWN_IP)
             return trusted, unknown
 

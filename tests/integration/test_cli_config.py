@@ -23,8 +23,8 @@ import orjson
 import pytest
 
 from ingress.tools import cli
-from tests.integration.test_queue_cli import make_spool, put
 from tests.kit.harness import ROOT, Ingress
+from tests.kit.relaykit import make_spool, put
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -36,12 +36,12 @@ import redis
 
 from ingress.core import config
 from ingress.edge.cluster_state import ClusterState
-from tests.integration.test_haproxy import HAProxy
-from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
+from tests.kit.haproxy import HAProxy
 from tests.kit.harness import (
     Ingress,
     send_one,
+    short_message,
     smtp_dialogue,
     split_trace,
     start_all,
@@ -145,11 +145,6 @@ def two_edges(tmp: Path, server: RedisServer,
         for ing in (a, b):    # every acceptor connected to Redis
             wait_events(ing, "cluster_state_up", ACCEPTORS)
         yield a, b
-
-
-def message(subject: str, sender: str = "alice@good.test") -> bytes:
-    return (f"From: {sender}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{subject}@good.test>\r\n\r\nHello.\r\n").encode()
 
 
 # --- the global bulk cap ---------------------------------------------------------------------
@@ -343,11 +338,6 @@ def test_early_talker_penalised_on_a_is_refused_on_b(tmp_path: Path,
 # --- the learned allow cache -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def dkim_key() -> tuple[bytes, str]:
-    return signing_record()
-
-
-@pytest.fixture(scope="module")
 def dns_server(dkim_key: tuple[bytes, str]) -> Iterator[DNSServer]:
     records = {
         "good.test": {"TXT": [f"v=spf1 ip4:{SPF_IP} -all"]},
@@ -373,13 +363,13 @@ def test_client_learned_on_a_is_fast_on_b(tmp_path: Path, redis_server: RedisSer
              "cluster": RELAXED}
 
     def signed(subject: str) -> bytes:
-        return dkim.sign(message(subject), b"sel", b"good.test", dkim_key[0],
+        return dkim.sign(short_message(subject), b"sel", b"good.test", dkim_key[0],
                          include_headers=[b"from", b"to", b"subject", b"message-id"]) \
-            + message(subject)
+            + short_message(subject)
 
     with two_edges(tmp_path, redis_server, **extra) as (a, b):
         # Before: the client is unknown on B (bulk with a sender whose SPF says nothing).
-        code, text = asyncio.run(send_one(b.port, message("before", "bob@nodomain.test"),
+        code, text = asyncio.run(send_one(b.port, short_message("before", "bob@nodomain.test"),
                                           host=B_HOST, source=SPF_IP))
         assert code == 250, text
         assert lane_of(b, "before") == "bulk"
@@ -413,7 +403,7 @@ def test_client_learned_on_a_is_fast_on_b(tmp_path: Path, redis_server: RedisSer
             assert code == 250, text
             assert lane_of(c, "late") == "fast"
         # Unlearned on B (it sends mail whose SPF fails): gone from Redis, and A hears it.
-        code, text = asyncio.run(send_one(b.port, message("spam", "x@bad.test"), host=B_HOST,
+        code, text = asyncio.run(send_one(b.port, short_message("spam", "x@bad.test"), host=B_HOST,
                                           source=SPF_IP, sender="x@bad.test"))
         assert code == 250, text
         deadline = time.monotonic() + 10
@@ -442,7 +432,7 @@ def test_redis_stopped_edges_fall_back_and_rejoin(tmp_path: Path,
 
         def send_all(tag: str) -> None:
             for ing, host in edges:
-                code, text = asyncio.run(send_one(ing.port, message(f"{tag}-{host}"),
+                code, text = asyncio.run(send_one(ing.port, short_message(f"{tag}-{host}"),
                                                   host=host, sender="x@nowhere.test"))
                 assert code == 250, (tag, host, text)
 
@@ -482,7 +472,7 @@ def test_redis_frozen_calls_meet_their_deadline(tmp_path: Path,
         redis_server.proc.send_signal(signal.SIGSTOP)
         try:
             for ing, host in ((a, A_HOST), (b, B_HOST)):
-                code, text = asyncio.run(send_one(ing.port, message(f"frozen-{host}"),
+                code, text = asyncio.run(send_one(ing.port, short_message(f"frozen-{host}"),
                                                   host=host, sender="x@nowhere.test"))
                 assert code == 250, text
                 down = wait_events(ing, "cluster_state_down", 1)
@@ -700,17 +690,17 @@ def test_deferred_on_a_retried_on_b_is_accepted(tmp_path: Path,
             codes = []
             # spend the shared cap's one token (from a network of its own)
             for i in range(5):
-                code, _ = await send_one(a.port, message(f"spam{i}", f"s{i}@spam.test"),
+                code, _ = await send_one(a.port, short_message(f"spam{i}", f"s{i}@spam.test"),
                                          host=A_HOST, sender=f"s{i}@spam.test",
                                          source="127.0.1.2")
                 if code in (421, 451):
                     break
-            codes.append((await send_one(a.port, message("first", sender), host=A_HOST,
+            codes.append((await send_one(a.port, short_message("first", sender), host=A_HOST,
                                          sender=sender, source="127.0.2.9"))[0])
             await asyncio.sleep(1.5)            # past retry_min_delay
-            codes.append((await send_one(b.port, message("retry", sender), host=B_HOST,
+            codes.append((await send_one(b.port, short_message("retry", sender), host=B_HOST,
                                          sender=sender, source="127.0.2.9"))[0])
-            codes.append((await send_one(a.port, message("again", sender), host=A_HOST,
+            codes.append((await send_one(a.port, short_message("again", sender), host=A_HOST,
                                          sender=sender, source="127.0.2.9"))[0])
             return codes
 

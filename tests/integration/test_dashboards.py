@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_metrics_scrape import scrape
-from tests.integration.test_queue_cli import REJECTED, postfix, tables  # noqa: F401
-from tests.integration.test_relay import relaying, wait_for
-from tests.kit.harness import ROOT, Ingress, make_body, send_one
+from tests.kit.harness import ROOT, Ingress, make_body, relaying, send_one, wait_for
 from tests.kit.postfix import PostfixInstance
+from tests.kit.relaykit import REJECTED, relay_tables
+from tests.kit.scrape import scrape
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -127,11 +126,11 @@ tests:
 
 
 def test_every_metric_exists_in_a_live_scrape(tmp_path: Path,
-                                              postfix: PostfixInstance) -> None:  # noqa: F811
+                                              postfix: PostfixInstance) -> None:
     wanted = {_SUFFIX.sub("", n) if n.endswith(("_bucket", "_count", "_sum")) else n
               for n in names(dashboard_exprs()) | names(rule_exprs())}
     assert len(names(rule_exprs())) >= 8, rule_exprs()
-    t = tables(postfix)
+    t = relay_tables(postfix)
     t["metrics"] = {"listen": "127.0.0.1:0"}
     t["lanes.bulk"] = {"rate": 2.0, "burst": 2}
     with Ingress(tmp_path, t) as ing:

@@ -24,9 +24,8 @@ from pathlib import Path
 import dkim
 import pytest
 
-from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
-from tests.kit.harness import Ingress, send_one, split_trace
+from tests.kit.harness import Ingress, send_one, short_message, split_trace
 from workers.lane import dkim_check
 from workers.lane.dkim_check import DeadKeyDomains, DkimResult, verify_dkim
 
@@ -39,19 +38,14 @@ SUBS = ("x1.rot.test", "x2.rot.test")                # subdomains of one silent 
 
 
 @pytest.fixture(scope="module")
-def keys() -> tuple[bytes, str]:
-    return signing_record()
+def pem(dkim_key: tuple[bytes, str]) -> bytes:
+    return dkim_key[0]
 
 
 @pytest.fixture(scope="module")
-def pem(keys: tuple[bytes, str]) -> bytes:
-    return keys[0]
-
-
-@pytest.fixture(scope="module")
-def dns(keys: tuple[bytes, str]) -> Iterator[DNSServer]:
+def dns(dkim_key: tuple[bytes, str]) -> Iterator[DNSServer]:
     with DNSServer({"spam.test": {"TXT": ["v=spf1 ip4:127.0.0.2 -all"]},
-                    "a._domainkey.good.test": {"TXT": [keys[1]]}}) as server:
+                    "a._domainkey.good.test": {"TXT": [dkim_key[1]]}}) as server:
         for d in DEAD + SUBS:
             server.silent.update({f"a._domainkey.{d}", f"b._domainkey.{d}"})
         yield server
@@ -70,8 +64,7 @@ def dead_signed(subject: str, pem: bytes, signers: list[tuple[str, str]],
 
 
 def plain(subject: str) -> bytes:
-    return (f"From: a@trusted.test\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{subject}@trusted.test>\r\n\r\nHello.\r\n").encode()
+    return short_message(subject, "a@trusted.test", msgid_domain="trusted.test")
 
 
 def dead_queries(dns: DNSServer) -> int:

@@ -22,7 +22,7 @@ import pytest
 
 from tests.kit.dkimkeys import modulus, record, signing_key, spki
 from tests.kit.dnsserver import DNSServer
-from tests.kit.harness import Ingress, send_one, split_trace
+from tests.kit.harness import Ingress, send_one, short_message, split_trace
 from workers.lane import dkim_check
 from workers.lane.dkim_check import MAX_SIGNATURES, DkimResult, verify_dkim
 
@@ -53,8 +53,7 @@ def dns(good_key: tuple[bytes, bytes]) -> Iterator[DNSServer]:
 
 
 def message(subject: str) -> bytes:
-    return (f"From: alice@keys.test\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{subject}@keys.test>\r\n\r\nHello.\r\n").encode()
+    return short_message(subject, "alice@keys.test", msgid_domain="keys.test")
 
 
 def sign(msg: bytes, pem: bytes, *selectors: str) -> bytes:

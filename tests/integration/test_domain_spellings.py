@@ -26,9 +26,8 @@ from typing import Any
 import dkim
 import pytest
 
-from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
-from tests.kit.harness import Ingress, split_trace
+from tests.kit.harness import Ingress, short_message, split_trace
 from tests.kit.session import HeldSession
 
 IP = "127.0.0.1"
@@ -45,16 +44,11 @@ SPELLINGS = [
 
 
 @pytest.fixture(scope="module")
-def keys() -> tuple[bytes, str]:
-    return signing_record()
-
-
-@pytest.fixture(scope="module")
-def dns(keys: tuple[bytes, str]):
+def dns(dkim_key: tuple[bytes, str]):
     with DNSServer({
         "spam.test": {"TXT": [f"v=spf1 ip4:{IP} -all"]},
         IDN_A: {"TXT": [f"v=spf1 ip4:{IP} -all"]},
-        f"sel._domainkey.{IDN_A}": {"TXT": [keys[1]]},
+        f"sel._domainkey.{IDN_A}": {"TXT": [dkim_key[1]]},
     }) as server:
         yield server
 
@@ -75,8 +69,7 @@ async def open_session(port: int) -> HeldSession:
 
 def plain(subject: str, sender: str = "a@spam.test") -> bytes:
     """Unsigned: nothing is learned, every session decides at MAIL FROM."""
-    return (f"From: {sender}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{subject}@spam.test>\r\n\r\nHello.\r\n").encode()
+    return short_message(subject, sender, msgid_domain="spam.test")
 
 
 def by_subject(ing: Ingress) -> dict[str, dict[str, Any]]:
@@ -188,7 +181,7 @@ def signed_idn(subject: str, pem: bytes) -> bytes:
 
 
 def test_idn_sender_is_identified_and_learned_under_its_a_label(
-        tmp_path: Path, dns: DNSServer, keys: tuple[bytes, str]) -> None:
+        tmp_path: Path, dns: DNSServer, dkim_key: tuple[bytes, str]) -> None:
     """MAIL FROM:<user@bücher.test> SMTPUTF8 with SPF published at xn--bcher-kva.test passes,
     is promoted as org:xn--bcher-kva.test, its DKIM signature (d= the A-label, From: the
     U-label) aligns, and the client is learned for xn--bcher-kva.test: its next message is
@@ -202,7 +195,7 @@ def test_idn_sender_is_identified_and_learned_under_its_a_label(
                 s = await open_session(ing.port)
                 assert (await s.cmd("EHLO client.test")).startswith("250")
                 r = await s.transaction("<user@b\u00fccher.test> SMTPUTF8",
-                                    signed_idn(subject, keys[0]))
+                                    signed_idn(subject, dkim_key[0]))
                 s.close()
                 return r
 

@@ -27,12 +27,10 @@ from pathlib import Path
 import dkim
 import pytest
 
-from tests.integration.test_metrics_scrape import scrape
-from tests.integration.test_relay import relaying, spool_count, wait_for
-from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
-from tests.kit.harness import Ingress, send_one
-from tests.kit.postfix import PostfixInstance, started_postfix
+from tests.kit.harness import Ingress, relaying, send_one, spool_count, wait_for
+from tests.kit.postfix import PostfixInstance
+from tests.kit.scrape import metrics_port, scrape
 from workers.spool import store as spool_mod
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.needs_postfix]
@@ -42,29 +40,23 @@ RCPT = "user@example.test"
 DOMAINS = ("example.test", "sender.test", "forged.test", "nospf.test", "dk.test", "spammer.test")
 
 
-@pytest.fixture(scope="module")
-def keys() -> tuple[bytes, str]:
-    return signing_record()
+# The `postfix` fixture's Postfix (tests/integration/conftest.py): a content check at the end of
+# DATA (what a milter, a size limit or a header check does): RCPT is accepted (the ingress's
+# callout passes), the message is refused after DATA. Only the top-level header is checked: a
+# DSN quoting the Subject must pass.
+POSTFIX = {"accept_domains": DOMAINS, "extra_main_cf": {
+    "header_checks": f"regexp:{{{{/^Subject:.*{MARK}/ REJECT 5.7.1 content rejected}}}}",
+    "mime_header_checks": "", "nested_header_checks": ""}}
 
 
 @pytest.fixture(scope="module")
-def postfix() -> Iterator[PostfixInstance]:
-    # A content check at the end of DATA (what a milter, a size limit or a header check does):
-    # RCPT is accepted (the ingress's callout passes), the message is refused after DATA.
-    # Only the top-level header is checked: a DSN quoting the Subject must pass.
-    yield from started_postfix("dsn-pf-", accept_domains=DOMAINS, extra_main_cf={
-        "header_checks": f"regexp:{{{{/^Subject:.*{MARK}/ REJECT 5.7.1 content rejected}}}}",
-        "mime_header_checks": "", "nested_header_checks": ""})
-
-
-@pytest.fixture(scope="module")
-def dns(keys: tuple[bytes, str]) -> Iterator[DNSServer]:
+def dns(dkim_key: tuple[bytes, str]) -> Iterator[DNSServer]:
     with DNSServer({
         "sender.test": {"TXT": ["v=spf1 ip4:127.0.0.1 -all"]},      # the real sender: pass
         "forged.test": {"TXT": ["v=spf1 ip4:192.0.2.1 -all"]},      # forged: fail
         "dk.test": {"TXT": ["v=spf1 ip4:192.0.2.1 -all"]},          # SPF fails, DKIM signs
-        "sel._domainkey.dk.test": {"TXT": [keys[1]]},
-        "sel._domainkey.spammer.test": {"TXT": [keys[1]]},          # the spammer's own key
+        "sel._domainkey.dk.test": {"TXT": [dkim_key[1]]},
+        "sel._domainkey.spammer.test": {"TXT": [dkim_key[1]]},          # the spammer's own key
     }) as server:
         yield server
 
@@ -100,11 +92,6 @@ def hostile_headers() -> bytes:
     return b"".join(out)
 
 
-def metrics_port(ing: Ingress) -> int:
-    wait_for(lambda: ing.events("metrics_listening"), 10, "the metrics endpoint")
-    return int(str(ing.events("metrics_listening")[0]["listen"]).rsplit(":", 1)[1])
-
-
 def decisions(port: int, result: str) -> float:
     return scrape(port).get(("smtp_ingress_relay_dsn_decisions_total", (("result", result),)),
                             0.0)
@@ -115,13 +102,13 @@ def with_marker(pf: PostfixInstance, domain: str, marker: str) -> list[bytes]:
 
 
 def test_forged_senders_get_no_dsn(tmp_path: Path, postfix: PostfixInstance, dns: DNSServer,
-                                   keys: tuple[bytes, str]) -> None:
+                                   dkim_key: tuple[bytes, str]) -> None:
     tag = f"forged-{time.time_ns()}"
     forged = {
         "victim@forged.test": message("victim@forged.test", f"{tag}-spf-fail"),
         "victim@nospf.test": message("victim@nospf.test", f"{tag}-no-spf"),
         # the spammer signs with his own domain: DKIM passes, aligned with nothing forged
-        "boss@forged.test": signed("boss@forged.test", "spammer.test", keys[0],
+        "boss@forged.test": signed("boss@forged.test", "spammer.test", dkim_key[0],
                                    f"{tag}-dkim-unaligned"),
         # an A-R of his own claiming our authserv-id: the worker strips it, nobody reads it
         "ceo@forged.test": message("ceo@forged.test", f"{tag}-forged-ar", extra=(
@@ -164,11 +151,12 @@ def test_forged_senders_get_no_dsn(tmp_path: Path, postfix: PostfixInstance, dns
 
 
 def test_authenticated_sender_gets_a_bounded_dsn(tmp_path: Path, postfix: PostfixInstance,
-                                                 dns: DNSServer, keys: tuple[bytes, str]) -> None:
+                                                 dns: DNSServer,
+                                                 dkim_key: tuple[bytes, str]) -> None:
     tag = f"auth-{time.time_ns()}"
     spf_body = message("alice@sender.test", f"{tag}-spf", extra=hostile_headers())
     assert len(spf_body) > 64 * 1024
-    dkim_body = signed("bounce@dk.test", "dk.test", keys[0], f"{tag}-dkim")
+    dkim_body = signed("bounce@dk.test", "dk.test", dkim_key[0], f"{tag}-dkim")
     with Ingress(tmp_path, tables(postfix, dns)) as ing:
         relaying(ing)
         mport = metrics_port(ing)

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.kit.dnsserver import DNSServer
-from tests.kit.harness import Ingress, send_one, smtp_dialogue, split_trace
+from tests.kit.haproxy import HAProxy
+from tests.kit.harness import Ingress, send_one, short_message, smtp_dialogue, split_trace
 
 
 def _has_ipv6_loopback() -> bool:
@@ -39,8 +40,7 @@ DUAL = {"addresses": ["127.0.0.1:0", "[::1]:0"]}
 
 
 def message(subject: str, sender: str = "alice@sender.test") -> bytes:
-    return (f"From: {sender}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{subject}@sender.test>\r\n\r\nHello.\r\n").encode()
+    return short_message(subject, sender, msgid_domain="sender.test")
 
 
 def by_subject(ing: Ingress) -> dict[str, tuple[dict[str, object], dict[str, bytes]]]:
@@ -255,7 +255,6 @@ def test_real_haproxy_proxy_v2_carries_an_ipv6_client(tmp_path: Path) -> None:
     """A real HAProxy listening on [::1] forwards to the ingress over IPv4 (127.0.0.1, the
     trusted proxy) with send-proxy-v2: the header carries the IPv6 client ::1, and that is the
     address the ingress records, not the TCP peer 127.0.0.1."""
-    from tests.integration.test_haproxy import HAProxy
     tables = {"listen": {**DUAL, "proxy_protocol": True, "trusted_proxies": ["127.0.0.1/32"]}}
     with Ingress(tmp_path, tables) as ing:
         hap = HAProxy(tmp_path, ing.port, "send-proxy-v2", bind="::1")

@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from bench import flood
+from tests.kit.postfix import free_port
 from tests.kit.scripted_server import ScriptedServer, parse_outcome
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,12 +47,6 @@ async def _flood_against(
         result = await flood.run_flood(cfg)
     orjson.dumps(result)  # JSON-serialisable
     return result, srv
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- percentiles ---------------------------------------------------------------------------
@@ -174,7 +169,7 @@ def test_unfinished_at_end_of_run() -> None:
 
 
 def test_refused_connections() -> None:
-    port = _free_port()
+    port = free_port()
     cfg = flood.FloodConfig(target=flood.Target("127.0.0.1", port), duration_s=0.25,
                             legit=(flood.LegitSpec("spf", SRC, 0.05),), bot_procs=0)
     result = _run(flood.run_flood(cfg))

@@ -15,10 +15,6 @@ then BACKEND = IngressBackend (one line) runs the same tests against the real in
 from __future__ import annotations
 
 import asyncio
-import shutil
-import signal
-import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -28,6 +24,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from ingress.edge.proxy import PROXY_TIMEOUT, proxy_peer, trusted_networks
+from tests.kit.haproxy import HAProxy
 from tests.kit.harness import Ingress, make_body, send_one, smtp_dialogue
 
 CLIENT_IP = "127.0.0.55"          # the "real" client; HAProxy itself connects from 127.0.0.1
@@ -108,84 +105,6 @@ class IngressBackend:
 
 
 BACKEND: type[MiniBackend] | type[IngressBackend] = IngressBackend
-
-
-def _haproxy_bin() -> str:
-    path = shutil.which("haproxy")
-    assert path is not None, "haproxy: the test lacks @pytest.mark.needs_haproxy"
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _free_port6() -> int:
-    with socket.socket(socket.AF_INET6) as s:
-        s.bind(("::1", 0))
-        return int(s.getsockname()[1])
-
-
-class HAProxy:
-    def __init__(self, tmp: Path, backend_port: int, send_proxy: str,
-                 more: tuple[tuple[str, int], ...] = (), bind: str = "127.0.0.1") -> None:
-        """`more`: further backend servers (host, port), balanced round-robin with the first
-        (tests/integration/test_cluster_redis.py: two edges behind one HAProxy). `bind`: the
-        frontend's address ("::1": an IPv6 frontend; the backend stays IPv4)."""
-        self.bind = bind
-        self.port = _free_port() if ":" not in bind else _free_port6()
-        extra = "".join(f"    server ingress{i} {host}:{port} {send_proxy}\n"
-                        for i, (host, port) in enumerate(more, 2))
-        self.cfg = tmp / "haproxy.cfg"
-        self.cfg.write_text(f"""\
-global
-    maxconn 200
-
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 15s
-    timeout server 15s
-
-frontend smtp_in
-    bind {f"[{bind}]" if ":" in bind else bind}:{self.port}
-    default_backend smtp_ingress
-
-backend smtp_ingress
-    server ingress 127.0.0.1:{backend_port} {send_proxy}
-{extra}""")
-        self.log = open(tmp / "haproxy.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([_haproxy_bin(), "-f", str(self.cfg), "-db"],
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 10
-        while not self._listening():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"haproxy did not start: {self.log_text()}")
-            time.sleep(0.05)
-
-    def _listening(self) -> bool:
-        """Is the frontend port in LISTEN state? (/proc, so no probe connection reaches the
-        backend.)"""
-        want = f":{self.port:04X} "
-        with open("/proc/net/tcp6" if ":" in self.bind else "/proc/net/tcp") as f:
-            return any(want in ln and ln.split()[3] == "0A" for ln in f)
-
-    def log_text(self) -> str:
-        return (self.cfg.parent / "haproxy.log").read_text(errors="replace")[-2000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
 
 
 @pytest.fixture

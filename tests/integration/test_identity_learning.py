@@ -23,9 +23,8 @@ import pytest
 
 from ingress.core.config import ClassifyConfig, Config
 from ingress.core.wire import Envelope, Lane
-from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
-from tests.kit.harness import Ingress, send_one
+from tests.kit.harness import Ingress, eventually, send_one
 from workers.lane.pipeline import Pipeline
 
 # learned.json is written this often (classify.learned_save_interval; 5 s by default): the tests
@@ -33,14 +32,9 @@ from workers.lane.pipeline import Pipeline
 SAVE_INTERVAL = 0.5
 
 @pytest.fixture(scope="module")
-def keys() -> tuple[bytes, str]:
-    return signing_record()
-
-
-@pytest.fixture(scope="module")
-def dns(keys: tuple[bytes, str]):
-    with DNSServer({"sel._domainkey.good.test": {"TXT": [keys[1]]},
-                    "sel._domainkey.spammer.test": {"TXT": [keys[1]]}}) as server:
+def dns(dkim_key: tuple[bytes, str]):
+    with DNSServer({"sel._domainkey.good.test": {"TXT": [dkim_key[1]]},
+                    "sel._domainkey.spammer.test": {"TXT": [dkim_key[1]]}}) as server:
         yield server
 
 
@@ -70,22 +64,22 @@ def pipeline(dns: DNSServer, **classify: object) -> Pipeline:
     ({"spf_promote": "off"}, "good.test", False),
     ({"spf_promote": "any"}, "spammer.test", True),
 ])
-def test_listed_learns_only_listed_domains(dns: DNSServer, keys: tuple[bytes, str],
+def test_listed_learns_only_listed_domains(dns: DNSServer, dkim_key: tuple[bytes, str],
                                            classify: dict, domain: str, learn: bool) -> None:
-    p = pipeline(dns, **classify).process(envelope(domain), signed(domain, keys[0]), 5.0)
+    p = pipeline(dns, **classify).process(envelope(domain), signed(domain, dkim_key[0]), 5.0)
     assert any(r.aligned and r.result == "pass" for r in p.dkim), p.dkim   # real evidence
     assert p.learn is learn
     assert p.learn_domain == (domain if learn else "")
 
 
-def test_idn_is_learned_under_its_a_label(dns: DNSServer, keys: tuple[bytes, str]) -> None:
+def test_idn_is_learned_under_its_a_label(dns: DNSServer, dkim_key: tuple[bytes, str]) -> None:
     """From: the U-label address, d= the A-label: aligned (canonical names), and learned for
     the A-label, whichever form the envelope's SPF domain came in (issue 17 build item 2)."""
     a_label = "xn--bcher-kva.test"
-    dns.set(f"sel._domainkey.{a_label}", "TXT", [keys[1]])
+    dns.set(f"sel._domainkey.{a_label}", "TXT", [dkim_key[1]])
     msg = (f"From: a@B\u00fccher.test\r\nTo: b@example.test\r\nSubject: s\r\n"
            f"Message-ID: <1@{a_label}>\r\n\r\nHello.\r\n").encode()
-    body = dkim.sign(msg, b"sel", a_label.encode(), keys[0],
+    body = dkim.sign(msg, b"sel", a_label.encode(), dkim_key[0],
                      include_headers=[b"from", b"to", b"subject", b"message-id"]) + msg
     for spf_domain in (a_label, "b\u00fccher.test"):
         env = dataclasses.replace(envelope(a_label), evidence={"spf": "pass",
@@ -97,18 +91,18 @@ def test_idn_is_learned_under_its_a_label(dns: DNSServer, keys: tuple[bytes, str
 
 
 def test_pipeline_stores_dkim_passes_for_the_relay(dns: DNSServer,
-                                                   keys: tuple[bytes, str]) -> None:
+                                                   dkim_key: tuple[bytes, str]) -> None:
     """The worker stores the d= of every passing signature with the envelope (evidence
     "dkim_pass", canonical), replacing whatever the envelope came with: the relay's DSN policy
     (ingress.policy.dsn) reads it from the spool file, never from a header (issue 19)."""
     forged = dataclasses.replace(envelope("good.test"), evidence={
         "spf": "pass", "spf_domain": "good.test", "dkim_pass": "victim.test"})
-    p = pipeline(dns).process(forged, signed("good.test", keys[0]), 5.0)
+    p = pipeline(dns).process(forged, signed("good.test", dkim_key[0]), 5.0)
     assert p.evidence == {"dkim_pass": "good.test"}
     stored = p.spool_envelope(forged)
     assert stored.evidence == {"spf": "pass", "spf_domain": "good.test", "dkim_pass": "good.test"}
     assert forged.evidence["dkim_pass"] == "victim.test"          # not changed in place
-    tampered = signed("good.test", keys[0]).replace(b"Hello.", b"Hullo.")
+    tampered = signed("good.test", dkim_key[0]).replace(b"Hello.", b"Hullo.")
     p = pipeline(dns).process(forged, tampered, 5.0)
     assert [r.result for r in p.dkim] == ["fail"]
     assert p.spool_envelope(forged).evidence["dkim_pass"] == ""
@@ -117,15 +111,16 @@ def test_pipeline_stores_dkim_passes_for_the_relay(dns: DNSServer,
     assert p.spool_envelope(unsigned_env).evidence["dkim_pass"] == ""
 
 
-def test_listed_learns_only_listed_domains_live(tmp_path: Path, keys: tuple[bytes, str]) -> None:
+def test_listed_learns_only_listed_domains_live(tmp_path: Path,
+                                                dkim_key: tuple[bytes, str]) -> None:
     """The whole path: worker -> bulk broker's fan-out -> every acceptor -> learned.json. With
     spf_promote = "listed", a listed domain's client is learned (with its domain: the next
     connection's identity is learned:<domain>); a spammer with valid SPF and DKIM is not."""
     good_ip, spam_ip = "127.0.2.7", "127.0.1.7"
     with DNSServer({"good.test": {"TXT": [f"v=spf1 ip4:{good_ip} -all"]},
                     "spammer.test": {"TXT": [f"v=spf1 ip4:{spam_ip} -all"]},
-                    "sel._domainkey.good.test": {"TXT": [keys[1]]},
-                    "sel._domainkey.spammer.test": {"TXT": [keys[1]]}}) as dns:
+                    "sel._domainkey.good.test": {"TXT": [dkim_key[1]]},
+                    "sel._domainkey.spammer.test": {"TXT": [dkim_key[1]]}}) as dns:
         state = Path(tempfile.mkdtemp(prefix="si-", dir="/tmp"))
         tables = {"classify": {"spf_promote": "listed", "spf_domains": ["good.test"],
                                "nameservers": [dns.address], "dns_timeout": 1.0,
@@ -133,7 +128,7 @@ def test_listed_learns_only_listed_domains_live(tmp_path: Path, keys: tuple[byte
         try:
             with Ingress(tmp_path, tables, state=state) as ing:
                 for ip, domain in ((spam_ip, "spammer.test"), (good_ip, "good.test")):
-                    code, text = asyncio.run(send_one(ing.port, signed(domain, keys[0]),
+                    code, text = asyncio.run(send_one(ing.port, signed(domain, dkim_key[0]),
                                                       source=ip, sender=f"a@{domain}"))
                     assert code == 250, text
                 learned = state / "learned.json"
@@ -147,7 +142,7 @@ def test_listed_learns_only_listed_domains_live(tmp_path: Path, keys: tuple[byte
                 # the learned client is fast at connect, as identity learned:good.test (for its
                 # own domain: issue 17 made the entry vouch for good.test's senders only; this
                 # sent other@elsewhere.test before, which is now judged afresh)
-                code, text = asyncio.run(send_one(ing.port, signed("good.test", keys[0]),
+                code, text = asyncio.run(send_one(ing.port, signed("good.test", dkim_key[0]),
                                                   source=good_ip, sender="other@good.test"))
                 assert code == 250, text
                 idents = [e.envelope["evidence"].get("identity")
@@ -190,12 +185,12 @@ def signed_as(domain: str, pem: bytes, subject: str) -> bytes:
     # not learned: nothing to unlearn
     ({"spf": "fail", "spf_domain": "bad.test"}, Lane.BULK, "tampered", ""),
 ])
-def test_pipeline_unlearns_what_disowns_the_entry(dns: DNSServer, keys: tuple[bytes, str],
+def test_pipeline_unlearns_what_disowns_the_entry(dns: DNSServer, dkim_key: tuple[bytes, str],
                                                   env_evidence: dict, lane: Lane, body: str,
                                                   why: str) -> None:
     domain = "silent.test" if body == "silent" else "good.test"
     dns.silent.add("sel._domainkey.silent.test")
-    msg = unsigned(domain, "u") if body == "unsigned" else signed_as(domain, keys[0], "s")
+    msg = unsigned(domain, "u") if body == "unsigned" else signed_as(domain, dkim_key[0], "s")
     if body == "tampered":
         msg = msg.replace(b"Hello.", b"Buy now.")
     now = time.time()
@@ -212,12 +207,12 @@ GOOD_IP, OTHER_SENDER = "127.0.5.7", "b@nodomain.test"
 
 
 @pytest.fixture()
-def live_dns(keys: tuple[bytes, str]):
+def live_dns(dkim_key: tuple[bytes, str]):
     with DNSServer({"good.test": {"TXT": [f"v=spf1 ip4:{GOOD_IP} -all"]},
                     "bad.test": {"TXT": ["v=spf1 -all"]},
                     "spammer.test": {"TXT": ["v=spf1 ip4:127.0.4.0/24 -all"]},
-                    "sel._domainkey.good.test": {"TXT": [keys[1]]},
-                    "sel._domainkey.spammer.test": {"TXT": [keys[1]]}}) as server:
+                    "sel._domainkey.good.test": {"TXT": [dkim_key[1]]},
+                    "sel._domainkey.spammer.test": {"TXT": [dkim_key[1]]}}) as server:
         yield server
 
 
@@ -225,15 +220,6 @@ def live_tables(dns: DNSServer, **classify: object) -> dict:
     return {"classify": {"spf_promote": "any", "nameservers": [dns.address],
                          "dns_timeout": 1.0, "spf_deadline": 2.0,
                          "learned_save_interval": SAVE_INTERVAL, **classify}}
-
-
-def wait_for(cond, timeout: float = 15.0) -> bool:       # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.2)
-    return bool(cond())
 
 
 def learned_entries(state: Path) -> dict:
@@ -249,7 +235,7 @@ def learn_live(ing: Ingress, state: Path, ip: str, domain: str, pem: bytes,
     code, text = asyncio.run(send_one(ing.port, signed_as(domain, pem, subject), source=ip,
                                       sender=f"a@{domain}"))
     assert code == 250, text
-    assert wait_for(lambda: ip in learned_entries(state)), learned_entries(state)
+    assert eventually(lambda: ip in learned_entries(state)), learned_entries(state)
 
 
 def envelope_of(ing: Ingress, subject: str) -> dict:
@@ -277,7 +263,7 @@ async def two_transactions(port: int, source: str, first: tuple[str, bytes],
 
 
 def test_learned_network_is_fast_only_for_its_domain_live(tmp_path: Path, live_dns: DNSServer,
-                                                          keys: tuple[bytes, str]) -> None:
+                                                          dkim_key: tuple[bytes, str]) -> None:
     """Measured 9: an IP learned for good.test, then a MAIL FROM of another domain (no SPF)
     from it: that transaction is bulk (judged afresh; reason learned-mismatch:good.test), and
     the next, from good.test, in the same session, is fast again as learned:good.test. A new
@@ -285,10 +271,10 @@ def test_learned_network_is_fast_only_for_its_domain_live(tmp_path: Path, live_d
     state = Path(tempfile.mkdtemp(prefix="si-", dir="/tmp"))
     try:
         with Ingress(tmp_path, live_tables(live_dns), state=state) as ing:
-            learn_live(ing, state, GOOD_IP, "good.test", keys[0], "learn")
+            learn_live(ing, state, GOOD_IP, "good.test", dkim_key[0], "learn")
             codes = asyncio.run(two_transactions(
                 ing.port, GOOD_IP, (OTHER_SENDER, unsigned("nodomain.test", "other")),
-                ("a@good.test", signed_as("good.test", keys[0], "own"))))
+                ("a@good.test", signed_as("good.test", dkim_key[0], "own"))))
             assert codes == [250, 250]
             other, own = envelope_of(ing, "other"), envelope_of(ing, "own")
             assert other["lane"] == "bulk", other
@@ -297,7 +283,7 @@ def test_learned_network_is_fast_only_for_its_domain_live(tmp_path: Path, live_d
             assert own["lane"] == "fast", own
             assert own["evidence"]["identity"] == "learned:good.test", own
             assert any(e.get("why") == "learned-mismatch" for e in ing.events("demoted"))
-            code, text = asyncio.run(send_one(ing.port, signed_as("good.test", keys[0], "next"),
+            code, text = asyncio.run(send_one(ing.port, signed_as("good.test", dkim_key[0], "next"),
                                               source=GOOD_IP, sender="c@good.test"))
             assert code == 250, text
             nxt = envelope_of(ing, "next")
@@ -309,7 +295,7 @@ def test_learned_network_is_fast_only_for_its_domain_live(tmp_path: Path, live_d
 
 
 def test_learned_network_that_sends_spf_fail_is_unlearned_live(
-        tmp_path: Path, live_dns: DNSServer, keys: tuple[bytes, str]) -> None:
+        tmp_path: Path, live_dns: DNSServer, dkim_key: tuple[bytes, str]) -> None:
     """Measured 9 ("nothing unlearns an IP that later sends spam"): the learned IP sends mail
     whose SPF fails (MAIL FROM bad.test, -all): the worker's unlearn fact reaches every
     acceptor, acceptor 0 drops it from learned.json, and the next connection from that IP is
@@ -317,16 +303,17 @@ def test_learned_network_that_sends_spf_fail_is_unlearned_live(
     state = Path(tempfile.mkdtemp(prefix="si-", dir="/tmp"))
     try:
         with Ingress(tmp_path, live_tables(live_dns), state=state) as ing:
-            learn_live(ing, state, GOOD_IP, "good.test", keys[0], "learn")
+            learn_live(ing, state, GOOD_IP, "good.test", dkim_key[0], "learn")
             code, text = asyncio.run(send_one(ing.port, unsigned("bad.test", "spam"),
                                               source=GOOD_IP, sender="x@bad.test"))
             assert code == 250, text
             spam = envelope_of(ing, "spam")
             assert spam["lane"] == "bulk" and spam["evidence"].get("spf") == "fail", spam
-            assert wait_for(lambda: ing.events("unlearned")), ing.log_tail()
-            assert wait_for(lambda: GOOD_IP not in learned_entries(state)), \
+            assert eventually(lambda: ing.events("unlearned")), ing.log_tail()
+            assert eventually(lambda: GOOD_IP not in learned_entries(state)), \
                 learned_entries(state)
-            code, text = asyncio.run(send_one(ing.port, signed_as("good.test", keys[0], "after"),
+            code, text = asyncio.run(send_one(ing.port,
+                                              signed_as("good.test", dkim_key[0], "after"),
                                               source=GOOD_IP, sender="a@good.test"))
             assert code == 250, text
             after = envelope_of(ing, "after")
@@ -337,7 +324,7 @@ def test_learned_network_that_sends_spf_fail_is_unlearned_live(
 
 
 def test_one_domain_learns_at_most_its_quota_of_networks_live(
-        tmp_path: Path, live_dns: DNSServer, keys: tuple[bytes, str]) -> None:
+        tmp_path: Path, live_dns: DNSServer, dkim_key: tuple[bytes, str]) -> None:
     """Measured 3/4 (all 50 spam IPs learned): with classify.learned_per_domain = 2, a domain
     with SPF and DKIM that delivers from 3 networks holds its newest 2; the oldest is not
     learned any more (not promoted at connect)."""
@@ -347,12 +334,13 @@ def test_one_domain_learns_at_most_its_quota_of_networks_live(
         with Ingress(tmp_path, live_tables(live_dns, learned_per_domain=2),
                      state=state) as ing:
             for i, ip in enumerate(ips):
-                learn_live(ing, state, ip, "spammer.test", keys[0], f"spam{i}")
-            assert wait_for(lambda: ips[0] not in learned_entries(state))
+                learn_live(ing, state, ip, "spammer.test", dkim_key[0], f"spam{i}")
+            assert eventually(lambda: ips[0] not in learned_entries(state))
             entries = learned_entries(state)
             held = sorted(k for k, v in entries.items() if v["domain"] == "spammer.test")
             assert held == ips[1:], entries
-            code, text = asyncio.run(send_one(ing.port, signed_as("spammer.test", keys[0], "old"),
+            code, text = asyncio.run(send_one(ing.port,
+                                              signed_as("spammer.test", dkim_key[0], "old"),
                                               source=ips[0], sender="a@spammer.test"))
             assert code == 250, text
             assert "learned-allow" not in envelope_of(ing, "old")["evidence"]["reasons"]

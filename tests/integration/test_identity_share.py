@@ -15,9 +15,8 @@ import zmq
 
 from ingress.core import config
 from ingress.core.wire import Envelope, Lane, decode_reply, new_qid, submit
-from tests.kit.dkimkeys import signing_record
 from tests.kit.dnsserver import DNSServer
-from tests.kit.harness import Ingress, send_one, split_trace
+from tests.kit.harness import Ingress, send_one, short_message, split_trace
 from tests.kit.session import HeldSession
 
 ALLOWED_IP = "127.0.0.20"
@@ -26,24 +25,18 @@ SPAM_IPS = [f"127.0.1.{i}" for i in range(1, 51)]   # the spammer's 50 addresses
 
 
 @pytest.fixture(scope="module")
-def keys() -> tuple[bytes, str]:
-    return signing_record()
-
-
-@pytest.fixture(scope="module")
-def dns(keys: tuple[bytes, str]):
+def dns(dkim_key: tuple[bytes, str]):
     with DNSServer({
         "spammer.test": {"TXT": ["v=spf1 ip4:127.0.1.0/24 -all"]},
         "good.test": {"TXT": ["v=spf1 ip4:127.0.2.0/24 -all"]},
-        "sel._domainkey.spammer.test": {"TXT": [keys[1]]},
-        "sel._domainkey.good.test": {"TXT": [keys[1]]},
+        "sel._domainkey.spammer.test": {"TXT": [dkim_key[1]]},
+        "sel._domainkey.good.test": {"TXT": [dkim_key[1]]},
     }) as server:
         yield server
 
 
 def signed(domain: str, subject: str, pem: bytes) -> bytes:
-    msg = (f"From: a@{domain}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
-           f"Message-ID: <{subject}@{domain}>\r\n\r\nHello.\r\n").encode()
+    msg = short_message(subject, f"a@{domain}", msgid_domain=domain)
     return dkim.sign(msg, b"sel", domain.encode(), pem,
                      include_headers=[b"from", b"to", b"subject", b"message-id"]) + msg
 
@@ -65,7 +58,7 @@ def lanes_by_subject(ing: Ingress) -> dict[str, tuple[str, bytes]]:
 
 
 def test_one_identity_cannot_exceed_its_share(tmp_path: Path, dns: DNSServer,
-                                              keys: tuple[bytes, str]) -> None:
+                                              dkim_key: tuple[bytes, str]) -> None:
     """fast_reserve 12 x 0.25: 3 fast sessions of org:spammer.test; its 4th..6th are bulk,
     and their mail is still accepted (served as bulk, not refused)."""
     with Ingress(tmp_path, tables(dns, max_connections=40, fast_reserve=12)) as ing:
@@ -74,7 +67,7 @@ def test_one_identity_cannot_exceed_its_share(tmp_path: Path, dns: DNSServer,
             for s in held:
                 assert (await s.cmd("EHLO spam.test")).startswith("250")
             replies = [await s.message("x@spammer.test",
-                                       signed("spammer.test", f"spam{i}", keys[0]))
+                                       signed("spammer.test", f"spam{i}", dkim_key[0]))
                        for i, s in enumerate(held)]
             for s in held:
                 s.close()
@@ -92,7 +85,7 @@ def test_one_identity_cannot_exceed_its_share(tmp_path: Path, dns: DNSServer,
 
 
 def test_spammer_with_spf_and_dkim_from_50_ips_leaves_others_at_100(
-        tmp_path: Path, dns: DNSServer, keys: tuple[bytes, str]) -> None:
+        tmp_path: Path, dns: DNSServer, dkim_key: tuple[bytes, str]) -> None:
     """A spammer domain with valid SPF and DKIM holds sessions from 50 addresses; an
     allow-listed sender and a second authenticated domain still get every message in, in the
     fast lane."""
@@ -110,11 +103,11 @@ def test_spammer_with_spf_and_dkim_from_50_ips_leaves_others_at_100(
                 await s.cmd("EHLO spam.test")
                 spam_replies.append(await s.cmd("MAIL FROM:<x@spammer.test>"))
                 spam.append(s)
-            allowed = [(await send_one(ing.port, signed("allowed.test", f"allowed{i}", keys[0]),
+            allowed = [(await send_one(ing.port, signed("allowed.test", f"allowed{i}", dkim_key[0]),
                                        source=ALLOWED_IP, sender="a@allowed.test"))[0]
                        for i in range(5)]
             good_replies = [await good.message("a@good.test",
-                                               signed("good.test", f"good{i}", keys[0]))
+                                               signed("good.test", f"good{i}", dkim_key[0]))
                             for i in range(5)]
             for s in (good, *spam):
                 s.close()
@@ -134,7 +127,7 @@ def test_spammer_with_spf_and_dkim_from_50_ips_leaves_others_at_100(
 
 
 def test_over_share_on_the_fast_port_is_served_as_bulk(tmp_path: Path, dns: DNSServer,
-                                                       keys: tuple[bytes, str]) -> None:
+                                                       dkim_key: tuple[bytes, str]) -> None:
     """listen.fast_port admits fast-lane clients only; an allow-listed relay over its share
     (fast_reserve 4 x 0.25 = 1 session) is served as bulk there too: never a 554."""
     t = tables(dns, max_connections=20, fast_reserve=4)
@@ -149,7 +142,7 @@ def test_over_share_on_the_fast_port_is_served_as_bulk(tmp_path: Path, dns: DNSS
             assert banner.startswith("220"), banner
             await second.cmd("EHLO relay.test")
             reply = await second.message("a@allowed.test",
-                                         signed("allowed.test", "second", keys[0]))
+                                         signed("allowed.test", "second", dkim_key[0]))
             first.close()
             second.close()
             return [reply]
@@ -163,8 +156,7 @@ def test_over_share_on_the_fast_port_is_served_as_bulk(tmp_path: Path, dns: DNSS
 
 def plain(domain: str, subject: str) -> bytes:
     """Unsigned (no aligned DKIM: nothing is learned, each session decides at MAIL FROM)."""
-    return (f"From: a@{domain}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{subject}@{domain}>\r\n\r\nHello.\r\n").encode()
+    return short_message(subject, f"a@{domain}", msgid_domain=domain)
 
 
 def over_rate_lines(ing: Ingress, key: str) -> list[dict[str, object]]:

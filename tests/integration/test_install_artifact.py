@@ -60,8 +60,8 @@ import orjson
 import pytest
 
 from tests.kit.dnsserver import DNSServer
-from tests.kit.harness import ROOT, Ingress, send_one
-from tests.kit.postfix import PostfixInstance, started_postfix
+from tests.kit.harness import ROOT, Ingress, send_one, wait_for
+from tests.kit.postfix import PostfixInstance
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -188,13 +188,12 @@ def test_installed_check_config_on_the_example(installed: Installed) -> None:
 
 # ---------------------------------------------------------------- served, with a real Postfix
 
-@pytest.fixture(scope="module")
-def postfix() -> Iterator[PostfixInstance]:
-    # A message from DEFER_SENDER is deferred at the end of DATA (the relay keeps it queued).
-    yield from started_postfix("artifact-pf-", accept_domains=("example.com", "sender.test"),
-                               extra_main_cf={"smtpd_end_of_data_restrictions":
-                                              f"check_sender_access inline:{{{{{DEFER_SENDER}"
-                                              "=450 4.7.1 try again later}}"})
+# The `postfix` fixture's Postfix (tests/integration/conftest.py): a message from DEFER_SENDER
+# is deferred at the end of DATA (the relay keeps it queued).
+POSTFIX = {"accept_domains": ("example.com", "sender.test"),
+           "extra_main_cf": {"smtpd_end_of_data_restrictions":
+                             f"check_sender_access inline:{{{{{DEFER_SENDER}"
+                             "=450 4.7.1 try again later}}"}}
 
 
 @pytest.fixture(scope="module")
@@ -227,16 +226,6 @@ def derived_tables(pf: PostfixInstance, dns: DNSServer) -> tuple[dict[str, dict[
     tables["metrics"]["listen"] = "127.0.0.1:0"
     tables["classify"]["nameservers"] = [dns.address]
     return tables, example
-
-
-def wait_for(cond: Any, timeout: float, what: str, poll: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(poll)
 
 
 def body(marker: str, sender: str) -> bytes:

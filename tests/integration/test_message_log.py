@@ -14,23 +14,17 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.kit.harness import Ingress, make_body, send_one, wait_for
-from tests.kit.postfix import PostfixInstance, started_postfix
+from tests.kit.postfix import PostfixInstance
 
 pytestmark = pytest.mark.timeout(90)
 
 QUEUED = re.compile(r"queued as ([0-9A-F]+)")
 FAST = "127.0.0.9"
-
-
-@pytest.fixture(scope="module")
-def postfix() -> Iterator[PostfixInstance]:
-    yield from started_postfix("msglog-pf-")
 
 
 def test_one_accept_line_and_one_relay_line_per_message(tmp_path: Path,

@@ -8,26 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.kit.harness import Ingress, make_body, send_one
+from tests.kit.scrape import scrape
 from workers.spool import collector
 
 N = 20
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            key = tuple(sorted((k, v) for k, v in s.labels.items() if k != "pid"))
-            out[(s.name, key)] = s.value
-    return out
 
 
 def test_scrape_while_mail_flows(tmp_path: Path) -> None:

@@ -22,18 +22,12 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_retry_deferred import metrics_port, scrape, value
-from tests.kit.harness import Ingress, make_body, send_one
-from tests.kit.pki import write_pki
+from tests.kit.harness import Ingress, make_body, mtls_port, send_one
+from tests.kit.scrape import metrics_port, scrape, value
 
 CERT_IP = "127.0.0.50"           # the certificate sender (its /24 becomes known)
 ALLOWED_IP = "127.0.0.2"         # allow-listed on port 25 (served by the fast acceptor)
 BOT_IPS = ("127.0.1.101", "127.0.1.102", "127.0.1.103")    # another /24: strangers
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return write_pki(tmp_path_factory.mktemp("pki"))
 
 
 def client_ctx(pki: dict[str, Path], cert: str | None) -> ssl.SSLContext:
@@ -47,10 +41,6 @@ def client_ctx(pki: dict[str, Path], cert: str | None) -> ssl.SSLContext:
 def tls_config(pki: dict[str, Path], **gate: Any) -> dict[str, Any]:
     return {"cert": str(pki["cert"]), "key": str(pki["key"]), "mtls_port": 0,
             "client_ca": str(pki["ca"]), **gate}
-
-
-def mtls_port(ing: Ingress) -> int:
-    return int(ing.events("ready")[-1]["mtls_port"])
 
 
 def handshake_outcome(port: int, ctx: ssl.SSLContext, source: str) -> str:

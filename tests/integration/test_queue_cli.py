@@ -29,52 +29,37 @@ from typing import Any
 import orjson
 import pytest
 
-from ingress.core.wire import Envelope, Lane, new_qid
-from tests.integration.test_relay import delivered, relaying, wait_for
-from tests.kit.harness import ROOT, Ingress, make_body, send_one, write_config
+from ingress.core.wire import Lane
+from tests.kit.harness import (
+    ROOT,
+    Ingress,
+    make_body,
+    relaying,
+    send_one,
+    spool_count,
+    wait_for,
+    write_config,
+)
 from tests.kit.postfix import (
     PostfixInstance,
-    started_postfix,
 )
-from workers.spool import store as spool_mod
+from tests.kit.relaykit import (
+    REJECTED,
+    TEMPFAIL,
+    delivered,
+    make_spool,
+    put,
+    relay_postfix,
+    relay_tables,
+)
 from workers.spool.state import RelayState
 from workers.spool.store import read_state, write_state
 
 pytestmark = pytest.mark.timeout(120)
 
-REJECTED = "nosuchuser@example.test"
-TEMPFAIL = "later@example.test"
-
-
 def cli(config: Path, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "ingress", "queue", "--config", str(config),
                            *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def make_spool(tmp_path: Path) -> tuple[Path, Path]:
-    spool = tmp_path / "spool"
-    cfg = tmp_path / "ingress.toml"
-    write_config(cfg, {"smtp": {"hostname": "mx.test", "accepted_domains": ["example.test"]},
-                       "spool": {"path": str(spool), "state_dir": str(tmp_path / "state")}})
-    spool_mod.Spool(spool)
-    (spool / "relay").mkdir()                 # as the relay makes it
-    return cfg, spool
-
-
-def put(spool: Path, sender: str, rcpts: tuple[str, ...], body: bytes = b"",
-        lane: Lane = Lane.BULK, age: float = 0.0) -> tuple[str, str]:
-    now = time.time() - age
-    env = Envelope(qid=new_qid(now), lane=lane, peer_ip="127.0.0.1", peer_port=1, helo="c.test",
-                   mail_from=sender, rcpts=rcpts, received_at=now, deadline=now + 5)
-    body = body or f"Subject: {env.qid}\r\n\r\nhello\r\n".encode()
-    (name,) = spool_mod.Spool(spool).write_batch([(env, b"Received: x\r\n", body)])
-    assert isinstance(name, str)
-    return env.qid, name
-
-
-def spool_count(ing: Ingress, sub: str) -> int:
-    """Spool files in spool/<sub> (not the .state directories beside them)."""
-    return sum(1 for p in (ing.spool / sub).iterdir() if not p.name.startswith("."))
 
 
 def listing(cfg: Path) -> dict[str, dict[str, Any]]:
@@ -278,28 +263,11 @@ def test_busy_file_is_not_touched(tmp_path: Path) -> None:
 
 # --- part 2: racing the running relay -----------------------------------------------------------
 
-def _postfix(extra: dict[str, str]) -> Iterator[PostfixInstance]:
-    yield from started_postfix("queue-pf-", extra_main_cf={
-        "smtpd_recipient_restrictions":
-            f"check_recipient_access inline:{{{{{REJECTED}=550 5.1.1 no such user}}, "
-            f"{{{TEMPFAIL}=450 4.2.0 try later}}}}", **extra})
-
-
-@pytest.fixture(scope="module")
-def postfix() -> Iterator[PostfixInstance]:
-    yield from _postfix({})
-
-
 @pytest.fixture(scope="module")
 def slow_postfix() -> Iterator[PostfixInstance]:
     """Each delivery takes a second (at DATA): the relay has a backlog and files in delivery
     (locked) while the commands run."""
-    yield from _postfix({"smtpd_data_restrictions": "sleep 1"})
-
-
-def tables(pf: PostfixInstance, retry_base: float = 0.5) -> dict[str, dict[str, object]]:
-    return {"relay": {"downstream": f"smtp://127.0.0.1:{pf.port}", "retry_base": retry_base,
-                      "retry_max": max(retry_base, 2.0), "timeout": 10.0, "concurrency": 4}}
+    yield from relay_postfix("queue-slow-pf-", {"smtpd_data_restrictions": "sleep 1"})
 
 
 def test_commands_race_the_relay(tmp_path: Path, slow_postfix: PostfixInstance) -> None:
@@ -307,7 +275,7 @@ def test_commands_race_the_relay(tmp_path: Path, slow_postfix: PostfixInstance) 
     n = 60
     rcpts = [f"race{i}.{time.time_ns()}@example.test" for i in range(n)]
     rng = random.Random(12)
-    with Ingress(tmp_path, tables(postfix)) as ing:
+    with Ingress(tmp_path, relay_tables(postfix)) as ing:
         relaying(ing)
         sent: dict[str, int] = {}
 
@@ -369,7 +337,7 @@ def test_commands_race_the_relay(tmp_path: Path, slow_postfix: PostfixInstance) 
 
 
 def test_retry_makes_deferred_due_now(tmp_path: Path, postfix: PostfixInstance) -> None:
-    with Ingress(tmp_path, tables(postfix, retry_base=600.0)) as ing:
+    with Ingress(tmp_path, relay_tables(postfix, retry_base=600.0)) as ing:
         relaying(ing)
         assert asyncio.run(send_one(ing.port, make_body(1), rcpts=(TEMPFAIL,)))[0] == 250
         wait_for(lambda: sum(e["outcome"] == "deferred" for e in ing.events("relay")) == 1, 20,
@@ -393,7 +361,7 @@ def test_retry_wakes_the_relay_out_of_its_downstream_backoff(
     rcpt = f"wake{time.time_ns()}@example.test"
     postfix.stop()
     try:
-        with Ingress(tmp_path, tables(postfix, retry_base=600.0)) as ing:
+        with Ingress(tmp_path, relay_tables(postfix, retry_base=600.0)) as ing:
             relaying(ing)
             assert asyncio.run(send_one(ing.port, make_body(3), rcpts=(rcpt,)))[0] == 250
             wait_for(lambda: ing.events("relay_downstream_down"), 20, "the relay to back off")
@@ -421,7 +389,7 @@ def test_retry_wakes_the_relay_out_of_its_downstream_backoff(
 
 def test_requeue_failed_skips_delivered(tmp_path: Path, postfix: PostfixInstance) -> None:
     good = f"good{time.time_ns()}@example.test"
-    with Ingress(tmp_path, tables(postfix)) as ing:
+    with Ingress(tmp_path, relay_tables(postfix)) as ing:
         relaying(ing)
         assert asyncio.run(send_one(ing.port, make_body(2), rcpts=(good, REJECTED)))[0] == 250
         wait_for(lambda: spool_count(ing, "failed") == 1, 20, "the message in failed/")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,6 @@ from tests.kit.harness import Ingress, make_body, send_one, smtp_dialogue, wait_
 from tests.kit.postfix import (
     PostfixInstance,
     free_port,
-    started_postfix,
 )
 from tests.kit.scripted_server import ScriptedServer
 
@@ -39,14 +37,13 @@ EHLO = b"EHLO client.test\r\n"
 MAIL = b"MAIL FROM:<alice@sender.test>\r\n"
 
 
-@pytest.fixture(scope="module")
-def postfix() -> Iterator[PostfixInstance]:
-    boxes = ", ".join(f"{a}=example.test/" for a in (*KNOWN, TEMP))
-    yield from started_postfix("verify-pf-", accept_domains=("example.test",), extra_main_cf={
-        # only these mailboxes exist: every other recipient is 550 5.1.1 at RCPT
-        "virtual_mailbox_maps": f"inline:{{{boxes}}}",
-        "smtpd_recipient_restrictions":
-            f"check_recipient_access inline:{{{{{TEMP}=450 4.2.1 mailbox busy}}}}"})
+# The `postfix` fixture's Postfix (tests/integration/conftest.py)
+_BOXES = ", ".join(f"{a}=example.test/" for a in (*KNOWN, TEMP))
+POSTFIX = {"accept_domains": ("example.test",), "extra_main_cf": {
+    # only these mailboxes exist: every other recipient is 550 5.1.1 at RCPT
+    "virtual_mailbox_maps": f"inline:{{{_BOXES}}}",
+    "smtpd_recipient_restrictions":
+        f"check_recipient_access inline:{{{{{TEMP}=450 4.2.1 mailbox busy}}}}"}}
 
 
 def tables(downstream: str, **smtp: object) -> dict[str, dict[str, object]]:

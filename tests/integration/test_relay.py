@@ -16,86 +16,17 @@ import email
 import email.policy
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.kit.harness import Ingress, make_body, relaying, send_one, wait_for
+from tests.kit.harness import Ingress, make_body, relaying, send_one, spool_count, wait_for
 from tests.kit.postfix import (
     PostfixInstance,
-    started_postfix,
 )
+from tests.kit.relaykit import REJECTED, delivered, relay_tables, send_all, strip_trace
 
 pytestmark = pytest.mark.timeout(90)
-
-REJECTED = "nosuchuser@example.test"
-
-
-@pytest.fixture(scope="module")
-def postfix() -> Iterator[PostfixInstance]:
-    yield from started_postfix("relay-pf-", extra_main_cf={
-        "smtpd_recipient_restrictions":
-            f"check_recipient_access inline:{{{{{REJECTED}=550 5.1.1 no such user}}}}"})
-
-
-def relay_tables(pf: PostfixInstance) -> dict[str, dict[str, object]]:
-    return {"relay": {"downstream": f"smtp://127.0.0.1:{pf.port}", "retry_base": 0.5,
-                      "retry_max": 2.0, "timeout": 10.0, "concurrency": 4}}
-
-
-async def send_all(port: int, bodies: dict[str, bytes], sender: str = "alice@sender.test",
-                   concurrency: int = 10) -> dict[str, tuple[int, str]]:
-    sem = asyncio.Semaphore(concurrency)
-    out: dict[str, tuple[int, str]] = {}
-
-    async def one(rcpt: str) -> None:
-        async with sem:
-            out[rcpt] = await send_one(port, bodies[rcpt], sender=sender, rcpts=(rcpt,))
-
-    await asyncio.gather(*(one(r) for r in bodies))
-    return out
-
-
-_POSTFIX_HEAD = re.compile(
-    rb"Return-Path: <(?P<rp>[^>]*)>\r\n"
-    rb"X-Original-To: (?P<xot>[^\r]+)\r\n"
-    rb"Delivered-To: (?P<dt>[^\r]+)\r\n"
-    rb"Received: from mx\.test \(localhost \[127\.0\.0\.1\]\)\r\n"
-    rb"\tby bench-postfix\.localdomain \(Postfix\) with E?SMTP id [0-9A-F]+\r\n"
-    rb"\tfor <[^>]+>; [^\r]+\r\n"
-    # ours: Authentication-Results with our authserv-id (the worker adds it), then Received
-    rb"(?:Authentication-Results: mx\.test[ ;][^\r]*\r\n(?:\t[^\r]*\r\n)*)?"
-    rb"Received: from client\.test \(\[127\.0\.0\.1\]\)\r\n"
-    rb"\tby mx\.test \(smtp-ingress lane=(?:fast|bulk)\) with ESMTP id [0-9A-F]+\r\n"
-    rb"(?:\tfor <[^>]+>;\r\n)?"
-    rb"\t[^\r]+\r\n")
-
-
-def delivered(pf: PostfixInstance, domain: str = "example.test") -> dict[str, list[bytes]]:
-    """Delivered-To recipient -> the delivered files (CRLF restored: Maildir files use LF)."""
-    out: dict[str, list[bytes]] = {}
-    for p in pf.maildir_messages(domain):
-        raw = p.read_bytes()
-        assert b"\r" not in raw
-        raw = raw.replace(b"\n", b"\r\n")
-        m = re.search(rb"^Delivered-To: ([^\r]+)\r\n", raw, re.M)
-        assert m, raw[:300]
-        out.setdefault(m.group(1).decode(), []).append(raw)
-    return out
-
-
-def strip_trace(raw: bytes, sender: str, rcpt: str) -> bytes:
-    """Remove exactly the trace headers Postfix and we added; everything else must remain."""
-    m = _POSTFIX_HEAD.match(raw)
-    assert m, raw[:600]
-    assert m["rp"].decode() == sender and m["xot"].decode() == rcpt and m["dt"].decode() == rcpt
-    return raw[m.end():]
-
-
-def spool_count(ing: Ingress, sub: str) -> int:
-    return sum(1 for _ in (ing.spool / sub).iterdir())
-
 
 def test_relay_byte_exact_to_postfix(tmp_path: Path, postfix: PostfixInstance) -> None:
     bodies = {f"a{i}@example.test": make_body(i, size=300 + 97 * i) for i in range(50)}

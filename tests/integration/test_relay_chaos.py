@@ -20,17 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_relay import (  # noqa: F401 - postfix is a fixture
-    delivered,
-    postfix,
-    relaying,
-    send_all,
-    spool_count,
-    strip_trace,
-    wait_for,
-)
-from tests.kit.harness import Ingress, make_body
+from tests.kit.harness import Ingress, make_body, relaying, spool_count, wait_for
 from tests.kit.postfix import PostfixInstance
+from tests.kit.relaykit import delivered, send_all, strip_trace
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -46,7 +38,7 @@ def relay_pids(ing: Ingress) -> list[int]:
     return ing.children("relay")
 
 
-def test_kill_relay_mid_delivery(tmp_path: Path, postfix: PostfixInstance) -> None:  # noqa: F811
+def test_kill_relay_mid_delivery(tmp_path: Path, postfix: PostfixInstance) -> None:
     tables = {"relay": {"downstream": f"smtp://127.0.0.1:{postfix.port}", "retry_base": 0.5,
                         "retry_max": 2.0, "timeout": 10.0, "concurrency": CONCURRENCY},
               "supervisor": {"restart_backoff": 0.1}}

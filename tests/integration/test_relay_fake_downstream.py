@@ -22,9 +22,9 @@ import orjson
 import pytest
 
 from ingress.core.addr import normalize_domain
-from ingress.core.config import Config, RelayConfig, SmtpConfig, SpoolConfig
+from ingress.core.config import Config
 from ingress.core.wire import Envelope, Lane, new_qid
-from tests.unit.test_relay_unit import parse_dsn
+from tests.kit.relaykit import make_cfg, parse_dsn, run_until
 from workers.relay import clients, scheduler
 from workers.spool import store as spool_mod
 from workers.spool.state import RelayState, Reply
@@ -137,18 +137,6 @@ class FakeMTA:
             w.close()
 
 
-def make_cfg(tmp: Path, downstream: str, **relay_kw: float | str) -> Config:
-    """`dsn="always"` in the tests about DSN mechanics: their senders carry no evidence, and
-    relay.dsn's default ("authenticated") would send them none (test_dsn_policy_live.py)."""
-    base = Config()
-    kw: dict[str, float | str] = {"retry_base": 0.2, "retry_max": 0.5, "timeout": 5.0}
-    kw.update(relay_kw)
-    return dataclasses.replace(
-        base, spool=SpoolConfig(path=tmp / "spool", state_dir=tmp / "state"),
-        smtp=dataclasses.replace(SmtpConfig(), hostname="mx.test"),
-        relay=RelayConfig(downstream=downstream, concurrency=2, **kw))  # type: ignore[arg-type]
-
-
 def spool_msg(cfg: Config, body: bytes, rcpts: tuple[str, ...], sender: str = "alice@example.test",
               age: float = 0.0) -> tuple[str, bytes]:
     now = time.time() - age
@@ -159,22 +147,6 @@ def spool_msg(cfg: Config, body: bytes, rcpts: tuple[str, ...], sender: str = "a
     (name,) = spool_mod.Spool(cfg.spool.path).write_batch([(env, trace, body)])
     assert isinstance(name, str)
     return name, trace + body
-
-
-async def run_until(cfg: Config, cond: Callable[[], bool],
-                    timeout: float = 10.0) -> scheduler.Relay:
-    r = scheduler.Relay(cfg)
-    task = asyncio.create_task(r.main())
-    deadline = time.monotonic() + timeout
-    try:
-        while not cond():
-            assert time.monotonic() < deadline, f"timed out; counters {r.counters}"
-            assert not task.done(), task.exception()
-            await asyncio.sleep(0.05)
-    finally:
-        r.stop()
-        await asyncio.wait_for(task, 10)
-    return r
 
 
 BODY = (b"From: alice@example.test\r\nTo: a@example.test\r\nSubject: t\r\n\r\n"

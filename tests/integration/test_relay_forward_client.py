@@ -29,7 +29,15 @@ from typing import Any
 import pytest
 
 from ingress.core.wire import Envelope, Lane, new_qid
-from tests.kit.harness import Ingress, make_body, relaying, send_one, smtp_dialogue, wait_for
+from tests.kit.harness import (
+    Ingress,
+    make_body,
+    relaying,
+    send_one,
+    smtp_dialogue,
+    spool_count,
+    wait_for,
+)
 from tests.kit.postfix import PostfixInstance, started_postfix
 from workers.spool import store as spool_mod
 
@@ -62,10 +70,6 @@ def tables(pf: PostfixInstance, mode: str | None) -> dict[str, dict[str, Any]]:
     if mode is not None:                   # None: the default (auto)
         relay["forward_client"] = mode
     return {"relay": relay}
-
-
-def spool_count(ing: Ingress, sub: str) -> int:
-    return sum(1 for _ in (ing.spool / sub).iterdir())
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,7 @@ import pytest
 from ingress.core import metrics
 from ingress.core.config import Config
 from ingress.core.wire import Envelope, Lane, new_qid
-from tests.integration.test_relay_fake_downstream import make_cfg, run_until
-from tests.unit.test_relay_forward import xtext_decode
+from tests.kit.relaykit import make_cfg, run_until, xtext_decode
 from workers.relay import forward
 from workers.spool import store as spool_mod
 

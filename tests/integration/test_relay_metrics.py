@@ -18,17 +18,11 @@ from pathlib import Path
 import orjson
 
 from ingress.core import metrics
-from tests.integration.test_metrics_scrape import scrape
-from tests.integration.test_queue_cli import REJECTED, TEMPFAIL, postfix, tables  # noqa: F401
-from tests.integration.test_relay import relaying, wait_for
-from tests.kit.harness import ROOT, Ingress, make_body, send_one
+from tests.kit.harness import ROOT, Ingress, make_body, relaying, send_one, wait_for
 from tests.kit.postfix import free_port
+from tests.kit.relaykit import REJECTED, TEMPFAIL, relay_tables
+from tests.kit.scrape import metrics_port, scrape
 from workers.spool import collector
-
-
-def metrics_port(ing: Ingress) -> int:
-    wait_for(lambda: ing.events("metrics_listening"), 10, "the metrics endpoint")
-    return int(str(ing.events("metrics_listening")[0]["listen"]).rsplit(":", 1)[1])
 
 
 def status(ing: Ingress, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -37,8 +31,8 @@ def status(ing: Ingress, *extra: str) -> subprocess.CompletedProcess[str]:
                           timeout=30)
 
 
-def test_relay_metrics_and_status(tmp_path: Path, postfix) -> None:  # noqa: F811
-    t = tables(postfix)
+def test_relay_metrics_and_status(tmp_path: Path, postfix) -> None:
+    t = relay_tables(postfix)
     t["relay"]["dsn"] = "always"      # a DSN for an unauthenticated sender is counted here
     # a real port: `status` finds the endpoint through metrics.listen
     t["metrics"] = {"listen": f"127.0.0.1:{free_port()}"}

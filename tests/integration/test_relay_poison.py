@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -42,7 +42,6 @@ from tests.kit.harness import Ingress, make_body, send_one, wait_for
 from tests.kit.postfix import (
     PostfixInstance,
     free_port,
-    started_postfix,
 )
 from workers.spool import store as spool_mod
 
@@ -129,14 +128,13 @@ class LmtpDownstream:
         return out
 
 
-@pytest.fixture(scope="module")
-def postfix() -> Iterator[PostfixInstance]:
-    table = ", ".join("{" + f"{r}=550 5.1.1 no such user" + "}" for r in REJECTED)
-    yield from started_postfix("relay-poison-pf-", extra_main_cf={
-        "smtpd_recipient_restrictions": f"check_recipient_access inline:{{{table}}}",
-        "smtputf8_enable": "no",
-        "smtpd_hard_error_limit": str(HARD_ERRORS),
-        "smtpd_error_sleep_time": "0"})
+# The `postfix` fixture's Postfix (tests/integration/conftest.py)
+_REFUSALS = ", ".join("{" + f"{r}=550 5.1.1 no such user" + "}" for r in REJECTED)
+POSTFIX = {"extra_main_cf": {
+    "smtpd_recipient_restrictions": f"check_recipient_access inline:{{{_REFUSALS}}}",
+    "smtputf8_enable": "no",
+    "smtpd_hard_error_limit": str(HARD_ERRORS),
+    "smtpd_error_sleep_time": "0"}}
 
 
 def postfix_delivered(pf: PostfixInstance) -> list[tuple[str, str, bytes]]:

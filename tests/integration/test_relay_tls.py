@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.integration.test_queue_cli import postfix, spool_count  # noqa: F401
-from tests.integration.test_relay import delivered, relaying, wait_for
-from tests.kit.harness import Ingress, make_body, send_one
+from tests.kit.harness import Ingress, make_body, relaying, send_one, spool_count, wait_for
 from tests.kit.postfix import PostfixInstance, PostfixUnavailable, check_available, free_port
+from tests.kit.relaykit import delivered
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,7 +96,7 @@ def test_starttls_to_postfix(tmp_path: Path, tls_postfix: tuple[PostfixInstance,
 
 
 def test_required_refuses_plain_and_wrong_name(
-        tmp_path: Path, postfix: PostfixInstance,  # noqa: F811
+        tmp_path: Path, postfix: PostfixInstance,
         tls_postfix: tuple[PostfixInstance, Path]) -> None:
     tpf, ca_file = tls_postfix
     cases = [("plain", relay(postfix, tls="required"), "STARTTLS", postfix),
@@ -119,7 +118,7 @@ def test_required_refuses_plain_and_wrong_name(
 
 
 def test_opportunistic_without_tls_sends_plain(tmp_path: Path,
-                                               postfix: PostfixInstance) -> None:  # noqa: F811
+                                               postfix: PostfixInstance) -> None:
     to = rcpts("opp-plain", 2)
     with Ingress(tmp_path, relay(postfix, tls="opportunistic")) as ing:
         relaying(ing)

@@ -375,24 +375,6 @@ def test_data_semantics_match_aiosmtpd(tmp_path: Path, chunk: str) -> None:
 # --- the mutual-TLS port: counted before the handshake ------------------------------------
 
 
-@pytest.fixture
-def pki(tmp_path: Path) -> dict[str, Path]:
-    import trustme
-
-    ca = trustme.CA()
-    d = tmp_path / "pki"
-    d.mkdir()
-    server = ca.issue_cert("mx.test", "127.0.0.1")
-    client = ca.issue_cert("client.good.test")
-    out = {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key",
-           "client": d / "client.pem"}
-    ca.cert_pem.write_to_path(str(out["ca"]))
-    server.cert_chain_pems[0].write_to_path(str(out["cert"]))
-    server.private_key_pem.write_to_path(str(out["key"]))
-    client.private_key_and_cert_chain_pem.write_to_path(str(out["client"]))
-    return out
-
-
 async def mtls_message(port: int, pki: dict[str, Path]) -> tuple[int, str]:
     return await send_tls(port, make_body(7), ca=pki["ca"], client=pki["client"],
                           sender="alice@good.test")

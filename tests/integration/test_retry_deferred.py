@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.kit.harness import Ingress, make_body, send_one, smtp_dialogue
+from tests.kit.scrape import metrics_port, scrape, value
 
 SPAM_SOURCE = "127.0.1.2"
 MIN_DELAY = 1.0
@@ -46,28 +44,6 @@ def tables(acceptors: int = 1, burst: int = 1, share: float = 0.5,
                       "shed_delay": 0.0},
         "metrics": {"listen": "127.0.0.1:0"},
     }
-
-
-def metrics_port(ing: Ingress) -> int:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        ev = ing.events("metrics_listening")
-        if ev:
-            return int(str(ev[0]["listen"]).rsplit(":", 1)[1])
-        time.sleep(0.05)
-    raise AssertionError(f"no metrics_listening: {ing.log_tail()}")
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def value(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
-          **labels: str) -> float:
-    return m.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 async def saturate(port: int, streak: int = 3, attempts: int = 100) -> None:

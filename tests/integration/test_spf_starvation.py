@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.kit.dnsserver import DNSServer
-from tests.kit.harness import Ingress, send_one, split_trace
+from tests.kit.harness import Ingress, send_one, short_message, split_trace
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -31,8 +31,7 @@ LEGIT_SOURCES = ("127.2.1.1", "127.2.2.1", "127.2.3.1")
 
 
 def message(subject: str, sender: str) -> bytes:
-    return (f"From: {sender}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{subject}@spf.test>\r\n\r\nHello.\r\n").encode()
+    return short_message(subject, sender, msgid_domain="spf.test")
 
 
 @pytest.fixture

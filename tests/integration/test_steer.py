@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_retry_deferred import metrics_port, scrape, value
 from tests.kit.harness import Ingress, make_body, send_one
+from tests.kit.scrape import metrics_port, scrape, value
 
 ALLOWED = "127.0.0.20"
 OTHER = "127.0.0.21"

@@ -13,6 +13,15 @@ API:
                                          stopped again if one fails
     smtp_dialogue(port, lines, ...)      raw client: send lines, collect every reply
     send_one(port, ...) -> (code, text)  one message on a fresh connection (aiosmtplib)
+    send_tls(port, body, ca=, client=)   one message over implicit TLS (the mutual-TLS port)
+    make_body(i, size, extra)            a test message of about `size` bytes
+    short_message(subject, sender, msgid_domain)   a small message to bob@example.test
+    wait_for(cond, timeout, what)        poll until cond() is true, return it; AssertionError
+                                         naming `what` at the deadline
+    eventually(cond, timeout=15)         poll until cond() is true: True, or False at the deadline
+    relaying(ing)                        `ing` once its relay process runs
+    spool_count(ing, sub)                spool files in spool/<sub>
+    mtls_port(ing)                       the mutual-TLS port the ingress bound
 
 The ingress runs as `python -m ingress run --config FILE` with listen.port = 0 (or as
 `command`, e.g. an installed entry point, from `cwd` with `env`); the real port comes from its
@@ -33,7 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosmtplib
 import orjson
@@ -41,6 +50,8 @@ import tomli_w
 
 from ingress.core import procs
 from workers.spool import store as spool_mod
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -370,12 +381,25 @@ async def send_tls(port: int, body: bytes, *, ca: Path, client: Path | None,
         smtp.close()
 
 
-def wait_for(cond: Callable[[], object], timeout: float, what: str, poll: float = 0.1) -> None:
-    """Poll `cond` until it is true; an AssertionError naming `what` after `timeout` seconds."""
+def wait_for(cond: Callable[[], T], timeout: float, what: str, poll: float = 0.1) -> T:
+    """Poll `cond` until it is true and return what it returned; an AssertionError naming `what`
+    after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while not cond():
+    while not (got := cond()):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(poll)
+    return got
+
+
+def eventually(cond: Callable[[], object], timeout: float = 15.0, poll: float = 0.2) -> bool:
+    """Poll `cond` until it is true (True) or `timeout` seconds passed (its last answer), for an
+    `assert eventually(...), message` that words its own failure."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(poll)
+    return bool(cond())
 
 
 def relaying(ing: Ingress) -> Ingress:
@@ -383,3 +407,21 @@ def relaying(ing: Ingress) -> Ingress:
     wait_for(lambda: ing.events("relay_start"), 15,
              "the relay process (supervisor wiring: a relay child when relay.downstream is set)")
     return ing
+
+
+def spool_count(ing: Ingress, sub: str) -> int:
+    """Spool files in spool/<sub> (names without a leading dot, as the spool lists them)."""
+    return sum(1 for p in (ing.spool / sub).iterdir() if not p.name.startswith("."))
+
+
+def mtls_port(ing: Ingress) -> int:
+    """The mutual-TLS port the ingress bound (its last "ready" line)."""
+    return int(ing.events("ready")[-1]["mtls_port"])
+
+
+def short_message(subject: str, sender: str = "alice@good.test",
+                  msgid_domain: str = "good.test") -> bytes:
+    """A small message from `sender` to bob@example.test; its Message-ID is
+    <subject@msgid_domain>."""
+    return (f"From: {sender}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject}@{msgid_domain}>\r\n\r\nHello.\r\n").encode()

@@ -16,7 +16,7 @@ from ingress.core import config
 from ingress.core.config import ClusterConfig
 from ingress.core.derived import BULK_SHARE, broker_bucket, bulk_share_bucket
 from ingress.tools import configshow
-from tests.unit.test_config import check_invalid
+from tests.kit.configkit import check_invalid
 
 INVALID = [
     ('[cluster]\nredis = "http://127.0.0.1:6379"\n', "cluster.redis"),

@@ -8,6 +8,7 @@ import pytest
 
 from ingress.core import config
 from ingress.core.config import ConfigError
+from tests.kit.configkit import check_invalid
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,17 +81,6 @@ INVALID = [
     ("[spool]\nstate_dir = \"/" + "x" * 120 + "\"\n", "spool.state_dir"),
     ("this is = = not toml", "-"),
 ]
-
-
-def check_invalid(tmp_path: Path, text: str, key: str) -> None:
-    """Loading `text` is refused, naming `key` and the file (shared with the other config
-    tables' tests)."""
-    f = tmp_path / "bad.toml"
-    f.write_text(text)
-    with pytest.raises(ConfigError) as e:
-        config.load(f)
-    assert e.value.key == key
-    assert str(f) in str(e.value)
 
 
 @pytest.mark.parametrize(("text", "key"), INVALID)

@@ -9,13 +9,7 @@ import pytest
 
 from ingress.core import config
 from ingress.tools import configshow
-from tests.kit.harness import write_config
-
-
-def cfg_file(tmp_path: Path, **tables: dict[str, object]) -> Path:
-    f = tmp_path / "c.toml"
-    write_config(f, {"smtp": {"accepted_domains": ["example.test"]}, **tables})
-    return f
+from tests.kit.configkit import cfg_file
 
 
 def test_effective_config_round_trips(tmp_path: Path) -> None:

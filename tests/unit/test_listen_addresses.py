@@ -17,7 +17,7 @@ import pytest
 from ingress.core import config, listen
 from ingress.core.wire import Envelope, Lane
 from ingress.tools import configshow, status, supervisor
-from tests.kit.harness import write_config
+from tests.kit.configkit import cfg_file
 from workers.lane import headers
 
 
@@ -43,9 +43,7 @@ def test_parse_listen_address_rejects(text: str) -> None:
 
 
 def load(tmp_path: Path, tables: dict[str, dict[str, Any]]) -> config.Config:
-    f = tmp_path / "c.toml"
-    write_config(f, {"smtp": {"accepted_domains": ["example.test"]}, **tables})
-    return config.load(f)
+    return config.load(cfg_file(tmp_path, **tables))
 
 
 @pytest.mark.parametrize(("tables", "main", "fast", "mtls"), [

@@ -13,25 +13,13 @@ import pytest
 
 from ingress.core import config
 from ingress.core.wire import Envelope, Lane
-from tests.kit.harness import write_config
+from tests.kit.configkit import load_relay
+from tests.kit.relaykit import xtext_decode
 from workers.relay import forward as fw
 
 POSTFIX_XCLIENT = "NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN DESTADDR DESTPORT"
 POSTFIX_XFORWARD = "NAME ADDR PROTO HELO SOURCE PORT IDENT"
 BOTH = {"xclient": POSTFIX_XCLIENT, "xforward": POSTFIX_XFORWARD, "8bitmime": ""}
-
-
-def xtext_decode(s: str) -> str:
-    out = bytearray()
-    i = 0
-    while i < len(s):
-        if s[i] == "+":
-            out.append(int(s[i + 1:i + 3], 16))
-            i += 3
-        else:
-            out.append(ord(s[i]))
-            i += 1
-    return out.decode("utf-8")
 
 
 def attributes(lines: tuple[bytes, ...]) -> dict[str, str]:
@@ -249,12 +237,6 @@ def test_plan_of_nothing_is_a_bug() -> None:
 
 # --- configuration -------------------------------------------------------------------------------
 
-def load(tmp_path: Path, **relay: object) -> config.Config:
-    f = tmp_path / "c.toml"
-    write_config(f, {"smtp": {"accepted_domains": ["example.test"]}, "relay": relay})
-    return config.load(f)
-
-
 @pytest.mark.parametrize(("relay", "text"), [
     ({"downstream": "smtp://127.0.0.1:25", "forward_client": "yes"}, "must be one of"),
     ({"downstream": "smtp://127.0.0.1:25", "forward_client": "XCLIENT"}, "must be one of"),
@@ -263,7 +245,7 @@ def load(tmp_path: Path, **relay: object) -> config.Config:
 ])
 def test_config_errors(tmp_path: Path, relay: dict[str, object], text: str) -> None:
     with pytest.raises(config.ConfigError) as e:
-        load(tmp_path, **relay)
+        load_relay(tmp_path, **relay)
     assert e.value.key == "relay.forward_client" and text in e.value.message
 
 
@@ -275,4 +257,4 @@ def test_config_errors(tmp_path: Path, relay: dict[str, object], text: str) -> N
     ({"forward_client": "xclient"}, "xclient"),               # no relay at all: inert
 ])
 def test_config_ok(tmp_path: Path, relay: dict[str, object], want: str) -> None:
-    assert load(tmp_path, **relay).relay.forward_client == want
+    assert load_relay(tmp_path, **relay).relay.forward_client == want

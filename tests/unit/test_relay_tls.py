@@ -10,14 +10,8 @@ import pytest
 
 from ingress.core import config
 from ingress.core.downstream import parse_downstream
-from tests.kit.harness import write_config
+from tests.kit.configkit import load_relay
 from workers.relay import clients as relay_tls
-
-
-def load(tmp_path: Path, **relay: object) -> config.Config:
-    f = tmp_path / "c.toml"
-    write_config(f, {"smtp": {"accepted_domains": ["example.test"]}, "relay": relay})
-    return config.load(f)
 
 
 @pytest.mark.parametrize(("relay", "key", "text"), [
@@ -39,7 +33,7 @@ def test_config_errors(tmp_path: Path, relay: dict[str, object], key: str, text:
     (tmp_path / "auth").chmod(0o600)
     relay = {k: (str(tmp_path / "auth") if v == "AUTH" else v) for k, v in relay.items()}
     with pytest.raises(config.ConfigError) as e:
-        load(tmp_path, **relay)
+        load_relay(tmp_path, **relay)
     assert key in str(e.value) and text in str(e.value), str(e.value)
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from ingress.core import downstream
 from ingress.core.config import RelayConfig
+from tests.kit.relaykit import parse_dsn
 from workers.relay.dsn import build_dsn, quoted_headers
 from workers.spool import state as relay_state
 from workers.spool.state import RelayState, Reply, backoff, failure_for, settle
@@ -109,15 +110,6 @@ ORIGINAL = (b"Received: from c.test ([127.0.0.1])\r\n\tby mx.test (smtp-ingress 
             b"ESMTP id 1;\r\n\tMon, 1 Jan 2024 00:00:00 +0000\r\n"
             b"From: alice@sender.test\r\nTo: bob@example.test\r\nSubject: hi\r\n"
             b"Message-ID: <1@sender.test>\r\n\r\nsecret body\r\n")
-
-
-def parse_dsn(raw: bytes) -> tuple[email.message.Message, list[email.message.Message]]:
-    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
-    assert msg.get_content_type() == "multipart/report"
-    assert msg.get_param("report-type") == "delivery-status"
-    parts = msg.get_payload()
-    assert isinstance(parts, list) and len(parts) == 3
-    return msg, parts
 
 
 def test_build_dsn_structure() -> None:
