@@ -310,7 +310,7 @@ def start_postfix(stack: contextlib.ExitStack, directory: Path,
         pf.stop()
 
     return Running(name, pf.host, pf.port, None, pids=pf.pids, stop=stop,
-                   drain=pf.wait_queue_empty, info=info)
+                   drain=pf.wait_queue_empty, reload=pf.reload, info=info)
 
 
 def start_sink(stack: contextlib.ExitStack, name: str = "smtp-sink") -> Running | str:

@@ -28,7 +28,7 @@ API
     ``PostfixInstance(workdir, port, *, accept_domains=("example.test",), delivery="discard",
     maildir_root=None, extra_main_cf=None, host="127.0.0.1", delivery_user="nobody",
     start_timeout=20.0, stop_timeout=15.0)``
-        ``.start()`` / ``.stop()`` (idempotent), context manager, ``.port``, ``.host``,
+        ``.start()`` / ``.stop()`` (idempotent), ``.reload()``, context manager, ``.port``, ``.host``,
         ``.address`` (``"127.0.0.1:port"``), ``.running``, ``.pids()`` (master + children),
         ``.master_pid()``, ``.queue_size()``, ``.wait_queue_empty(timeout)``,
         ``.maildir_messages()``, ``.log_tail(lines)``, ``.postconf(name)``, ``.version()``,
@@ -481,6 +481,13 @@ class PostfixInstance:
             time.sleep(0.1)
         self.stop()
         raise self._fail(f"no 220 banner within {self.start_timeout:g}s (got {banner!r})")
+
+    def reload(self) -> None:
+        """``postfix reload`` of this instance (the master re-reads its files; its smtpd
+        processes finish their sessions and are replaced): what an operator does weekly."""
+        r = self._postfix("reload")
+        if r.returncode != 0:
+            raise PostfixError(f"postfix reload: {(r.stderr or r.stdout).strip()}")
 
     def stop(self) -> None:
         """Stop this instance only: ``postfix stop``, wait, then SIGKILL by PID as a last resort."""
