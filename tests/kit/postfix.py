@@ -29,8 +29,8 @@ API
     maildir_root=None, extra_main_cf=None, host="127.0.0.1", delivery_user="nobody",
     start_timeout=20.0, stop_timeout=15.0)``
         ``.start()`` / ``.stop()`` (idempotent), ``.reload()``, context manager, ``.port``,
-        ``.host``, ``.address`` (``"127.0.0.1:port"``), ``.running``, ``.pids()`` (master + children),
-        ``.master_pid()``, ``.queue_size()``, ``.wait_queue_empty(timeout)``,
+        ``.host``, ``.address`` (``"127.0.0.1:port"``), ``.running``, ``.pids()`` (master +
+        children), ``.master_pid()``, ``.queue_size()``, ``.wait_queue_empty(timeout)``,
         ``.maildir_messages()``, ``.log_tail(lines)``, ``.postconf(name)``, ``.version()``,
         ``.main_cf()`` / ``.master_cf()`` (the generated config, pure).
         TLS: put ``smtpd_tls_*`` settings (cert, key, security level) in ``extra_main_cf``;
