@@ -683,13 +683,14 @@ def run_throughput(procs: Processes, ingress_dir: Path, postfix: Running | None,
     try:
         ing = start_ingress(procs, ingress_dir, CONFIGS / "throughput.toml", {},
                             name="smtp-ingress")
-        targets.append(tp.Target("smtp-ingress", ing.host, ing.port))
+        targets.append(tp.Target("smtp-ingress", ing.host, ing.port, pids=ing.pids))
     except TargetError as e:
         notes.append(f"throughput: smtp-ingress did not start: {e}")
     if postfix is not None:
-        targets.append(tp.Target("postfix", postfix.host, postfix.port, drain=postfix.drain))
+        targets.append(tp.Target("postfix", postfix.host, postfix.port, drain=postfix.drain,
+                                 pids=postfix.pids))
     if sink is not None:
-        targets.append(tp.Target("smtp-sink", sink.host, sink.port))
+        targets.append(tp.Target("smtp-sink", sink.host, sink.port, pids=sink.pids))
     full = mode == "full"
     messages, runs = (20_000, 3) if full else (1_000, 1)
     prog.step(f"throughput smtp-source -m {messages} x{runs} ({len(targets)} targets)")

@@ -327,7 +327,7 @@ def start_sink(stack: contextlib.ExitStack, name: str = "smtp-sink") -> Running 
         sink.stop()
 
     return Running(name, sink.host, sink.port, None,
-                   pids=lambda: [sink.pid] if sink.pid else [], stop=stop)
+                   pids=sink.pids, stop=stop)
 
 
 def postfix_version() -> str | None:

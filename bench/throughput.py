@@ -67,6 +67,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+import psutil
+
 from ingress.core import procs
 from tests.kit.postfix import smtp_banner
 
@@ -213,6 +215,38 @@ class Target:
     host: str
     port: int
     drain: Callable[[float], bool] | None = field(default=None, compare=False, repr=False)
+    # Its processes, the one that reaps the others first (the supervisor, Postfix's master):
+    # the CPU of each role is measured over a run (cpu_by_role). None: not measured.
+    pids: Callable[[], list[int]] | None = field(default=None, compare=False, repr=False)
+
+
+def cpu_by_role(pids: Sequence[int]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each role of a target's processes (role:
+    bench.sched.role_of of the command line: "acceptor", "fast worker", "smtpd", "cleanup"),
+    and under "exited" the CPU of the children the first pid reaped (Postfix's smtpd
+    processes come and go: a process that existed before a run and exited during it is
+    counted whole in the difference, its part before the run being in the first snapshot)."""
+    from bench.sched import role_of
+
+    out: dict[str, float] = {}
+    for i, pid in enumerate(pids):
+        try:
+            p = psutil.Process(pid)
+            with p.oneshot():
+                t = p.cpu_times()
+                role = role_of(p.cmdline())
+        except (psutil.Error, OSError):
+            continue
+        out[role] = out.get(role, 0.0) + t.user + t.system
+        if i == 0:
+            out["exited"] = t.children_user + t.children_system
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Per role, the CPU seconds used between two cpu_by_role snapshots (pure)."""
+    return {role: round(after[role] - before.get(role, 0.0), 4) for role in after
+            if after[role] - before.get(role, 0.0) > 0}
 
 
 @dataclass(frozen=True)
@@ -231,6 +265,7 @@ class SourceRun:
     drain_seconds: float | None = None  # time the target needed afterwards to empty its queue
     busy_before: float | None = None  # whole-machine CPU busy fraction just before the run
     foreign_cpu: float | None = None  # share of all CPUs used by unrelated processes during it
+    cpu_s: dict[str, float] | None = None  # the target's CPU seconds per role, run + drain
 
 
 def smtp_source_argv(
@@ -319,6 +354,9 @@ class SmtpSink:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    def pids(self) -> list[int]:
+        return [self._proc.pid] if self._proc is not None else []
+
     def _stderr(self) -> str:
         if self._log is None:
             return ""
@@ -393,6 +431,20 @@ class BenchResult:
         rates = self.rates(target, mode)
         return statistics.median(rates) if rates else None
 
+    def cpu_per_message(self, target: str, mode: str) -> dict[str, float] | None:
+        """Median over the successful runs of CPU milliseconds per message, per role and in
+        "all" (every process of the target, the reaped ones included)."""
+        runs = [r for r in self.runs if r.target == target and r.mode == mode and r.ok
+                and r.cpu_s is not None and r.messages]
+        if not runs:
+            return None
+        roles = sorted({k for r in runs for k in r.cpu_s or {}})
+        out = {role: statistics.median((r.cpu_s or {}).get(role, 0.0) * 1000 / r.messages
+                                       for r in runs) for role in roles}
+        out["all"] = statistics.median(sum((r.cpu_s or {}).values()) * 1000 / r.messages
+                                       for r in runs)
+        return {k: round(v, 3) for k, v in out.items()}
+
     def ratio(self, target: str, mode: str, baseline: str) -> float | None:
         value, base = self.median(target, mode), self.median(baseline, mode)
         return value / base if value is not None and base else None
@@ -403,6 +455,7 @@ class BenchResult:
                 m: {"median_msgs_per_s": self.median(t, m),
                     "ratio_vs_" + baseline: self.ratio(t, m, baseline),
                     "runs_ok": len(self.rates(t, m)),
+                    "cpu_ms_per_msg": self.cpu_per_message(t, m),
                     "runs": sum(1 for r in self.runs if r.target == t and r.mode == m)}
                 for m in self.modes
             }
@@ -453,6 +506,7 @@ def benchmark(
                 busy = (wait_for_idle(idle_below, idle_timeout) if idle_below is not None
                         else cpu_busy(0.5))
                 watch = ForeignCpu(t.port)
+                cpu0 = cpu_by_role(t.pids()) if t.pids is not None else None
                 run = run_smtp_source(t.host, t.port, messages=messages, sessions=sessions,
                                       size=size, reuse=(mode == "reuse"), sender=sender,
                                       recipient=recipient, timeout=timeout, target=t.name)
@@ -465,8 +519,10 @@ def benchmark(
                     else:
                         result.notes.append(f"{t.name}: queue not empty {drain_timeout:g}s "
                                             f"after {mode} run {i + 1}")
+                cpu = (cpu_delta(cpu0, cpu_by_role(t.pids()))
+                       if t.pids is not None and cpu0 is not None else None)
                 run = dataclasses.replace(run, drain_seconds=drained, busy_before=busy,
-                                          foreign_cpu=foreign)
+                                          foreign_cpu=foreign, cpu_s=cpu)
                 result.runs.append(run)
                 if progress:
                     state = f"{run.rate:,.0f} msgs/s" if run.ok else "FAILED: " + (
@@ -478,6 +534,25 @@ def benchmark(
                 if settle > 0:
                     time.sleep(settle)
     return result
+
+
+def cpu_table(result: BenchResult) -> list[str]:
+    """Markdown lines: per target and mode, the CPU milliseconds per message of all its
+    processes and of its busiest roles (median of the runs); none when nothing was measured."""
+    rows = []
+    for t in result.targets:
+        for m in result.modes:
+            cpu = result.cpu_per_message(t, m)
+            if not cpu:
+                continue
+            roles = sorted(((v, k) for k, v in cpu.items() if k != "all"), reverse=True)
+            rows.append(f"| {t} | {MODES[m]} | {cpu['all']:.3f} | "
+                        + ", ".join(f"{k} {v:.3f}" for v, k in roles[:6]) + " |")
+    if not rows:
+        return []
+    return ["", "CPU per message (ms; every process of the target, over the run and its queue "
+            "drain; median of the runs):", "",
+            "| target | mode | all | by role |", "|---|---|---:|---|", *rows]
 
 
 def render_markdown(result: BenchResult, baseline: str = "postfix") -> str:
@@ -508,7 +583,7 @@ def render_markdown(result: BenchResult, baseline: str = "postfix") -> str:
     caption = (f"smtp-source -s {p['sessions']} -l {p['size']} -m {p['messages']} "
                f"(and -d), median of {p['runs']}; {os.cpu_count()} cores, "
                f"{platform.system()} {platform.release()}")
-    out = "\n".join([caption, "", *lines])
+    out = "\n".join([caption, "", *lines, *cpu_table(result)])
     notes = list(result.notes)
     busy = [r.busy_before for r in result.runs if r.busy_before is not None]
     if busy and max(busy) > 0.15:
@@ -545,7 +620,8 @@ def builtin_targets(stack: contextlib.ExitStack, names: Iterable[str], workdir: 
                 if notes is not None:
                     notes.append(f"postfix left out: {str(exc).splitlines()[0]}")
                 continue
-            targets.append(Target("postfix", pf.host, pf.port, drain=pf.wait_queue_empty))
+            targets.append(Target("postfix", pf.host, pf.port, drain=pf.wait_queue_empty,
+                                  pids=pf.pids))
         elif name == "smtp-sink":
             sink = SmtpSink(free_port())
             try:
@@ -554,7 +630,7 @@ def builtin_targets(stack: contextlib.ExitStack, names: Iterable[str], workdir: 
                 if notes is not None:
                     notes.append(f"smtp-sink left out: {exc}")
                 continue
-            targets.append(Target("smtp-sink", sink.host, sink.port))
+            targets.append(Target("smtp-sink", sink.host, sink.port, pids=sink.pids))
         else:
             raise ValueError(f"unknown built-in target {name!r}")
     return targets
