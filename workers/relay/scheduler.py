@@ -115,9 +115,11 @@ from ingress.core.downstream import parse_downstream
 from ingress.core.wire import Envelope, Lane, new_qid
 from ingress.policy import dsn as dsn_policy
 from workers.relay import forward
-from workers.relay.clients import Session, Unavailable, make_session, policy
+from workers.relay.clients import make_session
 from workers.relay.dsn import build_dsn
 from workers.relay.forward import Client
+from workers.relay.tls import policy
+from workers.relay.transaction import Session, Unavailable
 from workers.spool import store as spool_mod
 from workers.spool.state import (
     Failure,
