@@ -25,7 +25,8 @@ from ingress.core.addr import normalize_domain
 from ingress.core.config import Config
 from ingress.core.wire import Envelope, Lane, new_qid
 from tests.kit.relaykit import make_cfg, parse_dsn, run_until
-from workers.relay import lmtp_client, scheduler
+from workers.relay import scheduler
+from workers.relay.clients import lmtp as lmtp_client
 from workers.spool import store as spool_mod
 from workers.spool.state import RelayState, Reply
 

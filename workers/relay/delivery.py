@@ -11,7 +11,7 @@ API:
 
 What it does, per spool file in new/:
   - sends the stored message minus our X-Ingress-Envelope line (trace headers kept), byte-exact,
-    with the envelope as stored (transaction.py), under its original client's identity
+    with the envelope as stored (clients/transaction.py), under its original client's identity
     (relay.forward_client: XCLIENT or XFORWARD, forward.py); a message the relay made itself
     (a DSN: acceptor forward.OWN) under the ingress's own, never on a connection that XCLIENT
     gave to a client (a connection that cannot carry the message's client is replaced);
@@ -84,9 +84,9 @@ from ingress.core.wire import Envelope, Lane, new_qid
 from ingress.policy import dsn as dsn_policy
 from workers.relay import forward
 from workers.relay.breaker import Breaker
+from workers.relay.clients.transaction import Session, Unavailable
 from workers.relay.dsn import build_dsn
 from workers.relay.forward import Client
-from workers.relay.transaction import Session, Unavailable
 from workers.spool import store as spool_mod
 from workers.spool.state import (
     Failure,

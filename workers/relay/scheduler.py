@@ -6,7 +6,7 @@ API:
                                       stop() (SIGUSR2, or orphaned)
     Relay.scan() -> int               pick up new files in new/, forget the gone ones
     Relay.cleanup_states() -> int     at start: remove stale state files and tmp leftovers
-    The pure rules are in workers/spool/state.py, the DSN in dsn.py, the clients in clients.py,
+    The pure rules are in workers/spool/state.py, the DSN in dsn.py, the clients in clients/,
     one delivery and its record in delivery.py, the circuit breaker in breaker.py.
 
 What it does: the spool files in new/ are delivered oldest first (by their state's next_at),
@@ -47,7 +47,7 @@ Limits: one relay process; the new/ scan is O(files) and runs at most every SCAN
 stretched to 10x its own duration for huge spools; state writes and fsyncs are done on the event
 loop (this process has nothing latency-critical; it keeps the bookkeeping after a reply
 atomic with respect to cancellation). STARTTLS and AUTH PLAIN to a TCP downstream as relay.tls
-says (tls.py; a refusal is a connection-level failure). The message is held in memory
+says (clients/tls.py; a refusal is a connection-level failure). The message is held in memory
 while it is sent.
 """
 
@@ -65,8 +65,8 @@ from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
 from workers.relay.breaker import Breaker
 from workers.relay.clients import make_session
+from workers.relay.clients.tls import policy
 from workers.relay.delivery import Delivery
-from workers.relay.tls import policy
 from workers.spool import store as spool_mod
 from workers.spool.state import backoff
 

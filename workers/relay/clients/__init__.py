@@ -8,8 +8,8 @@ API:
 The clients, one job a module:
     transaction.py   Session (what the scheduler drives), one mail transaction shared by both
                      protocols (the plan, MAIL FROM, RCPT, the sending rules), Unavailable
-    smtp_client.py   SmtpSession: aiosmtplib, XCLIENT / XFORWARD (forward.py decides)
-    lmtp_client.py   LmtpSession: a minimal RFC 2033 client, one reply per recipient
+    smtp.py          SmtpSession: aiosmtplib, XCLIENT / XFORWARD (relay/forward.py decides)
+    lmtp.py          LmtpSession: a minimal RFC 2033 client, one reply per recipient
     tls.py           the TLS and AUTH policy: the SSL context, STARTTLS, AUTH PLAIN
 
 Failure modes: none here (a session opens nothing until its open(); see transaction.py).
@@ -19,9 +19,9 @@ Limits: a TCP or a unix-socket downstream (target.path: LMTP only); see the modu
 from __future__ import annotations
 
 from ingress.core.downstream import Target
-from workers.relay.lmtp_client import LmtpSession
-from workers.relay.smtp_client import SmtpSession
-from workers.relay.transaction import Session
+from workers.relay.clients.lmtp import LmtpSession
+from workers.relay.clients.smtp import SmtpSession
+from workers.relay.clients.transaction import Session
 
 
 def make_session(target: Target, hostname: str, timeout: float) -> Session:

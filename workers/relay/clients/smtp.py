@@ -6,8 +6,8 @@ API:
                                              close(), reusable_for(client); .tls and .forward
                                              are set before open()
 
-The original client (forward.py decides and encodes): open() picks the method from the EHLO
-after STARTTLS; a forced one the downstream does not offer fails the open
+The original client (workers/relay/forward.py decides and encodes): open() picks the method
+from the EHLO after STARTTLS; a forced one the downstream does not offer fails the open
 (ForwardUnavailable, a connection-level failure: the breaker backs off, the mail waits, the
 relay_downstream_down line names why, smtp_ingress_relay_forward_missing_total counts it).
 deliver() sends it right before MAIL FROM, only when a transaction follows: XFORWARD lines each
@@ -36,9 +36,9 @@ import aiosmtplib
 from ingress.core import metrics
 from ingress.core.downstream import Target
 from workers.relay import forward
+from workers.relay.clients.tls import PLAIN, TlsPolicy, auth_smtp, secure_smtp
+from workers.relay.clients.transaction import ForwardUnavailable, Transaction, Unavailable
 from workers.relay.forward import Client
-from workers.relay.tls import PLAIN, TlsPolicy, auth_smtp, secure_smtp
-from workers.relay.transaction import ForwardUnavailable, Transaction, Unavailable
 from workers.spool.state import Reply, _oneline
 
 

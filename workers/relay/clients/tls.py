@@ -9,7 +9,7 @@ API:
     secure_smtp(client, policy), secure_lmtp(session, policy)
                                          after EHLO / LHLO: STARTTLS, EHLO / LHLO, AUTH
     auth_smtp(client, policy)            AUTH PLAIN alone (again after XCLIENT, which resets
-                                         the downstream's SASL state: smtp_client.py)
+                                         the downstream's SASL state: smtp.py)
     TlsFailure                           the downstream cannot be used under the policy
 
 TLS modes (relay.tls): none (plain; the default, a local MTA); opportunistic (STARTTLS whenever
@@ -44,7 +44,7 @@ from ingress.core.config import RelayConfig, read_credentials
 from ingress.core.downstream import Target
 
 if TYPE_CHECKING:
-    from workers.relay.lmtp_client import LmtpSession
+    from workers.relay.clients.lmtp import LmtpSession
 
 
 class TlsFailure(ConnectionError):

@@ -7,8 +7,8 @@ API:
         {rcpt: Reply}`, `await close()`, .connected, .messages, .last_used, .tls (a
         tls.TlsPolicy) and .forward (relay.forward_client), both set before open;
         .reusable_for(client)
-    Transaction                          the base of smtp_client.SmtpSession and
-                                         lmtp_client.LmtpSession: deliver() over the
+    Transaction                          the base of smtp.SmtpSession and
+                                         lmtp.LmtpSession: deliver() over the
                                          connection the subclass provides
     Unavailable(stage, why, partial)     connection-level trouble (see below)
     ForwardUnavailable                   relay.forward_client forces a method not offered
@@ -22,7 +22,7 @@ applies to every accepted RCPT; for LMTP (RFC 2033) there is one reply per accep
 A transaction that did not complete is RSET (checked) or the connection dropped: a session is
 never reused dirty (a 421 or 503 drops it). The original client (forward.py) is given to the
 downstream right before MAIL FROM, only when a transaction follows (Transaction._forward; SMTP
-only: smtp_client.py).
+only: smtp.py).
 
 Failure modes: Unavailable(stage="connect") when a session cannot be opened (refused, greeting
 or EHLO/LHLO not 2xx, timeout, any TLS or AUTH refusal: tls.TlsFailure, an OSError) or a

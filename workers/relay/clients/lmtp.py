@@ -25,8 +25,8 @@ import time
 from typing import NoReturn
 
 from ingress.core.downstream import Target
-from workers.relay.tls import PLAIN, TlsPolicy, secure_lmtp
-from workers.relay.transaction import Transaction, Unavailable
+from workers.relay.clients.tls import PLAIN, TlsPolicy, secure_lmtp
+from workers.relay.clients.transaction import Transaction, Unavailable
 from workers.spool.state import Reply, _oneline
 
 _DOT = re.compile(rb"(?m)^\.")
