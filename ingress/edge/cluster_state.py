@@ -21,7 +21,7 @@ API
         -> ClusterState | None
         on_penalty(ip) / on_learn(key, at, domain) / on_unlearn(key)   how a mirrored fact
                                     enters this acceptor (key: a learned entry's network,
-                                    ingress.policy.classify.LearnedAllow.key; domain: what the
+                                    ingress.policy.learned.LearnedAllow.key; domain: what the
                                     entry was learned for, its identity)
         on_record(fact, rec)        a deferral record fact from another acceptor of any edge
     up                              bool: Redis reachable (health; False at start)

@@ -35,7 +35,7 @@ from typing import Any
 
 from ingress.core import log
 from ingress.core.config import Config
-from ingress.policy.classify import LearnedAllow
+from ingress.policy.learned import LearnedAllow
 
 
 def _bounds(cfg: Config) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from ingress.core.addr import normalize_domain
 from ingress.core.config import Config
 from ingress.core.wire import Envelope, Lane, new_qid
 from tests.kit.relaykit import make_cfg, parse_dsn, run_until
-from workers.relay import clients, scheduler
+from workers.relay import scheduler
+from workers.relay.clients import lmtp as lmtp_client
 from workers.spool import store as spool_mod
 from workers.spool.state import RelayState, Reply
 
@@ -455,13 +456,13 @@ def test_any_exception_is_one_message_failure(tmp_path: Path, lmtp: bool,
     dropped, never reused dirty, so the innocent messages around it are delivered."""
     sock = str(tmp_path / "lmtp.sock")
     if lmtp:
-        orig = clients.LmtpSession._cmd
+        orig = lmtp_client.LmtpSession._cmd
 
-        async def cmd(self: clients.LmtpSession, line: bytes) -> Reply:
+        async def cmd(self: lmtp_client.LmtpSession, line: bytes) -> Reply:
             if line.startswith(b"RCPT") and b"boom@" in line:
                 raise RuntimeError("injected")
             return await orig(self, line)
-        monkeypatch.setattr(clients.LmtpSession, "_cmd", cmd)
+        monkeypatch.setattr(lmtp_client.LmtpSession, "_cmd", cmd)
     else:
         import aiosmtplib
         orig_ex = aiosmtplib.SMTP.execute_command

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from ingress.policy.classify import LearnedAllow
+from ingress.policy.learned import LearnedAllow
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, send_one
 from tests.kit.session import HeldSession

@@ -14,6 +14,7 @@ from ingress.core import cluster, config
 from ingress.core.config import ConfigError
 from ingress.core.wire import Lane
 from ingress.edge.lanes import Lanes
+from ingress.tools.children import wanted
 from ingress.tools.supervisor import Supervisor
 
 BASES = [
@@ -292,7 +293,7 @@ def test_supervisor_starts_only_the_children_of_its_role(keys: dict[str, Path], 
                                lanes_nodes=["tcp://127.0.0.2:7100 {lanes_pub}"]))
     sup = Supervisor(config.load(f), f, role=role)
     assert sup.cfg.cluster.role == role
-    assert {kind for kind, _ in sup._wanted(sup.cfg)} == kinds
+    assert {kind for kind, _ in wanted(sup.cfg)} == kinds
 
 
 class _Client:

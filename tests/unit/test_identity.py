@@ -12,7 +12,6 @@ from ingress.policy.classify import (
     CertResult,
     ClassifyPolicy,
     Evidence,
-    LearnedAllow,
     StaticAllow,
     decide,
 )
@@ -28,6 +27,7 @@ from ingress.policy.identity import (
     share_bound,
     share_key,
 )
+from ingress.policy.learned import LearnedAllow
 
 
 @pytest.mark.parametrize("domain, org", [

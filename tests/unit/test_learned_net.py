@@ -1,7 +1,8 @@
 """Learned entries per network, bounded by quotas, bound to their domain, unlearned (issue 17:
-Build 5, Measured 8 and 9). Table-driven, pure (ingress.policy.classify.LearnedAllow, decide,
-learned_vouches, should_unlearn). The attacker has read the code: one /64, one /48, one domain
-with many networks, a shared IP sending another domain's mail."""
+Build 5, Measured 8 and 9). Table-driven, pure (ingress.policy.learned.LearnedAllow;
+ingress.policy.classify's decide, learned_vouches, should_unlearn). The attacker has read the
+code: one /64, one /48, one domain with many networks, a shared IP sending another domain's
+mail."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from ingress.policy.classify import (
     AuthResult,
     ClassifyPolicy,
     Evidence,
-    LearnedAllow,
     decide,
     learned_vouches,
     should_unlearn,
 )
+from ingress.policy.learned import LearnedAllow
 
 DAY = 86400.0
 

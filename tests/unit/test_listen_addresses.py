@@ -16,7 +16,7 @@ import pytest
 
 from ingress.core import config, listen
 from ingress.core.wire import Envelope, Lane
-from ingress.tools import configshow, status, supervisor
+from ingress.tools import configshow, listeners, status
 from tests.kit.configkit import cfg_file
 from workers.lane import headers
 
@@ -184,7 +184,7 @@ def test_ipv6_prefix_reaches_admission(tmp_path: Path, prefix: int) -> None:
     (errno.EINVAL, "cannot bind: Invalid argument", "already in use"),
 ])
 def test_bind_error_message(err: int, want: str, not_want: str) -> None:
-    text = supervisor.bind_error_message("192.0.2.1:25", err, os.strerror(err))
+    text = listeners.bind_error_message("192.0.2.1:25", err, os.strerror(err))
     assert text.startswith("192.0.2.1:25") and want in text and not_want not in text, text
 
 
@@ -197,11 +197,11 @@ def test_bind_listener_names_the_cause() -> None:
         busy.listen(1)
         port = busy.getsockname()[1]
         with pytest.raises(OSError) as e:
-            supervisor.bind_listener(cfg, "127.0.0.1", port, first=True)
+            listeners.bind_listener(cfg, "127.0.0.1", port, first=True)
         assert e.value.errno == errno.EADDRINUSE
         assert str(e.value) == f"127.0.0.1:{port} is already in use (another smtp-ingress or MTA?)"
     with pytest.raises(OSError) as e:
-        supervisor.bind_listener(cfg, "192.0.2.1", 2525, first=True)
+        listeners.bind_listener(cfg, "192.0.2.1", 2525, first=True)
     assert e.value.errno == errno.EADDRNOTAVAIL
     assert "192.0.2.1:2525" in str(e.value) and "not on this host" in str(e.value)
     assert "already in use" not in str(e.value)

@@ -1,5 +1,5 @@
 """relay.tls / relay.auth_file validation (ingress.core.config) and the relay's TLS policy
-(workers.relay.clients): table-driven, no network."""
+(workers.relay.clients.tls): table-driven, no network."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from ingress.core import config
 from ingress.core.downstream import parse_downstream
 from tests.kit.configkit import load_relay
-from workers.relay import clients as relay_tls
+from workers.relay.clients import tls as relay_tls
 
 
 @pytest.mark.parametrize(("relay", "key", "text"), [

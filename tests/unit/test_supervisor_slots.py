@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ingress.core import config
-from ingress.tools.supervisor import Supervisor, heartbeat_slots
+from ingress.tools.children import heartbeat_slots, wanted
+from ingress.tools.supervisor import Supervisor
 
 
 def cfg_with(tmp_path: Path, name: str, text: str) -> config.Config:
@@ -17,8 +18,8 @@ def cfg_with(tmp_path: Path, name: str, text: str) -> config.Config:
 
 def occupy(sup: Supervisor, cfg: config.Config) -> None:
     """Take a slot for each child `cfg` wants, as start() does (without starting anything)."""
-    for _ in sup._wanted(cfg):
-        sup.free_slots.pop()
+    for _ in wanted(cfg):
+        sup.table.free_slots.pop()
 
 
 def test_array_fits_a_reload_of_a_big_host(tmp_path: Path) -> None:
@@ -28,10 +29,10 @@ def test_array_fits_a_reload_of_a_big_host(tmp_path: Path) -> None:
                  "[supervisor]\nacceptors = 2\n[lanes.bulk]\nworkers = 256\n"):
         cfg = cfg_with(tmp_path, "big.toml", text)
         sup = Supervisor(cfg, None)
-        assert len(sup.hb) == len(sup.free_slots) == heartbeat_slots(cfg)
-        assert len(sup.hb) >= 2 * cfg.child_count
+        assert len(sup.table.hb) == len(sup.table.free_slots) == heartbeat_slots(cfg)
+        assert len(sup.table.hb) >= 2 * cfg.child_count
         occupy(sup, cfg)               # start
-        assert sup.reload_fits(cfg)    # a SIGHUP with the same config: old and new side by side
+        assert sup.table.fits(cfg)    # a SIGHUP with the same config: old and new side by side
         occupy(sup, cfg)
 
 
@@ -42,5 +43,5 @@ def test_reload_that_does_not_fit_is_refused(tmp_path: Path) -> None:
     occupy(sup, small)
     big = cfg_with(tmp_path, "big.toml", "[supervisor]\nacceptors = 2\n"
                    "[lanes.fast]\nworkers = 1\n[lanes.bulk]\nworkers = 256\n")
-    assert not sup.reload_fits(big)
-    assert sup.reload_fits(small)
+    assert not sup.table.fits(big)
+    assert sup.table.fits(small)

@@ -1,10 +1,10 @@
 """The relay: the process that drains the spool to the downstream MTA (SMTP or LMTP).
 
 What lives here: dsn.py (the RFC 3464 bounce builder), forward.py (the pure choice and
-encoding of XCLIENT / XFORWARD: the original client for the downstream), clients.py (the SMTP
-and LMTP sessions with STARTTLS / AUTH / XCLIENT / XFORWARD), scheduler.py (the Relay: scan,
-schedule, circuit breaker, one delivery per spool file) and `run`, the entry point the
-supervisor starts by module name
+encoding of XCLIENT / XFORWARD: the original client for the downstream), clients/ (the SMTP
+and LMTP sessions over one transaction, with STARTTLS / AUTH; make_session), scheduler.py (the
+Relay: scan, schedule), breaker.py (the circuit breaker), delivery.py (one delivery per spool
+file, and its record) and `run`, the entry point the supervisor starts by module name
 ("workers.relay" -> run; only when relay.downstream is set). The package may import the core
 (ingress.core), the pure policy (ingress.policy.dsn: who may get a DSN) and the spool
 (workers.spool: the store, which owns every change of a spool file, and state, the delivery rules);

@@ -1,5 +1,5 @@
 """The original client's identity for the downstream: XCLIENT or XFORWARD (Postfix's SMTP
-extensions), chosen and encoded here. Pure: no I/O; clients.py sends what this module builds.
+extensions), chosen and encoded here. Pure: no I/O; clients/smtp.py sends what this module builds.
 
 Why: the relay connects from the ingress host, so without these the downstream's logs, milters,
 policy servers and mynetworks see the ingress instead of the sender.
