@@ -154,7 +154,7 @@ class Lobby(asyncio.Protocol):
 
     def _release(self) -> None:
         self.admitted = False
-        self.ctx.release(self)
+        self.ctx.table.release(self)
         metrics.session_close(self.lane)
 
     def _greet(self) -> None:
@@ -192,7 +192,7 @@ class Lobby(asyncio.Protocol):
         session.handed_off = session.skip_banner = True
         session.greeted = session.banner_sent = True
         self.handed = True
-        self.ctx.swap(self, session)
+        self.ctx.table.swap(self, session)
         transport.set_protocol(session)
         session.connection_made(transport)
         session.data_received(data)

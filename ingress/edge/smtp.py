@@ -133,7 +133,7 @@ def classify_and_admit(seat: Any, ctx: SessionHost, transport: asyncio.BaseTrans
         seat.reasons = decision.reasons
         if promote(seat.lane, decision) is not seat.lane:
             seat.identity = decision.identity
-            ctx.promote(seat)
+            ctx.table.promote(seat)
         metrics.connection(seat.lane, Outcome.ADMITTED)
         return None
     seat.lane, seat.reasons = decision.lane, decision.reasons
@@ -348,7 +348,7 @@ class IngressSMTP(DataPhase):
         self.abort_handshake = None
         if self.admitted:
             self.admitted = False
-            self.ctx.release(self)
+            self.ctx.table.release(self)
             metrics.session_close(self.lane)
             metrics.connection(self.lane, outcome)
             if not quiet:
@@ -422,7 +422,7 @@ class IngressSMTP(DataPhase):
             self._deadline.cancel()
         if self.admitted:
             self.admitted = False
-            self.ctx.release(self)
+            self.ctx.table.release(self)
             metrics.session_close(self.lane)
             log.event("session", peer=self.peer_ip, lane=self.lane.value, messages=self.messages,
                       last_reply=self.last_reply[:3],
@@ -461,14 +461,14 @@ class IngressSMTP(DataPhase):
             self.early_talker = True
         elif not self.spoken:
             self.spoken = True
-            self.ctx.spoke(self)
+            self.ctx.table.spoke(self)
         super().data_received(data)
 
     def evict(self, line: str, reason: str) -> None:
         """Make room now (the slot is released at once, not when the close completes)."""
         if self.admitted:
             self.admitted = False
-            self.ctx.release(self)
+            self.ctx.table.release(self)
             metrics.session_close(self.lane)
             log.refused("evicted", self.peer_ip, stage="session", code=line[:3],
                         reason=reason, port=self.peer_port,
