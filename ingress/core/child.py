@@ -10,14 +10,14 @@ API:
                                          who the child is: its name (the process title
                                          "smtp-ingress: <name>", the log lines' proc), which signal
                                          does what, its CPU priority and scheduling policy
-    Service(serve, stop, event="", start_fields=None, stop_fields=None)
+    Service(serve, stop, started=None, stopped=None)
                                          what the child runs: serve() is its life until stop()
                                          and its drain (blocking, or a coroutine function on
                                          the event loop); stop() is a stop order (a signal, the
                                          parent's death) and only sets a flag or an event;
-                                         with `event` the skeleton logs <event>_start (fields:
-                                         start_fields) before serve and <event>_stop (fields:
-                                         stop_fields(), asked then) after it
+                                         started() and stopped() (as Postfix's post-init and
+                                         exit hooks) write its start and exit lines, called
+                                         before and after serve
     main(cfg, spec, setup)               a child with its own (zmq) loop, which beats its own
                                          Heartbeat (a lane worker beats only while its work in
                                          hand is vouched for): start(); service = setup(sig)
@@ -272,14 +272,13 @@ class Service(Generic[R]):
 
     serve: Callable[[], R]              # the life until stop(), the drain included
     stop: Callable[[], None]            # a stop order: set a flag or an event, nothing more
-    event: str = ""                     # "broker": broker_start / broker_stop lines; "": none
-    start_fields: Mapping[str, Any] | None = None              # None: no start line
-    stop_fields: Callable[[], Mapping[str, Any]] | None = None  # None: no exit line
+    started: Callable[[], None] | None = None   # its start line, once it is set up
+    stopped: Callable[[], None] | None = None   # its exit line, once serve returned
 
 
-def _line(event: str, suffix: str, fields: Mapping[str, Any] | None) -> None:
-    if event and fields is not None:
-        log.event(f"{event}_{suffix}", **fields)
+def _hook(hook: Callable[[], None] | None) -> None:
+    if hook is not None:
+        hook()
 
 
 def main(cfg: Config, spec: Spec, setup: Callable[[Signals], Service[None]]) -> None:
@@ -288,9 +287,9 @@ def main(cfg: Config, spec: Spec, setup: Callable[[Signals], Service[None]]) -> 
     sig = start(cfg, spec.name, spec.signals, spec.nice, spec.policy)
     service = setup(sig)
     sig.on_stop(service.stop)
-    _line(service.event, "start", service.start_fields)
+    _hook(service.started)
     service.serve()
-    _line(service.event, "stop", service.stop_fields() if service.stop_fields else None)
+    _hook(service.stopped)
 
 
 def run_uvloop(life: Life) -> None:
@@ -323,11 +322,11 @@ def main_loop(cfg: Config, spec: Spec,
         sig.on_stop(service.stop)
         heart = asyncio.create_task(
             Heartbeat(hb, slot).run(heartbeat_period(cfg), service.stop))
-        _line(service.event, "start", service.start_fields)
+        _hook(service.started)
         try:
             await service.serve()
         finally:
             heart.cancel()
-        _line(service.event, "stop", service.stop_fields() if service.stop_fields else None)
+        _hook(service.stopped)
 
     runner(life())

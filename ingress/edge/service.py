@@ -108,10 +108,11 @@ class AcceptorService:
             self.tasks.append(loop.create_task(ctx.cluster.run()))
         self.saver = None if ctx.verify_store is None else loop.create_task(
             ctx.verify_store.run())
-        return child.Service(self.serve, self.stopped.set, "acceptor", dict(
-            index=index, learned=len(ctx.learned_store.allow), tls=ctx.tls_context is not None,
-            mtls=bool(cfg.tls.mtls_addresses), fast_port=bool(cfg.listen.fast_addresses),
-            handed=sock is None, servers=len(self.servers)))
+        return child.Service(self.serve, self.stopped.set, lambda: log.event(
+            "acceptor_start", index=index, learned=len(ctx.learned_store.allow),
+            tls=ctx.tls_context is not None, mtls=bool(cfg.tls.mtls_addresses),
+            fast_port=bool(cfg.listen.fast_addresses), handed=sock is None,
+            servers=len(self.servers)))
 
     async def serve(self) -> None:
         """Until stopped; then the drain, the saves and the closes."""

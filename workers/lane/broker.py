@@ -458,8 +458,9 @@ def run(cfg: Config, lane: str, hb: Any = None, slot: int = 0) -> None:
     def setup(_: child.Signals) -> child.Service[None]:
         b = Broker(cfg, lane, hb, slot)
         return child.Service(
-            b.run, lambda: setattr(b, "stopping", True), "broker",
-            dict(lane=lane, queue_max=b.queue_max, queue_bytes=b.queue_bytes, rate=b.bucket.rate),
-            lambda: dict(lane=lane, **b.counters))
+            b.run, lambda: setattr(b, "stopping", True),
+            lambda: log.event("broker_start", lane=lane, queue_max=b.queue_max,
+                              queue_bytes=b.queue_bytes, rate=b.bucket.rate),
+            lambda: log.event("broker_stop", lane=lane, **b.counters))
     child.main(cfg, child.Spec(f"broker-{lane}", child.LANE_SIGNALS, lc.nice, lc.sched_policy),
                setup)

@@ -437,8 +437,8 @@ def run(cfg: Config, lane: str, index: int, hb: Any = None, slot: int = 0) -> No
 
     def setup(_: child.Signals) -> child.Service[None]:
         w = Worker(cfg, Lane(lane), index, hb, slot)
-        fields = dict(lane=lane, index=index)
-        return child.Service(w.run, lambda: setattr(w, "stopping", True), "worker", fields,
-                             lambda: fields)
+        return child.Service(w.run, lambda: setattr(w, "stopping", True),
+                             lambda: log.event("worker_start", lane=lane, index=index),
+                             lambda: log.event("worker_stop", lane=lane, index=index))
     child.main(cfg, child.Spec(f"worker-{lane}-{index}", child.LANE_SIGNALS, lc.nice,
                                lc.sched_policy), setup)
