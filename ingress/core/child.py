@@ -10,6 +10,7 @@ API:
                                          who the child is: its name (the process title
                                          "smtp-ingress: <name>", the log lines' proc), which signal
                                          does what, its CPU priority and scheduling policy
+    lane_spec(cfg, lane, name) -> Spec   a lane's broker or worker (lanes.<lane>.nice, ...)
     Service(serve, stop, started=None, stopped=None)
                                          what the child runs: serve() is its life until stop()
                                          and its drain (blocking, or a coroutine function on
@@ -264,6 +265,12 @@ class Spec:
     signals: Mapping[int, Action]       # ACCEPTOR_SIGNALS or LANE_SIGNALS
     nice: int = 0                       # > 0: a lower CPU priority
     policy: str = "other"               # the scheduling policy (POLICY)
+
+
+def lane_spec(cfg: Config, lane: str, name: str) -> Spec:
+    """A lane's broker or worker: LANE_SIGNALS, lanes.<lane>.nice and .sched_policy."""
+    lc = getattr(cfg.lanes, lane)
+    return Spec(name, LANE_SIGNALS, lc.nice, lc.sched_policy)
 
 
 @dataclass(frozen=True)

@@ -453,8 +453,6 @@ class Broker:
 
 def run(cfg: Config, lane: str, hb: Any = None, slot: int = 0) -> None:
     # Only the supervisor stops us (SIGUSR2), after the acceptors have drained (LANE_SIGNALS).
-    lc = getattr(cfg.lanes, lane)
-
     def setup(_: child.Signals) -> child.Service[None]:
         b = Broker(cfg, lane, hb, slot)
         return child.Service(
@@ -462,5 +460,4 @@ def run(cfg: Config, lane: str, hb: Any = None, slot: int = 0) -> None:
             lambda: log.event("broker_start", lane=lane, queue_max=b.queue_max,
                               queue_bytes=b.queue_bytes, rate=b.bucket.rate),
             lambda: log.event("broker_stop", lane=lane, **b.counters))
-    child.main(cfg, child.Spec(f"broker-{lane}", child.LANE_SIGNALS, lc.nice, lc.sched_policy),
-               setup)
+    child.main(cfg, child.lane_spec(cfg, lane, f"broker-{lane}"), setup)
