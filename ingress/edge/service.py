@@ -11,10 +11,11 @@ API:
         one server per listening socket (each a socket, a list of them or None)
 
 Set-up: the fd limit is raised to what derived.fds_needed says (derived.configured_limit's
-connections, FD_SPARE and SPF's DNS sockets); admission is capped at what the fd limit allows (logged as connection_limit, with
-what limited it; nofile_too_low when it is below the need). listen.port and listen.fast_port
-start each connection in the lobby (ingress.edge.lobby) unless they are behind PROXY; the
-mutual-TLS port takes a slot at accept, before the TLS handshake (ingress.edge.mtls).
+connections, FD_SPARE and SPF's DNS sockets); admission is capped at what the fd limit allows
+(logged as connection_limit, with what limited it; nofile_too_low when it is below the need).
+listen.port and listen.fast_port start each connection in the lobby (ingress.edge.lobby) unless
+they are behind PROXY; the mutual-TLS port takes a slot at accept, before the TLS handshake
+(ingress.edge.mtls).
 
 Background tasks: the lane status (SUB: saturation, learned and unlearned networks, penalties,
 deferral records), the lane clients' replies and broker watch, with [cluster] redis the shared
