@@ -12,11 +12,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kit.procs import ROOT, Processes
 
 # A child whose service records what the skeleton did to it (one JSON line per step, flushed),
 # with a heartbeat array in shared memory that the test reads back through a file.
@@ -55,34 +54,27 @@ else:
 
 
 @pytest.fixture
-def spawn() -> Iterator[list[subprocess.Popen[str]]]:
-    procs: list[subprocess.Popen[str]] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait(5)
+def procs() -> Iterator[Processes]:
+    with Processes() as registry:
+        yield registry
 
 
-def start(procs: list[subprocess.Popen[str]], kind: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, "-c", CHILD, kind], stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
-    procs.append(p)
+def start(procs: Processes, kind: str) -> subprocess.Popen[bytes]:
+    p = procs.spawn([sys.executable, "-c", CHILD, kind], stdout_pipe=True,
+                    env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.stdout is not None
     assert json.loads(p.stdout.readline()) == {"step": "started"}
     return p
 
 
-def finish(p: subprocess.Popen[str]) -> list[dict[str, object]]:
+def finish(p: subprocess.Popen[bytes]) -> list[dict[str, object]]:
     out, _ = p.communicate(timeout=20)
     assert p.returncode == 0
     return [json.loads(line) for line in out.splitlines()]
 
 
-def test_blocking_child_ignores_term_and_stops_on_usr2(
-        spawn: list[subprocess.Popen[str]]) -> None:
-    p = start(spawn, "blocking")
+def test_blocking_child_ignores_term_and_stops_on_usr2(procs: Processes) -> None:
+    p = start(procs, "blocking")
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         p.send_signal(signum)
     time.sleep(0.3)
@@ -95,8 +87,8 @@ def test_blocking_child_ignores_term_and_stops_on_usr2(
                                                 (signal.SIGTERM, False),
                                                 (signal.SIGUSR1, True)])
 def test_loop_child_stops_or_retires_with_its_heartbeat_written(
-        spawn: list[subprocess.Popen[str]], signum: int, retire: bool) -> None:
-    p = start(spawn, "loop")
+        procs: Processes, signum: int, retire: bool) -> None:
+    p = start(procs, "loop")
     p.send_signal(signal.SIGINT)          # ignored by an acceptor (only the supervisor acts)
     time.sleep(0.3)
     assert p.poll() is None
