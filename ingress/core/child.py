@@ -1,13 +1,46 @@
-"""The child skeleton: what every process the supervisor starts does the same way.
+"""The child skeleton: what every process the supervisor starts does the same way, owned once.
 
-The acceptors, the lane brokers and workers and the relay each call this instead of writing their
-own set-up (as gunicorn's worker base class and Postfix's server skeletons do for theirs).
+The acceptors, the lane brokers and workers and the relay each hand this their service and let
+it run their life (as gunicorn's Worker base class and Postfix's single_server / multi_server
+skeletons do for theirs): an entry point only builds its service and calls main() or
+main_loop().
 
 API:
-    start(cfg, name, table, nice=0) -> Signals
-                                         log set-up and process title ("smtp-ingress: <name>"),
-                                         the CPU priority lowered by `nice` (lanes.<lane>.nice,
-                                         relay.nice), then the signal handlers of `table`
+    Spec(name, signals, nice=0, policy="other")
+                                         who the child is: its name (the process title
+                                         "smtp-ingress: <name>", the log lines' proc), which signal
+                                         does what, its CPU priority and scheduling policy
+    lane_spec(cfg, lane, name) -> Spec   a lane's broker or worker (lanes.<lane>.nice, ...)
+    Service(serve, stop, started=None, stopped=None)
+                                         what the child runs: serve() is its life until stop()
+                                         and its drain (blocking, or a coroutine function on
+                                         the event loop); stop() is a stop order (a signal, the
+                                         parent's death) and only sets a flag or an event;
+                                         started() and stopped() (as Postfix's post-init and
+                                         exit hooks) write its start and exit lines, called
+                                         before and after serve
+    main(cfg, spec, setup)               a child with its own (zmq) loop, which beats its own
+                                         Heartbeat (a lane worker beats only while its work in
+                                         hand is vouched for): start(); service = setup(sig)
+                                         (sig: the Signals, whose .retire a service may read);
+                                         stop orders call service.stop(); the start line;
+                                         service.serve(); the exit line
+    main_loop(cfg, spec, setup, hb, slot, runner=run_uvloop)
+                                         a child on an event loop (an acceptor, the relay):
+                                         start(); then on the loop: the signal handlers through
+                                         the loop, service = await setup(sig), stop orders call
+                                         service.stop(), the heartbeat task (parent death ->
+                                         service.stop()), the start line, await
+                                         service.serve(), the heartbeat task cancelled, the
+                                         exit line
+    run_uvloop(coro), run_asyncio(coro)  the runners: uvloop (asyncio's own loop where uvloop
+                                         is missing), asyncio's
+    start(cfg, name, table, nice=0, policy="other") -> Signals
+                                         the skeleton's first step (also for a child run by
+                                         hand): log set-up and process title, the CPU priority
+                                         lowered by `nice` (lanes.<lane>.nice, relay.nice) and
+                                         the scheduling policy, then the signal handlers of
+                                         `table`
     Signals(table)                       .stop / .retire flags; .on_stop(callback); .handle(signum)
                                          (what a handler does); .install() with signal.signal,
                                          .install_loop(loop) with loop.add_signal_handler
@@ -22,6 +55,11 @@ API:
     Reconnect(initial=1, maximum=32)     Paranoid Pirate's reconnect back-off for the ZeroMQ
                                          clients: .due(now), .attempted(now) -> delay, .reset()
 
+Order: setup runs after start(), so every thread it starts (zmq's io threads, pools) inherits
+the priority and policy; an event-loop child's setup runs on its loop (it may create servers and
+tasks) with the loop's signal handlers installed already, and a stop ordered during setup
+reaches the service as soon as it exists (Signals.on_stop calls a late callback at once).
+
 Signals: the supervisor stops a child with SIGUSR2 and retires an acceptor replaced by a reload
 with SIGUSR1 (it serves the sessions it has, then exits). Brokers, workers and the relay ignore
 SIGTERM, SIGINT and SIGHUP, so a signal sent to the whole process group (^C, `timeout`,
@@ -35,7 +73,8 @@ stops as if told to with SIGUSR2; the "orphaned" line is logged once.
 Failure modes and limits: with hb None (tests, a child run by hand) beat() writes nothing. The
 parent-death check polls getppid() at the heartbeat's pace, so an orphan notices within one
 period. Reconnect never sleeps: the caller asks due(now), so its loop (and its heartbeat) keeps
-running while it waits.
+running while it waits. An exception out of setup or serve is not caught: the child exits
+non-zero and the supervisor restarts it (its heartbeat task is cancelled on the way out).
 """
 
 from __future__ import annotations
@@ -45,8 +84,9 @@ import enum
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from ingress.core import log
 from ingress.core.config import Config
@@ -209,3 +249,91 @@ class Reconnect:
     def reset(self) -> None:
         self.delay = self.initial
         self.not_before = 0.0
+
+
+# --- the skeleton ----------------------------------------------------------------------------
+
+R = TypeVar("R", covariant=True)     # a Service[Coroutine] is a Service[Awaitable]
+Life = Coroutine[Any, Any, None]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Who a child is (the arguments of start())."""
+
+    name: str                           # "broker-fast": the process title, the log lines' proc
+    signals: Mapping[int, Action]       # ACCEPTOR_SIGNALS or LANE_SIGNALS
+    nice: int = 0                       # > 0: a lower CPU priority
+    policy: str = "other"               # the scheduling policy (POLICY)
+
+
+def lane_spec(cfg: Config, lane: str, name: str) -> Spec:
+    """A lane's broker or worker: LANE_SIGNALS, lanes.<lane>.nice and .sched_policy."""
+    lc = getattr(cfg.lanes, lane)
+    return Spec(name, LANE_SIGNALS, lc.nice, lc.sched_policy)
+
+
+@dataclass(frozen=True)
+class Service(Generic[R]):
+    """What a child runs: Service[None] for main(), Service[Awaitable[object]] for main_loop()."""
+
+    serve: Callable[[], R]              # the life until stop(), the drain included
+    stop: Callable[[], None]            # a stop order: set a flag or an event, nothing more
+    started: Callable[[], None] | None = None   # its start line, once it is set up
+    stopped: Callable[[], None] | None = None   # its exit line, once serve returned
+
+
+def _hook(hook: Callable[[], None] | None) -> None:
+    if hook is not None:
+        hook()
+
+
+def main(cfg: Config, spec: Spec, setup: Callable[[Signals], Service[None]]) -> None:
+    """A child with its own blocking loop (a lane broker or worker): it beats its heartbeat and
+    checks for its parent's death itself, and returns once stop() was called and it drained."""
+    sig = start(cfg, spec.name, spec.signals, spec.nice, spec.policy)
+    service = setup(sig)
+    sig.on_stop(service.stop)
+    _hook(service.started)
+    service.serve()
+    _hook(service.stopped)
+
+
+def run_uvloop(life: Life) -> None:
+    """`life` on uvloop (on asyncio's own loop where uvloop is missing)."""
+    try:
+        import uvloop
+    except ImportError:     # pragma: no cover - uvloop is a hard dependency; keep serving anyway
+        asyncio.run(life)
+        return
+    uvloop.run(life)
+
+
+def run_asyncio(life: Life) -> None:
+    """`life` on asyncio's own event loop."""
+    asyncio.run(life)
+
+
+def main_loop(cfg: Config, spec: Spec,
+              setup: Callable[[Signals], Awaitable[Service[Awaitable[object]]]],
+              hb: Any = None, slot: int = 0,
+              runner: Callable[[Life], None] = run_uvloop) -> None:
+    """A child on an event loop (an acceptor, the relay): the skeleton writes its heartbeat slot
+    from a task of that loop (so a hung loop stops heartbeating) and turns its parent's death
+    into service.stop()."""
+    sig = start(cfg, spec.name, spec.signals, spec.nice, spec.policy)
+
+    async def life() -> None:
+        sig.install_loop(asyncio.get_running_loop())
+        service = await setup(sig)
+        sig.on_stop(service.stop)
+        heart = asyncio.create_task(
+            Heartbeat(hb, slot).run(heartbeat_period(cfg), service.stop))
+        _hook(service.started)
+        try:
+            await service.serve()
+        finally:
+            heart.cancel()
+        _hook(service.stopped)
+
+    runner(life())

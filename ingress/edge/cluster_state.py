@@ -123,7 +123,7 @@ class ClusterState(RedisLink):
     """One acceptor's view of the shared state; single-threaded (the acceptor's loop)."""
 
     def __init__(self, cfg: Config, ident: str, on_penalty: Callable[[str], None],
-                 on_learn: Callable[[str, float, str], None],
+                 on_learn: Callable[[str, float, str], object],
                  on_record: Callable[[bytes, dict[str, object]], None] | None = None,
                  on_unlearn: Callable[[str], object] | None = None) -> None:
         super().__init__(cfg, ident)
@@ -147,7 +147,7 @@ class ClusterState(RedisLink):
 
     @classmethod
     def create(cls, cfg: Config, ident: str, on_penalty: Callable[[str], None],
-               on_learn: Callable[[str, float, str], None],
+               on_learn: Callable[[str, float, str], object],
                on_record: Callable[[bytes, dict[str, object]], None] | None = None,
                on_unlearn: Callable[[str], object] | None = None,
                ) -> ClusterState | None:

@@ -103,7 +103,7 @@ class IngressHandler:
         server.spf_header = ""
         afresh = server.lane is Lane.FAST and self.demote_for(server, mail_domain)
         # SPF can only promote, so a session already in the fast lane never waits for DNS.
-        if ctx.resolver is not None and server.lane is Lane.BULK:
+        if ctx.spf_service.enabled and server.lane is Lane.BULK:
             # SPF is evaluated for the canonical name (every spelling of a domain is one
             # identity, one rate, one cache entry); a name that is not a domain: none.
             request = spf_request(address, session.host_name or "")
@@ -111,7 +111,7 @@ class IngressHandler:
                 result, why, domain = AuthResult.NONE, "not a valid domain name", ""
             else:
                 domain, sender, helo = request
-                result, why = await ctx.spf(server.peer_ip, server.lane, sender, helo)
+                result, why = await ctx.spf_service.check(server.peer_ip, server.lane, sender, helo)
             server.evidence = server.evidence.with_spf(result, domain or None)
             server.spf_header = received_spf_header(
                 result, client_ip=server.peer_ip, mail_from=address,
@@ -120,7 +120,7 @@ class IngressHandler:
             decision = ctx.decide(server.evidence, transaction=True, peer=server.peer_ip)
             if promote(server.lane, decision) is not server.lane:
                 server.identity = decision.identity
-                ctx.promote(server)
+                ctx.table.promote(server)
                 server.reasons = decision.reasons
                 ctx.count("promoted", Lane.FAST)
                 log.event("promoted", peer=server.peer_ip, reasons=",".join(decision.reasons),
@@ -148,7 +148,7 @@ class IngressHandler:
         if fresh is not None and fresh.lane is Lane.BULK:
             server.reasons = fresh.reasons
             why = "learned-mismatch"
-        elif ctx.over_rate(server.identity, transaction=True, peer=server.peer_ip):
+        elif ctx.over_rate_why(server.identity, transaction=True, peer=server.peer_ip):
             # Its domain is over classify.domain_rate, or its trust tier over its total rate
             # (no token here, or named by the fast broker): bulk from this transaction on
             # (below, its SPF decides again and names the reason), so the bulk cap sheds it
@@ -159,7 +159,7 @@ class IngressHandler:
         log.event("demoted", peer=server.peer_ip, identity=server.identity, why=why,
                   sender_domain=mail_domain[:100])
         ctx.count("demoted", Lane.FAST)
-        ctx.demote(server)
+        ctx.table.demote(server)
         return why == "learned-mismatch"
 
     async def handle_RCPT(self, server: IngressSMTP, session: Session, envelope: SmtpEnvelope,
@@ -204,7 +204,7 @@ class IngressHandler:
         claim = server.retry_claim
         if server.txn_deferred or (claim is not None and not claim.covers((rcpt,))):
             server.deferred_rcpts += 1
-            ctx.deferred(server.peer_ip, sender, (rcpt,), None)
+            ctx.retries.deferred(server.peer_ip, sender, (rcpt,), None)
             metrics.recipient(server.lane, RcptResult.DEFERRED)
             log.refused("shed", server.peer_ip, stage="rcpt", code=451,
                         reason="deferred_transaction" if server.txn_deferred
@@ -213,14 +213,14 @@ class IngressHandler:
             return text(Refusal.LANE_BUSY)
         if claim is not None:
             return None
-        server.retry_claim = ctx.retry_claim(server.peer_ip, sender, rcpt)
+        server.retry_claim = ctx.retries.retry_claim(server.peer_ip, sender, rcpt)
         if server.retry_claim is not None or await ctx.bulk_mail_admitted():
             server.txn_admitted = True
             return None
         server.txn_deferred = True
         server.deferred_rcpts += 1
         server.counters = session_rules.mail_deferred(server.counters)
-        ctx.deferred(server.peer_ip, sender, (rcpt,), DeferReason.RCPT_CAP)
+        ctx.retries.deferred(server.peer_ip, sender, (rcpt,), DeferReason.RCPT_CAP)
         metrics.recipient(server.lane, RcptResult.DEFERRED)
         return await self.shed(server, DeferReason.RCPT_CAP, "rcpt", sender=sender[:200],
                                rcpt=rcpt[:200])
@@ -267,7 +267,7 @@ class IngressHandler:
         if claim is not None and env.lane is Lane.BULK and claim.covers(env.rcpts):
             env.evidence["retry"] = "1"
         t0 = time.monotonic()
-        reply, why = await ctx.submit(env, body)
+        reply, why = await ctx.lanes.submit(env, body)
         ms = round((time.monotonic() - t0) * 1000, 2)
         metrics.observe_ack(server.lane, time.monotonic() - t0)
         metrics.message(server.lane, Result.ACCEPTED if reply is not None and reply.ok
@@ -275,7 +275,8 @@ class IngressHandler:
         if reply is not None and reply.ok:
             server.messages += 1
             ctx.count("accepted", server.lane)
-            ctx.deferred_accepted(server.lane, server.peer_ip, env.mail_from, env.rcpts, claim)
+            ctx.retries.deferred_accepted(server.lane, server.peer_ip, env.mail_from, env.rcpts,
+                                          claim)
             # The one accept line of a message (its 250): the relay's line names the same qid.
             log.event("message", qid=env.qid, peer=server.peer_ip, port=server.peer_port,
                       helo=env.helo[:100], sender=env.mail_from[:200], rcpts=len(env.rcpts),
@@ -289,7 +290,7 @@ class IngressHandler:
                   "sender": env.mail_from[:200], "rcpts": len(env.rcpts), "size": len(body),
                   "why": why, "ack_ms": ms}
         if reply is not None and reply.reason is not None and reply.reason.value == "rate":
-            ctx.deferred(server.peer_ip, env.mail_from, env.rcpts, DeferReason.DATA_RATE)
+            ctx.retries.deferred(server.peer_ip, env.mail_from, env.rcpts, DeferReason.DATA_RATE)
             return await self.shed(server, DeferReason.DATA_RATE, "end_of_data", **fields)
         log.refused("not_queued", server.peer_ip, stage="end_of_data", code=451,
                     reason=str(why).replace(" ", "_"), **fields)

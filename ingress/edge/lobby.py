@@ -3,12 +3,12 @@ the scarce resource).
 
 API:
     Lobby(ctx, fast_only=False)   the asyncio protocol of listen.port and listen.fast_port when
-                                  they are not behind PROXY (ingress.edge.acceptor.serve);
+                                  they are not behind PROXY (ingress.edge.service.listeners);
                                   `ctx` is the acceptor process (ingress.edge.host.SessionHost)
 
 A connection that has proven nothing costs a file descriptor, the kernel's socket buffers and
 this object (__slots__; no StreamReader, no Task, no aiosmtpd Session). At connection_made it
-does what IngressSMTP does there (ingress.edge.smtp.classify_and_admit: the same code), the greet
+does what IngressSMTP does there (ingress.edge.connect.classify_and_admit: the same code), the greet
 pause and early-talker test (admission.greet_pause, one timer), writes the 220 banner and arms
 one idle timer (smtp.idle_timeout, also while the bulk lane is saturated: stress mode's short
 timeout frees sessions, and a seat is not one; cutting silent seats early only makes their bots
@@ -38,13 +38,9 @@ from typing import Any, cast
 from ingress.core import log, metrics
 from ingress.core.addr import normalize_ip
 from ingress.core.wire import Lane
+from ingress.edge.connect import banner_line, classify_and_admit, refuse_early_talker
 from ingress.edge.host import SessionHost
-from ingress.edge.smtp import (
-    IngressSMTP,
-    banner_line,
-    classify_and_admit,
-    refuse_early_talker,
-)
+from ingress.edge.smtp import IngressSMTP
 from ingress.policy.admission import Ticket
 from ingress.policy.classify import Evidence
 from ingress.policy.replies import Refusal, text
@@ -154,7 +150,7 @@ class Lobby(asyncio.Protocol):
 
     def _release(self) -> None:
         self.admitted = False
-        self.ctx.release(self)
+        self.ctx.table.release(self)
         metrics.session_close(self.lane)
 
     def _greet(self) -> None:
@@ -192,7 +188,7 @@ class Lobby(asyncio.Protocol):
         session.handed_off = session.skip_banner = True
         session.greeted = session.banner_sent = True
         self.handed = True
-        self.ctx.swap(self, session)
+        self.ctx.table.swap(self, session)
         transport.set_protocol(session)
         session.connection_made(transport)
         session.data_received(data)

@@ -70,7 +70,7 @@ from ingress.edge.smtp import IngressSMTP
 from ingress.policy.handshake_gate import GateLimits, HandshakeGate, Tier, Verdict
 
 if TYPE_CHECKING:
-    from ingress.edge.acceptor import AcceptorContext
+    from ingress.edge.context import AcceptorContext
 
 TLS_HANDSHAKE_RECORD = 0x16        # the first byte of a ClientHello's record
 ALERT_INTERNAL_ERROR = 80          # RFC 8446 6.2: "unrelated to the peer": we are busy

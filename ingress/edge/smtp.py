@@ -1,11 +1,20 @@
-"""The SMTP dialogue: a thin aiosmtpd subclass, glue between aiosmtpd and our policy.
+"""The SMTP session: IngressSMTP, the aiosmtpd SMTP subclass that runs one connection's dialogue
+against our policy.
 
 API:
-    IngressSMTP(host, implicit_tls=False, fast_only=False, proxy_protocol=False)
+    IngressSMTP(host, implicit_tls=False, fast_only=False, proxy_protocol=False, returned=False,
+                hand_back_to=None)
         one instance per connection (the asyncio protocol); `host` is the acceptor process
         (ingress.edge.host.SessionHost); the aiosmtpd hooks are ingress.edge.handler.IngressHandler
 
-What this layer adds to aiosmtpd (docs/design.md lists the aiosmtpd traps it works around):
+It is built in layers, each its own module: aiosmtpd's SMTP <- ingress.edge.smtp_data.DataPhase
+(DATA read in bulk into one buffer, charged to the DATA budget) <- ingress.edge.smtp_commands
+.CommandPhase (every command checked and accounted, every reply cleaned: push) <- IngressSMTP
+(this module: the per-process prototype and the connection's life cycle). What happens at
+connect is ingress.edge.connect's (shared with the lobby). docs/design.md lists the aiosmtpd
+traps the layers work around.
+
+What this module adds to aiosmtpd:
 - classification and admission in connection_made, before aiosmtpd builds anything: a refused
   connection (421 4.7.0, no banner) costs microseconds; a client of the operator or third-party
   trust tier known there is handed to a fast acceptor (ingress.edge.handoff) and served in that
@@ -16,76 +25,53 @@ What this layer adds to aiosmtpd (docs/design.md lists the aiosmtpd traps it wor
   (listen.fast_port) serves fast-lane clients only;
 - on the plain listeners (not behind PROXY) a connection starts in the lobby (ingress.edge.lobby)
   and the session is built on the client's first bytes: handed_off (set by the lobby) means
-  admitted, greet pause done and banner written already (aiosmtpd's banner push is skipped), and the
-  session deadline counts from connect;
+  admitted, greet pause done and banner written already (aiosmtpd's banner push is skipped), and
+  the session deadline counts from connect;
 - on the mutual-TLS port a connection takes its slot before the TLS handshake
   (admit_before_handshake; ingress.edge.mtls: the handshake gate comes after it), and a verified
   certificate promotes it after;
 - a session is built from a per-process prototype (aiosmtpd's __init__ introspects the class
   and the handler on every connection: ~0.5 ms); _PER_CONNECTION is the state each session
-  builds itself (test_smtp_clone checks it; hence aiosmtpd <1.5 in pyproject);
+  builds itself (test_smtp_clone checks it; hence aiosmtpd <1.5 in pyproject); a per-instance
+  command_size_limits (aiosmtpd's is a class attribute shared by all sessions and grows with
+  every EHLO);
 - lane state on the protocol (STARTTLS builds a new Session); evict() when slots are full;
 - an early-talker test for bulk clients (554, and a penalty shared by every acceptor);
 - a whole-session deadline on top of the idle timeout, and a 421 line before closing on either;
   the idle timer is re-armed by incoming bytes while DATA is being received; bulk sessions get
   admission.stress_idle_timeout while the bulk lane is saturated (admission.stress_timeouts);
-- 501 5.5.2 for NUL / invalid UTF-8 / control characters in HELO, EHLO, MAIL, RCPT (aiosmtpd
-  decodes them with surrogateescape whether or not the client said SMTPUTF8), and for any
-  non-ASCII in a HELO/EHLO name (RFC 6531 3.7.1: A-labels only there); the decisions are
-  ingress/policy/session_rules.py (pure);
-- per-session error accounting in push() (every final reply passes there): the tarpit delay
-  past smtp.soft_error_limit, 421 4.7.0 and a close at smtp.hard_error_limit, junk commands
-  (NOOP/RSET/VRFY/HELP) and MAILs without a delivered message limited; after a 421 that closes
-  the session, pipelined commands are not parsed (the handler task is cancelled, as on QUIT);
-- DATA read into one bytearray in bulk (ingress.edge.smtp_data, ingress.edge.dataread; aiosmtpd
-  keeps one per line, ~23x the message), charged to the acceptor's DATA budget
-  (smtp.data_memory_budget; bulk never takes smtp.data_fast_reserve): a bulk DATA with the bulk
-  share spent gets 452 4.3.1 at once, a message that overflows it mid-transfer is read to its end,
-  dropped, and gets 452 4.3.1;
-- no idle timer (stress or not) while the worker's ack is awaited: the ack wait has its own
-  deadline (smtp.ack_timeout), and the session deadline waits for it;
-- a per-instance command_size_limits (aiosmtpd's is a class attribute shared by all sessions
-  and grows with every EHLO); AUTH is never offered (502 5.5.1);
-- every reply line replies.clean()ed in push() (no client control bytes echoed, 512 octets);
-  STARTTLS inside TLS refused (503 5.5.1, RFC 3207); an address the stdlib parser chokes on
-  ("a@": IndexError) is malformed (553 5.1.3); multi-line replies leave in one write.
+  no idle timer (stress or not) while the worker's ack is awaited: the ack wait has its own
+  deadline (smtp.ack_timeout), and the session deadline waits for it.
 
 Failure modes: bad input gets an SMTP reply and a log line, never a traceback (the handler's
-handle_exception answers 451 4.3.0). Limits: those of the config (smtp.*, admission.*).
+handle_exception answers 451 4.3.0); a PROXY header from an untrusted peer, or an invalid one,
+closes the connection with a log line. Limits: those of the config (smtp.*, admission.*).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, cast
 
 from aiosmtpd.proxy_protocol import get_proxy
-from aiosmtpd.smtp import SMTP, _AuthMechAttr, syntax
+from aiosmtpd.smtp import SMTP, _AuthMechAttr
 
 from ingress.core import log, metrics
 from ingress.core.addr import normalize_ip
-from ingress.core.metrics_labels import Outcome, RcptResult
+from ingress.core.metrics_labels import Outcome
 from ingress.core.wire import Lane
 from ingress.edge import proxy
+from ingress.edge.connect import IDENT, classify_and_admit, refuse_early_talker
 from ingress.edge.host import SessionHost
-from ingress.edge.smtp_data import DataPhase
-from ingress.policy import session_rules
+from ingress.edge.smtp_commands import CommandPhase
 from ingress.policy.admission import Ticket, stress_timeouts
-from ingress.policy.classify import Evidence, promote
+from ingress.policy.classify import Evidence
 from ingress.policy.deferrals import Claim
-from ingress.policy.identity import served_over_share
-from ingress.policy.replies import Refusal, clean, text
-from ingress.policy.session_rules import Counters, Refused
-from ingress.policy.tiers import hands_off, tier_of
-
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_SIMPLE_ADDRESS = re.compile(
-    rf"\s*<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>\s*(.*)\Z",
-    re.DOTALL)
+from ingress.policy.replies import Refusal, text
+from ingress.policy.session_rules import Counters
 
 # Per-connection state that SMTP.__init__ sets and that must not be shared between sessions.
 _PER_CONNECTION = frozenset({
@@ -94,101 +80,13 @@ _PER_CONNECTION = frozenset({
     "command_size_limits"})
 
 
-def _checked_command(name: str, check_arg: bool = True) -> Callable[..., Awaitable[None]]:
-    """smtp_<name>: IngressSMTP._checked (accounting; 501 5.5.2 for a bad argument), then
-    aiosmtpd's own implementation of the command."""
-    base = getattr(SMTP, "smtp_" + name)
-
-    async def command(self: IngressSMTP, arg: str | None) -> None:
-        if await self._checked(name, arg if check_arg else None):
-            await base(self, arg)
-
-    command.__name__ = command.__qualname__ = "smtp_" + name
-    return command
-
-
 
 def _write_line(transport: asyncio.BaseTransport, line: str) -> None:
     """One reply line straight onto the transport (before aiosmtpd's writer exists, or after)."""
     cast(asyncio.WriteTransport, transport).write(line.encode() + b"\r\n")
 
-def classify_and_admit(seat: Any, ctx: SessionHost, transport: asyncio.BaseTransport, *,
-                       implicit_tls: bool = False, fast_only: bool = False,
-                       may_hand_off: bool = False, hand_back_to: Any = None) -> str | None:
-    """Evidence at connect (allow lists, learned allow, client certificate) -> lane ->
-    admission, for an IngressSMTP or a lobby seat (ingress.edge.lobby.Lobby): sets seat.evidence,
-    .reasons, .lane, .identity, .admitted (and .ticket, .refused_why through ctx.admit).
-    Returns the refusal line, "" when a fast acceptor took the connection (may_hand_off, and
-    the operator or third-party tier: ingress.edge.handoff; close it without a word) or when this
-    fast acceptor could not admit a connection handed to it and gave it back to the acceptor
-    `hand_back_to` (the same), or None when admitted here."""
-    der = None
-    if implicit_tls:
-        ssl_object = transport.get_extra_info("ssl_object")
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-    # The TLS handshake of the mutual-TLS port succeeded, so a certificate is verified.
-    seat.evidence = ctx.connect_evidence(seat.peer_ip, der, verified=der is not None)
-    decision = ctx.decide(seat.evidence, peer=seat.peer_ip)
-    if seat.admitted:     # mutual-TLS port: the slot was taken before the handshake
-        seat.reasons = decision.reasons
-        if promote(seat.lane, decision) is not seat.lane:
-            seat.identity = decision.identity
-            ctx.promote(seat)
-        metrics.connection(seat.lane, Outcome.ADMITTED)
-        return None
-    seat.lane, seat.reasons = decision.lane, decision.reasons
-    seat.identity = decision.identity
-    if seat.lane is Lane.FAST and may_hand_off and hands_off(tier_of(seat.identity)) \
-            and ctx.hand_off(transport):
-        metrics.connection(seat.lane, Outcome.HANDED_OFF)
-        return ""                       # a fast acceptor serves it (ingress.edge.handoff)
-    # listen.fast_port: a fast client over its identity's share is served as bulk there too
-    # (never refused for it)
-    if fast_only and seat.lane is Lane.BULK and not served_over_share(decision.reasons):
-        metrics.connection(seat.lane, Outcome.NOT_FAST)
-        log.refused("connection_refused", seat.peer_ip, stage="connect", code=554,
-                    reason=Outcome.NOT_FAST.value, port=seat.peer_port, lane=seat.lane.value)
-        return text(Refusal.FAST_PORT_ONLY, host=ctx.cfg.smtp.hostname)
-    refusal = ctx.admit(seat)
-    if refusal is not None and hand_back_to is not None and ctx.hand_back(transport,
-                                                                          hand_back_to):
-        metrics.connection(seat.lane, Outcome.HANDED_BACK)
-        log.throttled("handed_back", seat.peer_ip, port=seat.peer_port, lane=seat.lane.value,
-                      why=seat.refused_why or "draining")
-        return ""                       # served where it arrived (ingress.edge.handoff)
-    if refusal is not None:
-        ctx.count("refused", seat.lane)
-        metrics.connection(seat.lane, Outcome(seat.refused_why or "draining"))
-        log.refused("connection_refused", seat.peer_ip, stage="connect", code=refusal[:3],
-                    reason=seat.refused_why or "draining", port=seat.peer_port,
-                    lane=seat.lane.value)
-        return refusal
-    seat.admitted = True
-    metrics.connection(seat.lane, Outcome.ADMITTED)
-    metrics.session_open(seat.lane)
-    return None
 
-
-def refuse_early_talker(seat: Any, ctx: SessionHost) -> None:
-    """A bulk client spoke before our banner (the greet pause): 554, and the penalty shared by
-    every acceptor. For an IngressSMTP or a lobby seat (ingress.edge.lobby.Lobby)."""
-    ctx.penalise(seat.peer_ip)
-    ctx.count("early_talker", seat.lane)
-    metrics.connection(seat.lane, Outcome.EARLY_TALKER)
-    log.refused("early_talker", seat.peer_ip, stage="greet", code=554, port=seat.peer_port,
-                penalty_s=ctx.cfg.admission.penalty)
-    seat.close_with(text(Refusal.EARLY_TALKER))
-
-
-def banner_line(hostname: str) -> str:
-    """The 220 greeting (aiosmtpd's format with our ident), for a session or a lobby seat."""
-    return f"220 {hostname} {IDENT}"
-
-
-IDENT = "smtp-ingress"
-
-
-class IngressSMTP(DataPhase):
+class IngressSMTP(CommandPhase):
     def __init__(self, ctx: SessionHost, implicit_tls: bool = False,
                  fast_only: bool = False, proxy_protocol: bool = False,
                  returned: bool = False, hand_back_to: Any = None) -> None:
@@ -348,7 +246,7 @@ class IngressSMTP(DataPhase):
         self.abort_handshake = None
         if self.admitted:
             self.admitted = False
-            self.ctx.release(self)
+            self.ctx.table.release(self)
             metrics.session_close(self.lane)
             metrics.connection(self.lane, outcome)
             if not quiet:
@@ -422,7 +320,7 @@ class IngressSMTP(DataPhase):
             self._deadline.cancel()
         if self.admitted:
             self.admitted = False
-            self.ctx.release(self)
+            self.ctx.table.release(self)
             metrics.session_close(self.lane)
             log.event("session", peer=self.peer_ip, lane=self.lane.value, messages=self.messages,
                       last_reply=self.last_reply[:3],
@@ -461,14 +359,14 @@ class IngressSMTP(DataPhase):
             self.early_talker = True
         elif not self.spoken:
             self.spoken = True
-            self.ctx.spoke(self)
+            self.ctx.table.spoke(self)
         super().data_received(data)
 
     def evict(self, line: str, reason: str) -> None:
         """Make room now (the slot is released at once, not when the close completes)."""
         if self.admitted:
             self.admitted = False
-            self.ctx.release(self)
+            self.ctx.table.release(self)
             metrics.session_close(self.lane)
             log.refused("evicted", self.peer_ip, stage="session", code=line[:3],
                         reason=reason, port=self.peer_port,
@@ -507,152 +405,3 @@ class IngressSMTP(DataPhase):
             _write_line(self.transport, line)
         self.transport.close()
         return True
-
-    # --- commands -----------------------------------------------------------------------------
-
-    async def push(self, status: str | bytes) -> None:
-        """As aiosmtpd's, but every line replies.clean()ed (aiosmtpd echoes client bytes), and
-        the lines of a multi-line reply (EHLO) go out in one write: one system call, not seven."""
-        if self.skip_banner:               # handed off by a lobby seat: it wrote the banner
-            self.skip_banner = False
-            return
-        if not self.banner_sent:
-            self.banner_sent = True
-            metrics.observe_banner(self.lane, time.monotonic() - self.started)
-        if isinstance(status, bytes):
-            status = status.decode("utf-8", "surrogateescape")
-        line = clean(status).encode("utf-8" if self.enable_SMTPUTF8 else "ascii", "replace")
-        if line[3:4] == b"-":
-            self._continuation.append(line + b"\r\n")
-            return
-        if self.cut_off:                   # pipelined commands after our 421: not answered
-            await self._stop_reading()
-            return
-        self.last_reply = line[:3].decode("ascii", "replace")
-        line += b"\r\n" + await self._account(line)
-        transport = self._writer.transport
-        if transport is None or transport.is_closing():
-            # Closed meanwhile (aiosmtpd's own "502 ... goodbye", a deadline, the client): a
-            # closed TLS transport raises on write, so nothing more is written or read.
-            self._continuation.clear()
-            await self._stop_reading()
-            return
-        if self._continuation:
-            self._continuation.append(line)
-            self._writer.write(b"".join(self._continuation))
-            self._continuation.clear()
-        else:
-            self._writer.write(line)
-        if self.close_after_reply and self.transport is not None:
-            self.transport.close()         # after the reply: close() flushes what is written
-            await self._stop_reading()
-            return
-        await self._writer.drain()
-
-    async def _account(self, line: bytes) -> bytes:
-        """Per-session error accounting for one final reply (session_rules.after_reply): the
-        tarpit delay before it, and at the hard limit the 421 line to send after it (returned;
-        the session is then closed). Counts start afresh once a message was delivered."""
-        if self.messages != self._counted_messages:
-            self._counted_messages = self.messages
-            self.counters = session_rules.delivered(self.counters)
-        command, self._command = self._command, ""
-        logged, self._logged = self._logged, False
-        text = line[:9].decode("ascii", "replace")
-        step = session_rules.after_reply(self.counters, self.ctx.error_policy, text, command)
-        if not logged and session_rules.is_error_reply(text):
-            # aiosmtpd's own refusals (500, 501 syntax, 503 sequence, 555 ...) get a line too
-            log.refused("command_error", self.peer_ip, stage=command.lower() or "command",
-                        code=text[:3], reason="protocol", port=self.peer_port,
-                        lane=self.lane.value, command=command,
-                        reply=line[:80].decode("utf-8", "replace"), errors=step.counters.errors)
-        self.counters = step.counters
-        if step.delay > 0:
-            log.throttled("error_delay", self.peer_ip, port=self.peer_port,
-                          errors=step.counters.errors, delay_ms=round(step.delay * 1000, 1))
-            await asyncio.sleep(step.delay)
-        if not step.cut_off:
-            return b""
-        refusal = session_rules.cut_off_refusal(self.hostname)
-        self._refused(refusal, command, why="errors", errors=step.counters.errors)
-        self._logged = False
-        self.close_after_reply = True
-        self.last_reply = refusal.reply[:3]
-        return refusal.reply.encode() + b"\r\n"
-
-    async def _stop_reading(self) -> None:
-        """After a 421 and close(): aiosmtpd would go on parsing what the client pipelined
-        (already buffered, so without yielding) until connection_lost runs; stop it here, as
-        its own QUIT does."""
-        self.cut_off = True
-        current = asyncio.current_task()
-        if current is not None and current is self._handler_coroutine:
-            current.cancel()
-            await asyncio.sleep(0)         # the CancelledError is raised here
-
-    def _refused(self, refusal: Refused, command: str, **fields: Any) -> str:
-        """Log line, metric and close flag for one of session_rules' refusals; the reply.
-        The reason token is the `why` field when there is one, else the event."""
-        log.refused(refusal.event, self.peer_ip, stage=command.lower() or "command",
-                    code=refusal.reply[:3],
-                    reason=str(fields.get("why") or refusal.event), port=self.peer_port,
-                    lane=self.lane.value, command=command, **fields)
-        self._logged = True
-        if isinstance(refusal.metric, RcptResult):
-            metrics.recipient(self.lane, refusal.metric)
-        else:
-            metrics.message(self.lane, refusal.metric)
-        if refusal.close:
-            self.close_after_reply = True
-        return refusal.reply
-
-    async def _checked(self, command: str, arg: str | None) -> bool:
-        """Every command we parse passes here first: it names the command for the accounting
-        and refuses NUL, invalid UTF-8 and control characters in its argument (501 5.5.2)."""
-        self._command = command
-        if self.cut_off:
-            await self._stop_reading()
-            return False
-        why = session_rules.check_argument(arg, command)
-        if why is None:
-            return True
-        await self.push(self._refused(session_rules.argument_refusal(why, command), command,
-                                      why=why, arg=repr(arg)[:200]))
-        return False
-
-    smtp_HELO = _checked_command("HELO")
-    smtp_EHLO = _checked_command("EHLO")
-    smtp_MAIL = _checked_command("MAIL")
-    smtp_RCPT = _checked_command("RCPT")
-    smtp_NOOP = _checked_command("NOOP", check_arg=False)
-    smtp_RSET = _checked_command("RSET", check_arg=False)
-    smtp_VRFY = _checked_command("VRFY")
-    smtp_HELP = _checked_command("HELP", check_arg=False)
-
-    @syntax("STARTTLS", when="tls_context")
-    async def smtp_STARTTLS(self, arg: str) -> None:
-        """RFC 3207 4.2: no STARTTLS inside TLS (aiosmtpd would start TLS inside TLS)."""
-        if self._tls_protocol is not None:
-            await self.push("503 5.5.1 Error: TLS already active")
-            return
-        await super().smtp_STARTTLS(arg)
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """The common case, <dot-atom@domain> [params], without the email package's full
-        RFC 5322 parser (5% of a session's CPU); anything else goes the long way, where what
-        the parser raises besides HeaderParseError ("a@": IndexError) is a malformed address."""
-        m = _SIMPLE_ADDRESS.match(arg) if arg else None
-        if m is not None and not self.local_part_limit:
-            return m.group(1), m.group(2)
-        try:
-            return super()._getaddr(arg)
-        except (IndexError, ValueError):   # the stdlib parser on "a@": a malformed address
-            return None, None               # (553 5.1.3 for MAIL/RCPT, 502 for VRFY)
-
-    async def handle_exception(self, error: Exception) -> str:
-        """aiosmtpd's hook for an exception in a command: the handler's 451 4.3.0, told whose
-        session it was (its line names the client)."""
-        return cast(str, await self.ctx.handler.handle_exception(error, self))
-
-    async def smtp_AUTH(self, arg: str) -> None:
-        await self.push(text(Refusal.AUTH_NOT_OFFERED))

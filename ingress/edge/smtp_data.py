@@ -1,9 +1,10 @@
 """The DATA phase of a session: aiosmtpd's smtp_DATA, reading the message in bulk into one buffer.
 
 API:
-    DataPhase     the base class of ingress.edge.smtp.IngressSMTP (an aiosmtpd SMTP) that provides
-                  smtp_DATA; it uses the session's ctx (ingress.edge.host.SessionHost), lane,
-                  peer_ip, busy and awaiting_ack, which IngressSMTP sets.
+    DataPhase     an aiosmtpd SMTP that provides smtp_DATA: the lowest of the layers of
+                  ingress.edge.smtp.IngressSMTP (below ingress.edge.smtp_commands.CommandPhase);
+                  it uses the session's ctx (ingress.edge.host.SessionHost), lane, peer_ip,
+                  busy and awaiting_ack, which IngressSMTP sets.
 
 What it keeps of aiosmtpd's smtp_DATA: the checks before 354 (HELO, AUTH, RCPT, no argument),
 end-of-data, dot-unstuffing, the line-length (500) and size (552) replies. What it changes: the

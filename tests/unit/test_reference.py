@@ -38,7 +38,7 @@ THROTTLED_FIELDS = frozenset({"peer", "not_logged", "not_logged_total"})
 # Written by ingress.core.log's formatter for a record without fields (a library's logger).
 GENERIC = {"log": {"warning", "error"}}
 # log calls whose name is computed: (file, source of the name) -> where the names come from
-COMPUTED = {("ingress/edge/smtp.py", "refusal.event"): "Refused",
+COMPUTED = {("ingress/edge/smtp_commands.py", "refusal.event"): "Refused",
             ("ingress/edge/handler.py", "refusal.event"): "Refused"}
 
 

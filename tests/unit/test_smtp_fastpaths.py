@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from ingress.edge.smtp import _SIMPLE_ADDRESS, IngressSMTP
+from ingress.edge.smtp import IngressSMTP
+from ingress.edge.smtp_commands import _SIMPLE_ADDRESS
 
 ADDRESSES = [
     "<a@b.c>", "<a@b.c> SIZE=10", " <a.b@c.d>", "<>", "<a@[1.2.3.4]>", "a@b.c",

@@ -453,12 +453,11 @@ class Broker:
 
 def run(cfg: Config, lane: str, hb: Any = None, slot: int = 0) -> None:
     # Only the supervisor stops us (SIGUSR2), after the acceptors have drained (LANE_SIGNALS).
-    sig = child.start(cfg, f"broker-{lane}", child.LANE_SIGNALS,
-                      nice=getattr(cfg.lanes, lane).nice,
-                      policy=getattr(cfg.lanes, lane).sched_policy)
-    b = Broker(cfg, lane, hb, slot)
-    sig.on_stop(lambda: setattr(b, "stopping", True))
-    log.event("broker_start", lane=lane, queue_max=b.queue_max, queue_bytes=b.queue_bytes,
-              rate=b.bucket.rate)
-    b.run()
-    log.event("broker_stop", lane=lane, **b.counters)
+    def setup(_: child.Signals) -> child.Service[None]:
+        b = Broker(cfg, lane, hb, slot)
+        return child.Service(
+            b.run, lambda: setattr(b, "stopping", True),
+            lambda: log.event("broker_start", lane=lane, queue_max=b.queue_max,
+                              queue_bytes=b.queue_bytes, rate=b.bucket.rate),
+            lambda: log.event("broker_stop", lane=lane, **b.counters))
+    child.main(cfg, child.lane_spec(cfg, lane, f"broker-{lane}"), setup)

@@ -433,12 +433,9 @@ def _qid_guess(env_raw: bytes) -> bytes:
 
 def run(cfg: Config, lane: str, index: int, hb: Any = None, slot: int = 0) -> None:
     # Only the supervisor stops us (SIGUSR2), after the acceptors have drained (LANE_SIGNALS).
-    sig = child.start(cfg, f"worker-{lane}-{index}", child.LANE_SIGNALS,
-                      nice=getattr(cfg.lanes, lane).nice,
-                      policy=getattr(cfg.lanes, lane).sched_policy)
-    w = Worker(cfg, Lane(lane), index, hb, slot)
-    sig.on_stop(lambda: setattr(w, "stopping", True))
-    log.event("worker_start", lane=lane, index=index)
-    w.run()
-    log.event("worker_stop", lane=lane, index=index)
-
+    def setup(_: child.Signals) -> child.Service[None]:
+        w = Worker(cfg, Lane(lane), index, hb, slot)
+        return child.Service(w.run, lambda: setattr(w, "stopping", True),
+                             lambda: log.event("worker_start", lane=lane, index=index),
+                             lambda: log.event("worker_stop", lane=lane, index=index))
+    child.main(cfg, child.lane_spec(cfg, lane, f"worker-{lane}-{index}"), setup)

@@ -14,7 +14,7 @@ never the edge nor the lane. dsn.py and forward.py do no I/O.
 from __future__ import annotations
 
 import asyncio
-import time
+from collections.abc import Awaitable
 from typing import Any
 
 from ingress.core import child, log
@@ -23,14 +23,14 @@ from ingress.core.config import Config
 
 def run(cfg: Config, hb: Any = None, slot: int = 0) -> None:
     # SIGUSR2 stops; TERM/INT/HUP ignored; a lower CPU priority (relay.nice)
-    sig = child.start(cfg, "relay", child.LANE_SIGNALS, nice=cfg.relay.nice)
-    if not cfg.relay.downstream:
-        # Not meant to be started (the spool is the destination); idle rather than crash-loop.
-        log.event("relay_disabled", "warning", why="relay.downstream is empty")
-        heart = child.Heartbeat(hb, slot)
-        while not sig.stop and not heart.orphaned():
-            heart.beat()
-            time.sleep(0.2)
-        return
-    from workers.relay.scheduler import Relay  # not at import: the pure modules stay light
-    asyncio.run(Relay(cfg, hb, slot).main(sig))
+    async def setup(_: child.Signals) -> child.Service[Awaitable[object]]:
+        if not cfg.relay.downstream:
+            # Not meant to be started (the spool is the destination); idle rather than crash-loop.
+            log.event("relay_disabled", "warning", why="relay.downstream is empty")
+            stopped = asyncio.Event()
+            return child.Service(stopped.wait, stopped.set)
+        from workers.relay.scheduler import Relay  # not at import: the pure modules stay light
+        relay = Relay(cfg)
+        return child.Service(relay.main, relay.stop)
+    child.main_loop(cfg, child.Spec("relay", child.LANE_SIGNALS, nice=cfg.relay.nice), setup,
+                    hb, slot, runner=child.run_asyncio)

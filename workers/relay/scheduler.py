@@ -2,8 +2,8 @@
 retries, DSNs and a circuit breaker.
 
 API:
-    Relay(cfg, hb=None, slot=0)       one relay process's state; `await main()` runs it until
-                                      stop() (SIGUSR2, or orphaned)
+    Relay(cfg)                        one relay process's state; `await main()` runs it until
+                                      stop() (SIGUSR2, or orphaned: the skeleton's, run())
     Relay.scan() -> int               pick up new files in new/, forget the gone ones
     Relay.cleanup_states() -> int     at start: remove stale state files and tmp leftovers
     The pure rules are in workers/spool/state.py, the DSN in dsn.py, the clients in clients/,
@@ -60,7 +60,7 @@ import heapq
 import time
 from typing import Any
 
-from ingress.core import child, log, metrics
+from ingress.core import log, metrics
 from ingress.core.config import Config
 from ingress.core.downstream import parse_downstream
 from workers.relay.breaker import Breaker
@@ -78,10 +78,9 @@ STOP_GRACE = 3.0           # SIGUSR2: in-flight deliveries may finish within thi
 # --- the relay ---------------------------------------------------------------------------------
 
 class Relay:
-    def __init__(self, cfg: Config, hb: Any = None, slot: int = 0) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.cfg, self.rc = cfg, cfg.relay
         self.target = parse_downstream(cfg.relay.downstream)
-        self.heart = child.Heartbeat(hb, slot)
         self.spool = spool_mod.Spool(cfg.spool.path)
         self.spool.make_relay_dirs()
         self.hostname = cfg.smtp.hostname
@@ -222,11 +221,7 @@ class Relay:
         self.stopping = True
         self.wake.set()
 
-    async def main(self, sig: child.Signals | None = None) -> None:
-        if sig is not None:                 # the process entry point's: SIGUSR2 stops us
-            sig.install_loop(asyncio.get_running_loop())
-            sig.on_stop(self.stop)
-        hb = asyncio.create_task(self.heart.run(child.heartbeat_period(self.cfg), self.stop))
+    async def main(self) -> None:
         removed = self.cleanup_states()
         self.scan()
         metrics.relay_breaker(metrics.BREAKER_CLOSED)
@@ -241,7 +236,6 @@ class Relay:
         for t in busy:
             t.cancel()                 # waiting for a reply: the file stays, retried later
         await asyncio.gather(*workers, scanner, return_exceptions=True)
-        hb.cancel()
         log.event("relay_stop", cancelled=len(busy), backlog=len(self.known) + len(self.inflight),
                   **self.counters)
 

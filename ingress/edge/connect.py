@@ -1,0 +1,107 @@
+"""What happens at connect, for a session (ingress.edge.smtp.IngressSMTP) or a lobby seat
+(ingress.edge.lobby.Lobby): the same code for both.
+
+API:
+    classify_and_admit(seat, ctx, transport, *, implicit_tls=False, fast_only=False,
+                       may_hand_off=False, hand_back_to=None) -> str | None
+        evidence at connect (allow lists, learned allow, client certificate) -> lane ->
+        admission (ctx: the acceptor, ingress.edge.host.SessionHost); the refusal line, ""
+        (handed to a fast acceptor, or given back to the one that handed it over: close
+        without a word), or None (admitted here)
+    refuse_early_talker(seat, ctx)     a bulk client spoke before our banner: 554 and a penalty
+                                       shared by every acceptor
+    banner_line(hostname), IDENT       the 220 greeting (aiosmtpd's format with our ident)
+
+Failure modes: none raised; a refusal is a reply line, a metric and a log line. Limits: those of
+the session table's admission (admission.*).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ingress.core import log, metrics
+from ingress.core.metrics_labels import Outcome
+from ingress.core.wire import Lane
+from ingress.edge.host import SessionHost
+from ingress.policy.classify import promote
+from ingress.policy.identity import served_over_share
+from ingress.policy.replies import Refusal, text
+from ingress.policy.tiers import hands_off, tier_of
+
+
+def classify_and_admit(seat: Any, ctx: SessionHost, transport: asyncio.BaseTransport, *,
+                       implicit_tls: bool = False, fast_only: bool = False,
+                       may_hand_off: bool = False, hand_back_to: Any = None) -> str | None:
+    """Evidence at connect (allow lists, learned allow, client certificate) -> lane ->
+    admission, for an IngressSMTP or a lobby seat (ingress.edge.lobby.Lobby): sets seat.evidence,
+    .reasons, .lane, .identity, .admitted (and .ticket, .refused_why through ctx.admit).
+    Returns the refusal line, "" when a fast acceptor took the connection (may_hand_off, and
+    the operator or third-party tier: ingress.edge.handoff; close it without a word) or when this
+    fast acceptor could not admit a connection handed to it and gave it back to the acceptor
+    `hand_back_to` (the same), or None when admitted here."""
+    der = None
+    if implicit_tls:
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+    # The TLS handshake of the mutual-TLS port succeeded, so a certificate is verified.
+    seat.evidence = ctx.connect_evidence(seat.peer_ip, der, verified=der is not None)
+    decision = ctx.decide(seat.evidence, peer=seat.peer_ip)
+    if seat.admitted:     # mutual-TLS port: the slot was taken before the handshake
+        seat.reasons = decision.reasons
+        if promote(seat.lane, decision) is not seat.lane:
+            seat.identity = decision.identity
+            ctx.table.promote(seat)
+        metrics.connection(seat.lane, Outcome.ADMITTED)
+        return None
+    seat.lane, seat.reasons = decision.lane, decision.reasons
+    seat.identity = decision.identity
+    if seat.lane is Lane.FAST and may_hand_off and hands_off(tier_of(seat.identity)) \
+            and ctx.hand_off(transport):
+        metrics.connection(seat.lane, Outcome.HANDED_OFF)
+        return ""                       # a fast acceptor serves it (ingress.edge.handoff)
+    # listen.fast_port: a fast client over its identity's share is served as bulk there too
+    # (never refused for it)
+    if fast_only and seat.lane is Lane.BULK and not served_over_share(decision.reasons):
+        metrics.connection(seat.lane, Outcome.NOT_FAST)
+        log.refused("connection_refused", seat.peer_ip, stage="connect", code=554,
+                    reason=Outcome.NOT_FAST.value, port=seat.peer_port, lane=seat.lane.value)
+        return text(Refusal.FAST_PORT_ONLY, host=ctx.cfg.smtp.hostname)
+    refusal = ctx.admit(seat)
+    if refusal is not None and hand_back_to is not None and ctx.hand_back(transport,
+                                                                          hand_back_to):
+        metrics.connection(seat.lane, Outcome.HANDED_BACK)
+        log.throttled("handed_back", seat.peer_ip, port=seat.peer_port, lane=seat.lane.value,
+                      why=seat.refused_why or "draining")
+        return ""                       # served where it arrived (ingress.edge.handoff)
+    if refusal is not None:
+        ctx.count("refused", seat.lane)
+        metrics.connection(seat.lane, Outcome(seat.refused_why or "draining"))
+        log.refused("connection_refused", seat.peer_ip, stage="connect", code=refusal[:3],
+                    reason=seat.refused_why or "draining", port=seat.peer_port,
+                    lane=seat.lane.value)
+        return refusal
+    seat.admitted = True
+    metrics.connection(seat.lane, Outcome.ADMITTED)
+    metrics.session_open(seat.lane)
+    return None
+
+
+def refuse_early_talker(seat: Any, ctx: SessionHost) -> None:
+    """A bulk client spoke before our banner (the greet pause): 554, and the penalty shared by
+    every acceptor. For an IngressSMTP or a lobby seat (ingress.edge.lobby.Lobby)."""
+    ctx.penalise(seat.peer_ip)
+    ctx.count("early_talker", seat.lane)
+    metrics.connection(seat.lane, Outcome.EARLY_TALKER)
+    log.refused("early_talker", seat.peer_ip, stage="greet", code=554, port=seat.peer_port,
+                penalty_s=ctx.cfg.admission.penalty)
+    seat.close_with(text(Refusal.EARLY_TALKER))
+
+
+def banner_line(hostname: str) -> str:
+    """The 220 greeting (aiosmtpd's format with our ident), for a session or a lobby seat."""
+    return f"220 {hostname} {IDENT}"
+
+
+IDENT = "smtp-ingress"
