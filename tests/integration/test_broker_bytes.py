@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from ingress.core import config
 from ingress.core.wire import Envelope, Lane, decode_reply, new_qid, ready, submit
+from tests.kit.lanekit import broker_in, close_broker, dealer
 from workers.lane.broker import Broker
 
 _SENT = 0
@@ -23,21 +23,12 @@ _SENT = 0
 @pytest.fixture
 def broker_and_client():
     state = Path(tempfile.mkdtemp(prefix="bb-", dir="/tmp"))
-    f = state / "c.toml"
-    f.write_text(f'[spool]\nstate_dir = "{state}"\npath = "{state / "spool"}"\n'
-                 '[smtp]\nmax_message_size = 100000\n'
-                 '[lanes.fast]\nqueue_max = 100\nqueue_bytes = 250000\n')
-    cfg = config.load(f)
-    b = Broker(cfg, "fast")
-    ctx = zmq.Context.instance()
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.ROUTING_ID, b"acc-1")
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.connect(cfg.ipc("fast-front"))
-    yield b, dealer
-    dealer.close()
-    for s in (b.front, b.back, b.pub):
-        s.close()
+    b = broker_in(state, "fast", '[smtp]\nmax_message_size = 100000\n'
+                  '[lanes.fast]\nqueue_max = 100\nqueue_bytes = 250000\n')
+    acceptor = dealer(b, "fast-front", b"acc-1")
+    yield b, acceptor
+    acceptor.close()
+    close_broker(b)
     shutil.rmtree(state, ignore_errors=True)
 
 
@@ -65,25 +56,22 @@ def pump(b: Broker, dealer: zmq.Socket, n: int) -> None:
 
 
 def test_queue_bound_in_bytes(broker_and_client) -> None:
-    b, dealer = broker_and_client
-    pump(b, dealer, 3)
+    b, acceptor = broker_and_client
+    pump(b, acceptor, 3)
     assert len(b.queue) == 2 and b.queued_bytes == 200000     # the third would pass 250000
     assert b.counters["nack_queue_full"] == 1
-    assert dealer.poll(2000)
-    reply = decode_reply(dealer.recv_multipart())
+    assert acceptor.poll(2000)
+    reply = decode_reply(acceptor.recv_multipart())
     assert not reply.ok and reply.reason is not None and reply.reason.value == "queue_full"
     # A worker takes them: the bytes are given back, and the next SUBMIT fits again.
-    worker = zmq.Context.instance().socket(zmq.DEALER)
-    worker.setsockopt(zmq.ROUTING_ID, b"w1")
-    worker.setsockopt(zmq.LINGER, 0)
-    worker.connect(b.cfg.ipc("fast-back"))
+    worker = dealer(b, "fast-back", b"w1")
     try:
         worker.send_multipart(ready(8))
         assert b.back.poll(2000)
         b._drain(b.back, b.on_back)
         b.dispatch()
         assert not b.queue and b.queued_bytes == 0
-        pump(b, dealer, 1)
+        pump(b, acceptor, 1)
         assert len(b.queue) == 1 and b.queued_bytes == 100000
     finally:
         worker.close()

@@ -30,25 +30,15 @@ from ingress.core.wire import (
     worker_ack,
 )
 from ingress.policy.tiers import Tier
+from tests.kit.lanekit import broker_in, dealer
 from workers.lane.broker import OVER_RATE_HOLD, Broker
 
 
 def fast_broker(state: Path, classify: str, lanes_fast: str) -> Broker:
     """A fast-lane Broker in this process, its state and ipc sockets under `state`, with these
     [classify] and [lanes.fast] lines."""
-    f = state / "c.toml"
-    f.write_text(f'[spool]\nstate_dir = "{state}"\npath = "{state / "spool"}"\n'
-                 '[smtp]\nmax_message_size = 100000\n'
-                 f'[lanes.fast]\n{lanes_fast}\n[classify]\n{classify}\n')
-    return Broker(config.load(f), "fast")
-
-
-def dealer(b: Broker, name: str, ident: bytes) -> zmq.Socket:
-    s = zmq.Context.instance().socket(zmq.DEALER)
-    s.setsockopt(zmq.ROUTING_ID, ident)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(b.cfg.ipc(name))
-    return s
+    return broker_in(state, "fast", '[smtp]\nmax_message_size = 100000\n'
+                     f'[lanes.fast]\n{lanes_fast}\n[classify]\n{classify}\n')
 
 
 def ready_and_collect(b: Broker, worker: zmq.Socket, credit: int,

@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import zmq
 
-from ingress.core import config
 from ingress.core.wire import (
     Envelope,
     Kind,
@@ -30,30 +28,19 @@ from ingress.core.wire import (
     ready,
     submit,
 )
+from tests.kit.lanekit import broker_in, close_broker, dealer
 from workers.lane.broker import Broker
 
 
 @pytest.fixture
 def lane() -> Iterator[tuple[Broker, Any, Any]]:
     state = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp"))
-    f = state / "c.toml"
-    f.write_text(f'[spool]\nstate_dir = "{state}"\npath = "{state / "spool"}"\n')
-    cfg = config.load(f)
-    b = Broker(cfg, "bulk")
-    ctx = zmq.Context.instance()
-    acceptor = ctx.socket(zmq.DEALER)
-    acceptor.setsockopt(zmq.ROUTING_ID, b"acc-1")
-    acceptor.setsockopt(zmq.LINGER, 0)
-    acceptor.connect(cfg.ipc("bulk-front"))
-    worker = ctx.socket(zmq.DEALER)
-    worker.setsockopt(zmq.ROUTING_ID, b"w-bulk-0-1-1")
-    worker.setsockopt(zmq.LINGER, 0)
-    worker.connect(cfg.ipc("bulk-back"))
+    b = broker_in(state, "bulk")
+    acceptor, worker = dealer(b, "bulk-front", b"acc-1"), dealer(b, "bulk-back", b"w-bulk-0-1-1")
     yield b, acceptor, worker
     acceptor.close()
     worker.close()
-    for s in (b.front, b.back, b.pub):
-        s.close()
+    close_broker(b)
     shutil.rmtree(state, ignore_errors=True)
 
 

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import array
 import asyncio
+import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from ingress.core import config
 from ingress.edge import handoff
@@ -25,13 +29,19 @@ class FakeTransport:
         return self.sock if name == "socket" else None
 
 
-def test_give_back_reaches_the_sender_and_only_from_a_fast_acceptor(tmp_path: Path) -> None:
+@pytest.fixture
+def cfg(tmp_path: Path) -> Iterator[config.Config]:
+    """One fast acceptor; the state directory short (unix socket paths), removed after."""
     state = Path(tempfile.mkdtemp(prefix="hb-", dir="/tmp"))
     (state / "run").mkdir()
     write_config(tmp_path / "c.toml", {"spool": {"state_dir": str(state),
                                                  "path": str(tmp_path / "spool")},
                                        "supervisor": {"fast_acceptors": 1}})
-    cfg = config.load(tmp_path / "c.toml")
+    yield config.load(tmp_path / "c.toml")
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def test_give_back_reaches_the_sender_and_only_from_a_fast_acceptor(cfg: config.Config) -> None:
 
     async def run() -> tuple[list[Any], list[bytes]]:
         loop = asyncio.get_running_loop()
@@ -69,26 +79,14 @@ def test_give_back_reaches_the_sender_and_only_from_a_fast_acceptor(tmp_path: Pa
             sender.close()
             receiver.close()
 
-    try:
-        counts, data = asyncio.run(run())
-        assert counts == [1, 1] and data == [b"EHLO x\r\n"]
-    finally:
-        for f in (state / "run").iterdir():
-            f.unlink()
-        (state / "run").rmdir()
-        state.rmdir()
+    counts, data = asyncio.run(run())
+    assert counts == [1, 1] and data == [b"EHLO x\r\n"]
 
 
-def test_a_replaced_fast_acceptor_leaves_its_successors_path(tmp_path: Path) -> None:
+def test_a_replaced_fast_acceptor_leaves_its_successors_path(cfg: config.Config) -> None:
     """A reload starts the new fast acceptor (it binds the path, the old file unlinked) before
     the old one stops; the old one's close must not unlink the path its successor now holds.
     Before, it did: every hand-off after a reload failed with ENOENT (issue 20)."""
-    state = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp"))
-    (state / "run").mkdir()
-    write_config(tmp_path / "c.toml", {"spool": {"state_dir": str(state),
-                                                 "path": str(tmp_path / "spool")},
-                                       "supervisor": {"fast_acceptors": 1}})
-    cfg = config.load(tmp_path / "c.toml")
 
     async def run() -> list[str]:
         loop = asyncio.get_running_loop()
@@ -113,10 +111,4 @@ def test_a_replaced_fast_acceptor_leaves_its_successors_path(tmp_path: Path) -> 
             sender.close()
             new.close()
 
-    try:
-        assert asyncio.run(run()) == ["new"]
-    finally:
-        for f in (state / "run").iterdir():
-            f.unlink()
-        (state / "run").rmdir()
-        state.rmdir()
+    assert asyncio.run(run()) == ["new"]
