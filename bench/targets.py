@@ -52,7 +52,7 @@ from typing import Any
 
 import orjson
 
-from ingress.core import procs
+from ingress.core import procs as core_procs
 from tests.kit.harness import write_config
 from tests.kit.procs import Processes
 
@@ -203,7 +203,7 @@ def _tail(path: Path, n: int = 20) -> str:
 
 def acceptor_pids(log_path: Path, supervisor_pid: int) -> list[int]:
     """Live acceptor processes of the ingress, from its child_start log events."""
-    live = set(procs.children(supervisor_pid))
+    live = set(core_procs.children(supervisor_pid))
     return [int(d["child_pid"]) for d in _log_docs(log_path)
             if d.get("event") == "child_start" and d.get("kind") == "acceptor"
             and int(d.get("child_pid", 0)) in live]
@@ -241,7 +241,7 @@ def start_ingress(procs: Processes, directory: Path, template: Path,
                 mport = int(doc.get("mtls_port", -1))
                 return Running(
                     name, "127.0.0.1", port, mport if mport > 0 else None,
-                    pids=lambda: [proc.pid, *procs.children(proc.pid)], stop=stop,
+                    pids=lambda: [proc.pid, *core_procs.children(proc.pid)], stop=stop,
                     reload=lambda: os.kill(proc.pid, signal.SIGHUP),
                     info={"config": str(cfg_path), "config_tables": tables, "log": str(log),
                           "supervisor_pid": proc.pid, "acceptors": doc.get("acceptors"),
