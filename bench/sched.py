@@ -40,7 +40,8 @@ def role_of(cmdline: list[str]) -> str:
     """ "smtp-ingress: fast worker 0" -> "fast worker"; anything else: its program's name."""
     title = " ".join(cmdline)
     if title.startswith("smtp-ingress: "):
-        return _DIGITS.sub("", title[len("smtp-ingress: "):].split(" [")[0]).strip()
+        # setproctitle pads the command line with empty arguments: strip before the digits
+        return _DIGITS.sub("", title[len("smtp-ingress: "):].split(" [")[0].strip()).strip()
     if not cmdline:
         return "?"
     if "-m" in cmdline[:-1]:

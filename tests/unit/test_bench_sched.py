@@ -12,6 +12,8 @@ def test_role_of_titles() -> None:
     assert sched.role_of(["smtp-ingress: worker-fast-0"]) == "worker-fast"
     assert sched.role_of(["smtp-ingress: fast-acceptor-12"]) == "fast-acceptor"
     assert sched.role_of(["smtp-ingress: supervisor"]) == "supervisor"
+    # setproctitle pads /proc/PID/cmdline with empty arguments
+    assert sched.role_of(["smtp-ingress: acceptor-1", "", "", ""]) == "acceptor"
     assert sched.role_of(["/usr/bin/python3", "-m", "bench.flood", "--x"]) == "bench.flood"
     assert sched.role_of(["/usr/sbin/haproxy", "-f", "x"]) == "haproxy"
     assert sched.role_of([]) == "?"
