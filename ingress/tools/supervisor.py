@@ -39,8 +39,9 @@ skeleton every child runs on), so a signal sent to the whole process group (^C,
     SIGTERM/SIGINT  drain: acceptors stop accepting and finish sessions within smtp.drain_grace,
                     then brokers and workers stop; exit 0.
     SIGHUP          reload: the file is re-read and validated (an invalid file is logged and the
-                    running config kept); new acceptors and workers start beside the old ones and
-                    the old ones drain only once the new ones are up, so no connection is refused.
+                    running config kept); new acceptors and workers start one at a time beside
+                    the old ones, and each old one drains once its successor is up, so no
+                    connection is refused and a start-up's CPU never comes eight at once.
                     Brokers are replaced only when their lane settings changed.
 systemd: READY=1 once every child is up, RELOADING=1/READY=1 around a reload, STOPPING=1 on
 drain, WATCHDOG=1 from the main loop when WATCHDOG_USEC is set.
@@ -79,6 +80,7 @@ from ingress.tools.listeners import Listeners, listen_sets, with_bound
 from workers.spool.collector import SpoolCollector
 
 TICK = 0.05
+RELOAD_READY = 30.0  # seconds a reload waits, in all, for its new children to be ready
 
 
 def acceptor_slots(cfg: Config) -> tuple[int, int]:
@@ -296,6 +298,34 @@ class Supervisor:
                 c.proc.join(2.0)
                 self.table.reap(c)
 
+    def _replace_children(self, new: Config, old: Config) -> tuple[bool, int, int]:
+        """A reload's children, replaced: (all ready in time, replaced, started)."""
+        current = [c for c in self.table.children if not c.retiring]
+        brokers_changed = new.lanes != old.lanes or new.cluster != old.cluster
+        replace = [c for c in current if c.kind != "broker" or brokers_changed]
+        for c in [c for c in replace if c.kind == "broker"]:
+            self.table.retire(c, 3.0)
+            self._wait_gone([c], 5.0)
+        # One at a time (a rolling reload): each new child is started, then its predecessor
+        # (same key) retired once the new one is ready. A child's start-up (its imports: ~0.6 s
+        # of CPU) then competes with the running lanes alone, never eight at once on a loaded
+        # host. Within RELOAD_READY in all; past it the rest start without waiting.
+        deadline = time.monotonic() + RELOAD_READY
+        ok, started = True, 0
+        for kind, key in wanted(new):
+            if kind == "broker" and not brokers_changed:
+                continue
+            fresh = self.table.new(kind, key, new)
+            started += 1
+            ok = self._wait_ready([fresh], max(0.0, deadline - time.monotonic())) and ok
+            for c in replace:
+                if c.kind != "broker" and c.key == key:
+                    self.table.retire(c, new.smtp.drain_grace + 5.0, replaced=True)
+        for c in replace:                  # children the new config no longer wants
+            if c.kind != "broker" and not c.retiring:
+                self.table.retire(c, new.smtp.drain_grace + 5.0, replaced=True)
+        return ok, len(replace), started
+
     def _keep_role(self, new: Config) -> Config:
         """A node keeps its role until a restart (the children it runs and the sockets it
         binds depend on it); ConfigError if the new [cluster] table does not fit that role."""
@@ -347,18 +377,7 @@ class Supervisor:
         self.cfg = new
         self.listeners.steering = None     # the new allow list, at the next _watch
         metrics_server.configured(new, acceptor_slots(new))
-        current = [c for c in self.table.children if not c.retiring]
-        brokers_changed = new.lanes != old.lanes or new.cluster != old.cluster
-        replace = [c for c in current if c.kind != "broker" or brokers_changed]
-        for c in [c for c in replace if c.kind == "broker"]:
-            self.table.retire(c, 3.0)
-            self._wait_gone([c], 5.0)
-        fresh = [self.table.new(kind, key, new) for kind, key in wanted(new)
-                 if kind != "broker" or brokers_changed]
-        ok = self._wait_ready(fresh, 30.0)
-        for c in replace:
-            if c.kind != "broker":
-                self.table.retire(c, new.smtp.drain_grace + 5.0, replaced=True)
+        ok, replaced, started = self._replace_children(new, old)
         log.event("reloaded" if ok else "reload_slow", "info" if ok else "warning",
-                  replaced=len(replace), started=len(fresh))
+                  replaced=replaced, started=started)
         sd_notify("READY=1")
