@@ -69,6 +69,7 @@ from typing import IO
 
 import psutil
 
+from bench.sched import role_of
 from ingress.core import procs
 from tests.kit.postfix import smtp_banner
 
@@ -226,8 +227,6 @@ def cpu_by_role(pids: Sequence[int]) -> dict[str, float]:
     and under "exited" the CPU of the children the first pid reaped (Postfix's smtpd
     processes come and go: a process that existed before a run and exited during it is
     counted whole in the difference, its part before the run being in the first snapshot)."""
-    from bench.sched import role_of
-
     out: dict[str, float] = {}
     for i, pid in enumerate(pids):
         try:

@@ -90,6 +90,7 @@ use BUCKETS (1 ms .. 10 s).
 
 from __future__ import annotations
 
+import functools
 from enum import StrEnum
 from typing import Any
 
@@ -223,7 +224,11 @@ SPF_REFUSED = Counter("smtp_ingress_spf_refused",
 # [cluster] redis (ingress/edge/cluster_state.py): per acceptor, 1 while its Redis is reachable.
 # Made on first use: a label-less gauge made at import would give every process that imports
 # this module (workers, brokers beside the acceptors on a role "all" node) a 0 in the minimum.
-_cluster_up: list[Gauge] = []
+@functools.cache
+def _cluster_up() -> Gauge:
+    return Gauge("smtp_ingress_cluster_state_up", "Shared admission state in Redis reachable (1) "
+                 "or local fallback (0), per acceptor", multiprocess_mode="livemin")
+
 CLUSTER_FALLBACKS = Counter("smtp_ingress_cluster_state_fallbacks",
                             "Admission decisions taken on local limits because Redis was "
                             "down or too slow")
@@ -439,11 +444,7 @@ def relay_forward_missing(mode: str) -> None:
 
 def cluster_state(up: bool) -> None:
     """An acceptor's Redis went up or down (ingress/edge/cluster_state.py)."""
-    if not _cluster_up:
-        _cluster_up.append(Gauge("smtp_ingress_cluster_state_up",
-                                 "Shared admission state in Redis reachable (1) or local "
-                                 "fallback (0), per acceptor", multiprocess_mode="livemin"))
-    _cluster_up[0].set(1 if up else 0)
+    _cluster_up().set(1 if up else 0)
 
 
 def cluster_fallback() -> None:
