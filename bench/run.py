@@ -74,6 +74,7 @@ import tempfile
 import threading
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -549,6 +550,13 @@ def fd_preflight(scenarios: dict[str, Scenario], pki_stub: Pki) -> dict[str, int
     return need
 
 
+def _in_background(work: Callable[[], None]) -> threading.Thread:
+    """`work` in a daemon thread, started (the caller joins it with a deadline)."""
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    return t
+
+
 def profile_acceptor(procs: Processes, target: Running, directory: Path, delay: float,
                      seconds: int, out: dict[str, Any]) -> threading.Thread:
     """After ``delay`` s, py-spy one acceptor for ``seconds`` s (thread; result into ``out``)."""
@@ -575,9 +583,7 @@ def profile_acceptor(procs: Processes, target: Running, directory: Path, delay: 
         else:
             out["error"] = f"py-spy wrote nothing (see {directory / 'pyspy.log'})"
 
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    return t
+    return _in_background(work)
 
 
 def sched_window(delay: float, seconds: float, out: dict[str, Any]) -> threading.Thread:
@@ -590,9 +596,7 @@ def sched_window(delay: float, seconds: float, out: dict[str, Any]) -> threading
         time.sleep(max(0.5, seconds))
         out["rows"] = sched.delta(before, sched.snapshot(os.getpid()), time.monotonic() - t0)
 
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    return t
+    return _in_background(work)
 
 
 def reload_at(target: Running, delay: float, offsets: tuple[float, ...],
@@ -610,9 +614,7 @@ def reload_at(target: Running, delay: float, offsets: tuple[float, ...],
             reload()
             out.append(round(time.monotonic() - start, 2))
 
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    return t
+    return _in_background(work)
 
 
 def run_scenarios(procs: Processes, target: Running, pki: Pki,
