@@ -16,7 +16,7 @@ API
                                                  its soft RLIMIT_NOFILE to the hard one)
     FD_SPARE, CONNECTION_COST, FAST_RESERVE_SHARE, ConnectionLimit
     connection_limit(max_connections, fast_reserve, nofile, memory, cost) -> ConnectionLimit
-    spf_fds(cfg) -> int                          descriptors kept for SPF's DNS sockets
+    dns_fds(cfg) -> int                          descriptors kept for SPF's DNS sockets
     configured_limit(cfg, nofile) -> ConnectionLimit   one acceptor's slots for `cfg`
     fds_needed(cfg) -> int                       descriptors an acceptor asks for at start
     fd_capped(max_connections, fast_reserve, nofile) -> (slots, reserve)
@@ -155,30 +155,39 @@ def connection_limit(max_connections: int, fast_reserve: int, nofile: int,
     return ConnectionLimit(limit, max(0, min(limit - 1, reserve)), why)
 
 
-def spf_fds(cfg: Config) -> int:
-    """Descriptors an acceptor keeps for SPF beside FD_SPARE: each SPF check under way may
-    have a DNS query (a UDP socket) in flight, and classify.spf_backlog bounds them; 0 when
-    classify.spf_promote is "off" (no lookups)."""
-    return cfg.classify.spf_backlog if cfg.classify.spf_promote != "off" else 0
+def dns_configured(cfg: Config) -> bool:
+    """Is DNS configured: classify.nameservers named, or SPF promotion on (which resolves
+    through /etc/resolv.conf)? The checks that are on "wherever DNS is configured" (iprev,
+    DMARC) follow it; without DNS (the embedded default) no lookup is made."""
+    return bool(cfg.classify.nameservers) or cfg.classify.spf_promote != "off"
+
+
+def dns_fds(cfg: Config) -> int:
+    """Descriptors an acceptor keeps for DNS beside FD_SPARE: each SPF check under way may
+    have a DNS query (a UDP socket) in flight, bounded by classify.spf_backlog (0 when
+    classify.spf_promote is "off": no lookups), and so may the evidence checks' DNS client,
+    bounded by checks.dns_backlog (0 without DNS: ingress.core.dns_client)."""
+    spf = cfg.classify.spf_backlog if cfg.classify.spf_promote != "off" else 0
+    return spf + (cfg.checks.dns_backlog if dns_configured(cfg) else 0)
 
 
 def configured_limit(cfg: Config, nofile: int) -> ConnectionLimit:
     """connection_limit for `cfg`'s smtp.max_connections, fast_reserve and connection_memory,
-    under the fd limit `nofile` less what SPF keeps (spf_fds)."""
+    under the fd limit `nofile` less what DNS keeps (dns_fds)."""
     s = cfg.smtp
-    fds = max(1, nofile - spf_fds(cfg)) if nofile > 0 else nofile
+    fds = max(1, nofile - dns_fds(cfg)) if nofile > 0 else nofile
     return connection_limit(s.max_connections, s.fast_reserve, fds, s.connection_memory)
 
 
 def fds_needed(cfg: Config) -> int:
     """Descriptors an acceptor needs for the slots the config (or the memory budget) asks for:
-    one per session, FD_SPARE, and SPF's DNS sockets."""
-    return configured_limit(cfg, 0).max_connections + FD_SPARE + spf_fds(cfg)
+    one per session, FD_SPARE, and the DNS sockets (dns_fds)."""
+    return configured_limit(cfg, 0).max_connections + FD_SPARE + dns_fds(cfg)
 
 
 def fd_sessions(cfg: Config, nofile: int) -> int:
     """Sessions the fd limit `nofile` leaves room for (before the at-least-one rule)."""
-    return max(0, nofile - FD_SPARE - spf_fds(cfg))
+    return max(0, nofile - FD_SPARE - dns_fds(cfg))
 
 
 def fd_capped(max_connections: int, fast_reserve: int, nofile: int) -> tuple[int, int]:

@@ -36,6 +36,7 @@ observation; measured ~1.5 us per counter inc and ~3-5 us per observe on the dev
     over_share(what, key)           a session ("session") or message ("message") of identity
                                     `key` served as bulk because the identity is at its share
                                     (smtp_ingress_over_share{what, kind})
+    check_result(check, outcome)    an evidence check's judgement (ingress.edge.checks)
     over_tier(tier, what)           a session or message of a capped trust tier
                                     (ingress.policy.tiers: "third-party", "self-proven")
                                     served as bulk because the tier as a whole is at its cap:
@@ -221,6 +222,11 @@ SPF_REFUSED = Counter("smtp_ingress_spf_refused",
                       "timeout (the sender's domain timed out lately), domain, network or "
                       "backlog (that many checks of the domain, from the client's network, "
                       "or in the acceptor, already under way)", ["reason"])
+CHECK_OUTCOMES = ("promote", "neutral", "shape", "refuse")
+CHECK_RESULTS = Counter("smtp_ingress_check_results",
+                        "Evidence checks' judgements (ingress.edge.checks), by check and outcome "
+                        "(promote, neutral: no evidence or DNS trouble, shape: a bulk "
+                        "suspicion score, refuse)", ["check", "outcome"])
 # [cluster] redis (ingress/edge/cluster_state.py): per acceptor, 1 while its Redis is reachable.
 # Made on first use: a label-less gauge made at import would give every process that imports
 # this module (workers, brokers beside the acceptors on a role "all" node) a 0 in the minimum.
@@ -363,6 +369,13 @@ def over_tier(tier: str, what: str) -> None:
     key = (tier, what)
     (_over_tier.get(key) or _bind(_over_tier, OVER_TIER, key,
                                   declared=(OVER_TIERS, OVER_TIER_WHAT))).inc()
+
+
+def check_result(check: str, outcome: str) -> None:
+    """One evidence check's judgement (check names are the code's own: a bounded set)."""
+    if outcome not in CHECK_OUTCOMES:
+        raise ValueError(f"check_result: {outcome!r}")
+    CHECK_RESULTS.labels(check, outcome).inc()
 
 
 def spooled(lane: str, n: int = 1, seconds: float | None = None) -> None:

@@ -4,7 +4,8 @@ beside it.
 API
     Config and its tables (ListenConfig, SmtpConfig, LaneConfig, LanesConfig, ClassifyConfig,
     AdmissionConfig, TiersConfig, TlsConfig, RelayConfig, MetricsConfig, SpoolConfig,
-    SupervisorConfig, LogConfig, ClusterConfig)
+    SupervisorConfig, LogConfig, ClusterConfig; the evidence checks' tables: ChecksConfig and
+    the others of ingress.core.schema_evidence)
     the value sets of the choice keys (LOG_LEVELS, SCHED_POLICIES, SPF_PROMOTE, RELAY_TLS_MODES,
     DSN_MODES, FORWARD_CLIENT_MODES, ROLES) and DSN_RATE_MAX
 
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from ingress.core import derived
 from ingress.core.fieldspec import bounded, choice, documented
+from ingress.core.schema_evidence import ChecksConfig
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SCHED_POLICIES = ("other", "batch", "idle")     # lanes.<lane>.sched_policy (ingress.core.child)
@@ -439,6 +441,7 @@ class Config:
     supervisor: SupervisorConfig = SupervisorConfig()
     log: LogConfig = LogConfig()
     cluster: ClusterConfig = ClusterConfig()
+    checks: ChecksConfig = ChecksConfig()     # noqa: RUF009 (frozen: immutable)
     source: str = "<embedded default>"      # the file it was loaded from (not a key)
 
     # Derived values: ingress.core.derived computes them (one rule, one implementation).

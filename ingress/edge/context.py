@@ -52,6 +52,7 @@ from ingress.core.downstream import parse_downstream
 from ingress.core.ratelimit import FairBucket, KeyedBuckets
 from ingress.core.wire import Lane
 from ingress.edge import handoff, mtls, proxy
+from ingress.edge.checks import Checks
 from ingress.edge.cluster_state import ClusterState
 from ingress.edge.dataread import DataBudget
 from ingress.edge.evidence import cert_evidence, normalize_fingerprint, sha256_fingerprint
@@ -182,6 +183,8 @@ class AcceptorContext:
             self.learned_store.learn, self.retries.on_record,
             on_unlearn=self.learned_store.unlearn)
         self.retries.cluster = self.cluster
+        # the evidence checks (ingress.edge.checks): none without DNS
+        self.checks = Checks.from_config(cfg, self)
 
     # --- the policy hooks of the SessionHost protocol (ingress.edge.host) ----------------------
 

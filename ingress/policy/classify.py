@@ -40,11 +40,14 @@ Rules encoded here
       NONE never promote;
     * SPF PASS promotes per policy.spf_promote: "any" domain, "listed" (spf_domain equal to or
       a subdomain of a listed domain), or "off";
+    * an evidence check's promotion (Evidence.checked: a DNS allow list, a provider identity;
+      ingress.policy.checks) promotes; its other reason tokens are noted;
     * a FAST decision names its identity (ingress.policy.identity), from the strongest
-      promoting evidence: the allow entry (Evidence.allow_entry), the certificate
-      (Evidence.cert_fp), the learned entry's domain (Evidence.learned_domain), the SPF
-      organisational domain; the shares of the fast lane are counted by it (the acceptor's
-      session table, the fast broker), not here;
+      promoting evidence: the highest trust tier (ingress.policy.tiers), then the allow
+      entry (Evidence.allow_entry), the certificate (Evidence.cert_fp), a check's identity,
+      the learned entry's domain (Evidence.learned_domain), the SPF organisational domain;
+      the shares of the fast lane are counted by it (the acceptor's session table, the fast
+      broker), not here;
     * learning (should_learn) obeys the SPF promotion policy (ClassifyPolicy.spf_promotes);
       unlearning (should_unlearn): mail from a learned network with SPF fail/softfail, an
       aligned DKIM signature failing (fail, permerror) with none passing, or, when it rode the
@@ -78,6 +81,7 @@ from enum import StrEnum
 
 from ingress.core.addr import normalize_domain, normalize_ip
 from ingress.core.wire import AuthResult, Lane
+from ingress.policy.checks import Verdict
 from ingress.policy.identity import (
     allow_identity,
     cert_identity,
@@ -85,6 +89,7 @@ from ingress.policy.identity import (
     org_domain,
     org_identity,
 )
+from ingress.policy.tiers import tier_of
 
 __all__ = [
     "AuthResult",
@@ -144,6 +149,24 @@ class Evidence:
     # The transaction's sender domain (the SPF identity: MAIL FROM domain, or the HELO name for
     # the null sender); None before MAIL FROM. A learned entry vouches only for its own domain.
     mail_domain: str | None = None
+    # What the evidence checks concluded (ingress.policy.checks.Verdict, folded in by
+    # with_verdict as each stage's checks end): the promotions (reason, identity), every
+    # check's reason token, the bulk suspicion score, and their facts for the trace.
+    checked: tuple[tuple[str, str], ...] = ()
+    check_reasons: tuple[str, ...] = ()
+    bulk_score: float = 0.0
+    facts: tuple[tuple[str, str], ...] = ()
+
+    def with_verdict(self, verdict: Verdict) -> Evidence:
+        """This evidence and a stage's checks' verdict (evidence only adds: a later stage
+        never removes an earlier promotion, score or fact)."""
+        known = dict(self.facts)
+        facts = (*self.facts, *((k, v) for k, v in verdict.facts if k not in known))
+        checked = (*self.checked, (verdict.promotion, verdict.identity)) \
+            if verdict.identity else self.checked
+        return replace(self, checked=checked,
+                       check_reasons=(*self.check_reasons, *verdict.reasons),
+                       bulk_score=self.bulk_score + verdict.score, facts=facts)
 
     def with_cert(self, cert: CertResult, fingerprint: str | None = None) -> Evidence:
         return replace(self, cert=cert, cert_fp=fingerprint)
@@ -211,6 +234,10 @@ def decide(evidence: Evidence, policy: ClassifyPolicy) -> Decision:
     elif cert is CertResult.UNTRUSTED:
         noted.append("cert-untrusted")
 
+    promoted = {reason for reason, _identity in evidence.checked}
+    promoting.extend(r for r, _i in evidence.checked)
+    noted.extend(r for r in evidence.check_reasons if r not in promoted)
+
     spf = evidence.spf
     dom = normalize_domain(evidence.spf_domain) if evidence.spf_domain else ""
     tag = f"spf-{spf}:{dom}" if dom else f"spf-{spf}"
@@ -229,15 +256,21 @@ def decide(evidence: Evidence, policy: ClassifyPolicy) -> Decision:
 
 
 def _identity(evidence: Evidence, policy: ClassifyPolicy, spf_domain: str) -> str:
-    """The strongest promoting evidence names the identity: allow entry, certificate, learned
-    domain, SPF organisational domain (called only for a FAST decision)."""
+    """The strongest promoting evidence names the identity (called only for a FAST
+    decision): the highest trust tier (ingress.policy.tiers), then in this order: the allow
+    entry, the certificate, the checks' promotions (a DNS allow list, a provider), the learned
+    domain, the SPF organisational domain."""
+    candidates: list[str] = []
     if evidence.static_allow:
-        return allow_identity(evidence.allow_entry or "?")
+        candidates.append(allow_identity(evidence.allow_entry or "?"))
     if evidence.cert in (CertResult.VERIFIED, CertResult.PINNED) and policy.cert_promotes:
-        return cert_identity(evidence.cert_fp or "?")
+        candidates.append(cert_identity(evidence.cert_fp or "?"))
+    candidates.extend(identity for _reason, identity in evidence.checked)
     if evidence.learned_allow and policy.learned_promotes and learned_vouches(evidence):
-        return learned_identity(evidence.learned_domain or "?")
-    return org_identity(spf_domain)
+        candidates.append(learned_identity(evidence.learned_domain or "?"))
+    if spf_domain and evidence.spf is AuthResult.PASS and policy.spf_promotes(spf_domain):
+        candidates.append(org_identity(spf_domain))
+    return min(candidates, key=tier_of) if candidates else org_identity(spf_domain)
 
 
 def learned_vouches(evidence: Evidence) -> bool:

@@ -1,0 +1,181 @@
+"""The one asynchronous DNS client of the evidence checks: deadlines, shared queries, bounded
+concurrency per key, and a negative cache of timeouts.
+
+Purpose
+    Every DNS lookup an evidence check makes on an acceptor's event loop (DNS allow and block
+    lists, FCrDNS; the package ingress.edge.checks) goes through one DnsClient, so that no DNS
+    work runs on the loop without a deadline, and no zone, domain or client can hold more of
+    the lookups than its bound. It asks through dnspython's asyncio resolver, the async twin of
+    the process's cached resolver (ingress.core.resolver: the same nameservers, timeouts and
+    LRU cache; positive and NXDOMAIN answers are cached there, by their TTL).
+
+API
+    Status                 StrEnum ok | nxdomain | nodata | timeout | error | busy
+    Answer(status, records=(), ttl=0)   frozen; .records: A/AAAA addresses, PTR and CNAME
+                           targets and MX exchanges as names (lower case, no trailing dot), TXT
+                           as each record's strings joined; .temporary (timeout, error, busy:
+                           nobody's evidence), .found (ok with records)
+    DnsClient(resolver, *, per_key=8, backlog=256, timeout_ttl=30.0, timeouts_max=4096,
+              clock=time.monotonic)
+        await .query(name, qtype, *, timeout, key="") -> Answer     never raises (but
+                           CancelledError): the answer, or why there is none, within `timeout`
+                           seconds (and the resolver's lifetime, the shorter)
+        .in_flight(key) / .pending        queries running for a key / in all
+        .timed_out(name, qtype) -> bool   a timeout of the name is remembered
+
+Rules
+    * Shared: a query for (name, qtype) already running is joined, not repeated; each waiter
+      keeps its own deadline (a waiter that gives up leaves the query to the others).
+    * Bounded: at most `per_key` queries run for one key (the caller's: a zone, an
+      organisational domain, a client network) and at most `backlog` in all; beyond either,
+      BUSY at once, with no query sent. A joined query counts once.
+    * Negative cache: a name that timed out answers TIMEOUT at once for `timeout_ttl`
+      seconds (at most `timeouts_max` names; the oldest go first): a dead zone or domain costs
+      one query per name per TTL, however many connections ask.
+    * A query never outlives the longest deadline of its waiters (at creation: the creator's;
+      a later waiter with a longer deadline may see the creator's timeout), so the queries in
+      flight (sockets) are bounded by the callers waiting.
+
+Failure modes: none raised; every DNS failure is a Status. Limits: per_key, backlog,
+timeouts_max as above; answers are not copied beyond MAX_RECORDS records of one RRset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import cachetools
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+
+from ingress.core.resolver import async_twin
+
+__all__ = ["MAX_RECORDS", "Answer", "DnsClient", "Status"]
+
+MAX_RECORDS = 32            # records of one answer handed to a check (a list has one or two)
+
+
+class Status(StrEnum):
+    OK = "ok"
+    NXDOMAIN = "nxdomain"
+    NODATA = "nodata"
+    TIMEOUT = "timeout"
+    ERROR = "error"             # SERVFAIL, REFUSED, no usable nameserver, a resolver error
+    BUSY = "busy"               # over a bound: no query was sent
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: Status
+    records: tuple[str, ...] = ()
+    ttl: int = 0
+
+    @property
+    def temporary(self) -> bool:
+        return self.status in (Status.TIMEOUT, Status.ERROR, Status.BUSY)
+
+    @property
+    def found(self) -> bool:
+        return self.status is Status.OK and bool(self.records)
+
+
+BUSY = Answer(Status.BUSY)
+TIMED_OUT = Answer(Status.TIMEOUT)
+
+
+def _text(rdata: Any) -> str:
+    """One record as text: an address, a target name, or a TXT record's strings joined."""
+    strings = getattr(rdata, "strings", None)
+    if strings is not None:
+        return b"".join(strings).decode("utf-8", "replace")
+    for attr in ("address", "target", "exchange"):
+        value = getattr(rdata, attr, None)
+        if value is not None:
+            return value if isinstance(value, str) else \
+                value.to_text(omit_final_dot=True).lower()
+    return str(rdata.to_text())
+
+
+class DnsClient:
+    """Queries with deadlines, joined when shared, bounded per key (see the module docstring).
+    One per event loop: its state is the loop's (no locks)."""
+
+    def __init__(self, resolver: dns.resolver.Resolver, *, per_key: int = 8,
+                 backlog: int = 256, timeout_ttl: float = 30.0, timeouts_max: int = 4096,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if per_key < 1 or backlog < 1:
+            raise ValueError("per_key and backlog must be at least 1")
+        self.resolver = async_twin(resolver)
+        self.per_key, self.backlog = per_key, backlog
+        self._timeouts: cachetools.TTLCache[tuple[str, str], bool] = cachetools.TTLCache(
+            timeouts_max, timeout_ttl, timer=clock) if timeout_ttl > 0 else \
+            cachetools.TTLCache(1, 1e-9, timer=clock)
+        self._flights: dict[tuple[str, str], asyncio.Future[Answer]] = {}
+        self._by_key: Counter[str] = Counter()
+
+    @property
+    def pending(self) -> int:
+        return len(self._flights)
+
+    def in_flight(self, key: str) -> int:
+        return self._by_key[key]
+
+    def timed_out(self, name: str, qtype: str) -> bool:
+        return (name.lower().rstrip("."), qtype.upper()) in self._timeouts
+
+    async def query(self, name: str, qtype: str, *, timeout: float, key: str = "") -> Answer:
+        fkey = (name.lower().rstrip("."), qtype.upper())
+        if fkey in self._timeouts:
+            return TIMED_OUT
+        flight = self._flights.get(fkey)
+        if flight is None:
+            if len(self._flights) >= self.backlog or (key and self._by_key[key] >= self.per_key):
+                return BUSY
+            lifetime = max(0.001, min(float(self.resolver.lifetime), timeout))
+            flight = asyncio.ensure_future(self._run(fkey, key, lifetime))
+            self._flights[fkey] = flight
+            self._by_key[key] += 1
+        try:
+            async with asyncio.timeout(max(0.0, timeout)):
+                return await asyncio.shield(flight)
+        except TimeoutError:
+            return TIMED_OUT
+
+    async def _run(self, fkey: tuple[str, str], key: str, lifetime: float) -> Answer:
+        try:
+            answer = await self._resolve(*fkey, lifetime)
+            if answer.status is Status.TIMEOUT:
+                self._timeouts[fkey] = True
+            return answer
+        finally:
+            self._flights.pop(fkey, None)
+            self._by_key[key] -= 1
+            if self._by_key[key] <= 0:
+                del self._by_key[key]
+
+    async def _resolve(self, name: str, qtype: str, lifetime: float) -> Answer:
+        try:
+            ans = await self.resolver.resolve(name, qtype, search=False, lifetime=lifetime,
+                                              raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            return Answer(Status.NXDOMAIN)
+        except (dns.resolver.NoAnswer, dns.resolver.YXDOMAIN):
+            return Answer(Status.NODATA)
+        except dns.exception.Timeout:
+            return TIMED_OUT
+        except dns.exception.DNSException:
+            return Answer(Status.ERROR)
+        except Exception:  # a resolver bug is an error answer, not a crash of the caller
+            return Answer(Status.ERROR)
+        rrset = ans.rrset
+        if rrset is None:
+            return Answer(Status.NODATA)
+        records = tuple(_text(r) for r in list(rrset)[:MAX_RECORDS])
+        return Answer(Status.OK, records, int(rrset.ttl))
