@@ -13,13 +13,14 @@ API
     ``@pytest.mark.needs_redis``     ``redis-server`` on PATH (tests start and stop their own)
     ``missing(marker_name) -> str | None``   the skip reason, or None when the program is there
     ``@pytest.mark.serial``          put by a test on itself, with a comment saying what it
-                                     times: failover within a deadline, a deadline, or a shared
-                                     rate across processes, which a second test running beside
-                                     it on these 2 cores would skew. `make test` runs the rest
-                                     two at a time (pytest-xdist, -n 2 by file), then these
-                                     alone. A test that only checks what happens (not how fast)
-                                     is not serial, even beside serial tests in its file: every
-                                     test run alone is one the 2 cores do not share.
+                                     times: failover within a deadline, a deadline, or a
+                                     shared rate across processes, which a test running
+                                     beside it on these 2 cores would skew. `make test` runs
+                                     the rest a few at a time (pytest-xdist, -n TEST_WORKERS,
+                                     by file), then these alone. A test that only checks what
+                                     happens (not how fast) is not serial, even beside serial
+                                     tests in its file: every test run alone is one the 2
+                                     cores do not share.
 
 Failure modes
     A test carrying a marker whose program is missing is skipped with a reason that names the
