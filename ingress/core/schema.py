@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ingress.core import derived
 from ingress.core.fieldspec import bounded, choice, documented
-from ingress.core.schema_evidence import ChecksConfig
+from ingress.core.schema_evidence import ChecksConfig, DmarcConfig
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SCHED_POLICIES = ("other", "batch", "idle")     # lanes.<lane>.sched_policy (ingress.core.child)
@@ -226,8 +226,9 @@ class ClassifyConfig:
                                      "is temperror at once", note="0 = never")
     dkim_deadline: float = bounded(5.0, 0, None, "seconds for all DKIM signatures of one message "
                                    "in a worker; below smtp.ack_timeout", gt=True)
-    dkim_dns_budget: float = bounded(2.0, 0, 30, "seconds all DKIM key lookups of one message "
-                                     "together wait on DNS", gt=True)
+    dkim_dns_budget: float = bounded(2.0, 0, 30, "seconds all DNS lookups of one message in a "
+                                     "worker (DKIM keys, then its DMARC policy) together wait",
+                                     gt=True)
     dkim_timeout_ttl: float = bounded(60.0, 0, 300, "seconds a key domain that did not answer "
                                       "is not asked again (dkim=temperror at once)",
                                       note="0 = off")
@@ -442,6 +443,7 @@ class Config:
     log: LogConfig = LogConfig()
     cluster: ClusterConfig = ClusterConfig()
     checks: ChecksConfig = ChecksConfig()     # noqa: RUF009 (frozen: immutable)
+    dmarc: DmarcConfig = DmarcConfig()        # noqa: RUF009 (frozen: immutable)
     source: str = "<embedded default>"      # the file it was loaded from (not a key)
 
     # Derived values: ingress.core.derived computes them (one rule, one implementation).

@@ -1,8 +1,10 @@
-"""The configuration tables of the evidence checks (ingress.edge.checks): one table per check,
-and [checks] for what they share (the connect-stage deadline, the DNS client's bounds).
+"""The configuration tables of the evidence checks (ingress.edge.checks, and DMARC in the
+workers): one table per check, and [checks] for what they share (the connect-stage deadline,
+the DNS client's bounds).
 
 API
     ChecksConfig       [checks]
+    DmarcConfig        [dmarc]: DMARC (RFC 7489) results in the workers' Authentication-Results
     (each check's own table is declared here beside it; Config holds them: ingress.core.schema)
 
 Failure modes: none here (fieldspec.check_fields applies the rules; config.load raises).
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ingress.core.fieldspec import bounded
+from ingress.core.fieldspec import bounded, documented
 
 
 @dataclass(frozen=True)
@@ -32,3 +34,14 @@ class ChecksConfig:
                                "socket: that many descriptors are kept from the slots)")
     dns_timeout_ttl: float = bounded(30.0, 0, 3600, "seconds a name whose query timed out "
                                      "answers timeout at once", note="0 = never")
+
+
+@dataclass(frozen=True)
+class DmarcConfig:
+    """DMARC (RFC 7489) in the workers, from our own SPF and DKIM results: reported only
+    (dmarc= in Authentication-Results), never enforced."""
+    enabled: bool = documented(True, "look the From: domain's _dmarc policy up (1-2 TXT queries "
+                               "through classify.nameservers, within classify.dkim_dns_budget) "
+                               "and report dmarc=; nothing is refused for it")
+    timeout_ttl: float = bounded(60.0, 0, 300, "seconds a policy domain that did not answer is "
+                                 "not asked again (dmarc=temperror at once)", note="0 = off")

@@ -26,6 +26,8 @@ API
     (The learned allow cache that feeds Evidence.learned_allow: ingress.policy.learned.)
     learned_vouches(evidence) -> bool   the learned entry vouches for this transaction's domain
     should_learn(spf, dkim_aligned_pass, spf_domain, policy) -> bool  (obeys spf_promote)
+    dkim_vouches(spf_domain, aligned_passes) -> bool   learning's DKIM condition: a pass
+                               aligned with From: whose d= is of the SPF domain's organisation
     should_unlearn(learned, rode, spf, aligned_dkim) -> reason | ""   (worker, after DKIM)
     Decision.identity          who vouched for a FAST decision (ingress.policy.identity):
                                allow entry > certificate > learned domain > SPF org domain.
@@ -48,7 +50,9 @@ Rules encoded here
       the learned entry's domain (Evidence.learned_domain), the SPF organisational domain;
       the shares of the fast lane are counted by it (the acceptor's session table, the fast
       broker), not here;
-    * learning (should_learn) obeys the SPF promotion policy (ClassifyPolicy.spf_promotes);
+    * learning (should_learn) needs an SPF pass and a DKIM pass aligned with From: whose d= is
+      of the SPF domain's organisation (dkim_vouches), and obeys the SPF promotion policy
+      (ClassifyPolicy.spf_promotes);
       unlearning (should_unlearn): mail from a learned network with SPF fail/softfail, an
       aligned DKIM signature failing (fail, permerror) with none passing, or, when it rode the
       entry, no aligned DKIM signature at all; never on temperror;
@@ -83,6 +87,7 @@ from ingress.core.addr import normalize_domain, normalize_ip
 from ingress.core.wire import AuthResult, Lane
 from ingress.policy.checks import Verdict
 from ingress.policy.identity import (
+    aligned,
     allow_identity,
     cert_identity,
     learned_identity,
@@ -100,6 +105,7 @@ __all__ = [
     "SpfPromote",
     "StaticAllow",
     "decide",
+    "dkim_vouches",
     "domain_matches",
     "promote",
     "should_learn",
@@ -288,6 +294,15 @@ def promote(current_lane: Lane, decision: Decision) -> Lane:
     if current_lane == Lane.FAST or decision.lane == Lane.FAST:
         return Lane.FAST
     return Lane.BULK
+
+
+def dkim_vouches(spf_domain: str | None, aligned_passes: Iterable[str]) -> bool:
+    """Does one of these DKIM passes (the d= of signatures aligned with From:) vouch for the
+    SPF domain, i.e. is of its organisation (ingress.policy.identity.aligned)? Learning's DKIM
+    condition: the SPF pass and the signature then prove one organisation, the one learned (a
+    signature of another domain proves nothing about it). In DMARC terms: From:, d= and the
+    MAIL FROM domain all align (relaxed), whether or not the domain publishes a policy."""
+    return bool(spf_domain) and any(aligned(d, spf_domain) for d in aligned_passes)
 
 
 def should_learn(spf: AuthResult | str | None, dkim_aligned_pass: bool,

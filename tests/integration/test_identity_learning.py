@@ -98,9 +98,12 @@ def test_pipeline_stores_dkim_passes_for_the_relay(dns: DNSServer,
     forged = dataclasses.replace(envelope("good.test"), evidence={
         "spf": "pass", "spf_domain": "good.test", "dkim_pass": "victim.test"})
     p = pipeline(dns).process(forged, signed("good.test", dkim_key[0]), 5.0)
-    assert p.evidence == {"dkim_pass": "good.test"}
+    # (issue 18: the DMARC result and policy are stored beside it; good.test publishes none)
+    dmarc = {"dmarc": "none", "dmarc_policy": ""}
+    assert p.evidence == {"dkim_pass": "good.test", **dmarc}
     stored = p.spool_envelope(forged)
-    assert stored.evidence == {"spf": "pass", "spf_domain": "good.test", "dkim_pass": "good.test"}
+    assert stored.evidence == {"spf": "pass", "spf_domain": "good.test", "dkim_pass": "good.test",
+                               **dmarc}
     assert forged.evidence["dkim_pass"] == "victim.test"          # not changed in place
     tampered = signed("good.test", dkim_key[0]).replace(b"Hello.", b"Hullo.")
     p = pipeline(dns).process(forged, tampered, 5.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ingress.core.wire import AuthResult
+from ingress.policy.classify import dkim_vouches
 from ingress.policy.dmarc import (
     MAX_RECORD,
     Discovery,
@@ -190,3 +191,21 @@ def test_verdict_comment_and_applied() -> None:
     v = evaluate("a.test", Discovery(None, AuthResult.NONE, "no record"), spf=None,
                  spf_domain="", dkim=[])
     assert (v.comment, v.applied) == ("no record", "")
+
+
+# --------------------------------------------------------------------------- learning's rule
+
+@pytest.mark.parametrize("spf_domain, passes, ok", [
+    ("example.com", ["example.com"], True),
+    ("bounce.example.com", ["mail.example.com"], True),     # one organisation
+    ("esp.test", ["brand.test"], False),       # SPF and the signature prove different domains
+    ("esp.test", ["brand.test", "esp.test"], True),
+    ("example.com", [], False),
+    ("", ["example.com"], False),
+    (None, ["example.com"], False),
+    ("evil.co.uk", ["co.uk"], False),          # a public suffix is nobody's organisation
+    ("B\u00fccher.test", ["xn--bcher-kva.test"], True),
+])
+def test_dkim_vouches_for_the_spf_domain(spf_domain: str | None, passes: list[str],
+                                         ok: bool) -> None:
+    assert dkim_vouches(spf_domain, passes) is ok

@@ -20,7 +20,7 @@ API
     make_dnsfunc, DeadKeyDomains      (workers.lane.dkim_keys)
     key_record_problem, header_from_domain   (workers.lane.dkim_parse)
     verify_dkim(message, *, resolver, timeout=2.0, deadline_s=5.0, max_signatures=5,
-                minkey=1024, dns_budget=None, dead=None) -> DkimReport
+                minkey=1024, dns_budget=None, dead=None, budget=None) -> DkimReport
         signatures aligned with the From: domain are judged first; results in header order.
         DkimReport.results: tuple[DkimSignatureResult(domain, selector, result, aligned,
         b_prefix, reason)], .from_domain, .aligned_pass, .any_pass.
@@ -161,9 +161,11 @@ def verify_dkim(
     minkey: int = MIN_KEY_BITS,
     dns_budget: float | None = None,
     dead: DeadKeyDomains | None = None,
+    budget: DnsBudget | None = None,
 ) -> DkimReport:
     """Verify every DKIM-Signature (up to max_signatures) within deadline_s seconds overall,
-    the key lookups together waiting at most dns_budget seconds (None: only the deadline);
+    the key lookups together waiting at most dns_budget seconds (None: only the deadline), or
+    what is left of `budget` (the message's, shared with its DMARC lookups) when given;
     signatures aligned with the From: domain first (ingress.policy.dkim_budget). `dead`: the
     process's negative cache of unresponsive key domains (None: none)."""
     deadline = time.monotonic() + deadline_s
@@ -179,8 +181,9 @@ def verify_dkim(
         return DkimReport((), from_domain)
 
     trace = KeyTrace()
-    budget = DnsBudget(min(timeout, resolver.lifetime),
-                       dns_budget if dns_budget is not None else deadline_s)
+    if budget is None:
+        budget = DnsBudget(min(timeout, resolver.lifetime),
+                           dns_budget if dns_budget is not None else deadline_s)
     dnsfunc = make_dnsfunc(resolver, timeout, trace, deadline, min_bits=minkey, budget=budget,
                            dead=dead)
     judged = min(nsig, max_signatures)

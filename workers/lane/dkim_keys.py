@@ -15,6 +15,10 @@ API
         dkimpy-compatible TXT lookup; records outcomes in `trace`; each wait bounded by the
         message's DnsBudget and `deadline`; a domain in `dead` is a temperror at once, a
         conclusive unanswered lookup marks its domain there.
+    lookup_txt(resolver, qname, *, budget, timeout, deadline=None, dead=None, domain="",
+               what="key") -> TxtAnswer(outcome "found" | "none" | "temperror", records,
+        error)    the one bounded TXT lookup of the workers (the dnsfunc's, and the DMARC
+        policy lookups' of workers.lane.dmarc_lookup): budget, deadline and negative cache.
     KeyTrace                 what the last lookup did: name, outcome ("found" | "nokey" |
                              "badkey" | "temperror"), txt, error, domain (d= being judged)
     DeadKeyDomains(ttl=60, maxsize=4096, timer=time.monotonic)  .mark(domain),
@@ -53,7 +57,7 @@ from ingress.policy.identity import org_domain
 from workers.lane.dkim_parse import MIN_KEY_BITS, key_record_problem
 
 __all__ = ["DEAD_KEY_MAX", "DEAD_KEY_TTL", "MAX_DOMAIN_KEY", "DeadKeyDomains", "DnsFunc",
-           "KeyTrace", "make_dnsfunc"]
+           "KeyTrace", "TxtAnswer", "lookup_txt", "make_dnsfunc"]
 
 
 @dataclass(slots=True)
@@ -128,6 +132,51 @@ def _key_domain(qname: str) -> str:
 _UNANSWERED = (dns.exception.Timeout, dns.resolver.NoNameservers)
 
 
+@dataclass(frozen=True, slots=True)
+class TxtAnswer:
+    """What one bounded TXT lookup saw: outcome "found" (records: each record's strings
+    joined) | "none" (NXDOMAIN, no TXT) | "temperror" (error says why)."""
+
+    outcome: str
+    records: tuple[bytes, ...] = ()
+    error: str = ""
+
+
+def lookup_txt(resolver: dns.resolver.Resolver, qname: str, *, budget: DnsBudget,
+               timeout: float, deadline: float | None = None,
+               dead: DeadKeyDomains | None = None, domain: str = "",
+               what: str = "key") -> TxtAnswer:
+    """The TXT records at `qname`, waiting at most min(timeout, the resolver's lifetime,
+    what is left of `budget` and of the time.monotonic() `deadline`); the wait is charged to
+    the budget. With `dead`: a `domain` remembered as unresponsive is a temperror at once (no
+    query), and a conclusive unanswered lookup (budget.conclusive) remembers it. The one
+    bounded TXT lookup of the workers: DKIM keys (make_dnsfunc) and DMARC policies
+    (workers.lane.dmarc_lookup); `what` names them in an error ("key", "DMARC policy")."""
+    if dead is not None and dead.is_dead(domain):
+        return TxtAnswer("temperror", error=f"{what} domain {dead.key(domain)} did not answer "
+                                            "recently (not asked again)")
+    left = math.inf if deadline is None else deadline - time.monotonic()
+    lifetime = min(budget.lifetime(left), timeout, resolver.lifetime)
+    if lifetime <= 0:
+        return TxtAnswer("temperror", error=f"{what} lookup deadline exhausted" if left <= 0
+                         else "DNS time of the message exhausted")
+    t0 = time.monotonic()
+    try:
+        ans = resolver.resolve(qname, "TXT", lifetime=lifetime, search=False,
+                               raise_on_no_answer=False)
+    except (dns.resolver.NXDOMAIN, dns.resolver.YXDOMAIN):
+        return TxtAnswer("none")
+    except dns.exception.DNSException as e:
+        # timeout, SERVFAIL from every server (NoNameservers), network errors
+        if dead is not None and isinstance(e, _UNANSWERED) and budget.conclusive(lifetime):
+            dead.mark(domain)
+        return TxtAnswer("temperror", error=f"{type(e).__name__}: {e}")
+    finally:
+        budget.charge(time.monotonic() - t0)
+    records = tuple(b"".join(r.strings) for r in ans.rrset) if ans.rrset is not None else ()
+    return TxtAnswer("found" if records else "none", records)
+
+
 def make_dnsfunc(
     resolver: dns.resolver.Resolver,
     timeout: float,
@@ -139,10 +188,10 @@ def make_dnsfunc(
 ) -> DnsFunc:
     """A dkimpy dnsfunc backed by `resolver`; each lookup bounded by `timeout` seconds, by the
     message's DnsBudget if given (ingress.policy.dkim_budget) and by the absolute
-    time.monotonic() `deadline` if given. A key record that key_record_problem() refuses is not
-    handed to dkimpy (it sees no key, does no RSA): trace.outcome "badkey". With `dead`, a
-    signing domain remembered as unresponsive is a temperror at once (no query), and a
-    conclusive unanswered lookup remembers its domain."""
+    time.monotonic() `deadline` if given (lookup_txt). A key record that key_record_problem()
+    refuses is not handed to dkimpy (it sees no key, does no RSA): trace.outcome "badkey".
+    With `dead`, a signing domain remembered as unresponsive is a temperror at once (no
+    query), and a conclusive unanswered lookup remembers its domain."""
     per_lookup = min(timeout, resolver.lifetime)
     bud = budget if budget is not None else DnsBudget(per_lookup, math.inf)
 
@@ -156,34 +205,12 @@ def make_dnsfunc(
             return None
         t.name = qname
         domain = t.domain or _key_domain(qname)
-        if dead is not None and dead.is_dead(domain):
-            t.outcome = "temperror"
-            t.error = f"key domain {dead.key(domain)} did not answer recently (not asked again)"
+        ans = lookup_txt(resolver, qname, budget=bud, timeout=min(timeout, per_lookup),
+                         deadline=deadline, dead=dead, domain=domain)
+        if ans.outcome == "temperror":
+            t.outcome, t.error = "temperror", ans.error
             raise dkim.DnsTimeoutError(t.error)
-        left = math.inf if deadline is None else deadline - time.monotonic()
-        lifetime = min(bud.lifetime(left), timeout, per_lookup)
-        if lifetime <= 0:
-            t.outcome = "temperror"
-            t.error = ("DKIM verification deadline exhausted" if left <= 0
-                       else "DNS time of the message exhausted")
-            raise dkim.DnsTimeoutError(t.error)
-        t0 = time.monotonic()
-        try:
-            ans = resolver.resolve(
-                qname, "TXT", lifetime=lifetime, search=False, raise_on_no_answer=False
-            )
-        except (dns.resolver.NXDOMAIN, dns.resolver.YXDOMAIN):
-            t.outcome = "nokey"
-            return None
-        except dns.exception.DNSException as e:
-            # timeout, SERVFAIL from every server (NoNameservers), network errors
-            if dead is not None and isinstance(e, _UNANSWERED) and bud.conclusive(lifetime):
-                dead.mark(domain)
-            t.outcome, t.error = "temperror", f"{type(e).__name__}: {e}"
-            raise dkim.DnsTimeoutError(t.error) from None
-        finally:
-            bud.charge(time.monotonic() - t0)
-        records = [b"".join(r.strings) for r in ans.rrset] if ans.rrset is not None else []
+        records = list(ans.records)
         if not records:
             t.outcome = "nokey"
             return None

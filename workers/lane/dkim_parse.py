@@ -15,6 +15,9 @@ API
     header_from_domain(message) -> str | None     (exactly one From: with one address, the
                                                    field at most MAX_FROM_FIELD bytes; its
                                                    domain canonical, None if not a valid name)
+    header_from_domains(message) -> (fields, domains)   the From: fields counted and the
+                                                   domains of the one field's addresses
+                                                   (DMARC's Author Domain: ingress.policy.dmarc)
     signature_field_problem(raw) -> str | None    why a DKIM-Signature value is refused unparsed
     LinearDKIM(message, ...)                      dkim.DKIM with the linear header parser
     sig_tag(sig, key) -> str                      a parsed signature's tag, blanks removed
@@ -70,6 +73,7 @@ __all__ = [
     "LinearDKIM",
     "count_signatures",
     "header_from_domain",
+    "header_from_domains",
     "key_record_problem",
     "sig_tag",
     "signature_field_problem",
@@ -143,22 +147,30 @@ def key_record_problem(txt: bytes, *, min_bits: int = MIN_KEY_BITS,
 MAX_FROM_FIELD = 8 * 1024
 
 
-def header_from_domain(message: bytes) -> str | None:
-    """Canonical domain of the single From: address (ingress.core.addr.normalize_domain);
-    None if absent, ambiguous or not a valid domain name."""
+def header_from_domains(message: bytes) -> tuple[int, tuple[str, ...]]:
+    """(the number of From: fields, the domains of the addresses of the From: field when
+    there is exactly one), each domain canonical or "" when it is not a valid name
+    (ingress.core.addr.normalize_domain). A field over MAX_FROM_FIELD bytes, or one the
+    parser gives up on, has no addresses."""
     froms = [message[s:e] for s, e, name in header_fields(message) if name == b"from"]
     if len(froms) != 1 or len(froms[0]) > MAX_FROM_FIELD:
-        return None
+        return len(froms), ()
     try:
         pairs = email.utils.getaddresses([unfold(field_value(froms[0]))])
     except (RecursionError, ValueError, IndexError):
         # the stdlib parser recurses once per nested comment: hostile input, no domain
-        return None
-    addrs = [a for _, a in pairs if a]
-    if len(addrs) != 1 or "@" not in addrs[0]:
-        return None
-    return normalize_domain(addrs[0].rpartition("@")[2]) or None
+        return 1, ()
+    return 1, tuple(normalize_domain(a.rpartition("@")[2]) if "@" in a else ""
+                    for _, a in pairs if a)
 
+
+def header_from_domain(message: bytes) -> str | None:
+    """Canonical domain of the single From: address (ingress.core.addr.normalize_domain);
+    None if absent, ambiguous or not a valid domain name."""
+    fields, domains = header_from_domains(message)
+    if fields != 1 or len(domains) != 1:
+        return None
+    return domains[0] or None
 
 
 _LINE_END = re.compile(rb"\r?\n")

@@ -12,7 +12,9 @@ Purpose
 API
     strip_forged_ar(message, authserv_id) -> bytes
     authentication_results(authserv_id, *, spf=None, spf_domain=None, spf_helo=None,
-                           dkim_results=(), dkim_checked=True, comment=None) -> bytes
+                           dkim_results=(), dkim_checked=True, dmarc=None,
+                           comment=None) -> bytes
+        dmarc: an ingress.policy.dmarc.DmarcVerdict, rendered after the dkim resinfos
     received_header(env, hostname) -> bytes   the client IP as an RFC 5321 address-literal
     address_literal(ip) -> str                "[192.0.2.1]", "[IPv6:2001:db8::1]"
     received_spf_header (ingress.core.headers', re-exported)
@@ -40,6 +42,7 @@ from ingress.core.headers import comment_text, quoted_value, received_spf_header
 from ingress.core.wire import AuthResult, Envelope
 
 if TYPE_CHECKING:
+    from ingress.policy.dmarc import DmarcVerdict
     from workers.lane.dkim_check import DkimSignatureResult
 
 __all__ = [
@@ -103,13 +106,16 @@ def authentication_results(
     spf_helo: str | None = None,
     dkim_results: Sequence[DkimSignatureResult] = (),
     dkim_checked: bool = True,
+    dmarc: DmarcVerdict | None = None,
     comment: str | None = None,
 ) -> bytes:
     """Authentication-Results header field (RFC 8601), folded one resinfo per line, CRLF-ended.
 
     spf: an AuthResult value string or None (not checked: omitted). spf_domain is reported as
     smtp.mailfrom, else spf_helo as smtp.helo. dkim_results: one resinfo per signature; when
-    empty and dkim_checked, "dkim=none". comment: e.g. "lane=fast" after the authserv-id.
+    empty and dkim_checked, "dkim=none". dmarc: the DMARC verdict (None: not evaluated,
+    omitted), "dmarc=<result> (p=.. sp=..) header.from=<domain>" (RFC 7489 11.2; no "dis=":
+    we report, we do not enforce). comment: e.g. "lane=fast" after the authserv-id.
     With nothing to report the body is "authserv-id; none".
     """
     head = f"Authentication-Results: {_value(authserv_id)}"
@@ -121,6 +127,8 @@ def authentication_results(
     resinfos.extend(_dkim_resinfo(res) for res in dkim_results)
     if not dkim_results and dkim_checked:
         resinfos.append("dkim=none")
+    if dmarc is not None:
+        resinfos.append(_dmarc_resinfo(dmarc))
     if not resinfos:
         return (head + "; none\r\n").encode("utf-8", "replace")
     return (head + ";\r\n\t" + ";\r\n\t".join(resinfos) + "\r\n").encode("utf-8", "replace")
@@ -150,6 +158,17 @@ def _dkim_resinfo(res: DkimSignatureResult) -> str:
         r += f" header.s={_value(res.selector)}"
     if res.b_prefix:
         r += f" header.b={_value(res.b_prefix)}"
+    return r
+
+
+def _dmarc_resinfo(v: DmarcVerdict) -> str:
+    """"dmarc=<result>", the published policy (or why there is none) as a comment, then
+    header.from (RFC 7489 11.2, the RFC 8601 registry: ptype header, property from)."""
+    r = f"dmarc={v.result}"
+    if v.comment:
+        r += f" ({comment_text(v.comment[:120])})"
+    if v.author:
+        r += f" header.from={_value(v.author)}"
     return r
 
 

@@ -52,13 +52,18 @@ input.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field, replace
 
 from ingress.core.addr import normalize_domain
 from ingress.core.config import Config
+from ingress.core.headers import spf_identity
 from ingress.core.wire import Envelope, Lane
-from ingress.policy.classify import ClassifyPolicy, should_learn, should_unlearn
+from ingress.policy.classify import ClassifyPolicy, dkim_vouches, should_learn, should_unlearn
+from ingress.policy.dkim_budget import DnsBudget
+from ingress.policy.dmarc import DmarcVerdict
 from workers.lane import dkim_check
+from workers.lane.dmarc_lookup import DmarcLookup
 from workers.lane.headers import authentication_results, received_header, strip_forged_ar
 
 DKIM_HEADER = re.compile(rb"(?im)^dkim-signature[ \t]*:")
@@ -79,6 +84,7 @@ class Processed:
     learn_domain: str = ""
     unlearn: str = ""        # why the client's learned network must be forgotten ("": keep)
     evidence: dict[str, str] = field(default_factory=dict)   # added to the stored envelope
+    dmarc: DmarcVerdict | None = None                        # None: DMARC is off
 
     def spool_envelope(self, env: Envelope) -> Envelope:
         """The envelope to store: env with this message's evidence added."""
@@ -102,31 +108,45 @@ class Pipeline:
         # learning obeys the acceptors' promotion policy (one rule: ClassifyPolicy.spf_promotes)
         self.policy = ClassifyPolicy(spf_promote=c.spf_promote,
                                      spf_domains=frozenset(c.spf_domains))
+        self.dmarc = (DmarcLookup(self.resolver, c.dns_timeout, ttl=cfg.dmarc.timeout_ttl)
+                      if cfg.dmarc.enabled else None)
 
     def process(self, env: Envelope, body: bytes, budget_s: float) -> Processed:
         ev = env.evidence
         body = strip_forged_ar(body, self.authserv_id)
+        # One DNS budget for the message's lookups: its DKIM keys first, then its DMARC policy.
+        deadline_s = max(0.1, min(self.dkim_deadline, budget_s))
+        deadline = time.monotonic() + deadline_s
+        budget = DnsBudget(min(self.dns_timeout, self.resolver.lifetime), self.dns_budget)
         results: tuple[dkim_check.DkimSignatureResult, ...] = ()
         if has_dkim_signature(body):
             report = dkim_check.verify_dkim(
-                body, resolver=self.resolver, timeout=self.dns_timeout,
-                deadline_s=max(0.1, min(self.dkim_deadline, budget_s)),
-                dns_budget=self.dns_budget, dead=self.dead)
+                body, resolver=self.resolver, timeout=self.dns_timeout, deadline_s=deadline_s,
+                dead=self.dead, budget=budget)
             results = report.results
         spf = ev.get("spf")
+        domain = normalize_domain(ev.get("spf_domain") or "")    # learned under its A-labels
+        # DMARC aligns the MAIL FROM identity only: for the null sender SPF checked the HELO
+        # name, which DMARC never uses (RFC 7489 3.1.2).
+        mailfrom = domain if spf_identity(env.mail_from, env.helo)[0] == "mailfrom" else ""
+        verdict = None if self.dmarc is None else self.dmarc.check(
+            body, spf=spf, spf_domain=mailfrom, dkim=[(r.domain, r.result) for r in results],
+            budget=budget, deadline=deadline)
         ar = authentication_results(
             self.authserv_id, spf=spf, spf_domain=ev.get("spf_domain") or None,
             spf_helo=env.helo if spf and not ev.get("spf_domain") else None,
-            dkim_results=results, comment=f"lane={env.lane.value}")
+            dkim_results=results, dmarc=verdict, comment=f"lane={env.lane.value}")
         received_spf = ev.get("received_spf", "").encode("ascii", "replace")
         trace = ar + received_spf + received_header(env, self.hostname)
-        aligned_pass = any(r.result is dkim_check.DkimResult.PASS and r.aligned for r in results)
-        domain = normalize_domain(ev.get("spf_domain") or "")    # learned under its A-labels
-        learn = should_learn(spf, aligned_pass, domain, self.policy)
+        vouches = dkim_vouches(domain, (r.domain for r in results if r.aligned_pass))
+        learn = should_learn(spf, vouches, domain, self.policy)
         rode = env.lane is Lane.FAST and ev.get("identity", "").startswith("learned:")
         unlearn = "" if learn else should_unlearn(
             "learned" in ev, rode, spf, (r.result for r in results if r.aligned))
         passed = dict.fromkeys(d for r in results if r.result is dkim_check.DkimResult.PASS
                                if (d := normalize_domain(r.domain)))
+        evidence = {"dkim_pass": " ".join(passed)}
+        if verdict is not None:
+            evidence |= {"dmarc": str(verdict.result), "dmarc_policy": verdict.applied}
         return Processed(trace, body, results, learn=learn, learn_domain=domain if learn else "",
-                         unlearn=unlearn, evidence={"dkim_pass": " ".join(passed)})
+                         unlearn=unlearn, evidence=evidence, dmarc=verdict)

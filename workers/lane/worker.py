@@ -374,7 +374,8 @@ class Worker:
                           learned=env.evidence.get("learned", ""))
             log.event("spooled", "debug", qid=env.qid, lane=env.lane.value, size=len(p.body),
                       rcpts=len(env.rcpts), batch=len(commit.jobs), write_ms=round(dt * 1000, 3),
-                      dkim=",".join(f"{r.domain}:{r.result}" for r in p.dkim), learn=p.learn)
+                      dkim=",".join(f"{r.domain}:{r.result}" for r in p.dkim), learn=p.learn,
+                      dmarc=p.evidence.get("dmarc", ""))
 
     def _send(self, frames: list[bytes]) -> None:
         assert self.sock is not None
