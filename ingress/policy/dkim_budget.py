@@ -11,7 +11,9 @@ Purpose
 The rule (per message)
     * Every key lookup waits at most `per_lookup` (classify.dns_timeout), and all the lookups
       of one message together at most `total` (classify.dkim_dns_budget), within the
-      message's DKIM deadline. A lookup with no time left is a temperror at once.
+      message's DKIM deadline. A lookup with no time left is a temperror at once. The
+      message's DMARC policy lookups (workers.lane.dmarc_lookup) come after its key lookups
+      and share the same budget.
     * Signatures whose d= aligns with the From: domain are judged first (header order
       otherwise). Only an aligned pass feeds learning. So a dead third-party signature
       added to a message cannot use up the time of the one that matters.

@@ -5,7 +5,9 @@ Purpose
     Verify every DKIM-Signature of a received message (RSA verify is ~1 ms of pure Python, so
     it runs here, not in the acceptors) and decide DMARC-style alignment with the From:
     domain, for workers.lane.headers to render into Authentication-Results. An aligned DKIM pass
-    plus an SPF pass feeds the learned allow cache (ingress.policy.classify.should_learn).
+    of the SPF domain's organisation plus an SPF pass feeds the learned allow cache
+    (ingress.policy.classify.should_learn, dkim_vouches); the results feed DMARC
+    (workers.lane.dmarc_lookup).
 
 API
     The lane's DKIM in three modules, by job; this one is the door the pipeline and the

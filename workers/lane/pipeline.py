@@ -1,12 +1,14 @@
-"""Per-message work done in a worker before the durable write: DKIM and the trace headers.
+"""Per-message work done in a worker before the durable write: DKIM, DMARC and the trace
+headers.
 
 API:
     Pipeline(cfg).process(env, body, budget_s) -> Processed(trace, body, dkim, learn,
-                                                            learn_domain, unlearn, evidence)
+                                                            learn_domain, unlearn, evidence,
+                                                            dmarc)
     Processed.spool_envelope(env) -> Envelope   what the worker stores: env with `evidence`
 
 The trace prepended to the client's message, top first:
-    Authentication-Results: <authserv-id> (lane=...); spf=...; dkim=...   (RFC 8601)
+    Authentication-Results: <authserv-id> (lane=...); spf=...; dkim=...; dmarc=...  (RFC 8601)
     Received-SPF: ...            when the acceptor evaluated SPF (it builds this line)
     Received: from <helo> ([ip]) by <host> (smtp-ingress lane=...) with ESMTP[S] id <qid> ...
 Inbound Authentication-Results headers that claim our authserv-id are removed from the client's
@@ -14,16 +16,23 @@ message (RFC 8601 section 5): nobody else may speak for us. Nothing else in it c
 
 DKIM: the first dkim_check.MAX_SIGNATURES (5) signatures are verified (dkimpy, with the key and
 header limits of workers.lane.dkim_check) with one cached resolver and a deadline of
-min(classify.dkim_deadline, budget_s). The key lookups of one message together wait at most
-classify.dkim_dns_budget, and signatures aligned with From: go first
+min(classify.dkim_deadline, budget_s). The key lookups of one message (and then its DMARC
+policy lookups) together wait at most classify.dkim_dns_budget, and signatures aligned with From: go first
 (ingress.policy.dkim_budget). A signing domain whose key lookup got no answer is remembered
 for classify.dkim_timeout_ttl in the worker's DeadKeyDomains, shared by its threads: the
 next message naming it gets dkim=temperror at once. A temperror never promotes or rejects,
 and the message is still stored and acknowledged. A message without a DKIM-Signature header
 costs nothing. process() runs in its own worker pool thread, one message per call, never on
 the worker's heartbeat loop; a slow one delays only itself.
+DMARC (RFC 7489; [dmarc] enabled, on by default): after DKIM, the From: domain's policy is
+looked up (workers.lane.dmarc_lookup: at most two TXT queries) within what is left of the same
+DNS budget and deadline, and judged (ingress.policy.dmarc) with the acceptor's SPF verdict, for
+the MAIL FROM identity only (the null sender's HELO check is never used: RFC 7489 3.1.2), and
+the DKIM results. Rendered as "dmarc=<result> (p=.. sp=..) header.from=<domain>": reported,
+never enforced. A policy domain that did not answer is remembered for dmarc.timeout_ttl.
 `learn` is true when SPF passed (acceptor's verdict), a DKIM signature aligned with the From:
-domain passed, and the promotion policy (classify.spf_promote/spf_domains) would promote an SPF
+domain passed whose d= is of the SPF domain's organisation (classify.dkim_vouches: the two
+vouch for one organisation, the one learned), and the promotion policy (classify.spf_promote/spf_domains) would promote an SPF
 pass for that domain ("listed": listed domains only; "off": nothing is learned): the client is
 then remembered in every acceptor's learned allow cache, for `learn_domain` (the SPF domain,
 canonical: A-labels, ingress.core.addr.normalize_domain; the learned entry counts against its
@@ -41,7 +50,8 @@ separated ("" when none passed), so the relay can tell a sender whose return pat
 authenticated (ingress.policy.dsn: DKIM aligned with the MAIL FROM domain) without parsing
 a header of the message. It replaces any "dkim_pass" the envelope came with. Additive: an
 optional evidence key, so the spool format stays version 1 (a spool file without it: nothing
-was proven by DKIM).
+was proven by DKIM). With DMARC on, also "dmarc" (its result) and "dmarc_policy" (the applied
+p or sp; "" without a policy).
 
 Anything the client chose (HELO name, addresses) is sanitised to printable ASCII without CR/LF
 before it goes into a header, so a client cannot inject header lines. Failure modes: DKIM
