@@ -16,14 +16,14 @@ message (RFC 8601 section 5): nobody else may speak for us. Nothing else in it c
 
 DKIM: the first dkim_check.MAX_SIGNATURES (5) signatures are verified (dkimpy, with the key and
 header limits of workers.lane.dkim_check) with one cached resolver and a deadline of
-min(classify.dkim_deadline, budget_s). The key lookups of one message (and then its DMARC
-policy lookups) together wait at most classify.dkim_dns_budget, and signatures aligned with From: go first
-(ingress.policy.dkim_budget). A signing domain whose key lookup got no answer is remembered
-for classify.dkim_timeout_ttl in the worker's DeadKeyDomains, shared by its threads: the
-next message naming it gets dkim=temperror at once. A temperror never promotes or rejects,
+min(classify.dkim_deadline, budget_s). The key lookups of one message (and then its DMARC policy
+lookups) together wait at most classify.dkim_dns_budget, and signatures aligned with From: go
+first (ingress.policy.dkim_budget). A signing domain whose key lookup got no answer is
+remembered for classify.dkim_timeout_ttl in the worker's DeadKeyDomains, shared by its threads:
+the next message naming it gets dkim=temperror at once. A temperror never promotes or rejects,
 and the message is still stored and acknowledged. A message without a DKIM-Signature header
-costs nothing. process() runs in its own worker pool thread, one message per call, never on
-the worker's heartbeat loop; a slow one delays only itself.
+costs nothing. process() runs in its own worker pool thread, one message per call, never on the
+worker's heartbeat loop; a slow one delays only itself.
 DMARC (RFC 7489; [dmarc] enabled, on by default): after DKIM, the From: domain's policy is
 looked up (workers.lane.dmarc_lookup: at most two TXT queries) within what is left of the same
 DNS budget and deadline, and judged (ingress.policy.dmarc) with the acceptor's SPF verdict, for
@@ -31,13 +31,14 @@ the MAIL FROM identity only (the null sender's HELO check is never used: RFC 748
 the DKIM results. Rendered as "dmarc=<result> (p=.. sp=..) header.from=<domain>": reported,
 never enforced. A policy domain that did not answer is remembered for dmarc.timeout_ttl.
 `learn` is true when SPF passed (acceptor's verdict), a DKIM signature aligned with the From:
-domain passed whose d= is of the SPF domain's organisation (classify.dkim_vouches: the two
-vouch for one organisation, the one learned), and the promotion policy (classify.spf_promote/spf_domains) would promote an SPF
-pass for that domain ("listed": listed domains only; "off": nothing is learned): the client is
-then remembered in every acceptor's learned allow cache, for `learn_domain` (the SPF domain,
-canonical: A-labels, ingress.core.addr.normalize_domain; the learned entry counts against its
-organisational domain's share of the fast lane). DKIM alignment compares canonical names through
-the Public Suffix List (workers.lane.dkim_check.aligned).
+domain passed whose d= is of the SPF domain's organisation (classify.dkim_vouches: the two vouch
+for one organisation, the one learned), and the promotion policy
+(classify.spf_promote/spf_domains) would promote an SPF pass for that domain ("listed": listed
+domains only; "off": nothing is learned): the client is then remembered in every acceptor's
+learned allow cache, for `learn_domain` (the SPF domain, canonical: A-labels,
+ingress.core.addr.normalize_domain; the learned entry counts against its organisational domain's
+share of the fast lane). DKIM alignment compares canonical names through the Public Suffix List
+(workers.lane.dkim_check.aligned).
 `unlearn` (a reason, or "") when the client's network was learned (the envelope's evidence
 "learned", set by the acceptor) and this message disowns it (classify.should_unlearn): SPF
 fail or softfail, an aligned DKIM signature failing with none passing, or, for a message served
