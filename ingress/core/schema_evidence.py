@@ -42,6 +42,7 @@ class DmarcConfig:
     (dmarc= in Authentication-Results), never enforced."""
     enabled: bool = documented(True, "look the From: domain's _dmarc policy up (1-2 TXT queries "
                                "through classify.nameservers, within classify.dkim_dns_budget) "
-                               "and report dmarc=; nothing is refused for it")
+                               "and report dmarc=; nothing is refused for it. Only where DNS is "
+                               "configured (classify.nameservers named, or SPF on)")
     timeout_ttl: float = bounded(60.0, 0, 300, "seconds a policy domain that did not answer is "
                                  "not asked again (dmarc=temperror at once)", note="0 = off")

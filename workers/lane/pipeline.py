@@ -24,7 +24,8 @@ the next message naming it gets dkim=temperror at once. A temperror never promot
 and the message is still stored and acknowledged. A message without a DKIM-Signature header
 costs nothing. process() runs in its own worker pool thread, one message per call, never on the
 worker's heartbeat loop; a slow one delays only itself.
-DMARC (RFC 7489; [dmarc] enabled, on by default): after DKIM, the From: domain's policy is
+DMARC (RFC 7489; [dmarc] enabled, on by default wherever DNS is configured:
+ingress.core.derived.dns_configured): after DKIM, the From: domain's policy is
 looked up (workers.lane.dmarc_lookup: at most two TXT queries) within what is left of the same
 DNS budget and deadline, and judged (ingress.policy.dmarc) with the acceptor's SPF verdict, for
 the MAIL FROM identity only (the null sender's HELO check is never used: RFC 7489 3.1.2), and
@@ -68,6 +69,7 @@ from dataclasses import dataclass, field, replace
 
 from ingress.core.addr import normalize_domain
 from ingress.core.config import Config
+from ingress.core.derived import dns_configured
 from ingress.core.headers import spf_identity
 from ingress.core.wire import Envelope, Lane
 from ingress.policy.classify import ClassifyPolicy, dkim_vouches, should_learn, should_unlearn
@@ -120,7 +122,7 @@ class Pipeline:
         self.policy = ClassifyPolicy(spf_promote=c.spf_promote,
                                      spf_domains=frozenset(c.spf_domains))
         self.dmarc = (DmarcLookup(self.resolver, c.dns_timeout, ttl=cfg.dmarc.timeout_ttl)
-                      if cfg.dmarc.enabled else None)
+                      if cfg.dmarc.enabled and dns_configured(cfg) else None)
 
     def process(self, env: Envelope, body: bytes, budget_s: float) -> Processed:
         ev = env.evidence
