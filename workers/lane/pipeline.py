@@ -2,8 +2,9 @@
 
 API:
     Pipeline(cfg).process(env, body, budget_s) -> Processed(trace, body, dkim, learn,
-                                                            learn_domain, unlearn, evidence)
-    Processed.spool_envelope(env) -> Envelope   what the worker stores: env with `evidence`
+                                                            learn_domain, unlearn, dkim_pass)
+    Processed.spool_envelope(env) -> Envelope   what the worker stores: env with its evidence's
+                                                dkim_pass set
 
 The trace prepended to the client's message, top first:
     Authentication-Results: <authserv-id> (lane=...); spf=...; dkim=...   (RFC 8601)
@@ -29,19 +30,18 @@ then remembered in every acceptor's learned allow cache, for `learn_domain` (the
 canonical: A-labels, ingress.core.addr.normalize_domain; the learned entry counts against its
 organisational domain's share of the fast lane). DKIM alignment compares canonical names through
 the Public Suffix List (workers.lane.dkim_check.aligned).
-`unlearn` (a reason, or "") when the client's network was learned (the envelope's evidence
-"learned", set by the acceptor) and this message disowns it (classify.should_unlearn): SPF
+`unlearn` (a reason, or "") when the client's network was learned (the envelope's
+evidence.learned, set by the acceptor) and this message disowns it (classify.should_unlearn): SPF
 fail or softfail, an aligned DKIM signature failing with none passing, or, for a message served
 fast on the entry (identity learned:<domain>), no aligned DKIM signature at all; never on
 temperror. The worker then tells every acceptor to forget the entry.
 
-`evidence` (stored with the envelope in the spool file, for the relay): "dkim_pass", the
-canonical d= (ingress.core.addr.normalize_domain) of every signature that passed, space
-separated ("" when none passed), so the relay can tell a sender whose return path is
-authenticated (ingress.policy.dsn: DKIM aligned with the MAIL FROM domain) without parsing
-a header of the message. It replaces any "dkim_pass" the envelope came with. Additive: an
-optional evidence key, so the spool format stays version 1 (a spool file without it: nothing
-was proven by DKIM).
+`dkim_pass` (stored in the spool file as the envelope's evidence.dkim_pass, for the relay): the
+canonical d= (ingress.core.addr.normalize_domain) of every signature that passed (() when none
+passed), so the relay can tell a sender whose return path is authenticated (ingress.policy.dsn:
+DKIM aligned with the MAIL FROM domain) without parsing a header of the message. It replaces
+any dkim_pass the envelope came with. Additive: an optional evidence field, so the spool format
+stays version 1 (a spool file without it: nothing was proven by DKIM).
 
 Anything the client chose (HELO name, addresses) is sanitised to printable ASCII without CR/LF
 before it goes into a header, so a client cannot inject header lines. Failure modes: DKIM
@@ -52,7 +52,7 @@ input.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from ingress.core.addr import normalize_domain
 from ingress.core.config import Config
@@ -78,13 +78,11 @@ class Processed:
     learn: bool
     learn_domain: str = ""
     unlearn: str = ""        # why the client's learned network must be forgotten ("": keep)
-    evidence: dict[str, str] = field(default_factory=dict)   # added to the stored envelope
+    dkim_pass: tuple[str, ...] = ()   # canonical d= of the passing signatures: to the spool
 
     def spool_envelope(self, env: Envelope) -> Envelope:
-        """The envelope to store: env with this message's evidence added."""
-        if not self.evidence:
-            return env
-        return replace(env, evidence={**env.evidence, **self.evidence})
+        """The envelope to store: env with this message's evidence (dkim_pass) set."""
+        return replace(env, evidence=replace(env.evidence, dkim_pass=self.dkim_pass))
 
 
 class Pipeline:
@@ -113,20 +111,20 @@ class Pipeline:
                 deadline_s=max(0.1, min(self.dkim_deadline, budget_s)),
                 dns_budget=self.dns_budget, dead=self.dead)
             results = report.results
-        spf = ev.get("spf")
+        spf = ev.spf
         ar = authentication_results(
-            self.authserv_id, spf=spf, spf_domain=ev.get("spf_domain") or None,
-            spf_helo=env.helo if spf and not ev.get("spf_domain") else None,
+            self.authserv_id, spf=spf, spf_domain=ev.spf_domain or None,
+            spf_helo=env.helo if spf and not ev.spf_domain else None,
             dkim_results=results, comment=f"lane={env.lane.value}")
-        received_spf = ev.get("received_spf", "").encode("ascii", "replace")
+        received_spf = ev.received_spf.encode("ascii", "replace")
         trace = ar + received_spf + received_header(env, self.hostname)
         aligned_pass = any(r.result is dkim_check.DkimResult.PASS and r.aligned for r in results)
-        domain = normalize_domain(ev.get("spf_domain") or "")    # learned under its A-labels
+        domain = normalize_domain(ev.spf_domain)    # learned under its A-labels
         learn = should_learn(spf, aligned_pass, domain, self.policy)
-        rode = env.lane is Lane.FAST and ev.get("identity", "").startswith("learned:")
+        rode = env.lane is Lane.FAST and ev.identity.startswith("learned:")
         unlearn = "" if learn else should_unlearn(
-            "learned" in ev, rode, spf, (r.result for r in results if r.aligned))
+            bool(ev.learned), rode, spf, (r.result for r in results if r.aligned))
         passed = dict.fromkeys(d for r in results if r.result is dkim_check.DkimResult.PASS
                                if (d := normalize_domain(r.domain)))
         return Processed(trace, body, results, learn=learn, learn_domain=domain if learn else "",
-                         unlearn=unlearn, evidence={"dkim_pass": " ".join(passed)})
+                         unlearn=unlearn, dkim_pass=tuple(passed))

@@ -371,7 +371,7 @@ class Worker:
             elif p.unlearn:
                 self._send(share(UNLEARN_TOPIC, env.peer_ip))
                 log.event("unlearn", qid=env.qid, peer=env.peer_ip, why=p.unlearn,
-                          learned=env.evidence.get("learned", ""))
+                          learned=env.evidence.learned)
             log.event("spooled", "debug", qid=env.qid, lane=env.lane.value, size=len(p.body),
                       rcpts=len(env.rcpts), batch=len(commit.jobs), write_ms=round(dt * 1000, 3),
                       dkim=",".join(f"{r.domain}:{r.result}" for r in p.dkim), learn=p.learn)
