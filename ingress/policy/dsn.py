@@ -11,9 +11,10 @@ API
                                         acceptor's, in the spool envelope's evidence .spf,
                                         .spf_domain), the canonical d= of every DKIM signature
                                         that passed (the worker's, evidence .dkim_pass)
-    return_path(evidence) -> ReturnPath the spool envelope's evidence (ingress.core.wire.
-                                        WireEvidence, decoded by its codec) as a ReturnPath;
-                                        bounded (at most DKIM_PASS_MAX domains), never raises
+    return_path(evidence) -> ReturnPath the spool envelope's evidence (a WireEvidence, or the
+                                        spool file's undecoded object: decoded here by its one
+                                        codec, WireEvidence.from_wire); bounded (at most
+                                        DKIM_PASS_MAX domains), never raises
     authenticated_by(sender_domain, rp) -> str
                                         "operator" (the client was the operator's own: the
                                         allow list or a certificate, which vouch for what it
@@ -54,8 +55,8 @@ Rules and why
       (a thousand other domains cannot reset a victim's bucket): a newcomer is then refused
       (RATE_TABLE_FULL) until the oldest refills.
 
-Failure modes: none raised; malformed evidence (the relay's WireEvidence.from_wire raised
-WireError) reads as "nothing proven": WireEvidence().
+Failure modes: none raised; malformed evidence (WireEvidence.from_wire raised WireError: a
+wrong type or an oversize value anywhere in it) reads as "nothing proven".
 Limits: the rate state is per relay process and in memory (a restart forgets it).
 """
 
@@ -67,7 +68,7 @@ from enum import StrEnum
 from ingress.core.addr import normalize_domain
 from ingress.core.headers import spf_identity
 from ingress.core.ratelimit import KeyedBuckets
-from ingress.core.wire import AuthResult, WireEvidence
+from ingress.core.wire import AuthResult, WireError, WireEvidence
 from ingress.policy.identity import aligned, org_domain
 from ingress.policy.tiers import Tier, fast_tier
 
@@ -120,9 +121,14 @@ class Decision:
     domain: str = ""    # the rate key: the destination's organisational domain ("" = none)
 
 
-def return_path(evidence: WireEvidence) -> ReturnPath:
-    """The spool envelope's evidence (ingress.core.wire.Envelope.evidence, read back from the
-    spool file with WireEvidence.from_wire) as a ReturnPath."""
+def return_path(evidence: object) -> ReturnPath:
+    """The spool envelope's evidence (ingress.core.wire.Envelope.evidence, or its undecoded
+    object read back from the spool file) as a ReturnPath; anything malformed: not proven."""
+    if not isinstance(evidence, WireEvidence):
+        try:
+            evidence = WireEvidence.from_wire(evidence)
+        except WireError:
+            return ReturnPath()
     passes: list[str] = []
     for d in evidence.dkim_pass[:DKIM_PASS_MAX]:
         canon = normalize_domain(d)

@@ -80,7 +80,7 @@ from typing import Any
 from ingress.core import log, metrics
 from ingress.core.config import Config
 from ingress.core.downstream import Target
-from ingress.core.wire import Envelope, Lane, WireError, WireEvidence, new_qid
+from ingress.core.wire import Envelope, Lane, WireEvidence, new_qid
 from ingress.policy import dsn as dsn_policy
 from workers.relay import forward
 from workers.relay.breaker import Breaker
@@ -300,12 +300,8 @@ class Delivery:
         decision). Raises only when the DSN could not be spooled (the message is retried)."""
         sender = envelope_sender(env)
         problem = address_problem(sender, sender=False, utf8=True) if sender else None
-        try:        # the spool envelope's evidence, through the wire's one codec
-            evidence = WireEvidence.from_wire(env.get("evidence"))
-        except WireError as e:          # nothing proven: no DSN unless relay.dsn = "always"
-            log.event("bad_evidence", "warning", qid=qid, error=str(e)[:200])
-            evidence = WireEvidence()
-        decision = dsn_policy.decide(self.rc.dsn, sender, dsn_policy.return_path(evidence),
+        decision = dsn_policy.decide(self.rc.dsn, sender,
+                                     dsn_policy.return_path(env.get("evidence")),
                                      self.dsn_limits, time.monotonic(),
                                      sendable=problem is None)
         if not decision.send:
