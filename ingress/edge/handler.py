@@ -25,7 +25,7 @@ What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; th
   and a close) and the deferral recorded with the recipient (each later RCPT of it: 451 and
   recorded too); a ripe retry of a deferred transaction (ingress.policy.deferrals: same
   network, sender and a recipient it deferred) takes its site's part of admission.retry_share
-  first, and the cap only when that is spent (the envelope then carries evidence retry=1,
+  first, and the cap only when that is spent (the envelope then carries evidence.retry,
   which the bulk broker honours with its own retry bucket), and may carry only recipients
   of the deferred transaction (another: 451, recorded); then recipient verification
   (ingress/edge/rcpt_verify.py, cached, at most smtp.verify_per_session callouts a session; over
@@ -265,7 +265,7 @@ class IngressHandler:
         )
         claim = server.retry_claim
         if claim is not None and env.lane is Lane.BULK and claim.covers(env.rcpts):
-            env.evidence["retry"] = "1"
+            env = replace(env, evidence=replace(env.evidence, retry=True))
         t0 = time.monotonic()
         reply, why = await ctx.lanes.submit(env, body)
         ms = round((time.monotonic() - t0) * 1000, 2)
@@ -281,8 +281,8 @@ class IngressHandler:
             log.event("message", qid=env.qid, peer=server.peer_ip, port=server.peer_port,
                       helo=env.helo[:100], sender=env.mail_from[:200], rcpts=len(env.rcpts),
                       size=len(body), lane=env.lane.value, tier=server.tier.label,
-                      identity=env.evidence.get("identity", ""),
-                      reasons=env.evidence.get("reasons", ""), spf=env.evidence.get("spf", ""),
+                      identity=env.evidence.identity, reasons=",".join(env.evidence.reasons),
+                      spf=env.evidence.spf or "",
                       tls=env.tls, reply="250", ack_ms=ms)
             return replies.QUEUED.format(qid=env.qid)
         ctx.count("tempfail", server.lane)

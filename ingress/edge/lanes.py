@@ -296,14 +296,13 @@ class Lanes:
         start = time.monotonic()
         reply, why = await self._submit_once(env, body, timeout)
         if env.lane is Lane.FAST and reply is not None and reply.reason is NackReason.SHARE:
-            identity = env.evidence.get("identity", "")
+            identity = env.evidence.identity
             log.throttled("over_share", env.peer_ip, qid=env.qid, identity=identity,
                           served="bulk")
-            evidence = {k: v for k, v in env.evidence.items() if k != "identity"}
             # the fast broker says which: the identity's share, or its whole tier's
             why = over_tier_reason(fast_tier(identity)) if reply.text.startswith("tier") \
                 else over_share_reason(identity)
-            evidence["reasons"] = ",".join(filter(None, (evidence.get("reasons", ""), why)))
+            evidence = replace(env.evidence, identity="", reasons=(*env.evidence.reasons, why))
             bulk = replace(env, lane=Lane.BULK, evidence=evidence)
             reply, why = await self._submit_once(
                 bulk, body, max(0.1, timeout - (time.monotonic() - start)))

@@ -62,7 +62,7 @@ from aiosmtpd.smtp import SMTP, _AuthMechAttr
 from ingress.core import log, metrics
 from ingress.core.addr import normalize_ip
 from ingress.core.metrics_labels import Outcome
-from ingress.core.wire import Lane
+from ingress.core.wire import Lane, WireEvidence
 from ingress.edge import proxy
 from ingress.edge.connect import IDENT, classify_and_admit, refuse_early_talker
 from ingress.edge.host import SessionHost
@@ -384,18 +384,18 @@ class IngressSMTP(CommandPhase):
                                        self.ctx.cfg.admission.stress_idle_timeout)
         super()._reset_timeout(duration)
 
-    def trace_evidence(self) -> dict[str, str]:
+    def trace_evidence(self) -> WireEvidence:
         """What the worker needs for the trace headers and the learned allow cache."""
         ev = self.evidence
-        out = {"reasons": ",".join(self.reasons), "cert": ev.cert.value}
-        if self.lane is Lane.FAST and self.identity:
-            out["identity"] = self.identity     # the fast broker's share key (DRR, shares)
-        if ev.learned_allow:      # the network was learned: the worker may unlearn it
-            out["learned"] = ev.learned_domain or "?"
-        if self.spf_header:
-            out.update(spf=ev.spf.value, spf_domain=ev.spf_domain or "",
-                       received_spf=self.spf_header)
-        return out
+        spf = bool(self.spf_header)
+        return WireEvidence(
+            reasons=self.reasons, cert=ev.cert.value,
+            # the fast broker's share key (DRR, shares)
+            identity=self.identity if self.lane is Lane.FAST else "",
+            # the network was learned: the worker may unlearn it
+            learned=(ev.learned_domain or "?") if ev.learned_allow else "",
+            spf=ev.spf if spf else None, spf_domain=(ev.spf_domain or "") if spf else "",
+            received_spf=self.spf_header)
 
     def close_if_idle(self, line: str) -> bool:
         """Used when draining: close a session between transactions, after `line` if any."""

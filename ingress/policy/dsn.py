@@ -8,11 +8,13 @@ Purpose
 API
     ReturnPath(spf, spf_domain, dkim_pass)  what the ingress proved about the message: the SPF
                                         result and the domain it was evaluated for (the
-                                        acceptor's, in the spool envelope's evidence "spf",
-                                        "spf_domain"), the canonical d= of every DKIM signature
-                                        that passed (the worker's, evidence "dkim_pass")
-    return_path(evidence) -> ReturnPath the spool envelope's evidence (a dict of str) read back;
-                                        bounded (at most DKIM_PASS_MAX domains), never raises
+                                        acceptor's, in the spool envelope's evidence .spf,
+                                        .spf_domain), the canonical d= of every DKIM signature
+                                        that passed (the worker's, evidence .dkim_pass)
+    return_path(evidence) -> ReturnPath the spool envelope's evidence (a WireEvidence, or the
+                                        spool file's undecoded object: decoded here by its one
+                                        codec, WireEvidence.from_wire); bounded (at most
+                                        DKIM_PASS_MAX domains), never raises
     authenticated_by(sender_domain, rp) -> str
                                         "operator" (the client was the operator's own: the
                                         allow list or a certificate, which vouch for what it
@@ -53,20 +55,20 @@ Rules and why
       (a thousand other domains cannot reset a victim's bucket): a newcomer is then refused
       (RATE_TABLE_FULL) until the oldest refills.
 
-Failure modes: none raised; malformed evidence reads as "nothing proven".
+Failure modes: none raised; malformed evidence (WireEvidence.from_wire raised WireError: a
+wrong type or an oversize value anywhere in it) reads as "nothing proven".
 Limits: the rate state is per relay process and in memory (a restart forgets it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 from ingress.core.addr import normalize_domain
 from ingress.core.headers import spf_identity
 from ingress.core.ratelimit import KeyedBuckets
-from ingress.core.wire import AuthResult
+from ingress.core.wire import AuthResult, WireError, WireEvidence
 from ingress.policy.identity import aligned, org_domain
 from ingress.policy.tiers import Tier, fast_tier
 
@@ -85,7 +87,6 @@ __all__ = [
 
 DSN_TRACKED = 4096          # destination domains whose DSN rate one relay tracks at once
 DKIM_PASS_MAX = 8           # passing d= domains read from one envelope (the worker checks 5)
-EVIDENCE_DKIM_PASS = "dkim_pass"    # the spool envelope's evidence key (workers.lane.pipeline)
 
 
 class Result(StrEnum):
@@ -121,25 +122,23 @@ class Decision:
 
 
 def return_path(evidence: object) -> ReturnPath:
-    """The spool envelope's evidence (ingress.core.wire.Envelope.evidence, read back from the
-    spool file) as a ReturnPath; anything malformed counts as not proven."""
-    if not isinstance(evidence, Mapping):
-        return ReturnPath()
-    spf = evidence.get("spf")
-    dom = evidence.get("spf_domain")
-    raw = evidence.get(EVIDENCE_DKIM_PASS)
+    """The spool envelope's evidence (ingress.core.wire.Envelope.evidence, or its undecoded
+    object read back from the spool file) as a ReturnPath; anything malformed: not proven."""
+    if not isinstance(evidence, WireEvidence):
+        try:
+            evidence = WireEvidence.from_wire(evidence)
+        except WireError:
+            return ReturnPath()
     passes: list[str] = []
-    if isinstance(raw, str):
-        for d in raw.split()[:DKIM_PASS_MAX]:
-            canon = normalize_domain(d)
-            if canon and canon not in passes:
-                passes.append(canon)
-    identity = evidence.get("identity")
-    return ReturnPath(spf=spf if isinstance(spf, str) else "",
-                      spf_domain=normalize_domain(dom) if isinstance(dom, str) else "",
+    for d in evidence.dkim_pass[:DKIM_PASS_MAX]:
+        canon = normalize_domain(d)
+        if canon and canon not in passes:
+            passes.append(canon)
+    identity = evidence.identity
+    return ReturnPath(spf=evidence.spf.value if evidence.spf else "",
+                      spf_domain=normalize_domain(evidence.spf_domain),
                       dkim_pass=tuple(passes),
-                      operator=isinstance(identity, str) and bool(identity)
-                      and fast_tier(identity) is Tier.OPERATOR)
+                      operator=bool(identity) and fast_tier(identity) is Tier.OPERATOR)
 
 
 def authenticated_by(sender_domain: str, rp: ReturnPath) -> str:

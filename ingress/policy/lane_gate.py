@@ -13,7 +13,7 @@ Purpose
       (admission.retry_share of the cap, the bulk lane only) first, and the lane's only when
       that is empty;
     * for the fast lane, trust tiers and fairness between identities (the envelope's
-      evidence["identity"], by its ingress.policy.identity.share_key, and its tier,
+      evidence.identity, by its ingress.policy.identity.share_key, and its tier,
       ingress.policy.tiers.fast_tier): the queue is an ingress.policy.fairqueue.TieredQueue, one
       deficit round robin queue (DRR_QUANTUM bytes) per tier served in strict priority, so the
       operator tier's work is dispatched before any lower tier's. The third-party and
@@ -166,9 +166,9 @@ class LaneLimits:
 class Request:
     """A submitted message: its body's size and the envelope facts the policy reads."""
     size: int
-    identity: str = ""        # evidence["identity"] (read in the fast lane only)
+    identity: str = ""        # evidence.identity (read in the fast lane only)
     peer_ip: str = ""         # the client's address (its site shares a tier's rate)
-    retry: bool = False       # evidence "retry" == "1": a retry of a deferred transaction
+    retry: bool = False       # evidence.retry: a retry of a deferred transaction
 
 
 class Check(StrEnum):

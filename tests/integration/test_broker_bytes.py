@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from ingress.core.wire import Envelope, Lane, decode_reply, new_qid, ready, submit
+from ingress.core.wire import Envelope, Lane, WireEvidence, decode_reply, new_qid, ready, submit
 from tests.kit.lanekit import broker_in, close_broker, dealer
 from workers.lane.broker import Broker
 
@@ -41,7 +41,7 @@ def frames(size: int) -> list[bytes]:
                    received_at=now, deadline=now + 30,
                    # each its own operator identity: what is bounded here is the lane's own
                    # queue_bytes, not a tier's or an identity's part of it (test_broker_identity)
-                   evidence={"identity": f"allow:192.0.2.{_SENT % 250}/32"})
+                   evidence=WireEvidence(identity=f"allow:192.0.2.{_SENT % 250}/32"))
     return submit(env, b"x" * size)
 
 

@@ -21,6 +21,7 @@ from ingress.core.wire import (
     Envelope,
     Kind,
     Lane,
+    WireEvidence,
     decode_reply,
     decode_status,
     kind_of,
@@ -82,7 +83,7 @@ def send(b: Broker, dealer: zmq.Socket, identity: str, subject: str,
     now = time.time()
     env = Envelope(qid=new_qid(now), lane=Lane.FAST, peer_ip=peer_ip, peer_port=1,
                    helo="h", mail_from=subject, rcpts=("c@example.test",), received_at=now,
-                   deadline=now + 30, evidence={"identity": identity})
+                   deadline=now + 30, evidence=WireEvidence(identity=identity))
     want = b.counters["submitted"] + 1
     dealer.send_multipart(submit(env, b"x" * 40000))   # DRR_QUANTUM (64 KiB): one a turn
     deadline = time.monotonic() + 5

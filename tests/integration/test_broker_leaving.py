@@ -59,7 +59,7 @@ def _submit(acceptor: Any) -> None:
     now = time.time()
     env = Envelope(qid=new_qid(now), lane=Lane.BULK, peer_ip="192.0.2.1", peer_port=1, helo="h",
                    mail_from="a@b.test", rcpts=("c@example.test",), received_at=now,
-                   deadline=now + 30, evidence={})
+                   deadline=now + 30)
     acceptor.send_multipart(submit(env, b"Subject: x\r\n\r\nbody\r\n"))
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from ingress.core.config import ClassifyConfig, Config
 from ingress.core.schema_evidence import DmarcConfig
-from ingress.core.wire import Envelope, Lane
+from ingress.core.wire import AuthResult, Envelope, Lane, WireEvidence
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, send_one, split_trace
 from workers.lane.pipeline import Pipeline
@@ -54,7 +54,7 @@ def message(author: str, subject: str = "s", key: bytes | None = None,
 
 def envelope(mail_from: str, spf: str = "", spf_domain: str = "") -> Envelope:
     now = time.time()
-    ev = {"spf": spf, "spf_domain": spf_domain} if spf else {}
+    ev = WireEvidence(spf=AuthResult(spf), spf_domain=spf_domain) if spf else WireEvidence()
     return Envelope(qid="Q1", lane=Lane.BULK, peer_ip="127.0.0.50", peer_port=1,
                     helo="spf.test", mail_from=mail_from, rcpts=("b@example.test",),
                     received_at=now, deadline=now + 30, evidence=ev)
@@ -103,17 +103,19 @@ def test_pipeline_reports_dmarc(dns: DNSServer, dkim_key: tuple[bytes, str], env
     ar = ar_of(p.trace)
     assert line in ar, ar
     assert ar.index(b"dkim=") < ar.index(b"dmarc="), ar          # after spf and dkim
-    assert p.evidence["dmarc"] == line.split(b"=")[1].split(b" ")[0].strip().decode()
-    assert p.evidence["dmarc_policy"] == policy
-    assert p.spool_envelope(env).evidence["dmarc"] == p.evidence["dmarc"]
+    assert p.dmarc is not None
+    assert str(p.dmarc.result) == line.split(b"=")[1].split(b" ")[0].strip().decode()
+    assert p.dmarc.applied == policy
+    stored = p.spool_envelope(env).evidence
+    assert (stored.dmarc, stored.dmarc_policy) == (str(p.dmarc.result), policy)
 
 
 def test_disabled_costs_nothing(dns: DNSServer) -> None:
     before = [q for q in dns.queries if q[0].startswith("_dmarc.")]
-    p = pipeline(dns, DmarcConfig(enabled=False)).process(
-        envelope("a@spf.test", "pass", "spf.test"), message("a@victim.test"), 5.0)
+    env = envelope("a@spf.test", "pass", "spf.test")
+    p = pipeline(dns, DmarcConfig(enabled=False)).process(env, message("a@victim.test"), 5.0)
     assert b"dmarc=" not in p.trace
-    assert "dmarc" not in p.evidence and p.dmarc is None
+    assert p.dmarc is None and p.spool_envelope(env).evidence.dmarc == ""
     assert [q for q in dns.queries if q[0].startswith("_dmarc.")] == before
 
 
@@ -132,7 +134,7 @@ def test_silent_policy_domain_costs_one_timeout_per_ttl(dns: DNSServer) -> None:
         t0 = time.monotonic()
         again = pipe.process(env, message(author), 5.0)
         assert time.monotonic() - t0 < 0.5
-        assert again.evidence["dmarc"] == "temperror", again.trace
+        assert again.dmarc is not None and again.dmarc.result == "temperror", again.trace
     assert len([q for q in dns.queries if "silent.test" in q[0]]) == asked
     assert len(pipe.dmarc.dead) == 1 if pipe.dmarc else False
 
@@ -202,5 +204,5 @@ def test_spooled_messages_carry_dmarc(tmp_path: Path, dns: DNSServer,
     for subject, (line, result, policy) in expected.items():
         ar, ev = spooled[subject]
         assert line in ar, (subject, ar)
-        assert (ev["dmarc"], ev["dmarc_policy"]) == (result, policy), (subject, ev)
+        assert (ev["dmarc"], ev.get("dmarc_policy", "")) == (result, policy), (subject, ev)
     assert b"spf=pass smtp.mailfrom=bounce.spf.test" in spooled["spf"][0]

@@ -22,7 +22,7 @@ import dkim
 import pytest
 
 from ingress.core.config import ClassifyConfig, Config
-from ingress.core.wire import Envelope, Lane
+from ingress.core.wire import AuthResult, Envelope, Lane, WireEvidence
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, eventually, send_one
 from workers.lane.pipeline import Pipeline
@@ -49,7 +49,8 @@ def envelope(domain: str) -> Envelope:
     now = time.time()
     return Envelope(qid="Q1", lane=Lane.BULK, peer_ip="127.0.0.50", peer_port=1, helo="h",
                     mail_from=f"a@{domain}", rcpts=("b@example.test",), received_at=now,
-                    deadline=now + 30, evidence={"spf": "pass", "spf_domain": domain})
+                    deadline=now + 30,
+                    evidence=WireEvidence(spf=AuthResult.PASS, spf_domain=domain))
 
 
 def pipeline(dns: DNSServer, **classify: object) -> Pipeline:
@@ -82,8 +83,8 @@ def test_idn_is_learned_under_its_a_label(dns: DNSServer, dkim_key: tuple[bytes,
     body = dkim.sign(msg, b"sel", a_label.encode(), dkim_key[0],
                      include_headers=[b"from", b"to", b"subject", b"message-id"]) + msg
     for spf_domain in (a_label, "b\u00fccher.test"):
-        env = dataclasses.replace(envelope(a_label), evidence={"spf": "pass",
-                                                               "spf_domain": spf_domain})
+        env = dataclasses.replace(envelope(a_label), evidence=WireEvidence(
+            spf=AuthResult.PASS, spf_domain=spf_domain))
         p = pipeline(dns, spf_promote="listed", spf_domains=("b\u00fccher.test",)).process(
             env, body, 5.0)
         assert [(r.domain, r.result, r.aligned) for r in p.dkim] == [(a_label, "pass", True)]
@@ -95,23 +96,23 @@ def test_pipeline_stores_dkim_passes_for_the_relay(dns: DNSServer,
     """The worker stores the d= of every passing signature with the envelope (evidence
     "dkim_pass", canonical), replacing whatever the envelope came with: the relay's DSN policy
     (ingress.policy.dsn) reads it from the spool file, never from a header (issue 19)."""
-    forged = dataclasses.replace(envelope("good.test"), evidence={
-        "spf": "pass", "spf_domain": "good.test", "dkim_pass": "victim.test"})
+    forged = dataclasses.replace(envelope("good.test"), evidence=WireEvidence(
+        spf=AuthResult.PASS, spf_domain="good.test", dkim_pass=("victim.test",)))
     p = pipeline(dns).process(forged, signed("good.test", dkim_key[0]), 5.0)
-    # (issue 18: the DMARC result and policy are stored beside it; good.test publishes none)
-    dmarc = {"dmarc": "none", "dmarc_policy": ""}
-    assert p.evidence == {"dkim_pass": "good.test", **dmarc}
+    assert p.dkim_pass == ("good.test",)
     stored = p.spool_envelope(forged)
-    assert stored.evidence == {"spf": "pass", "spf_domain": "good.test", "dkim_pass": "good.test",
-                               **dmarc}
-    assert forged.evidence["dkim_pass"] == "victim.test"          # not changed in place
+    # (issue 18: the DMARC result and policy are stored beside it; good.test publishes none)
+    assert stored.evidence == WireEvidence(spf=AuthResult.PASS, spf_domain="good.test",
+                                           dkim_pass=("good.test",), dmarc="none",
+                                           dmarc_policy="")
+    assert forged.evidence.dkim_pass == ("victim.test",)          # not changed in place
     tampered = signed("good.test", dkim_key[0]).replace(b"Hello.", b"Hullo.")
     p = pipeline(dns).process(forged, tampered, 5.0)
     assert [r.result for r in p.dkim] == ["fail"]
-    assert p.spool_envelope(forged).evidence["dkim_pass"] == ""
+    assert p.spool_envelope(forged).evidence.dkim_pass == ()
     unsigned_env = envelope("good.test")
     p = pipeline(dns).process(unsigned_env, b"From: a@good.test\r\n\r\nHi\r\n", 5.0)
-    assert p.spool_envelope(unsigned_env).evidence["dkim_pass"] == ""
+    assert p.spool_envelope(unsigned_env).evidence.dkim_pass == ()
 
 
 def test_listed_learns_only_listed_domains_live(tmp_path: Path,
@@ -199,7 +200,7 @@ def test_pipeline_unlearns_what_disowns_the_entry(dns: DNSServer, dkim_key: tupl
     now = time.time()
     env = Envelope(qid="Q1", lane=lane, peer_ip="127.0.0.50", peer_port=1, helo="h",
                    mail_from=f"a@{domain}", rcpts=("b@example.test",), received_at=now,
-                   deadline=now + 30, evidence=dict(env_evidence))
+                   deadline=now + 30, evidence=WireEvidence.from_wire(env_evidence))
     p = pipeline(dns, spf_promote="any", dkim_deadline=1.5).process(
         env, msg, 5.0)
     assert not p.learn
@@ -290,7 +291,7 @@ def test_learned_network_is_fast_only_for_its_domain_live(tmp_path: Path, live_d
                                               source=GOOD_IP, sender="c@good.test"))
             assert code == 250, text
             nxt = envelope_of(ing, "next")
-            assert nxt["lane"] == "fast" and nxt["evidence"]["reasons"] == "learned-allow", nxt
+            assert nxt["lane"] == "fast" and nxt["evidence"]["reasons"] == ["learned-allow"], nxt
             assert GOOD_IP in learned_entries(state)
             assert not ing.events("unlearned")
     finally:
@@ -320,7 +321,7 @@ def test_learned_network_that_sends_spf_fail_is_unlearned_live(
                                               source=GOOD_IP, sender="a@good.test"))
             assert code == 250, text
             after = envelope_of(ing, "after")
-            assert "learned-allow" not in after["evidence"]["reasons"], after
+            assert "learned-allow" not in ",".join(after["evidence"]["reasons"]), after
             assert after["evidence"].get("identity") == "org:good.test", after
     finally:
         shutil.rmtree(state, ignore_errors=True)
@@ -346,6 +347,6 @@ def test_one_domain_learns_at_most_its_quota_of_networks_live(
                                               signed_as("spammer.test", dkim_key[0], "old"),
                                               source=ips[0], sender="a@spammer.test"))
             assert code == 250, text
-            assert "learned-allow" not in envelope_of(ing, "old")["evidence"]["reasons"]
+            assert "learned-allow" not in ",".join(envelope_of(ing, "old")["evidence"]["reasons"])
     finally:
         shutil.rmtree(state, ignore_errors=True)

@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from ingress.core import config
-from ingress.core.wire import Envelope, Lane, decode_reply, new_qid, submit
+from ingress.core.wire import Envelope, Lane, WireEvidence, decode_reply, new_qid, submit
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, send_one, short_message, split_trace
 from tests.kit.session import HeldSession
@@ -222,7 +222,7 @@ def drain_domain_at_the_broker(ing: Ingress, identity: str, n: int) -> list[str]
             env = Envelope(qid=new_qid(now), lane=Lane.FAST, peer_ip="127.0.1.99",
                            peer_port=1, helo="other-edge.test", mail_from="x@spammer.test",
                            rcpts=("bob@example.test",), received_at=now, deadline=now + 30,
-                           evidence={"identity": identity})
+                           evidence=WireEvidence(identity=identity))
             sock.send_multipart(submit(env, plain("spammer.test", f"other-edge{i}")))
             assert sock.poll(10_000), "no reply from the fast broker"
             r = decode_reply(sock.recv_multipart())

@@ -23,7 +23,7 @@ import pytest
 
 from ingress.core.addr import normalize_domain
 from ingress.core.config import Config
-from ingress.core.wire import Envelope, Lane, new_qid
+from ingress.core.wire import Envelope, Lane, WireEvidence, new_qid
 from tests.kit.relaykit import make_cfg, parse_dsn, run_until
 from workers.relay import scheduler
 from workers.relay.clients import lmtp as lmtp_client
@@ -678,11 +678,11 @@ def test_corrupt_spool_and_state_files_are_settled(tmp_path: Path) -> None:
 
 # --- issue 19: who gets a DSN (ingress.policy.dsn), through the relay ----------------------------
 
-def spool_with_evidence(cfg: Config, sender: str, rcpt: str, evidence: dict[str, str]) -> str:
+def spool_with_evidence(cfg: Config, sender: str, rcpt: str, evidence: dict[str, object]) -> str:
     now = time.time()
     env = Envelope(qid=new_qid(now), lane=Lane.BULK, peer_ip="127.0.0.1", peer_port=1,
                    helo="c.test", mail_from=sender, rcpts=(rcpt,), received_at=now,
-                   deadline=now + 5, evidence=evidence)
+                   deadline=now + 5, evidence=WireEvidence.from_wire(evidence))
     (name,) = spool_mod.Spool(cfg.spool.path).write_batch([(env, b"", BODY)])
     assert isinstance(name, str)
     return name

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from ingress.core.wire import Envelope, Lane, new_qid
+from ingress.core.wire import Envelope, Lane, WireEvidence, new_qid
 from tests.kit.harness import (
     Ingress,
     make_body,
@@ -149,7 +149,7 @@ def spool_own_message(ing: Ingress, marker: str) -> None:
     env = Envelope(qid=new_qid(now), lane=Lane.BULK, peer_ip="127.0.0.1", peer_port=0,
                    helo="mx.test", mail_from="", rcpts=(f"{marker}@example.test",),
                    received_at=now, deadline=now, acceptor="relay",
-                   evidence={"dsn_for": "TEST"})
+                   evidence=WireEvidence(dsn_for="TEST"))
     body = (f"From: MAILER-DAEMON@mx.test\r\nSubject: {marker}\r\n\r\nown\r\n").encode()
     (res,) = spool_mod.Spool(ing.spool).write_batch([(env, b"", body)])
     assert isinstance(res, str), res

@@ -25,7 +25,7 @@ import pytest
 
 from ingress.core import metrics
 from ingress.core.config import Config
-from ingress.core.wire import Envelope, Lane, new_qid
+from ingress.core.wire import Envelope, Lane, WireEvidence, new_qid
 from tests.kit.relaykit import make_cfg, run_until, xtext_decode
 from workers.relay import forward
 from workers.spool import store as spool_mod
@@ -162,7 +162,7 @@ def spool(cfg: Config, msgs: list[Msg]) -> dict[str, str]:
                        helo=m.helo, mail_from="" if m.own else m.sender,
                        rcpts=(f"to-{m.sender}",), received_at=now, deadline=now,
                        acceptor=forward.OWN if m.own else "a0-1", proto=m.proto,
-                       evidence={"dsn_for": "X"} if m.own else {})
+                       evidence=WireEvidence(dsn_for="X" if m.own else ""))
         body = f"Subject: {m.sender}\r\n\r\nhi\r\n".encode()
         (name,) = spool_mod.Spool(cfg.spool.path).write_batch([(env, b"", body)])
         assert isinstance(name, str)

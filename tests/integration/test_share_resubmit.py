@@ -22,6 +22,7 @@ from ingress.core.wire import (
     Kind,
     Lane,
     NackReason,
+    WireEvidence,
     ack_detail,
     expect,
     kind_of,
@@ -79,7 +80,8 @@ async def scenario(cfg: config.Config) -> None:
         env = Envelope(qid=new_qid(now), lane=Lane.FAST, peer_ip="127.0.1.1", peer_port=1,
                        helo="h", mail_from="x@spammer.test", rcpts=("b@example.test",),
                        received_at=now, deadline=now + 5,
-                       evidence={"identity": "org:spammer.test", "reasons": "spf-pass:x"})
+                       evidence=WireEvidence(identity="org:spammer.test",
+                                             reasons=("spf-pass:x",)))
         reply, why = await lanes.submit(env, b"Subject: s\r\n\r\nx\r\n")
         assert reply is not None and reply.ok, why
         assert [e["lane"] for e in seen[Lane.FAST]] == ["fast"]
@@ -87,7 +89,8 @@ async def scenario(cfg: config.Config) -> None:
         bulk = seen[Lane.BULK][0]
         assert bulk["lane"] == "bulk" and bulk["qid"] == env.qid
         assert "identity" not in bulk["evidence"]
-        assert bulk["evidence"]["reasons"] == "spf-pass:x,over-share:org:spammer.test"
+        assert WireEvidence.from_wire(bulk["evidence"]) == WireEvidence(
+            reasons=("spf-pass:x", "over-share:org:spammer.test"))
     finally:
         for t in tasks:
             t.cancel()

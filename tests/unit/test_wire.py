@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from ingress.core import wire
-from ingress.core.wire import Envelope, Kind, Lane, NackReason, WireError
+from ingress.core.wire import AuthResult, Envelope, Kind, Lane, NackReason, WireError, WireEvidence
 
 ENV = Envelope(qid="0000000000100001000A", lane=Lane.FAST, peer_ip="192.0.2.1", peer_port=4242,
                helo="mail.example", mail_from="a@example.org", rcpts=("b@example.test",),
                received_at=1700000000.5, deadline=1700000020.5, acceptor="a0-1",
-               smtputf8=False, tls="TLSv1.3", evidence={"spf": "pass"})
+               smtputf8=False, tls="TLSv1.3", evidence=WireEvidence(spf=AuthResult.PASS))
 
 GOLDEN_ENVELOPE = (
     b'{"qid":"0000000000100001000A","lane":"fast","peer_ip":"192.0.2.1","peer_port":4242,'

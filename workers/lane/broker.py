@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 import zmq
 from cachetools import TTLCache
 
@@ -60,6 +59,7 @@ from ingress.core.wire import (
     WireError,
     disconnect,
     expect,
+    head,
     heartbeat,
     int_frame,
     kind_of,
@@ -212,13 +212,10 @@ class Broker:
             if kind is not Kind.SUBMIT:
                 raise WireError(f"acceptor sent {msg[1]!r}")
             env_raw, body = expect(msg, 2)
-            env = orjson.loads(env_raw)
-            qid, deadline = str(env["qid"]).encode(), float(env["deadline"])
-            ev = env.get("evidence")
-            ev = ev if isinstance(ev, dict) else {}
-            req = Request(len(body), str(ev.get("identity", "")), str(env.get("peer_ip", "")),
-                          ev.get("retry") == "1")
-        except (WireError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            h = head(env_raw)
+            qid, deadline = h.qid.encode(), h.deadline
+            req = Request(len(body), h.identity, h.peer_ip, h.retry)
+        except WireError as e:
             log.event("wire_error", "warning", lane=self.lane, side="front", error=str(e))
             return
         self.counters["submitted"] += 1

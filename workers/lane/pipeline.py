@@ -3,9 +3,10 @@ headers.
 
 API:
     Pipeline(cfg).process(env, body, budget_s) -> Processed(trace, body, dkim, learn,
-                                                            learn_domain, unlearn, evidence,
+                                                            learn_domain, unlearn, dkim_pass,
                                                             dmarc)
-    Processed.spool_envelope(env) -> Envelope   what the worker stores: env with `evidence`
+    Processed.spool_envelope(env) -> Envelope   what the worker stores: env with its evidence's
+                                                dkim_pass (and dmarc, dmarc_policy) set
 
 The trace prepended to the client's message, top first:
     Authentication-Results: <authserv-id> (lane=...); spf=...; dkim=...; dmarc=...  (RFC 8601)
@@ -40,20 +41,19 @@ learned allow cache, for `learn_domain` (the SPF domain, canonical: A-labels,
 ingress.core.addr.normalize_domain; the learned entry counts against its organisational domain's
 share of the fast lane). DKIM alignment compares canonical names through the Public Suffix List
 (workers.lane.dkim_check.aligned).
-`unlearn` (a reason, or "") when the client's network was learned (the envelope's evidence
-"learned", set by the acceptor) and this message disowns it (classify.should_unlearn): SPF
+`unlearn` (a reason, or "") when the client's network was learned (the envelope's
+evidence.learned, set by the acceptor) and this message disowns it (classify.should_unlearn): SPF
 fail or softfail, an aligned DKIM signature failing with none passing, or, for a message served
 fast on the entry (identity learned:<domain>), no aligned DKIM signature at all; never on
 temperror. The worker then tells every acceptor to forget the entry.
 
-`evidence` (stored with the envelope in the spool file, for the relay): "dkim_pass", the
-canonical d= (ingress.core.addr.normalize_domain) of every signature that passed, space
-separated ("" when none passed), so the relay can tell a sender whose return path is
-authenticated (ingress.policy.dsn: DKIM aligned with the MAIL FROM domain) without parsing
-a header of the message. It replaces any "dkim_pass" the envelope came with. Additive: an
-optional evidence key, so the spool format stays version 1 (a spool file without it: nothing
-was proven by DKIM). With DMARC on, also "dmarc" (its result) and "dmarc_policy" (the applied
-p or sp; "" without a policy).
+`dkim_pass` (stored in the spool file as the envelope's evidence.dkim_pass, for the relay): the
+canonical d= (ingress.core.addr.normalize_domain) of every signature that passed (() when none
+passed), so the relay can tell a sender whose return path is authenticated (ingress.policy.dsn:
+DKIM aligned with the MAIL FROM domain) without parsing a header of the message. It replaces
+any dkim_pass the envelope came with. Additive: an optional evidence field, so the spool format
+stays version 1 (a spool file without it: nothing was proven by DKIM). With DMARC on, also
+evidence.dmarc (its result) and evidence.dmarc_policy (the applied p or sp; "" without one).
 
 Anything the client chose (HELO name, addresses) is sanitised to printable ASCII without CR/LF
 before it goes into a header, so a client cannot inject header lines. Failure modes: DKIM
@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from ingress.core.addr import normalize_domain
 from ingress.core.config import Config
@@ -96,14 +96,15 @@ class Processed:
     learn: bool
     learn_domain: str = ""
     unlearn: str = ""        # why the client's learned network must be forgotten ("": keep)
-    evidence: dict[str, str] = field(default_factory=dict)   # added to the stored envelope
-    dmarc: DmarcVerdict | None = None                        # None: DMARC is off
+    dkim_pass: tuple[str, ...] = ()   # canonical d= of the passing signatures: to the spool
+    dmarc: DmarcVerdict | None = None   # None: DMARC is off
 
     def spool_envelope(self, env: Envelope) -> Envelope:
-        """The envelope to store: env with this message's evidence added."""
-        if not self.evidence:
-            return env
-        return replace(env, evidence={**env.evidence, **self.evidence})
+        """The envelope to store: env with this message's evidence (dkim_pass, dmarc) set."""
+        ev = replace(env.evidence, dkim_pass=self.dkim_pass)
+        if self.dmarc is not None:
+            ev = replace(ev, dmarc=str(self.dmarc.result), dmarc_policy=self.dmarc.applied)
+        return replace(env, evidence=ev)
 
 
 class Pipeline:
@@ -137,8 +138,8 @@ class Pipeline:
                 body, resolver=self.resolver, timeout=self.dns_timeout, deadline_s=deadline_s,
                 dead=self.dead, budget=budget)
             results = report.results
-        spf = ev.get("spf")
-        domain = normalize_domain(ev.get("spf_domain") or "")    # learned under its A-labels
+        spf = ev.spf
+        domain = normalize_domain(ev.spf_domain)    # learned under its A-labels
         # DMARC aligns the MAIL FROM identity only: for the null sender SPF checked the HELO
         # name, which DMARC never uses (RFC 7489 3.1.2).
         mailfrom = domain if spf_identity(env.mail_from, env.helo)[0] == "mailfrom" else ""
@@ -146,20 +147,17 @@ class Pipeline:
             body, spf=spf, spf_domain=mailfrom, dkim=[(r.domain, r.result) for r in results],
             budget=budget, deadline=deadline)
         ar = authentication_results(
-            self.authserv_id, spf=spf, spf_domain=ev.get("spf_domain") or None,
-            spf_helo=env.helo if spf and not ev.get("spf_domain") else None,
+            self.authserv_id, spf=spf, spf_domain=ev.spf_domain or None,
+            spf_helo=env.helo if spf and not ev.spf_domain else None,
             dkim_results=results, dmarc=verdict, comment=f"lane={env.lane.value}")
-        received_spf = ev.get("received_spf", "").encode("ascii", "replace")
+        received_spf = ev.received_spf.encode("ascii", "replace")
         trace = ar + received_spf + received_header(env, self.hostname)
         vouches = dkim_vouches(domain, (r.domain for r in results if r.aligned_pass))
         learn = should_learn(spf, vouches, domain, self.policy)
-        rode = env.lane is Lane.FAST and ev.get("identity", "").startswith("learned:")
+        rode = env.lane is Lane.FAST and ev.identity.startswith("learned:")
         unlearn = "" if learn else should_unlearn(
-            "learned" in ev, rode, spf, (r.result for r in results if r.aligned))
+            bool(ev.learned), rode, spf, (r.result for r in results if r.aligned))
         passed = dict.fromkeys(d for r in results if r.result is dkim_check.DkimResult.PASS
                                if (d := normalize_domain(r.domain)))
-        evidence = {"dkim_pass": " ".join(passed)}
-        if verdict is not None:
-            evidence |= {"dmarc": str(verdict.result), "dmarc_policy": verdict.applied}
         return Processed(trace, body, results, learn=learn, learn_domain=domain if learn else "",
-                         unlearn=unlearn, evidence=evidence, dmarc=verdict)
+                         unlearn=unlearn, dkim_pass=tuple(passed), dmarc=verdict)

@@ -371,11 +371,11 @@ class Worker:
             elif p.unlearn:
                 self._send(share(UNLEARN_TOPIC, env.peer_ip))
                 log.event("unlearn", qid=env.qid, peer=env.peer_ip, why=p.unlearn,
-                          learned=env.evidence.get("learned", ""))
+                          learned=env.evidence.learned)
             log.event("spooled", "debug", qid=env.qid, lane=env.lane.value, size=len(p.body),
                       rcpts=len(env.rcpts), batch=len(commit.jobs), write_ms=round(dt * 1000, 3),
                       dkim=",".join(f"{r.domain}:{r.result}" for r in p.dkim), learn=p.learn,
-                      dmarc=p.evidence.get("dmarc", ""))
+                      dmarc="" if p.dmarc is None else str(p.dmarc.result))
 
     def _send(self, frames: list[bytes]) -> None:
         assert self.sock is not None

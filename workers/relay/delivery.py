@@ -80,7 +80,7 @@ from typing import Any
 from ingress.core import log, metrics
 from ingress.core.config import Config
 from ingress.core.downstream import Target
-from ingress.core.wire import Envelope, Lane, new_qid
+from ingress.core.wire import Envelope, Lane, WireEvidence, new_qid
 from ingress.policy import dsn as dsn_policy
 from workers.relay import forward
 from workers.relay.breaker import Breaker
@@ -320,7 +320,7 @@ class Delivery:
         denv = Envelope(qid=dsn_qid, lane=lane, peer_ip="127.0.0.1", peer_port=0,
                         helo=self.hostname, mail_from="", rcpts=(sender,), received_at=now,
                         deadline=now, acceptor=forward.OWN, smtputf8=not sender.isascii(),
-                        evidence={"dsn_for": qid})
+                        evidence=WireEvidence(dsn_for=qid))
         (res,) = self.spool.write_batch([(denv, b"", body)])
         if isinstance(res, Exception):
             raise res                           # nothing recorded: the message is retried

@@ -19,11 +19,14 @@ A spool file is one RFC 5322 message whose first line carries the envelope:
     <the client's message bytes, exactly as received after dot-unstuffing>
 
 The envelope is ingress.core.wire.Envelope's dict plus "v" (SPOOL_FORMAT). Its "evidence"
-carries what the ingress proved, for the relay: "spf" and "spf_domain" (the acceptor's SPF
-verdict and the MAIL FROM domain it was for) and "dkim_pass" (the worker's: the d= of every
-DKIM signature that passed, workers.lane.pipeline); ingress.policy.dsn reads them to decide who may
-get a DSN. New evidence keys are additive (optional; a reader treats a missing key as nothing
-proven), so they do not change SPOOL_FORMAT; a change that an older relay would misread does.
+(ingress.core.wire.WireEvidence, read back with its one codec, WireEvidence.from_wire) carries
+what the ingress proved, for the relay: "spf" and "spf_domain" (the acceptor's SPF verdict and
+the MAIL FROM domain it was for) and "dkim_pass" (the worker's: the d= of every DKIM signature
+that passed, workers.lane.pipeline); ingress.policy.dsn reads them to decide who may get a DSN.
+New evidence fields are additive (optional; a reader treats a missing key as nothing proven),
+so they do not change SPOOL_FORMAT; a change that an older relay would misread does. Files
+written before the record was typed ("dkim_pass" a space-separated string, "reasons" a comma
+string, "retry" "1") still decode.
 
 API:
     Spool(root).write_batch([(envelope, trace, body), ...]) -> list[str | Exception]
