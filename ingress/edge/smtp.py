@@ -24,9 +24,9 @@ What this module adds to aiosmtpd:
   the greet pause and the early-talker test start after it; the fast port
   (listen.fast_port) serves fast-lane clients only;
 - on the plain listeners (not behind PROXY) a connection starts in the lobby (ingress.edge.lobby)
-  and the session is built on the client's first bytes: handed_off (set by the lobby) means
-  admitted, greet pause done and banner written already (aiosmtpd's banner push is skipped), and
-  the session deadline counts from connect;
+  and the session is built on the client's first bytes with the seat's Connection
+  (conn=; handed_off): admitted, greet pause done and banner written already (GREETED;
+  aiosmtpd's banner push is skipped), and the session deadline counts from connect;
 - on the mutual-TLS port a connection takes its slot before the TLS handshake
   (admit_before_handshake; ingress.edge.mtls: the handshake gate comes after it), and a verified
   certificate promotes it after;
@@ -35,7 +35,12 @@ What this module adds to aiosmtpd:
   builds itself (test_smtp_clone checks it; hence aiosmtpd <1.5 in pyproject); a per-instance
   command_size_limits (aiosmtpd's is a class attribute shared by all sessions and grows with
   every EHLO);
-- lane state on the protocol (STARTTLS builds a new Session); evict() when slots are full;
+- the connection's state and facts in one object, self.conn (ingress.edge.connection.Connection:
+  lane, evidence, identity, ticket, ...; not on aiosmtpd's Session, which STARTTLS rebuilds); its
+  state (ingress.policy.conn_state) moves ADMIT/REFUSE/PASS at connect, TALK before the banner,
+  GREET, SPEAK on the first bytes after it, DATA/ACK_WAIT/ACK_DONE/DATA_END (busy,
+  awaiting_ack derive from it), EVICT or CLOSE when the slot goes back; evict() when slots are
+  full;
 - an early-talker test for bulk clients (554, and a penalty shared by every acceptor);
 - a whole-session deadline on top of the idle timeout, and a 421 line before closing on either;
   the idle timer is re-armed by incoming bytes while DATA is being received; bulk sessions get

@@ -4,12 +4,17 @@ connection really has, the derived booleans, and the banner's wait (hold/ready).
 
 from __future__ import annotations
 
+import asyncio
+import types
 from typing import Any, cast
 
 import pytest
 
+from ingress.core import config
 from ingress.edge.connection import Connection
+from ingress.edge.handler import IngressHandler
 from ingress.edge.lobby import Lobby
+from ingress.edge.smtp import IngressSMTP
 from ingress.policy.conn_state import (
     ADMITTED,
     BUSY,
@@ -58,7 +63,7 @@ def test_legal_transition(state: ConnState, event: Event, after: ConnState) -> N
 
 
 def test_the_table_is_exactly_the_legal_list() -> None:
-    assert TRANSITIONS == {(s, e): a for s, e, a in LEGAL}
+    assert {(s, e): a for s, e, a in LEGAL} == TRANSITIONS
 
 
 ILLEGAL = [(s, e) for s in ConnState for e in Event if (s, e) not in TRANSITIONS]
@@ -158,3 +163,54 @@ def test_connection_and_seat_are_small() -> None:
     seat = Lobby(cast(Any, object()))
     assert not hasattr(seat, "__dict__")
     assert seat.conn.state is S.CONNECTED and seat.peer_ip == "" and not seat.admitted
+
+
+# --- no client input moves the state illegally -----------------------------------------------
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("state", [s for s in ConnState if s is not S.GREETED])
+def test_lobby_bytes_in_any_state(state: ConnState) -> None:
+    """Bytes at any moment of a seat's life (GREETED hands off: the integration tests) never
+    raise: before the banner they mark an early talker, otherwise they are ignored."""
+    seat = Lobby(cast(Any, object()))
+    seat.transport = cast(Any, FakeTransport())
+    seat.conn.state = state
+    for _ in range(3):
+        seat.data_received(b"EHLO x\r\n")
+    waiting = state in (S.WAITING, S.EARLY_TALK)
+    assert seat.conn.state is (S.EARLY_TALK if waiting else state)
+
+
+@pytest.mark.parametrize("state", list(ConnState))
+def test_session_bytes_in_any_state(state: ConnState) -> None:
+    """The same for an IngressSMTP (the PROXY and mutual-TLS listeners, and after a hand-off):
+    bytes before the banner mark an early talker, the first after it SPEAK, and none raises."""
+    loop = asyncio.new_event_loop()
+    try:
+        spoke: list[object] = []
+        ctx = types.SimpleNamespace(cfg=config.load(None), smtp_prototypes={}, tls_context=None,
+                                    loop=loop, table=types.SimpleNamespace(spoke=spoke.append),
+                                    lane_saturated=lambda lane: False)
+        ctx.handler = IngressHandler(ctx)  # type: ignore[arg-type]
+        session = IngressSMTP(cast(Any, ctx))
+        session.conn.state = state
+        for _ in range(3):
+            session.data_received(b"EHLO x\r\n")
+        after = {S.WAITING: S.EARLY_TALK, S.GREETED: S.SESSION}.get(state, state)
+        assert session.conn.state is after
+        assert spoke == ([session] if state is S.GREETED else [])
+    finally:
+        loop.close()

@@ -13,8 +13,8 @@ from ingress.core import config
 from ingress.core.wire import Lane
 from ingress.edge.connection import Connection
 from ingress.edge.sessions import SessionTable
-from ingress.policy.conn_state import Event
 from ingress.policy.classify import Decision
+from ingress.policy.conn_state import Event
 from tests.kit.harness import write_config
 
 
