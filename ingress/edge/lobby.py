@@ -12,7 +12,7 @@ aiosmtpd Session). The Connection holds the state (ingress.policy.conn_state: CO
 WAITING -> GREETED, or EARLY_TALK, REFUSED, PASSED, EVICTED, CLOSED) and the facts (peer,
 lane, evidence, identity, ticket). At connection_made it does what IngressSMTP does there
 (ingress.edge.connect.classify_and_admit: the same code), then the banner waits (WAITING) for
-what holds it (Connection.hold/ready: the greet pause today, one timer; the same _pause_over
+what holds it (Connection.hold/ready: the greet pause today, one timer; the same _wait_done
 path is what a connect-stage check calls when it is done) and the early-talker test
 (admission.greet_pause); then it writes the 220 banner (GREETED) and arms one idle timer
 (smtp.idle_timeout, also while the bulk lane is saturated: stress mode's short
@@ -87,9 +87,9 @@ class Lobby(ConnView, asyncio.Protocol):
         pause = self.ctx.cfg.admission.greet_pause
         conn.hold()                  # the banner waits for the greet pause (Connection.ready)
         if pause > 0 and conn.lane is Lane.BULK:
-            self.timer = self.ctx.loop.call_later(pause, self._pause_over)
+            self.timer = self.ctx.loop.call_later(pause, self._wait_done)
         else:
-            self._pause_over()
+            self._wait_done()
 
     def data_received(self, data: bytes) -> None:
         state = self.conn.state
@@ -150,7 +150,7 @@ class Lobby(ConnView, asyncio.Protocol):
         self.ctx.table.release(self)
         metrics.session_close(self.conn.lane)
 
-    def _pause_over(self) -> None:
+    def _wait_done(self) -> None:
         self.timer = None
         if self.conn.ready():        # the last thing the banner waited for
             self._greet()
