@@ -25,76 +25,85 @@ from ingress.core import log, metrics
 from ingress.core.metrics_labels import Outcome
 from ingress.core.wire import Lane
 from ingress.edge.host import SessionHost
+from ingress.edge.sessions import Seat
 from ingress.policy.classify import promote
+from ingress.policy.conn_state import Event
 from ingress.policy.identity import served_over_share
 from ingress.policy.replies import Refusal, text
 from ingress.policy.tiers import hands_off, tier_of
 
 
-def classify_and_admit(seat: Any, ctx: SessionHost, transport: asyncio.BaseTransport, *,
+def classify_and_admit(seat: Seat, ctx: SessionHost, transport: asyncio.BaseTransport, *,
                        implicit_tls: bool = False, fast_only: bool = False,
                        may_hand_off: bool = False, hand_back_to: Any = None) -> str | None:
     """Evidence at connect (allow lists, learned allow, client certificate) -> lane ->
-    admission, for an IngressSMTP or a lobby seat (ingress.edge.lobby.Lobby): sets seat.evidence,
-    .reasons, .lane, .identity, .admitted (and .ticket, .refused_why through ctx.admit).
+    admission, for an IngressSMTP or a lobby seat (ingress.edge.lobby.Lobby): sets its
+    Connection's (seat.conn) evidence, reasons, lane, identity (and ticket, refused_why through
+    ctx.admit) and moves its state: ADMIT, REFUSE or PASS (ingress.policy.conn_state).
     Returns the refusal line, "" when a fast acceptor took the connection (may_hand_off, and
     the operator or third-party tier: ingress.edge.handoff; close it without a word) or when this
     fast acceptor could not admit a connection handed to it and gave it back to the acceptor
     `hand_back_to` (the same), or None when admitted here."""
+    conn = seat.conn
     der = None
     if implicit_tls:
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
     # The TLS handshake of the mutual-TLS port succeeded, so a certificate is verified.
-    seat.evidence = ctx.connect_evidence(seat.peer_ip, der, verified=der is not None)
-    decision = ctx.decide(seat.evidence, peer=seat.peer_ip)
-    if seat.admitted:     # mutual-TLS port: the slot was taken before the handshake
-        seat.reasons = decision.reasons
-        if promote(seat.lane, decision) is not seat.lane:
-            seat.identity = decision.identity
+    conn.evidence = ctx.connect_evidence(conn.peer_ip, der, verified=der is not None)
+    decision = ctx.decide(conn.evidence, peer=conn.peer_ip)
+    if conn.admitted:     # mutual-TLS port: the slot was taken before the handshake
+        conn.reasons = decision.reasons
+        if promote(conn.lane, decision) is not conn.lane:
+            conn.identity = decision.identity
             ctx.table.promote(seat)
-        metrics.connection(seat.lane, Outcome.ADMITTED)
+        metrics.connection(conn.lane, Outcome.ADMITTED)
         return None
-    seat.lane, seat.reasons = decision.lane, decision.reasons
-    seat.identity = decision.identity
-    if seat.lane is Lane.FAST and may_hand_off and hands_off(tier_of(seat.identity)) \
+    conn.lane, conn.reasons = decision.lane, decision.reasons
+    conn.identity = decision.identity
+    if conn.lane is Lane.FAST and may_hand_off and hands_off(tier_of(conn.identity)) \
             and ctx.hand_off(transport):
-        metrics.connection(seat.lane, Outcome.HANDED_OFF)
+        conn.fire(Event.PASS)
+        metrics.connection(conn.lane, Outcome.HANDED_OFF)
         return ""                       # a fast acceptor serves it (ingress.edge.handoff)
     # listen.fast_port: a fast client over its identity's share is served as bulk there too
     # (never refused for it)
-    if fast_only and seat.lane is Lane.BULK and not served_over_share(decision.reasons):
-        metrics.connection(seat.lane, Outcome.NOT_FAST)
-        log.refused("connection_refused", seat.peer_ip, stage="connect", code=554,
-                    reason=Outcome.NOT_FAST.value, port=seat.peer_port, lane=seat.lane.value)
+    if fast_only and conn.lane is Lane.BULK and not served_over_share(decision.reasons):
+        conn.fire(Event.REFUSE)
+        metrics.connection(conn.lane, Outcome.NOT_FAST)
+        log.refused("connection_refused", conn.peer_ip, stage="connect", code=554,
+                    reason=Outcome.NOT_FAST.value, port=conn.peer_port, lane=conn.lane.value)
         return text(Refusal.FAST_PORT_ONLY, host=ctx.cfg.smtp.hostname)
     refusal = ctx.admit(seat)
     if refusal is not None and hand_back_to is not None and ctx.hand_back(transport,
                                                                           hand_back_to):
-        metrics.connection(seat.lane, Outcome.HANDED_BACK)
-        log.throttled("handed_back", seat.peer_ip, port=seat.peer_port, lane=seat.lane.value,
-                      why=seat.refused_why or "draining")
+        conn.fire(Event.PASS)
+        metrics.connection(conn.lane, Outcome.HANDED_BACK)
+        log.throttled("handed_back", conn.peer_ip, port=conn.peer_port, lane=conn.lane.value,
+                      why=conn.refused_why or "draining")
         return ""                       # served where it arrived (ingress.edge.handoff)
     if refusal is not None:
-        ctx.count("refused", seat.lane)
-        metrics.connection(seat.lane, Outcome(seat.refused_why or "draining"))
-        log.refused("connection_refused", seat.peer_ip, stage="connect", code=refusal[:3],
-                    reason=seat.refused_why or "draining", port=seat.peer_port,
-                    lane=seat.lane.value)
+        conn.fire(Event.REFUSE)
+        ctx.count("refused", conn.lane)
+        metrics.connection(conn.lane, Outcome(conn.refused_why or "draining"))
+        log.refused("connection_refused", conn.peer_ip, stage="connect", code=refusal[:3],
+                    reason=conn.refused_why or "draining", port=conn.peer_port,
+                    lane=conn.lane.value)
         return refusal
-    seat.admitted = True
-    metrics.connection(seat.lane, Outcome.ADMITTED)
-    metrics.session_open(seat.lane)
+    conn.fire(Event.ADMIT)
+    metrics.connection(conn.lane, Outcome.ADMITTED)
+    metrics.session_open(conn.lane)
     return None
 
 
-def refuse_early_talker(seat: Any, ctx: SessionHost) -> None:
+def refuse_early_talker(seat: Seat, ctx: SessionHost) -> None:
     """A bulk client spoke before our banner (the greet pause): 554, and the penalty shared by
     every acceptor. For an IngressSMTP or a lobby seat (ingress.edge.lobby.Lobby)."""
-    ctx.penalise(seat.peer_ip)
-    ctx.count("early_talker", seat.lane)
-    metrics.connection(seat.lane, Outcome.EARLY_TALKER)
-    log.refused("early_talker", seat.peer_ip, stage="greet", code=554, port=seat.peer_port,
+    conn = seat.conn
+    ctx.penalise(conn.peer_ip)
+    ctx.count("early_talker", conn.lane)
+    metrics.connection(conn.lane, Outcome.EARLY_TALKER)
+    log.refused("early_talker", conn.peer_ip, stage="greet", code=554, port=conn.peer_port,
                 penalty_s=ctx.cfg.admission.penalty)
     seat.close_with(text(Refusal.EARLY_TALKER))
 

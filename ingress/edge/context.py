@@ -273,8 +273,8 @@ class AcceptorContext:
 
     def admit(self, proto: Seat) -> str | None:
         now = time.monotonic()
-        over = self.cluster is not None and proto.lane is Lane.BULK and self.cluster.conn_over(
-            ip_key(proto.peer_ip, self.table.admission.limits.ipv6_prefix), now)
+        over = self.cluster is not None and proto.conn.lane is Lane.BULK and self.cluster.conn_over(
+            ip_key(proto.conn.peer_ip, self.table.admission.limits.ipv6_prefix), now)
         return self.table.admit(proto, self.draining, now, shared_rate_over=over)
 
     def penalise(self, ip: str) -> None:

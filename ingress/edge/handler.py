@@ -3,6 +3,8 @@
 API:
     IngressHandler(host)    one per acceptor process (host: ingress.edge.host.SessionHost); the
                             per-session state is on the protocol (ingress.edge.smtp.IngressSMTP)
+                            and its Connection (server.conn: the evidence, reasons and identity
+                            the hooks move; ingress.edge.connection)
 
 What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; this is glue):
 - EHLO: PIPELINING advertised, AUTH and HELP never, ENHANCEDSTATUSCODES;
@@ -98,8 +100,8 @@ class IngressHandler:
         # name for the null sender): a learned entry vouches only for the domain it was
         # learned for (classify.learned_vouches).
         _, mail_domain = spf_identity(address, session.host_name or "")
-        server.evidence = replace(server.evidence, spf=AuthResult.NONE, spf_domain=None,
-                                  mail_domain=mail_domain)
+        server.conn.evidence = replace(server.evidence, spf=AuthResult.NONE, spf_domain=None,
+                                       mail_domain=mail_domain)
         server.spf_header = ""
         afresh = server.lane is Lane.FAST and self.demote_for(server, mail_domain)
         # SPF can only promote, so a session already in the fast lane never waits for DNS.
@@ -112,21 +114,21 @@ class IngressHandler:
             else:
                 domain, sender, helo = request
                 result, why = await ctx.spf_service.check(server.peer_ip, server.lane, sender, helo)
-            server.evidence = server.evidence.with_spf(result, domain or None)
+            server.conn.evidence = server.evidence.with_spf(result, domain or None)
             server.spf_header = received_spf_header(
                 result, client_ip=server.peer_ip, mail_from=address,
                 helo=session.host_name or "", receiver=server.hostname,
                 explanation=why).decode("ascii", "replace")
             decision = ctx.decide(server.evidence, transaction=True, peer=server.peer_ip)
             if promote(server.lane, decision) is not server.lane:
-                server.identity = decision.identity
+                server.conn.identity = decision.identity
                 ctx.table.promote(server)
-                server.reasons = decision.reasons
+                server.conn.reasons = decision.reasons
                 ctx.count("promoted", Lane.FAST)
                 log.event("promoted", peer=server.peer_ip, reasons=",".join(decision.reasons),
                           identity=decision.identity)
             elif afresh or served_over_share(decision.reasons):
-                server.reasons = decision.reasons    # served as bulk: say why in the trace
+                server.conn.reasons = decision.reasons    # served as bulk: say why in the trace
         # A bulk transaction is admitted (the bulk cap, or a retry claim) at its first RCPT,
         # when a recipient is known: see admit().
         server.retry_claim = None
@@ -146,7 +148,7 @@ class IngressHandler:
         ctx = self.ctx
         fresh = decide(server.evidence, ctx.policy) if server.evidence.learned_allow else None
         if fresh is not None and fresh.lane is Lane.BULK:
-            server.reasons = fresh.reasons
+            server.conn.reasons = fresh.reasons
             why = "learned-mismatch"
         elif ctx.over_rate_why(server.identity, transaction=True, peer=server.peer_ip):
             # Its domain is over classify.domain_rate, or its trust tier over its total rate

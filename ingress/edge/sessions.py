@@ -1,14 +1,16 @@
 """The acceptor's session table: admission, the live sessions, and eviction of silent ones.
 
 API:
-    Seat                      Protocol: what the table needs of a session (IngressSMTP is one)
+    Seat                      Protocol: what the table needs of a session or a lobby seat
+                              (IngressSMTP, Lobby): its Connection (ingress.edge.connection:
+                              the state and facts the table reads and moves) and evict/close
     (derived.configured_limit: the slots the config, the fd limit and the memory budget
                               allow (pure; below); SessionTable.limit is what it gave)
     SessionTable(cfg, counters, now, nofile=0)
         admit(seat, draining, now, shared_rate_over=False) -> str | None
-                                   None: admitted (seat.ticket set, the seat
+                                   None: admitted (seat.conn.ticket set, the seat
                                    is live, and silent if bulk); else the refusal line
-                                   (seat.refused_why names the reason); shared_rate_over:
+                                   (seat.conn.refused_why: the reason); shared_rate_over:
                                    [cluster] redis counts this IP over the cluster's rate.
                                    A fast seat is admitted by its trust tier
                                    (ingress.policy.tiers); an operator-tier seat that finds
@@ -72,7 +74,8 @@ from ingress.core.derived import FD_SPARE, configured_limit
 from ingress.core.metrics_labels import Outcome
 from ingress.core.ratelimit import TokenBucket
 from ingress.core.wire import Lane
-from ingress.policy.admission import Admission, AdmissionLimits, Ticket
+from ingress.edge.connection import Connection
+from ingress.policy.admission import Admission, AdmissionLimits
 from ingress.policy.admission import Refusal as Reason
 from ingress.policy.classify import Decision
 from ingress.policy.identity import fast_slots, over_share, over_share_reason, share_key
@@ -90,14 +93,10 @@ from ingress.policy.tiers import (
 
 
 class Seat(Protocol):
-    peer_ip: str
-    lane: Lane
-    ticket: Ticket | None
-    refused_why: str
-    admitted: bool
-    identity: str      # who vouched for a fast session (ingress.policy.identity); "" for bulk
-    busy: bool         # inside DATA or waiting for its ack: never evicted for another
-    started: float     # when it connected (monotonic)
+    conn: Connection   # its state and facts (ingress.edge.connection): peer_ip, lane, ticket,
+                       # refused_why, identity (who vouched for a fast session; "" for bulk),
+                       # admitted, busy (inside DATA or its ack: never evicted for another),
+                       # started (monotonic)
 
     def evict(self, line: str, reason: str) -> None: ...  # reason: the log line's token
 
@@ -158,15 +157,15 @@ class SessionTable:
 
     @staticmethod
     def tier(seat: Seat) -> Tier:
-        return session_tier(seat.lane, seat.identity)
+        return session_tier(seat.conn.lane, seat.conn.identity)
 
     def _hold(self, seat: Seat) -> None:
-        if seat.identity:
-            self.by_identity[share_key(seat.identity)] += 1
+        if seat.conn.identity:
+            self.by_identity[share_key(seat.conn.identity)] += 1
 
     def _unhold(self, seat: Seat) -> None:
-        if seat.lane is Lane.FAST and seat.identity:
-            key = share_key(seat.identity)
+        if seat.conn.lane is Lane.FAST and seat.conn.identity:
+            key = share_key(seat.conn.identity)
             self.by_identity[key] -= 1
             if self.by_identity[key] <= 0:
                 del self.by_identity[key]
@@ -179,27 +178,27 @@ class SessionTable:
         session is refused as over the rate (a penalty still takes precedence)."""
         if draining:
             return text(Refusal.SHUTTING_DOWN, host=self.cfg.smtp.hostname)
-        if shared_rate_over and seat.lane is Lane.BULK \
-                and not self.admission.is_penalised(seat.peer_ip, now):
+        if shared_rate_over and seat.conn.lane is Lane.BULK \
+                and not self.admission.is_penalised(seat.conn.peer_ip, now):
             self.counters[f"refused_{Reason.RATE.value}"] += 1
-            seat.refused_why = Reason.RATE.value
+            seat.conn.refused_why = Reason.RATE.value
             return text(Refusal.RATE)
         tier = self.tier(seat)
-        verdict = self.admission.try_admit(seat.peer_ip, seat.lane, now, tier)
+        verdict = self.admission.try_admit(seat.conn.peer_ip, seat.conn.lane, now, tier)
         if not verdict.admitted and verdict.reason is Reason.SLOTS and self.evict_silent(now):
-            verdict = self.admission.try_admit(seat.peer_ip, seat.lane, now, tier)
+            verdict = self.admission.try_admit(seat.conn.peer_ip, seat.conn.lane, now, tier)
         if not verdict.admitted and verdict.reason is Reason.SLOTS \
-                and seat.lane is Lane.FAST and self.evict_for(tier, seat):
-            verdict = self.admission.try_admit(seat.peer_ip, seat.lane, now, tier)
+                and seat.conn.lane is Lane.FAST and self.evict_for(tier, seat):
+            verdict = self.admission.try_admit(seat.conn.peer_ip, seat.conn.lane, now, tier)
         if not verdict.admitted:
             if verdict.reason is Reason.SLOTS and self.fd_capped:
                 self._log_fd_cap(now)
             self.counters[f"refused_{verdict.reason.value}"] += 1
-            seat.refused_why = verdict.reason.value
+            seat.conn.refused_why = verdict.reason.value
             return verdict.reply
-        seat.ticket = verdict.ticket
+        seat.conn.ticket = verdict.ticket
         self.sessions.add(seat)
-        if seat.lane is Lane.BULK:
+        if seat.conn.lane is Lane.BULK:
             self.silent[seat] = now
         else:
             self._hold(seat)
@@ -222,7 +221,7 @@ class SessionTable:
         if victim is None:
             return False
         self.counters["evicted_silent"] += 1
-        metrics.connection(victim.lane, Outcome.EVICTED_SILENT)
+        metrics.connection(victim.conn.lane, Outcome.EVICTED_SILENT)
         victim.evict(text(Refusal.EVICTED_SILENT, host=self.cfg.smtp.hostname), "silent")
         return True
 
@@ -230,14 +229,14 @@ class SessionTable:
         """No slot for a newcomer of `tier`: close an idle session of a lower tier
         (tiers.pick_victim; only the operator and third-party tiers may take one's room).
         Scans the sessions: this runs only when the slots are full for such a client."""
-        victim = pick_victim(tier, ((seat, self.tier(seat), seat.busy, seat.started)
-                                    for seat in self.sessions if seat.admitted))
+        victim = pick_victim(tier, ((seat, self.tier(seat), seat.conn.busy, seat.conn.started)
+                                    for seat in self.sessions if seat.conn.admitted))
         if victim is None:
             return False
         self.counters["evicted_for_tier"] += 1
-        metrics.connection(victim.lane, Outcome.EVICTED)
-        log.event("made_room", peer=newcomer.peer_ip, tier=tier.label, victim=victim.peer_ip,
-                  victim_tier=self.tier(victim).label)
+        metrics.connection(victim.conn.lane, Outcome.EVICTED)
+        log.event("made_room", peer=newcomer.conn.peer_ip, tier=tier.label,
+                  victim=victim.conn.peer_ip, victim_tier=self.tier(victim).label)
         victim.evict(text(Refusal.EVICTED, host=self.cfg.smtp.hostname), "made_room")
         return True
 
@@ -257,33 +256,33 @@ class SessionTable:
             self._unhold(seat)
         self.sessions.discard(seat)
         self.silent.pop(seat, None)
-        if seat.ticket is not None:
-            self.admission.release(seat.ticket)
+        if seat.conn.ticket is not None:
+            self.admission.release(seat.conn.ticket)
 
     def promote(self, seat: Seat) -> None:
-        """Bulk -> fast, in the tier of seat.identity (set by the caller before)."""
-        if seat.ticket is not None:
-            self.admission.promote(seat.ticket, fast_tier(seat.identity))
+        """Bulk -> fast, in the tier of seat.conn.identity (set by the caller before)."""
+        if seat.conn.ticket is not None:
+            self.admission.promote(seat.conn.ticket, fast_tier(seat.conn.identity))
         self.silent.pop(seat, None)      # a fast session is never evicted for being silent
-        if seat.admitted and seat.lane is not Lane.FAST:
-            metrics.session_close(seat.lane)
+        if seat.conn.admitted and seat.conn.lane is not Lane.FAST:
+            metrics.session_close(seat.conn.lane)
             metrics.session_open(Lane.FAST)
-        if seat.lane is not Lane.FAST and seat in self.sessions:
+        if seat.conn.lane is not Lane.FAST and seat in self.sessions:
             self._hold(seat)
-        seat.lane = Lane.FAST
+        seat.conn.lane = Lane.FAST
 
     def demote(self, seat: Seat) -> None:
-        if seat.lane is not Lane.FAST:
+        if seat.conn.lane is not Lane.FAST:
             return
-        if seat.ticket is not None:
-            self.admission.demote(seat.ticket)
+        if seat.conn.ticket is not None:
+            self.admission.demote(seat.conn.ticket)
         if seat in self.sessions:
             self._unhold(seat)
-        if seat.admitted:
+        if seat.conn.admitted:
             metrics.session_close(Lane.FAST)
             metrics.session_open(Lane.BULK)
-        seat.lane = Lane.BULK
-        seat.identity = ""
+        seat.conn.lane = Lane.BULK
+        seat.conn.identity = ""
 
     def penalise(self, ip: str, now: float) -> None:
         self.admission.penalise(ip, now)

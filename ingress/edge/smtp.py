@@ -24,9 +24,9 @@ What this module adds to aiosmtpd:
   the greet pause and the early-talker test start after it; the fast port
   (listen.fast_port) serves fast-lane clients only;
 - on the plain listeners (not behind PROXY) a connection starts in the lobby (ingress.edge.lobby)
-  and the session is built on the client's first bytes: handed_off (set by the lobby) means
-  admitted, greet pause done and banner written already (aiosmtpd's banner push is skipped), and
-  the session deadline counts from connect;
+  and the session is built on the client's first bytes with the seat's Connection
+  (conn=; handed_off): admitted, greet pause done and banner written already (GREETED;
+  aiosmtpd's banner push is skipped), and the session deadline counts from connect;
 - on the mutual-TLS port a connection takes its slot before the TLS handshake
   (admit_before_handshake; ingress.edge.mtls: the handshake gate comes after it), and a verified
   certificate promotes it after;
@@ -35,7 +35,12 @@ What this module adds to aiosmtpd:
   builds itself (test_smtp_clone checks it; hence aiosmtpd <1.5 in pyproject); a per-instance
   command_size_limits (aiosmtpd's is a class attribute shared by all sessions and grows with
   every EHLO);
-- lane state on the protocol (STARTTLS builds a new Session); evict() when slots are full;
+- the connection's state and facts in one object, self.conn (ingress.edge.connection.Connection:
+  lane, evidence, identity, ticket, ...; not on aiosmtpd's Session, which STARTTLS rebuilds); its
+  state (ingress.policy.conn_state) moves ADMIT/REFUSE/PASS at connect, TALK before the banner,
+  GREET, SPEAK on the first bytes after it, DATA/ACK_WAIT/ACK_DONE/DATA_END (busy,
+  awaiting_ack derive from it), EVICT or CLOSE when the slot goes back; evict() when slots are
+  full;
 - an early-talker test for bulk clients (554, and a penalty shared by every acceptor);
 - a whole-session deadline on top of the idle timeout, and a 421 line before closing on either;
   the idle timer is re-armed by incoming bytes while DATA is being received; bulk sessions get
@@ -65,10 +70,11 @@ from ingress.core.metrics_labels import Outcome
 from ingress.core.wire import Lane, WireEvidence
 from ingress.edge import proxy
 from ingress.edge.connect import IDENT, classify_and_admit, refuse_early_talker
+from ingress.edge.connection import Connection
 from ingress.edge.host import SessionHost
 from ingress.edge.smtp_commands import CommandPhase
-from ingress.policy.admission import Ticket, stress_timeouts
-from ingress.policy.classify import Evidence
+from ingress.policy.admission import stress_timeouts
+from ingress.policy.conn_state import ConnState, Event
 from ingress.policy.deferrals import Claim
 from ingress.policy.replies import Refusal, text
 from ingress.policy.session_rules import Counters
@@ -87,9 +93,11 @@ def _write_line(transport: asyncio.BaseTransport, line: str) -> None:
 
 
 class IngressSMTP(CommandPhase):
+    conn: Connection
     def __init__(self, ctx: SessionHost, implicit_tls: bool = False,
                  fast_only: bool = False, proxy_protocol: bool = False,
-                 returned: bool = False, hand_back_to: Any = None) -> None:
+                 returned: bool = False, hand_back_to: Any = None,
+                 conn: Connection | None = None) -> None:
         # aiosmtpd's SMTP.__init__ introspects the handler and the class on every connection
         # (inspect.getmembers, dir(), inspect.signature): ~0.5 ms, more than the rest of a
         # one-message session costs here. It is run once per (acceptor, listener kind); every
@@ -137,24 +145,15 @@ class IngressSMTP(CommandPhase):
         self.proxy_protocol = proxy_protocol   # this listener is behind a PROXY balancer
         self.returned = returned           # handed back by a fast acceptor: never offered again
         self.hand_back_to = hand_back_to   # a fast acceptor: the acceptor that handed it over
-        self.awaiting_proxy = proxy_protocol   # the PROXY header has not been read yet
-        self.lane = Lane.BULK
-        self.evidence = Evidence()
-        self.reasons: tuple[str, ...] = ()
-        self.identity = ""          # who vouched for the fast lane (Decision.identity)
-        self.ticket: Ticket | None = None
-        self.peer_ip = ""
-        self.peer_port = 0
-        self.admitted = False
-        self.greeted = False
-        self.early_talker = False
-        self.busy = False              # inside DATA or waiting for the ack
-        self.awaiting_ack = False      # the message is with the lane: no idle timer now
+        # The state and facts of the connection (ingress.edge.connection): a lobby seat's
+        # (ingress.edge.lobby), handed over on the client's first bytes (admitted, greet pause
+        # done, banner written: GREETED), or a new one.
+        self.handed_off = conn is not None
+        self.conn = conn if conn is not None else Connection()
+        self.banner_due = True         # the next push is aiosmtpd's banner (skipped if handed_off)
         self.messages = 0
-        self.started = 0.0
         self.last_reply = ""
         self.spf_header = ""
-        self.refused_why = ""
         self._continuation: list[bytes] = []
         self.close_after_reply = False
         self.sheds = 0
@@ -165,9 +164,6 @@ class IngressSMTP(CommandPhase):
         self.txn_admitted = False
         self.txn_deferred = False
         self.deferred_rcpts = 0
-        self.spoken = False
-        self.refused = False
-        self.banner_sent = False
         self._deadline: asyncio.TimerHandle | None = None
         self.counters = Counters()     # errors, junk commands, MAILs (session_rules)
         self._counted_messages = 0     # self.messages when the counters last started afresh
@@ -176,10 +172,6 @@ class IngressSMTP(CommandPhase):
         self.callouts = 0              # recipient verification callouts this session caused
         self._logged = False           # the next final reply's refusal is logged already
         self.abort_handshake: Callable[[], Any] | None = None   # mTLS port, during the handshake
-        # Built by a lobby seat (ingress.edge.lobby) on the client's first bytes: admitted, greet
-        # pause done and banner written already; aiosmtpd's own banner push is skipped.
-        self.handed_off = False
-        self.skip_banner = False
 
     # --- connection life cycle ----------------------------------------------------------------
 
@@ -189,15 +181,15 @@ class IngressSMTP(CommandPhase):
         # (Behind a PROXY-protocol balancer the client is known only after the header, so
         # admission waits for it in _handle_client.)
         self.abort_handshake = None
+        conn = self.conn
         if self.transport is None and not self.proxy_protocol and not self.handed_off:
-            self.started = time.monotonic()
+            conn.started = time.monotonic()
             peer = transport.get_extra_info("peername")
             if peer:
-                self.peer_ip = normalize_ip(peer[0])
-                self.peer_port = int(peer[1])
+                conn.peer_ip = normalize_ip(peer[0])
+                conn.peer_port = int(peer[1])
             refusal = self._classify_and_admit(transport)
             if refusal is not None:
-                self.refused = True
                 if refusal:                 # "": handed to a fast acceptor, which answers
                     _write_line(transport, refusal)
                 transport.close()
@@ -219,22 +211,23 @@ class IngressSMTP(CommandPhase):
         closes; no SMTP reply is possible before TLS). The ClientHello, the handshake gate and
         the handshake then have tls.handshake_timeout; a stalled connection is silent and can
         be evicted like any silent bulk session (abort_handshake)."""
-        ctx = self.ctx
-        self.started = time.monotonic()
+        ctx, conn = self.ctx, self.conn
+        conn.started = time.monotonic()
         if peer:
-            self.peer_ip = normalize_ip(peer[0])
-            self.peer_port = int(peer[1])
-        self.evidence = ctx.connect_evidence(self.peer_ip, None, verified=False)
-        self.lane = ctx.decide(self.evidence).lane
+            conn.peer_ip = normalize_ip(peer[0])
+            conn.peer_port = int(peer[1])
+        conn.evidence = ctx.connect_evidence(conn.peer_ip, None, verified=False)
+        conn.lane = ctx.decide(conn.evidence).lane
         refusal = ctx.admit(self)
         if refusal is not None:
+            conn.fire(Event.REFUSE)
             ctx.count("refused", self.lane)
-            metrics.connection(self.lane, Outcome(self.refused_why or "draining"))
+            metrics.connection(self.lane, Outcome(conn.refused_why or "draining"))
             log.refused("connection_refused", self.peer_ip, stage="connect", code="close",
-                        reason=self.refused_why or "draining", port=self.peer_port,
+                        reason=conn.refused_why or "draining", port=self.peer_port,
                         lane=self.lane.value, listener="mtls")
             return False
-        self.admitted = True
+        conn.fire(Event.ADMIT)
         metrics.session_open(self.lane)
         return True
 
@@ -244,10 +237,8 @@ class IngressSMTP(CommandPhase):
         refused it (Outcome.TLS_BUSY, `quiet`: the gate logs those, rate-limited): give the
         slot back."""
         self.abort_handshake = None
-        if self.admitted:
-            self.admitted = False
-            self.ctx.table.release(self)
-            metrics.session_close(self.lane)
+        if self.conn.admitted:
+            self._release(Event.CLOSE)
             metrics.connection(self.lane, outcome)
             if not quiet:
                 log.throttled("mtls_handshake_failed", self.peer_ip, port=self.peer_port,
@@ -257,17 +248,21 @@ class IngressSMTP(CommandPhase):
         ctx = self.ctx
         if self.proxy_protocol and not await self._proxy_header():
             return
+        conn = self.conn
         deadline = ctx.cfg.smtp.session_deadline
         if self.handed_off:       # the lobby's time counts
-            deadline = max(0.0, deadline - (time.monotonic() - self.started))
+            deadline = max(0.0, deadline - (time.monotonic() - conn.started))
         self._deadline = self.loop.call_later(deadline, self._deadline_cb)
-        pause = ctx.cfg.admission.greet_pause
-        if pause > 0 and self.lane is Lane.BULK and not self.handed_off:
-            await asyncio.sleep(pause)
-            if self.early_talker:     # spoke before our banner: a bot that does not listen
-                refuse_early_talker(self, ctx)
+        if not self.handed_off:
+            pause = ctx.cfg.admission.greet_pause
+            if pause > 0 and conn.lane is Lane.BULK:
+                await asyncio.sleep(pause)
+            if conn.state is ConnState.EARLY_TALK:  # spoke before our banner: a bot that
+                refuse_early_talker(self, ctx)      # does not listen
                 return
-        self.greeted = True
+            if conn.state is not ConnState.WAITING:  # evicted, or gone, meanwhile
+                return
+            conn.fire(Event.GREET)
         await super()._handle_client()
 
     async def _proxy_header(self) -> bool:
@@ -275,11 +270,13 @@ class IngressSMTP(CommandPhase):
         trusted proxy; then classification and admission. False: the connection is closed."""
         ctx, transport = self.ctx, self.transport
         assert transport is not None
+        conn = self.conn
         peer = transport.get_extra_info("peername")
-        self.started = time.monotonic()
-        self.peer_ip = normalize_ip(peer[0]) if peer else ""
-        self.peer_port = int(peer[1]) if peer else 0
+        conn.started = time.monotonic()
+        conn.peer_ip = normalize_ip(peer[0]) if peer else ""
+        conn.peer_port = int(peer[1]) if peer else 0
         if not proxy.peer_trusted(self.peer_ip, ctx.trusted_proxies):
+            conn.fire(Event.REFUSE)
             metrics.connection(self.lane, Outcome.PROXY_REJECTED)
             log.refused("proxy_rejected", self.peer_ip, stage="proxy", code="close",
                         reason="untrusted_peer", port=self.peer_port, why="untrusted peer")
@@ -287,20 +284,19 @@ class IngressSMTP(CommandPhase):
             return False
         self._reset_timeout(proxy.PROXY_TIMEOUT)
         data = await get_proxy(self._reader)
-        self.awaiting_proxy = False
         # The greet pause starts now: bytes the client sent after the balancer's header and
         # before our banner (already in the buffer) are early talk; the header itself is not.
-        if self._reader._buffer:       # type: ignore[attr-defined]
-            self.early_talker = True
+        early = bool(self._reader._buffer)      # type: ignore[attr-defined]
         client = proxy.proxy_peer(peer, data, ctx.trusted_proxies)
         if client is None:
+            conn.fire(Event.REFUSE)
             metrics.connection(self.lane, Outcome.PROXY_REJECTED)
             log.refused("proxy_rejected", self.peer_ip, stage="proxy", code="close",
                         reason="invalid_header", port=self.peer_port,
                         why=(data.error or "invalid")[:200])
             transport.close()
             return False
-        self.peer_ip, self.peer_port = client
+        conn.peer_ip, conn.peer_port = client
         self._reset_timeout()
         if self.session is not None:
             self.session.proxy_data = data
@@ -308,20 +304,20 @@ class IngressSMTP(CommandPhase):
         if refusal is not None:
             self.close_with(refusal)
             return False
+        if early:
+            conn.fire(Event.TALK)
         return True
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self.refused:          # refused in connection_made: aiosmtpd never set up
-            return
-        if self.transport is None:    # mutual-TLS port: lost during the handshake
+        self.conn.drop_checks()
+        if self.transport is None:    # refused in connection_made (aiosmtpd never set up), or
+            # mutual-TLS port: lost during the handshake (the slot goes back if it had one)
             self.handshake_failed(f"connection lost: {error}" if error else "connection lost")
             return
         if self._deadline is not None:
             self._deadline.cancel()
-        if self.admitted:
-            self.admitted = False
-            self.ctx.table.release(self)
-            metrics.session_close(self.lane)
+        if self.conn.admitted:
+            self._release(Event.CLOSE)
             log.event("session", peer=self.peer_ip, lane=self.lane.value, messages=self.messages,
                       last_reply=self.last_reply[:3],
                       duration_ms=round((time.monotonic() - self.started) * 1000, 1))
@@ -343,7 +339,7 @@ class IngressSMTP(CommandPhase):
         super()._timeout_cb()
 
     def _deadline_cb(self) -> None:
-        if self.awaiting_ack:    # let the ack (bounded by smtp.ack_timeout) come first
+        if self.conn.awaiting_ack:    # let the ack (bounded by smtp.ack_timeout) come first
             self._deadline = self.loop.call_later(0.1, self._deadline_cb)
             return
         log.refused("session_deadline", self.peer_ip, stage="session", code=421,
@@ -351,31 +347,38 @@ class IngressSMTP(CommandPhase):
         self.close_with(text(Refusal.SESSION_DEADLINE, host=self.hostname))
 
     def data_received(self, data: bytes) -> None:
-        if self.busy:      # a large message on a slow link is not idle
+        conn = self.conn
+        state = conn.state
+        if conn.busy:      # a large message on a slow link is not idle
             self._reset_timeout()
-        elif self.awaiting_proxy:    # the balancer's PROXY header (and what follows it: see
-            pass                     # _proxy_header) is not the client talking
-        elif not self.greeted:
-            self.early_talker = True
-        elif not self.spoken:
-            self.spoken = True
+        elif state is ConnState.GREETED:       # its first words after our banner
+            conn.fire(Event.SPEAK)
             self.ctx.table.spoke(self)
+        elif state is ConnState.WAITING or state is ConnState.EARLY_TALK:
+            conn.fire(Event.TALK)              # before our banner: judged when the wait ends
+        # CONNECTED: behind PROXY, the balancer's header (and what follows it: see
+        # _proxy_header) is not the client talking; ended states: nothing to judge
         super().data_received(data)
 
     def evict(self, line: str, reason: str) -> None:
         """Make room now (the slot is released at once, not when the close completes)."""
-        if self.admitted:
-            self.admitted = False
-            self.ctx.table.release(self)
-            metrics.session_close(self.lane)
+        if self.conn.admitted:
+            spoken = self.conn.spoken
+            self._release(Event.EVICT)
             log.refused("evicted", self.peer_ip, stage="session", code=line[:3],
                         reason=reason, port=self.peer_port,
-                        lane=self.lane.value, tier=self.tier.label, spoken=self.spoken,
+                        lane=self.lane.value, tier=self.tier.label, spoken=spoken,
                         connected_s=round(time.monotonic() - self.started, 1))
         self.close_with(line)
 
+    def _release(self, event: Event) -> None:
+        """CLOSE or EVICT: the slot goes back."""
+        self.conn.fire(event)
+        self.ctx.table.release(self)
+        metrics.session_close(self.lane)
+
     def _reset_timeout(self, duration: float | None = None) -> None:
-        if self.awaiting_ack:    # the ack wait has its own deadline (smtp.ack_timeout): a
+        if self.conn.awaiting_ack:    # the ack wait has its own deadline (smtp.ack_timeout): a
             return               # 421 now would leave a message spooled that the client retries
         # Stress mode: while the bulk lane is saturated, bulk sessions get a short idle timeout
         # (as Postfix's stress-dependent smtpd_timeout) and get it back afterwards.

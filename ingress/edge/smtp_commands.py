@@ -4,8 +4,9 @@ API:
     CommandPhase    the base class of ingress.edge.smtp.IngressSMTP (below it:
                     ingress.edge.smtp_data's DataPhase, an aiosmtpd SMTP) that provides push()
                     and the smtp_* overrides; it uses the session's ctx
-                    (ingress.edge.host.SessionHost), lane, peer_ip, peer_port and the
-                    accounting state IngressSMTP sets up
+                    (ingress.edge.host.SessionHost), its Connection's views (lane, peer_ip,
+                    peer_port, started: ingress.edge.connection.ConnView) and the accounting
+                    state IngressSMTP sets up
 
 What it changes of aiosmtpd's commands:
 - 501 5.5.2 for NUL / invalid UTF-8 / control characters in HELO, EHLO, MAIL, RCPT, VRFY (aiosmtpd
@@ -67,12 +68,10 @@ def _checked_command(name: str, check_arg: bool = True) -> Callable[..., Awaitab
 
 
 class CommandPhase(DataPhase):
-    peer_port: int
     messages: int                  # messages delivered in this session
-    started: float                 # when it connected (monotonic)
     last_reply: str
-    banner_sent: bool
-    skip_banner: bool              # handed off by a lobby seat: it wrote the banner
+    handed_off: bool               # built by a lobby seat, which wrote the banner
+    banner_due: bool               # the next push is aiosmtpd's banner
     close_after_reply: bool
     cut_off: bool                  # 421 written: nothing more is read or answered
     counters: Counters             # errors, junk commands, MAILs (session_rules)
@@ -84,11 +83,10 @@ class CommandPhase(DataPhase):
     async def push(self, status: str | bytes) -> None:
         """As aiosmtpd's, but every line replies.clean()ed (aiosmtpd echoes client bytes), and
         the lines of a multi-line reply (EHLO) go out in one write: one system call, not seven."""
-        if self.skip_banner:               # handed off by a lobby seat: it wrote the banner
-            self.skip_banner = False
-            return
-        if not self.banner_sent:
-            self.banner_sent = True
+        if self.banner_due:
+            self.banner_due = False
+            if self.handed_off:            # the lobby seat wrote it (and observed it)
+                return
             metrics.observe_banner(self.lane, time.monotonic() - self.started)
         if isinstance(status, bytes):
             status = status.decode("utf-8", "surrogateescape")

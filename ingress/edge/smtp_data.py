@@ -3,8 +3,9 @@
 API:
     DataPhase     an aiosmtpd SMTP that provides smtp_DATA: the lowest of the layers of
                   ingress.edge.smtp.IngressSMTP (below ingress.edge.smtp_commands.CommandPhase);
-                  it uses the session's ctx (ingress.edge.host.SessionHost), lane, peer_ip,
-                  busy and awaiting_ack, which IngressSMTP sets.
+                  it uses the session's ctx (ingress.edge.host.SessionHost) and its Connection
+                  (conn: lane, peer_ip; it moves the state through DATA, ACK_WAIT, ACK_DONE and
+                  DATA_END: busy and awaiting_ack derive from it; ingress.policy.conn_state).
 
 What it keeps of aiosmtpd's smtp_DATA: the checks before 354 (HELO, AUTH, RCPT, no argument),
 end-of-data, dot-unstuffing, the line-length (500) and size (552) replies. What it changes: the
@@ -25,21 +26,16 @@ from __future__ import annotations
 from aiosmtpd.smtp import MISSING, SMTP
 
 from ingress.core import log
-from ingress.core.wire import Lane
+from ingress.edge.connection import ConnView
 from ingress.edge.dataread import DataReader, DataState, read_stream
 from ingress.edge.host import SessionHost
+from ingress.policy.conn_state import Event
 from ingress.policy.replies import Refusal, text
 from ingress.policy.tiers import Tier, session_tier
 
 
-class DataPhase(SMTP):
-    ctx: SessionHost
-    lane: Lane
-    identity: str              # who vouched for a fast session (ingress.policy.identity)
-    peer_ip: str
-    peer_port: int
-    busy: bool                 # inside DATA or waiting for the ack
-    awaiting_ack: bool         # the message is with the lane: no idle timer now
+class DataPhase(ConnView, SMTP):
+    ctx: SessionHost           # (conn, the Connection, and its read-only views: ConnView)
 
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's smtp_DATA (same checks, replies and end-of-data, dot-unstuffing,
@@ -50,7 +46,7 @@ class DataPhase(SMTP):
             return
         assert self.envelope is not None
         budget = self.ctx.data_budget
-        self.busy = True
+        self.conn.fire(Event.DATA)          # busy: never evicted, drained or idle-timed
         reader = DataReader(self.data_size_limit, budget, self.lane, self.line_length_limit,
                             tier=self.tier)
         try:
@@ -63,20 +59,20 @@ class DataPhase(SMTP):
             content = reader.content()
             self.envelope.content = content
             self.envelope.original_content = content
-            self.awaiting_ack = True
+            self.conn.fire(Event.ACK_WAIT)   # no idle timer now
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
             try:
                 status = await self._call_handler_hook("DATA")
             finally:
-                self.awaiting_ack = False
+                self.conn.fire(Event.ACK_DONE)
                 self.envelope.content = self.envelope.original_content = None
                 self._reset_timeout()       # the idle timer again, whatever happened
             self._set_post_data_state()
             await self.push("250 OK" if status is MISSING else status)
         finally:
             reader.release()
-            self.busy = False
+            self.conn.fire(Event.DATA_END)
 
     @property
     def tier(self) -> Tier:

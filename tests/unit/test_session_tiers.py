@@ -11,26 +11,25 @@ import pytest
 
 from ingress.core import config
 from ingress.core.wire import Lane
+from ingress.edge.connection import Connection
 from ingress.edge.sessions import SessionTable
-from ingress.policy.admission import Ticket
 from ingress.policy.classify import Decision
+from ingress.policy.conn_state import Event
 from tests.kit.harness import write_config
 
 
 class FakeSeat:
     def __init__(self, ip: str, identity: str = "", lane: Lane = Lane.BULK,
-                 busy: bool = False, started: float = 0.0) -> None:
-        self.peer_ip, self.identity, self.lane = ip, identity, lane
-        self.busy, self.started = busy, started
-        self.ticket: Ticket | None = None
-        self.refused_why = ""
-        self.admitted = False
+                 started: float = 0.0) -> None:
+        self.conn = Connection()
+        self.conn.peer_ip, self.conn.identity, self.conn.lane = ip, identity, lane
+        self.conn.started = started
         self.evicted: str | None = None
         self.table: SessionTable | None = None
 
     def evict(self, line: str, reason: str) -> None:
         self.evicted = line
-        self.admitted = False
+        self.conn.fire(Event.EVICT)
         assert self.table is not None
         self.table.release(self)
 
@@ -52,8 +51,8 @@ def table(tmp_path: Path, **admission: object) -> SessionTable:
 def seat(t: SessionTable, ip: str, identity: str = "", **kw: object) -> FakeSeat:
     s = FakeSeat(ip, identity, Lane.FAST if identity else Lane.BULK, **kw)  # type: ignore[arg-type]
     s.table = t
-    assert t.admit(s, draining=False, now=1.0) is None, s.refused_why
-    s.admitted = True
+    assert t.admit(s, draining=False, now=1.0) is None, s.conn.refused_why
+    s.conn.fire(Event.ADMIT)
     return s
 
 
@@ -92,7 +91,8 @@ def test_operator_takes_an_idle_lower_tier_slot(tmp_path: Path) -> None:
     bulk = seat(t, "10.9.0.1")
     t.spoke(bulk)                                   # spoke: not evictable for silence
     sp = [seat(t, f"10.0.0.{i}", f"org:d{i}.test", started=float(i)) for i in range(4)]
-    sp[0].busy = True                               # inside DATA: never evicted
+    for event in (Event.GREET, Event.SPEAK, Event.DATA):
+        sp[0].conn.fire(event)                      # inside DATA: never evicted
     ops = [seat(t, f"10.1.0.{i}", "allow:10.1.0.0/16") for i in range(5)]
     assert t.admission.in_use == 10
     # a self-proven newcomer never takes anyone's slot
