@@ -46,6 +46,8 @@ class Outcome(StrEnum):
                                         # for an operator-tier client (ingress.policy.tiers)
     HANDED_BACK = "handed_back"         # a fast acceptor could not admit a handed connection:
                                         # given back to the acceptor it came from, served there
+    CHECK_REFUSED = "check_refused"     # admitted, then refused before the banner by a connect
+                                        # check (a DNS block list over its reject threshold)
 
 
 class Result(StrEnum):

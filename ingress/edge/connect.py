@@ -7,7 +7,9 @@ API:
         evidence at connect (allow lists, learned allow, client certificate) -> lane ->
         admission (ctx: the acceptor, ingress.edge.host.SessionHost); the refusal line, ""
         (handed to a fast acceptor, or given back to the one that handed it over: close
-        without a word), or None (admitted here)
+        without a word), or None (admitted here, its connect checks started:
+        ingress.edge.connect_checks)
+    refuse_by_check(seat, ctx, line)   a connect check refused it before its banner: `line`
     refuse_early_talker(seat, ctx)     a bulk client spoke before our banner: 554 and a penalty
                                        shared by every acceptor
     banner_line(hostname), IDENT       the 220 greeting (aiosmtpd's format with our ident)
@@ -24,6 +26,7 @@ from typing import Any
 from ingress.core import log, metrics
 from ingress.core.metrics_labels import Outcome
 from ingress.core.wire import Lane
+from ingress.edge import connect_checks
 from ingress.edge.host import SessionHost
 from ingress.edge.sessions import Seat
 from ingress.policy.classify import promote
@@ -93,7 +96,21 @@ def classify_and_admit(seat: Seat, ctx: SessionHost, transport: asyncio.BaseTran
     conn.fire(Event.ADMIT)
     metrics.connection(conn.lane, Outcome.ADMITTED)
     metrics.session_open(conn.lane)
+    connect_checks.start(seat, ctx)     # while it waits for its banner (ingress.edge.checks)
     return None
+
+
+def refuse_by_check(seat: Seat, ctx: SessionHost, line: str) -> None:
+    """A connect check refused an admitted bulk client before its banner (a DNS block list
+    over its reject threshold: the check logs which): `line` instead of the banner. For an
+    IngressSMTP or a lobby seat; the slot goes back when the connection is lost."""
+    conn = seat.conn
+    ctx.count("check_refused", conn.lane)
+    metrics.connection(conn.lane, Outcome.CHECK_REFUSED)
+    log.refused("connection_refused", conn.peer_ip, stage="connect", code=line[:3],
+                reason=Outcome.CHECK_REFUSED.value, port=conn.peer_port, lane=conn.lane.value,
+                why=",".join(r for r in conn.evidence.check_reasons)[:200])
+    seat.close_with(line)
 
 
 def refuse_early_talker(seat: Seat, ctx: SessionHost) -> None:

@@ -20,8 +20,12 @@ API:
                        last one while the connection still waits (WAITING or EARLY_TALK): that
                        caller writes the banner (or refuses an early talker). Evidence that
                        arrives meanwhile promotes in place (SessionTable.promote), any time.
-        checks         a pending task of connect-stage checks (or None); drop_checks()
-                       cancels it (the connection went)
+        checks         the pending tasks of its connect-stage checks (ingress.edge.
+                       connect_checks: the ones the banner waits for, the others);
+                       drop_checks() cancels them (the connection went)
+        seat           the protocol that holds it while its checks run (the lobby seat, then
+                       the session: the session table's key, for a promotion in place); None
+                       otherwise (no reference cycle outlives the checks)
     ConnView           mixin: read-only views of the facts (peer_ip, lane, ...) on the protocol
                        that holds `conn`, for log lines; every write goes through `conn`
 
@@ -51,7 +55,7 @@ _NO_EVIDENCE = Evidence()      # frozen: shared by every connection until its ow
 
 class Connection:
     __slots__ = ("checks", "evidence", "holds", "identity", "lane", "peer_ip", "peer_port",
-                 "reasons", "refused_why", "started", "state", "ticket")
+                 "reasons", "refused_why", "seat", "started", "state", "ticket")
 
     def __init__(self) -> None:
         self.state = ConnState.CONNECTED
@@ -65,7 +69,8 @@ class Connection:
         self.ticket: Ticket | None = None
         self.refused_why = ""
         self.holds = 0
-        self.checks: Any = None
+        self.checks: tuple[Any, ...] = ()
+        self.seat: Any = None
 
     def fire(self, event: Event) -> ConnState:
         self.state = advance(self.state, event)
@@ -107,9 +112,10 @@ class Connection:
         return self.holds == 0 and self.state in (ConnState.WAITING, ConnState.EARLY_TALK)
 
     def drop_checks(self) -> None:
-        if self.checks is not None:
-            self.checks.cancel()
-            self.checks = None
+        for task in self.checks:
+            task.cancel()
+        self.checks = ()
+        self.seat = None
 
 
 class ConnView:

@@ -7,8 +7,8 @@ API:
                    be built against a small fake in tests. The parts the host holds are used
                    directly: .table (the session table: admit, spoke, release, swap, promote,
                    demote), .spf_service (check; enabled: SPF may promote), .lanes (submit),
-                   .retries (the deferral records); the methods here are the hooks that join
-                   several parts.
+                   .retries (the deferral records), .checks (the evidence checks); the methods
+                   here are the hooks that join several parts.
     Prototype      what IngressSMTP keeps per listener kind of the first session's aiosmtpd
                    configuration: (shared attributes, smtp_* command names, AUTH mechanisms as
                    (name, method name, is_builtin))
@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from ingress.core.config import Config
 from ingress.core.wire import Lane
+from ingress.edge.checks import Checks
 from ingress.edge.dataread import DataBudget
 from ingress.edge.lanes import Lanes
 from ingress.edge.rcpt_verify import RecipientVerifier
@@ -55,6 +56,7 @@ class SessionHost(Protocol):
     spf_service: SpfService
     lanes: Lanes                          # the lane clients (ingress.edge.lanes)
     retries: RetryRecords                 # the deferral records (ingress.edge.retries)
+    checks: Checks                        # the evidence checks (ingress.edge.checks)
 
     def connect_evidence(self, ip: str, peercert_der: bytes | None,
                          verified: bool) -> Evidence: ...

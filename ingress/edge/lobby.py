@@ -44,7 +44,13 @@ from typing import Any, cast
 from ingress.core import log, metrics
 from ingress.core.addr import normalize_ip
 from ingress.core.wire import Lane
-from ingress.edge.connect import banner_line, classify_and_admit, refuse_early_talker
+from ingress.edge import connect_checks
+from ingress.edge.connect import (
+    banner_line,
+    classify_and_admit,
+    refuse_by_check,
+    refuse_early_talker,
+)
 from ingress.edge.connection import Connection, ConnView
 from ingress.edge.host import SessionHost
 from ingress.edge.smtp import IngressSMTP
@@ -85,6 +91,9 @@ class Lobby(ConnView, asyncio.Protocol):
             transport.close()
             return
         pause = self.ctx.cfg.admission.greet_pause
+        checks = connect_checks.held(conn)    # the connect checks it waits for (held already)
+        if checks is not None:
+            checks.add_done_callback(self._checked)
         conn.hold()                  # the banner waits for the greet pause (Connection.ready)
         if pause > 0 and conn.lane is Lane.BULK:
             self.timer = self.ctx.loop.call_later(pause, self._wait_done)
@@ -153,6 +162,20 @@ class Lobby(ConnView, asyncio.Protocol):
     def _wait_done(self) -> None:
         self.timer = None
         if self.conn.ready():        # the last thing the banner waited for
+            self._greet()
+
+    def _checked(self, task: asyncio.Task[str]) -> None:
+        """The connect checks the banner waited for ended (not cancelled: the seat is alive)."""
+        if task.cancelled():
+            return
+        refusal = task.result()
+        if refusal and self.transport is not None and self.conn.admitted:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            refuse_by_check(self, self.ctx, refusal)
+            return
+        if self.conn.ready():
             self._greet()
 
     def _greet(self) -> None:

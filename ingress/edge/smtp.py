@@ -68,8 +68,8 @@ from ingress.core import log, metrics
 from ingress.core.addr import normalize_ip
 from ingress.core.metrics_labels import Outcome
 from ingress.core.wire import Lane, WireEvidence
-from ingress.edge import proxy
-from ingress.edge.connect import IDENT, classify_and_admit, refuse_early_talker
+from ingress.edge import connect_checks, proxy
+from ingress.edge.connect import IDENT, classify_and_admit, refuse_by_check, refuse_early_talker
 from ingress.edge.connection import Connection
 from ingress.edge.host import SessionHost
 from ingress.edge.smtp_commands import CommandPhase
@@ -150,6 +150,8 @@ class IngressSMTP(CommandPhase):
         # done, banner written: GREETED), or a new one.
         self.handed_off = conn is not None
         self.conn = conn if conn is not None else Connection()
+        if self.conn.seat is not None:     # its connect checks run: a promotion finds us
+            self.conn.seat = self
         self.banner_due = True         # the next push is aiosmtpd's banner (skipped if handed_off)
         self.messages = 0
         self.last_reply = ""
@@ -257,6 +259,13 @@ class IngressSMTP(CommandPhase):
             pause = ctx.cfg.admission.greet_pause
             if pause > 0 and conn.lane is Lane.BULK:
                 await asyncio.sleep(pause)
+            checks = connect_checks.held(conn)   # the connect checks the banner waits for
+            if checks is not None:
+                await asyncio.wait({checks})     # (their own deadline bounds it)
+                refusal = "" if checks.cancelled() else checks.result()
+                if refusal and conn.admitted:
+                    refuse_by_check(self, ctx, refusal)
+                    return
             if conn.state is ConnState.EARLY_TALK:  # spoke before our banner: a bot that
                 refuse_early_talker(self, ctx)      # does not listen
                 return

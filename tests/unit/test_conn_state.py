@@ -143,17 +143,19 @@ def test_ready_only_while_waiting(state: ConnState, greets: bool) -> None:
     assert conn.ready() is greets
 
 
-def test_drop_checks_cancels_a_pending_task() -> None:
+def test_drop_checks_cancels_the_pending_tasks() -> None:
     class Task:
         cancelled = False
 
         def cancel(self) -> None:
             self.cancelled = True
 
-    conn, task = Connection(), Task()
-    conn.checks = task
+    conn, held, other = Connection(), Task(), Task()
+    conn.checks = (held, other)
+    conn.seat = object()
     conn.drop_checks()
-    assert task.cancelled and conn.checks is None
+    assert held.cancelled and other.cancelled
+    assert conn.checks == () and conn.seat is None      # no reference cycle is left
     conn.drop_checks()               # idempotent
 
 

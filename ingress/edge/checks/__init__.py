@@ -21,7 +21,8 @@ API
                                             DnsClient (made from classify.nameservers,
                                             dns_timeout, [checks] when None)
         .at(stage) -> tuple[Check, ...];  .holds_banner(stage) -> bool;  bool(checks)
-        await .run(stage, client, deadline=None) -> Verdict   the stage's checks
+        await .run(stage, client, deadline=None, holding=None) -> Verdict   the stage's
+                               checks (holding: only those that do / do not hold the banner)
                                concurrently, each within `deadline` seconds (default
                                checks.connect_deadline), folded by ingress.policy.checks.combine
     modules() -> list[str]     this package's check modules (name order)
@@ -111,8 +112,9 @@ class Checks:
     def holds_banner(self, stage: Stage = Stage.CONNECT) -> bool:
         return any(c.holds_banner for c in self.at(stage))
 
-    async def run(self, stage: Stage, client: Client, deadline: float | None = None) -> Verdict:
-        checks = self.at(stage)
+    async def run(self, stage: Stage, client: Client, deadline: float | None = None,
+                  holding: bool | None = None) -> Verdict:
+        checks = tuple(c for c in self.at(stage) if holding is None or c.holds_banner is holding)
         if not checks:
             return NO_VERDICT
         limit = self.deadline if deadline is None else deadline

@@ -1,0 +1,101 @@
+"""The connect stage's evidence checks of one connection: started when it is admitted, applied
+when they end (the checks themselves: ingress.edge.checks).
+
+API:
+    start(seat, ctx)          an admitted connection (seat.conn) starts its connect checks
+                              (ingress.edge.connect.classify_and_admit calls it): for a bulk
+                              connection the checks that hold the banner (the DNS lists) in one
+                              task, which holds the banner (Connection.hold), the others in
+                              another; their tasks are seat.conn.checks (cancelled when the
+                              connection goes: Connection.drop_checks)
+    held(conn) -> Task | None the task the banner waits for (its result: the refusal line, or
+                              ""); the lobby calls Connection.ready() when it ends, the session
+                              (behind PROXY) awaits it
+    apply(conn, ctx, verdict) -> str   a verdict joins the connection's evidence
+                              (Evidence.with_verdict) and the connection is judged again: a
+                              promotion moves it to its tier's part of the slots in place
+                              (SessionTable.promote: conn.seat, the protocol holding it now),
+                              then and there, before or during its session; a refusal (bulk,
+                              before its banner) is returned for the caller to write instead of
+                              the banner
+
+Rules: evidence only promotes (a fast connection is never demoted or refused by a check); a
+verdict that arrives after the connection went changes nothing; a refusal that arrives after
+the banner (it cannot: only checks that hold the banner refuse) is ignored. The judgement is
+ingress.policy.checks'; what promotes is ingress.policy.classify.decide's, with the shares,
+tiers and rates of AcceptorContext.decide.
+
+Failure modes: a bug in applying a verdict is logged (check_error) and changes nothing; the
+checks' own failures are neutral (ingress.edge.checks). Limits: two tasks per connection at
+most; each check's deadline is checks.connect_deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from ingress.core import log
+from ingress.core.wire import Lane
+from ingress.edge.checks import Client
+from ingress.edge.connection import Connection
+from ingress.edge.host import SessionHost
+from ingress.policy.checks import NO_VERDICT, Stage, Verdict
+from ingress.policy.conn_state import ConnState
+
+__all__ = ["apply", "held", "start"]
+
+HELD = "checks-held"        # the name of the task the banner waits for
+
+
+def start(seat: Any, ctx: SessionHost) -> None:
+    conn: Connection = seat.conn
+    checks = ctx.checks
+    if not checks or not checks.at(Stage.CONNECT):
+        return
+    client = Client(conn.peer_ip, conn.peer_port)
+    holding = conn.lane is Lane.BULK and checks.holds_banner(Stage.CONNECT)
+    tasks = []
+    if holding:
+        conn.hold()
+        tasks.append(ctx.loop.create_task(_judge(conn, ctx, client, True), name=HELD))
+    rest = False if holding else None
+    if any(rest is None or c.holds_banner is rest for c in checks.at(Stage.CONNECT)):
+        tasks.append(ctx.loop.create_task(_judge(conn, ctx, client, rest)))
+    conn.seat = seat
+    conn.checks = tuple(tasks)
+
+
+def held(conn: Connection) -> asyncio.Task[str] | None:
+    return next((t for t in conn.checks if t.get_name() == HELD), None)
+
+
+async def _judge(conn: Connection, ctx: SessionHost, client: Client,
+                 holding: bool | None) -> str:
+    verdict = await ctx.checks.run(Stage.CONNECT, client, holding=holding)
+    try:
+        return apply(conn, ctx, verdict)
+    except Exception as e:  # a bug here must not take the connection (or the loop) down
+        log.event("check_error", check="apply", error=f"{type(e).__name__}: {e}"[:200])
+        return ""
+
+
+def apply(conn: Connection, ctx: SessionHost, verdict: Verdict) -> str:
+    if not conn.admitted or verdict == NO_VERDICT:
+        return ""
+    conn.evidence = conn.evidence.with_verdict(verdict)
+    if conn.lane is Lane.FAST:
+        return ""
+    if verdict.refusal and conn.state in (ConnState.WAITING, ConnState.EARLY_TALK):
+        return verdict.refusal
+    decision = ctx.decide(conn.evidence, peer=conn.peer_ip)
+    conn.reasons = decision.reasons
+    if decision.lane is Lane.FAST and conn.seat is not None:
+        conn.identity = decision.identity
+        ctx.table.promote(conn.seat)
+        ctx.count("promoted", Lane.FAST)
+        log.event("promoted", peer=conn.peer_ip, reasons=",".join(decision.reasons),
+                  identity=decision.identity, stage="connect",
+                  after_ms=round((time.monotonic() - conn.started) * 1000, 1))
+    return ""
