@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 from ingress.core.addr import normalize_domain
 from ingress.core.derived import cores
+from ingress.core.dnslist_sites import parse_reply_map, parse_site
 from ingress.core.downstream import parse_downstream
 from ingress.core.fieldspec import ConfigError, Need, check_fields
 from ingress.core.fsutil import read_private
@@ -252,6 +253,23 @@ def _check_admission_and_tiers(cfg: Config, need: Need) -> None:
          "operator tier's floor)")
 
 
+def _check_dnslists(cfg: Config, need: Need) -> None:
+    """[dnswl] and [dnsbl]: each site in postscreen's syntax (ingress.core.dnslist_sites)."""
+    for table in ("dnswl", "dnsbl"):
+        t = getattr(cfg, table)
+        need.parses(parse_site, t.sites, f"{table}.sites")
+        need.parses(lambda e: parse_reply_map([e]), t.reply_map, f"{table}.reply_map")
+        need.parses(parse_reply_map, [t.reply_map], f"{table}.reply_map")
+        need(t.min_ttl <= t.max_ttl, f"{table}.max_ttl", f"must be >= {table}.min_ttl")
+    w, b = cfg.dnswl, cfg.dnsbl
+    need(not w.trust_levels or w.min_trust in w.trust_levels, "dnswl.min_trust",
+         f"must be one of dnswl.trust_levels ({', '.join(w.trust_levels)})")
+    need(len(set(w.trust_levels)) == len(w.trust_levels) and len(w.trust_levels) <= 256,
+         "dnswl.trust_levels", "must be distinct names, at most 256 (one per octet value)")
+    need(b.reject_threshold == 0 or b.reject_threshold >= b.threshold, "dnsbl.reject_threshold",
+         "must be 0 (never) or >= dnsbl.threshold")
+
+
 def _check_tls(cfg: Config, need: Need) -> None:
     t = cfg.tls
     need(bool(t.cert) == bool(t.key), "tls.key", "tls.cert and tls.key go together")
@@ -358,7 +376,7 @@ def _finish(cfg: Config, file: str) -> Config:
     check_fields(cfg, file)
     need = Need(file)
     for check in (_check_listen, _check_smtp, _check_lanes, _check_classify,
-                  _check_admission_and_tiers, _check_tls, _check_relay,
+                  _check_admission_and_tiers, _check_dnslists, _check_tls, _check_relay,
                   _check_outputs_and_supervisor, _check_cluster, _check_cluster_redis):
         check(cfg, need)
     cfg = listen_sets(cfg, need)

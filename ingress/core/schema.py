@@ -28,7 +28,8 @@ from pathlib import Path
 
 from ingress.core import derived
 from ingress.core.fieldspec import bounded, choice, documented
-from ingress.core.schema_evidence import ChecksConfig, DmarcConfig
+
+from ingress.core.schema_evidence import ChecksConfig, DmarcConfig, DnsblConfig, DnswlConfig
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SCHED_POLICIES = ("other", "batch", "idle")     # lanes.<lane>.sched_policy (ingress.core.child)
@@ -444,6 +445,8 @@ class Config:
     cluster: ClusterConfig = ClusterConfig()
     checks: ChecksConfig = ChecksConfig()     # noqa: RUF009 (frozen: immutable)
     dmarc: DmarcConfig = DmarcConfig()        # noqa: RUF009 (frozen: immutable)
+    dnswl: DnswlConfig = DnswlConfig()        # noqa: RUF009 (frozen: immutable)
+    dnsbl: DnsblConfig = DnsblConfig()        # noqa: RUF009 (frozen: immutable)
     source: str = "<embedded default>"      # the file it was loaded from (not a key)
 
     # Derived values: ingress.core.derived computes them (one rule, one implementation).

@@ -5,6 +5,8 @@ the DNS client's bounds).
 API
     ChecksConfig       [checks]
     DmarcConfig        [dmarc]: DMARC (RFC 7489) results in the workers' Authentication-Results
+    DnswlConfig        [dnswl]: DNS allow lists (promotion to the third-party tier at connect)
+    DnsblConfig        [dnsbl]: DNS block lists (a bulk suspicion score; refusal above a second)
     (each check's own table is declared here beside it; Config holds them: ingress.core.schema)
 
 Failure modes: none here (fieldspec.check_fields applies the rules; config.load raises).
@@ -14,6 +16,7 @@ Limits: none.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ingress.core.fieldspec import bounded, documented
 
@@ -46,3 +49,72 @@ class DmarcConfig:
                                "configured (classify.nameservers named, or SPF on)")
     timeout_ttl: float = bounded(60.0, 0, 300, "seconds a policy domain that did not answer is "
                                  "not asked again (dmarc=temperror at once)", note="0 = off")
+
+
+def _shared_list_keys() -> dict[str, Any]:
+    """The keys both DNS list tables have (ingress.edge.checks._dnslist): the display names,
+    the zones' health tests and the answer cache; each table declares them (after its own)."""
+    return {
+        "reply_map": documented((), '"listed-zone=public-name" entries: a zone queried with an '
+                                "access key in its name is shown by its public name in "
+                                "replies, logs and Authentication-Results "
+                                "(postscreen_dnsbl_reply_map)"),
+        "health_interval": bounded(300.0, 10, 86400, "seconds between a zone's RFC 5782 health "
+                                   "tests (127.0.0.2 listed, 127.0.0.1 not); a zone failing "
+                                   "one, or answering an error code (127.255.255.0/24, outside "
+                                   "127/8), is switched off until a test passes"),
+        "cache_entries": bounded(20000, 1, 1000000, "answers cached per acceptor (one per zone "
+                                 "and client address; about 1 KiB each at most)"),
+        "min_ttl": bounded(60.0, 0, 86400, "seconds an answer is cached at least (a zone's TTL "
+                           "below it is raised; NXDOMAIN included)"),
+        "max_ttl": bounded(3600.0, 1, 604800, "seconds an answer is cached at most (a zone's "
+                           "TTL above it is cut); >= min_ttl"),
+    }
+
+
+_LIST = _shared_list_keys
+
+
+@dataclass(frozen=True)
+class DnswlConfig:
+    """DNS allow lists (RFC 8904's dnswl): a listed client is promoted at connect, before it
+    says a word, to the third-party tier with the identity dnswl:<zone>."""
+    sites: tuple[str, ...] = documented((), '"zone=filter*weight" entries (postscreen syntax; '
+                                        'e.g. "list.dnswl.org=127.0.[2..15].[0..3]"); '
+                                        "empty = off")
+    threshold: float = bounded(1.0, 0, 1000, "summed weight of the matching sites at which a "
+                               "client is promoted", gt=True)
+    trust_levels: tuple[str, ...] = documented(("none", "low", "medium", "high"),
+                                               "names of the trust levels by the last octet "
+                                               "of an answer (DNSWL.org: 127.0.x.y, y = 0..3); "
+                                               "an answer whose last octet has no name here is "
+                                               "no listing (e.g. 127.0.0.255); empty = no "
+                                               "levels (the filters alone decide)")
+    min_trust: str = documented("low", "the lowest trust level that promotes (one of "
+                                "trust_levels; DNSWL.org's none means \"only avoid outright "
+                                "blocking\")")
+    reply_map: tuple[str, ...] = _LIST()["reply_map"]
+    health_interval: float = _LIST()["health_interval"]
+    cache_entries: int = _LIST()["cache_entries"]
+    min_ttl: float = _LIST()["min_ttl"]
+    max_ttl: float = _LIST()["max_ttl"]
+
+
+@dataclass(frozen=True)
+class DnsblConfig:
+    """DNS block lists (postscreen_dnsbl_sites): a score that only shapes bulk, and a refusal
+    (554 5.7.1 at the banner) above reject_threshold."""
+    sites: tuple[str, ...] = documented((), '"zone=filter*weight" entries (postscreen syntax; '
+                                        'e.g. "zen.spamhaus.org=127.0.0.[2..11]*2"; weights '
+                                        "positive); empty = off")
+    threshold: float = bounded(1.0, 0, 10000, "score (summed weights of the matching sites) "
+                               "at which a client counts as listed: its bulk seat is shaped",
+                               gt=True)
+    reject_threshold: float = bounded(0.0, 0, 10000, "score at which a bulk client is refused "
+                                      "at the banner (554 5.7.1 naming the zones); >= threshold",
+                                      note="0 = never")
+    reply_map: tuple[str, ...] = _LIST()["reply_map"]
+    health_interval: float = _LIST()["health_interval"]
+    cache_entries: int = _LIST()["cache_entries"]
+    min_ttl: float = _LIST()["min_ttl"]
+    max_ttl: float = _LIST()["max_ttl"]

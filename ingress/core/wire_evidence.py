@@ -77,6 +77,8 @@ class WireEvidence:
     dkim_pass: tuple[str, ...] = ()      # worker: canonical d= of every DKIM pass
     dsn_for: str = ""                    # relay: a DSN for this qid
     dnswl: str = ""                      # the DNS allow-list zone that listed the client
+    dnswl_ip: str = ""                   # acceptor: its answer (RFC 8904 policy.ip)
+    dnswl_txt: str = ""                  # acceptor: its TXT for the client (policy.txt)
     iprev: str = ""                      # RFC 8601 iprev: pass|fail|temperror|permerror
     iprev_name: str = ""                 # the verified PTR name
     provider: str = ""                   # the provider identity: a verified PTR's org domain

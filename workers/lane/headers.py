@@ -13,8 +13,9 @@ API
     strip_forged_ar(message, authserv_id) -> bytes
     authentication_results(authserv_id, *, spf=None, spf_domain=None, spf_helo=None,
                            dkim_results=(), dkim_checked=True, dmarc=None,
-                           comment=None) -> bytes
+                           comment=None, dnswl=None) -> bytes
         dmarc: an ingress.policy.dmarc.DmarcVerdict, rendered after the dkim resinfos
+        dnswl: a DNS allow-list listing (zone, answer, TXT) as RFC 8904's resinfo, last
     received_header(env, hostname) -> bytes   the client IP as an RFC 5321 address-literal
     address_literal(ip) -> str                "[192.0.2.1]", "[IPv6:2001:db8::1]"
     received_spf_header (ingress.core.headers', re-exported)
@@ -91,6 +92,7 @@ def received_header(env: Envelope, hostname: str) -> bytes:
 # --------------------------------------------------------------------------- A-R header
 
 _VALUE_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`{|}~@]+$")
+_NEVER_TOKEN = re.compile(r"(?!)")          # policy.txt: always a quoted-string (RFC 8904)
 
 
 def _value(text: str) -> str:
@@ -108,6 +110,7 @@ def authentication_results(
     dkim_checked: bool = True,
     dmarc: DmarcVerdict | None = None,
     comment: str | None = None,
+    dnswl: tuple[str, str, str] | None = None,
 ) -> bytes:
     """Authentication-Results header field (RFC 8601), folded one resinfo per line, CRLF-ended.
 
@@ -116,6 +119,9 @@ def authentication_results(
     empty and dkim_checked, "dkim=none". dmarc: the DMARC verdict (None: not evaluated,
     omitted), "dmarc=<result> (p=.. sp=..) header.from=<domain>" (RFC 7489 11.2; no "dis=":
     we report, we do not enforce). comment: e.g. "lane=fast" after the authserv-id.
+    dnswl: (zone, answer, TXT) of the DNS allow list that listed the client (RFC 8904:
+    "dnswl=pass dns.zone=<zone> policy.ip=<answer> policy.txt=<TXT>"; no TXT: no policy.txt);
+    None (not listed, or not asked): no dnswl resinfo.
     With nothing to report the body is "authserv-id; none".
     """
     head = f"Authentication-Results: {_value(authserv_id)}"
@@ -129,6 +135,8 @@ def authentication_results(
         resinfos.append("dkim=none")
     if dmarc is not None:
         resinfos.append(_dmarc_resinfo(dmarc))
+    if dnswl is not None and dnswl[0]:
+        resinfos.append(_dnswl_resinfo(*dnswl))
     if not resinfos:
         return (head + "; none\r\n").encode("utf-8", "replace")
     return (head + ";\r\n\t" + ";\r\n\t".join(resinfos) + "\r\n").encode("utf-8", "replace")
@@ -141,6 +149,20 @@ def _spf_resinfo(spf: str, spf_domain: str | None, spf_helo: str | None) -> str:
         r += f" smtp.mailfrom={_value(spf_domain)}"
     elif spf_helo:
         r += f" smtp.helo={_value(spf_helo)}"
+    return r
+
+
+def _dnswl_resinfo(zone: str, answer: str, txt: str) -> str:
+    """RFC 8904: "dnswl=pass" with dns.zone, policy.ip (the A record) and policy.txt (the
+    zone's TXT for the client, a quoted-string when it is not a token). Only listings are
+    rendered: an unlisted client or a zone in trouble has no dnswl resinfo (RFC 8904's none
+    and temperror are not written: they would say the same of every unlisted client). dns.sec
+    is not written: the answers are not DNSSEC-validated here."""
+    r = f"dnswl=pass dns.zone={_value(zone[:253])}"
+    if answer:
+        r += f" policy.ip={_value(answer[:64])}"
+    if txt:
+        r += f" policy.txt={quoted_value(txt[:512], _NEVER_TOKEN)}"
     return r
 
 

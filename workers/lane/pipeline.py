@@ -9,7 +9,9 @@ API:
                                                 dkim_pass (and dmarc, dmarc_policy) set
 
 The trace prepended to the client's message, top first:
-    Authentication-Results: <authserv-id> (lane=...); spf=...; dkim=...; dmarc=...  (RFC 8601)
+    Authentication-Results: <authserv-id> (lane=...); spf=...; dkim=...; dmarc=...; dnswl=...
+        (RFC 8601; dnswl: RFC 8904, when a DNS allow list listed the client: the envelope's
+        evidence dnswl, dnswl_ip, dnswl_txt, set by the acceptor's dnswl check)
     Received-SPF: ...            when the acceptor evaluated SPF (it builds this line)
     Received: from <helo> ([ip]) by <host> (smtp-ingress lane=...) with ESMTP[S] id <qid> ...
 Inbound Authentication-Results headers that claim our authserv-id are removed from the client's
@@ -149,7 +151,8 @@ class Pipeline:
         ar = authentication_results(
             self.authserv_id, spf=spf, spf_domain=ev.spf_domain or None,
             spf_helo=env.helo if spf and not ev.spf_domain else None,
-            dkim_results=results, dmarc=verdict, comment=f"lane={env.lane.value}")
+            dkim_results=results, dmarc=verdict, comment=f"lane={env.lane.value}",
+            dnswl=(ev.dnswl, ev.dnswl_ip, ev.dnswl_txt) if ev.dnswl else None)
         received_spf = ev.received_spf.encode("ascii", "replace")
         trace = ar + received_spf + received_header(env, self.hostname)
         vouches = dkim_vouches(domain, (r.domain for r in results if r.aligned_pass))
