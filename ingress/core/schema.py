@@ -28,7 +28,6 @@ from pathlib import Path
 
 from ingress.core import derived
 from ingress.core.fieldspec import bounded, choice, documented
-
 from ingress.core.schema_evidence import ChecksConfig, DmarcConfig, DnsblConfig, DnswlConfig
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
