@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ingress.core.addr import normalize_domain
-from ingress.core.derived import cores
+from ingress.core.derived import cores, dns_configured
 from ingress.core.dnslist_sites import parse_reply_map, parse_site
 from ingress.core.downstream import parse_downstream
 from ingress.core.fieldspec import ConfigError, Need, check_fields
@@ -261,6 +261,9 @@ def _check_dnslists(cfg: Config, need: Need) -> None:
         need.parses(lambda e: parse_reply_map([e]), t.reply_map, f"{table}.reply_map")
         need.parses(parse_reply_map, [t.reply_map], f"{table}.reply_map")
         need(t.min_ttl <= t.max_ttl, f"{table}.max_ttl", f"must be >= {table}.min_ttl")
+        need(not t.sites or dns_configured(cfg), f"{table}.sites",
+             "needs DNS: classify.nameservers (or classify.spf_promote on, with "
+             "/etc/resolv.conf); without it no check runs")
     w, b = cfg.dnswl, cfg.dnsbl
     need(not w.trust_levels or w.min_trust in w.trust_levels, "dnswl.min_trust",
          f"must be one of dnswl.trust_levels ({', '.join(w.trust_levels)})")

@@ -218,6 +218,14 @@ BAD = [
 ]
 
 
+def test_lists_need_dns(tmp_path: Path) -> None:
+    f = tmp_path / "nodns.toml"
+    f.write_text('[dnsbl]\nsites = ["bl.test"]\n')
+    with pytest.raises(ConfigError) as e:
+        config.load(f)
+    assert e.value.key == "dnsbl.sites" and "DNS" in e.value.message
+
+
 @pytest.mark.parametrize(("tables", "key"), BAD)
 def test_config_errors_name_the_key(tmp_path: Path, dns: DNSServer,
                                     tables: dict[str, dict[str, Any]], key: str) -> None:

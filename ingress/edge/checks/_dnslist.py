@@ -81,6 +81,7 @@ class ZoneLookup:
         self.names, self.want_txt, self.clock = dict(names), want_txt, clock
         self.min_ttl, self.max_ttl = min_ttl, max_ttl
         self.health = ZoneHealth(interval)
+        self._tests: set[asyncio.Future[None]] = set()     # under way (held: not collected)
         self._cache: cachetools.TLRUCache[tuple[str, str], tuple[ZoneResult, float]] = \
             cachetools.TLRUCache(max(1, cache_entries), self._expiry, timer=clock)
 
@@ -105,6 +106,8 @@ class ZoneLookup:
         if self.health.due(zone, now):
             self.health.begin(zone, now)
             test = asyncio.ensure_future(self._test(zone))
+            self._tests.add(test)
+            test.add_done_callback(self._tests.discard)
         if test is None and not self.health.usable(zone):
             return ZoneResult(zone, State.TEMP, why="off")
         hit = self._cache.get((zone, ip))
@@ -143,14 +146,17 @@ class ZoneLookup:
 
     async def _test(self, zone: str) -> None:
         """RFC 5782 section 5: 127.0.0.2 listed, 127.0.0.1 not; the change is logged."""
+        ok: bool | None = None
+        why = "cancelled"
         try:
             two, one = await asyncio.gather(
                 self.dns.query(f"2.0.0.127.{zone}", "A", timeout=self.timeout, key=zone),
                 self.dns.query(f"1.0.0.127.{zone}", "A", timeout=self.timeout, key=zone))
             ok, why = health_of(two.status.value, two.records, one.status.value, one.records)
-        except Exception as e:  # a bug in a test must not leave the zone "checking" for ever
-            ok, why = None, f"{type(e).__name__}"
-        self._changed(zone, self.health.tested(zone, ok, why, self.clock()))
+        except Exception as e:  # a bug in a test is no verdict on the zone
+            why = type(e).__name__
+        finally:                # whatever happened, the zone is not left "being tested"
+            self._changed(zone, self.health.tested(zone, ok, why, self.clock()))
 
     def _changed(self, zone: str, change: str | None, **fields: str) -> None:
         if change is None:
