@@ -29,7 +29,8 @@ FULL = WireEvidence(
     reasons=("spf-pass:a.test", "over-share:org:a.test"), cert="verified", identity="org:a.test",
     learned="a.test", spf=AuthResult.SOFTFAIL, spf_domain="a.test",
     received_spf="Received-SPF: softfail (x) receiver=mx;\r\n", retry=True,
-    dkim_pass=("a.test", "b.test"), dsn_for="Q1", dnswl="list.dnswl.test", iprev="pass",
+    dkim_pass=("a.test", "b.test"), dsn_for="Q1", dnswl="list.dnswl.test",
+    dnswl_ip="127.0.10.2", dnswl_txt="https://list.dnswl.test/x", iprev="pass",
     iprev_name="mail.a.test", provider="a.test", dnsbl_score=-1.5, dnsbl_zones=("zen", "b"),
     dmarc="pass", dmarc_policy="reject")
 
