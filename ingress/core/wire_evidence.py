@@ -8,6 +8,8 @@ API:
                                        defaults (an envelope stays small); a tuple as a list, an
                                        AuthResult as its value, a bool as true
     WireEvidence.from_wire(doc)        decode (missing or null: no evidence), or WireError
+    WireEvidence.with_facts(facts)     the record with the evidence checks' (field, text)
+                                       facts set, each read as its field's type
     evidence_field(doc, name)          one field of an undecoded evidence object, by the same
                                        decoder (the broker's partial decode, wire.head)
     AuthResult, WireError              the result vocabulary; the wire's one error
@@ -30,8 +32,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from typing import Any, get_type_hints
 
@@ -92,6 +94,22 @@ class WireEvidence:
         return {name: enc(v) for name, default, enc, _ in _EVIDENCE_CODEC
                 if (v := getattr(self, name)) != default}
 
+    def with_facts(self, facts: Iterable[tuple[str, str]]) -> WireEvidence:
+        """This record with the evidence checks' facts (ingress.policy.checks: (field, text)
+        pairs) set: each text read as its field's type (a number, a comma-separated list, a
+        result); a field already set, one that is not ours, or a text that does not read as
+        its type is left as it is (the first fact of a field wins, as in the checks' fold)."""
+        kw: dict[str, Any] = {}
+        for name, text in facts:
+            dec = _EVIDENCE_DECODE.get(name)
+            if dec is None or name in kw or getattr(self, name) != _EVIDENCE_DEFAULT[name]:
+                continue
+            try:
+                kw[name] = dec(name, _from_text(_hints[name], text))
+            except (WireError, ValueError):
+                continue
+        return replace(self, **kw) if kw else self
+
     @classmethod
     def from_wire(cls, doc: object) -> WireEvidence:
         """Decode (validated; unknown keys ignored; missing or null: no evidence), or WireError."""
@@ -143,6 +161,15 @@ def _ev_auth(name: str, v: object) -> AuthResult | None:
         return AuthResult(_ev_str(name, v))
     except ValueError:
         raise WireError(f"evidence {name}: not an AuthResult") from None
+
+
+def _from_text(kind: object, text: str) -> object:
+    """A fact's text as the JSON value its field's decoder reads (with_facts)."""
+    if kind is float:
+        return float(text)
+    if kind is bool:
+        return text in ("1", "true")
+    return text          # str, AuthResult | None, tuple[str, ...] ("a,b": the decoder splits)
 
 
 def _same(v: object) -> object:

@@ -170,3 +170,17 @@ def test_evidence_field_defaults() -> None:
     assert evidence_field({}, "retry") is False
     assert evidence_field({"retry": "1"}, "retry") is True
     assert evidence_field({"dnsbl_zones": "a b"}, "dnsbl_zones") == ("a", "b")
+
+
+def test_the_checks_facts_are_read_as_their_fields_types() -> None:
+    ev = WireEvidence(identity="dnswl:wl.test").with_facts((
+        ("dnswl", "wl.test"), ("dnswl_ip", "127.0.10.2"), ("dnsbl_score", "2.5"),
+        ("dnsbl_zones", "bl.test,two.test"), ("identity", "org:x.test"), ("nonsense", "x"),
+        ("dnswl", "other.test"), ("iprev", "pass"), ("retry", "1")))
+    assert (ev.dnswl, ev.dnswl_ip, ev.dnsbl_score, ev.dnsbl_zones) == (
+        "wl.test", "127.0.10.2", 2.5, ("bl.test", "two.test"))
+    assert ev.identity == "dnswl:wl.test"            # set already: a fact does not replace it
+    assert ev.retry is True and ev.iprev == "pass"
+    bad = WireEvidence().with_facts((("dnsbl_score", "lots"), ("spf", "perhaps")))
+    assert bad == WireEvidence()                    # unreadable facts are left out
+    assert WireEvidence().with_facts(()) == WireEvidence()
