@@ -407,7 +407,7 @@ class IngressSMTP(CommandPhase):
             # the network was learned: the worker may unlearn it
             learned=(ev.learned_domain or "?") if ev.learned_allow else "",
             spf=ev.spf if spf else None, spf_domain=(ev.spf_domain or "") if spf else "",
-            received_spf=self.spf_header)
+            received_spf=self.spf_header).with_facts(ev.facts)   # the evidence checks' facts
 
     def close_if_idle(self, line: str) -> bool:
         """Used when draining: close a session between transactions, after `line` if any."""
