@@ -107,11 +107,10 @@ class DnsblConfig:
     sites: tuple[str, ...] = documented((), '"zone=filter*weight" entries (postscreen syntax; '
                                         'e.g. "zen.spamhaus.org=127.0.0.[2..11]*2"; weights '
                                         "positive); empty = off")
-    threshold: float = bounded(1.0, 0, 10000, "score (summed weights of the matching sites) "
-                               "at which a client counts as listed: its bulk seat is shaped",
-                               gt=True)
-    reject_threshold: float = bounded(0.0, 0, 10000, "score at which a bulk client is refused "
-                                      "at the banner (554 5.7.1 naming the zones); >= threshold",
+    threshold: float = bounded(1.0, 0, 10000, "score (summed weights of matching sites) at "
+                               "which a client is listed: its bulk seat is shaped", gt=True)
+    reject_threshold: float = bounded(0.0, 0, 10000, "score at which a bulk client is refused at "
+                                      "the banner (554 5.7.1 naming the zones); >= threshold",
                                       note="0 = never")
     reply_map: tuple[str, ...] = _LIST()["reply_map"]
     health_interval: float = _LIST()["health_interval"]
