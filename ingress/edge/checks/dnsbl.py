@@ -47,7 +47,7 @@ class DnsblCheck(ListCheck):
                             self.names)
         if j.outcome is Outcome.REFUSE:
             facts = dict(j.facts)
-            log.refused("dnsbl_reject", client.ip, stage="greet", code=554, port=client.port,
+            log.refused("dnsbl_reject", client.ip, stage="connect", code=554, port=client.port,
                         reason="dnsbl", score=facts.get("dnsbl_score", ""),
                         zones=facts.get("dnsbl_zones", ""))
         return j
