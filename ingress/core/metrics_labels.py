@@ -48,6 +48,9 @@ class Outcome(StrEnum):
                                         # given back to the acceptor it came from, served there
     CHECK_REFUSED = "check_refused"     # admitted, then refused before the banner by a connect
                                         # check (a DNS block list over its reject threshold)
+    LISTED_PER_IP = "listed-per-ip"     # 421 (the per-IP line): a DNS-block-listed IP key
+                                        # over dnsbl.listed_per_ip_max, at admission (a key
+                                        # remembered listed) or when its verdict arrived
 
 
 class Result(StrEnum):
@@ -90,6 +93,8 @@ class RetryResult(StrEnum):
                                         # sheds a minute (or was, when deferred): no evidence
     OVER_SHARE = "over_share"           # the retry share, or its site's part of it, was
                                         # spent: the cap applies
+    LISTED = "listed"                   # the client is DNS-block-listed: no retry bypass
+                                        # (its record is left alone; the cap applies)
 
 
 OUTCOMES = tuple(o.value for o in Outcome)

@@ -102,8 +102,10 @@ class DnswlConfig:
 
 @dataclass(frozen=True)
 class DnsblConfig:
-    """DNS block lists (postscreen_dnsbl_sites): a score that only shapes bulk, and a refusal
-    (554 5.7.1 at the banner) above reject_threshold."""
+    """DNS block lists (postscreen_dnsbl_sites): a score that only shapes bulk (ingress.policy.
+    shaping: a listed client is evicted first, gets no retry bypass and is held to
+    listed_per_ip_max bulk sessions per IP), and a refusal (554 5.7.1 at the banner) above
+    reject_threshold."""
     sites: tuple[str, ...] = documented((), '"zone=filter*weight" entries (postscreen syntax; '
                                         'e.g. "zen.spamhaus.org=127.0.0.[2..11]*2"; weights '
                                         "positive); empty = off")
@@ -112,6 +114,18 @@ class DnsblConfig:
     reject_threshold: float = bounded(0.0, 0, 10000, "score at which a bulk client is refused at "
                                       "the banner (554 5.7.1 naming the zones); >= threshold",
                                       note="0 = never")
+    listed_per_ip_max: int = bounded(1, 0, 65536, "concurrent bulk sessions per IPv4 address / "
+                                     "IPv6 /admission.ipv6_prefix of a listed client (below "
+                                     "admission.per_ip_bulk_max: one is enough for a real MTA "
+                                     "listed by mistake to deliver its queue in turn; a bot "
+                                     "loses its parallelism); a verdict over it closes the "
+                                     "newest listed session (421, the per-IP line)",
+                                     note="0 = admission.per_ip_bulk_max alone")
+    listed_ttl: float = bounded(300.0, 0, 86400, "seconds an IP key is remembered listed, so "
+                                "that its connections over listed_per_ip_max are refused at "
+                                "admission without waiting for DNS (at most 65536 "
+                                "keys per acceptor, as many as admission's rate buckets)",
+                                note="0 = not remembered: only verdicts close")
     reply_map: tuple[str, ...] = _LIST()["reply_map"]
     health_interval: float = _LIST()["health_interval"]
     cache_entries: int = _LIST()["cache_entries"]

@@ -17,7 +17,11 @@ API:
                               (SessionTable.promote: conn.seat, the protocol holding it now),
                               then and there, before or during its session; a refusal (bulk,
                               before its banner) is returned for the caller to write instead of
-                              the banner
+                              the banner. A bulk connection whose score now lists it
+                              (ingress.policy.shaping.listed, dnsbl.threshold) is shaped
+                              (SessionTable.shape: evicted first, held to
+                              dnsbl.listed_per_ip_max: over it, closed now with the per-IP 421,
+                              SessionTable.close_listed, unless inside DATA)
 
 Rules: evidence only promotes (a fast connection is never demoted or refused by a check); a
 verdict that arrives after the connection went changes nothing; a refusal that arrives after
@@ -43,6 +47,7 @@ from ingress.edge.connection import Connection
 from ingress.edge.host import SessionHost
 from ingress.policy.checks import NO_VERDICT, Stage, Verdict
 from ingress.policy.conn_state import ConnState
+from ingress.policy.shaping import listed
 
 __all__ = ["apply", "held", "start"]
 
@@ -89,6 +94,12 @@ def apply(conn: Connection, ctx: SessionHost, verdict: Verdict) -> str:
         return ""
     if verdict.refusal and conn.state in (ConnState.WAITING, ConnState.EARLY_TALK):
         return verdict.refusal
+    if verdict.score > 0 and conn.seat is not None \
+            and listed(conn.evidence.bulk_score, ctx.cfg.dnsbl.threshold) \
+            and ctx.table.shape(conn.seat, conn.evidence.bulk_score, time.monotonic()) \
+            and not conn.busy:
+        ctx.table.close_listed(conn.seat)
+        return ""
     decision = ctx.decide(conn.evidence, peer=conn.peer_ip)
     conn.reasons = decision.reasons
     if decision.lane is Lane.FAST and conn.seat is not None:

@@ -29,7 +29,9 @@ What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; th
   network, sender and a recipient it deferred) takes its site's part of admission.retry_share
   first, and the cap only when that is spent (the envelope then carries evidence.retry,
   which the bulk broker honours with its own retry bucket), and may carry only recipients
-  of the deferred transaction (another: 451, recorded); then recipient verification
+  of the deferred transaction (another: 451, recorded); a DNS-block-listed client
+  (ingress.policy.shaping.listed) never claims one, and its deferrals record nothing
+  (ingress.edge.retries); then recipient verification
   (ingress/edge/rcpt_verify.py, cached, at most smtp.verify_per_session callouts a session; over
   that 450: never an amplifier);
 - DATA: data_verdict (bare CR or LF: 550 5.6.0, SMTP smuggling); then the message goes to its
@@ -63,7 +65,7 @@ from ingress.core.wire import Envelope, Lane, new_qid
 from ingress.edge.host import SessionHost
 from ingress.edge.rcpt_verify import Answer
 from ingress.edge.smtp import IngressSMTP
-from ingress.policy import replies, session_rules
+from ingress.policy import replies, session_rules, shaping
 from ingress.policy.classify import AuthResult, decide, promote
 from ingress.policy.identity import served_over_share
 from ingress.policy.replies import Refusal, text
@@ -204,9 +206,10 @@ class IngressHandler:
         ctx = self.ctx
         sender = envelope.mail_from or ""
         claim = server.retry_claim
+        listed = self.listed(server)
         if server.txn_deferred or (claim is not None and not claim.covers((rcpt,))):
             server.deferred_rcpts += 1
-            ctx.retries.deferred(server.peer_ip, sender, (rcpt,), None)
+            ctx.retries.deferred(server.peer_ip, sender, (rcpt,), None, listed)
             metrics.recipient(server.lane, RcptResult.DEFERRED)
             log.refused("shed", server.peer_ip, stage="rcpt", code=451,
                         reason="deferred_transaction" if server.txn_deferred
@@ -215,17 +218,21 @@ class IngressHandler:
             return text(Refusal.LANE_BUSY)
         if claim is not None:
             return None
-        server.retry_claim = ctx.retries.retry_claim(server.peer_ip, sender, rcpt)
+        server.retry_claim = ctx.retries.retry_claim(server.peer_ip, sender, rcpt, listed)
         if server.retry_claim is not None or await ctx.bulk_mail_admitted():
             server.txn_admitted = True
             return None
         server.txn_deferred = True
         server.deferred_rcpts += 1
         server.counters = session_rules.mail_deferred(server.counters)
-        ctx.retries.deferred(server.peer_ip, sender, (rcpt,), DeferReason.RCPT_CAP)
+        ctx.retries.deferred(server.peer_ip, sender, (rcpt,), DeferReason.RCPT_CAP, listed)
         metrics.recipient(server.lane, RcptResult.DEFERRED)
         return await self.shed(server, DeferReason.RCPT_CAP, "rcpt", sender=sender[:200],
                                rcpt=rcpt[:200])
+
+    def listed(self, server: IngressSMTP) -> bool:
+        """A DNS block list listed this client: its deferrals earn no retry bypass."""
+        return shaping.listed(server.evidence.bulk_score, self.ctx.cfg.dnsbl.threshold)
 
     async def verify(self, server: IngressSMTP, address: str) -> Answer:
         """The downstream's answer for `address`: cached, or a callout if this session has not
@@ -292,7 +299,8 @@ class IngressHandler:
                   "sender": env.mail_from[:200], "rcpts": len(env.rcpts), "size": len(body),
                   "why": why, "ack_ms": ms}
         if reply is not None and reply.reason is not None and reply.reason.value == "rate":
-            ctx.retries.deferred(server.peer_ip, env.mail_from, env.rcpts, DeferReason.DATA_RATE)
+            ctx.retries.deferred(server.peer_ip, env.mail_from, env.rcpts, DeferReason.DATA_RATE,
+                                 self.listed(server))
             return await self.shed(server, DeferReason.DATA_RATE, "end_of_data", **fields)
         log.refused("not_queued", server.peer_ip, stage="end_of_data", code=451,
                     reason=str(why).replace(" ", "_"), **fields)

@@ -12,12 +12,19 @@ API:
         .cluster                      the shared state ([cluster] redis:
                                       ingress.edge.cluster_state), set once it exists (it is
                                       built with .on_record); None: this host only
-        .deferred(ip, sender, rcpts, reason)          we defer this bulk transaction
-        .retry_claim(ip, sender, rcpt) -> Claim|None  its first RCPT: a ripe retry may go on
+        .deferred(ip, sender, rcpts, reason, listed=False)   we defer this bulk transaction
+        .retry_claim(ip, sender, rcpt, listed=False) -> Claim|None   its first RCPT: a ripe
+                                      retry may go on
         .deferred_accepted(lane, ip, sender, rcpts, claim)   a message got its 250
         .on_record(fact, doc)         another acceptor's deferral or claim (from the bulk
                                       broker's fan-out or from Redis)
         .store                        the records (ingress.policy.deferrals.DeferralStore)
+
+A DNS-block-listed client (listed=True: ingress.policy.shaping.listed, asked by the handler)
+earns nothing: its deferral is counted (metrics.deferred) but not recorded, here or anywhere
+(nor do its sheds count towards its site's hammering: a listed bot cannot void the records of
+an unlisted MTA beside it), and its retry never claims a record (one made before it was
+listed is left alone: retry result listed, retry_listed logged); the bulk cap applies.
 
 Sharing goes one way only: through Redis when it is up, else through the bulk broker, so no
 acceptor counts a fact twice. Clock: the wall clock (the records are shared between processes
@@ -59,7 +66,7 @@ class RetryRecords:
         self.cluster: ClusterState | None = None
 
     def deferred(self, ip: str, sender: str, rcpts: tuple[str, ...],
-                 reason: DeferReason | None) -> None:
+                 reason: DeferReason | None, listed: bool = False) -> None:
         """We defer this bulk transaction for the bulk cap (reason None: another recipient of
         a transaction deferred already, not another shed): remember it, here and (through the
         bulk broker, or Redis) in every other acceptor."""
@@ -67,6 +74,8 @@ class RetryRecords:
         key = self.store.key(ip, sender)
         if reason is not None:
             metrics.deferred(Lane.BULK, reason)
+        if listed:               # a listed client earns no retry evidence
+            return
         if not self.store.record(key, now, rcpts, origin=self.ident,
                                  sheds=0 if reason is None else 1):
             return
@@ -77,7 +86,7 @@ class RetryRecords:
                 "k": key, "f": rec.first, "t": now, "r": sorted(rec.rcpts)[:MAX_RCPTS],
                 "o": self.ident, "n": sheds, "h": int(rec.void)})
 
-    def retry_claim(self, ip: str, sender: str, rcpt: str) -> Claim | None:
+    def retry_claim(self, ip: str, sender: str, rcpt: str, listed: bool = False) -> Claim | None:
         """The first RCPT of a bulk transaction: a ripe retry of a deferred transaction (same
         network, sender, and a recipient it had) may go on within its site's part of the
         retry share (spending its record, here and everywhere); None: the bulk cap applies
@@ -86,6 +95,10 @@ class RetryRecords:
         key = self.store.key(ip, sender)
         result = self.store.check(key, (rcpt,), now)
         if result is ClaimResult.NONE:
+            return None
+        if listed:
+            metrics.retry(Lane.BULK, RetryResult.LISTED)
+            log.throttled("retry_listed", ip, net=key.split("|", 1)[0])
             return None
         if result is ClaimResult.TOO_EARLY:
             metrics.retry(Lane.BULK, RetryResult.TOO_EARLY)

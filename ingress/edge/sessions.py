@@ -16,6 +16,15 @@ API:
                                    (ingress.policy.tiers); an operator-tier seat that finds
                                    no slot takes an idle lower-tier session's (evict_for)
         spoke(seat)                it said something: never evicted for silence again
+        shape(seat, score, now) -> bool   a connect-check verdict listed this bulk seat
+                                   (ingress.policy.shaping.listed; the caller, ingress.edge.
+                                   connect_checks.apply, asks): it is evicted before any
+                                   unlisted seat, and counts against its IP key's
+                                   dnsbl.listed_per_ip_max (Admission.mark_listed). True: the
+                                   key is over it now; the caller closes this seat
+                                   (close_listed)
+        close_listed(seat)         ... with the per-IP 421, logged (evicted, reason
+                                   listed_per_ip) and counted (outcome listed-per-ip)
         promote(seat)              bulk -> fast (slot accounting; the lane's session gauge)
         demote(seat)               fast -> bulk, its identity's hold released (its domain went
                                    over classify.domain_rate); it has spoken: never evicted
@@ -40,7 +49,10 @@ API:
 Eviction: when the slots are full, session_rules.pick_eviction chooses the bulk session that has
 been connected longest without saying a word, if that is longer than
 admission.evict_silent_after (default 0: any); it gets 421 (seat.evict) and its slot goes to the
-newcomer. If none can go and the newcomer is of the operator (or third-party) tier,
+newcomer. A DNS-block-listed silent seat goes first (ingress.policy.shaping.SilentSeats: the
+highest score, then the longest silent, then the unlisted ones; the score arrives after
+admission, while the seat waits for its banner, and shape() moves the seat in O(1)).
+If none can go and the newcomer is of the operator (or third-party) tier,
 tiers.pick_victim chooses an idle session (not in DATA or its ack) of a lower tier, bulk first,
 then self-proven: it gets 421 4.7.0 (evicted) and its slot goes to the newcomer. A lower tier
 never takes a higher one's slot. A real MTA speaks within milliseconds of the banner; a
@@ -59,12 +71,13 @@ silent accept-and-close on EMFILE; the first refusal the cap causes is logged (f
 then at most once a minute).
 
 Failure modes: none raised; refusals are lines. Limits: per acceptor (admission's limits); the
-silent set holds bulk sessions only, in admission order (so the first is the longest-silent).
+silent set holds bulk sessions only, in admission order within a class (so each class's first is
+its longest-silent).
 """
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import Protocol
 
 from ingress.core import log, metrics
@@ -81,6 +94,7 @@ from ingress.policy.classify import Decision
 from ingress.policy.identity import fast_slots, over_share, over_share_reason, share_key
 from ingress.policy.replies import Refusal, text
 from ingress.policy.session_rules import pick_eviction
+from ingress.policy.shaping import SilentSeats
 from ingress.policy.tiers import (
     Tier,
     TierShares,
@@ -121,9 +135,10 @@ class SessionTable:
             max_connections=max_connections, fast_reserve=fast_reserve,
             per_ip_bulk_max=a.per_ip_bulk_max, per_ip_rate=a.per_ip_rate,
             per_ip_burst=a.per_ip_burst, penalty_s=a.penalty, ipv6_prefix=a.ipv6_prefix,
-            per_ip_fast_max=a.per_ip_fast_max, shares=TierShares.of(cfg)))
+            per_ip_fast_max=a.per_ip_fast_max, shares=TierShares.of(cfg),
+            listed_per_ip_max=cfg.dnsbl.listed_per_ip_max, listed_ttl=cfg.dnsbl.listed_ttl))
         self.sessions: set[Seat] = set()
-        self.silent: OrderedDict[Seat, float] = OrderedDict()   # bulk, not spoken yet
+        self.silent: SilentSeats[Seat] = SilentSeats()   # bulk, not spoken yet
         # evict_rate: 0 = never (None), inf = no limit (a rate-0 bucket always has a token)
         self.evictions = None if a.evict_rate <= 0 else TokenBucket(0.0) \
             if a.evict_rate == float("inf") else \
@@ -199,7 +214,7 @@ class SessionTable:
         seat.conn.ticket = verdict.ticket
         self.sessions.add(seat)
         if seat.conn.lane is Lane.BULK:
-            self.silent[seat] = now
+            self.silent.add(seat, now)
         else:
             self._hold(seat)
         return None
@@ -216,14 +231,33 @@ class SessionTable:
                   hint="raise LimitNOFILE / ulimit -n")
 
     def evict_silent(self, now: float) -> bool:
-        victim = pick_eviction(self.silent, now, silent_after=self.cfg.admission.evict_silent_after,
+        victim = pick_eviction(self.silent.heads(), now,
+                               silent_after=self.cfg.admission.evict_silent_after,
                                bucket=self.evictions)
         if victim is None:
             return False
+        listed = self.silent.score(victim) > 0
         self.counters["evicted_silent"] += 1
+        if listed:
+            self.counters["evicted_listed"] += 1
         metrics.connection(victim.conn.lane, Outcome.EVICTED_SILENT)
-        victim.evict(text(Refusal.EVICTED_SILENT, host=self.cfg.smtp.hostname), "silent")
+        victim.evict(text(Refusal.EVICTED_SILENT, host=self.cfg.smtp.hostname),
+                     "silent_listed" if listed else "silent")
         return True
+
+    def shape(self, seat: Seat, score: float, now: float) -> bool:
+        """A verdict listed this bulk seat with `score` (module docstring)."""
+        if seat not in self.sessions or seat.conn.lane is not Lane.BULK:
+            return False
+        self.silent.mark(seat, score)
+        return seat.conn.ticket is not None and self.admission.mark_listed(seat.conn.ticket, now)
+
+    def close_listed(self, seat: Seat) -> None:
+        """Its IP key holds more listed sessions than dnsbl.listed_per_ip_max: this one (the
+        newest listed) goes, with the line admission's per-IP refusal has."""
+        self.counters[f"refused_{Reason.LISTED_PER_IP.value}"] += 1
+        metrics.connection(seat.conn.lane, Outcome.LISTED_PER_IP)
+        seat.evict(text(Refusal.PER_IP), "listed_per_ip")
 
     def evict_for(self, tier: Tier, newcomer: Seat) -> bool:
         """No slot for a newcomer of `tier`: close an idle session of a lower tier
@@ -241,7 +275,7 @@ class SessionTable:
         return True
 
     def spoke(self, seat: Seat) -> None:
-        self.silent.pop(seat, None)
+        self.silent.pop(seat)
 
     def swap(self, old: Seat, new: Seat) -> None:
         """A lobby seat (ingress.edge.lobby) became a session: `new` holds the slot now. It is
@@ -249,13 +283,13 @@ class SessionTable:
         if old in self.sessions:
             self.sessions.discard(old)
             self.sessions.add(new)
-        self.silent.pop(old, None)
+        self.silent.pop(old)
 
     def release(self, seat: Seat) -> None:
         if seat in self.sessions:
             self._unhold(seat)
         self.sessions.discard(seat)
-        self.silent.pop(seat, None)
+        self.silent.pop(seat)
         if seat.conn.ticket is not None:
             self.admission.release(seat.conn.ticket)
 
@@ -263,7 +297,7 @@ class SessionTable:
         """Bulk -> fast, in the tier of seat.conn.identity (set by the caller before)."""
         if seat.conn.ticket is not None:
             self.admission.promote(seat.conn.ticket, fast_tier(seat.conn.identity))
-        self.silent.pop(seat, None)      # a fast session is never evicted for being silent
+        self.silent.pop(seat)            # a fast session is never evicted for being silent
         if seat.conn.admitted and seat.conn.lane is not Lane.FAST:
             metrics.session_close(seat.conn.lane)
             metrics.session_open(Lane.FAST)

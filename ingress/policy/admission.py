@@ -12,7 +12,8 @@ API
     AdmissionLimits(max_connections, fast_reserve, per_ip_bulk_max, per_ip_rate,
                     per_ip_burst, ipv6_prefix=64, penalty_s=300.0,
                     max_tracked_ips=65536, max_penalised=65536, per_ip_fast_max=0,
-                    shares=TierShares())                            frozen, validated
+                    shares=TierShares(), listed_per_ip_max=0, listed_ttl=0.0)
+                                                                    frozen, validated
     Admission(limits)
         try_admit(ip, lane, now, tier=Tier.OPERATOR) -> Verdict   Verdict.admitted / .ticket /
                                                  .reason / .reply; `tier`: a fast session's
@@ -23,9 +24,16 @@ API
         release(ticket) -> None                  idempotent
         promote(ticket, tier=Tier.OPERATOR) -> None   bulk -> fast slot accounting; never fails
         demote(ticket) -> None                   fast -> bulk slot accounting; never fails
+        mark_listed(ticket, now) -> bool         a DNS block list listed this bulk session
+                                                 (ingress.policy.shaping.listed): it counts
+                                                 against its IP key's listed_per_ip_max, and
+                                                 the key is remembered listed for listed_ttl;
+                                                 True: the key now holds more listed sessions
+                                                 than that (the caller closes this one, 421)
+        is_listed(ip, now) -> bool               the key is remembered listed
         penalise(ip, now) / is_penalised(ip, now)  early-talker penalty box (bounded)
         in_use / fast_in_use / bulk_in_use / bulk_for(ip) / held(tier) / fast_for(ip)
-                                                 counters for metrics and tests
+                                                 listed_for(ip): counters for metrics, tests
     Refusal                  StrEnum: why a connection was refused (metric label)
     ip_key(ip, ipv6_prefix) -> str               the per-IP accounting key (ingress.core.addr's)
     stress_timeouts(normal_idle, saturated, stress_idle=10.0) -> float
@@ -49,7 +57,15 @@ Rules
       free: in_use + max(0, fast_reserve - fast_in_use) < max_connections.
     * bulk, per IP key, checked in this order: penalty box (421), connection-rate token bucket
       (421; every bulk attempt that reaches it spends a token, refused or not - it measures
-      attempts, like Postfix anvil), concurrency cap (421), slots (421).
+      attempts, like Postfix anvil), concurrency cap (421), the listed cap (below), slots.
+    * listed (issue 18 item 3: a DNS block-list score only shapes bulk): a key remembered
+      listed (mark_listed, within listed_ttl) is held to listed_per_ip_max concurrent bulk
+      sessions, all of them counted (a pending verdict is most likely another listing: a
+      burst of connections is refused here, before any DNS): "listed-per-ip", the per-IP
+      421's line. When a verdict lists a session, mark_listed counts the key's listed bulk
+      sessions; over the cap, the caller closes the one just listed (the newest listing).
+      A listed session that is promoted stops counting (evidence only promotes); demoted,
+      it counts again. listed_per_ip_max 0: no listed cap (per_ip_bulk_max alone).
     * promote(ticket, tier): a session admitted as bulk and later classified fast moves its
       slot from the bulk count to its tier's count and frees its per-IP bulk count. The total
       is unchanged, so promotion can never fail or evict anyone (fast may exceed its reserve);
@@ -68,7 +84,8 @@ Limits
       client's connections across acceptors, so per-IP limits are per acceptor too.
     * Per-IP rate state is bounded (max_tracked_ips, least-recently-used evicted: an evicted
       IP starts again with a full bucket). The penalty box is bounded (max_penalised,
-      soonest-expiring evicted).
+      soonest-expiring evicted), and so are the keys remembered listed (max_tracked_ips,
+      soonest-expiring forgotten: a forgotten key waits for its DNS verdict again).
 """
 
 from __future__ import annotations
@@ -102,11 +119,15 @@ class Refusal(StrEnum):
     PER_IP = "per-ip"
     RATE = "rate"
     PENALISED = "penalised"
+    LISTED_PER_IP = "listed-per-ip"   # a key remembered listed, at listed_per_ip_max
 
 
 # The reply lines are ingress.policy.replies' table (same values: the metric labels).
+# A listed key's refusal is the per-IP one's line: a client learns nothing of the listing.
+_REPLY_OF = {Refusal.LISTED_PER_IP: Refusal.PER_IP}
 _REPLIES: dict[Refusal, str | None] = {
-    r: None if r is Refusal.ADMITTED else replies.text(replies.Refusal(r.value)) for r in Refusal}
+    r: None if r is Refusal.ADMITTED else replies.text(replies.Refusal(_REPLY_OF.get(r, r).value))
+    for r in Refusal}
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +143,8 @@ class AdmissionLimits:
     max_penalised: int = 65536
     per_ip_fast_max: int = 0   # fast sessions of the capped tiers per IP key; 0 = no cap
     shares: TierShares = field(default_factory=TierShares)
+    listed_per_ip_max: int = 0  # bulk sessions per listed IP key; 0 = no listed cap
+    listed_ttl: float = 0.0     # seconds a key is remembered listed; 0 = not remembered
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
@@ -138,8 +161,8 @@ class AdmissionLimits:
             raise ValueError("penalty_s must be >= 0")
         if self.max_tracked_ips < 1 or self.max_penalised < 1:
             raise ValueError("max_tracked_ips and max_penalised must be >= 1")
-        if self.per_ip_fast_max < 0:
-            raise ValueError("per_ip_fast_max must be >= 0")
+        if self.per_ip_fast_max < 0 or self.listed_per_ip_max < 0 or self.listed_ttl < 0:
+            raise ValueError("per_ip_fast_max, listed_per_ip_max and listed_ttl must be >= 0")
 
     @property
     def bulk_share(self) -> int:
@@ -159,7 +182,7 @@ def stress_timeouts(normal_idle: float, saturated: bool, stress_idle: float = 10
 class Ticket:
     """A held slot. Hand it back with Admission.release(); promote with Admission.promote()."""
 
-    __slots__ = ("id", "ip", "key", "lane", "released", "tier")
+    __slots__ = ("id", "ip", "key", "lane", "listed", "released", "tier")
 
     def __init__(self, id: int, ip: str, key: str, lane: Lane,
                  tier: Tier = Tier.UNKNOWN) -> None:
@@ -168,6 +191,7 @@ class Ticket:
         self.key = key
         self.lane = lane
         self.tier = tier          # its fast tier (UNKNOWN while bulk)
+        self.listed = False       # a DNS block list listed it (mark_listed)
         self.released = False
 
     def __repr__(self) -> str:
@@ -214,6 +238,8 @@ class Admission:
         self._per_ip_fast: dict[str, int] = {}    # capped tiers' fast sessions per IP key
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()   # per-IP connection rate
         self._penalties = _PenaltyBox(limits.max_penalised)
+        self._per_ip_listed: dict[str, int] = {}   # listed bulk sessions per IP key
+        self._listed_keys = ExpiryMap(limits.max_tracked_ips)   # key -> remembered until
         self._ids = itertools.count(1)
 
     # ------------------------------------------------------------------ counters
@@ -231,6 +257,10 @@ class Admission:
 
     def bulk_for(self, ip: str) -> int:
         return self._per_ip_bulk.get(ip_key(ip, self.limits.ipv6_prefix), 0)
+
+    def listed_for(self, ip: str) -> int:
+        """Listed bulk sessions from this IP key."""
+        return self._per_ip_listed.get(ip_key(ip, self.limits.ipv6_prefix), 0)
 
     def fast_for(self, ip: str) -> int:
         """Fast sessions of the capped tiers from this IP key."""
@@ -285,6 +315,9 @@ class Admission:
             return self._refuse(Lane.BULK, Refusal.RATE)
         if self._per_ip_bulk.get(key, 0) >= lim.per_ip_bulk_max:
             return self._refuse(Lane.BULK, Refusal.PER_IP)
+        if lim.listed_per_ip_max and self._per_ip_bulk.get(key, 0) >= lim.listed_per_ip_max \
+                and self._listed_keys.get(key, now) is not None:
+            return self._refuse(Lane.BULK, Refusal.LISTED_PER_IP)
         if not self._admits(Tier.UNKNOWN):
             return self._refuse(Lane.BULK, Refusal.SLOTS)
         self.bulk_in_use += 1
@@ -300,6 +333,8 @@ class Admission:
         else:
             self.bulk_in_use -= 1
             decrement(self._per_ip_bulk, ticket.key)
+            if ticket.listed:
+                decrement(self._per_ip_listed, ticket.key)
 
     def promote(self, ticket: Ticket, tier: Tier = Tier.OPERATOR) -> None:
         """Move a held bulk slot to the fast lane, to `tier`. No-op if already fast or
@@ -310,6 +345,8 @@ class Admission:
         ticket.lane = Lane.FAST
         self.bulk_in_use -= 1
         decrement(self._per_ip_bulk, ticket.key)
+        if ticket.listed:
+            decrement(self._per_ip_listed, ticket.key)
         self._take_fast(ticket.key, tier)
         ticket.tier = tier
 
@@ -321,6 +358,27 @@ class Admission:
         ticket.lane = Lane.BULK
         self.bulk_in_use += 1
         self._per_ip_bulk[ticket.key] = self._per_ip_bulk.get(ticket.key, 0) + 1
+        if ticket.listed:
+            self._per_ip_listed[ticket.key] = self._per_ip_listed.get(ticket.key, 0) + 1
+
+    # ------------------------------------------------------------------ block-listed clients
+
+    def mark_listed(self, ticket: Ticket, now: float) -> bool:
+        """A verdict listed this session (ingress.policy.shaping.listed). True: its key now
+        holds more listed bulk sessions than listed_per_ip_max (close this one: the newest)."""
+        lim = self.limits
+        if ticket.released or ticket.lane is not Lane.BULK:
+            return False
+        if lim.listed_ttl > 0:
+            self._listed_keys.put(ticket.key, now + lim.listed_ttl, now)
+        if not ticket.listed:
+            ticket.listed = True
+            self._per_ip_listed[ticket.key] = self._per_ip_listed.get(ticket.key, 0) + 1
+        return bool(lim.listed_per_ip_max) \
+            and self._per_ip_listed[ticket.key] > lim.listed_per_ip_max
+
+    def is_listed(self, ip: str, now: float) -> bool:
+        return self._listed_keys.get(ip_key(ip, self.limits.ipv6_prefix), now) is not None
 
     # ------------------------------------------------------------------ early talkers
 

@@ -23,11 +23,13 @@ API:
         bulk lane) runs between the two.
     data_verdict(body) -> Refused | None
         End of DATA: a bare CR or LF (SMTP smuggling) is 550 5.6.0.
-    pick_eviction(silent, now, silent_after=, bucket=) -> key | None
-        Slots are full: the session to evict, the longest-silent one (`silent`: the unproven
-        sessions that have not spoken, key -> since, oldest first), if it has been silent for
-        silent_after seconds and `bucket` (admission.evict_rate; None: evictions off) has a
-        token, which it then spends.
+    pick_eviction(candidates, now, silent_after=, bucket=) -> key | None
+        Slots are full: the session to evict. `candidates`: (key, since) of the unproven
+        sessions that have not spoken, in eviction order, each class's longest-silent one
+        (ingress.policy.shaping.SilentSeats.heads: the block-listed by score, highest first,
+        then the unlisted; a plain mapping's items(), oldest first, is one class). The first
+        that has been silent for silent_after seconds goes, if `bucket` (admission.evict_rate;
+        None: evictions off) has a token, which it then spends.
     rcpt_verdict(address, smtputf8=, domains=, primary_domain=, recipients=, accepted=,
                  max_recipients=) -> RcptVerdict
         The RCPT decision before any callout: the address to store (a bare "postmaster" becomes
@@ -74,7 +76,7 @@ and penalties are admission's business). Failure modes: none; every function is 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -198,14 +200,14 @@ def data_verdict(body: bytes) -> Refused | None:
     return None
 
 
-def pick_eviction(silent: Mapping[K, float], now: float, *, silent_after: float,
+def pick_eviction(candidates: Iterable[tuple[K, float]], now: float, *, silent_after: float,
                   bucket: TokenBucket | None) -> K | None:
-    if not silent or bucket is None:
+    if bucket is None:
         return None
-    victim, since = next(iter(silent.items()))
-    if now - since < silent_after or not bucket.take(now):
-        return None
-    return victim
+    for victim, since in candidates:
+        if now - since >= silent_after:
+            return victim if bucket.take(now) else None
+    return None
 
 
 def rcpt_verdict(address: str, *, smtputf8: bool, domains: frozenset[str], primary_domain: str,

@@ -420,18 +420,19 @@ def bucket(rate: float) -> TokenBucket:
 def test_pick_eviction(silent: dict[str, float], now: float, after: float, rate: float | None,
                        victim: str | None) -> None:
     b = bucket(rate) if rate is not None else None
-    assert session_rules.pick_eviction(silent, now, silent_after=after, bucket=b) == victim
+    assert session_rules.pick_eviction(silent.items(), now, silent_after=after,
+                                        bucket=b) == victim
 
 
 def test_pick_eviction_is_rate_limited() -> None:
     b = bucket(1.0)            # one eviction a second, burst 1
     silent = {"a": 0.0, "b": 0.0}
-    assert session_rules.pick_eviction(silent, 10.0, silent_after=5.0, bucket=b) == "a"
-    assert session_rules.pick_eviction(silent, 10.0, silent_after=5.0, bucket=b) is None
-    assert session_rules.pick_eviction(silent, 11.0, silent_after=5.0, bucket=b) == "a"
+    assert session_rules.pick_eviction(silent.items(), 10.0, silent_after=5.0, bucket=b) == "a"
+    assert session_rules.pick_eviction(silent.items(), 10.0, silent_after=5.0, bucket=b) is None
+    assert session_rules.pick_eviction(silent.items(), 11.0, silent_after=5.0, bucket=b) == "a"
 
 
 def test_pick_eviction_spends_no_token_when_nobody_qualifies() -> None:
     b = bucket(1.0)
-    assert session_rules.pick_eviction({"a": 9.0}, 10.0, silent_after=5.0, bucket=b) is None
+    assert session_rules.pick_eviction({"a": 9.0}.items(), 10.0, silent_after=5.0, bucket=b) is None
     assert b.tokens(10.0) == 1.0
