@@ -67,6 +67,7 @@ from enum import StrEnum
 
 from ingress.core.dnslist_sites import Filter, Site, parse_filter, parse_reply_map, parse_site
 from ingress.policy.checks import Judgement
+from ingress.policy.shaping import listed
 from ingress.policy.tiers import dnswl_identity
 
 __all__ = ["DNSWL_TRUST_LEVELS", "Filter", "Site", "State", "ZoneHealth", "ZoneResult",
@@ -250,7 +251,7 @@ def dnsbl_judgement(results: Mapping[str, ZoneResult], sites: Sequence[Site], th
     score, hits = matching(sites, results)
     zones = list(dict.fromkeys(public(site.zone, names) for site, _ in hits))
     temp = _temp_reasons("dnsbl", results.values(), names)
-    if score <= 0 or score < threshold:
+    if not listed(score, threshold):       # the one "listed" rule (policy.shaping)
         return Judgement.neutral("dnsbl", temp[0] if temp else "")
     facts = (("dnsbl_score", f"{score:g}"), ("dnsbl_zones", ",".join(zones)))
     if reject_threshold > 0 and score >= reject_threshold:
