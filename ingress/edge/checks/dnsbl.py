@@ -6,8 +6,10 @@ Purpose
     the client (ingress.edge.checks._dnslist: cached, health-tested zones through the
     acceptor's one DNS client); the matching sites' weights add up (ingress.policy.dnslist).
     A score at dnsbl.threshold SHAPES the bulk seat ("dnsbl:<score>"; facts dnsbl_score and
-    dnsbl_zones); at dnsbl.reject_threshold it is REFUSED at the banner with 554 5.7.1 naming
-    the zones by their public names (reply_map), and a `dnsbl_reject` line is logged. A
+    dnsbl_zones; what shaping does: ingress.policy.shaping, applied by
+    ingress.edge.connect_checks); at dnsbl.reject_threshold it is REFUSED at the banner with
+    554 5.7.1 naming the zones by their public names (reply_map), and a `dnsbl_reject` line is
+    logged. A
     promoted client (allow list, certificate, DNS allow list) is never shaped or refused
     (ingress.policy.checks.combine). holds_banner: a bulk banner waits for it (up to
     checks.connect_deadline).
