@@ -28,7 +28,13 @@ from pathlib import Path
 
 from ingress.core import derived
 from ingress.core.fieldspec import bounded, choice, documented
-from ingress.core.schema_evidence import ChecksConfig, DmarcConfig, DnsblConfig, DnswlConfig
+from ingress.core.schema_evidence import (
+    ChecksConfig,
+    DmarcConfig,
+    DnsblConfig,
+    DnswlConfig,
+    IprevConfig,
+)
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SCHED_POLICIES = ("other", "batch", "idle")     # lanes.<lane>.sched_policy (ingress.core.child)
@@ -446,6 +452,7 @@ class Config:
     dmarc: DmarcConfig = DmarcConfig()        # noqa: RUF009 (frozen: immutable)
     dnswl: DnswlConfig = DnswlConfig()        # noqa: RUF009 (frozen: immutable)
     dnsbl: DnsblConfig = DnsblConfig()        # noqa: RUF009 (frozen: immutable)
+    iprev: IprevConfig = IprevConfig()        # noqa: RUF009 (frozen: immutable)
     source: str = "<embedded default>"      # the file it was loaded from (not a key)
 
     # Derived values: ingress.core.derived computes them (one rule, one implementation).

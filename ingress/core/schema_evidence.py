@@ -7,6 +7,7 @@ API
     DmarcConfig        [dmarc]: DMARC (RFC 7489) results in the workers' Authentication-Results
     DnswlConfig        [dnswl]: DNS allow lists (promotion to the third-party tier at connect)
     DnsblConfig        [dnsbl]: DNS block lists (a bulk suspicion score; refusal above a second)
+    IprevConfig        [iprev] (FCrDNS: ingress.edge.checks.iprev)
     (each check's own table is declared here beside it; Config holds them: ingress.core.schema)
 
 Failure modes: none here (fieldspec.check_fields applies the rules; config.load raises).
@@ -131,3 +132,17 @@ class DnsblConfig:
     cache_entries: int = _LIST()["cache_entries"]
     min_ttl: float = _LIST()["min_ttl"]
     max_ttl: float = _LIST()["max_ttl"]
+
+
+@dataclass(frozen=True)
+class IprevConfig:
+    """FCrDNS (iprev, RFC 8601 2.7.3: ingress.edge.checks.iprev): the client's PTR name
+    confirmed forward at connect, without holding the banner; its result goes into
+    Authentication-Results, and a verified name's organisational domain is a provider
+    identity that learned entries cover (a provider's pool instead of one address)."""
+    enabled: bool = documented(True, "look up and confirm the client's PTR name at connect "
+                               "(on wherever DNS is configured; without DNS no check runs)")
+    deadline: float = bounded(3.0, 0, 30, "seconds the PTR and forward lookups of one "
+                              "connection may take in all; then iprev=temperror", gt=True)
+    max_names: int = bounded(3, 1, 10, "PTR names confirmed at most (sorted; Postfix and "
+                             "Sendmail confirm one; RFC 7208 bounds SPF's ptr walk at 10)")

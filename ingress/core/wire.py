@@ -10,12 +10,16 @@ the routing-id frames themselves; the frames below are what the application send
     worker  <-> broker   HEARTBEAT  [b"SI2", b"HEARTBEAT", free]         free: ascii int (worker)
     worker   -> broker   DISCONNECT [b"SI2", b"DISCONNECT"]              leaving: no more work
     broker   -> worker   DISCONNECT [b"SI2", b"DISCONNECT"]              read it: nothing follows
-    any      -> broker   SHARE      [b"SI2", b"SHARE", fact, ip(, domain)]  a fact about a client
-                                     IP: fact b"learn" (worker: SPF + aligned DKIM passed, and
-                                     the policy promotes the domain; `domain` is the SPF domain
-                                     it was learned for), b"unlearn" (worker: mail from a
-                                     learned network failed SPF or DKIM: forget its entry) or
-                                     b"penalty" (acceptor: an early talker)
+    any      -> broker   SHARE      [b"SI2", b"SHARE", fact, ip(, domain(, provider))]  a fact
+                                     about a client IP: fact b"learn" (worker: SPF + aligned
+                                     DKIM passed, and the policy promotes the domain; `domain`
+                                     is the SPF domain it was learned for; `provider`, when the
+                                     client's PTR name was confirmed forward and names one
+                                     (ingress.policy.iprev): learn the provider for the domain
+                                     too), b"unlearn" (worker: mail from a learned network, or
+                                     of a learned provider, failed SPF or DKIM: forget its
+                                     entry; `domain` "", `provider` the provider entry to
+                                     forget) or b"penalty" (acceptor: an early talker)
     worker   -> broker   ACK/NACK   [b"SI2", b"ACK"|b"NACK", reply_to, qid, detail]
     broker   -> acceptor ACK/NACK   [b"SI2", b"ACK"|b"NACK", qid, detail]
     broker   PUB status  STATUS     [b"status", b"SI2", status-json]     topic frame first
@@ -26,7 +30,8 @@ the routing-id frames themselves; the frames below are what the application send
                                      "h": 1 made while its site hammered} (defer) or {"k",
                                      "t", "o", "b": 1 a bypass, charged to its site} (claim),
                                      at most RECORD_MAX bytes
-    broker   PUB fact    SHARE      [fact, b"SI2", ip(, domain)]         every acceptor applies it
+    broker   PUB fact    SHARE      [fact, b"SI2", ip(, domain(, provider))]  every acceptor
+                                     applies it
     broker   PUB record  SHARE      [fact, b"SI2", record-json]          (defer / claim) likewise
 
 `envelope` is orjson of `Envelope` (keys below, stable); `body` is the client's raw message bytes
@@ -47,7 +52,8 @@ evidence has `learned` = <domain> came from a network learned for that domain wh
 session began (the worker unlearns it when the message disowns it: workers.lane.pipeline).
 One with `retry` is a claimed retry of a transaction we deferred (ingress.policy.deferrals):
 the bulk broker charges it to its retry bucket first. New record facts and evidence fields
-are additive (a new SHARE fact, an optional field), so the version stays SI2: every process
+are additive (a new SHARE fact, an optional field; so is the provider frame of a learn or
+unlearn fact: a fact without it names none), so the version stays SI2: every process
 of a host runs the same code (the supervisor starts them all). So is the envelope's "proto"
 ("SMTP" when the client greeted with HELO, "ESMTP" with EHLO; the relay forwards it with
 XCLIENT/XFORWARD): written only when set, and an envelope without it (a spool file written
@@ -239,8 +245,10 @@ def disconnect() -> list[bytes]:
     return [VERSION, Kind.DISCONNECT.value]
 
 
-def share(fact: bytes, ip: str, domain: str = "") -> list[bytes]:
+def share(fact: bytes, ip: str, domain: str = "", provider: str = "") -> list[bytes]:
     frames = [VERSION, Kind.SHARE.value, fact, ip.encode("ascii")]
+    if provider:
+        return [*frames, domain.encode("ascii", "replace"), provider.encode("ascii", "replace")]
     return [*frames, domain.encode("ascii", "replace")] if domain else frames
 
 
@@ -252,7 +260,7 @@ def share_record(fact: bytes, doc: Mapping[str, object]) -> list[bytes]:
 def shared_publication(frames: list[bytes]) -> list[bytes]:
     """What a broker publishes for a SHARE message it received (validated), or WireError."""
     payload = frames[2:]
-    if len(frames) < 2 or len(payload) not in (2, 3):
+    if len(frames) < 2 or len(payload) not in (2, 3, 4):
         expect(frames, 2)    # raises WireError with the frame count
     fact = payload[0]
     if fact in RECORD_FACTS:
@@ -339,16 +347,26 @@ _DOMAIN = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 
 def decode_shared(frames: list[bytes]) -> tuple[bytes, str, str]:
     """(fact, IP address, domain or "") of a fact publication (validated), or WireError."""
-    if len(frames) not in (3, 4) or frames[0] not in SHARED_FACTS or frames[1] != VERSION:
+    if len(frames) not in (3, 4, 5) or frames[0] not in SHARED_FACTS or frames[1] != VERSION:
         raise WireError("bad fact publication")
     try:
         ip = str(ipaddress.ip_address(frames[2].decode("ascii")))
     except (UnicodeDecodeError, ValueError):
         raise WireError(f"bad address {frames[2][:50]!r}") from None
-    domain = frames[3].decode("ascii", "replace").lower() if len(frames) == 4 else ""
+    return frames[0], ip, _domain_frame(frames, 3)
+
+
+def shared_provider(frames: list[bytes]) -> str:
+    """The provider a fact publication names ("" for none), or WireError (decode_shared first:
+    this reads the optional fifth frame only)."""
+    return _domain_frame(frames, 4)
+
+
+def _domain_frame(frames: list[bytes], at: int) -> str:
+    domain = frames[at].decode("ascii", "replace").lower() if len(frames) > at else ""
     if domain and (len(domain) > 253 or not _DOMAIN.fullmatch(domain)):
-        raise WireError(f"bad domain {frames[3][:50]!r}")
-    return frames[0], ip, domain
+        raise WireError(f"bad domain {frames[at][:50]!r}")
+    return domain
 
 
 def decode_record(frames: list[bytes]) -> tuple[bytes, dict[str, object]]:

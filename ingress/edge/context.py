@@ -306,21 +306,28 @@ class AcceptorContext:
 
     # --- the learned allow cache: what the workers learn and unlearn ---------------------------
 
-    def learned_from_lane(self, ip: str, domain: str = "") -> None:
-        """A worker learned `ip` (every acceptor of this edge hears it from the lane brokers);
-        acceptor 0 records it in Redis for the other edges, with the entries the quotas
-        evicted for it (so Redis holds what the quotas hold, not just the newest)."""
-        evicted = self.learned_store.learn(ip, time.time(), domain)
+    def learned_from_lane(self, ip: str, domain: str = "", provider: str = "") -> None:
+        """A worker learned `ip` (every acceptor of this edge hears it from the lane brokers),
+        and `provider` (its verified PTR name's provider identity, ingress.policy.iprev) for
+        the same domain; acceptor 0 records the network in Redis for the other edges, with the
+        entries the quotas evicted for it (so Redis holds what the quotas hold, not just the
+        newest; the providers stay in this edge)."""
+        now = time.time()
+        if provider and domain:
+            self.learned_store.learn_provider(provider, now, domain)
+        evicted = self.learned_store.learn(ip, now, domain)
         if self.cluster is not None and self.learned_writer:
             key = self.learned_store.allow.key(ip)
             if self.learned_store.allow.expiry(key) is not None:
                 self.cluster.share_learned(key, self.learned_store.allow.domain(key))
             self.cluster.forget_learned(evicted)
 
-    def unlearned_from_lane(self, ip: str) -> None:
-        """A worker saw mail from `ip`'s learned network fail SPF or DKIM: forget the entry
-        (every acceptor of this edge hears it; acceptor 0 removes it from Redis, whence the
-        other edges hear it too)."""
+    def unlearned_from_lane(self, ip: str, provider: str = "") -> None:
+        """A worker saw mail from `ip`'s learned network (or of the learned `provider`) fail
+        SPF or DKIM: forget the entry, and the provider's (every acceptor of this edge hears
+        it; acceptor 0 removes the network's from Redis, whence the other edges hear it too)."""
+        if provider and self.learned_store.unlearn_provider(provider) and self.learned_writer:
+            log.event("unlearned", peer=ip, provider=provider)
         key = self.learned_store.unlearn(ip)
         if not self.learned_writer:
             return

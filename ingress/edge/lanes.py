@@ -35,8 +35,10 @@ API:
         share_record(fact, doc)          a deferral record fact, likewise (wire.RECORD_FACTS)
         read_status(on_learn, on_penalty, on_record=None, on_unlearn=None)  background
                                          task: status and shared facts over SUB (one per lanes
-                                         node; on_learn(ip, domain): the domain it was learned
-                                         for; on_unlearn(ip): forget the ip's learned entry)
+                                         node; on_learn(ip, domain, provider): the domain it was
+                                         learned for, the provider to learn with it ("" none);
+                                         on_unlearn(ip, provider): forget the ip's learned
+                                         entry, and the provider's when one is named)
         tasks() -> coroutines            the background tasks of the clients
         close()                          destroys the ZeroMQ context
 
@@ -95,6 +97,7 @@ from ingress.core.wire import (
     decode_status,
     share,
     share_record,
+    shared_provider,
     submit,
 )
 from ingress.policy.identity import over_share_reason
@@ -343,20 +346,20 @@ class Lanes:
     def close(self) -> None:
         self.zctx.destroy(linger=0)
 
-    async def read_status(self, on_learn: Callable[[str, str], None],
+    async def read_status(self, on_learn: Callable[[str, str, str], None],
                           on_penalty: Callable[[str], None],
                           on_record: Callable[[bytes, dict[str, object]], None] | None = None,
-                          on_unlearn: Callable[[str], None] | None = None,
+                          on_unlearn: Callable[[str, str], None] | None = None,
                           ) -> None:
         """Status and shared facts from every lanes node (one SUB each), until cancelled."""
         await asyncio.gather(*(self._read_node_status(i, on_learn, on_penalty, on_record,
                                                       on_unlearn)
                                for i in range(len(self.nodes))))
 
-    async def _read_node_status(self, i: int, on_learn: Callable[[str, str], None],
+    async def _read_node_status(self, i: int, on_learn: Callable[[str, str, str], None],
                                 on_penalty: Callable[[str], None],
                                 on_record: Callable[[bytes, dict[str, object]], None] | None,
-                                on_unlearn: Callable[[str], None] | None = None,
+                                on_unlearn: Callable[[str, str], None] | None = None,
                                 ) -> None:
         node = self.nodes[i]
         sub = self.zctx.socket(zmq.SUB)
@@ -390,20 +393,21 @@ class Lanes:
                 if isinstance(over, list) else frozenset()
 
 
-def _apply_fact(frames: list[bytes], on_learn: Callable[[str, str], None],
+def _apply_fact(frames: list[bytes], on_learn: Callable[[str, str, str], None],
                 on_penalty: Callable[[str], None],
-                on_unlearn: Callable[[str], None] | None) -> None:
+                on_unlearn: Callable[[str, str], None] | None) -> None:
     """A fact about a client from a lane broker: decoded and applied, or logged and skipped."""
     try:
         fact, ip, domain = decode_shared(frames)
+        provider = shared_provider(frames)
     except WireError as e:
         log.event("wire_error", "warning", side="fact", error=str(e))
         return
     if fact == LEARN_TOPIC:
-        on_learn(ip, domain)
+        on_learn(ip, domain, provider)
     elif fact == UNLEARN_TOPIC:
         if on_unlearn is not None:
-            on_unlearn(ip)
+            on_unlearn(ip, provider)
     else:
         on_penalty(ip)
 

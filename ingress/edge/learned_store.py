@@ -13,6 +13,11 @@ API:
                                        them from Redis too, ingress.edge.cluster_state)
         unlearn(ip) -> str | None      forget the client's network (mail from it failed SPF or
                                        DKIM); its key, None if it was not learned
+        learn_provider(provider, now, domain) / provider_domain(provider, now) -> str
+        / unlearn_provider(provider) -> bool   the learned providers (FCrDNS provider
+                                       identities: ingress.policy.learned_provider), the same
+                                       TTL and per-domain quota, classify.learned_max in all;
+                                       in memory only (not in the file, not in Redis)
         allow                          the LearnedAllow itself (len(), to_json())
         dirty                          changed since the last snapshot
         snapshot(now) -> bytes | None  the JSON to save (purged), None when unchanged; clears
@@ -36,6 +41,7 @@ from typing import Any
 from ingress.core import log
 from ingress.core.config import Config
 from ingress.policy.learned import LearnedAllow
+from ingress.policy.learned_provider import ProviderLearned
 
 
 def _bounds(cfg: Config) -> dict[str, Any]:
@@ -64,6 +70,8 @@ class LearnedStore:
     def __init__(self, path: Path, cfg: Config) -> None:
         self.path = path
         self.allow = load_learned(path, cfg)
+        b = _bounds(cfg)
+        self.providers = ProviderLearned.of(b["ttl"], b["max_size"], b["per_domain"])
         self.dirty = False
 
     def contains(self, ip: str, now: float) -> bool:
@@ -83,6 +91,19 @@ class LearnedStore:
             return None
         self.dirty = True
         return key
+
+    def learn_provider(self, provider: str, now: float, domain: str) -> None:
+        try:
+            self.providers.learn(provider, now, domain)
+        except ValueError:
+            return
+        self.providers.take_evicted()
+
+    def provider_domain(self, provider: str, now: float) -> str:
+        return self.providers.domain(provider) if self.providers.contains(provider, now) else ""
+
+    def unlearn_provider(self, provider: str) -> bool:
+        return self.providers.unlearn(provider)
 
     def snapshot(self, now: float) -> bytes | None:
         if not self.dirty:

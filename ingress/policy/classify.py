@@ -25,6 +25,8 @@ API
     StaticAllow.from_cidrs(cidrs).contains(ip) / .match(ip) -> the matching entry (CIDR) or None
     (The learned allow cache that feeds Evidence.learned_allow: ingress.policy.learned.)
     learned_vouches(evidence) -> bool   the learned entry vouches for this transaction's domain
+    check_vouches(identity, evidence, policy) -> bool   a check's promotion holds (a learned
+                               identity, e.g. a learned provider, by learned_vouches' rule)
     should_learn(spf, dkim_aligned_pass, spf_domain, policy) -> bool  (obeys spf_promote)
     dkim_vouches(spf_domain, aligned_passes) -> bool   learning's DKIM condition: a pass
                                aligned with From: whose d= is of the SPF domain's organisation
@@ -43,7 +45,9 @@ Rules encoded here
     * SPF PASS promotes per policy.spf_promote: "any" domain, "listed" (spf_domain equal to or
       a subdomain of a listed domain), or "off";
     * an evidence check's promotion (Evidence.checked: a DNS allow list, a provider identity;
-      ingress.policy.checks) promotes; its other reason tokens are noted;
+      ingress.policy.checks) promotes; its other reason tokens are noted; one to a learned
+      identity (a learned provider: learned:<domain>) is held to that domain like a learned
+      entry (check_vouches; else noted "learned-mismatch:<domain>");
     * a FAST decision names its identity (ingress.policy.identity), from the strongest
       promoting evidence: the highest trust tier (ingress.policy.tiers), then the allow
       entry (Evidence.allow_entry), the certificate (Evidence.cert_fp), a check's identity,
@@ -240,9 +244,7 @@ def decide(evidence: Evidence, policy: ClassifyPolicy) -> Decision:
     elif cert is CertResult.UNTRUSTED:
         noted.append("cert-untrusted")
 
-    promoted = {reason for reason, _identity in evidence.checked}
-    promoting.extend(r for r, _i in evidence.checked)
-    noted.extend(r for r in evidence.check_reasons if r not in promoted)
+    _checked(evidence, policy, promoting, noted)
 
     spf = evidence.spf
     dom = normalize_domain(evidence.spf_domain) if evidence.spf_domain else ""
@@ -261,6 +263,18 @@ def decide(evidence: Evidence, policy: ClassifyPolicy) -> Decision:
     return Decision(Lane.BULK, tuple(noted) or ("no-evidence",))
 
 
+def _checked(evidence: Evidence, policy: ClassifyPolicy, promoting: list[str],
+             noted: list[str]) -> None:
+    """The checks' promotions (held by check_vouches) and their other reason tokens."""
+    promoted = {reason for reason, _identity in evidence.checked}
+    for reason, identity in evidence.checked:
+        if check_vouches(identity, evidence, policy):
+            promoting.append(reason)
+        else:
+            noted.extend((reason, f"learned-mismatch:{identity.partition(':')[2]}"))
+    noted.extend(r for r in evidence.check_reasons if r not in promoted)
+
+
 def _identity(evidence: Evidence, policy: ClassifyPolicy, spf_domain: str) -> str:
     """The strongest promoting evidence names the identity (called only for a FAST
     decision): the highest trust tier (ingress.policy.tiers), then in this order: the allow
@@ -271,7 +285,8 @@ def _identity(evidence: Evidence, policy: ClassifyPolicy, spf_domain: str) -> st
         candidates.append(allow_identity(evidence.allow_entry or "?"))
     if evidence.cert in (CertResult.VERIFIED, CertResult.PINNED) and policy.cert_promotes:
         candidates.append(cert_identity(evidence.cert_fp or "?"))
-    candidates.extend(identity for _reason, identity in evidence.checked)
+    candidates.extend(identity for _reason, identity in evidence.checked
+                      if check_vouches(identity, evidence, policy))
     if evidence.learned_allow and policy.learned_promotes and learned_vouches(evidence):
         candidates.append(learned_identity(evidence.learned_domain or "?"))
     if spf_domain and evidence.spf is AuthResult.PASS and policy.spf_promotes(spf_domain):
@@ -283,10 +298,23 @@ def learned_vouches(evidence: Evidence) -> bool:
     """Does the learned entry vouch for this session? At connect (no transaction yet:
     mail_domain None) provisionally yes; in a transaction only when the sender's organisational
     domain is the one the entry was learned for (an entry without a domain vouches for none)."""
-    if evidence.mail_domain is None:
+    return _vouches(evidence.learned_domain, evidence.mail_domain)
+
+
+def check_vouches(identity: str, evidence: Evidence, policy: ClassifyPolicy) -> bool:
+    """Does a check's promotion to `identity` hold for this session? A learned identity (a
+    learned provider: ingress.policy.iprev) is held to its domain by the rule of a learned
+    entry (learned_vouches), and promotes only where learned entries do; any other: yes."""
+    kind, _, domain = identity.partition(":")
+    return kind != "learned" or (policy.learned_promotes
+                                 and _vouches(domain, evidence.mail_domain))
+
+
+def _vouches(learned_domain: str | None, mail_domain: str | None) -> bool:
+    if mail_domain is None:
         return True
-    learned = org_domain(evidence.learned_domain or "")
-    return bool(learned) and org_domain(evidence.mail_domain) == learned
+    learned = org_domain(learned_domain or "")
+    return bool(learned) and org_domain(mail_domain) == learned
 
 
 def promote(current_lane: Lane, decision: Decision) -> Lane:

@@ -17,6 +17,9 @@ API
                                        "xn--bcher-kva.test"): every identity, share, domain
                                        rate, learned entry and metrics label built from it is
                                        one key per DNS name, however it was spelled.
+    registrable(domain) -> str         the organisational domain when there is one, else "" (a
+                                       public suffix or a single label is nobody's: FCrDNS
+                                       provider identities, ingress.policy.iprev)
     aligned(domain_a, domain_b) -> bool relaxed alignment (RFC 7489 3.1.1): both names valid and
                                        of the same organisational domain. The one rule for
                                        DKIM d= with From: (workers.lane.dkim_check, learning) and
@@ -78,6 +81,7 @@ __all__ = [
     "over_share",
     "over_share_reason",
     "rate_bounded",
+    "registrable",
     "served_over_share",
     "share_bound",
     "share_key",
@@ -100,6 +104,12 @@ def org_domain(domain: str) -> str:
         return ""
     org = _psl().privatesuffix(d)
     return str(org) if org else d
+
+
+def registrable(domain: str) -> str:
+    d = normalize_domain(domain)
+    org = _psl().privatesuffix(d) if d else None
+    return str(org) if org else ""
 
 
 def aligned(domain_a: str, domain_b: str | None) -> bool:

@@ -145,7 +145,12 @@ class LearnedAllow:
     def key(self, ip: str) -> str:
         """The entry key of an address, or of a key (a network, as persisted or shared):
         IPv4 address, or IPv6 /ipv6_prefix network. Raises ValueError for anything else."""
-        return _entry(ip, self.ipv6_prefix)[0]
+        return self._keys(ip)[0]
+
+    def _keys(self, ip: str) -> tuple[str, str]:
+        """(entry key, its network group) of an address or a key; ValueError for anything
+        else (a subclass keys its entries otherwise: ingress.policy.learned_provider)."""
+        return _entry(ip, self.ipv6_prefix)
 
     # --- the public operations --------------------------------------------------------------
 
@@ -163,7 +168,7 @@ class LearnedAllow:
         its organisational domain). Returns False if not stored (expired, bad ip, or older
         than everything of the quota it falls under)."""
         try:
-            key, net = _entry(ip, self.ipv6_prefix)
+            key, net = self._keys(ip)
         except ValueError:
             return False
         if now is not None and expires_at <= now:
@@ -263,7 +268,7 @@ class LearnedAllow:
 
     def per_net_count(self, ip: str) -> int:
         try:
-            return self._by_net.count(_entry(ip, self.ipv6_prefix)[1])
+            return self._by_net.count(self._keys(ip)[1])
         except ValueError:
             return 0
 

@@ -13,9 +13,12 @@ API
     strip_forged_ar(message, authserv_id) -> bytes
     authentication_results(authserv_id, *, spf=None, spf_domain=None, spf_helo=None,
                            dkim_results=(), dkim_checked=True, dmarc=None,
-                           comment=None, dnswl=None) -> bytes
+                           comment=None, dnswl=None, iprev=None, iprev_ip=None,
+                           iprev_name=None) -> bytes
         dmarc: an ingress.policy.dmarc.DmarcVerdict, rendered after the dkim resinfos
         dnswl: a DNS allow-list listing (zone, answer, TXT) as RFC 8904's resinfo, last
+        iprev (RFC 8601 2.7.3) first when given: "iprev=pass policy.iprev=192.0.2.1
+        (mail.example.com)" (the verified name as a comment)
     received_header(env, hostname) -> bytes   the client IP as an RFC 5321 address-literal
     address_literal(ip) -> str                "[192.0.2.1]", "[IPv6:2001:db8::1]"
     received_spf_header (ingress.core.headers', re-exported)
@@ -111,6 +114,9 @@ def authentication_results(
     dmarc: DmarcVerdict | None = None,
     comment: str | None = None,
     dnswl: tuple[str, str, str] | None = None,
+    iprev: str | None = None,
+    iprev_ip: str | None = None,
+    iprev_name: str | None = None,
 ) -> bytes:
     """Authentication-Results header field (RFC 8601), folded one resinfo per line, CRLF-ended.
 
@@ -128,6 +134,8 @@ def authentication_results(
     if comment:
         head += " (" + comment_text(comment) + ")"
     resinfos: list[str] = []
+    if iprev is not None:
+        resinfos.append(_iprev_resinfo(iprev, iprev_ip, iprev_name))
     if spf is not None:
         resinfos.append(_spf_resinfo(spf, spf_domain, spf_helo))
     resinfos.extend(_dkim_resinfo(res) for res in dkim_results)
@@ -140,6 +148,17 @@ def authentication_results(
     if not resinfos:
         return (head + "; none\r\n").encode("utf-8", "replace")
     return (head + ";\r\n\t" + ";\r\n\t".join(resinfos) + "\r\n").encode("utf-8", "replace")
+
+
+def _iprev_resinfo(iprev: str, ip: str | None, name: str | None) -> str:
+    """"iprev=<result> policy.iprev=<address> (<verified name>)" (RFC 8601 2.7.3)."""
+    r = f"iprev={_value(iprev)}"
+    addr = try_parse_ip(ip) if ip else None
+    if addr is not None:
+        r += f" policy.iprev={_value(str(addr))}"
+    if name:
+        r += f" ({comment_text(name[:253])})"
+    return r
 
 
 def _spf_resinfo(spf: str, spf_domain: str | None, spf_helo: str | None) -> str:

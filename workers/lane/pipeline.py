@@ -48,6 +48,12 @@ evidence.learned, set by the acceptor) and this message disowns it (classify.sho
 fail or softfail, an aligned DKIM signature failing with none passing, or, for a message served
 fast on the entry (identity learned:<domain>), no aligned DKIM signature at all; never on
 temperror. The worker then tells every acceptor to forget the entry.
+Providers (FCrDNS: ingress.policy.iprev): when the envelope's evidence names a verified
+`provider`, a learned client is learned with it (`provider`: every acceptor learns "provider P
+for domain D"); a message that rode the provider's entry (its reasons hold "provider:<P>", the
+iprev check's promotion) is judged by should_unlearn like one from a learned network, and its
+unlearn names the provider too. The A-R carries iprev (RFC 8601 2.7.3) when the acceptor's
+check ran (evidence.iprev, evidence.iprev_name).
 
 `dkim_pass` (stored in the spool file as the envelope's evidence.dkim_pass, for the relay): the
 canonical d= (ingress.core.addr.normalize_domain) of every signature that passed (() when none
@@ -100,6 +106,8 @@ class Processed:
     unlearn: str = ""        # why the client's learned network must be forgotten ("": keep)
     dkim_pass: tuple[str, ...] = ()   # canonical d= of the passing signatures: to the spool
     dmarc: DmarcVerdict | None = None   # None: DMARC is off
+    provider: str = ""       # learn: the provider learned with it; unlearn: the provider entry
+                             # to forget with it ("": none)
 
     def spool_envelope(self, env: Envelope) -> Envelope:
         """The envelope to store: env with this message's evidence (dkim_pass, dmarc) set."""
@@ -152,15 +160,19 @@ class Pipeline:
             self.authserv_id, spf=spf, spf_domain=ev.spf_domain or None,
             spf_helo=env.helo if spf and not ev.spf_domain else None,
             dkim_results=results, dmarc=verdict, comment=f"lane={env.lane.value}",
-            dnswl=(ev.dnswl, ev.dnswl_ip, ev.dnswl_txt) if ev.dnswl else None)
+            dnswl=(ev.dnswl, ev.dnswl_ip, ev.dnswl_txt) if ev.dnswl else None,
+            iprev=ev.iprev or None, iprev_ip=env.peer_ip, iprev_name=ev.iprev_name or None)
         received_spf = ev.received_spf.encode("ascii", "replace")
         trace = ar + received_spf + received_header(env, self.hostname)
         vouches = dkim_vouches(domain, (r.domain for r in results if r.aligned_pass))
         learn = should_learn(spf, vouches, domain, self.policy)
         rode = env.lane is Lane.FAST and ev.identity.startswith("learned:")
+        rode_provider = bool(ev.provider) and f"provider:{ev.provider}" in ev.reasons
         unlearn = "" if learn else should_unlearn(
-            bool(ev.learned), rode, spf, (r.result for r in results if r.aligned))
+            bool(ev.learned) or rode_provider, rode, spf,
+            (r.result for r in results if r.aligned))
         passed = dict.fromkeys(d for r in results if r.result is dkim_check.DkimResult.PASS
                                if (d := normalize_domain(r.domain)))
         return Processed(trace, body, results, learn=learn, learn_domain=domain if learn else "",
-                         unlearn=unlearn, dkim_pass=tuple(passed), dmarc=verdict)
+                         unlearn=unlearn, dkim_pass=tuple(passed), dmarc=verdict,
+                         provider=ev.provider if learn or (unlearn and rode_provider) else "")

@@ -367,11 +367,11 @@ class Worker:
                 continue
             self._send(worker_ack(job.reply_to, qid, res))
             if p.learn:
-                self._send(share(LEARN_TOPIC, env.peer_ip, p.learn_domain))
+                self._send(share(LEARN_TOPIC, env.peer_ip, p.learn_domain, p.provider))
             elif p.unlearn:
-                self._send(share(UNLEARN_TOPIC, env.peer_ip))
+                self._send(share(UNLEARN_TOPIC, env.peer_ip, "", p.provider))
                 log.event("unlearn", qid=env.qid, peer=env.peer_ip, why=p.unlearn,
-                          learned=env.evidence.learned)
+                          learned=env.evidence.learned, provider=p.provider)
             log.event("spooled", "debug", qid=env.qid, lane=env.lane.value, size=len(p.body),
                       rcpts=len(env.rcpts), batch=len(commit.jobs), write_ms=round(dt * 1000, 3),
                       dkim=",".join(f"{r.domain}:{r.result}" for r in p.dkim), learn=p.learn,
