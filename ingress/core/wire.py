@@ -27,7 +27,8 @@ the routing-id frames themselves; the frames below are what the application send
                                      fact b"defer" (we deferred it) or b"claim" (a retry
                                      used it); record-json {"k": key, "f": first, "t": at,
                                      "r": [rcpt...], "o": origin, "n": sheds it stands for,
-                                     "h": 1 made while its site hammered} (defer) or {"k",
+                                     "h": 1 made while its site hammered, "p": the
+                                     client's verified provider, optional} (defer) or {"k",
                                      "t", "o", "b": 1 a bypass, charged to its site} (claim),
                                      at most RECORD_MAX bytes
     broker   PUB fact    SHARE      [fact, b"SI2", ip(, domain(, provider))]  every acceptor

@@ -31,7 +31,9 @@ What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; th
   which the bulk broker honours with its own retry bucket), and may carry only recipients
   of the deferred transaction (another: 451, recorded); a DNS-block-listed client
   (ingress.policy.shaping.listed) never claims one, and its deferrals record nothing
-  (ingress.edge.retries); then recipient verification
+  (ingress.edge.retries); a client of a verified FCrDNS provider (its fact "provider":
+  provider_of) may claim a record another address of the provider made; then recipient
+  verification
   (ingress/edge/rcpt_verify.py, cached, at most smtp.verify_per_session callouts a session; over
   that 450: never an amplifier);
 - DATA: data_verdict (bare CR or LF: 550 5.6.0, SMTP smuggling); then the message goes to its
@@ -69,6 +71,13 @@ from ingress.policy import replies, session_rules, shaping
 from ingress.policy.classify import AuthResult, decide, promote
 from ingress.policy.identity import served_over_share
 from ingress.policy.replies import Refusal, text
+
+
+def provider_of(server: IngressSMTP) -> str:
+    """The session's verified provider identity (the iprev check's fact; "" none): its
+    deferral records hold it, so another address of the provider may claim them
+    (ingress.edge.retries)."""
+    return dict(server.evidence.facts).get("provider", "")
 
 
 class IngressHandler:
@@ -209,7 +218,8 @@ class IngressHandler:
         listed = self.listed(server)
         if server.txn_deferred or (claim is not None and not claim.covers((rcpt,))):
             server.deferred_rcpts += 1
-            ctx.retries.deferred(server.peer_ip, sender, (rcpt,), None, listed)
+            ctx.retries.deferred(server.peer_ip, sender, (rcpt,), None, listed,
+                                 provider_of(server))
             metrics.recipient(server.lane, RcptResult.DEFERRED)
             log.refused("shed", server.peer_ip, stage="rcpt", code=451,
                         reason="deferred_transaction" if server.txn_deferred
@@ -218,14 +228,16 @@ class IngressHandler:
             return text(Refusal.LANE_BUSY)
         if claim is not None:
             return None
-        server.retry_claim = ctx.retries.retry_claim(server.peer_ip, sender, rcpt, listed)
+        server.retry_claim = ctx.retries.retry_claim(server.peer_ip, sender, rcpt, listed,
+                                                     provider_of(server))
         if server.retry_claim is not None or await ctx.bulk_mail_admitted():
             server.txn_admitted = True
             return None
         server.txn_deferred = True
         server.deferred_rcpts += 1
         server.counters = session_rules.mail_deferred(server.counters)
-        ctx.retries.deferred(server.peer_ip, sender, (rcpt,), DeferReason.RCPT_CAP, listed)
+        ctx.retries.deferred(server.peer_ip, sender, (rcpt,), DeferReason.RCPT_CAP, listed,
+                             provider_of(server))
         metrics.recipient(server.lane, RcptResult.DEFERRED)
         return await self.shed(server, DeferReason.RCPT_CAP, "rcpt", sender=sender[:200],
                                rcpt=rcpt[:200])
@@ -285,7 +297,7 @@ class IngressHandler:
             server.messages += 1
             ctx.count("accepted", server.lane)
             ctx.retries.deferred_accepted(server.lane, server.peer_ip, env.mail_from, env.rcpts,
-                                          claim)
+                                          claim, provider_of(server))
             # The one accept line of a message (its 250): the relay's line names the same qid.
             log.event("message", qid=env.qid, peer=server.peer_ip, port=server.peer_port,
                       helo=env.helo[:100], sender=env.mail_from[:200], rcpts=len(env.rcpts),
@@ -300,7 +312,7 @@ class IngressHandler:
                   "why": why, "ack_ms": ms}
         if reply is not None and reply.reason is not None and reply.reason.value == "rate":
             ctx.retries.deferred(server.peer_ip, env.mail_from, env.rcpts, DeferReason.DATA_RATE,
-                                 self.listed(server))
+                                 self.listed(server), provider_of(server))
             return await self.shed(server, DeferReason.DATA_RATE, "end_of_data", **fields)
         log.refused("not_queued", server.peer_ip, stage="end_of_data", code=451,
                     reason=str(why).replace(" ", "_"), **fields)

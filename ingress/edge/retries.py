@@ -12,10 +12,16 @@ API:
         .cluster                      the shared state ([cluster] redis:
                                       ingress.edge.cluster_state), set once it exists (it is
                                       built with .on_record); None: this host only
-        .deferred(ip, sender, rcpts, reason, listed=False)   we defer this bulk transaction
-        .retry_claim(ip, sender, rcpt, listed=False) -> Claim|None   its first RCPT: a ripe
-                                      retry may go on
-        .deferred_accepted(lane, ip, sender, rcpts, claim)   a message got its 250
+        .deferred(ip, sender, rcpts, reason, listed=False, provider="")   we defer this bulk
+                                      transaction
+        .retry_claim(ip, sender, rcpt, listed=False, provider="") -> Claim|None   its first
+                                      RCPT: a ripe retry may go on
+        .deferred_accepted(lane, ip, sender, rcpts, claim, provider="")   a message got its 250
+        provider: the client's verified provider identity (FCrDNS: ingress.policy.iprev; ""
+        none). A record made for a client of a provider holds it (the defer fact's "p"), and
+        a retry from another address of the same verified provider may claim that record
+        (DeferralStore.provider_record) when its own network has none: one record, one
+        bypass, under the guards of the network that made it
         .on_record(fact, doc)         another acceptor's deferral or claim (from the bulk
                                       broker's fan-out or from Redis)
         .store                        the records (ingress.policy.deferrals.DeferralStore)
@@ -66,7 +72,8 @@ class RetryRecords:
         self.cluster: ClusterState | None = None
 
     def deferred(self, ip: str, sender: str, rcpts: tuple[str, ...],
-                 reason: DeferReason | None, listed: bool = False) -> None:
+                 reason: DeferReason | None, listed: bool = False,
+                 provider: str = "") -> None:
         """We defer this bulk transaction for the bulk cap (reason None: another recipient of
         a transaction deferred already, not another shed): remember it, here and (through the
         bulk broker, or Redis) in every other acceptor."""
@@ -77,22 +84,34 @@ class RetryRecords:
         if listed:               # a listed client earns no retry evidence
             return
         if not self.store.record(key, now, rcpts, origin=self.ident,
-                                 sheds=0 if reason is None else 1):
+                                 sheds=0 if reason is None else 1, provider=provider):
             return
         told = self.store.to_share(key, now)
         if told is not None:
             rec, sheds = told
-            self.share_record(DEFER_TOPIC, {
+            doc: dict[str, object] = {
                 "k": key, "f": rec.first, "t": now, "r": sorted(rec.rcpts)[:MAX_RCPTS],
-                "o": self.ident, "n": sheds, "h": int(rec.void)})
+                "o": self.ident, "n": sheds, "h": int(rec.void)}
+            self.share_record(DEFER_TOPIC, {**doc, "p": rec.provider} if rec.provider else doc)
 
-    def retry_claim(self, ip: str, sender: str, rcpt: str, listed: bool = False) -> Claim | None:
+    def _key(self, ip: str, sender: str, rcpts: tuple[str, ...], provider: str,
+             now: float) -> str:
+        """The record a transaction may claim: its network's, else (with a verified
+        provider) the latest of the provider's pool for this sender covering `rcpts`."""
+        key = self.store.key(ip, sender)
+        rec = self.store.lookup(key, now)
+        if (rec is not None and Claim(rec.first, rec.rcpts).covers(rcpts)) or not provider:
+            return key
+        return self.store.provider_record(provider, sender) or key
+
+    def retry_claim(self, ip: str, sender: str, rcpt: str, listed: bool = False,
+                    provider: str = "") -> Claim | None:
         """The first RCPT of a bulk transaction: a ripe retry of a deferred transaction (same
         network, sender, and a recipient it had) may go on within its site's part of the
         retry share (spending its record, here and everywhere); None: the bulk cap applies
         as usual."""
         now = time.time()
-        key = self.store.key(ip, sender)
+        key = self._key(ip, sender, (rcpt,), provider, now)
         result = self.store.check(key, (rcpt,), now)
         if result is ClaimResult.NONE:
             return None
@@ -121,7 +140,7 @@ class RetryRecords:
         return claim
 
     def deferred_accepted(self, lane: Lane, ip: str, sender: str, rcpts: tuple[str, ...],
-                          claim: Claim | None) -> None:
+                          claim: Claim | None, provider: str = "") -> None:
         """A message got its 250: if we had deferred it (a claimed retry, or one that came
         back on ordinary capacity with recipients all of the deferred transaction, which
         spends its record), count it and the time since its first deferral."""
@@ -129,7 +148,7 @@ class RetryRecords:
         if claim is None:
             if not len(self.store):
                 return
-            key = self.store.key(ip, sender)
+            key = self._key(ip, sender, rcpts, provider, now)
             rec = self.store.lookup(key, now)
             if rec is None or not Claim(rec.first, rec.rcpts).covers(rcpts):
                 return
@@ -156,7 +175,9 @@ class RetryRecords:
             first = float(f) if isinstance(f, int | float) else at
             n = doc.get("n", 1)
             sheds = min(MAX_SHEDS_TOLD, max(0, int(n))) if isinstance(n, int | float) else 1
+            p = doc.get("p")
             self.store.record(str(doc["k"]), at, rcpts, first=first, origin=str(doc["o"]),
-                              sheds=sheds, hammered=bool(doc.get("h")))
+                              sheds=sheds, hammered=bool(doc.get("h")),
+                              provider=p if isinstance(p, str) else "")
         else:
             self.store.consume(str(doc["k"]), at, bypass=bool(doc.get("b")))

@@ -16,6 +16,10 @@ Key
     most MAX_RCPTS, lower-cased): the deferral is made at the first RCPT TO, like
     Postfix-style greylisting, so the recipients are known (each later RCPT of that
     transaction is deferred too and added to the record).
+    A record made for a client whose PTR name was confirmed forward under a provider identity
+    (ingress.policy.iprev) holds that provider, and an index (provider, sender) -> its key
+    finds it from another address of the same verified provider (provider_record): the claim
+    is of the one record, under all of its guards (its network's wait, hammering and site).
     A client's *site* is the wider aggregate the bounds and fairness count: an IPv6 /48 (or
     the network itself when ipv6_prefix is shorter), an IPv4 /24 (its own site).
 
@@ -23,6 +27,7 @@ API
     DeferralLimits(min_delay, ttl, max_records, per_net_max, per_site_max=128, ipv6_prefix=64,
                    hammer_sheds=0, share_rate=0.0, share_burst=1.0)   frozen, validated
     deferral_limits(cfg) -> DeferralLimits    from admission.retry_* (and the retry share)
+                                              (both: ingress.policy.deferral_limits)
     deferral_key(ip, sender, ipv6_prefix=64) -> str      the record key
     net_of(ip, ipv6_prefix=64) -> str; site_of(net) -> str
     Record                                    net, site, first, last (deferral times), count,
@@ -35,11 +40,14 @@ API
                                               (what the acceptor calls)
     DeferralStore(limits)                     the in-process record store
         key(ip, sender) -> str                deferral_key with the store's ipv6_prefix
-        record(key, now, rcpts=(), first=None, origin="", sheds=1, hammered=False) -> bool
+        record(key, now, rcpts=(), first=None, origin="", sheds=1, hammered=False,
+               provider="") -> bool
                                               a deferral (sheds: how many sheds it stands for,
                                               0 for another recipient of a transaction already
                                               deferred); False if not stored (a bound)
         lookup(key, now) -> Record | None     without changing it
+        provider_record(provider, sender) -> key | None   the latest record of a verified
+                                              provider's pool for this sender
         check(key, rcpts, now) -> ClaimResult would claim() succeed (without changing it)
         to_share(key, now) -> (Record, sheds) | None   tell the other processes about this
                                               deferral now? (new to us, recipients added, made
@@ -107,10 +115,9 @@ from enum import StrEnum
 from typing import Protocol
 
 from ingress.core.addr import net_key, normalize_domain, site_key, split_address
-from ingress.core.config import Config
-from ingress.core.derived import retry_buckets
 from ingress.core.ratelimit import SlidingCount
 from ingress.core.tally import Groups, decrement
+from ingress.policy.deferral_limits import DeferralLimits, deferral_limits
 
 __all__ = [
     "HAMMER_WINDOW",
@@ -141,34 +148,6 @@ class ClaimResult(StrEnum):
     OVER_SHARE = "over_share"   # its site has taken its part of the retry share
 
 
-@dataclass(frozen=True, slots=True)
-class DeferralLimits:
-    min_delay: float
-    ttl: float
-    max_records: int
-    per_net_max: int
-    per_site_max: int = 128
-    ipv6_prefix: int = 64
-    hammer_sheds: int = 0       # sheds of a site per HAMMER_WINDOW beyond which it earns
-                                # nothing (0: no such rule)
-    share_rate: float = 0.0     # the retry share divided between sites (0: not divided)
-    share_burst: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.min_delay < 0:
-            raise ValueError("min_delay must be >= 0")
-        if self.ttl <= self.min_delay:
-            raise ValueError("ttl must be greater than min_delay")
-        if self.max_records < 1 or self.per_net_max < 1:
-            raise ValueError("max_records and per_net_max must be >= 1")
-        if self.per_site_max < self.per_net_max:
-            raise ValueError("per_site_max must be >= per_net_max")
-        if not 16 <= self.ipv6_prefix <= 128:
-            raise ValueError("ipv6_prefix must be 16..128")
-        if self.hammer_sheds < 0 or self.share_rate < 0 or self.share_burst < 1:
-            raise ValueError("hammer_sheds, share_rate must be >= 0, share_burst >= 1")
-
-
 @dataclass(slots=True)
 class Record:
     net: str
@@ -179,6 +158,7 @@ class Record:
     rcpts: frozenset[str] = field(default_factory=frozenset)
     origin: str = ""            # who recorded the first deferral (an acceptor's ident)
     void: bool = False          # deferred while its site hammered: never ripens
+    provider: str = ""          # the client's verified provider identity ("" none)
     shared: float | None = None  # when this process last told the others (to_share)
     shared_rcpts: int = 0       # how many recipients they were told of
     shared_void: bool = False   # ... and whether they were told it is void
@@ -241,7 +221,9 @@ class DeferralRecords(Protocol):
 
     def record(self, key: str, now: float, rcpts: Sequence[str] = (),
                first: float | None = None, origin: str = "", sheds: int = 1,
-               hammered: bool = False) -> bool: ...
+               hammered: bool = False, provider: str = "") -> bool: ...
+
+    def provider_record(self, provider: str, sender: str) -> str | None: ...
 
     def lookup(self, key: str, now: float) -> Record | None: ...
 
@@ -265,6 +247,7 @@ class DeferralStore:
         self._sites = Groups()                      # site -> its keys, oldest first
         self._sheds: OrderedDict[str, SlidingCount] = OrderedDict()   # site -> its sheds
         self._tat: OrderedDict[str, float] = OrderedDict()  # site -> theoretical arrival time
+        self._providers: dict[tuple[str, str], str] = {}   # (provider, sender) -> its key
 
     def __len__(self) -> int:
         return len(self._records)
@@ -286,10 +269,11 @@ class DeferralStore:
 
     def record(self, key: str, now: float, rcpts: Sequence[str] = (),
                first: float | None = None, origin: str = "", sheds: int = 1,
-               hammered: bool = False) -> bool:
+               hammered: bool = False, provider: str = "") -> bool:
         """A deferral of `key` at `now` (first: when a shared record began elsewhere; origin:
         who recorded it first, for the log; sheds: the sheds it stands for; hammered: the
-        process that made it found its site hammering)."""
+        process that made it found its site hammering; provider: the client's verified
+        provider identity, under which provider_record finds it)."""
         self._purge(now)
         net = key.split("|", 1)[0]
         site = site_of(net)
@@ -302,6 +286,7 @@ class DeferralStore:
             rec.unshared += max(0, sheds)
             rec.void = rec.void or void
             rec.rcpts = _merge(rec.rcpts, rcpts)
+            self._index(key, rec, provider)
             return True
         if self._per_net.get(net, 0) >= self.limits.per_net_max \
                 or self.per_site(site) >= self.limits.per_site_max:
@@ -315,7 +300,19 @@ class DeferralStore:
                                     origin=origin[:64], void=void, unshared=max(0, sheds))
         self._per_net[net] = self._per_net.get(net, 0) + 1
         self._sites.add(site, key)
+        self._index(key, self._records[key], provider)
         return True
+
+    def _index(self, key: str, rec: Record, provider: str) -> None:
+        """(provider, sender) -> key: the latest record of the pool for this sender."""
+        if provider:
+            rec.provider = rec.provider or provider[:MAX_ADDR]
+            self._providers[(rec.provider, key.split("|", 1)[1])] = key
+
+    def provider_record(self, provider: str, sender: str) -> str | None:
+        """The key of the latest record made for a client of the verified `provider` with
+        this sender (deferral_key's sender form), or None."""
+        return self._providers.get((provider, _sender(sender))) if provider else None
 
     def lookup(self, key: str, now: float) -> Record | None:
         rec = self._records.get(key)
@@ -436,6 +433,9 @@ class DeferralStore:
             return
         decrement(self._per_net, rec.net)
         self._sites.remove(rec.site, key)
+        at = (rec.provider, key.split("|", 1)[1])
+        if rec.provider and self._providers.get(at) == key:
+            del self._providers[at]
 
     def _purge(self, now: float) -> None:
         ttl = self.limits.ttl
@@ -456,15 +456,3 @@ def _merge(have: frozenset[str], rcpts: Sequence[str]) -> frozenset[str]:
         if len(out) >= MAX_RCPTS:
             break
     return frozenset(out)
-
-
-def deferral_limits(cfg: Config) -> DeferralLimits:
-    """The store's limits from admission.retry_*, admission.ipv6_prefix and the edge's retry
-    share (ingress.core.derived.retry_buckets: what is divided between sites)."""
-    a = cfg.admission
-    retry = retry_buckets(cfg)
-    rate, burst = retry[1] if retry is not None else (0.0, 1.0)
-    return DeferralLimits(
-        min_delay=a.retry_min_delay, ttl=a.retry_ttl, max_records=a.retry_max_records,
-        per_net_max=a.retry_per_net, per_site_max=a.retry_per_site, ipv6_prefix=a.ipv6_prefix,
-        hammer_sheds=a.retry_hammer_sheds, share_rate=rate, share_burst=burst)
