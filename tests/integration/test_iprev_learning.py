@@ -16,7 +16,7 @@ import pytest
 
 from ingress.core import wire
 from ingress.core.config import ClassifyConfig, Config
-from ingress.core.wire import Envelope, Lane
+from ingress.core.wire import Envelope, Lane, WireEvidence
 from ingress.edge.context import AcceptorContext
 from ingress.edge.lanes import _apply_fact
 from ingress.edge.learned_store import LearnedStore
@@ -39,12 +39,12 @@ def message(pem: bytes | None, subject: str = "s") -> bytes:
                      include_headers=[b"from", b"to", b"subject", b"message-id"]) + msg
 
 
-def envelope(lane: Lane = Lane.BULK, **evidence: str) -> Envelope:
+def envelope(lane: Lane = Lane.BULK, **evidence: object) -> Envelope:
     now = time.time()
+    ev = WireEvidence.from_wire({"spf": "pass", "spf_domain": "shop.test", **evidence})
     return Envelope(qid="Q1", lane=lane, peer_ip="127.0.0.6", peer_port=1, helo="h",
                     mail_from="a@shop.test", rcpts=("b@example.test",), received_at=now,
-                    deadline=now + 30, evidence={"spf": "pass", "spf_domain": "shop.test",
-                                                 **evidence})
+                    deadline=now + 30, evidence=ev)
 
 
 def pipeline(dns: DNSServer) -> Pipeline:
@@ -82,7 +82,7 @@ def test_learned_with_its_provider_and_iprev_in_the_ar(dns: DNSServer,
 def test_unlearns_a_provider_that_mail_riding_it_disowns(
         dns: DNSServer, dkim_key: tuple[bytes, str], reasons: str, lane: Lane, signed: bool,
         why: str, provider: str) -> None:
-    ev = {**VERIFIED, "reasons": reasons}
+    ev: dict[str, object] = {**VERIFIED, "reasons": reasons.split(",")}
     if lane is Lane.FAST:
         ev["identity"] = "learned:shop.test"
     p = pipeline(dns).process(envelope(lane, **ev), message(dkim_key[0] if signed else None),
