@@ -18,8 +18,9 @@ What the hooks do (the decisions are ingress/policy/session_rules.py's, pure; th
   while neither its domain is over classify.domain_rate nor its tier over its total rate
   (else bulk, reason over-rate:<key> or over-rate:tier:<tier>; a fast session of such a
   domain or tier is demoted at its next MAIL); a fast session that rests on a learned entry
-  is demoted for a MAIL FROM whose (organisational) domain is not the one the entry was
-  learned for, and judged afresh (its own SPF; reason learned-mismatch:<learned domain>);
+  (or a learned FCrDNS provider: classify.rests_on_learned) is demoted for a MAIL FROM whose
+  (organisational) domain is not the one the entry was learned for, and judged afresh (its
+  own SPF; reason learned-mismatch:<learned domain>);
 - RCPT: rcpt_verdict; then, at the first acceptable RCPT of a bulk transaction, the bulk cap
   (admit(): before any callout, so a shed stays cheap; Postfix-style greylisting defers at
   RCPT too, and so the deferral knows its recipients): a transaction over the cap is shed
@@ -68,7 +69,7 @@ from ingress.edge.host import SessionHost
 from ingress.edge.rcpt_verify import Answer
 from ingress.edge.smtp import IngressSMTP
 from ingress.policy import replies, session_rules, shaping
-from ingress.policy.classify import AuthResult, decide, promote
+from ingress.policy.classify import AuthResult, decide, promote, rests_on_learned
 from ingress.policy.identity import served_over_share
 from ingress.policy.replies import Refusal, text
 
@@ -157,7 +158,8 @@ class IngressHandler:
         another domain (served, not refused: below, its own SPF, else bulk under the bulk
         cap; the trace says learned-mismatch:<domain>)."""
         ctx = self.ctx
-        fresh = decide(server.evidence, ctx.policy) if server.evidence.learned_allow else None
+        fresh = decide(server.evidence, ctx.policy) if rests_on_learned(server.evidence) \
+            else None
         if fresh is not None and fresh.lane is Lane.BULK:
             server.conn.reasons = fresh.reasons
             why = "learned-mismatch"

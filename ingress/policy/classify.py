@@ -27,6 +27,9 @@ API
     learned_vouches(evidence) -> bool   the learned entry vouches for this transaction's domain
     check_vouches(identity, evidence, policy) -> bool   a check's promotion holds (a learned
                                identity, e.g. a learned provider, by learned_vouches' rule)
+    rests_on_learned(evidence) -> bool   a learned entry or a check's learned identity is part
+                               of the evidence (a fast session's MAIL FROM must be judged again:
+                               the acceptor's demotion for learned-mismatch)
     should_learn(spf, dkim_aligned_pass, spf_domain, policy) -> bool  (obeys spf_promote)
     dkim_vouches(spf_domain, aligned_passes) -> bool   learning's DKIM condition: a pass
                                aligned with From: whose d= is of the SPF domain's organisation
@@ -299,6 +302,11 @@ def learned_vouches(evidence: Evidence) -> bool:
     mail_domain None) provisionally yes; in a transaction only when the sender's organisational
     domain is the one the entry was learned for (an entry without a domain vouches for none)."""
     return _vouches(evidence.learned_domain, evidence.mail_domain)
+
+
+def rests_on_learned(evidence: Evidence) -> bool:
+    return evidence.learned_allow or any(
+        identity.startswith("learned:") for _reason, identity in evidence.checked)
 
 
 def check_vouches(identity: str, evidence: Evidence, policy: ClassifyPolicy) -> bool:

@@ -10,7 +10,7 @@ from ingress.core import wire
 from ingress.core.dns_client import Answer, Status
 from ingress.core.wire import Lane, WireError
 from ingress.policy.checks import Outcome, combine
-from ingress.policy.classify import ClassifyPolicy, Evidence, decide
+from ingress.policy.classify import ClassifyPolicy, Evidence, decide, rests_on_learned
 from ingress.policy.iprev import (
     Iprev,
     forward_type,
@@ -170,6 +170,9 @@ def test_provider_promotion_is_held_to_its_domain() -> None:
     assert "learned-mismatch:shop.test" in d.reasons and "provider:example.com" in d.reasons
     # learned entries off (classify.learned_ttl = 0): a learned provider promotes nothing
     assert decide(ev, ClassifyPolicy(learned_promotes=False)).lane is Lane.BULK
+    # the acceptor judges a fast session's MAIL FROM again when it rests on one
+    assert rests_on_learned(ev) and rests_on_learned(Evidence(learned_allow=True))
+    assert not rests_on_learned(Evidence().with_verdict(combine([judge(passed)])))
 
 
 def _fields(ev: Evidence) -> dict[str, object]:
