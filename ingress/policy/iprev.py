@@ -10,7 +10,8 @@ Purpose
     learned_provider) instead of one address. The I/O shell is ingress.edge.checks.iprev.
 
 API
-    Iprev                  StrEnum pass | fail | temperror | permerror (RFC 8601 2.7.3)
+    Iprev                  the results (RFC 8601 2.7.3): ingress.core.wire's AuthResult, of
+                           which iprev uses pass | fail | temperror | permerror
     Outcome(result, name="", provider="")   frozen; .facts (wire evidence: iprev,
                            iprev_name, provider; empty ones left out)
     MAX_NAMES              default iprev.max_names: PTR names confirmed at most (3)
@@ -65,10 +66,10 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 
 from ingress.core.addr import normalize_domain, try_parse_ip
 from ingress.core.dns_client import Answer, Status
+from ingress.core.wire import AuthResult
 from ingress.policy.checks import Judgement
 from ingress.policy.identity import learned_identity, org_domain, registrable
 
@@ -80,11 +81,7 @@ MAX_NAMES_LIMIT = 10
 CHECK = "iprev"
 
 
-class Iprev(StrEnum):
-    PASS = "pass"
-    FAIL = "fail"
-    TEMPERROR = "temperror"
-    PERMERROR = "permerror"
+Iprev = AuthResult       # RFC 8601's vocabulary: iprev uses pass, fail, temperror, permerror
 
 
 @dataclass(frozen=True, slots=True)
