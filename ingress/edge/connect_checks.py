@@ -31,7 +31,8 @@ tiers and rates of AcceptorContext.decide.
 
 Failure modes: a bug in applying a verdict is logged (check_error) and changes nothing; the
 checks' own failures are neutral (ingress.edge.checks). Limits: two tasks per connection at
-most; each check's deadline is checks.connect_deadline.
+most; each check's deadline is checks.connect_deadline (one that does not hold the banner:
+its own, when it has one: ingress.edge.checks).
 """
 
 from __future__ import annotations

@@ -218,3 +218,17 @@ def test_learn_fact_names_the_provider() -> None:
     assert wire.shared_provider(wire.shared_publication(wire.share(wire.LEARN_TOPIC, IP))) == ""
     with pytest.raises(WireError):
         wire.shared_provider([b"learn", b"SI2", IP.encode(), b"d.test", b"bad name\r\n"])
+
+
+def test_the_facts_go_on_the_wire() -> None:
+    """WireEvidence.with_facts: the checks' facts fill the fields the acceptor left empty, by
+    the one codec; a fact naming no field, or of the wrong type, is left out."""
+    base = wire.WireEvidence(identity="org:shop.test")
+    ev = base.with_facts((("iprev", "pass"), ("iprev_name", "mail.example.com"),
+                          ("provider", "example.com"), ("identity", "learned:x.test"),
+                          ("nonsense", "1"), ("dnsbl_score", "not a number"),
+                          ("iprev", "fail")))
+    assert (ev.iprev, ev.iprev_name, ev.provider) == ("pass", "mail.example.com",
+                                                      "example.com")
+    assert ev.identity == "org:shop.test" and ev.dnsbl_score == 0.0
+    assert base.with_facts(()) is base

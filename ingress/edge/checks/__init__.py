@@ -24,7 +24,9 @@ API
         await .run(stage, client, deadline=None, holding=None) -> Verdict   the stage's
                                checks (holding: only those that do / do not hold the banner)
                                concurrently, each within `deadline` seconds (default
-                               checks.connect_deadline), folded by ingress.policy.checks.combine
+                               checks.connect_deadline; a check that does not hold the banner
+                               and has a `deadline` attribute, within that: FCrDNS's
+                               iprev.deadline), folded by ingress.policy.checks.combine
     modules() -> list[str]     this package's check modules (name order)
 
 Failure modes: a check that raises or overruns the deadline is neutral ("<name>:error",
@@ -124,6 +126,8 @@ class Checks:
         return combine(judged)
 
     async def _one(self, check: Check, client: Client, limit: float) -> Judgement:
+        if not check.holds_banner:      # nothing waits for it: its own deadline, if it has one
+            limit = getattr(check, "deadline", limit)
         try:
             async with asyncio.timeout(limit):
                 return await check.judge(client)

@@ -14,7 +14,9 @@ Purpose
 
 API
     build(cfg, dns, host) -> IprevCheck | None     None when iprev.enabled is false
-    IprevCheck.name "iprev", .stage CONNECT, .holds_banner False, await .judge(client)
+    IprevCheck.name "iprev", .stage CONNECT, .holds_banner False, .deadline (the runner's
+        limit for it, as it holds no banner: iprev.deadline, the lookups' budget, and
+        MARGIN, so that a timed-out lookup still reports iprev=temperror), await .judge(client)
 
 Keys (the DNS client's per-key bound, checks.dns_per_key): the PTR query counts against the
 client's network (IPv4 /24, IPv6 /admission.ipv6_prefix), a forward query against the PTR
@@ -42,7 +44,9 @@ from ingress.policy import iprev as policy
 from ingress.policy.checks import Judgement, Stage
 from ingress.policy.identity import org_domain
 
-__all__ = ["IprevCheck", "build"]
+__all__ = ["MARGIN", "IprevCheck", "build"]
+
+MARGIN = 0.25       # seconds the runner's limit exceeds the lookups' budget
 
 
 def build(cfg: Config, dns: DnsClient, host: Any) -> IprevCheck | None:
@@ -60,7 +64,8 @@ class IprevCheck:
     def __init__(self, dns: DnsClient, host: Any, deadline: float, max_names: int,
                  ipv6_prefix: int = 64) -> None:
         self.dns, self.host = dns, host
-        self.deadline, self.max_names, self.ipv6_prefix = deadline, max_names, ipv6_prefix
+        self.budget, self.max_names, self.ipv6_prefix = deadline, max_names, ipv6_prefix
+        self.deadline = deadline + MARGIN
 
     async def judge(self, client: Client) -> Judgement:
         try:
@@ -72,9 +77,9 @@ class IprevCheck:
 
     async def lookup(self, ip: str) -> policy.Outcome:
         """The RFC 8601 outcome for `ip` (canonical), within the deadline."""
-        end = time.monotonic() + self.deadline
+        end = time.monotonic() + self.budget
         ptr_name = dns.reversename.from_address(ip).to_text(omit_final_dot=True)
-        ptr = await self.dns.query(ptr_name, "PTR", timeout=self.deadline,
+        ptr = await self.dns.query(ptr_name, "PTR", timeout=self.budget,
                                    key=f"iprev-net:{net_key(ip, self.ipv6_prefix)}")
         names = policy.ptr_names(ptr, self.max_names) if ptr.status is Status.OK else ()
         qtype = policy.forward_type(ip)
