@@ -397,8 +397,7 @@ class IngressSMTP(CommandPhase):
         super()._reset_timeout(duration)
 
     def trace_evidence(self) -> WireEvidence:
-        """What the worker needs for the trace headers and the learned allow cache, and the
-        evidence checks' facts (iprev, provider, ...: WireEvidence.with_facts)."""
+        """What the worker needs for the trace headers and the learned allow cache."""
         ev = self.evidence
         spf = bool(self.spf_header)
         return WireEvidence(
