@@ -120,3 +120,4 @@ def test_the_provider_index_follows_its_records() -> None:
     assert store.provider_record(P, SENDER) == a
     assert store.lookup(a, 5000.0) is None                       # expired (ttl from first)
     assert store.provider_record(P, SENDER) is None
+
