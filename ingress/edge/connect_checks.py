@@ -24,8 +24,8 @@ API:
                               SessionTable.close_listed, unless inside DATA)
 
 Rules: evidence only promotes (a fast connection is never demoted or refused by a check); a
-verdict that neither promotes nor refuses (FCrDNS's, mostly: it arrives for every connection,
-often mid-transaction) adds its facts and score and decides nothing again; a
+verdict that promotes nothing (FCrDNS's, mostly: it arrives for every connection, often
+mid-transaction) adds its facts, refuses or shapes, and decides nothing again; a
 verdict that arrives after the connection went changes nothing; a refusal that arrives after
 the banner (it cannot: only checks that hold the banner refuse) is ignored. The judgement is
 ingress.policy.checks'; what promotes is ingress.policy.classify.decide's, with the shares,
@@ -93,8 +93,8 @@ def apply(conn: Connection, ctx: SessionHost, verdict: Verdict) -> str:
     if not conn.admitted or verdict == NO_VERDICT:
         return ""
     conn.evidence = conn.evidence.with_verdict(verdict)
-    if conn.lane is Lane.FAST or not (verdict.identity or verdict.refusal):
-        return ""       # a verdict that neither promotes nor refuses only adds its facts
+    if conn.lane is Lane.FAST:
+        return ""
     if verdict.refusal and conn.state in (ConnState.WAITING, ConnState.EARLY_TALK):
         return verdict.refusal
     if verdict.score > 0 and conn.seat is not None \
@@ -103,6 +103,8 @@ def apply(conn: Connection, ctx: SessionHost, verdict: Verdict) -> str:
             and not conn.busy:
         ctx.table.close_listed(conn.seat)
         return ""
+    if not verdict.identity:
+        return ""       # a verdict that promotes nothing decides nothing again
     decision = ctx.decide(conn.evidence, peer=conn.peer_ip)
     conn.reasons = decision.reasons
     if decision.lane is Lane.FAST and conn.seat is not None:
