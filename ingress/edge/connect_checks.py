@@ -11,6 +11,9 @@ API:
     held(conn) -> Task | None the task the banner waits for (its result: the refusal line, or
                               ""); the lobby calls Connection.ready() when it ends, the session
                               (behind PROXY) awaits it
+    await settle(conn, limit) a bulk session's MAIL FROM waits (at most `limit`) for the checks
+                              still under way (FCrDNS), so that what they find (a learned
+                              provider, iprev) applies to the transaction
     apply(conn, ctx, verdict) -> str   a verdict joins the connection's evidence
                               (Evidence.with_verdict) and the connection is judged again: a
                               promotion moves it to its tier's part of the slots in place
@@ -77,6 +80,14 @@ def start(seat: Any, ctx: SessionHost) -> None:
 
 def held(conn: Connection) -> asyncio.Task[str] | None:
     return next((t for t in conn.checks if t.get_name() == HELD), None)
+
+
+async def settle(conn: Connection, limit: float) -> None:
+    """Wait (at most `limit` seconds) for the connection's connect checks still under way:
+    their verdicts are applied when they end, before this returns."""
+    pending = [t for t in conn.checks if not t.done()]
+    if pending and limit > 0:
+        await asyncio.wait(pending, timeout=limit)
 
 
 async def _judge(conn: Connection, ctx: SessionHost, client: Client,

@@ -65,6 +65,7 @@ from ingress.core import log, metrics
 from ingress.core.headers import received_spf_header, spf_identity, spf_request
 from ingress.core.metrics_labels import DeferReason, RcptResult, Result
 from ingress.core.wire import Envelope, Lane, new_qid
+from ingress.edge import connect_checks
 from ingress.edge.host import SessionHost
 from ingress.edge.rcpt_verify import Answer
 from ingress.edge.smtp import IngressSMTP
@@ -112,6 +113,11 @@ class IngressHandler:
         # name for the null sender): a learned entry vouches only for the domain it was
         # learned for (classify.learned_vouches).
         _, mail_domain = spf_identity(address, session.host_name or "")
+        if server.lane is Lane.BULK:
+            # Connect checks still under way (FCrDNS: nothing held the banner for it) are
+            # waited for, within their deadline: a provider they find promotes this very
+            # transaction, and its facts reach the trace. A fast session never waits.
+            await connect_checks.settle(server.conn, ctx.cfg.checks.connect_deadline)
         server.conn.evidence = replace(server.evidence, spf=AuthResult.NONE, spf_domain=None,
                                        mail_domain=mail_domain)
         server.spf_header = ""

@@ -20,7 +20,7 @@ import pytest
 from tests.kit.dnsserver import DNSServer
 from tests.kit.harness import Ingress, eventually
 
-FIRST, SECOND, FORGED = "127.0.0.5", "127.0.0.6", "127.0.0.7"
+FIRST, SECOND, FORGED, HASTY = "127.0.0.5", "127.0.0.6", "127.0.0.7", "127.0.0.8"
 PAUSE = 0.5         # seconds a client waits after the banner (see send_after)
 
 
@@ -34,6 +34,8 @@ def dns(dkim_key: tuple[bytes, str]) -> Iterator[DNSServer]:
         "7.0.0.127.in-addr.arpa": {"PTR": ["mta1.mail.provider.test."]},   # not confirmed
         "mta1.mail.provider.test": {"A": [FIRST]},
         "mta2.mail.provider.test": {"A": [SECOND]},
+        "8.0.0.127.in-addr.arpa": {"PTR": ["mta3.mail.provider.test."]},
+        "mta3.mail.provider.test": {"A": [HASTY]},
     }) as server:
         yield server
 
@@ -52,23 +54,22 @@ def spooled(ing: Ingress, subject: str) -> tuple[dict, bytes]:
     raise AssertionError(f"{subject!r} not spooled")
 
 
-async def send_after(port: int, source: str, body: bytes) -> int:
-    """One message, sent PAUSE seconds after the banner: FCrDNS does not hold the banner, and
-    its verdict is applied whenever it arrives; a client that sends at once can finish its
-    DATA before it (a fresh PTR lookup), and its A-R then has no iprev."""
+async def send_after(port: int, source: str, body: bytes, pause: float = PAUSE) -> int:
+    """One message, sent `pause` seconds after the banner: FCrDNS does not hold the banner, and
+    its verdict is applied whenever it arrives (and a bulk MAIL FROM waits for it)."""
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=15, start_tls=False,
                              local_hostname="client.test", source_address=(source, 0))
     await client.connect()
     try:
-        await asyncio.sleep(PAUSE)
+        await asyncio.sleep(pause)
         errors, _ = await client.sendmail("a@shop.test", ["b@example.test"], body)
         return 0 if errors else 250
     finally:
         client.close()
 
 
-def send(ing: Ingress, source: str, pem: bytes, subject: str) -> None:
-    assert asyncio.run(send_after(ing.port, source, signed(pem, subject))) == 250
+def send(ing: Ingress, source: str, pem: bytes, subject: str, pause: float = PAUSE) -> None:
+    assert asyncio.run(send_after(ing.port, source, signed(pem, subject), pause)) == 250
 
 
 def test_a_learned_providers_pool_is_fast_on_its_other_addresses(
@@ -96,6 +97,13 @@ def test_a_learned_providers_pool_is_fast_on_its_other_addresses(
             assert any(e.get("peer") == SECOND and e.get("stage") == "connect"
                        and e.get("identity") == "learned:shop.test"
                        for e in ing.events("promoted")), ing.events("promoted")
+            # a client that sends at once, before its PTR is answered: its MAIL FROM waits for
+            # the connect checks under way, so the transaction is fast and its A-R has iprev
+            send(ing, HASTY, dkim_key[0], "hasty", pause=0.0)
+            env, msg = spooled(ing, "hasty")
+            assert env["lane"] == "fast", env
+            assert env["evidence"]["identity"] == "learned:shop.test", env
+            assert b"iprev=pass policy.iprev=127.0.0.8 (mta3.mail.provider.test)" in msg
             # a PTR naming the provider's host, not confirmed forward: no provider promotion
             send(ing, FORGED, dkim_key[0], "forged")
             env, msg = spooled(ing, "forged")
