@@ -806,7 +806,7 @@ def run_target(procs: Processes, name: str, postfix: Running | None, work: Path,
                     _ingress_started(target, doc, notes)
             else:
                 target = start_baseline(procs, work / "aiosmtpd")
-            if not over:
+            if not over or name not in doc["targets"]:
                 doc["targets"][name] = {"status": "ok", "role": "flood",
                                         "info": {k: v for k, v in target.info.items()
                                                  if k != "config_tables"}}
@@ -824,8 +824,8 @@ def run_target(procs: Processes, name: str, postfix: Running | None, work: Path,
     finally:
         if name != "postfix":
             code = target.stop()
-            if not over:
-                doc["targets"][name]["exit_code"] = code
+            where = doc["scenarios"][next(iter(scenarios))] if over else doc["targets"][name]
+            where["exit_code"] = code
             if name == "smtp-ingress" and code != 0:
                 notes.append(f"smtp-ingress exited {code} on SIGTERM (expected 0)")
 
