@@ -43,7 +43,8 @@ API / CLI
     python -m bench.run (--quick | --full) [--targets smtp-ingress,postfix,aiosmtpd]
         [--scenarios noflood,flood,...] [--no-throughput] [--ramp S] [--large-bots N]
         [--profile] [--out DIR] [--no-publish] [--keep]
-    build_scenarios(mode, ramp, large_bots) -> dict[str, Scenario]   (pure)
+    build_scenarios(mode, ramp, large_bots) -> dict[str, Scenario]   (pure; bench.scenarios: the
+        scenario tables and the DNS records they need; bench.evidence: the provider-pool row)
     Exit status: 0 run completed (whatever the targets did; the acceptance verdicts are in the
     report), 2 refused to start (file descriptors, bad arguments), 130 interrupted.
 
