@@ -458,16 +458,11 @@ class LegitSender:
         tasks: set[asyncio.Task[Attempt]] = set()
         max_attempts = int((end - self.start_at) / sp.interval_s) + 1
         for k in range(max_attempts):
-            t = self.start_at + self.offset(k)
+            t = self.start_at + k * sp.interval_s
             if t >= end:
                 break
             await _sleep_until(t)
-            msg = self.message(k)
-            task = asyncio.create_task(smtp_attempt(
-                self.target, self.source(k), helo=sp.helo, mail_from=sp.mail_from, rcpt=sp.rcpt,
-                message=msg, deadline_s=sp.deadline_s, tls=self.tls, ssl_ctx=self.ssl_ctx,
-                server_hostname=sp.servername, t_run0=self.t_run0,
-            ))
+            task = asyncio.create_task(self.attempt(k))
             task.add_done_callback(self._done)
             task.add_done_callback(tasks.discard)
             task.t_start = t - self.t_run0  # type: ignore[attr-defined]
@@ -482,9 +477,14 @@ class LegitSender:
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
 
-    def offset(self, k: int) -> float:
-        """Attempt k's time after start_at (a subclass may schedule otherwise)."""
-        return k * self.spec.interval_s
+    async def attempt(self, k: int) -> Attempt:
+        """Attempt k: one timed transaction from source(k) with message(k) (subclasses: pool)."""
+        sp = self.spec
+        assert sp.mail_from and sp.rcpt and sp.helo and sp.deadline_s
+        return await smtp_attempt(
+            self.target, self.source(k), helo=sp.helo, mail_from=sp.mail_from, rcpt=sp.rcpt,
+            message=self.message(k), deadline_s=sp.deadline_s, tls=self.tls,
+            ssl_ctx=self.ssl_ctx, server_hostname=sp.servername, t_run0=self.t_run0)
 
     def source(self, k: int) -> str | None:
         return self.spec.source

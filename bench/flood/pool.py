@@ -6,15 +6,17 @@ Purpose
     verified reverse name of the provider (the bench's DNS serves the PTR and A records), its
     mail DKIM-signed for its sender domain (aligned) and covered by that domain's SPF record.
     It sends one message from its first address (the message the ingress learns the provider
-    from), waits ``spec.learn_s`` seconds, then one message every ``spec.interval_s`` on a
-    fresh connection, rotating over its addresses from the second one on (the first comes
-    round again after the last).
+    from) and waits for its answer (at most the attempt's deadline), then ``spec.learn_s``
+    seconds more (the learned entry reaching every acceptor), then one message every
+    ``spec.interval_s`` on a fresh connection, open-loop, rotating over its addresses from the
+    second one on (the first comes round again after the last).
 
 API
     pool_addresses(source, n) -> list[str]          the pool's addresses, in order (pure)
-    pool_plan(k, interval, learn_s, n) -> (offset_s, address index)   attempt k's time after
-                                                    the sender's start and its address (pure)
-    PoolSender(target, spec, stats, start_at=, t_run0=, grace=)   a LegitSender; ``await run(end)``
+    pool_index(k, n) -> int                         the address of attempt k after the
+                                                    learned message (pure): the second on
+    PoolSender(target, spec, stats, start_at=, t_run0=, grace=)   a LegitSender;
+                                                    ``await run(end)``
 
 Failure modes and limits: those of LegitSender (bench/flood/bots.py): open-loop, bounded by the
 run's end; loopback addresses only (FloodConfig checks the first; the pool stays in its /24).
@@ -22,6 +24,7 @@ run's end; loopback addresses only (FloodConfig checks the first; the pool stays
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from functools import cached_property
 from typing import Any
@@ -41,13 +44,10 @@ def pool_addresses(source: str, n: int) -> list[str]:
     return out
 
 
-def pool_plan(k: int, interval: float, learn_s: float, n: int) -> tuple[float, int]:
-    """Attempt k: (seconds after the sender's start, index of its address). 0: the learned
-    message from the first address; then every `interval` from `learn_s` on, rotating from the
-    second address on."""
-    if k == 0:
-        return 0.0, 0
-    return learn_s + (k - 1) * interval, k % n
+def pool_index(k: int, n: int) -> int:
+    """Attempt k (0, 1, ...) of the rotation after the learned message: its address's index,
+    from the second address on, the first again after the last."""
+    return (k + 1) % n
 
 
 class PoolSender(LegitSender):
@@ -59,6 +59,7 @@ class PoolSender(LegitSender):
         assert sp.source is not None
         self.addresses = pool_addresses(sp.source, sp.pool)
         self.learn_s = DEFAULT_LEARN_S if sp.learn_s is None else sp.learn_s
+        self.learning = False
 
     @cached_property
     def _key(self) -> bytes:
@@ -67,15 +68,26 @@ class PoolSender(LegitSender):
         with open(self.spec.dkim_key, "rb") as f:
             return f.read()
 
-    def offset(self, k: int) -> float:
-        return pool_plan(k, self.spec.interval_s, self.learn_s, len(self.addresses))[0]
+    async def run(self, end: float) -> None:
+        """The learned message (awaited: "after one learned message"), then the rotation."""
+        loop = asyncio.get_running_loop()
+        delay = self.start_at - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.learning = True
+        try:
+            self.stats.record(await self.attempt(0))
+        finally:
+            self.learning = False
+        self.start_at = loop.time() + self.learn_s
+        await super().run(end)
 
     def source(self, k: int) -> str | None:
-        return self.addresses[pool_plan(k, self.spec.interval_s, self.learn_s,
-                                        len(self.addresses))[1]]
+        return self.addresses[0 if self.learning else pool_index(k, len(self.addresses))]
 
     def message(self, k: int) -> bytes:
         sp = self.spec
         assert sp.mail_from and sp.rcpt and sp.size
-        return signed_message(sp.mail_from, sp.rcpt, sp.size, f"{sp.name}-{k}", self._key,
+        tag = f"{sp.name}-learn" if self.learning else f"{sp.name}-{k}"
+        return signed_message(sp.mail_from, sp.rcpt, sp.size, tag, self._key,
                               sp.dkim_selector or "bench")

@@ -3,6 +3,7 @@ pure parts."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,10 @@ import orjson
 import pytest
 
 from bench.evidence import issue18_markdown, issue18_rows, pool_verdict, read_log, served_fast
-from bench.flood import LegitSpec, bot_address
+from bench.flood import LegitSpec, LegitStats, Target, bot_address
 from bench.flood.adversary import signed_message
-from bench.flood.pool import pool_addresses, pool_plan
+from bench.flood.client import Attempt
+from bench.flood.pool import PoolSender, pool_addresses, pool_index
 from bench.run import build_scenarios, issue8_rows
 from bench.scenarios import (
     BL_ZONE,
@@ -116,13 +118,42 @@ def test_issue18_senders() -> None:
         LegitSpec("spf", "127.0.0.12", 0.1, pool=3)
 
 
-def test_pool_plan_learns_once_then_rotates_from_the_second_address() -> None:
-    plan = [pool_plan(k, 0.1, 1.0, 3) for k in range(6)]
-    assert [i for _, i in plan] == [0, 1, 2, 0, 1, 2]
-    assert plan[0][0] == 0.0 and plan[1][0] == 1.0 and plan[2][0] == pytest.approx(1.1)
+def test_pool_rotates_from_the_second_address_after_the_learned_one() -> None:
+    assert [pool_index(k, 3) for k in range(6)] == [1, 2, 0, 1, 2, 0]
     assert pool_addresses("127.8.0.1", 3) == ["127.8.0.1", "127.8.0.2", "127.8.0.3"]
     with pytest.raises(ValueError):
         pool_addresses("127.8.0.250", 10)                     # leaves its /24
+
+
+def test_the_rotation_starts_after_the_learned_messages_answer() -> None:
+    """"After one learned message": under a flood its answer can take seconds; the rotation
+    must not overtake it (it did when the schedule was open-loop from the start)."""
+    seen: list[tuple[str | None, bool, float]] = []
+
+    class Fake(PoolSender):
+        async def attempt(self, k: int) -> Attempt:
+            seen.append((self.source(k), self.learning, asyncio.get_running_loop().time()))
+            if self.learning:
+                await asyncio.sleep(0.3)                      # a slow first answer
+            return Attempt(0.0, 1.0, "accepted")
+
+    async def run() -> LegitStats:
+        now = asyncio.get_running_loop().time()
+        spec = LegitSpec("pool", "127.8.0.1", 0.05, name="pool", mail_from="a@b.test",
+                         rcpt="u@x.test", helo="h.test", size=100, deadline_s=1.0, pool=3,
+                         learn_s=0.1)
+        stats = LegitStats(name="pool", kind="pool", source="127.8.0.1", interval_s=0.05)
+        await Fake(Target.parse("127.0.0.1:25"), spec, stats, start_at=now, t_run0=now,
+                   grace=0.5).run(now + 0.75)
+        return stats
+
+    stats = asyncio.run(run())
+    assert seen[0][:2] == ("127.8.0.1", True)
+    assert seen[1][2] - seen[0][2] >= 0.39                    # its answer, then learn_s
+    assert [src for src, _, _ in seen[1:5]] == ["127.8.0.2", "127.8.0.3", "127.8.0.1",
+                                                "127.8.0.2"]
+    assert not any(learning for _, learning, _ in seen[1:])
+    assert stats.attempts == stats.accepted == len(seen)
 
 
 def test_the_pool_signs_with_the_one_signer(tmp_path: Path) -> None:
