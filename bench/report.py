@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 KINDS = ("trusted", "cert", "spf")
+EXTRA_KINDS = ("dnswl", "pool")     # issue 18: a column only where one ran
 TARGET_ORDER = ("smtp-ingress", "postfix", "aiosmtpd")
 BOT_ROLES = ("stall", "trickle", "early")
 
@@ -377,22 +378,24 @@ def render_markdown(doc: dict[str, Any]) -> str:
             f"{_fmt_num(params.get('legit_interval_s'), 2)} s on a fresh connection; latency "
             "is connect → 250 after DATA. Cells: accepted % · p50/p95/p99 ms (nearest rank). "
             "cert = client certificate on the mutual-TLS port (n/a: the target has none); "
-            "spf = SPF-pass domain.", ""]
+            "spf = SPF-pass domain; dnswl = on a DNS allow list (issue 18); pool = a "
+            "provider's pool of addresses (issue 18).", ""]
     rows = []
-    for label, t, e in _entries(doc, scen, targets):
+    entries = list(_entries(doc, scen, targets))
+    kinds = (*KINDS, *(k for k in EXTRA_KINDS        # issue 18's senders, where they ran
+                       if any(k in _summary(e)["legit"] for _, _, e in entries)))
+    for label, t, e in entries:
         s = _summary(e)
         fails = {}
-        for k in KINDS:
+        for k in kinds:
             ls = s["legit"].get(k)
             if ls:
                 for code, n in ls["failures"].items():
                     fails[f"{k}: {code}"] = n
         rows.append([label, t,
-                     *[_legit_cell(s["legit"].get(k)) for k in KINDS],
+                     *[_legit_cell(s["legit"].get(k)) for k in kinds],
                      _codes(fails) or "—"])
-    out += _table(["scenario", "target", "trusted", "cert", "spf",
-                   "failures (sender: code x count)"],
-                  rows)
+    out += _table(["scenario", "target", *kinds, "failures (sender: code x count)"], rows)
     out.append("")
 
     out += ["### What the bots got", "",

@@ -20,6 +20,13 @@ Scenarios (bench.flood does the load; all bounded in time and count, each stops 
     silent20k_spam   20,000 silent bots + 50 spam connections; judged: allow-listed, certificate
     spfspam   50 spam connections whose MAIL FROM domain (spf-bots.test) has SPF pass for the
               bots' addresses; judged: the allow-listed sender
+    noflood18, dnswl20k, dnsbl5k   issue 18 (bench.scenarios.evidence_scenarios; each on its
+              own fresh smtp-ingress with [dnswl] and [dnsbl] zones served by the bench's DNS):
+              20,000 silent bots + 50 spam, judged: a DNS-allow-listed sender (127.0.0.13, not
+              in allow_cidrs); 5,000 silent bots (80% block-listed) + 50 listed spam, judged:
+              the SPF sender, and a provider pool over 50 addresses (127.8.0.1-50, verified
+              PTRs), fast from its second address on (bench.evidence: the ingress's log);
+              noflood18 is their no-flood reference, run with any of them
     reload    issue 20: the flood scenario, the target reloaded twice in the measured window
               (smtp-ingress SIGHUP, Postfix `postfix reload`); judged: allow-listed, certificate
               (issue-8 rows: --full, or --quick --scenarios NAME,...; the report's issue-8 table
@@ -36,7 +43,8 @@ API / CLI
     python -m bench.run (--quick | --full) [--targets smtp-ingress,postfix,aiosmtpd]
         [--scenarios noflood,flood,...] [--no-throughput] [--ramp S] [--large-bots N]
         [--profile] [--out DIR] [--no-publish] [--keep]
-    build_scenarios(mode, ramp, large_bots) -> dict[str, Scenario]   (pure)
+    build_scenarios(mode, ramp, large_bots) -> dict[str, Scenario]   (pure; bench.scenarios: the
+        scenario tables and the DNS records they need; bench.evidence: the provider-pool row)
     Exit status: 0 run completed (whatever the targets did; the acceptance verdicts are in the
     report), 2 refused to start (file descriptors, bad arguments), 130 interrupted.
 
@@ -75,15 +83,13 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from bench import report, sched
+from bench import evidence, report, sched
 from bench.flood import (
-    BotConfig,
     FdLimitError,
     FloodConfig,
     LegitSpec,
@@ -92,7 +98,27 @@ from bench.flood import (
     format_progress,
     run_flood_sync,
 )
-from bench.flood.adversary import Adversary
+from bench.scenarios import (
+    BULK_TOLERANCE_PCT,
+    CERT_IP,
+    DNSWL_IP,
+    LEGIT_DEADLINE,
+    LEGIT_INTERVAL,
+    P99_MAX_RATIO,
+    PROVIDER,
+    RCPT,
+    SPF_BOTS_DOMAIN,
+    SPF_DOMAIN,
+    SPF_IP,
+    TRUSTED_IP,
+    Scenario,
+    adversary_dns,
+    build_scenarios,
+    evidence_dns,
+    evidence_specs,
+    pool_addresses,
+    with_settings,
+)
 from bench.targets import (
     CONFIGS,
     Pki,
@@ -113,174 +139,6 @@ BENCH = Path(__file__).resolve().parent
 OUT = BENCH / "out"
 RESULTS = BENCH / "results"
 FLOOD_TARGETS = ("smtp-ingress", "postfix", "aiosmtpd")
-TRUSTED_IP, CERT_IP, SPF_IP = "127.0.0.10", "127.0.0.11", "127.0.0.12"
-SPF_DOMAIN = "spf-pass.test"
-SPF_BOTS_DOMAIN = "spf-bots.test"   # a spammer's own domain: SPF pass for the spam bots (127.4/16)
-SPF_MANY = "spam{d}-many.test"   # issue 17: 200 organisational domains, SPF pass for 127.4/16
-SPF_MANY_N = 200
-DKIM_SELECTOR = "bench"             # the spam domains' DKIM key (aligned: learning)
-DEAD_SIGS = 3                       # DKIM signatures whose key names never answer (dead<i>)
-MTA_RETRY_FULL, MTA_RETRY_QUICK = 60.0, 15.0   # issue 17: retrying MTAs (every 60-300 s)
-MTAS = 5                            # MTAs, each from its own /24 (127.7.<k>.1)
-BOTS_PER_PROC = 9000                # idle bots per bot process (the hard fd limit here: 20000)
-RCPT = "user@example.test"
-LEGIT_INTERVAL = 0.1
-LEGIT_DEADLINE = 10.0  # per attempt; also the grace after the end, so every attempt resolves
-BULK_TOLERANCE_PCT = 5.0
-P99_MAX_RATIO = 2.0
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    label: str
-    duration_s: float  # whole run, warmup included
-    warmup_s: float    # legitimate senders start this long after the bots
-    bots: BotConfig
-    senders: tuple[str, ...] = ()   # issue 8: the legitimate senders this row is judged on
-    p99_max: float = P99_MAX_RATIO  # issue 8: their p99 at most this x their no-flood p99
-    min_accepted_pct: float = 99.0  # issue 8: and at least this share accepted
-    # issue 17: (sender, min accepted %, p99 max ratio) per judged sender, instead of the above
-    judged: tuple[tuple[str, float, float], ...] = ()
-    mtas: int = 0                   # issue 17: retrying MTAs (judged: accepted by the 3rd retry)
-    mta_retry_s: float = 0.0
-    issue: str = "8"
-    # issue 20: reload the target (smtp-ingress: SIGHUP; Postfix: `postfix reload`) this many
-    # seconds into the measured window (a target without a reload runs the flood without them)
-    reloads: tuple[float, ...] = ()
-
-    @property
-    def bot_procs(self) -> int:
-        """Bot processes for the idle bots, so that none holds more than BOTS_PER_PROC."""
-        b = self.bots
-        return max(1, -(-(b.stallers + b.tricklers + b.early) // BOTS_PER_PROC))
-
-    def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["measured_s"] = self.duration_s - self.warmup_s
-        d["bot_procs"] = self.bot_procs
-        return d
-
-
-def build_scenarios(mode: str, ramp: float | None = None,
-                    large_bots: int | None = None,
-                    picked: frozenset[str] = frozenset()) -> dict[str, Scenario]:
-    """The scenarios of a --quick or --full run, in running order (pure). --quick has noflood,
-    flood and large, plus any of the full list named in `picked` (--scenarios), shortened."""
-    if mode not in ("quick", "full"):
-        raise ValueError(f"mode must be quick or full, not {mode!r}")
-    full = mode == "full"
-    spam = dict(spam_per_conn=100, spam_rcpt=RCPT, spam_from="spam@bots.invalid")
-    large_n = large_bots if large_bots is not None else (5000 if full else 1000)
-    large_ramp = ramp if ramp is not None else (5.0 if full else 1.0)
-    warm = 2.0 if full else 1.5
-    measured = 30.0 if full else 4.5
-    short = 8.0 if full else 4.0
-    s = [
-        Scenario("noflood", "no flood", 12.0 if full else 3.0, 0.0, BotConfig()),
-        Scenario("stall", "300 stalling bots", short + 2, 2.0,
-                 BotConfig(stallers=300, ramp_s=1.0, spam_rcpt=RCPT)),
-        Scenario("spam", "50 spam connections", short + 1, 1.0,
-                 BotConfig(spammers=50, **spam)),
-        Scenario("mixed", "mixed: 150 stall + 50 trickle + 50 early + 25 spam", short + 2, 2.0,
-                 BotConfig(stallers=150, tricklers=50, early=50, spammers=25, ramp_s=1.0,
-                           trickle_interval=2.0, **spam)),
-        Scenario("flood", "300 stalling bots + 50 spam connections", measured + warm, warm,
-                 BotConfig(stallers=300, spammers=50, ramp_s=1.0, **spam)),
-        Scenario("large", f"{large_n:,} stalling bots (ramp {large_ramp:g} s)",
-                 (20.0 if full else 3.5) + large_ramp + 0.5, large_ramp + 0.5,
-                 BotConfig(stallers=large_n, ramp_s=large_ramp, spam_rcpt=RCPT)),
-    ]
-    # Issue 8: silent bots each from its own address that reconnect 0.2 s after a drop, the
-    # SPF-pass sender judged; 20,000 silent bots + spam, the allow-listed and certificate
-    # senders judged; spam from a domain whose SPF passes for the bots (a spammer who publishes
-    # SPF), the allow-listed sender judged. --quick runs them shorter, not smaller.
-    silent: dict[str, Any] = dict(reconnect_delay=0.2, spam_rcpt=RCPT)
-    i8_measured = 20.0 if full else 4.0
-    for n, ramp_n in ((2000, 2.0), (5000, 5.0), (20000, 10.0)):
-        s.append(Scenario(f"silent{n // 1000}k", f"{n:,} silent bots, each its own address",
-                          i8_measured + ramp_n + 0.5, ramp_n + 0.5,
-                          BotConfig(stallers=n, ramp_s=ramp_n, **silent), senders=("spf",)))
-    s.append(Scenario("trickle2k", "2,000 trickling bots, each its own address",
-                      i8_measured + 2.5, 2.5,
-                      BotConfig(tricklers=2000, ramp_s=2.0, trickle_interval=2.0, **silent),
-                      senders=("spf",)))
-    s.append(Scenario("silent20k_spam", "20,000 silent bots + 50 spam connections",
-                      i8_measured + 10.5, 10.5,
-                      BotConfig(stallers=20000, spammers=50, ramp_s=10.0, reconnect_delay=0.2,
-                                spam_per_conn=100, spam_rcpt=RCPT, spam_from="spam@bots.invalid"),
-                      senders=("trusted", "cert"), min_accepted_pct=100.0))
-    s.append(Scenario("spfspam", "50 spam connections from an SPF-pass domain they control",
-                      i8_measured + 1.0, 1.0,
-                      BotConfig(spammers=50, spam_per_conn=100, spam_rcpt=RCPT,
-                                spam_from=f"spam@{SPF_BOTS_DOMAIN}"),
-                      senders=("trusted",), min_accepted_pct=100.0))
-    s += adversarial_scenarios(full, i8_measured)
-    s.append(Scenario("reload", "300 stalling bots + 50 spam connections, the target reloaded "
-                      "twice (SIGHUP at a third and two thirds of the measured window)",
-                      i8_measured + 2.0, 2.0,
-                      BotConfig(stallers=300, spammers=50, ramp_s=1.0, **spam),
-                      judged=(("trusted", 100.0, 1.5), ("cert", 100.0, 1.5)),
-                      reloads=(i8_measured / 3, 2 * i8_measured / 3), issue="20"))
-    if not full:
-        s = [x for x in s if x.name in ("noflood", "flood", "large") or x.name in picked]
-    return {x.name: x for x in s}
-
-
-def adversarial_scenarios(full: bool, measured: float) -> list[Scenario]:
-    """Issue 17: a spammer who has read the code (pure). spfmany: every spam connection its own
-    SPF-pass domain (200); spfmany_learned: the same signed with aligned DKIM, so their IPs get
-    learned; dkimdead: SPF-pass spam carrying DKIM signatures whose key names never answer;
-    tlsflood: stranger TLS handshakes on the mutual-TLS port; retryfarm: a bot farming
-    deferral records over 64 senders while MTAs retry a deferred message."""
-    stall_spam = dict(stallers=300, spammers=50, ramp_s=1.0, spam_rcpt=RCPT)
-    many = dict(spam_from=f"spam@{SPF_MANY}", spam_per_conn=10)
-    both = (("trusted", 100.0, 1.5), ("cert", 100.0, 1.5))
-    retry = MTA_RETRY_FULL if full else MTA_RETRY_QUICK
-    return [
-        Scenario("spfmany", f"300 silent bots + 50 spam connections, each connection its own "
-                 f"SPF-pass domain ({SPF_MANY_N} domains)", measured + 2.0, 2.0,
-                 BotConfig(**stall_spam, **many, adversary=Adversary(spam_domains=SPF_MANY_N)),
-                 judged=(*both, ("spf", 99.0, 2.0)), issue="17"),
-        Scenario("spfmany_learned", f"the same, the {SPF_MANY_N} domains' mail signed with "
-                 f"aligned DKIM (their IPs learned)", measured + 4.0, 4.0,
-                 BotConfig(**stall_spam, **many, adversary=Adversary(
-                     spam_domains=SPF_MANY_N, dkim_key="{dkim_key}",
-                     dkim_selector=DKIM_SELECTOR)),
-                 judged=both, issue="17"),
-        Scenario("spfspam17", "300 bots + 50 spam connections from one SPF-pass domain they own",
-                 measured + 2.0, 2.0,
-                 BotConfig(**stall_spam, spam_from=f"spam@{SPF_BOTS_DOMAIN}", spam_per_conn=100),
-                 judged=(("trusted", 100.0, 1.5),), issue="17"),
-        Scenario("dkimdead", f"50 SPF-pass spam connections, each message with {DEAD_SIGS} DKIM "
-                 f"signatures whose key names never answer", measured + 1.0, 1.0,
-                 BotConfig(spammers=50, spam_per_conn=100, spam_rcpt=RCPT,
-                           spam_from=f"spam@{SPF_BOTS_DOMAIN}",
-                           adversary=Adversary(dead_sigs=DEAD_SIGS)),
-                 judged=(("trusted", 100.0, 1.5),), issue="17"),
-        Scenario("tlsflood", "250 bots doing TLS handshakes without a valid certificate on the "
-                 "mutual-TLS port + 50 silent connections there", measured + 2.0, 2.0,
-                 BotConfig(ramp_s=1.0, adversary=Adversary(handshakers=250, tls_stallers=50,
-                                                           tls_port=1)),
-                 judged=(("cert", 100.0, 2.0), ("trusted", 100.0, 2.0)), issue="17"),
-        Scenario("retryfarm", f"300 bots + 50 spam connections farming deferrals over 64 "
-                 f"senders; {MTAS} MTAs retrying every {retry:g} s", 4 * retry + 12.0, 2.0,
-                 BotConfig(**stall_spam, spam_from="farm{s}@bots.invalid", spam_per_conn=100,
-                           adversary=Adversary(spam_senders=64)),
-                 mtas=MTAS, mta_retry_s=retry, issue="17"),
-    ]
-
-
-def adversary_dns(dkim_record: str) -> tuple[dict[str, dict[str, list[str]]], list[str]]:
-    """The records issue 17's scenarios need (the spammer's domains, their DKIM key) and the
-    names never answered (the dead DKIM keys) (pure)."""
-    records: dict[str, dict[str, list[str]]] = {}
-    for d in range(SPF_MANY_N):
-        name = SPF_MANY.format(d=d)
-        records[name] = {"TXT": ["v=spf1 ip4:127.4.0.0/16 -all"]}
-        records[f"{DKIM_SELECTOR}._domainkey.{name}"] = {"TXT": [dkim_record]}
-    silent = [f"dead{i}._domainkey.{SPF_BOTS_DOMAIN}" for i in range(DEAD_SIGS)]
-    return records, silent
 
 
 def issue8_rows(doc: dict[str, Any], target: str = "smtp-ingress",
@@ -289,10 +147,10 @@ def issue8_rows(doc: dict[str, Any], target: str = "smtp-ingress",
     `judged`, those senders), per judged sender, the accepted share, p50 (the median) and p99
     against the same sender's no-flood run (pure)."""
     scenarios = doc.get("scenarios") or {}
-    base_e = report._find(doc, "noflood", target)
-    base = report._summary(base_e)["legit"] if base_e else {}
     rows = []
     for name, sc in scenarios.items():
+        base_e = report._find(doc, sc.get("base") or "noflood", target)   # issue 18: its own
+        base = report._summary(base_e)["legit"] if base_e else {}
         limits = {w: (pct, p99) for w, pct, p99 in sc.get("judged") or ()}
         for who in list(limits) or sc.get("senders") or (judged or {}).get(name, ()):
             min_pct, p99_max = limits.get(who, (sc.get("min_accepted_pct", 99.0),
@@ -528,7 +386,8 @@ def flood_config(target: Running, pki: Pki, sc: Scenario, grace: float,
             for k in range(sc.mtas)]
     return FloodConfig(
         target=Target(target.host, target.port), duration_s=sc.duration_s, bots=bots,
-        legit=(*legit_specs(target, pki), *mtas), warmup_s=sc.warmup_s, grace_s=grace,
+        legit=(*legit_specs(target, pki), *evidence_specs(sc.extra, LEGIT_INTERVAL, dkim_key),
+               *mtas), warmup_s=sc.warmup_s, grace_s=grace,
         spam_procs=1, bot_procs=sc.bot_procs, mail_from="legit@example.org", rcpt=RCPT,
         helo="legit.example.org", deadline_s=LEGIT_DEADLINE, servername="localhost")
 
@@ -626,6 +485,8 @@ def run_scenarios(procs: Processes, target: Running, pki: Pki,
         if sc.bots.adversary.tls_sockets and not target.mtls_port:
             continue   # the stranger-handshake flood needs a mutual-TLS port
         cfg = flood_config(target, pki, sc, grace, str(workdir / "dkim.pem"))
+        log = Path(target.info["log"]) if "log" in target.info else None
+        log_at = log.stat().st_size if log is not None and log.exists() else 0
         ns0 = netstat()
         t0 = time.monotonic()
         prof_thread = None
@@ -654,6 +515,9 @@ def run_scenarios(procs: Processes, target: Running, pki: Pki,
             "netstat_delta": netstat_delta(ns0, netstat()), "result": result, "error": err,
             "sched": sched_out.get("rows"), "reloaded_at_s": reloaded,
         }
+        if log is not None and "pool" in sc.extra:    # issue 18: the ingress's own record
+            entry["pool"] = evidence.pool_verdict(evidence.read_log(log, log_at),
+                                                  pool_addresses(), PROVIDER)
         if result is not None:
             entry["summary"] = report.summarise_flood(result)
             tr = entry["summary"]["legit"].get("trusted") or {}
@@ -792,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [s for s in wanted if s not in scenarios]
         if unknown:
             ap.error(f"unknown scenario(s) {unknown}; {mode} has {list(scenarios)}")
-        scenarios = {k: v for k, v in scenarios.items() if k in wanted}
+        keep = set(wanted) | {scenarios[w].base for w in wanted}   # and their references
+        scenarios = {k: v for k, v in scenarios.items() if k in keep}
 
     stub = Pki(Path("ca"), Path("c"), Path("k"), Path("cl"))
     try:
@@ -812,13 +677,15 @@ def main(argv: list[str] | None = None) -> int:
         "Everything (targets, bots, legitimate senders, DNS server) runs on the same cores, so "
         "the flood generator competes with the server it floods.",
     ]
+    notes += list(dict.fromkeys(sc.note for sc in scenarios.values() if sc.note))
     doc: dict[str, Any] = {
         "version": 1, "mode": mode, "started": started.isoformat(timespec="seconds"),
         "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(), "versions": versions(), "git": git_state(),
         "params": {
             "legit_interval_s": LEGIT_INTERVAL, "legit": {
-                "trusted": TRUSTED_IP, "cert": CERT_IP, "spf": f"{SPF_IP} ({SPF_DOMAIN})"},
+                "trusted": TRUSTED_IP, "cert": CERT_IP, "spf": f"{SPF_IP} ({SPF_DOMAIN})",
+                "dnswl": DNSWL_IP, "pool": f"127.8.0.1-50 ({PROVIDER})"},
             "bulk_rate_cap": None, "bulk_rate_tolerance_pct": BULK_TOLERANCE_PCT,
             "p99_max_ratio": P99_MAX_RATIO, "fd_budget": fds,
             "percentiles": "nearest-rank (bench.flood.percentile_nearest_rank)",
@@ -842,6 +709,7 @@ def main(argv: list[str] | None = None) -> int:
             dkim_pem, dkim_txt = signing_record()
             (out_dir / "dkim.pem").write_bytes(dkim_pem)
             more, silent = adversary_dns(dkim_txt)
+            more.update(evidence_dns(dkim_txt))
             dns_addr, _dns = start_dns(procs, work / "dns", {
                 SPF_DOMAIN: {"TXT": [f"v=spf1 ip4:{SPF_IP} -all"]},
                 SPF_BOTS_DOMAIN: {"TXT": ["v=spf1 ip4:127.4.0.0/16 -all"]},
@@ -876,46 +744,16 @@ def main(argv: list[str] | None = None) -> int:
             for table, kv in settings.items():
                 flood_tables.setdefault(table, {}).update(kv)
             for name in names:
-                target: Running | None = None
-                if name == "postfix":
-                    target = postfix
-                    if target is None:
-                        prog.done += len(scenarios)
-                        continue
-                else:
-                    try:
-                        if name == "smtp-ingress":
-                            target = start_ingress(procs, work / "ingress", CONFIGS /
-                                                   "flood.toml", flood_tables)
-                            tables = target.info["config_tables"]
-                            doc["params"]["bulk_rate_cap"] = tables["lanes.bulk"]["rate"]
-                            doc["params"]["ingress_config"] = tables
-                            gp = tables.get("admission", {}).get("greet_pause", 0)
-                            if gp:
-                                notes.append(
-                                    f"smtp-ingress: the SPF sender's latency includes the "
-                                    f"{gp:g} s greet pause (early-talker test): it is a bulk "
-                                    f"client until its MAIL FROM passes SPF.")
-                        else:
-                            target = start_baseline(procs, work / "aiosmtpd")
-                        doc["targets"][name] = {"status": "ok", "role": "flood",
-                                                "info": {k: v for k, v in target.info.items()
-                                                         if k != "config_tables"}}
-                    except TargetError as e:
-                        doc["targets"][name] = {"status": "failed", "reason": str(e)}
-                        prog.note(f"{name} failed to start: {e}")
-                        prog.done += len(scenarios)
-                        continue
-                try:
-                    doc["flood"] += run_scenarios(
-                        procs, target, pki, scenarios, prog, LEGIT_DEADLINE, out_dir,
-                        profile if name == "smtp-ingress" else None)
-                finally:
-                    if name != "postfix":
-                        code = target.stop()
-                        doc["targets"][name]["exit_code"] = code
-                        if name == "smtp-ingress" and code != 0:
-                            notes.append(f"smtp-ingress exited {code} on SIGTERM (expected 0)")
+                # issue 18: a scenario with its own settings gets its own fresh smtp-ingress
+                # (after the shared one stopped); other targets run every scenario as one
+                groups = [({}, scenarios)] if name != "smtp-ingress" else [
+                    ({}, {k: v for k, v in scenarios.items() if not v.settings}),
+                    *(({**v.settings}, {k: v}) for k, v in scenarios.items() if v.settings)]
+                for over, group in groups:
+                    if group:
+                        doc["flood"] += run_target(procs, name, postfix, work, pki,
+                                                   with_settings(flood_tables, over), over,
+                                                   group, prog, out_dir, doc, notes, profile)
             if postfix is not None:
                 postfix.stop()
     except KeyboardInterrupt:
@@ -943,13 +781,74 @@ def main(argv: list[str] | None = None) -> int:
     return 130 if interrupted else 0
 
 
+def run_target(procs: Processes, name: str, postfix: Running | None, work: Path, pki: Pki,
+               tables: dict[str, dict[str, Any]], over: dict[str, Any],
+               scenarios: dict[str, Scenario], prog: Progress, out_dir: Path,
+               doc: dict[str, Any], notes: list[str],
+               profile: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Run `scenarios` on target `name` (smtp-ingress: started with `tables`, its overrides
+    `over` from a scenario's settings; aiosmtpd: started; Postfix: the running one), then stop
+    what was started here. The flood entries."""
+    target: Running | None = None
+    if name == "postfix":
+        target = postfix
+        if target is None:
+            prog.done += len(scenarios)
+            return []
+    else:
+        try:
+            if name == "smtp-ingress":
+                sub = "ingress" + "".join(f"-{k}" for k in scenarios) if over else "ingress"
+                target = start_ingress(procs, work / sub, CONFIGS / "flood.toml", tables)
+                if over:
+                    doc["scenarios"][next(iter(scenarios))]["ingress_config"] = \
+                        target.info["config_tables"]
+                else:
+                    _ingress_started(target, doc, notes)
+            else:
+                target = start_baseline(procs, work / "aiosmtpd")
+            if not over or name not in doc["targets"]:
+                doc["targets"][name] = {"status": "ok", "role": "flood",
+                                        "info": {k: v for k, v in target.info.items()
+                                                 if k != "config_tables"}}
+        except TargetError as e:
+            if over:    # a scenario's own instance: the shared target's status stays
+                notes.append(f"{name} for {', '.join(scenarios)} failed to start: {e}")
+            else:
+                doc["targets"][name] = {"status": "failed", "reason": str(e)}
+            prog.note(f"{name} failed to start: {e}")
+            prog.done += len(scenarios)
+            return []
+    try:
+        return run_scenarios(procs, target, pki, scenarios, prog, LEGIT_DEADLINE, out_dir,
+                             profile if name == "smtp-ingress" else None)
+    finally:
+        if name != "postfix":
+            code = target.stop()
+            where = doc["scenarios"][next(iter(scenarios))] if over else doc["targets"][name]
+            where["exit_code"] = code
+            if name == "smtp-ingress" and code != 0:
+                notes.append(f"smtp-ingress exited {code} on SIGTERM (expected 0)")
+
+
+def _ingress_started(target: Running, doc: dict[str, Any], notes: list[str]) -> None:
+    tables = target.info["config_tables"]
+    doc["params"]["bulk_rate_cap"] = tables["lanes.bulk"]["rate"]
+    doc["params"]["ingress_config"] = tables
+    gp = tables.get("admission", {}).get("greet_pause", 0)
+    if gp:
+        notes.append(f"smtp-ingress: the SPF sender's latency includes the {gp:g} s greet pause "
+                     f"(early-talker test): it is a bulk client until its MAIL FROM passes SPF.")
+
+
 def _write(out_dir: Path, doc: dict[str, Any], prog: Progress) -> None:
     (out_dir / "results.json").write_bytes(
         orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS) + b"\n")
     doc["issue8"] = issue8_rows(doc)
     doc["issue17"] = issue17_extra(doc)
+    doc["issue18"] = evidence.issue18_rows(doc)
     md = (report.render_markdown(doc) + issue8_markdown(doc["issue8"])
-          + issue17_markdown(doc["issue17"]))
+          + issue17_markdown(doc["issue17"]) + evidence.issue18_markdown(doc["issue18"]))
     (out_dir / "results.md").write_text(md)
     png: Path | None = None
     try:

@@ -9,7 +9,8 @@ Purpose
 
 API
     Target.parse("127.0.0.1:2525")           loopback-only target (raises ValueError otherwise)
-    LegitSpec / LegitSpec.parse(text)        one legitimate sender (kinds: trusted, cert, spf)
+    LegitSpec / LegitSpec.parse(text)        one legitimate sender (kinds: trusted, cert, spf,
+                                             dnswl, pool, mta)
     BotConfig                                counts and parameters of the bot behaviours
     FloodConfig                              everything for one run
     run_flood(cfg, progress=None) -> dict    async; the whole run, child processes included
@@ -31,6 +32,8 @@ Modules (by role)
     client        the SMTP client: open_conn, read_reply, smtp_attempt -> Attempt
     stats         LegitStats, BotStats, SpamStats (merge, summary)
     bots          StallingBot, TrickleBot, EarlyTalkerBot, SpamSender, LegitSpec, LegitSender
+    adversary     issue 17's attackers, the retrying MTA, the one DKIM signer (signed_message)
+    pool          a provider's pool of addresses (issue 18): PoolSender, pool_plan
     orchestrate   BotConfig, FloodConfig, BotRunner, the child processes, run_flood(_sync)
     cli           build_parser, config_from_args, main (and the internal ``bots`` child)
     This package re-exports the public names, so ``from bench import flood; flood.X`` works.

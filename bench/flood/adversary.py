@@ -19,6 +19,8 @@ API
                                  tls_port and say nothing (127.6/16)
     SpamMessages(adv, mail_from, rcpt, size)   .sender(bot, conn, msg) -> address;
                                  .message(sender) -> bytes (signed and cached per domain)
+    signed_message(sender, rcpt, size, tag, key, selector, dead_sigs=0) -> bytes
+                                 the one DKIM signer (SpamMessages, bench.flood.pool)
     HandshakeBot(target, source, stats, ...)   ``await run(end)``
     HandshakeStats               attempts, handshakes, alerts, refused, timeouts, errors
     RetryingMTA(target, spec, stats, retry_s, ...)   one message per MTA: on a 4xx it retries
@@ -103,18 +105,28 @@ class SpamMessages:
         return cached
 
     def _build(self, sender: str, domain: str) -> bytes:
-        plain = make_message(sender, self.rcpt, self.size, "spam")[:-3]   # without ".\r\n"
-        extra = b""
-        for i in range(self.adv.dead_sigs):
-            extra += (f"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d={domain}; "
-                      f"s=dead{i}; h=from:to:subject; bh=AAAA; b=AAAA\r\n").encode()
-        if self._key:
-            import dkim  # dkimpy: a dependency of smtp-ingress itself
+        return signed_message(sender, self.rcpt, self.size, "spam", self._key,
+                              self.adv.dkim_selector, self.adv.dead_sigs)
 
-            sig = dkim.sign(plain, self.adv.dkim_selector.encode(), domain.encode(), self._key,
-                            include_headers=[b"from", b"to", b"subject"])
-            extra = sig.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + extra
-        return extra + plain + b".\r\n"
+
+def signed_message(sender: str, rcpt: str, size: int, tag: str, key: bytes, selector: str,
+                   dead_sigs: int = 0) -> bytes:
+    """make_message's message, signed with DKIM for the sender's domain when `key` (a PEM) is
+    given, with `dead_sigs` signatures whose key names never answer in front (the one signer
+    of the bench: issue 17's spam and issue 18's provider pool)."""
+    domain = sender.rpartition("@")[2]
+    plain = make_message(sender, rcpt, size, tag)[:-3]   # without ".\r\n"
+    extra = b""
+    for i in range(dead_sigs):
+        extra += (f"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d={domain}; "
+                  f"s=dead{i}; h=from:to:subject; bh=AAAA; b=AAAA\r\n").encode()
+    if key:
+        import dkim  # dkimpy: a dependency of smtp-ingress itself
+
+        sig = dkim.sign(plain, selector.encode(), domain.encode(), key,
+                        include_headers=[b"from", b"to", b"subject"])
+        extra = sig.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + extra
+    return extra + plain + b".\r\n"
 
 
 @dataclass

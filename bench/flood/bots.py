@@ -345,16 +345,22 @@ class SpamSender:
 # Legitimate senders
 
 
+LEGIT_KINDS = ("trusted", "cert", "spf", "dnswl", "pool", "mta")
+
+
 @dataclass(frozen=True)
 class LegitSpec:
     """One legitimate sender.
 
-    Text form: ``KIND:SOURCE:INTERVAL[,key=value...]``, KIND in trusted | cert | spf, e.g.
+    Text form: ``KIND:SOURCE:INTERVAL[,key=value...]``, KIND in trusted | cert | spf | dnswl |
+    pool | mta, e.g.
     ``trusted:127.0.0.10:0.1``, ``spf:127.0.0.12:0.1,mail_from=a@spf.example``,
     ``cert:127.0.0.11:0.1,tls=implicit,port=4650,cert=c.pem,key=k.pem,ca=ca.pem``.
     Keys: name, mail_from, rcpt, helo, size, deadline, tls (none|implicit|starttls), port,
-    cert, key, ca, servername, retry_s. Unset keys take the FloodConfig defaults. KIND mta is
-    one message retried every retry_s after a 4xx (bench.flood.adversary.RetryingMTA).
+    cert, key, ca, servername, retry_s, pool, learn_s, dkim_key, dkim_selector (unset: the
+    FloodConfig defaults). mta: one message retried every retry_s after a 4xx (adversary.
+    RetryingMTA); dnswl: as trusted, from an address on a DNS allow list; pool: a provider's
+    `pool` addresses from SOURCE on, its mail DKIM-signed (bench.flood.pool.PoolSender).
     """
 
     kind: str
@@ -373,10 +379,16 @@ class LegitSpec:
     ca: str | None = None
     servername: str | None = None
     retry_s: float | None = None   # kind "mta": one message, retried this often after a 4xx
+    pool: int = 0                  # kind "pool": its addresses (SOURCE and the next ones)
+    learn_s: float | None = None   # kind "pool": pause after the first (learned) message
+    dkim_key: str | None = None    # kind "pool": sign for the sender's domain (a PEM file)
+    dkim_selector: str | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("trusted", "cert", "spf", "mta"):
-            raise ValueError(f"legit kind {self.kind!r}: expected trusted, cert, spf or mta")
+        if self.kind not in LEGIT_KINDS:
+            raise ValueError(f"legit kind {self.kind!r}: expected one of {LEGIT_KINDS}")
+        if (self.kind == "pool") != (self.pool > 0) or not 0 <= self.pool <= 254:
+            raise ValueError("legit kind pool needs pool=N (1..254), and only it takes pool")
         if not self.interval_s > 0:
             raise ValueError("legit interval must be > 0")
         if self.tls not in (None, "none", "implicit", "starttls"):
@@ -397,7 +409,8 @@ class LegitSpec:
             raise ValueError(f"bad legit spec {text!r}: expected KIND:SOURCE:INTERVAL[,k=v...]")
         kw: dict[str, Any] = {}
         conv: dict[str, Callable[[str], Any]] = {"size": int, "port": int, "deadline": float,
-                                                 "retry_s": float}
+                                                 "retry_s": float, "pool": int,
+                                                 "learn_s": float}
         for pair in pairs:
             k, sep, v = pair.partition("=")
             if not sep:
@@ -449,12 +462,7 @@ class LegitSender:
             if t >= end:
                 break
             await _sleep_until(t)
-            msg = make_message(sp.mail_from, sp.rcpt, sp.size, f"{sp.name}-{k}")
-            task = asyncio.create_task(smtp_attempt(
-                self.target, sp.source, helo=sp.helo, mail_from=sp.mail_from, rcpt=sp.rcpt,
-                message=msg, deadline_s=sp.deadline_s, tls=self.tls, ssl_ctx=self.ssl_ctx,
-                server_hostname=sp.servername, t_run0=self.t_run0,
-            ))
+            task = asyncio.create_task(self.attempt(k))
             task.add_done_callback(self._done)
             task.add_done_callback(tasks.discard)
             task.t_start = t - self.t_run0  # type: ignore[attr-defined]
@@ -468,6 +476,23 @@ class LegitSender:
                 self.stats.record(Attempt(task.t_start, None, "unfinished"))  # type: ignore
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
+
+    async def attempt(self, k: int) -> Attempt:
+        """Attempt k: one timed transaction from source(k) with message(k) (subclasses: pool)."""
+        sp = self.spec
+        assert sp.mail_from and sp.rcpt and sp.helo and sp.deadline_s
+        return await smtp_attempt(
+            self.target, self.source(k), helo=sp.helo, mail_from=sp.mail_from, rcpt=sp.rcpt,
+            message=self.message(k), deadline_s=sp.deadline_s, tls=self.tls,
+            ssl_ctx=self.ssl_ctx, server_hostname=sp.servername, t_run0=self.t_run0)
+
+    def source(self, k: int) -> str | None:
+        return self.spec.source
+
+    def message(self, k: int) -> bytes:
+        sp = self.spec
+        assert sp.mail_from and sp.rcpt and sp.size
+        return make_message(sp.mail_from, sp.rcpt, sp.size, f"{sp.name}-{k}")
 
     def _done(self, task: asyncio.Task[Attempt]) -> None:
         if not task.cancelled() and task.exception() is None:

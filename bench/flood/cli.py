@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_bot_flags(p)
     p.add_argument("--legit", action="append", default=[], metavar="KIND:SRC:INTERVAL[,k=v]",
-                   help="legit sender, repeatable: trusted|cert|spf (see LegitSpec)")
+                   help="legit sender, repeatable: trusted|cert|spf|dnswl|pool|mta (see LegitSpec)")
     p.add_argument("--warmup", type=float, default=0.0, help="legit start after S s of bots")
     p.add_argument("--grace", type=float, default=2.0,
                    help="wait S s after the end for legit attempts in flight")

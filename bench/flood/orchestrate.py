@@ -51,6 +51,7 @@ from bench.flood.common import (
     ensure_fd_limit,
     percentile_nearest_rank,
 )
+from bench.flood.pool import PoolSender
 from bench.flood.stats import BotStats, LegitStats, SpamStats, merge_into
 
 # --------------------------------------------------------------------------------------------
@@ -384,8 +385,9 @@ async def run_flood(
                                size=s.size or cfg.size, deadline_s=s.deadline_s or cfg.deadline_s,
                                t_run0=t_run0, name=s.name)
                    if s.kind == "mta" else
-                   LegitSender(cfg.target, s, st, start_at=start_at + cfg.warmup_s,
-                               t_run0=t_run0, grace=cfg.grace_s)
+                   (PoolSender if s.kind == "pool" else LegitSender)(
+                       cfg.target, s, st, start_at=start_at + cfg.warmup_s, t_run0=t_run0,
+                       grace=cfg.grace_s)
                    for s, st in zip(specs, legit_stats, strict=True)]
         work = [asyncio.create_task(r.run(start_at, end)) for r in inline]
         work += [asyncio.create_task(s.run(end)) for s in senders]

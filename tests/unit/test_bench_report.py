@@ -277,7 +277,7 @@ def test_build_scenarios() -> None:
     assert list(full) == ["noflood", "stall", "spam", "mixed", "flood", "large", "silent2k",
                           "silent5k", "silent20k", "trickle2k", "silent20k_spam", "spfspam",
                           "spfmany", "spfmany_learned", "spfspam17", "dkimdead", "tlsflood",
-                          "retryfarm", "reload"]
+                          "retryfarm", "reload", "noflood18", "dnswl20k", "dnsbl5k"]
     assert full["silent20k"].bots.stallers == 20000 and full["silent20k"].bot_procs == 3
     assert full["silent2k"].bots.reconnect_delay == 0.2 and full["silent2k"].senders == ("spf",)
     assert full["spfspam"].bots.spam_from == "spam@spf-bots.test"
