@@ -3,11 +3,16 @@ when they end (the checks themselves: ingress.edge.checks).
 
 API:
     start(seat, ctx)          an admitted connection (seat.conn) starts its connect checks
-                              (ingress.edge.connect.classify_and_admit calls it): for a bulk
-                              connection the checks that hold the banner (the DNS lists) in one
-                              task, which holds the banner (Connection.hold), the others in
-                              another; their tasks are seat.conn.checks (cancelled when the
-                              connection goes: Connection.drop_checks)
+                              (ingress.edge.connect.classify_and_admit calls it): a bulk
+                              connection the checks that hold the banner (the DNS lists), in a
+                              task that holds the banner (Connection.hold); a fast one all of
+                              them (nothing waits for them); their tasks are seat.conn.checks
+                              (cancelled when the connection goes: Connection.drop_checks)
+    spoke(seat, ctx)          the client's first words after the banner (IngressSMTP): the
+                              other checks (FCrDNS) of a connection that was bulk at connect
+                              start now (if it was promoted since, too), so a silent bot
+                              costs no lookup however often it reconnects (docs/design.md:
+                              a connection that has proven nothing costs an fd and a few KB)
     held(conn) -> Task | None the task the banner waits for (its result: the refusal line, or
                               ""); the lobby calls Connection.ready() when it ends, the session
                               (behind PROXY) awaits it
@@ -55,9 +60,10 @@ from ingress.policy.checks import NO_VERDICT, Stage, Verdict
 from ingress.policy.conn_state import ConnState
 from ingress.policy.shaping import listed
 
-__all__ = ["apply", "held", "start"]
+__all__ = ["apply", "held", "settle", "spoke", "start"]
 
 HELD = "checks-held"        # the name of the task the banner waits for
+REST = "checks-rest"        # ... of the task of the checks nothing waits for
 
 
 def start(seat: Any, ctx: SessionHost) -> None:
@@ -65,17 +71,30 @@ def start(seat: Any, ctx: SessionHost) -> None:
     checks = ctx.checks
     if not checks or not checks.at(Stage.CONNECT):
         return
-    client = Client(conn.peer_ip, conn.peer_port)
-    holding = conn.lane is Lane.BULK and checks.holds_banner(Stage.CONNECT)
-    tasks = []
-    if holding:
-        conn.hold()
-        tasks.append(ctx.loop.create_task(_judge(conn, ctx, client, True), name=HELD))
-    rest = False if holding else None
-    if any(rest is None or c.holds_banner is rest for c in checks.at(Stage.CONNECT)):
-        tasks.append(ctx.loop.create_task(_judge(conn, ctx, client, rest)))
     conn.seat = seat
-    conn.checks = tuple(tasks)
+    if conn.lane is not Lane.BULK:
+        _launch(conn, ctx, None, REST)          # nothing waits for them
+    elif checks.holds_banner(Stage.CONNECT):
+        conn.hold()
+        _launch(conn, ctx, True, HELD)
+    # a bulk connection's other checks (FCrDNS) wait for it to speak (spoke): a silent bot
+    # costs them nothing, however many of them reconnect
+
+
+def spoke(seat: Any, ctx: SessionHost) -> None:
+    conn: Connection = seat.conn
+    checks = ctx.checks
+    if not checks or any(t.get_name() == REST for t in conn.checks):
+        return                  # started at connect (a fast connection), or already
+    if any(not c.holds_banner for c in checks.at(Stage.CONNECT)):
+        conn.seat = seat
+        _launch(conn, ctx, False, REST)
+
+
+def _launch(conn: Connection, ctx: SessionHost, holding: bool | None, name: str) -> None:
+    client = Client(conn.peer_ip, conn.peer_port)
+    task = ctx.loop.create_task(_judge(conn, ctx, client, holding), name=name)
+    conn.checks = (*conn.checks, task)
 
 
 def held(conn: Connection) -> asyncio.Task[str] | None:

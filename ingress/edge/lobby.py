@@ -175,6 +175,11 @@ class Lobby(ConnView, asyncio.Protocol):
                 self.timer = None
             refuse_by_check(self, self.ctx, refusal)
             return
+        if self.conn.lane is Lane.FAST and self.timer is not None \
+                and self.conn.state is ConnState.WAITING:
+            self.timer.cancel()          # promoted (a DNS allow list): the greet pause is for
+            self.timer = None            # bulk clients only; its hold goes with it
+            self.conn.ready()
         if self.conn.ready():
             self._greet()
 

@@ -256,9 +256,7 @@ class IngressSMTP(CommandPhase):
             deadline = max(0.0, deadline - (time.monotonic() - conn.started))
         self._deadline = self.loop.call_later(deadline, self._deadline_cb)
         if not self.handed_off:
-            pause = ctx.cfg.admission.greet_pause
-            if pause > 0 and conn.lane is Lane.BULK:
-                await asyncio.sleep(pause)
+            pause_ends = time.monotonic() + ctx.cfg.admission.greet_pause
             checks = connect_checks.held(conn)   # the connect checks the banner waits for
             if checks is not None:
                 await asyncio.wait({checks})     # (their own deadline bounds it)
@@ -266,6 +264,8 @@ class IngressSMTP(CommandPhase):
                 if refusal and conn.admitted:
                     refuse_by_check(self, ctx, refusal)
                     return
+            if conn.lane is Lane.BULK and pause_ends > time.monotonic():   # (a promoted
+                await asyncio.sleep(pause_ends - time.monotonic())          # client: none)
             if conn.state is ConnState.EARLY_TALK:  # spoke before our banner: a bot that
                 refuse_early_talker(self, ctx)      # does not listen
                 return
@@ -363,6 +363,7 @@ class IngressSMTP(CommandPhase):
         elif state is ConnState.GREETED:       # its first words after our banner
             conn.fire(Event.SPEAK)
             self.ctx.table.spoke(self)
+            connect_checks.spoke(self, self.ctx)   # a bulk client's FCrDNS starts now
         elif state is ConnState.WAITING or state is ConnState.EARLY_TALK:
             conn.fire(Event.TALK)              # before our banner: judged when the wait ends
         # CONNECTED: behind PROXY, the balancer's header (and what follows it: see

@@ -11,6 +11,7 @@ from typing import Any, cast
 import pytest
 
 from ingress.core import config
+from ingress.edge.checks import Checks
 from ingress.edge.connection import Connection
 from ingress.edge.handler import IngressHandler
 from ingress.edge.lobby import Lobby
@@ -205,7 +206,7 @@ def test_session_bytes_in_any_state(state: ConnState) -> None:
         spoke: list[object] = []
         ctx = types.SimpleNamespace(cfg=config.load(None), smtp_prototypes={}, tls_context=None,
                                     loop=loop, table=types.SimpleNamespace(spoke=spoke.append),
-                                    lane_saturated=lambda lane: False)
+                                    lane_saturated=lambda lane: False, checks=Checks((), 1.0))
         ctx.handler = IngressHandler(ctx)  # type: ignore[arg-type]
         session = IngressSMTP(cast(Any, ctx))
         session.conn.state = state
