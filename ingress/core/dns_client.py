@@ -5,9 +5,12 @@ Purpose
     Every DNS lookup an evidence check makes on an acceptor's event loop (DNS allow and block
     lists, FCrDNS; the package ingress.edge.checks) goes through one DnsClient, so that no DNS
     work runs on the loop without a deadline, and no zone, domain or client can hold more of
-    the lookups than its bound. It asks through dnspython's asyncio resolver, the async twin of
-    the process's cached resolver (ingress.core.resolver: the same nameservers, timeouts and
-    LRU cache; positive and NXDOMAIN answers are cached there, by their TTL).
+    the lookups than its bound. It asks the process's resolver's nameservers (ingress.core.
+    resolver: the same servers and query timeout) over a few long-lived UDP sockets
+    (ingress.core.dns_udp: a botnet's every new address costs each list a query, so a query
+    must be cheap), and keeps the answers for their TTL (at most MAX_TTL; NXDOMAIN and no data
+    NEGATIVE_TTL; at most ANSWERS of them). A truncated reply is asked again through
+    dnspython's asyncio resolver (the async twin of the process's resolver: TCP).
 
 API
     Status                 StrEnum ok | nxdomain | nodata | timeout | error | busy
@@ -53,8 +56,10 @@ from typing import Any
 import cachetools
 import dns.asyncresolver
 import dns.exception
+import dns.rcode
 import dns.resolver
 
+from ingress.core.dns_udp import Reply, UdpTransport, servers_of
 from ingress.core.resolver import async_twin
 
 __all__ = ["MAX_RECORDS", "Answer", "DnsClient", "Status"]
@@ -103,6 +108,26 @@ def _text(rdata: Any) -> str:
     return str(rdata.to_text())
 
 
+ANSWERS = 20000             # answers the client keeps (each for its TTL)
+NEGATIVE_TTL = 60.0         # seconds an NXDOMAIN or no-data answer is kept
+MAX_TTL = 3600.0            # ... and the longest any answer is
+
+
+def _ttu(_key: tuple[str, str], answer: Answer, now: float) -> float:
+    ttl = answer.ttl if answer.status is Status.OK else NEGATIVE_TTL
+    return now + max(0.0, min(float(ttl), MAX_TTL))
+
+
+def _answer(reply: Reply) -> Answer:
+    if reply.rcode == dns.rcode.NXDOMAIN:
+        return Answer(Status.NXDOMAIN)
+    if reply.rcode != dns.rcode.NOERROR:
+        return Answer(Status.ERROR)
+    if not reply.records:
+        return Answer(Status.NODATA)
+    return Answer(Status.OK, tuple(_text(r) for r in reply.records[:MAX_RECORDS]), reply.ttl)
+
+
 class DnsClient:
     """Queries with deadlines, joined when shared, bounded per key (see the module docstring).
     One per event loop: its state is the loop's (no locks)."""
@@ -118,6 +143,13 @@ class DnsClient:
             timeouts_max, timeout_ttl, timer=clock) if timeout_ttl > 0 else \
             cachetools.TTLCache(1, 1e-9, timer=clock)
         self._flights: dict[tuple[str, str], asyncio.Future[Answer]] = {}
+        # queries over a few long-lived UDP sockets (ingress.core.dns_udp: ~5x cheaper than
+        # dnspython's resolver, which the client falls back to for a truncated reply), and the
+        # answers they got, each for its TTL (NXDOMAIN and no data: NEGATIVE_TTL), at most
+        # ANSWERS of them
+        self.udp = UdpTransport(servers_of(resolver))
+        self._answers: cachetools.TLRUCache[tuple[str, str], Answer] = cachetools.TLRUCache(
+            ANSWERS, _ttu, timer=clock)
         self._by_key: Counter[str] = Counter()
 
     @property
@@ -132,6 +164,9 @@ class DnsClient:
 
     async def query(self, name: str, qtype: str, *, timeout: float, key: str = "") -> Answer:
         fkey = (name.lower().rstrip("."), qtype.upper())
+        cached = self._answers.get(fkey)
+        if cached is not None:
+            return cached           # no query, no bound spent
         if fkey in self._timeouts:
             return TIMED_OUT
         flight = self._flights.get(fkey)
@@ -161,6 +196,17 @@ class DnsClient:
                 del self._by_key[key]
 
     async def _resolve(self, name: str, qtype: str, lifetime: float) -> Answer:
+        reply = await self.udp.query(name, qtype, lifetime)
+        if reply is None:
+            return TIMED_OUT
+        if not reply.truncated:
+            answer = _answer(reply)
+            if answer.status in (Status.OK, Status.NXDOMAIN, Status.NODATA):
+                self._answers[(name, qtype)] = answer
+            return answer
+        return await self._resolve_tcp(name, qtype, lifetime)   # a big answer: TC set
+
+    async def _resolve_tcp(self, name: str, qtype: str, lifetime: float) -> Answer:
         try:
             ans = await self.resolver.resolve(name, qtype, search=False, lifetime=lifetime,
                                               raise_on_no_answer=False)

@@ -94,3 +94,62 @@ def test_bounds_per_key_and_in_all(dns: DNSServer) -> None:
         ok = await c.query("2.0.0.127.list.test", "A", timeout=1.0, key="z")
         assert ok.found
     run(main())
+
+
+def test_replies_that_do_not_match_the_query_are_dropped(dns: DNSServer) -> None:
+    """An off-path spoofer's reply (another ID, another question, another sender) is never
+    taken for the answer: the query waits for the real one (ingress.core.dns_udp)."""
+    import socket
+
+    from ingress.core.dns_udp import UdpTransport
+
+    async def main() -> None:
+        # a fake "server" that answers every query twice wrongly, then right
+        fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        fake.bind(("127.0.0.1", 0))
+        fake.setblocking(False)
+        loop = asyncio.get_running_loop()
+        udp = UdpTransport([("127.0.0.1", fake.getsockname()[1])])
+        pending = asyncio.ensure_future(udp.query("2.0.0.127.list.test", "A", 2.0))
+        data, addr = await loop.sock_recvfrom(fake, 512)
+        import dns.message
+        import dns.rrset
+        q = dns.message.from_wire(data)
+        good = dns.message.make_response(q)
+        good.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", "127.0.0.2"))
+        wrong_id = dns.message.make_response(q)
+        wrong_id.id = (q.id + 1) % 65536
+        wrong_id.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A",
+                                                   "127.0.0.9"))
+        other = dns.message.make_query("evil.test", "A")
+        other.id = q.id
+        wrong_q = dns.message.make_response(other)
+        wrong_q.answer.append(dns.rrset.from_text("evil.test.", 60, "IN", "A", "127.0.0.9"))
+        spoofer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        spoofer.bind(("127.0.0.2", 0))
+        forged = dns.message.make_response(q)
+        forged.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", "127.0.0.9"))
+        spoofer.sendto(forged.to_wire(), addr)                 # right ID, wrong sender
+        fake.sendto(wrong_id.to_wire(), addr)
+        fake.sendto(wrong_q.to_wire(), addr)
+        fake.sendto(b"\x00" * 5, addr)                         # not DNS at all
+        await asyncio.sleep(0.1)
+        assert not pending.done()
+        fake.sendto(good.to_wire(), addr)
+        reply = await pending
+        assert reply is not None and [r.address for r in reply.records] == ["127.0.0.2"]
+        udp.close()
+        fake.close()
+        spoofer.close()
+    run(main())
+
+
+def test_answers_are_kept_for_their_ttl(dns: DNSServer) -> None:
+    async def main() -> None:
+        c = client(dns)
+        before = len(dns.queries)
+        for _ in range(5):
+            assert (await c.query("2.0.0.127.list.test", "A", timeout=1.0)).found
+            assert (await c.query("nothere2.test", "A", timeout=1.0)).status is Status.NXDOMAIN
+        assert len(dns.queries) - before == 2            # one query each, then the cache
+    run(main())

@@ -144,7 +144,7 @@ def test_a_zone_failing_its_health_test_is_off_and_comes_back(tmp_path: Path,
     dns.remove("1.0.0.127.everything.test")
     try:
         lookup.health._zones["everything.test"].next_check = 0.0   # the interval has passed
-        lookup.dns.resolver.cache.flush()                          # and the old answer's TTL
+        lookup.dns._answers.clear()                                # and the old answer's TTL
         assert judge(c, LISTED)[0].score == 5.0
         assert lookup.health.usable("everything.test")
     finally:
