@@ -7,7 +7,8 @@ Why
     cost an acceptor ~2 ms for every new client, which a botnet's new addresses turn into a
     busy loop (bench: 20,000 silent bots). Here a query is one datagram on a socket that is
     already open and one parse (dnspython's message codec: names and records are parsed by
-    the library, never by hand), ~0.15 ms.
+    the library, never by hand): two lists cost ~0.85 ms per new client, list logic included
+    (measured: 300 clients, the test DNS server in another process).
 
 API
     UdpTransport(servers, *, sockets=4, reuse=256)
