@@ -51,7 +51,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 import cachetools
 import dns.asyncresolver
@@ -59,12 +58,11 @@ import dns.exception
 import dns.rcode
 import dns.resolver
 
-from ingress.core.dns_udp import Reply, UdpTransport, servers_of
+from ingress.core.dns_udp import MAX_RECORDS, Reply, UdpTransport, servers_of, text_of
 from ingress.core.resolver import async_twin
 
 __all__ = ["MAX_RECORDS", "Answer", "DnsClient", "Status"]
 
-MAX_RECORDS = 32            # records of one answer handed to a check (a list has one or two)
 
 
 class Status(StrEnum):
@@ -95,19 +93,6 @@ BUSY = Answer(Status.BUSY)
 TIMED_OUT = Answer(Status.TIMEOUT)
 
 
-def _text(rdata: Any) -> str:
-    """One record as text: an address, a target name, or a TXT record's strings joined."""
-    strings = getattr(rdata, "strings", None)
-    if strings is not None:
-        return b"".join(strings).decode("utf-8", "replace")
-    for attr in ("address", "target", "exchange"):
-        value = getattr(rdata, attr, None)
-        if value is not None:
-            return value if isinstance(value, str) else \
-                value.to_text(omit_final_dot=True).lower()
-    return str(rdata.to_text())
-
-
 ANSWERS = 20000             # answers the client keeps (each for its TTL)
 NEGATIVE_TTL = 60.0         # seconds an NXDOMAIN or no-data answer is kept
 MAX_TTL = 3600.0            # ... and the longest any answer is
@@ -125,7 +110,7 @@ def _answer(reply: Reply) -> Answer:
         return Answer(Status.ERROR)
     if not reply.records:
         return Answer(Status.NODATA)
-    return Answer(Status.OK, tuple(_text(r) for r in reply.records[:MAX_RECORDS]), reply.ttl)
+    return Answer(Status.OK, reply.records, reply.ttl)
 
 
 class DnsClient:
@@ -223,5 +208,5 @@ class DnsClient:
         rrset = ans.rrset
         if rrset is None:
             return Answer(Status.NODATA)
-        records = tuple(_text(r) for r in list(rrset)[:MAX_RECORDS])
+        records = tuple(text_of(r) for r in list(rrset)[:MAX_RECORDS])
         return Answer(Status.OK, records, int(rrset.ttl))

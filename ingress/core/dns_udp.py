@@ -17,10 +17,13 @@ API
             None: no usable answer within `timeout` (a timeout); a Reply otherwise
         .close()
     Reply(rcode, records, ttl, truncated)
-        rcode: dns.rcode value; records: the answer RRset's records for (name, qtype), CNAMEs
-        followed inside the response (dnspython's resolve_chaining); ttl: that RRset's TTL;
+        rcode: dns.rcode value; records: the answer's records for (name, qtype) as text (an
+        address, a name in lower case without the final dot, a TXT record's strings joined;
+        at most MAX_RECORDS), CNAMEs followed inside the response (dnspython's
+        resolve_chaining); ttl: their TTL;
         truncated: TC set (the caller asks again over TCP with the full resolver)
     servers_of(resolver) -> [(ip, port), ...]   the nameservers a dnspython resolver uses
+    text_of(rdata) -> str     a dnspython record as Reply.records has it (the TCP path's too)
 
 Spoofing (an off-path attacker who wants a DNSWL listing or a PTR for his bots): a reply is
 taken only from the server the query went to, with the query's ID, and a question section equal
@@ -40,6 +43,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +58,9 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
-__all__ = ["Reply", "UdpTransport", "servers_of"]
+__all__ = ["MAX_RECORDS", "Reply", "UdpTransport", "servers_of", "text_of"]
+
+MAX_RECORDS = 32            # records of one answer handed on (a list has one or two)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,23 +152,23 @@ class UdpTransport:
             return None
         server = self.servers[self._server % len(self.servers)]
         self._server += 1
-        try:
-            q = dns.message.make_query(name, qtype)
-        except (dns.exception.DNSException, ValueError):
-            return Reply(dns.rcode.FORMERR)
+        question = _question(name, qtype)
+        if question is None:          # a name or type the lean path does not write
+            try:
+                question = dns.message.make_query(name, qtype).to_wire()[12:]
+            except (dns.exception.DNSException, ValueError):
+                return Reply(dns.rcode.FORMERR)
         sock = await self._socket(10 if ":" in server[0] else 2)
         if sock is None or sock.transport is None:
             return None
         qid = secrets.randbelow(65536)
         while qid in sock.pending:
             qid = secrets.randbelow(65536)
-        q.id = qid
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        wire = q.to_wire()
-        sock.pending[qid] = (server, wire[12:].lower(), fut)     # header, then the question
+        sock.pending[qid] = (server, question.lower(), fut)
         sock.used += 1
         try:
-            sock.transport.sendto(wire, server)
+            sock.transport.sendto(qid.to_bytes(2, "big") + _HEADER + question, server)
             async with asyncio.timeout(timeout):
                 data = await fut
         except (TimeoutError, OSError):
@@ -170,7 +177,8 @@ class UdpTransport:
             sock.pending.pop(qid, None)
             if sock.used >= self.reuse:
                 self._retire(sock)
-        return _parse(q, data)
+        reply = _lean(data, 12 + len(question), int.from_bytes(question[-4:-2], "big"))
+        return _parse(data) if reply is _SLOW else reply
 
     def close(self) -> None:
         for sock in self._slots:
@@ -179,18 +187,111 @@ class UdpTransport:
         self._slots = [None] * len(self._slots)
 
 
-def _parse(q: dns.message.Message, data: bytes) -> Reply | None:
-    """The reply to `q`, or None when `data` is not one (malformed, another question)."""
+_HEADER = b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"  # after the ID: RD, one question
+_QTYPES = {"A": 1, "AAAA": 28, "TXT": 16, "PTR": 12, "MX": 15}
+_SLOW = Reply(-1)           # _lean's "ask dnspython's parser"
+
+
+def _question(name: str, qtype: str) -> bytes | None:
+    """The question section for (name, qtype, IN), or None for what the lean path does not
+    write (a type not in _QTYPES, a name that is not plain ASCII labels of 1..63 bytes)."""
+    code = _QTYPES.get(qtype.upper())
+    name = name.rstrip(".")
+    if code is None or not name or len(name) > 253 or not name.isascii():
+        return None
+    labels = name.encode("ascii").split(b".")
+    if any(not 0 < len(label) < 64 for label in labels):
+        return None
+    return b"".join(bytes([len(label)]) + label for label in labels) + b"\x00" \
+        + code.to_bytes(2, "big") + b"\x00\x01"
+
+
+def _lean(data: bytes, qend: int, qcode: int) -> Reply | None:
+    """The reply in `data` (its question already matched: _Socket) read without building
+    message objects, for the common shapes: a negative answer, or A / AAAA / TXT records
+    owned by the question's name (a compression pointer to it). _SLOW for anything else (a
+    CNAME, another owner, PTR and MX, more than one question); None when it is malformed."""
+    if len(data) < qend or not data[2] & 0x80:
+        return None
+    rcode = data[3] & 0x0F
+    if data[2] & 0x02:
+        return Reply(rcode, truncated=True)
+    if int.from_bytes(data[4:6], "big") != 1:
+        return _SLOW
+    count = int.from_bytes(data[6:8], "big")
+    if rcode != 0 or count == 0:
+        return Reply(rcode)
+    if qcode not in (1, 28, 16):
+        return _SLOW
+    return _records(data, qend, count, qcode, rcode)
+
+
+def _records(data: bytes, pos: int, count: int, qcode: int, rcode: int) -> Reply | None:
+    """_lean's answer section: `count` records from `pos`."""
+    records: list[str] = []
+    ttl = 2**31 - 1
+    for _ in range(count):
+        if pos + 12 > len(data):
+            return None
+        if data[pos:pos + 2] != b"\xc0\x0c":
+            return _SLOW                    # owned by another name: dnspython judges it
+        rtype, rclass, rttl, rdlen = struct.unpack_from("!HHIH", data, pos + 2)
+        rdata = data[pos + 12:pos + 12 + rdlen]
+        pos += 12 + rdlen
+        if len(rdata) != rdlen:
+            return None
+        if rtype == 5:
+            return _SLOW                    # a CNAME: dnspython follows it
+        if rtype != qcode or rclass != 1:
+            continue
+        text = _rdata_text(qcode, rdata)
+        if text is None:
+            return None
+        ttl = min(ttl, rttl if rttl < 2**31 else 0)     # RFC 2181 8: a "negative" TTL is 0
+        if len(records) < MAX_RECORDS:
+            records.append(text)
+    return Reply(rcode, tuple(records), ttl if records else 0)
+
+
+def _rdata_text(qcode: int, rdata: bytes) -> str | None:
+    if qcode == 1:
+        return socket.inet_ntop(socket.AF_INET, rdata) if len(rdata) == 4 else None
+    if qcode == 28:
+        return socket.inet_ntop(socket.AF_INET6, rdata) if len(rdata) == 16 else None
+    parts, i = [], 0                        # TXT: length-prefixed character-strings
+    while i < len(rdata):
+        n = rdata[i]
+        if i + 1 + n > len(rdata):
+            return None
+        parts.append(rdata[i + 1:i + 1 + n])
+        i += 1 + n
+    return b"".join(parts).decode("utf-8", "replace")
+
+
+def text_of(rdata: Any) -> str:
+    """One dnspython record as text: an address, a target name, or a TXT's strings joined."""
+    strings = getattr(rdata, "strings", None)
+    if strings is not None:
+        return b"".join(strings).decode("utf-8", "replace")
+    for attr in ("address", "target", "exchange"):
+        value = getattr(rdata, attr, None)
+        if value is not None:
+            return value if isinstance(value, str) else \
+                value.to_text(omit_final_dot=True).lower()
+    return str(rdata.to_text())
+
+
+def _parse(data: bytes) -> Reply | None:
+    """The reply in `data` by dnspython's parser (its question already matched), or None when
+    it is not one (malformed)."""
     try:
         r = dns.message.from_wire(data, ignore_trailing=True)
     except (dns.exception.DNSException, ValueError, EOFError):
         return None
-    if not isinstance(r, dns.message.QueryMessage) or not r.flags & dns.flags.QR \
-            or r.question != q.question:
+    if not isinstance(r, dns.message.QueryMessage) or not r.flags & dns.flags.QR:
         return None
     if r.flags & dns.flags.TC:
         return Reply(r.rcode(), truncated=True)
-    qname, rdtype = q.question[0].name, q.question[0].rdtype
     try:
         chain = r.resolve_chaining() if r.rcode() == dns.rcode.NOERROR else None
     except dns.exception.DNSException:
@@ -198,6 +299,7 @@ def _parse(q: dns.message.Message, data: bytes) -> Reply | None:
     if chain is None or chain.answer is None:
         return Reply(r.rcode())
     rrset = chain.answer
-    if rrset.rdtype != rdtype or rrset.rdclass != dns.rdataclass.IN or qname is None:
+    if rrset.rdclass != dns.rdataclass.IN:
         return Reply(r.rcode())
-    return Reply(r.rcode(), tuple(rrset), int(chain.minimum_ttl))
+    return Reply(r.rcode(), tuple(text_of(x) for x in list(rrset)[:MAX_RECORDS]),
+                 int(chain.minimum_ttl))
