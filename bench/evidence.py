@@ -9,12 +9,13 @@ Purpose
     per message (event "message", ingress/edge/handler.py: peer, lane, identity, reasons). A
     message counts as fast from the provider when its lane is fast *and* its reasons carry
     ``provider:<provider>`` (ingress.policy.iprev.judge's promotion at connect: the verified
-    name's provider was learned). Read from the log written during the scenario only (the
+    name's provider was learned); the first address, learned itself, may instead ride its own
+    learned entry (``learned-allow``) when the rotation comes back to it. Read from the log written during the scenario only (the
     file offset before it); the pool's addresses are used by no other scenario.
 
 API
     read_log(path, offset) -> list[dict]             the JSON objects after `offset`
-    served_fast(doc, provider) -> bool               one accept line (pure)
+    served_fast(doc, provider, first=False) -> bool  one accept line (pure)
     pool_verdict(docs, addresses, provider) -> dict  per address after the first: messages and
                                                      how many fast; the learned message; all_fast
     issue18_rows(doc, target) -> list[dict]          the pool rows of a run document (pure)
@@ -51,10 +52,12 @@ def read_log(path: Path, offset: int) -> list[dict[str, Any]]:
     return out
 
 
-def served_fast(doc: dict[str, Any], provider: str) -> bool:
-    """Fast lane, promoted on the learned provider (not only on the message's SPF pass)."""
+def served_fast(doc: dict[str, Any], provider: str, first: bool = False) -> bool:
+    """Fast lane, promoted on the learned provider (not only on the message's SPF pass); the
+    first address (`first`), which was learned itself, may also ride its own learned entry."""
     reasons = str(doc.get("reasons") or "").split(",")
-    return doc.get("lane") == "fast" and f"provider:{provider}" in reasons
+    return doc.get("lane") == "fast" and (
+        f"provider:{provider}" in reasons or (first and "learned-allow" in reasons))
 
 
 def pool_verdict(docs: Iterable[dict[str, Any]], addresses: list[str],
@@ -70,7 +73,7 @@ def pool_verdict(docs: Iterable[dict[str, Any]], addresses: list[str],
     for d in later:
         row = per.setdefault(str(d["peer"]), {"messages": 0, "fast": 0})
         row["messages"] += 1
-        row["fast"] += served_fast(d, provider)
+        row["fast"] += served_fast(d, provider, d.get("peer") == addresses[0])
     fast = sum(r["fast"] for r in per.values())
     return {
         "provider": provider,
@@ -80,7 +83,8 @@ def pool_verdict(docs: Iterable[dict[str, Any]], addresses: list[str],
         "addresses_seen": len([a for a in addresses[1:] if a in per]),
         "addresses": {a: per[a] for a in addresses if a in per},
         "slow": [{k: d.get(k) for k in ("peer", "lane", "identity", "reasons")}
-                 for d in later if not served_fast(d, provider)][:20],
+                 for d in later
+                 if not served_fast(d, provider, d.get("peer") == addresses[0])][:20],
         "all_fast": learned is not None and bool(later) and fast == len(later),
     }
 

@@ -193,6 +193,13 @@ def test_pool_verdict_every_message_after_the_learned_one_must_be_fast() -> None
     assert not pool_verdict([learned], POOL, PROVIDER)["all_fast"]    # nothing after it
     assert not pool_verdict([], POOL, PROVIDER)["all_fast"]
     assert not served_fast(_line(POOL[1], reasons=f"provider:x{PROVIDER}"), PROVIDER)
+    # the first address, learned itself, may ride its own entry when the rotation returns;
+    # no other address may
+    again = pool_verdict([learned, _line(POOL[1]), _line(POOL[0], reasons="learned-allow")],
+                         POOL, PROVIDER)
+    assert again["all_fast"]
+    other = pool_verdict([learned, _line(POOL[1], reasons="learned-allow")], POOL, PROVIDER)
+    assert not other["all_fast"]
 
 
 def test_read_log_from_an_offset(tmp_path: Path) -> None:
