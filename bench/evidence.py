@@ -10,8 +10,9 @@ Purpose
     message counts as fast from the provider when its lane is fast *and* its reasons carry
     ``provider:<provider>`` (ingress.policy.iprev.judge's promotion at connect: the verified
     name's provider was learned); the first address, learned itself, may instead ride its
-    own learned entry (``learned-allow``) when the rotation comes back to it. Read from the log written during the scenario only (the
-    file offset before it); the pool's addresses are used by no other scenario.
+    own learned entry (``learned-allow``) when the rotation comes back to it. Read from the
+    log written during the scenario only (the file offset before it); the pool's addresses
+    are used by no other scenario.
 
 API
     read_log(path, offset) -> list[dict]             the JSON objects after `offset`
