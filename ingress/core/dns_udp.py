@@ -35,8 +35,9 @@ unique among the socket's pending ones. As with any stub resolver, the path to t
 must be trusted: run it on the host (127.0.0.1).
 
 Failure modes: never raises for network trouble or a malformed reply (None, or the reply is
-dropped); OSError from opening a socket becomes None. Limits: `sockets` sockets open, at most
-65536 pending queries per socket (IDs), replies of at most 65535 bytes.
+dropped); OSError from opening a socket becomes None. Limits: `sockets` sockets open per
+address family (and retired ones until their pending queries end), at most 65536 pending
+queries per socket (IDs), replies of at most 65535 bytes.
 """
 
 from __future__ import annotations
@@ -117,25 +118,40 @@ class UdpTransport:
                  reuse: int = 256) -> None:
         self.servers = servers
         self.reuse = max(1, reuse)
-        self._slots: list[_Socket | None] = [None] * max(1, sockets)
+        self.size = max(1, sockets)
+        # per address family, `size` slots of sockets; a slot is refilled by one query at a
+        # time (the others that find it empty wait for that socket: never one socket per
+        # query of a burst, which would leak descriptors)
+        self._slots: dict[int, list[_Socket | None]] = {}
+        self._filling: dict[tuple[int, int], asyncio.Future[_Socket | None]] = {}
         self._next = 0
         self._server = 0
 
     async def _socket(self, family: int) -> _Socket | None:
-        i = self._next = (self._next + 1) % len(self._slots)
-        sock = self._slots[i]
+        slots = self._slots.setdefault(family, [None] * self.size)
+        i = self._next = (self._next + 1) % self.size
+        sock = slots[i]
         if sock is not None and (sock.transport is None or sock.used >= self.reuse
                                  or sock.loop is not asyncio.get_running_loop()):
             self._retire(sock)
-            sock = self._slots[i] = None
-        if sock is None:
-            try:
-                _t, proto = await asyncio.get_running_loop().create_datagram_endpoint(
-                    _Socket, family=family, local_addr=("::" if family == 10 else "0.0.0.0", 0))
-            except OSError:
-                return None
-            sock = self._slots[i] = proto
-        return sock
+            sock = slots[i] = None
+        if sock is not None:
+            return sock
+        filling = self._filling.get((family, i))
+        if filling is not None and filling.get_loop() is asyncio.get_running_loop():
+            return await asyncio.shield(filling)
+        fut: asyncio.Future[_Socket | None] = asyncio.get_running_loop().create_future()
+        self._filling[(family, i)] = fut
+        try:
+            _t, proto = await asyncio.get_running_loop().create_datagram_endpoint(
+                _Socket, family=family, local_addr=("::" if family == 10 else "0.0.0.0", 0))
+            slots[i] = proto
+        except OSError:
+            proto = None
+        finally:
+            self._filling.pop((family, i), None)
+        fut.set_result(proto)
+        return proto
 
     @staticmethod
     def _retire(sock: _Socket) -> None:
@@ -181,10 +197,11 @@ class UdpTransport:
         return _parse(data) if reply is _SLOW else reply
 
     def close(self) -> None:
-        for sock in self._slots:
-            if sock is not None and sock.transport is not None:
-                sock.transport.close()
-        self._slots = [None] * len(self._slots)
+        for slots in self._slots.values():
+            for sock in slots:
+                if sock is not None and sock.transport is not None:
+                    sock.transport.close()
+        self._slots = {}
 
 
 _HEADER = b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"  # after the ID: RD, one question

@@ -153,3 +153,23 @@ def test_answers_are_kept_for_their_ttl(dns: DNSServer) -> None:
             assert (await c.query("nothere2.test", "A", timeout=1.0)).status is Status.NXDOMAIN
         assert len(dns.queries) - before == 2            # one query each, then the cache
     run(main())
+
+
+def test_a_burst_of_queries_opens_a_few_sockets(dns: DNSServer) -> None:
+    """A burst of queries (a botnet's new addresses) shares the transport's few sockets: it
+    never opens one per query (which leaked descriptors until the acceptor stopped
+    accepting)."""
+    import psutil
+
+    async def main() -> None:
+        c = client(dns, per_key=10000, backlog=10000)
+        me = psutil.Process()
+        before = me.num_fds()
+        answers = await asyncio.gather(*(c.query(f"{i}.burst.test", "A", timeout=2.0)
+                                         for i in range(600)))
+        got = {a.status for a in answers}
+        # the test server may drop some of a burst (its UDP buffer): timeouts, never errors
+        assert Status.NXDOMAIN in got and got <= {Status.NXDOMAIN, Status.TIMEOUT}, got
+        assert me.num_fds() - before <= 8, me.num_fds() - before
+        c.udp.close()
+    run(main())
