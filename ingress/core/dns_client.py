@@ -23,6 +23,8 @@ API
         await .query(name, qtype, *, timeout, key="") -> Answer     never raises (but
                            CancelledError): the answer, or why there is none, within `timeout`
                            seconds (and the resolver's lifetime, the shorter)
+        .peek(name, qtype, key="") -> Answer | None   what query() would answer at once (a
+                           kept answer, a remembered timeout, BUSY), or None: it would ask
         .in_flight(key) / .pending        queries running for a key / in all
         .timed_out(name, qtype) -> bool   a timeout of the name is remembered
 
@@ -147,17 +149,30 @@ class DnsClient:
     def timed_out(self, name: str, qtype: str) -> bool:
         return (name.lower().rstrip("."), qtype.upper()) in self._timeouts
 
-    async def query(self, name: str, qtype: str, *, timeout: float, key: str = "") -> Answer:
-        fkey = (name.lower().rstrip("."), qtype.upper())
+    def peek(self, name: str, qtype: str, key: str = "") -> Answer | None:
+        """What query() would answer at once, without waiting: a kept answer, a remembered
+        timeout, or BUSY (a new query over its bounds); None when it would have to ask (or
+        join a query under way)."""
+        return self._now((name.lower().rstrip("."), qtype.upper()), key)
+
+    def _now(self, fkey: tuple[str, str], key: str) -> Answer | None:
         cached = self._answers.get(fkey)
         if cached is not None:
             return cached           # no query, no bound spent
         if fkey in self._timeouts:
             return TIMED_OUT
+        if fkey not in self._flights and (
+                len(self._flights) >= self.backlog or (key and self._by_key[key] >= self.per_key)):
+            return BUSY
+        return None
+
+    async def query(self, name: str, qtype: str, *, timeout: float, key: str = "") -> Answer:
+        fkey = (name.lower().rstrip("."), qtype.upper())
+        ready = self._now(fkey, key)
+        if ready is not None:
+            return ready
         flight = self._flights.get(fkey)
         if flight is None:
-            if len(self._flights) >= self.backlog or (key and self._by_key[key] >= self.per_key):
-                return BUSY
             lifetime = max(0.001, min(float(self.resolver.lifetime), timeout))
             flight = asyncio.ensure_future(self._run(fkey, key, lifetime))
             self._flights[fkey] = flight

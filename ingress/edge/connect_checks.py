@@ -4,8 +4,10 @@ when they end (the checks themselves: ingress.edge.checks).
 API:
     start(seat, ctx)          an admitted connection (seat.conn) starts its connect checks
                               (ingress.edge.connect.classify_and_admit calls it): a bulk
-                              connection the checks that hold the banner (the DNS lists), in a
-                              task that holds the banner (Connection.hold); a fast one all of
+                              connection the checks that hold the banner (the DNS lists), judged
+                              at once when they can (Checks.run_now: cached, or their DNS
+                              bounds full), else in a task that holds the banner
+                              (Connection.hold); a fast one all of
                               them (nothing waits for them); their tasks are seat.conn.checks
                               (cancelled when the connection goes: Connection.drop_checks)
     spoke(seat, ctx)          the client's first words after the banner (IngressSMTP): the
@@ -75,8 +77,12 @@ def start(seat: Any, ctx: SessionHost) -> None:
     if conn.lane is not Lane.BULK:
         _launch(conn, ctx, None, REST)          # nothing waits for them
     elif checks.holds_banner(Stage.CONNECT):
-        conn.hold()
-        _launch(conn, ctx, True, HELD)
+        verdict = checks.run_now(Stage.CONNECT, Client(conn.peer_ip, conn.peer_port), True)
+        if verdict is not None and not verdict.refusal:
+            apply(conn, ctx, verdict)           # judged at once: nothing to wait for
+        else:
+            conn.hold()
+            _launch(conn, ctx, True, HELD)
     # a bulk connection's other checks (FCrDNS) wait for it to speak (spoke): a silent bot
     # costs them nothing, however many of them reconnect
 

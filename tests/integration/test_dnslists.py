@@ -248,3 +248,22 @@ def test_authentication_results_render_rfc_8904() -> None:
                    b"policy.ip=127.0.0.2\r\n"
     assert authentication_results("mx.test", dkim_checked=False, dnswl=None) == \
         b"Authentication-Results: mx.test; none\r\n"
+
+
+def test_a_client_is_judged_at_once_when_nothing_needs_a_wait(tmp_path: Path,
+                                                              dns: DNSServer) -> None:
+    """Checks.run_now: the lists judge without a task or a query when the answer is kept
+    (a repeat client) or the zone's query bound is full (a flood of new addresses: neutral,
+    as run() would say at once); otherwise None (run() asks)."""
+    c = checks(load(tmp_path, dns, BL), dns)
+    assert c.run_now(Stage.CONNECT, Client(BL_ONLY), holding=True) is None   # health due
+    first = judge(c, BL_ONLY)[0]
+    again = c.run_now(Stage.CONNECT, Client(BL_ONLY), holding=True)
+    assert again is not None and (again.score, again.reasons) == (first.score, first.reasons)
+    assert c.run_now(Stage.CONNECT, Client("127.0.0.77"), holding=True) is None  # must ask
+    check = c.checks[0]
+    client = check.lookup.dns                           # type: ignore[attr-defined]
+    client._by_key.update({"bl.test": client.per_key, "two.test": client.per_key})
+    busy = c.run_now(Stage.CONNECT, Client("127.0.0.77"), holding=True)
+    assert busy is not None and (busy.score, busy.refusal) == (0.0, "")
+    assert all(r.endswith(":busy") for r in busy.reasons), busy.reasons

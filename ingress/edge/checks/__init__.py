@@ -15,12 +15,15 @@ API
     Client(ip, port=0, helo="", mail_from="")   frozen: what a check may look at
     Check                      Protocol: name, stage (ingress.policy.checks.Stage),
                                holds_banner (connect stage: a bulk banner waits for it),
-                               async judge(client) -> Judgement
+                               async judge(client) -> Judgement; optionally
+                               judge_now(client) -> Judgement | None (no wait, or None)
     Checks(checks, deadline)   the acceptor's checks (in name order)
         Checks.from_config(cfg, host=None, dns=None)   every module's build(); dns: the
                                             DnsClient (made from classify.nameservers,
                                             dns_timeout, [checks] when None)
         .at(stage) -> tuple[Check, ...];  .holds_banner(stage) -> bool;  bool(checks)
+        .run_now(stage, client, holding=None) -> Verdict | None   the same without a wait,
+                               when every check can judge at once (judge_now), else None
         await .run(stage, client, deadline=None, holding=None) -> Verdict   the stage's
                                checks (holding: only those that do / do not hold the banner)
                                concurrently, each within `deadline` seconds (default
@@ -114,9 +117,32 @@ class Checks:
     def holds_banner(self, stage: Stage = Stage.CONNECT) -> bool:
         return any(c.holds_banner for c in self.at(stage))
 
+    def run_now(self, stage: Stage, client: Client,
+                holding: bool | None = None) -> Verdict | None:
+        """run()'s verdict when every check of the selection can judge without a wait (its
+        optional judge_now: an answer cached, or its DNS client busy), else None (then run()).
+        A flood of new addresses is judged this way once the lists' query bounds are full: no
+        task, no query, no timer per bot."""
+        judged = []
+        for check in self._selection(stage, holding):
+            now = getattr(check, "judge_now", None)
+            try:
+                j = now(client) if now is not None else None
+            except Exception:       # run() judges it (and logs what is wrong)
+                return None
+            if j is None:
+                return None
+            judged.append(j)
+        for j in judged:
+            metrics.check_result(j.check, j.outcome.value)
+        return combine(judged)
+
+    def _selection(self, stage: Stage, holding: bool | None) -> tuple[Check, ...]:
+        return tuple(c for c in self.at(stage) if holding is None or c.holds_banner is holding)
+
     async def run(self, stage: Stage, client: Client, deadline: float | None = None,
                   holding: bool | None = None) -> Verdict:
-        checks = tuple(c for c in self.at(stage) if holding is None or c.holds_banner is holding)
+        checks = self._selection(stage, holding)
         if not checks:
             return NO_VERDICT
         limit = self.deadline if deadline is None else deadline

@@ -7,7 +7,9 @@ Purpose
 
 API
     ListCheck(name, table, cfg, dns, want_txt=False)   what both list checks are: stage
-                               connect, holds_banner; .sites, .names (reply_map), .budget
+                               connect, holds_banner; judge(client) and judge_now(client)
+                               (None: it would wait) over the subclass's judgement(results,
+                               client); .sites, .names (reply_map), .budget
                                (checks.connect_deadline x BUDGET_SHARE), .lookup, from the
                                check's table ([dnswl] or [dnsbl]: sites, reply_map, the cache's
                                and health's keys) and classify.dns_timeout
@@ -15,6 +17,7 @@ API
                names, want_txt=False, clock=time.monotonic)
         await .lookup(ip, budget) -> dict[zone, ZoneResult]   every zone's answer for the
                                client, within `budget` seconds (each query: at most `timeout`)
+        .lookup_now(ip) -> dict | None   the same when no zone needs a wait, else None
         .zones                the zones asked (each once, in site order)
 
 Rules
@@ -47,7 +50,8 @@ from ingress.core import log
 from ingress.core.config import Config
 from ingress.core.dns_client import DnsClient
 from ingress.core.schema_evidence import DnsblConfig, DnswlConfig
-from ingress.policy.checks import Stage
+from ingress.edge.checks import Client
+from ingress.policy.checks import Judgement, Stage
 from ingress.policy.dnslist import (
     Site,
     State,
@@ -98,6 +102,33 @@ class ZoneLookup:
         results = await asyncio.gather(*(self._zone(z, ip, names[z], start, budget)
                                          for z in self.zones))
         return dict(zip(self.zones, results, strict=True))
+
+    def lookup_now(self, ip: str) -> dict[str, ZoneResult] | None:
+        """Every zone's answer for the client when none needs a wait (cached, the zone off, or
+        the DNS client busy or remembering a timeout: ingress.core.dns_client.peek), or None
+        (then lookup() asks). The common case of a flood of new addresses: the zones' query
+        bounds are full, so the bots are judged (neutral) without a task or a query."""
+        try:
+            names = {z: query_name(ip, z) for z in self.zones}
+        except ValueError:
+            return {z: ZoneResult(z, State.CLEAN) for z in self.zones}
+        now, out = self.clock(), {}
+        for zone in self.zones:
+            if self.health.due(zone, now):
+                return None
+            if not self.health.usable(zone):
+                out[zone] = ZoneResult(zone, State.TEMP, why="off")
+                continue
+            hit = self._cache.get((zone, ip))
+            if hit is not None:
+                out[zone] = hit[0]
+                continue
+            ans = self.dns.peek(names[zone], "A", key=zone)
+            result = None if ans is None else zone_result(zone, ans.status.value, ans.records)
+            if result is None or result.state is not State.TEMP:
+                return None     # an answer to read (its TXT, an error code, the cache): ask
+            out[zone] = result
+        return out
 
     async def _zone(self, zone: str, ip: str, qname: str, start: float,
                     budget: float) -> ZoneResult:
@@ -185,3 +216,13 @@ class ListCheck:
                                  interval=table.health_interval,
                                  cache_entries=table.cache_entries, min_ttl=table.min_ttl,
                                  max_ttl=table.max_ttl, names=self.names, want_txt=want_txt)
+
+    async def judge(self, client: Client) -> Judgement:
+        return self.judgement(await self.lookup.lookup(client.ip, self.budget), client)
+
+    def judge_now(self, client: Client) -> Judgement | None:
+        results = self.lookup.lookup_now(client.ip)
+        return None if results is None else self.judgement(results, client)
+
+    def judgement(self, results: dict[str, ZoneResult], client: Client) -> Judgement:
+        raise NotImplementedError

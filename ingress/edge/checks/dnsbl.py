@@ -33,7 +33,7 @@ from ingress.core.dns_client import DnsClient
 from ingress.edge.checks import Client
 from ingress.edge.checks._dnslist import ListCheck
 from ingress.policy.checks import Judgement, Outcome
-from ingress.policy.dnslist import dnsbl_judgement
+from ingress.policy.dnslist import ZoneResult, dnsbl_judgement
 
 __all__ = ["DnsblCheck", "build"]
 
@@ -43,8 +43,7 @@ class DnsblCheck(ListCheck):
         super().__init__("dnsbl", cfg.dnsbl, cfg, dns)
         self.threshold, self.reject_threshold = cfg.dnsbl.threshold, cfg.dnsbl.reject_threshold
 
-    async def judge(self, client: Client) -> Judgement:
-        results = await self.lookup.lookup(client.ip, self.budget)
+    def judgement(self, results: dict[str, ZoneResult], client: Client) -> Judgement:
         j = dnsbl_judgement(results, self.sites, self.threshold, self.reject_threshold,
                             self.names)
         if j.outcome is Outcome.REFUSE:

@@ -32,7 +32,7 @@ from ingress.core.dns_client import DnsClient
 from ingress.edge.checks import Client
 from ingress.edge.checks._dnslist import ListCheck
 from ingress.policy.checks import Judgement
-from ingress.policy.dnslist import dnswl_judgement
+from ingress.policy.dnslist import ZoneResult, dnswl_judgement
 
 __all__ = ["DnswlCheck", "build"]
 
@@ -44,8 +44,7 @@ class DnswlCheck(ListCheck):
         self.threshold, self.levels = w.threshold, tuple(w.trust_levels)
         self.min_trust = self.levels.index(w.min_trust) if self.levels else 0
 
-    async def judge(self, client: Client) -> Judgement:
-        results = await self.lookup.lookup(client.ip, self.budget)
+    def judgement(self, results: dict[str, ZoneResult], client: Client) -> Judgement:
         return dnswl_judgement(results, self.sites, self.threshold, self.names, self.levels,
                                self.min_trust)
 
