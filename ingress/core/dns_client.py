@@ -30,16 +30,17 @@ API
 
 Rules
     * Shared: a query for (name, qtype) already running is joined, not repeated; each waiter
-      keeps its own deadline (a waiter that gives up leaves the query to the others).
+      keeps its own deadline (a joiner that gives up leaves the query to the others).
     * Bounded: at most `per_key` queries run for one key (the caller's: a zone, an
       organisational domain, a client network) and at most `backlog` in all; beyond either,
       BUSY at once, with no query sent. A joined query counts once.
     * Negative cache: a name that timed out answers TIMEOUT at once for `timeout_ttl`
       seconds (at most `timeouts_max` names; the oldest go first): a dead zone or domain costs
       one query per name per TTL, however many connections ask.
-    * A query never outlives the longest deadline of its waiters (at creation: the creator's;
-      a later waiter with a longer deadline may see the creator's timeout), so the queries in
-      flight (sockets) are bounded by the callers waiting.
+    * A query is run by its first asker, within that asker's deadline (a later waiter with a
+      longer deadline may see the creator's timeout; a creator cancelled, its connection gone,
+      hands the others a timeout that is not remembered), so the queries in flight are
+      bounded by the callers waiting, and no task is made per query.
 
 Failure modes: none raised; every DNS failure is a Status. Limits: per_key, backlog,
 timeouts_max as above; answers are not copied beyond MAX_RECORDS records of one RRset.
@@ -172,28 +173,31 @@ class DnsClient:
         if ready is not None:
             return ready
         flight = self._flights.get(fkey)
-        if flight is None:
-            lifetime = max(0.001, min(float(self.resolver.lifetime), timeout))
-            flight = asyncio.ensure_future(self._run(fkey, key, lifetime))
-            self._flights[fkey] = flight
-            self._by_key[key] += 1
+        if flight is not None:          # join the query under way, within our own deadline
+            try:
+                async with asyncio.timeout(max(0.0, timeout)):
+                    return await asyncio.shield(flight)
+            except TimeoutError:
+                return TIMED_OUT
+        # The first asker runs the query itself (no task: a new client's lookups are the
+        # acceptor's cost per bot), within its deadline; the others wait on its future.
+        fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._flights[fkey] = fut
+        self._by_key[key] += 1
+        answer = TIMED_OUT
         try:
-            async with asyncio.timeout(max(0.0, timeout)):
-                return await asyncio.shield(flight)
-        except TimeoutError:
-            return TIMED_OUT
-
-    async def _run(self, fkey: tuple[str, str], key: str, lifetime: float) -> Answer:
-        try:
-            answer = await self._resolve(*fkey, lifetime)
+            answer = await self._resolve(*fkey, max(0.001, min(float(self.resolver.lifetime),
+                                                              timeout)))
             if answer.status is Status.TIMEOUT:
                 self._timeouts[fkey] = True
             return answer
-        finally:
+        finally:                        # (cancelled: the others get a timeout, uncached)
             self._flights.pop(fkey, None)
             self._by_key[key] -= 1
             if self._by_key[key] <= 0:
                 del self._by_key[key]
+            if not fut.done():
+                fut.set_result(answer)
 
     async def _resolve(self, name: str, qtype: str, lifetime: float) -> Answer:
         reply = await self.udp.query(name, qtype, lifetime)

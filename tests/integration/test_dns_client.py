@@ -173,3 +173,22 @@ def test_a_burst_of_queries_opens_a_few_sockets(dns: DNSServer) -> None:
         assert me.num_fds() - before <= 8, me.num_fds() - before
         c.udp.close()
     run(main())
+
+
+def test_a_cancelled_asker_leaves_no_query_and_no_remembered_timeout(dns: DNSServer) -> None:
+    """The first asker runs the query itself (no task per query): cancelled (its connection
+    went), the ones that joined it get a timeout at once, and the name is not remembered as
+    timed out (nobody saw it time out)."""
+    async def main() -> None:
+        c = client(dns, timeout_ttl=60.0)
+        first = asyncio.ensure_future(c.query("x.dead.test", "A", timeout=5.0, key="k"))
+        await asyncio.sleep(0.05)
+        joiner = asyncio.ensure_future(c.query("x.dead.test", "A", timeout=5.0, key="k"))
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        first.cancel()
+        answer = await joiner
+        assert answer.status is Status.TIMEOUT and time.monotonic() - t0 < 1.0
+        assert not c.timed_out("x.dead.test", "A")
+        assert c.pending == 0 and c.in_flight("k") == 0
+    run(main())

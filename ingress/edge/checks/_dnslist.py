@@ -99,6 +99,9 @@ class ZoneLookup:
             names = {z: query_name(ip, z) for z in self.zones}
         except ValueError:
             return {z: ZoneResult(z, State.CLEAN) for z in self.zones}
+        if len(self.zones) == 1:        # the common case: no gather, no task
+            zone = self.zones[0]
+            return {zone: await self._zone(zone, ip, names[zone], start, budget)}
         results = await asyncio.gather(*(self._zone(z, ip, names[z], start, budget)
                                          for z in self.zones))
         return dict(zip(self.zones, results, strict=True))
