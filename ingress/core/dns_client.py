@@ -19,7 +19,7 @@ API
                            as each record's strings joined; .temporary (timeout, error, busy:
                            nobody's evidence), .found (ok with records)
     DnsClient(resolver, *, per_key=8, backlog=256, timeout_ttl=30.0, timeouts_max=4096,
-              rate=0.0, clock=time.monotonic)
+              clock=time.monotonic)
         await .query(name, qtype, *, timeout, key="") -> Answer     never raises (but
                            CancelledError): the answer, or why there is none, within `timeout`
                            seconds (and the resolver's lifetime, the shorter)
@@ -32,9 +32,8 @@ Rules
     * Shared: a query for (name, qtype) already running is joined, not repeated; each waiter
       keeps its own deadline (a joiner that gives up leaves the query to the others).
     * Bounded: at most `per_key` queries run for one key (the caller's: a zone, an
-      organisational domain, a client network) and at most `backlog` in all, and at most
-      `rate` new queries a second (burst rate/10; 0: no bound); beyond any, BUSY at once, with
-      no query sent. A joined query counts once; a kept answer costs none.
+      organisational domain, a client network) and at most `backlog` in all; beyond either,
+      BUSY at once, with no query sent. A joined query counts once.
     * Negative cache: a name that timed out answers TIMEOUT at once for `timeout_ttl`
       seconds (at most `timeouts_max` names; the oldest go first): a dead zone or domain costs
       one query per name per TTL, however many connections ask.
@@ -63,7 +62,6 @@ import dns.rcode
 import dns.resolver
 
 from ingress.core.dns_udp import MAX_RECORDS, Reply, UdpTransport, servers_of, text_of
-from ingress.core.ratelimit import TokenBucket
 from ingress.core.resolver import async_twin
 
 __all__ = ["MAX_RECORDS", "Answer", "DnsClient", "Status"]
@@ -124,7 +122,7 @@ class DnsClient:
 
     def __init__(self, resolver: dns.resolver.Resolver, *, per_key: int = 8,
                  backlog: int = 256, timeout_ttl: float = 30.0, timeouts_max: int = 4096,
-                 rate: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if per_key < 1 or backlog < 1:
             raise ValueError("per_key and backlog must be at least 1")
         self.resolver = async_twin(resolver)
@@ -133,10 +131,6 @@ class DnsClient:
             timeouts_max, timeout_ttl, timer=clock) if timeout_ttl > 0 else \
             cachetools.TTLCache(1, 1e-9, timer=clock)
         self._flights: dict[tuple[str, str], asyncio.Future[Answer]] = {}
-        # new queries per second (0: no bound): what the checks' lookups may cost the
-        # acceptor's loop is bounded, whatever number of new addresses a botnet shows it
-        self.clock = clock
-        self._rate = TokenBucket(rate, max(1.0, rate / 10), now=clock()) if rate > 0 else None
         # queries over a few long-lived UDP sockets (ingress.core.dns_udp: ~5x cheaper than
         # dnspython's resolver, which the client falls back to for a truncated reply), and the
         # answers they got, each for its TTL (NXDOMAIN and no data: NEGATIVE_TTL), at most
@@ -169,8 +163,7 @@ class DnsClient:
         if fkey in self._timeouts:
             return TIMED_OUT
         if fkey not in self._flights and (
-                len(self._flights) >= self.backlog or (key and self._by_key[key] >= self.per_key)
-                or (self._rate is not None and self._rate.tokens(self.clock()) < 1.0)):
+                len(self._flights) >= self.backlog or (key and self._by_key[key] >= self.per_key)):
             return BUSY
         return None
 
@@ -188,8 +181,6 @@ class DnsClient:
                 return TIMED_OUT
         # The first asker runs the query itself (no task: a new client's lookups are the
         # acceptor's cost per bot), within its deadline; the others wait on its future.
-        if self._rate is not None:
-            self._rate.take(self.clock())
         fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._flights[fkey] = fut
         self._by_key[key] += 1

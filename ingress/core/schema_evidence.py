@@ -36,10 +36,6 @@ class ChecksConfig:
                                "busy (neutral) at once")
     dns_backlog: int = bounded(256, 1, 65536, "... in all, per acceptor (each may hold a DNS "
                                "socket: that many descriptors are kept from the slots)")
-    dns_rate: float = bounded(1000.0, 0, 1_000_000, "new DNS queries of the checks a second, "
-                              "per acceptor (each costs its loop ~0.2 ms of CPU); beyond: busy "
-                              "(neutral) at once, so a botnet's new addresses cannot take the "
-                              "loop from accepting; kept answers cost none", note="0 = no bound")
     dns_timeout_ttl: float = bounded(30.0, 0, 3600, "seconds a name whose query timed out "
                                      "answers timeout at once", note="0 = never")
 

@@ -192,19 +192,3 @@ def test_a_cancelled_asker_leaves_no_query_and_no_remembered_timeout(dns: DNSSer
         assert not c.timed_out("x.dead.test", "A")
         assert c.pending == 0 and c.in_flight("k") == 0
     run(main())
-
-
-def test_new_queries_are_bounded_per_second(dns: DNSServer) -> None:
-    """checks.dns_rate: beyond it a new query is BUSY at once (no query sent), while a kept
-    answer still answers: a botnet's new addresses cannot take the loop from accepting."""
-    async def main() -> None:
-        now = [0.0]
-        c = DnsClient(make_resolver([dns.address], 1.0), rate=20.0, clock=lambda: now[0])
-        assert (await c.query("2.0.0.127.list.test", "A", timeout=1.0)).found
-        got = [await c.query(f"{i}.rate.test", "A", timeout=1.0) for i in range(5)]
-        assert [a.status for a in got][:1] == [Status.NXDOMAIN]
-        assert Status.BUSY in {a.status for a in got}          # burst rate/10 = 2 spent
-        assert (await c.query("2.0.0.127.list.test", "A", timeout=1.0)).found   # kept
-        now[0] += 1.0                                           # a second later: room again
-        assert (await c.query("9.rate.test", "A", timeout=1.0)).status is Status.NXDOMAIN
-    run(main())

@@ -83,7 +83,7 @@ def dns_client(cfg: Config) -> DnsClient:
     """The acceptor's one DNS client for the checks (classify.nameservers, dns_timeout)."""
     c, k = cfg.classify, cfg.checks
     return DnsClient(make_resolver(c.nameservers, c.dns_timeout), per_key=k.dns_per_key,
-                     backlog=k.dns_backlog, timeout_ttl=k.dns_timeout_ttl, rate=k.dns_rate)
+                     backlog=k.dns_backlog, timeout_ttl=k.dns_timeout_ttl)
 
 
 ERROR_LOG_EVERY = 60.0
