@@ -258,7 +258,6 @@ def _check_dnslists(cfg: Config, need: Need) -> None:
     for table in ("dnswl", "dnsbl"):
         t = getattr(cfg, table)
         need.parses(parse_site, t.sites, f"{table}.sites")
-        need.parses(lambda e: parse_reply_map([e]), t.reply_map, f"{table}.reply_map")
         need.parses(parse_reply_map, [t.reply_map], f"{table}.reply_map")
         need(t.min_ttl <= t.max_ttl, f"{table}.max_ttl", f"must be >= {table}.min_ttl")
         need(not t.sites or dns_configured(cfg), f"{table}.sites",

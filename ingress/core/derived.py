@@ -16,7 +16,8 @@ API
                                                  its soft RLIMIT_NOFILE to the hard one)
     FD_SPARE, CONNECTION_COST, FAST_RESERVE_SHARE, ConnectionLimit
     connection_limit(max_connections, fast_reserve, nofile, memory, cost) -> ConnectionLimit
-    dns_fds(cfg) -> int                          descriptors kept for SPF's DNS sockets
+    dns_configured(cfg) -> bool                  classify.nameservers named, or SPF on
+    dns_fds(cfg) -> int                          descriptors kept for DNS sockets (SPF, checks)
     configured_limit(cfg, nofile) -> ConnectionLimit   one acceptor's slots for `cfg`
     fds_needed(cfg) -> int                       descriptors an acceptor asks for at start
     fd_capped(max_connections, fast_reserve, nofile) -> (slots, reserve)

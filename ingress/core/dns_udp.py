@@ -67,7 +67,7 @@ MAX_RECORDS = 32            # records of one answer handed on (a list has one or
 @dataclass(frozen=True, slots=True)
 class Reply:
     rcode: int
-    records: tuple[Any, ...] = ()
+    records: tuple[str, ...] = ()
     ttl: int = 0
     truncated: bool = False
 
@@ -83,7 +83,7 @@ def servers_of(resolver: dns.resolver.Resolver) -> list[tuple[str, int]]:
 
 
 class _Socket(asyncio.DatagramProtocol):
-    """One UDP socket and its pending queries (ID -> (server, future))."""
+    """One UDP socket and its pending queries (ID -> (server, question, future))."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -142,15 +142,17 @@ class UdpTransport:
             return await asyncio.shield(filling)
         fut: asyncio.Future[_Socket | None] = asyncio.get_running_loop().create_future()
         self._filling[(family, i)] = fut
+        proto: _Socket | None = None
         try:
             _t, proto = await asyncio.get_running_loop().create_datagram_endpoint(
                 _Socket, family=family, local_addr=("::" if family == 10 else "0.0.0.0", 0))
             slots[i] = proto
         except OSError:
-            proto = None
-        finally:
+            pass
+        finally:        # whatever happened (the filler cancelled too), its waiters are answered
             self._filling.pop((family, i), None)
-        fut.set_result(proto)
+            if not fut.done():
+                fut.set_result(proto)
         return proto
 
     @staticmethod

@@ -144,10 +144,6 @@ def apply(conn: Connection, ctx: SessionHost, verdict: Verdict) -> str:
     decision = ctx.decide(conn.evidence, peer=conn.peer_ip)
     conn.reasons = decision.reasons
     if decision.lane is Lane.FAST and conn.seat is not None:
-        conn.identity = decision.identity
-        ctx.table.promote(conn.seat)
-        ctx.count("promoted", Lane.FAST)
-        log.event("promoted", peer=conn.peer_ip, reasons=",".join(decision.reasons),
-                  identity=decision.identity, stage="connect",
-                  after_ms=round((time.monotonic() - conn.started) * 1000, 1))
+        ctx.table.promoted(conn.seat, decision, stage="connect",
+                           after_ms=round((time.monotonic() - conn.started) * 1000, 1))
     return ""

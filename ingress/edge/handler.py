@@ -139,12 +139,7 @@ class IngressHandler:
                 explanation=why).decode("ascii", "replace")
             decision = ctx.decide(server.evidence, transaction=True, peer=server.peer_ip)
             if promote(server.lane, decision) is not server.lane:
-                server.conn.identity = decision.identity
-                ctx.table.promote(server)
-                server.conn.reasons = decision.reasons
-                ctx.count("promoted", Lane.FAST)
-                log.event("promoted", peer=server.peer_ip, reasons=",".join(decision.reasons),
-                          identity=decision.identity)
+                ctx.table.promoted(server, decision)
             elif afresh or served_over_share(decision.reasons):
                 server.conn.reasons = decision.reasons    # served as bulk: say why in the trace
         # A bulk transaction is admitted (the bulk cap, or a retry claim) at its first RCPT,
@@ -223,11 +218,9 @@ class IngressHandler:
         ctx = self.ctx
         sender = envelope.mail_from or ""
         claim = server.retry_claim
-        listed = self.listed(server)
         if server.txn_deferred or (claim is not None and not claim.covers((rcpt,))):
             server.deferred_rcpts += 1
-            ctx.retries.deferred(server.peer_ip, sender, (rcpt,), None, listed,
-                                 provider_of(server))
+            self.deferred(server, sender, (rcpt,), None)
             metrics.recipient(server.lane, RcptResult.DEFERRED)
             log.refused("shed", server.peer_ip, stage="rcpt", code=451,
                         reason="deferred_transaction" if server.txn_deferred
@@ -236,19 +229,25 @@ class IngressHandler:
             return text(Refusal.LANE_BUSY)
         if claim is not None:
             return None
-        server.retry_claim = ctx.retries.retry_claim(server.peer_ip, sender, rcpt, listed,
-                                                     provider_of(server))
+        server.retry_claim = ctx.retries.retry_claim(server.peer_ip, sender, rcpt,
+                                                     self.listed(server), provider_of(server))
         if server.retry_claim is not None or await ctx.bulk_mail_admitted():
             server.txn_admitted = True
             return None
         server.txn_deferred = True
         server.deferred_rcpts += 1
         server.counters = session_rules.mail_deferred(server.counters)
-        ctx.retries.deferred(server.peer_ip, sender, (rcpt,), DeferReason.RCPT_CAP, listed,
-                             provider_of(server))
+        self.deferred(server, sender, (rcpt,), DeferReason.RCPT_CAP)
         metrics.recipient(server.lane, RcptResult.DEFERRED)
         return await self.shed(server, DeferReason.RCPT_CAP, "rcpt", sender=sender[:200],
                                rcpt=rcpt[:200])
+
+    def deferred(self, server: IngressSMTP, sender: str, rcpts: tuple[str, ...],
+                 reason: DeferReason | None) -> None:
+        """We defer this bulk transaction (ingress.edge.retries), as what the client is: a
+        listed one earns nothing, a verified provider's record may serve its other addresses."""
+        self.ctx.retries.deferred(server.peer_ip, sender, rcpts, reason, self.listed(server),
+                                  provider_of(server))
 
     def listed(self, server: IngressSMTP) -> bool:
         """A DNS block list listed this client: its deferrals earn no retry bypass."""
@@ -319,8 +318,7 @@ class IngressHandler:
                   "sender": env.mail_from[:200], "rcpts": len(env.rcpts), "size": len(body),
                   "why": why, "ack_ms": ms}
         if reply is not None and reply.reason is not None and reply.reason.value == "rate":
-            ctx.retries.deferred(server.peer_ip, env.mail_from, env.rcpts, DeferReason.DATA_RATE,
-                                 self.listed(server), provider_of(server))
+            self.deferred(server, env.mail_from, env.rcpts, DeferReason.DATA_RATE)
             return await self.shed(server, DeferReason.DATA_RATE, "end_of_data", **fields)
         log.refused("not_queued", server.peer_ip, stage="end_of_data", code=451,
                     reason=str(why).replace(" ", "_"), **fields)

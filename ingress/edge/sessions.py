@@ -26,6 +26,9 @@ API:
         close_listed(seat)         ... with the per-IP 421, logged (evicted, reason
                                    listed_per_ip) and counted (outcome listed-per-ip)
         promote(seat)              bulk -> fast (slot accounting; the lane's session gauge)
+        promoted(seat, decision, **fields)   a decision promoted a bulk seat: its identity and
+                                   reasons, promote(), the "promoted_fast" count and the
+                                   `promoted` log line (the MAIL FROM's SPF, a connect check)
         demote(seat)               fast -> bulk, its identity's hold released (its domain went
                                    over classify.domain_rate); it has spoken: never evicted
         within_share(decision, ip="") -> Decision   a FAST decision whose identity already
@@ -304,6 +307,14 @@ class SessionTable:
         if seat.conn.lane is not Lane.FAST and seat in self.sessions:
             self._hold(seat)
         seat.conn.lane = Lane.FAST
+
+    def promoted(self, seat: Seat, decision: Decision, **fields: object) -> None:
+        seat.conn.identity = decision.identity
+        self.promote(seat)
+        seat.conn.reasons = decision.reasons
+        self.counters[f"promoted_{Lane.FAST.value}"] += 1
+        log.event("promoted", peer=seat.conn.peer_ip, reasons=",".join(decision.reasons),
+                  identity=decision.identity, **fields)
 
     def demote(self, seat: Seat) -> None:
         if seat.conn.lane is not Lane.FAST:
