@@ -201,16 +201,19 @@ async def listeners(ctx: AcceptorContext, sock: Listening, mtls_sock: Listening,
         servers.append(ctx.receiver)
     # A plain listener starts each connection in the lobby (ingress.edge.lobby: no aiosmtpd session
     # until the client speaks); behind PROXY the session is built at once.
+    # backlog: create_server(sock=...) calls listen(2) again, with its own default (100)
+    # unless told: the supervisor's listen.backlog would be lost (a flood's SYNs dropped)
+    backlog = lst.backlog
     servers += [await loop.create_server(
         (lambda: IngressSMTP(ctx, proxy_protocol=True)) if lst.proxy_protocol else
-        (lambda: Lobby(ctx)), sock=s) for s in _listening(sock)]
-    servers += [await loop.create_server(lambda: Lobby(ctx, hand_back_to=handoff.ANY), sock=s)
-                for s in _listening(steered)]
+        (lambda: Lobby(ctx)), sock=s, backlog=backlog) for s in _listening(sock)]
+    servers += [await loop.create_server(lambda: Lobby(ctx, hand_back_to=handoff.ANY), sock=s,
+                                         backlog=backlog) for s in _listening(steered)]
     if ctx.mtls_context is not None:
         gate = mtls.Gate(ctx.cfg, loop)        # one per process, for every mTLS address
         servers += [mtls.MtlsListener(ctx, s, gate) for s in _listening(mtls_sock)]
     servers += [await loop.create_server(
         (lambda: IngressSMTP(ctx, fast_only=True, proxy_protocol=True))
         if lst.fast_port_proxy_protocol else (lambda: Lobby(ctx, fast_only=True)),
-        sock=s) for s in _listening(fast_sock)]
+        sock=s, backlog=backlog) for s in _listening(fast_sock)]
     return servers

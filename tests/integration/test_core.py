@@ -22,10 +22,31 @@ def ingress(tmp_path: Path):
         yield ing
 
 
-def listeners(port: int) -> int:
+def backlogs(port: int) -> list[int]:
+    """The listen(2) backlog of every socket listening on `port` (ss's Send-Q of a LISTEN)."""
     out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True,
                          check=True).stdout
-    return sum(1 for line in out.splitlines() if line.startswith("LISTEN"))
+    return [int(line.split()[2]) for line in out.splitlines() if line.startswith("LISTEN")]
+
+
+def listeners(port: int) -> int:
+    return len(backlogs(port))
+
+
+def test_listen_backlog_is_the_configured_one(tmp_path: Path) -> None:
+    """listen.backlog holds on every socket an acceptor serves (port 25, the fast port, the
+    sockets steered to the fast acceptor), not asyncio's default of 100 that create_server
+    puts back when handed a socket: with 100, a flood's SYNs are dropped and a legitimate
+    client waits a SYN retransmission (1 s, then 3 s)."""
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    want = min(777, somaxconn)
+    with Ingress(tmp_path, {"listen": {"backlog": 777, "fast_port": 0},
+                            "classify": {"allow_cidrs": ["127.0.0.10/32"]}}) as ing:
+        fast_port = int(ing.events("ready")[-1]["fast_port"])   # every acceptor serves
+        port25, fast = backlogs(ing.port), backlogs(fast_port)
+        assert len(port25) >= 2, port25
+        assert port25 == [want] * len(port25), port25
+        assert fast and fast == [want] * len(fast), fast
 
 
 async def send_many(port: int, n: int, concurrency: int,
