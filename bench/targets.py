@@ -12,8 +12,9 @@ API
                                          -> Popen (own session), .stop(proc), .stop_all()
     make_pki(dir) -> Pki                 trustme CA, server cert (localhost, 127.0.0.1) and a
                                          client cert (PEM files); Pki.as_dict() for the JSON
-    start_dns(procs, dir, records) -> (addr, Popen)
-                                         ``python -m tests.kit.dnsserver`` as a child; addr is
+    start_dns(procs, dir, records, server="python") -> (addr, Popen)
+                                         ``python -m tests.kit.dnsserver`` as a child, or
+                                         unbound (server="unbound": bench.unbound); addr is
                                          "127.0.0.1@PORT" (the ingress's nameserver syntax)
     ingress_config(template, overrides) -> dict (written with tests.kit.harness.write_config)
     start_ingress(procs, dir, template, overrides, name) -> Running
@@ -52,6 +53,7 @@ from typing import Any
 
 import orjson
 
+from bench import unbound
 from ingress.core import procs as core_procs
 from tests.kit.harness import write_config
 from tests.kit.procs import Processes
@@ -120,9 +122,17 @@ def make_pki(directory: Path) -> Pki:
     return pki
 
 
-def start_dns(procs: Processes, directory: Path, records: dict[str, dict[str, list[str]]],
-              timeout: float = 15.0) -> tuple[str, subprocess.Popen[bytes]]:
-    """Run tests/kit/dnsserver.py as a child; return ("127.0.0.1@PORT", process)."""
+def start_dns(procs: Processes, directory: Path, records: dict[str, Any],
+              timeout: float = 15.0, server: str = "python") -> tuple[str, subprocess.Popen[bytes]]:
+    """The bench's DNS server as a child; return ("127.0.0.1@PORT", process). `server`:
+    "unbound" (bench.unbound: the resolver an MX has) or "python" (tests/kit/dnsserver.py).
+    `records` as the test kit's, its "$silent" key the names never answered."""
+    if server == "unbound":
+        recs = {k: v for k, v in records.items() if k != "$silent"}
+        try:
+            return unbound.start(procs, directory, recs, records.get("$silent", ()), timeout)
+        except RuntimeError as e:
+            raise TargetError(str(e)) from None
     directory.mkdir(parents=True, exist_ok=True)
     rec = directory / "dns-records.json"
     rec.write_text(json.dumps(records, indent=1))

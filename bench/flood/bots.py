@@ -381,6 +381,8 @@ class LegitSpec:
     retry_s: float | None = None   # kind "mta": one message, retried this often after a 4xx
     pool: int = 0                  # kind "pool": its addresses (SOURCE and the next ones)
     learn_s: float | None = None   # kind "pool": pause after the first (learned) message
+    prime: int = 0                 # messages sent once at the bots' start, before their ramp,
+                                   # not counted: a correspondent the target has seen before
     dkim_key: str | None = None    # kind "pool": sign for the sender's domain (a PEM file)
     dkim_selector: str | None = None
 
@@ -410,7 +412,7 @@ class LegitSpec:
         kw: dict[str, Any] = {}
         conv: dict[str, Callable[[str], Any]] = {"size": int, "port": int, "deadline": float,
                                                  "retry_s": float, "pool": int,
-                                                 "learn_s": float}
+                                                 "learn_s": float, "prime": int}
         for pair in pairs:
             k, sep, v = pair.partition("=")
             if not sep:
@@ -443,11 +445,12 @@ class LegitSender:
 
     def __init__(
         self, target: Target, spec: LegitSpec, stats: LegitStats, *, start_at: float,
-        t_run0: float, grace: float = 2.0,
+        t_run0: float, grace: float = 2.0, prime_at: float | None = None,
     ) -> None:
         self.target = target.with_port(spec.port)
         self.spec, self.stats = spec, stats
         self.start_at, self.t_run0, self.grace = start_at, t_run0, grace
+        self.prime_at = prime_at       # the bots' start (spec.prime)
         self.tls = spec.tls or ("implicit" if spec.kind == "cert" else "none")
         self.ssl_ctx = _client_ssl_context(spec) if self.tls != "none" else None
 
@@ -456,6 +459,11 @@ class LegitSender:
         sp = self.spec
         assert sp.mail_from and sp.rcpt and sp.helo and sp.size and sp.deadline_s
         tasks: set[asyncio.Task[Attempt]] = set()
+        if sp.prime and self.prime_at is not None and self.prime_at < self.start_at:
+            await _sleep_until(self.prime_at)
+            for i in range(sp.prime):     # before the measured window: not in the stats
+                primed = await self.attempt(-1 - i)
+                self.stats.primed.append(primed.outcome)
         max_attempts = int((end - self.start_at) / sp.interval_s) + 1
         for k in range(max_attempts):
             t = self.start_at + k * sp.interval_s

@@ -387,7 +387,7 @@ async def run_flood(
                    if s.kind == "mta" else
                    (PoolSender if s.kind == "pool" else LegitSender)(
                        cfg.target, s, st, start_at=start_at + cfg.warmup_s, t_run0=t_run0,
-                       grace=cfg.grace_s)
+                       grace=cfg.grace_s, prime_at=start_at)
                    for s, st in zip(specs, legit_stats, strict=True)]
         work = [asyncio.create_task(r.run(start_at, end)) for r in inline]
         work += [asyncio.create_task(s.run(end)) for s in senders]

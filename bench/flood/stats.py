@@ -94,6 +94,7 @@ class LegitStats:
     stages_ms: list[dict[str, float]] = field(default_factory=list)  # per accepted attempt
     timeline: list[Attempt] = field(default_factory=list)
     tries: list[int] = field(default_factory=list)  # retrying MTAs: the try that got 250 (0: none)
+    primed: list[str] = field(default_factory=list)  # outcomes before the window (spec.prime)
 
     def record(self, a: Attempt) -> None:
         self.attempts += 1
@@ -134,6 +135,7 @@ class LegitStats:
             "accepted": self.accepted,
             "accepted_pct": self.accepted_pct,
             "unfinished": self.unfinished,
+            **({"primed": list(self.primed)} if self.primed else {}),
             "latency_ms": _pcts(self.latencies_ms),
             "stages_ms": stage_breakdown(self.stages_ms),
             "tempfails": dict(self.tempfails),

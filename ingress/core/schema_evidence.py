@@ -99,6 +99,16 @@ class DnswlConfig:
     cache_entries: int = _LIST()["cache_entries"]
     min_ttl: float = _LIST()["min_ttl"]
     max_ttl: float = _LIST()["max_ttl"]
+    steer: bool = documented(True, "Linux, with fast acceptors and listen.steer_operator: a "
+                             "listed client's next connections are steered by the kernel to a "
+                             "fast acceptor's socket, as the allow list's networks are, so "
+                             "they never wait in port 25's accept queue behind a flood "
+                             "(ingress.core.steer_table)")
+    steer_ttl: float = bounded(600.0, 1, 86400, "seconds an address stays steered after its "
+                               "listing was last seen")
+    steer_max: int = bounded(64, 1, 1000, "addresses steered per acceptor (the kernel's "
+                             "program holds at most 250 per address family, the allow list's "
+                             "networks first)")
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,14 @@
 
 API (the entry points the supervisor starts by name; each builds its service and hands it to the
 child skeleton, ingress.core.child.main_loop, which runs it on uvloop):
-    run(cfg, index, sock, hb, slot, mtls_sock, fast_sock)
+    run(cfg, index, sock, hb, slot, mtls_sock, fast_sock, steer)
         a port-25 acceptor; each `*sock` is the listening socket, or a list of them (one per
         listen address), the supervisor bound for this acceptor slot (SO_REUSEPORT); all of
-        them are served
-    run_fast(cfg, index, hb, slot, mtls_sock, fast_sock, steered)
+        them are served; `steer`: the supervisor's steer table (dnswl.steer), region `slot`
+    run_fast(cfg, index, hb, slot, mtls_sock, fast_sock, steered, steer)
         a fast acceptor (supervisor.fast_acceptors): the connections handed over from port 25
-        (ingress.edge.handoff), the mutual-TLS port and listen.fast_port
+        (ingress.edge.handoff), the mutual-TLS port and listen.fast_port, and the port-25
+        connections the kernel steers to it (`steered`)
     run_mtls(cfg, index, hb, slot, mtls_sock)
         an mTLS acceptor (supervisor.mtls_acceptors): the mutual-TLS port alone
 
@@ -33,10 +34,12 @@ Failure modes and limits: those of the service and the context (their modules).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ingress.core import child
 from ingress.core.config import Config
+from ingress.core.steer_table import SteerTable
 from ingress.edge.service import AcceptorService, Listening
 
 
@@ -47,12 +50,13 @@ def _main(cfg: Config, name: str, hb: Any, slot: int, service: AcceptorService,
 
 def run_fast(cfg: Config, index: int, hb: Any = None, slot: int = 0,
              mtls_sock: Listening = None, fast_sock: Listening = None,
-             steered: Listening = None) -> None:
+             steered: Listening = None, steer: Any = None) -> None:
     """A fast acceptor's entry point (supervisor.fast_acceptors; ingress.edge.handoff): the
     connections handed over from port 25, and the mutual-TLS port and listen.fast_port (their
     clients prove themselves at the handshake or at connect), away from port 25's floods."""
     _main(cfg, f"fast-acceptor-{index}", hb, slot,
-          AcceptorService(cfg, index, None, mtls_sock, fast_sock, steered=steered))
+          AcceptorService(cfg, index, None, mtls_sock, fast_sock, steered=steered,
+                          steer=_steer(steer, slot)))
 
 
 def run_mtls(cfg: Config, index: int, hb: Any = None, slot: int = 0,
@@ -65,8 +69,17 @@ def run_mtls(cfg: Config, index: int, hb: Any = None, slot: int = 0,
 
 
 def run(cfg: Config, index: int, sock: Listening, hb: Any = None, slot: int = 0,
-        mtls_sock: Listening = None, fast_sock: Listening = None) -> None:
+        mtls_sock: Listening = None, fast_sock: Listening = None, steer: Any = None) -> None:
     # With fast acceptors, these serve the unknown and the shed: they yield the cores to them.
     _main(cfg, f"acceptor-{index}", hb, slot,
-          AcceptorService(cfg, index, sock, mtls_sock, fast_sock),
+          AcceptorService(cfg, index, sock, mtls_sock, fast_sock, steer=_steer(steer, slot)),
           nice=cfg.supervisor.acceptor_nice if cfg.supervisor.fast_acceptors else 0)
+
+
+def _steer(steer: Any, slot: int) -> Callable[[str, float], None] | None:
+    """The supervisor's steer table (dnswl.steer: (array, regions, per_region)) as this
+    child's writer: its region is its child slot."""
+    if steer is None:
+        return None
+    table = SteerTable(*steer)
+    return lambda ip, until: table.add(slot, ip, until)

@@ -61,6 +61,7 @@ from ingress.edge.host import SessionHost
 from ingress.policy.checks import NO_VERDICT, Stage, Verdict
 from ingress.policy.conn_state import ConnState
 from ingress.policy.shaping import listed
+from ingress.policy.tiers import Tier, tier_of
 
 __all__ = ["apply", "held", "settle", "spoke", "start"]
 
@@ -146,4 +147,6 @@ def apply(conn: Connection, ctx: SessionHost, verdict: Verdict) -> str:
     if decision.lane is Lane.FAST and conn.seat is not None:
         ctx.table.promoted(conn.seat, decision, stage="connect",
                            after_ms=round((time.monotonic() - conn.started) * 1000, 1))
+        if tier_of(decision.identity) is Tier.THIRD_PARTY:
+            ctx.steer(conn.peer_ip)         # its next connections skip port 25's queue
     return ""

@@ -42,6 +42,7 @@ import socket
 import ssl
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from ingress.core import log, metrics
@@ -129,6 +130,7 @@ class AcceptorContext:
             spf_promote=c.spf_promote, spf_domains=frozenset(c.spf_domains),
             cert_promotes=c.cert_promotes, learned_promotes=c.learned_ttl > 0)
         self.counters: Counter[str] = Counter()
+        self.steer_writer: Callable[[str, float], None] | None = None   # the service sets it
         self.over_rate_lines = log.Throttle(OVER_RATE_LOG_EVERY, OVER_RATE_LOGGED_MAX)
         # classify.domain_rate and domain_burst, held here at MAIL FROM: each acceptor of the
         # edge takes its part of both, so that a domain's fast-lane mail is a steady flow
@@ -276,6 +278,13 @@ class AcceptorContext:
         over = self.cluster is not None and proto.conn.lane is Lane.BULK and self.cluster.conn_over(
             ip_key(proto.conn.peer_ip, self.table.admission.limits.ipv6_prefix), now)
         return self.table.admit(proto, self.draining, now, shared_rate_over=over)
+
+    def steer(self, ip: str) -> None:
+        """A client a DNS allow list vouches for (the third-party tier): the kernel steers its
+        next connections to the fast acceptors for dnswl.steer_ttl (the supervisor reads the
+        steer table: ingress.core.steer_table), so they never wait in port 25's accept queue."""
+        if self.steer_writer is not None and self.cfg.dnswl.steer:
+            self.steer_writer(ip, time.monotonic() + self.cfg.dnswl.steer_ttl)
 
     def penalise(self, ip: str) -> None:
         """Here at once, and in every other acceptor through the bulk broker's fan-out (and in

@@ -76,6 +76,9 @@ class SessionHost(Protocol):
 
     def penalise(self, ip: str) -> None: ...            # here, in every acceptor, in every edge
 
+    def steer(self, ip: str) -> None: ...       # dnswl.steer: to the fast acceptors from its
+                                                # next connection (ingress.core.steer_table)
+
     def count(self, what: str, lane: Lane) -> None: ...
 
     def lane_saturated(self, lane: Lane) -> bool: ...

@@ -40,7 +40,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from ingress.core import child, log, procs
@@ -63,10 +63,11 @@ class AcceptorService:
 
     def __init__(self, cfg: Config, index: int, sock: Listening, mtls_sock: Listening = None,
                  fast_sock: Listening = None, handed: bool = True,
-                 steered: Listening = None) -> None:
+                 steered: Listening = None,
+                 steer: Callable[[str, float], None] | None = None) -> None:
         self.cfg, self.index = cfg, index
         self.sock, self.mtls_sock, self.fast_sock = sock, mtls_sock, fast_sock
-        self.handed, self.steered = handed, steered
+        self.handed, self.steered, self.steer = handed, steered, steer
         self.servers: list[Any] = []
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -82,6 +83,7 @@ class AcceptorService:
         # beyond it gets 421 instead of libuv's silent accept-and-close on EMFILE.
         self.ctx = ctx = AcceptorContext(cfg, index, loop, nofile=nofile, fast=sock is None,
                                          mtls_only=not self.handed)
+        ctx.steer_writer = self.steer
         limit = ctx.table.limit
         log.event("connection_limit", index=index, max_connections=limit.max_connections,
                   fast_reserve=limit.fast_reserve, limited_by=limit.limited_by, nofile=nofile,

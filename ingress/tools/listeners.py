@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import ipaddress
 import socket
+from collections.abc import Mapping
 
 from ingress.core import log, reuseport
 from ingress.core.config import Config, format_listen_address, parse_listen_address
@@ -122,11 +124,20 @@ def bind_listener(cfg: Config, host: str, port: int, first: bool = False) -> soc
     return s
 
 
-def steer_networks(cfg: Config, host: str) -> list[reuseport.Network]:
-    """classify.allow_cidrs of the family of listen address `host` (what the kernel steers
-    to the fast acceptors there: listen.steer_operator)."""
+def steer_networks(cfg: Config, host: str, learned: Mapping[int, list[str]] | None = None
+                   ) -> list[reuseport.Network]:
+    """classify.allow_cidrs of the family of listen address `host`, then the addresses the
+    acceptors learned (dnswl.steer: ingress.core.steer_table), as many as one program holds
+    (what the kernel steers to the fast acceptors there: listen.steer_operator)."""
     version = 6 if ":" in host else 4
-    return [n for n in cfg.allow_networks if n.version == version]
+    nets: list[reuseport.Network] = [n for n in cfg.allow_networks if n.version == version]
+    room = reuseport.MAX_NETWORKS - len(nets)
+    return nets + [ipaddress.ip_network(a) for a in (learned or {}).get(version, [])[:room]]
+
+
+def learns_steering(cfg: Config) -> bool:
+    """The acceptors learn addresses to steer (a DNS allow list, dnswl.steer)."""
+    return bool(cfg.dnswl.sites) and cfg.dnswl.steer
 
 
 PORT_PICK_TRIES = 20     # port 0 on several addresses: attempts to find one port free on all
@@ -193,6 +204,7 @@ class Listeners:
         self.steered: list[int] = []      # indexes into the listen addresses
         self.steering: bool | None = None  # the programs attached send the operator's
                                            # networks to the fast acceptors (None: unknown)
+        self.learned: dict[int, list[str]] = {}   # and these addresses (dnswl.steer)
 
     def bind(self, cfg: Config) -> Config:
         """Bind every listen set of `cfg`; the config with the addresses as bound."""
@@ -222,7 +234,7 @@ class Listeners:
         per_slot: list[list[socket.socket]] = [[] for _ in range(nf)]
         for j, addr in enumerate(main):
             host, port = parse_listen_address(addr)
-            if not steer_networks(cfg, host):
+            if not steer_networks(cfg, host) and not learns_steering(cfg):
                 continue
             extra = [bind_listener(cfg, host, port) for _ in range(nf)]
             try:
@@ -241,11 +253,12 @@ class Listeners:
                       fast_acceptors=nf, networks=len(cfg.classify.allow_cidrs))
 
     def _steer(self, j: int, cfg: Config, on: bool) -> None:
-        """(Re)attach the program of listen address `j`'s group for `cfg`'s allow list; `on`
-        False: every client to the port-25 acceptors (then the operator's are handed over as
-        without steering). More networks of its family than one program holds steer none."""
+        """(Re)attach the program of listen address `j`'s group for `cfg`'s allow list and the
+        learned addresses; `on` False: every client to the port-25 acceptors (then the
+        operator's are handed over as without steering). More networks of its family than one
+        program holds steer none."""
         sock = self.sockets[0][j]
-        nets = steer_networks(cfg, sock.getsockname()[0]) if on else []
+        nets = steer_networks(cfg, sock.getsockname()[0], self.learned) if on else []
         prog = reuseport.program(nets, cfg.acceptor_count, cfg.supervisor.fast_acceptors)
         if prog is None:           # too many networks for one program
             log.event("steer_too_many", "warning", networks=len(nets),
@@ -255,19 +268,28 @@ class Listeners:
         reuseport.attach(sock, prog)
 
 
-    def set_steering(self, cfg: Config, on: bool) -> None:
-        """Steer the operator's networks to the fast acceptors (`on`: every one of them is up)
-        or to the port-25 acceptors, when that is not what the programs attached already do."""
-        if on == self.steering:
+    def set_steering(self, cfg: Config, on: bool,
+                     learned: Mapping[int, list[str]] | None = None) -> None:
+        """Steer the operator's networks and the `learned` addresses to the fast acceptors
+        (`on`: every one of them is up) or to the port-25 acceptors, when that is not what the
+        programs attached already do."""
+        learned = dict(learned or {})
+        changed = learned != self.learned
+        if on == self.steering and (not on or not changed):
             return
+        self.learned = learned
         try:
             for j in self.steered:
                 self._steer(j, cfg, on)
         except OSError as e:
             log.event("steer_unavailable", "warning", error=str(e))
             return
+        if on != self.steering:
+            log.event("steering", on=on)
         self.steering = on
-        log.event("steering", on=on)
+        if changed:
+            log.event("steer_learned", ipv4=len(learned.get(4, [])),
+                      ipv6=len(learned.get(6, [])))
 
     def close(self) -> None:
         for slot in self.sockets + self.mtls_sockets + self.fast_sockets:

@@ -71,15 +71,17 @@ from pathlib import Path
 from typing import Any
 
 from ingress.core import config as config_mod
-from ingress.core import log, metrics_server
+from ingress.core import log, metrics_server, reuseport
 from ingress.core.config import Config, ConfigError
 from ingress.core.derived import configured_limit, raised_nofile
 from ingress.core.fsutil import private_dir_problem
+from ingress.core.steer_table import SteerTable
 from ingress.tools.children import Child, ChildTable, heartbeat_slots, wanted
-from ingress.tools.listeners import Listeners, listen_sets, with_bound
+from ingress.tools.listeners import Listeners, learns_steering, listen_sets, with_bound
 from workers.spool.collector import SpoolCollector
 
 TICK = 0.05
+STEER_EXPIRY_CHECK = 1.0     # seconds between reads of the steer table when nothing changed
 RELOAD_READY = 30.0  # seconds a reload waits, in all, for its new children to be ready
 
 
@@ -134,6 +136,10 @@ class Supervisor:
         self.cfg = cfg if role is None else config_mod.with_role(cfg, role)
         self.config_path = config_path
         self.table = ChildTable(heartbeat_slots(cfg), self._target)
+        # dnswl.steer: the addresses the acceptors learned to steer, a region per child slot
+        # (its size is the start's: dnswl.steer_max changes with a restart)
+        self.steer = SteerTable.create(self.table.mp, heartbeat_slots(cfg), cfg.dnswl.steer_max)
+        self.steer_seen: tuple[int, float] = (-1, 0.0)    # generation, when read
         self.listeners = Listeners()
         self.configured = listen_sets(cfg)      # as in the file (port 0 = any), for reloads
         self.flags: set[str] = set()
@@ -146,6 +152,8 @@ class Supervisor:
     def _target(self, c: Child) -> tuple[Any, tuple[Any, ...]]:
         """The entry point and arguments of child `c` (ChildTable.start calls it)."""
         hb, ls = self.table.hb, self.listeners
+        st = self.steer
+        steer = (st.array, st.regions, st.per_region) if learns_steering(c.cfg) else None
         # With fast acceptors, the mutual-TLS port and the fast port (clients that prove
         # themselves at connect or at the handshake) are theirs, not the port-25 acceptors'.
         # With mTLS acceptors (supervisor.mtls_acceptors), the mutual-TLS port is theirs alone:
@@ -163,13 +171,13 @@ class Supervisor:
             fast = ls.fast_sockets[i] if ls.fast_sockets and to_fast else None
             steered = ls.steered_sockets[i] if i < len(ls.steered_sockets) else None
             return _entry("ingress.edge.acceptor", "run_fast"), (c.cfg, i, hb, c.slot,
-                                                            mtls, fast, steered)
+                                                            mtls, fast, steered, steer)
         if c.kind == "acceptor":
             i = c.key[1]
             mtls = ls.mtls_sockets[i] if ls.mtls_sockets and not to_fast else None
             fast = ls.fast_sockets[i] if ls.fast_sockets and not to_fast else None
             return _entry("ingress.edge.acceptor"), (c.cfg, i, ls.sockets[i], hb, c.slot,
-                                                mtls, fast)
+                                                mtls, fast, steer)
         if c.kind == "relay":
             return _entry("workers.relay"), (c.cfg, hb, c.slot)
         if c.kind == "broker":
@@ -206,7 +214,20 @@ class Supervisor:
         # socket, so steering stays on)
         up = {c.key[2] for c in self.table.children if c.kind == "acceptor"
               and c.key[1] == "fast" and not c.retiring and self.table.ready(c)}
-        self.listeners.set_steering(self.cfg, len(up) == self.cfg.supervisor.fast_acceptors)
+        self.listeners.set_steering(self.cfg, len(up) == self.cfg.supervisor.fast_acceptors,
+                                    self._learned())
+
+    def _learned(self) -> dict[int, list[str]]:
+        """The addresses the acceptors learned to steer (dnswl.steer), read again when one
+        was written, and every STEER_EXPIRY_CHECK seconds for those that ended."""
+        if not learns_steering(self.cfg):
+            return {}
+        now, (gen, when) = time.monotonic(), self.steer_seen
+        g = self.steer.generation()
+        if g == gen and now - when < STEER_EXPIRY_CHECK:
+            return self.listeners.learned
+        self.steer_seen = (g, now)
+        return self.steer.live(now, reuseport.MAX_NETWORKS)
 
     # --- life cycle ---------------------------------------------------------------------------
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.kit.harness import Ingress, make_body, send_one
+from tests.kit.dnsserver import DNSServer
+from tests.kit.harness import Ingress, make_body, send_one, wait_for
 from tests.kit.scrape import metrics_port, scrape, value
 
 ALLOWED = "127.0.0.20"
@@ -74,3 +75,45 @@ def test_a_reload_steers_the_new_allow_list(tmp_path: Path) -> None:
         assert ons[ons.index(True):] == [True, True], ons
         assert set(served(ing, ALLOWED)[1:]) <= {"acceptor-0", "acceptor-1"}, \
             served(ing, ALLOWED)
+
+
+LISTED = "127.0.0.22"      # on the DNS allow list, not in allow_cidrs
+
+
+def rev(ip: str) -> str:
+    return ".".join(reversed(ip.split(".")))
+
+
+@pytest.mark.parametrize("steer", [True, False])
+def test_a_dns_allow_listed_client_is_steered_from_its_next_connection(tmp_path: Path,
+                                                                       steer: bool) -> None:
+    """dnswl.steer: once a port-25 acceptor found a client on a DNS allow list, the kernel
+    steers its next connections to the fast acceptor (never port 25's accept queue, where a
+    flood's bots wait); a client on no list stays with the port-25 acceptors. Off: every
+    connection of the listed client is accepted by a port-25 acceptor (promoted there)."""
+    with DNSServer({"2.0.0.127.wl.test": {"A": ["127.0.0.2"]},
+                    f"{rev(LISTED)}.wl.test": {"A": ["127.0.10.2"]}}) as dns, \
+            Ingress(tmp_path, {"supervisor": {"acceptors": 2, "fast_acceptors": 1},
+                               "classify": {"nameservers": [dns.address]},
+                               "dnswl": {"sites": ["wl.test=127.0.[2..15].[0..3]"],
+                                         "steer": steer}}) as ing:
+        async def send(n: int, source: str) -> list[int]:
+            return [(await send_one(ing.port, make_body(i), source=source))[0] for i in range(n)]
+
+        assert asyncio.run(send(1, LISTED)) == [250]
+        first = served(ing, LISTED)
+        assert first and first[0] in ("acceptor-0", "acceptor-1"), first
+        if steer:
+            wait_for(lambda: ing.events("steer_learned"), 10, "the supervisor steers it")
+        assert asyncio.run(send(6, LISTED)) == [250] * 6
+        assert asyncio.run(send(4, OTHER)) == [250] * 4
+        later = served(ing, LISTED)[1:]
+        if steer:
+            assert later == ["fast-acceptor-0"] * 6, later
+            assert ing.events("steer_learned")[-1].get("ipv4") == 1
+        else:
+            assert set(later) <= {"acceptor-0", "acceptor-1"}, later
+            assert not ing.events("steer_learned")
+        assert set(served(ing, OTHER)) <= {"acceptor-0", "acceptor-1"}, served(ing, OTHER)
+        promoted = [e for e in ing.events("promoted") if e.get("peer") == LISTED]
+        assert promoted and all(e.get("identity") == "dnswl:wl.test" for e in promoted)

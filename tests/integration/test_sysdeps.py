@@ -41,6 +41,9 @@ PACKAGES: dict[str, tuple[list[str], list[str], list[str], list[str]]] = {
                                  ["prometheus-node-exporter"]),
     "smartmontools": ([], [], ["smartmontools.service"], ["smartmontools"]),
     "redis-server": (["redis-server"], [], ["redis-server.service"], ["redis-server"]),
+    "unbound": (["unbound"], ["dns-root-data"], ["unbound.service", "unbound-resolvconf.service"],
+                ["unbound"]),
+    "dns-root-data": ([], [], [], []),
 }
 
 # the real tools the Makefile recipe and .ci/sysdeps use
