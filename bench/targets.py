@@ -255,6 +255,7 @@ def start_ingress(procs: Processes, directory: Path, template: Path,
                     reload=lambda: os.kill(proc.pid, signal.SIGHUP),
                     info={"config": str(cfg_path), "config_tables": tables, "log": str(log),
                           "supervisor_pid": proc.pid, "acceptors": doc.get("acceptors"),
+                          "fast_port": doc.get("fast_port"),
                           "fast_workers": doc.get("fast_workers"),
                           "bulk_workers": doc.get("bulk_workers")})
         if proc.poll() is not None:

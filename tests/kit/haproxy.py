@@ -7,6 +7,10 @@ API
         `send_proxy`: the server lines' option ("send-proxy", "send-proxy-v2"); `more`: further
         backends (host, port), balanced round-robin with the first; `bind`: the frontend's
         address ("::1": an IPv6 frontend; the backends stay IPv4).
+    HAProxy.with_config(tmp, text, port, bind="127.0.0.1")
+        the same with a whole config of the caller's (bench/proxy.py: the documented example),
+        whose frontend listens on bind:port.
+    free_port() -> int      a free loopback TCP port (for with_config's frontend)
 
 Failure modes
     RuntimeError with the log's tail when HAProxy exits or does not listen within 10 s; an
@@ -33,7 +37,7 @@ def _haproxy_bin() -> str:
     return path
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -52,11 +56,10 @@ class HAProxy:
         (tests/integration/test_cluster_redis.py: two edges behind one HAProxy). `bind`: the
         frontend's address ("::1": an IPv6 frontend; the backend stays IPv4)."""
         self.bind = bind
-        self.port = _free_port() if ":" not in bind else _free_port6()
+        self.port = free_port() if ":" not in bind else _free_port6()
         extra = "".join(f"    server ingress{i} {host}:{port} {send_proxy}\n"
                         for i, (host, port) in enumerate(more, 2))
-        self.cfg = tmp / "haproxy.cfg"
-        self.cfg.write_text(f"""\
+        self._start(tmp, f"""\
 global
     maxconn 200
 
@@ -73,6 +76,18 @@ frontend smtp_in
 backend smtp_ingress
     server ingress 127.0.0.1:{backend_port} {send_proxy}
 {extra}""")
+
+    @classmethod
+    def with_config(cls, tmp: Path, text: str, port: int, bind: str = "127.0.0.1") -> HAProxy:
+        """A HAProxy running `text` (a whole config), its frontend on bind:port."""
+        self = cls.__new__(cls)
+        self.bind, self.port = bind, port
+        self._start(tmp, text)
+        return self
+
+    def _start(self, tmp: Path, text: str) -> None:
+        self.cfg = tmp / "haproxy.cfg"
+        self.cfg.write_text(text)
         self.log = open(tmp / "haproxy.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([_haproxy_bin(), "-f", str(self.cfg), "-db"],
                                      stdout=self.log, stderr=subprocess.STDOUT,
