@@ -3,7 +3,8 @@
 One machine plays two edge hosts: two `all`-role ingress instances (tests.kit.harness.Ingress),
 each with its own spool and state dir, bound to 127.0.0.1 and 127.0.0.2, and one redis-server
 (Debian package redis-server; the tests skip without it) that each test starts on a unix socket
-in a temp dir (`--save '' --appendonly no`: nothing on disk) and stops by its PID.
+in a temp dir (`--save '' --appendonly no`: nothing on disk; tests.kit.redisserver) and stops
+by its PID.
 
 - the global bulk cap (lanes.bulk.rate) is held within 5% over both instances together;
 - an early talker penalised on A is refused on B;
@@ -21,10 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import signal
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +30,6 @@ from typing import Any
 
 import dkim
 import pytest
-import redis
 
 from ingress.core import config
 from ingress.edge.cluster_state import ClusterState
@@ -47,7 +44,7 @@ from tests.kit.harness import (
     start_all,
     write_config,
 )
-from tests.kit.procs import Processes
+from tests.kit.redisserver import RedisServer
 
 pytestmark = pytest.mark.needs_redis
 
@@ -60,47 +57,6 @@ ACCEPTORS = 2
 # in `make test`): a call that a busy machine delays past the 0.5 s of tables() would turn an
 # edge local for a moment and lose the fact the test is waiting for.
 RELAXED = {"redis_timeout": 2.0, "redis_retry": 2.0}
-
-
-class RedisServer:
-    """redis-server on a unix socket in its own temp dir; start() again after stop() reuses
-    the socket path (an empty Redis: nothing is saved)."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="rds-", dir="/tmp"))
-        self.sock = self.dir / "redis.sock"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"unix://{self.sock}"
-        self.procs = Processes()      # started in its own session, stopped by PID
-
-    def start(self) -> None:
-        self.proc = self.procs.spawn(
-            ["redis-server", "--port", "0", "--unixsocket", str(self.sock),
-             "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(redis.RedisError, OSError):
-                if self.client().ping():
-                    return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited {self.proc.returncode}")
-            time.sleep(0.05)
-        raise TimeoutError("redis-server not ready in 10 s")
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(unix_socket_path=str(self.sock), socket_timeout=2,
-                           decode_responses=True)
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.procs.stop(self.proc, timeout=10)
-        self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ plus SMTP client helpers), ``dnsserver`` (an authoritative DNS server on a loopb
 ``python -m tests.kit.dnsserver records.json``), ``postfix`` (``PostfixInstance``, a private
 Postfix on a loopback port), ``scripted_server`` (an SMTP server whose answers are scripted),
 ``procs`` (``Processes``, children stopped by PID), ``dkimkeys`` (DER/TXT builders for DKIM keys),
-``haproxy`` (a real HAProxy in front of backends), ``pki`` (trustme certificates), ``session``
+``haproxy`` (a real HAProxy in front of backends), ``redisserver`` (a real redis-server on a
+unix socket), ``pki`` (trustme certificates), ``session``
 (``HeldSession``, a raw SMTP session held open), ``clusterkit`` (cluster keys and ports),
 ``relaykit`` (the relay's, the spool's and the queue commands' test helpers), ``scrape`` (the
 Prometheus endpoint read in a test), ``configkit`` (config files for the config rules' tests)
