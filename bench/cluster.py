@@ -196,6 +196,9 @@ def redis_run(edges: list[Running], redis: RedisServer, seconds: float) -> dict[
     times = [float(doc["ts"]) for doc in docs
              if doc.get("event") == "message" and doc.get("lane") == "bulk"]
     r["phases"] = phase_rows(times, bounds, BULK_RATE, REDIS_BURST)
+    r["state_events"] = [(doc["event"], doc.get("acceptor"), round(float(doc["ts"]) - start, 2))
+                         for doc in docs if str(doc.get("event")).startswith("cluster_state_")
+                         and start - 5 <= float(doc["ts"])]
     # how long after the kill / the restart the acceptors noticed (the last one of them)
     for key, event, at in (("down_s", "cluster_state_down", bounds[1]),
                            ("rejoin_s", "cluster_state_up", bounds[2])):

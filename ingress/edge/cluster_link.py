@@ -17,8 +17,10 @@ API
     run()                           background task: connect, subscribe to channels(), _load(),
                                     up, then each turn (at most TICK apart): heartbeat every
                                     cluster.redis_retry, _tick(), a pub/sub message to
-                                    _fact(channel, data); on any failure: down, retry every
-                                    cluster.redis_retry seconds
+                                    _fact(channel, data); on any failure: down, retry at
+                                    every multiple of cluster.redis_retry of the wall clock
+                                    (all acceptors of all edges at the same instants)
+    retry_delay(now, retry) -> float  seconds to that next multiple
     _call(make, shape) -> (ok, res) one call on the session path (below)
     _spawn(coro)                    fire and forget, at most MAX_INFLIGHT in flight
     edges() -> int                  edges sharing the cap: max(cluster.edges, edges seen alive
@@ -78,6 +80,15 @@ TICK = 0.1                # seconds: the longest wait for a pub/sub message, one
 MAX_EDGE_ENTRIES = 4096   # acceptors (of all edges) in the heartbeat set
 MAX_INFLIGHT = 1024       # fire-and-forget records (penalties, learned) in flight at once
 BAD_REPLY_LOG_EVERY = 60.0  # seconds between two cluster_state_bad_reply lines (connecting)
+
+
+def retry_delay(now: float, retry: float) -> float:
+    """Seconds from `now` (wall clock) to the next multiple of `retry`, at most `retry`: every
+    acceptor of every edge (their clocks kept by NTP) tries Redis again at the same instants,
+    so after an outage they rejoin the shared bucket together. Retrying `retry` after its own
+    failure, one would stay on its local share for up to `retry` beside others already back on
+    the shared bucket, and their sum is over the cap."""
+    return retry - (now % retry) if retry > 0 else 0.0
 
 
 class RedisLink:
@@ -199,7 +210,8 @@ class RedisLink:
 
     async def run(self) -> None:
         """Connect, subscribe, load, then watch: pub/sub messages and a heartbeat every
-        cluster.redis_retry. Any failure: down, wait cluster.redis_retry, try again."""
+        cluster.redis_retry. Any failure: down, try again at the next multiple of
+        cluster.redis_retry of the wall clock (retry_delay)."""
         while True:
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
@@ -217,7 +229,7 @@ class RedisLink:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(self.timeout):
                         await pubsub.aclose()
-            await asyncio.sleep(self.retry)
+            await asyncio.sleep(retry_delay(time.time(), self.retry))
 
     async def _watch(self, pubsub: Any) -> None:
         next_beat = 0.0

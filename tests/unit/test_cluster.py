@@ -13,6 +13,7 @@ import pytest
 from ingress.core import cluster, config
 from ingress.core.config import ConfigError
 from ingress.core.wire import Lane
+from ingress.edge.cluster_link import retry_delay
 from ingress.edge.lanes import Lanes
 from ingress.tools.children import wanted
 from ingress.tools.supervisor import Supervisor
@@ -423,3 +424,12 @@ def test_curve_server_refuses_an_unknown_key(keys: dict[str, Path]) -> None:
 def test_a_learned_domain_from_redis_is_canonical(domain: str, ok: bool) -> None:
     from ingress.edge.cluster_redis import valid_domain
     assert valid_domain(domain) is ok
+
+
+def test_retry_delay_falls_on_the_wall_clock_multiples() -> None:
+    """Every acceptor retries Redis at the same instants (ingress.edge.cluster_link)."""
+    for now, retry, want in ((100.0, 2.0, 2.0), (100.5, 2.0, 1.5), (101.999, 2.0, 0.001),
+                             (7.25, 0.5, 0.25), (5.0, 0.0, 0.0)):
+        assert retry_delay(now, retry) == pytest.approx(want), (now, retry)
+    # two acceptors that failed at different moments try again at the same instant
+    assert 100.3 + retry_delay(100.3, 2.0) == pytest.approx(101.7 + retry_delay(101.7, 2.0))
