@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint docs bytecode unit integration fuzz bench bench-quick bench-cluster sysdeps clean
+.PHONY: run test lint docs bytecode unit integration fuzz bench bench-quick bench-cluster bench-proxy sysdeps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -76,6 +76,11 @@ bench-quick: $(STAMP) sysdeps
 # Two edges + one lanes node (tcp + CURVE) beside a single host, same run (bench/cluster.py)
 bench-cluster: $(STAMP) sysdeps
 	$(PY) -m bench.cluster --runs 3
+
+# Issue 20: the flood through HAProxy (etc/examples/haproxy.cfg, PROXY v2), with and without
+# the fast-port route, against the same HAProxy without a flood (bench/proxy.py)
+bench-proxy: $(STAMP) sysdeps
+	$(PY) -m bench.proxy --runs 3 --variants recommended,one-backend,nbthread1
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -63,5 +63,6 @@ def test_summarise_medians_and_ratio() -> None:
     assert s["flood"]["accepted_pct"] == 100.0
     assert s["ratio"] == 2.4
     assert s["run_ratios"] == [3.0, 1.5, 2.67]     # each run's flood against its own reference
+    assert s["median_run_ratio"] == 2.67
     assert s["flood"]["stages_p99_ms"] == {"connect": 2.4}
     assert proxy.summarise([_run(False, 5, 10)])["ratio"] is None
