@@ -15,9 +15,10 @@ Purpose
       redis-server on a unix socket, tests.kit.redisserver); per run, the allow-listed sender
       alone through edge A (the reference) and the flood, during which Redis is killed (SIGKILL
       by PID) at a third of the measured window and started again (empty) at two thirds; the
-      allow-listed p99 against the reference's, and the spam accepted over both edges (their
-      "message" log lines, lane bulk) in each phase against the cap: lanes.bulk.rate x seconds
-      + one burst, with Redis down its local shares' BULK_SHARE (1.1) x rate.
+      allow-listed p99 against the reference's (and its p99 in each phase), and the spam
+      accepted over both edges (their "message" log lines, lane bulk) in each phase against
+      the cap: lanes.bulk.rate x seconds + one burst, with Redis down its local shares'
+      BULK_SHARE (1.1) x rate.
     Runs alternate (single, cluster, single, ...; reference, flood, flood, reference, ...) and
     the report gives medians.
 
@@ -164,10 +165,12 @@ def flood_run(host: str, port: int, seconds: float, bots: bool = True,
     cfg = cfg or flood_config(host, port, seconds, bots)
     res = flood.run_flood_sync(cfg)
     legit = res["legit"][0]
+    timeline = [(a["t"] - cfg.warmup_s, a["latency_ms"]) for a in legit.get("timeline") or []
+                if a["outcome"] == "accepted"]
     spam = res["bots"]["spam"] if "bots" in res else {}
     return {"accepted_pct": legit["accepted_pct"], "latency_ms": legit["latency_ms"],
             "spam_accepted": spam.get("accepted"), "spam_sent": spam.get("sent"),
-            "seconds": seconds,
+            "seconds": seconds, "timeline": timeline,
             "stages_p99_ms": {k: v.get("p99") for k, v in (legit.get("stages_ms") or {}).items()}}
 
 
@@ -197,6 +200,9 @@ def redis_run(edges: list[Running], redis: RedisServer, seconds: float) -> dict[
     times = [float(doc["ts"]) for doc in docs
              if doc.get("event") == "message" and doc.get("lane") == "bulk"]
     r["phases"] = phase_rows(times, bounds, BULK_RATE, REDIS_BURST)
+    for row, a, b in zip(r["phases"], bounds, bounds[1:], strict=False):   # the sender's p99
+        row["trusted_p99_ms"] = flood.percentile_nearest_rank(
+            [ms for t, ms in r["timeline"] if a - start <= t < b - start], 99)
     r["state_events"] = [(doc["event"], doc.get("acceptor"), round(float(doc["ts"]) - start, 2))
                          for doc in docs if str(doc.get("event")).startswith("cluster_state_")
                          and start - 5 <= float(doc["ts"])]
@@ -206,10 +212,10 @@ def redis_run(edges: list[Running], redis: RedisServer, seconds: float) -> dict[
                            ("rejoin_s", "cluster_state_up", bounds[2])):
         first: dict[str, float] = {}
         for doc in docs:
-            t = float(doc["ts"]) - at
-            if doc.get("event") == event and 0 <= t < 10:
+            dt = float(doc["ts"]) - at
+            if doc.get("event") == event and 0 <= dt < 10:
                 who = str(doc.get("acceptor"))
-                first[who] = min(t, first.get(who, t))
+                first[who] = min(dt, first.get(who, dt))
         r[key] = round(max(first.values()), 2) if first else None
         r[key.replace("_s", "_events")] = len(first)
     return r
@@ -232,12 +238,13 @@ def redis_phase(procs: Processes, d: Path, runs: int, seconds: float) -> dict[st
                 print(f"run {i + 1} redis {name}: trusted {r['accepted_pct']}% p99 "
                       f"{r['latency_ms'].get('p99')} ms {r['stages_p99_ms']} " + " | ".join(
                           f"{p['phase']} {p['per_s']}/s (cap {p['cap_per_s']}) "
-                          f"{'held' if p['held'] else 'OVER'}" for p in r.get("phases", []))
+                          f"{'held' if p['held'] else 'OVER'} trusted p99 {p['trusted_p99_ms']}"
+                          for p in r.get("phases", []))
                       + (f" | down noticed {r['down_s']} s ({r['down_events']}), rejoined "
                          f"{r['rejoin_s']} s ({r['rejoin_events']})" if "phases" in r else ""),
                       flush=True)
-        for r in (edge_a, edge_b, lanes):
-            r.stop()
+        for node in (edge_a, edge_b, lanes):
+            node.stop()
     finally:
         redis.close()
     return out
