@@ -50,6 +50,8 @@ API
                                       "self-proven", "unknown")
     FAST_TIERS, CAPPED                (OPERATOR, THIRD_PARTY, SELF_PROVEN); (THIRD_PARTY,
                                       SELF_PROVEN)
+    PRIORITY_TIERS, commit_slots(tiers, free) -> [[i...], [i...]]   a lane worker's two
+                                      committers: the second is (OPERATOR, THIRD_PARTY)'s only
     tier_of(identity) -> Tier         "allow:", "cert:" -> OPERATOR; "dnswl:" -> THIRD_PARTY;
                                       "org:", "learned:" (and any other kind: fail closed)
                                       -> SELF_PROVEN; "" -> UNKNOWN
@@ -85,7 +87,7 @@ Everything else is total. Limits: none (no state).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TypeVar
@@ -135,6 +137,7 @@ class Tier(IntEnum):
 
 FAST_TIERS = (Tier.OPERATOR, Tier.THIRD_PARTY, Tier.SELF_PROVEN)
 CAPPED = (Tier.THIRD_PARTY, Tier.SELF_PROVEN)
+PRIORITY_TIERS = (Tier.OPERATOR, Tier.THIRD_PARTY)    # a worker's second committer is theirs
 
 _BY_KIND = {"allow": Tier.OPERATOR, "cert": Tier.OPERATOR, "dnswl": Tier.THIRD_PARTY,
             "org": Tier.SELF_PROVEN, "learned": Tier.SELF_PROVEN}
@@ -292,4 +295,22 @@ def tier_rates(cfg: Config) -> dict[Tier, tuple[float, float]]:
         out[Tier.SELF_PROVEN] = (t.self_proven_rate, t.self_proven_burst)
     if t.third_party_rate > 0:
         out[Tier.THIRD_PARTY] = (t.third_party_rate, t.third_party_burst)
+    return out
+
+
+def commit_slots(tiers: Sequence[Tier], free: Sequence[bool]) -> list[list[int]]:
+    """A lane worker's two committers (workers.lane.worker): which of the ready messages (their
+    tiers, in order) each takes now. `free`: committer 0 (anyone's) and committer 1 (the
+    PRIORITY_TIERS') are not writing a commit. Committer 1, when free, takes every ready
+    message of PRIORITY_TIERS and never another's: the operator's mail never waits behind a
+    commit of the self-proven tier's (or bulk's). Committer 0, when free, takes the rest, and
+    the priority ones too while committer 1 is busy (whichever is free first). Indexes in
+    order; nothing for a busy committer."""
+    prio = [i for i, t in enumerate(tiers) if t in PRIORITY_TIERS]
+    rest = [i for i, t in enumerate(tiers) if t not in PRIORITY_TIERS]
+    out: list[list[int]] = [[], []]
+    if free[1] and prio:
+        out[1], prio = prio, []
+    if free[0]:
+        out[0] = sorted(rest + prio)
     return out

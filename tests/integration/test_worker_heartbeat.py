@@ -38,6 +38,7 @@ from ingress.core.wire import (
     new_qid,
     work,
 )
+from ingress.core.wire_evidence import WireEvidence
 from workers.lane.worker import Worker
 
 WINDOW = LANE_HEARTBEAT * LANE_LIVENESS          # the broker's liveness window (1 s)
@@ -64,15 +65,17 @@ class Lane_:
         self.ident, *frames = self.router.recv_multipart()
         assert kind_of(frames) is Kind.READY
 
-    def send(self, n: int, deadline_s: float, body: bytes = BODY) -> list[bytes]:
-        """`n` WORK messages; their qids."""
+    def send(self, n: int, deadline_s: float, body: bytes = BODY,
+             identity: str = "") -> list[bytes]:
+        """`n` WORK messages (vouched for by `identity`: its tier); their qids."""
         now = time.time()
         qids = []
         for _ in range(n):
             env = Envelope(qid=new_qid(), lane=Lane.BULK, peer_ip="192.0.2.1", peer_port=1,
                            helo="h.example", mail_from="a@example.org",
                            rcpts=("b@example.test",), received_at=now,
-                           deadline=now + deadline_s)
+                           deadline=now + deadline_s,
+                           evidence=WireEvidence(identity=identity))
             self.router.send_multipart([self.ident, *work(b"acceptor", env.encode(), body)])
             qids.append(env.qid.encode())
         return qids
@@ -240,3 +243,47 @@ def test_a_leaving_worker_does_the_work_that_crossed_its_disconnect(lane: Lane_)
     assert (qid, Kind.ACK) in lane.answered, got
     lane.thread.join(5)
     assert not lane.thread.is_alive(), "it leaves once answered and done"
+
+
+def slow_for_spam(lane: Lane_) -> None:
+    """The spool's batch write behind a sleep for a commit holding a "spam" message."""
+    write = lane.worker.spool.write_batch
+
+    def wrapper(items: list[Any]) -> Any:
+        if any(b"spam" in body for _, _, body in items):
+            time.sleep(3 * WINDOW)
+        return write(items)
+
+    lane.worker.spool.write_batch = wrapper
+
+
+SPAM = BODY.replace(b"slow", b"spam")
+
+
+def test_the_operators_mail_never_waits_behind_a_lower_tiers_commit(lane: Lane_) -> None:
+    """Issue 17 (the fast lane carries the self-proven tier's mail too): while a commit of a
+    self-proven domain's messages is being written (slow here: a busy disk), the operator's
+    message is committed by the second committer and ACKed at once, not after it."""
+    slow_for_spam(lane)
+    spam = lane.send(3, deadline_s=20.0, body=SPAM, identity="org:spam.test")
+    time.sleep(0.3)                                  # their commit is being written
+    start = time.monotonic()
+    (ours,) = lane.send(1, deadline_s=20.0, identity="allow:192.0.2.0/24")
+    lane.collect(replies=1, limit=20.0)
+    assert lane.answered == [(ours, Kind.ACK)], lane.answered
+    assert time.monotonic() - start < 2 * WINDOW
+    lane.collect(replies=3, limit=20.0)
+    assert sorted(q for q, _ in lane.answered[1:]) == sorted(spam)
+
+
+def test_a_lower_tiers_mail_never_takes_the_operators_committer(lane: Lane_) -> None:
+    """Sent while a self-proven commit is being written, another self-proven domain's message
+    waits for the first committer (the second stays free for the operator's)."""
+    slow_for_spam(lane)
+    lane.send(2, deadline_s=20.0, body=SPAM, identity="org:spam.test")
+    time.sleep(0.3)
+    (late,) = lane.send(1, deadline_s=20.0, identity="org:other.test")
+    lane.collect(replies=1, limit=2 * WINDOW)
+    assert lane.answered == [], lane.answered        # behind the running commit
+    lane.collect(replies=3, limit=20.0)
+    assert late in {q for q, _ in lane.answered}, lane.answered

@@ -18,6 +18,7 @@ from ingress.policy.tiers import (
     admits,
     cap,
     caps,
+    commit_slots,
     dnswl_identity,
     fast_tier,
     floor_above,
@@ -212,3 +213,24 @@ def test_tier_rates_and_parts(tmp_path, tables: dict, rates: dict, parts: int) -
 def test_tier_buckets_split_like_a_domain() -> None:
     assert tier_buckets(200.0, 20.0, 4) == ((50.0, 5.0), (200.0, 200.0))
     assert tier_buckets(3.0, 3.0, 1) == ((3.0, 3.0), (3.0, 3.0))
+
+
+OP, TP, SP, UN = Tier.OPERATOR, Tier.THIRD_PARTY, Tier.SELF_PROVEN, Tier.UNKNOWN
+
+
+@pytest.mark.parametrize(("tiers", "free", "want"), [
+    ([], [True, True], [[], []]),
+    # both free: the priority tiers' on the second committer, the rest on the first
+    ([SP, OP, UN, TP], [True, True], [[0, 2], [1, 3]]),
+    # the second busy: the first takes everything, whichever is free first
+    ([SP, OP], [True, False], [[0, 1], []]),
+    # the first busy: the second takes only the priority tiers', never a lower tier's
+    ([SP, OP, UN], [False, True], [[], [1]]),
+    ([SP, UN], [False, True], [[], []]),
+    # only lower tiers, both free: the second stays free for the operator
+    ([SP, SP], [True, True], [[0, 1], []]),
+    # both busy: nothing
+    ([OP, SP], [False, False], [[], []]),
+])
+def test_commit_slots(tiers: list[Tier], free: list[bool], want: list[list[int]]) -> None:
+    assert commit_slots(tiers, free) == want

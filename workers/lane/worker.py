@@ -9,20 +9,22 @@ LANE_HEARTBEAT seconds, and answers every WORK with exactly one ACK (after the s
 durable) or NACK. Each ACK or NACK gives the broker back one unit of credit.
 
 Per-message flow (issue 17: no lookup holds anyone else's mail). Each WORK starts its own
-pipeline (workers.lane.pipeline: DKIM, trace headers) at once in a pool of `credit` threads, so a
-message never waits for a thread, whatever the others wait on. A finished pipeline joins
-`ready`; whenever no commit is being written, everything ready goes into one group commit
-(Spool.write_batch, one committer thread: one fsync per file, one of new/ for the commit);
-messages that become ready during a commit form the next one. Each message is ACKed when its
-own commit is durable, never before. This loop only waits for the broker or a finished thread
-(a socketpair wakes it), so it keeps receiving work and heartbeating while a DKIM check waits
-on a key that never answers (dkim_deadline, classify.dkim_dns_budget). That check holds its
-own unit of credit and nobody else's. Bounds: messages in hand <= credit (pipelines + ready +
-the commit); after a reconnect or a broker restart the new broker lends full credit while
-old work is still in hand: that WORK waits for a unit (at most `credit` more; beyond that
-it is NACKed "error", which only a broker that lost count could cause). After each ACK, a
-SHARE fact when the pipeline says so: learn (SPF + aligned DKIM passed) or unlearn (mail from a
-learned network failed SPF or DKIM: workers.lane.pipeline), logged as "unlearn".
+pipeline (workers.lane.pipeline: DKIM, trace headers) at once in a pool of `credit` threads, so
+a message never waits for a thread, whatever the others wait on. A finished pipeline joins
+`ready`; whenever a committer is free, what is ready goes into one group commit
+(Spool.write_batch: one fsync per file, one of new/ for the commit); messages that become ready
+during a commit form the next one. Two committer threads (ingress.policy.tiers.commit_slots):
+the first takes anyone's, the second only the operator's and third parties' mail, so theirs
+never waits behind a running commit of a lower tier's (a spammer's self-proven domains' mail).
+Each message is ACKed when its own commit is durable, never before. This loop only waits for the
+broker or a finished thread (a socketpair wakes it), so it keeps receiving work and heartbeating
+while a DKIM check waits on a key that never answers (dkim_deadline, classify.dkim_dns_budget).
+That check holds its own unit of credit and nobody else's. Bounds: messages in hand <= credit
+(pipelines + ready + the commit); after a reconnect or a broker restart the new broker lends
+full credit while old work is still in hand: that WORK waits for a unit (at most `credit` more;
+beyond that it is NACKed "error", which only a broker that lost count could cause). After each
+ACK, a SHARE fact when the pipeline says so: learn (SPF + aligned DKIM passed) or unlearn (mail
+from a learned network failed SPF or DKIM: workers.lane.pipeline), logged as "unlearn".
 
 Failure modes: a broker that stops heartbeating for LANE_LIVENESS intervals is presumed dead: the
 worker reconnects with a fresh socket and announces READY again (Paranoid Pirate), at once and
@@ -79,6 +81,7 @@ from ingress.core.wire import (
     worker_ack,
     worker_nack,
 )
+from ingress.policy.tiers import commit_slots, tier_of
 from workers.lane.pipeline import Pipeline, Processed
 from workers.spool.store import Spool
 
@@ -126,8 +129,11 @@ class Worker:
         # become ready meanwhile gather for the next one (group commit).
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.credit,
                                                           thread_name_prefix="pipeline")
-        self.committer = concurrent.futures.ThreadPoolExecutor(max_workers=1,
-                                                               thread_name_prefix="commit")
+        # Two committers: the operator's and third parties' mail (PRIORITY_TIERS) never waits
+        # behind a running commit of the self-proven tier's or anyone's: while one commit is
+        # written, theirs starts on the other (a message goes to whichever is free first).
+        self.committers = [concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"commit-{i}") for i in range(2)]
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sock: zmq.Socket[bytes] | None = None
         self.stopping = False
@@ -135,7 +141,7 @@ class Worker:
         self.ident = f"w-{lane.value}-{index}-{os.getpid()}".encode()
         self.running: list[_Job] = []                   # pipelines in pool threads
         self.ready: list[_Job] = []                     # pipelines done, for the next commit
-        self.commit: _Commit | None = None              # the commit being written
+        self.commits: list[_Commit | None] = [None, None]   # being written: any, priority
         # WORK beyond the credit: only after a reconnect or a broker restart (the new broker
         # lends full credit while we still hold the old work); started as units free up.
         self.waiting: collections.deque[_Job] = collections.deque()
@@ -170,7 +176,7 @@ class Worker:
         """Is every piece of work in hand within its deadline? Each pipeline until its own
         message's deadline, the commit until its latest message's (plus one liveness window
         each). Work that outlives it is presumed hung: no heartbeats then."""
-        if self.commit is not None and now >= self.commit.vouch:
+        if any(c is not None and now >= c.vouch for c in self.commits):
             return False
         return all(now < job.vouch for job in self.running)
 
@@ -238,7 +244,7 @@ class Worker:
 
     def _in_hand(self) -> int:
         """Messages holding a unit of credit: in a pipeline, ready, or being written."""
-        return len(self.running) + len(self.ready) + (len(self.commit.jobs) if self.commit else 0)
+        return len(self.running) + len(self.ready) + sum(len(c.jobs) for c in self.commits if c)
 
     def _receive(self) -> None:
         """Everything the broker sent so far (bounded per turn): WORK starts its pipeline at
@@ -299,9 +305,10 @@ class Worker:
         """Answer a finished commit; move finished pipelines to `ready` (a failed one is
         NACKed); start the next commit with everything ready, unless one is being written;
         start waiting work as units of credit free up."""
-        if self.commit is not None and self.commit.future.done():
-            commit, self.commit = self.commit, None
-            self._answer(commit)
+        for i, commit in enumerate(self.commits):
+            if commit is not None and commit.future.done():
+                self.commits[i] = None
+                self._answer(commit)
         still: list[_Job] = []
         for job in self.running:
             assert job.future is not None
@@ -318,34 +325,39 @@ class Worker:
                 job.done = job.future.result()
                 self.ready.append(job)
         self.running = still
-        if self.commit is None and self.ready:
+        if self.ready:
             self._commit()
         while self.waiting and self._in_hand() < self.credit:
             self._start(self.waiting.popleft())
 
     def _commit(self) -> None:
-        """One group commit of every ready message still within its deadline (in the committer
-        thread); an expired one is NACKed instead."""
+        """Group commits of the ready messages still within their deadline (an expired one is
+        NACKed instead): on the first committer, when free, everything ready; on the second,
+        when free, what is ready of PRIORITY_TIERS (commit_slots: ingress.policy.tiers)."""
         wall = time.time()
-        batch: list[_Job] = []
         for job in self.ready:
             if job.env.deadline <= wall:
                 # The acceptor has already answered 451: writing it now would only make a
                 # duplicate when the client retries.
                 self._send(worker_nack(job.reply_to, job.env.qid.encode(), NackReason.EXPIRED,
                                        "too late"))
-            else:
-                batch.append(job)
-        self.ready = []
-        if not batch:
-            return
+        ready = [j for j in self.ready if j.env.deadline > wall]
+        batches = commit_slots([tier_of(j.env.evidence.identity) for j in ready],
+                               [c is None for c in self.commits])
+        for slot, picked in enumerate(batches):
+            if picked:
+                self._start_commit(slot, [ready[i] for i in picked])
+        taken = {i for picked in batches for i in picked}
+        self.ready = [j for i, j in enumerate(ready) if i not in taken]
+
+    def _start_commit(self, slot: int, batch: list[_Job]) -> None:
         items = []
         for job in batch:
             assert job.done is not None
             items.append((job.done.spool_envelope(job.env), job.done.trace, job.done.body))
-        write = self.committer.submit(self.spool.write_batch, items)
-        self.commit = _Commit(batch, write, _vouch_until(j.env for j in batch),
-                              time.monotonic())
+        write = self.committers[slot].submit(self.spool.write_batch, items)
+        self.commits[slot] = _Commit(batch, write, _vouch_until(j.env for j in batch),
+                                     time.monotonic())
         write.add_done_callback(self._wake)
 
     def _answer(self, commit: _Commit) -> None:
@@ -412,7 +424,8 @@ class Worker:
                 break
         self.sock.close(linger=1000)
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self.committer.shutdown(wait=False, cancel_futures=True)
+        for committer in self.committers:
+            committer.shutdown(wait=False, cancel_futures=True)
         self._wake_r.close()
         self._wake_w.close()
 
