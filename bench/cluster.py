@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 import tempfile
@@ -49,7 +48,8 @@ from typing import Any
 
 from bench import flood
 from bench import throughput as tp
-from bench.targets import CONFIGS, ROOT, Running, _log_docs, start_ingress
+from bench.report import save_json
+from bench.targets import CONFIGS, Running, _log_docs, start_ingress
 from ingress.core.derived import BULK_SHARE
 from tests.kit.clusterkit import free_base, keygen
 from tests.kit.procs import Processes
@@ -292,10 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         if "redis" in phases:
             out["redis"] = redis_phase(procs, d / "redis", a.runs, a.flood_s)
     print(report(out))
-    path = a.out or (ROOT / "bench" / "out" / f"cluster-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
+    save_json(out, "cluster", a.out)
     return 0
 
 

@@ -40,16 +40,15 @@ Limits
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench import flood
+from bench.report import save_json
 from bench.run import sched_window
 from bench.scenarios import RCPT, SPF_BOTS_DOMAIN, TRUSTED_IP, build_scenarios
 from bench.targets import CONFIGS, ROOT, Running, start_dns, start_ingress
@@ -211,10 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             out["summary"][v] = summarise(runs)
         ing.stop()
     print(report(out))
-    path = a.out or (ROOT / "bench" / "out" / f"proxy-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
+    save_json(out, "proxy", a.out)
     return 0
 
 

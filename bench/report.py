@@ -20,6 +20,8 @@ API
     throughput_rows(tp, baseline="postfix") -> list[dict]
     render_markdown(doc) -> str                    the whole report (tables, notes)
     plot(doc, path, scenarios=("flood", "large")) -> Path | None   matplotlib; None if no data
+    save_json(doc, name, path=None) -> Path        write a run document (without a path:
+                                                   bench/out/<name>-<time>.json), say where
     python -m bench.report RUN.json [--md OUT.md] [--png OUT.png]  re-render a stored run
 
 Conventions
@@ -41,6 +43,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -543,6 +546,17 @@ def plot(doc: dict[str, Any], path: Path,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+
+def save_json(doc: dict[str, Any], name: str, path: Path | None = None) -> Path:
+    """Write a run document: `path`, or bench/out/<name>-<time>.json; print where."""
+    out = path or (Path(__file__).resolve().parent / "out"
+                   / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    print(f"wrote {out}")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
