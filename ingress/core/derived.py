@@ -10,6 +10,8 @@ API
     cores() -> int                               CPUs this process may run on
     acceptor_count(cfg), acceptor_processes(cfg), mtls_acceptor_count(cfg),
     worker_count(cfg, lane), child_count(cfg)    processes (Config's properties of those names)
+    steer_known(cfg) -> bool                     the mTLS port's verified clients are steered
+                                                 to the fast acceptors (ingress.core.reuseport)
     data_budget(cfg) -> (total, fast reserve)    DATA bytes per acceptor
     queue_bytes(cfg, lane) -> int                a lane broker's queue bound in bytes
     raised_nofile(soft, hard) -> int             the fd limit an acceptor runs with (it raises
@@ -72,6 +74,12 @@ def mtls_acceptor_count(cfg: Config) -> int:
     if not cfg.tls.mtls_addresses or cfg.supervisor.fast_acceptors <= 0:
         return 0
     return cfg.supervisor.mtls_acceptors
+
+
+def steer_known(cfg: Config) -> bool:
+    """The mutual-TLS port's verified client addresses are steered from the mTLS acceptors to
+    the fast acceptors (listen.steer_operator with mTLS acceptors: ingress.core.reuseport)."""
+    return cfg.listen.steer_operator and mtls_acceptor_count(cfg) > 0
 
 
 def _lane(cfg: Config, lane: str) -> LaneConfig:

@@ -23,6 +23,15 @@ Purpose
          verified with) makes the client's network known (HandshakeGate.verified); a failure
          marks its address failed, and the client gets the alert OpenSSL wrote.
 
+    Where: with mTLS acceptors (supervisor.mtls_acceptors) the port is theirs, and they
+    run at supervisor.acceptor_nice when the kernel steers (derived.steer_known): each lists
+    the client addresses it verified lately (Gate's known_file, HandshakeGate.steered), and
+    the supervisor attaches a reuseport program that sends exactly those addresses to the fast
+    acceptors' own sockets in the port's group (ingress.tools.listeners.steer_known). There
+    they come vouched for (known, within their prefix's known_rate): a certificate sender,
+    once verified, never waits behind strangers' accepts, refusals and handshakes, and the
+    strangers' work runs in a process that yields the cores to the operator's.
+
     Why an alert needs help: asyncio's and uvloop's SSL protocols abort the transport when
     do_handshake() raises, dropping the alert OpenSSL has just written to the outgoing memory
     BIO: the client saw a bare EOF. MtlsContext is an SSLContext whose wrap_bio() returns an
@@ -33,9 +42,10 @@ Purpose
 
 API
     mtls_context(cfg) -> MtlsContext | None    the server context (None: no mTLS port)
-    Gate(cfg, loop)                            the process's gate: .turn(ip) -> Tier | None,
+    Gate(cfg, loop, known_file=None)           the process's gate: .turn(ip) -> Tier | None,
                                                .verified(ip, der, tier), .failed(ip, tier)
-    MtlsListener(ctx, sock, gate)              serves one listening socket; .close()
+    MtlsListener(ctx, sock, gate, vouched)     serves one listening socket (`vouched`: one the
+                                               kernel steers verified addresses to); .close()
     alert_record(description) -> bytes         a plaintext fatal TLS alert record
 
 Failure modes
@@ -58,9 +68,10 @@ import os
 import socket
 import ssl
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ingress.core import log, metrics
+from ingress.core import log, metrics, reuseport
 from ingress.core.addr import normalize_ip
 from ingress.core.config import Config
 from ingress.core.metrics_labels import Outcome
@@ -75,6 +86,8 @@ if TYPE_CHECKING:
 TLS_HANDSHAKE_RECORD = 0x16        # the first byte of a ClientHello's record
 ALERT_INTERNAL_ERROR = 80          # RFC 8446 6.2: "unrelated to the peer": we are busy
 CLIENT_HELLO_MAX = 65536           # bytes read (and dropped) before a refusal's alert
+PUBLISH_DELAY = 0.2                # s from a newly verified address to the file
+PUBLISH_EVERY = 60.0               # s between looks at the steered addresses' expiry
 
 
 def alert_record(description: int) -> bytes:
@@ -142,19 +155,29 @@ def gate_limits(cfg: Config) -> GateLimits:
 class Gate:
     """The handshake gate of one process (shared by its mTLS listeners: one per listen
     address): the pure HandshakeGate, a timer that starts waiters when tokens come and
-    refuses them when their wait is over, the metrics and a rate-limited log line."""
+    refuses them when their wait is over, the metrics and a rate-limited log line. With
+    `known_file` (an mTLS acceptor, ingress.core.derived.steer_known): the addresses it
+    verified lately (HandshakeGate.steered) are written there, at most PUBLISH_DELAY after they
+    change, for the supervisor to steer them to the fast acceptors."""
 
-    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop,
+                 known_file: Path | None = None) -> None:
         self.loop = loop
         self.policy: HandshakeGate[asyncio.Future[bool]] = HandshakeGate(
             gate_limits(cfg), time.monotonic())
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
+        self.known_file = known_file
+        self.published = -1                # the policy's steer_version last written
+        self.soon: asyncio.TimerHandle | None = None
+        if known_file is not None:         # a restarted process knows nobody: say so at once
+            self._every()
 
-    async def turn(self, ip: str) -> Tier | None:
-        """Wait for this client's turn to a handshake: its tier, or None (refused)."""
+    async def turn(self, ip: str, vouched: bool = False) -> Tier | None:
+        """Wait for this client's turn to a handshake: its tier, or None (refused).
+        `vouched`: it came on a socket the kernel steers verified addresses to (known)."""
         fut: asyncio.Future[bool] = self.loop.create_future()
-        a = self.policy.arrive(ip, fut, time.monotonic())
+        a = self.policy.arrive(ip, fut, time.monotonic(), vouched)
         if a.displaced is not None and not a.displaced.done():
             a.displaced.set_result(False)
         if a.verdict is Verdict.START:
@@ -177,12 +200,12 @@ class Gate:
         log.refused("mtls_gate_refused", ip, stage="tls", code="alert", reason=tier.value,
                     waiting=self.policy.waiting)
 
-    def refuse_at_accept(self, conn: socket.socket, ip: str) -> bool:
+    def refuse_at_accept(self, conn: socket.socket, ip: str, vouched: bool = False) -> bool:
         """A client the gate would refuse anyway (HandshakeGate.refused_at_once: in a flood,
         most of them) whose ClientHello is already there: refused here, before a session
         object, a slot, a task or a poll handle is made for it. False: serve it the long
         way."""
-        tier = self.policy.refused_at_once(ip, time.monotonic())
+        tier = self.policy.refused_at_once(ip, time.monotonic(), vouched)
         if tier is None:
             return False
         try:
@@ -199,6 +222,31 @@ class Gate:
         metrics.mtls_handshake(tier, "ok")
         if der:
             self.policy.verified(ip, sha256_fingerprint(der), time.monotonic())
+            if (self.known_file is not None and self.soon is None
+                    and self.policy.steer_version != self.published):
+                self.soon = self.loop.call_later(PUBLISH_DELAY, self._soon)
+
+    def _soon(self) -> None:
+        self.soon = None
+        self._publish()
+
+    def _every(self) -> None:
+        """Every PUBLISH_EVERY: when prefixes past known_ttl are noticed."""
+        self._publish()
+        self.loop.call_later(PUBLISH_EVERY, self._every)
+
+    def _publish(self) -> None:
+        """Write the addresses to steer, when they changed since the last write."""
+        assert self.known_file is not None
+        addresses = self.policy.steered(time.monotonic())
+        if self.policy.steer_version == self.published:
+            return
+        try:
+            reuseport.write_known(self.known_file, addresses)
+            self.published = self.policy.steer_version
+        except OSError as e:
+            log.event("mtls_known_write_failed", "warning", path=str(self.known_file),
+                      error=str(e))
 
     def failed(self, ip: str, tier: Tier) -> None:
         metrics.mtls_handshake(tier, "failed")
@@ -270,8 +318,9 @@ class MtlsListener:
     calling start_tls would race uvloop, which starts reading after connection_made: the
     ClientHello could be lost.) close() stops accepting, like asyncio.Server.close()."""
 
-    def __init__(self, ctx: AcceptorContext, sock: socket.socket, gate: Gate) -> None:
-        self.ctx, self.sock, self.gate = ctx, sock, gate
+    def __init__(self, ctx: AcceptorContext, sock: socket.socket, gate: Gate,
+                 vouched: bool = False) -> None:
+        self.ctx, self.sock, self.gate, self.vouched = ctx, sock, gate, vouched
         self.task = ctx.loop.create_task(self._accept_loop())
 
 
@@ -288,7 +337,7 @@ class MtlsListener:
                 await asyncio.sleep(0.1)
                 continue
             conn.setblocking(False)
-            if addr and self.gate.refuse_at_accept(conn, normalize_ip(addr[0])):
+            if addr and self.gate.refuse_at_accept(conn, normalize_ip(addr[0]), self.vouched):
                 continue
             proto = IngressSMTP(self.ctx, implicit_tls=True)
             if not proto.admit_before_handshake(addr):
@@ -309,7 +358,7 @@ class MtlsListener:
                     proto.handshake_failed("not a TLS handshake" if first else
                                            "closed before its ClientHello")
                     return
-                tier = await self.gate.turn(proto.peer_ip)
+                tier = await self.gate.turn(proto.peer_ip, self.vouched)
             if tier is None:
                 mine = False
                 refuse(conn)

@@ -25,6 +25,12 @@ Purpose
                 queue takes the place of the newest failed waiter. A flood of bad handshakes
                 from the same addresses thus spends only the tokens new clients leave.
 
+    Steering: the addresses (not prefixes) that completed a verified handshake, while their
+    prefix is known, at most STEER_PER_PREFIX per prefix and steer_max in all (the least
+    recently verified go first), are what the caller has the kernel steer away from the process
+    that does strangers' handshakes (steered(); ingress.edge.mtls). Exact addresses: a bot
+    beside a certificate holder in its /24 or /64 is not steered with it.
+
     Keys: the known key is the IPv4 /known_ipv4_prefix or IPv6 /ipv6_prefix network (a sending
     cluster moves between nearby addresses; an attacker inside such a prefix gets at most its
     known_rate, and falls back to the stranger bucket beyond it); the failed key is the client's
@@ -39,13 +45,17 @@ API
     Verdict                            start | wait | refuse
     HandshakeGate[T](limits, now)      T: the caller's token for a waiting connection (hashable,
                                        unique among those waiting)
-        arrive(ip, item, now) -> Arrival(verdict, tier, deadline, displaced)
+        arrive(ip, item, now, vouched=False) -> Arrival(verdict, tier, deadline, displaced)
+                                       `vouched`: known whatever this table says (a process
+                                       the kernel steers verified addresses to; still within
+                                       the prefix's known_rate, a stranger beyond it)
                                        start: handshake now (a token is taken); wait: until
                                        due() names `item` (at most until `deadline`); refuse:
                                        the queue is full. `displaced`: a failed waiter pushed
                                        out of the queue by this stranger (refuse it now)
-        refused_at_once(ip, now) -> Tier | None   the tier of a client arrive() would refuse
-                                       now (nothing taken), None if it could start or wait
+        refused_at_once(ip, now, vouched=False) -> Tier | None
+                                       the tier of a client arrive() would refuse now (nothing
+                                       taken), None if it could start or wait
         due(now) -> Due(started, expired)   waiters that got a token (start them), waiters
                                        whose wait is over (refuse them); call it at
                                        next_event()
@@ -57,6 +67,9 @@ API
         failed(ip, now)                a handshake we started failed
         tier(ip, now) -> Tier          (without taking anything)
         waiting -> int; known_count -> int
+        steered(now) -> list[str]      the addresses to steer (least recently verified
+                                       first); expired prefixes are forgotten first
+        steer_version -> int           changes whenever that list may have changed
 
 Rules
     * stranger_rate <= 0: no gate (every connection starts at once; tiers are still named).
@@ -100,6 +113,8 @@ __all__ = ["Arrival", "Due", "GateLimits", "HandshakeGate", "Tier", "Verdict"]
 T = TypeVar("T", bound=Hashable)
 
 PER_CERT = 16          # prefixes one certificate can make known at a time
+STEER_PER_PREFIX = 4   # verified addresses steered per known prefix
+STEER_MAX = 250        # verified addresses steered in all (one reuseport program's networks)
 FAILED_MAX = 16384     # addresses remembered as failed (~150 bytes each)
 
 
@@ -128,14 +143,15 @@ class GateLimits:
     failed_ttl: float = 600.0
     failed_max: int = FAILED_MAX
     per_cert: int = PER_CERT
+    steer_max: int = STEER_MAX
 
     def __post_init__(self) -> None:
         if self.stranger_rate > 0 and self.stranger_burst < 1:
             raise ValueError("stranger_burst must be >= 1")
         if self.wait < 0 or self.known_ttl <= 0 or self.failed_ttl < 0 or self.known_rate <= 0:
             raise ValueError("wait, failed_ttl >= 0; known_ttl, known_rate > 0")
-        if min(self.known_max, self.failed_max, self.per_cert) < 1:
-            raise ValueError("known_max, failed_max, per_cert must be >= 1")
+        if min(self.known_max, self.failed_max, self.per_cert, self.steer_max) < 1:
+            raise ValueError("known_max, failed_max, per_cert, steer_max must be >= 1")
         if not (8 <= self.known_ipv4_prefix <= 32 and 16 <= self.ipv6_prefix <= 128):
             raise ValueError("known_ipv4_prefix in 8..32, ipv6_prefix in 16..128")
 
@@ -180,6 +196,11 @@ class HandshakeGate(Generic[T]):
             Tier.STRANGER: deque(), Tier.FAILED: deque()}
         self._waiters: dict[T, _Waiter[T]] = {}       # item -> its waiter
         self._expired: list[T] = []        # wait over, seen by arrive(): named by due()
+        # verified addresses to steer: address -> its prefix, least recently verified first;
+        # and per prefix its addresses (at most STEER_PER_PREFIX)
+        self._steer: OrderedDict[str, str] = OrderedDict()
+        self._steer_of: dict[str, OrderedDict[str, None]] = {}
+        self.steer_version = 0
 
     # --- who is it ------------------------------------------------------------------------
 
@@ -210,9 +231,9 @@ class HandshakeGate(Generic[T]):
 
     # --- arrivals and the queue -------------------------------------------------------------
 
-    def arrive(self, ip: str, item: T, now: float) -> Arrival[T]:
+    def arrive(self, ip: str, item: T, now: float, vouched: bool = False) -> Arrival[T]:
         prefix = self._known_key(ip)
-        if self._is_known(prefix, now) and self.known_rates.take(prefix, now):
+        if (vouched or self._is_known(prefix, now)) and self.known_rates.take(prefix, now):
             return Arrival(Verdict.START, Tier.KNOWN)
         tier = self._unknown_tier(ip, now)
         if self.limits.stranger_rate <= 0:
@@ -233,11 +254,11 @@ class HandshakeGate(Generic[T]):
         self._waiters[item] = waiter
         return Arrival(Verdict.WAIT, tier, waiter.deadline, displaced)
 
-    def refused_at_once(self, ip: str, now: float) -> Tier | None:
+    def refused_at_once(self, ip: str, now: float, vouched: bool = False) -> Tier | None:
         """The tier of a client whose arrival now would be refused (no token for it, no place
         in the queue), without taking anything; None if it could start or wait. Lets the
         caller turn such a client away before it builds a session for it."""
-        if self.limits.stranger_rate <= 0 or self._is_known(self._known_key(ip), now):
+        if self.limits.stranger_rate <= 0 or vouched or self._is_known(self._known_key(ip), now):
             return None
         tier = self._unknown_tier(ip, now)
         self._expire(now, self._expired)
@@ -313,6 +334,34 @@ class HandshakeGate(Generic[T]):
             self._forget(next(iter(mine)))     # (drops the cert's entry when it empties)
         self._known[prefix] = (now + self.limits.known_ttl, cert)
         self._by_cert.setdefault(cert, OrderedDict())[prefix] = None
+        self._add_steered(ip, prefix)
+
+    def _add_steered(self, ip: str, prefix: str) -> None:
+        if next(reversed(self._steer), None) == ip:
+            return                         # the most recent already: nothing changes
+        self._steer.pop(ip, None)
+        self._steer[ip] = prefix
+        mine = self._steer_of.setdefault(prefix, OrderedDict())
+        mine.pop(ip, None)
+        mine[ip] = None
+        while len(mine) > STEER_PER_PREFIX:
+            self._steer.pop(mine.popitem(last=False)[0], None)
+        while len(self._steer) > self.limits.steer_max:
+            old, old_prefix = self._steer.popitem(last=False)
+            theirs = self._steer_of.get(old_prefix)
+            if theirs is not None:
+                theirs.pop(old, None)
+                if not theirs:
+                    del self._steer_of[old_prefix]
+        self.steer_version += 1
+
+    def steered(self, now: float) -> list[str]:
+        while self._known:                 # expired prefixes first (they are at the front)
+            first, (expires, _) = next(iter(self._known.items()))
+            if expires > now:
+                break
+            self._forget(first)
+        return list(self._steer)
 
     def failed(self, ip: str, now: float) -> None:
         if self.limits.failed_ttl > 0:
@@ -323,6 +372,9 @@ class HandshakeGate(Generic[T]):
         entry = self._known.pop(prefix, None)
         if entry is not None:
             self._unlink(prefix, entry[1])
+        for ip in self._steer_of.pop(prefix, ()):
+            self._steer.pop(ip, None)
+            self.steer_version += 1
 
     def _unlink(self, prefix: str, cert: str) -> None:
         mine = self._by_cert.get(cert)

@@ -10,6 +10,9 @@ API:
                                         per acceptor slot, one socket per address
         .set_steering(cfg, on)          attach the steering programs for `on` (the fast
                                         acceptors all up) when that changed
+        .steer_known(cfg, on)           the same for the mutual-TLS port: the client addresses
+                                        the mTLS acceptors verified (their files) when those
+                                        or `on` changed; .mtls_steered_sockets per fast slot
         .steering                       what the programs attached do (None: unknown; a reload
                                         sets it so, and the next watch re-attaches them)
         .close()                        close every listening socket (the drain's end)
@@ -29,7 +32,12 @@ net.ipv4.tcp_migrate_req=1). The mutual-TLS and fast ports get one set per fast 
 when there are any (per mTLS acceptor for the mutual-TLS port with supervisor.mtls_acceptors).
 listen.steer_operator: one more socket per fast acceptor in each port-25 address's group whose
 family has allow-list networks, and a program (ingress.core.reuseport) that steers the
-operator's networks to them while every fast acceptor is up.
+operator's networks to them while every fast acceptor is up. With mTLS acceptors (the same
+key: derived.steer_known), one more socket per fast acceptor in each mutual-TLS address's
+group, and a program that sends the client addresses the mTLS acceptors verified lately (their
+files, reuseport.read_known) to the fast acceptors, every other client to the mTLS acceptors:
+a certificate sender, once verified, is served by a process that does no strangers' handshakes
+and never queues behind theirs in one accept queue.
 
 Failure modes: a listener that cannot be bound stops the start with one line naming the cause
 from the errno (BindError, bind_error_message: in use, by anyone, even another smtp-ingress of
@@ -48,8 +56,9 @@ import errno
 import ipaddress
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 
-from ingress.core import log, reuseport
+from ingress.core import derived, log, reuseport
 from ingress.core.config import Config, format_listen_address, parse_listen_address
 
 
@@ -205,6 +214,10 @@ class Listeners:
         self.steering: bool | None = None  # the programs attached send the operator's
                                            # networks to the fast acceptors (None: unknown)
         self.learned: dict[int, list[str]] = {}   # and these addresses (dnswl.steer)
+        # Per fast acceptor slot, its own socket in each mutual-TLS address's group, which the
+        # kernel steers the client addresses the mTLS acceptors verified to (steer_known).
+        self.mtls_steered_sockets: list[list[socket.socket]] = []
+        self.known_seen: tuple[object, ...] | None = None   # what the programs steer now
 
     def bind(self, cfg: Config) -> Config:
         """Bind every listen set of `cfg`; the config with the addresses as bound."""
@@ -221,7 +234,54 @@ class Listeners:
             self.fast_sockets, fast = bind_addresses(cfg, fast, nf)
         cfg = with_bound(cfg, main, fast, mtls)
         self._bind_steered(cfg, main)
+        self._bind_mtls_steered(cfg)
         return cfg
+
+    def _bind_mtls_steered(self, cfg: Config) -> None:
+        """derived.steer_known: one more socket per fast acceptor in each mutual-TLS address's
+        group, where the kernel sends nobody until steer_known attaches a program that names
+        verified addresses. Where the kernel refuses a program, no steering on that port."""
+        nf, nm = cfg.supervisor.fast_acceptors, cfg.mtls_acceptor_count
+        if not derived.steer_known(cfg) or not self.mtls_sockets:
+            return
+        per_slot: list[list[socket.socket]] = [[] for _ in range(nf)]
+        try:
+            for j, addr in enumerate(cfg.tls.mtls_addresses):
+                extra = [bind_listener(cfg, *parse_listen_address(addr)) for _ in range(nf)]
+                for slot, sock in zip(per_slot, extra, strict=True):
+                    slot.append(sock)
+                prog = reuseport.program((), nm, nf)
+                assert prog is not None
+                reuseport.attach(self.mtls_sockets[0][j], prog)
+        except OSError as e:
+            for sock in (s for slot in per_slot for s in slot):
+                sock.close()
+            log.event("steer_unavailable", "warning", port="mtls", error=str(e))
+            return
+        self.mtls_steered_sockets = per_slot
+        log.event("steer_known", addresses=cfg.tls.mtls_addresses, fast_acceptors=nf)
+
+    def steer_known(self, cfg: Config, on: bool) -> None:
+        """Steer the client addresses the mTLS acceptors list (reuseport.read_known) to the
+        fast acceptors (`on`: every one of them is up), when the lists or `on` changed."""
+        paths = [reuseport.known_path(cfg.spool.state_dir, i)
+                 for i in range(cfg.mtls_acceptor_count)]
+        seen: tuple[object, ...] = (on, *(_mtime(p) for p in paths))
+        if seen == self.known_seen:
+            return
+        known = reuseport.read_known(paths) if on else []
+        nf, nm = cfg.supervisor.fast_acceptors, cfg.mtls_acceptor_count
+        try:
+            for sock in self.mtls_sockets[0]:
+                version = 6 if sock.family == socket.AF_INET6 else 4
+                nets = [n for n in known if n.version == version][-reuseport.MAX_NETWORKS:]
+                prog = reuseport.program(nets, nm, nf)
+                assert prog is not None
+                reuseport.attach(sock, prog)
+        except OSError as e:
+            log.event("steer_unavailable", "warning", port="mtls", error=str(e))
+            return
+        self.known_seen = seen
 
     def _bind_steered(self, cfg: Config, main: tuple[str, ...]) -> None:
         """listen.steer_operator: one more socket per fast acceptor in each port-25 address's
@@ -292,6 +352,16 @@ class Listeners:
                       ipv6=len(learned.get(6, [])))
 
     def close(self) -> None:
-        for slot in self.sockets + self.mtls_sockets + self.fast_sockets:
+        for slot in (self.sockets + self.mtls_sockets + self.fast_sockets
+                     + self.mtls_steered_sockets):
             for s in slot:
                 s.close()
+
+
+def _mtime(path: Path) -> tuple[int, int]:
+    """A file's identity and age (write_known replaces it: a new inode each time)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return 0, 0
+    return st.st_ino, st.st_mtime_ns

@@ -162,12 +162,14 @@ class Supervisor:
         own_mtls = c.cfg.mtls_acceptor_count > 0
         if c.kind == "acceptor" and c.key[1] == "mtls":
             i = c.key[2]
-            return _entry("ingress.edge.acceptor", "run_mtls"), (c.cfg, i, hb, c.slot,
-                                                            ls.mtls_sockets[i])
+            return _entry("ingress.edge.acceptor", "run_mtls"), (
+                c.cfg, i, hb, c.slot, ls.mtls_sockets[i], bool(ls.mtls_steered_sockets))
         if c.kind == "acceptor" and c.key[1] == "fast":
             i = c.key[2]
             mtls = ls.mtls_sockets[i] if ls.mtls_sockets and to_fast and not own_mtls \
                 else None
+            if i < len(ls.mtls_steered_sockets):   # the verified clients the kernel steers
+                mtls = ls.mtls_steered_sockets[i]
             fast = ls.fast_sockets[i] if ls.fast_sockets and to_fast else None
             steered = ls.steered_sockets[i] if i < len(ls.steered_sockets) else None
             return _entry("ingress.edge.acceptor", "run_fast"), (c.cfg, i, hb, c.slot,
@@ -202,20 +204,24 @@ class Supervisor:
             self.next_watchdog = now + self.watchdog / 2
         for c in list(self.table.children):
             self.table.watch(c, now, self.cfg.supervisor)
-        if self.listeners.steered:
+        if self.listeners.steered or self.listeners.mtls_steered_sockets:
             self._watch_steering()
 
     def _watch_steering(self) -> None:
-        """Steer the operator's networks to the fast acceptors only while every one of them is
-        up: one that died (or is being replaced) would leave them in a backlog nobody reads;
-        meanwhile the port-25 acceptors take them and hand them over, or serve them."""
+        """Steer the operator's networks (and the mutual-TLS port's verified clients) to the
+        fast acceptors only while every one of them is up: one that died (or is being
+        replaced) would leave them in a backlog nobody reads; meanwhile the port-25 acceptors
+        take them and hand them over, or serve them (the mTLS acceptors, theirs)."""
         # each fast acceptor slot served by a ready child that is not draining (during a
         # reload the old one serves until its replacement is ready: both accept on the slot's
         # socket, so steering stays on)
         up = {c.key[2] for c in self.table.children if c.kind == "acceptor"
               and c.key[1] == "fast" and not c.retiring and self.table.ready(c)}
-        self.listeners.set_steering(self.cfg, len(up) == self.cfg.supervisor.fast_acceptors,
-                                    self._learned())
+        on = len(up) == self.cfg.supervisor.fast_acceptors
+        if self.listeners.steered:
+            self.listeners.set_steering(self.cfg, on, self._learned())
+        if self.listeners.mtls_steered_sockets:
+            self.listeners.steer_known(self.cfg, on)
 
     def _learned(self) -> dict[int, list[str]]:
         """The addresses the acceptors learned to steer (dnswl.steer), read again when one

@@ -205,3 +205,43 @@ def test_the_mtls_port_has_its_own_process(tmp_path: Path, pki: dict[str, Path],
     assert procs[ALLOWED_IP] == "fast-acceptor-0", procs
     assert procs[CERT_IP] == ("mtls-acceptor-0" if mtls_acceptors else "fast-acceptor-0"), procs
     assert ("mtls-acceptor-0" in starts) == bool(mtls_acceptors), starts
+
+
+NEIGHBOUR_IP = "127.0.0.51"      # the certificate sender's /24, no certificate
+
+
+def test_a_verified_sender_is_steered_away_from_the_strangers_process(
+        tmp_path: Path, pki: dict[str, Path]) -> None:
+    """Once the certificate sender has completed a verified handshake on the mTLS acceptor
+    (the process that does strangers' handshakes), the kernel steers its address to the fast
+    acceptor: its later messages are served there, never queued behind the strangers' accepts
+    and handshakes. A client without a certificate from the same /24 (a neighbour, not the
+    verified address) still lands on the mTLS acceptor and gets its alert there. Before: every
+    connection to the mutual-TLS port was the mTLS acceptor's."""
+    with Ingress(tmp_path, {
+        "supervisor": {"acceptors": 1, "fast_acceptors": 1, "mtls_acceptors": 1},
+        "classify": {"allow_cidrs": [f"{ALLOWED_IP}/32"]},
+        "tls": tls_config(pki),
+    }) as ing:
+        port, ctx = mtls_port(ing), client_ctx(pki, "client")
+        first, _, _ = smtp_tls(port, ctx, CERT_IP, make_body(0))
+        served: list[str] = []
+        deadline = time.monotonic() + 10.0
+        for i in range(1, 40):           # bounded: steering follows within ~0.3 s
+            reply, _, _ = smtp_tls(port, ctx, CERT_IP, make_body(i))
+            assert reply.startswith("250 "), reply
+            served = [e.get("proc") for e in ing.events("message") if e["peer"] == CERT_IP]
+            if served[-1] == "fast-acceptor-0" or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+        neighbour = handshake_outcome(port, client_ctx(pki, None), NEIGHBOUR_IP)
+        time.sleep(0.3)
+        failed = [e.get("proc") for e in ing.events("mtls_handshake_failed")
+                  if e["peer"] == NEIGHBOUR_IP]
+        allowed = asyncio.run(send_one(ing.port, make_body(99), source=ALLOWED_IP))[0]
+    assert first.startswith("250 "), first
+    assert served[0] == "mtls-acceptor-0", served
+    assert served[-1] == "fast-acceptor-0", served
+    assert neighbour == "alert: tlsv13 alert certificate required", neighbour
+    assert failed == ["mtls-acceptor-0"], failed
+    assert allowed == 250
