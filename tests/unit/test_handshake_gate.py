@@ -230,3 +230,57 @@ def test_refused_at_once_agrees_with_arrive_and_takes_nothing() -> None:
     assert g.refused_at_once("192.0.2.77", 0.0) is None             # known
     assert g.waiting == 5
     assert g.due(0.125).started == ["s1"]                           # no token was taken
+
+
+# --- steering: the verified addresses the kernel sends to the fast acceptors ---------------
+
+def test_steered_lists_verified_addresses_not_their_neighbours() -> None:
+    g = gate()
+    g.verified("192.0.2.7", CERT, 1.0)
+    g.verified("2001:db8::7", CERT, 2.0)
+    assert g.steered(3.0) == ["192.0.2.7", "2001:db8::7"]
+    assert g.tier("192.0.2.8", 3.0) is Tier.KNOWN          # known by prefix, not steered
+
+
+def test_steered_is_bounded_per_prefix_and_in_all_least_recent_first() -> None:
+    g = HandshakeGate(GateLimits(known_ttl=100.0, steer_max=6), now=0.0)
+    for i in range(6):                          # one /24: the last 4 only
+        g.verified(f"192.0.2.{i}", CERT, float(i))
+    assert g.steered(10.0) == [f"192.0.2.{i}" for i in range(2, 6)]
+    for i in range(3):                          # another /24 and certificate: 6 in all
+        g.verified(f"198.51.100.{i}", OTHER, 10.0 + i)
+    assert g.steered(20.0) == ["192.0.2.3", "192.0.2.4", "192.0.2.5",
+                               "198.51.100.0", "198.51.100.1", "198.51.100.2"]
+    v = g.steer_version
+    g.verified("198.51.100.2", OTHER, 21.0)     # the most recent again: no change
+    assert g.steer_version == v
+
+
+@pytest.mark.parametrize("why", ["expiry", "per_cert", "known_max"])
+def test_a_forgotten_prefix_is_no_longer_steered(why: str) -> None:
+    g = gate()                                  # known_ttl 100, per_cert 3, known_max 8
+    g.verified("192.0.2.7", CERT, 0.0)
+    v = g.steer_version
+    if why == "expiry":
+        now = 100.0
+    elif why == "per_cert":                     # 3 more prefixes for the same certificate
+        for i in range(3):
+            g.verified(f"198.51.{i}.1", CERT, 1.0 + i)
+        now = 5.0
+    else:                                       # 8 more prefixes, another certificate each
+        for i in range(8):
+            g.verified(f"198.51.{i}.1", f"{i:064x}", 1.0 + i)
+        now = 10.0
+    assert "192.0.2.7" not in g.steered(now)
+    assert g.steer_version != v
+
+
+def test_a_vouched_arrival_is_known_within_its_prefix_rate() -> None:
+    """A process the kernel steers verified addresses to: known without its own entry, at the
+    prefix's known_rate (5, burst 5); beyond it a stranger (burst 2), then refused."""
+    g = gate()
+    verdicts = [(a.verdict, a.tier) for a in
+                (g.arrive(f"192.0.2.{i}", f"c{i}", 0.0, vouched=True) for i in range(8))]
+    assert verdicts[:5] == [(Verdict.START, Tier.KNOWN)] * 5
+    assert verdicts[5:7] == [(Verdict.START, Tier.STRANGER)] * 2
+    assert g.refused_at_once("192.0.2.99", 0.0, vouched=True) is None
