@@ -81,9 +81,10 @@ class ListenConfig:
                                                  "listen.fast_port on every host of "
                                                  "listen.addresses")
     steer_operator: bool = documented(True, "Linux: the kernel steers port-25 connections from "
-                                      "classify.allow_cidrs to the fast acceptors' own sockets "
+                                      "classify.allow_cidrs, and mTLS-port ones from addresses the "
+                                      "mTLS acceptors verified, to the fast acceptors' own sockets "
                                       "(SO_REUSEPORT BPF): never accepted on a bot-laden loop "
-                                      "first. Needs fast acceptors; off behind PROXY")
+                                      "first. Needs fast acceptors; port 25: off behind PROXY")
 
 
 @dataclass(frozen=True)
