@@ -5,9 +5,13 @@ Purpose
     and make the server do TLS handshakes (~1.2 ms of CPU each, on the event loop of the fast
     acceptor that also serves the allow-listed clients of port 25). Each connection goes:
       1. accept; a client the gate would refuse anyway (below) whose ClientHello is there
-         already is refused at once (Gate.refuse_at_accept: under a flood most connections
-         end here, cheaply); else a connection slot (IngressSMTP.admit_before_handshake: an
-         unproven client is bulk: the bulk share, per-IP limits), or a close at once;
+         already is refused at once (Gate.at_accept: under a flood most connections end
+         here, cheaply); one whose ClientHello is not there yet (a bot's follows its ACK by
+         microseconds) waits for it parked, without a session object, a slot or a task (at
+         most PARK_MAX per listener, and tls.handshake_timeout), then is refused so, or served
+         the long way if the gate has room by then; else a connection slot
+         (IngressSMTP.admit_before_handshake: an unproven client is bulk: the bulk share,
+         per-IP limits), or a close at once;
       2. its ClientHello's first byte (a readable wait and MSG_PEEK: a silent connection holds
          its slot only, can be evicted like any silent session, and is closed at
          tls.handshake_timeout); a first byte that does not open a TLS handshake record: closed;
@@ -86,6 +90,7 @@ if TYPE_CHECKING:
 TLS_HANDSHAKE_RECORD = 0x16        # the first byte of a ClientHello's record
 ALERT_INTERNAL_ERROR = 80          # RFC 8446 6.2: "unrelated to the peer": we are busy
 CLIENT_HELLO_MAX = 65536           # bytes read (and dropped) before a refusal's alert
+PARK_MAX = 256                     # per listener: doomed clients waiting for a ClientHello
 PUBLISH_DELAY = 0.2                # s from a newly verified address to the file
 PUBLISH_EVERY = 60.0               # s between looks at the steered addresses' expiry
 
@@ -200,23 +205,26 @@ class Gate:
         log.refused("mtls_gate_refused", ip, stage="tls", code="alert", reason=tier.value,
                     waiting=self.policy.waiting)
 
-    def refuse_at_accept(self, conn: socket.socket, ip: str, vouched: bool = False) -> bool:
+    def at_accept(self, conn: socket.socket, ip: str, vouched: bool = False) -> str:
         """A client the gate would refuse anyway (HandshakeGate.refused_at_once: in a flood,
         most of them) whose ClientHello is already there: refused here, before a session
-        object, a slot, a task or a poll handle is made for it. False: serve it the long
-        way."""
+        object, a slot, a task or a poll handle is made for it ("refused"); one whose
+        ClientHello is not there yet: "pending" (MtlsListener._park); else "serve" (the long
+        way, which also says what a closed or non-TLS connection gets)."""
         tier = self.policy.refused_at_once(ip, time.monotonic(), vouched)
         if tier is None:
-            return False
+            return "serve"
         try:
             if conn.recv(1, socket.MSG_PEEK) != bytes((TLS_HANDSHAKE_RECORD,)):
-                return False               # closed, or not TLS: the long way says so
-        except OSError:                    # nothing yet (BlockingIOError), or gone
-            return False
+                return "serve"
+        except (BlockingIOError, InterruptedError):
+            return "pending"
+        except OSError:                    # gone
+            return "serve"
         refuse(conn)
         metrics.connection(Lane.BULK, Outcome.TLS_BUSY)
         self.refused(ip, tier)
-        return True
+        return "refused"
 
     def verified(self, ip: str, der: bytes | None, tier: Tier) -> None:
         metrics.mtls_handshake(tier, "ok")
@@ -321,11 +329,44 @@ class MtlsListener:
     def __init__(self, ctx: AcceptorContext, sock: socket.socket, gate: Gate,
                  vouched: bool = False) -> None:
         self.ctx, self.sock, self.gate, self.vouched = ctx, sock, gate, vouched
+        # fd -> (connection, peer, its deadline's timer): see _park
+        self.parked: dict[int, tuple[socket.socket, Any, asyncio.TimerHandle]] = {}
         self.task = ctx.loop.create_task(self._accept_loop())
-
 
     def close(self) -> None:
         self.task.cancel()
+        for fd in list(self.parked):
+            self._unpark(fd, False)
+
+    def _park(self, conn: socket.socket, addr: Any) -> bool:
+        """A client the gate would refuse now whose ClientHello is not there yet (a bot's
+        usually follows its ACK by microseconds): wait for it without a session object, a slot
+        or a task, at most tls.handshake_timeout and PARK_MAX of them (beyond: the long way),
+        then refuse it at once, or serve it the long way if the gate has room by then."""
+        if len(self.parked) >= PARK_MAX:
+            return False
+        loop, fd = self.ctx.loop, conn.fileno()
+        timer = loop.call_later(self.ctx.cfg.tls.handshake_timeout, self._unpark, fd, False)
+        self.parked[fd] = (conn, addr, timer)
+        loop.add_reader(fd, self._unpark, fd, True)
+        return True
+
+    def _unpark(self, fd: int, readable: bool) -> None:
+        item = self.parked.pop(fd, None)
+        if item is None:
+            return
+        conn, addr, timer = item
+        self.ctx.loop.remove_reader(fd)
+        timer.cancel()
+        ip = normalize_ip(addr[0])
+        if not readable:                   # silent until tls.handshake_timeout, or stopping
+            conn.close()
+            metrics.connection(Lane.BULK, Outcome.TLS_FAILED)
+            log.throttled("mtls_handshake_failed", ip, why="no ClientHello within "
+                          "tls.handshake_timeout (parked)")
+            return
+        if self.gate.at_accept(conn, ip, self.vouched) != "refused":
+            self._admit(conn, addr)        # room at the gate now, or not a ClientHello
 
     async def _accept_loop(self) -> None:
         loop = self.ctx.loop
@@ -337,14 +378,20 @@ class MtlsListener:
                 await asyncio.sleep(0.1)
                 continue
             conn.setblocking(False)
-            if addr and self.gate.refuse_at_accept(conn, normalize_ip(addr[0]), self.vouched):
+            verdict = self.gate.at_accept(conn, normalize_ip(addr[0]), self.vouched) \
+                if addr else "serve"
+            if verdict == "refused" or (verdict == "pending" and self._park(conn, addr)):
                 continue
-            proto = IngressSMTP(self.ctx, implicit_tls=True)
-            if not proto.admit_before_handshake(addr):
-                conn.close()
-                continue
-            task = loop.create_task(self._serve(conn, proto))
-            proto.abort_handshake = task.cancel
+            self._admit(conn, addr)
+
+    def _admit(self, conn: socket.socket, addr: Any) -> None:
+        """The long way: a slot, then _serve in a task."""
+        proto = IngressSMTP(self.ctx, implicit_tls=True)
+        if not proto.admit_before_handshake(addr):
+            conn.close()
+            return
+        task = self.ctx.loop.create_task(self._serve(conn, proto))
+        proto.abort_handshake = task.cancel
 
     async def _serve(self, conn: socket.socket, proto: IngressSMTP) -> None:
         """Steps 2-4 for one admitted connection; every way out gives its slot back."""

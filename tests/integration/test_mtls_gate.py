@@ -245,3 +245,44 @@ def test_a_verified_sender_is_steered_away_from_the_strangers_process(
     assert neighbour == "alert: tlsv13 alert certificate required", neighbour
     assert failed == ["mtls-acceptor-0"], failed
     assert allowed == 250
+
+
+SILENT_IPS = tuple(f"127.0.2.{i}" for i in range(1, 21))
+
+
+def test_silent_strangers_the_gate_refuses_hold_no_slot(tmp_path: Path,
+                                                        pki: dict[str, Path]) -> None:
+    """The gate has no token left for strangers (rate 0.01/s, burst 1, no wait): 20 strangers
+    connect and send nothing yet. They wait for their ClientHello parked, without a connection
+    slot (the mTLS acceptor has 8), so the certificate sender, known but bulk until its
+    handshake, still gets one and its message through; the strangers then get their alert
+    (internal_error) at once when they speak. Before: each took a slot at accept (or was
+    closed there, the slots full), and was closed without an alert to make room (a bare EOF)."""
+    with Ingress(tmp_path, {
+        "supervisor": {"acceptors": 1, "fast_acceptors": 1, "mtls_acceptors": 1},
+        "listen": {"steer_operator": False},       # the known sender stays on this process
+        "smtp": {"max_connections": 8, "fast_reserve": 1},
+        "tls": tls_config(pki, stranger_handshake_rate=0.01, stranger_handshake_burst=1.0,
+                          stranger_wait=0.0, handshake_timeout=10.0),
+    }) as ing:
+        port, ctx = mtls_port(ing), client_ctx(pki, "client")
+        first, _, _ = smtp_tls(port, ctx, CERT_IP, make_body(0))   # the burst's token
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=10,
+                                           source_address=(ip, 0)) for ip in SILENT_IPS]
+        try:
+            time.sleep(0.5)
+            second, _, _ = smtp_tls(port, ctx, CERT_IP, make_body(1))
+            outcomes = []
+            for s in silent[:3]:           # speaking now: refused with the alert
+                sctx = client_ctx(pki, None)
+                try:
+                    with sctx.wrap_socket(s, server_hostname="mx.test") as t:
+                        outcomes.append("data" if t.recv(100) else "eof")
+                except ssl.SSLError as e:
+                    outcomes.append(str(e.reason).lower())
+        finally:
+            for s in silent:
+                s.close()
+    assert first.startswith("250 "), first
+    assert second.startswith("250 "), second
+    assert outcomes == ["tlsv1_alert_internal_error"] * 3, outcomes
