@@ -22,6 +22,7 @@ API
     dns_fds(cfg) -> int                          descriptors kept for DNS sockets (SPF, checks)
     configured_limit(cfg, nofile) -> ConnectionLimit   one acceptor's slots for `cfg`
     fds_needed(cfg) -> int                       descriptors an acceptor asks for at start
+    PARK_FDS, park_fds(cfg, nofile, sessions)    clients an mTLS listener may park
     fd_capped(max_connections, fast_reserve, nofile) -> (slots, reserve)
     BULK_SHARE, bulk_share_bucket(cfg, edges=0)  one acceptor's share of the bulk cap
     broker_bucket(cfg, lane)                     a lane broker's own bucket
@@ -121,6 +122,7 @@ def queue_bytes(cfg: Config, lane: str) -> int:
 # --- connection slots -----------------------------------------------------------------------
 
 FD_SPARE = 64                # descriptors an acceptor needs besides its sessions
+PARK_FDS = 256               # per mTLS address: clients parked before their ClientHello
 FAST_RESERVE_SHARE = 10      # smtp.fast_reserve = 0: a tenth of the slots (1 / this)
 CONNECTION_COST = 8 * 1024   # bytes one held connection is budgeted at (smtp.connection_memory)
 
@@ -190,8 +192,20 @@ def configured_limit(cfg: Config, nofile: int) -> ConnectionLimit:
 
 def fds_needed(cfg: Config) -> int:
     """Descriptors an acceptor needs for the slots the config (or the memory budget) asks for:
-    one per session, FD_SPARE, and the DNS sockets (dns_fds)."""
-    return configured_limit(cfg, 0).max_connections + FD_SPARE + dns_fds(cfg)
+    one per session, FD_SPARE, the DNS sockets (dns_fds) and the mTLS port's parked clients
+    (PARK_FDS per mTLS address)."""
+    return (configured_limit(cfg, 0).max_connections + FD_SPARE + dns_fds(cfg)
+            + PARK_FDS * len(cfg.tls.mtls_addresses))
+
+
+def park_fds(cfg: Config, nofile: int, sessions: int) -> int:
+    """Clients one mTLS listener may park before their ClientHello (ingress.edge.mtls): PARK_FDS,
+    or what the fd limit `nofile` leaves beside `sessions` slots, FD_SPARE and dns_fds, shared
+    by the mTLS addresses (nofile <= 0: unknown, PARK_FDS)."""
+    if nofile <= 0:
+        return PARK_FDS
+    left = nofile - sessions - FD_SPARE - dns_fds(cfg)
+    return max(0, min(PARK_FDS, left // max(1, len(cfg.tls.mtls_addresses))))
 
 
 def fd_sessions(cfg: Config, nofile: int) -> int:

@@ -8,8 +8,8 @@ Purpose
          already is refused at once (Gate.at_accept: under a flood most connections end
          here, cheaply); one whose ClientHello is not there yet (a bot's follows its ACK by
          microseconds) waits for it parked, without a session object, a slot or a task (at
-         most PARK_MAX per listener, and tls.handshake_timeout), then is refused so, or served
-         the long way if the gate has room by then; else a connection slot
+         most derived.park_fds per listener, and tls.handshake_timeout), then is refused so,
+         or served the long way if the gate has room by then; else a connection slot
          (IngressSMTP.admit_before_handshake: an unproven client is bulk: the bulk share,
          per-IP limits), or a close at once;
       2. its ClientHello's first byte (a readable wait and MSG_PEEK: a silent connection holds
@@ -78,6 +78,7 @@ from typing import TYPE_CHECKING, Any
 from ingress.core import log, metrics, reuseport
 from ingress.core.addr import normalize_ip
 from ingress.core.config import Config
+from ingress.core.derived import park_fds
 from ingress.core.metrics_labels import Outcome
 from ingress.core.wire import Lane
 from ingress.edge.evidence import sha256_fingerprint
@@ -90,7 +91,6 @@ if TYPE_CHECKING:
 TLS_HANDSHAKE_RECORD = 0x16        # the first byte of a ClientHello's record
 ALERT_INTERNAL_ERROR = 80          # RFC 8446 6.2: "unrelated to the peer": we are busy
 CLIENT_HELLO_MAX = 65536           # bytes read (and dropped) before a refusal's alert
-PARK_MAX = 256                     # per listener: doomed clients waiting for a ClientHello
 PUBLISH_DELAY = 0.2                # s from a newly verified address to the file
 PUBLISH_EVERY = 60.0               # s between looks at the steered addresses' expiry
 
@@ -331,6 +331,8 @@ class MtlsListener:
         self.ctx, self.sock, self.gate, self.vouched = ctx, sock, gate, vouched
         # fd -> (connection, peer, its deadline's timer): see _park
         self.parked: dict[int, tuple[socket.socket, Any, asyncio.TimerHandle]] = {}
+        table = ctx.table
+        self.park_max = park_fds(ctx.cfg, table.nofile, table.limit.max_connections)
         self.task = ctx.loop.create_task(self._accept_loop())
 
     def close(self) -> None:
@@ -341,9 +343,10 @@ class MtlsListener:
     def _park(self, conn: socket.socket, addr: Any) -> bool:
         """A client the gate would refuse now whose ClientHello is not there yet (a bot's
         usually follows its ACK by microseconds): wait for it without a session object, a slot
-        or a task, at most tls.handshake_timeout and PARK_MAX of them (beyond: the long way),
+        or a task, at most tls.handshake_timeout and park_max of them (derived.park_fds:
+        what the fd limit leaves; beyond: the long way),
         then refuse it at once, or serve it the long way if the gate has room by then."""
-        if len(self.parked) >= PARK_MAX:
+        if len(self.parked) >= self.park_max:
             return False
         loop, fd = self.ctx.loop, conn.fileno()
         timer = loop.call_later(self.ctx.cfg.tls.handshake_timeout, self._unpark, fd, False)

@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from ingress.core import derived
+from ingress.core.config import Config
 from ingress.core.derived import FD_SPARE, connection_limit, fd_capped
 from ingress.policy.replies import MAX_REPLY_LINE, clean
 
@@ -61,3 +65,19 @@ def test_connection_limit(max_c: int, reserve: int, nofile: int, memory: int,
                           want: tuple[int, int, str]) -> None:
     lim = connection_limit(max_c, reserve, nofile, memory)
     assert (lim.max_connections, lim.fast_reserve, lim.limited_by) == want
+
+
+def test_mtls_parking_fits_in_the_fd_limit() -> None:
+    """Clients parked before their ClientHello (ingress.edge.mtls) hold descriptors but no
+    slot: an acceptor asks for PARK_FDS more per mTLS address, and parks only what its fd limit
+    leaves beside its slots, FD_SPARE and the DNS sockets."""
+    base = Config()
+    plain = dataclasses.replace(base, smtp=dataclasses.replace(base.smtp, max_connections=1000))
+    cfg = dataclasses.replace(plain, tls=dataclasses.replace(
+        plain.tls, mtls_addresses=("127.0.0.1:0", "[::1]:0")))
+    assert derived.fds_needed(cfg) == derived.fds_needed(plain) + 2 * derived.PARK_FDS
+    dns = derived.dns_fds(cfg)
+    assert derived.park_fds(cfg, 0, 1000) == derived.PARK_FDS               # unknown limit
+    assert derived.park_fds(cfg, 1000 + derived.FD_SPARE + dns + 100, 1000) == 50
+    assert derived.park_fds(cfg, 1000 + derived.FD_SPARE + dns, 1000) == 0
+    assert derived.park_fds(cfg, 10**6, 1000) == derived.PARK_FDS
