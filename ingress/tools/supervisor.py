@@ -73,7 +73,7 @@ from typing import Any
 from ingress.core import config as config_mod
 from ingress.core import log, metrics_server, reuseport
 from ingress.core.config import Config, ConfigError
-from ingress.core.derived import configured_limit, raised_nofile
+from ingress.core.derived import configured_limit, raised_nofile, steer_known
 from ingress.core.fsutil import private_dir_problem
 from ingress.core.steer_table import SteerTable
 from ingress.tools.children import Child, ChildTable, heartbeat_slots, wanted
@@ -163,7 +163,8 @@ class Supervisor:
         if c.kind == "acceptor" and c.key[1] == "mtls":
             i = c.key[2]
             return _entry("ingress.edge.acceptor", "run_mtls"), (
-                c.cfg, i, hb, c.slot, ls.mtls_sockets[i], bool(ls.mtls_steered_sockets))
+                c.cfg, i, hb, c.slot, ls.mtls_sockets[i],
+                bool(ls.mtls_steered_sockets) and steer_known(c.cfg))
         if c.kind == "acceptor" and c.key[1] == "fast":
             i = c.key[2]
             mtls = ls.mtls_sockets[i] if ls.mtls_sockets and to_fast and not own_mtls \
@@ -220,8 +221,8 @@ class Supervisor:
         on = len(up) == self.cfg.supervisor.fast_acceptors
         if self.listeners.steered:
             self.listeners.set_steering(self.cfg, on, self._learned())
-        if self.listeners.mtls_steered_sockets:
-            self.listeners.steer_known(self.cfg, on)
+        if self.listeners.mtls_steered_sockets:       # (a reload may turn it off)
+            self.listeners.steer_known(self.cfg, on and steer_known(self.cfg))
 
     def _learned(self) -> dict[int, list[str]]:
         """The addresses the acceptors learned to steer (dnswl.steer), read again when one
