@@ -329,8 +329,8 @@ class MtlsListener:
     def __init__(self, ctx: AcceptorContext, sock: socket.socket, gate: Gate,
                  vouched: bool = False) -> None:
         self.ctx, self.sock, self.gate, self.vouched = ctx, sock, gate, vouched
-        # fd -> (connection, peer, its deadline's timer): see _park
-        self.parked: dict[int, tuple[socket.socket, Any, asyncio.TimerHandle]] = {}
+        # fd -> (connection, peer, its deadline's timer, when accepted): see _park
+        self.parked: dict[int, tuple[socket.socket, Any, asyncio.TimerHandle, float]] = {}
         table = ctx.table
         self.park_max = park_fds(ctx.cfg, table.nofile, table.limit.max_connections)
         self.task = ctx.loop.create_task(self._accept_loop())
@@ -350,7 +350,7 @@ class MtlsListener:
             return False
         loop, fd = self.ctx.loop, conn.fileno()
         timer = loop.call_later(self.ctx.cfg.tls.handshake_timeout, self._unpark, fd, False)
-        self.parked[fd] = (conn, addr, timer)
+        self.parked[fd] = (conn, addr, timer, loop.time())
         loop.add_reader(fd, self._unpark, fd, True)
         return True
 
@@ -358,7 +358,7 @@ class MtlsListener:
         item = self.parked.pop(fd, None)
         if item is None:
             return
-        conn, addr, timer = item
+        conn, addr, timer, accepted = item
         self.ctx.loop.remove_reader(fd)
         timer.cancel()
         ip = normalize_ip(addr[0])
@@ -369,7 +369,7 @@ class MtlsListener:
                           "tls.handshake_timeout (parked)")
             return
         if self.gate.at_accept(conn, ip, self.vouched) != "refused":
-            self._admit(conn, addr)        # room at the gate now, or not a ClientHello
+            self._admit(conn, addr, accepted)   # room at the gate now, or not TLS
 
     async def _accept_loop(self) -> None:
         loop = self.ctx.loop
@@ -385,21 +385,21 @@ class MtlsListener:
                 if addr else "serve"
             if verdict == "refused" or (verdict == "pending" and self._park(conn, addr)):
                 continue
-            self._admit(conn, addr)
+            self._admit(conn, addr, loop.time())
 
-    def _admit(self, conn: socket.socket, addr: Any) -> None:
+    def _admit(self, conn: socket.socket, addr: Any, accepted: float) -> None:
         """The long way: a slot, then _serve in a task."""
         proto = IngressSMTP(self.ctx, implicit_tls=True)
         if not proto.admit_before_handshake(addr):
             conn.close()
             return
-        task = self.ctx.loop.create_task(self._serve(conn, proto))
+        task = self.ctx.loop.create_task(self._serve(conn, proto, accepted))
         proto.abort_handshake = task.cancel
 
-    async def _serve(self, conn: socket.socket, proto: IngressSMTP) -> None:
+    async def _serve(self, conn: socket.socket, proto: IngressSMTP, accepted: float) -> None:
         """Steps 2-4 for one admitted connection; every way out gives its slot back."""
         loop, tls = self.ctx.loop, self.ctx.cfg.tls
-        deadline = loop.time() + tls.handshake_timeout
+        deadline = accepted + tls.handshake_timeout       # a parked client's wait counts
         mine = True                   # the socket is ours until uvloop takes it
         try:
             async with asyncio.timeout_at(deadline):
