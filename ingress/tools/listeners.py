@@ -269,6 +269,7 @@ class Listeners:
         seen: tuple[object, ...] = (on, *(_mtime(p) for p in paths))
         if seen == self.known_seen:
             return
+        self.known_seen = seen             # (a failure is logged once, and tried at the next)
         known = reuseport.read_known(paths) if on else []
         nf, nm = cfg.supervisor.fast_acceptors, cfg.mtls_acceptor_count
         try:
@@ -281,7 +282,7 @@ class Listeners:
         except OSError as e:
             log.event("steer_unavailable", "warning", port="mtls", error=str(e))
             return
-        self.known_seen = seen
+        log.event("steering_known", on=on, addresses=len(known))
 
     def _bind_steered(self, cfg: Config, main: tuple[str, ...]) -> None:
         """listen.steer_operator: one more socket per fast acceptor in each port-25 address's
