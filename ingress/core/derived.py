@@ -22,7 +22,10 @@ API
     dns_fds(cfg) -> int                          descriptors kept for DNS sockets (SPF, checks)
     configured_limit(cfg, nofile) -> ConnectionLimit   one acceptor's slots for `cfg`
     fds_needed(cfg) -> int                       descriptors an acceptor asks for at start
-    PARK_FDS, park_fds(cfg, nofile, sessions)    clients an mTLS listener may park
+    PARK_FDS, park_reserve(cfg), park_fds(cfg, nofile, sessions)
+                                                 descriptors kept for the mTLS port's parked
+                                                 clients (out of the fd cap), and how many one
+                                                 listener may park
     fd_capped(max_connections, fast_reserve, nofile) -> (slots, reserve)
     BULK_SHARE, bulk_share_bucket(cfg, edges=0)  one acceptor's share of the bulk cap
     broker_bucket(cfg, lane)                     a lane broker's own bucket
@@ -184,9 +187,10 @@ def dns_fds(cfg: Config) -> int:
 
 def configured_limit(cfg: Config, nofile: int) -> ConnectionLimit:
     """connection_limit for `cfg`'s smtp.max_connections, fast_reserve and connection_memory,
-    under the fd limit `nofile` less what DNS keeps (dns_fds)."""
+    under the fd limit `nofile` less what DNS keeps (dns_fds) and the mTLS port's parked
+    clients (park_reserve)."""
     s = cfg.smtp
-    fds = max(1, nofile - dns_fds(cfg)) if nofile > 0 else nofile
+    fds = max(1, nofile - dns_fds(cfg) - park_reserve(cfg)) if nofile > 0 else nofile
     return connection_limit(s.max_connections, s.fast_reserve, fds, s.connection_memory)
 
 
@@ -194,8 +198,12 @@ def fds_needed(cfg: Config) -> int:
     """Descriptors an acceptor needs for the slots the config (or the memory budget) asks for:
     one per session, FD_SPARE, the DNS sockets (dns_fds) and the mTLS port's parked clients
     (PARK_FDS per mTLS address)."""
-    return (configured_limit(cfg, 0).max_connections + FD_SPARE + dns_fds(cfg)
-            + PARK_FDS * len(cfg.tls.mtls_addresses))
+    return configured_limit(cfg, 0).max_connections + FD_SPARE + dns_fds(cfg) + park_reserve(cfg)
+
+
+def park_reserve(cfg: Config) -> int:
+    """Descriptors kept for the mTLS port's parked clients: PARK_FDS per mTLS address."""
+    return PARK_FDS * len(cfg.tls.mtls_addresses)
 
 
 def park_fds(cfg: Config, nofile: int, sessions: int) -> int:
@@ -210,7 +218,7 @@ def park_fds(cfg: Config, nofile: int, sessions: int) -> int:
 
 def fd_sessions(cfg: Config, nofile: int) -> int:
     """Sessions the fd limit `nofile` leaves room for (before the at-least-one rule)."""
-    return max(0, nofile - FD_SPARE - dns_fds(cfg))
+    return max(0, nofile - FD_SPARE - dns_fds(cfg) - park_reserve(cfg))
 
 
 def fd_capped(max_connections: int, fast_reserve: int, nofile: int) -> tuple[int, int]:

@@ -69,7 +69,8 @@ def test_connection_limit(max_c: int, reserve: int, nofile: int, memory: int,
 
 def test_mtls_parking_fits_in_the_fd_limit() -> None:
     """Clients parked before their ClientHello (ingress.edge.mtls) hold descriptors but no
-    slot: an acceptor asks for PARK_FDS more per mTLS address, and parks only what its fd limit
+    slot: an acceptor asks for PARK_FDS more per mTLS address, keeps them out of the slots the
+    fd limit allows (so an fd-limited acceptor still parks), and parks only what its fd limit
     leaves beside its slots, FD_SPARE and the DNS sockets."""
     base = Config()
     plain = dataclasses.replace(base, smtp=dataclasses.replace(base.smtp, max_connections=1000))
@@ -81,3 +82,7 @@ def test_mtls_parking_fits_in_the_fd_limit() -> None:
     assert derived.park_fds(cfg, 1000 + derived.FD_SPARE + dns + 100, 1000) == 50
     assert derived.park_fds(cfg, 1000 + derived.FD_SPARE + dns, 1000) == 0
     assert derived.park_fds(cfg, 10**6, 1000) == derived.PARK_FDS
+    auto = dataclasses.replace(cfg, smtp=dataclasses.replace(cfg.smtp, max_connections=0))
+    limit = derived.configured_limit(auto, 20000)          # limited by the fd limit
+    assert limit.limited_by == "fd"
+    assert derived.park_fds(auto, 20000, limit.max_connections) == derived.PARK_FDS
