@@ -19,12 +19,8 @@ API
         the caller logs it and does not steer)
     attach(sock, prog)          setsockopt(SO_ATTACH_REUSEPORT_CBPF) on any socket of the group
                                 (it applies to the whole group, and replaces an earlier one)
-    known_path(state_dir, i) / write_known(path, addresses) / read_known(paths) -> networks
-                                the mutual-TLS port's verified client addresses, from the mTLS
-                                acceptors (ingress.edge.mtls) to the supervisor, which steers
-                                them to the fast acceptors like the allow list (the group of
-                                an mTLS address: its mTLS acceptors' sockets, then the fast
-                                acceptors')
+    (the mutual-TLS port's group: its mTLS acceptors' sockets, then one per fast acceptor;
+    program(verified addresses, mtls acceptors, fast): ingress.tools.listeners.steer_known)
 
 Failure modes: attach raises OSError where the kernel has no reuseport BPF (before 4.5) or
 refuses the program; the caller then closes the fast acceptors' sockets (they leave the group)
@@ -39,11 +35,9 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-import os
 import socket
 import struct
 from collections.abc import Iterable
-from pathlib import Path
 
 SO_ATTACH_REUSEPORT_CBPF = 51
 SKF_AD_OFF, SKF_AD_RANDOM = -0x1000, 56
@@ -115,38 +109,3 @@ def attach(sock: socket.socket, prog: bytes) -> None:
     buf = ctypes.create_string_buffer(prog, len(prog))
     fprog = struct.pack("HL", len(prog) // 8, ctypes.addressof(buf))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
-
-
-# --- the mutual-TLS port: the addresses its mTLS acceptors verified, steered to the fast ones ---
-
-def known_path(state_dir: Path, index: int) -> Path:
-    """The file where mTLS acceptor `index` lists the client addresses it verified lately
-    (ingress.edge.mtls writes it, the supervisor reads it: Listeners.steer_known)."""
-    return state_dir / "run" / f"mtls-known-{index}.txt"
-
-
-def write_known(path: Path, addresses: Iterable[str]) -> None:
-    """One address a line, replaced atomically (a reader never sees half a file). Not
-    fsync'd (unlike fsutil.atomic_write): it is written on an event loop, and a list lost
-    in a crash is rewritten by the next verified handshake (a restarted mTLS acceptor writes
-    an empty one at once)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{a}\n" for a in addresses))
-    os.replace(tmp, path)
-
-
-def read_known(paths: Iterable[Path]) -> list[Network]:
-    """The addresses listed in `paths` (missing files and lines that are not an address are
-    skipped), each as a /32 or /128 network, the most recently verified of each file last."""
-    out: dict[Network, None] = {}
-    for p in paths:
-        try:
-            lines = p.read_text().split()
-        except OSError:
-            continue
-        for line in lines[-MAX_NETWORKS:]:
-            try:
-                out[ipaddress.ip_network(line)] = None
-            except ValueError:
-                continue
-    return list(out)

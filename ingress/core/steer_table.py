@@ -1,5 +1,6 @@
 """Addresses the acceptors have learned to steer to the fast acceptors (a DNS allow list's
-listing: dnswl.steer), shared with the supervisor, which puts them into the kernel's steering
+listing: dnswl.steer; and, in a table of its own, the client addresses the mTLS acceptors
+verified: ingress.edge.mtls), shared with the supervisor, which puts them into the kernel's steering
 programs beside the operator's networks (ingress.core.reuseport, ingress.tools.listeners).
 
 A DNS-allow-listed client is promoted at connect, but only once a port-25 acceptor has accepted
@@ -16,6 +17,7 @@ API
                                  until `until` (time.monotonic(): one clock for every process
                                  on Linux); the same address is refreshed in place; a full
                                  region drops the entry that ends first
+        .clear(region)           every entry of the region ended (its new writer's start)
         .generation() -> int     changes whenever any region was written
         .live(now, room) -> {4: [addr, ...], 6: [...]}   the addresses still steered, at most
                                  `room` per family, those that end last first
@@ -81,6 +83,15 @@ class SteerTable:
         a[at + 2] = 0
         a[at], a[at + 1] = parts
         a[at + 2] = end
+        a[base] = (a[base] + 1) & 0xFFFFFFFFFFFFFFFF
+
+    def clear(self, region: int) -> None:
+        """Every entry of `region` ended (a new writer starts it afresh)."""
+        if not 0 <= region < self.regions:
+            return
+        a, base = self.array, region * self.stride
+        for i in range(self.per_region):
+            a[base + 1 + i * _WORDS + 2] = 0
         a[base] = (a[base] + 1) & 0xFFFFFFFFFFFFFFFF
 
     def generation(self) -> int:

@@ -11,7 +11,7 @@ child skeleton, ingress.core.child.main_loop, which runs it on uvloop):
         (ingress.edge.handoff), the mutual-TLS port (with mTLS acceptors: its own sockets
         there, where the kernel steers the clients they verified) and listen.fast_port, and
         the port-25 connections the kernel steers to it (`steered`)
-    run_mtls(cfg, index, hb, slot, mtls_sock, steering)
+    run_mtls(cfg, index, hb, slot, mtls_sock, known)
         an mTLS acceptor (supervisor.mtls_acceptors): the mutual-TLS port alone
 
 Where the parts are: the process's life (listeners, background tasks, drain) is
@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ingress.core import child, reuseport
+from ingress.core import child
 from ingress.core.config import Config
 from ingress.core.steer_table import SteerTable
 from ingress.edge.service import AcceptorService, Listening
@@ -61,17 +61,22 @@ def run_fast(cfg: Config, index: int, hb: Any = None, slot: int = 0,
 
 
 def run_mtls(cfg: Config, index: int, hb: Any = None, slot: int = 0,
-             mtls_sock: Listening = None, steering: bool = False) -> None:
+             mtls_sock: Listening = None, known: Any = None) -> None:
     """An mTLS acceptor's entry point (supervisor.mtls_acceptors): the mutual-TLS port alone,
     so that the handshakes of clients without a valid certificate (ingress.edge.mtls's gate bounds
     them) share no event loop with the operator clients port 25 hands to the fast acceptors.
-    `steering` (the kernel steers the client addresses it verified to the fast acceptors:
-    derived.steer_known): it lists them (reuseport.known_path) and, serving strangers and first
-    contacts only, yields the cores like the port-25 acceptors (supervisor.acceptor_nice)."""
-    known = reuseport.known_path(cfg.spool.state_dir, index) if steering else None
+    `known` (the kernel steers the client addresses it verified to the fast acceptors:
+    derived.steer_known): the supervisor's known-address table, region `slot`, where it lists
+    them (emptied at start); serving strangers and first contacts only, it then yields the
+    cores like the port-25 acceptors (supervisor.acceptor_nice)."""
+    writer = None
+    if known is not None:
+        table = SteerTable(*known)
+        table.clear(slot)
+        writer = _steer(known, slot)
     _main(cfg, f"mtls-acceptor-{index}", hb, slot,
-          AcceptorService(cfg, index, None, mtls_sock, handed=False, known_file=known),
-          nice=cfg.supervisor.acceptor_nice if steering else 0)
+          AcceptorService(cfg, index, None, mtls_sock, handed=False, known=writer),
+          nice=cfg.supervisor.acceptor_nice if known is not None else 0)
 
 
 def run(cfg: Config, index: int, sock: Listening, hb: Any = None, slot: int = 0,

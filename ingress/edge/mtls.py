@@ -29,7 +29,8 @@ Purpose
 
     Where: with mTLS acceptors (supervisor.mtls_acceptors) the port is theirs, and they
     run at supervisor.acceptor_nice when the kernel steers (derived.steer_known): each lists
-    the client addresses it verified lately (Gate's known_file, HandshakeGate.steered), and
+    the client addresses it verified lately (Gate's steer, HandshakeGate.steered) in its region
+    of a shared table (ingress.core.steer_table), and
     the supervisor attaches a reuseport program that sends exactly those addresses to the fast
     acceptors' own sockets in the port's group (ingress.tools.listeners.steer_known). There
     they come vouched for (known, within their prefix's known_rate): a certificate sender,
@@ -46,7 +47,7 @@ Purpose
 
 API
     mtls_context(cfg) -> MtlsContext | None    the server context (None: no mTLS port)
-    Gate(cfg, loop, known_file=None)           the process's gate: .turn(ip) -> Tier | None,
+    Gate(cfg, loop, steer=None)                the process's gate: .turn(ip) -> Tier | None,
                                                .verified(ip, der, tier), .failed(ip, tier)
     MtlsListener(ctx, sock, gate, vouched)     serves one listening socket (`vouched`: one the
                                                kernel steers verified addresses to); .close()
@@ -72,10 +73,10 @@ import os
 import socket
 import ssl
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ingress.core import log, metrics, reuseport
+from ingress.core import log, metrics
 from ingress.core.addr import normalize_ip
 from ingress.core.config import Config
 from ingress.core.derived import park_fds
@@ -91,8 +92,8 @@ if TYPE_CHECKING:
 TLS_HANDSHAKE_RECORD = 0x16        # the first byte of a ClientHello's record
 ALERT_INTERNAL_ERROR = 80          # RFC 8446 6.2: "unrelated to the peer": we are busy
 CLIENT_HELLO_MAX = 65536           # bytes read (and dropped) before a refusal's alert
-PUBLISH_DELAY = 0.2                # s from a newly verified address to the file
-PUBLISH_EVERY = 60.0               # s between looks at the steered addresses' expiry
+PUBLISH_DELAY = 0.2                # s from a verified handshake to the steer table
+REFRESH = 60.0                     # s an entry's end must grow by to be written again
 
 
 def alert_record(description: int) -> bytes:
@@ -161,22 +162,22 @@ class Gate:
     """The handshake gate of one process (shared by its mTLS listeners: one per listen
     address): the pure HandshakeGate, a timer that starts waiters when tokens come and
     refuses them when their wait is over, the metrics and a rate-limited log line. With
-    `known_file` (an mTLS acceptor, ingress.core.derived.steer_known): the addresses it
-    verified lately (HandshakeGate.steered) are written there, at most PUBLISH_DELAY after they
-    change, for the supervisor to steer them to the fast acceptors."""
+    `steer` (an mTLS acceptor, ingress.core.derived.steer_known: its region of the
+    supervisor's known-address table, ingress.core.steer_table): the addresses it verified
+    lately (HandshakeGate.steered) are written there, each until its network's entry expires,
+    at most PUBLISH_DELAY after a verified handshake changed them (one that went: ended now),
+    for the supervisor to steer them to the fast acceptors."""
 
     def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop,
-                 known_file: Path | None = None) -> None:
+                 steer: Callable[[str, float], None] | None = None) -> None:
         self.loop = loop
         self.policy: HandshakeGate[asyncio.Future[bool]] = HandshakeGate(
             gate_limits(cfg), time.monotonic())
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
-        self.known_file = known_file
-        self.published = -1                # the policy's steer_version last written
+        self.steer = steer
+        self.written: dict[str, float] = {}   # address -> until, as in the table
         self.soon: asyncio.TimerHandle | None = None
-        if known_file is not None:         # a restarted process knows nobody: say so at once
-            self._every()
 
     async def turn(self, ip: str, vouched: bool = False) -> Tier | None:
         """Wait for this client's turn to a handshake: its tier, or None (refused).
@@ -230,31 +231,24 @@ class Gate:
         metrics.mtls_handshake(tier, "ok")
         if der:
             self.policy.verified(ip, sha256_fingerprint(der), time.monotonic())
-            if (self.known_file is not None and self.soon is None
-                    and self.policy.steer_version != self.published):
-                self.soon = self.loop.call_later(PUBLISH_DELAY, self._soon)
-
-    def _soon(self) -> None:
-        self.soon = None
-        self._publish()
-
-    def _every(self) -> None:
-        """Every PUBLISH_EVERY: when prefixes past known_ttl are noticed."""
-        self._publish()
-        self.loop.call_later(PUBLISH_EVERY, self._every)
+            if self.steer is not None and self.soon is None:
+                self.soon = self.loop.call_later(PUBLISH_DELAY, self._publish)
 
     def _publish(self) -> None:
-        """Write the addresses to steer, when they changed since the last write."""
-        assert self.known_file is not None
-        addresses = self.policy.steered(time.monotonic())
-        if self.policy.steer_version == self.published:
-            return
-        try:
-            reuseport.write_known(self.known_file, addresses)
-            self.published = self.policy.steer_version
-        except OSError as e:
-            log.event("mtls_known_write_failed", "warning", path=str(self.known_file),
-                      error=str(e))
+        """Write what changed: addresses new or whose network's entry was extended by more
+        than REFRESH (a table entry is written in place), and those that went (ended now)."""
+        assert self.steer is not None
+        self.soon = None
+        now = time.monotonic()
+        current = dict(self.policy.steered(now))
+        for ip, until in current.items():
+            if ip not in self.written or until - self.written[ip] > REFRESH:
+                self.steer(ip, until)
+            else:
+                current[ip] = self.written[ip]
+        for ip in self.written.keys() - current.keys():
+            self.steer(ip, now)
+        self.written = current
 
     def failed(self, ip: str, tier: Tier) -> None:
         metrics.mtls_handshake(tier, "failed")

@@ -2,13 +2,13 @@
 
 API:
     AcceptorService(cfg, index, sock, mtls_sock=None, fast_sock=None, handed=True, steered=None,
-                    known_file=None)
+                    known=None)
         the service that ingress.core.child.main_loop runs (ingress.edge.acceptor's entry points
         build it): `await .setup(sig)` -> child.Service (its start line: acceptor_start),
         `await .serve()` until .stopped is set (a stop order, the parent's death), then the
         drain (its line: acceptor_drained) and the saves and closes; `sock` None: a fast
         acceptor, or with `handed` False an mTLS acceptor
-    listeners(ctx, sock, mtls_sock, fast_sock, handed=True, steered=None, known_file=None)
+    listeners(ctx, sock, mtls_sock, fast_sock, handed=True, steered=None, known=None)
         -> servers
         one server per listening socket (each a socket, a list of them or None)
 
@@ -43,7 +43,6 @@ import contextlib
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from ingress.core import child, log, procs
@@ -68,11 +67,11 @@ class AcceptorService:
                  fast_sock: Listening = None, handed: bool = True,
                  steered: Listening = None,
                  steer: Callable[[str, float], None] | None = None,
-                 known_file: Path | None = None) -> None:
+                 known: Callable[[str, float], None] | None = None) -> None:
         self.cfg, self.index = cfg, index
         self.sock, self.mtls_sock, self.fast_sock = sock, mtls_sock, fast_sock
         self.handed, self.steered, self.steer = handed, steered, steer
-        self.known_file = known_file
+        self.known = known
         self.servers: list[Any] = []
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -102,7 +101,7 @@ class AcceptorService:
                       max_connections_effective=ctx.table.admission.limits.max_connections,
                       hint="raise LimitNOFILE / ulimit -n, or lower smtp.max_connections")
         self.servers = await listeners(ctx, sock, self.mtls_sock, self.fast_sock, self.handed,
-                                       self.steered, self.known_file)
+                                       self.steered, self.known)
         lanes = ctx.lanes
         self.tasks = [loop.create_task(t) for t in (
             lanes.read_status(ctx.learned_from_lane,
@@ -195,13 +194,14 @@ def _listening(socks: Listening) -> list[socket.socket]:
 
 async def listeners(ctx: AcceptorContext, sock: Listening, mtls_sock: Listening,
                     fast_sock: Listening, handed: bool = True,
-                    steered: Listening = None, known_file: Path | None = None) -> list[Any]:
+                    steered: Listening = None,
+                    known: Callable[[str, float], None] | None = None) -> list[Any]:
     """What this acceptor serves: one server per listening socket, i.e. per listen address
     (e.g. 0.0.0.0 and [::]) of port 25, the mutual-TLS port and the fast port; for a fast
     acceptor (`sock` None) the hand-off socket instead of port 25 (not for an mTLS acceptor:
     `handed` False), and its own port-25 sockets that the kernel steers the operator's
-    networks to (`steered`: ingress.core.reuseport; served like port 25's). `known_file`: where
-    an mTLS acceptor lists the client addresses it verified (mtls.Gate)."""
+    networks to (`steered`: ingress.core.reuseport; served like port 25's). `known`: where
+    an mTLS acceptor lists the client addresses it verified (mtls.Gate's steer)."""
     loop, lst = ctx.loop, ctx.cfg.listen
     servers: list[Any] = []
     if sock is None and handed:
@@ -218,7 +218,7 @@ async def listeners(ctx: AcceptorContext, sock: Listening, mtls_sock: Listening,
     servers += [await loop.create_server(lambda: Lobby(ctx, hand_back_to=handoff.ANY), sock=s,
                                          backlog=backlog) for s in _listening(steered)]
     if ctx.mtls_context is not None:
-        gate = mtls.Gate(ctx.cfg, loop, known_file)    # one per process, for every address
+        gate = mtls.Gate(ctx.cfg, loop, known)    # one per process, for every address
         # a fast acceptor beside mTLS acceptors has mTLS sockets only where the kernel steers
         # the addresses they verified (ingress.tools.listeners): its clients come vouched for
         vouched = sock is None and handed and ctx.cfg.mtls_acceptor_count > 0

@@ -67,8 +67,9 @@ API
         failed(ip, now)                a handshake we started failed
         tier(ip, now) -> Tier          (without taking anything)
         waiting -> int; known_count -> int
-        steered(now) -> list[str]      the addresses to steer (least recently verified
-                                       first); expired prefixes are forgotten first
+        steered(now) -> [(address, until)]   the addresses to steer (least recently
+                                       verified first), each until its prefix's entry expires;
+                                       expired prefixes are forgotten first
         steer_version -> int           changes whenever that list may have changed
 
 Rules
@@ -355,13 +356,13 @@ class HandshakeGate(Generic[T]):
                     del self._steer_of[old_prefix]
         self.steer_version += 1
 
-    def steered(self, now: float) -> list[str]:
+    def steered(self, now: float) -> list[tuple[str, float]]:
         while self._known:                 # expired prefixes first (they are at the front)
             first, (expires, _) = next(iter(self._known.items()))
             if expires > now:
                 break
             self._forget(first)
-        return list(self._steer)
+        return [(ip, self._known[prefix][0]) for ip, prefix in self._steer.items()]
 
     def failed(self, ip: str, now: float) -> None:
         if self.limits.failed_ttl > 0:

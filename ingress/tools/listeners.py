@@ -10,9 +10,10 @@ API:
                                         per acceptor slot, one socket per address
         .set_steering(cfg, on)          attach the steering programs for `on` (the fast
                                         acceptors all up) when that changed
-        .steer_known(cfg, on)           the same for the mutual-TLS port: the client addresses
-                                        the mTLS acceptors verified (their files) when those
-                                        or `on` changed; .mtls_steered_sockets per fast slot
+        .steer_known(cfg, on, known)    the same for the mutual-TLS port: the client addresses
+                                        the mTLS acceptors verified (`known`, per family) when
+                                        those or `on` changed; .mtls_steered_sockets per fast
+                                        slot
         .steering                       what the programs attached do (None: unknown; a reload
                                         sets it so, and the next watch re-attaches them)
         .close()                        close every listening socket (the drain's end)
@@ -34,10 +35,10 @@ listen.steer_operator: one more socket per fast acceptor in each port-25 address
 family has allow-list networks, and a program (ingress.core.reuseport) that steers the
 operator's networks to them while every fast acceptor is up. With mTLS acceptors (the same
 key: derived.steer_known), one more socket per fast acceptor in each mutual-TLS address's
-group, and a program that sends the client addresses the mTLS acceptors verified lately (their
-files, reuseport.read_known) to the fast acceptors, every other client to the mTLS acceptors:
-a certificate sender, once verified, is served by a process that does no strangers' handshakes
-and never queues behind theirs in one accept queue.
+group, and a program that sends the client addresses the mTLS acceptors verified lately (the
+supervisor's known-address table, ingress.core.steer_table) to the fast acceptors, every other
+client to the mTLS acceptors: a certificate sender, once verified, is served by a process that
+does no strangers' handshakes and never queues behind theirs in one accept queue.
 
 Failure modes: a listener that cannot be bound stops the start with one line naming the cause
 from the errno (BindError, bind_error_message: in use, by anyone, even another smtp-ingress of
@@ -56,7 +57,6 @@ import errno
 import ipaddress
 import socket
 from collections.abc import Mapping
-from pathlib import Path
 
 from ingress.core import derived, log, reuseport
 from ingress.core.config import Config, format_listen_address, parse_listen_address
@@ -217,7 +217,8 @@ class Listeners:
         # Per fast acceptor slot, its own socket in each mutual-TLS address's group, which the
         # kernel steers the client addresses the mTLS acceptors verified to (steer_known).
         self.mtls_steered_sockets: list[list[socket.socket]] = []
-        self.known_seen: tuple[object, ...] | None = None   # what the programs steer now
+        self.known: dict[int, list[str]] = {}         # the addresses steered there now
+        self.known_seen: tuple[bool, dict[int, list[str]]] | None = None
 
     def bind(self, cfg: Config) -> Config:
         """Bind every listen set of `cfg`; the config with the addresses as bound."""
@@ -261,28 +262,28 @@ class Listeners:
         self.mtls_steered_sockets = per_slot
         log.event("steer_known", addresses=cfg.tls.mtls_addresses, fast_acceptors=nf)
 
-    def steer_known(self, cfg: Config, on: bool) -> None:
-        """Steer the client addresses the mTLS acceptors list (reuseport.read_known) to the
-        fast acceptors (`on`: every one of them is up), when the lists or `on` changed."""
-        paths = [reuseport.known_path(cfg.spool.state_dir, i)
-                 for i in range(cfg.mtls_acceptor_count)]
-        seen: tuple[object, ...] = (on, *(_mtime(p) for p in paths))
-        if seen == self.known_seen:
+    def steer_known(self, cfg: Config, on: bool, known: Mapping[int, list[str]]) -> None:
+        """Steer the client addresses the mTLS acceptors verified (`known`, per family: the
+        supervisor's known-address table) to the fast acceptors (`on`: every one of them is
+        up), when those or `on` changed."""
+        known = dict(known) if on else {}
+        if (on, known) == self.known_seen:
             return
-        self.known_seen = seen             # (a failure is logged once, and tried at the next)
-        known = reuseport.read_known(paths) if on else []
+        self.known_seen = (on, known)      # (a failure is logged once, and tried at the next)
+        self.known = known
         nf, nm = cfg.supervisor.fast_acceptors, cfg.mtls_acceptor_count
         try:
             for sock in self.mtls_sockets[0]:
                 version = 6 if sock.family == socket.AF_INET6 else 4
-                nets = [n for n in known if n.version == version][-reuseport.MAX_NETWORKS:]
-                prog = reuseport.program(nets, nm, nf)
+                nets = [ipaddress.ip_network(a) for a in known.get(version, [])]
+                prog = reuseport.program(nets[:reuseport.MAX_NETWORKS], nm, nf)
                 assert prog is not None
                 reuseport.attach(sock, prog)
         except OSError as e:
             log.event("steer_unavailable", "warning", port="mtls", error=str(e))
             return
-        log.event("steering_known", on=on, addresses=len(known))
+        log.event("steering_known", on=on, ipv4=len(known.get(4, [])),
+                  ipv6=len(known.get(6, [])))
 
     def _bind_steered(self, cfg: Config, main: tuple[str, ...]) -> None:
         """listen.steer_operator: one more socket per fast acceptor in each port-25 address's
@@ -357,12 +358,3 @@ class Listeners:
                      + self.mtls_steered_sockets):
             for s in slot:
                 s.close()
-
-
-def _mtime(path: Path) -> tuple[int, int]:
-    """A file's identity and age (write_known replaces it: a new inode each time)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return 0, 0
-    return st.st_ino, st.st_mtime_ns

@@ -139,7 +139,10 @@ class Supervisor:
         # dnswl.steer: the addresses the acceptors learned to steer, a region per child slot
         # (its size is the start's: dnswl.steer_max changes with a restart)
         self.steer = SteerTable.create(self.table.mp, heartbeat_slots(cfg), cfg.dnswl.steer_max)
-        self.steer_seen: tuple[int, float] = (-1, 0.0)    # generation, when read
+        self.seen: dict[str, tuple[int, float]] = {}    # per table: generation, when read
+        # the client addresses the mTLS acceptors verified (derived.steer_known), the same way
+        self.known = SteerTable.create(self.table.mp, heartbeat_slots(cfg),
+                                       reuseport.MAX_NETWORKS)
         self.listeners = Listeners()
         self.configured = listen_sets(cfg)      # as in the file (port 0 = any), for reloads
         self.flags: set[str] = set()
@@ -162,9 +165,11 @@ class Supervisor:
         own_mtls = c.cfg.mtls_acceptor_count > 0
         if c.kind == "acceptor" and c.key[1] == "mtls":
             i = c.key[2]
+            known = self.known
             return _entry("ingress.edge.acceptor", "run_mtls"), (
                 c.cfg, i, hb, c.slot, ls.mtls_sockets[i],
-                bool(ls.mtls_steered_sockets) and steer_known(c.cfg))
+                (known.array, known.regions, known.per_region)
+                if ls.mtls_steered_sockets and steer_known(c.cfg) else None)
         if c.kind == "acceptor" and c.key[1] == "fast":
             i = c.key[2]
             mtls = ls.mtls_sockets[i] if ls.mtls_sockets and to_fast and not own_mtls \
@@ -222,19 +227,28 @@ class Supervisor:
         if self.listeners.steered:
             self.listeners.set_steering(self.cfg, on, self._learned())
         if self.listeners.mtls_steered_sockets:       # (a reload may turn it off)
-            self.listeners.steer_known(self.cfg, on and steer_known(self.cfg))
+            self.listeners.steer_known(self.cfg, on and steer_known(self.cfg), self._known())
+
+    def _known(self) -> dict[int, list[str]]:
+        """The client addresses the mTLS acceptors verified (derived.steer_known)."""
+        return self._live("known", self.known, self.listeners.known)
 
     def _learned(self) -> dict[int, list[str]]:
-        """The addresses the acceptors learned to steer (dnswl.steer), read again when one
-        was written, and every STEER_EXPIRY_CHECK seconds for those that ended."""
+        """The addresses the acceptors learned to steer (dnswl.steer)."""
         if not learns_steering(self.cfg):
             return {}
-        now, (gen, when) = time.monotonic(), self.steer_seen
-        g = self.steer.generation()
+        return self._live("steer", self.steer, self.listeners.learned)
+
+    def _live(self, name: str, table: SteerTable,
+              held: dict[int, list[str]]) -> dict[int, list[str]]:
+        """A steer table's live addresses, read again when one was written and every
+        STEER_EXPIRY_CHECK seconds for those that ended; else `held` (what was read last)."""
+        now, (gen, when) = time.monotonic(), self.seen.get(name, (-1, 0.0))
+        g = table.generation()
         if g == gen and now - when < STEER_EXPIRY_CHECK:
-            return self.listeners.learned
-        self.steer_seen = (g, now)
-        return self.steer.live(now, reuseport.MAX_NETWORKS)
+            return held
+        self.seen[name] = (g, now)
+        return table.live(now, reuseport.MAX_NETWORKS)
 
     # --- life cycle ---------------------------------------------------------------------------
 

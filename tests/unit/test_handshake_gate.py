@@ -238,7 +238,7 @@ def test_steered_lists_verified_addresses_not_their_neighbours() -> None:
     g = gate()
     g.verified("192.0.2.7", CERT, 1.0)
     g.verified("2001:db8::7", CERT, 2.0)
-    assert g.steered(3.0) == ["192.0.2.7", "2001:db8::7"]
+    assert g.steered(3.0) == [("192.0.2.7", 101.0), ("2001:db8::7", 102.0)]   # known_ttl 100
     assert g.tier("192.0.2.8", 3.0) is Tier.KNOWN          # known by prefix, not steered
 
 
@@ -246,10 +246,10 @@ def test_steered_is_bounded_per_prefix_and_in_all_least_recent_first() -> None:
     g = HandshakeGate(GateLimits(known_ttl=100.0, steer_max=6), now=0.0)
     for i in range(6):                          # one /24: the last 4 only
         g.verified(f"192.0.2.{i}", CERT, float(i))
-    assert g.steered(10.0) == [f"192.0.2.{i}" for i in range(2, 6)]
+    assert [ip for ip, _ in g.steered(10.0)] == [f"192.0.2.{i}" for i in range(2, 6)]
     for i in range(3):                          # another /24 and certificate: 6 in all
         g.verified(f"198.51.100.{i}", OTHER, 10.0 + i)
-    assert g.steered(20.0) == ["192.0.2.3", "192.0.2.4", "192.0.2.5",
+    assert [ip for ip, _ in g.steered(20.0)] == ["192.0.2.3", "192.0.2.4", "192.0.2.5",
                                "198.51.100.0", "198.51.100.1", "198.51.100.2"]
     v = g.steer_version
     g.verified("198.51.100.2", OTHER, 21.0)     # the most recent again: no change
@@ -271,7 +271,7 @@ def test_a_forgotten_prefix_is_no_longer_steered(why: str) -> None:
         for i in range(8):
             g.verified(f"198.51.{i}.1", f"{i:064x}", 1.0 + i)
         now = 10.0
-    assert "192.0.2.7" not in g.steered(now)
+    assert "192.0.2.7" not in dict(g.steered(now))
     assert g.steer_version != v
 
 

@@ -8,11 +8,9 @@ import ipaddress
 import select
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from ingress.core import reuseport
 from ingress.core.reuseport import MAX_NETWORKS, attach, program
 
 
@@ -121,16 +119,3 @@ def test_the_largest_program_is_accepted(closing: list[socket.socket]) -> None:
     assert prog is not None and len(prog) // 8 <= 4096
     if socks:
         attach(socks[0], prog)
-
-
-def test_known_addresses_round_trip(tmp_path: Path) -> None:
-    """The mTLS acceptors' lists: written whole, read as /32 and /128 networks in order, junk
-    lines and missing files skipped, duplicates once."""
-    (tmp_path / "run").mkdir()
-    a, b = reuseport.known_path(tmp_path, 0), reuseport.known_path(tmp_path, 1)
-    reuseport.write_known(a, ["192.0.2.7", "2001:db8::7"])
-    b.write_text("nonsense\n192.0.2.7\n198.51.100.1\n")
-    nets = reuseport.read_known([a, b, reuseport.known_path(tmp_path, 2)])
-    assert [str(n) for n in nets] == ["192.0.2.7/32", "2001:db8::7/128", "198.51.100.1/32"]
-    reuseport.write_known(a, [])
-    assert reuseport.read_known([a]) == []

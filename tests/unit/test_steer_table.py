@@ -49,3 +49,15 @@ def test_generation_changes_with_every_write_and_a_child_sees_the_same_memory() 
     child = SteerTable(t.array, t.regions, t.per_region)     # what a child builds
     child.add(0, "192.0.2.2", 10.0)
     assert sorted(t.live(1.0, 10)[4]) == ["192.0.2.1", "192.0.2.2"]
+
+
+def test_clear_ends_a_region_only() -> None:
+    """A new writer (a restarted mTLS acceptor) starts its region afresh; others keep theirs."""
+    t = table()
+    t.add(0, "192.0.2.1", 10.0)
+    t.add(1, "192.0.2.2", 10.0)
+    g = t.generation()
+    t.clear(0)
+    assert t.generation() != g
+    assert t.live(5.0, 10) == {4: ["192.0.2.2"], 6: []}
+    t.clear(7)                         # no such region: nothing
