@@ -115,12 +115,13 @@ def issue18_rows(doc: dict[str, Any], target: str = "smtp-ingress") -> list[dict
 def issue18_markdown(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
-    out = ["", "### Issue 18: the provider pool, fast from its second address on (smtp-ingress;"
-           " from its log: lane fast with reason provider:<provider>)", "",
-           "| scenario | accepted | messages after the learned one | served fast | "
-           "addresses seen (of the others) | ok |", "|---|---|---|---|---|---|"]
+    out = report.section("Issue 18: the provider pool, fast from its second address on "
+                         "(smtp-ingress; from its log: lane fast with reason "
+                         "provider:<provider>)",
+                         ("scenario", "accepted", "messages after the learned one",
+                          "served fast", "addresses seen (of the others)", "ok"))
     for r in rows:
-        ok = "-" if r["ok"] is None else ("yes" if r["ok"] else "NO")
         out.append(f"| {r['label']} | {report._fmt_pct(r['accepted_pct'])} | "
-                   f"{r['after_first']} | {r['fast']} | {r['addresses_seen']} | {ok} |")
+                   f"{r['after_first']} | {r['fast']} | {r['addresses_seen']} | "
+                   f"{report.verdict(r['ok'])} |")
     return "\n".join(out) + "\n"

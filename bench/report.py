@@ -20,6 +20,8 @@ API
     throughput_rows(tp, baseline="postfix") -> list[dict]
     render_markdown(doc) -> str                    the whole report (tables, notes)
     plot(doc, path, scenarios=("flood", "large")) -> Path | None   matplotlib; None if no data
+    section(title, columns) -> list[str]           a report section's heading and table header
+    verdict(ok) -> str                             "yes", "NO", or "-" (not judged)
     save_json(doc, name, path=None) -> Path        write a run document (without a path:
                                                    bench/out/<name>-<time>.json), say where
     python -m bench.report RUN.json [--md OUT.md] [--png OUT.png]  re-render a stored run
@@ -547,6 +549,17 @@ def plot(doc: dict[str, Any], path: Path,
     plt.close(fig)
     return path
 
+
+
+
+def section(title: str, columns: Sequence[str]) -> list[str]:
+    """The first lines of a report section: its heading and its Markdown table's header."""
+    return ["", f"### {title}", "", "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns)]
+
+
+def verdict(ok: bool | None) -> str:
+    return "-" if ok is None else ("yes" if ok else "NO")
 
 
 def save_json(doc: dict[str, Any], name: str, path: Path | None = None) -> Path:

@@ -178,10 +178,10 @@ def issue8_rows(doc: dict[str, Any], target: str = "smtp-ingress",
 def issue8_markdown(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
-    out = ["", "### Judged senders: issue 8 (late-proving senders under silent floods) and "
-           "issue 17 (trust tiers) rows (smtp-ingress)", "",
-           "| scenario | sender | accepted | p50 ms (no flood) | p99 ms (no flood) | "
-           "p99 ratio | ok |", "|---|---|---|---|---|---|---|"]
+    out = report.section("Judged senders: issue 8 (late-proving senders under silent floods) "
+                         "and issue 17 (trust tiers) rows (smtp-ingress)",
+                         ("scenario", "sender", "accepted", "p50 ms (no flood)",
+                          "p99 ms (no flood)", "p99 ratio", "ok"))
     for r in rows:
         if not r["measured"]:
             out.append(f"| {r['label']} | {r['sender']} | not measured | | | | |")
@@ -233,11 +233,11 @@ def issue17_extra(doc: dict[str, Any], target: str = "smtp-ingress") -> list[dic
 def issue17_markdown(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
-    out = ["", "### Issue 17: what the attacker gets (smtp-ingress)", "",
-           "| scenario | measure | value | bound | ok |", "|---|---|---|---|---|"]
+    out = report.section("Issue 17: what the attacker gets (smtp-ingress)",
+                         ("scenario", "measure", "value", "bound", "ok"))
     for r in rows:
-        ok = "-" if r["ok"] is None else ("yes" if r["ok"] else "NO")
-        out.append(f"| {r['scenario']} | {r['what']} | {r['value']} | {r['bound']} | {ok} |")
+        out.append(f"| {r['scenario']} | {r['what']} | {r['value']} | {r['bound']} | "
+                   f"{report.verdict(r['ok'])} |")
     return "\n".join(out) + "\n"
 
 
