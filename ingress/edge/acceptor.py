@@ -69,11 +69,7 @@ def run_mtls(cfg: Config, index: int, hb: Any = None, slot: int = 0,
     derived.steer_known): the supervisor's known-address table, region `slot`, where it lists
     them (emptied at start); serving strangers and first contacts only, it then yields the
     cores like the port-25 acceptors (supervisor.acceptor_nice)."""
-    writer = None
-    if known is not None:
-        table = SteerTable(*known)
-        table.clear(slot)
-        writer = _steer(known, slot)
+    writer = _steer(known, slot, clear=True)
     _main(cfg, f"mtls-acceptor-{index}", hb, slot,
           AcceptorService(cfg, index, None, mtls_sock, handed=False, known=writer),
           nice=cfg.supervisor.acceptor_nice if known is not None else 0)
@@ -87,10 +83,13 @@ def run(cfg: Config, index: int, sock: Listening, hb: Any = None, slot: int = 0,
           nice=cfg.supervisor.acceptor_nice if cfg.supervisor.fast_acceptors else 0)
 
 
-def _steer(steer: Any, slot: int) -> Callable[[str, float], None] | None:
-    """The supervisor's steer table (dnswl.steer: (array, regions, per_region)) as this
-    child's writer: its region is its child slot."""
+def _steer(steer: Any, slot: int, clear: bool = False) -> Callable[[str, float], None] | None:
+    """One of the supervisor's steer tables ((array, regions, per_region): dnswl.steer's, or
+    the mTLS acceptors' known addresses) as this child's writer: its region is its child
+    slot (`clear`: emptied first, what a predecessor in the slot listed)."""
     if steer is None:
         return None
     table = SteerTable(*steer)
+    if clear:
+        table.clear(slot)
     return lambda ip, until: table.add(slot, ip, until)

@@ -21,7 +21,8 @@ API:
     bind_addresses(cfg, addresses, count) -> (sets, addresses as bound)
     bind_error_message(address, errno, strerror) -> str     why a bind failed, for the operator
     with_bound(cfg, main, fast, mtls) -> Config, listen_sets(cfg) -> (main, fast, mtls)
-    steer_networks(cfg, host) -> networks the kernel steers to the fast acceptors there
+    steer_networks(cfg, host, learned) -> networks the kernel steers to the fast acceptors there
+    address_networks(addresses, version, room) -> a steer table's addresses as networks
 
 The supervisor binds one SO_REUSEPORT listening socket per listen address (listen.addresses,
 listen.fast_addresses, tls.mtls_addresses: e.g. "0.0.0.0:25" and "[::]:25", the IPv6 one
@@ -140,8 +141,14 @@ def steer_networks(cfg: Config, host: str, learned: Mapping[int, list[str]] | No
     (what the kernel steers to the fast acceptors there: listen.steer_operator)."""
     version = 6 if ":" in host else 4
     nets: list[reuseport.Network] = [n for n in cfg.allow_networks if n.version == version]
-    room = reuseport.MAX_NETWORKS - len(nets)
-    return nets + [ipaddress.ip_network(a) for a in (learned or {}).get(version, [])[:room]]
+    return nets + address_networks(learned, version, reuseport.MAX_NETWORKS - len(nets))
+
+
+def address_networks(addresses: Mapping[int, list[str]] | None, version: int,
+                     room: int) -> list[reuseport.Network]:
+    """The first `room` addresses of family `version` (a steer table's live ones, per
+    family) as host networks, for a steering program."""
+    return [ipaddress.ip_network(a) for a in (addresses or {}).get(version, [])[:max(0, room)]]
 
 
 def learns_steering(cfg: Config) -> bool:
@@ -218,7 +225,7 @@ class Listeners:
         # kernel steers the client addresses the mTLS acceptors verified to (steer_known).
         self.mtls_steered_sockets: list[list[socket.socket]] = []
         self.known: dict[int, list[str]] = {}         # the addresses steered there now
-        self.known_seen: tuple[bool, dict[int, list[str]]] | None = None
+        self.known_on: bool | None = None             # ... while on (None: not attached yet)
 
     def bind(self, cfg: Config) -> Config:
         """Bind every listen set of `cfg`; the config with the addresses as bound."""
@@ -267,16 +274,16 @@ class Listeners:
         supervisor's known-address table) to the fast acceptors (`on`: every one of them is
         up), when those or `on` changed."""
         known = dict(known) if on else {}
-        if (on, known) == self.known_seen:
+        if (on, known) == (self.known_on, self.known):
             return
-        self.known_seen = (on, known)      # (a failure is logged once, and tried at the next)
-        self.known = known
+        # (set before the attempt: a failure is logged once, and tried at the next change)
+        self.known_on, self.known = on, known
         nf, nm = cfg.supervisor.fast_acceptors, cfg.mtls_acceptor_count
         try:
             for sock in self.mtls_sockets[0]:
                 version = 6 if sock.family == socket.AF_INET6 else 4
-                nets = [ipaddress.ip_network(a) for a in known.get(version, [])]
-                prog = reuseport.program(nets[:reuseport.MAX_NETWORKS], nm, nf)
+                nets = address_networks(known, version, reuseport.MAX_NETWORKS)
+                prog = reuseport.program(nets, nm, nf)
                 assert prog is not None
                 reuseport.attach(sock, prog)
         except OSError as e:

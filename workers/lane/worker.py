@@ -20,7 +20,7 @@ Each message is ACKed when its own commit is durable, never before. This loop on
 broker or a finished thread (a socketpair wakes it), so it keeps receiving work and heartbeating
 while a DKIM check waits on a key that never answers (dkim_deadline, classify.dkim_dns_budget).
 That check holds its own unit of credit and nobody else's. Bounds: messages in hand <= credit
-(pipelines + ready + the commit); after a reconnect or a broker restart the new broker lends
+(pipelines + ready + the two commits); after a reconnect or a broker restart the new broker lends
 full credit while old work is still in hand: that WORK waits for a unit (at most `credit` more;
 beyond that it is NACKed "error", which only a broker that lost count could cause). After each
 ACK, a SHARE fact when the pipeline says so: learn (SPF + aligned DKIM passed) or unlearn (mail
