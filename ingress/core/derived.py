@@ -10,6 +10,8 @@ API
     cores() -> int                               CPUs this process may run on
     acceptor_count(cfg), acceptor_processes(cfg), mtls_acceptor_count(cfg),
     worker_count(cfg, lane), child_count(cfg)    processes (Config's properties of those names)
+    steer_listed(cfg) -> bool                    DNS-allow-listed clients are steered to the
+                                                 fast acceptors (dnswl.steer)
     steer_known(cfg) -> bool                     the mTLS port's verified clients are steered
                                                  to the fast acceptors (ingress.core.reuseport)
     data_budget(cfg) -> (total, fast reserve)    DATA bytes per acceptor
@@ -78,6 +80,14 @@ def mtls_acceptor_count(cfg: Config) -> int:
     if not cfg.tls.mtls_addresses or cfg.supervisor.fast_acceptors <= 0:
         return 0
     return cfg.supervisor.mtls_acceptors
+
+
+def steer_listed(cfg: Config) -> bool:
+    """The acceptors list the clients a DNS allow list vouches for, and the kernel steers
+    them to the fast acceptors (dnswl.steer, with sites, fast acceptors and
+    listen.steer_operator: ingress.core.steer_table)."""
+    return (bool(cfg.dnswl.sites) and cfg.dnswl.steer and cfg.listen.steer_operator
+            and cfg.supervisor.fast_acceptors > 0)
 
 
 def steer_known(cfg: Config) -> bool:

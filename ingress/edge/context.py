@@ -283,7 +283,7 @@ class AcceptorContext:
         """A client a DNS allow list vouches for (the third-party tier): the kernel steers its
         next connections to the fast acceptors for dnswl.steer_ttl (the supervisor reads the
         steer table: ingress.core.steer_table), so they never wait in port 25's accept queue."""
-        if self.steer_writer is not None and self.cfg.dnswl.steer:
+        if self.steer_writer is not None:      # (derived.steer_listed: given only then)
             self.steer_writer(ip, time.monotonic() + self.cfg.dnswl.steer_ttl)
 
     def penalise(self, ip: str) -> None:

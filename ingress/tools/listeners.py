@@ -151,11 +151,6 @@ def address_networks(addresses: Mapping[int, list[str]] | None, version: int,
     return [ipaddress.ip_network(a) for a in (addresses or {}).get(version, [])[:max(0, room)]]
 
 
-def learns_steering(cfg: Config) -> bool:
-    """The acceptors learn addresses to steer (a DNS allow list, dnswl.steer)."""
-    return bool(cfg.dnswl.sites) and cfg.dnswl.steer
-
-
 PORT_PICK_TRIES = 20     # port 0 on several addresses: attempts to find one port free on all
 
 
@@ -303,7 +298,7 @@ class Listeners:
         per_slot: list[list[socket.socket]] = [[] for _ in range(nf)]
         for j, addr in enumerate(main):
             host, port = parse_listen_address(addr)
-            if not steer_networks(cfg, host) and not learns_steering(cfg):
+            if not steer_networks(cfg, host) and not derived.steer_listed(cfg):
                 continue
             extra = [bind_listener(cfg, host, port) for _ in range(nf)]
             try:

@@ -73,11 +73,11 @@ from typing import Any
 from ingress.core import config as config_mod
 from ingress.core import log, metrics_server, reuseport
 from ingress.core.config import Config, ConfigError
-from ingress.core.derived import configured_limit, raised_nofile, steer_known
+from ingress.core.derived import configured_limit, raised_nofile, steer_known, steer_listed
 from ingress.core.fsutil import private_dir_problem
 from ingress.core.steer_table import SteerTable
 from ingress.tools.children import Child, ChildTable, heartbeat_slots, wanted
-from ingress.tools.listeners import Listeners, learns_steering, listen_sets, with_bound
+from ingress.tools.listeners import Listeners, listen_sets, with_bound
 from workers.spool.collector import SpoolCollector
 
 TICK = 0.05
@@ -156,7 +156,7 @@ class Supervisor:
         """The entry point and arguments of child `c` (ChildTable.start calls it)."""
         hb, ls = self.table.hb, self.listeners
         st = self.steer
-        steer = (st.array, st.regions, st.per_region) if learns_steering(c.cfg) else None
+        steer = (st.array, st.regions, st.per_region) if steer_listed(c.cfg) else None
         # With fast acceptors, the mutual-TLS port and the fast port (clients that prove
         # themselves at connect or at the handshake) are theirs, not the port-25 acceptors'.
         # With mTLS acceptors (supervisor.mtls_acceptors), the mutual-TLS port is theirs alone:
@@ -235,7 +235,7 @@ class Supervisor:
 
     def _learned(self) -> dict[int, list[str]]:
         """The addresses the acceptors learned to steer (dnswl.steer)."""
-        if not learns_steering(self.cfg):
+        if not steer_listed(self.cfg):
             return {}
         return self._live("steer", self.steer, self.listeners.learned)
 
