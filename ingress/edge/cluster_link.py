@@ -209,9 +209,10 @@ class RedisLink:
     # --- the connection loop ------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Connect, subscribe, load, then watch: pub/sub messages and a heartbeat every
-        cluster.redis_retry. Any failure: down, try again at the next multiple of
-        cluster.redis_retry of the wall clock (retry_delay)."""
+        """Connect, subscribe, load, heartbeat once, and only then count as up (a Redis that
+        fails any step of the join never flaps up); then watch: pub/sub messages and a
+        heartbeat every cluster.redis_retry. Any failure: down, try again at the next multiple
+        of cluster.redis_retry of the wall clock (retry_delay)."""
         while True:
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
@@ -219,8 +220,10 @@ class RedisLink:
                     await self.client.ping()
                     await pubsub.subscribe(*self.channels())
                 await self._load()
+                async with asyncio.timeout(max(1.0, 20 * self.timeout)):
+                    await self._heartbeat()
                 self._up()
-                await self._watch(pubsub)
+                await self._watch(pubsub, time.monotonic() + self.retry)
             except asyncio.CancelledError:
                 raise
             except Exception as e:      # any failure: down, and try again
@@ -231,8 +234,7 @@ class RedisLink:
                         await pubsub.aclose()
             await asyncio.sleep(retry_delay(time.time(), self.retry))
 
-    async def _watch(self, pubsub: Any) -> None:
-        next_beat = 0.0
+    async def _watch(self, pubsub: Any, next_beat: float) -> None:
         while self.up:
             now = time.monotonic()
             if now >= next_beat:
