@@ -85,6 +85,7 @@ from ingress.policy.tiers import (
 
 OVER_RATE_LOG_EVERY = 10.0    # seconds between two over_rate lines for one domain
 OVER_RATE_LOGGED_MAX = 1024   # domains whose last over_rate line is remembered
+STRESS_RECHECK = 0.1         # seconds a stress judgement (lane_saturated) is reused
 
 
 SLOT_PREFIX = {"port25": "a", "fast": "f", "mtls": "m"}
@@ -113,6 +114,7 @@ class AcceptorContext:
     def __init__(self, cfg: Config, index: int, loop: asyncio.AbstractEventLoop,
                  nofile: int = 0, fast: bool = False, mtls_only: bool = False) -> None:
         self.cfg, self.index, self.loop = cfg, index, loop
+        self._stress, self._stress_at = False, float("-inf")     # lane_saturated's memo
         self.slot = slot_name("mtls" if mtls_only else "fast" if fast else "port25", index)
         self.ident = f"{self.slot}-{os.getpid()}"
         # a port-25 acceptor hands clients classified fast at connect to the fast acceptors
@@ -295,9 +297,18 @@ class AcceptorContext:
             self.cluster.share_penalty(ip)
 
     def lane_saturated(self, lane: Lane) -> bool:
-        return self.lanes.lane_saturated(lane) or (
-            lane is Lane.BULK and self.cluster is not None
-            and self.cluster.bulk_spent(time.monotonic()))
+        """Stress (the bulk lane cannot take more): asked at every command of a bulk session
+        (its idle timeout), so judged at most every STRESS_RECHECK seconds; its inputs (the
+        brokers' status, the buckets) move on that scale or slower."""
+        if lane is not Lane.BULK:
+            return False
+        now = time.monotonic()
+        if now - self._stress_at < STRESS_RECHECK:
+            return self._stress
+        self._stress_at = now
+        self._stress = self.lanes.lane_saturated(lane) or (
+            self.cluster is not None and self.cluster.bulk_spent(now))
+        return self._stress
 
     async def bulk_mail_admitted(self) -> bool:
         """The global bulk bucket in Redis when it is up (one EVALSHA, cluster.redis_timeout);

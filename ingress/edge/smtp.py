@@ -58,7 +58,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 from aiosmtpd.proxy_protocol import get_proxy
@@ -85,6 +85,30 @@ _PER_CONNECTION = frozenset({
     "envelope", "transport", "_handler_coroutine", "_smtp_methods", "_auth_methods",
     "command_size_limits"})
 
+
+
+class _Bound(Mapping[str, Any]):
+    """A session's table of commands (or AUTH mechanisms): fixed names, each value made (bound
+    to the session) when it is looked up."""
+
+    __slots__ = ("_make", "_names")
+
+    def __init__(self, names: tuple[str, ...], make: Callable[[str], Any]) -> None:
+        self._names, self._make = names, make
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._make(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def _write_line(transport: asyncio.BaseTransport, line: str) -> None:
@@ -133,11 +157,14 @@ class IngressSMTP(CommandPhase):
             self.envelope = None
             self.transport = None
             self._handler_coroutine = None
-            self._smtp_methods = {n: getattr(self, "smtp_" + n) for n in names}
+            # Bound on use, not for every connection (a dict of bound methods per session was
+            # one per cent of an acceptor's CPU): aiosmtpd only get()s, iterates and tests them.
+            self._smtp_methods = _Bound(  # type: ignore[assignment]
+                names, lambda n: getattr(self, "smtp_" + n))
             # AUTH mechanisms of this class are bound to the session; the handler's are shared.
-            self._auth_methods = {
-                m: _AuthMechAttr(getattr(self if builtin else ctx.handler, fn), builtin)
-                for m, fn, builtin in auth}
+            mechs = {m: (fn, builtin) for m, fn, builtin in auth}
+            self._auth_methods = _Bound(tuple(mechs), lambda m: _AuthMechAttr(  # type: ignore[assignment]
+                getattr(self if mechs[m][1] else ctx.handler, mechs[m][0]), mechs[m][1]))
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self.ctx = ctx
         self.implicit_tls = implicit_tls
@@ -167,6 +194,7 @@ class IngressSMTP(CommandPhase):
         self.txn_deferred = False
         self.deferred_rcpts = 0
         self._deadline: asyncio.TimerHandle | None = None
+        self._idle_deadline = 0.0          # the idle timeout's deadline (_reset_timeout)
         self.counters = Counters()     # errors, junk commands, MAILs (session_rules)
         self._counted_messages = 0     # self.messages when the counters last started afresh
         self._command = ""             # the command the next final reply answers
@@ -395,7 +423,27 @@ class IngressSMTP(CommandPhase):
         if duration is None and self.lane is Lane.BULK:
             duration = stress_timeouts(self._timeout_duration, self.ctx.lane_saturated(Lane.BULK),
                                        self.ctx.cfg.admission.stress_idle_timeout)
-        super()._reset_timeout(duration)
+        # A lazy timer (what aiosmtpd does, cancel and call_later at every command and every
+        # chunk of DATA, was a few per cent of an acceptor's CPU): the deadline moves, and a
+        # timer that fires before it re-arms itself for the rest (_idle_check). Only a deadline
+        # earlier than the armed timer (stress mode's shorter timeout) or no live timer arms
+        # a new one.
+        wait = duration or self._timeout_duration
+        loop = self.loop
+        self._idle_deadline = deadline = loop.time() + wait
+        handle = self._timeout_handle
+        if handle is not None:
+            if not handle.cancelled() and handle.when() <= deadline:
+                return
+            handle.cancel()
+        self._timeout_handle = loop.call_later(wait, self._idle_check)
+
+    def _idle_check(self) -> None:
+        left = self._idle_deadline - self.loop.time()
+        if left > 0.0:
+            self._timeout_handle = self.loop.call_later(left, self._idle_check)
+        else:
+            self._timeout_cb()
 
     def trace_evidence(self) -> WireEvidence:
         """What the worker needs for the trace headers and the learned allow cache."""

@@ -274,7 +274,9 @@ def after_reply(counters: Counters, policy: ErrorPolicy, line: str, command: str
             error = True
     if error:
         errors += 1
-    c = replace(counters, errors=errors, junk=junk, overshoot=overshoot)
+    c = counters if (errors, junk, overshoot) == (counters.errors, counters.junk,
+                                                  counters.overshoot) \
+        else replace(counters, errors=errors, junk=junk, overshoot=overshoot)
     return Step(c, error_delay(errors, policy), errors >= policy.hard_error_limit)
 
 

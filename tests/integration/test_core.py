@@ -167,6 +167,30 @@ def test_stalled_client_cut_at_timeout(tmp_path: Path) -> None:
         assert not ing.spooled()
 
 
+def test_idle_timer_moves_with_each_command_then_cuts(tmp_path: Path) -> None:
+    """The idle timer is lazy (armed once, re-armed when it fires early): commands past its
+    first deadline keep the session, and silence after them still ends it at idle_timeout."""
+    with Ingress(tmp_path, {"smtp": {"idle_timeout": 1.0, "ack_timeout": 0.5},
+                            "classify": {"dkim_deadline": 0.25}}) as ing:
+        async def talk_then_stall() -> tuple[list[str], float]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", ing.port)
+            lines = [(await reader.readline()).decode()]
+            for _ in range(7):                 # 2.8 s of commands: past 2 deadlines of 1 s
+                writer.write(b"NOOP\r\n")
+                lines.append((await asyncio.wait_for(reader.readline(), 5)).decode())
+                await asyncio.sleep(0.4)
+            t0 = asyncio.get_running_loop().time()
+            lines.append((await asyncio.wait_for(reader.readline(), 10)).decode())
+            took = asyncio.get_running_loop().time() - t0
+            writer.close()
+            return lines, took
+
+        lines, took = asyncio.run(talk_then_stall())
+        assert all(ln.startswith("250") for ln in lines[1:8]), lines
+        assert lines[-1].startswith("421 4.4.2"), lines
+        assert 0.3 < took < 4, took
+
+
 def test_session_deadline(tmp_path: Path) -> None:
     with Ingress(tmp_path, {"smtp": {"idle_timeout": 2.0, "ack_timeout": 1.0,
                                      "session_deadline": 2.5},

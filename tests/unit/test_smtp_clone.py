@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -45,7 +45,7 @@ def shape(value: Any, owner: object, depth: int = 0) -> Any:
         return (type(value).__name__, *(shape(v, owner, depth + 1) for v in value))
     if isinstance(value, list | tuple):
         return [shape(v, owner, depth + 1) for v in value]
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):      # dicts, and the tables bound on lookup (_Bound)
         return {k: shape(v, owner, depth + 1) for k, v in value.items()}
     if isinstance(value, set | frozenset):
         return sorted(repr(v) for v in value)
@@ -60,7 +60,7 @@ def bound_to(value: Any, target: object, depth: int = 0) -> bool:
         return True
     if isinstance(value, types.MethodType):
         return value.__self__ is target
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):      # dicts, and the tables bound on lookup (_Bound)
         return any(bound_to(v, target, depth + 1) for v in value.values())
     if isinstance(value, list | tuple | set | frozenset):
         return any(bound_to(v, target, depth + 1) for v in value)
