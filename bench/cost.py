@@ -36,8 +36,9 @@ API
     units(phase, spam) -> int             the unit count of a run from bench.flood's spam
                                           summary (pure)
     measure(target, seconds, spammers) -> dict   one run: cpu_s per role, spam summary, wall_s
-    run_cost(procs, stack, work, *, phases, runs, seconds, spammers, postfix, progress)
-        -> dict                           the document bench.run keeps under "cost"
+    run_cost(procs, stack, work, *, phases, runs, seconds, spammers, postfix, warmup, idle,
+             progress) -> dict            the document bench.run keeps under "cost"
+    less_idle(runs, idle_ms_per_s) -> ms  the median per unit less the idle CPU (pure)
     markdown(doc) -> str                  its report section (pure; "" without data)
     main(argv)                            python -m bench.cost [--short] [--runs N] [--seconds S]
                                           [--spammers N] [--phases shed,refused] [--no-postfix]
@@ -155,11 +156,12 @@ def measure(target: Running, seconds: float, spammers: int) -> dict[str, Any]:
             "spam": {k: spam.get(k) for k in keep}}
 
 
-def _idle_ms_per_s(target: Running) -> float:
-    time.sleep(1.0)                 # what the warm-up left (closing sessions, acks)
+def _idle_ms_per_s(target: Running, seconds: float) -> float:
+    time.sleep(min(1.0, seconds))   # what the warm-up left (closing sessions, acks)
     before = cpu_snapshot(target.pids())
-    time.sleep(IDLE_S)
-    return round(sum(cpu_used(before, cpu_snapshot(target.pids())).values()) * 1000 / IDLE_S, 2)
+    time.sleep(seconds)
+    return round(sum(cpu_used(before, cpu_snapshot(target.pids())).values()) * 1000 / seconds,
+                 2)
 
 
 def _start(procs: Processes, stack: contextlib.ExitStack, work: Path, name: str,
@@ -176,14 +178,16 @@ def _start(procs: Processes, stack: contextlib.ExitStack, work: Path, name: str,
 
 def run_cost(procs: Processes, stack: contextlib.ExitStack, work: Path, *,
              phases: Sequence[str] = tuple(PHASES), runs: int = 3, seconds: float = 8.0,
-             spammers: int = SPAMMERS, postfix: bool = True,
+             spammers: int = SPAMMERS, postfix: bool = True, warmup: float = WARMUP_S,
+             idle: float = IDLE_S,
              progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Every phase: start the targets, warm up, idle CPU, then `runs` alternated runs; stop
-    them. The document bench.run keeps under "cost"."""
+    """Every phase: start the targets, warm up (`warmup` s of the same flood, unmeasured), idle
+    CPU (over `idle` s), then `runs` alternated runs; stop them. The document bench.run keeps
+    under "cost"."""
     ensure_fd_limit(spammers + 256, "bench.cost's spam process")
     names = ["smtp-ingress", *(["postfix"] if postfix else [])]
     doc: dict[str, Any] = {"params": {"runs": runs, "seconds": seconds, "spammers": spammers,
-                                      "warmup_s": WARMUP_S, "idle_s": IDLE_S,
+                                      "warmup_s": warmup, "idle_s": idle,
                                       "spam_per_conn": 1}, "phases": {}}
     for pname in phases:
         phase = PHASES[pname]
@@ -202,8 +206,8 @@ def run_cost(procs: Processes, stack: contextlib.ExitStack, work: Path, *,
                 "settings": phase.postfix if name == "postfix" else phase.ingress}
         try:
             for name, t in running.items():
-                run_flood_sync(_flood(t, WARMUP_S, spammers))       # unmeasured
-                entry["targets"][name]["idle_cpu_ms_per_s"] = _idle_ms_per_s(t)
+                run_flood_sync(_flood(t, warmup, spammers))       # unmeasured
+                entry["targets"][name]["idle_cpu_ms_per_s"] = _idle_ms_per_s(t, idle)
             for i in range(runs):
                 for name, t in running.items():
                     r = measure(t, seconds, spammers)
