@@ -34,6 +34,9 @@ Scenarios (bench.flood does the load; all bounded in time and count, each stops 
     throughput  smtp-source -s 20 -l 1024 -m 20000, with and without -d, against smtp-ingress
               (bench/configs/throughput.toml), Postfix and smtp-sink; medians of 3, ratios
               against Postfix from the same run (--quick: -m 1000, 1 run)
+    cost      issue 20: CPU per shed transaction and per refused connection, per role, of
+              smtp-ingress and a private Postfix, each with the phase's settings (bench.cost:
+              100 spam senders, medians of 3 alternated runs of 8 s; --quick: 1 run of 2 s)
     Legitimate senders in every flood scenario, each one message every 100 ms on a fresh
     connection, timed connect -> 250: trusted IP 127.0.0.10 (allow-listed), a client certificate
     on the mutual-TLS port from 127.0.0.11 (n/a for targets without one), and an SPF-pass domain
@@ -41,7 +44,8 @@ Scenarios (bench.flood does the load; all bounded in time and count, each stops 
 
 API / CLI
     python -m bench.run (--quick | --full) [--targets smtp-ingress,postfix,aiosmtpd]
-        [--scenarios noflood,flood,...] [--no-throughput] [--ramp S] [--large-bots N]
+        [--scenarios noflood,flood,...] [--no-throughput] [--no-cost] [--ramp S]
+        [--large-bots N]
         [--profile] [--out DIR] [--no-publish] [--keep]
     build_scenarios(mode, ramp, large_bots) -> dict[str, Scenario]   (pure; bench.scenarios: the
         scenario tables and the DNS records they need; bench.evidence: the provider-pool row)
@@ -88,7 +92,7 @@ from typing import Any
 
 import orjson
 
-from bench import evidence, report, sched, unbound
+from bench import cost, evidence, report, sched, unbound
 from bench.flood import (
     FdLimitError,
     FloodConfig,
@@ -622,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"flood targets, comma list of {', '.join(FLOOD_TARGETS)}")
     ap.add_argument("--scenarios", default="", help="only these flood scenarios (comma list)")
     ap.add_argument("--no-throughput", action="store_true", help="skip the smtp-source runs")
+    ap.add_argument("--no-cost", action="store_true", help="skip the CPU per shed transaction "
+                    "and per refused connection (bench.cost)")
     ap.add_argument("--ramp", type=float, default=None,
                     help="large scenario: spread the bots' connects over S s (full: 5, quick: 1)"
                          "; thousands of simultaneous SYNs overflow the kernel's SYN/accept "
@@ -701,9 +707,10 @@ def main(argv: list[str] | None = None) -> int:
             "dns_server": dns_server,
         },
         "scenarios": {k: v.as_dict() for k, v in scenarios.items()},
-        "targets": {}, "flood": [], "throughput": {}, "notes": notes,
+        "targets": {}, "flood": [], "throughput": {}, "cost": {}, "notes": notes,
     }
-    n_steps = len(names) * len(scenarios) + (0 if a.no_throughput else 1)
+    n_steps = (len(names) * len(scenarios) + (0 if a.no_throughput else 1)
+               + (0 if a.no_cost else 1))
     prog = Progress(n_steps)
     prog.note(f"bench.run --{mode}: {len(scenarios)} scenarios x {len(names)} targets"
               f"{'' if a.no_throughput else ' + throughput'}; output {out_dir}")
@@ -746,6 +753,12 @@ def main(argv: list[str] | None = None) -> int:
                                                    mode, prog, notes)
                 if sink is not None:
                     sink.stop()
+            if not a.no_cost:
+                prog.step("cost: CPU per shed transaction and per refused connection")
+                doc["cost"] = cost.run_cost(procs, stack, work / "cost",
+                                            runs=3 if mode == "full" else 1,
+                                            seconds=8.0 if mode == "full" else 2.0,
+                                            progress=lambda s: prog.note(f"  {s}"))
             flood_tables: dict[str, dict[str, Any]] = {
                 "classify": {"nameservers": [dns_addr]},
                 "tls": {"cert": str(pki.server_cert), "key": str(pki.server_key),
@@ -857,7 +870,8 @@ def _write(out_dir: Path, doc: dict[str, Any], prog: Progress) -> None:
     doc["issue8"] = issue8_rows(doc)
     doc["issue17"] = issue17_extra(doc)
     doc["issue18"] = evidence.issue18_rows(doc)
-    md = (report.render_markdown(doc) + issue8_markdown(doc["issue8"])
+    md = (report.render_markdown(doc) + cost.markdown(doc.get("cost"))
+          + issue8_markdown(doc["issue8"])
           + issue17_markdown(doc["issue17"]) + evidence.issue18_markdown(doc["issue18"]))
     (out_dir / "results.md").write_text(md)
     png: Path | None = None

@@ -19,7 +19,7 @@ API
     ingress_config(template, overrides) -> dict (written with tests.kit.harness.write_config)
     start_ingress(procs, dir, template, overrides, name) -> Running
     start_baseline(procs, dir) -> Running                     bench/baseline.py, port 0
-    start_postfix(stack, dir) -> Running | str                a str is the reason it was skipped
+    start_postfix(stack, dir, extra_main_cf=None) -> Running | str   a str: why it was skipped
     start_sink(stack) -> Running | str
     acceptor_pids(log_path, supervisor_pid) -> list[int]      from the ingress's JSON log
 
@@ -288,9 +288,10 @@ def start_baseline(procs: Processes, directory: Path, name: str = "aiosmtpd",
                    info={"backlog": 100, "note": "single process, no connection cap"})
 
 
-def start_postfix(stack: contextlib.ExitStack, directory: Path,
-                  name: str = "postfix") -> Running | str:
-    """A private Postfix (default limits, discard delivery); a str is why it was skipped."""
+def start_postfix(stack: contextlib.ExitStack, directory: Path, name: str = "postfix",
+                  extra_main_cf: dict[str, str] | None = None) -> Running | str:
+    """A private Postfix (default limits, discard delivery; `extra_main_cf`: main.cf settings
+    on top, e.g. bench.cost's restrictions); a str is why it was skipped."""
     from tests.kit.postfix import (
         PostfixError,
         PostfixInstance,
@@ -306,7 +307,7 @@ def start_postfix(stack: contextlib.ExitStack, directory: Path,
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)  # the postfix user must traverse it
     pf = PostfixInstance(directory, free_port(), accept_domains=("example.test",),
-                         delivery="discard")
+                         delivery="discard", extra_main_cf=extra_main_cf)
     try:
         stack.enter_context(pf)
     except (PostfixUnavailable, PostfixError, ValueError, OSError) as e:

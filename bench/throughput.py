@@ -24,6 +24,11 @@ API
     ``builtin_targets(stack, names, workdir) -> list[Target]``: starts ``postfix`` and/or
         ``smtp-sink`` on free loopback ports; the ExitStack stops them.
     ``raise_nofile_limit() -> int``: soft RLIMIT_NOFILE := hard limit.
+    ``cpu_snapshot(pids) -> CpuSnapshot``, ``cpu_used(before, after) -> {role: s}`` (pure):
+        the CPU of every process of a target over a window, per role, with what the processes
+        that exited in it used there ("exited"); ``per_unit_ms([(cpu_s, units)]) -> {role: ms}``
+        (pure): the median CPU per message (or per shed transaction, refused connection: bench.
+        cost) over runs.
     ``main(argv)``: ``python -m bench.throughput [--quick] [-m N] [--runs N] [--modes ...]
         [--no-postfix] [--no-sink] [--wait-idle PCT] [--json FILE] [name=host:port ...]``;
         raises RLIMIT_NOFILE, starts the built-ins, prints progress on stderr and a Markdown
@@ -217,17 +222,27 @@ class Target:
     port: int
     drain: Callable[[float], bool] | None = field(default=None, compare=False, repr=False)
     # Its processes, the one that reaps the others first (the supervisor, Postfix's master):
-    # the CPU of each role is measured over a run (cpu_by_role). None: not measured.
+    # the CPU of each role is measured over a run (cpu_snapshot, cpu_used). None: not
+    # measured.
     pids: Callable[[], list[int]] | None = field(default=None, compare=False, repr=False)
 
 
-def cpu_by_role(pids: Sequence[int]) -> dict[str, float]:
-    """CPU seconds (user + system) used so far by each role of a target's processes (role:
-    bench.sched.role_of of the command line: "acceptor", "fast worker", "smtpd", "cleanup"),
-    and under "exited" the CPU of the children the first pid reaped (Postfix's smtpd
-    processes come and go: a process that existed before a run and exited during it is
-    counted whole in the difference, its part before the run being in the first snapshot)."""
-    out: dict[str, float] = {}
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """The CPU seconds (user + system) used so far by each process of a target -- pid -> (role,
+    seconds), role: bench.sched.role_of of its command line ("acceptor", "fast worker",
+    "smtpd", "cleanup") -- and ``reaped``: the CPU of the children its first pid (the
+    supervisor, Postfix's master) has reaped."""
+
+    procs: dict[int, tuple[str, float]]
+    reaped: float = 0.0
+
+
+def cpu_snapshot(pids: Sequence[int]) -> CpuSnapshot:
+    """The CPU so far of ``pids`` (the one that reaps the others first); a process that is
+    gone is left out."""
+    procs: dict[int, tuple[str, float]] = {}
+    reaped = 0.0
     for i, pid in enumerate(pids):
         try:
             p = psutil.Process(pid)
@@ -236,16 +251,38 @@ def cpu_by_role(pids: Sequence[int]) -> dict[str, float]:
                 role = role_of(p.cmdline())
         except (psutil.Error, OSError):
             continue
-        out[role] = out.get(role, 0.0) + t.user + t.system
+        procs[pid] = (role, t.user + t.system)
         if i == 0:
-            out["exited"] = t.children_user + t.children_system
-    return out
+            reaped = t.children_user + t.children_system
+    return CpuSnapshot(procs, reaped)
 
 
-def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Per role, the CPU seconds used between two cpu_by_role snapshots (pure)."""
-    return {role: round(after[role] - before.get(role, 0.0), 4) for role in after
-            if after[role] - before.get(role, 0.0) > 0}
+def cpu_used(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
+    """Per role, the CPU seconds used between two snapshots (pure). A process alive at both
+    counts its growth; one born since, all of it; "exited": what the processes reaped since
+    used within the window -- the reaped CPU's growth less what those that were alive in
+    ``before`` had used by then (Postfix's smtpd and cleanup exit after max_use connections:
+    counting their whole life would charge the window with work done before it)."""
+    out: dict[str, float] = {}
+    for pid, (role, secs) in after.procs.items():
+        out[role] = out.get(role, 0.0) + secs - before.procs.get(pid, (role, 0.0))[1]
+    earlier = sum(secs for pid, (_, secs) in before.procs.items() if pid not in after.procs)
+    out["exited"] = after.reaped - before.reaped - earlier
+    return {role: round(v, 4) for role, v in out.items() if abs(v) >= 0.00005}
+
+
+def per_unit_ms(samples: Sequence[tuple[dict[str, float], int]]) -> dict[str, float] | None:
+    """Median over runs of CPU milliseconds per unit (message, shed transaction, refused
+    connection), per role and in "all" (the sum of the roles), from (CPU seconds per role,
+    units) pairs; runs with no units are left out, None when none is left (pure)."""
+    runs = [(cpu, n) for cpu, n in samples if n > 0]
+    if not runs:
+        return None
+    roles = sorted({k for cpu, _ in runs for k in cpu})
+    out = {role: statistics.median(cpu.get(role, 0.0) * 1000 / n for cpu, n in runs)
+           for role in roles}
+    out["all"] = statistics.median(sum(cpu.values()) * 1000 / n for cpu, n in runs)
+    return {k: round(v, 4) for k, v in out.items()}
 
 
 @dataclass(frozen=True)
@@ -432,17 +469,10 @@ class BenchResult:
 
     def cpu_per_message(self, target: str, mode: str) -> dict[str, float] | None:
         """Median over the successful runs of CPU milliseconds per message, per role and in
-        "all" (every process of the target, the reaped ones included)."""
-        runs = [r for r in self.runs if r.target == target and r.mode == mode and r.ok
-                and r.cpu_s is not None and r.messages]
-        if not runs:
-            return None
-        roles = sorted({k for r in runs for k in r.cpu_s or {}})
-        out = {role: statistics.median((r.cpu_s or {}).get(role, 0.0) * 1000 / r.messages
-                                       for r in runs) for role in roles}
-        out["all"] = statistics.median(sum((r.cpu_s or {}).values()) * 1000 / r.messages
-                                       for r in runs)
-        return {k: round(v, 3) for k, v in out.items()}
+        "all" (every process of the target, the reaped ones included): per_unit_ms."""
+        return per_unit_ms([(r.cpu_s, r.messages) for r in self.runs
+                            if r.target == target and r.mode == mode and r.ok
+                            and r.cpu_s is not None])
 
     def ratio(self, target: str, mode: str, baseline: str) -> float | None:
         value, base = self.median(target, mode), self.median(baseline, mode)
@@ -505,7 +535,7 @@ def benchmark(
                 busy = (wait_for_idle(idle_below, idle_timeout) if idle_below is not None
                         else cpu_busy(0.5))
                 watch = ForeignCpu(t.port)
-                cpu0 = cpu_by_role(t.pids()) if t.pids is not None else None
+                cpu0 = cpu_snapshot(t.pids()) if t.pids is not None else None
                 run = run_smtp_source(t.host, t.port, messages=messages, sessions=sessions,
                                       size=size, reuse=(mode == "reuse"), sender=sender,
                                       recipient=recipient, timeout=timeout, target=t.name)
@@ -518,7 +548,7 @@ def benchmark(
                     else:
                         result.notes.append(f"{t.name}: queue not empty {drain_timeout:g}s "
                                             f"after {mode} run {i + 1}")
-                cpu = (cpu_delta(cpu0, cpu_by_role(t.pids()))
+                cpu = (cpu_used(cpu0, cpu_snapshot(t.pids()))
                        if t.pids is not None and cpu0 is not None else None)
                 run = dataclasses.replace(run, drain_seconds=drained, busy_before=busy,
                                           foreign_cpu=foreign, cpu_s=cpu)

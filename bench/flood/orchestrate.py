@@ -400,7 +400,8 @@ async def run_flood(
                                        children))
 
         tick = asyncio.create_task(ticker())
-        await asyncio.wait(work, timeout=max(0.0, end + cfg.grace_s + 2.0 - loop.time()))
+        if work:        # (none: spam senders alone; the children are waited for below)
+            await asyncio.wait(work, timeout=max(0.0, end + cfg.grace_s + 2.0 - loop.time()))
         for w in work:
             w.cancel()
         # children report after `end`; give them a bounded time

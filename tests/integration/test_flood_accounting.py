@@ -229,6 +229,18 @@ def test_spam_senders_in_their_own_process() -> None:
     assert result["legit"][0]["attempts"] == 4
 
 
+def test_spam_senders_alone() -> None:
+    """Spam senders and nothing else (no legitimate sender, no idle bot: bench.cost's shape,
+    `python -m bench.flood --spammers N`): the run waits for its spam process (it used to
+    raise ValueError from asyncio.wait on no task of its own)."""
+    bots = flood.BotConfig(spammers=2, spam_per_conn=1)
+    result, _ = _run(_flood_against(["421 at banner"], duration=0.6, interval=1.0, bots=bots,
+                                    legit=False))
+    spam = result["bots"]["spam"]
+    assert spam["bots"] == 2 and spam["shed_by_stage"].get("banner 421", 0) >= 2
+    assert result["legit"] == [] and spam["sent"] == 0
+
+
 # ---- refusals --------------------------------------------------------------------------------
 
 def test_loopback_only() -> None:
