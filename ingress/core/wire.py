@@ -23,6 +23,7 @@ the routing-id frames themselves; the frames below are what the application send
     worker   -> broker   ACK/NACK   [b"SI2", b"ACK"|b"NACK", reply_to, qid, detail]
     broker   -> acceptor ACK/NACK   [b"SI2", b"ACK"|b"NACK", qid, detail]
     broker   PUB status  STATUS     [b"status", b"SI2", status-json]     topic frame first
+             (every STATUS_INTERVAL when status_key changed, else every STATUS_KEEPALIVE)
     acceptor -> broker   SHARE      [b"SI2", b"SHARE", fact, record-json]  a deferral record:
                                      fact b"defer" (we deferred it) or b"claim" (a retry
                                      used it); record-json {"k": key, "f": first, "t": at,
@@ -99,8 +100,20 @@ RECORD_MAX = 4096           # bytes of one record fact's JSON
 RECORD_NUMBERS = ("f", "t", "n", "h", "b")   # a record fact's numeric fields (all optional)
 LANE_HEARTBEAT = 0.25       # seconds between broker <-> worker heartbeats
 LANE_LIVENESS = 4           # heartbeats missed before the peer is presumed dead
-STATUS_INTERVAL = 0.1       # seconds between a broker's status publications
+STATUS_INTERVAL = 0.1       # seconds between a broker's looks at its status: published when
+                            # what acceptors act on changed (status_key), else every
+STATUS_KEEPALIVE = 0.3      # seconds at least (an idle broker: 3 a second, not 10 per lane)
 STATUS_STALE = 1.0          # an acceptor ignores lane status older than this
+assert 3 * STATUS_KEEPALIVE <= STATUS_STALE      # two lost publications never make it stale
+
+
+def status_key(doc: Mapping[str, object]) -> tuple[object, ...]:
+    """What an acceptor acts on in a lane status (ingress.edge.lanes: saturated(), cap_spent(),
+    over_rate): a broker publishes at once when it changes."""
+    tokens = doc.get("tokens")
+    over = doc.get("over_rate")
+    return (bool(doc.get("saturated")), isinstance(tokens, int | float) and tokens < 1.0,
+            tuple(over) if isinstance(over, list) else ())
 
 
 class Lane(StrEnum):

@@ -7,7 +7,9 @@ cluster.lanes_bind instead, CURVE servers admitting only the allowed edge keys (
 cluster: the Gate, and a monitor per socket that logs every refused handshake)):
     {lane}-front  ROUTER  acceptors' DEALERs send SUBMIT, get ACK/NACK
     {lane}-back   ROUTER  workers' DEALERs send READY/HEARTBEAT/ACK/NACK/DISCONNECT, get WORK
-    {lane}-status PUB     lane status every STATUS_INTERVAL: depth, free credit, saturation;
+    {lane}-status PUB     lane status, looked at every STATUS_INTERVAL, published when
+                          wire.status_key changed, else every STATUS_KEEPALIVE: depth,
+                          free credit, saturation;
                           for the fast lane, "over_rate": the domains refused for
                           classify.domain_rate, and the tiers ("tier:self-proven") refused
                           for their total rate, within OVER_RATE_HOLD (acceptors keep them
@@ -54,6 +56,7 @@ from ingress.core.wire import (
     LANE_HEARTBEAT,
     LANE_LIVENESS,
     STATUS_INTERVAL,
+    STATUS_KEEPALIVE,
     Kind,
     NackReason,
     WireError,
@@ -66,6 +69,7 @@ from ingress.core.wire import (
     nack_detail,
     shared_publication,
     status,
+    status_key,
     to_acceptor,
     work,
 )
@@ -99,6 +103,8 @@ class Job:
 class Broker:
     def __init__(self, cfg: Config, lane: str, hb: Any = None, slot: int = 0) -> None:
         self.cfg, self.lane = cfg, lane
+        self._status_key: tuple[object, ...] = ()       # what was last published (publish)
+        self._status_at = float("-inf")
         self.lane_gate: LaneGate[Job] = LaneGate(LaneLimits.of(cfg, lane), now=time.monotonic())
         self.fast = self.lane_gate.fast
         self.workers: dict[bytes, WorkerState] = {}
@@ -383,10 +389,16 @@ class Broker:
                "tokens": None if tokens == float("inf") else round(tokens, 2),
                "rate": self.bucket.rate, "saturated": saturated, **self.counters,
                **self.lane_gate.facts(now)}
-        with contextlib.suppress(zmq.ZMQError):
-            self.pub.send_multipart(status(doc), zmq.NOBLOCK)
         metrics.lane_status(self.lane, depth=depth, saturated=saturated, free_credit=free,
                             workers=len(self.workers), tokens=tokens)
+        # Every acceptor wakes for every publication: at once when what they act on changed,
+        # else only often enough to stay fresh (STATUS_KEEPALIVE).
+        key = status_key(doc)
+        if key == self._status_key and now - self._status_at < STATUS_KEEPALIVE:
+            return
+        self._status_key, self._status_at = key, now
+        with contextlib.suppress(zmq.ZMQError):
+            self.pub.send_multipart(status(doc), zmq.NOBLOCK)
 
     def run(self) -> None:
         poller = zmq.Poller()
