@@ -23,16 +23,19 @@ API:
                                          Heartbeat (a lane worker beats only while its work in
                                          hand is vouched for): start(); service = setup(sig)
                                          (sig: the Signals, whose .retire a service may read);
-                                         stop orders call service.stop(); the start line;
+                                         settle_heap(); stop orders call service.stop(); the
+                                         start line;
                                          service.serve(); the exit line
     main_loop(cfg, spec, setup, hb, slot, runner=run_uvloop)
                                          a child on an event loop (an acceptor, the relay):
                                          start(); then on the loop: the signal handlers through
-                                         the loop, service = await setup(sig), stop orders call
-                                         service.stop(), the heartbeat task (parent death ->
+                                         the loop, service = await setup(sig), settle_heap(),
+                                         stop orders call service.stop(), the heartbeat task (parent death ->
                                          service.stop()), the start line, await
                                          service.serve(), the heartbeat task cancelled, the
                                          exit line
+    settle_heap()                        after setup, before serve (main, main_loop): the start-up
+                                         heap frozen out of the collector's full collections
     run_uvloop(coro), run_asyncio(coro)  the runners: uvloop (asyncio's own loop where uvloop
                                          is missing), asyncio's
     start(cfg, name, table, nice=0, policy="other") -> Signals
@@ -81,6 +84,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import gc
 import os
 import signal
 import time
@@ -283,6 +287,19 @@ class Service(Generic[R]):
     stopped: Callable[[], None] | None = None   # its exit line, once serve returned
 
 
+def settle_heap() -> None:
+    """Once set up: collect the start-up garbage, then move every object left (modules, classes,
+    functions, the config, the tables made at setup: 35,000-55,000 of them in a worker or an
+    acceptor) to the collector's permanent generation (gc.freeze). A full collection then
+    scans only what the child allocated since, instead of all of it each time: measured, a
+    full collection of an acceptor's start-up heap took 8-9 ms idle and up to 48 ms on the
+    loaded cores of a flood (a fast acceptor, a fast worker 26-35 ms), the whole process
+    stopped meanwhile, every session it serves with it. Frozen objects are still freed when
+    their reference count drops; only a reference cycle among them is never collected."""
+    gc.collect()
+    gc.freeze()
+
+
 def _hook(hook: Callable[[], None] | None) -> None:
     if hook is not None:
         hook()
@@ -293,6 +310,7 @@ def main(cfg: Config, spec: Spec, setup: Callable[[Signals], Service[None]]) -> 
     checks for its parent's death itself, and returns once stop() was called and it drained."""
     sig = start(cfg, spec.name, spec.signals, spec.nice, spec.policy)
     service = setup(sig)
+    settle_heap()
     sig.on_stop(service.stop)
     _hook(service.started)
     service.serve()
@@ -326,6 +344,7 @@ def main_loop(cfg: Config, spec: Spec,
     async def life() -> None:
         sig.install_loop(asyncio.get_running_loop())
         service = await setup(sig)
+        settle_heap()
         sig.on_stop(service.stop)
         heart = asyncio.create_task(
             Heartbeat(hb, slot).run(heartbeat_period(cfg), service.stop))
