@@ -24,14 +24,13 @@ API:
                                          hand is vouched for): start(); service = setup(sig)
                                          (sig: the Signals, whose .retire a service may read);
                                          settle_heap(); stop orders call service.stop(); the
-                                         start line;
-                                         service.serve(); the exit line
+                                         start line; service.serve(); the exit line
     main_loop(cfg, spec, setup, hb, slot, runner=run_uvloop)
                                          a child on an event loop (an acceptor, the relay):
                                          start(); then on the loop: the signal handlers through
                                          the loop, service = await setup(sig), settle_heap(),
-                                         stop orders call service.stop(), the heartbeat task (parent death ->
-                                         service.stop()), the start line, await
+                                         stop orders call service.stop(), the heartbeat task
+                                         (parent death -> service.stop()), the start line, await
                                          service.serve(), the heartbeat task cancelled, the
                                          exit line
     settle_heap()                        after setup, before serve (main, main_loop): the start-up
