@@ -28,7 +28,9 @@ API (supervisor):
 Failure modes: serve() never raises for a busy port: it logs metrics_listen_failed and returns
 None (mail flows on). The first use of a label set in a child opens that process's .db file: it
 raises OSError if ENV names a missing or unwritable directory, which setup_dir() rules out by
-creating it before any child exists. child_dead() ignores a directory that went away.
+creating it before any child exists. child_dead() ignores a directory that went away. A
+child's file that is still shorter than its header (being created, or its child killed while
+creating it) is left out of the scrape (ChildFilesCollector), never a 500.
 
 Limits: one .db file per process and metric type; a restarted child starts new files, and the
 dead child's counters stay (counters must not go backwards), so the directory grows with restarts
@@ -40,15 +42,16 @@ called.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
@@ -133,11 +136,29 @@ class MetricsServer:
         self.thread.join(2.0)
 
 
+MMAP_HEADER = 8        # bytes: a child's metrics file's header (prometheus_client.mmap_dict)
+
+
+class ChildFilesCollector(MultiProcessCollector):
+    """prometheus_client's merge of the children's files, leaving out a file shorter than its
+    header: a child creates its file and sizes it afterwards, and a scrape in between (or
+    after that child was killed in between, for good) failed the whole scrape with a 500
+    (prometheus/client_python#1199). Such a file holds no value yet."""
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for f in glob.glob(os.path.join(self._path, "*.db")):
+            with contextlib.suppress(OSError):
+                if os.path.getsize(f) >= MMAP_HEADER:
+                    files.append(f)
+        return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call,no-any-return]
+
+
 def registry(metrics_dir: Path | str, *collectors: Collector) -> CollectorRegistry:
     """The scrape registry: every child's files merged, the supervisor's own values, and
     `collectors` (the spool's gauges)."""
     reg = CollectorRegistry()
-    MultiProcessCollector(reg, path=str(metrics_dir))
+    ChildFilesCollector(reg, path=str(metrics_dir))  # type: ignore[no-untyped-call]
     for c in collectors:
         reg.register(c)
     reg.register(SupervisorCollector())
