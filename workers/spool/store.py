@@ -222,9 +222,11 @@ class Spool:
         return n
 
     def write_batch(self, items: list[tuple[Envelope, bytes, bytes]]) -> list[str | Exception]:
-        """One group commit: every file written first, then each fsynced (the first fsync's
-        journal commit carries the others' data too, so the rest are cheap), then each linked
-        into new/, then one fsync of new/. A failure at any step fails that item only."""
+        """One group commit: every file written first, then each fsynced, then each linked
+        into new/, then one fsync of new/ for all the links. A failure at any step fails that
+        item only. (On ext4 with delayed allocation each file's fsync allocates and commits on
+        its own: measured on the bench machine, 0.25 ms for the first of a batch of 8 and
+        0.18 ms for each later one; what the batch saves is the directory fsync.)"""
         results: list[str | Exception | None] = [None] * len(items)
         written: list[tuple[int, int, Path, str]] = []      # (item, fd, tmp path, name)
         for i, (env, trace, body) in enumerate(items):
