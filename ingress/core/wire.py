@@ -75,6 +75,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from itertools import count
+from typing import NamedTuple
 
 import orjson
 
@@ -107,13 +108,21 @@ STATUS_STALE = 1.0          # an acceptor ignores lane status older than this
 assert 3 * STATUS_KEEPALIVE <= STATUS_STALE      # two lost publications never make it stale
 
 
-def status_key(doc: Mapping[str, object]) -> tuple[object, ...]:
+class StatusKey(NamedTuple):
     """What an acceptor acts on in a lane status (ingress.edge.lanes: saturated(), cap_spent(),
-    over_rate): a broker publishes at once when it changes."""
+    over_rate)."""
+    saturated: bool          # the lane cannot take work (queue nearly full, no workers)
+    cap_spent: bool          # its rate bucket was empty
+    over_rate: tuple[object, ...]   # the domains (and tiers) refused for their rate
+
+
+def status_key(doc: Mapping[str, object]) -> StatusKey:
+    """A lane status's StatusKey: read so by the acceptors, and a broker publishes at once
+    when it changes."""
     tokens = doc.get("tokens")
     over = doc.get("over_rate")
-    return (bool(doc.get("saturated")), isinstance(tokens, int | float) and tokens < 1.0,
-            tuple(over) if isinstance(over, list) else ())
+    return StatusKey(bool(doc.get("saturated")), isinstance(tokens, int | float) and tokens < 1.0,
+                     tuple(over) if isinstance(over, list) else ())
 
 
 class Lane(StrEnum):

@@ -10,8 +10,8 @@ API:
                    .retries (the deferral records), .checks (the evidence checks); the methods
                    here are the hooks that join several parts.
     Prototype      what IngressSMTP keeps per listener kind of the first session's aiosmtpd
-                   configuration: (shared attributes, smtp_* command names, AUTH mechanisms as
-                   (name, method name, is_builtin))
+                   configuration: (shared attributes, smtp_* command names, AUTH mechanisms:
+                   name -> (method name, is_builtin))
 
 Failure modes and limits: none; this module holds types only.
 """
@@ -34,7 +34,7 @@ from ingress.edge.spf_service import SpfService
 from ingress.policy.classify import ClassifyPolicy, Decision, Evidence
 from ingress.policy.session_rules import ErrorPolicy
 
-Prototype = tuple[dict[str, Any], tuple[str, ...], tuple[tuple[str, str, bool], ...]]
+Prototype = tuple[dict[str, Any], tuple[str, ...], dict[str, tuple[str, bool]]]
 
 
 class SessionHost(Protocol):

@@ -98,6 +98,7 @@ from ingress.core.wire import (
     share,
     share_record,
     shared_provider,
+    status_key,
     submit,
 )
 from ingress.policy.identity import over_share_reason
@@ -133,7 +134,7 @@ class LaneClient:
             s.connect(cluster.endpoint(node.base, lane.value, "front"))
         self.sock = s
         self.pending: dict[str, asyncio.Future[Reply]] = {}
-        self.status: dict[str, Any] = {}
+        self.facts = status_key({})                    # what its last status said
         self.status_at = 0.0
         self.over_rate: frozenset[str] = frozenset()   # the status's over_rate domains
 
@@ -207,14 +208,11 @@ class LaneClient:
 
     def saturated(self) -> bool:
         """The broker cannot take work (queue nearly full, no workers), by fresh news."""
-        fresh = time.monotonic() - self.status_at < STATUS_STALE
-        return fresh and bool(self.status.get("saturated"))
+        return self.fresh() and self.facts.saturated
 
     def cap_spent(self) -> bool:
         """The broker's rate bucket was empty at its last publication."""
-        tokens = self.status.get("tokens")
-        fresh = time.monotonic() - self.status_at < STATUS_STALE
-        return fresh and isinstance(tokens, int | float) and tokens < 1.0
+        return self.fresh() and self.facts.cap_spent
 
 
 class Lanes:
@@ -387,10 +385,8 @@ class Lanes:
             except (WireError, KeyError, ValueError) as e:
                 log.event("wire_error", "warning", side="status", error=str(e))
                 continue
-            lc.status, lc.status_at = doc, time.monotonic()
-            over = doc.get("over_rate")
-            lc.over_rate = frozenset(str(k) for k in over[:OVER_RATE_READ]) \
-                if isinstance(over, list) else frozenset()
+            lc.facts, lc.status_at = status_key(doc), time.monotonic()
+            lc.over_rate = frozenset(str(k) for k in lc.facts.over_rate[:OVER_RATE_READ])
 
 
 def _apply_fact(frames: list[bytes], on_learn: Callable[[str, str, str], None],

@@ -140,8 +140,7 @@ class IngressSMTP(CommandPhase):
                 loop=ctx.loop).__dict__)
             shared = {k: v for k, v in self.__dict__.items()
                       if k not in stream_keys and k not in _PER_CONNECTION}
-            auth = tuple((m, a.method.__name__, a.is_builtin)
-                         for m, a in self._auth_methods.items())
+            auth = {m: (a.method.__name__, a.is_builtin) for m, a in self._auth_methods.items()}
             ctx.smtp_prototypes[implicit_tls] = (shared, tuple(self._smtp_methods), auth)
         else:
             shared, names, auth = proto
@@ -162,9 +161,7 @@ class IngressSMTP(CommandPhase):
             self._smtp_methods = _Bound(  # type: ignore[assignment]
                 names, lambda n: getattr(self, "smtp_" + n))
             # AUTH mechanisms of this class are bound to the session; the handler's are shared.
-            mechs = {m: (fn, builtin) for m, fn, builtin in auth}
-            self._auth_methods = _Bound(tuple(mechs), lambda m: _AuthMechAttr(  # type: ignore[assignment]
-                getattr(self if mechs[m][1] else ctx.handler, mechs[m][0]), mechs[m][1]))
+            self._auth_methods = _Bound(tuple(auth), lambda m: self._auth_mech(auth[m]))  # type: ignore[assignment]
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self.ctx = ctx
         self.implicit_tls = implicit_tls
@@ -414,6 +411,12 @@ class IngressSMTP(CommandPhase):
         self.conn.fire(event)
         self.ctx.table.release(self)
         metrics.session_close(self.lane)
+
+    def _auth_mech(self, how: tuple[str, bool]) -> _AuthMechAttr:
+        """An AUTH mechanism (method name, builtin) bound: a builtin one to this session, the
+        handler's to the handler."""
+        name, builtin = how
+        return _AuthMechAttr(getattr(self if builtin else self.ctx.handler, name), builtin)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         if self.conn.awaiting_ack:    # the ack wait has its own deadline (smtp.ack_timeout): a

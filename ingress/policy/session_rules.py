@@ -274,9 +274,9 @@ def after_reply(counters: Counters, policy: ErrorPolicy, line: str, command: str
             error = True
     if error:
         errors += 1
-    c = counters if (errors, junk, overshoot) == (counters.errors, counters.junk,
-                                                  counters.overshoot) \
-        else replace(counters, errors=errors, junk=junk, overshoot=overshoot)
+    c = counters          # (a copy only when a count moved: this runs at every reply)
+    if (errors, junk, overshoot) != (counters.errors, counters.junk, counters.overshoot):
+        c = replace(counters, errors=errors, junk=junk, overshoot=overshoot)
     return Step(c, error_delay(errors, policy), errors >= policy.hard_error_limit)
 
 

@@ -59,6 +59,7 @@ from ingress.core.wire import (
     STATUS_KEEPALIVE,
     Kind,
     NackReason,
+    StatusKey,
     WireError,
     disconnect,
     expect,
@@ -103,7 +104,7 @@ class Job:
 class Broker:
     def __init__(self, cfg: Config, lane: str, hb: Any = None, slot: int = 0) -> None:
         self.cfg, self.lane = cfg, lane
-        self._status_key: tuple[object, ...] = ()       # what was last published (publish)
+        self._status_key: StatusKey | None = None      # what was last published (publish)
         self._status_at = float("-inf")
         self.lane_gate: LaneGate[Job] = LaneGate(LaneLimits.of(cfg, lane), now=time.monotonic())
         self.fast = self.lane_gate.fast

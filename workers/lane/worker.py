@@ -302,9 +302,9 @@ class Worker:
     # --- finishing work -----------------------------------------------------------------------
 
     def _advance(self) -> None:
-        """Answer a finished commit; move finished pipelines to `ready` (a failed one is
-        NACKed); start the next commit with everything ready, unless one is being written;
-        start waiting work as units of credit free up."""
+        """Answer the finished commits; move finished pipelines to `ready` (a failed one is
+        NACKed); start the next commits with what is ready, on the committers that are free
+        (_commit); start waiting work as units of credit free up."""
         for i, commit in enumerate(self.commits):
             if commit is not None and commit.future.done():
                 self.commits[i] = None
@@ -335,13 +335,15 @@ class Worker:
         NACKed instead): on the first committer, when free, everything ready; on the second,
         when free, what is ready of PRIORITY_TIERS (commit_slots: ingress.policy.tiers)."""
         wall = time.time()
+        ready: list[_Job] = []
         for job in self.ready:
-            if job.env.deadline <= wall:
+            if job.env.deadline > wall:
+                ready.append(job)
+            else:
                 # The acceptor has already answered 451: writing it now would only make a
                 # duplicate when the client retries.
                 self._send(worker_nack(job.reply_to, job.env.qid.encode(), NackReason.EXPIRED,
                                        "too late"))
-        ready = [j for j in self.ready if j.env.deadline > wall]
         batches = commit_slots([tier_of(j.env.evidence.identity) for j in ready],
                                [c is None for c in self.commits])
         for slot, picked in enumerate(batches):
