@@ -50,6 +50,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.flood.probe import STALL_MS
+
 KINDS = ("trusted", "cert", "spf")
 EXTRA_KINDS = ("dnswl", "pool")     # issue 18: a column only where one ran
 TARGET_ORDER = ("smtp-ingress", "postfix", "aiosmtpd")
@@ -165,6 +167,24 @@ def summarise_flood(result: dict[str, Any]) -> dict[str, Any]:
     idle["refused_421"] = idle["banner_codes"].get("421", 0)
     return {"legit": legit, "spam": spam, "bots": idle,
             "duration_s": result.get("duration_s"), "target": result.get("target")}
+
+
+def _probe_health(doc: dict[str, Any], scen: dict[str, Any], targets: list[str]) -> list[str]:
+    """The probe's own stalls per run (bench.flood.probe): a figure measured across them is
+    the probe's, not the target's."""
+    rows = []
+    for label, t, e in _entries(doc, scen, targets):
+        p = (e.get("result") or {}).get("probe")
+        if p:
+            rows.append([label, t, str(p.get("priority")),
+                         f"{p.get('stalls', 0):,} (max {_fmt_num(p.get('max_ms'), 1)} ms)"])
+    if not rows:
+        return []
+    return ["### The probe's own health", "",
+            "The legitimate senders' event loop: its scheduling priority, and how often it woke "
+            f"more than {STALL_MS:g} ms late (a stall of the measuring process itself, not of "
+            "the target; bench.flood.probe).", "",
+            *_table(["scenario", "target", "probe priority", "probe stalls"], rows), ""]
 
 
 def _summary(entry: dict[str, Any]) -> dict[str, Any]:
@@ -431,6 +451,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
     out += _table(["scenario", "target", "spam", "spam shed (4xx)", "spam rejected (5xx)",
                    "idle bots", "listen drops"], rows)
     out.append("")
+    out += _probe_health(doc, scen, targets)
 
     out += _where_the_time_goes(doc, scen)
 

@@ -374,9 +374,10 @@ def legit_specs(target: Running, pki: Pki) -> list[LegitSpec]:
 
 
 def flood_config(target: Running, pki: Pki, sc: Scenario, grace: float,
-                 dkim_key: str = "") -> FloodConfig:
+                 dkim_key: str = "", probe_rt: bool = True) -> FloodConfig:
     """The flood of scenario `sc` against `target`: issue 17's TLS bots aim at its mutual-TLS
-    port, its spam is signed with `dkim_key` (a PEM file), its MTAs come from 127.7.<k>.1."""
+    port, its spam is signed with `dkim_key` (a PEM file), its MTAs come from 127.7.<k>.1;
+    the probe at SCHED_FIFO unless probe_rt is False (bench.flood.probe)."""
     bots, adv = sc.bots, sc.bots.adversary
     if adv.tls_sockets:
         adv = dataclasses.replace(adv, tls_port=target.mtls_port or 0)
@@ -393,7 +394,8 @@ def flood_config(target: Running, pki: Pki, sc: Scenario, grace: float,
         legit=(*legit_specs(target, pki), *evidence_specs(sc.extra, LEGIT_INTERVAL, dkim_key),
                *mtas), warmup_s=sc.warmup_s, grace_s=grace,
         spam_procs=1, bot_procs=sc.bot_procs, mail_from="legit@example.org", rcpt=RCPT,
-        helo="legit.example.org", deadline_s=LEGIT_DEADLINE, servername="localhost")
+        helo="legit.example.org", deadline_s=LEGIT_DEADLINE, servername="localhost",
+        probe_rt=probe_rt)
 
 
 def fd_preflight(scenarios: dict[str, Scenario], pki_stub: Pki) -> dict[str, int]:
@@ -482,13 +484,14 @@ def reload_at(target: Running, delay: float, offsets: tuple[float, ...],
 
 def run_scenarios(procs: Processes, target: Running, pki: Pki,
                   scenarios: dict[str, Scenario], prog: Progress, grace: float,
-                  workdir: Path, profile: dict[str, Any] | None) -> list[dict[str, Any]]:
+                  workdir: Path, profile: dict[str, Any] | None,
+                  probe_rt: bool = True) -> list[dict[str, Any]]:
     entries = []
     for sc in scenarios.values():
         prog.step(f"{sc.name} @ {target.name}")
         if sc.bots.adversary.tls_sockets and not target.mtls_port:
             continue   # the stranger-handshake flood needs a mutual-TLS port
-        cfg = flood_config(target, pki, sc, grace, str(workdir / "dkim.pem"))
+        cfg = flood_config(target, pki, sc, grace, str(workdir / "dkim.pem"), probe_rt)
         log = Path(target.info["log"]) if "log" in target.info else None
         log_at = log.stat().st_size if log is not None and log.exists() else 0
         ns0 = netstat()
@@ -639,6 +642,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-publish", action="store_true",
                     help="--full: do not copy the results into bench/results/")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, spools)")
+    ap.add_argument("--probe-normal", action="store_true",
+                    help="the legitimate senders at normal priority instead of SCHED_FIFO "
+                         "(bench.flood.probe: the probe's own stalls then count as latency)")
     ap.add_argument("--dns", choices=("auto", "unbound", "python"), default="auto",
                     help="the DNS server every target asks: unbound (local data; what an MX "
                          "runs), the test kit's dnspython server (~2,000 queries/s here, drops "
@@ -705,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
             "p99_max_ratio": P99_MAX_RATIO, "fd_budget": fds,
             "percentiles": "nearest-rank (bench.flood.percentile_nearest_rank)",
             "dns_server": dns_server,
+            "probe_rt": not a.probe_normal,     # bench.flood.probe
         },
         "scenarios": {k: v.as_dict() for k, v in scenarios.items()},
         "targets": {}, "flood": [], "throughput": {}, "cost": {}, "notes": notes,
@@ -844,7 +851,8 @@ def run_target(procs: Processes, name: str, postfix: Running | None, work: Path,
             return []
     try:
         return run_scenarios(procs, target, pki, scenarios, prog, LEGIT_DEADLINE, out_dir,
-                             profile if name == "smtp-ingress" else None)
+                             profile if name == "smtp-ingress" else None,
+                             doc["params"].get("probe_rt", True))
     finally:
         if name != "postfix":
             code = target.stop()

@@ -98,6 +98,9 @@ def _add_bot_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect-deadline", type=float, default=30.0)
     p.add_argument("--ramp", type=float, default=1.0, help="spread idle-bot connects over S s")
     p.add_argument("--no-uvloop", action="store_true")
+    p.add_argument("--probe-normal", action="store_true",
+                   help="the legitimate senders at normal priority, not SCHED_FIFO "
+                        "(bench.flood.probe)")
     p.add_argument("--adversary", default="{}",
                    help="JSON of bench.flood.adversary.Adversary (issue 17's attackers)")
 
@@ -145,7 +148,7 @@ def config_from_args(a: argparse.Namespace) -> FloodConfig:
         warmup_s=a.warmup, grace_s=a.grace, spam_procs=a.spam_procs, bot_procs=a.bot_procs,
         mail_from=a.mail_from, rcpt=a.rcpt, helo=a.helo, size=a.size, deadline_s=a.deadline,
         ca=a.ca, cert=a.client_cert, key=a.client_key, servername=a.servername,
-        use_uvloop=not a.no_uvloop,
+        use_uvloop=not a.no_uvloop, probe_rt=not a.probe_normal,
     )
 
 

@@ -52,6 +52,7 @@ from bench.flood.common import (
     percentile_nearest_rank,
 )
 from bench.flood.pool import PoolSender
+from bench.flood.probe import StallWatch, raise_priority, restore_priority
 from bench.flood.stats import BotStats, LegitStats, SpamStats, merge_into
 
 # --------------------------------------------------------------------------------------------
@@ -103,6 +104,7 @@ class FloodConfig:
     key: str | None = None
     servername: str = "localhost"
     use_uvloop: bool = True
+    probe_rt: bool = True   # the legitimate senders' thread at SCHED_FIFO (bench.flood.probe)
 
     def __post_init__(self) -> None:
         if not 0 < self.duration_s <= 24 * 3600:
@@ -364,6 +366,8 @@ async def run_flood(
     env["PYTHONPATH"] = _repo_root() + os.pathsep + env.get("PYTHONPATH", "")
     children: list[_Child] = []
     pumps: list[asyncio.Task[None]] = []
+    watch = StallWatch()
+    priority = raise_priority() if cfg.probe_rt else "normal"
     try:
         for role, bc, off in children_roles:
             proc = await asyncio.create_subprocess_exec(
@@ -400,6 +404,7 @@ async def run_flood(
                                        children))
 
         tick = asyncio.create_task(ticker())
+        watching = asyncio.create_task(watch.run())
         if work:        # (none: spam senders alone; the children are waited for below)
             await asyncio.wait(work, timeout=max(0.0, end + cfg.grace_s + 2.0 - loop.time()))
         for w in work:
@@ -411,7 +416,10 @@ async def run_flood(
                 timeout=max(1.0, end + 10.0 - loop.time()),
             )
         tick.cancel()
+        watching.cancel()
     finally:
+        if cfg.probe_rt:
+            restore_priority()
         for c in children:
             if c.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -466,6 +474,7 @@ async def run_flood(
                  **({"handshake": handshake.summary(), "tls_stall": tls_stall.summary()}
                     if cfg.bots.adversary.tls_sockets else {})},
         "processes": processes,
+        "probe": {"priority": priority, **watch.summary()},
         "percentile_method": "nearest-rank: sorted[ceil(p/100*N)-1]",
     }
 

@@ -1,0 +1,57 @@
+"""bench/flood/probe.py: the probe's priority (only its own thread, never its children) and
+its stall counter; the report's table of it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from bench import report
+from bench.flood.probe import STALL_MS, StallWatch, raise_priority, restore_priority
+from tests.unit.test_bench_report import make_doc
+
+
+def test_stall_watch_counts_only_late_wakeups() -> None:
+    w = StallWatch()
+    for late in (0.1, 2.0, STALL_MS, STALL_MS + 0.5, 60.0):
+        w.note(late)
+    s = w.summary()
+    assert s["samples"] == 5 and s["stalls"] == 2
+    assert s["max_ms"] == 60.0 and s["stalled_ms"] == pytest.approx(STALL_MS + 60.5, abs=0.1)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs CAP_SYS_NICE")
+def test_priority_is_the_threads_own_and_children_start_normal() -> None:
+    seen: dict[str, object] = {}
+
+    def probe() -> None:
+        seen["priority"] = raise_priority()
+        seen["policy"] = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK
+        child = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"],
+            capture_output=True, text=True, timeout=30, check=True)
+        seen["child"] = int(child.stdout)
+        restore_priority()
+        seen["after"] = os.sched_getscheduler(0)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join(60)
+    assert seen["priority"] == "fifo" and seen["policy"] == os.SCHED_FIFO
+    assert seen["child"] == os.SCHED_OTHER          # the bots are scheduled as before
+    assert seen["after"] == os.SCHED_OTHER
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER   # the test's own thread never moved
+
+
+def test_report_shows_the_probe_health() -> None:
+    doc = make_doc()
+    doc["flood"][1]["result"]["probe"] = {"priority": "fifo", "samples": 5000, "stalls": 3,
+                                          "stall_ms": STALL_MS, "max_ms": 14.2,
+                                          "stalled_ms": 36.0}
+    md = report.render_markdown(doc)
+    assert "### The probe's own health" in md
+    assert "| 300 + 50 | smtp-ingress | fifo | 3 (max 14.2 ms) |" in md
