@@ -9,7 +9,10 @@ Purpose
 API
     cores() -> int                               CPUs this process may run on
     acceptor_count(cfg), acceptor_processes(cfg), mtls_acceptor_count(cfg),
-    worker_count(cfg, lane), child_count(cfg)    processes (Config's properties of those names)
+    worker_count(cfg, lane), child_count(cfg)    processes (Config's properties of those names;
+                                                 the fast lane's workers dedicated to the
+                                                 self-proven tier, tiers.self_proven_workers,
+                                                 come on top of lanes.fast.workers)
     steer_listed(cfg) -> bool                    DNS-allow-listed clients are steered to the
                                                  fast acceptors (dnswl.steer)
     steer_known(cfg) -> bool                     the mTLS port's verified clients are steered
@@ -108,8 +111,8 @@ def worker_count(cfg: Config, lane: str) -> int:
 def child_count(cfg: Config) -> int:
     """Processes the supervisor runs for this config: brokers, workers, relay, acceptors."""
     return (2 + worker_count(cfg, "fast") + worker_count(cfg, "bulk")
-            + (1 if cfg.relay.downstream else 0) + acceptor_processes(cfg)
-            + mtls_acceptor_count(cfg))
+            + cfg.tiers.self_proven_workers + (1 if cfg.relay.downstream else 0)
+            + acceptor_processes(cfg) + mtls_acceptor_count(cfg))
 
 
 def listen_sockets(cfg: Config) -> int:

@@ -299,6 +299,13 @@ class TiersConfig:
     third_party_rate: float = bounded(0.0, 0, None, "messages/s for the third-party tier as a "
                                       "whole", note="0 = no bound")
     third_party_burst: float = bounded(20.0, 1, None, "messages the tier may start at once")
+    self_proven_workers: int = bounded(1, 0, 256, "fast-lane worker processes dedicated to the "
+                                       "self-proven tier: its mail never shares a process with "
+                                       "the operator's; the other fast workers take it only "
+                                       "while none is up", note="0 = none: every fast worker "
+                                       "takes every tier")
+    self_proven_nice: int = bounded(5, 0, 19, "nice(2) increment of those workers (at least "
+                                    "lanes.fast.nice)", note=NICE)
 
 
 @dataclass(frozen=True)

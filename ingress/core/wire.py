@@ -6,8 +6,12 @@ the routing-id frames themselves; the frames below are what the application send
 
     acceptor -> broker   SUBMIT     [b"SI2", b"SUBMIT", envelope, body]
     broker   -> worker   WORK       [b"SI2", b"WORK", reply_to, envelope, body]
-    worker   -> broker   READY      [b"SI2", b"READY", credit]           credit: ascii int
-    worker  <-> broker   HEARTBEAT  [b"SI2", b"HEARTBEAT", free]         free: ascii int (worker)
+    worker   -> broker   READY      [b"SI2", b"READY", credit(, serves)]  credit: ascii int;
+                                     serves: a dedicated worker's one tier (b"self-proven":
+                                     ingress.policy.tiers.worker_takes); absent: any tier
+    worker  <-> broker   HEARTBEAT  [b"SI2", b"HEARTBEAT", free(, serves)]  free: ascii int
+                                     (worker; serves as in its READY, so a restarted broker
+                                     that learns the worker from a heartbeat knows it)
     worker   -> broker   DISCONNECT [b"SI2", b"DISCONNECT"]              leaving: no more work
     broker   -> worker   DISCONNECT [b"SI2", b"DISCONNECT"]              read it: nothing follows
     any      -> broker   SHARE      [b"SI2", b"SHARE", fact, ip(, domain(, provider))]  a fact
@@ -256,12 +260,22 @@ def work(reply_to: bytes, env_raw: bytes, body: bytes) -> list[bytes]:
     return [VERSION, Kind.WORK.value, reply_to, env_raw, body]
 
 
-def ready(credit: int) -> list[bytes]:
-    return [VERSION, Kind.READY.value, str(credit).encode()]
+def ready(credit: int, serves: str = "") -> list[bytes]:
+    frames = [VERSION, Kind.READY.value, str(credit).encode()]
+    return [*frames, serves.encode("ascii")] if serves else frames
 
 
-def heartbeat(free: int = 0) -> list[bytes]:
-    return [VERSION, Kind.HEARTBEAT.value, str(free).encode()]
+def heartbeat(free: int = 0, serves: str = "") -> list[bytes]:
+    frames = [VERSION, Kind.HEARTBEAT.value, str(free).encode()]
+    return [*frames, serves.encode("ascii")] if serves else frames
+
+
+def worker_hello(frames: list[bytes]) -> tuple[int, str]:
+    """A worker's READY or HEARTBEAT: (credit or free, serves), or WireError."""
+    if len(frames) not in (3, 4):
+        raise WireError(f"{frames[1]!r}: expected 1 or 2 payload frames, got {len(frames) - 2}")
+    serves = frames[3].decode("ascii", "replace") if len(frames) == 4 else ""
+    return int_frame(frames[2]), serves
 
 
 def disconnect() -> list[bytes]:

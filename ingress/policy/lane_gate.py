@@ -53,9 +53,11 @@ API
     LaneGate[T](limits, now)                T: the caller's queued item
         admit(request, item, now, credit) -> Decision   queues `item` when .ok; `credit` is
                                             the workers' total credit (free + in flight)
-        pick(credit) -> Pick | None         the next item a worker may take: None when the
-                                            queue is empty or every tier / identity with work
-                                            is at its share of `credit` in flight
+        pick(credit, servable=None) -> Pick | None    the next item a worker may take: None
+                                            when the queue is empty or every tier / identity
+                                            with work is at its share of `credit` in flight (or
+                                            its tier is not `servable` now: no worker that
+                                            takes it has credit, tiers.worker_takes)
         sent(qid, pick)                     the picked item went to a worker (in flight)
         requeue(pick)                       it could not be sent: back at the head of its queue
         release(qid)                        it left the worker (ACK, NACK, worker lost)
@@ -321,10 +323,15 @@ class LaneGate(Generic[T]):
 
     # --- dispatch -----------------------------------------------------------------------------
 
-    def pick(self, credit: int) -> Pick[T] | None:
+    def pick(self, credit: int, servable: Callable[[Tier], bool] | None = None
+             ) -> Pick[T] | None:
         """The next item for a worker, in strict tier priority and DRR order, among the capped
-        tiers below their cap of `credit` in flight and the identities below their share."""
+        tiers below their cap of `credit` in flight and the identities below their share, of
+        the tiers a worker with credit takes now (`servable`; None: every tier)."""
         tier_ok, key_ok = self._eligible(credit)
+        if servable is not None:
+            within = tier_ok
+            tier_ok = servable if within is None else (lambda t: within(t) and servable(t))
         got = self.queue.pop(tier_ok, key_ok)
         return None if got is None else Pick(*got)
 

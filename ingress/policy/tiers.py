@@ -12,6 +12,13 @@ Purpose
     (workers.lane.broker, ingress.policy.fairqueue.TieredQueue) all apply it.
 
 Rules (one for every fast resource: slots, queue count and bytes, worker credit, DATA bytes)
+    * Worker processes: the self-proven tier's messages go to the fast workers dedicated to it
+      (tiers.self_proven_workers, at tiers.self_proven_nice), which take nothing else; the
+      other fast workers take every other tier, and the self-proven tier's only while no
+      dedicated worker is up. So a spammer's self-proven mail (its DKIM checks, its commits)
+      never runs in the interpreter that holds the operator's mail: measured, with one fast
+      worker for all, the operator's messages waited for that process's lock behind the
+      spam's DKIM work (worker_takes).
     * The third-party and self-proven tiers are each capped as a whole: cap(tier, reserve) =
       floor(reserve x share) (tiers.third_party_share, tiers.self_proven_share), however many
       identities (domains) they hold. Beyond its cap a tier's session or message is served as
@@ -52,6 +59,11 @@ API
                                       SELF_PROVEN)
     PRIORITY_TIERS, commit_slots(tiers, free) -> [[i...], [i...]]   a lane worker's two
                                       committers: the second is (OPERATOR, THIRD_PARTY)'s only
+    DEDICATED, dedicated_tier(label) -> Tier    the tiers a fast worker may be dedicated to
+                                      (SELF_PROVEN: tiers.self_proven_workers); WireError-free:
+                                      ValueError for any other label
+    worker_takes(tier, serves, dedicated_up) -> bool    may a worker (serves: its dedicated
+                                      tier, None: any) take a message of `tier`
     tier_of(identity) -> Tier         "allow:", "cert:" -> OPERATOR; "dnswl:" -> THIRD_PARTY;
                                       "org:", "learned:" (and any other kind: fail closed)
                                       -> SELF_PROVEN; "" -> UNKNOWN
@@ -98,12 +110,14 @@ from ingress.policy.identity import OVER_RATE, OVER_SHARE
 
 __all__ = [
     "CAPPED",
+    "DEDICATED",
     "FAST_TIERS",
     "Tier",
     "TierShares",
     "admits",
     "cap",
     "caps",
+    "dedicated_tier",
     "dnswl_identity",
     "fast_tier",
     "floor_above",
@@ -119,6 +133,7 @@ __all__ = [
     "session_tier",
     "tier_of",
     "tier_rates",
+    "worker_takes",
 ]
 
 
@@ -296,6 +311,26 @@ def tier_rates(cfg: Config) -> dict[Tier, tuple[float, float]]:
     if t.third_party_rate > 0:
         out[Tier.THIRD_PARTY] = (t.third_party_rate, t.third_party_burst)
     return out
+
+
+DEDICATED = (Tier.SELF_PROVEN,)
+
+
+def dedicated_tier(label: str) -> Tier:
+    """The tier a worker's READY names (`serves`), or ValueError."""
+    for t in DEDICATED:
+        if t.label == label:
+            return t
+    raise ValueError(f"no worker is dedicated to {label!r}")
+
+
+def worker_takes(tier: Tier, serves: Tier | None, dedicated_up: bool) -> bool:
+    """May a worker take a message of `tier`? A dedicated worker (serves: its tier) only its
+    own tier's; any other worker every tier, but a dedicated tier's only while no worker
+    dedicated to it is up (dedicated_up False: it is restarting, or there is none)."""
+    if serves is not None:
+        return tier is serves
+    return tier not in DEDICATED or not dedicated_up
 
 
 def commit_slots(tiers: Sequence[Tier], free: Sequence[bool]) -> list[list[int]]:

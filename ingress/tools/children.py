@@ -48,6 +48,7 @@ from typing import Any
 
 from ingress.core import child, log, metrics_server
 from ingress.core.config import Config, SupervisorConfig
+from ingress.policy.tiers import Tier
 
 HB_MARGIN = 16       # heartbeat slots beyond two per child (a reload runs old and new side by side)
 
@@ -64,6 +65,9 @@ def wanted(cfg: Config) -> list[tuple[str, tuple[Any, ...]]]:
     for lane in ("fast", "bulk"):
         out.append(("broker", ("broker", lane)))
         out += [("worker", ("worker", lane, i)) for i in range(cfg.worker_count(lane))]
+        if lane == "fast":      # dedicated to the self-proven tier (ingress.policy.tiers)
+            out += [("worker", ("worker", lane, i, Tier.SELF_PROVEN.label))
+                    for i in range(cfg.tiers.self_proven_workers)]
     if cfg.relay.downstream:         # "": the spool itself is the destination
         out.append(("relay", ("relay", "main")))
     out += [("acceptor", ("acceptor", i)) for i in range(cfg.acceptor_count)]
@@ -83,7 +87,8 @@ class Child:
     kind: str                       # "acceptor" | "broker" | "worker"
     key: tuple[Any, ...]            # ("acceptor", i) / ("acceptor", "fast", i) (a fast
                                     # acceptor: ingress.edge.handoff) / ("broker", lane) /
-                                    # ("worker", lane, i)
+                                    # ("worker", lane, i) / ("worker", "fast", i, tier label)
+                                    # (dedicated to that tier: tiers.self_proven_workers)
     cfg: Config
     slot: int
     proc: Any = None                # mp.Process

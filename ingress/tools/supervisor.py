@@ -190,7 +190,7 @@ class Supervisor:
             return _entry("workers.relay"), (c.cfg, hb, c.slot)
         if c.kind == "broker":
             return _entry("workers.lane.broker"), (c.cfg, c.key[1], hb, c.slot)
-        return _entry("workers.lane.worker"), (c.cfg, c.key[1], c.key[2], hb, c.slot)
+        return _entry("workers.lane.worker"), (c.cfg, c.key[1], c.key[2], hb, c.slot, *c.key[3:])
 
     def _wait_ready(self, kids: list[Child], timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -136,7 +136,8 @@ def test_child_count(tmp_path: Path) -> None:
     f.write_text('[supervisor]\nacceptors = 7\n[lanes.fast]\nworkers = 3\n'
                  '[lanes.bulk]\nworkers = 256\n[relay]\ndownstream = "smtp://127.0.0.1:25"\n')
     cfg = config.load(f)
-    assert cfg.child_count == 2 + 3 + 256 + 1 + 7 + 1     # + the fast acceptor
+    # + one fast worker dedicated to the self-proven tier, + the fast acceptor
+    assert cfg.child_count == 2 + 3 + 1 + 256 + 1 + 7 + 1
 
 
 def test_a_table_keeps_the_defaults_it_does_not_name(tmp_path: Path) -> None:

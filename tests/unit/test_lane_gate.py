@@ -305,3 +305,23 @@ def test_limits_of_config(tmp_path, toml: str, lane: str, want: dict[str, Any]) 
 def test_limits_out_of_range(kwargs: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         replace(FAST, **kwargs)
+
+
+@pytest.mark.parametrize(("servable", "picked"), [
+    # only the operator's worker has credit: the self-proven mail waits, the operator's goes
+    ({Tier.OPERATOR, Tier.THIRD_PARTY}, ["allow:x"]),
+    # only the dedicated self-proven worker has credit: its tier goes, past the operator's
+    # head of the queue (which waits for its own worker, never for the dedicated one)
+    ({Tier.SELF_PROVEN}, ["org:a.test", "org:b.test"]),
+    (set(), []),
+])
+def test_pick_only_what_a_worker_with_credit_takes(servable: set[Tier],
+                                                   picked: list[str]) -> None:
+    g: LaneGate[int] = LaneGate(replace(FAST, queue_max=64), now=0.0)
+    for i, identity in enumerate(["org:a.test", "allow:x", "org:b.test"]):
+        assert g.admit(m(identity), i, 0.0, 8).ok
+    got = []
+    while (p := g.pick(8, servable.__contains__)) is not None:
+        g.sent(str(p.item).encode(), p)
+        got.append(p.key)
+    assert got == picked

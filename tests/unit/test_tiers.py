@@ -19,6 +19,7 @@ from ingress.policy.tiers import (
     cap,
     caps,
     commit_slots,
+    dedicated_tier,
     dnswl_identity,
     fast_tier,
     floor_above,
@@ -33,6 +34,7 @@ from ingress.policy.tiers import (
     rate_key,
     tier_of,
     tier_rates,
+    worker_takes,
 )
 
 OP, TP, SP, UN = Tier.OPERATOR, Tier.THIRD_PARTY, Tier.SELF_PROVEN, Tier.UNKNOWN
@@ -234,3 +236,24 @@ OP, TP, SP, UN = Tier.OPERATOR, Tier.THIRD_PARTY, Tier.SELF_PROVEN, Tier.UNKNOWN
 ])
 def test_commit_slots(tiers: list[Tier], free: list[bool], want: list[list[int]]) -> None:
     assert commit_slots(tiers, free) == want
+
+
+@pytest.mark.parametrize(("tier", "serves", "dedicated_up", "takes"), [
+    # a worker dedicated to the self-proven tier takes its tier's mail and nothing else
+    (SP, SP, True, True), (OP, SP, True, False), (TP, SP, True, False), (UN, SP, True, False),
+    # any other worker: every tier but the dedicated one's while a dedicated worker is up
+    (OP, None, True, True), (TP, None, True, True), (UN, None, True, True),
+    (SP, None, True, False),
+    # none up (restarting, or tiers.self_proven_workers = 0): it takes that tier's too
+    (SP, None, False, True), (OP, None, False, True),
+])
+def test_worker_takes(tier: Tier, serves: Tier | None, dedicated_up: bool,
+                      takes: bool) -> None:
+    assert worker_takes(tier, serves, dedicated_up) is takes
+
+
+def test_dedicated_tier_labels() -> None:
+    assert dedicated_tier("self-proven") is SP
+    for label in ("operator", "third-party", "unknown", "", "SELF-PROVEN"):
+        with pytest.raises(ValueError):
+            dedicated_tier(label)

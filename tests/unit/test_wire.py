@@ -125,3 +125,14 @@ def test_qid_keeps_the_whole_pid(monkeypatch: pytest.MonkeyPatch) -> None:
         qids.add(wire.new_qid(1700000000.0))
     assert len(qids) == 4
     assert all(len(q) == 23 and q.isalnum() for q in qids)
+
+
+def test_worker_hello_carries_a_dedicated_tier() -> None:
+    assert wire.worker_hello(wire.ready(8)) == (8, "")
+    assert wire.worker_hello(wire.ready(8, "self-proven")) == (8, "self-proven")
+    assert wire.worker_hello(wire.heartbeat(3, "self-proven")) == (3, "self-proven")
+    assert wire.worker_hello(wire.heartbeat(3)) == (3, "")
+    for bad in ([b"SI2", b"READY"], [b"SI2", b"READY", b"8", b"x", b"y"],
+                [b"SI2", b"READY", b"-1"], [b"SI2", b"READY", b"lots"]):
+        with pytest.raises(WireError):
+            wire.worker_hello(bad)

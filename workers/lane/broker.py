@@ -40,6 +40,7 @@ messages a socket per poll, so neither side starves the other.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,6 @@ from ingress.core.wire import (
     expect,
     head,
     heartbeat,
-    int_frame,
     kind_of,
     nack_detail,
     shared_publication,
@@ -73,10 +73,11 @@ from ingress.core.wire import (
     status_key,
     to_acceptor,
     work,
+    worker_hello,
 )
 from ingress.policy.fairqueue import TieredQueue
 from ingress.policy.lane_gate import OVER_RATE_HOLD, Check, Decision, LaneGate, LaneLimits, Request
-from ingress.policy.tiers import Tier
+from ingress.policy.tiers import Tier, dedicated_tier, worker_takes
 
 __all__ = ["OVER_RATE_HOLD", "Broker", "run"]
 
@@ -90,6 +91,7 @@ class WorkerState:
     credit: int
     expiry: float
     inflight: dict[bytes, bytes] = field(default_factory=dict)   # qid -> acceptor routing id
+    serves: Tier | None = None      # dedicated to this tier's work only (tiers.worker_takes)
 
 
 @dataclass
@@ -260,8 +262,7 @@ class Broker:
             kind = kind_of(msg)
             w = self.workers.get(ident)
             if kind is Kind.READY:
-                (credit,) = expect(msg, 1)
-                self._register(ident, int_frame(credit), now)
+                self._register(ident, *_hello(msg), now)
             elif kind is Kind.HEARTBEAT:
                 self._on_worker_heartbeat(ident, w, msg, now)
             elif kind in (Kind.ACK, Kind.NACK):
@@ -277,11 +278,11 @@ class Broker:
 
     def _on_worker_heartbeat(self, ident: bytes, w: WorkerState | None, msg: list[bytes],
                              now: float) -> None:
-        (free,) = expect(msg, 1)
+        free, serves = _hello(msg)
         if w is not None:
             w.expiry = now + LANE_HEARTBEAT * LANE_LIVENESS
         elif ident not in self.left:   # we restarted, or it timed out here: take it back
-            self._register(ident, int_frame(free), now)
+            self._register(ident, free, serves, now)
 
     def _on_worker_result(self, w: WorkerState | None, kind: Kind, msg: list[bytes],
                           now: float) -> None:
@@ -316,13 +317,14 @@ class Broker:
         with contextlib.suppress(zmq.ZMQError):
             self.pub.send_multipart(shared_publication(msg), zmq.NOBLOCK)
 
-    def _register(self, ident: bytes, credit: int, now: float) -> None:
+    def _register(self, ident: bytes, credit: int, serves: Tier | None, now: float) -> None:
         old = self.workers.get(ident)
         if old is not None:
             self._fail_worker(old, "re-registered")
-        self.workers[ident] = WorkerState(ident, credit, now + LANE_HEARTBEAT * LANE_LIVENESS)
+        self.workers[ident] = WorkerState(ident, credit, now + LANE_HEARTBEAT * LANE_LIVENESS,
+                                          serves=serves)
         log.event("worker_ready", lane=self.lane, worker=ident.decode(errors="replace"),
-                  credit=credit)
+                  credit=credit, serves="" if serves is None else serves.label)
 
     def _fail_worker(self, w: WorkerState, why: str) -> None:
         for qid, reply_to in w.inflight.items():
@@ -336,16 +338,20 @@ class Broker:
     # --- scheduling ---------------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Hand queued work to the worker with the most credit while the gate names some."""
+        """Hand queued work, while the gate names some, to the worker with the most credit among
+        those that take its tier (tiers.worker_takes: a dedicated worker only its tier's)."""
         wall = time.time()
         credit = self._total_credit()      # unchanged by a dispatch: credit moves to in flight
+        up = {w.serves for w in self.workers.values()      # dedicated workers not leaving
+              if w.serves is not None and w.ident not in self.left}
         while self.queue:
-            best = max(self.workers.values(), key=lambda w: w.credit, default=None)
-            if best is None or best.credit <= 0:
+            free = [w for w in self.workers.values() if w.credit > 0]
+            if not free:
                 return
-            got = self.lane_gate.pick(credit)
-            if got is None:       # every tier / identity with work is at its in-flight share
-                return
+            got = self.lane_gate.pick(credit, functools.partial(_servable, free, up))
+            if got is None:       # every tier / identity with work is at its in-flight share,
+                return            # or no worker that takes it has credit
+            best = max((w for w in free if _takes(w, got.tier, up)), key=lambda w: w.credit)
             job = got.item
             if job.deadline <= wall:
                 self._nack(job.reply_to, job.qid, NackReason.EXPIRED, "waited too long")
@@ -459,6 +465,26 @@ class Broker:
             except zmq.Again:
                 return
             handle(frames)
+
+
+def _takes(w: WorkerState, tier: Tier, up: set[Tier]) -> bool:
+    return worker_takes(tier, w.serves, tier in up)
+
+
+def _servable(free: list[WorkerState], up: set[Tier], tier: Tier) -> bool:
+    """Does a worker with credit take `tier` now?"""
+    return any(_takes(w, tier, up) for w in free)
+
+
+def _hello(msg: list[bytes]) -> tuple[int, Tier | None]:
+    """A worker's READY or HEARTBEAT: its credit (or free credit) and its dedicated tier."""
+    credit, serves = worker_hello(msg)
+    if not serves:
+        return credit, None
+    try:
+        return credit, dedicated_tier(serves)
+    except ValueError as e:
+        raise WireError(str(e)) from None
 
 
 def run(cfg: Config, lane: str, hb: Any = None, slot: int = 0) -> None:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import socket
 import time
@@ -117,8 +118,10 @@ class _Commit:
 
 
 class Worker:
-    def __init__(self, cfg: Config, lane: Lane, index: int, hb: Any = None, slot: int = 0) -> None:
+    def __init__(self, cfg: Config, lane: Lane, index: int, hb: Any = None, slot: int = 0,
+                 serves: str = "") -> None:
         self.cfg, self.lane, self.index = cfg, lane, index
+        self.serves = serves       # the one tier it takes ("": any; ingress.policy.tiers)
         self.heart = Heartbeat(hb, slot)
         self.reconnect = Reconnect()       # 1 -> 32 s between reconnects to a silent broker
         self.credit = getattr(cfg.lanes, lane.value).credit
@@ -138,7 +141,7 @@ class Worker:
         self.sock: zmq.Socket[bytes] | None = None
         self.stopping = False
         self.answered = False     # the broker answered our DISCONNECT: no WORK follows
-        self.ident = f"w-{lane.value}-{index}-{os.getpid()}".encode()
+        self.ident = f"w-{lane.value}-{serves or 'any'}-{index}-{os.getpid()}".encode()
         self.running: list[_Job] = []                   # pipelines in pool threads
         self.ready: list[_Job] = []                     # pipelines done, for the next commit
         self.commits: list[_Commit | None] = [None, None]   # being written: any, priority
@@ -160,7 +163,7 @@ class Worker:
         s.setsockopt(zmq.SNDHWM, 10 * self.credit + 100)
         s.setsockopt(zmq.RCVHWM, 10 * self.credit + 100)
         s.connect(self.cfg.ipc(f"{self.lane.value}-back"))
-        s.send_multipart(ready(self.credit))
+        s.send_multipart(ready(self.credit, self.serves))
         self.sock = s
 
     # --- heartbeats ---------------------------------------------------------------------------
@@ -169,7 +172,7 @@ class Worker:
         """To the broker (lane liveness) and to the supervisor (hang detection)."""
         assert self.sock is not None
         with contextlib.suppress(zmq.Again):
-            self.sock.send_multipart(heartbeat(self.credit), zmq.NOBLOCK)
+            self.sock.send_multipart(heartbeat(self.credit, self.serves), zmq.NOBLOCK)
         self.heart.beat()
 
     def _vouched(self, now: float) -> bool:
@@ -447,11 +450,20 @@ def _qid_guess(env_raw: bytes) -> bytes:
         return b"?"
 
 
-def run(cfg: Config, lane: str, index: int, hb: Any = None, slot: int = 0) -> None:
+def run(cfg: Config, lane: str, index: int, hb: Any = None, slot: int = 0,
+        serves: str = "") -> None:
+    """`serves`: a fast worker dedicated to that tier (tiers.self_proven_workers), at
+    tiers.self_proven_nice."""
     # Only the supervisor stops us (SIGUSR2), after the acceptors have drained (LANE_SIGNALS).
     def setup(_: child.Signals) -> child.Service[None]:
-        w = Worker(cfg, Lane(lane), index, hb, slot)
+        w = Worker(cfg, Lane(lane), index, hb, slot, serves)
         return child.Service(w.run, lambda: setattr(w, "stopping", True),
-                             lambda: log.event("worker_start", lane=lane, index=index),
-                             lambda: log.event("worker_stop", lane=lane, index=index))
-    child.main(cfg, child.lane_spec(cfg, lane, f"worker-{lane}-{index}"), setup)
+                             lambda: log.event("worker_start", lane=lane, index=index,
+                                               serves=serves),
+                             lambda: log.event("worker_stop", lane=lane, index=index,
+                                               serves=serves))
+    name = f"worker-{lane}-{serves}-{index}" if serves else f"worker-{lane}-{index}"
+    spec = child.lane_spec(cfg, lane, name)
+    if serves:
+        spec = dataclasses.replace(spec, nice=max(spec.nice, cfg.tiers.self_proven_nice))
+    child.main(cfg, spec, setup)
