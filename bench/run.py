@@ -108,6 +108,7 @@ from bench.scenarios import (
     DNSWL_IP,
     LEGIT_DEADLINE,
     LEGIT_INTERVAL,
+    LEGIT_PRIME,
     P99_MAX_RATIO,
     PROVIDER,
     RCPT,
@@ -362,14 +363,16 @@ class Progress:
 
 
 def legit_specs(target: Running, pki: Pki) -> list[LegitSpec]:
-    specs = [LegitSpec("trusted", TRUSTED_IP, LEGIT_INTERVAL, name="trusted")]
+    """The allow-listed, certificate and SPF senders, each priming the target with LEGIT_PRIME
+    unmeasured messages at the run's start (scenarios.NOFLOOD_WARMUP)."""
+    specs = [LegitSpec("trusted", TRUSTED_IP, LEGIT_INTERVAL, name="trusted", prime=LEGIT_PRIME)]
     if target.mtls_port:
         specs.append(LegitSpec("cert", CERT_IP, LEGIT_INTERVAL, name="cert", tls="implicit",
                                port=target.mtls_port, cert=str(pki.client_pem),
                                key=str(pki.client_pem), ca=str(pki.ca),
-                               servername="localhost"))
+                               servername="localhost", prime=LEGIT_PRIME))
     specs.append(LegitSpec("spf", SPF_IP, LEGIT_INTERVAL, name="spf",
-                           mail_from=f"legit@{SPF_DOMAIN}"))
+                           mail_from=f"legit@{SPF_DOMAIN}", prime=LEGIT_PRIME))
     return specs
 
 

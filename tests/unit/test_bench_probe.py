@@ -55,3 +55,24 @@ def test_report_shows_the_probe_health() -> None:
     md = report.render_markdown(doc)
     assert "### The probe's own health" in md
     assert "| 300 + 50 | smtp-ingress | fifo | 3 (max 14.2 ms) |" in md
+
+
+def test_the_no_flood_reference_is_measured_warm() -> None:
+    """Every legitimate sender primes the target before its measured window, and the no-flood
+    references leave room for it: their first transaction was a cold one (90-160 ms), and
+    with 120 samples a second cold one set the p99 the flood rows are divided by."""
+    from pathlib import Path
+
+    from bench.run import legit_specs
+    from bench.scenarios import LEGIT_PRIME, NOFLOOD_WARMUP, build_scenarios
+    from bench.targets import Pki, Running
+
+    p = Path("/nonexistent")
+    specs = legit_specs(Running("t", "127.0.0.1", 25, 2465), Pki(p, p, p, p))
+    assert {s.kind for s in specs} == {"trusted", "cert", "spf"}
+    assert all(s.prime == LEGIT_PRIME >= 2 for s in specs)
+    full = build_scenarios("full")
+    for name in ("noflood", "noflood18"):
+        sc = full[name]
+        assert sc.warmup_s == NOFLOOD_WARMUP > 0          # priming runs before the window
+        assert sc.duration_s - sc.warmup_s == 12.0         # still 120 measured samples
