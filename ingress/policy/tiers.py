@@ -16,9 +16,8 @@ Rules (one for every fast resource: slots, queue count and bytes, worker credit,
       (tiers.self_proven_workers, at tiers.self_proven_nice), which take nothing else; the
       other fast workers take every other tier, and the self-proven tier's only while no
       dedicated worker is up. So a spammer's self-proven mail (its DKIM checks, its commits)
-      never runs in the interpreter that holds the operator's mail: measured, with one fast
-      worker for all, the operator's messages waited for that process's lock behind the
-      spam's DKIM work (worker_takes).
+      never runs in the process, under the interpreter lock, that holds the operator's mail
+      (worker_takes; measured in docs/benchmarks.md, 2026-12-07).
     * The third-party and self-proven tiers are each capped as a whole: cap(tier, reserve) =
       floor(reserve x share) (tiers.third_party_share, tiers.self_proven_share), however many
       identities (domains) they hold. Beyond its cap a tier's session or message is served as

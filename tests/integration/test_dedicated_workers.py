@@ -76,9 +76,10 @@ def test_self_proven_mail_is_written_by_its_own_niced_worker(tmp_path: Path,
             by_tier.setdefault(tier, set()).add(proc)
         assert by_tier == {"operator": {"worker-fast-0"},
                            "self-proven": {"worker-fast-self-proven-0"}}, seen
-        nice = {psutil.Process(p).name(): psutil.Process(p).nice()
-                for p in ing.children("worker-fast")}
-        assert sorted(nice.values()) == [0, 7], nice
+        base = psutil.Process(ing.pid).nice()
+        nice = {kind: [psutil.Process(p).nice() - base for p in ing.children(kind)]
+                for kind in ("worker-fast", "worker-self-proven")}
+        assert nice == {"worker-fast": [0], "worker-self-proven": [7]}, nice
         ready = [e for e in ing.events("worker_ready") if e.get("lane") == "fast"]
         assert sorted(e.get("serves") for e in ready) == ["", "self-proven"], ready
 

@@ -513,8 +513,8 @@ def test_reload_that_does_not_fit_the_heartbeat_array(tmp_path: Path) -> None:
     assert workers == 1
 
 
-KINDS = ("acceptor", "fast-acceptor", "broker-fast", "worker-fast", "broker-bulk",
-         "worker-bulk", "relay")
+KINDS = ("acceptor", "fast-acceptor", "broker-fast", "worker-fast", "worker-self-proven",
+         "broker-bulk", "worker-bulk", "relay")
 
 
 def policies(pid: int) -> set[int]:
@@ -545,11 +545,13 @@ def test_bulk_lane_and_relay_yield_the_cores(tmp_path: Path, bulk_policy: str,
                   for kind in KINDS}
         threads = sum(len(list(Path(f"/proc/{p}/task").iterdir()))
                       for p in ing.children("worker-bulk"))
+    # the fast worker dedicated to the self-proven tier: tiers.self_proven_nice (5)
     assert nice == {"acceptor": {10}, "fast-acceptor": {0}, "broker-fast": {0},
-                    "worker-fast": {0}, "broker-bulk": {7}, "worker-bulk": {7}, "relay": {3}}
+                    "worker-fast": {0}, "worker-self-proven": {5}, "broker-bulk": {7},
+                    "worker-bulk": {7}, "relay": {3}}
     other = {os.SCHED_OTHER}
     assert policy == {"acceptor": other, "fast-acceptor": other, "broker-fast": other,
-                      "worker-fast": other,
+                      "worker-fast": other, "worker-self-proven": other,
                       "broker-bulk": {want_bulk}, "worker-bulk": {want_bulk},
                       "relay": other}, policy
     assert threads > 1              # the policy reached its threads, not only the main one

@@ -177,7 +177,8 @@ class Ingress:
 
     def children(self, kind: str | None = None) -> list[int]:
         """PIDs of live children; kind = 'acceptor' | 'fast-acceptor' | 'broker-bulk' |
-        'worker-bulk' ..."""
+        'worker-bulk' | 'worker-self-proven' (the fast workers dedicated to that tier; not
+        among 'worker-fast') ..."""
         pids = procs.children(self.pid)
         if kind is None:
             return pids
@@ -189,6 +190,8 @@ class Ingress:
                 continue
             if d["kind"] == "acceptor":     # fast acceptors: "fast-acceptor"
                 key = "fast-acceptor" if "fast" in d["key"] else "acceptor"
+            elif d["kind"] == "worker" and "self-proven" in d["key"]:
+                key = "worker-self-proven"
             else:
                 key = d["kind"] + "-" + d["key"].split("'")[1]
             if key.startswith(kind):

@@ -10,9 +10,7 @@ import threading
 
 import pytest
 
-from bench import report
 from bench.flood.probe import STALL_MS, StallWatch, raise_priority, restore_priority
-from tests.unit.test_bench_report import make_doc
 
 
 def test_stall_watch_counts_only_late_wakeups() -> None:
@@ -45,16 +43,6 @@ def test_priority_is_the_threads_own_and_children_start_normal() -> None:
     assert seen["child"] == os.SCHED_OTHER          # the bots are scheduled as before
     assert seen["after"] == os.SCHED_OTHER
     assert os.sched_getscheduler(0) == os.SCHED_OTHER   # the test's own thread never moved
-
-
-def test_report_shows_the_probe_health() -> None:
-    doc = make_doc()
-    doc["flood"][1]["result"]["probe"] = {"priority": "fifo", "samples": 5000, "stalls": 3,
-                                          "stall_ms": STALL_MS, "max_ms": 14.2,
-                                          "stalled_ms": 36.0}
-    md = report.render_markdown(doc)
-    assert "### The probe's own health" in md
-    assert "| 300 + 50 | smtp-ingress | fifo | 3 (max 14.2 ms) |" in md
 
 
 def test_the_no_flood_reference_is_measured_warm() -> None:

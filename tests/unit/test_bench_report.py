@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from bench import report
+from bench.flood import probe
 from bench.run import build_scenarios, netstat_delta, parse_settings
 
 
@@ -374,3 +375,13 @@ def test_render_where_the_time_goes() -> None:
     assert "| 300 + 50 | 1.0 / 1.5 | 5.0 / 18.2 |" in md        # stages only where measured
     assert "| 300 + 50 | acceptor 40% cpu, 90.5 µs wait/run |" in md
     assert "no flood |" not in md.split("Where the allow-listed")[1].split("###")[0]
+
+
+def test_report_shows_the_probe_health() -> None:
+    doc = make_doc()
+    doc["flood"][1]["result"]["probe"] = {"priority": "fifo", "samples": 5000, "stalls": 3,
+                                          "stall_ms": probe.STALL_MS, "max_ms": 14.2,
+                                          "stalled_ms": 36.0}
+    md = report.render_markdown(doc)
+    assert "### The probe's own health" in md
+    assert "| 300 + 50 | smtp-ingress | fifo | 3 (max 14.2 ms) |" in md
