@@ -21,9 +21,10 @@ Policy: ingress.policy.lane_gate.LaneGate, one per lane, decides; this module on
 out. A SUBMIT is admitted into the gate's queue or NACKed with the gate's reason (queue_full,
 rate, share: the acceptor serves a fast message refused for share as bulk); the gate names
 what to dispatch next within the tiers' and identities' shares of the workers' credit, and what
-the status says of the rates and tiers. Mechanism here: work goes only to a worker with credit,
-the one with the most. A worker that misses LANE_LIVENESS heartbeats is dropped and every
-message it held is NACKed at once (worker_lost), so acceptors answer 451 instead of waiting.
+the status says of the rates and tiers. Mechanism here: work goes only to a worker with credit
+that takes its tier (tiers.worker_takes: a dedicated worker, only its own), the most credit
+first. A worker that misses LANE_LIVENESS heartbeats is dropped and every message it held is
+NACKed at once (worker_lost), so acceptors answer 451 instead of waiting.
 Work that waited past its envelope deadline is NACKed expired, never dispatched. SIGUSR2 or
 the supervisor gone: every SUBMIT is NACKed shutdown.
 
@@ -472,8 +473,7 @@ def _takes(w: WorkerState, tier: Tier, up: set[Tier]) -> bool:
 
 
 def _servable(free: list[WorkerState], up: set[Tier], tier: Tier) -> bool:
-    """Does a worker with credit take `tier` now?"""
-    return any(_takes(w, tier, up) for w in free)
+    return any(_takes(w, tier, up) for w in free)      # a worker with credit takes `tier` now
 
 
 def _hello(msg: list[bytes]) -> tuple[int, Tier | None]:
