@@ -81,15 +81,17 @@ def test_derived_tiers(tmp_path: Path) -> None:
                                **{"lanes.fast": {"workers": 2, "credit": 8, "queue_max": 256,
                                                  "queue_bytes": 64 << 20}}))
     t = configshow.derived(cfg, nofile=(65536, 65536))["tiers"]
+    # 2 fast workers and the one dedicated to the self-proven tier (tiers.self_proven_workers):
+    # the broker's total credit is all three's
     assert t["of"] == {"slots_per_acceptor": 100, "data_bytes_per_acceptor": 4 << 20,
                        "fast_queue_messages": 256, "fast_queue_bytes": 64 << 20,
-                       "fast_worker_credit": 16}
+                       "fast_worker_credit": 24}
     assert t["self-proven"]["at_most"] == {
         "slots_per_acceptor": 50, "data_bytes_per_acceptor": 2 << 20,
-        "fast_queue_messages": 128, "fast_queue_bytes": 32 << 20, "fast_worker_credit": 8}
+        "fast_queue_messages": 128, "fast_queue_bytes": 32 << 20, "fast_worker_credit": 12}
     assert t["operator"]["at_least"] == {
         "slots_per_acceptor": 25, "data_bytes_per_acceptor": 1 << 20,
-        "fast_queue_messages": 64, "fast_queue_bytes": 16 << 20, "fast_worker_credit": 4}
+        "fast_queue_messages": 64, "fast_queue_bytes": 16 << 20, "fast_worker_credit": 6}
     # 200/s over the two port-25 acceptors (no fast port: learned clients are not handed off)
     assert t["self-proven"]["rate_per_acceptor"] == {"rate": 100.0, "burst": 10.0}
     assert t["self-proven"]["rate_at_broker"] == {"rate": 200.0, "burst": 200.0}
