@@ -49,7 +49,7 @@ from typing import Any
 from bench import flood
 from bench import throughput as tp
 from bench.report import save_json
-from bench.scenarios import LEGIT_PRIME
+from bench.scenarios import primed
 from bench.targets import CONFIGS, Running, _log_docs, start_ingress
 from ingress.core.derived import BULK_SHARE
 from tests.kit.clusterkit import free_base, keygen
@@ -157,7 +157,7 @@ def flood_config(host: str, port: int, seconds: float, bots: bool = True) -> flo
         bots=flood.BotConfig(stallers=300, spammers=50, spam_per_conn=100, spam_rcpt=RCPT,
                              spam_from="spam@bots.invalid", ramp_s=1.0) if bots
         else flood.BotConfig(),
-        legit=(flood.LegitSpec("trusted", TRUSTED, 0.1, name="trusted", prime=LEGIT_PRIME),),
+        legit=(primed("trusted", TRUSTED),),
         warmup_s=2.0, grace_s=10.0, rcpt=RCPT, deadline_s=10.0)
 
 

@@ -51,12 +51,12 @@ from bench import flood
 from bench.report import save_json
 from bench.run import sched_window
 from bench.scenarios import (
-    LEGIT_PRIME,
     NOFLOOD_WARMUP,
     RCPT,
     SPF_BOTS_DOMAIN,
     TRUSTED_IP,
     build_scenarios,
+    primed,
 )
 from bench.targets import CONFIGS, ROOT, Running, start_dns, start_ingress
 from tests.kit.haproxy import HAProxy, free_port
@@ -114,7 +114,7 @@ def one_run(port: int, flooded: bool, seconds: float) -> dict[str, Any]:
     warm = 2.0 if flooded else NOFLOOD_WARMUP     # the sender primes the target first
     cfg = flood.FloodConfig(
         target=flood.Target(HAPROXY_HOST, port), duration_s=seconds + warm, bots=bots,
-        legit=(flood.LegitSpec("trusted", TRUSTED_IP, 0.1, name="trusted", prime=LEGIT_PRIME),),
+        legit=(primed("trusted", TRUSTED_IP),),
         warmup_s=warm, grace_s=10.0, rcpt=RCPT, deadline_s=10.0)
     cpu: dict[str, Any] = {}
     window = sched_window(cfg.startup_s + warm, seconds, cpu)

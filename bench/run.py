@@ -108,7 +108,6 @@ from bench.scenarios import (
     DNSWL_IP,
     LEGIT_DEADLINE,
     LEGIT_INTERVAL,
-    LEGIT_PRIME,
     P99_MAX_RATIO,
     PROVIDER,
     RCPT,
@@ -122,6 +121,7 @@ from bench.scenarios import (
     evidence_dns,
     evidence_specs,
     pool_addresses,
+    primed,
     with_settings,
 )
 from bench.targets import (
@@ -365,14 +365,12 @@ class Progress:
 def legit_specs(target: Running, pki: Pki) -> list[LegitSpec]:
     """The allow-listed, certificate and SPF senders, each priming the target with LEGIT_PRIME
     unmeasured messages at the run's start (scenarios.NOFLOOD_WARMUP)."""
-    specs = [LegitSpec("trusted", TRUSTED_IP, LEGIT_INTERVAL, name="trusted", prime=LEGIT_PRIME)]
+    specs = [primed("trusted", TRUSTED_IP)]
     if target.mtls_port:
-        specs.append(LegitSpec("cert", CERT_IP, LEGIT_INTERVAL, name="cert", tls="implicit",
-                               port=target.mtls_port, cert=str(pki.client_pem),
-                               key=str(pki.client_pem), ca=str(pki.ca),
-                               servername="localhost", prime=LEGIT_PRIME))
-    specs.append(LegitSpec("spf", SPF_IP, LEGIT_INTERVAL, name="spf",
-                           mail_from=f"legit@{SPF_DOMAIN}", prime=LEGIT_PRIME))
+        specs.append(primed("cert", CERT_IP, tls="implicit", port=target.mtls_port,
+                            cert=str(pki.client_pem), key=str(pki.client_pem), ca=str(pki.ca),
+                            servername="localhost"))
+    specs.append(primed("spf", SPF_IP, mail_from=f"legit@{SPF_DOMAIN}"))
     return specs
 
 

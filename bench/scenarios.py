@@ -52,6 +52,12 @@ LEGIT_PRIME = 2        # unmeasured messages each legitimate sender sends at the
 NOFLOOD_WARMUP = 1.0
 
 
+def primed(kind: str, source: str, **kw: Any) -> LegitSpec:
+    """A judged legitimate sender: one message every LEGIT_INTERVAL, named by its kind, after
+    LEGIT_PRIME unmeasured ones at the run's start."""
+    return LegitSpec(kind, source, LEGIT_INTERVAL, name=kind, prime=LEGIT_PRIME, **kw)
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str

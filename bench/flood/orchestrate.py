@@ -418,7 +418,7 @@ async def run_flood(
         tick.cancel()
         watching.cancel()
     finally:
-        if cfg.probe_rt:
+        if priority == "fifo":     # only what raise_priority changed
             restore_priority()
         for c in children:
             if c.proc.returncode is None:

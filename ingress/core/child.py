@@ -10,7 +10,9 @@ API:
                                          who the child is: its name (the process title
                                          "smtp-ingress: <name>", the log lines' proc), which signal
                                          does what, its CPU priority and scheduling policy
-    lane_spec(cfg, lane, name) -> Spec   a lane's broker or worker (lanes.<lane>.nice, ...)
+    lane_spec(cfg, lane, name, dedicated=False) -> Spec   a lane's broker or worker
+                                         (lanes.<lane>.nice, ...; a worker dedicated to the
+                                         self-proven tier at least tiers.self_proven_nice)
     Service(serve, stop, started=None, stopped=None)
                                          what the child runs: serve() is its life until stop()
                                          and its drain (blocking, or a coroutine function on
@@ -270,10 +272,12 @@ class Spec:
     policy: str = "other"               # the scheduling policy (POLICY)
 
 
-def lane_spec(cfg: Config, lane: str, name: str) -> Spec:
-    """A lane's broker or worker: LANE_SIGNALS, lanes.<lane>.nice and .sched_policy."""
+def lane_spec(cfg: Config, lane: str, name: str, dedicated: bool = False) -> Spec:
+    """A lane's broker or worker: LANE_SIGNALS, lanes.<lane>.nice and .sched_policy; a worker
+    dedicated to the self-proven tier yields more (tiers.self_proven_nice)."""
     lc = getattr(cfg.lanes, lane)
-    return Spec(name, LANE_SIGNALS, lc.nice, lc.sched_policy)
+    nice = max(lc.nice, cfg.tiers.self_proven_nice) if dedicated else lc.nice
+    return Spec(name, LANE_SIGNALS, nice, lc.sched_policy)
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,11 @@ Purpose
 API
     cores() -> int                               CPUs this process may run on
     acceptor_count(cfg), acceptor_processes(cfg), mtls_acceptor_count(cfg),
-    worker_count(cfg, lane), child_count(cfg)    processes (Config's properties of those names;
-                                                 the fast lane's workers dedicated to the
-                                                 self-proven tier, tiers.self_proven_workers,
-                                                 come on top of lanes.fast.workers)
+    worker_count(cfg, lane), child_count(cfg)    processes (Config's properties of those names)
+    dedicated_workers(cfg, lane) -> int          the lane's workers dedicated to one tier, on
+                                                 top of worker_count (the fast lane's
+                                                 tiers.self_proven_workers; bulk: none)
+    lane_workers(cfg, lane) -> int               every worker of the lane's broker: the two
     steer_listed(cfg) -> bool                    DNS-allow-listed clients are steered to the
                                                  fast acceptors (dnswl.steer)
     steer_known(cfg) -> bool                     the mTLS port's verified clients are steered
@@ -108,11 +109,19 @@ def worker_count(cfg: Config, lane: str) -> int:
     return _lane(cfg, lane).workers or max(1, cores() // 2)
 
 
+def dedicated_workers(cfg: Config, lane: str) -> int:
+    return cfg.tiers.self_proven_workers if lane == "fast" else 0
+
+
+def lane_workers(cfg: Config, lane: str) -> int:
+    return worker_count(cfg, lane) + dedicated_workers(cfg, lane)
+
+
 def child_count(cfg: Config) -> int:
     """Processes the supervisor runs for this config: brokers, workers, relay, acceptors."""
-    return (2 + worker_count(cfg, "fast") + worker_count(cfg, "bulk")
-            + cfg.tiers.self_proven_workers + (1 if cfg.relay.downstream else 0)
-            + acceptor_processes(cfg) + mtls_acceptor_count(cfg))
+    return (2 + lane_workers(cfg, "fast") + lane_workers(cfg, "bulk")
+            + (1 if cfg.relay.downstream else 0) + acceptor_processes(cfg)
+            + mtls_acceptor_count(cfg))
 
 
 def listen_sockets(cfg: Config) -> int:

@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ingress.core import child, log, metrics_server
+from ingress.core import child, derived, log, metrics_server
 from ingress.core.config import Config, SupervisorConfig
 from ingress.policy.tiers import Tier
 
@@ -65,9 +65,9 @@ def wanted(cfg: Config) -> list[tuple[str, tuple[Any, ...]]]:
     for lane in ("fast", "bulk"):
         out.append(("broker", ("broker", lane)))
         out += [("worker", ("worker", lane, i)) for i in range(cfg.worker_count(lane))]
-        if lane == "fast":      # dedicated to the self-proven tier (ingress.policy.tiers)
-            out += [("worker", ("worker", lane, i, Tier.SELF_PROVEN.label))
-                    for i in range(cfg.tiers.self_proven_workers)]
+        # dedicated to the self-proven tier (ingress.policy.tiers.worker_takes)
+        out += [("worker", ("worker", lane, i, Tier.SELF_PROVEN.label))
+                for i in range(derived.dedicated_workers(cfg, lane))]
     if cfg.relay.downstream:         # "": the spool itself is the destination
         out.append(("relay", ("relay", "main")))
     out += [("acceptor", ("acceptor", i)) for i in range(cfg.acceptor_count)]

@@ -148,8 +148,7 @@ def tier_limits(cfg: config.Config, reserve: int) -> dict[str, Any]:
         "fast_queue_messages": cfg.lanes.fast.queue_max,
         "fast_queue_bytes": dv.queue_bytes(cfg, "fast"),
         # the dedicated self-proven workers' credit counts in the broker's total too
-        "fast_worker_credit": (dv.worker_count(cfg, "fast") + cfg.tiers.self_proven_workers)
-                              * cfg.lanes.fast.credit,
+        "fast_worker_credit": dv.lane_workers(cfg, "fast") * cfg.lanes.fast.credit,
     }
     out: dict[str, Any] = {
         "operator": {"at_least": {k: operator_floor(v, shares) for k, v in resources.items()}},
@@ -205,7 +204,7 @@ def render(cfg: config.Config, nofile: tuple[int, int] | None = None) -> str:
         f"# cores: {d['cores']}; acceptors: {d['acceptors']}"
         + (" (supervisor.acceptors = 0: one per core)" if not cfg.supervisor.acceptors else ""),
         f"# workers: fast {w['fast']} ({wpc['fast']} per core; and "
-        f"{cfg.tiers.self_proven_workers} for the self-proven tier only), bulk {w['bulk']} "
+        f"{dv.dedicated_workers(cfg, 'fast')} for the self-proven tier only), bulk {w['bulk']} "
         f"({wpc['bulk']} per core)" + ("" if cfg.lanes.fast.workers and cfg.lanes.bulk.workers
                                        else "; lanes.<lane>.workers = 0: half the cores"),
         f"# fd limit: {d['fd_limit']} -> at most {d['connections_fd_allows_per_acceptor']} "

@@ -49,7 +49,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import dataclasses
 import os
 import socket
 import time
@@ -463,7 +462,4 @@ def run(cfg: Config, lane: str, index: int, hb: Any = None, slot: int = 0,
                              lambda: log.event("worker_stop", lane=lane, index=index,
                                                serves=serves))
     name = f"worker-{lane}-{serves}-{index}" if serves else f"worker-{lane}-{index}"
-    spec = child.lane_spec(cfg, lane, name)
-    if serves:
-        spec = dataclasses.replace(spec, nice=max(spec.nice, cfg.tiers.self_proven_nice))
-    child.main(cfg, spec, setup)
+    child.main(cfg, child.lane_spec(cfg, lane, name, dedicated=bool(serves)), setup)
