@@ -28,6 +28,9 @@ Memory: the bytes all sessions hold in DATA (until their ack) are bounded by one
 (smtp.data_memory_budget, with smtp.data_fast_reserve for the fast lane only, of which the
 capped trust tiers their parts: ingress.policy.tiers).
 
+Set-up builds the Public Suffix List (ingress.policy.identity.warm) before any session: a new
+acceptor of a reload does not build it on its event loop at its first client's name.
+
 Failure modes: a recipient map or TLS certificate that cannot be read raises at start (the
 supervisor's config check reads them first); every hook runs on the event loop and never blocks
 (no DNS, no disk). Limits: those of the parts (their own modules), OVER_RATE_LOGGED_MAX keys of
@@ -73,6 +76,7 @@ from ingress.policy.identity import (
     over_rate_reason,
     rate_bounded,
     share_key,
+    warm,
 )
 from ingress.policy.session_rules import ErrorPolicy
 from ingress.policy.tiers import (
@@ -114,6 +118,7 @@ class AcceptorContext:
     def __init__(self, cfg: Config, index: int, loop: asyncio.AbstractEventLoop,
                  nofile: int = 0, fast: bool = False, mtls_only: bool = False) -> None:
         self.cfg, self.index, self.loop = cfg, index, loop
+        warm()      # the PSL, before the first client's name needs it (not on its time)
         self._stress, self._stress_at = False, float("-inf")     # lane_saturated's memo
         self.slot = slot_name("mtls" if mtls_only else "fast" if fast else "port25", index)
         self.ident = f"{self.slot}-{os.getpid()}"

@@ -83,6 +83,7 @@ from ingress.core.wire import Envelope, Lane
 from ingress.policy.classify import ClassifyPolicy, dkim_vouches, should_learn, should_unlearn
 from ingress.policy.dkim_budget import DnsBudget
 from ingress.policy.dmarc import DmarcVerdict
+from ingress.policy.identity import warm
 from workers.lane import dkim_check
 from workers.lane.dmarc_lookup import DmarcLookup
 from workers.lane.headers import authentication_results, received_header, strip_forged_ar
@@ -134,6 +135,9 @@ class Pipeline:
                                      spf_domains=frozenset(c.spf_domains))
         self.dmarc = (DmarcLookup(self.resolver, c.dns_timeout, ttl=cfg.dmarc.timeout_ttl)
                       if cfg.dmarc.enabled and dns_configured(cfg) else None)
+        # The PSL (DKIM alignment, DMARC, learning) before the worker's READY: a replacement
+        # worker of a reload does not build it at its first message, on that message's time.
+        warm()
 
     def process(self, env: Envelope, body: bytes, budget_s: float) -> Processed:
         ev = env.evidence
