@@ -1,5 +1,7 @@
 """bench/flood/probe.py: the probe's priority (only its own thread, never its children) and
-its stall counter; the report's table of it."""
+its stall counter; the report's table of it. bench/flood/orchestrate.py: the legitimate
+senders' ticks spread over their interval, so that the probe's one thread never runs two of
+their transactions at once."""
 
 from __future__ import annotations
 
@@ -10,7 +12,22 @@ import threading
 
 import pytest
 
+from bench.flood.bots import LegitSpec
+from bench.flood.orchestrate import sender_phases
 from bench.flood.probe import STALL_MS, StallWatch, raise_priority, restore_priority
+
+
+@pytest.mark.parametrize(("kinds", "want"), [
+    (["trusted"], [0.0]),
+    (["trusted", "cert", "spf"], [0.0, 0.1 / 3, 0.2 / 3]),
+    # the retrying MTAs keep their own schedule; the periodic senders share the interval
+    (["trusted", "mta", "spf", "mta"], [0.0, 0.0, 0.05, 0.0]),
+    ([], []),
+])
+def test_sender_phases_spread_the_senders_over_their_interval(kinds: list[str],
+                                                              want: list[float]) -> None:
+    specs = [LegitSpec(k, f"127.0.0.{10 + i}", 0.1) for i, k in enumerate(kinds)]
+    assert sender_phases(specs) == pytest.approx(want)
 
 
 def test_stall_watch_counts_only_late_wakeups() -> None:
