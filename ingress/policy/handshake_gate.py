@@ -70,7 +70,6 @@ API
         steered(now) -> [(address, until)]   the addresses to steer (least recently
                                        verified first), each until its prefix's entry expires;
                                        expired prefixes are forgotten first
-        steer_version -> int           changes whenever that list may have changed
 
 Rules
     * stranger_rate <= 0: no gate (every connection starts at once; tiers are still named).
@@ -201,7 +200,6 @@ class HandshakeGate(Generic[T]):
         # and per prefix its addresses (at most STEER_PER_PREFIX)
         self._steer: OrderedDict[str, str] = OrderedDict()
         self._steer_of: dict[str, OrderedDict[str, None]] = {}
-        self.steer_version = 0
 
     # --- who is it ------------------------------------------------------------------------
 
@@ -354,7 +352,6 @@ class HandshakeGate(Generic[T]):
                 theirs.pop(old, None)
                 if not theirs:
                     del self._steer_of[old_prefix]
-        self.steer_version += 1
 
     def steered(self, now: float) -> list[tuple[str, float]]:
         while self._known:                 # expired prefixes first (they are at the front)
@@ -375,7 +372,6 @@ class HandshakeGate(Generic[T]):
             self._unlink(prefix, entry[1])
         for ip in self._steer_of.pop(prefix, ()):
             self._steer.pop(ip, None)
-            self.steer_version += 1
 
     def _unlink(self, prefix: str, cert: str) -> None:
         mine = self._by_cert.get(cert)

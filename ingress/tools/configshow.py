@@ -194,6 +194,13 @@ def _tier_lines(cfg: config.Config, t: dict[str, Any]) -> list[str]:
     return lines
 
 
+def dedicated_note(cfg: config.Config) -> str:
+    """The fast workers beside the per-core ones that take only the self-proven tier's mail
+    (tiers.self_proven_workers), or that there are none."""
+    n = dv.dedicated_workers(cfg, "fast")
+    return f"and {n} for the self-proven tier only" if n else "none for one tier only"
+
+
 def render(cfg: config.Config, nofile: tuple[int, int] | None = None) -> str:
     d = derived(cfg, nofile)
     w, wpc = d["workers"], d["workers_per_core"]
@@ -203,8 +210,8 @@ def render(cfg: config.Config, nofile: tuple[int, int] | None = None) -> str:
         "# --- derived limits ---------------------------------------------------------------",
         f"# cores: {d['cores']}; acceptors: {d['acceptors']}"
         + (" (supervisor.acceptors = 0: one per core)" if not cfg.supervisor.acceptors else ""),
-        f"# workers: fast {w['fast']} ({wpc['fast']} per core; and "
-        f"{dv.dedicated_workers(cfg, 'fast')} for the self-proven tier only), bulk {w['bulk']} "
+        f"# workers: fast {w['fast']} ({wpc['fast']} per core; {dedicated_note(cfg)}), "
+        f"bulk {w['bulk']} "
         f"({wpc['bulk']} per core)" + ("" if cfg.lanes.fast.workers and cfg.lanes.bulk.workers
                                        else "; lanes.<lane>.workers = 0: half the cores"),
         f"# fd limit: {d['fd_limit']} -> at most {d['connections_fd_allows_per_acceptor']} "

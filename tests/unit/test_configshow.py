@@ -123,3 +123,15 @@ def test_show_prints_the_slots_the_processes_run(tmp_path: Path,
     assert supervisor.acceptor_slots(cfg) == (d["connections_per_acceptor"],
                                               d["fast_reserve_per_acceptor"])
     assert d["fd_limit"] >= resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+@pytest.mark.parametrize(("dedicated", "want", "absent"), [
+    (1, "and 1 for the self-proven tier only", "none for one tier only"),
+    (0, "none for one tier only", "and 0 for"),
+])
+def test_show_names_the_dedicated_fast_workers_only_when_there_are_some(
+        tmp_path: Path, dedicated: int, want: str, absent: str) -> None:
+    cfg = config.load(cfg_file(tmp_path, tiers={"self_proven_workers": dedicated}))
+    workers = next(line for line in configshow.render(cfg, nofile=(65536, 65536)).splitlines()
+                   if line.startswith("# workers:"))
+    assert want in workers and absent not in workers

@@ -251,16 +251,12 @@ def test_steered_is_bounded_per_prefix_and_in_all_least_recent_first() -> None:
         g.verified(f"198.51.100.{i}", OTHER, 10.0 + i)
     assert [ip for ip, _ in g.steered(20.0)] == ["192.0.2.3", "192.0.2.4", "192.0.2.5",
                                "198.51.100.0", "198.51.100.1", "198.51.100.2"]
-    v = g.steer_version
-    g.verified("198.51.100.2", OTHER, 21.0)     # the most recent again: no change
-    assert g.steer_version == v
 
 
 @pytest.mark.parametrize("why", ["expiry", "per_cert", "known_max"])
 def test_a_forgotten_prefix_is_no_longer_steered(why: str) -> None:
     g = gate()                                  # known_ttl 100, per_cert 3, known_max 8
     g.verified("192.0.2.7", CERT, 0.0)
-    v = g.steer_version
     if why == "expiry":
         now = 100.0
     elif why == "per_cert":                     # 3 more prefixes for the same certificate
@@ -272,7 +268,6 @@ def test_a_forgotten_prefix_is_no_longer_steered(why: str) -> None:
             g.verified(f"198.51.{i}.1", f"{i:064x}", 1.0 + i)
         now = 10.0
     assert "192.0.2.7" not in dict(g.steered(now))
-    assert g.steer_version != v
 
 
 def test_a_vouched_arrival_is_known_within_its_prefix_rate() -> None:
