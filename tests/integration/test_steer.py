@@ -104,7 +104,9 @@ def test_a_dns_allow_listed_client_is_steered_from_its_next_connection(tmp_path:
         first = served(ing, LISTED)
         assert first and first[0] in ("acceptor-0", "acceptor-1"), first
         if steer:
-            wait_for(lambda: ing.events("steer_learned"), 10, "the supervisor steers it")
+            # (the supervisor logs steer_learned with ipv4=0 at start: wait for this client's)
+            wait_for(lambda: any(e.get("ipv4") == 1 for e in ing.events("steer_learned")), 10,
+                     "the supervisor steers it")
         assert asyncio.run(send(6, LISTED)) == [250] * 6
         assert asyncio.run(send(4, OTHER)) == [250] * 4
         later = served(ing, LISTED)[1:]
