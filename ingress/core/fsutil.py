@@ -5,6 +5,9 @@ API:
     write_all(fd, chunks)               every byte of `chunks` written to `fd`, or OSError
     fsync_dir(path)                     make the directory's entries (links, renames, unlinks)
                                         durable
+    syncfs(fd)                          syncfs(2): every file's data and metadata on the file
+                                        system holding `fd` durable (one journal commit), or
+                                        OSError; OSError(ENOSYS) where libc has no syncfs
     atomic_write(path, data, mode=0o640)
                                         replace `path` atomically and durably: the data goes to
                                         <dir>/.tmp.<name>, is fsync'd, renamed over `path`, and
@@ -39,6 +42,7 @@ symlink (an operator may link a secret into place) and does not check the owner.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -46,6 +50,8 @@ import stat
 import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 TMP_PREFIX = ".tmp."
 
@@ -66,6 +72,17 @@ def write_all(fd: int, chunks: Sequence[bytes]) -> None:
         if n <= 0:
             raise OSError(errno.ENOSPC, "short write: no progress", None)
         rest = rest[n:]
+
+
+def syncfs(fd: int) -> None:
+    """One syncfs(2) (Python has no wrapper): its error since `fd` was opened (Linux >= 5.8
+    reports writeback errors of any file on that file system) raises OSError."""
+    fn = getattr(_LIBC, "syncfs", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, "syncfs is not available")
+    if fn(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def fsync_dir(path: Path | str) -> None:

@@ -38,6 +38,7 @@ from ingress.core.schema_evidence import (
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SCHED_POLICIES = ("other", "batch", "idle")     # lanes.<lane>.sched_policy (ingress.core.child)
+BATCH_SYNCS = ("syncfs", "fsync")               # spool.batch_sync (workers.spool.store)
 SPF_PROMOTE = ("any", "listed", "off")
 RELAY_TLS_MODES = ("none", "opportunistic", "required")
 # relay.dsn: "authenticated" (a DSN only to a sender whose return path passed SPF, or DKIM
@@ -380,6 +381,10 @@ class SpoolConfig:
     """Where mail and state live (made absolute at load)."""
     path: Path = documented(SPOOL_PATH, "accepted mail (tmp/ new/ cur/ failed/)")  # noqa: RUF009
     state_dir: Path = documented(STATE_DIR, STATE_DOC)  # noqa: RUF009
+    batch_sync: str = choice("syncfs", BATCH_SYNCS, "how a group commit of two or more "
+                             "messages makes their files durable before they are linked into "
+                             "new/: one syncfs(2) of the spool's file system, or an fsync(2) "
+                             "per file (each a journal commit on ext4)")
 
 
 @dataclass(frozen=True)

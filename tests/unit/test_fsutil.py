@@ -79,3 +79,13 @@ def test_write_all_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     else:
         fsutil.write_all(0, [b"abc", b"def"])
         assert b"".join(out) == want
+
+
+def test_syncfs_syncs_the_file_system_of_a_descriptor(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fsutil.syncfs(fd)                  # no error on a real file system
+        with pytest.raises(OSError):
+            fsutil.syncfs(-1)              # EBADF is raised, never ignored
+    finally:
+        os.close(fd)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -171,7 +173,6 @@ def test_failed_directory_fsync_leaves_nothing_in_new(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """If new/ cannot be fsync'd, no item of the batch is acknowledged, so none may stay in
     new/ either: the relay would deliver it and the client's retry would deliver it again."""
-    import stat
 
     real_fsync = os.fsync
 
@@ -186,3 +187,61 @@ def test_failed_directory_fsync_leaves_nothing_in_new(tmp_path: Path,
     assert all(isinstance(r, OSError) and r.errno == 5 for r in out), out
     assert not list((tmp_path / "new").iterdir())
     assert not list((tmp_path / "tmp").iterdir())
+
+
+def _count_syncs(monkeypatch: pytest.MonkeyPatch, syncfs_error: int = 0) -> dict[str, int]:
+    """Count the per-file fsyncs and the syncfs calls of write_batch; syncfs_error: the errno
+    syncfs fails with (0: it works)."""
+    seen = {"file_fsync": 0, "syncfs": 0}
+    real_fsync, real_syncfs = os.fsync, spool.syncfs
+
+    def fsync(fd: int) -> None:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            seen["file_fsync"] += 1
+        real_fsync(fd)
+
+    def syncfs(fd: int) -> None:
+        seen["syncfs"] += 1
+        if syncfs_error:
+            raise OSError(syncfs_error, os.strerror(syncfs_error))
+        real_syncfs(fd)
+
+    monkeypatch.setattr(spool.os, "fsync", fsync)
+    monkeypatch.setattr(spool, "syncfs", syncfs)
+    return seen
+
+
+@pytest.mark.parametrize(("batch_sync", "n", "file_fsyncs", "syncfs_calls"), [
+    ("syncfs", 3, 0, 1),     # a group commit: one syncfs, not a journal commit per file
+    ("syncfs", 1, 1, 0),     # one message (the fast lane's own): its fsync
+    ("fsync", 3, 3, 0),      # the operator's choice: an fsync per file
+])
+def test_a_batch_is_made_durable_by_one_syncfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               batch_sync: str, n: int, file_fsyncs: int,
+                                               syncfs_calls: int) -> None:
+    seen = _count_syncs(monkeypatch)
+    s = spool.Spool(tmp_path, batch_sync)
+    out = s.write_batch([(env(f"S{i}"), b"", b"x\r\n") for i in range(n)])
+    assert all(isinstance(r, str) for r in out), out
+    assert len(list((tmp_path / "new").iterdir())) == n
+    assert seen == {"file_fsync": file_fsyncs, "syncfs": syncfs_calls}
+
+
+def test_a_failed_syncfs_fails_the_whole_batch(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which file's writeback failed is unknown: none of them is acknowledged, none stays."""
+    _count_syncs(monkeypatch, syncfs_error=errno.EIO)
+    s = spool.Spool(tmp_path)
+    out = s.write_batch([(env("A"), b"", b"a\r\n"), (env("B"), b"", b"b\r\n")])
+    assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in out), out
+    assert not list((tmp_path / "new").iterdir())
+    assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_without_syncfs_each_file_is_fsynced(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _count_syncs(monkeypatch, syncfs_error=errno.ENOSYS)    # libc has no syncfs
+    s = spool.Spool(tmp_path)
+    out = s.write_batch([(env("A"), b"", b"a\r\n"), (env("B"), b"", b"b\r\n")])
+    assert all(isinstance(r, str) for r in out), out
+    assert seen == {"file_fsync": 2, "syncfs": 1}

@@ -124,7 +124,7 @@ class Worker:
         self.heart = Heartbeat(hb, slot)
         self.reconnect = Reconnect()       # 1 -> 32 s between reconnects to a silent broker
         self.credit = getattr(cfg.lanes, lane.value).credit
-        self.spool = Spool(cfg.spool.path)
+        self.spool = Spool(cfg.spool.path, cfg.spool.batch_sync)
         self.pipeline = Pipeline(cfg)
         # One pipeline thread per unit of credit: a message never waits for a thread, whatever
         # the others wait on. One committer thread: while a commit runs, the messages that

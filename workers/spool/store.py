@@ -29,8 +29,11 @@ written before the record was typed ("dkim_pass" a space-separated string, "reas
 string, "retry" "1") still decode.
 
 API:
-    Spool(root).write_batch([(envelope, trace, body), ...]) -> list[str | Exception]
-        Group commit: every file is written to tmp/ and fsync'd, moved into new/ with a
+    Spool(root, batch_sync="syncfs").write_batch([(envelope, trace, body), ...])
+            -> list[str | Exception]
+        Group commit: every file is written to tmp/ and made durable (a batch of two or more
+        with one syncfs(2) of the spool's file system, spool.batch_sync; one file, or
+        batch_sync "fsync", with an fsync per file), moved into new/ with a
         no-replace link (a name already taken there gets a ".N" suffix: nothing in new/ is ever
         overwritten), then new/ is fsync'd once for the whole batch. Only after that does any
         item count as written; an item that failed gets its exception (its tmp file is
@@ -51,11 +54,13 @@ API:
 Failure modes: OSError from the disk is returned per item by write_batch (the worker NACKs it:
 the client gets 451) and raised by everything else. A short write is continued until every
 byte is written; one that makes no progress is an ENOSPC error for that item, never a
-truncated file in new/. A failed fsync of new/ fails the whole batch and removes its files
-from new/. A crash between the link and the directory fsync can lose the link; that message
-was not yet acknowledged, so the client got no 250 for it. Files left in tmp/ by a crash are
-unacknowledged (or, after a crash between link and unlink, a second name of a file in new/)
-and are removed by `clean_tmp()` at worker start. A corrupt state file reads as "never tried"
+truncated file in new/. A failed syncfs fails every item of its batch (which file's writeback
+failed is unknown; Linux >= 5.8 reports it); where libc has no syncfs, an fsync per file.
+A failed fsync of new/ fails the whole batch and removes its files from new/. A crash between
+the link and the directory fsync can lose the link; that message was not yet acknowledged,
+so the client got no 250 for it. Files left in tmp/ by a crash are unacknowledged (or, after
+a crash between link and unlink, a second name of a file in new/) and are removed by
+`clean_tmp()` at worker start. A corrupt state file reads as "never tried"
 (logged): that may resend to delivered recipients, which beats losing the message.
 Limit: the spool filesystem must support hard links (every local Linux filesystem does).
 """
@@ -74,7 +79,14 @@ from typing import Any
 import orjson
 
 from ingress.core import log
-from ingress.core.fsutil import TMP_PREFIX, atomic_write, flock_wait, fsync_dir, write_all
+from ingress.core.fsutil import (
+    TMP_PREFIX,
+    atomic_write,
+    flock_wait,
+    fsync_dir,
+    syncfs,
+    write_all,
+)
 from ingress.core.wire import Envelope
 from workers.spool.state import RelayState
 
@@ -174,8 +186,9 @@ def _link_noreplace(src: Path, dst_dir: Path, name: str,
 
 
 class Spool:
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, batch_sync: str = "syncfs") -> None:
         self.root = Path(root)
+        self.batch_sync = batch_sync      # spool.batch_sync: how a batch of 2+ is made durable
         self.tmp, self.new = self.root / TMP_DIR, self.root / NEW_DIR
         self.cur, self.failed = self.root / CUR_DIR, self.root / FAILED_DIR
         for d in (self.tmp, self.new, self.cur, self.failed):
@@ -222,11 +235,12 @@ class Spool:
         return n
 
     def write_batch(self, items: list[tuple[Envelope, bytes, bytes]]) -> list[str | Exception]:
-        """One group commit: every file written first, then each fsynced, then each linked
-        into new/, then one fsync of new/ for all the links. A failure at any step fails that
-        item only. (On ext4 with delayed allocation each file's fsync allocates and commits on
-        its own: measured on the bench machine, 0.25 ms for the first of a batch of 8 and
-        0.18 ms for each later one; what the batch saves is the directory fsync.)"""
+        """One group commit: every file written first, then all made durable, then each
+        linked into new/, then one fsync of new/ for all the links. A failure at any step
+        fails that item only (a failed syncfs: all of them). On ext4 with delayed allocation
+        each file's fsync allocates and commits the journal on its own, so a batch of n cost
+        n + 1 journal commits, each one that the fast lane's own fsync might wait behind under
+        a flood; one syncfs writes every file back and commits once."""
         results: list[str | Exception | None] = [None] * len(items)
         written: list[tuple[int, int, Path, str]] = []      # (item, fd, tmp path, name)
         for i, (env, trace, body) in enumerate(items):
@@ -246,10 +260,12 @@ class Spool:
                 continue
             written.append((i, fd, tmp, name))
         linked: list[int] = []
-        for i, fd, tmp, name in written:
+        synced = self._sync_batch(written, results)
+        for i, fd, tmp, name in written if synced is not None else ():
             try:
                 try:
-                    os.fsync(fd)
+                    if not synced:
+                        os.fsync(fd)
                 finally:
                     os.close(fd)
                 results[i] = self._publish(tmp, name)
@@ -269,6 +285,26 @@ class Spool:
                         os.unlink(self.new / str(results[i]))
                     results[i] = e
         return [r if r is not None else OSError("not written") for r in results]
+
+    def _sync_batch(self, written: list[tuple[int, int, Path, str]],
+                    results: list[str | Exception | None]) -> bool | None:
+        """A batch of two or more with one syncfs (spool.batch_sync): True when done, False
+        when each file is to be fsynced instead (one file, "fsync", no syncfs in libc), None
+        when it failed: which file's writeback failed is unknown, so every item fails (its
+        descriptor closed, its tmp file removed) and none is acknowledged."""
+        if self.batch_sync != "syncfs" or len(written) < 2:
+            return False
+        try:
+            syncfs(written[0][1])
+        except OSError as e:
+            if e.errno == errno.ENOSYS:
+                return False
+            for i, fd, tmp, _ in written:
+                os.close(fd)
+                self._drop_tmp(tmp)
+                results[i] = e
+            return None
+        return True
 
     @staticmethod
     def _drop_tmp(tmp: Path) -> None:
