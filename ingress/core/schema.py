@@ -1,5 +1,4 @@
-"""The configuration schema: one frozen dataclass per TOML table, each key's doc and bounds
-beside it.
+"""The configuration schema: one frozen dataclass per TOML table, each key's doc and bounds.
 
 API
     Config and its tables (ListenConfig, SmtpConfig, LaneConfig, LanesConfig, ClassifyConfig,
@@ -38,7 +37,6 @@ from ingress.core.schema_evidence import (
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SCHED_POLICIES = ("other", "batch", "idle")     # lanes.<lane>.sched_policy (ingress.core.child)
-BATCH_SYNCS = ("syncfs", "fsync")               # spool.batch_sync (workers.spool.store)
 SPF_PROMOTE = ("any", "listed", "off")
 RELAY_TLS_MODES = ("none", "opportunistic", "required")
 # relay.dsn: "authenticated" (a DSN only to a sender whose return path passed SPF, or DKIM
@@ -381,10 +379,8 @@ class SpoolConfig:
     """Where mail and state live (made absolute at load)."""
     path: Path = documented(SPOOL_PATH, "accepted mail (tmp/ new/ cur/ failed/)")  # noqa: RUF009
     state_dir: Path = documented(STATE_DIR, STATE_DOC)  # noqa: RUF009
-    batch_sync: str = choice("syncfs", BATCH_SYNCS, "how a group commit of two or more "
-                             "messages makes their files durable before they are linked into "
-                             "new/: one syncfs(2) of the spool's file system, or an fsync(2) "
-                             "per file (each a journal commit on ext4)")
+    batch_sync: str = choice("syncfs", ("syncfs", "fsync"), "a group commit of 2+ messages made "
+                             "durable by one syncfs(2) of the file system, or an fsync per file")
 
 
 @dataclass(frozen=True)

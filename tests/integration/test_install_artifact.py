@@ -220,7 +220,8 @@ def derived_tables(pf: PostfixInstance, dns: DNSServer) -> tuple[dict[str, dict[
     flatten("", example)
     if not tables[""]:
         del tables[""]
-    del tables["spool"]      # the harness's scratch spool and (short) state dir
+    for key in ("path", "state_dir"):   # the harness's scratch spool and (short) state dir
+        del tables["spool"][key]
     tables["listen"].update({"addresses": [], "host": "127.0.0.1", "port": 0})
     tables["relay"]["downstream"] = f"smtp://{pf.address}"
     tables["metrics"]["listen"] = "127.0.0.1:0"
