@@ -5,9 +5,9 @@ API:
     parse_nameserver(spec) -> (ip, port)   "ip", "ip:port" (IPv4), "[v6]:port", "ip@port"
     make_resolver(nameservers, timeout, cache_size=10000) -> dns.resolver.Resolver
         An empty list means the system's /etc/resolv.conf. `timeout` bounds each query
-        (resolver.timeout and resolver.lifetime). The cache is
-        dns.resolver.LRUCache (thread-safe, honours TTLs, caches negative answers); the
-        resolver is not modified afterwards, so one instance may be shared by threads.
+        (resolver.timeout and resolver.lifetime). The cache is dns.resolver.LRUCache
+        (thread-safe, honours TTLs, caches negative answers); the resolver is not modified
+        afterwards, so one instance may be shared by threads.
     async_twin(resolver) -> dns.asyncresolver.Resolver
         The asyncio resolver with the same nameservers, timeouts and cache (the one LRUCache
         object: an answer one of them got serves the other). Made once per resolver (held in

@@ -185,6 +185,9 @@ def _link_noreplace(src: Path, dst_dir: Path, name: str,
     raise FileExistsError(errno.EEXIST, f"no free name in {dst_dir.name}/", str(dst_dir / name))
 
 
+_Written = tuple[int, int, Path, str]     # a file of a batch in tmp/: (item, fd, tmp path, name)
+
+
 class Spool:
     def __init__(self, root: Path | str, batch_sync: str = "syncfs") -> None:
         self.root = Path(root)
@@ -242,7 +245,7 @@ class Spool:
         n + 1 journal commits, each one that the fast lane's own fsync might wait behind under
         a flood; one syncfs writes every file back and commits once."""
         results: list[str | Exception | None] = [None] * len(items)
-        written: list[tuple[int, int, Path, str]] = []      # (item, fd, tmp path, name)
+        written: list[_Written] = []
         for i, (env, trace, body) in enumerate(items):
             name = self.name_for(env)
             tmp = self.tmp / name
@@ -260,11 +263,11 @@ class Spool:
                 continue
             written.append((i, fd, tmp, name))
         linked: list[int] = []
-        synced = self._sync_batch(written, results)
-        for i, fd, tmp, name in written if synced is not None else ():
+        written, fsync_each = self._sync_batch(written, results)
+        for i, fd, tmp, name in written:
             try:
                 try:
-                    if not synced:
+                    if fsync_each:
                         os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -286,25 +289,25 @@ class Spool:
                     results[i] = e
         return [r if r is not None else OSError("not written") for r in results]
 
-    def _sync_batch(self, written: list[tuple[int, int, Path, str]],
-                    results: list[str | Exception | None]) -> bool | None:
-        """A batch of two or more with one syncfs (spool.batch_sync): True when done, False
-        when each file is to be fsynced instead (one file, "fsync", no syncfs in libc), None
-        when it failed: which file's writeback failed is unknown, so every item fails (its
-        descriptor closed, its tmp file removed) and none is acknowledged."""
+    def _sync_batch(self, written: list[_Written], results: list[str | Exception | None]
+                    ) -> tuple[list[_Written], bool]:
+        """A batch of two or more made durable by one syncfs (spool.batch_sync): what is left
+        to link into new/, and whether each file must still be fsynced (one file, "fsync", no
+        syncfs in libc). A failed syncfs leaves nothing: which file's writeback failed is
+        unknown, so every item fails (its descriptor closed, its tmp file removed)."""
         if self.batch_sync != "syncfs" or len(written) < 2:
-            return False
+            return written, True
         try:
             syncfs(written[0][1])
         except OSError as e:
             if e.errno == errno.ENOSYS:
-                return False
+                return written, True
             for i, fd, tmp, _ in written:
                 os.close(fd)
                 self._drop_tmp(tmp)
                 results[i] = e
-            return None
-        return True
+            return [], False
+        return written, False
 
     @staticmethod
     def _drop_tmp(tmp: Path) -> None:
