@@ -37,16 +37,13 @@ from ingress.core.schema_evidence import (
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SCHED_POLICIES = ("other", "batch", "idle")     # lanes.<lane>.sched_policy (ingress.core.child)
-SPF_PROMOTE = ("any", "listed", "off")
-RELAY_TLS_MODES = ("none", "opportunistic", "required")
-# relay.dsn: "authenticated" (a DSN only to a sender whose return path passed SPF, or DKIM
-# aligned with it), "never" (failures go to failed/ only), "always" (every non-null sender, the
-# old behaviour: backscatter to forged senders). ingress.policy.dsn decides.
+SPF_PROMOTE, RELAY_TLS_MODES = ("any", "listed", "off"), ("none", "opportunistic", "required")
+# relay.dsn (ingress.policy.dsn): "authenticated" (only to a return path that passed SPF or aligned
+# DKIM), "never" (failures go to failed/ only), "always" (any non-null sender: backscatter).
 DSN_MODES = ("authenticated", "never", "always")
 DSN_RATE_MAX = 3600.0       # relay.dsn_rate: at most one a second per domain, on average
-# relay.forward_client: "auto" sends XCLIENT when the downstream offers it, else XFORWARD, else
-# nothing; "xclient" / "xforward" insist (a downstream without it is not used: the mail waits);
-# "off" never sends either.
+# relay.forward_client: "auto" sends XCLIENT if offered, else XFORWARD, else nothing; "xclient" /
+# "xforward" insist (a downstream without it is not used: the mail waits); "off" sends neither.
 FORWARD_CLIENT_MODES = ("auto", "xclient", "xforward", "off")
 ROLES = ("all", "edge", "lanes")                # cluster.role (ingress.core.cluster)
 NICE = "a nice(2) increment"
@@ -381,6 +378,9 @@ class SpoolConfig:
     state_dir: Path = documented(STATE_DIR, STATE_DOC)  # noqa: RUF009
     batch_sync: str = choice("syncfs", ("syncfs", "fsync"), "a group commit of 2+ messages made "
                              "durable by one syncfs(2) of the file system, or an fsync per file")
+    journal_size: int = bounded(4 << 20, 0, 1 << 30, "bytes of each fast worker's journal: the "
+                                "operator's tiers' mail is durable after one fdatasync of it, in "
+                                "new/ after the 250 (workers.spool.journal)", note="0 = off")
 
 
 @dataclass(frozen=True)

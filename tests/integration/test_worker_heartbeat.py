@@ -46,19 +46,20 @@ BODY = b"From: a@example.org\r\nSubject: slow\r\n\r\nbody\r\n"
 
 
 class Lane_:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, which: Lane = Lane.BULK) -> None:
+        self.which = which
         self.state = Path(tempfile.mkdtemp(prefix="si-hb-", dir="/tmp"))   # short ipc paths
         (self.state / "run").mkdir()
         toml = root / "ingress.toml"
         toml.write_text(f'[spool]\npath = "{root / "spool"}"\nstate_dir = "{self.state}"\n'
-                        '[lanes.bulk]\ncredit = 4\n')
+                        f'[lanes.{which.value}]\ncredit = 4\n')
         self.cfg = config.load(toml)
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.bind(self.cfg.ipc("bulk-back"))
+        self.router.bind(self.cfg.ipc(f"{which.value}-back"))
         self.hb: list[float] = [0.0]
         self.answered: list[tuple[bytes, Kind]] = []     # (qid, ACK | NACK) in arrival order
-        self.worker = Worker(self.cfg, Lane.BULK, 0, hb=self.hb, slot=0)
+        self.worker = Worker(self.cfg, which, 0, hb=self.hb, slot=0)
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         self.thread.start()
         assert self.router.poll(5000), "no READY from the worker"
@@ -71,7 +72,7 @@ class Lane_:
         now = time.time()
         qids = []
         for _ in range(n):
-            env = Envelope(qid=new_qid(), lane=Lane.BULK, peer_ip="192.0.2.1", peer_port=1,
+            env = Envelope(qid=new_qid(), lane=self.which, peer_ip="192.0.2.1", peer_port=1,
                            helo="h.example", mail_from="a@example.org",
                            rcpts=("b@example.test",), received_at=now,
                            deadline=now + deadline_s,
@@ -287,3 +288,26 @@ def test_a_lower_tiers_mail_never_takes_the_operators_committer(lane: Lane_) -> 
     assert lane.answered == [], lane.answered        # behind the running commit
     lane.collect(replies=3, limit=20.0)
     assert late in {q for q, _ in lane.answered}, lane.answered
+
+
+def test_the_fast_lane_acks_the_operators_mail_from_its_journal(tmp_path: Path) -> None:
+    """The fast worker's operator-tier mail is ACKed once it is in the journal (the spool's own
+    write is not used: it fails here) and reaches new/ after the ACK; a self-proven domain's
+    mail (and the bulk lane's, the tests above) is written the usual way."""
+    ln = Lane_(tmp_path, Lane.FAST)
+    try:
+        ln.worker.spool.write_batch = lambda items: [OSError("not this way")] * len(items)
+        (ours,) = ln.send(1, deadline_s=20.0, identity="allow:192.0.2.0/24")
+        ln.collect(replies=1, limit=10.0)
+        assert ln.answered == [(ours, Kind.ACK)], ln.answered
+        new = tmp_path / "spool" / "new"
+        t_end = time.monotonic() + 10
+        while not list(new.iterdir()) and time.monotonic() < t_end:
+            time.sleep(0.02)
+        (name,) = [p.name for p in new.iterdir()]
+        assert ours.decode() in name
+        (spam,) = ln.send(1, deadline_s=20.0, body=SPAM, identity="org:spam.test")
+        ln.collect(replies=1, limit=10.0)
+        assert ln.answered[1] == (spam, Kind.NACK), ln.answered
+    finally:
+        ln.close()

@@ -49,6 +49,7 @@ import orjson
 import tomli_w
 
 from ingress.core import procs
+from workers.spool import journal as journal_mod
 from workers.spool import store as spool_mod
 
 T = TypeVar("T")
@@ -233,7 +234,13 @@ class Ingress:
             self.state.rmdir()
         return code
 
-    def spooled(self) -> dict[str, spool_mod.SpoolEntry]:
+    def spooled(self, settle: float = 10.0) -> dict[str, spool_mod.SpoolEntry]:
+        """Every message in new/, once the fast lane's journal has written there every message
+        it acknowledged (its files follow the 250 by milliseconds; waited for at most `settle`
+        seconds)."""
+        t_end = time.monotonic() + settle
+        while journal_mod.outstanding(self.spool) and time.monotonic() < t_end:
+            time.sleep(0.01)
         out = {}
         for p in (self.spool / "new").iterdir():
             e = spool_mod.read(p)

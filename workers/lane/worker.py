@@ -81,14 +81,17 @@ from ingress.core.wire import (
     worker_ack,
     worker_nack,
 )
-from ingress.policy.tiers import commit_slots, tier_of
+from ingress.policy.tiers import PRIORITY_TIERS, commit_slots, tier_of
 from workers.lane.pipeline import Pipeline, Processed
+from workers.spool import journal
 from workers.spool.store import Spool
 
 TMP_MAX_AGE = 60.0
 STOP_POLL = 0.1       # seconds: the longest a stop waits for a poll to return
 BYE_WAIT = 2 * LANE_HEARTBEAT * LANE_LIVENESS   # seconds a stop waits for the broker's answer
                                                # to our DISCONNECT (a broker that is gone)
+JOURNAL_CLOSE_WAIT = 5.0  # seconds a stop waits for the journal's files to reach new/ (the rest
+                          # stays in the journal: the next worker to start writes it)
 PIPELINE_MARGIN = 0.5  # a pipeline ends this long before its envelope deadline (DKIM budget)
 
 Future = concurrent.futures.Future
@@ -125,6 +128,7 @@ class Worker:
         self.reconnect = Reconnect()       # 1 -> 32 s between reconnects to a silent broker
         self.credit = getattr(cfg.lanes, lane.value).credit
         self.spool = Spool(cfg.spool.path, cfg.spool.batch_sync)
+        self.journal: journal.Journal | None = None     # taken in run(): the fast lane's own
         self.pipeline = Pipeline(cfg)
         # One pipeline thread per unit of credit: a message never waits for a thread, whatever
         # the others wait on. One committer thread: while a commit runs, the messages that
@@ -197,6 +201,14 @@ class Worker:
         # A file lives in tmp/ for the milliseconds of its write; one older than a minute was
         # left by a worker killed mid-write and was never acknowledged.
         self.spool.clean_tmp(older_than=time.time() - TMP_MAX_AGE)
+        # What a worker that died left in its journal goes into new/ before we take work; a
+        # fast worker of the operator's tiers then journals their mail (workers.spool.journal).
+        journal.recover(self.spool)
+        if self.lane is Lane.FAST and not self.serves and self.cfg.spool.journal_size:
+            try:
+                self.journal = journal.Journal.take(self.spool, self.cfg.spool.journal_size)
+            except OSError as e:      # e.g. no room for it: every message written as usual
+                log.event("journal_off", "error", journal="", error=str(e))
         self._connect()
         assert self.sock is not None
         poller = zmq.Poller()
@@ -359,10 +371,22 @@ class Worker:
         for job in batch:
             assert job.done is not None
             items.append((job.done.spool_envelope(job.env), job.done.trace, job.done.body))
-        write = self.committers[slot].submit(self.spool.write_batch, items)
+        write = self.committers[slot].submit(
+            self._journaled if self.journal is not None and all(
+                tier_of(j.env.evidence.identity) in PRIORITY_TIERS for j in batch)
+            else self.spool.write_batch, items)
         self.commits[slot] = _Commit(batch, write, _vouch_until(j.env for j in batch),
                                      time.monotonic())
         write.add_done_callback(self._wake)
+
+    def _journaled(self, items: list[tuple[Envelope, bytes, bytes]]) -> list[str | Exception]:
+        """The operator's tiers' commit: durable in the journal (one fdatasync), the files in
+        new/ after the 250; the usual write when they do not fit or the journal is off."""
+        assert self.journal is not None
+        if self.journal.broken is None:
+            with contextlib.suppress(journal.JournalFull):
+                return list(self.journal.append(items))
+        return self.spool.write_batch(items)
 
     def _answer(self, commit: _Commit) -> None:
         """The ACK (or the NACK) of each message of a finished commit: only now is it durable."""
@@ -430,6 +454,8 @@ class Worker:
         self.pool.shutdown(wait=False, cancel_futures=True)
         for committer in self.committers:
             committer.shutdown(wait=False, cancel_futures=True)
+        if self.journal is not None:
+            self.journal.close(timeout=JOURNAL_CLOSE_WAIT)
         self._wake_r.close()
         self._wake_w.close()
 

@@ -217,7 +217,7 @@ class Spool:
 
     # --- writing new mail ---------------------------------------------------------------------
 
-    def _publish(self, tmp: Path, name: str) -> str:
+    def publish(self, tmp: Path, name: str) -> str:
         """Move tmp/<name> into new/ without ever replacing a file there (link, then unlink
         tmp); a name that is taken gets a numbered suffix. Returns the name used in new/."""
         target = _link_noreplace(tmp, self.new, name)
@@ -271,7 +271,7 @@ class Spool:
                         os.fsync(fd)
                 finally:
                     os.close(fd)
-                results[i] = self._publish(tmp, name)
+                results[i] = self.publish(tmp, name)
                 linked.append(i)
             except OSError as e:
                 self._drop_tmp(tmp)
