@@ -4,10 +4,12 @@ facts the brokers publish.
 API:
     LaneClient(zctx, cfg, lane, ident, node=None)   DEALER to one lane broker: the local one
                                          (ipc://), or a lanes node's (tcp:// + CURVE)
-        try_send(frames) -> bool         hand off now, or False (no connected broker)
+        try_send(frames) -> bool         hand off now, or False (no connected broker); every
+                                         send to the broker (messages, shared facts)
         await_reply(qid, timeout) -> (Reply | None, why)   None: no ack in time
         read_replies() / watch_broker()   background tasks (acks; a lost broker fails its
                                           messages at once)
+        stop_reading()                   unregister read_replies' reader (Lanes.close)
         fresh() / saturated() / cap_spent()   by the broker's fresh status (STATUS_STALE)
         over_rate                        the domains its last status named over their rate
     Lanes(cfg, ident)                    the clients of one acceptor, its share of the bulk cap;
@@ -68,7 +70,7 @@ import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -117,7 +119,11 @@ class LaneClient:
         self.lane = lane
         self.node = node
         self.where = node.base if node is not None else "local"
-        s = ctx.socket(zmq.DEALER)
+        # A plain socket, not a zmq.asyncio one: its future machinery cost a Future, a kwargs
+        # copy and a loop callback per message. Sends never block (NOBLOCK, IMMEDIATE) and
+        # the replies are read by read_replies' own reader of the socket's FD.
+        s = cast("zmq.Socket[bytes]",
+                 ctx.socket(zmq.DEALER, socket_class=zmq.Socket))  # type: ignore[arg-type]
         # Unique across hosts too: two edges' acceptors may share index and pid (containers),
         # and a lanes node's ROUTER refuses a second peer with a routing id it already has.
         s.setsockopt(zmq.ROUTING_ID, f"{ident}-{lane.value}-{os.urandom(6).hex()}".encode())
@@ -133,18 +139,27 @@ class LaneClient:
             cluster.curve_client(s, cfg, node.public)
             s.connect(cluster.endpoint(node.base, lane.value, "front"))
         self.sock = s
+        self.ctx = ctx
+        self.reading: asyncio.AbstractEventLoop | None = None   # read_replies' loop, while on
         self.pending: dict[str, asyncio.Future[Reply]] = {}
         self.facts = status_key({})                    # what its last status said
         self.status_at = 0.0
         self.over_rate: frozenset[str] = frozenset()   # the status's over_rate domains
 
-    async def try_send(self, frames: list[bytes]) -> bool:
-        """Hand the frames to the broker now, or False (no connected broker: IMMEDIATE)."""
+    def try_send(self, frames: list[bytes]) -> bool:
+        """Hand the frames to the broker now, or False (no connected broker: IMMEDIATE; or
+        its queue full: SNDHWM). Every send to the broker goes through here."""
+        sock = self.sock
         try:
-            await self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            sent = True
         except zmq.Again:
-            return False
-        return True
+            sent = False
+        # The socket's FD is edge-triggered and a send (done or not) may consume the edge of a
+        # reply that arrived meanwhile: look now, and read it (next turn of the loop) if so.
+        if self.reading is not None and cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
+            self.reading.call_soon(self._read_ready)
+        return sent
 
     async def await_reply(self, qid: str, timeout: float) -> tuple[Reply | None, str]:
         """After a hand-off: the broker's reply within `timeout`, or (None, "ack timeout")."""
@@ -163,8 +178,28 @@ class LaneClient:
         return reply, "" if reply.ok else (reply.reason or "nack")
 
     async def read_replies(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart()
+        """The broker's replies, until cancelled: read whenever the socket's FD fires (and
+        after a send, try_send), each resolving the future of the message it answers."""
+        loop = asyncio.get_running_loop()
+        fd = self.sock.FD
+        loop.add_reader(fd, self._read_ready)
+        self.reading = loop
+        try:
+            self._read_ready()                      # what came before the reader was there
+            await loop.create_future()              # never done: until cancelled
+        finally:
+            self.stop_reading()
+
+    def stop_reading(self) -> None:
+        """Unregister the reader (before the socket closes: Lanes.close)."""
+        if self.reading is not None and not self.sock.closed:
+            self.reading.remove_reader(self.sock.FD)
+        self.reading = None
+
+    def _read_ready(self) -> None:
+        sock = self.sock
+        while not sock.closed and cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
             try:
                 reply = decode_reply(frames)
             except WireError as e:
@@ -178,8 +213,12 @@ class LaneClient:
         """A broker that dies takes the messages it held with it: answer their sessions now
         (451) instead of at the ack deadline. Some may still be spooled by a worker that had
         them; a client retry then makes a duplicate, never a loss (docs/design.md: Duplicates)."""
-        mon = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
-                                           | cluster.HANDSHAKE_FAILURES)
+        addr = f"inproc://monitor.lanes-{id(self)}"
+        self.sock.monitor(addr, zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                          | cluster.HANDSHAKE_FAILURES)
+        mon = self.ctx.socket(zmq.PAIR)
+        mon.setsockopt(zmq.LINGER, 0)
+        mon.connect(addr)
         refused = False         # the lanes node refuses our handshake: said once, not per retry
         while True:
             ev = await recv_monitor_message(mon)
@@ -316,7 +355,7 @@ class Lanes:
         frames = submit(env, body)
         while True:
             for lc in self.order(env.lane):
-                if await lc.try_send(frames):
+                if lc.try_send(frames):
                     return await lc.await_reply(env.qid, timeout - (loop.time() - start))
             if loop.time() - start > min(HANDOFF_RETRY, timeout / 2):
                 return None, "lane unavailable"
@@ -325,23 +364,25 @@ class Lanes:
     def share_penalty(self, ip: str) -> None:
         for lc in self.clients[Lane.BULK]:
             with contextlib.suppress(zmq.ZMQError):
-                lc.sock.send_multipart(share(PENALTY_TOPIC, ip), zmq.NOBLOCK)
+                lc.try_send(share(PENALTY_TOPIC, ip))
 
     def share_record(self, fact: bytes, doc: dict[str, object]) -> None:
         """To one bulk broker (the best live one): every acceptor of every edge subscribes to
         every lanes node, so one copy reaches all, and a record is not counted twice."""
         for lc in self.order(Lane.BULK):
             try:
-                lc.sock.send_multipart(share_record(fact, doc), zmq.NOBLOCK)
+                if lc.try_send(share_record(fact, doc)):
+                    return
             except zmq.ZMQError:
                 continue
-            return
 
     def tasks(self) -> list[Coroutine[Any, Any, None]]:
         return [*(lc.read_replies() for lc in self.values()),
                 *(lc.watch_broker() for lc in self.values())]
 
     def close(self) -> None:
+        for lc in self.values():
+            lc.stop_reading()
         self.zctx.destroy(linger=0)
 
     async def read_status(self, on_learn: Callable[[str, str, str], None],
