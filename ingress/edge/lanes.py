@@ -108,6 +108,9 @@ from ingress.policy.tiers import fast_tier, over_tier_reason
 
 OVER_RATE_READ = 1024        # at most this many over-rate domains read from one status
 HANDOFF_RETRY = 1.5          # seconds to keep trying to reach a broker that is not connected
+# plain ints: zmq's constants are enum.Flag / IntEnum members, and `int & PollEvent` runs
+# enum's Python __rand__ (twice per message: after each send and each read)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class LaneClient:
@@ -157,7 +160,7 @@ class LaneClient:
             sent = False
         # The socket's FD is edge-triggered and a send (done or not) may consume the edge of a
         # reply that arrived meanwhile: look now, and read it (next turn of the loop) if so.
-        if self.reading is not None and cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
+        if self.reading is not None and cast(int, sock.get(_EVENTS)) & _POLLIN:
             self.reading.call_soon(self._read_ready)
         return sent
 
@@ -198,7 +201,7 @@ class LaneClient:
 
     def _read_ready(self) -> None:
         sock = self.sock
-        while not sock.closed and cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
+        while not sock.closed and cast(int, sock.get(_EVENTS)) & _POLLIN:
             frames = sock.recv_multipart(zmq.NOBLOCK)
             try:
                 reply = decode_reply(frames)
