@@ -108,9 +108,10 @@ from ingress.policy.tiers import fast_tier, over_tier_reason
 
 OVER_RATE_READ = 1024        # at most this many over-rate domains read from one status
 HANDOFF_RETRY = 1.5          # seconds to keep trying to reach a broker that is not connected
-# plain ints: zmq's constants are enum.Flag / IntEnum members, and `int & PollEvent` runs
-# enum's Python __rand__ (twice per message: after each send and each read)
+# plain ints: zmq's constants are enum.Flag / IntEnum members, and `int & PollEvent` or
+# `SNDMORE | flags` run enum's Python operators (several times per message)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_NOBLOCK, _MORE = int(zmq.NOBLOCK), int(zmq.SNDMORE | zmq.NOBLOCK)
 
 
 class LaneClient:
@@ -154,7 +155,11 @@ class LaneClient:
         its queue full: SNDHWM). Every send to the broker goes through here."""
         sock = self.sock
         try:
-            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            # send_multipart, without its `SNDMORE | flags` per frame (enum.Flag's Python
+            # __or__); once the first part is taken, zmq takes the whole message (atomic)
+            for part in frames[:-1]:
+                sock.send(part, _MORE, copy=False)
+            sock.send(frames[-1], _NOBLOCK, copy=False)
             sent = True
         except zmq.Again:
             sent = False
