@@ -38,6 +38,8 @@ API:
         overwritten), then new/ is fsync'd once for the whole batch. Only after that does any
         item count as written; an item that failed gets its exception (its tmp file is
         removed), the others their names (the qid stays the second dot-separated field).
+    Spool.publish(path, name) -> name in new/   a durable file linked into new/ (no-replace)
+        and unlinked at `path` (write_batch's step; the fast lane's journal, journal.py, too)
     read(path) -> SpoolEntry(envelope dict, message bytes); parse(raw) the same from bytes
     Spool.claim(where, name, wait=0.0) -> context manager of a Claim (fd, path, read())
         the file's exclusive flock, waited for at most `wait` seconds (Busy after that); the
