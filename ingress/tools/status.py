@@ -12,7 +12,8 @@ Sources, all local and read-only:
   the acceptor processes), the spool/relay gauges, and the relay's own metrics: deliveries by
   result (2xx / 4xx / 5xx / error), downstream latency (p50 / p99 from the histogram), the
   circuit breaker, DSNs sent, the backlog by age, the spool filesystem's free bytes;
-- the spool directories themselves (counted with os.scandir, bounded) when metrics are off.
+- the spool directories themselves (counted with os.scandir, bounded) when metrics are off,
+  and what the fast lane's journals acknowledged that is not yet in new/ (journal.outstanding).
 
 - on an edge (cluster.role "edge"), every lanes node of cluster.lanes_nodes (tcp:// + CURVE,
   the edge's own key): live or dead, and its lanes' last status ("nodes"); on a lanes node,
@@ -40,6 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ingress.core import cluster, metrics
 from ingress.core.config import Config
 from ingress.core.wire import STATUS_TOPIC, WireError, decode_status
+from workers.spool import journal
 from workers.spool.collector import BACKLOG_AGES
 
 SCAN_LIMIT = 1_000_000
@@ -189,7 +191,8 @@ def collect(cfg: Config, timeout: float = 1.5) -> dict[str, Any]:
         "sessions": None if m is None else {
             lane: m.get(f"smtp_ingress_sessions{{lane={lane}}}", 0.0) for lane in lanes},
         "spool": {"new": count_files(spool / "new"), "failed": count_files(spool / "failed"),
-                  "tmp": count_files(spool / "tmp"), "hold": count_files(spool / "hold")},
+                  "tmp": count_files(spool / "tmp"), "hold": count_files(spool / "hold"),
+                  "journal": journal.outstanding(spool)},
         "relay": (cfg.relay.downstream + ("" if cfg.relay.tls == "none" else
                                           f" (TLS {cfg.relay.tls})")
                   if cfg.relay.downstream else "(none: the spool is the destination)"),
@@ -228,7 +231,9 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"  lanes node {n['node']}: live; " + "; ".join(parts))
     sp = doc["spool"]
     lines.append(f"  spool: {sp['new']} waiting in new/ (relay backlog), {sp['failed']} in "
-                 f"failed/, {sp['tmp']} in tmp/, {sp.get('hold', 0)} held")
+                 f"failed/, {sp['tmp']} in tmp/, {sp.get('hold', 0)} held"
+                 + (f", {sp['journal']} acknowledged in the fast lane's journal, not yet in new/"
+                    if sp.get("journal") else ""))
     lines.append(f"  relay: {doc['relay']}")
     rs = doc.get("relay_stats")
     if rs:

@@ -55,3 +55,13 @@ def test_relay_stats_from_scrape() -> None:
                           "relay": "smtp://x:1", "metrics": "m", "relay_stats": d})
     assert "2 held" in text and "circuit breaker open (3 failures)" in text
     assert "p50 55.0 ms" in text and "error 2;" in text
+
+
+@pytest.mark.parametrize(("pending", "said"), [(0, False), (3, True)])
+def test_render_names_what_the_journal_holds_only_when_it_holds_something(pending: int,
+                                                                          said: bool) -> None:
+    text = status.render({"listen": "x", "config": "c", "lanes": {}, "sessions": None,
+                          "spool": {"new": 1, "failed": 0, "tmp": 0, "hold": 0,
+                                    "journal": pending},
+                          "relay": "smtp://x:1", "metrics": "m", "relay_stats": None})
+    assert ("3 acknowledged in the fast lane's journal" in text) is said, text
