@@ -181,3 +181,19 @@ def test_no_journal_is_made_where_it_would_crowd_the_spool(tmp_path: Path,
     with pytest.raises(OSError, match="free space"):
         journal.Journal.take(s, free // journal.FREE_SHARE + (1 << 20))
     assert not [p for p in (tmp_path / "spool" / "journal").iterdir() if p.is_file()]
+
+
+def test_a_file_that_is_not_a_journal_stops_no_worker(tmp_path: Path) -> None:
+    """A .wal whose header is not a journal's (damaged by hand, another program's) is logged
+    and left alone: recovery and taking a journal go on without it."""
+    root = tmp_path / "spool"
+    s = spool.Spool(root)
+    (root / "journal").mkdir()
+    bad = root / "journal" / "0.wal"
+    bad.write_bytes(b"not a journal" + bytes(8192))
+    assert journal.recover(s) == 0
+    j = journal.Journal.take(s, SIZE)
+    assert j.path != bad and bad.read_bytes().startswith(b"not a journal")
+    j.append([item("Q1")])
+    j.close()
+    assert list(in_new(root)) == list(expected(root, ["Q1"]))

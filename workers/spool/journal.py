@@ -47,7 +47,8 @@ next start, never acknowledged twice). A failed materialization is retried every
 everything pending; what it could not write stays in the journal and is recovered by the next
 process to start. A crash at any step leaves either a record that is not done (written again) or
 a staged file (moved into new/ by recovery; one already linked there is not linked twice).
-A new journal that would take more than 1/FREE_SHARE of the spool's free space is not made
+A file in journal/ whose header is not a journal's is logged (journal_unreadable) and left
+alone. A new journal that would take more than 1/FREE_SHARE of the spool's free space is not made
 (OSError: the worker runs without one and logs journal_off). Limits: one process per journal
 file (the flock); messages wait in memory and in the journal
 until materialized (bounded by its size: JournalFull beyond); a message larger than the
@@ -64,11 +65,11 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ingress.core import log
-from ingress.core.fsutil import fsync_dir, syncfs, write_all
+from ingress.core.fsutil import fsync_dir, write_all
 from ingress.core.wire import Envelope
 from workers.spool.store import Spool, envelope_line
 
@@ -115,15 +116,40 @@ def _record(kind: int, epoch: int, payload: bytes) -> bytes:
     return RECORD.pack(MAGIC, kind, epoch, len(payload), zlib.crc32(payload)) + payload
 
 
-def _lock(path: Path) -> int | None:
-    """The journal file opened and exclusively flocked, or None if a live process holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+def _not_done(records: list[tuple[int, bytes]]) -> dict[bytes, bytes]:
+    """Name -> spool file bytes of the MESSAGE records that no DONE record names."""
+    messages: dict[bytes, bytes] = {}
+    done: set[bytes] = set()
+    for kind, payload in records:
+        if kind == MESSAGE:
+            name, _, data = payload.partition(b"\n")
+            messages[name] = data
+        else:
+            done.update(payload.split(b"\n"))
+    return {n: d for n, d in messages.items() if n not in done}
+
+
+def _unheld(spool: Spool) -> Iterator[Journal]:
+    """Every journal of the spool that no live process holds, locked (exclusive flock) and
+    recovered; one whose header is not a journal's is logged (journal_unreadable) and left
+    where it is for the operator, never a reason for a worker not to start."""
+    d = spool.root / JOURNAL_DIR
+    for path in sorted(d.glob("*.wal")) if d.is_dir() else []:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            j = Journal(spool, path, fd)
+        except BlockingIOError:     # a live process holds it
+            os.close(fd)
+            continue
+        except ValueError as e:
+            os.close(fd)
+            log.event("journal_unreadable", "error", journal=path.name, error=str(e))
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        yield j
 
 
 class Journal:
@@ -140,8 +166,7 @@ class Journal:
         self.broken: OSError | None = None
         self.epoch, self.tail = 0, DATA_START
         self.recovered = self._recover()     # messages a process before us left not done
-        self.thread = threading.Thread(target=self._run, name="materializer", daemon=True)
-        self.thread.start()
+        self.thread: threading.Thread | None = None     # the materializer, once taken
 
     # --- taking a journal ---------------------------------------------------------------------
 
@@ -149,11 +174,10 @@ class Journal:
     def take(cls, spool: Spool, size: int) -> Journal:
         d = spool.root / JOURNAL_DIR
         d.mkdir(mode=0o750, exist_ok=True)
-        for path in sorted(d.glob("*.wal")):
-            fd = _lock(path)
-            if fd is not None:
-                return cls(spool, path, fd)
-        return cls(spool, *_create(d, size))
+        j = next(_unheld(spool), None) or cls(spool, *_create(d, size))
+        j.thread = threading.Thread(target=j._run, name="materializer", daemon=True)
+        j.thread.start()
+        return j
 
     # --- the client's path --------------------------------------------------------------------
 
@@ -161,14 +185,13 @@ class Journal:
         """Records for every item, durable when this returns; the names in new/ to be."""
         files = [(self.spool.name_for(env), [envelope_line(env), trace, body])
                  for env, trace, body in items]
+        payloads = [name.encode() + b"\n" + b"".join(c) for name, c in files]
         with self.lock:
             room = self.size - DONE_ROOM
-            blob = b"".join(_record(MESSAGE, self.epoch, name.encode() + b"\n" + b"".join(c))
-                            for name, c in files)
-            if self.tail + len(blob) > room and self.outstanding == 0 and self.tail > DATA_START:
+            size = sum(RECORD.size + len(p) for p in payloads)
+            if self.tail + size > room and self.outstanding == 0 and self.tail > DATA_START:
                 self._reset_or_break()      # a DONE record left the tail up; nothing is pending
-                blob = b"".join(_record(MESSAGE, self.epoch, name.encode() + b"\n"
-                                        + b"".join(c)) for name, c in files)
+            blob = b"".join(_record(MESSAGE, self.epoch, p) for p in payloads)
             if self.tail + len(blob) > room:
                 raise JournalFull(f"{len(blob)} bytes do not fit ({room - self.tail} left)")
             self._write_or_break(blob)
@@ -208,9 +231,7 @@ class Journal:
                              os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
                 fds.append(fd)
                 write_all(fd, chunks)
-            if len(fds) > 1 and self.spool.batch_sync == "syncfs":
-                syncfs(fds[0])
-            else:
+            if not self.spool.synced_at_once(fds):
                 for fd in fds:
                     os.fsync(fd)
         finally:
@@ -275,15 +296,7 @@ class Journal:
         done, staged files into new/, then a fresh epoch."""
         epoch, _, records = _records(self.fd, self.size)
         self.epoch = epoch
-        messages: dict[str, bytes] = {}
-        done: set[str] = set()
-        for kind, payload in records:
-            if kind == MESSAGE:
-                name, _, data = payload.partition(b"\n")
-                messages[name.decode()] = data
-            else:
-                done.update(n.decode() for n in payload.split(b"\n"))
-        todo = [(n, [d]) for n, d in messages.items() if n not in done]
+        todo = [(n.decode(), [d]) for n, d in _not_done(records).items()]
         if todo:
             self.outstanding = len(todo)
             self._materialize(todo)      # resets the journal (nothing else is outstanding)
@@ -302,11 +315,14 @@ class Journal:
         with self.cond:
             self.closing = True
             self.cond.notify()
-        self.thread.join(timeout)
+        if self.thread is not None:
+            self.thread.join(timeout)
         with self.lock:
             if self.broken is None:
                 self.broken = OSError(errno.EBADF, "the journal is closed")
+            if self.fd >= 0:
                 os.close(self.fd)       # the flock goes with it
+                self.fd = -1
 
 
 def _create(d: Path, size: int) -> tuple[Path, int]:
@@ -356,11 +372,7 @@ def outstanding(root: Path) -> int:
                 _, _, records = _records(fd, os.fstat(fd).st_size)
             finally:
                 os.close(fd)
-            names = {p.partition(b"\n")[0] for k, p in records if k == MESSAGE}
-            for k, p in records:
-                if k == DONE:
-                    names.difference_update(p.split(b"\n"))
-            n += len(names)
+            n += len(_not_done(records))
         with contextlib.suppress(OSError):
             n += len(os.listdir(path.with_suffix(".staged")))
     return n
@@ -368,17 +380,8 @@ def outstanding(root: Path) -> int:
 
 def recover(spool: Spool) -> int:
     """Every journal in spool/journal/ that no live process holds, recovered and released."""
-    d = spool.root / JOURNAL_DIR
     n = 0
-    for path in sorted(d.glob("*.wal")) if d.is_dir() else []:
-        fd = _lock(path)
-        if fd is None:
-            continue
-        try:
-            j = Journal(spool, path, fd)
-        except BaseException:
-            os.close(fd)
-            raise
+    for j in _unheld(spool):
         n += j.recovered
         j.close()
     return n

@@ -29,17 +29,16 @@ written before the record was typed ("dkim_pass" a space-separated string, "reas
 string, "retry" "1") still decode.
 
 API:
-    Spool(root, batch_sync="syncfs").write_batch([(envelope, trace, body), ...])
-            -> list[str | Exception]
+    Spool(root, batch_sync="syncfs").write_batch([(envelope, trace, body), ...]) -> [str | exc]
         Group commit: every file is written to tmp/ and made durable (a batch of two or more
         with one syncfs(2) of the spool's file system, spool.batch_sync; one file, or
         batch_sync "fsync", with an fsync per file), moved into new/ with a
         no-replace link (a name already taken there gets a ".N" suffix: nothing in new/ is ever
-        overwritten), then new/ is fsync'd once for the whole batch. Only after that does any
-        item count as written; an item that failed gets its exception (its tmp file is
-        removed), the others their names (the qid stays the second dot-separated field).
-    Spool.publish(path, name) -> name in new/   a durable file linked into new/ (no-replace)
-        and unlinked at `path` (write_batch's step; the fast lane's journal, journal.py, too)
+        overwritten), then new/ is fsync'd once. Only then does an item count as written; a
+        failed one gets its exception (tmp file removed), the others their names.
+    Spool.synced_at_once(fds) -> bool / Spool.publish(path, name) -> name in new/
+        write_batch's steps, which the fast lane's journal (journal.py) also takes: one syncfs
+        for a batch (or False: fsync each); a durable file linked into new/, unlinked at path
     read(path) -> SpoolEntry(envelope dict, message bytes); parse(raw) the same from bytes
     Spool.claim(where, name, wait=0.0) -> context manager of a Claim (fd, path, read())
         the file's exclusive flock, waited for at most `wait` seconds (Busy after that); the
@@ -62,8 +61,8 @@ A failed fsync of new/ fails the whole batch and removes its files from new/. A 
 the link and the directory fsync can lose the link; that message was not yet acknowledged,
 so the client got no 250 for it. Files left in tmp/ by a crash are unacknowledged (or, after
 a crash between link and unlink, a second name of a file in new/) and are removed by
-`clean_tmp()` at worker start. A corrupt state file reads as "never tried"
-(logged): that may resend to delivered recipients, which beats losing the message.
+`clean_tmp()` at worker start. A corrupt state file reads as "never tried" (logged): that
+may resend to delivered recipients, which beats losing the message.
 Limit: the spool filesystem must support hard links (every local Linux filesystem does).
 """
 from __future__ import annotations
@@ -73,7 +72,7 @@ import errno
 import fcntl
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,12 +239,10 @@ class Spool:
         return n
 
     def write_batch(self, items: list[tuple[Envelope, bytes, bytes]]) -> list[str | Exception]:
-        """One group commit: every file written first, then all made durable, then each
-        linked into new/, then one fsync of new/ for all the links. A failure at any step
-        fails that item only (a failed syncfs: all of them). On ext4 with delayed allocation
-        each file's fsync allocates and commits the journal on its own, so a batch of n cost
-        n + 1 journal commits, each one that the fast lane's own fsync might wait behind under
-        a flood; one syncfs writes every file back and commits once."""
+        """One group commit: every file written, then all made durable, then each linked into
+        new/, then one fsync of new/. A failure fails that item only (a failed syncfs: all).
+        On ext4 each file's fsync commits the journal on its own (n + 1 commits a batch, each
+        one the fast lane's fsync might wait behind); one syncfs commits once."""
         results: list[str | Exception | None] = [None] * len(items)
         written: list[_Written] = []
         for i, (env, trace, body) in enumerate(items):
@@ -293,23 +290,32 @@ class Spool:
 
     def _sync_batch(self, written: list[_Written], results: list[str | Exception | None]
                     ) -> tuple[list[_Written], bool]:
-        """A batch of two or more made durable by one syncfs (spool.batch_sync): what is left
-        to link into new/, and whether each file must still be fsynced (one file, "fsync", no
-        syncfs in libc). A failed syncfs leaves nothing: which file's writeback failed is
-        unknown, so every item fails (its descriptor closed, its tmp file removed)."""
-        if self.batch_sync != "syncfs" or len(written) < 2:
-            return written, True
+        """synced_at_once for a batch: what is left to link into new/, and whether each file
+        must still be fsynced. A failed syncfs leaves nothing: every item fails (its
+        descriptor closed, its tmp file removed)."""
         try:
-            syncfs(written[0][1])
+            at_once = self.synced_at_once([fd for _, fd, _, _ in written])
         except OSError as e:
-            if e.errno == errno.ENOSYS:
-                return written, True
             for i, fd, tmp, _ in written:
                 os.close(fd)
                 self._drop_tmp(tmp)
                 results[i] = e
             return [], False
-        return written, False
+        return written, not at_once
+
+    def synced_at_once(self, fds: Sequence[int]) -> bool:
+        """True when one syncfs made these files durable (two or more, spool.batch_sync
+        "syncfs"); False when each must still be fsynced (one file, "fsync", no syncfs in
+        libc). OSError: the syncfs failed, and which file's writeback did is unknown."""
+        if self.batch_sync != "syncfs" or len(fds) < 2:
+            return False
+        try:
+            syncfs(fds[0])
+        except OSError as e:
+            if e.errno == errno.ENOSYS:
+                return False
+            raise
+        return True
 
     @staticmethod
     def _drop_tmp(tmp: Path) -> None:
