@@ -14,8 +14,8 @@ cluster: the Gate, and a monitor per socket that logs every refused handshake)):
                           classify.domain_rate, and the tiers ("tier:self-proven") refused
                           for their total rate, within OVER_RATE_HOLD (acceptors keep them
                           bulk), and "tiers": each tier's depth and work in flight;
-                          and the SHARE facts (learned and unlearned clients, penalties)
-                          passed on to every acceptor
+                          and the SHARE facts passed on to every acceptor (not a LEARN
+                          that repeats a recent one: ingress.policy.learn_repeats)
 
 Policy: ingress.policy.lane_gate.LaneGate, one per lane, decides; this module only carries
 out. A SUBMIT is admitted into the gate's queue or NACKed with the gate's reason (queue_full,
@@ -78,6 +78,7 @@ from ingress.core.wire import (
 )
 from ingress.policy.fairqueue import TieredQueue
 from ingress.policy.lane_gate import OVER_RATE_HOLD, Check, Decision, LaneGate, LaneLimits, Request
+from ingress.policy.learn_repeats import LearnRepeats, repeat_window
 from ingress.policy.tiers import Tier, dedicated_tier, worker_takes
 
 __all__ = ["OVER_RATE_HOLD", "Broker", "run"]
@@ -116,8 +117,8 @@ class Broker:
         # never take them back. A routing id is never reused (pid + start time), so a worker
         # forgotten here after LEFT_TTL is long gone; bounded in count as well.
         self.left: TTLCache[bytes, bool] = TTLCache(maxsize=LEFT_MAX, ttl=LEFT_TTL)
-        self.heart = Heartbeat(hb, slot)
-        self.stopping = False
+        self.repeats = LearnRepeats(repeat_window(cfg.classify.learned_ttl))
+        self.heart, self.stopping = Heartbeat(hb, slot), False
         self.counters = {"submitted": 0, "acked": 0, "nack_rate": 0, "nack_queue_full": 0,
                          "nack_worker_lost": 0, "nack_expired": 0, "nack_worker": 0}
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -315,6 +316,8 @@ class Broker:
 
     def _publish_fact(self, msg: list[bytes]) -> None:
         """Pass a worker's or an acceptor's fact about a client on to every acceptor."""
+        if len(msg) > 2 and not self.repeats.passes(msg[2], msg[3:], time.monotonic()):
+            return
         with contextlib.suppress(zmq.ZMQError):
             self.pub.send_multipart(shared_publication(msg), zmq.NOBLOCK)
 
@@ -352,7 +355,8 @@ class Broker:
             got = self.lane_gate.pick(credit, functools.partial(_servable, free, up))
             if got is None:       # every tier / identity with work is at its in-flight share,
                 return            # or no worker that takes it has credit
-            best = max((w for w in free if _takes(w, got.tier, up)), key=lambda w: w.credit)
+            best = max((w for w in free if worker_takes(got.tier, w.serves, got.tier in up)),
+                       key=lambda w: w.credit)
             job = got.item
             if job.deadline <= wall:
                 self._nack(job.reply_to, job.qid, NackReason.EXPIRED, "waited too long")
@@ -414,8 +418,7 @@ class Broker:
         poller.register(self.back, zmq.POLLIN)
         for mon, _ in self.monitors:
             poller.register(mon, zmq.POLLIN)
-        next_hb = next_status = 0.0
-        stop_deadline: float | None = None
+        next_hb, next_status, stop_deadline = 0.0, 0.0, None
         while True:
             now = time.monotonic()
             self.heart.beat()
@@ -468,12 +471,9 @@ class Broker:
             handle(frames)
 
 
-def _takes(w: WorkerState, tier: Tier, up: set[Tier]) -> bool:
-    return worker_takes(tier, w.serves, tier in up)
-
-
 def _servable(free: list[WorkerState], up: set[Tier], tier: Tier) -> bool:
-    return any(_takes(w, tier, up) for w in free)      # a worker with credit takes `tier` now
+    """A worker with credit takes `tier` now."""
+    return any(worker_takes(tier, w.serves, tier in up) for w in free)
 
 
 def _hello(msg: list[bytes]) -> tuple[int, Tier | None]:
