@@ -206,3 +206,23 @@ def test_spooled_messages_carry_dmarc(tmp_path: Path, dns: DNSServer,
         assert line in ar, (subject, ar)
         assert (ev["dmarc"], ev.get("dmarc_policy", "")) == (result, policy), (subject, ev)
     assert b"spf=pass smtp.mailfrom=bounce.spf.test" in spooled["spf"][0]
+
+
+@pytest.mark.parametrize("author", ["a@spf.test", "a@nopolicy.test", "a@silent.test"])
+def test_process_now_answers_from_the_cache_what_process_found(dns: DNSServer,
+                                                               author: str) -> None:
+    """Issue 20: an unsigned message is prepared on the worker's loop only when its DMARC
+    policy lookups are answered without asking (the resolver's cache: a record, a cached
+    NXDOMAIN; or a policy domain remembered as silent), and then exactly as process() would;
+    a policy not yet looked up, or a signed message, is None at once (a pool thread's work)."""
+    p = pipeline(dns)
+    env = envelope("b@bounce.spf.test", "pass", "bounce.spf.test")
+    msg = message(author, subject=author.replace("@", "-"))
+    asked = len(dns.queries)
+    assert p.process_now(env, msg, 10.0) is None                # nothing cached yet
+    assert len(dns.queries) == asked                            # and nothing asked
+    online = p.process(env, msg, 10.0)
+    asked = len(dns.queries)
+    assert p.process_now(env, msg, 10.0) == online
+    assert p.process_now(env, b"DKIM-Signature: v=1; d=spf.test\r\n" + msg, 10.0) is None
+    assert len(dns.queries) == asked

@@ -43,6 +43,10 @@ from workers.lane.worker import Worker
 
 WINDOW = LANE_HEARTBEAT * LANE_LIVENESS          # the broker's liveness window (1 s)
 BODY = b"From: a@example.org\r\nSubject: slow\r\n\r\nbody\r\n"
+# A message whose pipeline may wait on DNS (a DKIM key lookup): the only kind a pool thread
+# runs; the others are prepared on the worker's loop (Pipeline.process_now).
+SIGNED = (b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=sel; h=from; bh=AAAA; b=AAAA\r\n"
+          + BODY)
 
 
 class Lane_:
@@ -51,8 +55,11 @@ class Lane_:
         self.state = Path(tempfile.mkdtemp(prefix="si-hb-", dir="/tmp"))   # short ipc paths
         (self.state / "run").mkdir()
         toml = root / "ingress.toml"
+        # DNS on loopback only: a nameserver that is not there (the DKIM-signed messages'
+        # key lookups fail at once); DMARC off, so unsigned mail never waits on DNS.
         toml.write_text(f'[spool]\npath = "{root / "spool"}"\nstate_dir = "{self.state}"\n'
-                        f'[lanes.{which.value}]\ncredit = 4\n')
+                        f'[lanes.{which.value}]\ncredit = 4\n'
+                        '[classify]\nnameservers = ["127.0.0.1@9"]\n[dmarc]\nenabled = false\n')
         self.cfg = config.load(toml)
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -134,10 +141,10 @@ def max_gap(events: list[tuple[float, Kind]], start: float) -> float:
 def test_heartbeats_continue_during_slow_work(lane: Lane_, stage: str) -> None:
     if stage == "write":
         lane.worker.spool.write_batch = slow(lane.worker.spool.write_batch, 3 * WINDOW)
-    else:   # a message without DKIM-Signature that is slow to prepare
+    else:   # a message whose pipeline waits (a DKIM key lookup)
         lane.worker.pipeline.process = slow(lane.worker.pipeline.process, 3 * WINDOW)
     start = time.monotonic()
-    lane.send(3, deadline_s=20.0)
+    lane.send(3, deadline_s=20.0, body=SIGNED)
     events, stale = lane.collect(replies=3, limit=20.0)
     kinds = [k for _, k in events]
     assert kinds.count(Kind.ACK) == 3, kinds
@@ -172,7 +179,7 @@ def slow_for(fn: Any, marker: bytes, seconds: float) -> Any:
     return wrapper
 
 
-SLOW = b"From: a@example.org\r\nSubject: slow DKIM\r\n\r\nbody\r\n"
+SLOW = SIGNED.replace(b"Subject: slow", b"Subject: slow DKIM")
 
 
 def test_each_message_is_acked_when_its_own_pipeline_is_done(lane: Lane_) -> None:
@@ -311,3 +318,24 @@ def test_the_fast_lane_acks_the_operators_mail_from_its_journal(tmp_path: Path) 
         assert ln.answered[1] == (spam, Kind.NACK), ln.answered
     finally:
         ln.close()
+
+
+def test_mail_that_cannot_wait_on_dns_is_prepared_without_a_pool_thread(lane: Lane_) -> None:
+    """Issue 20: a message without a DKIM-Signature (DMARC off here) is prepared on the loop
+    (Pipeline.process_now): two thread hand-offs less. A signed one still goes to the pool,
+    where its key lookups may wait without holding the loop."""
+    submitted: list[bytes] = []
+    submit = lane.worker.pool.submit
+
+    def counting(fn: Any, env: Any, body: bytes, *args: Any) -> Any:
+        submitted.append(body)
+        return submit(fn, env, body, *args)
+
+    lane.worker.pool.submit = counting  # type: ignore[method-assign]
+    plain = lane.send(3, deadline_s=20.0)
+    lane.collect(replies=3, limit=20.0)
+    assert lane.answered == [(q, Kind.ACK) for q in plain] and submitted == []
+    (signed,) = lane.send(1, deadline_s=20.0, body=SIGNED)
+    lane.collect(replies=1, limit=20.0)
+    assert lane.answered[-1] == (signed, Kind.ACK) and submitted == [SIGNED]
+    assert len(list((lane.worker.spool.new).iterdir())) == 4

@@ -49,6 +49,10 @@ from dataclasses import dataclass
 
 import dkim
 import dns.exception
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
 import dns.resolver
 from cachetools import TTLCache
 
@@ -57,7 +61,12 @@ from ingress.policy.identity import org_domain
 from workers.lane.dkim_parse import MIN_KEY_BITS, key_record_problem
 
 __all__ = ["DEAD_KEY_MAX", "DEAD_KEY_TTL", "MAX_DOMAIN_KEY", "DeadKeyDomains", "DnsFunc",
-           "KeyTrace", "TxtAnswer", "lookup_txt", "make_dnsfunc"]
+           "KeyTrace", "NotCached", "TxtAnswer", "lookup_txt", "make_dnsfunc"]
+
+
+class NotCached(Exception):
+    """An offline lookup (lookup_txt(offline=True)) whose answer is not in the resolver's
+    cache: the caller must ask again where it may wait."""
 
 
 @dataclass(slots=True)
@@ -145,16 +154,20 @@ class TxtAnswer:
 def lookup_txt(resolver: dns.resolver.Resolver, qname: str, *, budget: DnsBudget,
                timeout: float, deadline: float | None = None,
                dead: DeadKeyDomains | None = None, domain: str = "",
-               what: str = "key") -> TxtAnswer:
+               what: str = "key", offline: bool = False) -> TxtAnswer:
     """The TXT records at `qname`, waiting at most min(timeout, the resolver's lifetime,
     what is left of `budget` and of the time.monotonic() `deadline`); the wait is charged to
     the budget. With `dead`: a `domain` remembered as unresponsive is a temperror at once (no
     query), and a conclusive unanswered lookup (budget.conclusive) remembers it. The one
     bounded TXT lookup of the workers: DKIM keys (make_dnsfunc) and DMARC policies
-    (workers.lane.dmarc_lookup); `what` names them in an error ("key", "DMARC policy")."""
+    (workers.lane.dmarc_lookup); `what` names them in an error ("key", "DMARC policy").
+    `offline`: never a query: what the resolver's cache holds (as the query would have found
+    it there first), or NotCached."""
     if dead is not None and dead.is_dead(domain):
         return TxtAnswer("temperror", error=f"{what} domain {dead.key(domain)} did not answer "
                                             "recently (not asked again)")
+    if offline:
+        return _cached_txt(resolver, qname)
     left = math.inf if deadline is None else deadline - time.monotonic()
     lifetime = min(budget.lifetime(left), timeout, resolver.lifetime)
     if lifetime <= 0:
@@ -173,8 +186,31 @@ def lookup_txt(resolver: dns.resolver.Resolver, qname: str, *, budget: DnsBudget
         return TxtAnswer("temperror", error=f"{type(e).__name__}: {e}")
     finally:
         budget.charge(time.monotonic() - t0)
+    return _found(ans)
+
+
+def _found(ans: dns.resolver.Answer) -> TxtAnswer:
     records = tuple(b"".join(r.strings) for r in ans.rrset) if ans.rrset is not None else ()
     return TxtAnswer("found" if records else "none", records)
+
+
+def _cached_txt(resolver: dns.resolver.Resolver, qname: str) -> TxtAnswer:
+    """lookup_txt's answer from the cache alone, looked up as dnspython's resolve() does first
+    (the TXT answer, a NODATA answer, then a cached NXDOMAIN), or NotCached."""
+    cache = resolver.cache
+    if cache is None:
+        raise NotCached(qname)
+    try:
+        name = dns.name.from_text(qname)
+    except dns.exception.DNSException:
+        raise NotCached(qname) from None
+    ans = cache.get((name, dns.rdatatype.TXT, dns.rdataclass.IN))
+    if ans is not None:
+        return _found(ans)
+    nx = cache.get((name, dns.rdatatype.ANY, dns.rdataclass.IN))
+    if nx is not None and nx.response.rcode() == dns.rcode.NXDOMAIN:
+        return TxtAnswer("none")
+    raise NotCached(qname)
 
 
 def make_dnsfunc(

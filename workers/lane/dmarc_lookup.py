@@ -16,7 +16,8 @@ API
         .check(message, *, spf, spf_domain, dkim, budget, deadline=None) -> DmarcVerdict
             dkim: (d=, result) of every judged signature; budget: the message's DnsBudget
             (ingress.policy.dkim_budget, shared with its DKIM key lookups); deadline: an
-            absolute time.monotonic() after which nothing is asked.
+            absolute time.monotonic() after which nothing is asked; offline: the policy
+            from the resolver's cache only, else NotCached (workers.lane.dkim_keys).
         .dead: DeadKeyDomains      policy domains that did not answer (by organisational
                                    domain, workers.lane.dkim_keys)
     Library decision (issue 18 item 5 asked for a maintained library where it fits):
@@ -70,7 +71,7 @@ class DmarcLookup:
 
     def check(self, message: bytes, *, spf: str | None, spf_domain: str,
               dkim: Iterable[tuple[str, str]], budget: DnsBudget,
-              deadline: float | None = None) -> dmarc.DmarcVerdict:
+              deadline: float | None = None, offline: bool = False) -> dmarc.DmarcVerdict:
         fields, domains = header_from_domains(message)
         author, problem = dmarc.author_domain(fields, domains)
         if problem is not None:
@@ -83,7 +84,7 @@ class DmarcLookup:
             domain = qname.removeprefix("_dmarc.")
             ans = lookup_txt(self.resolver, qname, budget=budget, timeout=self.timeout,
                              deadline=deadline, dead=self.dead, domain=domain,
-                             what="DMARC policy")
+                             what="DMARC policy", offline=offline)
             if ans.outcome == "temperror":
                 return None
             return tuple(r.decode("utf-8", "replace") for r in ans.records[:dmarc.MAX_RECORDS])

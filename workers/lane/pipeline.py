@@ -5,6 +5,8 @@ API:
     Pipeline(cfg).process(env, body, budget_s) -> Processed(trace, body, dkim, learn,
                                                             learn_domain, unlearn, dkim_pass,
                                                             dmarc)
+    Pipeline(cfg).process_now(env, body, budget_s) -> Processed | None   the same, or None
+                                                when it would wait on DNS
     Processed.spool_envelope(env) -> Envelope   what the worker stores: env with its evidence's
                                                 dkim_pass (and dmarc, dmarc_policy) set
 
@@ -26,7 +28,11 @@ remembered for classify.dkim_timeout_ttl in the worker's DeadKeyDomains, shared 
 the next message naming it gets dkim=temperror at once. A temperror never promotes or rejects,
 and the message is still stored and acknowledged. A message without a DKIM-Signature header
 costs nothing. process() runs in its own worker pool thread, one message per call, never on the
-worker's heartbeat loop; a slow one delays only itself.
+worker's heartbeat loop; a slow one delays only itself. process_now() is the same work for a
+message that cannot wait on DNS (no DKIM-Signature; DMARC off, or its policy lookups answered
+by the resolver's cache): the worker runs it on its loop, without a pool thread's two
+hand-offs (issue 20: 0.41 -> 0.31 ms of the bulk worker's CPU per message under smtp-source);
+for any other message it answers None at once and costs nothing.
 DMARC (RFC 7489; [dmarc] enabled, on by default wherever DNS is configured:
 ingress.core.derived.dns_configured): after DKIM, the From: domain's policy is
 looked up (workers.lane.dmarc_lookup: at most two TXT queries) within what is left of the same
@@ -85,6 +91,7 @@ from ingress.policy.dkim_budget import DnsBudget
 from ingress.policy.dmarc import DmarcVerdict
 from ingress.policy.identity import warm
 from workers.lane import dkim_check
+from workers.lane.dkim_keys import NotCached
 from workers.lane.dmarc_lookup import DmarcLookup
 from workers.lane.headers import authentication_results, received_header, strip_forged_ar
 
@@ -139,7 +146,20 @@ class Pipeline:
         # worker of a reload does not build it at its first message, on that message's time.
         warm()
 
+    def process_now(self, env: Envelope, body: bytes, budget_s: float) -> Processed | None:
+        """process() when it would not wait: no DKIM-Signature, and DMARC off or its policy
+        in the resolver's cache; else None (call process() where it may wait)."""
+        if has_dkim_signature(body):
+            return None
+        try:
+            return self._run(env, body, budget_s, offline=True)
+        except NotCached:
+            return None
+
     def process(self, env: Envelope, body: bytes, budget_s: float) -> Processed:
+        return self._run(env, body, budget_s, offline=False)
+
+    def _run(self, env: Envelope, body: bytes, budget_s: float, offline: bool) -> Processed:
         ev = env.evidence
         body = strip_forged_ar(body, self.authserv_id)
         # One DNS budget for the message's lookups: its DKIM keys first, then its DMARC policy.
@@ -159,7 +179,7 @@ class Pipeline:
         mailfrom = domain if spf_identity(env.mail_from, env.helo)[0] == "mailfrom" else ""
         verdict = None if self.dmarc is None else self.dmarc.check(
             body, spf=spf, spf_domain=mailfrom, dkim=[(r.domain, r.result) for r in results],
-            budget=budget, deadline=deadline)
+            budget=budget, deadline=deadline, offline=offline)
         ar = authentication_results(
             self.authserv_id, spf=spf, spf_domain=ev.spf_domain or None,
             spf_helo=env.helo if spf and not ev.spf_domain else None,

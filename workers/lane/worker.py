@@ -9,8 +9,9 @@ LANE_HEARTBEAT seconds, and answers every WORK with exactly one ACK (after the s
 durable) or NACK. Each ACK or NACK gives the broker back one unit of credit.
 
 Per-message flow (issue 17: no lookup holds anyone else's mail). Each WORK starts its own
-pipeline (workers.lane.pipeline: DKIM, trace headers) at once in a pool of `credit` threads, so
-a message never waits for a thread, whatever the others wait on. A finished pipeline joins
+pipeline (workers.lane.pipeline: DKIM, trace headers) at once: on this loop when it would not
+wait on DNS (Pipeline.process_now), else in a pool of `credit` threads, so a message never
+waits for a thread, whatever the others wait on. A finished pipeline joins
 `ready`; whenever a committer is free, what is ready goes into one group commit
 (Spool.write_batch: one fsync per file, one of new/ for the commit); messages that become ready
 during a commit form the next one. Two committer threads (ingress.policy.tiers.commit_slots):
@@ -39,9 +40,8 @@ within its deadline: each pipeline until its own message's envelope deadline plu
 window, the commit until its latest message's. Work that outlives it is presumed hung. Then
 the heartbeats stop, the broker NACKs everything this worker holds, and the supervisor
 restarts it if it stays stuck (e.g. a hung disk). A message that is merely waiting (ready,
-behind a running commit) vouches for nothing. Limit: a single C call that holds the GIL
-longer than the liveness window (1 s) would still silence the loop. DKIM key limits
-(workers.lane.dkim_check) keep RSA well under that.
+behind a running commit) vouches for nothing. Limit: a C call holding the GIL longer than the
+liveness window (1 s) would silence the loop; DKIM key limits (dkim_check) keep RSA under it.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class _Job:
     env: Envelope
     body: bytes
     vouch: float = 0.0                              # time.monotonic(): see _vouch_until
-    future: Future[Processed] | None = None         # its pipeline, in a pool thread
+    future: Future[Processed] | None = None         # its pipeline (done, or a pool thread's)
     done: Processed | None = None                   # the pipeline's result
 
 
@@ -145,7 +145,7 @@ class Worker:
         self.stopping = False
         self.answered = False     # the broker answered our DISCONNECT: no WORK follows
         self.ident = f"w-{lane.value}-{serves or 'any'}-{index}-{os.getpid()}".encode()
-        self.running: list[_Job] = []                   # pipelines in pool threads
+        self.running: list[_Job] = []                   # pipelines started
         self.ready: list[_Job] = []                     # pipelines done, for the next commit
         self.commits: list[_Commit | None] = [None, None]   # being written: any, priority
         # WORK beyond the credit: only after a reconnect or a broker restart (the new broker
@@ -154,8 +154,8 @@ class Worker:
         # A pool thread that finishes wakes the loop's poll (a socket object: sending on it
         # after close() raises, it never writes to a reused descriptor).
         self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
 
     def _connect(self) -> None:
         if self.sock is not None:
@@ -182,9 +182,8 @@ class Worker:
         """Is every piece of work in hand within its deadline? Each pipeline until its own
         message's deadline, the commit until its latest message's (plus one liveness window
         each). Work that outlives it is presumed hung: no heartbeats then."""
-        if any(c is not None and now >= c.vouch for c in self.commits):
-            return False
-        return all(now < job.vouch for job in self.running)
+        return all(c is None or now < c.vouch for c in self.commits) and all(
+            now < job.vouch for job in self.running)
 
     def _tick(self, next_hb: float) -> float:
         """Heartbeat if one is due and the work in hand is vouched for; the next due time."""
@@ -305,12 +304,21 @@ class Worker:
         return _Job(reply_to, env, body)
 
     def _start(self, job: _Job) -> None:
-        """The message's pipeline (DKIM, trace headers) in its own pool thread, bounded by its
-        envelope deadline; it counts as progress until then (plus one liveness window)."""
+        """The message's pipeline, here or in its own pool thread (the module docstring),
+        bounded by its envelope deadline; progress until then (plus one liveness window)."""
         job.vouch = _vouch_until([job.env])
         budget_s = job.env.deadline - time.time() - PIPELINE_MARGIN
-        job.future = self.pool.submit(self.pipeline.process, job.env, job.body, budget_s)
-        job.future.add_done_callback(self._wake)
+        job.future = Future()
+        try:
+            done = self.pipeline.process_now(job.env, job.body, budget_s)
+        except Exception as e:     # as from a pool thread: NACKed and logged by _advance
+            job.future.set_exception(e)
+        else:
+            if done is not None:
+                job.future.set_result(done)
+            else:
+                job.future = self.pool.submit(self.pipeline.process, job.env, job.body, budget_s)
+                job.future.add_done_callback(self._wake)
         self.running.append(job)
 
     # --- finishing work -----------------------------------------------------------------------
