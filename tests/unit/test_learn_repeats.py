@@ -19,15 +19,16 @@ ROWS = {
         [(0, L, A), (1, L, A), (9.9, L, A)], [True, False, False]),
     "after the window it passes again (the refresh)": (
         [(0, L, A), (10, L, A), (11, L, A)], [True, True, False]),
-    "another domain for the same address passes (the latest holds)": (
-        [(0, L, A), (1, L, B), (2, L, A), (3, L, A)], [True, True, True, False]),
-    "a provider added or dropped passes": (
-        [(0, L, A), (1, L, P), (2, L, P), (3, L, A)], [True, True, False, True]),
+    "domains rotated over one address pass once a window each": (
+        [(0, L, A), (1, L, B), (2, L, A), (3, L, B), (10.5, L, A)],
+        [True, True, False, False, True]),
+    "the same domain with a provider is another fact": (
+        [(0, L, A), (1, L, P), (2, L, P), (3, L, A)], [True, True, False, False]),
     "another address passes": (
         [(0, L, A), (1, L, [IP2, b"a.test"])], [True, True]),
-    "an unlearn always passes, and the next learn too": (
-        [(0, L, A), (1, U, [IP]), (2, U, [IP]), (3, L, A), (4, L, A)],
-        [True, True, True, True, False]),
+    "an unlearn always passes, and every fact of its address passes again": (
+        [(0, L, A), (1, L, B), (2, U, [IP]), (3, U, [IP]), (4, L, A), (5, L, B), (6, L, A)],
+        [True, True, True, True, True, True, False]),
     "an unlearn of the provider from another address forgets its pool": (
         [(0, L, P), (1, U, UP), (2, L, P)], [True, True, True]),
     "an unlearn of another provider forgets nothing else": (
