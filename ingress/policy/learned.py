@@ -36,7 +36,8 @@ Limits
       DKIM passing. Entries without a domain (document version 1) share the quota of the
       domain "" and vouch for no transaction.
     * One entry holds one domain: a network learned for two domains (a shared IP of an ESP)
-      holds the latest; the other domain's mail is judged afresh (its own SPF).
+      holds the latest it was told of (a broker passes each (address, domain) on once a
+      window: ingress.policy.learn_repeats); the other domain's mail is judged afresh.
 """
 
 from __future__ import annotations
