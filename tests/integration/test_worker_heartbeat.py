@@ -323,7 +323,9 @@ def test_the_fast_lane_acks_the_operators_mail_from_its_journal(tmp_path: Path) 
 def test_mail_that_cannot_wait_on_dns_is_prepared_without_a_pool_thread(lane: Lane_) -> None:
     """Issue 20: a message without a DKIM-Signature (DMARC off here) is prepared on the loop
     (Pipeline.process_now): two thread hand-offs less. A signed one still goes to the pool,
-    where its key lookups may wait without holding the loop."""
+    where its key lookups may wait without holding the loop, and so does a large one (its
+    header work grows with it: a hostile client's 10 MB of header fields would stop the loop
+    for 0.2 s)."""
     submitted: list[bytes] = []
     submit = lane.worker.pool.submit
 
@@ -335,7 +337,13 @@ def test_mail_that_cannot_wait_on_dns_is_prepared_without_a_pool_thread(lane: La
     plain = lane.send(3, deadline_s=20.0)
     lane.collect(replies=3, limit=20.0)
     assert lane.answered == [(q, Kind.ACK) for q in plain] and submitted == []
+    big = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 990) for i in range(70)) + BODY
+    (large,) = lane.send(1, deadline_s=20.0, body=big)
+    lane.collect(replies=1, limit=20.0)
+    assert lane.answered[-1] == (large, Kind.ACK) and submitted == [big]
+    # last: its key lookup waits out the resolver's timeout (nothing answers on port 9), and
+    # this test, playing the broker, sends no heartbeats meanwhile (the worker reconnects)
     (signed,) = lane.send(1, deadline_s=20.0, body=SIGNED)
     lane.collect(replies=1, limit=20.0)
-    assert lane.answered[-1] == (signed, Kind.ACK) and submitted == [SIGNED]
-    assert len(list((lane.worker.spool.new).iterdir())) == 4
+    assert lane.answered[-1] == (signed, Kind.ACK) and submitted == [big, SIGNED]
+    assert len(list((lane.worker.spool.new).iterdir())) == 5

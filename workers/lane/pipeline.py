@@ -29,10 +29,10 @@ the next message naming it gets dkim=temperror at once. A temperror never promot
 and the message is still stored and acknowledged. A message without a DKIM-Signature header
 costs nothing. process() runs in its own worker pool thread, one message per call, never on the
 worker's heartbeat loop; a slow one delays only itself. process_now() is the same work for a
-message that cannot wait on DNS (no DKIM-Signature; DMARC off, or its policy lookups answered
-by the resolver's cache): the worker runs it on its loop, without a pool thread's two
-hand-offs (issue 20: 0.41 -> 0.31 ms of the bulk worker's CPU per message under smtp-source);
-for any other message it answers None at once and costs nothing.
+message of at most NOW_MAX bytes (64 KiB) that cannot wait on DNS (no DKIM-Signature; DMARC
+off, or its policy lookups answered by the resolver's cache): the worker runs it on its loop,
+without a pool thread's two hand-offs (issue 20: 0.41 -> 0.31 ms of the bulk worker's CPU per
+message under smtp-source); for any other message it answers None at once.
 DMARC (RFC 7489; [dmarc] enabled, on by default wherever DNS is configured:
 ingress.core.derived.dns_configured): after DKIM, the From: domain's policy is
 looked up (workers.lane.dmarc_lookup: at most two TXT queries) within what is left of the same
@@ -96,6 +96,10 @@ from workers.lane.dmarc_lookup import DmarcLookup
 from workers.lane.headers import authentication_results, received_header, strip_forged_ar
 
 DKIM_HEADER = re.compile(rb"(?im)^dkim-signature[ \t]*:")
+# process_now's bound: its header work grows with the message (a 10 MB header section of a
+# hostile client's took 157-237 ms, the caller's loop stopped meanwhile; 64 KiB, about 1 ms).
+# Larger messages go to a pool thread, where the GIL's switch interval keeps the loop turning.
+NOW_MAX = 64 * 1024
 
 
 def has_dkim_signature(body: bytes) -> bool:
@@ -147,9 +151,10 @@ class Pipeline:
         warm()
 
     def process_now(self, env: Envelope, body: bytes, budget_s: float) -> Processed | None:
-        """process() when it would not wait: no DKIM-Signature, and DMARC off or its policy
-        in the resolver's cache; else None (call process() where it may wait)."""
-        if has_dkim_signature(body):
+        """process() when it would neither wait nor take long: at most NOW_MAX bytes, no
+        DKIM-Signature, and DMARC off or its policy in the resolver's cache; else None (call
+        process() where it may)."""
+        if len(body) > NOW_MAX or has_dkim_signature(body):
             return None
         try:
             return self._run(env, body, budget_s, offline=True)
