@@ -238,3 +238,38 @@ def test_issue18_rows_judge_the_pool_and_compare_with_their_own_reference() -> N
     doc["flood"][2]["summary"]["legit"]["pool"]["accepted_pct"] = 98.0
     assert issue18_rows(doc)[1]["ok"] is False                      # a message not served
     assert "| 5k |" in issue18_markdown(issue18_rows(doc)) and issue18_markdown([]) == ""
+
+
+def test_the_pool_signs_before_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dkimpy signs in Python (RSA, milliseconds): a signature per message on the probe's one
+    loop delayed the other senders' transactions. The pool signs its two messages (the learned
+    one, the rotation's) before the window, and none during it."""
+    signed: list[tuple[str, float]] = []
+
+    def counting(sender: str, rcpt: str, size: int, tag: str, *args: Any) -> bytes:
+        signed.append((tag, asyncio.get_running_loop().time()))
+        return f"{tag}\r\n.\r\n".encode()
+
+    monkeypatch.setattr("bench.flood.pool.signed_message", counting)
+    sent: list[bytes] = []
+
+    class Fake(PoolSender):
+        async def attempt(self, k: int) -> Attempt:
+            sent.append(self.message(k))
+            return Attempt(0.0, 1.0, "accepted")
+
+    async def run() -> float:
+        now = asyncio.get_running_loop().time()
+        spec = LegitSpec("pool", "127.8.0.1", 0.05, name="pool", mail_from="a@b.test",
+                         rcpt="u@x.test", helo="h.test", size=100, deadline_s=1.0, pool=3,
+                         learn_s=0.05)
+        stats = LegitStats(name="pool", kind="pool", source="127.8.0.1", interval_s=0.05)
+        await Fake(Target.parse("127.0.0.1:25"), spec, stats, start_at=now + 0.1, t_run0=now,
+                   grace=0.5).run(now + 0.5)
+        return now + 0.1
+
+    start = asyncio.run(run())
+    assert sorted(tag for tag, _ in signed) == ["pool-learn", "pool-rotation"]
+    assert all(t < start for _, t in signed)
+    assert len(sent) > 4 and sent[0] == b"pool-learn\r\n.\r\n"
+    assert set(sent[1:]) == {b"pool-rotation\r\n.\r\n"}
