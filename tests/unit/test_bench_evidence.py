@@ -125,6 +125,20 @@ def test_pool_rotates_from_the_second_address_after_the_learned_one() -> None:
         pool_addresses("127.8.0.250", 10)                     # leaves its /24
 
 
+async def run_pool(cls: type[PoolSender], *, learn_s: float, start_in: float,
+                   end_in: float) -> tuple[LegitStats, float]:
+    """A 3-address pool sending every 50 ms from `start_in` to `end_in` seconds from now:
+    its stats and its start time (the loop's clock)."""
+    now = asyncio.get_running_loop().time()
+    spec = LegitSpec("pool", "127.8.0.1", 0.05, name="pool", mail_from="a@b.test",
+                     rcpt="u@x.test", helo="h.test", size=100, deadline_s=1.0, pool=3,
+                     learn_s=learn_s)
+    stats = LegitStats(name="pool", kind="pool", source="127.8.0.1", interval_s=0.05)
+    await cls(Target.parse("127.0.0.1:25"), spec, stats, start_at=now + start_in, t_run0=now,
+              grace=0.5).run(now + end_in)
+    return stats, now + start_in
+
+
 def test_the_rotation_starts_after_the_learned_messages_answer() -> None:
     """"After one learned message": under a flood its answer can take seconds; the rotation
     must not overtake it (it did when the schedule was open-loop from the start)."""
@@ -137,17 +151,7 @@ def test_the_rotation_starts_after_the_learned_messages_answer() -> None:
                 await asyncio.sleep(0.3)                      # a slow first answer
             return Attempt(0.0, 1.0, "accepted")
 
-    async def run() -> LegitStats:
-        now = asyncio.get_running_loop().time()
-        spec = LegitSpec("pool", "127.8.0.1", 0.05, name="pool", mail_from="a@b.test",
-                         rcpt="u@x.test", helo="h.test", size=100, deadline_s=1.0, pool=3,
-                         learn_s=0.1)
-        stats = LegitStats(name="pool", kind="pool", source="127.8.0.1", interval_s=0.05)
-        await Fake(Target.parse("127.0.0.1:25"), spec, stats, start_at=now, t_run0=now,
-                   grace=0.5).run(now + 0.75)
-        return stats
-
-    stats = asyncio.run(run())
+    stats, _ = asyncio.run(run_pool(Fake, learn_s=0.1, start_in=0.0, end_in=0.75))
     assert seen[0][:2] == ("127.8.0.1", True)
     assert seen[1][2] - seen[0][2] >= 0.39                    # its answer, then learn_s
     assert [src for src, _, _ in seen[1:5]] == ["127.8.0.2", "127.8.0.3", "127.8.0.1",
@@ -258,17 +262,7 @@ def test_the_pool_signs_before_the_window(monkeypatch: pytest.MonkeyPatch) -> No
             sent.append(self.message(k))
             return Attempt(0.0, 1.0, "accepted")
 
-    async def run() -> float:
-        now = asyncio.get_running_loop().time()
-        spec = LegitSpec("pool", "127.8.0.1", 0.05, name="pool", mail_from="a@b.test",
-                         rcpt="u@x.test", helo="h.test", size=100, deadline_s=1.0, pool=3,
-                         learn_s=0.05)
-        stats = LegitStats(name="pool", kind="pool", source="127.8.0.1", interval_s=0.05)
-        await Fake(Target.parse("127.0.0.1:25"), spec, stats, start_at=now + 0.1, t_run0=now,
-                   grace=0.5).run(now + 0.5)
-        return now + 0.1
-
-    start = asyncio.run(run())
+    _, start = asyncio.run(run_pool(Fake, learn_s=0.05, start_in=0.1, end_in=0.5))
     assert sorted(tag for tag, _ in signed) == ["pool-learn", "pool-rotation"]
     assert all(t < start for _, t in signed)
     assert len(sent) > 4 and sent[0] == b"pool-learn\r\n.\r\n"
