@@ -81,7 +81,7 @@ _POSTFIX_HEAD = re.compile(
     rb"X-Original-To: (?P<xot>[^\r]+)\r\n"
     rb"Delivered-To: (?P<dt>[^\r]+)\r\n"
     rb"Received: from mx\.test \(localhost \[127\.0\.0\.1\]\)\r\n"
-    rb"\tby bench-postfix\.localdomain \(Postfix\) with E?SMTP id [0-9A-F]+\r\n"
+    rb"\tby bench-postfix\.localdomain \(Postfix\) with E?SMTP id (?P<qid>[0-9A-F]+)\r\n"
     rb"\tfor <[^>]+>; [^\r]+\r\n"
     # ours: Authentication-Results with our authserv-id (the worker adds it), then Received
     rb"(?:Authentication-Results: mx\.test[ ;][^\r]*\r\n(?:\t[^\r]*\r\n)*)?"
@@ -89,6 +89,14 @@ _POSTFIX_HEAD = re.compile(
     rb"\tby mx\.test \(smtp-ingress lane=(?:fast|bulk)\) with ESMTP id [0-9A-F]+\r\n"
     rb"(?:\tfor <[^>]+>;\r\n)?"
     rb"\t[^\r]+\r\n")
+
+
+def postfix_qid(raw: bytes) -> str:
+    """The queue id Postfix's smtpd gave a delivered copy (its Received header): two copies
+    with one id are one submission delivered twice by Postfix itself; two ids, two submissions."""
+    m = _POSTFIX_HEAD.match(raw)
+    assert m, raw[:600]
+    return m["qid"].decode()
 
 
 def strip_trace(raw: bytes, sender: str, rcpt: str) -> bytes:
