@@ -62,18 +62,18 @@ def repeat_window(learned_ttl: float) -> float:
 class LearnRepeats:
     """See the module docstring."""
 
-    __slots__ = ("_by", "_names", "_passed", "window")
+    __slots__ = ("_by", "_passed", "window")
 
     def __init__(self, window: float, max_size: int = REPEATS_KEPT) -> None:
         if window < 0:
             raise ValueError("LearnRepeats window must be >= 0")
         self.window = window
+        # keys: "address\0domain[\0provider]", the fact's own frames
         self._passed = ExpiryMap(max_size, on_drop=self._forget)
-        self._names: dict[str, tuple[str, str]] = {}      # key -> (address, provider)
         self._by: dict[str, set[str]] = {}                 # address or "p:" provider -> keys
 
     def _forget(self, key: str) -> None:
-        for index in self._index(*self._names.pop(key, ("", ""))):
+        for index in self._index(key):
             keys = self._by.get(index)
             if keys is not None:
                 keys.discard(key)
@@ -81,24 +81,24 @@ class LearnRepeats:
                     del self._by[index]
 
     @staticmethod
-    def _index(address: str, provider: str) -> list[str]:
+    def _index(key: str) -> list[str]:
+        """The indexes a key is under: its address, and "p:" its provider when it names one."""
+        address, *rest = key.split("\0")
+        provider = rest[1] if len(rest) > 1 else ""
         return [i for i in (address, provider and f"p:{provider}") if i]
 
     def passes(self, fact: bytes, payload: Sequence[bytes], now: float) -> bool:
         if not payload or fact not in (LEARN_TOPIC, UNLEARN_TOPIC):
             return True
-        address = payload[0].decode("ascii", "replace")
-        provider = payload[2].decode("ascii", "replace") if len(payload) > 2 else ""
-        if fact == UNLEARN_TOPIC:
-            for index in self._index(address, provider):
-                for key in list(self._by.get(index, ())):
-                    self._passed.pop(key)
-            return True
         key = b"\0".join(payload[:3]).decode("ascii", "replace")
+        if fact == UNLEARN_TOPIC:     # its frames: address, "", provider
+            for index in self._index(key):
+                for known in list(self._by.get(index, ())):
+                    self._passed.pop(known)
+            return True
         if self._passed.get(key, now) is not None:
             return False
         if self.window > 0 and self._passed.put(key, now + self.window, now):
-            self._names[key] = (address, provider)
-            for index in self._index(address, provider):
+            for index in self._index(key):
                 self._by.setdefault(index, set()).add(key)
         return True
