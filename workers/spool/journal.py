@@ -274,9 +274,9 @@ class Journal:
         self._write_or_break(HEADER.pack(MAGIC, self.epoch + 1), at=0)
         self.epoch, self.tail = self.epoch + 1, DATA_START
 
-    def _publish(self) -> int:
-        """Every staged file (all done) into new/, then new/ durable; the count."""
-        moved = 0
+    def _publish(self) -> None:
+        """Every staged file (all done) into new/, then new/ durable."""
+        moved = False
         for p in sorted(self.staged.iterdir()):
             with contextlib.suppress(FileNotFoundError):
                 there = self.spool.new / p.name
@@ -284,10 +284,9 @@ class Journal:
                     p.unlink()      # linked by a run that crashed before the unlink
                     continue
                 self.spool.publish(p, p.name)
-                moved += 1
+                moved = True
         if moved:
             fsync_dir(self.spool.new)
-        return moved
 
     # --- start and end ------------------------------------------------------------------------
 
