@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.flood.common import percentile_nearest_rank
 from ingress.core.wire import Envelope, Lane, new_qid
 from workers.spool import journal, store
 
@@ -70,9 +71,10 @@ def measure(write: Callable[[list[tuple[Envelope, bytes, bytes]]], Any], n: int,
 
 
 def summary(ms: list[float]) -> dict[str, float]:
-    s = sorted(ms)
-    return {"n": len(s), "p50": round(s[len(s) // 2], 2),
-            "p99": round(s[min(len(s) - 1, int(len(s) * 0.99))], 2), "max": round(s[-1], 2)}
+    """n, p50, p99, max of a non-empty sample (the bench's nearest-rank percentiles)."""
+    p50, p99 = (percentile_nearest_rank(ms, p) for p in (50, 99))
+    assert p50 is not None and p99 is not None, "an empty sample"
+    return {"n": len(ms), "p50": round(p50, 2), "p99": round(p99, 2), "max": round(max(ms), 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
