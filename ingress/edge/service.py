@@ -119,7 +119,7 @@ class AcceptorService:
             "acceptor_start", index=index, learned=len(ctx.learned_store.allow),
             tls=ctx.tls_context is not None, mtls=bool(cfg.tls.mtls_addresses),
             fast_port=bool(cfg.listen.fast_addresses), handed=sock is None,
-            servers=len(self.servers)))
+            servers=len(self.servers)), connections=lambda: len(ctx.table.sessions))
 
     async def serve(self) -> None:
         """Until stopped; then the drain, the saves and the closes."""

@@ -111,6 +111,9 @@ class _Bound(Mapping[str, Any]):
         return len(self._names)
 
 
+_NONE = _Bound((), str)      # a finished session's command tables
+
+
 def _write_line(transport: asyncio.BaseTransport, line: str) -> None:
     """One reply line straight onto the transport (before aiosmtpd's writer exists, or after)."""
     cast(asyncio.WriteTransport, transport).write(line.encode() + b"\r\n")
@@ -222,6 +225,8 @@ class IngressSMTP(CommandPhase):
                 transport.close()
                 return
         super().connection_made(transport)
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.add_done_callback(self._task_ended)
 
     def _classify_and_admit(self, transport: asyncio.BaseTransport) -> str | None:
         """Evidence at connect -> lane -> admission (classify_and_admit). Returns the refusal
@@ -347,6 +352,7 @@ class IngressSMTP(CommandPhase):
         if self.transport is None:    # refused in connection_made (aiosmtpd never set up), or
             # mutual-TLS port: lost during the handshake (the slot goes back if it had one)
             self.handshake_failed(f"connection lost: {error}" if error else "connection lost")
+            self._unlink()
             return
         if self._deadline is not None:
             self._deadline.cancel()
@@ -356,6 +362,27 @@ class IngressSMTP(CommandPhase):
                       last_reply=self.last_reply[:3],
                       duration_ms=round((time.monotonic() - self.started) * 1000, 1))
         super().connection_lost(error)
+        task = self._handler_coroutine
+        if task is None or task.done():
+            self._unlink()
+
+    def _task_ended(self, _: asyncio.Task[None]) -> None:
+        if self.transport is None:       # connection_lost has run
+            self._unlink()
+
+    def _unlink(self) -> None:
+        """The session is over (its connection lost, its task ended): drop what closes a
+        reference cycle through it (aiosmtpd's writer and connect callback, the command
+        tables bound to it, the lobby seat, the ended task, whose cancellation's traceback
+        holds our frames), so that reference counting frees it at once and the cyclic
+        collector has nothing of it to find (ingress.core.child.settle_heap)."""
+        self._handler_coroutine = None
+        self._smtp_methods = self._auth_methods = _NONE  # type: ignore[assignment]
+        self._client_connected_cb = self._writer = None   # type: ignore[assignment]
+        self._deadline = self._timeout_handle = None
+        self.abort_handshake = None
+        if self.conn.seat is self:
+            self.conn.seat = None
 
     def close_with(self, line: str) -> None:
         if self.transport is None and self.abort_handshake is not None:

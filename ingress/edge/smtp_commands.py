@@ -154,9 +154,13 @@ class CommandPhase(DataPhase):
         (already buffered, so without yielding) until connection_lost runs; stop it here, as
         its own QUIT does."""
         self.cut_off = True
-        current = asyncio.current_task()
-        if current is not None and current is self._handler_coroutine:
-            current.cancel()
+        task = self._handler_coroutine
+        if task is asyncio.current_task() and task is not None:
+            task.cancel()
+            # No local may hold the task across the await: the CancelledError's traceback
+            # keeps this frame and the task keeps the error, a cycle only a full collection
+            # would free (ingress.core.child.settle_heap).
+            del task
             await asyncio.sleep(0)         # the CancelledError is raised here
 
     def _refused(self, refusal: Refused, command: str, **fields: Any) -> str:
