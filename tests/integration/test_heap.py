@@ -16,45 +16,35 @@ import asyncio
 from pathlib import Path
 
 from tests.kit.harness import Ingress, make_body, send_one
+from tests.kit.session import HeldSession
 
 WHOLE = 60          # transactions
 SHAPES = 15         # of each other shape
 
 
-async def _reply(reader: asyncio.StreamReader) -> bytes:
-    out = b""
-    while True:
-        line = await asyncio.wait_for(reader.readline(), 10)
-        out += line
-        if not line or line[3:4] != b"-":
-            return out
-
-
 async def _partial(port: int, i: int, shape: str) -> None:
     """A client that does not finish: it leaves at `shape`."""
     r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(f"127.0.8.{i + 1}", 0))
+    s = HeldSession(r, w)
     try:
         if shape == "early":                       # talks before the banner
             w.write(b"EHLO early.test\r\n")
             await w.drain()
-        await _reply(r)
+        await s.reply()
         if shape in ("dialogue", "data"):
-            for line in (b"EHLO c.test", b"MAIL FROM:<a@sender.test>", b"RCPT TO:<b@example.test>"):
-                w.write(line + b"\r\n")
-                await _reply(r)
+            for line in ("EHLO c.test", "MAIL FROM:<a@sender.test>", "RCPT TO:<b@example.test>"):
+                await s.cmd(line)
         if shape == "errors":                      # cut off: 421 after the hard limit
             for _ in range(4):
-                w.write(b"RCPT TO:<nobody@example.test>\r\n")
-                if (await _reply(r)).startswith(b"421"):
+                if (await s.cmd("RCPT TO:<nobody@example.test>")).startswith("421"):
                     break
         if shape == "data":
-            w.write(b"DATA\r\n")
-            await _reply(r)
+            await s.cmd("DATA")
             w.write(b"Subject: cut\r\n\r\nhalf a messa")
             await w.drain()
             await asyncio.sleep(0.05)
     finally:
-        w.close()
+        s.close()
 
 
 def test_connections_leave_no_reference_cycles(tmp_path: Path) -> None:
