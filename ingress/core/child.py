@@ -12,7 +12,11 @@ API:
                                          does what, its CPU priority and scheduling policy
     lane_spec(cfg, lane, name, dedicated=False) -> Spec   a lane's broker or worker
                                          (lanes.<lane>.nice, ...; a worker dedicated to the
-                                         self-proven tier at least tiers.self_proven_nice)
+                                         self-proven tier at least tiers.self_proven_nice; the
+                                         fast broker and the other fast workers
+                                         tiers.operator_policy)
+    operator_policy(cfg, otherwise) -> str   the scheduling policy of a process serving the
+                                         operator's tiers (SCHED_RR by default)
     Service(serve, stop, started=None, stopped=None, connections=None)
                                          what the child runs: serve() is its life until stop()
                                          and its drain (blocking, or a coroutine function on
@@ -166,7 +170,9 @@ class Signals:
 
 
 # config.SCHED_POLICIES, as the kernel's constants
-POLICY = {"other": os.SCHED_OTHER, "batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}
+POLICY = {"other": os.SCHED_OTHER, "batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE,
+          "rr": os.SCHED_RR}
+RR_PRIORITY = 1     # the lowest real-time priority: above every ordinary task, below the kernel's
 
 
 def start(cfg: Config, name: str, table: Mapping[int, Action], nice: int = 0,
@@ -176,7 +182,8 @@ def start(cfg: Config, name: str, table: Mapping[int, Action], nice: int = 0,
     bulk lane's brokers and workers and the relay yield to the acceptors and the fast lane.
     `policy` (lanes.<lane>.sched_policy, as systemd's CPUSchedulingPolicy=) "idle" runs it
     only on CPU time no other task wants (SCHED_IDLE: a waking fast-lane task preempts it at
-    once), "batch" as a CPU-bound task (SCHED_BATCH). Set before the child starts any thread
+    once), "batch" as a CPU-bound task (SCHED_BATCH), "rr" (tiers.operator_policy) before every
+    ordinary task (SCHED_RR, RR_PRIORITY). Set before the child starts any thread
     (zmq's io threads, pools), so every thread inherits it. A failure is logged and the child
     runs on at its inherited priority and policy."""
     log.setup(cfg.log.level, name)          # also sets the title: "smtp-ingress: <name>"
@@ -184,7 +191,8 @@ def start(cfg: Config, name: str, table: Mapping[int, Action], nice: int = 0,
                            cfg.log.throttle_total)
     if policy != "other":
         try:
-            os.sched_setscheduler(0, POLICY[policy], os.sched_param(0))
+            os.sched_setscheduler(0, POLICY[policy],
+                                  os.sched_param(RR_PRIORITY if policy == "rr" else 0))
         except OSError as e:
             log.event("sched_policy_failed", "warning", policy=policy, error=str(e))
     if nice > 0:
@@ -279,10 +287,18 @@ class Spec:
 
 def lane_spec(cfg: Config, lane: str, name: str, dedicated: bool = False) -> Spec:
     """A lane's broker or worker: LANE_SIGNALS, lanes.<lane>.nice and .sched_policy; a worker
-    dedicated to the self-proven tier yields more (tiers.self_proven_nice)."""
+    dedicated to the self-proven tier yields more (tiers.self_proven_nice); the fast broker and
+    the other fast workers serve the operator's tiers: tiers.operator_policy, unless "other"."""
     lc = getattr(cfg.lanes, lane)
     nice = max(lc.nice, cfg.tiers.self_proven_nice) if dedicated else lc.nice
-    return Spec(name, LANE_SIGNALS, nice, lc.sched_policy)
+    return Spec(name, LANE_SIGNALS, nice, operator_policy(cfg, lc.sched_policy)
+                if lane == "fast" and not dedicated else lc.sched_policy)
+
+
+def operator_policy(cfg: Config, otherwise: str = "other") -> str:
+    """The scheduling policy of a process that serves the operator's tiers (a fast acceptor,
+    the fast broker, a fast worker not dedicated to the self-proven tier)."""
+    return otherwise if cfg.tiers.operator_policy == "other" else cfg.tiers.operator_policy
 
 
 @dataclass(frozen=True)

@@ -61,9 +61,9 @@ from ingress.core.schema import (
     SmtpConfig,
     SpoolConfig,
     SupervisorConfig,
-    TiersConfig,
     TlsConfig,
 )
+from ingress.core.schema_tiers import TiersConfig
 
 __all__ = [
     "DSN_MODES", "DSN_RATE_MAX", "FORWARD_CLIENT_MODES", "LOG_LEVELS", "REDIS_SCHEMES",

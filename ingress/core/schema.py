@@ -5,8 +5,9 @@ API
     AdmissionConfig, TiersConfig, TlsConfig, RelayConfig, MetricsConfig, SpoolConfig,
     SupervisorConfig, LogConfig, ClusterConfig; the evidence checks' tables: ChecksConfig and
     the others of ingress.core.schema_evidence)
-    the value sets of the choice keys (LOG_LEVELS, SCHED_POLICIES, SPF_PROMOTE, RELAY_TLS_MODES,
-    DSN_MODES, FORWARD_CLIENT_MODES, ROLES) and DSN_RATE_MAX
+    the value sets of the choice keys (LOG_LEVELS, SCHED_POLICIES,
+    SPF_PROMOTE, RELAY_TLS_MODES, DSN_MODES, FORWARD_CLIENT_MODES, ROLES) and DSN_RATE_MAX
+    (TiersConfig and its OPERATOR_POLICIES: ingress.core.schema_tiers)
 
 Each key is declared with ingress.core.fieldspec's helpers (bounded, choice, documented): its
 default, its single-field rule, and the doc from which docs/configuration.md is generated
@@ -34,6 +35,7 @@ from ingress.core.schema_evidence import (
     DnswlConfig,
     IprevConfig,
 )
+from ingress.core.schema_tiers import NICE, TiersConfig
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SCHED_POLICIES = ("other", "batch", "idle")     # lanes.<lane>.sched_policy (ingress.core.child)
@@ -46,7 +48,6 @@ DSN_RATE_MAX = 3600.0       # relay.dsn_rate: at most one a second per domain, o
 # "xforward" insist (a downstream without it is not used: the mail waits); "off" sends neither.
 FORWARD_CLIENT_MODES = ("auto", "xclient", "xforward", "off")
 ROLES = ("all", "edge", "lanes")                # cluster.role (ingress.core.cluster)
-NICE = "a nice(2) increment"
 SPOOL_PATH, STATE_DIR = Path("var/spool"), Path("var/state")
 STATE_DOC = "ipc sockets, learned allow cache, callout cache; short (unix socket paths: ~85 chars)"
 
@@ -280,31 +281,6 @@ class AdmissionConfig:
 
 
 @dataclass(frozen=True)
-class TiersConfig:
-    """Trust tiers (ingress.policy.tiers): what the tiers below the operator's may hold of every
-    fast resource (an acceptor's fast reserve of slots and DATA bytes, the fast queue's count
-    and bytes, the fast workers' credit), as a tier, however many identities they hold."""
-    self_proven_share: float = bounded(0.5, 0, 1, "SPF, DKIM, learned: at most this share; "
-                                       "beyond: bulk. With third_party_share below 1", lt=True)
-    self_proven_rate: float = bounded(200.0, 0, None, "messages/s all self-proven identities "
-                                      "together may pass through the fast lane of one lanes "
-                                      "node; beyond: bulk", note="0 = no bound")
-    self_proven_burst: float = bounded(20.0, 1, None, "messages the tier may start at once")
-    third_party_share: float = bounded(0.25, 0, 1, "DNS allow lists (not built yet): at most "
-                                       "this share", lt=True)
-    third_party_rate: float = bounded(0.0, 0, None, "messages/s for the third-party tier as a "
-                                      "whole", note="0 = no bound")
-    third_party_burst: float = bounded(20.0, 1, None, "messages the tier may start at once")
-    self_proven_workers: int = bounded(1, 0, 256, "fast-lane worker processes dedicated to the "
-                                       "self-proven tier: its mail never shares a process with "
-                                       "the operator's; the other fast workers take it only "
-                                       "while none is up", note="0 = none: every fast worker "
-                                       "takes every tier")
-    self_proven_nice: int = bounded(5, 0, 19, "nice(2) increment of those workers (at least "
-                                    "lanes.fast.nice)", note=NICE)
-
-
-@dataclass(frozen=True)
 class TlsConfig:
     """STARTTLS on port 25, the mutual-TLS port and its handshake gate (per acceptor)."""
     cert: str = documented("", "PEM certificate chain: enables STARTTLS on listen.port")
@@ -449,7 +425,7 @@ class Config:
     lanes: LanesConfig = LanesConfig()
     classify: ClassifyConfig = ClassifyConfig()
     admission: AdmissionConfig = AdmissionConfig()
-    tiers: TiersConfig = TiersConfig()
+    tiers: TiersConfig = TiersConfig()        # noqa: RUF009 (frozen: immutable)
     tls: TlsConfig = TlsConfig()
     relay: RelayConfig = RelayConfig()
     metrics: MetricsConfig = MetricsConfig()

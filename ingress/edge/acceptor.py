@@ -45,8 +45,9 @@ from ingress.edge.service import AcceptorService, Listening
 
 
 def _main(cfg: Config, name: str, hb: Any, slot: int, service: AcceptorService,
-          nice: int = 0) -> None:
-    child.main_loop(cfg, child.Spec(name, child.ACCEPTOR_SIGNALS, nice), service.setup, hb, slot)
+          nice: int = 0, policy: str = "other") -> None:
+    child.main_loop(cfg, child.Spec(name, child.ACCEPTOR_SIGNALS, nice, policy), service.setup,
+                    hb, slot)
 
 
 def run_fast(cfg: Config, index: int, hb: Any = None, slot: int = 0,
@@ -57,7 +58,7 @@ def run_fast(cfg: Config, index: int, hb: Any = None, slot: int = 0,
     clients prove themselves at the handshake or at connect), away from port 25's floods."""
     _main(cfg, f"fast-acceptor-{index}", hb, slot,
           AcceptorService(cfg, index, None, mtls_sock, fast_sock, steered=steered,
-                          steer=_steer(steer, slot)))
+                          steer=_steer(steer, slot)), policy=child.operator_policy(cfg))
 
 
 def run_mtls(cfg: Config, index: int, hb: Any = None, slot: int = 0,

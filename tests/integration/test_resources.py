@@ -522,19 +522,22 @@ def policies(pid: int) -> set[int]:
     return {os.sched_getscheduler(int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()}
 
 
-@pytest.mark.parametrize("bulk_policy, want_bulk", [("other", os.SCHED_OTHER),
-                                                    ("batch", os.SCHED_BATCH),
-                                                    ("idle", os.SCHED_IDLE)])
+@pytest.mark.parametrize("bulk_policy, want_bulk, operator", [
+    ("other", os.SCHED_OTHER, "rr"), ("batch", os.SCHED_BATCH, "rr"),
+    ("idle", os.SCHED_IDLE, "rr"), ("other", os.SCHED_OTHER, "other")])
 def test_bulk_lane_and_relay_yield_the_cores(tmp_path: Path, bulk_policy: str,
-                                             want_bulk: int) -> None:
+                                             want_bulk: int, operator: str) -> None:
     """Issue 8 item 4: under a flood, bulk work must not take CPU from the fast lane on the
     same cores. The bulk broker and workers run at lanes.bulk.nice and lanes.bulk.sched_policy
     (every thread: zmq's io threads and the worker's pool start after it is set), the relay at
-    relay.nice; the fast acceptor and the fast lane keep the supervisor's priority and policy
-    (the acceptors that own the listeners run at supervisor.acceptor_nice, default 10)."""
+    relay.nice; the fast acceptor, the fast broker and the fast worker of the operator's tiers
+    run at tiers.operator_policy (SCHED_RR priority 1 by default: issue 17, a flood on the same
+    cores never delays them), the worker dedicated to the self-proven tier does not (the
+    acceptors that own the listeners run at supervisor.acceptor_nice, default 10)."""
     import psutil
 
     tables = {"lanes.bulk": {"rate": 0.0, "nice": 7, "sched_policy": bulk_policy},
+              "tiers": {"operator_policy": operator},
               # a downstream nobody listens on: the relay runs (and retries), nothing is sent
               "relay": {"nice": 3, "downstream": "smtp://127.0.0.1:9"}}
     with Ingress(tmp_path, tables) as ing:
@@ -545,15 +548,18 @@ def test_bulk_lane_and_relay_yield_the_cores(tmp_path: Path, bulk_policy: str,
                   for kind in KINDS}
         threads = sum(len(list(Path(f"/proc/{p}/task").iterdir()))
                       for p in ing.children("worker-bulk"))
+        rt_priority = {os.sched_getparam(p).sched_priority for p in ing.children("worker-fast")}
     # the fast worker dedicated to the self-proven tier: tiers.self_proven_nice (5)
     assert nice == {"acceptor": {10}, "fast-acceptor": {0}, "broker-fast": {0},
                     "worker-fast": {0}, "worker-self-proven": {5}, "broker-bulk": {7},
                     "worker-bulk": {7}, "relay": {3}}
     other = {os.SCHED_OTHER}
-    assert policy == {"acceptor": other, "fast-acceptor": other, "broker-fast": other,
-                      "worker-fast": other, "worker-self-proven": other,
+    fast = {os.SCHED_RR} if operator == "rr" else other
+    assert policy == {"acceptor": other, "fast-acceptor": fast, "broker-fast": fast,
+                      "worker-fast": fast, "worker-self-proven": other,
                       "broker-bulk": {want_bulk}, "worker-bulk": {want_bulk},
                       "relay": other}, policy
+    assert rt_priority == ({1} if operator == "rr" else {0})
     assert threads > 1              # the policy reached its threads, not only the main one
 
 

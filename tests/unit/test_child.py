@@ -1,9 +1,11 @@
 """The child skeleton's pure parts: the reconnect back-off, what each signal does, the
-heartbeat slot and the parent-death check (no process is started here)."""
+heartbeat slot and the parent-death check, each lane process's scheduling policy (no process is
+started here)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 
@@ -11,6 +13,7 @@ import pytest
 
 from ingress.core import child
 from ingress.core.child import ACCEPTOR_SIGNALS, LANE_SIGNALS, Heartbeat, Reconnect, Signals
+from ingress.core.config import Config
 
 
 def test_reconnect_backoff_is_paranoid_pirates_1_to_32_seconds() -> None:
@@ -115,3 +118,32 @@ def test_heartbeat_task_beats_and_stops_an_orphan_once() -> None:
     asyncio.run(go())
     assert hb[0] > 0
     assert stops == [1]
+
+
+@pytest.mark.parametrize(("policy", "fast_policy", "want"), [
+    # the fast broker and the fast workers of the operator's tiers: SCHED_RR by default
+    ("rr", "other", {"broker-fast": "rr", "worker-fast-0": "rr",
+                     "worker-fast-self-proven-0": "other", "broker-bulk": "batch",
+                     "worker-bulk-0": "batch"}),
+    # "other": lanes.<lane>.sched_policy as before, for every lane process
+    ("other", "batch", {"broker-fast": "batch", "worker-fast-0": "batch",
+                        "worker-fast-self-proven-0": "batch", "broker-bulk": "batch",
+                        "worker-bulk-0": "batch"}),
+])
+def test_lane_processes_of_the_operators_tiers_get_its_policy(
+        policy: str, fast_policy: str, want: dict[str, str]) -> None:
+    """tiers.operator_policy for the processes that serve the operator's tiers; never for the
+    workers dedicated to the self-proven tier (anyone can mint its identities) or bulk."""
+    cfg = dataclasses.replace(
+        Config(), tiers=dataclasses.replace(Config().tiers, operator_policy=policy),
+        lanes=dataclasses.replace(
+            Config().lanes, fast=dataclasses.replace(Config().lanes.fast, sched_policy=fast_policy),
+            bulk=dataclasses.replace(Config().lanes.bulk, sched_policy="batch")))
+    got = {"broker-fast": child.lane_spec(cfg, "fast", "broker-fast").policy,
+           "worker-fast-0": child.lane_spec(cfg, "fast", "worker-fast-0").policy,
+           "worker-fast-self-proven-0": child.lane_spec(cfg, "fast", "worker-fast-self-proven-0",
+                                                        dedicated=True).policy,
+           "broker-bulk": child.lane_spec(cfg, "bulk", "broker-bulk").policy,
+           "worker-bulk-0": child.lane_spec(cfg, "bulk", "worker-bulk-0").policy}
+    assert got == want
+    assert child.operator_policy(cfg) == ("rr" if policy == "rr" else "other")
