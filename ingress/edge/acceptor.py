@@ -56,9 +56,13 @@ def run_fast(cfg: Config, index: int, hb: Any = None, slot: int = 0,
     """A fast acceptor's entry point (supervisor.fast_acceptors; ingress.edge.handoff): the
     connections handed over from port 25, and the mutual-TLS port and listen.fast_port (their
     clients prove themselves at the handshake or at connect), away from port 25's floods."""
+    # At tiers.operator_policy, unless they also do strangers' TLS handshakes (a mutual-TLS
+    # port without mTLS acceptors): an attacker's handshakes never run before everything else.
+    strangers = bool(cfg.tls.mtls_addresses) and cfg.mtls_acceptor_count == 0
     _main(cfg, f"fast-acceptor-{index}", hb, slot,
           AcceptorService(cfg, index, None, mtls_sock, fast_sock, steered=steered,
-                          steer=_steer(steer, slot)), policy=child.operator_policy(cfg))
+                          steer=_steer(steer, slot)),
+          policy="other" if strangers else child.operator_policy(cfg))
 
 
 def run_mtls(cfg: Config, index: int, hb: Any = None, slot: int = 0,

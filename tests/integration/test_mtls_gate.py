@@ -13,6 +13,7 @@ real processes on loopback with real TLS (trustme).
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import threading
@@ -286,3 +287,28 @@ def test_silent_strangers_the_gate_refuses_hold_no_slot(tmp_path: Path,
     assert first.startswith("250 "), first
     assert second.startswith("250 "), second
     assert outcomes == ["tlsv1_alert_internal_error"] * 3, outcomes
+
+
+def _policies(ing: Ingress) -> dict[str, int]:
+    """Each child's scheduling policy, by its process title's role."""
+    out = {}
+    for pid in ing.children():
+        title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        out[title.removeprefix("smtp-ingress: ")] = os.sched_getscheduler(pid)
+    return out
+
+
+@pytest.mark.parametrize(("mtls_acceptors", "fast_rr"), [(1, True), (0, False)])
+def test_strangers_handshakes_never_run_at_real_time_priority(
+        tmp_path: Path, pki: dict[str, Path], mtls_acceptors: int, fast_rr: bool) -> None:
+    """The fast acceptors run at tiers.operator_policy (SCHED_RR) only while mTLS acceptors do
+    the handshakes of clients without a certificate; without them (supervisor.mtls_acceptors =
+    0) the fast acceptors do those handshakes, and run as ordinary processes: an attacker's
+    handshake flood must never run before everything else on the machine."""
+    with Ingress(tmp_path, {"tls": tls_config(pki),
+                            "supervisor": {"mtls_acceptors": mtls_acceptors}}) as ing:
+        got = _policies(ing)
+    assert got["fast-acceptor-0"] == (os.SCHED_RR if fast_rr else os.SCHED_OTHER), got
+    assert got["worker-fast-0"] == os.SCHED_RR, got
+    assert all(policy == os.SCHED_OTHER for role, policy in got.items()
+               if role.startswith(("acceptor-", "mtls-acceptor-"))), got
