@@ -22,6 +22,8 @@ API:
     relaying(ing)                        `ing` once its relay process runs
     spool_count(ing, sub)                spool files in spool/<sub>
     mtls_port(ing)                       the mutual-TLS port the ingress bound
+    realtime_allowed() -> bool           may a process here take SCHED_RR priority 1
+                                         (tiers.operator_policy: CAP_SYS_NICE or LimitRTPRIO)
 
 The ingress runs as `python -m ingress run --config FILE` with listen.port = 0 (or as
 `command`, e.g. an installed entry point, from `cwd` with `env`); the real port comes from its
@@ -422,6 +424,13 @@ def relaying(ing: Ingress) -> Ingress:
 def spool_count(ing: Ingress, sub: str) -> int:
     """Spool files in spool/<sub> (names without a leading dot, as the spool lists them)."""
     return sum(1 for p in (ing.spool / sub).iterdir() if not p.name.startswith("."))
+
+
+def realtime_allowed() -> bool:
+    """Tried in a child process (a container may drop CAP_SYS_NICE even for root)."""
+    probe = "import os; os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True,
+                          timeout=30).returncode == 0
 
 
 def mtls_port(ing: Ingress) -> int:
