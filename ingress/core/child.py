@@ -169,7 +169,7 @@ class Signals:
                 loop.add_signal_handler(signum, self.handle, signum)
 
 
-# config.SCHED_POLICIES, as the kernel's constants
+# schema.SCHED_POLICIES and schema_tiers.OPERATOR_POLICIES, as the kernel's constants
 POLICY = {"other": os.SCHED_OTHER, "batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE,
           "rr": os.SCHED_RR}
 RR_PRIORITY = 1     # the lowest real-time priority: above every ordinary task, below the kernel's

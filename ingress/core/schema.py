@@ -5,9 +5,9 @@ API
     AdmissionConfig, TiersConfig, TlsConfig, RelayConfig, MetricsConfig, SpoolConfig,
     SupervisorConfig, LogConfig, ClusterConfig; the evidence checks' tables: ChecksConfig and
     the others of ingress.core.schema_evidence)
-    the value sets of the choice keys (LOG_LEVELS, SCHED_POLICIES,
-    SPF_PROMOTE, RELAY_TLS_MODES, DSN_MODES, FORWARD_CLIENT_MODES, ROLES) and DSN_RATE_MAX
-    (TiersConfig and its OPERATOR_POLICIES: ingress.core.schema_tiers)
+    the value sets of the choice keys (LOG_LEVELS, SCHED_POLICIES, SPF_PROMOTE, RELAY_TLS_MODES,
+    DSN_MODES, FORWARD_CLIENT_MODES, ROLES) and DSN_RATE_MAX (TiersConfig and its
+    OPERATOR_POLICIES: ingress.core.schema_tiers)
 
 Each key is declared with ingress.core.fieldspec's helpers (bounded, choice, documented): its
 default, its single-field rule, and the doc from which docs/configuration.md is generated
