@@ -354,9 +354,9 @@ class SpoolConfig:
     state_dir: Path = documented(STATE_DIR, STATE_DOC)  # noqa: RUF009
     batch_sync: str = choice("syncfs", ("syncfs", "fsync"), "a group commit of 2+ messages made "
                              "durable by one syncfs(2) of the file system, or an fsync per file")
-    journal_size: int = bounded(4 << 20, 0, 1 << 30, "bytes of each fast worker's journal: the "
-                                "operator's tiers' mail is durable after one fdatasync of it, in "
-                                "new/ after the 250 (workers.spool.journal)", note="0 = off")
+    journal_size: int = bounded(4 << 20, 0, 1 << 30, "bytes of each lane worker's journal: the mail"
+                                " it is for is durable after one fdatasync of it, in new/ after "
+                                "the 250 (ingress.policy.tiers.journals)", note="0 = off")
 
 
 @dataclass(frozen=True)

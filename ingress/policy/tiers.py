@@ -58,6 +58,8 @@ API
                                       SELF_PROVEN)
     PRIORITY_TIERS, commit_slots(tiers, free) -> [[i...], [i...]]   a lane worker's two
                                       committers: the second is (OPERATOR, THIRD_PARTY)'s only
+    journals(lane, dedicated, tiers) -> bool    does a worker's group commit of messages of
+                                      these tiers go into its journal (workers.spool.journal)
     DEDICATED, dedicated_tier(label) -> Tier    the tiers a fast worker may be dedicated to
                                       (SELF_PROVEN: tiers.self_proven_workers); WireError-free:
                                       ValueError for any other label
@@ -348,3 +350,16 @@ def commit_slots(tiers: Sequence[Tier], free: Sequence[bool]) -> list[list[int]]
     if free[0]:
         out[0] = sorted(rest + prio)
     return out
+
+
+def journals(lane: Lane, dedicated: bool, tiers: Sequence[Tier]) -> bool:
+    """Does a lane worker's group commit of messages of these `tiers` go into its journal (one
+    fdatasync; the files in new/ after the 250), or is it written the usual way? Every worker
+    has a journal of its own, and it holds the mail the worker is for: a bulk worker's and a
+    worker dedicated to a tier (tiers.self_proven_workers) all of theirs; the operator's fast
+    workers' journal is the operator's reserve, so a commit goes there only when every message
+    of it is of PRIORITY_TIERS (the self-proven mail such a worker takes while the dedicated one
+    is down is written the usual way: identities anyone can mint never fill it)."""
+    if lane is Lane.BULK or dedicated:
+        return True
+    return all(t in PRIORITY_TIERS for t in tiers)

@@ -13,7 +13,7 @@ Sources, all local and read-only:
   result (2xx / 4xx / 5xx / error), downstream latency (p50 / p99 from the histogram), the
   circuit breaker, DSNs sent, the backlog by age, the spool filesystem's free bytes;
 - the spool directories themselves (counted with os.scandir, bounded) when metrics are off,
-  and what the fast lane's journals acknowledged that is not yet in new/ (journal.outstanding).
+  and what the lane workers' journals acknowledged that is not yet in new/ (journal.outstanding).
 
 - on an edge (cluster.role "edge"), every lanes node of cluster.lanes_nodes (tcp:// + CURVE,
   the edge's own key): live or dead, and its lanes' last status ("nodes"); on a lanes node,
@@ -232,7 +232,7 @@ def render(doc: dict[str, Any]) -> str:
     sp = doc["spool"]
     lines.append(f"  spool: {sp['new']} waiting in new/ (relay backlog), {sp['failed']} in "
                  f"failed/, {sp['tmp']} in tmp/, {sp.get('hold', 0)} held"
-                 + (f", {sp['journal']} acknowledged in the fast lane's journal, not yet in new/"
+                 + (f", {sp['journal']} acknowledged in the journals, not yet in new/"
                     if sp.get("journal") else ""))
     lines.append(f"  relay: {doc['relay']}")
     rs = doc.get("relay_stats")

@@ -241,7 +241,7 @@ def test_status_command(tmp_path: Path) -> None:
         assert doc["lanes"]["bulk"]["acked"] == 1
         assert doc["sessions"]["bulk"] >= 1          # the connection held open above
         assert doc["spool"]["new"] == 1
-        assert doc["spool"]["journal"] == 0          # the fast lane's journal: nothing pending
+        assert doc["spool"]["journal"] == 0          # the lane workers' journals: nothing pending
     # Nothing running: the lanes are down, exit 1.
     r = subprocess.run([sys.executable, "-m", "ingress", "status", "--config",
                         str(tmp_path / "status.toml")], capture_output=True, text=True,

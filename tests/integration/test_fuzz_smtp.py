@@ -225,6 +225,7 @@ class Tracker:
         every transaction that got 250 is there. judge=False (after a failure): only account
         for what is there now."""
         new = self.ing.spool / "new"
+        self.ing.settled()      # a journal's files follow its 250 by milliseconds
         # Names, not Paths, of the thousands already seen: this runs after every example.
         for name in sorted(set(os.listdir(new)) - self.seen):
             p = new / name

@@ -50,7 +50,7 @@ SIGNED = (b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=sel; h=from; bh=
 
 
 class Lane_:
-    def __init__(self, root: Path, which: Lane = Lane.BULK) -> None:
+    def __init__(self, root: Path, which: Lane = Lane.BULK, serves: str = "") -> None:
         self.which = which
         self.state = Path(tempfile.mkdtemp(prefix="si-hb-", dir="/tmp"))   # short ipc paths
         (self.state / "run").mkdir()
@@ -66,7 +66,7 @@ class Lane_:
         self.router.bind(self.cfg.ipc(f"{which.value}-back"))
         self.hb: list[float] = [0.0]
         self.answered: list[tuple[bytes, Kind]] = []     # (qid, ACK | NACK) in arrival order
-        self.worker = Worker(self.cfg, which, 0, hb=self.hb, slot=0)
+        self.worker = Worker(self.cfg, which, 0, hb=self.hb, slot=0, serves=serves)
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         self.thread.start()
         assert self.router.poll(5000), "no READY from the worker"
@@ -110,6 +110,15 @@ class Lane_:
                     self.answered.append((frames[3], got[-1][1]))
         return got, stale
 
+    def in_new(self, n: int, limit: float = 10.0) -> int:
+        """How many files new/ holds once it holds `n` (what a journal ACKed follows the ACK),
+        or after `limit` seconds."""
+        t_end = time.monotonic() + limit
+        while (have := len(list(self.worker.spool.new.iterdir()))) < n \
+                and time.monotonic() < t_end:
+            time.sleep(0.02)
+        return have
+
     def close(self) -> None:
         self.worker.stopping = True
         self.thread.join(10)
@@ -132,6 +141,21 @@ def slow(fn: Any, seconds: float) -> Any:
     return wrapper
 
 
+def slow_writes(lane: Lane_, seconds: float, when: Any = lambda items: True) -> None:
+    """The worker's durable writes (its journal's records, the spool's files of their own)
+    behind a sleep for a commit of `items` that `when` picks: a busy disk."""
+    def behind_a_sleep(fn: Any) -> Any:
+        def wrapper(items: list[Any]) -> Any:
+            if when(items):
+                time.sleep(seconds)
+            return fn(items)
+        return wrapper
+
+    for owner, name in ((lane.worker.spool, "write_batch"), (lane.worker.journal, "append")):
+        if owner is not None:
+            setattr(owner, name, behind_a_sleep(getattr(owner, name)))
+
+
 def max_gap(events: list[tuple[float, Kind]], start: float) -> float:
     times = [start] + [t for t, _ in events]
     return max(b - a for a, b in itertools.pairwise(times))
@@ -140,7 +164,7 @@ def max_gap(events: list[tuple[float, Kind]], start: float) -> float:
 @pytest.mark.parametrize("stage", ["write", "process"])
 def test_heartbeats_continue_during_slow_work(lane: Lane_, stage: str) -> None:
     if stage == "write":
-        lane.worker.spool.write_batch = slow(lane.worker.spool.write_batch, 3 * WINDOW)
+        slow_writes(lane, 3 * WINDOW)
     else:   # a message whose pipeline waits (a DKIM key lookup)
         lane.worker.pipeline.process = slow(lane.worker.pipeline.process, 3 * WINDOW)
     start = time.monotonic()
@@ -152,14 +176,14 @@ def test_heartbeats_continue_during_slow_work(lane: Lane_, stage: str) -> None:
     assert max_gap(events, start) < WINDOW, events      # the broker never saw it go silent
     assert lane.hb[0] > 0, "the supervisor's slot was never written"
     assert stale < WINDOW                               # nor did the supervisor
-    assert len(list((lane.worker.spool.new).iterdir())) == 3
+    assert lane.in_new(3) == 3
 
 
 def test_heartbeats_stop_once_the_batch_is_past_its_deadline(lane: Lane_) -> None:
     """A write that outlives the batch's deadline looks like a hang: the worker stops
     heartbeating (the broker NACKs its batch, the supervisor may restart it), and resumes when
     the write returns."""
-    lane.worker.spool.write_batch = slow(lane.worker.spool.write_batch, 4 * WINDOW)
+    slow_writes(lane, 4 * WINDOW)
     start = time.monotonic()
     lane.send(1, deadline_s=WINDOW)
     events, _ = lane.collect(replies=1, limit=20.0)
@@ -200,7 +224,7 @@ def test_each_message_is_acked_when_its_own_pipeline_is_done(lane: Lane_) -> Non
     more, stale2 = lane.collect(replies=1, limit=20.0)
     assert lane.answered[-1] == (slow_qid, Kind.ACK)
     assert max_gap(events + more, start) < WINDOW and max(stale, stale2) < WINDOW
-    assert len(list((lane.worker.spool.new).iterdir())) == 4
+    assert lane.in_new(4) == 4
 
 
 def test_heartbeats_stop_once_a_message_is_past_its_own_deadline(lane: Lane_) -> None:
@@ -254,15 +278,8 @@ def test_a_leaving_worker_does_the_work_that_crossed_its_disconnect(lane: Lane_)
 
 
 def slow_for_spam(lane: Lane_) -> None:
-    """The spool's batch write behind a sleep for a commit holding a "spam" message."""
-    write = lane.worker.spool.write_batch
-
-    def wrapper(items: list[Any]) -> Any:
-        if any(b"spam" in body for _, _, body in items):
-            time.sleep(3 * WINDOW)
-        return write(items)
-
-    lane.worker.spool.write_batch = wrapper
+    """The worker's durable writes behind a sleep for a commit holding a "spam" message."""
+    slow_writes(lane, 3 * WINDOW, lambda items: any(b"spam" in body for _, _, body in items))
 
 
 SPAM = BODY.replace(b"slow", b"spam")
@@ -297,22 +314,27 @@ def test_a_lower_tiers_mail_never_takes_the_operators_committer(lane: Lane_) -> 
     assert late in {q for q, _ in lane.answered}, lane.answered
 
 
-def test_the_fast_lane_acks_the_operators_mail_from_its_journal(tmp_path: Path) -> None:
-    """The fast worker's operator-tier mail is ACKed once it is in the journal (the spool's own
-    write is not used: it fails here) and reaches new/ after the ACK; a self-proven domain's
-    mail (and the bulk lane's, the tests above) is written the usual way."""
-    ln = Lane_(tmp_path, Lane.FAST)
+@pytest.mark.parametrize(("which", "serves", "identity"), [
+    (Lane.FAST, "", "allow:192.0.2.0/24"),          # the operator's fast worker: the operator's
+    (Lane.FAST, "self-proven", "org:spam.test"),   # the self-proven tier's worker: its tier's
+    (Lane.BULK, "", ""),                           # a bulk worker: bulk mail (issue 20)
+])
+def test_a_worker_acks_the_mail_it_is_for_from_its_journal(tmp_path: Path, which: Lane,
+                                                            serves: str, identity: str) -> None:
+    """A worker's mail is ACKed once it is in its journal (the spool's own write is not used:
+    it fails here) and reaches new/ after the ACK; the operator's fast worker writes a
+    self-proven domain's mail the usual way (its journal is the operator's reserve)."""
+    ln = Lane_(tmp_path, which, serves)
     try:
         ln.worker.spool.write_batch = lambda items: [OSError("not this way")] * len(items)
-        (ours,) = ln.send(1, deadline_s=20.0, identity="allow:192.0.2.0/24")
+        (ours,) = ln.send(1, deadline_s=20.0, identity=identity)
         ln.collect(replies=1, limit=10.0)
         assert ln.answered == [(ours, Kind.ACK)], ln.answered
-        new = tmp_path / "spool" / "new"
-        t_end = time.monotonic() + 10
-        while not list(new.iterdir()) and time.monotonic() < t_end:
-            time.sleep(0.02)
-        (name,) = [p.name for p in new.iterdir()]
+        assert ln.in_new(1) == 1
+        (name,) = [p.name for p in ln.worker.spool.new.iterdir()]
         assert ours.decode() in name
+        if which is Lane.BULK or serves:
+            return
         (spam,) = ln.send(1, deadline_s=20.0, body=SPAM, identity="org:spam.test")
         ln.collect(replies=1, limit=10.0)
         assert ln.answered[1] == (spam, Kind.NACK), ln.answered
@@ -346,4 +368,4 @@ def test_mail_that_cannot_wait_on_dns_is_prepared_without_a_pool_thread(lane: La
     (signed,) = lane.send(1, deadline_s=20.0, body=SIGNED)
     lane.collect(replies=1, limit=20.0)
     assert lane.answered[-1] == (signed, Kind.ACK) and submitted == [big, SIGNED]
-    assert len(list((lane.worker.spool.new).iterdir())) == 5
+    assert lane.in_new(5) == 5

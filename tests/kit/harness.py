@@ -236,13 +236,16 @@ class Ingress:
             self.state.rmdir()
         return code
 
-    def spooled(self, settle: float = 10.0) -> dict[str, spool_mod.SpoolEntry]:
-        """Every message in new/, once the fast lane's journal has written there every message
-        it acknowledged (its files follow the 250 by milliseconds; waited for at most `settle`
-        seconds)."""
+    def settled(self, settle: float = 10.0) -> None:
+        """Once the lane workers' journals have written into new/ every message they
+        acknowledged (its file follows the 250 by milliseconds; at most `settle` seconds)."""
         t_end = time.monotonic() + settle
         while journal_mod.outstanding(self.spool) and time.monotonic() < t_end:
             time.sleep(0.01)
+
+    def spooled(self, settle: float = 10.0) -> dict[str, spool_mod.SpoolEntry]:
+        """Every message in new/, once settled()."""
+        self.settled(settle)
         out = {}
         for p in (self.spool / "new").iterdir():
             e = spool_mod.read(p)

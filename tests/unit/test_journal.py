@@ -1,4 +1,4 @@
-"""The fast lane's journal (workers.spool.journal): durable records first, the spool file in new/
+"""A lane worker's journal (workers.spool.journal): durable records first, the spool file in new/
 after them, and a crash at every step between that loses nothing and writes nothing twice.
 
 A crash is a child process killed (os._exit) with its materializer held back, or the journal's

@@ -64,4 +64,4 @@ def test_render_names_what_the_journal_holds_only_when_it_holds_something(pendin
                           "spool": {"new": 1, "failed": 0, "tmp": 0, "hold": 0,
                                     "journal": pending},
                           "relay": "smtp://x:1", "metrics": "m", "relay_stats": None})
-    assert ("3 acknowledged in the fast lane's journal" in text) is said, text
+    assert ("3 acknowledged in the journals" in text) is said, text

@@ -9,6 +9,7 @@ import pytest
 
 from ingress.core import config
 from ingress.core.derived import rate_parts, tier_buckets
+from ingress.core.wire import Lane
 from ingress.policy.identity import served_over_share
 from ingress.policy.tiers import (
     CAPPED,
@@ -24,6 +25,7 @@ from ingress.policy.tiers import (
     fast_tier,
     floor_above,
     hands_off,
+    journals,
     may_evict,
     operator_floor,
     over_ip_reason,
@@ -236,6 +238,20 @@ OP, TP, SP, UN = Tier.OPERATOR, Tier.THIRD_PARTY, Tier.SELF_PROVEN, Tier.UNKNOWN
 ])
 def test_commit_slots(tiers: list[Tier], free: list[bool], want: list[list[int]]) -> None:
     assert commit_slots(tiers, free) == want
+
+
+@pytest.mark.parametrize(("lane", "dedicated", "tiers", "want"), [
+    # a bulk worker's journal holds all of its mail, whatever identities it carries
+    (Lane.BULK, False, [UN, UN], True), (Lane.BULK, False, [OP, SP], True),
+    # a worker dedicated to the self-proven tier: its tier's
+    (Lane.FAST, True, [SP, SP], True),
+    # the operator's fast workers: their journal is the operator's reserve
+    (Lane.FAST, False, [OP, TP], True),
+    (Lane.FAST, False, [OP, SP], False),    # minted identities never fill it
+    (Lane.FAST, False, [SP], False), (Lane.FAST, False, [UN], False),
+])
+def test_journals(lane: Lane, dedicated: bool, tiers: list[Tier], want: bool) -> None:
+    assert journals(lane, dedicated, tiers) is want
 
 
 @pytest.mark.parametrize(("tier", "serves", "dedicated_up", "takes"), [

@@ -12,10 +12,11 @@ Per-message flow (issue 17: no lookup holds anyone else's mail). Each WORK start
 pipeline (workers.lane.pipeline: DKIM, trace headers) at once: on this loop when it would not
 wait on DNS (Pipeline.process_now), else in a pool of `credit` threads, so a message never
 waits for a thread, whatever the others wait on. A finished pipeline joins
-`ready`; whenever a committer is free, what is ready goes into one group commit
-(Spool.write_batch: one fsync per file, one of new/ for the commit); messages that become ready
-during a commit form the next one. Two committer threads (ingress.policy.tiers.commit_slots):
-the first takes anyone's, the second only the operator's and third parties' mail, so theirs
+`ready`; whenever a committer is free, what is ready goes into one group commit: the worker's
+journal (one fdatasync; files in new/ after the ACK: workers.spool.journal) or, for mail it is
+not for (tiers.journals) or full, Spool.write_batch (one syncfs, one fsync of new/); messages
+that become ready during a commit form the next one. Two committers (tiers.commit_slots): the
+first takes anyone's, the second only the operator's and third parties' mail, so theirs
 never waits behind a running commit of a lower tier's (a spammer's self-proven domains' mail).
 Each message is ACKed when its own commit is durable, never before. This loop only waits for the
 broker or a finished thread (a socketpair wakes it), so it keeps receiving work and heartbeating
@@ -81,7 +82,7 @@ from ingress.core.wire import (
     worker_ack,
     worker_nack,
 )
-from ingress.policy.tiers import PRIORITY_TIERS, commit_slots, tier_of
+from ingress.policy.tiers import commit_slots, journals, tier_of
 from workers.lane.pipeline import Pipeline, Processed
 from workers.spool import journal
 from workers.spool.store import Spool
@@ -128,7 +129,7 @@ class Worker:
         self.reconnect = Reconnect()       # 1 -> 32 s between reconnects to a silent broker
         self.credit = getattr(cfg.lanes, lane.value).credit
         self.spool = Spool(cfg.spool.path, cfg.spool.batch_sync)
-        self.journal: journal.Journal | None = None     # taken in run(): the fast lane's own
+        self.journal: journal.Journal | None = None     # taken in run(): this worker's own
         self.pipeline = Pipeline(cfg)
         # One pipeline thread per unit of credit: a message never waits for a thread, whatever
         # the others wait on. One committer thread: while a commit runs, the messages that
@@ -200,10 +201,9 @@ class Worker:
         # A file lives in tmp/ for the milliseconds of its write; one older than a minute was
         # left by a worker killed mid-write and was never acknowledged.
         self.spool.clean_tmp(older_than=time.time() - TMP_MAX_AGE)
-        # What a worker that died left in its journal goes into new/ before we take work; a
-        # fast worker of the operator's tiers then journals their mail (workers.spool.journal).
+        # A dead worker's journal into new/ first; then ours (tiers.journals: what it takes).
         journal.recover(self.spool)
-        if self.lane is Lane.FAST and not self.serves and self.cfg.spool.journal_size:
+        if self.cfg.spool.journal_size:
             try:
                 self.journal = journal.Journal.take(self.spool, self.cfg.spool.journal_size)
             except OSError as e:      # e.g. no room for it: every message written as usual
@@ -380,16 +380,16 @@ class Worker:
             assert job.done is not None
             items.append((job.done.spool_envelope(job.env), job.done.trace, job.done.body))
         write = self.committers[slot].submit(
-            self._journaled if self.journal is not None and all(
-                tier_of(j.env.evidence.identity) in PRIORITY_TIERS for j in batch)
+            self._journaled if self.journal is not None and journals(
+                self.lane, bool(self.serves), [tier_of(j.env.evidence.identity) for j in batch])
             else self.spool.write_batch, items)
         self.commits[slot] = _Commit(batch, write, _vouch_until(j.env for j in batch),
                                      time.monotonic())
         write.add_done_callback(self._wake)
 
     def _journaled(self, items: list[tuple[Envelope, bytes, bytes]]) -> list[str | Exception]:
-        """The operator's tiers' commit: durable in the journal (one fdatasync), the files in
-        new/ after the 250; the usual write when they do not fit or the journal is off."""
+        """A commit for the journal (tiers.journals): durable in it (one fdatasync), the files
+        in new/ after the 250; the usual write when they do not fit or the journal is off."""
         assert self.journal is not None
         if self.journal.broken is None:
             with contextlib.suppress(journal.JournalFull):

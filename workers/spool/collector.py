@@ -25,7 +25,7 @@ raises to the scrape.
 Limits: the scan stops after SCAN_MAX entries per directory (and says so in
 smtp_ingress_spool_scan_truncated: the counts are then lower bounds) and is cached for
 SCAN_CACHE seconds, so a scrape costs at most a bounded directory listing (one stat per entry of
-new/), one statvfs and a read of the fast lane's journals (each at most spool.journal_size;
+new/), one statvfs and a read of the lane workers' journals (each at most spool.journal_size;
 a few records, as a journal starts a new epoch whenever its messages are all in new/). Dot
 files (hidden: the store's temporary names) are not counted. Ages
 come from the files' mtimes (the time of the durable write).
@@ -47,7 +47,7 @@ from prometheus_client.registry import Collector
 from workers.spool import journal
 from workers.spool.store import FAILED_DIR, HOLD_DIR, NEW_DIR, TMP_DIR
 
-JOURNAL = "journal"          # the dir label of what the fast lane's journals hold
+JOURNAL = "journal"          # the dir label of what the lane workers' journals hold
 SCAN_MAX = 100_000
 SCAN_CACHE = 1.0
 # Relay backlog age buckets (upper bounds in seconds; the last is open-ended).
@@ -101,7 +101,7 @@ class SpoolCollector(Collector):
                             age = now - s.st_mtime
                             st.ages[next(b for b, top in BACKLOG_AGES if age < top)] += 1
             st.counts[name] = n
-        # acknowledged by the fast lane's journal, not yet in new/ (milliseconds, or a disk
+        # acknowledged by a lane worker's journal, not yet in new/ (milliseconds, or a disk
         # that refuses the files: then it grows)
         st.counts[JOURNAL] = journal.outstanding(self.root)
         st.oldest_age = max(0.0, now - oldest)

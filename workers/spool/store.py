@@ -37,7 +37,7 @@ API:
         overwritten), then new/ is fsync'd once. Only then does an item count as written; a
         failed one gets its exception (tmp file removed), the others their names.
     Spool.synced_at_once(fds) -> bool / Spool.publish(path, name) -> name in new/
-        write_batch's steps, which the fast lane's journal (journal.py) also takes: one syncfs
+        write_batch's steps, which the lane workers' journals (journal.py) also take: one syncfs
         for a batch (or False: fsync each); a durable file linked into new/, unlinked at path
     read(path) -> SpoolEntry(envelope dict, message bytes); parse(raw) the same from bytes
     Spool.claim(where, name, wait=0.0) -> context manager of a Claim (fd, path, read())
