@@ -557,7 +557,8 @@ def run_throughput(procs: Processes, ingress_dir: Path, postfix: Running | None,
     try:
         ing = start_ingress(procs, ingress_dir, CONFIGS / "throughput.toml", {},
                             name="smtp-ingress")
-        targets.append(tp.Target("smtp-ingress", ing.host, ing.port, pids=ing.pids))
+        targets.append(tp.Target("smtp-ingress", ing.host, ing.port, drain=ing.drain,
+                                 pids=ing.pids))
     except TargetError as e:
         notes.append(f"throughput: smtp-ingress did not start: {e}")
     if postfix is not None:

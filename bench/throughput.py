@@ -9,8 +9,9 @@ Purpose
 
 API
     ``Target(name, host, port, drain=None)``: an SMTP listener; ``drain(timeout) -> bool`` is
-        called after each run (the private Postfix waits for its queue to empty there, so a run
-        never competes with the previous run's deliveries).
+        called after each run (the private Postfix waits for its queue to empty there, smtp-ingress
+        until its journals' files are in new/, so a run never competes with the previous run's
+        deliveries or files, and its CPU counts them).
     ``run_smtp_source(host, port, *, messages=20000, sessions=20, size=1024, reuse=False, ...)
         -> SourceRun``: one timed smtp-source run (``reuse=True`` adds ``-d``).
     ``SmtpSink(port, host="127.0.0.1", backlog=256, user="nobody")``: start()/stop()/context
