@@ -97,6 +97,8 @@ from ingress.core.wire import (
     decode_reply,
     decode_shared,
     decode_status,
+    recv_now,
+    send_now,
     share,
     share_record,
     shared_provider,
@@ -108,10 +110,9 @@ from ingress.policy.tiers import fast_tier, over_tier_reason
 
 OVER_RATE_READ = 1024        # at most this many over-rate domains read from one status
 HANDOFF_RETRY = 1.5          # seconds to keep trying to reach a broker that is not connected
-# plain ints: zmq's constants are enum.Flag / IntEnum members, and `int & PollEvent` or
-# `SNDMORE | flags` run enum's Python operators (several times per message)
+# plain ints: zmq's constants are enum.Flag / IntEnum members, and `int & PollEvent` runs
+# enum's Python operators (several times per message)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-_NOBLOCK, _MORE = int(zmq.NOBLOCK), int(zmq.SNDMORE | zmq.NOBLOCK)
 
 
 class LaneClient:
@@ -155,11 +156,7 @@ class LaneClient:
         its queue full: SNDHWM). Every send to the broker goes through here."""
         sock = self.sock
         try:
-            # send_multipart, without its `SNDMORE | flags` per frame (enum.Flag's Python
-            # __or__); once the first part is taken, zmq takes the whole message (atomic)
-            for part in frames[:-1]:
-                sock.send(part, _MORE, copy=False)
-            sock.send(frames[-1], _NOBLOCK, copy=False)
+            send_now(sock, frames)
             sent = True
         except zmq.Again:
             sent = False
@@ -207,7 +204,9 @@ class LaneClient:
     def _read_ready(self) -> None:
         sock = self.sock
         while not sock.closed and cast(int, sock.get(_EVENTS)) & _POLLIN:
-            frames = sock.recv_multipart(zmq.NOBLOCK)
+            frames = recv_now(sock)
+            if frames is None:
+                break
             try:
                 reply = decode_reply(frames)
             except WireError as e:

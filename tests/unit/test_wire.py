@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import zmq
 
 from ingress.core import wire
 from ingress.core.wire import AuthResult, Envelope, Kind, Lane, NackReason, WireError, WireEvidence
@@ -136,3 +137,26 @@ def test_worker_hello_carries_a_dedicated_tier() -> None:
                 [b"SI2", b"READY", b"-1"], [b"SI2", b"READY", b"lots"]):
         with pytest.raises(WireError):
             wire.worker_hello(bad)
+
+
+def test_send_now_and_recv_now_carry_a_message_whole() -> None:
+    """The processes' one way to send and take a message: every frame, in order, as one
+    message; None when nothing waits; zmq.Again (nothing sent) when the peer's queue is full."""
+    ctx = zmq.Context()
+    try:
+        a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+        a.bind("inproc://wire-io")
+        b.connect("inproc://wire-io")
+        assert wire.recv_now(b) is None
+        msgs = [wire.work(b"acceptor", b"{}", b"x" * 100_000), wire.disconnect(), [b"one"]]
+        for m in msgs:
+            wire.send_now(a, m)
+        assert [wire.recv_now(b) for _ in msgs] == msgs
+        assert wire.recv_now(b) is None
+        lonely = ctx.socket(zmq.DEALER)      # no peer: nowhere to queue
+        with pytest.raises(zmq.Again):
+            wire.send_now(lonely, wire.disconnect())
+        for s in (a, b, lonely):
+            s.close(linger=0)
+    finally:
+        ctx.term()

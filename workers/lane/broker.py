@@ -69,6 +69,8 @@ from ingress.core.wire import (
     heartbeat,
     kind_of,
     nack_detail,
+    recv_now,
+    send_now,
     shared_publication,
     status,
     status_key,
@@ -199,7 +201,7 @@ class Broker:
 
     def _reply(self, to: bytes, kind: Kind, qid: bytes, detail: bytes) -> None:
         try:
-            self.front.send_multipart([to, *to_acceptor(kind, qid, detail)], zmq.NOBLOCK)
+            send_now(self.front, [to, *to_acceptor(kind, qid, detail)])
         except zmq.ZMQError as e:    # EHOSTUNREACH (acceptor gone) or EAGAIN (not reading)
             log.event("reply_dropped", "warning", lane=self.lane, qid=qid.decode(errors="replace"),
                       error=str(e))
@@ -312,14 +314,14 @@ class Broker:
             if not w.inflight:
                 del self.workers[ident]
         with contextlib.suppress(zmq.ZMQError):
-            self.back.send_multipart([ident, *disconnect()], zmq.NOBLOCK)
+            send_now(self.back, [ident, *disconnect()])
 
     def _publish_fact(self, msg: list[bytes]) -> None:
         """Pass a worker's or an acceptor's fact about a client on to every acceptor."""
         if len(msg) > 2 and not self.repeats.passes(msg[2], msg[3:], time.monotonic()):
             return
         with contextlib.suppress(zmq.ZMQError):
-            self.pub.send_multipart(shared_publication(msg), zmq.NOBLOCK)
+            send_now(self.pub, shared_publication(msg))
 
     def _register(self, ident: bytes, credit: int, serves: Tier | None, now: float) -> None:
         old = self.workers.get(ident)
@@ -362,8 +364,7 @@ class Broker:
                 self._nack(job.reply_to, job.qid, NackReason.EXPIRED, "waited too long")
                 continue
             try:
-                self.back.send_multipart([best.ident, *work(job.reply_to, job.env_raw, job.body)],
-                                         zmq.NOBLOCK)
+                send_now(self.back, [best.ident, *work(job.reply_to, job.env_raw, job.body)])
             except zmq.ZMQError as e:
                 # Unroutable (worker gone) or its pipe full: treat it as lost, requeue the job.
                 self.lane_gate.requeue(got)
@@ -384,7 +385,7 @@ class Broker:
                 del self.workers[ident]
                 continue
             with contextlib.suppress(zmq.ZMQError):
-                self.back.send_multipart([ident, *heartbeat()], zmq.NOBLOCK)
+                send_now(self.back, [ident, *heartbeat()])
 
     def publish(self, now: float) -> None:
         free = sum(w.credit for w in self.workers.values())
@@ -410,7 +411,7 @@ class Broker:
             return
         self._status_key, self._status_at = key, now
         with contextlib.suppress(zmq.ZMQError):
-            self.pub.send_multipart(status(doc), zmq.NOBLOCK)
+            send_now(self.pub, status(doc))
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -464,9 +465,8 @@ class Broker:
     @staticmethod
     def _drain(sock: zmq.Socket[bytes], handle: Any, limit: int = 256) -> None:
         for _ in range(limit):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            frames = recv_now(sock)
+            if frames is None:
                 return
             handle(frames)
 

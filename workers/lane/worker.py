@@ -78,6 +78,8 @@ from ingress.core.wire import (
     heartbeat,
     kind_of,
     ready,
+    recv_now,
+    send_now,
     share,
     worker_ack,
     worker_nack,
@@ -89,8 +91,7 @@ from workers.spool.store import Spool
 
 TMP_MAX_AGE = 60.0
 STOP_POLL = 0.1       # seconds: the longest a stop waits for a poll to return
-BYE_WAIT = 2 * LANE_HEARTBEAT * LANE_LIVENESS   # seconds a stop waits for the broker's answer
-                                               # to our DISCONNECT (a broker that is gone)
+BYE_WAIT = 2 * LANE_HEARTBEAT * LANE_LIVENESS   # s a stop waits for a DISCONNECT's answer
 JOURNAL_CLOSE_WAIT = 5.0  # seconds a stop waits for the journal's files to reach new/ (the rest
                           # stays in the journal: the next worker to start writes it)
 PIPELINE_MARGIN = 0.5  # a pipeline ends this long before its envelope deadline (DKIM budget)
@@ -176,7 +177,7 @@ class Worker:
         """To the broker (lane liveness) and to the supervisor (hang detection)."""
         assert self.sock is not None
         with contextlib.suppress(zmq.Again):
-            self.sock.send_multipart(heartbeat(self.credit, self.serves), zmq.NOBLOCK)
+            send_now(self.sock, heartbeat(self.credit, self.serves))
         self.heart.beat()
 
     def _vouched(self, now: float) -> bool:
@@ -264,9 +265,8 @@ class Worker:
         once, whatever the other messages in hand are waiting on."""
         assert self.sock is not None
         for _ in range(self.credit + 64):
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            frames = recv_now(self.sock)
+            if frames is None:
                 return
             job = self._decode(frames)
             if job is None:
@@ -428,7 +428,7 @@ class Worker:
     def _send(self, frames: list[bytes]) -> None:
         assert self.sock is not None
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            send_now(self.sock, frames)
         except zmq.Again:
             # The broker is not reading; its heartbeat check will nack on the acceptor's side
             # anyway, and the acceptor's own deadline answers 451. The file is already durable:
@@ -440,7 +440,7 @@ class Worker:
         if self.sock is None:
             return
         with contextlib.suppress(zmq.ZMQError):
-            self.sock.send_multipart(disconnect(), zmq.NOBLOCK)
+            send_now(self.sock, disconnect())
         # Work the broker sent before it read the DISCONNECT is in our pipe, however long the
         # broker took to read it: finish it and everything in hand, heartbeating meanwhile (the
         # broker keeps us until our last ACK and ignores our beats once we have left). Done
