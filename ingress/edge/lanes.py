@@ -76,7 +76,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
-from ingress.core import cluster, log
+from ingress.core import child, cluster, log
 from ingress.core.config import Config
 from ingress.core.derived import bulk_share_bucket, retry_buckets
 from ingress.core.ratelimit import TokenBucket
@@ -267,7 +267,7 @@ class Lanes:
 
     def __init__(self, cfg: Config, ident: str) -> None:
         self.cfg = cfg
-        self.zctx = zmq.asyncio.Context()
+        self.zctx = child.quiet_io_threads(zmq.asyncio.Context())
         self.nodes: list[cluster.Node | None] = (
             list(cluster.nodes(cfg)) if cfg.cluster.role == "edge" else [None])
         self.clients = {lane: [LaneClient(self.zctx, cfg, lane, ident, node)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -518,9 +519,15 @@ KINDS = ("acceptor", "fast-acceptor", "broker-fast", "worker-fast", "worker-self
          "broker-bulk", "worker-bulk", "relay")
 
 
-def policies(pid: int) -> set[int]:
-    """The scheduling policy of every thread of a process (zmq's io threads included)."""
-    return {os.sched_getscheduler(int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()}
+def policies(pid: int, zmq_threads: bool = False) -> set[int]:
+    """The scheduling policy of every thread of a process but zmq's I/O and reaper threads
+    ("ZMQbg/..."), or (zmq_threads) of those only."""
+    out = set()
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            if (t / "comm").read_text().startswith("ZMQbg/") == zmq_threads:
+                out.add(os.sched_getscheduler(int(t.name)))
+    return out
 
 
 @pytest.mark.parametrize("bulk_policy, want_bulk, operator", [
@@ -547,6 +554,8 @@ def test_bulk_lane_and_relay_yield_the_cores(tmp_path: Path, bulk_policy: str,
                 for kind in KINDS}
         policy = {kind: set().union(*(policies(p) for p in ing.children(kind)))
                   for kind in KINDS}
+        io = {kind: set().union(*(policies(p, zmq_threads=True) for p in ing.children(kind)))
+              for kind in KINDS}
         threads = sum(len(list(Path(f"/proc/{p}/task").iterdir()))
                       for p in ing.children("worker-bulk"))
         rt_priority = {os.sched_getparam(p).sched_priority for p in ing.children("worker-fast")}
@@ -564,6 +573,14 @@ def test_bulk_lane_and_relay_yield_the_cores(tmp_path: Path, bulk_policy: str,
                       "worker-fast": fast, "worker-self-proven": other,
                       "broker-bulk": {want_bulk}, "worker-bulk": {want_bulk},
                       "relay": other}, policy
+    # zmq's threads: SCHED_BATCH in a process that yields the cores and is SCHED_OTHER
+    # (child.quiet_io_threads: their wake-ups never preempt), else as the process
+    batch = {os.SCHED_BATCH}
+    assert io == {"acceptor": batch, "fast-acceptor": fast, "broker-fast": fast,
+                  "worker-fast": fast, "worker-self-proven": batch,
+                  "broker-bulk": batch if want_bulk == os.SCHED_OTHER else {want_bulk},
+                  "worker-bulk": batch if want_bulk == os.SCHED_OTHER else {want_bulk},
+                  "relay": set()}, io
     assert rt_priority == ({1} if rt else {0})
     assert bool(failed) == (operator == "rr" and not rt), failed
     assert threads > 1              # the policy reached its threads, not only the main one

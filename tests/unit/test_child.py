@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +151,37 @@ def test_lane_processes_of_the_operators_tiers_get_its_policy(
            "worker-bulk-0": child.lane_spec(cfg, "bulk", "worker-bulk-0").policy}
     assert got == want
     assert child.operator_policy(cfg) == ("rr" if policy == "rr" else "other")
+
+
+_IO_POLICY = """
+import json, os, sys
+from pathlib import Path
+import zmq
+from ingress.core import child
+os.nice(int(sys.argv[1]))
+if sys.argv[2] != "other":
+    os.sched_setscheduler(0, {"batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}[sys.argv[2]],
+                          os.sched_param(0))
+ctx = child.quiet_io_threads(zmq.Context())
+sock = ctx.socket(zmq.PAIR)                     # the I/O threads start with the first socket
+got = {os.sched_getscheduler(int(t.name)) for t in Path("/proc/self/task").iterdir()
+       if (t / "comm").read_text().startswith("ZMQbg/")}
+print(json.dumps(sorted(got)))
+sock.close(0)
+ctx.term()
+"""
+
+
+@pytest.mark.parametrize(("nice", "policy", "want"), [
+    (5, "other", {os.SCHED_BATCH}),     # yields the cores: its zmq threads never preempt
+    (0, "other", {os.SCHED_OTHER}),     # full priority: zmq's default
+    (5, "idle", {os.SCHED_IDLE}),       # another policy already (lanes.bulk.sched_policy)
+    (5, "batch", {os.SCHED_BATCH}),
+])
+def test_quiet_io_threads(nice: int, policy: str, want: set[int]) -> None:
+    """A process's ZeroMQ I/O and reaper threads, made by a context it set up with
+    child.quiet_io_threads (a real libzmq, in a process of its own)."""
+    r = subprocess.run([sys.executable, "-c", _IO_POLICY, str(nice), policy],
+                       capture_output=True, text=True, timeout=60, check=True,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert set(json.loads(r.stdout)) == want, r.stdout + r.stderr

@@ -123,7 +123,7 @@ class Broker:
         self.heart, self.stopping = Heartbeat(hb, slot), False
         self.counters = {"submitted": 0, "acked": 0, "nack_rate": 0, "nack_queue_full": 0,
                          "nack_worker_lost": 0, "nack_expired": 0, "nack_worker": 0}
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        ctx: zmq.Context[zmq.Socket[bytes]] = child.quiet_io_threads(zmq.Context.instance())
         Path(cfg.ipc("x")[len("ipc://"):]).parent.mkdir(parents=True, exist_ok=True)
         # Role lanes: the edges' sockets are tcp:// with CURVE, admitted by the Gate (ZAP);
         # the workers' stays ipc:// (they run on this host).

@@ -142,7 +142,7 @@ class Worker:
         # written, theirs starts on the other (a message goes to whichever is free first).
         self.committers = [concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"commit-{i}") for i in range(2)]
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = child.quiet_io_threads(zmq.Context.instance())
         self.sock: zmq.Socket[bytes] | None = None
         self.stopping = False
         self.answered = False     # the broker answered our DISCONNECT: no WORK follows
