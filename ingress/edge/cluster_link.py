@@ -232,6 +232,11 @@ class RedisLink:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(self.timeout):
                         await pubsub.aclose()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # a stop order that a library under us turned into an error (a cancelled
+                # close reported as ConnectionError): we were told to stop, not to retry
+                raise asyncio.CancelledError
             await asyncio.sleep(retry_delay(time.time(), self.retry))
 
     async def _watch(self, pubsub: Any, next_beat: float) -> None:

@@ -241,6 +241,43 @@ def test_background_reply_of_a_wrong_shape_never_kills_the_loop(tmp_path: Path,
     asyncio.run(go())
 
 
+def test_a_stop_order_a_library_turns_into_an_error_still_stops_the_loop(tmp_path: Path) -> None:
+    """The reconnect loop's cancellation (an acceptor stopping) that lands in the pub/sub
+    close, which reports it as a ConnectionError (as a client library may): run() ends
+    cancelled, it does not go on reconnecting (one way the test above can hang)."""
+    async def go() -> None:
+        fake = FakeRedis({"ZRANGEBYSCORE": 5})      # every connect fails at the load
+        await fake.start()
+        cs, task = await connected(tmp_path, fake, wait_up=False)
+        closing = asyncio.Event()
+        real = cs.client.pubsub
+
+        def pubsub(**kw: Any) -> Any:
+            ps = real(**kw)
+
+            async def aclose() -> None:
+                closing.set()
+                try:
+                    await asyncio.sleep(5)
+                except asyncio.CancelledError:
+                    raise ConnectionError("closed while cancelled") from None
+
+            ps.aclose = aclose
+            return ps
+
+        cs.client.pubsub = pubsub  # type: ignore[method-assign]
+        try:
+            await asyncio.wait_for(closing.wait(), 5)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=3)
+            assert task in done, "run() went on after its stop order"
+            assert task.cancelled()
+        finally:
+            await stop(cs, task)
+            await fake.stop()
+    asyncio.run(go())
+
+
 SEAM_SHAPES: list[tuple[str, dict[str, Answer]]] = [
     ("get-list", {"GET": ["a", "b"]}),
     ("get-integer", {"GET": 12}),
