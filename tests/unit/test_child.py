@@ -154,7 +154,7 @@ def test_lane_processes_of_the_operators_tiers_get_its_policy(
 
 
 _IO_POLICY = """
-import json, os, sys
+import json, os, sys, time
 from pathlib import Path
 import zmq
 from ingress.core import child
@@ -164,8 +164,15 @@ if sys.argv[2] != "other":
                           os.sched_param(0))
 ctx = child.quiet_io_threads(zmq.Context())
 sock = ctx.socket(zmq.PAIR)                     # the I/O threads start with the first socket
-got = {os.sched_getscheduler(int(t.name)) for t in Path("/proc/self/task").iterdir()
-       if (t / "comm").read_text().startswith("ZMQbg/")}
+# each names itself once running, after it took its policy (libzmq's thread_routine)
+deadline = time.monotonic() + 10
+while True:
+    zmq_threads = [t for t in Path("/proc/self/task").iterdir()
+                   if (t / "comm").read_text().startswith("ZMQbg/")]
+    if len(zmq_threads) >= 2 or time.monotonic() > deadline:     # I/O and reaper
+        break
+    time.sleep(0.01)
+got = {os.sched_getscheduler(int(t.name)) for t in zmq_threads}
 print(json.dumps(sorted(got)))
 sock.close(0)
 ctx.term()
