@@ -55,9 +55,8 @@ import orjson
 
 from bench import unbound
 from ingress.core import procs as core_procs
-from tests.kit.harness import write_config
+from tests.kit.harness import journals_settled, write_config
 from tests.kit.procs import Processes
-from workers.spool import journal
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -253,8 +252,10 @@ def start_ingress(procs: Processes, directory: Path, template: Path,
                 return Running(
                     name, "127.0.0.1", port, mport if mport > 0 else None,
                     pids=lambda: [proc.pid, *core_procs.children(proc.pid)], stop=stop,
-                    drain=lambda timeout: _journals_written(
-                        Path(tables["spool"]["path"]), timeout),
+                    # the journals' files in new/ (they follow the 250): a throughput run's CPU
+                    # then counts them, and the next run does not compete with them
+                    drain=lambda timeout: journals_settled(
+                        Path(tables["spool"]["path"]), timeout, poll=0.05),
                     reload=lambda: os.kill(proc.pid, signal.SIGHUP),
                     info={"config": str(cfg_path), "config_tables": tables, "log": str(log),
                           "supervisor_pid": proc.pid, "acceptors": doc.get("acceptors"),
@@ -267,18 +268,6 @@ def start_ingress(procs: Processes, directory: Path, template: Path,
         time.sleep(0.1)
     stop()
     raise TargetError(f"{name}: no ready line within {timeout:g}s:\n{_tail(log)}")
-
-
-def _journals_written(spool: Path, timeout: float) -> bool:
-    """Once every message the lane workers' journals acknowledged is in new/ (their files
-    follow the 250): a throughput run's CPU then counts that work, and the next run does not
-    compete with it. False if still not after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while journal.outstanding(spool):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ API:
     relaying(ing)                        `ing` once its relay process runs
     spool_count(ing, sub)                spool files in spool/<sub>
     mtls_port(ing)                       the mutual-TLS port the ingress bound
+    journals_settled(spool, timeout) -> bool   what the journals acknowledged is in new/
     realtime_allowed() -> bool           may a process here take SCHED_RR priority 1
                                          (tiers.operator_policy: CAP_SYS_NICE or LimitRTPRIO)
 
@@ -239,9 +240,7 @@ class Ingress:
     def settled(self, settle: float = 10.0) -> None:
         """Once the lane workers' journals have written into new/ every message they
         acknowledged (its file follows the 250 by milliseconds; at most `settle` seconds)."""
-        t_end = time.monotonic() + settle
-        while journal_mod.outstanding(self.spool) and time.monotonic() < t_end:
-            time.sleep(0.01)
+        journals_settled(self.spool, settle)
 
     def spooled(self, settle: float = 10.0) -> dict[str, spool_mod.SpoolEntry]:
         """Every message in new/, once settled()."""
@@ -427,6 +426,17 @@ def relaying(ing: Ingress) -> Ingress:
 def spool_count(ing: Ingress, sub: str) -> int:
     """Spool files in spool/<sub> (names without a leading dot, as the spool lists them)."""
     return sum(1 for p in (ing.spool / sub).iterdir() if not p.name.startswith("."))
+
+
+def journals_settled(spool: Path, timeout: float, poll: float = 0.01) -> bool:
+    """Once every message the lane workers' journals in `spool` acknowledged is in new/ (True),
+    or False after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while journal_mod.outstanding(spool):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll)
+    return True
 
 
 def realtime_allowed() -> bool:

@@ -84,7 +84,7 @@ from ingress.core.wire import (
     worker_ack,
     worker_nack,
 )
-from ingress.policy.tiers import commit_slots, journals, tier_of
+from ingress.policy.tiers import Tier, commit_slots, journals, tier_of
 from workers.lane.pipeline import Pipeline, Processed
 from workers.spool import journal
 from workers.spool.store import Spool
@@ -366,23 +366,22 @@ class Worker:
                 # duplicate when the client retries.
                 self._send(worker_nack(job.reply_to, job.env.qid.encode(), NackReason.EXPIRED,
                                        "too late"))
-        batches = commit_slots([tier_of(j.env.evidence.identity) for j in ready],
-                               [c is None for c in self.commits])
+        tiers = [tier_of(j.env.evidence.identity) for j in ready]
+        batches = commit_slots(tiers, [c is None for c in self.commits])
         for slot, picked in enumerate(batches):
             if picked:
-                self._start_commit(slot, [ready[i] for i in picked])
+                self._start_commit(slot, [ready[i] for i in picked], [tiers[i] for i in picked])
         taken = {i for picked in batches for i in picked}
         self.ready = [j for i, j in enumerate(ready) if i not in taken]
 
-    def _start_commit(self, slot: int, batch: list[_Job]) -> None:
+    def _start_commit(self, slot: int, batch: list[_Job], tiers: list[Tier]) -> None:
         items = []
         for job in batch:
             assert job.done is not None
             items.append((job.done.spool_envelope(job.env), job.done.trace, job.done.body))
         write = self.committers[slot].submit(
-            self._journaled if self.journal is not None and journals(
-                self.lane, bool(self.serves), [tier_of(j.env.evidence.identity) for j in batch])
-            else self.spool.write_batch, items)
+            self._journaled if self.journal is not None
+            and journals(self.lane, bool(self.serves), tiers) else self.spool.write_batch, items)
         self.commits[slot] = _Commit(batch, write, _vouch_until(j.env for j in batch),
                                      time.monotonic())
         write.add_done_callback(self._wake)
